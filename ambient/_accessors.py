@@ -1,0 +1,138 @@
+"""Resolving components from wherever code runs, with no arguments passed down."""
+
+from __future__ import annotations
+
+from collections.abc import Coroutine, Hashable
+from typing import Any, Generic, TypeVar, overload
+
+from ambient._binding import _current
+from ambient._provider import key_name
+from ambient.errors import NoActiveContextError
+
+__all__ = ["Accessor", "accessor", "proxy", "resolve", "resolve_sync"]
+
+T = TypeVar("T")
+
+
+def _scope_here() -> Any:
+    binding = _current.get()
+    if binding is None:
+        raise NoActiveContextError
+    scope = binding.scope
+    if scope is None:
+        raise NoActiveContextError("scope")
+    return scope
+
+
+@overload
+def resolve(key: type[T]) -> Coroutine[Any, Any, T]: ...
+@overload
+def resolve(key: Hashable) -> Coroutine[Any, Any, Any]: ...
+
+
+def resolve(key: Hashable) -> Coroutine[Any, Any, Any]:
+    """Resolve ``key`` in the scope bound to the current context: ``await resolve(Engine)``.
+
+    Raises:
+        NoActiveContextError: outside any scope.
+        ResolutionError: unknown key, cycle or lifetime violation.
+        ScopeClosedError: the bound scope has closed.
+    """
+    return _scope_here().resolve(key)  # type: ignore[no-any-return]
+
+
+@overload
+def resolve_sync(key: type[T]) -> T: ...
+@overload
+def resolve_sync(key: Hashable) -> Any: ...
+
+
+def resolve_sync(key: Hashable) -> Any:
+    """Resolve a sync-factory component in the current scope (from sync code or threads).
+
+    Raises:
+        NoActiveContextError: outside any scope.
+        ResolutionError: as :func:`resolve`, and for async factories.
+        ScopeClosedError: the bound scope has closed.
+    """
+    return _scope_here().resolve_sync(key)
+
+
+class Accessor(Generic[T]):
+    """A module-level handle on a component: ``engine = accessor(Engine)``, then
+    ``await engine()`` (or ``engine.sync()``) anywhere inside a scope."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: Hashable) -> None:
+        self.key = key
+
+    def __call__(self) -> Coroutine[Any, Any, T]:
+        return _scope_here().resolve(self.key)  # type: ignore[no-any-return]
+
+    def sync(self) -> T:
+        """Resolve with :func:`resolve_sync`."""
+        return _scope_here().resolve_sync(self.key)  # type: ignore[no-any-return]
+
+    def __repr__(self) -> str:
+        return f"accessor({key_name(self.key)})"
+
+
+@overload
+def accessor(key: type[T]) -> Accessor[T]: ...
+@overload
+def accessor(key: Hashable) -> Accessor[Any]: ...
+
+
+def accessor(key: Hashable) -> Accessor[Any]:
+    """Return an :class:`Accessor` for ``key``."""
+    return Accessor(key)
+
+
+class _Proxy:
+    """Forwards attribute access and calls to the current scope's instance of a component.
+
+    Limits: ``isinstance`` sees the proxy, and dunder protocols other than ``__call__``
+    (iteration, ``len``, operators, ``with``) are not forwarded.
+    """
+
+    __slots__ = ("_ambient_key",)
+
+    def __init__(self, key: Hashable) -> None:
+        object.__setattr__(self, "_ambient_key", key)
+
+    def _ambient_target(self) -> Any:
+        return _scope_here().resolve_sync(object.__getattribute__(self, "_ambient_key"))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ambient_target(), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._ambient_target(), name, value)
+
+    def __delattr__(self, name: str) -> None:
+        delattr(self._ambient_target(), name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._ambient_target()(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"proxy({key_name(object.__getattribute__(self, '_ambient_key'))})"
+
+
+@overload
+def proxy(key: type[T]) -> T: ...
+@overload
+def proxy(key: Hashable) -> Any: ...
+
+
+def proxy(key: Hashable) -> Any:
+    """Return a stand-in for a module-level singleton that forwards to the current scope's
+    instance of ``key`` (sync factories only).
+
+    Example::
+
+        dispatcher: ToolDispatcher = proxy(ToolDispatcher)   # at module level
+        dispatcher.dispatch("search", query)                  # inside a request
+    """
+    return _Proxy(key)

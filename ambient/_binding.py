@@ -1,0 +1,236 @@
+"""Binding a :class:`UserExecutionContext` (and its component scope) to the current context.
+
+One module-level :class:`~contextvars.ContextVar` holds an immutable-by-convention
+:class:`_Binding`. Who sees a binding follows :mod:`contextvars`:
+
+* code awaited inside the binding, and tasks spawned inside it (asyncio tasks, anyio task
+  groups, trio nurseries), see it;
+* a write in a child task (or a worker thread started by ``anyio.to_thread``) stays there
+  and never reaches the parent;
+* raw ``ThreadPoolExecutor.submit``, ``loop.run_in_executor`` and ``threading.Thread`` start
+  with an empty context; :func:`wrap` carries the binding across them.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+from collections.abc import Callable
+from contextvars import ContextVar, Token
+from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, cast
+
+from opentelemetry import context as otel_context
+
+from ambient._context import UserExecutionContext
+from ambient.errors import ContextSwitchError, NoActiveContextError
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from ambient._scope import Scope, _Resolver
+
+__all__ = [
+    "bind_context",
+    "current_context_or_none",
+    "current_scope",
+    "get_current_context",
+    "wrap",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class _Binding:
+    """One binding: the context, the scope that resolves components (if any), and the
+    binding it shadows. ``closed`` is set once, when the binding ends."""
+
+    __slots__ = ("closed", "ctx", "prev", "scope", "token")
+
+    def __init__(
+        self, ctx: UserExecutionContext, scope: _Resolver | None, prev: _Binding | None
+    ) -> None:
+        self.ctx = ctx
+        self.scope = scope
+        self.prev = prev
+        self.closed = False
+        self.token: Token[_Binding | None] | None = None
+
+
+_current: Final[ContextVar[_Binding | None]] = ContextVar("ambient.current", default=None)
+
+
+def _live(binding: _Binding | None) -> _Binding | None:
+    while binding is not None and binding.closed:
+        binding = binding.prev
+    return binding
+
+
+def bind(
+    ctx: UserExecutionContext, scope: _Resolver | None, *, allow_switch: bool = False
+) -> _Binding:
+    """Bind ``ctx`` (and ``scope``) in the current context; undo with :func:`unbind`."""
+    current = _live(_current.get())
+    if current is not None and not allow_switch:
+        bound = current.ctx
+        if bound.user_id != ctx.user_id or bound.tenant_id != ctx.tenant_id:
+            msg = (
+                "a context of another user is already bound here; binding a second user "
+                "inside it would mix their state. Open the new context in its own task, or "
+                "pass allow_switch=True if the switch is intended (an admin acting for a user)"
+            )
+            raise ContextSwitchError(msg)
+    binding = _Binding(ctx, scope, current)
+    binding.token = _current.set(binding)
+    return binding
+
+
+def unbind(binding: _Binding) -> None:
+    """End ``binding``; safe out of order and from another :class:`contextvars.Context`.
+
+    Exiting out of order never resurrects an ended binding: whatever becomes current is the
+    nearest binding in the chain that is still open (or nothing).
+    """
+    if binding.closed:
+        return
+    binding.closed = True
+    if _current.get() is not binding:
+        # Out-of-order exit: an inner binding is current. It restores past us when it ends.
+        return
+    token = binding.token
+    binding.token = None
+    try:
+        if token is not None:
+            _current.reset(token)
+    except ValueError:
+        # The token belongs to another Context (a generator finalised by another task).
+        _current.set(_live(binding.prev))
+        return
+    previous = _current.get()
+    if previous is not None and previous.closed:
+        _current.set(_live(previous))
+
+
+class bind_context:  # noqa: N801 - used like a function, as contextlib's helpers are
+    """Bind ``ctx`` for the duration of a ``with`` block (also inside async code).
+
+    The previous binding is restored on exit, even on error and even when bindings end out
+    of order. Binding a context of a different user (or tenant) while one is bound raises
+    :class:`~ambient.errors.ContextSwitchError` unless ``allow_switch=True``; a child of the
+    current context (see :meth:`UserExecutionContext.child`) is always allowed and keeps the
+    current component scope.
+
+    Example::
+
+        with bind_context(UserExecutionContext.create("alice")):
+            run_job()
+    """
+
+    __slots__ = ("_allow_switch", "_binding", "_ctx")
+
+    def __init__(self, ctx: UserExecutionContext, *, allow_switch: bool = False) -> None:
+        if not isinstance(ctx, UserExecutionContext):
+            msg = f"bind_context() takes a UserExecutionContext, not {type(ctx).__name__}"
+            raise TypeError(msg)
+        self._ctx = ctx
+        self._allow_switch = allow_switch
+        self._binding: _Binding | None = None
+
+    def __enter__(self) -> UserExecutionContext:
+        if self._binding is not None:
+            msg = "this bind_context() is already in use; create one per `with` block"
+            raise RuntimeError(msg)
+        ctx = self._ctx
+        current = _live(_current.get())
+        scope = None
+        if (
+            current is not None
+            and current.ctx.user_id == ctx.user_id
+            and current.ctx.tenant_id == ctx.tenant_id
+        ):
+            scope = current.scope
+        self._binding = bind(ctx, scope, allow_switch=self._allow_switch)
+        return ctx
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        binding = self._binding
+        if binding is not None:
+            unbind(binding)
+
+
+def get_current_context() -> UserExecutionContext:
+    """Return the context bound here.
+
+    Raises:
+        NoActiveContextError: when nothing is bound (outside a request, job or test binding).
+    """
+    binding = _current.get()
+    if binding is None:
+        raise NoActiveContextError
+    return binding.ctx
+
+
+def current_context_or_none() -> UserExecutionContext | None:
+    """Return the context bound here, or ``None``."""
+    binding = _current.get()
+    return None if binding is None else binding.ctx
+
+
+def current_scope() -> Scope:
+    """Return the component scope bound here.
+
+    Raises:
+        NoActiveContextError: when no scope is bound.
+    """
+    binding = _current.get()
+    if binding is None:
+        raise NoActiveContextError
+    scope = binding.scope
+    if scope is None:
+        raise NoActiveContextError("scope")
+    return scope.owner
+
+
+def wrap(fn: Callable[P, R]) -> Callable[P, R]:
+    """Return ``fn`` bound to the current context, scope and OpenTelemetry context.
+
+    For work that leaves the current task: ``ThreadPoolExecutor.submit``,
+    ``loop.run_in_executor``, ``threading.Thread``, callbacks and job queues. A sync ``fn``
+    runs in a copy of the contextvars captured now (each call gets its own copy, so the
+    wrapper may run in several threads at once); an async ``fn`` re-binds ambient's state
+    and the OpenTelemetry context around the awaited call.
+
+    Example::
+
+        executor.submit(ambient.wrap(render_report), report_id)
+    """
+    if inspect.iscoroutinefunction(fn):
+        binding = _current.get()
+        trace_context = otel_context.get_current()
+        async_fn = cast("Callable[P, Any]", fn)
+
+        @functools.wraps(fn)
+        async def run_async(*args: P.args, **kwargs: P.kwargs) -> Any:
+            token = _current.set(binding)
+            trace_token = otel_context.attach(trace_context)
+            try:
+                return await async_fn(*args, **kwargs)
+            finally:
+                otel_context.detach(trace_token)
+                _current.reset(token)
+
+        return cast("Callable[P, R]", run_async)
+
+    captured = contextvars.copy_context()
+
+    @functools.wraps(fn)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        return captured.copy().run(fn, *args, **kwargs)
+
+    return run

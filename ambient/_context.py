@@ -1,0 +1,226 @@
+"""The immutable :class:`UserExecutionContext` and the :class:`UserRef` of a user."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from ambient.errors import InvalidContextError
+
+__all__ = ["MAX_DEPTH", "UserExecutionContext", "UserRef", "new_id", "validate_id"]
+
+MAX_DEPTH = 32
+_MAX_LEN = 256
+_PLACEHOLDERS = frozenset(
+    {"none", "null", "nil", "undefined", "placeholder", "registry", "default", "unknown", "0"}
+)
+# C0 and C1 controls plus the Unicode line and paragraph separators: any of them in an id can
+# split a log line or a header.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_EMPTY: Mapping[str, object] = MappingProxyType({})
+
+
+def new_id() -> str:
+    """Return a fresh random id (128 bits, 32 hex characters)."""
+    return os.urandom(16).hex()
+
+
+def validate_id(field_name: str, value: object) -> str:
+    """Check one id against ambient's rules and return it.
+
+    Raises:
+        InvalidContextError: naming ``field_name`` and the broken rule.
+    """
+    if type(value) is not str:
+        if not isinstance(value, str):
+            raise InvalidContextError(
+                field_name, f"must be a str, not {type(value).__name__}", echo=False
+            )
+        value = str(value)
+    if not value:
+        raise InvalidContextError(field_name, "must not be empty", echo=False)
+    if len(value) > _MAX_LEN:
+        raise InvalidContextError(
+            field_name, f"is {len(value)} characters long; the limit is {_MAX_LEN}", value
+        )
+    if value[0].isspace() or value[-1].isspace():
+        raise InvalidContextError(field_name, "must not start or end with whitespace", value)
+    if not value.isprintable():
+        match = _CONTROL.search(value)
+        if match is not None:
+            raise InvalidContextError(
+                field_name, f"contains the control character U+{ord(match.group()):04X}", value
+            )
+    if value.lower() in _PLACEHOLDERS:
+        raise InvalidContextError(
+            field_name,
+            "is a placeholder value; pass the real id or leave it out to generate one",
+            value,
+        )
+    return value
+
+
+def _validate_optional(field_name: str, value: object) -> str | None:
+    if value is None:
+        return None
+    return validate_id(field_name, value)
+
+
+@dataclass(frozen=True, slots=True)
+class UserRef:
+    """The user a USER-lifetime component belongs to: ``(user_id, tenant_id)``.
+
+    USER factories receive this instead of a request's context so that no request's ids can
+    be baked into an object shared by all of that user's requests.
+    """
+
+    user_id: str
+    tenant_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UserExecutionContext:
+    """Who a piece of work runs for, and which run it belongs to.
+
+    Immutable and validated on construction: every id is a ``str`` of 1-256 characters with
+    no whitespace at either end, no control characters and no placeholder value such as
+    ``"none"`` or ``"default"``. Build one with :meth:`create` to fill missing ids.
+
+    Attributes:
+        user_id: The user the work runs for.
+        thread_id: The conversation thread.
+        run_id: This run (one request, one agent run, one sub-operation).
+        request_id: The request that started the work.
+        tenant_id: The tenant, when the application has tenants.
+        connection_id: The websocket connection, when there is one.
+        parent_run_id: The run this one was spawned from (see :meth:`child`).
+        depth: How many :meth:`child` steps separate this run from the request (max 32).
+        metadata: Read-only copy of the metadata given at construction.
+    """
+
+    user_id: str
+    thread_id: str
+    run_id: str
+    request_id: str
+    tenant_id: str | None = None
+    connection_id: str | None = None
+    parent_run_id: str | None = None
+    depth: int = 0
+    metadata: Mapping[str, object] = field(default_factory=lambda: _EMPTY, hash=False)
+
+    def __post_init__(self) -> None:
+        validate_id("user_id", self.user_id)
+        validate_id("thread_id", self.thread_id)
+        validate_id("run_id", self.run_id)
+        validate_id("request_id", self.request_id)
+        _validate_optional("tenant_id", self.tenant_id)
+        _validate_optional("connection_id", self.connection_id)
+        _validate_optional("parent_run_id", self.parent_run_id)
+        depth = self.depth
+        if type(depth) is not int:
+            raise InvalidContextError(
+                "depth", f"must be an int, not {type(depth).__name__}", echo=False
+            )
+        if not 0 <= depth <= MAX_DEPTH:
+            raise InvalidContextError("depth", f"must be between 0 and {MAX_DEPTH}", depth)
+        metadata = self.metadata
+        if metadata is not _EMPTY:
+            if not isinstance(metadata, Mapping):
+                raise InvalidContextError(
+                    "metadata", f"must be a mapping, not {type(metadata).__name__}", echo=False
+                )
+            for key in metadata:
+                if not isinstance(key, str):
+                    raise InvalidContextError(
+                        "metadata", f"keys must be str, not {type(key).__name__}", echo=False
+                    )
+            # A private copy: neither the caller's dict nor the context can change it later.
+            object.__setattr__(self, "metadata", MappingProxyType(dict(metadata)))
+
+    @classmethod
+    def create(
+        cls,
+        user_id: str,
+        *,
+        thread_id: str | None = None,
+        run_id: str | None = None,
+        request_id: str | None = None,
+        tenant_id: str | None = None,
+        connection_id: str | None = None,
+        metadata: Mapping[str, object] | None = None,
+    ) -> UserExecutionContext:
+        """Build a context for ``user_id``, generating every id that is not given.
+
+        Raises:
+            InvalidContextError: when a given id breaks a rule.
+        """
+        return cls(
+            user_id=user_id,
+            thread_id=new_id() if thread_id is None else thread_id,
+            run_id=new_id() if run_id is None else run_id,
+            request_id=new_id() if request_id is None else request_id,
+            tenant_id=tenant_id,
+            connection_id=connection_id,
+            metadata=_EMPTY if metadata is None else metadata,
+        )
+
+    def child(self, operation: str, **metadata: object) -> UserExecutionContext:
+        """Return the context of a sub-operation (a sub-agent, a tool call, one message).
+
+        Same user, tenant, thread, request and connection; a new ``run_id`` whose parent is
+        this run; ``depth + 1``; metadata merged with ``operation``.
+
+        Raises:
+            InvalidContextError: when the new depth would exceed 32, or ``operation`` is not
+                a non-empty ``str``.
+        """
+        if not isinstance(operation, str) or not operation:
+            raise InvalidContextError("operation", "must be a non-empty str", operation)
+        if self.depth >= MAX_DEPTH:
+            raise InvalidContextError(
+                "depth",
+                f"child contexts nest at most {MAX_DEPTH} deep; a sub-agent is probably "
+                "recursing without end",
+                self.depth + 1,
+            )
+        merged: dict[str, object] = {**self.metadata, **metadata, "operation": operation}
+        return UserExecutionContext(
+            user_id=self.user_id,
+            thread_id=self.thread_id,
+            run_id=new_id(),
+            request_id=self.request_id,
+            tenant_id=self.tenant_id,
+            connection_id=self.connection_id,
+            parent_run_id=self.run_id,
+            depth=self.depth + 1,
+            metadata=merged,
+        )
+
+    @property
+    def user(self) -> UserRef:
+        """The :class:`UserRef` of this context's user."""
+        return UserRef(self.user_id, self.tenant_id)
+
+    def log_fields(self) -> dict[str, str]:
+        """Flat string fields for log records; absent ids are empty strings, no metadata."""
+        return {
+            "user_id": self.user_id,
+            "tenant_id": self.tenant_id or "",
+            "thread_id": self.thread_id,
+            "run_id": self.run_id,
+            "request_id": self.request_id,
+            "connection_id": self.connection_id or "",
+            "parent_run_id": self.parent_run_id or "",
+            "depth": str(self.depth),
+        }
+
+    def __repr__(self) -> str:
+        tenant = f", tenant_id={self.tenant_id!r}" if self.tenant_id is not None else ""
+        return (
+            f"UserExecutionContext(user_id={self.user_id!r}{tenant}, "
+            f"thread_id={self.thread_id!r}, run_id={self.run_id!r}, depth={self.depth})"
+        )
+

@@ -1,0 +1,296 @@
+"""A cache of created components with single-flight creation and ordered cleanup.
+
+One ``Instances`` backs each scope (REQUEST components), each user entry (USER components)
+and each registry (APP components). Creation is single-flight across tasks *and* threads:
+concurrent resolutions of one key create it once, and a factory that fails leaves nothing
+behind, so the next resolution retries.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Hashable
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, Final
+
+import anyio
+
+from ambient._observe import ComponentEvent, Observer, notify
+from ambient._provider import Finalizer, Provider, build_async, build_sync, key_name
+from ambient.errors import CleanupTimeoutError, ResolutionError, ScopeClosedError
+
+if TYPE_CHECKING:
+    from ambient._context import UserRef
+    from ambient._registry import Registry
+    from ambient._scope import Scope
+
+__all__ = ["Created", "Instances", "finalize"]
+
+logger = logging.getLogger("ambient")
+
+# Keys being created by this task or thread, outermost first: a repeat is a cycle.
+_resolving: Final[ContextVar[tuple[Hashable, ...]]] = ContextVar("ambient.resolving", default=())
+_MISSING: Final = object()
+
+Created = tuple[Provider, Any, Finalizer | None]
+
+
+class _Pending:
+    """A creation in progress that other resolvers wait for."""
+
+    __slots__ = ("async_event", "owner", "thread_event")
+
+    def __init__(self, *, in_async: bool) -> None:
+        self.owner = threading.get_ident()
+        self.thread_event = threading.Event()
+        self.async_event = anyio.Event() if in_async else None
+
+    def done(self) -> None:
+        self.thread_event.set()
+        if self.async_event is not None:
+            self.async_event.set()
+
+    async def wait(self) -> None:
+        if self.async_event is not None and self.owner == threading.get_ident():
+            await self.async_event.wait()
+        else:
+            # Created by a worker thread: wait for it without blocking the event loop.
+            await anyio.to_thread.run_sync(self.thread_event.wait, abandon_on_cancel=True)
+
+
+def _cycle(stack: tuple[Hashable, ...], key: Hashable) -> ResolutionError:
+    path = " -> ".join(key_name(k) for k in (*stack[stack.index(key) :], key))
+    return ResolutionError(f"dependency cycle while resolving: {path}")
+
+
+class Instances:
+    """Created components of one owner (a scope, a user, the app)."""
+
+    __slots__ = ("cache", "closed", "created", "lock", "owner_label", "pending")
+
+    def __init__(self, owner_label: str) -> None:
+        self.cache: dict[Hashable, Any] = {}
+        self.pending: dict[Hashable, _Pending] = {}
+        self.created: list[Created] = []
+        self.lock = threading.Lock()
+        self.closed = False
+        self.owner_label = owner_label
+
+    def close(self) -> list[Created]:
+        """Refuse further creations; hand back what was created, oldest first."""
+        with self.lock:
+            self.closed = True
+            created, self.created = self.created, []
+            self.cache.clear()
+        return created
+
+    def _closed_error(self, provider: Provider) -> ScopeClosedError:
+        return ScopeClosedError(
+            f"cannot resolve {provider.name}: the {self.owner_label} it belongs to has closed "
+            "(work that outlives its request must not use that request's components)"
+        )
+
+    async def aget(self, provider: Provider, arg: object, scope: Scope, registry: Registry) -> Any:
+        """Return the cached component or create it (once, however many ask at once)."""
+        key = provider.key
+        stack = _resolving.get()
+        if key in stack:
+            raise _cycle(stack, key)
+        while True:
+            with self.lock:
+                instance = self.cache.get(key, _MISSING)
+                if instance is not _MISSING:
+                    return instance
+                if self.closed:
+                    raise self._closed_error(provider)
+                pending = self.pending.get(key)
+                if pending is None:
+                    pending = self.pending[key] = _Pending(in_async=True)
+                    break
+            await pending.wait()
+        token = _resolving.set((*stack, key))
+        observers = scope.observers
+        started = time.perf_counter()
+        start_ns = time.time_ns() if observers else 0
+        try:
+            with scope.restricted_for(provider):
+                instance, finalizer = await build_async(provider, arg)
+        except BaseException as exc:
+            self._forget(key, pending)
+            if observers:
+                self._report(observers, provider, None, arg, scope, start_ns, started, exc)
+            raise
+        finally:
+            _resolving.reset(token)
+        if not self._store(provider, instance, finalizer, pending):
+            with anyio.CancelScope(shield=True):
+                await finalize([(provider, instance, finalizer)], None, registry, None, observers)
+            raise self._closed_error(provider)
+        registry.created += 1
+        scope.components_created += 1
+        if observers:
+            self._report(observers, provider, instance, arg, scope, start_ns, started, None)
+        return instance
+
+    def get(self, provider: Provider, arg: object, scope: Scope, registry: Registry) -> Any:
+        """The sync twin of :meth:`aget` (sync factories only; safe from worker threads)."""
+        key = provider.key
+        stack = _resolving.get()
+        if key in stack:
+            raise _cycle(stack, key)
+        while True:
+            with self.lock:
+                instance = self.cache.get(key, _MISSING)
+                if instance is not _MISSING:
+                    return instance
+                if self.closed:
+                    raise self._closed_error(provider)
+                pending = self.pending.get(key)
+                if pending is None:
+                    pending = self.pending[key] = _Pending(in_async=False)
+                    break
+            if pending.async_event is not None and pending.owner == threading.get_ident():
+                msg = (
+                    f"{provider.name} is being created by another task on this event loop; "
+                    "resolve_sync() cannot wait for it without blocking the loop: use "
+                    "`await resolve(...)`"
+                )
+                raise ResolutionError(msg)
+            pending.thread_event.wait()
+        token = _resolving.set((*stack, key))
+        observers = scope.observers
+        started = time.perf_counter()
+        start_ns = time.time_ns() if observers else 0
+        try:
+            with scope.restricted_for(provider):
+                instance, finalizer = build_sync(provider, arg)
+        except BaseException as exc:
+            self._forget(key, pending)
+            if observers:
+                self._report(observers, provider, None, arg, scope, start_ns, started, exc)
+            raise
+        finally:
+            _resolving.reset(token)
+        if not self._store(provider, instance, finalizer, pending):
+            if finalizer is not None and not finalizer.is_async:
+                finalizer.run_sync(None)
+            raise self._closed_error(provider)
+        registry.created += 1
+        scope.components_created += 1
+        if observers:
+            self._report(observers, provider, instance, arg, scope, start_ns, started, None)
+        return instance
+
+    def _forget(self, key: Hashable, pending: _Pending) -> None:
+        with self.lock:
+            self.pending.pop(key, None)
+        pending.done()
+
+    def _store(
+        self, provider: Provider, instance: Any, finalizer: Finalizer | None, pending: _Pending
+    ) -> bool:
+        with self.lock:
+            self.pending.pop(provider.key, None)
+            stored = not self.closed
+            if stored:
+                self.cache[provider.key] = instance
+                self.created.append((provider, instance, finalizer))
+        pending.done()
+        return stored
+
+    @staticmethod
+    def _report(
+        observers: tuple[Observer, ...],
+        provider: Provider,
+        instance: Any,
+        arg: object,
+        scope: Scope,
+        start_ns: int,
+        started: float,
+        error: BaseException | None,
+    ) -> None:
+        user = scope.context.user if arg is not None else None
+        event = ComponentEvent(
+            provider.key,
+            provider.name,
+            provider.lifetime,
+            instance,
+            user,
+            scope,
+            start_ns,
+            time.perf_counter() - started,
+            error,
+        )
+        notify(observers, "component_created", event)
+
+
+async def finalize(
+    created: list[Created],
+    exc: BaseException | None,
+    registry: Registry,
+    user: UserRef | None,
+    observers: tuple[Observer, ...],
+    scope: Scope | None = None,
+) -> list[Exception]:
+    """Clean up ``created`` newest first; every cleanup runs once, whatever the others do.
+
+    Must run inside a shielded cancel scope. Async cleanups are bounded by the registry's
+    ``cleanup_timeout``. Returns the failures; each is also logged and counted.
+    """
+    failures: list[Exception] = []
+    escaped: BaseException | None = None
+    body_error = exc if isinstance(exc, Exception) else None
+    timeout = registry.cleanup_timeout
+    for provider, instance, finalizer in reversed(created):
+        started = time.perf_counter()
+        start_ns = time.time_ns() if observers else 0
+        error: Exception | None = None
+        try:
+            if finalizer is None:
+                pass
+            elif finalizer.is_async:
+                with anyio.move_on_after(timeout) as deadline:
+                    await finalizer.run(body_error)
+                if deadline.cancelled_caught:
+                    error = CleanupTimeoutError(
+                        f"cleanup of {provider.name} did not finish within {timeout} s "
+                        "(the registry's cleanup_timeout) and was abandoned"
+                    )
+            else:
+                finalizer.run_sync(body_error)
+        except Exception as raised:
+            error = raised
+        except BaseException as raised:  # noqa: BLE001 - re-raised once every cleanup ran
+            escaped = escaped or raised
+        registry.cleaned += 1
+        if error is not None:
+            failures.append(error)
+            registry.cleanup_failures += 1
+            logger.warning(
+                "cleanup of %s failed: %s",
+                provider.name,
+                error,
+                exc_info=error,
+                extra={"ambient_component": provider.name},
+            )
+        if observers:
+            notify(
+                observers,
+                "component_cleaned",
+                ComponentEvent(
+                    provider.key,
+                    provider.name,
+                    provider.lifetime,
+                    instance,
+                    user,
+                    scope,
+                    start_ns,
+                    time.perf_counter() - started,
+                    error,
+                ),
+            )
+    if escaped is not None:
+        raise escaped
+    return failures

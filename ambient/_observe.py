@@ -1,0 +1,98 @@
+"""Process-wide observers of scopes and components (telemetry, probes, ``ambient check``)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ambient._context import UserRef
+    from ambient._provider import Lifetime
+    from ambient._scope import Scope
+
+__all__ = ["ComponentEvent", "Observer", "add_observer", "notify"]
+
+logger = logging.getLogger("ambient")
+
+
+@dataclass(frozen=True, slots=True)
+class ComponentEvent:
+    """One component created (or failed to be created) or cleaned up.
+
+    Attributes:
+        key: The registry key.
+        name: The component's readable name.
+        lifetime: Its lifetime.
+        instance: The component (``None`` when its factory failed).
+        user: The user it belongs to (``None`` for APP components).
+        scope: The scope that caused the event (``None`` for cleanups at expiry or shutdown).
+        start_ns: Wall-clock start in nanoseconds since the epoch (OpenTelemetry's clock).
+        duration: Seconds the factory or cleanup took.
+        error: The exception it raised, if any.
+    """
+
+    key: Hashable
+    name: str
+    lifetime: Lifetime
+    instance: Any
+    user: UserRef | None
+    scope: Scope | None
+    start_ns: int
+    duration: float
+    error: BaseException | None = None
+
+
+class Observer:
+    """Sees every scope and component of every registry (or of one, see ``Registry``).
+
+    Subclass and override what you need; each method runs inline, so keep it fast. An
+    observer that raises is logged and otherwise ignored: it never breaks a request.
+    """
+
+    def scope_opened(self, scope: Scope) -> None:
+        """A scope was opened and its context bound."""
+
+    def scope_closed(self, scope: Scope, failures: tuple[BaseException, ...]) -> None:
+        """A scope finished its cleanups and was unbound."""
+
+    def component_created(self, event: ComponentEvent) -> None:
+        """A factory returned (or raised: ``event.error``)."""
+
+    def component_cleaned(self, event: ComponentEvent) -> None:
+        """A cleanup finished (or failed: ``event.error``)."""
+
+
+# A tuple, replaced on change, so the hot path reads it without a lock.
+observers: tuple[Observer, ...] = ()
+_complained: set[int] = set()
+
+
+def add_observer(observer: Observer) -> Callable[[], None]:
+    """Let ``observer`` see every scope and component in this process.
+
+    Returns:
+        A function that removes the observer again.
+    """
+    global observers  # noqa: PLW0603 - replaced as a whole so readers need no lock
+    observers = (*observers, observer)
+
+    def remove() -> None:
+        global observers  # noqa: PLW0603
+        observers = tuple(o for o in observers if o is not observer)
+
+    return remove
+
+
+def notify(targets: tuple[Observer, ...], method: str, *args: Any) -> None:
+    """Call ``method`` on every observer; log (once per observer) and go on when one fails."""
+    for observer in targets:
+        try:
+            getattr(observer, method)(*args)
+        except Exception:
+            if id(observer) not in _complained:
+                _complained.add(id(observer))
+                logger.exception(
+                    "ambient observer %r failed in %s; the request goes on", observer, method
+                )

@@ -1,0 +1,312 @@
+"""Recipes: how a registered factory is called, what it returns and how that is cleaned up."""
+
+from __future__ import annotations
+
+import collections.abc
+import enum
+import inspect
+import typing
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+from ambient.errors import RegistryError, ResolutionError
+
+__all__ = ["Finalizer", "Lifetime", "Provider", "build_async", "build_sync", "make_provider"]
+
+
+class Lifetime(enum.Enum):
+    """How long a component lives, and who shares it."""
+
+    REQUEST = "request"
+    """One instance per scope (request, websocket connection, job); cleaned when it closes."""
+    USER = "user"
+    """One instance per ``(tenant_id, user_id)``, shared by that user's concurrent scopes."""
+    APP = "app"
+    """One instance per registry; cleaned at shutdown."""
+
+
+# A component may depend only on components that live at least as long as it does.
+RANK = {Lifetime.REQUEST: 0, Lifetime.USER: 1, Lifetime.APP: 2}
+
+_SYNC, _ASYNC, _GEN, _AGEN = "sync", "async", "generator", "async generator"
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Provider:
+    """A registered recipe."""
+
+    key: Hashable
+    factory: Callable[..., Any]
+    lifetime: Lifetime
+    name: str
+    kind: str
+    takes_arg: bool
+    enter: bool
+    idle_ttl: float
+
+
+def key_name(key: Hashable) -> str:
+    """A readable name for a registry key."""
+    if isinstance(key, type):
+        return key.__qualname__
+    return repr(key)
+
+
+def _takes_argument(factory: Callable[..., Any], name: str) -> bool:
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return False
+    required = [
+        p
+        for p in signature.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    required_kw = [
+        p
+        for p in signature.parameters.values()
+        if p.kind is p.KEYWORD_ONLY and p.default is p.empty
+    ]
+    if len(required) > 1 or required_kw:
+        msg = (
+            f"factory for {name} must take no argument or exactly one (the context, the user "
+            f"or nothing, by lifetime); its signature is {signature}"
+        )
+        raise RegistryError(msg)
+    return len(required) == 1
+
+
+def make_provider(
+    key: Hashable,
+    factory: Callable[..., Any],
+    *,
+    lifetime: Lifetime,
+    name: str | None,
+    enter: bool,
+    idle_ttl: float,
+) -> Provider:
+    """Inspect ``factory`` once, at registration, so resolution does no introspection."""
+    if not callable(factory):
+        msg = f"factory for {key_name(key)} must be callable, not {type(factory).__name__}"
+        raise RegistryError(msg)
+    if not isinstance(lifetime, Lifetime):
+        msg = f"lifetime must be a Lifetime, not {lifetime!r}"
+        raise RegistryError(msg)
+    if idle_ttl < 0:
+        msg = f"idle_ttl must be >= 0 seconds, not {idle_ttl!r}"
+        raise RegistryError(msg)
+    label = name if name is not None else key_name(key)
+    if inspect.isasyncgenfunction(factory):
+        kind = _AGEN
+    elif inspect.isgeneratorfunction(factory):
+        kind = _GEN
+    elif inspect.iscoroutinefunction(factory):
+        kind = _ASYNC
+    else:
+        kind = _SYNC
+    return Provider(
+        key=key,
+        factory=factory,
+        lifetime=lifetime,
+        name=label,
+        kind=kind,
+        takes_arg=_takes_argument(factory, label),
+        enter=enter,
+        idle_ttl=idle_ttl,
+    )
+
+
+def key_from_annotation(factory: Callable[..., Any]) -> Hashable:
+    """The key ``@registry.provide`` derives from a factory: the class itself, or what the
+    return annotation names (``Iterator[X]``, ``AsyncIterator[X]`` and the like unwrapped)."""
+    if isinstance(factory, type):
+        return factory
+    try:
+        hints = typing.get_type_hints(factory)
+    except Exception as exc:
+        msg = f"cannot read the return annotation of {factory!r}: {exc}"
+        raise RegistryError(msg) from None
+    annotation = hints.get("return")
+    if annotation is None:
+        msg = (
+            f"{getattr(factory, '__qualname__', factory)!r} has no return annotation; "
+            "annotate it or use registry.register(key, factory)"
+        )
+        raise RegistryError(msg)
+    origin = typing.get_origin(annotation)
+    if origin in (
+        collections.abc.Iterator,
+        collections.abc.Generator,
+        collections.abc.AsyncIterator,
+        collections.abc.AsyncGenerator,
+        collections.abc.Iterable,
+        collections.abc.AsyncIterable,
+    ):
+        annotation = typing.get_args(annotation)[0]
+    if not isinstance(annotation, Hashable):
+        msg = f"return annotation {annotation!r} cannot be a registry key"
+        raise RegistryError(msg)
+    return annotation
+
+
+class Finalizer:
+    """How one created component is cleaned up. ``is_async`` says which ``run`` to call.
+
+    Cleanups see the exception the scope's body raised when it is an :class:`Exception`
+    (context managers get it in ``__exit__``, generators have it thrown in at their
+    ``yield``, as with :func:`contextlib.contextmanager`); they can never swallow it.
+    """
+
+    __slots__ = ("is_async", "name", "target", "how")
+
+    def __init__(self, name: str, how: str, target: Any, *, is_async: bool) -> None:
+        self.name = name
+        self.how = how
+        self.target = target
+        self.is_async = is_async
+
+    def run_sync(self, exc: Exception | None) -> None:
+        target = self.target
+        if self.how == "generator":
+            try:
+                if exc is None:
+                    next(target)
+                else:
+                    target.throw(exc)
+            except StopIteration:
+                return
+            except Exception as raised:
+                if raised is exc:
+                    return
+                raise
+            target.close()
+            msg = f"generator factory of {self.name} yielded more than once"
+            raise RuntimeError(msg)
+        if self.how == "context manager":
+            if exc is None:
+                target.__exit__(None, None, None)
+            else:
+                target.__exit__(type(exc), exc, exc.__traceback__)
+            return
+        target.close()
+
+    async def run(self, exc: Exception | None) -> None:
+        target = self.target
+        if self.how == "async generator":
+            try:
+                if exc is None:
+                    await target.__anext__()
+                else:
+                    await target.athrow(exc)
+            except StopAsyncIteration:
+                return
+            except Exception as raised:
+                if raised is exc:
+                    return
+                raise
+            await target.aclose()
+            msg = f"async generator factory of {self.name} yielded more than once"
+            raise RuntimeError(msg)
+        if self.how == "async context manager":
+            if exc is None:
+                await target.__aexit__(None, None, None)
+            else:
+                await target.__aexit__(type(exc), exc, exc.__traceback__)
+            return
+        await target.aclose()
+
+
+def _closer(provider: Provider, result: Any, *, can_await: bool) -> tuple[Any, Finalizer | None]:
+    """Decide how a plain factory result is cleaned up (and enter it if it is a CM)."""
+    cls = type(result)
+    name = provider.name
+    if provider.enter:
+        if hasattr(cls, "__aenter__") and hasattr(cls, "__aexit__") and can_await:
+            return None, Finalizer(name, "async context manager", result, is_async=True)
+        if hasattr(cls, "__enter__") and hasattr(cls, "__exit__"):
+            return result.__enter__(), Finalizer(name, "context manager", result, is_async=False)
+        if hasattr(cls, "__aenter__"):
+            msg = (
+                f"{name} is an async context manager, which resolve_sync() cannot enter; "
+                "use `await resolve(...)`, or register it with enter=False"
+            )
+            raise ResolutionError(msg)
+    aclose = getattr(result, "aclose", None)
+    if callable(aclose) and inspect.iscoroutinefunction(aclose):
+        return result, Finalizer(name, "aclose", result, is_async=True)
+    close = getattr(result, "close", None)
+    if callable(close):
+        if inspect.iscoroutinefunction(close):
+            return result, _AsyncClose(name, result)
+        return result, Finalizer(name, "close", result, is_async=False)
+    return result, None
+
+
+class _AsyncClose(Finalizer):
+    __slots__ = ()
+
+    def __init__(self, name: str, target: Any) -> None:
+        super().__init__(name, "async close", target, is_async=True)
+
+    async def run(self, exc: Exception | None) -> None:  # noqa: ARG002
+        await self.target.close()
+
+
+async def build_async(provider: Provider, arg: object) -> tuple[Any, Finalizer | None]:
+    """Call the factory and enter its result; return the component and its cleanup."""
+    args = (arg,) if provider.takes_arg else ()
+    kind = provider.kind
+    if kind is _AGEN:
+        agen = provider.factory(*args)
+        try:
+            instance = await agen.__anext__()
+        except StopAsyncIteration:
+            msg = f"async generator factory of {provider.name} returned without yielding"
+            raise ResolutionError(msg) from None
+        return instance, Finalizer(provider.name, "async generator", agen, is_async=True)
+    if kind is _GEN:
+        gen = provider.factory(*args)
+        try:
+            instance = next(gen)
+        except StopIteration:
+            msg = f"generator factory of {provider.name} returned without yielding"
+            raise ResolutionError(msg) from None
+        return instance, Finalizer(provider.name, "generator", gen, is_async=False)
+    result = provider.factory(*args)
+    if kind is _ASYNC or inspect.isawaitable(result):
+        result = await result
+    instance, finalizer = _closer(provider, result, can_await=True)
+    if finalizer is not None and finalizer.how == "async context manager":
+        instance = await result.__aenter__()
+    return instance, finalizer
+
+
+def build_sync(provider: Provider, arg: object) -> tuple[Any, Finalizer | None]:
+    """Like :func:`build_async`, for sync factories only."""
+    kind = provider.kind
+    if kind is _ASYNC or kind is _AGEN:
+        msg = (
+            f"{provider.name} has an {kind} factory, which resolve_sync() cannot run; "
+            "use `await resolve(...)`"
+        )
+        raise ResolutionError(msg)
+    args = (arg,) if provider.takes_arg else ()
+    if kind is _GEN:
+        gen = provider.factory(*args)
+        try:
+            instance = next(gen)
+        except StopIteration:
+            msg = f"generator factory of {provider.name} returned without yielding"
+            raise ResolutionError(msg) from None
+        return instance, Finalizer(provider.name, "generator", gen, is_async=False)
+    result = provider.factory(*args)
+    if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
+            result.close()
+        msg = (
+            f"the factory of {provider.name} returned an awaitable, which resolve_sync() "
+            "cannot await; use `await resolve(...)`"
+        )
+        raise ResolutionError(msg)
+    return _closer(provider, result, can_await=False)

@@ -1,0 +1,397 @@
+"""The :class:`Registry`: recipes for components, and the USER and APP instances."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+import anyio
+
+from ambient import _observe
+from ambient._context import UserExecutionContext, UserRef
+from ambient._instances import Instances, finalize
+from ambient._observe import Observer
+from ambient._provider import Lifetime, key_from_annotation, key_name, make_provider
+from ambient._scope import Scope
+from ambient.errors import CleanupError, RegistryError, ResolutionError
+
+if TYPE_CHECKING:
+    from ambient._provider import Provider
+
+__all__ = ["Registry", "RegistryStats", "UserEntry"]
+
+logger = logging.getLogger("ambient")
+
+F = TypeVar("F", bound=Callable[..., Any])
+DEFAULT_IDLE_TTL = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryStats:
+    """A snapshot of what a registry has done.
+
+    Attributes:
+        open_scopes: Scopes open right now.
+        live_users: Users with live USER components (in use or idle).
+        live_user_components: USER components alive right now.
+        created: Components created so far (every lifetime).
+        cleaned: Components cleaned up so far.
+        cleanup_failures: Cleanups that raised or timed out.
+    """
+
+    open_scopes: int
+    live_users: int
+    live_user_components: int
+    created: int
+    cleaned: int
+    cleanup_failures: int
+
+
+class UserEntry:
+    """One user's USER components and how many open scopes hold them."""
+
+    __slots__ = ("idle_since", "instances", "ref", "refs")
+
+    def __init__(self, ref: UserRef) -> None:
+        self.ref = ref
+        self.instances = Instances("user")
+        self.refs = 0
+        self.idle_since: float | None = None
+
+
+class Registry:
+    """Recipes for components, and the owner of every USER and APP instance.
+
+    Args:
+        cleanup_timeout: Seconds an async cleanup may take before it is abandoned.
+        max_users: Users whose USER components are kept; past it, the least recently used
+            users that no open scope holds are evicted (never one in use).
+        clock: Monotonic clock for ``idle_ttl`` expiry (inject one in tests).
+        telemetry: An :class:`~ambient.telemetry.Telemetry` (or any observer) that sees
+            this registry's scopes and components.
+
+    Example::
+
+        registry = Registry()
+        registry.register(ToolDispatcher, ToolDispatcher)            # per request
+        registry.register(Memory, Memory, lifetime=Lifetime.USER)   # per user
+
+        async with registry.open_scope(UserExecutionContext.create("alice")):
+            dispatcher = await ambient.resolve(ToolDispatcher)
+    """
+
+    def __init__(
+        self,
+        *,
+        cleanup_timeout: float = 10.0,
+        max_users: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+        telemetry: Observer | None = None,
+    ) -> None:
+        if not cleanup_timeout > 0:
+            msg = f"cleanup_timeout must be > 0 seconds, not {cleanup_timeout!r}"
+            raise ValueError(msg)
+        if max_users < 1:
+            msg = f"max_users must be >= 1, not {max_users!r}"
+            raise ValueError(msg)
+        self.cleanup_timeout = cleanup_timeout
+        self.max_users = max_users
+        self.telemetry = telemetry
+        self._clock = clock
+        self._observers: tuple[Observer, ...] = () if telemetry is None else (telemetry,)
+        self.providers: dict[Hashable, Provider] = {}
+        self.app_instances = Instances("registry")
+        self._frozen = False
+        self._lock = threading.Lock()
+        self._users: OrderedDict[UserRef, UserEntry] = OrderedDict()
+        self._idle = 0
+        self._next_expiry = math.inf
+        self._evicted: list[UserEntry] = []
+        self.open_scopes = 0
+        self.created = 0
+        self.cleaned = 0
+        self.cleanup_failures = 0
+
+    # -- registration --------------------------------------------------------------------
+
+    def register(
+        self,
+        key: Hashable,
+        factory: Callable[..., Any],
+        *,
+        lifetime: Lifetime = Lifetime.REQUEST,
+        name: str | None = None,
+        idle_ttl: float | None = None,
+        enter: bool = True,
+        replace: bool = False,
+    ) -> None:
+        """Register ``factory`` as the recipe for ``key`` (usually the component's class).
+
+        Args:
+            key: What users resolve.
+            factory: A callable, class, ``async def``, generator or async generator (code
+                after its single ``yield`` is the cleanup). A REQUEST factory may take the
+                request's context, a USER factory the :class:`UserRef`, an APP factory
+                nothing; any may take no argument.
+            lifetime: REQUEST (default), USER or APP.
+            name: Name in errors, logs and telemetry (default: the key's name).
+            idle_ttl: USER only: seconds after the user's last scope closes before the
+                component is cleaned (default 300).
+            enter: Enter a result that is an (async) context manager (default); with
+                ``False`` only ``aclose()``/``close()`` is called.
+            replace: Allow replacing an earlier registration (for tests).
+
+        Raises:
+            RegistryError: duplicate key, frozen registry or unusable factory.
+        """
+        if self._frozen:
+            msg = (
+                f"cannot register {key_name(key)}: the registry is frozen because a scope "
+                "has been opened; register every component at start-up"
+            )
+            raise RegistryError(msg)
+        if key in self.providers and not replace:
+            msg = (
+                f"{key_name(key)} is already registered; pass replace=True to replace it "
+                "(meant for tests)"
+            )
+            raise RegistryError(msg)
+        if idle_ttl is not None and lifetime is not Lifetime.USER:
+            msg = f"idle_ttl applies to USER components only, not {lifetime.name}"
+            raise RegistryError(msg)
+        self.providers[key] = make_provider(
+            key,
+            factory,
+            lifetime=lifetime,
+            name=name,
+            enter=enter,
+            idle_ttl=DEFAULT_IDLE_TTL if idle_ttl is None else idle_ttl,
+        )
+
+    @overload
+    def provide(self, factory: F, /) -> F: ...
+    @overload
+    def provide(
+        self,
+        *,
+        lifetime: Lifetime = Lifetime.REQUEST,
+        name: str | None = None,
+        idle_ttl: float | None = None,
+        enter: bool = True,
+    ) -> Callable[[F], F]: ...
+
+    def provide(
+        self,
+        factory: F | None = None,
+        /,
+        *,
+        lifetime: Lifetime = Lifetime.REQUEST,
+        name: str | None = None,
+        idle_ttl: float | None = None,
+        enter: bool = True,
+    ) -> F | Callable[[F], F]:
+        """Decorator form of :meth:`register`; the key is the factory's return annotation
+        (``Iterator[X]`` and ``AsyncIterator[X]`` unwrapped) or the class itself.
+
+        Example::
+
+            @registry.provide(lifetime=Lifetime.USER)
+            async def memory(user: UserRef) -> AsyncIterator[Memory]:
+                async with Memory.open(user.user_id) as m:
+                    yield m
+        """
+
+        def decorate(fn: F) -> F:
+            self.register(
+                key_from_annotation(fn),
+                fn,
+                lifetime=lifetime,
+                name=name,
+                idle_ttl=idle_ttl,
+                enter=enter,
+            )
+            return fn
+
+        if factory is not None:
+            return decorate(factory)
+        return decorate
+
+    def unknown_key(self, key: Hashable) -> ResolutionError:
+        """The error for resolving an unregistered key."""
+        names = ", ".join(sorted(p.name for p in self.providers.values())) or "nothing yet"
+        return ResolutionError(
+            f"no component is registered for {key_name(key)}; registered: {names}. "
+            "Register it with registry.register(key, factory)"
+        )
+
+    # -- scopes --------------------------------------------------------------------------
+
+    def open_scope(self, ctx: UserExecutionContext, *, allow_switch: bool = False) -> Scope:
+        """Return a :class:`Scope` for ``ctx``; ``async with`` it to bind and clean up.
+
+        Raises:
+            TypeError: ``ctx`` is not a :class:`UserExecutionContext`.
+        """
+        if not isinstance(ctx, UserExecutionContext):
+            msg = f"open_scope() takes a UserExecutionContext, not {type(ctx).__name__}"
+            raise TypeError(msg)
+        return Scope(self, ctx, allow_switch=allow_switch)
+
+    def observers(self) -> tuple[Observer, ...]:
+        """This registry's telemetry plus the process-wide observers, as of now."""
+        shared = _observe.observers
+        own = self._observers
+        if shared and own:
+            return own + shared
+        return own or shared
+
+    def before_open(self) -> None:
+        """Freeze the registry as its first scope opens."""
+        self._frozen = True
+
+    # -- USER entries --------------------------------------------------------------------
+
+    def acquire_user(self, ref: UserRef) -> UserEntry:
+        """Take a reference on ``ref``'s entry, creating it (and evicting LRU) as needed."""
+        with self._lock:
+            entry = self._users.get(ref)
+            if entry is None:
+                entry = self._users[ref] = UserEntry(ref)
+                if len(self._users) > self.max_users:
+                    self._evict_lru()
+            else:
+                self._users.move_to_end(ref)
+                if entry.refs == 0:
+                    self._idle -= 1
+            entry.refs += 1
+            entry.idle_since = None
+        return entry
+
+    def release_user(self, entry: UserEntry) -> None:
+        """Drop one reference on ``entry``; the last one starts its idle clock."""
+        with self._lock:
+            entry.refs -= 1
+            if entry.refs == 0 and self._users.get(entry.ref) is entry:
+                now = self._clock()
+                entry.idle_since = now
+                self._idle += 1
+                shortest = min(
+                    (p.idle_ttl for p, _, _ in entry.instances.created), default=0.0
+                )
+                self._next_expiry = min(self._next_expiry, now + shortest)
+
+    def _evict_lru(self) -> None:
+        excess = len(self._users) - self.max_users
+        for ref, entry in list(self._users.items()):
+            if excess <= 0:
+                break
+            if entry.refs == 0:
+                del self._users[ref]
+                self._idle -= 1
+                self._evicted.append(entry)
+                excess -= 1
+        if excess > 0:
+            logger.warning(
+                "ambient: %d users hold USER components in open scopes, above max_users=%d; "
+                "none can be evicted while in use",
+                len(self._users),
+                self.max_users,
+            )
+
+    async def close_evicted(self) -> None:
+        """Clean up users evicted by ``max_users``."""
+        if not self._evicted:
+            return
+        with self._lock:
+            evicted, self._evicted = self._evicted, []
+        with anyio.CancelScope(shield=True):
+            for entry in evicted:
+                await self._close_entry(entry, entry.instances.close())
+
+    async def expire_idle(self) -> None:
+        """Clean up USER components whose ``idle_ttl`` has passed (cheap when none has)."""
+        if self._evicted:
+            await self.close_evicted()
+        if not self._idle or self._clock() < self._next_expiry:
+            return
+        await self.sweep()
+
+    async def sweep(self) -> None:
+        """Clean up every USER component whose ``idle_ttl`` has passed, now."""
+        now = self._clock()
+        due: list[tuple[UserEntry, list[Any]]] = []
+        with self._lock:
+            next_expiry = math.inf
+            for ref, entry in list(self._users.items()):
+                if entry.refs or entry.idle_since is None:
+                    continue
+                instances = entry.instances
+                with instances.lock:
+                    expired, kept = [], []
+                    for created in instances.created:
+                        done = entry.idle_since + created[0].idle_ttl <= now
+                        (expired if done else kept).append(created)
+                    instances.created = kept
+                    for created in expired:
+                        instances.cache.pop(created[0].key, None)
+                for provider, _, _ in kept:
+                    next_expiry = min(next_expiry, entry.idle_since + provider.idle_ttl)
+                if not kept:
+                    del self._users[ref]
+                    self._idle -= 1
+                    instances.closed = True
+                if expired:
+                    due.append((entry, expired))
+            self._next_expiry = next_expiry
+        with anyio.CancelScope(shield=True):
+            for entry, expired in due:
+                await self._close_entry(entry, expired)
+
+    async def _close_entry(self, entry: UserEntry, created: list[Any]) -> list[Exception]:
+        return await finalize(created, None, self, entry.ref, self.observers())
+
+    # -- shutdown and stats --------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Clean up every USER and APP component (application shutdown).
+
+        Scopes still open keep their REQUEST components; a USER or APP component they
+        resolve afterwards is created afresh. The registry stays usable (a test may start
+        the same application twice).
+
+        Raises:
+            CleanupError: when cleanups failed (every cleanup still ran).
+        """
+        with self._lock:
+            entries = list(self._users.values()) + self._evicted
+            self._users.clear()
+            self._evicted = []
+            self._idle = 0
+        failures: list[Exception] = []
+        with anyio.CancelScope(shield=True):
+            for entry in entries:
+                failures += await self._close_entry(entry, entry.instances.close())
+            app, self.app_instances = self.app_instances, Instances("registry")
+            failures += await finalize(app.close(), None, self, None, self.observers())
+        if failures:
+            msg = f"{len(failures)} cleanup(s) failed while closing the registry"
+            raise CleanupError(msg, failures)
+
+    def stats(self) -> RegistryStats:
+        """Counts of what this registry has done so far."""
+        with self._lock:
+            users = list(self._users.values())
+        return RegistryStats(
+            open_scopes=self.open_scopes,
+            live_users=len(users),
+            live_user_components=sum(len(e.instances.created) for e in users),
+            created=self.created,
+            cleaned=self.cleaned,
+            cleanup_failures=self.cleanup_failures,
+        )

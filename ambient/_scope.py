@@ -1,0 +1,330 @@
+"""A :class:`Scope`: one request's (or job's, or connection's) components and their cleanup."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Hashable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
+
+import anyio
+
+from ambient._binding import _Binding, bind, unbind
+from ambient._instances import Instances, finalize
+from ambient._observe import Observer, notify
+from ambient._provider import RANK, Lifetime, Provider, key_name
+from ambient.errors import CleanupError, ResolutionError, ScopeClosedError
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from ambient._context import UserExecutionContext
+    from ambient._registry import Registry, UserEntry
+
+__all__ = ["Scope"]
+
+T = TypeVar("T")
+_NOTHING = contextlib.nullcontext()
+
+
+class _Resolver(Protocol):
+    """What a binding resolves components through: a scope, or a restricted view of one."""
+
+    @property
+    def owner(self) -> Scope: ...
+
+    async def resolve(self, key: Any) -> Any: ...
+
+    def resolve_sync(self, key: Any) -> Any: ...
+
+
+class Scope:
+    """The components of one unit of work, bound together with its context.
+
+    Opened by :meth:`Registry.open_scope` (the middleware opens one per request and per
+    websocket connection). ``async with scope:`` binds the context, and on exit cleans up
+    the REQUEST components newest first, releases the user's USER components and unbinds.
+    Cleanups are shielded from cancellation and bounded by the registry's
+    ``cleanup_timeout``; every one runs even when others fail.
+
+    Exiting raises :class:`~ambient.errors.CleanupError` when cleanups failed, unless the
+    body itself raised: then the body's exception propagates with the failures attached as
+    a note.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_allow_switch",
+        "_binding",
+        "_cache",
+        "_closed",
+        "_opened",
+        "_own",
+        "_registry",
+        "_state",
+        "_user_entry",
+        "cleanup_failures",
+        "components_created",
+        "context",
+        "observers",
+    )
+
+    def __init__(
+        self, registry: Registry, context: UserExecutionContext, *, allow_switch: bool = False
+    ) -> None:
+        self._registry = registry
+        self.context = context
+        self._allow_switch = allow_switch
+        self._own = Instances("request scope")
+        # Every component this scope has resolved, whatever its lifetime: the fast path.
+        self._cache: dict[Hashable, Any] = self._own.cache
+        self._user_entry: UserEntry | None = None
+        self._binding: _Binding | None = None
+        self._opened = False
+        self._closed = False
+        self._state: dict[Any, Any] | None = None
+        self.observers: tuple[Observer, ...] = ()
+        self.components_created = 0
+        self.cleanup_failures = 0
+
+    @property
+    def registry(self) -> Registry:
+        """The registry this scope resolves from."""
+        return self._registry
+
+    @property
+    def owner(self) -> Scope:
+        """This scope (restricted views of it answer their scope)."""
+        return self
+
+    @property
+    def closed(self) -> bool:
+        """Whether the scope has closed; resolving from it then raises ``ScopeClosedError``."""
+        return self._closed
+
+    @property
+    def state(self) -> dict[Any, Any]:
+        """A dict for observers and integrations to keep per-scope data in."""
+        if self._state is None:
+            self._state = {}
+        return self._state
+
+    def __repr__(self) -> str:
+        status = "closed" if self._closed else "open" if self._opened else "new"
+        return f"<Scope {status} for {self.context!r}>"
+
+    # -- opening and closing -------------------------------------------------------------
+
+    async def __aenter__(self) -> Scope:
+        if self._opened:
+            msg = "a Scope can be entered once; open a new one with registry.open_scope(ctx)"
+            raise RuntimeError(msg)
+        registry = self._registry
+        registry.before_open()
+        await registry.expire_idle()
+        self._binding = bind(self.context, self, allow_switch=self._allow_switch)
+        self._opened = True
+        registry.open_scopes += 1
+        observers = registry.observers()
+        self.observers = observers
+        if observers:
+            notify(observers, "scope_opened", self)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        failures = await self._close(exc)
+        if not failures:
+            return
+        if exc is not None:
+            for failure in failures:
+                exc.add_note(f"ambient: while closing this scope, cleanup failed: {failure!r}")
+            return
+        names = len(failures)
+        raise CleanupError(f"{names} component cleanup(s) failed while closing the scope", failures)
+
+    async def aclose(self) -> None:
+        """Close the scope (as leaving ``async with`` does)."""
+        await self.__aexit__(None, None, None)
+
+    async def _close(self, exc: BaseException | None) -> list[Exception]:
+        if self._closed or not self._opened:
+            self._closed = True
+            return []
+        self._closed = True
+        registry = self._registry
+        created = self._own.close()
+        failures: list[Exception] = []
+        entry = self._user_entry
+        if created or entry is not None:
+            with anyio.CancelScope(shield=True):
+                failures = await finalize(
+                    created, exc, registry, self.context.user, self.observers, self
+                )
+                if entry is not None:
+                    self._user_entry = None
+                    registry.release_user(entry)
+        await registry.expire_idle()
+        self._cache = {}
+        self.cleanup_failures = len(failures)
+        binding = self._binding
+        if binding is not None:
+            unbind(binding)
+        registry.open_scopes -= 1
+        if self.observers:
+            notify(self.observers, "scope_closed", self, tuple(failures))
+        return failures
+
+    def __del__(self) -> None:
+        if self._opened and not self._closed and self._own.created:
+            warnings.warn(
+                f"{self!r} was garbage-collected with {len(self._own.created)} component "
+                "cleanup(s) pending; close scopes with `async with` or `await scope.aclose()`",
+                ResourceWarning,
+                stacklevel=1,
+            )
+
+    # -- resolution ----------------------------------------------------------------------
+
+    @overload
+    async def resolve(self, key: type[T]) -> T: ...
+    @overload
+    async def resolve(self, key: Hashable) -> Any: ...
+
+    async def resolve(self, key: Hashable) -> Any:
+        """Return the component registered under ``key``, creating it on first use.
+
+        Raises:
+            ResolutionError: unknown key, dependency cycle, lifetime violation.
+            ScopeClosedError: the scope has closed.
+        """
+        try:
+            return self._cache[key]
+        except KeyError:
+            pass
+        provider = self._provider(key)
+        lifetime = provider.lifetime
+        registry = self._registry
+        if lifetime is Lifetime.REQUEST:
+            return await self._own.aget(provider, self.context, self, registry)
+        if lifetime is Lifetime.USER:
+            entry = self._user_entry
+            if entry is None or entry.instances.closed:
+                entry = await self._acquire_user()
+            instance = await entry.instances.aget(provider, entry.ref, self, registry)
+        else:
+            instance = await registry.app_instances.aget(provider, None, self, registry)
+        self._cache[key] = instance
+        return instance
+
+    @overload
+    def resolve_sync(self, key: type[T]) -> T: ...
+    @overload
+    def resolve_sync(self, key: Hashable) -> Any: ...
+
+    def resolve_sync(self, key: Hashable) -> Any:
+        """Like :meth:`resolve` for sync factories; callable from worker threads.
+
+        Raises:
+            ResolutionError: as :meth:`resolve`, and for async factories (await
+                :meth:`resolve` instead).
+            ScopeClosedError: the scope has closed.
+        """
+        try:
+            return self._cache[key]
+        except KeyError:
+            pass
+        provider = self._provider(key)
+        lifetime = provider.lifetime
+        registry = self._registry
+        if lifetime is Lifetime.REQUEST:
+            return self._own.get(provider, self.context, self, registry)
+        if lifetime is Lifetime.USER:
+            entry = self._user_entry
+            if entry is None or entry.instances.closed:
+                entry = self._acquire_user_sync()
+            instance = entry.instances.get(provider, entry.ref, self, registry)
+        else:
+            instance = registry.app_instances.get(provider, None, self, registry)
+        self._cache[key] = instance
+        return instance
+
+    def _provider(self, key: Hashable) -> Provider:
+        if self._closed or not self._opened:
+            state = "has closed" if self._closed else "is not open yet (use `async with`)"
+            msg = f"cannot resolve {key_name(key)}: the scope {state}"
+            raise ScopeClosedError(msg)
+        provider = self._registry.providers.get(key)
+        if provider is None:
+            raise self._registry.unknown_key(key)
+        return provider
+
+    async def _acquire_user(self) -> UserEntry:
+        entry = self._acquire_user_sync()
+        await self._registry.close_evicted()
+        return entry
+
+    def _acquire_user_sync(self) -> UserEntry:
+        registry = self._registry
+        entry = registry.acquire_user(self.context.user)
+        held = self._user_entry
+        if held is None or held.instances.closed:
+            # First USER component of this scope, or the registry was closed under it.
+            self._user_entry = entry
+            if held is not None:
+                registry.release_user(held)
+            return entry
+        registry.release_user(entry)  # another thread of this scope acquired it first
+        return held
+
+    @contextlib.contextmanager
+    def _restricted(self, provider: Provider) -> Iterator[None]:
+        binding = bind(self.context, _View(self, provider), allow_switch=True)
+        try:
+            yield
+        finally:
+            unbind(binding)
+
+    def restricted_for(self, provider: Provider) -> contextlib.AbstractContextManager[None]:
+        """While a USER or APP factory runs, ``ambient.resolve`` may only reach components
+        that live at least as long (a USER object holding one request's component would
+        keep it past that request's cleanup)."""
+        if provider.lifetime is Lifetime.REQUEST:
+            return _NOTHING
+        return self._restricted(provider)
+
+
+class _View:
+    """A scope seen from inside a USER or APP factory."""
+
+    __slots__ = ("_for", "_scope")
+
+    def __init__(self, scope: Scope, provider: Provider) -> None:
+        self._scope = scope
+        self._for = provider
+
+    @property
+    def owner(self) -> Scope:
+        return self._scope
+
+    def _check(self, key: Hashable) -> None:
+        provider = self._scope.registry.providers.get(key)
+        if provider is not None and RANK[provider.lifetime] < RANK[self._for.lifetime]:
+            msg = (
+                f"{self._for.lifetime.name} component {self._for.name} cannot depend on "
+                f"{provider.lifetime.name} component {provider.name}: it would outlive it. "
+                "Resolve it where it is used instead"
+            )
+            raise ResolutionError(msg)
+
+    async def resolve(self, key: Hashable) -> Any:
+        self._check(key)
+        return await self._scope.resolve(key)
+
+    def resolve_sync(self, key: Hashable) -> Any:
+        self._check(key)
+        return self._scope.resolve_sync(key)

@@ -1,0 +1,186 @@
+"""Every exception and warning that ambient raises.
+
+All errors derive from :class:`AmbientError`; where a builtin carries the same meaning the
+error derives from it too (``LookupError`` for "nothing bound", ``ValueError`` for bad ids),
+so ``except LookupError`` keeps working for code that never heard of ambient.
+
+An error that maps to an HTTP answer carries it (``http_status``, ``retry_after``,
+``problem_type``, ``title``); the middleware turns such an error into an RFC 9457
+``application/problem+json`` response without knowing which integration raised it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+__all__ = [
+    "AmbientError",
+    "AmbientWarning",
+    "CleanupError",
+    "CleanupTimeoutError",
+    "ContextSwitchError",
+    "GlobalStateError",
+    "GlobalStateWarning",
+    "IdentityError",
+    "InvalidContextError",
+    "NoActiveContextError",
+    "PoolExhaustedError",
+    "RegistryError",
+    "ResolutionError",
+    "ScopeClosedError",
+    "TooManyRequestsError",
+]
+
+_ECHO_LIMIT = 64
+
+
+def shorten(value: object) -> str:
+    """Return ``repr(value)`` cut to at most 64 characters, for error messages."""
+    text = repr(value)
+    if len(text) > _ECHO_LIMIT:
+        return text[: _ECHO_LIMIT - 3] + "..."
+    return text
+
+
+class AmbientError(Exception):
+    """Root of every ambient error.
+
+    Attributes:
+        http_status: The HTTP status this error maps to, or ``None`` when it is not an
+            answer to a client (most errors are programming errors and propagate).
+        retry_after: Seconds for a ``Retry-After`` header, or ``None``.
+        problem_type: The ``type`` URI of the problem+json body.
+        title: The ``title`` of the problem+json body.
+    """
+
+    http_status: int | None = None
+    problem_type: ClassVar[str] = "about:blank"
+    title: ClassVar[str] = "Error"
+    retry_after: float | None = None
+
+
+class InvalidContextError(AmbientError, ValueError):
+    """A context id (or the context as a whole) failed validation.
+
+    Attributes:
+        field: The name of the offending field.
+        reason: Why it was refused.
+    """
+
+    http_status = 400
+    problem_type = "urn:ambient:problem:invalid-context"
+    title = "Invalid request context"
+
+    def __init__(self, field: str, reason: str, value: object = None, *, echo: bool = True) -> None:
+        self.field = field
+        self.reason = reason
+        shown = f" (got {shorten(value)})" if echo else ""
+        super().__init__(f"{field} is invalid: {reason}{shown}")
+
+
+class NoActiveContextError(AmbientError, LookupError):
+    """No :class:`~ambient.UserExecutionContext` (or no scope) is bound here."""
+
+    def __init__(self, what: str = "context") -> None:
+        if what == "scope":
+            message = (
+                "a context is bound but no component scope is: components are resolved from "
+                "a scope opened by AmbientMiddleware or `registry.open_scope(ctx)`; "
+                "`bind_context` alone binds only the context"
+            )
+        else:
+            message = (
+                "no user execution context is bound: one is bound by AmbientMiddleware for each "
+                "request, by `registry.open_scope(ctx)` or `bind_context(ctx)` in jobs and tests, "
+                "and carried into threads and callbacks by `ambient.wrap(fn)`"
+            )
+        super().__init__(message)
+
+
+class ContextSwitchError(AmbientError, RuntimeError):
+    """A context of another user was bound while one was already bound."""
+
+
+class RegistryError(AmbientError, RuntimeError):
+    """A registration was refused (duplicate key, frozen or closed registry, bad factory)."""
+
+
+class ResolutionError(AmbientError, LookupError):
+    """A component could not be resolved (unknown key, cycle, sync/async misuse)."""
+
+
+class ScopeClosedError(AmbientError, RuntimeError):
+    """A component was resolved from a scope that has already closed."""
+
+
+class CleanupTimeoutError(AmbientError, TimeoutError):
+    """An async cleanup did not finish within the registry's ``cleanup_timeout``."""
+
+
+class CleanupError(ExceptionGroup[Exception], AmbientError):  # type: ignore[misc]
+    """One or more component cleanups failed; every other cleanup still ran.
+
+    It is an :class:`ExceptionGroup` of the individual failures, so ``except*`` works.
+    """
+
+    def __new__(cls, message: str, exceptions: Sequence[Exception]) -> CleanupError:
+        return super().__new__(cls, message, exceptions)
+
+    def derive(self, excs: Sequence[Exception]) -> CleanupError:  # noqa: D102
+        return CleanupError(self.message, excs)
+
+
+class IdentityError(AmbientError):
+    """The request carried a malformed identity (answered with 400, or 401 when missing).
+
+    Attributes:
+        status: 400 for a malformed identity, 401 for a missing or rejected one.
+    """
+
+    problem_type = "urn:ambient:problem:identity"
+    title = "Invalid identity"
+
+    def __init__(self, detail: str, *, status: int = 400) -> None:
+        if status not in (400, 401):
+            msg = f"IdentityError status must be 400 or 401, not {status}"
+            raise ValueError(msg)
+        self.status = status
+        self.http_status = status
+        super().__init__(detail)
+
+
+class TooManyRequestsError(AmbientError):
+    """A user has more requests in flight than the middleware allows (HTTP 429)."""
+
+    http_status = 429
+    problem_type = "urn:ambient:problem:too-many-requests"
+    title = "Too many concurrent requests"
+
+    def __init__(self, detail: str, *, retry_after: float = 1.0) -> None:
+        self.retry_after = retry_after
+        super().__init__(detail)
+
+
+class PoolExhaustedError(AmbientError):
+    """No database connection became available in time (HTTP 503 with ``Retry-After``)."""
+
+    http_status = 503
+    problem_type = "urn:ambient:problem:pool-exhausted"
+    title = "Service temporarily unavailable"
+
+    def __init__(self, detail: str, *, retry_after: float = 1.0) -> None:
+        self.retry_after = retry_after
+        super().__init__(detail)
+
+
+class GlobalStateError(AmbientError, RuntimeError):
+    """A guarded legacy global was touched inside a user context in ``strict`` mode."""
+
+
+class AmbientWarning(UserWarning):
+    """Root of every ambient warning."""
+
+
+class GlobalStateWarning(AmbientWarning):
+    """A guarded legacy global was touched while a user context was bound."""

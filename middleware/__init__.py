@@ -1,0 +1,1 @@
+"""ASGI middleware that gives every request its own ambient scope."""

@@ -1,0 +1,45 @@
+"""Shared fixtures: every async test runs on asyncio and trio; real services by URL."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+import ambient._observe
+
+DATABASE_URL = os.environ.get(
+    "AMBIENT_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+REDIS_URL = os.environ.get("AMBIENT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+REQUIRE_SERVICES = os.environ.get("AMBIENT_REQUIRE_SERVICES") == "1"
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("asyncio", id="asyncio"),
+        pytest.param("trio", id="trio"),
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """Run each async test once on asyncio and once on trio."""
+    return str(request.param)
+
+
+def service_unavailable(name: str, reason: str) -> None:
+    """Skip (or, with AMBIENT_REQUIRE_SERVICES=1, fail) a test whose service is down."""
+    message = f"{name} is not reachable: {reason}"
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{message} (AMBIENT_REQUIRE_SERVICES=1)")
+    pytest.skip(message)
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_observers() -> Iterator[None]:
+    """A test that adds a process-wide observer must remove it again."""
+    before = ambient._observe.observers
+    yield
+    leftover = ambient._observe.observers
+    ambient._observe.observers = before
+    assert leftover == before, "a test left a process-wide observer registered"
