@@ -1,0 +1,179 @@
+"""Run an ASGI app on a real server over loopback for the duration of a test.
+
+uvicorn and hypercorn run in a background thread with their own event loop (the app object
+is shared with the test, so counters and probes can be inspected directly); granian runs in
+a subprocess and therefore needs an importable ``module:attr`` path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+SERVERS = ("uvicorn", "hypercorn")
+STARTUP_TIMEOUT = 20.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def granian_available() -> bool:
+    """Whether granian can be imported here."""
+    try:
+        import granian  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _wait_listening(port: int, alive: Any) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        if not alive():
+            msg = f"server on port {port} exited before it listened"
+            raise RuntimeError(msg)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.settimeout(0.2)
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.02)
+    msg = f"server on port {port} did not listen within {STARTUP_TIMEOUT} s"
+    raise RuntimeError(msg)
+
+
+@contextlib.contextmanager
+def _uvicorn(app: Any, port: int, **options: Any) -> Iterator[None]:
+    import uvicorn
+
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", access_log=False, **options
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    try:
+        _wait_listening(port, thread.is_alive)
+        yield
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        if thread.is_alive():
+            msg = f"uvicorn on port {port} did not shut down"
+            raise RuntimeError(msg)
+
+
+@contextlib.contextmanager
+def _hypercorn(app: Any, port: int, **options: Any) -> Iterator[None]:
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    config = Config()
+    config.bind = [f"127.0.0.1:{port}"]
+    config.accesslog = None
+    config.errorlog = None
+    config.graceful_timeout = 10
+    for name, value in options.items():
+        setattr(config, name, value)
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(serve(app, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
+        except BaseException as exc:  # noqa: BLE001 - reported to the test below
+            failure.append(exc)
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=run, name=f"hypercorn-{port}", daemon=True)
+    thread.start()
+    try:
+        _wait_listening(port, thread.is_alive)
+        yield
+    finally:
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout=30)
+        if thread.is_alive():
+            msg = f"hypercorn on port {port} did not shut down"
+            raise RuntimeError(msg)
+        if failure:
+            raise failure[0]
+
+
+@contextlib.contextmanager
+def _granian(target: str, port: int, **options: Any) -> Iterator[None]:
+    command = [
+        sys.executable,
+        "-m",
+        "granian",
+        "--interface",
+        "asgi",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--log-level",
+        "warning",
+    ]
+    for name, value in options.items():
+        command += [f"--{name.replace('_', '-')}", str(value)]
+    command.append(target)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
+    process = subprocess.Popen(command, env=env)  # noqa: S603 - fixed argv, our own interpreter
+    try:
+        _wait_listening(port, lambda: process.poll() is None)
+        yield
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def serve(server: str, app: Any, *, target: str | None = None, **options: Any) -> Iterator[str]:
+    """Serve ``app`` on 127.0.0.1 with ``server``; yield its base URL.
+
+    Args:
+        server: ``"uvicorn"``, ``"hypercorn"`` or ``"granian"``.
+        app: The ASGI app (uvicorn and hypercorn).
+        target: ``"module:attr"`` of the same app, required for granian (a subprocess).
+        options: Server options (``uvicorn.Config`` keywords, hypercorn ``Config``
+            attributes, granian command-line flags).
+    """
+    port = free_port()
+    if server == "uvicorn":
+        runner = _uvicorn(app, port, **options)
+    elif server == "hypercorn":
+        runner = _hypercorn(app, port, **options)
+    elif server == "granian":
+        if target is None:
+            msg = "granian runs in a subprocess and needs target='module:attr'"
+            raise ValueError(msg)
+        runner = _granian(target, port, **options)
+    else:
+        msg = f"unknown server {server!r}"
+        raise ValueError(msg)
+    with runner:
+        yield f"http://127.0.0.1:{port}"
