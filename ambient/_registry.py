@@ -232,8 +232,20 @@ class Registry:
 
     # -- scopes --------------------------------------------------------------------------
 
-    def open_scope(self, ctx: UserExecutionContext, *, allow_switch: bool = False) -> Scope:
+    def open_scope(
+        self,
+        ctx: UserExecutionContext,
+        *,
+        allow_switch: bool = False,
+        observer: Observer | None = None,
+    ) -> Scope:
         """Return a :class:`Scope` for ``ctx``; ``async with`` it to bind and clean up.
+
+        Args:
+            ctx: The context to bind.
+            allow_switch: Allow opening it while another user's context is bound.
+            observer: An extra observer for this scope only (the middleware passes the
+                telemetry it was given).
 
         Raises:
             TypeError: ``ctx`` is not a :class:`UserExecutionContext`.
@@ -241,7 +253,7 @@ class Registry:
         if not isinstance(ctx, UserExecutionContext):
             msg = f"open_scope() takes a UserExecutionContext, not {type(ctx).__name__}"
             raise TypeError(msg)
-        return Scope(self, ctx, allow_switch=allow_switch)
+        return Scope(self, ctx, allow_switch=allow_switch, observer=observer)
 
     def observers(self) -> tuple[Observer, ...]:
         """This registry's telemetry plus the process-wide observers, as of now."""

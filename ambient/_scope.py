@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from collections.abc import Hashable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = ["Scope"]
 
 T = TypeVar("T")
+logger = logging.getLogger("ambient")
 _NOTHING = contextlib.nullcontext()
 
 
@@ -58,6 +60,9 @@ class Scope:
         "_binding",
         "_cache",
         "_closed",
+        "_extra",
+        "_holds",
+        "_released",
         "_opened",
         "_own",
         "_registry",
@@ -70,9 +75,17 @@ class Scope:
     )
 
     def __init__(
-        self, registry: Registry, context: UserExecutionContext, *, allow_switch: bool = False
+        self,
+        registry: Registry,
+        context: UserExecutionContext,
+        *,
+        allow_switch: bool = False,
+        observer: Observer | None = None,
     ) -> None:
         self._registry = registry
+        self._extra = observer
+        self._holds = 0
+        self._released: anyio.Event | None = None
         self.context = context
         self._allow_switch = allow_switch
         self._own = Instances("request scope")
@@ -126,6 +139,9 @@ class Scope:
         self._opened = True
         registry.open_scopes += 1
         observers = registry.observers()
+        extra = self._extra
+        if extra is not None and extra not in observers:
+            observers = (*observers, extra)
         self.observers = observers
         if observers:
             notify(observers, "scope_opened", self)
@@ -155,6 +171,8 @@ class Scope:
         if self._closed or not self._opened:
             self._closed = True
             return []
+        if self._holds:
+            await self._wait_for_holds()
         self._closed = True
         registry = self._registry
         created = self._own.close()
@@ -178,6 +196,43 @@ class Scope:
         if self.observers:
             notify(self.observers, "scope_closed", self, tuple(failures))
         return failures
+
+    def hold(self) -> _Hold:
+        """Keep this scope open past the end of its body, for work it hands off.
+
+        ``with scope.hold():`` in a task that outlives the request (a fire-and-forget task,
+        a background job): while any hold is active, closing the scope waits for it (up to
+        the registry's ``cleanup_timeout``) before cleaning up, so the task may go on using
+        the request's components. Without a hold such a task gets ``ScopeClosedError``
+        once the scope has closed. Take the hold *before* the body ends (in the request),
+        then pass it into the task::
+
+            hold = scope.hold()
+            task_group.start_soon(job, hold)   # job: `with hold: ...`
+        """
+        if self._closed:
+            msg = "cannot hold a scope that has already closed"
+            raise ScopeClosedError(msg)
+        self._holds += 1
+        return _Hold(self)
+
+    def _release(self) -> None:
+        self._holds -= 1
+        if self._holds == 0 and self._released is not None:
+            self._released.set()
+
+    async def _wait_for_holds(self) -> None:
+        self._released = anyio.Event()
+        timeout = self._registry.cleanup_timeout
+        with anyio.CancelScope(shield=True), anyio.move_on_after(timeout) as deadline:
+            await self._released.wait()
+        if deadline.cancelled_caught:
+            logger.warning(
+                "ambient: %d hold(s) on %r still active after %s s; cleaning up anyway",
+                self._holds,
+                self,
+                timeout,
+            )
 
     def __del__(self) -> None:
         if self._opened and not self._closed and self._own.created:
@@ -296,6 +351,28 @@ class Scope:
         if provider.lifetime is Lifetime.REQUEST:
             return _NOTHING
         return self._restricted(provider)
+
+
+class _Hold:
+    """An active hold on a scope (see :meth:`Scope.hold`); release it by leaving ``with``
+    or calling :meth:`release`. Releasing twice is harmless."""
+
+    __slots__ = ("_scope",)
+
+    def __init__(self, scope: Scope) -> None:
+        self._scope: Scope | None = scope
+
+    def release(self) -> None:
+        """Let the scope close (once every hold is released)."""
+        scope, self._scope = self._scope, None
+        if scope is not None:
+            scope._release()  # noqa: SLF001 - the hold is part of the scope
+
+    def __enter__(self) -> _Hold:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
 
 
 class _View:

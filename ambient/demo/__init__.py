@@ -1,0 +1,1 @@
+"""The bundled multi-user agent backend served by ``ambient demo``."""
