@@ -30,7 +30,7 @@ def resolve(key: type[T]) -> Coroutine[Any, Any, T]: ...
 def resolve(key: Hashable) -> Coroutine[Any, Any, Any]: ...
 
 
-def resolve(key: Hashable) -> Coroutine[Any, Any, Any]:
+def resolve(key: Any) -> Coroutine[Any, Any, Any]:
     """Resolve ``key`` in the scope bound to the current context: ``await resolve(Engine)``.
 
     Raises:
@@ -47,7 +47,7 @@ def resolve_sync(key: type[T]) -> T: ...
 def resolve_sync(key: Hashable) -> Any: ...
 
 
-def resolve_sync(key: Hashable) -> Any:
+def resolve_sync(key: Any) -> Any:
     """Resolve a sync-factory component in the current scope (from sync code or threads).
 
     Raises:
@@ -84,7 +84,7 @@ def accessor(key: type[T]) -> Accessor[T]: ...
 def accessor(key: Hashable) -> Accessor[Any]: ...
 
 
-def accessor(key: Hashable) -> Accessor[Any]:
+def accessor(key: Any) -> Accessor[Any]:
     """Return an :class:`Accessor` for ``key``."""
     return Accessor(key)
 
@@ -126,7 +126,7 @@ def proxy(key: type[T]) -> T: ...
 def proxy(key: Hashable) -> Any: ...
 
 
-def proxy(key: Hashable) -> Any:
+def proxy(key: Any) -> Any:
     """Return a stand-in for a module-level singleton that forwards to the current scope's
     instance of ``key`` (sync factories only).
 

@@ -223,4 +223,3 @@ class UserExecutionContext:
             f"UserExecutionContext(user_id={self.user_id!r}{tenant}, "
             f"thread_id={self.thread_id!r}, run_id={self.run_id!r}, depth={self.depth})"
         )
-

@@ -260,7 +260,7 @@ async def finalize(
                     )
             else:
                 finalizer.run_sync(body_error)
-        except Exception as raised:
+        except Exception as raised:  # noqa: BLE001 - collected into CleanupError
             error = raised
         except BaseException as raised:  # noqa: BLE001 - re-raised once every cleanup ran
             escaped = escaped or raised

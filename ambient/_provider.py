@@ -124,7 +124,7 @@ def key_from_annotation(factory: Callable[..., Any]) -> Hashable:
         return factory
     try:
         hints = typing.get_type_hints(factory)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure means "no usable annotation"
         msg = f"cannot read the return annotation of {factory!r}: {exc}"
         raise RegistryError(msg) from None
     annotation = hints.get("return")
@@ -158,7 +158,7 @@ class Finalizer:
     ``yield``, as with :func:`contextlib.contextmanager`); they can never swallow it.
     """
 
-    __slots__ = ("is_async", "name", "target", "how")
+    __slots__ = ("how", "is_async", "name", "target")
 
     def __init__(self, name: str, how: str, target: Any, *, is_async: bool) -> None:
         self.name = name
@@ -249,7 +249,7 @@ class _AsyncClose(Finalizer):
     def __init__(self, name: str, target: Any) -> None:
         super().__init__(name, "async close", target, is_async=True)
 
-    async def run(self, exc: Exception | None) -> None:  # noqa: ARG002
+    async def run(self, exc: Exception | None) -> None:
         await self.target.close()
 
 

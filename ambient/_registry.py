@@ -15,7 +15,7 @@ import anyio
 
 from ambient import _observe
 from ambient._context import UserExecutionContext, UserRef
-from ambient._instances import Instances, finalize
+from ambient._instances import Created, Instances, finalize
 from ambient._observe import Observer
 from ambient._provider import Lifetime, key_from_annotation, key_name, make_provider
 from ambient._scope import Scope
@@ -180,22 +180,22 @@ class Registry:
     def provide(
         self,
         *,
-        lifetime: Lifetime = Lifetime.REQUEST,
-        name: str | None = None,
-        idle_ttl: float | None = None,
-        enter: bool = True,
+        lifetime: Lifetime = ...,
+        name: str | None = ...,
+        idle_ttl: float | None = ...,
+        enter: bool = ...,
     ) -> Callable[[F], F]: ...
 
-    def provide(
+    def provide(  # type: ignore[misc]  # mypy misreads the keyword-only overload
         self,
-        factory: F | None = None,
+        factory: Callable[..., Any] | None = None,
         /,
         *,
         lifetime: Lifetime = Lifetime.REQUEST,
         name: str | None = None,
         idle_ttl: float | None = None,
         enter: bool = True,
-    ) -> F | Callable[[F], F]:
+    ) -> Any:
         """Decorator form of :meth:`register`; the key is the factory's return annotation
         (``Iterator[X]`` and ``AsyncIterator[X]`` unwrapped) or the class itself.
 
@@ -293,9 +293,7 @@ class Registry:
                 now = self._clock()
                 entry.idle_since = now
                 self._idle += 1
-                shortest = min(
-                    (p.idle_ttl for p, _, _ in entry.instances.created), default=0.0
-                )
+                shortest = min((p.idle_ttl for p, _, _ in entry.instances.created), default=0.0)
                 self._next_expiry = min(self._next_expiry, now + shortest)
 
     def _evict_lru(self) -> None:
@@ -345,7 +343,8 @@ class Registry:
                     continue
                 instances = entry.instances
                 with instances.lock:
-                    expired, kept = [], []
+                    expired: list[Created] = []
+                    kept: list[Created] = []
                     for created in instances.created:
                         done = entry.idle_since + created[0].idle_ttl <= now
                         (expired if done else kept).append(created)

@@ -62,10 +62,10 @@ class Scope:
         "_closed",
         "_extra",
         "_holds",
-        "_released",
         "_opened",
         "_own",
         "_registry",
+        "_released",
         "_state",
         "_user_entry",
         "cleanup_failures",
@@ -250,7 +250,7 @@ class Scope:
     @overload
     async def resolve(self, key: Hashable) -> Any: ...
 
-    async def resolve(self, key: Hashable) -> Any:
+    async def resolve(self, key: Any) -> Any:
         """Return the component registered under ``key``, creating it on first use.
 
         Raises:
@@ -281,7 +281,7 @@ class Scope:
     @overload
     def resolve_sync(self, key: Hashable) -> Any: ...
 
-    def resolve_sync(self, key: Hashable) -> Any:
+    def resolve_sync(self, key: Any) -> Any:
         """Like :meth:`resolve` for sync factories; callable from worker threads.
 
         Raises:
@@ -366,7 +366,7 @@ class _Hold:
         """Let the scope close (once every hold is released)."""
         scope, self._scope = self._scope, None
         if scope is not None:
-            scope._release()  # noqa: SLF001 - the hold is part of the scope
+            scope._release()
 
     def __enter__(self) -> _Hold:
         return self

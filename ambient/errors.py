@@ -118,7 +118,7 @@ class CleanupTimeoutError(AmbientError, TimeoutError):
     """An async cleanup did not finish within the registry's ``cleanup_timeout``."""
 
 
-class CleanupError(ExceptionGroup[Exception], AmbientError):  # type: ignore[misc]
+class CleanupError(ExceptionGroup[Exception], AmbientError):
     """One or more component cleanups failed; every other cleanup still ran.
 
     It is an :class:`ExceptionGroup` of the individual failures, so ``except*`` works.
@@ -127,7 +127,7 @@ class CleanupError(ExceptionGroup[Exception], AmbientError):  # type: ignore[mis
     def __new__(cls, message: str, exceptions: Sequence[Exception]) -> CleanupError:
         return super().__new__(cls, message, exceptions)
 
-    def derive(self, excs: Sequence[Exception]) -> CleanupError:  # noqa: D102
+    def derive(self, excs: Sequence[Exception]) -> CleanupError:  # type: ignore[override]
         return CleanupError(self.message, excs)
 
 
