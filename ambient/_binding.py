@@ -46,7 +46,7 @@ class _Binding:
     """One binding: the context, the scope that resolves components (if any), and the
     binding it shadows. ``closed`` is set once, when the binding ends."""
 
-    __slots__ = ("closed", "ctx", "prev", "scope", "token")
+    __slots__ = ("__weakref__", "closed", "ctx", "prev", "scope", "token")
 
     def __init__(
         self, ctx: UserExecutionContext, scope: _Resolver | None, prev: _Binding | None
@@ -77,8 +77,8 @@ def bind(
         if bound.user_id != ctx.user_id or bound.tenant_id != ctx.tenant_id:
             msg = (
                 "a context of another user is already bound here; binding a second user "
-                "inside it would mix their state. Open the new context in its own task, or "
-                "pass allow_switch=True if the switch is intended (an admin acting for a user)"
+                "inside it would mix their state. Pass allow_switch=True where the switch is "
+                "intended (an admin acting for a user, a worker serving many users)"
             )
             raise ContextSwitchError(msg)
     binding = _Binding(ctx, scope, current)

@@ -81,7 +81,7 @@ class UserRef:
     tenant_id: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class UserExecutionContext:
     """Who a piece of work runs for, and which run it belongs to.
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 
+from ambient._binding import _current
 from ambient._observe import ComponentEvent, Observer, notify
 from ambient._provider import Finalizer, Provider, build_async, build_sync, key_name
 from ambient.errors import CleanupTimeoutError, ResolutionError, ScopeClosedError
@@ -226,6 +227,30 @@ class Instances:
         notify(observers, "component_created", event)
 
 
+class _Deadline:
+    """``anyio.move_on_after`` entered with no ambient binding in the current context.
+
+    On asyncio the deadline is a timer handle holding a copy of the current context until
+    the deadline passes, even once cancelled; entered with the binding, it would keep the
+    scope and its context alive for ``cleanup_timeout`` seconds after the scope closed.
+    """
+
+    __slots__ = ("_scope",)
+
+    def __init__(self, timeout: float) -> None:
+        self._scope = anyio.move_on_after(timeout)
+
+    def __enter__(self) -> anyio.CancelScope:
+        token = _current.set(None)
+        try:
+            return self._scope.__enter__()
+        finally:
+            _current.reset(token)
+
+    def __exit__(self, *exc_info: Any) -> bool:
+        return bool(self._scope.__exit__(*exc_info))
+
+
 async def finalize(
     created: list[Created],
     exc: BaseException | None,
@@ -251,7 +276,7 @@ async def finalize(
             if finalizer is None:
                 pass
             elif finalizer.is_async:
-                with anyio.move_on_after(timeout) as deadline:
+                with _Deadline(timeout) as deadline:
                     await finalizer.run(body_error)
                 if deadline.cancelled_caught:
                     error = CleanupTimeoutError(

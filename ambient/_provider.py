@@ -258,24 +258,16 @@ async def build_async(provider: Provider, arg: object) -> tuple[Any, Finalizer |
     args = (arg,) if provider.takes_arg else ()
     kind = provider.kind
     if kind is _AGEN:
-        agen = provider.factory(*args)
-        try:
-            instance = await agen.__anext__()
-        except StopAsyncIteration:
-            msg = f"async generator factory of {provider.name} returned without yielding"
-            raise ResolutionError(msg) from None
-        return instance, Finalizer(provider.name, "async generator", agen, is_async=True)
+        return await _enter_agen(provider, provider.factory(*args))
     if kind is _GEN:
-        gen = provider.factory(*args)
-        try:
-            instance = next(gen)
-        except StopIteration:
-            msg = f"generator factory of {provider.name} returned without yielding"
-            raise ResolutionError(msg) from None
-        return instance, Finalizer(provider.name, "generator", gen, is_async=False)
+        return _enter_gen(provider, provider.factory(*args))
     result = provider.factory(*args)
     if kind is _ASYNC or inspect.isawaitable(result):
         result = await result
+    if inspect.isasyncgen(result):  # e.g. `lambda: make(x)` around an async generator
+        return await _enter_agen(provider, result)
+    if inspect.isgenerator(result):
+        return _enter_gen(provider, result)
     instance, finalizer = _closer(provider, result, can_await=True)
     if finalizer is not None and finalizer.how == "async context manager":
         instance = await result.__aenter__()
@@ -293,20 +285,34 @@ def build_sync(provider: Provider, arg: object) -> tuple[Any, Finalizer | None]:
         raise ResolutionError(msg)
     args = (arg,) if provider.takes_arg else ()
     if kind is _GEN:
-        gen = provider.factory(*args)
-        try:
-            instance = next(gen)
-        except StopIteration:
-            msg = f"generator factory of {provider.name} returned without yielding"
-            raise ResolutionError(msg) from None
-        return instance, Finalizer(provider.name, "generator", gen, is_async=False)
+        return _enter_gen(provider, provider.factory(*args))
     result = provider.factory(*args)
-    if inspect.isawaitable(result):
+    if inspect.isawaitable(result) or inspect.isasyncgen(result):
         if inspect.iscoroutine(result):
             result.close()
         msg = (
-            f"the factory of {provider.name} returned an awaitable, which resolve_sync() "
-            "cannot await; use `await resolve(...)`"
+            f"the factory of {provider.name} returned an awaitable or async generator, which "
+            "resolve_sync() cannot run; use `await resolve(...)`"
         )
         raise ResolutionError(msg)
+    if inspect.isgenerator(result):
+        return _enter_gen(provider, result)
     return _closer(provider, result, can_await=False)
+
+
+def _enter_gen(provider: Provider, gen: Any) -> tuple[Any, Finalizer]:
+    try:
+        instance = next(gen)
+    except StopIteration:
+        msg = f"generator factory of {provider.name} returned without yielding"
+        raise ResolutionError(msg) from None
+    return instance, Finalizer(provider.name, "generator", gen, is_async=False)
+
+
+async def _enter_agen(provider: Provider, agen: Any) -> tuple[Any, Finalizer]:
+    try:
+        instance = await agen.__anext__()
+    except StopAsyncIteration:
+        msg = f"async generator factory of {provider.name} returned without yielding"
+        raise ResolutionError(msg) from None
+    return instance, Finalizer(provider.name, "async generator", agen, is_async=True)

@@ -275,12 +275,13 @@ class Registry:
             entry = self._users.get(ref)
             if entry is None:
                 entry = self._users[ref] = UserEntry(ref)
+                entry.refs = 1  # before eviction, which must never pick this new entry
                 if len(self._users) > self.max_users:
                     self._evict_lru()
-            else:
-                self._users.move_to_end(ref)
-                if entry.refs == 0:
-                    self._idle -= 1
+                return entry
+            self._users.move_to_end(ref)
+            if entry.refs == 0:
+                self._idle -= 1
             entry.refs += 1
             entry.idle_since = None
         return entry

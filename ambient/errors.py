@@ -35,7 +35,7 @@ __all__ = [
 _ECHO_LIMIT = 64
 
 
-def shorten(value: object) -> str:
+def _shorten(value: object) -> str:
     """Return ``repr(value)`` cut to at most 64 characters, for error messages."""
     text = repr(value)
     if len(text) > _ECHO_LIMIT:
@@ -75,7 +75,7 @@ class InvalidContextError(AmbientError, ValueError):
     def __init__(self, field: str, reason: str, value: object = None, *, echo: bool = True) -> None:
         self.field = field
         self.reason = reason
-        shown = f" (got {shorten(value)})" if echo else ""
+        shown = f" (got {_shorten(value)})" if echo else ""
         super().__init__(f"{field} is invalid: {reason}{shown}")
 
 

@@ -95,7 +95,7 @@ def _hypercorn(app: Any, port: int, **options: Any) -> Iterator[None]:
         asyncio.set_event_loop(loop)
         try:
             loop.run_until_complete(serve(app, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
-        except BaseException as exc:  # noqa: BLE001 - reported to the test below
+        except BaseException as exc:
             failure.append(exc)
         finally:
             loop.close()

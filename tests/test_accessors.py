@@ -1,0 +1,107 @@
+"""resolve, resolve_sync, accessor and proxy: reaching components from anywhere."""
+
+from __future__ import annotations
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+import ambient
+from ambient import NoActiveContextError, Registry, UserExecutionContext, bind_context
+
+
+class Engine:
+    """A per-request component."""
+
+    def __init__(self, ctx: UserExecutionContext) -> None:
+        self.user_id = ctx.user_id
+        self.runs: list[str] = []
+        self.mode = "fast"
+
+    def run(self, prompt: str) -> str:
+        self.runs.append(prompt)
+        return f"{self.user_id}:{prompt}"
+
+    def __call__(self, x: int) -> int:
+        return x * 2
+
+
+engine_accessor = ambient.accessor(Engine)
+engine_proxy: Engine = ambient.proxy(Engine)
+
+
+@pytest.fixture(name="registry")
+def fixture_registry() -> Registry:
+    registry = Registry()
+    registry.register(Engine, Engine)
+    return registry
+
+
+async def deep(level: int) -> str:
+    """Reach the engine from deep in a call stack without passing it down."""
+    if level:
+        return await deep(level - 1)
+    engine = await ambient.resolve(Engine)
+    assert engine is ambient.resolve_sync(Engine)
+    assert engine is await engine_accessor()
+    assert engine is engine_accessor.sync()
+    return engine_proxy.run("hi")
+
+
+class TestAccessors:
+    async def test_reachable_from_deep_call_stacks(self, registry: Registry) -> None:
+        """Every accessor finds the current scope's instance with no arguments passed."""
+        async with registry.open_scope(UserExecutionContext.create("alice")):
+            assert await deep(30) == "alice:hi"
+
+    async def test_each_user_gets_their_own_instance(self, registry: Registry) -> None:
+        """Concurrent requests of 50 users each see their own engine through the proxy."""
+        results: dict[str, str] = {}
+
+        async def request(n: int) -> None:
+            async with registry.open_scope(UserExecutionContext.create(f"u{n}")):
+                await anyio.lowlevel.checkpoint()
+                results[f"u{n}"] = engine_proxy.run("x")
+
+        async with anyio.create_task_group() as tg:
+            for n in range(50):
+                tg.start_soon(request, n)
+        assert results == {f"u{n}": f"u{n}:x" for n in range(50)}
+
+    async def test_proxy_forwards_attributes_and_calls(self, registry: Registry) -> None:
+        """The proxy forwards get/set/delete of attributes and calls."""
+        async with registry.open_scope(UserExecutionContext.create("alice")):
+            engine_proxy.mode = "careful"
+            assert ambient.resolve_sync(Engine).mode == "careful"
+            assert engine_proxy(21) == 42  # type: ignore[operator]
+            del engine_proxy.mode
+            assert "mode" not in vars(ambient.resolve_sync(Engine))
+            assert repr(engine_proxy) == "proxy(Engine)"
+            assert repr(engine_accessor) == "accessor(Engine)"
+
+    async def test_outside_any_scope(self) -> None:
+        """Outside a scope every accessor raises NoActiveContextError."""
+        with pytest.raises(NoActiveContextError):
+            await ambient.resolve(Engine)
+        with pytest.raises(NoActiveContextError):
+            ambient.resolve_sync(Engine)
+        with pytest.raises(NoActiveContextError):
+            await engine_accessor()
+        with pytest.raises(NoActiveContextError):
+            engine_proxy.run("x")
+
+    async def test_context_without_scope(self) -> None:
+        """A bare bind_context has no scope; resolving says so."""
+        with (
+            bind_context(UserExecutionContext.create("alice")),
+            pytest.raises(NoActiveContextError, match="scope"),
+        ):
+            await ambient.resolve(Engine)
+
+    async def test_child_binding_keeps_the_scope(self, registry: Registry) -> None:
+        """bind_context(ctx.child(...)) inside a scope still resolves from that scope."""
+        async with registry.open_scope(UserExecutionContext.create("alice")) as scope:
+            engine = await scope.resolve(Engine)
+            with bind_context(scope.context.child("tool")):
+                assert await ambient.resolve(Engine) is engine
+                assert ambient.current_scope() is scope

@@ -1,0 +1,45 @@
+"""The public surface: ``__all__`` matches what the packages export, and imports stay lean."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import ambient
+import ambient.errors
+
+
+@pytest.mark.parametrize("module", [ambient, ambient.errors])
+def test_all_is_sorted_and_complete(module: object) -> None:
+    """__all__ is sorted, every name in it exists, and every public name is in it."""
+    names = module.__all__  # type: ignore[attr-defined]
+    assert list(names) == sorted(names)
+    for name in names:
+        assert hasattr(module, name), name
+    public = {
+        name
+        for name, value in vars(module).items()
+        if not name.startswith("_")
+        and not isinstance(value, type(ambient))
+        and getattr(value, "__module__", "").startswith("ambient")
+    }
+    assert public <= set(names), public - set(names)
+
+
+def test_import_ambient_imports_nothing_optional() -> None:
+    """`import ambient` never imports a framework, a driver or the OpenTelemetry SDK."""
+    code = (
+        "import sys, ambient, ambient.errors\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in "
+        "('fastapi','starlette','psycopg','psycopg_pool','redis','jwt','rich','uvicorn',"
+        "'httpx','structlog','django','litestar','quart')"
+        " or m.startswith('opentelemetry.sdk') or m.startswith('ambient.integrations')"
+        " or m.startswith('ambient.middleware') or m.startswith('ambient.demo')]\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run(  # noqa: S603 - our own interpreter, fixed code
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == ""

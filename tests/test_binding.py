@@ -1,0 +1,312 @@
+"""Binding a context: who sees it, restoring it, switching users, carrying it across hops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import anyio
+import anyio.lowlevel
+import pytest
+from asgiref.sync import sync_to_async
+
+import ambient
+from ambient import (
+    ContextSwitchError,
+    NoActiveContextError,
+    UserExecutionContext,
+    bind_context,
+    current_context_or_none,
+    get_current_context,
+)
+from ambient._binding import _current, bind, unbind
+
+
+def ctx_for(user: str, tenant: str | None = None) -> UserExecutionContext:
+    return UserExecutionContext.create(user, tenant_id=tenant)
+
+
+class TestLookup:
+    def test_nothing_bound_raises_a_helpful_lookup_error(self) -> None:
+        """get_current_context() outside a binding says where contexts come from."""
+        with pytest.raises(NoActiveContextError) as info:
+            get_current_context()
+        message = str(info.value)
+        assert "AmbientMiddleware" in message
+        assert "bind_context" in message
+        assert "ambient.wrap" in message
+        assert isinstance(info.value, LookupError)
+
+    def test_or_none(self) -> None:
+        """current_context_or_none() returns None outside and the context inside."""
+        assert current_context_or_none() is None
+        ctx = ctx_for("alice")
+        with bind_context(ctx):
+            assert current_context_or_none() is ctx
+        assert current_context_or_none() is None
+
+    def test_bind_context_rejects_other_types(self) -> None:
+        """Only a UserExecutionContext can be bound."""
+        with pytest.raises(TypeError, match="UserExecutionContext"):
+            bind_context({"user_id": "alice"})  # type: ignore[arg-type]
+
+    def test_current_scope_needs_a_scope(self) -> None:
+        """current_scope() with only a context bound says a scope is missing."""
+        with bind_context(ctx_for("alice")), pytest.raises(NoActiveContextError, match="scope"):
+            ambient.current_scope()
+        with pytest.raises(NoActiveContextError):
+            ambient.current_scope()
+
+
+class TestNesting:
+    def test_nested_bindings_restore_in_order(self) -> None:
+        """Leaving each nested binding restores the one outside it."""
+        outer, inner = ctx_for("alice"), ctx_for("alice")
+        with bind_context(outer):
+            with bind_context(inner):
+                assert get_current_context() is inner
+            assert get_current_context() is outer
+        assert current_context_or_none() is None
+
+    def test_restored_on_exception(self) -> None:
+        """An exception inside the block still restores the previous binding."""
+        ctx = ctx_for("alice")
+        with pytest.raises(RuntimeError, match="boom"), bind_context(ctx):
+            raise RuntimeError("boom")
+        assert current_context_or_none() is None
+
+    def test_out_of_order_exit_does_not_resurrect(self) -> None:
+        """Ending the outer binding first, then the inner, leaves nothing bound."""
+        outer = bind(ctx_for("alice"), None)
+        inner = bind(ctx_for("alice"), None)
+        unbind(outer)
+        assert get_current_context() is inner.ctx
+        unbind(inner)
+        assert current_context_or_none() is None
+
+    def test_out_of_order_in_the_middle_restores_the_live_outer_binding(self) -> None:
+        """With three bindings, ending the middle one first then the inner restores the outer."""
+        first = bind(ctx_for("alice"), None)
+        second = bind(ctx_for("alice"), None)
+        third = bind(ctx_for("alice"), None)
+        unbind(second)
+        unbind(third)
+        assert get_current_context() is first.ctx
+        unbind(first)
+        assert current_context_or_none() is None
+
+    def test_unbind_twice_is_harmless(self) -> None:
+        """Ending a binding twice changes nothing the second time."""
+        binding = bind(ctx_for("alice"), None)
+        unbind(binding)
+        unbind(binding)
+        assert current_context_or_none() is None
+
+    def test_unbind_from_another_context_does_not_raise(self) -> None:
+        """Ending a binding from a different contextvars.Context (a generator finalised
+        elsewhere) raises no 'created in a different Context' error."""
+        holder: list[object] = []
+
+        def make() -> None:
+            holder.append(bind(ctx_for("alice"), None))
+
+        copy = contextvars.copy_context()
+        copy.run(make)
+        binding = holder[0]
+        assert copy.run(_current.get) is binding
+        copy.run(unbind, binding)  # same context: fine
+        assert copy.run(_current.get) is None
+
+        other = contextvars.copy_context()
+        other.run(make)
+        stale = holder[1]
+        elsewhere = contextvars.copy_context()
+        elsewhere.run(_current.set, stale)  # type: ignore[arg-type]
+        elsewhere.run(unbind, stale)  # token from another Context
+        assert elsewhere.run(_current.get) is None
+
+    def test_a_bind_context_object_is_single_use(self) -> None:
+        """Entering the same bind_context twice is an error, not a silent re-bind."""
+        binding = bind_context(ctx_for("alice"))
+        with binding, pytest.raises(RuntimeError, match="already in use"), binding:
+            pass
+
+
+class TestSwitching:
+    def test_binding_another_user_is_refused(self) -> None:
+        """Binding a different user inside a binding raises ContextSwitchError."""
+        with bind_context(ctx_for("alice")):
+            with (
+                pytest.raises(ContextSwitchError, match="another user"),
+                bind_context(ctx_for("bob")),
+            ):
+                pass
+            assert get_current_context().user_id == "alice"
+
+    def test_another_tenant_is_another_user(self) -> None:
+        """The same user id in another tenant counts as a different user."""
+        with (
+            bind_context(ctx_for("alice", "acme")),
+            pytest.raises(ContextSwitchError),
+            bind_context(ctx_for("alice", "globex")),
+        ):
+            pass
+
+    def test_allow_switch(self) -> None:
+        """allow_switch=True permits an intended switch and restores afterwards."""
+        alice = ctx_for("alice")
+        with bind_context(alice):
+            with bind_context(ctx_for("bob"), allow_switch=True):
+                assert get_current_context().user_id == "bob"
+            assert get_current_context() is alice
+
+    def test_children_are_always_allowed(self) -> None:
+        """A child of the current context binds without allow_switch."""
+        parent = ctx_for("alice")
+        with bind_context(parent), bind_context(parent.child("tool")) as child:
+            assert get_current_context() is child
+            assert child.parent_run_id == parent.run_id
+
+    def test_same_user_new_request_is_allowed(self) -> None:
+        """Another context of the same user is not a switch."""
+        with bind_context(ctx_for("alice")), bind_context(ctx_for("alice")):
+            assert get_current_context().user_id == "alice"
+
+
+class TestTasks:
+    async def test_spawned_tasks_inherit_the_binding(self) -> None:
+        """Tasks started inside a binding see it."""
+        seen: list[str] = []
+
+        async def child() -> None:
+            seen.append(get_current_context().user_id)
+
+        with bind_context(ctx_for("alice")):
+            async with anyio.create_task_group() as tg:
+                for _ in range(5):
+                    tg.start_soon(child)
+        assert seen == ["alice"] * 5
+
+    async def test_child_task_writes_never_reach_the_parent(self) -> None:
+        """A binding made inside a child task stays in that task."""
+        parent = ctx_for("alice")
+        bound_in_child = anyio.Event()
+
+        async def child() -> None:
+            with bind_context(parent.child("sub")):
+                bound_in_child.set()
+                await anyio.lowlevel.checkpoint()
+                assert get_current_context().depth == 1
+
+        with bind_context(parent):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(child)
+                await bound_in_child.wait()
+                assert get_current_context() is parent
+        assert current_context_or_none() is None
+
+    async def test_concurrent_tasks_keep_their_own_users(self) -> None:
+        """200 concurrent tasks, each bound to its own user, never see another's."""
+        errors: list[str] = []
+        gate = anyio.Event()
+
+        async def work(n: int) -> None:
+            with bind_context(ctx_for(f"user-{n}")):
+                await gate.wait()
+                for _ in range(3):
+                    await anyio.lowlevel.checkpoint()
+                    if get_current_context().user_id != f"user-{n}":
+                        errors.append(f"user-{n} saw {get_current_context().user_id}")
+
+        async with anyio.create_task_group() as tg:
+            for n in range(200):
+                tg.start_soon(work, n)
+            await anyio.lowlevel.checkpoint()
+            gate.set()
+        assert errors == []
+
+
+class TestThreadHops:
+    async def test_raw_executor_submit_needs_wrap(self) -> None:
+        """ThreadPoolExecutor.submit does not copy the context; wrap() carries it."""
+        ctx = ctx_for("alice")
+        with ThreadPoolExecutor(2) as pool, bind_context(ctx):
+            assert pool.submit(current_context_or_none).result(timeout=10) is None
+            wrapped = ambient.wrap(get_current_context)
+            assert pool.submit(wrapped).result(timeout=10) is ctx
+
+    async def test_run_in_executor_with_wrap(self, anyio_backend: str) -> None:
+        """loop.run_in_executor does not copy the context; wrap() carries it."""
+        if anyio_backend != "asyncio":
+            pytest.skip("loop.run_in_executor exists on asyncio only")
+        ctx = ctx_for("alice")
+        loop = asyncio.get_running_loop()
+        with bind_context(ctx):
+            assert await loop.run_in_executor(None, current_context_or_none) is None
+            got = await loop.run_in_executor(None, ambient.wrap(get_current_context))
+        assert got is ctx
+
+    async def test_anyio_to_thread_copies_the_context(self) -> None:
+        """anyio.to_thread.run_sync sees the binding on its own."""
+        ctx = ctx_for("alice")
+        with bind_context(ctx):
+            assert await anyio.to_thread.run_sync(get_current_context) is ctx
+
+    async def test_asgiref_sync_to_async_sees_the_context(self, anyio_backend: str) -> None:
+        """asgiref's sync_to_async sees the binding."""
+        if anyio_backend != "asyncio":
+            pytest.skip("asgiref's sync_to_async runs on asyncio only")
+        ctx = ctx_for("alice")
+        with bind_context(ctx):
+            assert await sync_to_async(get_current_context)() is ctx
+
+    def test_wrapped_function_runs_in_several_threads_at_once(self) -> None:
+        """One wrapped function may run concurrently in many threads."""
+        ctx = ctx_for("alice")
+        barrier = threading.Barrier(4, timeout=10)
+
+        def work() -> str:
+            barrier.wait()
+            return get_current_context().user_id
+
+        with bind_context(ctx):
+            wrapped = ambient.wrap(work)
+        with ThreadPoolExecutor(4) as pool:
+            results = [f.result(timeout=10) for f in [pool.submit(wrapped) for _ in range(4)]]
+        assert results == ["alice"] * 4
+
+    async def test_wrap_async_rebinds_around_the_call(self) -> None:
+        """An async function wrapped in one binding runs with it from anywhere."""
+        ctx = ctx_for("alice")
+
+        async def whoami() -> UserExecutionContext:
+            await anyio.lowlevel.checkpoint()
+            return get_current_context()
+
+        with bind_context(ctx):
+            wrapped = ambient.wrap(whoami)
+        assert current_context_or_none() is None
+        assert await wrapped() is ctx
+        assert current_context_or_none() is None
+
+    async def test_wrap_carries_the_trace_context(self) -> None:
+        """wrap() carries the OpenTelemetry context too."""
+        from opentelemetry import context as otel_context
+
+        key = otel_context.create_key("probe")
+        token = otel_context.attach(otel_context.set_value(key, "request-trace"))
+        try:
+            sync_fn = ambient.wrap(lambda: otel_context.get_value(key))
+
+            async def read() -> object:
+                return otel_context.get_value(key)
+
+            async_fn = ambient.wrap(read)
+        finally:
+            otel_context.detach(token)
+        with ThreadPoolExecutor(1) as pool:
+            assert pool.submit(sync_fn).result(timeout=10) == "request-trace"
+        assert await async_fn() == "request-trace"
+        assert otel_context.get_value(key) is None

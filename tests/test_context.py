@@ -1,0 +1,226 @@
+"""UserExecutionContext: validation, immutability, identity and derivation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from ambient import InvalidContextError, UserExecutionContext
+from ambient._context import MAX_DEPTH
+
+PLACEHOLDERS = ["none", "null", "nil", "undefined", "placeholder", "registry", "default"]
+PLACEHOLDERS += ["unknown", "0"]
+ID_FIELDS = ["user_id", "thread_id", "run_id", "request_id"]
+OPTIONAL_FIELDS = ["tenant_id", "connection_id", "parent_run_id"]
+
+
+def _make(**overrides: object) -> UserExecutionContext:
+    values: dict[str, object] = {
+        "user_id": "alice",
+        "thread_id": "t-1",
+        "run_id": "r-1",
+        "request_id": "q-1",
+    }
+    values.update(overrides)
+    return UserExecutionContext(**values)  # type: ignore[arg-type]
+
+
+class TestValidation:
+    @pytest.mark.parametrize("field", ID_FIELDS + OPTIONAL_FIELDS)
+    def test_empty_is_refused(self, field: str) -> None:
+        """An empty id is refused, naming the field."""
+        with pytest.raises(InvalidContextError, match=f"^{field} is invalid: must not be empty"):
+            _make(**{field: ""})
+
+    @pytest.mark.parametrize("field", ID_FIELDS + OPTIONAL_FIELDS)
+    @pytest.mark.parametrize("value", [" alice", "alice ", "\talice", "alice\n", "\u3000a"])
+    def test_whitespace_at_either_end_is_refused(self, field: str, value: str) -> None:
+        """Leading or trailing whitespace (any Unicode space) is refused."""
+        with pytest.raises(InvalidContextError, match="whitespace") as info:
+            _make(**{field: value})
+        assert info.value.field == field
+
+    def test_inner_whitespace_is_allowed(self) -> None:
+        """Whitespace inside an id is fine."""
+        assert _make(user_id="alice smith").user_id == "alice smith"
+
+    @pytest.mark.parametrize("field", ID_FIELDS + OPTIONAL_FIELDS)
+    @pytest.mark.parametrize("char", ["\x00", "\x01", "\x1b", "\x7f", "\x85", "\u2028"])
+    def test_control_characters_are_refused(self, field: str, char: str) -> None:
+        """Control characters, NUL included, are refused and named by code point."""
+        with pytest.raises(InvalidContextError, match=f"U\\+{ord(char):04X}") as info:
+            _make(**{field: f"ab{char}cd"})
+        assert info.value.field == field
+
+    @pytest.mark.parametrize("field", ID_FIELDS)
+    def test_length_limit(self, field: str) -> None:
+        """256 characters are allowed, 257 are not."""
+        assert getattr(_make(**{field: "x" * 256}), field) == "x" * 256
+        with pytest.raises(InvalidContextError, match="257 characters long"):
+            _make(**{field: "x" * 257})
+
+    @pytest.mark.parametrize("placeholder", PLACEHOLDERS)
+    @pytest.mark.parametrize("field", ID_FIELDS + OPTIONAL_FIELDS)
+    def test_placeholders_in_any_case_are_refused(self, placeholder: str, field: str) -> None:
+        """Placeholder values are refused whatever their case."""
+        for variant in {placeholder, placeholder.upper(), placeholder.title()}:
+            with pytest.raises(InvalidContextError, match="placeholder"):
+                _make(**{field: variant})
+
+    @pytest.mark.parametrize("value", [123, b"alice", None, ["a"], 1.5])
+    def test_non_str_is_refused(self, value: object) -> None:
+        """Required ids must be str; the message says which type arrived."""
+        with pytest.raises(InvalidContextError, match="must be a str") as info:
+            _make(user_id=value)
+        assert type(value).__name__ in str(info.value)
+
+    def test_optional_ids_accept_none(self) -> None:
+        """tenant, connection and parent run ids may be None."""
+        ctx = _make(tenant_id=None, connection_id=None, parent_run_id=None)
+        assert (ctx.tenant_id, ctx.connection_id, ctx.parent_run_id) == (None, None, None)
+
+    def test_error_never_echoes_more_than_64_characters(self) -> None:
+        """A long bad value is cut in the message."""
+        secret = "s" * 1000 + "\x00"
+        with pytest.raises(InvalidContextError) as info:
+            _make(user_id=secret)
+        assert "s" * 65 not in str(info.value)
+        assert "user_id" in str(info.value)
+
+    def test_error_is_a_value_error(self) -> None:
+        """InvalidContextError is a ValueError, so generic handlers catch it."""
+        with pytest.raises(ValueError, match="user_id"):
+            _make(user_id="")
+
+    @pytest.mark.parametrize("depth", [-1, MAX_DEPTH + 1])
+    def test_depth_range(self, depth: int) -> None:
+        """depth stays within 0..32."""
+        with pytest.raises(InvalidContextError, match="depth"):
+            _make(depth=depth)
+
+    def test_depth_must_be_int(self) -> None:
+        """A bool or float depth is refused."""
+        with pytest.raises(InvalidContextError, match="depth"):
+            _make(depth=True)
+
+    def test_metadata_must_be_a_mapping_with_str_keys(self) -> None:
+        """metadata is a mapping with string keys."""
+        with pytest.raises(InvalidContextError, match="metadata"):
+            _make(metadata=[("a", 1)])
+        with pytest.raises(InvalidContextError, match="keys must be str"):
+            _make(metadata={1: "a"})
+
+
+class TestImmutability:
+    def test_attributes_cannot_be_assigned(self) -> None:
+        """The context is frozen."""
+        ctx = _make()
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            ctx.user_id = "mallory"  # type: ignore[misc]
+
+    def test_metadata_cannot_be_mutated_through_the_context(self) -> None:
+        """metadata is read-only."""
+        ctx = _make(metadata={"plan": "pro"})
+        with pytest.raises(TypeError):
+            ctx.metadata["plan"] = "free"  # type: ignore[index]
+
+    def test_metadata_is_a_copy_of_the_callers_dict(self) -> None:
+        """Changing the dict the caller passed does not change the context."""
+        given = {"plan": "pro"}
+        ctx = _make(metadata=given)
+        given["plan"] = "free"
+        given["extra"] = "x"
+        assert dict(ctx.metadata) == {"plan": "pro"}
+
+
+class TestIdentity:
+    def test_equal_and_hashable_by_value(self) -> None:
+        """Two contexts with the same values are equal and hash alike."""
+        a = _make(metadata={"k": "v"})
+        b = _make(metadata={"k": "v"})
+        assert a == b
+        assert hash(a) == hash(b)
+        assert len({a, b}) == 1
+
+    def test_differs_by_any_id(self) -> None:
+        """Changing any id makes a different context."""
+        base = _make()
+        for field in ID_FIELDS:
+            assert dataclasses.replace(base, **{field: "other"}) != base
+
+    def test_repr_does_not_dump_metadata(self) -> None:
+        """repr names the user and run but not the metadata."""
+        ctx = _make(metadata={"token": "secret-value"})
+        assert "secret-value" not in repr(ctx)
+        assert "alice" in repr(ctx)
+
+
+class TestCreateAndChild:
+    def test_create_fills_missing_ids_with_fresh_random_ones(self) -> None:
+        """create() generates thread, run and request ids; each call differs."""
+        one = UserExecutionContext.create("alice")
+        two = UserExecutionContext.create("alice")
+        assert one.user_id == two.user_id == "alice"
+        assert len({one.run_id, two.run_id, one.thread_id, one.request_id}) == 4
+        assert one.thread_id != two.thread_id
+
+    def test_create_keeps_given_ids(self) -> None:
+        """Given ids are kept (and validated)."""
+        ctx = UserExecutionContext.create(
+            "alice", thread_id="t", run_id="r", request_id="q", tenant_id="acme"
+        )
+        assert (ctx.thread_id, ctx.run_id, ctx.request_id, ctx.tenant_id) == (
+            "t",
+            "r",
+            "q",
+            "acme",
+        )
+        with pytest.raises(InvalidContextError, match="request_id"):
+            UserExecutionContext.create("alice", request_id="null")
+
+    def test_child_links_to_its_parent(self) -> None:
+        """child(): same user/tenant/thread/request, new run, parent link, depth + 1."""
+        parent = UserExecutionContext.create("alice", tenant_id="acme", metadata={"a": 1})
+        child = parent.child("search", query="x")
+        assert (child.user_id, child.tenant_id, child.thread_id, child.request_id) == (
+            parent.user_id,
+            parent.tenant_id,
+            parent.thread_id,
+            parent.request_id,
+        )
+        assert child.run_id != parent.run_id
+        assert child.parent_run_id == parent.run_id
+        assert child.depth == 1
+        assert dict(child.metadata) == {"a": 1, "query": "x", "operation": "search"}
+
+    def test_child_depth_is_limited_to_32(self) -> None:
+        """The 33rd nested child is refused."""
+        ctx = UserExecutionContext.create("alice")
+        for _ in range(MAX_DEPTH):
+            ctx = ctx.child("step")
+        assert ctx.depth == MAX_DEPTH
+        with pytest.raises(InvalidContextError, match="at most 32"):
+            ctx.child("step")
+
+    def test_child_needs_an_operation(self) -> None:
+        """The operation name is a non-empty str."""
+        with pytest.raises(InvalidContextError, match="operation"):
+            UserExecutionContext.create("alice").child("")
+
+    def test_log_fields_are_flat_strings_without_metadata(self) -> None:
+        """log_fields() gives str values, empty for absent ids, no metadata."""
+        ctx = UserExecutionContext.create("alice", metadata={"secret": "x"})
+        fields = ctx.log_fields()
+        assert fields["user_id"] == "alice"
+        assert fields["tenant_id"] == ""
+        assert fields["run_id"] == ctx.run_id
+        assert all(isinstance(v, str) for v in fields.values())
+        assert "secret" not in fields
+        assert "x" not in fields.values()
+
+    def test_user_ref(self) -> None:
+        """ctx.user is the (user, tenant) pair USER components are keyed by."""
+        ctx = UserExecutionContext.create("alice", tenant_id="acme")
+        assert ctx.user.user_id == "alice"
+        assert ctx.user.tenant_id == "acme"

@@ -1,0 +1,222 @@
+"""USER and APP lifetimes: reference counting, idle expiry, LRU eviction, shutdown."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import anyio
+import pytest
+
+import ambient
+from ambient import Lifetime, Registry, UserExecutionContext, UserRef
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(name="clock")
+def fixture_clock() -> FakeClock:
+    return FakeClock()
+
+
+def ctx(user: str, tenant: str | None = None) -> UserExecutionContext:
+    return UserExecutionContext.create(user, tenant_id=tenant)
+
+
+class Tracked:
+    """A USER component that records its cleanup."""
+
+    def __init__(self, user: UserRef, cleaned: list[str]) -> None:
+        self.user = user
+        self._cleaned = cleaned
+
+    def close(self) -> None:
+        self._cleaned.append(self.user.user_id)
+
+
+def user_registry(
+    cleaned: list[str], *, clock: FakeClock | None = None, idle_ttl: float = 60, **kw: object
+) -> Registry:
+    registry = Registry(clock=clock or FakeClock(), **kw)  # type: ignore[arg-type]
+    registry.register(
+        Tracked, lambda user: Tracked(user, cleaned), lifetime=Lifetime.USER, idle_ttl=idle_ttl
+    )
+    return registry
+
+
+async def use(registry: Registry, user: str) -> Tracked:
+    async with registry.open_scope(ctx(user)):
+        return await ambient.resolve(Tracked)
+
+
+class TestUserLifetime:
+    async def test_kept_while_idle_ttl_has_not_passed(self, clock: FakeClock) -> None:
+        """Closing the last scope starts the idle clock; before the ttl it is reused."""
+        cleaned: list[str] = []
+        registry = user_registry(cleaned, clock=clock)
+        first = await use(registry, "alice")
+        clock.now += 59
+        assert await use(registry, "alice") is first
+        assert cleaned == []
+
+    async def test_freed_idle_ttl_after_last_scope(self, clock: FakeClock) -> None:
+        """After idle_ttl the component is cleaned on the next scope open/close."""
+        cleaned: list[str] = []
+        registry = user_registry(cleaned, clock=clock)
+        first = await use(registry, "alice")
+        clock.now += 61
+        second = await use(registry, "bob")
+        assert cleaned == ["alice"]
+        assert second is not first
+        assert registry.stats().live_users == 1
+
+    async def test_not_freed_while_a_scope_holds_it(self, clock: FakeClock) -> None:
+        """An entry in use never expires, however long the request takes."""
+        cleaned: list[str] = []
+        registry = user_registry(cleaned, clock=clock)
+        async with registry.open_scope(ctx("alice")):
+            held = await ambient.resolve(Tracked)
+            clock.now += 10_000
+            async with registry.open_scope(ctx("bob"), allow_switch=True):
+                await ambient.resolve(Tracked)
+            assert cleaned == []
+            assert await ambient.resolve(Tracked) is held
+        assert cleaned == []
+        clock.now += 61
+        await registry.sweep()
+        assert sorted(cleaned) == ["alice", "bob"]
+
+    async def test_sweep_cleans_expired_users(self, clock: FakeClock) -> None:
+        """registry.sweep() cleans every expired entry at once."""
+        cleaned: list[str] = []
+        registry = user_registry(cleaned, clock=clock)
+        for user in ("a", "b", "c"):
+            await use(registry, user)
+        clock.now += 61
+        await registry.sweep()
+        assert sorted(cleaned) == ["a", "b", "c"]
+        assert registry.stats().live_users == 0
+
+    async def test_reference_counting_over_concurrent_scopes(self, clock: FakeClock) -> None:
+        """The idle clock starts only when the last of several concurrent scopes closes."""
+        cleaned: list[str] = []
+        registry = user_registry(cleaned, clock=clock)
+        first_closed = anyio.Event()
+        second_may_close = anyio.Event()
+
+        async def short() -> None:
+            async with registry.open_scope(ctx("alice")):
+                await ambient.resolve(Tracked)
+            first_closed.set()
+
+        async def long() -> None:
+            async with registry.open_scope(ctx("alice")):
+                await ambient.resolve(Tracked)
+                await second_may_close.wait()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(long)
+            tg.start_soon(short)
+            await first_closed.wait()
+            clock.now += 1_000
+            await registry.sweep()
+            assert cleaned == []
+            second_may_close.set()
+        clock.now += 61
+        await registry.sweep()
+        assert cleaned == ["alice"]
+
+    async def test_tenants_are_separate_users(self) -> None:
+        """The same user id in two tenants gets two instances."""
+        registry = Registry()
+        registry.register("mem", object, lifetime=Lifetime.USER)
+        async with registry.open_scope(ctx("alice", "acme")):
+            one = await ambient.resolve("mem")
+        async with registry.open_scope(ctx("alice", "globex")):
+            two = await ambient.resolve("mem")
+        assert one is not two
+        await registry.aclose()
+
+    async def test_max_users_evicts_least_recently_used_idle_entries(self) -> None:
+        """Past max_users the least recently used idle user is evicted."""
+        cleaned: list[str] = []
+        registry = user_registry(cleaned, max_users=2)
+        await use(registry, "a")
+        await use(registry, "b")
+        await use(registry, "a")  # a is now more recent than b
+        await use(registry, "c")
+        assert cleaned == ["b"]
+        assert registry.stats().live_users == 2
+
+    async def test_max_users_never_evicts_an_entry_in_use(self) -> None:
+        """Eviction skips users whose scopes are open."""
+        cleaned: list[str] = []
+        registry = user_registry(cleaned, max_users=1)
+        async with registry.open_scope(ctx("a")):
+            held = await ambient.resolve(Tracked)
+            async with registry.open_scope(ctx("b"), allow_switch=True):
+                await ambient.resolve(Tracked)
+            assert "a" not in cleaned
+            assert await ambient.resolve(Tracked) is held
+        await registry.aclose()
+        assert sorted(cleaned) == ["a", "b"]
+
+    async def test_aclose_closes_user_and_app_components(self) -> None:
+        """registry.aclose() cleans every USER and APP component."""
+        cleaned: list[str] = []
+        registry = user_registry(cleaned)
+
+        def app_component() -> Iterator[str]:
+            yield "app"
+            cleaned.append("app")
+
+        registry.register("app", app_component, lifetime=Lifetime.APP)
+        async with registry.open_scope(ctx("alice")):
+            await ambient.resolve(Tracked)
+            await ambient.resolve("app")
+        await use(registry, "bob")
+        await registry.aclose()
+        assert cleaned == ["alice", "bob", "app"]
+        stats = registry.stats()
+        assert (stats.live_users, stats.created, stats.cleaned) == (0, 3, 3)
+
+
+class TestAppLifetime:
+    async def test_created_once_lazily(self) -> None:
+        """An APP component is created on first use and shared by every scope and user."""
+        calls = 0
+
+        def make() -> object:
+            nonlocal calls
+            calls += 1
+            return object()
+
+        registry = Registry()
+        registry.register("app", make, lifetime=Lifetime.APP)
+        async with registry.open_scope(ctx("alice")):
+            assert calls == 0
+            one = await ambient.resolve("app")
+        async with registry.open_scope(ctx("bob")):
+            two = ambient.resolve_sync("app")
+        assert one is two
+        assert calls == 1
+        await registry.aclose()
+
+    async def test_registry_usable_after_aclose(self) -> None:
+        """After aclose (a shutdown), a new start creates components afresh."""
+        registry = Registry()
+        registry.register("app", object, lifetime=Lifetime.APP)
+        async with registry.open_scope(ctx("alice")):
+            one = await ambient.resolve("app")
+        await registry.aclose()
+        async with registry.open_scope(ctx("alice")):
+            two = await ambient.resolve("app")
+        assert one is not two
+        await registry.aclose()

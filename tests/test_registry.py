@@ -1,0 +1,316 @@
+"""Registry: registration rules and every factory shape."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+import ambient
+from ambient import (
+    Lifetime,
+    Registry,
+    RegistryError,
+    ResolutionError,
+    UserExecutionContext,
+    UserRef,
+)
+
+
+class Log:
+    """Records what happened, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+
+@pytest.fixture(name="log")
+def fixture_log() -> Log:
+    return Log()
+
+
+def ctx() -> UserExecutionContext:
+    return UserExecutionContext.create("alice")
+
+
+class Thing:
+    def __init__(self, tag: str = "") -> None:
+        self.tag = tag
+
+
+class TestRegistration:
+    def test_duplicate_key_is_refused(self) -> None:
+        """Registering a key twice raises unless replace=True."""
+        registry = Registry()
+        registry.register(Thing, Thing)
+        with pytest.raises(RegistryError, match="already registered.*replace=True"):
+            registry.register(Thing, Thing)
+        registry.register(Thing, lambda: Thing("new"), replace=True)
+
+    async def test_frozen_after_first_scope(self) -> None:
+        """After the first scope opens, register() raises."""
+        registry = Registry()
+        async with registry.open_scope(ctx()):
+            pass
+        with pytest.raises(RegistryError, match="frozen"):
+            registry.register(Thing, Thing)
+
+    def test_factory_must_be_callable(self) -> None:
+        """A non-callable factory is refused at registration."""
+        with pytest.raises(RegistryError, match="callable"):
+            Registry().register(Thing, Thing())  # type: ignore[arg-type]
+
+    def test_factory_with_two_required_arguments_is_refused(self) -> None:
+        """Factories take at most one argument."""
+        with pytest.raises(RegistryError, match="exactly one"):
+            Registry().register(Thing, lambda a, b: Thing())
+
+    def test_idle_ttl_only_for_user_components(self) -> None:
+        """idle_ttl on a REQUEST component is a mistake."""
+        with pytest.raises(RegistryError, match="USER"):
+            Registry().register(Thing, Thing, idle_ttl=5)
+
+    def test_provide_takes_the_key_from_the_return_annotation(self) -> None:
+        """@provide keys a function by its return annotation, unwrapping iterators."""
+        registry = Registry()
+
+        @registry.provide
+        def make() -> Thing:
+            return Thing()
+
+        @registry.provide(lifetime=Lifetime.USER)
+        def make_log() -> Iterator[Log]:
+            yield Log()
+
+        @registry.provide(lifetime=Lifetime.APP)
+        async def make_ref() -> AsyncIterator[UserRef]:
+            yield UserRef("x")
+
+        assert set(registry.providers) == {Thing, Log, UserRef}
+        assert registry.providers[Log].lifetime is Lifetime.USER
+
+    def test_provide_needs_an_annotation(self) -> None:
+        """A factory without a return annotation cannot be keyed."""
+        registry = Registry()
+        with pytest.raises(RegistryError, match="no return annotation"):
+
+            @registry.provide
+            def make():  # type: ignore[no-untyped-def]
+                return Thing()
+
+    async def test_unknown_key_lists_registered_names(self) -> None:
+        """Resolving an unknown key names what is registered."""
+        registry = Registry()
+        registry.register(Thing, Thing)
+        registry.register("cache", dict, name="the-cache")
+        async with registry.open_scope(ctx()) as scope:
+            with pytest.raises(ResolutionError, match="Log.*registered: Thing, the-cache"):
+                await scope.resolve(Log)
+            with pytest.raises(ResolutionError, match="registered"):
+                scope.resolve_sync(Log)
+
+
+class TestFactoryShapes:
+    async def test_plain_class_and_function(self) -> None:
+        """A class and a function, with and without the context argument."""
+        registry = Registry()
+        registry.register("cls", Thing)
+        registry.register("with_ctx", lambda c: Thing(c.user_id))
+        registry.register("no_arg", lambda: Thing("none"))
+        async with registry.open_scope(ctx()) as scope:
+            assert isinstance(await scope.resolve("cls"), Thing)
+            assert (await scope.resolve("with_ctx")).tag == "alice"
+            assert scope.resolve_sync("no_arg").tag == "none"
+
+    async def test_async_factory(self) -> None:
+        """An async def factory is awaited."""
+        registry = Registry()
+
+        async def make(c: UserExecutionContext) -> Thing:
+            return Thing(c.user_id)
+
+        registry.register(Thing, make)
+        async with registry.open_scope(ctx()) as scope:
+            assert (await scope.resolve(Thing)).tag == "alice"
+
+    async def test_generator_factory_cleans_after_yield(self, log: Log) -> None:
+        """Code after a generator's yield runs at scope close."""
+        registry = Registry()
+
+        def make() -> Iterator[Thing]:
+            log.events.append("start")
+            yield Thing()
+            log.events.append("end")
+
+        registry.register(Thing, make)
+        async with registry.open_scope(ctx()) as scope:
+            await scope.resolve(Thing)
+            assert log.events == ["start"]
+        assert log.events == ["start", "end"]
+
+    async def test_async_generator_factory(self, log: Log) -> None:
+        """An async generator's code after yield runs at close."""
+        registry = Registry()
+
+        async def make() -> AsyncIterator[Thing]:
+            log.events.append("start")
+            yield Thing()
+            log.events.append("end")
+
+        registry.register(Thing, make)
+        async with registry.open_scope(ctx()) as scope:
+            await scope.resolve(Thing)
+        assert log.events == ["start", "end"]
+
+    async def test_context_manager_results_are_entered(self, log: Log) -> None:
+        """A returned (async) context manager is entered; the component is what it gives."""
+        registry = Registry()
+
+        @contextlib.contextmanager
+        def sync_cm() -> Iterator[str]:
+            log.events.append("enter-sync")
+            yield "sync-value"
+            log.events.append("exit-sync")
+
+        @contextlib.asynccontextmanager
+        async def async_cm() -> AsyncIterator[str]:
+            log.events.append("enter-async")
+            yield "async-value"
+            log.events.append("exit-async")
+
+        registry.register("sync", sync_cm)
+        registry.register("async", async_cm)
+        async with registry.open_scope(ctx()) as scope:
+            assert await scope.resolve("sync") == "sync-value"
+            assert await scope.resolve("async") == "async-value"
+        assert log.events == ["enter-sync", "enter-async", "exit-async", "exit-sync"]
+
+    async def test_enter_false_keeps_the_manager(self, log: Log) -> None:
+        """enter=False hands out the context manager itself and only closes it."""
+
+        class Closable:
+            def __enter__(self) -> str:
+                log.events.append("entered")
+                return "inner"
+
+            def __exit__(self, *a: object) -> None:
+                log.events.append("exited")
+
+            def close(self) -> None:
+                log.events.append("closed")
+
+        registry = Registry()
+        registry.register(Closable, Closable, enter=False)
+        async with registry.open_scope(ctx()) as scope:
+            assert isinstance(await scope.resolve(Closable), Closable)
+        assert log.events == ["closed"]
+
+    async def test_close_and_aclose_are_detected(self, log: Log) -> None:
+        """A result with aclose() or close() is closed by it."""
+
+        class AsyncClosable:
+            async def aclose(self) -> None:
+                log.events.append("aclose")
+
+        class SyncClosable:
+            def close(self) -> None:
+                log.events.append("close")
+
+        class AsyncCloseMethod:
+            async def close(self) -> None:
+                log.events.append("async close")
+
+        registry = Registry()
+        registry.register(AsyncClosable, AsyncClosable)
+        registry.register(SyncClosable, SyncClosable)
+        registry.register(AsyncCloseMethod, AsyncCloseMethod)
+        async with registry.open_scope(ctx()) as scope:
+            await scope.resolve(AsyncClosable)
+            scope.resolve_sync(SyncClosable)
+            await scope.resolve(AsyncCloseMethod)
+        assert log.events == ["async close", "close", "aclose"]
+
+    async def test_async_factory_through_resolve_sync_says_to_await(self) -> None:
+        """resolve_sync() of an async factory raises ResolutionError naming `await resolve`."""
+        registry = Registry()
+
+        async def make() -> Thing:
+            return Thing()
+
+        async def agen() -> AsyncIterator[Thing]:
+            yield Thing()
+
+        registry.register(Thing, make)
+        registry.register("agen", agen)
+        registry.register("awaitable", lambda: make())
+        async with registry.open_scope(ctx()) as scope:
+            for key in (Thing, "agen", "awaitable"):
+                with pytest.raises(ResolutionError, match="await resolve"):
+                    scope.resolve_sync(key)
+            assert isinstance(await scope.resolve(Thing), Thing)
+            assert isinstance(await scope.resolve("awaitable"), Thing)
+
+    async def test_async_context_manager_through_resolve_sync(self) -> None:
+        """resolve_sync() cannot enter an async context manager and says so."""
+
+        @contextlib.asynccontextmanager
+        async def acm() -> AsyncIterator[str]:
+            yield "x"
+
+        registry = Registry()
+        registry.register("acm", acm)
+        async with registry.open_scope(ctx()) as scope:
+            with pytest.raises(ResolutionError, match="async context manager"):
+                scope.resolve_sync("acm")
+
+    async def test_generator_that_never_yields(self) -> None:
+        """A generator factory that returns without yielding is a ResolutionError."""
+
+        def empty() -> Iterator[Thing]:
+            return
+            yield  # pragma: no cover
+
+        registry = Registry()
+        registry.register(Thing, empty)
+        async with registry.open_scope(ctx()) as scope:
+            with pytest.raises(ResolutionError, match="without yielding"):
+                await scope.resolve(Thing)
+
+    async def test_generator_sees_the_body_exception(self, log: Log) -> None:
+        """When the body raises, generator cleanups see the exception at their yield."""
+
+        def make() -> Iterator[Thing]:
+            try:
+                yield Thing()
+            except ValueError as exc:
+                log.events.append(f"saw {exc}")
+                raise
+
+        registry = Registry()
+        registry.register(Thing, make)
+        with pytest.raises(ValueError, match="boom"):
+            async with registry.open_scope(ctx()) as scope:
+                await scope.resolve(Thing)
+                raise ValueError("boom")
+        assert log.events == ["saw boom"]
+
+    async def test_user_and_app_factories_receive_user_ref_and_nothing(self) -> None:
+        """USER factories get the UserRef, APP factories get no argument."""
+        got: dict[str, object] = {}
+
+        def user_factory(user: UserRef) -> Thing:
+            got["user"] = user
+            return Thing()
+
+        def app_factory() -> Log:
+            return Log()
+
+        registry = Registry()
+        registry.register(Thing, user_factory, lifetime=Lifetime.USER)
+        registry.register(Log, app_factory, lifetime=Lifetime.APP)
+        async with registry.open_scope(UserExecutionContext.create("alice", tenant_id="t")):
+            await ambient.resolve(Thing)
+            await ambient.resolve(Log)
+        assert got["user"] == UserRef("alice", "t")
+        await registry.aclose()

@@ -1,0 +1,550 @@
+"""Scope: single-flight creation, failures, cycles, cleanup semantics and closed scopes."""
+
+from __future__ import annotations
+
+import gc
+import threading
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+import ambient
+from ambient import (
+    CleanupError,
+    Lifetime,
+    Registry,
+    ResolutionError,
+    ScopeClosedError,
+    UserExecutionContext,
+)
+from ambient.errors import CleanupTimeoutError
+
+
+def ctx(user: str = "alice") -> UserExecutionContext:
+    return UserExecutionContext.create(user)
+
+
+class Counter:
+    """A component whose factory and cleanup are counted."""
+
+    created = 0
+
+    def __init__(self) -> None:
+        type(self).created += 1
+        self.closed = 0
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+class TestSingleFlight:
+    async def test_200_tasks_create_a_request_component_once(self) -> None:
+        """200 concurrent resolutions of one key in one scope create it once."""
+        calls = 0
+        release = anyio.Event()
+        results: list[object] = []
+
+        async def make() -> object:
+            nonlocal calls
+            calls += 1
+            await release.wait()
+            return object()
+
+        registry = Registry()
+        registry.register("slow", make)
+        async with registry.open_scope(ctx()) as scope:
+
+            async def resolve_it() -> None:
+                results.append(await scope.resolve("slow"))
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(200):
+                    tg.start_soon(resolve_it)
+                await anyio.wait_all_tasks_blocked()
+                release.set()
+        assert calls == 1
+        assert len(results) == 200
+        assert len({id(r) for r in results}) == 1
+
+    async def test_8_threads_create_once(self) -> None:
+        """8 threads calling resolve_sync at once create the component once."""
+        calls = 0
+        barrier = threading.Barrier(8, timeout=10)
+        inside = threading.Event()
+        release = threading.Event()
+
+        def make() -> object:
+            nonlocal calls
+            calls += 1
+            inside.set()
+            release.wait(10)
+            return object()
+
+        registry = Registry()
+        registry.register("slow", make)
+        async with registry.open_scope(ctx()) as scope:
+
+            def worker() -> object:
+                barrier.wait()
+                return scope.resolve_sync("slow")
+
+            def run_all() -> list[object]:
+                with ThreadPoolExecutor(8) as pool:
+                    futures = [pool.submit(worker) for _ in range(8)]
+                    inside.wait(10)
+                    release.set()
+                    return [f.result(timeout=10) for f in futures]
+
+            results = await anyio.to_thread.run_sync(run_all)
+        assert calls == 1
+        assert len({id(r) for r in results}) == 1
+
+    async def test_tasks_and_threads_together_create_once(self) -> None:
+        """Tasks and worker threads resolving one sync component share one instance."""
+        calls = 0
+
+        def make() -> object:
+            nonlocal calls
+            calls += 1
+            return object()
+
+        registry = Registry()
+        registry.register("thing", make)
+        results: list[object] = []
+        async with registry.open_scope(ctx()) as scope:
+
+            async def in_task() -> None:
+                results.append(await scope.resolve("thing"))
+
+            async def in_thread() -> None:
+                results.append(await anyio.to_thread.run_sync(ambient.wrap(_resolve_thing)))
+
+            async with anyio.create_task_group() as tg:
+                for n in range(40):
+                    tg.start_soon(in_task if n % 2 else in_thread)
+        assert calls == 1
+        assert len({id(r) for r in results}) == 1
+
+    async def test_100_scopes_of_one_user_share_one_user_instance(self) -> None:
+        """Concurrent scopes of one user share the USER component; another user does not."""
+        calls = 0
+        release = anyio.Event()
+
+        async def make() -> object:
+            nonlocal calls
+            calls += 1
+            await release.wait()
+            return object()
+
+        registry = Registry()
+        registry.register("memory", make, lifetime=Lifetime.USER)
+        seen: dict[str, set[int]] = {"alice": set(), "bob": set()}
+
+        async def request(user: str) -> None:
+            async with registry.open_scope(ctx(user)) as scope:
+                seen[user].add(id(await scope.resolve("memory")))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(100):
+                tg.start_soon(request, "alice")
+            tg.start_soon(request, "bob")
+            await anyio.wait_all_tasks_blocked()
+            release.set()
+        assert calls == 2
+        assert len(seen["alice"]) == 1
+        assert len(seen["bob"]) == 1
+        assert seen["alice"] != seen["bob"]
+        await registry.aclose()
+
+
+def _resolve_thing() -> object:
+    return ambient.resolve_sync("thing")
+
+
+class TestFailures:
+    async def test_failed_factory_leaves_nothing_and_retries(self) -> None:
+        """A factory that raises caches nothing; the next resolve calls it again."""
+        attempts = 0
+
+        def flaky() -> str:
+            nonlocal attempts
+            attempts += 1
+            if attempts == 1:
+                raise ConnectionError("first try fails")
+            return "ok"
+
+        registry = Registry()
+        registry.register("flaky", flaky)
+        async with registry.open_scope(ctx()) as scope:
+            with pytest.raises(ConnectionError):
+                await scope.resolve("flaky")
+            assert await scope.resolve("flaky") == "ok"
+        assert attempts == 2
+        assert registry.stats().created == 1
+
+    async def test_waiters_retry_when_the_creator_fails(self) -> None:
+        """Tasks waiting on a creation that fails try again themselves, once each turn."""
+        attempts = 0
+        release = anyio.Event()
+
+        async def flaky() -> str:
+            nonlocal attempts
+            attempts += 1
+            if attempts == 1:
+                await release.wait()
+                raise ConnectionError("boom")
+            return "ok"
+
+        registry = Registry()
+        registry.register("flaky", flaky)
+        outcomes: list[str] = []
+        async with registry.open_scope(ctx()) as scope:
+
+            async def resolve_it() -> None:
+                try:
+                    outcomes.append(await scope.resolve("flaky"))
+                except ConnectionError:
+                    outcomes.append("failed")
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(10):
+                    tg.start_soon(resolve_it)
+                await anyio.wait_all_tasks_blocked()
+                release.set()
+        assert sorted(outcomes) == ["failed"] + ["ok"] * 9
+        assert attempts == 2
+
+    async def test_dependency_cycle_is_named(self) -> None:
+        """A cycle raises ResolutionError naming the path, in async and sync resolution."""
+        registry = Registry()
+
+        async def make_a() -> object:
+            return await ambient.resolve("b")
+
+        async def make_b() -> object:
+            return await ambient.resolve("a")
+
+        registry.register("a", make_a)
+        registry.register("b", make_b)
+        registry.register("c", lambda: ambient.resolve_sync("d"))
+        registry.register("d", lambda: ambient.resolve_sync("c"))
+        async with registry.open_scope(ctx()) as scope:
+            with pytest.raises(ResolutionError, match="cycle.*'a' -> 'b' -> 'a'"):
+                await scope.resolve("a")
+            with pytest.raises(ResolutionError, match="cycle.*'c' -> 'd' -> 'c'"):
+                scope.resolve_sync("c")
+
+    async def test_user_component_cannot_depend_on_a_request_component(self) -> None:
+        """A USER factory resolving a REQUEST component is refused, cached or not."""
+        registry = Registry()
+        registry.register("per_request", object)
+        registry.register(
+            "per_user", lambda: ambient.resolve_sync("per_request"), lifetime=Lifetime.USER
+        )
+        registry.register("app_thing", object, lifetime=Lifetime.APP)
+        registry.register(
+            "user_ok", lambda: ambient.resolve_sync("app_thing"), lifetime=Lifetime.USER
+        )
+        async with registry.open_scope(ctx()) as scope:
+            await scope.resolve("per_request")
+            with pytest.raises(ResolutionError, match="USER component 'per_user' cannot depend"):
+                await scope.resolve("per_user")
+            assert await scope.resolve("user_ok") is await scope.resolve("app_thing")
+        await registry.aclose()
+
+
+class TestCleanup:
+    async def test_reverse_creation_order_exactly_once(self) -> None:
+        """Cleanups run newest first, each exactly once."""
+        order: list[str] = []
+        registry = Registry()
+        for name in ("a", "b", "c"):
+
+            def make(name: str = name) -> Iterator[str]:
+                yield name
+                order.append(name)
+
+            registry.register(name, make)
+        scope = registry.open_scope(ctx())
+        async with scope:
+            await scope.resolve("b")
+            await scope.resolve("a")
+            await scope.resolve("c")
+        await scope.aclose()
+        assert order == ["c", "a", "b"]
+
+    async def test_cleanups_complete_when_the_owner_is_cancelled(self) -> None:
+        """Cancelling the task while cleanups run does not cut them short."""
+        done: list[str] = []
+        cleanup_started = anyio.Event()
+        registry = Registry()
+
+        async def slow() -> AsyncIterator[str]:
+            yield "slow"
+            cleanup_started.set()
+            await anyio.sleep(0.05)
+            done.append("slow")
+
+        def quick() -> Iterator[str]:
+            yield "quick"
+            done.append("quick")
+
+        registry.register("quick", quick)
+        registry.register("slow", slow)
+
+        async def request() -> None:
+            async with registry.open_scope(ctx()) as scope:
+                await scope.resolve("quick")
+                await scope.resolve("slow")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(request)
+            await cleanup_started.wait()
+            tg.cancel_scope.cancel()
+        assert done == ["slow", "quick"]
+        assert registry.stats().cleaned == 2
+
+    async def test_cleanup_survives_cancellation_of_the_body(self) -> None:
+        """A body cancelled mid-way still cleans every component."""
+        cleaned: list[str] = []
+        entered = anyio.Event()
+        registry = Registry()
+
+        async def component() -> AsyncIterator[str]:
+            yield "x"
+            await anyio.lowlevel.checkpoint()  # an await inside a cleanup of a cancelled task
+            cleaned.append("x")
+
+        registry.register("x", component)
+
+        async def request() -> None:
+            async with registry.open_scope(ctx()) as scope:
+                await scope.resolve("x")
+                entered.set()
+                await anyio.sleep_forever()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(request)
+            await entered.wait()
+            tg.cancel_scope.cancel()
+        assert cleaned == ["x"]
+
+    async def test_hanging_cleanup_is_abandoned_and_reported(self) -> None:
+        """A cleanup past cleanup_timeout is abandoned; the others still run."""
+        cleaned: list[str] = []
+        registry = Registry(cleanup_timeout=0.05)
+
+        async def hangs() -> AsyncIterator[str]:
+            yield "hang"
+            await anyio.sleep_forever()
+
+        def fine() -> Iterator[str]:
+            yield "fine"
+            cleaned.append("fine")
+
+        registry.register("fine", fine)
+        registry.register("hang", hangs)
+        with anyio.fail_after(5), pytest.raises(CleanupError) as info:
+            async with registry.open_scope(ctx()) as scope:
+                await scope.resolve("fine")
+                await scope.resolve("hang")
+        assert cleaned == ["fine"]
+        assert len(info.value.exceptions) == 1
+        assert isinstance(info.value.exceptions[0], CleanupTimeoutError)
+        assert "hang" in str(info.value.exceptions[0])
+        assert registry.stats().cleanup_failures == 1
+
+    async def test_failures_are_collected_into_cleanup_error(self) -> None:
+        """Two failing cleanups both run and both appear in one CleanupError group."""
+        ran: list[str] = []
+        registry = Registry()
+
+        def failing(name: str) -> Iterator[str]:
+            yield name
+            ran.append(name)
+            raise RuntimeError(f"{name} failed")
+
+        def ok() -> Iterator[str]:
+            yield "ok"
+            ran.append("ok")
+
+        registry.register("f1", lambda: failing("f1"))
+        registry.register("ok", ok)
+        registry.register("f2", lambda: failing("f2"))
+        with pytest.raises(CleanupError) as info:
+            async with registry.open_scope(ctx()) as scope:
+                for key in ("f1", "ok", "f2"):
+                    await scope.resolve(key)
+        assert ran == ["f2", "ok", "f1"]
+        assert [str(e) for e in info.value.exceptions] == ["f2 failed", "f1 failed"]
+        assert isinstance(info.value, ExceptionGroup)
+        assert isinstance(info.value, ambient.AmbientError)
+
+    async def test_body_exception_wins_with_cleanup_failures_as_notes(self) -> None:
+        """When the body raised, its exception propagates with cleanup failures noted."""
+        registry = Registry()
+
+        class Failing:
+            def close(self) -> None:
+                raise RuntimeError("cleanup broke")
+
+        registry.register("x", Failing)
+        with pytest.raises(KeyError) as info:
+            async with registry.open_scope(ctx()) as scope:
+                await scope.resolve("x")
+                raise KeyError("body")
+        notes = getattr(info.value, "__notes__", [])
+        assert any("cleanup broke" in note for note in notes)
+
+    async def test_closed_scope_refuses_resolution(self) -> None:
+        """Resolving from a closed scope raises ScopeClosedError."""
+        registry = Registry()
+        registry.register("x", object)
+        async with registry.open_scope(ctx()) as scope:
+            await scope.resolve("x")
+        with pytest.raises(ScopeClosedError, match="closed"):
+            await scope.resolve("x")
+        with pytest.raises(ScopeClosedError):
+            scope.resolve_sync("x")
+        assert scope.closed
+
+    async def test_unopened_scope_refuses_resolution(self) -> None:
+        """A scope must be entered before it resolves."""
+        registry = Registry()
+        registry.register("x", object)
+        scope = registry.open_scope(ctx())
+        with pytest.raises(ScopeClosedError, match="not open"):
+            await scope.resolve("x")
+
+    async def test_scope_enters_once(self) -> None:
+        """Re-entering a scope is refused."""
+        registry = Registry()
+        async with registry.open_scope(ctx()) as scope:
+            pass
+        with pytest.raises(RuntimeError, match="entered once"):
+            async with scope:
+                pass  # pragma: no cover
+
+    async def test_creation_finishing_after_close_is_cleaned(self) -> None:
+        """A component whose factory finishes after its scope closed is cleaned at once."""
+        registry = Registry()
+        started = anyio.Event()
+        finish = anyio.Event()
+        cleaned: list[str] = []
+
+        async def slow() -> AsyncIterator[str]:
+            started.set()
+            await finish.wait()
+            yield "late"
+            cleaned.append("late")
+
+        registry.register("late", slow)
+        errors: list[BaseException] = []
+        scope = registry.open_scope(ctx())
+        async with scope, anyio.create_task_group() as tg:
+
+            async def late_resolver() -> None:
+                try:
+                    await scope.resolve("late")
+                except ScopeClosedError as exc:
+                    errors.append(exc)
+
+            tg.start_soon(late_resolver)
+            await started.wait()
+            await scope.aclose()
+            finish.set()
+        assert cleaned == ["late"]
+        assert len(errors) == 1
+
+    async def test_resource_warning_when_collected_with_pending_cleanups(self) -> None:
+        """A scope garbage-collected with cleanups pending warns."""
+        registry = Registry()
+        registry.register("x", lambda: Counter())
+        scope = registry.open_scope(ctx())
+        await scope.__aenter__()
+        await scope.resolve("x")
+        from ambient._binding import _current
+
+        binding = _current.get()
+        assert binding is not None
+        ambient._binding.unbind(binding)
+        binding.scope = None
+        del binding
+        with pytest.warns(ResourceWarning, match="cleanup"):
+            del scope
+            gc.collect()
+
+    async def test_stats_count_what_happened(self) -> None:
+        """stats() counts scopes, components, cleanups and failures."""
+        registry = Registry()
+
+        def failing() -> Iterator[str]:
+            yield "f"
+            raise RuntimeError("x")
+
+        registry.register("a", object)
+        registry.register("f", failing)
+        registry.register("u", object, lifetime=Lifetime.USER)
+        async with registry.open_scope(ctx()) as scope:
+            await scope.resolve("a")
+            await scope.resolve("u")
+            assert registry.stats().open_scopes == 1
+        with pytest.raises(CleanupError):
+            async with registry.open_scope(ctx()) as scope:
+                await scope.resolve("f")
+        stats = registry.stats()
+        assert (stats.open_scopes, stats.created, stats.cleaned) == (0, 3, 2)
+        assert (stats.live_users, stats.live_user_components, stats.cleanup_failures) == (1, 1, 1)
+        await registry.aclose()
+        assert registry.stats().cleaned == 3
+
+
+class TestHold:
+    async def test_task_without_hold_gets_scope_closed_error(self) -> None:
+        """Work that outlives its request cannot use the request's components."""
+        registry = Registry()
+        registry.register("x", object)
+        closed = anyio.Event()
+        outcome: list[BaseException] = []
+
+        async def later() -> None:
+            await closed.wait()
+            try:
+                await ambient.resolve("x")
+            except ScopeClosedError as exc:
+                outcome.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            async with registry.open_scope(ctx()):
+                tg.start_soon(later)
+            closed.set()
+        assert len(outcome) == 1
+        assert "outlives its request" in str(outcome[0]) or "closed" in str(outcome[0])
+
+    async def test_hold_keeps_components_alive_until_released(self) -> None:
+        """A held scope waits for the holder before cleaning up."""
+        registry = Registry()
+        order: list[str] = []
+
+        def make() -> Iterator[str]:
+            yield "component"
+            order.append("cleaned")
+
+        registry.register("x", make)
+        body_done = anyio.Event()
+
+        async def job(hold: object) -> None:
+            with hold:  # type: ignore[attr-defined]
+                await body_done.wait()
+                order.append(await ambient.resolve("x"))
+
+        async with anyio.create_task_group() as tg:
+            async with registry.open_scope(ctx()) as scope:
+                await scope.resolve("x")
+                tg.start_soon(job, scope.hold())
+                body_done.set()
+            order.append("closed")
+        assert order == ["component", "cleaned", "closed"]
