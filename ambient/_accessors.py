@@ -38,7 +38,10 @@ def resolve(key: Any) -> Coroutine[Any, Any, Any]:
         ResolutionError: unknown key, cycle or lifetime violation.
         ScopeClosedError: the bound scope has closed.
     """
-    return _scope_here().resolve(key)  # type: ignore[no-any-return]
+    binding = _current.get()
+    if binding is None or binding.scope is None:
+        return _scope_here().resolve(key)  # type: ignore[no-any-return]
+    return binding.scope.resolve(key)
 
 
 @overload

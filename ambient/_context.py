@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import random
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,11 +21,13 @@ _PLACEHOLDERS = frozenset(
 # split a log line or a header.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _EMPTY: Mapping[str, object] = MappingProxyType({})
+# The module-level generator: seeded from the OS and re-seeded in forked children.
+_random_bits = random.getrandbits
 
 
 def new_id() -> str:
-    """Return a fresh random id (128 bits, 32 hex characters)."""
-    return os.urandom(16).hex()
+    """Return a fresh random id (128 bits, 32 hex characters): unique, not a secret."""
+    return f"{_random_bits(128):032x}"
 
 
 def validate_id(field_name: str, value: object) -> str:
@@ -61,6 +63,20 @@ def validate_id(field_name: str, value: object) -> str:
             value,
         )
     return value
+
+
+def _copy_metadata(metadata: object) -> Mapping[str, object]:
+    if not isinstance(metadata, Mapping):
+        raise InvalidContextError(
+            "metadata", f"must be a mapping, not {type(metadata).__name__}", echo=False
+        )
+    for key in metadata:
+        if not isinstance(key, str):
+            raise InvalidContextError(
+                "metadata", f"keys must be str, not {type(key).__name__}", echo=False
+            )
+    # A private copy: neither the caller's dict nor the context can change it later.
+    return MappingProxyType(dict(metadata))
 
 
 def _validate_optional(field_name: str, value: object) -> str | None:
@@ -126,19 +142,8 @@ class UserExecutionContext:
             )
         if not 0 <= depth <= MAX_DEPTH:
             raise InvalidContextError("depth", f"must be between 0 and {MAX_DEPTH}", depth)
-        metadata = self.metadata
-        if metadata is not _EMPTY:
-            if not isinstance(metadata, Mapping):
-                raise InvalidContextError(
-                    "metadata", f"must be a mapping, not {type(metadata).__name__}", echo=False
-                )
-            for key in metadata:
-                if not isinstance(key, str):
-                    raise InvalidContextError(
-                        "metadata", f"keys must be str, not {type(key).__name__}", echo=False
-                    )
-            # A private copy: neither the caller's dict nor the context can change it later.
-            object.__setattr__(self, "metadata", MappingProxyType(dict(metadata)))
+        if self.metadata is not _EMPTY:
+            object.__setattr__(self, "metadata", _copy_metadata(self.metadata))
 
     @classmethod
     def create(
@@ -154,18 +159,34 @@ class UserExecutionContext:
     ) -> UserExecutionContext:
         """Build a context for ``user_id``, generating every id that is not given.
 
+        Generated ids are 32 random hex characters: unique, but identifiers rather than
+        secrets (never use one as a credential).
+
         Raises:
             InvalidContextError: when a given id breaks a rule.
         """
-        return cls(
-            user_id=user_id,
-            thread_id=new_id() if thread_id is None else thread_id,
-            run_id=new_id() if run_id is None else run_id,
-            request_id=new_id() if request_id is None else request_id,
-            tenant_id=tenant_id,
-            connection_id=connection_id,
-            metadata=_EMPTY if metadata is None else metadata,
+        # Runs once per request: validate what was given and skip the generated ids, which
+        # are valid by construction.
+        self = object.__new__(cls)
+        setattr_ = object.__setattr__
+        setattr_(self, "user_id", validate_id("user_id", user_id))
+        setattr_(
+            self,
+            "thread_id",
+            new_id() if thread_id is None else validate_id("thread_id", thread_id),
         )
+        setattr_(self, "run_id", new_id() if run_id is None else validate_id("run_id", run_id))
+        setattr_(
+            self,
+            "request_id",
+            new_id() if request_id is None else validate_id("request_id", request_id),
+        )
+        setattr_(self, "tenant_id", _validate_optional("tenant_id", tenant_id))
+        setattr_(self, "connection_id", _validate_optional("connection_id", connection_id))
+        setattr_(self, "parent_run_id", None)
+        setattr_(self, "depth", 0)
+        setattr_(self, "metadata", _EMPTY if metadata is None else _copy_metadata(metadata))
+        return self
 
     def child(self, operation: str, **metadata: object) -> UserExecutionContext:
         """Return the context of a sub-operation (a sub-agent, a tool call, one message).

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from ambient._registry import Registry
     from ambient._scope import Scope
 
-__all__ = ["Created", "Instances", "finalize"]
+__all__ = ["Created", "Instances", "finalize", "finalize_sync", "needs_await"]
 
 logger = logging.getLogger("ambient")
 
@@ -39,26 +39,61 @@ Created = tuple[Provider, Any, Finalizer | None]
 
 
 class _Pending:
-    """A creation in progress that other resolvers wait for."""
+    """A creation in progress that other resolvers wait for.
 
-    __slots__ = ("async_event", "owner", "thread_event")
+    Its events are made only when somebody waits: most creations see no contention.
+    """
 
-    def __init__(self, *, in_async: bool) -> None:
+    __slots__ = ("_async_event", "_lock", "_thread_event", "finished", "in_async", "owner")
+
+    def __init__(self, lock: threading.Lock, *, in_async: bool) -> None:
+        self._lock = lock
         self.owner = threading.get_ident()
-        self.thread_event = threading.Event()
-        self.async_event = anyio.Event() if in_async else None
+        self.in_async = in_async
+        self.finished = False
+        self._async_event: anyio.Event | None = None
+        self._thread_event: threading.Event | None = None
 
     def done(self) -> None:
-        self.thread_event.set()
-        if self.async_event is not None:
-            self.async_event.set()
+        with self._lock:
+            self.finished = True
+            async_event, thread_event = self._async_event, self._thread_event
+        if thread_event is not None:
+            thread_event.set()
+        if async_event is not None:
+            async_event.set()
+
+    def blocks_this_loop(self) -> bool:
+        """Whether a blocking wait here would block the event loop that must finish it."""
+        return self.in_async and self.owner == threading.get_ident()
+
+    def _thread_waiter(self) -> threading.Event | None:
+        with self._lock:
+            if self.finished:
+                return None
+            if self._thread_event is None:
+                self._thread_event = threading.Event()
+            return self._thread_event
 
     async def wait(self) -> None:
-        if self.async_event is not None and self.owner == threading.get_ident():
-            await self.async_event.wait()
-        else:
+        if self.blocks_this_loop():
+            with self._lock:
+                if self.finished:
+                    return
+                if self._async_event is None:
+                    self._async_event = anyio.Event()
+                event = self._async_event
+            await event.wait()
+            return
+        thread_event = self._thread_waiter()
+        if thread_event is not None:
             # Created by a worker thread: wait for it without blocking the event loop.
-            await anyio.to_thread.run_sync(self.thread_event.wait, abandon_on_cancel=True)
+            await anyio.to_thread.run_sync(thread_event.wait, abandon_on_cancel=True)
+
+    def wait_blocking(self) -> None:
+        thread_event = self._thread_waiter()
+        if thread_event is not None:
+            thread_event.wait()
 
 
 def _cycle(stack: tuple[Hashable, ...], key: Hashable) -> ResolutionError:
@@ -108,7 +143,7 @@ class Instances:
                     raise self._closed_error(provider)
                 pending = self.pending.get(key)
                 if pending is None:
-                    pending = self.pending[key] = _Pending(in_async=True)
+                    pending = self.pending[key] = _Pending(self.lock, in_async=True)
                     break
             await pending.wait()
         token = _resolving.set((*stack, key))
@@ -150,16 +185,16 @@ class Instances:
                     raise self._closed_error(provider)
                 pending = self.pending.get(key)
                 if pending is None:
-                    pending = self.pending[key] = _Pending(in_async=False)
+                    pending = self.pending[key] = _Pending(self.lock, in_async=False)
                     break
-            if pending.async_event is not None and pending.owner == threading.get_ident():
+            if pending.blocks_this_loop():
                 msg = (
                     f"{provider.name} is being created by another task on this event loop; "
                     "resolve_sync() cannot wait for it without blocking the loop: use "
                     "`await resolve(...)`"
                 )
                 raise ResolutionError(msg)
-            pending.thread_event.wait()
+            pending.wait_blocking()
         token = _resolving.set((*stack, key))
         observers = scope.observers
         started = time.perf_counter()
@@ -251,6 +286,11 @@ class _Deadline:
         return bool(self._scope.__exit__(*exc_info))
 
 
+def needs_await(created: list[Created]) -> bool:
+    """Whether cleaning ``created`` awaits anything (and so needs a shielded scope)."""
+    return any(finalizer is not None and finalizer.is_async for _, _, finalizer in created)
+
+
 async def finalize(
     created: list[Created],
     exc: BaseException | None,
@@ -289,33 +329,79 @@ async def finalize(
             error = raised
         except BaseException as raised:  # noqa: BLE001 - re-raised once every cleanup ran
             escaped = escaped or raised
-        registry.cleaned += 1
+        _record(registry, provider, instance, user, observers, scope, start_ns, started, error)
         if error is not None:
             failures.append(error)
-            registry.cleanup_failures += 1
-            logger.warning(
-                "cleanup of %s failed: %s",
-                provider.name,
-                error,
-                exc_info=error,
-                extra={"ambient_component": provider.name},
-            )
-        if observers:
-            notify(
-                observers,
-                "component_cleaned",
-                ComponentEvent(
-                    provider.key,
-                    provider.name,
-                    provider.lifetime,
-                    instance,
-                    user,
-                    scope,
-                    start_ns,
-                    time.perf_counter() - started,
-                    error,
-                ),
-            )
     if escaped is not None:
         raise escaped
     return failures
+
+
+def finalize_sync(
+    created: list[Created],
+    exc: BaseException | None,
+    registry: Registry,
+    user: UserRef | None,
+    observers: tuple[Observer, ...],
+    scope: Scope | None = None,
+) -> list[Exception]:
+    """:func:`finalize` for components whose cleanups are all sync (nothing to shield)."""
+    failures: list[Exception] = []
+    escaped: BaseException | None = None
+    body_error = exc if isinstance(exc, Exception) else None
+    for provider, instance, finalizer in reversed(created):
+        started = time.perf_counter()
+        start_ns = time.time_ns() if observers else 0
+        error: Exception | None = None
+        try:
+            if finalizer is not None:
+                finalizer.run_sync(body_error)
+        except Exception as raised:  # noqa: BLE001 - collected into CleanupError
+            error = raised
+        except BaseException as raised:  # noqa: BLE001 - re-raised once every cleanup ran
+            escaped = escaped or raised
+        _record(registry, provider, instance, user, observers, scope, start_ns, started, error)
+        if error is not None:
+            failures.append(error)
+    if escaped is not None:
+        raise escaped
+    return failures
+
+
+def _record(
+    registry: Registry,
+    provider: Provider,
+    instance: Any,
+    user: UserRef | None,
+    observers: tuple[Observer, ...],
+    scope: Scope | None,
+    start_ns: int,
+    started: float,
+    error: Exception | None,
+) -> None:
+    registry.cleaned += 1
+    if error is not None:
+        registry.cleanup_failures += 1
+        logger.warning(
+            "cleanup of %s failed: %s",
+            provider.name,
+            error,
+            exc_info=error,
+            extra={"ambient_component": provider.name},
+        )
+    if observers:
+        notify(
+            observers,
+            "component_cleaned",
+            ComponentEvent(
+                provider.key,
+                provider.name,
+                provider.lifetime,
+                instance,
+                user,
+                scope,
+                start_ns,
+                time.perf_counter() - started,
+                error,
+            ),
+        )

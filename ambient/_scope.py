@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 import anyio
 
 from ambient._binding import _Binding, bind, unbind
-from ambient._instances import Instances, finalize
+from ambient._instances import Instances, finalize, finalize_sync, needs_await
 from ambient._observe import Observer, notify
 from ambient._provider import RANK, Lifetime, Provider, key_name
 from ambient.errors import CleanupError, ResolutionError, ScopeClosedError
@@ -178,7 +178,7 @@ class Scope:
         created = self._own.close()
         failures: list[Exception] = []
         entry = self._user_entry
-        if created or entry is not None:
+        if entry is not None or needs_await(created):
             with anyio.CancelScope(shield=True):
                 failures = await finalize(
                     created, exc, registry, self.context.user, self.observers, self
@@ -186,6 +186,10 @@ class Scope:
                 if entry is not None:
                     self._user_entry = None
                     registry.release_user(entry)
+        elif created:
+            failures = finalize_sync(
+                created, exc, registry, self.context.user, self.observers, self
+            )
         await registry.expire_idle()
         self._cache = {}
         self.cleanup_failures = len(failures)
