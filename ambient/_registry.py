@@ -325,6 +325,10 @@ class Registry:
             for entry in evicted:
                 await self._close_entry(entry, entry.instances.close())
 
+    def expiry_due(self) -> bool:
+        """Whether evicted or expired USER components wait for cleanup."""
+        return bool(self._evicted) or bool(self._idle and self._clock() >= self._next_expiry)
+
     async def expire_idle(self) -> None:
         """Clean up USER components whose ``idle_ttl`` has passed (cheap when none has)."""
         if self._evicted:

@@ -171,34 +171,45 @@ class Scope:
         if self._closed or not self._opened:
             self._closed = True
             return []
-        if self._holds:
-            await self._wait_for_holds()
-        self._closed = True
         registry = self._registry
-        created = self._own.close()
         failures: list[Exception] = []
-        entry = self._user_entry
-        if entry is not None or needs_await(created):
-            with anyio.CancelScope(shield=True):
-                failures = await finalize(
-                    created, exc, registry, self.context.user, self.observers, self
-                )
-                if entry is not None:
-                    self._user_entry = None
-                    registry.release_user(entry)
-        elif created:
-            failures = finalize_sync(
-                created, exc, registry, self.context.user, self.observers, self
-            )
-        await registry.expire_idle()
-        self._cache = {}
-        self.cleanup_failures = len(failures)
-        binding = self._binding
-        if binding is not None:
-            unbind(binding)
-        registry.open_scopes -= 1
-        if self.observers:
-            notify(self.observers, "scope_closed", self, tuple(failures))
+        try:
+            if self._holds:
+                await self._wait_for_holds()
+            self._closed = True
+            created = self._own.close()
+            entry = self._user_entry
+            self._user_entry = None
+            if entry is not None or needs_await(created):
+                with anyio.CancelScope(shield=True):
+                    try:
+                        failures = await finalize(
+                            created, exc, registry, self.context.user, self.observers, self
+                        )
+                    finally:
+                        if entry is not None:
+                            registry.release_user(entry)
+                    await registry.expire_idle()
+            else:
+                if created:
+                    failures = finalize_sync(
+                        created, exc, registry, self.context.user, self.observers, self
+                    )
+                if registry.expiry_due():
+                    with anyio.CancelScope(shield=True):
+                        await registry.expire_idle()
+        finally:
+            # Whatever interrupted the cleanup (a native cancellation the shield cannot
+            # stop, a KeyboardInterrupt), the scope still ends: unbound and counted.
+            self._closed = True
+            self._cache = {}
+            self.cleanup_failures = len(failures)
+            binding = self._binding
+            if binding is not None:
+                unbind(binding)
+            registry.open_scopes -= 1
+            if self.observers:
+                notify(self.observers, "scope_closed", self, tuple(failures))
         return failures
 
     def hold(self) -> _Hold:

@@ -399,6 +399,31 @@ class TestCleanup:
         notes = getattr(info.value, "__notes__", [])
         assert any("cleanup broke" in note for note in notes)
 
+    async def test_base_exception_from_a_cleanup_runs_the_others_first(self) -> None:
+        """A cleanup raising a BaseException (KeyboardInterrupt) does not skip the others;
+        it propagates once all ran, and the scope is unbound."""
+        ran: list[str] = []
+        registry = Registry()
+
+        class Interrupting:
+            def close(self) -> None:
+                ran.append("interrupting")
+                raise KeyboardInterrupt
+
+        def other() -> Iterator[str]:
+            yield "other"
+            ran.append("other")
+
+        registry.register("other", other)
+        registry.register("interrupting", Interrupting)
+        with pytest.raises(KeyboardInterrupt):
+            async with registry.open_scope(ctx()) as scope:
+                await scope.resolve("other")
+                await scope.resolve("interrupting")
+        assert ran == ["interrupting", "other"]
+        assert ambient.current_context_or_none() is None
+        assert registry.stats().open_scopes == 0
+
     async def test_closed_scope_refuses_resolution(self) -> None:
         """Resolving from a closed scope raises ScopeClosedError."""
         registry = Registry()
