@@ -1,0 +1,982 @@
+"""ambient.migration: guarding legacy globals, the global-state report, and rollouts."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+import opentelemetry.metrics._internal as metrics_internal
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+import ambient.errors
+from ambient import (
+    NoActiveContextError,
+    Registry,
+    UserExecutionContext,
+    bind_context,
+)
+from ambient.migration import (
+    GlobalStateError,
+    GlobalStateWarning,
+    Rollout,
+    global_state_report,
+    guard_global,
+    reset_global_state_report,
+    unwrap_global,
+)
+
+HERE = str(Path(__file__))
+
+
+def line_of(marker: str) -> int:
+    """The line of this file that carries ``# <marker>``."""
+    lines = Path(__file__).read_text().splitlines()
+    found = [n for n, text in enumerate(lines, 1) if text.rstrip().endswith(f"# {marker}")]
+    assert len(found) == 1, (marker, found)
+    return found[0]
+
+
+def ctx(user: str = "alice", tenant: str | None = None) -> UserExecutionContext:
+    return UserExecutionContext.create(user, tenant_id=tenant)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_report() -> Iterator[None]:
+    reset_global_state_report()
+    yield
+    reset_global_state_report()
+
+
+@pytest.fixture(name="metric_reader")
+def fixture_metric_reader(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemoryMetricReader]:
+    """An SDK meter provider installed as the global one for this test only."""
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    monkeypatch.setattr(metrics_internal, "_METER_PROVIDER", provider)
+    yield reader
+    provider.shutdown()
+
+
+def counter_values(reader: InMemoryMetricReader, name: str) -> dict[tuple[Any, ...], int]:
+    """Sum of a counter per attribute set, across every scope that reported it."""
+    values: dict[tuple[Any, ...], int] = {}
+    data = reader.get_metrics_data()
+    if data is None:
+        return values
+    for resource in data.resource_metrics:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name != name:
+                    continue
+                for point in metric.data.data_points:
+                    key = tuple(sorted((point.attributes or {}).items()))
+                    values[key] = values.get(key, 0) + int(point.value)  # type: ignore[union-attr]
+    return values
+
+
+# -- guard ------------------------------------------------------------------------------------
+
+
+class Catalog:
+    """A legacy singleton with state and the protocols the tests use."""
+
+    def __init__(self) -> None:
+        self.items = {"a": 1, "b": 2}
+        self.label = "catalog"
+        self.entered = 0
+        self.exited = 0
+
+    def lookup(self, key: str) -> int:
+        return self.items[key]
+
+    def __call__(self, x: int) -> int:
+        return x + 1
+
+    def __getitem__(self, key: str) -> int:
+        return self.items[key]
+
+    def __setitem__(self, key: str, value: int) -> None:
+        self.items[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self.items[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.items)
+
+    def __reversed__(self) -> Iterator[str]:
+        return reversed(list(self.items))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Catalog) and other.items == self.items
+
+    def __hash__(self) -> int:
+        return 42
+
+    def __str__(self) -> str:
+        return "catalog!"
+
+    def __repr__(self) -> str:
+        return "<Catalog>"
+
+    def __format__(self, spec: str) -> str:
+        return f"catalog:{spec}"
+
+    def __enter__(self) -> Catalog:
+        self.entered += 1
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.exited += 1
+
+    async def __aenter__(self) -> str:
+        self.entered += 1
+        return "async-entered"
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.exited += 1
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._agen()
+
+    async def _agen(self) -> AsyncIterator[str]:
+        for key in self.items:
+            yield key
+
+
+REPLACEMENT = "await ambient.resolve(Catalog)"
+catalog = guard_global(Catalog(), name="catalog", replacement=REPLACEMENT)
+
+
+@pytest.fixture(name="registry")
+def fixture_registry() -> Registry:
+    return Registry()
+
+
+class TestGuardRecords:
+    async def test_warns_once_per_call_site_under_100_concurrent_users(
+        self,
+        registry: Registry,
+        metric_reader: InMemoryMetricReader,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """100 concurrent users touching the global at two call sites produce exactly two
+        warnings and two log lines, while the report and the counter count all 200."""
+        results: dict[str, tuple[int, bool]] = {}
+
+        async def request(n: int) -> None:
+            async with registry.open_scope(ctx(f"user-{n}")):
+                await anyio.lowlevel.checkpoint()
+                value = catalog.lookup("a")  # site: lookup
+                await anyio.lowlevel.checkpoint()
+                found = "b" in catalog  # site: contains
+                results[f"user-{n}"] = (value, found)
+
+        with (
+            caplog.at_level(logging.WARNING, logger="ambient.migration"),
+            pytest.warns(GlobalStateWarning) as record,
+        ):
+            async with anyio.create_task_group() as tg:
+                for n in range(100):
+                    tg.start_soon(request, n)
+
+        assert results == {f"user-{n}": (1, True) for n in range(100)}
+        lookup, contains = line_of("site: lookup"), line_of("site: contains")
+        assert sorted((w.filename, w.lineno) for w in record) == [
+            (HERE, lookup),
+            (HERE, contains),
+        ]
+        assert all("'catalog'" in str(w.message) and REPLACEMENT in str(w.message) for w in record)
+        logged = [r.getMessage() for r in caplog.records if r.name == "ambient.migration"]
+        assert len(logged) == 2
+        for line in (lookup, contains):
+            assert any(f"test_migration.py:{line}" in m and REPLACEMENT in m for m in logged)
+        assert all("'catalog'" in m for m in logged)
+
+        report = global_state_report()
+        assert report.total == 200
+        assert [(a.name, a.lineno, a.count) for a in report.accesses] == [
+            ("catalog", lookup, 100),
+            ("catalog", contains, 100),
+        ]
+        assert counter_values(metric_reader, "ambient.global_state.accesses") == {
+            (("ambient.global", "catalog"),): 200
+        }
+
+    async def test_silent_outside_any_context(self, metric_reader: InMemoryMetricReader) -> None:
+        """Start-up code, scripts and threads with no context touch the global freely."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert catalog.lookup("a") == 1
+            assert len(catalog) == 2
+            assert await anyio.to_thread.run_sync(catalog.lookup, "b") == 2
+        assert caught == []
+        assert global_state_report().total == 0
+        assert counter_values(metric_reader, "ambient.global_state.accesses") == {}
+
+    async def test_a_bare_bound_context_counts(self) -> None:
+        """bind_context (a job, a test) counts like a request: a user's code is running."""
+        guard = guard_global(Catalog(), name="bare", mode="off")
+        with bind_context(ctx()):
+            guard.lookup("a")
+        assert global_state_report().by_name() == {"bare": 1}
+
+    async def test_worker_threads_of_a_request_count(self, registry: Registry) -> None:
+        """A worker thread started with the request's context (anyio.to_thread copies it)
+        counts its accesses; a raw thread with no context does not."""
+        guard = guard_global(Catalog(), name="threaded", mode="off")
+        raw: list[int] = []
+        async with registry.open_scope(ctx()):
+            for _ in range(5):
+                assert await anyio.to_thread.run_sync(guard.lookup, "a") == 1
+            thread = threading.Thread(target=lambda: raw.append(guard.lookup("b")))
+            thread.start()
+            thread.join()
+        assert raw == [2]
+        assert global_state_report().by_name() == {"threaded": 5}
+
+    async def test_strict_raises_at_the_call_site(
+        self, registry: Registry, metric_reader: InMemoryMetricReader
+    ) -> None:
+        """mode='strict' raises GlobalStateError naming the global, the site and the
+        replacement; the access is still counted; outside a context it works."""
+        strict = guard_global(Catalog(), name="strict_catalog", replacement="X()", mode="strict")
+        assert strict.lookup("a") == 1
+        async with registry.open_scope(ctx()):
+            with pytest.raises(GlobalStateError) as caught:
+                strict.lookup("a")  # site: strict
+        message = str(caught.value)
+        assert "'strict_catalog'" in message
+        assert f"test_migration.py:{line_of('site: strict')}" in message
+        assert "X()" in message
+        assert isinstance(caught.value, ambient.errors.AmbientError)
+        assert global_state_report().by_name() == {"strict_catalog": 1}
+        assert counter_values(metric_reader, "ambient.global_state.accesses") == {
+            (("ambient.global", "strict_catalog"),): 1
+        }
+
+    async def test_off_only_counts(
+        self,
+        registry: Registry,
+        metric_reader: InMemoryMetricReader,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """mode='off' neither warns nor logs, but counts every access."""
+        quiet = guard_global(Catalog(), name="quiet", mode="off")
+        with (
+            caplog.at_level(logging.DEBUG, logger="ambient.migration"),
+            warnings.catch_warnings(record=True) as caught,
+        ):
+            warnings.simplefilter("always")
+            async with registry.open_scope(ctx()):
+                for _ in range(3):
+                    quiet.lookup("a")
+        assert caught == []
+        assert [r for r in caplog.records if r.name == "ambient.migration"] == []
+        assert global_state_report().by_name() == {"quiet": 3}
+        assert counter_values(metric_reader, "ambient.global_state.accesses") == {
+            (("ambient.global", "quiet"),): 3
+        }
+
+    async def test_reset_warns_again(self, registry: Registry) -> None:
+        """After reset_global_state_report() the next access at a site warns again."""
+        guard = guard_global(Catalog(), name="again")
+        for _ in range(2):
+            with pytest.warns(GlobalStateWarning) as record:
+                async with registry.open_scope(ctx()):
+                    for _ in range(3):
+                        guard.lookup("a")
+            assert len(record) == 1
+            reset_global_state_report()
+
+    def test_environment_overrides_the_mode(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """AMBIENT_GUARD_MODE overrides the mode of guards created afterwards."""
+        monkeypatch.setenv("AMBIENT_GUARD_MODE", "strict")
+        guard = guard_global(Catalog(), name="env", mode="warn")
+        with bind_context(ctx()), pytest.raises(GlobalStateError):
+            guard.lookup("a")
+        monkeypatch.setenv("AMBIENT_GUARD_MODE", "loud")
+        with pytest.raises(ValueError, match="AMBIENT_GUARD_MODE must be one of"):
+            guard_global(Catalog(), name="env")
+
+    def test_arguments_are_checked(self) -> None:
+        """An empty name or an unknown mode is refused."""
+        with pytest.raises(ValueError, match="non-empty name"):
+            guard_global(Catalog(), name=" ")
+        with pytest.raises(ValueError, match="mode must be one of warn, strict, off"):
+            guard_global(Catalog(), name="x", mode="sometimes")  # type: ignore[arg-type]
+
+    def test_guarding_a_guard_guards_the_object(self) -> None:
+        """Guarding a guard wraps the object underneath (accesses are counted once)."""
+        inner = Catalog()
+        first = guard_global(inner, name="first", mode="off")
+        second = guard_global(first, name="second", mode="off")
+        assert unwrap_global(second) is inner
+        assert unwrap_global(inner) is inner
+        with bind_context(ctx()):
+            second.lookup("a")
+        assert global_state_report().by_name() == {"second": 1}
+
+
+class TestGuardForwards:
+    def test_attributes_methods_and_calls(self) -> None:
+        """Attribute get/set/delete, methods and calls reach the guarded object."""
+        inner = Catalog()
+        guard = guard_global(inner, name="fwd")
+        assert guard.lookup("b") == 2
+        assert guard(1) == 2
+        guard.label = "renamed"
+        assert inner.label == "renamed"
+        del guard.label
+        assert not hasattr(inner, "label")
+        with pytest.raises(AttributeError):
+            _ = guard.missing  # type: ignore[attr-defined]
+        assert vars(guard) is vars(inner)
+
+    def test_dunder_protocols(self) -> None:
+        """Containers, truth, equality, hashing, str and format behave as on the object;
+        isinstance sees its class; repr is the object's."""
+        inner = Catalog()
+        guard = guard_global(inner, name="fwd")
+        assert isinstance(guard, Catalog)
+        assert guard.__class__ is Catalog
+        assert guard["a"] == 1
+        guard["c"] = 3
+        assert inner.items["c"] == 3
+        del guard["c"]
+        assert "c" not in guard
+        assert "a" in guard
+        assert len(guard) == 2
+        assert list(guard) == ["a", "b"]
+        assert list(reversed(guard)) == ["b", "a"]
+        assert bool(guard) is True
+        assert guard == Catalog()
+        assert guard != object()
+        assert hash(guard) == 42
+        assert {guard: 1}[inner] == 1
+        assert str(guard) == "catalog!"
+        assert f"{guard:x}" == "catalog:x"
+        assert repr(guard) == "<Catalog>"
+        assert "lookup" in dir(guard)
+
+    async def test_context_managers_and_async_iteration(self) -> None:
+        """with, async with and async for use the object's own methods."""
+        inner = Catalog()
+        guard = guard_global(inner, name="fwd")
+        with guard as entered:
+            assert entered is inner
+        async with guard as value:
+            assert value == "async-entered"
+        assert (inner.entered, inner.exited) == (2, 2)
+        assert [key async for key in guard] == ["a", "b"]
+
+    def test_missing_protocols_fail_like_the_object(self) -> None:
+        """A protocol the object lacks raises TypeError, as it would without the guard."""
+        plain: Any = guard_global(object(), name="plain")
+        with pytest.raises(TypeError, match="context manager"), plain:
+            pass
+        with pytest.raises(TypeError):
+            len(plain)
+        with pytest.raises(TypeError):
+            plain()
+        assert bool(plain) is True
+
+    async def test_every_forwarded_use_is_counted_at_its_line(self, registry: Registry) -> None:
+        """Each use inside a context is one access, attributed to the line that made it."""
+        guard = guard_global(Catalog(), name="lines", mode="off")
+        async with registry.open_scope(ctx()):
+            guard.lookup("a")  # use: attribute
+            guard["a"]  # use: item
+            len(guard)  # use: len
+            _ = "a" in guard  # use: contains
+            with guard:  # use: with
+                pass
+            isinstance(guard, Catalog)
+            repr(guard)
+        counted = {a.lineno: a.count for a in global_state_report().accesses}
+        assert counted == {
+            line_of(f"use: {u}"): 1 for u in ("attribute", "item", "len", "contains", "with")
+        }
+
+
+class TestReport:
+    async def test_format_and_json(self, registry: Registry) -> None:
+        """The report names each global, its replacement and its sites, as text and JSON."""
+        other = guard_global(Catalog(), name="another", mode="off")
+        quiet = guard_global(Catalog(), name="catalog_quiet", replacement=REPLACEMENT, mode="off")
+        async with registry.open_scope(ctx()):
+            for _ in range(3):
+                quiet.lookup("a")  # report: quiet
+            other.lookup("a")  # report: other
+        report = global_state_report()
+        quiet_site = f"tests/test_migration.py:{line_of('report: quiet')}"
+        other_site = f"tests/test_migration.py:{line_of('report: other')}"
+        assert report.by_name() == {"another": 1, "catalog_quiet": 3}
+        assert report.as_dict() == {
+            "total": 4,
+            "globals": {
+                "another": {"count": 1, "replacement": None, "sites": {other_site: 1}},
+                "catalog_quiet": {
+                    "count": 3,
+                    "replacement": REPLACEMENT,
+                    "sites": {quiet_site: 3},
+                },
+            },
+        }
+        text = str(report)
+        assert text.splitlines()[0] == (
+            "Guarded globals touched inside user contexts: 4 access(es), 2 global(s), "
+            "2 call site(s)"
+        )
+        assert f"catalog_quiet: 3  -> {REPLACEMENT}" in text
+        assert quiet_site in text
+        assert other_site in text
+
+    def test_empty_report(self) -> None:
+        """With no access the report says so."""
+        report = global_state_report()
+        assert report.total == 0
+        assert report.accesses == ()
+        assert str(report) == "No guarded global was touched inside a user context."
+
+
+# -- rollout ----------------------------------------------------------------------------------
+
+
+class LegacyEngine:
+    """The legacy singleton."""
+
+
+class ExecutionEngine:
+    """The per-request component replacing it; counts creations and cleanups."""
+
+    created = 0
+    cleaned = 0
+
+    def __init__(self, context: UserExecutionContext) -> None:
+        type(self).created += 1
+        self.user_id = context.user_id
+
+    def close(self) -> None:
+        type(self).cleaned += 1
+
+
+LEGACY = LegacyEngine()
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Switchable:
+    """A factory that fails while ``failing`` is set."""
+
+    def __init__(self) -> None:
+        self.failing = False
+        self.calls = 0
+
+    def __call__(self, context: UserExecutionContext) -> ExecutionEngine:
+        self.calls += 1
+        if self.failing:
+            msg = "engine backend unavailable"
+            raise ConnectionError(msg)
+        return ExecutionEngine(context)
+
+
+@pytest.fixture(name="factory")
+def fixture_factory() -> Switchable:
+    ExecutionEngine.created = ExecutionEngine.cleaned = 0
+    return Switchable()
+
+
+@pytest.fixture(name="engines")
+def fixture_engines(factory: Switchable) -> Registry:
+    registry = Registry()
+    registry.register(ExecutionEngine, factory)
+    return registry
+
+
+async def serve(registry: Registry, rollout: Rollout[Any], user: str) -> Any:
+    """One request of ``user`` that resolves through ``rollout``."""
+    async with registry.open_scope(ctx(user)):
+        return await rollout.resolve()
+
+
+class TestBucketing:
+    def test_stable_and_close_to_the_percentage_over_10000_ids(self) -> None:
+        """Over 10,000 user ids each percentage selects within 1 point of its share, the
+        same users every time and from a fresh Rollout, and raising it only adds users."""
+        ids = [f"user-{n}" for n in range(10_000)]
+        previous: set[str] = set()
+        for percent in (1, 10, 30, 50, 90):
+            rollout = Rollout(ExecutionEngine, legacy=LEGACY, mode="component", percent=percent)
+            chosen = {u for u in ids if rollout.includes(u)}
+            assert abs(len(chosen) / 100 - percent) <= 1.0, (percent, len(chosen))
+            again = Rollout(ExecutionEngine, legacy=LEGACY, mode="component", percent=percent)
+            assert {u for u in ids if again.includes(u)} == chosen
+            assert previous <= chosen
+            previous = chosen
+        everyone = Rollout(ExecutionEngine, legacy=LEGACY, percent=100)
+        nobody = Rollout(ExecutionEngine, legacy=LEGACY, percent=0)
+        assert all(everyone.includes(u) for u in ids)
+        assert not any(nobody.includes(u) for u in ids)
+
+    def test_buckets_do_not_depend_on_the_process(self) -> None:
+        """The bucket is a fixed function of (salt, tenant, user), not of Python's
+        per-process string hash."""
+        rollout = Rollout("engine", legacy=LEGACY)
+        assert rollout.bucket("alice") == 922
+        assert rollout.bucket("alice", "acme") == 7286
+
+    def test_salted_by_name(self) -> None:
+        """Two rollouts at 30 % pick mostly different users (about 9 % overlap); the same
+        salt picks the same users."""
+        ids = [f"user-{n}" for n in range(10_000)]
+        first = Rollout("engine", legacy=LEGACY, percent=30)
+        second = Rollout("bridge", legacy=LEGACY, percent=30)
+        together = Rollout("bridge", legacy=LEGACY, percent=30, salt="engine")
+        a = {u for u in ids if first.includes(u)}
+        b = {u for u in ids if second.includes(u)}
+        assert 700 <= len(a & b) <= 1100
+        assert {u for u in ids if together.includes(u)} == a
+
+    def test_tenant_is_part_of_the_bucket(self) -> None:
+        """The same user id in two tenants is bucketed independently."""
+        rollout = Rollout("engine", legacy=LEGACY, percent=50)
+        ids = [f"user-{n}" for n in range(1_000)]
+        differ = sum(rollout.includes(u, "t1") != rollout.includes(u, "t2") for u in ids)
+        assert 350 <= differ <= 650
+
+    async def test_a_user_never_flips_between_requests(
+        self, engines: Registry, factory: Switchable
+    ) -> None:
+        """200 concurrent users making 5 requests each at 50 %: each user always takes the
+        same path, the one includes() predicts, and gets their own component."""
+        rollout: Rollout[Any] = Rollout(
+            ExecutionEngine, legacy=LEGACY, mode="component", percent=50
+        )
+        seen: dict[str, set[str]] = {}
+
+        async def user(n: int) -> None:
+            name = f"user-{n}"
+            for _ in range(5):
+                got = await serve(engines, rollout, name)
+                if got is LEGACY:
+                    seen.setdefault(name, set()).add("legacy")
+                else:
+                    assert got.user_id == name
+                    seen.setdefault(name, set()).add("component")
+
+        async with anyio.create_task_group() as tg:
+            for n in range(200):
+                tg.start_soon(user, n)
+        assert len(seen) == 200
+        for name, paths in seen.items():
+            expected = "component" if rollout.includes(name) else "legacy"
+            assert paths == {expected}, name
+        state = rollout.state()
+        on_component = sum(rollout.includes(f"user-{n}") for n in range(200))
+        assert 60 <= on_component <= 140
+        assert (state.component, state.legacy) == (5 * on_component, 5 * (200 - on_component))
+        assert ExecutionEngine.created == ExecutionEngine.cleaned == 5 * on_component
+
+
+class TestModes:
+    async def test_legacy_mode_never_creates_the_component(
+        self, engines: Registry, factory: Switchable
+    ) -> None:
+        """mode='legacy' serves the legacy object to everyone, whatever the percent."""
+        rollout: Rollout[Any] = Rollout(ExecutionEngine, legacy=LEGACY, percent=100)
+        for n in range(20):
+            assert await serve(engines, rollout, f"user-{n}") is LEGACY
+        assert factory.calls == 0
+        assert rollout.state().legacy == 20
+
+    async def test_shadow_never_returns_the_component_and_cleans_it(
+        self, engines: Registry, metric_reader: InMemoryMetricReader
+    ) -> None:
+        """In shadow mode 100 concurrent users all get the legacy object, while each of
+        their requests created a component that its scope cleaned up."""
+        rollout: Rollout[Any] = Rollout(ExecutionEngine, legacy=LEGACY, mode="shadow")
+        got: list[object] = []
+
+        async def user(n: int) -> None:
+            async with engines.open_scope(ctx(f"user-{n}")) as scope:
+                got.append(await rollout.resolve())
+                got.append(await rollout.resolve())
+                shadow = await scope.resolve(ExecutionEngine)
+                assert shadow.user_id == f"user-{n}"
+                assert ExecutionEngine.cleaned < ExecutionEngine.created
+
+        async with anyio.create_task_group() as tg:
+            for n in range(100):
+                tg.start_soon(user, n)
+        assert len(got) == 200
+        assert all(g is LEGACY for g in got)
+        assert ExecutionEngine.created == ExecutionEngine.cleaned == 100
+        state = rollout.state()
+        assert (state.shadow, state.component, state.legacy, state.failures) == (100, 0, 0, 0)
+        assert counter_values(metric_reader, "ambient.rollout.requests") == {
+            (("ambient.rollout", "ExecutionEngine"), ("ambient.rollout.path", "shadow")): 100
+        }
+
+    async def test_shadow_failures_are_recorded_not_raised(
+        self,
+        engines: Registry,
+        factory: Switchable,
+        metric_reader: InMemoryMetricReader,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """A failing shadow component never reaches the request: it gets the legacy
+        object; the failure is counted, logged (with a traceback once) and metered."""
+        rollout: Rollout[Any] = Rollout(ExecutionEngine, legacy=LEGACY, mode="shadow")
+        factory.failing = True
+        with caplog.at_level(logging.WARNING, logger="ambient.migration"):
+            for n in range(5):
+                assert await serve(engines, rollout, f"user-{n}") is LEGACY
+        assert rollout.state().failures == 5
+        assert not rollout.state().fallen_back
+        failures = [r for r in caplog.records if "shadow path failed" in r.getMessage()]
+        assert len(failures) == 5
+        assert "engine backend unavailable" in failures[0].getMessage()
+        assert [r.exc_info is not None for r in failures] == [True, False, False, False, False]
+        assert counter_values(metric_reader, "ambient.rollout.failures") == {
+            (("ambient.rollout", "ExecutionEngine"), ("ambient.rollout.path", "shadow")): 5
+        }
+
+    async def test_component_failure_propagates_without_max_error_rate(
+        self, engines: Registry, factory: Switchable
+    ) -> None:
+        """Without max_error_rate a failing component is the request's error."""
+        rollout: Rollout[Any] = Rollout(ExecutionEngine, legacy=LEGACY, mode="component")
+        factory.failing = True
+        with pytest.raises(ConnectionError, match="unavailable"):
+            await serve(engines, rollout, "alice")
+        assert rollout.state().failures == 1
+        assert not rollout.state().fallen_back
+
+    async def test_outside_a_context_the_legacy_object(self) -> None:
+        """Start-up code and scripts with no context get the legacy object."""
+        rollout: Rollout[Any] = Rollout(ExecutionEngine, legacy=LEGACY, mode="component")
+        assert await rollout.resolve() is LEGACY
+        assert rollout.resolve_sync() is LEGACY
+        assert rollout.state().legacy == 0
+
+    async def test_a_context_without_scope_cannot_get_the_component(self) -> None:
+        """bind_context alone has no scope: the component path says so; legacy works."""
+        on: Rollout[Any] = Rollout(ExecutionEngine, legacy=LEGACY, mode="component")
+        off: Rollout[Any] = Rollout(ExecutionEngine, legacy=LEGACY, mode="legacy")
+        with bind_context(ctx()):
+            with pytest.raises(NoActiveContextError, match="scope"):
+                await on.resolve()
+            assert await off.resolve() is LEGACY
+
+    async def test_resolve_sync_follows_the_same_switch(
+        self, engines: Registry, factory: Switchable
+    ) -> None:
+        """resolve_sync serves the component, shadows it, or falls back like resolve."""
+        component: Rollout[Any] = Rollout(ExecutionEngine, legacy=LEGACY, mode="component")
+        shadow: Rollout[Any] = Rollout(ExecutionEngine, legacy=LEGACY, mode="shadow")
+        async with engines.open_scope(ctx("alice")) as scope:
+            got = component.resolve_sync()
+            assert got is scope.resolve_sync(ExecutionEngine)
+            assert component.resolve_sync() is got
+            assert shadow.resolve_sync() is LEGACY
+        factory.failing = True
+        guarded: Rollout[Any] = Rollout(
+            ExecutionEngine, legacy=LEGACY, mode="component", max_error_rate=0.5
+        )
+        async with engines.open_scope(ctx("bob")):
+            assert guarded.resolve_sync() is LEGACY
+            assert shadow.resolve_sync() is LEGACY
+            with pytest.raises(ConnectionError):
+                component.resolve_sync()
+        assert guarded.state().failures == 1
+
+    async def test_one_request_resolving_from_many_tasks_counts_once(
+        self, engines: Registry
+    ) -> None:
+        """50 tasks of one request resolving at once share one decision and one count."""
+        rollout: Rollout[Any] = Rollout(ExecutionEngine, legacy=LEGACY, mode="component")
+        got: list[object] = []
+        async with engines.open_scope(ctx()):
+
+            async def one() -> None:
+                got.append(await rollout.resolve())
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(50):
+                    tg.start_soon(one)
+        assert len({id(g) for g in got}) == 1
+        assert got[0] is not LEGACY
+        assert rollout.state().component == 1
+        assert rollout.state().window_calls == 1
+
+
+class TestFallback:
+    async def test_failures_above_the_rate_fall_back_within_one_window(
+        self,
+        engines: Registry,
+        factory: Switchable,
+        metric_reader: InMemoryMetricReader,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """Half the component requests failing, one a second, against max_error_rate 0.25:
+        after the 20th request (20 s into a 60 s window) the switch has fallen back; no
+        request saw an error; the fallback shows in state(), an ERROR log and a metric;
+        later requests never touch the component until reset()."""
+        clock = FakeClock()
+        rollout: Rollout[Any] = Rollout(
+            ExecutionEngine,
+            legacy=LEGACY,
+            mode="component",
+            max_error_rate=0.25,
+            window=60,
+            clock=clock,
+        )
+        served: list[object] = []
+        with caplog.at_level(logging.WARNING, logger="ambient.migration"):
+            for n in range(20):
+                assert not rollout.state().fallen_back, n
+                factory.failing = n % 2 == 1
+                served.append(await serve(engines, rollout, f"user-{n}"))
+                clock.now += 1.0
+        state = rollout.state()
+        assert state.fallen_back
+        assert state.effective_mode == "legacy"
+        assert state.mode == "component"
+        assert (state.window_calls, state.window_failures, state.fallbacks) == (20, 10, 1)
+        assert state.error_rate == 0.5
+        assert state.reason is not None
+        assert "10 of 20" in state.reason
+        assert [s is LEGACY for s in served] == [n % 2 == 1 for n in range(20)]
+        errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1
+        assert "rollout ExecutionEngine fell back to legacy" in errors[0].getMessage()
+        assert counter_values(metric_reader, "ambient.rollout.fallbacks") == {
+            (("ambient.rollout", "ExecutionEngine"),): 1
+        }
+
+        factory.failing = False
+        calls = factory.calls
+        for n in range(10):
+            assert await serve(engines, rollout, f"user-{n}") is LEGACY
+        assert factory.calls == calls
+        assert repr(rollout) == "<Rollout ExecutionEngine fallen back 100%>"
+
+        rollout.reset()
+        assert not rollout.state().fallen_back
+        assert rollout.state().window_calls == 0
+        assert (await serve(engines, rollout, "user-0")).user_id == "user-0"
+
+    async def test_concurrent_failures_fall_back_without_errors(
+        self, engines: Registry, factory: Switchable
+    ) -> None:
+        """100 concurrent users against a broken component: nobody gets an exception,
+        everybody gets the legacy object, and the switch has fallen back once."""
+        rollout: Rollout[Any] = Rollout(
+            ExecutionEngine, legacy=LEGACY, mode="component", max_error_rate=0.1
+        )
+        factory.failing = True
+        got: list[object] = []
+
+        async def user(n: int) -> None:
+            got.append(await serve(engines, rollout, f"user-{n}"))
+
+        async with anyio.create_task_group() as tg:
+            for n in range(100):
+                tg.start_soon(user, n)
+        assert len(got) == 100
+        assert all(g is LEGACY for g in got)
+        state = rollout.state()
+        assert state.fallen_back
+        assert state.fallbacks == 1
+        assert 20 <= state.failures <= 100
+
+    async def test_fewer_than_min_calls_never_fall_back(
+        self, engines: Registry, factory: Switchable
+    ) -> None:
+        """19 failures out of 19 calls are below min_calls=20: no fallback yet."""
+        rollout: Rollout[Any] = Rollout(
+            ExecutionEngine, legacy=LEGACY, mode="component", max_error_rate=0.1
+        )
+        factory.failing = True
+        for n in range(19):
+            assert await serve(engines, rollout, f"user-{n}") is LEGACY
+        assert not rollout.state().fallen_back
+        assert rollout.state().window_failures == 19
+
+    async def test_failures_slide_out_of_the_window(
+        self, engines: Registry, factory: Switchable
+    ) -> None:
+        """15 failures, a window later 15 more: no window ever held 20 calls."""
+        clock = FakeClock()
+        rollout: Rollout[Any] = Rollout(
+            ExecutionEngine,
+            legacy=LEGACY,
+            mode="component",
+            max_error_rate=0.1,
+            window=60,
+            clock=clock,
+        )
+        factory.failing = True
+        for _ in range(2):
+            for n in range(15):
+                await serve(engines, rollout, f"user-{n}")
+            assert rollout.state().window_calls == 15
+            clock.now += 61
+            assert rollout.state().window_calls == 0
+        assert not rollout.state().fallen_back
+        assert rollout.state().failures == 30
+
+    async def test_a_rate_below_the_threshold_keeps_the_component(
+        self, engines: Registry, factory: Switchable
+    ) -> None:
+        """One failure in ten against max_error_rate 0.2 never falls back."""
+        rollout: Rollout[Any] = Rollout(
+            ExecutionEngine, legacy=LEGACY, mode="component", max_error_rate=0.2
+        )
+        for n in range(100):
+            factory.failing = n % 10 == 0
+            await serve(engines, rollout, f"user-{n}")
+        state = rollout.state()
+        assert not state.fallen_back
+        assert (state.window_calls, state.window_failures) == (100, 10)
+
+    async def test_failures_reported_by_the_application_count(
+        self, engines: Registry, factory: Switchable
+    ) -> None:
+        """record_failure() counts a component that was created but then failed in use."""
+        rollout: Rollout[Any] = Rollout(
+            ExecutionEngine, legacy=LEGACY, mode="component", max_error_rate=0.5, min_calls=4
+        )
+        rollout.record_failure()  # outside a request: nothing to count
+        for n in range(4):
+            async with engines.open_scope(ctx(f"user-{n}")):
+                assert await rollout.resolve() is not LEGACY
+                rollout.record_failure()
+                rollout.record_failure()  # once per request
+        assert rollout.state().fallen_back
+        assert rollout.state().window_calls == 4
+        async with engines.open_scope(ctx("late")):
+            assert await rollout.resolve() is LEGACY
+            rollout.record_failure()  # on legacy: not the component's failure
+        assert rollout.state().failures == 4
+
+
+class TestRuntimeChanges:
+    async def test_percent_change_affects_new_requests_only(self, engines: Registry) -> None:
+        """A request in flight keeps its path when the percent changes; the next request
+        of the same user follows the new percent."""
+        rollout: Rollout[Any] = Rollout(ExecutionEngine, legacy=LEGACY, mode="component", percent=0)
+        async with engines.open_scope(ctx("alice")):
+            assert await rollout.resolve() is LEGACY
+            rollout.percent = 100
+            async with anyio.create_task_group() as tg:
+                # a new request of the same user while the first is still running
+                tg.start_soon(self._expect_component, engines, rollout, "alice")
+            assert await rollout.resolve() is LEGACY
+        async with engines.open_scope(ctx("alice")):
+            rollout.percent = 0
+            assert await rollout.resolve() is LEGACY
+        assert await serve(engines, rollout, "alice") is LEGACY
+
+    @staticmethod
+    async def _expect_component(registry: Registry, rollout: Rollout[Any], user: str) -> None:
+        async with registry.open_scope(ctx(user), allow_switch=True):
+            got = await rollout.resolve()
+            assert got is not LEGACY
+            assert got.user_id == user
+
+    async def test_mode_change_affects_new_requests_only(self, engines: Registry) -> None:
+        """Switching mode at run time leaves requests in flight on their path."""
+        rollout: Rollout[Any] = Rollout(ExecutionEngine, legacy=LEGACY, mode="component")
+        async with engines.open_scope(ctx("alice")):
+            first = await rollout.resolve()
+            assert first is not LEGACY
+            rollout.mode = "legacy"
+            assert await rollout.resolve() is first
+        assert await serve(engines, rollout, "alice") is LEGACY
+        rollout.mode = "shadow"
+        assert await serve(engines, rollout, "alice") is LEGACY
+        assert rollout.state().shadow == 1
+
+    def test_invalid_changes_are_refused(self) -> None:
+        """Unknown modes and percentages outside 0..100 raise and change nothing."""
+        rollout: Rollout[Any] = Rollout(ExecutionEngine, legacy=LEGACY, percent=10)
+        with pytest.raises(ValueError, match="mode must be one of legacy, shadow, component"):
+            rollout.mode = "half"  # type: ignore[assignment]
+        with pytest.raises(ValueError, match="from 0 to 100"):
+            rollout.percent = 101
+        with pytest.raises(TypeError):
+            rollout.percent = "50"  # type: ignore[assignment]
+        assert (rollout.mode, rollout.percent) == ("legacy", 10)
+
+    def test_constructor_arguments_are_checked(self) -> None:
+        """Rates, windows and minimum calls outside their ranges are refused."""
+        with pytest.raises(ValueError, match="max_error_rate"):
+            Rollout("x", legacy=LEGACY, max_error_rate=1.0)
+        with pytest.raises(ValueError, match="window"):
+            Rollout("x", legacy=LEGACY, window=0)
+        with pytest.raises(ValueError, match="min_calls"):
+            Rollout("x", legacy=LEGACY, min_calls=0)
+        with pytest.raises(ValueError, match="name"):
+            Rollout("x", legacy=LEGACY, name="")
+
+
+class TestEnvironment:
+    def test_variables_override_the_arguments(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """AMBIENT_ROLLOUT_<NAME>_MODE and _PERCENT override the constructor; the name is
+        the key's name in upper snake case."""
+        monkeypatch.setenv("AMBIENT_ROLLOUT_EXECUTION_ENGINE_MODE", " Shadow ")
+        monkeypatch.setenv("AMBIENT_ROLLOUT_EXECUTION_ENGINE_PERCENT", "12.5")
+        rollout: Rollout[Any] = Rollout(ExecutionEngine, legacy=LEGACY, percent=100)
+        assert rollout.env_prefix == "AMBIENT_ROLLOUT_EXECUTION_ENGINE_"
+        assert (rollout.mode, rollout.percent) == ("shadow", 12.5)
+        named: Rollout[Any] = Rollout("x", legacy=LEGACY, name="agent-registry.v2")
+        assert named.env_prefix == "AMBIENT_ROLLOUT_AGENT_REGISTRY_V2_"
+
+    def test_invalid_variables_name_themselves(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A bad value fails at start-up with the variable's name in the message."""
+        monkeypatch.setenv("AMBIENT_ROLLOUT_EXECUTION_ENGINE_MODE", "on")
+        with pytest.raises(ValueError, match="AMBIENT_ROLLOUT_EXECUTION_ENGINE_MODE"):
+            Rollout(ExecutionEngine, legacy=LEGACY)
+        monkeypatch.delenv("AMBIENT_ROLLOUT_EXECUTION_ENGINE_MODE")
+        monkeypatch.setenv("AMBIENT_ROLLOUT_EXECUTION_ENGINE_PERCENT", "half")
+        with pytest.raises(ValueError, match="AMBIENT_ROLLOUT_EXECUTION_ENGINE_PERCENT"):
+            Rollout(ExecutionEngine, legacy=LEGACY)
+        monkeypatch.setenv("AMBIENT_ROLLOUT_EXECUTION_ENGINE_PERCENT", "150")
+        with pytest.raises(ValueError, match="AMBIENT_ROLLOUT_EXECUTION_ENGINE_PERCENT"):
+            Rollout(ExecutionEngine, legacy=LEGACY)
+
+
+def test_reexports_the_errors() -> None:
+    """The warning and error are ambient.errors' own, re-exported."""
+    import ambient.migration
+
+    assert ambient.migration.GlobalStateWarning is ambient.errors.GlobalStateWarning
+    assert ambient.migration.GlobalStateError is ambient.errors.GlobalStateError
+    names = ambient.migration.__all__
+    assert list(names) == sorted(names)
+    assert all(hasattr(ambient.migration, n) for n in names)
