@@ -565,9 +565,10 @@ class RolloutState:
         reason: Why it fell back, or ``None``.
         window_calls: Component-path requests in the sliding window.
         window_failures: Those that failed.
-        legacy: Requests served the legacy object so far.
-        component: Requests served the component so far.
-        shadow: Requests that created a shadow component so far.
+        legacy: Requests that took the legacy path so far.
+        component: Requests that took the component path so far (one whose component
+            failed, with ``max_error_rate`` set, was then served the legacy object).
+        shadow: Requests that took the shadow path so far.
         failures: Component-path failures so far (component and shadow).
         fallbacks: How many times the switch has fallen back.
     """
@@ -860,54 +861,65 @@ class Rollout(Generic[T]):
             Exception: whatever the component's factory raised, without ``max_error_rate``.
         """
         decision, resolver, first = self._begin()
-        if decision.path == "legacy" or resolver is None:
-            return self.legacy
-        if decision.path == "shadow":
-            if first:
-                try:
-                    await resolver.resolve(self.key)
-                except Exception as exc:  # noqa: BLE001 - a shadow's failure is recorded, not raised
-                    self._outcome(decision, exc)
-                else:
-                    self._outcome(decision, None)
+        if (
+            resolver is None
+            or decision.path == "legacy"
+            or (decision.path == "shadow" and not first)
+        ):
             return self.legacy
         try:
             component = await resolver.resolve(self.key)
         except Exception as exc:
-            if first:
-                self._outcome(decision, exc)
-            if self.max_error_rate is None:
-                raise
-            return self.legacy
-        if first:
-            self._outcome(decision, None)
-        return cast("T", component)
+            if self._absorbed(decision, exc, first=first):
+                return self.legacy
+            raise
+        return self._served_by(decision, component, first=first)
 
     def resolve_sync(self) -> T:
         """Like :meth:`resolve`, for components with sync factories (and worker threads)."""
         decision, resolver, first = self._begin()
-        if decision.path == "legacy" or resolver is None:
-            return self.legacy
-        if decision.path == "shadow":
-            if first:
-                try:
-                    resolver.resolve_sync(self.key)
-                except Exception as exc:  # noqa: BLE001 - a shadow's failure is recorded, not raised
-                    self._outcome(decision, exc)
-                else:
-                    self._outcome(decision, None)
+        if (
+            resolver is None
+            or decision.path == "legacy"
+            or (decision.path == "shadow" and not first)
+        ):
             return self.legacy
         try:
             component = resolver.resolve_sync(self.key)
         except Exception as exc:
-            if first:
-                self._outcome(decision, exc)
-            if self.max_error_rate is None:
-                raise
-            return self.legacy
+            if self._absorbed(decision, exc, first=first):
+                return self.legacy
+            raise
+        return self._served_by(decision, component, first=first)
+
+    def _served_by(self, decision: _Decision, component: Any, *, first: bool) -> T:
         if first:
-            self._outcome(decision, None)
-        return cast("T", component)
+            self._tally(decision.path, failed=False)
+        return self.legacy if decision.path == "shadow" else cast("T", component)
+
+    def _absorbed(self, decision: _Decision, error: Exception, *, first: bool) -> bool:
+        """Record a failure of the new path; whether the request gets legacy instead."""
+        path = decision.path
+        absorbed = path == "shadow" or self.max_error_rate is not None
+        if absorbed:
+            decision.path = "legacy" if path == "component" else path  # for the whole request
+        if not first:
+            return absorbed
+        decision.failed = True
+        if absorbed:
+            with self._lock:
+                traceback = not self._logged_failure
+                self._logged_failure = True
+            logger.warning(
+                "ambient: rollout %s: the %s path failed (%s: %s); served legacy",
+                self.name,
+                path,
+                type(error).__name__,
+                error,
+                exc_info=error if traceback else None,
+            )
+        self._tally(path, failed=True)
+        return absorbed
 
     def record_failure(self) -> None:
         """Count the current request's component as failed although it was created (it
@@ -924,28 +936,6 @@ class Rollout(Generic[T]):
         ):
             decision.failed = True
             self._tally(decision.path, failed=True, call=False)
-
-    def _outcome(self, decision: _Decision, error: Exception | None) -> None:
-        path = decision.path
-        if error is None:
-            self._tally(path, failed=False)
-            return
-        decision.failed = True
-        if path == "component" and self.max_error_rate is not None:
-            decision.path = "legacy"  # the rest of this request stays on legacy
-        with self._lock:
-            first_failure = not self._logged_failure
-            self._logged_failure = True
-        logger.warning(
-            "ambient: rollout %s: the %s path failed (%s: %s)%s",
-            self.name,
-            path,
-            type(error).__name__,
-            error,
-            "" if path == "component" and self.max_error_rate is None else "; served legacy",
-            exc_info=error if first_failure else None,
-        )
-        self._tally(path, failed=True)
 
     def _tally(self, path: str, *, failed: bool, call: bool = True) -> None:
         now = self._clock()

@@ -814,6 +814,24 @@ class TestFallback:
         assert state.fallbacks == 1
         assert 20 <= state.failures <= 100
 
+    async def test_failing_shadows_fall_back_too(
+        self, engines: Registry, factory: Switchable
+    ) -> None:
+        """Shadow failures count in the window: above the rate the switch stops creating
+        shadow components, so a broken factory stops costing the requests anything."""
+        rollout: Rollout[Any] = Rollout(
+            ExecutionEngine, legacy=LEGACY, mode="shadow", max_error_rate=0.5
+        )
+        factory.failing = True
+        for n in range(20):
+            assert await serve(engines, rollout, f"user-{n}") is LEGACY
+        assert rollout.state().fallen_back
+        assert factory.calls == 20
+        for n in range(5):
+            assert await serve(engines, rollout, f"user-{n}") is LEGACY
+        assert factory.calls == 20
+        assert rollout.state().legacy == 5
+
     async def test_fewer_than_min_calls_never_fall_back(
         self, engines: Registry, factory: Switchable
     ) -> None:
