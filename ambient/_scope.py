@@ -167,6 +167,17 @@ class Scope:
         """Close the scope (as leaving ``async with`` does)."""
         await self.__aexit__(None, None, None)
 
+    async def finish(self, exc: BaseException | None = None) -> tuple[Exception, ...]:
+        """Close the scope and return the cleanup failures instead of raising them.
+
+        For callers that have already answered (the middleware after a response went out):
+        failures are still counted and seen by observers.
+
+        Args:
+            exc: The exception that ended the work, if any (generator factories see it).
+        """
+        return tuple(await self._close(exc))
+
     async def _close(self, exc: BaseException | None) -> list[Exception]:
         if self._closed or not self._opened:
             self._closed = True

@@ -1,1 +1,23 @@
-"""ASGI middleware that gives every request its own ambient scope."""
+"""ASGI middleware that gives every request its own ambient scope.
+
+``AmbientMiddleware`` is pure ASGI 3 and works under any ASGI framework; identity resolvers
+live in :mod:`ambient.middleware.identity`.
+"""
+
+from ambient.middleware._asgi import AmbientMiddleware
+from ambient.middleware.identity import (
+    Identity,
+    IdentityResolver,
+    first_of,
+    scope_user,
+    trusted_header,
+)
+
+__all__ = [
+    "AmbientMiddleware",
+    "Identity",
+    "IdentityResolver",
+    "first_of",
+    "scope_user",
+    "trusted_header",
+]

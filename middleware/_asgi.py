@@ -1,0 +1,374 @@
+"""AmbientMiddleware: one context and one component scope per request, in pure ASGI 3."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from ambient._binding import _current
+from ambient._context import UserExecutionContext, UserRef, new_id, validate_id
+from ambient._observe import Observer
+from ambient._registry import Registry
+from ambient.errors import (
+    AmbientError,
+    IdentityError,
+    InvalidContextError,
+    TooManyRequestsError,
+)
+from ambient.middleware._problem import Problem, Receive, Send
+from ambient.middleware.identity import IdentityResolver, resolve_identity
+
+__all__ = ["AmbientMiddleware"]
+
+logger = logging.getLogger("ambient.middleware")
+
+ASGIApp = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
+
+# A request id is echoed in a response header, so only visible ASCII is taken from a client.
+_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+_UNAUTHENTICATED = Problem(
+    401,
+    "Authentication required",
+    "this endpoint needs an identity and the request carried none",
+    type_="urn:ambient:problem:unauthenticated",
+)
+
+
+class AmbientMiddleware:
+    """Give every HTTP request and websocket connection its own context and scope.
+
+    For ``http`` and ``websocket`` scopes: resolve the identity, build and validate the
+    :class:`~ambient.UserExecutionContext`, open a :class:`~ambient.Scope` on ``registry``
+    (which binds the context), call the app, and close the scope when the app's call returns
+    — after a streamed body and Starlette background tasks, so they still see the context.
+    Cleanup is shielded from cancellation and runs on client disconnect and on errors.
+    On ``lifespan`` shutdown the registry's USER and APP components are closed before the
+    app's shutdown completes. Other scope types pass through untouched.
+
+    Refusals never call the app and never bind anything: no identity is 401, a malformed
+    identity or id 400, more than ``max_concurrent_per_user`` requests of one user 429
+    with ``Retry-After``; each an RFC 9457 ``application/problem+json`` body. Websockets are
+    closed before accept with 1008 (1013 for overload), or answered with the same HTTP
+    problem where the server supports the ``websocket.http.response`` extension. An
+    :class:`~ambient.AmbientError` that carries an HTTP status (``PoolExhaustedError`` ->
+    503) raised by the app before its response started becomes that answer; any other
+    exception propagates unchanged.
+
+    Args:
+        app: The ASGI application.
+        registry: Where components come from.
+        identity: Resolver of the request's :class:`~ambient.middleware.identity.Identity`
+            (see :mod:`ambient.middleware.identity`); may be ``None`` with
+            ``anonymous=True``.
+        anonymous: Give a request without identity a fresh ``anonymous:<random>`` user
+            instead of answering 401; no two such requests share USER components.
+        request_id_header: Header carrying the request id; a valid one (visible ASCII, at
+            most 128 characters) is used, anything else replaced by a generated id. The id
+            is echoed on the response.
+        thread_id_header: Header carrying the conversation thread id (generated when
+            absent; an invalid one is 400).
+        max_concurrent_per_user: Requests and sockets one user may have in flight in this
+            process at once; ``None`` for no limit.
+        telemetry: An extra observer for the scopes this middleware opens (an
+            ``ambient.telemetry.Telemetry``); ``None`` uses the registry's own.
+    """
+
+    __slots__ = (
+        "_active",
+        "_request_id_header",
+        "_thread_id_header",
+        "anonymous",
+        "app",
+        "identity",
+        "max_concurrent_per_user",
+        "registry",
+        "telemetry",
+    )
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        registry: Registry,
+        identity: IdentityResolver | None,
+        anonymous: bool = False,
+        request_id_header: str = "x-request-id",
+        thread_id_header: str = "x-thread-id",
+        max_concurrent_per_user: int | None = None,
+        telemetry: Observer | None = None,
+    ) -> None:
+        if not isinstance(registry, Registry):
+            msg = f"registry must be an ambient.Registry, not {type(registry).__name__}"
+            raise TypeError(msg)
+        if identity is None and not anonymous:
+            msg = "AmbientMiddleware needs an identity resolver (or anonymous=True)"
+            raise ValueError(msg)
+        if identity is not None and not callable(identity):
+            msg = f"identity must be a callable taking the ASGI scope, not {identity!r}"
+            raise TypeError(msg)
+        if max_concurrent_per_user is not None and (
+            isinstance(max_concurrent_per_user, bool)
+            or not isinstance(max_concurrent_per_user, int)
+            or max_concurrent_per_user < 1
+        ):
+            limit = max_concurrent_per_user
+            msg = f"max_concurrent_per_user must be an int >= 1 or None, not {limit!r}"
+            raise ValueError(msg)
+        self.app = app
+        self.registry = registry
+        self.identity = identity
+        self.anonymous = anonymous
+        self._request_id_header = _header_name(request_id_header)
+        self._thread_id_header = _header_name(thread_id_header)
+        self.max_concurrent_per_user = max_concurrent_per_user
+        self.telemetry = telemetry
+        # Per-user in-flight counts: shared limiter state, not per-request state.
+        self._active: dict[UserRef, int] = {}
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind in ("http", "websocket"):
+            # A server may run this request inside a contextvars.Context left over from an
+            # earlier request on the same connection: start from "nothing bound".
+            token = _current.set(None)
+            try:
+                await self._serve(scope, receive, send)
+            finally:
+                try:
+                    _current.reset(token)
+                except ValueError:  # pragma: no cover - only if the app switched Contexts
+                    _current.set(None)
+        elif kind == "lifespan":
+            await self._lifespan(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    # -- requests and sockets ------------------------------------------------------------
+
+    async def _serve(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
+        websocket = scope["type"] == "websocket"
+        request_id, raw_thread_ids = self._read_ids(scope)
+        echo = [(self._request_id_header, request_id.encode())]
+        try:
+            ctx = await self._context(scope, request_id, raw_thread_ids, websocket)
+        except _Refused as refused:
+            await self._refuse(refused.problem, scope, receive, send, echo, websocket)
+            return
+        except AmbientError as error:
+            # IdentityError or InvalidContextError: say what was wrong, never echo the value.
+            detail = (
+                f"{error.field} is invalid: {error.reason}"
+                if isinstance(error, InvalidContextError)
+                else str(error)
+            )
+            await self._refuse(
+                Problem.from_error(error, detail), scope, receive, send, echo, websocket
+            )
+            return
+
+        limit = self.max_concurrent_per_user
+        if limit is None:
+            await self._run(ctx, scope, receive, send, echo, websocket)
+            return
+        user = ctx.user
+        active = self._active
+        count = active.get(user, 0)
+        if count >= limit:
+            overload = TooManyRequestsError(
+                f"this user already has {count} requests in flight (limit {limit})"
+            )
+            problem = Problem.from_error(overload)
+            await self._refuse(problem, scope, receive, send, echo, websocket)
+            return
+        active[user] = count + 1
+        try:
+            await self._run(ctx, scope, receive, send, echo, websocket)
+        finally:
+            remaining = active[user] - 1
+            if remaining:
+                active[user] = remaining
+            else:
+                del active[user]
+
+    def _read_ids(self, scope: MutableMapping[str, Any]) -> tuple[str, list[bytes]]:
+        request_ids: list[bytes] = []
+        thread_ids: list[bytes] = []
+        rid_name = self._request_id_header
+        tid_name = self._thread_id_header
+        for name, value in scope.get("headers", ()):
+            lowered = name.lower()
+            if lowered == rid_name:
+                request_ids.append(value)
+            elif lowered == tid_name:
+                thread_ids.append(value)
+        request_id = None
+        if len(request_ids) == 1 and _REQUEST_ID.fullmatch(request_ids[0]):
+            try:
+                request_id = validate_id("request_id", request_ids[0].decode("ascii"))
+            except InvalidContextError:
+                request_id = None
+        return request_id or new_id(), thread_ids
+
+    async def _context(
+        self,
+        scope: MutableMapping[str, Any],
+        request_id: str,
+        raw_thread_ids: list[bytes],
+        websocket: bool,
+    ) -> UserExecutionContext:
+        identity = None
+        if self.identity is not None:
+            identity = await resolve_identity(self.identity, scope)
+        thread_id = None
+        if raw_thread_ids:
+            name = self._thread_id_header.decode("latin-1")
+            if len(raw_thread_ids) > 1:
+                raise IdentityError(f"the {name} header was sent {len(raw_thread_ids)} times")
+            try:
+                thread_id = raw_thread_ids[0].decode("utf-8")
+            except UnicodeDecodeError:
+                raise IdentityError(f"the {name} header is not valid UTF-8") from None
+        if identity is None:
+            if not self.anonymous:
+                raise _Refused(_UNAUTHENTICATED)
+            return UserExecutionContext.create(
+                f"anonymous:{new_id()}",
+                thread_id=thread_id,
+                request_id=request_id,
+                connection_id=new_id() if websocket else None,
+            )
+        return UserExecutionContext.create(
+            identity.user_id,
+            tenant_id=identity.tenant_id,
+            thread_id=thread_id,
+            request_id=request_id,
+            connection_id=new_id() if websocket else None,
+            metadata={"claims": identity.claims} if identity.claims else None,
+        )
+
+    async def _refuse(
+        self,
+        problem: Problem,
+        scope: MutableMapping[str, Any],
+        receive: Receive,
+        send: Send,
+        echo: list[tuple[bytes, bytes]],
+        websocket: bool,
+    ) -> None:
+        if websocket:
+            await problem.deny_websocket(scope, receive, send, echo)
+        else:
+            await problem.send_http(send, echo)
+
+    async def _run(
+        self,
+        ctx: UserExecutionContext,
+        scope: MutableMapping[str, Any],
+        receive: Receive,
+        send: Send,
+        echo: list[tuple[bytes, bytes]],
+        websocket: bool,
+    ) -> None:
+        started = False
+        echo_name = echo[0][0]
+
+        async def send_with_id(message: MutableMapping[str, Any]) -> None:
+            nonlocal started
+            kind = message["type"]
+            if kind == "http.response.start":
+                started = True
+                headers = message.get("headers") or []
+                if not any(name.lower() == echo_name for name, _ in headers):
+                    message["headers"] = [*headers, *echo]
+            elif not started and kind.startswith("websocket."):
+                started = kind != "websocket.send"
+            await send(message)
+
+        component_scope = self.registry.open_scope(ctx, observer=self.telemetry)
+        await component_scope.__aenter__()
+        try:
+            await self.app(scope, receive, send_with_id)
+        except AmbientError as error:
+            if error.http_status is None or started or isinstance(error, BaseExceptionGroup):
+                await component_scope.__aexit__(type(error), error, error.__traceback__)
+                raise
+            failures = await component_scope.finish(error)
+            _log_failures(failures, ctx)
+            await self._refuse(Problem.from_error(error), scope, receive, send, echo, websocket)
+        except BaseException as exc:
+            await component_scope.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        else:
+            # The response has gone out: a failed cleanup is logged, counted and traced by
+            # the scope's observers, never raised to the server.
+            _log_failures(await component_scope.finish(), ctx)
+
+    # -- lifespan ------------------------------------------------------------------------
+
+    async def _lifespan(
+        self, scope: MutableMapping[str, Any], receive: Receive, send: Send
+    ) -> None:
+        received: list[str] = []
+        startup_answered = False
+
+        async def receive_tracked() -> MutableMapping[str, Any]:
+            message = await receive()
+            received.append(message["type"])
+            return message
+
+        async def send_tracked(message: MutableMapping[str, Any]) -> None:
+            nonlocal startup_answered
+            kind = message["type"]
+            if kind.startswith("lifespan.startup."):
+                startup_answered = True
+            elif kind.startswith("lifespan.shutdown."):
+                await self._close_registry()
+            await send(message)
+
+        try:
+            await self.app(scope, receive_tracked, send_tracked)
+        except Exception:
+            if startup_answered:
+                raise
+            logger.debug("the app does not support lifespan; ambient answers it", exc_info=True)
+        else:
+            if startup_answered:
+                return
+        # The app has no lifespan support: answer the protocol so that shutdown still
+        # closes the registry.
+        if "lifespan.startup" not in received:
+            await receive()
+        await send({"type": "lifespan.startup.complete"})
+        message = await receive()
+        if message["type"] == "lifespan.shutdown":
+            await self._close_registry()
+            await send({"type": "lifespan.shutdown.complete"})
+
+    async def _close_registry(self) -> None:
+        try:
+            await self.registry.aclose()
+        except Exception:
+            logger.exception("ambient: closing the registry at shutdown failed")
+
+
+class _Refused(Exception):  # noqa: N818 - control flow, never escapes
+    def __init__(self, problem: Problem) -> None:
+        self.problem = problem
+
+
+def _header_name(name: str) -> bytes:
+    if not isinstance(name, str) or not name or not name.isascii() or " " in name:
+        msg = f"header name must be a non-empty ASCII string without spaces, not {name!r}"
+        raise ValueError(msg)
+    return name.lower().encode("ascii")
+
+
+def _log_failures(failures: tuple[Exception, ...], ctx: UserExecutionContext) -> None:
+    for failure in failures:
+        logger.error(
+            "ambient: a cleanup failed after the response was sent (request %s)",
+            ctx.request_id,
+            exc_info=failure,
+        )

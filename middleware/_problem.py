@@ -1,0 +1,110 @@
+"""RFC 9457 problem details over raw ASGI: refusals the middleware answers itself."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any
+
+from ambient.errors import AmbientError
+
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+
+# RFC 6455: a close frame's reason is at most 123 bytes of UTF-8.
+_MAX_REASON = 123
+# 1008 policy violation for refusals, 1013 "try again later" for overload.
+_WS_CODES = {429: 1013, 503: 1013}
+
+
+class Problem:
+    """One problem+json answer: status, type, title, detail and extra headers."""
+
+    __slots__ = ("detail", "headers", "status", "title", "type")
+
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str,
+        *,
+        type_: str = "about:blank",
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.type = type_
+        self.headers = headers or []
+
+    @classmethod
+    def from_error(cls, error: AmbientError, detail: str | None = None) -> Problem:
+        """The answer ``error`` carries (it must have an ``http_status``)."""
+        status = error.http_status or 500
+        headers: list[tuple[bytes, bytes]] = []
+        if error.retry_after is not None:
+            seconds = max(1, math.ceil(error.retry_after))
+            headers.append((b"retry-after", str(seconds).encode()))
+        return cls(
+            status,
+            error.title,
+            str(error) if detail is None else detail,
+            type_=error.problem_type,
+            headers=headers,
+        )
+
+    def body(self) -> bytes:
+        """The JSON document."""
+        document = {
+            "type": self.type,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+        }
+        return json.dumps(document, ensure_ascii=True).encode()
+
+    async def send_http(self, send: Send, extra: Iterable[tuple[bytes, bytes]] = ()) -> None:
+        """Answer an HTTP request with this problem."""
+        body = self.body()
+        headers = [
+            (b"content-type", b"application/problem+json"),
+            (b"content-length", str(len(body)).encode()),
+            *self.headers,
+            *extra,
+        ]
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def deny_websocket(
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Receive,
+        send: Send,
+        extra: Iterable[tuple[bytes, bytes]] = (),
+    ) -> None:
+        """Refuse a websocket before accepting it.
+
+        With the ``websocket.http.response`` extension the client gets the same HTTP
+        problem answer; otherwise the handshake is closed with 1008 (1013 for overload) and
+        the detail as reason.
+        """
+        message = await receive()
+        if message.get("type") != "websocket.connect":
+            return  # the client went away before the handshake finished
+        if "websocket.http.response" in scope.get("extensions", {}):
+            body = self.body()
+            headers = [
+                (b"content-type", b"application/problem+json"),
+                (b"content-length", str(len(body)).encode()),
+                *self.headers,
+                *extra,
+            ]
+            await send(
+                {"type": "websocket.http.response.start", "status": self.status, "headers": headers}
+            )
+            await send({"type": "websocket.http.response.body", "body": body})
+            return
+        reason = self.detail.encode()[:_MAX_REASON].decode("utf-8", "ignore")
+        code = _WS_CODES.get(self.status, 1008)
+        await send({"type": "websocket.close", "code": code, "reason": reason})

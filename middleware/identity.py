@@ -1,0 +1,396 @@
+"""Who a request runs for: identity resolvers for :class:`~ambient.middleware.AmbientMiddleware`.
+
+A resolver is any callable, sync or async, that takes the ASGI scope and returns an
+:class:`Identity`, or ``None`` when the request carries no identity (answered with 401, or
+an anonymous user with ``anonymous=True``). A resolver raises
+:class:`~ambient.errors.IdentityError` for an identity that is present but malformed or
+rejected: a repeated identity header, a token that fails validation.
+
+Built in: :func:`scope_user` (Starlette's ``AuthenticationMiddleware``),
+:func:`trusted_header` (a header set by a trusted proxy), :func:`jwt_bearer` (extra
+``jwt``) and :func:`first_of`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import ipaddress
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+from ambient.errors import IdentityError
+
+if TYPE_CHECKING:
+    from jwt import PyJWKClient
+
+__all__ = [
+    "Identity",
+    "IdentityResolver",
+    "first_of",
+    "header_values",
+    "jwt_bearer",
+    "scope_user",
+    "trusted_header",
+]
+
+_NO_CLAIMS: Mapping[str, Any] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a request runs for, as a resolver found it.
+
+    Attributes:
+        user_id: The user's id (validated by the middleware like every context id).
+        tenant_id: The tenant, when the application has tenants.
+        claims: What else the resolver learnt (token claims, auth scopes); becomes the
+            ``claims`` entry of the context's metadata. Never put secrets here.
+    """
+
+    user_id: str
+    tenant_id: str | None = None
+    claims: Mapping[str, Any] = field(default_factory=lambda: _NO_CLAIMS)
+
+
+IdentityResolver: TypeAlias = Callable[
+    [Mapping[str, Any]], "Identity | Awaitable[Identity | None] | None"
+]
+
+
+def header_values(scope: Mapping[str, Any], name: str) -> list[bytes]:
+    """Every value of the header ``name`` in an ASGI scope (names compare case-insensitively).
+
+    ``x_user_id`` and ``x-user-id`` are different names: underscores are never folded into
+    dashes, so a client cannot smuggle a second copy of a header past a proxy that only
+    strips the dashed spelling.
+    """
+    wanted = name.lower().encode("latin-1")
+    return [value for key, value in scope.get("headers", ()) if key.lower() == wanted]
+
+
+def _single_header(scope: Mapping[str, Any], name: str, *, status: int = 400) -> str | None:
+    values = header_values(scope, name)
+    if not values:
+        return None
+    if len(values) > 1:
+        # Two copies means something in front of us added one; "first wins" would let a
+        # client choose whichever copy the proxy did not overwrite.
+        raise IdentityError(f"the {name} header was sent {len(values)} times", status=status)
+    try:
+        return values[0].decode("utf-8")
+    except UnicodeDecodeError:
+        raise IdentityError(f"the {name} header is not valid UTF-8", status=status) from None
+
+
+async def resolve_identity(resolver: IdentityResolver, scope: Mapping[str, Any]) -> Identity | None:
+    """Run ``resolver`` (sync or async) and check what it returned."""
+    result = resolver(scope)
+    if inspect.isawaitable(result):
+        result = await result
+    if result is not None and not isinstance(result, Identity):
+        msg = (
+            f"identity resolver {resolver!r} returned {type(result).__name__}; "
+            "a resolver returns ambient.middleware.identity.Identity or None"
+        )
+        raise TypeError(msg)
+    return result
+
+
+# -- Starlette AuthenticationMiddleware -----------------------------------------------------
+
+
+def scope_user(*, tenant_attribute: str = "tenant_id") -> IdentityResolver:
+    """Use the user that Starlette's ``AuthenticationMiddleware`` put in ``scope["user"]``.
+
+    Place ``AmbientMiddleware`` *inside* ``AuthenticationMiddleware``. An unauthenticated
+    user is no identity. The user id is ``user.identity``, or ``user.display_name`` for
+    user classes that do not implement ``identity`` (Starlette's ``SimpleUser``); the tenant
+    is the user's ``tenant_attribute`` attribute when it has one; the auth scopes from
+    ``scope["auth"]`` become the ``scopes`` claim.
+    """
+
+    def resolve(scope: Mapping[str, Any]) -> Identity | None:
+        user = scope.get("user")
+        if user is None or not getattr(user, "is_authenticated", False):
+            return None
+        try:
+            user_id = user.identity
+        except (AttributeError, NotImplementedError):
+            user_id = getattr(user, "display_name", None)
+        if not isinstance(user_id, str):
+            msg = (
+                f"scope['user'] ({type(user).__name__}) has no str identity or display_name; "
+                "give the user class an `identity` property"
+            )
+            raise IdentityError(msg)
+        tenant = getattr(user, tenant_attribute, None)
+        auth = scope.get("auth")
+        scopes = getattr(auth, "scopes", None)
+        claims = {"scopes": tuple(scopes)} if scopes else _NO_CLAIMS
+        return Identity(user_id, tenant if isinstance(tenant, str) else None, claims)
+
+    return resolve
+
+
+# -- trusted proxy header -------------------------------------------------------------------
+
+_Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(trusted: Iterable[str]) -> tuple[_Network, ...]:
+    if isinstance(trusted, str):
+        trusted = (trusted,)
+    networks = []
+    for entry in trusted:
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=True))
+        except ValueError as exc:
+            msg = f"trusted network {entry!r} is not a network in CIDR notation: {exc}"
+            raise ValueError(msg) from None
+    return tuple(networks)
+
+
+def _peer_trusted(scope: Mapping[str, Any], networks: tuple[_Network, ...]) -> bool:
+    client = scope.get("client")
+    if not client:
+        return False
+    try:
+        address = ipaddress.ip_address(client[0])
+    except (ValueError, TypeError, IndexError):
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
+def trusted_header(
+    name: str = "x-user-id",
+    tenant_header: str | None = None,
+    trusted: Iterable[str] = ("127.0.0.1/32", "::1/128"),
+) -> IdentityResolver:
+    """Take the user id from a header that a trusted proxy or gateway sets.
+
+    The header is honoured only when the connecting peer (``scope["client"]``) lies in one
+    of the ``trusted`` networks; from anyone else it is ignored, so the request has no
+    identity (401, or anonymous). Make sure the proxy overwrites the header a client sent.
+
+    Args:
+        name: The user id header (compared case-insensitively; ``_`` is not ``-``).
+        tenant_header: The tenant id header, if any.
+        trusted: Networks in CIDR notation whose peers may assert an identity.
+
+    Raises:
+        ValueError: at construction, for a network that is not valid CIDR.
+    """
+    networks = _networks(trusted)
+    if not name or not name.isascii():
+        msg = f"header name must be a non-empty ASCII string, not {name!r}"
+        raise ValueError(msg)
+
+    def resolve(scope: Mapping[str, Any]) -> Identity | None:
+        if not _peer_trusted(scope, networks):
+            return None
+        user_id = _single_header(scope, name)
+        if user_id is None:
+            return None
+        tenant = _single_header(scope, tenant_header) if tenant_header else None
+        return Identity(user_id, tenant)
+
+    return resolve
+
+
+# -- JWT bearer tokens ----------------------------------------------------------------------
+
+_HMAC = frozenset({"HS256", "HS384", "HS512"})
+_WEBSOCKET_PROTOCOL = "bearer"
+
+
+def _bearer_token(scope: Mapping[str, Any]) -> str | None:
+    header = _single_header(scope, "authorization", status=401)
+    if header is not None:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise IdentityError("the Authorization header is not 'Bearer <token>'", status=401)
+        return token.strip()
+    if scope.get("type") == "websocket":
+        # Browsers cannot set headers on a websocket: the token rides as the subprotocol
+        # after "bearer" (the app then accepts with subprotocol="bearer").
+        protocols = list(scope.get("subprotocols") or ())
+        if _WEBSOCKET_PROTOCOL in protocols:
+            index = protocols.index(_WEBSOCKET_PROTOCOL)
+            if index + 1 < len(protocols):
+                return str(protocols[index + 1])
+            raise IdentityError("the 'bearer' subprotocol is not followed by a token", status=401)
+    return None
+
+
+def _check_algorithms(algorithms: Iterable[str]) -> tuple[str, ...]:
+    algs = (algorithms,) if isinstance(algorithms, str) else tuple(algorithms)
+    if not algs:
+        msg = "jwt_bearer() needs at least one algorithm, e.g. algorithms=['RS256']"
+        raise ValueError(msg)
+    if any(alg.lower() == "none" for alg in algs):
+        msg = "jwt_bearer() refuses the 'none' algorithm: unsigned tokens prove nothing"
+        raise ValueError(msg)
+    hmac_algs = _HMAC.intersection(algs)
+    if hmac_algs and len(hmac_algs) != len(algs):
+        msg = (
+            "jwt_bearer() cannot mix HMAC and asymmetric algorithms: a public key would "
+            "then verify forged HMAC tokens (key confusion); use one family"
+        )
+        raise ValueError(msg)
+    return algs
+
+
+def _jwt_failure(exc: Exception) -> str:
+    """What was wrong with a token, in words that never include the token."""
+    import jwt
+
+    if isinstance(exc, jwt.MissingRequiredClaimError):
+        return f"the bearer token lacks the {exc.claim!r} claim"
+    reasons: tuple[tuple[type[Exception], str], ...] = (
+        (jwt.ExpiredSignatureError, "the bearer token has expired"),
+        (jwt.ImmatureSignatureError, "the bearer token is not valid yet (nbf)"),
+        (jwt.InvalidAudienceError, "the bearer token is for another audience"),
+        (jwt.InvalidIssuerError, "the bearer token has the wrong issuer"),
+        (jwt.InvalidAlgorithmError, "the bearer token's algorithm is not accepted"),
+        (jwt.InvalidSignatureError, "the bearer token's signature is invalid"),
+    )
+    for kind, reason in reasons:
+        if isinstance(exc, kind):
+            return reason
+    return "the bearer token is malformed"
+
+
+def jwt_bearer(
+    key_or_jwks: Any,
+    *,
+    algorithms: Iterable[str],
+    audience: str | Iterable[str] | None = None,
+    issuer: str | None = None,
+    user_claim: str = "sub",
+    tenant_claim: str | None = None,
+    leeway: float = 30.0,
+    require: Iterable[str] = ("exp",),
+) -> IdentityResolver:
+    """Take the identity from an ``Authorization: Bearer`` JWT (extra ``jwt``, PyJWT).
+
+    Validates the signature, ``exp``, ``nbf``, ``aud`` (when ``audience`` is given) and
+    ``iss`` (when ``issuer`` is given); ``alg=none`` is refused, and an HMAC algorithm can
+    never be combined with an asymmetric key (the key-confusion attack). Websockets may send
+    the token as the subprotocol after ``bearer`` (``Sec-WebSocket-Protocol: bearer, <jwt>``).
+    A missing token is no identity; a bad one is :class:`~ambient.errors.IdentityError`
+    (401) whose detail says what failed, never the token.
+
+    Args:
+        key_or_jwks: The verification key (HMAC secret, PEM public key, PyJWT key object), a
+            JWKS as a dict (``{"keys": [...]}``, selected by the token's ``kid``) or a
+            ``jwt.PyJWKClient``.
+        algorithms: Accepted algorithms, e.g. ``["RS256"]``. Required; never ``"none"``.
+        audience: Accepted ``aud`` value(s).
+        issuer: Required ``iss`` value.
+        user_claim: The claim holding the user id.
+        tenant_claim: The claim holding the tenant id, if any.
+        leeway: Seconds of clock skew allowed for ``exp`` and ``nbf``.
+        require: Claims that must be present (``user_claim`` always is).
+    """
+    import jwt
+
+    algs = _check_algorithms(algorithms)
+    hmac_algs = _HMAC.intersection(algs)
+
+    jwk_client: PyJWKClient | None = None
+    jwks: jwt.PyJWKSet | None = None
+    key: Any = key_or_jwks
+    if isinstance(key_or_jwks, jwt.PyJWKClient):
+        jwk_client = key_or_jwks
+    elif isinstance(key_or_jwks, Mapping) and "keys" in key_or_jwks:
+        jwks = jwt.PyJWKSet.from_dict(dict(key_or_jwks))
+    elif isinstance(key_or_jwks, Mapping):
+        key = jwt.PyJWK.from_dict(dict(key_or_jwks))
+    elif hmac_algs and isinstance(key_or_jwks, str | bytes):
+        text = key_or_jwks.decode("latin-1") if isinstance(key_or_jwks, bytes) else key_or_jwks
+        if "-----BEGIN" in text or text.startswith(("ssh-", "ecdsa-")):
+            msg = "an HMAC algorithm was given with a public key; that is the key-confusion attack"
+            raise ValueError(msg)
+    audiences = [audience] if isinstance(audience, str) else audience
+    required = sorted({*require, user_claim})
+    decoder = jwt.PyJWT(
+        options={"require": required, "verify_aud": audience is not None, "strict_aud": False}
+    )
+
+    def signing_key(token: str) -> Any:
+        if jwk_client is not None:
+            return jwk_client.get_signing_key_from_jwt(token)
+        if jwks is not None:
+            kid = jwt.get_unverified_header(token).get("kid")
+            if not isinstance(kid, str):
+                raise IdentityError("the token names no key (kid)", status=401)
+            try:
+                return jwks[kid]
+            except KeyError:
+                raise IdentityError("the token's key (kid) is not trusted", status=401) from None
+        return key
+
+    def verify(token: str) -> Identity:
+        try:
+            claims = decoder.decode(
+                token,
+                signing_key(token),
+                algorithms=list(algs),
+                audience=audiences,
+                issuer=issuer,
+                leeway=leeway,
+            )
+        except jwt.PyJWTError as exc:
+            raise IdentityError(_jwt_failure(exc), status=401) from None
+        user_id = claims.get(user_claim)
+        if not isinstance(user_id, str):
+            raise IdentityError(f"the token's {user_claim!r} claim is not a string", status=401)
+        tenant = claims.get(tenant_claim) if tenant_claim else None
+        if tenant is not None and not isinstance(tenant, str):
+            raise IdentityError(f"the token's {tenant_claim!r} claim is not a string", status=401)
+        return Identity(user_id, tenant, MappingProxyType(claims))
+
+    if jwk_client is not None:
+        import anyio.to_thread
+
+        async def resolve_remote(scope: Mapping[str, Any]) -> Identity | None:
+            token = _bearer_token(scope)
+            if token is None:
+                return None
+            # PyJWKClient fetches (and caches) the key set with blocking I/O.
+            return await anyio.to_thread.run_sync(verify, token)
+
+        return resolve_remote
+
+    def resolve(scope: Mapping[str, Any]) -> Identity | None:
+        token = _bearer_token(scope)
+        return None if token is None else verify(token)
+
+    return resolve
+
+
+# -- composition ----------------------------------------------------------------------------
+
+
+def first_of(*resolvers: IdentityResolver) -> IdentityResolver:
+    """Try ``resolvers`` in order; the first identity found wins.
+
+    A resolver that raises :class:`~ambient.errors.IdentityError` stops the search: a
+    malformed credential is refused, never skipped in favour of a weaker one.
+    """
+    if not resolvers:
+        msg = "first_of() needs at least one resolver"
+        raise ValueError(msg)
+
+    async def resolve(scope: Mapping[str, Any]) -> Identity | None:
+        for resolver in resolvers:
+            found = await resolve_identity(resolver, scope)
+            if found is not None:
+                return found
+        return None
+
+    return resolve

@@ -1,0 +1,198 @@
+"""A small multi-user Starlette app behind AmbientMiddleware, with counted components.
+
+Every component records its creation and cleanup in a :class:`Ledger`, so a test can prove
+that each one was cleaned exactly once and was only ever seen by its own user.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+import ambient
+from ambient import Lifetime, Registry, UserExecutionContext, UserRef
+from ambient.middleware import AmbientMiddleware, IdentityResolver, trusted_header
+
+
+class Ledger:
+    """Thread-safe record of created and cleaned components (the server runs in a thread)."""
+
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+        self._changed = threading.Condition()
+        self.created: dict[int, str] = {}
+        self.cleaned: Counter[int] = Counter()
+        self.events: list[tuple[str, str]] = []
+
+    def create(self, owner: str) -> int:
+        with self._changed:
+            number = next(self._ids)
+            self.created[number] = owner
+            return number
+
+    def clean(self, number: int) -> None:
+        with self._changed:
+            self.cleaned[number] += 1
+            self._changed.notify_all()
+
+    def note(self, what: str, user: str) -> None:
+        with self._changed:
+            self.events.append((what, user))
+            self._changed.notify_all()
+
+    def wait(self, predicate: Callable[[Ledger], bool], timeout: float = 15.0) -> bool:
+        """Block until ``predicate(self)`` holds (cleanups finish after responses are sent)."""
+        with self._changed:
+            return self._changed.wait_for(lambda: predicate(self), timeout=timeout)
+
+    def all_cleaned(self) -> bool:
+        return set(self.cleaned) == set(self.created)
+
+    def problems(self) -> list[str]:
+        """Components cleaned more than once or never (call once everything has closed)."""
+        found = [f"component {n} cleaned {c} times" for n, c in self.cleaned.items() if c != 1]
+        found += [f"component {n} never cleaned" for n in self.created if n not in self.cleaned]
+        return found
+
+
+class Probe:
+    """A REQUEST component: which request and user it was made for."""
+
+    def __init__(self, number: int, ctx: UserExecutionContext) -> None:
+        self.number = number
+        self.user_id = ctx.user_id
+        self.request_id = ctx.request_id
+
+
+class Memory:
+    """A USER component."""
+
+    def __init__(self, number: int, user: UserRef) -> None:
+        self.number = number
+        self.user_id = user.user_id
+
+
+def build_registry(ledger: Ledger) -> Registry:
+    registry = Registry()
+
+    def probe(ctx: UserExecutionContext) -> Iterator[Probe]:
+        number = ledger.create(ctx.user_id)
+        try:
+            yield Probe(number, ctx)
+        finally:
+            ledger.clean(number)
+
+    async def memory(user: UserRef) -> AsyncIterator[Memory]:
+        number = ledger.create(user.user_id)
+        try:
+            yield Memory(number, user)
+        finally:
+            ledger.clean(number)
+
+    registry.register(Probe, probe)
+    registry.register(Memory, memory, lifetime=Lifetime.USER)
+    return registry
+
+
+def _describe(probe: Probe, memory: Memory | None = None) -> dict[str, Any]:
+    ctx = ambient.get_current_context()
+    body: dict[str, Any] = {
+        "user": ctx.user_id,
+        "tenant": ctx.tenant_id,
+        "request_id": ctx.request_id,
+        "thread_id": ctx.thread_id,
+        "probe": probe.number,
+        "probe_user": probe.user_id,
+        "probe_request": probe.request_id,
+    }
+    if memory is not None:
+        body["memory"] = memory.number
+        body["memory_user"] = memory.user_id
+    return body
+
+
+def build_app(ledger: Ledger) -> Starlette:
+    """The routes the middleware tests drive (without the middleware)."""
+
+    async def whoami(request: Request) -> Response:
+        probe = await ambient.resolve(Probe)
+        memory = await ambient.resolve(Memory)
+        return JSONResponse(_describe(probe, memory))
+
+    async def stream(request: Request) -> Response:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"first\n"
+            # After the first chunk went out: the context and components still work.
+            probe = await ambient.resolve(Probe)
+            ledger.note("streamed", ambient.get_current_context().user_id)
+            yield f"{probe.user_id} {probe.number}\n".encode()
+            if request.query_params.get("endless"):
+                while True:
+                    yield b"more\n"
+
+        return StreamingResponse(body(), media_type="text/plain")
+
+    async def background(request: Request) -> Response:
+        async def later() -> None:
+            probe = await ambient.resolve(Probe)
+            ledger.note(f"background {probe.user_id}", ambient.get_current_context().user_id)
+
+        return JSONResponse({"ok": True}, background=BackgroundTask(later))
+
+    async def boom(request: Request) -> Response:
+        await ambient.resolve(Probe)
+        msg = "the handler failed"
+        raise RuntimeError(msg)
+
+    async def socket(websocket: WebSocket) -> None:
+        await websocket.accept()
+        try:
+            while True:
+                await websocket.receive_text()
+                probe = await ambient.resolve(Probe)
+                ctx = ambient.get_current_context()
+                await websocket.send_json(
+                    {
+                        "user": ctx.user_id,
+                        "connection_id": ctx.connection_id,
+                        "probe": probe.number,
+                        "probe_user": probe.user_id,
+                    }
+                )
+        finally:
+            ledger.note("socket closed", ambient.get_current_context().user_id)
+
+    return Starlette(
+        routes=[
+            Route("/whoami", whoami),
+            Route("/stream", stream),
+            Route("/background", background),
+            Route("/boom", boom),
+            WebSocketRoute("/ws", socket),
+        ]
+    )
+
+
+def build(
+    identity: IdentityResolver | None = None, **options: Any
+) -> tuple[AmbientMiddleware, Ledger, Registry]:
+    """The app wrapped in AmbientMiddleware, its ledger and registry."""
+    ledger = Ledger()
+    registry = build_registry(ledger)
+    app = AmbientMiddleware(
+        build_app(ledger),
+        registry=registry,
+        identity=trusted_header() if identity is None else identity,
+        **options,
+    )
+    return app, ledger, registry

@@ -1,0 +1,611 @@
+"""AmbientMiddleware in process: identity, ids, refusals, errors, limits and lifespan."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import MutableMapping
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+import ambient
+from ambient import Registry, UserExecutionContext
+from ambient.errors import IdentityError, PoolExhaustedError
+from ambient.middleware import AmbientMiddleware, Identity, trusted_header
+from tests.apps import Ledger, Memory, Probe, build, build_registry
+
+Message = MutableMapping[str, Any]
+
+
+def client(app: Any, peer: str = "127.0.0.1") -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, client=(peer, 50000))
+    return httpx.AsyncClient(transport=transport, base_url="http://testserver")
+
+
+def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body: dict[str, Any] = response.json()
+    assert body["status"] == status
+    assert set(body) == {"type", "title", "status", "detail"}
+    assert body["type"].startswith("urn:ambient:problem:")
+    assert body["detail"]
+    return body
+
+
+class TestIdentity:
+    async def test_the_header_user_is_bound_and_the_request_id_echoed(self) -> None:
+        app, ledger, registry = build()
+        async with client(app) as http:
+            response = await http.get(
+                "/whoami", headers={"x-user-id": "alice", "x-request-id": "req-42"}
+            )
+        assert response.status_code == 200
+        body = response.json()
+        assert body["user"] == "alice"
+        assert body["probe_user"] == "alice"
+        assert body["request_id"] == "req-42"
+        assert response.headers["x-request-id"] == "req-42"
+        assert list(ledger.cleaned) == [body["probe"]]  # the user's Memory lives on
+        await registry.aclose()
+        assert ledger.problems() == []
+
+    async def test_no_identity_is_401_and_the_app_is_not_called(self) -> None:
+        app, ledger, _ = build()
+        async with client(app) as http:
+            response = await http.get("/whoami")
+        body = assert_problem(response, 401)
+        assert body["type"] == "urn:ambient:problem:unauthenticated"
+        assert ledger.created == {}
+        assert "x-request-id" in response.headers
+
+    async def test_an_untrusted_peer_cannot_assert_a_user(self) -> None:
+        app, ledger, _ = build()
+        async with client(app, peer="203.0.113.9") as http:
+            response = await http.get("/whoami", headers={"x-user-id": "admin"})
+        assert_problem(response, 401)
+        assert ledger.created == {}
+
+    async def test_a_trusted_network_other_than_loopback(self) -> None:
+        app, _, _ = build(trusted_header(trusted=("10.0.0.0/8",)))
+        async with client(app, peer="10.1.2.3") as inside, client(app) as loopback:
+            assert (await inside.get("/whoami", headers={"x-user-id": "bob"})).status_code == 200
+            refused = await loopback.get("/whoami", headers={"x-user-id": "bob"})
+        assert_problem(refused, 401)
+
+    async def test_ipv4_mapped_ipv6_peer_is_judged_by_its_ipv4_address(self) -> None:
+        app, _, _ = build()
+        async with client(app, peer="::ffff:127.0.0.1") as http:
+            response = await http.get("/whoami", headers={"x-user-id": "carol"})
+        assert response.json()["user"] == "carol"
+
+    async def test_a_repeated_identity_header_is_400_not_first_wins(self) -> None:
+        app, ledger, _ = build()
+        async with client(app) as http:
+            response = await http.get(
+                "/whoami", headers=[("x-user-id", "alice"), ("X-User-Id", "admin")]
+            )
+        body = assert_problem(response, 400)
+        assert "2 times" in body["detail"]
+        assert "admin" not in body["detail"]
+        assert ledger.created == {}
+
+    async def test_underscore_spelling_is_a_different_header(self) -> None:
+        app, _, _ = build()
+        async with client(app) as http:
+            response = await http.get("/whoami", headers={"x_user_id": "alice"})
+        assert_problem(response, 401)
+
+    @pytest.mark.parametrize(
+        ("value", "fragment"),
+        [
+            ("null", "placeholder"),
+            ("UNDEFINED", "placeholder"),
+            (" alice", "whitespace"),
+            ("a" * 300, "300 characters"),
+            ("al\x00ice", "control character"),
+        ],
+    )
+    async def test_an_invalid_user_id_is_400_naming_the_rule(
+        self, value: str, fragment: str
+    ) -> None:
+        app, ledger, _ = build()
+        headers = [(b"x-user-id", value.encode("latin-1"))]
+        async with client(app) as http:
+            response = await http.get("/whoami", headers=headers)
+        body = assert_problem(response, 400)
+        assert body["detail"].startswith("user_id is invalid")
+        assert fragment in body["detail"]
+        assert value.strip() not in body["detail"] or value.lower() in ("null", "undefined")
+        assert ledger.created == {}
+
+    async def test_a_header_that_is_not_utf8_is_400(self) -> None:
+        app, _, _ = build()
+        async with client(app) as http:
+            response = await http.get("/whoami", headers=[(b"x-user-id", b"\xff\xfe")])
+        assert "UTF-8" in assert_problem(response, 400)["detail"]
+
+    async def test_a_tenant_header(self) -> None:
+        app, _, _ = build(trusted_header(tenant_header="x-tenant-id"))
+        async with client(app) as http:
+            response = await http.get(
+                "/whoami", headers={"x-user-id": "dave", "x-tenant-id": "acme"}
+            )
+        assert response.json()["tenant"] == "acme"
+
+    async def test_async_resolver_and_claims_reach_the_context(self) -> None:
+        seen: list[UserExecutionContext | None] = []
+
+        async def resolver(scope: Any) -> Identity:
+            seen.append(ambient.current_context_or_none())
+            return Identity("erin", "t1", {"role": "admin"})
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            ctx = ambient.get_current_context()
+            body = json.dumps({"claims": dict(ctx.metadata["claims"])}).encode()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": body})
+
+        middleware = AmbientMiddleware(app, registry=Registry(), identity=resolver)
+        async with client(middleware) as http:
+            response = await http.get("/")
+        assert response.json() == {"claims": {"role": "admin"}}
+        assert seen == [None]
+
+    async def test_a_resolver_returning_the_wrong_type_fails_loudly(self) -> None:
+        app, _, _ = build(lambda scope: "alice")
+        async with client(app) as http:
+            with pytest.raises(TypeError, match="returned str"):
+                await http.get("/whoami")
+
+
+class TestIds:
+    @pytest.mark.parametrize(
+        "value",
+        ["", "has space", "x" * 129, "null", "ünïcode", "a\tb"],
+    )
+    async def test_an_unusable_request_id_is_replaced_by_a_generated_one(self, value: str) -> None:
+        app, _, _ = build()
+        async with client(app) as http:
+            response = await http.get(
+                "/whoami", headers=[(b"x-user-id", b"u1"), (b"x-request-id", value.encode())]
+            )
+        assert response.status_code == 200
+        generated = response.json()["request_id"]
+        assert generated != value
+        assert len(generated) == 32
+        assert response.headers["x-request-id"] == generated
+
+    async def test_two_request_id_headers_are_replaced(self) -> None:
+        app, _, _ = build()
+        async with client(app) as http:
+            response = await http.get(
+                "/whoami",
+                headers=[("x-user-id", "u1"), ("x-request-id", "a"), ("x-request-id", "b")],
+            )
+        assert response.json()["request_id"] not in ("a", "b")
+
+    async def test_thread_id_from_the_header_or_generated(self) -> None:
+        app, _, _ = build()
+        async with client(app) as http:
+            given = await http.get("/whoami", headers={"x-user-id": "u", "x-thread-id": "t-7"})
+            first = await http.get("/whoami", headers={"x-user-id": "u"})
+            second = await http.get("/whoami", headers={"x-user-id": "u"})
+        assert given.json()["thread_id"] == "t-7"
+        assert first.json()["thread_id"] != second.json()["thread_id"]
+
+    @pytest.mark.parametrize(
+        "headers",
+        [
+            [("x-user-id", "u"), ("x-thread-id", "none")],
+            [("x-user-id", "u"), ("x-thread-id", "a"), ("x-thread-id", "b")],
+            [("x-user-id", "u"), ("x-thread-id", "t" * 257)],
+        ],
+    )
+    async def test_an_invalid_thread_id_is_400(self, headers: list[tuple[str, str]]) -> None:
+        app, ledger, _ = build()
+        async with client(app) as http:
+            response = await http.get("/whoami", headers=headers)
+        assert_problem(response, 400)
+        assert ledger.created == {}
+
+    async def test_custom_header_names(self) -> None:
+        app, _, _ = build(request_id_header="X-Correlation-ID", thread_id_header="x-conversation")
+        async with client(app) as http:
+            response = await http.get(
+                "/whoami",
+                headers={"x-user-id": "u", "x-correlation-id": "c-1", "x-conversation": "t-1"},
+            )
+        assert response.json()["request_id"] == "c-1"
+        assert response.json()["thread_id"] == "t-1"
+        assert response.headers["x-correlation-id"] == "c-1"
+
+    async def test_an_app_that_sets_the_request_id_header_itself_is_not_doubled(self) -> None:
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            headers = [(b"x-request-id", b"from-app")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": b""})
+
+        middleware = AmbientMiddleware(app, registry=Registry(), identity=trusted_header())
+        async with client(middleware) as http:
+            response = await http.get("/", headers={"x-user-id": "u"})
+        assert response.headers.get_list("x-request-id") == ["from-app"]
+
+
+class TestAnonymous:
+    async def test_each_anonymous_request_is_its_own_user(self) -> None:
+        app, ledger, _ = build(anonymous=True)
+        async with client(app) as http:
+            bodies = [(await http.get("/whoami")).json() for _ in range(20)]
+        users = {body["user"] for body in bodies}
+        assert len(users) == 20
+        assert all(user.startswith("anonymous:") for user in users)
+        assert len({body["memory"] for body in bodies}) == 20
+        assert all(body["memory_user"] == body["user"] for body in bodies)
+        assert ledger.all_cleaned() is False  # USER components live on until shutdown
+        await app.registry.aclose()
+        assert ledger.problems() == []
+
+    async def test_an_identity_still_wins_in_anonymous_mode(self) -> None:
+        app, _, _ = build(anonymous=True)
+        async with client(app) as http:
+            response = await http.get("/whoami", headers={"x-user-id": "frank"})
+        assert response.json()["user"] == "frank"
+
+    async def test_anonymous_without_resolver(self) -> None:
+        app, _, _ = build(anonymous=True)
+        bare = AmbientMiddleware(app.app, registry=app.registry, identity=None, anonymous=True)
+        async with client(bare) as http:
+            response = await http.get("/whoami", headers={"x-user-id": "frank"})
+        assert response.json()["user"].startswith("anonymous:")
+
+
+class TestLeftoverContext:
+    async def test_a_leftover_binding_never_reaches_the_next_request(self) -> None:
+        """A server running a request inside a Context where user A is still bound."""
+        app, _, registry = build(anonymous=True)
+        leftover = UserExecutionContext.create("alice")
+        async with client(app) as http:
+            with ambient.bind_context(leftover):
+                response = await http.get("/whoami")
+                assert ambient.get_current_context() is leftover
+        body = response.json()
+        assert body["user"].startswith("anonymous:")
+        assert body["probe_user"] == body["user"]
+        assert registry.stats().open_scopes == 0
+
+
+class TestErrors:
+    async def test_an_app_exception_propagates_unchanged_and_cleanup_runs(self) -> None:
+        failure = RuntimeError("handler broke")
+        ledger = Ledger()
+        registry = build_registry(ledger)
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await ambient.resolve(Probe)
+            await ambient.resolve(Memory)
+            raise failure
+
+        middleware = AmbientMiddleware(app, registry=registry, identity=trusted_header())
+        async with client(middleware) as http:
+            with pytest.raises(RuntimeError) as caught:
+                await http.get("/", headers={"x-user-id": "u"})
+        assert caught.value is failure
+        assert len(ledger.created) == 2
+        assert len(ledger.cleaned) == 1  # the REQUEST probe; Memory lives for the user
+        assert registry.stats().open_scopes == 0
+        assert ambient.current_context_or_none() is None
+
+    async def test_pool_exhaustion_before_the_response_becomes_503(self) -> None:
+        ledger = Ledger()
+        registry = build_registry(ledger)
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await ambient.resolve(Probe)
+            raise PoolExhaustedError("no connection within 2.0 s", retry_after=2.5)
+
+        middleware = AmbientMiddleware(app, registry=registry, identity=trusted_header())
+        async with client(middleware) as http:
+            response = await http.get("/", headers={"x-user-id": "u", "x-request-id": "r-503"})
+        body = assert_problem(response, 503)
+        assert body["type"] == "urn:ambient:problem:pool-exhausted"
+        assert response.headers["retry-after"] == "3"
+        assert response.headers["x-request-id"] == "r-503"
+        assert ledger.problems() == []
+        assert len(ledger.cleaned) == 1
+
+    async def test_an_error_after_the_response_started_propagates(self) -> None:
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            raise PoolExhaustedError("too late to answer")
+
+        middleware = AmbientMiddleware(app, registry=Registry(), identity=trusted_header())
+        async with client(middleware) as http:
+            with pytest.raises(PoolExhaustedError):
+                await http.get("/", headers={"x-user-id": "u"})
+
+    async def test_a_cleanup_failure_after_the_response_is_logged_not_raised(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        registry = Registry()
+
+        def flaky() -> Any:
+            yield object()
+            msg = "could not release"
+            raise OSError(msg)
+
+        registry.register("flaky", flaky)
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await ambient.resolve("flaky")
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+        middleware = AmbientMiddleware(app, registry=registry, identity=trusted_header())
+        async with client(middleware) as http:
+            response = await http.get("/", headers={"x-user-id": "u", "x-request-id": "r-9"})
+        assert response.status_code == 204
+        assert registry.stats().cleanup_failures == 1
+        failed = [r for r in caplog.records if "cleanup failed" in r.getMessage()]
+        assert len(failed) == 1
+        assert "r-9" in failed[0].getMessage()
+
+
+class TestConcurrencyLimit:
+    async def test_a_user_over_the_limit_gets_429_and_others_do_not(self) -> None:
+        gate = anyio.Event()
+        inside = 0
+        both_in = anyio.Event()
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            nonlocal inside
+            inside += 1
+            if inside == 2:
+                both_in.set()
+            await gate.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        middleware = AmbientMiddleware(
+            app, registry=Registry(), identity=trusted_header(), max_concurrent_per_user=2
+        )
+        statuses: list[int] = []
+        async with client(middleware) as http:
+
+            async def call(user: str) -> None:
+                response = await http.get("/", headers={"x-user-id": user})
+                statuses.append(response.status_code)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call, "greedy")
+                tg.start_soon(call, "greedy")
+                await both_in.wait()
+                refused = await http.get("/", headers={"x-user-id": "greedy"})
+                body = assert_problem(refused, 429)
+                assert refused.headers["retry-after"] == "1"
+                assert "limit 2" in body["detail"]
+                tg.start_soon(call, "patient")
+                gate.set()
+            again = await http.get("/", headers={"x-user-id": "greedy"})
+        assert sorted(statuses) == [200, 200, 200]
+        assert again.status_code == 200
+        assert middleware._active == {}
+
+    def test_the_limit_must_be_a_positive_int(self) -> None:
+        for bad in (0, -1, 1.5, True):
+            with pytest.raises(ValueError, match="max_concurrent_per_user"):
+                AmbientMiddleware(
+                    build()[0].app,
+                    registry=Registry(),
+                    identity=trusted_header(),
+                    max_concurrent_per_user=bad,  # type: ignore[arg-type]
+                )
+
+
+class TestConstruction:
+    def test_bad_arguments_are_refused(self) -> None:
+        app = build()[0].app
+        with pytest.raises(TypeError, match="ambient.Registry"):
+            AmbientMiddleware(app, registry=object(), identity=trusted_header())  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="identity resolver"):
+            AmbientMiddleware(app, registry=Registry(), identity=None)
+        with pytest.raises(TypeError, match="callable"):
+            AmbientMiddleware(app, registry=Registry(), identity="x-user-id")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="header name"):
+            AmbientMiddleware(
+                app, registry=Registry(), identity=trusted_header(), request_id_header="x y"
+            )
+        with pytest.raises(ValueError, match="CIDR"):
+            trusted_header(trusted=("10.0.0.1/8",))
+
+
+async def drive(app: Any, scope: dict[str, Any], incoming: list[Message]) -> list[Message]:
+    """Run one ASGI call with scripted input; return what the app sent."""
+    sent: list[Message] = []
+    queue = list(incoming)
+    more = anyio.Event()
+
+    async def receive() -> Message:
+        if queue:
+            return queue.pop(0)
+        await more.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    with anyio.fail_after(5):
+        await app(scope, receive, send)
+    return sent
+
+
+def ws_scope(headers: list[tuple[bytes, bytes]], **extra: Any) -> dict[str, Any]:
+    return {
+        "type": "websocket",
+        "asgi": {"version": "3.0"},
+        "path": "/ws",
+        "headers": headers,
+        "client": ("127.0.0.1", 40000),
+        "subprotocols": [],
+        **extra,
+    }
+
+
+class TestWebsocketRefusal:
+    async def test_no_identity_closes_with_1008_before_accept(self) -> None:
+        app, ledger, _ = build()
+        sent = await drive(app, ws_scope([]), [{"type": "websocket.connect"}])
+        assert len(sent) == 1
+        assert sent[0]["type"] == "websocket.close"
+        assert sent[0]["code"] == 1008
+        assert "identity" in sent[0]["reason"]
+        assert ledger.created == {}
+
+    async def test_the_denial_response_extension_gets_a_problem_answer(self) -> None:
+        app, _, _ = build()
+        scope = ws_scope(
+            [(b"x-user-id", b"a"), (b"x-user-id", b"b")],
+            extensions={"websocket.http.response": {}},
+        )
+        sent = await drive(app, scope, [{"type": "websocket.connect"}])
+        assert [m["type"] for m in sent] == [
+            "websocket.http.response.start",
+            "websocket.http.response.body",
+        ]
+        assert sent[0]["status"] == 400
+        assert json.loads(sent[1]["body"])["status"] == 400
+
+    async def test_a_long_reason_is_cut_to_the_close_frame_limit(self) -> None:
+        async def resolver(scope: Any) -> Identity:
+            raise IdentityError("é" * 200)
+
+        app, _, _ = build(resolver)
+        sent = await drive(app, ws_scope([]), [{"type": "websocket.connect"}])
+        assert sent[0]["code"] == 1008
+        reason = sent[0]["reason"].encode()
+        assert 120 <= len(reason) <= 123
+        assert reason.decode() == "é" * (len(reason) // 2)
+
+
+class TestLifespan:
+    async def test_shutdown_closes_user_components_before_the_app_completes(self) -> None:
+        ledger = Ledger()
+        registry = build_registry(ledger)
+        order: list[str] = []
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "lifespan":
+                while True:
+                    message = await receive()
+                    if message["type"] == "lifespan.startup":
+                        await send({"type": "lifespan.startup.complete"})
+                    else:
+                        order.append("app shutdown hooks")
+                        await send({"type": "lifespan.shutdown.complete"})
+                        return
+            await ambient.resolve(Memory)
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+        middleware = AmbientMiddleware(app, registry=registry, identity=trusted_header())
+        async with client(middleware) as http:
+            for user in ("a", "b", "c"):
+                await http.get("/", headers={"x-user-id": user})
+        assert len(ledger.created) == 3
+        assert ledger.cleaned == {}
+
+        sent: list[Message] = []
+
+        async def send(message: Message) -> None:
+            if message["type"] == "lifespan.shutdown.complete":
+                order.append(f"server told, {len(ledger.cleaned)} cleaned")
+            sent.append(message)
+
+        incoming = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+
+        async def receive() -> Message:
+            return incoming.pop(0)
+
+        await middleware({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+        assert order == ["app shutdown hooks", "server told, 3 cleaned"]
+        assert ledger.problems() == []
+
+    async def test_an_app_without_lifespan_support_still_gets_the_registry_closed(self) -> None:
+        ledger = Ledger()
+        registry = build_registry(ledger)
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            assert scope["type"] == "http", "lifespan is not supported"
+            await ambient.resolve(Memory)
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+        middleware = AmbientMiddleware(app, registry=registry, identity=trusted_header())
+        async with client(middleware) as http:
+            await http.get("/", headers={"x-user-id": "a"})
+        incoming = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+        sent: list[Message] = []
+
+        async def receive() -> Message:
+            return incoming.pop(0)
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        await middleware({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+        assert [m["type"] for m in sent] == [
+            "lifespan.startup.complete",
+            "lifespan.shutdown.complete",
+        ]
+        assert ledger.problems() == []
+
+    async def test_a_failing_startup_is_reported_by_the_app_and_raised(self) -> None:
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await receive()
+            await send({"type": "lifespan.startup.failed", "message": "db down"})
+            msg = "db down"
+            raise ConnectionError(msg)
+
+        middleware = AmbientMiddleware(app, registry=Registry(), identity=trusted_header())
+        sent: list[Message] = []
+
+        async def receive() -> Message:
+            return {"type": "lifespan.startup"}
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        with pytest.raises(ConnectionError):
+            await middleware({"type": "lifespan"}, receive, send)
+        assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
+
+    async def test_other_scope_types_pass_through(self) -> None:
+        seen: list[str] = []
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            seen.append(scope["type"])
+            assert ambient.current_context_or_none() is None
+
+        middleware = AmbientMiddleware(app, registry=Registry(), identity=trusted_header())
+        await middleware({"type": "webtransport"}, None, None)  # type: ignore[arg-type]
+        assert seen == ["webtransport"]
+
+
+async def test_user_components_are_shared_by_one_users_requests_only() -> None:
+    app, ledger, registry = build()
+    async with client(app) as http:
+        bodies = [
+            (await http.get("/whoami", headers={"x-user-id": user})).json()
+            for user in ("a", "b", "a", "b", "a")
+        ]
+    memories = {body["user"]: set() for body in bodies}
+    for body in bodies:
+        memories[body["user"]].add(body["memory"])
+        assert body["memory_user"] == body["user"]
+    assert all(len(numbers) == 1 for numbers in memories.values())
+    assert memories["a"] != memories["b"]
+    assert len({body["probe"] for body in bodies}) == 5
+    await registry.aclose()
+    assert ledger.problems() == []
