@@ -17,7 +17,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from ambient import get_current_context
+from ambient import Registry, get_current_context
+from ambient.middleware import AmbientMiddleware
+from ambient.middleware.identity import trusted_header
 from ambient.migration import guard_global
 from tests.migration_example.components import AgentRegistry, ExecutionEngine, WebSocketBridge
 
@@ -68,12 +70,14 @@ async def events_endpoint(websocket: WebSocket) -> None:
     await websocket.close()
 
 
-def create_app() -> Starlette:
-    """The legacy Starlette application."""
-    return Starlette(
+def create_app() -> AmbientMiddleware:
+    """The legacy application, behind the middleware that binds each request's context
+    (the user id comes from an ``x-user-id`` header sent from loopback: for the example)."""
+    app = Starlette(
         routes=[
             Route("/agents", agents_endpoint),
             Route("/agents/{agent}/run", run_endpoint, methods=["POST"]),
             WebSocketRoute("/events", events_endpoint),
         ]
     )
+    return AmbientMiddleware(app, registry=Registry(), identity=trusted_header("x-user-id"))

@@ -19,6 +19,8 @@ from starlette.websockets import WebSocket
 
 import ambient
 from ambient import Lifetime, Registry, UserExecutionContext
+from ambient.middleware import AmbientMiddleware
+from ambient.middleware.identity import trusted_header
 from tests.migration_example.components import AgentRegistry, ExecutionEngine, WebSocketBridge
 
 
@@ -68,12 +70,16 @@ async def events_endpoint(websocket: WebSocket) -> None:
     await websocket.close()
 
 
-def create_app() -> Starlette:
-    """The migrated Starlette application."""
-    return Starlette(
+def create_app(registry: Registry | None = None) -> AmbientMiddleware:
+    """The migrated application; its components come from ``registry`` (default:
+    :func:`build_registry`)."""
+    app = Starlette(
         routes=[
             Route("/agents", agents_endpoint),
             Route("/agents/{agent}/run", run_endpoint, methods=["POST"]),
             WebSocketRoute("/events", events_endpoint),
         ]
     )
+    if registry is None:
+        registry = build_registry()
+    return AmbientMiddleware(app, registry=registry, identity=trusted_header("x-user-id"))

@@ -18,10 +18,13 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from ambient import get_current_context
+from ambient import Registry, get_current_context
+from ambient.middleware import AmbientMiddleware
+from ambient.middleware.identity import trusted_header
 from ambient.migration import Rollout
 from tests.migration_example import legacy
 from tests.migration_example.components import ExecutionEngine
+from tests.migration_example.migrated import build_registry
 
 engines = Rollout(ExecutionEngine, legacy=legacy.engine, mode="legacy", max_error_rate=0.05)
 
@@ -63,12 +66,16 @@ async def events_endpoint(websocket: WebSocket) -> None:
     await websocket.close()
 
 
-def create_app() -> Starlette:
-    """The Starlette application during the rollout."""
-    return Starlette(
+def create_app(registry: Registry | None = None) -> AmbientMiddleware:
+    """The application during the rollout; its components come from ``registry`` (default:
+    :func:`build_registry`)."""
+    app = Starlette(
         routes=[
             Route("/agents", agents_endpoint),
             Route("/agents/{agent}/run", run_endpoint, methods=["POST"]),
             WebSocketRoute("/events", events_endpoint),
         ]
     )
+    if registry is None:
+        registry = build_registry()
+    return AmbientMiddleware(app, registry=registry, identity=trusted_header("x-user-id"))

@@ -8,6 +8,7 @@ and the isolation check passes for 100 concurrent users.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,10 @@ from types import ModuleType
 from typing import Any
 
 import anyio
+import anyio.to_thread
+import httpx
 import pytest
+import websockets.sync.client
 
 import ambient
 from ambient import ComponentEvent, Observer, Registry, UserExecutionContext
@@ -25,6 +29,7 @@ from ambient.migration import (
     reset_global_state_report,
 )
 from tests.migration_example import components, legacy, migrated, rollout
+from tests.servers import serve
 
 USERS = 100
 
@@ -271,3 +276,131 @@ class TestMigrated:
         assert probe.violations() == []
         assert global_state_report().total == 0
         assert str(global_state_report()) == "No guarded global was touched inside a user context."
+
+
+def fetch_events(base_url: str, user: str) -> list[dict[str, Any]]:
+    """What the user's websocket receives from /events (a real websockets client)."""
+    url = base_url.replace("http://", "ws://") + "/events"
+    with websockets.sync.client.connect(url, additional_headers={"x-user-id": user}) as ws:
+        events: list[dict[str, Any]] = json.loads(ws.recv())
+    return events
+
+
+async def drive_http(base_url: str, users: list[str]) -> list[UserRun]:
+    """``drive`` over HTTP and websockets against a real server."""
+    runs = [UserRun(user) for user in users]
+
+    async def one_user(client: httpx.AsyncClient, run: UserRun) -> None:
+        headers = {"x-user-id": run.user}
+        for prompt in ("hello", "and again"):
+            response = await client.post(
+                "/agents/triage/run", json={"prompt": prompt}, headers=headers
+            )
+            assert response.status_code == 200, response.text
+            run.requests.append(response.headers["x-request-id"])
+            run.results.append(response.json())
+        response = await client.get("/agents", headers=headers)
+        assert response.status_code == 200, response.text
+        run.agents = response.json()
+        run.events = await anyio.to_thread.run_sync(fetch_events, base_url, run.user)
+
+    # every user is a concurrent task; 20 connections keep 20 requests in flight at once
+    # (httpx opens new connections slowly, about 20 ms each)
+    limits = httpx.Limits(max_connections=20)
+    async with (
+        httpx.AsyncClient(base_url=base_url, limits=limits, timeout=30) as client,
+        anyio.create_task_group() as tg,
+    ):
+        for run in runs:
+            tg.start_soon(one_user, client, run)
+    return runs
+
+
+class TestOverHttp:
+    """The same checks through AmbientMiddleware on a real uvicorn server."""
+
+    async def test_legacy_report_lists_every_global_access(self) -> None:
+        """100 concurrent users over HTTP and websockets: the report of step 1."""
+        with (
+            pytest.warns(GlobalStateWarning) as record,
+            serve("uvicorn", legacy.create_app()) as url,
+        ):
+            runs = await drive_http(url, users("http-legacy"))
+        assert all(run.agents == ["billing", "triage"] for run in runs)
+        counted = {(a.name, a.site): a.count for a in global_state_report().accesses}
+        assert counted == {key: per_user * USERS for key, per_user in LEGACY_SITES.items()}
+        assert len(record) == len(LEGACY_SITES)
+
+    async def test_rollout_at_half_isolates_the_moved_users(self) -> None:
+        """At 50 %, the users on the component path are isolated over HTTP too."""
+        rollout.engines.mode = "component"
+        rollout.engines.percent = 50
+        everyone = users("http-half")
+        moved = [u for u in everyone if rollout.engines.includes(u)]
+        with pytest.warns(GlobalStateWarning), serve("uvicorn", rollout.create_app()) as url:
+            runs = await drive_http(url, everyone)
+        assert [p for run in runs if run.user in moved for p in run.problems()] == []
+        assert global_state_report().total == (USERS - len(moved)) * (2 * 5 + 4 + 3)
+
+    async def test_migrated_report_empty_and_isolation_check_passes(self) -> None:
+        """100 concurrent users over HTTP and websockets against the migrated app: all
+        answers and events their own, components never shared and cleaned exactly once
+        (USER ones at the server's shutdown), the report empty."""
+        probe = Probe()
+        remove = ambient.add_observer(probe)
+        try:
+            with serve("uvicorn", migrated.create_app()) as url:
+                runs = await drive_http(url, users("http-migrated"))
+        finally:
+            remove()
+        assert [p for run in runs for p in run.problems()] == []
+        assert all(run.agents == ["billing", "triage"] for run in runs)
+        assert len(probe.instances) == USERS * (2 + 2)
+        assert probe.violations() == []
+        assert global_state_report().total == 0
+
+
+GUIDE = Path(__file__).parents[2] / "docs" / "migration.md"
+
+
+def guide_block(name: str) -> str:
+    """The fenced block between ``<!-- report:NAME -->`` markers in the guide."""
+    text = GUIDE.read_text()
+    start = text.index(f"<!-- report:{name} -->")
+    end = text.index(f"<!-- /report:{name} -->")
+    block = text[start:end].split("```")[1]
+    return block.strip("\n")
+
+
+class TestGuide:
+    """The reports printed in docs/migration.md are what this example really produces."""
+
+    @pytest.fixture(autouse=True)
+    def _from_the_repository_root(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.chdir(GUIDE.parents[1])
+
+    async def test_legacy_report(self) -> None:
+        """Step 1's report, for 100 users."""
+        app = App(legacy.run_agent, legacy.list_agents, legacy.pending_events, Registry())
+        with pytest.warns(GlobalStateWarning):
+            await drive(app, users("report"))
+        assert str(global_state_report()) == guide_block("legacy")
+
+    async def test_rollout_report(self) -> None:
+        """Step 3's report, for 100 users at 25 %."""
+        rollout.engines.mode = "component"
+        rollout.engines.percent = 25
+        registry = migrated.build_registry()
+        app = App(rollout.run_agent, rollout.list_agents, rollout.pending_events, registry)
+        with pytest.warns(GlobalStateWarning):
+            await drive(app, users("rollout"))
+        await registry.aclose()
+        assert str(global_state_report()) == guide_block("rollout")
+
+    async def test_migrated_report(self) -> None:
+        """Step 4's report, for 100 users."""
+        registry = migrated.build_registry()
+        app = App(migrated.run_agent, migrated.list_agents, migrated.pending_events, registry)
+        await drive(app, users("migrated"))
+        await registry.aclose()
+        assert str(global_state_report()) == guide_block("migrated")
