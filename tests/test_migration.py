@@ -18,6 +18,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 import ambient.errors
+import ambient.migration
 from ambient import (
     NoActiveContextError,
     Registry,
@@ -292,6 +293,26 @@ class TestGuardRecords:
         assert counter_values(metric_reader, "ambient.global_state.accesses") == {
             (("ambient.global", "quiet"),): 3
         }
+
+    async def test_a_failing_meter_never_breaks_the_request(
+        self, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A meter provider that raises is logged once; the access is still counted in the
+        report and the request goes on."""
+
+        class Broken(MeterProvider):
+            def get_meter(self, *args: Any, **kwargs: Any) -> Any:
+                msg = "meter backend down"
+                raise RuntimeError(msg)
+
+        monkeypatch.setattr(metrics_internal, "_METER_PROVIDER", Broken())
+        monkeypatch.setattr(ambient.migration._counters, "_complained", False)
+        guard = guard_global(Catalog(), name="metered", mode="off")
+        with caplog.at_level(logging.ERROR, logger="ambient.migration"), bind_context(ctx()):
+            assert [guard.lookup("a") for _ in range(3)] == [1, 1, 1]
+        failures = [r for r in caplog.records if "recording metric" in r.getMessage()]
+        assert len(failures) == 1
+        assert global_state_report().by_name() == {"metered": 3}
 
     async def test_reset_warns_again(self, registry: Registry) -> None:
         """After reset_global_state_report() the next access at a site warns again."""
@@ -991,8 +1012,6 @@ class TestEnvironment:
 
 def test_reexports_the_errors() -> None:
     """The warning and error are ambient.errors' own, re-exported."""
-    import ambient.migration
-
     assert ambient.migration.GlobalStateWarning is ambient.errors.GlobalStateWarning
     assert ambient.migration.GlobalStateError is ambient.errors.GlobalStateError
     names = ambient.migration.__all__
