@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import anyio
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.requests import Request
@@ -137,7 +138,8 @@ def build_app(ledger: Ledger) -> Starlette:
             ledger.note("streamed", ambient.get_current_context().user_id)
             yield f"{probe.user_id} {probe.number}\n".encode()
             if request.query_params.get("endless"):
-                while True:
+                while True:  # a token stream that only ends when the client leaves
+                    await anyio.sleep(0.005)
                     yield b"more\n"
 
         return StreamingResponse(body(), media_type="text/plain")

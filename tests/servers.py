@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-SERVERS = ("uvicorn", "hypercorn")
+SERVERS = ("uvicorn", "hypercorn", "hypercorn-trio")
 STARTUP_TIMEOUT = 20.0
 
 
@@ -117,6 +117,57 @@ def _hypercorn(app: Any, port: int, **options: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _hypercorn_trio(app: Any, port: int, **options: Any) -> Iterator[None]:
+    """hypercorn's trio worker: the app runs on trio, as it would under `--worker-class trio`."""
+    import trio
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    config = Config()
+    config.bind = [f"127.0.0.1:{port}"]
+    config.accesslog = None
+    config.errorlog = None
+    config.graceful_timeout = 10
+    for name, value in options.items():
+        setattr(config, name, value)
+    started = threading.Event()
+    handles: dict[str, Any] = {}
+    failure: list[BaseException] = []
+
+    async def main() -> None:
+        stop = trio.Event()
+        handles["stop"] = stop
+        handles["token"] = trio.lowlevel.current_trio_token()
+        started.set()
+        await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            trio.run(main)
+        except BaseException as exc:
+            failure.append(exc)
+        finally:
+            started.set()
+
+    thread = threading.Thread(target=run, name=f"hypercorn-trio-{port}", daemon=True)
+    thread.start()
+    try:
+        started.wait(STARTUP_TIMEOUT)
+        _wait_listening(port, thread.is_alive)
+        yield
+    finally:
+        if "token" in handles and thread.is_alive():
+            # Non-blocking and thread-safe, even when the caller itself runs trio.
+            handles["token"].run_sync_soon(handles["stop"].set)
+        thread.join(timeout=30)
+        if thread.is_alive():
+            msg = f"hypercorn (trio) on port {port} did not shut down"
+            raise RuntimeError(msg)
+        if failure:
+            raise failure[0]
+
+
+@contextlib.contextmanager
 def _granian(target: str, port: int, **options: Any) -> Iterator[None]:
     command = [
         sys.executable,
@@ -156,7 +207,8 @@ def serve(server: str, app: Any, *, target: str | None = None, **options: Any) -
     """Serve ``app`` on 127.0.0.1 with ``server``; yield its base URL.
 
     Args:
-        server: ``"uvicorn"``, ``"hypercorn"`` or ``"granian"``.
+        server: ``"uvicorn"``, ``"hypercorn"`` (asyncio), ``"hypercorn-trio"`` (the app
+            runs on trio) or ``"granian"``.
         app: The ASGI app (uvicorn and hypercorn).
         target: ``"module:attr"`` of the same app, required for granian (a subprocess).
         options: Server options (``uvicorn.Config`` keywords, hypercorn ``Config``
@@ -167,6 +219,8 @@ def serve(server: str, app: Any, *, target: str | None = None, **options: Any) -
         runner = _uvicorn(app, port, **options)
     elif server == "hypercorn":
         runner = _hypercorn(app, port, **options)
+    elif server == "hypercorn-trio":
+        runner = _hypercorn_trio(app, port, **options)
     elif server == "granian":
         if target is None:
             msg = "granian runs in a subprocess and needs target='module:attr'"

@@ -1,0 +1,385 @@
+"""AmbientMiddleware on real servers over loopback: many users, pipelining, streaming,
+disconnects, websockets, lifespan and composition with other middleware."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.authentication import AuthCredentials, AuthenticationBackend, SimpleUser
+from starlette.middleware import Middleware
+from starlette.middleware.authentication import AuthenticationMiddleware
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.gzip import GZipMiddleware
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+import ambient
+from ambient.middleware import AmbientMiddleware, scope_user, trusted_header
+from tests.apps import Ledger, Probe, build, build_app, build_registry
+from tests.servers import serve
+
+SERVERS = ["uvicorn", "hypercorn", "hypercorn-trio"]
+USERS = 200
+# The full 50 requests per user on uvicorn; 10 on the hypercorn workers keeps the suite quick.
+REQUESTS_PER_USER = {"uvicorn": 50, "hypercorn": 10, "hypercorn-trio": 10}
+
+
+@pytest.fixture(params=SERVERS)
+def server(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def served(server: str) -> Iterator[tuple[str, Ledger, AmbientMiddleware]]:
+    app, ledger, _ = build()
+    with serve(server, app) as url:
+        yield url, ledger, app
+
+
+async def wait_for(ledger: Ledger, predicate: Any) -> None:
+    """Cleanup runs after the response is sent; wait for it on the ledger's condition."""
+    assert await anyio.to_thread.run_sync(ledger.wait, predicate), ledger.problems()
+
+
+async def test_many_users_on_keep_alive_connections_never_see_each_other(server: str) -> None:
+    """200 users x 50 requests: every response carries its own user, request and component."""
+    per_user = REQUESTS_PER_USER[server]
+    app, ledger, _ = build()
+    seen_probes: dict[int, str] = {}
+    failures: list[str] = []
+    limits = httpx.Limits(max_connections=USERS, max_keepalive_connections=USERS)
+    with serve(server, app) as url:
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as http:
+
+            async def user(number: int) -> None:
+                name = f"user-{number}"
+                for i in range(per_user):
+                    request_id = f"{name}-r{i}"
+                    response = await http.get(
+                        "/whoami", headers={"x-user-id": name, "x-request-id": request_id}
+                    )
+                    body = response.json()
+                    if (
+                        response.status_code != 200
+                        or body["user"] != name
+                        or body["probe_user"] != name
+                        or body["memory_user"] != name
+                        or body["request_id"] != request_id
+                        or body["probe_request"] != request_id
+                        or response.headers["x-request-id"] != request_id
+                    ):
+                        failures.append(f"{name} request {i} got {body}")
+                    if body["probe"] in seen_probes:
+                        failures.append(f"probe {body['probe']} served twice")
+                    seen_probes[body["probe"]] = name
+
+            async with anyio.create_task_group() as tg:
+                for number in range(USERS):
+                    tg.start_soon(user, number)
+        await wait_for(ledger, lambda led: len(led.cleaned) >= USERS * per_user)
+    # Leaving `serve` ran the lifespan shutdown, which closed every user's Memory.
+    assert failures == []
+    assert len(seen_probes) == USERS * per_user
+    assert ledger.problems() == []
+    owners = set(ledger.created.values())
+    assert len(owners) == USERS
+    assert len(ledger.created) == USERS * per_user + USERS  # probes + one Memory each
+
+
+def raw_exchange(url: str, payload: bytes, responses: int) -> list[bytes]:
+    """Send ``payload`` on one socket and read ``responses`` HTTP responses back."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(payload)
+        data = b""
+        while data.count(b"HTTP/1.1 ") < responses or not _complete(data, responses):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return [b"HTTP/1.1 " + part for part in data.split(b"HTTP/1.1 ")[1:]]
+
+
+def _complete(data: bytes, responses: int) -> bool:
+    parts = data.split(b"HTTP/1.1 ")[1:]
+    if len(parts) < responses:
+        return False
+    last = parts[-1]
+    head, _, body = last.partition(b"\r\n\r\n")
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return len(body) >= int(line.split(b":")[1])
+    return False
+
+
+async def test_pipelined_requests_do_not_inherit_the_previous_users_context(server: str) -> None:
+    app, ledger, _ = build(anonymous=True)
+    request_a = b"GET /whoami HTTP/1.1\r\nHost: x\r\nx-user-id: alice\r\n\r\n"
+    request_b = b"GET /whoami HTTP/1.1\r\nHost: x\r\n\r\n"
+    with serve(server, app) as url:
+        answers = await anyio.to_thread.run_sync(
+            raw_exchange, url, request_a + request_b + request_b, 3
+        )
+    assert len(answers) == 3
+    bodies = [httpx.Response(200, content=a.partition(b"\r\n\r\n")[2]).json() for a in answers]
+    assert bodies[0]["user"] == "alice"
+    for body in bodies[1:]:
+        assert body["user"].startswith("anonymous:")
+        assert body["probe_user"] == body["user"]
+        assert body["memory_user"] == body["user"]
+    assert len({b["user"] for b in bodies}) == 3
+    assert ledger.problems() == []
+
+
+async def test_streamed_body_and_background_task_see_the_context(
+    served: tuple[str, Ledger, AmbientMiddleware],
+) -> None:
+    url, ledger, _ = served
+    async with httpx.AsyncClient(base_url=url) as http:
+        streamed = await http.get("/stream", headers={"x-user-id": "sam"})
+        background = await http.get("/background", headers={"x-user-id": "bea"})
+    lines = streamed.text.splitlines()
+    assert lines[0] == "first"
+    assert lines[1].startswith("sam ")
+    assert background.json() == {"ok": True}
+    await wait_for(ledger, lambda led: ("background bea", "bea") in led.events)
+    await wait_for(ledger, lambda led: len(led.cleaned) == 2)
+    assert ("streamed", "sam") in ledger.events
+    assert sorted(ledger.created.values()) == ["bea", "sam"]
+
+
+async def test_client_disconnect_mid_stream_still_cleans_everything_once(
+    served: tuple[str, Ledger, AmbientMiddleware],
+) -> None:
+    url, ledger, app = served
+    clients = 20
+    host, port = url.removeprefix("http://").split(":")
+
+    def stream_and_leave(n: int) -> None:
+        request = f"GET /stream?endless=1 HTTP/1.1\r\nHost: x\r\nx-user-id: quitter-{n}\r\n\r\n"
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(request.encode())
+            received = b""
+            while received.count(b"more") < 3:
+                chunk = sock.recv(4096)
+                assert chunk, "the server closed the stream early"
+                received += chunk
+        # Leaving the block closed the socket mid-body: the client is gone.
+        assert f"quitter-{n} ".encode() in received
+
+    async with anyio.create_task_group() as tg:
+        for n in range(clients):
+            tg.start_soon(anyio.to_thread.run_sync, stream_and_leave, n)
+    await wait_for(ledger, lambda led: len(led.cleaned) == clients)
+    assert ledger.problems() == []
+    assert app.registry.stats().open_scopes == 0
+
+
+async def test_an_app_exception_gives_500_and_cleanup_still_runs(
+    served: tuple[str, Ledger, AmbientMiddleware],
+) -> None:
+    url, ledger, _ = served
+    async with httpx.AsyncClient(base_url=url) as http:
+        response = await http.get("/boom", headers={"x-user-id": "oops"})
+    assert response.status_code == 500
+    await wait_for(ledger, lambda led: len(led.cleaned) == 1)
+    assert ledger.problems() == []
+
+
+async def test_websockets_are_bound_per_connection_and_never_mixed(
+    served: tuple[str, Ledger, AmbientMiddleware],
+) -> None:
+    url, ledger, _ = served
+    ws_url = url.replace("http://", "ws://") + "/ws"
+    results: dict[str, list[dict[str, Any]]] = {}
+
+    def talk(user: str) -> None:
+        # The websockets library's asyncio client cannot run on trio; its sync client
+        # in a worker thread serves both loops.
+        with connect(ws_url, additional_headers={"x-user-id": user}, open_timeout=20) as sock:
+            replies = []
+            for _ in range(5):
+                sock.send("hi")
+                replies.append(json.loads(sock.recv(timeout=20)))
+            results[user] = replies
+
+    async with anyio.create_task_group() as tg:
+        for n in range(20):
+            tg.start_soon(anyio.to_thread.run_sync, talk, f"ws-{n}")
+    for user, replies in results.items():
+        assert {r["user"] for r in replies} == {user}
+        assert {r["probe_user"] for r in replies} == {user}
+        assert len({r["connection_id"] for r in replies}) == 1
+        # One REQUEST scope per connection: the probe lives as long as the socket.
+        assert len({r["probe"] for r in replies}) == 1
+    assert len({replies[0]["connection_id"] for replies in results.values()}) == 20
+    await wait_for(ledger, lambda led: len(led.cleaned) == 20)
+    await wait_for(ledger, lambda led: len(led.events) == 20)
+    assert sorted(user for _, user in ledger.events) == sorted(results)
+
+
+async def test_an_unauthenticated_websocket_is_refused(
+    served: tuple[str, Ledger, AmbientMiddleware],
+) -> None:
+    url, ledger, _ = served
+    ws_url = url.replace("http://", "ws://") + "/ws"
+
+    def refused_handshake() -> InvalidStatus:
+        with pytest.raises(InvalidStatus) as refused, connect(ws_url, open_timeout=20):
+            pass
+        return refused.value
+
+    refusal = await anyio.to_thread.run_sync(refused_handshake)
+    # Servers with the denial-response extension answer 401; the others close the
+    # handshake with 1008, which the client sees as a 403 refusal.
+    assert refusal.response.status_code in (401, 403)
+    assert ledger.created == {}
+
+
+def test_shutdown_with_requests_in_flight_loses_no_cleanup() -> None:
+    import uvicorn
+
+    from tests.servers import free_port
+
+    ledger = Ledger()
+    registry = build_registry(ledger)
+    gate = threading.Event()
+    inside = threading.Semaphore(0)
+
+    async def slow(request: Request) -> Response:
+        await ambient.resolve(Probe)
+        inside.release()
+        await anyio.to_thread.run_sync(gate.wait, 30)
+        return JSONResponse({"user": ambient.get_current_context().user_id})
+
+    inner = build_app(ledger)
+    inner.router.routes.append(Route("/slow", slow))
+    app = AmbientMiddleware(inner, registry=registry, identity=trusted_header())
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    statuses: list[int] = []
+
+    def call(n: int) -> None:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            http.get("/whoami", headers={"x-user-id": f"early-{n}"})
+            statuses.append(http.get("/slow", headers={"x-user-id": f"slow-{n}"}).status_code)
+
+    import time
+
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    callers = [threading.Thread(target=call, args=(n,)) for n in range(10)]
+    for caller in callers:
+        caller.start()
+    for _ in callers:
+        assert inside.acquire(timeout=20)
+    server.should_exit = True  # shut down while 10 requests are in flight
+    gate.set()
+    for caller in callers:
+        caller.join(30)
+    thread.join(30)
+    assert statuses == [200] * 10
+    # 10 + 10 probes and the 10 early users' Memory, every one cleaned exactly once.
+    assert len(ledger.created) == 30
+    assert ledger.problems() == []
+
+
+class HeaderAuth(AuthenticationBackend):
+    async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, SimpleUser] | None:
+        token = conn.headers.get("authorization")
+        if token is None or not token.startswith("Token "):
+            return None
+        return AuthCredentials(["chat"]), SimpleUser(token.removeprefix("Token "))
+
+
+class Tagger(BaseHTTPMiddleware):
+    """A BaseHTTPMiddleware placed inside AmbientMiddleware: reads the context too."""
+
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        user = ambient.get_current_context().user_id
+        response = await call_next(request)
+        response.headers["x-seen-by-tagger"] = user
+        return response
+
+
+def composed_app(ledger: Ledger) -> Starlette:
+    registry = build_registry(ledger)
+    inner = build_app(ledger)
+    inner.add_middleware(Tagger)
+    return _outer(inner, registry)
+
+
+def _outer(inner: Starlette, registry: Any) -> Starlette:
+    outer = Starlette(
+        middleware=[
+            Middleware(CORSMiddleware, allow_origins=["https://app.example"]),
+            Middleware(GZipMiddleware, minimum_size=10),
+            Middleware(AuthenticationMiddleware, backend=HeaderAuth()),
+            Middleware(AmbientMiddleware, registry=registry, identity=scope_user()),
+        ]
+    )
+    outer.mount("/", inner)
+    return outer
+
+
+async def test_behind_auth_cors_and_gzip_with_base_http_middleware_inside(server: str) -> None:
+    ledger = Ledger()
+    app = composed_app(ledger)
+    counter = itertools.count()
+    with serve(server, app) as url:
+        async with httpx.AsyncClient(base_url=url) as http:
+
+            async def user(n: int) -> None:
+                for _ in range(5):
+                    next(counter)
+                    response = await http.get(
+                        "/whoami",
+                        headers={
+                            "authorization": f"Token member-{n}",
+                            "origin": "https://app.example",
+                            "accept-encoding": "gzip",
+                        },
+                    )
+                    assert response.status_code == 200
+                    assert response.json()["user"] == f"member-{n}"
+                    assert response.json()["probe_user"] == f"member-{n}"
+                    assert response.headers["x-seen-by-tagger"] == f"member-{n}"
+                    assert response.headers["access-control-allow-origin"] == "https://app.example"
+                    assert response.headers["content-encoding"] == "gzip"
+
+            async with anyio.create_task_group() as tg:
+                for n in range(20):
+                    tg.start_soon(user, n)
+            anonymous = await http.get("/whoami", headers={"origin": "https://app.example"})
+            assert anonymous.status_code == 401
+            assert anonymous.headers["access-control-allow-origin"] == "https://app.example"
+    assert next(counter) == 100
+    assert ledger.problems() == []
+
+
+async def test_an_untrusted_peer_sending_the_identity_header_gets_401(server: str) -> None:
+    app, ledger, _ = build(trusted_header(trusted=("10.0.0.0/8",)))
+    with serve(server, app) as url:
+        async with httpx.AsyncClient(base_url=url) as http:
+            response = await http.get("/whoami", headers={"x-user-id": "admin"})
+    assert response.status_code == 401
+    assert response.headers["content-type"] == "application/problem+json"
+    assert ledger.created == {}
