@@ -1,0 +1,431 @@
+"""Identity resolvers, and property-based bad input through the middleware: only 200, 400,
+401 (or 1008) ever come back, and no context is ever bound with invalid ids."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ambient
+from ambient import Registry, UserExecutionContext
+from ambient._context import validate_id
+from ambient.errors import IdentityError, InvalidContextError
+from ambient.middleware import AmbientMiddleware, Identity, first_of, scope_user, trusted_header
+from ambient.middleware.identity import header_values, jwt_bearer
+
+SECRET = "s3cret-key-that-is-long-enough-for-hs256!"
+AUDIENCE = "ambient-tests"
+ISSUER = "https://issuer.test"
+PRIVATE_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+PUBLIC_PEM = PRIVATE_KEY.public_key().public_bytes(
+    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+)
+
+
+def http_scope(headers: list[tuple[bytes, bytes]], **extra: Any) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/",
+        "raw_path": b"/",
+        "query_string": b"",
+        "headers": headers,
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+        **extra,
+    }
+
+
+def token(
+    claims: Mapping[str, Any] | None = None,
+    *,
+    key: Any = SECRET,
+    alg: str = "HS256",
+    **headers: Any,
+) -> str:
+    now = int(time.time())
+    payload = {"sub": "alice", "aud": AUDIENCE, "iss": ISSUER, "exp": now + 600, "iat": now}
+    payload.update(claims or {})
+    payload = {k: v for k, v in payload.items() if v is not None}
+    return jwt.encode(payload, key, algorithm=alg, headers=headers or None)
+
+
+def unsigned(claims: Mapping[str, Any] | None = None) -> str:
+    """An ``alg=none`` token (PyJWT refuses to make one)."""
+    now = int(time.time())
+    payload = {"sub": "mallory", "aud": AUDIENCE, "iss": ISSUER, "exp": now + 600, **(claims or {})}
+
+    def part(data: Mapping[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+    return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part(payload)}."
+
+
+def hs_resolver(**options: Any) -> Any:
+    return jwt_bearer(SECRET, algorithms=["HS256"], audience=AUDIENCE, issuer=ISSUER, **options)
+
+
+def bearer(value: str) -> dict[str, Any]:
+    return http_scope([(b"authorization", f"Bearer {value}".encode())])
+
+
+class TestJwtBearer:
+    def test_a_valid_token_gives_its_subject_and_claims(self) -> None:
+        identity = hs_resolver(tenant_claim="org")(bearer(token({"org": "acme"})))
+        assert identity == Identity("alice", "acme", identity.claims)
+        assert identity.claims["aud"] == AUDIENCE
+
+    def test_no_authorization_header_is_no_identity(self) -> None:
+        assert hs_resolver()(http_scope([])) is None
+
+    @pytest.mark.parametrize(
+        ("claims", "reason"),
+        [
+            ({"exp": int(time.time()) - 3600}, "expired"),
+            ({"nbf": int(time.time()) + 3600}, "not valid yet"),
+            ({"aud": "someone-else"}, "another audience"),
+            ({"iss": "https://evil.test"}, "wrong issuer"),
+            ({"exp": None}, "lacks the 'exp' claim"),
+            ({"sub": None}, "lacks the 'sub' claim"),
+            ({"sub": 42}, "malformed"),
+        ],
+    )
+    def test_each_broken_rule_is_a_401_naming_it(self, claims: dict[str, Any], reason: str) -> None:
+        with pytest.raises(IdentityError) as refused:
+            hs_resolver()(bearer(token(claims)))
+        assert refused.value.http_status == 401
+        assert reason in str(refused.value)
+
+    def test_leeway_tolerates_small_clock_skew_only(self) -> None:
+        just_expired = token({"exp": int(time.time()) - 10})
+        assert hs_resolver(leeway=30)(bearer(just_expired)) is not None
+        with pytest.raises(IdentityError, match="expired"):
+            hs_resolver(leeway=0)(bearer(just_expired))
+
+    def test_alg_none_is_refused(self) -> None:
+        with pytest.raises(IdentityError, match="algorithm"):
+            hs_resolver()(bearer(unsigned()))
+
+    def test_a_tampered_payload_fails_the_signature(self) -> None:
+        header, payload, signature = token().split(".")
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=="))
+        claims["sub"] = "admin"
+        forged = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+        with pytest.raises(IdentityError, match="signature"):
+            hs_resolver()(bearer(f"{header}.{forged}.{signature}"))
+
+    def test_a_token_signed_with_another_secret_is_refused(self) -> None:
+        with pytest.raises(IdentityError, match="signature"):
+            hs_resolver()(bearer(token(key="another-secret-that-is-long-enough!!")))
+
+    def test_hmac_signed_with_the_public_key_is_refused_by_an_rsa_resolver(self) -> None:
+        """The key-confusion attack: the attacker signs HS256 with the published key."""
+        resolver = jwt_bearer(PUBLIC_PEM, algorithms=["RS256"], audience=AUDIENCE, issuer=ISSUER)
+        assert resolver(bearer(token(key=PRIVATE_KEY, alg="RS256"))).user_id == "alice"
+        header = {"alg": "HS256", "typ": "JWT"}
+        now = int(time.time())
+        payload = json.dumps(
+            {"sub": "admin", "aud": AUDIENCE, "iss": ISSUER, "exp": now + 600}
+        ).encode()
+        # Sign by hand: PyJWT itself refuses to use a PEM key as an HMAC secret.
+        import hashlib
+        import hmac
+
+        def b64(data: bytes) -> bytes:
+            return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+        signing_input = b64(json.dumps(header).encode()) + b"." + b64(payload)
+        mac = hmac.new(PUBLIC_PEM, signing_input, hashlib.sha256).digest()
+        confused = (signing_input + b"." + b64(mac)).decode()
+        with pytest.raises(IdentityError, match="algorithm"):
+            resolver(bearer(confused))
+
+    def test_construction_refuses_dangerous_configurations(self) -> None:
+        with pytest.raises(ValueError, match="none"):
+            jwt_bearer(SECRET, algorithms=["none"])
+        with pytest.raises(ValueError, match="at least one algorithm"):
+            jwt_bearer(SECRET, algorithms=[])
+        with pytest.raises(ValueError, match="cannot mix"):
+            jwt_bearer(SECRET, algorithms=["HS256", "RS256"])
+        with pytest.raises(ValueError, match="key-confusion"):
+            jwt_bearer(PUBLIC_PEM, algorithms=["HS256"])
+
+    def test_a_jwks_selects_the_key_by_kid(self) -> None:
+        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(PRIVATE_KEY.public_key()))
+        jwk.update({"kid": "k1", "alg": "RS256", "use": "sig"})
+        resolver = jwt_bearer({"keys": [jwk]}, algorithms=["RS256"], audience=AUDIENCE)
+        good = token(key=PRIVATE_KEY, alg="RS256", kid="k1")
+        assert resolver(bearer(good)).user_id == "alice"
+        with pytest.raises(IdentityError, match="not trusted"):
+            resolver(bearer(token(key=PRIVATE_KEY, alg="RS256", kid="k2")))
+        with pytest.raises(IdentityError, match="names no key"):
+            resolver(bearer(token(key=PRIVATE_KEY, alg="RS256")))
+
+    @pytest.mark.parametrize(
+        "headers",
+        [
+            [(b"authorization", b"Basic YWxpY2U6cHc=")],
+            [(b"authorization", b"Bearer ")],
+            [(b"authorization", b"Bearer a"), (b"authorization", b"Bearer b")],
+        ],
+    )
+    def test_malformed_authorization_headers_are_401(
+        self, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        with pytest.raises(IdentityError) as refused:
+            hs_resolver()(http_scope(headers))
+        assert refused.value.http_status == 401
+
+    def test_a_websocket_may_carry_the_token_as_subprotocol(self) -> None:
+        scope = http_scope([], type="websocket", subprotocols=["bearer", token()])
+        assert hs_resolver()(scope).user_id == "alice"
+        with pytest.raises(IdentityError, match="not followed"):
+            hs_resolver()(http_scope([], type="websocket", subprotocols=["bearer"]))
+
+    async def test_through_the_middleware_a_bad_token_is_a_401_problem(self) -> None:
+        app = AmbientMiddleware(_echo_app, registry=Registry(), identity=hs_resolver())
+        bad = token({"exp": int(time.time()) - 3600})
+        status, body, bound = await _call(app, bearer(bad))
+        assert status == 401
+        assert "expired" in body["detail"]
+        assert bad not in json.dumps(body)
+        assert bound is None
+
+
+class TestScopeUser:
+    def test_starlette_users(self) -> None:
+        from starlette.authentication import AuthCredentials, SimpleUser, UnauthenticatedUser
+
+        resolve = scope_user()
+        assert resolve({"user": UnauthenticatedUser()}) is None
+        assert resolve({}) is None
+        found = resolve({"user": SimpleUser("ann"), "auth": AuthCredentials(["read"])})
+        assert found == Identity("ann", None, {"scopes": ("read",)})
+
+    def test_a_user_class_with_identity_and_tenant(self) -> None:
+        class Member:
+            is_authenticated = True
+            identity = "u-17"
+            display_name = "Ann"
+            tenant_id = "acme"
+
+        assert scope_user()({"user": Member()}) == Identity("u-17", "acme")
+
+    def test_a_user_without_a_usable_id_is_refused(self) -> None:
+        class Odd:
+            is_authenticated = True
+            identity = 17
+
+        with pytest.raises(IdentityError, match="identity"):
+            scope_user()({"user": Odd()})
+
+
+class TestComposition:
+    async def test_first_of_takes_the_first_identity_and_stops_on_errors(self) -> None:
+        calls: list[str] = []
+
+        def nobody(scope: Any) -> None:
+            calls.append("nobody")
+
+        async def header(scope: Any) -> Identity | None:
+            calls.append("header")
+            return trusted_header()(scope)  # type: ignore[return-value]
+
+        def never(scope: Any) -> Identity:
+            calls.append("never")
+            return Identity("x")
+
+        resolver = first_of(nobody, header, never)
+        found = await resolver(http_scope([(b"x-user-id", b"zoe")]))
+        assert found == Identity("zoe")
+        assert calls == ["nobody", "header"]
+        calls.clear()
+        with pytest.raises(IdentityError):
+            await resolver(http_scope([(b"x-user-id", b"a"), (b"x-user-id", b"b")]))
+        assert calls == ["nobody", "header"]
+        with pytest.raises(ValueError, match="at least one"):
+            first_of()
+
+    def test_header_values_fold_case_but_not_underscores(self) -> None:
+        scope = http_scope([(b"X-User-Id", b"1"), (b"x-user-id", b"2"), (b"x_user_id", b"3")])
+        assert header_values(scope, "x-user-id") == [b"1", b"2"]
+        assert header_values(scope, "X_USER_ID") == [b"3"]
+
+
+# -- property-based bad input through the middleware ------------------------------------------
+
+Seen = dict[str, Any]
+
+
+async def _echo_app(scope: Any, receive: Any, send: Any) -> None:
+    ctx = ambient.get_current_context()
+    body = json.dumps(
+        {
+            "user": ctx.user_id,
+            "tenant": ctx.tenant_id,
+            "request_id": ctx.request_id,
+            "thread_id": ctx.thread_id,
+        }
+    ).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _call(app: Any, scope: dict[str, Any]) -> tuple[int, Seen, UserExecutionContext | None]:
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    with anyio.fail_after(5):
+        await app(scope, receive, send)
+    start, body = sent[0], sent[1]
+    return start["status"], json.loads(body["body"]), ambient.current_context_or_none()
+
+
+header_value = st.one_of(
+    st.binary(max_size=300),
+    st.text(max_size=300).map(lambda s: s.encode("utf-8")),
+    st.sampled_from([b"", b" ", b"null", b"None", b"undefined", b"\x00", b"a\r\nb", b"ok-id"]),
+)
+identity_headers = st.lists(
+    st.tuples(
+        st.sampled_from(
+            [
+                b"x-user-id",
+                b"X-User-Id",
+                b"x_user_id",
+                b"x-tenant-id",
+                b"x-request-id",
+                b"x-thread-id",
+                b"X-Request-ID",
+            ]
+        ),
+        header_value,
+    ),
+    max_size=6,
+)
+
+
+def _is_valid(value: str) -> bool:
+    try:
+        validate_id("id", value)
+    except InvalidContextError:
+        return False
+    return True
+
+
+def _check_headers(backend: str, headers: list[tuple[bytes, bytes]]) -> None:
+    app = AmbientMiddleware(
+        _echo_app, registry=Registry(), identity=trusted_header(tenant_header="x-tenant-id")
+    )
+    status, body, bound = anyio.run(_call, app, http_scope(headers), backend=backend)
+    assert bound is None
+    assert status in (200, 400, 401), (status, body)
+    if status != 200:
+        assert set(body) == {"type", "title", "status", "detail"}
+        return
+    users = [v for k, v in headers if k.lower() == b"x-user-id"]
+    assert [body["user"].encode()] == users
+    for field in ("user", "request_id", "thread_id"):
+        assert _is_valid(body[field])
+    request_ids = [v for k, v in headers if k.lower() == b"x-request-id"]
+    if body["request_id"].encode() not in request_ids:
+        assert len(body["request_id"]) == 32
+    else:
+        assert body["request_id"].isascii()
+        assert body["request_id"].isprintable()
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(headers=identity_headers)
+def test_any_identity_headers_give_200_400_or_401_and_only_valid_contexts(
+    backend: str, headers: list[tuple[bytes, bytes]]
+) -> None:
+    _check_headers(backend, headers)
+
+
+claims_choice = st.fixed_dictionaries(
+    {
+        "exp": st.sampled_from(["future", "past", "missing"]),
+        "nbf": st.sampled_from(["none", "past", "future"]),
+        "aud": st.sampled_from(["right", "wrong", "missing"]),
+        "iss": st.sampled_from(["right", "wrong", "missing"]),
+        "sub": st.sampled_from(["user", "missing", "number", "invalid-id"]),
+        "signing": st.sampled_from(["right", "wrong-secret", "none", "rsa", "tampered"]),
+    }
+)
+
+
+def _make_token(choice: Mapping[str, str]) -> tuple[str, int]:
+    """A token built from ``choice`` and the status a correct validator must answer."""
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "exp": {"future": now + 600, "past": now - 3600, "missing": None}[choice["exp"]],
+        "nbf": {"none": None, "past": now - 60, "future": now + 3600}[choice["nbf"]],
+        "aud": {"right": AUDIENCE, "wrong": "other", "missing": None}[choice["aud"]],
+        "iss": {"right": ISSUER, "wrong": "https://evil", "missing": None}[choice["iss"]],
+        "sub": {"user": "u-1", "missing": None, "number": 7, "invalid-id": "null"}[choice["sub"]],
+    }
+    signing = choice["signing"]
+    if signing == "none":
+        text = unsigned(claims)
+    elif signing == "rsa":
+        text = token(claims, key=PRIVATE_KEY, alg="RS256")
+    elif signing == "wrong-secret":
+        text = token(claims, key="not-the-secret-but-long-enough-too!!")
+    else:
+        text = token(claims)
+    if signing == "tampered":
+        header, payload, signature = text.split(".")
+        decoded = json.loads(base64.urlsafe_b64decode(payload + "=="))
+        decoded["sub"] = "admin"
+        payload = base64.urlsafe_b64encode(json.dumps(decoded).encode()).rstrip(b"=").decode()
+        text = f"{header}.{payload}.{signature}"
+    token_valid = (
+        choice["exp"] == "future"
+        and choice["nbf"] != "future"
+        and choice["aud"] == "right"
+        and choice["iss"] == "right"
+        and choice["sub"] in ("user", "invalid-id")
+        and signing == "right"
+    )
+    if not token_valid:
+        return text, 401
+    # A valid token whose subject breaks the id rules is a malformed identity.
+    return text, 200 if choice["sub"] == "user" else 400
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(choice=claims_choice)
+def test_jwts_are_accepted_exactly_when_every_rule_holds(
+    backend: str, choice: dict[str, str]
+) -> None:
+    text, expected = _make_token(choice)
+    app = AmbientMiddleware(_echo_app, registry=Registry(), identity=hs_resolver(leeway=0))
+    status, body, bound = anyio.run(_call, app, bearer(text), backend=backend)
+    assert bound is None
+    assert status == expected, (choice, body)
+    if status == 200:
+        assert body["user"] == "u-1"
+    else:
+        assert text not in json.dumps(body)
