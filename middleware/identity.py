@@ -27,10 +27,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Identity",
+    "IdentityError",
     "IdentityResolver",
     "first_of",
     "header_values",
     "jwt_bearer",
+    "resolve_identity",
     "scope_user",
     "trusted_header",
 ]
