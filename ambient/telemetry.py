@@ -1,0 +1,636 @@
+"""OpenTelemetry spans and metrics for scopes and components, on the OpenTelemetry API.
+
+:class:`Telemetry` is an :class:`~ambient.Observer`: give it to the :class:`~ambient.Registry`
+(``Registry(telemetry=Telemetry())``, so every scope of that registry is traced: requests,
+jobs, tests) or to the middleware. It records
+
+* an ``ambient.scope`` span (INTERNAL) from the moment the context is bound to the end of the
+  scope's cleanup, a child of whatever span is current when the scope opens (the server span
+  of ``opentelemetry-instrumentation-asgi`` placed outside the middleware);
+* for each component created or cleaned up, an ``ambient.resolve`` / ``ambient.cleanup`` child
+  span when it took at least ``span_threshold`` seconds or failed, otherwise an event of the
+  same name on the scope span;
+* the metrics ``ambient.scopes.active``, ``ambient.user_components.live``,
+  ``ambient.component.create.duration``, ``ambient.cleanup.duration``,
+  ``ambient.cleanup.failures`` and ``ambient.global_state.accesses``. No metric carries a user
+  or tenant id.
+
+While the scope is open its span is the current span, so spans your code starts nest under
+it, and log records (see :mod:`ambient.integrations.logging`) carry its ids. The span is made
+current without an OpenTelemetry context token: closing the scope restores the context that
+was current when it opened, if the scope's context is still the current one, instead of
+``detach``-ing a token. Closing a scope from another task or after an abandoned generator
+therefore never logs "Failed to detach context"; the task that abandoned the generator keeps
+the ended scope span as its current span until its own enclosing span ends.
+
+With no OpenTelemetry SDK configured the global providers are no-op proxies; ``Telemetry``
+notices that and does no span or metric work at all (it looks again at most once a second, so
+an SDK installed after start-up is picked up).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Final, Literal
+
+from opentelemetry import baggage as otel_baggage
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, trace
+from opentelemetry.context import Context
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from ambient import __version__
+from ambient._observe import ComponentEvent, Observer
+from ambient._provider import Lifetime
+
+if TYPE_CHECKING:
+    from ambient._context import UserExecutionContext, UserRef
+    from ambient._scope import Scope
+
+__all__ = [
+    "BAGGAGE_FIELDS",
+    "IdPolicy",
+    "Telemetry",
+    "hash_id",
+]
+
+logger = logging.getLogger("ambient")
+
+IdPolicy = Literal["hash", "raw", "omit"]
+"""How an id is exported: keyed hash (default for users), as is, or not at all."""
+
+BAGGAGE_FIELDS: Final = frozenset(
+    {"user_id", "tenant_id", "thread_id", "run_id", "request_id", "connection_id"}
+)
+"""Context fields that ``Telemetry(baggage=...)`` may put into W3C baggage."""
+
+_POLICIES: Final = ("hash", "raw", "omit")
+_PROCESS_KEY: Final = secrets.token_bytes(32)
+_RECHECK_SECONDS: Final = 1.0
+_HASH_CACHE_SIZE: Final = 4096
+_SCOPE_KEY: Final = otel_context.create_key("ambient.scope")
+# Component creation is often microseconds, pool connects and agent start-ups seconds.
+_DURATION_BUCKETS: Final = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+try:  # the global meter provider before an SDK is installed; no public name for its type
+    from opentelemetry.metrics._internal import _ProxyMeterProvider
+
+    _PROXY_METER_PROVIDERS: tuple[type, ...] = (_ProxyMeterProvider,)
+except ImportError:  # pragma: no cover - depends on the opentelemetry-api version
+    _PROXY_METER_PROVIDERS = ()
+
+
+def _key_bytes(key: bytes | str | None) -> bytes:
+    if key is None:
+        return _PROCESS_KEY
+    if isinstance(key, str):
+        key = key.encode()
+    if not isinstance(key, bytes) or not key:
+        msg = "hash_key must be non-empty bytes or str (or None for a random per-process key)"
+        raise ValueError(msg)
+    return key
+
+
+def hash_id(value: str, key: bytes | str | None = None) -> str:
+    """Pseudonymise an id: HMAC-SHA256 of ``value`` under ``key``, 16 hex characters.
+
+    Args:
+        value: The id (a user or tenant id).
+        key: The HMAC key. ``None`` uses a random key made once per process, shared by spans
+            and log records so they correlate; pass a fixed key (from your secret store) to
+            correlate across processes and restarts.
+    """
+    return hmac.digest(_key_bytes(key), value.encode(), "sha256").hex()[:16]
+
+
+def _strip_ambient_baggage(context: Context) -> Context:
+    """Drop incoming ``ambient.*`` baggage: only this process may speak for its scopes."""
+    for key in otel_baggage.get_all(context):
+        if key.startswith("ambient."):
+            context = otel_baggage.remove_baggage(key, context)
+    return context
+
+
+def _check_policy(name: str, policy: str) -> IdPolicy:
+    if policy not in _POLICIES:
+        msg = f"{name} must be one of {', '.join(map(repr, _POLICIES))}, not {policy!r}"
+        raise ValueError(msg)
+    return policy  # type: ignore[return-value]  # checked against _POLICIES just above
+
+
+class _IdExport:
+    """Applies the user and tenant id policies (shared with the logging integration)."""
+
+    __slots__ = ("_hashed", "key", "tenant_policy", "user_policy")
+
+    def __init__(self, user_id: str, tenant_id: str, hash_key: bytes | str | None) -> None:
+        self.user_policy = _check_policy("user_id", user_id)
+        self.tenant_policy = _check_policy("tenant_id", tenant_id)
+        self.key = _key_bytes(hash_key)
+        # An HMAC costs about 1.5 us; the same users come back request after request.
+        self._hashed: dict[str, str] = {}
+
+    def _apply(self, policy: IdPolicy, value: str | None) -> str | None:
+        if value is None or policy == "omit":
+            return None
+        if policy == "raw":
+            return value
+        hashed = self._hashed.get(value)
+        if hashed is None:
+            hashed = hmac.digest(self.key, value.encode(), "sha256").hex()[:16]
+            if len(self._hashed) >= _HASH_CACHE_SIZE:
+                self._hashed.clear()
+            self._hashed[value] = hashed
+        return hashed
+
+    def user(self, value: str) -> str | None:
+        return self._apply(self.user_policy, value)
+
+    def tenant(self, value: str | None) -> str | None:
+        return self._apply(self.tenant_policy, value)
+
+
+class _Instruments:
+    """The metric instruments of one meter."""
+
+    __slots__ = (
+        "cleanup_duration",
+        "cleanup_failures",
+        "create_duration",
+        "global_accesses",
+        "scopes_active",
+        "user_components",
+    )
+
+    def __init__(self, meter: metrics.Meter) -> None:
+        self.scopes_active = meter.create_up_down_counter(
+            "ambient.scopes.active", unit="{scope}", description="Scopes open right now."
+        )
+        self.user_components = meter.create_up_down_counter(
+            "ambient.user_components.live",
+            unit="{component}",
+            description="USER-lifetime components alive right now.",
+        )
+        self.create_duration = meter.create_histogram(
+            "ambient.component.create.duration",
+            unit="s",
+            description="Time a component factory took.",
+            explicit_bucket_boundaries_advisory=_DURATION_BUCKETS,
+        )
+        self.cleanup_duration = meter.create_histogram(
+            "ambient.cleanup.duration",
+            unit="s",
+            description="Time a component cleanup took.",
+            explicit_bucket_boundaries_advisory=_DURATION_BUCKETS,
+        )
+        self.cleanup_failures = meter.create_counter(
+            "ambient.cleanup.failures",
+            unit="{cleanup}",
+            description="Component cleanups that raised or timed out.",
+        )
+        self.global_accesses = meter.create_counter(
+            "ambient.global_state.accesses",
+            unit="{access}",
+            description="Accesses to a guarded module-level global while a user context was bound.",
+        )
+
+
+class _ScopeRecord:
+    """What one :class:`Telemetry` keeps in ``scope.state`` while the scope is open."""
+
+    __slots__ = ("attached", "closed", "counted", "previous", "span", "span_context")
+
+    def __init__(self) -> None:
+        self.span: trace.Span | None = None
+        self.span_context: Context | None = None  # parent of resolve/cleanup spans
+        self.attached: Context | None = None  # the OpenTelemetry context made current
+        self.previous: Context | None = None  # what was current before
+        self.counted = False
+        self.closed = False
+
+
+class Telemetry(Observer):
+    """Trace scopes and components, and count them, on the OpenTelemetry API.
+
+    Args:
+        tracer_provider: Where spans go (default: the global provider, looked up once).
+        meter_provider: Where metrics go (default: the global provider, looked up once).
+        user_id: ``"hash"`` (default): HMAC-SHA256 under ``hash_key``, 16 hex characters;
+            ``"raw"``: the id itself; ``"omit"``: no user attribute.
+        tenant_id: The same choice for the tenant id (default ``"raw"``).
+        hash_key: Key for ``"hash"`` (bytes or str). ``None``: a random key per process,
+            the same one :mod:`ambient.integrations.logging` uses, so spans and log records
+            of one process correlate.
+        span_threshold: Component creations and cleanups that take at least this many
+            seconds (or fail) become ``ambient.resolve`` / ``ambient.cleanup`` spans; faster
+            ones become events on the scope span. ``0`` makes every one a span.
+        baggage: Context fields (from :data:`BAGGAGE_FIELDS`) to put into W3C baggage as
+            ``ambient.<field>`` for downstream services, with the same id policies. Off by
+            default. Incoming baggage is never read as identity; incoming ``ambient.*``
+            entries are replaced or dropped so they cannot pass for ours.
+
+    Raises:
+        ValueError: an unknown policy, a negative threshold, an unknown baggage field or
+            ``user_id`` in ``baggage`` with ``user_id="omit"``.
+
+    Example::
+
+        registry = Registry(telemetry=Telemetry())
+    """
+
+    def __init__(
+        self,
+        *,
+        tracer_provider: trace.TracerProvider | None = None,
+        meter_provider: metrics.MeterProvider | None = None,
+        user_id: IdPolicy = "hash",
+        tenant_id: IdPolicy = "raw",
+        hash_key: bytes | str | None = None,
+        span_threshold: float = 0.001,
+        baggage: Iterable[str] = (),
+    ) -> None:
+        self._ids = _IdExport(user_id, tenant_id, hash_key)
+        if not span_threshold >= 0:
+            msg = f"span_threshold must be >= 0 seconds, not {span_threshold!r}"
+            raise ValueError(msg)
+        self.span_threshold = float(span_threshold)
+        fields = tuple(dict.fromkeys(baggage))
+        unknown = sorted(set(fields) - BAGGAGE_FIELDS)
+        if unknown:
+            msg = (
+                f"baggage fields must be among {', '.join(sorted(BAGGAGE_FIELDS))}; "
+                f"unknown: {', '.join(unknown)}"
+            )
+            raise ValueError(msg)
+        omitted = {"user_id": self._ids.user_policy, "tenant_id": self._ids.tenant_policy}
+        for field, policy in omitted.items():
+            if field in fields and policy == "omit":
+                msg = f"{field} cannot go into baggage while {field}='omit'"
+                raise ValueError(msg)
+        self.baggage_fields = fields
+        # A proxy provider (the global one before an SDK is set) means "the global one".
+        if isinstance(tracer_provider, trace.ProxyTracerProvider):
+            tracer_provider = None
+        if isinstance(meter_provider, _PROXY_METER_PROVIDERS):
+            meter_provider = None
+        self._tracer_provider_arg = tracer_provider
+        self._meter_provider_arg = meter_provider
+        self._tracer: trace.Tracer | None = None
+        self._instruments: _Instruments | None = None
+        self._tracer_pending = False
+        self._meter_pending = False
+        self._next_check = 0.0
+        self._lock = threading.Lock()
+        self._complained: set[str] = set()
+        self._component_attributes: dict[str, Mapping[str, str]] = {}
+        self._resolve_tracer()
+        self._resolve_meter()
+        self._update_state()
+
+    # -- providers -----------------------------------------------------------------------
+
+    def _resolve_tracer(self) -> None:
+        provider = self._tracer_provider_arg or trace.get_tracer_provider()
+        if isinstance(provider, trace.ProxyTracerProvider):
+            # The global provider is not set yet; its proxies would give no-op spans.
+            self._tracer_pending = True
+            return
+        self._tracer_pending = False
+        if isinstance(provider, trace.NoOpTracerProvider):
+            return
+        tracer = provider.get_tracer("ambient", __version__)
+        if not isinstance(tracer, trace.NoOpTracer):
+            self._tracer = tracer
+
+    def _resolve_meter(self) -> None:
+        provider = self._meter_provider_arg or metrics.get_meter_provider()
+        if isinstance(provider, _PROXY_METER_PROVIDERS):
+            self._meter_pending = True
+            return
+        self._meter_pending = False
+        if isinstance(provider, metrics.NoOpMeterProvider):
+            return
+        meter = provider.get_meter("ambient", __version__)
+        if not isinstance(meter, metrics.NoOpMeter):
+            self._instruments = _Instruments(meter)
+
+    def _update_state(self) -> None:
+        self._pending = self._tracer_pending or self._meter_pending
+        self._dormant = (
+            self._tracer is None and self._instruments is None and not self.baggage_fields
+        )
+
+    def _recheck(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next_check:
+                return
+            self._next_check = now + _RECHECK_SECONDS
+            if self._tracer_pending:
+                self._resolve_tracer()
+            if self._meter_pending:
+                self._resolve_meter()
+            self._update_state()
+
+    @property
+    def active(self) -> bool:
+        """Whether this telemetry records anything (an SDK provider or baggage is set).
+
+        While the global providers are still no-op proxies this looks again at most once a
+        second, so it stays cheap enough to ask for every scope.
+        """
+        if self._pending and time.monotonic() >= self._next_check:
+            self._recheck()
+        return not self._dormant
+
+    # -- ids -----------------------------------------------------------------------------
+
+    def export_user_id(self, user_id: str) -> str | None:
+        """The user id as this telemetry exports it (hashed, raw, or ``None`` for omit)."""
+        return self._ids.user(user_id)
+
+    def export_tenant_id(self, tenant_id: str | None) -> str | None:
+        """The tenant id as this telemetry exports it (``None`` when absent or omitted)."""
+        return self._ids.tenant(tenant_id)
+
+    def _scope_attributes(self, ctx: UserExecutionContext) -> dict[str, str | int]:
+        attributes: dict[str, str | int] = {
+            "ambient.thread_id": ctx.thread_id,
+            "ambient.run_id": ctx.run_id,
+            "ambient.request_id": ctx.request_id,
+        }
+        user = self._ids.user(ctx.user_id)
+        if user is not None:
+            attributes["ambient.user_id"] = user
+        tenant = self._ids.tenant(ctx.tenant_id)
+        if tenant is not None:
+            attributes["ambient.tenant_id"] = tenant
+        return attributes
+
+    def _user_attributes(self, user: UserRef) -> dict[str, str]:
+        attributes: dict[str, str] = {}
+        exported = self._ids.user(user.user_id)
+        if exported is not None:
+            attributes["ambient.user_id"] = exported
+        tenant = self._ids.tenant(user.tenant_id)
+        if tenant is not None:
+            attributes["ambient.tenant_id"] = tenant
+        return attributes
+
+    def _with_baggage(self, base: Context, ctx: UserExecutionContext) -> Context:
+        result = _strip_ambient_baggage(base)
+        for field in self.baggage_fields:
+            if field == "user_id":
+                value: str | None = self._ids.user(ctx.user_id)
+            elif field == "tenant_id":
+                value = self._ids.tenant(ctx.tenant_id)
+            else:
+                value = getattr(ctx, field)
+            if value is not None:
+                result = otel_baggage.set_baggage(f"ambient.{field}", value, result)
+        return result
+
+    # -- failures ------------------------------------------------------------------------
+
+    def _failed(self, where: str) -> None:
+        if where in self._complained:
+            return
+        self._complained.add(where)
+        logger.exception(
+            "ambient telemetry failed in %s; the request goes on (logged once per telemetry)",
+            where,
+        )
+
+    # -- scopes --------------------------------------------------------------------------
+
+    def scope_opened(self, scope: Scope) -> None:
+        """Start the scope span and make it current; count the scope."""
+        if self._pending and time.monotonic() >= self._next_check:
+            self._recheck()
+        if self._dormant:
+            return
+        record = _ScopeRecord()
+        scope.state[self] = record
+        instruments = self._instruments
+        if instruments is not None:
+            try:
+                instruments.scopes_active.add(1)
+                record.counted = True
+            except Exception:  # noqa: BLE001 - logged once; never breaks a request
+                self._failed("scope_opened (metrics)")
+        try:
+            previous = otel_context.get_current()
+            current = previous
+            tracer = self._tracer
+            if tracer is not None:
+                span = tracer.start_span(
+                    "ambient.scope",
+                    context=previous,
+                    kind=SpanKind.INTERNAL,
+                    attributes=self._scope_attributes(scope.context),
+                )
+                record.span = span
+                current = trace.set_span_in_context(span, previous)
+                record.span_context = current
+            if self.baggage_fields:
+                current = self._with_baggage(current, scope.context)
+            elif current is not previous:
+                current = _strip_ambient_baggage(current)
+            if current is not previous:
+                current = otel_context.set_value(_SCOPE_KEY, record, current)
+                record.previous = previous
+                record.attached = current
+                # No token is kept: see scope_closed.
+                otel_context.attach(current)
+        except Exception:  # noqa: BLE001 - logged once; never breaks a request
+            self._failed("scope_opened")
+
+    def scope_closed(self, scope: Scope, failures: tuple[BaseException, ...]) -> None:
+        """Restore the previous OpenTelemetry context, end the scope span, count it closed."""
+        if self._dormant:
+            return
+        record = scope.state.pop(self, None)
+        if not isinstance(record, _ScopeRecord):
+            return
+        record.closed = True
+        attached = record.attached
+        if attached is not None:
+            try:
+                self._restore(record, attached)
+            except Exception:  # noqa: BLE001 - logged once; never breaks a request
+                self._failed("scope_closed (context)")
+        span = record.span
+        if span is not None:
+            try:
+                span.set_attribute("ambient.components.created", scope.components_created)
+                span.set_attribute("ambient.cleanup.failures", len(failures))
+                if failures:
+                    span.set_status(
+                        Status(StatusCode.ERROR, f"{len(failures)} component cleanup(s) failed")
+                    )
+                span.end()
+            except Exception:  # noqa: BLE001 - logged once; never breaks a request
+                self._failed("scope_closed (span)")
+        instruments = self._instruments
+        if record.counted and instruments is not None:
+            try:
+                instruments.scopes_active.add(-1)
+            except Exception:  # noqa: BLE001 - logged once; never breaks a request
+                self._failed("scope_closed (metrics)")
+
+    @staticmethod
+    def _restore(record: _ScopeRecord, attached: Context) -> None:
+        # Token-free: a token reset from another Context (a generator finalised by another
+        # task, a scope closed elsewhere) would raise, and OpenTelemetry logs "Failed to
+        # detach context". Only when our context is still current do we put the previous
+        # one back, skipping scopes that already closed out of order.
+        if otel_context.get_current() is not attached:
+            return
+        previous = record.previous
+        while previous is not None:
+            outer = otel_context.get_value(_SCOPE_KEY, previous)
+            if not isinstance(outer, _ScopeRecord) or not outer.closed:
+                break
+            if outer.attached is not previous:
+                break
+            previous = outer.previous
+        otel_context.attach(Context() if previous is None else previous)
+
+    # -- components ----------------------------------------------------------------------
+
+    def _attributes(self, event: ComponentEvent) -> Mapping[str, str]:
+        attributes = self._component_attributes.get(event.name)
+        if attributes is None:
+            attributes = {"ambient.component": event.name}
+            if len(self._component_attributes) < 10_000:
+                self._component_attributes[event.name] = attributes
+        return attributes
+
+    def component_created(self, event: ComponentEvent) -> None:
+        """Record a creation: span or event, duration histogram, live USER components."""
+        if self._dormant:
+            return
+        instruments = self._instruments
+        if instruments is not None:
+            try:
+                attributes = self._attributes(event)
+                instruments.create_duration.record(event.duration, attributes)
+                if event.lifetime is Lifetime.USER and event.error is None:
+                    instruments.user_components.add(1, attributes)
+            except Exception:  # noqa: BLE001 - logged once; never breaks a request
+                self._failed("component_created (metrics)")
+        if self._tracer is not None:
+            try:
+                self._trace_component("ambient.resolve", event)
+            except Exception:  # noqa: BLE001 - logged once; never breaks a request
+                self._failed("component_created (span)")
+
+    def component_cleaned(self, event: ComponentEvent) -> None:
+        """Record a cleanup: span or event, duration histogram, failures, live USER components."""
+        if self._dormant:
+            return
+        instruments = self._instruments
+        if instruments is not None:
+            try:
+                attributes = self._attributes(event)
+                instruments.cleanup_duration.record(event.duration, attributes)
+                if event.error is not None:
+                    instruments.cleanup_failures.add(1, attributes)
+                if event.lifetime is Lifetime.USER:
+                    instruments.user_components.add(-1, attributes)
+            except Exception:  # noqa: BLE001 - logged once; never breaks a request
+                self._failed("component_cleaned (metrics)")
+        if self._tracer is not None:
+            try:
+                self._trace_component("ambient.cleanup", event)
+            except Exception:  # noqa: BLE001 - logged once; never breaks a request
+                self._failed("component_cleaned (span)")
+
+    def _trace_component(self, name: str, event: ComponentEvent) -> None:
+        tracer = self._tracer
+        if tracer is None:
+            return
+        scope = event.scope
+        record = None if scope is None else scope.state.get(self)
+        if not isinstance(record, _ScopeRecord) or record.span is None:
+            record = None
+        error = event.error
+        if error is None and event.duration < self.span_threshold:
+            if record is not None and record.span is not None:
+                record.span.add_event(
+                    name,
+                    {
+                        "ambient.component": event.name,
+                        "ambient.lifetime": event.lifetime.value,
+                        "ambient.duration": event.duration,
+                    },
+                    timestamp=event.start_ns,
+                )
+            return
+        attributes: dict[str, str | bool] = {
+            "ambient.component": event.name,
+            "ambient.lifetime": event.lifetime.value,
+        }
+        if record is not None:
+            parent = record.span_context
+        else:
+            # Cleanup at idle expiry or shutdown: no scope, so a trace of its own (the
+            # current span may belong to another user's request).
+            parent = Context()
+            if event.user is not None:
+                attributes.update(self._user_attributes(event.user))
+        span = tracer.start_span(
+            name,
+            context=parent,
+            kind=SpanKind.INTERNAL,
+            attributes=attributes,
+            start_time=event.start_ns,
+        )
+        if error is not None:
+            if isinstance(error, Exception):
+                span.record_exception(error)
+                span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+            else:
+                # Cancellation (or interpreter exit) interrupted it: not an error of its own.
+                span.set_attribute("ambient.cancelled", True)
+        span.end(end_time=event.start_ns + round(event.duration * 1e9))
+
+    # -- migration -----------------------------------------------------------------------
+
+    def record_global_access(self, name: str) -> None:
+        """Count one access to the guarded global ``name`` (``ambient.global_state.accesses``)."""
+        if self._meter_pending and time.monotonic() >= self._next_check:
+            self._recheck()
+        instruments = self._instruments
+        if instruments is None:
+            return
+        try:
+            instruments.global_accesses.add(1, {"ambient.global": name})
+        except Exception:  # noqa: BLE001 - logged once; never breaks a request
+            self._failed("record_global_access")
+
+    def __repr__(self) -> str:
+        state = "dormant" if self._dormant else "active"
+        return f"<Telemetry {state} user_id={self._ids.user_policy!r}>"

@@ -1,0 +1,251 @@
+"""Per-request cost of ambient's telemetry, side by side with a bare OpenTelemetry server span.
+
+Drives ASGI apps directly (no server, no sockets: only the middleware and telemetry work is
+measured) on one asyncio loop, interleaving the stacks round by round, and prints the cost per
+request of each stack and its overhead over the bare app:
+
+* ``AmbientMiddleware`` without telemetry, with an observer that does nothing (the core's
+  price for any observer), and with ``Telemetry()`` but no OpenTelemetry SDK (global no-op
+  proxies: the cost has to stay under 0.5 us per request);
+* ambient with ``Telemetry`` on an SDK ``TracerProvider`` + ``BatchSpanProcessor`` and an SDK
+  ``MeterProvider`` (exporters that drop everything: export cost is not ours);
+* ``opentelemetry-instrumentation-asgi``'s ``OpenTelemetryMiddleware`` around the bare app on
+  the same SDK (server span only, and with its default per-send spans);
+* both together, as a traced application runs them.
+
+Each request resolves ``--components`` components (a REQUEST one with a cleanup and a USER one
+shared by the user's requests; 0 measures the scope alone).
+
+Run: ``python benchmarks/bench_telemetry.py [--requests 20000] [--rounds 7] [--components 2]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import random
+import statistics
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from opentelemetry import metrics, trace
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    MetricExporter,
+    MetricExportResult,
+    MetricsData,
+    PeriodicExportingMetricReader,
+)
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+import ambient
+from ambient import Lifetime, Observer, Registry, UserRef
+from ambient.middleware import AmbientMiddleware
+from ambient.middleware.identity import trusted_header
+from ambient.telemetry import Telemetry
+
+App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
+
+
+class DropSpans(SpanExporter):
+    """Accepts every batch and keeps nothing."""
+
+    def __init__(self) -> None:
+        self.exported = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.exported += len(spans)
+        return SpanExportResult.SUCCESS
+
+
+class DropMetrics(MetricExporter):
+    """Accepts every collection and keeps nothing."""
+
+    def __init__(self) -> None:
+        super().__init__(preferred_temporality={}, preferred_aggregation={})
+        self._temporality = AggregationTemporality.CUMULATIVE
+
+    def export(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> MetricExportResult:
+        return MetricExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return True
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        pass
+
+
+class Dispatcher:
+    """A REQUEST component with a cleanup."""
+
+    def close(self) -> None:
+        pass
+
+
+class Memory:
+    """A USER component."""
+
+    def __init__(self, user: UserRef) -> None:
+        self.user = user
+
+
+def endpoint(components: int) -> App:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if components:
+            await ambient.resolve(Dispatcher)
+        if components > 1:
+            await ambient.resolve(Memory)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    return app
+
+
+def bare(components: int) -> App:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    return app
+
+
+def with_ambient(app: App, telemetry: Observer | None) -> App:
+    """AmbientMiddleware around ``app``: identity from `x-user-id` (trusted loopback)."""
+    registry = Registry()
+    registry.register(Dispatcher, Dispatcher)
+    registry.register(Memory, Memory, lifetime=Lifetime.USER)
+    return AmbientMiddleware(  # type: ignore[return-value]
+        app, registry=registry, identity=trusted_header(), telemetry=telemetry
+    )
+
+
+def http_scope(user: str) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/work",
+        "raw_path": b"/work",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"bench"), (b"x-user-id", user.encode())],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+        "state": {},
+    }
+
+
+async def receive() -> dict[str, Any]:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def send(message: dict[str, Any]) -> None:
+    pass
+
+
+async def run(app: App, scopes: list[dict[str, Any]], n: int) -> float:
+    """Seconds per request for ``n`` sequential requests."""
+    count = len(scopes)
+    gc.collect()
+    started = time.perf_counter()
+    for i in range(n):
+        await app(scopes[i % count], receive, send)
+    return (time.perf_counter() - started) / n
+
+
+async def main(requests: int, rounds: int, components: int) -> None:
+    assert isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+    assert type(metrics.get_meter_provider()).__name__ == "_ProxyMeterProvider"
+
+    spans = DropSpans()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(BatchSpanProcessor(spans, max_queue_size=1_000_000))
+    meter_provider = MeterProvider(
+        metric_readers=[PeriodicExportingMetricReader(DropMetrics(), 60_000)]
+    )
+    sdk = Telemetry(tracer_provider=tracer_provider, meter_provider=meter_provider)
+    no_sdk = Telemetry()
+    assert not no_sdk.active
+    assert sdk.active
+
+    def asgi(app: App, *, default_spans: bool = False) -> App:
+        return OpenTelemetryMiddleware(  # type: ignore[no-any-return]
+            app,
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
+            exclude_spans=None if default_spans else ["receive", "send"],
+        )
+
+    stacks: dict[str, App] = {
+        "bare app": bare(components),
+        "ambient, no telemetry": with_ambient(endpoint(components), None),
+        "ambient + a do-nothing Observer()": with_ambient(endpoint(components), Observer()),
+        "ambient + Telemetry, no SDK": with_ambient(endpoint(components), no_sdk),
+        "ambient + Telemetry, SDK+batch": with_ambient(endpoint(components), sdk),
+        "otel-asgi server span, SDK+batch": asgi(bare(components)),
+        "otel-asgi default (send spans)": asgi(bare(components), default_spans=True),
+        "otel-asgi + ambient + Telemetry": asgi(with_ambient(endpoint(components), sdk)),
+    }
+    scopes = [http_scope(f"user-{i}") for i in range(100)]
+    results: dict[str, list[float]] = {name: [] for name in stacks}
+    for app in stacks.values():  # warm up: USER components, caches, code paths
+        await run(app, scopes, 2000)
+    order = list(stacks)
+    rng = random.Random(1)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for name in order:
+            results[name].append(await run(stacks[name], scopes, requests))
+
+    tracer_provider.shutdown()
+    meter_provider.shutdown()
+
+    best = {name: min(values) * 1e6 for name, values in results.items()}
+    median = {name: statistics.median(values) * 1e6 for name, values in results.items()}
+    base = best["bare app"]
+    asgi_cost = best["otel-asgi server span, SDK+batch"] - base
+    print(
+        f"per-request cost, {requests} requests x {rounds} rounds, "
+        f"{components} component(s) per request (best round; median in brackets)"
+    )
+    print(f"{'stack':36} {'us/req':>16} {'overhead':>9} {'vs otel-asgi':>13}")
+    for name in stacks:
+        overhead = best[name] - base
+        ratio = overhead / asgi_cost if name != "bare app" else 0.0
+        print(f"{name:36} {best[name]:7.2f} [{median[name]:6.2f}] {overhead:8.2f}  {ratio:11.2f}x")
+    no_sdk_cost = best["ambient + Telemetry, no SDK"] - best["ambient, no telemetry"]
+    no_sdk_median = median["ambient + Telemetry, no SDK"] - median["ambient, no telemetry"]
+    observer_cost = best["ambient + a do-nothing Observer()"] - best["ambient, no telemetry"]
+    sdk_cost = best["ambient + Telemetry, SDK+batch"] - best["ambient, no telemetry"]
+    print()
+    print(
+        f"Telemetry with no SDK: {no_sdk_cost:+.2f} us/request (median {no_sdk_median:+.2f}); "
+        "target < 0.5 us"
+    )
+    print(
+        f"  of which the core's observer machinery (any observer, even one doing nothing): "
+        f"{observer_cost:+.2f} us"
+    )
+    print(
+        f"Telemetry with SDK+batch: {sdk_cost:+.2f} us/request = "
+        f"{sdk_cost / asgi_cost:.2f}x a bare otel-asgi server span ({asgi_cost:.2f} us)"
+    )
+    print(f"spans exported to the dropping exporter: {spans.exported}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--components", type=int, default=2, choices=(0, 1, 2))
+    options = parser.parse_args()
+    asyncio.run(main(options.requests, options.rounds, options.components))

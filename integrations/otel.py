@@ -1,0 +1,160 @@
+"""Send traces and metrics to an OTLP/HTTP collector (Jaeger, the OpenTelemetry Collector).
+
+Needs the ``otlp`` extra (``pip install 'ambient-context[otlp]'``): the OpenTelemetry SDK and
+its OTLP/HTTP exporter. Jaeger's all-in-one image accepts OTLP/HTTP on port 4318::
+
+    handle = configure_tracing("agent-backend", "http://localhost:4318", metrics=False)
+    registry = Registry(telemetry=Telemetry())       # uses the global providers set here
+    ...
+    handle.shutdown()                                 # at exit: flushes what is buffered
+
+With ``endpoint=None`` the exporters follow the standard environment variables
+(``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``,
+``OTEL_EXPORTER_OTLP_HEADERS``, ``OTEL_EXPORTER_OTLP_COMPRESSION``, ...), defaulting to
+``http://localhost:4318``; ``OTEL_BSP_*`` tune the batch span processor and
+``OTEL_METRIC_EXPORT_INTERVAL`` the metric export period.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from opentelemetry import metrics as otel_metrics
+from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+from ambient.telemetry import IdPolicy, Telemetry
+
+__all__ = ["TracingHandle", "configure_tracing"]
+
+logger = logging.getLogger("ambient")
+
+
+class TracingHandle:
+    """The providers :func:`configure_tracing` built; ``shutdown()`` flushes and stops them.
+
+    Attributes:
+        tracer_provider: The SDK tracer provider (OTLP/HTTP exporter, batch processor).
+        meter_provider: The SDK meter provider, or ``None`` with ``metrics=False``.
+    """
+
+    def __init__(self, tracer_provider: TracerProvider, meter_provider: MeterProvider | None):
+        self.tracer_provider = tracer_provider
+        self.meter_provider = meter_provider
+        self._shut_down = False
+
+    def telemetry(
+        self,
+        *,
+        user_id: IdPolicy = "hash",
+        tenant_id: IdPolicy = "raw",
+        hash_key: bytes | str | None = None,
+        span_threshold: float = 0.001,
+        baggage: tuple[str, ...] = (),
+    ) -> Telemetry:
+        """A :class:`~ambient.telemetry.Telemetry` on these providers (global or not)."""
+        return Telemetry(
+            tracer_provider=self.tracer_provider,
+            meter_provider=self.meter_provider,
+            user_id=user_id,
+            tenant_id=tenant_id,
+            hash_key=hash_key,
+            span_threshold=span_threshold,
+            baggage=baggage,
+        )
+
+    def force_flush(self, timeout: float = 30.0) -> bool:
+        """Export everything buffered now; ``False`` when it did not finish in time."""
+        millis = int(timeout * 1000)
+        done = self.tracer_provider.force_flush(millis)
+        if self.meter_provider is not None:
+            done = self.meter_provider.force_flush(millis) and done
+        return done
+
+    def shutdown(self) -> None:
+        """Flush and stop the exporters (once; later calls do nothing)."""
+        if self._shut_down:
+            return
+        self._shut_down = True
+        self.tracer_provider.shutdown()
+        if self.meter_provider is not None:
+            self.meter_provider.shutdown()
+
+    def __repr__(self) -> str:
+        state = "shut down" if self._shut_down else "running"
+        return f"<TracingHandle {state}>"
+
+
+def _signal_url(endpoint: str, path: str) -> str:
+    return f"{endpoint.rstrip('/')}/{path}"
+
+
+def configure_tracing(
+    service_name: str,
+    endpoint: str | None = None,
+    *,
+    metrics: bool = True,
+    set_global: bool = True,
+    resource_attributes: Mapping[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> TracingHandle:
+    """Build SDK tracer and meter providers exporting over OTLP/HTTP.
+
+    Args:
+        service_name: ``service.name`` of the resource (how Jaeger lists the service).
+        endpoint: Collector base URL, e.g. ``"http://localhost:4318"``; traces go to
+            ``<endpoint>/v1/traces``, metrics to ``<endpoint>/v1/metrics``. ``None`` follows
+            the ``OTEL_EXPORTER_OTLP_*`` environment variables.
+        metrics: Also export metrics (turn off for a Jaeger-only setup: Jaeger
+            accepts traces, not metrics).
+        set_global: Install the providers as OpenTelemetry's global ones, so
+            ``Telemetry()`` and other instrumentation use them. OpenTelemetry allows that once
+            per process; a second time logs a warning and the handle's providers stay local
+            (use :meth:`TracingHandle.telemetry`).
+        resource_attributes: More resource attributes (``deployment.environment``, ...).
+        headers: Extra export headers (e.g. an API key); default ``OTEL_EXPORTER_OTLP_HEADERS``.
+
+    Returns:
+        A :class:`TracingHandle`; call ``shutdown()`` at exit to flush.
+    """
+    if not isinstance(service_name, str) or not service_name.strip():
+        msg = "service_name must be a non-empty str (it becomes the resource's service.name)"
+        raise ValueError(msg)
+    resource = Resource.create({**(resource_attributes or {}), SERVICE_NAME: service_name})
+    span_exporter = OTLPSpanExporter(
+        endpoint=None if endpoint is None else _signal_url(endpoint, "v1/traces"),
+        headers=headers,
+    )
+    tracer_provider = TracerProvider(resource=resource)
+    tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
+    meter_provider = None
+    if metrics:
+        metric_exporter = OTLPMetricExporter(
+            endpoint=None if endpoint is None else _signal_url(endpoint, "v1/metrics"),
+            headers=headers,
+        )
+        meter_provider = MeterProvider(
+            resource=resource, metric_readers=[PeriodicExportingMetricReader(metric_exporter)]
+        )
+    if set_global:
+        trace.set_tracer_provider(tracer_provider)
+        if trace.get_tracer_provider() is not tracer_provider:
+            logger.warning(
+                "ambient: a global tracer provider was already installed; configure_tracing's "
+                "stays local, use handle.telemetry() to trace with it"
+            )
+        if meter_provider is not None:
+            otel_metrics.set_meter_provider(meter_provider)
+            if otel_metrics.get_meter_provider() is not meter_provider:
+                logger.warning(
+                    "ambient: a global meter provider was already installed; "
+                    "configure_tracing's stays local"
+                )
+    return TracingHandle(tracer_provider, meter_provider)

@@ -1,0 +1,257 @@
+"""Log correlation: the stdlib filter and the structlog processor add the context's ids and
+the current trace to every record, empty outside a context, never another user's."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+import structlog
+from opentelemetry.sdk.trace import TracerProvider
+from structlog.testing import LogCapture
+
+import ambient
+import ambient.integrations.logging as ambient_logging
+from ambient import Registry, UserExecutionContext, bind_context
+from ambient.integrations.logging import (
+    FIELDS,
+    ContextFilter,
+    ContextProcessor,
+    add_context,
+    context_fields,
+)
+from ambient.telemetry import Telemetry, hash_id
+
+
+class Keep(logging.Handler):
+    """Keeps the records it handles."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture(name="tracer_provider")
+def fixture_tracer_provider() -> Iterator[TracerProvider]:
+    provider = TracerProvider()
+    yield provider
+    provider.shutdown()
+
+
+def make_logger(name: str, log_filter: logging.Filter) -> tuple[logging.Logger, Keep]:
+    log = logging.getLogger(f"tests.logging.{name}")
+    log.setLevel(logging.DEBUG)
+    log.propagate = False
+    for old in list(log.handlers):
+        log.removeHandler(old)
+    handler = Keep()
+    handler.addFilter(log_filter)
+    log.addHandler(handler)
+    return log, handler
+
+
+def fields(record: logging.LogRecord) -> dict[str, str]:
+    return {name: getattr(record, name) for name in FIELDS}
+
+
+class TestContextFilter:
+    def test_outside_a_context_every_field_is_empty(self) -> None:
+        """No context, no span: all seven fields exist and are empty strings."""
+        log, kept = make_logger("outside", ContextFilter())
+        log.info("hello")
+        (record,) = kept.records
+        assert fields(record) == dict.fromkeys(FIELDS, "")
+
+    def test_bound_context_without_a_span(self) -> None:
+        """A bound context gives the ids (user id hashed); no span gives empty trace fields."""
+        log, kept = make_logger("bound", ContextFilter())
+        context = UserExecutionContext.create("alice", tenant_id="acme")
+        with bind_context(context):
+            log.info("hello")
+        assert fields(kept.records[0]) == {
+            "user_id": hash_id("alice"),
+            "tenant_id": "acme",
+            "thread_id": context.thread_id,
+            "run_id": context.run_id,
+            "request_id": context.request_id,
+            "trace_id": "",
+            "span_id": "",
+        }
+
+    @pytest.mark.parametrize(
+        ("options", "user", "tenant"),
+        [
+            ({"user_id": "raw"}, "alice", "acme"),
+            ({"user_id": "omit", "tenant_id": "omit"}, "", ""),
+            (
+                {"hash_key": b"k", "tenant_id": "hash"},
+                hash_id("alice", b"k"),
+                hash_id("acme", b"k"),
+            ),
+        ],
+    )
+    def test_id_policies(self, options: dict[str, Any], user: str, tenant: str) -> None:
+        """user_id and tenant_id follow the same policies as the spans."""
+        log, kept = make_logger("policy", ContextFilter(**options))
+        with bind_context(UserExecutionContext.create("alice", tenant_id="acme")):
+            log.info("hello")
+        assert kept.records[0].user_id == user  # type: ignore[attr-defined]
+        assert kept.records[0].tenant_id == tenant  # type: ignore[attr-defined]
+
+    def test_fields_given_with_extra_are_kept(self) -> None:
+        """A field passed with extra= wins over the filter's value."""
+        log, kept = make_logger("extra", ContextFilter())
+        with bind_context(UserExecutionContext.create("alice")):
+            log.info("hello", extra={"request_id": "from-caller"})
+        assert kept.records[0].request_id == "from-caller"  # type: ignore[attr-defined]
+        assert kept.records[0].user_id == hash_id("alice")  # type: ignore[attr-defined]
+
+    def test_never_raises(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """If looking up the context fails, the record still goes out with empty fields."""
+
+        def broken() -> None:
+            raise RuntimeError("lookup failed")
+
+        monkeypatch.setattr(ambient_logging, "current_context_or_none", broken)
+        log, kept = make_logger("broken", ContextFilter())
+        log.info("hello")
+        assert fields(kept.records[0]) == dict.fromkeys(FIELDS, "")
+
+    def test_bad_policy_is_refused(self) -> None:
+        """An unknown policy raises ValueError at construction."""
+        with pytest.raises(ValueError, match="user_id must be one of"):
+            ContextFilter(user_id="clear")  # type: ignore[arg-type]
+
+    async def test_records_carry_the_scope_span_and_the_spans_user_hash(
+        self, tracer_provider: TracerProvider
+    ) -> None:
+        """Inside a traced scope: trace and span id of the scope span, and the same user
+        pseudonym as the span attribute."""
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+            InMemorySpanExporter,
+        )
+
+        exporter = InMemorySpanExporter()
+        tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+        registry = Registry(telemetry=Telemetry(tracer_provider=tracer_provider))
+        log, kept = make_logger("traced", ContextFilter())
+        async with registry.open_scope(UserExecutionContext.create("alice")):
+            log.info("inside")
+        log.info("after")
+        (span,) = exporter.get_finished_spans()
+        inside, after = kept.records
+        assert inside.trace_id == f"{span.context.trace_id:032x}"  # type: ignore[attr-defined]
+        assert inside.span_id == f"{span.context.span_id:016x}"  # type: ignore[attr-defined]
+        assert inside.user_id == (span.attributes or {})["ambient.user_id"]  # type: ignore[attr-defined]
+        assert fields(after) == dict.fromkeys(FIELDS, "")
+
+    async def test_100_concurrent_users_never_get_each_others_ids(
+        self, tracer_provider: TracerProvider
+    ) -> None:
+        """100 concurrent scopes, each logging across checkpoints: every record carries its
+        own user, request and trace, never another's."""
+        registry = Registry(telemetry=Telemetry(tracer_provider=tracer_provider))
+        log, kept = make_logger("concurrent", ContextFilter(user_id="raw"))
+        expected: dict[str, tuple[str, str]] = {}
+
+        async def request(n: int) -> None:
+            context = UserExecutionContext.create(f"user-{n}", request_id=f"req-{n}")
+            async with registry.open_scope(context):
+                from opentelemetry import trace
+
+                trace_id = f"{trace.get_current_span().get_span_context().trace_id:032x}"
+                expected[f"req-{n}"] = (f"user-{n}", trace_id)
+                for step in range(3):
+                    log.info("step %d", step)
+                    await anyio.lowlevel.checkpoint()
+
+        async with anyio.create_task_group() as tg:
+            for n in range(100):
+                tg.start_soon(request, n)
+        assert len(kept.records) == 300
+        assert len({trace for _, trace in expected.values()}) == 100
+        for record in kept.records:
+            user, trace_id = expected[record.request_id]  # type: ignore[attr-defined]
+            assert record.user_id == user  # type: ignore[attr-defined]
+            assert record.trace_id == trace_id  # type: ignore[attr-defined]
+
+    def test_context_fields_helper(self) -> None:
+        """context_fields() returns the same dict the filter adds."""
+        with bind_context(UserExecutionContext.create("alice", request_id="r1")):
+            assert context_fields(user_id="raw")["request_id"] == "r1"
+            assert context_fields(user_id="raw")["user_id"] == "alice"
+        assert context_fields() == dict.fromkeys(FIELDS, "")
+
+
+class TestStructlog:
+    def _logger(self, processor: Any = add_context) -> tuple[Any, LogCapture]:
+        capture = LogCapture()
+        log = structlog.wrap_logger(
+            structlog.PrintLogger(),
+            processors=[processor, capture],
+            cache_logger_on_first_use=False,
+        )
+        return log, capture
+
+    def test_outside_a_context(self) -> None:
+        """Outside a context the processor adds empty fields."""
+        log, capture = self._logger()
+        log.info("hello")
+        (entry,) = capture.entries
+        assert {k: entry[k] for k in FIELDS} == dict.fromkeys(FIELDS, "")
+
+    def test_inside_a_context_and_keys_given_are_kept(self) -> None:
+        """Inside, the ids are added (user hashed); a key the call passes is kept."""
+        log, capture = self._logger()
+        context = UserExecutionContext.create("alice")
+        with bind_context(context):
+            log.info("hello", run_id="mine")
+        (entry,) = capture.entries
+        assert entry["user_id"] == hash_id("alice")
+        assert entry["thread_id"] == context.thread_id
+        assert entry["run_id"] == "mine"
+
+    async def test_concurrent_users(self) -> None:
+        """50 concurrent contexts: each event carries its own user."""
+        log, capture = self._logger(ContextProcessor(user_id="raw"))
+
+        async def request(n: int) -> None:
+            with bind_context(UserExecutionContext.create(f"user-{n}", request_id=f"req-{n}")):
+                for _ in range(2):
+                    log.info("step")
+                    await anyio.lowlevel.checkpoint()
+
+        async with anyio.create_task_group() as tg:
+            for n in range(50):
+                tg.start_soon(request, n)
+        assert len(capture.entries) == 100
+        for entry in capture.entries:
+            assert entry["user_id"] == "user-" + entry["request_id"].removeprefix("req-")
+
+    def test_importing_the_module_does_not_import_structlog(self) -> None:
+        """structlog stays optional: the integration never imports it."""
+        code = (
+            "import sys, ambient.integrations.logging\n"
+            "print('structlog' in sys.modules, 'opentelemetry.sdk' in sys.modules)\n"
+        )
+        out = subprocess.run(  # noqa: S603 - our own interpreter, fixed code
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+        )
+        assert out.stdout.split() == ["False", "False"]
+
+
+def test_the_public_names_exist() -> None:
+    """__all__ of the integration names what it exports."""
+    for name in ambient_logging.__all__:
+        assert hasattr(ambient_logging, name)
+    assert ambient.current_context_or_none() is None

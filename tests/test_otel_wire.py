@@ -1,0 +1,313 @@
+"""On the wire: what configure_tracing sends to an OTLP/HTTP collector (what Jaeger ingests).
+
+A small OTLP/HTTP receiver runs on 127.0.0.1 and decodes the protobuf payloads with
+opentelemetry-proto; requests go through AmbientMiddleware on a real uvicorn server behind
+opentelemetry-instrumentation-asgi.
+"""
+
+from __future__ import annotations
+
+import gzip
+import threading
+import zlib
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+    ExportMetricsServiceResponse,
+)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
+from opentelemetry.proto.trace.v1.trace_pb2 import Status as ProtoStatus
+
+import ambient
+from ambient import Lifetime, Registry, UserRef
+from ambient.integrations.otel import TracingHandle, configure_tracing
+from ambient.middleware import AmbientMiddleware
+from ambient.middleware.identity import trusted_header
+from ambient.telemetry import Telemetry, hash_id
+from tests.servers import serve
+
+
+class Receiver:
+    """An OTLP/HTTP collector on 127.0.0.1 that keeps every decoded export request."""
+
+    def __init__(self) -> None:
+        self.traces: list[ExportTraceServiceRequest] = []
+        self.metrics: list[ExportMetricsServiceRequest] = []
+        self.headers: list[dict[str, str]] = []
+        self.rejected: list[str] = []
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                encoding = self.headers.get("Content-Encoding", "")
+                if encoding == "gzip":
+                    body = gzip.decompress(body)
+                elif encoding == "deflate":
+                    body = zlib.decompress(body)
+                response: Any
+                with receiver._lock:
+                    receiver.headers.append({k.lower(): v for k, v in self.headers.items()})
+                    if self.path == "/v1/traces":
+                        receiver.traces.append(ExportTraceServiceRequest.FromString(body))
+                        response = ExportTraceServiceResponse()
+                    elif self.path == "/v1/metrics":
+                        receiver.metrics.append(ExportMetricsServiceRequest.FromString(body))
+                        response = ExportMetricsServiceResponse()
+                    else:
+                        receiver.rejected.append(self.path)
+                        self.send_response(404)
+                        self.end_headers()
+                        return
+                payload = response.SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+
+    def __enter__(self) -> Receiver:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)
+
+    def spans(self) -> list[tuple[dict[str, Any], ProtoSpan]]:
+        """Every received span with its resource attributes."""
+        found = []
+        for request in self.traces:
+            for resource_spans in request.resource_spans:
+                resource = attributes(resource_spans.resource.attributes)
+                for scope_spans in resource_spans.scope_spans:
+                    found.extend((resource, span) for span in scope_spans.spans)
+        return found
+
+    def last_metrics(self) -> dict[str, Any]:
+        """The newest data of each metric of instrumentation scope ``ambient``."""
+        found: dict[str, Any] = {}
+        for request in self.metrics:
+            for resource_metrics in request.resource_metrics:
+                for scope_metrics in resource_metrics.scope_metrics:
+                    if scope_metrics.scope.name != "ambient":
+                        continue
+                    for metric in scope_metrics.metrics:
+                        found[metric.name] = metric
+        return found
+
+
+def value(any_value: AnyValue) -> Any:
+    kind = any_value.WhichOneof("value")
+    return None if kind is None else getattr(any_value, kind)
+
+
+def attributes(items: Any) -> dict[str, Any]:
+    return {item.key: value(item.value) for item in items if isinstance(item, KeyValue)}
+
+
+@pytest.fixture(name="receiver")
+def fixture_receiver() -> Iterator[Receiver]:
+    with Receiver() as receiver:
+        yield receiver
+
+
+class Dispatcher:
+    def close(self) -> None:
+        pass
+
+
+class Memory:
+    def __init__(self, user: UserRef) -> None:
+        self.user = user
+
+
+def broken() -> Iterator[str]:
+    yield "socket"
+    raise ConnectionResetError("peer gone")
+
+
+def make_app(telemetry: Telemetry) -> Any:
+    """AmbientMiddleware (identity from `x-user-id`) around an endpoint resolving two
+    components, and on `/fail` one whose cleanup fails after the response went out."""
+    registry = Registry()
+    registry.register(Dispatcher, Dispatcher)
+    registry.register(Memory, Memory, lifetime=Lifetime.USER)
+    registry.register("socket", broken)
+
+    async def endpoint(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await ambient.resolve(Dispatcher)
+        await ambient.resolve(Memory)
+        if scope["path"] == "/fail":
+            await ambient.resolve("socket")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    return AmbientMiddleware(
+        endpoint, registry=registry, identity=trusted_header(), telemetry=telemetry
+    )
+
+
+async def drive(handle: TracingHandle, telemetry: Telemetry, paths: list[tuple[str, str]]) -> None:
+    app = OpenTelemetryMiddleware(
+        make_app(telemetry),
+        tracer_provider=handle.tracer_provider,
+        meter_provider=handle.meter_provider,
+        exclude_spans=["receive", "send"],
+    )
+    with serve("uvicorn", app, lifespan="off") as url:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+
+            async def call(n: int, path: str, user: str) -> None:
+                response = await client.get(
+                    path, headers={"x-user-id": user, "x-request-id": f"req-{n}"}
+                )
+                assert response.status_code == 200
+
+            async with anyio.create_task_group() as tg:
+                for n, (path, user) in enumerate(paths):
+                    tg.start_soon(call, n, path, user)
+    # Flushes the batch span processor and the metric reader over OTLP/HTTP.
+    await anyio.to_thread.run_sync(handle.shutdown)
+
+
+async def test_spans_and_metrics_arrive_as_a_collector_sees_them(receiver: Receiver) -> None:
+    """service.name, span names, parent links, attributes and metric values, decoded from
+    the OTLP/HTTP protobuf that configure_tracing sent."""
+    handle = configure_tracing(
+        "ambient-wire-test",
+        receiver.url,
+        set_global=False,
+        resource_attributes={"deployment.environment": "test"},
+    )
+    telemetry = handle.telemetry(span_threshold=0, hash_key=b"wire")
+    paths = [("/fail" if n % 5 == 0 else "/ok", f"user-{n % 10}") for n in range(20)]
+    await drive(handle, telemetry, paths)
+
+    assert receiver.rejected == []
+    spans = receiver.spans()
+    for resource, _ in spans:
+        assert resource["service.name"] == "ambient-wire-test"
+        assert resource["deployment.environment"] == "test"
+    by_id = {span.span_id: span for _, span in spans}
+    servers = [s for s in by_id.values() if s.kind == ProtoSpan.SPAN_KIND_SERVER]
+    scopes = [s for s in by_id.values() if s.name == "ambient.scope"]
+    assert len(servers) == 20
+    assert len(scopes) == 20
+    names = {s.name for s in by_id.values()}
+    assert {"ambient.scope", "ambient.resolve", "ambient.cleanup"} <= names
+    assert names == {"GET /ok", "GET /fail", "ambient.scope", "ambient.resolve", "ambient.cleanup"}
+
+    children: dict[bytes, list[ProtoSpan]] = {}
+    for span in by_id.values():
+        children.setdefault(span.parent_span_id, []).append(span)
+    failed_scopes = 0
+    for scope_span in scopes:
+        scope_attributes = attributes(scope_span.attributes)
+        parent = by_id[scope_span.parent_span_id]
+        assert parent.kind == ProtoSpan.SPAN_KIND_SERVER
+        assert parent.trace_id == scope_span.trace_id
+        assert scope_span.kind == ProtoSpan.SPAN_KIND_INTERNAL
+        n = int(scope_attributes["ambient.request_id"].removeprefix("req-"))
+        path, user = paths[n]
+        assert scope_attributes["ambient.user_id"] == hash_id(user, b"wire")
+        assert user not in str(scope_span)
+        mine = children[scope_span.span_id]
+        assert {s.trace_id for s in mine} == {scope_span.trace_id}
+        kinds = sorted(
+            (s.name, attributes(s.attributes)["ambient.component"])
+            for s in mine
+            if s.name != "ambient.scope"
+        )
+        expected = [("ambient.cleanup", "Dispatcher"), ("ambient.resolve", "Dispatcher")]
+        if path == "/fail":
+            expected += [("ambient.cleanup", "'socket'"), ("ambient.resolve", "'socket'")]
+        created_memory = ("ambient.resolve", "Memory") in kinds
+        if created_memory:
+            expected.append(("ambient.resolve", "Memory"))
+        assert kinds == sorted(expected)
+        if path == "/fail":
+            failed_scopes += 1
+            assert scope_span.status.code == ProtoStatus.STATUS_CODE_ERROR
+            assert scope_attributes["ambient.cleanup.failures"] == 1
+            (cleanup,) = [
+                s
+                for s in mine
+                if s.name == "ambient.cleanup"
+                and attributes(s.attributes)["ambient.component"] == "'socket'"
+            ]
+            assert cleanup.status.code == ProtoStatus.STATUS_CODE_ERROR
+            assert [e.name for e in cleanup.events] == ["exception"]
+        else:
+            assert scope_attributes["ambient.cleanup.failures"] == 0
+    assert failed_scopes == 4
+    memory_creations = [
+        s
+        for s in by_id.values()
+        if s.name == "ambient.resolve" and attributes(s.attributes)["ambient.component"] == "Memory"
+    ]
+    assert len(memory_creations) == 10  # once per user
+
+    metrics = receiver.last_metrics()
+    assert metrics["ambient.scopes.active"].sum.data_points[0].as_int == 0
+    assert metrics["ambient.cleanup.failures"].sum.data_points[0].as_int == 4
+    assert metrics["ambient.user_components.live"].sum.data_points[0].as_int == 10
+    creations = {
+        attributes(p.attributes)["ambient.component"]: p.count
+        for p in metrics["ambient.component.create.duration"].histogram.data_points
+    }
+    assert creations == {"Dispatcher": 20, "Memory": 10, "'socket'": 4}
+    for metric in metrics.values():
+        data = getattr(metric, metric.WhichOneof("data"))
+        for point in data.data_points:
+            values = set(map(str, attributes(point.attributes).values()))
+            assert not any(v.startswith("user-") for v in values)
+
+
+async def test_environment_variables_are_honoured(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """endpoint=None: OTEL_EXPORTER_OTLP_ENDPOINT and OTEL_EXPORTER_OTLP_HEADERS apply."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "x-api-key=s3cret")
+    handle = configure_tracing("from-env", set_global=False, metrics=False)
+    await drive(handle, handle.telemetry(), [("/ok", "alice")])
+    assert receiver.metrics == []
+    names = {span.name for _, span in receiver.spans()}
+    assert "ambient.scope" in names
+    assert {resource["service.name"] for resource, _ in receiver.spans()} == {"from-env"}
+    assert all(h.get("x-api-key") == "s3cret" for h in receiver.headers)
+
+
+def test_shutdown_is_idempotent_and_validates_the_name(receiver: Receiver) -> None:
+    """shutdown() twice is harmless; an empty service name is refused."""
+    handle = configure_tracing("twice", receiver.url, set_global=False)
+    assert handle.force_flush(timeout=5)
+    handle.shutdown()
+    handle.shutdown()
+    assert "shut down" in repr(handle)
+    with pytest.raises(ValueError, match="service_name"):
+        configure_tracing(" ", set_global=False)

@@ -1,0 +1,1095 @@
+"""Telemetry: scope and component spans, events, ids, metrics, baggage, failure safety, and
+AmbientMiddleware behind opentelemetry-instrumentation-asgi on a real uvicorn server."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import hmac
+import json
+import logging
+import random
+import threading
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import httpx
+import pytest
+from opentelemetry import baggage, propagate, trace
+from opentelemetry import context as otel_context
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.trace import SpanKind, StatusCode
+
+import ambient
+import ambient.telemetry
+from ambient import CleanupError, Lifetime, Registry, UserExecutionContext, UserRef
+from ambient.middleware import AmbientMiddleware
+from ambient.middleware.identity import trusted_header
+from ambient.telemetry import Telemetry, hash_id
+from tests.servers import serve
+
+ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+class Collector(SpanProcessor):
+    """Keeps every ended span and counts starts; a test waits on it instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.spans: list[ReadableSpan] = []
+        self.started = 0
+        self._cond = threading.Condition()
+
+    def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:
+        with self._cond:
+            self.started += 1
+
+    def on_end(self, span: ReadableSpan) -> None:
+        with self._cond:
+            self.spans.append(span)
+            self._cond.notify_all()
+
+    def wait_for(
+        self, predicate: Callable[[list[ReadableSpan]], bool], timeout: float = 10
+    ) -> None:
+        with self._cond:
+            assert self._cond.wait_for(lambda: predicate(self.spans), timeout), self.names()
+
+    def named(self, name: str) -> list[ReadableSpan]:
+        with self._cond:
+            return [s for s in self.spans if s.name == name]
+
+    def names(self) -> list[str]:
+        return [s.name for s in self.spans]
+
+
+class Otel:
+    """A real SDK tracer and meter provider with in-memory collection."""
+
+    def __init__(self) -> None:
+        self.spans = Collector()
+        self.tracer_provider = TracerProvider()
+        self.tracer_provider.add_span_processor(self.spans)
+        self.reader = InMemoryMetricReader()
+        self.meter_provider = MeterProvider(metric_readers=[self.reader])
+
+    def telemetry(self, **options: Any) -> Telemetry:
+        return Telemetry(
+            tracer_provider=self.tracer_provider, meter_provider=self.meter_provider, **options
+        )
+
+    def points(self) -> dict[str, list[Any]]:
+        """Data points of ambient's instruments, by instrument name."""
+        data = self.reader.get_metrics_data()
+        found: dict[str, list[Any]] = {}
+        if data is None:
+            return found
+        for resource_metrics in data.resource_metrics:
+            for scope_metrics in resource_metrics.scope_metrics:
+                if scope_metrics.scope.name != "ambient":
+                    continue
+                for metric in scope_metrics.metrics:
+                    found[metric.name] = list(metric.data.data_points)
+        return found
+
+    def total(self, name: str) -> float:
+        return float(sum(p.value for p in self.points().get(name, [])))
+
+    def count(self, name: str) -> int:
+        return int(sum(p.count for p in self.points().get(name, [])))
+
+
+@pytest.fixture(name="otel")
+def fixture_otel() -> Iterator[Otel]:
+    otel = Otel()
+    yield otel
+    otel.tracer_provider.shutdown()
+    otel.meter_provider.shutdown()
+
+
+@pytest.fixture(name="detach_errors")
+def fixture_detach_errors() -> Iterator[list[logging.LogRecord]]:
+    """Records OpenTelemetry logs when a context token cannot be detached."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep(logging.DEBUG)
+    log = logging.getLogger("opentelemetry.context")
+    log.addHandler(handler)
+    try:
+        yield records
+    finally:
+        log.removeHandler(handler)
+
+
+class Dispatcher:
+    """A REQUEST component with a cleanup."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Memory:
+    """A USER component."""
+
+    def __init__(self, user: UserRef) -> None:
+        self.user = user
+
+
+def ctx(user: str = "alice", **ids: Any) -> UserExecutionContext:
+    return UserExecutionContext.create(user, **ids)
+
+
+def one(spans: list[ReadableSpan]) -> ReadableSpan:
+    assert len(spans) == 1, [s.name for s in spans]
+    return spans[0]
+
+
+def parent_id(span: ReadableSpan) -> int | None:
+    return None if span.parent is None else span.parent.span_id
+
+
+# -- the scope span ------------------------------------------------------------------------
+
+
+class TestScopeSpan:
+    async def test_scope_span_carries_the_context_ids(self, otel: Otel) -> None:
+        """ambient.scope is INTERNAL, from instrumentation scope `ambient`, with every id."""
+        registry = Registry(telemetry=otel.telemetry(hash_key=b"k"))
+        registry.register(Dispatcher, Dispatcher)
+        context = ctx("alice", tenant_id="acme")
+        async with registry.open_scope(context):
+            await ambient.resolve(Dispatcher)
+        span = one(otel.spans.named("ambient.scope"))
+        assert span.kind is SpanKind.INTERNAL
+        assert span.instrumentation_scope is not None
+        assert span.instrumentation_scope.name == "ambient"
+        assert dict(span.attributes or {}) == {
+            "ambient.user_id": hash_id("alice", b"k"),
+            "ambient.tenant_id": "acme",
+            "ambient.thread_id": context.thread_id,
+            "ambient.run_id": context.run_id,
+            "ambient.request_id": context.request_id,
+            "ambient.components.created": 1,
+            "ambient.cleanup.failures": 0,
+        }
+        assert span.status.status_code is StatusCode.UNSET
+
+    async def test_scope_span_is_current_inside_and_restored_after(self, otel: Otel) -> None:
+        """Inside the scope the scope span is current; afterwards the outer span is again."""
+        tracer = otel.tracer_provider.get_tracer("test")
+        registry = Registry(telemetry=otel.telemetry())
+        with tracer.start_as_current_span("outer") as outer:
+            async with registry.open_scope(ctx()):
+                inside = trace.get_current_span()
+                with tracer.start_as_current_span("work"):
+                    await anyio.lowlevel.checkpoint()
+            assert trace.get_current_span() is outer
+        scope_span = one(otel.spans.named("ambient.scope"))
+        assert inside.get_span_context().span_id == scope_span.context.span_id
+        assert parent_id(scope_span) == outer.get_span_context().span_id
+        assert parent_id(one(otel.spans.named("work"))) == scope_span.context.span_id
+
+    async def test_scope_span_covers_the_cleanup(self, otel: Otel) -> None:
+        """The scope span ends after the last cleanup, which is its child."""
+        registry = Registry(telemetry=otel.telemetry(span_threshold=0))
+
+        async def slow_cleanup() -> AsyncIterator[Dispatcher]:
+            yield Dispatcher()
+            await anyio.sleep(0.01)
+
+        registry.register(Dispatcher, slow_cleanup)
+        async with registry.open_scope(ctx()):
+            await ambient.resolve(Dispatcher)
+        scope_span = one(otel.spans.named("ambient.scope"))
+        cleanup = one(otel.spans.named("ambient.cleanup"))
+        assert parent_id(cleanup) == scope_span.context.span_id
+        assert scope_span.start_time is not None
+        assert cleanup.start_time is not None
+        assert scope_span.end_time is not None
+        assert cleanup.end_time is not None
+        assert scope_span.start_time <= cleanup.start_time
+        assert cleanup.end_time - cleanup.start_time >= 10_000_000
+        assert cleanup.end_time <= scope_span.end_time
+
+    async def test_failed_cleanup_marks_the_scope_span(self, otel: Otel) -> None:
+        """A failing cleanup: ERROR scope span, `ambient.cleanup.failures` 1, ERROR cleanup span."""
+        registry = Registry(telemetry=otel.telemetry())
+
+        def broken() -> Iterator[Dispatcher]:
+            yield Dispatcher()
+            raise RuntimeError("cannot close")
+
+        registry.register(Dispatcher, broken)
+        with pytest.raises(CleanupError):
+            async with registry.open_scope(ctx()):
+                await ambient.resolve(Dispatcher)
+        scope_span = one(otel.spans.named("ambient.scope"))
+        assert scope_span.status.status_code is StatusCode.ERROR
+        assert (scope_span.attributes or {})["ambient.cleanup.failures"] == 1
+        cleanup = one(otel.spans.named("ambient.cleanup"))
+        assert cleanup.status.status_code is StatusCode.ERROR
+        assert parent_id(cleanup) == scope_span.context.span_id
+        (event,) = cleanup.events
+        assert event.name == "exception"
+        assert (event.attributes or {})["exception.type"] == "RuntimeError"
+
+    async def test_nested_scopes_closed_out_of_order_restore_nothing_stale(
+        self, otel: Otel
+    ) -> None:
+        """Closing an outer scope before an inner one never brings an ended span back."""
+        registry = Registry(telemetry=otel.telemetry())
+        tracer = otel.tracer_provider.get_tracer("test")
+        with tracer.start_as_current_span("outer") as outer:
+            first = registry.open_scope(ctx("alice"))
+            await first.__aenter__()
+            second = registry.open_scope(ctx("bob"), allow_switch=True)
+            await second.__aenter__()
+            await first.aclose()
+            await second.aclose()
+            assert trace.get_current_span() is outer
+        assert len(otel.spans.named("ambient.scope")) == 2
+
+    async def test_registry_and_scope_observer_do_not_double_trace(self, otel: Otel) -> None:
+        """The same telemetry on the registry and passed to open_scope traces once."""
+        telemetry = otel.telemetry()
+        registry = Registry(telemetry=telemetry)
+        async with registry.open_scope(ctx(), observer=telemetry):
+            pass
+        assert len(otel.spans.named("ambient.scope")) == 1
+
+
+# -- components: spans or events -----------------------------------------------------------
+
+
+class TestComponentSpans:
+    async def test_threshold_zero_makes_every_operation_a_child_span(self, otel: Otel) -> None:
+        """With span_threshold=0 each creation and cleanup is a child span of the scope."""
+        registry = Registry(telemetry=otel.telemetry(span_threshold=0))
+        registry.register(Dispatcher, Dispatcher)
+        registry.register(Memory, Memory, lifetime=Lifetime.USER)
+        async with registry.open_scope(ctx()):
+            await ambient.resolve(Dispatcher)
+            await ambient.resolve(Memory)
+        scope_span = one(otel.spans.named("ambient.scope"))
+        resolves = otel.spans.named("ambient.resolve")
+        assert {(s.attributes or {})["ambient.component"] for s in resolves} == {
+            "Dispatcher",
+            "Memory",
+        }
+        assert {(s.attributes or {})["ambient.lifetime"] for s in resolves} == {"request", "user"}
+        cleanup = one(otel.spans.named("ambient.cleanup"))
+        for span in [*resolves, cleanup]:
+            assert parent_id(span) == scope_span.context.span_id
+            assert span.context.trace_id == scope_span.context.trace_id
+            assert span.kind is SpanKind.INTERNAL
+        assert scope_span.events == ()
+        await registry.aclose()
+
+    async def test_fast_operations_become_events_on_the_scope_span(self, otel: Otel) -> None:
+        """Below the threshold a creation or cleanup is an event with its duration."""
+        registry = Registry(telemetry=otel.telemetry(span_threshold=60))
+        registry.register(Dispatcher, Dispatcher)
+        async with registry.open_scope(ctx()):
+            await ambient.resolve(Dispatcher)
+        assert otel.spans.names() == ["ambient.scope"]
+        scope_span = one(otel.spans.named("ambient.scope"))
+        assert [e.name for e in scope_span.events] == ["ambient.resolve", "ambient.cleanup"]
+        for event in scope_span.events:
+            attributes = event.attributes or {}
+            assert attributes["ambient.component"] == "Dispatcher"
+            assert attributes["ambient.lifetime"] == "request"
+            duration = attributes["ambient.duration"]
+            assert isinstance(duration, float)
+            assert 0 <= duration < 60
+            assert scope_span.start_time is not None
+            assert event.timestamp >= scope_span.start_time
+
+    async def test_slow_operation_is_a_span_and_fast_one_an_event(self, otel: Otel) -> None:
+        """Around the threshold: the 20 ms factory gets a span, the instant one an event."""
+        registry = Registry(telemetry=otel.telemetry(span_threshold=0.01))
+
+        async def slow() -> Memory:
+            await anyio.sleep(0.02)
+            return Memory(UserRef("x"))
+
+        registry.register(Memory, slow)
+        registry.register(Dispatcher, Dispatcher)
+        async with registry.open_scope(ctx()):
+            await ambient.resolve(Memory)
+            await ambient.resolve(Dispatcher)
+        resolve = one(otel.spans.named("ambient.resolve"))
+        assert (resolve.attributes or {})["ambient.component"] == "Memory"
+        assert resolve.end_time is not None
+        assert resolve.start_time is not None
+        assert resolve.end_time - resolve.start_time >= 20_000_000
+        scope_span = one(otel.spans.named("ambient.scope"))
+        events = [(e.name, (e.attributes or {})["ambient.component"]) for e in scope_span.events]
+        assert events == [
+            ("ambient.resolve", "Dispatcher"),
+            ("ambient.cleanup", "Dispatcher"),
+            ("ambient.cleanup", "Memory"),  # releasing it is quick, whatever its creation took
+        ]
+
+    async def test_failing_factory_is_an_error_span_whatever_the_threshold(
+        self, otel: Otel
+    ) -> None:
+        """A factory that raises: ERROR span with the exception recorded; the next try works."""
+        registry = Registry(telemetry=otel.telemetry(span_threshold=60))
+        calls = 0
+
+        def flaky() -> Dispatcher:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise ConnectionError("pool down")
+            return Dispatcher()
+
+        registry.register(Dispatcher, flaky)
+        async with registry.open_scope(ctx()):
+            with pytest.raises(ConnectionError):
+                await ambient.resolve(Dispatcher)
+            await ambient.resolve(Dispatcher)
+        failed = one(otel.spans.named("ambient.resolve"))
+        assert failed.status.status_code is StatusCode.ERROR
+        assert failed.status.description == "ConnectionError"
+        (event,) = failed.events
+        assert (event.attributes or {})["exception.message"] == "pool down"
+
+    async def test_cancelled_factory_is_not_an_error(self, otel: Otel) -> None:
+        """A factory interrupted by cancellation ends its span unset, marked cancelled."""
+        registry = Registry(telemetry=otel.telemetry(span_threshold=60))
+        started = anyio.Event()
+
+        async def hangs() -> Dispatcher:
+            started.set()
+            await anyio.sleep_forever()
+            raise AssertionError
+
+        registry.register(Dispatcher, hangs)
+        with anyio.CancelScope() as cancel:
+
+            async def cancel_when_started() -> None:
+                await started.wait()
+                cancel.cancel()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(cancel_when_started)
+                async with registry.open_scope(ctx()):
+                    await ambient.resolve(Dispatcher)
+        span = one(otel.spans.named("ambient.resolve"))
+        assert span.status.status_code is StatusCode.UNSET
+        assert (span.attributes or {})["ambient.cancelled"] is True
+        assert otel.spans.started == len(otel.spans.spans)
+
+    async def test_user_cleanup_at_shutdown_is_a_trace_of_its_own(self, otel: Otel) -> None:
+        """A failing USER cleanup at shutdown: root ERROR span naming the hashed user."""
+        registry = Registry(telemetry=otel.telemetry(hash_key="k"))
+
+        def memory(user: UserRef) -> Iterator[Memory]:
+            yield Memory(user)
+            raise OSError("flush failed")
+
+        registry.register(Memory, memory, lifetime=Lifetime.USER)
+        async with registry.open_scope(ctx("carol")):
+            await ambient.resolve(Memory)
+        with pytest.raises(CleanupError):
+            await registry.aclose()
+        cleanup = one(otel.spans.named("ambient.cleanup"))
+        assert cleanup.parent is None
+        assert cleanup.status.status_code is StatusCode.ERROR
+        assert (cleanup.attributes or {})["ambient.user_id"] == hash_id("carol", "k")
+        assert (cleanup.attributes or {})["ambient.lifetime"] == "user"
+
+
+# -- ids -----------------------------------------------------------------------------------
+
+
+class TestIds:
+    def test_hash_is_a_keyed_hmac_not_a_bare_sha256(self) -> None:
+        """hash_id is HMAC-SHA256 under the key, 16 hex characters."""
+        expected = hmac.new(b"secret", b"alice", "sha256").hexdigest()[:16]
+        assert hash_id("alice", b"secret") == expected
+        assert hash_id("alice", "secret") == expected
+        assert hash_id("alice", b"other") != expected
+        assert hash_id("alice", b"secret") != hashlib.sha256(b"alice").hexdigest()[:16]
+        assert hash_id("alice") != hashlib.sha256(b"alice").hexdigest()[:16]
+        assert len(hash_id("alice")) == 16
+
+    @pytest.mark.parametrize(
+        ("user_policy", "tenant_policy", "user", "tenant"),
+        [
+            ("hash", "raw", hash_id("alice", b"k"), "acme"),
+            ("raw", "hash", "alice", hash_id("acme", b"k")),
+            ("omit", "omit", None, None),
+        ],
+    )
+    async def test_id_policies(
+        self,
+        otel: Otel,
+        user_policy: Any,
+        tenant_policy: Any,
+        user: str | None,
+        tenant: str | None,
+    ) -> None:
+        """user_id and tenant_id are hashed, raw or omitted as configured."""
+        telemetry = otel.telemetry(user_id=user_policy, tenant_id=tenant_policy, hash_key=b"k")
+        registry = Registry(telemetry=telemetry)
+        async with registry.open_scope(ctx("alice", tenant_id="acme")):
+            pass
+        attributes = dict(one(otel.spans.named("ambient.scope")).attributes or {})
+        assert attributes.get("ambient.user_id") == user
+        assert attributes.get("ambient.tenant_id") == tenant
+
+    async def test_default_key_is_shared_by_the_process(self, otel: Otel) -> None:
+        """Without hash_key the span hash equals hash_id(user) (what log records carry)."""
+        registry = Registry(telemetry=otel.telemetry())
+        async with registry.open_scope(ctx("alice")):
+            pass
+        attributes = one(otel.spans.named("ambient.scope")).attributes or {}
+        assert attributes["ambient.user_id"] == hash_id("alice")
+
+    async def test_no_raw_user_id_anywhere_by_default(self, otel: Otel) -> None:
+        """Default config: the raw user id is in no span name, attribute or event."""
+        user = "user-7f3a9c"
+        registry = Registry(telemetry=otel.telemetry(span_threshold=0))
+        registry.register(Memory, Memory, lifetime=Lifetime.USER)
+        registry.register(Dispatcher, Dispatcher)
+        async with registry.open_scope(ctx(user)):
+            await ambient.resolve(Memory)
+            await ambient.resolve(Dispatcher)
+        await registry.aclose()
+        assert otel.spans.spans
+        for span in otel.spans.spans:
+            assert user not in span.to_json()
+
+    @pytest.mark.parametrize(
+        ("options", "message"),
+        [
+            ({"user_id": "plain"}, "user_id must be one of"),
+            ({"tenant_id": "sha1"}, "tenant_id must be one of"),
+            ({"span_threshold": -1}, "span_threshold"),
+            ({"hash_key": b""}, "hash_key"),
+            ({"baggage": ("password",)}, "unknown: password"),
+            ({"baggage": ("user_id",), "user_id": "omit"}, "user_id cannot go into baggage"),
+        ],
+    )
+    def test_bad_options_are_refused(self, options: dict[str, Any], message: str) -> None:
+        """Unknown policies, negative thresholds and unknown baggage fields raise ValueError."""
+        with pytest.raises(ValueError, match=message):
+            Telemetry(**options)
+
+
+# -- metrics -------------------------------------------------------------------------------
+
+
+class TestMetrics:
+    async def test_metrics_after_n_requests(self, otel: Otel) -> None:
+        """Counts and histogram counts add up after 30 scopes of 10 users; active back to 0."""
+        registry = Registry(telemetry=otel.telemetry())
+        registry.register(Dispatcher, Dispatcher)
+        registry.register(Memory, Memory, lifetime=Lifetime.USER)
+
+        def broken() -> Iterator[str]:
+            yield "x"
+            raise RuntimeError("boom")
+
+        registry.register("broken", broken)
+        users = [f"user-{i}" for i in range(10)]
+        seen_active: list[float] = []
+        failures = 0
+        for n in range(30):
+            try:
+                async with registry.open_scope(ctx(users[n % 10], tenant_id=f"t{n % 10 % 3}")):
+                    await ambient.resolve(Dispatcher)
+                    await ambient.resolve(Memory)
+                    if n % 5 == 0:
+                        await ambient.resolve("broken")
+                    seen_active.append(otel.total("ambient.scopes.active"))
+            except CleanupError:
+                failures += 1
+        assert failures == 6
+        assert seen_active == [1] * 30
+        assert otel.total("ambient.scopes.active") == 0
+        assert otel.count("ambient.component.create.duration") == 30 + 10 + 6
+        assert otel.count("ambient.cleanup.duration") == 30 + 6
+        assert otel.total("ambient.cleanup.failures") == 6
+        assert otel.total("ambient.user_components.live") == 10
+        await registry.aclose()
+        assert otel.total("ambient.user_components.live") == 0
+        assert otel.count("ambient.cleanup.duration") == 30 + 6 + 10
+        points = otel.points()
+        by_component = {
+            p.attributes["ambient.component"]: p.count
+            for p in points["ambient.component.create.duration"]
+        }
+        assert by_component == {"Dispatcher": 30, "Memory": 10, "'broken'": 6}
+        forbidden = set(users) | {"t0", "t1", "t2"} | {hash_id(u) for u in users}
+        for name, data_points in points.items():
+            for point in data_points:
+                values = {str(v) for v in (point.attributes or {}).values()}
+                assert not values & forbidden, (name, point.attributes)
+
+    async def test_histograms_use_second_buckets(self, otel: Otel) -> None:
+        """Durations are seconds with buckets fine enough for microsecond factories."""
+        registry = Registry(telemetry=otel.telemetry())
+        registry.register(Dispatcher, Dispatcher)
+        async with registry.open_scope(ctx()):
+            await ambient.resolve(Dispatcher)
+        (point,) = otel.points()["ambient.component.create.duration"]
+        assert point.explicit_bounds[0] == 0.0001
+        assert point.explicit_bounds[-1] == 10.0
+        assert point.sum < 1
+
+    def test_global_state_accesses_are_counted_by_name(self, otel: Otel) -> None:
+        """record_global_access counts per global name, nothing else in the attributes."""
+        telemetry = otel.telemetry()
+        for _ in range(3):
+            telemetry.record_global_access("legacy_engine")
+        (point,) = otel.points()["ambient.global_state.accesses"]
+        assert point.value == 3
+        assert dict(point.attributes) == {"ambient.global": "legacy_engine"}
+
+
+# -- no SDK --------------------------------------------------------------------------------
+
+
+@pytest.fixture(name="no_sdk")
+def fixture_no_sdk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The global providers as they are before any SDK is installed (whatever other tests
+    of this process may have installed)."""
+    from opentelemetry import metrics
+    from opentelemetry.metrics._internal import _ProxyMeterProvider
+
+    tracer_provider = trace.ProxyTracerProvider()
+    meter_provider = _ProxyMeterProvider()
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: tracer_provider)
+    monkeypatch.setattr(metrics, "get_meter_provider", lambda: meter_provider)
+
+
+@pytest.mark.usefixtures("no_sdk")
+class TestNoSdk:
+    async def test_global_proxy_provider_means_no_work(self) -> None:
+        """With no SDK configured telemetry is dormant: no per-scope state, context untouched."""
+        telemetry = Telemetry()
+        assert not telemetry.active
+        registry = Registry(telemetry=telemetry)
+        registry.register(Dispatcher, Dispatcher)
+        before = otel_context.get_current()
+        async with registry.open_scope(ctx()) as scope:
+            await ambient.resolve(Dispatcher)
+            assert otel_context.get_current() is before
+            assert telemetry not in scope.state
+
+    async def test_explicit_noop_providers_are_dormant(self) -> None:
+        """NoOp tracer and meter providers are recognised as such."""
+        from opentelemetry.metrics import NoOpMeterProvider
+
+        telemetry = Telemetry(
+            tracer_provider=trace.NoOpTracerProvider(), meter_provider=NoOpMeterProvider()
+        )
+        assert not telemetry.active
+
+    async def test_sdk_installed_later_is_picked_up(
+        self, otel: Otel, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A global provider set after the telemetry was built is found on a later scope."""
+        monkeypatch.setattr(ambient.telemetry, "_RECHECK_SECONDS", 0.0)
+        telemetry = Telemetry()
+        assert not telemetry.active
+        monkeypatch.setattr(trace, "get_tracer_provider", lambda: otel.tracer_provider)
+        registry = Registry(telemetry=telemetry)
+        async with registry.open_scope(ctx()):
+            pass
+        assert telemetry.active
+        assert len(otel.spans.named("ambient.scope")) == 1
+
+    async def test_baggage_alone_is_active(self) -> None:
+        """Baggage works without an SDK (propagation needs only the API)."""
+        telemetry = Telemetry(baggage=("thread_id",))
+        registry = Registry(telemetry=telemetry)
+        context = ctx()
+        async with registry.open_scope(context):
+            assert baggage.get_baggage("ambient.thread_id") == context.thread_id
+        assert baggage.get_baggage("ambient.thread_id") is None
+
+
+# -- baggage -------------------------------------------------------------------------------
+
+
+class TestBaggage:
+    async def test_off_by_default(self, otel: Otel) -> None:
+        """Default telemetry puts nothing into baggage; outgoing headers carry none."""
+        registry = Registry(telemetry=otel.telemetry())
+        async with registry.open_scope(ctx("alice")):
+            headers: dict[str, str] = {}
+            propagate.inject(headers)
+        assert "baggage" not in headers
+        assert "traceparent" in headers
+
+    async def test_named_fields_with_the_id_policy(self, otel: Otel) -> None:
+        """baggage=("thread_id", "user_id") sends the thread id and the *hashed* user id."""
+        registry = Registry(telemetry=otel.telemetry(baggage=("thread_id", "user_id")))
+        context = ctx("alice")
+        async with registry.open_scope(context):
+            headers: dict[str, str] = {}
+            propagate.inject(headers)
+        entries = dict(item.split("=", 1) for item in headers["baggage"].split(","))
+        assert entries == {
+            "ambient.thread_id": context.thread_id,
+            "ambient.user_id": hash_id("alice"),
+        }
+        assert "alice" not in headers["baggage"]
+
+    async def test_incoming_ambient_baggage_is_dropped(self, otel: Otel) -> None:
+        """Incoming `ambient.*` baggage never survives into the scope; other entries do."""
+        registry = Registry(telemetry=otel.telemetry())
+        incoming = baggage.set_baggage("ambient.user_id", "admin")
+        incoming = baggage.set_baggage("other", "kept", incoming)
+        token = otel_context.attach(incoming)
+        try:
+            async with registry.open_scope(ctx("bob")):
+                assert ambient.get_current_context().user_id == "bob"
+                assert baggage.get_baggage("ambient.user_id") is None
+                assert baggage.get_baggage("other") == "kept"
+        finally:
+            otel_context.detach(token)
+
+
+# -- telemetry never breaks a request, never fails to detach ---------------------------------
+
+
+class Exploding(SpanProcessor):
+    """A span processor that raises on every start and end."""
+
+    def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:
+        raise RuntimeError("processor down")
+
+    def on_end(self, span: ReadableSpan) -> None:
+        raise RuntimeError("processor down")
+
+
+class ExplodingExporter(SpanExporter):
+    def export(self, spans: Any) -> SpanExportResult:
+        raise ConnectionError("collector down")
+
+
+class TestNeverBreaks:
+    async def test_raising_span_processor_is_logged_once_and_requests_go_on(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Every hook failing: all scopes run and clean up; each failure site logged once."""
+        provider = TracerProvider()
+        provider.add_span_processor(Exploding())
+        registry = Registry(telemetry=Telemetry(tracer_provider=provider, span_threshold=0))
+        registry.register(Dispatcher, Dispatcher)
+        before = otel_context.get_current()
+        dispatchers: list[Dispatcher] = []
+        with caplog.at_level(logging.ERROR, logger="ambient"):
+            for _ in range(20):
+                async with registry.open_scope(ctx()):
+                    dispatchers.append(await ambient.resolve(Dispatcher))
+        assert all(d.closed for d in dispatchers)
+        assert otel_context.get_current() is before
+        messages = [r.getMessage() for r in caplog.records if r.name == "ambient"]
+        assert messages
+        assert len(messages) == len(set(messages)) <= 5
+        provider.shutdown()
+
+    async def test_raising_exporter_does_not_break_scopes(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """An exporter that raises is the SDK's to log; the scope and its cleanup go on."""
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(ExplodingExporter()))
+        registry = Registry(telemetry=Telemetry(tracer_provider=provider, span_threshold=0))
+        registry.register(Dispatcher, Dispatcher)
+        with caplog.at_level(logging.ERROR):
+            async with registry.open_scope(ctx()):
+                dispatcher = await ambient.resolve(Dispatcher)
+        assert dispatcher.closed
+        assert any("collector down" in r.getMessage() or r.exc_info for r in caplog.records)
+        provider.shutdown()
+
+    async def test_cancelled_scopes_end_every_span_without_detach_errors(
+        self, otel: Otel, detach_errors: list[logging.LogRecord]
+    ) -> None:
+        """50 scopes cancelled mid-body (with a user span current): starts == ends, no
+        "Failed to detach context", every cleanup ran."""
+        registry = Registry(telemetry=otel.telemetry(span_threshold=0))
+        registry.register(Dispatcher, Dispatcher)
+        tracer = otel.tracer_provider.get_tracer("test")
+        dispatchers: list[Dispatcher] = []
+        blocked = 0
+        all_blocked = anyio.Event()
+
+        async def request(n: int) -> None:
+            nonlocal blocked
+            async with registry.open_scope(ctx(f"user-{n}")):
+                dispatchers.append(await ambient.resolve(Dispatcher))
+                with tracer.start_as_current_span("handler"):
+                    blocked += 1
+                    if blocked == 50:
+                        all_blocked.set()
+                    await anyio.sleep_forever()
+
+        async with anyio.create_task_group() as tg:
+            for n in range(50):
+                tg.start_soon(request, n)
+            await all_blocked.wait()
+            tg.cancel_scope.cancel()
+        assert len(dispatchers) == 50
+        assert all(d.closed for d in dispatchers)
+        assert otel.spans.started == len(otel.spans.spans)
+        assert len(otel.spans.named("ambient.scope")) == 50
+        assert otel.total("ambient.scopes.active") == 0
+        assert detach_errors == []
+
+    async def test_generator_scope_closed_from_another_task(
+        self, otel: Otel, detach_errors: list[logging.LogRecord]
+    ) -> None:
+        """A scope opened inside an async generator and closed by another task: its span
+        ends, nothing fails to detach, and the closing task's context is unchanged."""
+        registry = Registry(telemetry=otel.telemetry(span_threshold=0))
+        registry.register(Dispatcher, Dispatcher)
+        tracer = otel.tracer_provider.get_tracer("test")
+
+        async def stream() -> AsyncGenerator[int, None]:
+            async with registry.open_scope(ctx("alice")):
+                await ambient.resolve(Dispatcher)
+                for i in range(5):
+                    yield i
+
+        agen = stream()
+        opened = anyio.Event()
+        closed = anyio.Event()
+
+        async def consumer() -> None:
+            await agen.__anext__()
+            await agen.__anext__()
+            opened.set()
+            await closed.wait()
+
+        async def closer() -> None:
+            await opened.wait()
+            with tracer.start_as_current_span("closer") as span:
+                await agen.aclose()
+                assert trace.get_current_span() is span
+            closed.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(consumer)
+            tg.start_soon(closer)
+        assert len(otel.spans.named("ambient.scope")) == 1
+        assert len(otel.spans.named("ambient.cleanup")) == 1
+        assert otel.spans.started == len(otel.spans.spans)
+        assert detach_errors == []
+
+    async def test_abandoned_generator_finalised_by_the_loop(
+        self, otel: Otel, detach_errors: list[logging.LogRecord], anyio_backend: str
+    ) -> None:
+        """A generator dropped mid-iteration and finalised by the event loop's hook (a new
+        task): the scope span still ends and nothing fails to detach."""
+        registry = Registry(telemetry=otel.telemetry(span_threshold=0))
+        registry.register(Dispatcher, Dispatcher)
+
+        async def stream() -> AsyncGenerator[int, None]:
+            async with registry.open_scope(ctx("alice")):
+                await ambient.resolve(Dispatcher)
+                for i in range(5):
+                    yield i
+
+        async def consume_two() -> None:
+            agen = stream()
+            await agen.__anext__()
+            await agen.__anext__()
+
+        if anyio_backend == "trio":
+            # trio warns about an async generator collected unexhausted; that is the point.
+            with pytest.warns(ResourceWarning):
+                await consume_two()
+                gc.collect()
+                await _until(lambda: bool(otel.spans.named("ambient.scope")))
+        else:
+            await consume_two()
+            gc.collect()
+            await _until(lambda: bool(otel.spans.named("ambient.scope")))
+        assert len(otel.spans.named("ambient.cleanup")) == 1
+        assert otel.spans.started == len(otel.spans.spans)
+        assert detach_errors == []
+
+
+class TestDisconnect:
+    async def test_client_disconnect_mid_stream(
+        self, otel: Otel, detach_errors: list[logging.LogRecord]
+    ) -> None:
+        """The client goes away after two chunks of a stream on uvicorn: the scope still
+        cleans up inside its span, every span ends, nothing fails to detach."""
+        telemetry = otel.telemetry(span_threshold=0)
+        finished = threading.Event()
+        dispatchers: list[Dispatcher] = []
+        seen: list[str] = []
+
+        async def handler(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            dispatchers.append(await ambient.resolve(Dispatcher))
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            for _ in range(2):
+                await send({"type": "http.response.body", "body": b"x" * 1024, "more_body": True})
+            while (message := await receive())["type"] != "http.disconnect":
+                pass
+            seen.append(message["type"])
+
+        inner = make_app(server_registry(), telemetry, handler)
+
+        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            try:
+                await inner(scope, receive, send)
+            finally:
+                finished.set()
+
+        wrapped = OpenTelemetryMiddleware(app, tracer_provider=otel.tracer_provider)
+        with serve("uvicorn", wrapped, lifespan="off") as url:
+            port = int(url.rsplit(":", 1)[1])
+            # A raw socket: the client reads two chunks and hangs up, nothing in between.
+            async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+                await stream.send(
+                    b"GET /stream HTTP/1.1\r\nHost: x\r\n"
+                    b"x-user-id: alice\r\nx-request-id: req-1\r\n\r\n"
+                )
+                received = b""
+                while received.count(b"x") < 2048:
+                    received += await stream.receive()
+            assert await anyio.to_thread.run_sync(finished.wait, 10)
+            await anyio.to_thread.run_sync(
+                lambda: otel.spans.wait_for(
+                    lambda spans: any(s.kind is SpanKind.SERVER for s in spans)
+                )
+            )
+        assert seen == ["http.disconnect"]
+        assert len(dispatchers) == 1
+        assert dispatchers[0].closed
+        scope_span = one(otel.spans.named("ambient.scope"))
+        cleanup = one(otel.spans.named("ambient.cleanup"))
+        assert parent_id(cleanup) == scope_span.context.span_id
+        assert otel.spans.started == len(otel.spans.spans)
+        assert detach_errors == []
+
+
+async def _until(condition: Callable[[], bool], rounds: int = 1000) -> None:
+    """Let other tasks (the loop's generator finaliser) run until ``condition`` holds."""
+    for _ in range(rounds):
+        if condition():
+            return
+        await anyio.lowlevel.checkpoint()
+    raise AssertionError("condition never became true")
+
+
+# -- behind opentelemetry-instrumentation-asgi on a real server -----------------------------
+
+
+def make_app(registry: Registry, telemetry: Telemetry | None, handler: ASGIApp) -> ASGIApp:
+    """``handler`` behind AmbientMiddleware; identity from `x-user-id` (trusted loopback)."""
+    return AmbientMiddleware(  # type: ignore[return-value]
+        handler, registry=registry, identity=trusted_header(), telemetry=telemetry
+    )
+
+
+class Background:
+    """A component first resolved after the response was sent (background work)."""
+
+
+async def streaming_handler(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Resolves components, streams its ids in three chunks, then does background work."""
+    context = ambient.get_current_context()
+    await ambient.resolve(Dispatcher)
+    await ambient.resolve(Memory)
+    span = trace.get_current_span().get_span_context()
+    body = json.dumps(
+        {
+            "user_id": context.user_id,
+            "request_id": context.request_id,
+            "trace_id": f"{span.trace_id:032x}",
+        }
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
+    third = len(body) // 3 + 1
+    for start in range(0, len(body), third):
+        await send(
+            {"type": "http.response.body", "body": body[start : start + third], "more_body": True}
+        )
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    await ambient.resolve(Background)
+
+
+def server_registry(telemetry: Telemetry | None = None) -> Registry:
+    registry = Registry(telemetry=telemetry)
+    registry.register(Dispatcher, Dispatcher)
+    registry.register(Memory, Memory, lifetime=Lifetime.USER)
+    registry.register(Background, Background)
+    return registry
+
+
+class TestBehindServerSpan:
+    async def test_server_span_scope_span_component_spans(self, otel: Otel) -> None:
+        """server span -> ambient.scope -> ambient.resolve/cleanup; the scope span ends after
+        the last body chunk and covers the background work and the cleanup."""
+        telemetry = otel.telemetry(span_threshold=0)
+        app = OpenTelemetryMiddleware(
+            make_app(server_registry(), telemetry, streaming_handler),
+            tracer_provider=otel.tracer_provider,
+        )
+        with serve("uvicorn", app, lifespan="off") as url:
+            async with httpx.AsyncClient(base_url=url) as client:
+                response = await client.get(
+                    "/stream", headers={"x-user-id": "alice", "x-request-id": "req-1"}
+                )
+            assert response.status_code == 200
+            assert response.json()["user_id"] == "alice"
+            await anyio.to_thread.run_sync(
+                lambda: otel.spans.wait_for(
+                    lambda spans: any(s.kind is SpanKind.SERVER for s in spans)
+                )
+            )
+        server = one([s for s in otel.spans.spans if s.kind is SpanKind.SERVER])
+        scope_span = one(otel.spans.named("ambient.scope"))
+        assert parent_id(scope_span) == server.context.span_id
+        assert scope_span.context.trace_id == server.context.trace_id
+        assert response.json()["trace_id"] == f"{server.context.trace_id:032x}"
+        resolves = otel.spans.named("ambient.resolve")
+        cleanups = otel.spans.named("ambient.cleanup")
+        assert len(resolves) == 3
+        assert len(cleanups) == 2  # Dispatcher and Background; Memory lives on (USER)
+        for span in [*resolves, *cleanups]:
+            assert parent_id(span) == scope_span.context.span_id
+        sends = [s for s in otel.spans.spans if s.name.endswith("http send")]
+        assert len(sends) >= 4
+        last_chunk = max(s.end_time or 0 for s in sends)
+        background = one(
+            [s for s in resolves if (s.attributes or {})["ambient.component"] == "Background"]
+        )
+        assert background.start_time is not None
+        assert scope_span.end_time is not None
+        assert background.start_time >= last_chunk
+        assert scope_span.end_time >= max(s.end_time or 0 for s in cleanups)
+        assert scope_span.end_time > last_chunk
+        # The server span ends at the last chunk; the scope span covers what comes after.
+        assert server.end_time is not None
+        assert server.end_time <= background.start_time
+
+    async def test_100_concurrent_users_each_in_their_own_trace(self, otel: Otel) -> None:
+        """100 concurrent users on uvicorn, each with its own traceparent: every scope span
+        carries its own request's ids and sits under its own request's server span."""
+        telemetry = otel.telemetry(span_threshold=0, user_id="raw")
+        app = OpenTelemetryMiddleware(
+            # The registry's telemetry this time (the middleware's telemetry=None).
+            make_app(server_registry(telemetry), None, streaming_handler),
+            tracer_provider=otel.tracer_provider,
+            exclude_spans=["receive", "send"],
+        )
+        rng = random.Random(4)
+        requests = {
+            f"req-{n}": (f"user-{n}", rng.getrandbits(128), rng.getrandbits(64) or 1)
+            for n in range(100)
+        }
+        answers: dict[str, dict[str, str]] = {}
+        with serve("uvicorn", app, lifespan="off") as url:
+            limits = httpx.Limits(max_connections=100)
+            async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+
+                async def call(request_id: str) -> None:
+                    user, trace_id, span_id = requests[request_id]
+                    response = await client.get(
+                        f"/u/{user}",
+                        headers={
+                            "x-user-id": user,
+                            "x-request-id": request_id,
+                            "traceparent": f"00-{trace_id:032x}-{span_id:016x}-01",
+                        },
+                    )
+                    assert response.status_code == 200
+                    answers[request_id] = response.json()
+
+                async with anyio.create_task_group() as tg:
+                    for request_id in requests:
+                        tg.start_soon(call, request_id)
+            await anyio.to_thread.run_sync(
+                lambda: otel.spans.wait_for(
+                    lambda spans: sum(s.kind is SpanKind.SERVER for s in spans) == 100
+                )
+            )
+        servers = {s.context.span_id: s for s in otel.spans.spans if s.kind is SpanKind.SERVER}
+        scopes = otel.spans.named("ambient.scope")
+        assert len(scopes) == 100
+        children: dict[int, list[ReadableSpan]] = {}
+        for span in otel.spans.named("ambient.resolve") + otel.spans.named("ambient.cleanup"):
+            children.setdefault(parent_id(span) or 0, []).append(span)
+        for scope_span in scopes:
+            attributes = scope_span.attributes or {}
+            request_id = str(attributes["ambient.request_id"])
+            user, trace_id, span_id = requests[request_id]
+            assert answers[request_id] == {
+                "user_id": user,
+                "request_id": request_id,
+                "trace_id": f"{trace_id:032x}",
+            }
+            assert attributes["ambient.user_id"] == user
+            assert scope_span.context.trace_id == trace_id
+            server = servers[parent_id(scope_span) or 0]
+            assert server.context.trace_id == trace_id
+            assert parent_id(server) == span_id
+            mine = children[scope_span.context.span_id]
+            assert len(mine) == 5  # 3 creations, 2 request cleanups
+            assert {s.context.trace_id for s in mine} == {trace_id}
+
+    async def test_incoming_baggage_is_never_identity(self, otel: Otel) -> None:
+        """`baggage: ambient.user_id=admin` from a client: without an identity header 401;
+        with one, the bound user is the header's, and the ambient.* entry is gone."""
+        telemetry = otel.telemetry()
+
+        async def handler(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            body = json.dumps(
+                {
+                    "user_id": ambient.get_current_context().user_id,
+                    "ambient.user_id": baggage.get_baggage("ambient.user_id"),
+                    "enduser.id": baggage.get_baggage("enduser.id"),
+                }
+            ).encode()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": body})
+
+        app = OpenTelemetryMiddleware(
+            make_app(server_registry(), telemetry, handler), tracer_provider=otel.tracer_provider
+        )
+        forged = {"baggage": "ambient.user_id=admin,enduser.id=admin"}
+        with serve("uvicorn", app, lifespan="off") as url:
+            async with httpx.AsyncClient(base_url=url) as client:
+                refused = await client.get("/", headers=forged)
+                served = await client.get("/", headers={**forged, "x-user-id": "bob"})
+        assert refused.status_code == 401
+        assert served.status_code == 200
+        assert served.json() == {"user_id": "bob", "ambient.user_id": None, "enduser.id": "admin"}
+        await anyio.to_thread.run_sync(
+            lambda: otel.spans.wait_for(lambda spans: bool(otel.spans.named("ambient.scope")))
+        )
+        scope_span = one(otel.spans.named("ambient.scope"))
+        assert (scope_span.attributes or {})["ambient.user_id"] == hash_id("bob")
