@@ -1,0 +1,276 @@
+"""Threads and tasks that carry the whole scope: context, components and trace.
+
+Who sees the request's context and scope without help:
+
+* code awaited in the request, and tasks it spawns (``asyncio.create_task``, anyio task
+  groups, trio nurseries): they start with a copy of the spawner's context;
+* ``anyio.to_thread.run_sync``, ``asyncio.to_thread``, Starlette's and FastAPI's thread pool,
+  asgiref's ``sync_to_async``: they copy the context into the worker thread.
+
+Who does not: ``ThreadPoolExecutor.submit``, ``loop.run_in_executor`` with such an executor
+and ``threading.Thread`` start with an empty context. :class:`ContextExecutor` (or
+:func:`ambient.wrap`) carries it over. In a worker thread that carries the scope,
+``ambient.resolve_sync(Key)`` resolves in the request's scope: the same instances the
+request sees, created once however many threads ask.
+
+**Work that outlives the request.** The scope closes when the request's ASGI call returns
+and cleans up its REQUEST components. A task or thread still running after that keeps the
+context (``get_current_context()`` still answers, for logging) but every resolution raises
+:class:`~ambient.errors.ScopeClosedError`, so it can never be handed a component that has
+been cleaned up (a connection back in the pool, perhaps already lent to another user).
+Work that needs the request's components after the response takes ownership explicitly:
+:func:`hold_scope` (tasks), :meth:`ContextExecutor.submit_held` (threads) or
+``run_sync_in_thread(..., abandon_on_cancel=True)`` hold the scope open, and its cleanup
+waits for them, for at most the registry's ``cleanup_timeout``; then it logs a warning and
+cleans up anyway. While a hold is active the request's ASGI call has not returned (the
+response has been sent): keep held work short, and hand long jobs to a queue with
+:func:`ambient.integrations.propagation.capture` instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import inspect
+import sys
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, TypeVarTuple, cast
+
+import anyio.to_thread
+
+from ambient._binding import current_scope
+
+if TYPE_CHECKING:
+    from ambient._scope import Scope, _Hold
+
+__all__ = ["ContextExecutor", "hold_scope", "run_sync_in_thread"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+Ts = TypeVarTuple("Ts")
+
+_CallSoon = Callable[[Callable[[], object]], object]
+
+
+def _loop_call_soon() -> _CallSoon:
+    """A thread-safe, non-blocking way to run a callback on the event loop of this thread
+    (or, from an anyio worker thread, of the loop that started it)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        return loop.call_soon_threadsafe
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            token = trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            pass
+        else:
+            return token.run_sync_soon  # type: ignore[no-any-return]
+    try:
+        return anyio.from_thread.run_sync(_loop_call_soon)
+    except RuntimeError:
+        msg = (
+            "a scope can only be held from its event loop's thread or from a worker thread "
+            "started by anyio (run_sync_in_thread, anyio.to_thread.run_sync)"
+        )
+        raise RuntimeError(msg) from None
+
+
+def _release_soon(hold: _Hold, call_soon: _CallSoon) -> None:
+    """Release ``hold`` on its event loop: the scope's hold counter and the event its
+    cleanup waits on belong to the loop's thread."""
+    try:
+        call_soon(hold.release)
+    except RuntimeError:
+        # The loop has finished: nothing can be waiting on the hold any more.
+        hold.release()
+
+
+def _take_hold(scope: Scope) -> tuple[_Hold, _CallSoon]:
+    call_soon = _loop_call_soon()
+    try:
+        asyncio.get_running_loop()
+        on_loop = True
+    except RuntimeError:
+        on_loop = _on_trio_loop()
+    hold = scope.hold() if on_loop else anyio.from_thread.run_sync(scope.hold)
+    return hold, call_soon
+
+
+def _on_trio_loop() -> bool:
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return False
+    try:
+        trio.lowlevel.current_trio_token()
+    except RuntimeError:
+        return False
+    return True
+
+
+def hold_scope(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Hand an async function work that may outlive the request, keeping the scope open.
+
+    The current scope is held from this call until the returned function's call
+    finishes, so the request's cleanup waits for it (at most the registry's
+    ``cleanup_timeout``) and it may resolve and use the request's components after the
+    response. Call ``hold_scope`` in the request, before its body ends; the returned
+    function may be called once::
+
+        asyncio.create_task(hold_scope(send_receipt)(order_id))
+        task_group.start_soon(hold_scope(send_receipt), order_id)
+
+    Without it, the same task gets :class:`~ambient.errors.ScopeClosedError` from any
+    resolution after the scope closed. Keep a reference to asyncio tasks you create (the
+    loop only keeps weak ones). If the returned function is never called, the hold is
+    released only by the cleanup timeout.
+
+    Raises:
+        NoActiveContextError: no scope is bound here.
+        ScopeClosedError: the scope has already closed.
+        TypeError: ``fn`` is not an async function.
+    """
+    if not inspect.iscoroutinefunction(fn):
+        msg = f"hold_scope() takes an async function, not {fn!r}; for threads use ContextExecutor"
+        raise TypeError(msg)
+    hold = current_scope().hold()
+    used = False
+
+    @functools.wraps(fn)
+    async def run_held(*args: P.args, **kwargs: P.kwargs) -> R:
+        nonlocal used
+        if used:
+            msg = f"the function returned by hold_scope({fn.__name__}) can be called once"
+            raise RuntimeError(msg)
+        used = True
+        with hold:
+            return await fn(*args, **kwargs)
+
+    return run_held
+
+
+async def run_sync_in_thread(
+    fn: Callable[[*Ts], R],
+    *args: *Ts,
+    abandon_on_cancel: bool = False,
+    limiter: anyio.CapacityLimiter | None = None,
+) -> R:
+    """Run ``fn(*args)`` in a worker thread with the current context, scope and trace.
+
+    Inside ``fn``, ``ambient.get_current_context()`` is the caller's context and
+    ``ambient.resolve_sync(Key)`` resolves in the caller's scope. Works on asyncio and trio.
+
+    Args:
+        fn: A sync callable.
+        args: Its positional arguments.
+        abandon_on_cancel: Let the caller be cancelled while ``fn`` still runs (anyio's
+            option). The scope is then held until ``fn`` returns, so the request's
+            cleanup waits for the abandoned thread instead of cleaning up under it.
+        limiter: The capacity limiter (default: anyio's, 40 threads).
+
+    Raises:
+        TypeError: ``fn`` is an async function.
+    """
+    if inspect.iscoroutinefunction(fn):
+        msg = f"run_sync_in_thread() runs sync callables; await {fn!r} instead"
+        raise TypeError(msg)
+    if not abandon_on_cancel:
+        # anyio copies the contextvars (ambient's binding and the OpenTelemetry context).
+        return await anyio.to_thread.run_sync(fn, *args, limiter=limiter)
+    hold, call_soon = _take_hold(current_scope())
+    lock = threading.Lock()
+    started = given_up = False
+
+    def run_held() -> R | None:
+        nonlocal started
+        with lock:
+            if given_up:
+                return None  # cancelled before it started: anyio discards the call anyway
+            started = True
+        try:
+            return fn(*args)
+        finally:
+            _release_soon(hold, call_soon)
+
+    try:
+        result = await anyio.to_thread.run_sync(run_held, abandon_on_cancel=True, limiter=limiter)
+    except BaseException:
+        with lock:
+            given_up = True
+            release = not started
+        if release:
+            hold.release()
+        raise
+    return cast("R", result)
+
+
+class ContextExecutor(ThreadPoolExecutor):
+    """A :class:`~concurrent.futures.ThreadPoolExecutor` whose work runs in the submitter's
+    context: the ambient context and scope, and the OpenTelemetry trace.
+
+    Each submitted call runs in a copy of the contextvars taken at :meth:`submit`, so
+    ``loop.run_in_executor(executor, fn)`` and ``executor.map`` carry them too. Outside any
+    context it behaves as a plain ``ThreadPoolExecutor``. Work that may still run after
+    the request ended should use :meth:`submit_held`.
+
+    Example::
+
+        executor = ContextExecutor(max_workers=8)
+
+        async def report(request):
+            return await loop.run_in_executor(executor, render_report)  # sees the user
+    """
+
+    def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
+        """Schedule ``fn(*args, **kwargs)`` in the current context.
+
+        Raises:
+            TypeError: ``fn`` is an async function.
+        """
+        _check_sync(fn)
+        context = contextvars.copy_context()
+
+        def run() -> R:
+            return context.run(fn, *args, **kwargs)
+
+        return super().submit(run)
+
+    def submit_held(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
+        """Like :meth:`submit`, holding the current scope open until ``fn`` returns.
+
+        The request's cleanup waits for ``fn`` (at most the registry's
+        ``cleanup_timeout``), so ``fn`` may use the request's components after the
+        response. Call it from the event loop's thread or an anyio worker thread.
+
+        Raises:
+            NoActiveContextError: no scope is bound here.
+            ScopeClosedError: the scope has already closed.
+            TypeError: ``fn`` is an async function.
+        """
+        _check_sync(fn)
+        hold, call_soon = _take_hold(current_scope())
+        context = contextvars.copy_context()
+
+        def run_held() -> R:
+            try:
+                return context.run(fn, *args, **kwargs)
+            finally:
+                _release_soon(hold, call_soon)
+
+        try:
+            return super().submit(run_held)
+        except BaseException:
+            _release_soon(hold, call_soon)
+            raise
+
+
+def _check_sync(fn: Callable[..., Any]) -> None:
+    if inspect.iscoroutinefunction(fn):
+        msg = f"a thread pool runs sync callables; run {fn!r} as a task instead"
+        raise TypeError(msg)

@@ -1,0 +1,1 @@
+"""Example apps: the middleware in each framework's own idiom, importable as ``module:app``."""

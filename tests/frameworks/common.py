@@ -1,0 +1,198 @@
+"""What every example app shares: the components, a ledger of their lives, and the views'
+bodies, so one isolation suite can drive any framework on any server (granian runs the app
+in another process, so everything the suite checks is also reachable over HTTP)."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+
+import ambient
+from ambient import Lifetime, Registry, UserExecutionContext, UserRef
+from ambient.middleware import IdentityResolver, trusted_header
+
+IDENTITY: IdentityResolver = trusted_header(tenant_header="x-tenant-id")
+
+
+class Ledger:
+    """Thread-safe record of every component created and cleaned."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._numbers = itertools.count(1)
+        self.created: dict[int, tuple[str, str]] = {}
+        self.cleaned: Counter[int] = Counter()
+
+    def create(self, kind: str, owner: str) -> int:
+        with self._lock:
+            number = next(self._numbers)
+            self.created[number] = (kind, owner)
+            return number
+
+    def clean(self, number: int) -> None:
+        with self._lock:
+            self.cleaned[number] += 1
+
+    def open_probes(self) -> int:
+        with self._lock:
+            return sum(
+                1
+                for n, (kind, _) in self.created.items()
+                if kind == "probe" and not self.cleaned[n]
+            )
+
+    def problems(self, kinds: tuple[str, ...] = ("probe", "memory")) -> list[str]:
+        """Components of ``kinds`` cleaned other than exactly once."""
+        with self._lock:
+            return [
+                f"{kind} {n} of {owner} cleaned {self.cleaned[n]} times"
+                for n, (kind, owner) in self.created.items()
+                if kind in kinds and self.cleaned[n] != 1
+            ]
+
+
+class Probe:
+    """A REQUEST component."""
+
+    def __init__(self, number: int, ctx: UserExecutionContext) -> None:
+        self.number = number
+        self.user_id = ctx.user_id
+        self.tenant_id = ctx.tenant_id
+        self.request_id = ctx.request_id
+        self.closed = False
+
+
+class Memory:
+    """A USER component."""
+
+    def __init__(self, number: int, user: UserRef) -> None:
+        self.number = number
+        self.user_id = user.user_id
+        self.tenant_id = user.tenant_id
+
+
+class Stats:
+    """An APP component through which the views reach the ledger and the registry."""
+
+    def __init__(self, ledger: Ledger, registry: Registry) -> None:
+        self.ledger = ledger
+        self.registry = registry
+
+
+def build_registry() -> tuple[Registry, Ledger]:
+    """A registry with a REQUEST ``Probe``, a USER ``Memory`` and the APP ``Stats``."""
+    registry = Registry()
+    ledger = Ledger()
+
+    def probe(ctx: UserExecutionContext) -> Iterator[Probe]:
+        made = Probe(ledger.create("probe", f"{ctx.tenant_id}/{ctx.user_id}"), ctx)
+        try:
+            yield made
+        finally:
+            made.closed = True
+            ledger.clean(made.number)
+
+    def memory(user: UserRef) -> Iterator[Memory]:
+        made = Memory(ledger.create("memory", f"{user.tenant_id}/{user.user_id}"), user)
+        try:
+            yield made
+        finally:
+            ledger.clean(made.number)
+
+    registry.register(Probe, probe)
+    registry.register(Memory, memory, lifetime=Lifetime.USER)
+    registry.register(Stats, lambda: Stats(ledger, registry), lifetime=Lifetime.APP)
+    return registry, ledger
+
+
+# -- concurrency gate ---------------------------------------------------------------------------
+
+
+class _Gate:
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.arrived = 0
+        self.full: anyio.Event | None = None
+
+
+_gates: dict[str, _Gate] = {}
+
+
+async def gate(name: str | None, size: int) -> bool | None:
+    """Wait until ``size`` requests passed the gate ``name``; whether they did in time.
+
+    The first ``size`` requests of a run wait for each other, which proves that many
+    requests were inside their handlers, each with its own scope, at the same moment.
+    """
+    if not name:
+        return None
+    entry = _gates.setdefault(name, _Gate(size))
+    if entry.full is None:
+        entry.full = anyio.Event()
+    entry.arrived += 1
+    if entry.arrived >= entry.size:
+        entry.full.set()
+    with anyio.move_on_after(10):
+        await entry.full.wait()
+    return entry.full.is_set()
+
+
+# -- view bodies ----------------------------------------------------------------------------------
+
+
+def in_thread() -> dict[str, Any]:
+    """What a worker thread sees: the context and the request's own Probe."""
+    return {
+        "thread_user": ambient.get_current_context().user_id,
+        "thread_probe": ambient.resolve_sync(Probe).number,
+    }
+
+
+def describe(probe: Probe, memory: Memory, **extra: Any) -> dict[str, Any]:
+    """The body every ``whoami`` view answers."""
+    ctx = ambient.get_current_context()
+    return {
+        "user": ctx.user_id,
+        "tenant": ctx.tenant_id,
+        "request_id": ctx.request_id,
+        "thread_id": ctx.thread_id,
+        "probe": probe.number,
+        "probe_user": probe.user_id,
+        "probe_tenant": probe.tenant_id,
+        "probe_request": probe.request_id,
+        "memory": memory.number,
+        "memory_user": memory.user_id,
+        "memory_tenant": memory.tenant_id,
+        **extra,
+    }
+
+
+def describe_sync() -> dict[str, Any]:
+    """The body of a sync view, run in whatever thread the framework picks."""
+    probe = ambient.resolve_sync(Probe)
+    memory = ambient.resolve_sync(Memory)
+    return describe(probe, memory, **in_thread(), thread_hop=True)
+
+
+async def settled() -> dict[str, Any]:
+    """Wait (bounded) until every other request's scope has closed; then the ledger.
+
+    Scopes close after their response is sent, so a client can ask before the last
+    cleanups ran. This request's own scope stays open and creates no Probe.
+    """
+    stats = await ambient.resolve(Stats)
+    with anyio.move_on_after(10):
+        # Other requests' scopes close in their own tasks (or another framework's threads);
+        # a bounded poll is the one wait that works the same in every framework.
+        while stats.registry.stats().open_scopes > 1 or stats.ledger.open_probes():  # noqa: ASYNC110
+            await anyio.sleep(0.005)
+    return {
+        "open_scopes": stats.registry.stats().open_scopes,
+        "probes": sum(1 for kind, _ in stats.ledger.created.values() if kind == "probe"),
+        "problems": stats.ledger.problems(("probe",)),
+    }

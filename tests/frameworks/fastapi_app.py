@@ -1,0 +1,63 @@
+"""FastAPI with ``install``, ``CurrentContext`` and ``Resolve``: async and sync endpoints."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import anyio.to_thread
+from fastapi import FastAPI, Query
+
+import ambient
+from ambient import Registry
+from ambient.errors import PoolExhaustedError
+from ambient.integrations.fastapi import CurrentContext, Resolve, install
+from tests.frameworks.common import (
+    IDENTITY,
+    Ledger,
+    Memory,
+    Probe,
+    build_registry,
+    describe,
+    gate,
+    in_thread,
+    settled,
+)
+
+
+def build() -> tuple[FastAPI, Registry, Ledger]:
+    registry, ledger = build_registry()
+    app = FastAPI()
+    install(app, registry=registry, identity=IDENTITY)
+
+    @app.get("/whoami")
+    async def whoami(
+        ctx: CurrentContext,
+        probe: Annotated[Probe, Resolve(Probe)],
+        memory: Annotated[Memory, Resolve(Memory)],
+        gate_name: Annotated[str | None, Query(alias="gate")] = None,
+        size: int = 0,
+    ) -> dict[str, Any]:
+        overlapped = await gate(gate_name, size)
+        hop = await anyio.to_thread.run_sync(in_thread)
+        assert ctx is ambient.get_current_context()
+        return describe(probe, memory, overlapped=overlapped, **hop)
+
+    @app.get("/sync")
+    def whoami_sync(ctx: CurrentContext, probe: Annotated[Probe, Resolve(Probe)]) -> dict[str, Any]:
+        # A plain def endpoint runs in FastAPI's thread pool: same context, same scope.
+        memory = ambient.resolve_sync(Memory)
+        assert ambient.resolve_sync(Probe) is probe
+        return describe(probe, memory, **in_thread(), thread_hop=ctx.user_id == probe.user_id)
+
+    @app.get("/stats")
+    async def stats() -> dict[str, Any]:
+        return await settled()
+
+    @app.get("/busy")
+    async def busy() -> None:
+        raise PoolExhaustedError("no connection within 0.1 s", retry_after=2)
+
+    return app, registry, ledger
+
+
+app = build()[0]

@@ -1,0 +1,97 @@
+"""Litestar: the middleware through ``DefineMiddleware``, components through ``Provide``.
+
+Litestar builds its middleware per route handler and keeps lifespan events away from it,
+so the registry is closed with ``on_shutdown``. Litestar answers a handler's exception
+itself (a 500) before route middleware sees it, so an exception handler maps ambient
+errors with an HTTP status to the middleware's problem+json body.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio.to_thread
+from litestar import Litestar, Request, Response, get
+from litestar.di import NamedDependency, Provide
+from litestar.middleware import DefineMiddleware
+from litestar.params import FromQuery
+
+import ambient
+from ambient import Registry
+from ambient.errors import AmbientError, PoolExhaustedError
+from ambient.middleware import AmbientMiddleware
+from ambient.middleware._problem import Problem
+from tests.frameworks.common import (
+    IDENTITY,
+    Ledger,
+    Memory,
+    Probe,
+    build_registry,
+    describe,
+    describe_sync,
+    in_thread,
+    settled,
+)
+from tests.frameworks.common import gate as pass_gate
+
+
+async def provide_probe() -> Probe:
+    return await ambient.resolve(Probe)
+
+
+async def provide_memory() -> Memory:
+    return await ambient.resolve(Memory)
+
+
+@get("/whoami")
+async def whoami(
+    probe: NamedDependency[Probe],
+    memory: NamedDependency[Memory],
+    gate: FromQuery[str | None] = None,
+    size: FromQuery[int] = 0,
+) -> dict[str, Any]:
+    overlapped = await pass_gate(gate, size)
+    hop = await anyio.to_thread.run_sync(in_thread)
+    return describe(probe, memory, overlapped=overlapped, **hop)
+
+
+@get("/sync", sync_to_thread=True)
+def whoami_sync() -> dict[str, Any]:
+    return describe_sync()
+
+
+@get("/stats")
+async def stats() -> dict[str, Any]:
+    return await settled()
+
+
+@get("/busy")
+async def busy() -> None:
+    raise PoolExhaustedError("no connection within 0.1 s", retry_after=2)
+
+
+def problem(request: Request[Any, Any, Any], error: AmbientError) -> Response[bytes]:
+    if error.http_status is None:
+        raise error
+    answer = Problem.from_error(error)
+    return Response(
+        answer.body(),
+        status_code=answer.status,
+        media_type="application/problem+json",
+        headers={name.decode(): value.decode() for name, value in answer.headers},
+    )
+
+
+def build() -> tuple[Litestar, Registry, Ledger]:
+    registry, ledger = build_registry()
+    app = Litestar(
+        route_handlers=[whoami, whoami_sync, stats, busy],
+        middleware=[DefineMiddleware(AmbientMiddleware, registry=registry, identity=IDENTITY)],
+        dependencies={"probe": Provide(provide_probe), "memory": Provide(provide_memory)},
+        exception_handlers={AmbientError: problem},
+        on_shutdown=[registry.aclose],
+    )
+    return app, registry, ledger
+
+
+app = build()[0]

@@ -1,0 +1,71 @@
+"""Quart: ``app.asgi_app`` wrapped in the middleware, an ``errorhandler`` for ambient errors.
+
+Quart answers a view's exception itself (a 500), so an ambient error with an HTTP status is
+mapped in an error handler with the same problem+json body the middleware writes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio.to_thread
+from quart import Quart, request
+
+import ambient
+from ambient import Registry
+from ambient.errors import AmbientError, PoolExhaustedError
+from ambient.middleware import AmbientMiddleware
+from ambient.middleware._problem import Problem
+from tests.frameworks.common import (
+    IDENTITY,
+    Ledger,
+    Memory,
+    Probe,
+    build_registry,
+    describe,
+    describe_sync,
+    gate,
+    in_thread,
+    settled,
+)
+
+
+def build() -> tuple[Quart, Registry, Ledger]:
+    registry, ledger = build_registry()
+    app = Quart(__name__)
+
+    @app.get("/whoami")
+    async def whoami() -> dict[str, Any]:
+        probe = await ambient.resolve(Probe)
+        memory = await ambient.resolve(Memory)
+        overlapped = await gate(request.args.get("gate"), int(request.args.get("size", 0)))
+        hop = await anyio.to_thread.run_sync(in_thread)
+        return describe(probe, memory, overlapped=overlapped, **hop)
+
+    @app.get("/sync")
+    def whoami_sync() -> dict[str, Any]:
+        # Quart runs a sync view in its executor, in a copy of the request's context.
+        return describe_sync()
+
+    @app.get("/stats")
+    async def stats() -> dict[str, Any]:
+        return await settled()
+
+    @app.get("/busy")
+    async def busy() -> None:
+        raise PoolExhaustedError("no connection within 0.1 s", retry_after=2)
+
+    @app.errorhandler(AmbientError)
+    async def problem(error: AmbientError) -> Any:
+        if error.http_status is None:
+            raise error
+        answer = Problem.from_error(error)
+        headers = {k.decode(): v.decode() for k, v in answer.headers}
+        headers["content-type"] = "application/problem+json"
+        return answer.body(), answer.status, headers
+
+    app.asgi_app = AmbientMiddleware(app.asgi_app, registry=registry, identity=IDENTITY)  # type: ignore[method-assign]
+    return app, registry, ledger
+
+
+app = build()[0]

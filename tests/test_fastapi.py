@@ -1,0 +1,423 @@
+"""FastAPI (and Starlette) integration: dependencies, threads, yield dependencies, errors.
+
+The 50-user run through a real uvicorn server is in ``test_frameworks.py``; these tests
+pin the behaviours one at a time, in process.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Annotated, Any
+
+import anyio
+import httpx
+import pytest
+from fastapi import BackgroundTasks, Depends, FastAPI, WebSocket
+from fastapi.responses import StreamingResponse
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+import ambient
+from ambient import Registry, UserExecutionContext
+from ambient.errors import (
+    IdentityError,
+    InvalidContextError,
+    PoolExhaustedError,
+    ResolutionError,
+    TooManyRequestsError,
+)
+from ambient.integrations import starlette as starlette_integration
+from ambient.integrations.fastapi import (
+    CurrentContext,
+    Resolve,
+    install,
+    problem_response,
+)
+from ambient.middleware import trusted_header
+from ambient.middleware._problem import Problem
+from tests.frameworks.common import Ledger, Memory, Probe, build_registry
+
+
+def client(app: Any, *, raise_errors: bool = True) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(
+        app=app, client=("127.0.0.1", 50000), raise_app_exceptions=raise_errors
+    )
+    return httpx.AsyncClient(transport=transport, base_url="http://testserver")
+
+
+ALICE = {"x-user-id": "alice"}
+
+
+class Unregistered:
+    """A key nobody registered."""
+
+
+async def websocket_exchange(app: Any, path: str, headers: dict[str, str]) -> list[Any]:
+    """Open a websocket on ``app`` in process (the client connects, then waits) and return
+    what the app sent until it closed."""
+    scope = {
+        "type": "websocket",
+        "asgi": {"version": "3.0"},
+        "scheme": "ws",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+        "subprotocols": [],
+    }
+    sent: list[Any] = []
+    closed = anyio.Event()
+    connected = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal connected
+        if not connected:
+            connected = True
+            return {"type": "websocket.connect"}
+        await closed.wait()
+        return {"type": "websocket.disconnect", "code": 1000}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        if message["type"] == "websocket.close":
+            closed.set()
+
+    with anyio.fail_after(10):
+        await app(scope, receive, send)
+    return sent
+
+
+def make_app(**options: Any) -> tuple[FastAPI, Registry, Ledger]:
+    registry, ledger = build_registry()
+    app = FastAPI()
+    install(app, registry=registry, identity=trusted_header(), **options)
+    return app, registry, ledger
+
+
+def assert_problem(response: httpx.Response, status: int, type_: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body: dict[str, Any] = response.json()
+    assert body["status"] == status
+    assert body["type"] == type_
+    assert set(body) == {"type", "title", "status", "detail"}
+    return body
+
+
+class TestDependencies:
+    async def test_current_context_and_resolve_in_an_async_endpoint(self) -> None:
+        """The endpoint gets the bound context and the request's own components."""
+        app, registry, ledger = make_app()
+        seen: list[Any] = []
+
+        @app.get("/")
+        async def home(
+            ctx: CurrentContext,
+            probe: Annotated[Probe, Resolve(Probe)],
+            memory: Memory = Resolve(Memory),  # noqa: B008 - FastAPI's default-value style
+        ) -> dict[str, str]:
+            seen.append((ctx, ambient.get_current_context(), probe, await ambient.resolve(Probe)))
+            return {"user": ctx.user_id, "memory_user": memory.user_id}
+
+        async with client(app) as http:
+            response = await http.get("/", headers=ALICE)
+        assert response.json() == {"user": "alice", "memory_user": "alice"}
+        ((ctx, bound, probe, again),) = seen
+        assert ctx is bound
+        assert probe is again
+        assert probe.closed
+        await registry.aclose()
+        assert ledger.problems() == []
+
+    async def test_every_kind_of_dependency_sees_one_context_and_one_scope(self) -> None:
+        """async/sync x plain/yield dependencies: one context object, the Probe created once
+        (first in a sync dependency, in a worker thread), and the exit halves of yield
+        dependencies run before the scope's cleanup, with the context still bound."""
+        app, registry, ledger = make_app()
+        seen: dict[str, tuple[UserExecutionContext, Probe]] = {}
+
+        def look(where: str) -> None:
+            seen[where] = (ambient.get_current_context(), ambient.resolve_sync(Probe))
+
+        def sync_plain() -> None:
+            look("sync plain")
+
+        async def async_plain(_: None = Depends(sync_plain)) -> None:
+            look("async plain")
+
+        def sync_yield() -> Iterator[None]:
+            look("sync yield")
+            yield
+            probe = seen["sync yield"][1]
+            assert not probe.closed
+            look("sync yield exit")
+
+        async def async_yield() -> AsyncIterator[None]:
+            look("async yield")
+            yield
+            assert not seen["async yield"][1].closed
+            look("async yield exit")
+
+        @app.get("/")
+        def endpoint(
+            ctx: CurrentContext,
+            probe: Annotated[Probe, Resolve(Probe)],
+            _a: None = Depends(async_plain),
+            _b: None = Depends(sync_yield),
+            _c: None = Depends(async_yield),
+        ) -> dict[str, int]:
+            look("endpoint (threadpool)")
+            assert probe is ambient.resolve_sync(Probe)
+            return {"probe": probe.number}
+
+        async with client(app) as http:
+            response = await http.get("/", headers=ALICE)
+        assert response.status_code == 200
+        assert set(seen) == {
+            "sync plain",
+            "async plain",
+            "sync yield",
+            "sync yield exit",
+            "async yield",
+            "async yield exit",
+            "endpoint (threadpool)",
+        }
+        contexts = {id(ctx) for ctx, _ in seen.values()}
+        probes = {probe.number for _, probe in seen.values()}
+        assert len(contexts) == 1
+        assert probes == {response.json()["probe"]}
+        assert [kind for kind, _ in ledger.created.values()].count("probe") == 1
+        await registry.aclose()
+        assert ledger.problems() == []
+
+    async def test_a_sync_endpoint_resolves_in_the_threadpool(self) -> None:
+        """A plain ``def`` endpoint runs in a worker thread with the request's scope."""
+        app, _, _ = make_app()
+
+        @app.get("/")
+        def endpoint(ctx: CurrentContext) -> dict[str, Any]:
+            probe = ambient.resolve_sync(Probe)
+            return {"user": ctx.user_id, "probe_user": probe.user_id}
+
+        async with client(app) as http:
+            answers = [
+                (await http.get("/", headers={"x-user-id": f"user-{n}"})).json() for n in range(5)
+            ]
+        assert answers == [{"user": f"user-{n}", "probe_user": f"user-{n}"} for n in range(5)]
+
+    async def test_background_tasks_and_streaming_bodies_still_see_the_scope(self) -> None:
+        """The scope closes when the app's call returns: after the streamed body and after
+        BackgroundTasks, which both still resolve the request's own Probe."""
+        app, _, ledger = make_app()
+        events: list[tuple[str, int, bool]] = []
+
+        async def later(number: int) -> None:
+            probe = await ambient.resolve(Probe)
+            events.append(("background", probe.number, probe.closed))
+
+        @app.get("/background")
+        async def background(
+            tasks: BackgroundTasks, probe: Annotated[Probe, Resolve(Probe)]
+        ) -> dict[str, int]:
+            tasks.add_task(later, probe.number)
+            return {"probe": probe.number}
+
+        @app.get("/stream")
+        async def stream() -> StreamingResponse:
+            async def body() -> AsyncIterator[bytes]:
+                yield b"first "
+                probe = await ambient.resolve(Probe)
+                events.append(("stream", probe.number, probe.closed))
+                yield str(probe.number).encode()
+
+            return StreamingResponse(body())
+
+        async with client(app) as http:
+            first = await http.get("/background", headers=ALICE)
+            second = await http.get("/stream", headers=ALICE)
+        streamed = int(second.text.split()[1])
+        assert events == [
+            ("background", first.json()["probe"], False),
+            ("stream", streamed, False),
+        ]
+        assert ledger.open_probes() == 0
+
+    async def test_a_websocket_endpoint_gets_the_context(self) -> None:
+        """CurrentContext and Resolve work in websocket endpoints too."""
+        app, _, _ = make_app()
+
+        @app.websocket("/ws")
+        async def socket(
+            websocket: WebSocket, ctx: CurrentContext, probe: Annotated[Probe, Resolve(Probe)]
+        ) -> None:
+            await websocket.accept()
+            await websocket.send_json({"user": ctx.user_id, "probe_user": probe.user_id})
+            await websocket.close()
+
+        sent = await websocket_exchange(app, "/ws", ALICE)
+        assert sent[0] == {"type": "websocket.accept", "subprotocol": None, "headers": []}
+        assert json.loads(sent[1]["text"]) == {"user": "alice", "probe_user": "alice"}
+        assert sent[2]["type"] == "websocket.close"
+
+    async def test_resolving_an_unknown_key_is_a_500_naming_what_is_registered(self) -> None:
+        """ResolutionError carries no HTTP status: it is a bug, and propagates."""
+        app, _, _ = make_app()
+
+        @app.get("/")
+        async def endpoint(thing: Annotated[Unregistered, Resolve(Unregistered)]) -> None:
+            raise AssertionError
+
+        async with client(app) as http:
+            with pytest.raises(ResolutionError, match="registered: Memory, Probe, Stats"):
+                await http.get("/", headers=ALICE)
+
+
+class TestErrors:
+    @pytest.mark.parametrize(
+        ("error", "status", "type_", "retry_after"),
+        [
+            (
+                PoolExhaustedError("no connection within 0.5 s", retry_after=2.5),
+                503,
+                "urn:ambient:problem:pool-exhausted",
+                "3",
+            ),
+            (
+                TooManyRequestsError("slow down", retry_after=1),
+                429,
+                "urn:ambient:problem:too-many-requests",
+                "1",
+            ),
+            (
+                IdentityError("the token was revoked", status=401),
+                401,
+                "urn:ambient:problem:identity",
+                None,
+            ),
+            (
+                InvalidContextError("thread_id", "too long"),
+                400,
+                "urn:ambient:problem:invalid-context",
+                None,
+            ),
+        ],
+    )
+    async def test_an_ambient_error_with_a_status_is_answered_as_problem_json(
+        self, error: Exception, status: int, type_: str, retry_after: str | None
+    ) -> None:
+        """Raised in an endpoint (behind ServerErrorMiddleware, which would make it a bare
+        500), it becomes the middleware's own problem+json answer; the request's components
+        are still cleaned."""
+        app, _, ledger = make_app()
+
+        @app.get("/")
+        async def endpoint(probe: Annotated[Probe, Resolve(Probe)]) -> None:
+            raise error
+
+        async with client(app) as http:
+            response = await http.get("/", headers=ALICE)
+        body = assert_problem(response, status, type_)
+        assert body["detail"] == str(error)
+        assert response.headers.get("retry-after") == retry_after
+        assert response.headers["x-request-id"]
+        assert ledger.open_probes() == 0
+        assert len(ledger.created) == 1
+
+    async def test_the_body_is_the_middlewares_serializer(self) -> None:
+        """One serializer: the handler's response equals Problem.from_error's."""
+        error = PoolExhaustedError("busy", retry_after=4)
+        response = problem_response(error)
+        problem = Problem.from_error(error)
+        assert response.body == problem.body()
+        assert response.status_code == problem.status
+        assert response.headers["retry-after"] == "4"
+        assert json.loads(response.body)["title"] == PoolExhaustedError.title
+
+    async def test_an_error_without_a_status_is_not_an_answer(self) -> None:
+        """problem_response refuses errors that are bugs; they stay 500s."""
+        with pytest.raises(ValueError, match="carries no HTTP status"):
+            problem_response(ResolutionError("nope"))
+        app, _, ledger = make_app()
+
+        @app.get("/")
+        async def endpoint(probe: Annotated[Probe, Resolve(Probe)]) -> None:
+            raise ResolutionError("a bug")
+
+        async with client(app, raise_errors=False) as http:
+            response = await http.get("/", headers=ALICE)
+        assert response.status_code == 500
+        assert response.headers["content-type"].startswith("text/plain")
+        assert ledger.open_probes() == 0
+
+    async def test_the_middleware_refuses_before_any_endpoint_runs(self) -> None:
+        """No identity: 401; over max_concurrent_per_user: 429 (install passes options on)."""
+        app, _, ledger = make_app(max_concurrent_per_user=1)
+        inside = anyio.Event()
+        release = anyio.Event()
+
+        @app.get("/")
+        async def endpoint() -> None:
+            inside.set()
+            await release.wait()
+
+        async with client(app) as http, anyio.create_task_group() as tg:
+            assert_problem(await http.get("/"), 401, "urn:ambient:problem:unauthenticated")
+            tg.start_soon(functools.partial(http.get, "/", headers=ALICE))
+            await inside.wait()
+            second = await http.get("/", headers=ALICE)
+            release.set()
+        assert_problem(second, 429, "urn:ambient:problem:too-many-requests")
+        assert ledger.created == {}
+
+
+class TestInstall:
+    def test_installing_twice_is_refused(self) -> None:
+        app, registry, _ = make_app()
+        with pytest.raises(RuntimeError, match="already installed"):
+            install(app, registry=registry, identity=trusted_header())
+
+    async def test_installing_after_start_is_refused(self) -> None:
+        registry, _ = build_registry()
+        app = FastAPI()
+        async with client(app) as http:
+            await http.get("/")
+        with pytest.raises(RuntimeError, match="before the app serves"):
+            install(app, registry=registry, identity=trusted_header())
+
+    def test_bad_arguments_fail_at_install_not_at_the_first_request(self) -> None:
+        registry, _ = build_registry()
+        with pytest.raises(ValueError, match="identity resolver"):
+            install(FastAPI(), registry=registry, identity=None)
+        with pytest.raises(ValueError, match="max_concurrent_per_user"):
+            install(
+                FastAPI(), registry=registry, identity=trusted_header(), max_concurrent_per_user=0
+            )
+
+    async def test_starlette_install_maps_errors_and_needs_no_request_state(self) -> None:
+        """The Starlette integration: handlers reach the context with nothing passed down."""
+        registry, ledger = build_registry()
+
+        async def home(request: Request) -> Response:
+            probe = await ambient.resolve(Probe)
+            return JSONResponse(
+                {"user": ambient.get_current_context().user_id, "probe": probe.user_id}
+            )
+
+        async def busy(request: Request) -> Response:
+            raise PoolExhaustedError("busy", retry_after=1)
+
+        app = Starlette(routes=[Route("/", home), Route("/busy", busy)])
+        starlette_integration.install(app, registry=registry, identity=trusted_header())
+        async with client(app) as http:
+            ok = await http.get("/", headers=ALICE)
+            refused = await http.get("/busy", headers=ALICE)
+        assert ok.json() == {"user": "alice", "probe": "alice"}
+        assert_problem(refused, 503, "urn:ambient:problem:pool-exhausted")
+        assert ledger.open_probes() == 0

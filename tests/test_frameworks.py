@@ -1,0 +1,149 @@
+"""The middleware in every framework and on every server: 50 concurrent users, isolated.
+
+Each example app under ``tests/frameworks/`` shows the middleware in its framework's idiom.
+One suite drives them all over real sockets: 50 distinct identities (25 user ids in two
+tenants, so equal user ids of different tenants must not meet), several requests each, all
+in flight together. Every response is checked: its context, its REQUEST component, its
+USER component and what a worker thread saw; afterwards every REQUEST component was
+cleaned exactly once, and at shutdown every USER component too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import uuid
+from collections import defaultdict
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from tests.servers import granian_available, serve
+
+USERS = 50
+PER_USER = 2
+GATE = 25
+
+FRAMEWORKS = ("starlette", "fastapi", "litestar", "quart", "django")
+# asgiref (Django) and Quart run on asyncio only; Starlette, FastAPI and Litestar on trio too.
+ON_TRIO = ("starlette", "fastapi")
+
+
+def identities() -> list[tuple[str, str]]:
+    return [(f"tenant-{n % 2}", f"user-{n // 2}") for n in range(USERS)]
+
+
+def build(framework: str) -> tuple[Any, Any, Any]:
+    module = importlib.import_module(f"tests.frameworks.{framework}_app")
+    return module.build()  # type: ignore[no-any-return]
+
+
+async def drive(url: str, path: str = "/whoami", *, gated: bool = True) -> list[dict[str, Any]]:
+    """Send PER_USER requests for each of the USERS identities at once; check every answer."""
+    gate = uuid.uuid4().hex
+    answers: list[dict[str, Any]] = []
+    limits = httpx.Limits(max_connections=USERS * PER_USER)
+
+    async def one(client: httpx.AsyncClient, tenant: str, user: str, n: int) -> None:
+        request_id = f"{tenant}.{user}.{n}"
+        params = {"gate": gate, "size": str(GATE)} if gated else {}
+        response = await client.get(
+            path,
+            params=params,
+            headers={"x-user-id": user, "x-tenant-id": tenant, "x-request-id": request_id},
+        )
+        assert response.status_code == 200, response.text
+        assert response.headers["x-request-id"] == request_id
+        body = response.json()
+        assert (body["user"], body["tenant"]) == (user, tenant)
+        assert body["request_id"] == request_id
+        assert (body["probe_user"], body["probe_tenant"]) == (user, tenant)
+        assert body["probe_request"] == request_id
+        assert (body["memory_user"], body["memory_tenant"]) == (user, tenant)
+        assert body["thread_user"] == user
+        assert body["thread_probe"] == body["probe"]
+        if gated:
+            assert body["overlapped"] is True
+        answers.append(body)
+
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+        auditor = {"x-user-id": "auditor"}
+        before = (await client.get("/stats", headers=auditor)).json()
+        async with anyio.create_task_group() as tg:
+            for tenant, user in identities():
+                for n in range(PER_USER):
+                    tg.start_soon(one, client, tenant, user, n)
+        stats = (await client.get("/stats", headers=auditor)).json()
+
+    assert len(answers) == USERS * PER_USER
+    probes = [body["probe"] for body in answers]
+    assert len(set(probes)) == len(probes), "a REQUEST component served two requests"
+    memories: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for body in answers:
+        memories[body["tenant"], body["user"]].add(body["memory"])
+    assert all(len(numbers) == 1 for numbers in memories.values()), memories
+    owners = [next(iter(numbers)) for numbers in memories.values()]
+    assert len(set(owners)) == USERS, "two identities shared a USER component"
+    assert stats["problems"] == []
+    assert stats["open_scopes"] == 1  # the /stats request itself
+    assert stats["probes"] == before["probes"] + len(probes)  # and no stray one
+    return answers
+
+
+async def refusals(url: str) -> None:
+    """A PoolExhaustedError from a view is 503 problem+json with Retry-After; a request
+    without identity is 401 before any view runs."""
+    async with httpx.AsyncClient(base_url=url) as client:
+        busy = await client.get("/busy", headers={"x-user-id": "alice"})
+        anonymous = await client.get("/whoami")
+    assert busy.status_code == 503, busy.text
+    assert busy.headers["content-type"] == "application/problem+json"
+    assert busy.headers["retry-after"] == "2"
+    assert busy.json()["type"] == "urn:ambient:problem:pool-exhausted"
+    assert anonymous.status_code == 401
+    assert anonymous.json()["type"] == "urn:ambient:problem:unauthenticated"
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+async def test_fifty_users_through_uvicorn(framework: str) -> None:
+    """Identity, context in handlers and threads, components isolated and cleaned; ambient
+    errors answered as problem+json in the framework's own error handling."""
+    app, registry, ledger = build(framework)
+    with serve("uvicorn", app) as url:
+        await drive(url)
+        await drive(url, "/sync", gated=False)
+        await refusals(url)
+    # Shutdown (lifespan, or Litestar's on_shutdown) closed the USER components too.
+    assert ledger.problems() == []
+    assert registry.stats().open_scopes == 0
+    assert registry.stats().live_users == 0
+
+
+@pytest.mark.parametrize(
+    ("server", "framework"),
+    [
+        ("hypercorn", "starlette"),
+        ("hypercorn", "django"),
+        ("hypercorn-trio", "starlette"),
+        ("hypercorn-trio", "fastapi"),
+    ],
+)
+async def test_the_same_suite_under_hypercorn(server: str, framework: str) -> None:
+    """hypercorn on asyncio and on trio (the app itself then runs on trio)."""
+    assert server != "hypercorn-trio" or framework in ON_TRIO
+    app, registry, ledger = build(framework)
+    with serve(server, app) as url:
+        await drive(url)
+        await drive(url, "/sync", gated=False)
+    assert ledger.problems() == []
+    assert registry.stats().open_scopes == 0
+
+
+@pytest.mark.skipif(not granian_available(), reason="granian is not installed")
+@pytest.mark.parametrize("framework", ["starlette", "django"])
+async def test_the_same_suite_under_granian(framework: str) -> None:
+    """granian runs the app in its own process: everything is checked over HTTP."""
+    with serve("granian", None, target=f"tests.frameworks.{framework}_app:app") as url:
+        await drive(url)
+        await drive(url, "/sync", gated=False)

@@ -1,0 +1,458 @@
+"""Threads and tasks: the scope follows the work, and work that outlives its request either
+gets ScopeClosedError or holds the scope open, explicitly."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import httpx
+import pytest
+from fastapi import FastAPI
+
+import ambient
+from ambient import Lifetime, Registry, UserExecutionContext, UserRef
+from ambient.errors import NoActiveContextError, ScopeClosedError
+from ambient.integrations.fastapi import install
+from ambient.integrations.threads import ContextExecutor, hold_scope, run_sync_in_thread
+from ambient.middleware import trusted_header
+from tests.frameworks.common import Ledger, Memory, Probe
+from tests.servers import serve
+
+USERS = 100
+
+
+def make_registry(cleanup_timeout: float = 10.0) -> tuple[Registry, Ledger]:
+    """A REQUEST Probe and a USER Memory, both with sync factories (threads can make them)."""
+    registry = Registry(cleanup_timeout=cleanup_timeout)
+    ledger = Ledger()
+
+    def probe(ctx: UserExecutionContext) -> Iterator[Probe]:
+        made = Probe(ledger.create("probe", ctx.user_id), ctx)
+        try:
+            yield made
+        finally:
+            made.closed = True
+            ledger.clean(made.number)
+
+    def memory(user: UserRef) -> Iterator[Memory]:
+        made = Memory(ledger.create("memory", user.user_id), user)
+        try:
+            yield made
+        finally:
+            ledger.clean(made.number)
+
+    registry.register(Probe, probe)
+    registry.register(Memory, memory, lifetime=Lifetime.USER)
+    return registry, ledger
+
+
+def look() -> tuple[str, Probe]:
+    """What a worker thread sees."""
+    return ambient.get_current_context().user_id, ambient.resolve_sync(Probe)
+
+
+async def many_users(registry: Registry, hop: Callable[[], Any]) -> None:
+    """USERS concurrent scopes, all open at once, each hopping to a thread with ``hop``."""
+    everyone_in = anyio.Event()
+    arrived = 0
+
+    async def user(n: int) -> None:
+        nonlocal arrived
+        ctx = UserExecutionContext.create(f"user-{n}")
+        async with registry.open_scope(ctx):
+            probe = await ambient.resolve(Probe)
+            arrived += 1
+            if arrived == USERS:
+                everyone_in.set()
+            await everyone_in.wait()
+            seen_user, seen_probe = await hop()
+            assert seen_user == ctx.user_id
+            assert seen_probe is probe
+
+    async with anyio.create_task_group() as tg:
+        for n in range(USERS):
+            tg.start_soon(user, n)
+
+
+def assert_released_in_time(caplog: pytest.LogCaptureFixture) -> None:
+    """The scope's cleanup was woken by the release, not by its timeout."""
+    assert not [r for r in caplog.records if "still active" in r.getMessage()]
+
+
+class TestCarryingTheScope:
+    async def test_run_sync_in_thread(self) -> None:
+        """100 users at once: each worker thread sees its caller's user and Probe."""
+        registry, ledger = make_registry()
+        await many_users(registry, lambda: run_sync_in_thread(look))
+        assert ledger.problems() == []
+        assert len(ledger.created) == USERS
+
+    async def test_context_executor_submit(self) -> None:
+        """ContextExecutor.submit carries the submitter's scope into a pooled thread."""
+        registry, ledger = make_registry()
+        with ContextExecutor(max_workers=8) as executor:
+
+            async def hop() -> Any:
+                future = executor.submit(look)
+                return await anyio.to_thread.run_sync(future.result)
+
+            await many_users(registry, hop)
+        assert len(ledger.created) == USERS
+        assert ledger.problems() == []
+
+    async def test_run_in_executor_and_map(self, anyio_backend: str) -> None:
+        """loop.run_in_executor goes through submit, so it carries the scope too."""
+        if anyio_backend != "asyncio":
+            pytest.skip("loop.run_in_executor is asyncio's API")
+        registry, _ = make_registry()
+        with ContextExecutor(max_workers=4) as executor:
+
+            async def hop() -> Any:
+                return await asyncio.get_running_loop().run_in_executor(executor, look)
+
+            await many_users(registry, hop)
+            async with registry.open_scope(UserExecutionContext.create("mapper")):
+                probe = await ambient.resolve(Probe)
+                users = list(executor.map(lambda _: look()[1], range(10)))
+            assert all(found is probe for found in users)
+
+    async def test_threads_of_one_scope_create_a_component_once(self) -> None:
+        """Twenty threads resolving the same key in one scope get one instance."""
+        registry, ledger = make_registry()
+        async with registry.open_scope(UserExecutionContext.create("alice")):
+            with ContextExecutor(max_workers=20) as executor:
+                futures = [executor.submit(ambient.resolve_sync, Memory) for _ in range(20)]
+                found = [await anyio.to_thread.run_sync(f.result) for f in futures]
+        assert len({id(memory) for memory in found}) == 1
+        assert [kind for kind, _ in ledger.created.values()] == ["memory"]
+
+    async def test_a_plain_executor_has_no_context_never_someone_elses(self) -> None:
+        """Raw ThreadPoolExecutor threads start empty, even when reused across users."""
+        registry, _ = make_registry()
+        errors: list[BaseException] = []
+        with concurrent.futures.ThreadPoolExecutor(max_workers=2) as executor:
+            for n in range(10):
+                async with registry.open_scope(UserExecutionContext.create(f"user-{n}")):
+                    future = executor.submit(ambient.get_current_context)
+                    errors.append(await anyio.to_thread.run_sync(future.exception))
+        assert all(isinstance(error, NoActiveContextError) for error in errors)
+
+    async def test_asgiref_sync_to_async(self, anyio_backend: str) -> None:
+        """asgiref's sync_to_async (Django's thread hop) copies the context: same scope."""
+        if anyio_backend != "asyncio":
+            pytest.skip("asgiref runs on asyncio only")
+        from asgiref.sync import sync_to_async
+
+        registry, _ = make_registry()
+        await many_users(registry, sync_to_async(look, thread_sensitive=False))
+
+    async def test_outside_any_context_the_executor_is_a_plain_one(self) -> None:
+        with ContextExecutor(max_workers=1) as executor:
+            assert executor.submit(pow, 2, 10).result() == 1024
+            with pytest.raises(NoActiveContextError):
+                executor.submit(ambient.get_current_context).result()
+
+    def test_async_functions_are_refused(self) -> None:
+        async def job() -> None:
+            pass
+
+        with ContextExecutor(max_workers=1) as executor, pytest.raises(TypeError, match="task"):
+            executor.submit(job)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="await"):
+            anyio.run(run_sync_in_thread, job)
+
+
+class TestWorkThatOutlivesTheRequest:
+    async def test_without_a_hold_a_late_task_gets_scope_closed_error(self) -> None:
+        """A task spawned on a long-lived task group (a lifespan nursery) keeps the
+        request's context, but resolving after the scope closed raises ScopeClosedError:
+        it can never be handed a component that was cleaned up."""
+        registry, _ = make_registry()
+        scope_closed = anyio.Event()
+        outcome: dict[str, Any] = {}
+
+        async def job() -> None:
+            await scope_closed.wait()
+            outcome["user"] = ambient.get_current_context().user_id
+            for key in (Probe, Memory):
+                with pytest.raises(ScopeClosedError, match="has closed"):
+                    await ambient.resolve(key)
+            with pytest.raises(ScopeClosedError):
+                ambient.resolve_sync(Probe)
+            outcome["checked"] = True
+
+        async with anyio.create_task_group() as service:
+            async with registry.open_scope(UserExecutionContext.create("alice")):
+                probe = await ambient.resolve(Probe)
+                await ambient.resolve(Memory)
+                service.start_soon(job)
+            assert probe.closed
+            scope_closed.set()
+        assert outcome == {"user": "alice", "checked": True}
+
+    async def test_hold_scope_keeps_the_components_until_the_task_ends(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """With hold_scope the task uses the request's Probe after the body ended, and the
+        scope's cleanup waits for it."""
+        registry, _ = make_registry(cleanup_timeout=2.0)
+        body_ended = anyio.Event()
+        events: list[str] = []
+
+        async def job(label: str) -> None:
+            await body_ended.wait()
+            probe = await ambient.resolve(Probe)
+            events.append(f"{label} used probe {probe.number} closed={probe.closed}")
+
+        async with anyio.create_task_group() as service:
+            async with registry.open_scope(UserExecutionContext.create("alice")):
+                probe = await ambient.resolve(Probe)
+                service.start_soon(hold_scope(job), "job")
+                body_ended.set()
+            events.append(f"scope closed, probe closed={probe.closed}")
+        assert events == [
+            f"job used probe {probe.number} closed=False",
+            "scope closed, probe closed=True",
+        ]
+        assert_released_in_time(caplog)
+
+    async def test_a_hold_is_bounded_by_the_cleanup_timeout(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A held task that never finishes delays cleanup by cleanup_timeout only; then it
+        is warned about, and its later resolutions fail."""
+        registry, _ = make_registry(cleanup_timeout=0.2)
+        release = anyio.Event()
+        outcome: list[str] = []
+
+        async def stuck() -> None:
+            await release.wait()
+            with pytest.raises(ScopeClosedError):
+                await ambient.resolve(Probe)
+            outcome.append("refused")
+
+        with caplog.at_level(logging.WARNING, logger="ambient"):
+            async with anyio.create_task_group() as service:
+                started = anyio.current_time()
+                async with registry.open_scope(UserExecutionContext.create("alice")):
+                    probe = await ambient.resolve(Probe)
+                    service.start_soon(hold_scope(stuck))
+                waited = anyio.current_time() - started
+                assert probe.closed
+                release.set()
+        assert 0.2 <= waited < 2
+        assert outcome == ["refused"]
+        assert "hold(s)" in caplog.text
+
+    async def test_hold_scope_misuse(self) -> None:
+        registry, _ = make_registry()
+
+        async def job() -> None:
+            pass
+
+        with pytest.raises(NoActiveContextError):
+            hold_scope(job)
+        async with registry.open_scope(UserExecutionContext.create("alice")) as scope:
+            with pytest.raises(TypeError, match="async function"):
+                hold_scope(look)  # type: ignore[arg-type]
+            held = hold_scope(job)
+            await held()
+            with pytest.raises(RuntimeError, match="called once"):
+                await held()
+        with pytest.raises(ScopeClosedError):
+            scope.hold()
+
+    async def test_submit_held_keeps_the_scope_for_a_thread(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A thread submitted with submit_held uses the Probe after the body ended; the
+        release comes back to the event loop's thread (on trio a release from the worker
+        thread itself would fail)."""
+        registry, _ = make_registry(cleanup_timeout=2.0)
+        go = threading.Event()
+        body_ended = anyio.Event()
+        events: list[str] = []
+
+        def work() -> None:
+            go.wait(10)
+            user, probe = look()
+            events.append(f"thread used probe of {user} closed={probe.closed}")
+
+        async def let_go() -> None:
+            await body_ended.wait()
+            go.set()
+
+        with ContextExecutor(max_workers=1) as executor:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(let_go)
+                async with registry.open_scope(UserExecutionContext.create("alice")):
+                    probe = await ambient.resolve(Probe)
+                    future = executor.submit_held(work)
+                    body_ended.set()
+                events.append(f"scope closed, probe closed={probe.closed}")
+            future.result(timeout=10)
+        assert events == [
+            "thread used probe of alice closed=False",
+            "scope closed, probe closed=True",
+        ]
+        assert_released_in_time(caplog)
+
+    async def test_submit_held_from_a_worker_thread(self) -> None:
+        """From an anyio worker thread the hold is taken on the loop's thread."""
+        registry, _ = make_registry()
+        with ContextExecutor(max_workers=1) as executor:
+            async with registry.open_scope(UserExecutionContext.create("alice")):
+                probe = await ambient.resolve(Probe)
+
+                def from_worker() -> Probe:
+                    return executor.submit_held(lambda: look()[1]).result(timeout=10)
+
+                assert await run_sync_in_thread(from_worker) is probe
+        assert probe.closed
+
+    def test_submit_held_needs_an_event_loop(self) -> None:
+        """From a thread with no event loop nothing could release the hold in time."""
+        registry, _ = make_registry()
+        failures: list[BaseException] = []
+
+        async def main() -> None:
+            async with registry.open_scope(UserExecutionContext.create("alice")):
+                captured = ambient.wrap(lambda: executor.submit_held(look))
+
+                def plain_thread() -> None:
+                    try:
+                        captured()
+                    except RuntimeError as exc:
+                        failures.append(exc)
+
+                thread = threading.Thread(target=plain_thread)
+                thread.start()
+                await anyio.to_thread.run_sync(thread.join)
+
+        with ContextExecutor(max_workers=1) as executor:
+            anyio.run(main)
+        assert len(failures) == 1
+        assert "event loop's thread" in str(failures[0])
+
+    async def test_an_abandoned_thread_holds_the_scope(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """run_sync_in_thread(abandon_on_cancel=True): the caller is cancelled, the thread
+        runs on, and the scope's cleanup waits for it instead of cleaning up under it."""
+        registry, _ = make_registry(cleanup_timeout=2.0)
+        started = anyio.Event()
+        body_ended = anyio.Event()
+        go = threading.Event()
+        events: list[str] = []
+
+        def work() -> None:
+            anyio.from_thread.run_sync(started.set)
+            go.wait(10)
+            user, probe = look()
+            events.append(f"thread used probe of {user} closed={probe.closed}")
+
+        async def let_go() -> None:
+            await body_ended.wait()
+            go.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(let_go)
+            async with registry.open_scope(UserExecutionContext.create("alice")):
+                probe = await ambient.resolve(Probe)
+                with anyio.CancelScope() as cancel:
+                    async with anyio.create_task_group() as inner:
+
+                        async def cancel_when_started() -> None:
+                            await started.wait()
+                            cancel.cancel()
+
+                        inner.start_soon(cancel_when_started)
+                        await run_sync_in_thread(work, abandon_on_cancel=True)
+                assert cancel.cancelled_caught
+                body_ended.set()
+            events.append(f"scope closed, probe closed={probe.closed}")
+        assert events == [
+            "thread used probe of alice closed=False",
+            "scope closed, probe closed=True",
+        ]
+        assert_released_in_time(caplog)
+
+
+def _until(condition: Callable[[], bool]) -> None:
+    """Block (in a worker thread) until ``condition`` holds; bounded."""
+    deadline = time.monotonic() + 10
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition never became true")
+        time.sleep(0.005)
+
+
+async def test_fire_and_forget_behind_a_real_server() -> None:
+    """Under uvicorn: an endpoint's asyncio.create_task outlives the response. Without a
+    hold it gets ScopeClosedError once the request's scope closed; with hold_scope it uses
+    the request's Probe after the response arrived, while another user is served, and the
+    request's cleanup waits for it."""
+    registry, ledger = make_registry()
+    app = FastAPI()
+    install(app, registry=registry, identity=trusted_header())
+    jobs: dict[str, dict[str, Any]] = {}
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def job(name: str) -> None:
+        state = jobs[name]
+        await state["go"].wait()
+        try:
+            probe = await ambient.resolve(Probe)
+            state["result"] = f"probe {probe.number} closed={probe.closed}"
+        except ScopeClosedError:
+            state["result"] = "ScopeClosedError"
+        state["done"].set()
+
+    @app.get("/spawn/{name}")
+    async def spawn(name: str, held: bool = False) -> dict[str, int]:
+        probe = await ambient.resolve(Probe)
+        jobs[name] = {
+            "go": asyncio.Event(),
+            "done": threading.Event(),
+            "loop": asyncio.get_running_loop(),
+        }
+        task = asyncio.create_task(hold_scope(job)(name) if held else job(name))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        return {"probe": probe.number}
+
+    @app.get("/whoami")
+    async def whoami() -> dict[str, str]:
+        return {"user": ambient.get_current_context().user_id}
+
+    def go(name: str) -> None:
+        state = jobs[name]
+        state["loop"].call_soon_threadsafe(state["go"].set)
+
+    with serve("uvicorn", app) as url:
+        async with httpx.AsyncClient(base_url=url) as http:
+            loose = (await http.get("/spawn/loose", headers={"x-user-id": "alice"})).json()
+            await anyio.to_thread.run_sync(_until, lambda: ledger.open_probes() == 0)
+            go("loose")
+            assert await anyio.to_thread.run_sync(jobs["loose"]["done"].wait, 10)
+
+            held = (await http.get("/spawn/held?held=true", headers={"x-user-id": "alice"})).json()
+            other = await http.get("/whoami", headers={"x-user-id": "bob"})
+            assert other.json() == {"user": "bob"}
+            assert ledger.open_probes() == 1  # alice's, held
+            go("held")
+            assert await anyio.to_thread.run_sync(jobs["held"]["done"].wait, 10)
+            await anyio.to_thread.run_sync(_until, lambda: ledger.open_probes() == 0)
+
+    assert loose["probe"] != held["probe"]
+    assert jobs["loose"]["result"] == "ScopeClosedError"
+    assert jobs["held"]["result"] == f"probe {held['probe']} closed=False"
+    assert ledger.problems() == []
