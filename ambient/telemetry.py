@@ -35,6 +35,7 @@ import logging
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Final, Literal
 
@@ -45,6 +46,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ambient import __version__
+from ambient._binding import _current
 from ambient._observe import ComponentEvent, Observer
 from ambient._provider import Lifetime
 
@@ -131,6 +133,40 @@ def _strip_ambient_baggage(context: Context) -> Context:
         if key.startswith("ambient."):
             context = otel_baggage.remove_baggage(key, context)
     return context
+
+
+def _encloses(outer: Scope, scope: Scope) -> bool:
+    """Whether ``scope`` was opened inside ``outer`` (``outer`` is bound around it)."""
+    binding = _current.get()
+    if binding is None or binding.scope is None or binding.scope.owner is not scope:
+        return True  # not ours to judge: keep the current context
+    binding = binding.prev
+    while binding is not None:
+        if not binding.closed and binding.scope is not None and binding.scope.owner is outer:
+            return True
+        binding = binding.prev
+    return False
+
+
+def _unrelated_scopes_removed(context: Context, scope: Scope) -> Context:
+    """The context to start ``scope``'s span in.
+
+    The current one, unless it is exactly the context another scope made current and
+    ``scope`` is not nested in that scope: then it was inherited from unrelated work (on
+    asyncio a pipelined request starts inside the previous request's context, uvicorn#2167;
+    a task spawned by a request outlives it), and the span starts from what was current
+    before that scope instead, so it never becomes another request's child.
+    """
+    while True:
+        record = otel_context.get_value(_SCOPE_KEY, context)
+        if not isinstance(record, _ScopeRecord) or record.attached is not context:
+            return context
+        outer = record.scope()
+        if not record.closed and outer is not None and _encloses(outer, scope):
+            return context
+        if record.previous is None:
+            return Context()
+        context = record.previous
 
 
 def _check_policy(name: str, policy: str) -> IdPolicy:
@@ -220,9 +256,11 @@ class _Instruments:
 class _ScopeRecord:
     """What one :class:`Telemetry` keeps in ``scope.state`` while the scope is open."""
 
-    __slots__ = ("attached", "closed", "counted", "previous", "span", "span_context")
+    __slots__ = ("attached", "closed", "counted", "previous", "scope", "span", "span_context")
 
-    def __init__(self) -> None:
+    def __init__(self, scope: Scope) -> None:
+        # Weak: a context pinned by a timer or a leftover task must not keep the scope alive.
+        self.scope = weakref.ref(scope)
         self.span: trace.Span | None = None
         self.span_context: Context | None = None  # parent of resolve/cleanup spans
         self.attached: Context | None = None  # the OpenTelemetry context made current
@@ -431,7 +469,7 @@ class Telemetry(Observer):
             self._recheck()
         if self._dormant:
             return
-        record = _ScopeRecord()
+        record = _ScopeRecord(scope)
         scope.state[self] = record
         instruments = self._instruments
         if instruments is not None:
@@ -445,14 +483,15 @@ class Telemetry(Observer):
             current = previous
             tracer = self._tracer
             if tracer is not None:
+                parent = _unrelated_scopes_removed(previous, scope)
                 span = tracer.start_span(
                     "ambient.scope",
-                    context=previous,
+                    context=parent,
                     kind=SpanKind.INTERNAL,
                     attributes=self._scope_attributes(scope.context),
                 )
                 record.span = span
-                current = trace.set_span_in_context(span, previous)
+                current = trace.set_span_in_context(span, parent)
                 record.span_context = current
             if self.baggage_fields:
                 current = self._with_baggage(current, scope.context)

@@ -4,6 +4,7 @@ the current trace to every record, empty outside a context, never another user's
 from __future__ import annotations
 
 import logging
+import random
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,8 +12,10 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+import httpx
 import pytest
 import structlog
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.sdk.trace import TracerProvider
 from structlog.testing import LogCapture
 
@@ -26,7 +29,10 @@ from ambient.integrations.logging import (
     add_context,
     context_fields,
 )
+from ambient.middleware import AmbientMiddleware
+from ambient.middleware.identity import trusted_header
 from ambient.telemetry import Telemetry, hash_id
+from tests.servers import serve
 
 
 class Keep(logging.Handler):
@@ -191,6 +197,57 @@ class TestContextFilter:
             assert context_fields(user_id="raw")["request_id"] == "r1"
             assert context_fields(user_id="raw")["user_id"] == "alice"
         assert context_fields() == dict.fromkeys(FIELDS, "")
+
+
+class TestThroughTheMiddleware:
+    async def test_requests_on_uvicorn_log_their_own_ids_and_trace(
+        self, tracer_provider: TracerProvider
+    ) -> None:
+        """50 concurrent users through AmbientMiddleware behind the OpenTelemetry ASGI
+        middleware on uvicorn, each with its own traceparent: every record made in a request
+        carries that request's user pseudonym, request id and trace id."""
+        log, kept = make_logger("served", ContextFilter())
+        registry = Registry(telemetry=Telemetry(tracer_provider=tracer_provider))
+
+        async def endpoint(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            log.info("handling")
+            await anyio.lowlevel.checkpoint()
+            log.info("answering")
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        app = OpenTelemetryMiddleware(
+            AmbientMiddleware(endpoint, registry=registry, identity=trusted_header()),
+            tracer_provider=tracer_provider,
+            exclude_spans=["receive", "send"],
+        )
+        rng = random.Random(7)
+        traces = {f"req-{n}": (f"user-{n}", rng.getrandbits(128) or 1) for n in range(50)}
+        with serve("uvicorn", app, lifespan="off") as url:
+            limits = httpx.Limits(max_connections=50)
+            async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+
+                async def call(request_id: str) -> None:
+                    user, trace_id = traces[request_id]
+                    response = await client.get(
+                        "/",
+                        headers={
+                            "x-user-id": user,
+                            "x-request-id": request_id,
+                            "traceparent": f"00-{trace_id:032x}-{1:016x}-01",
+                        },
+                    )
+                    assert response.status_code == 200
+
+                async with anyio.create_task_group() as tg:
+                    for request_id in traces:
+                        tg.start_soon(call, request_id)
+        assert len(kept.records) == 100
+        for record in kept.records:
+            user, trace_id = traces[record.request_id]  # type: ignore[attr-defined]
+            assert record.user_id == hash_id(user)  # type: ignore[attr-defined]
+            assert record.trace_id == f"{trace_id:032x}"  # type: ignore[attr-defined]
+            assert record.span_id != ""  # type: ignore[attr-defined]
 
 
 class TestStructlog:

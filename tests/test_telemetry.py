@@ -9,6 +9,7 @@ import hmac
 import json
 import logging
 import random
+import socket
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -263,6 +264,52 @@ class TestScopeSpan:
             await second.aclose()
             assert trace.get_current_span() is outer
         assert len(otel.spans.named("ambient.scope")) == 2
+
+    async def test_scope_opened_inside_a_scope_is_its_child(self, otel: Otel) -> None:
+        """A scope opened inside another (directly or in a child task) nests under its span."""
+        registry = Registry(telemetry=otel.telemetry())
+        async with registry.open_scope(ctx("alice")):
+            async with registry.open_scope(ctx("bob"), allow_switch=True):
+                pass
+            async with anyio.create_task_group() as tg:
+
+                async def job() -> None:
+                    async with registry.open_scope(ctx("carol"), allow_switch=True):
+                        pass
+
+                tg.start_soon(job)
+        spans = {
+            (s.attributes or {})["ambient.user_id"]: s for s in otel.spans.named("ambient.scope")
+        }
+        outer = spans[hash_id("alice")]
+        assert outer.parent is None
+        for user in ("bob", "carol"):
+            assert parent_id(spans[hash_id(user)]) == outer.context.span_id
+
+    async def test_work_outliving_its_request_is_not_a_child_of_the_ended_scope(
+        self, otel: Otel
+    ) -> None:
+        """A task started in a request that opens its own scope after the request's scope
+        closed: its span stays in the request's trace, under the request's parent span, not
+        under the ended scope span."""
+        registry = Registry(telemetry=otel.telemetry())
+        tracer = otel.tracer_provider.get_tracer("test")
+        request_done = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            with tracer.start_as_current_span("server") as server:
+                async with registry.open_scope(ctx("alice")):
+
+                    async def later() -> None:
+                        await request_done.wait()
+                        async with registry.open_scope(ctx("alice")):
+                            pass
+
+                    tg.start_soon(later)
+            request_done.set()
+        first, second = otel.spans.named("ambient.scope")
+        assert parent_id(first) == server.get_span_context().span_id
+        assert parent_id(second) == server.get_span_context().span_id
+        assert second.context.trace_id == first.context.trace_id
 
     async def test_registry_and_scope_observer_do_not_double_trace(self, otel: Otel) -> None:
         """The same telemetry on the registry and passed to open_scope traces once."""
@@ -1093,3 +1140,66 @@ class TestBehindServerSpan:
         )
         scope_span = one(otel.spans.named("ambient.scope"))
         assert (scope_span.attributes or {})["ambient.user_id"] == hash_id("bob")
+
+
+def pipelined(url: str, users: list[str]) -> list[bytes]:
+    """Send one request per user on one socket in a single write; read every answer."""
+    host, port = url.removeprefix("http://").split(":")
+    payload = b"".join(
+        f"GET / HTTP/1.1\r\nHost: x\r\nx-user-id: {user}\r\n\r\n".encode() for user in users
+    )
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(payload)
+        data = b""
+        while data.count(b"HTTP/1.1 200") < len(users) or not data.endswith(b"}"):
+            chunk = sock.recv(65536)
+            assert chunk, "the server closed the connection early"
+            data += chunk
+    return [part.partition(b"\r\n\r\n")[2] for part in data.split(b"HTTP/1.1 200")[1:]]
+
+
+async def who(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    body = json.dumps({"user": ambient.get_current_context().user_id}).encode()
+    headers = [(b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class TestPipelining:
+    async def test_pipelined_requests_get_a_trace_each(self, otel: Otel) -> None:
+        """Three requests pipelined on one connection (uvicorn on asyncio starts each inside
+        the previous one's context): every scope span is the root of its own trace."""
+        app = make_app(server_registry(), otel.telemetry(user_id="raw"), who)
+        with serve("uvicorn", app, lifespan="off") as url:
+            bodies = await anyio.to_thread.run_sync(pipelined, url, ["u0", "u1", "u2"])
+        assert [json.loads(b)["user"] for b in bodies] == ["u0", "u1", "u2"]
+        scopes = otel.spans.named("ambient.scope")
+        assert sorted((s.attributes or {})["ambient.user_id"] for s in scopes) == ["u0", "u1", "u2"]
+        assert [s.parent for s in scopes] == [None, None, None]
+        assert len({s.context.trace_id for s in scopes}) == 3
+
+    async def test_behind_otel_asgi_with_reset_contextvars(self, otel: Otel) -> None:
+        """Behind opentelemetry-instrumentation-asgi, with uvicorn's reset_contextvars (the
+        server span itself would otherwise inherit the previous request's context): each
+        scope span sits under its own server span in its own trace."""
+        app = OpenTelemetryMiddleware(
+            make_app(server_registry(), otel.telemetry(user_id="raw"), who),
+            tracer_provider=otel.tracer_provider,
+            exclude_spans=["receive", "send"],
+        )
+        with serve("uvicorn", app, lifespan="off", reset_contextvars=True) as url:
+            bodies = await anyio.to_thread.run_sync(pipelined, url, ["u0", "u1", "u2"])
+            await anyio.to_thread.run_sync(
+                lambda: otel.spans.wait_for(
+                    lambda spans: sum(s.kind is SpanKind.SERVER for s in spans) == 3
+                )
+            )
+        assert [json.loads(b)["user"] for b in bodies] == ["u0", "u1", "u2"]
+        servers = {s.context.span_id: s for s in otel.spans.spans if s.kind is SpanKind.SERVER}
+        assert [s.parent for s in servers.values()] == [None, None, None]
+        scopes = otel.spans.named("ambient.scope")
+        assert len(scopes) == 3
+        for scope_span in scopes:
+            server = servers[parent_id(scope_span) or 0]
+            assert server.context.trace_id == scope_span.context.trace_id
+        assert len({s.context.trace_id for s in scopes}) == 3
