@@ -1,12 +1,17 @@
-"""The ``ambient`` command line."""
+"""The ``ambient`` command line: ``ambient demo`` and ``ambient check``."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import IO, Any
 
 __all__ = ["main"]
+
+_DEMO = "ambient.demo.app:create_app"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -15,16 +20,314 @@ def _parser() -> argparse.ArgumentParser:
         description="Per-request user execution contexts for ASGI applications.",
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo",
+        help="serve the bundled multi-user agent backend",
+        description=(
+            "Serve the demo agent backend with uvicorn. Identity is the x-user-id header from "
+            "loopback peers (demo only); set AMBIENT_JWT_SECRET for HS256 bearer tokens. "
+            "Traces go to OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set."
+        ),
+    )
+    demo.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    demo.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+
+    check = commands.add_parser(
+        "check",
+        help="drive concurrent simulated users through an app and report isolation problems",
+        description=(
+            "Drive many concurrent simulated users through an ASGI app in process and report "
+            "isolation violations, cleanup completeness, leaks, memory growth and latency. "
+            "Exits non-zero on any violation or leak."
+        ),
+    )
+    check.add_argument(
+        "app",
+        nargs="?",
+        default=_DEMO,
+        help="the app as module:attr (a function taking no argument is called to build it); "
+        "default: the bundled demo",
+    )
+    check.add_argument("--users", type=_positive, default=100, help="simulated users (100)")
+    check.add_argument("--requests", type=_positive, default=20, help="requests per user (20)")
+    check.add_argument(
+        "--concurrency", type=_positive, default=None, help="users in flight at once (all)"
+    )
+    check.add_argument(
+        "--identity",
+        default="header:x-user-id",
+        help="how a user presents itself: header:NAME or bearer (default header:x-user-id)",
+    )
+    check.add_argument(
+        "--request",
+        dest="plan",
+        action="append",
+        metavar="'METHOD /path [JSON]'",
+        help="a request each user sends ({user} is replaced); repeatable; default: GET /",
+    )
+    check.add_argument(
+        "--growth-requests",
+        type=int,
+        default=1000,
+        help="requests in the memory-growth phase (1000; 0 skips it)",
+    )
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        msg = f"must be at least 1, not {value}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _identity(text: str) -> tuple[str, str]:
+    kind, _, name = text.partition(":")
+    if kind == "header" and name:
+        return "header", name
+    if kind == "bearer":
+        return "bearer", ""
+    msg = f"--identity must be header:NAME or bearer, not {text!r}"
+    raise SystemExit(msg)
+
+
+def load_app(target: str) -> Any:
+    """Import ``module:attr``; call it when it is a factory rather than an ASGI app."""
+    module_name, _, attribute = target.partition(":")
+    if not module_name or not attribute:
+        msg = f"the app must be given as module:attr, not {target!r}"
+        raise SystemExit(msg)
+    sys.path.insert(0, ".")
+    try:
+        module = importlib.import_module(module_name)
+    finally:
+        sys.path.pop(0)
+    try:
+        app = getattr(module, attribute)
+    except AttributeError:
+        msg = f"module {module_name!r} has no attribute {attribute!r}"
+        raise SystemExit(msg) from None
+    if _is_factory(app):
+        app = app()
+    return app
+
+
+def _is_factory(obj: Any) -> bool:
+    """A plain function that takes no required argument builds the app; an ASGI app takes
+    three."""
+    if not inspect.isfunction(obj):
+        return False
+    required = [
+        p
+        for p in inspect.signature(obj).parameters.values()
+        if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    return not required
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.version:
         from ambient import __version__
 
         sys.stdout.write(f"ambient {__version__}\n")
         return 0
-    _parser().print_help()
+    if args.command == "demo":
+        return _demo(args.host, args.port)
+    if args.command == "check":
+        return _check(args)
+    parser.print_help()
     return 0
+
+
+def _demo(host: str, port: int) -> int:
+    import uvicorn
+
+    from ambient.demo.app import create_app
+
+    _configure_tracing("ambient-demo")
+    base = f"http://{host}:{port}"
+    sys.stdout.write(
+        "ambient demo: a multi-user agent backend. Try two users:\n"
+        f"  curl -s -H 'x-user-id: alice' -d '{{\"prompt\": \"remember buy milk\"}}' "
+        f"{base}/agents/triage/runs\n"
+        f"  curl -s -H 'x-user-id: bob' {base}/history\n"
+        "Identity comes from the x-user-id header of loopback clients: for demos only.\n"
+    )
+    uvicorn.run(create_app(), host=host, port=port, log_level="info")
+    return 0
+
+
+def _configure_tracing(service: str) -> None:
+    import os
+
+    if not os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        return
+    try:
+        from ambient.integrations.otel import configure_tracing
+    except ImportError:
+        sys.stderr.write("OTEL_EXPORTER_OTLP_ENDPOINT is set but the otlp extra is missing\n")
+        return
+    configure_tracing(service)
+
+
+def _check(args: argparse.Namespace) -> int:
+    import anyio
+
+    from ambient.check import CheckReport, parse_request, run_check
+
+    identity = _identity(args.identity)
+    app = load_app(args.app)
+    if args.plan:
+        plan = [parse_request(text) for text in args.plan]
+    elif args.app == _DEMO:
+        from ambient.demo.app import CHECK_PLAN
+
+        plan = list(CHECK_PLAN)
+    else:
+        plan = [parse_request("GET /")]
+    name = "the bundled demo" if args.app == _DEMO else args.app
+    total = args.users * args.requests
+    with _progress(total, quiet=args.json) as progress:
+        report: CheckReport = anyio.run(
+            lambda: run_check(
+                app,
+                name=name,
+                users=args.users,
+                requests=args.requests,
+                concurrency=args.concurrency,
+                identity=identity,
+                plan=plan,
+                growth_requests=args.growth_requests,
+                progress=progress,
+            )
+        )
+    if args.json:
+        sys.stdout.write(report.to_json() + "\n")
+    else:
+        _render(report, sys.stdout)
+    return 0 if report.ok else 1
+
+
+class _progress:  # noqa: N801 - used like a function
+    """A live progress bar (rich when installed, plain lines otherwise)."""
+
+    def __init__(self, total: int, *, quiet: bool) -> None:
+        self.total = total
+        self.quiet = quiet
+        self._bar: Any = None
+        self._task: Any = None
+        self._shown = -1
+
+    def __enter__(self) -> Callable[[int, int], None] | None:
+        if self.quiet:
+            return None
+        try:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+        except ImportError:
+            return self._plain
+        self._bar = Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            transient=True,
+        )
+        self._bar.__enter__()
+        self._task = self._bar.add_task("requests", total=self.total)
+        return self._rich
+
+    def _rich(self, done: int, total: int) -> None:
+        if done % 50 == 0 or done == total:
+            self._bar.update(self._task, completed=done)
+
+    def _plain(self, done: int, total: int) -> None:
+        tenth = done * 10 // total
+        if tenth != self._shown:
+            self._shown = tenth
+            sys.stderr.write(f"  {done}/{total} requests\n")
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+
+
+def _rows(report: Any) -> list[tuple[str, str, str]]:
+    latency = report.latency_ms
+    created, cleaned = report.components_created, report.components_cleaned
+    rows = [
+        ("isolation", _verdict(report.isolation), f"{report.users} users, no data of another"),
+        ("failed requests", _verdict(report.failed_requests), f"{report.requests} requests"),
+        (
+            "cleanup",
+            _verdict(report.cleanup),
+            f"{created} created, {cleaned} cleaned, {report.scopes} scopes",
+        ),
+        (
+            "leaks",
+            _verdict(report.leaks),
+            ("no scope or component alive after the run; " if not report.leaks else "")
+            + f"memory {report.memory_growth_kib_per_1k:.1f} KiB per 1,000 requests after warm-up",
+        ),
+        (
+            "latency",
+            "",
+            f"p50 {latency.get('p50', 0):.2f} ms, p95 {latency.get('p95', 0):.2f} "
+            f"ms, p99 {latency.get('p99', 0):.2f} ms",
+        ),
+        ("throughput", "", f"{report.throughput_rps:,.0f} requests/s in process"),
+    ]
+    if report.middleware_overhead_us is not None:
+        rows.append(
+            ("middleware overhead", "", f"{report.middleware_overhead_us:.1f} µs per request")
+        )
+    accesses = report.global_state_accesses
+    rows.append(
+        (
+            "global state",
+            "",
+            f"{accesses.get('total', 0)} guarded global accesses"
+            if accesses
+            else "no guarded global accessed",
+        )
+    )
+    return rows
+
+
+def _verdict(findings: list[str]) -> str:
+    return "ok" if not findings else f"{len(findings)} problem(s)"
+
+
+def _render(report: Any, out: IO[str]) -> None:
+    rows = _rows(report)
+    title = f"ambient check: {report.app}"
+    verdict = "PASSED" if report.ok else "FAILED"
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        out.write(f"{title}\n")
+        for name, status, detail in rows:
+            out.write(f"  {name:<20} {status:<14} {detail}\n")
+        for line in report.violations:
+            out.write(f"  - {line}\n")
+        out.write(f"{verdict}\n")
+        return
+    console = Console(file=out, width=110)
+    table = Table(title=title, show_header=True, header_style="bold")
+    table.add_column("check")
+    table.add_column("result")
+    table.add_column("detail")
+    for name, status, detail in rows:
+        style = "green" if status == "ok" else "red" if status else ""
+        table.add_row(name, f"[{style}]{status}[/]" if style else status, detail)
+    console.print(table)
+    for line in report.violations:
+        console.print(f"  [red]-[/] {line}", highlight=False)
+    console.print(f"[bold {'green' if report.ok else 'red'}]{verdict}[/]")

@@ -1,0 +1,238 @@
+"""IsolationProbe: which user saw which component instance, and was it cleaned once."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ambient._observe import ComponentEvent, Observer, add_observer
+from ambient._provider import Lifetime
+from ambient._scope import Scope
+
+__all__ = ["IsolationProbe", "IsolationReport"]
+
+
+def _user_label(event: ComponentEvent) -> str:
+    user = event.user
+    if user is None and event.scope is not None and event.lifetime is not Lifetime.APP:
+        user = event.scope.context.user
+    if user is None:
+        return "(application)"
+    if user.tenant_id is None:
+        return user.user_id
+    return f"{user.tenant_id}/{user.user_id}"
+
+
+class _Record:
+    """What the probe knows about one component instance."""
+
+    __slots__ = ("cleaned", "lifetime", "name", "ref", "scope", "strong", "users")
+
+    def __init__(self, event: ComponentEvent) -> None:
+        self.name = event.name
+        self.scope = id(event.scope) if event.scope is not None else None
+        self.lifetime = event.lifetime
+        self.users = {_user_label(event)}
+        self.cleaned = 0
+        try:
+            self.ref: weakref.ref[Any] | None = weakref.ref(event.instance)
+            self.strong: Any = None
+        except TypeError:
+            # Not weakly referenceable (a dict, an int): keep it so its id stays unique.
+            self.ref = None
+            self.strong = event.instance
+
+    def alive(self) -> bool:
+        return self.strong is not None or (self.ref is not None and self.ref() is not None)
+
+
+@dataclass
+class IsolationReport:
+    """What an :class:`IsolationProbe` found.
+
+    Attributes:
+        shared: One component instance handed to more than one user.
+        cleanup: Components cleaned more than once, or never.
+        outlived: REQUEST components still alive after their scope closed and a collection.
+        open_scopes: Scopes opened but not closed.
+        leaked_scopes: Closed scopes still alive after a garbage collection.
+        created: Components created.
+        cleaned: Cleanups run.
+        scopes: Scopes opened.
+    """
+
+    shared: list[str] = field(default_factory=list)
+    cleanup: list[str] = field(default_factory=list)
+    outlived: list[str] = field(default_factory=list)
+    open_scopes: list[str] = field(default_factory=list)
+    leaked_scopes: list[str] = field(default_factory=list)
+    created: int = 0
+    cleaned: int = 0
+    scopes: int = 0
+
+    @property
+    def violations(self) -> list[str]:
+        """Every problem, one line each."""
+        return [
+            *self.shared,
+            *self.cleanup,
+            *self.outlived,
+            *self.open_scopes,
+            *self.leaked_scopes,
+        ]
+
+    @property
+    def ok(self) -> bool:
+        """Whether nothing was found."""
+        return not self.violations
+
+
+class IsolationProbe(Observer):
+    """Watches scopes and components and reports isolation and cleanup problems.
+
+    Records which user each component instance was created for and fails when one instance
+    is handed to two users (a factory returning a cached global), when a cleanup did not run
+    exactly once, when a REQUEST component is still alive after its scope closed and a
+    garbage collection, or when a scope was left open or is kept alive.
+
+    Use it as a context manager (``with IsolationProbe() as probe:``), through the
+    ``isolation_probe`` fixture, or pass it as ``Registry(telemetry=probe)``.
+
+    Args:
+        expect_closed: Also require USER and APP components to be cleaned (call
+            :meth:`report` after ``registry.aclose()``).
+    """
+
+    def __init__(self, *, expect_closed: bool = False) -> None:
+        self.expect_closed = expect_closed
+        self._lock = threading.Lock()
+        self._records: dict[int, _Record] = {}
+        self._retired: list[_Record] = []
+        self._shared: list[str] = []
+        self._extra_cleanups: list[str] = []
+        self._scopes: list[weakref.ref[Scope]] = []
+        self._open: dict[int, tuple[weakref.ref[Scope], str]] = {}
+        self._created = 0
+        self._cleaned = 0
+        self._remove: Callable[[], None] | None = None
+
+    # -- Observer ------------------------------------------------------------------------
+
+    def scope_opened(self, scope: Scope) -> None:
+        with self._lock:
+            self._scopes.append(weakref.ref(scope))
+            self._open[id(scope)] = (weakref.ref(scope), repr(scope.context))
+
+    def scope_closed(self, scope: Scope, failures: tuple[BaseException, ...]) -> None:
+        with self._lock:
+            self._open.pop(id(scope), None)
+
+    def component_created(self, event: ComponentEvent) -> None:
+        if event.error is not None:
+            return
+        with self._lock:
+            self._created += 1
+            key = id(event.instance)
+            record = self._records.get(key)
+            if record is not None and record.alive():
+                user = _user_label(event)
+                if user not in record.users:
+                    record.users.add(user)
+                    self._shared.append(
+                        f"{record.name}: one instance was handed to users "
+                        f"{', '.join(sorted(record.users))} (a factory returning a shared "
+                        "object, e.g. one cached in a module global?)"
+                    )
+                return
+            if record is not None:
+                self._retired.append(record)
+            self._records[key] = _Record(event)
+
+    def component_cleaned(self, event: ComponentEvent) -> None:
+        with self._lock:
+            self._cleaned += 1
+            record = self._records.get(id(event.instance))
+            if record is None:
+                return
+            record.cleaned += 1
+            if record.cleaned == 2:
+                self._extra_cleanups.append(f"{record.name}: cleaned more than once")
+
+    # -- results -------------------------------------------------------------------------
+
+    def report(self) -> IsolationReport:
+        """Collect garbage, then say what was found so far."""
+        gc.collect()
+        with self._lock:
+            records = [*self._retired, *self._records.values()]
+            report = IsolationReport(
+                shared=list(self._shared),
+                cleanup=list(self._extra_cleanups),
+                created=self._created,
+                cleaned=self._cleaned,
+                scopes=len(self._scopes),
+            )
+            report.open_scopes = [
+                f"a scope for {context} was opened and never closed"
+                + ("" if ref() is not None else " (garbage-collected: its cleanups never ran)")
+                for ref, context in self._open.values()
+            ]
+            # Components of a scope that is still open may be cleaned later; those of an
+            # unclosed scope that is gone never will be.
+            open_ids = {key for key, (ref, _) in self._open.items() if ref() is not None}
+            alive_scopes = [ref() for ref in self._scopes]
+        report.leaked_scopes = [
+            f"a closed scope for {scope.context!r} is still alive after garbage collection "
+            "(kept by a pending task, a global or a cycle with a finalizer?)"
+            for scope in alive_scopes
+            if scope is not None and id(scope) not in open_ids and scope.closed
+        ]
+        never: dict[str, int] = {}
+        outlived: dict[str, int] = {}
+        for record in records:
+            must_clean = record.lifetime is Lifetime.REQUEST or self.expect_closed
+            if record.cleaned == 0 and must_clean and record.scope not in open_ids:
+                never[record.name] = never.get(record.name, 0) + 1
+            if (
+                record.lifetime is Lifetime.REQUEST
+                and record.cleaned
+                and record.ref is not None
+                and record.ref() is not None
+            ):
+                outlived[record.name] = outlived.get(record.name, 0) + 1
+        report.cleanup += [
+            f"{name}: {count} instance(s) created but never cleaned"
+            for name, count in never.items()
+        ]
+        report.outlived = [
+            f"{name}: {count} instance(s) still alive after their scope closed "
+            "(referenced from a global, a cache or a pending task?)"
+            for name, count in outlived.items()
+        ]
+        return report
+
+    def assert_clean(self) -> None:
+        """Raise :class:`AssertionError` listing every violation, if there is any."""
+        report = self.report()
+        if not report.ok:
+            lines = "\n  ".join(report.violations)
+            msg = f"ambient isolation probe found {len(report.violations)} problem(s):\n  {lines}"
+            raise AssertionError(msg)
+
+    # -- installation --------------------------------------------------------------------
+
+    def __enter__(self) -> IsolationProbe:
+        if self._remove is not None:
+            msg = "this IsolationProbe is already installed"
+            raise RuntimeError(msg)
+        self._remove = add_observer(self)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        remove, self._remove = self._remove, None
+        if remove is not None:
+            remove()

@@ -1,0 +1,464 @@
+"""``ambient check``: drive many concurrent simulated users through an ASGI app in process and
+report isolation violations, cleanup completeness, leaks, memory growth and latency.
+
+Components are seen through the core's observer hook (an :class:`~ambient.testing.IsolationProbe`),
+so no registry needs to be named. Every simulated user has a unique id; a response or a log
+record made for one user that carries another simulated user's id is a violation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import secrets
+import statistics
+import time
+import tracemalloc
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import anyio
+
+from ambient import _probe, current_context_or_none
+
+__all__ = ["CheckReport", "PlannedRequest", "parse_request", "run_check"]
+
+ASGIApp = Callable[..., Awaitable[None]]
+Progress = Callable[[int, int], None]
+
+_MAX_SHOWN = 20
+
+
+@dataclass(frozen=True)
+class PlannedRequest:
+    """One request a simulated user sends; ``{user}`` in the path or body is replaced by
+    the user's id."""
+
+    method: str = "GET"
+    path: str = "/"
+    body: str | None = None
+
+
+def parse_request(text: str) -> PlannedRequest:
+    """Parse ``"GET /path"`` or ``'POST /path {"json": "body"}'``."""
+    parts = text.strip().split(" ", 2)
+    if len(parts) == 1:
+        return PlannedRequest("GET", parts[0])
+    method, path = parts[0].upper(), parts[1]
+    if not path.startswith("/"):
+        msg = f"request {text!r}: the path must start with '/'"
+        raise ValueError(msg)
+    return PlannedRequest(method, path, parts[2] if len(parts) == 3 else None)
+
+
+@dataclass
+class CheckReport:
+    """The outcome of :func:`run_check`.
+
+    ``ok`` is true only when there was no violation and no leak.
+    """
+
+    app: str
+    users: int
+    requests: int
+    isolation: list[str] = field(default_factory=list)
+    failed_requests: list[str] = field(default_factory=list)
+    cleanup: list[str] = field(default_factory=list)
+    leaks: list[str] = field(default_factory=list)
+    components_created: int = 0
+    components_cleaned: int = 0
+    scopes: int = 0
+    memory_growth_kib_per_1k: float = 0.0
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    throughput_rps: float = 0.0
+    middleware_overhead_us: float | None = None
+    global_state_accesses: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def violations(self) -> list[str]:
+        """Every problem found (isolation, failed requests, cleanup, leaks)."""
+        return [*self.isolation, *self.failed_requests, *self.cleanup, *self.leaks]
+
+    @property
+    def ok(self) -> bool:
+        """No violation and no leak."""
+        return not self.violations
+
+    def to_json(self) -> str:
+        """The report as JSON (for CI)."""
+        data = asdict(self)
+        data["ok"] = self.ok
+        return json.dumps(data, indent=2, sort_keys=True)
+
+
+class _Driver:
+    """Calls an ASGI app in process with synthetic scopes."""
+
+    def __init__(self, app: ASGIApp, identity: tuple[str, str]) -> None:
+        self.app = app
+        self.identity = identity
+
+    def _headers(self, user: str, body: bytes | None) -> list[tuple[bytes, bytes]]:
+        kind, name = self.identity
+        headers = [(b"host", b"ambient-check"), (b"user-agent", b"ambient-check")]
+        if kind == "header":
+            headers.append((name.lower().encode(), user.encode()))
+        elif kind == "bearer":
+            headers.append((b"authorization", f"Bearer {user}".encode()))
+        if body is not None:
+            headers += [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ]
+        return headers
+
+    async def request(self, user: str, planned: PlannedRequest) -> tuple[int, bytes, float]:
+        path = planned.path.replace("{user}", user)
+        raw_path, _, query = path.partition("?")
+        body = planned.body.replace("{user}", user).encode() if planned.body else None
+        scope: dict[str, Any] = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.4"},
+            "http_version": "1.1",
+            "method": planned.method,
+            "scheme": "http",
+            "path": raw_path,
+            "raw_path": raw_path.encode(),
+            "query_string": query.encode(),
+            "root_path": "",
+            "headers": self._headers(user, body),
+            "client": ("127.0.0.1", 40000),
+            "server": ("127.0.0.1", 8000),
+            "state": {},
+        }
+        sent_body = False
+        done = anyio.Event()
+        status = 0
+        chunks: list[bytes] = []
+
+        async def receive() -> MutableMapping[str, Any]:
+            nonlocal sent_body
+            if not sent_body:
+                sent_body = True
+                return {"type": "http.request", "body": body or b"", "more_body": False}
+            await done.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    done.set()
+
+        started = time.perf_counter()
+        try:
+            await self.app(scope, receive, send)
+        except Exception as exc:  # noqa: BLE001 - an app error is a finding, not a crash
+            done.set()
+            return 500, f"{type(exc).__name__}: {exc}".encode(), time.perf_counter() - started
+        done.set()
+        return status, b"".join(chunks), time.perf_counter() - started
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[list[bool]]:
+        """Run the app's lifespan around the block; ``[True]`` once shutdown completed."""
+        shut_down = [False]
+        to_app, app_inbox = anyio.create_memory_object_stream[dict[str, Any]](4)
+        from_app, inbox = anyio.create_memory_object_stream[dict[str, Any]](4)
+
+        async def run(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+            task_status.started()
+            scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+            try:
+                await self.app(scope, app_inbox.receive, from_app.send)
+            except Exception:  # noqa: BLE001 - an app without lifespan support may raise
+                await from_app.send({"type": "lifespan.unsupported"})
+
+        with to_app, app_inbox, from_app, inbox:
+            async with anyio.create_task_group() as group:
+                await group.start(run)
+                await to_app.send({"type": "lifespan.startup"})
+                answer = await inbox.receive()
+                if answer["type"] == "lifespan.startup.failed":
+                    msg = f"the app's startup failed: {answer.get('message', '')}"
+                    raise RuntimeError(msg)
+                supported = answer["type"] == "lifespan.startup.complete"
+                try:
+                    yield shut_down
+                finally:
+                    if supported:
+                        await to_app.send({"type": "lifespan.shutdown"})
+                        reply = await inbox.receive()
+                        shut_down[0] = reply["type"] == "lifespan.shutdown.complete"
+                    group.cancel_scope.cancel()
+
+
+class _LogWatch(logging.Handler):
+    """Flags log records emitted for one user that name another simulated user."""
+
+    def __init__(self, users: Sequence[str]) -> None:
+        super().__init__(logging.DEBUG)
+        self.users = set(users)
+        self.findings: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        ctx = current_context_or_none()
+        if ctx is None or ctx.user_id not in self.users:
+            return
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - a broken record is not our finding
+            return
+        for other in _mentions(text, self.users, ctx.user_id):
+            self.findings.append(
+                f"log record from {record.name} emitted for {ctx.user_id} names {other}: "
+                f"{text[:120]!r}"
+            )
+
+
+def _mentions(text: str, users: set[str], own: str) -> list[str]:
+    if "check-" not in text:
+        return []
+    return [user for user in users if user != own and user in text]
+
+
+async def _overhead() -> float:
+    """Microseconds AmbientMiddleware adds to a bare endpoint, measured interleaved here."""
+    from ambient._registry import Registry
+    from ambient.middleware import AmbientMiddleware, trusted_header
+
+    async def bare(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    wrapped = AmbientMiddleware(bare, registry=Registry(), identity=trusted_header())
+    plan = PlannedRequest()
+    bare_times: list[float] = []
+    wrapped_times: list[float] = []
+    bare_driver = _Driver(bare, ("header", "x-user-id"))
+    wrapped_driver = _Driver(wrapped, ("header", "x-user-id"))
+    for _ in range(5):
+        for driver, times in ((bare_driver, bare_times), (wrapped_driver, wrapped_times)):
+            started = time.perf_counter()
+            for _ in range(400):
+                await driver.request("check-overhead", plan)
+            times.append((time.perf_counter() - started) / 400)
+    return (statistics.median(wrapped_times) - statistics.median(bare_times)) * 1e6
+
+
+def _percentiles(samples: list[float]) -> dict[str, float]:
+    if not samples:
+        return {}
+    ordered = sorted(samples)
+
+    def at(fraction: float) -> float:
+        index = min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))
+        return round(ordered[index] * 1000, 3)
+
+    return {"p50": at(0.50), "p95": at(0.95), "p99": at(0.99), "max": at(1.0)}
+
+
+def _cut(findings: list[str]) -> list[str]:
+    if len(findings) <= _MAX_SHOWN:
+        return findings
+    return [*findings[:_MAX_SHOWN], f"... and {len(findings) - _MAX_SHOWN} more"]
+
+
+class _Traffic:
+    """One simulated user's requests, and what their responses showed."""
+
+    def __init__(
+        self,
+        driver: _Driver,
+        ids: list[str],
+        plan: Sequence[PlannedRequest],
+        requests: int,
+        progress: Progress | None,
+    ) -> None:
+        self.driver = driver
+        self.known = set(ids)
+        self.plan = plan
+        self.requests = requests
+        self.total = len(ids) * requests
+        self.progress = progress
+        self.done = 0
+        self.latencies: list[float] = []
+        self.isolation: list[str] = []
+        self.failed: list[str] = []
+
+    async def user(self, user: str) -> None:
+        for index in range(self.requests):
+            await self.one(user, self.plan[index % len(self.plan)])
+
+    async def one(self, user: str, planned: PlannedRequest) -> None:
+        status, body, elapsed = await self.driver.request(user, planned)
+        self.latencies.append(elapsed)
+        where = f"{planned.method} {planned.path}"
+        if status >= 400:
+            shown = body[:160].decode("utf-8", "replace")
+            self.failed.append(f"{where} for {user}: HTTP {status} {shown!r}")
+        text = body.decode("utf-8", "replace")
+        self.isolation.extend(
+            f"{where}: the response for {user} contains {other}'s data"
+            for other in _mentions(text, self.known, user)
+        )
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+
+async def run_check(
+    app: ASGIApp,
+    *,
+    name: str = "app",
+    users: int = 100,
+    requests: int = 20,
+    concurrency: int | None = None,
+    identity: tuple[str, str] = ("header", "x-user-id"),
+    plan: Sequence[PlannedRequest] = (PlannedRequest(),),
+    growth_requests: int = 1000,
+    max_growth_kib: float = 64.0,
+    measure_overhead: bool = True,
+    progress: Progress | None = None,
+) -> CheckReport:
+    """Drive ``users`` simulated users, ``requests`` each, through ``app`` and report.
+
+    Args:
+        app: The ASGI app (usually wrapped in ``AmbientMiddleware``).
+        name: How the report names the app.
+        users: Simulated users, each with a unique id.
+        requests: Requests per user, cycling through ``plan``.
+        concurrency: Users in flight at once (default: all of them).
+        identity: How a user presents itself: ``("header", name)`` or ``("bearer", "")``.
+        plan: The requests each user sends.
+        growth_requests: Requests in the tracemalloc memory-growth phase (0 to skip).
+        max_growth_kib: Growth per 1,000 requests above which memory counts as leaking.
+        measure_overhead: Also measure the middleware's own cost on a bare endpoint.
+        progress: Called with ``(done, total)`` as requests complete.
+    """
+    if users < 1 or requests < 1:
+        msg = "users and requests must be at least 1"
+        raise ValueError(msg)
+    from ambient.migration import global_state_report, reset_global_state_report
+
+    ids = [f"check-{n:05d}-{secrets.token_hex(3)}" for n in range(users)]
+    report = CheckReport(app=name, users=users, requests=users * requests)
+    driver = _Driver(app, identity)
+    traffic = _Traffic(driver, ids, plan, requests, progress)
+    watch = _LogWatch(ids)
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(watch)
+    root.setLevel(min(old_level or logging.WARNING, logging.INFO))
+    reset_global_state_report()
+    limiter = anyio.Semaphore(concurrency or users)
+
+    async def simulate(user: str) -> None:
+        async with limiter:
+            await traffic.user(user)
+
+    probe = _probe.IsolationProbe()
+    try:
+        with probe:
+            async with driver.lifespan() as shut_down:
+                started = time.perf_counter()
+                async with anyio.create_task_group() as group:
+                    for user in ids:
+                        group.start_soon(simulate, user)
+                elapsed = time.perf_counter() - started
+                # Every request has finished: a closed scope or REQUEST component still
+                # alive now is kept by a pending task or a global.
+                after_run = probe.report()
+                if growth_requests:
+                    # Measured without the probe, whose records grow with every component.
+                    probe.__exit__(None, None, None)
+                    root.setLevel(old_level)
+                    try:
+                        report.memory_growth_kib_per_1k = await _growth(
+                            driver, ids, plan, growth_requests
+                        )
+                    finally:
+                        probe.__enter__()
+            probe.expect_closed = shut_down[0]
+            findings = probe.report()
+    finally:
+        root.removeHandler(watch)
+        root.setLevel(old_level)
+    _summarise(report, traffic, watch, after_run, findings, elapsed, max_growth_kib)
+    globals_report = global_state_report()
+    if globals_report.total:
+        report.global_state_accesses = globals_report.as_dict()
+    if measure_overhead:
+        report.middleware_overhead_us = round(await _overhead(), 2)
+    return report
+
+
+def _summarise(
+    report: CheckReport,
+    traffic: _Traffic,
+    watch: _LogWatch,
+    after_run: _probe.IsolationReport,
+    findings: _probe.IsolationReport,
+    elapsed: float,
+    max_growth_kib: float,
+) -> None:
+    report.throughput_rps = round(report.requests / elapsed, 1) if elapsed else 0.0
+    report.latency_ms = _percentiles(traffic.latencies)
+    report.isolation = [
+        *_cut(findings.shared),
+        *_cut(traffic.isolation),
+        *_cut(watch.findings),
+    ]
+    report.failed_requests = _cut(traffic.failed)
+    report.cleanup = _cut(findings.cleanup + findings.open_scopes)
+    report.leaks = _cut(after_run.outlived + after_run.leaked_scopes)
+    if report.memory_growth_kib_per_1k > max_growth_kib:
+        report.leaks.append(
+            f"memory grew {report.memory_growth_kib_per_1k:.1f} KiB per 1,000 requests "
+            f"(limit {max_growth_kib:g}) after warm-up"
+        )
+    report.components_created = findings.created
+    report.components_cleaned = findings.cleaned
+    report.scopes = findings.scopes
+
+
+async def _growth(
+    driver: _Driver, ids: list[str], plan: Sequence[PlannedRequest], count: int
+) -> float:
+    """KiB the process keeps per 1,000 requests by users that are already warm."""
+    users = ids[: min(len(ids), 10)]
+
+    async def run(n: int) -> None:
+        for index in range(n):
+            await driver.request(users[index % len(users)], plan[index % len(plan)])
+
+    tracing = tracemalloc.is_tracing()
+    if not tracing:
+        tracemalloc.start()
+    try:
+        # Warm up under tracing and as long as we measure: bounded caches (histories,
+        # pools) fill first, and what they evict later was traced, so it counts as freed.
+        await run(count)
+        gc.collect()
+        ignore = [
+            tracemalloc.Filter(inclusive=False, filename_pattern=__file__),
+            tracemalloc.Filter(inclusive=False, filename_pattern="*/ambient/_probe.py"),
+            tracemalloc.Filter(inclusive=False, filename_pattern=tracemalloc.__file__),
+            # Log records kept by whatever handlers the host installed (pytest's capture).
+            tracemalloc.Filter(inclusive=False, filename_pattern=logging.__file__),
+        ]
+        before = tracemalloc.take_snapshot().filter_traces(ignore)
+        await run(count)
+        gc.collect()
+        after = tracemalloc.take_snapshot().filter_traces(ignore)
+    finally:
+        if not tracing:
+            tracemalloc.stop()
+    grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    return round(max(grown, 0) / 1024 / (count / 1000), 2)

@@ -1,0 +1,296 @@
+"""A small multi-user agent backend, written the way ambient wants: no global singletons.
+
+Per request: a ``ToolDispatcher``, an ``AgentInstanceFactory`` and an ``ExecutionEngine``.
+Per user: a ``ConversationStore`` (in memory, or PostgreSQL when ``AMBIENT_DATABASE_URL`` is
+set). Identity: the ``x-user-id`` header from loopback peers (demo only), or an HS256 bearer
+JWT when ``AMBIENT_JWT_SECRET`` is set. Traces go to OTLP when
+``OTEL_EXPORTER_OTLP_ENDPOINT`` is set.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import operator
+import os
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+import ambient
+from ambient import Lifetime, Registry, UserExecutionContext, UserRef
+from ambient.check import PlannedRequest
+from ambient.middleware import AmbientMiddleware, IdentityResolver, trusted_header
+
+__all__ = [
+    "CHECK_PLAN",
+    "AgentInstance",
+    "AgentInstanceFactory",
+    "ConversationStore",
+    "ExecutionEngine",
+    "ToolDispatcher",
+    "build_registry",
+    "create_app",
+]
+
+logger = logging.getLogger("ambient.demo")
+
+HISTORY_LIMIT = 50
+
+# What `ambient check` sends as each simulated user when it checks the demo.
+CHECK_PLAN = (
+    PlannedRequest("POST", "/agents/triage/runs", '{"prompt": "remember note for {user}"}'),
+    PlannedRequest("GET", "/history"),
+    PlannedRequest("POST", "/agents/research/runs", '{"prompt": "calc (6 + 1) * 6"}'),
+    PlannedRequest("GET", "/whoami"),
+)
+
+
+class ConversationStore:
+    """One user's conversation history (USER lifetime): the last ``HISTORY_LIMIT`` entries."""
+
+    def __init__(self, user: UserRef) -> None:
+        self.user = user
+        self.messages: deque[dict[str, str]] = deque(maxlen=HISTORY_LIMIT)
+
+    async def add(self, thread_id: str, role: str, text: str) -> None:
+        self.messages.append({"thread_id": thread_id, "role": role, "text": text})
+
+    async def history(self) -> list[dict[str, str]]:
+        return list(self.messages)
+
+    async def notes(self) -> list[str]:
+        return [m["text"] for m in self.messages if m["role"] == "note"]
+
+    async def aclose(self) -> None:
+        self.messages.clear()
+
+
+_OPERATORS: dict[type, Callable[[Any, Any], Any]] = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+}
+
+
+def _calculate(expression: str) -> float:
+    """Arithmetic on numbers with + - * / and parentheses; nothing else is evaluated."""
+
+    def walk(node: ast.AST) -> float:
+        if isinstance(node, ast.Expression):
+            return walk(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
+            return float(node.value)
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+            return float(_OPERATORS[type(node.op)](walk(node.left), walk(node.right)))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -walk(node.operand)
+        msg = "only numbers, + - * / and parentheses"
+        raise ValueError(msg)
+
+    return walk(ast.parse(expression, mode="eval"))
+
+
+class ToolDispatcher:
+    """The tools an agent may call, bound to the current user's store (REQUEST lifetime)."""
+
+    def __init__(self, ctx: UserExecutionContext, store: ConversationStore) -> None:
+        self.ctx = ctx
+        self.store = store
+        self.calls: list[str] = []
+
+    async def call(self, tool: str, argument: str) -> str:
+        self.calls.append(tool)
+        if tool == "remember":
+            await self.store.add(self.ctx.thread_id, "note", argument)
+            return f"noted: {argument}"
+        if tool == "recall":
+            notes = await self.store.notes()
+            return "; ".join(notes) if notes else "nothing noted yet"
+        if tool == "calc":
+            try:
+                return f"{_calculate(argument):g}"
+            except (ValueError, SyntaxError, ZeroDivisionError) as exc:
+                return f"cannot calculate {argument!r}: {exc}"
+        return f"you said: {argument}"
+
+    def close(self) -> None:
+        self.calls.clear()
+
+
+class AgentInstance:
+    """One agent run: picks a tool from the prompt and answers."""
+
+    def __init__(self, name: str, ctx: UserExecutionContext, tools: ToolDispatcher) -> None:
+        self.name = name
+        self.ctx = ctx
+        self.tools = tools
+
+    async def run(self, prompt: str) -> str:
+        verb, _, rest = prompt.strip().partition(" ")
+        tool = verb.lower() if verb.lower() in ("remember", "recall", "calc") else "echo"
+        argument = rest if tool != "echo" else prompt
+        return await self.tools.call(tool, argument)
+
+
+class AgentInstanceFactory:
+    """Makes agent instances for the current request (REQUEST lifetime)."""
+
+    AGENTS = ("triage", "research")
+
+    def __init__(self, ctx: UserExecutionContext, tools: ToolDispatcher) -> None:
+        self.ctx = ctx
+        self.tools = tools
+        self.created: list[AgentInstance] = []
+
+    def create(self, name: str) -> AgentInstance:
+        if name not in self.AGENTS:
+            msg = f"unknown agent {name!r}; try one of {', '.join(self.AGENTS)}"
+            raise LookupError(msg)
+        agent = AgentInstance(name, self.ctx.child(f"agent:{name}"), self.tools)
+        self.created.append(agent)
+        return agent
+
+    def close(self) -> None:
+        self.created.clear()
+
+
+class ExecutionEngine:
+    """Runs an agent for the current user and records the exchange (REQUEST lifetime)."""
+
+    def __init__(
+        self, ctx: UserExecutionContext, agents: AgentInstanceFactory, store: ConversationStore
+    ) -> None:
+        self.ctx = ctx
+        self.agents = agents
+        self.store = store
+
+    async def run(self, agent_name: str, prompt: str) -> dict[str, Any]:
+        agent = self.agents.create(agent_name)
+        await self.store.add(self.ctx.thread_id, "user", prompt)
+        answer = await agent.run(prompt)
+        await self.store.add(self.ctx.thread_id, "agent", answer)
+        logger.info("agent %s answered user %s", agent_name, self.ctx.user_id)
+        return {
+            "user": self.ctx.user_id,
+            "thread_id": self.ctx.thread_id,
+            "run_id": agent.ctx.run_id,
+            "agent": agent_name,
+            "answer": answer,
+            "tools": list(self.agents.tools.calls),
+        }
+
+
+def build_registry(*, telemetry: ambient.Observer | None = None) -> Registry:
+    """The demo's components (in memory; see :func:`create_app` for PostgreSQL)."""
+    registry = Registry(telemetry=telemetry)
+
+    async def store(user: UserRef) -> AsyncIterator[ConversationStore]:
+        conversation = ConversationStore(user)
+        try:
+            yield conversation
+        finally:
+            await conversation.aclose()
+
+    async def tools(ctx: UserExecutionContext) -> ToolDispatcher:
+        return ToolDispatcher(ctx, await ambient.resolve(ConversationStore))
+
+    async def agents(ctx: UserExecutionContext) -> AgentInstanceFactory:
+        return AgentInstanceFactory(ctx, await ambient.resolve(ToolDispatcher))
+
+    async def engine(ctx: UserExecutionContext) -> ExecutionEngine:
+        return ExecutionEngine(
+            ctx,
+            await ambient.resolve(AgentInstanceFactory),
+            await ambient.resolve(ConversationStore),
+        )
+
+    registry.register(ConversationStore, store, lifetime=Lifetime.USER, idle_ttl=600)
+    registry.register(ToolDispatcher, tools)
+    registry.register(AgentInstanceFactory, agents)
+    registry.register(ExecutionEngine, engine)
+    return registry
+
+
+async def whoami(request: Request) -> Response:
+    ctx = ambient.get_current_context()
+    return JSONResponse(
+        {
+            "user": ctx.user_id,
+            "tenant": ctx.tenant_id,
+            "thread_id": ctx.thread_id,
+            "request_id": ctx.request_id,
+        }
+    )
+
+
+async def run_agent(request: Request) -> Response:
+    try:
+        payload = await request.json()
+    except ValueError:
+        return _problem(400, 'the body must be JSON like {"prompt": "calc 1 + 2"}')
+    prompt = payload.get("prompt") if isinstance(payload, dict) else None
+    if not isinstance(prompt, str) or not prompt.strip() or len(prompt) > 4000:
+        return _problem(400, "'prompt' must be a non-empty string of at most 4000 characters")
+    engine = await ambient.resolve(ExecutionEngine)
+    try:
+        result = await engine.run(request.path_params["agent"], prompt)
+    except LookupError as exc:
+        return _problem(404, str(exc))
+    return JSONResponse(result)
+
+
+async def history(request: Request) -> Response:
+    store = await ambient.resolve(ConversationStore)
+    ctx = ambient.get_current_context()
+    return JSONResponse({"user": ctx.user_id, "messages": await store.history()})
+
+
+async def index(request: Request) -> Response:
+    return JSONResponse(
+        {
+            "service": "ambient demo agent backend",
+            "routes": ["GET /whoami", "POST /agents/{triage|research}/runs", "GET /history"],
+        }
+    )
+
+
+def _problem(status: int, detail: str) -> Response:
+    return JSONResponse(
+        {"type": "about:blank", "title": "Bad request", "status": status, "detail": detail},
+        status_code=status,
+        media_type="application/problem+json",
+    )
+
+
+def _identity() -> IdentityResolver:
+    secret = os.environ.get("AMBIENT_JWT_SECRET")
+    if secret:
+        from ambient.middleware.identity import jwt_bearer
+
+        return jwt_bearer(secret, algorithms=["HS256"])
+    return trusted_header("x-user-id")
+
+
+def create_app(*, registry: Registry | None = None) -> AmbientMiddleware:
+    """The demo app: Starlette routes behind AmbientMiddleware."""
+    inner = Starlette(
+        routes=[
+            Route("/", index),
+            Route("/whoami", whoami),
+            Route("/agents/{agent}/runs", run_agent, methods=["POST"]),
+            Route("/history", history),
+        ]
+    )
+    return AmbientMiddleware(
+        inner,
+        registry=registry if registry is not None else build_registry(),
+        identity=_identity(),
+        max_concurrent_per_user=50,
+    )

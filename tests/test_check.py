@@ -1,0 +1,342 @@
+"""`ambient check`, the demo and the pytest kit: the demo passes, and deliberately broken
+apps are each reported with a useful message."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+import logging
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
+import anyio.abc
+import pytest
+import sniffio
+from starlette.applications import Starlette
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+import ambient
+from ambient import Registry, UserExecutionContext
+from ambient.check import CheckReport, PlannedRequest, parse_request, run_check
+from ambient.cli import main
+from ambient.demo.app import CHECK_PLAN, create_app
+from ambient.middleware import AmbientMiddleware, trusted_header
+from ambient.testing import IsolationProbe
+
+pytest_plugins = ["pytester"]
+
+
+async def check(app: Any, **options: Any) -> CheckReport:
+    options.setdefault("users", 30)
+    options.setdefault("requests", 6)
+    options.setdefault("growth_requests", 0)
+    options.setdefault("measure_overhead", False)
+    return await run_check(app, **options)
+
+
+class Notes:
+    def __init__(self) -> None:
+        self.owner = ""
+
+
+def notes_app(registry: Registry, *, middleware: type | None = None) -> AmbientMiddleware:
+    async def endpoint(request: Request) -> Response:
+        notes = await ambient.resolve(Notes)
+        user = ambient.get_current_context().user_id
+        if not notes.owner:
+            notes.owner = user
+        return JSONResponse({"user": user, "notes_of": notes.owner})
+
+    inner = Starlette(routes=[Route("/", endpoint)])
+    if middleware is not None:
+        inner.add_middleware(middleware)
+    return AmbientMiddleware(inner, registry=registry, identity=trusted_header())
+
+
+class TestTheDemo:
+    async def test_the_demo_passes_with_numbers_that_add_up(self) -> None:
+        report = await check(create_app(), plan=CHECK_PLAN, growth_requests=400)
+        assert report.ok, report.violations
+        assert report.requests == 180
+        assert report.scopes == 180
+        # 3 POST runs x 3 request components + 1 store per user, all cleaned once.
+        assert report.components_created == report.components_cleaned > 180
+        assert set(report.latency_ms) == {"p50", "p95", "p99", "max"}
+        assert report.throughput_rps > 0
+        assert report.memory_growth_kib_per_1k < 64
+
+    async def test_the_demo_answers_each_user_with_their_own_history(self) -> None:
+        import httpx
+
+        transport = httpx.ASGITransport(app=create_app(), client=("127.0.0.1", 1))
+        async with httpx.AsyncClient(transport=transport, base_url="http://demo") as http:
+            for user in ("alice", "bob"):
+                response = await http.post(
+                    "/agents/triage/runs",
+                    json={"prompt": f"remember milk for {user}"},
+                    headers={"x-user-id": user},
+                )
+                assert response.json()["answer"] == f"noted: milk for {user}"
+            calc = await http.post(
+                "/agents/research/runs",
+                json={"prompt": "calc 2 * (3 + 4)"},
+                headers={"x-user-id": "alice"},
+            )
+            history = await http.get("/history", headers={"x-user-id": "bob"})
+            bad = await http.post(
+                "/agents/nobody/runs", json={"prompt": "hi"}, headers={"x-user-id": "bob"}
+            )
+            empty = await http.post(
+                "/agents/triage/runs", json={"prompt": ""}, headers={"x-user-id": "bob"}
+            )
+            unsafe = await http.post(
+                "/agents/research/runs",
+                json={"prompt": "calc __import__('os')"},
+                headers={"x-user-id": "bob"},
+            )
+        assert calc.json()["answer"] == "14"
+        texts = [m["text"] for m in history.json()["messages"]]
+        assert "milk for bob" in texts
+        assert not any("alice" in text for text in texts)
+        assert bad.status_code == 404
+        assert empty.status_code == 400
+        assert unsafe.json()["answer"].startswith("cannot calculate")
+
+
+class TestBrokenApps:
+    async def test_a_component_cached_in_a_module_global(self) -> None:
+        shared = Notes()
+        registry = Registry()
+        registry.register(Notes, lambda: shared)  # every user gets the same object
+        report = await check(notes_app(registry))
+        assert not report.ok
+        assert any("one instance was handed to users" in line for line in report.isolation)
+        assert any("contains" in line and "data" in line for line in report.isolation)
+
+    async def test_a_cleanup_that_never_runs(self) -> None:
+        registry = Registry()
+        registry.register(Notes, Notes)
+
+        async def endpoint(request: Request) -> Response:
+            ctx = ambient.get_current_context()
+            # A sub-scope opened by hand and never closed: its cleanup never runs.
+            forgotten = registry.open_scope(ctx.child("sub-agent"))
+            await forgotten.__aenter__()
+            await ambient.resolve(Notes)
+            return JSONResponse({"user": ctx.user_id})
+
+        app = AmbientMiddleware(
+            Starlette(routes=[Route("/", endpoint)]),
+            registry=registry,
+            identity=trusted_header(),
+        )
+        with pytest.warns(ResourceWarning, match="garbage-collected"):
+            report = await check(app, users=5, requests=2)
+        assert not report.ok
+        assert any("opened and never closed" in line for line in report.cleanup)
+        assert any("never cleaned" in line for line in report.cleanup)
+
+    async def test_a_context_leaking_into_a_fire_and_forget_task(self) -> None:
+        registry = Registry()
+        registry.register(Notes, Notes)
+        group: list[anyio.abc.TaskGroup] = []
+
+        async def lingering() -> None:
+            await anyio.sleep_forever()  # holds the request's context, and its scope
+
+        async def endpoint(request: Request) -> Response:
+            await ambient.resolve(Notes)
+            group[0].start_soon(lingering)  # inherits the request's context
+            return JSONResponse({"user": ambient.get_current_context().user_id})
+
+        async def lifespan(app: Starlette) -> AsyncIterator[None]:
+            async with anyio.create_task_group() as tg:
+                group.append(tg)
+                yield
+                tg.cancel_scope.cancel()
+
+        inner = Starlette(routes=[Route("/", endpoint)], lifespan=contextlib_lifespan(lifespan))
+        app = AmbientMiddleware(inner, registry=registry, identity=trusted_header())
+        report = await check(app, users=5, requests=2)
+        assert not report.ok
+        assert report.cleanup == []
+        assert any("still alive" in line and "pending task" in line for line in report.leaks)
+
+    async def test_a_base_http_middleware_that_drops_the_context(self) -> None:
+        registry = Registry()
+        registry.register(Notes, Notes)
+        report = await check(notes_app(registry, middleware=ContextDropper), users=5)
+        assert not report.ok
+        assert report.failed_requests
+        assert "NoActiveContextError" in report.failed_requests[0]
+
+    async def test_a_log_record_naming_another_user(self) -> None:
+        last: list[str] = []
+        log = logging.getLogger("tests.chatty")
+
+        async def endpoint(request: Request) -> Response:
+            user = ambient.get_current_context().user_id
+            if last:
+                log.info("previous request was by %s", last[-1])  # leaks who came before
+            last.append(user)
+            return JSONResponse({"user": user})
+
+        app = AmbientMiddleware(
+            Starlette(routes=[Route("/", endpoint)]),
+            registry=Registry(),
+            identity=trusted_header(),
+        )
+        report = await check(app, users=10, requests=3)
+        assert any("log record from tests.chatty" in line for line in report.isolation)
+
+
+def contextlib_lifespan(fn: Callable[[Starlette], AsyncIterator[None]]) -> Any:
+    import contextlib
+
+    return contextlib.asynccontextmanager(fn)
+
+
+class ContextDropper(BaseHTTPMiddleware):
+    """Hands the request to a task started in an empty Context, as a middleware with its own
+    worker pool would: the endpoint no longer sees the request's context."""
+
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        empty = contextvars.Context()
+        if sniffio.current_async_library() == "asyncio":
+            return await asyncio.create_task(call_next(request), context=empty)
+        import trio
+
+        outcome: list[Any] = []
+        done = trio.Event()
+
+        async def run() -> None:
+            # A system task must not raise (it would crash the run): hand the error back.
+            try:
+                outcome.append(await call_next(request))
+            except Exception as exc:
+                outcome.append(exc)
+            finally:
+                done.set()
+
+        trio.lowlevel.spawn_system_task(run, context=empty)
+        await done.wait()
+        if isinstance(outcome[0], Exception):
+            raise outcome[0]
+        return outcome[0]  # type: ignore[no-any-return]
+
+
+class TestCommandLine:
+    def test_check_of_the_demo_as_json(self, capsys: pytest.CaptureFixture[str]) -> None:
+        code = main(
+            ["check", "--users", "12", "--requests", "4", "--json", "--growth-requests", "200"]
+        )
+        report = json.loads(capsys.readouterr().out)
+        assert code == 0
+        assert report["ok"] is True
+        assert report["users"] == 12
+        assert report["requests"] == 48
+        assert report["middleware_overhead_us"] is not None
+
+    def test_check_of_a_broken_app_exits_nonzero_with_a_table(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        code = main(
+            [
+                "check",
+                "tests.test_check:broken_app",
+                "--users",
+                "8",
+                "--requests",
+                "2",
+                "--growth-requests",
+                "0",
+            ]
+        )
+        out = capsys.readouterr().out
+        assert code == 1
+        assert "FAILED" in out
+        assert "handed to users" in out
+
+    def test_bad_arguments(self, capsys: pytest.CaptureFixture[str]) -> None:
+        with pytest.raises(SystemExit):
+            main(["check", "--users", "0"])
+        with pytest.raises(SystemExit, match="header:NAME"):
+            main(["check", "--identity", "cookie"])
+        with pytest.raises(SystemExit, match="module:attr"):
+            main(["check", "nocolon"])
+        with pytest.raises(ValueError, match="must start with"):
+            parse_request("GET nopath")
+        assert parse_request('POST /x {"a": 1}') == PlannedRequest("POST", "/x", '{"a": 1}')
+
+    def test_the_console_script_prints_help(self) -> None:
+        result = subprocess.run(
+            [sys.executable, "-m", "ambient", "--help"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == 0
+        assert "check" in result.stdout
+        assert "demo" in result.stdout
+
+
+def broken_app() -> AmbientMiddleware:
+    """An app for the command-line test: one Notes object for everybody."""
+    shared = Notes()
+    registry = Registry()
+    registry.register(Notes, lambda: shared)
+    return notes_app(registry)
+
+
+class TestPytestKit:
+    async def test_fixtures(
+        self, ambient_context: UserExecutionContext, make_context: Callable[..., Any]
+    ) -> None:
+        assert ambient.get_current_context() is ambient_context
+        other = make_context("bob", tenant_id="acme")
+        assert (other.user_id, other.tenant_id) == ("bob", "acme")
+
+    async def test_the_probe_is_quiet_for_a_correct_registry(
+        self, isolation_probe: IsolationProbe, make_context: Callable[..., Any]
+    ) -> None:
+        registry = Registry()
+        registry.register(Notes, Notes)
+        for user in ("alice", "bob"):
+            async with registry.open_scope(make_context(user)):
+                await ambient.resolve(Notes)
+        isolation_probe.assert_clean()
+        assert isolation_probe.report().created == 2
+
+    def test_the_probe_fixture_fails_a_test_that_shares_an_instance(
+        self, pytester: pytest.Pytester
+    ) -> None:
+        pytester.makepyfile(
+            """
+            import anyio
+            import ambient
+            from ambient import Registry
+
+            SHARED = object()
+
+            def test_shared(isolation_probe, make_context):
+                registry = Registry()
+                registry.register("tool", lambda: SHARED)
+
+                async def main():
+                    for user in ("alice", "bob"):
+                        async with registry.open_scope(make_context(user)):
+                            await ambient.resolve("tool")
+
+                anyio.run(main)
+            """
+        )
+        result = pytester.runpytest("-p", "no:cacheprovider")
+        result.assert_outcomes(passed=1, errors=1)
+        result.stdout.fnmatch_lines(["*one instance was handed to users alice, bob*"])
