@@ -26,6 +26,7 @@ import ambient
 from ambient import Lifetime, Registry, UserExecutionContext, UserRef
 from ambient.check import PlannedRequest
 from ambient.middleware import AmbientMiddleware, IdentityResolver, trusted_header
+from ambient.telemetry import Telemetry
 
 __all__ = [
     "CHECK_PLAN",
@@ -290,7 +291,9 @@ def create_app(*, registry: Registry | None = None) -> AmbientMiddleware:
     )
     return AmbientMiddleware(
         inner,
-        registry=registry if registry is not None else build_registry(),
+        # Telemetry() finds the SDK that `ambient demo` configured from OTEL_EXPORTER_OTLP_*
+        # (and costs next to nothing when there is none).
+        registry=registry if registry is not None else build_registry(telemetry=Telemetry()),
         identity=_identity(),
         max_concurrent_per_user=50,
     )
