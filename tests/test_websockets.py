@@ -1,0 +1,780 @@
+"""Per-user websocket channels on real servers: isolation, disconnects, slow consumers,
+message scopes, the per-user cap, the Origin check, and fan-out across processes through
+Redis (with a Redis restart in the middle).
+
+The hub runs inside the server: uvicorn (asyncio) for the asyncio run of each test and
+hypercorn's trio worker for the trio run. The clients are the ``websockets`` library's
+asyncio client, run in a worker thread so that the test itself can run on either backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+import httpx
+import pytest
+import redis
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from ambient import Registry, UserExecutionContext
+from ambient.errors import ContextSwitchError, NoActiveContextError
+from ambient.integrations.websockets import (
+    ConnectionHub,
+    Envelope,
+    OriginAllowList,
+    RedisBroadcast,
+    UnsupportedBackendError,
+    UserWebSocketManager,
+    decode_envelope,
+    encode_envelope,
+)
+from tests.apps import Ledger
+from tests.conftest import REDIS_URL, service_unavailable
+from tests.servers import free_port, serve
+from tests.ws_app import build
+
+T = TypeVar("T")
+
+SERVER_FOR = {"asyncio": "uvicorn", "trio": "hypercorn-trio"}
+# The issue's sizes: 50 users x 2 threads x 2 sockets, 100 events per run.
+USERS, THREADS, SOCKETS_PER_THREAD, EVENTS = 50, 2, 2, 100
+DEADLINE = 30.0
+
+
+@pytest.fixture(name="server")
+def fixture_server(anyio_backend: str) -> str:
+    """The hub runs on the test's backend: uvicorn for asyncio, hypercorn's trio worker."""
+    return SERVER_FOR[anyio_backend]
+
+
+async def in_client_thread(scenario: Callable[[], Awaitable[T]]) -> T:
+    """Run an asyncio client scenario in a worker thread with its own event loop."""
+
+    def run() -> T:
+        async def bounded() -> T:
+            async with asyncio.timeout(DEADLINE):
+                return await scenario()
+
+        return asyncio.run(bounded())
+
+    return await anyio.to_thread.run_sync(run)
+
+
+async def wait_closed(ledger: Ledger, count: int) -> None:
+    """Wait until ``count`` socket handlers have finished (they note it in the ledger)."""
+
+    def closed(led: Ledger) -> bool:
+        return sum(1 for what, _ in led.events if what == "socket closed") >= count
+
+    assert await anyio.to_thread.run_sync(ledger.wait, closed), ledger.events
+
+
+def ws_url(base: str) -> str:
+    return base.replace("http://", "ws://") + "/ws"
+
+
+async def open_socket(
+    base: str, user: str, thread: str = "thread", **options: Any
+) -> tuple[ClientConnection, dict[str, Any]]:
+    """Open a socket for ``user`` on ``thread``; return it and its ``ready`` frame (sent once
+    the socket is registered)."""
+    sock = await connect(
+        ws_url(base),
+        additional_headers={"x-user-id": user, "x-thread-id": thread},
+        proxy=None,
+        compression=None,
+        **options,
+    )
+    ready = json.loads(await sock.recv())
+    assert ready["type"] == "ready", ready
+    assert (ready["user"], ready["thread"]) == (user, thread)
+    return sock, ready
+
+
+async def expect_pong(sock: ClientConnection, n: int = 0) -> list[dict[str, Any]]:
+    """Ping through the socket's own queue; return every frame that arrived before the pong."""
+    await sock.send(json.dumps({"op": "ping", "n": n}))
+    before: list[dict[str, Any]] = []
+    while True:
+        frame = json.loads(await sock.recv())
+        if frame["type"] == "pong" and frame["n"] == n:
+            return before
+        before.append(frame)
+
+
+async def close_all(sockets: list[ClientConnection]) -> None:
+    await asyncio.gather(*(sock.close() for sock in sockets), return_exceptions=True)
+
+
+# -- isolation -----------------------------------------------------------------------------
+
+
+async def test_every_socket_gets_exactly_its_users_thread_events_in_order(server: str) -> None:
+    """50 users x 2 threads x 2 sockets; each (user, thread) run emits 100 events to its
+    thread and one to all of its user's sockets. Every socket receives exactly its thread's
+    100 events in order plus its user's 2 user-wide events, and nothing else."""
+    hub = ConnectionHub()
+    app, ledger, _ = build(hub)
+
+    async def scenario(base: str) -> list[str]:
+        problems: list[str] = []
+        keys = [
+            (f"user-{u}", f"thread-{u}-{t}", s)
+            for u in range(USERS)
+            for t in range(THREADS)
+            for s in range(SOCKETS_PER_THREAD)
+        ]
+        opened = await asyncio.gather(
+            *(open_socket(base, user, thread) for user, thread, _ in keys)
+        )
+        sockets = {key: sock for key, (sock, _) in zip(keys, opened, strict=True)}
+        try:
+            runs: dict[tuple[str, str], str] = {}
+
+            async def start_run(http: httpx.AsyncClient, user: str, thread: str) -> None:
+                response = await http.post(
+                    "/run",
+                    params={"events": EVENTS, "broadcast": 1},
+                    headers={"x-user-id": user, "x-thread-id": thread},
+                )
+                body = response.json()
+                if response.status_code != 200 or body["sent"] != EVENTS:
+                    problems.append(f"run of {user}/{thread}: {response.status_code} {body}")
+                runs[user, thread] = body["run"]
+
+            async def read(key: tuple[str, str, int], sock: ClientConnection) -> None:
+                user, thread, _ = key
+                frames = [json.loads(await sock.recv()) for _ in range(EVENTS + THREADS)]
+                events = [f for f in frames if f["type"] == "event"]
+                done = [f for f in frames if f["type"] == "done"]
+                if any(f["user"] != user for f in frames):
+                    problems.append(f"{key} got another user's frame")
+                if any(f["thread"] != thread for f in events):
+                    problems.append(f"{key} got another thread's event")
+                if [f["seq"] for f in events] != list(range(EVENTS)):
+                    problems.append(f"{key} got events out of order or missing")
+                if len({f["run"] for f in events}) != 1:
+                    problems.append(f"{key} got events of several runs")
+                if sorted(f["thread"] for f in done) != sorted(
+                    f"thread-{user.split('-')[1]}-{t}" for t in range(THREADS)
+                ):
+                    problems.append(f"{key} got the wrong user-wide events: {done}")
+                stray = await expect_pong(sock)
+                if stray:
+                    problems.append(f"{key} got extra frames: {stray[:3]}")
+
+            limits = httpx.Limits(max_connections=USERS * THREADS)
+            async with httpx.AsyncClient(base_url=base, limits=limits, timeout=DEADLINE) as http:
+                await asyncio.gather(
+                    *(read(key, sock) for key, sock in sockets.items()),
+                    *(start_run(http, u, t) for u, t in {(u, t) for u, t, _ in keys}),
+                )
+            assert len(runs) == USERS * THREADS
+        finally:
+            await close_all(list(sockets.values()))
+        return problems
+
+    with serve(server, app) as url:
+        problems = await in_client_thread(lambda: scenario(url))
+        await wait_closed(ledger, USERS * THREADS * SOCKETS_PER_THREAD)
+        stats = hub.stats()
+    assert problems == []
+    assert (stats.connections, stats.users, stats.queued) == (0, 0, 0)
+    assert (stats.overflows, stats.send_failures, stats.replaced) == (0, 0, 0)
+    assert ledger.problems() == []
+
+
+# -- disconnects and slow consumers --------------------------------------------------------
+
+
+def abort_with_rst(sock: ClientConnection) -> None:
+    """Drop the TCP connection with a reset: no close frame, no FIN."""
+    raw = sock.transport.get_extra_info("socket")
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.transport.abort()
+
+
+async def test_an_aborted_socket_is_pruned_and_the_run_goes_on(server: str) -> None:
+    """A client resets its connection in the middle of a run: the socket leaves the hub,
+    the run's later sends neither fail nor queue anything, nothing keeps the connection
+    alive, and another user's socket is untouched."""
+    hub = ConnectionHub()
+    app, ledger, sockets = build(hub)
+
+    async def scenario(base: str) -> dict[str, Any]:
+        gone, _ = await open_socket(base, "gone")
+        stays, _ = await open_socket(base, "stays")
+        async with httpx.AsyncClient(base_url=base, timeout=DEADLINE) as http:
+            # One event every 2 ms for as long as the user has a socket, then 50 more.
+            run = asyncio.ensure_future(
+                http.post(
+                    "/run",
+                    params={"events": 50, "pace": 0.002},
+                    headers={"x-user-id": "gone", "x-thread-id": "thread"},
+                )
+            )
+            seqs = [json.loads(await gone.recv())["seq"] for _ in range(10)]
+            assert seqs == list(range(10))
+            abort_with_rst(gone)
+            response = await run
+            assert response.status_code == 200, response.text
+            other = await http.post(
+                "/run",
+                params={"events": 5},
+                headers={"x-user-id": "stays", "x-thread-id": "thread"},
+            )
+            assert other.status_code == 200
+        frames = [json.loads(await stays.recv()) for _ in range(5)]
+        assert [(f["user"], f["seq"]) for f in frames] == [("stays", n) for n in range(5)]
+        assert await expect_pong(stays) == []
+        await stays.close()
+        body: dict[str, Any] = response.json()
+        return body
+
+    with serve(server, app) as url:
+        body = await in_client_thread(lambda: scenario(url))
+        await wait_closed(ledger, 2)
+        stats = hub.stats()
+    assert body["left"] == 0
+    assert body["sent"] >= 60  # the run went on after the reset
+    assert (stats.connections, stats.users, stats.queued, stats.queued_bytes) == (0, 0, 0, 0)
+    assert stats.overflows == 0
+    gc.collect()
+    assert len(sockets.connections) == 2
+    assert [ref() for ref in sockets.connections] == [None, None]
+    assert ledger.problems() == []
+
+
+BATCH, EVENT_SIZE, QUEUE = 16, 8192, 32
+
+
+async def test_a_slow_socket_is_closed_with_1013_and_nobody_else_waits(server: str) -> None:
+    """One socket stops reading while its user's other socket and another user's socket
+    keep up with batches of 8 KiB events. The slow socket's queue never grows past its
+    bound: it is dropped and closed with 1013 after an in-order prefix of the events; the
+    senders never wait for it, and the other sockets get every event in order."""
+    hub = ConnectionHub(queue_size=QUEUE)
+    app, ledger, _ = build(hub)
+
+    async def scenario(base: str) -> tuple[int, list[int], int | None]:
+        slow, _ = await open_socket(base, "slow", "a", max_queue=1)
+        fast, _ = await open_socket(base, "slow", "b")
+        other, _ = await open_socket(base, "other", "a")
+        stop = asyncio.Event()
+
+        async def pump(sock: ClientConnection) -> int:
+            start = 0
+            for _ in range(400):
+                request = {"op": "batch", "start": start, "count": BATCH, "size": EVENT_SIZE}
+                await sock.send(json.dumps(request))
+                seqs = [json.loads(await sock.recv())["seq"] for _ in range(BATCH)]
+                assert seqs == list(range(start, start + BATCH))
+                done = json.loads(await sock.recv())
+                assert done == {"type": "batch-done", "next": start + BATCH}
+                start += BATCH
+                if hub.stats().overflows:
+                    stop.set()
+                if stop.is_set():
+                    return start
+            return start
+
+        fast_count, other_count = await asyncio.gather(pump(fast), pump(other))
+        assert stop.is_set(), "the slow socket was never closed"
+        assert await expect_pong(fast) == []
+        assert await expect_pong(other) == []
+        # Now read what the slow socket was sent before it was closed.
+        received: list[int] = []
+        code = None
+        try:
+            while True:
+                received.append(json.loads(await slow.recv())["seq"])
+        except ConnectionClosed as closed:
+            code = closed.rcvd.code if closed.rcvd is not None else None
+        await close_all([fast, other])
+        assert other_count >= BATCH
+        return fast_count, received, code
+
+    with serve(server, app) as url:
+        fast_count, received, code = await in_client_thread(lambda: scenario(url))
+        await wait_closed(ledger, 3)
+        stats = hub.stats()
+    assert code == 1013
+    assert received == list(range(len(received)))
+    assert len(received) < fast_count
+    assert stats.overflows == 1
+    assert stats.peak_queued <= QUEUE
+    assert (stats.connections, stats.queued, stats.send_failures) == (0, 0, 0)
+    assert ledger.problems() == []
+
+
+# -- message scopes, the per-user cap, the Origin check -------------------------------------
+
+
+async def test_each_message_runs_in_its_own_child_scope(server: str) -> None:
+    """A message's REQUEST components are cleaned when the message is done; the
+    connection's context and its own components live on until the socket closes."""
+    hub = ConnectionHub()
+    app, ledger, _ = build(hub)
+
+    Exchange = tuple[dict[str, Any], dict[str, Any]]
+
+    async def scenario(base: str) -> tuple[dict[str, Any], list[Exchange]]:
+        sock, ready = await open_socket(base, "alice")
+        exchanges: list[Exchange] = []
+        for _ in range(5):
+            await sock.send(json.dumps({"op": "probe"}))
+            exchanges.append((json.loads(await sock.recv()), json.loads(await sock.recv())))
+        await sock.close()
+        return ready, exchanges
+
+    with serve(server, app) as url:
+        ready, exchanges = await in_client_thread(lambda: scenario(url))
+        await wait_closed(ledger, 1)
+    connection_run = ready["run_id"]
+    run_ids = set()
+    for probe, after in exchanges:
+        assert probe["type"] == "probe"
+        assert probe["probe_user"] == "alice"
+        assert probe["parent_run_id"] == connection_run
+        assert probe["depth"] == 1
+        run_ids.add(probe["run_id"])
+        assert after == {
+            "type": "after",
+            "cleaned": 1,  # the message's component, cleaned as the message ended
+            "held_cleaned": 0,  # the connection's component, alive
+            "run_id": connection_run,  # the connection's context is bound again
+        }
+    assert len(run_ids) == 5
+    assert connection_run not in run_ids
+    assert len({probe["held"] for probe, _ in exchanges}) == 1
+    assert len({probe["probe"] for probe, _ in exchanges}) == 5
+    held = exchanges[0][0]["held"]
+    assert ledger.cleaned[held] == 1  # cleaned when the socket closed
+    assert ledger.problems() == []
+
+
+async def test_a_user_over_the_cap_loses_the_oldest_socket_not_the_newest(server: str) -> None:
+    """With a cap of 2, a third socket closes the user's oldest with 1008; the newest
+    always gets in, and events keep reaching the user's remaining sockets."""
+    hub = ConnectionHub(max_connections_per_user=2)
+    app, ledger, _ = build(hub)
+
+    async def scenario(base: str) -> None:
+        first, _ = await open_socket(base, "carol", "one")
+        second, _ = await open_socket(base, "carol", "two")
+        bystander, _ = await open_socket(base, "dave", "one")
+        third, _ = await open_socket(base, "carol", "three")
+        with pytest.raises(ConnectionClosed) as closed:
+            await first.recv()
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 1008
+        assert "too many connections" in closed.value.rcvd.reason
+        async with httpx.AsyncClient(base_url=base, timeout=DEADLINE) as http:
+            response = await http.post(
+                "/run",
+                params={"events": 0, "broadcast": 1},
+                headers={"x-user-id": "carol", "x-thread-id": "two"},
+            )
+        assert response.json()["left"] == 2
+        for sock in (second, third):
+            assert json.loads(await sock.recv())["type"] == "done"
+        assert await expect_pong(bystander) == []
+        fourth, _ = await open_socket(base, "carol", "four")
+        with pytest.raises(ConnectionClosed):
+            await second.recv()
+        assert await expect_pong(third) == []
+        assert await expect_pong(fourth) == []
+        await close_all([third, fourth, bystander])
+
+    with serve(server, app) as url:
+        await in_client_thread(lambda: scenario(url))
+        await wait_closed(ledger, 5)
+        stats = hub.stats()
+    assert stats.replaced == 2
+    assert stats.connections == 0
+
+
+async def test_origins_not_on_the_list_are_refused_before_anything_is_bound(server: str) -> None:
+    """A foreign Origin, no Origin and a repeated Origin are refused before the handshake
+    completes (no context, no component); the listed origin gets in, in any case and
+    with its default port spelled out."""
+    hub = ConnectionHub()
+    app, ledger, _ = build(hub, origins=["https://app.example"])
+
+    async def refused(base: str, **options: Any) -> int:
+        with pytest.raises(InvalidStatus) as refusal:
+            await open_socket(base, "mallory", **options)
+        return refusal.value.response.status_code
+
+    async def scenario(base: str) -> list[int]:
+        statuses = [
+            await refused(base, origin="https://evil.example"),
+            await refused(base),
+            await refused(base, origin="null"),
+            await refused(base, origin="https://app.example.evil.example"),
+        ]
+        sock, _ = await open_socket(base, "alice", origin="HTTPS://App.Example:443")
+        assert await expect_pong(sock) == []
+        await sock.close()
+        return statuses
+
+    with serve(server, app) as url:
+        statuses = await in_client_thread(lambda: scenario(url))
+        await wait_closed(ledger, 1)
+    assert statuses == [403, 403, 403, 403]
+    assert set(ledger.created.values()) == {"alice"}
+    assert [user for what, user in ledger.events if what == "socket closed"] == ["alice"]
+
+
+async def test_a_repeated_origin_header_is_refused() -> None:
+    """Two Origin headers are refused even when both are allowed (never "first wins")."""
+    called = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        called.append(scope)
+
+    check = OriginAllowList(app, allowed_origins=["https://app.example"])
+    sent: list[MutableMapping[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "websocket.connect"}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    origin = (b"origin", b"https://app.example")
+    await check({"type": "websocket", "headers": [origin, origin]}, receive, send)
+    assert called == []
+    assert sent[0]["type"] == "websocket.close"
+    assert sent[0]["code"] == 1008
+    await check({"type": "websocket", "headers": [origin]}, receive, send)
+    assert len(called) == 1
+    await check({"type": "http", "headers": []}, receive, send)
+    assert len(called) == 2
+
+
+async def nothing(*_: Any) -> None:
+    """An ASGI app that does nothing."""
+
+
+def test_the_origin_list_takes_origins_only() -> None:
+    for bad in ("app.example", "https://app.example/path", "https://user@app.example", "*"):
+        with pytest.raises(ValueError, match="not an origin"):
+            OriginAllowList(nothing, allowed_origins=[bad])
+    with pytest.raises(TypeError):
+        OriginAllowList(nothing, allowed_origins="https://app.example")
+
+
+# -- the manager's guards ------------------------------------------------------------------
+
+
+async def test_the_manager_only_sends_for_the_bound_user() -> None:
+    """The target comes from the bound context: with none bound, or another user's, the
+    manager refuses; events must be JSON mappings (no NaN) or bytes, within queue_bytes."""
+    registry = Registry()
+    hub = ConnectionHub(queue_bytes=64)
+    hub.install(registry)
+    async with registry.open_scope(UserExecutionContext.create("alice")) as scope:
+        manager = await scope.resolve(UserWebSocketManager)
+        await manager.send({"nobody": "listens"})
+        await manager.broadcast_user(b"\x00\x01")
+        with pytest.raises(TypeError, match="mapping or bytes"):
+            await manager.send(["a", "list"])  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="Out of range float"):
+            await manager.send({"x": float("nan")})
+        with pytest.raises(ValueError, match="queue_bytes"):
+            await manager.send({"x": "y" * 100})
+    with pytest.raises(NoActiveContextError):
+        await manager.send({"a": 1})
+    async with registry.open_scope(UserExecutionContext.create("bob")):
+        with pytest.raises(ContextSwitchError):
+            await manager.send({"a": 1})
+        with pytest.raises(ContextSwitchError):
+            await manager.broadcast_user({"a": 1})
+    await registry.aclose()
+
+
+def test_envelopes_survive_the_wire() -> None:
+    from ambient import UserRef
+
+    for envelope in (
+        Envelope(UserRef("alice"), 0, None, '{"a":"é"}'),
+        Envelope(UserRef("alice", "acme"), 1, "thread-1", b"\x00\xff"),
+        Envelope(UserRef("b", ""), 2, "conn", ""),
+    ):
+        assert decode_envelope(encode_envelope(envelope)) == envelope
+    with pytest.raises(ValueError, match="envelope"):
+        decode_envelope(b"\x01")
+
+
+# -- Redis: several processes, a restart, trio ----------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+OPS = {"x-user-id": "operator"}
+
+
+@pytest.fixture(name="redis_url")
+def fixture_redis_url(anyio_backend: str) -> str:
+    """The shared test Redis (asyncio runs only: RedisBroadcast is asyncio-only)."""
+    if anyio_backend != "asyncio":
+        pytest.skip("RedisBroadcast is asyncio-only; test_redis_broadcast_refuses_trio covers trio")
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as error:
+        service_unavailable("Redis", str(error))
+    finally:
+        client.close()
+    return REDIS_URL
+
+
+def unique_prefix() -> str:
+    """Channel names no concurrent test run shares."""
+    return f"ambient-test:{uuid.uuid4().hex}:"
+
+
+def wait_listening(port: int, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            msg = f"the process meant to listen on {port} exited with {process.returncode}"
+            raise RuntimeError(msg)
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.02)
+    msg = f"nothing listens on {port} after 20 s"
+    raise RuntimeError(msg)
+
+
+def stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    """Stop one process we started, by its pid."""
+    if process.poll() is None:
+        process.send_signal(sig)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def uvicorn_processes(count: int, env: dict[str, str]) -> Iterator[list[str]]:
+    """``count`` uvicorn processes serving tests.ws_redis_app; yield their base URLs."""
+    ports = [free_port() for _ in range(count)]
+    environment = {**os.environ, "PYTHONPATH": str(REPO), **env}
+    processes = [
+        subprocess.Popen(  # noqa: S603 - fixed argv, our own interpreter
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "tests.ws_redis_app:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            cwd=REPO,
+            env=environment,
+        )
+        for port in ports
+    ]
+    try:
+        for port, process in zip(ports, processes, strict=True):
+            wait_listening(port, process)
+        yield [f"http://127.0.0.1:{port}" for port in ports]
+    finally:
+        for process in processes:
+            stop(process)
+
+
+class RedisProcess:
+    """A redis-server of our own on a spare port, to kill and restart."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            service_unavailable("redis-server", "the binary is not on PATH")
+            return
+        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1"]
+        argv += ["--save", "", "--appendonly", "no"]
+        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL)  # noqa: S603 - fixed argv
+        wait_listening(self.port, self.process)
+
+    def kill(self) -> None:
+        if self.process is not None:
+            stop(self.process, signal.SIGKILL)
+            self.process = None
+
+
+async def read_run(sock: ClientConnection, count: int) -> tuple[set[str], list[int]]:
+    frames = [json.loads(await sock.recv()) for _ in range(count)]
+    return {f["run"] for f in frames}, [f["seq"] for f in frames]
+
+
+async def test_events_reach_a_users_socket_held_by_another_process(redis_url: str) -> None:
+    """Two uvicorn processes share one Redis. Runs handled by process 2 reach their users'
+    sockets on process 1 (and on process 2), in order; the other users' sockets on either
+    process receive nothing; once every socket is gone, no channel stays subscribed."""
+    env = {"AMBIENT_WS_REDIS_URL": redis_url, "AMBIENT_WS_PREFIX": unique_prefix()}
+    targets = [f"target-{n}" for n in range(10)]
+    bystanders = [f"bystander-{n}" for n in range(10)]
+
+    async def scenario(one: str, two: str) -> list[dict[str, Any]]:
+        on_one = {u: (await open_socket(one, u, "chat"))[0] for u in targets + bystanders}
+        on_two = {u: (await open_socket(two, u, "chat"))[0] for u in targets[:5] + bystanders}
+        async with httpx.AsyncClient(timeout=DEADLINE) as http:
+            responses = await asyncio.gather(
+                *(
+                    http.post(
+                        f"{two}/run",
+                        params={"events": EVENTS, "broadcast": 1},
+                        headers={"x-user-id": user, "x-thread-id": "chat"},
+                    )
+                    for user in targets
+                )
+            )
+            runs = {}
+            for user, response in zip(targets, responses, strict=True):
+                assert response.status_code == 200, response.text
+                runs[user] = response.json()["run"]
+            for user, sock in [*on_one.items(), *on_two.items()]:
+                if user in runs:
+                    assert await read_run(sock, EVENTS) == ({runs[user]}, list(range(EVENTS)))
+                    done = json.loads(await sock.recv())
+                    assert (done["type"], done["user"], done["run"]) == ("done", user, runs[user])
+                assert await expect_pong(sock) == [], user
+            await close_all([*on_one.values(), *on_two.values()])
+            closed = [
+                await http.get(f"{one}/closed", params={"count": 20}, headers=OPS),
+                await http.get(f"{two}/closed", params={"count": 15}, headers=OPS),
+            ]
+        return [response.json() for response in closed]
+
+    with uvicorn_processes(2, env) as (one, two):
+        closed = await in_client_thread(lambda: scenario(one, two))
+    for stats in closed:
+        assert stats["closed"] is True
+        assert (stats["connections"], stats["subscriptions"], stats["queued"]) == (0, 0, 0)
+
+
+async def test_delivery_resumes_after_a_redis_restart_and_the_outage_is_reported(
+    redis_url: str,
+) -> None:
+    """Redis is killed under an open socket: a run sending during the outage gets
+    BroadcastError on its first event, a socket opening then is closed with 1013; once
+    Redis is back the backend re-subscribes by itself and the same socket receives the
+    next run, in order, with nothing of the failed one."""
+    own = RedisProcess()
+    own.start()
+    try:
+        backend = RedisBroadcast(
+            own.url, channel_prefix=unique_prefix(), timeout=1.0, max_reconnect_delay=0.2
+        )
+        hub = ConnectionHub(backend)
+        app, ledger, _ = build(hub)
+        headers = {"x-user-id": "rita", "x-thread-id": "chat"}
+
+        async def scenario(base: str) -> None:
+            sock, _ = await open_socket(base, "rita", "chat")
+            async with httpx.AsyncClient(base_url=base, timeout=DEADLINE) as http:
+                before = await http.post("/run", params={"events": 20}, headers=headers)
+                assert before.status_code == 200
+                assert await read_run(sock, 20) == ({before.json()["run"]}, list(range(20)))
+
+                await asyncio.to_thread(own.kill)
+                failed = await http.post("/run", params={"events": 20}, headers=headers)
+                assert failed.status_code == 503, failed.text
+                assert failed.json()["sent"] == 0
+                assert "could not publish the event to Redis" in failed.json()["error"]
+                late = await connect(ws_url(base), additional_headers=headers, proxy=None)
+                with pytest.raises(ConnectionClosed) as refused:
+                    await late.recv()
+                assert refused.value.rcvd is not None
+                assert refused.value.rcvd.code == 1013
+
+                await asyncio.to_thread(own.start)
+                ready = await http.get("/ready", headers=headers)
+                assert ready.status_code == 200
+                after = await http.post("/run", params={"events": 20}, headers=headers)
+                assert after.status_code == 200, after.text
+                assert await read_run(sock, 20) == ({after.json()["run"]}, list(range(20)))
+                assert await expect_pong(sock) == []
+            await sock.close()
+
+        with serve("uvicorn", app) as url:
+            await in_client_thread(lambda: scenario(url))
+            await wait_closed(ledger, 2)
+            stats = hub.stats()
+            assert backend.reconnects >= 1
+            assert backend.subscriptions == 0
+        assert stats.connections == 0
+    finally:
+        own.kill()
+
+
+@pytest.fixture(name="built_outside_a_loop")
+def fixture_built_outside_a_loop() -> RedisBroadcast:
+    """A backend constructed at import time, before any event loop runs."""
+    return RedisBroadcast(REDIS_URL)
+
+
+class NeverUsedSocket:
+    async def accept(self) -> None:
+        raise AssertionError
+
+    async def send_text(self, data: str) -> None:
+        raise AssertionError
+
+    async def send_bytes(self, data: bytes) -> None:
+        raise AssertionError
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        raise AssertionError
+
+
+async def test_redis_broadcast_refuses_trio(
+    anyio_backend: str, built_outside_a_loop: RedisBroadcast
+) -> None:
+    """redis-py's asyncio client cannot run on trio: constructing the backend under trio,
+    or using one built earlier, fails at once with UnsupportedBackendError."""
+    if anyio_backend == "asyncio":
+        pytest.skip("on asyncio the other Redis tests use it")
+    with pytest.raises(UnsupportedBackendError, match="asyncio only"):
+        RedisBroadcast(REDIS_URL)
+    registry = Registry()
+    ConnectionHub(built_outside_a_loop).install(registry)
+    async with registry.open_scope(UserExecutionContext.create("alice")) as scope:
+        manager = await scope.resolve(UserWebSocketManager)
+        with pytest.raises(UnsupportedBackendError, match="asyncio only"):
+            await manager.send({"a": 1})
+        with pytest.raises(UnsupportedBackendError, match="asyncio only"):
+            async with manager.connect(NeverUsedSocket()):
+                pass
+    await registry.aclose()
