@@ -1,0 +1,1262 @@
+"""Per-user PostgreSQL access with psycopg 3 and psycopg_pool (extra ``psycopg``).
+
+Two strategies, each installed into a :class:`~ambient.Registry`; code running for a user
+gets a connection with ``async with db.connection() as conn:`` (or the module-level
+:func:`connection`) and can never see another user's session state or rows:
+
+* :class:`SharedPool`: one pool for everybody, with a per-user concurrency cap. Every
+  checkout is one explicit transaction in which the context fields named by ``settings``
+  are set with ``set_config(name, value, true)`` (bound parameters), so row-level-security
+  policies on ``current_setting('app.user_id', true)`` see them. It is committed when the
+  ``async with`` body ends normally and rolled back when it raises. A returned connection
+  is reset (``DISCARD ALL``) and verified clean before anybody else gets it; one that
+  cannot be cleaned is closed.
+* :class:`PerUserPools`: a ``psycopg_pool`` pool per ``(tenant, user)``, a USER-lifetime
+  component closed ``idle_ttl`` seconds after the user's last request, with a global cap
+  (``max_total``) on the server connections all user pools hold together.
+
+Both turn a connection that does not arrive within ``timeout`` seconds into
+:class:`~ambient.errors.PoolExhaustedError` (the middleware answers 503 with
+``Retry-After``), never a hang. Cancelling a task that waits for or holds a connection
+never loses it: the transaction is rolled back, a running query is cancelled on the
+server, and the connection goes back to its pool (or is replaced).
+
+psycopg's async pool runs on asyncio only; on trio both strategies refuse to start with
+:class:`UnsupportedBackendError`. Run :func:`check_rls` (the strategies do it when they
+open) to learn whether the connecting role bypasses row-level security.
+
+Example::
+
+    db = SharedPool("postgresql://app@db/app", max_size=20, per_user_limit=5)
+    db.install(registry)
+
+    async def list_notes() -> list[tuple[str]]:
+        async with db.connection() as conn:
+            cur = await conn.execute("SELECT body FROM notes")  # RLS: this user's rows
+            return await cur.fetchall()
+
+A policy that fails closed when no user is set::
+
+    CREATE POLICY notes_owner ON notes
+        USING (owner = NULLIF(current_setting('app.user_id', true), ''))
+        WITH CHECK (owner = NULLIF(current_setting('app.user_id', true), ''));
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+import sys
+import time
+import warnings
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import anyio
+from psycopg import AsyncConnection, sql
+from psycopg.pq import TransactionStatus
+from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout, TooManyRequests
+
+import ambient
+from ambient import Lifetime, Registry, UserExecutionContext, UserRef
+from ambient.errors import AmbientError, AmbientWarning, PoolExhaustedError
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from psycopg.pq.abc import PGcancel
+
+__all__ = [
+    "DEFAULT_SETTINGS",
+    "Database",
+    "PerUserPools",
+    "PerUserPoolsStats",
+    "RowSecurityError",
+    "RowSecurityWarning",
+    "SharedPool",
+    "SharedPoolStats",
+    "UnsupportedBackendError",
+    "check_rls",
+    "connection",
+]
+
+DEFAULT_SETTINGS: Mapping[str, str] = {"app.user_id": "user_id", "app.tenant_id": "tenant_id"}
+"""GUC name -> context field set for row-level security by default."""
+
+RlsCheck = Literal["raise", "warn", "off"]
+_CONTEXT_FIELDS = frozenset(
+    {"user_id", "tenant_id", "thread_id", "run_id", "request_id", "connection_id", "parent_run_id"}
+)
+_USER_FIELDS = frozenset({"user_id", "tenant_id"})
+# Custom settings need a dotted name; set_config() takes the name as a bound parameter anyway.
+_GUC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)+")
+_ACTIVE = TransactionStatus.ACTIVE
+_IDLE = TransactionStatus.IDLE
+_pool_numbers = itertools.count(1)
+
+
+class UnsupportedBackendError(AmbientError, RuntimeError):
+    """The strategy was used outside asyncio (psycopg's async pool is asyncio-only)."""
+
+
+class RowSecurityError(AmbientError, RuntimeError):
+    """The connecting role bypasses row-level security (see :func:`check_rls`).
+
+    Attributes:
+        problems: One sentence per problem found.
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__(_rls_message(problems))
+
+
+class RowSecurityWarning(AmbientWarning):
+    """The connecting role bypasses row-level security (``rls_check="warn"``)."""
+
+
+class _DirtyConnectionError(AmbientError, RuntimeError):
+    """A returned connection kept session state after its reset; the pool closes it."""
+
+
+class Database(Protocol):
+    """What :func:`connection` resolves: the strategy installed with ``default=True``."""
+
+    def connection(
+        self, *, timeout: float | None = None
+    ) -> AbstractAsyncContextManager[AsyncConnection[Any]]:
+        """An async context manager giving a connection for the current context."""
+        ...
+
+
+# -- helpers shared by both strategies -----------------------------------------------------
+
+
+def _refuse_trio() -> None:
+    """Fail early when constructed inside trio (construction outside any loop is fine)."""
+    trio = sys.modules.get("trio")
+    if trio is not None and trio.lowlevel.in_trio_run():
+        raise _unsupported_backend()
+
+
+def _require_asyncio() -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        raise _unsupported_backend() from None
+
+
+def _unsupported_backend() -> UnsupportedBackendError:
+    return UnsupportedBackendError(
+        "psycopg's async connection pool runs on asyncio only, and this code runs under "
+        "another event loop (trio?): run the application on asyncio (uvicorn and hypercorn "
+        "do by default), or use psycopg's sync ConnectionPool through worker threads"
+    )
+
+
+def _check_settings(settings: Mapping[str, str], allowed: frozenset[str]) -> tuple[str, ...]:
+    for name, field_name in settings.items():
+        if not isinstance(name, str) or not _GUC_NAME.fullmatch(name):
+            msg = f"setting name {name!r} must be a dotted custom setting name like 'app.user_id'"
+            raise ValueError(msg)
+        if field_name not in allowed:
+            msg = (
+                f"setting {name!r} names the context field {field_name!r}; choose one of "
+                f"{', '.join(sorted(allowed))}"
+            )
+            raise ValueError(msg)
+    return tuple(settings)
+
+
+def _set_config_sql(count: int, *, local: bool) -> str:
+    flag = "true" if local else "false"
+    calls = ", ".join(f"set_config(%s, %s, {flag})" for _ in range(count))
+    return f"SELECT {calls}"
+
+
+def _check_sizes(timeout: float, retry_after: float) -> None:
+    if not timeout > 0:
+        msg = f"timeout must be > 0 seconds, not {timeout!r}"
+        raise ValueError(msg)
+    if not retry_after > 0:
+        msg = f"retry_after must be > 0 seconds, not {retry_after!r}"
+        raise ValueError(msg)
+
+
+def _check_rls_mode(mode: str) -> None:
+    if mode not in ("raise", "warn", "off"):
+        msg = f"rls_check must be 'raise', 'warn' or 'off', not {mode!r}"
+        raise ValueError(msg)
+
+
+async def _send_cancel(cancel: PGcancel) -> None:
+    """Cancel the connection's running query on the server (libpq's blocking call)."""
+    try:
+        await anyio.to_thread.run_sync(cancel.cancel)
+    except Exception:  # noqa: BLE001 - best effort: the server may already be done
+        return
+
+
+async def _release(
+    pool: AsyncConnectionPool[Any],
+    conn: AsyncConnection[Any],
+    cancel: PGcancel,
+    tx: AbstractAsyncContextManager[Any] | None,
+    exc_type: type[BaseException] | None,
+    exc: BaseException | None,
+    tb: TracebackType | None,
+) -> bool:
+    """End a checkout: finish its transaction, then hand the connection back. Shielded, so
+    a cancelled task still returns its connection (C09)."""
+    suppress = False
+    with anyio.CancelScope(shield=True):
+        try:
+            status = conn.pgconn.transaction_status
+            if conn.closed or status == _ACTIVE:
+                # Interrupted mid-query: psycopg closed the connection (or could not finish
+                # the query). The server would go on running it, holding its locks.
+                await _send_cancel(cancel)
+                if not conn.closed:
+                    await conn.close()
+            elif tx is not None:
+                suppress = bool(await tx.__aexit__(exc_type, exc, tb))
+            elif status != _IDLE:
+                if exc is None:
+                    await conn.commit()
+                else:
+                    await conn.rollback()
+        finally:
+            await pool.putconn(conn)
+    return suppress
+
+
+def _exhausted(detail: str, retry_after: float) -> PoolExhaustedError:
+    return PoolExhaustedError(detail, retry_after=retry_after)
+
+
+class _Checkout:
+    """``async with strategy.connection() as conn`` (see the strategies)."""
+
+    __slots__ = ()
+
+    async def __aenter__(self) -> AsyncConnection[Any]:
+        raise NotImplementedError
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        raise NotImplementedError
+
+
+# -- row-level security self-check ---------------------------------------------------------
+
+_ROLE_SQL = (
+    "SELECT current_user, r.rolsuper, r.rolbypassrls "
+    "FROM pg_catalog.pg_roles r WHERE r.rolname = current_user"
+)
+_TABLE_SQL = (
+    "SELECT c.relrowsecurity, c.relforcerowsecurity, "
+    "pg_catalog.pg_has_role(current_user, c.relowner, 'USAGE') "
+    "FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass(%s)"
+)
+
+
+def _rls_message(problems: list[str]) -> str:
+    return "row-level security would not protect this connection: " + "; ".join(problems)
+
+
+async def check_rls(
+    conn: AsyncConnection[Any],
+    tables: Iterable[str] = (),
+    *,
+    action: Literal["raise", "warn"] = "raise",
+) -> list[str]:
+    """Check that row-level security applies to ``conn``'s role.
+
+    A superuser or a role with ``BYPASSRLS`` ignores every policy; the owner of a table
+    ignores its policies unless ``FORCE ROW LEVEL SECURITY`` is set; a table without
+    ``ENABLE ROW LEVEL SECURITY`` has no policies in force. Each of these is a problem.
+
+    Args:
+        conn: A connection opened the way the application opens its own.
+        tables: The protected tables (``"schema.table"`` or a name on the search path).
+        action: ``"raise"`` :class:`RowSecurityError`, or ``"warn"``
+            :class:`RowSecurityWarning`, when there are problems.
+
+    Returns:
+        The problems found (empty when row-level security applies), after warning.
+
+    Raises:
+        RowSecurityError: with ``action="raise"`` when there are problems.
+    """
+    if action not in ("raise", "warn"):
+        msg = f"action must be 'raise' or 'warn', not {action!r}"
+        raise ValueError(msg)
+    problems: list[str] = []
+    async with conn.cursor() as cur:
+        await cur.execute(_ROLE_SQL, prepare=False)
+        row = await cur.fetchone()
+        role = "?" if row is None else str(row[0])
+        if row is not None and row[1]:
+            problems.append(
+                f"role {role!r} is a superuser, and superusers bypass row-level security even "
+                "with FORCE ROW LEVEL SECURITY; connect as an ordinary role"
+            )
+        if row is not None and row[2]:
+            problems.append(
+                f"role {role!r} has BYPASSRLS; connect as a role without it "
+                f"(ALTER ROLE {role} NOBYPASSRLS)"
+            )
+        for table in tables:
+            await cur.execute(_TABLE_SQL, (table,), prepare=False)
+            info = await cur.fetchone()
+            if info is None:
+                problems.append(f"table {table!r} does not exist (or is not visible)")
+                continue
+            enabled, forced, owns = info
+            if not enabled:
+                problems.append(
+                    f"row-level security is not enabled on {table!r}: "
+                    f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY"
+                )
+            elif owns and not forced:
+                problems.append(
+                    f"role {role!r} owns {table!r}, and owners bypass its policies unless "
+                    f"ALTER TABLE {table} FORCE ROW LEVEL SECURITY"
+                )
+    if conn.pgconn.transaction_status != _IDLE and not conn.autocommit:
+        await conn.rollback()
+    if problems:
+        if action == "raise":
+            raise RowSecurityError(problems)
+        warnings.warn(_rls_message(problems), RowSecurityWarning, stacklevel=2)
+    return problems
+
+
+# -- SharedPool ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SharedPoolStats:
+    """A snapshot of a :class:`SharedPool`.
+
+    Attributes:
+        size: Server connections the pool holds (in use, idle or being opened).
+        available: Idle connections ready for a checkout.
+        waiting: Checkouts waiting for a connection in the pool.
+        checked_out: Checkouts in progress (waiting or holding a connection).
+        users: Users with a checkout in progress.
+        discarded: Connections closed because they could not be reset clean.
+    """
+
+    size: int
+    available: int
+    waiting: int
+    checked_out: int
+    users: int
+    discarded: int
+
+
+class _Gate:
+    """One user's share of a :class:`SharedPool`."""
+
+    __slots__ = ("refs", "semaphore")
+
+    def __init__(self, limit: int) -> None:
+        self.semaphore = anyio.Semaphore(limit, fast_acquire=True)
+        self.refs = 0
+
+
+class SharedPool:
+    """One pool for every user; row-level security sees the current context's ids.
+
+    Each checkout runs in one explicit transaction that starts with
+    ``SELECT set_config(name, value, true), ...`` for every entry of ``settings`` (so the
+    values vanish at commit or rollback, and ``SET LOCAL``'s autocommit pitfall cannot
+    happen). It is committed when the ``async with`` body ends normally and rolled back
+    when it raises; ``conn.commit()`` inside it is refused by psycopg. Nested
+    ``conn.transaction()`` blocks are savepoints and never undo the settings. After
+    return the connection is reset with ``DISCARD ALL`` and checked (settings empty,
+    ``current_user`` the login role); a connection that fails this is closed, never
+    handed on. Python-side attributes a handler changed (``autocommit``,
+    ``isolation_level``, ``read_only``, ``deferrable``, ``row_factory``,
+    ``prepare_threshold``) are restored too.
+
+    Args:
+        conninfo: libpq connection string of an ordinary role (no superuser, no
+            ``BYPASSRLS``, not the owner of the protected tables, unless they ``FORCE ROW
+            LEVEL SECURITY``).
+        min_size: Connections kept open.
+        max_size: Connections at most.
+        per_user_limit: Connections one user may hold at once; further checkouts of that
+            user wait (within ``timeout``), so one user cannot take every connection.
+        settings: Setting name -> context field (``user_id``, ``tenant_id``,
+            ``thread_id``, ``run_id``, ``request_id``, ``connection_id``,
+            ``parent_run_id``); an absent field is set to ``''``.
+        timeout: Seconds a checkout may wait for a connection.
+        retry_after: Seconds for the ``Retry-After`` of the 503 answer.
+        rls_tables: Tables checked by :func:`check_rls` when the pool opens.
+        rls_check: ``"warn"`` (default), ``"raise"`` or ``"off"``: what to do when the
+            connecting role bypasses row-level security.
+        name: Pool name in psycopg's logs.
+        kwargs: Extra ``psycopg.AsyncConnection.connect`` arguments (``autocommit`` is
+            always on outside checkouts).
+        pool_options: Extra ``AsyncConnectionPool`` arguments (``max_waiting``,
+            ``max_lifetime``, ``max_idle``, ``num_workers``, ...).
+
+    Raises:
+        UnsupportedBackendError: when constructed inside trio.
+    """
+
+    # DISCARD ALL without its DEALLOCATE ALL: psycopg keeps track of the statements it
+    # prepared and would not notice them gone. One simple-protocol round trip, in an
+    # implicit transaction (where DISCARD ALL itself is not allowed).
+    _RESET_SQL = (
+        "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; "
+        "SELECT pg_catalog.pg_advisory_unlock_all(); DISCARD PLANS; DISCARD TEMP; "
+        "DISCARD SEQUENCES"
+    )
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        per_user_limit: int = 5,
+        settings: Mapping[str, str] = DEFAULT_SETTINGS,
+        timeout: float = 30.0,
+        retry_after: float = 1.0,
+        rls_tables: Iterable[str] = (),
+        rls_check: RlsCheck = "warn",
+        name: str = "ambient-shared",
+        kwargs: Mapping[str, Any] | None = None,
+        **pool_options: Any,
+    ) -> None:
+        _refuse_trio()
+        if not 0 <= min_size <= max_size or max_size < 1:
+            msg = f"need 0 <= min_size <= max_size and max_size >= 1, not {min_size}, {max_size}"
+            raise ValueError(msg)
+        if per_user_limit < 1:
+            msg = f"per_user_limit must be >= 1, not {per_user_limit!r}"
+            raise ValueError(msg)
+        _check_sizes(timeout, retry_after)
+        _check_rls_mode(rls_check)
+        self.conninfo = conninfo
+        self.min_size = min_size
+        self.max_size = max_size
+        self.per_user_limit = per_user_limit
+        self.timeout = timeout
+        self.retry_after = retry_after
+        self.rls_tables = tuple(rls_tables)
+        self.rls_check: RlsCheck = rls_check
+        self.name = name
+        self._names = _check_settings(settings, _CONTEXT_FIELDS)
+        self._fields = tuple(settings.values())
+        self._set_sql = _set_config_sql(len(self._names), local=True) if self._names else ""
+        reads = [sql.SQL("current_setting({}, true)").format(sql.Literal(n)) for n in self._names]
+        self._reset_sql = (
+            sql.SQL(self._RESET_SQL + "; SELECT current_user, session_user{}{}")
+            .format(sql.SQL(", " if reads else ""), sql.SQL(", ").join(reads))
+            .as_string()
+        )
+        self._kwargs = {**(kwargs or {}), "autocommit": True}
+        self._pool_options = pool_options
+        self._pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None
+        self._opening: anyio.Lock | None = None
+        self._installed = False
+        self._initial: tuple[Any, ...] | None = None
+        self._gates: dict[UserRef, _Gate] = {}
+        self.checked_out = 0
+        self.discarded = 0
+
+    def __repr__(self) -> str:
+        return f"<SharedPool {self.name!r}>"
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def opened(self) -> bool:
+        """Whether the pool is open."""
+        return self._pool is not None
+
+    async def open(self) -> None:
+        """Open the pool and run the row-level-security self-check (idempotent).
+
+        Raises:
+            UnsupportedBackendError: outside asyncio.
+            RowSecurityError: with ``rls_check="raise"`` when the role bypasses RLS.
+        """
+        _require_asyncio()
+        if self._opening is None:
+            self._opening = anyio.Lock()
+        async with self._opening:
+            if self._pool is not None:
+                return
+            pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
+                self.conninfo,
+                min_size=self.min_size,
+                max_size=self.max_size,
+                open=False,
+                kwargs=self._kwargs,
+                configure=self._configure,
+                reset=self._reset,
+                timeout=self.timeout,
+                name=self.name,
+                **self._pool_options,
+            )
+            await pool.open()
+            try:
+                if self.rls_check != "off":
+                    async with pool.connection(timeout=self.timeout) as conn:
+                        await check_rls(conn, self.rls_tables, action=self.rls_check)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await pool.close()
+                raise
+            self._pool = pool
+
+    async def close(self) -> None:
+        """Close the pool; connections in use are closed when they come back."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            with anyio.CancelScope(shield=True):
+                await pool.close()
+
+    async def __aenter__(self) -> SharedPool:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def install(self, registry: Registry, *, default: bool = True) -> None:
+        """Register this pool in ``registry``: an APP component (key: this pool) opened on
+        first use and closed at shutdown, and with ``default=True`` the :class:`Database`
+        that the module-level :func:`connection` uses.
+
+        Raises:
+            RegistryError: when the keys are already registered or the registry is frozen.
+        """
+        registry.register(self, self._app_component, lifetime=Lifetime.APP, name=repr(self))
+        if default:
+            registry.register(Database, self._as_default, lifetime=Lifetime.APP, name="Database")
+        self._installed = True
+
+    async def _app_component(self) -> AsyncIterator[SharedPool]:
+        opened_here = self._pool is None
+        await self.open()
+        try:
+            yield self
+        finally:
+            if opened_here:
+                await self.close()
+
+    def _as_default(self) -> Iterable[SharedPool]:
+        yield self
+
+    async def _open_pool(self) -> AsyncConnectionPool[AsyncConnection[Any]]:
+        _require_asyncio()
+        if self._installed:
+            await ambient.resolve(self)
+        pool = self._pool
+        if pool is None:
+            msg = (
+                f"{self!r} is not open: open it with `async with pool:` or `await pool.open()`, "
+                "or install it in the registry with `pool.install(registry)`"
+            )
+            raise PoolClosed(msg)
+        return pool
+
+    # -- connection callbacks (run by psycopg_pool's workers) ------------------------------
+
+    async def _configure(self, conn: AsyncConnection[Any]) -> None:
+        # Every connection of the pool starts alike; remember how, to restore it on return.
+        if self._initial is None:
+            self._initial = (
+                conn.autocommit,
+                conn.isolation_level,
+                conn.read_only,
+                conn.deferrable,
+                conn.row_factory,
+                conn.prepare_threshold,
+            )
+
+    async def _reset(self, conn: AsyncConnection[Any]) -> None:
+        # psycopg has rolled back any open transaction (or closed an active connection).
+        initial = self._initial
+        if initial is not None:
+            autocommit, isolation_level, read_only, deferrable, row_factory, threshold = initial
+            if conn.autocommit != autocommit:
+                await conn.set_autocommit(autocommit)
+            if conn.isolation_level != isolation_level:
+                await conn.set_isolation_level(isolation_level)
+            if conn.read_only != read_only:
+                await conn.set_read_only(read_only)
+            if conn.deferrable != deferrable:
+                await conn.set_deferrable(deferrable)
+            conn.row_factory = row_factory
+            conn.prepare_threshold = threshold
+        cur = await conn.execute(self._reset_sql)
+        while cur.nextset():
+            pass
+        row = await cur.fetchone()
+        login = conn.info.user
+        if row is None or row[0] != login or row[1] != login or any(row[2:]):
+            self.discarded += 1
+            msg = "the connection kept session state after its reset; closing it"
+            raise _DirtyConnectionError(msg)
+
+    # -- checkouts -----------------------------------------------------------------------
+
+    def connection(
+        self, *, timeout: float | None = None
+    ) -> AbstractAsyncContextManager[AsyncConnection[Any]]:
+        """A connection for the current context, inside one transaction with the settings.
+
+        ``async with pool.connection() as conn:``; see the class documentation.
+
+        Args:
+            timeout: Seconds to wait for a connection (default: the pool's ``timeout``).
+
+        Raises:
+            NoActiveContextError: outside a context.
+            PoolExhaustedError: no connection within the timeout (the user's share or the
+                whole pool is in use).
+        """
+        return _SharedCheckout(self, self.timeout if timeout is None else timeout)
+
+    def stats(self) -> SharedPoolStats:
+        """Counts of what the pool holds now."""
+        measures = self._pool.get_stats() if self._pool is not None else {}
+        return SharedPoolStats(
+            size=measures.get("pool_size", 0),
+            available=measures.get("pool_available", 0),
+            waiting=measures.get("requests_waiting", 0),
+            checked_out=self.checked_out,
+            users=len(self._gates),
+            discarded=self.discarded,
+        )
+
+    def _enter_gate(self, user: UserRef) -> _Gate:
+        gate = self._gates.get(user)
+        if gate is None:
+            gate = self._gates[user] = _Gate(self.per_user_limit)
+        gate.refs += 1
+        return gate
+
+    def _leave_gate(self, user: UserRef, gate: _Gate) -> None:
+        gate.refs -= 1
+        if gate.refs == 0 and self._gates.get(user) is gate:
+            del self._gates[user]
+
+
+class _SharedCheckout(_Checkout):
+    __slots__ = ("_cancel", "_conn", "_gate", "_owner", "_pool", "_timeout", "_tx", "_user")
+
+    def __init__(self, owner: SharedPool, timeout: float) -> None:
+        self._owner = owner
+        self._timeout = timeout
+        self._conn: AsyncConnection[Any] | None = None
+
+    async def __aenter__(self) -> AsyncConnection[Any]:
+        if self._conn is not None:
+            msg = "this checkout is in use; call connection() once per `async with`"
+            raise RuntimeError(msg)
+        ctx = ambient.get_current_context()
+        owner = self._owner
+        pool = owner._pool
+        if pool is None:
+            pool = await owner._open_pool()
+        deadline = time.monotonic() + self._timeout
+        user = ctx.user
+        gate = owner._enter_gate(user)
+        owner.checked_out += 1
+        try:
+            try:
+                gate.semaphore.acquire_nowait()
+            except anyio.WouldBlock:
+                await self._wait_for_share(gate)
+            try:
+                conn = await self._getconn(pool, deadline)
+            except BaseException:
+                gate.semaphore.release()
+                raise
+        except BaseException:
+            owner.checked_out -= 1
+            owner._leave_gate(user, gate)
+            raise
+        self._pool = pool
+        self._gate = gate
+        self._user = user
+        self._cancel = conn.pgconn.get_cancel()
+        self._tx = None
+        self._conn = conn
+        try:
+            tx = conn.transaction()
+            await tx.__aenter__()
+            self._tx = tx
+            if owner._names:
+                await conn.execute(owner._set_sql, _values(ctx, owner))
+        except BaseException as exc:
+            await self._finish(type(exc), exc, exc.__traceback__)
+            raise
+        return conn
+
+    async def _wait_for_share(self, gate: _Gate) -> None:
+        owner = self._owner
+        acquired = False
+        with anyio.move_on_after(self._timeout):
+            await gate.semaphore.acquire()
+            acquired = True
+        if not acquired:
+            raise _exhausted(
+                f"this user already holds {owner.per_user_limit} connection(s) of {owner!r} "
+                f"(per_user_limit) and none came back within {self._timeout} s",
+                owner.retry_after,
+            )
+
+    async def _getconn(
+        self, pool: AsyncConnectionPool[AsyncConnection[Any]], deadline: float
+    ) -> AsyncConnection[Any]:
+        owner = self._owner
+        try:
+            return await pool.getconn(timeout=max(deadline - time.monotonic(), 0.0))
+        except (PoolTimeout, TooManyRequests) as exc:
+            stats = pool.get_stats()
+            raise _exhausted(
+                f"no connection of {owner!r} became available within {self._timeout} s "
+                f"(max_size={owner.max_size}, in use="
+                f"{stats.get('pool_size', 0) - stats.get('pool_available', 0)}, "
+                f"waiting={stats.get('requests_waiting', 0)}): {exc}",
+                owner.retry_after,
+            ) from None
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        return await self._finish(exc_type, exc, tb)
+
+    async def _finish(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        conn = self._conn
+        if conn is None:
+            return False
+        self._conn = None
+        owner = self._owner
+        try:
+            return await _release(self._pool, conn, self._cancel, self._tx, exc_type, exc, tb)
+        finally:
+            self._tx = None
+            self._gate.semaphore.release()
+            owner.checked_out -= 1
+            owner._leave_gate(self._user, self._gate)
+
+
+def _values(ctx: UserExecutionContext, owner: SharedPool) -> list[str]:
+    params: list[str] = []
+    for name, field_name in zip(owner._names, owner._fields, strict=True):
+        value = getattr(ctx, field_name)
+        params += (name, "" if value is None else value)
+    return params
+
+
+# -- PerUserPools --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PerUserPoolsStats:
+    """A snapshot of a :class:`PerUserPools`.
+
+    Attributes:
+        pools: Open user pools.
+        idle_pools: Open user pools with no checkout (the first to close under pressure).
+        slots: Connections the open pools may hold together (never above ``max_total``);
+            every open server connection counts, idle ones included.
+        max_total: The global cap.
+        waiting: Checkouts waiting for room under the cap.
+        checked_out: Checkouts in progress.
+        evicted: Idle pools closed to make room.
+    """
+
+    pools: int
+    idle_pools: int
+    slots: int
+    max_total: int
+    waiting: int
+    checked_out: int
+    evicted: int
+
+
+class PerUserPools:
+    """A ``psycopg_pool`` pool per ``(tenant, user)``, under a global connection cap.
+
+    Installed as a USER-lifetime component: a user's pool is created on the user's first
+    checkout and closed ``idle_ttl`` seconds after the user's last request ended (checked
+    against the registry's clock), when the registry evicts the user, or at shutdown.
+
+    The pools together never hold more than ``max_total`` server connections, idle ones
+    included: a pool grows one connection at a time, each taken from the global budget.
+    When the budget is spent, the least recently used pool with no checkout in progress is
+    closed to make room; when none can be, the checkout waits (up to ``timeout``) for a
+    connection of its own pool or for room, and then raises
+    :class:`~ambient.errors.PoolExhaustedError`. A pool keeps the room it grew into until
+    it is closed.
+
+    Every connection of a user's pool serves that user only; the ``settings`` (by default
+    ``app.user_id`` and ``app.tenant_id``) are set for the whole session when it connects.
+    A checkout follows psycopg's rules: committed when the ``async with`` body ends
+    normally, rolled back when it raises.
+
+    Args:
+        conninfo: libpq connection string, or a callable taking the
+            :class:`~ambient.UserRef` and returning one (a role per user).
+        max_size: Connections one user's pool may hold.
+        min_size: Connections a user's pool keeps open once created.
+        max_total: Server connections all user pools may hold together.
+        idle_ttl: Seconds after a user's last request before the user's pool closes.
+        timeout: Seconds a checkout may wait.
+        retry_after: Seconds for the ``Retry-After`` of the 503 answer.
+        settings: Setting name -> ``"user_id"`` or ``"tenant_id"``.
+        rls_tables: Tables checked by :func:`check_rls` when a pool first connects.
+        rls_check: ``"warn"`` (default), ``"raise"`` or ``"off"``.
+        name: Prefix of the pools' names in psycopg's logs (never the user id).
+        kwargs: Extra ``psycopg.AsyncConnection.connect`` arguments.
+        pool_options: Extra ``AsyncConnectionPool`` arguments (``max_idle``,
+            ``max_lifetime``, ``num_workers``, ...).
+
+    Raises:
+        UnsupportedBackendError: when constructed inside trio.
+    """
+
+    def __init__(
+        self,
+        conninfo: str | Callable[[UserRef], str],
+        *,
+        max_size: int = 5,
+        min_size: int = 0,
+        max_total: int = 100,
+        idle_ttl: float = 300.0,
+        timeout: float = 30.0,
+        retry_after: float = 1.0,
+        settings: Mapping[str, str] = DEFAULT_SETTINGS,
+        rls_tables: Iterable[str] = (),
+        rls_check: RlsCheck = "warn",
+        name: str = "ambient-user",
+        kwargs: Mapping[str, Any] | None = None,
+        **pool_options: Any,
+    ) -> None:
+        _refuse_trio()
+        if not 0 <= min_size <= max_size or max_size < 1:
+            msg = f"need 0 <= min_size <= max_size and max_size >= 1, not {min_size}, {max_size}"
+            raise ValueError(msg)
+        if max_total < max(1, min_size):
+            msg = f"max_total must be >= max(1, min_size), not {max_total!r}"
+            raise ValueError(msg)
+        if idle_ttl < 0:
+            msg = f"idle_ttl must be >= 0 seconds, not {idle_ttl!r}"
+            raise ValueError(msg)
+        _check_sizes(timeout, retry_after)
+        _check_rls_mode(rls_check)
+        self.conninfo = conninfo
+        self.max_size = max_size
+        self.min_size = min_size
+        self.max_total = max_total
+        self.idle_ttl = idle_ttl
+        self.timeout = timeout
+        self.retry_after = retry_after
+        self.rls_tables = tuple(rls_tables)
+        self.rls_check: RlsCheck = rls_check
+        self.name = name
+        self._names = _check_settings(settings, _USER_FIELDS)
+        self._fields = tuple(settings.values())
+        self._set_sql = _set_config_sql(len(self._names), local=False) if self._names else ""
+        self._kwargs = dict(kwargs or {})
+        self._pool_options = pool_options
+        self._checked_conninfo: set[str] = set()
+        # The global budget: slots held by open (or closing) pools, LRU idle pools, waiters.
+        self._used = 0
+        self._idle: OrderedDict[_UserPool, None] = OrderedDict()
+        self._pools: set[_UserPool] = set()
+        self._waiters: deque[anyio.Event] = deque()
+        self.checked_out = 0
+        self.evicted = 0
+
+    def __repr__(self) -> str:
+        return f"<PerUserPools {self.name!r}>"
+
+    def install(self, registry: Registry, *, default: bool = True) -> None:
+        """Register the user pools in ``registry`` as a USER component (key: this object),
+        and with ``default=True`` as the :class:`Database` of :func:`connection`.
+
+        Raises:
+            RegistryError: when the keys are already registered or the registry is frozen.
+        """
+        registry.register(
+            self,
+            self._user_pool,
+            lifetime=Lifetime.USER,
+            name=repr(self),
+            idle_ttl=self.idle_ttl,
+        )
+        if default:
+            registry.register(Database, self._as_default, lifetime=Lifetime.APP, name="Database")
+
+    def _user_pool(self, user: UserRef) -> _UserPool:
+        _require_asyncio()
+        return _UserPool(self, user)
+
+    def _as_default(self) -> Iterable[PerUserPools]:
+        yield self
+
+    def connection(
+        self, *, timeout: float | None = None
+    ) -> AbstractAsyncContextManager[AsyncConnection[Any]]:
+        """A connection from the current user's pool.
+
+        ``async with pools.connection() as conn:``; committed when the body ends normally,
+        rolled back when it raises.
+
+        Args:
+            timeout: Seconds to wait (default: the strategy's ``timeout``).
+
+        Raises:
+            NoActiveContextError: outside a scope.
+            PoolExhaustedError: no connection within the timeout.
+        """
+        return _UserCheckout(self, self.timeout if timeout is None else timeout)
+
+    def stats(self) -> PerUserPoolsStats:
+        """Counts of the user pools and the global budget now."""
+        return PerUserPoolsStats(
+            pools=sum(1 for p in self._pools if p.pool is not None),
+            idle_pools=len(self._idle),
+            slots=self._used,
+            max_total=self.max_total,
+            waiting=len(self._waiters),
+            checked_out=self.checked_out,
+            evicted=self.evicted,
+        )
+
+    # -- the global budget ---------------------------------------------------------------
+
+    def _busy(self, user_pool: _UserPool) -> None:
+        user_pool.active += 1
+        self.checked_out += 1
+        if user_pool.active == 1:
+            self._idle.pop(user_pool, None)
+
+    def _done(self, user_pool: _UserPool) -> None:
+        user_pool.active -= 1
+        self.checked_out -= 1
+        if user_pool.active == 0 and user_pool.pool is not None and not user_pool.closed:
+            self._idle[user_pool] = None
+            self._wake(1)  # a waiter may close this pool now
+
+    def _wake(self, count: int) -> None:
+        while count > 0 and self._waiters:
+            self._waiters.popleft().set()
+            count -= 1
+
+    async def _take_slot(self, user_pool: _UserPool, deadline: float, *, wait: bool) -> bool:
+        """Take one connection slot for ``user_pool``: free room, else close the least
+        recently used idle pool, else wait until ``deadline`` (or give up when not
+        ``wait``)."""
+        if not wait and self._waiters:
+            return False  # room freed up belongs to checkouts that have no connection at all
+        woken = False
+        while True:
+            if self._used < self.max_total:
+                self._used += 1
+                return True
+            victim = next(iter(self._idle), None)
+            if victim is not None:
+                await victim.close_pool(evicted=True, keep=1)  # one of its slots is ours
+                return True
+            if not wait:
+                return False
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _exhausted(
+                    f"{self!r} holds max_total={self.max_total} server connections, all in "
+                    f"use, and none came free within {self.timeout} s",
+                    self.retry_after,
+                )
+            event = anyio.Event()
+            if woken:
+                self._waiters.appendleft(event)  # keep our place in the queue
+            else:
+                self._waiters.append(event)
+            try:
+                with anyio.move_on_after(remaining):
+                    await event.wait()
+            except BaseException:
+                if event.is_set():
+                    self._wake(1)  # we were handed room or an idle pool: pass it on
+                else:
+                    self._waiters.remove(event)
+                raise
+            if event.is_set():
+                woken = True
+            else:
+                self._waiters.remove(event)
+
+    def _give_back(self, slots: int, *, keep: int = 0) -> None:
+        self._used -= slots - keep
+        self._wake(slots - keep)
+
+    async def _check_rls_once(self, pool: AsyncConnectionPool[AsyncConnection[Any]]) -> None:
+        conninfo = pool.conninfo if isinstance(pool.conninfo, str) else ""
+        if self.rls_check == "off" or conninfo in self._checked_conninfo:
+            return
+        async with pool.connection(timeout=self.timeout) as conn:
+            await check_rls(conn, self.rls_tables, action=self.rls_check)
+        self._checked_conninfo.add(conninfo)
+
+
+class _UserPool:
+    """One user's pool: the USER component behind :class:`PerUserPools`."""
+
+    __slots__ = ("__weakref__", "active", "closed", "opening", "owner", "pool", "slots", "user")
+
+    def __init__(self, owner: PerUserPools, user: UserRef) -> None:
+        self.owner = owner
+        self.user = user
+        self.pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None
+        self.opening: anyio.Event | None = None
+        self.slots = 0
+        self.active = 0
+        self.closed = False
+        owner._pools.add(self)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open" if self.pool is not None else "empty"
+        return f"<user pool of {self.owner!r}: {state}, {self.slots} slot(s), {self.active} busy>"
+
+    async def ensure_pool(self, deadline: float) -> AsyncConnectionPool[AsyncConnection[Any]]:
+        owner = self.owner
+        while True:
+            if self.closed:
+                msg = f"{owner!r}: this user's pool was closed (shutdown or eviction)"
+                raise PoolClosed(msg)
+            if self.pool is not None:
+                return self.pool
+            opening = self.opening
+            if opening is None:
+                break
+            with anyio.move_on_after(max(deadline - time.monotonic(), 0.0)):
+                await opening.wait()
+            if not opening.is_set():
+                raise _exhausted(
+                    f"this user's pool of {owner!r} did not open within {owner.timeout} s",
+                    owner.retry_after,
+                )
+        self.opening = opening = anyio.Event()
+        try:
+            first = max(1, owner.min_size)
+            taken = 0
+            try:
+                while taken < first:
+                    await owner._take_slot(self, deadline, wait=True)
+                    taken += 1
+                pool = await self._open(taken)
+            except BaseException:
+                owner._give_back(taken)
+                raise
+            if self.closed:  # the component was cleaned up while the pool opened
+                self.slots = taken
+                self.pool = pool
+                await self.close_pool()
+                msg = f"{owner!r}: this user's pool was closed (shutdown or eviction)"
+                raise PoolClosed(msg)
+            self.slots = taken
+            self.pool = pool
+            return pool
+        finally:
+            self.opening = None
+            opening.set()
+
+    async def _open(self, slots: int) -> AsyncConnectionPool[AsyncConnection[Any]]:
+        owner = self.owner
+        conninfo = owner.conninfo if isinstance(owner.conninfo, str) else owner.conninfo(self.user)
+        pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
+            conninfo,
+            min_size=owner.min_size,
+            max_size=slots,
+            open=False,
+            kwargs=owner._kwargs,
+            configure=self._configure if owner._names else None,
+            timeout=owner.timeout,
+            name=f"{owner.name}-{next(_pool_numbers)}",
+            **owner._pool_options,
+        )
+        with anyio.CancelScope(shield=True):
+            await pool.open()
+        try:
+            await owner._check_rls_once(pool)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await pool.close()
+            raise
+        return pool
+
+    async def _configure(self, conn: AsyncConnection[Any]) -> None:
+        # A connection of this pool serves this user only: session-level settings are safe.
+        owner = self.owner
+        params: list[str] = []
+        for name, field_name in zip(owner._names, owner._fields, strict=True):
+            value = getattr(self.user, field_name)
+            params += (name, "" if value is None else value)
+        await conn.execute(owner._set_sql, params, prepare=False)
+        if not conn.autocommit:
+            await conn.commit()
+
+    async def grow(self, deadline: float) -> None:
+        """Take one more slot when every connection this pool may hold is busy."""
+        owner = self.owner
+        pool = self.pool
+        if pool is None or self.slots >= owner.max_size or self.active <= self.slots:
+            return
+        if await owner._take_slot(self, deadline, wait=False):
+            if self.pool is not pool:  # evicted or closed while we waited for room
+                owner._give_back(1)
+                return
+            self.slots += 1
+            await pool.resize(owner.min_size, self.slots)
+
+    async def close_pool(self, *, evicted: bool = False, keep: int = 0) -> None:
+        """Close the psycopg pool and give its room back to the budget (``keep`` of it
+        goes to the caller)."""
+        owner = self.owner
+        owner._idle.pop(self, None)
+        pool, self.pool = self.pool, None
+        slots, self.slots = self.slots, 0
+        if evicted:
+            owner.evicted += 1
+        try:
+            if pool is not None:
+                with anyio.CancelScope(shield=True):
+                    await pool.close()
+        finally:
+            owner._give_back(slots, keep=keep)
+
+    async def aclose(self) -> None:
+        """Close the pool (the USER component's cleanup)."""
+        self.closed = True
+        self.owner._pools.discard(self)
+        await self.close_pool()
+
+
+class _UserCheckout(_Checkout):
+    __slots__ = ("_cancel", "_conn", "_owner", "_pool", "_timeout", "_user_pool")
+
+    def __init__(self, owner: PerUserPools, timeout: float) -> None:
+        self._owner = owner
+        self._timeout = timeout
+        self._conn: AsyncConnection[Any] | None = None
+
+    async def __aenter__(self) -> AsyncConnection[Any]:
+        if self._conn is not None:
+            msg = "this checkout is in use; call connection() once per `async with`"
+            raise RuntimeError(msg)
+        owner = self._owner
+        user_pool: _UserPool = await ambient.resolve(owner)
+        deadline = time.monotonic() + self._timeout
+        owner._busy(user_pool)
+        try:
+            pool = await user_pool.ensure_pool(deadline)
+            await user_pool.grow(deadline)
+            try:
+                conn = await pool.getconn(timeout=max(deadline - time.monotonic(), 0.0))
+            except (PoolTimeout, TooManyRequests) as exc:
+                raise _exhausted(
+                    f"no connection of this user's pool of {owner!r} became available within "
+                    f"{self._timeout} s (max_size={owner.max_size}, "
+                    f"{owner._used}/{owner.max_total} server connections in use): {exc}",
+                    owner.retry_after,
+                ) from None
+        except BaseException:
+            owner._done(user_pool)
+            raise
+        self._user_pool = user_pool
+        self._pool = pool
+        self._cancel = conn.pgconn.get_cancel()
+        self._conn = conn
+        return conn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        conn = self._conn
+        if conn is None:
+            return False
+        self._conn = None
+        try:
+            return await _release(self._pool, conn, self._cancel, None, exc_type, exc, tb)
+        finally:
+            self._owner._done(self._user_pool)
+
+
+# -- the module-level accessor -------------------------------------------------------------
+
+
+class _DefaultCheckout(_Checkout):
+    __slots__ = ("_inner", "_timeout")
+
+    def __init__(self, timeout: float | None) -> None:
+        self._timeout = timeout
+        self._inner: AbstractAsyncContextManager[AsyncConnection[Any]] | None = None
+
+    async def __aenter__(self) -> AsyncConnection[Any]:
+        database: Database = await ambient.resolve(Database)
+        inner = database.connection(timeout=self._timeout)
+        conn = await inner.__aenter__()
+        self._inner = inner
+        return conn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        inner, self._inner = self._inner, None
+        if inner is None:
+            return False
+        return bool(await inner.__aexit__(exc_type, exc, tb))
+
+
+def connection(
+    *, timeout: float | None = None
+) -> AbstractAsyncContextManager[AsyncConnection[Any]]:
+    """A connection for the current context from the strategy installed as the default
+    :class:`Database` (``strategy.install(registry)``).
+
+    Example::
+
+        async with connection() as conn:
+            await conn.execute("INSERT INTO notes (owner, body) VALUES (%s, %s)", ...)
+
+    Raises:
+        NoActiveContextError: outside a scope.
+        ResolutionError: when no strategy is installed.
+        PoolExhaustedError: no connection within the timeout.
+    """
+    return _DefaultCheckout(timeout)

@@ -1,0 +1,1070 @@
+"""ambient.integrations.psycopg on the real PostgreSQL: SharedPool, PerUserPools, check_rls.
+
+Every test creates its own schema, roles and tables (unique names, so parallel runs do not
+clash) and drops them afterwards. psycopg's async pool is asyncio-only: the trio
+parametrization of the database tests is skipped, and the trio tests at the end prove that
+the strategies refuse to run there with a clear error.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.abc import Query
+from psycopg.pq import TransactionStatus
+from psycopg.rows import dict_row
+from psycopg_pool import PoolClosed
+
+from ambient import Registry, UserExecutionContext, bind_context
+from ambient.errors import NoActiveContextError, PoolExhaustedError
+from ambient.integrations.psycopg import (
+    PerUserPools,
+    RowSecurityError,
+    RowSecurityWarning,
+    SharedPool,
+    UnsupportedBackendError,
+    check_rls,
+    connection,
+)
+from tests.conftest import DATABASE_URL, service_unavailable
+
+
+@dataclass(frozen=True)
+class Database:
+    """What one test gets: an app role under RLS and the admin URL to inspect with."""
+
+    schema: str
+    app_url: str  # an ordinary role: no superuser, no BYPASSRLS, not the table owner
+    owner_url: str  # owns `owned` (RLS enabled, FORCE off) and `forced` (FORCE on)
+    admin_url: str
+    app_name: str  # application_name of this test's pool connections
+
+    @property
+    def notes(self) -> str:
+        return f"{self.schema}.notes"
+
+    def sql(self, template: str) -> sql.Composed:
+        """``template`` with ``{notes}`` replaced by this test's notes table."""
+        return sql.SQL(template).format(notes=sql.Identifier(self.schema, "notes"))
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"application_name": self.app_name}
+
+
+def _admin() -> psycopg.Connection[Any]:
+    try:
+        return psycopg.connect(DATABASE_URL, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        service_unavailable("PostgreSQL", str(exc).splitlines()[0])
+        raise  # unreachable: service_unavailable skips or fails
+
+
+def _url_for(role: str) -> str:
+    info = psycopg.conninfo.conninfo_to_dict(DATABASE_URL)
+    info["user"] = role
+    return psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
+
+
+@pytest.fixture(name="db")
+def fixture_db(anyio_backend: str) -> Iterator[Database]:
+    """A schema with a notes table whose RLS policy fails closed, and the roles to use it."""
+    if anyio_backend != "asyncio":
+        pytest.skip("psycopg's async pool is asyncio-only (trio refusal: test_*_trio)")
+    tag = uuid.uuid4().hex[:12]
+    schema, app, owner = f"ambient_t_{tag}", f"ambient_app_{tag}", f"ambient_own_{tag}"
+    with _admin() as admin:
+        admin.execute(f"CREATE ROLE {app} LOGIN NOSUPERUSER NOBYPASSRLS")
+        admin.execute(f"CREATE ROLE {owner} LOGIN NOSUPERUSER NOBYPASSRLS")
+        admin.execute(f"CREATE SCHEMA {schema}")
+        admin.execute(f"GRANT USAGE ON SCHEMA {schema} TO {app}, {owner}")
+        admin.execute(
+            f"CREATE TABLE {schema}.notes (id bigserial PRIMARY KEY, owner text NOT NULL, "
+            "tenant text, body text NOT NULL)"
+        )
+        admin.execute(f"ALTER TABLE {schema}.notes ENABLE ROW LEVEL SECURITY")
+        admin.execute(
+            f"CREATE POLICY notes_owner ON {schema}.notes "
+            "USING (owner = NULLIF(current_setting('app.user_id', true), '')) "
+            "WITH CHECK (owner = NULLIF(current_setting('app.user_id', true), ''))"
+        )
+        admin.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {schema}.notes TO {app}")
+        admin.execute(f"GRANT USAGE ON SEQUENCE {schema}.notes_id_seq TO {app}")
+        for name, force in (("owned", False), ("forced", True)):
+            admin.execute(f"CREATE TABLE {schema}.{name} (owner text)")
+            admin.execute(f"ALTER TABLE {schema}.{name} OWNER TO {owner}")
+            admin.execute(f"ALTER TABLE {schema}.{name} ENABLE ROW LEVEL SECURITY")
+            if force:
+                admin.execute(f"ALTER TABLE {schema}.{name} FORCE ROW LEVEL SECURITY")
+        admin.execute(f"CREATE TABLE {schema}.plain (owner text)")
+        admin.execute(f"GRANT SELECT ON {schema}.plain TO {app}")
+    try:
+        yield Database(
+            schema=schema,
+            app_url=_url_for(app),
+            owner_url=_url_for(owner),
+            admin_url=DATABASE_URL,
+            app_name=f"ambient-test-{tag}",
+        )
+    finally:
+        with _admin() as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE usename = ANY(%s) AND pid <> pg_backend_pid()",
+                ([app, owner],),
+            )
+            admin.execute(f"DROP SCHEMA {schema} CASCADE")
+            admin.execute(f"DROP ROLE {app}")
+            admin.execute(f"DROP ROLE {owner}")
+
+
+async def _scalar(conn: psycopg.AsyncConnection[Any], query: Query, params: Any = None) -> Any:
+    cur = await conn.execute(query, params)
+    row = await cur.fetchone()
+    assert row is not None
+    return row[0]
+
+
+async def _admin_scalar(db: Database, sql: str, params: Any = None) -> Any:
+    async with await psycopg.AsyncConnection.connect(db.admin_url, autocommit=True) as conn:
+        return await _scalar(conn, sql, params)
+
+
+async def _eventually(check: Callable[[], Awaitable[bool]], what: str, within: float = 5.0) -> None:
+    """Wait for state the pool reaches in its background workers (bounded polling)."""
+    deadline = time.monotonic() + within
+    while not await check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not reached within {within} s: {what}")
+        await anyio.sleep(0.01)
+
+
+def _ctx(user: str, tenant: str | None = "acme") -> UserExecutionContext:
+    return UserExecutionContext.create(user, tenant_id=tenant)
+
+
+@pytest.fixture(name="shared")
+async def fixture_shared(db: Database) -> AsyncIterator[SharedPool]:
+    """An open SharedPool of the app role (max_size 4, per-user limit 2)."""
+    async with SharedPool(
+        db.app_url,
+        min_size=1,
+        max_size=4,
+        per_user_limit=2,
+        timeout=5,
+        rls_tables=[db.notes],
+        rls_check="raise",
+        kwargs=db.kwargs(),
+    ) as pool:
+        yield pool
+
+
+async def _shared_idle(pool: SharedPool) -> bool:
+    stats = pool.stats()
+    return (
+        stats.available == stats.size
+        and stats.waiting == 0
+        and stats.checked_out == 0
+        and stats.users == 0
+    )
+
+
+# -- SharedPool: settings and row-level security --------------------------------------------
+
+
+async def test_shared_connection_needs_a_context(shared: SharedPool) -> None:
+    """Outside a context, connection() raises NoActiveContextError and takes nothing."""
+    with pytest.raises(NoActiveContextError):
+        async with shared.connection():
+            pass
+    assert shared.stats().checked_out == 0
+
+
+async def test_shared_sets_context_fields_in_one_transaction(shared: SharedPool) -> None:
+    """Inside a checkout the settings hold the context's ids, within an open transaction."""
+    with bind_context(_ctx("alice", "acme")):
+        async with shared.connection() as conn:
+            assert conn.info.transaction_status is TransactionStatus.INTRANS
+            row = await (
+                await conn.execute(
+                    "SELECT current_setting('app.user_id', true), "
+                    "current_setting('app.tenant_id', true)"
+                )
+            ).fetchone()
+    assert row == ("alice", "acme")
+    await _eventually(lambda: _shared_idle(shared), "pool idle again")
+
+
+async def test_shared_absent_tenant_is_empty(shared: SharedPool) -> None:
+    """A context without a tenant sets app.tenant_id to '' (read as unset by NULLIF)."""
+    with bind_context(_ctx("alice", None)):
+        async with shared.connection() as conn:
+            tenant = await _scalar(conn, "SELECT current_setting('app.tenant_id', true)")
+    assert tenant == ""
+
+
+async def test_shared_rls_concurrent_users_see_only_their_rows(
+    db: Database, shared: SharedPool
+) -> None:
+    """100 users insert and read concurrently through one registry; each sees only its own
+    rows (pool of 4, per-user limit 2, so connections are reused across users)."""
+    registry = Registry()
+    shared.install(registry)
+    seen: dict[str, list[str]] = {}
+
+    async def user(n: int) -> None:
+        name = f"user-{n}"
+        async with registry.open_scope(_ctx(name)):
+            for i in range(3):
+                async with connection() as conn:
+                    await conn.execute(
+                        db.sql("INSERT INTO {notes} (owner, body) VALUES (%s, %s)"),
+                        (name, f"{name}:{i}"),
+                    )
+            async with connection() as conn:
+                cur = await conn.execute(db.sql("SELECT owner, body FROM {notes}"))
+                rows = await cur.fetchall()
+        assert {owner for owner, _ in rows} == {name}
+        seen[name] = sorted(body for _, body in rows)
+
+    async with anyio.create_task_group() as tg:
+        for n in range(100):
+            tg.start_soon(user, n)
+    assert len(seen) == 100
+    for name, bodies in seen.items():
+        assert bodies == [f"{name}:{i}" for i in range(3)]
+    await registry.aclose()
+    assert shared.opened  # opened by the fixture, not by the registry: it stays open
+
+
+async def test_shared_policy_fails_closed_without_settings(
+    db: Database, shared: SharedPool
+) -> None:
+    """With no user set (fresh session, reverted setting, or '') the policy shows and accepts
+    nothing."""
+    with bind_context(_ctx("alice")):
+        async with shared.connection() as conn:
+            await conn.execute(
+                db.sql("INSERT INTO {notes} (owner, body) VALUES ('alice', 'secret')")
+            )
+    async with await psycopg.AsyncConnection.connect(db.app_url, autocommit=True) as conn:
+        assert await _scalar(conn, db.sql("SELECT count(*) FROM {notes}")) == 0  # fresh: NULL
+        async with conn.transaction():
+            await conn.execute("SELECT set_config('app.user_id', 'alice', true)")
+            assert await _scalar(conn, db.sql("SELECT count(*) FROM {notes}")) == 1
+        assert await _scalar(conn, "SELECT current_setting('app.user_id', true)") == ""
+        assert await _scalar(conn, db.sql("SELECT count(*) FROM {notes}")) == 0  # reverted: ''
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            await conn.execute(db.sql("INSERT INTO {notes} (owner, body) VALUES ('', 'x')"))
+        assert await _scalar(conn, db.sql("SELECT count(*) FROM {notes}")) == 0
+
+
+async def test_shared_values_are_bound_never_interpolated(shared: SharedPool) -> None:
+    """Ids full of quotes and semicolons arrive verbatim; the role never changes."""
+    nasty = [
+        "o'brien",
+        "'; SET ROLE postgres; --",
+        "a\\b",
+        '"; DROP TABLE x; --',
+        "ümlaut-用户-🙂",
+        "$1",
+        "%s",
+    ]
+    for value in nasty:
+        with bind_context(_ctx(value, value)):
+            async with shared.connection() as conn:
+                row = await (
+                    await conn.execute(
+                        "SELECT current_setting('app.user_id', true), "
+                        "current_setting('app.tenant_id', true), current_user = session_user"
+                    )
+                ).fetchone()
+        assert row == (value, value, True)
+
+
+# -- SharedPool: transactions -----------------------------------------------------------------
+
+
+async def test_shared_commits_on_success_and_rolls_back_on_error(
+    db: Database, shared: SharedPool
+) -> None:
+    """The checkout's transaction commits when the body ends normally, rolls back on error."""
+
+    class BoomError(Exception):
+        pass
+
+    with bind_context(_ctx("alice")):
+        async with shared.connection() as conn:
+            await conn.execute(db.sql("INSERT INTO {notes} (owner, body) VALUES ('alice', 'kept')"))
+        with pytest.raises(BoomError):
+            async with shared.connection() as conn:
+                await conn.execute(
+                    db.sql("INSERT INTO {notes} (owner, body) VALUES ('alice', 'dropped')")
+                )
+                raise BoomError
+        async with shared.connection() as conn:
+            bodies = await (await conn.execute(db.sql("SELECT body FROM {notes}"))).fetchall()
+    assert bodies == [("kept",)]
+
+
+async def test_shared_refuses_commit_inside_checkout(shared: SharedPool) -> None:
+    """conn.commit() inside the checkout is refused: the settings cannot be committed away
+    and later statements cannot run without them."""
+    with bind_context(_ctx("alice")), pytest.raises(psycopg.ProgrammingError):
+        async with shared.connection() as conn:
+            await conn.commit()
+    await _eventually(lambda: _shared_idle(shared), "pool idle again")
+
+
+async def test_shared_set_local_is_effective_with_no_warning(shared: SharedPool) -> None:
+    """SET LOCAL inside a checkout works: the connection is in a transaction block, so
+    PostgreSQL draws no 'can only be used in transaction blocks' warning (autocommit
+    pitfall)."""
+    notices: list[str] = []
+    with bind_context(_ctx("alice")):
+        async with shared.connection() as conn:
+            conn.add_notice_handler(lambda diag: notices.append(str(diag.message_primary)))
+            await conn.execute("SET LOCAL statement_timeout = '7s'")
+            timeout = await _scalar(conn, "SHOW statement_timeout")
+            user = await _scalar(conn, "SELECT current_setting('app.user_id', true)")
+            conn._notice_handlers.clear()
+    assert (timeout, user) == ("7s", "alice")
+    assert notices == []
+
+
+async def test_shared_savepoint_rollback_keeps_the_settings(shared: SharedPool) -> None:
+    """A nested transaction that fails rolls back to its savepoint, never past the
+    settings, which were set before any savepoint."""
+    with bind_context(_ctx("alice")):
+        async with shared.connection() as conn:
+            with pytest.raises(psycopg.errors.DivisionByZero):
+                async with conn.transaction():
+                    await conn.execute("SELECT 1 / 0")
+            user = await _scalar(conn, "SELECT current_setting('app.user_id', true)")
+    assert user == "alice"
+
+
+# -- SharedPool: a returned connection is clean --------------------------------------------------
+
+
+async def test_shared_leak_check_10000_alternating_checkouts(db: Database) -> None:
+    """max_size=1: over 10,000 alternating checkouts of two users on one physical
+    connection (same backend pid throughout), each sees only its own settings, and a
+    session-level SET by one is gone before the other's next checkout."""
+    async with SharedPool(
+        db.app_url, min_size=1, max_size=1, timeout=5, rls_check="raise", kwargs=db.kwargs()
+    ) as pool:
+        alice, bob = _ctx("alice"), _ctx("bob", "globex")
+        pids: set[int] = set()
+        for i in range(10_000):
+            ctx = alice if i % 2 == 0 else bob
+            with bind_context(ctx, allow_switch=True):
+                async with pool.connection() as conn:
+                    row = await (
+                        await conn.execute(
+                            "SELECT current_setting('app.user_id', true), "
+                            "current_setting('app.tenant_id', true), "
+                            "current_setting('app.leak', true), pg_backend_pid()"
+                        )
+                    ).fetchone()
+                    assert row is not None
+                    assert row[:3] in (
+                        (ctx.user_id, ctx.tenant_id, None),
+                        (ctx.user_id, ctx.tenant_id, ""),
+                    )
+                    pids.add(row[3])
+                    if i % 10 == 0:  # a handler leaving session state behind
+                        await conn.execute(
+                            "SELECT set_config('app.leak', %s, false)", (ctx.user_id,)
+                        )
+                        await conn.execute(
+                            "SELECT set_config('app.user_id', %s, false)", (ctx.user_id,)
+                        )
+        assert len(pids) == 1
+        assert pool.stats().discarded == 0
+
+
+async def test_shared_session_state_is_reset(db: Database) -> None:
+    """SET, SET ROLE-free session changes, temp tables and a changed row factory left by one
+    user's handler are all gone for the next user on the same connection."""
+    async with SharedPool(
+        db.app_url, min_size=1, max_size=1, timeout=5, rls_check="raise", kwargs=db.kwargs()
+    ) as pool:
+        with bind_context(_ctx("alice")):
+            async with pool.connection() as conn:
+                pid = conn.info.backend_pid
+                await conn.execute("SET app.user_id = 'alice'")
+                await conn.execute("SET search_path = pg_catalog")
+                await conn.execute("CREATE TEMP TABLE alice_scratch (x int)")
+                await conn.execute("SELECT pg_advisory_lock(42)")
+                conn.row_factory = dict_row  # type: ignore[assignment]
+        with bind_context(_ctx("bob"), allow_switch=True):
+            async with pool.connection() as conn:
+                assert conn.info.backend_pid == pid
+                cur = await conn.execute(
+                    "SELECT current_setting('search_path'), "
+                    "to_regclass('pg_temp.alice_scratch') IS NULL, "
+                    "(SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                    "AND pid = pg_backend_pid())"
+                )
+                row = await cur.fetchone()
+        assert row == ('"$user", public', True, 0)
+
+
+async def test_shared_dirty_connection_is_discarded(db: Database) -> None:
+    """When the reset cannot clean a connection, it is closed and replaced, never handed
+    on (the reset is sabotaged to simulate one that fails)."""
+    async with SharedPool(
+        db.app_url, min_size=1, max_size=1, timeout=5, rls_check="raise", kwargs=db.kwargs()
+    ) as pool:
+        pool._reset_sql = (  # a reset that resets nothing
+            "SELECT current_user, session_user, current_setting('app.user_id', true), "
+            "current_setting('app.tenant_id', true)"
+        )
+        with bind_context(_ctx("alice")):
+            async with pool.connection() as conn:
+                pid = conn.info.backend_pid
+                await conn.execute("SET app.tenant_id = 'evil'")
+        with bind_context(_ctx("bob", None), allow_switch=True):
+            async with pool.connection() as conn:
+                assert conn.info.backend_pid != pid
+                await conn.execute("COMMIT; BEGIN")  # see the session value, not ours
+                tenant = await _scalar(conn, "SELECT current_setting('app.tenant_id', true)")
+        assert tenant in (None, "")
+        assert pool.stats().discarded == 1
+
+
+async def test_shared_settings_are_transaction_local(db: Database) -> None:
+    """The settings end with the checkout's transaction: even with a reset that resets
+    nothing, the connection comes back clean and is kept (same backend, none discarded)."""
+    async with SharedPool(
+        db.app_url, min_size=1, max_size=1, timeout=5, rls_check="raise", kwargs=db.kwargs()
+    ) as pool:
+        pool._reset_sql = (  # a reset that resets nothing: only the check remains
+            "SELECT current_user, session_user, current_setting('app.user_id', true), "
+            "current_setting('app.tenant_id', true)"
+        )
+        pids: set[int] = set()
+        for user in ("alice", "bob", "carol"):
+            with bind_context(_ctx(user), allow_switch=True):
+                async with pool.connection() as conn:
+                    pids.add(conn.info.backend_pid)
+        assert len(pids) == 1
+        assert pool.stats().discarded == 0
+
+
+# -- SharedPool: limits, exhaustion, cancellation -------------------------------------------------
+
+
+async def test_shared_per_user_limit(shared: SharedPool) -> None:
+    """A user holding per_user_limit connections waits (then gets PoolExhaustedError);
+    another user still gets one at once."""
+    hold = anyio.Event()
+    held = 0
+    all_held = anyio.Event()
+
+    async def holder() -> None:
+        nonlocal held
+        with bind_context(_ctx("alice")):
+            async with shared.connection():
+                held += 1
+                if held == 2:
+                    all_held.set()
+                await hold.wait()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(holder)
+        tg.start_soon(holder)
+        await all_held.wait()
+        with bind_context(_ctx("alice")):
+            started = time.monotonic()
+            with pytest.raises(PoolExhaustedError) as info:
+                async with shared.connection(timeout=0.3):
+                    pass
+            assert time.monotonic() - started < 2
+        with bind_context(_ctx("bob")):
+            async with shared.connection(timeout=0.3) as conn:
+                assert await _scalar(conn, "SELECT 1") == 1
+        hold.set()
+    assert info.value.http_status == 503
+    assert info.value.retry_after == 1.0
+    assert "per_user_limit" in str(info.value)
+    await _eventually(lambda: _shared_idle(shared), "pool idle again")
+
+
+async def test_shared_exhaustion_raises_within_timeout(db: Database) -> None:
+    """With every connection held, a checkout fails with PoolExhaustedError after its
+    timeout, not a hang."""
+    async with SharedPool(
+        db.app_url, min_size=1, max_size=1, timeout=5, retry_after=2.5, rls_check="raise"
+    ) as pool:
+        release = anyio.Event()
+        holding = anyio.Event()
+
+        async def holder() -> None:
+            with bind_context(_ctx("alice")):
+                async with pool.connection():
+                    holding.set()
+                    await release.wait()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(holder)
+            await holding.wait()
+            started = time.monotonic()
+            with bind_context(_ctx("bob")), pytest.raises(PoolExhaustedError) as info:
+                async with pool.connection(timeout=0.3):
+                    pass
+            elapsed = time.monotonic() - started
+            release.set()
+        assert 0.25 < elapsed < 2
+        assert info.value.retry_after == 2.5
+        await _eventually(lambda: _shared_idle(pool), "pool idle again")
+
+
+async def test_shared_cancel_while_waiting_loses_nothing(shared: SharedPool) -> None:
+    """Tasks cancelled while waiting for a connection leave the pool as it was."""
+    release = anyio.Event()
+    holding = 0
+    all_holding = anyio.Event()
+
+    async def holder(user: str) -> None:
+        nonlocal holding
+        with bind_context(_ctx(user)):
+            async with shared.connection():
+                holding += 1
+                if holding == 4:
+                    all_holding.set()
+                await release.wait()
+
+    async with anyio.create_task_group() as tg:
+        for user in ("a", "b", "c", "d"):
+            tg.start_soon(holder, user)
+        await all_holding.wait()
+        with anyio.CancelScope() as waiters:
+            async with anyio.create_task_group() as inner:
+                for n in range(10):
+                    inner.start_soon(_checkout_once, shared, f"waiter-{n}")
+                await _eventually(_async(lambda: shared.stats().waiting == 10), "10 waiting")
+                waiters.cancel()
+        release.set()
+    await _eventually(lambda: _shared_idle(shared), "pool idle again")
+    assert shared.stats().size == 4
+
+
+def _async(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    async def run() -> bool:
+        return check()
+
+    return run
+
+
+async def _checkout_once(pool: SharedPool | PerUserPools, user: str) -> None:
+    with bind_context(_ctx(user)):
+        async with pool.connection() as conn:
+            await conn.execute("SELECT 1")
+
+
+async def test_shared_cancel_mid_query_cancels_it_on_the_server(
+    db: Database, shared: SharedPool
+) -> None:
+    """A task cancelled during a long query: the query stops on the server, nothing stays
+    'idle in transaction', and the pool recovers."""
+    marker = f"cancel-{uuid.uuid4().hex}"
+    with anyio.move_on_after(0.3), bind_context(_ctx("alice")):
+        async with shared.connection() as conn:
+            await conn.execute(f"SELECT pg_sleep(30) /* {marker} */")
+
+    async def query_gone() -> bool:
+        running = await _admin_scalar(
+            db,
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE %s AND pid <> pg_backend_pid()",
+            (f"%{marker}%",),
+        )
+        return bool(running == 0)
+
+    await _eventually(query_gone, "the cancelled query stopped on the server")
+    await _eventually(lambda: _shared_idle(shared), "pool idle again")
+    stuck = await _admin_scalar(
+        db,
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+        "AND state LIKE 'idle in transaction%%'",
+        (db.app_name,),
+    )
+    assert stuck == 0
+    with bind_context(_ctx("bob")):
+        async with shared.connection() as conn:
+            assert await _scalar(conn, "SELECT current_setting('app.user_id', true)") == "bob"
+
+
+async def test_shared_cancel_while_holding_rolls_back(db: Database, shared: SharedPool) -> None:
+    """A task cancelled while it holds a connection mid-transaction: the work is rolled
+    back and the connection comes back clean."""
+    with anyio.CancelScope() as scope, bind_context(_ctx("alice")):
+        async with shared.connection() as conn:
+            await conn.execute(db.sql("INSERT INTO {notes} (owner, body) VALUES ('alice', 'x')"))
+            scope.cancel()
+            await anyio.sleep_forever()
+    await _eventually(lambda: _shared_idle(shared), "pool idle again")
+    with bind_context(_ctx("alice")):
+        async with shared.connection() as conn:
+            assert await _scalar(conn, db.sql("SELECT count(*) FROM {notes}")) == 0
+
+
+async def test_shared_random_cancellations_lose_no_connection(
+    db: Database, shared: SharedPool
+) -> None:
+    """300 checkouts by 30 users, a third cancelled at random moments (waiting, querying,
+    holding a row lock): afterwards the pool is idle, no lock is held, and a follow-up
+    burst succeeds."""
+    rng = random.Random(5)
+    with bind_context(_ctx("seed")):
+        async with shared.connection() as conn:
+            await conn.execute(db.sql("INSERT INTO {notes} (owner, body) VALUES ('seed', 'row')"))
+    completed = 0
+
+    async def work(n: int, cancel_after: float | None) -> None:
+        nonlocal completed
+        user = f"user-{n % 30}"
+        with anyio.CancelScope() as scope:
+            if cancel_after is not None:
+                scope.deadline = anyio.current_time() + cancel_after
+            with bind_context(_ctx(user)):
+                async with shared.connection() as conn:
+                    await conn.execute(
+                        db.sql("INSERT INTO {notes} (owner, body) VALUES (%s, 'w')"), (user,)
+                    )
+                    await conn.execute(
+                        db.sql("SELECT * FROM {notes} WHERE owner = %s FOR UPDATE"), (user,)
+                    )
+                    await conn.execute("SELECT pg_sleep(0.002)")
+            completed += 1
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for n in range(300):
+                tg.start_soon(work, n, rng.uniform(0, 0.05) if rng.random() < 0.33 else None)
+    await _eventually(lambda: _shared_idle(shared), "pool idle again")
+    locks = await _admin_scalar(
+        db,
+        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+        "WHERE a.application_name = %s AND l.locktype IN ('relation', 'tuple', 'transactionid')",
+        (db.app_name,),
+    )
+    assert locks == 0
+    assert completed >= 150
+    async with anyio.create_task_group() as tg:
+        for n in range(50):
+            tg.start_soon(_checkout_once, shared, f"after-{n}")
+    await _eventually(lambda: _shared_idle(shared), "pool idle again")
+
+
+# -- SharedPool: lifecycle ---------------------------------------------------------------------
+
+
+async def test_shared_install_opens_on_first_use_and_closes_at_shutdown(db: Database) -> None:
+    """Installed in a registry, the pool opens on the first checkout and closes with the
+    registry; the module-level connection() finds it."""
+    pool = SharedPool(db.app_url, min_size=0, max_size=2, rls_check="raise", kwargs=db.kwargs())
+    registry = Registry()
+    pool.install(registry)
+    assert not pool.opened
+    async with registry.open_scope(_ctx("alice")):
+        async with connection() as conn:
+            assert await _scalar(conn, "SELECT current_setting('app.user_id', true)") == "alice"
+        assert pool.opened
+    await registry.aclose()
+    assert not pool.opened
+
+
+async def test_shared_not_open_and_not_installed(db: Database) -> None:
+    """A pool neither opened nor installed says how to fix that."""
+    pool = SharedPool(db.app_url, rls_check="off")
+    with bind_context(_ctx("alice")), pytest.raises(PoolClosed, match="not open"):
+        async with pool.connection():
+            pass
+
+
+async def test_shared_open_refuses_a_superuser(db: Database) -> None:
+    """rls_check='raise' refuses to open a pool whose role is a superuser."""
+    pool = SharedPool(db.admin_url, min_size=0, max_size=1, rls_check="raise")
+    with pytest.raises(RowSecurityError, match="superuser"):
+        await pool.open()
+    assert not pool.opened
+
+
+async def test_shared_open_warns_for_an_owner_without_force(db: Database) -> None:
+    """rls_check='warn' opens the pool and warns when the role owns a table without FORCE."""
+    pool = SharedPool(db.owner_url, min_size=0, max_size=1, rls_tables=[f"{db.schema}.owned"])
+    with pytest.warns(RowSecurityWarning, match="FORCE ROW LEVEL SECURITY"):
+        await pool.open()
+    assert pool.opened
+    await pool.close()
+
+
+# -- check_rls ---------------------------------------------------------------------------------
+
+
+async def test_check_rls_detects_superuser(db: Database) -> None:
+    """A superuser bypasses RLS: check_rls raises, or warns when asked to."""
+    async with await psycopg.AsyncConnection.connect(db.admin_url) as conn:
+        with pytest.raises(RowSecurityError) as info:
+            await check_rls(conn, [db.notes])
+        assert any("superuser" in p for p in info.value.problems)
+        with pytest.warns(RowSecurityWarning):
+            problems = await check_rls(conn, [db.notes], action="warn")
+        assert problems == info.value.problems
+        assert conn.info.transaction_status is TransactionStatus.IDLE
+
+
+async def test_check_rls_detects_owner_without_force(db: Database) -> None:
+    """The owner of a table bypasses its policies unless FORCE ROW LEVEL SECURITY."""
+    async with await psycopg.AsyncConnection.connect(db.owner_url) as conn:
+        with pytest.warns(RowSecurityWarning):
+            problems = await check_rls(
+                conn, [f"{db.schema}.owned", f"{db.schema}.forced"], action="warn"
+            )
+    assert len(problems) == 1
+    assert f"{db.schema}.owned" in problems[0]
+    assert "FORCE" in problems[0]
+
+
+async def test_check_rls_passes_an_ordinary_role(db: Database) -> None:
+    """An ordinary role on tables with RLS enabled has no problem; a table without RLS or
+    one that does not exist does."""
+    async with await psycopg.AsyncConnection.connect(db.app_url) as conn:
+        assert await check_rls(conn, [db.notes]) == []
+        with pytest.raises(RowSecurityError) as info:
+            await check_rls(conn, [f"{db.schema}.plain", f"{db.schema}.missing"])
+    assert len(info.value.problems) == 2
+    assert "not enabled" in info.value.problems[0]
+    assert "does not exist" in info.value.problems[1]
+
+
+# -- PerUserPools ------------------------------------------------------------------------------
+
+
+async def _server_connections(db: Database) -> int:
+    return int(
+        await _admin_scalar(
+            db,
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+            (db.app_name,),
+        )
+    )
+
+
+async def test_per_user_pools_give_each_user_its_own_sessions(db: Database) -> None:
+    """Each user gets connections of its own pool, with the user's settings for the
+    session; no connection serves two users."""
+    pools = PerUserPools(db.app_url, max_total=10, rls_check="raise", kwargs=db.kwargs())
+    registry = Registry()
+    pools.install(registry)
+    pids: dict[str, set[int]] = {}
+    for _ in range(3):
+        for user in ("alice", "bob", "carol"):
+            async with registry.open_scope(_ctx(user)), pools.connection() as conn:
+                row = await (
+                    await conn.execute(
+                        "SELECT current_setting('app.user_id', true), pg_backend_pid()"
+                    )
+                ).fetchone()
+                assert row is not None
+                assert row[0] == user
+                pids.setdefault(user, set()).add(row[1])
+    assert all(len(p) == 1 for p in pids.values())
+    assert len(set().union(*pids.values())) == 3
+    assert pools.stats().pools == 3
+    await registry.aclose()
+    assert pools.stats().pools == 0
+    assert pools.stats().slots == 0
+    await _eventually(_async_int(lambda: _server_connections(db), 0), "connections closed")
+
+
+def _async_int(get: Callable[[], Awaitable[int]], expected: int) -> Callable[[], Awaitable[bool]]:
+    async def run() -> bool:
+        return await get() == expected
+
+    return run
+
+
+async def test_per_user_pools_rls(db: Database) -> None:
+    """Rows written through PerUserPools are visible to their owner only."""
+    pools = PerUserPools(db.app_url, max_total=10, rls_check="raise", kwargs=db.kwargs())
+    registry = Registry()
+    pools.install(registry)
+    for user in ("alice", "bob"):
+        async with registry.open_scope(_ctx(user)), connection() as conn:
+            await conn.execute(
+                db.sql("INSERT INTO {notes} (owner, body) VALUES (%s, 'n')"), (user,)
+            )
+    async with registry.open_scope(_ctx("alice")), connection() as conn:
+        owners = await (await conn.execute(db.sql("SELECT owner FROM {notes}"))).fetchall()
+    assert owners == [("alice",)]
+    await registry.aclose()
+
+
+async def test_per_user_pools_300_users_never_exceed_max_total(db: Database) -> None:
+    """300 users at once with max_total=50: the server never sees more than 50 of our
+    connections (pg_stat_activity, sampled throughout), and every user is served."""
+    pools = PerUserPools(
+        db.app_url,
+        max_size=5,
+        max_total=50,
+        timeout=30,
+        rls_check="off",
+        kwargs=db.kwargs(),
+        num_workers=1,
+    )
+    registry = Registry()
+    pools.install(registry)
+    peak = 0
+    done = anyio.Event()
+    served: set[str] = set()
+
+    async def sample() -> None:
+        nonlocal peak
+        async with await psycopg.AsyncConnection.connect(db.admin_url, autocommit=True) as conn:
+            while not done.is_set():
+                count = await _scalar(
+                    conn,
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                    (db.app_name,),
+                )
+                peak = max(peak, int(count))
+                assert pools.stats().slots <= 50
+                await anyio.sleep(0.005)
+
+    async def user(n: int) -> None:
+        name = f"user-{n}"
+        async with registry.open_scope(_ctx(name)), connection() as conn:
+            assert await _scalar(conn, "SELECT current_setting('app.user_id', true)") == name
+            await conn.execute("SELECT pg_sleep(0.01)")
+        served.add(name)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sample)
+            async with anyio.create_task_group() as users:
+                for n in range(300):
+                    users.start_soon(user, n)
+            done.set()
+    assert len(served) == 300
+    assert 0 < peak <= 50
+    assert pools.stats().evicted >= 250
+    await registry.aclose()
+    await _eventually(_async_int(lambda: _server_connections(db), 0), "connections closed")
+
+
+async def test_per_user_pools_close_after_idle_ttl(db: Database) -> None:
+    """A user's pool closes idle_ttl seconds after the user's last request (the registry's
+    clock is injected), and its server connections go away."""
+    now = [1000.0]
+    registry = Registry(clock=lambda: now[0])
+    pools = PerUserPools(db.app_url, idle_ttl=60, max_total=10, rls_check="off", kwargs=db.kwargs())
+    pools.install(registry)
+    async with registry.open_scope(_ctx("alice")), connection() as conn:
+        await conn.execute("SELECT 1")
+    assert pools.stats().pools == 1
+    now[0] += 59
+    await registry.sweep()
+    assert pools.stats().pools == 1
+    assert await _server_connections(db) == 1
+    now[0] += 2
+    await registry.sweep()
+    assert pools.stats().pools == 0
+    assert pools.stats().slots == 0
+    await _eventually(_async_int(lambda: _server_connections(db), 0), "connections closed")
+    await registry.aclose()
+
+
+async def test_per_user_pools_exhaustion_and_idle_eviction(db: Database) -> None:
+    """With max_total=2 held by two busy users, a third user's checkout fails after its
+    timeout; once a holder is done, the third user's waiting checkout closes that idle
+    pool and proceeds."""
+    pools = PerUserPools(
+        db.app_url, max_size=1, max_total=2, timeout=5, rls_check="off", kwargs=db.kwargs()
+    )
+    registry = Registry()
+    pools.install(registry)
+    release = {"a": anyio.Event(), "b": anyio.Event()}
+    holding = 0
+    both = anyio.Event()
+
+    async def holder(user: str) -> None:
+        nonlocal holding
+        async with registry.open_scope(_ctx(user)), connection():
+            holding += 1
+            if holding == 2:
+                both.set()
+            await release[user].wait()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(holder, "a")
+        tg.start_soon(holder, "b")
+        await both.wait()
+        async with registry.open_scope(_ctx("c")):
+            started = time.monotonic()
+            with pytest.raises(PoolExhaustedError, match="max_total=2") as info:
+                async with connection(timeout=0.3):
+                    pass
+            assert time.monotonic() - started < 2
+            assert info.value.http_status == 503
+            waiting = anyio.Event()
+
+            async def third() -> None:
+                async with connection() as conn:
+                    assert await _scalar(conn, "SELECT current_setting('app.user_id', true)") == "c"
+                waiting.set()
+
+            tg.start_soon(third)
+            await _eventually(_async(lambda: pools.stats().waiting == 1), "c waits")
+            release["a"].set()
+            await waiting.wait()
+        release["b"].set()
+    stats = pools.stats()
+    assert stats.evicted == 1
+    assert stats.slots == 2
+    assert await _server_connections(db) <= 2
+    await registry.aclose()
+
+
+async def test_per_user_pools_grow_to_max_size(db: Database) -> None:
+    """One user's concurrent checkouts grow its pool one connection at a time up to
+    max_size, on distinct server connections."""
+    pools = PerUserPools(db.app_url, max_size=3, max_total=10, rls_check="off", kwargs=db.kwargs())
+    registry = Registry()
+    pools.install(registry)
+    release = anyio.Event()
+    pids: set[int] = set()
+    all_in = anyio.Event()
+
+    async def hold() -> None:
+        async with connection() as conn:
+            pids.add(conn.info.backend_pid)
+            if len(pids) == 3:
+                all_in.set()
+            await release.wait()
+
+    async with registry.open_scope(_ctx("alice")), anyio.create_task_group() as tg:
+        for _ in range(3):
+            tg.start_soon(hold)
+        await all_in.wait()
+        with pytest.raises(PoolExhaustedError):
+            async with connection(timeout=0.2):
+                pass
+        release.set()
+    assert pools.stats().slots == 3
+    await registry.aclose()
+
+
+async def test_per_user_pools_cancel_while_waiting_for_room(db: Database) -> None:
+    """Checkouts cancelled while waiting for room under max_total give nothing away."""
+    pools = PerUserPools(
+        db.app_url, max_size=1, max_total=1, timeout=5, rls_check="off", kwargs=db.kwargs()
+    )
+    registry = Registry()
+    pools.install(registry)
+    release = anyio.Event()
+    holding = anyio.Event()
+
+    async def holder() -> None:
+        async with registry.open_scope(_ctx("a")), connection():
+            holding.set()
+            await release.wait()
+
+    async def waiter(n: int) -> None:
+        async with registry.open_scope(_ctx(f"w{n}")), connection():
+            pass
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(holder)
+        await holding.wait()
+        with anyio.CancelScope() as cancel:
+            async with anyio.create_task_group() as waiters:
+                for n in range(5):
+                    waiters.start_soon(waiter, n)
+                await _eventually(_async(lambda: pools.stats().waiting == 5), "5 waiting")
+                cancel.cancel()
+        release.set()
+    stats = pools.stats()
+    assert (stats.waiting, stats.checked_out, stats.slots) == (0, 0, 1)
+    async with registry.open_scope(_ctx("z")), connection() as conn:
+        assert await _scalar(conn, "SELECT current_setting('app.user_id', true)") == "z"
+    await registry.aclose()
+
+
+async def test_per_user_pools_cancel_mid_query(db: Database) -> None:
+    """A cancelled query of a per-user pool is cancelled on the server; the pool recovers."""
+    pools = PerUserPools(db.app_url, max_total=5, rls_check="off", kwargs=db.kwargs())
+    registry = Registry()
+    pools.install(registry)
+    marker = f"cancel-{uuid.uuid4().hex}"
+    async with registry.open_scope(_ctx("alice")):
+        with anyio.move_on_after(0.3):
+            async with connection() as conn:
+                await conn.execute(f"SELECT pg_sleep(30) /* {marker} */")
+
+        async def query_gone() -> bool:
+            running = await _admin_scalar(
+                db,
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE %s "
+                "AND pid <> pg_backend_pid()",
+                (f"%{marker}%",),
+            )
+            return bool(running == 0)
+
+        await _eventually(query_gone, "the cancelled query stopped on the server")
+        async with connection() as conn:
+            assert await _scalar(conn, "SELECT 1") == 1
+    assert pools.stats().checked_out == 0
+    await registry.aclose()
+
+
+async def test_per_user_pools_need_a_scope(db: Database) -> None:
+    """Without a scope there is no user to pick a pool for."""
+    pools = PerUserPools(db.app_url, rls_check="off")
+    with pytest.raises(NoActiveContextError):
+        async with pools.connection():
+            pass
+
+
+# -- trio ------------------------------------------------------------------------------------
+
+
+async def test_strategies_refuse_trio(anyio_backend: str) -> None:
+    """psycopg's async pool is asyncio-only: constructing a strategy under trio fails at
+    once with UnsupportedBackendError (on asyncio construction succeeds)."""
+    if anyio_backend == "asyncio":
+        SharedPool(DATABASE_URL)
+        PerUserPools(DATABASE_URL)
+        return
+    with pytest.raises(UnsupportedBackendError, match="asyncio only"):
+        SharedPool(DATABASE_URL)
+    with pytest.raises(UnsupportedBackendError, match="asyncio only"):
+        PerUserPools(DATABASE_URL)
+
+
+@pytest.fixture(name="built_outside_a_loop")
+def fixture_built_outside_a_loop() -> SharedPool:
+    """A pool constructed at import time (no event loop running yet)."""
+    return SharedPool(DATABASE_URL, rls_check="off")
+
+
+async def test_open_refuses_trio(anyio_backend: str, built_outside_a_loop: SharedPool) -> None:
+    """A pool built outside any event loop refuses to open under trio, before connecting."""
+    if anyio_backend == "asyncio":
+        pytest.skip("opening on asyncio is what every other test does")
+    with pytest.raises(UnsupportedBackendError, match="asyncio only"):
+        await built_outside_a_loop.open()
+    assert not built_outside_a_loop.opened
+    with bind_context(_ctx("alice")), pytest.raises(UnsupportedBackendError):
+        async with built_outside_a_loop.connection():
+            pass
