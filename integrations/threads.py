@@ -39,6 +39,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, TypeVarTuple, cast
 
+import anyio.from_thread
 import anyio.to_thread
 
 from ambient._binding import current_scope
@@ -93,17 +94,19 @@ def _release_soon(hold: _Hold, call_soon: _CallSoon) -> None:
 
 
 def _take_hold(scope: Scope) -> tuple[_Hold, _CallSoon]:
+    """Hold ``scope`` (on its loop's thread) and say how to release it from anywhere."""
     call_soon = _loop_call_soon()
-    try:
-        asyncio.get_running_loop()
-        on_loop = True
-    except RuntimeError:
-        on_loop = _on_trio_loop()
-    hold = scope.hold() if on_loop else anyio.from_thread.run_sync(scope.hold)
+    hold = scope.hold() if _on_loop_thread() else anyio.from_thread.run_sync(scope.hold)
     return hold, call_soon
 
 
-def _on_trio_loop() -> bool:
+def _on_loop_thread() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        return True
     trio = sys.modules.get("trio")
     if trio is None:
         return False
@@ -139,7 +142,7 @@ def hold_scope(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any,
     if not inspect.iscoroutinefunction(fn):
         msg = f"hold_scope() takes an async function, not {fn!r}; for threads use ContextExecutor"
         raise TypeError(msg)
-    hold = current_scope().hold()
+    hold = _take_hold(current_scope())[0]
     used = False
 
     @functools.wraps(fn)

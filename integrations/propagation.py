@@ -1,0 +1,620 @@
+"""Carry a user's context to background jobs and to other services, signed.
+
+A *context token* is a compact string holding the ids of a context (user, tenant, thread,
+request, run, parent run and depth; never its metadata), the time it was issued and when
+it expires, signed with HMAC-SHA256 under a secret every party shares. The secret comes
+from configuration: pass it (``secret=``) or set ``AMBIENT_CONTEXT_SECRET`` in the
+environment; it must be at least 32 bytes (``python -c "import secrets;
+print(secrets.token_urlsafe(32))"``). :class:`ContextSigner` also verifies tokens signed
+with previous secrets, for rotation.
+
+Background jobs, with any queue::
+
+    # in the request
+    queue.put({"order": order_id, "context": capture()})
+
+    # in the worker process
+    async with restore(job["context"], registry=registry) as ctx:
+        mailer = await ambient.resolve(Mailer)   # the user's components, then cleaned up
+
+Service to service: the caller adds the signed context (plus ``x-request-id``,
+``x-thread-id`` and the W3C ``traceparent``) to its outgoing requests, the callee accepts it
+as an identity::
+
+    # service A
+    client = httpx.AsyncClient(
+        event_hooks={"request": [async_inject_hook(hosts=["billing.internal"])]}
+    )
+
+    # service B
+    app = AmbientMiddleware(app, registry=registry, identity=signed_context())
+
+A token is a bearer credential until it expires: keep ``ttl`` short for calls (30 s by
+default) and let only the services that need it hold the secret. The callee refuses tokens
+that are tampered with, signed with another key, expired (replays past expiry included),
+meant for another audience, or presented by a peer outside its ``trusted`` networks: 401.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from types import MappingProxyType, TracebackType
+from typing import Any, Final
+
+from opentelemetry import propagate
+
+from ambient._binding import bind_context, current_context_or_none, get_current_context
+from ambient._context import UserExecutionContext
+from ambient._registry import Registry
+from ambient._scope import Scope
+from ambient.errors import IdentityError, InvalidContextError
+from ambient.middleware.identity import (
+    Identity,
+    IdentityResolver,
+    _networks,
+    _peer_trusted,
+    header_values,
+)
+
+__all__ = [
+    "HEADER",
+    "SECRET_ENV",
+    "ContextSigner",
+    "InvalidTokenError",
+    "Restored",
+    "async_inject_hook",
+    "capture",
+    "inject",
+    "inject_hook",
+    "restore",
+    "signed_context",
+    "verify",
+]
+
+HEADER: Final = "x-ambient-context"
+"""The request header carrying a context token between services."""
+
+SECRET_ENV: Final = "AMBIENT_CONTEXT_SECRET"  # noqa: S105 - a variable name
+"""The environment variable read when no secret is passed."""
+
+MAX_TOKEN_LENGTH: Final = 4096
+_VERSION: Final = "v1"
+_MIN_SECRET_BYTES: Final = 32
+_KID_LABEL: Final = b"ambient context key id"
+# version . key id . payload . HMAC-SHA256 (32 bytes: 43 base64url characters, no padding)
+_TOKEN: Final = re.compile(r"v1\.[0-9a-f]{8}\.[A-Za-z0-9_-]{1,4000}\.[A-Za-z0-9_-]{43}")
+_LOOPBACK: Final = ("127.0.0.1/32", "::1/128")
+
+
+class InvalidTokenError(IdentityError):
+    """A context token was refused (answered with 401 when it came with a request).
+
+    Attributes:
+        reason: ``"malformed"``, ``"foreign-key"`` (signed with a key this side does not
+            have), ``"tampered"`` (the signature does not match), ``"expired"``,
+            ``"not-yet-valid"``, ``"audience"``, ``"untrusted-peer"`` or ``"mismatch"``
+            (a correlation header contradicts the token).
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        super().__init__(detail, status=401)
+
+
+def _b64encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class _Key:
+    __slots__ = ("kid", "secret")
+
+    def __init__(self, secret: str | bytes) -> None:
+        if isinstance(secret, str):
+            secret = secret.encode("utf-8")
+        if not isinstance(secret, bytes):
+            msg = f"a context secret is str or bytes, not {type(secret).__name__}"
+            raise TypeError(msg)
+        if len(secret) < _MIN_SECRET_BYTES:
+            msg = (
+                f"a context secret must be at least {_MIN_SECRET_BYTES} bytes, not "
+                f"{len(secret)}; generate one with secrets.token_urlsafe(32)"
+            )
+            raise ValueError(msg)
+        self.secret = secret
+        # Names the key in tokens without revealing anything about it: lets a verifier tell
+        # "signed with a key I do not have" from "tampered with".
+        self.kid = hmac.new(secret, _KID_LABEL, hashlib.sha256).hexdigest()[:8]
+
+    def mac(self, signed: bytes) -> bytes:
+        return hmac.new(self.secret, signed, hashlib.sha256).digest()
+
+
+class ContextSigner:
+    """Signs and verifies context tokens with HMAC-SHA256.
+
+    Args:
+        secret: The key new tokens are signed with (at least 32 bytes).
+        previous: Older keys still accepted when verifying (rotation: deploy the new key
+            as ``secret`` with the old one in ``previous`` everywhere, then drop it).
+        clock: Wall clock in seconds since the epoch (tokens cross processes and hosts).
+        leeway: Seconds of clock skew tolerated between the issuer and the verifier.
+
+    Raises:
+        ValueError: a secret shorter than 32 bytes, or a negative leeway.
+    """
+
+    __slots__ = ("_keys", "_signing", "clock", "leeway")
+
+    def __init__(
+        self,
+        secret: str | bytes,
+        *,
+        previous: Iterable[str | bytes] = (),
+        clock: Callable[[], float] = time.time,
+        leeway: float = 5.0,
+    ) -> None:
+        if not leeway >= 0:
+            msg = f"leeway must be >= 0 seconds, not {leeway!r}"
+            raise ValueError(msg)
+        self._signing = _Key(secret)
+        self._keys = {self._signing.kid: self._signing}
+        for old in previous:
+            key = _Key(old)
+            self._keys.setdefault(key.kid, key)
+        self.clock = clock
+        self.leeway = leeway
+
+    @classmethod
+    def from_env(cls, name: str = SECRET_ENV) -> ContextSigner:
+        """A signer with the secret from the environment variable ``name``.
+
+        Raises:
+            LookupError: the variable is not set.
+            ValueError: its value is shorter than 32 bytes.
+        """
+        secret = os.environ.get(name)
+        if not secret:
+            msg = (
+                f"no context secret: pass secret=... or set the {name} environment variable "
+                "(the same value in every service and worker that exchanges context tokens)"
+            )
+            raise LookupError(msg)
+        return cls(secret)
+
+    def sign(self, ctx: UserExecutionContext, *, ttl: float, audience: str | None = None) -> str:
+        """A token of ``ctx`` valid for ``ttl`` seconds (for ``audience`` only, if given).
+
+        Raises:
+            ValueError: ``ttl`` is not positive.
+        """
+        if not ttl > 0:
+            msg = f"ttl must be > 0 seconds, not {ttl!r}"
+            raise ValueError(msg)
+        now = self.clock()
+        claims: dict[str, Any] = {
+            "u": ctx.user_id,
+            "th": ctx.thread_id,
+            "r": ctx.run_id,
+            "q": ctx.request_id,
+            "iat": math.floor(now),
+            "exp": math.ceil(now + ttl),
+        }
+        if ctx.tenant_id is not None:
+            claims["t"] = ctx.tenant_id
+        if ctx.parent_run_id is not None:
+            claims["p"] = ctx.parent_run_id
+        if ctx.depth:
+            claims["d"] = ctx.depth
+        if audience is not None:
+            claims["aud"] = audience
+        payload = _b64encode(json.dumps(claims, separators=(",", ":")).encode("utf-8"))
+        key = self._signing
+        signed = f"{_VERSION}.{key.kid}.{payload}"
+        return f"{signed}.{_b64encode(key.mac(signed.encode('ascii')))}"
+
+    def verify(self, token: str, *, audience: str | None = None) -> UserExecutionContext:
+        """The context a token was captured from (same run id, parent and depth).
+
+        A token naming an audience is accepted only where that ``audience`` is expected.
+
+        Raises:
+            InvalidTokenError: the token is malformed, signed with an unknown key, tampered
+                with, expired, not valid yet, or for another audience.
+        """
+        if (
+            not isinstance(token, str)
+            or len(token) > MAX_TOKEN_LENGTH
+            or not _TOKEN.fullmatch(token)
+        ):
+            raise InvalidTokenError("malformed", "the context token is malformed")
+        _, kid, payload, mac = token.split(".")
+        key = self._keys.get(kid)
+        if key is None:
+            raise InvalidTokenError(
+                "foreign-key",
+                "the context token is signed with a key this service does not have",
+            )
+        expected = key.mac(f"{_VERSION}.{kid}.{payload}".encode("ascii"))
+        # Compared in its canonical text form: no second spelling of a signature verifies.
+        if not hmac.compare_digest(mac, _b64encode(expected)):
+            raise InvalidTokenError(
+                "tampered", "the context token's signature does not match its content"
+            )
+        # Only authenticated bytes are parsed.
+        try:
+            claims = json.loads(_b64decode(payload))
+        except (binascii.Error, ValueError):
+            raise InvalidTokenError("malformed", "the context token is malformed") from None
+        return self._context(claims, audience)
+
+    def _context(self, claims: object, audience: str | None) -> UserExecutionContext:
+        if not isinstance(claims, dict):
+            raise InvalidTokenError("malformed", "the context token is malformed")
+        issued, expires = claims.get("iat"), claims.get("exp")
+        if type(issued) is not int or type(expires) is not int:
+            raise InvalidTokenError("malformed", "the context token has no valid iat/exp")
+        now = self.clock()
+        if now > expires + self.leeway:
+            ago = math.floor(now - expires)
+            raise InvalidTokenError("expired", f"the context token expired {ago} s ago")
+        if issued > now + self.leeway:
+            raise InvalidTokenError(
+                "not-yet-valid", "the context token is issued in the future (clock skew?)"
+            )
+        token_audience = claims.get("aud")
+        if token_audience != audience:
+            raise InvalidTokenError(
+                "audience",
+                "the context token is for another audience"
+                if token_audience is not None
+                else "the context token names no audience and one is required",
+            )
+        depth = claims.get("d", 0)
+        try:
+            return UserExecutionContext(
+                user_id=claims.get("u"),  # type: ignore[arg-type]  # validated by the class
+                thread_id=claims.get("th"),  # type: ignore[arg-type]
+                run_id=claims.get("r"),  # type: ignore[arg-type]
+                request_id=claims.get("q"),  # type: ignore[arg-type]
+                tenant_id=claims.get("t"),
+                parent_run_id=claims.get("p"),
+                depth=depth,
+            )
+        except InvalidContextError as exc:
+            detail = f"the context token carries an invalid context: {exc.field}: {exc.reason}"
+            raise InvalidTokenError("malformed", detail) from None
+
+
+def _signer(secret: str | bytes | ContextSigner | None) -> ContextSigner:
+    if isinstance(secret, ContextSigner):
+        return secret
+    if secret is None:
+        return ContextSigner.from_env()
+    return ContextSigner(secret)
+
+
+# -- background jobs --------------------------------------------------------------------------
+
+
+def capture(
+    ctx: UserExecutionContext | None = None,
+    *,
+    secret: str | bytes | ContextSigner | None = None,
+    ttl: float = 3600.0,
+    audience: str | None = None,
+) -> str:
+    """A signed token of the current context (or ``ctx``), to hand to a job or a service.
+
+    Args:
+        ctx: The context to capture (default: the one bound here).
+        secret: The key, a :class:`ContextSigner`, or ``None`` for ``AMBIENT_CONTEXT_SECRET``.
+        ttl: Seconds the token stays valid: how long a job may wait in its queue.
+        audience: Restrict the token to verifiers expecting this audience.
+
+    Raises:
+        NoActiveContextError: no ``ctx`` and nothing bound here.
+    """
+    return _signer(secret).sign(
+        get_current_context() if ctx is None else ctx, ttl=ttl, audience=audience
+    )
+
+
+def verify(
+    token: str,
+    *,
+    secret: str | bytes | ContextSigner | None = None,
+    audience: str | None = None,
+) -> UserExecutionContext:
+    """The context ``token`` was captured from, after checking signature, expiry, audience.
+
+    Raises:
+        InvalidTokenError: the token was refused (see :attr:`InvalidTokenError.reason`).
+    """
+    return _signer(secret).verify(token, audience=audience)
+
+
+class Restored:
+    """A verified context token, ready to bind: see :func:`restore`.
+
+    Attributes:
+        captured: The context the token was captured from.
+        context: The context bound on entry: a child of ``captured`` (same user, tenant,
+            thread and request; a new run whose parent is the captured run).
+    """
+
+    __slots__ = ("_allow_switch", "_binding", "_registry", "_scope", "captured", "context")
+
+    def __init__(
+        self,
+        captured: UserExecutionContext,
+        operation: str,
+        registry: Registry | None,
+        allow_switch: bool,
+    ) -> None:
+        self.captured = captured
+        self.context = captured.child(operation)
+        self._registry = registry
+        self._allow_switch = allow_switch
+        self._binding: bind_context | None = None
+        self._scope: Scope | None = None
+
+    def __enter__(self) -> UserExecutionContext:
+        if self._registry is not None:
+            msg = "opening a scope on the registry is async: use `async with restore(...)`"
+            raise TypeError(msg)
+        self._binding = bind_context(self.context, allow_switch=self._allow_switch)
+        return self._binding.__enter__()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        binding, self._binding = self._binding, None
+        if binding is not None:
+            binding.__exit__(exc_type, exc, tb)
+
+    async def __aenter__(self) -> UserExecutionContext:
+        if self._registry is None:
+            return self.__enter__()
+        scope = self._registry.open_scope(self.context, allow_switch=self._allow_switch)
+        await scope.__aenter__()
+        self._scope = scope
+        return self.context
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        scope, self._scope = self._scope, None
+        if scope is not None:
+            await scope.__aexit__(exc_type, exc, tb)
+        else:
+            self.__exit__(exc_type, exc, tb)
+
+
+def restore(
+    token: str,
+    *,
+    secret: str | bytes | ContextSigner | None = None,
+    registry: Registry | None = None,
+    operation: str = "job",
+    audience: str | None = None,
+    allow_switch: bool = False,
+) -> Restored:
+    """Verify ``token`` and return a context manager that binds its context.
+
+    ``with restore(token) as ctx:`` binds the context; ``async with restore(token,
+    registry=registry) as ctx:`` also opens a scope on ``registry``, so the job resolves
+    its own components and they are cleaned up when it ends. The bound context is a child
+    of the captured one (``operation`` names it): the job keeps the user, tenant, thread
+    and request ids and gets its own run, whose parent is the captured run.
+
+    Raises:
+        InvalidTokenError: tampered, expired, foreign-key or malformed token (raised here,
+            before anything is bound).
+    """
+    captured = _signer(secret).verify(token, audience=audience)
+    return Restored(captured, operation, registry, allow_switch)
+
+
+# -- service to service -----------------------------------------------------------------------
+
+
+def _set_header(headers: MutableMapping[str, str], name: str, value: str) -> None:
+    lowered = name.lower()
+    for existing in [key for key in headers if key.lower() == lowered and key != name]:
+        del headers[existing]
+    headers[name] = value
+
+
+def inject(
+    headers: MutableMapping[str, str],
+    *,
+    secret: str | bytes | ContextSigner | None = None,
+    ttl: float = 30.0,
+    audience: str | None = None,
+    header: str = HEADER,
+    request_id_header: str | None = "x-request-id",
+    thread_id_header: str | None = "x-thread-id",
+    trace: bool = True,
+) -> MutableMapping[str, str]:
+    """Add the current context to the headers of an outgoing request.
+
+    Sets ``header`` to a signed token of the current context, the request and thread id
+    headers (so the callee's middleware keeps them; :func:`signed_context` checks they
+    match the token), and with ``trace`` the W3C ``traceparent`` (and ``baggage``) of the
+    current OpenTelemetry context through the globally configured propagator.
+
+    Returns:
+        ``headers``, changed in place.
+
+    Raises:
+        NoActiveContextError: nothing is bound here.
+    """
+    ctx = get_current_context()
+    _set_header(headers, header, _signer(secret).sign(ctx, ttl=ttl, audience=audience))
+    if request_id_header:
+        _set_header(headers, request_id_header, ctx.request_id)
+    if thread_id_header:
+        _set_header(headers, thread_id_header, ctx.thread_id)
+    if trace:
+        propagate.inject(headers)
+    return headers
+
+
+def _parse_host(entry: str) -> tuple[str, int | None]:
+    if not isinstance(entry, str) or not entry:
+        msg = (
+            f"a host is a non-empty str like 'billing.internal' or '127.0.0.1:8001', not {entry!r}"
+        )
+        raise ValueError(msg)
+    host, port = entry, ""
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        port = rest.removeprefix(":")
+    elif entry.count(":") == 1:
+        host, port = entry.split(":")
+    if port and not port.isdigit():
+        msg = f"the port in host {entry!r} is not a number"
+        raise ValueError(msg)
+    return host.lower(), int(port) if port else None
+
+
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+
+
+def inject_hook(
+    *,
+    hosts: Iterable[str],
+    secret: str | bytes | ContextSigner | None = None,
+    ttl: float = 30.0,
+    audience: str | None = None,
+    header: str = HEADER,
+) -> Callable[[Any], None]:
+    """An httpx request event hook that calls :func:`inject` for requests to ``hosts``.
+
+    For ``httpx.Client(event_hooks={"request": [inject_hook(hosts=[...])]})``; use
+    :func:`async_inject_hook` with ``httpx.AsyncClient``. Requests to other hosts, and
+    requests sent outside any context, go out unchanged: the token is a credential, and a
+    client shared with third-party APIs must not hand it to them.
+
+    Args:
+        hosts: The services that may receive the context: ``"billing.internal"`` (any
+            port), ``"127.0.0.1:8001"``, ``"[::1]:8001"``.
+        secret: As for :func:`capture`.
+        ttl: Token lifetime in seconds.
+        audience: The audience the callee expects, if any.
+        header: The header carrying the token.
+    """
+    allowed = [_parse_host(entry) for entry in ([hosts] if isinstance(hosts, str) else hosts)]
+    if not allowed:
+        msg = "inject_hook() needs at least one host that may receive the signed context"
+        raise ValueError(msg)
+    signer = _signer(secret)
+
+    def hook(request: Any) -> None:
+        if current_context_or_none() is None:
+            return
+        url = request.url
+        host = str(url.host).lower()
+        port = url.port or _DEFAULT_PORTS.get(url.scheme)
+        if any(host == name and (wanted is None or wanted == port) for name, wanted in allowed):
+            inject(request.headers, secret=signer, ttl=ttl, audience=audience, header=header)
+
+    return hook
+
+
+def async_inject_hook(
+    *,
+    hosts: Iterable[str],
+    secret: str | bytes | ContextSigner | None = None,
+    ttl: float = 30.0,
+    audience: str | None = None,
+    header: str = HEADER,
+) -> Callable[[Any], Awaitable[None]]:
+    """:func:`inject_hook` for ``httpx.AsyncClient`` (whose hooks are awaited)."""
+    sync_hook = inject_hook(hosts=hosts, secret=secret, ttl=ttl, audience=audience, header=header)
+
+    async def hook(request: Any) -> None:
+        sync_hook(request)
+
+    return hook
+
+
+def signed_context(
+    secret: str | bytes | ContextSigner | None = None,
+    *,
+    trusted: Iterable[str] = _LOOPBACK,
+    audience: str | None = None,
+    header: str = HEADER,
+    request_id_header: str | None = "x-request-id",
+    thread_id_header: str | None = "x-thread-id",
+) -> IdentityResolver:
+    """Identity resolver accepting the signed context another service sent (see
+    :func:`inject`).
+
+    A request without the header has no identity from this resolver (combine it with
+    others in :func:`~ambient.middleware.identity.first_of`). A token that is tampered
+    with, signed with an unknown key, expired or for another audience, a repeated header,
+    a token from a peer outside ``trusted``, and request or thread id headers that
+    contradict the token are all refused with 401. The caller's run becomes the
+    ``parent_run_id`` claim (and its depth the ``depth`` claim) of the identity.
+
+    Args:
+        secret: As for :func:`capture`; read once, when the resolver is built.
+        trusted: Networks (CIDR) of the services allowed to present a signed context.
+        audience: The audience this service expects in tokens, if any.
+        header: The header carrying the token.
+        request_id_header: The middleware's request id header, checked against the token.
+        thread_id_header: The middleware's thread id header, checked against the token.
+
+    Raises:
+        LookupError: no secret given and ``AMBIENT_CONTEXT_SECRET`` is not set.
+        ValueError: a secret shorter than 32 bytes or a network that is not CIDR.
+    """
+    signer = _signer(secret)
+    networks = _networks(trusted)
+
+    def resolve(scope: Mapping[str, Any]) -> Identity | None:
+        values = header_values(scope, header)
+        if not values:
+            return None
+        if len(values) > 1:
+            raise IdentityError(f"the {header} header was sent {len(values)} times", status=401)
+        if not _peer_trusted(scope, networks):
+            raise InvalidTokenError(
+                "untrusted-peer", "a signed context is accepted only from trusted services"
+            )
+        caller = signer.verify(values[0].decode("latin-1"), audience=audience)
+        for name, expected in (
+            (request_id_header, caller.request_id),
+            (thread_id_header, caller.thread_id),
+        ):
+            if name is None:
+                continue
+            sent = header_values(scope, name)
+            if sent and sent != [expected.encode("utf-8")]:
+                raise InvalidTokenError(
+                    "mismatch", f"the {name} header does not match the signed context"
+                )
+        claims = MappingProxyType({"parent_run_id": caller.run_id, "depth": caller.depth + 1})
+        return Identity(caller.user_id, caller.tenant_id, claims)
+
+    return resolve

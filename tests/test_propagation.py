@@ -1,0 +1,628 @@
+"""Signed context tokens: background jobs in another process, and calls between services."""
+
+from __future__ import annotations
+
+import base64
+import json
+import multiprocessing
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import httpx
+import pytest
+from fastapi import FastAPI
+from opentelemetry import trace
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+import ambient
+from ambient import Registry, UserExecutionContext, bind_context
+from ambient.errors import ContextSwitchError, IdentityError, NoActiveContextError
+from ambient.integrations.fastapi import CurrentContext
+from ambient.integrations.fastapi import install as install_fastapi
+from ambient.integrations.propagation import (
+    HEADER,
+    SECRET_ENV,
+    ContextSigner,
+    InvalidTokenError,
+    async_inject_hook,
+    capture,
+    inject,
+    inject_hook,
+    restore,
+    signed_context,
+    verify,
+)
+from ambient.integrations.starlette import install
+from ambient.middleware import first_of, trusted_header
+from ambient.telemetry import Telemetry
+from tests.frameworks import worker
+from tests.frameworks.common import Memory, Probe, build_registry
+from tests.servers import serve
+
+SECRET = "s3cret-for-tests-only-0123456789abcdef"
+OTHER_SECRET = "another-secret-for-tests-0123456789abcdef"
+
+
+def context(user: str = "alice", **ids: Any) -> UserExecutionContext:
+    ids.setdefault("tenant_id", "acme")
+    ids.setdefault("thread_id", "conversation-7")
+    ids.setdefault("request_id", "request-42")
+    return UserExecutionContext.create(user, **ids)
+
+
+def ids(ctx: UserExecutionContext) -> tuple[object, ...]:
+    """Everything a token carries."""
+    return (
+        ctx.user_id,
+        ctx.tenant_id,
+        ctx.thread_id,
+        ctx.request_id,
+        ctx.run_id,
+        ctx.parent_run_id,
+        ctx.depth,
+    )
+
+
+def in_the_past(seconds: float) -> ContextSigner:
+    """A signer whose clock runs ``seconds`` behind: its tokens are old on arrival."""
+    return ContextSigner(SECRET, clock=lambda: time.time() - seconds)
+
+
+def claims_of(token: str) -> dict[str, Any]:
+    payload = token.split(".")[2]
+    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))  # type: ignore[no-any-return]
+
+
+def reforge(token: str, **changes: Any) -> str:
+    """The token with its payload changed and the old signature kept."""
+    version, kid, _, mac = token.split(".")
+    claims = {**claims_of(token), **changes}
+    raw = json.dumps(claims, separators=(",", ":")).encode()
+    payload = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+    return f"{version}.{kid}.{payload}.{mac}"
+
+
+class TestTokens:
+    def test_a_token_carries_the_ids_and_nothing_else(self) -> None:
+        """Compact; user, tenant, thread, request, run, parent and depth; no metadata."""
+        ctx = context(metadata={"claims": {"email": "alice@example.com"}}).child("plan")
+        token = capture(ctx, secret=SECRET, ttl=60)
+        assert len(token) < 400
+        assert (
+            "alice@example.com" not in base64.urlsafe_b64decode(token.split(".")[2] + "==").decode()
+        )
+        again = verify(token, secret=SECRET)
+        assert ids(again) == ids(ctx)
+        assert (again.parent_run_id, again.depth, again.metadata) == (ctx.parent_run_id, 1, {})
+        claims = claims_of(token)
+        assert claims["exp"] - claims["iat"] in (60, 61)
+
+    def test_capture_takes_the_bound_context(self) -> None:
+        ctx = context()
+        with pytest.raises(NoActiveContextError):
+            capture(secret=SECRET)
+        with bind_context(ctx):
+            assert verify(capture(secret=SECRET), secret=SECRET) == ctx
+
+    @pytest.mark.parametrize(
+        ("token", "reason"),
+        [
+            ("", "malformed"),
+            ("not a token", "malformed"),
+            ("v2.00000000.e30.AAAA", "malformed"),
+            ("v1.zz.e30." + "A" * 43, "malformed"),
+            ("v1.00000000.e30." + "A" * 43, "foreign-key"),
+            ("v1.00000000.é." + "A" * 43, "malformed"),
+            ("v1.00000000." + "A" * 5000 + "." + "A" * 43, "malformed"),
+        ],
+    )
+    def test_malformed_tokens_are_refused(self, token: str, reason: str) -> None:
+        with pytest.raises(InvalidTokenError) as refused:
+            verify(token, secret=SECRET)
+        assert refused.value.reason == reason
+        assert refused.value.http_status == 401
+        assert token[:20] not in str(refused.value) or not token
+
+    def test_a_tampered_token_is_refused(self) -> None:
+        """Another user, a longer expiry, or a second spelling of the signature."""
+        token = capture(context(), secret=SECRET)
+        for forged in (
+            reforge(token, u="mallory"),
+            reforge(token, exp=claims_of(token)["exp"] + 86400),
+            token[:-1] + ("A" if token[-1] != "A" else "B"),
+        ):
+            with pytest.raises(InvalidTokenError) as refused:
+                verify(forged, secret=SECRET)
+            assert refused.value.reason == "tampered"
+            assert "does not match" in str(refused.value)
+
+    def test_a_token_signed_with_another_key_is_refused(self) -> None:
+        token = capture(context(), secret=OTHER_SECRET)
+        with pytest.raises(InvalidTokenError, match="key this service does not have") as refused:
+            verify(token, secret=SECRET)
+        assert refused.value.reason == "foreign-key"
+
+    def test_expired_and_future_tokens_are_refused(self) -> None:
+        """Past expiry (plus the leeway) a token is refused, also when replayed."""
+        expired = in_the_past(120).sign(context(), ttl=30)
+        with pytest.raises(InvalidTokenError, match=r"expired (89|9\d) s ago") as refused:
+            verify(expired, secret=SECRET)
+        assert refused.value.reason == "expired"
+        within_leeway = in_the_past(33).sign(context(), ttl=30)
+        assert verify(within_leeway, secret=SECRET).user_id == "alice"
+        future = ContextSigner(SECRET, clock=lambda: time.time() + 60).sign(context(), ttl=600)
+        with pytest.raises(InvalidTokenError) as refused:
+            verify(future, secret=SECRET)
+        assert refused.value.reason == "not-yet-valid"
+
+    def test_audiences(self) -> None:
+        """A token for one audience is refused everywhere else, also where none is set."""
+        billing = capture(context(), secret=SECRET, audience="billing")
+        assert verify(billing, secret=SECRET, audience="billing").user_id == "alice"
+        for audience in ("search", None):
+            with pytest.raises(InvalidTokenError) as refused:
+                verify(billing, secret=SECRET, audience=audience)
+            assert refused.value.reason == "audience"
+        with pytest.raises(InvalidTokenError, match="names no audience"):
+            verify(capture(context(), secret=SECRET), secret=SECRET, audience="billing")
+
+    def test_key_rotation(self) -> None:
+        """Tokens of the previous key verify during rotation, and stop once it is dropped."""
+        old = capture(context(), secret=OTHER_SECRET)
+        rotating = ContextSigner(SECRET, previous=[OTHER_SECRET])
+        assert verify(old, secret=rotating).user_id == "alice"
+        assert verify(capture(context(), secret=rotating), secret=SECRET).user_id == "alice"
+        with pytest.raises(InvalidTokenError):
+            verify(old, secret=SECRET)
+
+    def test_the_secret_comes_from_configuration(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.delenv(SECRET_ENV, raising=False)
+        with pytest.raises(LookupError, match=SECRET_ENV):
+            capture(context())
+        monkeypatch.setenv(SECRET_ENV, SECRET)
+        assert verify(capture(context()), secret=SECRET).user_id == "alice"
+        with pytest.raises(ValueError, match="at least 32 bytes"):
+            ContextSigner("short")
+        with pytest.raises(ValueError, match="ttl"):
+            capture(context(), ttl=0)
+
+
+class TestRestore:
+    async def test_restore_opens_a_scope_for_a_child_run(self) -> None:
+        """The job runs as a child of the captured run, with its own components."""
+        registry, ledger = build_registry()
+        ctx = context()
+        token = capture(ctx, secret=SECRET)
+        async with restore(token, secret=SECRET, registry=registry, operation="email") as job:
+            assert ambient.get_current_context() is job
+            probe = await ambient.resolve(Probe)
+        assert (job.user_id, job.tenant_id, job.thread_id, job.request_id) == (
+            "alice",
+            "acme",
+            "conversation-7",
+            "request-42",
+        )
+        assert job.parent_run_id == ctx.run_id
+        assert job.run_id != ctx.run_id
+        assert job.depth == 1
+        assert job.metadata == {"operation": "email"}
+        assert probe.closed
+        assert ambient.current_context_or_none() is None
+        await registry.aclose()
+        assert ledger.problems() == []
+
+    async def test_restore_without_a_registry_only_binds(self) -> None:
+        token = capture(context(), secret=SECRET)
+        with restore(token, secret=SECRET) as job:
+            assert ambient.get_current_context() is job
+            with pytest.raises(NoActiveContextError, match="scope"):
+                ambient.resolve_sync(Probe)
+        async with restore(token, secret=SECRET) as job:
+            assert ambient.get_current_context() is job
+        assert ambient.current_context_or_none() is None
+
+    def test_a_scope_needs_async_with(self) -> None:
+        registry, _ = build_registry()
+        token = capture(context(), secret=SECRET)
+        with (
+            pytest.raises(TypeError, match="async with"),
+            restore(token, secret=SECRET, registry=registry),
+        ):
+            pass
+
+    def test_a_bad_token_is_refused_before_anything_is_bound(self) -> None:
+        with pytest.raises(InvalidTokenError):
+            restore("v1.bad", secret=SECRET)
+        assert ambient.current_context_or_none() is None
+
+    def test_restoring_another_users_context_inside_one_needs_allow_switch(self) -> None:
+        token = capture(context("bob"), secret=SECRET)
+        with bind_context(context("alice")):
+            with pytest.raises(ContextSwitchError), restore(token, secret=SECRET):
+                pass
+            with restore(token, secret=SECRET, allow_switch=True) as job:
+                assert job.user_id == "bob"
+
+    def test_a_worker_process_restores_tokens_from_a_queue(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A real multiprocessing worker: five users' jobs run as those users, with their
+        components cleaned; tampered, expired and foreign-key tokens are refused."""
+        monkeypatch.setenv(SECRET_ENV, SECRET)
+        spawn = multiprocessing.get_context("spawn")
+        jobs: Any = spawn.Queue()
+        results: Any = spawn.Queue()
+        captured = []
+        for n in range(5):
+            ctx = context(f"user-{n}", tenant_id=f"tenant-{n % 2}", request_id=f"request-{n}")
+            with bind_context(ctx):
+                jobs.put(capture())
+            captured.append(ctx)
+        jobs.put(reforge(capture(context("alice")), u="admin"))
+        jobs.put(in_the_past(7200).sign(context("alice"), ttl=3600))
+        jobs.put(capture(context("alice"), secret=OTHER_SECRET))
+        jobs.put(None)
+        process = spawn.Process(target=worker.run, args=(jobs, results))
+        process.start()
+        try:
+            answers = [results.get(timeout=30) for _ in range(9)]
+        finally:
+            process.join(timeout=30)
+        assert process.exitcode == 0
+        for ctx, answer in zip(captured, answers[:5], strict=True):
+            assert answer["user"] == answer["probe_user"] == answer["memory_user"] == ctx.user_id
+            assert (answer["tenant"], answer["thread"], answer["request"]) == (
+                ctx.tenant_id,
+                ctx.thread_id,
+                ctx.request_id,
+            )
+            assert answer["parent_run"] == ctx.run_id
+            assert answer["run"] != ctx.run_id
+            assert (answer["depth"], answer["operation"]) == (1, "send-receipt")
+            assert answer["open_probes"] == 0
+        assert [answer["refused"] for answer in answers[5:8]] == [
+            "tampered",
+            "expired",
+            "foreign-key",
+        ]
+        assert answers[8] == {"problems": []}
+
+
+class TestInject:
+    def test_inject_sets_the_token_the_ids_and_the_traceparent(self) -> None:
+        provider = TracerProvider()
+        ctx = context()
+        headers: dict[str, str] = {"X-Request-Id": "stale", "accept": "application/json"}
+        with (
+            bind_context(ctx),
+            provider.get_tracer("test").start_as_current_span("outgoing") as span,
+        ):
+            inject(headers, secret=SECRET)
+        assert verify(headers[HEADER], secret=SECRET) == ctx
+        assert headers["x-request-id"] == "request-42"
+        assert "X-Request-Id" not in headers
+        assert headers["x-thread-id"] == "conversation-7"
+        trace_id = format(span.get_span_context().trace_id, "032x")
+        assert headers["traceparent"].split("-")[1] == trace_id
+        assert headers["accept"] == "application/json"
+
+    def test_inject_outside_a_context_is_an_error(self) -> None:
+        with pytest.raises(NoActiveContextError):
+            inject({}, secret=SECRET)
+
+    async def test_the_hook_adds_the_context_only_for_allowed_hosts(self) -> None:
+        """The token is a credential: a shared client never sends it to other hosts, and
+        a request outside any context goes out unchanged."""
+        seen: list[httpx.Request] = []
+
+        def record(request: httpx.Request) -> httpx.Response:
+            seen.append(request)
+            return httpx.Response(204)
+
+        hook = async_inject_hook(
+            hosts=["billing.internal", "127.0.0.1:8001", "[::1]:9"], secret=SECRET
+        )
+        async with httpx.AsyncClient(
+            transport=httpx.MockTransport(record), event_hooks={"request": [hook]}
+        ) as client:
+            await client.get("http://billing.internal/")
+            with bind_context(context()):
+                for url in (
+                    "http://billing.internal:8080/x",
+                    "http://127.0.0.1:8001/",
+                    "http://[::1]:9/",
+                    "http://127.0.0.1:8002/",
+                    "https://api.example.com/",
+                ):
+                    await client.get(url)
+        sent = [HEADER in request.headers for request in seen]
+        assert sent == [False, True, True, True, False, False]
+
+    def test_the_sync_hook(self) -> None:
+        seen: list[httpx.Request] = []
+
+        def record(request: httpx.Request) -> httpx.Response:
+            seen.append(request)
+            return httpx.Response(204)
+
+        hook = inject_hook(hosts="billing.internal", secret=SECRET)
+        with (
+            httpx.Client(
+                transport=httpx.MockTransport(record), event_hooks={"request": [hook]}
+            ) as client,
+            bind_context(context()),
+        ):
+            client.get("https://billing.internal/")
+        assert verify(seen[0].headers[HEADER], secret=SECRET).user_id == "alice"
+
+    def test_hosts_must_be_named(self) -> None:
+        with pytest.raises(ValueError, match="at least one host"):
+            inject_hook(hosts=[], secret=SECRET)
+        with pytest.raises(ValueError, match="port"):
+            inject_hook(hosts=["billing:http"], secret=SECRET)
+
+
+def downstream(
+    secret: str = SECRET, *, provider: TracerProvider | None = None, **options: Any
+) -> tuple[Any, Registry]:
+    """Service B: trusts only signed contexts; answers what its context holds."""
+    registry, _ = build_registry()
+
+    async def whoami(request: Request) -> Response:
+        ctx = ambient.get_current_context()
+        probe = await ambient.resolve(Probe)
+        return JSONResponse(
+            {
+                "user": ctx.user_id,
+                "tenant": ctx.tenant_id,
+                "thread": ctx.thread_id,
+                "request": ctx.request_id,
+                "run": ctx.run_id,
+                "claims": dict(ctx.metadata["claims"]),  # type: ignore[call-overload]
+                "probe_user": probe.user_id,
+            }
+        )
+
+    app = Starlette(routes=[Route("/whoami", whoami)])
+    telemetry = None if provider is None else Telemetry(tracer_provider=provider, span_threshold=0)
+    install(app, registry=registry, identity=signed_context(secret, **options), telemetry=telemetry)
+    if provider is None:
+        return app, registry
+    return OpenTelemetryMiddleware(
+        app, tracer_provider=provider, exclude_spans=["receive", "send"]
+    ), registry
+
+
+def signed_headers(
+    ctx: UserExecutionContext, signer: ContextSigner | str = SECRET
+) -> dict[str, str]:
+    with bind_context(ctx):
+        return dict(inject({}, secret=signer, trace=False))
+
+
+async def call_b(app: Any, headers: dict[str, str], peer: str = "127.0.0.1") -> httpx.Response:
+    transport = httpx.ASGITransport(app=app, client=(peer, 40000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://b") as client:
+        return await client.get("/whoami", headers=headers)
+
+
+class TestSignedContext:
+    async def test_the_callee_continues_the_callers_context(self) -> None:
+        app, _ = downstream()
+        ctx = context()
+        response = await call_b(app, signed_headers(ctx))
+        body = response.json()
+        assert (body["user"], body["tenant"], body["thread"], body["request"]) == (
+            "alice",
+            "acme",
+            "conversation-7",
+            "request-42",
+        )
+        assert body["claims"] == {"parent_run_id": ctx.run_id, "depth": 1}
+        assert body["run"] != ctx.run_id
+        assert body["probe_user"] == "alice"
+
+    @pytest.mark.parametrize(
+        ("case", "fragment"),
+        [
+            ("tampered", "does not match its content"),
+            ("expired", "expired"),
+            ("foreign key", "key this service does not have"),
+            ("untrusted peer", "only from trusted services"),
+            ("repeated header", "sent 2 times"),
+            ("other thread id", "x-thread-id header does not match"),
+            ("garbage", "malformed"),
+        ],
+    )
+    async def test_refusals_are_401_and_reach_no_handler(self, case: str, fragment: str) -> None:
+        app, registry = downstream()
+        ctx = context()
+        headers: Any = signed_headers(ctx)
+        peer = "127.0.0.1"
+        if case == "tampered":
+            headers[HEADER] = reforge(headers[HEADER], u="admin")
+        elif case == "expired":
+            headers = signed_headers(ctx, in_the_past(300))
+        elif case == "foreign key":
+            headers = signed_headers(ctx, OTHER_SECRET)
+        elif case == "untrusted peer":
+            peer = "203.0.113.9"
+        elif case == "repeated header":
+            headers = [*headers.items(), (HEADER, headers[HEADER])]
+        elif case == "other thread id":
+            headers["x-thread-id"] = "someone-elses-thread"
+        else:
+            headers[HEADER] = "v1.garbage"
+        response = await call_b(app, headers, peer)
+        assert response.status_code == 401, response.text
+        assert response.headers["content-type"] == "application/problem+json"
+        assert fragment in response.json()["detail"]
+        assert registry.stats().created == 0
+
+    async def test_trusted_networks_and_audience(self) -> None:
+        app, _ = downstream(trusted=("10.0.0.0/8",), audience="billing")
+        with bind_context(context()):
+            headers = dict(inject({}, secret=SECRET, audience="billing", trace=False))
+            wrong = dict(inject({}, secret=SECRET, audience="search", trace=False))
+        assert (await call_b(app, headers, "10.1.2.3")).status_code == 200
+        assert (await call_b(app, headers, "127.0.0.1")).status_code == 401
+        assert (await call_b(app, wrong, "10.1.2.3")).status_code == 401
+
+    async def test_without_the_header_other_resolvers_decide(self) -> None:
+        """signed_context answers None without its header, so first_of falls through."""
+        resolve = first_of(signed_context(SECRET), trusted_header())
+        scope = {"type": "http", "headers": [(b"x-user-id", b"carol")], "client": ("127.0.0.1", 1)}
+        identity = await resolve(scope)  # type: ignore[misc]
+        assert identity is not None
+        assert identity.user_id == "carol"  # type: ignore[union-attr]
+        assert signed_context(SECRET)(scope) is None
+
+    def test_the_secret_is_checked_when_the_resolver_is_built(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.delenv(SECRET_ENV, raising=False)
+        with pytest.raises(LookupError):
+            signed_context()
+        with pytest.raises(ValueError, match="CIDR"):
+            signed_context(SECRET, trusted=("not-a-network",))
+        assert issubclass(InvalidTokenError, IdentityError)
+
+
+class Spans:
+    """Every span ended in this test's tracer provider."""
+
+    def __init__(self) -> None:
+        self.exporter = InMemorySpanExporter()
+        self.provider = TracerProvider()
+        self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+
+    def finished(self) -> tuple[ReadableSpan, ...]:
+        return self.exporter.get_finished_spans()
+
+
+@pytest.fixture(name="spans")
+def fixture_spans() -> Iterator[Spans]:
+    spans = Spans()
+    yield spans
+    spans.provider.shutdown()
+
+
+def _wait_for(condition: Any) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("spans never arrived")
+        time.sleep(0.005)
+
+
+async def test_two_services_one_user_one_trace(spans: Spans) -> None:
+    """Service A calls service B with httpx over loopback (both real uvicorn servers, both
+    behind opentelemetry-instrumentation-asgi, both with ambient's Telemetry): for 20
+    users at once B sees A's user, tenant, thread and request, its run is a child of A's,
+    and every call is one trace across both services. A replayed expired token and a
+    tampered one are refused by B over the wire."""
+    b_app, b_registry = downstream(provider=spans.provider)
+    with serve("uvicorn", b_app) as b_url:
+        a_registry, _ = build_registry()
+        a = FastAPI()
+        install_fastapi(
+            a,
+            registry=a_registry,
+            identity=trusted_header(tenant_header="x-tenant-id"),
+            telemetry=Telemetry(tracer_provider=spans.provider, span_threshold=0),
+        )
+        hook = async_inject_hook(hosts=[b_url.removeprefix("http://")], secret=SECRET)
+
+        @a.get("/call")
+        async def call(ctx: CurrentContext) -> dict[str, Any]:
+            await ambient.resolve(Memory)
+            async with httpx.AsyncClient(event_hooks={"request": [hook]}) as client:
+                answer = await client.get(f"{b_url}/whoami")
+            trace_id = trace.get_current_span().get_span_context().trace_id
+            return {
+                "a": {"user": ctx.user_id, "run": ctx.run_id, "trace": format(trace_id, "032x")},
+                "b": answer.json(),
+            }
+
+        a_app = OpenTelemetryMiddleware(
+            a, tracer_provider=spans.provider, exclude_spans=["receive", "send"]
+        )
+        with serve("uvicorn", a_app) as a_url:
+            answers: dict[str, Any] = {}
+
+            async def one(client: httpx.AsyncClient, n: int) -> None:
+                headers = {
+                    "x-user-id": f"user-{n}",
+                    "x-tenant-id": f"tenant-{n % 3}",
+                    "x-thread-id": f"thread-{n}",
+                    "x-request-id": f"request-{n}",
+                }
+                response = await client.get(f"{a_url}/call", headers=headers)
+                assert response.status_code == 200, response.text
+                answers[f"user-{n}"] = (headers, response.json())
+
+            async with httpx.AsyncClient(timeout=30) as client:
+                async with anyio.create_task_group() as tg:
+                    for n in range(20):
+                        tg.start_soon(one, client, n)
+                replayed = await client.get(
+                    f"{b_url}/whoami", headers=signed_headers(context(), in_the_past(120))
+                )
+                forged = signed_headers(context())
+                forged[HEADER] = reforge(forged[HEADER], u="admin")
+                tampered = await client.get(f"{b_url}/whoami", headers=forged)
+
+    assert replayed.status_code == 401
+    assert "expired" in replayed.json()["detail"]
+    assert tampered.status_code == 401
+    for user, (sent, body) in answers.items():
+        b = body["b"]
+        assert (b["user"], b["probe_user"]) == (user, user)
+        assert (b["tenant"], b["thread"], b["request"]) == (
+            sent["x-tenant-id"],
+            sent["x-thread-id"],
+            sent["x-request-id"],
+        )
+        assert b["claims"] == {"parent_run_id": body["a"]["run"], "depth": 1}
+        assert b["run"] != body["a"]["run"]
+
+    await anyio.to_thread.run_sync(
+        _wait_for,
+        lambda: (
+            sum(s.name == "ambient.scope" for s in spans.finished()) >= 40
+            and sum(s.kind is SpanKind.SERVER for s in spans.finished()) >= 42
+        ),
+    )
+    by_trace: dict[int, list[ReadableSpan]] = {}
+    for span in spans.finished():
+        assert span.context is not None
+        by_trace.setdefault(span.context.trace_id, []).append(span)
+    for _, body in answers.values():
+        trace_spans = by_trace[int(body["a"]["trace"], 16)]
+        servers = [s for s in trace_spans if s.kind is SpanKind.SERVER]
+        scopes = [s for s in trace_spans if s.name == "ambient.scope"]
+        assert len(servers) == 2, [s.name for s in trace_spans]
+        assert len(scopes) == 2
+        a_server = next(s for s in servers if s.parent is None)
+        b_server = next(s for s in servers if s.parent is not None)
+        a_scope = next(
+            s
+            for s in scopes
+            if s.parent is not None and s.parent.span_id == a_server.context.span_id
+        )  # type: ignore[union-attr]
+        b_scope = next(s for s in scopes if s is not a_scope)
+        # B's server span continues the span that was current in A when it called: A's scope.
+        assert b_server.parent.span_id == a_scope.context.span_id  # type: ignore[union-attr]
+        assert b_scope.parent.span_id == b_server.context.span_id  # type: ignore[union-attr]
+    assert b_registry.stats().open_scopes == 0
