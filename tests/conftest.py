@@ -9,6 +9,8 @@ import pytest
 
 import ambient._observe
 
+pytest_plugins = ["ambient.testing"]
+
 DATABASE_URL = os.environ.get(
     "AMBIENT_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
