@@ -8,6 +8,8 @@ opentelemetry-instrumentation-asgi.
 from __future__ import annotations
 
 import gzip
+import subprocess
+import sys
 import threading
 import zlib
 from collections.abc import Iterator
@@ -311,3 +313,42 @@ def test_shutdown_is_idempotent_and_validates_the_name(receiver: Receiver) -> No
     assert "shut down" in repr(handle)
     with pytest.raises(ValueError, match="service_name"):
         configure_tracing(" ", set_global=False)
+
+
+def test_global_setup_in_a_fresh_process(receiver: Receiver) -> None:
+    """The README flow in a fresh process: configure_tracing installs the global providers,
+    a plain Telemetry() uses them, a second configure_tracing warns and stays local, and
+    shutdown() delivers the spans."""
+    code = f"""
+import asyncio, logging
+from opentelemetry import metrics, trace
+from ambient import Registry, UserExecutionContext
+from ambient.integrations.otel import configure_tracing
+from ambient.telemetry import Telemetry
+
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+handle = configure_tracing("global-service", {receiver.url!r})
+assert trace.get_tracer_provider() is handle.tracer_provider
+assert metrics.get_meter_provider() is handle.meter_provider
+second = configure_tracing("second", {receiver.url!r})
+assert trace.get_tracer_provider() is handle.tracer_provider
+registry = Registry(telemetry=Telemetry())
+
+async def main():
+    async with registry.open_scope(UserExecutionContext.create("alice")):
+        pass
+
+asyncio.run(main())
+second.shutdown()
+handle.shutdown()
+"""
+    out = subprocess.run(  # noqa: S603 - our own interpreter, fixed code
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    assert "a global tracer provider was already installed" in out.stderr
+    assert "a global meter provider was already installed" in out.stderr
+    spans = receiver.spans()
+    assert [span.name for _, span in spans] == ["ambient.scope"]
+    assert spans[0][0]["service.name"] == "global-service"
+    assert "ambient.scopes.active" in receiver.last_metrics()
