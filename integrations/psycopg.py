@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import re
 import sys
 import time
@@ -57,8 +58,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import anyio
+import psycopg
 from psycopg import AsyncConnection, sql
 from psycopg.pq import TransactionStatus
+from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout, TooManyRequests
 
 import ambient
@@ -97,6 +100,7 @@ _GUC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)+")
 _ACTIVE = TransactionStatus.ACTIVE
 _IDLE = TransactionStatus.IDLE
 _pool_numbers = itertools.count(1)
+logger = logging.getLogger("ambient")
 
 
 class UnsupportedBackendError(AmbientError, RuntimeError):
@@ -117,10 +121,6 @@ class RowSecurityError(AmbientError, RuntimeError):
 
 class RowSecurityWarning(AmbientWarning):
     """The connecting role bypasses row-level security (``rls_check="warn"``)."""
-
-
-class _DirtyConnectionError(AmbientError, RuntimeError):
-    """A returned connection kept session state after its reset; the pool closes it."""
 
 
 class Database(Protocol):
@@ -201,37 +201,39 @@ async def _send_cancel(cancel: PGcancel) -> None:
         return
 
 
+async def _cancel_broken(conn: AsyncConnection[Any], cancel: PGcancel) -> bool:
+    """Whether ``conn`` was interrupted mid-query; if so cancel the query on the server.
+
+    psycopg closes a connection whose query it could not finish (a cancellation that kept
+    interrupting it); the server would go on running the query, holding its locks.
+    """
+    if not conn.closed and conn.pgconn.transaction_status != _ACTIVE:
+        return False
+    await _send_cancel(cancel)
+    if not conn.closed:
+        await conn.close()
+    return True
+
+
 async def _release(
     pool: AsyncConnectionPool[Any],
     conn: AsyncConnection[Any],
     cancel: PGcancel,
-    tx: AbstractAsyncContextManager[Any] | None,
-    exc_type: type[BaseException] | None,
     exc: BaseException | None,
-    tb: TracebackType | None,
-) -> bool:
-    """End a checkout: finish its transaction, then hand the connection back. Shielded, so
-    a cancelled task still returns its connection (C09)."""
-    suppress = False
+) -> None:
+    """End a psycopg-style checkout (commit on success, roll back on error) and hand the
+    connection back. Shielded, so a cancelled task still returns its connection."""
     with anyio.CancelScope(shield=True):
         try:
-            status = conn.pgconn.transaction_status
-            if conn.closed or status == _ACTIVE:
-                # Interrupted mid-query: psycopg closed the connection (or could not finish
-                # the query). The server would go on running it, holding its locks.
-                await _send_cancel(cancel)
-                if not conn.closed:
-                    await conn.close()
-            elif tx is not None:
-                suppress = bool(await tx.__aexit__(exc_type, exc, tb))
-            elif status != _IDLE:
+            if await _cancel_broken(conn, cancel):
+                return
+            if conn.pgconn.transaction_status != _IDLE:
                 if exc is None:
                     await conn.commit()
                 else:
                     await conn.rollback()
         finally:
             await pool.putconn(conn)
-    return suppress
 
 
 def _exhausted(detail: str, retry_after: float) -> PoolExhaustedError:
@@ -378,16 +380,21 @@ class SharedPool:
     """One pool for every user; row-level security sees the current context's ids.
 
     Each checkout runs in one explicit transaction that starts with
-    ``SELECT set_config(name, value, true), ...`` for every entry of ``settings`` (so the
-    values vanish at commit or rollback, and ``SET LOCAL``'s autocommit pitfall cannot
-    happen). It is committed when the ``async with`` body ends normally and rolled back
-    when it raises; ``conn.commit()`` inside it is refused by psycopg. Nested
-    ``conn.transaction()`` blocks are savepoints and never undo the settings. After
-    return the connection is reset with ``DISCARD ALL`` and checked (settings empty,
-    ``current_user`` the login role); a connection that fails this is closed, never
-    handed on. Python-side attributes a handler changed (``autocommit``,
-    ``isolation_level``, ``read_only``, ``deferrable``, ``row_factory``,
-    ``prepare_threshold``) are restored too.
+    ``SELECT set_config(name, value, true), ...`` for every entry of ``settings`` (bound
+    parameters), so the values vanish at commit or rollback and ``SET LOCAL``'s autocommit
+    pitfall cannot happen. It is committed when the ``async with`` body ends normally and
+    rolled back when it raises. Nested ``conn.transaction()`` blocks are savepoints, which
+    never undo the settings. Ending the transaction inside the block (``conn.commit()``)
+    leaves the rest of the block without settings, so the checkout then raises
+    ``psycopg.ProgrammingError`` at its end.
+
+    On return, in the same round trip as the commit, the connection is reset like
+    ``DISCARD ALL`` (session settings, role, temporary tables, advisory locks, ``LISTEN``,
+    cursors; psycopg's own prepared statements are kept) and checked: the settings empty,
+    ``current_user`` and ``session_user`` the login role. One that fails the check is
+    closed, never handed on (``stats().discarded``). Python-side attributes a handler
+    changed (``autocommit``, ``isolation_level``, ``read_only``, ``deferrable``,
+    ``row_factory``, ``prepare_threshold``) are restored too.
 
     Args:
         conninfo: libpq connection string of an ordinary role (no superuser, no
@@ -415,13 +422,12 @@ class SharedPool:
         UnsupportedBackendError: when constructed inside trio.
     """
 
-    # DISCARD ALL without its DEALLOCATE ALL: psycopg keeps track of the statements it
-    # prepared and would not notice them gone. One simple-protocol round trip, in an
-    # implicit transaction (where DISCARD ALL itself is not allowed).
+    # DISCARD ALL, less DEALLOCATE ALL (psycopg tracks the statements it prepared and would
+    # not notice them gone) and DISCARD PLANS (cached plans show nobody anything). Sent as
+    # one simple-protocol string after COMMIT, ROLLBACK or nothing; the check follows it.
     _RESET_SQL = (
         "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; "
-        "SELECT pg_catalog.pg_advisory_unlock_all(); DISCARD PLANS; DISCARD TEMP; "
-        "DISCARD SEQUENCES"
+        "DISCARD TEMP; DISCARD SEQUENCES"
     )
 
     def __init__(
@@ -463,7 +469,10 @@ class SharedPool:
         self._set_sql = _set_config_sql(len(self._names), local=True) if self._names else ""
         reads = [sql.SQL("current_setting({}, true)").format(sql.Literal(n)) for n in self._names]
         self._reset_sql = (
-            sql.SQL(self._RESET_SQL + "; SELECT current_user, session_user{}{}")
+            sql.SQL(
+                self._RESET_SQL + "; SELECT current_user, session_user, "
+                "pg_catalog.pg_advisory_unlock_all() IS NULL{}{}"
+            )
             .format(sql.SQL(", " if reads else ""), sql.SQL(", ").join(reads))
             .as_string()
         )
@@ -507,7 +516,6 @@ class SharedPool:
                 open=False,
                 kwargs=self._kwargs,
                 configure=self._configure,
-                reset=self._reset,
                 timeout=self.timeout,
                 name=self.name,
                 **self._pool_options,
@@ -589,8 +597,60 @@ class SharedPool:
                 conn.prepare_threshold,
             )
 
-    async def _reset(self, conn: AsyncConnection[Any]) -> None:
-        # psycopg has rolled back any open transaction (or closed an active connection).
+    async def _give_back(
+        self,
+        pool: AsyncConnectionPool[AsyncConnection[Any]],
+        conn: AsyncConnection[Any],
+        cancel: PGcancel,
+        exc: BaseException | None,
+    ) -> Exception | None:
+        """End the checkout's transaction, reset the connection and hand it back.
+
+        Returns the error to raise to the caller: a failed commit, or a transaction the
+        handler ended itself. Shielded: a cancelled task still returns its connection.
+        """
+        error: Exception | None = None
+        with anyio.CancelScope(shield=True):
+            try:
+                if await _cancel_broken(conn, cancel):
+                    return None
+                status = conn.pgconn.transaction_status
+                if status == _IDLE and exc is None:
+                    error = psycopg.ProgrammingError(
+                        "the checkout's transaction was ended inside it (conn.commit(), "
+                        "conn.rollback() or COMMIT): the statements after that ran without "
+                        "the context's settings. Let the checkout commit when its block ends"
+                    )
+                end = "" if status == _IDLE else "COMMIT; " if exc is None else "ROLLBACK; "
+                error = await self._reset(conn, end) or error
+            finally:
+                await pool.putconn(conn)
+        return error
+
+    async def _reset(self, conn: AsyncConnection[Any], end: str) -> Exception | None:
+        # The end of the transaction and the reset travel in one round trip; if the commit
+        # fails, the rest of the string is skipped and the reset runs on its own.
+        failure: Exception | None = None
+        cur = conn.cursor(row_factory=tuple_row)  # whatever row factory the handler set
+        try:
+            await cur.execute(end + self._reset_sql)
+        except psycopg.Error as exc:
+            if conn.closed:
+                return exc if end.startswith("COMMIT") else None
+            failure = exc if end.startswith("COMMIT") else None
+            try:
+                await cur.execute(self._reset_sql)
+            except psycopg.Error:
+                await self._discard(conn)
+                return failure
+        while cur.nextset():
+            pass
+        row = await cur.fetchone()
+        login = conn.info.user
+        # current_user, session_user, (advisory locks released), then every setting.
+        if row is None or row[0] != login or row[1] != login or any(row[3:]):
+            await self._discard(conn)
+            return failure
         initial = self._initial
         if initial is not None:
             autocommit, isolation_level, read_only, deferrable, row_factory, threshold = initial
@@ -604,15 +664,16 @@ class SharedPool:
                 await conn.set_deferrable(deferrable)
             conn.row_factory = row_factory
             conn.prepare_threshold = threshold
-        cur = await conn.execute(self._reset_sql)
-        while cur.nextset():
-            pass
-        row = await cur.fetchone()
-        login = conn.info.user
-        if row is None or row[0] != login or row[1] != login or any(row[2:]):
-            self.discarded += 1
-            msg = "the connection kept session state after its reset; closing it"
-            raise _DirtyConnectionError(msg)
+        return failure
+
+    async def _discard(self, conn: AsyncConnection[Any]) -> None:
+        self.discarded += 1
+        logger.warning(
+            "ambient: a connection of %r kept session state after its reset (a setting a "
+            "role default brings back?); closed it instead of handing it on",
+            self,
+        )
+        await conn.close()
 
     # -- checkouts -----------------------------------------------------------------------
 
@@ -659,7 +720,7 @@ class SharedPool:
 
 
 class _SharedCheckout(_Checkout):
-    __slots__ = ("_cancel", "_conn", "_gate", "_owner", "_pool", "_timeout", "_tx", "_user")
+    __slots__ = ("_cancel", "_conn", "_gate", "_owner", "_pool", "_timeout", "_user")
 
     def __init__(self, owner: SharedPool, timeout: float) -> None:
         self._owner = owner
@@ -697,16 +758,13 @@ class _SharedCheckout(_Checkout):
         self._gate = gate
         self._user = user
         self._cancel = conn.pgconn.get_cancel()
-        self._tx = None
         self._conn = conn
         try:
-            tx = conn.transaction()
-            await tx.__aenter__()
-            self._tx = tx
+            await conn.execute("BEGIN")
             if owner._names:
                 await conn.execute(owner._set_sql, _values(ctx, owner))
         except BaseException as exc:
-            await self._finish(type(exc), exc, exc.__traceback__)
+            await self._finish(exc)
             raise
         return conn
 
@@ -745,23 +803,20 @@ class _SharedCheckout(_Checkout):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        return await self._finish(exc_type, exc, tb)
+        error = await self._finish(exc)
+        if error is not None and exc is None:
+            raise error
+        return False
 
-    async def _finish(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
+    async def _finish(self, exc: BaseException | None) -> Exception | None:
         conn = self._conn
         if conn is None:
-            return False
+            return None
         self._conn = None
         owner = self._owner
         try:
-            return await _release(self._pool, conn, self._cancel, self._tx, exc_type, exc, tb)
+            return await owner._give_back(self._pool, conn, self._cancel, exc)
         finally:
-            self._tx = None
             self._gate.semaphore.release()
             owner.checked_out -= 1
             owner._leave_gate(self._user, self._gate)
@@ -1209,9 +1264,10 @@ class _UserCheckout(_Checkout):
             return False
         self._conn = None
         try:
-            return await _release(self._pool, conn, self._cancel, None, exc_type, exc, tb)
+            await _release(self._pool, conn, self._cancel, exc)
         finally:
             self._owner._done(self._user_pool)
+        return False
 
 
 # -- the module-level accessor -------------------------------------------------------------

@@ -8,6 +8,7 @@ the strategies refuse to run there with a clear error.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 import uuid
@@ -74,11 +75,10 @@ def _url_for(role: str) -> str:
     return psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
 
 
-@pytest.fixture(name="db")
-def fixture_db(anyio_backend: str) -> Iterator[Database]:
-    """A schema with a notes table whose RLS policy fails closed, and the roles to use it."""
-    if anyio_backend != "asyncio":
-        pytest.skip("psycopg's async pool is asyncio-only (trio refusal: test_*_trio)")
+@contextlib.contextmanager
+def make_database() -> Iterator[Database]:
+    """Create a schema with a notes table whose RLS policy fails closed, and the roles to
+    use it; drop them all afterwards."""
     tag = uuid.uuid4().hex[:12]
     schema, app, owner = f"ambient_t_{tag}", f"ambient_app_{tag}", f"ambient_own_{tag}"
     with _admin() as admin:
@@ -124,6 +124,15 @@ def fixture_db(anyio_backend: str) -> Iterator[Database]:
             admin.execute(f"DROP SCHEMA {schema} CASCADE")
             admin.execute(f"DROP ROLE {app}")
             admin.execute(f"DROP ROLE {owner}")
+
+
+@pytest.fixture(name="db")
+def fixture_db(anyio_backend: str) -> Iterator[Database]:
+    """A fresh schema, tables and roles (asyncio only: the pools run on asyncio)."""
+    if anyio_backend != "asyncio":
+        pytest.skip("psycopg's async pool is asyncio-only (trio refusal: test_*_trio)")
+    with make_database() as db:
+        yield db
 
 
 async def _scalar(conn: psycopg.AsyncConnection[Any], query: Query, params: Any = None) -> Any:
@@ -315,13 +324,15 @@ async def test_shared_commits_on_success_and_rolls_back_on_error(
     assert bodies == [("kept",)]
 
 
-async def test_shared_refuses_commit_inside_checkout(shared: SharedPool) -> None:
-    """conn.commit() inside the checkout is refused: the settings cannot be committed away
-    and later statements cannot run without them."""
-    with bind_context(_ctx("alice")), pytest.raises(psycopg.ProgrammingError):
+async def test_shared_commit_inside_checkout_is_reported(db: Database, shared: SharedPool) -> None:
+    """conn.commit() inside the checkout ends its transaction and its settings: what runs
+    after it sees no rows (the policy fails closed), and the checkout raises at its end."""
+    with bind_context(_ctx("alice")), pytest.raises(psycopg.ProgrammingError, match="ended"):
         async with shared.connection() as conn:
+            await conn.execute(db.sql("INSERT INTO {notes} (owner, body) VALUES ('alice', 'x')"))
             await conn.commit()
-    await _eventually(lambda: _shared_idle(shared), "pool idle again")
+            assert await _scalar(conn, db.sql("SELECT count(*) FROM {notes}")) == 0
+    assert await _shared_idle(shared)
 
 
 async def test_shared_set_local_is_effective_with_no_warning(shared: SharedPool) -> None:
@@ -426,7 +437,7 @@ async def test_shared_dirty_connection_is_discarded(db: Database) -> None:
         db.app_url, min_size=1, max_size=1, timeout=5, rls_check="raise", kwargs=db.kwargs()
     ) as pool:
         pool._reset_sql = (  # a reset that resets nothing
-            "SELECT current_user, session_user, current_setting('app.user_id', true), "
+            "SELECT current_user, session_user, NULL, current_setting('app.user_id', true), "
             "current_setting('app.tenant_id', true)"
         )
         with bind_context(_ctx("alice")):
@@ -449,7 +460,7 @@ async def test_shared_settings_are_transaction_local(db: Database) -> None:
         db.app_url, min_size=1, max_size=1, timeout=5, rls_check="raise", kwargs=db.kwargs()
     ) as pool:
         pool._reset_sql = (  # a reset that resets nothing: only the check remains
-            "SELECT current_user, session_user, current_setting('app.user_id', true), "
+            "SELECT current_user, session_user, NULL, current_setting('app.user_id', true), "
             "current_setting('app.tenant_id', true)"
         )
         pids: set[int] = set()

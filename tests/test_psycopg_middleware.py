@@ -1,0 +1,319 @@
+"""SharedPool through AmbientMiddleware on a real uvicorn server and real PostgreSQL.
+
+The server runs in its own thread with its own asyncio loop (where the pool lives); the
+clients are httpx, so these tests run on both asyncio and trio.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Iterator, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import httpx
+import psycopg
+import pytest
+from psycopg.abc import Query
+
+from ambient import Registry
+from ambient.integrations.psycopg import SharedPool, connection
+from ambient.middleware import AmbientMiddleware, trusted_header
+from tests.servers import serve
+from tests.test_psycopg import Database, _eventually, make_database
+
+Scope = MutableMapping[str, Any]
+
+
+@dataclass
+class NotesApp:
+    """A raw ASGI app on the pool: the middleware is the only thing between it and uvicorn.
+
+    ``POST /notes`` stores the body for the current user, ``GET /notes[?timeout=s]`` lists
+    what the current user sees, ``GET /hold`` keeps a connection until ``release`` is set, and
+    ``GET /sleep`` runs a long query that a client disconnect cancels.
+    """
+
+    db: Database
+    release: threading.Event = field(default_factory=threading.Event)
+    holding: int = 0
+    held: threading.Event = field(default_factory=threading.Event)
+    hold_target: int = 0
+    sleeping: threading.Event = field(default_factory=threading.Event)
+    sleep_outcome: list[str] = field(default_factory=list)
+    marker: str = field(default_factory=lambda: f"sleep-{uuid.uuid4().hex}")
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        route = (scope["method"], scope["path"])
+        if route == ("POST", "/notes"):
+            body = await _read_body(receive)
+            async with connection() as conn:
+                await conn.execute(
+                    self.db.sql("INSERT INTO {notes} (owner, body) VALUES (%s, %s)"),
+                    (_current_user(), body.decode()),
+                )
+            await _answer(send, 201, {"ok": True})
+        elif route == ("GET", "/notes"):
+            query = scope.get("query_string", b"").decode()
+            timeout = float(query.removeprefix("timeout=")) if query else None
+            async with connection(timeout=timeout) as conn:
+                cur = await conn.execute(self.db.sql("SELECT owner, body FROM {notes} ORDER BY id"))
+                rows = await cur.fetchall()
+            await _answer(send, 200, {"rows": [list(row) for row in rows]})
+        elif route == ("GET", "/hold"):
+            async with connection():
+                self.holding += 1
+                if self.holding == self.hold_target:
+                    self.held.set()
+                await anyio.to_thread.run_sync(self.release.wait, abandon_on_cancel=True)
+            await _answer(send, 200, {"ok": True})
+        elif route == ("GET", "/sleep"):
+            await self._sleep(receive, send)
+        else:
+            await _answer(send, 404, {})
+
+    async def _sleep(self, receive: Any, send: Any) -> None:
+        """Run a long query; stop it when the client goes away (as frameworks do)."""
+        async with anyio.create_task_group() as tg:
+
+            async def watch() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch)
+            try:
+                async with connection() as conn:
+                    self.sleeping.set()
+                    await conn.execute(f"SELECT pg_sleep(30) /* {self.marker} */")
+            except anyio.get_cancelled_exc_class():
+                self.sleep_outcome.append("cancelled")
+                raise
+            self.sleep_outcome.append("finished")
+            tg.cancel_scope.cancel()
+        await _answer(send, 200, {"ok": True})
+
+
+def _current_user() -> str:
+    import ambient
+
+    return ambient.get_current_context().user_id
+
+
+async def _read_body(receive: Any) -> bytes:
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
+
+
+async def _answer(send: Any, status: int, payload: object) -> None:
+    data = json.dumps(payload).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
+    await send({"type": "http.response.body", "body": data})
+
+
+@dataclass
+class Served:
+    """A running server with its app and pool."""
+
+    url: str
+    app: NotesApp
+    pool: SharedPool
+    db: Database
+
+
+@pytest.fixture(name="served")
+def fixture_served() -> Iterator[Served]:
+    """uvicorn serving NotesApp behind AmbientMiddleware, on a SharedPool of 4 for the app
+    role (per-user limit 2, 10 s timeout, Retry-After 3)."""
+    with make_database() as db:
+        # Built here, outside any event loop: the pool opens on the server's asyncio loop.
+        pool = SharedPool(
+            db.app_url,
+            min_size=1,
+            max_size=4,
+            per_user_limit=2,
+            timeout=10,
+            retry_after=3,
+            rls_tables=[db.notes],
+            rls_check="raise",
+            kwargs=db.kwargs(),
+        )
+        registry = Registry()
+        pool.install(registry)
+        app = NotesApp(db)
+        asgi = AmbientMiddleware(app, registry=registry, identity=trusted_header())
+        with serve("uvicorn", asgi) as url:
+            yield Served(url, app, pool, db)
+        assert not pool.opened  # the middleware closed the registry at shutdown
+
+
+def _admin_count(db: Database, query: Query, params: tuple[object, ...]) -> int:
+    with psycopg.connect(db.admin_url, autocommit=True) as conn:
+        row = conn.execute(query, params).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def _eventually_zero(db: Database, query: str, params: tuple[object, ...]) -> None:
+    async def zero() -> bool:
+        return await anyio.to_thread.run_sync(_admin_count, db, query, params) == 0
+
+    await _eventually(zero, query, within=10)
+
+
+async def test_middleware_rls_100_concurrent_users(served: Served) -> None:
+    """100 users write and read notes concurrently through the middleware; each sees only
+    its own rows, and a request without identity is refused before touching the pool."""
+    failures: list[str] = []
+
+    async def user(client: httpx.AsyncClient, n: int) -> None:
+        name = f"user-{n}"
+        headers = {"x-user-id": name}
+        for i in range(2):
+            answer = await client.post("/notes", content=f"{name}:{i}", headers=headers)
+            if answer.status_code != 201:
+                failures.append(f"{name} POST {answer.status_code} {answer.text}")
+        answer = await client.get("/notes", headers=headers)
+        expected = [[name, f"{name}:{i}"] for i in range(2)]
+        if answer.status_code != 200 or answer.json()["rows"] != expected:
+            failures.append(f"{name} GET {answer.status_code} {answer.text}")
+
+    limits = httpx.Limits(max_connections=100)
+    async with httpx.AsyncClient(base_url=served.url, limits=limits, timeout=30) as client:
+        async with anyio.create_task_group() as tg:
+            for n in range(100):
+                tg.start_soon(user, client, n)
+        anonymous = await client.get("/notes")
+    assert failures == []
+    assert anonymous.status_code == 401
+    rows = await anyio.to_thread.run_sync(
+        _admin_count, served.db, served.db.sql("SELECT count(*) FROM {notes}"), ()
+    )
+    assert rows == 200
+    stats = served.pool.stats()
+    assert (stats.checked_out, stats.users, stats.discarded) == (0, 0, 0)
+
+
+async def test_middleware_exhaustion_answers_503_with_retry_after(served: Served) -> None:
+    """With every connection held, a request gets 503 problem+json with Retry-After within
+    the pool's timeout, not a hang; once released, requests succeed again."""
+    app = served.app
+    app.hold_target = 4
+    async with httpx.AsyncClient(base_url=served.url, timeout=30) as client:
+        async with anyio.create_task_group() as tg:
+            holders: list[httpx.Response] = []
+
+            async def hold(user: str) -> None:
+                holders.append(await client.get("/hold", headers={"x-user-id": user}))
+
+            for user in ("a", "b", "c", "d"):
+                tg.start_soon(hold, user)
+            held = await anyio.to_thread.run_sync(app.held.wait, 10)
+            assert held
+            started = anyio.current_time()
+            refused = await client.get("/notes?timeout=0.5", headers={"x-user-id": "e"})
+            elapsed = anyio.current_time() - started
+            app.release.set()
+        after = await client.get("/notes", headers={"x-user-id": "e"})
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "3"
+    assert refused.headers["content-type"].startswith("application/problem+json")
+    assert refused.json()["status"] == 503
+    assert elapsed < 3
+    assert [r.status_code for r in holders] == [200] * 4
+    assert after.status_code == 200
+
+
+async def test_middleware_per_user_limit_answers_503(served: Served) -> None:
+    """One user holding per_user_limit connections gets 503 for a third request, while
+    another user is served."""
+    app = served.app
+    app.hold_target = 2
+    async with (
+        httpx.AsyncClient(base_url=served.url, timeout=30) as client,
+        anyio.create_task_group() as tg,
+    ):
+
+        async def hold() -> None:
+            await client.get("/hold", headers={"x-user-id": "greedy"})
+
+        for _ in range(2):
+            tg.start_soon(hold)
+        assert await anyio.to_thread.run_sync(app.held.wait, 10)
+        greedy = await client.get("/notes?timeout=0.5", headers={"x-user-id": "greedy"})
+        other = await client.get("/notes", headers={"x-user-id": "modest"})
+        app.release.set()
+    assert greedy.status_code == 503
+    assert "per_user_limit" in greedy.json()["detail"]
+    assert other.status_code == 200
+
+
+async def test_middleware_client_disconnect_mid_query(served: Served) -> None:
+    """A client that goes away during a long query: the app cancels it, the query stops
+    on the server, nothing is left idle in transaction, and the pool is whole again."""
+    app = served.app
+    db = served.db
+    async with httpx.AsyncClient(base_url=served.url, timeout=30) as client:
+        with anyio.CancelScope() as request:
+
+            async def go_away() -> None:
+                await anyio.to_thread.run_sync(app.sleeping.wait, 10)
+                await _wait_running(db, app.marker)
+                request.cancel()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(go_away)
+                await client.get("/sleep", headers={"x-user-id": "alice"})
+        assert request.cancelled_caught
+        await _eventually_zero(
+            db,
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE %s AND pid <> pg_backend_pid()",
+            (f"%{app.marker}%",),
+        )
+        await _eventually_zero(
+            db,
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+            "AND state LIKE 'idle in transaction%%'",
+            (db.app_name,),
+        )
+
+        async def returned() -> bool:
+            return served.pool.stats().checked_out == 0
+
+        await _eventually(returned, "the connection is back in the pool", within=10)
+        after = await client.get("/notes", headers={"x-user-id": "alice"})
+    assert app.sleep_outcome == ["cancelled"]
+    assert after.status_code == 200
+
+
+async def _wait_running(db: Database, marker: str) -> None:
+    query = (
+        "SELECT count(*) FROM pg_stat_activity WHERE query LIKE %s "
+        "AND state = 'active' AND pid <> pg_backend_pid()"
+    )
+
+    async def running() -> bool:
+        return await anyio.to_thread.run_sync(_admin_count, db, query, (f"%{marker}%",)) > 0
+
+    await _eventually(running, "the query runs on the server", within=10)
