@@ -9,8 +9,8 @@ gets a connection with ``async with db.connection() as conn:`` (or the module-le
   are set with ``set_config(name, value, true)`` (bound parameters), so row-level-security
   policies on ``current_setting('app.user_id', true)`` see them. It is committed when the
   ``async with`` body ends normally and rolled back when it raises. A returned connection
-  is reset (``DISCARD ALL``) and verified clean before anybody else gets it; one that
-  cannot be cleaned is closed.
+  is reset (as ``DISCARD ALL`` does) and shown clean before anybody else gets it; one
+  that cannot be is closed.
 * :class:`PerUserPools`: a ``psycopg_pool`` pool per ``(tenant, user)``, a USER-lifetime
   component closed ``idle_ttl`` seconds after the user's last request, with a global cap
   (``max_total``) on the server connections all user pools hold together.
@@ -227,34 +227,21 @@ async def _release(
         try:
             if await _cancel_broken(conn, cancel):
                 return
-            if conn.pgconn.transaction_status != _IDLE:
-                if exc is None:
-                    await conn.commit()
-                else:
-                    await conn.rollback()
+            if conn.pgconn.transaction_status == _IDLE:
+                return
+            if exc is None:
+                await conn.commit()
+                return
+            try:
+                await conn.rollback()
+            except psycopg.Error as error:  # the pool replaces a broken connection
+                logger.warning("ambient: rollback after %r failed: %s", exc, error)
         finally:
             await pool.putconn(conn)
 
 
 def _exhausted(detail: str, retry_after: float) -> PoolExhaustedError:
     return PoolExhaustedError(detail, retry_after=retry_after)
-
-
-class _Checkout:
-    """``async with strategy.connection() as conn`` (see the strategies)."""
-
-    __slots__ = ()
-
-    async def __aenter__(self) -> AsyncConnection[Any]:
-        raise NotImplementedError
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
-        raise NotImplementedError
 
 
 # -- row-level security self-check ---------------------------------------------------------
@@ -628,51 +615,54 @@ class SharedPool:
         return error
 
     async def _reset(self, conn: AsyncConnection[Any], end: str) -> Exception | None:
-        # The end of the transaction and the reset travel in one round trip; if the commit
-        # fails, the rest of the string is skipped and the reset runs on its own.
+        # The end of the transaction and the reset travel in one round trip. If the commit
+        # fails, the rest of the string is skipped: the reset then runs on its own, and the
+        # commit's error goes to the caller. A connection that cannot be reset and shown
+        # clean is closed, whatever went wrong.
         failure: Exception | None = None
         cur = conn.cursor(row_factory=tuple_row)  # whatever row factory the handler set
         try:
-            await cur.execute(end + self._reset_sql)
-        except psycopg.Error as exc:
-            if conn.closed:
-                return exc if end.startswith("COMMIT") else None
-            failure = exc if end.startswith("COMMIT") else None
             try:
+                await cur.execute(end + self._reset_sql)
+            except psycopg.Error as exc:
+                if end.startswith("COMMIT"):
+                    failure = exc
+                if conn.closed:
+                    return failure
                 await cur.execute(self._reset_sql)
-            except psycopg.Error:
-                await self._discard(conn)
+            while cur.nextset():
+                pass
+            row = await cur.fetchone()
+            login = conn.info.user
+            # current_user, session_user, (advisory locks released), then every setting.
+            if row is None or row[0] != login or row[1] != login or any(row[3:]):
+                await self._discard(conn, "it kept session state (a role default?)")
                 return failure
-        while cur.nextset():
-            pass
-        row = await cur.fetchone()
-        login = conn.info.user
-        # current_user, session_user, (advisory locks released), then every setting.
-        if row is None or row[0] != login or row[1] != login or any(row[3:]):
-            await self._discard(conn)
-            return failure
-        initial = self._initial
-        if initial is not None:
-            autocommit, isolation_level, read_only, deferrable, row_factory, threshold = initial
-            if conn.autocommit != autocommit:
-                await conn.set_autocommit(autocommit)
-            if conn.isolation_level != isolation_level:
-                await conn.set_isolation_level(isolation_level)
-            if conn.read_only != read_only:
-                await conn.set_read_only(read_only)
-            if conn.deferrable != deferrable:
-                await conn.set_deferrable(deferrable)
-            conn.row_factory = row_factory
-            conn.prepare_threshold = threshold
+            await self._restore(conn)
+        except Exception as exc:  # noqa: BLE001 - never hand on a connection not shown clean
+            await self._discard(conn, f"its reset failed: {exc!r}")
         return failure
 
-    async def _discard(self, conn: AsyncConnection[Any]) -> None:
+    async def _restore(self, conn: AsyncConnection[Any]) -> None:
+        """Undo what a handler changed on the Python side of the connection."""
+        initial = self._initial
+        if initial is None:
+            return
+        autocommit, isolation_level, read_only, deferrable, row_factory, threshold = initial
+        if conn.autocommit != autocommit:
+            await conn.set_autocommit(autocommit)
+        if conn.isolation_level != isolation_level:
+            await conn.set_isolation_level(isolation_level)
+        if conn.read_only != read_only:
+            await conn.set_read_only(read_only)
+        if conn.deferrable != deferrable:
+            await conn.set_deferrable(deferrable)
+        conn.row_factory = row_factory
+        conn.prepare_threshold = threshold
+
+    async def _discard(self, conn: AsyncConnection[Any], why: str) -> None:
         self.discarded += 1
-        logger.warning(
-            "ambient: a connection of %r kept session state after its reset (a setting a "
-            "role default brings back?); closed it instead of handing it on",
-            self,
-        )
+        logger.warning("ambient: closed a connection of %r instead of reusing it: %s", self, why)
         await conn.close()
 
     # -- checkouts -----------------------------------------------------------------------
@@ -719,7 +709,7 @@ class SharedPool:
             del self._gates[user]
 
 
-class _SharedCheckout(_Checkout):
+class _SharedCheckout:
     __slots__ = ("_cancel", "_conn", "_gate", "_owner", "_pool", "_timeout", "_user")
 
     def __init__(self, owner: SharedPool, timeout: float) -> None:
@@ -1216,7 +1206,7 @@ class _UserPool:
         await self.close_pool()
 
 
-class _UserCheckout(_Checkout):
+class _UserCheckout:
     __slots__ = ("_cancel", "_conn", "_owner", "_pool", "_timeout", "_user_pool")
 
     def __init__(self, owner: PerUserPools, timeout: float) -> None:
@@ -1273,7 +1263,7 @@ class _UserCheckout(_Checkout):
 # -- the module-level accessor -------------------------------------------------------------
 
 
-class _DefaultCheckout(_Checkout):
+class _DefaultCheckout:
     __slots__ = ("_inner", "_timeout")
 
     def __init__(self, timeout: float | None) -> None:

@@ -26,7 +26,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import PoolClosed
 
 from ambient import Registry, UserExecutionContext, bind_context
-from ambient.errors import NoActiveContextError, PoolExhaustedError
+from ambient.errors import NoActiveContextError, PoolExhaustedError, RegistryError
 from ambient.integrations.psycopg import (
     PerUserPools,
     RowSecurityError,
@@ -106,6 +106,10 @@ def make_database() -> Iterator[Database]:
                 admin.execute(f"ALTER TABLE {schema}.{name} FORCE ROW LEVEL SECURITY")
         admin.execute(f"CREATE TABLE {schema}.plain (owner text)")
         admin.execute(f"GRANT SELECT ON {schema}.plain TO {app}")
+        admin.execute(
+            f"CREATE TABLE {schema}.deferred (x int UNIQUE DEFERRABLE INITIALLY DEFERRED)"
+        )
+        admin.execute(f"GRANT SELECT, INSERT ON {schema}.deferred TO {app}")
     try:
         yield Database(
             schema=schema,
@@ -322,6 +326,29 @@ async def test_shared_commits_on_success_and_rolls_back_on_error(
         async with shared.connection() as conn:
             bodies = await (await conn.execute(db.sql("SELECT body FROM {notes}"))).fetchall()
     assert bodies == [("kept",)]
+
+
+async def test_shared_failed_commit_raises_and_the_connection_is_reused(db: Database) -> None:
+    """A commit that fails (a deferred constraint) raises from the checkout; the work is
+    gone and the same connection, reset, serves the next checkout."""
+    deferred = sql.Identifier(db.schema, "deferred")
+    insert = sql.SQL("INSERT INTO {} VALUES (1)").format(deferred)
+    async with SharedPool(
+        db.app_url, min_size=1, max_size=1, timeout=5, rls_check="raise", kwargs=db.kwargs()
+    ) as pool:
+        with bind_context(_ctx("alice")):
+            with pytest.raises(psycopg.errors.UniqueViolation):
+                async with pool.connection() as conn:
+                    pid = conn.info.backend_pid
+                    await conn.execute(insert)
+                    await conn.execute(insert)  # deferred: fails only at COMMIT
+            async with pool.connection() as conn:
+                assert conn.info.backend_pid == pid
+                count = sql.SQL("SELECT count(*) FROM {}").format(deferred)
+                assert await _scalar(conn, count) == 0
+                user = await _scalar(conn, "SELECT current_setting('app.user_id', true)")
+        assert user == "alice"
+        assert pool.stats().discarded == 0
 
 
 async def test_shared_commit_inside_checkout_is_reported(db: Database, shared: SharedPool) -> None:
@@ -822,6 +849,25 @@ async def test_per_user_pools_rls(db: Database) -> None:
     await registry.aclose()
 
 
+async def test_per_user_pools_commit_on_success_rollback_on_error(db: Database) -> None:
+    """A per-user checkout commits when its block ends normally, rolls back when it raises."""
+    pools = PerUserPools(db.app_url, max_total=5, rls_check="raise", kwargs=db.kwargs())
+    registry = Registry()
+    pools.install(registry)
+    insert = db.sql("INSERT INTO {notes} (owner, body) VALUES ('alice', %s)")
+    async with registry.open_scope(_ctx("alice")):
+        async with connection() as conn:
+            await conn.execute(insert, ("kept",))
+        with pytest.raises(ZeroDivisionError):
+            async with connection() as conn:
+                await conn.execute(insert, ("dropped",))
+                _ = 1 / 0
+        async with connection() as conn:
+            bodies = await (await conn.execute(db.sql("SELECT body FROM {notes}"))).fetchall()
+    assert bodies == [("kept",)]
+    await registry.aclose()
+
+
 async def test_per_user_pools_300_users_never_exceed_max_total(db: Database) -> None:
     """300 users at once with max_total=50: the server never sees more than 50 of our
     connections (pg_stat_activity, sampled throughout), and every user is served."""
@@ -1079,3 +1125,29 @@ async def test_open_refuses_trio(anyio_backend: str, built_outside_a_loop: Share
     with bind_context(_ctx("alice")), pytest.raises(UnsupportedBackendError):
         async with built_outside_a_loop.connection():
             pass
+
+
+async def test_per_user_pools_refuse_trio_at_first_use(anyio_backend: str) -> None:
+    """PerUserPools built outside any event loop and installed: the first checkout under
+    trio fails with UnsupportedBackendError, before any pool is created."""
+    if anyio_backend == "asyncio":
+        pytest.skip("checkouts on asyncio are what every other test does")
+    pools = await anyio.to_thread.run_sync(lambda: PerUserPools(DATABASE_URL, rls_check="off"))
+    registry = Registry()
+    pools.install(registry)
+    async with registry.open_scope(_ctx("alice")):
+        with pytest.raises(UnsupportedBackendError, match="asyncio only"):
+            async with connection():
+                pass
+    assert pools.stats().pools == 0
+    await registry.aclose()
+
+
+def test_two_default_databases_conflict() -> None:
+    """Only one strategy can be the default Database of a registry; another installs with
+    default=False and is used through its own connection()."""
+    registry = Registry()
+    SharedPool(DATABASE_URL).install(registry)
+    with pytest.raises(RegistryError, match="Database"):
+        PerUserPools(DATABASE_URL).install(registry)
+    PerUserPools(DATABASE_URL).install(registry, default=False)
