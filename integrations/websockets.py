@@ -30,6 +30,15 @@ that runs the application (use ``anyio.from_thread.run`` from worker threads). T
 the in-process backend run on asyncio and trio; :class:`RedisBroadcast` uses redis-py's
 asyncio client and refuses to run on trio with :class:`UnsupportedBackendError`.
 
+What the server does matters at the edges. uvicorn raises when the application sends to a
+socket whose client is gone (as the ASGI spec asks), so the hub drops it at the first
+failed send; hypercorn silently discards such sends, so there a dead socket leaves the hub
+when its handler next reads and sees the disconnect. hypercorn also shields its socket
+writes from cancellation: a client that stops reading altogether keeps its handler until the
+server drops the connection, where on uvicorn the hub ends the handler's block after
+``close_timeout``. Either way the hub stops queueing for it at once, so senders and memory
+are never affected.
+
 Example::
 
     hub = ConnectionHub()                  # or ConnectionHub(RedisBroadcast(redis_url))
@@ -86,7 +95,7 @@ from ambient import (
     get_current_context,
 )
 from ambient.errors import AmbientError, ContextSwitchError, NoActiveContextError
-from ambient.middleware._problem import Problem
+from ambient.middleware import _problem
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -105,6 +114,8 @@ __all__ = [
     "UnsupportedBackendError",
     "UserWebSocketManager",
     "WebSocketLike",
+    "decode_envelope",
+    "encode_envelope",
     "message_scope",
 ]
 
@@ -981,13 +992,18 @@ class RedisBroadcast:
             with anyio.fail_after(self.timeout):
                 while channel not in self._confirmed:
                     await self._wait_changed()
+                    self._check_up()  # the connection broke meanwhile: fail now
         except TimeoutError:
-            await self.unsubscribe(user)
+            await self._release(user)
             msg = f"Redis did not confirm the subscription within {self.timeout} s"
             raise BroadcastError(msg) from None
         except BaseException:
-            await self.unsubscribe(user)
+            await self._release(user)
             raise
+
+    async def _release(self, user: UserRef) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.unsubscribe(user)
 
     def _check_up(self) -> None:
         if self._down_since is not None:
@@ -1264,7 +1280,9 @@ class OriginAllowList:
         if reason is None:
             await self.app(scope, receive, send)
             return
-        problem = Problem(403, "Origin not allowed", reason, type_="urn:ambient:problem:origin")
+        problem = _problem.Problem(
+            403, "Origin not allowed", reason, type_="urn:ambient:problem:origin"
+        )
         await problem.deny_websocket(scope, receive, send)
 
     def _refusal(self, values: list[bytes]) -> str | None:

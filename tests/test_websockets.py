@@ -266,6 +266,26 @@ async def test_an_aborted_socket_is_pruned_and_the_run_goes_on(server: str) -> N
 BATCH, EVENT_SIZE, QUEUE = 16, 8192, 32
 
 
+async def pump(sock: ClientConnection, hub: ConnectionHub, stop: asyncio.Event) -> int:
+    """Ask for batches of 8 KiB user-wide events, reading each batch in full before asking
+    for the next, until the hub has closed a socket for falling behind (or ``stop`` is set
+    by a sibling pump); return how many events arrived."""
+    start = 0
+    for _ in range(400):
+        request = {"op": "batch", "start": start, "count": BATCH, "size": EVENT_SIZE}
+        await sock.send(json.dumps(request))
+        seqs = [json.loads(await sock.recv())["seq"] for _ in range(BATCH)]
+        assert seqs == list(range(start, start + BATCH))
+        done = json.loads(await sock.recv())
+        assert done == {"type": "batch-done", "next": start + BATCH}
+        start += BATCH
+        if hub.stats().overflows:
+            stop.set()
+        if stop.is_set():
+            break
+    return start
+
+
 async def test_a_slow_socket_is_closed_with_1013_and_nobody_else_waits(server: str) -> None:
     """One socket stops reading while its user's other socket and another user's socket
     keep up with batches of 8 KiB events. The slow socket's queue never grows past its
@@ -279,24 +299,9 @@ async def test_a_slow_socket_is_closed_with_1013_and_nobody_else_waits(server: s
         fast, _ = await open_socket(base, "slow", "b")
         other, _ = await open_socket(base, "other", "a")
         stop = asyncio.Event()
-
-        async def pump(sock: ClientConnection) -> int:
-            start = 0
-            for _ in range(400):
-                request = {"op": "batch", "start": start, "count": BATCH, "size": EVENT_SIZE}
-                await sock.send(json.dumps(request))
-                seqs = [json.loads(await sock.recv())["seq"] for _ in range(BATCH)]
-                assert seqs == list(range(start, start + BATCH))
-                done = json.loads(await sock.recv())
-                assert done == {"type": "batch-done", "next": start + BATCH}
-                start += BATCH
-                if hub.stats().overflows:
-                    stop.set()
-                if stop.is_set():
-                    return start
-            return start
-
-        fast_count, other_count = await asyncio.gather(pump(fast), pump(other))
+        fast_count, other_count = await asyncio.gather(
+            pump(fast, hub, stop), pump(other, hub, stop)
+        )
         assert stop.is_set(), "the slow socket was never closed"
         assert await expect_pong(fast) == []
         assert await expect_pong(other) == []
@@ -323,6 +328,155 @@ async def test_a_slow_socket_is_closed_with_1013_and_nobody_else_waits(server: s
     assert stats.peak_queued <= QUEUE
     assert (stats.connections, stats.queued, stats.send_failures) == (0, 0, 0)
     assert ledger.problems() == []
+
+
+async def test_a_socket_that_never_reads_again_is_cut_off_after_close_timeout(
+    server: str,
+) -> None:
+    """A client that stops reading for good cannot even take its 1013 close frame: after
+    close_timeout the hub ends the socket's handler block, so the handler, its scope and
+    its components are released without the client's help.
+
+    hypercorn shields its socket writes from cancellation: there a write to a client that
+    never reads cannot be interrupted by the application (the server has to drop the
+    client), so this runs on uvicorn only.
+    """
+    if server == "hypercorn-trio":
+        pytest.skip("hypercorn shields socket writes; no application can cut them off")
+    hub = ConnectionHub(queue_size=QUEUE, close_timeout=0.5)
+    app, ledger, _ = build(hub)
+
+    def slow_handler_done(led: Ledger) -> bool:
+        return ("socket closed", "stuck") in led.events
+
+    async def scenario(base: str) -> list[int]:
+        stuck, _ = await open_socket(base, "stuck", "a", max_queue=1)
+        reader, _ = await open_socket(base, "stuck", "b")
+        await pump(reader, hub, asyncio.Event())
+        # The handler ends while the client still reads nothing.
+        assert await asyncio.to_thread(ledger.wait, slow_handler_done)
+        assert await expect_pong(reader) == []
+        received: list[int] = []
+        with pytest.raises(ConnectionClosed):
+            while True:
+                received.append(json.loads(await stuck.recv())["seq"])
+        await reader.close()
+        return received
+
+    with serve(server, app) as url:
+        received = await in_client_thread(lambda: scenario(url))
+        await wait_closed(ledger, 2)
+        stats = hub.stats()
+    assert received == list(range(len(received)))
+    assert (stats.overflows, stats.connections) == (1, 0)
+    assert ledger.problems() == []
+
+
+async def test_a_socket_gone_while_its_handler_is_busy_is_dropped_on_its_failed_send(
+    server: str,
+) -> None:
+    """The client resets the connection while its handler is busy streaming (not reading):
+    the writer's failing send drops the socket, the stream's later sends are no-ops, and
+    the handler ends normally afterwards.
+
+    hypercorn does not raise on a send to a closed socket (it drops the data, where the
+    ASGI spec asks for an OSError), so there the socket stays registered, costing nothing
+    but the dropped sends, until the handler reads again and sees the disconnect.
+    """
+    hub = ConnectionHub()
+    app, ledger, sockets = build(hub)
+    limit = 500
+
+    async def scenario(base: str) -> None:
+        sock, _ = await open_socket(base, "busy")
+        command = {"op": "stream", "pace": 0.002, "after": 50, "max": limit}
+        await sock.send(json.dumps(command))
+        assert [json.loads(await sock.recv())["seq"] for _ in range(10)] == list(range(10))
+        abort_with_rst(sock)
+
+    with serve(server, app) as url:
+        await in_client_thread(lambda: scenario(url))
+        await wait_closed(ledger, 1)
+        stats = hub.stats()
+    streamed = [what for what, _ in ledger.events if what.startswith("streamed")]
+    assert len(streamed) == 1
+    sent = int(streamed[0].split()[1])
+    assert sent >= 60
+    if server == "uvicorn":
+        assert stats.send_failures == 1
+        assert sent < limit + 50  # the stream saw its user's socket go
+    assert (stats.connections, stats.queued) == (0, 0)
+    gc.collect()
+    assert [ref() for ref in sockets.connections] == [None]
+    assert ledger.problems() == []
+
+
+async def test_a_failing_handler_leaves_no_connection_or_component_behind(server: str) -> None:
+    """An exception in a message handler ends the socket: the connection leaves the hub
+    and every component of the message and of the connection is cleaned."""
+    hub = ConnectionHub()
+    app, ledger, _ = build(hub)
+
+    async def scenario(base: str) -> None:
+        sock, _ = await open_socket(base, "oops")
+        await sock.send(json.dumps({"op": "boom"}))
+        with pytest.raises(ConnectionClosed):
+            await sock.recv()
+
+    with serve(server, app) as url:
+        await in_client_thread(lambda: scenario(url))
+        await wait_closed(ledger, 1)
+        stats = hub.stats()
+        assert await anyio.to_thread.run_sync(ledger.wait, Ledger.all_cleaned)
+    assert (stats.connections, stats.users) == (0, 0)
+    assert len(ledger.created) == 2  # the connection's probe and the message's
+    assert ledger.problems() == []
+
+
+async def test_closing_the_hub_closes_every_socket_with_1001_and_it_can_serve_again(
+    server: str,
+) -> None:
+    """At shutdown the registry closes the hub: every socket gets 1001 after what was
+    queued for it; the hub then accepts and serves new sockets."""
+    hub = ConnectionHub()
+    app, ledger, _ = build(hub)
+
+    async def scenario(base: str) -> list[int | None]:
+        first, _ = await open_socket(base, "erin")
+        second, _ = await open_socket(base, "frank")
+        async with httpx.AsyncClient(base_url=base, timeout=DEADLINE) as http:
+            closed = await http.post("/hub/close", headers=OPS)
+            assert closed.json()["connections"] == 0
+            codes = []
+            for sock in (first, second):
+                with pytest.raises(ConnectionClosed) as ended:
+                    await sock.recv()
+                codes.append(ended.value.rcvd.code if ended.value.rcvd else None)
+            again, _ = await open_socket(base, "erin")
+            response = await http.post(
+                "/run", params={"events": 3}, headers={"x-user-id": "erin", "x-thread-id": "thread"}
+            )
+            assert response.status_code == 200
+        assert [json.loads(await again.recv())["seq"] for _ in range(3)] == [0, 1, 2]
+        await again.close()
+        return codes
+
+    with serve(server, app) as url:
+        codes = await in_client_thread(lambda: scenario(url))
+        await wait_closed(ledger, 3)
+    assert codes == [1001, 1001]
+    assert hub.stats().connections == 0
+
+
+def test_hub_limits_must_be_positive() -> None:
+    for options in (
+        {"queue_size": 0},
+        {"queue_bytes": -1},
+        {"max_connections_per_user": True},
+        {"close_timeout": 0},
+    ):
+        with pytest.raises(ValueError, match="must be"):
+            ConnectionHub(**options)  # type: ignore[arg-type]
 
 
 # -- message scopes, the per-user cap, the Origin check -------------------------------------
@@ -734,7 +888,55 @@ async def test_delivery_resumes_after_a_redis_restart_and_the_outage_is_reported
             stats = hub.stats()
             assert backend.reconnects >= 1
             assert backend.subscriptions == 0
+        # Leaving `serve` ran the lifespan shutdown: the registry closed the hub's backend.
+        assert backend._reader is None
+        assert not backend.connected
         assert stats.connections == 0
+    finally:
+        own.kill()
+
+
+async def test_a_hung_redis_is_noticed_by_the_health_check(redis_url: str) -> None:
+    """Redis stops answering without closing its connections (SIGSTOP): a send times out
+    with BroadcastError, the health check gives the subscription up, and once Redis runs
+    again the backend reconnects and delivery resumes."""
+    own = RedisProcess()
+    own.start()
+    try:
+        backend = RedisBroadcast(
+            own.url,
+            channel_prefix=unique_prefix(),
+            timeout=0.5,
+            health_check_interval=0.1,
+            max_reconnect_delay=0.2,
+        )
+        hub = ConnectionHub(backend)
+        app, ledger, _ = build(hub)
+        headers = {"x-user-id": "hank", "x-thread-id": "chat"}
+        assert own.process is not None
+        process = own.process
+
+        async def scenario(base: str) -> None:
+            sock, _ = await open_socket(base, "hank", "chat")
+            async with httpx.AsyncClient(base_url=base, timeout=DEADLINE) as http:
+                process.send_signal(signal.SIGSTOP)
+                try:
+                    failed = await http.post("/run", params={"events": 5}, headers=headers)
+                    assert failed.status_code == 503, failed.text
+                    down = await http.get("/down", headers=headers)
+                    assert down.json() == {"connected": False}
+                finally:
+                    process.send_signal(signal.SIGCONT)
+                assert (await http.get("/ready", headers=headers)).status_code == 200
+                after = await http.post("/run", params={"events": 5}, headers=headers)
+                assert after.status_code == 200, after.text
+                assert await read_run(sock, 5) == ({after.json()["run"]}, list(range(5)))
+            await sock.close()
+
+        with serve("uvicorn", app) as url:
+            await in_client_thread(lambda: scenario(url))
+            await wait_closed(ledger, 1)
+        assert backend.reconnects >= 1
     finally:
         own.kill()
 

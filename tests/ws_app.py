@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import weakref
+from contextlib import aclosing
 from typing import Any
 
 import anyio
@@ -63,8 +64,10 @@ def build_app(hub: ConnectionHub, ledger: Ledger, sockets: Sockets) -> Starlette
                         "run_id": ctx.run_id,
                     }
                 )
-                async for text in websocket.iter_text():
-                    await handle(json.loads(text), connection, held)
+                # aclosing: a handler that fails must not leave the generator to the GC.
+                async with aclosing(websocket.iter_text()) as texts:
+                    async for text in texts:
+                        await handle(json.loads(text), connection, held)
         finally:
             ledger.note("socket closed", ctx.user_id)
 
@@ -90,6 +93,22 @@ def build_app(hub: ConnectionHub, ledger: Ledger, sockets: Sockets) -> Starlette
                         "held": held.number,
                     }
                 )
+            elif op == "stream":
+                # The handler is busy here, not reading: a vanished client is noticed by
+                # the writer's failing send, not by a disconnect message.
+                sent = 0
+                while user_connections(hub) and sent < command["max"]:
+                    await manager.send({"type": "event", "seq": sent, "run": ctx.run_id})
+                    sent += 1
+                    await anyio.sleep(command["pace"])
+                for _ in range(command["after"]):
+                    await manager.send({"type": "event", "seq": sent, "run": ctx.run_id})
+                    sent += 1
+                ledger.note(f"streamed {sent}", ctx.user_id)
+            elif op == "boom":
+                await ambient.resolve(Probe)
+                msg = "the message handler failed"
+                raise RuntimeError(msg)
             elif op == "batch":
                 start, count, size = command["start"], command["count"], command["size"]
                 pad = "x" * size
@@ -154,6 +173,20 @@ def build_app(hub: ConnectionHub, ledger: Ledger, sockets: Sockets) -> Starlette
         finished = await anyio.to_thread.run_sync(ledger.wait, done)
         return JSONResponse({"closed": finished, **_stats(hub)})
 
+    async def close_hub(request: Request) -> Response:
+        """What the registry does at shutdown."""
+        await hub.aclose()
+        return JSONResponse(_stats(hub))
+
+    async def down(request: Request) -> Response:
+        """Wait until the Redis subscription is lost."""
+        backend = hub.backend
+        assert isinstance(backend, RedisBroadcast)
+        with anyio.fail_after(10):
+            while backend.connected:
+                await backend._wait_changed()
+        return JSONResponse({"connected": backend.connected})
+
     async def ready(request: Request) -> Response:
         backend = hub.backend
         if isinstance(backend, RedisBroadcast):
@@ -168,6 +201,8 @@ def build_app(hub: ConnectionHub, ledger: Ledger, sockets: Sockets) -> Starlette
             Route("/stats", stats),
             Route("/ready", ready),
             Route("/closed", closed),
+            Route("/hub/close", close_hub, methods=["POST"]),
+            Route("/down", down),
         ]
     )
 
