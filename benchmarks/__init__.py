@@ -3,8 +3,9 @@
 Not part of the test suite. Every section measures ambient and the libraries people already
 use for the same job in one process, in one run, interleaved round by round (the order is
 shuffled every round), so that a machine busy with other work slows every variant alike.
-Results are medians over the rounds with the min-max range; ratios are taken round by round
-(each round's variant against the same round's reference) before the median is taken.
+Results are medians over the rounds with the min-max range. Overheads are taken round by round
+(a variant minus the same round's bare endpoint); ratios of overheads are ratios of their
+medians, with a 90% bootstrap interval over the rounds in place of a min-max range.
 
 This module holds the shared machinery: statistics, interleaving, tables and targets.
 """
@@ -24,8 +25,10 @@ __all__ = [
     "Table",
     "Target",
     "interleave",
+    "median_interval",
     "paired_difference",
     "paired_ratio",
+    "ratio_of_medians",
 ]
 
 Chunk = Callable[[], Awaitable[float]]
@@ -81,6 +84,51 @@ def paired_difference(values: Sequence[float], reference: Sequence[float]) -> li
 def paired_ratio(values: Sequence[float], reference: Sequence[float]) -> list[float]:
     """Round-by-round ``value / reference``; a non-positive reference gives ``inf``."""
     return [v / r if r > 0 else float("inf") for v, r in zip(values, reference, strict=True)]
+
+
+def ratio_of_medians(
+    values: Sequence[float], reference: Sequence[float], *, resamples: int = 1000
+) -> Stat:
+    """``median(values) / median(reference)`` with a 90% bootstrap interval as the range.
+
+    For ratios of small differences (overheads of a microsecond measured on a busy machine)
+    the round-by-round ratio is dominated by noise in its denominator; the ratio of the
+    medians is not. The interval resamples whole rounds (pairs stay together).
+    """
+    point = _safe_ratio(statistics.median(values), statistics.median(reference))
+    count = len(values)
+    if count < 2:
+        return Stat(point, point, point)
+    rng = random.Random(0)
+    ratios = []
+    for _ in range(resamples):
+        picks = [rng.randrange(count) for _ in range(count)]
+        ratios.append(
+            _safe_ratio(
+                statistics.median(values[i] for i in picks),
+                statistics.median(reference[i] for i in picks),
+            )
+        )
+    ratios.sort()
+    return Stat(point, ratios[int(0.05 * resamples)], ratios[int(0.95 * resamples) - 1])
+
+
+def median_interval(values: Sequence[float], *, resamples: int = 1000) -> Stat:
+    """The median with a 90% bootstrap interval as the range (for targets on a difference)."""
+    point = statistics.median(values)
+    count = len(values)
+    if count < 2:
+        return Stat(point, point, point)
+    rng = random.Random(0)
+    medians = sorted(
+        statistics.median(values[rng.randrange(count)] for _ in range(count))
+        for _ in range(resamples)
+    )
+    return Stat(point, medians[int(0.05 * resamples)], medians[int(0.95 * resamples) - 1])
+
+
+def _safe_ratio(value: float, reference: float) -> float:
+    return value / reference if reference > 0 else float("inf")
 
 
 async def interleave(
@@ -154,6 +202,7 @@ class Target:
     limit: float
     unit: str = "x"
     higher_is_better: bool = False
+    interval: str = "min-max"
 
     @property
     def informative(self) -> bool:
@@ -171,13 +220,11 @@ class Target:
         """One line: name, measured value, limit, verdict."""
         sign = ">=" if self.higher_is_better else "<="
         digits = 3 if self.unit == "x" else 2
+        value = f"{self.value.fmt(digits, self.unit)} [{self.interval}]"
         if self.informative:
-            return f"{'info':6}  {self.name}: {self.value.fmt(digits, self.unit)}"
+            return f"{'info':6}  {self.name}: {value}"
         verdict = "met" if self.met else "MISSED"
-        return (
-            f"{verdict:6}  {self.name}: {self.value.fmt(digits, self.unit)}  "
-            f"(target {sign} {self.limit:g}{self.unit})"
-        )
+        return f"{verdict:6}  {self.name}: {value}  (target {sign} {self.limit:g}{self.unit})"
 
 
 @dataclass

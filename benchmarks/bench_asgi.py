@@ -50,8 +50,9 @@ from benchmarks import (
     Table,
     Target,
     interleave,
+    median_interval,
     paired_difference,
-    paired_ratio,
+    ratio_of_medians,
 )
 
 Scope = MutableMapping[str, Any]
@@ -65,6 +66,15 @@ HEADER = b"x-user-id"
 
 # Endpoints yield to the loop once per request in concurrent mode.
 PAUSE = False
+
+FLOOR = "floor (hand-written ContextVar middleware)"
+DISHKA = "dishka, REQUEST scope, 3 providers"
+SVCS = "svcs, 3 factories"
+AMBIENT = "ambient"
+AMBIENT3 = "ambient + 3 components"
+NO_SDK = "ambient + 3 components + Telemetry(), no SDK"
+TRACED = "ambient + 3 components, full tracing (SDK)"
+OTEL_ASGI = "otel-asgi, server span only (SDK)"
 
 
 class BrokenVariantError(AssertionError):
@@ -589,12 +599,12 @@ def _telemetry_variants(report: Report, tracing: Tracing) -> list[Variant]:
     traced = Telemetry(tracer_provider=tracing.provider)
     return [
         Variant(
-            "ambient + 3 components + Telemetry(), no SDK",
+            NO_SDK,
             ambient_app(ambient_components_endpoint, components=True, telemetry=no_sdk),
             cleanups=True,
         ),
         Variant(
-            "ambient + 3 components, full tracing (SDK)",
+            TRACED,
             ambient_app(ambient_components_endpoint, components=True, telemetry=traced),
             cleanups=True,
         ),
@@ -613,23 +623,23 @@ def variants(report: Report, tracing: Tracing) -> list[Variant]:
     """Every stack of the main table."""
     return [
         Variant("bare endpoint", bare_endpoint),
-        Variant("floor (hand-written ContextVar middleware)", FloorMiddleware(floor_endpoint)),
-        Variant("ambient", ambient_app(ambient_endpoint, components=False)),
+        Variant(FLOOR, FloorMiddleware(floor_endpoint)),
+        Variant(AMBIENT, ambient_app(ambient_endpoint, components=False)),
         Variant(
             "ambient, header resolver without peer check",
             ambient_app(ambient_endpoint, components=False, identity=plain_header_identity),
         ),
         Variant(
-            "ambient + 3 components",
+            AMBIENT3,
             ambient_app(ambient_components_endpoint, components=True),
             cleanups=True,
         ),
         Variant("starlette-context RawContextMiddleware", starlette_context_app()),
         Variant("asgi-correlation-id", correlation_id_app()),
-        Variant("svcs, 3 factories", svcs_app(), cleanups=True),
-        Variant("dishka, REQUEST scope, 3 providers", dishka_app(), cleanups=True),
+        Variant(SVCS, svcs_app(), cleanups=True),
+        Variant(DISHKA, dishka_app(), cleanups=True),
         Variant("Starlette BaseHTTPMiddleware", base_http_middleware_app()),
-        Variant("otel-asgi, server span only (SDK)", otel_asgi_app(bare_endpoint, tracing)),
+        Variant(OTEL_ASGI, otel_asgi_app(bare_endpoint, tracing)),
         *_telemetry_variants(report, tracing),
     ]
 
@@ -642,6 +652,9 @@ async def measure(
     return await interleave(chunks, rounds)
 
 
+CI = "90% CI"
+
+
 def overhead_table(
     title: str,
     results: dict[str, list[float]],
@@ -652,7 +665,7 @@ def overhead_table(
     """Per-request time, overhead above ``base`` and its ratio to ``reference``'s overhead."""
     table = Table(
         title,
-        ["stack", "us/request", "overhead us", f"x {reference_label} overhead"],
+        ["stack", "us/request", "overhead us", f"x {reference_label} overhead ({CI})"],
     )
     overheads = {name: paired_difference(values, results[base]) for name, values in results.items()}
     for name, values in results.items():
@@ -661,98 +674,115 @@ def overhead_table(
             table.add(name, per_request, "-", "-")
             continue
         overhead = Stat.of(overheads[name]).scaled(1e6).fmt(2)
-        ratio = Stat.of(paired_ratio(overheads[name], overheads[reference])).fmt(2)
+        ratio = ratio_of(overheads, name, reference).fmt(2)
         table.add(name, per_request, overhead, ratio if name != reference else "1")
-    table.notes.append("median over interleaved rounds (min-max); overhead = stack - bare")
+    table.notes.append(
+        "us/request and overhead: median over interleaved blocks (min-max); overhead = stack "
+        "minus the bare endpoint in the same block round; ratio = ratio of median overheads "
+        "(90% bootstrap interval)"
+    )
     return table, overheads
 
 
 def ratio_of(overheads: dict[str, list[float]], name: str, reference: str) -> Stat:
-    return Stat.of(paired_ratio(overheads[name], overheads[reference]))
+    """Ratio of the median overheads of ``name`` and ``reference``, with its interval."""
+    return ratio_of_medians(overheads[name], overheads[reference])
 
 
 async def run(report: Report, options: Options) -> None:
-    """The ASGI section: sequential and concurrent tables, then FastAPI."""
+    """The ASGI section: sequential and concurrent tables, and how overhead scales."""
     tracing = Tracing.create()
-    n = options.size(4000, 500)
-    rounds = options.rounds
+    # Short blocks, many rounds: each block is paired with the bare endpoint's block of the
+    # same round, close in time, which keeps a busy machine's drift out of the differences.
+    n = options.size(500, 200)
+    blocks = options.rounds * 4
     stacks = variants(report, tracing)
-    floor = "floor (hand-written ContextVar middleware)"
     per_mode: dict[str, dict[str, list[float]]] = {}
     for mode in ("sequential", "concurrent"):
-        results = await measure(stacks, n, rounds, concurrent_mode=mode == "concurrent")
+        results = await measure(stacks, n, blocks, concurrent_mode=mode == "concurrent")
         users = "100 users at once" if mode == "concurrent" else "one request at a time"
         table, overheads = overhead_table(
-            f"In-process ASGI, {mode} ({users}; {n} requests x {rounds} rounds per stack)",
+            f"In-process ASGI, {mode} ({users}; {blocks} blocks of {n} requests per stack)",
             results,
             "bare endpoint",
-            floor,
+            FLOOR,
             "floor",
         )
-        dishka = "dishka, REQUEST scope, 3 providers"
         table.notes.append(
-            "ambient + 3 components vs dishka overhead: "
-            + ratio_of(overheads, "ambient + 3 components", dishka).fmt(2, "x")
-            + "; vs svcs: "
-            + ratio_of(overheads, "ambient + 3 components", "svcs, 3 factories").fmt(2, "x")
+            "ambient + 3 components vs dishka's overhead: "
+            + ratio_of(overheads, AMBIENT3, DISHKA).fmt(2, "x")
+            + "; vs svcs's: "
+            + ratio_of(overheads, AMBIENT3, SVCS).fmt(2, "x")
         )
         report.table(table)
         per_mode[mode] = overheads
         report.target(
             Target(
                 f"ambient middleware alone vs the floor's overhead ({mode})",
-                ratio_of(overheads, "ambient", floor),
+                ratio_of(overheads, AMBIENT, FLOOR),
                 2.5,
+                interval=CI,
             )
         )
         report.target(
             Target(
                 f"ambient + 3 components vs dishka's overhead ({mode})",
-                ratio_of(overheads, "ambient + 3 components", dishka),
+                ratio_of(overheads, AMBIENT3, DISHKA),
                 0.5,
+                interval=CI,
             )
         )
-        if "ambient + 3 components + Telemetry(), no SDK" in overheads:
+        if NO_SDK in overheads:
             _telemetry_targets(report, overheads, mode)
     seq, conc = per_mode["sequential"], per_mode["concurrent"]
     scaling = Table(
         "Concurrent-mode overhead vs sequential (same stack, same run)",
-        ["stack", "sequential us", "concurrent us", "concurrent / sequential"],
+        ["stack", "sequential us", "concurrent us", f"concurrent / sequential ({CI})"],
     )
     for name in seq:
         if name == "bare endpoint":
             continue
         s, c = Stat.of(seq[name]).median * 1e6, Stat.of(conc[name]).median * 1e6
-        scaling.add(name, f"{s:.2f}", f"{c:.2f}", f"{c / s:.2f}" if s > 0 else "-")
+        scaling.add(name, f"{s:.2f}", f"{c:.2f}", ratio_of_medians(conc[name], seq[name]).fmt(2))
     report.table(scaling)
+    report.target(
+        Target(
+            "ambient + 3 components, concurrent overhead vs sequential (informative)",
+            ratio_of_medians(conc[AMBIENT3], seq[AMBIENT3]),
+            float("inf"),
+            interval=CI,
+        )
+    )
     print(f"spans exported by the dropping exporter: {tracing.exported()}\n")
     tracing.provider.shutdown()
 
 
 def _telemetry_targets(report: Report, overheads: dict[str, list[float]], mode: str) -> None:
-    untraced = overheads["ambient + 3 components"]
-    no_sdk = paired_difference(overheads["ambient + 3 components + Telemetry(), no SDK"], untraced)
+    untraced = overheads[AMBIENT3]
+    no_sdk = paired_difference(overheads[NO_SDK], untraced)
     report.target(
         Target(
             f"Telemetry() with no SDK, added per request ({mode})",
-            Stat.of(no_sdk).scaled(1e6),
+            median_interval(no_sdk).scaled(1e6),
             0.5,
             unit=" us",
+            interval=CI,
         )
     )
-    traced = overheads["ambient + 3 components, full tracing (SDK)"]
-    asgi = overheads["otel-asgi, server span only (SDK)"]
+    traced = overheads[TRACED]
     report.target(
         Target(
-            f"full tracing added to ambient + 3 vs otel-asgi server span overhead ({mode})",
-            Stat.of(paired_ratio(paired_difference(traced, untraced), asgi)),
+            f"full tracing added to ambient + 3 vs otel-asgi's server-span overhead ({mode})",
+            ratio_of_medians(paired_difference(traced, untraced), overheads[OTEL_ASGI]),
             0.5,
+            interval=CI,
         )
     )
     report.target(
         Target(
-            f"ambient + 3 + full tracing, whole overhead vs otel-asgi's ({mode}, informative)",
-            Stat.of(paired_ratio(traced, asgi)),
+            f"ambient + 3 + full tracing, whole overhead vs otel-asgi's ({mode})",
+            ratio_of(overheads, TRACED, OTEL_ASGI),
             float("inf"),
+            interval=CI,
         )
     )

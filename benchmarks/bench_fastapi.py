@@ -16,6 +16,7 @@ from typing import Annotated
 
 from benchmarks import Options, Report, Target, bench_asgi
 from benchmarks.bench_asgi import (
+    CI,
     App,
     BrokenVariantError,
     Dispatcher,
@@ -128,12 +129,12 @@ def variants(report: Report) -> list[Variant]:
 async def run(report: Report, options: Options) -> None:
     """FastAPI with a Depends chain vs ambient's integration, over a bare FastAPI route."""
     stacks = variants(report)
-    n = options.size(2000, 300)
-    rounds = options.rounds
+    n = options.size(200, 100)
+    blocks = options.rounds * 4
     for mode in ("sequential", "concurrent"):
-        results = await measure(stacks, n, rounds, concurrent_mode=mode == "concurrent")
+        results = await measure(stacks, n, blocks, concurrent_mode=mode == "concurrent")
         table, overheads = overhead_table(
-            f"FastAPI, {mode} ({n} requests x {rounds} rounds per stack)",
+            f"FastAPI, {mode} ({blocks} blocks of {n} requests per stack)",
             results,
             BARE,
             DEPENDS,
@@ -146,5 +147,6 @@ async def run(report: Report, options: Options) -> None:
                     f"FastAPI + ambient (3 Resolve) vs the Depends chain's overhead ({mode})",
                     ratio_of(overheads, AMBIENT, DEPENDS),
                     float("inf"),
+                    interval=CI,
                 )
             )

@@ -24,7 +24,7 @@ from typing import Any
 
 import ambient
 from ambient import Lifetime, Registry, UserExecutionContext
-from benchmarks import Options, Report, Stat, Table, Target, interleave, paired_ratio
+from benchmarks import Options, Report, Stat, Table, Target, interleave, ratio_of_medians
 from benchmarks.bench_asgi import (
     Dispatcher,
     FloorContext,
@@ -74,13 +74,16 @@ def _group(
     reference: str,
     unit_label: str = "ns/op",
 ) -> dict[str, Stat]:
-    table = Table(title, ["operation", unit_label, f"x {reference}"])
+    table = Table(title, ["operation", unit_label, f"x {reference} (90% CI)"])
     stats = {}
     for name, values in results.items():
         stats[name] = Stat.of(values).scaled(1e9)
-        ratio = Stat.of(paired_ratio(values, results[reference])).fmt(2)
+        ratio = ratio_of_medians(values, results[reference]).fmt(2)
         table.add(name, stats[name].fmt(0), "1" if name == reference else ratio)
-    table.notes.append("median over interleaved rounds (min-max), empty loop subtracted")
+    table.notes.append(
+        "median over interleaved rounds (min-max), empty loop subtracted; ratio of medians "
+        "(90% bootstrap interval)"
+    )
     report.table(table)
     return stats
 

@@ -116,10 +116,10 @@ async def _sections(report: Report, options: Options, chosen: Sequence[str]) -> 
             module = importlib.import_module(f"benchmarks.bench_{name}")
             await module.run(report, options)
         elif name == "telemetry":
-            args = ["--requests", "3000", "--rounds", "3"] if options.quick else []
-            _script(report, options, "telemetry", args)
+            _script(report, options, "telemetry", ["--blocks", "8"] if options.quick else [])
         elif name == "psycopg":
-            _script(report, options, "psycopg", ["--quick"] if options.quick else [])
+            args = ["--rounds", str(options.rounds)]
+            _script(report, options, "psycopg", ["--quick", *args] if options.quick else args)
         print(f"({name}: {time.perf_counter() - started:.0f} s)\n", flush=True)
 
 
@@ -139,7 +139,13 @@ def parse(argv: Sequence[str] | None) -> tuple[Options, list[str]]:
     parser.add_argument(
         "--quick", action="store_true", help="small sizes and 3 rounds: a smoke run"
     )
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (15)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="interleaved rounds (15; 3 with --quick); the in-process ASGI sections run four "
+        "times as many short blocks",
+    )
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -164,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n".join([f"$ {command.rstrip()}", *environment()]), end="\n\n", flush=True)
     asyncio.run(_sections(report, options, chosen))
     if report.targets:
-        print("## targets (judged on the median; min-max in brackets)\n")
+        print("## targets (judged on the median; its range in brackets: min-max or 90% CI)\n")
         for target in report.targets:
             print(target.render())
     for line in report.missing:
