@@ -49,7 +49,7 @@ from benchmarks.bench_asgi import (
     floor_var,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).absolute().parent.parent
 APPS = ("bare", "floor", "ambient", "ambient3")
 WRK_SCRIPT = """
 local counter = 0
