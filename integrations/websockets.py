@@ -355,28 +355,28 @@ class Connection:
             BroadcastError: the backend is unreachable.
         """
         data = _encode(event, self._hub.queue_bytes)
-        await self._hub.publish(Envelope(self.user, TO_CONNECTION, self.connection_id, data))
+        await self._hub._publish(Envelope(self.user, TO_CONNECTION, self.connection_id, data))
 
     # -- the hub's side ------------------------------------------------------------------
 
-    def offer(self, data: str | bytes) -> None:
+    def _offer(self, data: str | bytes) -> None:
         """Queue ``data`` without waiting; an overflowing socket is closed with 1013."""
         if self._done or self._closing is not None:
             return
         hub = self._hub
         size = len(data)
         if len(self._queue) >= hub.queue_size or self._queued_bytes + size > hub.queue_bytes:
-            hub.overflowed(self)
+            hub._overflowed(self)
             return
         self._queue.append(data)
         self._queued_bytes += size
-        hub.peak_queued = max(hub.peak_queued, len(self._queue))
+        hub._peak_queued = max(hub._peak_queued, len(self._queue))
         wakeup = self._wakeup
         if wakeup is not None:
             self._wakeup = None
             wakeup.set()
 
-    def request_close(self, code: int, reason: str, *, drain: bool) -> None:
+    def _request_close(self, code: int, reason: str, *, drain: bool) -> None:
         """Close the socket from the writer (after the queue, when ``drain``), within the
         hub's ``close_timeout``; past it the connection's block is cancelled."""
         if self._closing is not None:
@@ -388,12 +388,12 @@ class Connection:
             self._queued_bytes = 0
         self._limit_writer()
 
-    def finish(self) -> None:
+    def _finish(self) -> None:
         """The handler is done: write what is queued (within ``close_timeout``), then stop."""
         self._done = True
         self._limit_writer()
 
-    def abort(self) -> None:
+    def _abort(self) -> None:
         """The handler failed: stop writing now."""
         self._done = True
         self._queue.clear()
@@ -410,10 +410,10 @@ class Connection:
             self._wakeup = None
             wakeup.set()
 
-    async def run_writer(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+    async def _run_writer(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         """Drain the queue into the socket, in order; then close it if the hub asked to."""
         websocket = self._websocket
-        finished = False
+        finished = failed = False
         with anyio.CancelScope() as scope:
             self._writer_scope = scope
             task_status.started()
@@ -436,13 +436,15 @@ class Connection:
                     await websocket.close(closing[0], closing[1])
             except Exception:  # whatever the server raised, the socket is gone
                 logger.debug("ambient: send to %r failed; dropping it", self, exc_info=True)
-                self._hub.send_failed(self)
+                failed = self._hub._send_failed(self)
             finished = True
         self._writer_scope = None
-        if not finished and self._closing is not None:
-            # The socket did not take its close frame within close_timeout (a client that
-            # stopped reading): end the handler's block so the server tears the socket down.
-            logger.info("ambient: %r did not close within close_timeout; cancelling it", self)
+        if failed or self._closing is not None:
+            # The hub ended this connection: end the handler's block as well. The socket
+            # is closed or broken, and a framework WebSocket refuses to receive once it has
+            # been closed from this side (Starlette raises WebSocketDisconnected).
+            if not finished:
+                logger.info("ambient: %r did not close within close_timeout", self)
             block = self._block_scope
             if block is not None:
                 block.cancel()
@@ -495,11 +497,11 @@ class ConnectionHub:
         self.close_timeout = close_timeout
         self._users: dict[UserRef, dict[str, Connection]] = {}
         self._count = 0
-        self.peak_queued = 0
+        self._peak_queued = 0
         self._overflows = 0
         self._send_failures = 0
         self._replaced = 0
-        self.backend.attach(self.deliver)
+        self.backend.attach(self._deliver)
 
     def install(self, registry: Registry) -> None:
         """Register this hub (APP) and :class:`UserWebSocketManager` (REQUEST) in
@@ -523,7 +525,7 @@ class ConnectionHub:
             users=len(self._users),
             queued=sum(len(c._queue) for c in connections),
             queued_bytes=sum(c._queued_bytes for c in connections),
-            peak_queued=self.peak_queued,
+            peak_queued=self._peak_queued,
             overflows=self._overflows,
             send_failures=self._send_failures,
             replaced=self._replaced,
@@ -538,16 +540,16 @@ class ConnectionHub:
         for user in list(self._users.values()):
             for connection in list(user.values()):
                 self._remove(connection)
-                connection.request_close(CLOSE_GOING_AWAY, "server shutting down", drain=True)
+                connection._request_close(CLOSE_GOING_AWAY, "server shutting down", drain=True)
         await self.backend.aclose()
 
     # -- delivery ------------------------------------------------------------------------
 
-    async def publish(self, envelope: Envelope) -> None:
-        """Hand ``envelope`` to the backend (which calls :meth:`deliver` in each process)."""
+    async def _publish(self, envelope: Envelope) -> None:
+        """Hand ``envelope`` to the backend (which calls :meth:`_deliver` in each process)."""
         await self.backend.publish(envelope)
 
-    def deliver(self, envelope: Envelope) -> None:
+    def _deliver(self, envelope: Envelope) -> None:
         """Queue ``envelope`` on the matching sockets this process holds (never waits)."""
         connections = self._users.get(envelope.user)
         if not connections:
@@ -558,20 +560,20 @@ class ConnectionHub:
         if mode == TO_CONNECTION:
             connection = connections.get(target) if target is not None else None
             if connection is not None:
-                connection.offer(data)
+                connection._offer(data)
             return
         for connection in list(connections.values()):
             if mode == TO_USER or connection.thread_id == target:
-                connection.offer(data)
+                connection._offer(data)
 
     # -- registration --------------------------------------------------------------------
 
     @asynccontextmanager
-    async def connect(
+    async def _connect(
         self, ctx: UserExecutionContext, websocket: WebSocketLike, *, accept: bool = True
     ) -> AsyncIterator[Connection]:
-        """Register ``websocket`` for ``ctx`` while the block runs (see
-        :meth:`UserWebSocketManager.connect`, the public way in)."""
+        """Register ``websocket`` for ``ctx`` while the block runs (the way in is
+        :meth:`UserWebSocketManager.connect`, which takes ``ctx`` from the binding)."""
         connection = Connection(self, websocket, ctx)
         user = connection.user
         existing = self._users.get(user)
@@ -584,21 +586,28 @@ class ConnectionHub:
             if accept:
                 await _refuse_after_accept(websocket, str(error))
             raise
+        failure: BaseException | None = None
         try:
             if accept:
                 await websocket.accept()
             async with anyio.create_task_group() as tg:
                 connection._block_scope = tg.cancel_scope
-                await tg.start(connection.run_writer)
+                await tg.start(connection._run_writer)
                 self._add(connection)
                 try:
                     yield connection
-                except BaseException:
-                    connection.abort()
+                except anyio.get_cancelled_exc_class():
+                    connection._abort()
                     raise
+                except BaseException as error:  # noqa: BLE001 - re-raised below
+                    connection._abort()
+                    # Re-raised below the task group, which would wrap it in a group.
+                    failure = error
                 finally:
                     self._remove(connection)
-                    connection.finish()
+                    connection._finish()
+            if failure is not None:
+                raise failure
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.close_timeout):
                 try:
@@ -612,7 +621,7 @@ class ConnectionHub:
             oldest = next(iter(connections.values()))
             self._remove(oldest)
             self._replaced += 1
-            oldest.request_close(
+            oldest._request_close(
                 CLOSE_POLICY_VIOLATION,
                 f"too many connections (limit {self.max_connections_per_user}); "
                 "replaced by a newer one",
@@ -630,7 +639,7 @@ class ConnectionHub:
         if not connections:
             del self._users[connection.user]
 
-    def overflowed(self, connection: Connection) -> None:
+    def _overflowed(self, connection: Connection) -> None:
         """``connection`` fell ``queue_size`` events behind: drop it and close it with 1013."""
         self._remove(connection)
         self._overflows += 1
@@ -639,17 +648,19 @@ class ConnectionHub:
             connection,
             self.queue_size,
         )
-        connection.request_close(
+        connection._request_close(
             CLOSE_TRY_AGAIN_LATER, "too slow: the event queue overflowed", drain=False
         )
 
-    def send_failed(self, connection: Connection) -> None:
-        """A send to ``connection`` failed: it is gone."""
+    def _send_failed(self, connection: Connection) -> bool:
+        """A send to ``connection`` failed: it is gone. Return whether its handler was
+        still using it (rather than already leaving or being closed by the hub)."""
         if connection._done or connection._closing is not None:
-            return
+            return False
         connection._done = True
         self._remove(connection)
         self._send_failures += 1
+        return True
 
 
 async def _refuse_after_accept(websocket: WebSocketLike, reason: str) -> None:
@@ -706,7 +717,7 @@ class UserWebSocketManager:
         """
         ctx = self._bound()
         data = _encode(event, self._hub.queue_bytes)
-        await self._hub.publish(Envelope(ctx.user, TO_THREAD, ctx.thread_id, data))
+        await self._hub._publish(Envelope(ctx.user, TO_THREAD, ctx.thread_id, data))
 
     async def broadcast_user(self, event: Event) -> None:
         """Send ``event`` to every socket of the current user, on every thread.
@@ -716,7 +727,7 @@ class UserWebSocketManager:
         """
         ctx = self._bound()
         data = _encode(event, self._hub.queue_bytes)
-        await self._hub.publish(Envelope(ctx.user, TO_USER, None, data))
+        await self._hub._publish(Envelope(ctx.user, TO_USER, None, data))
 
     def connect(
         self, websocket: WebSocketLike, *, accept: bool = True
@@ -728,16 +739,19 @@ class UserWebSocketManager:
         subprotocol), subscribed and registered before the block starts, so an event sent
         after that reaches it. It is unregistered when the block ends, when a send to it
         fails, when it falls behind (closed with 1013) or when the user opens more than
-        ``max_connections_per_user`` sockets (the oldest is closed with 1008). When the
-        socket does not take its close frame within ``close_timeout``, the block is
-        cancelled and exits quietly. Send to this socket alone with ``connection.send``.
+        ``max_connections_per_user`` sockets (the oldest is closed with 1008).
+
+        The block is the socket's lifetime: when the hub ends the connection (a failed
+        send, 1013, 1008, or 1001 at shutdown) it cancels the block, which then exits
+        quietly; the code after it runs as usual. Work that must outlive the socket
+        belongs outside the block. Send to this socket alone with ``connection.send``.
 
         Raises:
             BroadcastError: the backend could not subscribe (the socket is accepted and
                 closed with 1013 first).
         """
         ctx = self._bound()
-        return self._hub.connect(ctx, websocket, accept=accept)
+        return self._hub._connect(ctx, websocket, accept=accept)
 
 
 def message_scope(operation: str = "websocket.message", **metadata: object) -> Scope:

@@ -68,6 +68,9 @@ def build_app(hub: ConnectionHub, ledger: Ledger, sockets: Sockets) -> Starlette
                 async with aclosing(websocket.iter_text()) as texts:
                     async for text in texts:
                         await handle(json.loads(text), connection, held)
+        except BaseException as error:
+            ledger.note(f"socket failed: {type(error).__name__}", ctx.user_id)
+            raise
         finally:
             ledger.note("socket closed", ctx.user_id)
 
