@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import anyio
 import psycopg
-from psycopg import AsyncConnection, sql
+from psycopg import AsyncConnection, AsyncCursor, sql
 from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout, TooManyRequests
@@ -265,17 +265,21 @@ async def check_rls(
     conn: AsyncConnection[Any],
     tables: Iterable[str] = (),
     *,
+    settings: Iterable[str] = (),
     action: Literal["raise", "warn"] = "raise",
 ) -> list[str]:
     """Check that row-level security applies to ``conn``'s role.
 
     A superuser or a role with ``BYPASSRLS`` ignores every policy; the owner of a table
     ignores its policies unless ``FORCE ROW LEVEL SECURITY`` is set; a table without
-    ``ENABLE ROW LEVEL SECURITY`` has no policies in force. Each of these is a problem.
+    ``ENABLE ROW LEVEL SECURITY`` has no policies in force; a setting that a role or
+    database default presets (``ALTER ROLE ... SET app.user_id``) makes every session
+    start as somebody. Each of these is a problem.
 
     Args:
-        conn: A connection opened the way the application opens its own.
+        conn: A fresh connection, opened the way the application opens its own.
         tables: The protected tables (``"schema.table"`` or a name on the search path).
+        settings: Settings that must start empty (``"app.user_id"``, ...).
         action: ``"raise"`` :class:`RowSecurityError`, or ``"warn"``
             :class:`RowSecurityWarning`, when there are problems.
 
@@ -320,6 +324,15 @@ async def check_rls(
                     f"role {role!r} owns {table!r}, and owners bypass its policies unless "
                     f"ALTER TABLE {table} FORCE ROW LEVEL SECURITY"
                 )
+        for name in settings:
+            await cur.execute("SELECT current_setting(%s, true)", (name,), prepare=False)
+            preset = await cur.fetchone()
+            if preset is not None and preset[0]:
+                problems.append(
+                    f"setting {name!r} is preset for this role or database, so every session "
+                    f"starts with a value in it: ALTER ROLE {role} RESET {name} (or ALTER "
+                    "DATABASE)"
+                )
     if conn.pgconn.transaction_status != _IDLE and not conn.autocommit:
         await conn.rollback()
     if problems:
@@ -361,6 +374,15 @@ class _Gate:
     def __init__(self, limit: int) -> None:
         self.semaphore = anyio.Semaphore(limit, fast_acquire=True)
         self.refs = 0
+
+
+# What the reset is checked by: current_user, session_user, advisory locks released (and
+# NULL-tested, to be a column), statements from SQL PREPARE (psycopg's own are
+# protocol-level); the settings follow.
+_CHECK = (
+    "current_user, session_user, pg_catalog.pg_advisory_unlock_all() IS NULL, "
+    "EXISTS (SELECT FROM pg_catalog.pg_prepared_statements WHERE from_sql)"
+)
 
 
 class SharedPool:
@@ -410,8 +432,9 @@ class SharedPool:
     """
 
     # DISCARD ALL, less DEALLOCATE ALL (psycopg tracks the statements it prepared and would
-    # not notice them gone) and DISCARD PLANS (cached plans show nobody anything). Sent as
-    # one simple-protocol string after COMMIT, ROLLBACK or nothing; the check follows it.
+    # not notice them gone; the check below refuses statements prepared with SQL PREPARE)
+    # and DISCARD PLANS (cached plans show nobody anything). Sent as one simple-protocol
+    # string after COMMIT, ROLLBACK or nothing; the check follows it.
     _RESET_SQL = (
         "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; "
         "DISCARD TEMP; DISCARD SEQUENCES"
@@ -456,11 +479,8 @@ class SharedPool:
         self._set_sql = _set_config_sql(len(self._names), local=True) if self._names else ""
         reads = [sql.SQL("current_setting({}, true)").format(sql.Literal(n)) for n in self._names]
         self._reset_sql = (
-            sql.SQL(
-                self._RESET_SQL + "; SELECT current_user, session_user, "
-                "pg_catalog.pg_advisory_unlock_all() IS NULL{}{}"
-            )
-            .format(sql.SQL(", " if reads else ""), sql.SQL(", ").join(reads))
+            sql.SQL("{}; SELECT {}")
+            .format(sql.SQL(self._RESET_SQL), sql.SQL(", ").join([sql.SQL(_CHECK), *reads]))
             .as_string()
         )
         self._kwargs = {**(kwargs or {}), "autocommit": True}
@@ -511,7 +531,9 @@ class SharedPool:
             try:
                 if self.rls_check != "off":
                     async with pool.connection(timeout=self.timeout) as conn:
-                        await check_rls(conn, self.rls_tables, action=self.rls_check)
+                        await check_rls(
+                            conn, self.rls_tables, settings=self._names, action=self.rls_check
+                        )
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     await pool.close()
@@ -588,6 +610,7 @@ class SharedPool:
         self,
         pool: AsyncConnectionPool[AsyncConnection[Any]],
         conn: AsyncConnection[Any],
+        cur: AsyncCursor[Any] | None,
         cancel: PGcancel,
         exc: BaseException | None,
     ) -> Exception | None:
@@ -599,9 +622,9 @@ class SharedPool:
         error: Exception | None = None
         with anyio.CancelScope(shield=True):
             try:
-                if await _cancel_broken(conn, cancel):
-                    return None
                 status = conn.pgconn.transaction_status
+                if (conn.closed or status == _ACTIVE) and await _cancel_broken(conn, cancel):
+                    return None
                 if status == _IDLE and exc is None:
                     error = psycopg.ProgrammingError(
                         "the checkout's transaction was ended inside it (conn.commit(), "
@@ -609,18 +632,21 @@ class SharedPool:
                         "the context's settings. Let the checkout commit when its block ends"
                     )
                 end = "" if status == _IDLE else "COMMIT; " if exc is None else "ROLLBACK; "
-                error = await self._reset(conn, end) or error
+                if cur is None:
+                    cur = conn.cursor(row_factory=tuple_row)
+                error = await self._reset(conn, cur, end) or error
             finally:
                 await pool.putconn(conn)
         return error
 
-    async def _reset(self, conn: AsyncConnection[Any], end: str) -> Exception | None:
+    async def _reset(
+        self, conn: AsyncConnection[Any], cur: AsyncCursor[Any], end: str
+    ) -> Exception | None:
         # The end of the transaction and the reset travel in one round trip. If the commit
         # fails, the rest of the string is skipped: the reset then runs on its own, and the
         # commit's error goes to the caller. A connection that cannot be reset and shown
         # clean is closed, whatever went wrong.
         failure: Exception | None = None
-        cur = conn.cursor(row_factory=tuple_row)  # whatever row factory the handler set
         try:
             try:
                 await cur.execute(end + self._reset_sql)
@@ -634,9 +660,9 @@ class SharedPool:
                 pass
             row = await cur.fetchone()
             login = conn.info.user
-            # current_user, session_user, (advisory locks released), then every setting.
+            # The columns of _CHECK, then every setting.
             if row is None or row[0] != login or row[1] != login or any(row[3:]):
-                await self._discard(conn, "it kept session state (a role default?)")
+                await self._discard(conn, "it kept session state (PREPARE, a role default?)")
                 return failure
             await self._restore(conn)
         except Exception as exc:  # noqa: BLE001 - never hand on a connection not shown clean
@@ -710,7 +736,7 @@ class SharedPool:
 
 
 class _SharedCheckout:
-    __slots__ = ("_cancel", "_conn", "_gate", "_owner", "_pool", "_timeout", "_user")
+    __slots__ = ("_cancel", "_conn", "_cur", "_gate", "_owner", "_pool", "_timeout", "_user")
 
     def __init__(self, owner: SharedPool, timeout: float) -> None:
         self._owner = owner
@@ -749,10 +775,13 @@ class _SharedCheckout:
         self._user = user
         self._cancel = conn.pgconn.get_cancel()
         self._conn = conn
+        self._cur = None
         try:
-            await conn.execute("BEGIN")
+            # One cursor for the checkout's own statements, with a known row factory.
+            self._cur = cur = conn.cursor(row_factory=tuple_row)
+            await cur.execute("BEGIN")
             if owner._names:
-                await conn.execute(owner._set_sql, _values(ctx, owner))
+                await cur.execute(owner._set_sql, _values(ctx, owner), prepare=True)
         except BaseException as exc:
             await self._finish(exc)
             raise
@@ -805,7 +834,7 @@ class _SharedCheckout:
         self._conn = None
         owner = self._owner
         try:
-            return await owner._give_back(self._pool, conn, self._cancel, exc)
+            return await owner._give_back(self._pool, conn, self._cur, self._cancel, exc)
         finally:
             self._gate.semaphore.release()
             owner.checked_out -= 1

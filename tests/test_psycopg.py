@@ -359,7 +359,7 @@ async def test_shared_commit_inside_checkout_is_reported(db: Database, shared: S
             await conn.execute(db.sql("INSERT INTO {notes} (owner, body) VALUES ('alice', 'x')"))
             await conn.commit()
             assert await _scalar(conn, db.sql("SELECT count(*) FROM {notes}")) == 0
-    assert await _shared_idle(shared)
+    await _eventually(lambda: _shared_idle(shared), "pool idle again")
 
 
 async def test_shared_set_local_is_effective_with_no_warning(shared: SharedPool) -> None:
@@ -457,6 +457,24 @@ async def test_shared_session_state_is_reset(db: Database) -> None:
         assert row == ('"$user", public', True, 0)
 
 
+async def test_shared_sql_prepared_statement_is_not_handed_on(db: Database) -> None:
+    """A statement prepared with SQL PREPARE (which the reset keeps, as it keeps psycopg's
+    own) makes the connection dirty: it is closed, and the next user cannot EXECUTE it."""
+    async with SharedPool(
+        db.app_url, min_size=1, max_size=1, timeout=5, rls_check="raise", kwargs=db.kwargs()
+    ) as pool:
+        with bind_context(_ctx("alice")):
+            async with pool.connection() as conn:
+                pid = conn.info.backend_pid
+                await conn.execute("PREPARE alice_secret AS SELECT 'alice-only'")
+        with bind_context(_ctx("bob"), allow_switch=True):
+            async with pool.connection() as conn:
+                assert conn.info.backend_pid != pid
+                with pytest.raises(psycopg.errors.InvalidSqlStatementName):
+                    await conn.execute("EXECUTE alice_secret")
+        assert pool.stats().discarded == 1
+
+
 async def test_shared_dirty_connection_is_discarded(db: Database) -> None:
     """When the reset cannot clean a connection, it is closed and replaced, never handed
     on (the reset is sabotaged to simulate one that fails)."""
@@ -464,7 +482,8 @@ async def test_shared_dirty_connection_is_discarded(db: Database) -> None:
         db.app_url, min_size=1, max_size=1, timeout=5, rls_check="raise", kwargs=db.kwargs()
     ) as pool:
         pool._reset_sql = (  # a reset that resets nothing
-            "SELECT current_user, session_user, NULL, current_setting('app.user_id', true), "
+            "SELECT current_user, session_user, NULL, false, "
+            "current_setting('app.user_id', true), "
             "current_setting('app.tenant_id', true)"
         )
         with bind_context(_ctx("alice")):
@@ -487,7 +506,8 @@ async def test_shared_settings_are_transaction_local(db: Database) -> None:
         db.app_url, min_size=1, max_size=1, timeout=5, rls_check="raise", kwargs=db.kwargs()
     ) as pool:
         pool._reset_sql = (  # a reset that resets nothing: only the check remains
-            "SELECT current_user, session_user, NULL, current_setting('app.user_id', true), "
+            "SELECT current_user, session_user, NULL, false, "
+            "current_setting('app.user_id', true), "
             "current_setting('app.tenant_id', true)"
         )
         pids: set[int] = set()
@@ -760,6 +780,37 @@ async def test_check_rls_detects_superuser(db: Database) -> None:
             problems = await check_rls(conn, [db.notes], action="warn")
         assert problems == info.value.problems
         assert conn.info.transaction_status is TransactionStatus.IDLE
+
+
+async def test_check_rls_detects_bypassrls(db: Database) -> None:
+    """A role with BYPASSRLS ignores every policy: check_rls says so."""
+    role = f"ambient_byp_{uuid.uuid4().hex[:12]}"
+    with _admin() as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN NOSUPERUSER BYPASSRLS")
+    try:
+        async with await psycopg.AsyncConnection.connect(_url_for(role)) as conn:
+            with pytest.raises(RowSecurityError, match="BYPASSRLS"):
+                await check_rls(conn)
+    finally:
+        with _admin() as admin:
+            admin.execute(f"DROP ROLE {role}")
+
+
+async def test_check_rls_detects_a_preset_setting(db: Database) -> None:
+    """A role default for app.user_id would make every session start as that user: the
+    self-check of a SharedPool refuses it."""
+    async with await psycopg.AsyncConnection.connect(db.app_url) as conn:
+        role = str(await _scalar(conn, "SELECT current_user"))
+    with _admin() as admin:
+        admin.execute(f"ALTER ROLE {role} SET app.user_id = 'alice'")
+    try:
+        pool = SharedPool(db.app_url, min_size=0, max_size=1, rls_check="raise")
+        with pytest.raises(RowSecurityError, match="preset"):
+            await pool.open()
+        assert not pool.opened
+    finally:
+        with _admin() as admin:
+            admin.execute(f"ALTER ROLE {role} RESET app.user_id")
 
 
 async def test_check_rls_detects_owner_without_force(db: Database) -> None:
