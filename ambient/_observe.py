@@ -51,6 +51,15 @@ class Observer:
     observer that raises is logged and otherwise ignored: it never breaks a request.
     """
 
+    @property
+    def active(self) -> bool:
+        """Whether this observer wants the scope that is opening; read once per scope.
+
+        An inactive observer is left out of that scope entirely (no hooks are called and no
+        events are built for it), so a dormant telemetry costs next to nothing.
+        """
+        return True
+
     def scope_opened(self, scope: Scope) -> None:
         """A scope was opened and its context bound."""
 

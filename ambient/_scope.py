@@ -52,6 +52,13 @@ class Scope:
     Exiting raises :class:`~ambient.errors.CleanupError` when cleanups failed, unless the
     body itself raised: then the body's exception propagates with the failures attached as
     a note.
+
+    Attributes:
+        context: The bound context.
+        exception: What ended the scope's body (an exception or a cancellation), for
+            observers; ``None`` when it ended normally.
+        components_created: Components this scope created.
+        cleanup_failures: Cleanups that failed when it closed.
     """
 
     __slots__ = (
@@ -71,6 +78,7 @@ class Scope:
         "cleanup_failures",
         "components_created",
         "context",
+        "exception",
         "observers",
     )
 
@@ -99,6 +107,7 @@ class Scope:
         self.observers: tuple[Observer, ...] = ()
         self.components_created = 0
         self.cleanup_failures = 0
+        self.exception: BaseException | None = None
 
     @property
     def registry(self) -> Registry:
@@ -142,6 +151,8 @@ class Scope:
         extra = self._extra
         if extra is not None and extra not in observers:
             observers = (*observers, extra)
+        if observers:
+            observers = _active(observers)
         self.observers = observers
         if observers:
             notify(observers, "scope_opened", self)
@@ -179,6 +190,8 @@ class Scope:
         return tuple(await self._close(exc))
 
     async def _close(self, exc: BaseException | None) -> list[Exception]:
+        if exc is not None and self.exception is None:
+            self.exception = exc
         if self._closed or not self._opened:
             self._closed = True
             return []
@@ -431,3 +444,9 @@ class _View:
     def resolve_sync(self, key: Hashable) -> Any:
         self._check(key)
         return self._scope.resolve_sync(key)
+
+
+def _active(observers: tuple[Observer, ...]) -> tuple[Observer, ...]:
+    if len(observers) == 1:
+        return observers if observers[0].active else ()
+    return tuple(o for o in observers if o.active)

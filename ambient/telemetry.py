@@ -525,7 +525,14 @@ class Telemetry(Observer):
             try:
                 span.set_attribute("ambient.components.created", scope.components_created)
                 span.set_attribute("ambient.cleanup.failures", len(failures))
-                if failures:
+                ended_by = scope.exception
+                if isinstance(ended_by, Exception):
+                    span.record_exception(ended_by)
+                    span.set_status(Status(StatusCode.ERROR, type(ended_by).__name__))
+                elif ended_by is not None:
+                    # Cancelled (or the interpreter is exiting): not an error of the request.
+                    span.set_attribute("ambient.cancelled", True)
+                elif failures:
                     span.set_status(
                         Status(StatusCode.ERROR, f"{len(failures)} component cleanup(s) failed")
                     )

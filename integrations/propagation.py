@@ -47,7 +47,7 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
-from types import MappingProxyType, TracebackType
+from types import TracebackType
 from typing import Any, Final
 
 from opentelemetry import propagate
@@ -574,8 +574,9 @@ def signed_context(
     others in :func:`~ambient.middleware.identity.first_of`). A token that is tampered
     with, signed with an unknown key, expired or for another audience, a repeated header,
     a token from a peer outside ``trusted``, and request or thread id headers that
-    contradict the token are all refused with 401. The caller's run becomes the
-    ``parent_run_id`` claim (and its depth the ``depth`` claim) of the identity.
+    contradict the token are all refused with 401. The request's context continues the
+    caller's: same user, tenant, thread and request ids, a new run whose parent is the
+    caller's run.
 
     Args:
         secret: As for :func:`capture`; read once, when the resolver is built.
@@ -614,7 +615,6 @@ def signed_context(
                 raise InvalidTokenError(
                     "mismatch", f"the {name} header does not match the signed context"
                 )
-        claims = MappingProxyType({"parent_run_id": caller.run_id, "depth": caller.depth + 1})
-        return Identity(caller.user_id, caller.tenant_id, claims)
+        return Identity(caller.user_id, caller.tenant_id, parent=caller)
 
     return resolve

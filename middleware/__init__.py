@@ -5,6 +5,7 @@ live in :mod:`ambient.middleware.identity`.
 """
 
 from ambient.middleware._asgi import AmbientMiddleware
+from ambient.middleware._problem import Problem
 from ambient.middleware.identity import (
     Identity,
     IdentityResolver,
@@ -17,6 +18,7 @@ __all__ = [
     "AmbientMiddleware",
     "Identity",
     "IdentityResolver",
+    "Problem",
     "first_of",
     "scope_user",
     "trusted_header",

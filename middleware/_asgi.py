@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -18,7 +19,7 @@ from ambient.errors import (
     TooManyRequestsError,
 )
 from ambient.middleware._problem import Problem, Receive, Send
-from ambient.middleware.identity import IdentityResolver, resolve_identity
+from ambient.middleware.identity import Identity, IdentityResolver, resolve_identity
 
 __all__ = ["AmbientMiddleware"]
 
@@ -239,6 +240,8 @@ class AmbientMiddleware:
                 request_id=request_id,
                 connection_id=new_id() if websocket else None,
             )
+        if identity.parent is not None:
+            return _continued(identity, identity.parent, websocket)
         return UserExecutionContext.create(
             identity.user_id,
             tenant_id=identity.tenant_id,
@@ -356,6 +359,19 @@ class AmbientMiddleware:
 class _Refused(Exception):  # noqa: N818 - control flow, never escapes
     def __init__(self, problem: Problem) -> None:
         self.problem = problem
+
+
+def _continued(
+    identity: Identity, parent: UserExecutionContext, websocket: bool
+) -> UserExecutionContext:
+    """The context of a request that continues another run (see ``Identity.parent``)."""
+    if (parent.user_id, parent.tenant_id) != (identity.user_id, identity.tenant_id):
+        raise IdentityError("the identity and the context it continues name different users")
+    metadata = {"claims": identity.claims} if identity.claims else {}
+    ctx = parent.child("request", **metadata)
+    if websocket:
+        ctx = dataclasses.replace(ctx, connection_id=new_id())
+    return ctx
 
 
 def _header_name(name: str) -> bytes:

@@ -25,6 +25,8 @@ from ambient.errors import IdentityError
 if TYPE_CHECKING:
     from jwt import PyJWKClient
 
+    from ambient._context import UserExecutionContext
+
 __all__ = [
     "Identity",
     "IdentityError",
@@ -49,11 +51,16 @@ class Identity:
         tenant_id: The tenant, when the application has tenants.
         claims: What else the resolver learnt (token claims, auth scopes); becomes the
             ``claims`` entry of the context's metadata. Never put secrets here.
+        parent: The context this request continues, when a resolver verified one (a signed
+            context from another service): the request's context becomes its child, with
+            the parent's user, tenant, thread and request ids and a new run whose parent is
+            the parent's run. Its user and tenant must be ``user_id`` and ``tenant_id``.
     """
 
     user_id: str
     tenant_id: str | None = None
     claims: Mapping[str, Any] = field(default_factory=lambda: _NO_CLAIMS)
+    parent: UserExecutionContext | None = None
 
 
 IdentityResolver: TypeAlias = Callable[

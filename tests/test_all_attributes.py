@@ -11,6 +11,7 @@ import pytest
 import ambient
 import ambient.check
 import ambient.errors
+import ambient.integrations.websockets
 import ambient.middleware
 import ambient.middleware.identity
 import ambient.migration
@@ -23,6 +24,7 @@ import ambient.testing
         ambient,
         ambient.check,
         ambient.errors,
+        ambient.integrations.websockets,
         ambient.middleware,
         ambient.middleware.identity,
         ambient.migration,

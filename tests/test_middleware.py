@@ -609,3 +609,40 @@ async def test_user_components_are_shared_by_one_users_requests_only() -> None:
     assert len({body["probe"] for body in bodies}) == 5
     await registry.aclose()
     assert ledger.problems() == []
+
+
+class TestContinuedRuns:
+    async def test_an_identity_with_a_parent_continues_its_run(self) -> None:
+        parent = UserExecutionContext.create("ann", tenant_id="t1", thread_id="th-1")
+
+        def resolver(scope: Any) -> Identity:
+            header = dict(scope["headers"]).get(b"x-as", b"ann").decode()
+            return Identity(header, "t1", parent=parent)
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            ctx = ambient.get_current_context()
+            body = json.dumps(
+                {
+                    "user": ctx.user_id,
+                    "thread": ctx.thread_id,
+                    "parent": ctx.parent_run_id,
+                    "depth": ctx.depth,
+                    "run": ctx.run_id,
+                }
+            ).encode()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": body})
+
+        middleware = AmbientMiddleware(app, registry=Registry(), identity=resolver)
+        async with client(middleware) as http:
+            continued = await http.get("/")
+            mismatch = await http.get("/", headers={"x-as": "mallory"})
+        body = continued.json()
+        assert (body["user"], body["thread"], body["parent"], body["depth"]) == (
+            "ann",
+            "th-1",
+            parent.run_id,
+            1,
+        )
+        assert body["run"] != parent.run_id
+        assert "different users" in assert_problem(mismatch, 400)["detail"]

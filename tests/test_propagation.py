@@ -389,7 +389,8 @@ def downstream(
                 "thread": ctx.thread_id,
                 "request": ctx.request_id,
                 "run": ctx.run_id,
-                "claims": dict(ctx.metadata["claims"]),  # type: ignore[call-overload]
+                "parent_run": ctx.parent_run_id,
+                "depth": ctx.depth,
                 "probe_user": probe.user_id,
             }
         )
@@ -429,7 +430,7 @@ class TestSignedContext:
             "conversation-7",
             "request-42",
         )
-        assert body["claims"] == {"parent_run_id": ctx.run_id, "depth": 1}
+        assert (body["parent_run"], body["depth"]) == (ctx.run_id, 1)
         assert body["run"] != ctx.run_id
         assert body["probe_user"] == "alice"
 
@@ -594,7 +595,7 @@ async def test_two_services_one_user_one_trace(spans: Spans) -> None:
             sent["x-thread-id"],
             sent["x-request-id"],
         )
-        assert b["claims"] == {"parent_run_id": body["a"]["run"], "depth": 1}
+        assert (b["parent_run"], b["depth"]) == (body["a"]["run"], 1)
         assert b["run"] != body["a"]["run"]
 
     await anyio.to_thread.run_sync(

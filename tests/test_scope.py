@@ -573,3 +573,55 @@ class TestHold:
                 body_done.set()
             order.append("closed")
         assert order == ["component", "cleaned", "closed"]
+
+
+class TestObservers:
+    async def test_an_inactive_observer_sees_nothing_of_the_scope(self) -> None:
+        calls: list[str] = []
+
+        class Dormant(ambient.Observer):
+            @property
+            def active(self) -> bool:
+                return False
+
+            def scope_opened(self, scope: ambient.Scope) -> None:
+                calls.append("opened")
+
+            def component_created(self, event: ambient.ComponentEvent) -> None:
+                calls.append("created")
+
+        class Awake(ambient.Observer):
+            def component_created(self, event: ambient.ComponentEvent) -> None:
+                calls.append("awake created")
+
+        registry = Registry(telemetry=Dormant())
+        registry.register(Counter, Counter)
+        async with registry.open_scope(ctx(), observer=Awake()) as scope:
+            await ambient.resolve(Counter)
+            assert len(scope.observers) == 1
+        assert calls == ["awake created"]
+
+    async def test_observers_see_what_ended_the_body(self) -> None:
+        ended: list[BaseException | None] = []
+
+        class Watcher(ambient.Observer):
+            def scope_closed(
+                self, scope: ambient.Scope, failures: tuple[BaseException, ...]
+            ) -> None:
+                ended.append(scope.exception)
+
+        registry = Registry(telemetry=Watcher())
+        failure = ValueError("body failed")
+        async with registry.open_scope(ctx()):
+            pass
+        with pytest.raises(ValueError, match="body failed"):
+            async with registry.open_scope(ctx()):
+                raise failure
+        with anyio.CancelScope() as cancelled:
+            async with registry.open_scope(ctx()):
+                cancelled.cancel()
+                await anyio.sleep_forever()
+        assert ended[0] is None
+        assert ended[1] is failure
+        assert ended[2] is not None
+        assert not isinstance(ended[2], Exception)

@@ -190,6 +190,22 @@ class TestScopeSpan:
         }
         assert span.status.status_code is StatusCode.UNSET
 
+    async def test_a_failing_or_cancelled_body_marks_the_scope_span(self, otel: Otel) -> None:
+        registry = Registry(telemetry=otel.telemetry())
+        with pytest.raises(LookupError):
+            async with registry.open_scope(ctx("failing")):
+                raise LookupError("no such agent")
+        with anyio.CancelScope() as cancelled:
+            async with registry.open_scope(ctx("cancelled")):
+                cancelled.cancel()
+                await anyio.sleep_forever()
+        failed, interrupted = otel.spans.named("ambient.scope")
+        assert failed.status.status_code is StatusCode.ERROR
+        assert failed.status.description == "LookupError"
+        assert [e.name for e in failed.events] == ["exception"]
+        assert interrupted.status.status_code is StatusCode.UNSET
+        assert (interrupted.attributes or {})["ambient.cancelled"] is True
+
     async def test_scope_span_is_current_inside_and_restored_after(self, otel: Otel) -> None:
         """Inside the scope the scope span is current; afterwards the outer span is again."""
         tracer = otel.tracer_provider.get_tracer("test")
