@@ -196,7 +196,9 @@ def _check_rls_mode(mode: str) -> None:
 async def _send_cancel(cancel: PGcancel) -> None:
     """Cancel the connection's running query on the server (libpq's blocking call)."""
     try:
-        await anyio.to_thread.run_sync(cancel.cancel)
+        # A limiter of its own: the default one may be spent by threads that wait for a
+        # connection, which this very cancel is about to give back.
+        await anyio.to_thread.run_sync(cancel.cancel, limiter=anyio.CapacityLimiter(1))
     except Exception:  # noqa: BLE001 - best effort: the server may already be done
         return
 
@@ -367,13 +369,44 @@ class SharedPoolStats:
 
 
 class _Gate:
-    """One user's share of a :class:`SharedPool`."""
+    """One user's share of a :class:`SharedPool`: at most ``limit`` connections held, the
+    rest wait in line (a place freed is handed to the first in line)."""
 
-    __slots__ = ("refs", "semaphore")
+    __slots__ = ("held", "refs", "waiters")
 
-    def __init__(self, limit: int) -> None:
-        self.semaphore = anyio.Semaphore(limit, fast_acquire=True)
-        self.refs = 0
+    def __init__(self) -> None:
+        self.held = 0
+        self.refs = 0  # checkouts in progress, waiting or holding
+        self.waiters: deque[anyio.Event] = deque()
+
+    def try_acquire(self, limit: int) -> bool:
+        if self.held < limit and not self.waiters:
+            self.held += 1
+            return True
+        return False
+
+    async def acquire(self, within: float) -> bool:
+        event = anyio.Event()
+        self.waiters.append(event)
+        try:
+            with anyio.move_on_after(within):
+                await event.wait()
+        except BaseException:
+            if event.is_set():
+                self.release()  # we were handed a place: hand it on
+            else:
+                self.waiters.remove(event)
+            raise
+        if event.is_set():
+            return True
+        self.waiters.remove(event)
+        return False
+
+    def release(self) -> None:
+        if self.waiters:
+            self.waiters.popleft().set()
+        else:
+            self.held -= 1
 
 
 # What the reset is checked by: current_user, session_user, advisory locks released (and
@@ -398,10 +431,11 @@ class SharedPool:
     ``psycopg.ProgrammingError`` at its end.
 
     On return, in the same round trip as the commit, the connection is reset like
-    ``DISCARD ALL`` (session settings, role, temporary tables, advisory locks, ``LISTEN``,
-    cursors; psycopg's own prepared statements are kept) and checked: the settings empty,
-    ``current_user`` and ``session_user`` the login role. One that fails the check is
-    closed, never handed on (``stats().discarded``). Python-side attributes a handler
+    ``DISCARD ALL`` (session settings, temporary tables, advisory locks, ``LISTEN``,
+    cursors, sequence state; psycopg's own prepared statements are kept) and checked: the
+    settings empty, ``current_user`` and ``session_user`` the login role, no statement
+    from SQL ``PREPARE``. One that fails the check (after ``SET ROLE``, say) is closed,
+    never handed on (``stats().discarded``). Python-side attributes a handler
     changed (``autocommit``, ``isolation_level``, ``read_only``, ``deferrable``,
     ``row_factory``, ``prepare_threshold``) are restored too.
 
@@ -431,14 +465,12 @@ class SharedPool:
         UnsupportedBackendError: when constructed inside trio.
     """
 
-    # DISCARD ALL, less DEALLOCATE ALL (psycopg tracks the statements it prepared and would
-    # not notice them gone; the check below refuses statements prepared with SQL PREPARE)
-    # and DISCARD PLANS (cached plans show nobody anything). Sent as one simple-protocol
-    # string after COMMIT, ROLLBACK or nothing; the check follows it.
-    _RESET_SQL = (
-        "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; "
-        "DISCARD TEMP; DISCARD SEQUENCES"
-    )
+    # DISCARD ALL, less: DEALLOCATE ALL (psycopg tracks the statements it prepared and would
+    # not notice them gone; the check refuses statements from SQL PREPARE), SET SESSION
+    # AUTHORIZATION DEFAULT (the check refuses a changed role: SET ROLE is rare) and
+    # DISCARD PLANS (cached plans show nobody anything). Sent as one simple-protocol string
+    # after COMMIT, ROLLBACK or nothing, with the check as its last statement.
+    _RESET_SQL = "CLOSE ALL; RESET ALL; UNLISTEN *; DISCARD TEMP; DISCARD SEQUENCES"
 
     def __init__(
         self,
@@ -725,7 +757,7 @@ class SharedPool:
     def _enter_gate(self, user: UserRef) -> _Gate:
         gate = self._gates.get(user)
         if gate is None:
-            gate = self._gates[user] = _Gate(self.per_user_limit)
+            gate = self._gates[user] = _Gate()
         gate.refs += 1
         return gate
 
@@ -757,14 +789,11 @@ class _SharedCheckout:
         gate = owner._enter_gate(user)
         owner.checked_out += 1
         try:
-            try:
-                gate.semaphore.acquire_nowait()
-            except anyio.WouldBlock:
-                await self._wait_for_share(gate)
+            await self._take_share(gate)
             try:
                 conn = await self._getconn(pool, deadline)
             except BaseException:
-                gate.semaphore.release()
+                gate.release()
                 raise
         except BaseException:
             owner.checked_out -= 1
@@ -787,18 +816,15 @@ class _SharedCheckout:
             raise
         return conn
 
-    async def _wait_for_share(self, gate: _Gate) -> None:
+    async def _take_share(self, gate: _Gate) -> None:
         owner = self._owner
-        acquired = False
-        with anyio.move_on_after(self._timeout):
-            await gate.semaphore.acquire()
-            acquired = True
-        if not acquired:
-            raise _exhausted(
-                f"this user already holds {owner.per_user_limit} connection(s) of {owner!r} "
-                f"(per_user_limit) and none came back within {self._timeout} s",
-                owner.retry_after,
-            )
+        if gate.try_acquire(owner.per_user_limit) or await gate.acquire(self._timeout):
+            return
+        raise _exhausted(
+            f"this user already holds {owner.per_user_limit} connection(s) of {owner!r} "
+            f"(per_user_limit) and none came back within {self._timeout} s",
+            owner.retry_after,
+        )
 
     async def _getconn(
         self, pool: AsyncConnectionPool[AsyncConnection[Any]], deadline: float
@@ -836,7 +862,7 @@ class _SharedCheckout:
         try:
             return await owner._give_back(self._pool, conn, self._cur, self._cancel, exc)
         finally:
-            self._gate.semaphore.release()
+            self._gate.release()
             owner.checked_out -= 1
             owner._leave_gate(self._user, self._gate)
 

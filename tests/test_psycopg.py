@@ -475,6 +475,32 @@ async def test_shared_sql_prepared_statement_is_not_handed_on(db: Database) -> N
         assert pool.stats().discarded == 1
 
 
+async def test_shared_changed_role_is_not_handed_on(db: Database) -> None:
+    """A handler that switches role (SET ROLE) leaves a connection the check refuses: it
+    is closed, and the next user runs as the login role."""
+    app_role = await _role_of(db.app_url)
+    owner_role = await _role_of(db.owner_url)
+    with _admin() as admin:
+        admin.execute(f"GRANT {owner_role} TO {app_role}")
+    async with SharedPool(
+        db.app_url, min_size=1, max_size=1, timeout=5, rls_check="raise", kwargs=db.kwargs()
+    ) as pool:
+        with bind_context(_ctx("alice")):
+            async with pool.connection() as conn:
+                pid = conn.info.backend_pid
+                await conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(owner_role)))
+        with bind_context(_ctx("bob"), allow_switch=True):
+            async with pool.connection() as conn:
+                assert conn.info.backend_pid != pid
+                assert await _scalar(conn, "SELECT current_user") == app_role
+        assert pool.stats().discarded == 1
+
+
+async def _role_of(url: str) -> str:
+    async with await psycopg.AsyncConnection.connect(url) as conn:
+        return str(await _scalar(conn, "SELECT current_user"))
+
+
 async def test_shared_dirty_connection_is_discarded(db: Database) -> None:
     """When the reset cannot clean a connection, it is closed and replaced, never handed
     on (the reset is sabotaged to simulate one that fails)."""
@@ -799,8 +825,7 @@ async def test_check_rls_detects_bypassrls(db: Database) -> None:
 async def test_check_rls_detects_a_preset_setting(db: Database) -> None:
     """A role default for app.user_id would make every session start as that user: the
     self-check of a SharedPool refuses it."""
-    async with await psycopg.AsyncConnection.connect(db.app_url) as conn:
-        role = str(await _scalar(conn, "SELECT current_user"))
+    role = await _role_of(db.app_url)
     with _admin() as admin:
         admin.execute(f"ALTER ROLE {role} SET app.user_id = 'alice'")
     try:
