@@ -30,6 +30,7 @@ __all__ = [
     "ResolutionError",
     "ScopeClosedError",
     "TooManyRequestsError",
+    "UnsupportedBackendError",
 ]
 
 _ECHO_LIMIT = 64
@@ -172,6 +173,11 @@ class PoolExhaustedError(AmbientError):
     def __init__(self, detail: str, *, retry_after: float = 1.0) -> None:
         self.retry_after = retry_after
         super().__init__(detail)
+
+
+class UnsupportedBackendError(AmbientError, RuntimeError):
+    """An integration was used on an event loop its driver does not support (psycopg's
+    async pool and redis-py's async client run on asyncio only, not on trio)."""
 
 
 class GlobalStateError(AmbientError, RuntimeError):

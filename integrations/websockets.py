@@ -94,7 +94,12 @@ from ambient import (
     current_scope,
     get_current_context,
 )
-from ambient.errors import AmbientError, ContextSwitchError, NoActiveContextError
+from ambient.errors import (
+    AmbientError,
+    ContextSwitchError,
+    NoActiveContextError,
+    UnsupportedBackendError,
+)
 from ambient.middleware import _problem
 
 if TYPE_CHECKING:
@@ -147,11 +152,6 @@ class BroadcastError(AmbientError, ConnectionError):
     def __init__(self, detail: str, *, retry_after: float = 1.0) -> None:
         self.retry_after = retry_after
         super().__init__(detail)
-
-
-class UnsupportedBackendError(AmbientError, RuntimeError):
-    """:class:`RedisBroadcast` was used outside asyncio (redis-py's async client is
-    asyncio-only)."""
 
 
 class WebSocketLike(Protocol):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import urllib.parse
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -70,6 +71,9 @@ class AmbientMiddleware:
             is echoed on the response.
         thread_id_header: Header carrying the conversation thread id (generated when
             absent; an invalid one is 400).
+        thread_id_query: For websocket handshakes, also take the thread id from this query
+            parameter (browsers cannot set headers on ``new WebSocket(url)``); a thread id
+            given twice, in the header and the query or twice in either, is 400.
         max_concurrent_per_user: Requests and sockets one user may have in flight in this
             process at once; ``None`` for no limit.
         telemetry: An extra observer for the scopes this middleware opens (an
@@ -80,6 +84,7 @@ class AmbientMiddleware:
         "_active",
         "_request_id_header",
         "_thread_id_header",
+        "_thread_id_query",
         "anonymous",
         "app",
         "identity",
@@ -97,6 +102,7 @@ class AmbientMiddleware:
         anonymous: bool = False,
         request_id_header: str = "x-request-id",
         thread_id_header: str = "x-thread-id",
+        thread_id_query: str | None = None,
         max_concurrent_per_user: int | None = None,
         telemetry: Observer | None = None,
     ) -> None:
@@ -123,6 +129,7 @@ class AmbientMiddleware:
         self.anonymous = anonymous
         self._request_id_header = _header_name(request_id_header)
         self._thread_id_header = _header_name(thread_id_header)
+        self._thread_id_query = thread_id_query
         self.max_concurrent_per_user = max_concurrent_per_user
         self.telemetry = telemetry
         # Per-user in-flight counts: shared limiter state, not per-request state.
@@ -204,6 +211,11 @@ class AmbientMiddleware:
                 request_ids.append(value)
             elif lowered == tid_name:
                 thread_ids.append(value)
+        query_name = self._thread_id_query
+        if query_name is not None and scope["type"] == "websocket":
+            query = scope.get("query_string", b"").decode("latin-1")
+            found = urllib.parse.parse_qs(query, keep_blank_values=True).get(query_name, [])
+            thread_ids += [value.encode("utf-8", "surrogateescape") for value in found]
         request_id = None
         if len(request_ids) == 1 and _REQUEST_ID.fullmatch(request_ids[0]):
             try:
@@ -226,7 +238,7 @@ class AmbientMiddleware:
         if raw_thread_ids:
             name = self._thread_id_header.decode("latin-1")
             if len(raw_thread_ids) > 1:
-                raise IdentityError(f"the {name} header was sent {len(raw_thread_ids)} times")
+                raise IdentityError(f"the thread id ({name}) was sent {len(raw_thread_ids)} times")
             try:
                 thread_id = raw_thread_ids[0].decode("utf-8")
             except UnicodeDecodeError:

@@ -646,3 +646,31 @@ class TestContinuedRuns:
         )
         assert body["run"] != parent.run_id
         assert "different users" in assert_problem(mismatch, 400)["detail"]
+
+
+class TestWebsocketThreadQuery:
+    async def test_a_browser_socket_names_its_thread_in_the_query(self) -> None:
+        seen: list[str] = []
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            seen.append(ambient.get_current_context().thread_id)
+            await receive()
+            await send({"type": "websocket.close", "code": 1000})
+
+        middleware = AmbientMiddleware(
+            app, registry=Registry(), identity=trusted_header(), thread_id_query="thread"
+        )
+        user = [(b"x-user-id", b"ann")]
+        await drive(
+            middleware,
+            ws_scope(user, query_string=b"thread=t-%C3%A9"),
+            [{"type": "websocket.connect"}],
+        )
+        twice = await drive(
+            middleware,
+            ws_scope([*user, (b"x-thread-id", b"a")], query_string=b"thread=b"),
+            [{"type": "websocket.connect"}],
+        )
+        assert seen == ["t-é"]
+        assert twice[0]["code"] == 1008
+        assert "2 times" in twice[0]["reason"]
