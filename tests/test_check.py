@@ -340,3 +340,49 @@ class TestPytestKit:
         result = pytester.runpytest("-p", "no:cacheprovider")
         result.assert_outcomes(passed=1, errors=1)
         result.stdout.fnmatch_lines(["*one instance was handed to users alice, bob*"])
+
+
+async def test_the_demo_streams_each_run_to_its_own_users_sockets() -> None:
+    """On real uvicorn: runs announced on the websocket of their user, never another's."""
+    import threading
+
+    import httpx
+    from websockets.sync.client import connect
+
+    from tests.servers import serve
+
+    users = [f"ws-user-{n}" for n in range(6)]
+    ready = threading.Barrier(len(users) + 1, timeout=30)
+    received: dict[str, list[dict[str, Any]]] = {}
+
+    def listen(url: str, user: str) -> None:
+        with connect(url, additional_headers={"x-user-id": user}, open_timeout=20) as sock:
+            frames = [json.loads(sock.recv(timeout=20))]  # "ready": registered
+            ready.wait()
+            sock.send("remember from the socket")
+            while len([f for f in frames if f["type"] == "run.done"]) < 3:
+                frames.append(json.loads(sock.recv(timeout=20)))
+            received[user] = frames
+
+    with serve("uvicorn", create_app()) as base:
+        ws_url = base.replace("http://", "ws://") + "/events"
+        async with anyio.create_task_group() as tg:
+            for user in users:
+                tg.start_soon(anyio.to_thread.run_sync, listen, ws_url, user)
+            await anyio.to_thread.run_sync(ready.wait)
+            async with httpx.AsyncClient(base_url=base) as http:
+                for user in users:
+                    for prompt in ("calc 1 + 1", f"remember {user}"):
+                        response = await http.post(
+                            "/agents/research/runs",
+                            json={"prompt": prompt},
+                            headers={"x-user-id": user},
+                        )
+                        assert response.status_code == 200
+    for user, frames in received.items():
+        assert frames[0] == {"type": "ready", "user": user, "thread_id": frames[0]["thread_id"]}
+        answers = sorted(f["answer"] for f in frames if f["type"] == "run.done")
+        assert answers == sorted(["2", f"noted: {user}", "noted: from the socket"])
+        others = [u for u in users if u != user]
+        assert not any(other in json.dumps(frames) for other in others)
+    assert sorted(received) == sorted(users)

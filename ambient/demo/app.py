@@ -1,7 +1,8 @@
 """A small multi-user agent backend, written the way ambient wants: no global singletons.
 
 Per request: a ``ToolDispatcher``, an ``AgentInstanceFactory`` and an ``ExecutionEngine``.
-Per user: a ``ConversationStore`` (in memory, or PostgreSQL when ``AMBIENT_DATABASE_URL`` is
+Per user: a websocket event stream (``/events``; every run is announced on the user's
+sockets only) and a ``ConversationStore`` (in memory, or PostgreSQL when ``AMBIENT_DATABASE_URL`` is
 set). Identity: the ``x-user-id`` header from loopback peers (demo only), or an HS256 bearer
 JWT when ``AMBIENT_JWT_SECRET`` is set. Traces go to OTLP when
 ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set.
@@ -20,11 +21,13 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 import ambient
 from ambient import Lifetime, Registry, UserExecutionContext, UserRef
 from ambient.check import PlannedRequest
+from ambient.integrations.websockets import ConnectionHub, UserWebSocketManager, message_scope
 from ambient.middleware import AmbientMiddleware, IdentityResolver, trusted_header
 from ambient.telemetry import Telemetry
 
@@ -166,17 +169,26 @@ class ExecutionEngine:
     """Runs an agent for the current user and records the exchange (REQUEST lifetime)."""
 
     def __init__(
-        self, ctx: UserExecutionContext, agents: AgentInstanceFactory, store: ConversationStore
+        self,
+        ctx: UserExecutionContext,
+        agents: AgentInstanceFactory,
+        store: ConversationStore,
+        events: UserWebSocketManager,
     ) -> None:
         self.ctx = ctx
         self.agents = agents
         self.store = store
+        self.events = events
 
     async def run(self, agent_name: str, prompt: str) -> dict[str, Any]:
         agent = self.agents.create(agent_name)
+        run = {"agent": agent_name, "run_id": agent.ctx.run_id, "thread_id": self.ctx.thread_id}
+        # Events reach only this user's sockets: the manager takes the user from the context.
+        await self.events.broadcast_user({"type": "run.started", **run})
         await self.store.add(self.ctx.thread_id, "user", prompt)
         answer = await agent.run(prompt)
         await self.store.add(self.ctx.thread_id, "agent", answer)
+        await self.events.broadcast_user({"type": "run.done", "answer": answer, **run})
         logger.info("agent %s answered user %s", agent_name, self.ctx.user_id)
         return {
             "user": self.ctx.user_id,
@@ -210,12 +222,14 @@ def build_registry(*, telemetry: ambient.Observer | None = None) -> Registry:
             ctx,
             await ambient.resolve(AgentInstanceFactory),
             await ambient.resolve(ConversationStore),
+            await ambient.resolve(UserWebSocketManager),
         )
 
     registry.register(ConversationStore, store, lifetime=Lifetime.USER, idle_ttl=600)
     registry.register(ToolDispatcher, tools)
     registry.register(AgentInstanceFactory, agents)
     registry.register(ExecutionEngine, engine)
+    ConnectionHub().install(registry)
     return registry
 
 
@@ -253,11 +267,32 @@ async def history(request: Request) -> Response:
     return JSONResponse({"user": ctx.user_id, "messages": await store.history()})
 
 
+async def events(websocket: WebSocket) -> None:
+    """The user's event stream; a text frame sent on it is a prompt for the triage agent."""
+    manager = await ambient.resolve(UserWebSocketManager)
+    async with manager.connect(websocket) as connection:
+        ctx = ambient.get_current_context()
+        await connection.send({"type": "ready", "user": ctx.user_id, "thread_id": ctx.thread_id})
+        while True:
+            try:
+                prompt = await websocket.receive_text()
+            except WebSocketDisconnect:
+                return
+            async with message_scope("prompt"):
+                engine = await ambient.resolve(ExecutionEngine)
+                await engine.run("triage", prompt[:4000] or "hello")
+
+
 async def index(request: Request) -> Response:
     return JSONResponse(
         {
             "service": "ambient demo agent backend",
-            "routes": ["GET /whoami", "POST /agents/{triage|research}/runs", "GET /history"],
+            "routes": [
+                "GET /whoami",
+                "POST /agents/{triage|research}/runs",
+                "GET /history",
+                "WS /events",
+            ],
         }
     )
 
@@ -287,6 +322,7 @@ def create_app(*, registry: Registry | None = None) -> AmbientMiddleware:
             Route("/whoami", whoami),
             Route("/agents/{agent}/runs", run_agent, methods=["POST"]),
             Route("/history", history),
+            WebSocketRoute("/events", events),
         ]
     )
     return AmbientMiddleware(
