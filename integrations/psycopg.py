@@ -66,7 +66,12 @@ from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout, TooManyRe
 
 import ambient
 from ambient import Lifetime, Registry, UserExecutionContext, UserRef
-from ambient.errors import AmbientError, AmbientWarning, PoolExhaustedError
+from ambient.errors import (
+    AmbientError,
+    AmbientWarning,
+    PoolExhaustedError,
+    UnsupportedBackendError,
+)
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -101,10 +106,6 @@ _ACTIVE = TransactionStatus.ACTIVE
 _IDLE = TransactionStatus.IDLE
 _pool_numbers = itertools.count(1)
 logger = logging.getLogger("ambient")
-
-
-class UnsupportedBackendError(AmbientError, RuntimeError):
-    """The strategy was used outside asyncio (psycopg's async pool is asyncio-only)."""
 
 
 class RowSecurityError(AmbientError, RuntimeError):
