@@ -10,6 +10,7 @@ from ambient._binding import (
     bind_context,
     current_context_or_none,
     current_scope,
+    detached,
     get_current_context,
     wrap,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "bind_context",
     "current_context_or_none",
     "current_scope",
+    "detached",
     "get_current_context",
     "proxy",
     "resolve",

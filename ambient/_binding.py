@@ -13,10 +13,11 @@ One module-level :class:`~contextvars.ContextVar` holds an immutable-by-conventi
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, cast
 
@@ -34,6 +35,7 @@ __all__ = [
     "bind_context",
     "current_context_or_none",
     "current_scope",
+    "detached",
     "get_current_context",
     "wrap",
 ]
@@ -234,3 +236,22 @@ def wrap(fn: Callable[P, R]) -> Callable[P, R]:
         return captured.copy().run(fn, *args, **kwargs)
 
     return run
+
+
+@contextlib.contextmanager
+def detached() -> Iterator[None]:
+    """Run the block with no context bound.
+
+    For starting long-lived background work from inside a request: a connection pool's
+    worker tasks, a cache refresher. Tasks started in the block copy the current
+    :mod:`contextvars` context; without this they would carry the request that happened
+    to start them (running as its user, and keeping its scope alive after it closed).
+    """
+    token = _current.set(None)
+    try:
+        yield
+    finally:
+        try:
+            _current.reset(token)
+        except ValueError:  # pragma: no cover - only if the block switched Contexts
+            _current.set(None)

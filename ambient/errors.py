@@ -28,6 +28,8 @@ __all__ = [
     "PoolExhaustedError",
     "RegistryError",
     "ResolutionError",
+    "RowSecurityError",
+    "RowSecurityWarning",
     "ScopeClosedError",
     "TooManyRequestsError",
     "UnsupportedBackendError",
@@ -175,6 +177,21 @@ class PoolExhaustedError(AmbientError):
         super().__init__(detail)
 
 
+class RowSecurityError(AmbientError, RuntimeError):
+    """Row-level security would not protect a connection (the role is a superuser, has
+    ``BYPASSRLS``, owns a table without ``FORCE ROW LEVEL SECURITY``...).
+
+    Attributes:
+        problems: One sentence per problem found.
+    """
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__(
+            "row-level security would not protect this connection: " + "; ".join(problems)
+        )
+
+
 class UnsupportedBackendError(AmbientError, RuntimeError):
     """An integration was used on an event loop its driver does not support (psycopg's
     async pool and redis-py's async client run on asyncio only, not on trio)."""
@@ -190,3 +207,7 @@ class AmbientWarning(UserWarning):
 
 class GlobalStateWarning(AmbientWarning):
     """A guarded legacy global was touched while a user context was bound."""
+
+
+class RowSecurityWarning(AmbientWarning):
+    """Row-level security would not protect a connection (``rls_check="warn"``)."""

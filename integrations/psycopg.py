@@ -67,9 +67,9 @@ from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout, TooManyRe
 import ambient
 from ambient import Lifetime, Registry, UserExecutionContext, UserRef
 from ambient.errors import (
-    AmbientError,
-    AmbientWarning,
     PoolExhaustedError,
+    RowSecurityError,
+    RowSecurityWarning,
     UnsupportedBackendError,
 )
 
@@ -106,22 +106,6 @@ _ACTIVE = TransactionStatus.ACTIVE
 _IDLE = TransactionStatus.IDLE
 _pool_numbers = itertools.count(1)
 logger = logging.getLogger("ambient")
-
-
-class RowSecurityError(AmbientError, RuntimeError):
-    """The connecting role bypasses row-level security (see :func:`check_rls`).
-
-    Attributes:
-        problems: One sentence per problem found.
-    """
-
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = problems
-        super().__init__(_rls_message(problems))
-
-
-class RowSecurityWarning(AmbientWarning):
-    """The connecting role bypasses row-level security (``rls_check="warn"``)."""
 
 
 class Database(Protocol):
@@ -260,10 +244,6 @@ _TABLE_SQL = (
 )
 
 
-def _rls_message(problems: list[str]) -> str:
-    return "row-level security would not protect this connection: " + "; ".join(problems)
-
-
 async def check_rls(
     conn: AsyncConnection[Any],
     tables: Iterable[str] = (),
@@ -341,7 +321,7 @@ async def check_rls(
     if problems:
         if action == "raise":
             raise RowSecurityError(problems)
-        warnings.warn(_rls_message(problems), RowSecurityWarning, stacklevel=2)
+        warnings.warn(RowSecurityError(problems).args[0], RowSecurityWarning, stacklevel=2)
     return problems
 
 
@@ -560,7 +540,10 @@ class SharedPool:
                 name=self.name,
                 **self._pool_options,
             )
-            await pool.open()
+            # The pool's worker tasks copy the current context: start them with no request
+            # bound, or they would keep the first user's scope alive (and run as that user).
+            with ambient.detached():
+                await pool.open()
             try:
                 if self.rls_check != "off":
                     async with pool.connection(timeout=self.timeout) as conn:
@@ -1206,7 +1189,10 @@ class _UserPool:
             **owner._pool_options,
         )
         with anyio.CancelScope(shield=True):
-            await pool.open()
+            # The pool's worker tasks copy the current context: start them with no request
+            # bound, or they would keep the first user's scope alive (and run as that user).
+            with ambient.detached():
+                await pool.open()
         try:
             await owner._check_rls_once(pool)
         except BaseException:

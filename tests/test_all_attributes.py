@@ -11,6 +11,7 @@ import pytest
 import ambient
 import ambient.check
 import ambient.errors
+import ambient.integrations.psycopg
 import ambient.integrations.websockets
 import ambient.middleware
 import ambient.middleware.identity
@@ -24,6 +25,7 @@ import ambient.testing
         ambient,
         ambient.check,
         ambient.errors,
+        ambient.integrations.psycopg,
         ambient.integrations.websockets,
         ambient.middleware,
         ambient.middleware.identity,

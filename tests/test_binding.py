@@ -310,3 +310,19 @@ class TestThreadHops:
             assert pool.submit(sync_fn).result(timeout=10) == "request-trace"
         assert await async_fn() == "request-trace"
         assert otel_context.get_value(key) is None
+
+
+async def test_detached_unbinds_for_the_block_and_for_tasks_started_in_it() -> None:
+    seen: list[object] = []
+
+    async def background() -> None:
+        seen.append(ambient.current_context_or_none())
+
+    ctx = UserExecutionContext.create("alice")
+    with ambient.bind_context(ctx):
+        async with anyio.create_task_group() as tg:
+            with ambient.detached():
+                assert ambient.current_context_or_none() is None
+                tg.start_soon(background)
+            assert ambient.get_current_context() is ctx
+    assert seen == [None]

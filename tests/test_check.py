@@ -386,3 +386,25 @@ async def test_the_demo_streams_each_run_to_its_own_users_sockets() -> None:
         others = [u for u in users if u != user]
         assert not any(other in json.dumps(frames) for other in others)
     assert sorted(received) == sorted(users)
+
+
+async def test_the_demo_on_postgresql_passes_the_check(anyio_backend: str) -> None:
+    """History in PostgreSQL through the shared pool: isolated, cleaned, nothing kept alive
+    (the pool's worker tasks used to keep the first request's scope alive)."""
+    import psycopg
+
+    from ambient.errors import UnsupportedBackendError
+    from tests.conftest import DATABASE_URL, service_unavailable
+
+    try:
+        with psycopg.connect(DATABASE_URL, connect_timeout=3):
+            pass
+    except psycopg.OperationalError as exc:
+        service_unavailable("PostgreSQL", str(exc).strip())
+    if anyio_backend == "trio":
+        with pytest.raises(UnsupportedBackendError, match="asyncio"):
+            create_app(database_url=DATABASE_URL)
+        return
+    report = await check(create_app(database_url=DATABASE_URL), plan=CHECK_PLAN, users=20)
+    assert report.ok, report.violations
+    assert report.components_created == report.components_cleaned

@@ -11,6 +11,7 @@ JWT when ``AMBIENT_JWT_SECRET`` is set. Traces go to OTLP when
 from __future__ import annotations
 
 import ast
+import contextlib
 import logging
 import operator
 import os
@@ -56,7 +57,8 @@ CHECK_PLAN = (
 
 
 class ConversationStore:
-    """One user's conversation history (USER lifetime): the last ``HISTORY_LIMIT`` entries."""
+    """One user's conversation history (USER lifetime): the last ``HISTORY_LIMIT`` entries,
+    in memory (see :class:`PostgresConversationStore` for the database)."""
 
     def __init__(self, user: UserRef) -> None:
         self.user = user
@@ -73,6 +75,65 @@ class ConversationStore:
 
     async def aclose(self) -> None:
         self.messages.clear()
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS ambient_demo_messages (
+    id bigserial PRIMARY KEY,
+    tenant text NOT NULL,
+    owner text NOT NULL,
+    thread_id text NOT NULL,
+    role text NOT NULL,
+    text text NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ambient_demo_messages_owner
+    ON ambient_demo_messages (tenant, owner, id);
+"""
+# Rows are always the current user's: the pool sets app.user_id / app.tenant_id for every
+# checkout from the bound context (with row-level security they would be enforced too).
+_RECENT = (
+    "SELECT thread_id, role, text FROM (SELECT id, thread_id, role, text "
+    "FROM ambient_demo_messages WHERE tenant = current_setting('app.tenant_id') "
+    "AND owner = current_setting('app.user_id') ORDER BY id DESC LIMIT %s) AS recent "
+    "ORDER BY id"
+)
+
+
+class PostgresConversationStore(ConversationStore):
+    """The same history in PostgreSQL, through the psycopg integration's shared pool."""
+
+    def __init__(self, user: UserRef, db: Any) -> None:
+        super().__init__(user)
+        self.db = db
+
+    async def add(self, thread_id: str, role: str, text: str) -> None:
+        async with self.db.connection() as conn:
+            await conn.execute(
+                "INSERT INTO ambient_demo_messages (tenant, owner, thread_id, role, text) "
+                "VALUES (current_setting('app.tenant_id'), current_setting('app.user_id'), "
+                "%s, %s, %s)",
+                (thread_id, role, text),
+            )
+
+    async def history(self) -> list[dict[str, str]]:
+        async with self.db.connection() as conn:
+            cursor = await conn.execute(_RECENT, (HISTORY_LIMIT,))
+            rows = await cursor.fetchall()
+        return [{"thread_id": t, "role": r, "text": x} for t, r, x in rows]
+
+    async def notes(self) -> list[str]:
+        return [m["text"] for m in await self.history() if m["role"] == "note"]
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def create_schema(url: str) -> None:
+    """Create the demo's table (idempotent)."""
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await conn.execute(SCHEMA)
 
 
 _OPERATORS: dict[type, Callable[[Any, Any], Any]] = {
@@ -200,12 +261,24 @@ class ExecutionEngine:
         }
 
 
-def build_registry(*, telemetry: ambient.Observer | None = None) -> Registry:
-    """The demo's components (in memory; see :func:`create_app` for PostgreSQL)."""
+def build_registry(
+    *, telemetry: ambient.Observer | None = None, database_url: str | None = None
+) -> Registry:
+    """The demo's components: history in memory, or in PostgreSQL at ``database_url``."""
     registry = Registry(telemetry=telemetry)
+    db: Any = None
+    if database_url:
+        from ambient.integrations.psycopg import SharedPool
+
+        # Demo tables have no row-level security policies; the queries filter by the
+        # settings the pool sets from the context.
+        db = SharedPool(database_url, max_size=10, per_user_limit=5, timeout=10, rls_check="off")
+        db.install(registry)
 
     async def store(user: UserRef) -> AsyncIterator[ConversationStore]:
-        conversation = ConversationStore(user)
+        conversation = (
+            ConversationStore(user) if db is None else PostgresConversationStore(user, db)
+        )
         try:
             yield conversation
         finally:
@@ -314,22 +387,41 @@ def _identity() -> IdentityResolver:
     return trusted_header("x-user-id")
 
 
-def create_app(*, registry: Registry | None = None) -> AmbientMiddleware:
-    """The demo app: Starlette routes behind AmbientMiddleware."""
+def create_app(
+    *, registry: Registry | None = None, database_url: str | None = None
+) -> AmbientMiddleware:
+    """The demo app: Starlette routes behind AmbientMiddleware.
+
+    Args:
+        registry: The components (default: :func:`build_registry`).
+        database_url: PostgreSQL for the conversation history (default: the
+            ``AMBIENT_DATABASE_URL`` environment variable; in memory when unset).
+    """
+    url = database_url if database_url is not None else os.environ.get("AMBIENT_DATABASE_URL")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if url:
+            await create_schema(url)
+        yield
+
+    if registry is None:
+        # Telemetry() finds the SDK that `ambient demo` configured from OTEL_EXPORTER_OTLP_*
+        # (and costs next to nothing when there is none).
+        registry = build_registry(telemetry=Telemetry(), database_url=url)
     inner = Starlette(
+        lifespan=lifespan,
         routes=[
             Route("/", index),
             Route("/whoami", whoami),
             Route("/agents/{agent}/runs", run_agent, methods=["POST"]),
             Route("/history", history),
             WebSocketRoute("/events", events),
-        ]
+        ],
     )
     return AmbientMiddleware(
         inner,
-        # Telemetry() finds the SDK that `ambient demo` configured from OTEL_EXPORTER_OTLP_*
-        # (and costs next to nothing when there is none).
-        registry=registry if registry is not None else build_registry(telemetry=Telemetry()),
+        registry=registry,
         identity=_identity(),
         max_concurrent_per_user=50,
     )
