@@ -262,7 +262,12 @@ def _rows(report: Any) -> list[tuple[str, str, str]]:
     latency = report.latency_ms
     created, cleaned = report.components_created, report.components_cleaned
     rows = [
-        ("isolation", _verdict(report.isolation), f"{report.users} users, no data of another"),
+        (
+            "isolation",
+            _verdict(report.isolation),
+            f"{report.users} users, "
+            + ("no data of another" if not report.isolation else "data crossed users"),
+        ),
         ("failed requests", _verdict(report.failed_requests), f"{report.requests} requests"),
         (
             "cleanup",
@@ -301,7 +306,13 @@ def _rows(report: Any) -> list[tuple[str, str, str]]:
 
 
 def _verdict(findings: list[str]) -> str:
-    return "ok" if not findings else f"{len(findings)} problem(s)"
+    if not findings:
+        return "ok"
+    count = len(findings)
+    last = findings[-1]
+    if last.startswith("... and ") and last.endswith(" more"):
+        count += int(last.removeprefix("... and ").removesuffix(" more")) - 1
+    return f"{count} problem(s)"
 
 
 def _render(report: Any, out: IO[str]) -> None:

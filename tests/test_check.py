@@ -408,3 +408,20 @@ async def test_the_demo_on_postgresql_passes_the_check(anyio_backend: str) -> No
     report = await check(create_app(database_url=DATABASE_URL), plan=CHECK_PLAN, users=20)
     assert report.ok, report.violations
     assert report.components_created == report.components_cleaned
+
+
+async def test_the_migration_guide_example_fails_before_and_passes_after() -> None:
+    """What docs/migration.md shows: the legacy app leaks across users, the migrated one
+    does not."""
+    from tests.migration_example import legacy, migrated
+
+    plan = [
+        parse_request('POST /agents/triage/run {"prompt": "hello from {user}"}'),
+        parse_request("GET /agents"),
+    ]
+    before = await check(legacy.create_app(), plan=plan, users=20, requests=4)
+    after = await check(migrated.create_app(), plan=plan, users=20, requests=4)
+    assert any("contains" in line for line in before.isolation)
+    assert before.global_state_accesses["total"] > 0
+    assert after.ok, after.violations
+    assert after.global_state_accesses == {}
