@@ -425,3 +425,35 @@ async def test_the_migration_guide_example_fails_before_and_passes_after() -> No
     assert before.global_state_accesses["total"] > 0
     assert after.ok, after.violations
     assert after.global_state_accesses == {}
+
+
+def test_ambient_demo_serves_the_backend_on_uvicorn() -> None:
+    """`ambient demo --port N` in its own process: it prints how to try it, and answers."""
+    import httpx
+
+    from tests.servers import _wait_listening, free_port
+
+    port = free_port()
+    process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+        [sys.executable, "-m", "ambient", "demo", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        _wait_listening(port, lambda: process.poll() is None)
+        response = httpx.post(
+            f"http://127.0.0.1:{port}/agents/research/runs",
+            json={"prompt": "calc 20 + 22"},
+            headers={"x-user-id": "demo-user"},
+            timeout=10,
+        )
+        assert response.json()["answer"] == "42"
+        assert response.json()["user"] == "demo-user"
+        refused = httpx.get(f"http://127.0.0.1:{port}/whoami", timeout=10)
+        assert refused.status_code == 401
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=30)
+    assert "curl" in output
+    assert "x-user-id: alice" in output
