@@ -296,7 +296,7 @@ def starlette_context_app() -> App:
     return RawContextMiddleware(endpoint, plugins=(UserPlugin(),))  # type: ignore[arg-type]
 
 
-def correlation_id_app() -> App:
+def correlation_id_app(inner: App | None = None) -> App:
     """``CorrelationIdMiddleware`` whose "correlation id" is the identity header."""
     from asgi_correlation_id import CorrelationIdMiddleware, correlation_id
 
@@ -310,7 +310,7 @@ def correlation_id_app() -> App:
         await _respond(send, value.encode())
 
     return CorrelationIdMiddleware(  # type: ignore[return-value]
-        endpoint,  # type: ignore[arg-type]
+        endpoint if inner is None else inner,  # type: ignore[arg-type]
         header_name="X-User-Id",
         validator=None,
         update_request_header=False,

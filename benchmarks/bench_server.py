@@ -11,8 +11,11 @@ from the Python generator with every body checked. Rounds are interleaved: in ea
 every app runs once, in a shuffled order.
 
 The apps (importable by uvicorn as ``benchmarks.bench_server:<name>``): ``bare``,
-``floor``, ``ambient`` (``AmbientMiddleware`` with ``trusted_header()``) and ``ambient3``
-(plus three REQUEST components).
+``floor``, ``correlation`` (asgi-correlation-id, a peer costing ~2 us in process),
+``floor_busy5`` (the floor plus 5 us of CPU work per request: a calibration of how this
+server and machine turn in-process cost into lost req/s), ``ambient``
+(``AmbientMiddleware`` with ``trusted_header()``) and ``ambient3`` (plus three REQUEST
+components).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from typing import Any
 
 from benchmarks import Options, Report, Stat, Table, Target, paired_ratio
 from benchmarks.bench_asgi import (
+    App,
     Dispatcher,
     Engine,
     FloorMiddleware,
@@ -46,11 +50,12 @@ from benchmarks.bench_asgi import (
     _header_user,
     _respond,
     ambient_app,
+    correlation_id_app,
     floor_var,
 )
 
 ROOT = Path(__file__).absolute().parent.parent
-APPS = ("bare", "floor", "ambient", "ambient3")
+APPS = ("bare", "floor", "correlation", "floor_busy5", "ambient", "ambient3")
 WRK_SCRIPT = """
 local counter = 0
 request = function()
@@ -102,8 +107,30 @@ async def _ambient3(scope: Scope, receive: Receive, send: Send) -> None:
     await _answer(send, seen, _header_user(scope))
 
 
+async def _correlation(scope: Scope, receive: Receive, send: Send) -> None:
+    from asgi_correlation_id import correlation_id
+
+    await _answer(send, correlation_id.get(), _header_user(scope))
+
+
+def _busy(microseconds: float) -> App:
+    """The floor plus a fixed amount of CPU work per request: a calibration of how much
+    req/s a middleware costing that much in process loses on this server and machine."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            end = time.perf_counter() + microseconds / 1e6
+            while time.perf_counter() < end:
+                pass
+        await floor(scope, receive, send)
+
+    return app
+
+
 bare = _bare
 floor = FloorMiddleware(_floor)
+correlation = correlation_id_app(_correlation)
+floor_busy5 = _busy(5)
 ambient = ambient_app(_ambient, components=False)
 ambient3 = ambient_app(_ambient3, components=True)
 
@@ -412,6 +439,10 @@ def _table(
                 )
             )
     table.notes.append(f"load: {generator}; median (min-max) over rounds")
+    table.notes.append(
+        "floor_busy5 = the floor plus 5 us of CPU work per request: what any middleware "
+        "costing 5 us in process keeps of the floor's req/s on this server and machine"
+    )
     report.table(table)
 
 
