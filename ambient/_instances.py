@@ -19,7 +19,7 @@ import anyio
 
 from ambient._binding import _current
 from ambient._observe import ComponentEvent, Observer, notify
-from ambient._provider import Finalizer, Provider, build_async, build_sync, key_name
+from ambient._provider import Finalizer, Lifetime, Provider, build_async, build_sync, key_name
 from ambient.errors import CleanupTimeoutError, ResolutionError, ScopeClosedError
 
 if TYPE_CHECKING:
@@ -56,8 +56,18 @@ class _Pending:
 
     def done(self) -> None:
         with self._lock:
-            self.finished = True
-            async_event, thread_event = self._async_event, self._thread_event
+            waiters = self.finish_locked()
+        self.wake(waiters)
+
+    def finish_locked(self) -> tuple[anyio.Event | None, threading.Event | None]:
+        """Mark the creation finished (the lock is held); return the events to set."""
+        self.finished = True
+        return self._async_event, self._thread_event
+
+    @staticmethod
+    def wake(waiters: tuple[anyio.Event | None, threading.Event | None]) -> None:
+        """Set the events :meth:`finish_locked` returned (the lock released)."""
+        async_event, thread_event = waiters
         if thread_event is not None:
             thread_event.set()
         if async_event is not None:
@@ -148,11 +158,14 @@ class Instances:
             await pending.wait()
         token = _resolving.set((*stack, key))
         observers = scope.observers
-        started = time.perf_counter()
+        started = time.perf_counter() if observers else 0.0
         start_ns = time.time_ns() if observers else 0
         try:
-            with scope.restricted_for(provider):
+            if provider.lifetime is Lifetime.REQUEST:
                 instance, finalizer = await build_async(provider, arg)
+            else:
+                with scope.restricted_for(provider):
+                    instance, finalizer = await build_async(provider, arg)
         except BaseException as exc:
             self._forget(key, pending)
             if observers:
@@ -197,11 +210,14 @@ class Instances:
             pending.wait_blocking()
         token = _resolving.set((*stack, key))
         observers = scope.observers
-        started = time.perf_counter()
+        started = time.perf_counter() if observers else 0.0
         start_ns = time.time_ns() if observers else 0
         try:
-            with scope.restricted_for(provider):
+            if provider.lifetime is Lifetime.REQUEST:
                 instance, finalizer = build_sync(provider, arg)
+            else:
+                with scope.restricted_for(provider):
+                    instance, finalizer = build_sync(provider, arg)
         except BaseException as exc:
             self._forget(key, pending)
             if observers:
@@ -233,7 +249,8 @@ class Instances:
             if stored:
                 self.cache[provider.key] = instance
                 self.created.append((provider, instance, finalizer))
-        pending.done()
+            waiters = pending.finish_locked()
+        pending.wake(waiters)
         return stored
 
     @staticmethod

@@ -217,6 +217,45 @@ class Finalizer:
         await target.aclose()
 
 
+# Result classes that are neither awaitables, generators, async generators nor context
+# managers: most components. Every check below is a class-level one, so a class seen once
+# skips them (inspect.isawaitable alone costs more than creating a small object). Bounded,
+# in case an application creates classes on the fly.
+_PLAIN: set[type] = set()
+_MAX_PLAIN = 4096
+
+
+def _special(result: Any) -> bool:
+    """Whether ``result`` needs more than ``aclose()``/``close()`` lookups."""
+    cls = type(result)
+    if cls in _PLAIN:
+        return False
+    if (
+        inspect.isawaitable(result)
+        or inspect.isasyncgen(result)
+        or inspect.isgenerator(result)
+        or hasattr(cls, "__aenter__")
+        or hasattr(cls, "__enter__")
+    ):
+        return True
+    if len(_PLAIN) >= _MAX_PLAIN:
+        _PLAIN.clear()
+    _PLAIN.add(cls)
+    return False
+
+
+def _plain_closer(provider: Provider, result: Any) -> tuple[Any, Finalizer | None]:
+    aclose = getattr(result, "aclose", None)
+    if callable(aclose) and inspect.iscoroutinefunction(aclose):
+        return result, Finalizer(provider.name, "aclose", result, is_async=True)
+    close = getattr(result, "close", None)
+    if callable(close):
+        if inspect.iscoroutinefunction(close):
+            return result, _AsyncClose(provider.name, result)
+        return result, Finalizer(provider.name, "close", result, is_async=False)
+    return result, None
+
+
 def _closer(provider: Provider, result: Any, *, can_await: bool) -> tuple[Any, Finalizer | None]:
     """Decide how a plain factory result is cleaned up (and enter it if it is a CM)."""
     cls = type(result)
@@ -262,8 +301,12 @@ async def build_async(provider: Provider, arg: object) -> tuple[Any, Finalizer |
     if kind is _GEN:
         return _enter_gen(provider, provider.factory(*args))
     result = provider.factory(*args)
+    if kind is _SYNC and not _special(result):
+        return _plain_closer(provider, result)
     if kind is _ASYNC or inspect.isawaitable(result):
         result = await result
+    if not _special(result):
+        return _plain_closer(provider, result)
     if inspect.isasyncgen(result):  # e.g. `lambda: make(x)` around an async generator
         return await _enter_agen(provider, result)
     if inspect.isgenerator(result):
@@ -287,6 +330,8 @@ def build_sync(provider: Provider, arg: object) -> tuple[Any, Finalizer | None]:
     if kind is _GEN:
         return _enter_gen(provider, provider.factory(*args))
     result = provider.factory(*args)
+    if not _special(result):
+        return _plain_closer(provider, result)
     if inspect.isawaitable(result) or inspect.isasyncgen(result):
         if inspect.iscoroutine(result):
             result.close()

@@ -143,7 +143,8 @@ class Scope:
             raise RuntimeError(msg)
         registry = self._registry
         registry.before_open()
-        await registry.expire_idle()
+        if registry.expiry_due():
+            await registry.expire_idle()
         self._binding = bind(self.context, self, allow_switch=self._allow_switch)
         self._opened = True
         registry.open_scopes += 1
@@ -204,7 +205,7 @@ class Scope:
             created = self._own.close()
             entry = self._user_entry
             self._user_entry = None
-            if entry is not None or needs_await(created):
+            if entry is not None or (created and needs_await(created)):
                 with anyio.CancelScope(shield=True):
                     try:
                         failures = await finalize(
@@ -230,6 +231,10 @@ class Scope:
             self.cleanup_failures = len(failures)
             binding = self._binding
             if binding is not None:
+                # The binding refers to this scope: dropping it here keeps a request from
+                # leaving a reference cycle for the garbage collector (a server pays for
+                # every collection with its whole heap).
+                self._binding = None
                 unbind(binding)
             registry.open_scopes -= 1
             if self.observers:

@@ -31,6 +31,7 @@ __all__ = [
     "Identity",
     "IdentityError",
     "IdentityResolver",
+    "checked_identity",
     "first_of",
     "header_values",
     "jwt_bearer",
@@ -96,6 +97,13 @@ def _single_header(scope: Mapping[str, Any], name: str, *, status: int = 400) ->
 async def resolve_identity(resolver: IdentityResolver, scope: Mapping[str, Any]) -> Identity | None:
     """Run ``resolver`` (sync or async) and check what it returned."""
     result = resolver(scope)
+    if result is None or type(result) is Identity:  # the common case, without isawaitable()
+        return result
+    return await checked_identity(resolver, result)
+
+
+async def checked_identity(resolver: IdentityResolver, result: object) -> Identity | None:
+    """Await what ``resolver`` returned when it is awaitable, and check its type."""
     if inspect.isawaitable(result):
         result = await result
     if result is not None and not isinstance(result, Identity):
@@ -174,6 +182,33 @@ def _peer_trusted(scope: Mapping[str, Any], networks: tuple[_Network, ...]) -> b
     return any(address in network for network in networks)
 
 
+_MAX_PEERS = 1024
+
+
+def _peer_check(networks: tuple[_Network, ...]) -> Callable[[Mapping[str, Any]], bool]:
+    """:func:`_peer_trusted` with the verdict kept per client address: parsing an address
+    with :mod:`ipaddress` costs microseconds, and a server sees few distinct peers (the
+    proxies in front of it), so the verdict is looked up, not recomputed, per request."""
+    verdicts: dict[str, bool] = {}
+
+    def trusted(scope: Mapping[str, Any]) -> bool:
+        client = scope.get("client")
+        if not client:
+            return False
+        host = client[0]
+        if type(host) is not str:
+            return _peer_trusted(scope, networks)
+        verdict = verdicts.get(host)
+        if verdict is None:
+            verdict = _peer_trusted(scope, networks)
+            if len(verdicts) >= _MAX_PEERS:
+                verdicts.clear()
+            verdicts[host] = verdict
+        return verdict
+
+    return trusted
+
+
 def trusted_header(
     name: str = "x-user-id",
     tenant_header: str | None = None,
@@ -198,8 +233,10 @@ def trusted_header(
         msg = f"header name must be a non-empty ASCII string, not {name!r}"
         raise ValueError(msg)
 
+    peer_trusted = _peer_check(networks)
+
     def resolve(scope: Mapping[str, Any]) -> Identity | None:
-        if not _peer_trusted(scope, networks):
+        if not peer_trusted(scope):
             return None
         user_id = _single_header(scope, name)
         if user_id is None:

@@ -83,8 +83,20 @@ class Memory:
         self.user_id = user.user_id
 
 
+# Registries built for a test; close_built() closes them (see the test modules' fixtures).
+BUILT: list[Registry] = []
+
+
+async def close_built() -> None:
+    """Close the registries built since the last call, as a lifespan shutdown would: their
+    USER components are async generators, which must be closed, not garbage collected."""
+    while BUILT:
+        await BUILT.pop().aclose()
+
+
 def build_registry(ledger: Ledger) -> Registry:
     registry = Registry()
+    BUILT.append(registry)
 
     def probe(ctx: UserExecutionContext) -> Iterator[Probe]:
         number = ledger.create(ctx.user_id)

@@ -4,6 +4,7 @@ apps are each reported with a useful message."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import json
 import logging
@@ -75,8 +76,14 @@ class TestTheDemo:
     async def test_the_demo_answers_each_user_with_their_own_history(self) -> None:
         import httpx
 
-        transport = httpx.ASGITransport(app=create_app(), client=("127.0.0.1", 1))
-        async with httpx.AsyncClient(transport=transport, base_url="http://demo") as http:
+        app = create_app()
+        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 1))
+        async with (
+            contextlib.AsyncExitStack() as stack,
+            httpx.AsyncClient(transport=transport, base_url="http://demo") as http,
+        ):
+            # No lifespan here: close the registry (the users' stores) as shutdown would.
+            stack.push_async_callback(app.registry.aclose)
             for user in ("alice", "bob"):
                 response = await http.post(
                     "/agents/triage/runs",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
 from typing import Any
 
 import anyio
@@ -14,9 +14,18 @@ import ambient
 from ambient import Registry, UserExecutionContext
 from ambient.errors import IdentityError, PoolExhaustedError
 from ambient.middleware import AmbientMiddleware, Identity, trusted_header
-from tests.apps import Ledger, Memory, Probe, build, build_registry
+from tests.apps import BUILT, Ledger, Memory, Probe, build, build_registry, close_built
 
 Message = MutableMapping[str, Any]
+
+
+@pytest.fixture(autouse=True)
+def _close_built_registries() -> Iterator[None]:
+    """Close the registries the test built (held until then, so none is garbage collected
+    with USER components open inside the test's event loop)."""
+    yield
+    if BUILT:
+        anyio.run(close_built)
 
 
 def client(app: Any, peer: str = "127.0.0.1") -> httpx.AsyncClient:

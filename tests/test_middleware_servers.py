@@ -29,7 +29,7 @@ from websockets.sync.client import connect
 
 import ambient
 from ambient.middleware import AmbientMiddleware, scope_user, trusted_header
-from tests.apps import Ledger, Probe, build, build_app, build_registry
+from tests.apps import BUILT, Ledger, Probe, build, build_app, build_registry, close_built
 from tests.servers import serve
 
 SERVERS = ["uvicorn", "hypercorn", "hypercorn-trio"]
@@ -37,6 +37,15 @@ USERS = 200
 # The full 50 requests per user once (asyncio client, uvicorn); 10 elsewhere keeps the suite
 # quick: the server is the same whichever loop the client runs on.
 FULL_RUN = ("asyncio", "uvicorn")
+
+
+@pytest.fixture(autouse=True)
+def _close_built_registries() -> Iterator[None]:
+    """Close the registries the test built (held until then, so none is garbage collected
+    with USER components open inside the test's event loop)."""
+    yield
+    if BUILT:
+        anyio.run(close_built)
 
 
 @pytest.fixture(params=SERVERS)
