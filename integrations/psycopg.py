@@ -44,11 +44,9 @@ A policy that fails closed when no user is set::
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import re
-import sys
 import time
 import warnings
 from collections import OrderedDict, deque
@@ -65,7 +63,7 @@ from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout, TooManyRequests
 
 import ambient
-from ambient import Lifetime, Registry, UserExecutionContext, UserRef
+from ambient import Lifetime, Registry, UserExecutionContext, UserRef, _loops
 from ambient.errors import (
     PoolExhaustedError,
     RowSecurityError,
@@ -121,26 +119,11 @@ class Database(Protocol):
 # -- helpers shared by both strategies -----------------------------------------------------
 
 
-def _refuse_trio() -> None:
-    """Fail early when constructed inside trio (construction outside any loop is fine)."""
-    trio = sys.modules.get("trio")
-    if trio is not None and trio.lowlevel.in_trio_run():
-        raise _unsupported_backend()
-
-
-def _require_asyncio() -> None:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        raise _unsupported_backend() from None
-
-
-def _unsupported_backend() -> UnsupportedBackendError:
-    return UnsupportedBackendError(
-        "psycopg's async connection pool runs on asyncio only, and this code runs under "
-        "another event loop (trio?): run the application on asyncio (uvicorn and hypercorn "
-        "do by default), or use psycopg's sync ConnectionPool through worker threads"
-    )
+_ASYNCIO_ONLY = (
+    "psycopg's async connection pool runs on asyncio only, and this code runs under "
+    "another event loop (trio?): run the application on asyncio (uvicorn and hypercorn "
+    "do by default), or use psycopg's sync ConnectionPool through worker threads"
+)
 
 
 def _check_settings(settings: Mapping[str, str], allowed: frozenset[str]) -> tuple[str, ...]:
@@ -469,7 +452,7 @@ class SharedPool:
         kwargs: Mapping[str, Any] | None = None,
         **pool_options: Any,
     ) -> None:
-        _refuse_trio()
+        _loops.refuse_trio(_ASYNCIO_ONLY)
         if not 0 <= min_size <= max_size or max_size < 1:
             msg = f"need 0 <= min_size <= max_size and max_size >= 1, not {min_size}, {max_size}"
             raise ValueError(msg)
@@ -523,7 +506,7 @@ class SharedPool:
             UnsupportedBackendError: outside asyncio.
             RowSecurityError: with ``rls_check="raise"`` when the role bypasses RLS.
         """
-        _require_asyncio()
+        _loops.require_asyncio(_ASYNCIO_ONLY)
         if self._opening is None:
             self._opening = anyio.Lock()
         async with self._opening:
@@ -596,7 +579,7 @@ class SharedPool:
         yield self
 
     async def _open_pool(self) -> AsyncConnectionPool[AsyncConnection[Any]]:
-        _require_asyncio()
+        _loops.require_asyncio(_ASYNCIO_ONLY)
         if self._installed:
             await ambient.resolve(self)
         pool = self._pool
@@ -944,7 +927,7 @@ class PerUserPools:
         kwargs: Mapping[str, Any] | None = None,
         **pool_options: Any,
     ) -> None:
-        _refuse_trio()
+        _loops.refuse_trio(_ASYNCIO_ONLY)
         if not 0 <= min_size <= max_size or max_size < 1:
             msg = f"need 0 <= min_size <= max_size and max_size >= 1, not {min_size}, {max_size}"
             raise ValueError(msg)
@@ -1001,7 +984,7 @@ class PerUserPools:
             registry.register(Database, self._as_default, lifetime=Lifetime.APP, name="Database")
 
     def _user_pool(self, user: UserRef) -> _UserPool:
-        _require_asyncio()
+        _loops.require_asyncio(_ASYNCIO_ONLY)
         return _UserPool(self, user)
 
     def _as_default(self) -> Iterable[PerUserPools]:

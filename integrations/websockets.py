@@ -66,7 +66,6 @@ import json
 import logging
 import secrets
 import struct
-import sys
 from collections import deque
 from collections.abc import (
     AsyncIterator,
@@ -90,6 +89,7 @@ from ambient import (
     Scope,
     UserExecutionContext,
     UserRef,
+    _loops,
     current_context_or_none,
     current_scope,
     get_current_context,
@@ -832,25 +832,11 @@ def decode_envelope(raw: bytes) -> Envelope:
     return Envelope(UserRef(user_id, tenant), mode, target, data)
 
 
-def _refuse_trio() -> None:
-    trio = sys.modules.get("trio")
-    if trio is not None and trio.lowlevel.in_trio_run():
-        raise _unsupported_backend()
-
-
-def _require_asyncio() -> None:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        raise _unsupported_backend() from None
-
-
-def _unsupported_backend() -> UnsupportedBackendError:
-    return UnsupportedBackendError(
-        "RedisBroadcast uses redis-py's asyncio client, which runs on asyncio only, and this "
-        "code runs under another event loop (trio?): run the application on asyncio "
-        "(uvicorn and hypercorn do by default) or use the in-process backend"
-    )
+_ASYNCIO_ONLY = (
+    "RedisBroadcast uses redis-py's asyncio client, which runs on asyncio only, and this "
+    "code runs under another event loop (trio?): run the application on asyncio "
+    "(uvicorn and hypercorn do by default) or use the in-process backend"
+)
 
 
 class RedisBroadcast:
@@ -890,7 +876,7 @@ class RedisBroadcast:
         max_reconnect_delay: float = 2.0,
         health_check_interval: float = 5.0,
     ) -> None:
-        _refuse_trio()
+        _loops.refuse_trio(_ASYNCIO_ONLY)
         for name, value in (
             ("timeout", timeout),
             ("reconnect_delay", reconnect_delay),
@@ -954,7 +940,7 @@ class RedisBroadcast:
             BroadcastError: Redis did not take it within ``timeout``.
             UnsupportedBackendError: not running on asyncio.
         """
-        _require_asyncio()
+        _loops.require_asyncio(_ASYNCIO_ONLY)
         from redis.exceptions import RedisError
 
         client = self._publisher()
@@ -993,7 +979,7 @@ class RedisBroadcast:
             BroadcastError: Redis is down or did not confirm within ``timeout``.
             UnsupportedBackendError: not running on asyncio.
         """
-        _require_asyncio()
+        _loops.require_asyncio(_ASYNCIO_ONLY)
         channel = self.channel(user)
         refs = self._refs.get(channel, 0)
         self._refs[channel] = refs + 1
@@ -1060,7 +1046,7 @@ class RedisBroadcast:
     async def wait_connected(self) -> None:
         """Wait until the subscription connection is up, starting it if needed (bound the
         wait with ``anyio.fail_after``)."""
-        _require_asyncio()
+        _loops.require_asyncio(_ASYNCIO_ONLY)
         self._start_reader()
         while not self._connected:
             await self._wait_changed()
