@@ -172,11 +172,20 @@ class UserExecutionContext:
         # object.__setattr__ looks each name up again and costs twice as much.
         self = object.__new__(cls)
         _set_user_id(self, validate_id("user_id", user_id))
-        _set_thread_id(self, new_id() if thread_id is None else validate_id("thread_id", thread_id))
-        _set_run_id(self, new_id() if run_id is None else validate_id("run_id", run_id))
-        _set_request_id(
-            self, new_id() if request_id is None else validate_id("request_id", request_id)
-        )
+        if thread_id is None or request_id is None:
+            # The ids a request needs, from one draw: a third of the cost of three.
+            ids = _random_bits(384).to_bytes(48, "big").hex()
+            _set_thread_id(
+                self, ids[:32] if thread_id is None else validate_id("thread_id", thread_id)
+            )
+            _set_run_id(self, ids[32:64] if run_id is None else validate_id("run_id", run_id))
+            _set_request_id(
+                self, ids[64:] if request_id is None else validate_id("request_id", request_id)
+            )
+        else:
+            _set_thread_id(self, validate_id("thread_id", thread_id))
+            _set_run_id(self, new_id() if run_id is None else validate_id("run_id", run_id))
+            _set_request_id(self, validate_id("request_id", request_id))
         _set_tenant_id(self, None if tenant_id is None else validate_id("tenant_id", tenant_id))
         _set_connection_id(
             self,

@@ -114,21 +114,27 @@ def _cycle(stack: tuple[Hashable, ...], key: Hashable) -> ResolutionError:
 class Instances:
     """Created components of one owner (a scope, a user, the app)."""
 
-    __slots__ = ("cache", "closed", "created", "lock", "owner_label", "pending")
+    __slots__ = ("async_cleanups", "cache", "closed", "created", "lock", "owner_label", "pending")
 
-    def __init__(self, owner_label: str) -> None:
-        self.cache: dict[Hashable, Any] = {}
+    def __init__(self, owner_label: str, cache: dict[Hashable, Any] | None = None) -> None:
+        self.cache: dict[Hashable, Any] = {} if cache is None else cache
         self.pending: dict[Hashable, _Pending] = {}
         self.created: list[Created] = []
         self.lock = threading.Lock()
         self.closed = False
         self.owner_label = owner_label
+        self.async_cleanups = 0
+
+    def needs_await(self) -> bool:
+        """Whether cleaning up what was created so far awaits anything."""
+        return self.async_cleanups > 0
 
     def close(self) -> list[Created]:
         """Refuse further creations; hand back what was created, oldest first."""
         with self.lock:
             self.closed = True
             created, self.created = self.created, []
+            self.async_cleanups = 0
             self.cache.clear()
         return created
 
@@ -249,6 +255,8 @@ class Instances:
             if stored:
                 self.cache[provider.key] = instance
                 self.created.append((provider, instance, finalizer))
+                if finalizer is not None and finalizer.is_async:
+                    self.async_cleanups += 1
             waiters = pending.finish_locked()
         pending.wake(waiters)
         return stored

@@ -255,6 +255,20 @@ class Registry:
             raise TypeError(msg)
         return Scope(self, ctx, allow_switch=allow_switch, observer=observer)
 
+    def scope_observers(self, extra: Observer | None) -> tuple[Observer, ...]:
+        """The observers a scope opening now reports to: this registry's, the process-wide
+        ones and ``extra``, each only while it is :attr:`~ambient.Observer.active`."""
+        shared = _observe.observers
+        own = self._observers
+        if not shared and not own and extra is None:
+            return ()
+        every = own + shared
+        if extra is not None and extra not in every:
+            every = (*every, extra)
+        if len(every) == 1:
+            return every if every[0].active else ()
+        return tuple(o for o in every if o.active)
+
     def observers(self) -> tuple[Observer, ...]:
         """This registry's telemetry plus the process-wide observers, as of now."""
         shared = _observe.observers
@@ -354,6 +368,9 @@ class Registry:
                         done = entry.idle_since + created[0].idle_ttl <= now
                         (expired if done else kept).append(created)
                     instances.created = kept
+                    instances.async_cleanups = sum(
+                        1 for _, _, f in kept if f is not None and f.is_async
+                    )
                     for created in expired:
                         instances.cache.pop(created[0].key, None)
                 for provider, _, _ in kept:

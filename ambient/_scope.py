@@ -96,9 +96,10 @@ class Scope:
         self._released: anyio.Event | None = None
         self.context = context
         self._allow_switch = allow_switch
-        self._own = Instances("request scope")
+        # Made on the first REQUEST component: many requests create none.
+        self._own: Instances | None = None
         # Every component this scope has resolved, whatever its lifetime: the fast path.
-        self._cache: dict[Hashable, Any] = self._own.cache
+        self._cache: dict[Hashable, Any] = {}
         self._user_entry: UserEntry | None = None
         self._binding: _Binding | None = None
         self._opened = False
@@ -142,22 +143,26 @@ class Scope:
             msg = "a Scope can be entered once; open a new one with registry.open_scope(ctx)"
             raise RuntimeError(msg)
         registry = self._registry
-        registry.before_open()
         if registry.expiry_due():
             await registry.expire_idle()
+        self._open()
+        return self
+
+    def _open(self) -> None:
+        """Bind the context and tell the observers: entering, once expiry is done.
+
+        The middleware calls this directly (one coroutine fewer per request); it has
+        checked that the scope is new.
+        """
+        registry = self._registry
+        registry.before_open()
         self._binding = bind(self.context, self, allow_switch=self._allow_switch)
         self._opened = True
         registry.open_scopes += 1
-        observers = registry.observers()
-        extra = self._extra
-        if extra is not None and extra not in observers:
-            observers = (*observers, extra)
+        observers = registry.scope_observers(self._extra)
         if observers:
-            observers = _active(observers)
-        self.observers = observers
-        if observers:
+            self.observers = observers
             notify(observers, "scope_opened", self)
-        return self
 
     async def __aexit__(
         self,
@@ -190,19 +195,47 @@ class Scope:
         """
         return tuple(await self._close(exc))
 
-    async def _close(self, exc: BaseException | None) -> list[Exception]:
+    def _close_now(self, exc: BaseException | None) -> list[Exception] | None:
+        """Close without awaiting when nothing needs it; ``None`` (and nothing done) when
+        something does: a hold, USER components to release, async cleanups, expiry due."""
         if exc is not None and self.exception is None:
             self.exception = exc
         if self._closed or not self._opened:
             self._closed = True
             return []
+        own = self._own
+        if self._holds or self._user_entry is not None or self._registry.expiry_due():
+            return None
+        if own is None:
+            self._closed = True
+            self._ended([])
+            return []
+        if own.needs_await():
+            return None
+        self._closed = True
+        failures: list[Exception] = []
+        try:
+            created = own.close()
+            if created:
+                failures = finalize_sync(
+                    created, exc, self._registry, self.context.user, self.observers, self
+                )
+        finally:
+            self._ended(failures)
+        return failures
+
+    async def _close(self, exc: BaseException | None) -> list[Exception]:
+        done = self._close_now(exc)
+        if done is not None:
+            return done
         registry = self._registry
         failures: list[Exception] = []
         try:
             if self._holds:
                 await self._wait_for_holds()
             self._closed = True
-            created = self._own.close()
+            own = self._own
+            created = own.close() if own is not None else []
             entry = self._user_entry
             self._user_entry = None
             if entry is not None or (created and needs_await(created)):
@@ -227,19 +260,22 @@ class Scope:
             # Whatever interrupted the cleanup (a native cancellation the shield cannot
             # stop, a KeyboardInterrupt), the scope still ends: unbound and counted.
             self._closed = True
-            self._cache = {}
-            self.cleanup_failures = len(failures)
-            binding = self._binding
-            if binding is not None:
-                # The binding refers to this scope: dropping it here keeps a request from
-                # leaving a reference cycle for the garbage collector (a server pays for
-                # every collection with its whole heap).
-                self._binding = None
-                unbind(binding)
-            registry.open_scopes -= 1
-            if self.observers:
-                notify(self.observers, "scope_closed", self, tuple(failures))
+            self._ended(failures)
         return failures
+
+    def _ended(self, failures: list[Exception]) -> None:
+        self._cache = {}
+        self.cleanup_failures = len(failures)
+        binding = self._binding
+        if binding is not None:
+            # The binding refers to this scope: dropping it here keeps a request from
+            # leaving a reference cycle for the garbage collector (a server pays for
+            # every collection with its whole heap).
+            self._binding = None
+            unbind(binding)
+        self._registry.open_scopes -= 1
+        if self.observers:
+            notify(self.observers, "scope_closed", self, tuple(failures))
 
     def hold(self) -> _Hold:
         """Keep this scope open past the end of its body, for work it hands off.
@@ -279,9 +315,10 @@ class Scope:
             )
 
     def __del__(self) -> None:
-        if self._opened and not self._closed and self._own.created:
+        own = self._own
+        if self._opened and not self._closed and own is not None and own.created:
             warnings.warn(
-                f"{self!r} was garbage-collected with {len(self._own.created)} component "
+                f"{self!r} was garbage-collected with {len(own.created)} component "
                 "cleanup(s) pending; close scopes with `async with` or `await scope.aclose()`",
                 ResourceWarning,
                 stacklevel=1,
@@ -309,7 +346,10 @@ class Scope:
         lifetime = provider.lifetime
         registry = self._registry
         if lifetime is Lifetime.REQUEST:
-            return await self._own.aget(provider, self.context, self, registry)
+            own = self._own
+            if own is None:
+                own = self._own = Instances("request scope", self._cache)
+            return await own.aget(provider, self.context, self, registry)
         if lifetime is Lifetime.USER:
             entry = self._user_entry
             if entry is None or entry.instances.closed:
@@ -341,7 +381,10 @@ class Scope:
         lifetime = provider.lifetime
         registry = self._registry
         if lifetime is Lifetime.REQUEST:
-            return self._own.get(provider, self.context, self, registry)
+            own = self._own
+            if own is None:
+                own = self._own = Instances("request scope", self._cache)
+            return own.get(provider, self.context, self, registry)
         if lifetime is Lifetime.USER:
             entry = self._user_entry
             if entry is None or entry.instances.closed:
@@ -449,9 +492,3 @@ class _View:
     def resolve_sync(self, key: Hashable) -> Any:
         self._check(key)
         return self._scope.resolve_sync(key)
-
-
-def _active(observers: tuple[Observer, ...]) -> tuple[Observer, ...]:
-    if len(observers) == 1:
-        return observers if observers[0].active else ()
-    return tuple(o for o in observers if o.active)

@@ -33,11 +33,13 @@ from __future__ import annotations
 import hmac
 import logging
 import secrets
+import sys
 import threading
-import time
 import weakref
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Final, Literal
+from collections.abc import Callable, Iterable, Mapping
+from time import monotonic
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from opentelemetry import baggage as otel_baggage
 from opentelemetry import context as otel_context
@@ -76,6 +78,9 @@ _PROCESS_KEY: Final = secrets.token_bytes(32)
 _RECHECK_SECONDS: Final = 1.0
 _HASH_CACHE_SIZE: Final = 4096
 _SCOPE_KEY: Final = otel_context.create_key("ambient.scope")
+_USER: Final = Lifetime.USER
+# Enum ``.value`` is a descriptor call; events read it for every component.
+_LIFETIMES: Final[Mapping[Lifetime, str]] = {lifetime: lifetime.value for lifetime in Lifetime}
 # Component creation is often microseconds, pool connects and agent start-ups seconds.
 _DURATION_BUCKETS: Final = (
     0.0001,
@@ -158,8 +163,8 @@ def _unrelated_scopes_removed(context: Context, scope: Scope) -> Context:
     before that scope instead, so it never becomes another request's child.
     """
     while True:
-        record = otel_context.get_value(_SCOPE_KEY, context)
-        if not isinstance(record, _ScopeRecord) or record.attached is not context:
+        record = context.get(_SCOPE_KEY)
+        if type(record) is not _ScopeRecord or record.attached() is not context:
             return context
         outer = record.scope()
         if not record.closed and outer is not None and _encloses(outer, scope):
@@ -253,18 +258,60 @@ class _Instruments:
         )
 
 
+def _no_context() -> None:
+    return None
+
+
+def _sdk_event_type(tracer: trace.Tracer) -> Callable[..., object] | None:
+    """The SDK's ``Event`` class when ``tracer`` is the SDK's and needs no attribute clean-up.
+
+    ``Span.add_event`` copies and checks the attributes of every event (a third of the cost
+    of a traced request with a few components); ours are clean by construction (a str, a
+    str, a float), so the SDK's spans take a ready ``Event`` instead. Only while no attribute
+    length limit is configured, which would have to truncate the component name.
+    """
+    sdk = sys.modules.get("opentelemetry.sdk.trace")
+    if sdk is None or not isinstance(tracer, getattr(sdk, "Tracer", ())):
+        return None
+    limits = getattr(tracer, "_span_limits", None)
+    span_type = getattr(sdk, "Span", None)
+    if (
+        limits is None
+        or getattr(limits, "max_attribute_length", 0) is not None
+        or (getattr(limits, "max_event_attributes", 0) or 0) < 3
+        or not hasattr(span_type, "_add_event")
+    ):
+        return None
+    event_type: Callable[..., object] | None = getattr(sdk, "Event", None)
+    return event_type
+
+
 class _ScopeRecord:
     """What one :class:`Telemetry` keeps in ``scope.state`` while the scope is open."""
 
-    __slots__ = ("attached", "closed", "counted", "previous", "scope", "span", "span_context")
+    __slots__ = (
+        "add_event",
+        "attached",
+        "closed",
+        "counted",
+        "previous",
+        "scope",
+        "span",
+        "span_context",
+    )
 
     def __init__(self, scope: Scope) -> None:
         # Weak: a context pinned by a timer or a leftover task must not keep the scope alive.
         self.scope = weakref.ref(scope)
         self.span: trace.Span | None = None
         self.span_context: Context | None = None  # parent of resolve/cleanup spans
-        self.attached: Context | None = None  # the OpenTelemetry context made current
+        # The OpenTelemetry context made current, weakly: that context holds this record,
+        # and a strong reference back would leave every traced request (span, events and
+        # all) to the cycle collector.
+        self.attached: Callable[[], Context | None] = _no_context
         self.previous: Context | None = None  # what was current before
+        # The SDK span's own ``_add_event`` (see _sdk_event_type), else None.
+        self.add_event: Callable[[object], None] | None = None
         self.counted = False
         self.closed = False
 
@@ -336,6 +383,8 @@ class Telemetry(Observer):
         self._tracer_provider_arg = tracer_provider
         self._meter_provider_arg = meter_provider
         self._tracer: trace.Tracer | None = None
+        self._event_type: Callable[..., object] | None = None
+        self._sdk_span_type: type | tuple[type, ...] = ()
         self._instruments: _Instruments | None = None
         self._tracer_pending = False
         self._meter_pending = False
@@ -360,6 +409,10 @@ class Telemetry(Observer):
             return
         tracer = provider.get_tracer("ambient", __version__)
         if not isinstance(tracer, trace.NoOpTracer):
+            self._event_type = _sdk_event_type(tracer)
+            if self._event_type is not None:
+                sdk = sys.modules["opentelemetry.sdk.trace"]
+                self._sdk_span_type = sdk.Span
             self._tracer = tracer
 
     def _resolve_meter(self) -> None:
@@ -379,9 +432,10 @@ class Telemetry(Observer):
         self._dormant = (
             self._tracer is None and self._instruments is None and not self.baggage_fields
         )
+        self._active = not self._dormant
 
     def _recheck(self) -> None:
-        now = time.monotonic()
+        now = monotonic()
         with self._lock:
             if now < self._next_check:
                 return
@@ -399,9 +453,9 @@ class Telemetry(Observer):
         While the global providers are still no-op proxies this looks again at most once a
         second, so it stays cheap enough to ask for every scope.
         """
-        if self._pending and time.monotonic() >= self._next_check:
+        if self._pending and monotonic() >= self._next_check:
             self._recheck()
-        return not self._dormant
+        return self._active
 
     # -- ids -----------------------------------------------------------------------------
 
@@ -465,7 +519,7 @@ class Telemetry(Observer):
 
     def scope_opened(self, scope: Scope) -> None:
         """Start the scope span and make it current; count the scope."""
-        if self._pending and time.monotonic() >= self._next_check:
+        if self._pending and monotonic() >= self._next_check:
             self._recheck()
         if self._dormant:
             return
@@ -486,11 +540,13 @@ class Telemetry(Observer):
                 parent = _unrelated_scopes_removed(previous, scope)
                 span = tracer.start_span(
                     "ambient.scope",
-                    context=parent,
-                    kind=SpanKind.INTERNAL,
-                    attributes=self._scope_attributes(scope.context),
+                    parent,
+                    SpanKind.INTERNAL,
+                    self._scope_attributes(scope.context),
                 )
                 record.span = span
+                if isinstance(span, self._sdk_span_type):
+                    record.add_event = getattr(span, "_add_event", None)
                 current = trace.set_span_in_context(span, parent)
                 record.span_context = current
             if self.baggage_fields:
@@ -500,7 +556,7 @@ class Telemetry(Observer):
             if current is not previous:
                 current = otel_context.set_value(_SCOPE_KEY, record, current)
                 record.previous = previous
-                record.attached = current
+                record.attached = weakref.ref(current)
                 # No token is kept: see scope_closed.
                 otel_context.attach(current)
         except Exception:  # noqa: BLE001 - logged once; never breaks a request
@@ -511,31 +567,35 @@ class Telemetry(Observer):
         if self._dormant:
             return
         record = scope.state.pop(self, None)
-        if not isinstance(record, _ScopeRecord):
+        if type(record) is not _ScopeRecord:
             return
         record.closed = True
-        attached = record.attached
-        if attached is not None:
+        if record.previous is not None:
             try:
-                self._restore(record, attached)
+                self._restore(record)
             except Exception:  # noqa: BLE001 - logged once; never breaks a request
                 self._failed("scope_closed (context)")
         span = record.span
         if span is not None:
             try:
-                span.set_attribute("ambient.components.created", scope.components_created)
-                span.set_attribute("ambient.cleanup.failures", len(failures))
+                span.set_attributes(
+                    {
+                        "ambient.components.created": scope.components_created,
+                        "ambient.cleanup.failures": len(failures),
+                    }
+                )
                 ended_by = scope.exception
-                if isinstance(ended_by, Exception):
+                if ended_by is None:
+                    if failures:
+                        span.set_status(
+                            Status(StatusCode.ERROR, f"{len(failures)} component cleanup(s) failed")
+                        )
+                elif isinstance(ended_by, Exception):
                     span.record_exception(ended_by)
                     span.set_status(Status(StatusCode.ERROR, type(ended_by).__name__))
-                elif ended_by is not None:
+                else:
                     # Cancelled (or the interpreter is exiting): not an error of the request.
                     span.set_attribute("ambient.cancelled", True)
-                elif failures:
-                    span.set_status(
-                        Status(StatusCode.ERROR, f"{len(failures)} component cleanup(s) failed")
-                    )
                 span.end()
             except Exception:  # noqa: BLE001 - logged once; never breaks a request
                 self._failed("scope_closed (span)")
@@ -547,19 +607,19 @@ class Telemetry(Observer):
                 self._failed("scope_closed (metrics)")
 
     @staticmethod
-    def _restore(record: _ScopeRecord, attached: Context) -> None:
+    def _restore(record: _ScopeRecord) -> None:
         # Token-free: a token reset from another Context (a generator finalised by another
         # task, a scope closed elsewhere) would raise, and OpenTelemetry logs "Failed to
         # detach context". Only when our context is still current do we put the previous
         # one back, skipping scopes that already closed out of order.
-        if otel_context.get_current() is not attached:
+        if otel_context.get_current() is not record.attached():
             return
         previous = record.previous
         while previous is not None:
-            outer = otel_context.get_value(_SCOPE_KEY, previous)
-            if not isinstance(outer, _ScopeRecord) or not outer.closed:
+            outer = previous.get(_SCOPE_KEY)
+            if type(outer) is not _ScopeRecord or not outer.closed:
                 break
-            if outer.attached is not previous:
+            if outer.attached() is not previous:
                 break
             previous = outer.previous
         otel_context.attach(Context() if previous is None else previous)
@@ -583,7 +643,7 @@ class Telemetry(Observer):
             try:
                 attributes = self._attributes(event)
                 instruments.create_duration.record(event.duration, attributes)
-                if event.lifetime is Lifetime.USER and event.error is None:
+                if event.lifetime is _USER and event.error is None:
                     instruments.user_components.add(1, attributes)
             except Exception:  # noqa: BLE001 - logged once; never breaks a request
                 self._failed("component_created (metrics)")
@@ -604,7 +664,7 @@ class Telemetry(Observer):
                 instruments.cleanup_duration.record(event.duration, attributes)
                 if event.error is not None:
                     instruments.cleanup_failures.add(1, attributes)
-                if event.lifetime is Lifetime.USER:
+                if event.lifetime is _USER:
                     instruments.user_components.add(-1, attributes)
             except Exception:  # noqa: BLE001 - logged once; never breaks a request
                 self._failed("component_cleaned (metrics)")
@@ -615,29 +675,36 @@ class Telemetry(Observer):
                 self._failed("component_cleaned (span)")
 
     def _trace_component(self, name: str, event: ComponentEvent) -> None:
+        scope = event.scope
+        record = None if scope is None else scope.state.get(self)
+        if type(record) is not _ScopeRecord or record.span is None:
+            record = None
+        if event.error is None and event.duration < self.span_threshold:
+            if record is None:
+                return
+            attributes: dict[str, Any] = {
+                "ambient.component": event.name,
+                "ambient.lifetime": _LIFETIMES[event.lifetime],
+                "ambient.duration": event.duration,
+            }
+            add_event = record.add_event
+            event_type = self._event_type
+            if add_event is not None and event_type is not None:
+                add_event(event_type(name, MappingProxyType(attributes), event.start_ns))
+            elif record.span is not None:
+                record.span.add_event(name, attributes, timestamp=event.start_ns)
+            return
+        self._component_span(name, event, record)
+
+    def _component_span(
+        self, name: str, event: ComponentEvent, record: _ScopeRecord | None
+    ) -> None:
         tracer = self._tracer
         if tracer is None:
             return
-        scope = event.scope
-        record = None if scope is None else scope.state.get(self)
-        if not isinstance(record, _ScopeRecord) or record.span is None:
-            record = None
-        error = event.error
-        if error is None and event.duration < self.span_threshold:
-            if record is not None and record.span is not None:
-                record.span.add_event(
-                    name,
-                    {
-                        "ambient.component": event.name,
-                        "ambient.lifetime": event.lifetime.value,
-                        "ambient.duration": event.duration,
-                    },
-                    timestamp=event.start_ns,
-                )
-            return
         attributes: dict[str, str | bool] = {
             "ambient.component": event.name,
-            "ambient.lifetime": event.lifetime.value,
+            "ambient.lifetime": _LIFETIMES[event.lifetime],
         }
         if record is not None:
             parent = record.span_context
@@ -654,6 +721,7 @@ class Telemetry(Observer):
             attributes=attributes,
             start_time=event.start_ns,
         )
+        error = event.error
         if error is not None:
             if isinstance(error, Exception):
                 span.record_exception(error)
@@ -667,7 +735,7 @@ class Telemetry(Observer):
 
     def record_global_access(self, name: str) -> None:
         """Count one access to the guarded global ``name`` (``ambient.global_state.accesses``)."""
-        if self._meter_pending and time.monotonic() >= self._next_check:
+        if self._meter_pending and monotonic() >= self._next_check:
             self._recheck()
         instruments = self._instruments
         if instruments is None:

@@ -1077,8 +1077,10 @@ class RedisBroadcast:
                 self._pending.clear()
                 pubsub, self._pubsub = self._pubsub, None
                 if pubsub is not None:
+                    # Any: redis-py types aclose() in some releases and not in others.
+                    aclose: Any = pubsub.aclose
                     with anyio.CancelScope(shield=True):
-                        await _close_quietly(pubsub.aclose())  # type: ignore[no-untyped-call]
+                        await _close_quietly(aclose())
                 self._notify()
             await anyio.sleep(delay)
             delay = min(delay * 2, self.max_reconnect_delay)
@@ -1094,8 +1096,9 @@ class RedisBroadcast:
             with anyio.fail_after(self.timeout):
                 await pubsub.execute_command("SUBSCRIBE", *channels)
         except BaseException:
+            aclose: Any = pubsub.aclose
             with anyio.CancelScope(shield=True):
-                await _close_quietly(pubsub.aclose())  # type: ignore[no-untyped-call]
+                await _close_quietly(aclose())
             raise
         self._pubsub = pubsub
         # Channels subscribed or dropped while the SUBSCRIBE above was on its way.

@@ -64,6 +64,22 @@ class Identity:
     parent: UserExecutionContext | None = None
 
 
+_set_user_id = Identity.__dict__["user_id"].__set__
+_set_tenant_id = Identity.__dict__["tenant_id"].__set__
+_set_claims = Identity.__dict__["claims"].__set__
+_set_parent = Identity.__dict__["parent"].__set__
+
+
+def _identity(user_id: str, tenant_id: str | None) -> Identity:
+    """``Identity(user_id, tenant_id)`` at a third of the cost (no claims, no parent)."""
+    identity = object.__new__(Identity)
+    _set_user_id(identity, user_id)
+    _set_tenant_id(identity, tenant_id)
+    _set_claims(identity, _NO_CLAIMS)
+    _set_parent(identity, None)
+    return identity
+
+
 IdentityResolver: TypeAlias = Callable[
     [Mapping[str, Any]], "Identity | Awaitable[Identity | None] | None"
 ]
@@ -183,6 +199,7 @@ def _peer_trusted(scope: Mapping[str, Any], networks: tuple[_Network, ...]) -> b
 
 
 _MAX_PEERS = 1024
+_MAX_IDENTITIES = 1024
 
 
 def _peer_check(networks: tuple[_Network, ...]) -> Callable[[Mapping[str, Any]], bool]:
@@ -234,15 +251,38 @@ def trusted_header(
         raise ValueError(msg)
 
     peer_trusted = _peer_check(networks)
+    wanted = name.lower().encode("latin-1")
+    # Identities are immutable and a server sees the same users again and again: decoding
+    # and building one is looked up, not redone (bounded like the peer verdicts).
+    known: dict[bytes, Identity] = {}
 
     def resolve(scope: Mapping[str, Any]) -> Identity | None:
         if not peer_trusted(scope):
             return None
-        user_id = _single_header(scope, name)
-        if user_id is None:
+        # One pass, no list: this runs for every request behind the proxy.
+        raw: bytes | None = None
+        for key, value in scope.get("headers", ()):
+            if key.lower() == wanted:
+                if raw is not None:
+                    _single_header(scope, name)  # raises, naming how often it was sent
+                raw = value
+        if raw is None:
             return None
-        tenant = _single_header(scope, tenant_header) if tenant_header else None
-        return Identity(user_id, tenant)
+        if tenant_header is None:
+            identity = known.get(raw)
+            if identity is not None:
+                return identity
+        try:
+            user_id = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise IdentityError(f"the {name} header is not valid UTF-8") from None
+        if tenant_header:
+            return _identity(user_id, _single_header(scope, tenant_header))
+        identity = _identity(user_id, None)
+        if len(known) >= _MAX_IDENTITIES:
+            known.clear()
+        known[raw] = identity
+        return identity
 
     return resolve
 
