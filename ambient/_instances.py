@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Final
 
@@ -19,7 +19,18 @@ import anyio
 
 from ambient._binding import _current
 from ambient._observe import ComponentEvent, Observer, notify
-from ambient._provider import Finalizer, Lifetime, Provider, build_async, build_sync, key_name
+from ambient._provider import (
+    AWAIT,
+    Finalizer,
+    Lifetime,
+    Provider,
+    build_async,
+    build_now,
+    build_sync,
+    finish_async,
+    is_sync,
+    key_name,
+)
 from ambient.errors import CleanupTimeoutError, ResolutionError, ScopeClosedError
 
 if TYPE_CHECKING:
@@ -31,33 +42,41 @@ __all__ = ["Created", "Instances", "finalize", "finalize_sync", "needs_await"]
 
 logger = logging.getLogger("ambient")
 
-# Keys being created by this task or thread, outermost first: a repeat is a cycle.
+# Keys whose async factories this task is awaiting, outermost first: a repeat is a cycle.
 _resolving: Final[ContextVar[tuple[Hashable, ...]]] = ContextVar("ambient.resolving", default=())
+
+
 _MISSING: Final = object()
 
 Created = tuple[Provider, Any, Finalizer | None]
 
 
-class _Pending:
-    """A creation in progress that other resolvers wait for.
+class _Marker:
+    """A creation in progress that nobody waits for yet: one per thread and kind, reused.
 
-    Its events are made only when somebody waits: most creations see no contention.
+    Most creations see no contention, so the :class:`_Pending` a waiter needs is made by
+    the first waiter, not by every creation.
     """
+
+    __slots__ = ("in_async", "owner")
+
+    def __init__(self, owner: int, *, in_async: bool) -> None:
+        self.owner = owner
+        self.in_async = in_async
+
+
+class _Pending:
+    """A creation in progress that other resolvers wait for."""
 
     __slots__ = ("_async_event", "_lock", "_thread_event", "finished", "in_async", "owner")
 
-    def __init__(self, lock: threading.Lock, *, in_async: bool) -> None:
+    def __init__(self, lock: threading.Lock, marker: _Marker) -> None:
         self._lock = lock
-        self.owner = threading.get_ident()
-        self.in_async = in_async
+        self.owner = marker.owner
+        self.in_async = marker.in_async
         self.finished = False
         self._async_event: anyio.Event | None = None
         self._thread_event: threading.Event | None = None
-
-    def done(self) -> None:
-        with self._lock:
-            waiters = self.finish_locked()
-        self.wake(waiters)
 
     def finish_locked(self) -> tuple[anyio.Event | None, threading.Event | None]:
         """Mark the creation finished (the lock is held); return the events to set."""
@@ -106,6 +125,42 @@ class _Pending:
             thread_event.wait()
 
 
+class _Building(threading.local):
+    """Per thread: the keys whose sync factories run on it, outermost first, and its
+    markers of creations in progress.
+
+    A sync factory never yields to the event loop, so while one runs no other task's can
+    start on this thread: a per-thread stack suffices, and costs less than a ContextVar.
+    """
+
+    def __init__(self) -> None:
+        self.keys: list[Hashable] = []
+        owner = threading.get_ident()
+        self.in_async = _Marker(owner, in_async=True)
+        self.in_thread = _Marker(owner, in_async=False)
+
+
+_building: Final = _Building()
+
+
+def _run_sync(
+    build: Callable[[Provider, object], tuple[Any, Any]],
+    provider: Provider,
+    arg: object,
+    scope: Scope,
+    building: list[Hashable],
+) -> tuple[Any, Any]:
+    """Run a sync factory with its key on this thread's stack of creations."""
+    building.append(provider.key)
+    try:
+        if provider.lifetime is Lifetime.REQUEST:
+            return build(provider, arg)
+        with scope.restricted_for(provider):
+            return build(provider, arg)
+    finally:
+        building.pop()
+
+
 def _cycle(stack: tuple[Hashable, ...], key: Hashable) -> ResolutionError:
     path = " -> ".join(key_name(k) for k in (*stack[stack.index(key) :], key))
     return ResolutionError(f"dependency cycle while resolving: {path}")
@@ -118,7 +173,7 @@ class Instances:
 
     def __init__(self, owner_label: str, cache: dict[Hashable, Any] | None = None) -> None:
         self.cache: dict[Hashable, Any] = {} if cache is None else cache
-        self.pending: dict[Hashable, _Pending] = {}
+        self.pending: dict[Hashable, _Marker | _Pending] = {}
         self.created: list[Created] = []
         self.lock = threading.Lock()
         self.closed = False
@@ -148,8 +203,10 @@ class Instances:
         """Return the cached component or create it (once, however many ask at once)."""
         key = provider.key
         stack = _resolving.get()
-        if key in stack:
-            raise _cycle(stack, key)
+        here = _building
+        building = here.keys
+        if key in stack or key in building:
+            raise _cycle((*stack, *building), key)
         while True:
             with self.lock:
                 instance = self.cache.get(key, _MISSING)
@@ -159,27 +216,28 @@ class Instances:
                     raise self._closed_error(provider)
                 pending = self.pending.get(key)
                 if pending is None:
-                    pending = self.pending[key] = _Pending(self.lock, in_async=True)
+                    self.pending[key] = here.in_async
                     break
+                pending = self._waited_for(key, pending)
             await pending.wait()
-        token = _resolving.set((*stack, key))
         observers = scope.observers
         started = time.perf_counter() if observers else 0.0
         start_ns = time.time_ns() if observers else 0
         try:
-            if provider.lifetime is Lifetime.REQUEST:
-                instance, finalizer = await build_async(provider, arg)
+            if is_sync(provider):
+                # Nothing to await (usually): no task switch can happen while it runs, so
+                # the cheap per-thread stack finds cycles.
+                instance, finalizer = _run_sync(build_now, provider, arg, scope, building)
+                if instance is AWAIT:
+                    instance, finalizer = await self._finish(provider, finalizer, scope, stack)
             else:
-                with scope.restricted_for(provider):
-                    instance, finalizer = await build_async(provider, arg)
+                instance, finalizer = await self._build(provider, arg, scope, stack)
         except BaseException as exc:
-            self._forget(key, pending)
+            self._forget(key)
             if observers:
                 self._report(observers, provider, None, arg, scope, start_ns, started, exc)
             raise
-        finally:
-            _resolving.reset(token)
-        if not self._store(provider, instance, finalizer, pending):
+        if not self._store(provider, instance, finalizer):
             with anyio.CancelScope(shield=True):
                 await finalize([(provider, instance, finalizer)], None, registry, None, observers)
             raise self._closed_error(provider)
@@ -189,12 +247,40 @@ class Instances:
             self._report(observers, provider, instance, arg, scope, start_ns, started, None)
         return instance
 
+    @staticmethod
+    async def _build(
+        provider: Provider, arg: object, scope: Scope, stack: tuple[Hashable, ...]
+    ) -> tuple[Any, Finalizer | None]:
+        token = _resolving.set((*stack, provider.key))
+        try:
+            if provider.lifetime is Lifetime.REQUEST:
+                return await build_async(provider, arg)
+            with scope.restricted_for(provider):
+                return await build_async(provider, arg)
+        finally:
+            _resolving.reset(token)
+
+    @staticmethod
+    async def _finish(
+        provider: Provider, result: Any, scope: Scope, stack: tuple[Hashable, ...]
+    ) -> tuple[Any, Finalizer | None]:
+        token = _resolving.set((*stack, provider.key))
+        try:
+            if provider.lifetime is Lifetime.REQUEST:
+                return await finish_async(provider, result)
+            with scope.restricted_for(provider):
+                return await finish_async(provider, result)
+        finally:
+            _resolving.reset(token)
+
     def get(self, provider: Provider, arg: object, scope: Scope, registry: Registry) -> Any:
         """The sync twin of :meth:`aget` (sync factories only; safe from worker threads)."""
         key = provider.key
         stack = _resolving.get()
-        if key in stack:
-            raise _cycle(stack, key)
+        here = _building
+        building = here.keys
+        if key in stack or key in building:
+            raise _cycle((*stack, *building), key)
         while True:
             with self.lock:
                 instance = self.cache.get(key, _MISSING)
@@ -204,8 +290,9 @@ class Instances:
                     raise self._closed_error(provider)
                 pending = self.pending.get(key)
                 if pending is None:
-                    pending = self.pending[key] = _Pending(self.lock, in_async=False)
+                    self.pending[key] = here.in_thread
                     break
+                pending = self._waited_for(key, pending)
             if pending.blocks_this_loop():
                 msg = (
                     f"{provider.name} is being created by another task on this event loop; "
@@ -214,24 +301,17 @@ class Instances:
                 )
                 raise ResolutionError(msg)
             pending.wait_blocking()
-        token = _resolving.set((*stack, key))
         observers = scope.observers
         started = time.perf_counter() if observers else 0.0
         start_ns = time.time_ns() if observers else 0
         try:
-            if provider.lifetime is Lifetime.REQUEST:
-                instance, finalizer = build_sync(provider, arg)
-            else:
-                with scope.restricted_for(provider):
-                    instance, finalizer = build_sync(provider, arg)
+            instance, finalizer = _run_sync(build_sync, provider, arg, scope, building)
         except BaseException as exc:
-            self._forget(key, pending)
+            self._forget(key)
             if observers:
                 self._report(observers, provider, None, arg, scope, start_ns, started, exc)
             raise
-        finally:
-            _resolving.reset(token)
-        if not self._store(provider, instance, finalizer, pending):
+        if not self._store(provider, instance, finalizer):
             if finalizer is not None and not finalizer.is_async:
                 finalizer.run_sync(None)
             raise self._closed_error(provider)
@@ -241,24 +321,32 @@ class Instances:
             self._report(observers, provider, instance, arg, scope, start_ns, started, None)
         return instance
 
-    def _forget(self, key: Hashable, pending: _Pending) -> None:
-        with self.lock:
-            self.pending.pop(key, None)
-        pending.done()
+    def _waited_for(self, key: Hashable, pending: _Marker | _Pending) -> _Pending:
+        """The :class:`_Pending` to wait on for ``key`` (the lock is held)."""
+        if type(pending) is _Marker:
+            pending = self.pending[key] = _Pending(self.lock, pending)
+        return pending  # type: ignore[return-value]
 
-    def _store(
-        self, provider: Provider, instance: Any, finalizer: Finalizer | None, pending: _Pending
-    ) -> bool:
+    def _forget(self, key: Hashable) -> None:
         with self.lock:
-            self.pending.pop(provider.key, None)
+            pending = self.pending.pop(key, None)
+            waiters = pending.finish_locked() if type(pending) is _Pending else None
+        if waiters is not None:
+            _Pending.wake(waiters)
+
+    def _store(self, provider: Provider, instance: Any, finalizer: Finalizer | None) -> bool:
+        key = provider.key
+        with self.lock:
+            pending = self.pending.pop(key, None)
             stored = not self.closed
             if stored:
-                self.cache[provider.key] = instance
+                self.cache[key] = instance
                 self.created.append((provider, instance, finalizer))
                 if finalizer is not None and finalizer.is_async:
                     self.async_cleanups += 1
-            waiters = pending.finish_locked()
-        pending.wake(waiters)
+            waiters = pending.finish_locked() if type(pending) is _Pending else None
+        if waiters is not None:
+            _Pending.wake(waiters)
         return stored
 
     @staticmethod
@@ -375,7 +463,10 @@ def finalize_sync(
     escaped: BaseException | None = None
     body_error = exc if isinstance(exc, Exception) else None
     for provider, instance, finalizer in reversed(created):
-        started = time.perf_counter()
+        if finalizer is None and not observers:
+            registry.cleaned += 1
+            continue
+        started = time.perf_counter() if observers else 0.0
         start_ns = time.time_ns() if observers else 0
         error: Exception | None = None
         try:
@@ -385,6 +476,9 @@ def finalize_sync(
             error = raised
         except BaseException as raised:  # noqa: BLE001 - re-raised once every cleanup ran
             escaped = escaped or raised
+        if error is None and not observers:
+            registry.cleaned += 1
+            continue
         _record(registry, provider, instance, user, observers, scope, start_ns, started, error)
         if error is not None:
             failures.append(error)

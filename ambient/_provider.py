@@ -244,7 +244,46 @@ def _special(result: Any) -> bool:
     return False
 
 
+# How instances of a class are closed ("aclose", "close", "async close" or None), where
+# the class decides it alone: its close methods are plain functions on the class. An
+# instance attribute of the same name still wins (checked in the instance's __dict__).
+_CLOSE_BY_CLASS: dict[type, tuple[str | None, bool]] = {}
+
+
+def _class_close(cls: type) -> tuple[str | None, bool] | None:
+    """``(how, instances_have_dict)``, or ``None`` when only the instance can tell."""
+    how: str | None = None
+    if inspect.getattr_static(cls, "__getattr__", None) is not None:
+        return None  # names appear at run time
+    aclose = inspect.getattr_static(cls, "aclose", None)
+    close = inspect.getattr_static(cls, "close", None)
+    for found in (aclose, close):
+        if found is not None and not inspect.isfunction(found):
+            return None  # a descriptor, a staticmethod, a callable object: ask the instance
+    if aclose is not None and inspect.iscoroutinefunction(aclose):
+        how = "aclose"
+    elif close is not None:
+        how = "async close" if inspect.iscoroutinefunction(close) else "close"
+    return how, cls.__dictoffset__ != 0
+
+
 def _plain_closer(provider: Provider, result: Any) -> tuple[Any, Finalizer | None]:
+    cls = type(result)
+    known = _CLOSE_BY_CLASS.get(cls)
+    if known is None:
+        known = _class_close(cls)
+        if known is not None:
+            if len(_CLOSE_BY_CLASS) >= _MAX_PLAIN:
+                _CLOSE_BY_CLASS.clear()
+            _CLOSE_BY_CLASS[cls] = known
+    if known is not None:
+        how, has_dict = known
+        if not has_dict or not ("close" in result.__dict__ or "aclose" in result.__dict__):
+            if how is None:
+                return result, None
+            if how == "async close":
+                return result, _AsyncClose(provider.name, result)
+            return result, Finalizer(provider.name, how, result, is_async=how == "aclose")
     aclose = getattr(result, "aclose", None)
     if callable(aclose) and inspect.iscoroutinefunction(aclose):
         return result, Finalizer(provider.name, "aclose", result, is_async=True)
@@ -303,7 +342,12 @@ async def build_async(provider: Provider, arg: object) -> tuple[Any, Finalizer |
     result = provider.factory(*args)
     if kind is _SYNC and not _special(result):
         return _plain_closer(provider, result)
-    if kind is _ASYNC or inspect.isawaitable(result):
+    return await finish_async(provider, result)
+
+
+async def finish_async(provider: Provider, result: Any) -> tuple[Any, Finalizer | None]:
+    """Await and enter what a factory returned, as :func:`build_async` does."""
+    if provider.kind is _ASYNC or inspect.isawaitable(result):
         result = await result
     if not _special(result):
         return _plain_closer(provider, result)
@@ -315,6 +359,39 @@ async def build_async(provider: Provider, arg: object) -> tuple[Any, Finalizer |
     if finalizer is not None and finalizer.how == "async context manager":
         instance = await result.__aenter__()
     return instance, finalizer
+
+
+# What build_now() returns, with the factory's result, when that result must be awaited.
+AWAIT: Any = object()
+
+
+def is_sync(provider: Provider) -> bool:
+    """Whether the factory is a plain function or a generator (it may still return an
+    awaitable, see :func:`build_now`)."""
+    return provider.kind is _SYNC or provider.kind is _GEN
+
+
+def build_now(provider: Provider, arg: object) -> tuple[Any, Any]:
+    """Build a component of a sync factory (see :func:`is_sync`) without awaiting.
+
+    Returns ``(instance, finalizer)``, or ``(AWAIT, result)`` when the factory returned
+    something to await or enter asynchronously: pass ``result`` to :func:`finish_async`.
+    """
+    args = (arg,) if provider.takes_arg else ()
+    if provider.kind is _GEN:
+        return _enter_gen(provider, provider.factory(*args))
+    result = provider.factory(*args)
+    if not _special(result):
+        return _plain_closer(provider, result)
+    if inspect.isgenerator(result):
+        return _enter_gen(provider, result)
+    if (
+        inspect.isawaitable(result)
+        or inspect.isasyncgen(result)
+        or (provider.enter and hasattr(type(result), "__aenter__"))
+    ):
+        return AWAIT, result
+    return _closer(provider, result, can_await=True)
 
 
 def build_sync(provider: Provider, arg: object) -> tuple[Any, Finalizer | None]:

@@ -19,7 +19,7 @@ from ambient.errors import CleanupError, ResolutionError, ScopeClosedError
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from ambient._context import UserExecutionContext
+    from ambient._context import UserExecutionContext, UserRef
     from ambient._registry import Registry, UserEntry
 
 __all__ = ["Scope"]
@@ -27,6 +27,7 @@ __all__ = ["Scope"]
 T = TypeVar("T")
 logger = logging.getLogger("ambient")
 _NOTHING = contextlib.nullcontext()
+_MISSING: Any = object()
 
 
 class _Resolver(Protocol):
@@ -218,7 +219,7 @@ class Scope:
             created = own.close()
             if created:
                 failures = finalize_sync(
-                    created, exc, self._registry, self.context.user, self.observers, self
+                    created, exc, self._registry, self._owner_user(), self.observers, self
                 )
         finally:
             self._ended(failures)
@@ -242,7 +243,7 @@ class Scope:
                 with anyio.CancelScope(shield=True):
                     try:
                         failures = await finalize(
-                            created, exc, registry, self.context.user, self.observers, self
+                            created, exc, registry, self._owner_user(), self.observers, self
                         )
                     finally:
                         if entry is not None:
@@ -251,7 +252,7 @@ class Scope:
             else:
                 if created:
                     failures = finalize_sync(
-                        created, exc, registry, self.context.user, self.observers, self
+                        created, exc, registry, self._owner_user(), self.observers, self
                     )
                 if registry.expiry_due():
                     with anyio.CancelScope(shield=True):
@@ -262,6 +263,10 @@ class Scope:
             self._closed = True
             self._ended(failures)
         return failures
+
+    def _owner_user(self) -> UserRef | None:
+        # Only observers see whose components were cleaned: no UserRef without them.
+        return self.context.user if self.observers else None
 
     def _ended(self, failures: list[Exception]) -> None:
         self._cache = {}
@@ -338,24 +343,26 @@ class Scope:
             ResolutionError: unknown key, dependency cycle, lifetime violation.
             ScopeClosedError: the scope has closed.
         """
-        try:
-            return self._cache[key]
-        except KeyError:
-            pass
-        provider = self._provider(key)
-        lifetime = provider.lifetime
-        registry = self._registry
-        if lifetime is Lifetime.REQUEST:
+        # get(), not try/except: a raised KeyError on every first resolution costs more than
+        # the lookup saves on cached ones.
+        instance = self._cache.get(key, _MISSING)
+        if instance is not _MISSING:
+            return instance
+        provider = self._registry.providers.get(key)
+        if provider is None or self._closed or not self._opened:
+            raise self._unavailable(key)
+        if provider.lifetime is Lifetime.REQUEST:
             own = self._own
             if own is None:
                 own = self._own = Instances("request scope", self._cache)
-            return await own.aget(provider, self.context, self, registry)
-        if lifetime is Lifetime.USER:
+            return await own.aget(provider, self.context, self, self._registry)
+        if provider.lifetime is Lifetime.USER:
             entry = self._user_entry
             if entry is None or entry.instances.closed:
                 entry = await self._acquire_user()
-            instance = await entry.instances.aget(provider, entry.ref, self, registry)
+            instance = await entry.instances.aget(provider, entry.ref, self, self._registry)
         else:
+            registry = self._registry
             instance = await registry.app_instances.aget(provider, None, self, registry)
         self._cache[key] = instance
         return instance
@@ -373,37 +380,34 @@ class Scope:
                 :meth:`resolve` instead).
             ScopeClosedError: the scope has closed.
         """
-        try:
-            return self._cache[key]
-        except KeyError:
-            pass
-        provider = self._provider(key)
-        lifetime = provider.lifetime
-        registry = self._registry
-        if lifetime is Lifetime.REQUEST:
+        instance = self._cache.get(key, _MISSING)
+        if instance is not _MISSING:
+            return instance
+        provider = self._registry.providers.get(key)
+        if provider is None or self._closed or not self._opened:
+            raise self._unavailable(key)
+        if provider.lifetime is Lifetime.REQUEST:
             own = self._own
             if own is None:
                 own = self._own = Instances("request scope", self._cache)
-            return own.get(provider, self.context, self, registry)
-        if lifetime is Lifetime.USER:
+            return own.get(provider, self.context, self, self._registry)
+        if provider.lifetime is Lifetime.USER:
             entry = self._user_entry
             if entry is None or entry.instances.closed:
                 entry = self._acquire_user_sync()
-            instance = entry.instances.get(provider, entry.ref, self, registry)
+            instance = entry.instances.get(provider, entry.ref, self, self._registry)
         else:
+            registry = self._registry
             instance = registry.app_instances.get(provider, None, self, registry)
         self._cache[key] = instance
         return instance
 
-    def _provider(self, key: Hashable) -> Provider:
+    def _unavailable(self, key: Hashable) -> Exception:
         if self._closed or not self._opened:
             state = "has closed" if self._closed else "is not open yet (use `async with`)"
             msg = f"cannot resolve {key_name(key)}: the scope {state}"
-            raise ScopeClosedError(msg)
-        provider = self._registry.providers.get(key)
-        if provider is None:
-            raise self._registry.unknown_key(key)
-        return provider
+            return ScopeClosedError(msg)
+        return self._registry.unknown_key(key)
 
     async def _acquire_user(self) -> UserEntry:
         entry = self._acquire_user_sync()

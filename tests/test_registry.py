@@ -231,6 +231,42 @@ class TestFactoryShapes:
             await scope.resolve(AsyncCloseMethod)
         assert log.events == ["async close", "close", "aclose"]
 
+    async def test_close_is_looked_up_on_every_instance(self, log: Log) -> None:
+        """How a class closes is remembered, but an instance's own close still counts, as
+        does a close that only ``__getattr__`` or a staticmethod provides."""
+
+        class Plain:
+            pass
+
+        class Dynamic:
+            def __getattr__(self, name: str) -> object:
+                if name == "close":
+                    return lambda: log.events.append("dynamic close")
+                raise AttributeError(name)
+
+        class Static:
+            @staticmethod
+            def close() -> None:
+                log.events.append("static close")
+
+        def with_own_close() -> Plain:
+            plain = Plain()
+            plain.close = lambda: log.events.append("instance close")  # type: ignore[attr-defined]
+            return plain
+
+        registry = Registry()
+        registry.register("plain", Plain)
+        registry.register("own", with_own_close)
+        registry.register(Dynamic, Dynamic)
+        registry.register(Static, Static)
+        for _ in range(2):  # the second round runs on what the first one remembered
+            async with registry.open_scope(ctx()) as scope:
+                assert type(await scope.resolve("plain")) is Plain
+                scope.resolve_sync("own")
+                await scope.resolve(Dynamic)
+                scope.resolve_sync(Static)
+        assert log.events == ["static close", "dynamic close", "instance close"] * 2
+
     async def test_async_factory_through_resolve_sync_says_to_await(self) -> None:
         """resolve_sync() of an async factory raises ResolutionError naming `await resolve`."""
         registry = Registry()

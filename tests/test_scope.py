@@ -237,6 +237,37 @@ class TestFailures:
             with pytest.raises(ResolutionError, match="cycle.*'c' -> 'd' -> 'c'"):
                 scope.resolve_sync("c")
 
+    async def test_cycle_through_sync_and_async_factories_is_named(self) -> None:
+        """Cycles that pass between async and sync factories are found and named too,
+        and leave nothing behind: the keys resolve once the cycle is broken."""
+        registry = Registry()
+        broken = False
+
+        async def make_e() -> object:
+            return await ambient.resolve("f")
+
+        def make_f() -> object:
+            return "f" if broken else ambient.resolve_sync("e")
+
+        def make_g() -> object:
+            return ambient.resolve_sync("h")
+
+        def make_h() -> object:
+            return "h" if broken else ambient.resolve_sync("g")
+
+        for key, make in (("e", make_e), ("f", make_f), ("g", make_g), ("h", make_h)):
+            registry.register(key, make)
+        async with registry.open_scope(ctx()) as scope:
+            with pytest.raises(ResolutionError, match="cycle.*'e' -> 'f' -> 'e'"):
+                await scope.resolve("e")
+            with pytest.raises(ResolutionError, match="cycle.*'g' -> 'h' -> 'g'"):
+                await scope.resolve("g")
+            with pytest.raises(ResolutionError, match="cycle.*'h' -> 'g' -> 'h'"):
+                scope.resolve_sync("h")
+            broken = True
+            assert await scope.resolve("e") == "f"
+            assert await scope.resolve("g") == "h"
+
     async def test_user_component_cannot_depend_on_a_request_component(self) -> None:
         """A USER factory resolving a REQUEST component is refused, cached or not."""
         registry = Registry()
