@@ -254,6 +254,30 @@ class UserExecutionContext:
         )
 
 
+def request_context(
+    user_id: str,
+    tenant_id: str | None,
+    thread_id: str | None,
+    request_id: str | None,
+    connection_id: str | None,
+    metadata: Mapping[str, object] | None,
+) -> UserExecutionContext:
+    """:meth:`UserExecutionContext.create` for the middleware: positional, and trusting a
+    ``request_id`` it has already validated."""
+    self = object.__new__(UserExecutionContext)
+    _set_user_id(self, validate_id("user_id", user_id))
+    ids = _random_bits(384).to_bytes(48, "big").hex()
+    _set_thread_id(self, ids[:32] if thread_id is None else validate_id("thread_id", thread_id))
+    _set_run_id(self, ids[32:64])
+    _set_request_id(self, ids[64:] if request_id is None else request_id)
+    _set_tenant_id(self, None if tenant_id is None else validate_id("tenant_id", tenant_id))
+    _set_connection_id(self, connection_id)
+    _set_parent_run_id(self, None)
+    _set_depth(self, 0)
+    _set_metadata(self, _EMPTY if metadata is None else _copy_metadata(metadata))
+    return self
+
+
 # Slot setters of the frozen context, for create() (see there).
 _set_user_id = UserExecutionContext.__dict__["user_id"].__set__
 _set_thread_id = UserExecutionContext.__dict__["thread_id"].__set__

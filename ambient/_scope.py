@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 import anyio
 
-from ambient._binding import _Binding, bind, unbind
+from ambient._binding import _Binding, _current, bind, unbind
 from ambient._instances import Instances, finalize, finalize_sync, needs_await
 from ambient._observe import Observer, notify
 from ambient._provider import RANK, Lifetime, Provider, key_name
@@ -157,7 +157,12 @@ class Scope:
         """
         registry = self._registry
         registry.before_open()
-        self._binding = bind(self.context, self, allow_switch=self._allow_switch)
+        if _current.get() is None:
+            # Nothing to shadow and no other user to refuse: bind() without its checks.
+            binding = self._binding = _Binding(self.context, self, None)
+            binding.token = _current.set(binding)
+        else:
+            self._binding = bind(self.context, self, allow_switch=self._allow_switch)
         self._opened = True
         registry.open_scopes += 1
         observers = registry.scope_observers(self._extra)

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from ambient._binding import _current
-from ambient._context import UserExecutionContext, UserRef, new_id, validate_id
+from ambient._context import UserExecutionContext, UserRef, new_id, request_context, validate_id
 from ambient._observe import Observer
 from ambient._registry import Registry
 from ambient._scope import Scope
@@ -136,7 +136,9 @@ class AmbientMiddleware:
         # Per-user in-flight counts: shared limiter state, not per-request state.
         self._active: dict[UserRef, int] = {}
 
-    async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
+    async def __call__(  # noqa: PLR0915 - one coroutine per request is the point
+        self, scope: MutableMapping[str, Any], receive: Receive, send: Send
+    ) -> None:
         kind = scope["type"]
         if kind not in ("http", "websocket"):
             if kind == "lifespan":
@@ -177,7 +179,35 @@ class AmbientMiddleware:
                 echo = [(self._request_id_header, (request_id or new_id()).encode())]
                 await self._refuse(_problem(refused), scope, receive, send, echo, websocket)
                 return
-            await self._run(ctx, scope, receive, send, request_id, websocket)
+
+            echo = [(self._request_id_header, request_id.encode())]
+            response = _Response(send, echo)
+            registry = self.registry
+            component_scope = Scope(registry, ctx, observer=self.telemetry)
+            if registry.expiry_due():
+                await registry.expire_idle()
+            component_scope._open()
+            try:
+                await self.app(scope, receive, response.send)
+            except AmbientError as error:
+                if not response.started and _answerable(error):
+                    failures = await component_scope.finish(error)
+                    _log_failures(failures, ctx)
+                    problem = Problem.from_error(error)
+                    await self._refuse(problem, scope, receive, send, echo, websocket)
+                    return
+                await component_scope.__aexit__(type(error), error, error.__traceback__)
+                raise
+            except BaseException as exc:
+                await component_scope.__aexit__(type(exc), exc, exc.__traceback__)
+                raise
+            # The response has gone out: a failed cleanup is logged, counted and traced by
+            # the scope's observers, never raised to the server.
+            done = component_scope._close_now(None)
+            if done is None:
+                done = await component_scope._close(None)
+            if done:
+                _log_failures(tuple(done), ctx)
         finally:
             if user is not None:
                 self._leave(user)
@@ -188,47 +218,6 @@ class AmbientMiddleware:
                     _current.set(None)
 
     # -- requests and sockets ------------------------------------------------------------
-
-    async def _run(
-        self,
-        ctx: UserExecutionContext,
-        scope: MutableMapping[str, Any],
-        receive: Receive,
-        send: Send,
-        request_id: str,
-        websocket: bool,
-    ) -> None:
-        echo = [(self._request_id_header, request_id.encode())]
-        response = _Response(send, echo)
-        registry = self.registry
-        component_scope = Scope(registry, ctx, observer=self.telemetry)
-        if registry.expiry_due():
-            await registry.expire_idle()
-        component_scope._open()
-        try:
-            await self.app(scope, receive, response.send)
-        except AmbientError as error:
-            if (
-                error.http_status is None
-                or response.started
-                or isinstance(error, BaseExceptionGroup)
-            ):
-                await component_scope.__aexit__(type(error), error, error.__traceback__)
-                raise
-            failures = await component_scope.finish(error)
-            _log_failures(failures, ctx)
-            await self._refuse(Problem.from_error(error), scope, receive, send, echo, websocket)
-        except BaseException as exc:
-            await component_scope.__aexit__(type(exc), exc, exc.__traceback__)
-            raise
-        else:
-            # The response has gone out: a failed cleanup is logged, counted and traced by
-            # the scope's observers, never raised to the server.
-            done = component_scope._close_now(None)
-            if done is None:
-                done = await component_scope._close(None)
-            if done:
-                _log_failures(tuple(done), ctx)
 
     def _admit(self, ctx: UserExecutionContext) -> UserRef:
         """Count one more request of ``ctx``'s user, or refuse it over the limit."""
@@ -291,21 +280,23 @@ class AmbientMiddleware:
         if identity is None:
             if not self.anonymous:
                 raise _Refused(_UNAUTHENTICATED)
-            return UserExecutionContext.create(
+            return request_context(
                 f"anonymous:{new_id()}",
-                thread_id=thread_id,
-                request_id=request_id,
-                connection_id=new_id() if websocket else None,
+                None,
+                thread_id,
+                request_id,
+                new_id() if websocket else None,
+                None,
             )
         if identity.parent is not None:
             return _continued(identity, identity.parent, websocket)
-        return UserExecutionContext.create(
+        return request_context(
             identity.user_id,
-            tenant_id=identity.tenant_id,
-            thread_id=thread_id,
-            request_id=request_id,
-            connection_id=new_id() if websocket else None,
-            metadata={"claims": identity.claims} if identity.claims else None,
+            identity.tenant_id,
+            thread_id,
+            request_id,
+            new_id() if websocket else None,
+            {"claims": identity.claims} if identity.claims else None,
         )
 
     async def _refuse(
@@ -400,6 +391,11 @@ class _Response:
 class _Refused(Exception):  # noqa: N818 - control flow, never escapes
     def __init__(self, problem: Problem) -> None:
         self.problem = problem
+
+
+def _answerable(error: AmbientError) -> bool:
+    """Whether ``error`` raised by the app becomes an HTTP answer (e.g. 503)."""
+    return error.http_status is not None and not isinstance(error, BaseExceptionGroup)
 
 
 def _problem(refusal: Exception) -> Problem:
