@@ -37,6 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# Imported once: an import statement in an endpoint would be billed to every request.
+from asgi_correlation_id import correlation_id
+
+from ambient import current_context_or_none, resolve
 from benchmarks import Options, Report, Stat, Table, Target, paired_ratio
 from benchmarks.bench_asgi import (
     App,
@@ -91,15 +95,11 @@ async def _floor(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 async def _ambient(scope: Scope, receive: Receive, send: Send) -> None:
-    from ambient import current_context_or_none
-
     ctx = current_context_or_none()
     await _answer(send, None if ctx is None else ctx.user_id, _header_user(scope))
 
 
 async def _ambient3(scope: Scope, receive: Receive, send: Send) -> None:
-    from ambient import resolve
-
     session = await resolve(Session)
     engine = await resolve(Engine)
     dispatcher = await resolve(Dispatcher)
@@ -108,8 +108,6 @@ async def _ambient3(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 async def _correlation(scope: Scope, receive: Receive, send: Send) -> None:
-    from asgi_correlation_id import correlation_id
-
     await _answer(send, correlation_id.get(), _header_user(scope))
 
 
