@@ -254,6 +254,10 @@ class UserExecutionContext:
         )
 
 
+_VALID_USER_IDS: dict[str, None] = {}
+_MAX_VALID_USER_IDS = 4096
+
+
 def request_context(
     user_id: str,
     tenant_id: str | None,
@@ -265,7 +269,14 @@ def request_context(
     """:meth:`UserExecutionContext.create` for the middleware: positional, and trusting a
     ``request_id`` it has already validated."""
     self = object.__new__(UserExecutionContext)
-    _set_user_id(self, validate_id("user_id", user_id))
+    # Whether a str is a valid id depends on nothing else: a server sees the same users
+    # again and again, so their ids are checked once (bounded, like any such memo).
+    if type(user_id) is not str or user_id not in _VALID_USER_IDS:
+        user_id = validate_id("user_id", user_id)
+        if len(_VALID_USER_IDS) >= _MAX_VALID_USER_IDS:
+            _VALID_USER_IDS.clear()
+        _VALID_USER_IDS[user_id] = None
+    _set_user_id(self, user_id)
     ids = _random_bits(384).to_bytes(48, "big").hex()
     _set_thread_id(self, ids[:32] if thread_id is None else validate_id("thread_id", thread_id))
     _set_run_id(self, ids[32:64])

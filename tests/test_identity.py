@@ -83,6 +83,26 @@ def bearer(value: str) -> dict[str, Any]:
     return http_scope([(b"authorization", f"Bearer {value}".encode())])
 
 
+class TestTrustedHeader:
+    def test_what_it_remembers_never_bypasses_a_check(self) -> None:
+        """A user seen before from a trusted peer is still refused from an untrusted one,
+        a repeated header is still an error, and ids keep resolving past the memo's bound."""
+        resolve = trusted_header()
+        trusted = {"client": ("127.0.0.1", 4000)}
+        untrusted = {"client": ("203.0.113.9", 4000)}
+        alice = [(b"x-user-id", b"alice")]
+        assert resolve(http_scope(alice, **trusted)) == Identity("alice")
+        assert resolve(http_scope(alice, **trusted)) == Identity("alice")
+        assert resolve(http_scope(alice, **untrusted)) is None
+        with pytest.raises(IdentityError, match="2 times"):
+            resolve(http_scope(alice * 2, **trusted))
+        for number in range(3000):  # more users than it keeps
+            user = f"user-{number}"
+            found = resolve(http_scope([(b"x-user-id", user.encode())], **trusted))
+            assert found == Identity(user)
+        assert resolve(http_scope(alice, **trusted)) == Identity("alice")
+
+
 class TestJwtBearer:
     def test_a_valid_token_gives_its_subject_and_claims(self) -> None:
         identity = hs_resolver(tenant_claim="org")(bearer(token({"org": "acme"})))

@@ -124,11 +124,15 @@ class TestIdentity:
         headers = [(b"x-user-id", value.encode("latin-1"))]
         async with client(app) as http:
             response = await http.get("/whoami", headers=headers)
-        body = assert_problem(response, 400)
-        assert body["detail"].startswith("user_id is invalid")
-        assert fragment in body["detail"]
-        assert value.strip() not in body["detail"] or value.lower() in ("null", "undefined")
-        assert ledger.created == {}
+            # Twice, after a valid user: what is remembered about ids never lets one pass.
+            await http.get("/whoami", headers={"x-user-id": "alice"})
+            again = await http.get("/whoami", headers=headers)
+        for answer in (response, again):
+            body = assert_problem(answer, 400)
+            assert body["detail"].startswith("user_id is invalid")
+            assert fragment in body["detail"]
+            assert value.strip() not in body["detail"] or value.lower() in ("null", "undefined")
+        assert set(ledger.created.values()) <= {"alice"}  # the refused requests made nothing
 
     async def test_a_header_that_is_not_utf8_is_400(self) -> None:
         app, _, _ = build()
