@@ -13,7 +13,8 @@ jobs, tests) or to the middleware. It records
 * the metrics ``ambient.scopes.active``, ``ambient.user_components.live``,
   ``ambient.component.create.duration``, ``ambient.cleanup.duration``,
   ``ambient.cleanup.failures`` and ``ambient.global_state.accesses``. No metric carries a user
-  or tenant id.
+  or tenant id. ``ambient.scopes.active`` is an observable up-down counter: the count is kept
+  here and read when the meter collects, instead of two SDK measurements per scope.
 
 While the scope is open its span is the current span, so spans your code starts nest under
 it, and log records (see :mod:`ambient.integrations.logging`) carry its ids. The span is made
@@ -22,6 +23,9 @@ was current when it opened, if the scope's context is still the current one, ins
 ``detach``-ing a token. Closing a scope from another task or after an abandoned generator
 therefore never logs "Failed to detach context"; the task that abandoned the generator keeps
 the ended scope span as its current span until its own enclosing span ends.
+
+The per-scope state refers to the context it made current only weakly, so a closed scope's
+span, events and context are freed by reference counting, not left to the cycle collector.
 
 With no OpenTelemetry SDK configured the global providers are no-op proxies; ``Telemetry``
 notices that and does no span or metric work at all (it looks again at most once a second, so
@@ -38,8 +42,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from time import monotonic
-from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 from opentelemetry import baggage as otel_baggage
 from opentelemetry import context as otel_context
@@ -79,8 +82,6 @@ _RECHECK_SECONDS: Final = 1.0
 _HASH_CACHE_SIZE: Final = 4096
 _SCOPE_KEY: Final = otel_context.create_key("ambient.scope")
 _USER: Final = Lifetime.USER
-# Enum ``.value`` is a descriptor call; events read it for every component.
-_LIFETIMES: Final[Mapping[Lifetime, str]] = {lifetime: lifetime.value for lifetime in Lifetime}
 # Component creation is often microseconds, pool connects and agent start-ups seconds.
 _DURATION_BUCKETS: Final = (
     0.0001,
@@ -213,6 +214,28 @@ class _IdExport:
         return self._apply(self.tenant_policy, value)
 
 
+class _Gauge:
+    """A count kept here and read by the meter when it collects.
+
+    For ``ambient.scopes.active``: an SDK ``UpDownCounter.add`` costs microseconds, twice per
+    scope; an observable up-down counter exports the same non-monotonic sum for the price of
+    an addition under a lock.
+    """
+
+    __slots__ = ("_lock", "value")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value = 0
+
+    def add(self, amount: int) -> None:
+        with self._lock:
+            self.value += amount
+
+    def observe(self, options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        return (metrics.Observation(self.value),)
+
+
 class _Instruments:
     """The metric instruments of one meter."""
 
@@ -226,8 +249,12 @@ class _Instruments:
     )
 
     def __init__(self, meter: metrics.Meter) -> None:
-        self.scopes_active = meter.create_up_down_counter(
-            "ambient.scopes.active", unit="{scope}", description="Scopes open right now."
+        self.scopes_active = _Gauge()
+        meter.create_observable_up_down_counter(
+            "ambient.scopes.active",
+            callbacks=[self.scopes_active.observe],
+            unit="{scope}",
+            description="Scopes open right now.",
         )
         self.user_components = meter.create_up_down_counter(
             "ambient.user_components.live",
@@ -258,6 +285,17 @@ class _Instruments:
         )
 
 
+def _only_key(context: Context) -> str | None:
+    return next(iter(context)) if len(context) == 1 else None
+
+
+# The keys the API stores the current span and the baggage under, found through the public
+# API, so that the scope's context is made in one copy instead of three (None: the API
+# changed shape, and the general path is taken).
+_SPAN_KEY: Final = _only_key(trace.set_span_in_context(trace.INVALID_SPAN, Context()))
+_BAGGAGE_KEY: Final = _only_key(otel_baggage.set_baggage("ambient", "", Context()))
+
+
 def _no_context() -> None:
     return None
 
@@ -265,22 +303,20 @@ def _no_context() -> None:
 def _sdk_event_type(tracer: trace.Tracer) -> Callable[..., object] | None:
     """The SDK's ``Event`` class when ``tracer`` is the SDK's and needs no attribute clean-up.
 
-    ``Span.add_event`` copies and checks the attributes of every event (a third of the cost
-    of a traced request with a few components); ours are clean by construction (a str, a
-    str, a float), so the SDK's spans take a ready ``Event`` instead. Only while no attribute
-    length limit is configured, which would have to truncate the component name.
+    ``Span.add_event`` copies and checks the attributes of every event and takes two locks
+    (together most of the cost of a fast component); ours are clean by construction (a str,
+    a str, a float). On the SDK's spans the scope collects ready ``Event`` objects and hands
+    them over in one go when it closes, before the span ends. Only while no attribute length
+    limit is configured, which would have to truncate the component name.
     """
     sdk = sys.modules.get("opentelemetry.sdk.trace")
     if sdk is None or not isinstance(tracer, getattr(sdk, "Tracer", ())):
         return None
     limits = getattr(tracer, "_span_limits", None)
-    span_type = getattr(sdk, "Span", None)
-    if (
-        limits is None
-        or getattr(limits, "max_attribute_length", 0) is not None
-        or (getattr(limits, "max_event_attributes", 0) or 0) < 3
-        or not hasattr(span_type, "_add_event")
-    ):
+    if limits is None or getattr(limits, "max_attribute_length", 0) is not None:
+        return None
+    max_attributes = getattr(limits, "max_event_attributes", 0)
+    if max_attributes is not None and max_attributes < 3:
         return None
     event_type: Callable[..., object] | None = getattr(sdk, "Event", None)
     return event_type
@@ -290,28 +326,30 @@ class _ScopeRecord:
     """What one :class:`Telemetry` keeps in ``scope.state`` while the scope is open."""
 
     __slots__ = (
-        "add_event",
         "attached",
         "closed",
         "counted",
+        "events",
+        "flush",
+        "parent",
         "previous",
         "scope",
         "span",
-        "span_context",
     )
 
     def __init__(self, scope: Scope) -> None:
         # Weak: a context pinned by a timer or a leftover task must not keep the scope alive.
         self.scope = weakref.ref(scope)
         self.span: trace.Span | None = None
-        self.span_context: Context | None = None  # parent of resolve/cleanup spans
+        self.parent: Context | None = None  # the scope span's parent context
         # The OpenTelemetry context made current, weakly: that context holds this record,
         # and a strong reference back would leave every traced request (span, events and
         # all) to the cycle collector.
         self.attached: Callable[[], Context | None] = _no_context
         self.previous: Context | None = None  # what was current before
-        # The SDK span's own ``_add_event`` (see _sdk_event_type), else None.
-        self.add_event: Callable[[object], None] | None = None
+        # Fast components' events, for ``flush`` (the SDK span's event list) at close.
+        self.events: list[object] | None = None
+        self.flush: Callable[[list[object]], object] | None = None
         self.counted = False
         self.closed = False
 
@@ -384,7 +422,6 @@ class Telemetry(Observer):
         self._meter_provider_arg = meter_provider
         self._tracer: trace.Tracer | None = None
         self._event_type: Callable[..., object] | None = None
-        self._sdk_span_type: type | tuple[type, ...] = ()
         self._instruments: _Instruments | None = None
         self._tracer_pending = False
         self._meter_pending = False
@@ -410,9 +447,6 @@ class Telemetry(Observer):
         tracer = provider.get_tracer("ambient", __version__)
         if not isinstance(tracer, trace.NoOpTracer):
             self._event_type = _sdk_event_type(tracer)
-            if self._event_type is not None:
-                sdk = sys.modules["opentelemetry.sdk.trace"]
-                self._sdk_span_type = sdk.Span
             self._tracer = tracer
 
     def _resolve_meter(self) -> None:
@@ -527,16 +561,16 @@ class Telemetry(Observer):
         scope.state[self] = record
         instruments = self._instruments
         if instruments is not None:
-            try:
-                instruments.scopes_active.add(1)
-                record.counted = True
-            except Exception:  # noqa: BLE001 - logged once; never breaks a request
-                self._failed("scope_opened (metrics)")
+            instruments.scopes_active.add(1)
+            record.counted = True
         try:
             previous = otel_context.get_current()
-            current = previous
             tracer = self._tracer
-            if tracer is not None:
+            if tracer is None:
+                current = (
+                    self._with_baggage(previous, scope.context) if self.baggage_fields else previous
+                )
+            else:
                 parent = _unrelated_scopes_removed(previous, scope)
                 span = tracer.start_span(
                     "ambient.scope",
@@ -545,16 +579,30 @@ class Telemetry(Observer):
                     self._scope_attributes(scope.context),
                 )
                 record.span = span
-                if isinstance(span, self._sdk_span_type):
-                    record.add_event = getattr(span, "_add_event", None)
-                current = trace.set_span_in_context(span, parent)
-                record.span_context = current
-            if self.baggage_fields:
-                current = self._with_baggage(current, scope.context)
-            elif current is not previous:
-                current = _strip_ambient_baggage(current)
+                record.parent = parent
+                if self._event_type is not None:
+                    flush = getattr(getattr(span, "_events", None), "extend", None)
+                    if flush is not None:
+                        record.flush = flush
+                        record.events = []
+                if (
+                    self.baggage_fields
+                    or _SPAN_KEY is None
+                    or _BAGGAGE_KEY is None
+                    or _BAGGAGE_KEY in parent
+                ):
+                    current = trace.set_span_in_context(span, parent)
+                    if self.baggage_fields:
+                        current = self._with_baggage(current, scope.context)
+                    else:
+                        current = _strip_ambient_baggage(current)
+                    current = otel_context.set_value(_SCOPE_KEY, record, current)
+                else:
+                    # Nothing to strip: the parent plus the span and this record, one copy.
+                    current = Context({**parent, _SPAN_KEY: span, _SCOPE_KEY: record})
             if current is not previous:
-                current = otel_context.set_value(_SCOPE_KEY, record, current)
+                if tracer is None:
+                    current = otel_context.set_value(_SCOPE_KEY, record, current)
                 record.previous = previous
                 record.attached = weakref.ref(current)
                 # No token is kept: see scope_closed.
@@ -578,12 +626,11 @@ class Telemetry(Observer):
         span = record.span
         if span is not None:
             try:
-                span.set_attributes(
-                    {
-                        "ambient.components.created": scope.components_created,
-                        "ambient.cleanup.failures": len(failures),
-                    }
-                )
+                events = record.events
+                if events and record.flush is not None:
+                    record.flush(events)
+                span.set_attribute("ambient.components.created", scope.components_created)
+                span.set_attribute("ambient.cleanup.failures", len(failures))
                 ended_by = scope.exception
                 if ended_by is None:
                     if failures:
@@ -601,10 +648,7 @@ class Telemetry(Observer):
                 self._failed("scope_closed (span)")
         instruments = self._instruments
         if record.counted and instruments is not None:
-            try:
-                instruments.scopes_active.add(-1)
-            except Exception:  # noqa: BLE001 - logged once; never breaks a request
-                self._failed("scope_closed (metrics)")
+            instruments.scopes_active.add(-1)
 
     @staticmethod
     def _restore(record: _ScopeRecord) -> None:
@@ -636,8 +680,6 @@ class Telemetry(Observer):
 
     def component_created(self, event: ComponentEvent) -> None:
         """Record a creation: span or event, duration histogram, live USER components."""
-        if self._dormant:
-            return
         instruments = self._instruments
         if instruments is not None:
             try:
@@ -649,14 +691,13 @@ class Telemetry(Observer):
                 self._failed("component_created (metrics)")
         if self._tracer is not None:
             try:
-                self._trace_component("ambient.resolve", event)
+                if not self._fast_event("ambient.resolve", event):
+                    self._trace_component("ambient.resolve", event)
             except Exception:  # noqa: BLE001 - logged once; never breaks a request
                 self._failed("component_created (span)")
 
     def component_cleaned(self, event: ComponentEvent) -> None:
         """Record a cleanup: span or event, duration histogram, failures, live USER components."""
-        if self._dormant:
-            return
         instruments = self._instruments
         if instruments is not None:
             try:
@@ -670,29 +711,47 @@ class Telemetry(Observer):
                 self._failed("component_cleaned (metrics)")
         if self._tracer is not None:
             try:
-                self._trace_component("ambient.cleanup", event)
+                if not self._fast_event("ambient.cleanup", event):
+                    self._trace_component("ambient.cleanup", event)
             except Exception:  # noqa: BLE001 - logged once; never breaks a request
                 self._failed("component_cleaned (span)")
 
+    def _fast_event(self, name: str, event: ComponentEvent) -> bool:
+        """The common case, kept short: a fast success on an SDK scope span becomes a ready
+        ``Event`` for the scope to hand over when it closes. False when it is not that case."""
+        scope = event.scope
+        if scope is None or event.error is not None or event.duration >= self.span_threshold:
+            return False
+        record = scope.state.get(self)
+        event_type = self._event_type
+        if type(record) is not _ScopeRecord or record.events is None or event_type is None:
+            return False
+        # Values of the three attribute types the SDK keeps as they are.
+        attributes = {
+            "ambient.component": event.name,
+            "ambient.lifetime": event.lifetime._value_,
+            "ambient.duration": event.duration,
+        }
+        record.events.append(event_type(name, attributes, event.start_ns))
+        return True
+
     def _trace_component(self, name: str, event: ComponentEvent) -> None:
+        """A child span when slow or failed, else an event through the public API."""
         scope = event.scope
         record = None if scope is None else scope.state.get(self)
         if type(record) is not _ScopeRecord or record.span is None:
             record = None
         if event.error is None and event.duration < self.span_threshold:
-            if record is None:
-                return
-            attributes: dict[str, Any] = {
-                "ambient.component": event.name,
-                "ambient.lifetime": _LIFETIMES[event.lifetime],
-                "ambient.duration": event.duration,
-            }
-            add_event = record.add_event
-            event_type = self._event_type
-            if add_event is not None and event_type is not None:
-                add_event(event_type(name, MappingProxyType(attributes), event.start_ns))
-            elif record.span is not None:
-                record.span.add_event(name, attributes, timestamp=event.start_ns)
+            if record is not None and record.span is not None:
+                record.span.add_event(
+                    name,
+                    {
+                        "ambient.component": event.name,
+                        "ambient.lifetime": event.lifetime._value_,
+                        "ambient.duration": event.duration,
+                    },
+                    timestamp=event.start_ns,
+                )
             return
         self._component_span(name, event, record)
 
@@ -704,10 +763,10 @@ class Telemetry(Observer):
             return
         attributes: dict[str, str | bool] = {
             "ambient.component": event.name,
-            "ambient.lifetime": _LIFETIMES[event.lifetime],
+            "ambient.lifetime": event.lifetime._value_,
         }
-        if record is not None:
-            parent = record.span_context
+        if record is not None and record.span is not None:
+            parent = trace.set_span_in_context(record.span, record.parent)
         else:
             # Cleanup at idle expiry or shutdown: no scope, so a trace of its own (the
             # current span may belong to another user's request).

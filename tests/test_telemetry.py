@@ -11,6 +11,7 @@ import logging
 import random
 import socket
 import threading
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -21,9 +22,16 @@ import pytest
 from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as otel_context
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import (
+    ReadableSpan,
+    Span,
+    SpanLimits,
+    SpanProcessor,
+    TracerProvider,
+)
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind, StatusCode
 
@@ -327,6 +335,24 @@ class TestScopeSpan:
         assert parent_id(second) == server.get_span_context().span_id
         assert second.context.trace_id == first.context.trace_id
 
+    async def test_a_traced_scope_leaves_no_reference_cycle(self, otel: Otel) -> None:
+        """Once the scope closes, its span and the context it made current are freed by
+        reference counting alone: a traced request leaves nothing to the cycle collector."""
+        registry = Registry(telemetry=otel.telemetry(span_threshold=60))
+        registry.register(Dispatcher, Dispatcher)
+        gc.collect()
+        gc.disable()
+        try:
+            async with registry.open_scope(ctx()):
+                await ambient.resolve(Dispatcher)
+                span = weakref.ref(trace.get_current_span())
+                context = weakref.ref(otel_context.get_current())
+            assert span() is None
+            assert context() is None
+        finally:
+            gc.enable()
+        assert len(one(otel.spans.named("ambient.scope")).events) == 2
+
     async def test_registry_and_scope_observer_do_not_double_trace(self, otel: Otel) -> None:
         """The same telemetry on the registry and passed to open_scope traces once."""
         telemetry = otel.telemetry()
@@ -381,6 +407,43 @@ class TestComponentSpans:
             assert 0 <= duration < 60
             assert scope_span.start_time is not None
             assert event.timestamp >= scope_span.start_time
+
+    async def test_events_come_before_the_scope_exception(self, otel: Otel) -> None:
+        """Events of a failing scope: its components' in order, then the exception."""
+        registry = Registry(telemetry=otel.telemetry(span_threshold=60))
+        registry.register(Dispatcher, Dispatcher)
+        with pytest.raises(LookupError):
+            async with registry.open_scope(ctx()):
+                await ambient.resolve(Dispatcher)
+                raise LookupError("no such agent")
+        scope_span = one(otel.spans.named("ambient.scope"))
+        assert [e.name for e in scope_span.events] == [
+            "ambient.resolve",
+            "ambient.cleanup",
+            "exception",
+        ]
+
+    async def test_events_under_an_attribute_length_limit(self) -> None:
+        """With a span attribute length limit configured, events are truncated by the SDK
+        like any attribute (the SDK's own ``add_event`` path)."""
+        spans = Collector()
+        provider = TracerProvider(span_limits=SpanLimits(max_attribute_length=4))
+        provider.add_span_processor(spans)
+        telemetry = Telemetry(tracer_provider=provider, meter_provider=NoOpMeterProvider())
+        registry = Registry(telemetry=telemetry)
+        registry.register(Dispatcher, Dispatcher)
+        async with registry.open_scope(ctx()):
+            await ambient.resolve(Dispatcher)
+        provider.shutdown()
+        scope_span = one(spans.named("ambient.scope"))
+        assert [(e.name, dict(e.attributes or {})) for e in scope_span.events] == [
+            (name, {"ambient.component": "Disp", "ambient.lifetime": "requ", "ambient.duration": d})
+            for name, d in zip(
+                ["ambient.resolve", "ambient.cleanup"],
+                [(e.attributes or {})["ambient.duration"] for e in scope_span.events],
+                strict=True,
+            )
+        ]
 
     async def test_slow_operation_is_a_span_and_fast_one_an_event(self, otel: Otel) -> None:
         """Around the threshold: the 20 ms factory gets a span, the instant one an event."""
