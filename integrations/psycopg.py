@@ -140,25 +140,56 @@ def _check_settings(settings: Mapping[str, str], allowed: frozenset[str]) -> tup
     return tuple(settings)
 
 
-def _set_config_sql(count: int, *, local: bool) -> str:
-    flag = "true" if local else "false"
-    calls = ", ".join(f"set_config(%s, %s, {flag})" for _ in range(count))
-    return f"SELECT {calls}"
+@dataclass(frozen=True, slots=True)
+class _Arguments:
+    """The arguments both strategies take, checked, and the settings as they are sent."""
 
+    names: tuple[str, ...]  # setting names, in the order of ``settings``
+    fields: tuple[str, ...]  # the context field of each
+    set_sql: str  # ``SELECT set_config(%s, %s, local), ...`` for all of them ('' for none)
 
-def _check_sizes(timeout: float, retry_after: float) -> None:
-    if not timeout > 0:
-        msg = f"timeout must be > 0 seconds, not {timeout!r}"
-        raise ValueError(msg)
-    if not retry_after > 0:
-        msg = f"retry_after must be > 0 seconds, not {retry_after!r}"
-        raise ValueError(msg)
-
-
-def _check_rls_mode(mode: str) -> None:
-    if mode not in ("raise", "warn", "off"):
-        msg = f"rls_check must be 'raise', 'warn' or 'off', not {mode!r}"
-        raise ValueError(msg)
+    @classmethod
+    def validated(
+        cls,
+        *,
+        min_size: int,
+        max_size: int,
+        per_user_limit: int | None = None,
+        max_total: int | None = None,
+        idle_ttl: float | None = None,
+        timeout: float,
+        retry_after: float,
+        rls_check: str,
+        settings: Mapping[str, str],
+        fields: frozenset[str],
+        local: bool,
+    ) -> _Arguments:
+        """Raise ``ValueError`` naming the first bad argument (``None``: the strategy has no
+        such argument); ``fields`` are the context fields ``settings`` may name."""
+        if not 0 <= min_size <= max_size or max_size < 1:
+            msg = f"need 0 <= min_size <= max_size and max_size >= 1, not {min_size}, {max_size}"
+            raise ValueError(msg)
+        if per_user_limit is not None and per_user_limit < 1:
+            msg = f"per_user_limit must be >= 1, not {per_user_limit!r}"
+            raise ValueError(msg)
+        if max_total is not None and max_total < max(1, min_size):
+            msg = f"max_total must be >= max(1, min_size), not {max_total!r}"
+            raise ValueError(msg)
+        if idle_ttl is not None and idle_ttl < 0:
+            msg = f"idle_ttl must be >= 0 seconds, not {idle_ttl!r}"
+            raise ValueError(msg)
+        if not timeout > 0:
+            msg = f"timeout must be > 0 seconds, not {timeout!r}"
+            raise ValueError(msg)
+        if not retry_after > 0:
+            msg = f"retry_after must be > 0 seconds, not {retry_after!r}"
+            raise ValueError(msg)
+        if rls_check not in ("raise", "warn", "off"):
+            msg = f"rls_check must be 'raise', 'warn' or 'off', not {rls_check!r}"
+            raise ValueError(msg)
+        names = _check_settings(settings, fields)
+        calls = ", ".join(f"set_config(%s, %s, {'true' if local else 'false'})" for _ in names)
+        return cls(names, tuple(settings.values()), f"SELECT {calls}" if names else "")
 
 
 async def _send_cancel(cancel: PGcancel) -> None:
@@ -208,6 +239,9 @@ async def _release(
                 logger.warning("ambient: rollback after %r failed: %s", exc, error)
         finally:
             await pool.putconn(conn)
+
+
+_IN_USE = "this checkout is in use; call connection() once per `async with`"
 
 
 def _exhausted(detail: str, retry_after: float) -> PoolExhaustedError:
@@ -453,14 +487,17 @@ class SharedPool:
         **pool_options: Any,
     ) -> None:
         _loops.refuse_trio(_ASYNCIO_ONLY)
-        if not 0 <= min_size <= max_size or max_size < 1:
-            msg = f"need 0 <= min_size <= max_size and max_size >= 1, not {min_size}, {max_size}"
-            raise ValueError(msg)
-        if per_user_limit < 1:
-            msg = f"per_user_limit must be >= 1, not {per_user_limit!r}"
-            raise ValueError(msg)
-        _check_sizes(timeout, retry_after)
-        _check_rls_mode(rls_check)
+        checked = _Arguments.validated(
+            min_size=min_size,
+            max_size=max_size,
+            per_user_limit=per_user_limit,
+            timeout=timeout,
+            retry_after=retry_after,
+            rls_check=rls_check,
+            settings=settings,
+            fields=_CONTEXT_FIELDS,
+            local=True,
+        )
         self.conninfo = conninfo
         self.min_size = min_size
         self.max_size = max_size
@@ -470,9 +507,9 @@ class SharedPool:
         self.rls_tables = tuple(rls_tables)
         self.rls_check: RlsCheck = rls_check
         self.name = name
-        self._names = _check_settings(settings, _CONTEXT_FIELDS)
-        self._fields = tuple(settings.values())
-        self._set_sql = _set_config_sql(len(self._names), local=True) if self._names else ""
+        self._names = checked.names
+        self._fields = checked.fields
+        self._set_sql = checked.set_sql
         reads = [sql.SQL("current_setting({}, true)").format(sql.Literal(n)) for n in self._names]
         self._reset_sql = (
             sql.SQL("{}; SELECT {}")
@@ -744,8 +781,7 @@ class _SharedCheckout:
 
     async def __aenter__(self) -> AsyncConnection[Any]:
         if self._conn is not None:
-            msg = "this checkout is in use; call connection() once per `async with`"
-            raise RuntimeError(msg)
+            raise RuntimeError(_IN_USE)
         ctx = ambient.get_current_context()
         owner = self._owner
         pool = owner._pool
@@ -834,10 +870,11 @@ class _SharedCheckout:
             owner._leave_gate(self._user, self._gate)
 
 
-def _values(ctx: UserExecutionContext, owner: SharedPool) -> list[str]:
+def _values(source: UserExecutionContext | UserRef, owner: SharedPool | PerUserPools) -> list[str]:
+    """The parameters of ``owner._set_sql``: each setting's name and ``source``'s value."""
     params: list[str] = []
     for name, field_name in zip(owner._names, owner._fields, strict=True):
-        value = getattr(ctx, field_name)
+        value = getattr(source, field_name)
         params += (name, "" if value is None else value)
     return params
 
@@ -928,17 +965,18 @@ class PerUserPools:
         **pool_options: Any,
     ) -> None:
         _loops.refuse_trio(_ASYNCIO_ONLY)
-        if not 0 <= min_size <= max_size or max_size < 1:
-            msg = f"need 0 <= min_size <= max_size and max_size >= 1, not {min_size}, {max_size}"
-            raise ValueError(msg)
-        if max_total < max(1, min_size):
-            msg = f"max_total must be >= max(1, min_size), not {max_total!r}"
-            raise ValueError(msg)
-        if idle_ttl < 0:
-            msg = f"idle_ttl must be >= 0 seconds, not {idle_ttl!r}"
-            raise ValueError(msg)
-        _check_sizes(timeout, retry_after)
-        _check_rls_mode(rls_check)
+        checked = _Arguments.validated(
+            min_size=min_size,
+            max_size=max_size,
+            max_total=max_total,
+            idle_ttl=idle_ttl,
+            timeout=timeout,
+            retry_after=retry_after,
+            rls_check=rls_check,
+            settings=settings,
+            fields=_USER_FIELDS,
+            local=False,
+        )
         self.conninfo = conninfo
         self.max_size = max_size
         self.min_size = min_size
@@ -949,9 +987,9 @@ class PerUserPools:
         self.rls_tables = tuple(rls_tables)
         self.rls_check: RlsCheck = rls_check
         self.name = name
-        self._names = _check_settings(settings, _USER_FIELDS)
-        self._fields = tuple(settings.values())
-        self._set_sql = _set_config_sql(len(self._names), local=False) if self._names else ""
+        self._names = checked.names
+        self._fields = checked.fields
+        self._set_sql = checked.set_sql
         self._kwargs = dict(kwargs or {})
         self._pool_options = pool_options
         self._checked_conninfo: set[str] = set()
@@ -1095,6 +1133,10 @@ class PerUserPools:
         self._checked_conninfo.add(conninfo)
 
 
+def _user_pool_closed(owner: PerUserPools) -> PoolClosed:
+    return PoolClosed(f"{owner!r}: this user's pool was closed (shutdown or eviction)")
+
+
 class _UserPool:
     """One user's pool: the USER component behind :class:`PerUserPools`."""
 
@@ -1118,8 +1160,7 @@ class _UserPool:
         owner = self.owner
         while True:
             if self.closed:
-                msg = f"{owner!r}: this user's pool was closed (shutdown or eviction)"
-                raise PoolClosed(msg)
+                raise _user_pool_closed(owner)
             if self.pool is not None:
                 return self.pool
             opening = self.opening
@@ -1148,8 +1189,7 @@ class _UserPool:
                 self.slots = taken
                 self.pool = pool
                 await self.close_pool()
-                msg = f"{owner!r}: this user's pool was closed (shutdown or eviction)"
-                raise PoolClosed(msg)
+                raise _user_pool_closed(owner)
             self.slots = taken
             self.pool = pool
             return pool
@@ -1187,11 +1227,7 @@ class _UserPool:
     async def _configure(self, conn: AsyncConnection[Any]) -> None:
         # A connection of this pool serves this user only: session-level settings are safe.
         owner = self.owner
-        params: list[str] = []
-        for name, field_name in zip(owner._names, owner._fields, strict=True):
-            value = getattr(self.user, field_name)
-            params += (name, "" if value is None else value)
-        await conn.execute(owner._set_sql, params, prepare=False)
+        await conn.execute(owner._set_sql, _values(self.user, owner), prepare=False)
         if not conn.autocommit:
             await conn.commit()
 
@@ -1241,8 +1277,7 @@ class _UserCheckout:
 
     async def __aenter__(self) -> AsyncConnection[Any]:
         if self._conn is not None:
-            msg = "this checkout is in use; call connection() once per `async with`"
-            raise RuntimeError(msg)
+            raise RuntimeError(_IN_USE)
         owner = self._owner
         user_pool: _UserPool = await ambient.resolve(owner)
         deadline = time.monotonic() + self._timeout
