@@ -8,15 +8,19 @@ per request of each stack (its best block) and its overhead over the bare app:
   price for any observer), and with ``Telemetry()`` but no OpenTelemetry SDK (global no-op
   proxies: the cost has to stay under 0.5 us per request);
 * ambient with ``Telemetry`` on an SDK ``TracerProvider`` + ``BatchSpanProcessor`` and an SDK
-  ``MeterProvider`` (exporters that drop everything: export cost is not ours);
+  ``MeterProvider`` (exporters that drop everything: export cost is not ours), and on the
+  tracer alone (a no-op meter);
 * ``opentelemetry-instrumentation-asgi``'s ``OpenTelemetryMiddleware`` around the bare app on
-  the same SDK (server span only, and with its default per-send spans);
+  the same SDK (server span only, with and without the meter, and with its default per-send
+  spans);
 * both together, as a traced application runs them.
 
-Each request resolves ``--components`` components (a REQUEST one with a cleanup and a USER one
-shared by the user's requests; 0 measures the scope alone).
+Each request resolves ``--components`` components: 1 is a REQUEST one with a cleanup, 2 adds a
+USER one shared by the user's requests, 3 is three REQUEST components of which one has a
+cleanup (the issue's "ambient + 3"); 0 measures the scope alone.
 
 Run: ``python benchmarks/bench_telemetry.py [--block 1000] [--blocks 40] [--components 2]``
+(``--components 3`` for the three REQUEST components of the performance target)
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import Any
 
 from opentelemetry import metrics, trace
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
@@ -97,12 +102,23 @@ class Memory:
         self.user = user
 
 
+class Engine:
+    """A REQUEST component without a cleanup."""
+
+
+class Session:
+    """Another REQUEST component without a cleanup."""
+
+
 def endpoint(components: int) -> App:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if components:
             await ambient.resolve(Dispatcher)
-        if components > 1:
+        if components == 2:
             await ambient.resolve(Memory)
+        elif components == 3:
+            await ambient.resolve(Engine)
+            await ambient.resolve(Session)
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
@@ -122,6 +138,8 @@ def with_ambient(app: App, telemetry: Observer | None) -> App:
     registry = Registry()
     registry.register(Dispatcher, Dispatcher)
     registry.register(Memory, Memory, lifetime=Lifetime.USER)
+    registry.register(Engine, Engine)
+    registry.register(Session, Session)
     return AmbientMiddleware(  # type: ignore[return-value]
         app, registry=registry, identity=trusted_header(), telemetry=telemetry
     )
@@ -192,15 +210,16 @@ async def main(block: int, blocks: int, components: int) -> None:
         metric_readers=[PeriodicExportingMetricReader(DropMetrics(), 60_000)]
     )
     sdk = Telemetry(tracer_provider=tracer_provider, meter_provider=meter_provider)
+    traced = Telemetry(tracer_provider=tracer_provider, meter_provider=NoOpMeterProvider())
     no_sdk = Telemetry()
     assert not no_sdk.active
     assert sdk.active
 
-    def asgi(app: App, *, default_spans: bool = False) -> App:
+    def asgi(app: App, *, default_spans: bool = False, metered: bool = True) -> App:
         return OpenTelemetryMiddleware(  # type: ignore[no-any-return]
             app,
             tracer_provider=tracer_provider,
-            meter_provider=meter_provider,
+            meter_provider=meter_provider if metered else NoOpMeterProvider(),
             exclude_spans=None if default_spans else ["receive", "send"],
         )
 
@@ -210,7 +229,9 @@ async def main(block: int, blocks: int, components: int) -> None:
         "ambient + a do-nothing Observer()": with_ambient(endpoint(components), Observer()),
         "ambient + Telemetry, no SDK": with_ambient(endpoint(components), no_sdk),
         "ambient + Telemetry, SDK+batch": with_ambient(endpoint(components), sdk),
+        "ambient + Telemetry, tracing only": with_ambient(endpoint(components), traced),
         "otel-asgi server span, SDK+batch": asgi(bare(components)),
+        "otel-asgi server span, tracing only": asgi(bare(components), metered=False),
         "otel-asgi default (send spans)": asgi(bare(components), default_spans=True),
         "otel-asgi + ambient + Telemetry": asgi(with_ambient(endpoint(components), sdk)),
     }
@@ -261,6 +282,13 @@ async def main(block: int, blocks: int, components: int) -> None:
         f"Telemetry with SDK+batch: {sdk_cost:+.2f} us/request = "
         f"{sdk_cost / asgi_cost:.2f}x a bare otel-asgi server span ({asgi_cost:.2f} us)"
     )
+    traced_cost = best["ambient + Telemetry, tracing only"] - best["ambient, no telemetry"]
+    asgi_traced = best["otel-asgi server span, tracing only"] - base
+    print(
+        f"Telemetry, tracing only: {traced_cost:+.2f} us/request = "
+        f"{traced_cost / asgi_traced:.2f}x otel-asgi's server span, tracing only "
+        f"({asgi_traced:.2f} us); of that, any observer's core cost: {observer_cost:+.2f} us"
+    )
     print(f"spans exported to the dropping exporter: {spans.exported}")
 
 
@@ -268,6 +296,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--block", type=int, default=1000, help="requests per timed block")
     parser.add_argument("--blocks", type=int, default=40, help="timed blocks per stack")
-    parser.add_argument("--components", type=int, default=2, choices=(0, 1, 2))
+    parser.add_argument("--components", type=int, default=2, choices=(0, 1, 2, 3))
     options = parser.parse_args()
     asyncio.run(main(options.block, options.blocks, options.components))
