@@ -16,8 +16,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hypercorn.config import Config
 
 SERVERS = ("uvicorn", "hypercorn", "hypercorn-trio")
 STARTUP_TIMEOUT = 20.0
@@ -75,9 +78,8 @@ def _uvicorn(app: Any, port: int, **options: Any) -> Iterator[None]:
             raise RuntimeError(msg)
 
 
-@contextlib.contextmanager
-def _hypercorn(app: Any, port: int, **options: Any) -> Iterator[None]:
-    from hypercorn.asyncio import serve
+def _hypercorn_config(port: int, options: Mapping[str, Any]) -> Config:
+    """hypercorn's ``Config`` for 127.0.0.1:``port``, quiet, with ``options`` set on it."""
     from hypercorn.config import Config
 
     config = Config()
@@ -87,6 +89,14 @@ def _hypercorn(app: Any, port: int, **options: Any) -> Iterator[None]:
     config.graceful_timeout = 10
     for name, value in options.items():
         setattr(config, name, value)
+    return config
+
+
+@contextlib.contextmanager
+def _hypercorn(app: Any, port: int, **options: Any) -> Iterator[None]:
+    from hypercorn.asyncio import serve
+
+    config = _hypercorn_config(port, options)
     loop = asyncio.new_event_loop()
     stop = asyncio.Event()
     failure: list[BaseException] = []
@@ -120,16 +130,9 @@ def _hypercorn(app: Any, port: int, **options: Any) -> Iterator[None]:
 def _hypercorn_trio(app: Any, port: int, **options: Any) -> Iterator[None]:
     """hypercorn's trio worker: the app runs on trio, as it would under `--worker-class trio`."""
     import trio
-    from hypercorn.config import Config
     from hypercorn.trio import serve
 
-    config = Config()
-    config.bind = [f"127.0.0.1:{port}"]
-    config.accesslog = None
-    config.errorlog = None
-    config.graceful_timeout = 10
-    for name, value in options.items():
-        setattr(config, name, value)
+    config = _hypercorn_config(port, options)
     started = threading.Event()
     handles: dict[str, Any] = {}
     failure: list[BaseException] = []
