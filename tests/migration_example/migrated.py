@@ -8,7 +8,7 @@ receives the request's context instead of having it put on it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.applications import Starlette
@@ -55,24 +55,34 @@ async def pending_events() -> list[dict[str, Any]]:
     return bridge.drain(ambient.get_current_context().user_id)
 
 
-async def run_endpoint(request: Request) -> JSONResponse:
-    body = await request.json()
-    return JSONResponse(await run_agent(request.path_params["agent"], body["prompt"]))
-
-
-async def agents_endpoint(request: Request) -> JSONResponse:
-    return JSONResponse(await list_agents())
-
-
-async def events_endpoint(websocket: WebSocket) -> None:
-    await websocket.accept()
-    await websocket.send_json(await pending_events())
-    await websocket.close()
-
-
 def create_app(registry: Registry | None = None) -> AmbientMiddleware:
     """The migrated application; its components come from ``registry`` (default:
     :func:`build_registry`)."""
+    return build_app(run_agent, list_agents, pending_events, registry)
+
+
+def build_app(
+    run_agent: Callable[[str, str], Awaitable[dict[str, Any]]],
+    list_agents: Callable[[], Awaitable[list[str]]],
+    pending_events: Callable[[], Awaitable[list[dict[str, Any]]]],
+    registry: Registry | None = None,
+) -> AmbientMiddleware:
+    """The example's routes over these three handlers (:mod:`.rollout` passes its own),
+    behind the middleware; the components come from ``registry`` (default:
+    :func:`build_registry`)."""
+
+    async def run_endpoint(request: Request) -> JSONResponse:
+        body = await request.json()
+        return JSONResponse(await run_agent(request.path_params["agent"], body["prompt"]))
+
+    async def agents_endpoint(request: Request) -> JSONResponse:
+        return JSONResponse(await list_agents())
+
+    async def events_endpoint(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_json(await pending_events())
+        await websocket.close()
+
     app = Starlette(
         routes=[
             Route("/agents", agents_endpoint),

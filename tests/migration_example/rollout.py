@@ -12,19 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route, WebSocketRoute
-from starlette.websockets import WebSocket
-
 from ambient import Registry, get_current_context
 from ambient.middleware import AmbientMiddleware
-from ambient.middleware.identity import trusted_header
 from ambient.migration import Rollout
 from tests.migration_example import legacy
 from tests.migration_example.components import ExecutionEngine
-from tests.migration_example.migrated import build_registry
+from tests.migration_example.migrated import build_app
 
 engines = Rollout(ExecutionEngine, legacy=legacy.engine, mode="legacy", max_error_rate=0.05)
 
@@ -51,31 +44,8 @@ async def pending_events() -> list[dict[str, Any]]:
     return engine.bridge.drain(get_current_context().user_id)
 
 
-async def run_endpoint(request: Request) -> JSONResponse:
-    body = await request.json()
-    return JSONResponse(await run_agent(request.path_params["agent"], body["prompt"]))
-
-
-async def agents_endpoint(request: Request) -> JSONResponse:
-    return JSONResponse(await list_agents())
-
-
-async def events_endpoint(websocket: WebSocket) -> None:
-    await websocket.accept()
-    await websocket.send_json(await pending_events())
-    await websocket.close()
-
-
 def create_app(registry: Registry | None = None) -> AmbientMiddleware:
-    """The application during the rollout; its components come from ``registry`` (default:
-    :func:`build_registry`)."""
-    app = Starlette(
-        routes=[
-            Route("/agents", agents_endpoint),
-            Route("/agents/{agent}/run", run_endpoint, methods=["POST"]),
-            WebSocketRoute("/events", events_endpoint),
-        ]
-    )
-    if registry is None:
-        registry = build_registry()
-    return AmbientMiddleware(app, registry=registry, identity=trusted_header("x-user-id"))
+    """The application during the rollout: the migrated app's routes over these handlers;
+    its components come from ``registry`` (default:
+    :func:`~tests.migration_example.migrated.build_registry`)."""
+    return build_app(run_agent, list_agents, pending_events, registry)
