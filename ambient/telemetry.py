@@ -236,6 +236,32 @@ class _Gauge:
         return (metrics.Observation(self.value),)
 
 
+# One count per meter: the SDK registers an instrument name once per meter and ignores the
+# callbacks of a second registration, so every Telemetry on that meter shares the first one's.
+_GAUGES: weakref.WeakKeyDictionary[metrics.Meter, _Gauge] = weakref.WeakKeyDictionary()
+_GAUGES_LOCK: Final = threading.Lock()
+
+
+def _scopes_active(meter: metrics.Meter) -> _Gauge | metrics.UpDownCounter:
+    """The ``ambient.scopes.active`` count of ``meter``, made on first use."""
+    with _GAUGES_LOCK:
+        try:
+            gauge = _GAUGES.get(meter)
+        except TypeError:  # a meter that cannot be weakly referred to: count synchronously
+            return meter.create_up_down_counter(
+                "ambient.scopes.active", unit="{scope}", description="Scopes open right now."
+            )
+        if gauge is None:
+            gauge = _GAUGES[meter] = _Gauge()
+            meter.create_observable_up_down_counter(
+                "ambient.scopes.active",
+                callbacks=[gauge.observe],
+                unit="{scope}",
+                description="Scopes open right now.",
+            )
+    return gauge
+
+
 class _Instruments:
     """The metric instruments of one meter."""
 
@@ -249,13 +275,7 @@ class _Instruments:
     )
 
     def __init__(self, meter: metrics.Meter) -> None:
-        self.scopes_active = _Gauge()
-        meter.create_observable_up_down_counter(
-            "ambient.scopes.active",
-            callbacks=[self.scopes_active.observe],
-            unit="{scope}",
-            description="Scopes open right now.",
-        )
+        self.scopes_active = _scopes_active(meter)
         self.user_components = meter.create_up_down_counter(
             "ambient.user_components.live",
             unit="{component}",
@@ -561,8 +581,11 @@ class Telemetry(Observer):
         scope.state[self] = record
         instruments = self._instruments
         if instruments is not None:
-            instruments.scopes_active.add(1)
-            record.counted = True
+            try:
+                instruments.scopes_active.add(1)
+                record.counted = True
+            except Exception:  # noqa: BLE001 - logged once; never breaks a request
+                self._failed("scope_opened (metrics)")
         try:
             previous = otel_context.get_current()
             tracer = self._tracer
@@ -626,9 +649,7 @@ class Telemetry(Observer):
         span = record.span
         if span is not None:
             try:
-                events = record.events
-                if events and record.flush is not None:
-                    record.flush(events)
+                self._flush(record)
                 span.set_attribute("ambient.components.created", scope.components_created)
                 span.set_attribute("ambient.cleanup.failures", len(failures))
                 ended_by = scope.exception
@@ -648,7 +669,18 @@ class Telemetry(Observer):
                 self._failed("scope_closed (span)")
         instruments = self._instruments
         if record.counted and instruments is not None:
-            instruments.scopes_active.add(-1)
+            try:
+                instruments.scopes_active.add(-1)
+            except Exception:  # noqa: BLE001 - logged once; never breaks a request
+                self._failed("scope_closed (metrics)")
+
+    def _flush(self, record: _ScopeRecord) -> None:
+        events = record.events
+        if events and record.flush is not None:
+            try:
+                record.flush(events)
+            except Exception:  # noqa: BLE001 - logged once; the span still ends
+                self._failed("scope_closed (events)")
 
     @staticmethod
     def _restore(record: _ScopeRecord) -> None:

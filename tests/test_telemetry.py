@@ -670,6 +670,16 @@ class TestMetrics:
                 values = {str(v) for v in (point.attributes or {}).values()}
                 assert not values & forbidden, (name, point.attributes)
 
+    async def test_scopes_active_counts_every_telemetry_on_one_meter(self, otel: Otel) -> None:
+        """Two telemetries on one meter provider add up in one ambient.scopes.active."""
+        first = Registry(telemetry=otel.telemetry())
+        second = Registry(telemetry=otel.telemetry())
+        async with first.open_scope(ctx("alice")):
+            async with second.open_scope(ctx("bob"), allow_switch=True):
+                assert otel.total("ambient.scopes.active") == 2
+            assert otel.total("ambient.scopes.active") == 1
+        assert otel.total("ambient.scopes.active") == 0
+
     async def test_histograms_use_second_buckets(self, otel: Otel) -> None:
         """Durations are seconds with buckets fine enough for microsecond factories."""
         registry = Registry(telemetry=otel.telemetry())
