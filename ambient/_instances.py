@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Final
 import anyio
 
 from ambient._binding import _current
-from ambient._observe import ComponentEvent, Observer, notify
+from ambient._observe import Observer, component_event, notify
 from ambient._provider import (
     AWAIT,
     Finalizer,
@@ -361,7 +361,7 @@ class Instances:
         error: BaseException | None,
     ) -> None:
         user = scope.context.user if arg is not None else None
-        event = ComponentEvent(
+        event = component_event(
             provider.key,
             provider.name,
             provider.lifetime,
@@ -371,6 +371,7 @@ class Instances:
             start_ns,
             time.perf_counter() - started,
             error,
+            True,
         )
         notify(observers, "component_created", event)
 
@@ -442,7 +443,18 @@ async def finalize(
             error = raised
         except BaseException as raised:  # noqa: BLE001 - re-raised once every cleanup ran
             escaped = escaped or raised
-        _record(registry, provider, instance, user, observers, scope, start_ns, started, error)
+        _record(
+            registry,
+            provider,
+            instance,
+            user,
+            observers,
+            scope,
+            start_ns,
+            started,
+            error,
+            cleanup_ran=finalizer is not None,
+        )
         if error is not None:
             failures.append(error)
     if escaped is not None:
@@ -479,7 +491,18 @@ def finalize_sync(
         if error is None and not observers:
             registry.cleaned += 1
             continue
-        _record(registry, provider, instance, user, observers, scope, start_ns, started, error)
+        _record(
+            registry,
+            provider,
+            instance,
+            user,
+            observers,
+            scope,
+            start_ns,
+            started,
+            error,
+            cleanup_ran=finalizer is not None,
+        )
         if error is not None:
             failures.append(error)
     if escaped is not None:
@@ -497,6 +520,8 @@ def _record(
     start_ns: int,
     started: float,
     error: Exception | None,
+    *,
+    cleanup_ran: bool = True,
 ) -> None:
     registry.cleaned += 1
     if error is not None:
@@ -512,7 +537,7 @@ def _record(
         notify(
             observers,
             "component_cleaned",
-            ComponentEvent(
+            component_event(
                 provider.key,
                 provider.name,
                 provider.lifetime,
@@ -522,5 +547,6 @@ def _record(
                 start_ns,
                 time.perf_counter() - started,
                 error,
+                cleanup_ran,
             ),
         )

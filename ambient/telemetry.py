@@ -729,8 +729,19 @@ class Telemetry(Observer):
                 self._failed("component_created (span)")
 
     def component_cleaned(self, event: ComponentEvent) -> None:
-        """Record a cleanup: span or event, duration histogram, failures, live USER components."""
+        """Record a cleanup: span or event, duration histogram, failures, live USER components.
+
+        A component with nothing to clean up (``event.cleanup_ran`` is false) only leaves
+        the live USER count: there was no cleanup to time or trace.
+        """
         instruments = self._instruments
+        if not event.cleanup_ran:
+            if instruments is not None and event.lifetime is _USER:
+                try:
+                    instruments.user_components.add(-1, self._attributes(event))
+                except Exception:  # noqa: BLE001 - logged once; never breaks a request
+                    self._failed("component_cleaned (metrics)")
+            return
         if instruments is not None:
             try:
                 attributes = self._attributes(event)

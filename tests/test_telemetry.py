@@ -37,7 +37,15 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 import ambient
 import ambient.telemetry
-from ambient import CleanupError, Lifetime, Registry, UserExecutionContext, UserRef
+from ambient import (
+    CleanupError,
+    ComponentEvent,
+    Lifetime,
+    Observer,
+    Registry,
+    UserExecutionContext,
+    UserRef,
+)
 from ambient.middleware import AmbientMiddleware
 from ambient.middleware.identity import trusted_header
 from ambient.telemetry import Telemetry, hash_id
@@ -468,8 +476,36 @@ class TestComponentSpans:
         assert events == [
             ("ambient.resolve", "Dispatcher"),
             ("ambient.cleanup", "Dispatcher"),
-            ("ambient.cleanup", "Memory"),  # releasing it is quick, whatever its creation took
+            # Memory has nothing to clean up: no cleanup event, however slow its creation.
         ]
+
+    async def test_nothing_to_clean_up_is_no_cleanup_but_still_an_end(self, otel: Otel) -> None:
+        """A component without a cleanup gets no ambient.cleanup span, event or duration,
+        while observers still see its end (what probes count), flagged cleanup_ran=False;
+        a USER one still leaves ambient.user_components.live."""
+        ended: list[tuple[str, bool]] = []
+
+        class Ends(Observer):
+            def component_cleaned(self, event: ComponentEvent) -> None:
+                ended.append((event.name, event.cleanup_ran))
+
+        registry = Registry(telemetry=otel.telemetry(span_threshold=0))
+        registry.register(Dispatcher, Dispatcher)
+        registry.register(Memory, Memory, lifetime=Lifetime.USER)
+        remove = ambient.add_observer(Ends())
+        try:
+            async with registry.open_scope(ctx()):
+                await ambient.resolve(Dispatcher)
+                await ambient.resolve(Memory)
+            assert otel.total("ambient.user_components.live") == 1
+            await registry.aclose()
+        finally:
+            remove()
+        assert ended == [("Dispatcher", True), ("Memory", False)]
+        cleanups = otel.spans.named("ambient.cleanup")
+        assert [(s.attributes or {})["ambient.component"] for s in cleanups] == ["Dispatcher"]
+        assert otel.count("ambient.cleanup.duration") == 1
+        assert otel.total("ambient.user_components.live") == 0
 
     async def test_failing_factory_is_an_error_span_whatever_the_threshold(
         self, otel: Otel
@@ -657,7 +693,9 @@ class TestMetrics:
         assert otel.total("ambient.user_components.live") == 10
         await registry.aclose()
         assert otel.total("ambient.user_components.live") == 0
-        assert otel.count("ambient.cleanup.duration") == 30 + 6 + 10
+        # Memory has nothing to clean up: its end is counted as a live USER component
+        # gone, never as a cleanup.
+        assert otel.count("ambient.cleanup.duration") == 30 + 6
         points = otel.points()
         by_component = {
             p.attributes["ambient.component"]: p.count
@@ -1046,6 +1084,9 @@ def make_app(registry: Registry, telemetry: Telemetry | None, handler: ASGIApp) 
 
 class Background:
     """A component first resolved after the response was sent (background work)."""
+
+    def close(self) -> None:
+        """A real cleanup, so that it is traced."""
 
 
 async def streaming_handler(scope: dict[str, Any], receive: Any, send: Any) -> None:
