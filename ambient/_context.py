@@ -231,7 +231,12 @@ class UserExecutionContext:
     @property
     def user(self) -> UserRef:
         """The :class:`UserRef` of this context's user."""
-        return UserRef(self.user_id, self.tenant_id)
+        # Built past the frozen dataclass's __init__: this runs for every scope that uses a
+        # USER component and for every event an observer sees.
+        ref = object.__new__(UserRef)
+        _set_ref_user_id(ref, self.user_id)
+        _set_ref_tenant_id(ref, self.tenant_id)
+        return ref
 
     def log_fields(self) -> dict[str, str]:
         """Flat string fields for log records; absent ids are empty strings, no metadata."""
@@ -299,3 +304,5 @@ _set_connection_id = UserExecutionContext.__dict__["connection_id"].__set__
 _set_parent_run_id = UserExecutionContext.__dict__["parent_run_id"].__set__
 _set_depth = UserExecutionContext.__dict__["depth"].__set__
 _set_metadata = UserExecutionContext.__dict__["metadata"].__set__
+_set_ref_user_id = UserRef.__dict__["user_id"].__set__
+_set_ref_tenant_id = UserRef.__dict__["tenant_id"].__set__

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from ambient import InvalidContextError, UserExecutionContext
+from ambient import InvalidContextError, UserExecutionContext, UserRef
 from ambient._context import MAX_DEPTH
 
 PLACEHOLDERS = ["none", "null", "nil", "undefined", "placeholder", "registry", "default"]
@@ -224,3 +224,10 @@ class TestCreateAndChild:
         ctx = UserExecutionContext.create("alice", tenant_id="acme")
         assert ctx.user.user_id == "alice"
         assert ctx.user.tenant_id == "acme"
+        # The same value as the constructor's: equal, same hash (it keys USER components),
+        # and as frozen.
+        assert ctx.user == UserRef("alice", "acme")
+        assert hash(ctx.user) == hash(UserRef("alice", "acme"))
+        assert UserExecutionContext.create("alice").user == UserRef("alice")
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            ctx.user.user_id = "mallory"  # type: ignore[misc]
