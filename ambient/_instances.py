@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Final
 
@@ -44,8 +44,6 @@ logger = logging.getLogger("ambient")
 
 # Keys whose async factories this task is awaiting, outermost first: a repeat is a cycle.
 _resolving: Final[ContextVar[tuple[Hashable, ...]]] = ContextVar("ambient.resolving", default=())
-
-
 _MISSING: Final = object()
 
 Created = tuple[Provider, Any, Finalizer | None]
@@ -208,17 +206,11 @@ class Instances:
         if key in stack or key in building:
             raise _cycle((*stack, *building), key)
         while True:
-            with self.lock:
-                instance = self.cache.get(key, _MISSING)
+            instance, pending = self._claim(provider, here.in_async)
+            if pending is None:
                 if instance is not _MISSING:
                     return instance
-                if self.closed:
-                    raise self._closed_error(provider)
-                pending = self.pending.get(key)
-                if pending is None:
-                    self.pending[key] = here.in_async
-                    break
-                pending = self._waited_for(key, pending)
+                break
             await pending.wait()
         observers = scope.observers
         started = time.perf_counter() if observers else 0.0
@@ -229,9 +221,11 @@ class Instances:
                 # the cheap per-thread stack finds cycles.
                 instance, finalizer = _run_sync(build_now, provider, arg, scope, building)
                 if instance is AWAIT:
-                    instance, finalizer = await self._finish(provider, finalizer, scope, stack)
+                    instance, finalizer = await self._awaited(
+                        finish_async, provider, finalizer, scope, stack
+                    )
             else:
-                instance, finalizer = await self._build(provider, arg, scope, stack)
+                instance, finalizer = await self._awaited(build_async, provider, arg, scope, stack)
         except BaseException as exc:
             self._forget(key)
             if observers:
@@ -248,28 +242,21 @@ class Instances:
         return instance
 
     @staticmethod
-    async def _build(
-        provider: Provider, arg: object, scope: Scope, stack: tuple[Hashable, ...]
+    async def _awaited(
+        run: Callable[[Provider, Any], Awaitable[tuple[Any, Finalizer | None]]],
+        provider: Provider,
+        value: Any,
+        scope: Scope,
+        stack: tuple[Hashable, ...],
     ) -> tuple[Any, Finalizer | None]:
+        """``await run(provider, value)`` (building, or finishing what a sync factory
+        returned) with the key on this task's stack of creations."""
         token = _resolving.set((*stack, provider.key))
         try:
             if provider.lifetime is Lifetime.REQUEST:
-                return await build_async(provider, arg)
+                return await run(provider, value)
             with scope.restricted_for(provider):
-                return await build_async(provider, arg)
-        finally:
-            _resolving.reset(token)
-
-    @staticmethod
-    async def _finish(
-        provider: Provider, result: Any, scope: Scope, stack: tuple[Hashable, ...]
-    ) -> tuple[Any, Finalizer | None]:
-        token = _resolving.set((*stack, provider.key))
-        try:
-            if provider.lifetime is Lifetime.REQUEST:
-                return await finish_async(provider, result)
-            with scope.restricted_for(provider):
-                return await finish_async(provider, result)
+                return await run(provider, value)
         finally:
             _resolving.reset(token)
 
@@ -282,17 +269,11 @@ class Instances:
         if key in stack or key in building:
             raise _cycle((*stack, *building), key)
         while True:
-            with self.lock:
-                instance = self.cache.get(key, _MISSING)
+            instance, pending = self._claim(provider, here.in_thread)
+            if pending is None:
                 if instance is not _MISSING:
                     return instance
-                if self.closed:
-                    raise self._closed_error(provider)
-                pending = self.pending.get(key)
-                if pending is None:
-                    self.pending[key] = here.in_thread
-                    break
-                pending = self._waited_for(key, pending)
+                break
             if pending.blocks_this_loop():
                 msg = (
                     f"{provider.name} is being created by another task on this event loop; "
@@ -321,30 +302,48 @@ class Instances:
             self._report(observers, provider, instance, arg, scope, start_ns, started, None)
         return instance
 
-    def _waited_for(self, key: Hashable, pending: _Marker | _Pending) -> _Pending:
-        """The :class:`_Pending` to wait on for ``key`` (the lock is held)."""
-        if type(pending) is _Marker:
-            pending = self.pending[key] = _Pending(self.lock, pending)
-        return pending  # type: ignore[return-value]
+    def _claim(self, provider: Provider, marker: _Marker) -> tuple[Any, _Pending | None]:
+        """``(instance, None)`` when cached; ``(_MISSING, None)`` when the key is now ours
+        to create (marked with ``marker``); else ``(_MISSING, the creation to wait for)``.
+        """
+        key = provider.key
+        with self.lock:
+            instance = self.cache.get(key, _MISSING)
+            if instance is not _MISSING:
+                return instance, None
+            if self.closed:
+                raise self._closed_error(provider)
+            pending = self.pending.get(key)
+            if pending is None:
+                self.pending[key] = marker
+                return _MISSING, None
+            if type(pending) is _Marker:
+                pending = self.pending[key] = _Pending(self.lock, pending)
+            return _MISSING, pending  # type: ignore[return-value]
+
+    def _unmark_locked(
+        self, key: Hashable
+    ) -> tuple[anyio.Event | None, threading.Event | None] | None:
+        """Drop ``key``'s in-progress mark (the lock is held); the waiters to wake, if any."""
+        pending = self.pending.pop(key, None)
+        return pending.finish_locked() if type(pending) is _Pending else None
 
     def _forget(self, key: Hashable) -> None:
         with self.lock:
-            pending = self.pending.pop(key, None)
-            waiters = pending.finish_locked() if type(pending) is _Pending else None
+            waiters = self._unmark_locked(key)
         if waiters is not None:
             _Pending.wake(waiters)
 
     def _store(self, provider: Provider, instance: Any, finalizer: Finalizer | None) -> bool:
         key = provider.key
         with self.lock:
-            pending = self.pending.pop(key, None)
             stored = not self.closed
             if stored:
                 self.cache[key] = instance
                 self.created.append((provider, instance, finalizer))
                 if finalizer is not None and finalizer.is_async:
                     self.async_cleanups += 1
-            waiters = pending.finish_locked() if type(pending) is _Pending else None
+            waiters = self._unmark_locked(key)
         if waiters is not None:
             _Pending.wake(waiters)
         return stored
