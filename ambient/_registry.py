@@ -258,11 +258,9 @@ class Registry:
     def scope_observers(self, extra: Observer | None) -> tuple[Observer, ...]:
         """The observers a scope opening now reports to: this registry's, the process-wide
         ones and ``extra``, each only while it is :attr:`~ambient.Observer.active`."""
-        shared = _observe.observers
-        own = self._observers
-        if not shared and not own and extra is None:
+        if extra is None and not _observe.observers and not self._observers:
             return ()
-        every = own + shared
+        every = self.observers()
         if extra is not None and extra not in every:
             every = (*every, extra)
         if len(every) == 1:

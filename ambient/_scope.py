@@ -234,6 +234,10 @@ class Scope:
         done = self._close_now(exc)
         if done is not None:
             return done
+        return await self._close_later(exc)
+
+    async def _close_later(self, exc: BaseException | None) -> list[Exception]:
+        """The rest of :meth:`_close`, once :meth:`_close_now` has said it must await."""
         registry = self._registry
         failures: list[Exception] = []
         try:
@@ -357,9 +361,7 @@ class Scope:
         if provider is None or self._closed or not self._opened:
             raise self._unavailable(key)
         if provider.lifetime is Lifetime.REQUEST:
-            own = self._own
-            if own is None:
-                own = self._own = Instances("request scope", self._cache)
+            own = self._own or self._request_store()
             return await own.aget(provider, self.context, self, self._registry)
         if provider.lifetime is Lifetime.USER:
             entry = self._user_entry
@@ -392,9 +394,7 @@ class Scope:
         if provider is None or self._closed or not self._opened:
             raise self._unavailable(key)
         if provider.lifetime is Lifetime.REQUEST:
-            own = self._own
-            if own is None:
-                own = self._own = Instances("request scope", self._cache)
+            own = self._own or self._request_store()
             return own.get(provider, self.context, self, self._registry)
         if provider.lifetime is Lifetime.USER:
             entry = self._user_entry
@@ -406,6 +406,10 @@ class Scope:
             instance = registry.app_instances.get(provider, None, self, registry)
         self._cache[key] = instance
         return instance
+
+    def _request_store(self) -> Instances:
+        own = self._own = Instances("request scope", self._cache)
+        return own
 
     def _unavailable(self, key: Hashable) -> Exception:
         if self._closed or not self._opened:

@@ -205,7 +205,7 @@ class AmbientMiddleware:
             # the scope's observers, never raised to the server.
             done = component_scope._close_now(None)
             if done is None:
-                done = await component_scope._close(None)
+                done = await component_scope._close_later(None)
             if done:
                 _log_failures(tuple(done), ctx)
         finally:
