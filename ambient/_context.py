@@ -167,34 +167,16 @@ class UserExecutionContext:
         Raises:
             InvalidContextError: when a given id breaks a rule.
         """
-        # Runs once per request: validate what was given and skip the generated ids, which
-        # are valid by construction. The slots are written through their descriptors:
-        # object.__setattr__ looks each name up again and costs twice as much.
-        self = object.__new__(cls)
-        _set_user_id(self, validate_id("user_id", user_id))
-        if thread_id is None or request_id is None:
-            # The ids a request needs, from one draw: a third of the cost of three.
-            ids = _random_bits(384).to_bytes(48, "big").hex()
-            _set_thread_id(
-                self, ids[:32] if thread_id is None else validate_id("thread_id", thread_id)
-            )
-            _set_run_id(self, ids[32:64] if run_id is None else validate_id("run_id", run_id))
-            _set_request_id(
-                self, ids[64:] if request_id is None else validate_id("request_id", request_id)
-            )
-        else:
-            _set_thread_id(self, validate_id("thread_id", thread_id))
-            _set_run_id(self, new_id() if run_id is None else validate_id("run_id", run_id))
-            _set_request_id(self, validate_id("request_id", request_id))
-        _set_tenant_id(self, None if tenant_id is None else validate_id("tenant_id", tenant_id))
-        _set_connection_id(
-            self,
+        # Validated in the order of the parameters, so the first bad one is the one named.
+        return _assemble(
+            validate_id("user_id", user_id),
+            None if thread_id is None else validate_id("thread_id", thread_id),
+            None if run_id is None else validate_id("run_id", run_id),
+            None if request_id is None else validate_id("request_id", request_id),
+            None if tenant_id is None else validate_id("tenant_id", tenant_id),
             None if connection_id is None else validate_id("connection_id", connection_id),
+            metadata,
         )
-        _set_parent_run_id(self, None)
-        _set_depth(self, 0)
-        _set_metadata(self, _EMPTY if metadata is None else _copy_metadata(metadata))
-        return self
 
     def child(self, operation: str, **metadata: object) -> UserExecutionContext:
         """Return the context of a sub-operation (a sub-agent, a tool call, one message).
@@ -259,6 +241,40 @@ class UserExecutionContext:
         )
 
 
+def _assemble(
+    user_id: str,
+    thread_id: str | None,
+    run_id: str | None,
+    request_id: str | None,
+    tenant_id: str | None,
+    connection_id: str | None,
+    metadata: Mapping[str, object] | None,
+) -> UserExecutionContext:
+    """A new context from ids that are valid already, generating the missing ones.
+
+    Runs once per request. The slots are written through their descriptors:
+    object.__setattr__ looks each name up again and costs twice as much.
+    """
+    self = object.__new__(UserExecutionContext)
+    _set_user_id(self, user_id)
+    if thread_id is None or request_id is None:
+        # The ids a request needs, from one draw: a third of the cost of three.
+        ids = _random_bits(384).to_bytes(48, "big").hex()
+        _set_thread_id(self, ids[:32] if thread_id is None else thread_id)
+        _set_run_id(self, ids[32:64] if run_id is None else run_id)
+        _set_request_id(self, ids[64:] if request_id is None else request_id)
+    else:
+        _set_thread_id(self, thread_id)
+        _set_run_id(self, new_id() if run_id is None else run_id)
+        _set_request_id(self, request_id)
+    _set_tenant_id(self, tenant_id)
+    _set_connection_id(self, connection_id)
+    _set_parent_run_id(self, None)
+    _set_depth(self, 0)
+    _set_metadata(self, _EMPTY if metadata is None else _copy_metadata(metadata))
+    return self
+
+
 _VALID_USER_IDS: dict[str, None] = {}
 _MAX_VALID_USER_IDS = 4096
 
@@ -271,30 +287,29 @@ def request_context(
     connection_id: str | None,
     metadata: Mapping[str, object] | None,
 ) -> UserExecutionContext:
-    """:meth:`UserExecutionContext.create` for the middleware: positional, and trusting a
-    ``request_id`` it has already validated."""
-    self = object.__new__(UserExecutionContext)
+    """:meth:`UserExecutionContext.create` for the middleware: positional, trusting the
+    ``request_id`` and ``connection_id`` it has validated or generated, and checking a user
+    id it has seen before from a bounded memo. Not for generated user ids (anonymous
+    users): each would take a place in the memo."""
     # Whether a str is a valid id depends on nothing else: a server sees the same users
-    # again and again, so their ids are checked once (bounded, like any such memo).
+    # again and again, so their ids are checked once.
     if type(user_id) is not str or user_id not in _VALID_USER_IDS:
         user_id = validate_id("user_id", user_id)
         if len(_VALID_USER_IDS) >= _MAX_VALID_USER_IDS:
             _VALID_USER_IDS.clear()
         _VALID_USER_IDS[user_id] = None
-    _set_user_id(self, user_id)
-    ids = _random_bits(384).to_bytes(48, "big").hex()
-    _set_thread_id(self, ids[:32] if thread_id is None else validate_id("thread_id", thread_id))
-    _set_run_id(self, ids[32:64])
-    _set_request_id(self, ids[64:] if request_id is None else request_id)
-    _set_tenant_id(self, None if tenant_id is None else validate_id("tenant_id", tenant_id))
-    _set_connection_id(self, connection_id)
-    _set_parent_run_id(self, None)
-    _set_depth(self, 0)
-    _set_metadata(self, _EMPTY if metadata is None else _copy_metadata(metadata))
-    return self
+    return _assemble(
+        user_id,
+        None if thread_id is None else validate_id("thread_id", thread_id),
+        None,
+        request_id,
+        None if tenant_id is None else validate_id("tenant_id", tenant_id),
+        connection_id,
+        metadata,
+    )
 
 
-# Slot setters of the frozen context, for create() (see there).
+# Slot setters of the frozen context, for _assemble() (see there).
 _set_user_id = UserExecutionContext.__dict__["user_id"].__set__
 _set_thread_id = UserExecutionContext.__dict__["thread_id"].__set__
 _set_run_id = UserExecutionContext.__dict__["run_id"].__set__

@@ -280,13 +280,11 @@ class AmbientMiddleware:
         if identity is None:
             if not self.anonymous:
                 raise _Refused(_UNAUTHENTICATED)
-            return request_context(
+            return UserExecutionContext.create(
                 f"anonymous:{new_id()}",
-                None,
-                thread_id,
-                request_id,
-                new_id() if websocket else None,
-                None,
+                thread_id=thread_id,
+                request_id=request_id,
+                connection_id=new_id() if websocket else None,
             )
         if identity.parent is not None:
             return _continued(identity, identity.parent, websocket)
