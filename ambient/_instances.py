@@ -359,7 +359,7 @@ class Instances:
         started: float,
         error: BaseException | None,
     ) -> None:
-        user = scope.context.user if arg is not None else None
+        user = scope._user_ref() if arg is not None else None
         event = component_event(
             provider.key,
             provider.name,
@@ -422,13 +422,16 @@ async def finalize(
     body_error = exc if isinstance(exc, Exception) else None
     timeout = registry.cleanup_timeout
     for provider, instance, finalizer in reversed(created):
+        if finalizer is None:
+            registry.cleaned += 1
+            if observers:
+                _no_cleanup(provider, instance, user, observers, scope)
+            continue
         started = time.perf_counter()
         start_ns = time.time_ns() if observers else 0
         error: Exception | None = None
         try:
-            if finalizer is None:
-                pass
-            elif finalizer.is_async:
+            if finalizer.is_async:
                 with _Deadline(timeout) as deadline:
                     await finalizer.run(body_error)
                 if deadline.cancelled_caught:
@@ -452,7 +455,6 @@ async def finalize(
             start_ns,
             started,
             error,
-            cleanup_ran=finalizer is not None,
         )
         if error is not None:
             failures.append(error)
@@ -474,15 +476,16 @@ def finalize_sync(
     escaped: BaseException | None = None
     body_error = exc if isinstance(exc, Exception) else None
     for provider, instance, finalizer in reversed(created):
-        if finalizer is None and not observers:
+        if finalizer is None:
             registry.cleaned += 1
+            if observers:
+                _no_cleanup(provider, instance, user, observers, scope)
             continue
         started = time.perf_counter() if observers else 0.0
         start_ns = time.time_ns() if observers else 0
         error: Exception | None = None
         try:
-            if finalizer is not None:
-                finalizer.run_sync(body_error)
+            finalizer.run_sync(body_error)
         except Exception as raised:  # noqa: BLE001 - collected into CleanupError
             error = raised
         except BaseException as raised:  # noqa: BLE001 - re-raised once every cleanup ran
@@ -500,13 +503,36 @@ def finalize_sync(
             start_ns,
             started,
             error,
-            cleanup_ran=finalizer is not None,
         )
         if error is not None:
             failures.append(error)
     if escaped is not None:
         raise escaped
     return failures
+
+
+def _no_cleanup(
+    provider: Provider,
+    instance: Any,
+    user: UserRef | None,
+    observers: tuple[Observer, ...],
+    scope: Scope | None,
+) -> None:
+    """Tell the observers of the end of a component with nothing to clean up: an event
+    with ``cleanup_ran=False``, and no duration (nothing ran, so nothing was timed)."""
+    event = component_event(
+        provider.key,
+        provider.name,
+        provider.lifetime,
+        instance,
+        user,
+        scope,
+        time.time_ns(),
+        0.0,
+        None,
+        False,
+    )
+    notify(observers, "component_cleaned", event)
 
 
 def _record(
@@ -519,8 +545,6 @@ def _record(
     start_ns: int,
     started: float,
     error: Exception | None,
-    *,
-    cleanup_ran: bool = True,
 ) -> None:
     registry.cleaned += 1
     if error is not None:
@@ -546,6 +570,6 @@ def _record(
                 start_ns,
                 time.perf_counter() - started,
                 error,
-                cleanup_ran,
+                True,
             ),
         )

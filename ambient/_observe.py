@@ -29,7 +29,7 @@ class ComponentEvent:
         user: The user it belongs to (``None`` for APP components).
         scope: The scope that caused the event (``None`` for cleanups at expiry or shutdown).
         start_ns: Wall-clock start in nanoseconds since the epoch (OpenTelemetry's clock).
-        duration: Seconds the factory or cleanup took.
+        duration: Seconds the factory or cleanup took (0.0 when no cleanup ran).
         error: The exception it raised, if any.
         cleanup_ran: For cleanups: ``False`` when the component had nothing to clean up
             (no ``close()``, no generator, no context manager); the event then only marks

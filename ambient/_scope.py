@@ -75,6 +75,7 @@ class Scope:
         "_registry",
         "_released",
         "_state",
+        "_user",
         "_user_entry",
         "cleanup_failures",
         "components_created",
@@ -102,6 +103,7 @@ class Scope:
         # Every component this scope has resolved, whatever its lifetime: the fast path.
         self._cache: dict[Hashable, Any] = {}
         self._user_entry: UserEntry | None = None
+        self._user: UserRef | None = None
         self._binding: _Binding | None = None
         self._opened = False
         self._closed = False
@@ -275,7 +277,14 @@ class Scope:
 
     def _owner_user(self) -> UserRef | None:
         # Only observers see whose components were cleaned: no UserRef without them.
-        return self.context.user if self.observers else None
+        return self._user_ref() if self.observers else None
+
+    def _user_ref(self) -> UserRef:
+        # Built once per scope: every event an observer sees names the user.
+        user = self._user
+        if user is None:
+            user = self._user = self.context.user
+        return user
 
     def _ended(self, failures: list[Exception]) -> None:
         self._cache = {}
@@ -425,7 +434,7 @@ class Scope:
 
     def _acquire_user_sync(self) -> UserEntry:
         registry = self._registry
-        entry = registry.acquire_user(self.context.user)
+        entry = registry.acquire_user(self._user_ref())
         held = self._user_entry
         if held is None or held.instances.closed:
             # First USER component of this scope, or the registry was closed under it.

@@ -482,26 +482,36 @@ class TestComponentSpans:
     async def test_nothing_to_clean_up_is_no_cleanup_but_still_an_end(self, otel: Otel) -> None:
         """A component without a cleanup gets no ambient.cleanup span, event or duration,
         while observers still see its end (what probes count), flagged cleanup_ran=False;
-        a USER one still leaves ambient.user_components.live."""
+        a USER one still leaves ambient.user_components.live. Nothing ran, so its end
+        carries no duration; it still names the user and the time it ended."""
         ended: list[tuple[str, bool]] = []
+        events: list[ComponentEvent] = []
 
         class Ends(Observer):
             def component_cleaned(self, event: ComponentEvent) -> None:
                 ended.append((event.name, event.cleanup_ran))
+                events.append(event)
 
         registry = Registry(telemetry=otel.telemetry(span_threshold=0))
         registry.register(Dispatcher, Dispatcher)
         registry.register(Memory, Memory, lifetime=Lifetime.USER)
+        registry.register("settings", lambda: {"retries": 3})
         remove = ambient.add_observer(Ends())
         try:
             async with registry.open_scope(ctx()):
                 await ambient.resolve(Dispatcher)
+                await ambient.resolve("settings")
                 await ambient.resolve(Memory)
             assert otel.total("ambient.user_components.live") == 1
             await registry.aclose()
         finally:
             remove()
-        assert ended == [("Dispatcher", True), ("Memory", False)]
+        assert ended == [("'settings'", False), ("Dispatcher", True), ("Memory", False)]
+        for event in (events[0], events[2]):
+            assert event.duration == 0.0
+            assert event.start_ns > 0
+            assert event.user == ctx().user
+        assert events[1].duration > 0.0
         cleanups = otel.spans.named("ambient.cleanup")
         assert [(s.attributes or {})["ambient.component"] for s in cleanups] == ["Dispatcher"]
         assert otel.count("ambient.cleanup.duration") == 1
