@@ -30,6 +30,11 @@ allows one, so that only the library's own work is measured):
   ``BatchSpanProcessor`` exporting to nowhere;
 * with ``ambient.telemetry``: ambient + 3 components with ``Telemetry()`` and no SDK, with
   full lifecycle tracing on the same SDK setup, and inside ``otel-asgi``;
+* two bounds, not peers: ambient's per-request duties written by hand (identity header from
+  a local peer only, checked user id, request id taken or generated and echoed, thread and
+  run ids, a frozen context in a ContextVar), and ambient + 3 components with a minimal
+  hand-written ``Observer`` making one SDK span per scope and one event per component:
+  how close the middleware and tracing targets can come in Python at all;
 * FastAPI (own table): a bare route, a ``Depends`` chain of 3 (the last a ``yield``
   dependency), and ambient's FastAPI integration resolving the same 3 components.
 """
@@ -37,6 +42,7 @@ allows one, so that only the library's own work is measured):
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
 from contextvars import ContextVar
@@ -77,6 +83,8 @@ AMBIENT3 = "ambient + 3 components"
 NO_SDK = "ambient + 3 components + Telemetry(), no SDK"
 TRACED = "ambient + 3 components, full tracing (SDK)"
 OTEL_ASGI = "otel-asgi, server span only (SDK)"
+DUTIES = "hand-written middleware with ambient's duties"
+MIN_SPAN = "ambient + 3 components, minimal hand-written span observer (SDK)"
 
 
 class BrokenVariantError(AssertionError):
@@ -206,6 +214,109 @@ async def floor_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
     ctx = floor_var.get()
     if ctx is None:
         msg = "no floor context"
+        raise BrokenVariantError(msg)
+    await _respond(send, ctx.user_id.encode())
+
+
+# -- a bound: ambient's per-request duties, written by hand -------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DutiesContext:
+    """The ids ambient's context holds, as a hand-written middleware would keep them."""
+
+    user_id: str
+    thread_id: str
+    run_id: str
+    request_id: str
+    tenant_id: str | None = None
+    connection_id: str | None = None
+    parent_run_id: str | None = None
+    depth: int = 0
+
+
+duties_var: ContextVar[DutiesContext | None] = ContextVar("bench.duties", default=None)
+_LOCAL_PEERS = frozenset({"127.0.0.1", "::1"})
+_REQUEST_ID_HEADER = b"x-request-id"
+
+
+async def _answer(send: Send, status: int) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+class DutiesMiddleware:
+    """What ambient's middleware does per request, minus components, by hand: a bound on
+    how cheap its duties can be in Python, not a peer.
+
+    Honours the identity header only from a local peer and only when sent once, checks the
+    user id (1-256 printable characters, no whitespace at either end), takes a valid
+    request id or generates one (echoed on the response), generates the thread and run
+    ids, binds a frozen context and resets it after the call.
+    """
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        raw_user: bytes | None = None
+        raw_request_id: bytes | None = None
+        for name, value in scope["headers"]:
+            lowered = name.lower()
+            if lowered == HEADER:
+                if raw_user is not None:
+                    await _answer(send, 400)
+                    return
+                raw_user = value
+            elif lowered == _REQUEST_ID_HEADER:
+                raw_request_id = value
+        client = scope.get("client")
+        if raw_user is None or not client or client[0] not in _LOCAL_PEERS:
+            await _answer(send, 401)
+            return
+        try:
+            user_id = raw_user.decode("utf-8")
+        except UnicodeDecodeError:
+            user_id = ""
+        if (
+            not user_id
+            or len(user_id) > 256
+            or not user_id.isprintable()
+            or user_id[0].isspace()
+            or user_id[-1].isspace()
+        ):
+            await _answer(send, 400)
+            return
+        ids = random.getrandbits(384).to_bytes(48, "big").hex()
+        request_id = ids[64:]
+        if raw_request_id is not None and 0 < len(raw_request_id) <= 128:
+            candidate = raw_request_id.decode("latin-1")
+            if candidate.isascii() and candidate.isprintable() and " " not in candidate:
+                request_id = candidate
+        echo = (_REQUEST_ID_HEADER, request_id.encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), echo]
+            await send(message)
+
+        token = duties_var.set(DutiesContext(user_id, ids[:32], ids[32:64], request_id))
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            duties_var.reset(token)
+
+
+async def duties_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+    """Answers with the user in the duties middleware's ContextVar."""
+    if PAUSE:
+        await asyncio.sleep(0)
+    ctx = duties_var.get()
+    if ctx is None:
+        msg = "no duties context"
         raise BrokenVariantError(msg)
     await _respond(send, ctx.user_id.encode())
 
@@ -453,6 +564,61 @@ class Tracing:
         return cls(provider, lambda: count[0])
 
 
+def minimal_span_observer(tracing: Tracing) -> Any:
+    """A bound for full tracing, not a feature: an ambient ``Observer`` that only makes one
+    SDK span per scope (with the context's ids, made current) and one event per component
+    created and cleaned up. None of ``Telemetry``'s guarantees: no error handling, no
+    baggage, no metrics, no spans for slow or failed components, no out-of-order restore.
+    """
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import Event
+
+    import ambient
+
+    tracer = tracing.provider.get_tracer("benchmarks.minimal")
+
+    class MinimalSpans(ambient.Observer):
+        def scope_opened(self, scope: Any) -> None:
+            ctx = scope.context
+            previous = otel_context.get_current()
+            span = tracer.start_span(
+                "ambient.scope",
+                previous,
+                trace.SpanKind.INTERNAL,
+                {
+                    "ambient.thread_id": ctx.thread_id,
+                    "ambient.run_id": ctx.run_id,
+                    "ambient.request_id": ctx.request_id,
+                    "ambient.user_id": ctx.user_id,
+                },
+            )
+            scope.state[self] = (span, previous, [])
+            otel_context.attach(trace.set_span_in_context(span, previous))
+
+        def scope_closed(self, scope: Any, failures: tuple[BaseException, ...]) -> None:
+            span, previous, events = scope.state.pop(self)
+            otel_context.attach(previous)
+            # The same shortcut as Telemetry: ready events, no per-event lock.
+            span._events.extend(events)
+            span.set_attribute("ambient.components.created", scope.components_created)
+            span.set_attribute("ambient.cleanup.failures", len(failures))
+            span.end()
+
+        def component_created(self, event: Any) -> None:
+            self._event("ambient.resolve", event)
+
+        def component_cleaned(self, event: Any) -> None:
+            if event.cleanup_ran:
+                self._event("ambient.cleanup", event)
+
+        def _event(self, name: str, event: Any) -> None:
+            attributes = {"ambient.component": event.name, "ambient.duration": event.duration}
+            event.scope.state[self][2].append(Event(name, attributes, event.start_ns))
+
+    return MinimalSpans()
+
+
 def otel_asgi_app(inner: App, tracing: Tracing) -> App:
     """``OpenTelemetryMiddleware``: the server span only (no per-message spans)."""
     from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
@@ -607,6 +773,15 @@ def _telemetry_variants(report: Report, tracing: Tracing) -> list[Variant]:
             cleanups=True,
         ),
         Variant(
+            MIN_SPAN,
+            ambient_app(
+                ambient_components_endpoint,
+                components=True,
+                telemetry=minimal_span_observer(tracing),
+            ),
+            cleanups=True,
+        ),
+        Variant(
             "otel-asgi around ambient + 3, full tracing",
             otel_asgi_app(
                 ambient_app(ambient_components_endpoint, components=True, telemetry=traced),
@@ -627,6 +802,7 @@ def variants(report: Report, tracing: Tracing) -> list[Variant]:
             "ambient, header resolver without peer check",
             ambient_app(ambient_endpoint, components=False, identity=plain_header_identity),
         ),
+        Variant(DUTIES, DutiesMiddleware(duties_endpoint)),
         Variant(
             AMBIENT3,
             ambient_app(ambient_components_endpoint, components=True),
@@ -724,6 +900,22 @@ async def run(report: Report, options: Options) -> None:
         )
         report.target(
             Target(
+                f"ambient middleware alone vs its duties written by hand ({mode}, bound)",
+                ratio_of(overheads, AMBIENT, DUTIES),
+                float("inf"),
+                interval=CI,
+            )
+        )
+        report.target(
+            Target(
+                f"ambient's duties written by hand vs the floor's overhead ({mode}, bound)",
+                ratio_of(overheads, DUTIES, FLOOR),
+                float("inf"),
+                interval=CI,
+            )
+        )
+        report.target(
+            Target(
                 f"ambient + 3 components vs dishka's overhead ({mode})",
                 ratio_of(overheads, AMBIENT3, DISHKA),
                 0.5,
@@ -776,6 +968,16 @@ def _telemetry_targets(report: Report, overheads: dict[str, list[float]], mode: 
             interval=CI,
         )
     )
+    if MIN_SPAN in overheads:
+        minimal = paired_difference(overheads[MIN_SPAN], untraced)
+        report.target(
+            Target(
+                f"minimal span observer added to ambient + 3 vs otel-asgi's ({mode}, bound)",
+                ratio_of_medians(minimal, overheads[OTEL_ASGI]),
+                float("inf"),
+                interval=CI,
+            )
+        )
     report.target(
         Target(
             f"ambient + 3 + full tracing, whole overhead vs otel-asgi's ({mode})",
