@@ -217,37 +217,27 @@ class Finalizer:
         await target.aclose()
 
 
-# Result classes that are neither awaitables, generators, async generators nor context
-# managers: most components. Every check below is a class-level one, so a class seen once
-# skips them (inspect.isawaitable alone costs more than creating a small object). Bounded,
-# in case an application creates classes on the fly.
-_PLAIN: set[type] = set()
+# Per class of factory result that is neither an awaitable, a generator, an async generator
+# nor a context manager (most components): how its instances are closed, as
+# ``(how, instances_have_dict)`` with ``how`` one of "aclose", "close", "async close" or
+# None, or None when only the instance can tell. Every check is a class-level one, so a
+# class seen once skips them (inspect.isawaitable alone costs more than creating a small
+# object). Bounded, in case an application creates classes on the fly.
+_PLAIN: dict[type, tuple[str | None, bool] | None] = {}
 _MAX_PLAIN = 4096
+_UNSEEN: Any = object()
 
 
 def _special(result: Any) -> bool:
     """Whether ``result`` needs more than ``aclose()``/``close()`` lookups."""
     cls = type(result)
-    if cls in _PLAIN:
-        return False
-    if (
+    return (
         inspect.isawaitable(result)
         or inspect.isasyncgen(result)
         or inspect.isgenerator(result)
         or hasattr(cls, "__aenter__")
         or hasattr(cls, "__enter__")
-    ):
-        return True
-    if len(_PLAIN) >= _MAX_PLAIN:
-        _PLAIN.clear()
-    _PLAIN.add(cls)
-    return False
-
-
-# How instances of a class are closed ("aclose", "close", "async close" or None), where
-# the class decides it alone: its close methods are plain functions on the class. An
-# instance attribute of the same name still wins (checked in the instance's __dict__).
-_CLOSE_BY_CLASS: dict[type, tuple[str | None, bool]] = {}
+    )
 
 
 def _class_close(cls: type) -> tuple[str | None, bool] | None:
@@ -267,17 +257,21 @@ def _class_close(cls: type) -> tuple[str | None, bool] | None:
     return how, cls.__dictoffset__ != 0
 
 
-def _plain_closer(provider: Provider, result: Any) -> tuple[Any, Finalizer | None]:
+def _plain(provider: Provider, result: Any) -> tuple[Any, Finalizer | None] | None:
+    """The component and its cleanup when ``result`` is a plain object (see ``_PLAIN``);
+    ``None`` when it must be awaited, iterated or entered first."""
     cls = type(result)
-    known = _CLOSE_BY_CLASS.get(cls)
-    if known is None:
+    known = _PLAIN.get(cls, _UNSEEN)
+    if known is _UNSEEN:
+        if _special(result):
+            return None
         known = _class_close(cls)
-        if known is not None:
-            if len(_CLOSE_BY_CLASS) >= _MAX_PLAIN:
-                _CLOSE_BY_CLASS.clear()
-            _CLOSE_BY_CLASS[cls] = known
+        if len(_PLAIN) >= _MAX_PLAIN:
+            _PLAIN.clear()
+        _PLAIN[cls] = known
     if known is not None:
         how, has_dict = known
+        # An instance attribute of the same name still wins.
         if not has_dict or not ("close" in result.__dict__ or "aclose" in result.__dict__):
             if how is None:
                 return result, None
@@ -340,8 +334,10 @@ async def build_async(provider: Provider, arg: object) -> tuple[Any, Finalizer |
     if kind is _GEN:
         return _enter_gen(provider, provider.factory(*args))
     result = provider.factory(*args)
-    if kind is _SYNC and not _special(result):
-        return _plain_closer(provider, result)
+    if kind is _SYNC:
+        plain = _plain(provider, result)
+        if plain is not None:
+            return plain
     return await finish_async(provider, result)
 
 
@@ -349,8 +345,9 @@ async def finish_async(provider: Provider, result: Any) -> tuple[Any, Finalizer 
     """Await and enter what a factory returned, as :func:`build_async` does."""
     if provider.kind is _ASYNC or inspect.isawaitable(result):
         result = await result
-    if not _special(result):
-        return _plain_closer(provider, result)
+    plain = _plain(provider, result)
+    if plain is not None:
+        return plain
     if inspect.isasyncgen(result):  # e.g. `lambda: make(x)` around an async generator
         return await _enter_agen(provider, result)
     if inspect.isgenerator(result):
@@ -381,8 +378,9 @@ def build_now(provider: Provider, arg: object) -> tuple[Any, Any]:
     if provider.kind is _GEN:
         return _enter_gen(provider, provider.factory(*args))
     result = provider.factory(*args)
-    if not _special(result):
-        return _plain_closer(provider, result)
+    plain = _plain(provider, result)
+    if plain is not None:
+        return plain
     if inspect.isgenerator(result):
         return _enter_gen(provider, result)
     if (
@@ -407,8 +405,9 @@ def build_sync(provider: Provider, arg: object) -> tuple[Any, Finalizer | None]:
     if kind is _GEN:
         return _enter_gen(provider, provider.factory(*args))
     result = provider.factory(*args)
-    if not _special(result):
-        return _plain_closer(provider, result)
+    plain = _plain(provider, result)
+    if plain is not None:
+        return plain
     if inspect.isawaitable(result) or inspect.isasyncgen(result):
         if inspect.iscoroutine(result):
             result.close()
