@@ -198,16 +198,18 @@ class UserExecutionContext:
                 self.depth + 1,
             )
         merged: dict[str, object] = {**self.metadata, **metadata, "operation": operation}
-        return UserExecutionContext(
-            user_id=self.user_id,
-            thread_id=self.thread_id,
-            run_id=new_id(),
-            request_id=self.request_id,
-            tenant_id=self.tenant_id,
-            connection_id=self.connection_id,
-            parent_run_id=self.run_id,
-            depth=self.depth + 1,
-            metadata=merged,
+        # Every id comes from this valid context and keyword names are str: nothing to check
+        # again (an agent may spawn a child per tool call).
+        return _assemble(
+            self.user_id,
+            self.thread_id,
+            None,
+            self.request_id,
+            self.tenant_id,
+            self.connection_id,
+            merged,
+            self.run_id,
+            self.depth + 1,
         )
 
     @property
@@ -249,6 +251,8 @@ def _assemble(
     tenant_id: str | None,
     connection_id: str | None,
     metadata: Mapping[str, object] | None,
+    parent_run_id: str | None = None,
+    depth: int = 0,
 ) -> UserExecutionContext:
     """A new context from ids that are valid already, generating the missing ones.
 
@@ -269,8 +273,8 @@ def _assemble(
         _set_request_id(self, request_id)
     _set_tenant_id(self, tenant_id)
     _set_connection_id(self, connection_id)
-    _set_parent_run_id(self, None)
-    _set_depth(self, 0)
+    _set_parent_run_id(self, parent_run_id)
+    _set_depth(self, depth)
     _set_metadata(self, _EMPTY if metadata is None else _copy_metadata(metadata))
     return self
 
