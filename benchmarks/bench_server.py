@@ -13,7 +13,8 @@ every app runs once, in a shuffled order.
 The apps (importable by uvicorn as ``benchmarks.bench_server:<name>``): ``bare``,
 ``floor``, ``correlation`` (asgi-correlation-id, a peer costing ~2 us in process),
 ``floor_busy5`` (the floor plus 5 us of CPU work per request: a calibration of how this
-server and machine turn in-process cost into lost req/s), ``ambient``
+server and machine turn in-process cost into lost req/s), ``duties`` (ambient's per-request
+duties written by hand: a bound, not a peer), ``ambient``
 (``AmbientMiddleware`` with ``trusted_header()``) and ``ambient3`` (plus three REQUEST
 components).
 """
@@ -45,6 +46,7 @@ from benchmarks import Options, Report, Stat, Table, Target, paired_ratio
 from benchmarks.bench_asgi import (
     App,
     Dispatcher,
+    DutiesMiddleware,
     Engine,
     FloorMiddleware,
     Receive,
@@ -55,11 +57,12 @@ from benchmarks.bench_asgi import (
     _respond,
     ambient_app,
     correlation_id_app,
+    duties_var,
     floor_var,
 )
 
 ROOT = Path(__file__).absolute().parent.parent
-APPS = ("bare", "floor", "correlation", "floor_busy5", "ambient", "ambient3")
+APPS = ("bare", "floor", "correlation", "floor_busy5", "duties", "ambient", "ambient3")
 WRK_SCRIPT = """
 local counter = 0
 request = function()
@@ -91,6 +94,11 @@ async def _bare(scope: Scope, receive: Receive, send: Send) -> None:
 
 async def _floor(scope: Scope, receive: Receive, send: Send) -> None:
     ctx = floor_var.get()
+    await _answer(send, None if ctx is None else ctx.user_id, _header_user(scope))
+
+
+async def _duties(scope: Scope, receive: Receive, send: Send) -> None:
+    ctx = duties_var.get()
     await _answer(send, None if ctx is None else ctx.user_id, _header_user(scope))
 
 
@@ -129,6 +137,7 @@ bare = _bare
 floor = FloorMiddleware(_floor)
 correlation = correlation_id_app(_correlation)
 floor_busy5 = _busy(5)
+duties = DutiesMiddleware(_duties)
 ambient = ambient_app(_ambient, components=False)
 ambient3 = ambient_app(_ambient3, components=True)
 
@@ -427,6 +436,16 @@ def _table(
                     higher_is_better=True,
                 )
             )
+        if name == "duties":
+            report.target(
+                Target(
+                    f"server mode req/s, ambient's duties written by hand vs the floor app "
+                    f"(uvicorn {loop}+{http}, bound)",
+                    ratio,
+                    float("inf"),
+                    higher_is_better=True,
+                )
+            )
         if name == "ambient3":
             report.target(
                 Target(
@@ -439,7 +458,8 @@ def _table(
     table.notes.append(f"load: {generator}; median (min-max) over rounds")
     table.notes.append(
         "floor_busy5 = the floor plus 5 us of CPU work per request: what any middleware "
-        "costing 5 us in process keeps of the floor's req/s on this server and machine"
+        "costing 5 us in process keeps of the floor's req/s on this server and machine; "
+        "duties = ambient's per-request duties written by hand (a bound, see the asgi section)"
     )
     report.table(table)
 
