@@ -1,0 +1,101 @@
+"""The arguments both strategies take, checked, and the settings they send."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from ambient import UserExecutionContext, UserRef
+
+if TYPE_CHECKING:
+    from ambient.integrations.psycopg._per_user import PerUserPools
+    from ambient.integrations.psycopg._shared import SharedPool
+
+
+DEFAULT_SETTINGS: Mapping[str, str] = {"app.user_id": "user_id", "app.tenant_id": "tenant_id"}
+"""GUC name -> context field set for row-level security by default."""
+
+RlsCheck = Literal["raise", "warn", "off"]
+_CONTEXT_FIELDS = frozenset(
+    {"user_id", "tenant_id", "thread_id", "run_id", "request_id", "connection_id", "parent_run_id"}
+)
+_USER_FIELDS = frozenset({"user_id", "tenant_id"})
+# Custom settings need a dotted name; set_config() takes the name as a bound parameter anyway.
+_GUC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)+")
+
+
+def _check_settings(settings: Mapping[str, str], allowed: frozenset[str]) -> tuple[str, ...]:
+    for name, field_name in settings.items():
+        if not isinstance(name, str) or not _GUC_NAME.fullmatch(name):
+            msg = f"setting name {name!r} must be a dotted custom setting name like 'app.user_id'"
+            raise ValueError(msg)
+        if field_name not in allowed:
+            msg = (
+                f"setting {name!r} names the context field {field_name!r}; choose one of "
+                f"{', '.join(sorted(allowed))}"
+            )
+            raise ValueError(msg)
+    return tuple(settings)
+
+
+@dataclass(frozen=True, slots=True)
+class _Arguments:
+    """The arguments both strategies take, checked, and the settings as they are sent."""
+
+    names: tuple[str, ...]  # setting names, in the order of ``settings``
+    fields: tuple[str, ...]  # the context field of each
+    set_sql: str  # ``SELECT set_config(%s, %s, local), ...`` for all of them ('' for none)
+
+    @classmethod
+    def validated(
+        cls,
+        *,
+        min_size: int,
+        max_size: int,
+        per_user_limit: int | None = None,
+        max_total: int | None = None,
+        idle_ttl: float | None = None,
+        timeout: float,
+        retry_after: float,
+        rls_check: str,
+        settings: Mapping[str, str],
+        fields: frozenset[str],
+        local: bool,
+    ) -> _Arguments:
+        """Raise ``ValueError`` naming the first bad argument (``None``: the strategy has no
+        such argument); ``fields`` are the context fields ``settings`` may name."""
+        if not 0 <= min_size <= max_size or max_size < 1:
+            msg = f"need 0 <= min_size <= max_size and max_size >= 1, not {min_size}, {max_size}"
+            raise ValueError(msg)
+        if per_user_limit is not None and per_user_limit < 1:
+            msg = f"per_user_limit must be >= 1, not {per_user_limit!r}"
+            raise ValueError(msg)
+        if max_total is not None and max_total < max(1, min_size):
+            msg = f"max_total must be >= max(1, min_size), not {max_total!r}"
+            raise ValueError(msg)
+        if idle_ttl is not None and idle_ttl < 0:
+            msg = f"idle_ttl must be >= 0 seconds, not {idle_ttl!r}"
+            raise ValueError(msg)
+        if not timeout > 0:
+            msg = f"timeout must be > 0 seconds, not {timeout!r}"
+            raise ValueError(msg)
+        if not retry_after > 0:
+            msg = f"retry_after must be > 0 seconds, not {retry_after!r}"
+            raise ValueError(msg)
+        if rls_check not in ("raise", "warn", "off"):
+            msg = f"rls_check must be 'raise', 'warn' or 'off', not {rls_check!r}"
+            raise ValueError(msg)
+        names = _check_settings(settings, fields)
+        calls = ", ".join(f"set_config(%s, %s, {'true' if local else 'false'})" for _ in names)
+        return cls(names, tuple(settings.values()), f"SELECT {calls}" if names else "")
+
+
+def _values(source: UserExecutionContext | UserRef, owner: SharedPool | PerUserPools) -> list[str]:
+    """The parameters of ``owner._set_sql``: each setting's name and ``source``'s value."""
+    params: list[str] = []
+    for name, field_name in zip(owner._names, owner._fields, strict=True):
+        value = getattr(source, field_name)
+        params += (name, "" if value is None else value)
+    return params

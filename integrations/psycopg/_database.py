@@ -1,0 +1,68 @@
+"""The default :class:`Database` a strategy installs, and the module-level :func:`connection`."""
+
+from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Any, Protocol
+
+from psycopg import AsyncConnection
+
+import ambient
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+
+class Database(Protocol):
+    """What :func:`connection` resolves: the strategy installed with ``default=True``."""
+
+    def connection(
+        self, *, timeout: float | None = None
+    ) -> AbstractAsyncContextManager[AsyncConnection[Any]]:
+        """An async context manager giving a connection for the current context."""
+        ...
+
+
+class _DefaultCheckout:
+    __slots__ = ("_inner", "_timeout")
+
+    def __init__(self, timeout: float | None) -> None:
+        self._timeout = timeout
+        self._inner: AbstractAsyncContextManager[AsyncConnection[Any]] | None = None
+
+    async def __aenter__(self) -> AsyncConnection[Any]:
+        database: Database = await ambient.resolve(Database)
+        inner = database.connection(timeout=self._timeout)
+        conn = await inner.__aenter__()
+        self._inner = inner
+        return conn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        inner, self._inner = self._inner, None
+        if inner is None:
+            return False
+        return bool(await inner.__aexit__(exc_type, exc, tb))
+
+
+def connection(
+    *, timeout: float | None = None
+) -> AbstractAsyncContextManager[AsyncConnection[Any]]:
+    """A connection for the current context from the strategy installed as the default
+    :class:`Database` (``strategy.install(registry)``).
+
+    Example::
+
+        async with connection() as conn:
+            await conn.execute("INSERT INTO notes (owner, body) VALUES (%s, %s)", ...)
+
+    Raises:
+        NoActiveContextError: outside a scope.
+        ResolutionError: when no strategy is installed.
+        PoolExhaustedError: no connection within the timeout.
+    """
+    return _DefaultCheckout(timeout)

@@ -1,0 +1,277 @@
+""":class:`PerUserPools`: a pool per user, under one budget of server connections."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from ambient import Lifetime, Registry, UserRef, _loops
+from ambient.integrations.psycopg._arguments import (
+    _USER_FIELDS,
+    DEFAULT_SETTINGS,
+    RlsCheck,
+    _Arguments,
+)
+from ambient.integrations.psycopg._common import _ASYNCIO_ONLY, _exhausted
+from ambient.integrations.psycopg._database import Database
+from ambient.integrations.psycopg._rls import check_rls
+from ambient.integrations.psycopg._user_pool import _UserCheckout, _UserPool
+
+
+@dataclass(frozen=True, slots=True)
+class PerUserPoolsStats:
+    """A snapshot of a :class:`PerUserPools`.
+
+    Attributes:
+        pools: Open user pools.
+        idle_pools: Open user pools with no checkout (the first to close under pressure).
+        slots: Connections the open pools may hold together (never above ``max_total``);
+            every open server connection counts, idle ones included.
+        max_total: The global cap.
+        waiting: Checkouts waiting for room under the cap.
+        checked_out: Checkouts in progress.
+        evicted: Idle pools closed to make room.
+    """
+
+    pools: int
+    idle_pools: int
+    slots: int
+    max_total: int
+    waiting: int
+    checked_out: int
+    evicted: int
+
+
+class PerUserPools:
+    """A ``psycopg_pool`` pool per ``(tenant, user)``, under a global connection cap.
+
+    Installed as a USER-lifetime component: a user's pool is created on the user's first
+    checkout and closed ``idle_ttl`` seconds after the user's last request ended (checked
+    against the registry's clock), when the registry evicts the user, or at shutdown.
+
+    The pools together never hold more than ``max_total`` server connections, idle ones
+    included: a pool grows one connection at a time, each taken from the global budget.
+    When the budget is spent, the least recently used pool with no checkout in progress is
+    closed to make room; when none can be, the checkout waits (up to ``timeout``) for a
+    connection of its own pool or for room, and then raises
+    :class:`~ambient.errors.PoolExhaustedError`. A pool keeps the room it grew into until
+    it is closed.
+
+    Every connection of a user's pool serves that user only; the ``settings`` (by default
+    ``app.user_id`` and ``app.tenant_id``) are set for the whole session when it connects.
+    A checkout follows psycopg's rules: committed when the ``async with`` body ends
+    normally, rolled back when it raises.
+
+    Args:
+        conninfo: libpq connection string, or a callable taking the
+            :class:`~ambient.UserRef` and returning one (a role per user).
+        max_size: Connections one user's pool may hold.
+        min_size: Connections a user's pool keeps open once created.
+        max_total: Server connections all user pools may hold together.
+        idle_ttl: Seconds after a user's last request before the user's pool closes.
+        timeout: Seconds a checkout may wait.
+        retry_after: Seconds for the ``Retry-After`` of the 503 answer.
+        settings: Setting name -> ``"user_id"`` or ``"tenant_id"``.
+        rls_tables: Tables checked by :func:`check_rls` when a pool first connects.
+        rls_check: ``"warn"`` (default), ``"raise"`` or ``"off"``.
+        name: Prefix of the pools' names in psycopg's logs (never the user id).
+        kwargs: Extra ``psycopg.AsyncConnection.connect`` arguments.
+        pool_options: Extra ``AsyncConnectionPool`` arguments (``max_idle``,
+            ``max_lifetime``, ``num_workers``, ...).
+
+    Raises:
+        UnsupportedBackendError: when constructed inside trio.
+    """
+
+    def __init__(
+        self,
+        conninfo: str | Callable[[UserRef], str],
+        *,
+        max_size: int = 5,
+        min_size: int = 0,
+        max_total: int = 100,
+        idle_ttl: float = 300.0,
+        timeout: float = 30.0,
+        retry_after: float = 1.0,
+        settings: Mapping[str, str] = DEFAULT_SETTINGS,
+        rls_tables: Iterable[str] = (),
+        rls_check: RlsCheck = "warn",
+        name: str = "ambient-user",
+        kwargs: Mapping[str, Any] | None = None,
+        **pool_options: Any,
+    ) -> None:
+        _loops.refuse_trio(_ASYNCIO_ONLY)
+        checked = _Arguments.validated(
+            min_size=min_size,
+            max_size=max_size,
+            max_total=max_total,
+            idle_ttl=idle_ttl,
+            timeout=timeout,
+            retry_after=retry_after,
+            rls_check=rls_check,
+            settings=settings,
+            fields=_USER_FIELDS,
+            local=False,
+        )
+        self.conninfo = conninfo
+        self.max_size = max_size
+        self.min_size = min_size
+        self.max_total = max_total
+        self.idle_ttl = idle_ttl
+        self.timeout = timeout
+        self.retry_after = retry_after
+        self.rls_tables = tuple(rls_tables)
+        self.rls_check: RlsCheck = rls_check
+        self.name = name
+        self._names = checked.names
+        self._fields = checked.fields
+        self._set_sql = checked.set_sql
+        self._kwargs = dict(kwargs or {})
+        self._pool_options = pool_options
+        self._checked_conninfo: set[str] = set()
+        # The global budget: slots held by open (or closing) pools, LRU idle pools, waiters.
+        self._used = 0
+        self._idle: OrderedDict[_UserPool, None] = OrderedDict()
+        self._pools: set[_UserPool] = set()
+        self._waiters: deque[anyio.Event] = deque()
+        self.checked_out = 0
+        self.evicted = 0
+
+    def __repr__(self) -> str:
+        return f"<PerUserPools {self.name!r}>"
+
+    def install(self, registry: Registry, *, default: bool = True) -> None:
+        """Register the user pools in ``registry`` as a USER component (key: this object),
+        and with ``default=True`` as the :class:`Database` of :func:`connection`.
+
+        Raises:
+            RegistryError: when the keys are already registered or the registry is frozen.
+        """
+        registry.register(
+            self,
+            self._user_pool,
+            lifetime=Lifetime.USER,
+            name=repr(self),
+            idle_ttl=self.idle_ttl,
+        )
+        if default:
+            registry.register(Database, self._as_default, lifetime=Lifetime.APP, name="Database")
+
+    def _user_pool(self, user: UserRef) -> _UserPool:
+        _loops.require_asyncio(_ASYNCIO_ONLY)
+        return _UserPool(self, user)
+
+    def _as_default(self) -> Iterable[PerUserPools]:
+        yield self
+
+    def connection(
+        self, *, timeout: float | None = None
+    ) -> AbstractAsyncContextManager[AsyncConnection[Any]]:
+        """A connection from the current user's pool.
+
+        ``async with pools.connection() as conn:``; committed when the body ends normally,
+        rolled back when it raises.
+
+        Args:
+            timeout: Seconds to wait (default: the strategy's ``timeout``).
+
+        Raises:
+            NoActiveContextError: outside a scope.
+            PoolExhaustedError: no connection within the timeout.
+        """
+        return _UserCheckout(self, self.timeout if timeout is None else timeout)
+
+    def stats(self) -> PerUserPoolsStats:
+        """Counts of the user pools and the global budget now."""
+        return PerUserPoolsStats(
+            pools=sum(1 for p in self._pools if p.pool is not None),
+            idle_pools=len(self._idle),
+            slots=self._used,
+            max_total=self.max_total,
+            waiting=len(self._waiters),
+            checked_out=self.checked_out,
+            evicted=self.evicted,
+        )
+
+    # -- the global budget ---------------------------------------------------------------
+
+    def _busy(self, user_pool: _UserPool) -> None:
+        user_pool.active += 1
+        self.checked_out += 1
+        if user_pool.active == 1:
+            self._idle.pop(user_pool, None)
+
+    def _done(self, user_pool: _UserPool) -> None:
+        user_pool.active -= 1
+        self.checked_out -= 1
+        if user_pool.active == 0 and user_pool.pool is not None and not user_pool.closed:
+            self._idle[user_pool] = None
+            self._wake(1)  # a waiter may close this pool now
+
+    def _wake(self, count: int) -> None:
+        while count > 0 and self._waiters:
+            self._waiters.popleft().set()
+            count -= 1
+
+    async def _take_slot(self, user_pool: _UserPool, deadline: float, *, wait: bool) -> bool:
+        """Take one connection slot for ``user_pool``: free room, else close the least
+        recently used idle pool, else wait until ``deadline`` (or give up when not
+        ``wait``)."""
+        if not wait and self._waiters:
+            return False  # room freed up belongs to checkouts that have no connection at all
+        woken = False
+        while True:
+            if self._used < self.max_total:
+                self._used += 1
+                return True
+            victim = next(iter(self._idle), None)
+            if victim is not None:
+                await victim.close_pool(evicted=True, keep=1)  # one of its slots is ours
+                return True
+            if not wait:
+                return False
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _exhausted(
+                    f"{self!r} holds max_total={self.max_total} server connections, all in "
+                    f"use, and none came free within {self.timeout} s",
+                    self.retry_after,
+                )
+            event = anyio.Event()
+            if woken:
+                self._waiters.appendleft(event)  # keep our place in the queue
+            else:
+                self._waiters.append(event)
+            try:
+                with anyio.move_on_after(remaining):
+                    await event.wait()
+            except BaseException:
+                if event.is_set():
+                    self._wake(1)  # we were handed room or an idle pool: pass it on
+                else:
+                    self._waiters.remove(event)
+                raise
+            if event.is_set():
+                woken = True
+            else:
+                self._waiters.remove(event)
+
+    def _give_back(self, slots: int, *, keep: int = 0) -> None:
+        self._used -= slots - keep
+        self._wake(slots - keep)
+
+    async def _check_rls_once(self, pool: AsyncConnectionPool[AsyncConnection[Any]]) -> None:
+        conninfo = pool.conninfo if isinstance(pool.conninfo, str) else ""
+        if self.rls_check == "off" or conninfo in self._checked_conninfo:
+            return
+        async with pool.connection(timeout=self.timeout) as conn:
+            await check_rls(conn, self.rls_tables, action=self.rls_check)
+        self._checked_conninfo.add(conninfo)

@@ -1,0 +1,419 @@
+""":class:`SharedPool`: one pool for every user, the context's ids set in each transaction."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import psycopg
+from psycopg import AsyncConnection, AsyncCursor, sql
+from psycopg.rows import tuple_row
+from psycopg_pool import AsyncConnectionPool, PoolClosed
+
+import ambient
+from ambient import Lifetime, Registry, UserRef, _loops
+from ambient.integrations.psycopg._arguments import (
+    _CONTEXT_FIELDS,
+    DEFAULT_SETTINGS,
+    RlsCheck,
+    _Arguments,
+)
+from ambient.integrations.psycopg._common import _ACTIVE, _ASYNCIO_ONLY, _IDLE, _cancel_broken
+from ambient.integrations.psycopg._database import Database
+from ambient.integrations.psycopg._rls import check_rls
+from ambient.integrations.psycopg._shared_checkout import _Gate, _SharedCheckout
+
+if TYPE_CHECKING:
+    from psycopg.pq.abc import PGcancel
+
+
+logger = logging.getLogger("ambient")
+
+
+@dataclass(frozen=True, slots=True)
+class SharedPoolStats:
+    """A snapshot of a :class:`SharedPool`.
+
+    Attributes:
+        size: Server connections the pool holds (in use, idle or being opened).
+        available: Idle connections ready for a checkout.
+        waiting: Checkouts waiting for a connection in the pool.
+        checked_out: Checkouts in progress (waiting or holding a connection).
+        users: Users with a checkout in progress.
+        discarded: Connections closed because they could not be reset clean.
+    """
+
+    size: int
+    available: int
+    waiting: int
+    checked_out: int
+    users: int
+    discarded: int
+
+
+# What the reset is checked by: current_user, session_user, advisory locks released (and
+# NULL-tested, to be a column), statements from SQL PREPARE (psycopg's own are
+# protocol-level); the settings follow.
+_CHECK = (
+    "current_user, session_user, pg_catalog.pg_advisory_unlock_all() IS NULL, "
+    "EXISTS (SELECT FROM pg_catalog.pg_prepared_statements WHERE from_sql)"
+)
+
+
+class SharedPool:
+    """One pool for every user; row-level security sees the current context's ids.
+
+    Each checkout runs in one explicit transaction that starts with
+    ``SELECT set_config(name, value, true), ...`` for every entry of ``settings`` (bound
+    parameters), so the values vanish at commit or rollback and ``SET LOCAL``'s autocommit
+    pitfall cannot happen. It is committed when the ``async with`` body ends normally and
+    rolled back when it raises. Nested ``conn.transaction()`` blocks are savepoints, which
+    never undo the settings. Ending the transaction inside the block (``conn.commit()``)
+    leaves the rest of the block without settings, so the checkout then raises
+    ``psycopg.ProgrammingError`` at its end.
+
+    On return, in the same round trip as the commit, the connection is reset like
+    ``DISCARD ALL`` (session settings, temporary tables, advisory locks, ``LISTEN``,
+    cursors, sequence state; psycopg's own prepared statements are kept) and checked: the
+    settings empty, ``current_user`` and ``session_user`` the login role, no statement
+    from SQL ``PREPARE``. One that fails the check (after ``SET ROLE``, say) is closed,
+    never handed on (``stats().discarded``). Python-side attributes a handler
+    changed (``autocommit``, ``isolation_level``, ``read_only``, ``deferrable``,
+    ``row_factory``, ``prepare_threshold``) are restored too.
+
+    Args:
+        conninfo: libpq connection string of an ordinary role (no superuser, no
+            ``BYPASSRLS``, not the owner of the protected tables, unless they ``FORCE ROW
+            LEVEL SECURITY``).
+        min_size: Connections kept open.
+        max_size: Connections at most.
+        per_user_limit: Connections one user may hold at once; further checkouts of that
+            user wait (within ``timeout``), so one user cannot take every connection.
+        settings: Setting name -> context field (``user_id``, ``tenant_id``,
+            ``thread_id``, ``run_id``, ``request_id``, ``connection_id``,
+            ``parent_run_id``); an absent field is set to ``''``.
+        timeout: Seconds a checkout may wait for a connection.
+        retry_after: Seconds for the ``Retry-After`` of the 503 answer.
+        rls_tables: Tables checked by :func:`check_rls` when the pool opens.
+        rls_check: ``"warn"`` (default), ``"raise"`` or ``"off"``: what to do when the
+            connecting role bypasses row-level security.
+        name: Pool name in psycopg's logs.
+        kwargs: Extra ``psycopg.AsyncConnection.connect`` arguments (``autocommit`` is
+            always on outside checkouts).
+        pool_options: Extra ``AsyncConnectionPool`` arguments (``max_waiting``,
+            ``max_lifetime``, ``max_idle``, ``num_workers``, ...).
+
+    Raises:
+        UnsupportedBackendError: when constructed inside trio.
+    """
+
+    # DISCARD ALL, less: DEALLOCATE ALL (psycopg tracks the statements it prepared and would
+    # not notice them gone; the check refuses statements from SQL PREPARE), SET SESSION
+    # AUTHORIZATION DEFAULT (the check refuses a changed role: SET ROLE is rare) and
+    # DISCARD PLANS (cached plans show nobody anything). Sent as one simple-protocol string
+    # after COMMIT, ROLLBACK or nothing, with the check as its last statement.
+    _RESET_SQL = "CLOSE ALL; RESET ALL; UNLISTEN *; DISCARD TEMP; DISCARD SEQUENCES"
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        per_user_limit: int = 5,
+        settings: Mapping[str, str] = DEFAULT_SETTINGS,
+        timeout: float = 30.0,
+        retry_after: float = 1.0,
+        rls_tables: Iterable[str] = (),
+        rls_check: RlsCheck = "warn",
+        name: str = "ambient-shared",
+        kwargs: Mapping[str, Any] | None = None,
+        **pool_options: Any,
+    ) -> None:
+        _loops.refuse_trio(_ASYNCIO_ONLY)
+        checked = _Arguments.validated(
+            min_size=min_size,
+            max_size=max_size,
+            per_user_limit=per_user_limit,
+            timeout=timeout,
+            retry_after=retry_after,
+            rls_check=rls_check,
+            settings=settings,
+            fields=_CONTEXT_FIELDS,
+            local=True,
+        )
+        self.conninfo = conninfo
+        self.min_size = min_size
+        self.max_size = max_size
+        self.per_user_limit = per_user_limit
+        self.timeout = timeout
+        self.retry_after = retry_after
+        self.rls_tables = tuple(rls_tables)
+        self.rls_check: RlsCheck = rls_check
+        self.name = name
+        self._names = checked.names
+        self._fields = checked.fields
+        self._set_sql = checked.set_sql
+        reads = [sql.SQL("current_setting({}, true)").format(sql.Literal(n)) for n in self._names]
+        self._reset_sql = (
+            sql.SQL("{}; SELECT {}")
+            .format(sql.SQL(self._RESET_SQL), sql.SQL(", ").join([sql.SQL(_CHECK), *reads]))
+            .as_string()
+        )
+        self._kwargs = {**(kwargs or {}), "autocommit": True}
+        self._pool_options = pool_options
+        self._pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None
+        self._opening: anyio.Lock | None = None
+        self._installed = False
+        self._initial: tuple[Any, ...] | None = None
+        self._gates: dict[UserRef, _Gate] = {}
+        self.checked_out = 0
+        self.discarded = 0
+
+    def __repr__(self) -> str:
+        return f"<SharedPool {self.name!r}>"
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def opened(self) -> bool:
+        """Whether the pool is open."""
+        return self._pool is not None
+
+    async def open(self) -> None:
+        """Open the pool and run the row-level-security self-check (idempotent).
+
+        Raises:
+            UnsupportedBackendError: outside asyncio.
+            RowSecurityError: with ``rls_check="raise"`` when the role bypasses RLS.
+        """
+        _loops.require_asyncio(_ASYNCIO_ONLY)
+        if self._opening is None:
+            self._opening = anyio.Lock()
+        async with self._opening:
+            if self._pool is not None:
+                return
+            pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
+                self.conninfo,
+                min_size=self.min_size,
+                max_size=self.max_size,
+                open=False,
+                kwargs=self._kwargs,
+                configure=self._configure,
+                timeout=self.timeout,
+                name=self.name,
+                **self._pool_options,
+            )
+            # The pool's worker tasks copy the current context: start them with no request
+            # bound, or they would keep the first user's scope alive (and run as that user).
+            with ambient.detached():
+                await pool.open()
+            try:
+                if self.rls_check != "off":
+                    async with pool.connection(timeout=self.timeout) as conn:
+                        await check_rls(
+                            conn, self.rls_tables, settings=self._names, action=self.rls_check
+                        )
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await pool.close()
+                raise
+            self._pool = pool
+
+    async def close(self) -> None:
+        """Close the pool; connections in use are closed when they come back."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            with anyio.CancelScope(shield=True):
+                await pool.close()
+
+    async def __aenter__(self) -> SharedPool:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def install(self, registry: Registry, *, default: bool = True) -> None:
+        """Register this pool in ``registry``: an APP component (key: this pool) opened on
+        first use and closed at shutdown, and with ``default=True`` the :class:`Database`
+        that the module-level :func:`connection` uses.
+
+        Raises:
+            RegistryError: when the keys are already registered or the registry is frozen.
+        """
+        registry.register(self, self._app_component, lifetime=Lifetime.APP, name=repr(self))
+        if default:
+            registry.register(Database, self._as_default, lifetime=Lifetime.APP, name="Database")
+        self._installed = True
+
+    async def _app_component(self) -> AsyncIterator[SharedPool]:
+        opened_here = self._pool is None
+        await self.open()
+        try:
+            yield self
+        finally:
+            if opened_here:
+                await self.close()
+
+    def _as_default(self) -> Iterable[SharedPool]:
+        yield self
+
+    async def _open_pool(self) -> AsyncConnectionPool[AsyncConnection[Any]]:
+        _loops.require_asyncio(_ASYNCIO_ONLY)
+        if self._installed:
+            await ambient.resolve(self)
+        pool = self._pool
+        if pool is None:
+            msg = (
+                f"{self!r} is not open: open it with `async with pool:` or `await pool.open()`, "
+                "or install it in the registry with `pool.install(registry)`"
+            )
+            raise PoolClosed(msg)
+        return pool
+
+    # -- connection callbacks (run by psycopg_pool's workers) ------------------------------
+
+    async def _configure(self, conn: AsyncConnection[Any]) -> None:
+        # Every connection of the pool starts alike; remember how, to restore it on return.
+        if self._initial is None:
+            self._initial = (
+                conn.autocommit,
+                conn.isolation_level,
+                conn.read_only,
+                conn.deferrable,
+                conn.row_factory,
+                conn.prepare_threshold,
+            )
+
+    async def _give_back(
+        self,
+        pool: AsyncConnectionPool[AsyncConnection[Any]],
+        conn: AsyncConnection[Any],
+        cur: AsyncCursor[Any] | None,
+        cancel: PGcancel,
+        exc: BaseException | None,
+    ) -> Exception | None:
+        """End the checkout's transaction, reset the connection and hand it back.
+
+        Returns the error to raise to the caller: a failed commit, or a transaction the
+        handler ended itself. Shielded: a cancelled task still returns its connection.
+        """
+        error: Exception | None = None
+        with anyio.CancelScope(shield=True):
+            try:
+                status = conn.pgconn.transaction_status
+                if (conn.closed or status == _ACTIVE) and await _cancel_broken(conn, cancel):
+                    return None
+                if status == _IDLE and exc is None:
+                    error = psycopg.ProgrammingError(
+                        "the checkout's transaction was ended inside it (conn.commit(), "
+                        "conn.rollback() or COMMIT): the statements after that ran without "
+                        "the context's settings. Let the checkout commit when its block ends"
+                    )
+                end = "" if status == _IDLE else "COMMIT; " if exc is None else "ROLLBACK; "
+                if cur is None:
+                    cur = conn.cursor(row_factory=tuple_row)
+                error = await self._reset(conn, cur, end) or error
+            finally:
+                await pool.putconn(conn)
+        return error
+
+    async def _reset(
+        self, conn: AsyncConnection[Any], cur: AsyncCursor[Any], end: str
+    ) -> Exception | None:
+        # The end of the transaction and the reset travel in one round trip. If the commit
+        # fails, the rest of the string is skipped: the reset then runs on its own, and the
+        # commit's error goes to the caller. A connection that cannot be reset and shown
+        # clean is closed, whatever went wrong.
+        failure: Exception | None = None
+        try:
+            try:
+                await cur.execute(end + self._reset_sql)
+            except psycopg.Error as exc:
+                if end.startswith("COMMIT"):
+                    failure = exc
+                if conn.closed:
+                    return failure
+                await cur.execute(self._reset_sql)
+            while cur.nextset():
+                pass
+            row = await cur.fetchone()
+            login = conn.info.user
+            # The columns of _CHECK, then every setting.
+            if row is None or row[0] != login or row[1] != login or any(row[3:]):
+                await self._discard(conn, "it kept session state (PREPARE, a role default?)")
+                return failure
+            await self._restore(conn)
+        except Exception as exc:  # noqa: BLE001 - never hand on a connection not shown clean
+            await self._discard(conn, f"its reset failed: {exc!r}")
+        return failure
+
+    async def _restore(self, conn: AsyncConnection[Any]) -> None:
+        """Undo what a handler changed on the Python side of the connection."""
+        initial = self._initial
+        if initial is None:
+            return
+        autocommit, isolation_level, read_only, deferrable, row_factory, threshold = initial
+        if conn.autocommit != autocommit:
+            await conn.set_autocommit(autocommit)
+        if conn.isolation_level != isolation_level:
+            await conn.set_isolation_level(isolation_level)
+        if conn.read_only != read_only:
+            await conn.set_read_only(read_only)
+        if conn.deferrable != deferrable:
+            await conn.set_deferrable(deferrable)
+        conn.row_factory = row_factory
+        conn.prepare_threshold = threshold
+
+    async def _discard(self, conn: AsyncConnection[Any], why: str) -> None:
+        self.discarded += 1
+        logger.warning("ambient: closed a connection of %r instead of reusing it: %s", self, why)
+        await conn.close()
+
+    # -- checkouts -----------------------------------------------------------------------
+
+    def connection(
+        self, *, timeout: float | None = None
+    ) -> AbstractAsyncContextManager[AsyncConnection[Any]]:
+        """A connection for the current context, inside one transaction with the settings.
+
+        ``async with pool.connection() as conn:``; see the class documentation.
+
+        Args:
+            timeout: Seconds to wait for a connection (default: the pool's ``timeout``).
+
+        Raises:
+            NoActiveContextError: outside a context.
+            PoolExhaustedError: no connection within the timeout (the user's share or the
+                whole pool is in use).
+        """
+        return _SharedCheckout(self, self.timeout if timeout is None else timeout)
+
+    def stats(self) -> SharedPoolStats:
+        """Counts of what the pool holds now."""
+        measures = self._pool.get_stats() if self._pool is not None else {}
+        return SharedPoolStats(
+            size=measures.get("pool_size", 0),
+            available=measures.get("pool_available", 0),
+            waiting=measures.get("requests_waiting", 0),
+            checked_out=self.checked_out,
+            users=len(self._gates),
+            discarded=self.discarded,
+        )
+
+    def _enter_gate(self, user: UserRef) -> _Gate:
+        gate = self._gates.get(user)
+        if gate is None:
+            gate = self._gates[user] = _Gate()
+        gate.refs += 1
+        return gate
+
+    def _leave_gate(self, user: UserRef, gate: _Gate) -> None:
+        gate.refs -= 1
+        if gate.refs == 0 and self._gates.get(user) is gate:
+            del self._gates[user]

@@ -1,0 +1,161 @@
+"""A checkout of a :class:`SharedPool`, and the per-user share of the pool it waits for."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from psycopg import AsyncConnection
+from psycopg.rows import tuple_row
+from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
+
+import ambient
+from ambient.integrations.psycopg._arguments import _values
+from ambient.integrations.psycopg._common import _IN_USE, _exhausted
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from ambient.integrations.psycopg._shared import SharedPool
+
+
+class _Gate:
+    """One user's share of a :class:`SharedPool`: at most ``limit`` connections held, the
+    rest wait in line (a place freed is handed to the first in line)."""
+
+    __slots__ = ("held", "refs", "waiters")
+
+    def __init__(self) -> None:
+        self.held = 0
+        self.refs = 0  # checkouts in progress, waiting or holding
+        self.waiters: deque[anyio.Event] = deque()
+
+    def try_acquire(self, limit: int) -> bool:
+        if self.held < limit and not self.waiters:
+            self.held += 1
+            return True
+        return False
+
+    async def acquire(self, within: float) -> bool:
+        event = anyio.Event()
+        self.waiters.append(event)
+        try:
+            with anyio.move_on_after(within):
+                await event.wait()
+        except BaseException:
+            if event.is_set():
+                self.release()  # we were handed a place: hand it on
+            else:
+                self.waiters.remove(event)
+            raise
+        if event.is_set():
+            return True
+        self.waiters.remove(event)
+        return False
+
+    def release(self) -> None:
+        if self.waiters:
+            self.waiters.popleft().set()
+        else:
+            self.held -= 1
+
+
+class _SharedCheckout:
+    __slots__ = ("_cancel", "_conn", "_cur", "_gate", "_owner", "_pool", "_timeout", "_user")
+
+    def __init__(self, owner: SharedPool, timeout: float) -> None:
+        self._owner = owner
+        self._timeout = timeout
+        self._conn: AsyncConnection[Any] | None = None
+
+    async def __aenter__(self) -> AsyncConnection[Any]:
+        if self._conn is not None:
+            raise RuntimeError(_IN_USE)
+        ctx = ambient.get_current_context()
+        owner = self._owner
+        pool = owner._pool
+        if pool is None:
+            pool = await owner._open_pool()
+        deadline = time.monotonic() + self._timeout
+        user = ctx.user
+        gate = owner._enter_gate(user)
+        owner.checked_out += 1
+        try:
+            await self._take_share(gate)
+            try:
+                conn = await self._getconn(pool, deadline)
+            except BaseException:
+                gate.release()
+                raise
+        except BaseException:
+            owner.checked_out -= 1
+            owner._leave_gate(user, gate)
+            raise
+        self._pool = pool
+        self._gate = gate
+        self._user = user
+        self._cancel = conn.pgconn.get_cancel()
+        self._conn = conn
+        self._cur = None
+        try:
+            # One cursor for the checkout's own statements, with a known row factory.
+            self._cur = cur = conn.cursor(row_factory=tuple_row)
+            await cur.execute("BEGIN")
+            if owner._names:
+                await cur.execute(owner._set_sql, _values(ctx, owner), prepare=True)
+        except BaseException as exc:
+            await self._finish(exc)
+            raise
+        return conn
+
+    async def _take_share(self, gate: _Gate) -> None:
+        owner = self._owner
+        if gate.try_acquire(owner.per_user_limit) or await gate.acquire(self._timeout):
+            return
+        raise _exhausted(
+            f"this user already holds {owner.per_user_limit} connection(s) of {owner!r} "
+            f"(per_user_limit) and none came back within {self._timeout} s",
+            owner.retry_after,
+        )
+
+    async def _getconn(
+        self, pool: AsyncConnectionPool[AsyncConnection[Any]], deadline: float
+    ) -> AsyncConnection[Any]:
+        owner = self._owner
+        try:
+            return await pool.getconn(timeout=max(deadline - time.monotonic(), 0.0))
+        except (PoolTimeout, TooManyRequests) as exc:
+            stats = pool.get_stats()
+            raise _exhausted(
+                f"no connection of {owner!r} became available within {self._timeout} s "
+                f"(max_size={owner.max_size}, in use="
+                f"{stats.get('pool_size', 0) - stats.get('pool_available', 0)}, "
+                f"waiting={stats.get('requests_waiting', 0)}): {exc}",
+                owner.retry_after,
+            ) from None
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        error = await self._finish(exc)
+        if error is not None and exc is None:
+            raise error
+        return False
+
+    async def _finish(self, exc: BaseException | None) -> Exception | None:
+        conn = self._conn
+        if conn is None:
+            return None
+        self._conn = None
+        owner = self._owner
+        try:
+            return await owner._give_back(self._pool, conn, self._cur, self._cancel, exc)
+        finally:
+            self._gate.release()
+            owner.checked_out -= 1
+            owner._leave_gate(self._user, self._gate)

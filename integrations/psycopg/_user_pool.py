@@ -1,0 +1,211 @@
+"""One user's pool of a :class:`PerUserPools`, and a checkout from it."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout, TooManyRequests
+
+import ambient
+from ambient import UserRef
+from ambient.integrations.psycopg._arguments import _values
+from ambient.integrations.psycopg._common import _IN_USE, _exhausted, _release
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from ambient.integrations.psycopg._per_user import PerUserPools
+
+
+_pool_numbers = itertools.count(1)
+
+
+def _user_pool_closed(owner: PerUserPools) -> PoolClosed:
+    return PoolClosed(f"{owner!r}: this user's pool was closed (shutdown or eviction)")
+
+
+class _UserPool:
+    """One user's pool: the USER component behind :class:`PerUserPools`."""
+
+    __slots__ = ("__weakref__", "active", "closed", "opening", "owner", "pool", "slots", "user")
+
+    def __init__(self, owner: PerUserPools, user: UserRef) -> None:
+        self.owner = owner
+        self.user = user
+        self.pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None
+        self.opening: anyio.Event | None = None
+        self.slots = 0
+        self.active = 0
+        self.closed = False
+        owner._pools.add(self)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open" if self.pool is not None else "empty"
+        return f"<user pool of {self.owner!r}: {state}, {self.slots} slot(s), {self.active} busy>"
+
+    async def ensure_pool(self, deadline: float) -> AsyncConnectionPool[AsyncConnection[Any]]:
+        owner = self.owner
+        while True:
+            if self.closed:
+                raise _user_pool_closed(owner)
+            if self.pool is not None:
+                return self.pool
+            opening = self.opening
+            if opening is None:
+                break
+            with anyio.move_on_after(max(deadline - time.monotonic(), 0.0)):
+                await opening.wait()
+            if not opening.is_set():
+                raise _exhausted(
+                    f"this user's pool of {owner!r} did not open within {owner.timeout} s",
+                    owner.retry_after,
+                )
+        self.opening = opening = anyio.Event()
+        try:
+            first = max(1, owner.min_size)
+            taken = 0
+            try:
+                while taken < first:
+                    await owner._take_slot(self, deadline, wait=True)
+                    taken += 1
+                pool = await self._open(taken)
+            except BaseException:
+                owner._give_back(taken)
+                raise
+            if self.closed:  # the component was cleaned up while the pool opened
+                self.slots = taken
+                self.pool = pool
+                await self.close_pool()
+                raise _user_pool_closed(owner)
+            self.slots = taken
+            self.pool = pool
+            return pool
+        finally:
+            self.opening = None
+            opening.set()
+
+    async def _open(self, slots: int) -> AsyncConnectionPool[AsyncConnection[Any]]:
+        owner = self.owner
+        conninfo = owner.conninfo if isinstance(owner.conninfo, str) else owner.conninfo(self.user)
+        pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
+            conninfo,
+            min_size=owner.min_size,
+            max_size=slots,
+            open=False,
+            kwargs=owner._kwargs,
+            configure=self._configure if owner._names else None,
+            timeout=owner.timeout,
+            name=f"{owner.name}-{next(_pool_numbers)}",
+            **owner._pool_options,
+        )
+        with anyio.CancelScope(shield=True):
+            # The pool's worker tasks copy the current context: start them with no request
+            # bound, or they would keep the first user's scope alive (and run as that user).
+            with ambient.detached():
+                await pool.open()
+        try:
+            await owner._check_rls_once(pool)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await pool.close()
+            raise
+        return pool
+
+    async def _configure(self, conn: AsyncConnection[Any]) -> None:
+        # A connection of this pool serves this user only: session-level settings are safe.
+        owner = self.owner
+        await conn.execute(owner._set_sql, _values(self.user, owner), prepare=False)
+        if not conn.autocommit:
+            await conn.commit()
+
+    async def grow(self, deadline: float) -> None:
+        """Take one more slot when every connection this pool may hold is busy."""
+        owner = self.owner
+        pool = self.pool
+        if pool is None or self.slots >= owner.max_size or self.active <= self.slots:
+            return
+        if await owner._take_slot(self, deadline, wait=False):
+            if self.pool is not pool:  # evicted or closed while we waited for room
+                owner._give_back(1)
+                return
+            self.slots += 1
+            await pool.resize(owner.min_size, self.slots)
+
+    async def close_pool(self, *, evicted: bool = False, keep: int = 0) -> None:
+        """Close the psycopg pool and give its room back to the budget (``keep`` of it
+        goes to the caller)."""
+        owner = self.owner
+        owner._idle.pop(self, None)
+        pool, self.pool = self.pool, None
+        slots, self.slots = self.slots, 0
+        if evicted:
+            owner.evicted += 1
+        try:
+            if pool is not None:
+                with anyio.CancelScope(shield=True):
+                    await pool.close()
+        finally:
+            owner._give_back(slots, keep=keep)
+
+    async def aclose(self) -> None:
+        """Close the pool (the USER component's cleanup)."""
+        self.closed = True
+        self.owner._pools.discard(self)
+        await self.close_pool()
+
+
+class _UserCheckout:
+    __slots__ = ("_cancel", "_conn", "_owner", "_pool", "_timeout", "_user_pool")
+
+    def __init__(self, owner: PerUserPools, timeout: float) -> None:
+        self._owner = owner
+        self._timeout = timeout
+        self._conn: AsyncConnection[Any] | None = None
+
+    async def __aenter__(self) -> AsyncConnection[Any]:
+        if self._conn is not None:
+            raise RuntimeError(_IN_USE)
+        owner = self._owner
+        user_pool: _UserPool = await ambient.resolve(owner)
+        deadline = time.monotonic() + self._timeout
+        owner._busy(user_pool)
+        try:
+            pool = await user_pool.ensure_pool(deadline)
+            await user_pool.grow(deadline)
+            try:
+                conn = await pool.getconn(timeout=max(deadline - time.monotonic(), 0.0))
+            except (PoolTimeout, TooManyRequests) as exc:
+                raise _exhausted(
+                    f"no connection of this user's pool of {owner!r} became available within "
+                    f"{self._timeout} s (max_size={owner.max_size}, "
+                    f"{owner._used}/{owner.max_total} server connections in use): {exc}",
+                    owner.retry_after,
+                ) from None
+        except BaseException:
+            owner._done(user_pool)
+            raise
+        self._user_pool = user_pool
+        self._pool = pool
+        self._cancel = conn.pgconn.get_cancel()
+        self._conn = conn
+        return conn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        conn = self._conn
+        if conn is None:
+            return False
+        self._conn = None
+        try:
+            await _release(self._pool, conn, self._cancel, exc)
+        finally:
+            self._owner._done(self._user_pool)
+        return False
