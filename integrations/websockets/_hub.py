@@ -1,0 +1,273 @@
+""":class:`ConnectionHub`: the live websocket connections of this process."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Final
+
+import anyio
+
+import ambient
+from ambient import Lifetime, Registry, UserExecutionContext, UserRef
+from ambient.integrations.websockets._broadcast import Broadcast, BroadcastError, InProcessBroadcast
+from ambient.integrations.websockets._connection import Connection, WebSocketLike
+from ambient.integrations.websockets._envelope import TO_CONNECTION, TO_USER, Envelope
+from ambient.integrations.websockets._manager import UserWebSocketManager
+
+logger = logging.getLogger("ambient.websockets")
+
+CLOSE_GOING_AWAY: Final = 1001
+CLOSE_POLICY_VIOLATION: Final = 1008
+CLOSE_TRY_AGAIN_LATER: Final = 1013
+
+
+@dataclass(frozen=True, slots=True)
+class HubStats:
+    """A snapshot of a :class:`ConnectionHub`.
+
+    Attributes:
+        connections: Sockets registered now.
+        users: Users with at least one socket here.
+        queued: Events waiting in socket queues.
+        queued_bytes: Their size (characters of text frames, bytes of binary frames).
+        peak_queued: The longest any socket's queue has been.
+        overflows: Sockets closed with 1013 because they fell too far behind.
+        send_failures: Sockets dropped because a send to them failed.
+        replaced: Sockets closed with 1008 to make room for a newer one of the same user.
+    """
+
+    connections: int
+    users: int
+    queued: int
+    queued_bytes: int
+    peak_queued: int
+    overflows: int
+    send_failures: int
+    replaced: int
+
+
+class ConnectionHub:
+    """The live websocket connections of this process (an APP component).
+
+    Args:
+        backend: How events reach the sockets: :class:`InProcessBroadcast` (default) or
+            :class:`RedisBroadcast` for several processes or hosts.
+        max_connections_per_user: Sockets one user may hold in this process; one more
+            closes the user's oldest socket with 1008 (the newest always gets in).
+        queue_size: Events a socket may fall behind before it is closed with 1013.
+        queue_bytes: Size a socket's queue may reach (characters of text plus bytes of
+            binary frames) before it is closed with 1013; a bigger event is refused.
+        close_timeout: Seconds the hub waits for a socket to take its last frames and the
+            close frame before it cancels the socket's handler block.
+
+    Example::
+
+        hub = ConnectionHub(RedisBroadcast("redis://cache:6379/0"))
+        hub.install(registry)
+    """
+
+    def __init__(
+        self,
+        backend: Broadcast | None = None,
+        *,
+        max_connections_per_user: int = 16,
+        queue_size: int = 256,
+        queue_bytes: int = 4 * 1024 * 1024,
+        close_timeout: float = 5.0,
+    ) -> None:
+        for name, value in (
+            ("max_connections_per_user", max_connections_per_user),
+            ("queue_size", queue_size),
+            ("queue_bytes", queue_bytes),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                msg = f"{name} must be an int >= 1, not {value!r}"
+                raise ValueError(msg)
+        if not close_timeout > 0:
+            msg = f"close_timeout must be > 0 seconds, not {close_timeout!r}"
+            raise ValueError(msg)
+        self.backend: Broadcast = InProcessBroadcast() if backend is None else backend
+        self.max_connections_per_user = max_connections_per_user
+        self.queue_size = queue_size
+        self.queue_bytes = queue_bytes
+        self.close_timeout = close_timeout
+        self._users: dict[UserRef, dict[str, Connection]] = {}
+        self._count = 0
+        self._peak_queued = 0
+        self._overflows = 0
+        self._send_failures = 0
+        self._replaced = 0
+        self.backend.attach(self._deliver)
+
+    def install(self, registry: Registry) -> None:
+        """Register this hub (APP) and :class:`UserWebSocketManager` (REQUEST) in
+        ``registry``; the registry closes the hub at shutdown."""
+        registry.register(ConnectionHub, self._provide, lifetime=Lifetime.APP)
+        registry.register(UserWebSocketManager, self._manager)
+
+    def _provide(self) -> ConnectionHub:
+        return self
+
+    def _manager(self, ctx: UserExecutionContext) -> UserWebSocketManager:
+        # Resolving the hub makes the registry own it, so shutdown closes the backend.
+        ambient.resolve_sync(ConnectionHub)
+        return UserWebSocketManager(self, ctx)
+
+    def stats(self) -> HubStats:
+        """Counts of connections, queued events and closes (safe to call from any thread)."""
+        connections = [c for user in list(self._users.values()) for c in list(user.values())]
+        return HubStats(
+            connections=self._count,
+            users=len(self._users),
+            queued=sum(len(c._queue) for c in connections),
+            queued_bytes=sum(c._queued_bytes for c in connections),
+            peak_queued=self._peak_queued,
+            overflows=self._overflows,
+            send_failures=self._send_failures,
+            replaced=self._replaced,
+        )
+
+    async def aclose(self) -> None:
+        """Close every socket with 1001 (after its queue) and release the backend.
+
+        The registry calls this at shutdown. The hub stays usable: a later connection
+        starts the backend again.
+        """
+        for user in list(self._users.values()):
+            for connection in list(user.values()):
+                self._remove(connection)
+                connection._request_close(CLOSE_GOING_AWAY, "server shutting down", drain=True)
+        await self.backend.aclose()
+
+    # -- delivery ------------------------------------------------------------------------
+
+    async def _publish(self, envelope: Envelope) -> None:
+        """Hand ``envelope`` to the backend (which calls :meth:`_deliver` in each process)."""
+        await self.backend.publish(envelope)
+
+    def _deliver(self, envelope: Envelope) -> None:
+        """Queue ``envelope`` on the matching sockets this process holds (never waits)."""
+        connections = self._users.get(envelope.user)
+        if not connections:
+            return
+        mode = envelope.mode
+        target = envelope.target
+        data = envelope.data
+        if mode == TO_CONNECTION:
+            connection = connections.get(target) if target is not None else None
+            if connection is not None:
+                connection._offer(data)
+            return
+        for connection in list(connections.values()):
+            if mode == TO_USER or connection.thread_id == target:
+                connection._offer(data)
+
+    # -- registration --------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _connect(
+        self, ctx: UserExecutionContext, websocket: WebSocketLike, *, accept: bool = True
+    ) -> AsyncIterator[Connection]:
+        """Register ``websocket`` for ``ctx`` while the block runs (the way in is
+        :meth:`UserWebSocketManager.connect`, which takes ``ctx`` from the binding)."""
+        connection = Connection(self, websocket, ctx)
+        user = connection.user
+        existing = self._users.get(user)
+        if existing is not None and connection.connection_id in existing:
+            msg = f"connection {connection.connection_id} is already registered"
+            raise RuntimeError(msg)
+        try:
+            await self.backend.subscribe(user)
+        except BroadcastError as error:
+            if accept:
+                await _refuse_after_accept(websocket, str(error))
+            raise
+        failure: BaseException | None = None
+        try:
+            if accept:
+                await websocket.accept()
+            async with anyio.create_task_group() as tg:
+                connection._block_scope = tg.cancel_scope
+                await tg.start(connection._run_writer)
+                self._add(connection)
+                try:
+                    yield connection
+                except anyio.get_cancelled_exc_class():
+                    connection._abort()
+                    raise
+                except BaseException as error:  # noqa: BLE001 - re-raised below
+                    connection._abort()
+                    # Re-raised below the task group, which would wrap it in a group.
+                    failure = error
+                finally:
+                    self._remove(connection)
+                    connection._finish()
+            if failure is not None:
+                raise failure
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self.close_timeout):
+                try:
+                    await self.backend.unsubscribe(user)
+                except Exception:
+                    logger.warning("ambient: unsubscribing %r failed", connection, exc_info=True)
+
+    def _add(self, connection: Connection) -> None:
+        connections = self._users.setdefault(connection.user, {})
+        while len(connections) >= self.max_connections_per_user:
+            oldest = next(iter(connections.values()))
+            self._remove(oldest)
+            self._replaced += 1
+            oldest._request_close(
+                CLOSE_POLICY_VIOLATION,
+                f"too many connections (limit {self.max_connections_per_user}); "
+                "replaced by a newer one",
+                drain=True,
+            )
+        connections[connection.connection_id] = connection
+        self._count += 1
+
+    def _remove(self, connection: Connection) -> None:
+        connections = self._users.get(connection.user)
+        if connections is None or connections.get(connection.connection_id) is not connection:
+            return
+        del connections[connection.connection_id]
+        self._count -= 1
+        if not connections:
+            del self._users[connection.user]
+
+    def _overflowed(self, connection: Connection) -> None:
+        """``connection`` fell ``queue_size`` events behind: drop it and close it with 1013."""
+        self._remove(connection)
+        self._overflows += 1
+        logger.warning(
+            "ambient: %r fell more than %d events behind; closing it with 1013",
+            connection,
+            self.queue_size,
+        )
+        connection._request_close(
+            CLOSE_TRY_AGAIN_LATER, "too slow: the event queue overflowed", drain=False
+        )
+
+    def _send_failed(self, connection: Connection) -> bool:
+        """A send to ``connection`` failed: it is gone. Return whether its handler was
+        still using it (rather than already leaving or being closed by the hub)."""
+        if connection._done or connection._closing is not None:
+            return False
+        connection._done = True
+        self._remove(connection)
+        self._send_failures += 1
+        return True
+
+
+async def _refuse_after_accept(websocket: WebSocketLike, reason: str) -> None:
+    """Tell the client to come back later: accept, then close with 1013 and the reason."""
+    try:
+        await websocket.accept()
+        await websocket.close(
+            CLOSE_TRY_AGAIN_LATER, reason.encode()[:123].decode("utf-8", "ignore")
+        )
+    except Exception:  # the client may already be gone
+        logger.debug("ambient: could not refuse the socket", exc_info=True)

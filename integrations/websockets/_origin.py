@@ -1,0 +1,122 @@
+""":class:`OriginAllowList`: refuse websocket handshakes from origins not on a list."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from ambient.middleware import _problem
+
+_DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443, "wss": 443}
+
+ASGIApp = Callable[
+    [
+        MutableMapping[str, Any],
+        Callable[[], Awaitable[MutableMapping[str, Any]]],
+        Callable[[MutableMapping[str, Any]], Awaitable[None]],
+    ],
+    Awaitable[None],
+]
+
+
+def _origin(value: str) -> str | None:
+    """``scheme://host[:port]`` lower-cased without a default port, or ``None``."""
+    try:
+        parts = urlsplit(value.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    host = parts.hostname
+    if (
+        not scheme
+        or not host
+        or parts.username is not None
+        or parts.password is not None
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+    ):
+        return None
+    if ":" in host:
+        host = f"[{host}]"
+    if port is None or _DEFAULT_PORTS.get(scheme) == port:
+        return f"{scheme}://{host}"
+    return f"{scheme}://{host}:{port}"
+
+
+class OriginAllowList:
+    """ASGI middleware refusing websocket handshakes whose ``Origin`` is not allowed.
+
+    Browsers send cookies (and other ambient credentials) with a websocket handshake from
+    any page, and the same-origin policy does not apply to it: without this check a hostile
+    page can open an authenticated socket (cross-site websocket hijacking). Put it
+    *outside* :class:`~ambient.middleware.AmbientMiddleware` so a refused handshake never
+    binds a context or creates a component. HTTP requests pass through untouched.
+
+    A handshake is refused (HTTP 403 where the server supports the denial-response
+    extension, else closed with 1008 before accept) when its Origin is not in
+    ``allowed_origins``, is malformed, is sent more than once, or is missing (unless
+    ``allow_missing=True``, for non-browser clients, which send none).
+
+    Args:
+        app: The ASGI application.
+        allowed_origins: Origins such as ``"https://app.example.com"`` (scheme, host and
+            non-default port; compared case-insensitively).
+        allow_missing: Accept handshakes without an Origin header.
+    """
+
+    __slots__ = ("allow_missing", "allowed", "app")
+
+    def __init__(
+        self, app: ASGIApp, *, allowed_origins: Iterable[str], allow_missing: bool = False
+    ) -> None:
+        if isinstance(allowed_origins, str):
+            msg = "allowed_origins is a list of origins, not one string"
+            raise TypeError(msg)
+        allowed: set[str] = set()
+        for value in allowed_origins:
+            origin = _origin(value) if isinstance(value, str) else None
+            if origin is None:
+                msg = f"{value!r} is not an origin like 'https://app.example.com'"
+                raise ValueError(msg)
+            allowed.add(origin)
+        self.app = app
+        self.allowed = frozenset(allowed)
+        self.allow_missing = allow_missing
+
+    async def __call__(
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
+        send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
+    ) -> None:
+        if scope["type"] != "websocket":
+            await self.app(scope, receive, send)
+            return
+        values = [v for k, v in scope.get("headers", ()) if k.lower() == b"origin"]
+        if not values and self.allow_missing:
+            await self.app(scope, receive, send)
+            return
+        reason = self._refusal(values)
+        if reason is None:
+            await self.app(scope, receive, send)
+            return
+        problem = _problem.Problem(
+            403, "Origin not allowed", reason, type_="urn:ambient:problem:origin"
+        )
+        await problem.deny_websocket(scope, receive, send)
+
+    def _refusal(self, values: list[bytes]) -> str | None:
+        if not values:
+            return "the websocket handshake carried no Origin header"
+        if len(values) > 1:
+            return "the websocket handshake carried more than one Origin header"
+        try:
+            origin = _origin(values[0].decode("ascii"))
+        except UnicodeDecodeError:
+            origin = None
+        if origin is None or origin not in self.allowed:
+            return "the websocket handshake came from an origin that is not allowed"
+        return None

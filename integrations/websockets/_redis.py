@@ -1,0 +1,378 @@
+""":class:`RedisBroadcast`: events fanned out across processes through Redis pub/sub."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import hashlib
+import json
+import logging
+import secrets
+from collections.abc import Awaitable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ambient import UserRef, _loops
+from ambient.integrations.websockets._broadcast import BroadcastError, Deliver, _attach_once
+from ambient.integrations.websockets._envelope import Envelope, decode_envelope, encode_envelope
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.asyncio.client import PubSub
+
+
+logger = logging.getLogger("ambient.websockets")
+
+_ASYNCIO_ONLY = (
+    "RedisBroadcast uses redis-py's asyncio client, which runs on asyncio only, and this "
+    "code runs under another event loop (trio?): run the application on asyncio "
+    "(uvicorn and hypercorn do by default) or use the in-process backend"
+)
+
+
+class RedisBroadcast:
+    """Fan events out across processes and hosts through Redis pub/sub (extra ``redis``).
+
+    Every process subscribes to one channel per user it holds sockets of (the channel
+    name is a hash of tenant and user id) and delivers what arrives to those sockets;
+    senders publish on the user's channel. A reader task per process keeps the
+    subscription alive: it notices a dead connection (also a silent one, by pinging every
+    ``health_check_interval`` seconds), reconnects with exponential back-off and
+    re-subscribes. Publishing while Redis is unreachable raises :class:`BroadcastError`;
+    so does opening a socket while the subscription cannot be made. Pub/sub delivers at
+    most once: events published while this process is disconnected do not reach its
+    sockets.
+
+    Args:
+        url: The Redis URL (``redis://host:6379/0``).
+        channel_prefix: Prefix of the channel names (separate applications sharing one
+            Redis need different prefixes).
+        timeout: Seconds to connect, publish or subscribe before failing.
+        reconnect_delay: First back-off delay after a lost connection, doubled per failure.
+        max_reconnect_delay: The longest back-off delay.
+        health_check_interval: Seconds of silence after which the subscription connection
+            is pinged; twice that without an answer and it is replaced.
+
+    Raises:
+        UnsupportedBackendError: when constructed (or later used) under trio.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        channel_prefix: str = "ambient:ws:",
+        timeout: float = 2.0,
+        reconnect_delay: float = 0.05,
+        max_reconnect_delay: float = 2.0,
+        health_check_interval: float = 5.0,
+    ) -> None:
+        _loops.refuse_trio(_ASYNCIO_ONLY)
+        for name, value in (
+            ("timeout", timeout),
+            ("reconnect_delay", reconnect_delay),
+            ("max_reconnect_delay", max_reconnect_delay),
+            ("health_check_interval", health_check_interval),
+        ):
+            if not value > 0:
+                msg = f"{name} must be > 0 seconds, not {value!r}"
+                raise ValueError(msg)
+        self.url = url
+        self.channel_prefix = channel_prefix
+        self.timeout = timeout
+        self.reconnect_delay = reconnect_delay
+        self.max_reconnect_delay = max_reconnect_delay
+        self.health_check_interval = health_check_interval
+        self.reconnects = 0
+        self._deliver: Deliver | None = None
+        self._control = f"{channel_prefix}process:{secrets.token_hex(8)}".encode()
+        self._refs: dict[bytes, int] = {}
+        self._users: dict[bytes, UserRef] = {}
+        self._pending: dict[bytes, int] = {}
+        self._confirmed: set[bytes] = set()
+        self._changed: anyio.Event | None = None
+        self._client: Redis | None = None
+        self._sub_client: Redis | None = None
+        self._pubsub: PubSub | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._connected = False
+        self._down_since: float | None = None
+
+    def __repr__(self) -> str:
+        state = "connected" if self._connected else "disconnected"
+        return f"<RedisBroadcast {state} channels={len(self._refs)}>"
+
+    @property
+    def connected(self) -> bool:
+        """Whether the subscription connection is up and every channel confirmed."""
+        return self._connected
+
+    @property
+    def subscriptions(self) -> int:
+        """User channels this process is subscribed to (users with sockets here)."""
+        return len(self._refs)
+
+    def attach(self, deliver: Deliver) -> None:
+        """Remember the hub's delivery callback."""
+        _attach_once(self._deliver, deliver)
+        self._deliver = deliver
+
+    def channel(self, user: UserRef) -> bytes:
+        """The Redis channel of ``user``."""
+        key = json.dumps([user.tenant_id, user.user_id]).encode()
+        return self.channel_prefix.encode() + hashlib.sha256(key).hexdigest()[:32].encode()
+
+    # -- publishing ----------------------------------------------------------------------
+
+    async def publish(self, envelope: Envelope) -> None:
+        """Publish ``envelope`` on its user's channel.
+
+        Raises:
+            BroadcastError: Redis did not take it within ``timeout``.
+            UnsupportedBackendError: not running on asyncio.
+        """
+        _loops.require_asyncio(_ASYNCIO_ONLY)
+        from redis.exceptions import RedisError
+
+        client = self._publisher()
+        try:
+            with anyio.fail_after(self.timeout):
+                await client.publish(self.channel(envelope.user), encode_envelope(envelope))
+        except (RedisError, OSError) as error:
+            raise BroadcastError(f"could not publish the event to Redis: {error}") from error
+
+    def _publisher(self) -> Redis:
+        if self._client is None:
+            self._client = self._new_client(retries=1)
+        return self._client
+
+    def _new_client(self, *, retries: int) -> Redis:
+        from redis.asyncio import Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        return Redis.from_url(
+            self.url,
+            socket_timeout=self.timeout,
+            socket_connect_timeout=self.timeout,
+            # One retry heals a pooled connection that died with a Redis restart; a Redis
+            # that is down fails at once instead of after a long back-off.
+            retry=Retry(NoBackoff(), retries),
+        )
+
+    # -- subscribing ---------------------------------------------------------------------
+
+    async def subscribe(self, user: UserRef) -> None:
+        """Subscribe to ``user``'s channel (reference-counted) and wait until Redis
+        confirmed it.
+
+        Raises:
+            BroadcastError: Redis is down or did not confirm within ``timeout``.
+            UnsupportedBackendError: not running on asyncio.
+        """
+        _loops.require_asyncio(_ASYNCIO_ONLY)
+        channel = self.channel(user)
+        refs = self._refs.get(channel, 0)
+        self._refs[channel] = refs + 1
+        self._users[channel] = user
+        try:
+            self._start_reader()
+            self._check_up()
+            if refs == 0:
+                await self._send("SUBSCRIBE", channel)
+            with anyio.fail_after(self.timeout):
+                while channel not in self._confirmed:
+                    await self._wait_changed()
+                    self._check_up()  # the connection broke meanwhile: fail now
+        except TimeoutError:
+            await self._release(user)
+            msg = f"Redis did not confirm the subscription within {self.timeout} s"
+            raise BroadcastError(msg) from None
+        except BaseException:
+            await self._release(user)
+            raise
+
+    async def _release(self, user: UserRef) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.unsubscribe(user)
+
+    def _check_up(self) -> None:
+        if self._down_since is not None:
+            down = anyio.current_time() - self._down_since
+            raise BroadcastError(f"Redis has been unreachable for {down:.1f} s")
+
+    async def unsubscribe(self, user: UserRef) -> None:
+        """Drop one reference on ``user``'s channel; the last one unsubscribes."""
+        channel = self.channel(user)
+        refs = self._refs.get(channel, 0) - 1
+        if refs > 0:
+            self._refs[channel] = refs
+            return
+        self._refs.pop(channel, None)
+        self._users.pop(channel, None)
+        self._confirmed.discard(channel)
+        await self._send("UNSUBSCRIBE", channel)
+
+    async def _send(self, command: str, channel: bytes) -> None:
+        pubsub = self._pubsub
+        if pubsub is None:
+            return  # the reader (re)subscribes every wanted channel when it connects
+        if command == "SUBSCRIBE":
+            self._pending[channel] = self._pending.get(channel, 0) + 1
+        try:
+            await pubsub.execute_command(command, channel)
+        except Exception:  # the reader notices the broken connection
+            logger.debug("ambient: %s on Redis failed", command, exc_info=True)
+
+    async def _wait_changed(self) -> None:
+        if self._changed is None:
+            self._changed = anyio.Event()
+        await self._changed.wait()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, None
+        if changed is not None:
+            changed.set()
+
+    async def wait_connected(self) -> None:
+        """Wait until the subscription connection is up, starting it if needed (bound the
+        wait with ``anyio.fail_after``)."""
+        _loops.require_asyncio(_ASYNCIO_ONLY)
+        self._start_reader()
+        while not self._connected:
+            await self._wait_changed()
+
+    # -- the reader task -----------------------------------------------------------------
+
+    def _start_reader(self) -> None:
+        if self._reader is None or self._reader.done():
+            # An empty contextvars.Context: the reader serves every user of the process and
+            # must not carry the context of the request that happened to start it.
+            loop = asyncio.get_running_loop()
+            self._reader = loop.create_task(self._read_forever(), context=contextvars.Context())
+
+    async def _read_forever(self) -> None:
+        delay = self.reconnect_delay
+        while True:
+            try:
+                await self._read_once()
+            except Exception as error:  # noqa: BLE001 - any failure means: reconnect
+                if self._down_since is None:
+                    self._down_since = anyio.current_time()
+                    logger.warning("ambient: lost the Redis subscription (%s); reconnecting", error)
+            finally:
+                if self._connected:
+                    delay = self.reconnect_delay  # it worked for a while: retry promptly
+                self._connected = False
+                self._confirmed.clear()
+                self._pending.clear()
+                pubsub, self._pubsub = self._pubsub, None
+                if pubsub is not None:
+                    # Any: redis-py types aclose() in some releases and not in others.
+                    aclose: Any = pubsub.aclose
+                    with anyio.CancelScope(shield=True):
+                        await _close_quietly(aclose())
+                self._notify()
+            await anyio.sleep(delay)
+            delay = min(delay * 2, self.max_reconnect_delay)
+
+    async def _read_once(self) -> None:
+        if self._sub_client is None:
+            self._sub_client = self._new_client(retries=0)
+        pubsub = self._sub_client.pubsub()
+        channels = [self._control, *self._refs]
+        for channel in channels:
+            self._pending[channel] = 1
+        try:
+            with anyio.fail_after(self.timeout):
+                await pubsub.execute_command("SUBSCRIBE", *channels)
+        except BaseException:
+            aclose: Any = pubsub.aclose
+            with anyio.CancelScope(shield=True):
+                await _close_quietly(aclose())
+            raise
+        self._pubsub = pubsub
+        # Channels subscribed or dropped while the SUBSCRIBE above was on its way.
+        sent = set(channels)
+        late = [channel for channel in self._refs if channel not in sent]
+        gone = [c for c in channels if c not in self._refs and c != self._control]
+        if late:
+            for channel in late:
+                self._pending[channel] = 1
+            await pubsub.execute_command("SUBSCRIBE", *late)
+        if gone:
+            await pubsub.execute_command("UNSUBSCRIBE", *gone)
+        interval = self.health_check_interval
+        silent_since = anyio.current_time()
+        pinged = False
+        while True:
+            message = await pubsub.get_message(timeout=interval)
+            now = anyio.current_time()
+            if message is None:
+                if now - silent_since >= 2 * interval:
+                    raise ConnectionError(f"Redis did not answer a ping within {interval} s")
+                if not pinged:
+                    await pubsub.ping()
+                    pinged = True
+                continue
+            silent_since = now
+            pinged = False
+            self._handle(message)
+
+    def _handle(self, message: Mapping[str, Any]) -> None:
+        kind = message["type"]
+        channel = message["channel"]
+        if kind == "message":
+            user = self._users.get(channel)
+            deliver = self._deliver
+            if user is None or deliver is None:
+                return
+            try:
+                envelope = decode_envelope(message["data"])
+            except (ValueError, UnicodeDecodeError):
+                logger.warning("ambient: dropped a malformed message on a websocket channel")
+                return
+            if envelope.user != user:
+                logger.warning("ambient: dropped a message whose user does not match its channel")
+                return
+            deliver(envelope)
+        elif kind == "subscribe":
+            pending = self._pending.get(channel, 0) - 1
+            if pending > 0:
+                self._pending[channel] = pending
+                return
+            self._pending.pop(channel, None)
+            if channel in self._refs or channel == self._control:
+                self._confirmed.add(channel)
+            if not self._connected and not self._pending:
+                self._connected = True
+                if self._down_since is not None:
+                    self.reconnects += 1
+                    logger.warning("ambient: the Redis subscription is back")
+                self._down_since = None
+            self._notify()
+
+    async def aclose(self) -> None:
+        """Stop the reader and close the Redis connections (used again on next use)."""
+        reader, self._reader = self._reader, None
+        if reader is not None and not reader.done():
+            reader.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait([reader])
+        for client in (self._client, self._sub_client):
+            if client is not None:
+                await _close_quietly(client.aclose())
+        self._client = self._sub_client = None
+        self._connected = False
+        self._down_since = None
+        self._confirmed.clear()
+        self._pending.clear()
+        self._notify()
+
+
+async def _close_quietly(closing: Awaitable[None]) -> None:
+    try:
+        await closing
+    except Exception:  # a connection that is already broken
+        logger.debug("ambient: closing a Redis connection failed", exc_info=True)
