@@ -361,9 +361,7 @@ class Instances:
     ) -> None:
         user = scope._user_ref() if arg is not None else None
         event = component_event(
-            provider.key,
-            provider.name,
-            provider.lifetime,
+            provider,
             instance,
             user,
             scope,
@@ -521,9 +519,7 @@ def _no_cleanup(
     """Tell the observers of the end of a component with nothing to clean up: an event
     with ``cleanup_ran=False``, and no duration (nothing ran, so nothing was timed)."""
     event = component_event(
-        provider.key,
-        provider.name,
-        provider.lifetime,
+        provider,
         instance,
         user,
         scope,
@@ -561,9 +557,7 @@ def _record(
             observers,
             "component_cleaned",
             component_event(
-                provider.key,
-                provider.name,
-                provider.lifetime,
+                provider,
                 instance,
                 user,
                 scope,
