@@ -207,15 +207,22 @@ class FloorMiddleware:
             floor_var.reset(token)
 
 
-async def floor_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
-    """Answers with the user in the floor's ContextVar."""
-    if PAUSE:
-        await asyncio.sleep(0)
-    ctx = floor_var.get()
-    if ctx is None:
-        msg = "no floor context"
-        raise BrokenVariantError(msg)
-    await _respond(send, ctx.user_id.encode())
+def _answers_from(var: ContextVar[Any], label: str) -> App:
+    """An endpoint answering with the user of the context in ``var``."""
+
+    async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+        if PAUSE:
+            await asyncio.sleep(0)
+        ctx = var.get()
+        if ctx is None:
+            msg = f"no {label} context"
+            raise BrokenVariantError(msg)
+        await _respond(send, ctx.user_id.encode())
+
+    return endpoint
+
+
+floor_endpoint = _answers_from(floor_var, "floor")
 
 
 # -- a bound: ambient's per-request duties, written by hand -------------------------------
@@ -310,15 +317,7 @@ class DutiesMiddleware:
             duties_var.reset(token)
 
 
-async def duties_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
-    """Answers with the user in the duties middleware's ContextVar."""
-    if PAUSE:
-        await asyncio.sleep(0)
-    ctx = duties_var.get()
-    if ctx is None:
-        msg = "no duties context"
-        raise BrokenVariantError(msg)
-    await _respond(send, ctx.user_id.encode())
+duties_endpoint = _answers_from(duties_var, "duties")
 
 
 # -- ambient -----------------------------------------------------------------------------
