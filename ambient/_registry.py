@@ -258,8 +258,13 @@ class Registry:
     def scope_observers(self, extra: Observer | None) -> tuple[Observer, ...]:
         """The observers a scope opening now reports to: this registry's, the process-wide
         ones and ``extra``, each only while it is :attr:`~ambient.Observer.active`."""
-        if extra is None and not _observe.observers and not self._observers:
-            return ()
+        own = self._observers
+        if extra is None and not _observe.observers:
+            # The common cases, without building a tuple: no observer, or one telemetry.
+            if not own:
+                return ()
+            if len(own) == 1:
+                return own if own[0].active else ()
         every = self.observers()
         if extra is not None and extra not in every:
             every = (*every, extra)
