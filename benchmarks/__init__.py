@@ -235,6 +235,7 @@ class Report:
     tables: list[Table] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    missed_elsewhere: list[str] = field(default_factory=list)
 
     def table(self, table: Table) -> None:
         """Record and print ``table``."""
@@ -244,6 +245,12 @@ class Report:
     def target(self, target: Target) -> None:
         """Record a target."""
         self.targets.append(target)
+
+    def missed_in(self, what: str) -> None:
+        """Record that ``what`` (a section run as its own script) missed a target."""
+        line = f"{'MISSED':6}  {what}: a target was missed (its lines are above)"
+        self.missed_elsewhere.append(line)
+        print(line, flush=True)
 
     def unavailable(self, what: str, why: str) -> None:
         """Record a variant that could not run, and why."""
