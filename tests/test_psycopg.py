@@ -9,7 +9,9 @@ the strategies refuse to run there with a clear error.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -21,7 +23,7 @@ import psycopg
 import pytest
 from psycopg import sql
 from psycopg.abc import Query
-from psycopg.pq import TransactionStatus
+from psycopg.pq import PipelineStatus, Trace, TransactionStatus
 from psycopg.rows import dict_row
 from psycopg_pool import PoolClosed
 
@@ -33,6 +35,7 @@ from ambient.integrations.psycopg import (
     RowSecurityWarning,
     SharedPool,
     UnsupportedBackendError,
+    _shared_checkout,
     check_rls,
     connection,
 )
@@ -214,6 +217,50 @@ async def test_shared_sets_context_fields_in_one_transaction(shared: SharedPool)
             ).fetchone()
     assert row == ("alice", "acme")
     await _eventually(lambda: _shared_idle(shared), "pool idle again")
+
+
+@pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "libpq-before-14"])
+async def test_shared_begin_and_settings_take_one_round_trip(
+    db: Database, monkeypatch: pytest.MonkeyPatch, pipeline: bool
+) -> None:
+    """BEGIN and the settings travel in one pipelined round trip (two where libpq has no
+    pipeline mode), as the protocol trace of the checkout shows; either way the checkout
+    sees its own user's settings, in a transaction, out of pipeline mode."""
+    monkeypatch.setattr(_shared_checkout, "_PIPELINE", pipeline)
+    fd, path = tempfile.mkstemp()
+    os.close(fd)
+    async with SharedPool(
+        db.app_url, min_size=1, max_size=1, timeout=5, rls_check="off", kwargs=db.kwargs()
+    ) as pool:
+        with open(path, "w") as trace:  # noqa: ASYNC230 - a local file, written by libpq
+            for user in ("alice", "bob"):
+                with bind_context(_ctx(user), allow_switch=True):
+                    async with pool.connection() as conn:
+                        if user == "alice":  # trace from alice's return to bob's first query
+                            conn.pgconn.trace(trace.fileno())
+                            conn.pgconn.set_trace_flags(Trace.SUPPRESS_TIMESTAMPS)
+                            continue
+                        conn.pgconn.untrace()
+                        assert conn.pgconn.pipeline_status == PipelineStatus.OFF
+                        assert conn.info.transaction_status is TransactionStatus.INTRANS
+                        row = await (
+                            await conn.execute(
+                                "SELECT current_setting('app.user_id', true), "
+                                "current_setting('app.tenant_id', true)"
+                            )
+                        ).fetchone()
+        assert row == ("bob", "acme")
+    with open(path) as trace:  # noqa: ASYNC230
+        lines = trace.read().splitlines()
+    os.unlink(path)
+    reset_done = next(
+        i
+        for i, line in enumerate(lines)
+        if "ReadyForQuery" in line and any("RESET ALL" in earlier for earlier in lines[:i])
+    )
+    checkout = lines[reset_done + 1 :]
+    assert sum("ReadyForQuery" in line for line in checkout) == (1 if pipeline else 2)
+    assert any("'bob'" in line for line in checkout)
 
 
 async def test_shared_absent_tenant_is_empty(shared: SharedPool) -> None:

@@ -69,7 +69,8 @@ class SharedPool:
 
     Each checkout runs in one explicit transaction that starts with
     ``SELECT set_config(name, value, true), ...`` for every entry of ``settings`` (bound
-    parameters), so the values vanish at commit or rollback and ``SET LOCAL``'s autocommit
+    parameters, sent in the same pipelined round trip as ``BEGIN`` where libpq is 14 or
+    newer), so the values vanish at commit or rollback and ``SET LOCAL``'s autocommit
     pitfall cannot happen. It is committed when the ``async with`` body ends normally and
     rolled back when it raises. Nested ``conn.transaction()`` blocks are savepoints, which
     never undo the settings. Ending the transaction inside the block (``conn.commit()``)

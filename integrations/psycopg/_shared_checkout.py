@@ -7,7 +7,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, AsyncPipeline
 from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     from types import TracebackType
 
     from ambient.integrations.psycopg._shared import SharedPool
+
+
+# Pipeline mode needs libpq 14 or newer (psycopg[binary] bundles one).
+_PIPELINE = AsyncPipeline.is_supported()
 
 
 class _Gate:
@@ -102,8 +106,15 @@ class _SharedCheckout:
         try:
             # One cursor for the checkout's own statements, with a known row factory.
             self._cur = cur = conn.cursor(row_factory=tuple_row)
-            await cur.execute("BEGIN")
-            if owner._names:
+            if not owner._names:
+                await cur.execute("BEGIN")
+            elif _PIPELINE:
+                # BEGIN and the settings in one round trip instead of two.
+                async with conn.pipeline():
+                    await cur.execute("BEGIN")
+                    await cur.execute(owner._set_sql, _values(ctx, owner), prepare=True)
+            else:
+                await cur.execute("BEGIN")
                 await cur.execute(owner._set_sql, _values(ctx, owner), prepare=True)
         except BaseException as exc:
             await self._finish(exc)
