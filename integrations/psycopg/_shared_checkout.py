@@ -109,7 +109,9 @@ class _SharedCheckout:
             if not owner._names:
                 await cur.execute("BEGIN")
             elif _PIPELINE:
-                # BEGIN and the settings in one round trip instead of two.
+                # BEGIN and the settings in one round trip instead of two. psycopg spends a
+                # little more CPU on a pipeline than on two plain round trips (about 20 us
+                # on loopback), far less than the round trip saved over a network.
                 async with conn.pipeline():
                     await cur.execute("BEGIN")
                     await cur.execute(owner._set_sql, _values(ctx, owner), prepare=True)
