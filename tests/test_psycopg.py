@@ -375,6 +375,35 @@ async def test_shared_commits_on_success_and_rolls_back_on_error(
     assert bodies == [("kept",)]
 
 
+async def test_shared_caught_statement_error_is_not_a_silent_commit(db: Database) -> None:
+    """A block that catches a failed statement and ends normally is rolled back, and the
+    checkout says so (InFailedSqlTransaction) instead of pretending to commit; an error
+    caught inside a savepoint keeps the rest of the work. The connection is reused."""
+    insert = db.sql("INSERT INTO {notes} (owner, body) VALUES ('alice', %s)")
+    async with SharedPool(
+        db.app_url, min_size=1, max_size=1, timeout=5, rls_check="raise", kwargs=db.kwargs()
+    ) as pool:
+        with bind_context(_ctx("alice")):
+            with pytest.raises(psycopg.errors.InFailedSqlTransaction, match="rolled back"):
+                async with pool.connection() as conn:
+                    pid = conn.info.backend_pid
+                    await conn.execute(insert, ("lost",))
+                    with contextlib.suppress(psycopg.errors.DivisionByZero):
+                        await conn.execute("SELECT 1/0")
+            async with pool.connection() as conn:
+                assert conn.info.backend_pid == pid
+                await conn.execute(insert, ("kept",))
+                with contextlib.suppress(psycopg.errors.DivisionByZero):
+                    async with conn.transaction():
+                        await conn.execute("SELECT 1/0")
+            async with pool.connection() as conn:
+                bodies = await (await conn.execute(db.sql("SELECT body FROM {notes}"))).fetchall()
+                user = await _scalar(conn, "SELECT current_setting('app.user_id', true)")
+        assert bodies == [("kept",)]
+        assert user == "alice"
+        assert pool.stats().discarded == 0
+
+
 async def test_shared_failed_commit_raises_and_the_connection_is_reused(db: Database) -> None:
     """A commit that fails (a deferred constraint) raises from the checkout; the work is
     gone and the same connection, reset, serves the next checkout."""
@@ -518,7 +547,8 @@ async def test_shared_sql_prepared_statement_is_not_handed_on(db: Database) -> N
             async with pool.connection() as conn:
                 assert conn.info.backend_pid != pid
                 with pytest.raises(psycopg.errors.InvalidSqlStatementName):
-                    await conn.execute("EXECUTE alice_secret")
+                    async with conn.transaction():  # a savepoint: the checkout goes on
+                        await conn.execute("EXECUTE alice_secret")
         assert pool.stats().discarded == 1
 
 
@@ -988,6 +1018,29 @@ async def test_per_user_pools_commit_on_success_rollback_on_error(db: Database) 
         async with connection() as conn:
             bodies = await (await conn.execute(db.sql("SELECT body FROM {notes}"))).fetchall()
     assert bodies == [("kept",)]
+    await registry.aclose()
+
+
+async def test_per_user_pools_caught_statement_error_is_not_a_silent_commit(
+    db: Database,
+) -> None:
+    """A per-user checkout that ends normally in a failed transaction (the statement's
+    error caught inside) is rolled back and raises InFailedSqlTransaction; the next
+    checkout starts clean."""
+    pools = PerUserPools(db.app_url, max_total=5, rls_check="raise", kwargs=db.kwargs())
+    registry = Registry()
+    pools.install(registry)
+    insert = db.sql("INSERT INTO {notes} (owner, body) VALUES ('alice', %s)")
+    async with registry.open_scope(_ctx("alice")):
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction, match="rolled back"):
+            async with connection() as conn:
+                await conn.execute(insert, ("lost",))
+                with contextlib.suppress(psycopg.errors.DivisionByZero):
+                    await conn.execute("SELECT 1/0")
+        async with connection() as conn:
+            assert conn.info.transaction_status is TransactionStatus.IDLE
+            bodies = await (await conn.execute(db.sql("SELECT body FROM {notes}"))).fetchall()
+    assert bodies == []
     await registry.aclose()
 
 

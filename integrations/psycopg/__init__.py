@@ -8,7 +8,9 @@ gets a connection with ``async with db.connection() as conn:`` (or the module-le
   checkout is one explicit transaction in which the context fields named by ``settings``
   are set with ``set_config(name, value, true)`` (bound parameters), so row-level-security
   policies on ``current_setting('app.user_id', true)`` see them. It is committed when the
-  ``async with`` body ends normally and rolled back when it raises. A returned connection
+  ``async with`` body ends normally and rolled back when it raises (or when it ends
+  normally in a failed transaction, which then raises
+  ``psycopg.errors.InFailedSqlTransaction``). A returned connection
   is reset (as ``DISCARD ALL`` does) and shown clean before anybody else gets it; one
   that cannot be is closed.
 * :class:`PerUserPools`: a ``psycopg_pool`` pool per ``(tenant, user)``, a USER-lifetime

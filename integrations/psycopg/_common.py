@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 _ACTIVE = TransactionStatus.ACTIVE
 _IDLE = TransactionStatus.IDLE
+_INERROR = TransactionStatus.INERROR
 logger = logging.getLogger("ambient")
 
 
@@ -53,29 +54,46 @@ async def _cancel_broken(conn: AsyncConnection[Any], cancel: PGcancel) -> bool:
     return True
 
 
+def _aborted() -> psycopg.errors.InFailedSqlTransaction:
+    """The error of a checkout that ended normally in a failed transaction."""
+    # COMMIT of a failed transaction rolls it back without an error: say so rather than
+    # let the block's work vanish silently.
+    return psycopg.errors.InFailedSqlTransaction(
+        "a statement in the checkout failed and its error was caught inside the block, so "
+        "the transaction was rolled back: nothing of it was committed. Wrap statements "
+        "whose errors you handle in `async with conn.transaction():` (a savepoint)"
+    )
+
+
 async def _release(
     pool: AsyncConnectionPool[Any],
     conn: AsyncConnection[Any],
     cancel: PGcancel,
     exc: BaseException | None,
-) -> None:
+) -> Exception | None:
     """End a psycopg-style checkout (commit on success, roll back on error) and hand the
-    connection back. Shielded, so a cancelled task still returns its connection."""
+    connection back. Shielded, so a cancelled task still returns its connection.
+
+    Returns the error to raise to the caller: a transaction that failed inside a block
+    that ended normally (rolled back).
+    """
     with anyio.CancelScope(shield=True):
         try:
             if await _cancel_broken(conn, cancel):
-                return
-            if conn.pgconn.transaction_status == _IDLE:
-                return
-            if exc is None:
+                return None
+            status = conn.pgconn.transaction_status
+            if status == _IDLE:
+                return None
+            if exc is None and status != _INERROR:
                 await conn.commit()
-                return
+                return None
             try:
                 await conn.rollback()
             except psycopg.Error as error:  # the pool replaces a broken connection
                 logger.warning("ambient: rollback after %r failed: %s", exc, error)
         finally:
             await pool.putconn(conn)
+    return _aborted() if exc is None else None
 
 
 _IN_USE = "this checkout is in use; call connection() once per `async with`"

@@ -68,7 +68,10 @@ class PerUserPools:
     Every connection of a user's pool serves that user only; the ``settings`` (by default
     ``app.user_id`` and ``app.tenant_id``) are set for the whole session when it connects.
     A checkout follows psycopg's rules: committed when the ``async with`` body ends
-    normally, rolled back when it raises.
+    normally, rolled back when it raises. One that ends normally in a failed transaction
+    (a statement's error caught inside it) is rolled back and raises
+    ``psycopg.errors.InFailedSqlTransaction``, where psycopg's commit would roll back
+    silently.
 
     Args:
         conninfo: libpq connection string, or a callable taking the

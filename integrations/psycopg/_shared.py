@@ -22,7 +22,14 @@ from ambient.integrations.psycopg._arguments import (
     RlsCheck,
     _Arguments,
 )
-from ambient.integrations.psycopg._common import _ACTIVE, _ASYNCIO_ONLY, _IDLE, _cancel_broken
+from ambient.integrations.psycopg._common import (
+    _ACTIVE,
+    _ASYNCIO_ONLY,
+    _IDLE,
+    _INERROR,
+    _aborted,
+    _cancel_broken,
+)
 from ambient.integrations.psycopg._database import Database
 from ambient.integrations.psycopg._rls import check_rls
 from ambient.integrations.psycopg._shared_checkout import _Gate, _SharedCheckout
@@ -75,7 +82,10 @@ class SharedPool:
     rolled back when it raises. Nested ``conn.transaction()`` blocks are savepoints, which
     never undo the settings. Ending the transaction inside the block (``conn.commit()``)
     leaves the rest of the block without settings, so the checkout then raises
-    ``psycopg.ProgrammingError`` at its end.
+    ``psycopg.ProgrammingError`` at its end. A block that ends normally in a failed
+    transaction (a statement's error caught inside it) is rolled back, and the checkout
+    raises ``psycopg.errors.InFailedSqlTransaction`` rather than report a commit that did
+    not happen.
 
     On return, in the same round trip as the commit, the connection is reset like
     ``DISCARD ALL`` (session settings, temporary tables, advisory locks, ``LISTEN``,
@@ -316,7 +326,10 @@ class SharedPool:
                         "conn.rollback() or COMMIT): the statements after that ran without "
                         "the context's settings. Let the checkout commit when its block ends"
                     )
-                end = "" if status == _IDLE else "COMMIT; " if exc is None else "ROLLBACK; "
+                if status == _INERROR and exc is None:
+                    error = _aborted()
+                commit = exc is None and error is None
+                end = "" if status == _IDLE else "COMMIT; " if commit else "ROLLBACK; "
                 if cur is None:
                     cur = conn.cursor(row_factory=tuple_row)
                 error = await self._reset(conn, cur, end) or error

@@ -205,7 +205,9 @@ class _UserCheckout:
             return False
         self._conn = None
         try:
-            await _release(self._pool, conn, self._cancel, exc)
+            error = await _release(self._pool, conn, self._cancel, exc)
         finally:
             self._owner._done(self._user_pool)
+        if error is not None:
+            raise error
         return False
