@@ -5,9 +5,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+
+import anyio
 
 from ambient._binding import _current
 from ambient._context import UserExecutionContext, UserRef, new_id, request_context, validate_id
@@ -57,7 +60,8 @@ class AmbientMiddleware:
     problem where the server supports the ``websocket.http.response`` extension. An
     :class:`~ambient.AmbientError` that carries an HTTP status (``PoolExhaustedError`` ->
     503) raised by the app before its response started becomes that answer; any other
-    exception propagates unchanged.
+    exception propagates unchanged. A websocket whose identity has an ``expires_at`` (a
+    JWT's ``exp``) is cancelled and closed with 4001 when it passes.
 
     Args:
         app: The ASGI application.
@@ -181,14 +185,20 @@ class AmbientMiddleware:
                 return
 
             echo = [(self._request_id_header, request_id.encode())]
+            expires_at = identity.expires_at if websocket and identity is not None else None
             response = _Response(send, echo)
+            if expires_at is not None:
+                response = socket = _Socket(send, echo)
             registry = self.registry
             component_scope = Scope(registry, ctx, observer=self.telemetry)
             if registry.expiry_due():
                 await registry.expire_idle()
             component_scope._open()
             try:
-                await self.app(scope, receive, response)
+                if expires_at is None:
+                    await self.app(scope, receive, response)
+                else:
+                    await _serve_until_expiry(self.app, scope, receive, socket, expires_at)
             except AmbientError as error:
                 if not response.started and _answerable(error):
                     failures = await component_scope.finish(error)
@@ -388,6 +398,38 @@ class _Response:
         elif not self.started and kind.startswith("websocket."):
             self.started = kind != "websocket.send"
         return self._send(message)
+
+
+class _Socket(_Response):
+    """The ``send`` of a websocket whose identity expires: also notes whether it closed."""
+
+    __slots__ = ("closed",)
+
+    def __init__(self, send: Send, echo: list[tuple[bytes, bytes]]) -> None:
+        super().__init__(send, echo)
+        self.closed = False
+
+    def __call__(self, message: MutableMapping[str, Any]) -> Awaitable[None]:
+        if message["type"] in ("websocket.close", "websocket.http.response.start"):
+            self.closed = True
+        return super().__call__(message)
+
+
+async def _serve_until_expiry(
+    app: ASGIApp,
+    scope: MutableMapping[str, Any],
+    receive: Receive,
+    socket: _Socket,
+    expires_at: float,
+) -> None:
+    """Run a websocket's app until its identity expires; then cancel it and close the
+    socket with 4001, so that no message is handled for an identity no longer valid."""
+    left = expires_at - time.time()
+    with anyio.CancelScope(deadline=anyio.current_time() + left) as expiry:
+        await app(scope, receive, socket)
+    if expiry.cancelled_caught and not socket.closed:
+        logger.info("ambient: closing a websocket whose identity has expired")
+        await socket({"type": "websocket.close", "code": 4001, "reason": "identity expired"})
 
 
 class _Refused(Exception):  # noqa: N818 - control flow, never escapes

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import ipaddress
+import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -56,18 +57,31 @@ class Identity:
             context from another service): the request's context becomes its child, with
             the parent's user, tenant, thread and request ids and a new run whose parent is
             the parent's run. Its user and tenant must be ``user_id`` and ``tenant_id``.
+        expires_at: When the identity stops being valid, in seconds since the epoch (a
+            token's ``exp``), or ``None``. A websocket connection still open then is
+            cancelled and closed with code 4001: it never outlives its credential.
     """
 
     user_id: str
     tenant_id: str | None = None
     claims: Mapping[str, Any] = field(default_factory=lambda: _NO_CLAIMS)
     parent: UserExecutionContext | None = None
+    expires_at: float | None = None
+
+    def __post_init__(self) -> None:
+        expires = self.expires_at
+        if expires is not None and (
+            isinstance(expires, bool) or not isinstance(expires, int | float) or math.isnan(expires)
+        ):
+            msg = f"Identity.expires_at must be seconds since the epoch or None, not {expires!r}"
+            raise TypeError(msg)
 
 
 _set_user_id = Identity.__dict__["user_id"].__set__
 _set_tenant_id = Identity.__dict__["tenant_id"].__set__
 _set_claims = Identity.__dict__["claims"].__set__
 _set_parent = Identity.__dict__["parent"].__set__
+_set_expires_at = Identity.__dict__["expires_at"].__set__
 
 
 def _identity(user_id: str, tenant_id: str | None) -> Identity:
@@ -77,6 +91,7 @@ def _identity(user_id: str, tenant_id: str | None) -> Identity:
     _set_tenant_id(identity, tenant_id)
     _set_claims(identity, _NO_CLAIMS)
     _set_parent(identity, None)
+    _set_expires_at(identity, None)
     return identity
 
 
@@ -368,7 +383,8 @@ def jwt_bearer(
     never be combined with an asymmetric key (the key-confusion attack). Websockets may send
     the token as the subprotocol after ``bearer`` (``Sec-WebSocket-Protocol: bearer, <jwt>``).
     A missing token is no identity; a bad one is :class:`~ambient.errors.IdentityError`
-    (401) whose detail says what failed, never the token.
+    (401) whose detail says what failed, never the token. The identity expires with the
+    token (``exp`` plus ``leeway``): a websocket still open then is closed with 4001.
 
     Args:
         key_or_jwks: The verification key (HMAC secret, PEM public key, PyJWT key object), a
@@ -438,7 +454,10 @@ def jwt_bearer(
         tenant = claims.get(tenant_claim) if tenant_claim else None
         if tenant is not None and not isinstance(tenant, str):
             raise IdentityError(f"the token's {tenant_claim!r} claim is not a string", status=401)
-        return Identity(user_id, tenant, MappingProxyType(claims))
+        # PyJWT honours the token until int(exp) + leeway; so does a websocket.
+        exp = claims.get("exp")
+        expires_at = None if exp is None else int(exp) + leeway
+        return Identity(user_id, tenant, MappingProxyType(claims), expires_at=expires_at)
 
     if jwk_client is not None:
         import anyio.to_thread

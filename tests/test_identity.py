@@ -106,8 +106,17 @@ class TestTrustedHeader:
 class TestJwtBearer:
     def test_a_valid_token_gives_its_subject_and_claims(self) -> None:
         identity = hs_resolver(tenant_claim="org")(bearer(token({"org": "acme"})))
-        assert identity == Identity("alice", "acme", identity.claims)
+        assert identity == Identity(
+            "alice", "acme", identity.claims, expires_at=identity.expires_at
+        )
         assert identity.claims["aud"] == AUDIENCE
+
+    def test_the_identity_expires_with_the_token_and_its_leeway(self) -> None:
+        exp = int(time.time()) + 600
+        assert hs_resolver(leeway=0)(bearer(token({"exp": exp}))).expires_at == exp
+        assert hs_resolver(leeway=30)(bearer(token({"exp": exp}))).expires_at == exp + 30
+        unlimited = hs_resolver(require=())(bearer(token({"exp": None})))
+        assert unlimited.expires_at is None
 
     def test_no_authorization_header_is_no_identity(self) -> None:
         assert hs_resolver()(http_scope([])) is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator, MutableMapping
 from typing import Any
 
@@ -687,3 +688,79 @@ class TestWebsocketThreadQuery:
         assert seen == ["t-é"]
         assert twice[0]["code"] == 1008
         assert "2 times" in twice[0]["reason"]
+
+
+class TestWebsocketIdentityExpiry:
+    """A websocket never outlives its identity's ``expires_at``: the app is cancelled and
+    the socket closed with 4001, and nothing more runs under the expired context."""
+
+    @staticmethod
+    def expiring(seconds: float) -> Any:
+        def resolve(scope: Any) -> Identity:
+            return Identity("ann", expires_at=time.time() + seconds)
+
+        return resolve
+
+    async def test_an_open_socket_is_closed_with_4001_at_expiry(self) -> None:
+        handled: list[str] = []
+        cleaned: list[str] = []
+        registry = Registry()
+
+        def session(ctx: UserExecutionContext) -> Iterator[str]:
+            yield ctx.user_id
+            cleaned.append(ctx.user_id)
+
+        registry.register("session", session)
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await receive()
+            await send({"type": "websocket.accept"})
+            handled.append(await ambient.resolve("session"))
+            while True:
+                message = await receive()  # the client stays silent: only expiry ends this
+                handled.append(message["type"])
+
+        middleware = AmbientMiddleware(app, registry=registry, identity=self.expiring(0.3))
+        started = time.monotonic()
+        sent = await drive(middleware, ws_scope([]), [{"type": "websocket.connect"}])
+        waited = time.monotonic() - started
+        assert [m["type"] for m in sent] == ["websocket.accept", "websocket.close"]
+        assert sent[1]["code"] == 4001
+        assert handled == ["ann"]
+        assert cleaned == ["ann"]
+        assert 0.2 < waited < 2.0
+
+    async def test_a_socket_the_app_closed_is_not_closed_again(self) -> None:
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await receive()
+            await send({"type": "websocket.close", "code": 1000})
+            await anyio.sleep_forever()  # still cleaning up when the identity expires
+
+        middleware = AmbientMiddleware(app, registry=Registry(), identity=self.expiring(0.2))
+        sent = await drive(middleware, ws_scope([]), [{"type": "websocket.connect"}])
+        assert sent == [{"type": "websocket.close", "code": 1000}]
+
+    async def test_an_identity_expired_before_accept_denies_the_handshake(self) -> None:
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await receive()
+            await anyio.sleep_forever()
+
+        middleware = AmbientMiddleware(app, registry=Registry(), identity=self.expiring(-1))
+        sent = await drive(middleware, ws_scope([]), [{"type": "websocket.connect"}])
+        assert [(m["type"], m["code"]) for m in sent] == [("websocket.close", 4001)]
+
+    async def test_http_requests_are_not_cut_at_expiry(self) -> None:
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await anyio.sleep(0.2)  # the identity expires meanwhile
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"done"})
+
+        middleware = AmbientMiddleware(app, registry=Registry(), identity=self.expiring(0.05))
+        async with client(middleware) as http:
+            response = await http.get("/")
+        assert (response.status_code, response.text) == (200, "done")
+
+    @pytest.mark.parametrize("bad", ["soon", True, float("nan"), [1.0]])
+    def test_expires_at_must_be_a_number(self, bad: object) -> None:
+        with pytest.raises(TypeError, match="expires_at"):
+            Identity("ann", expires_at=bad)  # type: ignore[arg-type]

@@ -7,12 +7,14 @@ import itertools
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import anyio
 import anyio.to_thread
 import httpx
+import jwt as pyjwt
 import pytest
 from starlette.applications import Starlette
 from starlette.authentication import AuthCredentials, AuthenticationBackend, SimpleUser
@@ -23,12 +25,14 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
-from websockets.exceptions import InvalidStatus
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 import ambient
 from ambient.middleware import AmbientMiddleware, scope_user, trusted_header
+from ambient.middleware.identity import jwt_bearer
 from tests.apps import BUILT, Ledger, Probe, build, build_app, build_registry, close_built
 from tests.servers import serve
 
@@ -402,3 +406,62 @@ async def test_an_untrusted_peer_sending_the_identity_header_gets_401(server: st
     assert response.status_code == 401
     assert response.headers["content-type"] == "application/problem+json"
     assert ledger.created == {}
+
+
+async def test_a_websocket_is_closed_when_its_token_expires(server: str) -> None:
+    """A socket authenticated by a JWT is closed with 4001 when the token expires, though
+    the client keeps talking: no message is handled after expiry, and the connection's
+    components are cleaned once."""
+    secret = "a-test-secret-of-at-least-32-bytes!"
+    handled_at: list[float] = []
+    cleaned: list[str] = []
+    all_cleaned = threading.Event()
+    registry = ambient.Registry()
+
+    def session(ctx: ambient.UserExecutionContext) -> Iterator[str]:
+        yield ctx.user_id
+        cleaned.append(ctx.user_id)
+        all_cleaned.set()
+
+    registry.register("session", session)
+
+    async def chat(websocket: WebSocket) -> None:
+        await websocket.accept()
+        while True:
+            await websocket.receive_text()
+            handled_at.append(time.time())
+            user = ambient.get_current_context().user_id
+            await websocket.send_json({"user": user, "session": await ambient.resolve("session")})
+
+    app = AmbientMiddleware(
+        Starlette(routes=[WebSocketRoute("/ws", chat)]),
+        registry=registry,
+        identity=jwt_bearer(secret, algorithms=["HS256"], leeway=0),
+    )
+    expires = int(time.time()) + 3
+    token = pyjwt.encode({"sub": "alice", "exp": expires}, secret, algorithm="HS256")
+
+    def talk(ws_url: str) -> tuple[list[Any], Any]:
+        replies: list[Any] = []
+        headers = {"authorization": f"Bearer {token}"}
+        with connect(ws_url, additional_headers=headers, open_timeout=20) as sock:
+            try:
+                for _ in range(100):  # bounded: expiry comes after about 30 of them
+                    sock.send("hi")
+                    replies.append(json.loads(sock.recv(timeout=5)))
+                    time.sleep(0.1)  # a chatty client's pace, not a wait for the server
+            except ConnectionClosed as closed:
+                return replies, closed.rcvd
+        return replies, None
+
+    with serve(server, app) as url:
+        replies, close = await anyio.to_thread.run_sync(talk, url.replace("http", "ws") + "/ws")
+        closed_at = time.time()
+        assert await anyio.to_thread.run_sync(all_cleaned.wait, 10)
+    assert close is not None
+    assert close.code == 4001
+    assert expires - 0.2 <= closed_at <= expires + 1.0
+    assert len(replies) >= 5
+    assert all(reply == {"user": "alice", "session": "alice"} for reply in replies)
+    assert max(handled_at) < expires + 0.1
+    assert cleaned == ["alice"]
