@@ -602,6 +602,44 @@ async def test_shared_dirty_connection_is_discarded(db: Database) -> None:
         assert pool.stats().discarded == 1
 
 
+_CHECK_ONLY = (
+    "SELECT current_user, session_user, NULL, false, "
+    "current_setting('app.user_id', true), current_setting('app.tenant_id', true)"
+)
+
+
+@pytest.mark.parametrize(
+    "reset", ["SELECT 1/0", f"BEGIN; {_CHECK_ONLY}"], ids=["raises", "leaves-a-transaction-open"]
+)
+async def test_shared_connection_whose_reset_fails_is_discarded(db: Database, reset: str) -> None:
+    """A reset that raises, or that leaves a transaction open, closes the connection: the
+    next user gets a new backend in a fresh transaction with only its own settings. (The
+    reset travels with the commit, so its error reaches the checkout that returned the
+    connection: in one round trip the two cannot be told apart.)"""
+    async with SharedPool(
+        db.app_url, min_size=1, max_size=1, timeout=5, rls_check="raise", kwargs=db.kwargs()
+    ) as pool:
+        pool._reset_sql = reset
+        failing = pytest.raises(psycopg.errors.DivisionByZero)
+        with bind_context(_ctx("alice")), failing if "1/0" in reset else contextlib.nullcontext():
+            async with pool.connection() as conn:
+                pid = conn.info.backend_pid
+        pool._reset_sql = _CHECK_ONLY
+        with bind_context(_ctx("bob", None), allow_switch=True):
+            async with pool.connection() as conn:
+                assert conn.info.backend_pid != pid
+                started = await _scalar(conn, "SELECT txid_current_if_assigned()")
+                settings = await (
+                    await conn.execute(
+                        "SELECT current_setting('app.user_id', true), "
+                        "current_setting('app.tenant_id', true)"
+                    )
+                ).fetchone()
+        assert started is None  # nothing of alice's transaction carried over
+        assert settings == ("bob", "")
+        assert pool.stats().discarded == 1
+
+
 async def test_shared_settings_are_transaction_local(db: Database) -> None:
     """The settings end with the checkout's transaction: even with a reset that resets
     nothing, the connection comes back clean and is kept (same backend, none discarded)."""

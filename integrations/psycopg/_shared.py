@@ -362,6 +362,9 @@ class SharedPool:
             if row is None or row[0] != login or row[1] != login or any(row[3:]):
                 await self._discard(conn, "it kept session state (PREPARE, a role default?)")
                 return failure
+            if conn.pgconn.transaction_status != _IDLE:
+                await self._discard(conn, "its reset left a transaction open")
+                return failure
             await self._restore(conn)
         except Exception as exc:  # noqa: BLE001 - never hand on a connection not shown clean
             await self._discard(conn, f"its reset failed: {exc!r}")
