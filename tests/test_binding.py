@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import threading
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import anyio
@@ -16,6 +17,7 @@ import ambient
 from ambient import (
     ContextSwitchError,
     NoActiveContextError,
+    Registry,
     UserExecutionContext,
     bind_context,
     current_context_or_none,
@@ -326,3 +328,28 @@ async def test_detached_unbinds_for_the_block_and_for_tasks_started_in_it() -> N
                 tg.start_soon(background)
             assert ambient.get_current_context() is ctx
     assert seen == [None]
+
+
+async def test_interleaved_generators_cannot_mix_users() -> None:
+    """Async generators share their caller's context, so two of them stepped in turn on
+    one task (A1, B1, A2) would leak bindings into each other: B's scope for another user
+    is refused with ContextSwitchError, A goes on seeing its own user, and once both are
+    done nothing is bound and no scope is open."""
+    registry = Registry()
+
+    async def steps(user: str) -> AsyncIterator[str]:
+        async with registry.open_scope(UserExecutionContext.create(user)):
+            yield get_current_context().user_id
+            yield get_current_context().user_id
+
+    alice, bob = steps("alice"), steps("bob")
+    assert await alice.__anext__() == "alice"
+    with pytest.raises(ContextSwitchError):
+        await bob.__anext__()
+    assert await alice.__anext__() == "alice"
+    with pytest.raises(StopAsyncIteration):
+        await alice.__anext__()
+    assert current_context_or_none() is None
+    assert registry.open_scopes == 0
+    await bob.aclose()
+    await registry.aclose()
