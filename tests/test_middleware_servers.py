@@ -3,12 +3,13 @@ disconnects, websockets, lifespan and composition with other middleware."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
@@ -465,3 +466,51 @@ async def test_a_websocket_is_closed_when_its_token_expires(server: str) -> None
     assert all(reply == {"user": "alice", "session": "alice"} for reply in replies)
     assert max(handled_at) < expires + 0.1
     assert cleaned == ["alice"]
+
+
+@pytest.mark.parametrize(
+    ("server", "options"),
+    [
+        ("uvicorn", {}),
+        ("uvicorn", {"reset_contextvars": True}),
+        ("hypercorn", {}),
+        ("hypercorn-trio", {}),
+    ],
+    ids=["uvicorn", "uvicorn-reset-contextvars", "hypercorn", "hypercorn-trio"],
+)
+async def test_lifespan_never_runs_in_a_user_context(server: str, options: dict[str, Any]) -> None:
+    """Whatever the server does with the lifespan task's context, startup and shutdown see
+    no user bound, requests in between see only their own user, and shutdown still closes
+    the USER components the requests made."""
+    seen: dict[str, Any] = {}
+    cleaned: list[str] = []
+    registry = ambient.Registry()
+
+    async def memory(user: ambient.UserRef) -> AsyncIterator[str]:
+        yield user.user_id
+        cleaned.append(user.user_id)
+
+    registry.register("memory", memory, lifetime=ambient.Lifetime.USER)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        seen["startup"] = ambient.current_context_or_none()
+        yield
+        seen["shutdown"] = ambient.current_context_or_none()
+
+    async def whoami(request: Request) -> Response:
+        user = ambient.get_current_context().user_id
+        return JSONResponse({"user": user, "memory": await ambient.resolve("memory")})
+
+    app = AmbientMiddleware(
+        Starlette(routes=[Route("/whoami", whoami)], lifespan=lifespan),
+        registry=registry,
+        identity=trusted_header(),
+    )
+    with serve(server, app, **options) as url:
+        async with httpx.AsyncClient(base_url=url) as http:
+            for user in ("ann", "bob", "cid"):
+                answer = await http.get("/whoami", headers={"x-user-id": user})
+                assert answer.json() == {"user": user, "memory": user}
+    assert seen == {"startup": None, "shutdown": None}
+    assert sorted(cleaned) == ["ann", "bob", "cid"]

@@ -728,6 +728,42 @@ async def test_shared_exhaustion_raises_within_timeout(db: Database) -> None:
         await _eventually(lambda: _shared_idle(pool), "pool idle again")
 
 
+@pytest.mark.parametrize("wait_for", ["pool", "user share"])
+async def test_shared_callers_deadline_wins_over_the_pool_timeout(
+    db: Database, wait_for: str
+) -> None:
+    """A caller's own deadline (fail_after) ends a checkout that waits for a connection (or
+    for the user's share) at that deadline, not after the pool's 30 s timeout, as a
+    TimeoutError rather than PoolExhaustedError; the pool then serves as before."""
+    async with SharedPool(
+        db.app_url, min_size=1, max_size=1, per_user_limit=1, timeout=30, rls_check="raise"
+    ) as pool:
+        release = anyio.Event()
+        holding = anyio.Event()
+        waiter = "alice" if wait_for == "user share" else "bob"
+
+        async def holder() -> None:
+            with bind_context(_ctx("alice")):
+                async with pool.connection():
+                    holding.set()
+                    await release.wait()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(holder)
+            await holding.wait()
+            started = time.monotonic()
+            with bind_context(_ctx(waiter)), pytest.raises(TimeoutError):
+                with anyio.fail_after(0.5):
+                    async with pool.connection():
+                        pass
+            elapsed = time.monotonic() - started
+            release.set()
+        assert 0.4 < elapsed < 2
+        await _eventually(lambda: _shared_idle(pool), "pool idle again")
+        await _checkout_once(pool, waiter)
+        assert pool.stats().checked_out == 0
+
+
 async def test_shared_cancel_while_waiting_loses_nothing(shared: SharedPool) -> None:
     """Tasks cancelled while waiting for a connection leave the pool as it was."""
     release = anyio.Event()
