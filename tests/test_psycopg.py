@@ -1001,6 +1001,67 @@ async def test_check_rls_detects_owner_without_force(db: Database) -> None:
     assert "FORCE" in problems[0]
 
 
+async def test_check_rls_detects_views_that_bypass_the_policies(db: Database) -> None:
+    """A view over the protected table that reads it with its (superuser) owner's rights
+    shows bob alice's rows, and so does a materialized view: check_rls names both, and a
+    SharedPool checking that table refuses to open. A security_invoker view is fine."""
+    app_role = sql.Identifier(psycopg.conninfo.conninfo_to_dict(db.app_url)["user"])
+    notes = sql.Identifier(db.schema, "notes")
+    views = {name: sql.Identifier(db.schema, name) for name in ("leaky", "frozen", "invoker")}
+    with _admin() as admin:
+        for name, template in (
+            ("leaky", "CREATE VIEW {} AS SELECT * FROM {}"),
+            ("frozen", "CREATE MATERIALIZED VIEW {} AS SELECT * FROM {}"),
+            ("invoker", "CREATE VIEW {} WITH (security_invoker = on) AS SELECT * FROM {}"),
+        ):
+            admin.execute(sql.SQL(template).format(views[name], notes))
+            admin.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(views[name], app_role))
+    async with SharedPool(db.app_url, min_size=1, max_size=1, rls_check="off") as pool:
+        with bind_context(_ctx("alice")):
+            async with pool.connection() as conn:
+                await conn.execute(
+                    db.sql("INSERT INTO {notes} (owner, body) VALUES ('alice', 'x')")
+                )
+        with _admin() as admin:
+            admin.execute(sql.SQL("REFRESH MATERIALIZED VIEW {}").format(views["frozen"]))
+        counts = {}
+        with bind_context(_ctx("bob"), allow_switch=True):
+            async with pool.connection() as conn:
+                for name, relation in {"notes": notes, **views}.items():
+                    count = sql.SQL("SELECT count(*) FROM {}").format(relation)
+                    counts[name] = await _scalar(conn, count)
+    assert counts == {"notes": 0, "leaky": 1, "frozen": 1, "invoker": 0}  # the danger
+    async with await psycopg.AsyncConnection.connect(db.app_url) as conn:
+        with pytest.warns(RowSecurityWarning):
+            problems = await check_rls(conn, [db.notes], action="warn")
+    assert len(problems) == 2
+    assert f"materialized view '{db.schema}.frozen'" in problems[0]
+    assert f"view '{db.schema}.leaky'" in problems[1]
+    assert "security_invoker" in problems[1]
+    with pytest.raises(RowSecurityError, match="leaky"):
+        async with SharedPool(db.app_url, min_size=1, rls_tables=[db.notes], rls_check="raise"):
+            pass
+
+
+async def test_bob_cannot_update_or_delete_alices_rows(db: Database, shared: SharedPool) -> None:
+    """Row-level security also holds for writes: bob's UPDATE and DELETE of alice's rows
+    touch nothing, and alice's row is as she left it."""
+    with bind_context(_ctx("alice")):
+        async with shared.connection() as conn:
+            await conn.execute(db.sql("INSERT INTO {notes} (owner, body) VALUES ('alice', 'x')"))
+    with bind_context(_ctx("bob"), allow_switch=True):
+        async with shared.connection() as conn:
+            updated = await conn.execute(
+                db.sql("UPDATE {notes} SET body = 'bob was here' WHERE owner = 'alice'")
+            )
+            deleted = await conn.execute(db.sql("DELETE FROM {notes} WHERE owner = 'alice'"))
+            assert (updated.rowcount, deleted.rowcount) == (0, 0)
+    with bind_context(_ctx("alice"), allow_switch=True):
+        async with shared.connection() as conn:
+            rows = await (await conn.execute(db.sql("SELECT owner, body FROM {notes}"))).fetchall()
+    assert rows == [("alice", "x")]
+
+
 async def test_check_rls_passes_an_ordinary_role(db: Database) -> None:
     """An ordinary role on tables with RLS enabled has no problem; a table without RLS or
     one that does not exist does."""

@@ -21,6 +21,40 @@ _TABLE_SQL = (
     "FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass(%s)"
 )
 
+# Views and materialized views over a protected table that this role can read, and that
+# are read with rights that skip its policies: a materialized view always (its rows were
+# stored by whoever refreshed it), a view unless it is security_invoker (PostgreSQL 15+)
+# or its owner is itself subject to the policies.
+_VIEW_SQL = """
+SELECT DISTINCT v.oid::pg_catalog.regclass::text, v.relkind
+FROM pg_catalog.pg_depend d
+JOIN pg_catalog.pg_rewrite w ON w.oid = d.objid
+JOIN pg_catalog.pg_class v ON v.oid = w.ev_class
+JOIN pg_catalog.pg_class t ON t.oid = d.refobjid
+JOIN pg_catalog.pg_roles o ON o.oid = v.relowner
+WHERE d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass
+  AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
+  AND d.refobjid = pg_catalog.to_regclass(%s)
+  AND v.oid <> t.oid
+  AND v.relkind IN ('v', 'm')
+  AND pg_catalog.has_table_privilege(v.oid, 'SELECT')
+  AND (
+    v.relkind = 'm'
+    OR (
+      NOT COALESCE((
+        SELECT x.option_value::boolean
+        FROM pg_catalog.pg_options_to_table(v.reloptions) x
+        WHERE x.option_name = 'security_invoker'
+      ), false)
+      AND (
+        o.rolsuper OR o.rolbypassrls
+        OR (pg_catalog.pg_has_role(o.oid, t.relowner, 'USAGE') AND NOT t.relforcerowsecurity)
+      )
+    )
+  )
+ORDER BY 1
+"""
+
 
 async def check_rls(
     conn: AsyncConnection[Any],
@@ -35,7 +69,10 @@ async def check_rls(
     ignores its policies unless ``FORCE ROW LEVEL SECURITY`` is set; a table without
     ``ENABLE ROW LEVEL SECURITY`` has no policies in force; a setting that a role or
     database default presets (``ALTER ROLE ... SET app.user_id``) makes every session
-    start as somebody. Each of these is a problem.
+    start as somebody; a view over a protected table that this role can read, and that
+    reads it with the rights of an owner who bypasses its policies (not
+    ``security_invoker``), or a materialized view over one, shows every user's rows.
+    Each of these is a problem.
 
     Args:
         conn: A fresh connection, opened the way the application opens its own.
@@ -85,6 +122,20 @@ async def check_rls(
                     f"role {role!r} owns {table!r}, and owners bypass its policies unless "
                     f"ALTER TABLE {table} FORCE ROW LEVEL SECURITY"
                 )
+            await cur.execute(_VIEW_SQL, (table,), prepare=False)
+            for view, kind in await cur.fetchall():
+                if kind == "m":
+                    problems.append(
+                        f"materialized view {view!r} holds rows of {table!r} that no policy "
+                        f"filters, and role {role!r} can read it: revoke that privilege"
+                    )
+                else:
+                    problems.append(
+                        f"view {view!r} reads {table!r} with the rights of its owner, who "
+                        f"bypasses the table's policies, and role {role!r} can read it: "
+                        f"ALTER VIEW {view} SET (security_invoker = true) (PostgreSQL 15+), "
+                        "or revoke that privilege"
+                    )
         for name in settings:
             await cur.execute("SELECT current_setting(%s, true)", (name,), prepare=False)
             preset = await cur.fetchone()
