@@ -62,7 +62,7 @@ def _uvicorn(app: Any, port: int, **options: Any) -> Iterator[None]:
     import uvicorn
 
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", access_log=False, **options
+        app, host="127.0.0.1", port=port, **{"log_level": "warning", "access_log": False, **options}
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import socket
 import threading
 import time
@@ -514,3 +515,83 @@ async def test_lifespan_never_runs_in_a_user_context(server: str, options: dict[
                 assert answer.json() == {"user": user, "memory": user}
     assert seen == {"startup": None, "shutdown": None}
     assert sorted(cleaned) == ["ann", "bob", "cid"]
+
+
+async def test_bearer_tokens_reach_no_log_span_or_close_reason() -> None:
+    """A websocket's bearer token (sent as its subprotocol), valid or expired, shows up in
+    no log record (uvicorn's access and error logs at INFO, ambient's at DEBUG), no
+    exported span, event or status, and no refusal. (At DEBUG, uvicorn's websockets
+    implementation logs every handshake header, this one included.)"""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from ambient.telemetry import Telemetry
+
+    secret = "a-test-secret-of-at-least-32-bytes!"
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    registry = ambient.Registry(telemetry=Telemetry(tracer_provider=provider, span_threshold=0))
+    registry.register("session", lambda ctx: ctx.user_id)
+
+    async def chat(websocket: WebSocket) -> None:
+        await websocket.accept(subprotocol="bearer")
+        await websocket.receive_text()
+        await websocket.send_text(await ambient.resolve("session"))
+        await websocket.close()
+
+    app = AmbientMiddleware(
+        Starlette(routes=[WebSocketRoute("/ws", chat)]),
+        registry=registry,
+        identity=jwt_bearer(secret, algorithms=["HS256"], leeway=0),
+    )
+    now = int(time.time())
+    valid = pyjwt.encode({"sub": "alice", "exp": now + 600}, secret, algorithm="HS256")
+    expired = pyjwt.encode({"sub": "alice", "exp": now - 600}, secret, algorithm="HS256")
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(f"{record.name} {record.getMessage()} {record.exc_text or ''}")
+
+    keep = Keep(logging.DEBUG)
+    root, mine = logging.getLogger(), logging.getLogger("ambient")
+    levels = (root.level, mine.level)
+    root.addHandler(keep)
+    root.setLevel(logging.INFO)
+    mine.setLevel(logging.DEBUG)
+
+    def talk(ws_url: str) -> tuple[str, str]:
+        with connect(ws_url, subprotocols=["bearer", valid], open_timeout=20) as sock:  # type: ignore[list-item]
+            sock.send("hi")
+            answer = str(sock.recv(timeout=10))
+        with pytest.raises(InvalidStatus) as refused:
+            connect(ws_url, subprotocols=["bearer", expired], open_timeout=20)  # type: ignore[list-item]
+        response = refused.value.response
+        return answer, f"{response.status_code} {response.headers} {response.body!r}"
+
+    try:
+        # No log_config: uvicorn's records reach the root logger's handler.
+        with serve("uvicorn", app, access_log=True, log_level="info", log_config=None) as url:
+            answer, refusal = await anyio.to_thread.run_sync(
+                talk, url.replace("http", "ws") + "/ws"
+            )
+    finally:
+        root.removeHandler(keep)
+        root.setLevel(levels[0])
+        mine.setLevel(levels[1])
+    provider.force_flush()
+    spans = exporter.get_finished_spans()
+    exported = [
+        f"{span.name} {dict(span.attributes or {})} {span.status.description} "
+        f"{[(event.name, dict(event.attributes or {})) for event in span.events]}"
+        for span in spans
+    ]
+    assert answer == "alice"
+    assert any("ambient.scope" in text for text in exported)
+    assert any("WebSocket /ws" in text for text in seen)  # the access log was captured
+    for token in (valid, expired):
+        signature = token.rsplit(".", 1)[1]
+        for text in [*seen, *exported, refusal]:
+            assert signature not in text, text
