@@ -12,7 +12,7 @@ from typing import Any
 
 import anyio
 
-from ambient._binding import _current
+from ambient._binding import _current, _live
 from ambient._context import UserExecutionContext, UserRef, new_id, request_context, validate_id
 from ambient._observe import Observer
 from ambient._registry import Registry
@@ -90,6 +90,7 @@ class AmbientMiddleware:
         "_request_id_header",
         "_thread_id_header",
         "_thread_id_query",
+        "_warned_leftover",
         "anonymous",
         "app",
         "identity",
@@ -139,6 +140,7 @@ class AmbientMiddleware:
         self.telemetry = telemetry
         # Per-user in-flight counts: shared limiter state, not per-request state.
         self._active: dict[UserRef, int] = {}
+        self._warned_leftover = False
 
     async def __call__(  # noqa: PLR0915 - one coroutine per request is the point
         self, scope: MutableMapping[str, Any], receive: Receive, send: Send
@@ -156,7 +158,12 @@ class AmbientMiddleware:
         # A server may run this request inside a contextvars.Context left over from an
         # earlier request on the same connection: start from "nothing bound". Reading is
         # cheaper than setting, and nothing is bound almost always.
-        leftover = _current.set(None) if _current.get() is not None else None
+        bound = _current.get()
+        leftover = None
+        if bound is not None:
+            if not self._warned_leftover and _live(bound) is not None:
+                self._warn_leftover()
+            leftover = _current.set(None)
         user: UserRef | None = None
         try:
             request_id, raw_thread_ids = self._read_ids(scope)
@@ -228,6 +235,15 @@ class AmbientMiddleware:
                     _current.set(None)
 
     # -- requests and sockets ------------------------------------------------------------
+
+    def _warn_leftover(self) -> None:
+        self._warned_leftover = True
+        logger.warning(
+            "ambient: a request started inside another request's live context (the server "
+            "copied it into the new request's task; uvicorn does this for pipelined and "
+            "large-body requests unless run with --reset-contextvars); ambient ignored it "
+            "and bound the request's own context. Reported once."
+        )
 
     def _admit(self, ctx: UserExecutionContext) -> UserRef:
         """Count one more request of ``ctx``'s user, or refuse it over the limit."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterator, MutableMapping
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 
 import ambient
 from ambient import Registry, UserExecutionContext
+from ambient._binding import _current, bind
 from ambient.errors import IdentityError, PoolExhaustedError
 from ambient.middleware import AmbientMiddleware, Identity, trusted_header
 from tests.apps import BUILT, Ledger, Memory, Probe, build, build_registry, close_built
@@ -289,6 +291,34 @@ class TestLeftoverContext:
         assert body["user"].startswith("anonymous:")
         assert body["probe_user"] == body["user"]
         assert registry.stats().open_scopes == 0
+
+    async def test_a_live_leftover_is_reported_once_an_ended_one_never(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A context still bound when a request starts means the server copied another
+        request's context into this one: warned about once per middleware. A leftover
+        binding that has ended (what a copied Context holds once that request is over) is
+        ignored without a word."""
+        alice = UserExecutionContext.create("alice")
+        app, _, _ = build(anonymous=True)
+        with caplog.at_level(logging.WARNING, logger="ambient.middleware"):
+            async with client(app) as http:
+                with ambient.bind_context(alice):
+                    for _ in range(3):
+                        assert (await http.get("/whoami")).json()["user"] != "alice"
+        assert sum("live context" in r.getMessage() for r in caplog.records) == 1
+        caplog.clear()
+        fresh, _, _ = build(anonymous=True)
+        ended = bind(alice, None)
+        ended.closed = True  # as the Context a server copied mid-request holds it later
+        try:
+            with caplog.at_level(logging.WARNING, logger="ambient.middleware"):
+                async with client(fresh) as http:
+                    assert (await http.get("/whoami")).json()["user"] != "alice"
+        finally:
+            assert ended.token is not None
+            _current.reset(ended.token)
+        assert not [r for r in caplog.records if "live context" in r.getMessage()]
 
 
 class TestErrors:

@@ -33,6 +33,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 import ambient
+from ambient._binding import _current, _live
 from ambient.middleware import AmbientMiddleware, scope_user, trusted_header
 from ambient.middleware.identity import jwt_bearer
 from tests.apps import BUILT, Ledger, Probe, build, build_app, build_registry, close_built
@@ -595,3 +596,69 @@ async def test_bearer_tokens_reach_no_log_span_or_close_reason() -> None:
         signature = token.rsplit(".", 1)[1]
         for text in [*seen, *exported, refusal]:
             assert signature not in text, text
+
+
+@pytest.mark.parametrize(
+    ("server", "options"),
+    [
+        ("uvicorn", {"http": "h11", "loop": "asyncio"}),
+        ("uvicorn", {"http": "httptools", "loop": "uvloop"}),
+        ("uvicorn", {"http": "h11", "loop": "asyncio", "reset_contextvars": True}),
+        ("uvicorn", {"http": "httptools", "loop": "uvloop", "reset_contextvars": True}),
+        ("hypercorn", {}),
+        ("hypercorn-trio", {}),
+    ],
+    ids=["h11", "httptools", "h11-reset", "httptools-reset", "hypercorn", "hypercorn-trio"],
+)
+async def test_a_request_after_a_large_body_on_one_connection_is_its_own(
+    server: str, options: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """On one connection, in one write: alice's request with a 2 MB body, then bob's and
+    carol's. Whatever context the server starts them in (a probe outside the middleware
+    records it: uvicorn without reset_contextvars starts each inside a copy of the previous
+    request's, whose binding has ended by then), each request's app sees only its own
+    user, and a request started inside another's live binding is reported."""
+
+    async def echo(request: Request) -> Response:
+        size = len(await request.body())
+        return JSONResponse(
+            {
+                "user": ambient.get_current_context().user_id,
+                "entry": request.scope["entry"],
+                "size": size,
+            }
+        )
+
+    inner = AmbientMiddleware(
+        Starlette(routes=[Route("/echo", echo, methods=["POST"])]),
+        registry=ambient.Registry(),
+        identity=trusted_header(),
+    )
+
+    live: list[bool] = []
+
+    async def probe(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            found = _current.get()
+            scope["entry"] = None if found is None else found.ctx.user_id
+            live.append(_live(found) is not None)
+        await inner(scope, receive, send)
+
+    def post(user: str, body: bytes) -> bytes:
+        head = f"POST /echo HTTP/1.1\r\nHost: x\r\nx-user-id: {user}\r\n"
+        return f"{head}content-length: {len(body)}\r\n\r\n".encode() + body
+
+    payload = post("alice", b"a" * 2_000_000) + post("bob", b"b") + post("carol", b"")
+    warnings_seen = caplog.at_level(logging.WARNING, logger="ambient.middleware")
+    with warnings_seen, serve(server, probe, **options) as url:
+        answers = await anyio.to_thread.run_sync(raw_exchange, url, payload, 3)
+    bodies = [json.loads(answer.partition(b"\r\n\r\n")[2]) for answer in answers]
+    assert [(b["user"], b["size"]) for b in bodies] == [
+        ("alice", 2_000_000),
+        ("bob", 1),
+        ("carol", 0),
+    ]
+    if options.get("reset_contextvars") or server.startswith("hypercorn"):
+        assert [b["entry"] for b in bodies] == [None, None, None]
+    warned = [r for r in caplog.records if "live context" in r.getMessage()]
+    assert len(warned) == (1 if any(live) else 0)
