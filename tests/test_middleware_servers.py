@@ -662,3 +662,48 @@ async def test_a_request_after_a_large_body_on_one_connection_is_its_own(
         assert [b["entry"] for b in bodies] == [None, None, None]
     warned = [r for r in caplog.records if "live context" in r.getMessage()]
     assert len(warned) == (1 if any(live) else 0)
+
+
+class Outside(BaseHTTPMiddleware):
+    """A BaseHTTPMiddleware placed outside AmbientMiddleware: runs before any context."""
+
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        before = ambient.current_context_or_none()
+        response = await call_next(request)
+        response.headers["x-outside-saw"] = "nobody" if before is None else before.user_id
+        return response
+
+
+async def test_a_base_http_middleware_outside_ambient_changes_nothing(server: str) -> None:
+    """With a BaseHTTPMiddleware outside ambient's, 20 users at once still each get their
+    own context and components, streamed bodies still see them after the first chunk, the
+    outer middleware sees no context, and every request's components are cleaned once."""
+    ledger = Ledger()
+    outer = Starlette(
+        middleware=[
+            Middleware(Outside),
+            Middleware(
+                AmbientMiddleware, registry=build_registry(ledger), identity=trusted_header()
+            ),
+        ]
+    )
+    outer.mount("/", build_app(ledger))
+    with serve(server, outer) as url:
+        async with httpx.AsyncClient(base_url=url) as http:
+
+            async def user(n: int) -> None:
+                name = f"outer-{n}"
+                for _ in range(3):
+                    answer = await http.get("/whoami", headers={"x-user-id": name})
+                    assert answer.json()["user"] == name
+                    assert answer.json()["probe_user"] == name
+                    assert answer.headers["x-outside-saw"] == "nobody"
+                streamed = await http.get("/stream", headers={"x-user-id": name})
+                assert streamed.text.splitlines()[1].startswith(f"{name} ")
+
+            async with anyio.create_task_group() as tg:
+                for n in range(20):
+                    tg.start_soon(user, n)
+    await wait_for(ledger, lambda led: led.all_cleaned())
+    assert ledger.problems() == []
+    assert set(ledger.created.values()) == {f"outer-{n}" for n in range(20)}
