@@ -7,6 +7,7 @@ clients are httpx, so these tests run on both asyncio and trio.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import uuid
 from collections.abc import Iterator, MutableMapping
@@ -317,3 +318,60 @@ async def _wait_running(db: Database, marker: str) -> None:
         return await anyio.to_thread.run_sync(_admin_count, db, query, (f"%{marker}%",)) > 0
 
     await _eventually(running, "the query runs on the server", within=10)
+
+
+async def test_shutdown_waits_for_requests_holding_pool_connections() -> None:
+    """The server is told to stop while three requests hold pool connections: they finish
+    with their connections (200), and only then does lifespan shutdown close the registry
+    and the pool."""
+    with make_database() as db:
+        # Built outside the test's loop (which may be trio): the pool opens on the server's.
+        pool = await anyio.to_thread.run_sync(
+            lambda: SharedPool(
+                db.app_url, min_size=1, max_size=4, rls_check="raise", kwargs=db.kwargs()
+            )
+        )
+        registry = Registry()
+        pool.install(registry)
+        app = NotesApp(db, hold_target=3)
+        asgi = AmbientMiddleware(app, registry=registry, identity=trusted_header())
+        server = serve("uvicorn", asgi)
+        url = server.__enter__()
+        host, port = url.removeprefix("http://").split(":")
+        statuses: list[int] = []
+        stopped = threading.Event()
+
+        def stop() -> None:
+            server.__exit__(None, None, None)
+            stopped.set()
+
+        def refusing() -> bool:
+            try:
+                socket.create_connection((host, int(port)), timeout=1).close()
+            except OSError:
+                return True
+            return False
+
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+
+            async def hold(n: int) -> None:
+                answer = await http.get("/hold", headers={"x-user-id": f"holder-{n}"})
+                statuses.append(answer.status_code)
+
+            async with anyio.create_task_group() as tg:
+                for n in range(3):
+                    tg.start_soon(hold, n)
+                assert await anyio.to_thread.run_sync(app.held.wait, 10)
+                assert pool.stats().checked_out == 3
+                threading.Thread(target=stop, daemon=True).start()
+                for _ in range(200):  # bounded: until the server stops accepting
+                    if await anyio.to_thread.run_sync(refusing):
+                        break
+                    await anyio.sleep(0.05)
+                else:
+                    pytest.fail("the server kept accepting connections")
+                assert pool.opened  # shutdown has begun, and the pool is still open
+                app.release.set()
+        assert await anyio.to_thread.run_sync(stopped.wait, 30)
+        assert statuses == [200, 200, 200]
+        assert not pool.opened
