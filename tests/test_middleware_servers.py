@@ -557,11 +557,14 @@ async def test_bearer_tokens_reach_no_log_span_or_close_reason() -> None:
             seen.append(f"{record.name} {record.getMessage()} {record.exc_text or ''}")
 
     keep = Keep(logging.DEBUG)
-    root, mine = logging.getLogger(), logging.getLogger("ambient")
-    levels = (root.level, mine.level)
-    root.addHandler(keep)
-    root.setLevel(logging.INFO)
-    mine.setLevel(logging.DEBUG)
+    # On each logger itself: a server started earlier in this process may have stopped
+    # uvicorn's loggers from propagating to the root.
+    names = {"": logging.INFO, "uvicorn": logging.INFO, "uvicorn.access": logging.INFO}
+    loggers = {logging.getLogger(n): level for n, level in {**names, "ambient": logging.DEBUG}.items()}
+    saved = {logger: logger.level for logger in loggers}
+    for logger, level in loggers.items():
+        logger.addHandler(keep)
+        logger.setLevel(level)
 
     def talk(ws_url: str) -> tuple[str, str]:
         with connect(ws_url, subprotocols=["bearer", valid], open_timeout=20) as sock:  # type: ignore[list-item]
@@ -579,9 +582,9 @@ async def test_bearer_tokens_reach_no_log_span_or_close_reason() -> None:
                 talk, url.replace("http", "ws") + "/ws"
             )
     finally:
-        root.removeHandler(keep)
-        root.setLevel(levels[0])
-        mine.setLevel(levels[1])
+        for logger, level in saved.items():
+            logger.removeHandler(keep)
+            logger.setLevel(level)
     provider.force_flush()
     spans = exporter.get_finished_spans()
     exported = [
