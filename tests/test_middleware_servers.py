@@ -560,7 +560,8 @@ async def test_bearer_tokens_reach_no_log_span_or_close_reason() -> None:
     # On each logger itself: a server started earlier in this process may have stopped
     # uvicorn's loggers from propagating to the root.
     names = {"": logging.INFO, "uvicorn": logging.INFO, "uvicorn.access": logging.INFO}
-    loggers = {logging.getLogger(n): level for n, level in {**names, "ambient": logging.DEBUG}.items()}
+    names["ambient"] = logging.DEBUG
+    loggers = {logging.getLogger(name): level for name, level in names.items()}
     saved = {logger: logger.level for logger in loggers}
     for logger, level in loggers.items():
         logger.addHandler(keep)
