@@ -87,6 +87,9 @@ def _hypercorn_config(port: int, options: Mapping[str, Any]) -> Config:
     config.accesslog = None
     config.errorlog = None
     config.graceful_timeout = 10
+    # hypercorn's default backlog is 100; tests open up to 200 connections at once (uvicorn's
+    # default is 2048), and an overflowing accept queue resets connections on a busy machine.
+    config.backlog = 2048
     for name, value in options.items():
         setattr(config, name, value)
     return config
