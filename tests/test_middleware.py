@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -9,6 +10,7 @@ from collections.abc import Iterator, MutableMapping
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import httpx
 import pytest
 
@@ -794,3 +796,90 @@ class TestWebsocketIdentityExpiry:
     def test_expires_at_must_be_a_number(self, bad: object) -> None:
         with pytest.raises(TypeError, match="expires_at"):
             Identity("ann", expires_at=bad)  # type: ignore[arg-type]
+
+
+class TestStreamsCutShort:
+    """A streamed response cut short by the client (B06): before the first chunk, after the
+    second, or by a ``send`` that raises OSError, on ASGI spec 2.3 and 2.4. The request's
+    components are cleaned exactly once and its scope closes, whatever becomes of the body
+    iterator (Starlette does not close it in every case; ambient does not depend on it)."""
+
+    @pytest.mark.parametrize("spec", ["2.3", "2.4"])
+    @pytest.mark.parametrize("cut", ["before-first-chunk", "after-second-chunk", "send-raises"])
+    async def test_cleanup_runs_once_and_the_scope_closes(self, spec: str, cut: str) -> None:
+        from starlette.applications import Starlette
+        from starlette.requests import ClientDisconnect, Request
+        from starlette.responses import StreamingResponse
+        from starlette.routing import Route
+
+        cleaned: list[str] = []
+        registry = Registry()
+
+        def session(ctx: UserExecutionContext) -> Iterator[str]:
+            try:
+                yield ctx.user_id
+            finally:
+                cleaned.append(ctx.user_id)
+
+        registry.register("session", session)
+
+        class Body:
+            """Five chunks naming the user (an iterator, not a generator left unclosed)."""
+
+            def __init__(self, user: str) -> None:
+                self.user, self.sent = user, 0
+
+            def __aiter__(self) -> Body:
+                return self
+
+            async def __anext__(self) -> bytes:
+                if self.sent == 5:
+                    raise StopAsyncIteration
+                self.sent += 1
+                return f"{self.user} {self.sent}\n".encode()
+
+        async def stream(request: Request) -> StreamingResponse:
+            return StreamingResponse(Body(await ambient.resolve("session")))
+
+        app = AmbientMiddleware(
+            Starlette(routes=[Route("/", stream)]), registry=registry, identity=trusted_header()
+        )
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": spec},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": "/",
+            "raw_path": b"/",
+            "query_string": b"",
+            "headers": [(b"x-user-id", b"ann")],
+            "client": ("127.0.0.1", 40000),
+            "server": ("127.0.0.1", 8000),
+        }
+        gone = anyio.Event()
+        if cut == "before-first-chunk":
+            gone.set()
+        chunks = 0
+
+        async def receive() -> Message:
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: Message) -> None:
+            nonlocal chunks
+            if message["type"] != "http.response.body" or not message.get("body"):
+                return
+            chunks += 1
+            if cut == "send-raises":
+                raise OSError("the client went away")
+            if chunks == 2:
+                gone.set()
+                await anyio.lowlevel.checkpoint()  # the disconnect listener runs first
+
+        # The failed send reaches the server as OSError (spec 2.3) or Starlette's
+        # ClientDisconnect (2.4), as it would without ambient.
+        with anyio.fail_after(5), contextlib.suppress(OSError, ClientDisconnect):
+            await app(scope, receive, send)
+        assert cleaned == ["ann"]
+        assert registry.stats().open_scopes == 0
