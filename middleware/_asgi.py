@@ -193,8 +193,9 @@ class AmbientMiddleware:
 
             echo = [(self._request_id_header, request_id.encode())]
             expires_at = identity.expires_at if websocket and identity is not None else None
-            response = _Response(send, echo)
-            if expires_at is not None:
+            if expires_at is None:
+                response = _Response(send, echo)
+            else:
                 response = socket = _Socket(send, echo)
             registry = self.registry
             component_scope = Scope(registry, ctx, observer=self.telemetry)
