@@ -20,6 +20,7 @@ from ambient._binding import _current, bind
 from ambient.errors import IdentityError, PoolExhaustedError
 from ambient.middleware import AmbientMiddleware, Identity, trusted_header
 from tests.apps import BUILT, Ledger, Memory, Probe, build, build_registry, close_built
+from tests.test_identity import http_scope
 
 Message = MutableMapping[str, Any]
 
@@ -844,19 +845,7 @@ class TestStreamsCutShort:
         app = AmbientMiddleware(
             Starlette(routes=[Route("/", stream)]), registry=registry, identity=trusted_header()
         )
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0", "spec_version": spec},
-            "http_version": "1.1",
-            "method": "GET",
-            "scheme": "http",
-            "path": "/",
-            "raw_path": b"/",
-            "query_string": b"",
-            "headers": [(b"x-user-id", b"ann")],
-            "client": ("127.0.0.1", 40000),
-            "server": ("127.0.0.1", 8000),
-        }
+        scope = http_scope([(b"x-user-id", b"ann")], asgi={"version": "3.0", "spec_version": spec})
         gone = anyio.Event()
         if cut == "before-first-chunk":
             gone.set()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import anyio.abc
 import psycopg
 import pytest
 from psycopg import sql
@@ -699,24 +700,31 @@ async def test_shared_per_user_limit(shared: SharedPool) -> None:
     await _eventually(lambda: _shared_idle(shared), "pool idle again")
 
 
+async def _hold(tg: anyio.abc.TaskGroup, pool: SharedPool, user: str) -> anyio.Event:
+    """Start a task in ``tg`` in which ``user`` holds one of ``pool``'s connections until
+    the returned event is set; return once it holds it."""
+    release = anyio.Event()
+    holding = anyio.Event()
+
+    async def holder() -> None:
+        with bind_context(_ctx(user)):
+            async with pool.connection():
+                holding.set()
+                await release.wait()
+
+    tg.start_soon(holder)
+    await holding.wait()
+    return release
+
+
 async def test_shared_exhaustion_raises_within_timeout(db: Database) -> None:
     """With every connection held, a checkout fails with PoolExhaustedError after its
     timeout, not a hang."""
     async with SharedPool(
         db.app_url, min_size=1, max_size=1, timeout=5, retry_after=2.5, rls_check="raise"
     ) as pool:
-        release = anyio.Event()
-        holding = anyio.Event()
-
-        async def holder() -> None:
-            with bind_context(_ctx("alice")):
-                async with pool.connection():
-                    holding.set()
-                    await release.wait()
-
         async with anyio.create_task_group() as tg:
-            tg.start_soon(holder)
-            await holding.wait()
+            release = await _hold(tg, pool, "alice")
             started = time.monotonic()
             with bind_context(_ctx("bob")), pytest.raises(PoolExhaustedError) as info:
                 async with pool.connection(timeout=0.3):
@@ -738,19 +746,9 @@ async def test_shared_callers_deadline_wins_over_the_pool_timeout(
     async with SharedPool(
         db.app_url, min_size=1, max_size=1, per_user_limit=1, timeout=30, rls_check="raise"
     ) as pool:
-        release = anyio.Event()
-        holding = anyio.Event()
         waiter = "alice" if wait_for == "user share" else "bob"
-
-        async def holder() -> None:
-            with bind_context(_ctx("alice")):
-                async with pool.connection():
-                    holding.set()
-                    await release.wait()
-
         async with anyio.create_task_group() as tg:
-            tg.start_soon(holder)
-            await holding.wait()
+            release = await _hold(tg, pool, "alice")
             started = time.monotonic()
             with bind_context(_ctx(waiter)), pytest.raises(TimeoutError):
                 with anyio.fail_after(0.5):
