@@ -1,0 +1,304 @@
+"""Database work that runs after the endpoint returned: streamed bodies and background tasks.
+
+A Starlette app behind ``AmbientMiddleware`` on a real uvicorn server and a real
+PostgreSQL with row-level security. A ``StreamingResponse`` body and a ``BackgroundTask``
+both run after the endpoint function has returned; they must still check out connections
+as the request's own user, never see another user's setting or share a backend with them
+at the same time, and leave nothing idle in a transaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import httpx
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+import ambient
+from ambient import Registry
+from ambient.integrations.psycopg import SharedPool, connection
+from ambient.middleware import AmbientMiddleware, trusted_header
+from tests.servers import serve
+from tests.test_psycopg import Database, _admin, _eventually, make_database
+from tests.test_psycopg_middleware import _admin_count, _eventually_zero
+
+ROWS = 5
+READ = (
+    "SELECT owner, body, current_setting('app.user_id', true), pg_backend_pid() "
+    "FROM {notes} ORDER BY id OFFSET %s LIMIT 1"
+)
+
+
+@dataclass(frozen=True)
+class Checkout:
+    """One connection checkout as the app saw it."""
+
+    user: str
+    setting: str
+    pid: int
+    start: float
+    end: float
+
+
+@dataclass
+class Notes:
+    """What the app records, shared between the server's thread and the test's."""
+
+    checkouts: list[Checkout] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    cut: list[str] = field(default_factory=list)
+    background_started: threading.Event = field(default_factory=threading.Event)
+    holding: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+    background_done: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, checkout: Checkout) -> None:
+        with self.lock:
+            self.checkouts.append(checkout)
+
+
+async def _checkout_row(conn: Any, query: Any, offset: int) -> tuple[str, str, str, int]:
+    cur = await conn.execute(query, (offset,))
+    row = await cur.fetchone()
+    assert row is not None
+    return row  # type: ignore[no-any-return]
+
+
+def build_app(db: Database, notes: Notes) -> Starlette:
+    """``/stream`` streams the user's rows from one checkout held across the chunks;
+    ``/background`` answers at once and reads in a background task, after waiting for
+    ``/hold`` (another user holding the only connection) to be in place."""
+    query = db.sql(READ)
+
+    async def stream(request: Request) -> Response:
+        park = "park" in request.query_params
+
+        async def body() -> AsyncIterator[bytes]:
+            user = ambient.get_current_context().user_id
+            async with connection() as conn:
+                start = time.monotonic()
+                setting, pid = "", 0
+                for offset in range(ROWS):
+                    owner, text, setting, pid = await _checkout_row(conn, query, offset)
+                    yield json.dumps([owner, text, setting, pid]).encode() + b"\n"
+                    if park:
+                        # Only the client going away ends this stream.
+                        try:
+                            await anyio.sleep_forever()
+                        except BaseException:
+                            notes.cut.append(user)
+                            raise
+                    # A slow producer: the connection stays checked out between chunks.
+                    await anyio.sleep(0.01)
+                notes.add(Checkout(user, setting, pid, start, time.monotonic()))
+
+        return StreamingResponse(body(), media_type="application/x-ndjson")
+
+    async def background(request: Request) -> Response:
+        async def later() -> None:
+            user = ambient.get_current_context().user_id
+            notes.background_started.set()
+            await anyio.to_thread.run_sync(notes.holding.wait, 10)
+            try:
+                async with connection() as conn:
+                    start = time.monotonic()
+                    owner, _, setting, pid = await _checkout_row(conn, query, 0)
+                    notes.add(Checkout(user, setting, pid, start, time.monotonic()))
+                    if owner != user:
+                        notes.errors.append(f"background of {user} read {owner}'s row")
+            finally:
+                notes.background_done.set()
+
+        return JSONResponse({"ok": True}, background=BackgroundTask(later))
+
+    async def hold(request: Request) -> Response:
+        user = ambient.get_current_context().user_id
+        async with connection() as conn:
+            start = time.monotonic()
+            _, _, setting, pid = await _checkout_row(conn, query, 0)
+            notes.holding.set()
+            await anyio.to_thread.run_sync(notes.release.wait, 10)
+            notes.add(Checkout(user, setting, pid, start, time.monotonic()))
+        return JSONResponse({"ok": True})
+
+    return Starlette(
+        routes=[
+            Route("/stream", stream),
+            Route("/background", background),
+            Route("/hold", hold),
+        ]
+    )
+
+
+@dataclass
+class Served:
+    url: str
+    db: Database
+    pool: SharedPool
+    notes: Notes
+
+
+def _seed(db: Database, users: list[str]) -> None:
+    with _admin() as admin:
+        for user in users:
+            for i in range(ROWS):
+                admin.execute(
+                    db.sql("INSERT INTO {notes} (owner, body) VALUES (%s, %s)"),
+                    (user, f"{user}:{i}"),
+                )
+
+
+@contextlib.asynccontextmanager
+async def running(max_size: int, users: list[str]) -> AsyncIterator[Served]:
+    """The app on uvicorn with a SharedPool of ``max_size`` and ``ROWS`` notes per user."""
+    with make_database() as db:
+        _seed(db, users)
+        # Built outside the test's loop (which may be trio): the pool opens on the server's.
+        pool = await anyio.to_thread.run_sync(
+            lambda: SharedPool(
+                db.app_url,
+                min_size=1,
+                max_size=max_size,
+                per_user_limit=max_size,
+                timeout=20,
+                rls_tables=[db.notes],
+                rls_check="raise",
+                kwargs=db.kwargs(),
+            )
+        )
+        registry = Registry()
+        pool.install(registry)
+        notes = Notes()
+        asgi = AmbientMiddleware(build_app(db, notes), registry=registry, identity=trusted_header())
+        with serve("uvicorn", asgi) as url:
+            yield Served(url, db, pool, notes)
+
+
+async def _nothing_left_open(served: Served) -> None:
+    """No backend of the app idle in a transaction, every connection back in the pool."""
+    await _eventually_zero(
+        served.db,
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+        "AND state LIKE 'idle in transaction%%'",
+        (served.db.app_name,),
+    )
+
+    async def returned() -> bool:
+        return served.pool.stats().checked_out == 0
+
+    await _eventually(returned, "every connection is back in the pool", within=10)
+
+
+def _overlapping(checkouts: list[Checkout]) -> list[tuple[Checkout, Checkout]]:
+    """Pairs of checkouts of different users on one backend at the same time."""
+    return [
+        (a, b)
+        for i, a in enumerate(checkouts)
+        for b in checkouts[i + 1 :]
+        if a.pid == b.pid and a.user != b.user and a.start < b.end and b.start < a.end
+    ]
+
+
+async def test_streamed_bodies_read_through_their_own_checkout() -> None:
+    """20 users, 5 streams each, 20 at once on a pool of 4: every chunk of every stream is
+    the user's own row read under the user's own setting, no two users share a backend at
+    once, and afterwards nothing is idle in a transaction and every connection is back."""
+    users = [f"user-{n}" for n in range(20)]
+    async with running(4, users) as served:
+        failures: list[str] = []
+
+        async def read(client: httpx.AsyncClient, user: str) -> None:
+            for _ in range(5):
+                answer = await client.get("/stream", headers={"x-user-id": user})
+                lines = [json.loads(line) for line in answer.text.splitlines()]
+                expected = [[user, f"{user}:{i}", user] for i in range(ROWS)]
+                if answer.status_code != 200 or [line[:3] for line in lines] != expected:
+                    failures.append(f"{user}: {answer.status_code} {answer.text[:200]}")
+                elif len({line[3] for line in lines}) != 1:
+                    failures.append(f"{user}: one stream read from several backends")
+
+        limits = httpx.Limits(max_connections=20)
+        async with (
+            httpx.AsyncClient(base_url=served.url, limits=limits, timeout=60) as client,
+            anyio.create_task_group() as tg,
+        ):
+            for user in users:
+                tg.start_soon(read, client, user)
+        assert failures == []
+        checkouts = list(served.notes.checkouts)
+        assert len(checkouts) == 100
+        assert all(c.setting == c.user for c in checkouts)
+        assert _overlapping(checkouts) == []
+        await _nothing_left_open(served)
+
+
+async def test_stream_cut_short_by_the_client_returns_its_connection() -> None:
+    """A client reads the first chunk of a stream that holds the pool's only connection
+    and then waits forever, and goes away: the stream is cancelled, its connection comes
+    back (rolled back, not idle in a transaction) and the next user is served from it."""
+    async with running(1, ["alice", "bob"]) as served:
+        port = int(served.url.rsplit(":", 1)[1])
+        with anyio.fail_after(10):
+            async with await anyio.connect_tcp("127.0.0.1", port) as sock:
+                await sock.send(
+                    b"GET /stream?park HTTP/1.1\r\nhost: 127.0.0.1\r\nx-user-id: alice\r\n\r\n"
+                )
+                received = b""
+                while b"alice:0" not in received:
+                    received += await sock.receive()
+        assert received.startswith(b"HTTP/1.1 200")
+        await _nothing_left_open(served)
+        assert served.notes.cut == ["alice"]
+        assert served.notes.checkouts == []
+        async with httpx.AsyncClient(base_url=served.url, timeout=30) as client:
+            after = await client.get("/stream", headers={"x-user-id": "bob"})
+        assert after.status_code == 200
+        assert [json.loads(line)[0] for line in after.text.splitlines()] == ["bob"] * ROWS
+
+
+async def test_background_task_checks_out_as_its_own_user() -> None:
+    """Pool of one. Alice's background task (after her response was sent) wants a
+    connection while bob's request holds the only one: it waits, then reads as alice, on
+    the backend bob used but never at the same time, and bob reads as bob."""
+    async with running(1, ["alice", "bob"]) as served:
+        notes = served.notes
+        async with httpx.AsyncClient(base_url=served.url, timeout=30) as client:
+            first = await client.get("/background", headers={"x-user-id": "alice"})
+            assert first.status_code == 200
+            assert await anyio.to_thread.run_sync(notes.background_started.wait, 10)
+            async with anyio.create_task_group() as tg:
+
+                async def bob() -> None:
+                    answer = await client.get("/hold", headers={"x-user-id": "bob"})
+                    assert answer.status_code == 200
+
+                tg.start_soon(bob)
+                assert await anyio.to_thread.run_sync(notes.holding.wait, 10)
+                # Alice's background task is now after the only connection, bob holds it.
+                assert not notes.background_done.is_set()
+                notes.release.set()
+            assert await anyio.to_thread.run_sync(notes.background_done.wait, 10)
+        assert notes.errors == []
+        by_user = {c.user: c for c in notes.checkouts}
+        assert sorted(by_user) == ["alice", "bob"]
+        assert by_user["alice"].setting == "alice"
+        assert by_user["bob"].setting == "bob"
+        assert by_user["alice"].pid == by_user["bob"].pid  # the pool has one connection
+        assert by_user["bob"].end <= by_user["alice"].start
+        await _nothing_left_open(served)
+        rows = await anyio.to_thread.run_sync(
+            _admin_count, served.db, served.db.sql("SELECT count(*) FROM {notes}"), ()
+        )
+        assert rows == 2 * ROWS
