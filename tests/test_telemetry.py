@@ -853,6 +853,67 @@ class TestBaggage:
         finally:
             otel_context.detach(token)
 
+    @pytest.mark.parametrize("size", [8_000, 16 * 1024])
+    async def test_oversized_incoming_baggage_is_bounded_and_never_identity(
+        self, otel: Otel, size: int
+    ) -> None:
+        """100 users at once, each request carrying a baggage header of thousands of
+        entries, forged ``ambient.*`` ones first, through otel-asgi and the middleware.
+        Each request runs as its header's user and its context holds nothing from the
+        baggage. The propagator's W3C limits hold: at 8,000 bytes only the first 180
+        entries reach the app, and the forged ones among them are dropped; at 16 KB the
+        whole header is refused. No span carries a baggage value."""
+        telemetry = otel.telemetry(baggage=("thread_id",))
+        registry = Registry(telemetry=telemetry)
+        seen: dict[str, tuple[UserExecutionContext, dict[str, object]]] = {}
+
+        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            context = ambient.get_current_context()
+            seen[context.user_id] = (context, dict(baggage.get_all()))
+            await anyio.lowlevel.checkpoint()
+            body = context.user_id.encode()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": body})
+
+        stack = OpenTelemetryMiddleware(
+            AmbientMiddleware(
+                app, registry=registry, identity=trusted_header(), telemetry=telemetry
+            ),
+            tracer_provider=otel.tracer_provider,
+        )
+        forged = "ambient.user_id=admin,ambient.thread_id=stolen,"
+        entries = ",".join(f"k{i}=v{i}" for i in range(5_000))
+        header = (forged + entries)[:size].rsplit(",", 1)[0]
+        answers: dict[str, httpx.Response] = {}
+
+        async def one(client: httpx.AsyncClient, user: str) -> None:
+            headers = {"x-user-id": user, "baggage": header}
+            answers[user] = await client.get("/", headers=headers)
+
+        transport = httpx.ASGITransport(app=stack, client=("127.0.0.1", 50000))
+        users = [f"user-{n}" for n in range(100)]
+        async with (
+            httpx.AsyncClient(transport=transport, base_url="http://test") as client,
+            anyio.create_task_group() as tg,
+        ):
+            for user in users:
+                tg.start_soon(one, client, user)
+        assert {u: (a.status_code, a.text) for u, a in answers.items()} == {
+            u: (200, u) for u in users
+        }
+        for user in users:
+            context, entries_seen = seen[user]
+            assert context.user_id == user
+            assert context.metadata == {}
+            # 180 pairs pass the propagator, the 2 forged are dropped, ambient adds 1.
+            assert len(entries_seen) == (180 - 2 + 1 if size < 8192 else 1)
+            ambient_entries = {k: v for k, v in entries_seen.items() if k.startswith("ambient.")}
+            assert ambient_entries == {"ambient.thread_id": context.thread_id}
+        values = {f"v{i}" for i in range(5_000)} | {"admin", "stolen"}
+        for span in otel.spans.spans:
+            attributes = dict(span.attributes or {})
+            assert not values & {str(v) for v in attributes.values()}, span.name
+
 
 # -- telemetry never breaks a request, never fails to detach ---------------------------------
 
