@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.requests import Request
@@ -138,8 +139,14 @@ def build_app(ledger: Ledger) -> Starlette:
     """The routes the middleware tests drive (without the middleware)."""
 
     async def whoami(request: Request) -> Response:
+        # Yield to the event loop between binding, resolving and reading the context, so
+        # concurrent requests interleave there: a binding kept anywhere but in the request's
+        # own context would show up as another user's.
+        await anyio.lowlevel.checkpoint()
         probe = await ambient.resolve(Probe)
+        await anyio.lowlevel.checkpoint()
         memory = await ambient.resolve(Memory)
+        await anyio.lowlevel.checkpoint()
         return JSONResponse(_describe(probe, memory))
 
     async def stream(request: Request) -> Response:
