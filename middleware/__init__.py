@@ -13,12 +13,14 @@ from ambient.middleware.identity import (
     scope_user,
     trusted_header,
 )
+from ambient.middleware.tickets import WebSocketTickets
 
 __all__ = [
     "AmbientMiddleware",
     "Identity",
     "IdentityResolver",
     "Problem",
+    "WebSocketTickets",
     "first_of",
     "scope_user",
     "trusted_header",

@@ -1,0 +1,242 @@
+"""One-time tickets for browser websockets: no credential in a URL.
+
+A browser cannot set headers on ``new WebSocket(url)``, so a token ends up in the query
+string, and from there in access logs, proxy logs and span attributes. Instead, an
+authenticated HTTP request asks for a ticket, and the websocket presents it once::
+
+    tickets = WebSocketTickets()  # or WebSocketTickets(RedisTicketStore(client))
+    app = AmbientMiddleware(app, registry=registry, identity=first_of(tickets, jwt_bearer(...)))
+
+    @app.post("/ws-ticket")
+    async def ws_ticket() -> dict[str, str]:
+        return {"ticket": await tickets.issue()}  # for the current context's user
+
+    # browser: new WebSocket(`wss://host/ws?ticket=${ticket}`)
+
+A ticket is 256 random bits, valid for ``ttl`` seconds (30 by default) and for one
+handshake: the store takes it out atomically, so of two connections racing with one ticket
+exactly one gets in. The store keeps a SHA-256 of the ticket, never the ticket itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any, Protocol, runtime_checkable
+from urllib.parse import parse_qsl
+
+from ambient import _loops
+from ambient._binding import get_current_context
+from ambient.errors import IdentityError
+from ambient.middleware.identity import Identity
+
+__all__ = ["MemoryTicketStore", "RedisTicketStore", "TicketStore", "WebSocketTickets"]
+
+_TICKET = re.compile(r"[A-Za-z0-9_-]{43}")  # token_urlsafe(32)
+_REFUSED = "the websocket ticket is unknown, expired or already used"
+_ASYNCIO_ONLY = (
+    "redis-py's asyncio client runs on asyncio only, and this code runs under another event "
+    "loop (trio?): run the application on asyncio, or use MemoryTicketStore"
+)
+
+
+@runtime_checkable
+class TicketStore(Protocol):
+    """Where issued tickets wait for their handshake."""
+
+    async def put(self, key: str, value: bytes, ttl: float) -> None:
+        """Keep ``value`` under ``key`` for ``ttl`` seconds."""
+        ...
+
+    async def take(self, key: str) -> bytes | None:
+        """Remove and return the value under ``key``, atomically; ``None`` when absent."""
+        ...
+
+
+class MemoryTicketStore:
+    """Tickets in this process's memory: for one server process (a handshake that reaches
+    another worker finds no ticket; use :class:`RedisTicketStore` there).
+
+    Holds at most ``max_tickets``; beyond that the oldest outstanding ticket is dropped.
+    """
+
+    def __init__(
+        self, *, max_tickets: int = 100_000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if isinstance(max_tickets, bool) or not isinstance(max_tickets, int) or max_tickets < 1:
+            msg = f"max_tickets must be an int >= 1, not {max_tickets!r}"
+            raise ValueError(msg)
+        self._max = max_tickets
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._purge(self._clock())
+            return len(self._entries)
+
+    def _purge(self, now: float) -> None:
+        entries = self._entries
+        while entries:
+            key, (deadline, _) = next(iter(entries.items()))
+            if deadline > now and len(entries) <= self._max:
+                return
+            del entries[key]
+
+    async def put(self, key: str, value: bytes, ttl: float) -> None:
+        with self._lock:
+            now = self._clock()
+            self._entries[key] = (now + ttl, value)
+            self._purge(now)
+
+    async def take(self, key: str) -> bytes | None:
+        with self._lock:
+            entry = self._entries.pop(key, None)
+            if entry is None or entry[0] <= self._clock():
+                return None
+            return entry[1]
+
+
+class RedisTicketStore:
+    """Tickets in Redis (6.2 or newer), shared by every worker and server.
+
+    Args:
+        client: A ``redis.asyncio.Redis`` (extra ``redis``); asyncio only.
+        prefix: Key prefix; keys expire with their tickets.
+    """
+
+    def __init__(self, client: Any, *, prefix: str = "ambient:ws-ticket:") -> None:
+        _loops.refuse_trio(_ASYNCIO_ONLY)
+        self._client = client
+        self._prefix = prefix
+
+    async def put(self, key: str, value: bytes, ttl: float) -> None:
+        _loops.refuse_trio(_ASYNCIO_ONLY)
+        stored = await self._client.set(
+            self._prefix + key, value, px=max(1, math.ceil(ttl * 1000)), nx=True
+        )
+        if not stored:  # pragma: no cover - 256 random bits do not collide
+            msg = "a ticket with this key is already outstanding"
+            raise RuntimeError(msg)
+
+    async def take(self, key: str) -> bytes | None:
+        _loops.refuse_trio(_ASYNCIO_ONLY)
+        value = await self._client.getdel(self._prefix + key)
+        return None if value is None else bytes(value)
+
+
+class WebSocketTickets:
+    """Issues one-time websocket tickets, and is the identity resolver that redeems them.
+
+    As a resolver it looks only at websocket handshakes carrying the ``query`` parameter
+    (anything else is no identity, for :func:`~ambient.middleware.first_of` to go on). A
+    ticket that is malformed, unknown, expired or already used is refused (401); a
+    repeated parameter is malformed (400).
+
+    Args:
+        store: Where tickets wait (default: a :class:`MemoryTicketStore`).
+        ttl: Seconds a ticket stays valid; more than 0 and at most 300.
+        query: The query parameter that carries the ticket.
+        clock: Wall-clock seconds since the epoch (for tests).
+    """
+
+    def __init__(
+        self,
+        store: TicketStore | None = None,
+        *,
+        ttl: float = 30.0,
+        query: str = "ticket",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl <= 300:
+            msg = f"ttl must be seconds, more than 0 and at most 300, not {ttl!r}"
+            raise ValueError(msg)
+        if not isinstance(query, str) or not query:
+            msg = f"query must be a non-empty str, not {query!r}"
+            raise ValueError(msg)
+        if store is not None and not isinstance(store, TicketStore):
+            msg = f"store must have async put() and take(), not {type(store).__name__}"
+            raise TypeError(msg)
+        self.store: TicketStore = MemoryTicketStore() if store is None else store
+        self.ttl = float(ttl)
+        self.query = query
+        self._clock = clock
+
+    async def issue(self, *, expires_at: float | None = None) -> str:
+        """A ticket for the current context's user and tenant, with its ``claims``.
+
+        The websocket it opens expires (closed with 4001) at ``expires_at``, by default
+        the ``exp`` claim of the credential the current request presented, if any.
+
+        Raises:
+            NoActiveContextError: outside a request.
+            TypeError: when the context's claims are not JSON.
+        """
+        ctx = get_current_context()
+        claims = ctx.metadata.get("claims")
+        if expires_at is None and isinstance(claims, Mapping):
+            exp = claims.get("exp")
+            if isinstance(exp, int | float) and not isinstance(exp, bool):
+                expires_at = float(exp)
+        ticket = secrets.token_urlsafe(32)
+        now = self._clock()
+        payload = {
+            "user": ctx.user_id,
+            "tenant": ctx.tenant_id,
+            "claims": dict(claims) if isinstance(claims, Mapping) else None,
+            "expires_at": expires_at,
+            "valid_until": now + self.ttl,
+        }
+        try:
+            value = json.dumps(payload, separators=(",", ":")).encode()
+        except (TypeError, ValueError) as exc:
+            msg = f"a ticket carries the context's claims, which must be JSON: {exc}"
+            raise TypeError(msg) from None
+        await self.store.put(_key(ticket), value, self.ttl)
+        return ticket
+
+    async def __call__(self, scope: Mapping[str, Any]) -> Identity | None:
+        if scope.get("type") != "websocket":
+            return None
+        query = scope.get("query_string", b"")
+        if not query:
+            return None
+        name = self.query
+        found = [
+            v for k, v in parse_qsl(query.decode("latin-1"), keep_blank_values=True) if k == name
+        ]
+        if not found:
+            return None
+        if len(found) > 1:
+            raise IdentityError(f"the {name!r} query parameter is repeated", status=400)
+        ticket = found[0]
+        if _TICKET.fullmatch(ticket) is None:
+            raise IdentityError(_REFUSED, status=401)
+        value = await self.store.take(_key(ticket))
+        if value is None:
+            raise IdentityError(_REFUSED, status=401)
+        payload = json.loads(value)
+        now = self._clock()
+        expires_at = payload["expires_at"]
+        if payload["valid_until"] <= now or (expires_at is not None and expires_at <= now):
+            raise IdentityError(_REFUSED, status=401)
+        claims = payload["claims"]
+        return Identity(
+            payload["user"],
+            payload["tenant"],
+            MappingProxyType(claims) if claims else MappingProxyType({}),
+            expires_at=expires_at,
+        )
+
+
+def _key(ticket: str) -> str:
+    return hashlib.sha256(ticket.encode()).hexdigest()

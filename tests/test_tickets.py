@@ -1,0 +1,347 @@
+"""One-time websocket tickets: issued for the current user, redeemed once, within their ttl,
+in memory and in a real Redis, and end to end on uvicorn with a JWT that never enters a URL."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+import httpx
+import jwt as pyjwt
+import pytest
+import redis
+import redis.asyncio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+import ambient
+from ambient import Registry, UserExecutionContext
+from ambient.errors import IdentityError, NoActiveContextError, UnsupportedBackendError
+from ambient.middleware import AmbientMiddleware, WebSocketTickets, first_of
+from ambient.middleware.identity import jwt_bearer
+from ambient.middleware.tickets import MemoryTicketStore, RedisTicketStore
+from tests.conftest import REDIS_URL, service_unavailable
+from tests.servers import serve
+from tests.test_middleware import ws_scope
+from tests.test_psycopg import _eventually
+
+SECRET = "a-test-secret-of-at-least-32-bytes!"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def handshake(ticket: str | None = None, query: str | None = None) -> dict[str, Any]:
+    """A websocket handshake scope with ``?ticket=`` (or a raw query string)."""
+    raw = query if query is not None else f"ticket={ticket}"
+    return ws_scope([], query_string=raw.encode())
+
+
+def bound(user: str = "alice", **claims: Any) -> ambient.bind_context:
+    ctx = UserExecutionContext.create(
+        user, tenant_id="acme", metadata={"claims": claims} if claims else None
+    )
+    return ambient.bind_context(ctx)
+
+
+async def refused(tickets: WebSocketTickets, scope: dict[str, Any]) -> IdentityError:
+    with pytest.raises(IdentityError) as info:
+        await tickets(scope)
+    return info.value
+
+
+class TestMemory:
+    async def test_issued_for_the_current_user_and_redeemed_once(self) -> None:
+        tickets = WebSocketTickets()
+        with bound("alice", scopes=["chat"]):
+            ticket = await tickets.issue()
+        identity = await tickets(handshake(ticket))
+        assert identity is not None
+        assert (identity.user_id, identity.tenant_id) == ("alice", "acme")
+        assert dict(identity.claims) == {"scopes": ["chat"]}
+        assert identity.expires_at is None
+        again = await refused(tickets, handshake(ticket))
+        assert again.status == 401
+        assert "already used" in str(again)
+        assert ticket not in str(again)
+
+    async def test_expires_after_its_ttl(self) -> None:
+        clock = Clock()
+        tickets = WebSocketTickets(ttl=30, clock=clock)
+        with bound():
+            late, in_time = await tickets.issue(), await tickets.issue()
+        clock.now += 29.9
+        assert await tickets(handshake(in_time)) is not None
+        clock.now += 0.1
+        assert (await refused(tickets, handshake(late))).status == 401
+
+    async def test_the_socket_expires_with_the_issuing_credential(self) -> None:
+        """The ``exp`` claim of the issuing request's token becomes the identity's expiry
+        (the middleware closes the socket with 4001 then); an explicit one wins."""
+        tickets = WebSocketTickets()
+        with bound(exp=2_000_000_000):
+            from_claim = await tickets.issue()
+            explicit = await tickets.issue(expires_at=1_900_000_000.5)
+        first = await tickets(handshake(from_claim))
+        second = await tickets(handshake(explicit))
+        assert first is not None
+        assert second is not None
+        assert first.expires_at == 2_000_000_000
+        assert second.expires_at == 1_900_000_000.5
+
+    async def test_one_ticket_twenty_handshakes_at_once_one_gets_in(self) -> None:
+        tickets = WebSocketTickets()
+        with bound():
+            ticket = await tickets.issue()
+        outcomes: list[str] = []
+
+        async def redeem() -> None:
+            try:
+                identity = await tickets(handshake(ticket))
+            except IdentityError:
+                outcomes.append("refused")
+            else:
+                assert identity is not None
+                outcomes.append(identity.user_id)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(20):
+                tg.start_soon(redeem)
+        assert sorted(outcomes) == ["alice"] + ["refused"] * 19
+
+    async def test_bad_handshakes(self) -> None:
+        """Malformed or unknown tickets are 401, a repeated parameter 400; a request
+        without the parameter, or an HTTP request, is no identity (the next resolver's)."""
+        tickets = WebSocketTickets()
+        with bound():
+            ticket = await tickets.issue()
+        for bad in ("", "short", "x" * 43, ticket + "a", ticket[:-1] + "%00", "ü" * 43):
+            error = await refused(tickets, handshake(query=f"ticket={bad}"))
+            assert error.status == 401, bad
+        repeated = await refused(tickets, handshake(query=f"ticket={ticket}&ticket={ticket}"))
+        assert repeated.status == 400
+        assert await tickets(handshake(query="")) is None
+        assert await tickets(handshake(query="other=1")) is None
+        http = {"type": "http", "query_string": f"ticket={ticket}".encode(), "headers": []}
+        assert await tickets(http) is None
+        assert await tickets(handshake(ticket)) is not None  # none of the above spent it
+
+    async def test_issue_needs_a_context_and_json_claims(self) -> None:
+        tickets = WebSocketTickets()
+        with pytest.raises(NoActiveContextError):
+            await tickets.issue()
+        with bound(key=object()), pytest.raises(TypeError, match="JSON"):
+            await tickets.issue()
+
+    async def test_the_store_keeps_a_hash_and_stays_bounded(self) -> None:
+        store = MemoryTicketStore(max_tickets=3)
+        tickets = WebSocketTickets(store)
+        with bound():
+            issued = [await tickets.issue() for _ in range(5)]
+        assert len(store) == 3
+        kept = repr(store._entries)
+        assert not any(ticket in kept for ticket in issued)
+        for ticket in issued[:2]:
+            assert (await refused(tickets, handshake(ticket))).status == 401
+        for ticket in issued[2:]:
+            assert await tickets(handshake(ticket)) is not None
+        assert len(store) == 0
+
+    def test_bad_arguments(self) -> None:
+        for ttl in (0, -1, 301, True, "30", float("nan")):
+            with pytest.raises(ValueError, match="ttl"):
+                WebSocketTickets(ttl=ttl)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="query"):
+            WebSocketTickets(query="")
+        with pytest.raises(TypeError, match="put"):
+            WebSocketTickets(store={})  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="max_tickets"):
+            MemoryTicketStore(max_tickets=0)
+
+
+@pytest.fixture(name="redis_client")
+async def fixture_redis_client(anyio_backend: str) -> AsyncIterator[redis.asyncio.Redis]:
+    if anyio_backend != "asyncio":
+        pytest.skip("redis-py's asyncio client is asyncio-only; test_redis_store_refuses_trio")
+    client = redis.asyncio.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        await client.ping()
+    except redis.RedisError as error:
+        service_unavailable("Redis", str(error))
+    yield client
+    await client.aclose()
+
+
+class TestRedis:
+    async def test_redeemed_once_even_when_twenty_race(
+        self, redis_client: redis.asyncio.Redis
+    ) -> None:
+        """Twenty handshakes with one ticket, each over its own Redis connection: one gets
+        in. The key is a hash of the ticket and expires with it."""
+        prefix = f"ambient-test:{uuid.uuid4().hex}:"
+        tickets = WebSocketTickets(RedisTicketStore(redis_client, prefix=prefix), ttl=30)
+        with bound("bob"):
+            ticket = await tickets.issue()
+        keys = [key async for key in redis_client.scan_iter(match=f"{prefix}*")]
+        assert len(keys) == 1
+        assert ticket.encode() not in keys[0]
+        assert ticket.encode() not in (await redis_client.get(keys[0]) or b"")
+        assert 29_000 <= await redis_client.pttl(keys[0]) <= 30_000
+        clients = [redis.asyncio.Redis.from_url(REDIS_URL) for _ in range(20)]
+        outcomes: list[str] = []
+
+        async def redeem(client: redis.asyncio.Redis) -> None:
+            racer = WebSocketTickets(RedisTicketStore(client, prefix=prefix))
+            try:
+                identity = await racer(handshake(ticket))
+            except IdentityError:
+                outcomes.append("refused")
+            else:
+                assert identity is not None
+                outcomes.append(identity.user_id)
+
+        try:
+            async with anyio.create_task_group() as tg:
+                for client in clients:
+                    tg.start_soon(redeem, client)
+        finally:
+            for client in clients:
+                await client.aclose()
+        assert sorted(outcomes) == ["bob"] + ["refused"] * 19
+        assert [key async for key in redis_client.scan_iter(match=f"{prefix}*")] == []
+
+    async def test_redis_forgets_an_expired_ticket(self, redis_client: redis.asyncio.Redis) -> None:
+        prefix = f"ambient-test:{uuid.uuid4().hex}:"
+        tickets = WebSocketTickets(RedisTicketStore(redis_client, prefix=prefix), ttl=0.2)
+        with bound():
+            ticket = await tickets.issue()
+
+        async def gone() -> bool:  # Redis expires the key by itself
+            return [key async for key in redis_client.scan_iter(match=f"{prefix}*")] == []
+
+        await _eventually(gone, "Redis expired the ticket")
+        assert (await refused(tickets, handshake(ticket))).status == 401
+
+
+async def test_redis_store_refuses_trio(anyio_backend: str) -> None:
+    """Under trio the Redis store fails at once with a clear error."""
+    if anyio_backend != "trio":
+        pytest.skip("the refusal is trio's")
+    with pytest.raises(UnsupportedBackendError, match="asyncio only"):
+        RedisTicketStore(object())
+
+
+# -- end to end ----------------------------------------------------------------------------
+
+
+def _app(tickets: WebSocketTickets) -> AmbientMiddleware:
+    async def issue(request: Request) -> Response:
+        return JSONResponse({"ticket": await tickets.issue()})
+
+    async def chat(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.receive_text()
+        ctx = ambient.get_current_context()
+        await websocket.send_json({"user": ctx.user_id, "tenant": ctx.tenant_id})
+        await websocket.close()
+
+    routes = [Route("/ws-ticket", issue, methods=["POST"]), WebSocketRoute("/ws", chat)]
+    return AmbientMiddleware(
+        Starlette(routes=routes),
+        registry=Registry(),
+        identity=first_of(tickets, jwt_bearer(SECRET, algorithms=["HS256"], tenant_claim="tenant")),
+    )
+
+
+@pytest.fixture(name="logs")
+def fixture_logs() -> Iterator[list[str]]:
+    """Every record of uvicorn's access and error logs and of ambient's, as text."""
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(f"{record.name} {record.getMessage()} {record.exc_text or ''}")
+
+    keep = Keep(logging.DEBUG)
+    loggers = {
+        logging.getLogger(name): level
+        for name, level in (
+            ("", logging.INFO),
+            ("uvicorn", logging.INFO),
+            ("uvicorn.access", logging.INFO),
+            ("ambient", logging.DEBUG),
+        )
+    }
+    saved = {logger: logger.level for logger in loggers}
+    for logger, level in loggers.items():
+        logger.addHandler(keep)
+        logger.setLevel(level)
+    yield seen
+    for logger, level in saved.items():
+        logger.removeHandler(keep)
+        logger.setLevel(level)
+
+
+async def test_thirty_browsers_trade_their_jwt_for_a_ticket_on_uvicorn(logs: list[str]) -> None:
+    """30 users at once: each posts its JWT in a header for a ticket, opens the websocket
+    with only the ticket in the URL, and is served as itself. A ticket used again is
+    refused before the app runs. No token appears in uvicorn's access or error log or in
+    ambient's."""
+    app = _app(WebSocketTickets())
+    now = int(time.time())
+    tokens = {
+        f"user-{n}": pyjwt.encode(
+            {"sub": f"user-{n}", "tenant": f"t{n % 3}", "exp": now + 600},
+            SECRET,
+            algorithm="HS256",
+        )
+        for n in range(30)
+    }
+    replies: dict[str, Any] = {}
+    reuse: list[int] = []
+
+    def open_socket(ws_url: str, user: str, ticket: str) -> None:
+        with connect(f"{ws_url}?ticket={ticket}", open_timeout=20) as sock:
+            sock.send("hi")
+            replies[user] = json.loads(sock.recv(timeout=10))
+        with pytest.raises(InvalidStatus) as again:
+            connect(f"{ws_url}?ticket={ticket}", open_timeout=20)
+        reuse.append(again.value.response.status_code)
+
+    with serve("uvicorn", app, access_log=True, log_level="info", log_config=None) as url:
+        ws_url = url.replace("http", "ws") + "/ws"
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+
+            async def browser(user: str, token: str) -> None:
+                answer = await client.post(
+                    "/ws-ticket", headers={"authorization": f"Bearer {token}"}
+                )
+                assert answer.status_code == 200, answer.text
+                ticket = answer.json()["ticket"]
+                await anyio.to_thread.run_sync(open_socket, ws_url, user, ticket)
+
+            async with anyio.create_task_group() as tg:
+                for user, token in tokens.items():
+                    tg.start_soon(browser, user, token)
+    assert replies == {f"user-{n}": {"user": f"user-{n}", "tenant": f"t{n % 3}"} for n in range(30)}
+    # Servers with the denial-response extension answer 401; others close with 1008 (403).
+    assert sorted(set(reuse)) in ([401], [403])
+    assert any("WebSocket /ws?ticket=" in line for line in logs)  # the access log was seen
+    for token in tokens.values():
+        signature = token.rsplit(".", 1)[1]
+        assert not any(signature in line for line in logs)
