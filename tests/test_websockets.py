@@ -34,8 +34,8 @@ import redis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from ambient import Registry, UserExecutionContext
-from ambient.errors import ContextSwitchError, NoActiveContextError
+from ambient import Registry, UserExecutionContext, UserRef
+from ambient.errors import ContextSwitchError, InvalidContextError, NoActiveContextError
 from ambient.integrations.websockets import (
     ConnectionHub,
     Envelope,
@@ -579,6 +579,69 @@ async def test_a_user_over_the_cap_loses_the_oldest_socket_not_the_newest(server
     assert handler_failures(ledger) == []
 
 
+async def _closed_frame(sock: ClientConnection) -> Any:
+    """The close frame ``sock`` receives, events still on the wire skipped; within 1 s."""
+    async with asyncio.timeout(1):
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await sock.recv()
+    return closed.value.rcvd
+
+
+async def test_revoking_a_user_ends_its_sockets_at_once_with_4001(server: str) -> None:
+    """Carol has two sockets, one busy streaming events for a message; dave has two.
+    Revoking carol closes both of hers with 4001 within 1 s, and the busy handler stops
+    mid-message: it never finishes that message under her context. Revoking one of dave's
+    connections closes only that one; every handler ends cleanly."""
+    hub = ConnectionHub()
+    app, ledger, _ = build(hub)
+
+    async def scenario(base: str) -> None:
+        busy, _ = await open_socket(base, "carol", "one")
+        idle, _ = await open_socket(base, "carol", "two")
+        dave_one, ready = await open_socket(base, "dave", "one")
+        dave_two, _ = await open_socket(base, "dave", "two")
+        # Streams until carol has no socket here, then sends 5 more events: revoked, the
+        # handler stops at its next await, so it never gets to the end of the message.
+        stream = {"op": "stream", "max": 100_000, "pace": 0.005, "after": 5}
+        await busy.send(json.dumps(stream))
+        assert json.loads(await busy.recv())["type"] == "event"  # the message is under way
+        async with httpx.AsyncClient(base_url=base, timeout=DEADLINE) as http:
+            carol = await http.post("/revoke", params={"user": "carol"}, headers=OPS)
+            assert carol.status_code == 200, carol.text
+            for sock in (busy, idle):
+                frame = await _closed_frame(sock)
+                assert (frame.code, frame.reason) == (4001, "access revoked")
+            assert await expect_pong(dave_two) == []
+            one = {"user": "dave", "connection": ready["connection"], "reason": "session ended"}
+            dave = await http.post("/revoke", params=one, headers=OPS)
+            assert dave.status_code == 200, dave.text
+        frame = await _closed_frame(dave_one)
+        assert (frame.code, frame.reason) == (4001, "session ended")
+        assert await expect_pong(dave_two, 1) == []
+        await close_all([dave_two])
+
+    with serve(server, app) as url:
+        await in_client_thread(lambda: scenario(url))
+        await wait_closed(ledger, 4)
+        stats = hub.stats()
+    assert (stats.revoked, stats.connections, stats.users) == (3, 0, 0)
+    assert [what for what, user in ledger.events if what.startswith("streamed")] == []
+    assert handler_failures(ledger) == []
+
+
+async def test_revoke_checks_its_arguments() -> None:
+    hub = ConnectionHub()
+    with pytest.raises(ValueError, match="123 bytes"):
+        await hub.revoke("carol", reason="x" * 124)
+    with pytest.raises(ValueError, match="UserRef"):
+        await hub.revoke(UserRef("carol", "acme"), tenant_id="acme")
+    with pytest.raises(InvalidContextError):
+        await hub.revoke("")
+    await hub.revoke("nobody")  # no socket: nothing to do
+    assert hub.stats().revoked == 0
+
+
 async def test_origins_not_on_the_list_are_refused_before_anything_is_bound(server: str) -> None:
     """A foreign Origin, no Origin and a repeated Origin are refused before the handshake
     completes (no context, no component); the listed origin gets in, in any case and
@@ -686,6 +749,8 @@ def test_envelopes_survive_the_wire() -> None:
         Envelope(UserRef("alice"), 0, None, '{"a":"é"}'),
         Envelope(UserRef("alice", "acme"), 1, "thread-1", b"\x00\xff"),
         Envelope(UserRef("b", ""), 2, "conn", ""),
+        Envelope(UserRef("carol", "acme"), 3, None, "access revoked"),
+        Envelope(UserRef("carol"), 3, "conn", "session ended"),
     ):
         assert decode_envelope(encode_envelope(envelope)) == envelope
     with pytest.raises(ValueError, match="envelope"):
@@ -849,6 +914,31 @@ async def test_events_reach_a_users_socket_held_by_another_process(redis_url: st
     for stats in closed:
         assert stats["closed"] is True
         assert (stats["connections"], stats["subscriptions"], stats["queued"]) == (0, 0, 0)
+
+
+async def test_a_revocation_reaches_the_users_sockets_in_another_process(redis_url: str) -> None:
+    """Carol's sockets are on process 1; the revocation is made on process 2: both close
+    with 4001 within 1 s, while a bystander's socket on process 1 goes on."""
+    env = {"AMBIENT_WS_REDIS_URL": redis_url, "AMBIENT_WS_PREFIX": unique_prefix()}
+
+    async def scenario(one: str, two: str) -> dict[str, Any]:
+        carol = [(await open_socket(one, "carol", thread))[0] for thread in ("a", "b")]
+        bystander, _ = await open_socket(one, "dave")
+        async with httpx.AsyncClient(timeout=DEADLINE) as http:
+            revoked = await http.post(f"{two}/revoke", params={"user": "carol"}, headers=OPS)
+            assert revoked.status_code == 200, revoked.text
+            for sock in carol:
+                frame = await _closed_frame(sock)
+                assert (frame.code, frame.reason) == (4001, "access revoked")
+            assert await expect_pong(bystander) == []
+            await close_all([bystander])
+            closed = await http.get(f"{one}/closed", params={"count": 3}, headers=OPS)
+        return dict(closed.json())
+
+    with uvicorn_processes(2, env) as (one, two):
+        stats = await in_client_thread(lambda: scenario(one, two))
+    assert stats["closed"] is True
+    assert (stats["revoked"], stats["connections"], stats["subscriptions"]) == (2, 0, 0)
 
 
 async def test_delivery_resumes_after_a_redis_restart_and_the_outage_is_reported(

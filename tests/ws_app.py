@@ -181,6 +181,16 @@ def build_app(hub: ConnectionHub, ledger: Ledger, sockets: Sockets) -> Starlette
         await hub.aclose()
         return JSONResponse(_stats(hub))
 
+    async def revoke(request: Request) -> Response:
+        """An administrator ends a user's sockets (or one of them)."""
+        params = request.query_params
+        await hub.revoke(
+            params["user"],
+            connection_id=params.get("connection"),
+            reason=params.get("reason", "access revoked"),
+        )
+        return JSONResponse(_stats(hub))
+
     async def down(request: Request) -> Response:
         """Wait until the Redis subscription is lost."""
         backend = hub.backend
@@ -205,6 +215,7 @@ def build_app(hub: ConnectionHub, ledger: Ledger, sockets: Sockets) -> Starlette
             Route("/ready", ready),
             Route("/closed", closed),
             Route("/hub/close", close_hub, methods=["POST"]),
+            Route("/revoke", revoke, methods=["POST"]),
             Route("/down", down),
         ]
     )

@@ -22,6 +22,10 @@ the current user's own sockets, across processes through Redis (extra ``redis``)
   :class:`BroadcastError` to the sender (the middleware answers it with 503); the backend
   reconnects and re-subscribes by itself. Pub/sub delivers at most once: events published
   while a process is cut off from Redis are not replayed to it.
+* :meth:`ConnectionHub.revoke` ends a named user's sockets (or one of them) in every
+  process, for a logout, a ban or a revoked session: each handler's block is cancelled at
+  once and the socket closed with 4001. It is the one operation that names its user: it is
+  for the auth system or an administrator, not for the user's own requests.
 * :class:`OriginAllowList` is ASGI middleware that refuses websocket handshakes from origins
   not on a list (cross-site websocket hijacking), before any context is bound.
 
@@ -61,6 +65,7 @@ from ambient.errors import UnsupportedBackendError
 from ambient.integrations.websockets._broadcast import Broadcast, BroadcastError, InProcessBroadcast
 from ambient.integrations.websockets._broadcast import Deliver as Deliver
 from ambient.integrations.websockets._connection import Connection, WebSocketLike
+from ambient.integrations.websockets._envelope import REVOKE as REVOKE
 from ambient.integrations.websockets._envelope import TO_CONNECTION as TO_CONNECTION
 from ambient.integrations.websockets._envelope import TO_THREAD as TO_THREAD
 from ambient.integrations.websockets._envelope import TO_USER as TO_USER
@@ -68,6 +73,7 @@ from ambient.integrations.websockets._envelope import Envelope, decode_envelope,
 from ambient.integrations.websockets._envelope import Event as Event
 from ambient.integrations.websockets._hub import CLOSE_GOING_AWAY as CLOSE_GOING_AWAY
 from ambient.integrations.websockets._hub import CLOSE_POLICY_VIOLATION as CLOSE_POLICY_VIOLATION
+from ambient.integrations.websockets._hub import CLOSE_REVOKED as CLOSE_REVOKED
 from ambient.integrations.websockets._hub import CLOSE_TRY_AGAIN_LATER as CLOSE_TRY_AGAIN_LATER
 from ambient.integrations.websockets._hub import ConnectionHub, HubStats
 from ambient.integrations.websockets._manager import UserWebSocketManager, message_scope

@@ -48,7 +48,7 @@ class Connection:
         user: Whose socket it is.
         thread_id: The conversation thread it follows.
         close_code: The code the hub closed it with (1013 overflow, 1008 replaced,
-            1001 shutdown), or ``None``.
+            1001 shutdown, 4001 revoked), or ``None``.
     """
 
     __slots__ = (
@@ -59,6 +59,7 @@ class Connection:
         "_hub",
         "_queue",
         "_queued_bytes",
+        "_revoked",
         "_wakeup",
         "_websocket",
         "_writer_scope",
@@ -86,6 +87,8 @@ class Connection:
         self._done = False
         self._writer_scope: anyio.CancelScope | None = None
         self._block_scope: anyio.CancelScope | None = None
+        # The close reason once the user's access was revoked.
+        self._revoked: str | None = None
 
     def __repr__(self) -> str:
         return f"<Connection {self.connection_id} of {self.user.user_id!r}>"
@@ -135,6 +138,20 @@ class Connection:
             self._queue.clear()
             self._queued_bytes = 0
         self._limit_writer()
+
+    def _revoke(self, code: int, reason: str) -> None:
+        """Access revoked: end the handler's block now, before it handles anything more;
+        the hub closes the socket with ``code`` once the block is out."""
+        self._revoked = reason
+        self.close_code = code
+        # Not ``_closing``: the writer must not start a close the cancellation could cut
+        # short (the framework would then refuse the hub's own close frame).
+        self._done = True
+        self._queue.clear()
+        self._queued_bytes = 0
+        block = self._block_scope
+        if block is not None:
+            block.cancel()
 
     def _finish(self) -> None:
         """The handler is done: write what is queued (within ``close_timeout``), then stop."""

@@ -14,6 +14,8 @@ from ambient import UserRef
 TO_USER: Final = 0
 TO_THREAD: Final = 1
 TO_CONNECTION: Final = 2
+# Not an event: the user's sockets (or the one named by ``target``) lose their access.
+REVOKE: Final = 3
 
 Event = Mapping[str, Any] | bytes | bytearray | memoryview
 
@@ -24,9 +26,11 @@ class Envelope:
 
     Attributes:
         user: The user whose sockets receive it (always taken from a bound context).
-        mode: ``TO_USER``, ``TO_THREAD`` or ``TO_CONNECTION``.
-        target: The thread id or connection id for the last two modes.
-        data: A text frame (``str``, JSON) or a binary frame (``bytes``).
+        mode: ``TO_USER``, ``TO_THREAD``, ``TO_CONNECTION`` or ``REVOKE``.
+        target: The thread id or connection id for the middle two modes; for ``REVOKE``
+            the one connection to revoke, or ``None`` for all of the user's.
+        data: A text frame (``str``, JSON) or a binary frame (``bytes``); for ``REVOKE``
+            the close reason.
     """
 
     user: UserRef
@@ -88,7 +92,7 @@ def decode_envelope(raw: bytes) -> Envelope:
     at += user_len
     target = raw[at : at + target_len].decode() if target_len else None
     at += target_len
-    if kind not in (_TEXT, _BINARY) or mode not in (TO_USER, TO_THREAD, TO_CONNECTION):
+    if kind not in (_TEXT, _BINARY) or mode not in (TO_USER, TO_THREAD, TO_CONNECTION, REVOKE):
         raise ValueError("not an ambient websocket envelope")
     payload = raw[at:]
     data: str | bytes = payload.decode() if kind == _TEXT else bytes(payload)

@@ -12,9 +12,10 @@ import anyio
 
 import ambient
 from ambient import Lifetime, Registry, UserExecutionContext, UserRef
+from ambient._context import validate_id
 from ambient.integrations.websockets._broadcast import Broadcast, BroadcastError, InProcessBroadcast
 from ambient.integrations.websockets._connection import Connection, WebSocketLike
-from ambient.integrations.websockets._envelope import TO_CONNECTION, TO_USER, Envelope
+from ambient.integrations.websockets._envelope import REVOKE, TO_CONNECTION, TO_USER, Envelope
 from ambient.integrations.websockets._manager import UserWebSocketManager
 
 logger = logging.getLogger("ambient.websockets")
@@ -22,6 +23,7 @@ logger = logging.getLogger("ambient.websockets")
 CLOSE_GOING_AWAY: Final = 1001
 CLOSE_POLICY_VIOLATION: Final = 1008
 CLOSE_TRY_AGAIN_LATER: Final = 1013
+CLOSE_REVOKED: Final = 4001  # the code the middleware closes an expired identity's socket with
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +39,7 @@ class HubStats:
         overflows: Sockets closed with 1013 because they fell too far behind.
         send_failures: Sockets dropped because a send to them failed.
         replaced: Sockets closed with 1008 to make room for a newer one of the same user.
+        revoked: Sockets closed with 4001 by :meth:`ConnectionHub.revoke`.
     """
 
     connections: int
@@ -47,6 +50,7 @@ class HubStats:
     overflows: int
     send_failures: int
     replaced: int
+    revoked: int = 0
 
 
 class ConnectionHub:
@@ -100,6 +104,7 @@ class ConnectionHub:
         self._overflows = 0
         self._send_failures = 0
         self._replaced = 0
+        self._revoked = 0
         self.backend.attach(self._deliver)
 
     def install(self, registry: Registry) -> None:
@@ -128,6 +133,7 @@ class ConnectionHub:
             overflows=self._overflows,
             send_failures=self._send_failures,
             replaced=self._replaced,
+            revoked=self._revoked,
         )
 
     async def aclose(self) -> None:
@@ -141,6 +147,41 @@ class ConnectionHub:
                 self._remove(connection)
                 connection._request_close(CLOSE_GOING_AWAY, "server shutting down", drain=True)
         await self.backend.aclose()
+
+    async def revoke(
+        self,
+        user: UserRef | str,
+        *,
+        tenant_id: str | None = None,
+        connection_id: str | None = None,
+        reason: str = "access revoked",
+    ) -> None:
+        """End a user's sockets (or the one ``connection_id`` names) in every process the
+        backend reaches: each handler's block is cancelled at once, so it handles nothing
+        more under that user's context, and the socket is closed with 4001 and ``reason``.
+
+        For a logout, a ban or a revoked session: refuse the credential first (so no new
+        handshake gets in), then call this. Unlike the hub's other sends, it names its
+        user explicitly: it is meant for an administrator or the auth system, not for the
+        user's own requests.
+
+        Raises:
+            InvalidContextError: ``user`` or ``tenant_id`` is not a valid id.
+            ValueError: ``reason`` is longer than a close frame allows (123 bytes).
+            BroadcastError: the backend is unreachable; nothing was revoked.
+        """
+        if isinstance(user, UserRef):
+            if tenant_id is not None:
+                msg = "pass the tenant inside the UserRef, not as tenant_id as well"
+                raise ValueError(msg)
+            ref = user
+        else:
+            tenant = None if tenant_id is None else validate_id("tenant_id", tenant_id)
+            ref = UserRef(validate_id("user_id", user), tenant)
+        if not isinstance(reason, str) or len(reason.encode()) > 123:
+            msg = f"reason must be a str of at most 123 bytes (a close frame's), not {reason!r}"
+            raise ValueError(msg)
+        await self._publish(Envelope(ref, REVOKE, connection_id, reason))
 
     # -- delivery ------------------------------------------------------------------------
 
@@ -156,6 +197,13 @@ class ConnectionHub:
         mode = envelope.mode
         target = envelope.target
         data = envelope.data
+        if mode == REVOKE:
+            for revoked in list(connections.values()):
+                if target is None or revoked.connection_id == target:
+                    self._remove(revoked)
+                    self._revoked += 1
+                    revoked._revoke(CLOSE_REVOKED, str(data))
+            return
         if mode == TO_CONNECTION:
             connection = connections.get(target) if target is not None else None
             if connection is not None:
@@ -208,6 +256,8 @@ class ConnectionHub:
             if failure is not None:
                 raise failure
         finally:
+            if connection._revoked is not None:
+                await _close_revoked(connection, websocket, self.close_timeout)
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.close_timeout):
                 try:
                     await self.backend.unsubscribe(user)
@@ -260,6 +310,15 @@ class ConnectionHub:
         self._remove(connection)
         self._send_failures += 1
         return True
+
+
+async def _close_revoked(connection: Connection, websocket: WebSocketLike, within: float) -> None:
+    """Close a revoked connection's socket with 4001 once its block is out."""
+    with anyio.CancelScope(shield=True), anyio.move_on_after(within):
+        try:
+            await websocket.close(CLOSE_REVOKED, connection._revoked)
+        except Exception:  # the socket is already gone or closed
+            logger.debug("ambient: closing revoked %r failed", connection, exc_info=True)
 
 
 async def _refuse_after_accept(websocket: WebSocketLike, reason: str) -> None:
