@@ -16,6 +16,9 @@ from ambient.errors import PoolExhaustedError
 if TYPE_CHECKING:
     from psycopg.pq.abc import PGcancel
 
+    from ambient.integrations.psycopg._per_user import PerUserPools
+    from ambient.integrations.psycopg._shared import SharedPool
+
 
 _ACTIVE = TransactionStatus.ACTIVE
 _IDLE = TransactionStatus.IDLE
@@ -52,6 +55,35 @@ async def _cancel_broken(conn: AsyncConnection[Any], cancel: PGcancel) -> bool:
     if not conn.closed:
         await conn.close()
     return True
+
+
+async def _through_pooler(conn: AsyncConnection[Any]) -> bool:
+    """Whether ``conn`` reaches PostgreSQL through a connection pooler (pgbouncer and its
+    kin): the pooler hands the client a cancel key of its own, so the backend pid libpq
+    learnt at connect time is not the pid of the server process that runs the queries."""
+    cur = await conn.execute("SELECT pg_catalog.pg_backend_pid()", prepare=False)
+    row = await cur.fetchone()
+    return row is not None and row[0] != conn.info.backend_pid
+
+
+def _warn_pooler(owner: SharedPool | PerUserPools, conn: AsyncConnection[Any], how: str) -> None:
+    """Say once per pool owner what a pooler between it and the server means."""
+    if owner._pooler_seen:
+        return
+    owner._pooler_seen = True
+    prepared = (
+        ""
+        if conn.prepare_threshold is None
+        else " psycopg prepares statements it runs often (prepare_threshold="
+        f"{conn.prepare_threshold}); under transaction pooling that fails before pgbouncer "
+        "1.21 (pass kwargs={'prepare_threshold': None} there)."
+    )
+    logger.warning(
+        "ambient: %r connects through a connection pooler (pgbouncer?): %s.%s",
+        owner,
+        how,
+        prepared,
+    )
 
 
 def _aborted() -> psycopg.errors.InFailedSqlTransaction:

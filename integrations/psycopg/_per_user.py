@@ -67,6 +67,11 @@ class PerUserPools:
 
     Every connection of a user's pool serves that user only; the ``settings`` (by default
     ``app.user_id`` and ``app.tenant_id``) are set for the whole session when it connects.
+    A connection that reaches PostgreSQL through a connection pooler (pgbouncer, whose
+    transaction pooling hands one server session to many clients in turn) is recognised
+    when it connects (the pooler's cancel key is not the server's): its settings are then
+    never set for the session, but at the start of every checkout, for its transaction
+    only, and autocommit is refused there (one statement's transaction would lose them).
     A checkout follows psycopg's rules: committed when the ``async with`` body ends
     normally, rolled back when it raises. One that ends normally in a failed transaction
     (a statement's error caught inside it) is rolled back and raises
@@ -137,6 +142,9 @@ class PerUserPools:
         self._names = checked.names
         self._fields = checked.fields
         self._set_sql = checked.set_sql
+        # Behind a connection pooler the settings are set in every transaction instead.
+        self._set_local_sql = checked.set_sql.replace(", false)", ", true)")
+        self._pooler_seen = False
         self._kwargs = dict(kwargs or {})
         self._pool_options = pool_options
         self._checked_conninfo: set[str] = set()

@@ -29,6 +29,8 @@ from ambient.integrations.psycopg._common import (
     _INERROR,
     _aborted,
     _cancel_broken,
+    _through_pooler,
+    _warn_pooler,
 )
 from ambient.integrations.psycopg._database import Database
 from ambient.integrations.psycopg._rls import check_rls
@@ -184,6 +186,7 @@ class SharedPool:
         self._gates: dict[UserRef, _Gate] = {}
         self.checked_out = 0
         self.discarded = 0
+        self._pooler_seen = False
 
     def __repr__(self) -> str:
         return f"<SharedPool {self.name!r}>"
@@ -290,6 +293,10 @@ class SharedPool:
     # -- connection callbacks (run by psycopg_pool's workers) ------------------------------
 
     async def _configure(self, conn: AsyncConnection[Any]) -> None:
+        if await _through_pooler(conn):
+            _warn_pooler(
+                self, conn, "its settings last one transaction, so transaction pooling suits it"
+            )
         # Every connection of the pool starts alike; remember how, to restore it on return.
         if self._initial is None:
             self._initial = (

@@ -7,13 +7,20 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import psycopg
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout, TooManyRequests
 
 import ambient
 from ambient import UserRef
 from ambient.integrations.psycopg._arguments import _values
-from ambient.integrations.psycopg._common import _IN_USE, _exhausted, _release
+from ambient.integrations.psycopg._common import (
+    _IN_USE,
+    _exhausted,
+    _release,
+    _through_pooler,
+    _warn_pooler,
+)
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -31,7 +38,17 @@ def _user_pool_closed(owner: PerUserPools) -> PoolClosed:
 class _UserPool:
     """One user's pool: the USER component behind :class:`PerUserPools`."""
 
-    __slots__ = ("__weakref__", "active", "closed", "opening", "owner", "pool", "slots", "user")
+    __slots__ = (
+        "__weakref__",
+        "active",
+        "closed",
+        "opening",
+        "owner",
+        "pool",
+        "pooled",
+        "slots",
+        "user",
+    )
 
     def __init__(self, owner: PerUserPools, user: UserRef) -> None:
         self.owner = owner
@@ -41,6 +58,8 @@ class _UserPool:
         self.slots = 0
         self.active = 0
         self.closed = False
+        # Whether the connections reach the server through a pooler (seen on connecting).
+        self.pooled = False
         owner._pools.add(self)
 
     def __repr__(self) -> str:
@@ -97,7 +116,7 @@ class _UserPool:
             max_size=slots,
             open=False,
             kwargs=owner._kwargs,
-            configure=self._configure if owner._names else None,
+            configure=self._configure,
             timeout=owner.timeout,
             name=f"{owner.name}-{next(_pool_numbers)}",
             **owner._pool_options,
@@ -116,9 +135,19 @@ class _UserPool:
         return pool
 
     async def _configure(self, conn: AsyncConnection[Any]) -> None:
-        # A connection of this pool serves this user only: session-level settings are safe.
         owner = self.owner
-        await conn.execute(owner._set_sql, _values(self.user, owner), prepare=False)
+        if await _through_pooler(conn):
+            # The server session behind this connection changes hands between
+            # transactions: a session-level setting would reach other users' queries.
+            self.pooled = True
+            _warn_pooler(
+                owner,
+                conn,
+                "its settings are set in every checkout's transaction, not once per session",
+            )
+        elif owner._names:
+            # A connection of this pool serves this user only: session settings are safe.
+            await conn.execute(owner._set_sql, _values(self.user, owner), prepare=False)
         if not conn.autocommit:
             await conn.commit()
 
@@ -188,11 +217,41 @@ class _UserCheckout:
         except BaseException:
             owner._done(user_pool)
             raise
+        if user_pool.pooled and owner._names:
+            await self._set_local(conn, pool, user_pool)
         self._user_pool = user_pool
         self._pool = pool
         self._cancel = conn.pgconn.get_cancel()
         self._conn = conn
         return conn
+
+    async def _set_local(
+        self,
+        conn: AsyncConnection[Any],
+        pool: AsyncConnectionPool[AsyncConnection[Any]],
+        user_pool: _UserPool,
+    ) -> None:
+        """Behind a pooler: the settings for this checkout's transaction (it starts here)."""
+        owner = self._owner
+        error: BaseException
+        if conn.autocommit:
+            error = psycopg.ProgrammingError(
+                f"{owner!r} connects through a connection pooler, where the settings last "
+                "one transaction; with autocommit each statement is its own, so they would "
+                "not cover the next. Leave autocommit off"
+            )
+        else:
+            try:
+                await conn.execute(
+                    owner._set_local_sql, _values(user_pool.user, owner), prepare=False
+                )
+            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                error = exc
+            else:
+                return
+        await _release(pool, conn, conn.pgconn.get_cancel(), error)
+        owner._done(user_pool)
+        raise error
 
     async def __aexit__(
         self,

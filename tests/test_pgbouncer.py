@@ -1,0 +1,254 @@
+"""Both pool strategies behind pgbouncer in transaction pooling mode.
+
+pgbouncer (``pool_mode = transaction``, two server connections) stands between the pools
+and PostgreSQL, so every transaction of a client connection may run on another server
+session, one that other users' transactions used a moment ago. Fifty users at once, two
+thousand checkouts: every statement must see only its own user's settings and rows, and no
+server session may keep a setting for the next client.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+
+from ambient import Registry, UserExecutionContext
+from ambient.integrations.psycopg import PerUserPools, SharedPool, connection
+from tests.conftest import service_unavailable
+from tests.servers import free_port
+from tests.test_psycopg import Database, _admin, make_database
+from tests.test_websockets import stop, wait_listening
+
+USERS = 50
+CHECKOUTS = 40
+SERVER_CONNECTIONS = 2
+
+
+@contextmanager
+def pgbouncer(db: Database) -> Iterator[str]:
+    """pgbouncer in transaction mode in front of the test database, logging in as the
+    test's app role; yields the conninfo clients use."""
+    binary = shutil.which("pgbouncer")
+    if binary is None:
+        service_unavailable("pgbouncer", "the pgbouncer program is not installed")
+        raise AssertionError  # unreachable: service_unavailable skips or fails
+    role = psycopg.conninfo.conninfo_to_dict(db.app_url)["user"]
+    port = free_port()
+    with tempfile.TemporaryDirectory() as folder:
+        Path(folder).chmod(0o777)  # pgbouncer refuses to run as root: it runs as postgres
+        ini = Path(folder, "pgbouncer.ini")
+        ini.write_text(
+            "[databases]\n"
+            f"test = host=127.0.0.1 port=5432 dbname=test user={role}\n"
+            "[pgbouncer]\n"
+            "listen_addr = 127.0.0.1\n"
+            f"listen_port = {port}\n"
+            "unix_socket_dir =\n"
+            "auth_type = any\n"
+            "pool_mode = transaction\n"
+            f"default_pool_size = {SERVER_CONNECTIONS}\n"
+            "max_client_conn = 500\n"
+            f"logfile = {folder}/pgbouncer.log\n"
+        )
+        command = [binary, str(ini)]
+        if os.geteuid() == 0:
+            command[1:1] = ["-u", "postgres"]
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)  # noqa: S603
+        try:
+            wait_listening(port, process)
+            yield f"host=127.0.0.1 port={port} dbname=test user={role}"
+        finally:
+            stop(process)
+
+
+@pytest.fixture(name="bounced")
+def fixture_bounced(anyio_backend: str) -> Iterator[tuple[Database, str]]:
+    """A fresh database with every user's note, and pgbouncer in front of it."""
+    if anyio_backend != "asyncio":
+        pytest.skip("psycopg's async pool is asyncio-only (trio refusal: test_*_trio)")
+    with make_database() as db, pgbouncer(db) as url:
+        with _admin() as admin:
+            for n in range(USERS):
+                admin.execute(
+                    db.sql("INSERT INTO {notes} (owner, body) VALUES (%s, %s)"),
+                    (f"user-{n}", f"note of user-{n}"),
+                )
+        yield db, url
+
+
+async def _many_users(registry: Registry, db: Database) -> list[str]:
+    """USERS users at once, CHECKOUTS checkouts each; what any of them saw wrong."""
+    wrong: list[str] = []
+
+    async def user(n: int) -> None:
+        name = f"user-{n}"
+        for i in range(CHECKOUTS):
+            async with registry.open_scope(UserExecutionContext.create(name)):
+                try:
+                    async with connection() as conn:
+                        cur = await conn.execute("SELECT current_setting('app.user_id', true)")
+                        setting = await cur.fetchone()
+                        await anyio.lowlevel.checkpoint()  # let the others interleave
+                        cur = await conn.execute(db.sql("SELECT owner FROM {notes}"))
+                        owners = [row[0] for row in await cur.fetchall()]
+                except psycopg.Error as error:
+                    wrong.append(f"{name} #{i}: {type(error).__name__}: {error}")
+                    continue
+                if setting != (name,) or owners != [name]:
+                    wrong.append(f"{name} #{i}: setting {setting}, rows of {owners}")
+
+    async with anyio.create_task_group() as tg:
+        for n in range(USERS):
+            tg.start_soon(user, n)
+    return wrong
+
+
+async def _no_session_settings(url: str) -> list[Any]:
+    """What plain clients of pgbouncer see of the settings outside any checkout: each of
+    the server sessions must have none left over."""
+    seen = []
+    for _ in range(4 * SERVER_CONNECTIONS):
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            cur = await conn.execute(
+                "SELECT current_setting('app.user_id', true), pg_backend_pid()", prepare=False
+            )
+            seen.append(await cur.fetchone())
+    assert len({pid for _, pid in seen}) <= SERVER_CONNECTIONS
+    return [setting for setting, _ in seen if setting]
+
+
+def _registry(pool: SharedPool | PerUserPools) -> Registry:
+    registry = Registry()
+    pool.install(registry)
+    return registry
+
+
+def _pooler_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "connection pooler" in r.getMessage()]
+
+
+async def test_shared_pool_behind_transaction_pooling(
+    bounced: tuple[Database, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """2,000 checkouts of 50 users through pgbouncer's two server sessions: each sees only
+    its own setting and row, nothing fails, no connection is discarded, and no session
+    keeps a setting. The pooler is recognised and reported once."""
+    db, url = bounced
+    pool = SharedPool(
+        url,
+        max_size=10,
+        per_user_limit=10,
+        rls_tables=[db.notes],
+        rls_check="raise",
+        kwargs={**db.kwargs(), "prepare_threshold": None},
+    )
+    registry = _registry(pool)
+    with caplog.at_level(logging.WARNING, logger="ambient"):
+        try:
+            assert await _many_users(registry, db) == []
+            assert pool.stats().discarded == 0
+        finally:
+            await registry.aclose()
+    assert await _no_session_settings(url) == []
+    warnings = _pooler_warnings(caplog)
+    assert len(warnings) == 1
+    assert "prepare_threshold" not in warnings[0]
+
+
+async def test_per_user_pools_behind_transaction_pooling(
+    bounced: tuple[Database, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same through PerUserPools, whose connections carry session settings when they
+    reach PostgreSQL directly: behind the pooler the settings go into every checkout's
+    transaction instead, so no user sees another's (session settings here showed another
+    user's to most checkouts), and no server session keeps one."""
+    db, url = bounced
+    pools = PerUserPools(
+        url,
+        max_size=2,
+        max_total=20,
+        rls_tables=[db.notes],
+        rls_check="raise",
+        kwargs={**db.kwargs(), "prepare_threshold": None},
+    )
+    registry = _registry(pools)
+    with caplog.at_level(logging.WARNING, logger="ambient"):
+        try:
+            assert await _many_users(registry, db) == []
+        finally:
+            await registry.aclose()
+    assert await _no_session_settings(url) == []
+    assert len(_pooler_warnings(caplog)) == 1
+
+
+async def test_per_user_pools_direct_keep_session_settings(
+    bounced: tuple[Database, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Connected directly, PerUserPools sees no pooler and sets the settings once per
+    session, as before: a statement outside any transaction still sees them."""
+    db, _ = bounced
+    pools = PerUserPools(db.app_url, kwargs={**db.kwargs(), "autocommit": True})
+    registry = _registry(pools)
+    with caplog.at_level(logging.WARNING, logger="ambient"):
+        try:
+            async with (
+                registry.open_scope(UserExecutionContext.create("user-7")),
+                connection() as conn,
+            ):
+                cur = await conn.execute("SELECT current_setting('app.user_id', true)")
+                assert await cur.fetchone() == ("user-7",)
+        finally:
+            await registry.aclose()
+    assert _pooler_warnings(caplog) == []
+
+
+async def test_per_user_pools_refuse_autocommit_behind_a_pooler(
+    bounced: tuple[Database, str],
+) -> None:
+    """With autocommit the settings of one transaction would not cover the next
+    statement: behind a pooler the checkout refuses, and its connection goes back."""
+    db, url = bounced
+    pools = PerUserPools(url, kwargs={**db.kwargs(), "autocommit": True, "prepare_threshold": None})
+    registry = _registry(pools)
+    try:
+        async with registry.open_scope(UserExecutionContext.create("user-1")):
+            with pytest.raises(psycopg.ProgrammingError, match="autocommit"):
+                async with connection():
+                    pytest.fail("the checkout must not start")
+            assert pools.stats().checked_out == 0
+    finally:
+        await registry.aclose()
+
+
+async def test_prepared_statements_behind_a_pooler_are_warned_about(
+    bounced: tuple[Database, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """psycopg prepares statements by default, which pgbouncer before 1.21 cannot follow
+    across server sessions: opening a pool through one says how to turn that off."""
+    db, url = bounced
+    pool = SharedPool(url, rls_check="off", kwargs=db.kwargs())
+    registry = _registry(pool)
+    with caplog.at_level(logging.WARNING, logger="ambient"):
+        try:
+            async with (
+                registry.open_scope(UserExecutionContext.create("user-1")),
+                connection() as conn,
+            ):
+                cur = await conn.execute(db.sql("SELECT owner FROM {notes}"), prepare=False)
+                assert await cur.fetchall() == [("user-1",)]
+        finally:
+            await registry.aclose()
+    warnings = _pooler_warnings(caplog)
+    assert len(warnings) == 1
+    assert "'prepare_threshold': None" in warnings[0]
