@@ -57,7 +57,7 @@ class Scope:
     Attributes:
         context: The bound context.
         exception: What ended the scope's body (an exception or a cancellation), for
-            observers; ``None`` when it ended normally.
+            observers; ``None`` when it ended normally, and once the scope has closed.
         components_created: Components this scope created.
         cleanup_failures: Cleanups that failed when it closed.
     """
@@ -130,7 +130,8 @@ class Scope:
 
     @property
     def state(self) -> dict[Any, Any]:
-        """A dict for observers and integrations to keep per-scope data in."""
+        """A dict for observers and integrations to keep per-scope data in (emptied when
+        the scope closes, after the observers have seen it close)."""
         if self._state is None:
             self._state = {}
         return self._state
@@ -297,8 +298,17 @@ class Scope:
             self._binding = None
             unbind(binding)
         self._registry.open_scopes -= 1
-        if self.observers:
-            notify(self.observers, "scope_closed", self, tuple(failures))
+        try:
+            if self.observers:
+                notify(self.observers, "scope_closed", self, tuple(failures))
+        finally:
+            # Something may keep this scope alive after it closed (a timer scheduled in the
+            # request holds the request's contextvars, and so its binding and scope): keep
+            # nothing of the request's through it, least of all the exception, whose
+            # traceback holds every frame's locals.
+            self._state = None
+            self.exception = None
+            self._own = None
 
     def hold(self) -> _Hold:
         """Keep this scope open past the end of its body, for work it hands off.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import gc
 import sys
@@ -9,7 +10,9 @@ import weakref
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import anyio
 import pytest
+import sniffio
 
 import ambient
 from ambient import Lifetime, Registry, UserExecutionContext
@@ -127,3 +130,67 @@ async def test_10000_middleware_stacks_create_no_context_vars_and_free_their_mem
     assert made == []
     # One object kept per application would be 10,000 blocks.
     assert grown < 1_000, f"{grown} memory blocks still allocated"
+
+
+class Payload:
+    """Request data that must not outlive the request (a body, a document)."""
+
+
+async def test_a_timer_or_task_holding_the_request_context_pins_none_of_its_data() -> None:
+    """A request schedules work that keeps a copy of its contextvars long after it ends
+    (a task in an application-wide task group; on asyncio also a ``call_later`` timer),
+    and then fails. Once the request is over, its REQUEST component, its user's USER
+    component, what it kept in ``scope.state`` and a local of the failing frame are all
+    collectable; the scope that stays reachable holds no exception and no state."""
+    registry = Registry()
+    registry.register(RequestThing, RequestThing)
+    registry.register(UserThing, UserThing, lifetime=Lifetime.USER, idle_ttl=0)
+    refs: list[weakref.ref[object]] = []
+    scopes: list[ambient.Scope] = []
+    timers: list[Any] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        payload = Payload()
+        refs.extend(
+            weakref.ref(thing)
+            for thing in (
+                await ambient.resolve(RequestThing),
+                await ambient.resolve(UserThing),
+                payload,
+            )
+        )
+        current = ambient.current_scope()
+        current.state["payload"] = Payload()
+        refs.append(weakref.ref(current.state["payload"]))
+        scopes.append(current)
+        outlives.start_soon(anyio.sleep_forever)
+        if sniffio.current_async_library() == "asyncio":
+            timers.append(asyncio.get_running_loop().call_later(600, lambda: None))
+        msg = "the handler failed"
+        raise RuntimeError(msg)
+
+    from ambient.middleware import AmbientMiddleware, trusted_header
+    from tests.test_identity import http_scope
+
+    stack = AmbientMiddleware(app, registry=registry, identity=trusted_header())
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    async with anyio.create_task_group() as outlives:
+        with pytest.raises(RuntimeError, match="the handler failed"):
+            await stack(http_scope([(b"x-user-id", b"alice")]), receive, send)
+        await registry.sweep()
+        gc.collect()
+        assert [type(r()).__name__ for r in refs if r() is not None] == []
+        (scope,) = scopes
+        assert scope.closed
+        assert scope.exception is None
+        assert scope.state == {}
+        assert registry.stats().created == registry.stats().cleaned == 2
+        outlives.cancel_scope.cancel()
+    for timer in timers:
+        timer.cancel()
