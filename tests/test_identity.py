@@ -458,3 +458,44 @@ def test_jwts_are_accepted_exactly_when_every_rule_holds(
         assert body["user"] == "u-1"
     else:
         assert text not in json.dumps(body)
+
+
+async def test_a_thousand_rotated_tokens_of_one_user_share_one_user_entry() -> None:
+    """A user whose token rotates on every request (a new ``jti`` and ``iat`` each time)
+    is still one user: one USER component, one live user entry, keyed by the validated
+    subject and never by the credential."""
+    registry = Registry()
+    made: list[str] = []
+
+    def memory(user: ambient.UserRef) -> list[str]:
+        made.append(user.user_id)
+        return made
+
+    registry.register("memory", memory, lifetime=ambient.Lifetime.USER)
+    resolver = jwt_bearer(SECRET, algorithms=["HS256"], audience=AUDIENCE, issuer=ISSUER)
+    users: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await ambient.resolve("memory")
+        users.append(ambient.get_current_context().user_id)
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    stack = AmbientMiddleware(app, registry=registry, identity=resolver)
+    sent: list[Any] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    now = int(time.time())
+    for n in range(1000):
+        rotated = token({"jti": f"token-{n}", "iat": now - n})
+        await stack(http_scope([(b"authorization", f"Bearer {rotated}".encode())]), receive, send)
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [204] * 1000
+    assert users == ["alice"] * 1000
+    assert made == ["alice"]
+    assert registry.stats().live_users == 1
+    await registry.aclose()
