@@ -59,6 +59,25 @@ def bound(user: str = "alice", **claims: Any) -> ambient.bind_context:
     return ambient.bind_context(ctx)
 
 
+async def race(resolvers: list[WebSocketTickets], ticket: str) -> list[str]:
+    """Each resolver redeems ``ticket``, all at once: who got in, and "refused" for the rest."""
+    outcomes: list[str] = []
+
+    async def redeem(tickets: WebSocketTickets) -> None:
+        try:
+            identity = await tickets(handshake(ticket))
+        except IdentityError:
+            outcomes.append("refused")
+        else:
+            assert identity is not None
+            outcomes.append(identity.user_id)
+
+    async with anyio.create_task_group() as tg:
+        for resolver in resolvers:
+            tg.start_soon(redeem, resolver)
+    return sorted(outcomes)
+
+
 async def refused(tickets: WebSocketTickets, scope: dict[str, Any]) -> IdentityError:
     with pytest.raises(IdentityError) as info:
         await tickets(scope)
@@ -108,21 +127,7 @@ class TestMemory:
         tickets = WebSocketTickets()
         with bound():
             ticket = await tickets.issue()
-        outcomes: list[str] = []
-
-        async def redeem() -> None:
-            try:
-                identity = await tickets(handshake(ticket))
-            except IdentityError:
-                outcomes.append("refused")
-            else:
-                assert identity is not None
-                outcomes.append(identity.user_id)
-
-        async with anyio.create_task_group() as tg:
-            for _ in range(20):
-                tg.start_soon(redeem)
-        assert sorted(outcomes) == ["alice"] + ["refused"] * 19
+        assert await race([tickets] * 20, ticket) == ["alice"] + ["refused"] * 19
 
     async def test_bad_handshakes(self) -> None:
         """Malformed or unknown tickets are 401, a repeated parameter 400; a request
@@ -203,26 +208,12 @@ class TestRedis:
         assert ticket.encode() not in (await redis_client.get(keys[0]) or b"")
         assert 29_000 <= await redis_client.pttl(keys[0]) <= 30_000
         clients = [redis.asyncio.Redis.from_url(REDIS_URL) for _ in range(20)]
-        outcomes: list[str] = []
-
-        async def redeem(client: redis.asyncio.Redis) -> None:
-            racer = WebSocketTickets(RedisTicketStore(client, prefix=prefix))
-            try:
-                identity = await racer(handshake(ticket))
-            except IdentityError:
-                outcomes.append("refused")
-            else:
-                assert identity is not None
-                outcomes.append(identity.user_id)
-
+        racers = [WebSocketTickets(RedisTicketStore(c, prefix=prefix)) for c in clients]
         try:
-            async with anyio.create_task_group() as tg:
-                for client in clients:
-                    tg.start_soon(redeem, client)
+            assert await race(racers, ticket) == ["bob"] + ["refused"] * 19
         finally:
             for client in clients:
                 await client.aclose()
-        assert sorted(outcomes) == ["bob"] + ["refused"] * 19
         assert [key async for key in redis_client.scan_iter(match=f"{prefix}*")] == []
 
     async def test_redis_forgets_an_expired_ticket(self, redis_client: redis.asyncio.Redis) -> None:
