@@ -22,6 +22,7 @@ from typing import Any
 import anyio
 import psycopg
 import pytest
+from psycopg.abc import Query
 
 from ambient import Registry, UserExecutionContext
 from ambient.integrations.psycopg import PerUserPools, SharedPool, connection
@@ -134,6 +135,19 @@ def _registry(pool: SharedPool | PerUserPools) -> Registry:
     return registry
 
 
+async def _read_once(registry: Registry, user: str, query: Query) -> list[tuple[Any, ...]]:
+    """The rows of ``query`` in one checkout of ``user``; the registry is closed after."""
+    try:
+        async with (
+            registry.open_scope(UserExecutionContext.create(user)),
+            connection() as conn,
+        ):
+            cur = await conn.execute(query, prepare=False)
+            return await cur.fetchall()
+    finally:
+        await registry.aclose()
+
+
 def _pooler_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if "connection pooler" in r.getMessage()]
 
@@ -180,16 +194,9 @@ async def test_per_user_pools_direct_keep_session_settings(
     db, _ = bounced
     pools = PerUserPools(db.app_url, kwargs={**db.kwargs(), "autocommit": True})
     registry = _registry(pools)
+    query = "SELECT current_setting('app.user_id', true)"
     with caplog.at_level(logging.WARNING, logger="ambient"):
-        try:
-            async with (
-                registry.open_scope(UserExecutionContext.create("user-7")),
-                connection() as conn,
-            ):
-                cur = await conn.execute("SELECT current_setting('app.user_id', true)")
-                assert await cur.fetchone() == ("user-7",)
-        finally:
-            await registry.aclose()
+        assert await _read_once(registry, "user-7", query) == [("user-7",)]
     assert _pooler_warnings(caplog) == []
 
 
@@ -219,16 +226,9 @@ async def test_prepared_statements_behind_a_pooler_are_warned_about(
     db, url = bounced
     pool = SharedPool(url, rls_check="off", kwargs=db.kwargs())
     registry = _registry(pool)
+    query = db.sql("SELECT owner FROM {notes}")
     with caplog.at_level(logging.WARNING, logger="ambient"):
-        try:
-            async with (
-                registry.open_scope(UserExecutionContext.create("user-1")),
-                connection() as conn,
-            ):
-                cur = await conn.execute(db.sql("SELECT owner FROM {notes}"), prepare=False)
-                assert await cur.fetchall() == [("user-1",)]
-        finally:
-            await registry.aclose()
+        assert await _read_once(registry, "user-1", query) == [("user-1",)]
     warnings = _pooler_warnings(caplog)
     assert len(warnings) == 1
     assert "'prepare_threshold': None" in warnings[0]
