@@ -56,13 +56,15 @@ class RegistryStats:
 class UserEntry:
     """One user's USER components and how many open scopes hold them."""
 
-    __slots__ = ("idle_since", "instances", "ref", "refs")
+    __slots__ = ("ephemeral", "idle_since", "instances", "ref", "refs")
 
-    def __init__(self, ref: UserRef) -> None:
+    def __init__(self, ref: UserRef, *, ephemeral: bool = False) -> None:
         self.ref = ref
         self.instances = Instances("user")
         self.refs = 0
         self.idle_since: float | None = None
+        # A user that can never come back (an anonymous caller): cleaned once unused.
+        self.ephemeral = ephemeral
 
 
 class Registry:
@@ -286,12 +288,13 @@ class Registry:
 
     # -- USER entries --------------------------------------------------------------------
 
-    def acquire_user(self, ref: UserRef) -> UserEntry:
-        """Take a reference on ``ref``'s entry, creating it (and evicting LRU) as needed."""
+    def acquire_user(self, ref: UserRef, *, ephemeral: bool = False) -> UserEntry:
+        """Take a reference on ``ref``'s entry, creating it (and evicting LRU) as needed;
+        an ``ephemeral`` one is cleaned up as soon as no scope holds it."""
         with self._lock:
             entry = self._users.get(ref)
             if entry is None:
-                entry = self._users[ref] = UserEntry(ref)
+                entry = self._users[ref] = UserEntry(ref, ephemeral=ephemeral)
                 entry.refs = 1  # before eviction, which must never pick this new entry
                 if len(self._users) > self.max_users:
                     self._evict_lru()
@@ -308,6 +311,10 @@ class Registry:
         with self._lock:
             entry.refs -= 1
             if entry.refs == 0 and self._users.get(entry.ref) is entry:
+                if entry.ephemeral:
+                    del self._users[entry.ref]
+                    self._evicted.append(entry)
+                    return
                 now = self._clock()
                 entry.idle_since = now
                 self._idle += 1

@@ -444,7 +444,9 @@ class Scope:
 
     def _acquire_user_sync(self) -> UserEntry:
         registry = self._registry
-        entry = registry.acquire_user(self._user_ref())
+        entry = registry.acquire_user(
+            self._user_ref(), ephemeral=self.context.metadata.get("anonymous") is True
+        )
         held = self._user_entry
         if held is None or held.instances.closed:
             # First USER component of this scope, or the registry was closed under it.

@@ -8,7 +8,8 @@ import re
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Final
 
 import anyio
 
@@ -34,6 +35,9 @@ ASGIApp = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
 
 # A request id is echoed in a response header, so only visible ASCII is taken from a client.
 _REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+# The metadata of an anonymous caller's context: its user id is fresh for each request, so
+# its USER components can never be used again and are cleaned when the request ends.
+_ANONYMOUS: Final = MappingProxyType({"anonymous": True})
 _UNAUTHENTICATED = Problem(
     401,
     "Authentication required",
@@ -70,7 +74,9 @@ class AmbientMiddleware:
             (see :mod:`ambient.middleware.identity`); may be ``None`` with
             ``anonymous=True``.
         anonymous: Give a request without identity a fresh ``anonymous:<random>`` user
-            instead of answering 401; no two such requests share USER components.
+            instead of answering 401, with ``{"anonymous": True}`` as its context's
+            metadata. No two such requests share USER components, and theirs are cleaned
+            when the request ends (they could never be used again).
         request_id_header: Header carrying the request id; a valid one (visible ASCII, at
             most 128 characters) is used, anything else replaced by a generated id. The id
             is echoed on the response.
@@ -312,6 +318,7 @@ class AmbientMiddleware:
                 thread_id=thread_id,
                 request_id=request_id,
                 connection_id=new_id() if websocket else None,
+                metadata=_ANONYMOUS,
             )
         if identity.parent is not None:
             return _continued(identity, identity.parent, websocket)

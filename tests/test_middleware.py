@@ -263,9 +263,38 @@ class TestAnonymous:
         assert all(user.startswith("anonymous:") for user in users)
         assert len({body["memory"] for body in bodies}) == 20
         assert all(body["memory_user"] == body["user"] for body in bodies)
-        assert ledger.all_cleaned() is False  # USER components live on until shutdown
+        # Each anonymous user's USER component is cleaned with its one request.
+        assert ledger.all_cleaned() is True
+        assert app.registry.stats().live_users == 0
         await app.registry.aclose()
         assert ledger.problems() == []
+
+    async def test_anonymous_traffic_never_evicts_known_users(self) -> None:
+        """With room for 5 users, 200 anonymous requests between two of frank's leave his
+        USER component in place: anonymous callers never take a place in the LRU."""
+        app, ledger, _ = build(anonymous=True)
+        app.registry.max_users = 5
+        async with client(app) as http:
+            first = (await http.get("/whoami", headers={"x-user-id": "frank"})).json()
+            anonymous = [(await http.get("/whoami")).json() for _ in range(200)]
+            second = (await http.get("/whoami", headers={"x-user-id": "frank"})).json()
+        assert first["memory"] == second["memory"]
+        assert all(body["user"].startswith("anonymous:") for body in anonymous)
+        assert app.registry.stats().live_users == 1
+        await app.registry.aclose()
+        assert ledger.problems() == []
+
+    async def test_an_anonymous_context_says_so(self) -> None:
+        seen: list[Any] = []
+
+        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            seen.append(dict(ambient.get_current_context().metadata))
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+        stack = AmbientMiddleware(app, registry=Registry(), identity=None, anonymous=True)
+        await drive(stack, http_scope([]), [{"type": "http.request", "body": b""}])
+        assert seen == [{"anonymous": True}]
 
     async def test_an_identity_still_wins_in_anonymous_mode(self) -> None:
         app, _, _ = build(anonymous=True)
