@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Coroutine, Hashable
 from typing import Any, Generic, TypeVar, overload
 
-from ambient._binding import _current
+from ambient._binding import _current, _visible
 from ambient._provider import key_name
 from ambient.errors import NoActiveContextError
 
@@ -18,6 +18,8 @@ def _scope_here() -> Any:
     binding = _current.get()
     if binding is None:
         raise NoActiveContextError
+    if binding.closed:
+        binding = _visible(binding)
     scope = binding.scope
     if scope is None:
         raise NoActiveContextError("scope")
@@ -39,7 +41,7 @@ def resolve(key: Any) -> Coroutine[Any, Any, Any]:
         ScopeClosedError: the bound scope has closed.
     """
     binding = _current.get()
-    if binding is None or binding.scope is None:
+    if binding is None or binding.closed or binding.scope is None:
         return _scope_here().resolve(key)  # type: ignore[no-any-return]
     return binding.scope.resolve(key)
 

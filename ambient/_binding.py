@@ -69,6 +69,15 @@ def _live(binding: _Binding | None) -> _Binding | None:
     return binding
 
 
+def _visible(binding: _Binding) -> _Binding:
+    """What an ended ``binding`` still current here shows: the nearest live binding it
+    shadows (it was ended from another Context, say by a generator finalised in another
+    task), or itself when none is live (work that outlived its request keeps reading its
+    own context, while its scope refuses to resolve)."""
+    live = _live(binding.prev)
+    return binding if live is None else live
+
+
 def bind(
     ctx: UserExecutionContext, scope: _Resolver | None, *, allow_switch: bool = False
 ) -> _Binding:
@@ -175,13 +184,19 @@ def get_current_context() -> UserExecutionContext:
     binding = _current.get()
     if binding is None:
         raise NoActiveContextError
+    if binding.closed:
+        binding = _visible(binding)
     return binding.ctx
 
 
 def current_context_or_none() -> UserExecutionContext | None:
     """Return the context bound here, or ``None``."""
     binding = _current.get()
-    return None if binding is None else binding.ctx
+    if binding is None:
+        return None
+    if binding.closed:
+        binding = _visible(binding)
+    return binding.ctx
 
 
 def current_scope() -> Scope:
@@ -193,6 +208,8 @@ def current_scope() -> Scope:
     binding = _current.get()
     if binding is None:
         raise NoActiveContextError
+    if binding.closed:
+        binding = _visible(binding)
     scope = binding.scope
     if scope is None:
         raise NoActiveContextError("scope")

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypeVar, cast, g
 from opentelemetry import metrics
 
 from ambient import __version__
-from ambient._binding import _current
+from ambient._binding import _current, _visible
 from ambient.errors import GlobalStateError, GlobalStateWarning, NoActiveContextError
 
 if TYPE_CHECKING:
@@ -831,6 +831,8 @@ class Rollout(Generic[T]):
         binding = _current.get()
         if binding is None:
             return _Decision("legacy"), None, False
+        if binding.closed:
+            binding = _visible(binding)
         resolver = binding.scope
         state = None if resolver is None else resolver.owner.state
         if state is not None:
@@ -925,6 +927,8 @@ class Rollout(Generic[T]):
         """Count the current request's component as failed although it was created (it
         failed in use); once per request, and a no-op when the request is on legacy."""
         binding = _current.get()
+        if binding is not None and binding.closed:
+            binding = _visible(binding)
         resolver = None if binding is None else binding.scope
         if resolver is None:
             return

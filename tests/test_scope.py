@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import threading
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -656,3 +657,58 @@ class TestObservers:
         assert ended[1] is failure
         assert ended[2] is not None
         assert not isinstance(ended[2], Exception)
+
+
+class TestAbandonedGenerators:
+    # trio warns about an async generator left to the garbage collector: that is the point.
+    @pytest.mark.filterwarnings("ignore:Async generator:ResourceWarning")
+    @pytest.mark.parametrize("ending", ["aclose", "garbage"])
+    async def test_a_sub_scope_in_an_abandoned_stream_generator(
+        self, ending: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A stream generator opens a sub-scope (acting for a child run, with a component
+        of its own) and yields 5 chunks; its consumer takes 2 and stops: it closes the
+        generator, or drops it to the garbage collector, whose finaliser closes it later
+        in another task and Context. Either way the sub-scope's component is cleaned once,
+        nothing is logged, and the consumer sees its own context again, and resolves from
+        its own scope (the finaliser could not reset the consumer's Context, but an ended
+        binding shows the live one it shadows)."""
+        cleaned: list[str] = []
+        done = anyio.Event()
+        registry = Registry()
+
+        def part(ctx: UserExecutionContext) -> Iterator[str]:
+            yield ctx.run_id
+            cleaned.append(ctx.run_id)
+            done.set()
+
+        registry.register("part", part)
+        registry.register("whole", lambda ctx: ctx.run_id)
+        request = ctx("alice")
+        caplog.set_level(logging.DEBUG)
+
+        async def stream() -> AsyncIterator[str]:
+            child = request.child("stream")
+            async with registry.open_scope(child):
+                for n in range(5):
+                    assert await ambient.resolve("part") == child.run_id
+                    yield f"chunk {n}"
+
+        async with registry.open_scope(request) as outer:
+            chunks = stream()
+            taken = [await chunks.__anext__() for _ in range(2)]
+            if ending == "aclose":
+                await chunks.aclose()
+            else:
+                del chunks
+                gc.collect()
+            with anyio.fail_after(5):
+                await done.wait()
+            assert ambient.get_current_context() is request
+            assert ambient.current_context_or_none() is request
+            assert ambient.current_scope() is outer
+            assert await ambient.resolve("whole") == request.run_id
+        assert taken == ["chunk 0", "chunk 1"]
+        assert len(cleaned) == 1
+        assert registry.stats().open_scopes == 0
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
