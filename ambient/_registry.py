@@ -291,7 +291,11 @@ class Registry:
     def acquire_user(self, ref: UserRef, *, ephemeral: bool = False) -> UserEntry:
         """Take a reference on ``ref``'s entry, creating it (and evicting LRU) as needed;
         an ``ephemeral`` one is cleaned up as soon as no scope holds it."""
-        with self._lock:
+        # acquire()/release() rather than `with` (about twice the cost): once per request
+        # that uses USER components, and again in release_user().
+        lock = self._lock
+        lock.acquire()
+        try:
             entry = self._users.get(ref)
             if entry is None:
                 entry = self._users[ref] = UserEntry(ref, ephemeral=ephemeral)
@@ -304,11 +308,15 @@ class Registry:
                 self._idle -= 1
             entry.refs += 1
             entry.idle_since = None
+        finally:
+            lock.release()
         return entry
 
     def release_user(self, entry: UserEntry) -> None:
         """Drop one reference on ``entry``; the last one starts its idle clock."""
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             entry.refs -= 1
             if entry.refs == 0 and self._users.get(entry.ref) is entry:
                 if entry.ephemeral:
@@ -320,6 +328,8 @@ class Registry:
                 self._idle += 1
                 shortest = min((p.idle_ttl for p, _, _ in entry.instances.created), default=0.0)
                 self._next_expiry = min(self._next_expiry, now + shortest)
+        finally:
+            lock.release()
 
     def _evict_lru(self) -> None:
         excess = len(self._users) - self.max_users
