@@ -19,8 +19,11 @@ from typing import Any
 
 import anyio
 import httpx
+import pytest
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -62,6 +65,8 @@ class Notes:
     holding: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
     background_done: threading.Event = field(default_factory=threading.Event)
+    client_gone: threading.Event = field(default_factory=threading.Event)
+    written: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, checkout: Checkout) -> None:
@@ -76,10 +81,12 @@ async def _checkout_row(conn: Any, query: Any, offset: int) -> tuple[str, str, s
     return row  # type: ignore[no-any-return]
 
 
-def build_app(db: Database, notes: Notes) -> Starlette:
+def build_app(db: Database, notes: Notes, *, base_http: bool = False) -> Starlette:
     """``/stream`` streams the user's rows from one checkout held across the chunks;
     ``/background`` answers at once and reads in a background task, after waiting for
-    ``/hold`` (another user holding the only connection) to be in place."""
+    ``/hold`` (another user holding the only connection) to be in place; ``/write-later``
+    answers at once and writes a note in a background task once the client has gone.
+    With ``base_http`` a pass-through ``BaseHTTPMiddleware`` wraps the routes."""
     query = db.sql(READ)
 
     async def stream(request: Request) -> Response:
@@ -123,6 +130,24 @@ def build_app(db: Database, notes: Notes) -> Starlette:
 
         return JSONResponse({"ok": True}, background=BackgroundTask(later))
 
+    async def write_later(request: Request) -> Response:
+        async def later() -> None:
+            user = ambient.get_current_context().user_id
+            try:
+                await anyio.to_thread.run_sync(notes.client_gone.wait, 10)
+                async with connection() as conn:
+                    await conn.execute(
+                        db.sql("INSERT INTO {notes} (owner, body) VALUES (%s, 'later')"), (user,)
+                    )
+                notes.written.append(user)
+            except BaseException:
+                notes.cut.append(user)
+                raise
+            finally:
+                notes.background_done.set()
+
+        return JSONResponse({"ok": True}, background=BackgroundTask(later))
+
     async def hold(request: Request) -> Response:
         user = ambient.get_current_context().user_id
         async with connection() as conn:
@@ -138,8 +163,14 @@ def build_app(db: Database, notes: Notes) -> Starlette:
             Route("/stream", stream),
             Route("/background", background),
             Route("/hold", hold),
-        ]
+            Route("/write-later", write_later, methods=["POST"]),
+        ],
+        middleware=[Middleware(BaseHTTPMiddleware, dispatch=_passing)] if base_http else [],
     )
+
+
+async def _passing(request: Request, call_next: RequestResponseEndpoint) -> Response:
+    return await call_next(request)
 
 
 @dataclass
@@ -161,7 +192,9 @@ def _seed(db: Database, users: list[str]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running(max_size: int, users: list[str]) -> AsyncIterator[Served]:
+async def running(
+    max_size: int, users: list[str], *, base_http: bool = False
+) -> AsyncIterator[Served]:
     """The app on uvicorn with a SharedPool of ``max_size`` and ``ROWS`` notes per user."""
     with make_database() as db:
         _seed(db, users)
@@ -181,7 +214,8 @@ async def running(max_size: int, users: list[str]) -> AsyncIterator[Served]:
         registry = Registry()
         pool.install(registry)
         notes = Notes()
-        asgi = AmbientMiddleware(build_app(db, notes), registry=registry, identity=trusted_header())
+        app = build_app(db, notes, base_http=base_http)
+        asgi = AmbientMiddleware(app, registry=registry, identity=trusted_header())
         with serve("uvicorn", asgi) as url:
             yield Served(url, db, pool, notes)
 
@@ -302,3 +336,32 @@ async def test_background_task_checks_out_as_its_own_user() -> None:
             _admin_count, served.db, served.db.sql("SELECT count(*) FROM {notes}"), ()
         )
         assert rows == 2 * ROWS
+
+
+@pytest.mark.parametrize("base_http", [False, True], ids=["plain", "base-http-middleware"])
+async def test_a_background_write_after_the_client_left_is_its_users(base_http: bool) -> None:
+    """The client reads the response and closes its socket at once; only then does the
+    background task write, through the pool, with or without a BaseHTTPMiddleware in the
+    app: the note is written, as the request's user, and nothing is left open."""
+    async with running(2, ["alice"], base_http=base_http) as served:
+        port = int(served.url.rsplit(":", 1)[1])
+        with anyio.fail_after(10):
+            async with await anyio.connect_tcp("127.0.0.1", port) as sock:
+                await sock.send(
+                    b"POST /write-later HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+                    b"x-user-id: alice\r\ncontent-length: 0\r\n\r\n"
+                )
+                received = b""
+                while not received.endswith(b'{"ok":true}'):
+                    received += await sock.receive()
+        served.notes.client_gone.set()
+        assert await anyio.to_thread.run_sync(served.notes.background_done.wait, 10)
+        assert (served.notes.written, served.notes.cut) == (["alice"], [])
+        written = await anyio.to_thread.run_sync(
+            _admin_count,
+            served.db,
+            served.db.sql("SELECT count(*) FROM {notes} WHERE owner = 'alice' AND body = 'later'"),
+            (),
+        )
+        assert written == 1
+        await _nothing_left_open(served)
