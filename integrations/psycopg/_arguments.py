@@ -88,8 +88,13 @@ class _Arguments:
             msg = f"rls_check must be 'raise', 'warn' or 'off', not {rls_check!r}"
             raise ValueError(msg)
         names = _check_settings(settings, fields)
-        calls = ", ".join(f"set_config(%s, %s, {'true' if local else 'false'})" for _ in names)
-        return cls(names, tuple(settings.values()), f"SELECT {calls}" if names else "")
+        return cls(names, tuple(settings.values()), _set_config_sql(len(names), local=local))
+
+
+def _set_config_sql(count: int, *, local: bool) -> str:
+    """``SELECT set_config(%s, %s, local), ...`` for ``count`` settings ('' for none)."""
+    calls = ", ".join(f"set_config(%s, %s, {'true' if local else 'false'})" for _ in range(count))
+    return f"SELECT {calls}" if count else ""
 
 
 def _values(source: UserExecutionContext | UserRef, owner: SharedPool | PerUserPools) -> list[str]:

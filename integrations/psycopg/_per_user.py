@@ -19,6 +19,7 @@ from ambient.integrations.psycopg._arguments import (
     DEFAULT_SETTINGS,
     RlsCheck,
     _Arguments,
+    _set_config_sql,
 )
 from ambient.integrations.psycopg._common import _ASYNCIO_ONLY, _exhausted
 from ambient.integrations.psycopg._database import Database
@@ -143,7 +144,7 @@ class PerUserPools:
         self._fields = checked.fields
         self._set_sql = checked.set_sql
         # Behind a connection pooler the settings are set in every transaction instead.
-        self._set_local_sql = checked.set_sql.replace(", false)", ", true)")
+        self._set_local_sql = _set_config_sql(len(self._names), local=True)
         self._pooler_seen = False
         self._kwargs = dict(kwargs or {})
         self._pool_options = pool_options
