@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Coroutine, Hashable
 from typing import Any, Generic, TypeVar, overload
 
-from ambient._binding import _current, _visible
+from ambient._binding import _current, _shown
 from ambient._provider import key_name
 from ambient.errors import NoActiveContextError
 
@@ -15,11 +15,9 @@ T = TypeVar("T")
 
 
 def _scope_here() -> Any:
-    binding = _current.get()
+    binding = _shown()
     if binding is None:
         raise NoActiveContextError
-    if binding.closed:
-        binding = _visible(binding)
     scope = binding.scope
     if scope is None:
         raise NoActiveContextError("scope")

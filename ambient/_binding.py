@@ -78,6 +78,14 @@ def _visible(binding: _Binding) -> _Binding:
     return binding if live is None else live
 
 
+def _shown() -> _Binding | None:
+    """The binding code here sees (see :func:`_visible`), or ``None``."""
+    binding = _current.get()
+    if binding is not None and binding.closed:
+        return _visible(binding)
+    return binding
+
+
 def bind(
     ctx: UserExecutionContext, scope: _Resolver | None, *, allow_switch: bool = False
 ) -> _Binding:
@@ -181,6 +189,7 @@ def get_current_context() -> UserExecutionContext:
     Raises:
         NoActiveContextError: when nothing is bound (outside a request, job or test binding).
     """
+    # _shown() inlined: this is the hottest read there is.
     binding = _current.get()
     if binding is None:
         raise NoActiveContextError
@@ -191,12 +200,8 @@ def get_current_context() -> UserExecutionContext:
 
 def current_context_or_none() -> UserExecutionContext | None:
     """Return the context bound here, or ``None``."""
-    binding = _current.get()
-    if binding is None:
-        return None
-    if binding.closed:
-        binding = _visible(binding)
-    return binding.ctx
+    binding = _shown()
+    return None if binding is None else binding.ctx
 
 
 def current_scope() -> Scope:
@@ -205,11 +210,9 @@ def current_scope() -> Scope:
     Raises:
         NoActiveContextError: when no scope is bound.
     """
-    binding = _current.get()
+    binding = _shown()
     if binding is None:
         raise NoActiveContextError
-    if binding.closed:
-        binding = _visible(binding)
     scope = binding.scope
     if scope is None:
         raise NoActiveContextError("scope")

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypeVar, cast, g
 from opentelemetry import metrics
 
 from ambient import __version__
-from ambient._binding import _current, _visible
+from ambient._binding import _current, _shown
 from ambient.errors import GlobalStateError, GlobalStateWarning, NoActiveContextError
 
 if TYPE_CHECKING:
@@ -828,11 +828,9 @@ class Rollout(Generic[T]):
 
     def _begin(self) -> tuple[_Decision, _Resolver | None, bool]:
         """This request's decision, the resolver to use and whether this call made it."""
-        binding = _current.get()
+        binding = _shown()
         if binding is None:
             return _Decision("legacy"), None, False
-        if binding.closed:
-            binding = _visible(binding)
         resolver = binding.scope
         state = None if resolver is None else resolver.owner.state
         if state is not None:
@@ -926,9 +924,7 @@ class Rollout(Generic[T]):
     def record_failure(self) -> None:
         """Count the current request's component as failed although it was created (it
         failed in use); once per request, and a no-op when the request is on legacy."""
-        binding = _current.get()
-        if binding is not None and binding.closed:
-            binding = _visible(binding)
+        binding = _shown()
         resolver = None if binding is None else binding.scope
         if resolver is None:
             return
