@@ -13,6 +13,9 @@ from ambient.errors import InvalidContextError
 __all__ = ["MAX_DEPTH", "UserExecutionContext", "UserRef", "new_id", "validate_id"]
 
 MAX_DEPTH = 32
+# The metadata key that marks an anonymous caller's context (the middleware sets it; a
+# scope cleans such a user's USER components when its one request ends).
+ANONYMOUS = "anonymous"
 _MAX_LEN = 256
 _PLACEHOLDERS = frozenset(
     {"none", "null", "nil", "undefined", "placeholder", "registry", "default", "unknown", "0"}

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 import anyio
 
 from ambient._binding import _Binding, _current, bind, unbind
+from ambient._context import ANONYMOUS
 from ambient._instances import Instances, finalize, finalize_sync, needs_await
 from ambient._observe import Observer, notify
 from ambient._provider import RANK, Lifetime, Provider, key_name
@@ -445,7 +446,7 @@ class Scope:
     def _acquire_user_sync(self) -> UserEntry:
         registry = self._registry
         entry = registry.acquire_user(
-            self._user_ref(), ephemeral=self.context.metadata.get("anonymous") is True
+            self._user_ref(), ephemeral=self.context.metadata.get(ANONYMOUS) is True
         )
         held = self._user_entry
         if held is None or held.instances.closed:

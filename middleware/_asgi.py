@@ -14,7 +14,14 @@ from typing import Any, Final
 import anyio
 
 from ambient._binding import _current, _live
-from ambient._context import UserExecutionContext, UserRef, new_id, request_context, validate_id
+from ambient._context import (
+    ANONYMOUS,
+    UserExecutionContext,
+    UserRef,
+    new_id,
+    request_context,
+    validate_id,
+)
 from ambient._observe import Observer
 from ambient._registry import Registry
 from ambient._scope import Scope
@@ -37,7 +44,7 @@ ASGIApp = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
 _REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
 # The metadata of an anonymous caller's context: its user id is fresh for each request, so
 # its USER components can never be used again and are cleaned when the request ends.
-_ANONYMOUS: Final = MappingProxyType({"anonymous": True})
+_ANONYMOUS: Final = MappingProxyType({ANONYMOUS: True})
 _UNAUTHENTICATED = Problem(
     401,
     "Authentication required",
