@@ -45,6 +45,9 @@ _REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
 # The metadata of an anonymous caller's context: its user id is fresh for each request, so
 # its USER components can never be used again and are cleaned when the request ends.
 _ANONYMOUS: Final = MappingProxyType({ANONYMOUS: True})
+# The close code of a websocket whose identity stopped being valid: expired here, or
+# revoked through the websockets integration's hub.
+CLOSE_IDENTITY_ENDED: Final = 4001
 _UNAUTHENTICATED = Problem(
     401,
     "Authentication required",
@@ -460,7 +463,9 @@ async def _serve_until_expiry(
         await app(scope, receive, socket)
     if expiry.cancelled_caught and not socket.closed:
         logger.info("ambient: closing a websocket whose identity has expired")
-        await socket({"type": "websocket.close", "code": 4001, "reason": "identity expired"})
+        await socket(
+            {"type": "websocket.close", "code": CLOSE_IDENTITY_ENDED, "reason": "identity expired"}
+        )
 
 
 class _Refused(Exception):  # noqa: N818 - control flow, never escapes

@@ -17,13 +17,14 @@ from ambient.integrations.websockets._broadcast import Broadcast, BroadcastError
 from ambient.integrations.websockets._connection import Connection, WebSocketLike
 from ambient.integrations.websockets._envelope import REVOKE, TO_CONNECTION, TO_USER, Envelope
 from ambient.integrations.websockets._manager import UserWebSocketManager
+from ambient.middleware._asgi import CLOSE_IDENTITY_ENDED
 
 logger = logging.getLogger("ambient.websockets")
 
 CLOSE_GOING_AWAY: Final = 1001
 CLOSE_POLICY_VIOLATION: Final = 1008
 CLOSE_TRY_AGAIN_LATER: Final = 1013
-CLOSE_REVOKED: Final = 4001  # the code the middleware closes an expired identity's socket with
+CLOSE_REVOKED: Final = CLOSE_IDENTITY_ENDED  # as the middleware closes an expired identity's
 
 
 @dataclass(frozen=True, slots=True)
