@@ -143,23 +143,26 @@ class Served:
     db: Database
 
 
+def notes_pool(db: Database, **options: Any) -> SharedPool:
+    """A SharedPool of the test's app role that refuses to open unless RLS protects the
+    notes table (``options`` are the sizes and timeouts)."""
+    return SharedPool(
+        db.app_url,
+        min_size=1,
+        rls_tables=[db.notes],
+        rls_check="raise",
+        kwargs=db.kwargs(),
+        **options,
+    )
+
+
 @pytest.fixture(name="served")
 def fixture_served() -> Iterator[Served]:
     """uvicorn serving NotesApp behind AmbientMiddleware, on a SharedPool of 4 for the app
     role (per-user limit 2, 10 s timeout, Retry-After 3)."""
     with make_database() as db:
         # Built here, outside any event loop: the pool opens on the server's asyncio loop.
-        pool = SharedPool(
-            db.app_url,
-            min_size=1,
-            max_size=4,
-            per_user_limit=2,
-            timeout=10,
-            retry_after=3,
-            rls_tables=[db.notes],
-            rls_check="raise",
-            kwargs=db.kwargs(),
-        )
+        pool = notes_pool(db, max_size=4, per_user_limit=2, timeout=10, retry_after=3)
         registry = Registry()
         pool.install(registry)
         app = NotesApp(db)

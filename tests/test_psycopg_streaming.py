@@ -34,7 +34,7 @@ from ambient.integrations.psycopg import SharedPool, connection
 from ambient.middleware import AmbientMiddleware, trusted_header
 from tests.servers import serve
 from tests.test_psycopg import Database, _admin, _eventually, make_database
-from tests.test_psycopg_middleware import _admin_count, _eventually_zero
+from tests.test_psycopg_middleware import _admin_count, _eventually_zero, notes_pool
 
 ROWS = 5
 READ = (
@@ -200,16 +200,7 @@ async def running(
         _seed(db, users)
         # Built outside the test's loop (which may be trio): the pool opens on the server's.
         pool = await anyio.to_thread.run_sync(
-            lambda: SharedPool(
-                db.app_url,
-                min_size=1,
-                max_size=max_size,
-                per_user_limit=max_size,
-                timeout=20,
-                rls_tables=[db.notes],
-                rls_check="raise",
-                kwargs=db.kwargs(),
-            )
+            lambda: notes_pool(db, max_size=max_size, per_user_limit=max_size, timeout=20)
         )
         registry = Registry()
         pool.install(registry)
