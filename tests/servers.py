@@ -24,6 +24,11 @@ if TYPE_CHECKING:
 
 SERVERS = ("uvicorn", "hypercorn", "hypercorn-trio")
 STARTUP_TIMEOUT = 20.0
+# Both servers close a keep-alive connection after 5 idle seconds by default. A client that
+# picks that connection for its next request at the same moment gets a ReadError, which HTTP
+# allows; a loaded test run easily leaves a pooled connection idle that long, so tests keep
+# connections open longer than any test runs.
+KEEP_ALIVE = 300
 
 
 def free_port() -> int:
@@ -61,9 +66,8 @@ def _wait_listening(port: int, alive: Any) -> None:
 def _uvicorn(app: Any, port: int, **options: Any) -> Iterator[None]:
     import uvicorn
 
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, **{"log_level": "warning", "access_log": False, **options}
-    )
+    defaults = {"log_level": "warning", "access_log": False, "timeout_keep_alive": KEEP_ALIVE}
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, **{**defaults, **options})
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
@@ -90,6 +94,7 @@ def _hypercorn_config(port: int, options: Mapping[str, Any]) -> Config:
     # hypercorn's default backlog is 100; tests open up to 200 connections at once (uvicorn's
     # default is 2048), and an overflowing accept queue resets connections on a busy machine.
     config.backlog = 2048
+    config.keep_alive_timeout = KEEP_ALIVE
     for name, value in options.items():
         setattr(config, name, value)
     return config

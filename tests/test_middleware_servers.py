@@ -85,10 +85,7 @@ async def test_many_users_on_keep_alive_connections_never_see_each_other(
     # every user's requests on every connection.
     connections = USERS if anyio_backend == "asyncio" else 50
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    # Servers close idle keep-alive connections after 5 s by default; on a loaded machine a
-    # connection can sit idle that long and race the client's next request on it.
-    keep_alive = {"timeout_keep_alive": 120} if server == "uvicorn" else {"keep_alive_timeout": 120}
-    with serve(server, app, **keep_alive) as url:
+    with serve(server, app) as url:
         async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as http:
 
             async def user(number: int) -> None:
