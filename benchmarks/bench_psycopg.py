@@ -7,7 +7,7 @@ transaction, set ``app.user_id`` and ``app.tenant_id`` transaction-locally with 
 ``SELECT set_config(%s, %s, true), set_config(%s, %s, true)``, run one query, commit and
 give the connection back. The raw side writes that by hand on an ``AsyncConnectionPool``;
 ambient's side is ``async with pool.connection()`` under a bound context, which also takes
-the per-user share, sends ``BEGIN`` and the settings in one pipelined round trip, makes the
+the per-user share, sends ``BEGIN`` and the settings in one round trip, makes the
 checkout cancellation-safe, and resets and verifies the connection in the same round trip
 as the commit (the by-hand side resets nothing).
 

@@ -36,7 +36,6 @@ from ambient.integrations.psycopg import (
     RowSecurityWarning,
     SharedPool,
     UnsupportedBackendError,
-    _shared_checkout,
     check_rls,
     connection,
 )
@@ -220,14 +219,10 @@ async def test_shared_sets_context_fields_in_one_transaction(shared: SharedPool)
     await _eventually(lambda: _shared_idle(shared), "pool idle again")
 
 
-@pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "libpq-before-14"])
-async def test_shared_begin_and_settings_take_one_round_trip(
-    db: Database, monkeypatch: pytest.MonkeyPatch, pipeline: bool
-) -> None:
-    """BEGIN and the settings travel in one pipelined round trip (two where libpq has no
-    pipeline mode), as the protocol trace of the checkout shows; either way the checkout
-    sees its own user's settings, in a transaction, out of pipeline mode."""
-    monkeypatch.setattr(_shared_checkout, "_PIPELINE", pipeline)
+async def test_shared_begin_and_settings_take_one_round_trip(db: Database) -> None:
+    """BEGIN and the settings travel as one statement in one round trip, as the protocol
+    trace of the checkout shows, with nothing prepared; the checkout sees its own user's
+    settings, in a transaction, out of pipeline mode."""
     fd, path = tempfile.mkstemp()
     os.close(fd)
     async with SharedPool(
@@ -260,8 +255,11 @@ async def test_shared_begin_and_settings_take_one_round_trip(
         if "ReadyForQuery" in line and any("RESET ALL" in earlier for earlier in lines[:i])
     )
     checkout = lines[reset_done + 1 :]
-    assert sum("ReadyForQuery" in line for line in checkout) == (1 if pipeline else 2)
-    assert any("'bob'" in line for line in checkout)
+    assert sum("ReadyForQuery" in line for line in checkout) == 1
+    sent = [line for line in checkout if line.startswith("F")]
+    assert len(sent) == 1
+    assert "Query" in sent[0]
+    assert "BEGIN; SELECT set_config('app.user_id', 'bob', true)" in sent[0]
 
 
 async def test_shared_absent_tenant_is_empty(shared: SharedPool) -> None:
@@ -328,27 +326,36 @@ async def test_shared_policy_fails_closed_without_settings(
         assert await _scalar(conn, db.sql("SELECT count(*) FROM {notes}")) == 0
 
 
-async def test_shared_values_are_bound_never_interpolated(shared: SharedPool) -> None:
-    """Ids full of quotes and semicolons arrive verbatim; the role never changes."""
+@pytest.mark.parametrize("conforming", ["on", "off"])
+async def test_shared_values_arrive_verbatim_never_as_sql(db: Database, conforming: str) -> None:
+    """Ids full of quotes, backslashes and semicolons arrive verbatim and the role never
+    changes, whether the server reads backslashes in string literals
+    (``standard_conforming_strings`` off) or not: psycopg quotes each value for the
+    connection it is sent on."""
+    kwargs = db.kwargs()
+    kwargs["options"] = f"{kwargs.get('options', '')} -c standard_conforming_strings={conforming}"
     nasty = [
         "o'brien",
         "'; SET ROLE postgres; --",
         "a\\b",
+        "\\'; SET ROLE postgres; --",
         '"; DROP TABLE x; --',
         "ümlaut-用户-🙂",
         "$1",
         "%s",
     ]
-    for value in nasty:
-        with bind_context(_ctx(value, value)):
-            async with shared.connection() as conn:
-                row = await (
-                    await conn.execute(
-                        "SELECT current_setting('app.user_id', true), "
-                        "current_setting('app.tenant_id', true), current_user = session_user"
-                    )
-                ).fetchone()
-        assert row == (value, value, True)
+    async with SharedPool(db.app_url, min_size=1, max_size=1, kwargs=kwargs) as pool:
+        for value in nasty:
+            with bind_context(_ctx(value, value)):
+                async with pool.connection() as conn:
+                    row = await (
+                        await conn.execute(
+                            "SELECT current_setting('app.user_id', true), "
+                            "current_setting('app.tenant_id', true), current_user = session_user, "
+                            "current_setting('standard_conforming_strings')"
+                        )
+                    ).fetchone()
+            assert row == (value, value, True, conforming)
 
 
 # -- SharedPool: transactions -----------------------------------------------------------------

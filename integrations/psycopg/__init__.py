@@ -6,7 +6,7 @@ gets a connection with ``async with db.connection() as conn:`` (or the module-le
 
 * :class:`SharedPool`: one pool for everybody, with a per-user concurrency cap. Every
   checkout is one explicit transaction in which the context fields named by ``settings``
-  are set with ``set_config(name, value, true)`` (bound parameters), so row-level-security
+  are set with ``set_config(name, value, true)`` (values quoted by psycopg), so row-level-security
   policies on ``current_setting('app.user_id', true)`` see them. It is committed when the
   ``async with`` body ends normally and rolled back when it raises (or when it ends
   normally in a failed transaction, which then raises

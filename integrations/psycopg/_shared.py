@@ -21,6 +21,7 @@ from ambient.integrations.psycopg._arguments import (
     DEFAULT_SETTINGS,
     RlsCheck,
     _Arguments,
+    _BeginWithSettings,
 )
 from ambient.integrations.psycopg._common import (
     _ACTIVE,
@@ -77,9 +78,9 @@ class SharedPool:
     """One pool for every user; row-level security sees the current context's ids.
 
     Each checkout runs in one explicit transaction that starts with
-    ``SELECT set_config(name, value, true), ...`` for every entry of ``settings`` (bound
-    parameters, sent in the same pipelined round trip as ``BEGIN`` where libpq is 14 or
-    newer), so the values vanish at commit or rollback and ``SET LOCAL``'s autocommit
+    ``SELECT set_config(name, value, true), ...`` for every entry of ``settings`` (the
+    values quoted as SQL literals by psycopg for the connection, sent with ``BEGIN`` in one
+    round trip), so the values vanish at commit or rollback and ``SET LOCAL``'s autocommit
     pitfall cannot happen. It is committed when the ``async with`` body ends normally and
     rolled back when it raises. Nested ``conn.transaction()`` blocks are savepoints, which
     never undo the settings. Ending the transaction inside the block (``conn.commit()``)
@@ -170,7 +171,7 @@ class SharedPool:
         self.name = name
         self._names = checked.names
         self._fields = checked.fields
-        self._set_sql = checked.set_sql
+        self._begin = _BeginWithSettings(self._names, self._fields)
         reads = [sql.SQL("current_setting({}, true)").format(sql.Literal(n)) for n in self._names]
         self._reset_sql = (
             sql.SQL("{}; SELECT {}")

@@ -2,28 +2,22 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from psycopg import AsyncConnection, AsyncPipeline
+from psycopg import AsyncConnection
 from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
 import ambient
-from ambient.integrations.psycopg._arguments import _values
 from ambient.integrations.psycopg._common import _IN_USE, _exhausted
 
 if TYPE_CHECKING:
     from types import TracebackType
 
     from ambient.integrations.psycopg._shared import SharedPool
-
-
-# Pipeline mode needs libpq 14 or newer (psycopg[binary] bundles one).
-_PIPELINE = AsyncPipeline.is_supported()
 
 
 class _Gate:
@@ -107,14 +101,7 @@ class _SharedCheckout:
         try:
             # One cursor for the checkout's own statements, with a known row factory.
             self._cur = cur = conn.cursor(row_factory=tuple_row)
-            # BEGIN and the settings in one round trip instead of two. psycopg spends a
-            # little more CPU on a pipeline than on two plain round trips (about 20 us on
-            # loopback), far less than the round trip saved over a network.
-            batch = conn.pipeline() if _PIPELINE and owner._names else contextlib.nullcontext()
-            async with batch:
-                await cur.execute("BEGIN")
-                if owner._names:
-                    await cur.execute(owner._set_sql, _values(ctx, owner), prepare=True)
+            await cur.execute(owner._begin.statement(ctx, conn))
         except BaseException as exc:
             await self._finish(exc)
             raise
