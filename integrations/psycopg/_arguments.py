@@ -5,16 +5,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
-
-from psycopg import sql
+from typing import TYPE_CHECKING, Literal
 
 from ambient import UserExecutionContext, UserRef
 
 if TYPE_CHECKING:
-    from psycopg import AsyncConnection
-
     from ambient.integrations.psycopg._per_user import PerUserPools
+    from ambient.integrations.psycopg._shared import SharedPool
 
 
 DEFAULT_SETTINGS: Mapping[str, str] = {"app.user_id": "user_id", "app.tenant_id": "tenant_id"}
@@ -101,36 +98,9 @@ def _set_config_sql(count: int, *, local: bool) -> str:
     return f"SELECT {calls}" if count else ""
 
 
-class _BeginWithSettings:
-    """``BEGIN; SELECT set_config('name', 'value', true), ...`` for a context: one statement
-    string, so that the transaction and its settings take one round trip without pipeline
-    mode (which costs psycopg more client CPU than the round trip it saves on a local
-    server). The values are quoted by psycopg for the connection they are sent on."""
-
-    __slots__ = ("_fields", "_parts")
-
-    def __init__(self, names: tuple[str, ...], fields: tuple[str, ...]) -> None:
-        self._fields = fields
-        # The text around each value: the names are checked custom setting names, quoted
-        # as literals all the same.
-        calls = [f"set_config({sql.Literal(name).as_string()}, " for name in names]
-        self._parts = ["BEGIN; SELECT " + calls[0] if calls else "BEGIN"]
-        self._parts += [", true), " + call for call in calls[1:]]
-        if calls:
-            self._parts.append(", true)")
-
-    def statement(self, ctx: UserExecutionContext, conn: AsyncConnection[Any]) -> str:
-        """The statement for ``ctx``'s values, quoted for ``conn``."""
-        parts = self._parts
-        pieces = [parts[0]]
-        for part, field_name in zip(parts[1:], self._fields, strict=True):
-            value = getattr(ctx, field_name)
-            pieces += (sql.Literal("" if value is None else value).as_string(conn), part)
-        return "".join(pieces)
-
-
-def _values(source: UserExecutionContext | UserRef, owner: PerUserPools) -> list[str]:
-    """The parameters of ``owner._set_sql``: each setting's name and ``source``'s value."""
+def _values(source: UserExecutionContext | UserRef, owner: SharedPool | PerUserPools) -> list[str]:
+    """The parameters of ``owner``'s settings statement: each setting's name and ``source``'s
+    value."""
     params: list[str] = []
     for name, field_name in zip(owner._names, owner._fields, strict=True):
         value = getattr(source, field_name)

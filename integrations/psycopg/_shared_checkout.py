@@ -7,11 +7,12 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from psycopg import AsyncConnection
+from psycopg import AsyncClientCursor, AsyncConnection
 from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
 import ambient
+from ambient.integrations.psycopg._arguments import _values
 from ambient.integrations.psycopg._common import _IN_USE, _exhausted
 
 if TYPE_CHECKING:
@@ -99,9 +100,11 @@ class _SharedCheckout:
         self._conn = conn
         self._cur = None
         try:
-            # One cursor for the checkout's own statements, with a known row factory.
-            self._cur = cur = conn.cursor(row_factory=tuple_row)
-            await cur.execute(owner._begin.statement(ctx, conn))
+            # One cursor for the checkout's own statements, with a known row factory. It
+            # binds client-side (psycopg quotes each value for this connection), so BEGIN
+            # and the settings go as one statement in one round trip.
+            self._cur = cur = AsyncClientCursor(conn, row_factory=tuple_row)
+            await cur.execute(owner._begin_sql, _values(ctx, owner))
         except BaseException as exc:
             await self._finish(exc)
             raise
