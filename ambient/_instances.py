@@ -431,7 +431,6 @@ async def finalize(
     """
     failures: list[Exception] = []
     escaped: BaseException | None = None
-    body_error = exc if isinstance(exc, Exception) else None
     timeout = registry.cleanup_timeout
     for provider, instance, finalizer in reversed(created):
         if finalizer is None:
@@ -445,14 +444,14 @@ async def finalize(
         try:
             if finalizer.is_async:
                 with _Deadline(timeout) as deadline:
-                    await finalizer.run(body_error)
+                    await finalizer.run(exc)
                 if deadline.cancelled_caught:
                     error = CleanupTimeoutError(
                         f"cleanup of {provider.name} did not finish within {timeout} s "
                         "(the registry's cleanup_timeout) and was abandoned"
                     )
             else:
-                finalizer.run_sync(body_error)
+                finalizer.run_sync(exc)
         except Exception as raised:  # noqa: BLE001 - collected into CleanupError
             error = raised
         except BaseException as raised:  # noqa: BLE001 - re-raised once every cleanup ran
@@ -486,7 +485,6 @@ def finalize_sync(
     """:func:`finalize` for components whose cleanups are all sync (nothing to shield)."""
     failures: list[Exception] = []
     escaped: BaseException | None = None
-    body_error = exc if isinstance(exc, Exception) else None
     for provider, instance, finalizer in reversed(created):
         if finalizer is None:
             registry.cleaned += 1
@@ -497,7 +495,7 @@ def finalize_sync(
         start_ns = time.time_ns() if observers else 0
         error: Exception | None = None
         try:
-            finalizer.run_sync(body_error)
+            finalizer.run_sync(exc)
         except Exception as raised:  # noqa: BLE001 - collected into CleanupError
             error = raised
         except BaseException as raised:  # noqa: BLE001 - re-raised once every cleanup ran

@@ -153,9 +153,11 @@ def key_from_annotation(factory: Callable[..., Any]) -> Hashable:
 class Finalizer:
     """How one created component is cleaned up. ``is_async`` says which ``run`` to call.
 
-    Cleanups see the exception the scope's body raised when it is an :class:`Exception`
-    (context managers get it in ``__exit__``, generators have it thrown in at their
-    ``yield``, as with :func:`contextlib.contextmanager`); they can never swallow it.
+    Cleanups see the exception the scope's body raised, cancellation included (context
+    managers get it in ``__exit__``, generators have it thrown in at their ``yield``, as
+    with :func:`contextlib.contextmanager`), so a transaction opened around a ``yield`` is
+    rolled back, never committed, when the request was cancelled; they can never swallow
+    it.
     """
 
     __slots__ = ("how", "is_async", "name", "target")
@@ -166,7 +168,7 @@ class Finalizer:
         self.target = target
         self.is_async = is_async
 
-    def run_sync(self, exc: Exception | None) -> None:
+    def run_sync(self, exc: BaseException | None) -> None:
         target = self.target
         if self.how == "generator":
             try:
@@ -176,7 +178,7 @@ class Finalizer:
                     target.throw(exc)
             except StopIteration:
                 return
-            except Exception as raised:
+            except BaseException as raised:
                 if raised is exc:
                     return
                 raise
@@ -191,7 +193,7 @@ class Finalizer:
             return
         target.close()
 
-    async def run(self, exc: Exception | None) -> None:
+    async def run(self, exc: BaseException | None) -> None:
         target = self.target
         if self.how == "async generator":
             try:
@@ -201,7 +203,7 @@ class Finalizer:
                     await target.athrow(exc)
             except StopAsyncIteration:
                 return
-            except Exception as raised:
+            except BaseException as raised:
                 if raised is exc:
                     return
                 raise
@@ -321,7 +323,7 @@ class _AsyncClose(Finalizer):
     def __init__(self, name: str, target: Any) -> None:
         super().__init__(name, "async close", target, is_async=True)
 
-    async def run(self, exc: Exception | None) -> None:
+    async def run(self, exc: BaseException | None) -> None:
         await self.target.close()
 
 

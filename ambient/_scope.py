@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import warnings
 from collections.abc import Hashable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
@@ -28,6 +29,9 @@ __all__ = ["Scope"]
 T = TypeVar("T")
 logger = logging.getLogger("ambient")
 _NOTHING = contextlib.nullcontext()
+# Guards a scope's first REQUEST store and its USER entry: worker threads of one scope may
+# get there at once. Taken only on those first uses, and held for a few field accesses.
+_FIRST_USE = threading.Lock()
 _MISSING: Any = object()
 
 
@@ -244,9 +248,15 @@ class Scope:
         """The rest of :meth:`_close`, once :meth:`_close_now` has said it must await."""
         registry = self._registry
         failures: list[Exception] = []
+        interrupted: BaseException | None = None
         try:
             if self._holds:
-                await self._wait_for_holds()
+                try:
+                    await self._wait_for_holds()
+                except BaseException as error:  # noqa: BLE001 - re-raised once cleaned up
+                    # A native asyncio cancellation gets through the shield: stop waiting
+                    # for the holds, but still clean up and release the user's components.
+                    interrupted = error
             self._closed = True
             own = self._own
             created = own.close() if own is not None else []
@@ -275,6 +285,8 @@ class Scope:
             # stop, a KeyboardInterrupt), the scope still ends: unbound and counted.
             self._closed = True
             self._ended(failures)
+        if interrupted is not None:
+            raise interrupted
         return failures
 
     def _owner_user(self) -> UserRef | None:
@@ -428,7 +440,12 @@ class Scope:
         return instance
 
     def _request_store(self) -> Instances:
-        own = self._own = Instances("request scope", self._cache)
+        # Two threads of this scope may both have found no store: a second one would create
+        # the component again, and its copy would never be cleaned.
+        with _FIRST_USE:
+            own = self._own
+            if own is None:
+                own = self._own = Instances("request scope", self._cache)
         return own
 
     def _unavailable(self, key: Hashable) -> Exception:
@@ -448,15 +465,18 @@ class Scope:
         entry = registry.acquire_user(
             self._user_ref(), ephemeral=self.context.metadata.get(ANONYMOUS) is True
         )
-        held = self._user_entry
-        if held is None or held.instances.closed:
-            # First USER component of this scope, or the registry was closed under it.
-            self._user_entry = entry
-            if held is not None:
-                registry.release_user(held)
-            return entry
-        registry.release_user(entry)  # another thread of this scope acquired it first
-        return held
+        spare: UserEntry | None
+        with _FIRST_USE:
+            held = self._user_entry
+            if held is not None and not held.instances.closed:
+                kept, spare = held, entry  # another thread of this scope acquired it first
+            else:
+                # First USER component of this scope, or the registry was closed under it.
+                kept, spare = entry, held
+                self._user_entry = entry
+        if spare is not None:
+            registry.release_user(spare)
+        return kept
 
     @contextlib.contextmanager
     def _restricted(self, provider: Provider) -> Iterator[None]:

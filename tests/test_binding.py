@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import anyio
@@ -87,6 +87,35 @@ class TestNesting:
         assert get_current_context() is inner.ctx
         unbind(inner)
         assert current_context_or_none() is None
+
+    async def test_scopes_of_two_users_ended_out_of_order_by_an_error_restore_nothing(
+        self,
+    ) -> None:
+        """alice's scope, then bob's inside it (an impersonation); alice's ends first, by
+        an error, then bob's: every component is cleaned, and neither user stays bound."""
+        registry = Registry()
+        cleaned: list[str] = []
+
+        def component(ctx: UserExecutionContext) -> Iterator[str]:
+            try:
+                yield ctx.user_id
+            finally:
+                cleaned.append(ctx.user_id)
+
+        registry.register("who", component)
+        alice = registry.open_scope(ctx_for("alice"))
+        bob = registry.open_scope(ctx_for("bob"), allow_switch=True)
+        await alice.__aenter__()
+        assert await ambient.resolve("who") == "alice"
+        await bob.__aenter__()
+        assert await ambient.resolve("who") == "bob"
+        error = RuntimeError("alice's work failed")
+        await alice.__aexit__(RuntimeError, error, None)
+        assert get_current_context().user_id == "bob"  # the live inner scope is still bob's
+        await bob.__aexit__(None, None, None)
+        assert current_context_or_none() is None
+        assert sorted(cleaned) == ["alice", "bob"]
+        assert registry.stats().open_scopes == 0
 
     def test_out_of_order_in_the_middle_restores_the_live_outer_binding(self) -> None:
         """With three bindings, ending the middle one first then the inner restores the outer."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
 
@@ -146,7 +147,12 @@ class TestDependencies:
         def look(where: str) -> None:
             seen[where] = (ambient.get_current_context(), ambient.resolve_sync(Probe))
 
+        loop_thread = threading.get_ident()
+        first_use: list[tuple[int, bool]] = []
+
         def sync_plain() -> None:
+            probes_before = [kind for kind, _ in ledger.created.values()].count("probe")
+            first_use.append((probes_before, threading.get_ident() != loop_thread))
             look("sync plain")
 
         async def async_plain(_: None = Depends(sync_plain)) -> None:
@@ -167,9 +173,12 @@ class TestDependencies:
 
         @app.get("/")
         def endpoint(
+            # FastAPI solves dependencies in parameter order: the sync dependency under
+            # async_plain makes the first resolution, in a worker thread.
+            _a: None = Depends(async_plain),
+            *,
             ctx: CurrentContext,
             probe: Annotated[Probe, Resolve(Probe)],
-            _a: None = Depends(async_plain),
             _b: None = Depends(sync_yield),
             _c: None = Depends(async_yield),
         ) -> dict[str, int]:
@@ -180,6 +189,7 @@ class TestDependencies:
         async with client(app) as http:
             response = await http.get("/", headers=ALICE)
         assert response.status_code == 200
+        assert first_use == [(0, True)]
         assert set(seen) == {
             "sync plain",
             "async plain",

@@ -223,10 +223,13 @@ class TestAppLifetime:
 
 
 class TestAbnormalExits:
-    async def test_refcounts_return_to_zero_after_cancellations_and_errors(self) -> None:
+    async def test_refcounts_return_to_zero_after_cancellations_and_errors(
+        self, clock: FakeClock
+    ) -> None:
         """1,000 requests of 10 users, 30% cancelled at random points and 10% raising:
-        afterwards no scope is open, every user entry is idle, and every component was
-        created and cleaned the same number of times (none used after cleanup)."""
+        afterwards no scope is open, every user entry is idle (its USER component expires
+        after its idle_ttl, before any shutdown), and every component was created and
+        cleaned the same number of times (none used after cleanup)."""
         import random
 
         from anyio.lowlevel import checkpoint
@@ -253,8 +256,8 @@ class TestAbnormalExits:
             def close(self) -> None:
                 self.open = False
 
-        registry = Registry()
-        registry.register(Session, Session, lifetime=Lifetime.USER)
+        registry = Registry(clock=clock)
+        registry.register(Session, Session, lifetime=Lifetime.USER, idle_ttl=60)
         registry.register(Step, Step)
 
         async def request(
@@ -294,8 +297,12 @@ class TestAbnormalExits:
         assert used_after_close == []
         assert stats.open_scopes == 0
         assert stats.live_users == 10
-        await registry.aclose()
+        # A reference left behind by an abnormal exit would keep its user's entry in use:
+        # never idle, never expired. Checked before shutdown, which closes entries anyway.
+        assert [entry.refs for entry in registry._users.values()] == [0] * 10
+        clock.now += 61
+        await registry.sweep()
         stats = registry.stats()
+        assert stats.live_users == 0
         assert stats.created == stats.cleaned
         assert live == set()
-        assert all(entry.refs == 0 for entry in registry._users.values())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -128,6 +129,64 @@ class TestSingleFlight:
                     tg.start_soon(in_task if n % 2 else in_thread)
         assert calls == 1
         assert len({id(r) for r in results}) == 1
+
+    async def test_threads_first_using_a_scope_at_once_lose_no_component(self) -> None:
+        """4 worker threads make the first REQUEST and USER resolutions of each of 1,500
+        scopes at once: one instance each, every created component cleaned exactly once,
+        and no user's reference left behind (its idle USER component expires)."""
+        threads, scopes = 4, 1500
+        counts = {"made": 0, "cleaned": 0, "user made": 0, "user cleaned": 0}
+        lock = threading.Lock()
+
+        def count(what: str) -> None:
+            with lock:
+                counts[what] += 1
+
+        def per_request() -> Iterator[object]:
+            count("made")
+            yield object()
+            count("cleaned")
+
+        def per_user() -> Iterator[object]:
+            count("user made")
+            yield object()
+            count("user cleaned")
+
+        registry = Registry()
+        registry.register("request", per_request)
+        registry.register("user", per_user, lifetime=Lifetime.USER, idle_ttl=0)
+
+        def first_use(scope: ambient.Scope, barrier: threading.Barrier) -> tuple[object, object]:
+            barrier.wait()
+            component = scope.resolve_sync("request")
+            barrier.wait()
+            return component, scope.resolve_sync("user")
+
+        switch_interval = sys.getswitchinterval()
+        # Switch threads as often as the interpreter can, so that they interleave inside
+        # the first resolution.
+        sys.setswitchinterval(1e-6)
+        try:
+            with ThreadPoolExecutor(threads) as pool:
+                for n in range(scopes):
+                    async with registry.open_scope(ctx(f"user-{n % 7}")) as scope:
+                        barrier = threading.Barrier(threads, timeout=10)
+                        futures = [pool.submit(first_use, scope, barrier) for _ in range(threads)]
+                        results = await anyio.to_thread.run_sync(
+                            lambda futures=futures: [f.result(timeout=10) for f in futures]
+                        )
+                        assert len({id(request) for request, _ in results}) == 1
+                        assert len({id(user) for _, user in results}) == 1
+        finally:
+            sys.setswitchinterval(switch_interval)
+        await registry.sweep()
+        assert counts == {
+            "made": scopes,
+            "cleaned": scopes,
+            "user made": counts["user made"],
+            "user cleaned": counts["user made"],
+        }
+        assert registry.stats().live_users == 0
 
     async def test_100_scopes_of_one_user_share_one_user_instance(self) -> None:
         """Concurrent scopes of one user share the USER component; another user does not."""
@@ -340,15 +399,22 @@ class TestCleanup:
         assert registry.stats().cleaned == 2
 
     async def test_cleanup_survives_cancellation_of_the_body(self) -> None:
-        """A body cancelled mid-way still cleans every component."""
+        """A body cancelled mid-way still cleans every component, and the cleanup sees the
+        cancellation thrown in at its ``yield``, as with ``contextlib``."""
         cleaned: list[str] = []
         entered = anyio.Event()
         registry = Registry()
+        cancelled = anyio.get_cancelled_exc_class()
 
         async def component() -> AsyncIterator[str]:
-            yield "x"
-            await anyio.lowlevel.checkpoint()  # an await inside a cleanup of a cancelled task
-            cleaned.append("x")
+            try:
+                yield "x"
+            except cancelled:
+                cleaned.append("saw the cancellation")
+                raise
+            finally:
+                await anyio.lowlevel.checkpoint()  # an await inside a cancelled task's cleanup
+                cleaned.append("x")
 
         registry.register("x", component)
 
@@ -362,7 +428,64 @@ class TestCleanup:
             tg.start_soon(request)
             await entered.wait()
             tg.cancel_scope.cancel()
-        assert cleaned == ["x"]
+        assert cleaned == ["saw the cancellation", "x"]
+        assert registry.stats().cleaned == 1
+
+    @pytest.mark.parametrize("ending", ["returns", "raises", "cancelled", "interrupted"])
+    async def test_a_transaction_around_yield_commits_only_a_body_that_returned(
+        self, ending: str
+    ) -> None:
+        """A generator factory that opens a transaction around its ``yield`` commits only
+        when the scope's body returned: an error, a cancellation (a client gone) or any
+        other BaseException rolls the request's partial work back."""
+        ledger: list[str] = []
+        entered = anyio.Event()
+
+        class Transaction:
+            """Commits on a clean exit, rolls back on any exception (as psycopg's do)."""
+
+            def __enter__(self) -> list[str]:
+                return []
+
+            def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+                ledger.append("rollback" if kind is not None else "commit")
+
+        def transaction() -> Iterator[list[str]]:
+            with Transaction() as writes:
+                yield writes
+
+        registry = Registry()
+        registry.register("tx", transaction)
+
+        class Interrupt(BaseException):
+            pass
+
+        async def request() -> None:
+            async with registry.open_scope(ctx()) as scope:
+                writes = await scope.resolve("tx")
+                writes.append("first half")
+                entered.set()
+                if ending == "raises":
+                    raise ValueError("the second half failed")
+                if ending == "interrupted":
+                    raise Interrupt
+                if ending == "cancelled":
+                    await anyio.sleep_forever()
+
+        with anyio.fail_after(5):
+            if ending == "cancelled":
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(request)
+                    await entered.wait()
+                    tg.cancel_scope.cancel()
+            elif ending == "returns":
+                await request()
+            else:
+                with pytest.raises((ValueError, Interrupt)):
+                    await request()
+        assert ledger == ["commit" if ending == "returns" else "rollback"]
+        assert registry.stats().cleaned == 1
+        assert registry.stats().cleanup_failures == 0
 
     async def test_hanging_cleanup_is_abandoned_and_reported(self) -> None:
         """A cleanup past cleanup_timeout is abandoned; the others still run."""
@@ -607,6 +730,47 @@ class TestHold:
         assert order == ["component", "cleaned", "closed"]
 
 
+    async def test_a_native_cancel_while_waiting_for_a_hold_still_cleans_up(
+        self, anyio_backend: str
+    ) -> None:
+        """asyncio's own ``task.cancel()`` gets through anyio's shield: a scope cancelled
+        that way while it waits for a hold still cleans its components, releases its user's
+        and ends, then lets the cancellation through."""
+        if anyio_backend != "asyncio":
+            pytest.skip("task.cancel() is asyncio's; trio has only cancel scopes")
+        import asyncio
+
+        registry = Registry()
+        cleaned: list[str] = []
+
+        def make() -> Iterator[str]:
+            try:
+                yield "request"
+            finally:
+                cleaned.append("request")
+
+        registry.register("request", make)
+        registry.register("user", lambda: "user", lifetime=Lifetime.USER)
+        scope = registry.open_scope(ctx())
+        await scope.__aenter__()
+        await scope.resolve("request")
+        await scope.resolve("user")
+        hold = scope.hold()
+        closing = asyncio.ensure_future(scope.__aexit__(None, None, None))
+        await anyio.wait_all_tasks_blocked()
+        assert not closing.done()  # waiting for the hold
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        assert cleaned == ["request"]
+        assert scope.closed
+        assert registry.stats().open_scopes == 0
+        assert [entry.refs for entry in registry._users.values()] == [0]
+        with hold:
+            pass  # releasing it late is harmless
+        await registry.aclose()
+
+
 class TestObservers:
     async def test_an_inactive_observer_sees_nothing_of_the_scope(self) -> None:
         calls: list[str] = []
@@ -678,9 +842,11 @@ class TestAbandonedGenerators:
         registry = Registry()
 
         def part(ctx: UserExecutionContext) -> Iterator[str]:
-            yield ctx.run_id
-            cleaned.append(ctx.run_id)
-            done.set()
+            try:  # the closed generator's GeneratorExit is thrown in at the yield
+                yield ctx.run_id
+            finally:
+                cleaned.append(ctx.run_id)
+                done.set()
 
         registry.register("part", part)
         registry.register("whole", lambda ctx: ctx.run_id)
