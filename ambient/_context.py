@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -20,9 +20,19 @@ _MAX_LEN = 256
 _PLACEHOLDERS = frozenset(
     {"none", "null", "nil", "undefined", "placeholder", "registry", "default", "unknown", "0"}
 )
-# C0 and C1 controls plus the Unicode line and paragraph separators: any of them in an id can
-# split a log line or a header.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# The characters refused in an id, by Unicode category: controls and the line and paragraph
+# separators can split a log line or a header; invisible format characters (zero-width
+# spaces, bidi overrides and isolates, the BOM, the soft hyphen), lone surrogates and spaces
+# other than U+0020 make two different ids look the same. Private use (Co) and unassigned
+# (Cn) code points, the rest of what str.isprintable() calls unprintable, are allowed.
+_REFUSED = {
+    "Cc": "control character",
+    "Zl": "control character",
+    "Zp": "control character",
+    "Cf": "invisible format character",
+    "Cs": "surrogate",
+    "Zs": "space character",  # U+0020 never gets here: it is printable
+}
 _EMPTY: Mapping[str, object] = MappingProxyType({})
 # The module-level generator: seeded from the OS and re-seeded in forked children.
 _random_bits = random.getrandbits
@@ -56,11 +66,14 @@ def validate_id(field_name: str, value: object) -> str:
     if value[0].isspace() or value[-1].isspace():
         raise InvalidContextError(field_name, "must not start or end with whitespace", value)
     if not value.isprintable():
-        match = _CONTROL.search(value)
-        if match is not None:
-            raise InvalidContextError(
-                field_name, f"contains the control character U+{ord(match.group()):04X}", value
-            )
+        # Rare: scan only ids that hold something unprintable.
+        for char in value:
+            if not char.isprintable():
+                rule = _REFUSED.get(unicodedata.category(char))
+                if rule is not None:
+                    raise InvalidContextError(
+                        field_name, f"contains the {rule} U+{ord(char):04X}", value
+                    )
     if value.lower() in _PLACEHOLDERS:
         raise InvalidContextError(
             field_name,
@@ -107,8 +120,9 @@ class UserExecutionContext:
     """Who a piece of work runs for, and which run it belongs to.
 
     Immutable and validated on construction: every id is a ``str`` of 1-256 characters with
-    no whitespace at either end, no control characters and no placeholder value such as
-    ``"none"`` or ``"default"``. Build one with :meth:`create` to fill missing ids.
+    no whitespace at either end, no control or invisible characters (no zero-width or bidi
+    characters, no space but U+0020) and no placeholder value such as ``"none"`` or
+    ``"default"``. Build one with :meth:`create` to fill missing ids.
 
     Attributes:
         user_id: The user the work runs for.

@@ -572,9 +572,10 @@ def signed_context(
 
     A request without the header has no identity from this resolver (combine it with
     others in :func:`~ambient.middleware.identity.first_of`). A token that is tampered
-    with, signed with an unknown key, expired or for another audience, a repeated header,
-    a token from a peer outside ``trusted``, and request or thread id headers that
-    contradict the token are all refused with 401. The request's context continues the
+    with, signed with an unknown key, expired or for another audience, a token from a
+    peer outside ``trusted``, and request or thread id headers that contradict the token
+    are all refused with 401; a repeated header is malformed, 400. The request's context
+    continues the
     caller's: same user, tenant, thread and request ids, a new run whose parent is the
     caller's run.
 
@@ -598,7 +599,8 @@ def signed_context(
         if not values:
             return None
         if len(values) > 1:
-            raise IdentityError(f"the {header} header was sent {len(values)} times", status=401)
+            # Malformed, not unauthenticated: never "first wins" (as RFC 6750 for bearer).
+            raise IdentityError(f"the {header} header was sent {len(values)} times", status=400)
         if not _peer_trusted(scope, networks):
             raise InvalidTokenError(
                 "untrusted-peer", "a signed context is accepted only from trusted services"

@@ -309,22 +309,47 @@ _WEBSOCKET_PROTOCOL = "bearer"
 
 
 def _bearer_token(scope: Mapping[str, Any]) -> str | None:
-    header = _single_header(scope, "authorization", status=401)
+    """The bearer token of a request, or ``None`` when it sends none.
+
+    A malformed request (RFC 6750's ``invalid_request``) is 400: the Authorization header
+    sent more than once or not UTF-8, ``Bearer`` without a token (an empty
+    ``Authorization: Bearer ``), a websocket's ``bearer`` subprotocol given twice or not
+    followed by a token, and a websocket sending both an Authorization header and the
+    ``bearer`` subprotocol (one credential, sent one way: neither copy is picked). Another
+    scheme (``Basic ...``) is 401, like no credential.
+    """
+    header = _single_header(scope, "authorization")
+    protocol_token = _protocol_token(scope) if scope.get("type") == "websocket" else None
     if header is not None:
+        if protocol_token is not None:
+            raise IdentityError(
+                "a token was sent both in the Authorization header and as the 'bearer' "
+                "subprotocol; send it one way"
+            )
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        if scheme.lower() != "bearer":
             raise IdentityError("the Authorization header is not 'Bearer <token>'", status=401)
-        return token.strip()
-    if scope.get("type") == "websocket":
-        # Browsers cannot set headers on a websocket: the token rides as the subprotocol
-        # after "bearer" (the app then accepts with subprotocol="bearer").
-        protocols = list(scope.get("subprotocols") or ())
-        if _WEBSOCKET_PROTOCOL in protocols:
-            index = protocols.index(_WEBSOCKET_PROTOCOL)
-            if index + 1 < len(protocols):
-                return str(protocols[index + 1])
-            raise IdentityError("the 'bearer' subprotocol is not followed by a token", status=401)
-    return None
+        token = token.strip()
+        if not token:
+            raise IdentityError("the Authorization header says Bearer but has no token")
+        return token
+    return protocol_token
+
+
+def _protocol_token(scope: Mapping[str, Any]) -> str | None:
+    # Browsers cannot set headers on a websocket: the token rides as the subprotocol after
+    # "bearer" (the app then accepts with subprotocol="bearer").
+    protocols = list(scope.get("subprotocols") or ())
+    count = protocols.count(_WEBSOCKET_PROTOCOL)
+    if not count:
+        return None
+    if count > 1:
+        raise IdentityError(f"the 'bearer' subprotocol was sent {count} times")
+    index = protocols.index(_WEBSOCKET_PROTOCOL)
+    token = str(protocols[index + 1]).strip() if index + 1 < len(protocols) else ""
+    if not token:
+        raise IdentityError("the 'bearer' subprotocol is not followed by a token")
+    return token
 
 
 def _check_algorithms(algorithms: Iterable[str]) -> tuple[str, ...]:
@@ -382,8 +407,13 @@ def jwt_bearer(
     ``iss`` (when ``issuer`` is given); ``alg=none`` is refused, and an HMAC algorithm can
     never be combined with an asymmetric key (the key-confusion attack). Websockets may send
     the token as the subprotocol after ``bearer`` (``Sec-WebSocket-Protocol: bearer, <jwt>``).
-    A missing token is no identity; a bad one is :class:`~ambient.errors.IdentityError`
-    (401) whose detail says what failed, never the token. The identity expires with the
+    A missing token is no identity. Otherwise :class:`~ambient.errors.IdentityError`, whose
+    detail says what failed, never the token: 401 for a token that fails validation (bad
+    signature, expired, wrong ``aud`` or ``iss``, ...) or an Authorization header of another
+    scheme (``Basic ...``); 400 for a malformed request (RFC 6750 ``invalid_request``): the
+    Authorization header sent twice, ``Bearer`` without a token (an empty
+    ``Authorization: Bearer ``), a ``bearer`` subprotocol repeated or not followed by a token,
+    or a websocket sending both the header and the subprotocol. The identity expires with the
     token (``exp`` plus ``leeway``): a websocket still open then is closed with 4001.
 
     Args:

@@ -53,6 +53,58 @@ class TestValidation:
             _make(**{field: f"ab{char}cd"})
         assert info.value.field == field
 
+    @pytest.mark.parametrize("field", ID_FIELDS + OPTIONAL_FIELDS)
+    @pytest.mark.parametrize(
+        ("char", "rule"),
+        [
+            ("\u200b", "invisible format character"),  # zero-width space
+            ("\u200d", "invisible format character"),  # zero-width joiner
+            ("\u202e", "invisible format character"),  # right-to-left override
+            ("\u2066", "invisible format character"),  # left-to-right isolate
+            ("\u2069", "invisible format character"),  # pop directional isolate
+            ("\ufeff", "invisible format character"),  # byte order mark
+            ("\u00ad", "invisible format character"),  # soft hyphen
+            ("\u00a0", "space character"),  # no-break space
+            ("\u3000", "space character"),  # ideographic space
+            ("\u2009", "space character"),  # thin space
+            ("\ud800", "surrogate"),  # a lone surrogate
+            ("\u2029", "control character"),  # paragraph separator
+        ],
+    )
+    def test_characters_that_hide_or_fake_a_difference_are_refused(
+        self, field: str, char: str, rule: str
+    ) -> None:
+        """Invisible format characters, lone surrogates and spaces other than U+0020 make
+        two different ids look the same: refused, naming the rule and the code point."""
+        with pytest.raises(InvalidContextError, match=f"{rule} U\\+{ord(char):04X}") as info:
+            _make(**{field: f"admin{char}x"})
+        assert info.value.field == field
+        assert char not in str(info.value)  # shown escaped, never raw
+
+    def test_the_first_offending_character_is_named(self) -> None:
+        """A spoofed id at either end is refused too, naming the character found first."""
+        with pytest.raises(InvalidContextError, match="U\\+202E"):
+            _make(user_id="\u202eadmin\u200b")
+        with pytest.raises(InvalidContextError, match="U\\+200B"):
+            _make(user_id="admin\u200b")
+
+    @pytest.mark.parametrize(
+        "value",
+        [
+            "José",
+            "ユーザー",
+            "user-😀",
+            "a b",
+            "Ωmega-№7",
+            "user@example.com",
+            "\ue000",  # private use (Co): not refused
+            "a\U0010fffeb",  # a noncharacter, unassigned (Cn): not refused
+        ],
+    )
+    def test_ordinary_non_ascii_ids_are_accepted(self, value: str) -> None:
+        """Letters, digits, punctuation, symbols and emoji of any script stay valid."""
+        assert _make(user_id=value).user_id == value
+
     @pytest.mark.parametrize("field", ID_FIELDS)
     def test_length_limit(self, field: str) -> None:
         """256 characters are allowed, 257 are not."""

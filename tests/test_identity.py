@@ -208,22 +208,78 @@ class TestJwtBearer:
         "headers",
         [
             [(b"authorization", b"Basic YWxpY2U6cHc=")],
-            [(b"authorization", b"Bearer ")],
-            [(b"authorization", b"Bearer a"), (b"authorization", b"Bearer b")],
+            [(b"authorization", b"Digest username=alice")],
+            [(b"authorization", b"bearertoken")],
         ],
     )
-    def test_malformed_authorization_headers_are_401(
-        self, headers: list[tuple[bytes, bytes]]
-    ) -> None:
-        with pytest.raises(IdentityError) as refused:
+    def test_another_authorization_scheme_is_401(self, headers: list[tuple[bytes, bytes]]) -> None:
+        """Credentials of another scheme are no bearer token: 401, as for none at all."""
+        with pytest.raises(IdentityError, match="not 'Bearer <token>'") as refused:
             hs_resolver()(http_scope(headers))
         assert refused.value.http_status == 401
+
+    @pytest.mark.parametrize(
+        ("headers", "reason"),
+        [
+            ([(b"authorization", b"Bearer a"), (b"authorization", b"Bearer b")], "2 times"),
+            ([(b"Authorization", b"Bearer a"), (b"authorization", b"Basic YQ==")], "2 times"),
+            ([(b"authorization", b"Bearer ")], "no token"),
+            ([(b"authorization", b"Bearer   ")], "no token"),
+            ([(b"authorization", b"Bearer")], "no token"),
+            ([(b"authorization", b"Bearer \xff")], "not valid UTF-8"),
+        ],
+    )
+    def test_a_malformed_bearer_request_is_400(
+        self, headers: list[tuple[bytes, bytes]], reason: str
+    ) -> None:
+        """RFC 6750 invalid_request: a repeated header or a Bearer scheme without its token
+        is a malformed request (400), never "first wins" and never an unchecked credential."""
+        with pytest.raises(IdentityError, match=reason) as refused:
+            hs_resolver()(http_scope(headers))
+        assert refused.value.http_status == 400
 
     def test_a_websocket_may_carry_the_token_as_subprotocol(self) -> None:
         scope = http_scope([], type="websocket", subprotocols=["bearer", token()])
         assert hs_resolver()(scope).user_id == "alice"
-        with pytest.raises(IdentityError, match="not followed"):
-            hs_resolver()(http_scope([], type="websocket", subprotocols=["bearer"]))
+        scope = http_scope([], type="websocket", subprotocols=["chat", "bearer", token(), "v2"])
+        assert hs_resolver()(scope).user_id == "alice"
+        scope = http_scope([(b"authorization", f"Bearer {token()}".encode())], type="websocket")
+        assert hs_resolver()(scope).user_id == "alice"
+
+    @pytest.mark.parametrize(
+        ("headers", "subprotocols", "reason"),
+        [
+            ([], ["bearer"], "not followed by a token"),
+            ([], ["chat", "bearer", ""], "not followed by a token"),
+            ([], ["bearer", "t1", "bearer", "t2"], "2 times"),
+            ([], ["bearer", "bearer"], "2 times"),
+            ([(b"authorization", b"Bearer t1")], ["bearer", "t2"], "both"),
+            ([(b"authorization", b"Basic YQ==")], ["bearer", "t2"], "both"),
+        ],
+    )
+    def test_a_malformed_websocket_bearer_request_is_400(
+        self, headers: list[tuple[bytes, bytes]], subprotocols: list[str], reason: str
+    ) -> None:
+        """One token, sent one way: a token in the header and in the subprotocol (the header
+        used to win silently), a repeated ``bearer`` or one without its token is 400."""
+        scope = http_scope(headers, type="websocket", subprotocols=subprotocols)
+        with pytest.raises(IdentityError, match=reason) as refused:
+            hs_resolver()(scope)
+        assert refused.value.http_status == 400
+        assert "t1" not in str(refused.value)
+        assert "t2" not in str(refused.value)
+
+    def test_a_valid_token_sent_two_ways_is_still_refused(self) -> None:
+        """Even when both copies are the same valid token: which one counts is not guessed."""
+        good = token()
+        scope = http_scope(
+            [(b"authorization", f"Bearer {good}".encode())],
+            type="websocket",
+            subprotocols=["bearer", good],
+        )
+        with pytest.raises(IdentityError, match="both") as refused:
+            hs_resolver()(scope)
+        assert refused.value.http_status == 400
 
     async def test_through_the_middleware_a_bad_token_is_a_401_problem(self) -> None:
         app = AmbientMiddleware(_echo_app, registry=Registry(), identity=hs_resolver())
@@ -233,6 +289,55 @@ class TestJwtBearer:
         assert "expired" in body["detail"]
         assert bad not in json.dumps(body)
         assert bound is None
+
+    @pytest.mark.parametrize(
+        ("headers", "reason"),
+        [
+            ([(b"authorization", b"Bearer "), (b"authorization", b"Bearer b")], "2 times"),
+            ([(b"authorization", b"Bearer ")], "no token"),
+        ],
+    )
+    async def test_through_the_middleware_a_malformed_bearer_request_is_a_400_problem(
+        self, headers: list[tuple[bytes, bytes]], reason: str
+    ) -> None:
+        app = AmbientMiddleware(_echo_app, registry=Registry(), identity=hs_resolver())
+        status, body, bound = await _call(app, http_scope(headers))
+        assert status == 400
+        assert body["status"] == 400
+        assert reason in body["detail"]
+        assert bound is None
+
+    async def test_through_the_middleware_a_token_sent_two_ways_refuses_the_websocket(
+        self,
+    ) -> None:
+        good = token()
+        scope = http_scope(
+            [(b"authorization", f"Bearer {good}".encode())],
+            type="websocket",
+            subprotocols=["bearer", good],
+            extensions={"websocket.http.response": {}},
+        )
+        app = AmbientMiddleware(_echo_app, registry=Registry(), identity=hs_resolver())
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "websocket.connect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        with anyio.fail_after(5):
+            await app(scope, receive, send)
+        assert [m["type"] for m in sent] == [
+            "websocket.http.response.start",
+            "websocket.http.response.body",
+        ]
+        assert sent[0]["status"] == 400
+        body = json.loads(sent[1]["body"])
+        assert body["status"] == 400
+        assert "both" in body["detail"]
+        assert good not in json.dumps(body)
+        assert ambient.current_context_or_none() is None
 
 
 class TestScopeUser:

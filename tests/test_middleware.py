@@ -140,6 +140,24 @@ class TestIdentity:
             assert value.strip() not in body["detail"] or value.lower() in ("null", "undefined")
         assert set(ledger.created.values()) <= {"alice"}  # the refused requests made nothing
 
+    async def test_an_invisible_character_in_the_user_id_is_400_naming_it(self) -> None:
+        """``admin`` plus a zero-width space displays as ``admin`` but is another id: the
+        request is refused before anything is created or bound, every time."""
+        app, ledger, registry = build()
+        headers = [(b"x-user-id", "admin\u200b".encode())]
+        async with client(app) as http:
+            response = await http.get("/whoami", headers=headers)
+            await http.get("/whoami", headers={"x-user-id": "alice"})
+            again = await http.get("/whoami", headers=headers)
+        for answer in (response, again):
+            body = assert_problem(answer, 400)
+            assert body["detail"].startswith("user_id is invalid")
+            assert "U+200B" in body["detail"]
+            assert "admin\u200b" not in body["detail"]
+        assert set(ledger.created.values()) <= {"alice"}  # the refused requests made nothing
+        assert registry.stats().open_scopes == 0
+        assert ambient.current_context_or_none() is None
+
     async def test_a_header_that_is_not_utf8_is_400(self) -> None:
         app, _, _ = build()
         async with client(app) as http:
