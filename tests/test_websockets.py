@@ -579,6 +579,56 @@ async def test_a_user_over_the_cap_loses_the_oldest_socket_not_the_newest(server
     assert handler_failures(ledger) == []
 
 
+async def test_with_a_cap_of_one_each_new_socket_takes_the_place_of_the_last(
+    server: str,
+) -> None:
+    """With a cap of 1, each new socket closes the user's previous one with 1008 and is
+    registered in its place: events reach it, the next socket replaces it in turn (never
+    two at once), revoking the user closes it, and the hub's counts go back to 0."""
+    hub = ConnectionHub(max_connections_per_user=1)
+    app, ledger, _ = build(hub)
+
+    async def replaced_by_next(base: str, old: ClientConnection, thread: str) -> ClientConnection:
+        new, _ = await open_socket(base, "carol", thread)
+        frame = await _closed_frame(old)
+        assert frame is not None
+        assert frame.code == 1008
+        assert "too many connections (limit 1)" in frame.reason
+        return new
+
+    async def registered_alone(http: httpx.AsyncClient, sock: ClientConnection, n: int) -> None:
+        stats = (await http.get("/stats", headers=OPS)).json()
+        assert (stats["connections"], stats["users"]) == (1, 1), stats
+        response = await http.post(
+            "/run",
+            params={"events": 0, "broadcast": 1},
+            headers={"x-user-id": "carol", "x-thread-id": "any"},
+        )
+        assert response.json()["left"] == 1
+        assert json.loads(await sock.recv())["type"] == "done"
+        assert await expect_pong(sock, n) == []
+
+    async def scenario(base: str) -> None:
+        first, _ = await open_socket(base, "carol", "one")
+        async with httpx.AsyncClient(base_url=base, timeout=DEADLINE) as http:
+            second = await replaced_by_next(base, first, "two")
+            await registered_alone(http, second, 1)
+            third = await replaced_by_next(base, second, "three")
+            await registered_alone(http, third, 2)
+            revoked = await http.post("/revoke", params={"user": "carol"}, headers=OPS)
+            assert revoked.status_code == 200, revoked.text
+            frame = await _closed_frame(third)
+            assert (frame.code, frame.reason) == (4001, "access revoked")
+
+    with serve(server, app) as url:
+        await in_client_thread(lambda: scenario(url))
+        await wait_closed(ledger, 3)
+        stats = hub.stats()
+    assert (stats.connections, stats.users, stats.replaced, stats.revoked) == (0, 0, 2, 1)
+    assert hub._users == {}
+    assert handler_failures(ledger) == []
+
+
 async def _closed_frame(sock: ClientConnection) -> Any:
     """The close frame ``sock`` receives, events still on the wire skipped; within 1 s."""
     async with asyncio.timeout(1):

@@ -277,7 +277,9 @@ class ConnectionHub:
                 "replaced by a newer one",
                 drain=True,
             )
-        connections[connection.connection_id] = connection
+        # Fetched again: with a cap of 1, removing the oldest emptied ``connections`` and
+        # ``_remove`` dropped it from ``_users``.
+        self._users.setdefault(connection.user, {})[connection.connection_id] = connection
         self._count += 1
 
     def _remove(self, connection: Connection) -> None:
