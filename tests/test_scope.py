@@ -729,7 +729,6 @@ class TestHold:
             order.append("closed")
         assert order == ["component", "cleaned", "closed"]
 
-
     async def test_a_native_cancel_while_waiting_for_a_hold_still_cleans_up(
         self, anyio_backend: str
     ) -> None:
