@@ -116,6 +116,8 @@ class Registry:
         self._next_expiry = math.inf
         self._evicted: list[UserEntry] = []
         self.open_scopes = 0
+        # Set when the last open scope closes, while shutdown waits for that.
+        self._scopes_closed: anyio.Event | None = None
         self.created = 0
         self.cleaned = 0
         self.cleanup_failures = 0
@@ -410,6 +412,24 @@ class Registry:
         return await finalize(created, None, self, entry.ref, self.observers())
 
     # -- shutdown and stats --------------------------------------------------------------
+
+    async def wait_for_scopes(self) -> int:
+        """Wait until no scope of this registry is open, at most the registry's
+        ``cleanup_timeout``; return how many still are (wrap the call in
+        ``anyio.move_on_after`` to wait less).
+
+        For shutdown: a server that cancelled its last requests starts its lifespan
+        shutdown while their shielded cleanups still run, and those may still use USER and
+        APP components.
+        """
+        if self.open_scopes:
+            event = self._scopes_closed = anyio.Event()
+            try:
+                with anyio.move_on_after(self.cleanup_timeout):
+                    await event.wait()
+            finally:
+                self._scopes_closed = None
+        return self.open_scopes
 
     async def aclose(self) -> None:
         """Clean up every USER and APP component (application shutdown).

@@ -310,7 +310,10 @@ class Scope:
             # every collection with its whole heap).
             self._binding = None
             unbind(binding)
-        self._registry.open_scopes -= 1
+        registry = self._registry
+        registry.open_scopes -= 1
+        if registry._scopes_closed is not None and not registry.open_scopes:
+            registry._scopes_closed.set()
         try:
             if self.observers:
                 notify(self.observers, "scope_closed", self, tuple(failures))

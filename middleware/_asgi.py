@@ -65,7 +65,9 @@ class AmbientMiddleware:
     — after a streamed body and Starlette background tasks, so they still see the context.
     Cleanup is shielded from cancellation and runs on client disconnect and on errors.
     On ``lifespan`` shutdown the registry's USER and APP components are closed before the
-    app's shutdown completes. Other scope types pass through untouched.
+    app's own shutdown runs, once the scopes still open have closed (requests the server
+    cancelled may still be cleaning up; at most the registry's ``cleanup_timeout``). Other
+    scope types pass through untouched.
 
     Refusals never call the app and never bind anything: no identity is 401, a malformed
     identity or id 400, more than ``max_concurrent_per_user`` requests of one user 429
@@ -362,10 +364,21 @@ class AmbientMiddleware:
     ) -> None:
         received: list[str] = []
         startup_answered = False
+        closed = False
+
+        async def close_registry() -> None:
+            nonlocal closed
+            if not closed:
+                closed = True
+                await self._close_registry()
 
         async def receive_tracked() -> MutableMapping[str, Any]:
             message = await receive()
             received.append(message["type"])
+            if message["type"] == "lifespan.shutdown":
+                # Before the app's own shutdown: the components were made from what its
+                # startup made (a client, an engine), so they go first.
+                await close_registry()
             return message
 
         async def send_tracked(message: MutableMapping[str, Any]) -> None:
@@ -374,7 +387,7 @@ class AmbientMiddleware:
             if kind.startswith("lifespan.startup."):
                 startup_answered = True
             elif kind.startswith("lifespan.shutdown."):
-                await self._close_registry()
+                await close_registry()
             await send(message)
 
         try:
@@ -393,12 +406,23 @@ class AmbientMiddleware:
         await send({"type": "lifespan.startup.complete"})
         message = await receive()
         if message["type"] == "lifespan.shutdown":
-            await self._close_registry()
+            await close_registry()
             await send({"type": "lifespan.shutdown.complete"})
 
     async def _close_registry(self) -> None:
+        registry = self.registry
+        # Requests the server cancelled at its graceful-shutdown deadline may still be
+        # cleaning up, with USER and APP components: let them finish first.
+        still_open = await registry.wait_for_scopes()
+        if still_open:
+            logger.warning(
+                "ambient: %d scope(s) still open %s s into shutdown; closing the registry "
+                "under them",
+                still_open,
+                registry.cleanup_timeout,
+            )
         try:
-            await self.registry.aclose()
+            await registry.aclose()
         except Exception:
             logger.exception("ambient: closing the registry at shutdown failed")
 

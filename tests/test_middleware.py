@@ -6,7 +6,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import AsyncIterator, Iterator, MutableMapping
 from typing import Any
 
 import anyio
@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 import ambient
-from ambient import Registry, UserExecutionContext
+from ambient import Lifetime, Registry, UserExecutionContext
 from ambient._binding import _current, bind
 from ambient.errors import IdentityError, PoolExhaustedError
 from ambient.middleware import AmbientMiddleware, Identity, trusted_header
@@ -584,7 +584,9 @@ class TestWebsocketRefusal:
 
 
 class TestLifespan:
-    async def test_shutdown_closes_user_components_before_the_app_completes(self) -> None:
+    async def test_shutdown_closes_user_components_before_the_apps_own_shutdown(self) -> None:
+        """USER components are made from what the app's startup made, so they are closed
+        first: when the app receives ``lifespan.shutdown``, before its hooks run."""
         ledger = Ledger()
         registry = build_registry(ledger)
         order: list[str] = []
@@ -596,7 +598,7 @@ class TestLifespan:
                     if message["type"] == "lifespan.startup":
                         await send({"type": "lifespan.startup.complete"})
                     else:
-                        order.append("app shutdown hooks")
+                        order.append(f"app shutdown hooks, {len(ledger.cleaned)} cleaned")
                         await send({"type": "lifespan.shutdown.complete"})
                         return
             await ambient.resolve(Memory)
@@ -623,8 +625,97 @@ class TestLifespan:
             return incoming.pop(0)
 
         await middleware({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
-        assert order == ["app shutdown hooks", "server told, 3 cleaned"]
+        assert order == ["app shutdown hooks, 3 cleaned", "server told, 3 cleaned"]
         assert ledger.problems() == []
+
+    async def test_shutdown_waits_for_requests_still_cleaning_up(self) -> None:
+        """A request the server cancelled at its shutdown deadline may still be cleaning up,
+        using its user's USER component, when lifespan shutdown starts: the registry is
+        closed once that cleanup is done, never under it."""
+        order: list[str] = []
+        cleanup_started = anyio.Event()
+        finish_cleanup = anyio.Event()
+        registry = Registry()
+        BUILT.append(registry)
+
+        class Session:
+            open = True
+
+        async def session(user: ambient.UserRef) -> AsyncIterator[Session]:
+            component = Session()
+            try:
+                yield component
+            finally:
+                component.open = False
+                order.append("user component closed")
+
+        async def unit_of_work() -> AsyncIterator[str]:
+            user_session = await ambient.resolve(Session)
+            try:
+                yield "work"
+            finally:
+                cleanup_started.set()
+                await finish_cleanup.wait()
+                order.append(f"request cleanup, session open: {user_session.open}")
+
+        registry.register(Session, session, lifetime=Lifetime.USER)
+        registry.register("work", unit_of_work)
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "lifespan":
+                while (await receive())["type"] != "lifespan.shutdown":
+                    await send({"type": "lifespan.startup.complete"})
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+            await ambient.resolve("work")
+            await anyio.sleep_forever()  # until the server gives up on it
+
+        middleware = AmbientMiddleware(app, registry=registry, identity=trusted_header())
+        incoming = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+        shutting_down = anyio.Event()
+
+        async def lifespan_receive() -> Message:
+            message = incoming.pop(0)
+            if message["type"] == "lifespan.shutdown":
+                shutting_down.set()
+            return message
+
+        async def lifespan_send(message: Message) -> None:
+            if message["type"].startswith("lifespan.shutdown"):
+                order.append(message["type"])
+
+        async def receive() -> Message:
+            await anyio.sleep_forever()
+            raise AssertionError
+
+        async def send(message: Message) -> None:
+            pass
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as server:
+                request_scope = http_scope(headers=[(b"x-user-id", b"alice")])
+                server.start_soon(middleware, request_scope, receive, send)
+                await anyio.wait_all_tasks_blocked()
+                server.cancel_scope.cancel()  # the graceful-shutdown deadline
+                with anyio.CancelScope(shield=True):
+                    await cleanup_started.wait()
+                    async with anyio.create_task_group() as lifespan:
+                        lifespan.start_soon(
+                            middleware,
+                            {"type": "lifespan", "asgi": {"version": "3.0"}},
+                            lifespan_receive,
+                            lifespan_send,
+                        )
+                        await shutting_down.wait()
+                        await anyio.wait_all_tasks_blocked()
+                        assert order == []  # the registry waits for the request's cleanup
+                        finish_cleanup.set()
+        assert order == [
+            "request cleanup, session open: True",
+            "user component closed",
+            "lifespan.shutdown.complete",
+        ]
+        assert registry.stats().open_scopes == 0
 
     async def test_an_app_without_lifespan_support_still_gets_the_registry_closed(self) -> None:
         ledger = Ledger()

@@ -89,7 +89,7 @@ def build() -> tuple[Litestar, Registry, Ledger]:
         middleware=[DefineMiddleware(AmbientMiddleware, registry=registry, identity=IDENTITY)],
         dependencies={"probe": Provide(provide_probe), "memory": Provide(provide_memory)},
         exception_handlers={AmbientError: problem},
-        on_shutdown=[registry.aclose],
+        on_shutdown=[registry.wait_for_scopes, registry.aclose],
     )
     return app, registry, ledger
 
