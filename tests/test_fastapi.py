@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import re
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
 
 import anyio
+import anyio.lowlevel
 import httpx
 import pytest
 from fastapi import BackgroundTasks, Depends, FastAPI, WebSocket
@@ -431,3 +435,164 @@ class TestInstall:
         assert ok.json() == {"user": "alice", "probe": "alice"}
         assert_problem(refused, 503, "urn:ambient:problem:pool-exhausted")
         assert ledger.open_probes() == 0
+
+
+class First(Probe):
+    """The first of three REQUEST components (cleaned last)."""
+
+
+class Middle(Probe):
+    """The second: its cleanup fails."""
+
+
+class Last(Probe):
+    """The third (cleaned first)."""
+
+
+USERS = 10
+REQUESTS = 20
+
+
+class TestCleanupFailures:
+    @pytest.mark.parametrize("cleanups", ["sync", "async"])
+    @pytest.mark.parametrize("endpoint_raises", [True, False], ids=["raises", "returns"])
+    async def test_a_failing_cleanup_neither_stops_the_others_nor_buries_the_error(
+        self, caplog: pytest.LogCaptureFixture, cleanups: str, endpoint_raises: bool
+    ) -> None:
+        """B04: three REQUEST components, the middle one's cleanup raising, 20 requests of
+        10 users in flight at once. The endpoint's ValueError reaches its own handler as a
+        ValueError (never a CleanupError or a group in the catch-all handler) and is
+        answered by it; every request cleans its three components exactly once, newest
+        first, the two around the failure included; each failure is counted once and
+        logged at ERROR naming its request; nothing escapes to the server."""
+        app, registry, ledger = make_app()
+        cleaned: dict[str, list[str]] = {}
+
+        def note(made: Probe, kind: str) -> None:
+            made.closed = True
+            ledger.clean(made.number)
+            cleaned.setdefault(made.request_id, []).append(kind)
+
+        def sync_factory(cls: type[Probe], fails: bool) -> Any:
+            def factory(ctx: UserExecutionContext) -> Iterator[Probe]:
+                made = cls(ledger.create(cls.__name__, ctx.user_id), ctx)
+                try:
+                    yield made
+                finally:
+                    note(made, cls.__name__)
+                    if fails:
+                        raise RuntimeError(f"releasing {cls.__name__} of {ctx.user_id} failed")
+
+            return factory
+
+        def async_factory(cls: type[Probe], fails: bool) -> Any:
+            async def factory(ctx: UserExecutionContext) -> AsyncIterator[Probe]:
+                made = cls(ledger.create(cls.__name__, ctx.user_id), ctx)
+                try:
+                    yield made
+                finally:
+                    await anyio.lowlevel.checkpoint()  # a real await in the cleanup
+                    note(made, cls.__name__)
+                    if fails:
+                        raise RuntimeError(f"releasing {cls.__name__} of {ctx.user_id} failed")
+
+            return factory
+
+        factory = sync_factory if cleanups == "sync" else async_factory
+        for cls in (First, Middle, Last):
+            registry.register(cls, factory(cls, fails=cls is Middle))
+
+        # Every request resolves its components, then waits until all are in flight.
+        arrived = 0
+        all_in = anyio.Event()
+
+        @app.get("/run")
+        async def run(
+            ctx: CurrentContext,
+            first: Annotated[First, Resolve(First)],
+            middle: Annotated[Middle, Resolve(Middle)],
+            last: Annotated[Last, Resolve(Last)],
+        ) -> dict[str, Any]:
+            nonlocal arrived
+            arrived += 1
+            if arrived == REQUESTS:
+                all_in.set()
+            await all_in.wait()
+            if endpoint_raises:
+                raise ValueError(f"the run of {ctx.user_id} failed")
+            return {"user": ctx.user_id, "components": [c.user_id for c in (first, middle, last)]}
+
+        value_errors: list[BaseException] = []
+        other_errors: list[BaseException] = []
+
+        @app.exception_handler(ValueError)
+        async def on_value_error(request: Request, exc: ValueError) -> Response:
+            value_errors.append(exc)
+            user = ambient.get_current_context().user_id
+            body = {"error": type(exc).__name__, "detail": str(exc), "user": user}
+            return JSONResponse(body, status_code=418)
+
+        @app.exception_handler(Exception)
+        async def on_anything(request: Request, exc: Exception) -> Response:
+            other_errors.append(exc)
+            return JSONResponse({"error": type(exc).__name__}, status_code=500)
+
+        responses: dict[int, httpx.Response] = {}
+        escaped: list[BaseException] = []
+
+        async def call(http: httpx.AsyncClient, n: int) -> None:
+            headers = {"x-user-id": f"user-{n % USERS}", "x-request-id": f"req-{n}"}
+            try:
+                responses[n] = await http.get("/run", headers=headers)
+            except Exception as exc:  # what escaped the app to the server: asserted below
+                escaped.append(exc)
+
+        caplog.set_level(logging.WARNING)
+        with anyio.fail_after(20):
+            async with client(app) as http, anyio.create_task_group() as tg:
+                for n in range(REQUESTS):
+                    tg.start_soon(call, http, n)
+
+        assert escaped == []
+        assert other_errors == []
+        for n, response in sorted(responses.items()):
+            user = f"user-{n % USERS}"
+            assert response.headers["x-request-id"] == f"req-{n}"
+            if endpoint_raises:
+                assert response.status_code == 418, response.text
+                assert response.json() == {
+                    "error": "ValueError",
+                    "detail": f"the run of {user} failed",
+                    "user": user,
+                }
+            else:
+                assert response.status_code == 200, response.text
+                assert response.json() == {"user": user, "components": [user] * 3}
+        assert len(responses) == REQUESTS
+        if endpoint_raises:
+            assert len(value_errors) == REQUESTS
+            assert all(type(exc) is ValueError for exc in value_errors), value_errors
+        else:
+            assert value_errors == []
+
+        # Newest first, every one of them, once, in every request.
+        assert cleaned == {f"req-{n}": ["Last", "Middle", "First"] for n in range(REQUESTS)}
+        assert ledger.problems(("First", "Middle", "Last")) == []
+        assert len(ledger.created) == 3 * REQUESTS
+        stats = registry.stats()
+        assert stats.cleanup_failures == REQUESTS  # one per request: the middle one's
+        assert stats.open_scopes == 0
+        errors = [
+            record
+            for record in caplog.records
+            if record.levelno == logging.ERROR and "cleanup failed" in record.getMessage()
+        ]
+        logged = Counter(
+            re.findall(r"\(request (req-\d+)\)", record.getMessage())[0] for record in errors
+        )
+        assert logged == {f"req-{n}": 1 for n in range(REQUESTS)}
+        for record in errors:
+            assert record.exc_info is not None
+            assert type(record.exc_info[1]) is RuntimeError
+            assert "releasing Middle of user-" in str(record.exc_info[1])
+        await registry.aclose()

@@ -6,7 +6,8 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -18,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ambient
-from ambient import Registry, UserExecutionContext
+from ambient import Lifetime, Registry, UserExecutionContext, UserRef
 from ambient._context import validate_id
 from ambient.errors import IdentityError, InvalidContextError
 from ambient.middleware import AmbientMiddleware, Identity, first_of, scope_user, trusted_header
@@ -604,3 +605,165 @@ async def test_a_thousand_rotated_tokens_of_one_user_share_one_user_entry() -> N
     assert made == ["alice"]
     assert registry.stats().live_users == 1
     await registry.aclose()
+
+
+@dataclass(frozen=True)
+class Memo:
+    """A USER component: which user it was made for."""
+
+    number: int
+    user_id: str
+
+
+async def _exchange(app: Any, scope: dict[str, Any]) -> tuple[int, dict[bytes, bytes], Seen]:
+    """One HTTP request through ``app``: the status, the headers and the JSON body."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    with anyio.fail_after(5):
+        await app(scope, receive, send)
+    start, body = sent[0], sent[1]
+    return start["status"], dict(start["headers"]), json.loads(body["body"])
+
+
+class TestAnonymousAndRefusedIdentities:
+    async def test_anonymous_and_refused_requests_never_share_user_components(self) -> None:
+        """E10: with ``anonymous=True``, requests without identity, requests whose identity
+        is refused and two real users run interleaved, all resolved and in flight at once.
+        Each anonymous request is its own ``anonymous:`` user with its own USER component
+        (never another anonymous caller's, never a real user's; an untrusted peer claiming
+        to be alice is anonymous too, as documented), cleaned when its request ends;
+        refused requests get a 400 problem and create nothing; each real user's requests
+        share one USER component, which outlives them; a valid request right after a
+        refusal is served."""
+        registry = Registry()
+        made: list[Memo] = []
+        cleaned: list[int] = []
+
+        def memo(user: UserRef) -> Iterator[Memo]:
+            mine = Memo(len(made) + 1, user.user_id)
+            made.append(mine)
+            try:
+                yield mine
+            finally:
+                cleaned.append(mine.number)
+
+        registry.register(Memo, memo, lifetime=Lifetime.USER)
+        untrusted = ("203.0.113.9", 4000)
+        alice = [(b"x-user-id", b"alice")]
+        bob = [(b"x-user-id", b"bob")]
+        # The real users first: their identities are then known (and memoised by the
+        # resolver) when the anonymous requests and the untrusted "alice" come in.
+        real_requests = {
+            "alice-1": http_scope(alice, path="/held"),
+            "alice-2": http_scope(alice, path="/held"),
+            "bob-1": http_scope(bob, path="/held"),
+            "bob-2": http_scope(bob, path="/held"),
+        }
+        anonymous_requests = {
+            "anon-1": http_scope([], path="/held"),
+            "untrusted-alice": http_scope(alice, path="/held", client=untrusted),
+            "anon-2": http_scope([], path="/held"),
+        }
+        held_requests = real_requests | anonymous_requests
+        held = 0
+        # Set once the real users' requests, then every request, are held in the app.
+        reached = {len(real_requests): anyio.Event(), len(held_requests): anyio.Event()}
+        release = anyio.Event()
+
+        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            nonlocal held
+            ctx = ambient.get_current_context()
+            mine = await ambient.resolve(Memo)
+            if scope["path"] == "/held":
+                held += 1
+                if held in reached:
+                    reached[held].set()
+                await release.wait()
+                assert await ambient.resolve(Memo) is mine
+            body = {
+                "user": ctx.user_id,
+                "anonymous": ctx.metadata.get("anonymous", False),
+                "memo": mine.number,
+                "memo_user": mine.user_id,
+            }
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+
+        stack = AmbientMiddleware(app, registry=registry, identity=trusted_header(), anonymous=True)
+        refused_requests = {
+            "alice-twice": http_scope(alice * 2),
+            "zero-width-bob": http_scope([(b"x-user-id", "b\u200bob".encode())]),
+        }
+        answers: dict[str, tuple[int, dict[bytes, bytes], Seen]] = {}
+
+        async def call(name: str, scope: dict[str, Any]) -> None:
+            answers[name] = await _exchange(stack, scope)
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for name, scope in real_requests.items():
+                    tg.start_soon(call, name, scope)
+                await reached[len(real_requests)].wait()
+                for name, scope in anonymous_requests.items():
+                    tg.start_soon(call, name, scope)
+                await reached[len(held_requests)].wait()
+                # Seven scopes are open, their USER components resolved: now the refusals.
+                before = registry.stats()
+                async with anyio.create_task_group() as refusals:
+                    for name, scope in refused_requests.items():
+                        refusals.start_soon(call, name, scope)
+                after = registry.stats()
+                assert (after.open_scopes, after.created) == (before.open_scopes, before.created)
+                # In flight at once: five users' entries, one per anonymous request.
+                assert (before.open_scopes, before.live_users) == (len(held_requests), 5)
+                assert (len(made), cleaned) == (5, [])
+                release.set()
+
+        for name in refused_requests:
+            status, headers, body = answers[name]
+            assert status == 400, (name, body)
+            assert headers[b"content-type"] == b"application/problem+json"
+            assert set(body) == {"type", "title", "status", "detail"}
+            assert body["status"] == 400
+        bodies = {name: answers[name][2] for name in held_requests}
+        assert {name: answers[name][0] for name in held_requests} == dict.fromkeys(
+            held_requests, 200
+        )
+        for body in bodies.values():
+            assert body["memo_user"] == body["user"]
+        anonymous = [bodies[name] for name in ("anon-1", "anon-2", "untrusted-alice")]
+        for body in anonymous:
+            assert body["user"].startswith("anonymous:")
+            assert body["anonymous"] is True
+        assert len({body["user"] for body in anonymous}) == 3
+        assert bodies["alice-1"]["memo"] == bodies["alice-2"]["memo"]
+        assert bodies["bob-1"]["memo"] == bodies["bob-2"]["memo"]
+        real = {bodies["alice-1"]["memo"], bodies["bob-1"]["memo"]}
+        anonymous_memos = {body["memo"] for body in anonymous}
+        assert len(real) == 2
+        assert len(anonymous_memos) == 3
+        assert not real & anonymous_memos
+        # Nothing else was made (the refusals made nothing), and only anonymous users'
+        # components are gone: each with its own request.
+        assert sorted(m.user_id for m in made) == sorted(
+            ["alice", "bob", *(body["user"] for body in anonymous)]
+        )
+        assert sorted(cleaned) == sorted(anonymous_memos)
+        stats = registry.stats()
+        assert (stats.live_users, stats.open_scopes) == (2, 0)
+
+        # Refused, then served: the refusal leaves nothing behind that the next one sees.
+        status, _, body = await _exchange(stack, http_scope(bob * 2))
+        assert status == 400
+        status, _, body = await _exchange(stack, http_scope(bob))
+        assert status == 200
+        assert (body["user"], body["memo"]) == ("bob", bodies["bob-1"]["memo"])
+        assert registry.stats().live_users == 2
+        await registry.aclose()
+        assert sorted(cleaned) == sorted(anonymous_memos | real)
