@@ -589,7 +589,7 @@ def signed_context(
 
     Raises:
         LookupError: no secret given and ``AMBIENT_CONTEXT_SECRET`` is not set.
-        ValueError: a secret shorter than 32 bytes or a network that is not CIDR.
+        ValueError: a secret shorter than 32 bytes, a network that is not CIDR, or none.
     """
     signer = _signer(secret)
     networks = _networks(trusted)

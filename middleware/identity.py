@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import ipaddress
+import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from ambient.errors import IdentityError
+
+logger = logging.getLogger("ambient.middleware")
 
 if TYPE_CHECKING:
     from jwt import PyJWKClient
@@ -193,10 +196,23 @@ def _networks(trusted: Iterable[str]) -> tuple[_Network, ...]:
     networks = []
     for entry in trusted:
         try:
-            networks.append(ipaddress.ip_network(entry, strict=True))
+            network = ipaddress.ip_network(entry, strict=True)
         except ValueError as exc:
             msg = f"trusted network {entry!r} is not a network in CIDR notation: {exc}"
             raise ValueError(msg) from None
+        if network.prefixlen == 0:
+            logger.warning(
+                "ambient: the trusted network %s is every address: any client can assert "
+                "any identity; name the networks of the proxies that set it",
+                network,
+            )
+        networks.append(network)
+    if not networks:
+        msg = (
+            "trusted names no network, so no peer could ever assert an identity; name the "
+            "networks of the proxies or services that set it"
+        )
+        raise ValueError(msg)
     return tuple(networks)
 
 
@@ -258,7 +274,7 @@ def trusted_header(
         trusted: Networks in CIDR notation whose peers may assert an identity.
 
     Raises:
-        ValueError: at construction, for a network that is not valid CIDR.
+        ValueError: at construction, for a network that is not valid CIDR, or none.
     """
     networks = _networks(trusted)
     if not name or not name.isascii():

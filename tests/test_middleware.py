@@ -513,6 +513,21 @@ class TestConstruction:
             )
         with pytest.raises(ValueError, match="CIDR"):
             trusted_header(trusted=("10.0.0.1/8",))
+        with pytest.raises(ValueError, match="no network"):
+            trusted_header(trusted=())
+
+    @pytest.mark.parametrize("everyone", ["0.0.0.0/0", "::/0"])
+    async def test_trusting_every_address_is_warned_about(
+        self, everyone: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Trusting 0.0.0.0/0 or ::/0 lets any client claim any user: allowed (a platform
+        may guarantee it), but said loudly at construction."""
+        with caplog.at_level(logging.WARNING, logger="ambient.middleware"):
+            trusted_header(trusted=("10.0.0.0/8", everyone))
+        assert [r.getMessage() for r in caplog.records if everyone in r.getMessage()] == [
+            f"ambient: the trusted network {everyone} is every address: any client can "
+            "assert any identity; name the networks of the proxies that set it"
+        ]
 
 
 async def drive(app: Any, scope: dict[str, Any], incoming: list[Message]) -> list[Message]:
