@@ -34,6 +34,7 @@ an SDK installed after start-up is picked up).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import secrets
@@ -173,6 +174,16 @@ def _unrelated_scopes_removed(context: Context, scope: Scope) -> Context:
         if record.previous is None:
             return Context()
         context = record.previous
+
+
+def _cancellation(error: BaseException) -> bool:
+    """Whether ``error`` is a cancellation (asyncio's, trio's, a closed generator's) rather
+    than a failure; any other exception, ``KeyboardInterrupt`` and ``SystemExit`` included,
+    is recorded as an error, as OpenTelemetry's own spans do."""
+    if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+        return True
+    trio = sys.modules.get("trio")
+    return trio is not None and isinstance(error, trio.Cancelled)
 
 
 def _check_policy(name: str, policy: str) -> IdPolicy:
@@ -667,12 +678,12 @@ class Telemetry(Observer):
                         span.set_status(
                             Status(StatusCode.ERROR, f"{len(failures)} component cleanup(s) failed")
                         )
-                elif isinstance(ended_by, Exception):
+                elif _cancellation(ended_by):
+                    # Cancelled (a client gone, a deadline): not an error of the request.
+                    span.set_attribute("ambient.cancelled", True)
+                else:
                     span.record_exception(ended_by)
                     span.set_status(Status(StatusCode.ERROR, type(ended_by).__name__))
-                else:
-                    # Cancelled (or the interpreter is exiting): not an error of the request.
-                    span.set_attribute("ambient.cancelled", True)
                 span.end()
             except Exception:  # noqa: BLE001 - logged once; never breaks a request
                 self._failed("scope_closed (span)")
@@ -820,12 +831,12 @@ class Telemetry(Observer):
         )
         error = event.error
         if error is not None:
-            if isinstance(error, Exception):
+            if _cancellation(error):
+                # Cancellation interrupted it: not an error of its own.
+                span.set_attribute("ambient.cancelled", True)
+            else:
                 span.record_exception(error)
                 span.set_status(Status(StatusCode.ERROR, type(error).__name__))
-            else:
-                # Cancellation (or interpreter exit) interrupted it: not an error of its own.
-                span.set_attribute("ambient.cancelled", True)
         span.end(end_time=event.start_ns + round(event.duration * 1e9))
 
     # -- migration -----------------------------------------------------------------------

@@ -41,6 +41,8 @@ class OpenSpans(SpanProcessor):
     def __init__(self) -> None:
         self.open: set[int] = set()
         self.started = 0
+        # How each scope span ended: its status and whether it says "cancelled".
+        self.scope_outcomes: list[tuple[str, bool]] = []
 
     def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:
         self.started += 1
@@ -49,6 +51,11 @@ class OpenSpans(SpanProcessor):
     def on_end(self, span: ReadableSpan) -> None:
         assert span.context is not None
         self.open.discard(span.context.span_id)
+        if span.name == "ambient.scope":
+            attributes = span.attributes or {}
+            self.scope_outcomes.append(
+                (span.status.status_code.name, bool(attributes.get("ambient.cancelled")))
+            )
 
 
 class Faults:
@@ -293,6 +300,11 @@ async def alice_faulted_beside_bob(fault: str, at: int, points: list[str]) -> No
             assert alice.cancel_scope.cancelled_caught, where
     assert alice.passed[: at + 1] == points[: at + 1], where
     assert bob.passed == points, where
+    if points[at] != "async_gen: cleanup":
+        # The scope span says how the request ended: a cancellation is not an error; any
+        # other exception, a BaseException included, is.
+        alice_ended = ("UNSET", True) if fault == "cancel" else ("ERROR", False)
+        assert sorted(stack.spans.scope_outcomes) == sorted([("UNSET", False), alice_ended]), where
     assert bob_sent[-1].get("body") == b"bob", where
     await stack.check_clean(where)
 
