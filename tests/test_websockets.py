@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -267,6 +268,197 @@ async def test_an_aborted_socket_is_pruned_and_the_run_goes_on(server: str) -> N
     gc.collect()
     assert len(sockets.connections) == 2
     assert [ref() for ref in sockets.connections] == [None, None]
+    assert ledger.problems() == []
+
+
+# 50 users x 4 sockets (2 threads x 2 sockets). User n has n % 5 of its sockets reset, at
+# positions that vary with n: 10 users keep all 4, 10 lose all 4, and 100 of the 200 go.
+RESET_USERS, RESET_SOCKETS_PER_USER = 50, 4
+# How long a live socket may take to answer a ping once its events were sent.
+PONG_WITHIN = 10.0
+
+
+def reset_plan() -> tuple[list[tuple[str, str]], set[int]]:
+    """Every socket's (user, thread), and the indexes of those to reset."""
+    keys: list[tuple[str, str]] = []
+    doomed: set[int] = set()
+    for u in range(RESET_USERS):
+        for s in range(RESET_SOCKETS_PER_USER):
+            if (s + u) % RESET_SOCKETS_PER_USER < u % 5:
+                doomed.add(len(keys))
+            keys.append((f"user-{u}", f"user-{u}-thread-{s % 2}"))
+    return keys, doomed
+
+
+async def frames_before_pong(sock: ClientConnection, n: int) -> list[dict[str, Any]] | str:
+    """:func:`expect_pong` within ``PONG_WITHIN`` s: a socket the hub no longer holds gets
+    no pong, and the test must fail on that rather than hang."""
+    try:
+        async with asyncio.timeout(PONG_WITHIN):
+            return await expect_pong(sock, n)
+    except TimeoutError:
+        return f"no pong within {PONG_WITHIN} s"
+
+
+async def test_half_of_200_sockets_reset_at_once_leave_the_hub_and_the_rest_get_only_theirs(
+    server: str,
+) -> None:
+    """50 users x 4 sockets; 100 of the 200 are reset at once (TCP RST, no close frame),
+    between none and all of a user's. A run per user then sends one event to its first
+    thread and one to all its sockets: every surviving socket gets exactly its own user's
+    events and nothing else. Once the reset sockets' handlers are done (and while the
+    survivors are still open) the hub counts exactly the 100 live sockets of the 40 users
+    who have one, and each user exactly its own; a second run still reaches every live
+    socket; after they close the hub is empty and each socket's component was cleaned
+    exactly once."""
+    hub = ConnectionHub()
+    app, ledger, sockets = build(hub)
+    keys, doomed = reset_plan()
+    users = sorted({user for user, _ in keys})
+    live_per_user = Counter(key[0] for n, key in enumerate(keys) if n not in doomed)
+    reset_per_user = Counter(key[0] for n, key in enumerate(keys) if n in doomed)
+    assert (len(doomed), sum(live_per_user.values()), len(live_per_user)) == (100, 100, 40)
+
+    async def runs(http: httpx.AsyncClient) -> dict[str, dict[str, Any]]:
+        """One run per user on its first thread: 1 thread event, then 1 user-wide."""
+
+        async def run(user: str) -> dict[str, Any]:
+            response = await http.post(
+                "/run",
+                params={"events": 1, "broadcast": 1},
+                headers={"x-user-id": user, "x-thread-id": f"{user}-thread-0"},
+            )
+            assert response.status_code == 200, response.text
+            body: dict[str, Any] = response.json()
+            assert body["sent"] == 1
+            return body
+
+        bodies = await asyncio.gather(*(run(user) for user in users))
+        return dict(zip(users, bodies, strict=True))
+
+    async def received(
+        live: dict[int, ClientConnection], bodies: dict[str, dict[str, Any]], n: int
+    ) -> list[str]:
+        """Each live socket's frames before its pong, unless exactly its own user's run."""
+
+        async def check(index: int, sock: ClientConnection) -> str | None:
+            user, thread = keys[index]
+            run = bodies[user]["run"]
+            first = f"{user}-thread-0"
+            expected = [{"type": "done", "user": user, "thread": first, "run": run}]
+            if thread == first:
+                event = {"type": "event", "user": user, "thread": first, "run": run, "seq": 0}
+                expected.insert(0, event)
+            frames = await frames_before_pong(sock, n)
+            return None if frames == expected else f"{user}/{thread} #{index}: {frames}"
+
+        found = await asyncio.gather(*(check(i, sock) for i, sock in live.items()))
+        return [problem for problem in found if problem is not None]
+
+    async def scenario(base: str) -> None:
+        opened = await asyncio.gather(*(open_socket(base, user, thread) for user, thread in keys))
+        clients = [sock for sock, _ in opened]
+        live = {n: sock for n, sock in enumerate(clients) if n not in doomed}
+        try:
+            for n in sorted(doomed):
+                abort_with_rst(clients[n])
+            limits = httpx.Limits(max_connections=RESET_USERS)
+            async with httpx.AsyncClient(base_url=base, limits=limits, timeout=DEADLINE) as http:
+                assert await received(live, await runs(http), 1) == []
+                # Every reset socket's handler is done (a bounded wait); the others are open.
+                closed = (
+                    await http.get("/closed", params={"count": len(doomed)}, headers=OPS)
+                ).json()
+                assert closed["closed"] is True, "the reset sockets' handlers did not all end"
+                ended = Counter(
+                    user for what, user in list(ledger.events) if what == "socket closed"
+                )
+                assert ended == reset_per_user
+                assert (closed["connections"], closed["users"], closed["queued"]) == (100, 40, 0)
+                second = await runs(http)
+                assert {user: body["left"] for user, body in second.items()} == {
+                    user: live_per_user[user] for user in users
+                }
+                assert await received(live, second, 2) == []
+                after = (await http.get("/stats", headers=OPS)).json()
+                assert (after["connections"], after["users"], after["queued"]) == (100, 40, 0)
+        finally:
+            await close_all(list(live.values()))
+
+    with serve(server, app) as url:
+        await in_client_thread(lambda: scenario(url))
+        await wait_closed(ledger, len(keys))
+        assert await anyio.to_thread.run_sync(ledger.wait, Ledger.all_cleaned)
+        stats = hub.stats()
+    assert handler_failures(ledger) == []
+    assert (stats.connections, stats.users, stats.queued, stats.queued_bytes) == (0, 0, 0, 0)
+    assert (stats.overflows, stats.replaced, stats.revoked) == (0, 0, 0)
+    assert hub._users == {}
+    # One connection component per socket, each its own user's, each cleaned exactly once.
+    assert Counter(ledger.created.values()) == dict.fromkeys(users, RESET_SOCKETS_PER_USER)
+    assert ledger.problems() == []
+    gc.collect()
+    assert len(sockets.connections) == len(keys)
+    assert [ref() for ref in sockets.connections] == [None] * len(keys)
+
+
+async def test_a_user_closing_one_of_two_sockets_still_gets_events_on_the_other(
+    server: str,
+) -> None:
+    """Alice has two sockets on one thread and closes one normally (close frame 1000).
+    Once its handler is done the hub counts one connection for her (and bob's), and her
+    next run's thread events and user-wide event reach the other socket, in order; bob's
+    socket gets nothing."""
+    hub = ConnectionHub()
+    app, ledger, _ = build(hub)
+    alice = {"x-user-id": "alice", "x-thread-id": "chat"}
+
+    async def scenario(base: str) -> None:
+        leaving, _ = await open_socket(base, "alice", "chat")
+        staying, _ = await open_socket(base, "alice", "chat")
+        bob, _ = await open_socket(base, "bob", "chat")
+        try:
+            await leaving.close()
+            assert leaving.close_code == 1000
+            async with httpx.AsyncClient(base_url=base, timeout=DEADLINE) as http:
+                closed = (await http.get("/closed", params={"count": 1}, headers=OPS)).json()
+                assert closed["closed"] is True
+                assert [(what, user) for what, user in list(ledger.events)] == [
+                    ("socket closed", "alice")
+                ]
+                assert (closed["connections"], closed["users"]) == (2, 2), closed
+                response = await http.post(
+                    "/run", params={"events": 3, "broadcast": 1}, headers=alice
+                )
+                assert response.status_code == 200, response.text
+                body = response.json()
+                assert body["left"] == 1  # alice's connections in the hub as her run ended
+            run = body["run"]
+            events = [
+                {"type": "event", "user": "alice", "thread": "chat", "run": run, "seq": n}
+                for n in range(3)
+            ]
+            done = {"type": "done", "user": "alice", "thread": "chat", "run": run}
+            assert await frames_before_pong(staying, 1) == [*events, done]
+            assert await frames_before_pong(bob, 1) == []
+        finally:
+            await close_all([staying, bob])
+
+    with serve(server, app) as url:
+        await in_client_thread(lambda: scenario(url))
+        await wait_closed(ledger, 3)
+        assert await anyio.to_thread.run_sync(ledger.wait, Ledger.all_cleaned)
+        stats = hub.stats()
+    assert sorted(user for what, user in ledger.events if what == "socket closed") == [
+        "alice",
+        "alice",
+        "bob",
+    ]
+    assert handler_failures(ledger) == []
+    assert (stats.connections, stats.users, stats.queued) == (0, 0, 0)
+    assert (stats.send_failures, stats.overflows, stats.replaced) == (0, 0, 0)
+    assert hub._users == {}
+    assert len(ledger.created) == 3
     assert ledger.problems() == []
 
 
