@@ -156,19 +156,25 @@ def notes_pool(db: Database, **options: Any) -> SharedPool:
     )
 
 
+SERVED_POOL: dict[str, Any] = {"max_size": 4, "per_user_limit": 2, "timeout": 10, "retry_after": 3}
+
+
 @pytest.fixture(name="served")
-def fixture_served() -> Iterator[Served]:
+def fixture_served(request: pytest.FixtureRequest) -> Iterator[Served]:
     """uvicorn serving NotesApp behind AmbientMiddleware, on a SharedPool of 4 for the app
-    role (per-user limit 2, 10 s timeout, Retry-After 3)."""
+    role (per-user limit 2, 10 s timeout, Retry-After 3); a test parametrizes ``served``
+    indirectly with a dict of pool options to replace these."""
+    options = getattr(request, "param", SERVED_POOL)
     with make_database() as db:
         # Built here, outside any event loop: the pool opens on the server's asyncio loop.
-        pool = notes_pool(db, max_size=4, per_user_limit=2, timeout=10, retry_after=3)
+        pool = notes_pool(db, **options)
         registry = Registry()
         pool.install(registry)
         app = NotesApp(db)
         asgi = AmbientMiddleware(app, registry=registry, identity=trusted_header())
         with serve("uvicorn", asgi) as url:
             yield Served(url, app, pool, db)
+            app.release.set()  # a test that failed while holding must not stall the shutdown
         assert not pool.opened  # the middleware closed the registry at shutdown
 
 
@@ -246,6 +252,108 @@ async def test_middleware_exhaustion_answers_503_with_retry_after(served: Served
     assert refused.json()["status"] == 503
     assert elapsed < 3
     assert [r.status_code for r in holders] == [200] * 4
+    assert after.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "served",
+    [{**SERVED_POOL, "max_size": 2, "max_waiting": 2}],  # extra AsyncConnectionPool options
+    ids=["max_size=2,max_waiting=2"],
+    indirect=True,
+)
+async def test_middleware_max_waiting_full_answers_503_at_once(served: Served) -> None:
+    """With every connection held and max_waiting requests already queued for one, the
+    next request gets 503 problem+json with Retry-After at once (not after the pool's 10 s
+    timeout), saying the queue is full; once released, every held and queued request is
+    served, and so is a new one."""
+    app, pool = served.app, served.pool
+    app.hold_target = 2
+    async with httpx.AsyncClient(base_url=served.url, timeout=30) as client:
+        holders: list[httpx.Response] = []
+        queued: list[httpx.Response] = []
+
+        async def get(path: str, user: str, into: list[httpx.Response]) -> None:
+            into.append(await client.get(path, headers={"x-user-id": user}))
+
+        async with anyio.create_task_group() as tg:
+            for user in ("a", "b"):
+                tg.start_soon(get, "/hold", user, holders)
+            assert await anyio.to_thread.run_sync(app.held.wait, 10)
+            for user in ("c", "d"):  # distinct users: the per-user limit stays out of it
+                tg.start_soon(get, "/notes", user, queued)
+
+            async def queue_full() -> bool:
+                return pool.stats().waiting == 2
+
+            await _eventually(queue_full, "two requests wait in the pool's queue", within=10)
+            started = anyio.current_time()
+            refused = await client.get("/notes", headers={"x-user-id": "e"})
+            elapsed = anyio.current_time() - started
+            stats_when_refused = pool.stats()
+            app.release.set()
+        after = await client.get("/notes", headers={"x-user-id": "e"})
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "3"
+    assert refused.headers["content-type"].startswith("application/problem+json")
+    problem = refused.json()
+    assert problem["status"] == 503
+    assert "queue for a connection" in problem["detail"]
+    assert "is full (max_waiting=2" in problem["detail"]
+    assert "2 requests waiting" in problem["detail"]
+    assert elapsed < 2  # refused at once, well under the 10 s timeout
+    assert (stats_when_refused.waiting, stats_when_refused.checked_out) == (2, 4)
+    assert [r.status_code for r in holders] == [200, 200]
+    assert [r.status_code for r in queued] == [200, 200]
+    assert after.status_code == 200
+    stats = pool.stats()
+    assert (stats.checked_out, stats.users, stats.waiting) == (0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "served",
+    [{**SERVED_POOL, "max_size": 2, "timeout": 0.5}],
+    ids=["max_size=2,timeout=0.5"],
+    indirect=True,
+)
+async def test_middleware_configured_timeout_answers_503(served: Served) -> None:
+    """With every connection held, a request without a timeout of its own waits the pool's
+    configured 0.5 s, not longer, and gets 503 problem+json with Retry-After; afterwards
+    nothing is left checked out or waiting, and requests are served again."""
+    app, pool = served.app, served.pool
+    app.hold_target = 2
+    async with httpx.AsyncClient(base_url=served.url, timeout=30) as client:
+        holders: list[httpx.Response] = []
+
+        async def hold(user: str) -> None:
+            holders.append(await client.get("/hold", headers={"x-user-id": user}))
+
+        async with anyio.create_task_group() as tg:
+            for user in ("a", "b"):
+                tg.start_soon(hold, user)
+            assert await anyio.to_thread.run_sync(app.held.wait, 10)
+            started = anyio.current_time()
+            # The client's own bound, so a pool that ignored its timeout fails fast.
+            refused = await client.get("/notes", headers={"x-user-id": "c"}, timeout=5)
+            elapsed = anyio.current_time() - started
+            app.release.set()
+        assert [r.status_code for r in holders] == [200, 200]
+
+        async def whole() -> bool:
+            stats = pool.stats()
+            return (stats.checked_out, stats.users, stats.waiting) == (0, 0, 0) and (
+                stats.available == stats.size
+            )
+
+        await _eventually(whole, "every connection back in the pool", within=10)
+        after = await client.get("/notes", headers={"x-user-id": "c"})
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "3"
+    assert refused.headers["content-type"].startswith("application/problem+json")
+    problem = refused.json()
+    assert problem["status"] == 503
+    assert "within 0.5 s" in problem["detail"]
+    assert 0.4 <= elapsed < 3  # waited the configured timeout, and no longer
+    assert pool.stats().discarded == 0
     assert after.status_code == 200
 
 

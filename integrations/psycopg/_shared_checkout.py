@@ -126,7 +126,15 @@ class _SharedCheckout:
         owner = self._owner
         try:
             return await pool.getconn(timeout=max(deadline - time.monotonic(), 0.0))
-        except (PoolTimeout, TooManyRequests) as exc:
+        except TooManyRequests as exc:
+            # Refused at once, without waiting: say so, not that the timeout ran out.
+            raise _exhausted(
+                f"the queue for a connection of {owner!r} is full (max_waiting="
+                f"{pool.max_waiting}, max_size={owner.max_size}), so this request was "
+                f"refused without waiting: {exc}",
+                owner.retry_after,
+            ) from None
+        except PoolTimeout as exc:
             stats = pool.get_stats()
             raise _exhausted(
                 f"no connection of {owner!r} became available within {self._timeout} s "
