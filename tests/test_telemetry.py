@@ -16,7 +16,9 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from typing import Any
 
 import anyio
+import anyio.from_thread
 import anyio.lowlevel
+import anyio.to_thread
 import httpx
 import pytest
 from opentelemetry import baggage, propagate, trace
@@ -34,6 +36,13 @@ from opentelemetry.sdk.trace import (
 )
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind, StatusCode
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp as StarletteApp
 
 import ambient
 import ambient.telemetry
@@ -1404,3 +1413,376 @@ class TestPipelining:
             server = servers[parent_id(scope_span) or 0]
             assert server.context.trace_id == scope_span.context.trace_id
         assert len({s.context.trace_id for s in scopes}) == 3
+
+
+# -- a BaseHTTPMiddleware, worker threads, cancellations and failures: 50 users at once ------
+
+USERS_AT_ONCE = 50
+# By request number modulo 5: "cancel" is cancelled from inside its worker thread, which the
+# request waits for; "abandon" is cancelled the same way but leaves the thread running past
+# the end of the request (abandon_on_cancel), its span ending after the scope span's.
+MODES = ("ok", "raise", "cancel", "abandon", "ok")
+
+
+class OpenSpans(SpanProcessor):
+    """Span ids started and not yet ended (as tests/test_fault_injection.py keeps them), with
+    a lock and a wait: spans here end in worker threads and on the server's thread."""
+
+    def __init__(self) -> None:
+        self.open: dict[int, str] = {}
+        self.started = 0
+        self._cond = threading.Condition()
+
+    def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:
+        with self._cond:
+            self.started += 1
+            self.open[span.context.span_id] = span.name
+
+    def on_end(self, span: ReadableSpan) -> None:
+        assert span.context is not None
+        with self._cond:
+            self.open.pop(span.context.span_id, None)
+            self._cond.notify_all()
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float = 20) -> dict[int, str]:
+        """Wait (bounded) until nothing is open and ``predicate`` holds; what is still open."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self.open and predicate(), timeout)
+            return dict(self.open)
+
+
+class RequestFailedError(Exception):
+    """A request that fails after its thread work; carries what the request saw."""
+
+    def __init__(self, answer: dict[str, str]) -> None:
+        super().__init__("boom")
+        self.answer = answer
+
+
+class Worker:
+    """A REQUEST component resolved in the worker thread, with a cleanup."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Hop:
+    """One request's test state, put in its ASGI scope (under "d02") by :class:`Harness`: its
+    id and mode from the path (the truth, whatever ambient binds), its cancel scope, what its
+    thread saw, and the release of a thread that outlives the request."""
+
+    def __init__(self, request_id: str, mode: str) -> None:
+        self.request_id = request_id
+        self.mode = mode
+        self.cancel_scope = anyio.CancelScope()
+        self.seen: dict[str, str] = {}
+        self.released = threading.Event()
+
+
+class Harness:
+    """The outermost app: each request runs in a cancel scope that its worker thread cancels
+    (through ``anyio.from_thread``) in the cancel modes; a cancelled request is answered 499
+    with what its thread saw; a ``RequestFailedError``, already answered 500 by Starlette, is
+    not re-raised to the server; a thread left running is released once its request is over."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.unexpected: list[BaseException] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        _, mode, n = scope["path"].split("/")
+        hop = scope["d02"] = Hop(f"req-{n}", mode)
+        started = False
+
+        async def tracked(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            with hop.cancel_scope:
+                await self.app(scope, receive, tracked)
+        except RequestFailedError:
+            pass
+        except Exception as exc:
+            self.unexpected.append(exc)
+            raise
+        finally:
+            hop.released.set()
+        if hop.cancel_scope.cancelled_caught:
+            if started:
+                self.unexpected.append(AssertionError(f"{hop.request_id} cancelled mid-response"))
+                return
+            body = json.dumps({"cancelled": True, **hop.seen}).encode()
+            await send({"type": "http.response.start", "status": 499, "headers": []})
+            await send({"type": "http.response.body", "body": body})
+
+
+class Gate:
+    """Holds every request inside its scope until all of them are (a bounded wait)."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.arrived = 0
+        self._all_in: anyio.Event | None = None
+
+    async def arrive(self) -> None:
+        if self._all_in is None:  # made on the server's event loop, on first use
+            self._all_in = anyio.Event()
+        self.arrived += 1
+        if self.arrived == self.expected:
+            self._all_in.set()
+        with anyio.fail_after(30):
+            await self._all_in.wait()
+
+
+class TracedDispatch(BaseHTTPMiddleware):
+    """A BaseHTTPMiddleware that makes its own span current around ``call_next`` (the app
+    then runs in a task of the middleware's task group), as tracing middleware often do."""
+
+    def __init__(self, app: StarletteApp, tracer: trace.Tracer) -> None:
+        super().__init__(app)
+        self.tracer = tracer
+
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        hop: Hop = request.scope["d02"]
+        bound = ambient.current_context_or_none()
+        attributes = {
+            "d02.request": hop.request_id,
+            "d02.saw": "nobody" if bound is None else bound.user_id,
+        }
+        with self.tracer.start_as_current_span("d02.dispatch", attributes=attributes):
+            return await call_next(request)
+
+
+def thread_work(hop: Hop, tracer: trace.Tracer) -> dict[str, str]:
+    """In a worker thread: a span of its own, a component, and in the cancel modes the
+    cancellation of its own request (while the span is current)."""
+    context = ambient.get_current_context()
+    attributes = {"d02.request": hop.request_id, "d02.seen_user": context.user_id}
+    with tracer.start_as_current_span("d02.thread", attributes=attributes):
+        ambient.resolve_sync(Worker)
+        seen = {"thread_user": context.user_id, "thread_request_id": context.request_id}
+        hop.seen.update(seen)
+        if hop.mode in ("cancel", "abandon"):
+            anyio.from_thread.run_sync(hop.cancel_scope.cancel)
+        if hop.mode == "abandon":
+            assert hop.released.wait(30), "the abandoned thread was never released"
+    return seen
+
+
+def d02_app(otel: Otel, base_outside: bool) -> tuple[Harness, list[Dispatcher], list[Worker]]:
+    """Harness -> OpenTelemetryMiddleware -> Starlette with TracedDispatch outside or inside
+    AmbientMiddleware -> an endpoint that resolves a component, waits for all 50 requests,
+    hops to a worker thread through ``ambient.wrap`` and ``anyio.to_thread``, then answers,
+    raises or (already) is cancelled."""
+    tracer = otel.tracer_provider.get_tracer("d02")
+    dispatchers: list[Dispatcher] = []
+    workers: list[Worker] = []
+    registry = Registry()
+
+    def dispatcher() -> Dispatcher:
+        dispatchers.append(Dispatcher())
+        return dispatchers[-1]
+
+    def worker() -> Worker:
+        workers.append(Worker())
+        return workers[-1]
+
+    registry.register(Dispatcher, dispatcher)
+    registry.register(Worker, worker)
+    gate = Gate(USERS_AT_ONCE)
+
+    async def endpoint(request: Request) -> Response:
+        hop: Hop = request.scope["d02"]
+        await ambient.resolve(Dispatcher)
+        await gate.arrive()
+        seen = await anyio.to_thread.run_sync(
+            ambient.wrap(thread_work), hop, tracer, abandon_on_cancel=hop.mode == "abandon"
+        )
+        if hop.mode in ("cancel", "abandon"):
+            await anyio.lowlevel.checkpoint()
+            raise AssertionError(f"{hop.request_id} was not cancelled")
+        answer = {"user": ambient.get_current_context().user_id, **seen}
+        if hop.mode == "raise":
+            raise RequestFailedError(answer)
+        return JSONResponse(answer)
+
+    async def on_error(request: Request, exc: Exception) -> Response:
+        answer = exc.answer if isinstance(exc, RequestFailedError) else {"error": repr(exc)}
+        return JSONResponse(answer, status_code=500)
+
+    ambient_layer = Middleware(
+        AmbientMiddleware,
+        registry=registry,
+        identity=trusted_header(),
+        telemetry=otel.telemetry(span_threshold=0, user_id="raw"),
+    )
+    dispatch_layer = Middleware(TracedDispatch, tracer=tracer)
+    stack = [dispatch_layer, ambient_layer] if base_outside else [ambient_layer, dispatch_layer]
+    app = Starlette(
+        routes=[Route("/{mode}/{n}", endpoint)],
+        middleware=stack,
+        exception_handlers={Exception: on_error},
+    )
+
+    def label_server_span(span: Any, scope: dict[str, Any]) -> None:
+        span.set_attribute("d02.request", scope["d02"].request_id)
+
+    traced = OpenTelemetryMiddleware(
+        app,
+        tracer_provider=otel.tracer_provider,
+        exclude_spans=["receive", "send"],
+        server_request_hook=label_server_span,
+    )
+    return Harness(traced), dispatchers, workers
+
+
+def request_of(span: ReadableSpan) -> str | None:
+    """The request a span was started for, by the truth it carries, not by its parent."""
+    attributes = span.attributes or {}
+    found = attributes.get("ambient.request_id" if span.name == "ambient.scope" else "d02.request")
+    return None if found is None else str(found)
+
+
+def ancestors(span: ReadableSpan, by_id: dict[int, ReadableSpan]) -> list[ReadableSpan]:
+    chain = []
+    parent = by_id.get(parent_id(span) or 0)
+    while parent is not None:
+        chain.append(parent)
+        parent = by_id.get(parent_id(parent) or 0)
+    return chain
+
+
+async def fifty_users_through_base_http_middleware(
+    otel: Otel,
+    detach_errors: list[logging.LogRecord],
+    anyio_backend: str,
+    *,
+    base_outside: bool,
+) -> None:
+    """The D02 scenario, on uvicorn (asyncio) or hypercorn's trio worker (trio)."""
+    opens = OpenSpans()
+    otel.tracer_provider.add_span_processor(opens)
+    harness, dispatchers, workers = d02_app(otel, base_outside)
+    server = "uvicorn" if anyio_backend == "asyncio" else "hypercorn-trio"
+    options: dict[str, Any] = {"lifespan": "off"} if server == "uvicorn" else {}
+    answers: dict[int, tuple[int, dict[str, Any]]] = {}
+
+    def servers_ended() -> bool:
+        return sum(s.kind is SpanKind.SERVER for s in otel.spans.spans) == USERS_AT_ONCE
+
+    with serve(server, harness, **options) as url:
+        limits = httpx.Limits(max_connections=USERS_AT_ONCE)
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+
+            async def call(n: int) -> None:
+                headers = {"x-user-id": f"user-{n}", "x-request-id": f"req-{n}"}
+                response = await client.get(f"/{MODES[n % 5]}/{n}", headers=headers)
+                answers[n] = (response.status_code, response.json())
+
+            async with anyio.create_task_group() as tg:
+                for n in range(USERS_AT_ONCE):
+                    tg.start_soon(call, n)
+        # The abandoned threads end their spans after their requests answered.
+        still_open = await anyio.to_thread.run_sync(opens.wait_until, servers_ended)
+    assert harness.unexpected == []
+
+    # No detach failure, every span ended, every component created was cleaned.
+    assert [r.getMessage() for r in detach_errors if r.levelno >= logging.WARNING] == []
+    assert still_open == {}
+    assert opens.started == len(otel.spans.spans)
+    assert len(dispatchers) == len(workers) == USERS_AT_ONCE
+    assert all(d.closed for d in dispatchers)
+    assert all(w.closed for w in workers)
+
+    # Each response names its own user, as the request and its worker thread saw it.
+    for n in range(USERS_AT_ONCE):
+        status, body = answers[n]
+        user, request_id, mode = f"user-{n}", f"req-{n}", MODES[n % 5]
+        assert body["thread_user"] == user, (n, body)
+        assert body["thread_request_id"] == request_id, (n, body)
+        if mode in ("cancel", "abandon"):
+            assert (status, body.get("cancelled")) == (499, True), (n, body)
+        else:
+            assert (status, body["user"]) == (200 if mode == "ok" else 500, user), (n, body)
+
+    # One tree per request: only server spans are roots, no parent is unknown, and no span
+    # has an ancestor started for another request.
+    spans = list(otel.spans.spans)
+    by_id = {s.context.span_id: s for s in spans}
+    mine: dict[str, list[ReadableSpan]] = {}
+    for span in spans:
+        assert parent_id(span) is None or parent_id(span) in by_id, span.name
+        assert (span.parent is None) == (span.kind is SpanKind.SERVER), span.name
+        owners = {request_of(s) for s in [span, *ancestors(span, by_id)]} - {None}
+        assert len(owners) == 1, (span.name, owners)
+        mine.setdefault(owners.pop() or "", []).append(span)
+    assert sorted(mine) == sorted(f"req-{n}" for n in range(USERS_AT_ONCE))
+
+    traces = set()
+    for n in range(USERS_AT_ONCE):
+        user, mode = f"user-{n}", MODES[n % 5]
+        tree = mine[f"req-{n}"]
+        named = {name: [s for s in tree if s.name == name] for name in {s.name for s in tree}}
+        server_span = one([s for s in tree if s.kind is SpanKind.SERVER])
+        scope_span = one(named["ambient.scope"])
+        thread_span = one(named["d02.thread"])
+        dispatch_span = one(named["d02.dispatch"])
+        assert len(tree) == 8, sorted(named)  # server, dispatch, scope, thread, 2+2 components
+        assert {s.context.trace_id for s in tree} == {server_span.context.trace_id}
+        traces.add(server_span.context.trace_id)
+        assert (scope_span.attributes or {})["ambient.user_id"] == user
+        assert (thread_span.attributes or {})["d02.seen_user"] == user
+        assert scope_span in ancestors(thread_span, by_id)
+        for component in named["ambient.resolve"] + named["ambient.cleanup"]:
+            assert parent_id(component) == scope_span.context.span_id
+        assert len(named["ambient.resolve"]) == len(named["ambient.cleanup"]) == 2
+        if base_outside:
+            assert parent_id(dispatch_span) == server_span.context.span_id
+            assert parent_id(scope_span) == dispatch_span.context.span_id
+            assert (dispatch_span.attributes or {})["d02.saw"] == "nobody"
+        else:
+            assert parent_id(scope_span) == server_span.context.span_id
+            assert parent_id(dispatch_span) == scope_span.context.span_id
+            assert (dispatch_span.attributes or {})["d02.saw"] == user
+        # The scope span says how the request ended.
+        scope_attributes = scope_span.attributes or {}
+        assert scope_attributes.get("ambient.cancelled", False) == (mode in ("cancel", "abandon"))
+        assert (scope_span.status.status_code is StatusCode.ERROR) == (mode == "raise")
+        assert thread_span.end_time is not None
+        assert scope_span.end_time is not None
+        if mode == "abandon":  # the thread outlived its request, still under its scope span
+            assert thread_span.end_time >= scope_span.end_time
+        else:
+            assert thread_span.end_time <= scope_span.end_time
+    assert len(traces) == USERS_AT_ONCE
+
+
+class TestBaseHTTPMiddleware:
+    async def test_outside_ambient_50_users_with_threads_cancels_and_failures(
+        self, otel: Otel, detach_errors: list[logging.LogRecord], anyio_backend: str
+    ) -> None:
+        """A span-starting BaseHTTPMiddleware outside AmbientMiddleware (the scope opens in
+        the middleware's app task), 50 users at once, each hopping to a worker thread that
+        starts a span; some requests cancelled from that thread, some left running in it,
+        some raising: no "Failed to detach context", every span ended, every span in its own
+        request's trace and never under another request's, each answer names its user."""
+        await fifty_users_through_base_http_middleware(
+            otel, detach_errors, anyio_backend, base_outside=True
+        )
+
+    async def test_inside_ambient_50_users_with_threads_cancels_and_failures(
+        self, otel: Otel, detach_errors: list[logging.LogRecord], anyio_backend: str
+    ) -> None:
+        """The same with the BaseHTTPMiddleware inside AmbientMiddleware: its span is a child
+        of the scope span, and the app runs in a task the scope did not open."""
+        await fifty_users_through_base_http_middleware(
+            otel, detach_errors, anyio_backend, base_outside=False
+        )
