@@ -12,8 +12,10 @@ import contextlib
 import os
 import random
 import tempfile
+import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -161,6 +163,17 @@ async def _eventually(check: Callable[[], Awaitable[bool]], what: str, within: f
         if time.monotonic() > deadline:
             pytest.fail(f"not reached within {within} s: {what}")
         await anyio.sleep(0.01)
+
+
+async def _reached(check: Callable[[], Awaitable[bool]], within: float) -> bool:
+    """Whether ``check`` holds within ``within`` seconds (bounded polling; the caller
+    decides what a miss means, e.g. after releasing what a deadlock would hold)."""
+    deadline = time.monotonic() + within
+    while not await check():
+        if time.monotonic() > deadline:
+            return False
+        await anyio.sleep(0.01)
+    return True
 
 
 def _ctx(user: str, tenant: str | None = "acme") -> UserExecutionContext:
@@ -1309,6 +1322,68 @@ async def test_per_user_pools_exhaustion_and_idle_eviction(db: Database) -> None
     await registry.aclose()
 
 
+async def test_per_user_pools_full_waiting_queue_is_refused_at_once(db: Database) -> None:
+    """A user's pool whose waiting queue is full (``max_waiting``) refuses the next checkout
+    at once, with a 503 error that says so, not after the timeout."""
+    pools = PerUserPools(
+        db.app_url,
+        max_size=1,
+        max_total=4,
+        timeout=10,
+        rls_check="off",
+        kwargs=db.kwargs(),
+        max_waiting=1,
+    )
+    registry = Registry()
+    pools.install(registry)
+    held = anyio.Event()
+    release = anyio.Event()
+
+    async def holder() -> None:
+        async with registry.open_scope(_ctx("a")), connection():
+            held.set()
+            await release.wait()
+
+    async def queued() -> None:
+        async with registry.open_scope(_ctx("a")), connection() as conn:
+            assert await _scalar(conn, "SELECT current_setting('app.user_id', true)") == "a"
+
+    def queue_length() -> int:
+        (user_pool,) = pools._pools
+        assert user_pool.pool is not None
+        return int(user_pool.pool.get_stats().get("requests_waiting", 0))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(holder)
+        await held.wait()
+        tg.start_soon(queued)
+        await _eventually(_async(lambda: queue_length() == 1), "the second checkout queues")
+        async with registry.open_scope(_ctx("a")):
+            started = time.monotonic()
+            with pytest.raises(PoolExhaustedError, match=r"is full \(max_waiting=1") as info:
+                async with connection():
+                    pass
+            assert time.monotonic() - started < 2
+        assert info.value.http_status == 503
+        release.set()
+    assert pools.stats().checked_out == 0
+    await registry.aclose()
+
+
+@pytest.mark.parametrize("strategy", [SharedPool, PerUserPools])
+def test_pool_options_are_checked_at_construction(strategy: type[Any]) -> None:
+    """A pool option psycopg's pool does not take (or one ambient sets itself) is refused
+    when the strategy is built, not at the first request, when the pool opens."""
+    url = "postgresql://app@127.0.0.1/app"
+    with pytest.raises(TypeError, match="unknown AsyncConnectionPool option.*pool_options"):
+        strategy(url, pool_options={"max_waiting": 2})
+    with pytest.raises(TypeError, match=r"option\(s\) max_wait;"):
+        strategy(url, max_wait=2)
+    with pytest.raises(TypeError, match="open cannot be set"):
+        strategy(url, open=True)
+    assert strategy(url, max_waiting=2, max_idle=60.0) is not None
+
+
 async def test_per_user_pools_grow_to_max_size(db: Database) -> None:
     """One user's concurrent checkouts grow its pool one connection at a time up to
     max_size, on distinct server connections."""
@@ -1399,6 +1474,321 @@ async def test_per_user_pools_cancel_mid_query(db: Database) -> None:
             assert await _scalar(conn, "SELECT 1") == 1
     assert pools.stats().checked_out == 0
     await registry.aclose()
+
+
+async def test_per_user_pools_cancel_while_growing_keeps_slots_and_pool_in_step(
+    db: Database,
+) -> None:
+    """A checkout cancelled while its pool grows (psycopg's pool lock busy at that moment)
+    leaves the user's pool able to hold the room it took: another checkout of the user
+    then gets its second connection rather than waiting for the first."""
+    pools = PerUserPools(
+        db.app_url, max_size=2, max_total=3, timeout=5, rls_check="off", kwargs=db.kwargs()
+    )
+    registry = Registry()
+    pools.install(registry)
+    release = anyio.Event()
+    holding = anyio.Event()
+    ended = anyio.Event()
+
+    async def hold() -> None:
+        async with connection():
+            holding.set()
+            await release.wait()
+
+    async def growing(scope: anyio.CancelScope) -> None:
+        with scope:
+            async with connection():
+                pass
+        ended.set()
+
+    async with registry.open_scope(_ctx("alice")), anyio.create_task_group() as tg:
+        tg.start_soon(hold)
+        await holding.wait()
+        (user_pool,) = [p for p in pools._pools if p.pool is not None]
+        assert user_pool.pool is not None
+        psycopg_pool = user_pool.pool
+        await psycopg_pool._lock.acquire()  # the pool busy when the growth reaches it
+        try:
+            scope = anyio.CancelScope()
+            tg.start_soon(growing, scope)
+            await _eventually(_async(lambda: pools.stats().slots == 2), "the room taken")
+            scope.cancel()
+        finally:
+            psycopg_pool._lock.release()
+        await _eventually(_async(ended.is_set), "the cancelled checkout ended")
+        assert scope.cancelled_caught
+        assert psycopg_pool.max_size == user_pool.slots == 2
+        async with connection(timeout=2) as conn:  # the second connection, alongside
+            assert await _scalar(conn, "SELECT current_setting('app.user_id', true)") == "alice"
+        release.set()
+    assert pools.stats().checked_out == 0
+    await registry.aclose()
+
+
+async def _per_user_idle(pools: PerUserPools) -> bool:
+    """Nothing checked out or waiting; every open pool idle, within its share of the budget."""
+    stats = pools.stats()
+    return (
+        stats.waiting == 0
+        and stats.checked_out == 0
+        and stats.idle_pools == stats.pools
+        and stats.pools <= stats.slots <= min(stats.max_total, stats.pools * pools.max_size)
+    )
+
+
+def _cancelled_in(exc: BaseException) -> str:
+    """Where a cancellation hit a checkout: the innermost function of the integration on
+    its way (``_take_slot``: waiting for room, ``ensure_pool``: waiting for the user's pool
+    to open, ``__aenter__``: waiting for a connection of the pool) or ``query`` when psycopg
+    was running a statement."""
+    where = "elsewhere"
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if "integrations/psycopg" in code.co_filename:
+            where = code.co_name
+        elif code.co_name == "execute" and "psycopg" in code.co_filename:
+            where = "query"
+        tb = tb.tb_next
+    return where
+
+
+async def test_per_user_pools_random_cancellations_lose_no_connection(db: Database) -> None:
+    """300 checkouts by 30 users under max_total=3 (max_size=2), a third cancelled at
+    random moments (waiting for room or for the user's pool to open, waiting for a
+    connection, querying, holding a row lock). Sampled throughout, the server never runs
+    more than max_total of our connections that the client still holds open (backends the
+    client has closed may take a moment to exit); afterwards the budget is whole and idle,
+    each open pool's slots match its psycopg pool, no lock is held on the test's tables,
+    nothing is 'idle in transaction', and 50 distinct users are then all served, each with
+    its own settings."""
+    max_total = 3
+    opened: dict[int, psycopg.AsyncConnection[Any]] = {}  # backend pid -> client connection
+
+    class Tracked(psycopg.AsyncConnection[Any]):
+        @classmethod
+        async def connect(cls, *args: Any, **kwargs: Any) -> Any:
+            conn = await super().connect(*args, **kwargs)
+            opened[conn.info.backend_pid] = conn
+            return conn
+
+    pools = PerUserPools(
+        db.app_url,
+        max_size=2,
+        max_total=max_total,
+        timeout=30,
+        rls_check="off",
+        kwargs=db.kwargs(),
+        num_workers=1,
+        connection_class=Tracked,
+    )
+    registry = Registry()
+    pools.install(registry)
+    rng = random.Random(9)
+    async with registry.open_scope(_ctx("seed")), connection() as conn:
+        await conn.execute(db.sql("INSERT INTO {notes} (owner, body) VALUES ('seed', 'row')"))
+    peak = raw_peak = samples = 0
+    sampling = True
+    completed = 0
+    cancelled: Counter[str] = Counter()
+
+    async def sample() -> None:
+        nonlocal peak, raw_peak, samples
+        async with await psycopg.AsyncConnection.connect(db.admin_url, autocommit=True) as conn:
+            while sampling:
+                assert sum(not c.closed for c in opened.values()) <= max_total  # client side
+                cur = await conn.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = %s",
+                    (db.app_name,),
+                )
+                pids = {row[0] for row in await cur.fetchall()}
+                # Closed by the client (by now): the server may list them while they exit.
+                closed = {pid for pid, c in opened.items() if c.closed}
+                raw_peak = max(raw_peak, len(pids))
+                peak = max(peak, len(pids - closed))
+                samples += 1
+                assert pools.stats().slots <= max_total
+                await anyio.sleep(0.005)
+
+    async def work(n: int, cancel: str | None, after: float) -> None:
+        nonlocal completed
+        user = f"user-{n % 30}"
+        where = "scope"
+        with anyio.CancelScope() as scope:
+            if cancel == "waiting":  # most of a checkout's time goes waiting for room
+                scope.deadline = anyio.current_time() + after
+            try:
+                async with registry.open_scope(_ctx(user)), connection() as conn:
+                    if cancel == "holding":
+                        scope.deadline = anyio.current_time() + after
+                    await conn.execute(
+                        db.sql("INSERT INTO {notes} (owner, body) VALUES (%s, 'w')"), (user,)
+                    )
+                    await conn.execute(
+                        db.sql("SELECT * FROM {notes} WHERE owner = %s FOR UPDATE"), (user,)
+                    )
+                    await conn.execute("SELECT pg_sleep(0.002)")
+            except anyio.get_cancelled_exc_class() as exc:
+                where = _cancelled_in(exc)
+                raise
+        if scope.cancelled_caught:
+            cancelled[where] += 1
+        else:
+            completed += 1
+
+    async def burst(n: int) -> None:
+        name = f"after-{n}"
+        async with registry.open_scope(_ctx(name)), connection() as conn:
+            assert await _scalar(conn, "SELECT current_setting('app.user_id', true)") == name
+
+    async def locks_gone() -> bool:
+        locks = await _admin_scalar(
+            db,
+            "SELECT count(*) FROM pg_locks l LEFT JOIN pg_stat_activity a USING (pid) "
+            "WHERE (a.application_name = %s "
+            "AND l.locktype IN ('relation', 'tuple', 'transactionid')) "
+            "OR l.relation IN (SELECT oid FROM pg_class WHERE relnamespace = %s::regnamespace)",
+            (db.app_name, db.schema),
+        )
+        return bool(locks == 0)
+
+    try:
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(sample)
+                async with anyio.create_task_group() as workers:
+                    for n in range(300):
+                        cancel = rng.choice(["waiting", "holding", None, None, None, None])
+                        after = rng.uniform(0, 1.5 if cancel == "waiting" else 0.01)
+                        workers.start_soon(work, n, cancel, after)
+                await _eventually(lambda: _per_user_idle(pools), "the budget idle again")
+                stats = pools.stats()
+                open_pools = [p for p in pools._pools if p.pool is not None]
+                assert sum(p.slots for p in open_pools) == stats.slots <= max_total
+                assert all(p.pool is not None and p.pool.max_size == p.slots for p in open_pools)
+
+                async def all_back() -> bool:  # no connection lost by a cancelled checkout
+                    held = sum(1 for c in opened.values() if not c.closed)
+                    available = sum(
+                        p.pool.get_stats().get("pool_available", 0)
+                        for p in open_pools
+                        if p.pool is not None
+                    )
+                    return held == available
+
+                await _eventually(all_back, "every open connection back in its pool")
+                await _eventually(locks_gone, "no lock held on the test's tables")
+                stuck = await _admin_scalar(
+                    db,
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+                    "AND state LIKE 'idle in transaction%%'",
+                    (db.app_name,),
+                )
+                assert stuck == 0
+
+                async def within_slots() -> bool:
+                    return await _server_connections(db) <= stats.slots
+
+                await _eventually(within_slots, "no more server connections than slots")
+                async with anyio.create_task_group() as users:
+                    for n in range(50):
+                        users.start_soon(burst, n)
+                sampling = False
+    finally:
+        sampling = False
+        await registry.aclose()
+    assert samples >= 20
+    assert 0 < peak <= max_total, (peak, raw_peak)
+    assert completed >= 150
+    assert cancelled["query"] >= 10, cancelled
+    assert cancelled["ensure_pool"] + cancelled["_take_slot"] + cancelled["__aenter__"] >= 10, (
+        cancelled
+    )
+    assert pools.stats().evicted >= 30
+    await _eventually(_async_int(lambda: _server_connections(db), 0), "connections closed")
+
+
+@pytest.mark.parametrize("strategy", ["shared", "per_user"])
+async def test_cancel_reaches_the_server_with_every_worker_thread_busy(
+    db: Database, strategy: str
+) -> None:
+    """With anyio's default worker-thread limiter spent (every token held by a thread
+    blocked on an event), a checkout cancelled mid-query still cancels the query on the
+    server (libpq's blocking cancel runs on a thread of its own, not one of those) within
+    5 s, and the pool is idle again, all before the blocked threads are let go."""
+    pool: SharedPool | PerUserPools
+    if strategy == "shared":
+        pool = SharedPool(
+            db.app_url, min_size=1, max_size=2, timeout=5, rls_check="off", kwargs=db.kwargs()
+        )
+    else:
+        pool = PerUserPools(
+            db.app_url, max_size=2, max_total=2, timeout=5, rls_check="off", kwargs=db.kwargs()
+        )
+    registry = Registry()
+    pool.install(registry)
+    marker = f"cancel-{uuid.uuid4().hex}"
+
+    async def idle() -> bool:
+        if isinstance(pool, SharedPool):
+            return await _shared_idle(pool)
+        return await _per_user_idle(pool)
+
+    async def running() -> int:
+        return int(
+            await _admin_scalar(
+                db,
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE %s "
+                "AND pid <> pg_backend_pid()",
+                (f"%{marker}%",),
+            )
+        )
+
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    blocker = threading.Event()
+    cancelled = anyio.Event()
+
+    async def block() -> None:
+        await anyio.to_thread.run_sync(blocker.wait)
+
+    async def cancelled_query() -> None:
+        async with registry.open_scope(_ctx("alice")):
+            with anyio.move_on_after(0.5):
+                async with connection() as conn:
+                    await conn.execute(f"SELECT pg_sleep(30) /* {marker} */")
+        cancelled.set()
+
+    gone = ended = False  # within 5 s of the cancellation, the threads still blocked
+    tokens_left: float | None = None
+    try:
+        async with registry.open_scope(_ctx("alice")), connection() as conn:
+            await conn.execute("SELECT 1")  # the pool open, a connection ready
+        async with anyio.create_task_group() as tg:
+            try:
+                for _ in range(int(limiter.total_tokens)):
+                    tg.start_soon(block)
+                await _eventually(
+                    _async(lambda: limiter.available_tokens == 0), "every thread token taken"
+                )
+                tg.start_soon(cancelled_query)
+                await _eventually(_async_int(running, 1), "the query running")
+                # A deadlock would hold the cancelled checkout until the threads are let go:
+                # measure with them blocked, let them go, then judge (outside the group).
+                gone = await _reached(_async_int(running, 0), within=5)
+                ended = await _reached(_async(cancelled.is_set), within=5)
+                ended = ended and await _reached(idle, within=5)
+                tokens_left = limiter.available_tokens
+            finally:
+                blocker.set()
+        assert gone, "the cancelled query still ran on the server after 5 s"
+        assert ended, "the cancelled checkout had not ended, or the pool was not idle, in 5 s"
+        assert tokens_left == 0  # the blocked threads held every token throughout
+        async with registry.open_scope(_ctx("bob")), connection() as conn:
+            assert await _scalar(conn, "SELECT current_setting('app.user_id', true)") == "bob"
+    finally:
+        blocker.set()
+        await registry.aclose()
 
 
 async def test_per_user_pools_need_a_scope(db: Database) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,28 @@ _ASYNCIO_ONLY = (
     "another event loop (trio?): run the application on asyncio (uvicorn and hypercorn "
     "do by default), or use psycopg's sync ConnectionPool through worker threads"
 )
+
+
+# AsyncConnectionPool arguments ambient sets itself on every pool it makes.
+_OWN_POOL_ARGUMENTS = frozenset({"open", "configure"})
+
+
+def _checked_pool_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Refuse at construction what ``AsyncConnectionPool`` would refuse only when the pool
+    opens, inside the first request that needs it."""
+    known = inspect.signature(AsyncConnectionPool.__init__).parameters
+    unknown = sorted(name for name in options if name not in known or name == "self")
+    if unknown:
+        msg = (
+            f"unknown AsyncConnectionPool option(s) {', '.join(unknown)}; pass pool options "
+            "as keywords of their own, e.g. max_waiting=20"
+        )
+        raise TypeError(msg)
+    taken = sorted(_OWN_POOL_ARGUMENTS.intersection(options))
+    if taken:
+        msg = f"{', '.join(taken)} cannot be set: ambient sets it on every pool it opens"
+        raise TypeError(msg)
+    return options
 
 
 async def _send_cancel(cancel: PGcancel) -> None:

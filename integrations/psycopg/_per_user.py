@@ -21,7 +21,11 @@ from ambient.integrations.psycopg._arguments import (
     _Arguments,
     _set_config_sql,
 )
-from ambient.integrations.psycopg._common import _ASYNCIO_ONLY, _exhausted
+from ambient.integrations.psycopg._common import (
+    _ASYNCIO_ONLY,
+    _checked_pool_options,
+    _exhausted,
+)
 from ambient.integrations.psycopg._database import Database
 from ambient.integrations.psycopg._rls import check_rls
 from ambient.integrations.psycopg._user_pool import _UserCheckout, _UserPool
@@ -93,11 +97,12 @@ class PerUserPools:
         rls_check: ``"warn"`` (default), ``"raise"`` or ``"off"``.
         name: Prefix of the pools' names in psycopg's logs (never the user id).
         kwargs: Extra ``psycopg.AsyncConnection.connect`` arguments.
-        pool_options: Extra ``AsyncConnectionPool`` arguments (``max_idle``,
-            ``max_lifetime``, ``num_workers``, ...).
+        pool_options: Extra ``AsyncConnectionPool`` keyword arguments (``max_idle``,
+            ``max_lifetime``, ``num_workers``, ...), checked here.
 
     Raises:
         UnsupportedBackendError: when constructed inside trio.
+        TypeError: a pool option ``AsyncConnectionPool`` does not take, or one ambient sets.
     """
 
     def __init__(
@@ -147,7 +152,7 @@ class PerUserPools:
         self._set_local_sql = _set_config_sql(len(self._names), local=True)
         self._pooler_seen = False
         self._kwargs = dict(kwargs or {})
-        self._pool_options = pool_options
+        self._pool_options = _checked_pool_options(pool_options)
         self._checked_conninfo: set[str] = set()
         # The global budget: slots held by open (or closing) pools, LRU idle pools, waiters.
         self._used = 0

@@ -29,6 +29,7 @@ from ambient.integrations.psycopg._common import (
     _INERROR,
     _aborted,
     _cancel_broken,
+    _checked_pool_options,
     _through_pooler,
     _warn_pooler,
 )
@@ -117,11 +118,12 @@ class SharedPool:
         name: Pool name in psycopg's logs.
         kwargs: Extra ``psycopg.AsyncConnection.connect`` arguments (``autocommit`` is
             always on outside checkouts).
-        pool_options: Extra ``AsyncConnectionPool`` arguments (``max_waiting``,
-            ``max_lifetime``, ``max_idle``, ``num_workers``, ...).
+        pool_options: Extra ``AsyncConnectionPool`` keyword arguments (``max_waiting``,
+            ``max_lifetime``, ``max_idle``, ``num_workers``, ...), checked here.
 
     Raises:
         UnsupportedBackendError: when constructed inside trio.
+        TypeError: a pool option ``AsyncConnectionPool`` does not take, or one ambient sets.
     """
 
     # DISCARD ALL, less: DEALLOCATE ALL (psycopg tracks the statements it prepared and would
@@ -180,7 +182,7 @@ class SharedPool:
             .as_string()
         )
         self._kwargs = {**(kwargs or {}), "autocommit": True}
-        self._pool_options = pool_options
+        self._pool_options = _checked_pool_options(pool_options)
         self._pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None
         self._opening: anyio.Lock | None = None
         self._installed = False

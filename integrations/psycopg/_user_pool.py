@@ -162,7 +162,11 @@ class _UserPool:
                 owner._give_back(1)
                 return
             self.slots += 1
-            await pool.resize(owner.min_size, self.slots)
+            # Shielded: resize waits for psycopg's pool lock, and a cancellation there would
+            # leave this slot counted here (and taken from the budget) but never given to the
+            # pool, which could then not grow to it until closed.
+            with anyio.CancelScope(shield=True):
+                await pool.resize(owner.min_size, self.slots)
 
     async def close_pool(self, *, evicted: bool = False, keep: int = 0) -> None:
         """Close the psycopg pool and give its room back to the budget (``keep`` of it
@@ -207,7 +211,15 @@ class _UserCheckout:
             await user_pool.grow(deadline)
             try:
                 conn = await pool.getconn(timeout=max(deadline - time.monotonic(), 0.0))
-            except (PoolTimeout, TooManyRequests) as exc:
+            except TooManyRequests as exc:
+                # Refused at once, without waiting: say so, not that the timeout ran out.
+                raise _exhausted(
+                    f"the queue for a connection of this user's pool of {owner!r} is full "
+                    f"(max_waiting={pool.max_waiting}, max_size={owner.max_size}), so this "
+                    f"request was refused without waiting: {exc}",
+                    owner.retry_after,
+                ) from None
+            except PoolTimeout as exc:
                 raise _exhausted(
                     f"no connection of this user's pool of {owner!r} became available within "
                     f"{self._timeout} s (max_size={owner.max_size}, "
