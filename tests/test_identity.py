@@ -421,6 +421,12 @@ async def _echo_app(scope: Any, receive: Any, send: Any) -> None:
 
 
 async def _call(app: Any, scope: dict[str, Any]) -> tuple[int, Seen, UserExecutionContext | None]:
+    status, _, body = await _exchange(app, scope)
+    return status, body, ambient.current_context_or_none()
+
+
+async def _exchange(app: Any, scope: dict[str, Any]) -> tuple[int, dict[bytes, bytes], Seen]:
+    """One HTTP request through ``app``: the status, the headers and the JSON body."""
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
@@ -432,7 +438,7 @@ async def _call(app: Any, scope: dict[str, Any]) -> tuple[int, Seen, UserExecuti
     with anyio.fail_after(5):
         await app(scope, receive, send)
     start, body = sent[0], sent[1]
-    return start["status"], json.loads(body["body"]), ambient.current_context_or_none()
+    return start["status"], dict(start["headers"]), json.loads(body["body"])
 
 
 header_value = st.one_of(
@@ -613,22 +619,6 @@ class Memo:
 
     number: int
     user_id: str
-
-
-async def _exchange(app: Any, scope: dict[str, Any]) -> tuple[int, dict[bytes, bytes], Seen]:
-    """One HTTP request through ``app``: the status, the headers and the JSON body."""
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    with anyio.fail_after(5):
-        await app(scope, receive, send)
-    start, body = sent[0], sent[1]
-    return start["status"], dict(start["headers"]), json.loads(body["body"])
 
 
 class TestAnonymousAndRefusedIdentities:

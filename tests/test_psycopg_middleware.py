@@ -185,6 +185,16 @@ def _admin_count(db: Database, query: Query, params: tuple[object, ...]) -> int:
     return int(row[0])
 
 
+def _assert_pool_exhausted(response: httpx.Response) -> dict[str, Any]:
+    """A 503 problem+json with the pool's Retry-After; return the problem."""
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "3"
+    assert response.headers["content-type"].startswith("application/problem+json")
+    problem: dict[str, Any] = response.json()
+    assert problem["status"] == 503
+    return problem
+
+
 async def _eventually_zero(db: Database, query: str, params: tuple[object, ...]) -> None:
     async def zero() -> bool:
         return await anyio.to_thread.run_sync(_admin_count, db, query, params) == 0
@@ -246,10 +256,7 @@ async def test_middleware_exhaustion_answers_503_with_retry_after(served: Served
             elapsed = anyio.current_time() - started
             app.release.set()
         after = await client.get("/notes", headers={"x-user-id": "e"})
-    assert refused.status_code == 503
-    assert refused.headers["retry-after"] == "3"
-    assert refused.headers["content-type"].startswith("application/problem+json")
-    assert refused.json()["status"] == 503
+    _assert_pool_exhausted(refused)
     assert elapsed < 3
     assert [r.status_code for r in holders] == [200] * 4
     assert after.status_code == 200
@@ -292,11 +299,7 @@ async def test_middleware_max_waiting_full_answers_503_at_once(served: Served) -
             stats_when_refused = pool.stats()
             app.release.set()
         after = await client.get("/notes", headers={"x-user-id": "e"})
-    assert refused.status_code == 503
-    assert refused.headers["retry-after"] == "3"
-    assert refused.headers["content-type"].startswith("application/problem+json")
-    problem = refused.json()
-    assert problem["status"] == 503
+    problem = _assert_pool_exhausted(refused)
     assert "queue for a connection" in problem["detail"]
     assert "is full (max_waiting=2" in problem["detail"]
     assert "2 requests waiting" in problem["detail"]
@@ -346,11 +349,7 @@ async def test_middleware_configured_timeout_answers_503(served: Served) -> None
 
         await _eventually(whole, "every connection back in the pool", within=10)
         after = await client.get("/notes", headers={"x-user-id": "c"})
-    assert refused.status_code == 503
-    assert refused.headers["retry-after"] == "3"
-    assert refused.headers["content-type"].startswith("application/problem+json")
-    problem = refused.json()
-    assert problem["status"] == 503
+    problem = _assert_pool_exhausted(refused)
     assert "within 0.5 s" in problem["detail"]
     assert 0.4 <= elapsed < 3  # waited the configured timeout, and no longer
     assert pool.stats().discarded == 0
