@@ -176,14 +176,19 @@ def _unrelated_scopes_removed(context: Context, scope: Scope) -> Context:
         context = record.previous
 
 
-def _cancellation(error: BaseException) -> bool:
-    """Whether ``error`` is a cancellation (asyncio's, trio's, a closed generator's) rather
-    than a failure; any other exception, ``KeyboardInterrupt`` and ``SystemExit`` included,
-    is recorded as an error, as OpenTelemetry's own spans do."""
-    if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
-        return True
+def _record_end(span: trace.Span, error: BaseException) -> None:
+    """Record on ``span`` what ended its work: a cancellation (asyncio's, trio's, a closed
+    generator's) is not an error of its own, only ``ambient.cancelled``; any other exception,
+    ``KeyboardInterrupt`` and ``SystemExit`` included, is an error, as OpenTelemetry's own
+    spans record it."""
     trio = sys.modules.get("trio")
-    return trio is not None and isinstance(error, trio.Cancelled)
+    if isinstance(error, (asyncio.CancelledError, GeneratorExit)) or (
+        trio is not None and isinstance(error, trio.Cancelled)
+    ):
+        span.set_attribute("ambient.cancelled", True)
+    else:
+        span.record_exception(error)
+        span.set_status(Status(StatusCode.ERROR, type(error).__name__))
 
 
 def _check_policy(name: str, policy: str) -> IdPolicy:
@@ -678,12 +683,8 @@ class Telemetry(Observer):
                         span.set_status(
                             Status(StatusCode.ERROR, f"{len(failures)} component cleanup(s) failed")
                         )
-                elif _cancellation(ended_by):
-                    # Cancelled (a client gone, a deadline): not an error of the request.
-                    span.set_attribute("ambient.cancelled", True)
                 else:
-                    span.record_exception(ended_by)
-                    span.set_status(Status(StatusCode.ERROR, type(ended_by).__name__))
+                    _record_end(span, ended_by)
                 span.end()
             except Exception:  # noqa: BLE001 - logged once; never breaks a request
                 self._failed("scope_closed (span)")
@@ -831,12 +832,7 @@ class Telemetry(Observer):
         )
         error = event.error
         if error is not None:
-            if _cancellation(error):
-                # Cancellation interrupted it: not an error of its own.
-                span.set_attribute("ambient.cancelled", True)
-            else:
-                span.record_exception(error)
-                span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+            _record_end(span, error)
         span.end(end_time=event.start_ns + round(event.duration * 1e9))
 
     # -- migration -----------------------------------------------------------------------

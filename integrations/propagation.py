@@ -575,9 +575,8 @@ def signed_context(
     with, signed with an unknown key, expired or for another audience, a token from a
     peer outside ``trusted``, and request or thread id headers that contradict the token
     are all refused with 401; a repeated header is malformed, 400. The request's context
-    continues the
-    caller's: same user, tenant, thread and request ids, a new run whose parent is the
-    caller's run.
+    continues the caller's: same user, tenant, thread and request ids, a new run whose
+    parent is the caller's run.
 
     Args:
         secret: As for :func:`capture`; read once, when the resolver is built.

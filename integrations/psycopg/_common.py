@@ -156,3 +156,15 @@ _IN_USE = "this checkout is in use; call connection() once per `async with`"
 
 def _exhausted(detail: str, retry_after: float) -> PoolExhaustedError:
     return PoolExhaustedError(detail, retry_after=retry_after)
+
+
+def _queue_full(
+    what: str, pool: AsyncConnectionPool[Any], max_size: int, retry_after: float, exc: Exception
+) -> PoolExhaustedError:
+    """psycopg refused the checkout at once because ``pool``'s queue is full
+    (``max_waiting``): say so, not that the timeout ran out."""
+    return _exhausted(
+        f"the queue for a connection of {what} is full (max_waiting={pool.max_waiting}, "
+        f"max_size={max_size}), so this request was refused without waiting: {exc}",
+        retry_after,
+    )

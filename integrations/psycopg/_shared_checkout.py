@@ -13,7 +13,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
 import ambient
 from ambient.integrations.psycopg._arguments import _values
-from ambient.integrations.psycopg._common import _IN_USE, _exhausted
+from ambient.integrations.psycopg._common import _IN_USE, _exhausted, _queue_full
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -127,13 +127,7 @@ class _SharedCheckout:
         try:
             return await pool.getconn(timeout=max(deadline - time.monotonic(), 0.0))
         except TooManyRequests as exc:
-            # Refused at once, without waiting: say so, not that the timeout ran out.
-            raise _exhausted(
-                f"the queue for a connection of {owner!r} is full (max_waiting="
-                f"{pool.max_waiting}, max_size={owner.max_size}), so this request was "
-                f"refused without waiting: {exc}",
-                owner.retry_after,
-            ) from None
+            raise _queue_full(repr(owner), pool, owner.max_size, owner.retry_after, exc) from None
         except PoolTimeout as exc:
             stats = pool.get_stats()
             raise _exhausted(

@@ -17,6 +17,7 @@ from ambient.integrations.psycopg._arguments import _values
 from ambient.integrations.psycopg._common import (
     _IN_USE,
     _exhausted,
+    _queue_full,
     _release,
     _through_pooler,
     _warn_pooler,
@@ -212,12 +213,8 @@ class _UserCheckout:
             try:
                 conn = await pool.getconn(timeout=max(deadline - time.monotonic(), 0.0))
             except TooManyRequests as exc:
-                # Refused at once, without waiting: say so, not that the timeout ran out.
-                raise _exhausted(
-                    f"the queue for a connection of this user's pool of {owner!r} is full "
-                    f"(max_waiting={pool.max_waiting}, max_size={owner.max_size}), so this "
-                    f"request was refused without waiting: {exc}",
-                    owner.retry_after,
+                raise _queue_full(
+                    f"this user's pool of {owner!r}", pool, owner.max_size, owner.retry_after, exc
                 ) from None
             except PoolTimeout as exc:
                 raise _exhausted(
