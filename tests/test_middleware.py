@@ -121,13 +121,16 @@ class TestIdentity:
             (" alice", "whitespace"),
             ("a" * 300, "300 characters"),
             ("al\x00ice", "control character"),
+            # Displays as "admin" but is another id.
+            ("admin\u200b", "invisible format character U+200B"),
         ],
     )
     async def test_an_invalid_user_id_is_400_naming_the_rule(
         self, value: str, fragment: str
     ) -> None:
-        app, ledger, _ = build()
-        headers = [(b"x-user-id", value.encode("latin-1"))]
+        """Refused before anything is created or bound, every time."""
+        app, ledger, registry = build()
+        headers = [(b"x-user-id", value.encode())]
         async with client(app) as http:
             response = await http.get("/whoami", headers=headers)
             # Twice, after a valid user: what is remembered about ids never lets one pass.
@@ -138,22 +141,6 @@ class TestIdentity:
             assert body["detail"].startswith("user_id is invalid")
             assert fragment in body["detail"]
             assert value.strip() not in body["detail"] or value.lower() in ("null", "undefined")
-        assert set(ledger.created.values()) <= {"alice"}  # the refused requests made nothing
-
-    async def test_an_invisible_character_in_the_user_id_is_400_naming_it(self) -> None:
-        """``admin`` plus a zero-width space displays as ``admin`` but is another id: the
-        request is refused before anything is created or bound, every time."""
-        app, ledger, registry = build()
-        headers = [(b"x-user-id", "admin\u200b".encode())]
-        async with client(app) as http:
-            response = await http.get("/whoami", headers=headers)
-            await http.get("/whoami", headers={"x-user-id": "alice"})
-            again = await http.get("/whoami", headers=headers)
-        for answer in (response, again):
-            body = assert_problem(answer, 400)
-            assert body["detail"].startswith("user_id is invalid")
-            assert "U+200B" in body["detail"]
-            assert "admin\u200b" not in body["detail"]
         assert set(ledger.created.values()) <= {"alice"}  # the refused requests made nothing
         assert registry.stats().open_scopes == 0
         assert ambient.current_context_or_none() is None
