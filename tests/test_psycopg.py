@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import tempfile
 import threading
 import time
@@ -1382,6 +1383,27 @@ def test_pool_options_are_checked_at_construction(strategy: type[Any]) -> None:
     with pytest.raises(TypeError, match="open cannot be set"):
         strategy(url, open=True)
     assert strategy(url, max_waiting=2, max_idle=60.0) is not None
+
+
+@pytest.mark.parametrize("strategy", [SharedPool, PerUserPools])
+@pytest.mark.parametrize(
+    ("argument", "value", "message"),
+    [
+        ("max_size", 0, "max_size >= 1"),
+        ("min_size", 20, "min_size <= max_size"),
+        ("timeout", 0, "timeout must be > 0 seconds, not 0"),
+        ("return_timeout", -1.0, "return_timeout must be > 0 seconds, not -1.0"),
+        ("return_timeout", float("nan"), "return_timeout must be > 0 seconds, not nan"),
+        ("retry_after", 0, "retry_after must be > 0 seconds"),
+        ("rls_check", "loud", "rls_check must be"),
+    ],
+)
+def test_bad_arguments_are_refused_at_construction(
+    strategy: type[Any], argument: str, value: object, message: str
+) -> None:
+    """Each argument out of range is named in a ValueError when the strategy is built."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        strategy("postgresql://app@127.0.0.1/app", **{argument: value})
 
 
 async def test_per_user_pools_grow_to_max_size(db: Database) -> None:

@@ -59,6 +59,7 @@ class _Arguments:
         max_total: int | None = None,
         idle_ttl: float | None = None,
         timeout: float,
+        return_timeout: float,
         retry_after: float,
         rls_check: str,
         settings: Mapping[str, str],
@@ -81,6 +82,9 @@ class _Arguments:
             raise ValueError(msg)
         if not timeout > 0:
             msg = f"timeout must be > 0 seconds, not {timeout!r}"
+            raise ValueError(msg)
+        if not return_timeout > 0:
+            msg = f"return_timeout must be > 0 seconds, not {return_timeout!r}"
             raise ValueError(msg)
         if not retry_after > 0:
             msg = f"retry_after must be > 0 seconds, not {retry_after!r}"

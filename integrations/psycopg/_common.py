@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import TYPE_CHECKING, Any
+import weakref
+from typing import TYPE_CHECKING, Any, Union, cast
 
 import anyio
 import psycopg
-from psycopg import AsyncConnection
-from psycopg.pq import TransactionStatus
+from psycopg import AsyncConnection, capabilities
+from psycopg.pq import PollingStatus, TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 
 from ambient.errors import PoolExhaustedError
 
 if TYPE_CHECKING:
-    from psycopg.pq.abc import PGcancel
+    from psycopg.pq.abc import PGcancel, PGcancelConn
 
     from ambient.integrations.psycopg._per_user import PerUserPools
     from ambient.integrations.psycopg._shared import SharedPool
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 _ACTIVE = TransactionStatus.ACTIVE
 _IDLE = TransactionStatus.IDLE
 _INERROR = TransactionStatus.INERROR
+_POLL_READING = PollingStatus.READING
+_POLL_WRITING = PollingStatus.WRITING
 logger = logging.getLogger("ambient")
 
 
@@ -56,17 +59,65 @@ def _checked_pool_options(options: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
-async def _send_cancel(cancel: PGcancel) -> None:
-    """Cancel the connection's running query on the server (libpq's blocking call)."""
+# libpq 17's non-blocking cancel: psycopg's blocking one (PGcancel.cancel) holds the GIL
+# while it waits for the server, which freezes the event loop when the server is slow or
+# unreachable, even from a worker thread.
+_NONBLOCKING_CANCEL = capabilities.has_cancel_safe()
+Canceller = Union["PGcancelConn", "PGcancel"]
+
+
+class _Cancellers:
+    """For each connection of a pool, what cancels its running query on the server.
+
+    Made on a connection's first checkout and kept with it: it must outlive the connection,
+    which psycopg closes when it cannot finish a query (a task cancelled twice while it
+    waits), though the server may still run that query.
+    """
+
+    __slots__ = ("_of",)
+
+    def __init__(self) -> None:
+        self._of: weakref.WeakKeyDictionary[AsyncConnection[Any], Canceller] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def of(self, conn: AsyncConnection[Any]) -> Canceller:
+        cancel = self._of.get(conn)
+        if cancel is None:
+            pgconn = conn.pgconn
+            cancel = pgconn.cancel_conn() if _NONBLOCKING_CANCEL else pgconn.get_cancel()
+            self._of[conn] = cancel
+        return cancel
+
+
+async def _send_cancel(cancel: Canceller) -> None:
+    """Cancel the connection's running query on the server (best effort: the server may
+    already be done). Ends when the enclosing scope is cancelled, however slow the server."""
     try:
-        # A limiter of its own: the default one may be spent by threads that wait for a
-        # connection, which this very cancel is about to give back.
-        await anyio.to_thread.run_sync(cancel.cancel, limiter=anyio.CapacityLimiter(1))
+        if not _NONBLOCKING_CANCEL:
+            # A limiter of its own: the default one may be spent by threads that wait for a
+            # connection, which this very cancel is about to give back.
+            await anyio.to_thread.run_sync(
+                cancel.cancel,  # type: ignore[union-attr]
+                limiter=anyio.CapacityLimiter(1),
+                abandon_on_cancel=True,
+            )
+            return
+        cancel_conn = cast("PGcancelConn", cancel)
+        cancel_conn.start()
+        # libpq's polling loop, which starts as if the last poll had asked to write.
+        status: int = _POLL_WRITING
+        while status in (_POLL_READING, _POLL_WRITING):
+            if status == _POLL_READING:
+                await anyio.wait_readable(cancel_conn.socket)
+            else:
+                await anyio.wait_writable(cancel_conn.socket)
+            status = cancel_conn.poll()
     except Exception:  # noqa: BLE001 - best effort: the server may already be done
         return
 
 
-async def _cancel_broken(conn: AsyncConnection[Any], cancel: PGcancel) -> bool:
+async def _cancel_broken(conn: AsyncConnection[Any], cancel: Canceller) -> bool:
     """Whether ``conn`` was interrupted mid-query; if so cancel the query on the server.
 
     psycopg closes a connection whose query it could not finish (a cancellation that kept
@@ -120,35 +171,67 @@ def _aborted() -> psycopg.errors.InFailedSqlTransaction:
     )
 
 
+def _unknown_commit(return_timeout: float) -> psycopg.OperationalError:
+    """The error of a checkout whose COMMIT was given up at ``return_timeout``."""
+    return psycopg.OperationalError(
+        f"the checkout's COMMIT did not finish within return_timeout={return_timeout} s, so "
+        "its connection was closed: the transaction may or may not have been committed"
+    )
+
+
+async def _give_up(owner: SharedPool | PerUserPools, conn: AsyncConnection[Any]) -> None:
+    """Close a connection whose give-back ran out of time (the pool replaces it)."""
+    logger.warning(
+        "ambient: a connection of %r was not handed back within return_timeout=%s s (is the "
+        "server reachable?): closed it instead",
+        owner,
+        owner.return_timeout,
+    )
+    # Closing sends nothing that can wait on the network.
+    await conn.close()
+
+
 async def _release(
+    owner: PerUserPools,
     pool: AsyncConnectionPool[Any],
     conn: AsyncConnection[Any],
-    cancel: PGcancel,
+    cancel: Canceller,
     exc: BaseException | None,
 ) -> Exception | None:
     """End a psycopg-style checkout (commit on success, roll back on error) and hand the
-    connection back. Shielded, so a cancelled task still returns its connection.
+    connection back. Shielded, so a cancelled task still returns its connection, and
+    bounded by ``owner.return_timeout``, after which the connection is closed instead.
 
     Returns the error to raise to the caller: a transaction that failed inside a block
-    that ended normally (rolled back).
+    that ended normally (rolled back), or a COMMIT given up at the bound.
     """
+    committing = False
+    status: int | None = None
     with anyio.CancelScope(shield=True):
         try:
-            if await _cancel_broken(conn, cancel):
-                return None
-            status = conn.pgconn.transaction_status
-            if status == _IDLE:
-                return None
-            if exc is None and status != _INERROR:
-                await conn.commit()
-                return None
-            try:
-                await conn.rollback()
-            except psycopg.Error as error:  # the pool replaces a broken connection
-                logger.warning("ambient: rollback after %r failed: %s", exc, error)
+            with anyio.move_on_after(owner.return_timeout) as bound:
+                if await _cancel_broken(conn, cancel):
+                    return None
+                status = conn.pgconn.transaction_status
+                if status == _IDLE:
+                    return None
+                if exc is None and status != _INERROR:
+                    committing = True
+                    await conn.commit()
+                    return None
+                try:
+                    await conn.rollback()
+                except psycopg.Error as error:  # the pool replaces a broken connection
+                    logger.warning("ambient: rollback after %r failed: %s", exc, error)
+            if bound.cancelled_caught:
+                await _give_up(owner, conn)
+                if committing:
+                    return _unknown_commit(owner.return_timeout)
         finally:
             await pool.putconn(conn)
-    return _aborted() if exc is None else None
+    # Rolled back (or given up, which rolls back too): a block that ended normally here was
+    # in a failed transaction.
+    return _aborted() if exc is None and status is not None else None
 
 
 _IN_USE = "this checkout is in use; call connection() once per `async with`"

@@ -23,6 +23,7 @@ from ambient.integrations.psycopg._arguments import (
 )
 from ambient.integrations.psycopg._common import (
     _ASYNCIO_ONLY,
+    _Cancellers,
     _checked_pool_options,
     _exhausted,
 )
@@ -91,6 +92,12 @@ class PerUserPools:
         max_total: Server connections all user pools may hold together.
         idle_ttl: Seconds after a user's last request before the user's pool closes.
         timeout: Seconds a checkout may wait.
+        return_timeout: Seconds at most to end a checkout's transaction and hand its
+            connection back (commit or rollback, the server-side cancel of an
+            interrupted query). Handing back is shielded from cancellation, so this is
+            what ends it when the server stops answering: the connection is then closed
+            instead of reused, and a COMMIT cut off this way raises
+            ``psycopg.OperationalError`` (it may or may not have taken effect).
         retry_after: Seconds for the ``Retry-After`` of the 503 answer.
         settings: Setting name -> ``"user_id"`` or ``"tenant_id"``.
         rls_tables: Tables checked by :func:`check_rls` when a pool first connects.
@@ -114,6 +121,7 @@ class PerUserPools:
         max_total: int = 100,
         idle_ttl: float = 300.0,
         timeout: float = 30.0,
+        return_timeout: float = 10.0,
         retry_after: float = 1.0,
         settings: Mapping[str, str] = DEFAULT_SETTINGS,
         rls_tables: Iterable[str] = (),
@@ -129,6 +137,7 @@ class PerUserPools:
             max_total=max_total,
             idle_ttl=idle_ttl,
             timeout=timeout,
+            return_timeout=return_timeout,
             retry_after=retry_after,
             rls_check=rls_check,
             settings=settings,
@@ -141,6 +150,7 @@ class PerUserPools:
         self.max_total = max_total
         self.idle_ttl = idle_ttl
         self.timeout = timeout
+        self.return_timeout = return_timeout
         self.retry_after = retry_after
         self.rls_tables = tuple(rls_tables)
         self.rls_check: RlsCheck = rls_check
@@ -161,6 +171,7 @@ class PerUserPools:
         self._waiters: deque[anyio.Event] = deque()
         self.checked_out = 0
         self.evicted = 0
+        self._cancellers = _Cancellers()
 
     def __repr__(self) -> str:
         return f"<PerUserPools {self.name!r}>"

@@ -29,8 +29,11 @@ from ambient.integrations.psycopg._common import (
     _INERROR,
     _aborted,
     _cancel_broken,
+    _Cancellers,
     _checked_pool_options,
+    _give_up,
     _through_pooler,
+    _unknown_commit,
     _warn_pooler,
 )
 from ambient.integrations.psycopg._database import Database
@@ -38,7 +41,7 @@ from ambient.integrations.psycopg._rls import check_rls
 from ambient.integrations.psycopg._shared_checkout import _Gate, _SharedCheckout
 
 if TYPE_CHECKING:
-    from psycopg.pq.abc import PGcancel
+    from ambient.integrations.psycopg._common import Canceller
 
 
 logger = logging.getLogger("ambient")
@@ -111,6 +114,12 @@ class SharedPool:
             ``thread_id``, ``run_id``, ``request_id``, ``connection_id``,
             ``parent_run_id``); an absent field is set to ``''``.
         timeout: Seconds a checkout may wait for a connection.
+        return_timeout: Seconds at most to end a checkout's transaction and hand its
+            connection back (commit or rollback, the reset, the server-side cancel of an
+            interrupted query). Handing back is shielded from cancellation, so this is
+            what ends it when the server stops answering: the connection is then closed
+            instead of reused, and a COMMIT cut off this way raises
+            ``psycopg.OperationalError`` (it may or may not have taken effect).
         retry_after: Seconds for the ``Retry-After`` of the 503 answer.
         rls_tables: Tables checked by :func:`check_rls` when the pool opens.
         rls_check: ``"warn"`` (default), ``"raise"`` or ``"off"``: what to do when the
@@ -142,6 +151,7 @@ class SharedPool:
         per_user_limit: int = 5,
         settings: Mapping[str, str] = DEFAULT_SETTINGS,
         timeout: float = 30.0,
+        return_timeout: float = 10.0,
         retry_after: float = 1.0,
         rls_tables: Iterable[str] = (),
         rls_check: RlsCheck = "warn",
@@ -155,6 +165,7 @@ class SharedPool:
             max_size=max_size,
             per_user_limit=per_user_limit,
             timeout=timeout,
+            return_timeout=return_timeout,
             retry_after=retry_after,
             rls_check=rls_check,
             settings=settings,
@@ -166,6 +177,7 @@ class SharedPool:
         self.max_size = max_size
         self.per_user_limit = per_user_limit
         self.timeout = timeout
+        self.return_timeout = return_timeout
         self.retry_after = retry_after
         self.rls_tables = tuple(rls_tables)
         self.rls_check: RlsCheck = rls_check
@@ -190,6 +202,7 @@ class SharedPool:
         self._gates: dict[UserRef, _Gate] = {}
         self.checked_out = 0
         self.discarded = 0
+        self._cancellers = _Cancellers()
         self._pooler_seen = False
 
     def __repr__(self) -> str:
@@ -317,7 +330,7 @@ class SharedPool:
         pool: AsyncConnectionPool[AsyncConnection[Any]],
         conn: AsyncConnection[Any],
         cur: AsyncCursor[Any] | None,
-        cancel: PGcancel,
+        cancel: Canceller,
         exc: BaseException | None,
     ) -> Exception | None:
         """End the checkout's transaction, reset the connection and hand it back.
@@ -326,24 +339,32 @@ class SharedPool:
         handler ended itself. Shielded: a cancelled task still returns its connection.
         """
         error: Exception | None = None
+        commit = False
         with anyio.CancelScope(shield=True):
             try:
-                status = conn.pgconn.transaction_status
-                if (conn.closed or status == _ACTIVE) and await _cancel_broken(conn, cancel):
-                    return None
-                if status == _IDLE and exc is None:
-                    error = psycopg.ProgrammingError(
-                        "the checkout's transaction was ended inside it (conn.commit(), "
-                        "conn.rollback() or COMMIT): the statements after that ran without "
-                        "the context's settings. Let the checkout commit when its block ends"
-                    )
-                if status == _INERROR and exc is None:
-                    error = _aborted()
-                commit = exc is None and error is None
-                end = "" if status == _IDLE else "COMMIT; " if commit else "ROLLBACK; "
-                if cur is None:
-                    cur = conn.cursor(row_factory=tuple_row)
-                error = await self._reset(conn, cur, end) or error
+                with anyio.move_on_after(self.return_timeout) as bound:
+                    status = conn.pgconn.transaction_status
+                    if (conn.closed or status == _ACTIVE) and await _cancel_broken(conn, cancel):
+                        return None
+                    if status == _IDLE and exc is None:
+                        error = psycopg.ProgrammingError(
+                            "the checkout's transaction was ended inside it (conn.commit(), "
+                            "conn.rollback() or COMMIT): the statements after that ran "
+                            "without the context's settings. Let the checkout commit when its "
+                            "block ends"
+                        )
+                    if status == _INERROR and exc is None:
+                        error = _aborted()
+                    commit = exc is None and error is None
+                    end = "" if status == _IDLE else "COMMIT; " if commit else "ROLLBACK; "
+                    if cur is None:
+                        cur = conn.cursor(row_factory=tuple_row)
+                    error = await self._reset(conn, cur, end) or error
+                if bound.cancelled_caught:
+                    self.discarded += 1
+                    await _give_up(self, conn)
+                    if commit:
+                        error = _unknown_commit(self.return_timeout)
             finally:
                 await pool.putconn(conn)
         return error

@@ -96,7 +96,7 @@ class _SharedCheckout:
         self._pool = pool
         self._gate = gate
         self._user = user
-        self._cancel = conn.pgconn.get_cancel()
+        self._cancel = owner._cancellers.of(conn)
         self._conn = conn
         self._cur = None
         try:

@@ -230,7 +230,7 @@ class _UserCheckout:
             await self._set_local(conn, pool, user_pool)
         self._user_pool = user_pool
         self._pool = pool
-        self._cancel = conn.pgconn.get_cancel()
+        self._cancel = owner._cancellers.of(conn)
         self._conn = conn
         return conn
 
@@ -258,7 +258,7 @@ class _UserCheckout:
                 error = exc
             else:
                 return
-        await _release(pool, conn, conn.pgconn.get_cancel(), error)
+        await _release(owner, pool, conn, owner._cancellers.of(conn), error)
         owner._done(user_pool)
         raise error
 
@@ -273,7 +273,7 @@ class _UserCheckout:
             return False
         self._conn = None
         try:
-            error = await _release(self._pool, conn, self._cancel, exc)
+            error = await _release(self._owner, self._pool, conn, self._cancel, exc)
         finally:
             self._owner._done(self._user_pool)
         if error is not None:

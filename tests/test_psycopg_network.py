@@ -1,0 +1,178 @@
+"""Both psycopg strategies when the network to PostgreSQL goes silent mid-checkout.
+
+A relay on loopback (tests.netfault) stands between the pools and the real server; freezing
+it holds every byte while every socket stays open: what a partition or a hung peer looks
+like to a client. Handing a connection back (commit or rollback, reset, the server-side
+cancel of an interrupted query) must then end within ``return_timeout``: the connection is
+closed instead of reused, the caller hears that a commit's outcome is unknown, and the pool
+works again once the network does. Without the bound the request's cleanup, shielded from
+cancellation, would wait for the network forever.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+
+from ambient import Registry
+from ambient.integrations.psycopg import PerUserPools, SharedPool, connection
+from tests.netfault import SilentNetwork
+from tests.test_psycopg import Database, _ctx, _scalar, make_database
+
+RETURN_TIMEOUT = 0.5
+# What the test allows a bounded give-back (the bound plus the time to close and hand the
+# connection back); a give-back without a bound would wait for the network forever.
+WITHIN = RETURN_TIMEOUT + 10
+# How long the relay stays silent at most: a give-back that waits for the network ends then.
+HOLD = WITHIN + 5
+
+
+def _through(url: str, relay: SilentNetwork) -> str:
+    info = psycopg.conninfo.conninfo_to_dict(url)
+    info["host"], info["port"] = "127.0.0.1", str(relay.port)
+    return psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
+
+
+@pytest.fixture(name="db")
+def fixture_db(anyio_backend: str) -> Iterator[Database]:
+    if anyio_backend != "asyncio":
+        pytest.skip("psycopg's async pool is asyncio-only (trio refusal: test_psycopg.py)")
+    with make_database() as db:
+        yield db
+
+
+@pytest.fixture(name="relay")
+async def fixture_relay(db: Database) -> AsyncIterator[SilentNetwork]:
+    """A silent-able relay to the test database's server."""
+    info = psycopg.conninfo.conninfo_to_dict(db.app_url)
+    host, port = str(info.get("host", "127.0.0.1")), int(info.get("port", 5432))
+    async with SilentNetwork(host, port, hold=HOLD) as relay:
+        yield relay
+
+
+def _pool(kind: str, db: Database, relay: SilentNetwork) -> SharedPool | PerUserPools:
+    common: dict[str, Any] = {
+        "timeout": 5,
+        "return_timeout": RETURN_TIMEOUT,
+        "kwargs": db.kwargs(),
+        "rls_check": "off",
+    }
+    if kind == "shared":
+        return SharedPool(_through(db.app_url, relay), min_size=0, max_size=2, **common)
+    return PerUserPools(_through(db.app_url, relay), max_size=2, max_total=4, **common)
+
+
+STRATEGIES = pytest.mark.parametrize("kind", ["shared", "per_user"])
+
+
+async def _ends_in_time(work: Callable[[], Awaitable[None]]) -> None:
+    """Run ``work``; fail if it took ``WITHIN`` seconds or more.
+
+    A give-back is shielded from cancellation and may freeze the whole event loop (a
+    blocking C call), so no deadline in this process could end it: the relay thaws by
+    itself after ``HOLD`` seconds, and a give-back that waited for the network ends late.
+    """
+    started = time.monotonic()
+    await work()
+    took = time.monotonic() - started
+    assert took < WITHIN, f"the checkout ended {took:.1f} s after it started (bound {WITHIN} s)"
+
+
+async def _works_again(pool: SharedPool | PerUserPools, registry: Registry, user: str) -> None:
+    """Once the network is back, a checkout gets a working connection with its settings."""
+    async with registry.open_scope(_ctx(user)), connection() as conn:
+        assert await _scalar(conn, "SELECT current_setting('app.user_id', true)") == user
+    assert pool.stats().checked_out == 0
+
+
+@STRATEGIES
+async def test_commit_on_a_silent_network_ends_within_return_timeout(
+    db: Database, relay: SilentNetwork, kind: str
+) -> None:
+    """The block ends normally while the network is silent: the commit cannot finish, so
+    the connection is closed at ``return_timeout`` and the caller hears that the commit's
+    outcome is unknown (not that it failed, not nothing)."""
+    pool = _pool(kind, db, relay)
+    registry = Registry()
+    pool.install(registry)
+    caught: list[BaseException] = []
+
+    async def work() -> None:
+        async with registry.open_scope(_ctx("alice")):
+            try:
+                async with connection() as conn:
+                    await conn.execute(
+                        db.sql("INSERT INTO {notes} (owner, body) VALUES ('alice', 'x')")
+                    )
+                    await relay.freeze()
+            except psycopg.OperationalError as exc:
+                caught.append(exc)
+
+    await _ends_in_time(work)
+    assert len(caught) == 1
+    assert "may or may not" in str(caught[0])
+    assert f"return_timeout={RETURN_TIMEOUT}" in str(caught[0])
+    assert pool.stats().checked_out == 0
+    if isinstance(pool, SharedPool):
+        assert pool.stats().discarded == 1
+    await relay.thaw()
+    await _works_again(pool, registry, "bob")
+    await registry.aclose()
+
+
+@STRATEGIES
+async def test_rollback_on_a_silent_network_ends_within_return_timeout(
+    db: Database, relay: SilentNetwork, kind: str
+) -> None:
+    """The block raises while the network is silent: its own error reaches the caller,
+    unchanged, once the rollback has been given up at ``return_timeout``."""
+    pool = _pool(kind, db, relay)
+    registry = Registry()
+    pool.install(registry)
+
+    async def work() -> None:
+        async with registry.open_scope(_ctx("alice")):
+            with pytest.raises(LookupError, match="the handler's own"):
+                async with connection() as conn:
+                    await conn.execute("SELECT 1")
+                    await relay.freeze()
+                    raise LookupError("the handler's own error")
+
+    await _ends_in_time(work)
+    assert pool.stats().checked_out == 0
+    await relay.thaw()
+    await _works_again(pool, registry, "bob")
+    await registry.aclose()
+
+
+@STRATEGIES
+async def test_cancelled_query_on_a_silent_network_ends_within_return_timeout(
+    db: Database, relay: SilentNetwork, kind: str
+) -> None:
+    """A request cancelled while its query waits on a silent network: the server-side
+    cancel cannot get through either, and the give-back still ends at ``return_timeout``
+    (it is shielded from the cancellation, so nothing else would end it)."""
+    pool = _pool(kind, db, relay)
+    registry = Registry()
+    pool.install(registry)
+    request = anyio.CancelScope()
+
+    async def work() -> None:
+        async with registry.open_scope(_ctx("alice")):
+            with request:
+                request.deadline = anyio.current_time() + 0.2
+                async with connection() as conn:
+                    await relay.freeze()
+                    await conn.execute("SELECT 1")
+
+    await _ends_in_time(work)
+    assert request.cancelled_caught
+    assert pool.stats().checked_out == 0
+    await relay.thaw()
+    await _works_again(pool, registry, "bob")
+    await registry.aclose()
