@@ -9,6 +9,7 @@ server session may keep a setting for the next client.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -232,3 +233,75 @@ async def test_prepared_statements_behind_a_pooler_are_warned_about(
     warnings = _pooler_warnings(caplog)
     assert len(warnings) == 1
     assert "'prepare_threshold': None" in warnings[0]
+
+
+async def _server_sessions(url: str) -> set[tuple[Any, ...]]:
+    """What plain clients of pgbouncer find in its server sessions: the role, the
+    search_path and the advisory locks of each (one client per session, each holding its
+    session in a transaction while the others take theirs)."""
+    seen: dict[int, tuple[Any, ...]] = {}
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(SERVER_CONNECTIONS):
+            conn = await stack.enter_async_context(await psycopg.AsyncConnection.connect(url))
+            cur = await conn.execute(
+                "SELECT pg_backend_pid(), current_user, current_setting('search_path'), "
+                "(SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                "AND pid = pg_backend_pid())",
+                prepare=False,
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            seen[row[0]] = row[1:]
+    assert len(seen) == SERVER_CONNECTIONS
+    return set(seen.values())
+
+
+@pytest.mark.parametrize("strategy", ["shared", "per_user"])
+@pytest.mark.parametrize("outcome", ["commit", "rollback"])
+async def test_session_state_a_checkout_leaves_stays_out_of_the_pooler(
+    bounced: tuple[Database, str], strategy: str, outcome: str
+) -> None:
+    """A handler switches role, changes the search_path and takes a session advisory lock
+    in every server session of the pooler: when its checkout ends, committed or rolled
+    back, none of it stays in the session the pooler hands the next client (closing the
+    client connection would not undo it: the pooler keeps the server session)."""
+    db, url = bounced
+    app_role = psycopg.conninfo.conninfo_to_dict(url)["user"]
+    other = f"{app_role}_other"
+    with _admin() as admin:
+        admin.execute(f"CREATE ROLE {other} NOLOGIN NOSUPERUSER NOBYPASSRLS")
+        admin.execute(f"GRANT {other} TO {app_role}")
+    clean = await _server_sessions(url)
+    options: dict[str, Any] = {
+        "rls_check": "off",
+        "kwargs": {**db.kwargs(), "prepare_threshold": None},
+    }
+    pool: SharedPool | PerUserPools = (
+        SharedPool(url, max_size=SERVER_CONNECTIONS, per_user_limit=SERVER_CONNECTIONS, **options)
+        if strategy == "shared"
+        else PerUserPools(url, max_size=SERVER_CONNECTIONS, **options)
+    )
+    registry = _registry(pool)
+    rolled_back = pytest.raises(LookupError) if outcome == "rollback" else contextlib.nullcontext()
+    try:
+        # Every server session at once: one checkout each, held together.
+        with rolled_back:
+            async with (
+                registry.open_scope(UserExecutionContext.create("user-1")),
+                connection() as first,
+                connection() as second,
+            ):
+                for key, conn in enumerate((first, second)):
+                    await conn.execute(f"SET ROLE {other}", prepare=False)
+                    await conn.execute("SET search_path = pg_catalog", prepare=False)
+                    await conn.execute("SELECT pg_advisory_lock(%s)", (key,), prepare=False)
+                    cur = await conn.execute("SELECT current_user", prepare=False)
+                    assert await cur.fetchone() == (other,)
+                if outcome == "rollback":
+                    raise LookupError(outcome)
+        left = await _server_sessions(url)
+    finally:
+        await registry.aclose()
+    with _admin() as admin:
+        admin.execute(f"DROP ROLE {other}")
+    assert left == clean == {(app_role, '"$user", public', 0)}

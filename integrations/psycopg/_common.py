@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Union, cast
 
 import anyio
 import psycopg
-from psycopg import AsyncConnection, capabilities
+from psycopg import AsyncClientCursor, AsyncConnection, capabilities
 from psycopg.pq import PollingStatus, TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 
@@ -39,6 +39,16 @@ _ASYNCIO_ONLY = (
 
 # AsyncConnectionPool arguments ambient sets itself on every pool it makes.
 _OWN_POOL_ARGUMENTS = frozenset({"open", "configure"})
+
+# What a handler may leave in a server session, undone as DISCARD ALL would, less:
+# DEALLOCATE ALL (psycopg, and a pooler that follows prepared statements, track the
+# statements they prepared and would not notice them gone), SET SESSION AUTHORIZATION
+# DEFAULT (only a superuser can change it) and DISCARD PLANS (cached plans show nobody
+# anything). RESET ALL leaves the role alone: RESET ROLE undoes a SET ROLE. Sent after COMMIT
+# or ROLLBACK in the same message, so that a pooler cannot hand the session on in between.
+_SESSION_RESET = "CLOSE ALL; RESET ALL; RESET ROLE; UNLISTEN *; DISCARD TEMP; DISCARD SEQUENCES"
+# The same for a PerUserPools connection behind a pooler, advisory locks included.
+_POOLED_RESET = f"{_SESSION_RESET}; SELECT pg_catalog.pg_advisory_unlock_all()"
 
 
 def _checked_pool_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -197,13 +207,17 @@ async def _release(
     conn: AsyncConnection[Any],
     cancel: Canceller,
     exc: BaseException | None,
+    *,
+    pooled: bool,
 ) -> Exception | None:
     """End a psycopg-style checkout (commit on success, roll back on error) and hand the
     connection back. Shielded, so a cancelled task still returns its connection, and
     bounded by ``owner.return_timeout``, after which the connection is closed instead.
 
     Returns the error to raise to the caller: a transaction that failed inside a block
-    that ended normally (rolled back), or a COMMIT given up at the bound.
+    that ended normally (rolled back), or a COMMIT given up at the bound. A ``pooled``
+    connection (its server session passes to other clients of the pooler) is reset in the
+    same message as its COMMIT or ROLLBACK.
     """
     committing = False
     status: int | None = None
@@ -217,10 +231,10 @@ async def _release(
                     return None
                 if exc is None and status != _INERROR:
                     committing = True
-                    await conn.commit()
+                    await (_end_and_reset(conn, "COMMIT") if pooled else conn.commit())
                     return None
                 try:
-                    await conn.rollback()
+                    await (_end_and_reset(conn, "ROLLBACK") if pooled else conn.rollback())
                 except psycopg.Error as error:  # the pool replaces a broken connection
                     logger.warning("ambient: rollback after %r failed: %s", exc, error)
             if bound.cancelled_caught:
@@ -232,6 +246,11 @@ async def _release(
     # Rolled back (or given up, which rolls back too): a block that ended normally here was
     # in a failed transaction.
     return _aborted() if exc is None and status is not None else None
+
+
+async def _end_and_reset(conn: AsyncConnection[Any], end: str) -> None:
+    # Client-side binding: the simple query protocol, which alone takes several statements.
+    await AsyncClientCursor(conn).execute(f"{end}; {_POOLED_RESET}")
 
 
 _IN_USE = "this checkout is in use; call connection() once per `async with`"

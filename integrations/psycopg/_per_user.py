@@ -77,7 +77,10 @@ class PerUserPools:
     transaction pooling hands one server session to many clients in turn) is recognised
     when it connects (the pooler's cancel key is not the server's): its settings are then
     never set for the session, but at the start of every checkout, for its transaction
-    only, and autocommit is refused there (one statement's transaction would lose them).
+    only, and autocommit is refused there (one statement's transaction would lose them);
+    what a handler leaves in the server session (``SET ROLE``, session settings, advisory
+    locks, temporary tables, ``LISTEN``) is reset in the same message as the checkout's
+    COMMIT or ROLLBACK, before the pooler can hand the session to another client.
     A checkout follows psycopg's rules: committed when the ``async with`` body ends
     normally, rolled back when it raises. One that ends normally in a failed transaction
     (a statement's error caught inside it) is rolled back and raises

@@ -27,6 +27,7 @@ from ambient.integrations.psycopg._common import (
     _ASYNCIO_ONLY,
     _IDLE,
     _INERROR,
+    _SESSION_RESET,
     _aborted,
     _cancel_broken,
     _Cancellers,
@@ -94,11 +95,11 @@ class SharedPool:
     not happen.
 
     On return, in the same round trip as the commit, the connection is reset like
-    ``DISCARD ALL`` (session settings, temporary tables, advisory locks, ``LISTEN``,
-    cursors, sequence state; psycopg's own prepared statements are kept) and checked: the
-    settings empty, ``current_user`` and ``session_user`` the login role, no statement
-    from SQL ``PREPARE``. One that fails the check (after ``SET ROLE``, say) is closed,
-    never handed on (``stats().discarded``). Python-side attributes a handler
+    ``DISCARD ALL`` (session settings, ``SET ROLE``, temporary tables, advisory locks,
+    ``LISTEN``, cursors, sequence state; psycopg's own prepared statements are kept) and
+    checked: the settings empty, ``current_user`` and ``session_user`` the login role, no
+    statement from SQL ``PREPARE``. One that fails the check is closed, never handed on
+    (``stats().discarded``). Python-side attributes a handler
     changed (``autocommit``, ``isolation_level``, ``read_only``, ``deferrable``,
     ``row_factory``, ``prepare_threshold``) are restored too.
 
@@ -135,12 +136,10 @@ class SharedPool:
         TypeError: a pool option ``AsyncConnectionPool`` does not take, or one ambient sets.
     """
 
-    # DISCARD ALL, less: DEALLOCATE ALL (psycopg tracks the statements it prepared and would
-    # not notice them gone; the check refuses statements from SQL PREPARE), SET SESSION
-    # AUTHORIZATION DEFAULT (the check refuses a changed role: SET ROLE is rare) and
-    # DISCARD PLANS (cached plans show nobody anything). Sent as one simple-protocol string
-    # after COMMIT, ROLLBACK or nothing, with the check as its last statement.
-    _RESET_SQL = "CLOSE ALL; RESET ALL; UNLISTEN *; DISCARD TEMP; DISCARD SEQUENCES"
+    # Sent as one simple-protocol string after COMMIT, ROLLBACK or nothing, with the check
+    # (which refuses statements from SQL PREPARE and a role still changed) as its last
+    # statement.
+    _RESET_SQL = _SESSION_RESET
 
     def __init__(
         self,

@@ -258,7 +258,7 @@ class _UserCheckout:
                 error = exc
             else:
                 return
-        await _release(owner, pool, conn, owner._cancellers.of(conn), error)
+        await _release(owner, pool, conn, owner._cancellers.of(conn), error, pooled=True)
         owner._done(user_pool)
         raise error
 
@@ -273,7 +273,9 @@ class _UserCheckout:
             return False
         self._conn = None
         try:
-            error = await _release(self._owner, self._pool, conn, self._cancel, exc)
+            error = await _release(
+                self._owner, self._pool, conn, self._cancel, exc, pooled=self._user_pool.pooled
+            )
         finally:
             self._owner._done(self._user_pool)
         if error is not None:
