@@ -406,6 +406,23 @@ def _jwt_failure(exc: Exception) -> str:
     return "the bearer token is malformed"
 
 
+def _refuse_public_key_as_secret(key: str | bytes) -> None:
+    """Raise ``ValueError`` when an HMAC secret is a public key or certificate."""
+    from jwt.algorithms import HMACAlgorithm
+    from jwt.exceptions import InvalidKeyError
+
+    # PyJWT's own test of an HMAC secret, at construction rather than at every token: it
+    # knows PEM, SSH and DER (public keys and certificates) alike.
+    try:
+        HMACAlgorithm(HMACAlgorithm.SHA256).prepare_key(key)
+    except InvalidKeyError:
+        msg = (
+            "an HMAC algorithm was given with a public key or certificate; that is the "
+            "key-confusion attack"
+        )
+        raise ValueError(msg) from None
+
+
 def jwt_bearer(
     key_or_jwks: Any,
     *,
@@ -459,10 +476,7 @@ def jwt_bearer(
     elif isinstance(key_or_jwks, Mapping):
         key = jwt.PyJWK.from_dict(dict(key_or_jwks))
     elif hmac_algs and isinstance(key_or_jwks, str | bytes):
-        text = key_or_jwks.decode("latin-1") if isinstance(key_or_jwks, bytes) else key_or_jwks
-        if "-----BEGIN" in text or text.startswith(("ssh-", "ecdsa-")):
-            msg = "an HMAC algorithm was given with a public key; that is the key-confusion attack"
-            raise ValueError(msg)
+        _refuse_public_key_as_secret(key_or_jwks)
     audiences = [audience] if isinstance(audience, str) else audience
     required = sorted({*require, user_claim})
     decoder = jwt.PyJWT(

@@ -194,6 +194,26 @@ class TestJwtBearer:
         with pytest.raises(ValueError, match="key-confusion"):
             jwt_bearer(PUBLIC_PEM, algorithms=["HS256"])
 
+    @pytest.mark.parametrize("encoding", ["PEM", "DER", "OpenSSH"])
+    def test_an_hmac_secret_that_is_a_public_key_is_refused_in_any_encoding(
+        self, encoding: str
+    ) -> None:
+        """A public key is no HMAC secret, however it is encoded: a DER key (bytes with no
+        BEGIN line) would otherwise be taken as one, and every request then refused."""
+        from cryptography.hazmat.primitives import serialization
+
+        public = PRIVATE_KEY.public_key().public_bytes(
+            getattr(serialization.Encoding, encoding),
+            serialization.PublicFormat.OpenSSH
+            if encoding == "OpenSSH"
+            else serialization.PublicFormat.SubjectPublicKeyInfo,
+        )
+        with pytest.raises(ValueError, match="key-confusion"):
+            jwt_bearer(public, algorithms=["HS256"])
+        if encoding != "DER":  # text encodings are also passed as str
+            with pytest.raises(ValueError, match="key-confusion"):
+                jwt_bearer(public.decode(), algorithms=["HS384", "HS512"])
+
     def test_a_jwks_selects_the_key_by_kid(self) -> None:
         jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(PRIVATE_KEY.public_key()))
         jwk.update({"kid": "k1", "alg": "RS256", "use": "sig"})
