@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import weakref
 from typing import TYPE_CHECKING, Any, Union, cast
 
@@ -189,16 +190,35 @@ def _unknown_commit(return_timeout: float) -> psycopg.OperationalError:
     )
 
 
-async def _give_up(owner: SharedPool | PerUserPools, conn: AsyncConnection[Any]) -> None:
-    """Close a connection whose give-back ran out of time (the pool replaces it)."""
+def _bounded(owner: SharedPool | PerUserPools) -> anyio.CancelScope:
+    """The scope of a give-back: shielded from cancellation, ended by its own deadline
+    (``owner.return_timeout``) when the server stops answering."""
+    return anyio.CancelScope(shield=True, deadline=anyio.current_time() + owner.return_timeout)
+
+
+async def _hand_back(
+    bound: anyio.CancelScope,
+    owner: SharedPool | PerUserPools,
+    pool: AsyncConnectionPool[Any],
+    conn: AsyncConnection[Any],
+) -> None:
+    """Give ``conn`` to ``pool`` at the end of the give-back ``bound`` (from ``finally``),
+    closed first when the give-back ran out of time."""
+    if not bound.cancel_called:
+        # The work is done: nothing of the hand-back itself may be cut short. One scope for
+        # both, rather than a deadline inside a shield: each costs microseconds per checkout.
+        bound.deadline = math.inf
+        await pool.putconn(conn)
+        return
     logger.warning(
         "ambient: a connection of %r was not handed back within return_timeout=%s s (is the "
         "server reachable?): closed it instead",
         owner,
         owner.return_timeout,
     )
-    # Closing sends nothing that can wait on the network.
-    await conn.close()
+    with anyio.CancelScope(shield=True):
+        await conn.close()
+        await pool.putconn(conn)
 
 
 async def _release(
@@ -221,28 +241,25 @@ async def _release(
     """
     committing = False
     status: int | None = None
-    with anyio.CancelScope(shield=True):
+    with _bounded(owner) as bound:
         try:
-            with anyio.move_on_after(owner.return_timeout) as bound:
-                if await _cancel_broken(conn, cancel):
-                    return None
-                status = conn.pgconn.transaction_status
-                if status == _IDLE:
-                    return None
-                if exc is None and status != _INERROR:
-                    committing = True
-                    await (_end_and_reset(conn, "COMMIT") if pooled else conn.commit())
-                    return None
-                try:
-                    await (_end_and_reset(conn, "ROLLBACK") if pooled else conn.rollback())
-                except psycopg.Error as error:  # the pool replaces a broken connection
-                    logger.warning("ambient: rollback after %r failed: %s", exc, error)
-            if bound.cancelled_caught:
-                await _give_up(owner, conn)
-                if committing:
-                    return _unknown_commit(owner.return_timeout)
+            if await _cancel_broken(conn, cancel):
+                return None
+            status = conn.pgconn.transaction_status
+            if status == _IDLE:
+                return None
+            if exc is None and status != _INERROR:
+                committing = True
+                await (_end_and_reset(conn, "COMMIT") if pooled else conn.commit())
+                return None
+            try:
+                await (_end_and_reset(conn, "ROLLBACK") if pooled else conn.rollback())
+            except psycopg.Error as error:  # the pool replaces a broken connection
+                logger.warning("ambient: rollback after %r failed: %s", exc, error)
         finally:
-            await pool.putconn(conn)
+            await _hand_back(bound, owner, pool, conn)
+    if bound.cancelled_caught and committing:
+        return _unknown_commit(owner.return_timeout)
     # Rolled back (or given up, which rolls back too): a block that ended normally here was
     # in a failed transaction.
     return _aborted() if exc is None and status is not None else None

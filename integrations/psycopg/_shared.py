@@ -29,10 +29,11 @@ from ambient.integrations.psycopg._common import (
     _INERROR,
     _SESSION_RESET,
     _aborted,
+    _bounded,
     _cancel_broken,
     _Cancellers,
     _checked_pool_options,
-    _give_up,
+    _hand_back,
     _through_pooler,
     _unknown_commit,
     _warn_pooler,
@@ -339,33 +340,30 @@ class SharedPool:
         """
         error: Exception | None = None
         commit = False
-        with anyio.CancelScope(shield=True):
+        with _bounded(self) as bound:
             try:
-                with anyio.move_on_after(self.return_timeout) as bound:
-                    status = conn.pgconn.transaction_status
-                    if (conn.closed or status == _ACTIVE) and await _cancel_broken(conn, cancel):
-                        return None
-                    if status == _IDLE and exc is None:
-                        error = psycopg.ProgrammingError(
-                            "the checkout's transaction was ended inside it (conn.commit(), "
-                            "conn.rollback() or COMMIT): the statements after that ran "
-                            "without the context's settings. Let the checkout commit when its "
-                            "block ends"
-                        )
-                    if status == _INERROR and exc is None:
-                        error = _aborted()
-                    commit = exc is None and error is None
-                    end = "" if status == _IDLE else "COMMIT; " if commit else "ROLLBACK; "
-                    if cur is None:
-                        cur = conn.cursor(row_factory=tuple_row)
-                    error = await self._reset(conn, cur, end) or error
-                if bound.cancelled_caught:
-                    self.discarded += 1
-                    await _give_up(self, conn)
-                    if commit:
-                        error = _unknown_commit(self.return_timeout)
+                status = conn.pgconn.transaction_status
+                if (conn.closed or status == _ACTIVE) and await _cancel_broken(conn, cancel):
+                    return None
+                if status == _IDLE and exc is None:
+                    error = psycopg.ProgrammingError(
+                        "the checkout's transaction was ended inside it (conn.commit(), "
+                        "conn.rollback() or COMMIT): the statements after that ran without "
+                        "the context's settings. Let the checkout commit when its block ends"
+                    )
+                if status == _INERROR and exc is None:
+                    error = _aborted()
+                commit = exc is None and error is None
+                end = "" if status == _IDLE else "COMMIT; " if commit else "ROLLBACK; "
+                if cur is None:
+                    cur = conn.cursor(row_factory=tuple_row)
+                error = await self._reset(conn, cur, end) or error
             finally:
-                await pool.putconn(conn)
+                if bound.cancel_called:
+                    self.discarded += 1
+                await _hand_back(bound, self, pool, conn)
+        if bound.cancelled_caught and commit:
+            return _unknown_commit(self.return_timeout)
         return error
 
     async def _reset(
