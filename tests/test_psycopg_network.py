@@ -12,7 +12,7 @@ cancellation, would wait for the network forever.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -22,7 +22,7 @@ import pytest
 from ambient import Registry
 from ambient.integrations.psycopg import PerUserPools, SharedPool, connection
 from tests.netfault import SilentNetwork
-from tests.test_psycopg import Database, _ctx, _scalar, make_database
+from tests.test_psycopg import Database, _ctx, _scalar, fixture_db  # noqa: F401 - the db fixture
 
 RETURN_TIMEOUT = 0.5
 # What the test allows a bounded give-back (the bound plus the time to close and hand the
@@ -38,14 +38,6 @@ def _through(url: str, relay: SilentNetwork) -> str:
     return psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
 
 
-@pytest.fixture(name="db")
-def fixture_db(anyio_backend: str) -> Iterator[Database]:
-    if anyio_backend != "asyncio":
-        pytest.skip("psycopg's async pool is asyncio-only (trio refusal: test_psycopg.py)")
-    with make_database() as db:
-        yield db
-
-
 @pytest.fixture(name="relay")
 async def fixture_relay(db: Database) -> AsyncIterator[SilentNetwork]:
     """A silent-able relay to the test database's server."""
@@ -55,16 +47,25 @@ async def fixture_relay(db: Database) -> AsyncIterator[SilentNetwork]:
         yield relay
 
 
-def _pool(kind: str, db: Database, relay: SilentNetwork) -> SharedPool | PerUserPools:
+def _installed(
+    kind: str, db: Database, relay: SilentNetwork
+) -> tuple[SharedPool | PerUserPools, Registry]:
+    """A pool of strategy ``kind`` through ``relay``, installed in a new registry."""
     common: dict[str, Any] = {
         "timeout": 5,
         "return_timeout": RETURN_TIMEOUT,
         "kwargs": db.kwargs(),
         "rls_check": "off",
     }
-    if kind == "shared":
-        return SharedPool(_through(db.app_url, relay), min_size=0, max_size=2, **common)
-    return PerUserPools(_through(db.app_url, relay), max_size=2, max_total=4, **common)
+    url = _through(db.app_url, relay)
+    pool: SharedPool | PerUserPools = (
+        SharedPool(url, min_size=0, max_size=2, **common)
+        if kind == "shared"
+        else PerUserPools(url, max_size=2, max_total=4, **common)
+    )
+    registry = Registry()
+    pool.install(registry)
+    return pool, registry
 
 
 STRATEGIES = pytest.mark.parametrize("kind", ["shared", "per_user"])
@@ -83,11 +84,17 @@ async def _ends_in_time(work: Callable[[], Awaitable[None]]) -> None:
     assert took < WITHIN, f"the checkout ended {took:.1f} s after it started (bound {WITHIN} s)"
 
 
-async def _works_again(pool: SharedPool | PerUserPools, registry: Registry, user: str) -> None:
-    """Once the network is back, a checkout gets a working connection with its settings."""
-    async with registry.open_scope(_ctx(user)), connection() as conn:
-        assert await _scalar(conn, "SELECT current_setting('app.user_id', true)") == user
+async def _recovers(
+    pool: SharedPool | PerUserPools, registry: Registry, relay: SilentNetwork
+) -> None:
+    """Nothing is left checked out; once the network is back, a checkout gets a working
+    connection with its user's settings."""
     assert pool.stats().checked_out == 0
+    await relay.thaw()
+    async with registry.open_scope(_ctx("bob")), connection() as conn:
+        assert await _scalar(conn, "SELECT current_setting('app.user_id', true)") == "bob"
+    assert pool.stats().checked_out == 0
+    await registry.aclose()
 
 
 @STRATEGIES
@@ -97,9 +104,7 @@ async def test_commit_on_a_silent_network_ends_within_return_timeout(
     """The block ends normally while the network is silent: the commit cannot finish, so
     the connection is closed at ``return_timeout`` and the caller hears that the commit's
     outcome is unknown (not that it failed, not nothing)."""
-    pool = _pool(kind, db, relay)
-    registry = Registry()
-    pool.install(registry)
+    pool, registry = _installed(kind, db, relay)
     caught: list[BaseException] = []
 
     async def work() -> None:
@@ -117,12 +122,9 @@ async def test_commit_on_a_silent_network_ends_within_return_timeout(
     assert len(caught) == 1
     assert "may or may not" in str(caught[0])
     assert f"return_timeout={RETURN_TIMEOUT}" in str(caught[0])
-    assert pool.stats().checked_out == 0
     if isinstance(pool, SharedPool):
         assert pool.stats().discarded == 1
-    await relay.thaw()
-    await _works_again(pool, registry, "bob")
-    await registry.aclose()
+    await _recovers(pool, registry, relay)
 
 
 @STRATEGIES
@@ -131,9 +133,7 @@ async def test_rollback_on_a_silent_network_ends_within_return_timeout(
 ) -> None:
     """The block raises while the network is silent: its own error reaches the caller,
     unchanged, once the rollback has been given up at ``return_timeout``."""
-    pool = _pool(kind, db, relay)
-    registry = Registry()
-    pool.install(registry)
+    pool, registry = _installed(kind, db, relay)
 
     async def work() -> None:
         async with registry.open_scope(_ctx("alice")):
@@ -144,10 +144,7 @@ async def test_rollback_on_a_silent_network_ends_within_return_timeout(
                     raise LookupError("the handler's own error")
 
     await _ends_in_time(work)
-    assert pool.stats().checked_out == 0
-    await relay.thaw()
-    await _works_again(pool, registry, "bob")
-    await registry.aclose()
+    await _recovers(pool, registry, relay)
 
 
 @STRATEGIES
@@ -157,9 +154,7 @@ async def test_cancelled_query_on_a_silent_network_ends_within_return_timeout(
     """A request cancelled while its query waits on a silent network: the server-side
     cancel cannot get through either, and the give-back still ends at ``return_timeout``
     (it is shielded from the cancellation, so nothing else would end it)."""
-    pool = _pool(kind, db, relay)
-    registry = Registry()
-    pool.install(registry)
+    pool, registry = _installed(kind, db, relay)
     request = anyio.CancelScope()
 
     async def work() -> None:
@@ -172,7 +167,4 @@ async def test_cancelled_query_on_a_silent_network_ends_within_return_timeout(
 
     await _ends_in_time(work)
     assert request.cancelled_caught
-    assert pool.stats().checked_out == 0
-    await relay.thaw()
-    await _works_again(pool, registry, "bob")
-    await registry.aclose()
+    await _recovers(pool, registry, relay)
