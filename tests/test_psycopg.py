@@ -859,6 +859,35 @@ async def test_shared_cancel_mid_query_cancels_it_on_the_server(
             assert await _scalar(conn, "SELECT current_setting('app.user_id', true)") == "bob"
 
 
+async def test_cancel_with_a_libpq_older_than_17_still_reaches_the_server(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without libpq 17's non-blocking cancel (forced off here: the bundled libpq has it),
+    the blocking one, in a worker thread, still stops a cancelled query on the server."""
+    from ambient.integrations.psycopg import _common
+
+    monkeypatch.setattr(_common, "_NONBLOCKING_CANCEL", False)
+    marker = f"cancel-{uuid.uuid4().hex}"
+    async with SharedPool(db.app_url, min_size=1, max_size=2, rls_check="off") as pool:
+        with anyio.move_on_after(0.3), bind_context(_ctx("alice")):
+            async with pool.connection() as conn:
+                cancel = pool._cancellers.of(conn)
+                await conn.execute(f"SELECT pg_sleep(30) /* {marker} */")
+        assert type(cancel).__name__ == "PGcancel"
+
+        async def query_gone() -> bool:
+            running = await _admin_scalar(
+                db,
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE %s "
+                "AND pid <> pg_backend_pid()",
+                (f"%{marker}%",),
+            )
+            return bool(running == 0)
+
+        await _eventually(query_gone, "the cancelled query stopped on the server")
+        await _eventually(lambda: _shared_idle(pool), "pool idle again")
+
+
 async def test_shared_cancel_while_holding_rolls_back(db: Database, shared: SharedPool) -> None:
     """A task cancelled while it holds a connection mid-transaction: the work is rolled
     back and the connection comes back clean."""
