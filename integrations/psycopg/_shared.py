@@ -137,11 +137,6 @@ class SharedPool:
         TypeError: a pool option ``AsyncConnectionPool`` does not take, or one ambient sets.
     """
 
-    # Sent as one simple-protocol string after COMMIT, ROLLBACK or nothing, with the check
-    # (which refuses statements from SQL PREPARE and a role still changed) as its last
-    # statement.
-    _RESET_SQL = _SESSION_RESET
-
     def __init__(
         self,
         conninfo: str,
@@ -188,9 +183,11 @@ class SharedPool:
         # which costs psycopg more client CPU than the round trip it saves on a local server.
         self._begin_sql = f"BEGIN; {checked.set_sql}" if self._names else "BEGIN"
         reads = [sql.SQL("current_setting({}, true)").format(sql.Literal(n)) for n in self._names]
+        # Sent as one simple-protocol string after COMMIT, ROLLBACK or nothing, with the
+        # check (which refuses statements from SQL PREPARE and a role still changed) last.
         self._reset_sql = (
             sql.SQL("{}; SELECT {}")
-            .format(sql.SQL(self._RESET_SQL), sql.SQL(", ").join([sql.SQL(_CHECK), *reads]))
+            .format(sql.SQL(_SESSION_RESET), sql.SQL(", ").join([sql.SQL(_CHECK), *reads]))
             .as_string()
         )
         self._kwargs = {**(kwargs or {}), "autocommit": True}
@@ -336,7 +333,9 @@ class SharedPool:
         """End the checkout's transaction, reset the connection and hand it back.
 
         Returns the error to raise to the caller: a failed commit, or a transaction the
-        handler ended itself. Shielded: a cancelled task still returns its connection.
+        handler ended itself, or a COMMIT given up at ``return_timeout``. Shielded, so a
+        cancelled task still returns its connection, and bounded by ``return_timeout``,
+        after which the connection is closed instead.
         """
         error: Exception | None = None
         commit = False
