@@ -39,11 +39,17 @@ def build(framework: str) -> tuple[Any, Any, Any]:
     return module.build()  # type: ignore[no-any-return]
 
 
-async def drive(url: str, path: str = "/whoami", *, gated: bool = True) -> list[dict[str, Any]]:
-    """Send PER_USER requests for each of the USERS identities at once; check every answer."""
+async def drive(
+    url: str, path: str = "/whoami", *, gated: bool = True, http2: bool = False
+) -> list[dict[str, Any]]:
+    """Send PER_USER requests for each of the USERS identities at once; check every answer.
+
+    With ``http2`` every request is a stream of one HTTP/2 connection (prior knowledge, no
+    TLS): all identities multiplexed together, as a gateway forwards its users' requests.
+    """
     gate = uuid.uuid4().hex
     answers: list[dict[str, Any]] = []
-    limits = httpx.Limits(max_connections=USERS * PER_USER)
+    limits = httpx.Limits(max_connections=1 if http2 else USERS * PER_USER)
 
     async def one(client: httpx.AsyncClient, tenant: str, user: str, n: int) -> None:
         request_id = f"{tenant}.{user}.{n}"
@@ -54,6 +60,7 @@ async def drive(url: str, path: str = "/whoami", *, gated: bool = True) -> list[
             headers={"x-user-id": user, "x-tenant-id": tenant, "x-request-id": request_id},
         )
         assert response.status_code == 200, response.text
+        assert response.http_version == ("HTTP/2" if http2 else "HTTP/1.1")
         assert response.headers["x-request-id"] == request_id
         body = response.json()
         assert (body["user"], body["tenant"]) == (user, tenant)
@@ -67,7 +74,9 @@ async def drive(url: str, path: str = "/whoami", *, gated: bool = True) -> list[
             assert body["overlapped"] is True
         answers.append(body)
 
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+    async with httpx.AsyncClient(
+        base_url=url, limits=limits, timeout=30, http1=not http2, http2=http2
+    ) as client:
         auditor = {"x-user-id": "auditor"}
         before = (await client.get("/stats", headers=auditor)).json()
         async with anyio.create_task_group() as tg:
@@ -147,3 +156,30 @@ async def test_the_same_suite_under_granian(framework: str) -> None:
     with serve("granian", None, target=f"tests.frameworks.{framework}_app:app") as url:
         await drive(url)
         await drive(url, "/sync", gated=False)
+
+
+@pytest.mark.parametrize(
+    ("server", "framework"),
+    [
+        ("hypercorn", "starlette"),
+        ("hypercorn", "django"),
+        ("hypercorn-trio", "fastapi"),
+    ],
+)
+async def test_every_user_multiplexed_on_one_http2_connection(server: str, framework: str) -> None:
+    """A gateway forwards many users' requests as streams of one HTTP/2 connection: each
+    stream still gets its own context and components, and the connection's other streams
+    never show through."""
+    app, registry, ledger = build(framework)
+    with serve(server, app) as url:
+        await drive(url, http2=True)
+        await drive(url, "/sync", gated=False, http2=True)
+    assert ledger.problems() == []
+    assert registry.stats().open_scopes == 0
+
+
+@pytest.mark.skipif(not granian_available(), reason="granian is not installed")
+async def test_every_user_multiplexed_on_one_http2_connection_under_granian() -> None:
+    with serve("granian", None, target="tests.frameworks.starlette_app:app", http="2") as url:
+        await drive(url, http2=True)
+        await drive(url, "/sync", gated=False, http2=True)

@@ -37,6 +37,7 @@ from ambient._binding import _current, _live
 from ambient.middleware import AmbientMiddleware, scope_user, trusted_header
 from ambient.middleware.identity import jwt_bearer
 from tests.apps import BUILT, Ledger, Probe, build, build_app, build_registry, close_built
+from tests.h2client import H2Client
 from tests.servers import serve
 
 SERVERS = ["uvicorn", "hypercorn", "hypercorn-trio"]
@@ -221,6 +222,60 @@ async def test_client_disconnect_mid_stream_still_cleans_everything_once(
         for n in range(clients):
             tg.start_soon(anyio.to_thread.run_sync, stream_and_leave, n)
     await wait_for(ledger, lambda led: len(led.cleaned) == clients)
+    assert ledger.problems() == []
+    assert app.registry.stats().open_scopes == 0
+
+
+@pytest.mark.parametrize("server", ["hypercorn", "hypercorn-trio"])
+async def test_a_reset_http2_stream_is_cleaned_up_while_its_connection_goes_on(
+    server: str,
+) -> None:
+    """HTTP/2's disconnect is per stream: a client cancels one stream (RST_STREAM) and keeps
+    the connection, which carries other users' streams. The cancelled streams' components
+    are cleaned at once, the others' only when they end, and the connection still serves."""
+    app, ledger, _ = build()
+    users = 20
+
+    def exercise(url: str) -> None:
+        with H2Client(url) as client:
+            user_of = {
+                client.get("/stream?endless=1", {"x-user-id": f"streamer-{n}"}): f"streamer-{n}"
+                for n in range(users)
+            }
+            streams = client.streams
+            client.read_until(
+                lambda: all(s.body.count(b"\n") >= 2 for s in streams.values()), "every probe"
+            )
+            probe_of: dict[int, int] = {}
+            for stream_id, user in user_of.items():
+                assert streams[stream_id].status == 200
+                probe_user, number = streams[stream_id].body.split(b"\n")[1].decode().split()
+                assert probe_user == user
+                probe_of[stream_id] = int(number)
+            cancelled, kept = list(user_of)[::2], list(user_of)[1::2]
+            for stream_id in cancelled:
+                client.reset(stream_id)
+            sizes = {stream_id: len(streams[stream_id].body) for stream_id in kept}
+            client.read_until(
+                lambda: (
+                    all(probe_of[s] in ledger.cleaned for s in cancelled)
+                    and all(len(streams[s].body) > sizes[s] + 50 for s in kept)
+                ),
+                "the cancelled streams' cleanup, with the others still streaming",
+            )
+            assert not [s for s in kept if probe_of[s] in ledger.cleaned]
+            assert not [s for s in kept if streams[s].ended or streams[s].reset_by_server]
+            late = client.get("/whoami", {"x-user-id": "late", "x-request-id": "late-1"})
+            client.read_until(lambda: streams[late].ended, "a new stream's answer")
+            assert streams[late].status == 200
+            assert streams[late].headers[b"x-request-id"] == b"late-1"
+            assert json.loads(streams[late].body)["probe_user"] == "late"
+            for stream_id in kept:
+                client.reset(stream_id)
+        assert ledger.wait(lambda led: all(p in led.cleaned for p in probe_of.values()))
+
+    with serve(server, app) as url:
+        await anyio.to_thread.run_sync(exercise, url)
     assert ledger.problems() == []
     assert app.registry.stats().open_scopes == 0
 
