@@ -60,6 +60,8 @@ from ambient.errors import IdentityError, InvalidContextError
 from ambient.middleware.identity import (
     Identity,
     IdentityResolver,
+    _ForwardedPeer,
+    _forwarding_headers,
     _networks,
     _peer_trusted,
     header_values,
@@ -573,8 +575,11 @@ def signed_context(
     A request without the header has no identity from this resolver (combine it with
     others in :func:`~ambient.middleware.identity.first_of`). A token that is tampered
     with, signed with an unknown key, expired or for another audience, a token from a
-    peer outside ``trusted``, and request or thread id headers that contradict the token
-    are all refused with 401; a repeated header is malformed, 400. The request's context
+    peer outside ``trusted`` (the peer that connected: a client address the server read
+    from ``X-Forwarded-For`` or ``Forwarded`` does not count, see
+    :func:`~ambient.middleware.identity.trusted_header`), and request or thread id headers
+    that contradict the token are all refused with 401; a repeated header is malformed,
+    400. The request's context
     continues the caller's: same user, tenant, thread and request ids, a new run whose
     parent is the caller's run.
 
@@ -592,6 +597,7 @@ def signed_context(
     """
     signer = _signer(secret)
     networks = _networks(trusted)
+    forwarded = _ForwardedPeer("signed_context()")
 
     def resolve(scope: Mapping[str, Any]) -> Identity | None:
         values = header_values(scope, header)
@@ -600,7 +606,7 @@ def signed_context(
         if len(values) > 1:
             # Malformed, not unauthenticated: never "first wins" (as RFC 6750 for bearer).
             raise IdentityError(f"the {header} header was sent {len(values)} times", status=400)
-        if not _peer_trusted(scope, networks):
+        if not _peer_trusted(scope, networks) or forwarded.check(scope, _forwarding_headers(scope)):
             raise InvalidTokenError(
                 "untrusted-peer", "a signed context is accepted only from trusted services"
             )

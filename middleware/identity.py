@@ -231,6 +231,96 @@ def _peer_trusted(scope: Mapping[str, Any], networks: tuple[_Network, ...]) -> b
 
 _MAX_PEERS = 1024
 _MAX_IDENTITIES = 1024
+_XFF = b"x-forwarded-for"
+_FORWARDED = b"forwarded"
+_FORWARDED_PEER = (
+    "ambient: %s refused a request whose client address %r came from its %s header, not "
+    "from the connection: the server rewrites scope['client'] from proxy headers (uvicorn "
+    "does by default, for peers in --forwarded-allow-ips; hypercorn's ProxyFixMiddleware "
+    "and granian's proxy-header wrapper do too), so the peer that connected is unknown and "
+    "a client could name a trusted address. Turn that off (uvicorn --no-proxy-headers, or "
+    "proxy_headers=False) so that the peer check sees the proxy that connected. Reported "
+    "once."
+)
+
+
+def _host_port(node: str) -> tuple[str, int]:
+    """A forwarded node as a server reads it: ``host``, ``host:port``, ``[v6]:port``."""
+    if node.startswith("["):
+        host, _, rest = node[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif node.count(":") == 1:
+        host, _, port = node.partition(":")
+    else:
+        host, port = node, ""
+    return host, int(port) if port.isdigit() else 0
+
+
+def _nodes(name: bytes, value: bytes) -> list[str]:
+    """The client nodes an ``X-Forwarded-For`` or ``Forwarded`` (``for=``) value names."""
+    items = [item.strip() for item in value.decode("latin-1").split(",")]
+    if name == _XFF:
+        return items
+    nodes = []
+    for item in items:
+        for pair in item.split(";"):
+            key, _, node = pair.partition("=")
+            if key.strip().lower() == "for":
+                nodes.append(node.strip().strip('"'))
+    return nodes
+
+
+def _client_forwarded(
+    scope: Mapping[str, Any], headers: Iterable[tuple[bytes, bytes]]
+) -> bytes | None:
+    """Which of ``headers`` (forwarding headers of the request) ``scope["client"]`` was
+    read from, as far as can be told; ``None`` when it is the connection's own peer.
+
+    A server that takes the client from a forwarding header sets ``(host, port)`` to a
+    node of it, with port 0 when the node has none; a peer that really connected has the
+    port of its socket, which no forwarding header names.
+    """
+    client = scope.get("client")
+    if not client:
+        return None
+    host, port = client[0], client[1]
+    if isinstance(host, str):
+        host = host.strip('"')  # hypercorn keeps a quoted Forwarded node as it was sent
+    for name, value in headers:
+        for node in _nodes(name, value):
+            node_host, node_port = _host_port(node)
+            if (host == node_host and port in (node_port, 0)) or (port == 0 and host == node):
+                return name
+    return None
+
+
+def _forwarding_headers(scope: Mapping[str, Any]) -> list[tuple[bytes, bytes]]:
+    found = []
+    for key, value in scope.get("headers", ()):
+        lowered = key.lower()
+        if lowered in (_XFF, _FORWARDED):
+            found.append((lowered, value))
+    return found
+
+
+class _ForwardedPeer:
+    """``check(scope, headers)``: whether the client was read from forwarding headers, with
+    a warning logged the first time (per resolver) that says which server setting did it."""
+
+    __slots__ = ("resolver", "warned")
+
+    def __init__(self, resolver: str) -> None:
+        self.resolver = resolver
+        self.warned = False
+
+    def check(self, scope: Mapping[str, Any], headers: list[tuple[bytes, bytes]]) -> bool:
+        via = _client_forwarded(scope, headers)
+        if via is None:
+            return False
+        if not self.warned:
+            self.warned = True
+            logger.warning(_FORWARDED_PEER, self.resolver, scope["client"][0], via.decode())
+        return True
 
 
 def _peer_check(networks: tuple[_Network, ...]) -> Callable[[Mapping[str, Any]], bool]:
@@ -268,6 +358,12 @@ def trusted_header(
     of the ``trusted`` networks; from anyone else it is ignored, so the request has no
     identity (401, or anonymous). Make sure the proxy overwrites the header a client sent.
 
+    The peer must be the one that connected. A server that rewrites ``scope["client"]``
+    from ``X-Forwarded-For`` or ``Forwarded`` (uvicorn does by default for peers in
+    ``--forwarded-allow-ips``) hides it; a request whose client address is a node of those
+    headers is therefore refused too, with a warning logged once. Run such a server
+    without its proxy-header handling (uvicorn ``--no-proxy-headers``).
+
     Args:
         name: The user id header (compared case-insensitively; ``_`` is not ``-``).
         tenant_header: The tenant id header, if any.
@@ -286,18 +382,30 @@ def trusted_header(
     # Identities are immutable and a server sees the same users again and again: decoding
     # and building one is looked up, not redone (bounded like the peer verdicts).
     known: dict[bytes, Identity] = {}
+    forwarded = _ForwardedPeer("trusted_header()")
 
     def resolve(scope: Mapping[str, Any]) -> Identity | None:
         if not peer_trusted(scope):
+            # Say why, once, when a server's proxy-header handling is what hid the proxy.
+            if not forwarded.warned and header_values(scope, name):
+                forwarded.check(scope, _forwarding_headers(scope))
             return None
         # One pass, no list: this runs for every request behind the proxy.
         raw: bytes | None = None
+        forwarding: list[tuple[bytes, bytes]] | None = None
         for key, value in scope.get("headers", ()):
-            if key.lower() == wanted:
+            lowered = key.lower()
+            if lowered == wanted:
                 if raw is not None:
                     _single_header(scope, name)  # raises, naming how often it was sent
                 raw = value
+            elif lowered in (_XFF, _FORWARDED):
+                if forwarding is None:
+                    forwarding = []
+                forwarding.append((lowered, value))
         if raw is None:
+            return None
+        if forwarding is not None and forwarded.check(scope, forwarding):
             return None
         if tenant_header is None:
             identity = known.get(raw)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -102,6 +103,67 @@ class TestTrustedHeader:
             found = resolve(http_scope([(b"x-user-id", user.encode())], **trusted))
             assert found == Identity(user)
         assert resolve(http_scope(alice, **trusted)) == Identity("alice")
+
+    @pytest.mark.parametrize(
+        ("client", "forwarding"),
+        [
+            # uvicorn's proxy headers: the node, port 0 (or the port the node names)
+            (("127.0.0.1", 0), [(b"x-forwarded-for", b"127.0.0.1")]),
+            (("127.0.0.1", 4444), [(b"X-Forwarded-For", b"10.0.0.1, 127.0.0.1:4444")]),
+            (("::1", 0), [(b"x-forwarded-for", b"203.0.113.9"), (b"x-forwarded-for", b"::1")]),
+            # hypercorn's ProxyFixMiddleware, legacy and modern (a quoted node kept quoted)
+            (("127.0.0.1:80", 0), [(b"x-forwarded-for", b"127.0.0.1:80")]),
+            (('"[::1]:4711"', 0), [(b"forwarded", b'for="[::1]:4711";proto=http')]),
+            (("::1", 4711), [(b"forwarded", b'proto=https;for="[::1]:4711", for=10.0.0.2')]),
+        ],
+    )
+    def test_a_client_address_read_from_forwarding_headers_asserts_nothing(
+        self,
+        client: tuple[str, int],
+        forwarding: list[tuple[bytes, bytes]],
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """A server that rewrote scope["client"] from X-Forwarded-For or Forwarded hid the
+        peer that connected: the trusted address may be the client's own claim. Refused,
+        and the operator is told once which setting did it."""
+        resolve = trusted_header()
+        scope = http_scope([(b"x-user-id", b"admin"), *forwarding], client=client)
+        with caplog.at_level(logging.WARNING, logger="ambient.middleware"):
+            assert resolve(scope) is None
+            assert resolve(scope) is None
+        warnings = [r for r in caplog.records if "--no-proxy-headers" in r.getMessage()]
+        assert len(warnings) == 1
+        assert forwarding[0][0].decode().lower() in warnings[0].getMessage()
+
+    def test_a_proxy_that_connected_may_forward_its_clients_addresses(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """The proxy's own connection (its socket's port) is the peer: forwarding headers
+        that name its clients, even a client on its own host, change nothing."""
+        resolve = trusted_header()
+        alice = (b"x-user-id", b"alice")
+        with caplog.at_level(logging.WARNING, logger="ambient.middleware"):
+            for forwarding in (
+                (b"x-forwarded-for", b"127.0.0.1"),
+                (b"x-forwarded-for", b"203.0.113.9, 127.0.0.1:80"),
+                (b"forwarded", b"for=127.0.0.1;proto=http"),
+            ):
+                scope = http_scope([alice, forwarding], client=("127.0.0.1", 50123))
+                assert resolve(scope) == Identity("alice")
+        assert caplog.records == []
+
+    def test_an_untrusted_address_from_forwarding_headers_is_explained_once(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Behind a proxy on this host, uvicorn's default proxy headers put the proxy's
+        client into scope["client"]: every request is refused, and the log says why."""
+        resolve = trusted_header()
+        headers = [(b"x-user-id", b"alice"), (b"x-forwarded-for", b"203.0.113.9")]
+        with caplog.at_level(logging.WARNING, logger="ambient.middleware"):
+            for _ in range(3):
+                assert resolve(http_scope(headers, client=("203.0.113.9", 0))) is None
+            assert resolve(http_scope(headers[:1], client=("203.0.113.9", 0))) is None
+        assert [r.getMessage().count("203.0.113.9") for r in caplog.records] == [1]
 
 
 class TestJwtBearer:

@@ -466,6 +466,62 @@ async def test_behind_auth_cors_and_gzip_with_base_http_middleware_inside(server
     assert ledger.problems() == []
 
 
+@pytest.mark.parametrize(
+    ("server", "wrap", "options", "forwarding"),
+    [
+        # uvicorn trusting proxy headers from every peer, as containers often configure it
+        ("uvicorn", False, {"forwarded_allow_ips": "*"}, {"x-forwarded-for": "10.9.9.9"}),
+        ("uvicorn", False, {"forwarded_allow_ips": "*"}, {"x-forwarded-for": "10.9.9.9:8443"}),
+        ("hypercorn", True, {}, {"x-forwarded-for": "10.9.9.9"}),
+        ("hypercorn", True, {}, {"forwarded": "for=10.9.9.9;proto=http"}),
+    ],
+)
+async def test_a_client_cannot_claim_the_gateways_address_through_proxy_headers(
+    server: str, wrap: bool, options: dict[str, Any], forwarding: dict[str, str]
+) -> None:
+    """Only the gateway (10.9.9.9) may assert users. A client connecting from elsewhere
+    names the gateway's address in a proxy header, and the server's proxy-header handling
+    (uvicorn's, hypercorn's ProxyFixMiddleware) makes it scope["client"]: still 401, and
+    no component is made for the user it claimed."""
+    app, ledger, _ = build(trusted_header(trusted=("10.9.9.9/32",)))
+    served: Any = app
+    if wrap:
+        from hypercorn.middleware import ProxyFixMiddleware
+
+        mode = "modern" if "forwarded" in forwarding else "legacy"
+        served = ProxyFixMiddleware(app, mode=mode)
+    with serve(server, served, **options) as url:
+        async with httpx.AsyncClient(base_url=url) as http:
+            forged = await http.get("/whoami", headers={"x-user-id": "admin", **forwarding})
+            plain = await http.get("/whoami", headers={"x-user-id": "admin"})
+    assert (forged.status_code, plain.status_code) == (401, 401), forged.text
+    assert ledger.created == {}
+
+
+async def test_behind_a_proxy_on_this_host_uvicorns_proxy_headers_are_named_as_the_cause(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A gateway on this host sets the user and appends its client to X-Forwarded-For, as
+    proxies do. With uvicorn's default proxy headers the client's address replaces the
+    gateway's: refused, with a warning naming the setting; without them the gateway is
+    the peer and the user gets in."""
+    gateway = {"x-user-id": "alice", "x-forwarded-for": "203.0.113.9"}
+    answers = {}
+    for proxy_headers in (True, False):
+        app, _, _ = build()
+        with (
+            caplog.at_level(logging.WARNING, logger="ambient.middleware"),
+            serve("uvicorn", app, proxy_headers=proxy_headers) as url,
+        ):
+            async with httpx.AsyncClient(base_url=url) as http:
+                response = await http.get("/whoami", headers=gateway)
+        answers[proxy_headers] = (response.status_code, response.json().get("user"))
+    assert answers == {True: (401, None), False: (200, "alice")}
+    warned = [r.getMessage() for r in caplog.records if "--no-proxy-headers" in r.getMessage()]
+    assert len(warned) == 1
+    assert "'203.0.113.9'" in warned[0]
+
+
 async def test_an_untrusted_peer_sending_the_identity_header_gets_401(server: str) -> None:
     app, ledger, _ = build(trusted_header(trusted=("10.0.0.0/8",)))
     with serve(server, app) as url:

@@ -412,8 +412,10 @@ def signed_headers(
         return dict(inject({}, secret=signer, trace=False))
 
 
-async def call_b(app: Any, headers: dict[str, str], peer: str = "127.0.0.1") -> httpx.Response:
-    transport = httpx.ASGITransport(app=app, client=(peer, 40000))
+async def call_b(
+    app: Any, headers: dict[str, str], peer: str = "127.0.0.1", port: int = 40000
+) -> httpx.Response:
+    transport = httpx.ASGITransport(app=app, client=(peer, port))
     async with httpx.AsyncClient(transport=transport, base_url="http://b") as client:
         return await client.get("/whoami", headers=headers)
 
@@ -441,6 +443,8 @@ class TestSignedContext:
             ("expired", "expired"),
             ("foreign key", "key this service does not have"),
             ("untrusted peer", "only from trusted services"),
+            # a server's proxy-header handling made a forwarded address the client
+            ("peer from proxy headers", "only from trusted services"),
             ("repeated header", "sent 2 times"),
             ("other thread id", "x-thread-id header does not match"),
             ("garbage", "malformed"),
@@ -453,7 +457,7 @@ class TestSignedContext:
         app, registry = downstream()
         ctx = context()
         headers: Any = signed_headers(ctx)
-        peer = "127.0.0.1"
+        peer, port = "127.0.0.1", 40000
         if case == "tampered":
             headers[HEADER] = reforge(headers[HEADER], u="admin")
         elif case == "expired":
@@ -462,13 +466,16 @@ class TestSignedContext:
             headers = signed_headers(ctx, OTHER_SECRET)
         elif case == "untrusted peer":
             peer = "203.0.113.9"
+        elif case == "peer from proxy headers":
+            headers["x-forwarded-for"] = "127.0.0.1"
+            port = 0
         elif case == "repeated header":
             headers = [*headers.items(), (HEADER, headers[HEADER])]
         elif case == "other thread id":
             headers["x-thread-id"] = "someone-elses-thread"
         else:
             headers[HEADER] = "v1.garbage"
-        response = await call_b(app, headers, peer)
+        response = await call_b(app, headers, peer, port)
         assert response.status_code == (400 if case == "repeated header" else 401), response.text
         assert response.headers["content-type"] == "application/problem+json"
         assert fragment in response.json()["detail"]
