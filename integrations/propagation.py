@@ -60,10 +60,10 @@ from ambient.errors import IdentityError, InvalidContextError
 from ambient.middleware.identity import (
     Identity,
     IdentityResolver,
-    _ForwardedPeer,
     _forwarding_headers,
     _networks,
     _peer_trusted,
+    _PeerHints,
     header_values,
 )
 
@@ -585,7 +585,8 @@ def signed_context(
 
     Args:
         secret: As for :func:`capture`; read once, when the resolver is built.
-        trusted: Networks (CIDR) of the services allowed to present a signed context.
+        trusted: Networks (CIDR) of the services allowed to present a signed context, and
+            ``"unix"`` for those connecting through the server's Unix domain socket.
         audience: The audience this service expects in tokens, if any.
         header: The header carrying the token.
         request_id_header: The middleware's request id header, checked against the token.
@@ -597,7 +598,7 @@ def signed_context(
     """
     signer = _signer(secret)
     networks = _networks(trusted)
-    forwarded = _ForwardedPeer("signed_context()")
+    hints = _PeerHints("signed_context()")
 
     def resolve(scope: Mapping[str, Any]) -> Identity | None:
         values = header_values(scope, header)
@@ -606,7 +607,12 @@ def signed_context(
         if len(values) > 1:
             # Malformed, not unauthenticated: never "first wins" (as RFC 6750 for bearer).
             raise IdentityError(f"the {header} header was sent {len(values)} times", status=400)
-        if not _peer_trusted(scope, networks) or forwarded.check(scope, _forwarding_headers(scope)):
+        if not _peer_trusted(scope, networks):
+            hints.refused(scope)
+            trusted_peer = False
+        else:
+            trusted_peer = not hints.forwarded(scope, _forwarding_headers(scope))
+        if not trusted_peer:
             raise InvalidTokenError(
                 "untrusted-peer", "a signed context is accepted only from trusted services"
             )

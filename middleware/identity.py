@@ -20,7 +20,7 @@ import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 
 from ambient.errors import IdentityError
 
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from ambient._context import UserExecutionContext
 
 __all__ = [
+    "UNIX_SOCKET",
     "Identity",
     "IdentityError",
     "IdentityResolver",
@@ -187,18 +188,29 @@ def scope_user(*, tenant_attribute: str = "tenant_id") -> IdentityResolver:
 
 # -- trusted proxy header -------------------------------------------------------------------
 
-_Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+UNIX_SOCKET: Final = "unix"
+"""An entry of ``trusted`` for peers that connected over the server's Unix domain socket
+(a proxy on this host, as nginx in front of ``gunicorn --bind unix:...``): the socket
+file's permissions decide who can connect. Such requests carry no client address."""
+
+_Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network | Literal["unix"]
 
 
 def _networks(trusted: Iterable[str]) -> tuple[_Network, ...]:
     if isinstance(trusted, str):
         trusted = (trusted,)
-    networks = []
+    networks: list[_Network] = []
     for entry in trusted:
+        if entry == UNIX_SOCKET:
+            networks.append(UNIX_SOCKET)
+            continue
         try:
             network = ipaddress.ip_network(entry, strict=True)
         except ValueError as exc:
-            msg = f"trusted network {entry!r} is not a network in CIDR notation: {exc}"
+            msg = (
+                f"trusted network {entry!r} is not a network in CIDR notation (or "
+                f"{UNIX_SOCKET!r}, for the server's Unix socket): {exc}"
+            )
             raise ValueError(msg) from None
         if network.prefixlen == 0:
             logger.warning(
@@ -216,17 +228,27 @@ def _networks(trusted: Iterable[str]) -> tuple[_Network, ...]:
     return tuple(networks)
 
 
+def _over_unix_socket(scope: Mapping[str, Any]) -> bool:
+    """Whether the request came over a Unix domain socket: no client address, and a server
+    address that is a path without a port (uvicorn) or none at all (hypercorn). A TCP
+    connection whose peer address could not be read still has the server's port."""
+    if scope.get("client"):
+        return False
+    server = scope.get("server")
+    return server is None or (len(server) == 2 and server[1] is None)
+
+
 def _peer_trusted(scope: Mapping[str, Any], networks: tuple[_Network, ...]) -> bool:
     client = scope.get("client")
     if not client:
-        return False
+        return UNIX_SOCKET in networks and _over_unix_socket(scope)
     try:
         address = ipaddress.ip_address(client[0])
     except (ValueError, TypeError, IndexError):
         return False
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
-    return any(address in network for network in networks)
+    return any(type(network) is not str and address in network for network in networks)
 
 
 _MAX_PEERS = 1024
@@ -241,6 +263,12 @@ _FORWARDED_PEER = (
     "a client could name a trusted address. Turn that off (uvicorn --no-proxy-headers, or "
     "proxy_headers=False) so that the peer check sees the proxy that connected. Reported "
     "once."
+)
+
+_UNIX_PEER = (
+    "ambient: %s refused a request that came over the server's Unix domain socket, which "
+    "has no client address: add %r to trusted if the proxy connecting through that socket "
+    "sets the identity. Reported once."
 )
 
 
@@ -303,9 +331,9 @@ def _forwarding_headers(scope: Mapping[str, Any]) -> list[tuple[bytes, bytes]]:
     return found
 
 
-class _ForwardedPeer:
-    """``check(scope, headers)``: whether the client was read from forwarding headers, with
-    a warning logged the first time (per resolver) that says which server setting did it."""
+class _PeerHints:
+    """What a peer-checking resolver tells the operator, once, when the server's setup
+    rather than the client is why requests are refused."""
 
     __slots__ = ("resolver", "warned")
 
@@ -313,7 +341,8 @@ class _ForwardedPeer:
         self.resolver = resolver
         self.warned = False
 
-    def check(self, scope: Mapping[str, Any], headers: list[tuple[bytes, bytes]]) -> bool:
+    def forwarded(self, scope: Mapping[str, Any], headers: list[tuple[bytes, bytes]]) -> bool:
+        """Whether the client address was read from forwarding ``headers``."""
         via = _client_forwarded(scope, headers)
         if via is None:
             return False
@@ -321,6 +350,16 @@ class _ForwardedPeer:
             self.warned = True
             logger.warning(_FORWARDED_PEER, self.resolver, scope["client"][0], via.decode())
         return True
+
+    def refused(self, scope: Mapping[str, Any]) -> None:
+        """Explain (once) a refused peer that came over a Unix socket or from proxy headers."""
+        if self.warned:
+            return
+        if _over_unix_socket(scope):
+            self.warned = True
+            logger.warning(_UNIX_PEER, self.resolver, UNIX_SOCKET)
+        else:
+            self.forwarded(scope, _forwarding_headers(scope))
 
 
 def _peer_check(networks: tuple[_Network, ...]) -> Callable[[Mapping[str, Any]], bool]:
@@ -332,7 +371,7 @@ def _peer_check(networks: tuple[_Network, ...]) -> Callable[[Mapping[str, Any]],
     def trusted(scope: Mapping[str, Any]) -> bool:
         client = scope.get("client")
         if not client:
-            return False
+            return _peer_trusted(scope, networks)
         host = client[0]
         if type(host) is not str:
             return _peer_trusted(scope, networks)
@@ -367,7 +406,9 @@ def trusted_header(
     Args:
         name: The user id header (compared case-insensitively; ``_`` is not ``-``).
         tenant_header: The tenant id header, if any.
-        trusted: Networks in CIDR notation whose peers may assert an identity.
+        trusted: Networks in CIDR notation whose peers may assert an identity, and
+            :data:`UNIX_SOCKET` (``"unix"``) for a proxy connecting through the server's
+            Unix domain socket.
 
     Raises:
         ValueError: at construction, for a network that is not valid CIDR, or none.
@@ -382,13 +423,12 @@ def trusted_header(
     # Identities are immutable and a server sees the same users again and again: decoding
     # and building one is looked up, not redone (bounded like the peer verdicts).
     known: dict[bytes, Identity] = {}
-    forwarded = _ForwardedPeer("trusted_header()")
+    hints = _PeerHints("trusted_header()")
 
     def resolve(scope: Mapping[str, Any]) -> Identity | None:
         if not peer_trusted(scope):
-            # Say why, once, when a server's proxy-header handling is what hid the proxy.
-            if not forwarded.warned and header_values(scope, name):
-                forwarded.check(scope, _forwarding_headers(scope))
+            if not hints.warned and header_values(scope, name):
+                hints.refused(scope)
             return None
         # One pass, no list: this runs for every request behind the proxy.
         raw: bytes | None = None
@@ -405,7 +445,7 @@ def trusted_header(
                 forwarding.append((lowered, value))
         if raw is None:
             return None
-        if forwarding is not None and forwarded.check(scope, forwarding):
+        if forwarding is not None and hints.forwarded(scope, forwarding):
             return None
         if tenant_header is None:
             identity = known.get(raw)

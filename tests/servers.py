@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -47,27 +48,33 @@ def granian_available() -> bool:
     return True
 
 
-def _wait_listening(port: int, alive: Any) -> None:
+def _wait_listening(port: int | str, alive: Any) -> None:
+    """Wait until the server accepts on 127.0.0.1:``port``, or on the Unix socket ``port``
+    when it is a path."""
+    family, address = (
+        (socket.AF_UNIX, port) if isinstance(port, str) else (socket.AF_INET, ("127.0.0.1", port))
+    )
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while time.monotonic() < deadline:
         if not alive():
-            msg = f"server on port {port} exited before it listened"
+            msg = f"server on {port} exited before it listened"
             raise RuntimeError(msg)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
             sock.settimeout(0.2)
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
+            if sock.connect_ex(address) == 0:
                 return
         time.sleep(0.02)
-    msg = f"server on port {port} did not listen within {STARTUP_TIMEOUT} s"
+    msg = f"server on {port} did not listen within {STARTUP_TIMEOUT} s"
     raise RuntimeError(msg)
 
 
 @contextlib.contextmanager
-def _uvicorn(app: Any, port: int, **options: Any) -> Iterator[None]:
+def _uvicorn(app: Any, port: int | str, **options: Any) -> Iterator[None]:
     import uvicorn
 
     defaults = {"log_level": "warning", "access_log": False, "timeout_keep_alive": KEEP_ALIVE}
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, **{**defaults, **options})
+    where = {"uds": port} if isinstance(port, str) else {"host": "127.0.0.1", "port": port}
+    config = uvicorn.Config(app, **where, **{**defaults, **options})
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
@@ -82,12 +89,13 @@ def _uvicorn(app: Any, port: int, **options: Any) -> Iterator[None]:
             raise RuntimeError(msg)
 
 
-def _hypercorn_config(port: int, options: Mapping[str, Any]) -> Config:
-    """hypercorn's ``Config`` for 127.0.0.1:``port``, quiet, with ``options`` set on it."""
+def _hypercorn_config(port: int | str, options: Mapping[str, Any]) -> Config:
+    """hypercorn's ``Config`` for 127.0.0.1:``port`` (or the Unix socket ``port`` names),
+    quiet, with ``options`` set on it."""
     from hypercorn.config import Config
 
     config = Config()
-    config.bind = [f"127.0.0.1:{port}"]
+    config.bind = [f"unix:{port}" if isinstance(port, str) else f"127.0.0.1:{port}"]
     config.accesslog = None
     config.errorlog = None
     config.graceful_timeout = 10
@@ -101,7 +109,7 @@ def _hypercorn_config(port: int, options: Mapping[str, Any]) -> Config:
 
 
 @contextlib.contextmanager
-def _hypercorn(app: Any, port: int, **options: Any) -> Iterator[None]:
+def _hypercorn(app: Any, port: int | str, **options: Any) -> Iterator[None]:
     from hypercorn.asyncio import serve
 
     config = _hypercorn_config(port, options)
@@ -135,7 +143,7 @@ def _hypercorn(app: Any, port: int, **options: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _hypercorn_trio(app: Any, port: int, **options: Any) -> Iterator[None]:
+def _hypercorn_trio(app: Any, port: int | str, **options: Any) -> Iterator[None]:
     """hypercorn's trio worker: the app runs on trio, as it would under `--worker-class trio`."""
     import trio
     from hypercorn.trio import serve
@@ -242,3 +250,14 @@ def serve(server: str, app: Any, *, target: str | None = None, **options: Any) -
         raise ValueError(msg)
     with runner:
         yield f"http://127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def serve_unix(server: str, app: Any, **options: Any) -> Iterator[str]:
+    """Serve ``app`` with ``server`` (uvicorn or hypercorn) on a fresh Unix domain socket, as
+    behind a proxy on the same host; yield the socket's path."""
+    runners = {"uvicorn": _uvicorn, "hypercorn": _hypercorn, "hypercorn-trio": _hypercorn_trio}
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "app.sock")
+        with runners[server](app, path, **options):
+            yield path

@@ -165,6 +165,32 @@ class TestTrustedHeader:
             assert resolve(http_scope(headers[:1], client=("203.0.113.9", 0))) is None
         assert [r.getMessage().count("203.0.113.9") for r in caplog.records] == [1]
 
+    def test_unix_trusts_the_servers_unix_socket_and_nothing_else(self) -> None:
+        """Over a Unix socket a request has no client address: uvicorn gives the socket's
+        path as the server, hypercorn no server at all. A TCP request whose peer address is
+        missing still has the server's port, and is not taken for the socket."""
+        alice = [(b"x-user-id", b"alice")]
+        over_socket = [
+            {"client": None, "server": ("/run/app.sock", None)},
+            {"client": None, "server": None},
+        ]
+        not_socket = [
+            {"client": None, "server": ("127.0.0.1", 8000)},
+            {"client": ("203.0.113.9", 4000), "server": ("/run/app.sock", None)},
+        ]
+        resolve = trusted_header(trusted=("unix",))
+        both = trusted_header(trusted=("unix", "127.0.0.1/32"))
+        default = trusted_header()
+        for extra in over_socket:
+            assert resolve(http_scope(alice, **extra)) == Identity("alice")
+            assert default(http_scope(alice, **extra)) is None
+        for extra in not_socket:
+            assert resolve(http_scope(alice, **extra)) is None
+        assert resolve(http_scope(alice)) is None  # 127.0.0.1 over TCP
+        assert both(http_scope(alice)) == Identity("alice")
+        with pytest.raises(ValueError, match="'unix', for the server's Unix socket"):
+            trusted_header(trusted=("Unix",))
+
 
 class TestJwtBearer:
     def test_a_valid_token_gives_its_subject_and_claims(self) -> None:

@@ -38,7 +38,7 @@ from ambient.middleware import AmbientMiddleware, scope_user, trusted_header
 from ambient.middleware.identity import jwt_bearer
 from tests.apps import BUILT, Ledger, Probe, build, build_app, build_registry, close_built
 from tests.h2client import H2Client
-from tests.servers import serve
+from tests.servers import serve, serve_unix
 
 SERVERS = ["uvicorn", "hypercorn", "hypercorn-trio"]
 USERS = 200
@@ -520,6 +520,58 @@ async def test_behind_a_proxy_on_this_host_uvicorns_proxy_headers_are_named_as_t
     warned = [r.getMessage() for r in caplog.records if "--no-proxy-headers" in r.getMessage()]
     assert len(warned) == 1
     assert "'203.0.113.9'" in warned[0]
+
+
+@pytest.mark.parametrize("server", SERVERS)
+async def test_a_proxy_on_the_unix_socket_asserts_users_once_trusted(
+    server: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A proxy on this host reaching the app through a Unix socket (nginx in front of
+    `gunicorn --bind unix:...`): requests carry no client address. Refused by default, with
+    a warning naming the `"unix"` entry; trusted with it, every user gets their own context
+    and components."""
+    headers = {"x-user-id": "alice"}
+    app, _, _ = build()
+    with (
+        caplog.at_level(logging.WARNING, logger="ambient.middleware"),
+        serve_unix(server, app) as path,
+    ):
+        async with _unix_client(path) as http:
+            refused = [(await http.get("/whoami", headers=headers)).status_code for _ in "ab"]
+    assert refused == [401, 401]
+    warned = [r.getMessage() for r in caplog.records if "Unix domain socket" in r.getMessage()]
+    assert len(warned) == 1
+    assert "'unix'" in warned[0]
+
+    app, ledger, _ = build(trusted_header(trusted=("unix",)))
+    failures: list[str] = []
+    with serve_unix(server, app) as path:
+        async with _unix_client(path) as http:
+
+            async def user(number: int) -> None:
+                name = f"user-{number}"
+                for i in range(3):
+                    response = await http.get("/whoami", headers={"x-user-id": name})
+                    body = response.json()
+                    if response.status_code != 200 or (body["user"], body["probe_user"]) != (
+                        name,
+                        name,
+                    ):
+                        failures.append(f"{name} request {i}: {response.status_code} {body}")
+
+            async with anyio.create_task_group() as tg:
+                for number in range(20):
+                    tg.start_soon(user, number)
+        await wait_for(ledger, lambda led: len(led.cleaned) >= 60)
+    assert failures == []
+    assert ledger.problems() == []
+
+
+@contextlib.asynccontextmanager
+async def _unix_client(path: str) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.AsyncHTTPTransport(uds=path)
+    async with httpx.AsyncClient(transport=transport, base_url="http://app", timeout=30) as http:
+        yield http
 
 
 async def test_an_untrusted_peer_sending_the_identity_header_gets_401(server: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import multiprocessing
 import time
 from collections.abc import Iterator
@@ -489,6 +490,23 @@ class TestSignedContext:
         assert (await call_b(app, headers, "10.1.2.3")).status_code == 200
         assert (await call_b(app, headers, "127.0.0.1")).status_code == 401
         assert (await call_b(app, wrong, "10.1.2.3")).status_code == 401
+
+    def test_a_service_on_the_unix_socket_is_trusted_only_when_named(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A caller reaching this service through its Unix socket has no address: refused
+        (and the log names the "unix" entry) unless trusted says "unix"."""
+        headers = [(k.encode(), v.encode()) for k, v in signed_headers(context()).items()]
+        scope = {"type": "http", "headers": headers, "client": None, "server": None}
+        identity = signed_context(SECRET, trusted=("unix",))(scope)
+        assert identity is not None
+        assert (identity.user_id, identity.tenant_id) == ("alice", "acme")
+        with (
+            caplog.at_level(logging.WARNING, logger="ambient.middleware"),
+            pytest.raises(InvalidTokenError, match="only from trusted services"),
+        ):
+            signed_context(SECRET)(scope)
+        assert ["'unix'" in r.getMessage() for r in caplog.records] == [True]
 
     async def test_without_the_header_other_resolvers_decide(self) -> None:
         """signed_context answers None without its header, so first_of falls through."""
