@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     from ambient._context import UserExecutionContext
 
 __all__ = [
-    "UNIX_SOCKET",
     "Identity",
     "IdentityError",
     "IdentityResolver",
@@ -188,10 +187,10 @@ def scope_user(*, tenant_attribute: str = "tenant_id") -> IdentityResolver:
 
 # -- trusted proxy header -------------------------------------------------------------------
 
-UNIX_SOCKET: Final = "unix"
-"""An entry of ``trusted`` for peers that connected over the server's Unix domain socket
-(a proxy on this host, as nginx in front of ``gunicorn --bind unix:...``): the socket
-file's permissions decide who can connect. Such requests carry no client address."""
+# The entry of ``trusted`` for peers that connected over the server's Unix domain socket (a
+# proxy on this host, as nginx in front of ``gunicorn --bind unix:...``): the socket file's
+# permissions decide who can connect. Such requests carry no client address.
+_UNIX_SOCKET: Final = "unix"
 
 _Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network | Literal["unix"]
 
@@ -201,15 +200,15 @@ def _networks(trusted: Iterable[str]) -> tuple[_Network, ...]:
         trusted = (trusted,)
     networks: list[_Network] = []
     for entry in trusted:
-        if entry == UNIX_SOCKET:
-            networks.append(UNIX_SOCKET)
+        if entry == _UNIX_SOCKET:
+            networks.append(_UNIX_SOCKET)
             continue
         try:
             network = ipaddress.ip_network(entry, strict=True)
         except ValueError as exc:
             msg = (
                 f"trusted network {entry!r} is not a network in CIDR notation (or "
-                f"{UNIX_SOCKET!r}, for the server's Unix socket): {exc}"
+                f"{_UNIX_SOCKET!r}, for the server's Unix socket): {exc}"
             )
             raise ValueError(msg) from None
         if network.prefixlen == 0:
@@ -241,7 +240,7 @@ def _over_unix_socket(scope: Mapping[str, Any]) -> bool:
 def _peer_trusted(scope: Mapping[str, Any], networks: tuple[_Network, ...]) -> bool:
     client = scope.get("client")
     if not client:
-        return UNIX_SOCKET in networks and _over_unix_socket(scope)
+        return _UNIX_SOCKET in networks and _over_unix_socket(scope)
     try:
         address = ipaddress.ip_address(client[0])
     except (ValueError, TypeError, IndexError):
@@ -357,7 +356,7 @@ class _PeerHints:
             return
         if _over_unix_socket(scope):
             self.warned = True
-            logger.warning(_UNIX_PEER, self.resolver, UNIX_SOCKET)
+            logger.warning(_UNIX_PEER, self.resolver, _UNIX_SOCKET)
         else:
             self.forwarded(scope, _forwarding_headers(scope))
 
@@ -407,7 +406,7 @@ def trusted_header(
         name: The user id header (compared case-insensitively; ``_`` is not ``-``).
         tenant_header: The tenant id header, if any.
         trusted: Networks in CIDR notation whose peers may assert an identity, and
-            :data:`UNIX_SOCKET` (``"unix"``) for a proxy connecting through the server's
+            ``"unix"`` for a proxy connecting through the server's
             Unix domain socket.
 
     Raises:
