@@ -406,8 +406,7 @@ def trusted_header(
         name: The user id header (compared case-insensitively; ``_`` is not ``-``).
         tenant_header: The tenant id header, if any.
         trusted: Networks in CIDR notation whose peers may assert an identity, and
-            ``"unix"`` for a proxy connecting through the server's
-            Unix domain socket.
+            ``"unix"`` for a proxy connecting through the server's Unix domain socket.
 
     Raises:
         ValueError: at construction, for a network that is not valid CIDR, or none.
