@@ -23,6 +23,7 @@ __all__ = [
     "GlobalStateError",
     "GlobalStateWarning",
     "IdentityError",
+    "IdentityUnavailableError",
     "InvalidContextError",
     "NoActiveContextError",
     "PoolExhaustedError",
@@ -150,6 +151,21 @@ class IdentityError(AmbientError):
             raise ValueError(msg)
         self.status = status
         self.http_status = status
+        super().__init__(detail)
+
+
+class IdentityUnavailableError(AmbientError):
+    """A credential could not be checked because what checks it is unavailable: the
+    identity provider's key set (JWKS) could not be fetched or is unusable. Answered with
+    503 and ``Retry-After``, not 401: the credential itself may be fine, and a client told
+    it is not would drop it and sign in again for nothing."""
+
+    http_status = 503
+    problem_type = "urn:ambient:problem:identity-unavailable"
+    title = "Identity check unavailable"
+
+    def __init__(self, detail: str, *, retry_after: float = 5.0) -> None:
+        self.retry_after = retry_after
         super().__init__(detail)
 
 

@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 
-from ambient.errors import IdentityError
+from ambient.errors import IdentityError, IdentityUnavailableError
 
 logger = logging.getLogger("ambient.middleware")
 
 if TYPE_CHECKING:
-    from jwt import PyJWKClient
+    from jwt import PyJWKClient, PyJWKSet
 
     from ambient._context import UserExecutionContext
 
@@ -552,6 +552,61 @@ def _jwt_failure(exc: Exception) -> str:
     return "the bearer token is malformed"
 
 
+# PyJWKClient's words for "the key set was fetched and has no key with the token's kid".
+_NO_MATCHING_KEY = "Unable to find a signing key that matches"
+
+
+class _KeySet:
+    """What ``jwt_bearer`` makes of a ``PyJWKClient`` failure, and the warnings it logs: one
+    when the provider's key set starts failing, one when it works again (never one per
+    request during an outage)."""
+
+    __slots__ = ("failing",)
+
+    def __init__(self) -> None:
+        self.failing = False
+
+    def failure(self, exc: Exception) -> IdentityError | IdentityUnavailableError:
+        """The token's key unknown to the key set is the token's fault (401); a key set that
+        could not be fetched or is unusable is the server's (503): it says nothing about
+        the token."""
+        import jwt
+
+        unreachable = isinstance(exc, jwt.PyJWKClientConnectionError)
+        if not unreachable and str(exc).startswith(_NO_MATCHING_KEY):
+            return IdentityError("the token's key (kid) is not trusted", status=401)
+        reason = "could not be fetched" if unreachable else "is unusable"
+        error = IdentityUnavailableError(
+            f"the identity provider's key set {reason}; try again shortly"
+        )
+        if not self.failing:
+            self.failing = True
+            logger.warning("ambient: jwt_bearer(): %s (%s)", error, exc)
+        return error
+
+    def worked(self) -> None:
+        if self.failing:
+            self.failing = False
+            logger.warning("ambient: jwt_bearer(): the identity provider's key set works again")
+
+
+def _verification_keys(
+    key_or_jwks: Any, *, hmac: bool
+) -> tuple[PyJWKClient | None, PyJWKSet | None, Any]:
+    """``jwt_bearer``'s key argument as ``(key set client, key set, key)``, one of them set."""
+    import jwt
+
+    if isinstance(key_or_jwks, jwt.PyJWKClient):
+        return key_or_jwks, None, None
+    if isinstance(key_or_jwks, Mapping) and "keys" in key_or_jwks:
+        return None, jwt.PyJWKSet.from_dict(dict(key_or_jwks)), None
+    if isinstance(key_or_jwks, Mapping):
+        return None, None, jwt.PyJWK.from_dict(dict(key_or_jwks))
+    if hmac and isinstance(key_or_jwks, str | bytes):
+        _refuse_public_key_as_secret(key_or_jwks)
+    return None, None, key_or_jwks
+
+
 def _refuse_public_key_as_secret(key: str | bytes) -> None:
     """Raise ``ValueError`` when an HMAC secret is a public key or certificate."""
     from jwt.algorithms import HMACAlgorithm
@@ -612,22 +667,14 @@ def jwt_bearer(
     algs = _check_algorithms(algorithms)
     hmac_algs = _HMAC.intersection(algs)
 
-    jwk_client: PyJWKClient | None = None
-    jwks: jwt.PyJWKSet | None = None
-    key: Any = key_or_jwks
-    if isinstance(key_or_jwks, jwt.PyJWKClient):
-        jwk_client = key_or_jwks
-    elif isinstance(key_or_jwks, Mapping) and "keys" in key_or_jwks:
-        jwks = jwt.PyJWKSet.from_dict(dict(key_or_jwks))
-    elif isinstance(key_or_jwks, Mapping):
-        key = jwt.PyJWK.from_dict(dict(key_or_jwks))
-    elif hmac_algs and isinstance(key_or_jwks, str | bytes):
-        _refuse_public_key_as_secret(key_or_jwks)
+    jwk_client, jwks, key = _verification_keys(key_or_jwks, hmac=bool(hmac_algs))
     audiences = [audience] if isinstance(audience, str) else audience
     required = sorted({*require, user_claim})
     decoder = jwt.PyJWT(
         options={"require": required, "verify_aud": audience is not None, "strict_aud": False}
     )
+
+    key_set = _KeySet()
 
     def signing_key(token: str) -> Any:
         if jwk_client is not None:
@@ -652,8 +699,12 @@ def jwt_bearer(
                 issuer=issuer,
                 leeway=leeway,
             )
+        except (jwt.PyJWKClientError, jwt.PyJWKSetError) as exc:
+            # Only a key set fetched by a PyJWKClient fails here (a dict was parsed upfront).
+            raise key_set.failure(exc) from None
         except jwt.PyJWTError as exc:
             raise IdentityError(_jwt_failure(exc), status=401) from None
+        key_set.worked()
         user_id = claims.get(user_claim)
         if not isinstance(user_id, str):
             raise IdentityError(f"the token's {user_claim!r} claim is not a string", status=401)

@@ -1,0 +1,149 @@
+"""jwt_bearer with a ``PyJWKClient``: the identity provider's key set fetched over HTTP from a
+real server on loopback, while it works, fails, answers garbage, goes away and comes back.
+
+A token the key set does not know is the token's fault (401); a key set that cannot be had
+is the server's (503 with Retry-After), and never tells a client its good token is bad.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import httpx
+import jwt
+import pytest
+
+from ambient import Registry
+from ambient.middleware import AmbientMiddleware
+from ambient.middleware.identity import jwt_bearer
+from tests.servers import serve
+from tests.test_identity import AUDIENCE, ISSUER, PRIVATE_KEY, _echo_app, token
+
+USERS = 30
+
+
+class KeySetServer:
+    """An identity provider's JWKS endpoint whose answer the test chooses."""
+
+    def __init__(self) -> None:
+        self.mode = "ok"
+        self.fetches = 0
+        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(PRIVATE_KEY.public_key()))
+        jwk.update({"kid": "k1", "alg": "RS256", "use": "sig"})
+        self.document = json.dumps({"keys": [jwk]}).encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        self.fetches += 1
+        status, body = {
+            "ok": (200, self.document),
+            "error": (500, b"upstream broke"),
+            "garbage": (200, b'["not", "a", "key", "set"]'),
+            "no keys": (200, b'{"keys": []}'),
+        }[self.mode]
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture
+def provider() -> Iterator[tuple[KeySetServer, str]]:
+    server = KeySetServer()
+    with serve("uvicorn", server) as url:
+        yield server, f"{url}/.well-known/jwks.json"
+
+
+def protected(jwks_url: str) -> AmbientMiddleware:
+    client = jwt.PyJWKClient(jwks_url, timeout=5)
+    identity = jwt_bearer(client, algorithms=["RS256"], audience=AUDIENCE, issuer=ISSUER)
+    return AmbientMiddleware(_echo_app, registry=Registry(), identity=identity)
+
+
+async def ask(
+    app: AmbientMiddleware, user: str = "alice", kid: str | None = "k1"
+) -> httpx.Response:
+    bearer = token({"sub": user}, key=PRIVATE_KEY, alg="RS256", **({"kid": kid} if kid else {}))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+        return await client.get("/", headers={"authorization": f"Bearer {bearer}"})
+
+
+def assert_unavailable(response: httpx.Response) -> None:
+    assert response.status_code == 503, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.headers["retry-after"] == "5"
+    problem = response.json()
+    assert problem["type"] == "urn:ambient:problem:identity-unavailable"
+    assert "key set" in problem["detail"]
+
+
+async def test_many_users_verified_against_one_fetch_of_the_key_set(
+    provider: tuple[KeySetServer, str],
+) -> None:
+    server, url = provider
+    app = protected(url)
+    answers: dict[str, httpx.Response] = {}
+
+    async def one(user: str) -> None:
+        answers[user] = await ask(app, user)
+
+    first = await ask(app, "warm-up")  # one fetch fills PyJWKClient's cache
+    assert first.status_code == 200, first.text
+    async with anyio.create_task_group() as tg:
+        for n in range(USERS):
+            tg.start_soon(one, f"user-{n}")
+    assert {user: (r.status_code, r.json()["user"]) for user, r in answers.items()} == {
+        f"user-{n}": (200, f"user-{n}") for n in range(USERS)
+    }
+    assert server.fetches == 1
+
+
+async def test_a_key_the_key_set_does_not_have_is_the_tokens_fault(
+    provider: tuple[KeySetServer, str],
+) -> None:
+    _, url = provider
+    app = protected(url)
+    for kid in ("k9", None):
+        response = await ask(app, kid=kid)
+        assert response.status_code == 401, response.text
+        assert response.json()["type"] == "urn:ambient:problem:identity"
+        assert "not trusted" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("mode", ["error", "garbage", "no keys"])
+async def test_a_key_set_that_cannot_be_had_is_503_and_logged_once_per_outage(
+    provider: tuple[KeySetServer, str], mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The endpoint fails: every request is 503 with Retry-After (its token may be fine),
+    the log says so once, and again once when the key set works again."""
+    server, url = provider
+    app = protected(url)
+    server.mode = mode
+    with caplog.at_level(logging.WARNING, logger="ambient.middleware"):
+        for _ in range(3):
+            assert_unavailable(await ask(app))
+        server.mode = "ok"
+        back = await ask(app)
+    assert back.status_code == 200, back.text
+    messages = [r.getMessage() for r in caplog.records if "jwt_bearer()" in r.getMessage()]
+    assert len(messages) == 2, messages
+    assert "key set" in messages[0]
+    assert "works again" in messages[1]
+
+
+async def test_an_identity_provider_that_is_gone_is_503() -> None:
+    """Nothing listens where the key set should be (connection refused)."""
+    server = KeySetServer()
+    with serve("uvicorn", server) as url:
+        pass  # the server has stopped: its port refuses connections now
+    app = protected(f"{url}/.well-known/jwks.json")
+    assert_unavailable(await ask(app))
+    assert server.fetches == 0
