@@ -7,7 +7,13 @@ import sys
 
 from ambient.errors import UnsupportedBackendError
 
-__all__ = ["refuse_trio", "require_asyncio"]
+__all__ = ["in_trio", "refuse_trio", "require_asyncio"]
+
+
+def in_trio() -> bool:
+    """Whether this code runs inside trio (trio is never imported here)."""
+    trio = sys.modules.get("trio")
+    return trio is not None and bool(trio.lowlevel.in_trio_run())
 
 
 def refuse_trio(reason: str) -> None:
@@ -15,8 +21,7 @@ def refuse_trio(reason: str) -> None:
 
     Construction outside any event loop is fine; trio is never imported here.
     """
-    trio = sys.modules.get("trio")
-    if trio is not None and trio.lowlevel.in_trio_run():
+    if in_trio():
         raise UnsupportedBackendError(reason)
 
 

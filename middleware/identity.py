@@ -22,11 +22,13 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 
+from ambient._loops import in_trio
 from ambient.errors import IdentityError, IdentityUnavailableError
 
 logger = logging.getLogger("ambient.middleware")
 
 if TYPE_CHECKING:
+    from anyio import CapacityLimiter
     from jwt import PyJWKClient, PyJWKSet
 
     from ambient._context import UserExecutionContext
@@ -556,15 +558,32 @@ def _jwt_failure(exc: Exception) -> str:
 _NO_MATCHING_KEY = "Unable to find a signing key that matches"
 
 
-class _KeySet:
-    """What ``jwt_bearer`` makes of a ``PyJWKClient`` failure, and the warnings it logs: one
-    when the provider's key set starts failing, one when it works again (never one per
-    request during an outage)."""
+# Worker threads jwt_bearer's key set client may hold at once. PyJWKClient fetches with
+# blocking I/O for up to its timeout; in the default limiter (40 threads, shared with the
+# application's own thread work) a slow identity provider would hold every thread.
+_KEY_SET_THREADS = 4
 
-    __slots__ = ("failing",)
+
+class _KeySet:
+    """``jwt_bearer``'s view of a ``PyJWKClient``: the threads it may use, what it makes of
+    a failure, and the warnings it logs: one when the provider's key set starts failing,
+    one when it works again (never one per request during an outage)."""
+
+    __slots__ = ("_limiters", "failing")
 
     def __init__(self) -> None:
         self.failing = False
+        self._limiters: dict[str, CapacityLimiter] = {}
+
+    def limiter(self) -> CapacityLimiter:
+        """This resolver's own thread limiter, one per async library it runs under."""
+        library = "trio" if in_trio() else "asyncio"
+        limiter = self._limiters.get(library)
+        if limiter is None:
+            import anyio
+
+            limiter = self._limiters[library] = anyio.CapacityLimiter(_KEY_SET_THREADS)
+        return limiter
 
     def failure(self, exc: Exception) -> IdentityError | IdentityUnavailableError:
         """The token's key unknown to the key set is the token's fault (401); a key set that
@@ -724,7 +743,7 @@ def jwt_bearer(
             if token is None:
                 return None
             # PyJWKClient fetches (and caches) the key set with blocking I/O.
-            return await anyio.to_thread.run_sync(verify, token)
+            return await anyio.to_thread.run_sync(verify, token, limiter=key_set.limiter())
 
         return resolve_remote
 

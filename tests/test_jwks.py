@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -147,3 +148,43 @@ async def test_an_identity_provider_that_is_gone_is_503() -> None:
     app = protected(f"{url}/.well-known/jwks.json")
     assert_unavailable(await ask(app))
     assert server.fetches == 0
+
+
+class GatedKeySetServer(KeySetServer):
+    """A slow identity provider: it answers only once the test opens its gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await anyio.to_thread.run_sync(self.gate.wait, abandon_on_cancel=True)
+        await super().__call__(scope, receive, send)
+
+
+async def test_a_slow_identity_provider_leaves_the_applications_threads_free() -> None:
+    """60 requests wait for the key set while the provider is slow to answer. The
+    application's own worker threads (anyio's default limiter, which Starlette's sync
+    endpoints and file responses use too) stay free for it; once the key set arrives,
+    one fetch serves every request."""
+    server = GatedKeySetServer()
+    answers: list[httpx.Response] = []
+    with serve("uvicorn", server) as url:
+        app = protected(f"{url}/.well-known/jwks.json")
+
+        async def one(n: int) -> None:
+            answers.append(await ask(app, f"user-{n}"))
+
+        async with anyio.create_task_group() as tg:
+            for n in range(60):
+                tg.start_soon(one, n)
+            try:
+                await anyio.wait_all_tasks_blocked()
+                with anyio.fail_after(5):
+                    assert await anyio.to_thread.run_sync(lambda: "free") == "free"
+            finally:
+                # Before the task group waits for the requests, whatever happened above.
+                server.gate.set()
+    assert sorted(r.json()["user"] for r in answers) == sorted(f"user-{n}" for n in range(60))
+    assert server.fetches == 1
