@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 
-from ambient._loops import in_trio
+from ambient._loops import in_trio as _in_trio
 from ambient.errors import IdentityError, IdentityUnavailableError
 
 logger = logging.getLogger("ambient.middleware")
@@ -577,7 +577,7 @@ class _KeySet:
 
     def limiter(self) -> CapacityLimiter:
         """This resolver's own thread limiter, one per async library it runs under."""
-        library = "trio" if in_trio() else "asyncio"
+        library = "trio" if _in_trio() else "asyncio"
         limiter = self._limiters.get(library)
         if limiter is None:
             import anyio
