@@ -313,9 +313,17 @@ def _client_forwarded(
     if not client:
         return None
     host, port = client[0], client[1]
-    if isinstance(host, str):
+    if type(host) is not str:
+        return None
+    if host[:1] == '"':
         host = host.strip('"')  # hypercorn keeps a quoted Forwarded node as it was sent
+    # Behind a real proxy every request carries X-Forwarded-For, naming the proxy's clients,
+    # not the proxy: a value that lacks the host (or the port, when there is one) cannot name
+    # it, and is passed over without being parsed.
+    wanted = host.encode("latin-1", "replace")
     for name, value in headers:
+        if wanted not in value or (port and b":%d" % port not in value):
+            continue
         for node in _nodes(name, value):
             node_host, node_port = _host_port(node)
             if (host == node_host and port in (node_port, 0)) or (port == 0 and host == node):
