@@ -23,6 +23,7 @@ from ambient.middleware import AmbientMiddleware
 from ambient.middleware.identity import jwt_bearer
 from tests.servers import serve
 from tests.test_identity import AUDIENCE, ISSUER, PRIVATE_KEY, _echo_app, token
+from tests.test_middleware import drive
 
 USERS = 30
 
@@ -140,13 +141,25 @@ async def test_a_key_set_that_cannot_be_had_is_503_and_logged_once_per_outage(
     assert "works again" in messages[1]
 
 
-async def test_an_identity_provider_that_is_gone_is_503() -> None:
-    """Nothing listens where the key set should be (connection refused)."""
+async def test_an_identity_provider_that_is_gone_is_503_and_1013_for_a_websocket() -> None:
+    """Nothing listens where the key set should be (connection refused): 503 for a request;
+    a websocket handshake is closed before accept with 1013, "try again later"."""
     server = KeySetServer()
     with serve("uvicorn", server) as url:
         pass  # the server has stopped: its port refuses connections now
     app = protected(f"{url}/.well-known/jwks.json")
     assert_unavailable(await ask(app))
+    bearer = token(key=PRIVATE_KEY, alg="RS256", kid="k1")
+    handshake = {
+        "type": "websocket",
+        "asgi": {"version": "3.0"},
+        "path": "/ws",
+        "headers": [(b"authorization", f"Bearer {bearer}".encode())],
+        "client": ("127.0.0.1", 40000),
+        "subprotocols": [],
+    }
+    sent = await drive(app, handshake, [{"type": "websocket.connect"}])
+    assert [(m["type"], m.get("code")) for m in sent] == [("websocket.close", 1013)]
     assert server.fetches == 0
 
 
