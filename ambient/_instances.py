@@ -66,7 +66,15 @@ class _Marker:
 class _Pending:
     """A creation in progress that other resolvers wait for."""
 
-    __slots__ = ("_async_event", "_lock", "_thread_event", "finished", "in_async", "owner")
+    __slots__ = (
+        "_async_event",
+        "_gates",
+        "_lock",
+        "_thread_event",
+        "finished",
+        "in_async",
+        "owner",
+    )
 
     def __init__(self, lock: threading.Lock, marker: _Marker) -> None:
         self._lock = lock
@@ -75,6 +83,7 @@ class _Pending:
         self.finished = False
         self._async_event: anyio.Event | None = None
         self._thread_event: threading.Event | None = None
+        self._gates: dict[int, anyio.Lock] | None = None
 
     def finish_locked(self) -> tuple[anyio.Event | None, threading.Event | None]:
         """Mark the creation finished (the lock is held); return the events to set."""
@@ -113,9 +122,26 @@ class _Pending:
             await event.wait()
             return
         thread_event = self._thread_waiter()
-        if thread_event is not None:
-            # Created by a worker thread: wait for it without blocking the event loop.
-            await anyio.to_thread.run_sync(thread_event.wait, abandon_on_cancel=True)
+        if thread_event is None:
+            return
+        # Created by a worker thread: wait for it without blocking the event loop, in a
+        # worker thread. One per event loop, not one per waiting task: the default limiter's
+        # threads are the application's too, and many tasks awaiting one slow creation would
+        # hold every one of them. The other tasks wait for the gate, then find it done.
+        async with self._gate():
+            if not thread_event.is_set():
+                await anyio.to_thread.run_sync(thread_event.wait, abandon_on_cancel=True)
+
+    def _gate(self) -> anyio.Lock:
+        with self._lock:
+            gates = self._gates
+            if gates is None:
+                gates = self._gates = {}
+            # Keyed by the waiter's thread: an anyio lock belongs to one event loop.
+            gate = gates.get(threading.get_ident())
+            if gate is None:
+                gate = gates[threading.get_ident()] = anyio.Lock()
+            return gate
 
     def wait_blocking(self) -> None:
         thread_event = self._thread_waiter()

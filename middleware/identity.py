@@ -17,6 +17,7 @@ import inspect
 import ipaddress
 import logging
 import math
+import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -581,16 +582,17 @@ class _KeySet:
 
     def __init__(self) -> None:
         self.failing = False
-        self._limiters: dict[str, CapacityLimiter] = {}
+        self._limiters: dict[tuple[bool, int], CapacityLimiter] = {}
 
     def limiter(self) -> CapacityLimiter:
-        """This resolver's own thread limiter, one per async library it runs under."""
-        library = "trio" if _in_trio() else "asyncio"
-        limiter = self._limiters.get(library)
+        """This resolver's own thread limiter, one per event loop it runs in (an anyio
+        limiter belongs to one: its async library, on its thread)."""
+        loop = (_in_trio(), threading.get_ident())
+        limiter = self._limiters.get(loop)
         if limiter is None:
             import anyio
 
-            limiter = self._limiters[library] = anyio.CapacityLimiter(_KEY_SET_THREADS)
+            limiter = self._limiters.setdefault(loop, anyio.CapacityLimiter(_KEY_SET_THREADS))
         return limiter
 
     def failure(self, exc: Exception) -> IdentityError | IdentityUnavailableError:

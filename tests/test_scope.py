@@ -130,6 +130,50 @@ class TestSingleFlight:
         assert calls == 1
         assert len({id(r) for r in results}) == 1
 
+    async def test_tasks_awaiting_a_component_a_thread_makes_leave_the_worker_threads_free(
+        self,
+    ) -> None:
+        """A worker thread creates a slow component while 60 tasks await it. The tasks must
+        not each sit on one of anyio's default worker threads (40, which the application's
+        own thread work shares): those stay free until the component arrives, and then
+        every task gets the one instance."""
+        inside = threading.Event()
+        release = threading.Event()
+        calls = 0
+
+        def make() -> object:
+            nonlocal calls
+            calls += 1
+            inside.set()
+            release.wait(10)
+            return object()
+
+        registry = Registry()
+        registry.register("slow", make)
+        results: list[object] = []
+        async with registry.open_scope(ctx()) as scope:
+
+            async def in_thread() -> None:
+                results.append(await anyio.to_thread.run_sync(scope.resolve_sync, "slow"))
+
+            async def in_task() -> None:
+                results.append(await scope.resolve("slow"))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(in_thread)
+                try:
+                    assert await anyio.to_thread.run_sync(inside.wait, 10)
+                    for _ in range(60):
+                        tg.start_soon(in_task)
+                    await anyio.wait_all_tasks_blocked()
+                    with anyio.fail_after(5):
+                        assert await anyio.to_thread.run_sync(lambda: "free") == "free"
+                finally:
+                    release.set()  # before the task group waits for the tasks
+        assert calls == 1
+        assert len(results) == 61
+        assert len({id(r) for r in results}) == 1
+
     async def test_threads_first_using_a_scope_at_once_lose_no_component(self) -> None:
         """4 worker threads make the first REQUEST and USER resolutions of each of 1,500
         scopes at once: one instance each, every created component cleaned exactly once,
