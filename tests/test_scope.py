@@ -42,6 +42,21 @@ class Counter:
         self.closed += 1
 
 
+class _HeldFactory:
+    """A sync factory that says when it runs, then returns only once released."""
+
+    def __init__(self) -> None:
+        self.inside = threading.Event()
+        self.release = threading.Event()
+        self.calls = 0
+
+    def __call__(self) -> object:
+        self.calls += 1
+        self.inside.set()
+        self.release.wait(10)
+        return object()
+
+
 class TestSingleFlight:
     async def test_200_tasks_create_a_request_component_once(self) -> None:
         """200 concurrent resolutions of one key in one scope create it once."""
@@ -73,18 +88,9 @@ class TestSingleFlight:
 
     async def test_8_threads_create_once(self) -> None:
         """8 threads calling resolve_sync at once create the component once."""
-        calls = 0
         barrier = threading.Barrier(8, timeout=10)
-        inside = threading.Event()
-        release = threading.Event()
-
-        def make() -> object:
-            nonlocal calls
-            calls += 1
-            inside.set()
-            release.wait(10)
-            return object()
-
+        make = _HeldFactory()
+        inside, release = make.inside, make.release
         registry = Registry()
         registry.register("slow", make)
         async with registry.open_scope(ctx()) as scope:
@@ -101,7 +107,7 @@ class TestSingleFlight:
                     return [f.result(timeout=10) for f in futures]
 
             results = await anyio.to_thread.run_sync(run_all)
-        assert calls == 1
+        assert make.calls == 1
         assert len({id(r) for r in results}) == 1
 
     async def test_tasks_and_threads_together_create_once(self) -> None:
@@ -137,17 +143,8 @@ class TestSingleFlight:
         not each sit on one of anyio's default worker threads (40, which the application's
         own thread work shares): those stay free until the component arrives, and then
         every task gets the one instance."""
-        inside = threading.Event()
-        release = threading.Event()
-        calls = 0
-
-        def make() -> object:
-            nonlocal calls
-            calls += 1
-            inside.set()
-            release.wait(10)
-            return object()
-
+        make = _HeldFactory()
+        inside, release = make.inside, make.release
         registry = Registry()
         registry.register("slow", make)
         results: list[object] = []
@@ -170,7 +167,7 @@ class TestSingleFlight:
                         assert await anyio.to_thread.run_sync(lambda: "free") == "free"
                 finally:
                     release.set()  # before the task group waits for the tasks
-        assert calls == 1
+        assert make.calls == 1
         assert len(results) == 61
         assert len({id(r) for r in results}) == 1
 
