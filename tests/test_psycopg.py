@@ -166,6 +166,26 @@ async def _eventually(check: Callable[[], Awaitable[bool]], what: str, within: f
         await anyio.sleep(0.01)
 
 
+async def _running(db: Database, marker: str) -> int:
+    """How many queries carrying ``marker`` run on the server now (another session's view)."""
+    return int(
+        await _admin_scalar(
+            db,
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE %s AND pid <> pg_backend_pid()",
+            (f"%{marker}%",),
+        )
+    )
+
+
+async def _query_stopped(db: Database, marker: str) -> None:
+    """Wait (bounded) until no query carrying ``marker`` runs on the server."""
+
+    async def stopped() -> bool:
+        return await _running(db, marker) == 0
+
+    await _eventually(stopped, "the cancelled query stopped on the server")
+
+
 async def _reached(check: Callable[[], Awaitable[bool]], within: float) -> bool:
     """Whether ``check`` holds within ``within`` seconds (bounded polling; the caller
     decides what a miss means, e.g. after releasing what a deadlock would hold)."""
@@ -837,15 +857,7 @@ async def test_shared_cancel_mid_query_cancels_it_on_the_server(
         async with shared.connection() as conn:
             await conn.execute(f"SELECT pg_sleep(30) /* {marker} */")
 
-    async def query_gone() -> bool:
-        running = await _admin_scalar(
-            db,
-            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE %s AND pid <> pg_backend_pid()",
-            (f"%{marker}%",),
-        )
-        return bool(running == 0)
-
-    await _eventually(query_gone, "the cancelled query stopped on the server")
+    await _query_stopped(db, marker)
     await _eventually(lambda: _shared_idle(shared), "pool idle again")
     stuck = await _admin_scalar(
         db,
@@ -875,16 +887,7 @@ async def test_cancel_with_a_libpq_older_than_17_still_reaches_the_server(
                 await conn.execute(f"SELECT pg_sleep(30) /* {marker} */")
         assert type(cancel).__name__ == "PGcancel"
 
-        async def query_gone() -> bool:
-            running = await _admin_scalar(
-                db,
-                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE %s "
-                "AND pid <> pg_backend_pid()",
-                (f"%{marker}%",),
-            )
-            return bool(running == 0)
-
-        await _eventually(query_gone, "the cancelled query stopped on the server")
+        await _query_stopped(db, marker)
         await _eventually(lambda: _shared_idle(pool), "pool idle again")
 
 
@@ -1512,16 +1515,7 @@ async def test_per_user_pools_cancel_mid_query(db: Database) -> None:
             async with connection() as conn:
                 await conn.execute(f"SELECT pg_sleep(30) /* {marker} */")
 
-        async def query_gone() -> bool:
-            running = await _admin_scalar(
-                db,
-                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE %s "
-                "AND pid <> pg_backend_pid()",
-                (f"%{marker}%",),
-            )
-            return bool(running == 0)
-
-        await _eventually(query_gone, "the cancelled query stopped on the server")
+        await _query_stopped(db, marker)
         async with connection() as conn:
             assert await _scalar(conn, "SELECT 1") == 1
     assert pools.stats().checked_out == 0
@@ -1788,14 +1782,7 @@ async def test_cancel_reaches_the_server_with_every_worker_thread_busy(
         return await _per_user_idle(pool)
 
     async def running() -> int:
-        return int(
-            await _admin_scalar(
-                db,
-                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE %s "
-                "AND pid <> pg_backend_pid()",
-                (f"%{marker}%",),
-            )
-        )
+        return await _running(db, marker)
 
     limiter = anyio.to_thread.current_default_thread_limiter()
     blocker = threading.Event()
