@@ -60,7 +60,6 @@ from ambient.errors import IdentityError, InvalidContextError
 from ambient.middleware.identity import (
     Identity,
     IdentityResolver,
-    _forwarding_headers,
     _networks,
     _peer_trusted,
     _PeerHints,
@@ -579,9 +578,8 @@ def signed_context(
     from ``X-Forwarded-For`` or ``Forwarded`` does not count, see
     :func:`~ambient.middleware.identity.trusted_header`), and request or thread id headers
     that contradict the token are all refused with 401; a repeated header is malformed,
-    400. The request's context
-    continues the caller's: same user, tenant, thread and request ids, a new run whose
-    parent is the caller's run.
+    400. The request's context continues the caller's: same user, tenant, thread and
+    request ids, a new run whose parent is the caller's run.
 
     Args:
         secret: As for :func:`capture`; read once, when the resolver is built.
@@ -607,12 +605,7 @@ def signed_context(
         if len(values) > 1:
             # Malformed, not unauthenticated: never "first wins" (as RFC 6750 for bearer).
             raise IdentityError(f"the {header} header was sent {len(values)} times", status=400)
-        if not _peer_trusted(scope, networks):
-            hints.refused(scope)
-            trusted_peer = False
-        else:
-            trusted_peer = not hints.forwarded(scope, _forwarding_headers(scope))
-        if not trusted_peer:
+        if not hints.admits(scope, peer_trusted=_peer_trusted(scope, networks)):
             raise InvalidTokenError(
                 "untrusted-peer", "a signed context is accepted only from trusted services"
             )

@@ -361,6 +361,14 @@ class _PeerHints:
             logger.warning(_FORWARDED_PEER, self.resolver, scope["client"][0], via.decode())
         return True
 
+    def admits(self, scope: Mapping[str, Any], *, peer_trusted: bool) -> bool:
+        """Whether a peer that ``peer_trusted`` says is trusted really connected (its
+        address was not read from forwarding headers); a refusal is explained once."""
+        if not peer_trusted:
+            self.refused(scope)
+            return False
+        return not self.forwarded(scope, _forwarding_headers(scope))
+
     def refused(self, scope: Mapping[str, Any]) -> None:
         """Explain (once) a refused peer that came over a Unix socket or from proxy headers."""
         if self.warned:
