@@ -133,14 +133,14 @@ class _Pending:
                 await anyio.to_thread.run_sync(thread_event.wait, abandon_on_cancel=True)
 
     def _gate(self) -> anyio.Lock:
+        # Keyed by the waiter's thread: an anyio lock belongs to one event loop.
+        loop_thread = threading.get_ident()
         with self._lock:
-            gates = self._gates
-            if gates is None:
-                gates = self._gates = {}
-            # Keyed by the waiter's thread: an anyio lock belongs to one event loop.
-            gate = gates.get(threading.get_ident())
+            if self._gates is None:
+                self._gates = {}
+            gate = self._gates.get(loop_thread)
             if gate is None:
-                gate = gates[threading.get_ident()] = anyio.Lock()
+                gate = self._gates[loop_thread] = anyio.Lock()
             return gate
 
     def wait_blocking(self) -> None:
