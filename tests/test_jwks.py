@@ -23,7 +23,7 @@ from ambient.middleware import AmbientMiddleware
 from ambient.middleware.identity import jwt_bearer
 from tests.servers import serve
 from tests.test_identity import AUDIENCE, ISSUER, PRIVATE_KEY, _echo_app, token
-from tests.test_middleware import drive
+from tests.test_middleware import drive, ws_scope
 
 USERS = 30
 
@@ -150,14 +150,7 @@ async def test_an_identity_provider_that_is_gone_is_503_and_1013_for_a_websocket
     app = protected(f"{url}/.well-known/jwks.json")
     assert_unavailable(await ask(app))
     bearer = token(key=PRIVATE_KEY, alg="RS256", kid="k1")
-    handshake = {
-        "type": "websocket",
-        "asgi": {"version": "3.0"},
-        "path": "/ws",
-        "headers": [(b"authorization", f"Bearer {bearer}".encode())],
-        "client": ("127.0.0.1", 40000),
-        "subprotocols": [],
-    }
+    handshake = ws_scope([(b"authorization", f"Bearer {bearer}".encode())])
     sent = await drive(app, handshake, [{"type": "websocket.connect"}])
     assert [(m["type"], m.get("code")) for m in sent] == [("websocket.close", 1013)]
     assert server.fetches == 0
