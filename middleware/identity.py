@@ -20,6 +20,7 @@ import math
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from time import monotonic as _monotonic
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 
@@ -580,17 +581,25 @@ _NO_MATCHING_KEY = "Unable to find a signing key that matches"
 # application's own thread work) a slow identity provider would hold every thread.
 _KEY_SET_THREADS = 4
 
+# Seconds a key set that failed is not asked again (also the 503's Retry-After). Without a
+# pause every waiting request would try the provider in turn, each for up to its timeout.
+_KEY_SET_PAUSE = 5.0
+
 
 class _KeySet:
-    """``jwt_bearer``'s view of a ``PyJWKClient``: the threads it may use, what it makes of
-    a failure, and the warnings it logs: one when the provider's key set starts failing,
-    one when it works again (never one per request during an outage)."""
+    """``jwt_bearer``'s view of a ``PyJWKClient``: the threads it may use, the pause after a
+    failure, what it makes of a failure, and the warnings it logs: one when the provider's
+    key set starts failing, one when it works again (never one per request during an
+    outage)."""
 
-    __slots__ = ("_limiters", "failing")
+    __slots__ = ("_gate", "_limiters", "_outage", "_retry_at", "failing")
 
     def __init__(self) -> None:
         self.failing = False
         self._limiters: dict[tuple[bool, int], CapacityLimiter] = {}
+        self._gate = threading.Lock()
+        self._retry_at = 0.0
+        self._outage = ""
 
     def limiter(self) -> CapacityLimiter:
         """This resolver's own thread limiter, one per event loop it runs in (an anyio
@@ -603,19 +612,56 @@ class _KeySet:
             limiter = self._limiters.setdefault(loop, anyio.CapacityLimiter(_KEY_SET_THREADS))
         return limiter
 
+    def signing_key(self, client: PyJWKClient, token: str) -> Any:
+        """The key for ``token`` from ``client`` (in a worker thread: it may fetch).
+
+        One thread at a time asks the client (PyJWKClient holds its own lock for the whole
+        call anyway), so the requests queued behind a fetch that failed do not each ask
+        again: for :data:`_KEY_SET_PAUSE` seconds after a failure nobody does. Keys the
+        client fetched before still serve then; any other key is 503 at once.
+        """
+        import jwt
+
+        with self._gate:
+            wait = self._retry_at - _monotonic()
+            if wait > 0:
+                return self._fetched_key(client, token, wait)
+            try:
+                found = client.get_signing_key_from_jwt(token)
+            except (jwt.PyJWKClientError, jwt.PyJWKSetError) as exc:
+                raise self.failure(exc) from None
+        self.worked()
+        return found
+
+    def _fetched_key(self, client: PyJWKClient, token: str, wait: float) -> Any:
+        import jwt
+
+        cache = client.jwk_set_cache
+        fetched = cache.get() if cache is not None else None
+        kid = jwt.get_unverified_header(token).get("kid")
+        if fetched is not None and isinstance(kid, str):
+            try:
+                key = fetched[kid]
+            except KeyError:
+                pass
+            else:
+                if key.public_key_use in ("sig", None):
+                    return key
+        raise IdentityUnavailableError(self._outage, retry_after=wait)
+
     def failure(self, exc: Exception) -> IdentityError | IdentityUnavailableError:
         """The token's key unknown to the key set is the token's fault (401); a key set that
         could not be fetched or is unusable is the server's (503): it says nothing about
-        the token."""
+        the token, and the provider is left alone for a pause."""
         import jwt
 
         unreachable = isinstance(exc, jwt.PyJWKClientConnectionError)
         if not unreachable and str(exc).startswith(_NO_MATCHING_KEY):
             return IdentityError("the token's key (kid) is not trusted", status=401)
         reason = "could not be fetched" if unreachable else "is unusable"
-        error = IdentityUnavailableError(
-            f"the identity provider's key set {reason}; try again shortly"
-        )
+        self._outage = f"the identity provider's key set {reason}; try again shortly"
+        self._retry_at = _monotonic() + _KEY_SET_PAUSE
+        error = IdentityUnavailableError(self._outage, retry_after=_KEY_SET_PAUSE)
         if not self.failing:
             self.failing = True
             logger.warning("ambient: jwt_bearer(): %s (%s)", error, exc)
@@ -715,7 +761,7 @@ def jwt_bearer(
 
     def signing_key(token: str) -> Any:
         if jwk_client is not None:
-            return jwk_client.get_signing_key_from_jwt(token)
+            return key_set.signing_key(jwk_client, token)
         if jwks is not None:
             kid = jwt.get_unverified_header(token).get("kid")
             if not isinstance(kid, str):
@@ -736,12 +782,8 @@ def jwt_bearer(
                 issuer=issuer,
                 leeway=leeway,
             )
-        except (jwt.PyJWKClientError, jwt.PyJWKSetError) as exc:
-            # Only a key set fetched by a PyJWKClient fails here (a dict was parsed upfront).
-            raise key_set.failure(exc) from None
         except jwt.PyJWTError as exc:
             raise IdentityError(_jwt_failure(exc), status=401) from None
-        key_set.worked()
         user_id = claims.get(user_claim)
         if not isinstance(user_id, str):
             raise IdentityError(f"the token's {user_claim!r} claim is not a string", status=401)

@@ -122,17 +122,26 @@ async def test_a_key_the_key_set_does_not_have_is_the_tokens_fault(
 
 @pytest.mark.parametrize("mode", ["error", "garbage", "no keys"])
 async def test_a_key_set_that_cannot_be_had_is_503_and_logged_once_per_outage(
-    provider: tuple[KeySetServer, str], mode: str, caplog: pytest.LogCaptureFixture
+    provider: tuple[KeySetServer, str],
+    mode: str,
+    caplog: pytest.LogCaptureFixture,
+    clock: _Clock,
 ) -> None:
     """The endpoint fails: every request is 503 with Retry-After (its token may be fine),
-    the log says so once, and again once when the key set works again."""
+    the provider is not asked again until the Retry-After has passed, the log says so once,
+    and again once when the key set works again."""
     server, url = provider
     app = protected(url)
     server.mode = mode
     with caplog.at_level(logging.WARNING, logger="ambient.middleware"):
         for _ in range(3):
             assert_unavailable(await ask(app))
+        assert server.fetches == 1
+        clock.now += 5.01
+        assert_unavailable(await ask(app))
+        assert server.fetches == 2
         server.mode = "ok"
+        clock.now += 5.01
         back = await ask(app)
     assert back.status_code == 200, back.text
     messages = [r.getMessage() for r in caplog.records if "jwt_bearer()" in r.getMessage()]
@@ -193,4 +202,106 @@ async def test_a_slow_identity_provider_leaves_the_applications_threads_free() -
                 # Before the task group waits for the requests, whatever happened above.
                 server.gate.set()
     assert sorted(r.json()["user"] for r in answers) == sorted(f"user-{n}" for n in range(60))
+    assert server.fetches == 1
+
+
+class HangingKeySetServer(KeySetServer):
+    """An identity provider that takes connections and never answers (a hung host): every
+    fetch ends in the client's timeout. Counts the fetches that reached it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrived = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and self.mode == "hang":
+            self.arrived += 1
+            while (await receive())["type"] != "http.disconnect":
+                pass  # no answer until the client gives up and closes the connection
+            return
+        await super().__call__(scope, receive, send)
+
+
+@pytest.fixture
+def hanging() -> Iterator[tuple[HangingKeySetServer, str]]:
+    server = HangingKeySetServer()
+    with serve("uvicorn", server) as url:
+        yield server, f"{url}/.well-known/jwks.json"
+
+
+class _Clock:
+    """``time.monotonic`` for the key set's pause, moved by the test instead of waited out."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
+    fake = _Clock()
+    monkeypatch.setattr("ambient.middleware.identity._monotonic", fake)
+    return fake
+
+
+def hung_protected(jwks_url: str) -> AmbientMiddleware:
+    # No refresh cooldown: an unknown kid makes PyJWKClient ask the provider again at once.
+    client = jwt.PyJWKClient(jwks_url, timeout=0.5, lifespan=300, cooldown_duration=0)
+    identity = jwt_bearer(client, algorithms=["RS256"], audience=AUDIENCE, issuer=ISSUER)
+    return AmbientMiddleware(_echo_app, registry=Registry(), identity=identity)
+
+
+async def test_a_hung_identity_provider_is_asked_once_not_once_per_waiting_request(
+    hanging: tuple[HangingKeySetServer, str], clock: _Clock
+) -> None:
+    """The provider takes the connection and never answers. 20 users arrive at once: one
+    fetch waits out the client's timeout and the other 19 get their 503 then, instead of
+    each waiting its own timeout in turn behind PyJWKClient's lock (20 timeouts for the
+    last one). Until the pause (the Retry-After) ends, nobody asks the provider again."""
+    server, url = hanging
+    server.mode = "hang"
+    app = hung_protected(url)
+    answers: list[httpx.Response] = []
+
+    async def one(n: int) -> None:
+        answers.append(await ask(app, f"user-{n}"))
+
+    async with anyio.create_task_group() as tg:
+        for n in range(20):
+            tg.start_soon(one, n)
+    assert len(answers) == 20
+    for response in answers:
+        assert response.status_code == 503, response.text
+        assert 1 <= int(response.headers["retry-after"]) <= 5
+    assert server.arrived == 1
+    assert_unavailable(await ask(app))
+    assert server.arrived == 1
+
+    clock.now += 5.01  # the pause is over: the next request asks the provider again
+    server.mode = "ok"
+    back = await ask(app, "after")
+    assert (back.status_code, back.json()["user"]) == (200, "after")
+    assert server.fetches == 1
+
+
+async def test_keys_already_fetched_keep_working_while_the_provider_is_down(
+    hanging: tuple[HangingKeySetServer, str], clock: _Clock
+) -> None:
+    """The key set was fetched while the provider worked; then it hangs. A token with an
+    unknown kid makes PyJWKClient ask again and fail: that request is 503 (the key may be a
+    new one), and during the pause tokens whose key is in the fetched set still pass, while
+    another unknown kid is 503 at once without asking the hung provider."""
+    server, url = hanging
+    app = hung_protected(url)
+    assert (await ask(app, "warm-up")).status_code == 200
+    server.mode = "hang"
+    assert_unavailable(await ask(app, kid="k-rotated"))
+    assert server.arrived == 1
+    for n in range(5):
+        ok = await ask(app, f"user-{n}")
+        assert (ok.status_code, ok.json()["user"]) == (200, f"user-{n}")
+    assert_unavailable(await ask(app, kid="k-other"))
+    assert server.arrived == 1
     assert server.fetches == 1
