@@ -248,6 +248,47 @@ async def test_prepared_statements_behind_a_pooler_are_warned_about(
 
 
 @pytest.mark.parametrize("strategy", ["shared", "per_user"])
+@pytest.mark.parametrize("then", ["statement", "nothing"])
+async def test_a_transaction_ended_inside_the_checkout_is_reported(
+    bounced: tuple[Database, str], strategy: str, then: str
+) -> None:
+    """Behind the pooler the settings last one transaction, for both strategies: after the
+    handler's own conn.commit() a statement sees no user setting and no row (the policy
+    fails closed), and the checkout says so when it ends instead of passing silently, as
+    it does when the commit was the block's last statement."""
+    db, url = bounced
+    options: dict[str, Any] = {
+        "rls_tables": [db.notes],
+        "rls_check": "raise",
+        "kwargs": {**db.kwargs(), "prepare_threshold": None},
+    }
+    pool: SharedPool | PerUserPools = (
+        SharedPool(url, max_size=2, per_user_limit=2, **options)
+        if strategy == "shared"
+        else PerUserPools(url, max_size=2, **options)
+    )
+    registry = _registry(pool)
+    seen: list[Any] = []
+    try:
+        async with registry.open_scope(UserExecutionContext.create("user-3")):
+            with pytest.raises(psycopg.ProgrammingError, match="ended inside"):
+                async with connection() as conn:
+                    query = db.sql(
+                        "SELECT current_setting('app.user_id', true), count(*) FROM {notes}"
+                    )
+                    seen.append(await (await conn.execute(query, prepare=False)).fetchone())
+                    await conn.commit()
+                    if then == "statement":
+                        seen.append(await (await conn.execute(query, prepare=False)).fetchone())
+            assert pool.stats().checked_out == 0
+    finally:
+        await registry.aclose()
+    assert seen[0] == ("user-3", 1)
+    after = [[(None, 0)], [("", 0)]] if then == "statement" else [[]]
+    assert seen[1:] in after
+
+
+@pytest.mark.parametrize("strategy", ["shared", "per_user"])
 @pytest.mark.parametrize("outcome", ["commit", "rollback"])
 async def test_session_state_a_checkout_leaves_stays_out_of_the_pooler(
     bounced: tuple[Database, str], strategy: str, outcome: str

@@ -182,6 +182,16 @@ def _aborted() -> psycopg.errors.InFailedSqlTransaction:
     )
 
 
+def _ended_inside() -> psycopg.ProgrammingError:
+    """The error of a checkout whose handler ended the transaction that carried the
+    context's settings (behind a pooler, the settings of either strategy)."""
+    return psycopg.ProgrammingError(
+        "the checkout's transaction was ended inside it (conn.commit(), conn.rollback() or "
+        "COMMIT): the statements after that ran without the context's settings. Let the "
+        "checkout commit when its block ends"
+    )
+
+
 def _unknown_commit(return_timeout: float) -> psycopg.OperationalError:
     """The error of a checkout whose COMMIT was given up at ``return_timeout``."""
     return psycopg.OperationalError(
@@ -229,15 +239,18 @@ async def _release(
     exc: BaseException | None,
     *,
     pooled: bool,
+    settings: list[str] | None = None,
 ) -> Exception | None:
     """End a psycopg-style checkout (commit on success, roll back on error) and hand the
     connection back. Shielded, so a cancelled task still returns its connection, and
     bounded by ``owner.return_timeout``, after which the connection is closed instead.
 
     Returns the error to raise to the caller: a transaction that failed inside a block
-    that ended normally (rolled back), or a COMMIT given up at the bound. A ``pooled``
-    connection (its server session passes to other clients of the pooler) is reset in the
-    same message as its COMMIT or ROLLBACK.
+    that ended normally (rolled back), a COMMIT given up at the bound, or a transaction
+    the handler ended itself when its ``settings`` (the values the checkout set in it,
+    behind a pooler) were all the context it had. A ``pooled`` connection (its server
+    session passes to other clients of the pooler) is reset in the same message as its
+    COMMIT or ROLLBACK.
     """
     committing = False
     status: int | None = None
@@ -247,10 +260,13 @@ async def _release(
                 return None
             status = conn.pgconn.transaction_status
             if status == _IDLE:
-                return None
+                return _ended_inside() if settings and exc is None else None
             if exc is None and status != _INERROR:
                 committing = True
-                await (_end_and_reset(conn, "COMMIT") if pooled else conn.commit())
+                if not pooled:
+                    await conn.commit()
+                elif not await _end_and_reset(conn, "COMMIT", owner, settings):
+                    return _ended_inside()
                 return None
             try:
                 await (_end_and_reset(conn, "ROLLBACK") if pooled else conn.rollback())
@@ -265,9 +281,23 @@ async def _release(
     return _aborted() if exc is None and status is not None else None
 
 
-async def _end_and_reset(conn: AsyncConnection[Any], end: str) -> None:
+async def _end_and_reset(
+    conn: AsyncConnection[Any],
+    end: str,
+    owner: PerUserPools | None = None,
+    settings: list[str] | None = None,
+) -> bool:
+    """End the transaction with ``end`` and reset the session, in one message; ``False``
+    when the transaction no longer carried ``settings`` (the handler ended the one that
+    did, and a statement began another)."""
     # Client-side binding: the simple query protocol, which alone takes several statements.
-    await AsyncClientCursor(conn).execute(f"{end}; {_POOLED_RESET}")
+    cur = AsyncClientCursor(conn)
+    if owner is None or not settings:
+        await cur.execute(f"{end}; {_POOLED_RESET}")
+        return True
+    await cur.execute(f"{owner._read_local_sql}; {end}; {_POOLED_RESET}", owner._names)
+    row = await cur.fetchone()
+    return row is not None and list(row) == settings
 
 
 _IN_USE = "this checkout is in use; call connection() once per `async with`"

@@ -80,8 +80,10 @@ class PerUserPools:
     only, and autocommit is refused there (one statement's transaction would lose them);
     what a handler leaves in the server session (``SET ROLE``, session settings, advisory
     locks, temporary tables, ``LISTEN``) is reset in the same message as the checkout's
-    COMMIT or ROLLBACK, before the pooler can hand the session to another client.
-    A checkout follows psycopg's rules: committed when the ``async with`` body ends
+    COMMIT or ROLLBACK, before the pooler can hand the session to another client; a
+    handler that ends the checkout's transaction itself there (``conn.commit()``) gets
+    ``psycopg.ProgrammingError`` when its block ends, since what ran after it ran without
+    the settings. A checkout follows psycopg's rules: committed when the ``async with`` body ends
     normally, rolled back when it raises. One that ends normally in a failed transaction
     (a statement's error caught inside it) is rolled back and raises
     ``psycopg.errors.InFailedSqlTransaction``, where psycopg's commit would roll back
@@ -163,6 +165,10 @@ class PerUserPools:
         self._set_sql = checked.set_sql
         # Behind a connection pooler the settings are set in every transaction instead.
         self._set_local_sql = _set_config_sql(len(self._names), local=True)
+        # ... and read back when its transaction ends, to see it is still the same one.
+        self._read_local_sql = "SELECT " + ", ".join(
+            "pg_catalog.current_setting(%s, true)" for _ in self._names
+        )
         self._pooler_seen = False
         self._kwargs = dict(kwargs or {})
         self._pool_options = _checked_pool_options(pool_options)

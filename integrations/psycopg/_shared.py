@@ -33,6 +33,7 @@ from ambient.integrations.psycopg._common import (
     _cancel_broken,
     _Cancellers,
     _checked_pool_options,
+    _ended_inside,
     _hand_back,
     _through_pooler,
     _unknown_commit,
@@ -345,11 +346,7 @@ class SharedPool:
                 if (conn.closed or status == _ACTIVE) and await _cancel_broken(conn, cancel):
                     return None
                 if status == _IDLE and exc is None:
-                    error = psycopg.ProgrammingError(
-                        "the checkout's transaction was ended inside it (conn.commit(), "
-                        "conn.rollback() or COMMIT): the statements after that ran without "
-                        "the context's settings. Let the checkout commit when its block ends"
-                    )
+                    error = _ended_inside()
                 if status == _INERROR and exc is None:
                     error = _aborted()
                 commit = exc is None and error is None

@@ -193,16 +193,19 @@ class _UserPool:
 
 
 class _UserCheckout:
-    __slots__ = ("_cancel", "_conn", "_owner", "_pool", "_timeout", "_user_pool")
+    __slots__ = ("_cancel", "_conn", "_owner", "_pool", "_settings", "_timeout", "_user_pool")
 
     def __init__(self, owner: PerUserPools, timeout: float) -> None:
         self._owner = owner
         self._timeout = timeout
         self._conn: AsyncConnection[Any] | None = None
+        # Behind a pooler: the values of the settings set in the checkout's transaction.
+        self._settings: list[str] | None = None
 
     async def __aenter__(self) -> AsyncConnection[Any]:
         if self._conn is not None:
             raise RuntimeError(_IN_USE)
+        self._settings = None
         owner = self._owner
         user_pool: _UserPool = await ambient.resolve(owner)
         deadline = time.monotonic() + self._timeout
@@ -250,13 +253,13 @@ class _UserCheckout:
                 "not cover the next. Leave autocommit off"
             )
         else:
+            params = _values(user_pool.user, owner)
             try:
-                await conn.execute(
-                    owner._set_local_sql, _values(user_pool.user, owner), prepare=False
-                )
+                await conn.execute(owner._set_local_sql, params, prepare=False)
             except BaseException as exc:  # noqa: BLE001 - re-raised below
                 error = exc
             else:
+                self._settings = params[1::2]
                 return
         await _release(owner, pool, conn, owner._cancellers.of(conn), error, pooled=True)
         owner._done(user_pool)
@@ -274,7 +277,13 @@ class _UserCheckout:
         self._conn = None
         try:
             error = await _release(
-                self._owner, self._pool, conn, self._cancel, exc, pooled=self._user_pool.pooled
+                self._owner,
+                self._pool,
+                conn,
+                self._cancel,
+                exc,
+                pooled=self._user_pool.pooled,
+                settings=self._settings,
             )
         finally:
             self._owner._done(self._user_pool)
