@@ -393,7 +393,9 @@ class AmbientMiddleware:
         try:
             await self.app(scope, receive_tracked, send_tracked)
         except Exception:
-            if startup_answered:
+            # An app that took the startup message and raised has failed its startup: the
+            # server must hear it (uvicorn --lifespan on exits), as without the middleware.
+            if startup_answered or received:
                 raise
             logger.debug("the app does not support lifespan; ambient answers it", exc_info=True)
         else:

@@ -768,6 +768,30 @@ class TestLifespan:
             await middleware({"type": "lifespan"}, receive, send)
         assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
 
+    async def test_a_startup_that_raises_is_raised_not_answered_as_complete(self) -> None:
+        """The app receives ``lifespan.startup`` and raises without answering (a database
+        unreachable at startup): the server gets the exception, as it would without the
+        middleware, never a ``startup.complete`` the app did not send."""
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            assert (await receive())["type"] == "lifespan.startup"
+            msg = "database unreachable"
+            raise ConnectionError(msg)
+
+        middleware = AmbientMiddleware(app, registry=Registry(), identity=trusted_header())
+        incoming = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+        sent: list[Message] = []
+
+        async def receive() -> Message:
+            return incoming.pop(0)
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        with pytest.raises(ConnectionError, match="database unreachable"):
+            await middleware({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+        assert sent == []
+
     async def test_other_scope_types_pass_through(self) -> None:
         seen: list[str] = []
 

@@ -33,6 +33,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 import ambient
+from ambient import Registry
 from ambient._binding import _current, _live
 from ambient.middleware import AmbientMiddleware, scope_user, trusted_header
 from ambient.middleware.identity import jwt_bearer
@@ -391,6 +392,50 @@ def test_shutdown_with_requests_in_flight_loses_no_cleanup() -> None:
     # 10 + 10 probes and the 10 early users' Memory, every one cleaned exactly once.
     assert len(ledger.created) == 30
     assert ledger.problems() == []
+
+
+def test_a_startup_failure_stops_uvicorn_as_it_would_without_the_middleware() -> None:
+    """An app whose startup raises without answering (a plain ASGI app; Starlette answers
+    ``startup.failed`` itself): under ``--lifespan on`` uvicorn must refuse to start, with
+    the middleware as without it, and never serve after a failed startup."""
+    import uvicorn
+
+    from tests.servers import free_port
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            assert (await receive())["type"] == "lifespan.startup"
+            msg = "database unreachable"
+            raise ConnectionError(msg)
+        await Response("served")(scope, receive, send)
+
+    outcome: dict[bool, tuple[bool, Any]] = {}
+    for wrapped in (False, True):
+        served: Any = (
+            AmbientMiddleware(app, registry=Registry(), identity=trusted_header())
+            if wrapped
+            else app
+        )
+        config = uvicorn.Config(
+            served, host="127.0.0.1", port=free_port(), lifespan="on", log_level="critical"
+        )
+        server = uvicorn.Server(config)
+        exits: list[Any] = []
+
+        def run(server: uvicorn.Server = server, exits: list[Any] = exits) -> None:
+            try:
+                server.run()
+            except SystemExit as stop:  # uvicorn's exit status for a failed startup
+                exits.append(stop.code)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        thread.join(15)
+        if thread.is_alive():  # it went on serving: stop it
+            server.should_exit = True
+            thread.join(30)
+        outcome[wrapped] = (server.started, exits)
+    assert outcome[True] == outcome[False] == (False, [3])
 
 
 class HeaderAuth(AuthenticationBackend):
