@@ -249,14 +249,20 @@ class Scope:
         registry = self._registry
         failures: list[Exception] = []
         interrupted: BaseException | None = None
+        if self._holds:
+            try:
+                await self._wait_for_holds()
+            except BaseException as error:  # noqa: BLE001 - re-raised once cleaned up
+                # A native asyncio cancellation gets through the shield: stop waiting for
+                # the holds, but still clean up and release the user's components.
+                interrupted = error
+            if self._closed:
+                # Another close of this scope waited for the same holds and has taken over
+                # the cleanup: ending the scope twice would count it twice.
+                if interrupted is not None:
+                    raise interrupted
+                return []
         try:
-            if self._holds:
-                try:
-                    await self._wait_for_holds()
-                except BaseException as error:  # noqa: BLE001 - re-raised once cleaned up
-                    # A native asyncio cancellation gets through the shield: stop waiting
-                    # for the holds, but still clean up and release the user's components.
-                    interrupted = error
             self._closed = True
             own = self._own
             created = own.close() if own is not None else []
@@ -351,10 +357,13 @@ class Scope:
             self._released.set()
 
     async def _wait_for_holds(self) -> None:
-        self._released = anyio.Event()
+        # One event for every close waiting here: the last release sets the one it finds.
+        if self._released is None:
+            self._released = anyio.Event()
+        released = self._released
         timeout = self._registry.cleanup_timeout
         with anyio.CancelScope(shield=True), anyio.move_on_after(timeout) as deadline:
-            await self._released.wait()
+            await released.wait()
         if deadline.cancelled_caught:
             logger.warning(
                 "ambient: %d hold(s) on %r still active after %s s; cleaning up anyway",

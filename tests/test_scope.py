@@ -810,6 +810,42 @@ class TestHold:
             pass  # releasing it late is harmless
         await registry.aclose()
 
+    async def test_two_closes_waiting_for_one_hold_end_the_scope_once(self) -> None:
+        """Two tasks close a held scope (the request's end and a shutdown, say): the
+        release wakes both, the scope is cleaned and counted once, and neither waits out
+        the cleanup timeout."""
+        closed: list[ambient.Scope] = []
+
+        class Closes(ambient.Observer):
+            def scope_closed(self, scope: ambient.Scope, failures: tuple[Exception, ...]) -> None:
+                closed.append(scope)
+
+        registry = Registry(cleanup_timeout=60, telemetry=Closes())
+        cleaned: list[str] = []
+
+        def make() -> Iterator[str]:
+            yield "component"
+            cleaned.append("component")
+
+        registry.register("x", make)
+        registry.register("user", lambda: "user", lifetime=Lifetime.USER)
+        scope = registry.open_scope(ctx())
+        await scope.__aenter__()
+        await scope.resolve("x")
+        await scope.resolve("user")
+        hold = scope.hold()
+        with anyio.fail_after(10):  # the old code waited for cleanup_timeout (60 s)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(scope.aclose)
+                await anyio.wait_all_tasks_blocked()
+                tg.start_soon(scope.aclose)
+                await anyio.wait_all_tasks_blocked()
+                hold.release()
+        assert (cleaned, closed) == (["component"], [scope])
+        assert registry.stats().open_scopes == 0
+        assert [entry.refs for entry in registry._users.values()] == [0]
+        await registry.aclose()
+
 
 class TestObservers:
     async def test_an_inactive_observer_sees_nothing_of_the_scope(self) -> None:
