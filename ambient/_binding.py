@@ -105,6 +105,17 @@ def bind(
     return binding
 
 
+def _ended_above(current: _Binding | None, binding: _Binding) -> bool:
+    """Whether every binding above ``binding`` in ``current``'s chain has ended: inner ones
+    ended from another Context (a generator finalised by another task), which could not
+    restore this Context's value, so ``binding`` must restore past them."""
+    while current is not None and current is not binding:
+        if not current.closed:
+            return False
+        current = current.prev
+    return current is binding
+
+
 def unbind(binding: _Binding) -> None:
     """End ``binding``; safe out of order and from another :class:`contextvars.Context`.
 
@@ -114,7 +125,8 @@ def unbind(binding: _Binding) -> None:
     if binding.closed:
         return
     binding.closed = True
-    if _current.get() is not binding:
+    current = _current.get()
+    if current is not binding and not _ended_above(current, binding):
         # Out-of-order exit: an inner binding is current. It restores past us when it ends.
         return
     token = binding.token

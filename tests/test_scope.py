@@ -903,8 +903,9 @@ class TestAbandonedGenerators:
     # trio warns about an async generator left to the garbage collector: that is the point.
     @pytest.mark.filterwarnings("ignore:Async generator:ResourceWarning")
     @pytest.mark.parametrize("ending", ["aclose", "garbage"])
+    @pytest.mark.parametrize("acting_for", ["child run", "another user"])
     async def test_a_sub_scope_in_an_abandoned_stream_generator(
-        self, ending: str, caplog: pytest.LogCaptureFixture
+        self, ending: str, acting_for: str, caplog: pytest.LogCaptureFixture
     ) -> None:
         """A stream generator opens a sub-scope (acting for a child run, with a component
         of its own) and yields 5 chunks; its consumer takes 2 and stops: it closes the
@@ -912,7 +913,9 @@ class TestAbandonedGenerators:
         in another task and Context. Either way the sub-scope's component is cleaned once,
         nothing is logged, and the consumer sees its own context again, and resolves from
         its own scope (the finaliser could not reset the consumer's Context, but an ended
-        binding shows the live one it shadows)."""
+        binding shows the live one it shadows), and nothing once its own scope has closed,
+        not even the sub-scope's context (that of another user, for an admin acting for
+        one)."""
         cleaned: list[str] = []
         done = anyio.Event()
         registry = Registry()
@@ -930,8 +933,8 @@ class TestAbandonedGenerators:
         caplog.set_level(logging.DEBUG)
 
         async def stream() -> AsyncIterator[str]:
-            child = request.child("stream")
-            async with registry.open_scope(child):
+            child = request.child("stream") if acting_for == "child run" else ctx("bob")
+            async with registry.open_scope(child, allow_switch=acting_for != "child run"):
                 for n in range(5):
                     assert await ambient.resolve("part") == child.run_id
                     yield f"chunk {n}"
@@ -950,6 +953,7 @@ class TestAbandonedGenerators:
             assert ambient.current_context_or_none() is request
             assert ambient.current_scope() is outer
             assert await ambient.resolve("whole") == request.run_id
+        assert ambient.current_context_or_none() is None
         assert taken == ["chunk 0", "chunk 1"]
         assert len(cleaned) == 1
         assert registry.stats().open_scopes == 0
