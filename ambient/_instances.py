@@ -264,6 +264,7 @@ class Instances:
                 self._report(observers, provider, None, arg, scope, start_ns, started, exc)
             raise
         if not self._store(provider, instance, finalizer):
+            registry.created += 1  # made, and cleaned below: the counts stay even
             with anyio.CancelScope(shield=True):
                 await finalize([(provider, instance, finalizer)], None, registry, None, observers)
             raise self._closed_error(provider)
@@ -325,8 +326,10 @@ class Instances:
                 self._report(observers, provider, None, arg, scope, start_ns, started, exc)
             raise
         if not self._store(provider, instance, finalizer):
-            if finalizer is not None and not finalizer.is_async:
-                finalizer.run_sync(None)
+            # Its owner closed while the factory ran (in a worker thread, say): nobody else
+            # will clean it, and an async cleanup cannot be awaited here.
+            registry.created += 1
+            registry.clean_up_refused([(provider, instance, finalizer)], scope, observers)
             raise self._closed_error(provider)
         registry.created += 1
         scope.components_created += 1

@@ -15,7 +15,7 @@ import anyio
 
 from ambient import _observe
 from ambient._context import UserExecutionContext, UserRef
-from ambient._instances import Created, Instances, finalize
+from ambient._instances import Created, Instances, finalize, finalize_sync, needs_await
 from ambient._observe import Observer
 from ambient._provider import Lifetime, key_from_annotation, key_name, make_provider
 from ambient._scope import Scope
@@ -360,6 +360,22 @@ class Registry:
         with anyio.CancelScope(shield=True):
             for entry in evicted:
                 await self._close_entry(entry, entry.instances.close())
+
+    def clean_up_refused(
+        self, created: list[Created], scope: Scope, observers: tuple[Observer, ...]
+    ) -> None:
+        """Clean up components made for ``scope`` that its store refused, having closed
+        while they were made (by a worker thread): at once when every cleanup is sync;
+        otherwise on the event loop, by the next scope of this registry that opens or
+        closes, or by :meth:`aclose`."""
+        if not needs_await(created):
+            finalize_sync(created, None, self, scope._user_ref(), observers, scope)
+            return
+        # Queued as an evicted user's would be: expiry_due() sees it at no extra cost.
+        entry = UserEntry(scope._user_ref(), ephemeral=True)
+        entry.instances.created = created
+        with self._lock:
+            self._evicted.append(entry)
 
     def expiry_due(self) -> bool:
         """Whether evicted or expired USER components wait for cleanup."""

@@ -217,16 +217,20 @@ class Scope:
         if self._closed or not self._opened:
             self._closed = True
             return []
-        own = self._own
         if self._holds or self._user_entry is not None or self._registry.expiry_due():
             return None
+        # Closed first, then what was made read: a worker thread's resolve_sync() publishes
+        # what it takes (a store, a user entry) first, then looks at _closed. Whichever
+        # comes second sees the other, so nothing a thread takes is missed.
+        self._closed = True
+        if self._user_entry is not None:
+            return None
+        own = self._own
         if own is None:
-            self._closed = True
             self._ended([])
             return []
         if own.needs_await():
             return None
-        self._closed = True
         failures: list[Exception] = []
         try:
             created = own.close()
@@ -266,8 +270,8 @@ class Scope:
             self._closed = True
             own = self._own
             created = own.close() if own is not None else []
-            entry = self._user_entry
-            self._user_entry = None
+            with _FIRST_USE:  # against a worker thread taking the entry back (see there)
+                entry, self._user_entry = self._user_entry, None
             if entry is not None or (created and needs_await(created)):
                 with anyio.CancelScope(shield=True):
                     try:
@@ -415,6 +419,10 @@ class Scope:
         else:
             registry = self._registry
             instance = await registry.app_instances.aget(provider, None, self, registry)
+        if self._closed:
+            # The scope closed while the component was made: it lives on with its user or
+            # the app, but this scope hands out nothing more (nor caches it for later).
+            raise self._unavailable(key)
         self._cache[key] = instance
         return instance
 
@@ -448,6 +456,8 @@ class Scope:
         else:
             registry = self._registry
             instance = registry.app_instances.get(provider, None, self, registry)
+        if self._closed:
+            raise self._unavailable(key)  # as in resolve()
         self._cache[key] = instance
         return instance
 
@@ -458,6 +468,14 @@ class Scope:
             own = self._own
             if own is None:
                 own = self._own = Instances("request scope", self._cache)
+        if self._closed:
+            # Published, then _closed read (see _close_now): a close that read _own before
+            # this store existed missed it, so close it here. Instances.close() hands what
+            # was made to one caller only, whoever else closes it too.
+            created = own.close()
+            if created:
+                self._registry.clean_up_refused(created, self, self.observers)
+            raise ScopeClosedError(f"cannot resolve from {self!r}: the scope has closed")
         return own
 
     def _unavailable(self, key: Hashable) -> Exception:
@@ -488,6 +506,16 @@ class Scope:
                 self._user_entry = entry
         if spare is not None:
             registry.release_user(spare)
+        if self._closed:
+            # Published, then _closed read (see _close_now): a close that came first may
+            # have missed the entry. Whoever takes it off the scope releases it.
+            with _FIRST_USE:
+                missed = self._user_entry is kept
+                if missed:
+                    self._user_entry = None
+            if missed:
+                registry.release_user(kept)
+            raise ScopeClosedError(f"cannot resolve from {self!r}: the scope has closed")
         return kept
 
     @contextlib.contextmanager

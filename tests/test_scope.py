@@ -958,3 +958,171 @@ class TestAbandonedGenerators:
         assert len(cleaned) == 1
         assert registry.stats().open_scopes == 0
         assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _AsyncCleaned:
+    """A component made by a plain function whose cleanup awaits (an HTTP client, say)."""
+
+    def __init__(self) -> None:
+        self.closed = 0
+
+    async def aclose(self) -> None:
+        await anyio.lowlevel.checkpoint()
+        self.closed += 1
+
+
+class TestClosingWhileResolving:
+    """A scope that closes while something still resolves from it (work that outlived its
+    request, without a hold): the resolution is refused, nothing it made is lost or kept
+    by the closed scope, and every component is cleaned exactly once."""
+
+    async def test_a_user_component_made_while_its_scope_closed_is_not_handed_out(
+        self,
+    ) -> None:
+        clock = _Clock()
+        registry = Registry(clock=clock)
+        inside, release = anyio.Event(), anyio.Event()
+        made: list[Counter] = []
+
+        async def make() -> Counter:
+            inside.set()
+            await release.wait()
+            made.append(Counter())
+            return made[-1]
+
+        registry.register(Counter, make, lifetime=Lifetime.USER, idle_ttl=10)
+        registry.register("other", object, lifetime=Lifetime.USER, idle_ttl=10)
+        first, second = registry.open_scope(ctx()), registry.open_scope(ctx())
+        outcome: list[BaseException] = []
+
+        async def late() -> None:  # the first request's work, still running at its end
+            try:
+                await first.resolve(Counter)
+            except ScopeClosedError as refused:
+                outcome.append(refused)
+
+        with anyio.fail_after(10):
+            async with second:  # another request of the same user keeps her USER entry
+                await second.resolve("other")
+                async with anyio.create_task_group() as tg:
+                    async with first:
+                        tg.start_soon(late)
+                        await inside.wait()
+                    release.set()
+            assert [type(e) for e in outcome] == [ScopeClosedError]
+            with pytest.raises(ScopeClosedError):
+                await first.resolve(Counter)
+            with pytest.raises(ScopeClosedError):
+                first.resolve_sync(Counter)
+            clock.now = 100.0
+            await registry.sweep()
+        assert [c.closed for c in made] == [1]
+        assert registry.stats().live_users == 0
+
+    async def test_a_thread_made_component_with_an_async_cleanup_is_still_cleaned(
+        self,
+    ) -> None:
+        """A sync factory in a worker thread returns after its scope closed: the thread gets
+        ScopeClosedError, and the component's async cleanup (which the thread cannot
+        await) runs once, on the event loop, when the next scope opens and closes."""
+        registry = Registry()
+        made: list[_AsyncCleaned] = []
+        inside, release = threading.Event(), threading.Event()
+
+        def make() -> _AsyncCleaned:
+            inside.set()
+            release.wait(10)
+            made.append(_AsyncCleaned())
+            return made[-1]
+
+        registry.register(_AsyncCleaned, make)
+        outcome: list[BaseException] = []
+        with anyio.fail_after(10):
+            async with registry.open_scope(ctx()) as scope:
+
+                def work() -> None:
+                    try:
+                        scope.resolve_sync(_AsyncCleaned)
+                    except ScopeClosedError as refused:
+                        outcome.append(refused)
+
+                thread = threading.Thread(target=work)
+                thread.start()
+                await anyio.to_thread.run_sync(inside.wait)
+            release.set()
+            await anyio.to_thread.run_sync(thread.join)
+            assert [type(e) for e in outcome] == [ScopeClosedError]
+            async with registry.open_scope(ctx("bob")):
+                pass
+        assert [c.closed for c in made] == [1]
+        stats = registry.stats()
+        assert (stats.created, stats.cleaned) == (1, 1)
+
+    @pytest.mark.parametrize("lifetime", [Lifetime.REQUEST, Lifetime.USER])
+    async def test_a_thread_resolving_while_the_scope_closes_takes_nothing_along(
+        self, monkeypatch: pytest.MonkeyPatch, lifetime: Lifetime
+    ) -> None:
+        """A worker thread's resolve_sync() has found the scope open and is taking what
+        the first component of its kind needs (the scope's store, the user's entry) when
+        the scope closes: it gets ScopeClosedError, and neither a store nobody closes nor
+        a reference that keeps the user's entry from ever expiring is left behind."""
+        import ambient._scope
+
+        clock = _Clock()
+        registry = Registry(clock=clock)
+        ttl = {"idle_ttl": 1.0} if lifetime is Lifetime.USER else {}
+        registry.register(Counter, Counter, lifetime=lifetime, **ttl)
+        taking, go_on = threading.Event(), threading.Event()
+
+        def paused() -> None:  # the thread stops where the GIL could switch to the close
+            taking.set()
+            go_on.wait(10)
+
+        if lifetime is Lifetime.REQUEST:
+
+            class PausedStore(ambient._scope.Instances):  # type: ignore[misc]
+                def __init__(self, *args: object) -> None:
+                    paused()
+                    super().__init__(*args)  # type: ignore[arg-type]
+
+            monkeypatch.setattr(ambient._scope, "Instances", PausedStore)
+        else:
+            acquire = registry.acquire_user
+
+            def paused_acquire(*args: object, **kwargs: object) -> object:
+                entry = acquire(*args, **kwargs)  # type: ignore[arg-type]
+                paused()
+                return entry
+
+            monkeypatch.setattr(registry, "acquire_user", paused_acquire)
+        outcome: list[object] = []
+        with anyio.fail_after(10):
+            scope = registry.open_scope(ctx())
+            await scope.__aenter__()
+
+            def work() -> None:
+                try:
+                    outcome.append(scope.resolve_sync(Counter))
+                except ScopeClosedError as refused:
+                    outcome.append(refused)
+
+            thread = threading.Thread(target=work)
+            thread.start()
+            await anyio.to_thread.run_sync(taking.wait)
+            await scope.aclose()  # the request ends
+            go_on.set()
+            await anyio.to_thread.run_sync(thread.join)
+            clock.now = 100.0
+            await registry.sweep()
+        assert [type(o) for o in outcome] == [ScopeClosedError]
+        stats = registry.stats()
+        assert (stats.open_scopes, stats.live_users, stats.created, stats.cleaned) == (0, 0, 0, 0)
+        assert scope._own is None or scope._own.closed  # no store that takes components
