@@ -115,6 +115,8 @@ class Registry:
         self._idle = 0
         self._next_expiry = math.inf
         self._evicted: list[UserEntry] = []
+        # Open scopes whose caches hold USER or APP components.
+        self._sharing: set[Scope] = set()
         self.open_scopes = 0
         # Set when the last open scope closes, while shutdown waits for that.
         self._scopes_closed: anyio.Event | None = None
@@ -462,6 +464,13 @@ class Registry:
             self._users.clear()
             self._evicted = []
             self._idle = 0
+        for scope in list(self._sharing):
+            # Open scopes resolve these afresh from now on, not from their caches.
+            cache = scope._cache
+            for key in list(cache):
+                provider = self.providers.get(key)
+                if provider is not None and provider.lifetime is not Lifetime.REQUEST:
+                    cache.pop(key, None)
         failures: list[Exception] = []
         with anyio.CancelScope(shield=True):
             for entry in entries:

@@ -79,6 +79,7 @@ class Scope:
         "_own",
         "_registry",
         "_released",
+        "_shares",
         "_state",
         "_user",
         "_user_entry",
@@ -108,6 +109,8 @@ class Scope:
         # Every component this scope has resolved, whatever its lifetime: the fast path.
         self._cache: dict[Hashable, Any] = {}
         self._user_entry: UserEntry | None = None
+        # Whether _cache holds USER or APP components (registry.aclose() drops them there).
+        self._shares = False
         self._user: UserRef | None = None
         self._binding: _Binding | None = None
         self._opened = False
@@ -321,6 +324,8 @@ class Scope:
             self._binding = None
             unbind(binding)
         registry = self._registry
+        if self._shares:
+            registry._sharing.discard(self)
         registry.open_scopes -= 1
         if registry._scopes_closed is not None and not registry.open_scopes:
             registry._scopes_closed.set()
@@ -423,6 +428,8 @@ class Scope:
             # The scope closed while the component was made: it lives on with its user or
             # the app, but this scope hands out nothing more (nor caches it for later).
             raise self._unavailable(key)
+        if not self._shares:
+            self._share()
         self._cache[key] = instance
         return instance
 
@@ -458,8 +465,16 @@ class Scope:
             instance = registry.app_instances.get(provider, None, self, registry)
         if self._closed:
             raise self._unavailable(key)  # as in resolve()
+        if not self._shares:
+            self._share()
         self._cache[key] = instance
         return instance
+
+    def _share(self) -> None:
+        # Known to the registry while open, so that its aclose() can drop the USER and APP
+        # components it cleans from this scope's cache (see Registry.aclose).
+        self._shares = True
+        self._registry._sharing.add(self)
 
     def _request_store(self) -> Instances:
         # Two threads of this scope may both have found no store: a second one would create

@@ -221,6 +221,28 @@ class TestAppLifetime:
         assert one is not two
         await registry.aclose()
 
+    async def test_a_scope_open_across_aclose_gets_fresh_components(self) -> None:
+        """aclose() while a scope is still open (a websocket at shutdown): the USER and APP
+        components it cleaned are never handed out again from that scope's cache; the
+        scope gets new ones (its REQUEST components stay), cleaned by the next aclose()."""
+        cleaned: list[str] = []
+        registry = user_registry(cleaned)
+        registry.register("app", lambda: Tracked(UserRef("app"), cleaned), lifetime=Lifetime.APP)
+        registry.register("request", object)
+        async with registry.open_scope(ctx("alice")) as scope:
+            user, app = await ambient.resolve(Tracked), await ambient.resolve("app")
+            request = await ambient.resolve("request")
+            await registry.aclose()
+            assert sorted(cleaned) == ["alice", "app"]
+            fresh_user, fresh_app = await ambient.resolve(Tracked), scope.resolve_sync("app")
+            assert fresh_user is not user
+            assert fresh_app is not app
+            assert await ambient.resolve(Tracked) is fresh_user
+            assert await ambient.resolve("request") is request
+        await registry.aclose()
+        assert sorted(cleaned) == ["alice", "alice", "app", "app"]
+        assert registry._sharing == set()
+
 
 class TestAbnormalExits:
     async def test_refcounts_return_to_zero_after_cancellations_and_errors(
