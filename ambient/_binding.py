@@ -261,7 +261,10 @@ def wrap(fn: Callable[P, R]) -> Callable[P, R]:
 
         return cast("Callable[P, R]", run_async)
 
+    from ambient._instances import hand_over  # it imports this module
+
     captured = contextvars.copy_context()
+    hand_over(captured)
 
     @functools.wraps(fn)
     def run(*args: P.args, **kwargs: P.kwargs) -> R:

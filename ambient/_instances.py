@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Hashable
-from contextvars import ContextVar
+from contextvars import Context, ContextVar
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
@@ -38,13 +38,18 @@ if TYPE_CHECKING:
     from ambient._registry import Registry
     from ambient._scope import Scope
 
-__all__ = ["Created", "Instances", "finalize", "finalize_sync", "needs_await"]
+__all__ = ["Created", "Instances", "finalize", "finalize_sync", "hand_over", "needs_await"]
 
 logger = logging.getLogger("ambient")
 
 # Keys whose async factories this task is awaiting, outermost first: a repeat is a cycle.
 _resolving: Final[ContextVar[tuple[Hashable, ...]]] = ContextVar("ambient.resolving", default=())
 _MISSING: Final = object()
+# Keys whose sync factories handed this work to another thread (through ambient's thread
+# helpers) and may be waiting for it: waiting here for one of them would wait for itself.
+_handed_over: Final[ContextVar[tuple[Hashable, ...]]] = ContextVar(
+    "ambient.handed_over", default=()
+)
 
 Created = tuple[Provider, Any, Finalizer | None]
 
@@ -185,6 +190,20 @@ def _run_sync(
         building.pop()
 
 
+def hand_over(context: Context) -> None:
+    """Note in ``context`` (a copy another thread will run in) the components this thread's
+    sync factories are making. A factory that hands work to a thread and waits for it
+    would otherwise deadlock when that work resolves what the factory makes, instead of
+    the cycle being reported."""
+    building = _building.keys
+    if building:
+        context.run(_extend_handed_over, tuple(building))
+
+
+def _extend_handed_over(keys: tuple[Hashable, ...]) -> None:
+    _handed_over.set((*_handed_over.get(), *keys))
+
+
 def _cycle(stack: tuple[Hashable, ...], key: Hashable) -> ResolutionError:
     path = " -> ".join(key_name(k) for k in (*stack[stack.index(key) :], key))
     return ResolutionError(f"dependency cycle while resolving: {path}")
@@ -314,6 +333,9 @@ class Instances:
                     "`await resolve(...)`"
                 )
                 raise ResolutionError(msg)
+            handed = _handed_over.get()
+            if key in handed:
+                raise _cycle((*handed, *stack, *building), key)
             pending.wait_blocking()
         observers = scope.observers
         started = time.perf_counter() if observers else 0.0

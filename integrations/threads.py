@@ -43,6 +43,7 @@ import anyio.from_thread
 import anyio.to_thread
 
 from ambient._binding import current_scope
+from ambient._instances import hand_over as _hand_over
 
 if TYPE_CHECKING:
     from ambient._scope import Scope, _Hold
@@ -238,6 +239,7 @@ class ContextExecutor(ThreadPoolExecutor):
         """
         _check_sync(fn)
         context = contextvars.copy_context()
+        _hand_over(context)
 
         def run() -> R:
             return context.run(fn, *args, **kwargs)
@@ -259,6 +261,7 @@ class ContextExecutor(ThreadPoolExecutor):
         _check_sync(fn)
         hold, call_soon = _take_hold(current_scope())
         context = contextvars.copy_context()
+        _hand_over(context)
 
         def run_held() -> R:
             try:

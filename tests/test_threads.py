@@ -19,7 +19,7 @@ from fastapi import FastAPI
 
 import ambient
 from ambient import Lifetime, Registry, UserExecutionContext, UserRef
-from ambient.errors import NoActiveContextError, ScopeClosedError
+from ambient.errors import NoActiveContextError, ResolutionError, ScopeClosedError
 from ambient.integrations.fastapi import install
 from ambient.integrations.threads import ContextExecutor, hold_scope, run_sync_in_thread
 from ambient.middleware import trusted_header
@@ -168,6 +168,50 @@ class TestCarryingTheScope:
             executor.submit(job)  # type: ignore[arg-type]
         with pytest.raises(TypeError, match="await"):
             anyio.run(run_sync_in_thread, job)
+
+
+class _Engine:
+    pass
+
+
+class _Tools:
+    pass
+
+
+@pytest.mark.parametrize("hop", ["ContextExecutor", "ambient.wrap"])
+async def test_a_cycle_through_a_thread_hop_is_reported_not_a_deadlock(hop: str) -> None:
+    """A sync factory builds part of its component in another thread and waits for it;
+    that part resolves what the factory is making. Without the hop that is a cycle
+    reported at once; through ambient's thread helpers it is the same ResolutionError,
+    not a thread waiting for itself (bounded here by the future's timeout)."""
+    registry = Registry()
+    with (
+        ContextExecutor(max_workers=2) as executor,
+        concurrent.futures.ThreadPoolExecutor(max_workers=2) as plain,
+    ):
+
+        def make_engine() -> _Engine:
+            part = (
+                executor.submit(ambient.resolve_sync, _Tools)
+                if hop == "ContextExecutor"
+                else plain.submit(ambient.wrap(ambient.resolve_sync), _Tools)
+            )
+            part.result(timeout=10)
+            return _Engine()
+
+        def make_tools() -> _Tools:
+            ambient.resolve_sync(_Engine)
+            return _Tools()
+
+        registry.register(_Engine, make_engine)
+        registry.register(_Tools, make_tools)
+        with anyio.fail_after(20):
+            async with registry.open_scope(UserExecutionContext.create("alice")):
+                cycle = "cycle.*_Engine -> _Tools -> _Engine"
+                for _ in range(2):  # nothing is left half-made: the second try is the same
+                    with pytest.raises(ResolutionError, match=cycle):
+                        await anyio.to_thread.run_sync(ambient.resolve_sync, _Engine)
+        assert registry.stats().created == 0
 
 
 class TestWorkThatOutlivesTheRequest:
