@@ -984,6 +984,73 @@ async def test_the_manager_only_sends_for_the_bound_user() -> None:
     await registry.aclose()
 
 
+class HeldHandshake:
+    """A websocket whose handshake (``accept()``) completes only when the test says: the
+    window between a socket's subscription and its registration, held open."""
+
+    def __init__(self) -> None:
+        self.accepting = anyio.Event()
+        self.accepted = anyio.Event()
+        self.release = anyio.Event()
+        self.closed: list[tuple[int, str | None]] = []
+
+    async def accept(self) -> None:
+        self.accepting.set()
+        await self.release.wait()
+        self.accepted.set()
+
+    async def send_text(self, data: str) -> None:
+        pass
+
+    async def send_bytes(self, data: bytes) -> None:
+        pass
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        self.closed.append((code, reason))
+
+
+@pytest.mark.parametrize("ending", ["revoke", "hub closed"])
+async def test_a_socket_still_connecting_is_revoked_or_closed_with_the_others(
+    ending: str,
+) -> None:
+    """A handshake already past the identity check is accepting when the user is revoked
+    (or the hub shuts down): once accepted, its handler's block ends at its first await
+    and the socket is closed with 4001 (1001), instead of serving the revoked user (or
+    living on, registered, after the shutdown)."""
+    registry = Registry()
+    hub = ConnectionHub()
+    hub.install(registry)
+    socket = HeldHandshake()
+    served: list[str] = []
+
+    async def handler() -> None:
+        context = UserExecutionContext.create("carol", connection_id="c-1")
+        async with registry.open_scope(context) as scope:
+            manager = await scope.resolve(UserWebSocketManager)
+            async with manager.connect(socket):  # type: ignore[arg-type]
+                served.append("entered")
+                await anyio.sleep_forever() if ending == "revoke" else None
+                served.append("served on")
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(handler)
+            await socket.accepting.wait()
+            if ending == "revoke":
+                await hub.revoke("carol")
+            else:
+                await hub.aclose()
+            socket.release.set()
+    expected = (
+        (["entered"], [(4001, "access revoked")], 1)
+        if ending == "revoke"
+        else (["entered", "served on"], [(1001, "server shutting down")], 0)
+    )
+    assert (served, socket.closed, hub.stats().revoked) == expected
+    assert (hub.stats().connections, hub._joining) == (0, set())
+    await registry.aclose()
+
+
 def test_envelopes_survive_the_wire() -> None:
     from ambient import UserRef
 

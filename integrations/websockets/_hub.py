@@ -100,6 +100,9 @@ class ConnectionHub:
         self.queue_bytes = queue_bytes
         self.close_timeout = close_timeout
         self._users: dict[UserRef, dict[str, Connection]] = {}
+        # Sockets between the start of connect() and their registration (subscribing,
+        # accepting): a revocation or aclose() in that window must reach them too.
+        self._joining: set[Connection] = set()
         self._count = 0
         self._peak_queued = 0
         self._overflows = 0
@@ -147,6 +150,9 @@ class ConnectionHub:
             for connection in list(user.values()):
                 self._remove(connection)
                 connection._request_close(CLOSE_GOING_AWAY, "server shutting down", drain=True)
+        for connection in list(self._joining):
+            # Not registered once it is accepted: closed by its writer with the others.
+            connection._request_close(CLOSE_GOING_AWAY, "server shutting down", drain=True)
         await self.backend.aclose()
 
     async def revoke(
@@ -192,10 +198,12 @@ class ConnectionHub:
 
     def _deliver(self, envelope: Envelope) -> None:
         """Queue ``envelope`` on the matching sockets this process holds (never waits)."""
+        mode = envelope.mode
+        if mode == REVOKE and self._joining:
+            self._revoke_joining(envelope)
         connections = self._users.get(envelope.user)
         if not connections:
             return
-        mode = envelope.mode
         target = envelope.target
         data = envelope.data
         if mode == REVOKE:
@@ -214,6 +222,18 @@ class ConnectionHub:
             if mode == TO_USER or connection.thread_id == target:
                 connection._offer(data)
 
+    def _revoke_joining(self, envelope: Envelope) -> None:
+        """A revocation for sockets still connecting: marked now, their block ends as soon
+        as it starts (see :meth:`_connect`)."""
+        target = envelope.target
+        for joining in list(self._joining):
+            if joining.user == envelope.user and (
+                target is None or joining.connection_id == target
+            ):
+                if joining._revoked is None:
+                    self._revoked += 1
+                joining._revoke(CLOSE_REVOKED, str(envelope.data))
+
     # -- registration --------------------------------------------------------------------
 
     @asynccontextmanager
@@ -228,12 +248,7 @@ class ConnectionHub:
         if existing is not None and connection.connection_id in existing:
             msg = f"connection {connection.connection_id} is already registered"
             raise RuntimeError(msg)
-        try:
-            await self.backend.subscribe(user)
-        except BroadcastError as error:
-            if accept:
-                await _refuse_after_accept(websocket, str(error))
-            raise
+        await self._join(connection, websocket, accept=accept)
         failure: BaseException | None = None
         try:
             if accept:
@@ -241,7 +256,13 @@ class ConnectionHub:
             async with anyio.create_task_group() as tg:
                 connection._block_scope = tg.cancel_scope
                 await tg.start(connection._run_writer)
-                self._add(connection)
+                self._joining.discard(connection)
+                if connection._revoked is not None:
+                    # Revoked while it connected: the block ends at its first await, and
+                    # the socket is closed with 4001 as a registered one would be.
+                    tg.cancel_scope.cancel()
+                elif connection._closing is None:  # not shut down by aclose() meanwhile
+                    self._add(connection)
                 try:
                     yield connection
                 except anyio.get_cancelled_exc_class():
@@ -257,6 +278,7 @@ class ConnectionHub:
             if failure is not None:
                 raise failure
         finally:
+            self._joining.discard(connection)
             if connection._revoked is not None:
                 await _close_revoked(connection, websocket, self.close_timeout)
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.close_timeout):
@@ -264,6 +286,19 @@ class ConnectionHub:
                     await self.backend.unsubscribe(user)
                 except Exception:
                     logger.warning("ambient: unsubscribing %r failed", connection, exc_info=True)
+
+    async def _join(
+        self, connection: Connection, websocket: WebSocketLike, *, accept: bool
+    ) -> None:
+        """Subscribe ``connection``'s user, the socket counted as joining from now on."""
+        self._joining.add(connection)
+        try:
+            await self.backend.subscribe(connection.user)
+        except BaseException as error:
+            self._joining.discard(connection)
+            if accept and isinstance(error, BroadcastError):
+                await _refuse_after_accept(websocket, str(error))
+            raise
 
     def _add(self, connection: Connection) -> None:
         connections = self._users.setdefault(connection.user, {})
