@@ -35,7 +35,7 @@ from urllib.parse import parse_qsl
 
 from ambient import _loops
 from ambient._binding import get_current_context
-from ambient.errors import IdentityError
+from ambient.errors import IdentityError, IdentityUnavailableError
 from ambient.middleware.identity import Identity
 
 __all__ = ["MemoryTicketStore", "RedisTicketStore", "TicketStore", "WebSocketTickets"]
@@ -109,8 +109,13 @@ class MemoryTicketStore:
 class RedisTicketStore:
     """Tickets in Redis (6.2 or newer), shared by every worker and server.
 
+    A Redis that cannot be reached raises :class:`~ambient.errors.IdentityUnavailableError`
+    (503 with ``Retry-After`` for the request issuing a ticket, a handshake closed with
+    1013): the ticket may be fine, the store is not.
+
     Args:
-        client: A ``redis.asyncio.Redis`` (extra ``redis``); asyncio only.
+        client: A ``redis.asyncio.Redis`` (extra ``redis``; ``decode_responses`` either
+            way); asyncio only.
         prefix: Key prefix; keys expire with their tickets.
     """
 
@@ -121,17 +126,37 @@ class RedisTicketStore:
 
     async def put(self, key: str, value: bytes, ttl: float) -> None:
         _loops.refuse_trio(_ASYNCIO_ONLY)
-        stored = await self._client.set(
-            self._prefix + key, value, px=max(1, math.ceil(ttl * 1000)), nx=True
-        )
+        from redis.exceptions import RedisError
+
+        try:
+            stored = await self._client.set(
+                self._prefix + key, value, px=max(1, math.ceil(ttl * 1000)), nx=True
+            )
+        except RedisError as error:
+            raise _store_unavailable("issued", error) from error
         if not stored:  # pragma: no cover - 256 random bits do not collide
             msg = "a ticket with this key is already outstanding"
             raise RuntimeError(msg)
 
     async def take(self, key: str) -> bytes | None:
         _loops.refuse_trio(_ASYNCIO_ONLY)
-        value = await self._client.getdel(self._prefix + key)
-        return None if value is None else bytes(value)
+        from redis.exceptions import RedisError
+
+        try:
+            value = await self._client.getdel(self._prefix + key)
+        except RedisError as error:
+            raise _store_unavailable("redeemed", error) from error
+        if value is None:
+            return None
+        # A client made with decode_responses=True answers str (tickets are ASCII JSON).
+        return value.encode() if isinstance(value, str) else bytes(value)
+
+
+def _store_unavailable(what: str, error: Exception) -> IdentityUnavailableError:
+    return IdentityUnavailableError(
+        f"the ticket store (Redis) cannot be reached, so no ticket can be {what}; try again "
+        f"shortly ({type(error).__name__})"
+    )
 
 
 class WebSocketTickets:

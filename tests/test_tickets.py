@@ -26,7 +26,12 @@ from websockets.sync.client import connect
 
 import ambient
 from ambient import Registry, UserExecutionContext
-from ambient.errors import IdentityError, NoActiveContextError, UnsupportedBackendError
+from ambient.errors import (
+    IdentityError,
+    IdentityUnavailableError,
+    NoActiveContextError,
+    UnsupportedBackendError,
+)
 from ambient.middleware import AmbientMiddleware, WebSocketTickets, first_of
 from ambient.middleware.identity import jwt_bearer
 from ambient.middleware.tickets import MemoryTicketStore, RedisTicketStore
@@ -227,6 +232,48 @@ class TestRedis:
 
         await _eventually(gone, "Redis expired the ticket")
         assert (await refused(tickets, handshake(ticket))).status == 401
+
+    async def test_a_client_that_decodes_responses_redeems_too(
+        self, redis_client: redis.asyncio.Redis
+    ) -> None:
+        """``decode_responses=True``, a common setup, answers str: the ticket still redeems
+        (it used to be used up by a TypeError, a 500 for the handshake)."""
+        prefix = f"ambient-test:{uuid.uuid4().hex}:"
+        decoding = redis.asyncio.Redis.from_url(REDIS_URL, decode_responses=True)
+        try:
+            tickets = WebSocketTickets(RedisTicketStore(decoding, prefix=prefix))
+            with bound("carol", scopes=["chat"]):
+                ticket = await tickets.issue()
+            identity = await tickets(handshake(ticket))
+            assert identity is not None
+            assert (identity.user_id, dict(identity.claims)) == ("carol", {"scopes": ["chat"]})
+            assert (await refused(tickets, handshake(ticket))).status == 401
+        finally:
+            await decoding.aclose()
+
+    async def test_a_store_that_cannot_be_reached_is_503_not_a_server_error(
+        self, anyio_backend: str
+    ) -> None:
+        """Nothing listens where the store should be: issuing a ticket and redeeming one
+        raise IdentityUnavailableError (503, a handshake closed with 1013), not Redis's
+        ConnectionError."""
+        from tests.servers import free_port
+
+        if anyio_backend != "asyncio":
+            pytest.skip("redis-py's asyncio client is asyncio-only; test_redis_store_refuses_trio")
+
+        gone = redis.asyncio.Redis.from_url(
+            f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=2
+        )
+        try:
+            tickets = WebSocketTickets(RedisTicketStore(gone))
+            with bound(), pytest.raises(IdentityUnavailableError, match="ticket store"):
+                await tickets.issue()
+            with pytest.raises(IdentityUnavailableError, match="ticket store") as info:
+                await tickets(handshake("t" * 43))
+            assert (info.value.http_status, info.value.retry_after) == (503, 5.0)
+        finally:
+            await gone.aclose()
 
 
 async def test_redis_store_refuses_trio(anyio_backend: str) -> None:
