@@ -1308,6 +1308,53 @@ async def test_delivery_resumes_after_a_redis_restart_and_the_outage_is_reported
         own.kill()
 
 
+async def test_a_revocation_made_while_the_subscription_was_down_still_ends_the_socket(
+    redis_url: str,
+) -> None:
+    """The process's pub/sub connection is cut (a Redis failover, a proxy dropping it) and
+    carol is revoked before it is back: the revocation message reaches nobody here. Once
+    the subscription is back, the process finds the revocation it missed and ends carol's
+    socket with 4001; dave's socket, not revoked, goes on."""
+    import redis
+
+    own = RedisProcess()
+    own.start()
+    try:
+        # A slow first reconnect: the revocation below is made while nothing is subscribed.
+        backend = RedisBroadcast(
+            own.url, channel_prefix=unique_prefix(), timeout=1.0, reconnect_delay=1.0
+        )
+        hub = ConnectionHub(backend)
+        app, ledger, _ = build(hub)
+
+        async def scenario(base: str) -> None:
+            carol, _ = await open_socket(base, "carol", "chat")
+            dave, _ = await open_socket(base, "dave", "chat")
+            admin = redis.Redis.from_url(own.url)
+            try:
+                assert admin.client_kill_filter(_type="pubsub") == 1
+                async with httpx.AsyncClient(base_url=base, timeout=DEADLINE) as http:
+                    revoked = await http.post("/revoke", params={"user": "carol"}, headers=OPS)
+                    assert revoked.status_code == 200, revoked.text
+                    # Made in the gap, which this test is about, not after the reconnect.
+                    assert backend.reconnects == 0
+                    frame = await _closed_frame(carol)
+                    assert (frame.code, frame.reason) == (4001, "access revoked")
+                    assert backend.reconnects == 1
+                    assert await expect_pong(dave) == []
+            finally:
+                admin.close()
+            await close_all([dave])
+
+        with serve("uvicorn", app) as url:
+            await in_client_thread(lambda: scenario(url))
+            await wait_closed(ledger, 2)
+            stats = hub.stats()
+            assert (stats.revoked, stats.connections) == (1, 0)
+    finally:
+        own.kill()
+
+
 async def test_a_hung_redis_is_noticed_by_the_health_check(redis_url: str) -> None:
     """Redis stops answering without closing its connections (SIGSTOP): a send times out
     with BroadcastError, the health check gives the subscription up, and once Redis runs

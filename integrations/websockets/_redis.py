@@ -15,7 +15,12 @@ import anyio
 
 from ambient import UserRef, _loops
 from ambient.integrations.websockets._broadcast import BroadcastError, Deliver, _attach_once
-from ambient.integrations.websockets._envelope import Envelope, decode_envelope, encode_envelope
+from ambient.integrations.websockets._envelope import (
+    REVOKE,
+    Envelope,
+    decode_envelope,
+    encode_envelope,
+)
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -23,6 +28,10 @@ if TYPE_CHECKING:
 
 
 logger = logging.getLogger("ambient.websockets")
+
+# Seconds a user's count of revocations outlives the last one: far longer than Redis is
+# ever unreachable for, so that a process coming back still finds what it missed.
+_REVOCATIONS_KEPT = 7 * 24 * 3600
 
 _ASYNCIO_ONLY = (
     "RedisBroadcast uses redis-py's asyncio client, which runs on asyncio only, and this "
@@ -42,7 +51,10 @@ class RedisBroadcast:
     re-subscribes. Publishing while Redis is unreachable raises :class:`BroadcastError`;
     so does opening a socket while the subscription cannot be made. Pub/sub delivers at
     most once: events published while this process is disconnected do not reach its
-    sockets.
+    sockets. Revocations are the exception: each is also counted in a Redis key of its
+    user, and a process whose subscription comes back compares those counts with the
+    ones it knew and revokes every socket of a user revoked meanwhile (all of them: the
+    count does not say which connection a revocation named).
 
     Args:
         url: The Redis URL (``redis://host:6379/0``).
@@ -98,6 +110,10 @@ class RedisBroadcast:
         self._reader: asyncio.Task[None] | None = None
         self._connected = False
         self._down_since: float | None = None
+        # Per subscribed channel: the user's count of revocations as of its subscription.
+        self._revocations: dict[bytes, int] = {}
+        # The subscription came back after an outage: look for revocations it missed.
+        self._resync = False
 
     def __repr__(self) -> str:
         state = "connected" if self._connected else "disconnected"
@@ -123,6 +139,9 @@ class RedisBroadcast:
         key = json.dumps([user.tenant_id, user.user_id]).encode()
         return self.channel_prefix.encode() + hashlib.sha256(key).hexdigest()[:32].encode()
 
+    def _revocations_key(self, channel: bytes) -> bytes:
+        return channel + b":revocations"
+
     # -- publishing ----------------------------------------------------------------------
 
     async def publish(self, envelope: Envelope) -> None:
@@ -136,9 +155,20 @@ class RedisBroadcast:
         from redis.exceptions import RedisError
 
         client = self._publisher()
+        channel = self.channel(envelope.user)
         try:
             with anyio.fail_after(self.timeout):
-                await client.publish(self.channel(envelope.user), encode_envelope(envelope))
+                if envelope.mode == REVOKE:
+                    # Counted, then published, in one transaction: a process that misses
+                    # the message finds the count when its subscription comes back.
+                    async with client.pipeline(transaction=True) as pipe:
+                        key = self._revocations_key(channel)
+                        pipe.incr(key)
+                        pipe.expire(key, _REVOCATIONS_KEPT)
+                        pipe.publish(channel, encode_envelope(envelope))
+                        await pipe.execute()
+                else:
+                    await client.publish(channel, encode_envelope(envelope))
         except (RedisError, OSError) as error:
             raise BroadcastError(f"could not publish the event to Redis: {error}") from error
 
@@ -185,13 +215,50 @@ class RedisBroadcast:
                 while channel not in self._confirmed:
                     await self._wait_changed()
                     self._check_up()  # the connection broke meanwhile: fail now
+                if channel not in self._revocations:
+                    # Read once subscribed: a revocation after this read arrives as a message.
+                    counts = await self._revocation_counts([channel])
+                    self._revocations.setdefault(channel, counts[0])
         except TimeoutError:
             await self._release(user)
             msg = f"Redis did not confirm the subscription within {self.timeout} s"
             raise BroadcastError(msg) from None
-        except BaseException:
+        except BaseException as error:
             await self._release(user)
+            from redis.exceptions import RedisError
+
+            if isinstance(error, RedisError | OSError):
+                msg = f"could not read the user's revocations from Redis: {error}"
+                raise BroadcastError(msg) from error
             raise
+
+    async def _revocation_counts(self, channels: list[bytes]) -> list[int]:
+        """The users' counts of revocations (``channels``' users), from Redis."""
+        keys = [self._revocations_key(channel) for channel in channels]
+        values = await self._publisher().mget(keys)
+        return [int(value or 0) for value in values]
+
+    async def _missed_revocations(self) -> None:
+        """After an outage of the subscription: revoke the sockets of every user whose
+        count of revocations grew while this process heard nothing."""
+        channels = list(self._refs)
+        if not channels:
+            return
+        with anyio.fail_after(self.timeout):
+            counts = await self._revocation_counts(channels)
+        deliver = self._deliver
+        for channel, count in zip(channels, counts, strict=True):
+            known = self._revocations.get(channel)
+            user = self._users.get(channel)
+            if user is None:
+                continue  # unsubscribed meanwhile
+            self._revocations[channel] = count
+            if known is not None and count > known and deliver is not None:
+                logger.warning(
+                    "ambient: a user was revoked while the Redis subscription was down; "
+                    "revoking their sockets here now"
+                )
+                deliver(Envelope(user, REVOKE, None, "access revoked"))
 
     async def _release(self, user: UserRef) -> None:
         with anyio.CancelScope(shield=True):
@@ -211,6 +278,7 @@ class RedisBroadcast:
             return
         self._refs.pop(channel, None)
         self._users.pop(channel, None)
+        self._revocations.pop(channel, None)
         self._confirmed.discard(channel)
         await self._send("UNSUBSCRIBE", channel)
 
@@ -265,6 +333,7 @@ class RedisBroadcast:
                 if self._connected:
                     delay = self.reconnect_delay  # it worked for a while: retry promptly
                 self._connected = False
+                self._resync = False  # set again once every channel is subscribed again
                 self._confirmed.clear()
                 self._pending.clear()
                 pubsub, self._pubsub = self._pubsub, None
@@ -319,6 +388,10 @@ class RedisBroadcast:
             silent_since = now
             pinged = False
             self._handle(message)
+            if self._resync:
+                # Failing here (Redis gone again) reconnects, and looks again after that.
+                await self._missed_revocations()
+                self._resync = False
 
     def _handle(self, message: Mapping[str, Any]) -> None:
         kind = message["type"]
@@ -349,6 +422,7 @@ class RedisBroadcast:
                 self._connected = True
                 if self._down_since is not None:
                     self.reconnects += 1
+                    self._resync = True
                     logger.warning("ambient: the Redis subscription is back")
                 self._down_since = None
             self._notify()
