@@ -1355,6 +1355,43 @@ async def test_a_revocation_made_while_the_subscription_was_down_still_ends_the_
         own.kill()
 
 
+# Starlette's TestClient prefers httpx2 now and warns when it runs on httpx.
+@pytest.mark.filterwarnings("ignore::starlette.exceptions.StarletteDeprecationWarning")
+def test_starlettes_test_client_on_one_loop_delivers_and_on_a_loop_per_call_says_why_not(
+    redis_url: str,
+) -> None:
+    """``with TestClient(app)`` runs everything on one event loop: events reach the socket.
+    Without ``with`` every call runs on a loop of its own, and the backend's connections
+    belong to the first: a call on another gets a BroadcastError saying so (503 here),
+    where it used to fail with 'Event loop is closed' or 'attached to a different loop',
+    a 500. Once the hub is closed (the app's shutdown), the backend starts again on the
+    next loop."""
+    from starlette.testclient import TestClient
+
+    backend = RedisBroadcast(redis_url, channel_prefix=unique_prefix(), timeout=2.0)
+    hub = ConnectionHub(backend)
+    app, _, _ = build(hub)
+    headers = {"x-user-id": "erin", "x-thread-id": "chat"}
+    for session in range(2):  # the second on a new loop, after the first one's shutdown
+        with (
+            TestClient(app, client=("127.0.0.1", 50000)) as together,
+            together.websocket_connect("/ws", headers=headers) as socket,
+        ):
+            assert json.loads(socket.receive_text())["type"] == "ready"
+            run = together.post("/run", params={"events": 3}, headers=headers)
+            assert run.status_code == 200, run.text
+            frames = [json.loads(socket.receive_text()) for _ in range(3)]
+            run_id = run.json()["run"]
+            assert [(f["run"], f["seq"]) for f in frames] == [(run_id, n) for n in range(3)]
+            if session == 0:
+                loop_per_call = TestClient(app, client=("127.0.0.1", 50000))
+                elsewhere = loop_per_call.post("/run", params={"events": 1}, headers=headers)
+                assert elsewhere.status_code == 503, elsewhere.text
+                assert "started on another event loop" in elsewhere.json()["error"]
+        # The lifespan shutdown closed the registry, the hub and the backend.
+        assert backend._loop is None
+
+
 async def test_a_hung_redis_is_noticed_by_the_health_check(redis_url: str) -> None:
     """Redis stops answering without closing its connections (SIGSTOP): a send times out
     with BroadcastError, the health check gives the subscription up, and once Redis runs

@@ -108,6 +108,7 @@ class RedisBroadcast:
         self._sub_client: Redis | None = None
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._connected = False
         self._down_since: float | None = None
         # Per subscribed channel: the user's count of revocations as of its subscription.
@@ -139,6 +140,30 @@ class RedisBroadcast:
         key = json.dumps([user.tenant_id, user.user_id]).encode()
         return self.channel_prefix.encode() + hashlib.sha256(key).hexdigest()[:32].encode()
 
+    def _on_this_loop(self) -> None:
+        """Check that this runs on asyncio, on the loop the backend started on.
+
+        redis-py's connections, the reader task and the wake-up event belong to the loop
+        they were made on, and cannot even be closed from another (:meth:`aclose` lets the
+        backend start again on any loop).
+
+        Raises:
+            UnsupportedBackendError: not running on asyncio.
+            BroadcastError: the backend started on another event loop.
+        """
+        _loops.require_asyncio(_ASYNCIO_ONLY)
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:
+            msg = (
+                "this RedisBroadcast started on another event loop, and its Redis "
+                "connections belong to that loop: run the application on one loop (in "
+                "tests, `with TestClient(app) as client:` rather than a loop per call), or "
+                "aclose() the backend before using it on another"
+            )
+            raise BroadcastError(msg)
+
     def _revocations_key(self, channel: bytes) -> bytes:
         return channel + b":revocations"
 
@@ -151,7 +176,7 @@ class RedisBroadcast:
             BroadcastError: Redis did not take it within ``timeout``.
             UnsupportedBackendError: not running on asyncio.
         """
-        _loops.require_asyncio(_ASYNCIO_ONLY)
+        self._on_this_loop()
         from redis.exceptions import RedisError
 
         client = self._publisher()
@@ -201,7 +226,7 @@ class RedisBroadcast:
             BroadcastError: Redis is down or did not confirm within ``timeout``.
             UnsupportedBackendError: not running on asyncio.
         """
-        _loops.require_asyncio(_ASYNCIO_ONLY)
+        self._on_this_loop()
         channel = self.channel(user)
         refs = self._refs.get(channel, 0)
         self._refs[channel] = refs + 1
@@ -306,7 +331,7 @@ class RedisBroadcast:
     async def wait_connected(self) -> None:
         """Wait until the subscription connection is up, starting it if needed (bound the
         wait with ``anyio.fail_after``)."""
-        _loops.require_asyncio(_ASYNCIO_ONLY)
+        self._on_this_loop()
         self._start_reader()
         while not self._connected:
             await self._wait_changed()
@@ -443,6 +468,7 @@ class RedisBroadcast:
         self._confirmed.clear()
         self._pending.clear()
         self._notify()
+        self._loop = None
 
 
 async def _close_quietly(closing: Awaitable[None]) -> None:
