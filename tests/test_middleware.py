@@ -585,6 +585,20 @@ class TestWebsocketRefusal:
         assert reason.decode() == "é" * (len(reason) // 2)
 
 
+async def run_lifespan(middleware: AmbientMiddleware, sent: list[Message]) -> None:
+    """A server's lifespan through ``middleware``: startup, then shutdown; what the
+    middleware sends goes to ``sent``."""
+    incoming: list[Message] = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+
+    async def receive() -> Message:
+        return incoming.pop(0)
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await middleware({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+
+
 class TestLifespan:
     async def test_shutdown_closes_user_components_before_the_apps_own_shutdown(self) -> None:
         """USER components are made from what the app's startup made, so they are closed
@@ -732,16 +746,8 @@ class TestLifespan:
         middleware = AmbientMiddleware(app, registry=registry, identity=trusted_header())
         async with client(middleware) as http:
             await http.get("/", headers={"x-user-id": "a"})
-        incoming = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
         sent: list[Message] = []
-
-        async def receive() -> Message:
-            return incoming.pop(0)
-
-        async def send(message: Message) -> None:
-            sent.append(message)
-
-        await middleware({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+        await run_lifespan(middleware, sent)
         assert [m["type"] for m in sent] == [
             "lifespan.startup.complete",
             "lifespan.shutdown.complete",
@@ -779,17 +785,9 @@ class TestLifespan:
             raise ConnectionError(msg)
 
         middleware = AmbientMiddleware(app, registry=Registry(), identity=trusted_header())
-        incoming = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
         sent: list[Message] = []
-
-        async def receive() -> Message:
-            return incoming.pop(0)
-
-        async def send(message: Message) -> None:
-            sent.append(message)
-
         with pytest.raises(ConnectionError, match="database unreachable"):
-            await middleware({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+            await run_lifespan(middleware, sent)
         assert sent == []
 
     async def test_other_scope_types_pass_through(self) -> None:

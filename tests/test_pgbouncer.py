@@ -142,6 +142,21 @@ async def _no_session_settings(url: str) -> list[Any]:
     return [setting for *_, setting in await _server_sessions(url) if setting]
 
 
+def _rls_pool(
+    db: Database, url: str, strategy: str, *, shared: dict[str, int]
+) -> SharedPool | PerUserPools:
+    """A pool of ``strategy`` through the pooler at ``url``, checking the notes table's
+    row-level security; ``shared`` sizes a SharedPool (a PerUserPools gets 2 per user)."""
+    options: dict[str, Any] = {
+        "rls_tables": [db.notes],
+        "rls_check": "raise",
+        "kwargs": {**db.kwargs(), "prepare_threshold": None},
+    }
+    if strategy == "shared":
+        return SharedPool(url, **shared, **options)
+    return PerUserPools(url, max_size=2, max_total=20, **options)
+
+
 def _registry(pool: SharedPool | PerUserPools) -> Registry:
     registry = Registry()
     pool.install(registry)
@@ -175,16 +190,7 @@ async def test_both_strategies_behind_transaction_pooling(
     settings when they reach PostgreSQL directly, sets them in every checkout's
     transaction here (with session settings most checkouts saw another user's)."""
     db, url = bounced
-    options: dict[str, Any] = {
-        "rls_tables": [db.notes],
-        "rls_check": "raise",
-        "kwargs": {**db.kwargs(), "prepare_threshold": None},
-    }
-    pool: SharedPool | PerUserPools = (
-        SharedPool(url, max_size=10, per_user_limit=10, **options)
-        if strategy == "shared"
-        else PerUserPools(url, max_size=2, max_total=20, **options)
-    )
+    pool = _rls_pool(db, url, strategy, shared={"max_size": 10, "per_user_limit": 10})
     registry = _registry(pool)
     with caplog.at_level(logging.WARNING, logger="ambient"):
         try:
@@ -257,16 +263,7 @@ async def test_a_transaction_ended_inside_the_checkout_is_reported(
     fails closed), and the checkout says so when it ends instead of passing silently, as
     it does when the commit was the block's last statement."""
     db, url = bounced
-    options: dict[str, Any] = {
-        "rls_tables": [db.notes],
-        "rls_check": "raise",
-        "kwargs": {**db.kwargs(), "prepare_threshold": None},
-    }
-    pool: SharedPool | PerUserPools = (
-        SharedPool(url, max_size=2, per_user_limit=2, **options)
-        if strategy == "shared"
-        else PerUserPools(url, max_size=2, **options)
-    )
+    pool = _rls_pool(db, url, strategy, shared={"max_size": 2, "per_user_limit": 2})
     registry = _registry(pool)
     seen: list[Any] = []
     try:

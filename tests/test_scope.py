@@ -6,8 +6,9 @@ import gc
 import logging
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -55,6 +56,20 @@ class _HeldFactory:
         self.inside.set()
         self.release.wait(10)
         return object()
+
+
+async def _held_scope(
+    registry: Registry, make: Callable[[], Iterator[str]]
+) -> tuple[ambient.Scope, Any]:
+    """An open scope of ``registry`` with a REQUEST component ``make`` makes, a USER one,
+    and a hold taken on it."""
+    registry.register("request", make)
+    registry.register("user", lambda: "user", lifetime=Lifetime.USER)
+    scope = registry.open_scope(ctx())
+    await scope.__aenter__()
+    await scope.resolve("request")
+    await scope.resolve("user")
+    return scope, scope.hold()
 
 
 class TestSingleFlight:
@@ -789,13 +804,7 @@ class TestHold:
             finally:
                 cleaned.append("request")
 
-        registry.register("request", make)
-        registry.register("user", lambda: "user", lifetime=Lifetime.USER)
-        scope = registry.open_scope(ctx())
-        await scope.__aenter__()
-        await scope.resolve("request")
-        await scope.resolve("user")
-        hold = scope.hold()
+        scope, hold = await _held_scope(registry, make)
         closing = asyncio.ensure_future(scope.__aexit__(None, None, None))
         await anyio.wait_all_tasks_blocked()
         assert not closing.done()  # waiting for the hold
@@ -827,13 +836,7 @@ class TestHold:
             yield "component"
             cleaned.append("component")
 
-        registry.register("x", make)
-        registry.register("user", lambda: "user", lifetime=Lifetime.USER)
-        scope = registry.open_scope(ctx())
-        await scope.__aenter__()
-        await scope.resolve("x")
-        await scope.resolve("user")
-        hold = scope.hold()
+        scope, hold = await _held_scope(registry, make)
         with anyio.fail_after(10):  # the old code waited for cleanup_timeout (60 s)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(scope.aclose)
