@@ -235,6 +235,10 @@ class ContextSigner:
             InvalidTokenError: the token is malformed, signed with an unknown key, tampered
                 with, expired, not valid yet, or for another audience.
         """
+        return self._verified(token, audience)[0]
+
+    def _verified(self, token: str, audience: str | None) -> tuple[UserExecutionContext, float]:
+        """:meth:`verify`, and the time (``clock()``'s) until which the token is honoured."""
         if (
             not isinstance(token, str)
             or len(token) > MAX_TOKEN_LENGTH
@@ -261,7 +265,7 @@ class ContextSigner:
             raise InvalidTokenError("malformed", "the context token is malformed") from None
         return self._context(claims, audience)
 
-    def _context(self, claims: object, audience: str | None) -> UserExecutionContext:
+    def _context(self, claims: object, audience: str | None) -> tuple[UserExecutionContext, float]:
         if not isinstance(claims, dict):
             raise InvalidTokenError("malformed", "the context token is malformed")
         issued, expires = claims.get("iat"), claims.get("exp")
@@ -285,7 +289,7 @@ class ContextSigner:
             )
         depth = claims.get("d", 0)
         try:
-            return UserExecutionContext(
+            context = UserExecutionContext(
                 user_id=claims.get("u"),  # type: ignore[arg-type]  # validated by the class
                 thread_id=claims.get("th"),  # type: ignore[arg-type]
                 run_id=claims.get("r"),  # type: ignore[arg-type]
@@ -297,6 +301,7 @@ class ContextSigner:
         except InvalidContextError as exc:
             detail = f"the context token carries an invalid context: {exc.field}: {exc.reason}"
             raise InvalidTokenError("malformed", detail) from None
+        return context, expires + self.leeway
 
 
 def _signer(secret: str | bytes | ContextSigner | None) -> ContextSigner:
@@ -471,9 +476,11 @@ def inject(
     """
     ctx = get_current_context()
     _set_header(headers, header, _signer(secret).sign(ctx, ttl=ttl, audience=audience))
-    if request_id_header:
+    # An id that is not ASCII (a thread id may be any text) cannot go into a header that
+    # httpx encodes as ASCII; the token carries it, and the callee takes it from there.
+    if request_id_header and ctx.request_id.isascii():
         _set_header(headers, request_id_header, ctx.request_id)
-    if thread_id_header:
+    if thread_id_header and ctx.thread_id.isascii():
         _set_header(headers, thread_id_header, ctx.thread_id)
     if trace:
         propagate.inject(headers)
@@ -531,12 +538,16 @@ def inject_hook(
     signer = _signer(secret)
 
     def hook(request: Any) -> None:
-        if current_context_or_none() is None:
-            return
         url = request.url
         host = str(url.host).lower()
         port = url.port or _DEFAULT_PORTS.get(url.scheme)
-        if any(host == name and (wanted is None or wanted == port) for name, wanted in allowed):
+        if not any(host == name and (wanted is None or wanted == port) for name, wanted in allowed):
+            # A redirect from an allowed host keeps the request's headers (httpx drops only
+            # Authorization across origins): the token must not follow it elsewhere.
+            if header in request.headers:
+                del request.headers[header]
+            return
+        if current_context_or_none() is not None:
             inject(request.headers, secret=signer, ttl=ttl, audience=audience, header=header)
 
     return hook
@@ -609,7 +620,7 @@ def signed_context(
             raise InvalidTokenError(
                 "untrusted-peer", "a signed context is accepted only from trusted services"
             )
-        caller = signer.verify(values[0].decode("latin-1"), audience=audience)
+        caller, honoured_until = signer._verified(values[0].decode("latin-1"), audience)
         for name, expected in (
             (request_id_header, caller.request_id),
             (thread_id_header, caller.thread_id),
@@ -621,6 +632,7 @@ def signed_context(
                 raise InvalidTokenError(
                     "mismatch", f"the {name} header does not match the signed context"
                 )
-        return Identity(caller.user_id, caller.tenant_id, parent=caller)
+        # A websocket it opens is closed (4001) when the token would no longer be honoured.
+        return Identity(caller.user_id, caller.tenant_id, parent=caller, expires_at=honoured_until)
 
     return resolve

@@ -91,6 +91,7 @@ def install(
     anonymous: bool = False,
     request_id_header: str = "x-request-id",
     thread_id_header: str = "x-thread-id",
+    thread_id_query: str | None = None,
     max_concurrent_per_user: int | None = None,
     telemetry: Observer | None = None,
 ) -> None:
@@ -108,6 +109,8 @@ def install(
         anonymous: Serve requests without identity as fresh anonymous users.
         request_id_header: Header carrying the request id.
         thread_id_header: Header carrying the conversation thread id.
+        thread_id_query: Query parameter carrying a websocket's thread id (browsers cannot
+            set headers on a websocket).
         max_concurrent_per_user: Requests one user may have in flight at once.
         telemetry: An extra observer (``ambient.telemetry.Telemetry``) for these scopes.
 
@@ -127,6 +130,7 @@ def install(
         "anonymous": anonymous,
         "request_id_header": request_id_header,
         "thread_id_header": thread_id_header,
+        "thread_id_query": thread_id_query,
         "max_concurrent_per_user": max_concurrent_per_user,
         "telemetry": telemetry,
     }

@@ -296,7 +296,12 @@ class AmbientMiddleware:
         query_name = self._thread_id_query
         if query_name is not None and scope["type"] == "websocket":
             query = scope.get("query_string", b"").decode("latin-1")
-            found = urllib.parse.parse_qs(query, keep_blank_values=True).get(query_name, [])
+            # Bytes that are not UTF-8 come back as they were sent (not as U+FFFD, which
+            # would merge different ids into one), to be refused as the header's are.
+            parsed = urllib.parse.parse_qs(
+                query, keep_blank_values=True, encoding="utf-8", errors="surrogateescape"
+            )
+            found = parsed.get(query_name, [])
             thread_ids += [value.encode("utf-8", "surrogateescape") for value in found]
         request_id = None
         if len(request_ids) == 1 and _REQUEST_ID.fullmatch(request_ids[0]):

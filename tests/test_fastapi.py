@@ -61,7 +61,9 @@ class Unregistered:
     """A key nobody registered."""
 
 
-async def websocket_exchange(app: Any, path: str, headers: dict[str, str]) -> list[Any]:
+async def websocket_exchange(
+    app: Any, path: str, headers: dict[str, str], query: bytes = b""
+) -> list[Any]:
     """Open a websocket on ``app`` in process (the client connects, then waits) and return
     what the app sent until it closed."""
     scope = {
@@ -71,7 +73,7 @@ async def websocket_exchange(app: Any, path: str, headers: dict[str, str]) -> li
         "path": path,
         "raw_path": path.encode(),
         "root_path": "",
-        "query_string": b"",
+        "query_string": query,
         "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
         "client": ("127.0.0.1", 50000),
         "server": ("testserver", 80),
@@ -413,6 +415,32 @@ class TestInstall:
             install(
                 FastAPI(), registry=registry, identity=trusted_header(), max_concurrent_per_user=0
             )
+
+    def test_install_takes_every_option_of_the_middleware(self) -> None:
+        """install() says its arguments are the middleware's: every one of them."""
+        import inspect
+
+        from ambient.middleware import AmbientMiddleware
+
+        middleware = set(inspect.signature(AmbientMiddleware.__init__).parameters) - {
+            "self",
+            "app",
+        }
+        assert set(inspect.signature(install).parameters) - {"app"} == middleware
+
+    async def test_a_browser_websocket_names_its_thread_through_install(self) -> None:
+        registry, _ = build_registry()
+        app = FastAPI()
+        install(app, registry=registry, identity=trusted_header(), thread_id_query="thread")
+
+        @app.websocket("/ws")
+        async def socket(websocket: WebSocket, ctx: CurrentContext) -> None:
+            await websocket.accept()
+            await websocket.send_json({"user": ctx.user_id, "thread": ctx.thread_id})
+            await websocket.close()
+
+        sent = await websocket_exchange(app, "/ws", ALICE, query=b"thread=chat-7")
+        assert json.loads(sent[1]["text"]) == {"user": "alice", "thread": "chat-7"}
 
     async def test_starlette_install_maps_errors_and_needs_no_request_state(self) -> None:
         """The Starlette integration: handlers reach the context with nothing passed down."""

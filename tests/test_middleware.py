@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Iterator, MutableMapping
 from typing import Any
 
@@ -883,6 +884,39 @@ class TestWebsocketThreadQuery:
         assert seen == ["t-é"]
         assert twice[0]["code"] == 1008
         assert "2 times" in twice[0]["reason"]
+
+    async def test_a_query_thread_id_that_is_not_utf8_is_refused_as_the_headers_is(
+        self,
+    ) -> None:
+        """``%FF`` and ``%FE`` are two different ids, neither UTF-8: both are refused (1008)
+        as the same bytes in the header are, never both read as U+FFFD, one thread."""
+        entered: list[str] = []
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            entered.append(ambient.get_current_context().thread_id)
+
+        middleware = AmbientMiddleware(
+            app, registry=Registry(), identity=trusted_header(), thread_id_query="thread"
+        )
+        user = [(b"x-user-id", b"ann")]
+        for raw in (b"%FF", b"%FE", b"t-%FF"):
+            by_query = await drive(
+                middleware,
+                ws_scope(user, query_string=b"thread=" + raw),
+                [{"type": "websocket.connect"}],
+            )
+            by_header = await drive(
+                middleware,
+                ws_scope([*user, (b"x-thread-id", urllib.parse.unquote_to_bytes(raw))]),
+                [{"type": "websocket.connect"}],
+            )
+            assert [m["type"] for m in by_query] == ["websocket.close"]
+            assert (by_query[0]["code"], by_query[0]["reason"]) == (
+                by_header[0]["code"],
+                by_header[0]["reason"],
+            )
+            assert by_query[0]["code"] == 1008
+        assert entered == []
 
 
 class TestWebsocketIdentityExpiry:

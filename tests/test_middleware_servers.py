@@ -629,10 +629,13 @@ async def test_an_untrusted_peer_sending_the_identity_header_gets_401(server: st
     assert ledger.created == {}
 
 
-async def test_a_websocket_is_closed_when_its_token_expires(server: str) -> None:
-    """A socket authenticated by a JWT is closed with 4001 when the token expires, though
-    the client keeps talking: no message is handled after expiry, and the connection's
-    components are cleaned once."""
+@pytest.mark.parametrize("credential", ["jwt", "signed context"])
+async def test_a_websocket_is_closed_when_its_token_expires(server: str, credential: str) -> None:
+    """A socket authenticated by a JWT, or by another service's signed context, is closed
+    with 4001 when the token expires, though the client keeps talking: no message is
+    handled after expiry, and the connection's components are cleaned once."""
+    from ambient.integrations.propagation import HEADER, ContextSigner, signed_context
+
     secret = "a-test-secret-of-at-least-32-bytes!"
     handled_at: list[float] = []
     cleaned: list[str] = []
@@ -654,17 +657,26 @@ async def test_a_websocket_is_closed_when_its_token_expires(server: str) -> None
             user = ambient.get_current_context().user_id
             await websocket.send_json({"user": user, "session": await ambient.resolve("session")})
 
+    signer = ContextSigner(secret, leeway=0)
     app = AmbientMiddleware(
         Starlette(routes=[WebSocketRoute("/ws", chat)]),
         registry=registry,
-        identity=jwt_bearer(secret, algorithms=["HS256"], leeway=0),
+        identity=jwt_bearer(secret, algorithms=["HS256"], leeway=0)
+        if credential == "jwt"
+        else signed_context(signer),
     )
     expires = int(time.time()) + 3
-    token = pyjwt.encode({"sub": "alice", "exp": expires}, secret, algorithm="HS256")
+    if credential == "jwt":
+        token = pyjwt.encode({"sub": "alice", "exp": expires}, secret, algorithm="HS256")
+        headers = {"authorization": f"Bearer {token}"}
+    else:
+        caller = ambient.UserExecutionContext.create("alice")
+        token = signer.sign(caller, ttl=expires - time.time())
+        expires = int(signer._verified(token, None)[1])  # the token's own exp, rounded up
+        headers = {HEADER: token}
 
     def talk(ws_url: str) -> tuple[list[Any], Any]:
         replies: list[Any] = []
-        headers = {"authorization": f"Bearer {token}"}
         with connect(ws_url, additional_headers=headers, open_timeout=20) as sock:
             try:
                 for _ in range(100):  # bounded: expiry comes after about 30 of them

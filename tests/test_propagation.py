@@ -555,6 +555,69 @@ def _wait_for(condition: Any) -> None:
         time.sleep(0.005)
 
 
+class _Recorder:
+    """A service that notes the headers of each request and answers ``answer``."""
+
+    def __init__(self, answer: Response) -> None:
+        self.answer = answer
+        self.headers: list[dict[str, str]] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        self.headers.append({k.decode(): v.decode() for k, v in scope["headers"]})
+        await self.answer(scope, receive, send)
+
+
+async def test_a_redirect_to_another_host_does_not_carry_the_token() -> None:
+    """An allowed service answers with a redirect to a host outside ``hosts`` (a third
+    party, a compromised service's doing): the client follows it, and the token, a
+    credential, does not: httpx keeps every header but Authorization across origins, so
+    the hook takes it off. Both over loopback, with the async and the sync hook."""
+    elsewhere = _Recorder(Response("elsewhere"))
+    with serve("uvicorn", elsewhere) as other_url:
+        allowed = _Recorder(Response(status_code=302, headers={"location": f"{other_url}/x"}))
+        with serve("uvicorn", allowed) as allowed_url:
+            hosts = [allowed_url.removeprefix("http://")]
+            async with httpx.AsyncClient(
+                follow_redirects=True,
+                event_hooks={"request": [async_inject_hook(hosts=hosts, secret=SECRET)]},
+            ) as client:
+                with bind_context(context()):
+                    answer = await client.get(f"{allowed_url}/start")
+
+            def sync_call() -> httpx.Response:
+                hook = inject_hook(hosts=hosts, secret=SECRET)
+                with (
+                    httpx.Client(follow_redirects=True, event_hooks={"request": [hook]}) as sync,
+                    bind_context(context()),
+                ):
+                    return sync.get(f"{allowed_url}/start")
+
+            sync_answer = await anyio.to_thread.run_sync(sync_call)
+    assert (answer.text, sync_answer.text) == ("elsewhere", "elsewhere")
+    assert [HEADER in headers for headers in allowed.headers] == [True, True]
+    assert [HEADER in headers for headers in elsewhere.headers] == [False, False]
+
+
+async def test_a_thread_id_that_is_not_ascii_reaches_the_callee_in_the_token() -> None:
+    """The middleware accepts any text as a thread id (``x-thread-id: café``, UTF-8); httpx
+    encodes its headers as ASCII, so putting it in a header failed every call made through
+    the hook (UnicodeEncodeError, a 500 for the caller). The token carries it: the callee
+    continues the caller's thread either way."""
+    b_app, _ = downstream()
+    with serve("uvicorn", b_app) as b_url:
+        hook = async_inject_hook(hosts=[b_url.removeprefix("http://")], secret=SECRET)
+        answers = {}
+        async with httpx.AsyncClient(event_hooks={"request": [hook]}) as client:
+            for thread in ("plain-thread", "café ☕ talk"):
+                with bind_context(context(thread_id=thread, request_id="r-1")):
+                    response = await client.get(f"{b_url}/whoami")
+                assert response.status_code == 200, response.text
+                answers[thread] = (response.json()["thread"], response.json()["request"])
+    assert answers == {thread: (thread, "r-1") for thread in ("plain-thread", "café ☕ talk")}
+
+
 async def test_two_services_one_user_one_trace(spans: Spans) -> None:
     """Service A calls service B with httpx over loopback (both real uvicorn servers, both
     behind opentelemetry-instrumentation-asgi, both with ambient's Telemetry): for 20
