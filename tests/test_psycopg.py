@@ -1166,6 +1166,43 @@ async def test_per_user_pools_give_each_user_its_own_sessions(db: Database) -> N
     await _eventually(_async_int(lambda: _server_connections(db), 0), "connections closed")
 
 
+@pytest.mark.parametrize("strategy", ["shared", "per_user"])
+async def test_a_block_that_cannot_commit_says_so_instead_of_losing_its_writes(
+    db: Database, strategy: str
+) -> None:
+    """The block writes a row, then leaves a ``cursor.stream()`` loop at its first match: the
+    stream's query still runs when the block ends, so the checkout cannot commit (the query
+    is cancelled, the transaction rolled back). It used to end as if all went well, the
+    row silently gone; it raises now, naming the likely cause. The same block reading the
+    stream to its end commits, and the pool serves the next checkout."""
+    pool: SharedPool | PerUserPools = (
+        SharedPool(db.app_url, min_size=1, max_size=2, rls_check="raise", kwargs=db.kwargs())
+        if strategy == "shared"
+        else PerUserPools(db.app_url, max_total=4, rls_check="raise", kwargs=db.kwargs())
+    )
+    registry = Registry()
+    pool.install(registry)
+    insert = db.sql("INSERT INTO {notes} (owner, body) VALUES ('alice', %s)")
+    try:
+        for body, stop_early in (("lost", True), ("kept", False)):
+            async with registry.open_scope(_ctx("alice")):
+                with (
+                    pytest.raises(psycopg.OperationalError, match="still running a query")
+                    if stop_early
+                    else contextlib.nullcontext()
+                ):
+                    async with pool.connection() as conn:
+                        await conn.execute(insert, (body,))
+                        async for (n,) in conn.cursor().stream("SELECT generate_series(1, 1000)"):
+                            if stop_early and n == 3:
+                                break
+        async with registry.open_scope(_ctx("alice")), pool.connection() as conn:
+            bodies = await (await conn.execute(db.sql("SELECT body FROM {notes}"))).fetchall()
+    finally:
+        await registry.aclose()
+    assert bodies == [("kept",)]
+
+
 def _async_int(get: Callable[[], Awaitable[int]], expected: int) -> Callable[[], Awaitable[bool]]:
     async def run() -> bool:
         return await get() == expected

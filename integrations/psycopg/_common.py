@@ -192,6 +192,21 @@ def _ended_inside() -> psycopg.ProgrammingError:
     )
 
 
+def _cut_short(*, lost: bool) -> psycopg.OperationalError:
+    """The error of a checkout whose block ended normally on a connection it could not
+    commit on: lost, or still running a query (cancelled, so rolled back)."""
+    why = (
+        "its connection was lost"
+        if lost
+        else "its connection was still running a query (a cursor.stream() left before its "
+        "end? close it first, e.g. with contextlib.aclosing), which was cancelled"
+    )
+    return psycopg.OperationalError(
+        f"the checkout's block ended normally but {why}: its transaction was rolled back, "
+        "nothing of it was committed"
+    )
+
+
 def _unknown_commit(return_timeout: float) -> psycopg.OperationalError:
     """The error of a checkout whose COMMIT was given up at ``return_timeout``."""
     return psycopg.OperationalError(
@@ -256,8 +271,9 @@ async def _release(
     status: int | None = None
     with _bounded(owner) as bound:
         try:
+            lost = conn.closed
             if await _cancel_broken(conn, cancel):
-                return None
+                return _cut_short(lost=lost) if exc is None else None
             status = conn.pgconn.transaction_status
             if status == _IDLE:
                 return _ended_inside() if settings and exc is None else None

@@ -33,6 +33,7 @@ from ambient.integrations.psycopg._common import (
     _cancel_broken,
     _Cancellers,
     _checked_pool_options,
+    _cut_short,
     _ended_inside,
     _hand_back,
     _through_pooler,
@@ -343,8 +344,9 @@ class SharedPool:
         with _bounded(self) as bound:
             try:
                 status = conn.pgconn.transaction_status
-                if (conn.closed or status == _ACTIVE) and await _cancel_broken(conn, cancel):
-                    return None
+                lost = conn.closed
+                if (lost or status == _ACTIVE) and await _cancel_broken(conn, cancel):
+                    return _cut_short(lost=lost) if exc is None else None
                 if status == _IDLE and exc is None:
                     error = _ended_inside()
                 if status == _INERROR and exc is None:
