@@ -480,6 +480,33 @@ async def test_shared_commit_inside_checkout_is_reported(db: Database, shared: S
     await _eventually(lambda: _shared_idle(shared), "pool idle again")
 
 
+async def test_a_requests_notice_handlers_never_hear_the_next_users(db: Database) -> None:
+    """Alice's request adds a notice and a notification handler to its connection; Bob's
+    checkout gets the same connection next: his notices (here naming his data) and his
+    notifications reach none of Alice's handlers."""
+    heard: list[str] = []
+    async with SharedPool(
+        db.app_url, min_size=1, max_size=1, rls_check="off", kwargs=db.kwargs()
+    ) as pool:
+        with bind_context(_ctx("alice")):
+            async with pool.connection() as conn:
+                alice_pid = conn.info.backend_pid
+                conn.add_notice_handler(lambda d: heard.append(f"notice {d.message_primary}"))
+                conn.add_notify_handler(lambda n: heard.append(f"notify {n.payload}"))
+                await conn.execute("DO $$BEGIN RAISE NOTICE 'alice: hello'; END$$")
+        with bind_context(_ctx("bob")):
+            async with pool.connection() as conn:
+                assert conn.info.backend_pid == alice_pid  # the same connection
+                await conn.execute("LISTEN bobs_channel")
+                await conn.execute(
+                    "DO $$BEGIN RAISE NOTICE 'bob: %', current_setting('app.user_id'); END$$"
+                )
+                await conn.execute("NOTIFY bobs_channel, 'bob: secret'")
+            async with pool.connection() as conn:  # bob's notification arrives after commit
+                await conn.execute("SELECT 1")
+    assert heard == ["notice alice: hello"]
+
+
 async def test_shared_set_local_is_effective_with_no_warning(shared: SharedPool) -> None:
     """SET LOCAL inside a checkout works: the connection is in a transaction block, so
     PostgreSQL draws no 'can only be used in transaction blocks' warning (autocommit

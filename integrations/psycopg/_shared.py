@@ -399,6 +399,13 @@ class SharedPool:
 
     async def _restore(self, conn: AsyncConnection[Any]) -> None:
         """Undo what a handler changed on the Python side of the connection."""
+        # Notice and notification callbacks a request added would receive the next users'
+        # notices. The pool's connections start with none; psycopg keeps them in these
+        # lists (it has no public way to list them).
+        for name in ("_notice_handlers", "_notify_handlers"):
+            handlers = getattr(conn, name, None)
+            if handlers:
+                handlers.clear()
         initial = self._initial
         if initial is None:
             return
