@@ -163,15 +163,23 @@ def _registry(pool: SharedPool | PerUserPools) -> Registry:
     return registry
 
 
+SETTING = "SELECT current_setting('app.user_id', true)"
+
+
+async def _read(registry: Registry, user: str, query: Query) -> list[tuple[Any, ...]]:
+    """The rows of ``query`` in one checkout of ``user``."""
+    async with (
+        registry.open_scope(UserExecutionContext.create(user)),
+        connection() as conn,
+    ):
+        cur = await conn.execute(query, prepare=False)
+        return await cur.fetchall()
+
+
 async def _read_once(registry: Registry, user: str, query: Query) -> list[tuple[Any, ...]]:
-    """The rows of ``query`` in one checkout of ``user``; the registry is closed after."""
+    """:func:`_read`, and the registry is closed after."""
     try:
-        async with (
-            registry.open_scope(UserExecutionContext.create(user)),
-            connection() as conn,
-        ):
-            cur = await conn.execute(query, prepare=False)
-            return await cur.fetchall()
+        return await _read(registry, user, query)
     finally:
         await registry.aclose()
 
@@ -251,6 +259,35 @@ async def test_prepared_statements_behind_a_pooler_are_warned_about(
     warnings = _pooler_warnings(caplog)
     assert len(warnings) == 1
     assert "'prepare_threshold': None" in warnings[0]
+
+
+async def test_a_pooler_logging_in_under_another_name_keeps_clean_connections(
+    bounced: tuple[Database, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """pgbouncer logs in to PostgreSQL as the app role whatever name its client gives
+    (``user=`` in ``[databases]``; hosted poolers' ``role.project`` names do the same):
+    SharedPool's reset check expects the server session's login, not the client's, so
+    a clean connection is reused rather than closed after every checkout."""
+    db, url = bounced
+    client_url = psycopg.conninfo.make_conninfo(url, user="frontend")
+    pool = SharedPool(
+        client_url,
+        min_size=1,
+        max_size=1,
+        rls_tables=[db.notes],
+        rls_check="raise",
+        kwargs={**db.kwargs(), "prepare_threshold": None},
+    )
+    registry = _registry(pool)
+    with caplog.at_level(logging.WARNING, logger="ambient"):
+        try:
+            for _ in range(5):
+                assert await _read(registry, "user-4", SETTING) == [("user-4",)]
+            stats = pool.stats()
+        finally:
+            await registry.aclose()
+    assert stats.discarded == 0
+    assert [r for r in caplog.records if "instead of reusing" in r.getMessage()] == []
 
 
 @pytest.mark.parametrize("strategy", ["shared", "per_user"])

@@ -142,13 +142,17 @@ async def _cancel_broken(conn: AsyncConnection[Any], cancel: Canceller) -> bool:
     return True
 
 
-async def _through_pooler(conn: AsyncConnection[Any]) -> bool:
+async def _through_pooler(conn: AsyncConnection[Any]) -> tuple[bool, str]:
     """Whether ``conn`` reaches PostgreSQL through a connection pooler (pgbouncer and its
-    kin): the pooler hands the client a cancel key of its own, so the backend pid libpq
-    learnt at connect time is not the pid of the server process that runs the queries."""
-    cur = await conn.execute("SELECT pg_catalog.pg_backend_pid()", prepare=False)
+    kin), and the role its server session logged in as (a pooler may log in under another
+    name than its client's). The pooler hands the client a cancel key of its own, so the
+    backend pid libpq learnt at connect time is not the pid of the server process that
+    runs the queries."""
+    cur = await conn.execute("SELECT pg_catalog.pg_backend_pid(), session_user", prepare=False)
     row = await cur.fetchone()
-    return row is not None and row[0] != conn.info.backend_pid
+    if row is None:  # pragma: no cover - a SELECT without FROM returns its row
+        return False, conn.info.user
+    return row[0] != conn.info.backend_pid, row[1]
 
 
 def _warn_pooler(owner: SharedPool | PerUserPools, conn: AsyncConnection[Any], how: str) -> None:

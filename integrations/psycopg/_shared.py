@@ -198,6 +198,7 @@ class SharedPool:
         self._opening: anyio.Lock | None = None
         self._installed = False
         self._initial: tuple[Any, ...] | None = None
+        self._login: str | None = None
         self._gates: dict[UserRef, _Gate] = {}
         self.checked_out = 0
         self.discarded = 0
@@ -309,10 +310,15 @@ class SharedPool:
     # -- connection callbacks (run by psycopg_pool's workers) ------------------------------
 
     async def _configure(self, conn: AsyncConnection[Any]) -> None:
-        if await _through_pooler(conn):
+        pooled, login = await _through_pooler(conn)
+        if pooled:
             _warn_pooler(
                 self, conn, "its settings last one transaction, so transaction pooling suits it"
             )
+        # What the reset check expects: the role the server session logged in as, which a
+        # pooler's own login (pgbouncer's user=, "user.project" names) makes differ from
+        # the client's.
+        self._login = login
         # Every connection of the pool starts alike; remember how, to restore it on return.
         if self._initial is None:
             self._initial = (
@@ -384,7 +390,7 @@ class SharedPool:
             while cur.nextset():
                 pass
             row = await cur.fetchone()
-            login = conn.info.user
+            login = self._login or conn.info.user
             # The columns of _CHECK, then every setting.
             if row is None or row[0] != login or row[1] != login or any(row[3:]):
                 await self._discard(conn, "it kept session state (PREPARE, a role default?)")

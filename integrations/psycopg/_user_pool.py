@@ -137,7 +137,7 @@ class _UserPool:
 
     async def _configure(self, conn: AsyncConnection[Any]) -> None:
         owner = self.owner
-        if await _through_pooler(conn):
+        if (await _through_pooler(conn))[0]:
             # The server session behind this connection changes hands between
             # transactions: a session-level setting would reach other users' queries.
             self.pooled = True
