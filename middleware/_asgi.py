@@ -219,18 +219,24 @@ class AmbientMiddleware:
             component_scope = Scope(registry, ctx, observer=self.telemetry)
             if registry.expiry_due():
                 await registry.expire_idle()
+            handshake = _Handshake(receive) if websocket else None
+            app_receive = receive if handshake is None else handshake
             component_scope._open()
             try:
                 if expires_at is None:
-                    await self.app(scope, receive, response)
+                    await self.app(scope, app_receive, response)
                 else:
-                    await _serve_until_expiry(self.app, scope, receive, socket, expires_at)
+                    await _serve_until_expiry(self.app, scope, app_receive, socket, expires_at)
             except AmbientError as error:
                 if not response.started and _answerable(error):
                     failures = await component_scope.finish(error)
                     _log_failures(failures, ctx)
                     problem = Problem.from_error(error)
-                    await self._refuse(problem, scope, receive, send, echo, websocket)
+                    if handshake is not None and handshake.connected:
+                        # The app took the handshake's connect: waiting for it would hang.
+                        await problem.deny_websocket(scope, receive, send, echo, connected=True)
+                    else:
+                        await self._refuse(problem, scope, receive, send, echo, websocket)
                     return
                 await component_scope.__aexit__(type(error), error, error.__traceback__)
                 raise
@@ -432,6 +438,27 @@ class AmbientMiddleware:
             await registry.aclose()
         except Exception:
             logger.exception("ambient: closing the registry at shutdown failed")
+
+
+class _Handshake:
+    """A websocket's ``receive``, noting whether the app took the handshake's connect."""
+
+    __slots__ = ("_receive", "connected")
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self.connected = False
+
+    def __call__(self) -> Awaitable[MutableMapping[str, Any]]:
+        if self.connected:
+            return self._receive()
+        return self._first()
+
+    async def _first(self) -> MutableMapping[str, Any]:
+        message = await self._receive()
+        if message["type"] == "websocket.connect":
+            self.connected = True
+        return message
 
 
 class _Response:

@@ -82,16 +82,20 @@ class Problem:
         receive: Receive,
         send: Send,
         extra: Iterable[tuple[bytes, bytes]] = (),
+        *,
+        connected: bool = False,
     ) -> None:
         """Refuse a websocket before accepting it.
 
         With the ``websocket.http.response`` extension the client gets the same HTTP
         problem answer; otherwise the handshake is closed with 1008 (1013 for overload) and
-        the detail as reason.
+        the detail as reason. ``connected``: the handshake's ``websocket.connect`` was
+        already received (by the app), so it is not waited for.
         """
-        message = await receive()
-        if message.get("type") != "websocket.connect":
-            return  # the client went away before the handshake finished
+        if not connected:
+            message = await receive()
+            if message.get("type") != "websocket.connect":
+                return  # the client went away before the handshake finished
         if "websocket.http.response" in scope.get("extensions", {}):
             body = self.body()
             headers = [

@@ -342,6 +342,42 @@ async def test_an_unauthenticated_websocket_is_refused(
     assert ledger.created == {}
 
 
+async def test_a_websocket_the_app_refuses_after_taking_its_connect_is_refused_at_once(
+    server: str,
+) -> None:
+    """A raw ASGI app receives the handshake's ``websocket.connect``, then fails before
+    accepting with an error that has an answer (no database connection free: 503). The
+    refusal goes out at once; it used to wait for a second connect that never comes, so
+    the handshake hung until the client gave up (with the user's concurrency slot held)."""
+    from ambient.errors import PoolExhaustedError
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "websocket":
+            return
+        assert (await receive())["type"] == "websocket.connect"
+        msg = "no database connection free for this user"
+        raise PoolExhaustedError(msg, retry_after=2)
+
+    middleware = AmbientMiddleware(
+        app, registry=Registry(), identity=trusted_header(), max_concurrent_per_user=1
+    )
+    with serve(server, middleware) as url:
+        ws_url = url.replace("http://", "ws://") + "/ws"
+
+        def refused_handshake() -> InvalidStatus:
+            with (
+                pytest.raises(InvalidStatus) as refused,
+                connect(ws_url, additional_headers={"x-user-id": "ann"}, open_timeout=10),
+            ):
+                pass
+            return refused.value
+
+        for _ in range(2):  # the slot of the first is free again for the second
+            refusal = await anyio.to_thread.run_sync(refused_handshake)
+            # With the denial-response extension 503; otherwise a close (1013) before accept.
+            assert refusal.response.status_code in (503, 403)
+
+
 def test_shutdown_with_requests_in_flight_loses_no_cleanup() -> None:
     import uvicorn
 
