@@ -767,9 +767,13 @@ def jwt_bearer(
             if not isinstance(kid, str):
                 raise IdentityError("the token names no key (kid)", status=401)
             try:
-                return jwks[kid]
+                found = jwks[kid]
             except KeyError:
-                raise IdentityError("the token's key (kid) is not trusted", status=401) from None
+                found = None
+            # A key marked for encryption verifies no signature (PyJWKClient skips them too).
+            if found is None or found.public_key_use not in ("sig", None):
+                raise IdentityError("the token's key (kid) is not trusted", status=401)
+            return found
         return key
 
     def verify(token: str) -> Identity:

@@ -313,6 +313,21 @@ class TestJwtBearer:
         with pytest.raises(IdentityError, match="names no key"):
             resolver(bearer(token(key=PRIVATE_KEY, alg="RS256")))
 
+    def test_a_jwks_key_meant_for_encryption_verifies_no_signature(self) -> None:
+        """``"use": "enc"`` marks a key for encryption only (RFC 7517): a token naming it
+        is not trusted, as PyJWKClient already filters such keys out of a fetched set."""
+        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(PRIVATE_KEY.public_key()))
+        for use, trusted in (("enc", False), ("sig", True), (None, True)):
+            key = {**jwk, "kid": "k1", "alg": "RS256", **({"use": use} if use else {})}
+            resolver = jwt_bearer({"keys": [key]}, algorithms=["RS256"], audience=AUDIENCE)
+            good = bearer(token(key=PRIVATE_KEY, alg="RS256", kid="k1"))
+            if trusted:
+                assert resolver(good).user_id == "alice"
+            else:
+                with pytest.raises(IdentityError, match="not trusted") as refused:
+                    resolver(good)
+                assert refused.value.status == 401
+
     @pytest.mark.parametrize(
         "headers",
         [
