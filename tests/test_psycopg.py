@@ -1230,6 +1230,52 @@ async def test_a_block_that_cannot_commit_says_so_instead_of_losing_its_writes(
     assert bodies == [("kept",)]
 
 
+async def test_a_checkout_waiting_to_grow_its_pool_takes_room_that_frees_up(
+    db: Database,
+) -> None:
+    """max_total=2: x and y hold one connection each, and x opens a second checkout, for
+    which x's pool must grow: there is no room. When y's checkout ends, y's idle pool is
+    closed for room and x's pool grows into it, long before the timeout. It used to wait
+    only for x's own first connection and fail with PoolExhaustedError."""
+    pools = PerUserPools(
+        db.app_url, max_size=2, max_total=2, timeout=30, rls_check="off", kwargs=db.kwargs()
+    )
+    registry = Registry()
+    pools.install(registry)
+    x_holds, y_holds, y_done, x_done, got = (anyio.Event() for _ in range(5))
+    second: list[str] = []
+
+    async def hold(user: str, holding: anyio.Event, release: anyio.Event) -> None:
+        async with registry.open_scope(_ctx(user)), pools.connection():
+            holding.set()
+            await release.wait()
+
+    async def x_again() -> None:
+        async with registry.open_scope(_ctx("x")), pools.connection() as conn:
+            second.append(await _scalar(conn, "SELECT current_setting('app.user_id')"))
+            got.set()
+
+    try:
+        with anyio.fail_after(20):  # well within the 30 s the old code waited
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(hold, "x", x_holds, x_done)
+                await x_holds.wait()
+                tg.start_soon(hold, "y", y_holds, y_done)
+                await y_holds.wait()
+                tg.start_soon(x_again)
+                await anyio.wait_all_tasks_blocked()
+                assert (second, pools.stats().slots) == ([], 2)
+                y_done.set()
+                with anyio.move_on_after(15):
+                    await got.wait()
+                x_done.set()
+        stats = pools.stats()
+    finally:
+        await registry.aclose()
+    assert second == ["x"]
+    assert (stats.evicted, stats.slots) == (1, 2)
+
+
 def _async_int(get: Callable[[], Awaitable[int]], expected: int) -> Callable[[], Awaitable[bool]]:
     async def run() -> bool:
         return await get() == expected

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from typing import TYPE_CHECKING, Any
@@ -13,6 +14,7 @@ from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout, TooManyRe
 
 import ambient
 from ambient import UserRef
+from ambient.errors import PoolExhaustedError
 from ambient.integrations.psycopg._arguments import _values
 from ambient.integrations.psycopg._common import (
     _IN_USE,
@@ -152,22 +154,34 @@ class _UserPool:
         if not conn.autocommit:
             await conn.commit()
 
-    async def grow(self, deadline: float) -> None:
-        """Take one more slot when every connection this pool may hold is busy."""
+    async def grow(self, deadline: float, *, wait: bool = False) -> bool:
+        """Take one more slot when every connection this pool may hold is busy (waiting
+        for room until ``deadline`` when ``wait``). Return whether the pool still lacks
+        the room it wanted (none was free, and ``wait`` was not asked for)."""
         owner = self.owner
         pool = self.pool
         if pool is None or self.slots >= owner.max_size or self.active <= self.slots:
-            return
-        if await owner._take_slot(self, deadline, wait=False):
-            if self.pool is not pool:  # evicted or closed while we waited for room
+            return False
+        if await owner._take_slot(self, deadline, wait=wait):
+            if self.pool is not pool or self.slots >= owner.max_size or self.active <= self.slots:
+                # Evicted or closed while we waited for room, or no longer short of it
+                # (another checkout grew the pool, or a connection of it came back).
                 owner._give_back(1)
-                return
+                return False
             self.slots += 1
             # Shielded: resize waits for psycopg's pool lock, and a cancellation there would
             # leave this slot counted here (and taken from the budget) but never given to the
             # pool, which could then not grow to it until closed.
             with anyio.CancelScope(shield=True):
                 await pool.resize(owner.min_size, self.slots)
+            return False
+        return True
+
+    async def grow_when_room(self, deadline: float) -> None:
+        """:meth:`grow`, waiting for room (another user's pool going idle, say) until
+        ``deadline``; a deadline passed is no error here (the checkout's own wait says)."""
+        with contextlib.suppress(PoolExhaustedError):
+            await self.grow(deadline, wait=True)
 
     async def close_pool(self, *, evicted: bool = False, keep: int = 0) -> None:
         """Close the psycopg pool and give its room back to the budget (``keep`` of it
@@ -192,6 +206,44 @@ class _UserPool:
         await self.close_pool()
 
 
+async def _getconn(
+    pool: AsyncConnectionPool[AsyncConnection[Any]],
+    user_pool: _UserPool,
+    deadline: float,
+    *,
+    grow: bool,
+) -> AsyncConnection[Any]:
+    """A connection of ``pool`` by ``deadline``. When ``grow``, the pool wanted room that
+    was not free: wait for a connection of its own or for that room, whichever comes
+    first; once grown, ask again (psycopg's pool opens a connection for a new request, not
+    for one already waiting)."""
+    if grow:
+        outcome: list[AsyncConnection[Any] | Exception] = []
+        async with anyio.create_task_group() as tg:
+
+            async def own() -> None:
+                try:
+                    timeout = max(deadline - time.monotonic(), 0.0)
+                    outcome.append(await pool.getconn(timeout=timeout))
+                except Exception as error:  # noqa: BLE001 - raised below, outside the group
+                    outcome.append(error)
+                tg.cancel_scope.cancel()
+
+            async def room() -> None:
+                before = user_pool.slots
+                await user_pool.grow_when_room(deadline)
+                if user_pool.slots > before:
+                    tg.cancel_scope.cancel()
+
+            tg.start_soon(own)
+            tg.start_soon(room)
+        if outcome:
+            if isinstance(outcome[0], Exception):
+                raise outcome[0]
+            return outcome[0]
+    return await pool.getconn(timeout=max(deadline - time.monotonic(), 0.0))
+
+
 class _UserCheckout:
     __slots__ = ("_cancel", "_conn", "_owner", "_pool", "_settings", "_timeout", "_user_pool")
 
@@ -212,9 +264,9 @@ class _UserCheckout:
         owner._busy(user_pool)
         try:
             pool = await user_pool.ensure_pool(deadline)
-            await user_pool.grow(deadline)
+            short = await user_pool.grow(deadline)
             try:
-                conn = await pool.getconn(timeout=max(deadline - time.monotonic(), 0.0))
+                conn = await _getconn(pool, user_pool, deadline, grow=short)
             except TooManyRequests as exc:
                 raise _queue_full(
                     f"this user's pool of {owner!r}", pool, owner.max_size, owner.retry_after, exc
