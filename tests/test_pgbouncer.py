@@ -323,14 +323,15 @@ async def test_a_transaction_ended_inside_the_checkout_is_reported(
 
 
 @pytest.mark.parametrize("strategy", ["shared", "per_user"])
-@pytest.mark.parametrize("outcome", ["commit", "rollback"])
+@pytest.mark.parametrize("outcome", ["commit", "rollback", "failed commit"])
 async def test_session_state_a_checkout_leaves_stays_out_of_the_pooler(
     bounced: tuple[Database, str], strategy: str, outcome: str
 ) -> None:
     """A handler switches role, changes the search_path and takes a session advisory lock
-    in every server session of the pooler: when its checkout ends, committed or rolled
-    back, none of it stays in the session the pooler hands the next client (closing the
-    client connection would not undo it: the pooler keeps the server session)."""
+    in every server session of the pooler: when its checkout ends, committed, rolled back
+    or failing to commit (a deferred constraint), none of it stays in the session the
+    pooler hands the next client (closing the client connection would not undo it: the
+    pooler keeps the server session)."""
     db, url = bounced
     app_role = psycopg.conninfo.conninfo_to_dict(url)["user"]
     other = f"{app_role}_other"
@@ -348,7 +349,14 @@ async def test_session_state_a_checkout_leaves_stays_out_of_the_pooler(
         else PerUserPools(url, max_size=SERVER_CONNECTIONS, **options)
     )
     registry = _registry(pool)
-    rolled_back = pytest.raises(LookupError) if outcome == "rollback" else contextlib.nullcontext()
+    rolled_back = (
+        pytest.raises(LookupError)
+        if outcome == "rollback"
+        else pytest.raises(psycopg.errors.UniqueViolation)
+        if outcome == "failed commit"
+        else contextlib.nullcontext()
+    )
+    deferred = psycopg.sql.Identifier(db.schema, "deferred")
     try:
         # Every server session at once: one checkout each, held together.
         with rolled_back:
@@ -358,6 +366,10 @@ async def test_session_state_a_checkout_leaves_stays_out_of_the_pooler(
                 connection() as second,
             ):
                 for key, conn in enumerate((first, second)):
+                    if outcome == "failed commit":  # checked only when the checkout commits
+                        insert = psycopg.sql.SQL("INSERT INTO {} VALUES (%s)").format(deferred)
+                        await conn.execute(insert, (key,), prepare=False)
+                        await conn.execute(insert, (key,), prepare=False)
                     await conn.execute(f"SET ROLE {other}", prepare=False)
                     await conn.execute("SET search_path = pg_catalog", prepare=False)
                     await conn.execute("SELECT pg_advisory_lock(%s)", (key,), prepare=False)

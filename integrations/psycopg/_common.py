@@ -312,12 +312,29 @@ async def _end_and_reset(
     did, and a statement began another)."""
     # Client-side binding: the simple query protocol, which alone takes several statements.
     cur = AsyncClientCursor(conn)
-    if owner is None or not settings:
-        await cur.execute(f"{end}; {_POOLED_RESET}")
-        return True
-    await cur.execute(f"{owner._read_local_sql}; {end}; {_POOLED_RESET}", owner._names)
+    try:
+        if owner is None or not settings:
+            await cur.execute(f"{_before(end)}{end}; {_POOLED_RESET}")
+            return True
+        await cur.execute(
+            f"{owner._read_local_sql}; {_before(end)}{end}; {_POOLED_RESET}", owner._names
+        )
+    except psycopg.Error:
+        if not conn.closed and conn.pgconn.transaction_status == _INERROR:
+            # Failed before COMMIT (a deferred constraint): the transaction is still open,
+            # so the pooler still gives this client the same server session. Reset it.
+            await cur.execute(f"ROLLBACK; {_POOLED_RESET}")
+        raise
     row = await cur.fetchone()
     return row is not None and list(row) == settings
+
+
+def _before(end: str) -> str:
+    """What goes before ``end`` in the message that ends a checkout: before a COMMIT, the
+    deferred constraints are checked, so that one failing fails inside the transaction,
+    where the session can still be reset, not in the COMMIT, which ends it (behind a
+    pooler the session is then another client's)."""
+    return "SET CONSTRAINTS ALL IMMEDIATE; " if end == "COMMIT" else ""
 
 
 _IN_USE = "this checkout is in use; call connection() once per `async with`"

@@ -29,6 +29,7 @@ from ambient.integrations.psycopg._common import (
     _INERROR,
     _SESSION_RESET,
     _aborted,
+    _before,
     _bounded,
     _cancel_broken,
     _Cancellers,
@@ -358,7 +359,13 @@ class SharedPool:
                 if status == _INERROR and exc is None:
                     error = _aborted()
                 commit = exc is None and error is None
-                end = "" if status == _IDLE else "COMMIT; " if commit else "ROLLBACK; "
+                end = (
+                    ""
+                    if status == _IDLE
+                    else f"{_before('COMMIT')}COMMIT; "
+                    if commit
+                    else "ROLLBACK; "
+                )
                 if cur is None:
                     cur = conn.cursor(row_factory=tuple_row)
                 error = await self._reset(conn, cur, end) or error
@@ -382,11 +389,14 @@ class SharedPool:
             try:
                 await cur.execute(end + self._reset_sql)
             except psycopg.Error as exc:
-                if end.startswith("COMMIT"):
+                if "COMMIT" in end:
                     failure = exc
                 if conn.closed:
                     return failure
-                await cur.execute(self._reset_sql)
+                # A deferred constraint failed before COMMIT: the transaction is still
+                # open (behind a pooler, on the same server session), so end it here.
+                rollback = "ROLLBACK; " if conn.pgconn.transaction_status == _INERROR else ""
+                await cur.execute(rollback + self._reset_sql)
             while cur.nextset():
                 pass
             row = await cur.fetchone()
