@@ -146,7 +146,9 @@ class Scope:
 
     def __repr__(self) -> str:
         status = "closed" if self._closed else "open" if self._opened else "new"
-        return f"<Scope {status} for {self.context!r}>"
+        # The run id only: a scope's repr goes into log lines and error messages (and from
+        # there into spans), where a raw user id must never appear.
+        return f"<Scope {status} for run {self.context.run_id}>"
 
     # -- opening and closing -------------------------------------------------------------
 

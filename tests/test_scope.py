@@ -849,6 +849,25 @@ class TestHold:
         assert [entry.refs for entry in registry._users.values()] == [0]
         await registry.aclose()
 
+    async def test_scope_messages_name_the_run_never_the_user(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A scope's repr goes into warnings and error messages, and from there into log
+        records and spans: it names the run, not the user (whose id may be personal data
+        that telemetry and logging hash)."""
+        registry = Registry(cleanup_timeout=0.05)
+        context = ctx("alice-secret@example.com")
+        scope = registry.open_scope(context)
+        await scope.__aenter__()
+        hold = scope.hold()
+        with caplog.at_level(logging.WARNING, logger="ambient"):
+            await scope.aclose()  # the hold outlives cleanup_timeout: a warning
+        hold.release()
+        messages = [r.getMessage() for r in caplog.records]
+        assert any("still active" in m for m in messages), messages
+        assert context.run_id in repr(scope)
+        assert not any("alice" in text for text in [*messages, repr(scope)])
+
 
 class TestObservers:
     async def test_an_inactive_observer_sees_nothing_of_the_scope(self) -> None:
