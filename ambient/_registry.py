@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 import anyio
 
 from ambient import _observe
+from ambient._binding import _current
 from ambient._context import UserExecutionContext, UserRef
 from ambient._instances import Created, Instances, finalize, finalize_sync, needs_await
 from ambient._observe import Observer
@@ -427,7 +428,14 @@ class Registry:
                 await self._close_entry(entry, expired)
 
     async def _close_entry(self, entry: UserEntry, created: list[Any]) -> list[Exception]:
-        return await finalize(created, None, self, entry.ref, self.observers())
+        # Expiry and eviction run inside whichever request comes along, often another
+        # user's: nothing of that request may be bound while this user's components go
+        # (their cleanups would log, trace and resolve as the other user).
+        token = _current.set(None)
+        try:
+            return await finalize(created, None, self, entry.ref, self.observers())
+        finally:
+            _current.reset(token)
 
     # -- shutdown and stats --------------------------------------------------------------
 

@@ -188,6 +188,35 @@ class TestUserLifetime:
         assert (stats.live_users, stats.created, stats.cleaned) == (0, 3, 3)
 
 
+@pytest.mark.parametrize("how", ["idle expiry", "eviction"])
+async def test_a_users_components_are_never_cleaned_as_another_user(
+    clock: FakeClock, how: str
+) -> None:
+    """Bob's USER component is cleaned while Alice's request runs (it expires as her scope
+    closes, or her arrival evicts him past max_users): its cleanup must not see Alice's
+    context, which its log records and spans would then carry."""
+    seen: list[object] = []
+
+    class Memory:
+        def __init__(self, user: UserRef) -> None:
+            self.user = user
+
+        def close(self) -> None:
+            seen.append(ambient.current_context_or_none())
+
+    registry = Registry(clock=clock, max_users=1 if how == "eviction" else 100)
+    registry.register(Memory, Memory, lifetime=Lifetime.USER, idle_ttl=60)
+    async with registry.open_scope(ctx("bob")):
+        await ambient.resolve(Memory)
+    async with registry.open_scope(ctx("alice")):
+        if how == "eviction":
+            await ambient.resolve(Memory)  # alice's entry pushes bob's out
+        else:
+            clock.now += 120  # bob's expires when alice's scope closes
+    assert seen == [None]
+    await registry.aclose()
+
+
 class TestAppLifetime:
     async def test_created_once_lazily(self) -> None:
         """An APP component is created on first use and shared by every scope and user."""
