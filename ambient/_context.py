@@ -56,7 +56,10 @@ def validate_id(field_name: str, value: object) -> str:
             raise InvalidContextError(
                 field_name, f"must be a str, not {type(value).__name__}", echo=False
             )
-        value = str(value)
+        # The string itself, not what a subclass's __str__ makes of it: a str-valued Enum
+        # member is its value ("alice", not "User.ALICE"), and an override cannot hide
+        # what is checked.
+        value = str.__str__(value)
     if not value:
         raise InvalidContextError(field_name, "must not be empty", echo=False)
     if len(value) > _MAX_LEN:
@@ -95,6 +98,17 @@ def _copy_metadata(metadata: object) -> Mapping[str, object]:
             )
     # A private copy: neither the caller's dict nor the context can change it later.
     return MappingProxyType(dict(metadata))
+
+
+_ID_FIELDS = (
+    "user_id",
+    "thread_id",
+    "run_id",
+    "request_id",
+    "tenant_id",
+    "connection_id",
+    "parent_run_id",
+)
 
 
 def _validate_optional(field_name: str, value: object) -> str | None:
@@ -154,6 +168,12 @@ class UserExecutionContext:
         _validate_optional("tenant_id", self.tenant_id)
         _validate_optional("connection_id", self.connection_id)
         _validate_optional("parent_run_id", self.parent_run_id)
+        for name in _ID_FIELDS:
+            value = getattr(self, name)
+            if value is not None and type(value) is not str:
+                # A str subclass (an Enum member, say) is kept as the plain string checked
+                # above: equal contexts then hash alike, and nothing but str reaches a key.
+                object.__setattr__(self, name, str.__str__(value))
         depth = self.depth
         if type(depth) is not int:
             raise InvalidContextError(

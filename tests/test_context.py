@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 
 import pytest
 
@@ -283,3 +284,29 @@ class TestCreateAndChild:
         assert UserExecutionContext.create("alice").user == UserRef("alice")
         with pytest.raises(dataclasses.FrozenInstanceError):
             ctx.user.user_id = "mallory"  # type: ignore[misc]
+
+
+class _User(str, enum.Enum):  # noqa: UP042 - the mixin form, whose str() is "_User.ALICE"
+    ALICE = "alice"
+
+
+class _Disguised(str):
+    def __str__(self) -> str:
+        return "alice"
+
+
+def test_a_str_subclass_id_is_its_string_whichever_way_the_context_is_built() -> None:
+    """A str-valued Enum member is its value, by create() as by the constructor, and the
+    context holds a plain str (equal contexts hash alike); a subclass whose __str__ says
+    something else cannot slip an invalid id past the checks."""
+    ids = {"thread_id": "t", "run_id": "r", "request_id": "q"}
+    built = UserExecutionContext(user_id=_User.ALICE, **ids)  # type: ignore[arg-type]
+    plain = UserExecutionContext(user_id="alice", **ids)
+    created = UserExecutionContext.create(_User.ALICE, tenant_id=_User.ALICE)  # type: ignore[arg-type]
+    assert (created.user_id, created.tenant_id, built.user_id) == ("alice", "alice", "alice")
+    assert {type(created.user_id), type(created.tenant_id), type(built.user_id)} == {str}
+    assert (built == plain, hash(built) == hash(plain)) == (True, True)
+    with pytest.raises(InvalidContextError, match="whitespace"):
+        UserExecutionContext(user_id=_Disguised(" none\n"), **ids)
+    with pytest.raises(InvalidContextError, match="placeholder"):
+        UserExecutionContext.create(_Disguised("none"))
