@@ -137,6 +137,7 @@ class _Driver:
         sent_body = False
         done = anyio.Event()
         status = 0
+        finished = False
         chunks: list[bytes] = []
 
         async def receive() -> MutableMapping[str, Any]:
@@ -148,12 +149,13 @@ class _Driver:
             return {"type": "http.disconnect"}
 
         async def send(message: MutableMapping[str, Any]) -> None:
-            nonlocal status
+            nonlocal status, finished
             if message["type"] == "http.response.start":
                 status = message["status"]
             elif message["type"] == "http.response.body":
                 chunks.append(message.get("body", b""))
                 if not message.get("more_body", False):
+                    finished = True
                     done.set()
 
         started = time.perf_counter()
@@ -163,7 +165,12 @@ class _Driver:
             done.set()
             return 500, f"{type(exc).__name__}: {exc}".encode(), time.perf_counter() - started
         done.set()
-        return status, b"".join(chunks), time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        if not status:
+            return 0, b"the app returned without answering", elapsed
+        if not finished:
+            return 0, b"the app returned before its response body ended", elapsed
+        return status, b"".join(chunks), elapsed
 
     @contextlib.asynccontextmanager
     async def lifespan(self) -> AsyncIterator[list[bool]]:
@@ -179,6 +186,10 @@ class _Driver:
                 await self.app(scope, app_inbox.receive, from_app.send)
             except Exception:  # noqa: BLE001 - an app without lifespan support may raise
                 await from_app.send({"type": "lifespan.unsupported"})
+            else:
+                # Returning without a word is the other way to say it (as uvicorn takes it);
+                # whoever waits for an answer must not wait forever.
+                await from_app.send({"type": "lifespan.returned"})
 
         with to_app, app_inbox, from_app, inbox:
             async with anyio.create_task_group() as group:
@@ -300,7 +311,9 @@ class _Traffic:
         status, body, elapsed = await self.driver.request(user, planned)
         self.latencies.append(elapsed)
         where = f"{planned.method} {planned.path}"
-        if status >= 400:
+        if not status:  # no complete response: the driver says what went wrong
+            self.failed.append(f"{where} for {user}: {body.decode()}")
+        elif status >= 400:
             shown = body[:160].decode("utf-8", "replace")
             self.failed.append(f"{where} for {user}: HTTP {status} {shown!r}")
         text = body.decode("utf-8", "replace")

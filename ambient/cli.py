@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import IO, Any
@@ -101,11 +102,12 @@ def load_app(target: str) -> Any:
     if not module_name or not attribute:
         msg = f"the app must be given as module:attr, not {target!r}"
         raise SystemExit(msg)
-    sys.path.insert(0, ".")
-    try:
-        module = importlib.import_module(module_name)
-    finally:
-        sys.path.pop(0)
+    # As uvicorn does, and kept there: a factory called below, or the app later, may import
+    # more modules of the working directory.
+    here = os.getcwd()
+    if not {"", ".", here} & set(sys.path):
+        sys.path.insert(0, here)
+    module = importlib.import_module(module_name)
     try:
         app = getattr(module, attribute)
     except AttributeError:
@@ -321,6 +323,7 @@ def _render(report: Any, out: IO[str]) -> None:
     verdict = "PASSED" if report.ok else "FAILED"
     try:
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
     except ImportError:
         out.write(f"{title}\n")
@@ -337,8 +340,10 @@ def _render(report: Any, out: IO[str]) -> None:
     table.add_column("detail")
     for name, status, detail in rows:
         style = "green" if status == "ok" else "red" if status else ""
-        table.add_row(name, f"[{style}]{status}[/]" if style else status, detail)
+        shown = f"[{style}]{status}[/]" if style else escape(status)
+        table.add_row(escape(name), shown, escape(detail))
     console.print(table)
     for line in report.violations:
-        console.print(f"  [red]-[/] {line}", highlight=False)
+        # The app's own words (an error's text) may hold brackets rich would read as markup.
+        console.print(f"  [red]-[/] {escape(line)}", highlight=False)
     console.print(f"[bold {'green' if report.ok else 'red'}]{verdict}[/]")

@@ -204,6 +204,57 @@ class TestBrokenApps:
         assert any("log record from tests.chatty" in line for line in report.isolation)
 
 
+async def _never_answers(scope: Any, receive: Any, send: Any) -> None:
+    return
+
+
+async def _never_finishes(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"half", "more_body": True})
+
+
+def _noted_registry() -> Registry:
+    registry = Registry()
+    registry.register(Notes, Notes)
+    return registry
+
+
+class TestAppsThatDoNotAnswer:
+    @pytest.mark.parametrize(
+        ("endpoint", "said"),
+        [
+            (_never_answers, "returned without answering"),
+            (_never_finishes, "before its response body ended"),
+        ],
+    )
+    async def test_a_request_without_a_whole_response_fails_the_check(
+        self, endpoint: Any, said: str
+    ) -> None:
+        """No response at all, or a body never ended: each request is a failure (the
+        check used to pass such an app, its status counting as 0 < 400)."""
+        app = AmbientMiddleware(endpoint, registry=Registry(), identity=trusted_header())
+        report = await check(app, users=3, requests=2)
+        assert not report.ok
+        assert len(report.failed_requests) == 6
+        assert all(said in line for line in report.failed_requests)
+
+    async def test_an_app_that_returns_from_the_lifespan_is_checked_not_waited_for(
+        self,
+    ) -> None:
+        """A hand-written app that ignores every scope but http (``return`` at once, as
+        uvicorn accepts): the check goes on instead of waiting forever for a startup
+        answer."""
+        inner = notes_app(_noted_registry())
+
+        async def http_only(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "http":
+                await inner(scope, receive, send)
+
+        with anyio.fail_after(30):
+            report = await check(http_only, users=3, requests=2)
+        assert report.ok, report.violations
+
+
 def contextlib_lifespan(fn: Callable[[Starlette], AsyncIterator[None]]) -> Any:
     import contextlib
 
@@ -282,6 +333,48 @@ class TestCommandLine:
             parse_request("GET nopath")
         assert parse_request('POST /x {"a": 1}') == PlannedRequest("POST", "/x", '{"a": 1}')
 
+    def test_an_error_text_with_brackets_is_printed_as_it_is(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """The table prints the app's own error texts: brackets in them are text, not
+        markup (``[/]`` used to crash the printing before the verdict)."""
+        code = main(
+            [
+                *("check", "tests.test_check:bracket_app", "--users", "2", "--requests", "1"),
+                *("--growth-requests", "0"),
+            ]
+        )
+        out = capsys.readouterr().out
+        assert code == 1
+        assert "no route for [/] of [str, int]" in out
+        assert "FAILED" in out
+
+    def test_a_factory_may_import_from_the_working_directory_when_called(
+        self, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """``ambient check lazy:create_app`` run in the project's folder: the factory imports
+        a sibling module only when called, as uvicorn allows."""
+        (tmp_path / "lazy_routes_for_check.py").write_text(
+            "from tests.test_check import _noted_registry, notes_app\n"
+            "def build():\n    return notes_app(_noted_registry())\n"
+        )
+        (tmp_path / "lazy_app_for_check.py").write_text(
+            "def create_app():\n"
+            "    import lazy_routes_for_check\n"
+            "    return lazy_routes_for_check.build()\n"
+        )
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".")])
+        for name in ("lazy_app_for_check", "lazy_routes_for_check"):
+            monkeypatch.delitem(sys.modules, name, raising=False)
+        code = main(
+            [
+                *("check", "lazy_app_for_check:create_app", "--users", "2", "--requests", "1"),
+                *("--growth-requests", "0", "--json"),
+            ]
+        )
+        assert code == 0, capsys.readouterr().out
+
     def test_the_console_script_prints_help(self) -> None:
         result = subprocess.run(
             [sys.executable, "-m", "ambient", "--help"],
@@ -292,6 +385,16 @@ class TestCommandLine:
         assert result.returncode == 0
         assert "check" in result.stdout
         assert "demo" in result.stdout
+
+
+def bracket_app() -> AmbientMiddleware:
+    """An app for the command-line test whose error text holds brackets."""
+
+    async def endpoint(scope: Any, receive: Any, send: Any) -> None:
+        msg = f"no route for [{scope['path']}] of [str, int]"
+        raise LookupError(msg)
+
+    return AmbientMiddleware(endpoint, registry=Registry(), identity=trusted_header())
 
 
 def broken_app() -> AmbientMiddleware:
