@@ -116,6 +116,9 @@ class Registry:
         self._idle = 0
         self._next_expiry = math.inf
         self._evicted: list[UserEntry] = []
+        # The scopes' own observers (the middleware's telemetry), for the cleanups that
+        # happen outside any scope.
+        self._extras: tuple[Observer, ...] = ()
         # Open scopes whose caches hold USER or APP components.
         self._sharing: set[Scope] = set()
         self.open_scopes = 0
@@ -266,6 +269,10 @@ class Registry:
         """The observers a scope opening now reports to: this registry's, the process-wide
         ones and ``extra``, each only while it is :attr:`~ambient.Observer.active`."""
         own = self._observers
+        if extra is not None and extra not in self._extras:
+            # It may see USER and APP components made: it must see them cleaned too, which
+            # happens outside any scope (expiry, eviction, aclose).
+            self._extras = (*self._extras, extra)
         if extra is None and not _observe.observers:
             # The common cases, without building a tuple: no observer, or one telemetry.
             if not own:
@@ -286,6 +293,13 @@ class Registry:
         if shared and own:
             return own + shared
         return own or shared
+
+    def _cleanup_observers(self) -> tuple[Observer, ...]:
+        """Who sees USER and APP components cleaned: the registry's observers and every
+        scope observer that could have seen them made, while active."""
+        every = self.observers()
+        every = every + tuple(e for e in self._extras if e not in every)
+        return tuple(o for o in every if o.active)
 
     def before_open(self) -> None:
         """Freeze the registry as its first scope opens."""
@@ -433,7 +447,7 @@ class Registry:
         # (their cleanups would log, trace and resolve as the other user).
         token = _current.set(None)
         try:
-            return await finalize(created, None, self, entry.ref, self.observers())
+            return await finalize(created, None, self, entry.ref, self._cleanup_observers())
         finally:
             _current.reset(token)
 
@@ -484,7 +498,7 @@ class Registry:
             for entry in entries:
                 failures += await self._close_entry(entry, entry.instances.close())
             app, self.app_instances = self.app_instances, Instances("registry")
-            failures += await finalize(app.close(), None, self, None, self.observers())
+            failures += await finalize(app.close(), None, self, None, self._cleanup_observers())
         if failures:
             msg = f"{len(failures)} cleanup(s) failed while closing the registry"
             raise CleanupError(msg, failures)

@@ -217,6 +217,41 @@ async def test_a_users_components_are_never_cleaned_as_another_user(
     await registry.aclose()
 
 
+@pytest.mark.parametrize("how", ["idle expiry", "aclose"])
+async def test_a_scope_observer_sees_the_user_components_it_saw_made_cleaned(
+    clock: FakeClock, how: str
+) -> None:
+    """The middleware hands its telemetry to each scope rather than to the registry: that
+    observer saw USER and APP components made, so it must see them cleaned, which happens
+    outside any scope (expiry, aclose). Its live-components gauge stayed up otherwise."""
+    events: list[tuple[str, str]] = []
+
+    class Watch(ambient.Observer):
+        def component_created(self, event: ambient.ComponentEvent) -> None:
+            events.append(("created", str(event.key)))
+
+        def component_cleaned(self, event: ambient.ComponentEvent) -> None:
+            events.append(("cleaned", str(event.key)))
+
+    watch = Watch()
+    cleaned: list[str] = []
+    registry = user_registry(cleaned, clock=clock)
+    registry.register("app", object, lifetime=Lifetime.APP)
+    async with registry.open_scope(ctx("bob"), observer=watch):
+        await ambient.resolve(Tracked)
+        await ambient.resolve("app")
+    if how == "idle expiry":
+        clock.now += 120
+        async with registry.open_scope(ctx("carol")):  # no observer of its own
+            pass
+        assert sorted(events) == sorted(
+            [("cleaned", str(Tracked)), ("created", "app"), ("created", str(Tracked))]
+        )
+    await registry.aclose()
+    made = [("created", "app"), ("created", str(Tracked))]
+    assert sorted(events) == sorted([*made, ("cleaned", "app"), ("cleaned", str(Tracked))])
+
+
 class TestAppLifetime:
     async def test_created_once_lazily(self) -> None:
         """An APP component is created on first use and shared by every scope and user."""
