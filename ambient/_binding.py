@@ -244,7 +244,8 @@ def wrap(fn: Callable[P, R]) -> Callable[P, R]:
 
         executor.submit(ambient.wrap(render_report), report_id)
     """
-    if inspect.iscoroutinefunction(fn):
+    # An object with ``async def __call__`` is an async callable too.
+    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__):
         binding = _current.get()
         trace_context = otel_context.get_current()
         async_fn = cast("Callable[P, Any]", fn)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import threading
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -321,6 +322,27 @@ class TestThreadHops:
         assert current_context_or_none() is None
         assert await wrapped() is ctx
         assert current_context_or_none() is None
+
+    async def test_wrap_rebinds_around_an_async_callable_object_and_a_partial(self) -> None:
+        """An object with ``async def __call__`` and a functools.partial of an async
+        function are async callables as much as an ``async def``: the call runs with the
+        binding (it used to take the sync path, whose coroutine then ran with none)."""
+        ctx = ctx_for("alice")
+
+        class Job:
+            async def __call__(self, extra: str) -> tuple[UserExecutionContext, str]:
+                await anyio.lowlevel.checkpoint()
+                return get_current_context(), extra
+
+        async def whoami(extra: str) -> tuple[UserExecutionContext, str]:
+            await anyio.lowlevel.checkpoint()
+            return get_current_context(), extra
+
+        with bind_context(ctx):
+            wrapped = [ambient.wrap(Job()), ambient.wrap(functools.partial(whoami))]
+        for call in wrapped:
+            assert await call("x") == (ctx, "x")
+            assert current_context_or_none() is None
 
     async def test_wrap_carries_the_trace_context(self) -> None:
         """wrap() carries the OpenTelemetry context too."""
