@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import random
+import re
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 from ambient.errors import InvalidContextError
 
@@ -33,6 +35,13 @@ _REFUSED = {
     "Cs": "surrogate",
     "Zs": "space character",  # U+0020 never gets here: it is printable
 }
+# Invisible characters Unicode files elsewhere than under "format" (Cf): the combining
+# grapheme joiner, the Hangul fillers, the Khmer inherent vowels, the Mongolian and other
+# variation selectors. Each renders as nothing, so "alice" + one of them looks like "alice".
+_INVISIBLE = re.compile(
+    "[\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180d\u180f\u3164\ufe00-\ufe0f\uffa0"
+    "\U000e0100-\U000e01ef]"
+)
 _EMPTY: Mapping[str, object] = MappingProxyType({})
 # The module-level generator: seeded from the OS and re-seeded in forked children.
 _random_bits = random.getrandbits
@@ -77,6 +86,14 @@ def validate_id(field_name: str, value: object) -> str:
                     raise InvalidContextError(
                         field_name, f"contains the {rule} U+{ord(char):04X}", value
                     )
+    if not value.isascii():
+        invisible = _INVISIBLE.search(value)
+        if invisible is not None:
+            code = ord(invisible.group())
+            # Not echoed: repr() would show it raw, which is what the rule is against.
+            raise InvalidContextError(
+                field_name, f"contains the invisible character U+{code:04X}", echo=False
+            )
     if value.lower() in _PLACEHOLDERS:
         raise InvalidContextError(
             field_name,
@@ -271,6 +288,24 @@ class UserExecutionContext:
             "parent_run_id": self.parent_run_id or "",
             "depth": str(self.depth),
         }
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Pickle and deepcopy (a process pool, a job queue) cannot take the read-only view
+        # of the metadata: hand them a plain dict, which the constructor copies again.
+        return (
+            UserExecutionContext,
+            (
+                self.user_id,
+                self.thread_id,
+                self.run_id,
+                self.request_id,
+                self.tenant_id,
+                self.connection_id,
+                self.parent_run_id,
+                self.depth,
+                dict(self.metadata),
+            ),
+        )
 
     def __repr__(self) -> str:
         tenant = f", tenant_id={self.tenant_id!r}" if self.tenant_id is not None else ""

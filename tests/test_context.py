@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
+import pickle
 
 import pytest
 
@@ -70,6 +72,12 @@ class TestValidation:
             ("\u2009", "space character"),  # thin space
             ("\ud800", "surrogate"),  # a lone surrogate
             ("\u2029", "control character"),  # paragraph separator
+            ("\u034f", "invisible character"),  # combining grapheme joiner
+            ("\ufe0f", "invisible character"),  # variation selector 16
+            ("\U000e0100", "invisible character"),  # variation selector 17
+            ("\u3164", "invisible character"),  # Hangul filler
+            ("\uffa0", "invisible character"),  # halfwidth Hangul filler
+            ("\u17b4", "invisible character"),  # Khmer inherent vowel
         ],
     )
     def test_characters_that_hide_or_fake_a_difference_are_refused(
@@ -310,3 +318,17 @@ def test_a_str_subclass_id_is_its_string_whichever_way_the_context_is_built() ->
         UserExecutionContext(user_id=_Disguised(" none\n"), **ids)
     with pytest.raises(InvalidContextError, match="placeholder"):
         UserExecutionContext.create(_Disguised("none"))
+
+
+def test_a_context_survives_pickle_and_deepcopy() -> None:
+    """A process pool or a job queue pickles what it is given: a context goes through,
+    metadata and all, and comes back equal and still read-only."""
+    original = UserExecutionContext.create("alice", tenant_id="acme", metadata={"k": [1]})
+    child = original.child("tool")
+    for context in (original, child):
+        for copied in (pickle.loads(pickle.dumps(context)), copy.deepcopy(context)):  # noqa: S301 - our own bytes
+            assert copied == context
+            assert (copied.parent_run_id, copied.depth) == (context.parent_run_id, context.depth)
+            assert dict(copied.metadata) == dict(context.metadata)
+            with pytest.raises(TypeError):
+                copied.metadata["k"] = 2  # type: ignore[index]
