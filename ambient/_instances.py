@@ -492,6 +492,7 @@ async def finalize(
         started = time.perf_counter()
         start_ns = time.time_ns() if observers else 0
         error: Exception | None = None
+        interrupted: BaseException | None = None
         try:
             if finalizer.is_async:
                 with _Deadline(timeout) as deadline:
@@ -507,6 +508,7 @@ async def finalize(
             error = raised
         except BaseException as raised:  # noqa: BLE001 - re-raised once every cleanup ran
             escaped = escaped or raised
+            interrupted = raised
         _record(
             registry,
             provider,
@@ -517,6 +519,7 @@ async def finalize(
             start_ns,
             started,
             error,
+            interrupted,
         )
         if error is not None:
             failures.append(error)
@@ -545,13 +548,15 @@ def finalize_sync(
         started = time.perf_counter() if observers else 0.0
         start_ns = time.time_ns() if observers else 0
         error: Exception | None = None
+        interrupted: BaseException | None = None
         try:
             finalizer.run_sync(exc)
         except Exception as raised:  # noqa: BLE001 - collected into CleanupError
             error = raised
         except BaseException as raised:  # noqa: BLE001 - re-raised once every cleanup ran
             escaped = escaped or raised
-        if error is None and not observers:
+            interrupted = raised
+        if error is None and interrupted is None and not observers:
             registry.cleaned += 1
             continue
         _record(
@@ -564,6 +569,7 @@ def finalize_sync(
             start_ns,
             started,
             error,
+            interrupted,
         )
         if error is not None:
             failures.append(error)
@@ -604,7 +610,11 @@ def _record(
     start_ns: int,
     started: float,
     error: Exception | None,
+    interrupted: BaseException | None = None,
 ) -> None:
+    """Count one cleanup and tell the observers how it ended: failed (``error``), cut short
+    (``interrupted``: a cancellation or KeyboardInterrupt the cleanup let through, never a
+    success on a span) or done."""
     registry.cleaned += 1
     if error is not None:
         registry.cleanup_failures += 1
@@ -626,7 +636,7 @@ def _record(
                 scope,
                 start_ns,
                 time.perf_counter() - started,
-                error,
+                error if error is not None else interrupted,
                 True,
             ),
         )

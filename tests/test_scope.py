@@ -921,6 +921,41 @@ class TestObservers:
         assert not isinstance(ended[2], Exception)
 
 
+async def test_a_cleanup_cut_short_is_reported_as_such_not_as_done(anyio_backend: str) -> None:
+    """asyncio's own ``task.cancel()`` gets through the shield into an async cleanup: the
+    observers' event carries that cancellation (telemetry marks the span
+    ``ambient.cancelled``), where it used to read as a cleanup that finished."""
+    if anyio_backend != "asyncio":
+        pytest.skip("task.cancel() is asyncio's; trio has only cancel scopes")
+    import asyncio
+
+    ended: list[BaseException | None] = []
+
+    class Watch(ambient.Observer):
+        def component_cleaned(self, event: ambient.ComponentEvent) -> None:
+            ended.append(event.error)
+
+    entered, never = asyncio.Event(), asyncio.Event()
+
+    class Slow:
+        async def aclose(self) -> None:
+            entered.set()
+            await never.wait()
+
+    registry = Registry(telemetry=Watch())
+    registry.register(Slow, Slow)
+    scope = registry.open_scope(ctx())
+    await scope.__aenter__()
+    await scope.resolve(Slow)
+    closing = asyncio.ensure_future(scope.aclose())
+    await entered.wait()
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    assert [type(error) for error in ended] == [asyncio.CancelledError]
+    assert registry.stats().cleanup_failures == 0
+
+
 class TestAbandonedGenerators:
     # trio warns about an async generator left to the garbage collector: that is the point.
     @pytest.mark.filterwarnings("ignore:Async generator:ResourceWarning")
