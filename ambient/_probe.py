@@ -27,6 +27,19 @@ def _user_label(event: ComponentEvent) -> str:
     return f"{user.tenant_id}/{user.user_id}"
 
 
+_VALUES = frozenset({int, float, complex, bool, str, bytes, type(None), frozenset, range})
+
+
+def _immutable(instance: object) -> bool:
+    """Whether ``instance`` is a plain value (an int, a str, a tuple of them): Python
+    shares equal ones between unrelated code (small ints, interned strings), and two users
+    holding the same value share no state, so its identity says nothing."""
+    kind = type(instance)
+    if kind is tuple:
+        return all(_immutable(item) for item in instance)  # type: ignore[attr-defined]
+    return kind in _VALUES
+
+
 class _Record:
     """What the probe knows about one component instance."""
 
@@ -132,7 +145,7 @@ class IsolationProbe(Observer):
             self._open.pop(id(scope), None)
 
     def component_created(self, event: ComponentEvent) -> None:
-        if event.error is not None:
+        if event.error is not None or _immutable(event.instance):
             return
         with self._lock:
             self._created += 1
@@ -153,6 +166,8 @@ class IsolationProbe(Observer):
             self._records[key] = _Record(event)
 
     def component_cleaned(self, event: ComponentEvent) -> None:
+        if _immutable(event.instance):
+            return
         with self._lock:
             self._cleaned += 1
             record = self._records.get(id(event.instance))

@@ -213,6 +213,34 @@ async def _never_finishes(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"half", "more_body": True})
 
 
+async def test_equal_plain_values_are_not_taken_for_a_shared_instance() -> None:
+    """Two users' REQUEST components that are equal plain values (a quota computed from the
+    id, a setting string, a tuple of them) may be one object to Python (small ints,
+    interned strings) but share no state: the probe passes them, and still flags a list
+    handed to both."""
+    api_base = "https://api.example.com/v1"
+    shared_list: list[str] = []
+    registry = Registry()
+    registry.register("quota", lambda ctx: len(ctx.user_id) * 10)
+    registry.register("api_base", lambda: api_base)
+    registry.register("limits", lambda: (api_base, 10))
+    registry.register("notes", lambda: shared_list)
+    with IsolationProbe() as probe:
+        for user in ("alice", "carol"):
+            async with registry.open_scope(UserExecutionContext.create(user)) as scope:
+                for key in ("quota", "api_base", "limits"):
+                    await scope.resolve(key)
+        del scope  # the probe looks for closed scopes kept alive
+    assert probe.report().ok, probe.report().violations
+    with IsolationProbe() as probe:
+        for user in ("alice", "carol"):
+            async with registry.open_scope(UserExecutionContext.create(user)) as scope:
+                await scope.resolve("notes")
+        del scope
+    assert any("handed to users alice, carol" in v for v in probe.report().violations)
+    await registry.aclose()
+
+
 def _noted_registry() -> Registry:
     registry = Registry()
     registry.register(Notes, Notes)
