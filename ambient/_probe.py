@@ -132,10 +132,15 @@ class IsolationProbe(Observer):
         self._created = 0
         self._cleaned = 0
         self._remove: Callable[[], None] | None = None
+        # False while only the ends of what is already recorded matter (a load that would
+        # make the records grow, as ambient check's memory measurement).
+        self._recording = True
 
     # -- Observer ------------------------------------------------------------------------
 
     def scope_opened(self, scope: Scope) -> None:
+        if not self._recording:
+            return
         with self._lock:
             self._scopes.append(weakref.ref(scope))
             self._open[id(scope)] = (weakref.ref(scope), repr(scope.context))
@@ -146,6 +151,14 @@ class IsolationProbe(Observer):
 
     def component_created(self, event: ComponentEvent) -> None:
         if event.error is not None or _immutable(event.instance):
+            return
+        if not self._recording:
+            # Not recorded, but its id may be a dead recorded instance's: retire that
+            # record, or this one's cleanup would be counted as a second one of it.
+            with self._lock:
+                stale = self._records.get(id(event.instance))
+                if stale is not None and not stale.alive():
+                    self._retired.append(self._records.pop(id(event.instance)))
             return
         with self._lock:
             self._created += 1

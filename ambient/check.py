@@ -389,15 +389,17 @@ async def run_check(
                 # alive now is kept by a pending task or a global.
                 after_run = probe.report()
                 if growth_requests:
-                    # Measured without the probe, whose records grow with every component.
-                    probe.__exit__(None, None, None)
+                    # Measured with the probe recording nothing new (its records would
+                    # grow with every component), while it still sees what it recorded
+                    # cleaned: USER components that expire meanwhile.
+                    probe._recording = False
                     root.setLevel(old_level)
                     try:
                         report.memory_growth_kib_per_1k = await _growth(
                             driver, ids, plan, growth_requests
                         )
                     finally:
-                        probe.__enter__()
+                        probe._recording = True
             probe.expect_closed = shut_down[0]
             findings = probe.report()
     finally:

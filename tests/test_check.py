@@ -10,6 +10,7 @@ import json
 import logging
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -24,7 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import ambient
-from ambient import Registry, UserExecutionContext
+from ambient import Lifetime, Registry, UserExecutionContext
 from ambient.check import CheckReport, PlannedRequest, parse_request, run_check
 from ambient.cli import main
 from ambient.demo.app import CHECK_PLAN, create_app
@@ -239,6 +240,32 @@ async def test_equal_plain_values_are_not_taken_for_a_shared_instance() -> None:
         del scope
     assert any("handed to users alice, carol" in v for v in probe.report().violations)
     await registry.aclose()
+
+
+async def test_user_components_expiring_while_memory_is_measured_are_seen_cleaned() -> None:
+    """A correct app whose USER components expire by idle_ttl (a fast clock makes them
+    expire during the run): those expiring during the memory-growth phase were reported
+    "created but never cleaned", since the probe looked away then."""
+
+    class Session:
+        def close(self) -> None:
+            pass
+
+    def fast_clock() -> float:
+        return time.monotonic() * 1000  # idle_ttl=5 passes in 5 ms
+
+    registry = Registry(clock=fast_clock)
+    registry.register(Session, lambda: Session(), lifetime=Lifetime.USER, idle_ttl=5)
+
+    async def endpoint(request: Request) -> Response:
+        await ambient.resolve(Session)
+        return JSONResponse({"user": ambient.get_current_context().user_id})
+
+    app = AmbientMiddleware(
+        Starlette(routes=[Route("/", endpoint)]), registry=registry, identity=trusted_header()
+    )
+    report = await check(app, users=10, requests=2, growth_requests=300)
+    assert report.ok, report.violations
 
 
 def _noted_registry() -> Registry:
