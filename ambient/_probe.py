@@ -182,8 +182,10 @@ class IsolationProbe(Observer):
         if _immutable(event.instance):
             return
         with self._lock:
-            self._cleaned += 1
             record = self._records.get(id(event.instance))
+            if record is None and not self._recording:
+                return  # made while nothing new was recorded: not counted either
+            self._cleaned += 1
             if record is None:
                 return
             record.cleaned += 1
