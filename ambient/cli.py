@@ -65,17 +65,36 @@ def _parser() -> argparse.ArgumentParser:
         "--request",
         dest="plan",
         action="append",
+        type=_request,
         metavar="'METHOD /path [JSON]'",
         help="a request each user sends ({user} is replaced); repeatable; default: GET /",
     )
     check.add_argument(
         "--growth-requests",
-        type=int,
+        type=_not_negative,
         default=1000,
         help="requests in the memory-growth phase (1000; 0 skips it)",
     )
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
+
+
+def _not_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        msg = f"must be 0 or more, not {value}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _request(text: str) -> str:
+    from ambient.check import parse_request
+
+    try:
+        parse_request(text)
+    except ValueError as error:  # said by argparse, with the usage and exit status 2
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def _positive(text: str) -> int:

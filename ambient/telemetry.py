@@ -615,9 +615,13 @@ class Telemetry(Observer):
             previous = otel_context.get_current()
             tracer = self._tracer
             if tracer is None:
-                current = (
-                    self._with_baggage(previous, scope.context) if self.baggage_fields else previous
-                )
+                if self.baggage_fields:
+                    current = self._with_baggage(previous, scope.context)
+                elif _BAGGAGE_KEY is None or _BAGGAGE_KEY in previous:
+                    # Metrics only: still no forged `ambient.*` baggage past this scope.
+                    current = _strip_ambient_baggage(previous)
+                else:
+                    current = previous
             else:
                 parent = _unrelated_scopes_removed(previous, scope)
                 span = tracer.start_span(

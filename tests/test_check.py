@@ -384,6 +384,11 @@ class TestCommandLine:
             main(["check", "--identity", "cookie"])
         with pytest.raises(SystemExit, match="module:attr"):
             main(["check", "nocolon"])
+        for wrong in (["--growth-requests", "-50"], ["--request", "GET history"]):
+            with pytest.raises(SystemExit) as refused:
+                main(["check", *wrong])
+            assert refused.value.code == 2  # argparse's, with the usage: not a traceback
+        assert "must be 0 or more" in capsys.readouterr().err
         with pytest.raises(ValueError, match="must start with"):
             parse_request("GET nopath")
         assert parse_request('POST /x {"a": 1}') == PlannedRequest("POST", "/x", '{"a": 1}')

@@ -862,6 +862,31 @@ class TestBaggage:
         finally:
             otel_context.detach(token)
 
+    async def test_incoming_ambient_baggage_is_dropped_by_metrics_only_telemetry(
+        self, otel: Otel
+    ) -> None:
+        """A telemetry with metrics and no tracing is active as well: forged `ambient.*`
+        baggage from the client does not survive into the scope (and from there into the
+        `baggage` header of the app's outgoing calls) either."""
+        telemetry = Telemetry(
+            tracer_provider=trace.NoOpTracerProvider(), meter_provider=otel.meter_provider
+        )
+        registry = Registry(telemetry=telemetry)
+        incoming = baggage.set_baggage("ambient.user_id", "admin")
+        incoming = baggage.set_baggage("other", "kept", incoming)
+        token = otel_context.attach(incoming)
+        try:
+            async with registry.open_scope(ctx("bob")):
+                assert telemetry.active
+                assert baggage.get_baggage("ambient.user_id") is None
+                assert baggage.get_baggage("other") == "kept"
+                outgoing: dict[str, str] = {}
+                propagate.inject(outgoing)
+                assert "ambient.user_id" not in outgoing.get("baggage", "")
+            assert baggage.get_baggage("ambient.user_id") == "admin"  # the caller's, restored
+        finally:
+            otel_context.detach(token)
+
     @pytest.mark.parametrize("size", [8_000, 16 * 1024])
     async def test_oversized_incoming_baggage_is_bounded_and_never_identity(
         self, otel: Otel, size: int
