@@ -455,10 +455,14 @@ class RedisBroadcast:
     async def aclose(self) -> None:
         """Stop the reader and close the Redis connections (used again on next use)."""
         reader, self._reader = self._reader, None
-        if reader is not None and not reader.done():
-            reader.cancel()
+        if reader is not None:
             with anyio.CancelScope(shield=True):
-                await asyncio.wait([reader])
+                while not reader.done():
+                    # Again until it ends: a cancellation that lands as one of the reader's
+                    # own deadlines expires can be taken for that deadline's, and the
+                    # reader would go on reconnecting while shutdown waits for it.
+                    reader.cancel()
+                    await asyncio.wait([reader], timeout=self.timeout)
         for client in (self._client, self._sub_client):
             if client is not None:
                 await _close_quietly(client.aclose())
