@@ -117,21 +117,16 @@ def _copy_metadata(metadata: object) -> Mapping[str, object]:
     return MappingProxyType(dict(metadata))
 
 
+# Every id field, in the order they are checked, and whether it may be None.
 _ID_FIELDS = (
-    "user_id",
-    "thread_id",
-    "run_id",
-    "request_id",
-    "tenant_id",
-    "connection_id",
-    "parent_run_id",
+    ("user_id", False),
+    ("thread_id", False),
+    ("run_id", False),
+    ("request_id", False),
+    ("tenant_id", True),
+    ("connection_id", True),
+    ("parent_run_id", True),
 )
-
-
-def _validate_optional(field_name: str, value: object) -> str | None:
-    if value is None:
-        return None
-    return validate_id(field_name, value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,19 +173,15 @@ class UserExecutionContext:
     metadata: Mapping[str, object] = field(default_factory=lambda: _EMPTY, hash=False)
 
     def __post_init__(self) -> None:
-        validate_id("user_id", self.user_id)
-        validate_id("thread_id", self.thread_id)
-        validate_id("run_id", self.run_id)
-        validate_id("request_id", self.request_id)
-        _validate_optional("tenant_id", self.tenant_id)
-        _validate_optional("connection_id", self.connection_id)
-        _validate_optional("parent_run_id", self.parent_run_id)
-        for name in _ID_FIELDS:
+        for name, optional in _ID_FIELDS:
             value = getattr(self, name)
-            if value is not None and type(value) is not str:
-                # A str subclass (an Enum member, say) is kept as the plain string checked
-                # above: equal contexts then hash alike, and nothing but str reaches a key.
-                object.__setattr__(self, name, str.__str__(value))
+            if value is None and optional:
+                continue
+            checked = validate_id(name, value)
+            if checked is not value:
+                # A str subclass (an Enum member, say) is kept as the plain string checked:
+                # equal contexts then hash alike, and nothing but str reaches a key.
+                object.__setattr__(self, name, checked)
         depth = self.depth
         if type(depth) is not int:
             raise InvalidContextError(

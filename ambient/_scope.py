@@ -492,8 +492,12 @@ class Scope:
             created = own.close()
             if created:
                 self._registry.clean_up_refused(created, self, self.observers)
-            raise ScopeClosedError(f"cannot resolve from {self!r}: the scope has closed")
+            raise self._closed_meanwhile()
         return own
+
+    def _closed_meanwhile(self) -> ScopeClosedError:
+        """The error of a worker thread that found the scope open and then closed."""
+        return ScopeClosedError(f"cannot resolve from {self!r}: the scope has closed")
 
     def _unavailable(self, key: Hashable) -> Exception:
         if self._closed or not self._opened:
@@ -532,7 +536,7 @@ class Scope:
                     self._user_entry = None
             if missed:
                 registry.release_user(kept)
-            raise ScopeClosedError(f"cannot resolve from {self!r}: the scope has closed")
+            raise self._closed_meanwhile()
         return kept
 
     @contextlib.contextmanager
