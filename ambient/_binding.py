@@ -276,17 +276,21 @@ def wrap(fn: Callable[P, R]) -> Callable[P, R]:
 
 @contextlib.contextmanager
 def detached() -> Iterator[None]:
-    """Run the block with no context bound.
+    """Run the block with no context bound and an empty OpenTelemetry context.
 
     For starting long-lived background work from inside a request: a connection pool's
     worker tasks, a cache refresher. Tasks started in the block copy the current
     :mod:`contextvars` context; without this they would carry the request that happened
-    to start them (running as its user, and keeping its scope alive after it closed).
+    to start them (running as its user, keeping its scope alive after it closed, and
+    recording their spans, with the request's baggage, into the request's trace long
+    after it ended). Their spans start traces of their own.
     """
     token = _current.set(None)
+    trace_token = otel_context.attach(otel_context.Context())
     try:
         yield
     finally:
+        otel_context.detach(trace_token)
         try:
             _current.reset(token)
         except ValueError:  # pragma: no cover - only if the block switched Contexts

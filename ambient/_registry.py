@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import anyio
+from opentelemetry import context as otel_context
 
 from ambient import _observe
 from ambient._binding import _current
@@ -444,11 +445,14 @@ class Registry:
     async def _close_entry(self, entry: UserEntry, created: list[Any]) -> list[Exception]:
         # Expiry and eviction run inside whichever request comes along, often another
         # user's: nothing of that request may be bound while this user's components go
-        # (their cleanups would log, trace and resolve as the other user).
+        # (their cleanups would log, trace and resolve as the other user, and their spans
+        # would join that user's trace, carrying its baggage).
         token = _current.set(None)
+        trace_token = otel_context.attach(otel_context.Context())
         try:
             return await finalize(created, None, self, entry.ref, self._cleanup_observers())
         finally:
+            otel_context.detach(trace_token)
             _current.reset(token)
 
     # -- shutdown and stats --------------------------------------------------------------

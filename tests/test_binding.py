@@ -13,6 +13,9 @@ import anyio
 import anyio.lowlevel
 import pytest
 from asgiref.sync import sync_to_async
+from opentelemetry import baggage
+from opentelemetry import context as otel_context
+from opentelemetry import trace as otel_trace
 
 import ambient
 from ambient import (
@@ -346,7 +349,6 @@ class TestThreadHops:
 
     async def test_wrap_carries_the_trace_context(self) -> None:
         """wrap() carries the OpenTelemetry context too."""
-        from opentelemetry import context as otel_context
 
         key = otel_context.create_key("probe")
         token = otel_context.attach(otel_context.set_value(key, "request-trace"))
@@ -366,19 +368,34 @@ class TestThreadHops:
 
 
 async def test_detached_unbinds_for_the_block_and_for_tasks_started_in_it() -> None:
+    """Background work started in the block carries neither the request's user nor its
+    trace and baggage: its spans would otherwise be filed in the request's trace long
+    after the request ended."""
     seen: list[object] = []
 
     async def background() -> None:
-        seen.append(ambient.current_context_or_none())
+        span = otel_trace.get_current_span().get_span_context()
+        seen.append((ambient.current_context_or_none(), span.is_valid, baggage.get_all()))
 
     ctx = UserExecutionContext.create("alice")
-    with ambient.bind_context(ctx):
-        async with anyio.create_task_group() as tg:
-            with ambient.detached():
-                assert ambient.current_context_or_none() is None
-                tg.start_soon(background)
-            assert ambient.get_current_context() is ctx
-    assert seen == [None]
+    request_span = otel_trace.NonRecordingSpan(
+        otel_trace.SpanContext(trace_id=5, span_id=6, is_remote=False)
+    )
+    token = otel_context.attach(
+        baggage.set_baggage("tenant", "alice-corp", otel_trace.set_span_in_context(request_span))
+    )
+    try:
+        with ambient.bind_context(ctx):
+            async with anyio.create_task_group() as tg:
+                with ambient.detached():
+                    assert ambient.current_context_or_none() is None
+                    tg.start_soon(background)
+                assert ambient.get_current_context() is ctx
+                assert otel_trace.get_current_span() is request_span
+                assert baggage.get_baggage("tenant") == "alice-corp"
+    finally:
+        otel_context.detach(token)
+    assert seen == [(None, False, {})]
 
 
 async def test_interleaved_generators_cannot_mix_users() -> None:

@@ -6,6 +6,9 @@ from collections.abc import Iterator
 
 import anyio
 import pytest
+from opentelemetry import baggage
+from opentelemetry import context as otel_context
+from opentelemetry import trace as otel_trace
 
 import ambient
 from ambient import Lifetime, Registry, UserExecutionContext, UserRef
@@ -194,7 +197,8 @@ async def test_a_users_components_are_never_cleaned_as_another_user(
 ) -> None:
     """Bob's USER component is cleaned while Alice's request runs (it expires as her scope
     closes, or her arrival evicts him past max_users): its cleanup must not see Alice's
-    context, which its log records and spans would then carry."""
+    context, nor her request's span and baggage, which its log records and spans would
+    then carry (bob's cleanup span filed in alice's trace)."""
     seen: list[object] = []
 
     class Memory:
@@ -202,18 +206,29 @@ async def test_a_users_components_are_never_cleaned_as_another_user(
             self.user = user
 
         def close(self) -> None:
-            seen.append(ambient.current_context_or_none())
+            span = otel_trace.get_current_span().get_span_context()
+            seen.append((ambient.current_context_or_none(), span.is_valid, baggage.get_all()))
 
     registry = Registry(clock=clock, max_users=1 if how == "eviction" else 100)
     registry.register(Memory, Memory, lifetime=Lifetime.USER, idle_ttl=60)
     async with registry.open_scope(ctx("bob")):
         await ambient.resolve(Memory)
-    async with registry.open_scope(ctx("alice")):
-        if how == "eviction":
-            await ambient.resolve(Memory)  # alice's entry pushes bob's out
-        else:
-            clock.now += 120  # bob's expires when alice's scope closes
-    assert seen == [None]
+    alices_request = otel_trace.NonRecordingSpan(
+        otel_trace.SpanContext(trace_id=7, span_id=8, is_remote=False)
+    )
+    token = otel_context.attach(
+        baggage.set_baggage("tenant", "alice-corp", otel_trace.set_span_in_context(alices_request))
+    )
+    try:
+        async with registry.open_scope(ctx("alice")):
+            if how == "eviction":
+                await ambient.resolve(Memory)  # alice's entry pushes bob's out
+            else:
+                clock.now += 120  # bob's expires when alice's scope closes
+        assert otel_trace.get_current_span() is alices_request
+    finally:
+        otel_context.detach(token)
+    assert seen == [(None, False, {})]
     await registry.aclose()
 
 
