@@ -284,6 +284,7 @@ class _Instruments:
     __slots__ = (
         "cleanup_duration",
         "cleanup_failures",
+        "counted",
         "create_duration",
         "global_accesses",
         "scopes_active",
@@ -291,6 +292,9 @@ class _Instruments:
     )
 
     def __init__(self, meter: metrics.Meter) -> None:
+        # USER components this meter counted live, by id: one made before a late SDK was
+        # found was never counted up, so its cleanup must not count it down.
+        self.counted: dict[int, int] = {}
         self.scopes_active = _scopes_active(meter)
         self.user_components = meter.create_up_down_counter(
             "ambient.user_components.live",
@@ -319,6 +323,20 @@ class _Instruments:
             unit="{access}",
             description="Accesses to a guarded module-level global while a user context was bound.",
         )
+
+
+def _uncount(instruments: _Instruments, event: ComponentEvent) -> bool:
+    """Forget one count of ``event``'s USER component; whether it had been counted."""
+    counted = instruments.counted
+    key = id(event.instance)
+    times = counted.get(key)
+    if times is None:
+        return False
+    if times == 1:
+        del counted[key]
+    else:
+        counted[key] = times - 1
+    return True
 
 
 def _only_key(context: Context) -> str | None:
@@ -519,10 +537,20 @@ class Telemetry(Observer):
             if now < self._next_check:
                 return
             self._next_check = now + _RECHECK_SECONDS
+            # A provider set late that fails to hand out a tracer or its instruments is
+            # given up on (logged once): the request that happened to look must not fail.
             if self._tracer_pending:
-                self._resolve_tracer()
+                try:
+                    self._resolve_tracer()
+                except Exception:  # noqa: BLE001 - logged once; never breaks a request
+                    self._tracer_pending = False
+                    self._failed("tracer provider")
             if self._meter_pending:
-                self._resolve_meter()
+                try:
+                    self._resolve_meter()
+                except Exception:  # noqa: BLE001 - logged once; never breaks a request
+                    self._meter_pending = False
+                    self._failed("meter provider")
             self._update_state()
 
     @property
@@ -744,6 +772,9 @@ class Telemetry(Observer):
                 instruments.create_duration.record(event.duration, attributes)
                 if event.lifetime is _USER and event.error is None:
                     instruments.user_components.add(1, attributes)
+                    counted = instruments.counted
+                    key = id(event.instance)
+                    counted[key] = counted.get(key, 0) + 1
             except Exception:  # noqa: BLE001 - logged once; never breaks a request
                 self._failed("component_created (metrics)")
         if self._tracer is not None:
@@ -761,7 +792,7 @@ class Telemetry(Observer):
         """
         instruments = self._instruments
         if not event.cleanup_ran:
-            if instruments is not None and event.lifetime is _USER:
+            if instruments is not None and event.lifetime is _USER and _uncount(instruments, event):
                 try:
                     instruments.user_components.add(-1, self._attributes(event))
                 except Exception:  # noqa: BLE001 - logged once; never breaks a request
@@ -773,7 +804,7 @@ class Telemetry(Observer):
                 instruments.cleanup_duration.record(event.duration, attributes)
                 if event.error is not None:
                     instruments.cleanup_failures.add(1, attributes)
-                if event.lifetime is _USER:
+                if event.lifetime is _USER and _uncount(instruments, event):
                     instruments.user_components.add(-1, attributes)
             except Exception:  # noqa: BLE001 - logged once; never breaks a request
                 self._failed("component_cleaned (metrics)")

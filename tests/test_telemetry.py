@@ -21,7 +21,7 @@ import anyio.lowlevel
 import anyio.to_thread
 import httpx
 import pytest
-from opentelemetry import baggage, propagate, trace
+from opentelemetry import baggage, metrics, propagate, trace
 from opentelemetry import context as otel_context
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.metrics import NoOpMeterProvider
@@ -810,6 +810,61 @@ class TestNoSdk:
             pass
         assert telemetry.active
         assert len(otel.spans.named("ambient.scope")) == 1
+
+    async def test_a_meter_found_later_counts_only_what_it_saw_made(
+        self, otel: Otel, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """USER components made before the meter provider was set were never counted live;
+        their cleanups after it was set must not count them down, or
+        ambient.user_components.live goes below zero and stays there."""
+        monkeypatch.setattr(ambient.telemetry, "_RECHECK_SECONDS", 0.0)
+        telemetry = Telemetry()
+        registry = Registry(telemetry=telemetry)
+        registry.register(Memory, Memory, lifetime=Lifetime.USER)
+        for user in ("alice", "bob"):
+            async with registry.open_scope(ctx(user)):
+                await ambient.resolve(Memory)
+        assert not telemetry.active
+        monkeypatch.setattr(metrics, "get_meter_provider", lambda: otel.meter_provider)
+        async with registry.open_scope(ctx("carol")):
+            await ambient.resolve(Memory)
+        assert telemetry.active
+        assert otel.total("ambient.user_components.live") == 1
+        await registry.aclose()
+        assert otel.total("ambient.user_components.live") == 0
+
+    @pytest.mark.parametrize("provider", ["tracer", "meter"])
+    async def test_a_failing_provider_found_later_never_breaks_a_request(
+        self,
+        monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture,
+        provider: str,
+    ) -> None:
+        """A provider set after start-up whose tracer or instruments cannot be made is given
+        up on with one logged error; the requests that come across it go on."""
+
+        class Broken:
+            def get_tracer(self, *args: object, **kwargs: object) -> trace.Tracer:
+                raise RuntimeError("exporter misconfigured")
+
+            def get_meter(self, *args: object, **kwargs: object) -> metrics.Meter:
+                raise RuntimeError("exporter misconfigured")
+
+        monkeypatch.setattr(ambient.telemetry, "_RECHECK_SECONDS", 0.0)
+        telemetry = Telemetry()
+        registry = Registry(telemetry=telemetry)
+        registry.register(Dispatcher, Dispatcher)
+        getter = "get_tracer_provider" if provider == "tracer" else "get_meter_provider"
+        monkeypatch.setattr(trace if provider == "tracer" else metrics, getter, Broken)
+        with caplog.at_level(logging.ERROR, logger="ambient"):
+            for user in ("alice", "bob", "carol"):
+                async with registry.open_scope(ctx(user)):
+                    assert isinstance(await ambient.resolve(Dispatcher), Dispatcher)
+        failures = [r for r in caplog.records if "telemetry failed" in r.getMessage()]
+        assert [r.getMessage().split(";")[0] for r in failures] == [
+            f"ambient telemetry failed in {provider} provider"
+        ]
+        await registry.aclose()
 
     async def test_baggage_alone_is_active(self) -> None:
         """Baggage works without an SDK (propagation needs only the API)."""
