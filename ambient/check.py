@@ -17,12 +17,14 @@ import statistics
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import anyio
 
-from ambient import _probe, current_context_or_none
+from ambient import _probe, add_observer, current_context_or_none
+from ambient._observe import Observer
 
 __all__ = ["CheckReport", "PlannedRequest", "parse_request", "run_check"]
 
@@ -30,6 +32,22 @@ ASGIApp = Callable[..., Awaitable[None]]
 Progress = Callable[[int, int], None]
 
 _MAX_SHOWN = 20
+
+# Filled, while a simulated request runs, with the user its first scope was opened for and
+# whether that context was an anonymous one.
+_served: ContextVar[list[tuple[str, bool]] | None] = ContextVar("_served", default=None)
+
+
+class _ServedAs(Observer):
+    """Notes whom each simulated request was served as: without it a check whose requests
+    all fell back to anonymous users, or were read as one user, would find no data of
+    another and pass."""
+
+    def scope_opened(self, scope: Any) -> None:
+        note = _served.get()
+        if note is not None and not note:
+            ctx = scope.context
+            note.append((ctx.user_id, ctx.metadata.get("anonymous") is True))
 
 
 @dataclass(frozen=True)
@@ -115,7 +133,9 @@ class _Driver:
             ]
         return headers
 
-    async def request(self, user: str, planned: PlannedRequest) -> tuple[int, bytes, float]:
+    async def request(
+        self, user: str, planned: PlannedRequest, served: list[tuple[str, bool]] | None = None
+    ) -> tuple[int, bytes, float]:
         path = planned.path.replace("{user}", user)
         raw_path, _, query = path.partition("?")
         body = planned.body.replace("{user}", user).encode() if planned.body else None
@@ -159,11 +179,14 @@ class _Driver:
                     done.set()
 
         started = time.perf_counter()
+        token = _served.set(served)
         try:
             await self.app(scope, receive, send)
         except Exception as exc:  # noqa: BLE001 - an app error is a finding, not a crash
             done.set()
             return 500, f"{type(exc).__name__}: {exc}".encode(), time.perf_counter() - started
+        finally:
+            _served.reset(token)
         done.set()
         elapsed = time.perf_counter() - started
         if not status:
@@ -302,20 +325,34 @@ class _Traffic:
         self.latencies: list[float] = []
         self.isolation: list[str] = []
         self.failed: list[str] = []
+        self.served_as: dict[str, set[str]] = {}
+        self.anonymous: set[str] = set()
 
     async def user(self, user: str) -> None:
         for index in range(self.requests):
             await self.one(user, self.plan[index % len(self.plan)])
 
     async def one(self, user: str, planned: PlannedRequest) -> None:
-        status, body, elapsed = await self.driver.request(user, planned)
+        served: list[tuple[str, bool]] = []
+        status, body, elapsed = await self.driver.request(user, planned, served)
         self.latencies.append(elapsed)
+        if served:
+            served_as, anonymous = served[0]
+            self.served_as.setdefault(user, set()).add(served_as)
+            if anonymous:
+                self.anonymous.add(user)
         where = f"{planned.method} {planned.path}"
         if not status:  # no complete response: the driver says what went wrong
             self.failed.append(f"{where} for {user}: {body.decode()}")
         elif status >= 400:
             shown = body[:160].decode("utf-8", "replace")
             self.failed.append(f"{where} for {user}: HTTP {status} {shown!r}")
+        elif status >= 300:
+            # Redirects are not followed: the isolation checks never saw the page behind it.
+            self.failed.append(
+                f"{where} for {user}: HTTP {status}, a redirect (not followed; plan the "
+                "request it leads to, or send what the app needs to serve this one)"
+            )
         text = body.decode("utf-8", "replace")
         self.isolation.extend(
             f"{where}: the response for {user} contains {other}'s data"
@@ -324,6 +361,32 @@ class _Traffic:
         self.done += 1
         if self.progress is not None:
             self.progress(self.done, self.total)
+
+    def identity_findings(self) -> list[str]:
+        """Simulated users not served as one user of their own: their requests cannot show
+        one user's data reaching another."""
+        findings: list[str] = []
+        if self.anonymous:
+            findings.append(
+                f"{len(self.anonymous)} simulated user(s) were served as anonymous users, "
+                "so isolation between them was not tested: does --identity name what the "
+                "app reads the user from?"
+            )
+        split = sorted(user for user, seen in self.served_as.items() if len(seen) > 1)
+        if split and not self.anonymous:
+            findings.append(
+                f"the requests of {split[0]} were served as {len(self.served_as[split[0]])} "
+                f"different users ({len(split)} simulated user(s) in all were split so)"
+            )
+        owners: dict[str, list[str]] = {}
+        for user, seen in self.served_as.items():
+            for served_as in seen:
+                owners.setdefault(served_as, []).append(user)
+        shared = sorted(sorted(users) for users in owners.values() if len(users) > 1)
+        findings += [
+            f"simulated users {', '.join(users)} were all served as one user" for users in shared
+        ]
+        return findings
 
 
 async def run_check(
@@ -377,6 +440,7 @@ async def run_check(
             await traffic.user(user)
 
     probe = _probe.IsolationProbe()
+    remove_served_as = add_observer(_ServedAs())
     try:
         with probe:
             async with driver.lifespan() as shut_down:
@@ -403,6 +467,7 @@ async def run_check(
             probe.expect_closed = shut_down[0]
             findings = probe.report()
     finally:
+        remove_served_as()
         root.removeHandler(watch)
         root.setLevel(old_level)
     _summarise(report, traffic, watch, after_run, findings, elapsed, max_growth_kib)
@@ -426,6 +491,7 @@ def _summarise(
     report.throughput_rps = round(report.requests / elapsed, 1) if elapsed else 0.0
     report.latency_ms = _percentiles(traffic.latencies)
     report.isolation = [
+        *_cut(traffic.identity_findings()),
         *_cut(findings.shared),
         *_cut(traffic.isolation),
         *_cut(watch.findings),

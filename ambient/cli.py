@@ -116,7 +116,8 @@ def _identity(text: str) -> tuple[str, str]:
 
 
 def load_app(target: str) -> Any:
-    """Import ``module:attr``; call it when it is a factory rather than an ASGI app."""
+    """Import ``module:attr``; call it when it is a factory rather than an ASGI app (the
+    result of an ``async def`` factory is still to be awaited)."""
     module_name, _, attribute = target.partition(":")
     if not module_name or not attribute:
         msg = f"the app must be given as module:attr, not {target!r}"
@@ -204,7 +205,6 @@ def _check(args: argparse.Namespace) -> int:
     from ambient.check import CheckReport, parse_request, run_check
 
     identity = _identity(args.identity)
-    app = load_app(args.app)
     if args.plan:
         plan = [parse_request(text) for text in args.plan]
     elif args.app == _DEMO:
@@ -213,22 +213,28 @@ def _check(args: argparse.Namespace) -> int:
         plan = list(CHECK_PLAN)
     else:
         plan = [parse_request("GET /")]
+    app = load_app(args.app)
     name = "the bundled demo" if args.app == _DEMO else args.app
     total = args.users * args.requests
-    with _progress(total, quiet=args.json) as progress:
-        report: CheckReport = anyio.run(
-            lambda: run_check(
-                app,
-                name=name,
-                users=args.users,
-                requests=args.requests,
-                concurrency=args.concurrency,
-                identity=identity,
-                plan=plan,
-                growth_requests=args.growth_requests,
-                progress=progress,
-            )
+
+    async def run(progress: Callable[[int, int], None] | None) -> CheckReport:
+        # An ``async def create_app()`` is awaited on the loop the check then runs the app
+        # on (what it makes may belong to that loop).
+        target = await app if inspect.isawaitable(app) else app
+        return await run_check(
+            target,
+            name=name,
+            users=args.users,
+            requests=args.requests,
+            concurrency=args.concurrency,
+            identity=identity,
+            plan=plan,
+            growth_requests=args.growth_requests,
+            progress=progress,
         )
+
+    with _progress(total, quiet=args.json) as progress:
+        report: CheckReport = anyio.run(run, progress)
     if args.json:
         sys.stdout.write(report.to_json() + "\n")
     else:

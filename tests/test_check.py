@@ -29,7 +29,7 @@ from ambient import Lifetime, Registry, UserExecutionContext
 from ambient.check import CheckReport, PlannedRequest, parse_request, run_check
 from ambient.cli import main
 from ambient.demo.app import CHECK_PLAN, create_app
-from ambient.middleware import AmbientMiddleware, trusted_header
+from ambient.middleware import AmbientMiddleware, Identity, trusted_header
 from ambient.testing import IsolationProbe
 
 pytest_plugins = ["pytester"]
@@ -203,6 +203,61 @@ class TestBrokenApps:
         )
         report = await check(app, users=10, requests=3)
         assert any("log record from tests.chatty" in line for line in report.isolation)
+
+
+class TestUsersNotServedAsThemselves:
+    """The check's claim "no data of another" holds only when each simulated user was served
+    as a user of its own; otherwise no response could ever show another's data."""
+
+    @pytest.mark.parametrize("requests", [1, 3])
+    async def test_an_identity_the_app_does_not_read_falls_back_to_anonymous(
+        self, requests: int
+    ) -> None:
+        """The app reads ``x-user-id``; the check sends ``x-account``: with
+        ``anonymous=True`` every request is a fresh anonymous user and all answer 200."""
+        app = AmbientMiddleware(
+            Starlette(routes=[Route("/", _whoami)]),
+            registry=Registry(),
+            identity=trusted_header("x-user-id"),
+            anonymous=True,
+        )
+        report = await check(app, users=5, requests=requests, identity=("header", "x-account"))
+        assert not report.ok
+        assert report.failed_requests == []
+        assert report.isolation[0].startswith("5 simulated user(s) were served as anonymous")
+        right = await check(app, users=5, requests=requests, identity=("header", "x-user-id"))
+        assert right.ok, right.violations
+
+    async def test_users_served_as_one_user(self) -> None:
+        """An identity that maps every caller to one account (a misconfigured resolver)."""
+
+        def one_account(scope: Any) -> Identity:
+            return Identity(user_id="service-account")
+
+        app = AmbientMiddleware(
+            Starlette(routes=[Route("/", _whoami)]), registry=Registry(), identity=one_account
+        )
+        report = await check(app, users=4, requests=2)
+        assert not report.ok
+        assert len(report.isolation) == 1
+        assert report.isolation[0].endswith("were all served as one user")
+        assert report.isolation[0].count("check-") == 4
+
+    async def test_a_redirect_is_not_a_served_request(self) -> None:
+        async def to_login(request: Request) -> Response:
+            return Response(status_code=302, headers={"location": "/login"})
+
+        app = AmbientMiddleware(
+            Starlette(routes=[Route("/", to_login)]), registry=Registry(), identity=trusted_header()
+        )
+        report = await check(app, users=3, requests=2)
+        assert not report.ok
+        assert len(report.failed_requests) == 6
+        assert all("HTTP 302, a redirect" in line for line in report.failed_requests)
+
+
+async def _whoami(request: Request) -> Response:
+    return JSONResponse({"user": ambient.get_current_context().user_id})
 
 
 async def _never_answers(scope: Any, receive: Any, send: Any) -> None:
@@ -434,6 +489,30 @@ class TestCommandLine:
             ]
         )
         assert code == 0, capsys.readouterr().out
+
+    def test_an_async_factory_is_awaited_on_the_checks_loop(
+        self, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """``async def create_app()`` (it awaits its own start-up work): the check awaits it
+        and runs the app it returns (it used to take the coroutine for the app)."""
+        (tmp_path / "async_app_for_check.py").write_text(
+            "import asyncio\n"
+            "from tests.test_check import _noted_registry, notes_app\n"
+            "async def create_app():\n"
+            "    await asyncio.sleep(0)\n"
+            "    return notes_app(_noted_registry())\n"
+        )
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.delitem(sys.modules, "async_app_for_check", raising=False)
+        code = main(
+            [
+                *("check", "async_app_for_check:create_app", "--users", "3", "--requests", "2"),
+                *("--growth-requests", "0", "--json"),
+            ]
+        )
+        report = json.loads(capsys.readouterr().out)
+        assert code == 0, report
+        assert report["scopes"] == 6
 
     def test_the_console_script_prints_help(self) -> None:
         result = subprocess.run(
