@@ -707,6 +707,18 @@ def _refuse_public_key_as_secret(key: str | bytes) -> None:
         raise ValueError(msg) from None
 
 
+def _audiences(audience: str | Iterable[str] | None) -> list[str] | None:
+    """The accepted audiences as a list: an iterator or generator given would be used up by
+    the first token, and every later one refused as "for another audience"."""
+    if audience is None:
+        return None
+    audiences = [audience] if isinstance(audience, str) else list(audience)
+    if not audiences or not all(isinstance(value, str) and value for value in audiences):
+        msg = f"audience must be a non-empty string or strings, not {audiences!r}"
+        raise ValueError(msg)
+    return audiences
+
+
 def jwt_bearer(
     key_or_jwks: Any,
     *,
@@ -751,7 +763,7 @@ def jwt_bearer(
     hmac_algs = _HMAC.intersection(algs)
 
     jwk_client, jwks, key = _verification_keys(key_or_jwks, hmac=bool(hmac_algs))
-    audiences = [audience] if isinstance(audience, str) else audience
+    audiences = _audiences(audience)
     required = sorted({*require, user_claim})
     decoder = jwt.PyJWT(
         options={"require": required, "verify_aud": audience is not None, "strict_aud": False}

@@ -228,6 +228,27 @@ class TestJwtBearer:
         assert refused.value.http_status == 401
         assert reason in str(refused.value)
 
+    def test_audiences_given_as_an_iterator_serve_every_request(self) -> None:
+        """``audience=`` is any iterable of strings: a generator (or ``map``) used to be
+        used up by the first token, after which every valid token was refused as "for
+        another audience"."""
+        resolver = jwt_bearer(
+            SECRET,
+            algorithms=["HS256"],
+            issuer=ISSUER,
+            audience=(name for name in ("other-api", AUDIENCE)),
+        )
+        for user in ("alice", "bob", "carol"):
+            assert resolver(bearer(token({"sub": user}))).user_id == user
+        with pytest.raises(IdentityError, match="another audience"):
+            resolver(bearer(token({"aud": "someone-else"})))
+
+    @pytest.mark.parametrize("audience", [[], [""], [AUDIENCE, b"api"], ""])
+    def test_an_audience_no_token_could_match_is_refused_at_once(self, audience: Any) -> None:
+        """An empty list of audiences would refuse every token at request time."""
+        with pytest.raises(ValueError, match="audience must be a non-empty string"):
+            jwt_bearer(SECRET, algorithms=["HS256"], audience=audience)
+
     def test_leeway_tolerates_small_clock_skew_only(self) -> None:
         just_expired = token({"exp": int(time.time()) - 10})
         assert hs_resolver(leeway=30)(bearer(just_expired)) is not None
