@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import random
 import re
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import Any
+from typing import Any, NoReturn
 
 from ambient.errors import InvalidContextError
 
-__all__ = ["MAX_DEPTH", "UserExecutionContext", "UserRef", "new_id", "validate_id"]
+__all__ = ["MAX_DEPTH", "ReadOnlyDict", "UserExecutionContext", "UserRef", "new_id", "validate_id"]
 
 MAX_DEPTH = 32
 # The metadata key that marks an anonymous caller's context (the middleware sets it; a
@@ -42,7 +42,37 @@ _INVISIBLE = re.compile(
     "[\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180d\u180f\u3164\ufe00-\ufe0f\uffa0"
     "\U000e0100-\U000e01ef]"
 )
-_EMPTY: Mapping[str, object] = MappingProxyType({})
+
+
+class ReadOnlyDict(dict[str, Any]):
+    """A ``dict`` nothing can change: a context's metadata, an identity's claims.
+
+    A dict rather than a ``MappingProxyType`` so that what Python and its libraries do with
+    a dataclass's dict fields works on a context: ``dataclasses.asdict()`` (which FastAPI's
+    ``jsonable_encoder`` calls), ``json.dumps``, ``copy.deepcopy`` and pickling. Changing
+    one raises ``TypeError``, as a mapping proxy would.
+    """
+
+    __slots__ = ()
+
+    def _read_only(self, *args: object, **kwargs: object) -> NoReturn:
+        msg = f"{type(self).__name__} does not support changes; build a new one"
+        raise TypeError(msg)
+
+    __setitem__ = __delitem__ = __ior__ = _read_only
+    clear = pop = popitem = setdefault = update = _read_only
+
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any]]]:
+        return (type(self), (dict(self),))
+
+    def __copy__(self) -> ReadOnlyDict:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ReadOnlyDict:
+        return type(self)(copy.deepcopy(dict(self), memo))
+
+
+_EMPTY: Mapping[str, object] = ReadOnlyDict()
 # The module-level generator: seeded from the OS and re-seeded in forked children.
 _random_bits = random.getrandbits
 
@@ -114,7 +144,7 @@ def _copy_metadata(metadata: object) -> Mapping[str, object]:
                 "metadata", f"keys must be str, not {type(key).__name__}", echo=False
             )
     # A private copy: neither the caller's dict nor the context can change it later.
-    return MappingProxyType(dict(metadata))
+    return ReadOnlyDict(metadata)
 
 
 # Every id field, in the order they are checked, and whether it may be None.

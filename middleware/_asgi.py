@@ -8,7 +8,6 @@ import re
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, MutableMapping
-from types import MappingProxyType
 from typing import Any, Final
 
 import anyio
@@ -21,6 +20,9 @@ from ambient._context import (
     new_id,
     request_context,
     validate_id,
+)
+from ambient._context import (
+    ReadOnlyDict as _ReadOnlyDict,
 )
 from ambient._observe import Observer
 from ambient._registry import Registry
@@ -44,7 +46,7 @@ ASGIApp = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
 _REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
 # The metadata of an anonymous caller's context: its user id is fresh for each request, so
 # its USER components can never be used again and are cleaned when the request ends.
-_ANONYMOUS: Final = MappingProxyType({ANONYMOUS: True})
+_ANONYMOUS: Final = _ReadOnlyDict({ANONYMOUS: True})
 # The close code of a websocket whose identity stopped being valid: expired here, or
 # revoked through the websockets integration's hub.
 CLOSE_IDENTITY_ENDED: Final = 4001

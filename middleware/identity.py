@@ -21,9 +21,9 @@ import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from time import monotonic as _monotonic
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 
+from ambient._context import ReadOnlyDict as _ReadOnlyDict
 from ambient._loops import in_trio as _in_trio
 from ambient.errors import IdentityError, IdentityUnavailableError
 
@@ -48,7 +48,7 @@ __all__ = [
     "trusted_header",
 ]
 
-_NO_CLAIMS: Mapping[str, Any] = MappingProxyType({})
+_NO_CLAIMS: Mapping[str, Any] = _ReadOnlyDict()
 
 
 @dataclass(frozen=True, slots=True)
@@ -809,7 +809,7 @@ def jwt_bearer(
         # PyJWT honours the token until int(exp) + leeway; so does a websocket.
         exp = claims.get("exp")
         expires_at = None if exp is None else int(exp) + leeway
-        return Identity(user_id, tenant, MappingProxyType(claims), expires_at=expires_at)
+        return Identity(user_id, tenant, _ReadOnlyDict(claims), expires_at=expires_at)
 
     if jwk_client is not None:
         import anyio.to_thread

@@ -29,12 +29,12 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from types import MappingProxyType
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import parse_qsl
 
 from ambient import _loops
 from ambient._binding import get_current_context
+from ambient._context import ReadOnlyDict as _ReadOnlyDict
 from ambient.errors import IdentityError, IdentityUnavailableError
 from ambient.middleware.identity import Identity
 
@@ -258,7 +258,7 @@ class WebSocketTickets:
         return Identity(
             payload["user"],
             payload["tenant"],
-            MappingProxyType(claims) if claims else MappingProxyType({}),
+            _ReadOnlyDict(claims or {}),
             expires_at=expires_at,
         )
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import enum
+import json
 import pickle
 
+import jwt
 import pytest
 
 from ambient import InvalidContextError, UserExecutionContext, UserRef
@@ -332,3 +334,51 @@ def test_a_context_survives_pickle_and_deepcopy() -> None:
             assert dict(copied.metadata) == dict(context.metadata)
             with pytest.raises(TypeError):
                 copied.metadata["k"] = 2  # type: ignore[index]
+
+
+def test_a_contexts_fields_serialise_as_a_dataclasss_do() -> None:
+    """``dataclasses.asdict()`` (what FastAPI's ``jsonable_encoder`` and many loggers call
+    on a dataclass), ``json.dumps`` of that, pickling and copies work on a context whose
+    metadata holds an identity's claims; the metadata stays read-only, nested claims too.
+    The read-only view they used to be could not be copied: ``asdict`` raised TypeError,
+    and a context with claims could not be pickled."""
+    from fastapi.encoders import jsonable_encoder
+
+    from ambient.middleware.identity import jwt_bearer
+
+    claims = {"sub": "alice", "roles": ["admin"], "exp": 1_900_000_000}
+    token = jwt.encode(claims, "k" * 32, algorithm="HS256")
+    identity = jwt_bearer("k" * 32, algorithms=["HS256"])(
+        {"type": "http", "headers": [(b"authorization", f"Bearer {token}".encode())]}
+    )
+    assert identity is not None
+    context = UserExecutionContext.create(
+        "alice", tenant_id="acme", metadata={"claims": identity.claims, "k": [1]}
+    )
+    expected = {
+        "user_id": "alice",
+        "tenant_id": "acme",
+        "metadata": {"claims": claims, "k": [1]},
+    }
+    for encoded in (dataclasses.asdict(context), jsonable_encoder(context)):
+        assert {key: encoded[key] for key in expected} == expected
+        assert encoded["run_id"] == context.run_id
+        assert json.loads(json.dumps(encoded))["metadata"] == expected["metadata"]
+    for copied in (pickle.loads(pickle.dumps(context)), copy.deepcopy(context)):  # noqa: S301 - our own bytes
+        assert copied == context
+        assert copied.metadata["claims"] == claims
+        with pytest.raises(TypeError):
+            copied.metadata["k"] = 2  # type: ignore[index]
+    assert copy.copy(context.metadata) is context.metadata
+    for change in (
+        lambda m: m.update(k=2),
+        lambda m: m.pop("k"),
+        lambda m: m.setdefault("new", 1),
+        lambda m: m.clear(),
+        lambda m: m.popitem(),
+        lambda m: m.__delitem__("k"),
+        lambda m: m.__ior__({"k": 2}),
+    ):
+        with pytest.raises(TypeError, match="does not support changes"):
+            change(context.metadata)
+    assert context.metadata["k"] == [1]
