@@ -23,6 +23,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import psycopg
 import pytest
 from psycopg import sql
@@ -31,7 +32,7 @@ from psycopg.pq import PipelineStatus, Trace, TransactionStatus
 from psycopg.rows import dict_row
 from psycopg_pool import PoolClosed
 
-from ambient import Registry, UserExecutionContext, bind_context
+from ambient import Registry, UserExecutionContext, bind_context, resolve
 from ambient.errors import NoActiveContextError, PoolExhaustedError, RegistryError
 from ambient.integrations.psycopg import (
     PerUserPools,
@@ -1274,6 +1275,66 @@ async def test_a_checkout_waiting_to_grow_its_pool_takes_room_that_frees_up(
         await registry.aclose()
     assert second == ["x"]
     assert (stats.evicted, stats.slots) == (1, 2)
+
+
+async def test_a_checkout_cancelled_as_its_pool_hands_it_a_connection_loses_none(
+    db: Database,
+) -> None:
+    """max_total=1: a second checkout of the user waits for its pool's one connection or
+    for room to grow. The holder gives the connection back and cancels the waiter a few
+    steps later, at each step in turn: whenever the waiter's pool had already handed it
+    the connection, that connection was never given back, and the user's pool stayed a
+    connection short (every later checkout refused with PoolExhaustedError)."""
+    pools = PerUserPools(
+        db.app_url, max_size=2, max_total=1, timeout=10, rls_check="off", kwargs=db.kwargs()
+    )
+    registry = Registry()
+    pools.install(registry)
+
+    async def one_round(steps: int) -> None:
+        waiting = anyio.CancelScope()
+        holding, release = anyio.Event(), anyio.Event()
+
+        async def holder() -> None:
+            async with pools.connection():
+                holding.set()
+                await release.wait()
+            for _ in range(steps):
+                await anyio.lowlevel.checkpoint()
+            waiting.cancel()
+
+        async def waiter() -> None:
+            with waiting:
+                async with pools.connection() as conn:
+                    await conn.execute("SELECT 1")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(holder)
+            await holding.wait()
+            tg.start_soon(waiter)
+            await anyio.wait_all_tasks_blocked()
+            release.set()
+
+    try:
+        for steps in range(12):
+            async with registry.open_scope(_ctx("alice")):
+                await one_round(steps)
+                user_pool = await resolve(pools)
+                pool = user_pool.pool
+                assert pool is not None
+
+                async def none_lent(pool: Any = pool) -> bool:
+                    # A query cancelled mid-way closes its connection: the pool replaces it.
+                    stats = pool.get_stats()
+                    return stats.get("pool_size", 0) == stats.get("pool_available", 0) == 1
+
+                await _eventually(none_lent, f"every connection back after {steps} steps")
+                assert pools.checked_out == 0
+                with anyio.fail_after(5):
+                    async with pools.connection(timeout=2) as conn:
+                        assert await _scalar(conn, "SELECT 1") == 1
+    finally:
+        await registry.aclose()
 
 
 def _async_int(get: Callable[[], Awaitable[int]], expected: int) -> Callable[[], Awaitable[bool]]:

@@ -219,24 +219,32 @@ async def _getconn(
     for one already waiting)."""
     if grow:
         outcome: list[AsyncConnection[Any] | Exception] = []
-        async with anyio.create_task_group() as tg:
+        try:
+            async with anyio.create_task_group() as tg:
 
-            async def own() -> None:
-                try:
-                    timeout = max(deadline - time.monotonic(), 0.0)
-                    outcome.append(await pool.getconn(timeout=timeout))
-                except Exception as error:  # noqa: BLE001 - raised below, outside the group
-                    outcome.append(error)
-                tg.cancel_scope.cancel()
-
-            async def room() -> None:
-                before = user_pool.slots
-                await user_pool.grow_when_room(deadline)
-                if user_pool.slots > before:
+                async def own() -> None:
+                    try:
+                        timeout = max(deadline - time.monotonic(), 0.0)
+                        outcome.append(await pool.getconn(timeout=timeout))
+                    except Exception as error:  # noqa: BLE001 - raised below, outside the group
+                        outcome.append(error)
                     tg.cancel_scope.cancel()
 
-            tg.start_soon(own)
-            tg.start_soon(room)
+                async def room() -> None:
+                    before = user_pool.slots
+                    await user_pool.grow_when_room(deadline)
+                    if user_pool.slots > before:
+                        tg.cancel_scope.cancel()
+
+                tg.start_soon(own)
+                tg.start_soon(room)
+        except BaseException:
+            # Cancelled from outside once the connection was ours: nobody would hand it back,
+            # and the user's pool would be one connection short until it closed.
+            if outcome and not isinstance(outcome[0], Exception):
+                with anyio.CancelScope(shield=True):
+                    await pool.putconn(outcome[0])
+            raise
         if outcome:
             if isinstance(outcome[0], Exception):
                 raise outcome[0]
