@@ -46,9 +46,10 @@ R = TypeVar("R")
 
 class _Binding:
     """One binding: the context, the scope that resolves components (if any), and the
-    binding it shadows. ``closed`` is set once, when the binding ends."""
+    binding it shadows. ``closed`` is set once, when the binding ends; ``elsewhere`` when it
+    was ended from another Context than one where it is current (which then still holds it)."""
 
-    __slots__ = ("__weakref__", "closed", "ctx", "prev", "scope", "token")
+    __slots__ = ("__weakref__", "closed", "ctx", "elsewhere", "prev", "scope", "token")
 
     def __init__(
         self, ctx: UserExecutionContext, scope: _Resolver | None, prev: _Binding | None
@@ -57,6 +58,7 @@ class _Binding:
         self.scope = scope
         self.prev = prev
         self.closed = False
+        self.elsewhere = False
         self.token: Token[_Binding | None] | None = None
 
 
@@ -71,9 +73,13 @@ def _live(binding: _Binding | None) -> _Binding | None:
 
 def _visible(binding: _Binding) -> _Binding:
     """What an ended ``binding`` still current here shows: the nearest live binding it
-    shadows (it was ended from another Context, say by a generator finalised in another
-    task), or itself when none is live (work that outlived its request keeps reading its
-    own context, while its scope refuses to resolve)."""
+    shadows when it was ended from another Context (a generator finalised in another task:
+    this Context's own binding is that one), or else itself, as when none is live: work
+    that outlived the binding keeps reading its own context, while its scope refuses to
+    resolve. A task started inside an admin's scope for bob never turns into the admin
+    when that scope ends in the admin's task."""
+    if not binding.elsewhere:
+        return binding
     live = _live(binding.prev)
     return binding if live is None else live
 
@@ -128,6 +134,9 @@ def unbind(binding: _Binding) -> None:
     current = _current.get()
     if current is not binding and not _ended_above(current, binding):
         # Out-of-order exit: an inner binding is current. It restores past us when it ends.
+        # Or we are ended from another Context (a finalised generator's), and the one we
+        # were made in still holds us.
+        binding.elsewhere = True
         return
     token = binding.token
     binding.token = None
@@ -136,6 +145,7 @@ def unbind(binding: _Binding) -> None:
             _current.reset(token)
     except ValueError:
         # The token belongs to another Context (a generator finalised by another task).
+        binding.elsewhere = True
         _current.set(_live(binding.prev))
         return
     previous = _current.get()

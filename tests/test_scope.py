@@ -1183,3 +1183,43 @@ class TestClosingWhileResolving:
         stats = registry.stats()
         assert (stats.open_scopes, stats.live_users, stats.created, stats.cleaned) == (0, 0, 0, 0)
         assert scope._own is None or scope._own.closed  # no store that takes components
+
+
+@pytest.mark.parametrize("how", ["task", "wrap"])
+async def test_work_started_in_a_scope_for_another_user_never_turns_into_the_outer_user(
+    how: str,
+) -> None:
+    """An admin's request (alice) opens a scope acting for bob and starts work for him in
+    it: a task, or a callable made with ``ambient.wrap``, run after bob's scope ended in
+    alice's task. That work must go on seeing bob (whose scope refuses to resolve), never
+    alice and her components: it used to fall back to the nearest open binding, hers."""
+    registry = Registry()
+    registry.register("mailbox", lambda user: f"mailbox of {user.user_id}", lifetime=Lifetime.USER)
+    seen: list[tuple[str, str | None]] = []
+    bob_done = anyio.Event()
+
+    async def for_bob() -> None:
+        await bob_done.wait()
+        who = ambient.current_context_or_none()
+        seen.append(("context", None if who is None else who.user_id))
+        try:
+            seen.append(("mailbox", await ambient.resolve("mailbox")))
+        except ScopeClosedError:
+            seen.append(("mailbox", "refused"))
+
+    with anyio.fail_after(10):
+        async with registry.open_scope(UserExecutionContext.create("alice")):
+            async with anyio.create_task_group() as tg:
+                async with registry.open_scope(
+                    UserExecutionContext.create("bob"), allow_switch=True
+                ):
+                    if how == "task":
+                        tg.start_soon(for_bob)
+                    else:
+                        later = ambient.wrap(for_bob)
+                if how == "wrap":
+                    tg.start_soon(later)
+                bob_done.set()
+            assert ambient.get_current_context().user_id == "alice"
+    assert seen == [("context", "bob"), ("mailbox", "refused")]
+    await registry.aclose()
