@@ -508,6 +508,59 @@ async def test_a_requests_notice_handlers_never_hear_the_next_users(db: Database
     assert heard == ["notice alice: hello"]
 
 
+async def test_a_notification_left_after_a_commit_never_reaches_the_next_user(
+    db: Database,
+) -> None:
+    """Alice's handler commits inside its checkout (reported as an error) after sending her
+    own channel a notification: it arrives with the COMMIT and waits in the connection's
+    backlog. Bob's checkout of the same connection must not read it."""
+    async with SharedPool(
+        db.app_url, min_size=1, max_size=1, rls_check="off", kwargs=db.kwargs()
+    ) as pool:
+        with bind_context(_ctx("alice")), pytest.raises(psycopg.ProgrammingError):
+            async with pool.connection() as conn:
+                alice_pid = conn.info.backend_pid
+                await conn.execute("LISTEN alice_inbox")
+                await conn.execute("NOTIFY alice_inbox, 'alice: reset code 123456'")
+                await conn.commit()
+        with bind_context(_ctx("bob")):
+            async with pool.connection() as conn:
+                assert conn.info.backend_pid == alice_pid  # the same connection
+                heard = [n.payload async for n in conn.notifies(timeout=0.2)]
+    assert heard == []
+
+
+async def test_per_user_pools_hand_the_next_checkout_a_connection_as_the_pool_made_it(
+    db: Database,
+) -> None:
+    """A handler turns autocommit on (and read-only, and dict rows) inside its block, which a
+    connection that is not yet in a transaction allows. The user's next checkout gets the
+    same connection: with autocommit still on, its writes were committed statement by
+    statement and its error rolled back nothing."""
+    pools = PerUserPools(db.app_url, max_size=1, max_total=1, rls_check="off", kwargs=db.kwargs())
+    registry = Registry()
+    pools.install(registry)
+    try:
+        async with registry.open_scope(_ctx("alice")), pools.connection() as conn:
+            first_pid = conn.info.backend_pid
+            await conn.set_autocommit(True)
+            await conn.set_read_only(True)
+            conn.row_factory = dict_row  # type: ignore[assignment]
+        with pytest.raises(LookupError):
+            async with registry.open_scope(_ctx("alice")), pools.connection() as conn:
+                assert conn.info.backend_pid == first_pid
+                assert (conn.autocommit, conn.read_only) == (False, None)
+                await conn.execute(
+                    db.sql("INSERT INTO {notes} (owner, body) VALUES ('alice', 'half')")
+                )
+                assert type(await (await conn.execute("SELECT 1")).fetchone()) is tuple
+                raise LookupError
+        async with registry.open_scope(_ctx("alice")), pools.connection() as conn:
+            assert await _scalar(conn, db.sql("SELECT count(*) FROM {notes}")) == 0
+    finally:
+        await registry.aclose()
+
+
 async def test_shared_set_local_is_effective_with_no_warning(shared: SharedPool) -> None:
     """SET LOCAL inside a checkout works: the connection is in a transaction block, so
     PostgreSQL draws no 'can only be used in transaction blocks' warning (autocommit

@@ -70,6 +70,45 @@ def _checked_pool_options(options: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
+def _python_side(conn: AsyncConnection[Any]) -> tuple[Any, ...]:
+    """What a handler can change on the Python side of a connection, as the pool made it."""
+    return (
+        conn.autocommit,
+        conn.isolation_level,
+        conn.read_only,
+        conn.deferrable,
+        conn.row_factory,
+        conn.prepare_threshold,
+    )
+
+
+async def _restore_python_side(conn: AsyncConnection[Any], initial: tuple[Any, ...] | None) -> None:
+    """Undo what a handler changed on the Python side of an idle connection before it serves
+    another checkout: ``autocommit`` left on would commit each statement of the next one,
+    errors or not."""
+    # Notice and notification callbacks a request added would receive the next users'
+    # notices, and notifications that arrived after a handler's own COMMIT wait in the
+    # backlog for whoever calls notifies() next. The pool's connections start with none;
+    # psycopg keeps them in these (private) containers and has no public way to list them.
+    for name in ("_notice_handlers", "_notify_handlers", "_notifies_backlog"):
+        kept = getattr(conn, name, None)
+        if kept:
+            kept.clear()
+    if initial is None:
+        return
+    autocommit, isolation_level, read_only, deferrable, row_factory, threshold = initial
+    if conn.autocommit != autocommit:
+        await conn.set_autocommit(autocommit)
+    if conn.isolation_level != isolation_level:
+        await conn.set_isolation_level(isolation_level)
+    if conn.read_only != read_only:
+        await conn.set_read_only(read_only)
+    if conn.deferrable != deferrable:
+        await conn.set_deferrable(deferrable)
+    conn.row_factory = row_factory
+    conn.prepare_threshold = threshold
+
+
 # libpq 17's non-blocking cancel: psycopg's blocking one (PGcancel.cancel) holds the GIL
 # while it waits for the server, which freezes the event loop when the server is slow or
 # unreachable, even from a worker thread.

@@ -37,6 +37,8 @@ from ambient.integrations.psycopg._common import (
     _cut_short,
     _ended_inside,
     _hand_back,
+    _python_side,
+    _restore_python_side,
     _through_pooler,
     _unknown_commit,
     _warn_pooler,
@@ -322,14 +324,7 @@ class SharedPool:
         self._login = login
         # Every connection of the pool starts alike; remember how, to restore it on return.
         if self._initial is None:
-            self._initial = (
-                conn.autocommit,
-                conn.isolation_level,
-                conn.read_only,
-                conn.deferrable,
-                conn.row_factory,
-                conn.prepare_threshold,
-            )
+            self._initial = _python_side(conn)
 
     async def _give_back(
         self,
@@ -408,34 +403,10 @@ class SharedPool:
             if conn.pgconn.transaction_status != _IDLE:
                 await self._discard(conn, "its reset left a transaction open")
                 return failure
-            await self._restore(conn)
+            await _restore_python_side(conn, self._initial)
         except Exception as exc:  # noqa: BLE001 - never hand on a connection not shown clean
             await self._discard(conn, f"its reset failed: {exc!r}")
         return failure
-
-    async def _restore(self, conn: AsyncConnection[Any]) -> None:
-        """Undo what a handler changed on the Python side of the connection."""
-        # Notice and notification callbacks a request added would receive the next users'
-        # notices. The pool's connections start with none; psycopg keeps them in these
-        # lists (it has no public way to list them).
-        for name in ("_notice_handlers", "_notify_handlers"):
-            handlers = getattr(conn, name, None)
-            if handlers:
-                handlers.clear()
-        initial = self._initial
-        if initial is None:
-            return
-        autocommit, isolation_level, read_only, deferrable, row_factory, threshold = initial
-        if conn.autocommit != autocommit:
-            await conn.set_autocommit(autocommit)
-        if conn.isolation_level != isolation_level:
-            await conn.set_isolation_level(isolation_level)
-        if conn.read_only != read_only:
-            await conn.set_read_only(read_only)
-        if conn.deferrable != deferrable:
-            await conn.set_deferrable(deferrable)
-        conn.row_factory = row_factory
-        conn.prepare_threshold = threshold
 
     async def _discard(self, conn: AsyncConnection[Any], why: str) -> None:
         self.discarded += 1

@@ -19,8 +19,10 @@ from ambient.integrations.psycopg._arguments import _values
 from ambient.integrations.psycopg._common import (
     _IN_USE,
     _exhausted,
+    _python_side,
     _queue_full,
     _release,
+    _restore_python_side,
     _through_pooler,
     _warn_pooler,
 )
@@ -45,6 +47,7 @@ class _UserPool:
         "__weakref__",
         "active",
         "closed",
+        "initial",
         "opening",
         "owner",
         "pool",
@@ -63,6 +66,8 @@ class _UserPool:
         self.closed = False
         # Whether the connections reach the server through a pooler (seen on connecting).
         self.pooled = False
+        # How the pool makes its connections, to restore on return (see _reset).
+        self.initial: tuple[Any, ...] | None = None
         owner._pools.add(self)
 
     def __repr__(self) -> str:
@@ -122,7 +127,7 @@ class _UserPool:
             configure=self._configure,
             timeout=owner.timeout,
             name=f"{owner.name}-{next(_pool_numbers)}",
-            **owner._pool_options,
+            **{**owner._pool_options, "reset": self._reset},
         )
         with anyio.CancelScope(shield=True):
             # The pool's worker tasks copy the current context: start them with no request
@@ -153,6 +158,17 @@ class _UserPool:
             await conn.execute(owner._set_sql, _values(self.user, owner), prepare=False)
         if not conn.autocommit:
             await conn.commit()
+        if self.initial is None:
+            self.initial = _python_side(conn)
+
+    async def _reset(self, conn: AsyncConnection[Any]) -> None:
+        # psycopg's pool calls this on every connection handed back idle: a handler's
+        # set_autocommit(True) would otherwise commit the user's next request statement by
+        # statement, its error's rollback undoing nothing.
+        await _restore_python_side(conn, self.initial)
+        reset = self.owner._pool_options.get("reset")
+        if reset is not None:
+            await reset(conn)
 
     async def grow(self, deadline: float, *, wait: bool = False) -> bool:
         """Take one more slot when every connection this pool may hold is busy (waiting
