@@ -375,9 +375,7 @@ class Registry:
             return
         with self._lock:
             evicted, self._evicted = self._evicted, []
-        with anyio.CancelScope(shield=True):
-            for entry in evicted:
-                await self._close_entry(entry, entry.instances.close())
+        await self._close_all([(entry, entry.instances.close()) for entry in evicted])
 
     def clean_up_refused(
         self, created: list[Created], scope: Scope, observers: tuple[Observer, ...]
@@ -438,9 +436,31 @@ class Registry:
                 if expired:
                     due.append((entry, expired))
             self._next_expiry = next_expiry
+        await self._close_all(due)
+
+    async def _close_all(
+        self, due: list[tuple[UserEntry, list[Any]]], app: list[Any] | None = None
+    ) -> list[Exception]:
+        """Clean up users' components (and the app's), every user's even when one's cleanup
+        was interrupted: these were taken out of the registry, so nothing would ever clean
+        them later. A native asyncio cancellation (``asyncio.timeout`` around a request)
+        passes anyio's shield; the first interruption is raised once all are done."""
+        failures: list[Exception] = []
+        interrupted: BaseException | None = None
         with anyio.CancelScope(shield=True):
-            for entry, expired in due:
-                await self._close_entry(entry, expired)
+            for entry, created in due:
+                try:
+                    failures += await self._close_entry(entry, created)
+                except BaseException as exc:  # noqa: BLE001 - raised below, after the rest
+                    interrupted = interrupted or exc
+            if app:
+                try:
+                    failures += await finalize(app, None, self, None, self._cleanup_observers())
+                except BaseException as exc:  # noqa: BLE001 - raised below
+                    interrupted = interrupted or exc
+        if interrupted is not None:
+            raise interrupted
+        return failures
 
     async def _close_entry(self, entry: UserEntry, created: list[Any]) -> list[Exception]:
         # Expiry and eviction run inside whichever request comes along, often another
@@ -490,6 +510,10 @@ class Registry:
             self._users.clear()
             self._evicted = []
             self._idle = 0
+            # Every store closed before the first await: a scope resolving meanwhile makes
+            # fresh components instead of taking one that is about to be cleaned.
+            due = [(entry, entry.instances.close()) for entry in entries]
+            app, self.app_instances = self.app_instances, Instances("registry")
         for scope in list(self._sharing):
             # Open scopes resolve these afresh from now on, not from their caches.
             cache = scope._cache
@@ -497,12 +521,7 @@ class Registry:
                 provider = self.providers.get(key)
                 if provider is not None and provider.lifetime is not Lifetime.REQUEST:
                     cache.pop(key, None)
-        failures: list[Exception] = []
-        with anyio.CancelScope(shield=True):
-            for entry in entries:
-                failures += await self._close_entry(entry, entry.instances.close())
-            app, self.app_instances = self.app_instances, Instances("registry")
-            failures += await finalize(app.close(), None, self, None, self._cleanup_observers())
+        failures = await self._close_all(due, app.close())
         if failures:
             msg = f"{len(failures)} cleanup(s) failed while closing the registry"
             raise CleanupError(msg, failures)

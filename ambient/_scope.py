@@ -418,14 +418,22 @@ class Scope:
         if provider.lifetime is Lifetime.REQUEST:
             own = self._own or self._request_store()
             return await own.aget(provider, self.context, self, self._registry)
-        if provider.lifetime is Lifetime.USER:
-            entry = self._user_entry
-            if entry is None or entry.instances.closed:
-                entry = await self._acquire_user()
-            instance = await entry.instances.aget(provider, entry.ref, self, self._registry)
-        else:
-            registry = self._registry
-            instance = await registry.app_instances.aget(provider, None, self, registry)
+        registry = self._registry
+        while True:
+            if provider.lifetime is Lifetime.USER:
+                entry = self._user_entry
+                if entry is None or entry.instances.closed:
+                    entry = await self._acquire_user()
+                store, arg = entry.instances, entry.ref
+            else:
+                store, arg = registry.app_instances, None
+            try:
+                instance = await store.aget(provider, arg, self, registry)
+            except ScopeClosedError:
+                if not store.closed or self._closed:
+                    raise
+                continue  # registry.aclose() closed the store meanwhile: made afresh
+            break
         if self._closed:
             # The scope closed while the component was made: it lives on with its user or
             # the app, but this scope hands out nothing more (nor caches it for later).
@@ -457,14 +465,22 @@ class Scope:
         if provider.lifetime is Lifetime.REQUEST:
             own = self._own or self._request_store()
             return own.get(provider, self.context, self, self._registry)
-        if provider.lifetime is Lifetime.USER:
-            entry = self._user_entry
-            if entry is None or entry.instances.closed:
-                entry = self._acquire_user_sync()
-            instance = entry.instances.get(provider, entry.ref, self, self._registry)
-        else:
-            registry = self._registry
-            instance = registry.app_instances.get(provider, None, self, registry)
+        registry = self._registry
+        while True:
+            if provider.lifetime is Lifetime.USER:
+                entry = self._user_entry
+                if entry is None or entry.instances.closed:
+                    entry = self._acquire_user_sync()
+                store, arg = entry.instances, entry.ref
+            else:
+                store, arg = registry.app_instances, None
+            try:
+                instance = store.get(provider, arg, self, registry)
+            except ScopeClosedError:
+                if not store.closed or self._closed:
+                    raise
+                continue  # as in resolve()
+            break
         if self._closed:
             raise self._unavailable(key)  # as in resolve()
         if not self._shares:

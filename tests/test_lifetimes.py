@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import anyio
@@ -407,3 +408,138 @@ class TestAbnormalExits:
         assert stats.live_users == 0
         assert stats.created == stats.cleaned
         assert live == set()
+
+
+class Conn:
+    """A USER or APP component whose close awaits (a network round trip)."""
+
+    def __init__(self, owner: str, closing: anyio.Event, release: anyio.Event) -> None:
+        self.owner = owner
+        self.closed = False
+        self._closing = closing
+        self._release = release
+
+    async def aclose(self) -> None:
+        self._closing.set()
+        await self._release.wait()
+        self.closed = True
+
+
+@pytest.mark.parametrize("lifetime", [Lifetime.USER, Lifetime.APP])
+async def test_a_component_resolved_while_aclose_runs_is_a_fresh_one(lifetime: Lifetime) -> None:
+    """``registry.aclose()`` (shutdown) awaits an idle user's cleanup while a request still
+    runs and resolves a USER or APP component: it must get a fresh one. It used to get the
+    old one, from a store aclose() had not closed yet, and keep it after aclose() had
+    cleaned it under the request."""
+    closing, release = anyio.Event(), anyio.Event()
+    never = anyio.Event()
+    registry = Registry()
+    registry.register(
+        "slow", lambda user: Conn(f"slow {user.user_id}", closing, release), lifetime=Lifetime.USER
+    )
+    if lifetime is Lifetime.USER:
+        registry.register(Conn, lambda user: Conn(user.user_id, never, never), lifetime=lifetime)
+    else:
+        registry.register(Conn, lambda: Conn("app", never, never), lifetime=lifetime)
+    async with registry.open_scope(ctx("idle")):
+        await ambient.resolve("slow")
+    async with registry.open_scope(ctx("alice")):
+        before = await ambient.resolve(Conn)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(registry.aclose)
+            await closing.wait()  # aclose() waits on the idle user's cleanup
+            during = await ambient.resolve(Conn)
+            release.set()
+        after = await ambient.resolve(Conn)
+        assert before.closed
+        assert during is not before
+        assert after is during
+        assert not during.closed
+    never.set()
+    await registry.aclose()
+    assert during.closed
+
+
+async def test_a_creation_in_flight_when_aclose_runs_gives_a_fresh_component() -> None:
+    """A USER component still being made when ``registry.aclose()`` closes its user's store:
+    the open scope's resolve used to fail with ScopeClosedError ("the user it belongs to has
+    closed"); it gets a component made afresh, and the one made for the closed store is
+    cleaned."""
+    started, proceed = anyio.Event(), anyio.Event()
+    made: list[Conn] = []
+    never = anyio.Event()
+
+    async def make(user: UserRef) -> Conn:
+        started.set()
+        await proceed.wait()
+        conn = Conn(user.user_id, anyio.Event(), never)
+        made.append(conn)
+        return conn
+
+    registry = Registry()
+    registry.register(Conn, make, lifetime=Lifetime.USER)
+    got: list[Conn] = []
+
+    async def resolve() -> None:
+        got.append(await ambient.resolve(Conn))
+
+    never.set()  # cleanups finish at once
+    async with registry.open_scope(ctx("alice")):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(resolve)
+            await started.wait()
+            await registry.aclose()
+            proceed.set()
+        assert got == [made[1]]
+        assert made[0].closed
+        assert not made[1].closed
+    await registry.aclose()
+    assert made[1].closed
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("how", ["idle expiry", "aclose"])
+async def test_a_native_cancellation_during_other_users_cleanups_leaves_none_behind(
+    clock: FakeClock, how: str
+) -> None:
+    """``asyncio.timeout`` around a request (a native cancellation, which anyio's shield does
+    not hold back) arrives while its scope cleans other users' expired components, or while
+    shutdown cleans them: the user whose cleanup it interrupts is cut short, and every
+    other user's components are still cleaned. They were already taken out of the registry,
+    so they used to be left uncleaned for good."""
+    in_cleanup = anyio.Event()
+    cleaned: list[str] = []
+
+    class Held:
+        def __init__(self, user: UserRef) -> None:
+            self.user = user.user_id
+
+        async def aclose(self) -> None:
+            if self.user == "u0":
+                in_cleanup.set()
+                await anyio.sleep_forever()
+            cleaned.append(self.user)
+
+    registry = Registry(clock=clock)
+    registry.register(Held, Held, lifetime=Lifetime.USER, idle_ttl=60)
+    for n in range(3):
+        async with registry.open_scope(ctx(f"u{n}")):
+            await ambient.resolve(Held)
+    clock.now += 120
+
+    async def request() -> None:
+        if how == "aclose":
+            await registry.aclose()
+            return
+        async with registry.open_scope(ctx("bob")):
+            pass  # the idle users expire as bob's scope closes
+
+    task = asyncio.ensure_future(request())
+    await in_cleanup.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert sorted(cleaned) == ["u1", "u2"]
+    await registry.aclose()
+    assert sorted(cleaned) == ["u1", "u2"]
+    assert registry.stats().live_users == 0
