@@ -17,7 +17,7 @@ import contextlib
 import contextvars
 import functools
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, cast
 
@@ -63,6 +63,14 @@ class _Binding:
 
 
 _current: Final[ContextVar[_Binding | None]] = ContextVar("ambient.current", default=None)
+
+# Keys whose async factories this task is awaiting, outermost first: a repeat is a cycle.
+_resolving: Final[ContextVar[tuple[Hashable, ...]]] = ContextVar("ambient.resolving", default=())
+# Keys whose sync factories handed this work to another thread (through ambient's thread
+# helpers) and may be waiting for it: waiting here for one of them would wait for itself.
+_handed_over: Final[ContextVar[tuple[Hashable, ...]]] = ContextVar(
+    "ambient.handed_over", default=()
+)
 
 
 def _live(binding: _Binding | None) -> _Binding | None:
@@ -297,9 +305,15 @@ def detached() -> Iterator[None]:
     """
     token = _current.set(None)
     trace_token = otel_context.attach(otel_context.Context())
+    # Nor the creations in progress of a factory that starts it: that work is not part of
+    # them (it may wait for one instead of being told it is a cycle).
+    resolving = _resolving.set(())
+    handed_over = _handed_over.set(())
     try:
         yield
     finally:
+        _handed_over.reset(handed_over)
+        _resolving.reset(resolving)
         otel_context.detach(trace_token)
         try:
             _current.reset(token)

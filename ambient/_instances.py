@@ -12,12 +12,13 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Hashable
-from contextvars import Context, ContextVar
+from contextvars import Context
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 
-from ambient._binding import _current
+from ambient._binding import _current, _handed_over, _resolving
+from ambient._loops import on_loop_thread
 from ambient._observe import Observer, component_event, notify
 from ambient._provider import (
     AWAIT,
@@ -42,14 +43,7 @@ __all__ = ["Created", "Instances", "finalize", "finalize_sync", "hand_over", "ne
 
 logger = logging.getLogger("ambient")
 
-# Keys whose async factories this task is awaiting, outermost first: a repeat is a cycle.
-_resolving: Final[ContextVar[tuple[Hashable, ...]]] = ContextVar("ambient.resolving", default=())
 _MISSING: Final = object()
-# Keys whose sync factories handed this work to another thread (through ambient's thread
-# helpers) and may be waiting for it: waiting here for one of them would wait for itself.
-_handed_over: Final[ContextVar[tuple[Hashable, ...]]] = ContextVar(
-    "ambient.handed_over", default=()
-)
 
 Created = tuple[Provider, Any, Finalizer | None]
 
@@ -254,14 +248,16 @@ class Instances:
         stack = _resolving.get()
         here = _building
         building = here.keys
-        if key in stack or key in building:
-            raise _cycle((*stack, *building), key)
         while True:
             instance, pending = self._claim(provider, here.in_async)
             if pending is None:
                 if instance is not _MISSING:
                     return instance
                 break
+            # Only a key being made can be a cycle: a task a factory started inherits its
+            # stack, and may resolve that key once made.
+            if key in stack or key in building:
+                raise _cycle((*stack, *building), key)
             await pending.wait()
         observers = scope.observers
         started = time.perf_counter() if observers else 0.0
@@ -318,14 +314,14 @@ class Instances:
         stack = _resolving.get()
         here = _building
         building = here.keys
-        if key in stack or key in building:
-            raise _cycle((*stack, *building), key)
         while True:
             instance, pending = self._claim(provider, here.in_thread)
             if pending is None:
                 if instance is not _MISSING:
                     return instance
                 break
+            if key in stack or key in building:  # see aget()
+                raise _cycle((*stack, *building), key)
             if pending.blocks_this_loop():
                 msg = (
                     f"{provider.name} is being created by another task on this event loop; "
@@ -336,6 +332,15 @@ class Instances:
             handed = _handed_over.get()
             if key in handed:
                 raise _cycle((*handed, *stack, *building), key)
+            if on_loop_thread():
+                # The loop would stand still until the worker thread is done, and for
+                # good if the factory there waits for the loop (anyio.from_thread).
+                msg = (
+                    f"{provider.name} is being created in a worker thread; resolve_sync() "
+                    "on the event loop's thread cannot wait for it without blocking the "
+                    "loop: use `await resolve(...)`"
+                )
+                raise ResolutionError(msg)
             pending.wait_blocking()
         observers = scope.observers
         started = time.perf_counter() if observers else 0.0

@@ -7,13 +7,24 @@ import sys
 
 from ambient.errors import UnsupportedBackendError
 
-__all__ = ["in_trio", "refuse_trio", "require_asyncio"]
+__all__ = ["in_trio", "on_loop_thread", "refuse_trio", "require_asyncio"]
 
 
 def in_trio() -> bool:
     """Whether this code runs inside trio (trio is never imported here)."""
     trio = sys.modules.get("trio")
     return trio is not None and bool(trio.lowlevel.in_trio_run())
+
+
+def on_loop_thread() -> bool:
+    """Whether this thread runs an event loop (asyncio's, or trio's if trio is imported)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        return True
+    return in_trio()
 
 
 def refuse_trio(reason: str) -> None:

@@ -44,6 +44,7 @@ import anyio.to_thread
 
 from ambient._binding import current_scope
 from ambient._instances import hand_over as _hand_over
+from ambient._loops import on_loop_thread as _on_loop_thread
 
 if TYPE_CHECKING:
     from ambient._scope import Scope, _Hold
@@ -99,23 +100,6 @@ def _take_hold(scope: Scope) -> tuple[_Hold, _CallSoon]:
     call_soon = _loop_call_soon()
     hold = scope.hold() if _on_loop_thread() else anyio.from_thread.run_sync(scope.hold)
     return hold, call_soon
-
-
-def _on_loop_thread() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        pass
-    else:
-        return True
-    trio = sys.modules.get("trio")
-    if trio is None:
-        return False
-    try:
-        trio.lowlevel.current_trio_token()
-    except RuntimeError:
-        return False
-    return True
 
 
 def hold_scope(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
 import pytest
 
 import ambient
@@ -1223,3 +1224,78 @@ async def test_work_started_in_a_scope_for_another_user_never_turns_into_the_out
             assert ambient.get_current_context().user_id == "alice"
     assert seen == [("context", "bob"), ("mailbox", "refused")]
     await registry.aclose()
+
+
+@pytest.mark.parametrize("when", ["after it is made", "while it is made"])
+async def test_a_task_a_factory_starts_may_resolve_what_the_factory_makes(when: str) -> None:
+    """An APP factory starts its consumer task (in the app's task group, ``detached`` as
+    documented): the task resolves the component the factory makes, once made or while it
+    is still being made (it waits). Either used to fail with a false "dependency cycle:
+    Queue -> Queue", the task having inherited the factory's stack of creations."""
+    registry = Registry()
+    got: list[object] = []
+    go = anyio.Event()
+
+    class Queue:
+        pass
+
+    async with anyio.create_task_group() as service:
+
+        async def consumer() -> None:
+            if when == "after it is made":
+                await go.wait()
+            async with registry.open_scope(ctx("carol")):
+                got.append(await ambient.resolve(Queue))
+
+        async def make_queue() -> Queue:
+            with ambient.detached():
+                service.start_soon(consumer)
+            if when == "while it is made":
+                await anyio.wait_all_tasks_blocked()  # the consumer waits for the queue
+            return Queue()
+
+        registry.register(Queue, make_queue, lifetime=Lifetime.APP)
+        with anyio.fail_after(10):
+            async with registry.open_scope(ctx("alice")):
+                made = await ambient.resolve(Queue)
+            go.set()
+    assert got == [made]
+    await registry.aclose()
+
+
+async def test_resolve_sync_on_the_loop_never_waits_for_a_worker_threads_creation() -> None:
+    """A worker thread of the request is making a component when code on the event loop's
+    thread (a module-level proxy, ``resolve_sync``) asks for it: waiting would stop the
+    loop until the thread is done, and for good when the factory waits for the loop
+    (``anyio.from_thread``). It is refused at once, as the reverse case already was."""
+    started, go = threading.Event(), threading.Event()
+    safety = threading.Timer(10, go.set)  # bounds the old behaviour, which blocked here
+    safety.start()
+
+    class Settings:
+        pass
+
+    def make_settings() -> Settings:
+        started.set()
+        go.wait()
+        return Settings()
+
+    registry = Registry()
+    registry.register(Settings, make_settings)
+    made: list[object] = []
+    try:
+        async with registry.open_scope(ctx()) as scope:
+            async with anyio.create_task_group() as tg:
+
+                async def in_worker() -> None:
+                    made.append(await anyio.to_thread.run_sync(scope.resolve_sync, Settings))
+
+                tg.start_soon(in_worker)
+                await anyio.to_thread.run_sync(started.wait)
+                with pytest.raises(ResolutionError, match="being created in a worker thread"):
+                    scope.resolve_sync(Settings)
+                assert not go.is_set()
+                go.set()
+            assert scope.resolve_sync(Settings) is made[0]
+    finally:
+        safety.cancel()
