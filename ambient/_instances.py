@@ -206,7 +206,16 @@ def _cycle(stack: tuple[Hashable, ...], key: Hashable) -> ResolutionError:
 class Instances:
     """Created components of one owner (a scope, a user, the app)."""
 
-    __slots__ = ("async_cleanups", "cache", "closed", "created", "lock", "owner_label", "pending")
+    __slots__ = (
+        "async_cleanups",
+        "cache",
+        "closed",
+        "created",
+        "deps",
+        "lock",
+        "owner_label",
+        "pending",
+    )
 
     def __init__(self, owner_label: str, cache: dict[Hashable, Any] | None = None) -> None:
         self.cache: dict[Hashable, Any] = {} if cache is None else cache
@@ -216,6 +225,35 @@ class Instances:
         self.closed = False
         self.owner_label = owner_label
         self.async_cleanups = 0
+        # USER stores: the keys each component's factory resolved from this store (what it
+        # may hold), so that none expires before what it was made for.
+        self.deps: dict[Hashable, set[Hashable]] | None = None
+
+    def depends(self, dependent: Hashable, key: Hashable) -> None:
+        """Note that ``dependent``'s factory resolved ``key`` from this store."""
+        with self.lock:
+            deps = self.deps
+            if deps is None:
+                deps = self.deps = {}
+            deps.setdefault(dependent, set()).add(key)
+
+    def idle_ttls(self) -> dict[Hashable, float] | None:
+        """Each component's idle time to live, raised to that of everything made with it
+        (the lock is held); ``None`` when no factory resolved another of this store."""
+        deps = self.deps
+        if not deps:
+            return None
+        ttls: dict[Hashable, float] = {}
+        # A dependency is stored before what its factory was resolved for: going newest
+        # first, each component's own time is final before it is handed to what it holds.
+        for provider, _, _ in reversed(self.created):
+            key = provider.key
+            ttl = max(provider.idle_ttl, ttls.get(key, 0.0))
+            ttls[key] = ttl
+            for dep in deps.get(key, ()):
+                if ttls.get(dep, 0.0) < ttl:
+                    ttls[dep] = ttl
+        return ttls
 
     def needs_await(self) -> bool:
         """Whether cleaning up what was created so far awaits anything."""

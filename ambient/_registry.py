@@ -153,7 +153,8 @@ class Registry:
             lifetime: REQUEST (default), USER or APP.
             name: Name in errors, logs and telemetry (default: the key's name).
             idle_ttl: USER only: seconds after the user's last scope closes before the
-                component is cleaned (default 300).
+                component is cleaned (default 300). A USER component that another one's
+                factory resolved lives at least as long as that one (it may hold it).
             enter: Enter a result that is an (async) context manager (default); with
                 ``False`` only ``aclose()``/``close()`` is called.
             replace: Allow replacing an earlier registration (for tests).
@@ -416,19 +417,25 @@ class Registry:
                     continue
                 instances = entry.instances
                 with instances.lock:
+                    # A component a factory resolved lives as long as what it was made for.
+                    ttls = instances.idle_ttls()
                     expired: list[Created] = []
                     kept: list[Created] = []
                     for created in instances.created:
-                        done = entry.idle_since + created[0].idle_ttl <= now
+                        ttl = created[0].idle_ttl if ttls is None else ttls[created[0].key]
+                        done = entry.idle_since + ttl <= now
                         (expired if done else kept).append(created)
+                        if not done:
+                            next_expiry = min(next_expiry, entry.idle_since + ttl)
                     instances.created = kept
                     instances.async_cleanups = sum(
                         1 for _, _, f in kept if f is not None and f.is_async
                     )
+                    deps = instances.deps
                     for created in expired:
                         instances.cache.pop(created[0].key, None)
-                for provider, _, _ in kept:
-                    next_expiry = min(next_expiry, entry.idle_since + provider.idle_ttl)
+                        if deps is not None:
+                            deps.pop(created[0].key, None)
                 if not kept:
                     del self._users[ref]
                     self._idle -= 1

@@ -619,8 +619,21 @@ class _View:
 
     async def resolve(self, key: Hashable) -> Any:
         self._check(key)
-        return await self._scope.resolve(key)
+        instance = await self._scope.resolve(key)
+        self._depends(key)
+        return instance
 
     def resolve_sync(self, key: Hashable) -> Any:
         self._check(key)
-        return self._scope.resolve_sync(key)
+        instance = self._scope.resolve_sync(key)
+        self._depends(key)
+        return instance
+
+    def _depends(self, key: Hashable) -> None:
+        # A USER component may hold what its factory resolved: that must not expire first.
+        if self._for.lifetime is not Lifetime.USER:
+            return
+        provider = self._scope.registry.providers.get(key)
+        entry = self._scope._user_entry
+        if provider is not None and provider.lifetime is Lifetime.USER and entry is not None:
+            entry.instances.depends(self._for.key, key)

@@ -543,3 +543,53 @@ async def test_a_native_cancellation_during_other_users_cleanups_leaves_none_beh
     await registry.aclose()
     assert sorted(cleaned) == ["u1", "u2"]
     assert registry.stats().live_users == 0
+
+
+async def test_what_a_user_component_was_made_with_never_expires_before_it(
+    clock: FakeClock,
+) -> None:
+    """``Agent`` (idle_ttl 600) is made with a ``Session`` (idle_ttl 10) that holds a
+    ``Token`` (idle_ttl 5): after 60 idle seconds the session and token used to be cleaned
+    while the agent, kept, still held them; the next request got that agent with a closed
+    session, and a second session beside it. What a factory resolved now lives as long as
+    what it was made for, and goes after it."""
+    cleaned: list[str] = []
+
+    class Part:
+        def __init__(self, name: str, *held: Part) -> None:
+            self.name = name
+            self.held = held
+            self.closed = False
+
+        def close(self) -> None:
+            assert not any(part.closed for part in self.held), f"{self.name} outlived a part"
+            self.closed = True
+            cleaned.append(self.name)
+
+    async def make_session() -> Part:
+        return Part("session", await ambient.resolve("token"))
+
+    async def make_agent() -> Part:
+        return Part("agent", await ambient.resolve("session"))
+
+    registry = Registry(clock=clock)
+    registry.register("token", lambda: Part("token"), lifetime=Lifetime.USER, idle_ttl=5)
+    registry.register("session", make_session, lifetime=Lifetime.USER, idle_ttl=10)
+    registry.register("agent", make_agent, lifetime=Lifetime.USER, idle_ttl=600)
+    registry.register("cache", lambda: Part("cache"), lifetime=Lifetime.USER, idle_ttl=10)
+    async with registry.open_scope(ctx("alice")):
+        agent = await ambient.resolve("agent")
+        await ambient.resolve("cache")  # made by no factory: keeps its own ttl
+    clock.now += 60
+    async with registry.open_scope(ctx("alice")):
+        again = await ambient.resolve("agent")
+        session = await ambient.resolve("session")
+    assert again is agent
+    assert session is agent.held[0]
+    assert not session.closed
+    assert cleaned == ["cache"]
+    clock.now += 700
+    async with registry.open_scope(ctx("bob")):
+        pass
+    assert cleaned == ["cache", "agent", "session", "token"]
+    await registry.aclose()
