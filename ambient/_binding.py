@@ -64,8 +64,9 @@ class _Binding:
 
 _current: Final[ContextVar[_Binding | None]] = ContextVar("ambient.current", default=None)
 
-# Keys whose async factories this task is awaiting, outermost first: a repeat is a cycle.
-_resolving: Final[ContextVar[tuple[Hashable, ...]]] = ContextVar("ambient.resolving", default=())
+# The creations (ambient._instances._Creation) whose async factories this task is
+# awaiting, outermost first: a repeat of a key is a cycle.
+_resolving: Final[ContextVar[tuple[Any, ...]]] = ContextVar("ambient.resolving", default=())
 # Keys whose sync factories handed this work to another thread (through ambient's thread
 # helpers) and may be waiting for it: waiting here for one of them would wait for itself.
 _handed_over: Final[ContextVar[tuple[Hashable, ...]]] = ContextVar(

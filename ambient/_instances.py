@@ -62,6 +62,64 @@ class _Marker:
         self.in_async = in_async
 
 
+class _Creation(_Marker):
+    """An async factory's creation in progress on some task: what that task waits for,
+    while it waits, so that a task about to wait for it can tell it would wait for itself."""
+
+    __slots__ = ("key", "waiting")
+
+    def __init__(self, key: Hashable, owner: int) -> None:
+        self.owner = owner
+        self.in_async = True
+        self.key = key
+        self.waiting: _Pending | None = None
+
+
+def _keys(stack: tuple[_Creation, ...]) -> tuple[Hashable, ...]:
+    return tuple(creation.key for creation in stack)
+
+
+def _waits_for(pending: _Pending, stack: tuple[_Creation, ...]) -> list[Hashable] | None:
+    """The keys along which ``pending``'s creator waits (for a creation that waits...) back
+    to a creation of ``stack``, whose task would then wait for itself; else ``None``."""
+    path: list[Hashable] = []
+    current: _Pending | None = pending
+    while current is not None and len(path) < 64:
+        creation = current.creation
+        if creation is None:
+            return None
+        path.append(creation.key)
+        if creation in stack:
+            return path
+        current = creation.waiting
+    return None
+
+
+async def _wait(
+    pending: _Pending, key: Hashable, stack: tuple[_Creation, ...], building: list[Hashable]
+) -> None:
+    """Wait for another task's creation of ``key``, unless it is a cycle."""
+    # Only a key being made can be a cycle: a task a factory started inherits its stack,
+    # and may resolve that key once made.
+    if key in building or any(creation.key == key for creation in stack):
+        raise _cycle((*_keys(stack), *building), key)
+    if not stack:
+        await pending.wait()
+        return
+    path = _waits_for(pending, stack)
+    if path is not None:
+        # Another task makes this key and waits, maybe through others, for a creation of
+        # this task: each would wait for the other for good.
+        raise _cycle((*_keys(stack), *path[:-1]), path[-1])
+    for creation in stack:
+        creation.waiting = pending
+    try:
+        await pending.wait()
+    finally:
+        for creation in stack:
+            creation.waiting = None
+
+
 class _Pending:
     """A creation in progress that other resolvers wait for."""
 
@@ -70,6 +128,7 @@ class _Pending:
         "_gates",
         "_lock",
         "_thread_event",
+        "creation",
         "finished",
         "in_async",
         "owner",
@@ -79,6 +138,7 @@ class _Pending:
         self._lock = lock
         self.owner = marker.owner
         self.in_async = marker.in_async
+        self.creation = marker if type(marker) is _Creation else None
         self.finished = False
         self._async_event: anyio.Event | None = None
         self._thread_event: threading.Event | None = None
@@ -286,31 +346,43 @@ class Instances:
         stack = _resolving.get()
         here = _building
         building = here.keys
+        # A sync factory never waits for another task (one returning an awaitable aside):
+        # the thread's reused marker is enough, and spares an object per creation.
+        sync = is_sync(provider)
+        marker = here.in_async
+        if not sync:
+            marker = _Creation(key, marker.owner)
         while True:
-            instance, pending = self._claim(provider, here.in_async)
+            instance, pending = self._claim(provider, marker)
             if pending is None:
                 if instance is not _MISSING:
                     return instance
                 break
-            # Only a key being made can be a cycle: a task a factory started inherits its
-            # stack, and may resolve that key once made.
-            if key in stack or key in building:
-                raise _cycle((*stack, *building), key)
-            await pending.wait()
+            await _wait(pending, key, stack, building)
         observers = scope.observers
         started = time.perf_counter() if observers else 0.0
         start_ns = time.time_ns() if observers else 0
         try:
-            if is_sync(provider):
+            if sync:
                 # Nothing to await (usually): no task switch can happen while it runs, so
                 # the cheap per-thread stack finds cycles.
                 instance, finalizer = _run_sync(build_now, provider, arg, scope, building)
                 if instance is AWAIT:
                     instance, finalizer = await self._awaited(
-                        finish_async, provider, finalizer, scope, stack
+                        finish_async,
+                        provider,
+                        finalizer,
+                        scope,
+                        (*stack, _Creation(key, marker.owner)),
                     )
             else:
-                instance, finalizer = await self._awaited(build_async, provider, arg, scope, stack)
+                instance, finalizer = await self._awaited(
+                    build_async,
+                    provider,
+                    arg,
+                    scope,
+                    (*stack, marker),  # type: ignore[arg-type]  # a _Creation here
+                )
         except BaseException as exc:
             self._forget(key)
             if observers:
@@ -333,11 +405,11 @@ class Instances:
         provider: Provider,
         value: Any,
         scope: Scope,
-        stack: tuple[Hashable, ...],
+        stack: tuple[_Creation, ...],
     ) -> tuple[Any, Finalizer | None]:
         """``await run(provider, value)`` (building, or finishing what a sync factory
-        returned) with the key on this task's stack of creations."""
-        token = _resolving.set((*stack, provider.key))
+        returned) with ``stack``, this task's creations with this one last, current."""
+        token = _resolving.set(stack)
         try:
             if provider.lifetime is Lifetime.REQUEST:
                 return await run(provider, value)
@@ -358,8 +430,8 @@ class Instances:
                 if instance is not _MISSING:
                     return instance
                 break
-            if key in stack or key in building:  # see aget()
-                raise _cycle((*stack, *building), key)
+            if key in building or any(creation.key == key for creation in stack):  # see aget()
+                raise _cycle((*_keys(stack), *building), key)
             if pending.blocks_this_loop():
                 msg = (
                     f"{provider.name} is being created by another task on this event loop; "
@@ -369,7 +441,7 @@ class Instances:
                 raise ResolutionError(msg)
             handed = _handed_over.get()
             if key in handed:
-                raise _cycle((*handed, *stack, *building), key)
+                raise _cycle((*handed, *_keys(stack), *building), key)
             if on_loop_thread():
                 # The loop would stand still until the worker thread is done, and for
                 # good if the factory there waits for the loop (anyio.from_thread).
@@ -419,9 +491,9 @@ class Instances:
             if pending is None:
                 self.pending[key] = marker
                 return _MISSING, None
-            if type(pending) is _Marker:
+            if not isinstance(pending, _Pending):
                 pending = self.pending[key] = _Pending(lock, pending)
-            return _MISSING, pending  # type: ignore[return-value]
+            return _MISSING, pending
         finally:
             lock.release()
 

@@ -1299,3 +1299,48 @@ async def test_resolve_sync_on_the_loop_never_waits_for_a_worker_threads_creatio
             assert scope.resolve_sync(Settings) is made[0]
     finally:
         safety.cancel()
+
+
+@pytest.mark.parametrize("length", [2, 3])
+async def test_a_cycle_resolved_from_several_tasks_at_once_is_named_not_a_hang(
+    length: int,
+) -> None:
+    """A -> B (-> C) -> A, each key resolved by its own task of one request at the same time
+    (a task group fetching components in parallel): each task makes its key and waits for
+    the next one, made by another task, which waits in turn. One task alone gets
+    ResolutionError naming the cycle; several used to wait for each other forever."""
+    keys = ["a", "b", "c"][:length]
+    all_started = anyio.Event()
+    started: list[str] = []
+    registry = Registry()
+
+    def factory(key: str, needs: str) -> Callable[[], Any]:
+        async def make() -> tuple[str, object]:
+            started.append(key)
+            if len(started) == length:
+                all_started.set()
+            await all_started.wait()  # every key is being made before any asks for the next
+            return (key, await ambient.resolve(needs))
+
+        return make
+
+    for index, key in enumerate(keys):
+        registry.register(key, factory(key, keys[(index + 1) % length]))
+    errors: list[str] = []
+
+    async def get(key: str) -> None:
+        try:
+            await ambient.resolve(key)
+        except ResolutionError as exc:
+            errors.append(str(exc))
+
+    with anyio.fail_after(10):
+        async with registry.open_scope(ctx()), anyio.create_task_group() as tg:
+            for key in keys:
+                tg.start_soon(get, key)
+    rotations = set()
+    for start in range(length):
+        path = [*keys[start:], *keys[:start], keys[start]]
+        rotations.add("dependency cycle while resolving: " + " -> ".join(f"'{k}'" for k in path))
+    assert len(errors) == length
+    assert set(errors) <= rotations
