@@ -349,11 +349,10 @@ class Instances:
         # A sync factory never waits for another task (one returning an awaitable aside):
         # the thread's reused marker is enough, and spares an object per creation.
         sync = is_sync(provider)
-        marker = here.in_async
-        if not sync:
-            marker = _Creation(key, marker.owner)
+        owner = here.in_async
+        creation = None if sync else _Creation(key, owner.owner)
         while True:
-            instance, pending = self._claim(provider, marker)
+            instance, pending = self._claim(provider, creation or owner)
             if pending is None:
                 if instance is not _MISSING:
                     return instance
@@ -373,7 +372,7 @@ class Instances:
                         provider,
                         finalizer,
                         scope,
-                        (*stack, _Creation(key, marker.owner)),
+                        (*stack, _Creation(key, owner.owner)),
                     )
             else:
                 instance, finalizer = await self._awaited(
@@ -381,7 +380,7 @@ class Instances:
                     provider,
                     arg,
                     scope,
-                    (*stack, marker),  # type: ignore[arg-type]  # a _Creation here
+                    (*stack, creation),  # type: ignore[arg-type]  # made: not sync
                 )
         except BaseException as exc:
             self._forget(key)
