@@ -38,6 +38,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from ambient import Registry, UserExecutionContext, UserRef
 from ambient.errors import ContextSwitchError, InvalidContextError, NoActiveContextError
 from ambient.integrations.websockets import (
+    BroadcastError,
     ConnectionHub,
     Envelope,
     OriginAllowList,
@@ -1435,6 +1436,94 @@ async def test_a_hung_redis_is_noticed_by_the_health_check(redis_url: str) -> No
         assert backend.reconnects >= 1
     finally:
         own.kill()
+
+
+class Collecting:
+    """A websocket that keeps the text frames the hub writes to it; ``arrived`` is set once
+    ``expected`` of them are in."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.frames: list[str] = []
+        self.arrived = anyio.Event()
+
+    async def accept(self) -> None:
+        pass
+
+    async def send_text(self, data: str) -> None:
+        self.frames.append(data)
+        if len(self.frames) >= self.expected:
+            self.arrived.set()
+
+    async def send_bytes(self, data: bytes) -> None:
+        raise AssertionError
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        pass
+
+
+async def test_more_sends_at_once_than_redis_connections_all_get_through(redis_url: str) -> None:
+    """150 users each send 10 events at the same moment: more publishes under way than the
+    backend holds connections to Redis. They wait for a free connection and every socket
+    gets exactly its user's events, in order. redis-py's pool refused every publish
+    beyond its 100 connections at once, and those events were lost with BroadcastError
+    ('Too many connections'), Redis healthy."""
+    registry = Registry()
+    hub = ConnectionHub(RedisBroadcast(redis_url, channel_prefix=unique_prefix()))
+    hub.install(registry)
+    users = [f"user-{n}" for n in range(150)]
+    sockets = {user: Collecting(10) for user in users}
+    connected: list[str] = []
+    all_connected = anyio.Event()
+
+    async def user_sends(user: str) -> None:
+        async with registry.open_scope(UserExecutionContext.create(user)) as scope:
+            manager = await scope.resolve(UserWebSocketManager)
+            async with manager.connect(sockets[user]):  # type: ignore[arg-type]
+                connected.append(user)
+                if len(connected) == len(users):
+                    all_connected.set()
+                await all_connected.wait()
+                for seq in range(10):
+                    await manager.send({"user": user, "seq": seq})
+                await sockets[user].arrived.wait()
+
+    with anyio.fail_after(DEADLINE):
+        async with anyio.create_task_group() as tg:
+            for user in users:
+                tg.start_soon(user_sends, user)
+    for user, sock in sockets.items():
+        assert [json.loads(frame) for frame in sock.frames] == [
+            {"user": user, "seq": seq} for seq in range(10)
+        ]
+    assert hub.stats().connections == 0
+    await registry.aclose()
+
+
+async def test_a_publish_finding_every_connection_busy_says_the_pool_is_exhausted(
+    redis_url: str,
+) -> None:
+    """With max_connections=1 and that connection busy, a publish waits for it within the
+    timeout, then fails saying every connection was busy (raise max_connections), not
+    that Redis failed; once the connection is free, publishes go through again. Before,
+    the pool had no size to configure and a full one failed at once with 'Too many
+    connections', told to the sender as Redis being unreachable."""
+    for wrong in (0, True, 1.5):
+        with pytest.raises(ValueError, match="max_connections"):
+            RedisBroadcast(redis_url, max_connections=wrong)  # type: ignore[arg-type]
+    backend = RedisBroadcast(
+        redis_url, channel_prefix=unique_prefix(), timeout=0.2, max_connections=1
+    )
+    envelope = Envelope(UserRef("alice"), 0, None, "{}")
+    await backend.publish(envelope)
+    _, free = backend._publisher()
+    async with free:  # what a publish under way holds
+        with pytest.raises(BroadcastError) as failed:
+            await backend.publish(envelope)
+    assert "no connection to Redis came free within 0.2 s" in str(failed.value)
+    assert "raise the RedisBroadcast's max_connections" in str(failed.value)
+    await backend.publish(envelope)
+    await backend.aclose()
 
 
 @pytest.fixture(name="built_outside_a_loop")

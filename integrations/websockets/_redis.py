@@ -65,6 +65,9 @@ class RedisBroadcast:
         max_reconnect_delay: The longest back-off delay.
         health_check_interval: Seconds of silence after which the subscription connection
             is pinged; twice that without an answer and it is replaced.
+        max_connections: Connections this process opens to Redis to publish (the
+            subscription takes one more). A publish finding them all busy waits for one,
+            within ``timeout``; past it, it raises :class:`BroadcastError` saying so.
 
     Raises:
         UnsupportedBackendError: when constructed (or later used) under trio.
@@ -79,8 +82,16 @@ class RedisBroadcast:
         reconnect_delay: float = 0.05,
         max_reconnect_delay: float = 2.0,
         health_check_interval: float = 5.0,
+        max_connections: int = 50,
     ) -> None:
         _loops.refuse_trio(_ASYNCIO_ONLY)
+        if (
+            isinstance(max_connections, bool)
+            or not isinstance(max_connections, int)
+            or max_connections < 1
+        ):
+            msg = f"max_connections must be an int >= 1, not {max_connections!r}"
+            raise ValueError(msg)
         for name, value in (
             ("timeout", timeout),
             ("reconnect_delay", reconnect_delay),
@@ -96,6 +107,7 @@ class RedisBroadcast:
         self.reconnect_delay = reconnect_delay
         self.max_reconnect_delay = max_reconnect_delay
         self.health_check_interval = health_check_interval
+        self.max_connections = max_connections
         self.reconnects = 0
         self._deliver: Deliver | None = None
         self._control = f"{channel_prefix}process:{secrets.token_hex(8)}".encode()
@@ -105,6 +117,10 @@ class RedisBroadcast:
         self._confirmed: set[bytes] = set()
         self._changed: anyio.Event | None = None
         self._client: Redis | None = None
+        # The publishing client's free connections, counted here: a publish waits for one
+        # in this semaphore rather than in redis-py's pool, so a deadline passed waiting
+        # (every connection busy) is told apart from one passed in Redis.
+        self._free: asyncio.Semaphore | None = None
         self._sub_client: Redis | None = None
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -173,48 +189,72 @@ class RedisBroadcast:
         """Publish ``envelope`` on its user's channel.
 
         Raises:
-            BroadcastError: Redis did not take it within ``timeout``.
+            BroadcastError: Redis did not take it within ``timeout`` (or no connection of
+                the ``max_connections`` came free within it).
             UnsupportedBackendError: not running on asyncio.
         """
         self._on_this_loop()
         from redis.exceptions import RedisError
 
-        client = self._publisher()
+        client, free = self._publisher()
         channel = self.channel(envelope.user)
+        waiting_for: str | None = None  # None while no connection is free
         try:
             with anyio.fail_after(self.timeout):
-                if envelope.mode == REVOKE:
-                    # Counted, then published, in one transaction: a process that misses
-                    # the message finds the count when its subscription comes back.
-                    async with client.pipeline(transaction=True) as pipe:
-                        key = self._revocations_key(channel)
-                        pipe.incr(key)
-                        pipe.expire(key, _REVOCATIONS_KEPT)
-                        pipe.publish(channel, encode_envelope(envelope))
-                        await pipe.execute()
-                else:
-                    await client.publish(channel, encode_envelope(envelope))
+                async with free:
+                    waiting_for = "take the event"
+                    if envelope.mode == REVOKE:
+                        # Counted, then published, in one transaction: a process that
+                        # misses the message finds the count when its subscription is back.
+                        async with client.pipeline(transaction=True) as pipe:
+                            key = self._revocations_key(channel)
+                            pipe.incr(key)
+                            pipe.expire(key, _REVOCATIONS_KEPT)
+                            pipe.publish(channel, encode_envelope(envelope))
+                            await pipe.execute()
+                    else:
+                        await client.publish(channel, encode_envelope(envelope))
+        except TimeoutError:
+            raise self._timed_out(waiting_for) from None
         except (RedisError, OSError) as error:
             raise BroadcastError(f"could not publish the event to Redis: {error}") from error
 
-    def _publisher(self) -> Redis:
-        if self._client is None:
+    def _timed_out(self, waiting_for: str | None) -> BroadcastError:
+        """The error for a deadline passed while Redis was to ``waiting_for`` something, or
+        (``None``) while every connection of the pool was busy."""
+        if waiting_for is not None:
+            return BroadcastError(f"Redis did not {waiting_for} within {self.timeout} s")
+        msg = (
+            f"no connection to Redis came free within {self.timeout} s: all "
+            f"{self.max_connections} were busy (the pool is exhausted; raise the "
+            "RedisBroadcast's max_connections)"
+        )
+        return BroadcastError(msg)
+
+    def _publisher(self) -> tuple[Redis, asyncio.Semaphore]:
+        if self._client is None or self._free is None:
             self._client = self._new_client(retries=1)
-        return self._client
+            self._free = asyncio.Semaphore(self.max_connections)
+        return self._client, self._free
 
     def _new_client(self, *, retries: int) -> Redis:
-        from redis.asyncio import Redis
+        from redis.asyncio import BlockingConnectionPool, Redis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
 
-        return Redis.from_url(
+        # A pool that waits for a free connection: redis-py's default one fails at once
+        # with "Too many connections" when more commands than its size are under way.
+        pool = BlockingConnectionPool.from_url(
             self.url,
+            max_connections=self.max_connections,
+            timeout=self.timeout,
             socket_timeout=self.timeout,
             socket_connect_timeout=self.timeout,
             # One retry heals a pooled connection that died with a Redis restart; a Redis
             # that is down fails at once instead of after a long back-off.
             retry=Retry(NoBackoff(), retries),
         )
+        return Redis.from_pool(pool)
 
     # -- subscribing ---------------------------------------------------------------------
 
@@ -231,6 +271,7 @@ class RedisBroadcast:
         refs = self._refs.get(channel, 0)
         self._refs[channel] = refs + 1
         self._users[channel] = user
+        waiting_for: str | None = "confirm the subscription"
         try:
             self._start_reader()
             self._check_up()
@@ -242,12 +283,15 @@ class RedisBroadcast:
                     self._check_up()  # the connection broke meanwhile: fail now
                 if channel not in self._revocations:
                     # Read once subscribed: a revocation after this read arrives as a message.
-                    counts = await self._revocation_counts([channel])
+                    client, free = self._publisher()
+                    waiting_for = None
+                    async with free:
+                        waiting_for = "answer the read of the user's revocations"
+                        counts = await self._revocation_counts(client, [channel])
                     self._revocations.setdefault(channel, counts[0])
         except TimeoutError:
             await self._release(user)
-            msg = f"Redis did not confirm the subscription within {self.timeout} s"
-            raise BroadcastError(msg) from None
+            raise self._timed_out(waiting_for) from None
         except BaseException as error:
             await self._release(user)
             from redis.exceptions import RedisError
@@ -257,10 +301,10 @@ class RedisBroadcast:
                 raise BroadcastError(msg) from error
             raise
 
-    async def _revocation_counts(self, channels: list[bytes]) -> list[int]:
+    async def _revocation_counts(self, client: Redis, channels: list[bytes]) -> list[int]:
         """The users' counts of revocations (``channels``' users), from Redis."""
         keys = [self._revocations_key(channel) for channel in channels]
-        values = await self._publisher().mget(keys)
+        values = await client.mget(keys)
         return [int(value or 0) for value in values]
 
     async def _missed_revocations(self) -> None:
@@ -269,8 +313,10 @@ class RedisBroadcast:
         channels = list(self._refs)
         if not channels:
             return
+        client, free = self._publisher()
         with anyio.fail_after(self.timeout):
-            counts = await self._revocation_counts(channels)
+            async with free:
+                counts = await self._revocation_counts(client, channels)
         deliver = self._deliver
         for channel, count in zip(channels, counts, strict=True):
             known = self._revocations.get(channel)
@@ -467,6 +513,7 @@ class RedisBroadcast:
             if client is not None:
                 await _close_quietly(client.aclose())
         self._client = self._sub_client = None
+        self._free = None
         self._connected = False
         self._down_since = None
         self._confirmed.clear()
