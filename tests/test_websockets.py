@@ -32,6 +32,7 @@ import anyio.to_thread
 import httpx
 import pytest
 import redis
+from starlette.websockets import WebSocket
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -1049,6 +1050,114 @@ async def test_a_socket_still_connecting_is_revoked_or_closed_with_the_others(
     )
     assert (served, socket.closed, hub.stats().revoked) == expected
     assert (hub.stats().connections, hub._joining) == (0, set())
+    await registry.aclose()
+
+
+class HeldClose:
+    """The server side of a Starlette ``WebSocket`` whose close frame stays in flight until
+    the test releases it, as a real server's close takes a moment (Starlette refuses the
+    socket as soon as a close has begun)."""
+
+    def __init__(self) -> None:
+        self.connected = False
+        self.closes: list[tuple[int, str]] = []
+        self.close_started = anyio.Event()
+        self.release = anyio.Event()
+        self.websocket = WebSocket(
+            {"type": "websocket", "path": "/ws", "headers": []}, self.receive, self.send
+        )
+
+    async def receive(self) -> dict[str, Any]:
+        if not self.connected:
+            self.connected = True
+            return {"type": "websocket.connect"}
+        await anyio.sleep_forever()
+        raise AssertionError
+
+    async def send(self, message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "websocket.close":
+            self.closes.append((message["code"], message["reason"]))
+            self.close_started.set()
+            await self.release.wait()
+
+
+class Quiet:
+    async def accept(self) -> None:
+        pass
+
+    async def send_text(self, data: str) -> None:
+        pass
+
+    async def send_bytes(self, data: bytes) -> None:
+        pass
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        pass
+
+
+@pytest.mark.parametrize("ending", ["hub closed", "replaced"])
+async def test_a_socket_the_hub_closes_ends_its_handlers_block_quietly(ending: str) -> None:
+    """The hub closes a Starlette socket (1001 at shutdown, 1008 replaced by a newer one)
+    while its handler waits on something else; the handler then goes on to use the
+    socket. Its block ends quietly, the close frame goes out whole, and nothing of the
+    connection stays in the hub. The hub used to start the close first and cancel the
+    block only once the frame was out: a handler resuming in between got Starlette's
+    WebSocketDisconnected out of `async with manager.connect()`, and its failure cut the
+    close frame short."""
+    registry = Registry()
+    hub = ConnectionHub(max_connections_per_user=1)
+    hub.install(registry)
+    held = HeldClose()
+    entered = anyio.Event()
+    finished = anyio.Event()
+    leave = anyio.Event()
+    outcome: list[str] = []
+
+    async def handler() -> None:
+        context = UserExecutionContext.create("carol", connection_id="c-1")
+        async with registry.open_scope(context) as scope:
+            manager = await scope.resolve(UserWebSocketManager)
+            try:
+                async with manager.connect(held.websocket):  # type: ignore[arg-type]
+                    entered.set()
+                    await held.close_started.wait()  # e.g. an agent step
+                    await held.websocket.receive_text()
+                    outcome.append("served on")
+                outcome.append("ended quietly")
+            except Exception as error:
+                outcome.append(f"{type(error).__name__}: {error}")
+            finally:
+                finished.set()
+
+    async def newer_socket() -> None:
+        context = UserExecutionContext.create("carol", connection_id="c-2")
+        async with registry.open_scope(context) as scope:
+            manager = await scope.resolve(UserWebSocketManager)
+            async with manager.connect(Quiet()):  # type: ignore[arg-type]
+                await leave.wait()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(handler)
+            await entered.wait()
+            if ending == "hub closed":
+                await hub.aclose()
+            else:
+                tg.start_soon(newer_socket)
+            await held.close_started.wait()
+            held.release.set()
+            await finished.wait()
+            leave.set()
+    code = 1001 if ending == "hub closed" else 1008
+    assert outcome == ["ended quietly"]
+    assert [closed[0] for closed in held.closes] == [code]
+    stats = hub.stats()
+    assert (stats.connections, stats.users, stats.replaced, hub._joining) == (
+        0,
+        0,
+        int(ending == "replaced"),
+        set(),
+    )
     await registry.aclose()
 
 

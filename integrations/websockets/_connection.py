@@ -54,6 +54,7 @@ class Connection:
     __slots__ = (
         "__weakref__",
         "_block_scope",
+        "_close_pending",
         "_closing",
         "_done",
         "_hub",
@@ -83,6 +84,9 @@ class Connection:
         self._wakeup: anyio.Event | None = None
         # (code, reason) once the hub decided to close the socket.
         self._closing: tuple[int, str] | None = None
+        # Set by the writer once the queue is written: the hub sends the close frame as
+        # soon as the handler's block is out (see ``_connect``).
+        self._close_pending = False
         # Set when the writer must stop once its queue is empty (the handler is done).
         self._done = False
         self._writer_scope: anyio.CancelScope | None = None
@@ -128,8 +132,9 @@ class Connection:
             wakeup.set()
 
     def _request_close(self, code: int, reason: str, *, drain: bool) -> None:
-        """Close the socket from the writer (after the queue, when ``drain``), within the
-        hub's ``close_timeout``; past it the connection's block is cancelled."""
+        """End the connection: the writer writes the queue (when ``drain``) within the
+        hub's ``close_timeout`` and cancels the handler's block, and the hub closes the
+        socket once the block is out."""
         if self._closing is not None:
             return
         self._closing = (code, reason)
@@ -176,7 +181,8 @@ class Connection:
             wakeup.set()
 
     async def _run_writer(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
-        """Drain the queue into the socket, in order; then close it if the hub asked to."""
+        """Drain the queue into the socket, in order; then end the handler's block if the
+        hub ends the connection."""
         websocket = self._websocket
         finished = failed = False
         with anyio.CancelScope() as scope:
@@ -196,20 +202,20 @@ class Connection:
                         await websocket.send_text(data)
                     else:
                         await websocket.send_bytes(data)
-                closing = self._closing
-                if closing is not None:
-                    await websocket.close(closing[0], closing[1])
             except Exception:  # whatever the server raised, the socket is gone
                 logger.debug("ambient: send to %r failed; dropping it", self, exc_info=True)
                 failed = self._hub._send_failed(self)
             finished = True
         self._writer_scope = None
         if failed or self._closing is not None:
-            # The hub ended this connection: end the handler's block as well. The socket
-            # is closed or broken, and a framework WebSocket refuses to receive once it has
-            # been closed from this side (Starlette raises WebSocketDisconnected).
+            # The hub ended this connection: end the handler's block before the close frame
+            # goes out. A framework WebSocket refuses to be used once a close has begun
+            # (Starlette raises WebSocketDisconnected), so a handler resuming between the
+            # two would fail instead of leaving its block quietly.
             if not finished:
-                logger.info("ambient: %r did not close within close_timeout", self)
+                logger.info("ambient: %r did not take its last frames within close_timeout", self)
+            elif not failed:
+                self._close_pending = True
             block = self._block_scope
             if block is not None:
                 block.cancel()

@@ -65,8 +65,9 @@ class ConnectionHub:
         queue_size: Events a socket may fall behind before it is closed with 1013.
         queue_bytes: Size a socket's queue may reach (characters of text plus bytes of
             binary frames) before it is closed with 1013; a bigger event is refused.
-        close_timeout: Seconds the hub waits for a socket to take its last frames and the
-            close frame before it cancels the socket's handler block.
+        close_timeout: Seconds the hub waits for a socket it ends to take its last frames
+            (past them, it cancels the socket's handler block without waiting further),
+            and for the close frame it sends once that block is out.
 
     Example::
 
@@ -280,7 +281,9 @@ class ConnectionHub:
         finally:
             self._joining.discard(connection)
             if connection._revoked is not None:
-                await _close_revoked(connection, websocket, self.close_timeout)
+                await _close(connection, websocket, CLOSE_REVOKED, connection._revoked)
+            elif connection._close_pending and connection._closing is not None:
+                await _close(connection, websocket, *connection._closing)
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.close_timeout):
                 try:
                     await self.backend.unsubscribe(user)
@@ -350,13 +353,14 @@ class ConnectionHub:
         return True
 
 
-async def _close_revoked(connection: Connection, websocket: WebSocketLike, within: float) -> None:
-    """Close a revoked connection's socket with 4001 once its block is out."""
-    with anyio.CancelScope(shield=True), anyio.move_on_after(within):
+async def _close(connection: Connection, websocket: WebSocketLike, code: int, reason: str) -> None:
+    """Close the socket of a connection the hub ended, once its block is out (within the
+    hub's ``close_timeout``)."""
+    with anyio.CancelScope(shield=True), anyio.move_on_after(connection._hub.close_timeout):
         try:
-            await websocket.close(CLOSE_REVOKED, connection._revoked)
+            await websocket.close(code, reason)
         except Exception:  # the socket is already gone or closed
-            logger.debug("ambient: closing revoked %r failed", connection, exc_info=True)
+            logger.debug("ambient: closing %r with %d failed", connection, code, exc_info=True)
 
 
 async def _refuse_after_accept(websocket: WebSocketLike, reason: str) -> None:

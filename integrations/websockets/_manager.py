@@ -89,8 +89,9 @@ class UserWebSocketManager:
 
         The block is the socket's lifetime: when the hub ends the connection (a failed
         send, 1013, 1008, or 1001 at shutdown) it cancels the block, which then exits
-        quietly; the code after it runs as usual. Work that must outlive the socket
-        belongs outside the block. Send to this socket alone with ``connection.send``.
+        quietly, and sends the close frame once the block is out; the code after it runs
+        as usual. Work that must outlive the socket belongs outside the block. Send to this
+        socket alone with ``connection.send``.
 
         Raises:
             BroadcastError: the backend could not subscribe (the socket is accepted and
