@@ -1031,7 +1031,7 @@ async def test_a_socket_still_connecting_is_revoked_or_closed_with_the_others(
             manager = await scope.resolve(UserWebSocketManager)
             async with manager.connect(socket):  # type: ignore[arg-type]
                 served.append("entered")
-                await anyio.sleep_forever() if ending == "revoke" else None
+                await anyio.sleep_forever()
                 served.append("served on")
 
     with anyio.fail_after(10):
@@ -1046,10 +1046,75 @@ async def test_a_socket_still_connecting_is_revoked_or_closed_with_the_others(
     expected = (
         (["entered"], [(4001, "access revoked")], 1)
         if ending == "revoke"
-        else (["entered", "served on"], [(1001, "server shutting down")], 0)
+        else (["entered"], [(1001, "server shutting down")], 0)
     )
     assert (served, socket.closed, hub.stats().revoked) == expected
     assert (hub.stats().connections, hub._joining) == (0, set())
+    await registry.aclose()
+
+
+class Quiet:
+    """A websocket that takes whatever it is sent."""
+
+    async def accept(self) -> None:
+        pass
+
+    async def send_text(self, data: str) -> None:
+        pass
+
+    async def send_bytes(self, data: bytes) -> None:
+        pass
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        pass
+
+
+class SignalledAccept(Quiet):
+    """A websocket whose ``accept()`` says when it has run; it keeps the closes it gets."""
+
+    def __init__(self) -> None:
+        self.accepted = anyio.Event()
+        self.closed: list[tuple[int, str | None]] = []
+
+    async def accept(self) -> None:
+        self.accepted.set()
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        self.closed.append((code, reason))
+
+
+async def test_a_revocation_as_the_socket_starts_its_writer_ends_the_block_quietly() -> None:
+    """The user is revoked right after the handshake, while the hub starts the socket's
+    writer: the handler's block ends at its first await and the socket is closed with
+    4001. On asyncio, connect() used to fail with RuntimeError("generator didn't yield"):
+    the task group starting the writer took the revocation's cancellation for its own."""
+    registry = Registry()
+    hub = ConnectionHub()
+    hub.install(registry)
+    socket = SignalledAccept()
+    served: list[str] = []
+
+    async def handler() -> None:
+        context = UserExecutionContext.create("carol", connection_id="c-1")
+        async with registry.open_scope(context) as scope:
+            manager = await scope.resolve(UserWebSocketManager)
+            try:
+                async with manager.connect(socket):  # type: ignore[arg-type]
+                    served.append("entered")
+                    await anyio.sleep_forever()
+                served.append("ended quietly")
+            except Exception as error:
+                served.append(f"{type(error).__name__}: {error}")
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(handler)
+            await socket.accepted.wait()  # woken before the writer first runs
+            await hub.revoke("carol")
+    assert served == ["entered", "ended quietly"]
+    assert socket.closed == [(4001, "access revoked")]
+    stats = hub.stats()
+    assert (stats.revoked, stats.connections, hub._joining) == (1, 0, set())
     await registry.aclose()
 
 
@@ -1079,20 +1144,6 @@ class HeldClose:
             self.closes.append((message["code"], message["reason"]))
             self.close_started.set()
             await self.release.wait()
-
-
-class Quiet:
-    async def accept(self) -> None:
-        pass
-
-    async def send_text(self, data: str) -> None:
-        pass
-
-    async def send_bytes(self, data: bytes) -> None:
-        pass
-
-    async def close(self, code: int = 1000, reason: str | None = None) -> None:
-        pass
 
 
 @pytest.mark.parametrize("ending", ["hub closed", "replaced"])

@@ -57,6 +57,7 @@ class Connection:
         "_close_pending",
         "_closing",
         "_done",
+        "_ending",
         "_hub",
         "_queue",
         "_queued_bytes",
@@ -91,6 +92,8 @@ class Connection:
         self._done = False
         self._writer_scope: anyio.CancelScope | None = None
         self._block_scope: anyio.CancelScope | None = None
+        # The handler's block must end: now, or as soon as it starts.
+        self._ending = False
         # The close reason once the user's access was revoked.
         self._revoked: str | None = None
 
@@ -154,6 +157,11 @@ class Connection:
         self._done = True
         self._queue.clear()
         self._queued_bytes = 0
+        self._end_block()
+
+    def _end_block(self) -> None:
+        """End the handler's block now, or as soon as it starts (see ``_connect``)."""
+        self._ending = True
         block = self._block_scope
         if block is not None:
             block.cancel()
@@ -216,6 +224,4 @@ class Connection:
                 logger.info("ambient: %r did not take its last frames within close_timeout", self)
             elif not failed:
                 self._close_pending = True
-            block = self._block_scope
-            if block is not None:
-                block.cancel()
+            self._end_block()

@@ -255,12 +255,14 @@ class ConnectionHub:
             if accept:
                 await websocket.accept()
             async with anyio.create_task_group() as tg:
-                connection._block_scope = tg.cancel_scope
                 await tg.start(connection._run_writer)
+                # Only now: cancelled while tg.start() waits, the task group would take the
+                # cancellation for its own and leave before the block ever started.
+                connection._block_scope = tg.cancel_scope
                 self._joining.discard(connection)
-                if connection._revoked is not None:
-                    # Revoked while it connected: the block ends at its first await, and
-                    # the socket is closed with 4001 as a registered one would be.
+                if connection._ending:
+                    # Revoked or closed while it connected: the block ends at its first
+                    # await, and the socket is closed as a registered one's would be.
                     tg.cancel_scope.cancel()
                 elif connection._closing is None:  # not shut down by aclose() meanwhile
                     self._add(connection)
