@@ -1221,6 +1221,8 @@ def test_envelopes_survive_the_wire() -> None:
         Envelope(UserRef("b", ""), 2, "conn", ""),
         Envelope(UserRef("carol", "acme"), 3, None, "access revoked"),
         Envelope(UserRef("carol"), 3, "conn", "session ended"),
+        Envelope(UserRef("carol"), 3, "", "names no connection, not every one"),
+        Envelope(UserRef("carol"), 2, "", b"\x00"),
     ):
         assert decode_envelope(encode_envelope(envelope)) == envelope
     with pytest.raises(ValueError, match="envelope"):
@@ -1600,12 +1602,13 @@ async def test_a_hung_redis_is_noticed_by_the_health_check(redis_url: str) -> No
 
 class Collecting:
     """A websocket that keeps the text frames the hub writes to it; ``arrived`` is set once
-    ``expected`` of them are in."""
+    ``expected`` of them are in, or once it is closed."""
 
     def __init__(self, expected: int) -> None:
         self.expected = expected
         self.frames: list[str] = []
         self.arrived = anyio.Event()
+        self.closed: list[tuple[int, str | None]] = []
 
     async def accept(self) -> None:
         pass
@@ -1619,7 +1622,57 @@ class Collecting:
         raise AssertionError
 
     async def close(self, code: int = 1000, reason: str | None = None) -> None:
-        pass
+        self.closed.append((code, reason))
+        self.arrived.set()
+
+
+async def test_an_empty_connection_id_revokes_no_socket_through_redis(redis_url: str) -> None:
+    """Carol has two sockets behind Redis. Revoking her connection "" is refused (it is no
+    valid id), and a revocation envelope naming connection "" travels through Redis as
+    such and ends neither socket; naming one of hers ends that one only. The empty id
+    used to pass, and went over the wire as "no connection named": every socket of hers,
+    in every process, was revoked (in process it revoked nothing)."""
+    registry = Registry()
+    backend = RedisBroadcast(redis_url, channel_prefix=unique_prefix())
+    hub = ConnectionHub(backend)
+    hub.install(registry)
+    sockets = {"c-1": Collecting(1), "c-2": Collecting(1)}
+    entered = {connection_id: anyio.Event() for connection_id in sockets}
+    ended = {connection_id: anyio.Event() for connection_id in sockets}
+
+    async def hold(connection_id: str) -> None:
+        context = UserExecutionContext.create("carol", connection_id=connection_id)
+        async with registry.open_scope(context) as scope:
+            manager = await scope.resolve(UserWebSocketManager)
+            try:
+                async with manager.connect(sockets[connection_id]):  # type: ignore[arg-type]
+                    entered[connection_id].set()
+                    await anyio.sleep_forever()
+            finally:
+                ended[connection_id].set()
+
+    with anyio.fail_after(DEADLINE):
+        async with anyio.create_task_group() as tg:
+            for connection_id in sockets:
+                tg.start_soon(hold, connection_id)
+                await entered[connection_id].wait()
+            with pytest.raises(InvalidContextError, match="connection_id"):
+                await hub.revoke("carol", connection_id="")
+            await backend.publish(Envelope(UserRef("carol"), 3, "", "access revoked"))
+            # Published after the revocation: once both sockets have it (or were closed),
+            # the revocation was handled.
+            await backend.publish(Envelope(UserRef("carol"), 0, None, '{"after": "revoke"}'))
+            for sock in sockets.values():
+                await sock.arrived.wait()
+            assert [event.is_set() for event in ended.values()] == [False, False]
+            await hub.revoke("carol", connection_id="c-1")
+            await ended["c-1"].wait()
+            assert not ended["c-2"].is_set()
+            tg.cancel_scope.cancel()
+    assert sockets["c-1"].closed == [(4001, "access revoked")]
+    assert sockets["c-2"].closed == []
+    assert (hub.stats().revoked, hub.stats().connections) == (1, 0)
+    await registry.aclose()
 
 
 async def test_more_sends_at_once_than_redis_connections_all_get_through(redis_url: str) -> None:

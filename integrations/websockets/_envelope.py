@@ -57,6 +57,10 @@ def _encode(event: Event, limit: int) -> str | bytes:
 
 _HEADER = struct.Struct("!BBHHH")  # kind, mode, len(tenant)+1 or 0, len(user), len(target)
 _TEXT, _BINARY = 0, 1
+# Added to the kind for a target that is there but empty: a length of 0 alone means none
+# (all of the user's sockets, for a revocation). A flag rather than a new length rule, so
+# an older process drops such an envelope as malformed instead of misreading the others.
+_EMPTY_TARGET = 0x80
 
 
 def encode_envelope(envelope: Envelope) -> bytes:
@@ -67,6 +71,8 @@ def encode_envelope(envelope: Envelope) -> bytes:
     target = b"" if envelope.target is None else envelope.target.encode()
     data = envelope.data
     kind = _TEXT if isinstance(data, str) else _BINARY
+    if envelope.target == "":
+        kind |= _EMPTY_TARGET
     payload = data.encode() if isinstance(data, str) else data
     tenant_len = 0 if user.tenant_id is None else len(tenant) + 1
     header = _HEADER.pack(kind, envelope.mode, tenant_len, len(user_id), len(target))
@@ -90,7 +96,11 @@ def decode_envelope(raw: bytes) -> Envelope:
         at += tenant_len - 1
     user_id = raw[at : at + user_len].decode()
     at += user_len
-    target = raw[at : at + target_len].decode() if target_len else None
+    empty_target = kind & _EMPTY_TARGET
+    kind &= ~_EMPTY_TARGET
+    if empty_target and target_len:
+        raise ValueError("not an ambient websocket envelope")
+    target = raw[at : at + target_len].decode() if target_len or empty_target else None
     at += target_len
     if kind not in (_TEXT, _BINARY) or mode not in (TO_USER, TO_THREAD, TO_CONNECTION, REVOKE):
         raise ValueError("not an ambient websocket envelope")

@@ -174,7 +174,8 @@ class ConnectionHub:
         user's own requests.
 
         Raises:
-            InvalidContextError: ``user`` or ``tenant_id`` is not a valid id.
+            InvalidContextError: ``user``, ``tenant_id`` or ``connection_id`` is not a
+                valid id.
             ValueError: ``reason`` is longer than a close frame allows (123 bytes).
             BroadcastError: the backend is unreachable; nothing was revoked.
         """
@@ -186,6 +187,10 @@ class ConnectionHub:
         else:
             tenant = None if tenant_id is None else validate_id("tenant_id", tenant_id)
             ref = UserRef(validate_id("user_id", user), tenant)
+        if connection_id is not None:
+            # Checked as the context checks it: an id no connection can have (an empty one)
+            # must not reach a backend, where it could read as "every connection".
+            connection_id = validate_id("connection_id", connection_id)
         if not isinstance(reason, str) or len(reason.encode()) > 123:
             msg = f"reason must be a str of at most 123 bytes (a close frame's), not {reason!r}"
             raise ValueError(msg)
