@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import MutableMapping
 from typing import Any, Final
 
@@ -45,15 +46,22 @@ FIELDS: Final = (
 """The names added to every record."""
 
 _EMPTY: Final = dict.fromkeys(FIELDS, "")
+# By record: the id policies of the ContextFilter that added fields, and which it added.
+# Kept beside the record, not on it: formatters that print every attribute of a record
+# would print it, and the policies include the hash key.
+_written: Final[weakref.WeakKeyDictionary[logging.LogRecord, tuple[object, list[str]]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class _Fields:
     """Builds the correlation fields under one id policy."""
 
-    __slots__ = ("_ids",)
+    __slots__ = ("_ids", "policy")
 
     def __init__(self, user_id: IdPolicy, tenant_id: IdPolicy, hash_key: bytes | str | None):
         self._ids = _IdExport(user_id, tenant_id, hash_key)
+        self.policy = (self._ids.user_policy, self._ids.tenant_policy, self._ids.key)
 
     def __call__(self) -> dict[str, str]:
         try:
@@ -85,7 +93,10 @@ class ContextFilter(logging.Filter):
     """A :class:`logging.Filter` that adds the correlation fields to each record.
 
     It never drops a record. A field the record already has (passed with ``extra=``, or set
-    by a filter earlier on the way, e.g. before a ``QueueHandler``) is kept.
+    by a filter with the same id policies earlier on the way, e.g. before a
+    ``QueueHandler``) is kept. The fields another ``ContextFilter`` with other policies
+    wrote are written again under this one's: handlers share one record, and a debug
+    handler's ``user_id="raw"`` must not reach the exported handler that hashes.
 
     Args:
         user_id: ``"hash"`` (default; same HMAC as the spans), ``"raw"`` or ``"omit"``
@@ -109,9 +120,19 @@ class ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         """Add the fields; always keep the record."""
         present = record.__dict__
-        for key, value in self._fields().items():
-            if key not in present:
-                present[key] = value
+        policy = self._fields.policy
+        written = _written.get(record)
+        if written is None:
+            fields = self._fields()
+            added = [key for key in fields if key not in present]
+            for key in added:
+                present[key] = fields[key]
+            _written[record] = (policy, added)
+        elif written[0] != policy:
+            fields = self._fields()
+            for key in written[1]:
+                present[key] = fields[key]
+            _written[record] = (policy, written[1])
         return True
 
 

@@ -121,6 +121,49 @@ class TestContextFilter:
         assert kept.records[0].request_id == "from-caller"  # type: ignore[attr-defined]
         assert kept.records[0].user_id == hash_id("alice")  # type: ignore[attr-defined]
 
+    @pytest.mark.parametrize("first", ["raw", "omit"])
+    def test_a_hashing_handler_never_gets_what_another_policys_filter_wrote(
+        self, first: str
+    ) -> None:
+        """A local debug handler with ``user_id="raw"`` and an exported one hashing (the
+        default), on one logger: handlers share the record, and the hashing filter used to
+        keep the raw id the first filter had written. Each handler now gets its own
+        policy's fields; a field given with ``extra=`` is still kept by both."""
+        log = logging.getLogger(f"tests.logging.two-policies-{first}")
+        log.setLevel(logging.INFO)
+        log.propagate = False
+        seen: dict[str, list[dict[str, Any]]] = {"debug": [], "exported": []}
+
+        class Snapshot(logging.Handler):
+            """Keeps what each record carried when this handler emitted it."""
+
+            def __init__(self, name: str) -> None:
+                super().__init__(logging.DEBUG)
+                self.kept = seen[name]
+
+            def emit(self, record: logging.LogRecord) -> None:
+                self.kept.append(dict(record.__dict__))
+
+        debug, exported = Snapshot("debug"), Snapshot("exported")
+        debug.addFilter(ContextFilter(user_id=first))  # type: ignore[arg-type]
+        exported.addFilter(ContextFilter())
+        log.addHandler(debug)
+        log.addHandler(exported)
+        try:
+            with bind_context(UserExecutionContext.create("alice@example.com")):
+                log.info("run done")
+                log.info("given", extra={"request_id": "from-caller"})
+        finally:
+            log.removeHandler(debug)
+            log.removeHandler(exported)
+        shown = {"raw": "alice@example.com", "omit": ""}[first]
+        hashed = hash_id("alice@example.com")
+        assert [r["user_id"] for r in seen["debug"]] == [shown, shown]
+        assert [r["user_id"] for r in seen["exported"]] == [hashed, hashed]
+        assert [r["request_id"] for r in seen["exported"]][1] == "from-caller"
+        assert [r["request_id"] for r in seen["debug"]][1] == "from-caller"
+        assert "alice@example.com" not in repr(seen["exported"])
+
     def test_never_raises(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """If looking up the context fails, the record still goes out with empty fields."""
 
