@@ -293,6 +293,10 @@ class Registry:
         shared = _observe.observers
         own = self._observers
         if shared and own:
+            if own[0] in shared:
+                # Given to the registry and installed process-wide too: still one of each
+                # event (a span started twice is ended once, a probe counts cleanups twice).
+                return own + tuple(o for o in shared if o is not own[0])
             return own + shared
         return own or shared
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 
@@ -350,3 +351,38 @@ class TestFactoryShapes:
             await ambient.resolve(Log)
         assert got["user"] == UserRef("alice", "t")
         await registry.aclose()
+
+
+@pytest.mark.parametrize("order", ["registry first", "process-wide first"])
+async def test_an_observer_given_to_the_registry_and_installed_process_wide_sees_each_event_once(
+    order: str,
+) -> None:
+    """``Registry(telemetry=probe)`` as the probe's docstring offers, with the same probe
+    also installed process-wide (the ``isolation_probe`` fixture): every event reached it
+    twice, so the probe reported a correct component "cleaned more than once", and a
+    ``Telemetry`` started two scope spans and ended one."""
+    from ambient.testing import IsolationProbe
+
+    events: list[str] = []
+
+    class Counting(IsolationProbe):
+        def scope_opened(self, scope: Any) -> None:
+            events.append("opened")
+            super().scope_opened(scope)
+
+    probe = Counting()
+    if order == "process-wide first":
+        probe.__enter__()
+    registry = Registry(telemetry=probe)
+    if order == "registry first":
+        probe.__enter__()
+    try:
+        registry.register("resource", lambda: {"rows": []})
+        async with registry.open_scope(UserExecutionContext.create("alice")):
+            await ambient.resolve("resource")
+        report = probe.report()
+    finally:
+        probe.__exit__(None, None, None)
+    assert events == ["opened"]
+    assert report.ok, report.violations
+    assert (report.created, report.cleaned, report.scopes) == (1, 1, 1)
