@@ -274,6 +274,19 @@ def _hint(replacement: str | None) -> str:
     return "resolve a per-user component from the current scope instead (ambient.resolve)"
 
 
+def _count_in_telemetry(name: str) -> None:
+    """Count the access in the bound scope's telemetry too, where it has a meter provider
+    of its own (``Telemetry(meter_provider=...)``): the count above goes to the global one."""
+    binding = _shown()
+    scope = None if binding is None else binding.scope
+    if scope is None:
+        return
+    for observer in scope.owner.observers:
+        record = getattr(observer, "_record_own_global_access", None)
+        if record is not None:
+            record(name)
+
+
 def _record(guard: _Guarded, frame: FrameType | None) -> None:
     name = object.__getattribute__(guard, "_ambient_name")
     replacement = object.__getattribute__(guard, "_ambient_replacement")
@@ -284,6 +297,7 @@ def _record(guard: _Guarded, frame: FrameType | None) -> None:
         filename, lineno, module_globals = frame.f_code.co_filename, frame.f_lineno, frame.f_globals
     first = _ledger.record(name, filename, lineno, replacement)
     _counters.add("ambient.global_state.accesses", {"ambient.global": name})
+    _count_in_telemetry(name)
     if mode == "off":
         return
     site = _site(filename, lineno)

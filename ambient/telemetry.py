@@ -884,6 +884,13 @@ class Telemetry(Observer):
         except Exception:  # noqa: BLE001 - logged once; never breaks a request
             self._failed("record_global_access")
 
+    def _record_own_global_access(self, name: str) -> None:
+        # Guarded globals count their accesses on the global meter provider themselves; a
+        # telemetry with a provider of its own counts them there too.
+        provider = self._meter_provider_arg
+        if provider is not None and provider is not metrics.get_meter_provider():
+            self.record_global_access(name)
+
     def __repr__(self) -> str:
         state = "dormant" if self._dormant else "active"
         return f"<Telemetry {state} user_id={self._ids.user_policy!r}>"

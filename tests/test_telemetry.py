@@ -1866,3 +1866,23 @@ class TestBaseHTTPMiddleware:
         await fifty_users_through_base_http_middleware(
             otel, detach_errors, anyio_backend, base_outside=False
         )
+
+
+async def test_a_telemetrys_own_meter_counts_the_guarded_globals_touched_in_its_scopes(
+    otel: Otel,
+) -> None:
+    """``Telemetry(meter_provider=...)`` lists ``ambient.global_state.accesses`` among its
+    metrics, but the accesses were counted on the global meter provider only: the one the
+    application gave its telemetry never saw them."""
+    from ambient.migration import guard_global
+
+    catalog = guard_global({"triage": 1}, name="catalog", mode="off")
+    registry = Registry(telemetry=otel.telemetry())
+    for user in ("alice", "bob"):
+        async with registry.open_scope(ctx(user)):
+            assert catalog["triage"] == 1
+    assert catalog["triage"] == 1  # outside any scope: not an access
+    points = otel.points()["ambient.global_state.accesses"]
+    assert [(dict(p.attributes or {}), p.value) for p in points] == [
+        ({"ambient.global": "catalog"}, 2)
+    ]
