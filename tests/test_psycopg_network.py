@@ -20,6 +20,7 @@ import psycopg
 import pytest
 
 from ambient import Registry
+from ambient.errors import PoolExhaustedError
 from ambient.integrations.psycopg import PerUserPools, SharedPool, connection
 from tests.netfault import SilentNetwork
 from tests.test_psycopg import Database, _ctx, _scalar, fixture_db  # noqa: F401 - the db fixture
@@ -48,7 +49,7 @@ async def fixture_relay(db: Database) -> AsyncIterator[SilentNetwork]:
 
 
 def _installed(
-    kind: str, db: Database, relay: SilentNetwork
+    kind: str, db: Database, relay: SilentNetwork, **options: Any
 ) -> tuple[SharedPool | PerUserPools, Registry]:
     """A pool of strategy ``kind`` through ``relay``, installed in a new registry."""
     common: dict[str, Any] = {
@@ -56,6 +57,7 @@ def _installed(
         "return_timeout": RETURN_TIMEOUT,
         "kwargs": db.kwargs(),
         "rls_check": "off",
+        **options,
     }
     url = _through(db.app_url, relay)
     pool: SharedPool | PerUserPools = (
@@ -167,4 +169,59 @@ async def test_cancelled_query_on_a_silent_network_ends_within_return_timeout(
 
     await _ends_in_time(work)
     assert request.cancelled_caught
+    await _recovers(pool, registry, relay)
+
+
+OPEN_TIMEOUT = 2.0
+
+
+@STRATEGIES
+async def test_first_requests_during_an_outage_fail_each_within_its_timeout(
+    db: Database, relay: SilentNetwork, kind: str
+) -> None:
+    """The database does not answer when the pool opens on first use (its row-level-security
+    check needs a connection): each of several concurrent first requests gets
+    PoolExhaustedError (a 503) within its own timeout, and the pool opens once the database
+    answers. Before, psycopg's PoolTimeout escaped as is (a 500), and each SharedPool request
+    waited for the failed opening and then tried again in turn: the last of N waited N
+    timeouts."""
+    pool, registry = _installed(kind, db, relay, timeout=OPEN_TIMEOUT, rls_check="warn")
+    users = [f"user-{n}" for n in range(5)] if kind == "shared" else ["alice", "bob"] * 3
+    took: list[float] = []
+    errors: list[BaseException] = []
+    await relay.freeze()
+
+    async def request(user: str) -> None:
+        started = time.monotonic()
+        async with registry.open_scope(_ctx(user)):
+            try:
+                async with connection():
+                    pass
+            except Exception as exc:
+                errors.append(exc)
+        took.append(time.monotonic() - started)
+
+    async with anyio.create_task_group() as tg:
+        for user in users:
+            tg.start_soon(request, user)
+    assert [type(exc) for exc in errors] == [PoolExhaustedError] * len(users), errors
+    assert max(took) < OPEN_TIMEOUT + 1.5, took
+    assert not any(p.pool for p in getattr(pool, "_pools", ())), "a pool left open"
+    await _recovers(pool, registry, relay)
+
+
+@STRATEGIES
+async def test_a_checkouts_own_timeout_bounds_the_pools_opening(
+    db: Database, relay: SilentNetwork, kind: str
+) -> None:
+    """``connection(timeout=...)`` shorter than the pool's ``timeout`` bounds the opening
+    of the pool on first use too. Before, the opening waited for the pool's timeout."""
+    pool, registry = _installed(kind, db, relay, timeout=10, rls_check="warn")
+    await relay.freeze()
+    started = time.monotonic()
+    async with registry.open_scope(_ctx("alice")):
+        with pytest.raises(PoolExhaustedError, match="could not be opened"):
+            async with connection(timeout=0.5):
+                pass
+    assert time.monotonic() - started < 3
     await _recovers(pool, registry, relay)

@@ -70,6 +70,14 @@ def _checked_pool_options(options: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
+async def _close_unopened(pool: AsyncConnectionPool[Any], *, ran_out: bool) -> None:
+    """Close a pool whose opening failed (shielded). When it ran out of time, its workers
+    may be stuck connecting to a server that does not answer: psycopg would wait 5 s for
+    them (and then leave them), past the deadline of the checkout that waits for this."""
+    with anyio.CancelScope(shield=True):
+        await (pool.close(timeout=0) if ran_out else pool.close())
+
+
 def _python_side(conn: AsyncConnection[Any]) -> tuple[Any, ...]:
     """What a handler can change on the Python side of a connection, as the pool made it."""
     return (

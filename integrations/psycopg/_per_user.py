@@ -305,10 +305,12 @@ class PerUserPools:
         self._used -= slots - keep
         self._wake(slots - keep)
 
-    async def _check_rls_once(self, pool: AsyncConnectionPool[AsyncConnection[Any]]) -> None:
+    async def _check_rls_once(
+        self, pool: AsyncConnectionPool[AsyncConnection[Any]], deadline: float
+    ) -> None:
         conninfo = pool.conninfo if isinstance(pool.conninfo, str) else ""
         if self.rls_check == "off" or conninfo in self._checked_conninfo:
             return
-        async with pool.connection(timeout=self.timeout) as conn:
+        async with pool.connection(timeout=max(deadline - time.monotonic(), 0.0)) as conn:
             await check_rls(conn, self.rls_tables, action=self.rls_check)
         self._checked_conninfo.add(conninfo)

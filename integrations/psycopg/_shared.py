@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +14,7 @@ import anyio
 import psycopg
 from psycopg import AsyncConnection, AsyncCursor, sql
 from psycopg.rows import tuple_row
-from psycopg_pool import AsyncConnectionPool, PoolClosed
+from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 
 import ambient
 from ambient import Lifetime, Registry, UserRef, _loops
@@ -34,8 +36,10 @@ from ambient.integrations.psycopg._common import (
     _cancel_broken,
     _Cancellers,
     _checked_pool_options,
+    _close_unopened,
     _cut_short,
     _ended_inside,
+    _exhausted,
     _hand_back,
     _python_side,
     _restore_python_side,
@@ -48,10 +52,18 @@ from ambient.integrations.psycopg._rls import check_rls
 from ambient.integrations.psycopg._shared_checkout import _Gate, _SharedCheckout
 
 if TYPE_CHECKING:
+    from ambient.errors import PoolExhaustedError
     from ambient.integrations.psycopg._common import Canceller
 
 
 logger = logging.getLogger("ambient")
+
+# The checkout that opens an installed pool on first use (the registry calls the pool's
+# factory with no arguments): the pool, the checkout's deadline and timeout, and how many
+# openings had run out of time when it began to wait.
+_opener: ContextVar[tuple[SharedPool, float, float, int] | None] = ContextVar(
+    "ambient.psycopg.opener", default=None
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +211,7 @@ class SharedPool:
         self._pool_options = _checked_pool_options(pool_options)
         self._pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None
         self._opening: anyio.Lock | None = None
+        self._timeouts = 0  # openings that got no connection in time
         self._installed = False
         self._initial: tuple[Any, ...] | None = None
         self._login: str | None = None
@@ -224,39 +237,70 @@ class SharedPool:
         Raises:
             UnsupportedBackendError: outside asyncio.
             RowSecurityError: with ``rls_check="raise"`` when the role bypasses RLS.
+            PoolExhaustedError: the check got no connection within ``timeout`` (is the
+                database reachable?).
         """
+        await self._open(time.monotonic() + self.timeout, self.timeout, self._timeouts)
+
+    async def _open(self, deadline: float, allowed: float, seen: int) -> None:
+        """Open the pool by ``deadline`` (``allowed`` seconds after the caller began);
+        ``seen`` is how many openings had run out of time when the caller began to wait."""
         _loops.require_asyncio(_ASYNCIO_ONLY)
         if self._opening is None:
             self._opening = anyio.Lock()
-        async with self._opening:
-            if self._pool is not None:
-                return
-            pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
-                self.conninfo,
-                min_size=self.min_size,
-                max_size=self.max_size,
-                open=False,
-                kwargs=self._kwargs,
-                configure=self._configure,
-                timeout=self.timeout,
-                name=self.name,
-                **self._pool_options,
-            )
-            # The pool's worker tasks copy the current context: start them with no request
-            # bound, or they would keep the first user's scope alive (and run as that user).
-            with ambient.detached():
-                await pool.open()
-            try:
-                if self.rls_check != "off":
-                    async with pool.connection(timeout=self.timeout) as conn:
-                        await check_rls(
-                            conn, self.rls_tables, settings=self._names, action=self.rls_check
-                        )
-            except BaseException:
-                with anyio.CancelScope(shield=True):
-                    await pool.close()
-                raise
-            self._pool = pool
+        with anyio.move_on_after(max(deadline - time.monotonic(), 0.0)) as bound:
+            async with self._opening:
+                if self._pool is not None:
+                    return
+                if self._timeouts != seen:
+                    # An opening this caller waited for got no connection in time: the
+                    # database is unreachable. Trying again in turn would make the last of
+                    # N concurrent first requests wait N timeouts.
+                    raise self._not_opened(allowed, shared=True)
+                await self._open_now(deadline, allowed)
+        if bound.cancelled_caught:
+            raise self._not_opened(allowed)
+
+    async def _open_now(self, deadline: float, allowed: float) -> None:
+        pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
+            self.conninfo,
+            min_size=self.min_size,
+            max_size=self.max_size,
+            open=False,
+            kwargs=self._kwargs,
+            configure=self._configure,
+            timeout=self.timeout,
+            name=self.name,
+            **self._pool_options,
+        )
+        # The pool's worker tasks copy the current context: start them with no request
+        # bound, or they would keep the first user's scope alive (and run as that user).
+        with ambient.detached():
+            await pool.open()
+        try:
+            if self.rls_check != "off":
+                wait = max(deadline - time.monotonic(), 0.0)
+                async with pool.connection(timeout=wait) as conn:
+                    await check_rls(
+                        conn, self.rls_tables, settings=self._names, action=self.rls_check
+                    )
+        except BaseException as exc:
+            ran_out = isinstance(exc, PoolTimeout) or time.monotonic() >= deadline
+            await _close_unopened(pool, ran_out=ran_out)
+            if ran_out:
+                self._timeouts += 1
+                if isinstance(exc, PoolTimeout):
+                    raise self._not_opened(allowed) from None
+            raise
+        self._pool = pool
+
+    def _not_opened(self, allowed: float, *, shared: bool = False) -> PoolExhaustedError:
+        how = "the opening this checkout waited for" if shared else "it"
+        return _exhausted(
+            f"{self!r} could not be opened: the database gave {how} no connection within "
+            f"{allowed} s (is it reachable?)",
+            self.retry_after,
+        )
 
     async def close(self) -> None:
         """Close the pool; connections in use are closed when they come back."""
@@ -287,7 +331,11 @@ class SharedPool:
 
     async def _app_component(self) -> AsyncIterator[SharedPool]:
         opened_here = self._pool is None
-        await self.open()
+        opener = _opener.get()
+        if opener is not None and opener[0] is self:
+            await self._open(*opener[1:])
+        else:
+            await self.open()
         try:
             yield self
         finally:
@@ -297,10 +345,22 @@ class SharedPool:
     def _as_default(self) -> Iterable[SharedPool]:
         yield self
 
-    async def _open_pool(self) -> AsyncConnectionPool[AsyncConnection[Any]]:
+    async def _open_pool(
+        self, deadline: float, allowed: float
+    ) -> AsyncConnectionPool[AsyncConnection[Any]]:
+        """The pool, opened (installed, on first use) by the checkout's ``deadline``."""
         _loops.require_asyncio(_ASYNCIO_ONLY)
         if self._installed:
-            await ambient.resolve(self)
+            # The registry opens the pool (its component) and waits for an opening in
+            # progress: tell the opening this checkout's deadline, and bound the wait.
+            token = _opener.set((self, deadline, allowed, self._timeouts))
+            try:
+                with anyio.move_on_after(max(deadline - time.monotonic(), 0.0)) as bound:
+                    await ambient.resolve(self)
+            finally:
+                _opener.reset(token)
+            if bound.cancelled_caught:
+                raise self._not_opened(allowed)
         pool = self._pool
         if pool is None:
             msg = (

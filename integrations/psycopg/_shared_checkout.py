@@ -75,10 +75,10 @@ class _SharedCheckout:
             raise RuntimeError(_IN_USE)
         ctx = ambient.get_current_context()
         owner = self._owner
+        deadline = time.monotonic() + self._timeout
         pool = owner._pool
         if pool is None:
-            pool = await owner._open_pool()
-        deadline = time.monotonic() + self._timeout
+            pool = await owner._open_pool(deadline, self._timeout)
         user = ctx.user
         gate = owner._enter_gate(user)
         owner.checked_out += 1

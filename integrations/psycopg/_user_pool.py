@@ -18,6 +18,7 @@ from ambient.errors import PoolExhaustedError
 from ambient.integrations.psycopg._arguments import _values
 from ambient.integrations.psycopg._common import (
     _IN_USE,
+    _close_unopened,
     _exhausted,
     _python_side,
     _queue_full,
@@ -53,6 +54,7 @@ class _UserPool:
         "pool",
         "pooled",
         "slots",
+        "timeouts",
         "user",
     )
 
@@ -68,14 +70,18 @@ class _UserPool:
         self.pooled = False
         # How the pool makes its connections, to restore on return (see _reset).
         self.initial: tuple[Any, ...] | None = None
+        self.timeouts = 0  # openings that got no connection in time
         owner._pools.add(self)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open" if self.pool is not None else "empty"
         return f"<user pool of {self.owner!r}: {state}, {self.slots} slot(s), {self.active} busy>"
 
-    async def ensure_pool(self, deadline: float) -> AsyncConnectionPool[AsyncConnection[Any]]:
+    async def ensure_pool(
+        self, deadline: float, allowed: float
+    ) -> AsyncConnectionPool[AsyncConnection[Any]]:
         owner = self.owner
+        seen = self.timeouts
         while True:
             if self.closed:
                 raise _user_pool_closed(owner)
@@ -88,9 +94,14 @@ class _UserPool:
                 await opening.wait()
             if not opening.is_set():
                 raise _exhausted(
-                    f"this user's pool of {owner!r} did not open within {owner.timeout} s",
+                    f"this user's pool of {owner!r} did not open within {allowed} s",
                     owner.retry_after,
                 )
+            if self.timeouts != seen:
+                # The opening waited for got no connection in time: the database is
+                # unreachable. Trying again in turn would make the last of N concurrent
+                # first checkouts wait N timeouts.
+                raise self._not_opened(allowed, shared=True)
         self.opening = opening = anyio.Event()
         try:
             first = max(1, owner.min_size)
@@ -99,7 +110,7 @@ class _UserPool:
                 while taken < first:
                     await owner._take_slot(self, deadline, wait=True)
                     taken += 1
-                pool = await self._open(taken)
+                pool = await self._open(taken, deadline, allowed)
             except BaseException:
                 owner._give_back(taken)
                 raise
@@ -115,7 +126,9 @@ class _UserPool:
             self.opening = None
             opening.set()
 
-    async def _open(self, slots: int) -> AsyncConnectionPool[AsyncConnection[Any]]:
+    async def _open(
+        self, slots: int, deadline: float, allowed: float
+    ) -> AsyncConnectionPool[AsyncConnection[Any]]:
         owner = self.owner
         conninfo = owner.conninfo if isinstance(owner.conninfo, str) else owner.conninfo(self.user)
         pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
@@ -135,12 +148,28 @@ class _UserPool:
             with ambient.detached():
                 await pool.open()
         try:
-            await owner._check_rls_once(pool)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await pool.close()
+            with anyio.move_on_after(max(deadline - time.monotonic(), 0.0)) as bound:
+                await owner._check_rls_once(pool, deadline)
+        except BaseException as exc:
+            ran_out = isinstance(exc, PoolTimeout)
+            await _close_unopened(pool, ran_out=ran_out)
+            if ran_out:
+                self.timeouts += 1
+                raise self._not_opened(allowed) from None
             raise
+        if bound.cancelled_caught:
+            await _close_unopened(pool, ran_out=True)
+            self.timeouts += 1
+            raise self._not_opened(allowed)
         return pool
+
+    def _not_opened(self, allowed: float, *, shared: bool = False) -> PoolExhaustedError:
+        how = "the opening this checkout waited for" if shared else "it"
+        return _exhausted(
+            f"this user's pool of {self.owner!r} could not be opened: the database gave {how} "
+            f"no connection within {allowed} s (is it reachable?)",
+            self.owner.retry_after,
+        )
 
     async def _configure(self, conn: AsyncConnection[Any]) -> None:
         owner = self.owner
@@ -283,11 +312,11 @@ class _UserCheckout:
             raise RuntimeError(_IN_USE)
         self._settings = None
         owner = self._owner
-        user_pool: _UserPool = await ambient.resolve(owner)
         deadline = time.monotonic() + self._timeout
+        user_pool: _UserPool = await ambient.resolve(owner)
         owner._busy(user_pool)
         try:
-            pool = await user_pool.ensure_pool(deadline)
+            pool = await user_pool.ensure_pool(deadline, self._timeout)
             short = await user_pool.grow(deadline)
             try:
                 conn = await _getconn(pool, user_pool, deadline, grow=short)
