@@ -38,15 +38,15 @@ SERVER_CONNECTIONS = 2
 
 
 @contextmanager
-def pgbouncer(db: Database) -> Iterator[str]:
+def pgbouncer(db: Database, port: int | None = None) -> Iterator[str]:
     """pgbouncer in transaction mode in front of the test database, logging in as the
-    test's app role; yields the conninfo clients use."""
+    test's app role, on ``port`` (default: a free one); yields the conninfo clients use."""
     binary = shutil.which("pgbouncer")
     if binary is None:
         service_unavailable("pgbouncer", "the pgbouncer program is not installed")
         raise AssertionError  # unreachable: service_unavailable skips or fails
     role = psycopg.conninfo.conninfo_to_dict(db.app_url)["user"]
-    port = free_port()
+    port = free_port() if port is None else port
     with tempfile.TemporaryDirectory() as folder:
         Path(folder).chmod(0o777)  # pgbouncer refuses to run as root: it runs as postgres
         ini = Path(folder, "pgbouncer.ini")
@@ -383,3 +383,34 @@ async def test_session_state_a_checkout_leaves_stays_out_of_the_pooler(
     with _admin() as admin:
         admin.execute(f"DROP ROLE {other}")
     assert left == clean == {(app_role, '"$user", public', 0)}
+
+
+@pytest.mark.parametrize("strategy", ["shared", "per_user"])
+async def test_connections_a_restarted_pooler_dropped_are_replaced_unseen(
+    anyio_backend: str, strategy: str
+) -> None:
+    """pgbouncer restarts while the pools hold idle connections to it, which it dropped:
+    the next checkouts, of several users, each get a working connection with their
+    settings. Before, each dropped connection failed one request (the checkout's own first
+    statement, before its block ran)."""
+    if anyio_backend != "asyncio":
+        pytest.skip("psycopg's async pool is asyncio-only (trio refusal: test_*_trio)")
+    users = [f"user-{n}" for n in range(4)]
+    port = free_port()
+    with make_database() as db:
+        options: dict[str, Any] = {"rls_check": "off", "kwargs": {"prepare_threshold": None}}
+        with pgbouncer(db, port) as url:
+            pool: SharedPool | PerUserPools = (
+                SharedPool(url, min_size=3, max_size=3, **options)
+                if strategy == "shared"
+                else PerUserPools(url, min_size=2, max_size=2, **options)
+            )
+            registry = _registry(pool)
+            for user in users:
+                assert await _read(registry, user, SETTING) == [(user,)]
+        try:
+            with pgbouncer(db, port):
+                for user in users * 2:
+                    assert await _read(registry, user, SETTING) == [(user,)]
+        finally:
+            await registry.aclose()

@@ -1034,6 +1034,49 @@ async def test_shared_random_cancellations_lose_no_connection(
     await _eventually(lambda: _shared_idle(shared), "pool idle again")
 
 
+async def test_shared_connections_ended_while_idle_are_replaced_unseen(db: Database) -> None:
+    """Every idle connection's server session ended (a restart, pg_terminate_backend): the
+    next checkouts, of several users, each get a working connection with their settings.
+    Before, each ended connection failed one request with AdminShutdown from the checkout's
+    own BEGIN, before its block ran."""
+    async with SharedPool(
+        db.app_url, min_size=3, max_size=3, timeout=5, rls_check="off", kwargs=db.kwargs()
+    ) as pool:
+
+        async def all_idle() -> bool:
+            return pool.stats().available == 3
+
+        await _eventually(all_idle, "three idle connections")
+        with _admin() as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = %s",
+                (db.app_name,),
+            )
+
+        async def ended() -> bool:
+            return await _sessions(db) == 0
+
+        await _eventually(ended, "the server sessions ended")
+        for n in range(6):
+            with bind_context(_ctx(f"user-{n}")):
+                async with pool.connection() as conn:
+                    setting = await _scalar(conn, "SELECT current_setting('app.user_id', true)")
+            assert setting == f"user-{n}"
+        assert pool.stats().checked_out == 0
+
+
+async def _sessions(db: Database) -> int:
+    """The server sessions of this test's pools."""
+    return int(
+        await _admin_scalar(
+            db,
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+            (db.app_name,),
+        )
+    )
+
+
 # -- SharedPool: lifecycle ---------------------------------------------------------------------
 
 

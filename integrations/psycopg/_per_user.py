@@ -111,6 +111,10 @@ class PerUserPools:
         kwargs: Extra ``psycopg.AsyncConnection.connect`` arguments.
         pool_options: Extra ``AsyncConnectionPool`` keyword arguments (``max_idle``,
             ``max_lifetime``, ``num_workers``, ...), checked here.
+            ``check=AsyncConnectionPool.check_connection`` tests each connection before a
+            checkout gets it (one round trip), so that one whose server session ended while
+            it sat idle (a server restart) is replaced instead of failing the block's first
+            statement (which, connected directly, is the block's own).
 
     Raises:
         UnsupportedBackendError: when constructed inside trio.

@@ -110,7 +110,9 @@ class SharedPool:
     ``psycopg.ProgrammingError`` at its end. A block that ends normally in a failed
     transaction (a statement's error caught inside it) is rolled back, and the checkout
     raises ``psycopg.errors.InFailedSqlTransaction`` rather than report a commit that did
-    not happen.
+    not happen. A connection whose server session ended while it sat idle (a server restart,
+    ``pg_terminate_backend``) fails that first statement: it is replaced by another before
+    the block runs.
 
     On return, in the same round trip as the commit, the connection is reset like
     ``DISCARD ALL`` (session settings, ``SET ROLE``, temporary tables, advisory locks,

@@ -7,6 +7,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import psycopg
 from psycopg import AsyncClientCursor, AsyncConnection
 from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
@@ -18,6 +19,7 @@ from ambient.integrations.psycopg._common import _IN_USE, _exhausted, _queue_ful
 if TYPE_CHECKING:
     from types import TracebackType
 
+    from ambient import UserRef
     from ambient.integrations.psycopg._shared import SharedPool
 
 
@@ -69,6 +71,7 @@ class _SharedCheckout:
         self._owner = owner
         self._timeout = timeout
         self._conn: AsyncConnection[Any] | None = None
+        self._cur: AsyncClientCursor[Any] | None = None
 
     async def __aenter__(self) -> AsyncConnection[Any]:
         if self._conn is not None:
@@ -79,7 +82,31 @@ class _SharedCheckout:
         pool = owner._pool
         if pool is None:
             pool = await owner._open_pool(deadline, self._timeout)
-        user = ctx.user
+        retries = owner.max_size
+        while True:
+            conn = await self._take(ctx.user, pool, deadline)
+            try:
+                # One cursor for the checkout's own statements, with a known row factory.
+                # It binds client-side (psycopg quotes each value for this connection), so
+                # BEGIN and the settings go as one statement in one round trip.
+                self._cur = cur = AsyncClientCursor(conn, row_factory=tuple_row)
+                await cur.execute(owner._begin_sql, _values(ctx, owner))
+            except BaseException as exc:
+                await self._finish(exc)
+                # The server ended the connection while it sat idle in the pool (a restart,
+                # pg_terminate_backend): nothing of the caller's ran on it, so take another
+                # (as many times at most as the pool holds connections, all maybe ended).
+                if not (retries and conn.closed and isinstance(exc, psycopg.OperationalError)):
+                    raise
+                retries -= 1
+            else:
+                return conn
+
+    async def _take(
+        self, user: UserRef, pool: AsyncConnectionPool[AsyncConnection[Any]], deadline: float
+    ) -> AsyncConnection[Any]:
+        """Take the user's share and a connection of ``pool`` by ``deadline``."""
+        owner = self._owner
         gate = owner._enter_gate(user)
         owner.checked_out += 1
         try:
@@ -99,15 +126,6 @@ class _SharedCheckout:
         self._cancel = owner._cancellers.of(conn)
         self._conn = conn
         self._cur = None
-        try:
-            # One cursor for the checkout's own statements, with a known row factory. It
-            # binds client-side (psycopg quotes each value for this connection), so BEGIN
-            # and the settings go as one statement in one round trip.
-            self._cur = cur = AsyncClientCursor(conn, row_factory=tuple_row)
-            await cur.execute(owner._begin_sql, _values(ctx, owner))
-        except BaseException as exc:
-            await self._finish(exc)
-            raise
         return conn
 
     async def _take_share(self, gate: _Gate) -> None:

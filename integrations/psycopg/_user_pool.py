@@ -315,40 +315,62 @@ class _UserCheckout:
         deadline = time.monotonic() + self._timeout
         user_pool: _UserPool = await ambient.resolve(owner)
         owner._busy(user_pool)
-        try:
-            pool = await user_pool.ensure_pool(deadline, self._timeout)
-            short = await user_pool.grow(deadline)
+        retries = owner.max_size
+        while True:
             try:
-                conn = await _getconn(pool, user_pool, deadline, grow=short)
-            except TooManyRequests as exc:
-                raise _queue_full(
-                    f"this user's pool of {owner!r}", pool, owner.max_size, owner.retry_after, exc
-                ) from None
-            except PoolTimeout as exc:
-                raise _exhausted(
-                    f"no connection of this user's pool of {owner!r} became available within "
-                    f"{self._timeout} s (max_size={owner.max_size}, "
-                    f"{owner._used}/{owner.max_total} server connections in use): {exc}",
-                    owner.retry_after,
-                ) from None
-        except BaseException:
-            owner._done(user_pool)
-            raise
-        if user_pool.pooled and owner._names:
-            await self._set_local(conn, pool, user_pool)
+                pool = await user_pool.ensure_pool(deadline, self._timeout)
+                conn = await self._take(pool, user_pool, deadline)
+            except BaseException:
+                owner._done(user_pool)
+                raise
+            if not (user_pool.pooled and owner._names):
+                break
+            error = await self._set_local(conn, pool, user_pool)
+            if error is None:
+                break
+            # The connection to the pooler ended while it sat idle in the pool (the pooler
+            # restarted): nothing of the caller's ran on it, so take another (as many times
+            # at most as the pool holds connections, all maybe ended).
+            if not (retries and conn.closed and isinstance(error, psycopg.OperationalError)):
+                owner._done(user_pool)
+                raise error
+            retries -= 1
         self._user_pool = user_pool
         self._pool = pool
         self._cancel = owner._cancellers.of(conn)
         self._conn = conn
         return conn
 
+    async def _take(
+        self,
+        pool: AsyncConnectionPool[AsyncConnection[Any]],
+        user_pool: _UserPool,
+        deadline: float,
+    ) -> AsyncConnection[Any]:
+        owner = self._owner
+        short = await user_pool.grow(deadline)
+        try:
+            return await _getconn(pool, user_pool, deadline, grow=short)
+        except TooManyRequests as exc:
+            raise _queue_full(
+                f"this user's pool of {owner!r}", pool, owner.max_size, owner.retry_after, exc
+            ) from None
+        except PoolTimeout as exc:
+            raise _exhausted(
+                f"no connection of this user's pool of {owner!r} became available within "
+                f"{self._timeout} s (max_size={owner.max_size}, "
+                f"{owner._used}/{owner.max_total} server connections in use): {exc}",
+                owner.retry_after,
+            ) from None
+
     async def _set_local(
         self,
         conn: AsyncConnection[Any],
         pool: AsyncConnectionPool[AsyncConnection[Any]],
         user_pool: _UserPool,
-    ) -> None:
-        """Behind a pooler: the settings for this checkout's transaction (it starts here)."""
+    ) -> BaseException | None:
+        """Behind a pooler: the settings for this checkout's transaction (it starts here).
+        When that fails, hand the connection back and return the error."""
         owner = self._owner
         error: BaseException
         if conn.autocommit:
@@ -361,14 +383,13 @@ class _UserCheckout:
             params = _values(user_pool.user, owner)
             try:
                 await conn.execute(owner._set_local_sql, params, prepare=False)
-            except BaseException as exc:  # noqa: BLE001 - re-raised below
+            except BaseException as exc:  # noqa: BLE001 - the caller raises it
                 error = exc
             else:
                 self._settings = params[1::2]
-                return
+                return None
         await _release(owner, pool, conn, owner._cancellers.of(conn), error, pooled=True)
-        owner._done(user_pool)
-        raise error
+        return error
 
     async def __aexit__(
         self,
