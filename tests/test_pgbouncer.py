@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,7 +30,7 @@ from ambient import Registry, UserExecutionContext
 from ambient.integrations.psycopg import PerUserPools, SharedPool, connection
 from tests.conftest import service_unavailable
 from tests.servers import free_port
-from tests.test_psycopg import Database, _admin, make_database
+from tests.test_psycopg import Database, _admin, _query_stopped, make_database
 from tests.test_websockets import stop, wait_listening
 
 USERS = 50
@@ -414,3 +415,33 @@ async def test_connections_a_restarted_pooler_dropped_are_replaced_unseen(
                     assert await _read(registry, user, SETTING) == [(user,)]
         finally:
             await registry.aclose()
+
+
+@pytest.mark.parametrize("strategy", ["shared", "per_user"])
+async def test_a_cancelled_query_stops_on_the_server_behind_a_pooler(
+    bounced: tuple[Database, str], strategy: str
+) -> None:
+    """A request cancelled while its query runs (holding a row lock): the query stops on the
+    server and the lock is free for the next request. psycopg gives up on such a query and
+    closes the connection, and pgbouncer drops a cancel request for a client that is gone:
+    before, the query ran on to its end, holding the lock."""
+    db, url = bounced
+    pool = _rls_pool(db, url, strategy, shared={"max_size": 4})
+    registry = _registry(pool)
+    marker = f"cancel-{uuid.uuid4().hex}"
+    try:
+        async with registry.open_scope(UserExecutionContext.create("user-1")):
+            with anyio.move_on_after(0.5) as request:
+                async with connection() as conn:
+                    await conn.execute(db.sql("SELECT * FROM {notes} FOR UPDATE"), prepare=False)
+                    await conn.execute(f"SELECT pg_sleep(30) /* {marker} */", prepare=False)
+            assert request.cancelled_caught
+        await _query_stopped(db, marker)
+        async with (
+            registry.open_scope(UserExecutionContext.create("user-1")),
+            connection() as conn,
+        ):
+            await conn.execute("SET LOCAL lock_timeout = '2s'", prepare=False)
+            await conn.execute(db.sql("UPDATE {notes} SET body = 'again'"), prepare=False)
+    finally:
+        await registry.aclose()

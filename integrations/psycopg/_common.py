@@ -189,6 +189,34 @@ async def _cancel_broken(conn: AsyncConnection[Any], cancel: Canceller) -> bool:
     return True
 
 
+# Behind a pooler, what a checkout's first statement reads too: the server process that
+# runs its transaction, and when that transaction began (a later one of the same process,
+# another client's, starts later).
+_SERVER_SIDE = "pg_catalog.pg_backend_pid(), pg_catalog.now()"
+_CANCEL_SERVER_SIDE = (
+    "SELECT pg_catalog.pg_cancel_backend(pid) FROM pg_catalog.pg_stat_activity "
+    "WHERE pid = %s AND xact_start = %s"
+)
+ServerSide = tuple[int, Any]
+
+
+async def _cancel_server_side(
+    pool: AsyncConnectionPool[Any], kwargs: dict[str, Any], server: ServerSide
+) -> None:
+    """Behind a pooler, cancel the query of the transaction ``server`` (its server process
+    and start, see ``_SERVER_SIDE``) over a connection of its own, with SQL. The pooler
+    drops a cancel request once the client connection it names is gone, and psycopg closes
+    a connection whose query it could not finish: the query would run on, holding its
+    locks. Best effort, bounded by the enclosing give-back."""
+    try:
+        async with await pool.connection_class.connect(
+            pool.conninfo, **{**kwargs, "autocommit": True}
+        ) as conn:
+            await conn.execute(_CANCEL_SERVER_SIDE, server, prepare=False)
+    except Exception:  # noqa: BLE001 - best effort: the server may already be done
+        return
+
+
 async def _through_pooler(conn: AsyncConnection[Any]) -> tuple[bool, str]:
     """Whether ``conn`` reaches PostgreSQL through a connection pooler (pgbouncer and its
     kin), and the role its server session logged in as (a pooler may log in under another
@@ -306,6 +334,7 @@ async def _release(
     *,
     pooled: bool,
     settings: list[str] | None = None,
+    server: ServerSide | None = None,
 ) -> Exception | None:
     """End a psycopg-style checkout (commit on success, roll back on error) and hand the
     connection back. Shielded, so a cancelled task still returns its connection, and
@@ -316,7 +345,8 @@ async def _release(
     the handler ended itself when its ``settings`` (the values the checkout set in it,
     behind a pooler) were all the context it had. A ``pooled`` connection (its server
     session passes to other clients of the pooler) is reset in the same message as its
-    COMMIT or ROLLBACK.
+    COMMIT or ROLLBACK. An interrupted query of a checkout whose ``server`` side is known
+    (behind a pooler) is cancelled with SQL too.
     """
     committing = False
     status: int | None = None
@@ -324,6 +354,8 @@ async def _release(
         try:
             lost = conn.closed
             if await _cancel_broken(conn, cancel):
+                if server is not None:
+                    await _cancel_server_side(pool, owner._kwargs, server)
                 return _cut_short(lost=lost) if exc is None else None
             status = conn.pgconn.transaction_status
             if status == _IDLE:

@@ -23,6 +23,7 @@ from ambient.integrations.psycopg._arguments import (
 )
 from ambient.integrations.psycopg._common import (
     _ASYNCIO_ONLY,
+    _SERVER_SIDE,
     _Cancellers,
     _checked_pool_options,
     _exhausted,
@@ -168,7 +169,13 @@ class PerUserPools:
         self._fields = checked.fields
         self._set_sql = checked.set_sql
         # Behind a connection pooler the settings are set in every transaction instead.
-        self._set_local_sql = _set_config_sql(len(self._names), local=True)
+        # With the server side of the transaction, to cancel its query with SQL when the
+        # cancel request cannot get through the pooler.
+        self._set_local_sql = (
+            f"{_set_config_sql(len(self._names), local=True)}, {_SERVER_SIDE}"
+            if self._names
+            else ""
+        )
         # ... and read back when its transaction ends, to see it is still the same one.
         self._read_local_sql = "SELECT " + ", ".join(
             "pg_catalog.current_setting(%s, true)" for _ in self._names

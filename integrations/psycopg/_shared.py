@@ -29,11 +29,13 @@ from ambient.integrations.psycopg._common import (
     _ASYNCIO_ONLY,
     _IDLE,
     _INERROR,
+    _SERVER_SIDE,
     _SESSION_RESET,
     _aborted,
     _before,
     _bounded,
     _cancel_broken,
+    _cancel_server_side,
     _Cancellers,
     _checked_pool_options,
     _close_unopened,
@@ -53,7 +55,7 @@ from ambient.integrations.psycopg._shared_checkout import _Gate, _SharedCheckout
 
 if TYPE_CHECKING:
     from ambient.errors import PoolExhaustedError
-    from ambient.integrations.psycopg._common import Canceller
+    from ambient.integrations.psycopg._common import Canceller, ServerSide
 
 
 logger = logging.getLogger("ambient")
@@ -201,6 +203,12 @@ class SharedPool:
         # BEGIN and the settings as one statement: one round trip without pipeline mode,
         # which costs psycopg more client CPU than the round trip it saves on a local server.
         self._begin_sql = f"BEGIN; {checked.set_sql}" if self._names else "BEGIN"
+        # Behind a pooler the same statement also reads the server side of the transaction,
+        # to cancel its query with SQL when the cancel request cannot get through.
+        self._begin_pooled_sql = (
+            f"{self._begin_sql}, {_SERVER_SIDE}" if self._names else f"BEGIN; SELECT {_SERVER_SIDE}"
+        )
+        self._pooled = False
         reads = [sql.SQL("current_setting({}, true)").format(sql.Literal(n)) for n in self._names]
         # Sent as one simple-protocol string after COMMIT, ROLLBACK or nothing, with the
         # check (which refuses statements from SQL PREPARE and a role still changed) last.
@@ -376,6 +384,7 @@ class SharedPool:
 
     async def _configure(self, conn: AsyncConnection[Any]) -> None:
         pooled, login = await _through_pooler(conn)
+        self._pooled = pooled
         if pooled:
             _warn_pooler(
                 self, conn, "its settings last one transaction, so transaction pooling suits it"
@@ -395,6 +404,7 @@ class SharedPool:
         cur: AsyncCursor[Any] | None,
         cancel: Canceller,
         exc: BaseException | None,
+        server: ServerSide | None = None,
     ) -> Exception | None:
         """End the checkout's transaction, reset the connection and hand it back.
 
@@ -410,6 +420,8 @@ class SharedPool:
                 status = conn.pgconn.transaction_status
                 lost = conn.closed
                 if (lost or status == _ACTIVE) and await _cancel_broken(conn, cancel):
+                    if server is not None:
+                        await _cancel_server_side(pool, self._kwargs, server)
                     return _cut_short(lost=lost) if exc is None else None
                 if status == _IDLE and exc is None:
                     error = _ended_inside()

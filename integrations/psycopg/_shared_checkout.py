@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from types import TracebackType
 
     from ambient import UserRef
+    from ambient.integrations.psycopg._common import ServerSide
     from ambient.integrations.psycopg._shared import SharedPool
 
 
@@ -65,13 +66,24 @@ class _Gate:
 
 
 class _SharedCheckout:
-    __slots__ = ("_cancel", "_conn", "_cur", "_gate", "_owner", "_pool", "_timeout", "_user")
+    __slots__ = (
+        "_cancel",
+        "_conn",
+        "_cur",
+        "_gate",
+        "_owner",
+        "_pool",
+        "_server",
+        "_timeout",
+        "_user",
+    )
 
     def __init__(self, owner: SharedPool, timeout: float) -> None:
         self._owner = owner
         self._timeout = timeout
         self._conn: AsyncConnection[Any] | None = None
         self._cur: AsyncClientCursor[Any] | None = None
+        self._server: ServerSide | None = None
 
     async def __aenter__(self) -> AsyncConnection[Any]:
         if self._conn is not None:
@@ -90,7 +102,14 @@ class _SharedCheckout:
                 # It binds client-side (psycopg quotes each value for this connection), so
                 # BEGIN and the settings go as one statement in one round trip.
                 self._cur = cur = AsyncClientCursor(conn, row_factory=tuple_row)
-                await cur.execute(owner._begin_sql, _values(ctx, owner))
+                if owner._pooled:
+                    await cur.execute(owner._begin_pooled_sql, _values(ctx, owner))
+                    cur.nextset()
+                    row = await cur.fetchone()
+                    if row is not None:
+                        self._server = (row[-2], row[-1])
+                else:
+                    await cur.execute(owner._begin_sql, _values(ctx, owner))
             except BaseException as exc:
                 await self._finish(exc)
                 # The server ended the connection while it sat idle in the pool (a restart,
@@ -126,6 +145,7 @@ class _SharedCheckout:
         self._cancel = owner._cancellers.of(conn)
         self._conn = conn
         self._cur = None
+        self._server = None
         return conn
 
     async def _take_share(self, gate: _Gate) -> None:
@@ -174,7 +194,9 @@ class _SharedCheckout:
         self._conn = None
         owner = self._owner
         try:
-            return await owner._give_back(self._pool, conn, self._cur, self._cancel, exc)
+            return await owner._give_back(
+                self._pool, conn, self._cur, self._cancel, exc, self._server
+            )
         finally:
             self._gate.release()
             owner.checked_out -= 1

@@ -31,6 +31,7 @@ from ambient.integrations.psycopg._common import (
 if TYPE_CHECKING:
     from types import TracebackType
 
+    from ambient.integrations.psycopg._common import ServerSide
     from ambient.integrations.psycopg._per_user import PerUserPools
 
 
@@ -298,19 +299,31 @@ async def _getconn(
 
 
 class _UserCheckout:
-    __slots__ = ("_cancel", "_conn", "_owner", "_pool", "_settings", "_timeout", "_user_pool")
+    __slots__ = (
+        "_cancel",
+        "_conn",
+        "_owner",
+        "_pool",
+        "_server",
+        "_settings",
+        "_timeout",
+        "_user_pool",
+    )
 
     def __init__(self, owner: PerUserPools, timeout: float) -> None:
         self._owner = owner
         self._timeout = timeout
         self._conn: AsyncConnection[Any] | None = None
-        # Behind a pooler: the values of the settings set in the checkout's transaction.
+        # Behind a pooler: the values of the settings set in the checkout's transaction, and
+        # its server side.
         self._settings: list[str] | None = None
+        self._server: ServerSide | None = None
 
     async def __aenter__(self) -> AsyncConnection[Any]:
         if self._conn is not None:
             raise RuntimeError(_IN_USE)
         self._settings = None
+        self._server = None
         owner = self._owner
         deadline = time.monotonic() + self._timeout
         user_pool: _UserPool = await ambient.resolve(owner)
@@ -382,11 +395,14 @@ class _UserCheckout:
         else:
             params = _values(user_pool.user, owner)
             try:
-                await conn.execute(owner._set_local_sql, params, prepare=False)
+                cur = await conn.execute(owner._set_local_sql, params, prepare=False)
+                row = await cur.fetchone()
             except BaseException as exc:  # noqa: BLE001 - the caller raises it
                 error = exc
             else:
                 self._settings = params[1::2]
+                if row is not None:
+                    self._server = (row[-2], row[-1])
                 return None
         await _release(owner, pool, conn, owner._cancellers.of(conn), error, pooled=True)
         return error
@@ -410,6 +426,7 @@ class _UserCheckout:
                 exc,
                 pooled=self._user_pool.pooled,
                 settings=self._settings,
+                server=self._server,
             )
         finally:
             self._owner._done(self._user_pool)
