@@ -117,6 +117,76 @@ class TestTheDemo:
         assert empty.status_code == 400
         assert unsafe.json()["answer"].startswith("cannot calculate")
 
+    def test_a_prompt_it_cannot_calculate_is_answered_and_the_socket_lives_on(self) -> None:
+        """A 400-digit number (float overflow) and a 1500-term sum or 1500 minus signs
+        (recursion) used to end the request with 500, and the user's /events socket with
+        it; now the answer says it cannot calculate them."""
+        _prompts_the_demo_cannot_answer(create_app(database_url=""))
+
+    def test_the_demo_on_postgresql_refuses_a_prompt_it_cannot_store(self) -> None:
+        """A NUL character ("\\u0000" in JSON), which PostgreSQL text refuses, used to end
+        the request with 500 and the /events socket with it; now it is a 400 problem, or a
+        run.refused event on the socket, and nothing is stored."""
+        import psycopg
+
+        from tests.conftest import DATABASE_URL, service_unavailable
+
+        try:
+            with psycopg.connect(DATABASE_URL, connect_timeout=3):
+                pass
+        except psycopg.OperationalError as exc:
+            service_unavailable("PostgreSQL", str(exc).strip())
+        _prompts_the_demo_cannot_answer(create_app(database_url=DATABASE_URL))
+
+
+def _prompts_the_demo_cannot_answer(app: AmbientMiddleware) -> None:
+    """Send what the demo can neither calculate nor store, over HTTP and over the user's
+    socket on real uvicorn; then check both still answer and nothing unstorable was kept."""
+    import uuid
+
+    import httpx
+    from websockets.sync.client import connect
+
+    from tests.servers import serve
+
+    uncomputable = [
+        "calc 1" + "0" * 400,
+        "calc " + "+".join(["1"] * 1500),
+        "calc " + "-" * 1500 + "1",
+    ]
+    unstorable = ["remember a\x00b", "remember \ud800"]
+    user = f"refused-{uuid.uuid4().hex}"
+    headers = {"x-user-id": user}
+    with serve("uvicorn", app) as base, httpx.Client(base_url=base, headers=headers) as http:
+        for prompt in uncomputable:
+            response = http.post("/agents/research/runs", json={"prompt": prompt})
+            assert response.status_code == 200, response.text
+            assert response.json()["answer"].startswith("cannot calculate")
+        for prompt in unstorable:
+            response = http.post(
+                "/agents/research/runs",
+                content=json.dumps({"prompt": prompt}),
+                headers={"content-type": "application/json"},
+            )
+            assert response.status_code == 400, response.text
+            assert response.headers["content-type"] == "application/problem+json"
+        with connect(
+            base.replace("http://", "ws://") + "/events", additional_headers=headers
+        ) as sock:
+            assert json.loads(sock.recv(timeout=20))["type"] == "ready"
+            for prompt in [*uncomputable, "remember a\x00b", "calc 20 + 22"]:
+                sock.send(prompt)
+            frames = [json.loads(sock.recv(timeout=20))]
+            while frames[-1].get("answer") != "42":
+                frames.append(json.loads(sock.recv(timeout=20)))
+        answers = [f["answer"] for f in frames if f["type"] == "run.done"]
+        assert len(answers) == 4
+        assert all(answer.startswith("cannot calculate") for answer in answers[:3])
+        assert [f["type"] for f in frames].count("run.refused") == 1
+        texts = [m["text"] for m in http.get("/history").json()["messages"]]
+    assert "calc 20 + 22" in texts
+    assert not any("\x00" in text or "\ud800" in text for text in texts)
+
 
 class TestBrokenApps:
     async def test_a_component_cached_in_a_module_global(self) -> None:

@@ -144,8 +144,25 @@ _OPERATORS: dict[type, Callable[[Any, Any], Any]] = {
 }
 
 
+# An expression nested deeper than this (a long sum is as deep a tree as nested signs or
+# parentheses) is refused before the recursive walk, which would exhaust the stack.
+_MAX_DEPTH = 200
+
+
 def _calculate(expression: str) -> float:
     """Arithmetic on numbers with + - * / and parentheses; nothing else is evaluated."""
+    try:
+        tree = ast.parse(expression, mode="eval")
+    except (RecursionError, MemoryError):
+        msg = "the expression is nested too deeply"
+        raise ValueError(msg) from None
+    pending: list[tuple[ast.AST, int]] = [(tree, 0)]
+    while pending:
+        node, depth = pending.pop()
+        if depth > _MAX_DEPTH:
+            msg = f"the expression is longer or deeper than {_MAX_DEPTH} operations"
+            raise ValueError(msg)
+        pending.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
 
     def walk(node: ast.AST) -> float:
         if isinstance(node, ast.Expression):
@@ -159,7 +176,7 @@ def _calculate(expression: str) -> float:
         msg = "only numbers, + - * / and parentheses"
         raise ValueError(msg)
 
-    return walk(ast.parse(expression, mode="eval"))
+    return walk(tree)
 
 
 class ToolDispatcher:
@@ -181,7 +198,7 @@ class ToolDispatcher:
         if tool == "calc":
             try:
                 return f"{_calculate(argument):g}"
-            except (ValueError, SyntaxError, ZeroDivisionError) as exc:
+            except (ValueError, SyntaxError, ZeroDivisionError, OverflowError) as exc:
                 return f"cannot calculate {argument!r}: {exc}"
         return f"you said: {argument}"
 
@@ -326,6 +343,9 @@ async def run_agent(request: Request) -> Response:
     prompt = payload.get("prompt") if isinstance(payload, dict) else None
     if not isinstance(prompt, str) or not prompt.strip() or len(prompt) > 4000:
         return _problem(400, "'prompt' must be a non-empty string of at most 4000 characters")
+    problem = _unstorable(prompt)
+    if problem:
+        return _problem(400, problem)
     engine = await ambient.resolve(ExecutionEngine)
     try:
         result = await engine.run(request.path_params["agent"], prompt)
@@ -341,7 +361,8 @@ async def history(request: Request) -> Response:
 
 
 async def events(websocket: WebSocket) -> None:
-    """The user's event stream; a text frame sent on it is a prompt for the triage agent."""
+    """The user's event stream; a text frame sent on it is a prompt for the triage agent
+    (one it cannot store is answered with a ``run.refused`` event on this socket)."""
     manager = await ambient.resolve(UserWebSocketManager)
     async with manager.connect(websocket) as connection:
         ctx = ambient.get_current_context()
@@ -351,9 +372,14 @@ async def events(websocket: WebSocket) -> None:
                 prompt = await websocket.receive_text()
             except WebSocketDisconnect:
                 return
+            prompt = prompt[:4000] or "hello"
+            problem = _unstorable(prompt)
+            if problem:
+                await connection.send({"type": "run.refused", "detail": problem})
+                continue
             async with message_scope("prompt"):
                 engine = await ambient.resolve(ExecutionEngine)
-                await engine.run("triage", prompt[:4000] or "hello")
+                await engine.run("triage", prompt)
 
 
 async def index(request: Request) -> Response:
@@ -368,6 +394,19 @@ async def index(request: Request) -> Response:
             ],
         }
     )
+
+
+def _unstorable(prompt: str) -> str | None:
+    """Why a prompt cannot be stored and answered as text, or None when it can."""
+    # JSON can carry both ("\u0000", a lone "\ud800"): PostgreSQL text refuses NUL, and
+    # a lone surrogate cannot be encoded, neither in the database nor in the answer.
+    if "\x00" in prompt:
+        return "'prompt' must not contain NUL characters"
+    try:
+        prompt.encode()
+    except UnicodeEncodeError:
+        return "'prompt' must be valid Unicode text (no unpaired surrogates)"
+    return None
 
 
 def _problem(status: int, detail: str) -> Response:
