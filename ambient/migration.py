@@ -20,9 +20,11 @@ its SDK after importing its modules still gets them.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import math
+import operator
 import os
 import re
 import sys
@@ -32,7 +34,17 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypeVar, cast, get_args
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Final,
+    Generic,
+    Literal,
+    SupportsIndex,
+    TypeVar,
+    cast,
+    get_args,
+)
 
 from opentelemetry import metrics
 
@@ -338,6 +350,21 @@ def _touch(guard: _Guarded) -> Any:
     return object.__getattribute__(guard, "_ambient_target")
 
 
+# copy.copy, copy.deepcopy and pickling reach a guard through these modules' own frames,
+# several deep when the guard sits inside the object being copied.
+_COPY_MODULES: Final = frozenset({"copy", "copyreg", "pickle"})
+
+
+def _touch_copied(guard: _Guarded) -> Any:
+    """Like :func:`_touch`, for a copy: the access is the line that asked for the copy."""
+    if _current.get() is not None:
+        frame: FrameType | None = sys._getframe(2)
+        while frame is not None and frame.f_globals.get("__name__") in _COPY_MODULES:
+            frame = frame.f_back
+        _record(guard, frame)
+    return object.__getattribute__(guard, "_ambient_target")
+
+
 def _protocol(target: object, method: str, protocol: str) -> Any:
     found = getattr(type(target), method, None)
     if found is None:
@@ -351,10 +378,13 @@ class _Guarded:
 
     Forwarded: attribute get/set/delete, calls, ``[]`` get/set/delete, ``in``, ``len``,
     ``iter``, ``reversed``, ``bool``, ``==``/``!=``, ``hash``, ``str``, ``format``, ``with``,
-    ``async with``, ``async for``, ``repr`` and ``dir``; ``isinstance`` sees the guarded
-    object's class. Not forwarded: arithmetic and ordering operators, ``type()`` (it names
-    the guard), ``callable()`` (always true). ``repr``, ``dir``, ``isinstance`` and leaving
-    a ``with`` block are not counted as accesses.
+    ``async with``, ``async for``, ``repr`` and ``dir``; ``copy.copy``, ``copy.deepcopy``
+    and pickling give a copy of the guarded object (unguarded); ``next`` and ``anext``
+    reach an iterator (see :func:`_guard_class`); ``isinstance`` sees the guarded object's
+    class. Not forwarded: arithmetic and ordering operators, ``type()`` (it names the
+    guard), ``callable()`` (always true), and the C ``json`` encoder, which checks the real
+    type. ``repr``, ``dir``, ``isinstance`` and leaving a ``with`` block are not counted as
+    accesses.
     """
 
     __slots__ = (
@@ -452,6 +482,54 @@ class _Guarded:
     def __dir__(self) -> list[str]:
         return dir(object.__getattribute__(self, "_ambient_target"))
 
+    def __copy__(self) -> Any:
+        return copy.copy(_touch_copied(self))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return copy.deepcopy(_touch_copied(self), memo)
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, ...]:
+        # Unpickled as the object itself, pickled as pickle does it (the target's own
+        # __reduce_ex__ would not do for a dict or a list, which pickle handles natively).
+        return (operator.getitem, ((_touch_copied(self),), 0))
+
+
+class _GuardedIterator(_Guarded):
+    """The guard of an iterator: ``next()`` needs the method on the guard's own type."""
+
+    __slots__ = ()
+
+    def __next__(self) -> Any:
+        return next(_touch(self))
+
+
+class _GuardedAsyncIterator(_Guarded):
+    """The guard of an asynchronous iterator: ``anext()`` needs it on the guard's type."""
+
+    __slots__ = ()
+
+    def __anext__(self) -> Any:
+        target = _touch(self)
+        return _protocol(target, "__anext__", "asynchronous iterator")(target)
+
+
+class _GuardedBothIterators(_GuardedIterator, _GuardedAsyncIterator):
+    __slots__ = ()
+
+
+def _guard_class(target: object) -> type[_Guarded]:
+    """Only the guard of an iterator has ``__next__`` / ``__anext__``: on every guard they
+    would make ``isinstance(guard, collections.abc.Iterator)`` true for any object."""
+    kind = type(target)
+    sync, asynchronous = hasattr(kind, "__next__"), hasattr(kind, "__anext__")
+    if sync and asynchronous:
+        return _GuardedBothIterators
+    if sync:
+        return _GuardedIterator
+    if asynchronous:
+        return _GuardedAsyncIterator
+    return _Guarded
+
 
 def guard_global(
     obj: T, *, name: str, replacement: str | None = None, mode: GuardMode = "warn"
@@ -504,7 +582,13 @@ def guard_global(
     if chosen not in _GUARD_MODES:
         msg = f"{source} must be one of {', '.join(_GUARD_MODES)}, not {chosen!r}"
         raise ValueError(msg)
-    return cast("T", _Guarded(unwrap_global(obj), name, replacement, chosen))
+    target = unwrap_global(obj)
+    return cast("T", _guard_class(target)(target, name, replacement, chosen))
+
+
+_GUARD_CLASSES: Final = frozenset(
+    {_Guarded, _GuardedIterator, _GuardedAsyncIterator, _GuardedBothIterators}
+)
 
 
 def unwrap_global(obj: T) -> T:
@@ -514,7 +598,7 @@ def unwrap_global(obj: T) -> T:
     that is the existing, stateless catalogue: its uses through the component are not
     global-state accesses.
     """
-    if type(obj) is _Guarded:
+    if type(obj) in _GUARD_CLASSES:
         return cast("T", object.__getattribute__(obj, "_ambient_target"))
     return obj
 

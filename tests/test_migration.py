@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import collections.abc
+import copy
+import itertools
+import json
 import logging
+import pickle
 import threading
 import warnings
 from collections.abc import AsyncIterator, Iterator
@@ -158,6 +163,13 @@ class Catalog:
     async def _agen(self) -> AsyncIterator[str]:
         for key in self.items:
             yield key
+
+
+class Holder:
+    """An application object keeping a guarded global, as legacy services do."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
 
 
 REPLACEMENT = "await ambient.resolve(Catalog)"
@@ -433,6 +445,68 @@ class TestGuardForwards:
         assert counted == {
             line_of(f"use: {u}"): 1 for u in ("attribute", "item", "len", "contains", "with")
         }
+
+    async def test_copies_and_pickles_are_of_the_object(self, registry: Registry) -> None:
+        """copy.copy, copy.deepcopy (of the guard or of an object holding it) and pickling
+        used to fail with "'_Guarded' object has no attribute '_ambient_target'" (or a
+        PicklingError); they give copies of the object now, counted at the line that
+        asked for them."""
+        defaults = guard_global({"model": "m", "tools": ["search"]}, name="copies", mode="off")
+        holder = Holder(defaults)
+        async with registry.open_scope(ctx()):
+            private = copy.deepcopy(defaults)  # use: deepcopy
+            shallow = copy.copy(defaults)  # use: copy
+            held = copy.deepcopy(holder)  # use: deepcopy holder
+            pickled = pickle.dumps(holder)  # use: pickle
+        unpickled = pickle.loads(pickled)  # noqa: S301 - pickled just above
+        private["tools"].append("calc")
+        assert unwrap_global(defaults) == {"model": "m", "tools": ["search"]}
+        assert shallow == unwrap_global(defaults)
+        assert type(shallow) is dict
+        assert shallow["tools"] is unwrap_global(defaults)["tools"]
+        for copied in (held, unpickled):
+            assert type(copied.config) is dict
+            assert copied.config == unwrap_global(defaults)
+            assert copied.config["tools"] is not unwrap_global(defaults)["tools"]
+        counted = {a.lineno: a.count for a in global_state_report().accesses}
+        assert counted == {
+            line_of(f"use: {u}"): 1 for u in ("deepcopy", "copy", "deepcopy holder", "pickle")
+        }
+
+    async def test_next_and_anext_reach_an_iterator(self, registry: Registry) -> None:
+        """next() of a guarded iterator used to fail with "'_Guarded' object is not an
+        iterator"; next() and anext() reach the iterator now, and only the guard of an
+        iterator passes for one."""
+
+        async def numbers() -> AsyncIterator[int]:
+            for number in (1, 2):
+                yield number
+
+        request_ids = guard_global(itertools.count(1), name="ids", mode="off")
+        stream = guard_global(numbers(), name="stream", mode="off")
+        async with registry.open_scope(ctx()):
+            assert next(request_ids) == 1  # use: next
+            assert await anext(stream) == 1  # use: anext
+        assert next(request_ids) == 2
+        assert [number async for number in stream] == [2]
+        assert isinstance(request_ids, collections.abc.Iterator)
+        assert isinstance(stream, collections.abc.AsyncIterator)
+        assert not isinstance(catalog, collections.abc.Iterator)
+        assert not isinstance(catalog, collections.abc.AsyncIterator)
+        with pytest.raises(TypeError, match="not an iterator"):
+            next(catalog)  # type: ignore[call-overload]
+        counted = {a.lineno: a.count for a in global_state_report().accesses}
+        assert counted == {line_of("use: next"): 1, line_of("use: anext"): 1}
+
+    def test_json_takes_unwrap_global_as_default(self) -> None:
+        """json's C encoder checks the real type, so it refuses a guard; the documented
+        way out is default=unwrap_global."""
+        config = guard_global({"model": "m"}, name="json", mode="off")
+        with pytest.raises(TypeError, match="not JSON serializable"):
+            json.dumps({"config": config})
+        assert json.dumps({"config": [config]}, default=unwrap_global) == (
+            '{"config": [{"model": "m"}]}'
+        )
 
 
 class TestReport:
