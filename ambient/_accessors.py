@@ -96,7 +96,10 @@ class _Proxy:
     """Forwards attribute access and calls to the current scope's instance of a component.
 
     Limits: ``isinstance`` sees the proxy, and dunder protocols other than ``__call__``
-    (iteration, ``len``, operators, ``with``) are not forwarded.
+    (iteration, ``len``, operators, ``with``) are not forwarded. Outside a scope a dunder
+    attribute (``__wrapped__``, ``__signature__``) is missing, an ``AttributeError``, so
+    ``hasattr``, ``inspect`` and doctest collection of the module holding the proxy work;
+    any other attribute raises :class:`NoActiveContextError`.
     """
 
     __slots__ = ("_ambient_key",)
@@ -108,7 +111,14 @@ class _Proxy:
         return _scope_here().resolve_sync(object.__getattribute__(self, "_ambient_key"))
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._ambient_target(), name)
+        try:
+            target = self._ambient_target()
+        except NoActiveContextError as exc:
+            if name.startswith("__") and name.endswith("__"):
+                msg = f"{self!r} has no attribute {name!r} outside a scope"
+                raise AttributeError(msg, name=name, obj=self) from exc
+            raise
+        return getattr(target, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(self._ambient_target(), name, value)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import doctest
+import inspect
+import types
+
 import anyio
 import anyio.lowlevel
 import pytest
@@ -89,6 +94,27 @@ class TestAccessors:
             await engine_accessor()
         with pytest.raises(NoActiveContextError):
             engine_proxy.run("x")
+
+    async def test_outside_a_scope_a_dunder_attribute_is_missing(self, registry: Registry) -> None:
+        """hasattr(proxy, "__wrapped__"), inspect.unwrap() and so doctest collection of a
+        module holding a proxy used to raise NoActiveContextError; outside a scope (bound
+        context or not) a dunder attribute is missing now, and an ordinary one still says
+        no scope is bound. Inside a scope attributes are the instance's, as before."""
+        module = types.ModuleType("legacy_tools", ">>> 20 + 22\n42\n")
+        module.engine = engine_proxy  # type: ignore[attr-defined]
+        for bound in (contextlib.nullcontext(), bind_context(UserExecutionContext.create("a"))):
+            with bound:
+                assert not hasattr(engine_proxy, "__wrapped__")
+                assert inspect.unwrap(engine_proxy) is engine_proxy
+                with pytest.raises(AttributeError, match="'__signature__' outside a scope"):
+                    _ = engine_proxy.__signature__  # type: ignore[attr-defined]
+                tests = doctest.DocTestFinder().find(module)
+                assert [test.name for test in tests] == ["legacy_tools"]
+                with pytest.raises(NoActiveContextError):
+                    _ = engine_proxy.mode
+        async with registry.open_scope(UserExecutionContext.create("alice")):
+            assert engine_proxy.__dict__ is vars(ambient.resolve_sync(Engine))
+            assert not hasattr(engine_proxy, "__wrapped__")
 
     async def test_context_without_scope(self) -> None:
         """A bare bind_context has no scope; resolving says so."""
