@@ -2,42 +2,87 @@
 
 from __future__ import annotations
 
+import datetime
+import decimal
+import enum
+import fractions
 import gc
+import re
 import threading
+import types
+import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ambient._observe import ComponentEvent, Observer, add_observer
 from ambient._provider import Lifetime
 from ambient._scope import Scope
 
+if TYPE_CHECKING:
+    from ambient._context import UserRef
+
 __all__ = ["IsolationProbe", "IsolationReport"]
 
 
-def _user_label(event: ComponentEvent) -> str:
+def _owner(event: ComponentEvent) -> UserRef | None:
+    """Whom the instance was handed to: its user, or ``None`` for the application."""
     user = event.user
     if user is None and event.scope is not None and event.lifetime is not Lifetime.APP:
         user = event.scope.context.user
+    return user
+
+
+def _label(user: UserRef | None) -> str:
     if user is None:
         return "(application)"
     if user.tenant_id is None:
         return user.user_id
-    return f"{user.tenant_id}/{user.user_id}"
+    return f"{user.user_id} (tenant {user.tenant_id})"
 
 
-_VALUES = frozenset({int, float, complex, bool, str, bytes, type(None), frozenset, range})
+# Values, and objects shared by design: Python and the standard library hand the same
+# instance to unrelated code (small ints, interned strings, re.compile's cache, enum
+# members, timezone.utc), and two users holding one share no state, so identity says nothing.
+_VALUES = frozenset(
+    {
+        int,
+        float,
+        complex,
+        bool,
+        str,
+        bytes,
+        type(None),
+        frozenset,
+        range,
+        re.Pattern,
+        datetime.date,
+        datetime.datetime,
+        datetime.time,
+        datetime.timedelta,
+        decimal.Decimal,
+        fractions.Fraction,
+        uuid.UUID,
+        types.FunctionType,
+        types.BuiltinFunctionType,
+        types.ModuleType,
+    }
+)
+# The same, whatever the subclass: enum members, time zones (zoneinfo caches them), classes.
+_SHARED_KINDS = (enum.Enum, datetime.tzinfo, type)
 
 
 def _immutable(instance: object) -> bool:
-    """Whether ``instance`` is a plain value (an int, a str, a tuple of them): Python
-    shares equal ones between unrelated code (small ints, interned strings), and two users
-    holding the same value share no state, so its identity says nothing."""
+    """Whether ``instance`` is a plain value (an int, a str, a tuple of them) or an object
+    shared by design (an enum member, a compiled pattern, a time zone, a function, a class,
+    a module): two users holding the same one share no state."""
     kind = type(instance)
+    if kind in _VALUES:
+        return True
     if kind is tuple:
         return all(_immutable(item) for item in instance)  # type: ignore[attr-defined]
-    return kind in _VALUES
+    return isinstance(instance, _SHARED_KINDS)
 
 
 class _Record:
@@ -45,11 +90,13 @@ class _Record:
 
     __slots__ = ("cleaned", "lifetime", "name", "ref", "scope", "strong", "users")
 
+    users: set[UserRef | None]
+
     def __init__(self, event: ComponentEvent) -> None:
         self.name = event.name
         self.scope = id(event.scope) if event.scope is not None else None
         self.lifetime = event.lifetime
-        self.users = {_user_label(event)}
+        self.users = {_owner(event)}
         self.cleaned = 0
         try:
             self.ref: weakref.ref[Any] | None = weakref.ref(event.instance)
@@ -115,13 +162,21 @@ class IsolationProbe(Observer):
     Use it as a context manager (``with IsolationProbe() as probe:``), through the
     ``isolation_probe`` fixture, or pass it as ``Registry(telemetry=probe)``.
 
+    Plain values (numbers, strings, tuples of them) and objects shared by design (enum
+    members, compiled patterns, dates, times and time zones, ``Decimal``, ``Fraction``,
+    ``UUID``, functions, classes and modules) are not tracked: one of them handed to two
+    users shares no state.
+
     Args:
         expect_closed: Also require USER and APP components to be cleaned (call
             :meth:`report` after ``registry.aclose()``).
+        shared_types: More types whose instances are shared by design (immutable values
+            of the application, such as a frozen settings class), not tracked either.
     """
 
-    def __init__(self, *, expect_closed: bool = False) -> None:
+    def __init__(self, *, expect_closed: bool = False, shared_types: Iterable[type] = ()) -> None:
         self.expect_closed = expect_closed
+        self._shared_types = tuple(shared_types)
         self._lock = threading.Lock()
         self._records: dict[int, _Record] = {}
         self._retired: list[_Record] = []
@@ -135,6 +190,9 @@ class IsolationProbe(Observer):
         # False while only the ends of what is already recorded matter (a load that would
         # make the records grow, as ambient check's memory measurement).
         self._recording = True
+
+    def _untracked(self, instance: object) -> bool:
+        return _immutable(instance) or isinstance(instance, self._shared_types)
 
     # -- Observer ------------------------------------------------------------------------
 
@@ -150,7 +208,7 @@ class IsolationProbe(Observer):
             self._open.pop(id(scope), None)
 
     def component_created(self, event: ComponentEvent) -> None:
-        if event.error is not None or _immutable(event.instance):
+        if event.error is not None or self._untracked(event.instance):
             return
         if not self._recording:
             # Not recorded, but its id may be a dead recorded instance's: retire that
@@ -165,13 +223,13 @@ class IsolationProbe(Observer):
             key = id(event.instance)
             record = self._records.get(key)
             if record is not None and record.alive():
-                user = _user_label(event)
+                user = _owner(event)
                 if user not in record.users:
                     record.users.add(user)
                     self._shared.append(
                         f"{record.name}: one instance was handed to users "
-                        f"{', '.join(sorted(record.users))} (a factory returning a shared "
-                        "object, e.g. one cached in a module global?)"
+                        f"{', '.join(sorted(_label(u) for u in record.users))} (a factory "
+                        "returning a shared object, e.g. one cached in a module global?)"
                     )
                 return
             if record is not None:
@@ -179,7 +237,7 @@ class IsolationProbe(Observer):
             self._records[key] = _Record(event)
 
     def component_cleaned(self, event: ComponentEvent) -> None:
-        if _immutable(event.instance):
+        if self._untracked(event.instance):
             return
         with self._lock:
             record = self._records.get(id(event.instance))

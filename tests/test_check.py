@@ -6,8 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
+import datetime
+import enum
+import itertools
 import json
 import logging
+import re
 import subprocess
 import sys
 import time
@@ -30,7 +35,7 @@ from ambient.check import CheckReport, PlannedRequest, parse_request, run_check
 from ambient.cli import main
 from ambient.demo.app import CHECK_PLAN, create_app
 from ambient.middleware import AmbientMiddleware, Identity, trusted_header
-from ambient.testing import IsolationProbe
+from ambient.testing import IsolationProbe, IsolationReport
 
 pytest_plugins = ["pytester"]
 
@@ -364,6 +369,96 @@ async def test_equal_plain_values_are_not_taken_for_a_shared_instance() -> None:
                 await scope.resolve("notes")
         del scope
     assert any("handed to users alice, carol" in v for v in probe.report().violations)
+    await registry.aclose()
+
+
+class Plan(enum.Enum):
+    FREE = "free"
+    PRO = "pro"
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    requests_per_minute: int
+
+
+async def test_objects_shared_by_design_are_not_taken_for_a_shared_instance() -> None:
+    """An enum member chosen per user, a compiled pattern (re caches it), timezone.utc, a
+    function, a class or a module is one object for every user but shares no state: the
+    probe used to report them as handed to several users, cleaned more than once and
+    alive after their scope. A type given as shared_types is passed too; a list is not."""
+    users = [f"user-{n}" for n in range(20)]
+    limits = Limits(60)
+    shared_list: list[str] = []
+    registry = Registry()
+    registry.register(
+        Plan, lambda user: Plan(("free", "pro")[len(user.user_id) % 2]), lifetime=Lifetime.USER
+    )
+    registry.register("word", lambda: re.compile(r"\w+"))
+    registry.register("zone", lambda: datetime.UTC)
+    registry.register("day", lambda: datetime.timedelta(days=1))
+    registry.register("parse", lambda: json.loads)
+    registry.register("kind", lambda: Notes)
+    registry.register("module", lambda: json)
+    registry.register("pair", lambda: (Plan.PRO, datetime.UTC))
+    registry.register(Limits, lambda: limits)
+    registry.register("notes", lambda: shared_list)
+    keys = [Plan, "word", "zone", "day", "parse", "kind", "module", "pair", Limits]
+
+    async def requests(probe: IsolationProbe, *keys: Any) -> IsolationReport:
+        with probe:
+            for user in users:
+                async with registry.open_scope(UserExecutionContext.create(user)) as scope:
+                    for key in keys:
+                        await scope.resolve(key)
+            del scope  # the probe looks for closed scopes kept alive
+        return probe.report()
+
+    report = await requests(IsolationProbe(shared_types=[Limits]), *keys)
+    assert report.ok, report.violations
+    report = await requests(IsolationProbe(), *keys)
+    assert report.shared == [
+        f"Limits: one instance was handed to users {', '.join(sorted(users[: n + 2]))} "
+        "(a factory returning a shared object, e.g. one cached in a module global?)"
+        for n in range(len(users) - 1)
+    ]
+    report = await requests(IsolationProbe(shared_types=[Limits]), "notes")
+    assert any("'notes': one instance was handed to users" in v for v in report.violations)
+    await registry.aclose()
+
+
+async def test_a_user_of_a_tenant_is_told_apart_from_a_user_named_like_it() -> None:
+    """User "bob" of tenant "acme" and user "acme/bob" without a tenant were both labelled
+    "acme/bob", so one instance handed to both went unreported."""
+    shared_list: list[str] = []
+    registry = Registry()
+    registry.register("notes", lambda: shared_list)
+    principals = [
+        UserExecutionContext.create(f"{tenant}/{user}")
+        for tenant in ("acme", "globex")
+        for user in ("bob", "carol")
+    ] + [
+        UserExecutionContext.create(user, tenant_id=tenant)
+        for tenant in ("acme", "globex")
+        for user in ("bob", "carol")
+    ]
+    for first, second in itertools.combinations(principals, 2):
+        with IsolationProbe() as probe:
+            for ctx in (first, second):
+                async with registry.open_scope(ctx) as scope:
+                    await scope.resolve("notes")
+            del scope
+        shared = probe.report().shared
+        assert len(shared) == 1, (first, second)
+    with IsolationProbe() as probe:
+        for ctx in (principals[0], principals[4]):
+            async with registry.open_scope(ctx) as scope:
+                await scope.resolve("notes")
+        del scope
+    assert probe.report().shared == [
+        "'notes': one instance was handed to users acme/bob, bob (tenant acme) (a factory "
+        "returning a shared object, e.g. one cached in a module global?)"
+    ]
     await registry.aclose()
 
 
