@@ -24,6 +24,7 @@ __all__ = [
     "GlobalStateWarning",
     "IdentityError",
     "IdentityUnavailableError",
+    "IncompleteResponseError",
     "InvalidContextError",
     "NoActiveContextError",
     "PoolExhaustedError",
@@ -32,6 +33,7 @@ __all__ = [
     "RowSecurityError",
     "RowSecurityWarning",
     "ScopeClosedError",
+    "ServerErrorResponseError",
     "TooManyRequestsError",
     "UnsupportedBackendError",
 ]
@@ -191,6 +193,63 @@ class PoolExhaustedError(AmbientError):
     def __init__(self, detail: str, *, retry_after: float = 1.0) -> None:
         self.retry_after = retry_after
         super().__init__(detail)
+
+
+class IncompleteResponseError(AmbientError):
+    """A request's app returned without raising, but its response never completed.
+
+    Most often the client disconnected and the framework cancelled the work and returned
+    (Starlette's streamed responses below ASGI 2.4, Django, Quart); otherwise the app
+    returned without finishing its answer. ``AmbientMiddleware`` closes the request's scope
+    with it, so a cleanup that commits only on a clean exit rolls back instead of
+    committing half a request. It is never raised to the server.
+
+    Attributes:
+        started: Whether the response had started (its status and headers were sent).
+    """
+
+    def __init__(self, *, started: bool) -> None:
+        self.started = started
+        if started:
+            detail = (
+                "the response was cut short: the app returned before its body ended (the "
+                "client disconnected and the framework cancelled the stream, or the app never "
+                "sent the last body message)"
+            )
+        else:
+            detail = (
+                "the request got no response: the app returned without answering (the client "
+                "disconnected and the framework cancelled the work, or the app never answered)"
+            )
+        super().__init__(detail)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return _rebuild_incomplete, (self.started,)
+
+
+def _rebuild_incomplete(started: bool) -> IncompleteResponseError:
+    return IncompleteResponseError(started=started)
+
+
+class ServerErrorResponseError(AmbientError):
+    """A request's app answered with a server error (5xx) without raising.
+
+    A framework's own error handling (Django's, Quart's, Litestar's, an exception handler)
+    turned an exception into that answer before it reached ``AmbientMiddleware``, which
+    closes the request's scope with this error: a 5xx tells the client the request was not
+    carried out (it may retry), so what it wrote must not be committed. It is never raised
+    to the server.
+
+    Attributes:
+        status: The response's HTTP status.
+    """
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        super().__init__(f"the app answered the request with status {status} (a server error)")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return type(self), (self.status,)
 
 
 class RowSecurityError(AmbientError, RuntimeError):

@@ -55,6 +55,7 @@ from ambient import __version__
 from ambient._binding import _current
 from ambient._observe import ComponentEvent, Observer
 from ambient._provider import Lifetime
+from ambient.errors import IncompleteResponseError
 
 if TYPE_CHECKING:
     from ambient._context import UserExecutionContext, UserRef
@@ -178,11 +179,12 @@ def _unrelated_scopes_removed(context: Context, scope: Scope) -> Context:
 
 def _record_end(span: trace.Span, error: BaseException) -> None:
     """Record on ``span`` what ended its work: a cancellation (asyncio's, trio's, a closed
-    generator's) is not an error of its own, only ``ambient.cancelled``; any other exception,
+    generator's, a response cut short because the framework cancelled the work of a client
+    gone) is not an error of its own, only ``ambient.cancelled``; any other exception,
     ``KeyboardInterrupt`` and ``SystemExit`` included, is an error, as OpenTelemetry's own
     spans record it."""
     trio = sys.modules.get("trio")
-    if isinstance(error, (asyncio.CancelledError, GeneratorExit)) or (
+    if isinstance(error, (asyncio.CancelledError, GeneratorExit, IncompleteResponseError)) or (
         trio is not None and isinstance(error, trio.Cancelled)
     ):
         span.set_attribute("ambient.cancelled", True)

@@ -36,6 +36,7 @@ from ambient._observe import Observer
 from ambient._registry import Registry
 from ambient.errors import AmbientError
 from ambient.middleware import AmbientMiddleware, IdentityResolver
+from ambient.middleware._asgi import _note_answered
 from ambient.middleware._problem import Problem
 
 __all__ = ["ambient_error_handler", "install", "problem_response"]
@@ -67,9 +68,14 @@ async def ambient_error_handler(request: Request, exc: Exception) -> Response:
     """Starlette exception handler: an :class:`~ambient.AmbientError` with an HTTP status
     becomes its problem+json response; anything else is raised again.
 
+    The error is also noted on the request's scope, so that ``AmbientMiddleware`` closes it
+    with the error as if it had answered it itself: cleanups see the failure and a
+    transaction around a generator factory's ``yield`` rolls back.
+
     Registered by :func:`install`; register it yourself with
     ``app.add_exception_handler(AmbientError, ambient_error_handler)`` in a stack that
-    installs the middleware by other means.
+    installs the middleware by other means, or on a sub-application mounted below one that
+    did (it has error handling of its own).
     """
     if (
         request.scope.get("type") != "http"
@@ -80,6 +86,7 @@ async def ambient_error_handler(request: Request, exc: Exception) -> Response:
         # Websockets: AmbientMiddleware refuses the handshake itself (ServerErrorMiddleware
         # lets non-HTTP errors through). Errors without an HTTP status are bugs: a 500.
         raise exc
+    _note_answered(exc)
     return problem_response(exc)
 
 

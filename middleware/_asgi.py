@@ -12,7 +12,7 @@ from typing import Any, Final
 
 import anyio
 
-from ambient._binding import _current, _live
+from ambient._binding import _current, _live, _shown
 from ambient._context import (
     ANONYMOUS,
     UserExecutionContext,
@@ -30,7 +30,9 @@ from ambient._scope import Scope
 from ambient.errors import (
     AmbientError,
     IdentityError,
+    IncompleteResponseError,
     InvalidContextError,
+    ServerErrorResponseError,
     TooManyRequestsError,
 )
 from ambient.middleware._problem import Problem, Receive, Send
@@ -50,6 +52,8 @@ _ANONYMOUS: Final = _ReadOnlyDict({ANONYMOUS: True})
 # The close code of a websocket whose identity stopped being valid: expired here, or
 # revoked through the websockets integration's hub.
 CLOSE_IDENTITY_ENDED: Final = 4001
+# A response with this status or above tells the client its request was not carried out.
+_SERVER_ERROR: Final = 500
 _UNAUTHENTICATED = Problem(
     401,
     "Authentication required",
@@ -66,6 +70,11 @@ class AmbientMiddleware:
     (which binds the context), call the app, and close the scope when the app's call returns
     — after a streamed body and Starlette background tasks, so they still see the context.
     Cleanup is shielded from cancellation and runs on client disconnect and on errors.
+    Cleanups see the exception that ended the request, also when the app returned without
+    raising yet the request failed: its response never finished (the framework cancelled
+    the work of a client that disconnected; :class:`~ambient.errors.IncompleteResponseError`),
+    it was a 5xx (:class:`~ambient.errors.ServerErrorResponseError`), or an ambient error
+    was answered by ``ambient.integrations.starlette``'s exception handler (that error).
     On ``lifespan`` shutdown the registry's USER and APP components are closed before the
     app's own shutdown runs, once the scopes still open have closed (requests the server
     cancelled may still be cleaning up; at most the registry's ``cleanup_timeout``). Other
@@ -245,11 +254,22 @@ class AmbientMiddleware:
             except BaseException as exc:
                 await component_scope.__aexit__(type(exc), exc, exc.__traceback__)
                 raise
+            # The app returned, yet the request may have failed: an error its framework
+            # answered (noted on the scope by install()'s handler), a response cut short
+            # (frameworks cancel the work when the client disconnects, then return), or a
+            # 5xx. Cleanups must see that, or a transaction around a yield commits.
+            ended_by = component_scope.exception
+            if (
+                ended_by is None
+                and not websocket
+                and (not response.ended or response.status >= _SERVER_ERROR)
+            ):
+                ended_by = response.failure()
             # The response has gone out: a failed cleanup is logged, counted and traced by
             # the scope's observers, never raised to the server.
-            done = component_scope._close_now(None)
+            done = component_scope._close_now(ended_by)
             if done is None:
-                done = await component_scope._close_later(None)
+                done = await component_scope._close_later(ended_by)
             if done:
                 _log_failures(tuple(done), ctx)
         finally:
@@ -464,23 +484,39 @@ class _Handshake:
 
 
 class _Response:
-    """The app's ``send``: echoes the request id and notes whether the answer started.
+    """The app's ``send``: echoes the request id and notes how far the answer got (started,
+    its status, its body ended).
 
     A plain callable returning the server's own awaitable: a coroutine of its own per
     message would cost more than everything it does.
     """
 
-    __slots__ = ("_echo", "_send", "started")
+    __slots__ = ("_echo", "_send", "ended", "started", "status")
 
     def __init__(self, send: Send, echo: list[tuple[bytes, bytes]]) -> None:
         self._send = send
         self._echo = echo
         self.started = False
+        self.status = 0
+        self.ended = False
+
+    def failure(self) -> AmbientError | None:
+        """Why an HTTP request whose app returned failed all the same, if it did."""
+        if not self.ended:
+            return IncompleteResponseError(started=self.started)
+        if self.status >= _SERVER_ERROR:
+            return ServerErrorResponseError(self.status)
+        return None
 
     def __call__(self, message: MutableMapping[str, Any]) -> Awaitable[None]:
         kind = message["type"]
+        if kind == "http.response.body":
+            if not message.get("more_body", False):
+                self.ended = True
+            return self._send(message)
         if kind == "http.response.start":
             self.started = True
+            self.status = message.get("status", 0)
             echo = self._echo
             headers = message.get("headers") or []
             echo_name = echo[0][0]
@@ -491,6 +527,10 @@ class _Response:
                 message["headers"] = [*headers, *echo]
         elif not self.started and kind.startswith("websocket."):
             self.started = kind != "websocket.send"
+        elif kind == "http.response.pathsend" or (
+            kind == "http.response.zerocopysend" and not message.get("more_body", False)
+        ):
+            self.ended = True
         return self._send(message)
 
 
@@ -536,6 +576,19 @@ class _Refused(Exception):  # noqa: N818 - control flow, never escapes
 def _answerable(error: AmbientError) -> bool:
     """Whether ``error`` raised by the app becomes an HTTP answer (e.g. 503)."""
     return error.http_status is not None and not isinstance(error, BaseExceptionGroup)
+
+
+def _note_answered(error: BaseException) -> None:
+    """Note on the bound request scope that the app answered ``error`` itself (a
+    framework's exception handler did), so that the middleware closes the scope with it
+    and cleanups see the failure, as when the error reaches the middleware."""
+    binding = _shown()
+    resolver = binding.scope if binding is not None else None
+    if resolver is None:
+        return
+    scope = resolver.owner
+    if scope.exception is None and not scope.closed:
+        scope.exception = error
 
 
 def _problem(refusal: Exception) -> Problem:

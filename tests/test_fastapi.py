@@ -29,6 +29,7 @@ from starlette.routing import Route
 import ambient
 from ambient import Registry, UserExecutionContext
 from ambient.errors import (
+    AmbientError,
     IdentityError,
     InvalidContextError,
     PoolExhaustedError,
@@ -44,7 +45,7 @@ from ambient.integrations.fastapi import (
 )
 from ambient.middleware import trusted_header
 from ambient.middleware._problem import Problem
-from tests.frameworks.common import Ledger, Memory, Probe, build_registry
+from tests.frameworks.common import Ledger, Memory, Probe, Work, build_registry
 
 
 def client(app: Any, *, raise_errors: bool = True) -> httpx.AsyncClient:
@@ -345,6 +346,45 @@ class TestErrors:
         assert response.headers["x-request-id"]
         assert ledger.open_probes() == 0
         assert len(ledger.created) == 1
+
+    @pytest.mark.parametrize("framework", ["fastapi", "starlette"])
+    @pytest.mark.parametrize(
+        "error",
+        [
+            PoolExhaustedError("no connection within 0.5 s", retry_after=1),
+            TooManyRequestsError("slow down"),
+            IdentityError("the token was revoked", status=401),
+        ],
+    )
+    async def test_an_error_the_handler_answers_rolls_the_request_back(
+        self, framework: str, error: AmbientError
+    ) -> None:
+        """install()'s handler answers inside the app, so the middleware saw a normal
+        return and closed the scope as a success: the request's Work committed its first
+        half. Now the error is thrown into the cleanup, as when the middleware answers it;
+        a request that succeeds still commits."""
+        registry, ledger = build_registry()
+
+        async def transfer(request: Request) -> Response:
+            await ambient.resolve(Work)
+            if request.query_params.get("fail"):
+                raise error
+            return JSONResponse({"ok": True})
+
+        if framework == "fastapi":
+            app: Any = FastAPI()
+            app.add_route("/transfer", transfer)
+            install(app, registry=registry, identity=trusted_header())
+        else:
+            app = Starlette(routes=[Route("/transfer", transfer)])
+            starlette_integration.install(app, registry=registry, identity=trusted_header())
+        async with client(app) as http:
+            failed = await http.get("/transfer?fail=1", headers={**ALICE, "x-request-id": "failed"})
+            done = await http.get("/transfer", headers={**ALICE, "x-request-id": "done"})
+        assert failed.status_code == error.http_status
+        assert done.status_code == 200
+        assert ledger.work == {"failed": "rollback", "done": "commit"}
+        assert registry.stats().open_scopes == 0
 
     async def test_the_body_is_the_middlewares_serializer(self) -> None:
         """One serializer: the handler's response equals Problem.from_error's."""

@@ -11,6 +11,7 @@ cleaned exactly once, and at shutdown every USER component too.
 from __future__ import annotations
 
 import importlib
+import socket
 import uuid
 from collections import defaultdict
 from typing import Any
@@ -183,3 +184,62 @@ async def test_every_user_multiplexed_on_one_http2_connection_under_granian() ->
     with serve("granian", None, target="tests.frameworks.starlette_app:app", http="2") as url:
         await drive(url, http2=True)
         await drive(url, "/sync", gated=False, http2=True)
+
+
+# Frameworks whose /work answer is streamed: the client hangs up after its first chunk, and
+# the framework (below ASGI spec 2.4, as uvicorn and hypercorn speak it) cancels the stream.
+# The others' views are cancelled before they answer.
+STREAMED = ("starlette", "fastapi", "litestar")
+
+
+@pytest.mark.parametrize(
+    ("server", "framework"),
+    [
+        *(("uvicorn", framework) for framework in FRAMEWORKS),
+        ("hypercorn", "starlette"),
+        ("hypercorn", "quart"),
+        ("hypercorn", "django"),
+        ("hypercorn-trio", "fastapi"),
+    ],
+)
+async def test_a_request_whose_client_hangs_up_rolls_back(server: str, framework: str) -> None:
+    """Half of 20 users hang up mid-request: the framework cancels the view or the stream
+    and returns normally. Their Work (a transaction around a ``yield``) rolls back; the
+    others' requests, answered whole, commit. Before, a request cut short closed its scope
+    as a success, and its Work committed half a request."""
+    app, registry, ledger = build(framework)
+    streamed = framework in STREAMED
+
+    def one(port: int, n: int) -> tuple[bool, str]:
+        hang = n % 2 == 0
+        request_id = f"{framework}.{n}"
+        request = (
+            f"GET /work{'?hang=1' if hang else ''} HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+            f"x-user-id: user-{n}\r\nx-request-id: {request_id}\r\nconnection: close\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(request.encode())
+            if hang and not streamed:
+                assert ledger.wait_for_work(request_id, ("begun",)) == "begun"
+            else:
+                wanted = b"begun\n" if hang else b"done"
+                received = b""
+                while wanted not in received:
+                    chunk = sock.recv(4096)
+                    assert chunk, received
+                    received += chunk
+        # The socket is closed: a client that hung up, or one that read its whole answer.
+        return hang, ledger.wait_for_work(request_id, ("commit", "rollback"))
+
+    outcomes: list[tuple[bool, str]] = []
+
+    async def run(port: int, n: int) -> None:
+        outcomes.append(await anyio.to_thread.run_sync(one, port, n))
+
+    with serve(server, app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        async with anyio.create_task_group() as tg:
+            for n in range(20):
+                tg.start_soon(run, port, n)
+    assert sorted(outcomes) == [(False, "commit")] * 10 + [(True, "rollback")] * 10
+    assert registry.stats().open_scopes == 0

@@ -18,7 +18,12 @@ import pytest
 import ambient
 from ambient import Lifetime, Registry, UserExecutionContext
 from ambient._binding import _current, bind
-from ambient.errors import IdentityError, PoolExhaustedError
+from ambient.errors import (
+    IdentityError,
+    IncompleteResponseError,
+    PoolExhaustedError,
+    ServerErrorResponseError,
+)
 from ambient.middleware import AmbientMiddleware, Identity, trusted_header
 from tests.apps import BUILT, Ledger, Memory, Probe, build, build_registry, close_built
 from tests.test_identity import http_scope
@@ -1068,3 +1073,140 @@ class TestStreamsCutShort:
             await app(scope, receive, send)
         assert cleaned == ["ann"]
         assert registry.stats().open_scopes == 0
+
+
+async def _no_answer(scope: Any, receive: Any, send: Any) -> None:
+    await ambient.resolve("tx")
+
+
+async def _body_never_ended(scope: Any, receive: Any, send: Any) -> None:
+    await ambient.resolve("tx")
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"half", "more_body": True})
+
+
+async def _answered_503(scope: Any, receive: Any, send: Any) -> None:
+    await ambient.resolve("tx")
+    await send({"type": "http.response.start", "status": 503, "headers": []})
+    await send({"type": "http.response.body", "body": b"try later"})
+
+
+def _starlette(tmp: Any) -> Any:
+    """One route per kind of whole answer, and a handler that turns an error into a 500."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import FileResponse, Response, StreamingResponse
+    from starlette.routing import Route
+
+    (tmp / "report.txt").write_bytes(b"a file")
+
+    async def endpoint(request: Request) -> Response:
+        await ambient.resolve("tx")
+        kind = request.path_params["kind"]
+        if kind == "streamed":
+
+            async def chunks() -> AsyncIterator[bytes]:
+                for n in range(3):
+                    yield f"{n}\n".encode()
+
+            return StreamingResponse(chunks())
+        if kind == "file":
+            return FileResponse(tmp / "report.txt")
+        if kind == "broken":
+            msg = "the handler failed"
+            raise LookupError(msg)
+        return Response(b"" if kind in ("204", "304") else b"ok", status_code=int(kind))
+
+    async def as_500(request: Request, exc: Exception) -> Response:
+        return Response(b"sorry", status_code=500)
+
+    return Starlette(routes=[Route("/{kind}", endpoint)], exception_handlers={LookupError: as_500})
+
+
+class TestHowTheRequestEnded:
+    """What a REQUEST component's cleanup sees once the app returned: nothing for an answer
+    sent whole (HEAD, 204, 304, streamed, a file, by ``pathsend`` too), an error for a
+    request that failed without raising. Before, every return was a success: a
+    transaction around a ``yield`` committed a request that got no answer, half of one, or
+    a 5xx its framework had answered."""
+
+    @pytest.mark.parametrize(
+        ("path", "method", "extensions", "status"),
+        [
+            ("/200", "GET", {}, 200),
+            ("/200", "HEAD", {}, 200),
+            ("/204", "GET", {}, 204),
+            ("/304", "GET", {}, 304),
+            ("/streamed", "GET", {}, 200),
+            ("/file", "GET", {}, 200),
+            ("/file", "HEAD", {}, 200),
+            ("/file", "GET", {"http.response.pathsend": {}}, 200),
+        ],
+    )
+    async def test_an_answer_sent_whole_is_a_success(
+        self, tmp_path: Any, path: str, method: str, extensions: dict[str, Any], status: int
+    ) -> None:
+        seen = await self._request(
+            _starlette(tmp_path), path, method=method, extensions=extensions, status=status
+        )
+        assert seen == [None]
+
+    @pytest.mark.parametrize(
+        ("app", "path", "status", "error", "said"),
+        [
+            (_no_answer, "/", None, IncompleteResponseError, "no response"),
+            (_body_never_ended, "/", 200, IncompleteResponseError, "cut short"),
+            (_answered_503, "/", 503, ServerErrorResponseError, "status 503"),
+            (None, "/broken", 500, ServerErrorResponseError, "status 500"),
+        ],
+    )
+    async def test_a_request_that_failed_without_raising_is_a_failure(
+        self,
+        tmp_path: Any,
+        app: Any,
+        path: str,
+        status: int | None,
+        error: type[Exception],
+        said: str,
+    ) -> None:
+        seen = await self._request(app or _starlette(tmp_path), path, status=status)
+        assert len(seen) == 1
+        assert isinstance(seen[0], error)
+        assert said in str(seen[0])
+
+    @staticmethod
+    async def _request(
+        app: Any,
+        path: str,
+        *,
+        method: str = "GET",
+        extensions: dict[str, Any] | None = None,
+        status: int | None,
+    ) -> list[BaseException | None]:
+        """Run one request through the middleware; what the "tx" cleanup saw."""
+        seen: list[BaseException | None] = []
+        registry = Registry()
+
+        def tx(ctx: UserExecutionContext) -> Iterator[str]:
+            try:
+                yield ctx.user_id
+            except Exception as exc:
+                seen.append(exc)
+                raise
+            seen.append(None)
+
+        registry.register("tx", tx)
+        middleware = AmbientMiddleware(app, registry=registry, identity=trusted_header())
+        scope = http_scope(
+            [(b"x-user-id", b"ann")],
+            method=method,
+            path=path,
+            raw_path=path.encode(),
+            extensions=extensions or {},
+        )
+        sent = await drive(middleware, scope, [{"type": "http.request", "body": b""}])
+        assert [m["status"] for m in sent if m["type"] == "http.response.start"] == (
+            [status] if status else []
+        )
+        assert registry.stats().open_scopes == 0
+        return seen

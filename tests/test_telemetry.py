@@ -215,6 +215,44 @@ class TestScopeSpan:
         }
         assert span.status.status_code is StatusCode.UNSET
 
+    async def test_a_request_cut_short_is_cancelled_and_a_5xx_an_error(self, otel: Otel) -> None:
+        """The middleware closes a request whose app returned with its response unfinished
+        (a framework cancelled the work of a client gone) as cancelled, as a cancellation
+        that reaches it is; one its app answered with a 5xx as an error."""
+        registry = Registry(telemetry=otel.telemetry())
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            if scope["path"] == "/gone":
+                await send({"type": "http.response.start", "status": 200, "headers": []})
+                await send({"type": "http.response.body", "body": b"a", "more_body": True})
+                return
+            await send({"type": "http.response.start", "status": 502, "headers": []})
+            await send({"type": "http.response.body", "body": b"upstream failed"})
+
+        middleware = AmbientMiddleware(app, registry=registry, identity=trusted_header())
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b""}
+
+        async def send(message: Any) -> None:
+            pass
+
+        for path in ("/gone", "/failed"):
+            scope = {
+                "type": "http",
+                "asgi": {"version": "3.0"},
+                "method": "GET",
+                "path": path,
+                "headers": [(b"x-user-id", b"ann")],
+                "client": ("127.0.0.1", 50000),
+            }
+            await middleware(scope, receive, send)
+        gone, failed = otel.spans.named("ambient.scope")
+        assert gone.status.status_code is StatusCode.UNSET
+        assert (gone.attributes or {})["ambient.cancelled"] is True
+        assert failed.status.status_code is StatusCode.ERROR
+        assert failed.status.description == "ServerErrorResponseError"
+
     async def test_a_failing_or_cancelled_body_marks_the_scope_span(self, otel: Otel) -> None:
         registry = Registry(telemetry=otel.telemetry())
         with pytest.raises(LookupError):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
@@ -20,13 +20,27 @@ IDENTITY: IdentityResolver = trusted_header(tenant_header="x-tenant-id")
 
 
 class Ledger:
-    """Thread-safe record of every component created and cleaned."""
+    """Thread-safe record of every component created and cleaned, and of how each
+    request's :class:`Work` ended."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._numbers = itertools.count(1)
         self.created: dict[int, tuple[str, str]] = {}
         self.cleaned: Counter[int] = Counter()
+        # request id -> "begun", then "commit" or "rollback".
+        self.work: dict[str, str] = {}
+
+    def work_state(self, request_id: str, state: str) -> None:
+        with self._lock:
+            self.work[request_id] = state
+            self._lock.notify_all()
+
+    def wait_for_work(self, request_id: str, states: tuple[str, ...]) -> str:
+        """Block (at most 30 s) until the request's Work is in one of ``states``."""
+        with self._lock:
+            self._lock.wait_for(lambda: self.work.get(request_id) in states, timeout=30)
+            return self.work.get(request_id, "never begun")
 
     def create(self, kind: str, owner: str) -> int:
         with self._lock:
@@ -76,6 +90,15 @@ class Memory:
         self.tenant_id = user.tenant_id
 
 
+class Work:
+    """A REQUEST component standing for the request's database transaction: committed when
+    its scope closes cleanly, rolled back when the scope closes with an exception (as a
+    ``with conn.transaction():`` around a generator factory's ``yield`` does)."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+
+
 class Stats:
     """An APP component through which the views reach the ledger and the registry."""
 
@@ -104,7 +127,17 @@ def build_registry() -> tuple[Registry, Ledger]:
         finally:
             ledger.clean(made.number)
 
+    def work(ctx: UserExecutionContext) -> Iterator[Work]:
+        ledger.work_state(ctx.request_id, "begun")
+        try:
+            yield Work(ctx.request_id)
+        except BaseException:
+            ledger.work_state(ctx.request_id, "rollback")
+            raise
+        ledger.work_state(ctx.request_id, "commit")
+
     registry.register(Probe, probe)
+    registry.register(Work, work)
     registry.register(Memory, memory, lifetime=Lifetime.USER)
     registry.register(Stats, lambda: Stats(ledger, registry), lifetime=Lifetime.APP)
     return registry, ledger
@@ -140,6 +173,24 @@ async def gate(name: str | None, size: int) -> bool | None:
     with anyio.move_on_after(10):
         await entry.full.wait()
     return entry.full.is_set()
+
+
+async def do_work(hang: bool) -> Work:
+    """Begin the request's Work; with ``hang``, then wait until the framework cancels the
+    view (its client has disconnected)."""
+    work = await ambient.resolve(Work)
+    if hang:
+        await anyio.sleep_forever()
+    return work
+
+
+async def work_stream(hang: bool) -> AsyncIterator[bytes]:
+    """A streamed answer (an LLM's tokens, written as they come): a first chunk, then with
+    ``hang`` no end until the framework cancels the stream (its client has disconnected)."""
+    yield b"begun\n"
+    if hang:
+        await anyio.sleep_forever()
+    yield b"done\n"
 
 
 # -- view bodies ----------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from tests.frameworks.common import (
     build_registry,
     describe,
     describe_sync,
+    do_work,
     gate,
     in_thread,
     settled,
@@ -86,11 +87,17 @@ def busy(request: HttpRequest) -> HttpResponse:
     raise PoolExhaustedError("no connection within 0.1 s", retry_after=2)
 
 
+async def work(request: HttpRequest) -> HttpResponse:
+    await do_work(bool(request.GET.get("hang")))
+    return HttpResponse("done")
+
+
 urlpatterns = [
     path("whoami", whoami),
     path("sync", whoami_sync),
     path("stats", stats),
     path("busy", busy),
+    path("work", work),
 ]
 
 

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 import anyio.to_thread
 from fastapi import FastAPI, Query
+from fastapi.responses import StreamingResponse
 
 import ambient
 from ambient import Registry
@@ -16,11 +17,13 @@ from tests.frameworks.common import (
     Ledger,
     Memory,
     Probe,
+    Work,
     build_registry,
     describe,
     gate,
     in_thread,
     settled,
+    work_stream,
 )
 
 
@@ -56,6 +59,10 @@ def build() -> tuple[FastAPI, Registry, Ledger]:
     @app.get("/busy")
     async def busy() -> None:
         raise PoolExhaustedError("no connection within 0.1 s", retry_after=2)
+
+    @app.get("/work")
+    async def work(_: Annotated[Work, Resolve(Work)], hang: bool = False) -> StreamingResponse:
+        return StreamingResponse(work_stream(hang))
 
     return app, registry, ledger
 

@@ -15,6 +15,7 @@ from litestar import Litestar, Request, Response, get
 from litestar.di import NamedDependency, Provide
 from litestar.middleware import DefineMiddleware
 from litestar.params import FromQuery
+from litestar.response import Stream
 
 import ambient
 from ambient import Registry
@@ -26,11 +27,13 @@ from tests.frameworks.common import (
     Ledger,
     Memory,
     Probe,
+    Work,
     build_registry,
     describe,
     describe_sync,
     in_thread,
     settled,
+    work_stream,
 )
 from tests.frameworks.common import gate as pass_gate
 
@@ -70,6 +73,12 @@ async def busy() -> None:
     raise PoolExhaustedError("no connection within 0.1 s", retry_after=2)
 
 
+@get("/work")
+async def work(hang: FromQuery[bool] = False) -> Stream:
+    await ambient.resolve(Work)
+    return Stream(work_stream(hang))
+
+
 def problem(request: Request[Any, Any, Any], error: AmbientError) -> Response[bytes]:
     if error.http_status is None:
         raise error
@@ -85,7 +94,7 @@ def problem(request: Request[Any, Any, Any], error: AmbientError) -> Response[by
 def build() -> tuple[Litestar, Registry, Ledger]:
     registry, ledger = build_registry()
     app = Litestar(
-        route_handlers=[whoami, whoami_sync, stats, busy],
+        route_handlers=[whoami, whoami_sync, stats, busy, work],
         middleware=[DefineMiddleware(AmbientMiddleware, registry=registry, identity=IDENTITY)],
         dependencies={"probe": Provide(provide_probe), "memory": Provide(provide_memory)},
         exception_handlers={AmbientError: problem},

@@ -24,6 +24,7 @@ from tests.frameworks.common import (
     build_registry,
     describe,
     describe_sync,
+    do_work,
     gate,
     in_thread,
     settled,
@@ -54,6 +55,11 @@ def build() -> tuple[Quart, Registry, Ledger]:
     @app.get("/busy")
     async def busy() -> None:
         raise PoolExhaustedError("no connection within 0.1 s", retry_after=2)
+
+    @app.get("/work")
+    async def work() -> str:
+        await do_work(bool(request.args.get("hang")))
+        return "done"
 
     @app.errorhandler(AmbientError)
     async def problem(error: AmbientError) -> Any:

@@ -6,7 +6,7 @@ import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 import ambient
@@ -18,12 +18,14 @@ from tests.frameworks.common import (
     Ledger,
     Memory,
     Probe,
+    Work,
     build_registry,
     describe,
     describe_sync,
     gate,
     in_thread,
     settled,
+    work_stream,
 )
 
 
@@ -49,6 +51,11 @@ async def busy(request: Request) -> Response:
     raise PoolExhaustedError("no connection within 0.1 s", retry_after=2)
 
 
+async def work(request: Request) -> Response:
+    await ambient.resolve(Work)
+    return StreamingResponse(work_stream(bool(request.query_params.get("hang"))))
+
+
 def build() -> tuple[Starlette, Registry, Ledger]:
     registry, ledger = build_registry()
     app = Starlette(
@@ -57,6 +64,7 @@ def build() -> tuple[Starlette, Registry, Ledger]:
             Route("/sync", whoami_sync),
             Route("/stats", stats),
             Route("/busy", busy),
+            Route("/work", work),
         ]
     )
     install(app, registry=registry, identity=IDENTITY)
