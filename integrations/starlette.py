@@ -36,7 +36,7 @@ from ambient._observe import Observer
 from ambient._registry import Registry
 from ambient.errors import AmbientError
 from ambient.middleware import AmbientMiddleware, IdentityResolver
-from ambient.middleware._asgi import _note_answered
+from ambient.middleware._asgi import _answer_of, _note_answered
 from ambient.middleware._problem import Problem
 
 __all__ = ["ambient_error_handler", "install", "problem_response"]
@@ -70,24 +70,21 @@ async def ambient_error_handler(request: Request, exc: Exception) -> Response:
 
     The error is also noted on the request's scope, so that ``AmbientMiddleware`` closes it
     with the error as if it had answered it itself: cleanups see the failure and a
-    transaction around a generator factory's ``yield`` rolls back.
+    transaction around a generator factory's ``yield`` rolls back. An exception group whose
+    every error carries a status (a task group around the work) is answered as its first.
 
     Registered by :func:`install`; register it yourself with
     ``app.add_exception_handler(AmbientError, ambient_error_handler)`` in a stack that
     installs the middleware by other means, or on a sub-application mounted below one that
     did (it has error handling of its own).
     """
-    if (
-        request.scope.get("type") != "http"
-        or not isinstance(exc, AmbientError)
-        or exc.http_status is None
-        or isinstance(exc, BaseExceptionGroup)
-    ):
+    answer = _answer_of(exc) if request.scope.get("type") == "http" else None
+    if answer is None:
         # Websockets: AmbientMiddleware refuses the handshake itself (ServerErrorMiddleware
         # lets non-HTTP errors through). Errors without an HTTP status are bugs: a 500.
         raise exc
     _note_answered(exc)
-    return problem_response(exc)
+    return problem_response(answer)
 
 
 def install(

@@ -86,9 +86,11 @@ class AmbientMiddleware:
     closed before accept with 1008 (1013 for overload), or answered with the same HTTP
     problem where the server supports the ``websocket.http.response`` extension. An
     :class:`~ambient.AmbientError` that carries an HTTP status (``PoolExhaustedError`` ->
-    503) raised by the app before its response started becomes that answer; any other
-    exception propagates unchanged. A websocket whose identity has an ``expires_at`` (a
-    JWT's ``exp``) is cancelled and closed with 4001 when it passes.
+    503) raised by the app before its response started becomes that answer, also inside an
+    exception group (a task group around the work) that holds only such errors, answered
+    as its first; any other exception propagates unchanged. A websocket whose identity
+    has an ``expires_at`` (a JWT's ``exp``) is cancelled and closed with 4001 when it
+    passes.
 
     Args:
         app: The ASGI application.
@@ -238,22 +240,20 @@ class AmbientMiddleware:
                     await self.app(scope, app_receive, response)
                 else:
                     await _serve_until_expiry(self.app, scope, app_receive, socket, expires_at)
-            except AmbientError as error:
-                if not response.started and _answerable(error):
-                    failures = await component_scope.finish(error)
-                    _log_failures(failures, ctx)
-                    problem = Problem.from_error(error)
-                    if handshake is not None and handshake.connected:
-                        # The app took the handshake's connect: waiting for it would hang.
-                        await problem.deny_websocket(scope, receive, send, echo, connected=True)
-                    else:
-                        await self._refuse(problem, scope, receive, send, echo, websocket)
-                    return
-                await component_scope.__aexit__(type(error), error, error.__traceback__)
-                raise
             except BaseException as exc:
-                await component_scope.__aexit__(type(exc), exc, exc.__traceback__)
-                raise
+                answer = None if response.started else _answer_of(exc)
+                if answer is None:
+                    await component_scope.__aexit__(type(exc), exc, exc.__traceback__)
+                    raise
+                failures = await component_scope.finish(exc)
+                _log_failures(failures, ctx)
+                problem = Problem.from_error(answer)
+                if handshake is not None and handshake.connected:
+                    # The app took the handshake's connect: waiting for it would hang.
+                    await problem.deny_websocket(scope, receive, send, echo, connected=True)
+                else:
+                    await self._refuse(problem, scope, receive, send, echo, websocket)
+                return
             # The app returned, yet the request may have failed: an error its framework
             # answered (noted on the scope by install()'s handler), a response cut short
             # (frameworks cancel the work when the client disconnects, then return), or a
@@ -573,9 +573,28 @@ class _Refused(Exception):  # noqa: N818 - control flow, never escapes
         self.problem = problem
 
 
-def _answerable(error: AmbientError) -> bool:
-    """Whether ``error`` raised by the app becomes an HTTP answer (e.g. 503)."""
-    return error.http_status is not None and not isinstance(error, BaseExceptionGroup)
+def _answer_of(error: BaseException) -> AmbientError | None:
+    """The :class:`~ambient.AmbientError` whose HTTP answer (e.g. 503) ``error`` raised by
+    the app becomes, or ``None`` when it propagates.
+
+    An exception group (an anyio or ``asyncio.TaskGroup`` around the work) is answered as
+    its first error when every error in it, nested groups flattened, carries a status; a
+    ``CleanupError`` never is (its members are failed cleanups, not answers).
+    """
+    if isinstance(error, BaseExceptionGroup):
+        if isinstance(error, AmbientError):
+            return None
+        first: AmbientError | None = None
+        for member in error.exceptions:
+            answer = _answer_of(member)
+            if answer is None:
+                return None
+            if first is None:
+                first = answer
+        return first
+    if isinstance(error, AmbientError) and error.http_status is not None:
+        return error
+    return None
 
 
 def _note_answered(error: BaseException) -> None:

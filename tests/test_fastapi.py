@@ -386,6 +386,27 @@ class TestErrors:
         assert ledger.work == {"failed": "rollback", "done": "commit"}
         assert registry.stats().open_scopes == 0
 
+    async def test_pool_exhaustion_in_a_task_group_is_503(self) -> None:
+        """An endpoint that runs its queries in a task group: the PoolExhaustedError comes
+        wrapped in an ExceptionGroup, which was a bare 500 (``gather`` gave 503)."""
+        app, _, ledger = make_app()
+
+        async def query(n: int) -> None:
+            await ambient.resolve(Work)
+            raise PoolExhaustedError("no connection within 0.5 s", retry_after=2)
+
+        @app.get("/")
+        async def endpoint() -> None:
+            async with anyio.create_task_group() as tg:
+                for n in range(2):
+                    tg.start_soon(query, n)
+
+        async with client(app) as http:
+            response = await http.get("/", headers={**ALICE, "x-request-id": "grouped"})
+        assert_problem(response, 503, "urn:ambient:problem:pool-exhausted")
+        assert response.headers["retry-after"] == "2"
+        assert ledger.work == {"grouped": "rollback"}
+
     async def test_the_body_is_the_middlewares_serializer(self) -> None:
         """One serializer: the handler's response equals Problem.from_error's."""
         error = PoolExhaustedError("busy", retry_after=4)

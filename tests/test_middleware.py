@@ -19,10 +19,12 @@ import ambient
 from ambient import Lifetime, Registry, UserExecutionContext
 from ambient._binding import _current, bind
 from ambient.errors import (
+    CleanupError,
     IdentityError,
     IncompleteResponseError,
     PoolExhaustedError,
     ServerErrorResponseError,
+    TooManyRequestsError,
 )
 from ambient.middleware import AmbientMiddleware, Identity, trusted_header
 from tests.apps import BUILT, Ledger, Memory, Probe, build, build_registry, close_built
@@ -402,6 +404,79 @@ class TestErrors:
         assert response.headers["x-request-id"] == "r-503"
         assert ledger.problems() == []
         assert len(ledger.cleaned) == 1
+
+    async def test_pool_exhaustion_in_a_task_group_becomes_503(self) -> None:
+        """Queries run side by side in a task group: the group wraps the error in an
+        ExceptionGroup, which was a 500 where ``gather`` gave 503. The request's work
+        still sees the failure."""
+        seen: list[BaseException | None] = []
+        registry = Registry()
+
+        def tx(ctx: UserExecutionContext) -> Iterator[str]:
+            try:
+                yield ctx.user_id
+            except Exception as exc:
+                seen.append(exc)
+                raise
+            seen.append(None)
+
+        registry.register("tx", tx)
+
+        async def query(n: int) -> None:
+            if n == 0:
+                raise PoolExhaustedError("no connection within 2.0 s", retry_after=2)
+            await anyio.sleep_forever()
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await ambient.resolve("tx")
+            async with anyio.create_task_group() as tg:
+                for n in range(3):
+                    tg.start_soon(query, n)
+
+        middleware = AmbientMiddleware(app, registry=registry, identity=trusted_header())
+        async with client(middleware) as http:
+            response = await http.get("/", headers={"x-user-id": "u"})
+        body = assert_problem(response, 503)
+        assert body["type"] == "urn:ambient:problem:pool-exhausted"
+        assert response.headers["retry-after"] == "2"
+        assert len(seen) == 1
+        assert isinstance(seen[0], ExceptionGroup)
+
+    @pytest.mark.parametrize(
+        ("raised", "status"),
+        [
+            (
+                ExceptionGroup(
+                    "queries",
+                    [
+                        ExceptionGroup("inner", [TooManyRequestsError("slow down")]),
+                        PoolExhaustedError("no connection"),
+                    ],
+                ),
+                429,
+            ),
+            (ExceptionGroup("queries", [PoolExhaustedError("busy"), RuntimeError("bug")]), None),
+            (ExceptionGroup("queries", [PoolExhaustedError("busy"), IdentityError("x")]), 503),
+            (CleanupError("cleanups failed", [PoolExhaustedError("busy")]), None),
+        ],
+    )
+    async def test_an_exception_group_is_answered_only_when_every_error_in_it_can_be(
+        self, raised: BaseExceptionGroup[Any], status: int | None
+    ) -> None:
+        """The first error of the group (nested groups flattened) is the answer; a group
+        holding anything else, or a CleanupError, propagates unchanged."""
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            raise raised
+
+        middleware = AmbientMiddleware(app, registry=Registry(), identity=trusted_header())
+        async with client(middleware) as http:
+            if status is None:
+                with pytest.raises(BaseExceptionGroup) as caught:
+                    await http.get("/", headers={"x-user-id": "u"})
+                assert caught.value is raised
+            else:
+                assert_problem(await http.get("/", headers={"x-user-id": "u"}), status)
 
     async def test_an_error_after_the_response_started_propagates(self) -> None:
         async def app(scope: Any, receive: Any, send: Any) -> None:
