@@ -13,6 +13,7 @@ import re
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
@@ -27,7 +28,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import ambient
-from ambient import Registry, UserExecutionContext
+from ambient import Observer, Registry, UserExecutionContext
 from ambient.errors import (
     AmbientError,
     IdentityError,
@@ -452,6 +453,74 @@ class TestErrors:
             release.set()
         assert_problem(second, 429, "urn:ambient:problem:too-many-requests")
         assert ledger.created == {}
+
+
+def documented_code(document: str, after: str) -> str:
+    """The first Python block of ``document`` (a path from the repository root) that
+    follows the text ``after``."""
+    text = (Path(__file__).resolve().parents[1] / document).read_text()
+    start = text.index("```python\n", text.index(after)) + len("```python\n")
+    return text[start : text.index("```", start)]
+
+
+class ScopeCounter(Observer):
+    """Counts the scopes opened for the requests."""
+
+    def __init__(self) -> None:
+        self.opened = 0
+
+    def scope_opened(self, scope: ambient.Scope) -> None:
+        self.opened += 1
+
+
+class TestDocumentedSetups:
+    async def test_the_readmes_middleware_example_answers_503_with_retry_after(self) -> None:
+        """The README's example, run as written: it wrapped the Starlette app in
+        AmbientMiddleware, and the 503 promised right below it was Starlette's bare 500."""
+        registry, ledger = build_registry()
+
+        async def busy(request: Request) -> Response:
+            await ambient.resolve(Work)
+            raise PoolExhaustedError("no connection within 0.5 s", retry_after=2)
+
+        namespace: dict[str, Any] = {"routes": [Route("/busy", busy)], "registry": registry}
+        exec(documented_code("README.md", "\n## Middleware\n"), namespace)  # noqa: S102 - our own docs
+        async with client(namespace["app"]) as http:
+            response = await http.get("/busy", headers={**ALICE, "x-request-id": "busy"})
+        assert_problem(response, 503, "urn:ambient:problem:pool-exhausted")
+        assert response.headers["retry-after"] == "2"
+        assert ledger.work == {"busy": "rollback"}
+
+    async def test_a_mounted_sub_app_answers_ambient_errors_in_the_one_scope(self) -> None:
+        """The documented setup for a sub-app mounted under an app that called install():
+        its own ServerErrorMiddleware answered PoolExhaustedError with a 500. With the
+        handler registered on it, it is 503, in the request's one scope, rolled back."""
+        registry, ledger = build_registry()
+        scopes = ScopeCounter()
+        namespace: dict[str, Any] = {
+            "FastAPI": FastAPI,
+            "registry": registry,
+            "identity": trusted_header(),
+        }
+        code = documented_code("docs/frameworks.md", "**Mounted sub-applications.**")
+        exec(code, namespace)  # noqa: S102 - our own docs
+        app, api = namespace["app"], namespace["api"]
+
+        @api.get("/busy")
+        async def busy(work: Annotated[Work, Resolve(Work)], ctx: CurrentContext) -> None:
+            assert ctx.request_id == "busy"
+            raise PoolExhaustedError("no connection within 0.5 s", retry_after=2)
+
+        remove = ambient.add_observer(scopes)
+        try:
+            async with client(app) as http:
+                response = await http.get("/v1/busy", headers={**ALICE, "x-request-id": "busy"})
+        finally:
+            remove()
+        assert_problem(response, 503, "urn:ambient:problem:pool-exhausted")
+        assert response.headers["retry-after"] == "2"
+        assert ledger.work == {"busy": "rollback"}
+        assert scopes.opened == 1
 
 
 class TestInstall:
