@@ -243,3 +243,103 @@ async def test_a_request_whose_client_hangs_up_rolls_back(server: str, framework
                 tg.start_soon(run, port, n)
     assert sorted(outcomes) == [(False, "commit")] * 10 + [(True, "rollback")] * 10
     assert registry.stats().open_scopes == 0
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # Quart runs on asyncio only
+async def test_a_quart_sync_view_keeps_its_components_until_its_thread_is_done() -> None:
+    """Quart runs a sync view in a thread and, when the client hangs up, cancels the view's
+    task and abandons the thread, which goes on. With the ``ensure_async`` override that
+    docs/frameworks.md shows, the request's cleanup waits for the thread: without it, the
+    view's connection went back to its pool while the thread still used it."""
+    import functools
+    import inspect
+    import threading
+    from collections.abc import Callable, Coroutine, Iterator
+
+    from quart import Quart
+
+    import ambient
+    from ambient import Registry
+    from ambient.integrations.threads import run_sync_in_thread
+    from ambient.middleware import AmbientMiddleware, trusted_header
+
+    class HeldQuart(Quart):  # as docs/frameworks.md shows it
+        def ensure_async(  # type: ignore[override]
+            self, func: Callable[..., Any]
+        ) -> Callable[..., Coroutine[Any, Any, Any]]:
+            if inspect.iscoroutinefunction(func):
+                return func
+
+            @functools.wraps(func)
+            async def run(*args: Any, **kwargs: Any) -> Any:
+                call = functools.partial(func, *args, **kwargs)
+                return await run_sync_in_thread(call, abandon_on_cancel=True)
+
+            return run
+
+    events: list[str] = []
+    started, proceed, finished = threading.Event(), threading.Event(), threading.Event()
+    cleaned, disconnected = threading.Event(), threading.Event()
+
+    class Connection:
+        def __init__(self) -> None:
+            self.in_pool = False
+
+        def execute(self, sql: str) -> None:
+            events.append(f"{sql} {'after' if self.in_pool else 'before'} its cleanup")
+
+    def connection() -> Iterator[Connection]:
+        conn = Connection()
+        try:
+            yield conn
+        finally:  # the request ended with an error: its client hung up
+            conn.in_pool = True
+            events.append("cleanup")
+            cleaned.set()
+
+    registry = Registry()
+    registry.register(Connection, connection)
+    app = HeldQuart(__name__)
+
+    @app.get("/report")
+    def report() -> str:
+        conn = ambient.resolve_sync(Connection)
+        conn.execute("SELECT")
+        started.set()
+        proceed.wait(30)
+        conn.execute("UPDATE")
+        finished.set()
+        return "ok"
+
+    inner = AmbientMiddleware(app.asgi_app, registry=registry, identity=trusted_header())
+
+    async def watch(scope: Any, receive: Any, send: Any) -> None:
+        async def noted() -> Any:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                disconnected.set()
+            return message
+
+        await inner(scope, noted, send)
+
+    app.asgi_app = watch  # type: ignore[method-assign]
+
+    def hang_up(port: int) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(b"GET /report HTTP/1.1\r\nhost: 127.0.0.1\r\nx-user-id: alice\r\n\r\n")
+            assert started.wait(30)
+        assert disconnected.wait(30)
+        # Quart cancels the view's task now; the old behaviour cleaned up at once. Bounded
+        # wait for what must not happen, then let the thread go on.
+        assert not cleaned.wait(1.0), events
+        proceed.set()
+        assert finished.wait(30)
+        assert cleaned.wait(30), (events, registry.stats())
+
+    try:
+        with serve("uvicorn", app) as url:
+            await anyio.to_thread.run_sync(hang_up, int(url.rsplit(":", 1)[1]))
+    finally:
+        proceed.set()
+    assert events == ["SELECT before its cleanup", "UPDATE before its cleanup", "cleanup"]
+    assert registry.stats().open_scopes == 0
