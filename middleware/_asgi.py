@@ -557,10 +557,16 @@ async def _serve_until_expiry(
     expires_at: float,
 ) -> None:
     """Run a websocket's app until its identity expires; then cancel it and close the
-    socket with 4001, so that no message is handled for an identity no longer valid."""
+    socket with 4001, so that no message is handled for an identity no longer valid. A
+    socket the app had not accepted yet is refused as any expired credential is (401)."""
     left = expires_at - time.time()
     with anyio.CancelScope(deadline=anyio.current_time() + left) as expiry:
         await app(scope, receive, socket)
+    if expiry.cancelled_caught and not socket.started:
+        # A close before accept is answered by servers with a bare 403: the client could not
+        # tell "refresh your token" from "forbidden".
+        msg = "the identity expired before the websocket was accepted"
+        raise IdentityError(msg, status=401)
     if expiry.cancelled_caught and not socket.closed:
         logger.info("ambient: closing a websocket whose identity has expired")
         await socket(

@@ -1049,14 +1049,37 @@ class TestWebsocketIdentityExpiry:
         sent = await drive(middleware, ws_scope([]), [{"type": "websocket.connect"}])
         assert sent == [{"type": "websocket.close", "code": 1000}]
 
-    async def test_an_identity_expired_before_accept_denies_the_handshake(self) -> None:
+    @pytest.mark.parametrize("denial", ["problem response", "close"])
+    @pytest.mark.parametrize("took_connect", [True, False])
+    async def test_an_identity_expired_before_accept_denies_the_handshake(
+        self, denial: str, took_connect: bool
+    ) -> None:
+        """The identity expires while the app prepares the socket (subscribing, loading
+        state), before it accepts, whether or not it took the handshake's connect yet. A
+        close with 4001 before accept was answered by servers with a bare 403: the handshake
+        is refused as an expired credential is, a 401 problem (or 1008 with the reason
+        where the server cannot send a response)."""
+
         async def app(scope: Any, receive: Any, send: Any) -> None:
-            await receive()
+            if took_connect:
+                await receive()
             await anyio.sleep_forever()
 
-        middleware = AmbientMiddleware(app, registry=Registry(), identity=self.expiring(-1))
-        sent = await drive(middleware, ws_scope([]), [{"type": "websocket.connect"}])
-        assert [(m["type"], m["code"]) for m in sent] == [("websocket.close", 4001)]
+        extensions = {"websocket.http.response": {}} if denial == "problem response" else {}
+        middleware = AmbientMiddleware(app, registry=Registry(), identity=self.expiring(0.05))
+        sent = await drive(
+            middleware, ws_scope([], extensions=extensions), [{"type": "websocket.connect"}]
+        )
+        if denial == "problem response":
+            assert [m["type"] for m in sent] == [
+                "websocket.http.response.start",
+                "websocket.http.response.body",
+            ]
+            assert sent[0]["status"] == 401
+            assert b"expired before the websocket was accepted" in sent[1]["body"]
+        else:
+            assert [(m["type"], m["code"]) for m in sent] == [("websocket.close", 1008)]
+            assert "expired before the websocket was accepted" in sent[0]["reason"]
 
     async def test_http_requests_are_not_cut_at_expiry(self) -> None:
         async def app(scope: Any, receive: Any, send: Any) -> None:
