@@ -218,6 +218,10 @@ class AmbientMiddleware:
                 if self.max_concurrent_per_user is not None:
                     user = self._admit(ctx)
             except (_Refused, AmbientError) as refused:
+                if identity is not None:
+                    # Before answering: a client that retries at once must find the
+                    # ticket back.
+                    await identity._refused()
                 echo = [(self._request_id_header, (request_id or new_id()).encode())]
                 await self._refuse(_problem(refused), scope, receive, send, echo, websocket)
                 return
@@ -247,6 +251,8 @@ class AmbientMiddleware:
                     raise
                 failures = await component_scope.finish(exc)
                 _log_failures(failures, ctx)
+                if identity is not None:
+                    await identity._refused()
                 problem = Problem.from_error(answer)
                 if handshake is not None and handshake.connected:
                     # The app took the handshake's connect: waiting for it would hang.

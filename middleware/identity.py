@@ -83,6 +83,12 @@ class Identity:
             msg = f"Identity.expires_at must be seconds since the epoch or None, not {expires!r}"
             raise TypeError(msg)
 
+    async def _refused(self) -> None:
+        """The middleware refused the request after resolving this identity, for a reason
+        of its own (a bad thread id, the per-user limit) or an error of the app answered
+        before its response started. An identity whose resolver spent something on the
+        request (a one-time websocket ticket) gives it back here; this one spent nothing."""
+
 
 _set_user_id = Identity.__dict__["user_id"].__set__
 _set_tenant_id = Identity.__dict__["tenant_id"].__set__

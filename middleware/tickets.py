@@ -15,13 +15,17 @@ authenticated HTTP request asks for a ticket, and the websocket presents it once
 
 A ticket is 256 random bits, valid for ``ttl`` seconds (30 by default) and for one
 handshake: the store takes it out atomically, so of two connections racing with one ticket
-exactly one gets in. The store keeps a SHA-256 of the ticket, never the ticket itself.
+exactly one gets in. A handshake the middleware refuses for a reason that is not the
+ticket's (a bad thread id, the per-user limit, a 503 before accept) gives the ticket back
+for the rest of its ``ttl``, so that the client can retry with it. The store keeps a
+SHA-256 of the ticket, never the ticket itself.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import re
 import secrets
@@ -39,6 +43,8 @@ from ambient.errors import IdentityError, IdentityUnavailableError
 from ambient.middleware.identity import Identity
 
 __all__ = ["MemoryTicketStore", "RedisTicketStore", "TicketStore", "WebSocketTickets"]
+
+logger = logging.getLogger("ambient.middleware")
 
 _TICKET = re.compile(r"[A-Za-z0-9_-]{43}")  # token_urlsafe(32)
 _REFUSED = "the websocket ticket is unknown, expired or already used"
@@ -165,7 +171,10 @@ class WebSocketTickets:
     As a resolver it looks only at websocket handshakes carrying the ``query`` parameter
     (anything else is no identity, for :func:`~ambient.middleware.first_of` to go on). A
     ticket that is malformed, unknown, expired or already used is refused (401); a
-    repeated parameter is malformed (400).
+    repeated parameter is malformed (400). A handshake that the middleware refuses after
+    redeeming its ticket, for a reason that is not the ticket's (400 for a bad thread id,
+    429 over ``max_concurrent_per_user``, an error of the app answered before accept), gives
+    the ticket back for the rest of its ``ttl``: the retry with it can get in.
 
     Args:
         store: Where tickets wait (default: a :class:`MemoryTicketStore`).
@@ -246,7 +255,8 @@ class WebSocketTickets:
         ticket = found[0]
         if _TICKET.fullmatch(ticket) is None:
             raise IdentityError(_REFUSED, status=401)
-        value = await self.store.take(_key(ticket))
+        key = _key(ticket)
+        value = await self.store.take(key)
         if value is None:
             raise IdentityError(_REFUSED, status=401)
         payload = json.loads(value)
@@ -255,12 +265,47 @@ class WebSocketTickets:
         if payload["valid_until"] <= now or (expires_at is not None and expires_at <= now):
             raise IdentityError(_REFUSED, status=401)
         claims = payload["claims"]
-        return Identity(
+        identity = _TicketIdentity(
             payload["user"],
             payload["tenant"],
             _ReadOnlyDict(claims or {}),
             expires_at=expires_at,
         )
+        object.__setattr__(identity, "_spent", (self, key, value, payload["valid_until"]))
+        return identity
+
+    async def _give_back(self, key: str, value: bytes, valid_until: float) -> None:
+        """Put a taken ticket back for the rest of its ttl (its handshake was refused)."""
+        left = valid_until - self._clock()
+        if left <= 0:
+            return
+        try:
+            await self.store.put(key, value, left)
+        except Exception:  # the refusal goes out all the same; the ticket stays spent
+            logger.warning(
+                "ambient: a websocket ticket could not be given back to its store after the "
+                "handshake was refused; the client needs a new ticket",
+                exc_info=True,
+            )
+
+
+class _TicketIdentity(Identity):
+    """An identity redeemed from a ticket: when the middleware refuses the handshake, the
+    ticket goes back to the store (once), so that a retry with it gets in. Only the
+    handshake that took the ticket holds it, and one that got in never gives it back: a
+    ticket still admits one connection at most."""
+
+    __slots__ = ("_spent",)
+
+    _spent: tuple[WebSocketTickets, str, bytes, float] | None
+
+    async def _refused(self) -> None:
+        spent = self._spent
+        if spent is None:
+            return
+        object.__setattr__(self, "_spent", None)
+        tickets, key, value, valid_until = spent
+        await tickets._give_back(key, value, valid_until)
 
 
 def _key(ticket: str) -> str:

@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
+import anyio.abc
+import anyio.from_thread
 import httpx
 import jwt as pyjwt
 import pytest
@@ -30,11 +32,12 @@ from ambient.errors import (
     IdentityError,
     IdentityUnavailableError,
     NoActiveContextError,
+    PoolExhaustedError,
     UnsupportedBackendError,
 )
-from ambient.middleware import AmbientMiddleware, WebSocketTickets, first_of
+from ambient.middleware import AmbientMiddleware, WebSocketTickets, first_of, trusted_header
 from ambient.middleware.identity import jwt_bearer
-from ambient.middleware.tickets import MemoryTicketStore, RedisTicketStore
+from ambient.middleware.tickets import MemoryTicketStore, RedisTicketStore, TicketStore
 from tests.conftest import REDIS_URL, service_unavailable
 from tests.servers import serve
 from tests.test_middleware import ws_scope
@@ -284,10 +287,202 @@ async def test_redis_store_refuses_trio(anyio_backend: str) -> None:
         RedisTicketStore(object())
 
 
+# -- a handshake refused for a reason that is not the ticket's ------------------------------
+
+
+class GatedStore:
+    """A ticket store whose next ``put`` (a refused handshake giving its ticket back) waits
+    until the test lets it through."""
+
+    def __init__(self, inner: TicketStore) -> None:
+        self.inner = inner
+        self.putting = anyio.Event()
+        self.proceed: anyio.Event | None = None
+
+    async def put(self, key: str, value: bytes, ttl: float) -> None:
+        proceed = self.proceed
+        if proceed is not None:
+            self.proceed = None
+            self.putting.set()
+            await proceed.wait()
+        await self.inner.put(key, value, ttl)
+
+    async def take(self, key: str) -> bytes | None:
+        return await self.inner.take(key)
+
+
+class Socket:
+    """One websocket through the middleware in process, its client scripted by the test."""
+
+    def __init__(self, query: str = "", headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        self.scope = ws_scope(
+            headers or [],
+            query_string=query.encode(),
+            extensions={"websocket.http.response": {}},
+        )
+        self.sent: list[dict[str, Any]] = []
+        self.answered = anyio.Event()
+        self.done = anyio.Event()
+        self._client, self._server = anyio.create_memory_object_stream[dict[str, Any]](4)
+        self._client.send_nowait({"type": "websocket.connect"})
+
+    async def run(self, app: AmbientMiddleware) -> None:
+        async def send(message: Any) -> None:
+            self.sent.append(message)
+            self.answered.set()
+
+        try:
+            await app(self.scope, self._server.receive, send)
+        finally:
+            self._client.close()
+            self._server.close()
+            self.done.set()
+
+    @property
+    def status(self) -> int:
+        """101 for an accepted socket, else the status of the denial response."""
+        first = self.sent[0]
+        return 101 if first["type"] == "websocket.accept" else int(first["status"])
+
+    def disconnect(self) -> None:
+        self._client.send_nowait({"type": "websocket.disconnect", "code": 1000})
+
+
+async def _open(tg: anyio.abc.TaskGroup, app: AmbientMiddleware, socket: Socket) -> Socket:
+    tg.start_soon(socket.run, app)
+    await socket.answered.wait()
+    return socket
+
+
+async def _first_of(*events: anyio.Event) -> None:
+    async with anyio.create_task_group() as tg:
+
+        async def wait(event: anyio.Event) -> None:
+            await event.wait()
+            tg.cancel_scope.cancel()
+
+        for event in events:
+            tg.start_soon(wait, event)
+
+
+async def _serve_socket(scope: Any, receive: Any, send: Any) -> None:
+    assert (await receive())["type"] == "websocket.connect"
+    await send({"type": "websocket.accept"})
+    while (await receive())["type"] != "websocket.disconnect":
+        pass
+
+
+@pytest.fixture(name="ticket_store", params=["memory", "redis"])
+def fixture_ticket_store(request: pytest.FixtureRequest) -> TicketStore:
+    if request.param == "memory":
+        return MemoryTicketStore()
+    client = request.getfixturevalue("redis_client")
+    return RedisTicketStore(client, prefix=f"ambient-test:{uuid.uuid4().hex}:")
+
+
+async def test_a_handshake_over_the_limit_gives_its_ticket_back_and_one_connection_gets_in(
+    ticket_store: TicketStore,
+) -> None:
+    """alice already has her one socket: a handshake with a fresh ticket is 429, and its
+    ticket goes back to the store before the answer (a second handshake while it is out
+    is 401). Once the slot is free, two handshakes with it at once: exactly one gets in,
+    and from then on the ticket is 401, never 429 again. Before, the 429 had used the
+    ticket up: every retry was 401 "already used"."""
+    store = GatedStore(ticket_store)
+    tickets = WebSocketTickets(store)
+    app = AmbientMiddleware(
+        _serve_socket,
+        registry=Registry(),
+        identity=first_of(tickets, trusted_header(tenant_header="x-tenant-id")),
+        max_concurrent_per_user=1,
+    )
+    with bound("alice"):
+        ticket = await tickets.issue()
+    query = f"ticket={ticket}"
+    alice = [(b"x-user-id", b"alice"), (b"x-tenant-id", b"acme")]
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            holder = await _open(tg, app, Socket(headers=alice))
+            assert holder.status == 101
+            store.proceed = proceed = anyio.Event()
+            over = Socket(query)
+            tg.start_soon(over.run, app)
+            await _first_of(store.putting, over.answered)
+            assert store.putting.is_set(), f"answered {over.sent[:1]} without giving it back"
+            while_out = await _open(tg, app, Socket(query))
+            assert while_out.status == 401
+            proceed.set()
+            await over.answered.wait()
+            assert over.status == 429
+            assert (b"retry-after", b"1") in over.sent[0]["headers"]
+
+            holder.disconnect()
+            await holder.done.wait()
+            racers = [Socket(query), Socket(query)]
+            for racer in racers:
+                tg.start_soon(racer.run, app)
+            for racer in racers:
+                await racer.answered.wait()
+            assert sorted(racer.status for racer in racers) == [101, 401]
+            (winner,) = (racer for racer in racers if racer.status == 101)
+            assert (await _open(tg, app, Socket(query))).status == 401  # not 429: not taken
+            winner.disconnect()
+            await winner.done.wait()
+            assert (await _open(tg, app, Socket(query))).status == 401
+    assert app._active == {}
+
+
+async def test_a_503_before_accept_gives_the_ticket_back() -> None:
+    """The app raised PoolExhaustedError before accepting (503 with Retry-After): the
+    ticket is given back, and the retry gets in, once. Before, it was spent."""
+    tries = 0
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal tries
+        tries += 1
+        if tries == 1:
+            raise PoolExhaustedError("the pool is busy")
+        await _serve_socket(scope, receive, send)
+
+    tickets = WebSocketTickets()
+    middleware = AmbientMiddleware(app, registry=Registry(), identity=tickets)
+    with bound("alice"):
+        ticket = await tickets.issue()
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            busy = await _open(tg, middleware, Socket(f"ticket={ticket}"))
+            assert busy.status == 503
+            retry = await _open(tg, middleware, Socket(f"ticket={ticket}"))
+            assert retry.status == 101
+            assert (await _open(tg, middleware, Socket(f"ticket={ticket}"))).status == 401
+            retry.disconnect()
+
+
+async def test_a_ticket_that_expired_while_out_is_not_given_back() -> None:
+    """A refused handshake gives the ticket back only for what is left of its ttl."""
+    clock = Clock()
+    store = MemoryTicketStore()
+    tickets = WebSocketTickets(store, ttl=30, clock=clock)
+    with bound():
+        ticket = await tickets.issue()
+    identity = await tickets(handshake(ticket))
+    assert identity is not None
+    clock.now += 30
+    await identity._refused()
+    assert len(store) == 0
+    with bound():
+        ticket = await tickets.issue()
+    identity = await tickets(handshake(ticket))
+    assert identity is not None
+    await identity._refused()
+    await identity._refused()  # at most once
+    assert await tickets(handshake(ticket)) is not None
+
+
 # -- end to end ----------------------------------------------------------------------------
 
 
-def _app(tickets: WebSocketTickets) -> AmbientMiddleware:
+def _app(tickets: WebSocketTickets, **options: Any) -> AmbientMiddleware:
     async def issue(request: Request) -> Response:
         return JSONResponse({"ticket": await tickets.issue()})
 
@@ -303,6 +498,7 @@ def _app(tickets: WebSocketTickets) -> AmbientMiddleware:
         Starlette(routes=routes),
         registry=Registry(),
         identity=first_of(tickets, jwt_bearer(SECRET, algorithms=["HS256"], tenant_claim="tenant")),
+        **options,
     )
 
 
@@ -383,3 +579,62 @@ async def test_thirty_browsers_trade_their_jwt_for_a_ticket_on_uvicorn(logs: lis
     for token in tokens.values():
         signature = token.rsplit(".", 1)[1]
         assert not any(signature in line for line in logs)
+
+
+def _refusal(url: str) -> tuple[int, str | None]:
+    """The status and Retry-After of a handshake that must be refused."""
+    with pytest.raises(InvalidStatus) as refused:
+        connect(url, open_timeout=20)
+    response = refused.value.response
+    return response.status_code, response.headers.get("retry-after")
+
+
+async def test_a_refused_handshake_keeps_its_ticket_for_the_retry_on_uvicorn() -> None:
+    """Five users at once, one socket each at most: a handshake with a thread id that is
+    not UTF-8 is 400 and the same ticket with the thread id fixed gets in; a second socket
+    is 429 with Retry-After, and once the first has closed the same ticket gets in, once.
+    Before, both refusals had used the ticket up: the retries were 401 "already used"."""
+    app = _app(WebSocketTickets(), thread_id_query="thread", max_concurrent_per_user=1)
+    now = int(time.time())
+    tokens = {
+        f"user-{n}": pyjwt.encode(
+            {"sub": f"user-{n}", "tenant": "t", "exp": now + 600}, SECRET, algorithm="HS256"
+        )
+        for n in range(5)
+    }
+    outcomes: dict[str, list[tuple[int, str | None]]] = {}
+
+    def sockets(ws_url: str, user: str, first: str, second: str) -> None:
+        seen = outcomes[user] = [_refusal(f"{ws_url}?ticket={first}&thread=%FF")]
+        with connect(f"{ws_url}?ticket={first}&thread={user}", open_timeout=20) as held:
+            seen.append(_refusal(f"{ws_url}?ticket={second}"))
+            held.send("bye")
+            assert json.loads(held.recv(timeout=10))["user"] == user
+        anyio.from_thread.run(_eventually, lambda: _left(app, user), f"{user}'s slot freed")
+        with connect(f"{ws_url}?ticket={second}", open_timeout=20) as retried:
+            retried.send("hi")
+            assert json.loads(retried.recv(timeout=10))["user"] == user
+        seen.append(_refusal(f"{ws_url}?ticket={second}"))
+
+    with serve("uvicorn", app) as url:
+        ws_url = url.replace("http", "ws") + "/ws"
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+
+            async def browser(user: str, token: str) -> None:
+                issued = []
+                for _ in range(2):
+                    answer = await client.post(
+                        "/ws-ticket", headers={"authorization": f"Bearer {token}"}
+                    )
+                    assert answer.status_code == 200, answer.text
+                    issued.append(answer.json()["ticket"])
+                await anyio.to_thread.run_sync(sockets, ws_url, user, *issued)
+
+            async with anyio.create_task_group() as tg:
+                for user, token in tokens.items():
+                    tg.start_soon(browser, user, token)
+    assert outcomes == {user: [(400, None), (429, "1"), (401, None)] for user in tokens}
+
+
+async def _left(app: AmbientMiddleware, user: str) -> bool:
+    return all(ref.user_id != user for ref in app._active)
