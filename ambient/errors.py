@@ -58,12 +58,15 @@ class AmbientError(Exception):
         retry_after: Seconds for a ``Retry-After`` header, or ``None``.
         problem_type: The ``type`` URI of the problem+json body.
         title: The ``title`` of the problem+json body.
+        challenge: The ``WWW-Authenticate`` challenge of the answer (RFC 9110: a 401
+            carries one), e.g. ``Bearer error="invalid_token"``, or ``None``.
     """
 
     http_status: int | None = None
     problem_type: ClassVar[str] = "about:blank"
     title: ClassVar[str] = "Error"
     retry_after: float | None = None
+    challenge: str | None = None
 
 
 class InvalidContextError(AmbientError, ValueError):
@@ -142,17 +145,29 @@ class IdentityError(AmbientError):
 
     Attributes:
         status: 400 for a malformed identity, 401 for a missing or rejected one.
+        challenge: The ``WWW-Authenticate`` challenge sent with the answer, e.g.
+            ``Bearer error="invalid_token"`` (RFC 6750), or ``None``. A 401 without one
+            gets the challenge of the middleware's resolver, when it has one.
     """
 
     problem_type = "urn:ambient:problem:identity"
     title = "Invalid identity"
 
-    def __init__(self, detail: str, *, status: int = 400) -> None:
+    def __init__(self, detail: str, *, status: int = 400, challenge: str | None = None) -> None:
         if status not in (400, 401):
             msg = f"IdentityError status must be 400 or 401, not {status}"
             raise ValueError(msg)
+        if challenge is not None and (
+            not isinstance(challenge, str)
+            or not challenge.strip()
+            or not challenge.isascii()
+            or not challenge.isprintable()
+        ):
+            msg = f"IdentityError challenge must be printable ASCII (a header), not {challenge!r}"
+            raise ValueError(msg)
         self.status = status
         self.http_status = status
+        self.challenge = challenge
         super().__init__(detail)
 
 

@@ -36,7 +36,12 @@ from ambient.errors import (
     TooManyRequestsError,
 )
 from ambient.middleware._problem import Problem, Receive, Send
-from ambient.middleware.identity import Identity, IdentityResolver, checked_identity
+from ambient.middleware.identity import (
+    Identity,
+    IdentityResolver,
+    _challenge_of,
+    checked_identity,
+)
 
 __all__ = ["AmbientMiddleware"]
 
@@ -82,9 +87,14 @@ class AmbientMiddleware:
 
     Refusals never call the app and never bind anything: no identity is 401, a malformed
     identity or id 400, more than ``max_concurrent_per_user`` requests of one user 429
-    with ``Retry-After``; each an RFC 9457 ``application/problem+json`` body. Websockets are
-    closed before accept with 1008 (1013 for overload), or answered with the same HTTP
-    problem where the server supports the ``websocket.http.response`` extension. An
+    with ``Retry-After``; each an RFC 9457 ``application/problem+json`` body. A 401
+    carries ``WWW-Authenticate``: the refusing resolver's challenge (``jwt_bearer``:
+    ``Bearer error="invalid_token"``), else the challenge of ``identity`` (``Bearer`` for
+    ``jwt_bearer``, every scheme of a ``first_of``); a resolver whose credential has no
+    standard scheme (``trusted_header``, ``scope_user``, ``signed_context``, tickets) has
+    none to offer, and its 401 goes without. Websockets are closed before accept with 1008
+    (1013 for overload), or answered with the same HTTP problem, headers included, where
+    the server supports the ``websocket.http.response`` extension. An
     :class:`~ambient.AmbientError` that carries an HTTP status (``PoolExhaustedError`` ->
     503) raised by the app before its response started becomes that answer, also inside an
     exception group (a task group around the work) that holds only such errors, answered
@@ -223,7 +233,8 @@ class AmbientMiddleware:
                     # ticket back.
                     await identity._refused()
                 echo = [(self._request_id_header, (request_id or new_id()).encode())]
-                await self._refuse(_problem(refused), scope, receive, send, echo, websocket)
+                problem = _problem(refused)._challenged(_challenge_of(self.identity))
+                await self._refuse(problem, scope, receive, send, echo, websocket)
                 return
 
             echo = [(self._request_id_header, request_id.encode())]
@@ -253,7 +264,7 @@ class AmbientMiddleware:
                 _log_failures(failures, ctx)
                 if identity is not None:
                     await identity._refused()
-                problem = Problem.from_error(answer)
+                problem = Problem.from_error(answer)._challenged(_challenge_of(self.identity))
                 if handshake is not None and handshake.connected:
                     # The app took the handshake's connect: waiting for it would hang.
                     await problem.deny_websocket(scope, receive, send, echo, connected=True)

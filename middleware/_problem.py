@@ -16,6 +16,7 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 _MAX_REASON = 123
 # 1008 policy violation for refusals, 1013 "try again later" for overload.
 _WS_CODES = {429: 1013, 503: 1013}
+_WWW_AUTHENTICATE = b"www-authenticate"
 
 
 class Problem:
@@ -40,12 +41,15 @@ class Problem:
 
     @classmethod
     def from_error(cls, error: AmbientError, detail: str | None = None) -> Problem:
-        """The answer ``error`` carries (it must have an ``http_status``)."""
+        """The answer ``error`` carries (it must have an ``http_status``), with its
+        ``Retry-After`` and ``WWW-Authenticate`` headers when it has them."""
         status = error.http_status or 500
         headers: list[tuple[bytes, bytes]] = []
         if error.retry_after is not None:
             seconds = max(1, math.ceil(error.retry_after))
             headers.append((b"retry-after", str(seconds).encode()))
+        if error.challenge is not None:
+            headers.append((_WWW_AUTHENTICATE, error.challenge.encode("ascii")))
         return cls(
             status,
             error.title,
@@ -53,6 +57,18 @@ class Problem:
             type_=error.problem_type,
             headers=headers,
         )
+
+    def _challenged(self, challenge: str | None) -> Problem:
+        """This problem, with ``challenge`` as its ``WWW-Authenticate`` header when it is a
+        401 that has none (RFC 9110: a 401 carries a challenge)."""
+        if (
+            challenge is None
+            or self.status != 401
+            or any(name == _WWW_AUTHENTICATE for name, _ in self.headers)
+        ):
+            return self
+        headers = [*self.headers, (_WWW_AUTHENTICATE, challenge.encode("ascii"))]
+        return Problem(self.status, self.title, self.detail, type_=self.type, headers=headers)
 
     def body(self) -> bytes:
         """The JSON document."""

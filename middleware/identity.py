@@ -124,18 +124,40 @@ def header_values(scope: Mapping[str, Any], name: str) -> list[bytes]:
     return [value for key, value in scope.get("headers", ()) if key.lower() == wanted]
 
 
-def _single_header(scope: Mapping[str, Any], name: str, *, status: int = 400) -> str | None:
+def _single_header(
+    scope: Mapping[str, Any], name: str, *, challenge: str | None = None
+) -> str | None:
     values = header_values(scope, name)
     if not values:
         return None
     if len(values) > 1:
         # Two copies means something in front of us added one; "first wins" would let a
         # client choose whichever copy the proxy did not overwrite.
-        raise IdentityError(f"the {name} header was sent {len(values)} times", status=status)
+        msg = f"the {name} header was sent {len(values)} times"
+        raise IdentityError(msg, challenge=challenge)
     try:
         return values[0].decode("utf-8")
     except UnicodeDecodeError:
-        raise IdentityError(f"the {name} header is not valid UTF-8", status=status) from None
+        msg = f"the {name} header is not valid UTF-8"
+        raise IdentityError(msg, challenge=challenge) from None
+
+
+# The name of the attribute holding a resolver's WWW-Authenticate challenge: what the
+# middleware sends with the 401 for a request that carried no identity.
+_CHALLENGE: Final = "_ambient_challenge"
+
+
+def _challenge_of(resolver: object) -> str | None:
+    """The ``WWW-Authenticate`` challenge of ``resolver``, or ``None`` when its credential
+    has no standard scheme (a trusted proxy's header, a signed context, a ticket)."""
+    challenge = getattr(resolver, _CHALLENGE, None)
+    return challenge if isinstance(challenge, str) else None
+
+
+def _challenging(resolver: IdentityResolver, challenge: str | None) -> IdentityResolver:
+    if challenge is not None:
+        setattr(resolver, _CHALLENGE, challenge)
+    return resolver
 
 
 async def resolve_identity(resolver: IdentityResolver, scope: Mapping[str, Any]) -> Identity | None:
@@ -494,6 +516,20 @@ def trusted_header(
 
 _HMAC = frozenset({"HS256", "HS384", "HS512"})
 _WEBSOCKET_PROTOCOL = "bearer"
+# RFC 6750 section 3: no credential (or one of another scheme) is answered with the bare
+# scheme, a token that fails validation with invalid_token, a malformed request with
+# invalid_request.
+_BEARER: Final = "Bearer"
+_BEARER_REFUSED: Final = 'Bearer error="invalid_token"'
+_BEARER_MALFORMED: Final = 'Bearer error="invalid_request"'
+
+
+def _token_refused(detail: str) -> IdentityError:
+    return IdentityError(detail, status=401, challenge=_BEARER_REFUSED)
+
+
+def _malformed(detail: str) -> IdentityError:
+    return IdentityError(detail, challenge=_BEARER_MALFORMED)
 
 
 def _bearer_token(scope: Mapping[str, Any]) -> str | None:
@@ -506,20 +542,22 @@ def _bearer_token(scope: Mapping[str, Any]) -> str | None:
     ``bearer`` subprotocol (one credential, sent one way: neither copy is picked). Another
     scheme (``Basic ...``) is 401, like no credential.
     """
-    header = _single_header(scope, "authorization")
+    header = _single_header(scope, "authorization", challenge=_BEARER_MALFORMED)
     protocol_token = _protocol_token(scope) if scope.get("type") == "websocket" else None
     if header is not None:
         if protocol_token is not None:
-            raise IdentityError(
+            raise _malformed(
                 "a token was sent both in the Authorization header and as the 'bearer' "
                 "subprotocol; send it one way"
             )
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer":
-            raise IdentityError("the Authorization header is not 'Bearer <token>'", status=401)
+            raise IdentityError(
+                "the Authorization header is not 'Bearer <token>'", status=401, challenge=_BEARER
+            )
         token = token.strip()
         if not token:
-            raise IdentityError("the Authorization header says Bearer but has no token")
+            raise _malformed("the Authorization header says Bearer but has no token")
         return token
     return protocol_token
 
@@ -532,11 +570,11 @@ def _protocol_token(scope: Mapping[str, Any]) -> str | None:
     if not count:
         return None
     if count > 1:
-        raise IdentityError(f"the 'bearer' subprotocol was sent {count} times")
+        raise _malformed(f"the 'bearer' subprotocol was sent {count} times")
     index = protocols.index(_WEBSOCKET_PROTOCOL)
     token = str(protocols[index + 1]).strip() if index + 1 < len(protocols) else ""
     if not token:
-        raise IdentityError("the 'bearer' subprotocol is not followed by a token")
+        raise _malformed("the 'bearer' subprotocol is not followed by a token")
     return token
 
 
@@ -663,7 +701,7 @@ class _KeySet:
 
         unreachable = isinstance(exc, jwt.PyJWKClientConnectionError)
         if not unreachable and str(exc).startswith(_NO_MATCHING_KEY):
-            return IdentityError("the token's key (kid) is not trusted", status=401)
+            return _token_refused("the token's key (kid) is not trusted")
         reason = "could not be fetched" if unreachable else "is unusable"
         self._outage = f"the identity provider's key set {reason}; try again shortly"
         self._retry_at = _monotonic() + _KEY_SET_PAUSE
@@ -748,8 +786,12 @@ def jwt_bearer(
     scheme (``Basic ...``); 400 for a malformed request (RFC 6750 ``invalid_request``): the
     Authorization header sent twice, ``Bearer`` without a token (an empty
     ``Authorization: Bearer ``), a ``bearer`` subprotocol repeated or not followed by a token,
-    or a websocket sending both the header and the subprotocol. The identity expires with the
-    token (``exp`` plus ``leeway``): a websocket still open then is closed with 4001.
+    or a websocket sending both the header and the subprotocol. Each answer carries the
+    RFC 6750 challenge in ``WWW-Authenticate``: ``Bearer error="invalid_token"`` for a token
+    that fails validation, ``Bearer error="invalid_request"`` for a malformed request,
+    ``Bearer`` for another scheme and, from the middleware, for a request without a token.
+    The identity expires with the token (``exp`` plus ``leeway``): a websocket still open
+    then is closed with 4001.
 
     Args:
         key_or_jwks: The verification key (HMAC secret, PEM public key, PyJWT key object), a
@@ -783,14 +825,14 @@ def jwt_bearer(
         if jwks is not None:
             kid = jwt.get_unverified_header(token).get("kid")
             if not isinstance(kid, str):
-                raise IdentityError("the token names no key (kid)", status=401)
+                raise _token_refused("the token names no key (kid)")
             try:
                 found = jwks[kid]
             except KeyError:
                 found = None
             # A key marked for encryption verifies no signature (PyJWKClient skips them too).
             if found is None or found.public_key_use not in ("sig", None):
-                raise IdentityError("the token's key (kid) is not trusted", status=401)
+                raise _token_refused("the token's key (kid) is not trusted")
             return found
         return key
 
@@ -805,13 +847,13 @@ def jwt_bearer(
                 leeway=leeway,
             )
         except jwt.PyJWTError as exc:
-            raise IdentityError(_jwt_failure(exc), status=401) from None
+            raise _token_refused(_jwt_failure(exc)) from None
         user_id = claims.get(user_claim)
         if not isinstance(user_id, str):
-            raise IdentityError(f"the token's {user_claim!r} claim is not a string", status=401)
+            raise _token_refused(f"the token's {user_claim!r} claim is not a string")
         tenant = claims.get(tenant_claim) if tenant_claim else None
         if tenant is not None and not isinstance(tenant, str):
-            raise IdentityError(f"the token's {tenant_claim!r} claim is not a string", status=401)
+            raise _token_refused(f"the token's {tenant_claim!r} claim is not a string")
         # PyJWT honours the token until int(exp) + leeway; so does a websocket.
         exp = claims.get("exp")
         expires_at = None if exp is None else int(exp) + leeway
@@ -827,13 +869,13 @@ def jwt_bearer(
             # PyJWKClient fetches (and caches) the key set with blocking I/O.
             return await anyio.to_thread.run_sync(verify, token, limiter=key_set.limiter())
 
-        return resolve_remote
+        return _challenging(resolve_remote, _BEARER)
 
     def resolve(scope: Mapping[str, Any]) -> Identity | None:
         token = _bearer_token(scope)
         return None if token is None else verify(token)
 
-    return resolve
+    return _challenging(resolve, _BEARER)
 
 
 # -- composition ----------------------------------------------------------------------------
@@ -843,7 +885,9 @@ def first_of(*resolvers: IdentityResolver) -> IdentityResolver:
     """Try ``resolvers`` in order; the first identity found wins.
 
     A resolver that raises :class:`~ambient.errors.IdentityError` stops the search: a
-    malformed credential is refused, never skipped in favour of a weaker one.
+    malformed credential is refused, never skipped in favour of a weaker one. The 401 for a
+    request that none of them identified offers the ``WWW-Authenticate`` challenges of all
+    that have one (``Bearer`` for :func:`jwt_bearer`).
     """
     if not resolvers:
         msg = "first_of() needs at least one resolver"
@@ -856,4 +900,6 @@ def first_of(*resolvers: IdentityResolver) -> IdentityResolver:
                 return found
         return None
 
-    return resolve
+    # A 401 offers every scheme a client could answer with (RFC 9110 allows several).
+    challenges = dict.fromkeys(filter(None, map(_challenge_of, resolvers)))
+    return _challenging(resolve, ", ".join(challenges) or None)

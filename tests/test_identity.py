@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -23,7 +24,15 @@ import ambient
 from ambient import Lifetime, Registry, UserExecutionContext, UserRef
 from ambient._context import validate_id
 from ambient.errors import IdentityError, InvalidContextError
-from ambient.middleware import AmbientMiddleware, Identity, first_of, scope_user, trusted_header
+from ambient.middleware import (
+    AmbientMiddleware,
+    Identity,
+    Problem,
+    WebSocketTickets,
+    first_of,
+    scope_user,
+    trusted_header,
+)
 from ambient.middleware.identity import header_values, jwt_bearer
 
 SECRET = "s3cret-key-that-is-long-enough-for-hs256!"
@@ -483,6 +492,182 @@ class TestJwtBearer:
         assert "both" in body["detail"]
         assert good not in json.dumps(body)
         assert ambient.current_context_or_none() is None
+
+
+def _challenge_app(identity: Any) -> httpx.AsyncClient:
+    app = AmbientMiddleware(_echo_app, registry=Registry(), identity=identity)
+    transport = httpx.ASGITransport(app=app, client=("203.0.113.9", 50000))
+    return httpx.AsyncClient(transport=transport, base_url="http://testserver")
+
+
+def _problem_of(response: httpx.Response) -> dict[str, Any]:
+    assert response.headers["content-type"] == "application/problem+json"
+    body: dict[str, Any] = response.json()
+    assert set(body) == {"type", "title", "status", "detail"}
+    assert body["status"] == response.status_code
+    return body
+
+
+INVALID_TOKEN = 'Bearer error="invalid_token"'
+INVALID_REQUEST = 'Bearer error="invalid_request"'
+
+
+class TestChallenges:
+    """RFC 9110 15.5.2: a 401 carries ``WWW-Authenticate``; RFC 6750 3 says which."""
+
+    @pytest.mark.parametrize(
+        ("headers", "status", "challenge"),
+        [
+            ([], 401, "Bearer"),
+            ([(b"authorization", b"Basic YWxpY2U6cHc=")], 401, "Bearer"),
+            ([(b"authorization", f"Bearer {token({'exp': 1})}".encode())], 401, INVALID_TOKEN),
+            ([(b"authorization", f"Bearer {token(key='x' * 40)}".encode())], 401, INVALID_TOKEN),
+            ([(b"authorization", f"Bearer {token({'aud': 'else'})}".encode())], 401, INVALID_TOKEN),
+            ([(b"authorization", f"Bearer {token({'sub': 7})}".encode())], 401, INVALID_TOKEN),
+            ([(b"authorization", b"Bearer not.a.jwt")], 401, INVALID_TOKEN),
+            ([(b"authorization", b"Bearer ")], 400, INVALID_REQUEST),
+            (
+                [(b"authorization", b"Bearer a"), (b"authorization", b"Bearer b")],
+                400,
+                INVALID_REQUEST,
+            ),
+            ([(b"authorization", b"Bearer \xff")], 400, INVALID_REQUEST),
+        ],
+    )
+    async def test_jwt_bearer_answers_carry_the_rfc_6750_challenge(
+        self, headers: list[tuple[bytes, bytes]], status: int, challenge: str
+    ) -> None:
+        """No token or another scheme: ``Bearer``; a token that fails a check:
+        ``error="invalid_token"``; a malformed request: ``error="invalid_request"``. The
+        problem+json body is unchanged. Before, no answer had the header."""
+        async with _challenge_app(hs_resolver()) as http:
+            response = await http.get("/", headers=headers)
+            good = await http.get("/", headers={"authorization": f"Bearer {token()}"})
+        assert response.status_code == status
+        assert response.headers.get_list("www-authenticate") == [challenge]
+        body = _problem_of(response)
+        assert body["type"].startswith("urn:ambient:problem:")
+        assert good.status_code == 200
+        assert "www-authenticate" not in good.headers
+
+    async def test_a_key_set_without_the_tokens_key_is_invalid_token(self) -> None:
+        """A token whose ``kid`` the key set lacks (or that names none) is a token that
+        fails validation; it was a 401 without a challenge."""
+        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(PRIVATE_KEY.public_key()))
+        resolver = jwt_bearer(
+            {"keys": [{**jwk, "kid": "k1", "alg": "RS256"}]}, algorithms=["RS256"]
+        )
+        async with _challenge_app(resolver) as http:
+            for kid in ("k2", None):
+                signed = token(key=PRIVATE_KEY, alg="RS256", **({"kid": kid} if kid else {}))
+                response = await http.get("/", headers={"authorization": f"Bearer {signed}"})
+                assert response.status_code == 401
+                assert response.headers["www-authenticate"] == INVALID_TOKEN
+
+    async def test_the_401_offers_the_challenges_of_its_resolvers(self) -> None:
+        """``first_of`` offers every scheme once; a 401 raised by a resolver without a
+        scheme of its own (a ticket) gets them too. A resolver whose credential has no
+        standard scheme (a trusted proxy's header) has no challenge to offer."""
+        tickets = WebSocketTickets()
+        cases: list[tuple[Any, str | None]] = [
+            (first_of(trusted_header(), hs_resolver()), "Bearer"),
+            (first_of(hs_resolver(), first_of(trusted_header(), hs_resolver())), "Bearer"),
+            (first_of(tickets, hs_resolver()), "Bearer"),
+            (trusted_header(), None),
+            (first_of(trusted_header(), scope_user()), None),
+        ]
+        for resolver, challenge in cases:
+            async with _challenge_app(resolver) as http:
+                response = await http.get("/", headers={"x-user-id": "mallory"})
+            assert response.status_code == 401
+            _problem_of(response)
+            assert response.headers.get("www-authenticate") == challenge, resolver
+        # A refused ticket (401) on a websocket that offers bearer tokens as well.
+        app = AmbientMiddleware(_echo_app, registry=Registry(), identity=cases[2][0])
+        scope = http_scope(
+            [],
+            type="websocket",
+            query_string=b"ticket=" + b"t" * 43,
+            subprotocols=[],
+            extensions={"websocket.http.response": {}},
+        )
+        sent = await _handshake(app, scope)
+        assert sent[0]["status"] == 401
+        assert (b"www-authenticate", b"Bearer") in sent[0]["headers"]
+
+    async def test_a_refused_websocket_handshake_carries_the_challenge(self) -> None:
+        """Over the denial-response extension a 401 handshake has the header too."""
+        app = AmbientMiddleware(_echo_app, registry=Registry(), identity=hs_resolver())
+        expired = token({"exp": 1})
+        for subprotocols, challenge in (([], "Bearer"), (["bearer", expired], INVALID_TOKEN)):
+            scope = http_scope(
+                [],
+                type="websocket",
+                subprotocols=subprotocols,
+                extensions={"websocket.http.response": {}},
+            )
+            sent = await _handshake(app, scope)
+            assert sent[0]["type"] == "websocket.http.response.start"
+            assert sent[0]["status"] == 401
+            challenges = [
+                value for name, value in sent[0]["headers"] if name == b"www-authenticate"
+            ]
+            assert challenges == [challenge.encode()]
+
+    async def test_an_app_raising_a_401_gets_the_resolvers_challenge(self) -> None:
+        """An IdentityError(401) the app raises before answering is answered by the
+        middleware with the resolver's challenge; it had none."""
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            raise IdentityError("this run belongs to someone else", status=401)
+
+        middleware = AmbientMiddleware(app, registry=Registry(), identity=hs_resolver())
+        transport = httpx.ASGITransport(app=middleware)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            response = await http.get("/", headers={"authorization": f"Bearer {token()}"})
+        assert response.status_code == 401
+        assert response.headers["www-authenticate"] == "Bearer"
+
+    def test_a_challenge_must_be_a_header_value(self) -> None:
+        """An error's challenge becomes its problem's header, and nothing that would break
+        the header (or add another) is accepted."""
+        for bad in ("", " ", "Bearer\r\nSet-Cookie: x=1", "Bearer é", 7):
+            with pytest.raises(ValueError, match="challenge"):
+                IdentityError("x", status=401, challenge=bad)  # type: ignore[arg-type]
+        error = IdentityError("x", status=401, challenge='Basic realm="app"')
+        assert Problem.from_error(error).headers == [(b"www-authenticate", b'Basic realm="app"')]
+
+    def test_on_uvicorn(self) -> None:
+        """A real server sends the header, for an HTTP request and a websocket handshake."""
+        from websockets.exceptions import InvalidStatus
+        from websockets.sync.client import connect
+
+        from tests.servers import serve
+
+        app = AmbientMiddleware(_echo_app, registry=Registry(), identity=hs_resolver())
+        with serve("uvicorn", app) as url:
+            none = httpx.get(url)
+            expired = httpx.get(url, headers={"authorization": f"Bearer {token({'exp': 1})}"})
+            with pytest.raises(InvalidStatus) as refused:
+                connect(url.replace("http", "ws"), open_timeout=20)
+        assert (none.status_code, none.headers["www-authenticate"]) == (401, "Bearer")
+        assert (expired.status_code, expired.headers["www-authenticate"]) == (401, INVALID_TOKEN)
+        handshake = refused.value.response
+        assert (handshake.status_code, handshake.headers["www-authenticate"]) == (401, "Bearer")
+
+
+async def _handshake(app: Any, scope: dict[str, Any]) -> list[dict[str, Any]]:
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "websocket.connect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    with anyio.fail_after(5):
+        await app(scope, receive, send)
+    return sent
 
 
 class TestScopeUser:
