@@ -472,16 +472,7 @@ class TestJwtBearer:
             extensions={"websocket.http.response": {}},
         )
         app = AmbientMiddleware(_echo_app, registry=Registry(), identity=hs_resolver())
-        sent: list[dict[str, Any]] = []
-
-        async def receive() -> dict[str, Any]:
-            return {"type": "websocket.connect"}
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
-
-        with anyio.fail_after(5):
-            await app(scope, receive, send)
+        sent = await _handshake(app, scope)
         assert [m["type"] for m in sent] == [
             "websocket.http.response.start",
             "websocket.http.response.body",

@@ -410,17 +410,7 @@ class TestErrors:
         ExceptionGroup, which was a 500 where ``gather`` gave 503. The request's work
         still sees the failure."""
         seen: list[BaseException | None] = []
-        registry = Registry()
-
-        def tx(ctx: UserExecutionContext) -> Iterator[str]:
-            try:
-                yield ctx.user_id
-            except Exception as exc:
-                seen.append(exc)
-                raise
-            seen.append(None)
-
-        registry.register("tx", tx)
+        registry = _tx_registry(seen)
 
         async def query(n: int) -> None:
             if n == 0:
@@ -616,6 +606,23 @@ async def drive(app: Any, scope: dict[str, Any], incoming: list[Message]) -> lis
     with anyio.fail_after(5):
         await app(scope, receive, send)
     return sent
+
+
+def _tx_registry(seen: list[BaseException | None]) -> Registry:
+    """A registry whose REQUEST "tx" notes how its request ended: the exception its cleanup
+    saw, or ``None`` for a clean exit (a transaction around the ``yield`` commits then)."""
+    registry = Registry()
+
+    def tx(ctx: UserExecutionContext) -> Iterator[str]:
+        try:
+            yield ctx.user_id
+        except Exception as exc:
+            seen.append(exc)
+            raise
+        seen.append(None)
+
+    registry.register("tx", tx)
+    return registry
 
 
 def ws_scope(headers: list[tuple[bytes, bytes]], **extra: Any) -> dict[str, Any]:
@@ -1283,17 +1290,7 @@ class TestHowTheRequestEnded:
     ) -> list[BaseException | None]:
         """Run one request through the middleware; what the "tx" cleanup saw."""
         seen: list[BaseException | None] = []
-        registry = Registry()
-
-        def tx(ctx: UserExecutionContext) -> Iterator[str]:
-            try:
-                yield ctx.user_id
-            except Exception as exc:
-                seen.append(exc)
-                raise
-            seen.append(None)
-
-        registry.register("tx", tx)
+        registry = _tx_registry(seen)
         middleware = AmbientMiddleware(app, registry=registry, identity=trusted_header())
         scope = http_scope(
             [(b"x-user-id", b"ann")],
