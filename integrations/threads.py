@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, TypeVarTuple, cast
 import anyio.from_thread
 import anyio.to_thread
 
-from ambient._binding import current_scope
+from ambient._binding import _shown, current_scope
 from ambient._instances import hand_over as _hand_over
 from ambient._loops import on_loop_thread as _on_loop_thread
 
@@ -158,8 +158,9 @@ async def run_sync_in_thread(
         fn: A sync callable.
         args: Its positional arguments.
         abandon_on_cancel: Let the caller be cancelled while ``fn`` still runs (anyio's
-            option). The scope is then held until ``fn`` returns, so the request's
-            cleanup waits for the abandoned thread instead of cleaning up under it.
+            option). The scope bound here, if any, is then held until ``fn`` returns, so
+            the request's cleanup waits for the abandoned thread instead of cleaning up
+            under it.
         limiter: The capacity limiter (default: anyio's, 40 threads).
 
     Raises:
@@ -168,10 +169,14 @@ async def run_sync_in_thread(
     if inspect.iscoroutinefunction(fn):
         msg = f"run_sync_in_thread() runs sync callables; await {fn!r} instead"
         raise TypeError(msg)
-    if not abandon_on_cancel:
+    binding = _shown()
+    if not abandon_on_cancel or binding is None or binding.scope is None:
         # anyio copies the contextvars (ambient's binding and the OpenTelemetry context).
-        return await anyio.to_thread.run_sync(fn, *args, limiter=limiter)
-    hold, call_soon = _take_hold(current_scope())
+        # With no scope bound there is nothing for an abandoned thread to outlive.
+        return await anyio.to_thread.run_sync(
+            fn, *args, abandon_on_cancel=abandon_on_cancel, limiter=limiter
+        )
+    hold, call_soon = _take_hold(binding.scope.owner)
     lock = threading.Lock()
     started = given_up = False
 

@@ -430,6 +430,27 @@ class TestWorkThatOutlivesTheRequest:
         assert_released_in_time(caplog)
 
 
+@pytest.mark.parametrize("bound", ["nothing", "a context without a scope"])
+async def test_abandon_on_cancel_with_no_scope_bound_runs_as_anyio_would(bound: str) -> None:
+    """``run_sync_in_thread(fn, abandon_on_cancel=True)`` outside a request (a script, a
+    job with only a bound context): there is no scope to hold, and it runs ``fn`` as
+    without the option. It raised NoActiveContextError, which the docs did not mention."""
+    seen: list[str | None] = []
+
+    def work() -> str:
+        ctx = ambient.current_context_or_none()
+        seen.append(None if ctx is None else ctx.user_id)
+        return "ran"
+
+    if bound == "nothing":
+        assert await run_sync_in_thread(work, abandon_on_cancel=True) == "ran"
+        assert seen == [None]
+    else:
+        with ambient.bind_context(UserExecutionContext.create("alice")):
+            assert await run_sync_in_thread(work, abandon_on_cancel=True) == "ran"
+        assert seen == ["alice"]
+
+
 def _until(condition: Callable[[], bool]) -> None:
     """Block (in a worker thread) until ``condition`` holds; bounded."""
     deadline = time.monotonic() + 10
