@@ -452,25 +452,42 @@ class Registry:
     async def _close_all(
         self, due: list[tuple[UserEntry, list[Any]]], app: list[Any] | None = None
     ) -> list[Exception]:
-        """Clean up users' components (and the app's), every user's even when one's cleanup
-        was interrupted: these were taken out of the registry, so nothing would ever clean
-        them later. A native asyncio cancellation (``asyncio.timeout`` around a request)
-        passes anyio's shield; the first interruption is raised once all are done."""
+        """Clean up users' components, each user's in a task of its own, then the app's.
+
+        Users do not wait for each other: a user whose cleanups hang for their
+        ``cleanup_timeout`` would otherwise hold up every user after it, and the request or
+        the shutdown waiting for them all. Every user's cleanups run to their end even when
+        the caller is cancelled meanwhile (these were taken out of the registry: nothing
+        would clean them later); a native asyncio cancellation (``asyncio.timeout`` around
+        a request), which passes anyio's shield, is raised once all are done.
+        """
         failures: list[Exception] = []
-        interrupted: BaseException | None = None
-        with anyio.CancelScope(shield=True):
-            for entry, created in due:
+        interrupted: list[BaseException] = []
+
+        async def close(entry: UserEntry, created: list[Any]) -> None:
+            with anyio.CancelScope(shield=True):
                 try:
-                    failures += await self._close_entry(entry, created)
+                    failures.extend(await self._close_entry(entry, created))
                 except BaseException as exc:  # noqa: BLE001 - raised below, after the rest
-                    interrupted = interrupted or exc
+                    interrupted.append(exc)
+
+        with anyio.CancelScope(shield=True):
+            try:
+                if len(due) == 1:
+                    await close(*due[0])
+                elif due:
+                    async with anyio.create_task_group() as group:
+                        for entry, created in due:
+                            group.start_soon(close, entry, created)
+            except BaseException as exc:  # noqa: BLE001 - raised below
+                interrupted.append(exc)
             if app:
                 try:
                     failures += await finalize(app, None, self, None, self._cleanup_observers())
                 except BaseException as exc:  # noqa: BLE001 - raised below
-                    interrupted = interrupted or exc
-        if interrupted is not None:
-            raise interrupted
+                    interrupted.append(exc)
+        if interrupted:
+            raise interrupted[0]
         return failures
 
     async def _close_entry(self, entry: UserEntry, created: list[Any]) -> list[Exception]:

@@ -187,7 +187,8 @@ class TestUserLifetime:
             await ambient.resolve("app")
         await use(registry, "bob")
         await registry.aclose()
-        assert cleaned == ["alice", "bob", "app"]
+        # Users are cleaned side by side, then the app's components (theirs may use them).
+        assert (sorted(cleaned[:2]), cleaned[2:]) == (["alice", "bob"], ["app"])
         stats = registry.stats()
         assert (stats.live_users, stats.created, stats.cleaned) == (0, 3, 3)
 
@@ -504,10 +505,10 @@ async def test_a_native_cancellation_during_other_users_cleanups_leaves_none_beh
 ) -> None:
     """``asyncio.timeout`` around a request (a native cancellation, which anyio's shield does
     not hold back) arrives while its scope cleans other users' expired components, or while
-    shutdown cleans them: the user whose cleanup it interrupts is cut short, and every
-    other user's components are still cleaned. They were already taken out of the registry,
-    so they used to be left uncleaned for good."""
-    in_cleanup = anyio.Event()
+    shutdown cleans them: every user's cleanups still run to their end, and the
+    cancellation is raised after them. They were already taken out of the registry, so the
+    users after the one being cleaned used to be left uncleaned for good."""
+    in_cleanup, go_on = anyio.Event(), anyio.Event()
     cleaned: list[str] = []
 
     class Held:
@@ -517,7 +518,7 @@ async def test_a_native_cancellation_during_other_users_cleanups_leaves_none_beh
         async def aclose(self) -> None:
             if self.user == "u0":
                 in_cleanup.set()
-                await anyio.sleep_forever()
+                await go_on.wait()
             cleaned.append(self.user)
 
     registry = Registry(clock=clock)
@@ -537,12 +538,58 @@ async def test_a_native_cancellation_during_other_users_cleanups_leaves_none_beh
     task = asyncio.ensure_future(request())
     await in_cleanup.wait()
     task.cancel()
+    await anyio.wait_all_tasks_blocked()
+    go_on.set()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert sorted(cleaned) == ["u1", "u2"]
+    assert sorted(cleaned) == ["u0", "u1", "u2"]
     await registry.aclose()
-    assert sorted(cleaned) == ["u1", "u2"]
+    assert sorted(cleaned) == ["u0", "u1", "u2"]
     assert registry.stats().live_users == 0
+
+
+@pytest.mark.parametrize("how", ["idle expiry", "aclose"])
+async def test_users_are_cleaned_side_by_side_not_one_after_another(
+    clock: FakeClock, how: str
+) -> None:
+    """Four users' USER components whose cleanups each wait for the others to have started
+    (a close that needs a slow remote end): cleaned one user after another, the first
+    waited out its whole cleanup_timeout, and so did every later one; a request that
+    happened to expire them, or the shutdown, waited N times cleanup_timeout."""
+    users = 4
+    started: list[str] = []
+    all_started = anyio.Event()
+    timed_out: list[str] = []
+
+    class Remote:
+        def __init__(self, user: UserRef) -> None:
+            self.user = user.user_id
+
+        async def aclose(self) -> None:
+            started.append(self.user)
+            if len(started) == users:
+                all_started.set()
+            try:
+                await all_started.wait()
+            except anyio.get_cancelled_exc_class():
+                timed_out.append(self.user)
+                raise
+
+    registry = Registry(clock=clock, cleanup_timeout=2)
+    registry.register(Remote, Remote, lifetime=Lifetime.USER, idle_ttl=60)
+    for n in range(users):
+        async with registry.open_scope(ctx(f"u{n}")):
+            await ambient.resolve(Remote)
+    clock.now += 120
+    with anyio.fail_after(10):
+        if how == "aclose":
+            await registry.aclose()
+        else:
+            async with registry.open_scope(ctx("bob")):
+                pass
+    assert timed_out == []
+    assert sorted(started) == [f"u{n}" for n in range(users)]
+    assert registry.stats().cleanup_failures == 0
 
 
 async def test_what_a_user_component_was_made_with_never_expires_before_it(
