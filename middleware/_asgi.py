@@ -81,9 +81,12 @@ class AmbientMiddleware:
     it was a 5xx (:class:`~ambient.errors.ServerErrorResponseError`), or an ambient error
     was answered by ``ambient.integrations.starlette``'s exception handler (that error).
     On ``lifespan`` shutdown the registry's USER and APP components are closed before the
-    app's own shutdown runs, once the scopes still open have closed (requests the server
-    cancelled may still be cleaning up; at most the registry's ``cleanup_timeout``). Other
-    scope types pass through untouched.
+    app's own shutdown runs, once the requests' scopes still open have closed (requests the
+    server cancelled may still be cleaning up; it waits while their cleanups go on, and
+    gives up after a whole ``cleanup_timeout`` in which none ended). When scopes the app
+    opened itself are still open (a consumer started at startup), the components are
+    closed after the app's shutdown instead, which stops them. Other scope types pass
+    through untouched.
 
     Refusals never call the app and never bind anything: no identity is 401, a malformed
     identity or id 400, more than ``max_concurrent_per_user`` requests of one user 429
@@ -129,6 +132,8 @@ class AmbientMiddleware:
     __slots__ = (
         "_active",
         "_request_id_header",
+        "_requests",
+        "_requests_done",
         "_thread_id_header",
         "_thread_id_query",
         "_warned_leftover",
@@ -182,6 +187,10 @@ class AmbientMiddleware:
         # Per-user in-flight counts: shared limiter state, not per-request state.
         self._active: dict[UserRef, int] = {}
         self._warned_leftover = False
+        # Scopes of requests and sockets still open (their cleanups included), and the event
+        # a shutdown waiting for them to end waits on.
+        self._requests = 0
+        self._requests_done: anyio.Event | None = None
 
     async def __call__(  # noqa: PLR0915 - one coroutine per request is the point
         self, scope: MutableMapping[str, Any], receive: Receive, send: Send
@@ -206,6 +215,7 @@ class AmbientMiddleware:
                 self._warn_leftover()
             leftover = _current.set(None)
         user: UserRef | None = None
+        counted = False
         try:
             request_id, raw_thread_ids = self._read_ids(scope)
             try:
@@ -250,6 +260,8 @@ class AmbientMiddleware:
             handshake = _Handshake(receive) if websocket else None
             app_receive = receive if handshake is None else handshake
             component_scope._open()
+            self._requests += 1
+            counted = True
             try:
                 if expires_at is None:
                     await self.app(scope, app_receive, response)
@@ -290,6 +302,10 @@ class AmbientMiddleware:
             if done:
                 _log_failures(tuple(done), ctx)
         finally:
+            if counted:
+                self._requests -= 1
+                if not self._requests and self._requests_done is not None:
+                    self._requests_done.set()
             if user is not None:
                 self._leave(user)
             if leftover is not None:
@@ -416,11 +432,10 @@ class AmbientMiddleware:
         startup_answered = False
         closed = False
 
-        async def close_registry() -> None:
+        async def close_registry(*, before_the_apps_shutdown: bool = False) -> None:
             nonlocal closed
             if not closed:
-                closed = True
-                await self._close_registry()
+                closed = await self._close_registry(before_the_apps_shutdown)
 
         async def receive_tracked() -> MutableMapping[str, Any]:
             message = await receive()
@@ -428,7 +443,7 @@ class AmbientMiddleware:
             if message["type"] == "lifespan.shutdown":
                 # Before the app's own shutdown: the components were made from what its
                 # startup made (a client, an engine), so they go first.
-                await close_registry()
+                await close_registry(before_the_apps_shutdown=True)
             return message
 
         async def send_tracked(message: MutableMapping[str, Any]) -> None:
@@ -461,22 +476,58 @@ class AmbientMiddleware:
             await close_registry()
             await send({"type": "lifespan.shutdown.complete"})
 
-    async def _close_registry(self) -> None:
+    async def _close_registry(self, before_the_apps_shutdown: bool) -> bool:
+        """Close the registry at shutdown, once the scopes using its USER and APP components
+        have closed; whether it was closed (not when the app's own shutdown is to end some
+        of them first)."""
         registry = self.registry
         # Requests the server cancelled at its graceful-shutdown deadline may still be
         # cleaning up, with USER and APP components: let them finish first.
-        still_open = await registry.wait_for_scopes()
+        still_open = await self._wait_for_requests()
         if still_open:
             logger.warning(
-                "ambient: %d scope(s) still open %s s into shutdown; closing the registry "
-                "under them",
+                "ambient: %d request(s) still cleaning up, with no cleanup done for %s s, "
+                "at shutdown; closing the registry under them",
                 still_open,
                 registry.cleanup_timeout,
             )
+        if before_the_apps_shutdown and registry.open_scopes > still_open:
+            # Scopes the app opened itself (a consumer started at startup): its shutdown
+            # stops them, so their components go after it.
+            return False
+        if not before_the_apps_shutdown and registry.open_scopes > still_open:
+            others = await registry.wait_for_scopes()
+            if others > still_open:
+                logger.warning(
+                    "ambient: %d scope(s) still open %s s after the app's shutdown; closing "
+                    "the registry under them",
+                    others - still_open,
+                    registry.cleanup_timeout,
+                )
         try:
             await registry.aclose()
         except Exception:
             logger.exception("ambient: closing the registry at shutdown failed")
+        return True
+
+    async def _wait_for_requests(self) -> int:
+        """Wait until this middleware's requests and sockets have closed their scopes, as
+        long as their cleanups go on (each is bounded by the registry's
+        ``cleanup_timeout``); give up after a whole ``cleanup_timeout`` in which none
+        ended. Return how many are still open."""
+        registry = self.registry
+        while self._requests:
+            left = self._requests
+            progress = registry.cleaned + registry.cleanup_failures
+            done = self._requests_done = anyio.Event()
+            try:
+                with anyio.move_on_after(registry.cleanup_timeout):
+                    await done.wait()
+            finally:
+                self._requests_done = None
+            if self._requests >= left and registry.cleaned + registry.cleanup_failures == progress:
+                break
+        return self._requests
 
 
 class _Handshake:

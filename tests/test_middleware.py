@@ -7,10 +7,11 @@ import json
 import logging
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
 from typing import Any
 
 import anyio
+import anyio.abc
 import anyio.lowlevel
 import httpx
 import pytest
@@ -820,6 +821,134 @@ class TestLifespan:
             "lifespan.shutdown.complete",
         ]
         assert registry.stats().open_scopes == 0
+
+    async def test_a_scope_the_apps_startup_opened_is_ended_by_its_shutdown_first(
+        self,
+    ) -> None:
+        """A consumer the app starts at startup works in a scope of its own, with a USER
+        component, until the app's shutdown stops it. Shutdown used to wait the whole
+        cleanup_timeout for that scope (only the app's shutdown, not yet run, could end it),
+        then close the consumer's component under it. The registry is closed after the
+        app's shutdown now, at once, and the consumer finds its component open to the end."""
+        order: list[str] = []
+        registry = Registry(cleanup_timeout=30)
+        BUILT.append(registry)
+
+        class Session:
+            open = True
+
+        async def session(user: ambient.UserRef) -> AsyncIterator[Session]:
+            component = Session()
+            try:
+                yield component
+            finally:
+                component.open = False
+                order.append("session closed")
+
+        registry.register(Session, session, lifetime=Lifetime.USER)
+        stop = anyio.Event()
+
+        async def consumer(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+            async with registry.open_scope(UserExecutionContext.create("system")):
+                own = await ambient.resolve(Session)
+                task_status.started()
+                await stop.wait()
+                order.append(f"consumer stopped, session open: {own.open}")
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            assert scope["type"] == "lifespan"
+            async with anyio.create_task_group() as tg:
+                assert (await receive())["type"] == "lifespan.startup"
+                await tg.start(consumer)
+                await send({"type": "lifespan.startup.complete"})
+                assert (await receive())["type"] == "lifespan.shutdown"
+                order.append("app shutdown")
+                stop.set()
+            await send({"type": "lifespan.shutdown.complete"})
+
+        middleware = AmbientMiddleware(app, registry=registry, identity=trusted_header())
+        sent: list[Message] = []
+        with anyio.fail_after(10):  # far less than the cleanup_timeout it used to wait
+            await run_lifespan(middleware, sent)
+        assert [m["type"] for m in sent] == [
+            "lifespan.startup.complete",
+            "lifespan.shutdown.complete",
+        ]
+        assert order == ["app shutdown", "consumer stopped, session open: True", "session closed"]
+        assert registry.stats().open_scopes == 0
+
+    async def test_shutdown_waits_while_a_requests_cleanups_go_on(self) -> None:
+        """A request cancelled at the server's shutdown deadline has two cleanups of 0.6 s
+        each, each within cleanup_timeout=1: shutdown used to give up on it after one
+        cleanup_timeout in all and close the user's component under its second cleanup."""
+        order: list[str] = []
+        registry = Registry(cleanup_timeout=1)
+        BUILT.append(registry)
+        cleaning = anyio.Event()
+
+        class Session:
+            open = True
+
+        async def session(user: ambient.UserRef) -> AsyncIterator[Session]:
+            component = Session()
+            try:
+                yield component
+            finally:
+                component.open = False
+                order.append("session closed")
+
+        def step(name: str) -> Callable[[], AsyncIterator[str]]:
+            async def make() -> AsyncIterator[str]:
+                own = await ambient.resolve(Session)
+                try:
+                    yield name
+                finally:
+                    cleaning.set()
+                    await anyio.sleep(0.6)  # a cleanup's own round trip, within its bound
+                    order.append(f"{name} cleaned, session open: {own.open}")
+
+            return make
+
+        registry.register(Session, session, lifetime=Lifetime.USER)
+        registry.register("a", step("a"))
+        registry.register("b", step("b"))
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "lifespan":
+                while (await receive())["type"] != "lifespan.shutdown":
+                    await send({"type": "lifespan.startup.complete"})
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+            await ambient.resolve("a")
+            await ambient.resolve("b")
+            await anyio.sleep_forever()
+
+        middleware = AmbientMiddleware(app, registry=registry, identity=trusted_header())
+
+        async def receive() -> Message:
+            await anyio.sleep_forever()
+            raise AssertionError
+
+        async def send(message: Message) -> None:
+            pass
+
+        sent: list[Message] = []
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as server:
+                server.start_soon(
+                    middleware, http_scope(headers=[(b"x-user-id", b"al")]), receive, send
+                )
+                await anyio.wait_all_tasks_blocked()
+                server.cancel_scope.cancel()  # the graceful-shutdown deadline
+                with anyio.CancelScope(shield=True):
+                    await cleaning.wait()
+                    await run_lifespan(middleware, sent)
+        assert order == [
+            "b cleaned, session open: True",
+            "a cleaned, session open: True",
+            "session closed",
+        ]
+        assert sent[-1]["type"] == "lifespan.shutdown.complete"
 
     async def test_an_app_without_lifespan_support_still_gets_the_registry_closed(self) -> None:
         ledger = Ledger()
