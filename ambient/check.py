@@ -458,11 +458,17 @@ async def run_check(
                     # cleaned: USER components that expire meanwhile.
                     probe._recording = False
                     root.setLevel(old_level)
+                    # Nor log records below warnings: a host's handler that keeps records
+                    # (a test runner's capture, a buffer) would keep each request's, and
+                    # their arguments, and they would be counted as the app's growth.
+                    disabled = logging.root.manager.disable
+                    logging.disable(max(disabled, logging.INFO))
                     try:
                         report.memory_growth_kib_per_1k = await _growth(
                             driver, ids, plan, growth_requests
                         )
                     finally:
+                        logging.disable(disabled)
                         probe._recording = True
             probe.expect_closed = shut_down[0]
             findings = probe.report()

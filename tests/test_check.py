@@ -79,6 +79,29 @@ class TestTheDemo:
         assert report.throughput_rps > 0
         assert report.memory_growth_kib_per_1k < 64
 
+    async def test_log_records_a_host_keeps_are_not_counted_as_the_apps_growth(self) -> None:
+        """A host that logs the app at INFO into a handler keeping every record (a test
+        runner's capture, a buffer): the memory phase counted what those records hold as
+        the app's growth and reported a leak in a correct app."""
+        kept: list[logging.LogRecord] = []
+
+        class Keep(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                kept.append(record)
+
+        demo_log = logging.getLogger("ambient.demo")
+        handler = Keep(logging.INFO)
+        old_level = demo_log.level
+        demo_log.addHandler(handler)
+        demo_log.setLevel(logging.INFO)
+        try:
+            report = await check(create_app(), plan=CHECK_PLAN, growth_requests=400)
+        finally:
+            demo_log.removeHandler(handler)
+            demo_log.setLevel(old_level)
+        assert kept  # the app did log at INFO during the run
+        assert report.ok, report.violations
+
     async def test_the_demo_answers_each_user_with_their_own_history(self) -> None:
         import httpx
 
