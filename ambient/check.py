@@ -453,23 +453,10 @@ async def run_check(
                 # alive now is kept by a pending task or a global.
                 after_run = probe.report()
                 if growth_requests:
-                    # Measured with the probe recording nothing new (its records would
-                    # grow with every component), while it still sees what it recorded
-                    # cleaned: USER components that expire meanwhile.
-                    probe._recording = False
                     root.setLevel(old_level)
-                    # Nor log records below warnings: a host's handler that keeps records
-                    # (a test runner's capture, a buffer) would keep each request's, and
-                    # their arguments, and they would be counted as the app's growth.
-                    disabled = logging.root.manager.disable
-                    logging.disable(max(disabled, logging.INFO))
-                    try:
-                        report.memory_growth_kib_per_1k = await _growth(
-                            driver, ids, plan, growth_requests
-                        )
-                    finally:
-                        logging.disable(disabled)
-                        probe._recording = True
+                    report.memory_growth_kib_per_1k = await _quiet_growth(
+                        probe, driver, ids, plan, growth_requests
+                    )
             probe.expect_closed = shut_down[0]
             findings = probe.report()
     finally:
@@ -513,6 +500,28 @@ def _summarise(
     report.components_created = findings.created
     report.components_cleaned = findings.cleaned
     report.scopes = findings.scopes
+
+
+async def _quiet_growth(
+    probe: _probe.IsolationProbe,
+    driver: _Driver,
+    ids: list[str],
+    plan: Sequence[PlannedRequest],
+    count: int,
+) -> float:
+    """:func:`_growth`, with the probe recording nothing new (its records would grow with
+    every component) while it still sees what it recorded cleaned (USER components that
+    expire meanwhile), and no log records below warnings: a host's handler that keeps
+    records (a test runner's capture, a buffer) would keep each request's, and their
+    arguments, and they would be counted as the app's growth."""
+    probe._recording = False
+    disabled = logging.root.manager.disable
+    logging.disable(max(disabled, logging.INFO))
+    try:
+        return await _growth(driver, ids, plan, count)
+    finally:
+        logging.disable(disabled)
+        probe._recording = True
 
 
 async def _growth(
