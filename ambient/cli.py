@@ -173,7 +173,7 @@ def _demo(host: str, port: int) -> int:
 
     from ambient.demo.app import create_app
 
-    _configure_tracing("ambient-demo")
+    flush = _configure_tracing("ambient-demo")
     base = f"http://{host}:{port}"
     sys.stdout.write(
         "ambient demo: a multi-user agent backend. Try two users:\n"
@@ -182,21 +182,47 @@ def _demo(host: str, port: int) -> int:
         f"  curl -s -H 'x-user-id: bob' {base}/history\n"
         "Identity comes from the x-user-id header of loopback clients: for demos only.\n"
     )
-    uvicorn.run(create_app(), host=host, port=port, log_level="info")
+    app = create_app()
+    served = app if flush is None else _flushed_at_shutdown(app, flush)
+    uvicorn.run(served, host=host, port=port, log_level="info")
     return 0
 
 
-def _configure_tracing(service: str) -> None:
+def _flushed_at_shutdown(app: Any, flush: Callable[[], None]) -> Any:
+    """``app``, flushing the telemetry once its lifespan shutdown is done: uvicorn ends the
+    process with the signal it got (SIGTERM) after its graceful shutdown, so nothing after
+    ``uvicorn.run()``, nor an ``atexit`` hook, would run."""
+
+    async def flushed(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            await app(scope, receive, send)
+            return
+
+        async def send_then_flush(message: Any) -> None:
+            if message["type"] == "lifespan.shutdown.complete":
+                import anyio.to_thread
+
+                await anyio.to_thread.run_sync(flush)  # the exporters post over HTTP
+            await send(message)
+
+        await app(scope, receive, send_then_flush)
+
+    return flushed
+
+
+def _configure_tracing(service: str) -> Callable[[], None] | None:
+    """Install the OTLP exporters when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set; return what
+    flushes and stops them."""
     import os
 
     if not os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
-        return
+        return None
     try:
         from ambient.integrations.otel import configure_tracing
     except ImportError:
         sys.stderr.write("OTEL_EXPORTER_OTLP_ENDPOINT is set but the otlp extra is missing\n")
-        return
-    configure_tracing(service)
+        return None
+    return configure_tracing(service).shutdown
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -5,8 +5,15 @@ its OTLP/HTTP exporter. Jaeger's all-in-one image accepts OTLP/HTTP on port 4318
 
     handle = configure_tracing("agent-backend", "http://localhost:4318", metrics=False)
     registry = Registry(telemetry=Telemetry())       # uses the global providers set here
-    ...
-    handle.shutdown()                                 # at exit: flushes what is buffered
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        handle.shutdown()                             # flushes what is buffered
+
+Flush in the application's lifespan shutdown, not after ``uvicorn.run()`` or in an
+``atexit`` hook: uvicorn ends the process with the SIGTERM it got once its graceful shutdown
+is done, and neither would run (the spans still buffered would be lost).
 
 With ``endpoint=None`` the exporters follow the standard environment variables
 (``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``,

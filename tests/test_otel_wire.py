@@ -352,3 +352,58 @@ handle.shutdown()
     assert [span.name for _, span in spans] == ["ambient.scope"]
     assert spans[0][0]["service.name"] == "global-service"
     assert "ambient.scopes.active" in receiver.last_metrics()
+
+
+def test_the_demo_flushes_its_telemetry_when_the_server_is_stopped(receiver: Receiver) -> None:
+    """``ambient demo`` with ``OTEL_EXPORTER_OTLP_ENDPOINT`` set, stopped with SIGTERM as a
+    container runtime stops it: uvicorn ends the process with that signal after its graceful
+    shutdown, so the spans still buffered were never sent. They are flushed at the end of
+    the lifespan shutdown now."""
+    import os
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        **os.environ,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
+        # Long enough that nothing is exported before the shutdown flushes it.
+        "OTEL_BSP_SCHEDULE_DELAY": "60000",
+        "OTEL_METRIC_EXPORT_INTERVAL": "60000",
+    }
+    env.pop("AMBIENT_DATABASE_URL", None)
+    with subprocess.Popen(  # noqa: S603 - our own interpreter and module
+        [sys.executable, "-m", "ambient", "demo", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as server:
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    answer = httpx.get(
+                        f"http://127.0.0.1:{port}/history",
+                        headers={"x-user-id": "alice"},
+                        timeout=5,
+                    )
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline, "the demo did not start"
+                    assert server.poll() is None, "the demo exited"
+                    time.sleep(0.05)  # polling a starting process: bounded by the deadline
+            assert answer.status_code == 200
+            assert receiver.spans() == []  # still buffered
+            server.send_signal(signal.SIGTERM)
+            _, errors = server.communicate(timeout=30)
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.communicate(timeout=10)
+    names = {span.name for _, span in receiver.spans()}
+    assert "ambient.scope" in names, errors
+    assert "ambient.scopes.active" in receiver.last_metrics()
