@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Coroutine, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
@@ -471,21 +472,30 @@ class Registry:
                 except BaseException as exc:  # noqa: BLE001 - raised below, after the rest
                     interrupted.append(exc)
 
-        with anyio.CancelScope(shield=True):
-            try:
-                if len(due) == 1:
-                    await close(*due[0])
-                elif due:
-                    async with anyio.create_task_group() as group:
-                        for entry, created in due:
-                            group.start_soon(close, entry, created)
-            except BaseException as exc:  # noqa: BLE001 - raised below
-                interrupted.append(exc)
-            if app:
+        async def close_app(created: list[Any]) -> None:
+            with anyio.CancelScope(shield=True):
                 try:
-                    failures += await finalize(app, None, self, None, self._cleanup_observers())
+                    failures.extend(
+                        await finalize(created, None, self, None, self._cleanup_observers())
+                    )
                 except BaseException as exc:  # noqa: BLE001 - raised below
                     interrupted.append(exc)
+
+        async def in_tasks(calls: list[Callable[[], Coroutine[Any, Any, None]]]) -> None:
+            # In tasks of their own even for one user: a native cancellation of the caller
+            # lands in the caller, waiting here, never inside a cleanup.
+            try:
+                async with anyio.create_task_group() as group:
+                    for call in calls:
+                        group.start_soon(call)
+            except BaseException as exc:  # noqa: BLE001 - raised below
+                interrupted.append(exc)
+
+        with anyio.CancelScope(shield=True):
+            if due:
+                await in_tasks([functools.partial(close, entry, created) for entry, created in due])
+            if app:
+                await in_tasks([functools.partial(close_app, app)])
         if interrupted:
             raise interrupted[0]
         return failures

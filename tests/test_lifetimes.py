@@ -499,9 +499,10 @@ async def test_a_creation_in_flight_when_aclose_runs_gives_a_fresh_component() -
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("users", [1, 3])
 @pytest.mark.parametrize("how", ["idle expiry", "aclose"])
 async def test_a_native_cancellation_during_other_users_cleanups_leaves_none_behind(
-    clock: FakeClock, how: str
+    clock: FakeClock, how: str, users: int
 ) -> None:
     """``asyncio.timeout`` around a request (a native cancellation, which anyio's shield does
     not hold back) arrives while its scope cleans other users' expired components, or while
@@ -523,7 +524,7 @@ async def test_a_native_cancellation_during_other_users_cleanups_leaves_none_beh
 
     registry = Registry(clock=clock)
     registry.register(Held, Held, lifetime=Lifetime.USER, idle_ttl=60)
-    for n in range(3):
+    for n in range(users):
         async with registry.open_scope(ctx(f"u{n}")):
             await ambient.resolve(Held)
     clock.now += 120
@@ -542,9 +543,10 @@ async def test_a_native_cancellation_during_other_users_cleanups_leaves_none_beh
     go_on.set()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert sorted(cleaned) == ["u0", "u1", "u2"]
+    everyone = [f"u{n}" for n in range(users)]
+    assert sorted(cleaned) == everyone
     await registry.aclose()
-    assert sorted(cleaned) == ["u0", "u1", "u2"]
+    assert sorted(cleaned) == everyone
     assert registry.stats().live_users == 0
 
 
