@@ -313,10 +313,15 @@ def detached() -> Iterator[None]:
     try:
         yield
     finally:
-        _handed_over.reset(handed_over)
-        _resolving.reset(resolving)
-        otel_context.detach(trace_token)
         try:
             _current.reset(token)
-        except ValueError:  # pragma: no cover - only if the block switched Contexts
-            _current.set(None)
+        except ValueError:
+            # Ended in another Context (an async generator that yielded in the block,
+            # closed by its finaliser's task): none of these tokens is this Context's,
+            # whose state the block never changed, and OpenTelemetry would log "Failed to
+            # detach context".
+            pass
+        else:
+            _handed_over.reset(handed_over)
+            _resolving.reset(resolving)
+            otel_context.detach(trace_token)

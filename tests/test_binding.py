@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import logging
 import threading
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -396,6 +397,24 @@ async def test_detached_unbinds_for_the_block_and_for_tasks_started_in_it() -> N
     finally:
         otel_context.detach(token)
     assert seen == [(None, False, {})]
+
+
+def test_detached_ended_in_another_context_raises_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An async generator that yields inside ``detached()`` and is closed by its finaliser
+    in a task of its own ends the block in another Context: that must end it quietly (it
+    raised ValueError for a token of another Context), leaving the Context it ends in as
+    it was, and without OpenTelemetry's "Failed to detach context" error."""
+    block = ambient.detached()
+    elsewhere = contextvars.copy_context()
+    ctx = UserExecutionContext.create("alice")
+    with ambient.bind_context(ctx):
+        elsewhere.run(block.__enter__)
+        with caplog.at_level(logging.ERROR):
+            block.__exit__(None, None, None)
+        assert ambient.get_current_context() is ctx
+    assert not [r for r in caplog.records if "detach" in r.getMessage()]
 
 
 async def test_interleaved_generators_cannot_mix_users() -> None:
