@@ -46,10 +46,11 @@ FIELDS: Final = (
 """The names added to every record."""
 
 _EMPTY: Final = dict.fromkeys(FIELDS, "")
-# By record: the id policies of the ContextFilter that added fields, and which it added.
-# Kept beside the record, not on it: formatters that print every attribute of a record
-# would print it, and the policies include the hash key.
-_written: Final[weakref.WeakKeyDictionary[logging.LogRecord, tuple[object, list[str]]]] = (
+_DISCLOSES: Final = {"raw": 2, "hash": 1, "omit": 0}
+# By record: how much of the ids the fields a ContextFilter added give away, and which it
+# added. Kept beside the record, not on it: formatters that print every attribute of a
+# record would print it.
+_written: Final[weakref.WeakKeyDictionary[logging.LogRecord, tuple[tuple[int, int], list[str]]]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -61,7 +62,8 @@ class _Fields:
 
     def __init__(self, user_id: IdPolicy, tenant_id: IdPolicy, hash_key: bytes | str | None):
         self._ids = _IdExport(user_id, tenant_id, hash_key)
-        self.policy = (self._ids.user_policy, self._ids.tenant_policy, self._ids.key)
+        # How much of each id the fields give away: raw > hash > omit.
+        self.policy = (_DISCLOSES[self._ids.user_policy], _DISCLOSES[self._ids.tenant_policy])
 
     def __call__(self) -> dict[str, str]:
         try:
@@ -94,9 +96,12 @@ class ContextFilter(logging.Filter):
 
     It never drops a record. A field the record already has (passed with ``extra=``, or set
     by a filter with the same id policies earlier on the way, e.g. before a
-    ``QueueHandler``) is kept. The fields another ``ContextFilter`` with other policies
-    wrote are written again under this one's: handlers share one record, and a debug
-    handler's ``user_id="raw"`` must not reach the exported handler that hashes.
+    ``QueueHandler``) is kept, except that a filter giving away less of an id (``"hash"``
+    after ``"raw"``, ``"omit"`` after either) writes that id again under its own policy:
+    handlers share one record, and a debug handler's ``user_id="raw"`` must not reach the
+    exported handler that hashes. Never the other way: a record a handler keeps to emit
+    later (a ``MemoryHandler``) must not turn raw under it, so a ``"raw"`` filter after a
+    hashing one leaves the hash.
 
     Args:
         user_id: ``"hash"`` (default; same HMAC as the spans), ``"raw"`` or ``"omit"``
@@ -128,11 +133,15 @@ class ContextFilter(logging.Filter):
             for key in added:
                 present[key] = fields[key]
             _written[record] = (policy, added)
-        elif written[0] != policy:
-            fields = self._fields()
-            for key in written[1]:
-                present[key] = fields[key]
-            _written[record] = (policy, written[1])
+        else:
+            (user, tenant), added = written
+            if policy[0] < user or policy[1] < tenant:
+                fields = self._fields()
+                if policy[0] < user and "user_id" in added:
+                    present["user_id"] = fields["user_id"]
+                if policy[1] < tenant and "tenant_id" in added:
+                    present["tenant_id"] = fields["tenant_id"]
+                _written[record] = ((min(policy[0], user), min(policy[1], tenant)), added)
         return True
 
 

@@ -121,48 +121,89 @@ class TestContextFilter:
         assert kept.records[0].request_id == "from-caller"  # type: ignore[attr-defined]
         assert kept.records[0].user_id == hash_id("alice")  # type: ignore[attr-defined]
 
-    @pytest.mark.parametrize("first", ["raw", "omit"])
-    def test_a_hashing_handler_never_gets_what_another_policys_filter_wrote(
-        self, first: str
+    @pytest.mark.parametrize(
+        ("setup", "debug_sees", "exported_sees"),
+        [
+            # A raw debug handler first, then the exported one hashing: it used to keep the
+            # raw id the first filter had written on the shared record.
+            ("raw debug, hashing exported", "raw", "hash"),
+            # An omitting debug handler first: the exported one never gives away more.
+            ("omitting debug, hashing exported", "omit", "omit"),
+            # A hashing buffer first (a MemoryHandler emitting later), then a raw debug
+            # handler: the buffered record must not turn raw under the buffer.
+            ("hashing buffer, raw debug", "hash", "hash"),
+            # A hashing filter on the logger, a raw debug handler, an exported handler with
+            # no filter of its own: it must get the logger filter's hash.
+            ("hashing logger, raw debug, plain exported", "hash", "hash"),
+        ],
+    )
+    def test_no_handler_gives_away_more_of_an_id_than_its_filter_allows(
+        self, setup: str, debug_sees: str, exported_sees: str
     ) -> None:
-        """A local debug handler with ``user_id="raw"`` and an exported one hashing (the
-        default), on one logger: handlers share the record, and the hashing filter used to
-        keep the raw id the first filter had written. Each handler now gets its own
-        policy's fields; a field given with ``extra=`` is still kept by both."""
-        log = logging.getLogger(f"tests.logging.two-policies-{first}")
+        """Handlers share one record: a filter giving away less of an id writes it again
+        under its own policy, never the other way; a field given with ``extra=`` is kept by
+        every handler."""
+        log = logging.getLogger(f"tests.logging.policies-{setup}")
         log.setLevel(logging.INFO)
         log.propagate = False
-        seen: dict[str, list[dict[str, Any]]] = {"debug": [], "exported": []}
+        emitted: dict[str, list[dict[str, Any]]] = {"debug": [], "exported": []}
+        buffered: list[logging.LogRecord] = []
 
         class Snapshot(logging.Handler):
             """Keeps what each record carried when this handler emitted it."""
 
             def __init__(self, name: str) -> None:
                 super().__init__(logging.DEBUG)
-                self.kept = seen[name]
+                self.kept = emitted[name]
 
             def emit(self, record: logging.LogRecord) -> None:
                 self.kept.append(dict(record.__dict__))
 
+        class Buffer(logging.Handler):
+            """Keeps the records themselves, to emit them later (as a MemoryHandler does)."""
+
+            def emit(self, record: logging.LogRecord) -> None:
+                buffered.append(record)
+
         debug, exported = Snapshot("debug"), Snapshot("exported")
-        debug.addFilter(ContextFilter(user_id=first))  # type: ignore[arg-type]
-        exported.addFilter(ContextFilter())
-        log.addHandler(debug)
-        log.addHandler(exported)
+        handlers: list[logging.Handler]
+        if setup == "raw debug, hashing exported":
+            debug.addFilter(ContextFilter(user_id="raw"))
+            exported.addFilter(ContextFilter())
+            handlers = [debug, exported]
+        elif setup == "omitting debug, hashing exported":
+            debug.addFilter(ContextFilter(user_id="omit"))
+            exported.addFilter(ContextFilter())
+            handlers = [debug, exported]
+        elif setup == "hashing buffer, raw debug":
+            buffer = Buffer()
+            buffer.addFilter(ContextFilter())
+            debug.addFilter(ContextFilter(user_id="raw"))
+            handlers = [buffer, debug]
+        else:
+            log.addFilter(logger_filter := ContextFilter())
+            debug.addFilter(ContextFilter(user_id="raw"))
+            handlers = [debug, exported]
+        for handler in handlers:
+            log.addHandler(handler)
         try:
             with bind_context(UserExecutionContext.create("alice@example.com")):
                 log.info("run done")
                 log.info("given", extra={"request_id": "from-caller"})
         finally:
-            log.removeHandler(debug)
-            log.removeHandler(exported)
-        shown = {"raw": "alice@example.com", "omit": ""}[first]
-        hashed = hash_id("alice@example.com")
-        assert [r["user_id"] for r in seen["debug"]] == [shown, shown]
-        assert [r["user_id"] for r in seen["exported"]] == [hashed, hashed]
-        assert [r["request_id"] for r in seen["exported"]][1] == "from-caller"
-        assert [r["request_id"] for r in seen["debug"]][1] == "from-caller"
-        assert "alice@example.com" not in repr(seen["exported"])
+            for handler in handlers:
+                log.removeHandler(handler)
+            if setup == "hashing logger, raw debug, plain exported":
+                log.removeFilter(logger_filter)
+        for record in buffered:  # the buffer flushes now, after the other handlers ran
+            exported.handle(record)
+        shown = {"raw": "alice@example.com", "hash": hash_id("alice@example.com"), "omit": ""}
+        assert [r["user_id"] for r in emitted["debug"]] == [shown[debug_sees]] * 2
+        assert [r["user_id"] for r in emitted["exported"]] == [shown[exported_sees]] * 2
+        for records in emitted.values():
+            assert records[1]["request_id"] == "from-caller"
+        if exported_sees != "raw":
+            assert "alice@example.com" not in repr(emitted["exported"])
 
     def test_never_raises(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """If looking up the context fails, the record still goes out with empty fields."""
