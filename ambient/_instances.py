@@ -202,10 +202,11 @@ class _Pending:
                 gate = self._gates[loop_thread] = anyio.Lock()
             return gate
 
-    def wait_blocking(self) -> None:
+    def wait_blocking(self, timeout: float | None = None) -> bool:
+        """Block this thread until the creation is done (at most ``timeout``); whether it
+        is."""
         thread_event = self._thread_waiter()
-        if thread_event is not None:
-            thread_event.wait()
+        return thread_event is None or thread_event.wait(timeout)
 
 
 class _Building(threading.local):
@@ -442,14 +443,18 @@ class Instances:
             if key in handed:
                 raise _cycle((*handed, *_keys(stack), *building), key)
             if on_loop_thread():
-                # The loop would stand still until the worker thread is done, and for
-                # good if the factory there waits for the loop (anyio.from_thread).
-                msg = (
-                    f"{provider.name} is being created in a worker thread; resolve_sync() "
-                    "on the event loop's thread cannot wait for it without blocking the "
-                    "loop: use `await resolve(...)`"
-                )
-                raise ResolutionError(msg)
+                # The loop stands still while it waits, and would for good if the factory
+                # in the worker thread waits for the loop (anyio.from_thread): bounded.
+                limit = registry.cleanup_timeout
+                if not pending.wait_blocking(limit):
+                    msg = (
+                        f"{provider.name} is being created in a worker thread and was not "
+                        f"done within {limit} s, while resolve_sync() on the event loop's "
+                        "thread waited for it, blocking the loop (does its factory wait for "
+                        "the loop?): use `await resolve(...)`"
+                    )
+                    raise ResolutionError(msg)
+                continue
             pending.wait_blocking()
         observers = scope.observers
         started = time.perf_counter() if observers else 0.0

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import anyio
+import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
 import pytest
@@ -1263,42 +1264,55 @@ async def test_a_task_a_factory_starts_may_resolve_what_the_factory_makes(when: 
     await registry.aclose()
 
 
-async def test_resolve_sync_on_the_loop_never_waits_for_a_worker_threads_creation() -> None:
+@pytest.mark.parametrize("factory", ["done in time", "waits for the loop"])
+async def test_resolve_sync_on_the_loop_waits_for_a_worker_threads_creation_within_a_bound(
+    factory: str,
+) -> None:
     """A worker thread of the request is making a component when code on the event loop's
-    thread (a module-level proxy, ``resolve_sync``) asks for it: waiting would stop the
-    loop until the thread is done, and for good when the factory waits for the loop
-    (``anyio.from_thread``). It is refused at once, as the reverse case already was."""
-    started, go = threading.Event(), threading.Event()
-    safety = threading.Timer(10, go.set)  # bounds the old behaviour, which blocked here
-    safety.start()
+    thread (a module-level proxy, ``resolve_sync``) asks for it. It waits for the thread, as
+    it always did, and gets the same component. But a factory that waits for the loop
+    (``anyio.from_thread``) would never be done while the loop waits: after the registry's
+    ``cleanup_timeout`` the wait gives up with ResolutionError (it used to last forever),
+    and the thread's creation then finishes."""
+    started, asked = threading.Event(), threading.Event()
 
     class Settings:
         pass
 
     def make_settings() -> Settings:
         started.set()
-        go.wait()
+        if factory == "waits for the loop":
+            # Once the loop is about to block in resolve_sync(), which it does without
+            # yielding: the call below cannot run on it until that returns.
+            asked.wait(10)
+            anyio.from_thread.run_sync(lambda: None)
+        else:
+            finish.wait(10)
         return Settings()
 
-    registry = Registry()
+    finish = threading.Event()
+    registry = Registry(cleanup_timeout=0.5)
     registry.register(Settings, make_settings)
     made: list[object] = []
-    try:
-        async with registry.open_scope(ctx()) as scope:
-            async with anyio.create_task_group() as tg:
+    async with registry.open_scope(ctx()) as scope:
+        async with anyio.create_task_group() as tg:
 
-                async def in_worker() -> None:
-                    made.append(await anyio.to_thread.run_sync(scope.resolve_sync, Settings))
+            async def in_worker() -> None:
+                made.append(await anyio.to_thread.run_sync(scope.resolve_sync, Settings))
 
-                tg.start_soon(in_worker)
-                await anyio.to_thread.run_sync(started.wait)
-                with pytest.raises(ResolutionError, match="being created in a worker thread"):
+            tg.start_soon(in_worker)
+            await anyio.to_thread.run_sync(started.wait)
+            if factory == "waits for the loop":
+                asked.set()
+                with pytest.raises(ResolutionError, match="was not done within 0.5 s"):
                     scope.resolve_sync(Settings)
-                assert not go.is_set()
-                go.set()
-            assert scope.resolve_sync(Settings) is made[0]
-    finally:
-        safety.cancel()
+            else:
+                # The creation ends while the loop waits (a timer, as another thread would).
+                threading.Timer(0.05, finish.set).start()
+                on_the_loop = scope.resolve_sync(Settings)
+        assert scope.resolve_sync(Settings) is made[0]
+        if factory == "done in time":
+            assert on_the_loop is made[0]
 
 
 @pytest.mark.parametrize("length", [2, 3])
