@@ -93,8 +93,12 @@ def make_provider(
     if not isinstance(lifetime, Lifetime):
         msg = f"lifetime must be a Lifetime, not {lifetime!r}"
         raise RegistryError(msg)
-    if idle_ttl < 0:
-        msg = f"idle_ttl must be >= 0 seconds, not {idle_ttl!r}"
+    if (
+        isinstance(idle_ttl, bool)
+        or not isinstance(idle_ttl, int | float)
+        or not idle_ttl >= 0  # nan too: it would stop the user's components expiring
+    ):
+        msg = f"idle_ttl must be a number of seconds >= 0, not {idle_ttl!r}"
         raise RegistryError(msg)
     label = name if name is not None else key_name(key)
     if inspect.isasyncgenfunction(factory):

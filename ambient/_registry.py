@@ -102,8 +102,8 @@ class Registry:
         if not cleanup_timeout > 0:
             msg = f"cleanup_timeout must be > 0 seconds, not {cleanup_timeout!r}"
             raise ValueError(msg)
-        if max_users < 1:
-            msg = f"max_users must be >= 1, not {max_users!r}"
+        if isinstance(max_users, bool) or not isinstance(max_users, int) or max_users < 1:
+            msg = f"max_users must be an int >= 1, not {max_users!r}"
             raise ValueError(msg)
         self.cleanup_timeout = cleanup_timeout
         self.max_users = max_users
@@ -176,7 +176,8 @@ class Registry:
             )
             raise RegistryError(msg)
         if idle_ttl is not None and lifetime is not Lifetime.USER:
-            msg = f"idle_ttl applies to USER components only, not {lifetime.name}"
+            shown = lifetime.name if isinstance(lifetime, Lifetime) else repr(lifetime)
+            msg = f"idle_ttl applies to USER components only, not {shown}"
             raise RegistryError(msg)
         self.providers[key] = make_provider(
             key,

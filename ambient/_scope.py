@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 import anyio
 
 from ambient._binding import _Binding, _current, bind, unbind
-from ambient._context import ANONYMOUS
+from ambient._context import ANONYMOUS, UserExecutionContext
 from ambient._instances import Instances, finalize, finalize_sync, needs_await
 from ambient._observe import Observer, notify
 from ambient._provider import RANK, Lifetime, Provider, key_name
@@ -21,7 +21,7 @@ from ambient.errors import CleanupError, ResolutionError, ScopeClosedError
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from ambient._context import UserExecutionContext, UserRef
+    from ambient._context import UserRef
     from ambient._registry import Registry, UserEntry
 
 __all__ = ["Scope"]
@@ -120,6 +120,12 @@ class Scope:
         self.components_created = 0
         self.cleanup_failures = 0
         self.exception: BaseException | None = None
+        if type(context) is not UserExecutionContext and not isinstance(
+            context, UserExecutionContext
+        ):
+            # It would be bound as "the context", and get_current_context() return it.
+            msg = f"a Scope takes a UserExecutionContext, not {type(context).__name__}"
+            raise TypeError(msg)
 
     @property
     def registry(self) -> Registry:

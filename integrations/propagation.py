@@ -499,7 +499,7 @@ def _parse_host(entry: str) -> tuple[str, int | None]:
         port = rest.removeprefix(":")
     elif entry.count(":") == 1:
         host, port = entry.split(":")
-    if port and not port.isdigit():
+    if port and not (port.isascii() and port.isdigit()):
         msg = f"the port in host {entry!r} is not a number"
         raise ValueError(msg)
     return host.lower(), int(port) if port else None

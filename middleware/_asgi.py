@@ -357,13 +357,12 @@ class AmbientMiddleware:
         query_name = self._thread_id_query
         if query_name is not None and scope["type"] == "websocket":
             query = scope.get("query_string", b"").decode("latin-1")
-            # Bytes that are not UTF-8 come back as they were sent (not as U+FFFD, which
-            # would merge different ids into one), to be refused as the header's are.
-            parsed = urllib.parse.parse_qs(
-                query, keep_blank_values=True, encoding="utf-8", errors="surrogateescape"
-            )
+            # Through latin-1 both ways: every byte, sent raw or %-escaped, comes back as it
+            # was sent, to be read as UTF-8 (or refused) as the header's bytes are. Raw
+            # UTF-8 must name the same thread as its %-escaped and header forms.
+            parsed = urllib.parse.parse_qs(query, keep_blank_values=True, encoding="latin-1")
             found = parsed.get(query_name, [])
-            thread_ids += [value.encode("utf-8", "surrogateescape") for value in found]
+            thread_ids += [value.encode("latin-1") for value in found]
         request_id = None
         if len(request_ids) == 1 and _REQUEST_ID.fullmatch(request_ids[0]):
             try:
@@ -587,6 +586,9 @@ class _Response:
             self.status = message.get("status", 0)
             echo = self._echo
             headers = message.get("headers") or []
+            if type(headers) is not list and type(headers) is not tuple:
+                # Any iterable will do in ASGI: looked through below, it would be used up.
+                headers = message["headers"] = list(headers)
             echo_name = echo[0][0]
             for name, _ in headers:
                 if name.lower() == echo_name:

@@ -45,8 +45,10 @@ class Problem:
         ``Retry-After`` and ``WWW-Authenticate`` headers when it has them."""
         status = error.http_status or 500
         headers: list[tuple[bytes, bytes]] = []
-        if error.retry_after is not None:
-            seconds = max(1, math.ceil(error.retry_after))
+        retry_after = error.retry_after
+        if retry_after is not None:
+            # An error built with inf or nan must still be answered, not raise here.
+            seconds = max(1, math.ceil(retry_after)) if math.isfinite(retry_after) else 1
             headers.append((b"retry-after", str(seconds).encode()))
         if error.challenge is not None:
             headers.append((_WWW_AUTHENTICATE, error.challenge.encode("ascii")))

@@ -78,7 +78,9 @@ class Identity:
     def __post_init__(self) -> None:
         expires = self.expires_at
         if expires is not None and (
-            isinstance(expires, bool) or not isinstance(expires, int | float) or math.isnan(expires)
+            isinstance(expires, bool)
+            or not isinstance(expires, int | float)
+            or (isinstance(expires, float) and math.isnan(expires))
         ):
             msg = f"Identity.expires_at must be seconds since the epoch or None, not {expires!r}"
             raise TypeError(msg)
@@ -312,7 +314,8 @@ def _host_port(node: str) -> tuple[str, int]:
         host, _, port = node.partition(":")
     else:
         host, port = node, ""
-    return host, int(port) if port.isdigit() else 0
+    # isdecimal() alone admits digits int() refuses (latin-1 '²'), and other scripts'.
+    return host, int(port) if port.isascii() and port.isdigit() else 0
 
 
 def _nodes(name: bytes, value: bytes) -> list[str]:
@@ -856,7 +859,10 @@ def jwt_bearer(
             raise _token_refused(f"the token's {tenant_claim!r} claim is not a string")
         # PyJWT honours the token until int(exp) + leeway; so does a websocket.
         exp = claims.get("exp")
-        expires_at = None if exp is None else int(exp) + leeway
+        try:
+            expires_at = None if exp is None else float(int(exp) + leeway)
+        except OverflowError:  # an exp past what a float holds: never, in practice
+            expires_at = None
         return Identity(user_id, tenant, _ReadOnlyDict(claims), expires_at=expires_at)
 
     if jwk_client is not None:

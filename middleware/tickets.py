@@ -23,6 +23,7 @@ SHA-256 of the ticket, never the ticket itself.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -219,8 +220,11 @@ class WebSocketTickets:
         claims = ctx.metadata.get("claims")
         if expires_at is None and isinstance(claims, Mapping):
             exp = claims.get("exp")
-            if isinstance(exp, int | float) and not isinstance(exp, bool):
-                expires_at = float(exp)
+            if exp is not None and not isinstance(exp, bool):
+                # As PyJWT and jwt_bearer() read it (a numeric string too): the ticket's
+                # socket must end when the token it was issued from does.
+                with contextlib.suppress(TypeError, ValueError, OverflowError):
+                    expires_at = float(int(exp))
         ticket = secrets.token_urlsafe(32)
         now = self._clock()
         payload = {

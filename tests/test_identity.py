@@ -1077,3 +1077,34 @@ class TestAnonymousAndRefusedIdentities:
         assert registry.stats().live_users == 2
         await registry.aclose()
         assert sorted(cleaned) == sorted(anonymous_memos | real)
+
+
+@pytest.mark.parametrize(
+    ("client", "headers"),
+    [
+        (("127.0.0.1", 4000), [(b"x-forwarded-for", b"127.0.0.1:\xb2")]),
+        (("127.0.0.1", 4000), [(b"forwarded", b'for="127.0.0.1:\xb3"')]),
+        (
+            ("203.0.113.9", 4000),
+            [(b"x-user-id", b"bob"), (b"x-forwarded-for", b"1:\xb2, 203.0.113.9:4000")],
+        ),
+    ],
+)
+def test_a_forwarded_port_of_digits_int_refuses_is_no_port(
+    client: tuple[str, int], headers: list[tuple[bytes, bytes]]
+) -> None:
+    """Header bytes are read as latin-1, where '\xb2' is '²': a digit to ``isdigit()``
+    that ``int()`` refuses. Any client could make the peer check raise ValueError (no
+    answer at all) with such a port in a forwarding header."""
+    scope = http_scope([(b"x-user-id", b"alice"), *headers], client=client)
+    identity = trusted_header()(scope)
+    assert identity is None or identity.user_id == "alice"
+
+
+def test_a_token_whose_exp_no_float_holds_never_expires_instead_of_failing() -> None:
+    """PyJWT takes ``exp=2**1024`` (or a string of 400 nines); adding the leeway to it
+    raised OverflowError: a 500 for a validly signed token."""
+    for exp in (2**1024, "9" * 400):
+        identity = hs_resolver(leeway=5)(bearer(token({"exp": exp})))
+        assert identity is not None
+        assert identity.expires_at is None

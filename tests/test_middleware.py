@@ -1434,3 +1434,83 @@ class TestHowTheRequestEnded:
         )
         assert registry.stats().open_scopes == 0
         return seen
+
+
+@pytest.mark.parametrize("kind", ["generator", "iterator", "map"])
+@pytest.mark.parametrize("own_id", [False, True])
+async def test_response_headers_given_as_any_iterable_all_arrive(kind: str, own_id: bool) -> None:
+    """ASGI takes any iterable of headers: the middleware looked through it for the
+    request id header and then rebuilt the list from the same, used-up, iterator, so the
+    app's headers (content type, cookies) never reached the client."""
+    wanted = [
+        (b"content-type", b"text/plain"),
+        (b"set-cookie", b"a=1"),
+        *([(b"x-request-id", b"mine")] if own_id else []),
+        (b"x-after", b"1"),
+    ]
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if kind == "generator":
+            headers: Any = (pair for pair in wanted)
+        elif kind == "iterator":
+            headers = iter(wanted)
+        else:
+            headers = map(tuple, wanted)
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    middleware = AmbientMiddleware(app, registry=Registry(), identity=trusted_header())
+    async with client(middleware) as http:
+        response = await http.get("/", headers={"x-user-id": "u", "x-request-id": "r-1"})
+    assert response.headers["content-type"] == "text/plain"
+    assert response.headers["set-cookie"] == "a=1"
+    assert response.headers["x-after"] == "1"
+    assert response.headers["x-request-id"] == ("mine" if own_id else "r-1")
+
+
+@pytest.mark.parametrize("retry_after", [float("inf"), float("nan")])
+async def test_an_error_with_a_retry_after_of_no_number_of_seconds_is_still_answered(
+    retry_after: float,
+) -> None:
+    """``math.ceil`` of inf or nan raised while the 503 was being written: no answer."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise PoolExhaustedError("no connection", retry_after=retry_after)
+
+    middleware = AmbientMiddleware(app, registry=Registry(), identity=trusted_header())
+    async with client(middleware) as http:
+        response = await http.get("/", headers={"x-user-id": "u"})
+    assert_problem(response, 503)
+    assert response.headers["retry-after"] == "1"
+
+
+async def test_a_query_thread_id_sent_as_raw_utf8_is_the_same_thread_as_its_escaped_form() -> None:
+    """A server that passes the query's raw bytes: ``thread=\xc3\xa9`` was read byte by
+    byte as latin-1 ('Ã©'), a thread other than the header's or the escaped query's 'é',
+    and a raw '\xff' was taken as 'ÿ' where the header refuses it."""
+    seen: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(ambient.get_current_context().thread_id)
+        await receive()
+        await send({"type": "websocket.close", "code": 1000})
+
+    middleware = AmbientMiddleware(
+        app, registry=Registry(), identity=trusted_header(), thread_id_query="thread"
+    )
+    user = [(b"x-user-id", b"ann")]
+    for query in (b"thread=t-\xc3\xa9", b"thread=t-%C3%A9"):
+        await drive(middleware, ws_scope(user, query_string=query), [{"type": "websocket.connect"}])
+    refused = await drive(
+        middleware, ws_scope(user, query_string=b"thread=t-\xff"), [{"type": "websocket.connect"}]
+    )
+    assert seen == ["t-é", "t-é"]
+    assert refused[0]["code"] == 1008
+
+
+@pytest.mark.parametrize("context", ["alice", None])
+def test_a_scope_takes_a_context_only(context: Any) -> None:
+    """``Scope(registry, "alice")`` bound the string as "the context":
+    ``get_current_context()`` returned it."""
+    with pytest.raises(TypeError, match="takes a UserExecutionContext"):
+        ambient.Scope(Registry(), context)

@@ -1695,6 +1695,9 @@ def test_pool_options_are_checked_at_construction(strategy: type[Any]) -> None:
         ("return_timeout", -1.0, "return_timeout must be > 0 seconds, not -1.0"),
         ("return_timeout", float("nan"), "return_timeout must be > 0 seconds, not nan"),
         ("retry_after", 0, "retry_after must be > 0 seconds"),
+        # A Retry-After header of inf or nan seconds cannot be written.
+        ("retry_after", float("inf"), "retry_after must be > 0 seconds and finite"),
+        ("retry_after", float("nan"), "retry_after must be > 0 seconds and finite"),
         ("rls_check", "loud", "rls_check must be"),
     ],
 )

@@ -386,3 +386,28 @@ async def test_an_observer_given_to_the_registry_and_installed_process_wide_sees
     assert events == ["opened"]
     assert report.ok, report.violations
     assert (report.created, report.cleaned, report.scopes) == (1, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"lifetime": Lifetime.USER, "idle_ttl": float("nan")}, "idle_ttl must be a number"),
+        ({"lifetime": Lifetime.USER, "idle_ttl": "5"}, "idle_ttl must be a number"),
+        ({"lifetime": Lifetime.USER, "idle_ttl": True}, "idle_ttl must be a number"),
+        ({"lifetime": "user", "idle_ttl": 5}, "idle_ttl applies to USER components only"),
+    ],
+)
+def test_registrations_no_expiry_could_follow_are_refused(
+    options: dict[str, Any], error: str
+) -> None:
+    """``idle_ttl=nan`` was accepted and stopped the user's other components from ever
+    expiring (the next expiry became never); a lifetime given as a string with an
+    ``idle_ttl`` was an AttributeError, an ``idle_ttl`` of "5" a TypeError."""
+    with pytest.raises(RegistryError, match=error):
+        Registry().register("component", object, **options)
+
+
+@pytest.mark.parametrize("max_users", [float("nan"), 1.5, True])
+def test_max_users_is_a_whole_number(max_users: Any) -> None:
+    with pytest.raises(ValueError, match="max_users must be an int"):
+        Registry(max_users=max_users)

@@ -131,6 +131,16 @@ class TestMemory:
         assert first.expires_at == 2_000_000_000
         assert second.expires_at == 1_900_000_000.5
 
+    async def test_a_numeric_string_exp_ends_the_socket_as_jwt_bearer_reads_it(self) -> None:
+        """PyJWT and ``jwt_bearer`` honour ``exp`` given as a numeric string; the ticket
+        issued from such a token ignored it, and its socket never expired."""
+        tickets = WebSocketTickets()
+        with bound(exp="2000000000"):
+            ticket = await tickets.issue()
+        identity = await tickets(handshake(ticket))
+        assert identity is not None
+        assert identity.expires_at == 2_000_000_000
+
     async def test_one_ticket_twenty_handshakes_at_once_one_gets_in(self) -> None:
         tickets = WebSocketTickets()
         with bound():

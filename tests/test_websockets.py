@@ -1213,6 +1213,8 @@ async def test_a_socket_the_hub_closes_ends_its_handlers_block_quietly(ending: s
 
 
 def test_envelopes_survive_the_wire() -> None:
+    """Round trips; and a message cut short, or whose lengths claim more than it holds,
+    is not an envelope (it decoded as one for user '' or a cut target)."""
     from ambient import UserRef
 
     for envelope in (
@@ -1227,6 +1229,16 @@ def test_envelopes_survive_the_wire() -> None:
         assert decode_envelope(encode_envelope(envelope)) == envelope
     with pytest.raises(ValueError, match="envelope"):
         decode_envelope(b"\x01")
+    raw = encode_envelope(Envelope(UserRef("alice", "acme"), 1, "thread-1234", "data"))
+    parts = 8 + len("acme") + len("alice") + len("thread-1234")  # the header, then the ids
+    for cut in range(8, parts):
+        with pytest.raises(ValueError, match="envelope"):
+            decode_envelope(raw[:cut])
+    no_user = b"\x00\x00\x00\x00\x00\x00\x00\x01"
+    longer_than_sent = b"\x00\x00\x00\x00\x00\x05\x00\x00ab"
+    for lying in (no_user, longer_than_sent):
+        with pytest.raises(ValueError, match="envelope"):
+            decode_envelope(lying)
 
 
 # -- Redis: several processes, a restart, trio ----------------------------------------------

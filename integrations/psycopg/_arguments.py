@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -86,8 +87,8 @@ class _Arguments:
         if not return_timeout > 0:
             msg = f"return_timeout must be > 0 seconds, not {return_timeout!r}"
             raise ValueError(msg)
-        if not retry_after > 0:
-            msg = f"retry_after must be > 0 seconds, not {retry_after!r}"
+        if not 0 < retry_after < math.inf:
+            msg = f"retry_after must be > 0 seconds and finite, not {retry_after!r}"
             raise ValueError(msg)
         if rls_check not in ("raise", "warn", "off"):
             msg = f"rls_check must be 'raise', 'warn' or 'off', not {rls_check!r}"

@@ -90,6 +90,10 @@ def decode_envelope(raw: bytes) -> Envelope:
     except struct.error:
         raise ValueError("not an ambient websocket envelope") from None
     at = _HEADER.size
+    # A message cut short (or with lengths that lie) would decode as another user's or
+    # target's: every part it declares must be there, and a user named.
+    if not user_len or len(raw) < at + max(tenant_len - 1, 0) + user_len + target_len:
+        raise ValueError("not an ambient websocket envelope")
     tenant = None
     if tenant_len:
         tenant = raw[at : at + tenant_len - 1].decode()
