@@ -17,6 +17,7 @@ from typing import ClassVar
 __all__ = [
     "AmbientError",
     "AmbientWarning",
+    "BroadcastError",
     "CleanupError",
     "CleanupTimeoutError",
     "ContextSwitchError",
@@ -26,6 +27,7 @@ __all__ = [
     "IdentityUnavailableError",
     "IncompleteResponseError",
     "InvalidContextError",
+    "InvalidTokenError",
     "NoActiveContextError",
     "PoolExhaustedError",
     "RegistryError",
@@ -280,6 +282,37 @@ class RowSecurityError(AmbientError, RuntimeError):
         super().__init__(
             "row-level security would not protect this connection: " + "; ".join(problems)
         )
+
+
+class InvalidTokenError(IdentityError):
+    """A context token was refused (answered with 401 when it came with a request).
+
+    Attributes:
+        reason: ``"malformed"``, ``"foreign-key"`` (signed with a key this side does not
+            have), ``"tampered"`` (the signature does not match), ``"expired"``,
+            ``"not-yet-valid"``, ``"audience"``, ``"untrusted-peer"`` or ``"mismatch"``
+            (a correlation header contradicts the token).
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        super().__init__(detail, status=401)
+
+
+class BroadcastError(AmbientError, ConnectionError):
+    """The event could not be handed to the delivery backend (Redis is unreachable).
+
+    Raised to the sender, never swallowed: the event was not delivered anywhere. An HTTP
+    request that lets it propagate is answered 503 with ``Retry-After`` by the middleware.
+    """
+
+    http_status = 503
+    problem_type = "urn:ambient:problem:broadcast-unavailable"
+    title = "Event delivery unavailable"
+
+    def __init__(self, detail: str, *, retry_after: float = 1.0) -> None:
+        self.retry_after = retry_after
+        super().__init__(detail)
 
 
 class UnsupportedBackendError(AmbientError, RuntimeError):

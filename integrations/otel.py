@@ -129,7 +129,8 @@ def configure_tracing(
         headers: Extra export headers (e.g. an API key); default ``OTEL_EXPORTER_OTLP_HEADERS``.
 
     Returns:
-        A :class:`TracingHandle`; call ``shutdown()`` at exit to flush.
+        A :class:`TracingHandle`; call ``shutdown()`` in the application's lifespan
+        shutdown to flush (see the module's docs: not after ``uvicorn.run()``).
     """
     if not isinstance(service_name, str) or not service_name.strip():
         msg = "service_name must be a non-empty str (it becomes the resource's service.name)"

@@ -56,7 +56,7 @@ from ambient._binding import bind_context, current_context_or_none, get_current_
 from ambient._context import UserExecutionContext
 from ambient._registry import Registry
 from ambient._scope import Scope
-from ambient.errors import IdentityError, InvalidContextError
+from ambient.errors import IdentityError, InvalidContextError, InvalidTokenError
 from ambient.middleware.identity import (
     Identity,
     IdentityResolver,
@@ -94,21 +94,6 @@ _KID_LABEL: Final = b"ambient context key id"
 # version . key id . payload . HMAC-SHA256 (32 bytes: 43 base64url characters, no padding)
 _TOKEN: Final = re.compile(r"v1\.[0-9a-f]{8}\.[A-Za-z0-9_-]{1,4000}\.[A-Za-z0-9_-]{43}")
 _LOOPBACK: Final = ("127.0.0.1/32", "::1/128")
-
-
-class InvalidTokenError(IdentityError):
-    """A context token was refused (answered with 401 when it came with a request).
-
-    Attributes:
-        reason: ``"malformed"``, ``"foreign-key"`` (signed with a key this side does not
-            have), ``"tampered"`` (the signature does not match), ``"expired"``,
-            ``"not-yet-valid"``, ``"audience"``, ``"untrusted-peer"`` or ``"mismatch"``
-            (a correlation header contradicts the token).
-    """
-
-    def __init__(self, reason: str, detail: str) -> None:
-        self.reason = reason
-        super().__init__(detail, status=401)
 
 
 def _b64encode(data: bytes) -> str:

@@ -37,6 +37,7 @@ from ambient.errors import (
 )
 from ambient.middleware._problem import Problem, Receive, Send
 from ambient.middleware.identity import (
+    _EXPIRES_AT_KEY,
     Identity,
     IdentityResolver,
     _challenge_of,
@@ -255,6 +256,8 @@ class AmbientMiddleware:
                 response = socket = _Socket(send, echo)
             registry = self.registry
             component_scope = Scope(registry, ctx, observer=self.telemetry)
+            if identity is not None and identity.expires_at is not None:
+                component_scope.state[_EXPIRES_AT_KEY] = identity.expires_at
             if registry.expiry_due():
                 await registry.expire_idle()
             handshake = _Handshake(receive) if websocket else None
@@ -581,7 +584,7 @@ class _Response:
             if not message.get("more_body", False):
                 self.ended = True
             return self._send(message)
-        if kind == "http.response.start":
+        if kind in ("http.response.start", "websocket.accept"):
             self.started = True
             self.status = message.get("status", 0)
             echo = self._echo

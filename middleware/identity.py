@@ -92,6 +92,10 @@ class Identity:
         request (a one-time websocket ticket) gives it back here; this one spent nothing."""
 
 
+# The request scope's state key for its identity's expiry, for what outlives the request on
+# its behalf (a websocket ticket it issues must not outlive the credential either).
+_EXPIRES_AT_KEY: Final = "ambient.identity.expires_at"
+
 _set_user_id = Identity.__dict__["user_id"].__set__
 _set_tenant_id = Identity.__dict__["tenant_id"].__set__
 _set_claims = Identity.__dict__["claims"].__set__

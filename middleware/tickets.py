@@ -38,10 +38,10 @@ from typing import Any, Protocol, runtime_checkable
 from urllib.parse import parse_qsl
 
 from ambient import _loops
-from ambient._binding import get_current_context
+from ambient._binding import _shown, get_current_context
 from ambient._context import ReadOnlyDict as _ReadOnlyDict
 from ambient.errors import IdentityError, IdentityUnavailableError
-from ambient.middleware.identity import Identity
+from ambient.middleware.identity import _EXPIRES_AT_KEY, Identity
 
 __all__ = ["MemoryTicketStore", "RedisTicketStore", "TicketStore", "WebSocketTickets"]
 
@@ -210,7 +210,8 @@ class WebSocketTickets:
         """A ticket for the current context's user and tenant, with its ``claims``.
 
         The websocket it opens expires (closed with 4001) at ``expires_at``, by default
-        the ``exp`` claim of the credential the current request presented, if any.
+        when the credential the current request presented does (a JWT's ``exp``, a signed
+        context's expiry), if it does.
 
         Raises:
             NoActiveContextError: outside a request.
@@ -218,6 +219,10 @@ class WebSocketTickets:
         """
         ctx = get_current_context()
         claims = ctx.metadata.get("claims")
+        if expires_at is None:
+            binding = _shown()
+            if binding is not None and binding.scope is not None:
+                expires_at = binding.scope.owner.state.get(_EXPIRES_AT_KEY)
         if expires_at is None and isinstance(claims, Mapping):
             exp = claims.get("exp")
             if exp is not None and not isinstance(exp, bool):

@@ -280,7 +280,8 @@ class TestDependencies:
             await websocket.close()
 
         sent = await websocket_exchange(app, "/ws", ALICE)
-        assert sent[0] == {"type": "websocket.accept", "subprotocol": None, "headers": []}
+        assert (sent[0]["type"], sent[0]["subprotocol"]) == ("websocket.accept", None)
+        assert [name for name, _ in sent[0]["headers"]] == [b"x-request-id"]
         assert json.loads(sent[1]["text"]) == {"user": "alice", "probe_user": "alice"}
         assert sent[2]["type"] == "websocket.close"
 

@@ -1514,3 +1514,27 @@ def test_a_scope_takes_a_context_only(context: Any) -> None:
     ``get_current_context()`` returned it."""
     with pytest.raises(TypeError, match="takes a UserExecutionContext"):
         ambient.Scope(Registry(), context)
+
+
+async def test_an_accepted_websocket_echoes_the_request_id_as_a_response_does() -> None:
+    """The request id "is echoed on the response": on an accepted websocket it was not,
+    only on a refused one. It goes with the handshake's 101 now (the accept's headers),
+    kept when the app set its own."""
+
+    def app_accepting(headers: list[tuple[bytes, bytes]]) -> Any:
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await receive()
+            await send({"type": "websocket.accept", "headers": headers})
+            await send({"type": "websocket.close", "code": 1000})
+
+        return app
+
+    user = [(b"x-user-id", b"ann"), (b"x-request-id", b"req-1")]
+    for own, expected in (([], b"req-1"), ([(b"x-request-id", b"mine")], b"mine")):
+        middleware = AmbientMiddleware(
+            app_accepting(own), registry=Registry(), identity=trusted_header()
+        )
+        sent = await drive(middleware, ws_scope(user), [{"type": "websocket.connect"}])
+        accept = sent[0]
+        assert accept["type"] == "websocket.accept"
+        assert [v for k, v in accept["headers"] if k == b"x-request-id"] == [expected]

@@ -141,6 +141,36 @@ class TestMemory:
         assert identity is not None
         assert identity.expires_at == 2_000_000_000
 
+    async def test_a_ticket_issued_under_a_credential_without_claims_expires_with_it(
+        self,
+    ) -> None:
+        """A signed context (a service's token) carries its expiry but no claims: the
+        ticket issued under it used to open a socket that never expired, so a 30-second
+        service token could be turned into a socket that lives on."""
+        from ambient.integrations.propagation import ContextSigner, capture, signed_context
+
+        signer = ContextSigner("k" * 32)
+        tickets = WebSocketTickets()
+
+        async def issue(request: Request) -> Response:
+            return JSONResponse({"ticket": await tickets.issue()})
+
+        app = AmbientMiddleware(
+            Starlette(routes=[Route("/ticket", issue)]),
+            registry=Registry(),
+            identity=signed_context(signer),
+        )
+        token = capture(UserExecutionContext.create("svc"), secret=signer, ttl=30)
+        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 1))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            answer = await http.get("/ticket", headers={"x-ambient-context": token})
+        assert answer.status_code == 200, answer.text
+        identity = await tickets(handshake(answer.json()["ticket"]))
+        assert identity is not None
+        assert identity.user_id == "svc"
+        assert identity.expires_at is not None
+        assert time.time() < identity.expires_at <= time.time() + 31 + signer.leeway
+
     async def test_one_ticket_twenty_handshakes_at_once_one_gets_in(self) -> None:
         tickets = WebSocketTickets()
         with bound():

@@ -61,8 +61,8 @@ Example::
             await ws.send({"type": "token", "text": token})
 """
 
-from ambient.errors import UnsupportedBackendError
-from ambient.integrations.websockets._broadcast import Broadcast, BroadcastError, InProcessBroadcast
+from ambient.errors import BroadcastError, UnsupportedBackendError
+from ambient.integrations.websockets._broadcast import Broadcast, InProcessBroadcast
 from ambient.integrations.websockets._broadcast import Deliver as Deliver
 from ambient.integrations.websockets._connection import Connection, WebSocketLike
 from ambient.integrations.websockets._envelope import REVOKE as REVOKE

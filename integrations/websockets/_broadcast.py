@@ -8,25 +8,7 @@ from typing import Protocol
 import anyio
 
 from ambient import UserRef
-from ambient.errors import AmbientError
 from ambient.integrations.websockets._envelope import Envelope
-
-
-class BroadcastError(AmbientError, ConnectionError):
-    """The event could not be handed to the delivery backend (Redis is unreachable).
-
-    Raised to the sender, never swallowed: the event was not delivered anywhere. An HTTP
-    request that lets it propagate is answered 503 with ``Retry-After`` by the middleware.
-    """
-
-    http_status = 503
-    problem_type = "urn:ambient:problem:broadcast-unavailable"
-    title = "Event delivery unavailable"
-
-    def __init__(self, detail: str, *, retry_after: float = 1.0) -> None:
-        self.retry_after = retry_after
-        super().__init__(detail)
-
 
 Deliver = Callable[[Envelope], None]
 

@@ -13,7 +13,8 @@ import anyio
 import ambient
 from ambient import Lifetime, Registry, UserExecutionContext, UserRef
 from ambient._context import validate_id
-from ambient.integrations.websockets._broadcast import Broadcast, BroadcastError, InProcessBroadcast
+from ambient.errors import BroadcastError
+from ambient.integrations.websockets._broadcast import Broadcast, InProcessBroadcast
 from ambient.integrations.websockets._connection import Connection, WebSocketLike
 from ambient.integrations.websockets._envelope import REVOKE, TO_CONNECTION, TO_USER, Envelope
 from ambient.integrations.websockets._manager import UserWebSocketManager

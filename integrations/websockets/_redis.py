@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ambient import UserRef, _loops
-from ambient.integrations.websockets._broadcast import BroadcastError, Deliver, _attach_once
+from ambient.errors import BroadcastError
+from ambient.integrations.websockets._broadcast import Deliver, _attach_once
 from ambient.integrations.websockets._envelope import (
     REVOKE,
     Envelope,
