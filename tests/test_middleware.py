@@ -609,6 +609,28 @@ async def drive(app: Any, scope: dict[str, Any], incoming: list[Message]) -> lis
     return sent
 
 
+class Session:
+    """A USER component that knows whether it is still open."""
+
+    open = True
+
+
+def _noted_session(
+    order: list[str], note: str
+) -> Callable[[ambient.UserRef], AsyncIterator[Session]]:
+    """A factory of :class:`Session` whose close appends ``note`` to ``order``."""
+
+    async def session(user: ambient.UserRef) -> AsyncIterator[Session]:
+        component = Session()
+        try:
+            yield component
+        finally:
+            component.open = False
+            order.append(note)
+
+    return session
+
+
 def _tx_registry(seen: list[BaseException | None]) -> Registry:
     """A registry whose REQUEST "tx" notes how its request ended: the exception its cleanup
     saw, or ``None`` for a clean exit (a transaction around the ``yield`` commits then)."""
@@ -743,16 +765,7 @@ class TestLifespan:
         registry = Registry()
         BUILT.append(registry)
 
-        class Session:
-            open = True
-
-        async def session(user: ambient.UserRef) -> AsyncIterator[Session]:
-            component = Session()
-            try:
-                yield component
-            finally:
-                component.open = False
-                order.append("user component closed")
+        session = _noted_session(order, "user component closed")
 
         async def unit_of_work() -> AsyncIterator[str]:
             user_session = await ambient.resolve(Session)
@@ -834,16 +847,7 @@ class TestLifespan:
         registry = Registry(cleanup_timeout=30)
         BUILT.append(registry)
 
-        class Session:
-            open = True
-
-        async def session(user: ambient.UserRef) -> AsyncIterator[Session]:
-            component = Session()
-            try:
-                yield component
-            finally:
-                component.open = False
-                order.append("session closed")
+        session = _noted_session(order, "session closed")
 
         registry.register(Session, session, lifetime=Lifetime.USER)
         stop = anyio.Event()
@@ -886,16 +890,7 @@ class TestLifespan:
         BUILT.append(registry)
         cleaning = anyio.Event()
 
-        class Session:
-            open = True
-
-        async def session(user: ambient.UserRef) -> AsyncIterator[Session]:
-            component = Session()
-            try:
-                yield component
-            finally:
-                component.open = False
-                order.append("session closed")
+        session = _noted_session(order, "session closed")
 
         def step(name: str) -> Callable[[], AsyncIterator[str]]:
             async def make() -> AsyncIterator[str]:
