@@ -1069,18 +1069,24 @@ class TestContinuedRuns:
         assert "different users" in assert_problem(mismatch, 400)["detail"]
 
 
+def _thread_recorder(seen: list[str]) -> AmbientMiddleware:
+    """A socket app behind the middleware (thread ids also from ``?thread=``) that notes
+    the thread id of each socket it serves."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(ambient.get_current_context().thread_id)
+        await receive()
+        await send({"type": "websocket.close", "code": 1000})
+
+    return AmbientMiddleware(
+        app, registry=Registry(), identity=trusted_header(), thread_id_query="thread"
+    )
+
+
 class TestWebsocketThreadQuery:
     async def test_a_browser_socket_names_its_thread_in_the_query(self) -> None:
         seen: list[str] = []
-
-        async def app(scope: Any, receive: Any, send: Any) -> None:
-            seen.append(ambient.get_current_context().thread_id)
-            await receive()
-            await send({"type": "websocket.close", "code": 1000})
-
-        middleware = AmbientMiddleware(
-            app, registry=Registry(), identity=trusted_header(), thread_id_query="thread"
-        )
+        middleware = _thread_recorder(seen)
         user = [(b"x-user-id", b"ann")]
         await drive(
             middleware,
@@ -1484,15 +1490,7 @@ async def test_a_query_thread_id_sent_as_raw_utf8_is_the_same_thread_as_its_esca
     byte as latin-1 ('Ã©'), a thread other than the header's or the escaped query's 'é',
     and a raw '\xff' was taken as 'ÿ' where the header refuses it."""
     seen: list[str] = []
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        seen.append(ambient.get_current_context().thread_id)
-        await receive()
-        await send({"type": "websocket.close", "code": 1000})
-
-    middleware = AmbientMiddleware(
-        app, registry=Registry(), identity=trusted_header(), thread_id_query="thread"
-    )
+    middleware = _thread_recorder(seen)
     user = [(b"x-user-id", b"ann")]
     for query in (b"thread=t-\xc3\xa9", b"thread=t-%C3%A9"):
         await drive(middleware, ws_scope(user, query_string=query), [{"type": "websocket.connect"}])
