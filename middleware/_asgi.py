@@ -632,7 +632,11 @@ async def _serve_until_expiry(
     """Run a websocket's app until its identity expires; then cancel it and close the
     socket with 4001, so that no message is handled for an identity no longer valid. A
     socket the app had not accepted yet is refused as any expired credential is (401)."""
-    left = expires_at - time.time()
+    try:
+        left = expires_at - time.time()
+    except OverflowError:  # an int no float holds: an expiry that never comes
+        await app(scope, receive, socket)
+        return
     with anyio.CancelScope(deadline=anyio.current_time() + left) as expiry:
         await app(scope, receive, socket)
     if expiry.cancelled_caught and not socket.started:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from typing import Any
+from typing import Any, Final
 
 from ambient.errors import AmbientError
 
@@ -16,6 +16,8 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 _MAX_REASON = 123
 # 1008 policy violation for refusals, 1013 "try again later" for overload.
 _WS_CODES = {429: 1013, 503: 1013}
+# A day: a Retry-After longer than that says nothing a client would act on.
+_RETRY_AFTER_MAX: Final = 86_400
 _WWW_AUTHENTICATE = b"www-authenticate"
 
 
@@ -47,8 +49,14 @@ class Problem:
         headers: list[tuple[bytes, bytes]] = []
         retry_after = error.retry_after
         if retry_after is not None:
-            # An error built with inf or nan must still be answered, not raise here.
-            seconds = max(1, math.ceil(retry_after)) if math.isfinite(retry_after) else 1
+            # Whatever the error was built with (inf, nan, an int no float holds), it must
+            # still be answered, with a header of a sane size.
+            try:
+                seconds = min(max(1, math.ceil(retry_after)), _RETRY_AFTER_MAX)
+            except OverflowError:
+                seconds = _RETRY_AFTER_MAX
+            except ValueError:
+                seconds = 1
             headers.append((b"retry-after", str(seconds).encode()))
         if error.challenge is not None:
             headers.append((_WWW_AUTHENTICATE, error.challenge.encode("ascii")))

@@ -1469,11 +1469,16 @@ async def test_response_headers_given_as_any_iterable_all_arrive(kind: str, own_
     assert response.headers["x-request-id"] == ("mine" if own_id else "r-1")
 
 
-@pytest.mark.parametrize("retry_after", [float("inf"), float("nan")])
+@pytest.mark.parametrize(
+    ("retry_after", "header"),
+    [(float("inf"), "86400"), (float("nan"), "1"), (10**400, "86400"), (90_000.5, "86400")],
+)
 async def test_an_error_with_a_retry_after_of_no_number_of_seconds_is_still_answered(
-    retry_after: float,
+    retry_after: float, header: str
 ) -> None:
-    """``math.ceil`` of inf or nan raised while the 503 was being written: no answer."""
+    """``math.ceil`` of inf or nan raised while the 503 was being written: no answer. An
+    int no float holds must not raise either, nor a header of hundreds of digits go out:
+    at most a day."""
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         raise PoolExhaustedError("no connection", retry_after=retry_after)
@@ -1482,7 +1487,7 @@ async def test_an_error_with_a_retry_after_of_no_number_of_seconds_is_still_answ
     async with client(middleware) as http:
         response = await http.get("/", headers={"x-user-id": "u"})
     assert_problem(response, 503)
-    assert response.headers["retry-after"] == "1"
+    assert response.headers["retry-after"] == header
 
 
 async def test_a_query_thread_id_sent_as_raw_utf8_is_the_same_thread_as_its_escaped_form() -> None:
@@ -1531,3 +1536,23 @@ async def test_an_accepted_websocket_echoes_the_request_id_as_a_response_does() 
         accept = sent[0]
         assert accept["type"] == "websocket.accept"
         assert [v for k, v in accept["headers"] if k == b"x-request-id"] == [expected]
+
+
+async def test_a_websocket_whose_identity_expires_past_what_a_float_holds_is_served() -> None:
+    """``Identity(expires_at=10**400)`` is accepted (an expiry that never comes); the socket
+    it opened raised OverflowError computing the time left, and was never served."""
+    served: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        served.append(ambient.get_current_context().user_id)
+        await send({"type": "websocket.close", "code": 1000})
+
+    def forever(scope: Any) -> Identity:
+        return Identity("ann", expires_at=10**400)
+
+    middleware = AmbientMiddleware(app, registry=Registry(), identity=forever)
+    sent = await drive(middleware, ws_scope([]), [{"type": "websocket.connect"}])
+    assert [m["type"] for m in sent] == ["websocket.accept", "websocket.close"]
+    assert served == ["ann"]
