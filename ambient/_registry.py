@@ -8,7 +8,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
@@ -466,37 +466,31 @@ class Registry:
         failures: list[Exception] = []
         interrupted: list[BaseException] = []
 
-        async def close(entry: UserEntry, created: list[Any]) -> None:
+        async def clean(cleanup: Callable[[], Awaitable[list[Exception]]]) -> None:
             with anyio.CancelScope(shield=True):
                 try:
-                    failures.extend(await self._close_entry(entry, created))
+                    failures.extend(await cleanup())
                 except BaseException as exc:  # noqa: BLE001 - raised below, after the rest
                     interrupted.append(exc)
 
-        async def close_app(created: list[Any]) -> None:
-            with anyio.CancelScope(shield=True):
-                try:
-                    failures.extend(
-                        await finalize(created, None, self, None, self._cleanup_observers())
-                    )
-                except BaseException as exc:  # noqa: BLE001 - raised below
-                    interrupted.append(exc)
-
-        async def in_tasks(calls: list[Callable[[], Coroutine[Any, Any, None]]]) -> None:
+        async def in_tasks(cleanups: list[Callable[[], Awaitable[list[Exception]]]]) -> None:
             # In tasks of their own even for one user: a native cancellation of the caller
             # lands in the caller, waiting here, never inside a cleanup.
             try:
                 async with anyio.create_task_group() as group:
-                    for call in calls:
-                        group.start_soon(call)
+                    for cleanup in cleanups:
+                        group.start_soon(clean, cleanup)
             except BaseException as exc:  # noqa: BLE001 - raised below
                 interrupted.append(exc)
 
         with anyio.CancelScope(shield=True):
             if due:
-                await in_tasks([functools.partial(close, entry, created) for entry, created in due])
+                await in_tasks(
+                    [functools.partial(self._close_entry, entry, created) for entry, created in due]
+                )
             if app:
-                await in_tasks([functools.partial(close_app, app)])
+                observers = self._cleanup_observers()
+                await in_tasks([functools.partial(finalize, app, None, self, None, observers)])
         if interrupted:
             raise interrupted[0]
         return failures
