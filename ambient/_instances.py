@@ -79,6 +79,14 @@ def _keys(stack: tuple[_Creation, ...]) -> tuple[Hashable, ...]:
     return tuple(creation.key for creation in stack)
 
 
+def _check_cycle(key: Hashable, stack: tuple[_Creation, ...], building: list[Hashable]) -> None:
+    """Raise the cycle that waiting for ``key`` would close: this task (``stack``) or this
+    thread (``building``) is making it. Asked only of a key being made: a task a factory
+    started inherits its stack, and may resolve that key once made."""
+    if key in building or any(creation.key == key for creation in stack):
+        raise _cycle((*_keys(stack), *building), key)
+
+
 def _waits_for(pending: _Pending, stack: tuple[_Creation, ...]) -> list[Hashable] | None:
     """The keys along which ``pending``'s creator waits (for a creation that waits...) back
     to a creation of ``stack``, whose task would then wait for itself; else ``None``."""
@@ -99,10 +107,7 @@ async def _wait(
     pending: _Pending, key: Hashable, stack: tuple[_Creation, ...], building: list[Hashable]
 ) -> None:
     """Wait for another task's creation of ``key``, unless it is a cycle."""
-    # Only a key being made can be a cycle: a task a factory started inherits its stack,
-    # and may resolve that key once made.
-    if key in building or any(creation.key == key for creation in stack):
-        raise _cycle((*_keys(stack), *building), key)
+    _check_cycle(key, stack, building)
     if not stack:
         await pending.wait()
         return
@@ -430,8 +435,7 @@ class Instances:
                 if instance is not _MISSING:
                     return instance
                 break
-            if key in building or any(creation.key == key for creation in stack):  # see aget()
-                raise _cycle((*_keys(stack), *building), key)
+            _check_cycle(key, stack, building)
             if pending.blocks_this_loop():
                 msg = (
                     f"{provider.name} is being created by another task on this event loop; "
