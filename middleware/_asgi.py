@@ -486,6 +486,10 @@ class AmbientMiddleware:
         # Requests the server cancelled at its graceful-shutdown deadline may still be
         # cleaning up, with USER and APP components: let them finish first.
         still_open = await self._wait_for_requests()
+        if registry.open_scopes > still_open and before_the_apps_shutdown:
+            # Scopes the app opened itself (a consumer started at startup): its shutdown
+            # stops them, so their components go after it.
+            return False
         if still_open:
             logger.warning(
                 "ambient: %d request(s) still cleaning up, with no cleanup done for %s s, "
@@ -493,11 +497,7 @@ class AmbientMiddleware:
                 still_open,
                 registry.cleanup_timeout,
             )
-        if before_the_apps_shutdown and registry.open_scopes > still_open:
-            # Scopes the app opened itself (a consumer started at startup): its shutdown
-            # stops them, so their components go after it.
-            return False
-        if not before_the_apps_shutdown and registry.open_scopes > still_open:
+        if registry.open_scopes > still_open:
             others = await registry.wait_for_scopes()
             if others > still_open:
                 logger.warning(
