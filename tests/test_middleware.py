@@ -631,6 +631,13 @@ def _noted_session(
     return session
 
 
+async def _plain_lifespan(receive: Any, send: Any) -> None:
+    """An app's lifespan with nothing to start or stop: it answers startup and shutdown."""
+    while (await receive())["type"] != "lifespan.shutdown":
+        await send({"type": "lifespan.startup.complete"})
+    await send({"type": "lifespan.shutdown.complete"})
+
+
 def _tx_registry(seen: list[BaseException | None]) -> Registry:
     """A registry whose REQUEST "tx" notes how its request ended: the exception its cleanup
     saw, or ``None`` for a clean exit (a transaction around the ``yield`` commits then)."""
@@ -781,9 +788,7 @@ class TestLifespan:
 
         async def app(scope: Any, receive: Any, send: Any) -> None:
             if scope["type"] == "lifespan":
-                while (await receive())["type"] != "lifespan.shutdown":
-                    await send({"type": "lifespan.startup.complete"})
-                await send({"type": "lifespan.shutdown.complete"})
+                await _plain_lifespan(receive, send)
                 return
             await ambient.resolve("work")
             await anyio.sleep_forever()  # until the server gives up on it
@@ -910,9 +915,7 @@ class TestLifespan:
 
         async def app(scope: Any, receive: Any, send: Any) -> None:
             if scope["type"] == "lifespan":
-                while (await receive())["type"] != "lifespan.shutdown":
-                    await send({"type": "lifespan.startup.complete"})
-                await send({"type": "lifespan.shutdown.complete"})
+                await _plain_lifespan(receive, send)
                 return
             await ambient.resolve("a")
             await ambient.resolve("b")
