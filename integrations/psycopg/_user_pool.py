@@ -148,17 +148,16 @@ class _UserPool:
             # bound, or they would keep the first user's scope alive (and run as that user).
             with ambient.detached():
                 await pool.open()
+        ran_out = False
         try:
             with anyio.move_on_after(max(deadline - time.monotonic(), 0.0)) as bound:
                 await owner._check_rls_once(pool, deadline)
-        except BaseException as exc:
-            ran_out = isinstance(exc, PoolTimeout)
-            await _close_unopened(pool, ran_out=ran_out)
-            if ran_out:
-                self.timeouts += 1
-                raise self._not_opened(allowed) from None
+        except PoolTimeout:
+            ran_out = True
+        except BaseException:
+            await _close_unopened(pool, ran_out=False)
             raise
-        if bound.cancelled_caught:
+        if ran_out or bound.cancelled_caught:
             await _close_unopened(pool, ran_out=True)
             self.timeouts += 1
             raise self._not_opened(allowed)
