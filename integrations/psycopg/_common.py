@@ -423,6 +423,19 @@ def _exhausted(detail: str, retry_after: float) -> PoolExhaustedError:
     return PoolExhaustedError(detail, retry_after=retry_after)
 
 
+def _not_opened(
+    what: str, allowed: float, retry_after: float, *, shared: bool = False
+) -> PoolExhaustedError:
+    """``what`` (a pool) got no connection to open with within ``allowed`` seconds, in an
+    opening of its own or in the one it waited for (``shared``)."""
+    how = "the opening this checkout waited for" if shared else "it"
+    return _exhausted(
+        f"{what} could not be opened: the database gave {how} no connection within "
+        f"{allowed} s (is it reachable?)",
+        retry_after,
+    )
+
+
 def _queue_full(
     what: str, pool: AsyncConnectionPool[Any], max_size: int, retry_after: float, exc: Exception
 ) -> PoolExhaustedError:

@@ -41,8 +41,8 @@ from ambient.integrations.psycopg._common import (
     _close_unopened,
     _cut_short,
     _ended_inside,
-    _exhausted,
     _hand_back,
+    _not_opened,
     _python_side,
     _restore_python_side,
     _through_pooler,
@@ -305,12 +305,7 @@ class SharedPool:
         self._pool = pool
 
     def _not_opened(self, allowed: float, *, shared: bool = False) -> PoolExhaustedError:
-        how = "the opening this checkout waited for" if shared else "it"
-        return _exhausted(
-            f"{self!r} could not be opened: the database gave {how} no connection within "
-            f"{allowed} s (is it reachable?)",
-            self.retry_after,
-        )
+        return _not_opened(repr(self), allowed, self.retry_after, shared=shared)
 
     async def close(self) -> None:
         """Close the pool; connections in use are closed when they come back."""

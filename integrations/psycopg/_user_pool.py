@@ -20,6 +20,7 @@ from ambient.integrations.psycopg._common import (
     _IN_USE,
     _close_unopened,
     _exhausted,
+    _not_opened,
     _python_side,
     _queue_full,
     _release,
@@ -164,12 +165,9 @@ class _UserPool:
         return pool
 
     def _not_opened(self, allowed: float, *, shared: bool = False) -> PoolExhaustedError:
-        how = "the opening this checkout waited for" if shared else "it"
-        return _exhausted(
-            f"this user's pool of {self.owner!r} could not be opened: the database gave {how} "
-            f"no connection within {allowed} s (is it reachable?)",
-            self.owner.retry_after,
-        )
+        owner = self.owner
+        what = f"this user's pool of {owner!r}"
+        return _not_opened(what, allowed, owner.retry_after, shared=shared)
 
     async def _configure(self, conn: AsyncConnection[Any]) -> None:
         owner = self.owner
