@@ -327,6 +327,13 @@ class _Instruments:
         )
 
 
+def _count(instruments: _Instruments, event: ComponentEvent) -> None:
+    """Note one count of ``event``'s USER component (see :func:`_uncount`)."""
+    counted = instruments.counted
+    key = id(event.instance)
+    counted[key] = counted.get(key, 0) + 1
+
+
 def _uncount(instruments: _Instruments, event: ComponentEvent) -> bool:
     """Forget one count of ``event``'s USER component; whether it had been counted."""
     counted = instruments.counted
@@ -774,9 +781,7 @@ class Telemetry(Observer):
                 instruments.create_duration.record(event.duration, attributes)
                 if event.lifetime is _USER and event.error is None:
                     instruments.user_components.add(1, attributes)
-                    counted = instruments.counted
-                    key = id(event.instance)
-                    counted[key] = counted.get(key, 0) + 1
+                    _count(instruments, event)
             except Exception:  # noqa: BLE001 - logged once; never breaks a request
                 self._failed("component_created (metrics)")
         if self._tracer is not None:
