@@ -16,15 +16,17 @@ def in_trio() -> bool:
     return trio is not None and bool(trio.lowlevel.in_trio_run())
 
 
-def on_loop_thread() -> bool:
-    """Whether this thread runs an event loop (asyncio's, or trio's if trio is imported)."""
+def _in_asyncio() -> bool:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        pass
-    else:
-        return True
-    return in_trio()
+        return False
+    return True
+
+
+def on_loop_thread() -> bool:
+    """Whether this thread runs an event loop (asyncio's, or trio's if trio is imported)."""
+    return _in_asyncio() or in_trio()
 
 
 def refuse_trio(reason: str) -> None:
@@ -38,7 +40,5 @@ def refuse_trio(reason: str) -> None:
 
 def require_asyncio(reason: str) -> None:
     """Raise :class:`UnsupportedBackendError` (with ``reason``) unless asyncio runs here."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        raise UnsupportedBackendError(reason) from None
+    if not _in_asyncio():
+        raise UnsupportedBackendError(reason)
