@@ -661,6 +661,14 @@ class Telemetry(Observer):
                     current = previous
             else:
                 parent = _unrelated_scopes_removed(previous, scope)
+                # The scope's spans start from the cleaned baggage too, not only the code in
+                # the scope: a span processor copying baggage onto spans (as
+                # opentelemetry-processor-baggage does) would otherwise label them with a
+                # client's forged `ambient.user_id`.
+                if self.baggage_fields:
+                    parent = self._with_baggage(parent, scope.context)
+                elif _BAGGAGE_KEY is None or _BAGGAGE_KEY in parent:
+                    parent = _strip_ambient_baggage(parent)
                 span = tracer.start_span(
                     "ambient.scope",
                     parent,
@@ -674,20 +682,11 @@ class Telemetry(Observer):
                     if flush is not None:
                         record.flush = flush
                         record.events = []
-                if (
-                    self.baggage_fields
-                    or _SPAN_KEY is None
-                    or _BAGGAGE_KEY is None
-                    or _BAGGAGE_KEY in parent
-                ):
+                if _SPAN_KEY is None:
                     current = trace.set_span_in_context(span, parent)
-                    if self.baggage_fields:
-                        current = self._with_baggage(current, scope.context)
-                    else:
-                        current = _strip_ambient_baggage(current)
                     current = otel_context.set_value(_SCOPE_KEY, record, current)
                 else:
-                    # Nothing to strip: the parent plus the span and this record, one copy.
+                    # The parent plus the span and this record, in one copy.
                     current = Context({**parent, _SPAN_KEY: span, _SCOPE_KEY: record})
             if current is not previous:
                 if tracer is None:

@@ -980,6 +980,39 @@ class TestBaggage:
         finally:
             otel_context.detach(token)
 
+    @pytest.mark.parametrize("fields", [(), ("user_id",)])
+    async def test_forged_ambient_baggage_never_reaches_the_scopes_spans(
+        self, otel: Otel, fields: tuple[str, ...]
+    ) -> None:
+        """A span processor that copies the baggage of a span's parent context onto the span
+        (as opentelemetry-processor-baggage does) never sees a client's forged
+        `ambient.user_id` on the scope span or its component spans: it used to overwrite
+        the span's own hashed user id with "admin"."""
+
+        class BaggageToAttributes(SpanProcessor):
+            def on_start(
+                self, span: Span, parent_context: otel_context.Context | None = None
+            ) -> None:
+                for key, value in baggage.get_all(parent_context).items():
+                    span.set_attribute(key, str(value))
+
+        otel.tracer_provider.add_span_processor(BaggageToAttributes())
+        registry = Registry(telemetry=otel.telemetry(span_threshold=0, baggage=fields))
+        registry.register(Dispatcher, Dispatcher)
+        incoming = baggage.set_baggage("ambient.user_id", "admin")
+        incoming = baggage.set_baggage("other", "kept", incoming)
+        token = otel_context.attach(incoming)
+        try:
+            async with registry.open_scope(ctx("bob")):
+                await ambient.resolve(Dispatcher)
+        finally:
+            otel_context.detach(token)
+        scope_span = one(otel.spans.named("ambient.scope"))
+        assert (scope_span.attributes or {})["ambient.user_id"] == hash_id("bob")
+        assert (scope_span.attributes or {})["other"] == "kept"
+        for span in otel.spans.spans:
+            assert (span.attributes or {}).get("ambient.user_id") in (None, hash_id("bob"))
+
     @pytest.mark.parametrize("size", [8_000, 16 * 1024])
     async def test_oversized_incoming_baggage_is_bounded_and_never_identity(
         self, otel: Otel, size: int
