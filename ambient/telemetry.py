@@ -177,16 +177,21 @@ def _unrelated_scopes_removed(context: Context, scope: Scope) -> Context:
         context = record.previous
 
 
-def _record_end(span: trace.Span, error: BaseException) -> None:
-    """Record on ``span`` what ended its work: a cancellation (asyncio's, trio's, a closed
-    generator's, a response cut short because the framework cancelled the work of a client
-    gone) is not an error of its own, only ``ambient.cancelled``; any other exception,
-    ``KeyboardInterrupt`` and ``SystemExit`` included, is an error, as OpenTelemetry's own
-    spans record it."""
+def _cancellation(error: BaseException) -> bool:
+    """Whether ``error`` is a cancellation (asyncio's, trio's, a closed generator's, a
+    response cut short because the framework cancelled the work of a client gone): work cut
+    short, not an error of its own."""
     trio = sys.modules.get("trio")
-    if isinstance(error, (asyncio.CancelledError, GeneratorExit, IncompleteResponseError)) or (
+    return isinstance(error, (asyncio.CancelledError, GeneratorExit, IncompleteResponseError)) or (
         trio is not None and isinstance(error, trio.Cancelled)
-    ):
+    )
+
+
+def _record_end(span: trace.Span, error: BaseException) -> None:
+    """Record on ``span`` what ended its work: a cancellation is not an error of its own,
+    only ``ambient.cancelled``; any other exception, ``KeyboardInterrupt`` and
+    ``SystemExit`` included, is an error, as OpenTelemetry's own spans record it."""
+    if _cancellation(error):
         span.set_attribute("ambient.cancelled", True)
     else:
         span.record_exception(error)
@@ -808,7 +813,9 @@ class Telemetry(Observer):
             try:
                 attributes = self._attributes(event)
                 instruments.cleanup_duration.record(event.duration, attributes)
-                if event.error is not None:
+                # A cleanup cut short by a cancellation did not fail (its span is not an
+                # error, nor does the scope or the registry count it as a failure).
+                if event.error is not None and not _cancellation(event.error):
                     instruments.cleanup_failures.add(1, attributes)
                 if event.lifetime is _USER and _uncount(instruments, event):
                     instruments.user_components.add(-1, attributes)

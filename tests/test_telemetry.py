@@ -3,6 +3,7 @@ AmbientMiddleware behind opentelemetry-instrumentation-asgi on a real uvicorn se
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import hashlib
 import hmac
@@ -764,6 +765,42 @@ class TestMetrics:
             for point in data_points:
                 values = {str(v) for v in (point.attributes or {}).values()}
                 assert not values & forbidden, (name, point.attributes)
+
+    @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+    async def test_a_cleanup_cut_short_by_a_cancellation_is_no_cleanup_failure(
+        self, otel: Otel
+    ) -> None:
+        """A native cancellation (``task.cancel()``, which anyio's shield does not hold back)
+        cuts a cleanup short: its span is marked cancelled, not an error, and neither the
+        scope span nor the registry counts a failure. ambient.cleanup.failures counted one."""
+        in_cleanup = anyio.Event()
+
+        class Connection:
+            async def aclose(self) -> None:
+                in_cleanup.set()
+                await anyio.sleep_forever()
+
+        registry = Registry(telemetry=otel.telemetry(span_threshold=0))
+        registry.register(Connection, Connection)
+
+        async def request() -> None:
+            async with registry.open_scope(ctx("alice")):
+                await ambient.resolve(Connection)
+
+        task = asyncio.ensure_future(request())
+        with anyio.fail_after(5):
+            await in_cleanup.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        cleanup = one(otel.spans.named("ambient.cleanup"))
+        assert (cleanup.attributes or {})["ambient.cancelled"] is True
+        assert cleanup.status.status_code is StatusCode.UNSET
+        scope_span = one(otel.spans.named("ambient.scope"))
+        assert (scope_span.attributes or {})["ambient.cleanup.failures"] == 0
+        assert registry.stats().cleanup_failures == 0
+        assert otel.count("ambient.cleanup.duration") == 1
+        assert otel.total("ambient.cleanup.failures") == 0
 
     async def test_scopes_active_counts_every_telemetry_on_one_meter(self, otel: Otel) -> None:
         """Two telemetries on one meter provider add up in one ambient.scopes.active."""
