@@ -61,8 +61,9 @@ class Scope:
 
     Attributes:
         context: The bound context.
-        exception: What ended the scope's body (an exception or a cancellation), for
-            observers; ``None`` when it ended normally, and once the scope has closed.
+        exception: What ended the scope's body (an exception or a cancellation), or what
+            cut its cleanup short after a body that ended normally, for observers; ``None``
+            when it ended normally, and once the scope has closed.
         components_created: Components this scope created.
         cleanup_failures: Cleanups that failed when it closed.
     """
@@ -249,6 +250,9 @@ class Scope:
                 failures = finalize_sync(
                     created, exc, self._registry, self._owner_user(), self.observers, self
                 )
+        except BaseException as error:
+            self._cut_short(error)
+            raise
         finally:
             self._ended(failures)
         return failures
@@ -277,6 +281,8 @@ class Scope:
                 if interrupted is not None:
                     raise interrupted
                 return []
+            if interrupted is not None:
+                self._cut_short(interrupted)
         try:
             self._closed = True
             own = self._own
@@ -301,6 +307,9 @@ class Scope:
                 if registry.expiry_due():
                     with anyio.CancelScope(shield=True):
                         await registry.expire_idle()
+        except BaseException as error:
+            self._cut_short(error)
+            raise
         finally:
             # Whatever interrupted the cleanup (a native cancellation the shield cannot
             # stop, a KeyboardInterrupt), the scope still ends: unbound and counted.
@@ -309,6 +318,12 @@ class Scope:
         if interrupted is not None:
             raise interrupted
         return failures
+
+    def _cut_short(self, error: BaseException) -> None:
+        # The body may have ended well: what interrupted the close (a native cancellation,
+        # a KeyboardInterrupt) is what ended the scope, for its observers.
+        if self.exception is None:
+            self.exception = error
 
     def _owner_user(self) -> UserRef | None:
         # Only observers see whose components were cleaned: no UserRef without them.

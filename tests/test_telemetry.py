@@ -270,6 +270,67 @@ class TestScopeSpan:
         assert interrupted.status.status_code is StatusCode.UNSET
         assert (interrupted.attributes or {})["ambient.cancelled"] is True
 
+    @pytest.mark.parametrize("cleanup", ["sync", "async"])
+    async def test_an_interrupt_escaping_a_cleanup_marks_the_scope_span(
+        self, otel: Otel, cleanup: str
+    ) -> None:
+        """A BaseException that escapes a cleanup (a KeyboardInterrupt) ends the scope with
+        it after a body that ended well: the scope span is an error carrying it, as the
+        cleanup's own span is; it used to look like a clean success."""
+
+        class Interrupt(BaseException):
+            pass
+
+        class Connection:
+            def close(self) -> None:
+                raise Interrupt
+
+        class AsyncConnection:
+            async def aclose(self) -> None:
+                await anyio.lowlevel.checkpoint()
+                raise Interrupt
+
+        registry = Registry(telemetry=otel.telemetry())
+        registry.register(Connection, Connection if cleanup == "sync" else AsyncConnection)
+        with pytest.raises(Interrupt):
+            async with registry.open_scope(ctx("alice")):
+                await ambient.resolve(Connection)
+        scope_span = one(otel.spans.named("ambient.scope"))
+        assert scope_span.status.status_code is StatusCode.ERROR
+        assert scope_span.status.description == "Interrupt"
+        assert [e.name for e in scope_span.events if e.name != "ambient.resolve"] == ["exception"]
+
+    @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+    async def test_a_cancellation_cutting_the_cleanup_short_marks_the_scope_span(
+        self, otel: Otel
+    ) -> None:
+        """A native cancellation (``task.cancel()``, which anyio's shield does not hold back)
+        arriving while the scope cleans up after a body that ended well: the scope span is
+        marked cancelled, as the cancellation reaches the caller."""
+        in_cleanup = anyio.Event()
+
+        class Connection:
+            async def aclose(self) -> None:
+                in_cleanup.set()
+                await anyio.sleep_forever()
+
+        registry = Registry(telemetry=otel.telemetry())
+        registry.register(Connection, Connection)
+
+        async def request() -> None:
+            async with registry.open_scope(ctx("alice")):
+                await ambient.resolve(Connection)
+
+        task = asyncio.ensure_future(request())
+        with anyio.fail_after(5):
+            await in_cleanup.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        scope_span = one(otel.spans.named("ambient.scope"))
+        assert scope_span.status.status_code is StatusCode.UNSET
+        assert (scope_span.attributes or {})["ambient.cancelled"] is True
+
     async def test_scope_span_is_current_inside_and_restored_after(self, otel: Otel) -> None:
         """Inside the scope the scope span is current; afterwards the outer span is again."""
         tracer = otel.tracer_provider.get_tracer("test")
