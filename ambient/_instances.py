@@ -394,9 +394,16 @@ class Instances:
                 self._report(observers, provider, None, arg, scope, start_ns, started, exc)
             raise
         if not self._store(provider, instance, finalizer):
-            registry.created += 1  # made, and cleaned below: the counts stay even
+            # Made, and cleaned below: the counts stay even, the observers' too.
+            registry.created += 1
+            user = None
+            if observers:
+                self._report(observers, provider, instance, arg, scope, start_ns, started, None)
+                user = scope._user_ref() if arg is not None else None
             with anyio.CancelScope(shield=True):
-                await finalize([(provider, instance, finalizer)], None, registry, None, observers)
+                await finalize(
+                    [(provider, instance, finalizer)], None, registry, user, observers, scope
+                )
             raise self._closed_error(provider)
         registry.created += 1
         scope.components_created += 1
@@ -474,6 +481,8 @@ class Instances:
             # Its owner closed while the factory ran (in a worker thread, say): nobody else
             # will clean it, and an async cleanup cannot be awaited here.
             registry.created += 1
+            if observers:
+                self._report(observers, provider, instance, arg, scope, start_ns, started, None)
             registry.clean_up_refused([(provider, instance, finalizer)], scope, observers)
             raise self._closed_error(provider)
         registry.created += 1
