@@ -180,7 +180,10 @@ def _unrelated_scopes_removed(context: Context, scope: Scope) -> Context:
 def _cancellation(error: BaseException) -> bool:
     """Whether ``error`` is a cancellation (asyncio's, trio's, a closed generator's, a
     response cut short because the framework cancelled the work of a client gone): work cut
-    short, not an error of its own."""
+    short, not an error of its own. So is a group of nothing but cancellations: what a trio
+    nursery raises when it is cancelled from outside while its tasks run."""
+    if isinstance(error, BaseExceptionGroup):
+        return all(_cancellation(member) for member in error.exceptions)
     trio = sys.modules.get("trio")
     return isinstance(error, (asyncio.CancelledError, GeneratorExit, IncompleteResponseError)) or (
         trio is not None and isinstance(error, trio.Cancelled)

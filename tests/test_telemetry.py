@@ -270,6 +270,32 @@ class TestScopeSpan:
         assert interrupted.status.status_code is StatusCode.UNSET
         assert (interrupted.attributes or {})["ambient.cancelled"] is True
 
+    @pytest.mark.parametrize("anyio_backend", ["trio"])
+    async def test_a_cancelled_nursery_in_the_body_is_a_cancellation_not_an_error(
+        self, otel: Otel
+    ) -> None:
+        """A trio nursery (strict exception groups) cancelled from outside while its tasks
+        run raises their cancellations as a group: the scope span is marked cancelled, as
+        for a lone cancellation; it used to be an error "BaseExceptionGroup". A group
+        holding a real error stays an error."""
+        import trio
+
+        registry = Registry(telemetry=otel.telemetry())
+        with anyio.move_on_after(0.01):
+            async with registry.open_scope(ctx("cancelled")), trio.open_nursery() as nursery:
+                nursery.start_soon(trio.sleep_forever)
+                nursery.start_soon(trio.sleep_forever)
+                await trio.sleep_forever()
+        with pytest.raises(ExceptionGroup):
+            async with registry.open_scope(ctx("failing")):
+                raise ExceptionGroup("work", [LookupError("no such agent")])
+        cancelled, failed = otel.spans.named("ambient.scope")
+        assert cancelled.status.status_code is StatusCode.UNSET
+        assert (cancelled.attributes or {})["ambient.cancelled"] is True
+        assert not cancelled.events
+        assert failed.status.status_code is StatusCode.ERROR
+        assert "ambient.cancelled" not in (failed.attributes or {})
+
     @pytest.mark.parametrize("cleanup", ["sync", "async"])
     async def test_an_interrupt_escaping_a_cleanup_marks_the_scope_span(
         self, otel: Otel, cleanup: str
