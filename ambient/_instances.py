@@ -396,6 +396,7 @@ class Instances:
         if not self._store(provider, instance, finalizer):
             # Made, and cleaned below: the counts stay even, the observers' too.
             registry.created += 1
+            scope.components_created += 1
             user = None
             if observers:
                 self._report(observers, provider, instance, arg, scope, start_ns, started, None)
@@ -481,6 +482,7 @@ class Instances:
             # Its owner closed while the factory ran (in a worker thread, say): nobody else
             # will clean it, and an async cleanup cannot be awaited here.
             registry.created += 1
+            scope.components_created += 1
             if observers:
                 self._report(observers, provider, instance, arg, scope, start_ns, started, None)
             registry.clean_up_refused([(provider, instance, finalizer)], scope, observers)

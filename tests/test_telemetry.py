@@ -939,6 +939,7 @@ class TestMetrics:
         assert otel.count("ambient.cleanup.duration") == 2
         assert otel.total("ambient.user_components.live") == 0
         scope_span = one(otel.spans.named("ambient.scope"))
+        assert (scope_span.attributes or {})["ambient.components.created"] == 2
         resolves = otel.spans.named("ambient.resolve")
         assert [parent_id(s) for s in resolves] == [scope_span.context.span_id] * 2
         # The refused one is cleaned inside the request, the other at shutdown.
