@@ -56,10 +56,12 @@ from ambient import (
     UserExecutionContext,
     UserRef,
 )
+from ambient.integrations.websockets import message_scope
 from ambient.middleware import AmbientMiddleware
 from ambient.middleware.identity import trusted_header
 from ambient.telemetry import Telemetry, hash_id
 from tests.servers import serve
+from tests.test_middleware import drive, ws_scope
 
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
@@ -1684,6 +1686,43 @@ class TestBehindServerSpan:
         )
         scope_span = one(otel.spans.named("ambient.scope"))
         assert (scope_span.attributes or {})["ambient.user_id"] == hash_id("bob")
+
+
+async def test_a_websocket_messages_scopes_are_traced_by_the_middlewares_telemetry(
+    otel: Otel,
+) -> None:
+    """AmbientMiddleware(telemetry=...) traces a websocket's message scopes as it traces the
+    connection's: each is a child span of the connection's scope span, its components are
+    traced and counted. They used to be seen only by the registry's telemetry (none here)."""
+    telemetry = otel.telemetry(span_threshold=0)
+    registry = Registry()
+    registry.register(Dispatcher, Dispatcher)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        for _ in range(2):
+            await receive()
+            async with message_scope():
+                await ambient.resolve(Dispatcher)
+        await send({"type": "websocket.close", "code": 1000})
+
+    middleware = AmbientMiddleware(
+        app, registry=registry, identity=trusted_header(), telemetry=telemetry
+    )
+    incoming = [{"type": "websocket.connect"}] + [{"type": "websocket.receive", "text": "x"}] * 2
+    await drive(middleware, ws_scope([(b"x-user-id", b"ann")]), incoming)
+    connection, *messages = sorted(
+        otel.spans.named("ambient.scope"), key=lambda s: s.start_time or 0
+    )
+    assert len(messages) == 2
+    for message in messages:
+        assert parent_id(message) == connection.context.span_id
+        assert (message.attributes or {})["ambient.user_id"] == hash_id("ann")
+    resolves = otel.spans.named("ambient.resolve")
+    assert sorted(parent_id(s) for s in resolves) == sorted(m.context.span_id for m in messages)
+    assert otel.count("ambient.component.create.duration") == 2
+    assert otel.total("ambient.scopes.active") == 0
 
 
 def pipelined(url: str, users: list[str]) -> list[bytes]:

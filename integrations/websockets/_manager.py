@@ -114,4 +114,6 @@ def message_scope(operation: str = "websocket.message", **metadata: object) -> S
     """
     parent = current_scope()
     child = get_current_context().child(operation, **metadata)
-    return parent.registry.open_scope(child)
+    # Seen by whoever sees the connection's scope: the middleware's telemetry too, not only
+    # the registry's.
+    return parent.registry.open_scope(child, observer=parent._extra)
