@@ -479,8 +479,12 @@ class Telemetry(Observer):
             msg = f"span_threshold must be >= 0 seconds, not {span_threshold!r}"
             raise ValueError(msg)
         self.span_threshold = float(span_threshold)
+        if isinstance(baggage, (str, bytes)):
+            # A str is an iterable of one-letter "fields": say what was meant instead.
+            msg = f"baggage must be a tuple of field names, such as ({baggage!r},), not a str"
+            raise TypeError(msg)
         fields = tuple(dict.fromkeys(baggage))
-        unknown = sorted(set(fields) - BAGGAGE_FIELDS)
+        unknown = sorted(repr(field) for field in set(fields) - BAGGAGE_FIELDS)
         if unknown:
             msg = (
                 f"baggage fields must be among {', '.join(sorted(BAGGAGE_FIELDS))}; "

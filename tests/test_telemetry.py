@@ -793,7 +793,8 @@ class TestIds:
             ({"tenant_id": "sha1"}, "tenant_id must be one of"),
             ({"span_threshold": -1}, "span_threshold"),
             ({"hash_key": b""}, "hash_key"),
-            ({"baggage": ("password",)}, "unknown: password"),
+            ({"baggage": ("password",)}, "unknown: 'password'"),
+            ({"baggage": ("thread_id", 7)}, "unknown: 7"),
             ({"baggage": ("user_id",), "user_id": "omit"}, "user_id cannot go into baggage"),
         ],
     )
@@ -801,6 +802,14 @@ class TestIds:
         """Unknown policies, negative thresholds and unknown baggage fields raise ValueError."""
         with pytest.raises(ValueError, match=message):
             Telemetry(**options)
+
+    @pytest.mark.parametrize("fields", ["thread_id", b"thread_id"])
+    def test_one_baggage_field_given_as_a_string_is_refused_saying_so(
+        self, fields: str | bytes
+    ) -> None:
+        """A str is not read as a tuple of one-letter fields (``unknown: _, a, d, ...``)."""
+        with pytest.raises(TypeError, match=r"baggage must be a tuple of field names"):
+            Telemetry(baggage=fields)  # type: ignore[arg-type]
 
 
 # -- metrics -------------------------------------------------------------------------------
