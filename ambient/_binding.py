@@ -80,17 +80,44 @@ def _live(binding: _Binding | None) -> _Binding | None:
     return binding
 
 
-def _visible(binding: _Binding) -> _Binding:
-    """What an ended ``binding`` still current here shows: the nearest live binding it
-    shadows when it was ended from another Context (a generator finalised in another task:
-    this Context's own binding is that one), or else itself, as when none is live: work
-    that outlived the binding keeps reading its own context, while its scope refuses to
-    resolve. A task started inside an admin's scope for bob never turns into the admin
-    when that scope ends in the admin's task."""
-    if not binding.elsewhere:
-        return binding
+def _visible(binding: _Binding) -> _Binding | None:
+    """What an ended ``binding``, the current value here, shows.
+
+    In the Context that made it, when it was ended from another (a generator finalised in
+    another task) or out of order: what it shadowed there, that Context's own binding (its
+    token is reset here, as the end would have). Anywhere else (a task started inside it,
+    work :func:`wrap` carried out of it): the binding itself, as when it ended in the
+    Context that made it. That work keeps reading its own context, while its scope
+    refuses to resolve; it never turns into another user's binding that it shadowed (a
+    task started inside an admin's scope for bob never turns into the admin). A live one
+    of the same user it shadowed is shown instead, as it always was."""
+    while binding.elsewhere:
+        token = binding.token
+        if token is None:
+            # Its own Context has reset it already: this one is not that Context.
+            return _inherited(binding)
+        try:
+            _current.reset(token)
+        except (ValueError, RuntimeError):
+            # Not the Context that made it: only that one can reset its token.
+            return _inherited(binding)
+        binding.token = None
+        shadowed = _current.get()
+        if shadowed is None or not shadowed.closed:
+            return shadowed
+        binding = shadowed
+    return binding
+
+
+def _inherited(binding: _Binding) -> _Binding:
+    """What a Context that inherited the ended ``binding`` (and did not make it) shows:
+    the nearest live binding it shadows if that is of the same user, else itself."""
     live = _live(binding.prev)
-    return binding if live is None else live
+    return live if live is not None and _same_user(live.ctx, binding.ctx) else binding
+
+
+def _same_user(one: UserExecutionContext, other: UserExecutionContext) -> bool:
+    return one.user_id == other.user_id and one.tenant_id == other.tenant_id
 
 
 def _shown() -> _Binding | None:
@@ -104,17 +131,24 @@ def _shown() -> _Binding | None:
 def bind(
     ctx: UserExecutionContext, scope: _Resolver | None, *, allow_switch: bool = False
 ) -> _Binding:
-    """Bind ``ctx`` (and ``scope``) in the current context; undo with :func:`unbind`."""
-    current = _live(_current.get())
-    if current is not None and not allow_switch:
-        bound = current.ctx
-        if bound.user_id != ctx.user_id or bound.tenant_id != ctx.tenant_id:
-            msg = (
-                "a context of another user is already bound here; binding a second user "
-                "inside it would mix their state. Pass allow_switch=True where the switch is "
-                "intended (an admin acting for a user, a worker serving many users)"
-            )
-            raise ContextSwitchError(msg)
+    """Bind ``ctx`` (and ``scope``) in the current context; undo with :func:`unbind`.
+
+    What is bound here is what code here sees (see :func:`_visible`): an ended binding
+    has nothing left to mix with another user's, and a live binding it shadows is not
+    this Context's (work started inside bob's scope is not the admin who opened it)."""
+    current = _shown()
+    if (
+        current is not None
+        and not allow_switch
+        and not current.closed
+        and not _same_user(current.ctx, ctx)
+    ):
+        msg = (
+            "a context of another user is already bound here; binding a second user "
+            "inside it would mix their state. Pass allow_switch=True where the switch is "
+            "intended (an admin acting for a user, a worker serving many users)"
+        )
+        raise ContextSwitchError(msg)
     binding = _Binding(ctx, scope, current)
     binding.token = _current.set(binding)
     return binding
@@ -153,13 +187,22 @@ def unbind(binding: _Binding) -> None:
         if token is not None:
             _current.reset(token)
     except ValueError:
-        # The token belongs to another Context (a generator finalised by another task).
+        # The token belongs to another Context (a generator finalised by another task):
+        # kept for that one, which still holds the binding (see _visible). This Context
+        # inherited the binding and shows what it shadowed, unless that is another user's
+        # binding: work started inside bob's scope never turns into the admin's.
+        binding.token = token
         binding.elsewhere = True
-        _current.set(_live(binding.prev))
+        live = _live(binding.prev)
+        if live is None or _same_user(live.ctx, binding.ctx):
+            _current.set(live)
         return
     previous = _current.get()
     if previous is not None and previous.closed:
-        _current.set(_live(previous))
+        # Ended elsewhere or out of order: settled as reading it would settle it.
+        shown = _visible(previous)
+        if shown is not previous:
+            _current.set(shown)
 
 
 class bind_context:  # noqa: N801 - used like a function, as contextlib's helpers are
@@ -192,13 +235,9 @@ class bind_context:  # noqa: N801 - used like a function, as contextlib's helper
             msg = "this bind_context() is already in use; create one per `with` block"
             raise RuntimeError(msg)
         ctx = self._ctx
-        current = _live(_current.get())
+        current = _shown()
         scope = None
-        if (
-            current is not None
-            and current.ctx.user_id == ctx.user_id
-            and current.ctx.tenant_id == ctx.tenant_id
-        ):
+        if current is not None and _same_user(current.ctx, ctx):
             scope = current.scope
         self._binding = bind(ctx, scope, allow_switch=self._allow_switch)
         return ctx
@@ -225,7 +264,10 @@ def get_current_context() -> UserExecutionContext:
     if binding is None:
         raise NoActiveContextError
     if binding.closed:
-        binding = _visible(binding)
+        shown = _visible(binding)
+        if shown is None:
+            raise NoActiveContextError
+        return shown.ctx
     return binding.ctx
 
 

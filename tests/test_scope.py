@@ -1227,6 +1227,65 @@ async def test_work_started_in_a_scope_for_another_user_never_turns_into_the_out
     await registry.aclose()
 
 
+@pytest.mark.parametrize("ended", ["in the admin's task", "from another task"])
+async def test_work_for_another_user_goes_on_as_that_user_after_the_scope_ends(
+    ended: str,
+) -> None:
+    """An admin's request (alice) opens a scope acting for bob and starts a task for him in
+    it; the scope ends, in alice's task or from another task (a generator finalised
+    elsewhere). The task goes on as bob: it sees bob, binds a child of his context, opens
+    a scope of its own for him and, once that ends, sees bob again, never alice. Ended from
+    another task, the task used to see alice and resolve her mailbox; in alice's task, its
+    own scope for bob was refused as a switch away from alice, and with allow_switch it
+    turned into alice once that scope ended."""
+    registry = Registry()
+    registry.register("mailbox", lambda user: f"mailbox of {user.user_id}", lifetime=Lifetime.USER)
+    seen: list[tuple[str, str]] = []
+    bob_done = anyio.Event()
+
+    async def look(label: str) -> None:
+        seen.append((label, ambient.get_current_context().user_id))
+        try:
+            seen.append((f"mailbox {label}", await ambient.resolve("mailbox")))
+        except ScopeClosedError:
+            seen.append((f"mailbox {label}", "refused"))
+
+    async def for_bob() -> None:
+        await bob_done.wait()
+        await look("at first")
+        me = ambient.get_current_context()
+        with ambient.bind_context(me.child("step")):
+            seen.append(("in a child", ambient.get_current_context().user_id))
+        async with registry.open_scope(me.child("later")):
+            await look("in its own scope")
+        await look("after it")
+
+    with anyio.fail_after(10):
+        async with registry.open_scope(ctx("alice")):
+            async with anyio.create_task_group() as tg:
+                bob = registry.open_scope(ctx("bob"), allow_switch=True)
+                await bob.__aenter__()
+                tg.start_soon(for_bob)
+                if ended == "in the admin's task":
+                    await bob.aclose()
+                else:
+                    async with anyio.create_task_group() as closer:
+                        closer.start_soon(bob.aclose)
+                assert ambient.get_current_context().user_id == "alice"
+                bob_done.set()
+            assert ambient.get_current_context().user_id == "alice"
+    assert seen == [
+        ("at first", "bob"),
+        ("mailbox at first", "refused"),
+        ("in a child", "bob"),
+        ("in its own scope", "bob"),
+        ("mailbox in its own scope", "mailbox of bob"),
+        ("after it", "bob"),
+        ("mailbox after it", "refused"),
+    ]
+    await registry.aclose()
+
+
 @pytest.mark.parametrize("when", ["after it is made", "while it is made"])
 async def test_a_task_a_factory_starts_may_resolve_what_the_factory_makes(when: str) -> None:
     """An APP factory starts its consumer task (in the app's task group, ``detached`` as
