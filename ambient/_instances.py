@@ -63,7 +63,8 @@ class _Marker:
 
 
 class _Creation(_Marker):
-    """An async factory's creation in progress on some task: what that task waits for,
+    """An async factory's creation in progress on some task: what the work it waits for
+    (that task, tasks its factory started, worker threads it handed work to) waits for,
     while it waits, so that a task about to wait for it can tell it would wait for itself."""
 
     __slots__ = ("key", "waiting")
@@ -72,7 +73,8 @@ class _Creation(_Marker):
         self.owner = owner
         self.in_async = True
         self.key = key
-        self.waiting: _Pending | None = None
+        # One entry per wait: several tasks or threads of one factory may wait at once.
+        self.waiting: list[_Pending] = []
 
 
 def _keys(stack: tuple[_Creation, ...]) -> tuple[Hashable, ...]:
@@ -90,17 +92,43 @@ def _check_cycle(key: Hashable, stack: tuple[_Creation, ...], building: list[Has
 def _waits_for(pending: _Pending, stack: tuple[_Creation, ...]) -> list[Hashable] | None:
     """The keys along which ``pending``'s creator waits (for a creation that waits...) back
     to a creation of ``stack``, whose task would then wait for itself; else ``None``."""
-    path: list[Hashable] = []
-    current: _Pending | None = pending
-    while current is not None and len(path) < 64:
+    todo: list[tuple[_Pending, tuple[Hashable, ...]]] = [(pending, ())]
+    seen: set[_Creation] = set()
+    while todo:
+        current, path = todo.pop()
         creation = current.creation
-        if creation is None:
-            return None
-        path.append(creation.key)
+        if creation is None or creation in seen:
+            continue
+        seen.add(creation)
+        path = (*path, creation.key)
         if creation in stack:
-            return path
-        current = creation.waiting
+            return list(path)
+        if len(path) < 64:
+            # A copy: a worker thread may add or drop its wait meanwhile.
+            todo.extend((waited, path) for waited in tuple(creation.waiting))
     return None
+
+
+def _wait_from(pending: _Pending, stack: tuple[_Creation, ...]) -> None:
+    """Before this task or thread waits for ``pending`` (:func:`_check_cycle` asked): raise
+    the cycle the wait would close through other tasks, else note the wait on this task's
+    creations (undo with :func:`_waited`).
+
+    Noted first, then checked: a worker thread and a task waiting for each other's
+    creations at the same moment would each miss the other's wait, checked first."""
+    for creation in stack:
+        creation.waiting.append(pending)
+    path = _waits_for(pending, stack)
+    if path is not None:
+        # Another task makes this key and waits, maybe through others, for a creation of
+        # this task: each would wait for the other for good.
+        _waited(pending, stack)
+        raise _cycle((*_keys(stack), *path[:-1]), path[-1])
+
+
+def _waited(pending: _Pending, stack: tuple[_Creation, ...]) -> None:
+    for creation in stack:
+        creation.waiting.remove(pending)
 
 
 async def _wait(
@@ -111,18 +139,11 @@ async def _wait(
     if not stack:
         await pending.wait()
         return
-    path = _waits_for(pending, stack)
-    if path is not None:
-        # Another task makes this key and waits, maybe through others, for a creation of
-        # this task: each would wait for the other for good.
-        raise _cycle((*_keys(stack), *path[:-1]), path[-1])
-    for creation in stack:
-        creation.waiting = pending
+    _wait_from(pending, stack)
     try:
         await pending.wait()
     finally:
-        for creation in stack:
-            creation.waiting = None
+        _waited(pending, stack)
 
 
 class _Pending:
@@ -467,7 +488,15 @@ class Instances:
                     )
                     raise ResolutionError(msg)
                 continue
-            pending.wait_blocking()
+            if not stack:
+                pending.wait_blocking()
+                continue
+            # A worker thread a task's factory handed work to: that task waits for this.
+            _wait_from(pending, stack)
+            try:
+                pending.wait_blocking()
+            finally:
+                _waited(pending, stack)
         observers = scope.observers
         started = time.perf_counter() if observers else 0.0
         start_ns = time.time_ns() if observers else 0

@@ -1417,3 +1417,59 @@ async def test_a_cycle_resolved_from_several_tasks_at_once_is_named_not_a_hang(
         rotations.add("dependency cycle while resolving: " + " -> ".join(f"'{k}'" for k in path))
     assert len(errors) == length
     assert set(errors) <= rotations
+
+
+async def test_a_cycle_through_one_of_several_tasks_a_factory_waits_for_is_named_not_a_hang() -> (
+    None
+):
+    """A's factory fetches x and y in tasks of its own; x, made by another task, needs A.
+    Once y's wait had ended, A counted as waiting for nothing: x's creator then waited for
+    A, which waits (in its other task) for x, forever. It is the cycle, named."""
+    registry = Registry()
+    x_started, y_started, y_go, a_waits = (anyio.Event() for _ in range(4))
+
+    async def make_a() -> str:
+        async with anyio.create_task_group() as fetch:
+            fetch.start_soon(ambient.resolve, "x")
+            fetch.start_soon(ambient.resolve, "y")
+            await anyio.wait_all_tasks_blocked()  # both wait: x and y are being made
+            a_waits.set()
+        return "a"
+
+    async def make_x() -> tuple[str, object]:
+        x_started.set()
+        await a_waits.wait()
+        y_go.set()
+        await anyio.wait_all_tasks_blocked()  # y is made, and its wait in A's factory ended
+        return ("x", await ambient.resolve("a"))
+
+    async def make_y() -> str:
+        y_started.set()
+        await y_go.wait()
+        return "y"
+
+    registry.register("a", make_a)
+    registry.register("x", make_x)
+    registry.register("y", make_y)
+    errors: dict[str, list[str]] = {"a": [], "x": [], "y": []}
+
+    async def get(key: str) -> None:
+        try:
+            await ambient.resolve(key)
+        except Exception as exc:  # A's arrives in its task group's ExceptionGroup
+            while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
+                exc = exc.exceptions[0]
+            errors[key].append(str(exc))
+
+    with anyio.fail_after(10):
+        async with registry.open_scope(ctx()), anyio.create_task_group() as tg:
+            tg.start_soon(get, "x")
+            await x_started.wait()
+            tg.start_soon(get, "y")
+            await y_started.wait()
+            tg.start_soon(get, "a")
+    assert errors == {
+        "a": ["dependency cycle while resolving: 'a' -> 'x' -> 'a'"],
+        "x": ["dependency cycle while resolving: 'x' -> 'a' -> 'x'"],
+        "y": [],
+    }

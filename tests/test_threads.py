@@ -214,6 +214,51 @@ async def test_a_cycle_through_a_thread_hop_is_reported_not_a_deadlock(hop: str)
         assert registry.stats().created == 0
 
 
+async def test_a_cycle_through_a_worker_threads_wait_for_another_task_is_named() -> None:
+    """A's async factory hands work to a worker thread, which resolves B (``resolve_sync``);
+    B is being made by another task, whose factory waits for A. The thread waited for B and
+    the task for A, each forever (the thread holding A's factory, so that not even a
+    cancellation ended it). The thread's wait now counts as A's: the cycle is named."""
+    registry = Registry()
+    a_started, b_started = anyio.Event(), anyio.Event()
+
+    async def make_a() -> tuple[str, object]:
+        a_started.set()
+        await anyio.wait_all_tasks_blocked()  # B's creator waits for A
+        # Abandoned on cancel here only so that a hang fails the test instead of lasting.
+        b = await anyio.to_thread.run_sync(ambient.resolve_sync, "b", abandon_on_cancel=True)
+        return ("a", b)
+
+    async def make_b() -> tuple[str, object]:
+        b_started.set()
+        await a_started.wait()
+        return ("b", await ambient.resolve("a"))
+
+    registry.register("a", make_a)
+    registry.register("b", make_b)
+    errors: dict[str, str] = {}
+
+    async def get(key: str) -> None:
+        try:
+            await ambient.resolve(key)
+        except ResolutionError as exc:
+            errors[key] = str(exc)
+
+    with anyio.fail_after(10):
+        async with (
+            registry.open_scope(UserExecutionContext.create("alice")),
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(get, "b")
+            await b_started.wait()
+            tg.start_soon(get, "a")
+    assert errors == {
+        "a": "dependency cycle while resolving: 'a' -> 'b' -> 'a'",
+        "b": "dependency cycle while resolving: 'b' -> 'a' -> 'b'",
+    }
+    assert registry.stats().created == 0
+
+
 class TestWorkThatOutlivesTheRequest:
     async def test_without_a_hold_a_late_task_gets_scope_closed_error(self) -> None:
         """A task spawned on a long-lived task group (a lifespan nursery) keeps the
