@@ -126,6 +126,7 @@ class Registry:
         self.open_scopes = 0
         # Set when the last open scope closes, while shutdown waits for that.
         self._scopes_closed: anyio.Event | None = None
+        self._scope_waiters = 0
         self.created = 0
         self.cleaned = 0
         self.cleanup_failures = 0
@@ -520,12 +521,19 @@ class Registry:
         APP components.
         """
         if self.open_scopes:
-            event = self._scopes_closed = anyio.Event()
+            # One event for every caller waiting at once: each replacing it, or dropping it
+            # when done, left the others waiting for the whole timeout.
+            event = self._scopes_closed
+            if event is None or event.is_set():
+                event = self._scopes_closed = anyio.Event()
+            self._scope_waiters += 1
             try:
                 with anyio.move_on_after(self.cleanup_timeout):
                     await event.wait()
             finally:
-                self._scopes_closed = None
+                self._scope_waiters -= 1
+                if not self._scope_waiters:
+                    self._scopes_closed = None
         return self.open_scopes
 
     async def aclose(self) -> None:

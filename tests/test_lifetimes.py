@@ -325,6 +325,42 @@ class TestAppLifetime:
         assert registry._sharing == set()
 
 
+async def test_every_shutdown_waiting_for_open_scopes_ends_when_they_close() -> None:
+    """Several shutdowns sharing a registry wait for its open scopes at once, and one of
+    them gives up early. Each returns as soon as the last scope closes: each waiter
+    replaced the one event they wait for, and one that gave up dropped it, leaving the
+    others to wait out the whole cleanup_timeout."""
+    registry = Registry(cleanup_timeout=60)
+    request_done = anyio.Event()
+    still_open: list[int] = []
+
+    async def request() -> None:
+        async with registry.open_scope(ctx("alice")):
+            await request_done.wait()
+
+    async def shutdown() -> None:
+        still_open.append(await registry.wait_for_scopes())
+
+    impatient = anyio.CancelScope()
+
+    async def give_up_early() -> None:
+        with impatient:
+            await registry.wait_for_scopes()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(request)
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(shutdown)
+            tg.start_soon(give_up_early)
+            tg.start_soon(shutdown)
+            await anyio.wait_all_tasks_blocked()
+            impatient.cancel()
+            await anyio.wait_all_tasks_blocked()
+            request_done.set()
+    assert still_open == [0, 0]
+
+
 class TestAbnormalExits:
     async def test_refcounts_return_to_zero_after_cancellations_and_errors(
         self, clock: FakeClock
