@@ -189,13 +189,16 @@ def unbind(binding: _Binding) -> None:
     except ValueError:
         # The token belongs to another Context (a generator finalised by another task):
         # kept for that one, which still holds the binding (see _visible). This Context
-        # inherited the binding and shows what it shadowed, unless that is another user's
-        # binding: work started inside bob's scope never turns into the admin's.
+        # inherited the binding and, if it shows it, shows what it shadowed instead unless
+        # that is another user's: work started inside bob's scope never turns into the
+        # admin's.
         binding.token = token
         binding.elsewhere = True
-        live = _live(binding.prev)
-        if live is None or _same_user(live.ctx, binding.ctx):
-            _current.set(live)
+        if current is binding:
+            live = _live(binding.prev)
+            if live is None or _same_user(live.ctx, binding.ctx):
+                _current.set(live)
+        # Else inner bindings above it have ended: this Context shows what they show.
         return
     previous = _current.get()
     if previous is not None and previous.closed:

@@ -163,6 +163,29 @@ class TestNesting:
         elsewhere.run(unbind, stale)  # token from another Context
         assert elsewhere.run(_current.get) is None
 
+    def test_a_context_started_inside_a_binding_never_shows_a_user_it_shadowed(self) -> None:
+        """Carol is bound twice, bob (an admin acting for him) inside; a Context copied
+        inside bob's binding (a task started there) goes on, whatever ends where: bob's
+        binding ended from a third Context, then the task ending carol's inner binding
+        under it. The task sees bob throughout, never carol, and the Context that made
+        the bindings sees its own live one, carol's outer. The task used to see carol as
+        soon as bob's binding ended elsewhere."""
+        made = contextvars.copy_context()
+        outer = made.run(bind, ctx_for("carol"), None)
+        inner = made.run(bind, ctx_for("carol"), None)
+        bob = made.run(bind, ctx_for("bob"), None, allow_switch=True)
+        task = made.copy()
+        seen = [task.run(get_current_context).user_id]
+        contextvars.copy_context().run(unbind, bob)
+        seen.append(task.run(get_current_context).user_id)
+        task.run(unbind, inner)
+        seen.append(task.run(get_current_context).user_id)
+        assert seen == ["bob", "bob", "bob"]
+        assert made.run(get_current_context) is outer.ctx
+        made.run(unbind, outer)
+        assert made.run(current_context_or_none) is None
+        assert task.run(get_current_context).user_id == "bob"
+
     def test_a_bind_context_object_is_single_use(self) -> None:
         """Entering the same bind_context twice is an error, not a silent re-bind."""
         binding = bind_context(ctx_for("alice"))
