@@ -501,13 +501,18 @@ class Scope:
                 if not store.closed or self._closed:
                     raise
                 continue  # as in resolve()
-            break
-        if self._closed:
-            raise self._unavailable(key)  # as in resolve()
-        if not self._shares:
-            self._share()
-        self._cache[key] = instance
-        return instance
+            if self._closed:
+                raise self._unavailable(key)  # as in resolve()
+            if not self._shares:
+                self._share()
+            self._cache[key] = instance
+            # Cached, then the store's state read: registry.aclose() on the event loop
+            # closes the stores, then drops what open scopes cached from them. Whichever
+            # comes second sees the other: a component it cleans is never left cached here.
+            if not store.closed:
+                return instance
+            # Made afresh (a fresh one another thread cached meanwhile is still stored).
+            self._cache.pop(key, None)
 
     def _share(self) -> None:
         # Known to the registry while open, so that its aclose() can drop the USER and APP

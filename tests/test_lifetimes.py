@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 
 import anyio
@@ -12,7 +13,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 
 import ambient
-from ambient import Lifetime, Registry, UserExecutionContext, UserRef
+from ambient import ComponentEvent, Lifetime, Observer, Registry, UserExecutionContext, UserRef
 
 
 class FakeClock:
@@ -532,6 +533,53 @@ async def test_a_creation_in_flight_when_aclose_runs_gives_a_fresh_component() -
         assert not made[1].closed
     await registry.aclose()
     assert made[1].closed
+
+
+class _Closable:
+    def __init__(self) -> None:
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("lifetime", [Lifetime.USER, Lifetime.APP])
+async def test_a_component_a_worker_thread_gets_as_aclose_cleans_it_is_not_kept(
+    lifetime: Lifetime,
+) -> None:
+    """A worker thread of a request still open at shutdown (a websocket's) makes a USER or
+    APP component, and ``registry.aclose()`` on the event loop cleans it just before the
+    thread caches it in the scope (paused here, by an observer, in between). The thread and
+    the scope's later resolutions get a fresh one: the scope used to keep the cleaned one
+    cached, and hand it out for the rest of the request."""
+    stored, go_on = threading.Event(), threading.Event()
+
+    class PauseTheThread(Observer):
+        def component_created(self, event: ComponentEvent) -> None:
+            if event.key is _Closable and threading.current_thread() is not loop_thread:
+                stored.set()
+                go_on.wait(10)
+
+    loop_thread = threading.current_thread()
+    registry = Registry(telemetry=PauseTheThread())
+    registry.register(_Closable, _Closable, lifetime=lifetime)
+    made: list[_Closable] = []
+    with anyio.fail_after(10):
+        async with registry.open_scope(ctx("alice")) as scope:
+            async with anyio.create_task_group() as tg:
+
+                async def in_thread() -> None:
+                    made.append(await anyio.to_thread.run_sync(scope.resolve_sync, _Closable))
+
+                tg.start_soon(in_thread)
+                await anyio.to_thread.run_sync(stored.wait)
+                await registry.aclose()
+                go_on.set()
+            later = await ambient.resolve(_Closable)
+            assert later is made[0]
+            assert not later.closed
+    await registry.aclose()
+    assert later.closed
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
