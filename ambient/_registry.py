@@ -127,6 +127,9 @@ class Registry:
         # Set when the last open scope closes, while shutdown waits for that.
         self._scopes_closed: anyio.Event | None = None
         self._scope_waiters = 0
+        # Calls cleaning users' components right now, and aclose()s waiting for them to end.
+        self._users_cleaning = 0
+        self._users_cleaned: list[anyio.Event] = []
         self.created = 0
         self.cleaned = 0
         self.cleanup_failures = 0
@@ -486,15 +489,46 @@ class Registry:
 
         with anyio.CancelScope(shield=True):
             if due:
-                await in_tasks(
-                    [functools.partial(self._close_entry, entry, created) for entry, created in due]
-                )
+                self._users_cleaning += 1
+                try:
+                    await in_tasks(
+                        [
+                            functools.partial(self._close_entry, entry, created)
+                            for entry, created in due
+                        ]
+                    )
+                finally:
+                    self._users_cleaning -= 1
+                    if not self._users_cleaning:
+                        waiting, self._users_cleaned = self._users_cleaned, []
+                        for event in waiting:
+                            event.set()
             if app:
+                try:
+                    await self._wait_for_user_cleanups()
+                except BaseException as exc:  # noqa: BLE001 - raised below, after the app's
+                    interrupted.append(exc)
                 observers = self._cleanup_observers()
                 await in_tasks([functools.partial(finalize, app, None, self, None, observers)])
         if interrupted:
             raise interrupted[0]
         return failures
+
+    async def _wait_for_user_cleanups(self) -> None:
+        """Wait until no user's cleanup runs (at most ``cleanup_timeout``): before the app's
+        components go, an expiry or eviction another task started (a request that ended
+        as shutdown began) may still return what they made to them (a connection to its
+        pool), as aclose()'s own users' cleanups have."""
+        if not self._users_cleaning:
+            return
+        event = anyio.Event()
+        self._users_cleaned.append(event)
+        try:
+            with anyio.move_on_after(self.cleanup_timeout):
+                await event.wait()
+        finally:
+            if event in self._users_cleaned:
+                self._users_cleaned.remove(event)
 
     async def _close_entry(self, entry: UserEntry, created: list[Any]) -> list[Exception]:
         # Expiry and eviction run inside whichever request comes along, often another
@@ -540,8 +574,10 @@ class Registry:
         """Clean up every USER and APP component (application shutdown).
 
         Scopes still open keep their REQUEST components; a USER or APP component they
-        resolve afterwards is created afresh. The registry stays usable (a test may start
-        the same application twice).
+        resolve afterwards is created afresh. Users' cleanups already under way (an expiry
+        a request ran as shutdown began) end before the APP components go, waited for at
+        most ``cleanup_timeout``. The registry stays usable (a test may start the same
+        application twice).
 
         Raises:
             CleanupError: when cleanups failed (every cleanup still ran).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import anyio
 import pytest
@@ -533,6 +533,55 @@ async def test_a_creation_in_flight_when_aclose_runs_gives_a_fresh_component() -
         assert not made[1].closed
     await registry.aclose()
     assert made[1].closed
+
+
+async def test_aclose_cleans_the_app_after_a_users_cleanup_already_under_way(
+    clock: FakeClock,
+) -> None:
+    """A request that comes along just before shutdown runs an idle user's expiry: that
+    user's connection goes back to the APP pool, slowly. ``registry.aclose()`` meanwhile
+    waits for it before closing the pool: it used to close the pool at once, and return,
+    with the connection still to go back (into a closed pool)."""
+    registry = Registry(clock=clock)
+    order: list[str] = []
+    returning, returned = anyio.Event(), anyio.Event()
+
+    class Pool:
+        closed = False
+
+        async def aclose(self) -> None:
+            order.append("pool closed")
+            self.closed = True
+
+    async def connection(user: UserRef) -> AsyncIterator[str]:
+        pool = await ambient.resolve(Pool)
+        yield f"connection of {user.user_id}"
+        returning.set()
+        await returned.wait()
+        order.append("returned to a closed pool" if pool.closed else "returned to the pool")
+
+    registry.register(Pool, Pool, lifetime=Lifetime.APP)
+    registry.register("connection", connection, lifetime=Lifetime.USER, idle_ttl=1)
+    async with registry.open_scope(ctx("alice")):
+        await ambient.resolve("connection")
+    clock.now += 5
+
+    async def request() -> None:
+        async with registry.open_scope(ctx("bob")):
+            pass
+
+    async def shutdown() -> None:
+        await registry.aclose()
+        order.append("aclose returned")
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(request)
+            await returning.wait()
+            tg.start_soon(shutdown)
+            await anyio.wait_all_tasks_blocked()
+            returned.set()
+    assert order == ["returned to the pool", "pool closed", "aclose returned"]
 
 
 class _Closable:
