@@ -501,11 +501,16 @@ class Scope:
                 if not store.closed or self._closed:
                     raise
                 continue  # as in resolve()
-            if self._closed:
-                raise self._unavailable(key)  # as in resolve()
+            # Published, then _closed read (see _close_now): a close that came first may have
+            # missed the scope in the registry's set of sharing scopes, which would keep it (and
+            # what its cache holds) for good. Whoever sees the other takes it out.
             if not self._shares:
                 self._share()
             self._cache[key] = instance
+            if self._closed:
+                self._cache.pop(key, None)
+                self._registry._sharing.discard(self)
+                raise self._unavailable(key)  # as in resolve()
             # Cached, then the store's state read: registry.aclose() on the event loop
             # closes the stores, then drops what open scopes cached from them. Whichever
             # comes second sees the other: a component it cleans is never left cached here.

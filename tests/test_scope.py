@@ -22,6 +22,7 @@ from ambient import (
     Lifetime,
     Registry,
     ResolutionError,
+    Scope,
     ScopeClosedError,
     UserExecutionContext,
 )
@@ -1185,6 +1186,46 @@ class TestClosingWhileResolving:
         stats = registry.stats()
         assert (stats.open_scopes, stats.live_users, stats.created, stats.cleaned) == (0, 0, 0, 0)
         assert scope._own is None or scope._own.closed  # no store that takes components
+
+    @pytest.mark.parametrize("lifetime", [Lifetime.USER, Lifetime.APP])
+    async def test_a_thread_keeping_a_shared_component_as_the_scope_closes_leaves_no_scope(
+        self, monkeypatch: pytest.MonkeyPatch, lifetime: Lifetime
+    ) -> None:
+        """A worker thread's resolve_sync() has its USER or APP component and found the
+        scope open, and is noting that the scope holds one, when the scope closes: it gets
+        ScopeClosedError, and the registry keeps no reference to the closed scope (one per
+        such close would pile up for as long as the server runs)."""
+        registry = Registry()
+        registry.register(Counter, Counter, lifetime=lifetime)
+        noting, go_on = threading.Event(), threading.Event()
+        share = Scope._share
+
+        def paused_share(self: Scope) -> None:  # where the GIL could switch to the close
+            noting.set()
+            go_on.wait(10)
+            share(self)
+
+        monkeypatch.setattr(Scope, "_share", paused_share)
+        outcome: list[object] = []
+        with anyio.fail_after(10):
+            scope = registry.open_scope(ctx())
+            await scope.__aenter__()
+
+            def work() -> None:
+                try:
+                    outcome.append(scope.resolve_sync(Counter))
+                except ScopeClosedError as refused:
+                    outcome.append(refused)
+
+            thread = threading.Thread(target=work)
+            thread.start()
+            await anyio.to_thread.run_sync(noting.wait)
+            await scope.aclose()  # the request ends
+            go_on.set()
+            await anyio.to_thread.run_sync(thread.join)
+        assert [type(o) for o in outcome] == [ScopeClosedError]
+        assert scope not in registry._sharing
+        assert Counter not in scope._cache
 
 
 @pytest.mark.parametrize("how", ["task", "wrap"])
