@@ -7,6 +7,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
@@ -119,8 +120,14 @@ class Registry:
         self._next_expiry = math.inf
         self._evicted: list[UserEntry] = []
         # The scopes' own observers (the middleware's telemetry), for the cleanups that
-        # happen outside any scope.
-        self._extras: tuple[Observer, ...] = ()
+        # happen outside any scope. Weakly: an observer an application opened one scope
+        # with and then dropped must not stay here (nor be told of every later cleanup)
+        # for as long as the registry lives; one per scope would pile up.
+        self._extras: weakref.WeakSet[Observer] = weakref.WeakSet()
+        self._kept_extras: tuple[Observer, ...] = ()  # those that cannot be weakly held
+        # The last one noted, strongly: the middleware passes the same one to every scope,
+        # found here at the cost of one comparison, and one kept does not pile up.
+        self._last_extra: Observer | None = None
         # Open scopes whose caches hold USER or APP components.
         self._sharing: set[Scope] = set()
         self.open_scopes = 0
@@ -262,8 +269,10 @@ class Registry:
         Args:
             ctx: The context to bind.
             allow_switch: Allow opening it while another user's context is bound.
-            observer: An extra observer for this scope only (the middleware passes the
-                telemetry it was given).
+            observer: An extra observer for this scope (the middleware passes the
+                telemetry it was given). It is also told when the USER and APP components
+                it saw made are cleaned up later, outside any scope, for as long as
+                the caller keeps it (the registry does not keep it alive).
 
         Raises:
             TypeError: ``ctx`` is not a :class:`UserExecutionContext`.
@@ -277,10 +286,8 @@ class Registry:
         """The observers a scope opening now reports to: this registry's, the process-wide
         ones and ``extra``, each only while it is :attr:`~ambient.Observer.active`."""
         own = self._observers
-        if extra is not None and extra not in self._extras:
-            # It may see USER and APP components made: it must see them cleaned too, which
-            # happens outside any scope (expiry, eviction, aclose).
-            self._extras = (*self._extras, extra)
+        if extra is not None and extra is not self._last_extra:
+            self._note_extra(extra)
         if extra is None and not _observe.observers:
             # The common cases, without building a tuple: no observer, or one telemetry.
             if not own:
@@ -293,6 +300,16 @@ class Registry:
         if len(every) == 1:
             return every if every[0].active else ()
         return tuple(o for o in every if o.active)
+
+    def _note_extra(self, extra: Observer) -> None:
+        # It may see USER and APP components made: it must see them cleaned too, which
+        # happens outside any scope (expiry, eviction, aclose), while someone holds it.
+        self._last_extra = extra
+        try:
+            self._extras.add(extra)
+        except TypeError:  # cannot be weakly referred to: kept for good
+            if extra not in self._kept_extras:
+                self._kept_extras = (*self._kept_extras, extra)
 
     def observers(self) -> tuple[Observer, ...]:
         """This registry's telemetry plus the process-wide observers, as of now."""
@@ -310,7 +327,8 @@ class Registry:
         """Who sees USER and APP components cleaned: the registry's observers and every
         scope observer that could have seen them made, while active."""
         every = self.observers()
-        every = every + tuple(e for e in self._extras if e not in every)
+        extras = (*self._extras, *self._kept_extras)
+        every = every + tuple(e for e in extras if e not in every)
         return tuple(o for o in every if o.active)
 
     def before_open(self) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
+import weakref
 from collections.abc import AsyncIterator, Iterator
 
 import anyio
@@ -268,6 +270,46 @@ async def test_a_scope_observer_sees_the_user_components_it_saw_made_cleaned(
     await registry.aclose()
     made = [("created", "app"), ("created", str(Tracked))]
     assert sorted(events) == sorted([*made, ("cleaned", "app"), ("cleaned", str(Tracked))])
+
+
+async def test_scope_observers_the_application_dropped_are_not_kept_by_the_registry(
+    clock: FakeClock,
+) -> None:
+    """1,000 scopes, each opened with an observer of its own that saw a USER component
+    made and was then dropped: the registry keeps none of them (it held every one, with
+    all it had collected, for as long as it lived, and told each of every later cleanup).
+    One still held by its owner, as the middleware holds its telemetry, still sees the
+    components it saw made cleaned."""
+
+    class Collect(ambient.Observer):
+        def __init__(self) -> None:
+            self.events: list[ambient.ComponentEvent] = []
+
+        def component_created(self, event: ambient.ComponentEvent) -> None:
+            self.events.append(event)
+
+        def component_cleaned(self, event: ambient.ComponentEvent) -> None:
+            self.events.append(event)
+
+    cleaned: list[str] = []
+    registry = user_registry(cleaned, clock=clock)
+    dropped: list[weakref.ref[Collect]] = []
+    for n in range(1_000):
+        collect = Collect()
+        async with registry.open_scope(ctx(f"user-{n}"), observer=collect):
+            await ambient.resolve(Tracked)
+        dropped.append(weakref.ref(collect))
+    kept = Collect()
+    async with registry.open_scope(ctx("bob"), observer=kept):
+        await ambient.resolve(Tracked)
+    del collect
+    gc.collect()
+    assert [ref for ref in dropped if ref() is not None] == []
+    clock.now += 120
+    async with registry.open_scope(ctx("carol")):  # expiry runs here, outside bob's scope
+        pass
+    assert UserRef("bob") in [event.user for event in kept.events[1:] if event.cleanup_ran]
+    assert len(cleaned) == 1_001
 
 
 class TestAppLifetime:
