@@ -107,8 +107,12 @@ class MemoryTicketStore:
 
     async def take(self, key: str) -> bytes | None:
         with self._lock:
+            now = self._clock()
             entry = self._entries.pop(key, None)
-            if entry is None or entry[0] <= self._clock():
+            # Expired tickets go here too, not only when one is issued: a burst of tickets
+            # never used would otherwise stay until the next ticket is issued.
+            self._purge(now)
+            if entry is None or entry[0] <= now:
                 return None
             return entry[1]
 

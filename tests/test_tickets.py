@@ -215,6 +215,23 @@ class TestMemory:
             assert await tickets(handshake(ticket)) is not None
         assert len(store) == 0
 
+    async def test_expired_tickets_leave_the_store_as_handshakes_come(self) -> None:
+        """1,000 tickets issued and never used expire: the next handshake takes them out of
+        the memory store (they stayed until another ticket was issued, however long)."""
+        clock = Clock()
+        store = MemoryTicketStore(clock=clock)
+        tickets = WebSocketTickets(store, ttl=30, clock=clock)
+        with bound():
+            for _ in range(1_000):
+                await tickets.issue()
+            used = await tickets.issue()
+        clock.now += 20
+        assert await tickets(handshake(used)) is not None
+        assert len(store._entries) == 1_000  # not expired yet: kept
+        clock.now += 11
+        assert (await refused(tickets, handshake(used))).status == 401
+        assert len(store._entries) == 0
+
     def test_bad_arguments(self) -> None:
         for ttl in (0, -1, 301, True, "30", float("nan")):
             with pytest.raises(ValueError, match="ttl"):
