@@ -511,7 +511,7 @@ class Registry:
                 try:
                     await in_tasks(
                         [
-                            functools.partial(self._close_entry, entry, created)
+                            functools.partial(self._clean_apart, created, entry.ref)
                             for entry, created in due
                         ]
                     )
@@ -526,8 +526,7 @@ class Registry:
                     await self._wait_for_user_cleanups()
                 except BaseException as exc:  # noqa: BLE001 - raised below, after the app's
                     interrupted.append(exc)
-                observers = self._cleanup_observers()
-                await in_tasks([functools.partial(finalize, app, None, self, None, observers)])
+                await in_tasks([functools.partial(self._clean_apart, app, None)])
         if interrupted:
             raise interrupted[0]
         return failures
@@ -548,15 +547,15 @@ class Registry:
             if event in self._users_cleaned:
                 self._users_cleaned.remove(event)
 
-    async def _close_entry(self, entry: UserEntry, created: list[Any]) -> list[Exception]:
-        # Expiry and eviction run inside whichever request comes along, often another
-        # user's: nothing of that request may be bound while this user's components go
-        # (their cleanups would log, trace and resolve as the other user, and their spans
-        # would join that user's trace, carrying its baggage).
+    async def _clean_apart(self, created: list[Any], user: UserRef | None) -> list[Exception]:
+        # Expiry, eviction and aclose() run inside whichever request comes along, often
+        # another user's: nothing of that request may be bound while a user's or the app's
+        # components go (their cleanups would log, trace and resolve as that request's
+        # user, and their spans would join its trace, carrying its baggage).
         token = _current.set(None)
         trace_token = otel_context.attach(otel_context.Context())
         try:
-            return await finalize(created, None, self, entry.ref, self._cleanup_observers())
+            return await finalize(created, None, self, user, self._cleanup_observers())
         finally:
             otel_context.detach(trace_token)
             _current.reset(token)

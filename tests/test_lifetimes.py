@@ -237,6 +237,36 @@ async def test_a_users_components_are_never_cleaned_as_another_user(
     await registry.aclose()
 
 
+async def test_app_components_closed_inside_a_request_are_not_cleaned_as_its_user() -> None:
+    """``registry.aclose()`` awaited inside alice's request (a test's teardown, an app that
+    shuts down from a handler): the APP components' cleanups see no user, span or baggage
+    of hers, as USER components cleaned there do not."""
+    seen: list[object] = []
+
+    class Pool:
+        def close(self) -> None:
+            span = otel_trace.get_current_span().get_span_context()
+            seen.append((ambient.current_context_or_none(), span.is_valid, baggage.get_all()))
+
+    registry = Registry()
+    registry.register(Pool, Pool, lifetime=Lifetime.APP)
+    alices_request = otel_trace.NonRecordingSpan(
+        otel_trace.SpanContext(trace_id=7, span_id=8, is_remote=False)
+    )
+    token = otel_context.attach(
+        baggage.set_baggage("tenant", "alice-corp", otel_trace.set_span_in_context(alices_request))
+    )
+    try:
+        async with registry.open_scope(ctx("alice")):
+            await ambient.resolve(Pool)
+            await registry.aclose()
+            assert ambient.get_current_context().user_id == "alice"
+            assert otel_trace.get_current_span() is alices_request
+    finally:
+        otel_context.detach(token)
+    assert seen == [(None, False, {})]
+
+
 @pytest.mark.parametrize("how", ["idle expiry", "aclose"])
 async def test_a_scope_observer_sees_the_user_components_it_saw_made_cleaned(
     clock: FakeClock, how: str
