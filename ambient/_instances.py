@@ -290,6 +290,51 @@ def _cycle(stack: tuple[Hashable, ...], key: Hashable) -> ResolutionError:
     return ResolutionError(f"dependency cycle while resolving: {path}")
 
 
+def _wait_sync(
+    provider: Provider,
+    pending: _Pending,
+    stack: tuple[_Creation, ...],
+    building: list[Hashable],
+    registry: Registry,
+) -> None:
+    """Wait, blocking, for another thread or task making ``provider``'s component (the
+    caller claims it again after), or raise what makes the wait impossible."""
+    _check_cycle(provider.key, stack, building)
+    if pending.blocks_this_loop():
+        msg = (
+            f"{provider.name} is being created by another task on this event loop; "
+            "resolve_sync() cannot wait for it without blocking the loop: use "
+            "`await resolve(...)`"
+        )
+        raise ResolutionError(msg)
+    handed = _handed_over.get()
+    key = provider.key
+    if key in handed:
+        raise _cycle((*handed, *_keys(stack), *building), key)
+    if on_loop_thread():
+        # The loop stands still while it waits, and would for good if the factory
+        # in the worker thread waits for the loop (anyio.from_thread): bounded.
+        limit = registry.cleanup_timeout
+        if not pending.wait_blocking(limit):
+            msg = (
+                f"{provider.name} is being created in a worker thread and was not "
+                f"done within {limit} s, while resolve_sync() on the event loop's "
+                "thread waited for it, blocking the loop (does its factory wait for "
+                "the loop?): use `await resolve(...)`"
+            )
+            raise ResolutionError(msg)
+        return
+    if not stack:
+        pending.wait_blocking()
+        return
+    # A worker thread a task's factory handed work to: that task waits for this.
+    _wait_from(pending, stack)
+    try:
+        pending.wait_blocking()
+    finally:
+        _waited(pending, stack)
+
+
 class Instances:
     """Created components of one owner (a scope, a user, the app)."""
 
@@ -464,39 +509,7 @@ class Instances:
                 if instance is not _MISSING:
                     return instance
                 break
-            _check_cycle(key, stack, building)
-            if pending.blocks_this_loop():
-                msg = (
-                    f"{provider.name} is being created by another task on this event loop; "
-                    "resolve_sync() cannot wait for it without blocking the loop: use "
-                    "`await resolve(...)`"
-                )
-                raise ResolutionError(msg)
-            handed = _handed_over.get()
-            if key in handed:
-                raise _cycle((*handed, *_keys(stack), *building), key)
-            if on_loop_thread():
-                # The loop stands still while it waits, and would for good if the factory
-                # in the worker thread waits for the loop (anyio.from_thread): bounded.
-                limit = registry.cleanup_timeout
-                if not pending.wait_blocking(limit):
-                    msg = (
-                        f"{provider.name} is being created in a worker thread and was not "
-                        f"done within {limit} s, while resolve_sync() on the event loop's "
-                        "thread waited for it, blocking the loop (does its factory wait for "
-                        "the loop?): use `await resolve(...)`"
-                    )
-                    raise ResolutionError(msg)
-                continue
-            if not stack:
-                pending.wait_blocking()
-                continue
-            # A worker thread a task's factory handed work to: that task waits for this.
-            _wait_from(pending, stack)
-            try:
-                pending.wait_blocking()
-            finally:
-                _waited(pending, stack)
+            _wait_sync(provider, pending, stack, building, registry)
         observers = scope.observers
         started = time.perf_counter() if observers else 0.0
         start_ns = time.time_ns() if observers else 0
