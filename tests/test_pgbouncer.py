@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,13 +24,14 @@ from typing import Any
 import anyio
 import psycopg
 import pytest
+from psycopg import sql
 from psycopg.abc import Query
 
 from ambient import Registry, UserExecutionContext
 from ambient.integrations.psycopg import PerUserPools, SharedPool, connection
 from tests.conftest import service_unavailable
 from tests.servers import free_port
-from tests.test_psycopg import Database, _admin, _query_stopped, make_database
+from tests.test_psycopg import Database, _admin, _eventually, _query_stopped, make_database
 from tests.test_websockets import stop, wait_listening
 
 USERS = 50
@@ -445,3 +446,283 @@ async def test_a_cancelled_query_stops_on_the_server_behind_a_pooler(
             await conn.execute(db.sql("UPDATE {notes} SET body = 'again'"), prepare=False)
     finally:
         await registry.aclose()
+
+
+async def _clients_waiting(url: str) -> int:
+    """How many clients of the pooler at ``url`` wait for a server session (its console)."""
+    console = psycopg.conninfo.make_conninfo(url, dbname="pgbouncer")
+    async with await psycopg.AsyncConnection.connect(console, autocommit=True) as conn:
+        cur = await conn.execute("SHOW POOLS", prepare=False)
+        names = [column.name for column in cur.description or ()]
+        rows = [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
+    return sum(int(row["cl_waiting"]) for row in rows if row["database"] == "test")
+
+
+def _serializable(db: Database) -> tuple[sql.Identifier, sql.Composed]:
+    """Every transaction of the app role SERIALIZABLE, a table of two rows for two of them
+    to conflict over, and what a client finds in the server session it is handed: its
+    process, role, search_path, a session setting, a temporary table, LISTEN, session
+    advisory locks, the last sequence value it drew."""
+    role = psycopg.conninfo.conninfo_to_dict(db.app_url)["user"]
+    pairs = sql.Identifier(db.schema, "pairs")
+    last_value = sql.Identifier(db.schema, "last_value")
+    with _admin() as admin:
+        admin.execute(sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, v int)").format(pairs))
+        admin.execute(sql.SQL("INSERT INTO {} VALUES (1, 0), (2, 0)").format(pairs))
+        admin.execute(
+            sql.SQL("GRANT SELECT, UPDATE ON {} TO {}").format(pairs, sql.Identifier(role))
+        )
+        admin.execute(
+            sql.SQL(
+                "CREATE FUNCTION {}() RETURNS bigint LANGUAGE plpgsql AS $$ BEGIN "
+                "RETURN pg_catalog.lastval(); EXCEPTION WHEN object_not_in_prerequisite_state "
+                "THEN RETURN NULL; END $$"
+            ).format(last_value)
+        )
+        admin.execute(f"ALTER ROLE {role} SET default_transaction_isolation = 'serializable'")
+    left = sql.SQL(
+        "SELECT pg_catalog.pg_backend_pid(), current_user, current_setting('search_path'), "
+        "COALESCE(current_setting('app.leftover', true), ''), "
+        "pg_catalog.to_regclass('pg_temp.scratch') IS NOT NULL, "
+        "(SELECT count(*) FROM pg_catalog.pg_listening_channels()), "
+        "(SELECT count(*) FROM pg_catalog.pg_locks "
+        "WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()), {}()"
+    ).format(last_value)
+    return pairs, left
+
+
+async def _leave_session_state(conn: psycopg.AsyncConnection[Any], db: Database, user: str) -> int:
+    """Leave in ``conn``'s server session what a handler can: a search_path, a session
+    setting, a temporary table, a LISTEN, a session advisory lock and a sequence value (a
+    note of ``user``'s). Returns the server process."""
+    for statement in (
+        "SET search_path = pg_catalog",
+        "SET app.leftover = 'leaked'",
+        "CREATE TEMP TABLE scratch (x int)",
+        "LISTEN leaked",
+    ):
+        await conn.execute(statement, prepare=False)
+    await conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (user,), prepare=False)
+    insert = db.sql("INSERT INTO {notes} (owner, body) VALUES (%s, 'secret') RETURNING id")
+    await conn.execute(insert, (user,), prepare=False)
+    cur = await conn.execute("SELECT pg_catalog.pg_backend_pid()", prepare=False)
+    row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def _conflicting_commits(
+    registry: Registry,
+    db: Database,
+    pairs: sql.Identifier,
+    before_second_commit: Callable[[], Awaitable[None]],
+) -> tuple[BaseException | None, int]:
+    """Two users' SERIALIZABLE checkouts, each reading the row the other writes: the first
+    commits, which dooms the second, whose COMMIT then fails (a serialization failure at
+    the COMMIT itself, nothing before it). The second leaves session state behind
+    (:func:`_leave_session_state`), and ``before_second_commit`` runs just before its
+    block ends. Returns the second checkout's error and its server process."""
+    read = sql.SQL("SELECT v FROM {} WHERE id = %s").format(pairs)
+    write = sql.SQL("UPDATE {} SET v = v + 1 WHERE id = %s").format(pairs)
+    # read 1, read 2, write 2, write 1 (and the state), commit the first: in this order.
+    turns = [anyio.Event() for _ in range(4)]
+    second: list[Any] = []
+
+    async def first() -> None:
+        async with (
+            registry.open_scope(UserExecutionContext.create("user-1")),
+            connection() as conn,
+        ):
+            await conn.execute(read, (1,), prepare=False)
+            turns[0].set()
+            await turns[1].wait()
+            await conn.execute(write, (2,), prepare=False)
+            turns[2].set()
+            await turns[3].wait()
+        committed.set()
+
+    async def then() -> None:
+        try:
+            async with (
+                registry.open_scope(UserExecutionContext.create("user-2")),
+                connection() as conn,
+            ):
+                await turns[0].wait()
+                await conn.execute(read, (2,), prepare=False)
+                turns[1].set()
+                await turns[2].wait()
+                await conn.execute(write, (1,), prepare=False)
+                second.append(await _leave_session_state(conn, db, "user-2"))
+                turns[3].set()
+                await committed.wait()
+                await before_second_commit()
+        except psycopg.Error as error:
+            second.append(error)
+        else:
+            second.append(None)
+
+    committed = anyio.Event()
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first)
+            tg.start_soon(then)
+    pid, error = second
+    return error, pid
+
+
+@pytest.mark.parametrize("strategy", ["shared", "per_user"])
+async def test_a_commit_that_fails_leaves_nothing_to_the_next_client(
+    bounced: tuple[Database, str], strategy: str
+) -> None:
+    """Under SERIALIZABLE two users' checkouts conflict and the second one's COMMIT fails;
+    the pooler hands its server session at once to a client that was waiting for one.
+    That client finds nothing of the failed checkout there: no search_path, setting,
+    temporary table or LISTEN (the failed transaction took them along), and no session
+    advisory lock or sequence value; the handler gets the database's own error. Before,
+    the lock and the sequence value stayed: the reset travelled after the COMMIT and was
+    skipped, and the session was another client's by the time the reset came again."""
+    db, url = bounced
+    pairs, left = _serializable(db)
+    role = psycopg.conninfo.conninfo_to_dict(url)["user"]
+    pool = _rls_pool(db, url, strategy, shared={"max_size": 2, "per_user_limit": 1})
+    registry = _registry(pool)
+    seen: list[tuple[Any, ...] | None] = []
+
+    async def next_client_waits() -> None:
+        # The first checkout's server session is free: a plain client holds it, and the
+        # next one waits for the session the failing COMMIT will free.
+        blocker = await psycopg.AsyncConnection.connect(url)
+        await blocker.execute("SELECT 1", prepare=False)
+        waiter_done = anyio.Event()
+
+        async def waiter() -> None:
+            try:
+                async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+                    seen.append(await (await conn.execute(left, prepare=False)).fetchone())
+            finally:
+                waiter_done.set()
+
+        async def queued() -> bool:
+            return await _clients_waiting(url) == 1
+
+        async def release_blocker() -> None:
+            await waiter_done.wait()
+            await blocker.close()
+
+        tg.start_soon(waiter)
+        await _eventually(queued, "the next client waits for a server session")
+        tg.start_soon(release_blocker)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            error, pid = await _conflicting_commits(registry, db, pairs, next_client_waits)
+        sessions = await _server_sessions(url)
+    finally:
+        await registry.aclose()
+    assert isinstance(error, psycopg.errors.SerializationFailure), error
+    assert seen == [(pid, role, '"$user", public', "", False, 0, 0, None)]
+    assert {row[:3] for row in sessions} == {(role, '"$user", public', 0)}
+
+
+async def test_a_commit_that_fails_leaves_nothing_to_the_next_user_connected_directly(
+    bounced: tuple[Database, str],
+) -> None:
+    """The same conflict with SharedPool connected directly: the next users, both of the
+    pool's connections at once, find nothing of the failed checkout in its session."""
+    db, _ = bounced
+    pairs, left = _serializable(db)
+    role = psycopg.conninfo.conninfo_to_dict(db.app_url)["user"]
+    pool = _rls_pool(db, db.app_url, "shared", shared={"max_size": 2, "per_user_limit": 2})
+    registry = _registry(pool)
+
+    async def nothing() -> None:
+        pass
+
+    try:
+        error, pid = await _conflicting_commits(registry, db, pairs, nothing)
+        async with (
+            registry.open_scope(UserExecutionContext.create("user-3")),
+            connection() as first,
+            connection() as second,
+        ):
+            seen = [
+                await (await conn.execute(left, prepare=False)).fetchone()
+                for conn in (first, second)
+            ]
+        assert isinstance(pool, SharedPool)
+        discarded = pool.stats().discarded
+    finally:
+        await registry.aclose()
+    assert isinstance(error, psycopg.errors.SerializationFailure), error
+    assert (pid, role, '"$user", public', "", False, 0, 0, None) in seen
+    assert discarded == 0
+
+
+@pytest.mark.parametrize(
+    ("strategy", "route"), [("shared", "pooler"), ("per_user", "pooler"), ("shared", "direct")]
+)
+async def test_a_deadlock_as_checkouts_commit_leaves_nothing_in_their_sessions(
+    bounced: tuple[Database, str], strategy: str, route: str
+) -> None:
+    """Two users' checkouts each insert, into a deferred unique column, the value the other
+    inserts too, leave session state behind, and end together: checking the deferred
+    constraints, one waits for the other, and the database ends one of them with a
+    deadlock. That checkout raises the database's DeadlockDetected, the other commits, and
+    neither server session keeps anything of either handler."""
+    db, url = bounced
+    _, left = _serializable(db)
+    role = psycopg.conninfo.conninfo_to_dict(url)["user"]
+    target = url if route == "pooler" else db.app_url
+    pool = _rls_pool(db, target, strategy, shared={"max_size": 2, "per_user_limit": 2})
+    registry = _registry(pool)
+    insert = sql.SQL("INSERT INTO {} VALUES (%s)").format(sql.Identifier(db.schema, "deferred"))
+    # Each inserts its own value, then the other's, which is then already there (so the
+    # check waits for the end of the other's transaction), then both end.
+    steps = [[anyio.Event(), anyio.Event()] for _ in range(2)]
+    outcomes: list[BaseException | None] = []
+
+    async def user(n: int) -> None:
+        try:
+            async with (
+                registry.open_scope(UserExecutionContext.create(f"user-{n}")),
+                connection() as conn,
+            ):
+                for step, key in enumerate((n, 1 - n)):
+                    await conn.execute(insert, (key,), prepare=False)
+                    steps[step][n].set()
+                    await steps[step][1 - n].wait()
+                await _leave_session_state(conn, db, f"user-{n}")
+        except psycopg.Error as error:
+            outcomes.append(error)
+        else:
+            outcomes.append(None)
+
+    try:
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(user, 0)
+                tg.start_soon(user, 1)
+        if route == "pooler":
+            sessions = [row[:3] for row in await _server_sessions(url)]
+        else:
+            async with (
+                registry.open_scope(UserExecutionContext.create("user-3")),
+                connection() as first,
+                connection() as second,
+            ):
+                sessions = [
+                    (await (await conn.execute(left, prepare=False)).fetchone() or ())[1:]
+                    for conn in (first, second)
+                ]
+    finally:
+        await registry.aclose()
+    assert sorted(type(outcome).__name__ for outcome in outcomes) == [
+        "DeadlockDetected",
+        "NoneType",
+    ]
+    clean = (
+        (role, '"$user", public', 0)
+        if route == "pooler"
+        else (role, '"$user", public', "", False, 0, 0, None)
+    )
+    assert sessions == [clean, clean]

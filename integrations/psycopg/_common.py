@@ -393,10 +393,11 @@ async def _end_and_reset(
     cur = AsyncClientCursor(conn)
     try:
         if owner is None or not settings:
-            await cur.execute(f"{_before(end)}{end}; {_POOLED_RESET}")
+            await cur.execute(f"{_before(end, pooled=True)}{end}; {_POOLED_RESET}")
             return True
         await cur.execute(
-            f"{owner._read_local_sql}; {_before(end)}{end}; {_POOLED_RESET}", owner._names
+            f"{owner._read_local_sql}; {_before(end, pooled=True)}{end}; {_POOLED_RESET}",
+            owner._names,
         )
     except psycopg.Error:
         if not conn.closed and conn.pgconn.transaction_status == _INERROR:
@@ -408,12 +409,28 @@ async def _end_and_reset(
     return row is not None and list(row) == settings
 
 
-def _before(end: str) -> str:
+# Behind a pooler, before the COMMIT too: what a transaction that fails to commit leaves in
+# the server session (its settings, role, temporary tables and LISTEN go with it), since the
+# pooler hands the session on before the reset after the COMMIT can reach it. Once the
+# deferred constraints were checked, a COMMIT fails in practice only under SERIALIZABLE (a
+# serialization failure), where releasing the session advisory locks before it changes
+# nothing the isolation guarantees; under the other levels they go after the COMMIT, as a
+# handler that took one to guard its writes expects.
+_BEFORE_POOLED_COMMIT = (
+    "DISCARD SEQUENCES; SELECT CASE WHEN pg_catalog.current_setting('transaction_isolation') "
+    "= 'serializable' THEN pg_catalog.pg_advisory_unlock_all() IS NULL END; "
+)
+
+
+def _before(end: str, *, pooled: bool) -> str:
     """What goes before ``end`` in the message that ends a checkout: before a COMMIT, the
     deferred constraints are checked, so that one failing fails inside the transaction,
     where the session can still be reset, not in the COMMIT, which ends it (behind a
-    pooler the session is then another client's)."""
-    return "SET CONSTRAINTS ALL IMMEDIATE; " if end == "COMMIT" else ""
+    pooler the session is then another client's); behind a ``pooled`` connection, what a
+    failed COMMIT would leave is undone before it."""
+    if end != "COMMIT":
+        return ""
+    return f"SET CONSTRAINTS ALL IMMEDIATE; {_BEFORE_POOLED_COMMIT if pooled else ''}"
 
 
 _IN_USE = "this checkout is in use; call connection() once per `async with`"

@@ -426,7 +426,7 @@ class SharedPool:
                 end = (
                     ""
                     if status == _IDLE
-                    else f"{_before('COMMIT')}COMMIT; "
+                    else f"{_before('COMMIT', pooled=self._pooled)}COMMIT; "
                     if commit
                     else "ROLLBACK; "
                 )
