@@ -1709,6 +1709,35 @@ def test_bad_arguments_are_refused_at_construction(
         strategy("postgresql://app@127.0.0.1/app", **{argument: value})
 
 
+@pytest.mark.parametrize("strategy", ["shared", "per_user"])
+async def test_a_checkouts_bad_timeout_is_refused_at_once(db: Database, strategy: str) -> None:
+    """``connection(timeout=...)`` with NaN or a non-number, while the user's only
+    connection is held: a ValueError or TypeError naming the timeout, at once, and nothing
+    taken. Before, PerUserPools waited forever for a NaN timeout, SharedPool raised anyio's
+    "deadline must not be NaN", and a string failed inside arithmetic."""
+    options: dict[str, Any] = {"timeout": 5, "rls_check": "off", "kwargs": db.kwargs()}
+    pool: SharedPool | PerUserPools = (
+        SharedPool(db.app_url, min_size=1, max_size=1, per_user_limit=1, **options)
+        if strategy == "shared"
+        else PerUserPools(db.app_url, max_size=1, **options)
+    )
+    registry = Registry()
+    pool.install(registry)
+    try:
+        async with registry.open_scope(_ctx("alice")), pool.connection():
+            for bad, error in ((float("nan"), ValueError), ("1", TypeError), (True, TypeError)):
+                with anyio.fail_after(2), pytest.raises(error, match="timeout must be"):
+                    async with pool.connection(timeout=bad):  # type: ignore[arg-type]
+                        pytest.fail("no connection was free")
+                assert pool.stats().checked_out == 1
+            with anyio.fail_after(2), pytest.raises(ValueError, match="timeout must be"):
+                async with connection(timeout=float("nan")):  # the installed default
+                    pytest.fail("no connection was free")
+            assert pool.stats().checked_out == 1
+    finally:
+        await registry.aclose()
+
+
 async def test_per_user_pools_grow_to_max_size(db: Database) -> None:
     """One user's concurrent checkouts grow its pool one connection at a time up to
     max_size, on distinct server connections."""

@@ -97,6 +97,20 @@ class _Arguments:
         return cls(names, tuple(settings.values()), _set_config_sql(len(names), local=local))
 
 
+def _checkout_timeout(timeout: float | None, default: float) -> float:
+    """The seconds a checkout may wait: ``timeout``, or ``default`` for ``None``. A number
+    of seconds (zero or less: no wait), never NaN, which no deadline can be made of."""
+    if timeout is None:
+        return default
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        msg = f"timeout must be a number of seconds, not {timeout!r}"
+        raise TypeError(msg)
+    if math.isnan(timeout):
+        msg = "timeout must be a number of seconds, not nan"
+        raise ValueError(msg)
+    return timeout
+
+
 def _set_config_sql(count: int, *, local: bool) -> str:
     """``SELECT set_config(%s, %s, local), ...`` for ``count`` settings ('' for none)."""
     calls = ", ".join(f"set_config(%s, %s, {'true' if local else 'false'})" for _ in range(count))

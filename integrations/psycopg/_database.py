@@ -64,5 +64,7 @@ def connection(
         NoActiveContextError: outside a scope.
         ResolutionError: when no strategy is installed.
         PoolExhaustedError: no connection within the timeout.
+        ValueError: a ``timeout`` of NaN (as the block starts).
+        TypeError: a ``timeout`` that is not a number (as the block starts).
     """
     return _DefaultCheckout(timeout)

@@ -19,6 +19,7 @@ from ambient.integrations.psycopg._arguments import (
     DEFAULT_SETTINGS,
     RlsCheck,
     _Arguments,
+    _checkout_timeout,
     _set_config_sql,
 )
 from ambient.integrations.psycopg._common import (
@@ -234,8 +235,10 @@ class PerUserPools:
         Raises:
             NoActiveContextError: outside a scope.
             PoolExhaustedError: no connection within the timeout.
+            ValueError: a ``timeout`` of NaN.
+            TypeError: a ``timeout`` that is not a number.
         """
-        return _UserCheckout(self, self.timeout if timeout is None else timeout)
+        return _UserCheckout(self, _checkout_timeout(timeout, self.timeout))
 
     def stats(self) -> PerUserPoolsStats:
         """Counts of the user pools and the global budget now."""

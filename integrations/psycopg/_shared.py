@@ -23,6 +23,7 @@ from ambient.integrations.psycopg._arguments import (
     DEFAULT_SETTINGS,
     RlsCheck,
     _Arguments,
+    _checkout_timeout,
 )
 from ambient.integrations.psycopg._common import (
     _ACTIVE,
@@ -494,8 +495,10 @@ class SharedPool:
             NoActiveContextError: outside a context.
             PoolExhaustedError: no connection within the timeout (the user's share or the
                 whole pool is in use).
+            ValueError: a ``timeout`` of NaN.
+            TypeError: a ``timeout`` that is not a number.
         """
-        return _SharedCheckout(self, self.timeout if timeout is None else timeout)
+        return _SharedCheckout(self, _checkout_timeout(timeout, self.timeout))
 
     def stats(self) -> SharedPoolStats:
         """Counts of what the pool holds now."""
