@@ -726,3 +726,33 @@ async def test_a_deadlock_as_checkouts_commit_leaves_nothing_in_their_sessions(
         else (role, '"$user", public', "", False, 0, 0, None)
     )
     assert sessions == [clean, clean]
+
+
+@pytest.mark.parametrize("strategy", ["shared", "per_user"])
+async def test_a_handler_that_sets_a_context_setting_itself_commits_without_error(
+    bounced: tuple[Database, str], strategy: str
+) -> None:
+    """A handler that sets one of the checkout's settings itself, for the session (legacy
+    code's ``SET app.tenant_id``), in a block that ends normally: the checkout commits and
+    raises nothing, and the next checkout sees only its own settings. Before, PerUserPools
+    behind a pooler, which read the settings back to tell whether the transaction was still
+    its own, raised "the checkout's transaction was ended inside it" after committing."""
+    db, url = bounced
+    pool = _rls_pool(db, url, strategy, shared={"max_size": 1, "per_user_limit": 1})
+    registry = _registry(pool)
+    insert = db.sql("INSERT INTO {notes} (owner, body) VALUES ('user-5', 'kept')")
+    try:
+        async with (
+            registry.open_scope(UserExecutionContext.create("user-5")),
+            connection() as conn,
+        ):
+            await conn.execute("SET app.tenant_id = 'legacy'", prepare=False)
+            await conn.execute(insert, prepare=False)
+        rows = await _read(
+            registry,
+            "user-5",
+            db.sql("SELECT body, current_setting('app.tenant_id', true) FROM {notes} ORDER BY id"),
+        )
+    finally:
+        await registry.aclose()
+    assert rows == [("note of user-5", ""), ("kept", "")]

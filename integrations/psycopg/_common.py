@@ -385,10 +385,11 @@ async def _release(
     Returns the error to raise to the caller: a transaction that failed inside a block
     that ended normally (rolled back), a COMMIT given up at the bound, or a transaction
     the handler ended itself when its ``settings`` (the values the checkout set in it,
-    behind a pooler) were all the context it had. A ``pooled`` connection (its server
-    session passes to other clients of the pooler) is reset in the same message as its
-    COMMIT or ROLLBACK. An interrupted query of a checkout whose ``server`` side is known
-    (behind a pooler) is cancelled with SQL too.
+    behind a pooler) were all the context it had (told by the ``server`` side of the
+    transaction, read again as it commits). A ``pooled`` connection (its server session
+    passes to other clients of the pooler) is reset in the same message as its COMMIT or
+    ROLLBACK. An interrupted query of a checkout whose ``server`` side is known (behind a
+    pooler) is cancelled with SQL too.
     """
     committing = False
     status: int | None = None
@@ -406,7 +407,7 @@ async def _release(
                 committing = True
                 if not pooled:
                     await conn.commit()
-                elif not await _end_and_reset(conn, "COMMIT", owner, settings):
+                elif not await _end_and_reset(conn, "COMMIT", server if settings else None):
                     return _ended_inside()
                 return None
             try:
@@ -423,23 +424,20 @@ async def _release(
 
 
 async def _end_and_reset(
-    conn: AsyncConnection[Any],
-    end: str,
-    owner: PerUserPools | None = None,
-    settings: list[str] | None = None,
+    conn: AsyncConnection[Any], end: str, server: ServerSide | None = None
 ) -> bool:
     """End the transaction with ``end`` and reset the session, in one message; ``False``
-    when the transaction no longer carried ``settings`` (the handler ended the one that
-    did, and a statement began another)."""
+    when the transaction ended is not the one whose ``server`` side the checkout read as it
+    began (the handler ended that one, and a statement began another)."""
     # Client-side binding: the simple query protocol, which alone takes several statements.
     cur = AsyncClientCursor(conn)
     try:
-        if owner is None or not settings:
+        if server is None:
             await cur.execute(f"{_before(end, pooled=True)}{end}; {_POOLED_RESET}")
             return True
+        # Not the settings' values: a handler may set one itself, in the same transaction.
         await cur.execute(
-            f"{owner._read_local_sql}; {_before(end, pooled=True)}{end}; {_POOLED_RESET}",
-            owner._names,
+            f"SELECT {_SERVER_SIDE}; {_before(end, pooled=True)}{end}; {_POOLED_RESET}"
         )
     except psycopg.Error:
         if not conn.closed and conn.pgconn.transaction_status == _INERROR:
@@ -448,7 +446,7 @@ async def _end_and_reset(
             await cur.execute(f"ROLLBACK; {_POOLED_RESET}")
         raise
     row = await cur.fetchone()
-    return row is not None and list(row) == settings
+    return row is not None and tuple(row) == server
 
 
 # Behind a pooler, before the COMMIT too: what a transaction that fails to commit leaves in

@@ -177,10 +177,6 @@ class PerUserPools:
             if self._names
             else ""
         )
-        # ... and read back when its transaction ends, to see it is still the same one.
-        self._read_local_sql = "SELECT " + ", ".join(
-            "pg_catalog.current_setting(%s, true)" for _ in self._names
-        )
         self._pooler_seen = False
         self._kwargs = dict(kwargs or {})
         self._pool_options = _checked_pool_options(pool_options)
