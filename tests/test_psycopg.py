@@ -859,6 +859,62 @@ async def test_shared_exhaustion_raises_within_timeout(db: Database) -> None:
         await _eventually(lambda: _shared_idle(pool), "pool idle again")
 
 
+async def test_shared_wait_for_the_users_share_ends_at_the_checkouts_deadline(
+    db: Database,
+) -> None:
+    """A checkout that waited for the pool to open on first use, and then for the user's
+    share (taken by the user's other checkout, which opened the pool), fails within its own
+    timeout. Before, its wait for the share started over with the whole timeout."""
+    connecting, connect = anyio.Event(), anyio.Event()
+
+    class Slow(psycopg.AsyncConnection[Any]):
+        @classmethod
+        async def connect(cls, *args: Any, **kwargs: Any) -> Any:
+            connecting.set()
+            await connect.wait()
+            return await super().connect(*args, **kwargs)
+
+    pool = SharedPool(
+        db.app_url,
+        min_size=1,
+        max_size=2,
+        per_user_limit=1,
+        timeout=1.0,
+        rls_check="raise",
+        kwargs=db.kwargs(),
+        connection_class=Slow,
+    )
+    registry = Registry()
+    pool.install(registry)
+    release = anyio.Event()
+
+    async def opener() -> None:
+        async with registry.open_scope(_ctx("alice")), pool.connection():
+            await release.wait()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(opener)
+            await connecting.wait()
+            async with registry.open_scope(_ctx("alice")):
+                started = time.monotonic()
+                tg.start_soon(_later, 0.8, connect.set)
+                with anyio.fail_after(5), pytest.raises(PoolExhaustedError, match="per_user"):
+                    async with pool.connection():
+                        pytest.fail("the user's share is taken")
+                elapsed = time.monotonic() - started
+            release.set()
+    finally:
+        await registry.aclose()
+    assert 0.9 < elapsed < 1.5, elapsed
+
+
+async def _later(delay: float, then: Callable[[], object]) -> None:
+    """Call ``then`` after ``delay`` seconds (time a test lets pass on purpose)."""
+    await anyio.sleep(delay)
+    then()
+
+
 @pytest.mark.parametrize("wait_for", ["pool", "user share"])
 async def test_shared_callers_deadline_wins_over_the_pool_timeout(
     db: Database, wait_for: str

@@ -129,7 +129,7 @@ class _SharedCheckout:
         gate = owner._enter_gate(user)
         owner.checked_out += 1
         try:
-            await self._take_share(gate)
+            await self._take_share(gate, deadline)
             try:
                 conn = await self._getconn(pool, deadline)
             except BaseException:
@@ -148,9 +148,11 @@ class _SharedCheckout:
         self._server = None
         return conn
 
-    async def _take_share(self, gate: _Gate) -> None:
+    async def _take_share(self, gate: _Gate, deadline: float) -> None:
         owner = self._owner
-        if gate.try_acquire(owner.per_user_limit) or await gate.acquire(self._timeout):
+        if gate.try_acquire(owner.per_user_limit) or await gate.acquire(
+            max(deadline - time.monotonic(), 0.0)
+        ):
             return
         raise _exhausted(
             f"this user already holds {owner.per_user_limit} connection(s) of {owner!r} "
