@@ -16,6 +16,7 @@ from contextvars import Context
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
+import anyio.lowlevel
 
 from ambient._binding import _current, _handed_over, _resolving
 from ambient._loops import on_loop_thread
@@ -129,6 +130,17 @@ def _wait_from(pending: _Pending, stack: tuple[_Creation, ...]) -> None:
 def _waited(pending: _Pending, stack: tuple[_Creation, ...]) -> None:
     for creation in stack:
         creation.waiting.remove(pending)
+
+
+def _looks_cyclic(
+    pending: _Pending, key: Hashable, stack: tuple[_Creation, ...], building: list[Hashable]
+) -> bool:
+    """Whether waiting for ``pending`` would close a cycle as things stand (see
+    :func:`_check_cycle` and :func:`_wait_from`, which decide and raise), without noting
+    anything."""
+    if key in building or any(creation.key == key for creation in stack):
+        return True
+    return bool(stack) and _waits_for(pending, stack) is not None
 
 
 async def _wait(
@@ -423,12 +435,22 @@ class Instances:
         sync = is_sync(provider)
         owner = here.in_async
         creation = None if sync else _Creation(key, owner.owner)
+        settled = False
         while True:
             instance, pending = self._claim(provider, creation or owner)
             if pending is None:
                 if instance is not _MISSING:
                     return instance
                 break
+            if not settled and _looks_cyclic(pending, key, stack, building):
+                # Not yet a cycle: this may be a task the factory making the key has just
+                # started, running its first step inside create_task (asyncio's eager task
+                # factory) before that factory returned. Let it return, as it would have
+                # before the task first ran; a factory that waits for this task is still
+                # making the key afterwards, and the wait below names the cycle.
+                settled = True
+                await anyio.lowlevel.checkpoint()
+                continue
             await _wait(pending, key, stack, building)
         observers = scope.observers
         started = time.perf_counter() if observers else 0.0

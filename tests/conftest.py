@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -27,6 +28,23 @@ REQUIRE_SERVICES = os.environ.get("AMBIENT_REQUIRE_SERVICES") == "1"
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     """Run each async test once on asyncio and once on trio."""
     return str(request.param)
+
+
+@pytest.fixture
+async def eager_tasks(anyio_backend: str) -> AsyncIterator[None]:
+    """Run the test's event loop with asyncio's eager task factory (as an application may
+    set it at startup): a task made by ``asyncio.create_task`` runs its first step at once,
+    inside that call. Skipped on trio and on Pythons before 3.12, which have none."""
+    factory = getattr(asyncio, "eager_task_factory", None)
+    if anyio_backend != "asyncio" or factory is None:
+        pytest.skip("asyncio's eager task factory needs asyncio on Python 3.12 or later")
+    loop = asyncio.get_running_loop()
+    previous = loop.get_task_factory()
+    loop.set_task_factory(factory)
+    try:
+        yield
+    finally:
+        loop.set_task_factory(previous)
 
 
 def service_unavailable(name: str, reason: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import logging
 import sys
@@ -1360,6 +1362,53 @@ async def test_a_task_a_factory_starts_may_resolve_what_the_factory_makes(when: 
             async with registry.open_scope(ctx("alice")):
                 made = await ambient.resolve(Queue)
             go.set()
+    assert got == [made]
+    await registry.aclose()
+
+
+@pytest.mark.usefixtures("eager_tasks")
+@pytest.mark.parametrize("detached", [True, False], ids=["detached", "inheriting"])
+@pytest.mark.parametrize("factory", ["sync", "async"])
+async def test_an_eager_task_a_factory_starts_may_resolve_what_the_factory_makes(
+    factory: str, detached: bool
+) -> None:
+    """With asyncio's eager task factory, a task that a factory starts with
+    ``asyncio.create_task`` (``detached`` as documented, or not) runs its first step inside
+    that call, before the factory returned, and resolves the component being made: it gets
+    it once made, as without eager tasks. It used to fail with a false "dependency cycle:
+    Queue -> Queue"."""
+    registry = Registry()
+    got: list[object] = []
+    tasks: list[asyncio.Task[None]] = []
+
+    class Queue:
+        pass
+
+    async def consumer() -> None:
+        if not detached:  # in the request's scope, which it inherited
+            got.append(await ambient.resolve(Queue))
+            return
+        async with registry.open_scope(ctx("carol")):
+            got.append(await ambient.resolve(Queue))
+
+    def start_consumer() -> None:
+        with ambient.detached() if detached else contextlib.nullcontext():
+            tasks.append(asyncio.create_task(consumer()))
+        assert not got  # it started, and waits for the queue
+
+    def make_sync() -> Queue:
+        start_consumer()
+        return Queue()
+
+    async def make_async() -> Queue:
+        start_consumer()
+        return Queue()
+
+    registry.register(Queue, make_sync if factory == "sync" else make_async, lifetime=Lifetime.APP)
+    with anyio.fail_after(10):
+        async with registry.open_scope(ctx("alice")):
+            made = await ambient.resolve(Queue)
+            await asyncio.gather(*tasks)
     assert got == [made]
     await registry.aclose()
 
