@@ -1326,6 +1326,51 @@ async def test_work_for_another_user_goes_on_as_that_user_after_the_scope_ends(
         ("after it", "bob"),
         ("mailbox after it", "refused"),
     ]
+
+
+@pytest.mark.parametrize("within", ["no other scope", "an admin's scope"])
+async def test_work_whose_user_component_was_made_as_its_scope_closed_keeps_its_user(
+    within: str,
+) -> None:
+    """Work started in bob's scope (a task, a worker thread) resolves a USER component whose
+    factory is still running when the scope closes: it is refused the component, and then
+    goes on seeing bob, as any work that outlived its scope does. Leaving the factory's
+    restricted view used to drop what was bound: the work then had no context at all
+    (NoActiveContextError, in its logging too), or, in an admin's request acting for bob,
+    turned into the admin and was handed her components."""
+    registry = Registry()
+    inside, release = anyio.Event(), anyio.Event()
+
+    async def make_mailbox(user: ambient.UserRef) -> str:
+        inside.set()
+        await release.wait()
+        return f"mailbox of {user.user_id}"
+
+    registry.register("mailbox", make_mailbox, lifetime=Lifetime.USER)
+    seen: list[tuple[str, str | None]] = []
+
+    async def mailbox() -> None:
+        try:
+            seen.append(("mailbox", await ambient.resolve("mailbox")))
+        except ScopeClosedError:
+            seen.append(("mailbox", "refused"))
+
+    async def for_bob() -> None:
+        await mailbox()  # made as the scope closes
+        who = ambient.current_context_or_none()
+        seen.append(("context", None if who is None else who.user_id))
+        await mailbox()
+
+    with anyio.fail_after(10):
+        async with contextlib.AsyncExitStack() as outer:
+            if within == "an admin's scope":
+                await outer.enter_async_context(registry.open_scope(ctx("alice")))
+            async with anyio.create_task_group() as tg:
+                async with registry.open_scope(ctx("bob"), allow_switch=True):
+                    tg.start_soon(for_bob)
+                    await inside.wait()
+                release.set()
+    assert seen == [("mailbox", "refused"), ("context", "bob"), ("mailbox", "refused")]
     await registry.aclose()
 
 
