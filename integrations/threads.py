@@ -158,9 +158,9 @@ async def run_sync_in_thread(
         fn: A sync callable.
         args: Its positional arguments.
         abandon_on_cancel: Let the caller be cancelled while ``fn`` still runs (anyio's
-            option). The scope bound here, if any, is then held until ``fn`` returns, so
-            the request's cleanup waits for the abandoned thread instead of cleaning up
-            under it.
+            option). The scope bound here, if any and still open, is then held until
+            ``fn`` returns, so the request's cleanup waits for the abandoned thread
+            instead of cleaning up under it.
         limiter: The capacity limiter (default: anyio's, 40 threads).
 
     Raises:
@@ -170,9 +170,16 @@ async def run_sync_in_thread(
         msg = f"run_sync_in_thread() runs sync callables; await {fn!r} instead"
         raise TypeError(msg)
     binding = _shown()
-    if not abandon_on_cancel or binding is None or binding.scope is None:
+    if (
+        not abandon_on_cancel
+        or binding is None
+        or binding.scope is None
+        or binding.scope.owner.closed
+    ):
         # anyio copies the contextvars (ambient's binding and the OpenTelemetry context).
-        # With no scope bound there is nothing for an abandoned thread to outlive.
+        # With no scope bound there is nothing for an abandoned thread to outlive; with one
+        # that has closed (work that outlived its request), nothing left to hold: fn's
+        # resolutions are refused as the caller's are.
         return await anyio.to_thread.run_sync(
             fn, *args, abandon_on_cancel=abandon_on_cancel, limiter=limiter
         )

@@ -496,6 +496,34 @@ async def test_abandon_on_cancel_with_no_scope_bound_runs_as_anyio_would(bound: 
         assert seen == ["alice"]
 
 
+async def test_abandon_on_cancel_in_work_that_outlived_its_request_runs_without_a_hold() -> None:
+    """A task that outlived its request (started on a long-lived task group) calls
+    ``run_sync_in_thread(fn, abandon_on_cancel=True)``: there is no open scope left to hold,
+    and ``fn`` runs as without the option, seeing the request's context and refused its
+    components. It raised ScopeClosedError ("cannot hold a scope that has already
+    closed") without running ``fn``, which the docs did not mention."""
+    registry, _ = make_registry()
+    scope_closed = anyio.Event()
+    seen: list[str] = []
+
+    def work() -> str:
+        seen.append(ambient.get_current_context().user_id)
+        with pytest.raises(ScopeClosedError):
+            ambient.resolve_sync(Probe)
+        return "ran"
+
+    async def job() -> None:
+        await scope_closed.wait()
+        seen.append(await run_sync_in_thread(work, abandon_on_cancel=True))
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as service:
+            async with registry.open_scope(UserExecutionContext.create("alice")):
+                service.start_soon(job)
+            scope_closed.set()
+    assert seen == ["alice", "ran"]
+
+
 def _until(condition: Callable[[], bool]) -> None:
     """Block (in a worker thread) until ``condition`` holds; bounded."""
     deadline = time.monotonic() + 10
