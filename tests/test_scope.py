@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import sys
@@ -924,6 +925,35 @@ class TestObservers:
         assert ended[1] is failure
         assert ended[2] is not None
         assert not isinstance(ended[2], Exception)
+
+    async def test_events_are_frozen_component_events_with_every_field(self) -> None:
+        events: list[ambient.ComponentEvent] = []
+
+        class Watcher(ambient.Observer):
+            def component_created(self, event: ambient.ComponentEvent) -> None:
+                events.append(event)
+
+            def component_cleaned(self, event: ambient.ComponentEvent) -> None:
+                events.append(event)
+
+        registry = Registry(telemetry=Watcher())
+        registry.register(Counter, Counter, name="counter")
+        async with registry.open_scope(ctx()) as scope:
+            counter = await ambient.resolve(Counter)
+        created, cleaned = events
+        assert type(created) is ambient.ComponentEvent
+        assert type(cleaned) is ambient.ComponentEvent
+        assert (created.key, created.name) == (Counter, "counter")
+        assert created.lifetime is Lifetime.REQUEST
+        assert (created.instance, created.user) == (counter, scope.context.user)
+        assert created.scope is scope
+        assert (created.error, created.cleanup_ran) == (None, True)
+        assert created.start_ns > 0
+        assert created.duration >= 0
+        assert cleaned.cleanup_ran
+        assert created != cleaned
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            created.name = "other"  # type: ignore[misc]
 
 
 async def test_a_cleanup_cut_short_is_reported_as_such_not_as_done(anyio_backend: str) -> None:
