@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 import anyio
 
+from ambient import _observe
 from ambient._binding import _Binding, _current, bind, unbind
 from ambient._context import ANONYMOUS, UserExecutionContext
 from ambient._instances import Instances, finalize, finalize_sync, needs_await
@@ -176,7 +177,7 @@ class Scope:
         checked that the scope is new.
         """
         registry = self._registry
-        registry.before_open()
+        registry._frozen = True  # before_open(), inlined: once per request
         if _current.get() is None:
             # Nothing to shadow and no other user to refuse: bind() without its checks.
             binding = self._binding = _Binding(self.context, self, None)
@@ -185,7 +186,10 @@ class Scope:
             self._binding = bind(self.context, self, allow_switch=self._allow_switch)
         self._opened = True
         registry.open_scopes += 1
-        observers = registry.scope_observers(self._extra)
+        extra = self._extra
+        if extra is None and not registry._observers and not _observe.observers:
+            return  # nobody observes (scope_observers() would say so, for a call more)
+        observers = registry.scope_observers(extra)
         if observers:
             self.observers = observers
             notify(observers, "scope_opened", self)

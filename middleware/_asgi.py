@@ -255,7 +255,13 @@ class AmbientMiddleware:
             else:
                 response = socket = _Socket(send, echo)
             registry = self.registry
-            component_scope = Scope(registry, ctx, observer=self.telemetry)
+            telemetry = self.telemetry
+            # Without a keyword when there is no telemetry: a call with one builds a dict.
+            component_scope = (
+                Scope(registry, ctx)
+                if telemetry is None
+                else Scope(registry, ctx, observer=telemetry)
+            )
             if identity is not None and identity.expires_at is not None:
                 component_scope.state[_EXPIRES_AT_KEY] = identity.expires_at
             if registry.expiry_due():
