@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Hashable
 from contextvars import Context
 from typing import TYPE_CHECKING, Any, Final
@@ -634,6 +635,29 @@ class Instances:
             True,
         )
         notify(observers, "component_created", event)
+
+
+class _RequestInstances(Instances):
+    """The store of one scope's REQUEST components, which warns when it is garbage-collected
+    with cleanups pending: its scope was never closed.
+
+    Here rather than on the scope: a ``__del__`` costs a call whenever its object goes,
+    and most scopes create no REQUEST component.
+    """
+
+    __slots__ = ("run_id",)
+
+    run_id: str  # set by the scope as it makes the store
+
+    def __del__(self) -> None:
+        if not self.closed and self.created:
+            warnings.warn(
+                f"<Scope open for run {self.run_id}> was garbage-collected with "
+                f"{len(self.created)} component cleanup(s) pending; close scopes with "
+                "`async with` or `await scope.aclose()`",
+                ResourceWarning,
+                stacklevel=1,
+            )
 
 
 class _Deadline:

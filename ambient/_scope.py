@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import warnings
 from collections.abc import Hashable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
@@ -14,7 +13,13 @@ import anyio
 from ambient import _observe
 from ambient._binding import _Binding, _current, bind, unbind
 from ambient._context import ANONYMOUS, UserExecutionContext
-from ambient._instances import Instances, finalize, finalize_sync, needs_await
+from ambient._instances import (
+    Instances,
+    _RequestInstances,
+    finalize,
+    finalize_sync,
+    needs_await,
+)
 from ambient._observe import Observer, notify
 from ambient._provider import RANK, Lifetime, Provider, key_name
 from ambient.errors import CleanupError, ResolutionError, ScopeClosedError
@@ -408,16 +413,6 @@ class Scope:
                 timeout,
             )
 
-    def __del__(self) -> None:
-        own = self._own
-        if self._opened and not self._closed and own is not None and own.created:
-            warnings.warn(
-                f"{self!r} was garbage-collected with {len(own.created)} component "
-                "cleanup(s) pending; close scopes with `async with` or `await scope.aclose()`",
-                ResourceWarning,
-                stacklevel=1,
-            )
-
     # -- resolution ----------------------------------------------------------------------
 
     @overload
@@ -535,7 +530,10 @@ class Scope:
         with _FIRST_USE:
             own = self._own
             if own is None:
-                own = self._own = Instances("request scope", self._cache)
+                # It warns if garbage-collected unclosed: then this scope never closed.
+                own = _RequestInstances("request scope", self._cache)
+                own.run_id = self.context.run_id
+                self._own = own
         if self._closed:
             # Published, then _closed read (see _close_now): a close that read _own before
             # this store existed missed it, so close it here. Instances.close() hands what

@@ -1180,12 +1180,12 @@ class TestClosingWhileResolving:
 
         if lifetime is Lifetime.REQUEST:
 
-            class PausedStore(ambient._scope.Instances):  # type: ignore[misc]
+            class PausedStore(ambient._scope._RequestInstances):  # type: ignore[misc]
                 def __init__(self, *args: object) -> None:
                     paused()
                     super().__init__(*args)  # type: ignore[arg-type]
 
-            monkeypatch.setattr(ambient._scope, "Instances", PausedStore)
+            monkeypatch.setattr(ambient._scope, "_RequestInstances", PausedStore)
         else:
             acquire = registry.acquire_user
 
