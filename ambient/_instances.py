@@ -23,9 +23,9 @@ from ambient._binding import _current, _handed_over, _resolving
 from ambient._loops import on_loop_thread
 from ambient._observe import Observer, component_event, notify
 from ambient._provider import (
+    _REQUEST,
     AWAIT,
     Finalizer,
-    Lifetime,
     Provider,
     build_async,
     build_now,
@@ -276,7 +276,7 @@ def _run_sync(
     """Run a sync factory with its key on this thread's stack of creations."""
     building.append(provider.key)
     try:
-        if provider.lifetime is Lifetime.REQUEST:
+        if provider.lifetime is _REQUEST:
             return build(provider, arg)
         with scope.restricted_for(provider):
             return build(provider, arg)
@@ -513,7 +513,7 @@ class Instances:
         returned) with ``stack``, this task's creations with this one last, current."""
         token = _resolving.set(stack)
         try:
-            if provider.lifetime is Lifetime.REQUEST:
+            if provider.lifetime is _REQUEST:
                 return await run(provider, value)
             with scope.restricted_for(provider):
                 return await run(provider, value)

@@ -21,7 +21,7 @@ from ambient._instances import (
     needs_await,
 )
 from ambient._observe import Observer, notify
-from ambient._provider import RANK, Lifetime, Provider, key_name
+from ambient._provider import _REQUEST, _USER, RANK, Provider, key_name
 from ambient.errors import CleanupError, ResolutionError, ScopeClosedError
 
 if TYPE_CHECKING:
@@ -435,12 +435,12 @@ class Scope:
         provider = self._registry.providers.get(key)
         if provider is None or self._closed or not self._opened:
             raise self._unavailable(key)
-        if provider.lifetime is Lifetime.REQUEST:
+        if provider.lifetime is _REQUEST:
             own = self._own or self._request_store()
             return await own.aget(provider, self.context, self, self._registry)
         registry = self._registry
         while True:
-            if provider.lifetime is Lifetime.USER:
+            if provider.lifetime is _USER:
                 entry = self._user_entry
                 if entry is None or entry.instances.closed:
                     entry = await self._acquire_user()
@@ -482,12 +482,12 @@ class Scope:
         provider = self._registry.providers.get(key)
         if provider is None or self._closed or not self._opened:
             raise self._unavailable(key)
-        if provider.lifetime is Lifetime.REQUEST:
+        if provider.lifetime is _REQUEST:
             own = self._own or self._request_store()
             return own.get(provider, self.context, self, self._registry)
         registry = self._registry
         while True:
-            if provider.lifetime is Lifetime.USER:
+            if provider.lifetime is _USER:
                 entry = self._user_entry
                 if entry is None or entry.instances.closed:
                     entry = self._acquire_user_sync()
@@ -600,7 +600,7 @@ class Scope:
         """While a USER or APP factory runs, ``ambient.resolve`` may only reach components
         that live at least as long (a USER object holding one request's component would
         keep it past that request's cleanup)."""
-        if provider.lifetime is Lifetime.REQUEST:
+        if provider.lifetime is _REQUEST:
             return _NOTHING
         return self._restricted(provider)
 
@@ -664,9 +664,9 @@ class _View:
 
     def _depends(self, key: Hashable) -> None:
         # A USER component may hold what its factory resolved: that must not expire first.
-        if self._for.lifetime is not Lifetime.USER:
+        if self._for.lifetime is not _USER:
             return
         provider = self._scope.registry.providers.get(key)
         entry = self._scope._user_entry
-        if provider is not None and provider.lifetime is Lifetime.USER and entry is not None:
+        if provider is not None and provider.lifetime is _USER and entry is not None:
             entry.instances.depends(self._for.key, key)

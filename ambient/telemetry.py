@@ -84,6 +84,7 @@ _RECHECK_SECONDS: Final = 1.0
 _HASH_CACHE_SIZE: Final = 4096
 _SCOPE_KEY: Final = otel_context.create_key("ambient.scope")
 _USER: Final = Lifetime.USER
+_INTERNAL: Final = SpanKind.INTERNAL  # read once per scope; see ambient._provider._REQUEST
 # Component creation is often microseconds, pool connects and agent start-ups seconds.
 _DURATION_BUCKETS: Final = (
     0.0001,
@@ -684,7 +685,7 @@ class Telemetry(Observer):
                 span = tracer.start_span(
                     "ambient.scope",
                     parent,
-                    SpanKind.INTERNAL,
+                    _INTERNAL,
                     self._scope_attributes(scope.context),
                 )
                 record.span = span
@@ -881,7 +882,7 @@ class Telemetry(Observer):
         span = tracer.start_span(
             name,
             context=parent,
-            kind=SpanKind.INTERNAL,
+            kind=_INTERNAL,
             attributes=attributes,
             start_time=event.start_ns,
         )
