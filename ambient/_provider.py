@@ -171,7 +171,8 @@ class Finalizer:
 
     __slots__ = ("how", "is_async", "name", "target")
 
-    def __init__(self, name: str, how: str, target: Any, *, is_async: bool) -> None:
+    # is_async positional too: the per-request calls pass it so (a keyword builds a dict).
+    def __init__(self, name: str, how: str, target: Any, is_async: bool) -> None:
         self.name = name
         self.how = how
         self.target = target
@@ -288,7 +289,7 @@ def _plain(provider: Provider, result: Any) -> tuple[Any, Finalizer | None] | No
                 return result, None
             if how == "async close":
                 return result, _AsyncClose(provider.name, result)
-            return result, Finalizer(provider.name, how, result, is_async=how == "aclose")
+            return result, Finalizer(provider.name, how, result, how == "aclose")
     aclose = getattr(result, "aclose", None)
     if callable(aclose) and inspect.iscoroutinefunction(aclose):
         return result, Finalizer(provider.name, "aclose", result, is_async=True)
@@ -438,7 +439,7 @@ def _enter_gen(provider: Provider, gen: Any) -> tuple[Any, Finalizer]:
     except StopIteration:
         msg = f"generator factory of {provider.name} returned without yielding"
         raise ResolutionError(msg) from None
-    return instance, Finalizer(provider.name, "generator", gen, is_async=False)
+    return instance, Finalizer(provider.name, "generator", gen, False)
 
 
 async def _enter_agen(provider: Provider, agen: Any) -> tuple[Any, Finalizer]:
