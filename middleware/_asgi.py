@@ -43,6 +43,7 @@ from ambient.middleware.identity import (
     _challenge_of,
     checked_identity,
 )
+from ambient.telemetry import Telemetry
 
 __all__ = ["AmbientMiddleware"]
 
@@ -66,6 +67,15 @@ _UNAUTHENTICATED = Problem(
     "this endpoint needs an identity and the request carried none",
     type_="urn:ambient:problem:unauthenticated",
 )
+
+
+def _warn_if_traced_twice(telemetry: Observer, registry_telemetry: Observer | None) -> None:
+    if isinstance(telemetry, Telemetry) and isinstance(registry_telemetry, Telemetry):
+        logger.warning(
+            "ambient: the registry and AmbientMiddleware(telemetry=...) were given two "
+            "Telemetry objects: every request's scope would be traced and counted twice. "
+            "Give a Telemetry to one of them."
+        )
 
 
 class AmbientMiddleware:
@@ -185,6 +195,8 @@ class AmbientMiddleware:
         self._thread_id_query = thread_id_query
         self.max_concurrent_per_user = max_concurrent_per_user
         self.telemetry = telemetry
+        if telemetry is not None and telemetry is not registry.telemetry:
+            _warn_if_traced_twice(telemetry, registry.telemetry)
         # Per-user in-flight counts: shared limiter state, not per-request state.
         self._active: dict[UserRef, int] = {}
         self._warned_leftover = False

@@ -28,6 +28,7 @@ from ambient.errors import (
     TooManyRequestsError,
 )
 from ambient.middleware import AmbientMiddleware, Identity, trusted_header
+from ambient.telemetry import Telemetry
 from tests.apps import BUILT, Ledger, Memory, Probe, build, build_registry, close_built
 from tests.test_identity import http_scope
 
@@ -1559,3 +1560,37 @@ async def test_a_websocket_whose_identity_expires_past_what_a_float_holds_is_ser
     sent = await drive(middleware, ws_scope([]), [{"type": "websocket.connect"}])
     assert [m["type"] for m in sent] == ["websocket.accept", "websocket.close"]
     assert served == ["ann"]
+
+
+def test_two_telemetries_on_the_registry_and_the_middleware_are_warned_of(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each would trace and count every scope: two spans per request, doubled metrics."""
+    once = Telemetry()
+    with caplog.at_level(logging.WARNING, logger="ambient.middleware"):
+        AmbientMiddleware(
+            _no_answer,
+            registry=Registry(telemetry=once),
+            identity=None,
+            anonymous=True,
+            telemetry=Telemetry(),
+        )
+        warned = [r.getMessage() for r in caplog.records]
+        caplog.clear()
+        # The same one on both, or one of them only: nothing to say.
+        AmbientMiddleware(
+            _no_answer,
+            registry=Registry(telemetry=once),
+            identity=None,
+            anonymous=True,
+            telemetry=once,
+        )
+        AmbientMiddleware(
+            _no_answer, registry=Registry(), identity=None, anonymous=True, telemetry=once
+        )
+        AmbientMiddleware(
+            _no_answer, registry=Registry(telemetry=once), identity=None, anonymous=True
+        )
+    assert len(warned) == 1
+    assert "traced and counted twice" in warned[0]
+    assert not caplog.records
