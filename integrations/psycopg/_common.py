@@ -233,13 +233,17 @@ async def _cancel_broken(conn: AsyncConnection[Any], cancel: Canceller) -> bool:
 
 # Behind a pooler, what a checkout's first statement reads too: the server process that
 # runs its transaction, and when that transaction began (a later one of the same process,
-# another client's, starts later).
-_SERVER_SIDE = "pg_catalog.pg_backend_pid(), pg_catalog.now()"
+# another client's, starts later), in microseconds since the epoch: read again at COMMIT,
+# after the handler may have changed DateStyle or TimeZone, a time as text would read
+# differently, or not parse.
+_SERVER_SIDE = (
+    "pg_catalog.pg_backend_pid(), (extract(epoch FROM pg_catalog.now()) * 1000000)::bigint"
+)
 _CANCEL_SERVER_SIDE = (
     "SELECT pg_catalog.pg_cancel_backend(pid) FROM pg_catalog.pg_stat_activity "
-    "WHERE pid = %s AND xact_start = %s"
+    "WHERE pid = %s AND (extract(epoch FROM xact_start) * 1000000)::bigint = %s"
 )
-ServerSide = tuple[int, Any]
+ServerSide = tuple[int, int]
 
 
 async def _cancel_server_side(
