@@ -9,6 +9,7 @@ the strategies refuse to run there with a clear error.
 from __future__ import annotations
 
 import contextlib
+import fractions
 import os
 import random
 import re
@@ -1790,6 +1791,10 @@ async def test_a_checkouts_bad_timeout_is_refused_at_once(db: Database, strategy
                 async with connection(timeout=float("nan")):  # the installed default
                     pytest.fail("no connection was free")
             assert pool.stats().checked_out == 1
+            # Any real number of seconds is a timeout, not only an int or a float.
+            with anyio.fail_after(2), pytest.raises(PoolExhaustedError):
+                async with pool.connection(timeout=fractions.Fraction(1, 20)):  # type: ignore[arg-type]
+                    pytest.fail("no connection was free")
     finally:
         await registry.aclose()
 

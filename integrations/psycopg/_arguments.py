@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -102,13 +103,14 @@ def _checkout_timeout(timeout: float | None, default: float) -> float:
     of seconds (zero or less: no wait), never NaN, which no deadline can be made of."""
     if timeout is None:
         return default
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
         msg = f"timeout must be a number of seconds, not {timeout!r}"
         raise TypeError(msg)
-    if math.isnan(timeout):
+    seconds = float(timeout)  # a Fraction or a numpy scalar too
+    if math.isnan(seconds):
         msg = "timeout must be a number of seconds, not nan"
         raise ValueError(msg)
-    return timeout
+    return seconds
 
 
 def _set_config_sql(count: int, *, local: bool) -> str:
