@@ -123,8 +123,11 @@ class Registry:
         # happen outside any scope. Weakly: an observer an application opened one scope
         # with and then dropped must not stay here (nor be told of every later cleanup)
         # for as long as the registry lives; one per scope would pile up.
-        self._extras: weakref.WeakSet[Observer] = weakref.WeakSet()
+        # Replaced, never changed in place: a cleanup in another thread (a second event
+        # loop's) reads the tuple it took while scopes opening here note more.
+        self._extras: tuple[weakref.ref[Observer], ...] = ()
         self._kept_extras: tuple[Observer, ...] = ()  # those that cannot be weakly held
+        self._extras_lock = threading.Lock()
         # The last one noted, strongly: the middleware passes the same one to every scope,
         # found here at the cost of one comparison, and one kept does not pile up.
         self._last_extra: Observer | None = None
@@ -306,10 +309,17 @@ class Registry:
         # happens outside any scope (expiry, eviction, aclose), while someone holds it.
         self._last_extra = extra
         try:
-            self._extras.add(extra)
+            ref = weakref.ref(extra)
         except TypeError:  # cannot be weakly referred to: kept for good
-            if extra not in self._kept_extras:
-                self._kept_extras = (*self._kept_extras, extra)
+            with self._extras_lock:
+                if extra not in self._kept_extras:
+                    self._kept_extras = (*self._kept_extras, extra)
+            return
+        with self._extras_lock:
+            live = [noted for noted in self._extras if noted() is not None]
+            if not any(noted() is extra for noted in live):
+                live.append(ref)
+            self._extras = tuple(live)
 
     def observers(self) -> tuple[Observer, ...]:
         """This registry's telemetry plus the process-wide observers, as of now."""
@@ -327,7 +337,8 @@ class Registry:
         """Who sees USER and APP components cleaned: the registry's observers and every
         scope observer that could have seen them made, while active."""
         every = self.observers()
-        extras = (*self._extras, *self._kept_extras)
+        extras = [extra for noted in self._extras if (extra := noted()) is not None]
+        extras += self._kept_extras
         every = every + tuple(e for e in extras if e not in every)
         return tuple(o for o in every if o.active)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import sys
 import threading
 import weakref
 from collections.abc import AsyncIterator, Iterator
@@ -340,6 +341,41 @@ async def test_scope_observers_the_application_dropped_are_not_kept_by_the_regis
         pass
     assert UserRef("bob") in [event.user for event in kept.events[1:] if event.cleanup_ran]
     assert len(cleaned) == 1_001
+
+
+def test_scope_observers_noted_from_another_thread_never_break_a_cleanup() -> None:
+    """Scopes opened with observers of their own in a second thread (its own event loop)
+    while this one collects who sees a cleanup (expiry, ``aclose()``): the collection
+    never fails with "Set changed size during iteration", which left a user's components
+    uncleaned."""
+
+    class Watch(ambient.Observer):
+        pass
+
+    registry = Registry()
+    held = [Watch() for _ in range(2_000)]
+    for watch in held:
+        registry.scope_observers(watch)
+    stop = threading.Event()
+
+    def note_more() -> None:
+        while not stop.is_set():
+            watch = Watch()
+            held.append(watch)
+            registry.scope_observers(watch)
+
+    switching = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    noter = threading.Thread(target=note_more)
+    noter.start()
+    try:
+        for _ in range(300):
+            seen = registry._cleanup_observers()
+            assert len(seen) >= 2_000
+    finally:
+        stop.set()
+        noter.join()
+        sys.setswitchinterval(switching)
 
 
 class TestAppLifetime:
