@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import sys
 import threading
@@ -197,6 +198,21 @@ class TestUserLifetime:
         assert (stats.live_users, stats.created, stats.cleaned) == (0, 3, 3)
 
 
+@contextlib.contextmanager
+def _in_alices_trace() -> Iterator[otel_trace.Span]:
+    """The OpenTelemetry context of alice's request: her server span and her baggage."""
+    alices_request = otel_trace.NonRecordingSpan(
+        otel_trace.SpanContext(trace_id=7, span_id=8, is_remote=False)
+    )
+    token = otel_context.attach(
+        baggage.set_baggage("tenant", "alice-corp", otel_trace.set_span_in_context(alices_request))
+    )
+    try:
+        yield alices_request
+    finally:
+        otel_context.detach(token)
+
+
 @pytest.mark.parametrize("how", ["idle expiry", "eviction"])
 async def test_a_users_components_are_never_cleaned_as_another_user(
     clock: FakeClock, how: str
@@ -219,21 +235,13 @@ async def test_a_users_components_are_never_cleaned_as_another_user(
     registry.register(Memory, Memory, lifetime=Lifetime.USER, idle_ttl=60)
     async with registry.open_scope(ctx("bob")):
         await ambient.resolve(Memory)
-    alices_request = otel_trace.NonRecordingSpan(
-        otel_trace.SpanContext(trace_id=7, span_id=8, is_remote=False)
-    )
-    token = otel_context.attach(
-        baggage.set_baggage("tenant", "alice-corp", otel_trace.set_span_in_context(alices_request))
-    )
-    try:
+    with _in_alices_trace() as alices_request:
         async with registry.open_scope(ctx("alice")):
             if how == "eviction":
                 await ambient.resolve(Memory)  # alice's entry pushes bob's out
             else:
                 clock.now += 120  # bob's expires when alice's scope closes
         assert otel_trace.get_current_span() is alices_request
-    finally:
-        otel_context.detach(token)
     assert seen == [(None, False, {})]
     await registry.aclose()
 
@@ -251,20 +259,12 @@ async def test_app_components_closed_inside_a_request_are_not_cleaned_as_its_use
 
     registry = Registry()
     registry.register(Pool, Pool, lifetime=Lifetime.APP)
-    alices_request = otel_trace.NonRecordingSpan(
-        otel_trace.SpanContext(trace_id=7, span_id=8, is_remote=False)
-    )
-    token = otel_context.attach(
-        baggage.set_baggage("tenant", "alice-corp", otel_trace.set_span_in_context(alices_request))
-    )
-    try:
+    with _in_alices_trace() as alices_request:
         async with registry.open_scope(ctx("alice")):
             await ambient.resolve(Pool)
             await registry.aclose()
             assert ambient.get_current_context().user_id == "alice"
             assert otel_trace.get_current_span() is alices_request
-    finally:
-        otel_context.detach(token)
     assert seen == [(None, False, {})]
 
 

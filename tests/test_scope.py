@@ -1071,6 +1071,28 @@ class _AsyncCleaned:
         self.closed += 1
 
 
+async def _close_as_a_thread_resolves(
+    scope: Scope, reached: threading.Event, go_on: threading.Event
+) -> list[object]:
+    """Close ``scope`` once a worker thread's ``resolve_sync(Counter)`` has ``reached`` the
+    point where it pauses, then let it go on; what the thread got (or the error)."""
+    outcome: list[object] = []
+
+    def work() -> None:
+        try:
+            outcome.append(scope.resolve_sync(Counter))
+        except ScopeClosedError as refused:
+            outcome.append(refused)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    await anyio.to_thread.run_sync(reached.wait)
+    await scope.aclose()  # the request ends
+    go_on.set()
+    await anyio.to_thread.run_sync(thread.join)
+    return outcome
+
+
 class TestClosingWhileResolving:
     """A scope that closes while something still resolves from it (work that outlived its
     request, without a hold): the resolution is refused, nothing it made is lost or kept
@@ -1195,23 +1217,10 @@ class TestClosingWhileResolving:
                 return entry
 
             monkeypatch.setattr(registry, "acquire_user", paused_acquire)
-        outcome: list[object] = []
         with anyio.fail_after(10):
             scope = registry.open_scope(ctx())
             await scope.__aenter__()
-
-            def work() -> None:
-                try:
-                    outcome.append(scope.resolve_sync(Counter))
-                except ScopeClosedError as refused:
-                    outcome.append(refused)
-
-            thread = threading.Thread(target=work)
-            thread.start()
-            await anyio.to_thread.run_sync(taking.wait)
-            await scope.aclose()  # the request ends
-            go_on.set()
-            await anyio.to_thread.run_sync(thread.join)
+            outcome = await _close_as_a_thread_resolves(scope, taking, go_on)
             clock.now = 100.0
             await registry.sweep()
         assert [type(o) for o in outcome] == [ScopeClosedError]
@@ -1238,23 +1247,10 @@ class TestClosingWhileResolving:
             share(self)
 
         monkeypatch.setattr(Scope, "_share", paused_share)
-        outcome: list[object] = []
         with anyio.fail_after(10):
             scope = registry.open_scope(ctx())
             await scope.__aenter__()
-
-            def work() -> None:
-                try:
-                    outcome.append(scope.resolve_sync(Counter))
-                except ScopeClosedError as refused:
-                    outcome.append(refused)
-
-            thread = threading.Thread(target=work)
-            thread.start()
-            await anyio.to_thread.run_sync(noting.wait)
-            await scope.aclose()  # the request ends
-            go_on.set()
-            await anyio.to_thread.run_sync(thread.join)
+            outcome = await _close_as_a_thread_resolves(scope, noting, go_on)
         assert [type(o) for o in outcome] == [ScopeClosedError]
         assert scope not in registry._sharing
         assert Counter not in scope._cache

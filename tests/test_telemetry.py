@@ -195,6 +195,30 @@ def parent_id(span: ReadableSpan) -> int | None:
 # -- the scope span ------------------------------------------------------------------------
 
 
+async def _cancel_as_a_cleanup_hangs(registry: Registry) -> None:
+    """Run alice's request, whose component's cleanup never ends, and cancel its task
+    (asyncio's native cancellation) once that cleanup has begun."""
+    in_cleanup = anyio.Event()
+
+    class Connection:
+        async def aclose(self) -> None:
+            in_cleanup.set()
+            await anyio.sleep_forever()
+
+    registry.register(Connection, Connection)
+
+    async def request() -> None:
+        async with registry.open_scope(ctx("alice")):
+            await ambient.resolve(Connection)
+
+    task = asyncio.ensure_future(request())
+    with anyio.fail_after(5):
+        await in_cleanup.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
 class TestScopeSpan:
     async def test_scope_span_carries_the_context_ids(self, otel: Otel) -> None:
         """ambient.scope is INTERNAL, from instrumentation scope `ambient`, with every id."""
@@ -335,26 +359,7 @@ class TestScopeSpan:
         """A native cancellation (``task.cancel()``, which anyio's shield does not hold back)
         arriving while the scope cleans up after a body that ended well: the scope span is
         marked cancelled, as the cancellation reaches the caller."""
-        in_cleanup = anyio.Event()
-
-        class Connection:
-            async def aclose(self) -> None:
-                in_cleanup.set()
-                await anyio.sleep_forever()
-
-        registry = Registry(telemetry=otel.telemetry())
-        registry.register(Connection, Connection)
-
-        async def request() -> None:
-            async with registry.open_scope(ctx("alice")):
-                await ambient.resolve(Connection)
-
-        task = asyncio.ensure_future(request())
-        with anyio.fail_after(5):
-            await in_cleanup.wait()
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
+        await _cancel_as_a_cleanup_hangs(Registry(telemetry=otel.telemetry()))
         scope_span = one(otel.spans.named("ambient.scope"))
         assert scope_span.status.status_code is StatusCode.UNSET
         assert (scope_span.attributes or {})["ambient.cancelled"] is True
@@ -871,26 +876,8 @@ class TestMetrics:
         """A native cancellation (``task.cancel()``, which anyio's shield does not hold back)
         cuts a cleanup short: its span is marked cancelled, not an error, and neither the
         scope span nor the registry counts a failure. ambient.cleanup.failures counted one."""
-        in_cleanup = anyio.Event()
-
-        class Connection:
-            async def aclose(self) -> None:
-                in_cleanup.set()
-                await anyio.sleep_forever()
-
         registry = Registry(telemetry=otel.telemetry(span_threshold=0))
-        registry.register(Connection, Connection)
-
-        async def request() -> None:
-            async with registry.open_scope(ctx("alice")):
-                await ambient.resolve(Connection)
-
-        task = asyncio.ensure_future(request())
-        with anyio.fail_after(5):
-            await in_cleanup.wait()
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
+        await _cancel_as_a_cleanup_hangs(registry)
         cleanup = one(otel.spans.named("ambient.cleanup"))
         assert (cleanup.attributes or {})["ambient.cancelled"] is True
         assert cleanup.status.status_code is StatusCode.UNSET
