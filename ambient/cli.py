@@ -7,6 +7,7 @@ import importlib
 import inspect
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
@@ -127,15 +128,54 @@ def load_app(target: str) -> Any:
     here = os.getcwd()
     if not {"", ".", here} & set(sys.path):
         sys.path.insert(0, here)
-    module = importlib.import_module(module_name)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # noqa: BLE001 - whatever the module raises, said in one line
+        msg = f"cannot import the app's module {module_name!r}: {_said(error)}"
+        raise SystemExit(msg) from None
     try:
         app = getattr(module, attribute)
     except AttributeError:
         msg = f"module {module_name!r} has no attribute {attribute!r}"
         raise SystemExit(msg) from None
     if _is_factory(app):
-        app = app()
+        try:
+            app = app()
+        except Exception as error:  # noqa: BLE001
+            msg = f"the app factory {target} raised {_said(error)}"
+            raise SystemExit(msg) from None
     return app
+
+
+def _said(error: BaseException) -> str:
+    """``Type: message (file:line)``, the line being where it was raised."""
+    said = f"{type(error).__name__}: {error}"
+    if isinstance(error, SyntaxError):  # its message already says where
+        return said
+    where = [
+        frame
+        for frame in traceback.extract_tb(error.__traceback__)
+        if not frame.filename.startswith("<frozen")  # the import machinery's own
+    ]
+    return f"{said} ({where[-1].filename}:{where[-1].lineno})" if where else said
+
+
+def _asgi_app(app: Any, target: str) -> Any:
+    """``app`` when it can be called as an ASGI app; a clear exit otherwise."""
+    what = f"{target} gave None" if app is None else f"{target} is {type(app).__name__!r}"
+    if inspect.isclass(app):
+        what = f"{target} is a class"
+    elif callable(app):
+        try:
+            inspect.signature(app).bind(None, None, None)
+        except TypeError:
+            what = f"{target} cannot be called with (scope, receive, send)"
+        except ValueError:  # no signature to read (a builtin): let the calls tell
+            return app
+        else:
+            return app
+    msg = f"{what}: not an ASGI app (nor a factory returning one)"
+    raise SystemExit(msg)
 
 
 def _is_factory(obj: Any) -> bool:
@@ -240,13 +280,21 @@ def _check(args: argparse.Namespace) -> int:
     else:
         plan = [parse_request("GET /")]
     app = load_app(args.app)
+    if not inspect.isawaitable(app):
+        app = _asgi_app(app, args.app)
     name = "the bundled demo" if args.app == _DEMO else args.app
     total = args.users * args.requests
 
     async def run(progress: Callable[[int, int], None] | None) -> CheckReport:
         # An ``async def create_app()`` is awaited on the loop the check then runs the app
         # on (what it makes may belong to that loop).
-        target = await app if inspect.isawaitable(app) else app
+        target = app
+        if inspect.isawaitable(app):
+            try:
+                target = _asgi_app(await app, args.app)
+            except Exception as error:  # noqa: BLE001
+                msg = f"the app factory {args.app} raised {_said(error)}"
+                raise SystemExit(msg) from None
         return await run_check(
             target,
             name=name,

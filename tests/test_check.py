@@ -702,6 +702,38 @@ class TestCommandLine:
         assert code == 0, report
         assert report["scopes"] == 6
 
+    @pytest.mark.parametrize(
+        ("source", "target", "said"),
+        [
+            ("", "no_such_module_for_check:app", "No module named 'no_such_module_for_check'"),
+            ("def f(:\n", "m:app", "SyntaxError"),
+            ("raise RuntimeError('no config')\n", "m:app", "RuntimeError: no config (/"),
+            ("app = 42\n", "m:app", "m:app is 'int': not an ASGI app"),
+            ("class App:\n    pass\n", "m:App", "m:App is a class: not an ASGI app"),
+            ("def app(a, b):\n    pass\n", "m:app", "cannot be called with (scope, receive"),
+            ("def make():\n    raise ValueError('no key')\n", "m:make", "ValueError: no key"),
+            ("def make():\n    return None\n", "m:make", "m:make gave None: not an ASGI"),
+            ("async def make():\n    return None\n", "m:make", "m:make gave None"),
+            ("async def make():\n    raise ValueError('no key')\n", "m:make", "no key"),
+        ],
+    )
+    def test_an_app_that_cannot_be_loaded_is_said_in_one_line(
+        self, source: str, target: str, said: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A module that does not import, a factory that raises or gives nothing, an object
+        that is no ASGI app: one line saying so and a non-zero exit, not a traceback nor a
+        table of every request failing with ``'int' object is not callable``."""
+        module = f"unloadable_for_check_{abs(hash((source, target)))}"
+        (tmp_path / f"{module}.py").write_text(source)
+        monkeypatch.chdir(tmp_path)
+        if target.startswith("m:"):
+            target = module + target[1:]
+            said = said.replace("m:", f"{module}:")
+        with pytest.raises(SystemExit) as refused:
+            main(["check", target, "--users", "2", "--requests", "1", "--growth-requests", "0"])
+        assert isinstance(refused.value.code, str)
+        assert said in refused.value.code
+
     def test_the_console_script_prints_help(self) -> None:
         result = subprocess.run(
             [sys.executable, "-m", "ambient", "--help"],
