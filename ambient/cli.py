@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     demo.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    demo.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    demo.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
 
     check = commands.add_parser(
         "check",
@@ -80,8 +80,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        msg = f"must be a whole number, not {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+
+
 def _not_negative(text: str) -> int:
-    value = int(text)
+    value = _whole(text)
     if value < 0:
         msg = f"must be 0 or more, not {value}"
         raise argparse.ArgumentTypeError(msg)
@@ -99,9 +107,17 @@ def _request(text: str) -> str:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    value = _whole(text)
     if value < 1:
         msg = f"must be at least 1, not {value}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _port(text: str) -> int:
+    value = _whole(text)
+    if not 1 <= value <= 65535:
+        msg = f"must be from 1 to 65535, not {value}"
         raise argparse.ArgumentTypeError(msg)
     return value
 

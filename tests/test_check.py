@@ -734,6 +734,20 @@ class TestCommandLine:
         assert isinstance(refused.value.code, str)
         assert said in refused.value.code
 
+    def test_numbers_out_of_range_are_refused_by_name(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        for wrong, said in [
+            (["check", "--users", "many"], "--users: must be a whole number, not 'many'"),
+            (["check", "--requests", "1e3"], "--requests: must be a whole number, not '1e3'"),
+            (["demo", "--port", "99999"], "--port: must be from 1 to 65535, not 99999"),
+            (["demo", "--port", "-1"], "--port: must be from 1 to 65535, not -1"),
+        ]:
+            with pytest.raises(SystemExit) as refused:
+                main(wrong)
+            assert refused.value.code == 2
+            assert said in capsys.readouterr().err
+
     def test_the_console_script_prints_help(self) -> None:
         result = subprocess.run(
             [sys.executable, "-m", "ambient", "--help"],
