@@ -38,6 +38,10 @@ _MAX_SHOWN = 20
 _served: ContextVar[list[tuple[str, bool]] | None] = ContextVar("_served", default=None)
 
 
+class _StartupError(RuntimeError):
+    """The app's lifespan startup failed or never answered: there is no app to check."""
+
+
 class _ServedAs(Observer):
     """Notes whom each simulated request was served as: without it a check whose requests
     all fell back to anonymous users, or were read as one user, would find no data of
@@ -115,9 +119,12 @@ class CheckReport:
 class _Driver:
     """Calls an ASGI app in process with synthetic scopes."""
 
-    def __init__(self, app: ASGIApp, identity: tuple[str, str]) -> None:
+    def __init__(
+        self, app: ASGIApp, identity: tuple[str, str], time_limit: float | None = None
+    ) -> None:
         self.app = app
         self.identity = identity
+        self.time_limit = time_limit
 
     def _headers(self, user: str, body: bytes | None) -> list[tuple[bytes, bytes]]:
         kind, name = self.identity
@@ -181,7 +188,15 @@ class _Driver:
         started = time.perf_counter()
         token = _served.set(served)
         try:
-            await self.app(scope, receive, send)
+            if self.time_limit is None:
+                await self.app(scope, receive, send)
+            else:
+                with anyio.move_on_after(self.time_limit) as waited:
+                    await self.app(scope, receive, send)
+                if waited.cancel_called and not finished:
+                    done.set()
+                    said = f"no whole response within {self.time_limit:g} s"
+                    return 0, said.encode(), time.perf_counter() - started
         except Exception as exc:  # noqa: BLE001 - an app error is a finding, not a crash
             done.set()
             return 500, f"{type(exc).__name__}: {exc}".encode(), time.perf_counter() - started
@@ -214,23 +229,34 @@ class _Driver:
                 # whoever waits for an answer must not wait forever.
                 await from_app.send({"type": "lifespan.returned"})
 
+        failed: str | None = None
         with to_app, app_inbox, from_app, inbox:
             async with anyio.create_task_group() as group:
                 await group.start(run)
                 await to_app.send({"type": "lifespan.startup"})
-                answer = await inbox.receive()
-                if answer["type"] == "lifespan.startup.failed":
-                    msg = f"the app's startup failed: {answer.get('message', '')}"
-                    raise RuntimeError(msg)
-                supported = answer["type"] == "lifespan.startup.complete"
-                try:
-                    yield shut_down
-                finally:
-                    if supported:
-                        await to_app.send({"type": "lifespan.shutdown"})
-                        reply = await inbox.receive()
-                        shut_down[0] = reply["type"] == "lifespan.shutdown.complete"
+                answer: dict[str, Any] | None = None
+                with anyio.move_on_after(self.time_limit):
+                    answer = await inbox.receive()
+                if answer is None:
+                    failed = f"the app's startup did not answer within {self.time_limit:g} s"
                     group.cancel_scope.cancel()
+                elif answer["type"] == "lifespan.startup.failed":
+                    failed = f"the app's startup failed: {answer.get('message', '')}"
+                    group.cancel_scope.cancel()
+                else:
+                    supported = answer["type"] == "lifespan.startup.complete"
+                    try:
+                        yield shut_down
+                    finally:
+                        if supported:
+                            await to_app.send({"type": "lifespan.shutdown"})
+                            with anyio.move_on_after(self.time_limit):
+                                reply = await inbox.receive()
+                                shut_down[0] = reply["type"] == "lifespan.shutdown.complete"
+                        group.cancel_scope.cancel()
+        # Raised out here, not inside the task group, which would wrap it in a group.
+        if failed is not None:
+            raise _StartupError(failed)
 
 
 class _LogWatch(logging.Handler):
@@ -402,6 +428,7 @@ async def run_check(
     max_growth_kib: float = 64.0,
     measure_overhead: bool = True,
     progress: Progress | None = None,
+    time_limit: float | None = None,
 ) -> CheckReport:
     """Drive ``users`` simulated users, ``requests`` each, through ``app`` and report.
 
@@ -417,15 +444,21 @@ async def run_check(
         max_growth_kib: Growth per 1,000 requests above which memory counts as leaking.
         measure_overhead: Also measure the middleware's own cost on a bare endpoint.
         progress: Called with ``(done, total)`` as requests complete.
+        time_limit: Seconds a request, and the lifespan startup and shutdown, may take: a
+            request that has not answered by then is cancelled and counted as failed, a
+            startup that has not raises. ``None`` (the default) waits as long as they take.
     """
     if users < 1 or requests < 1:
         msg = "users and requests must be at least 1"
+        raise ValueError(msg)
+    if time_limit is not None and not time_limit > 0:
+        msg = f"time_limit must be more than 0 seconds, not {time_limit}"
         raise ValueError(msg)
     from ambient.migration import global_state_report, reset_global_state_report
 
     ids = [f"check-{n:05d}-{secrets.token_hex(3)}" for n in range(users)]
     report = CheckReport(app=name, users=users, requests=users * requests)
-    driver = _Driver(app, identity)
+    driver = _Driver(app, identity, time_limit)
     traffic = _Traffic(driver, ids, plan, requests, progress)
     watch = _LogWatch(ids)
     root = logging.getLogger()

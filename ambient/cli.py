@@ -76,6 +76,12 @@ def _parser() -> argparse.ArgumentParser:
         default=1000,
         help="requests in the memory-growth phase (1000; 0 skips it)",
     )
+    check.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=30.0,
+        help="seconds a request or the app's startup may take before it counts as failed (30)",
+    )
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
@@ -118,6 +124,18 @@ def _port(text: str) -> int:
     value = _whole(text)
     if not 1 <= value <= 65535:
         msg = f"must be from 1 to 65535, not {value}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        msg = f"must be a number of seconds, not {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if not 0 < value < float("inf"):
+        msg = f"must be more than 0 seconds, not {text}"
         raise argparse.ArgumentTypeError(msg)
     return value
 
@@ -284,7 +302,7 @@ def _configure_tracing(service: str) -> Callable[[], None] | None:
 def _check(args: argparse.Namespace) -> int:
     import anyio
 
-    from ambient.check import CheckReport, parse_request, run_check
+    from ambient.check import CheckReport, _StartupError, parse_request, run_check
 
     identity = _identity(args.identity)
     if args.plan:
@@ -321,10 +339,14 @@ def _check(args: argparse.Namespace) -> int:
             plan=plan,
             growth_requests=args.growth_requests,
             progress=progress,
+            time_limit=args.timeout,
         )
 
-    with _progress(total, quiet=args.json) as progress:
-        report: CheckReport = anyio.run(run, progress)
+    try:
+        with _progress(total, quiet=args.json) as progress:
+            report: CheckReport = anyio.run(run, progress)
+    except _StartupError as error:
+        raise SystemExit(str(error)) from None
     if args.json:
         sys.stdout.write(report.to_json() + "\n")
     else:

@@ -552,6 +552,23 @@ class TestAppsThatDoNotAnswer:
             report = await check(http_only, users=3, requests=2)
         assert report.ok, report.violations
 
+    async def test_a_request_that_hangs_is_cancelled_at_the_timeout_and_cleaned(self) -> None:
+        """An endpoint that never answers: with a timeout each request is cancelled and
+        counted as failed, its components still cleaned (the check used to wait forever)."""
+        registry = _noted_registry()
+
+        async def hangs(scope: Any, receive: Any, send: Any) -> None:
+            await ambient.resolve(Notes)
+            await anyio.sleep_forever()
+
+        app = AmbientMiddleware(hangs, registry=registry, identity=trusted_header())
+        with anyio.fail_after(30):
+            report = await check(app, users=3, requests=2, time_limit=0.2)
+        assert len(report.failed_requests) == 6
+        assert all("no whole response within 0.2 s" in line for line in report.failed_requests)
+        assert report.components_created == report.components_cleaned == 6
+        assert not report.cleanup
+
 
 def contextlib_lifespan(fn: Callable[[Starlette], AsyncIterator[None]]) -> Any:
     import contextlib
@@ -734,12 +751,62 @@ class TestCommandLine:
         assert isinstance(refused.value.code, str)
         assert said in refused.value.code
 
+    @pytest.mark.parametrize(
+        ("lifespan", "said"),
+        [
+            (
+                "await send({'type': 'lifespan.startup.failed', 'message': 'db down'})",
+                "the app's startup failed: db down",
+            ),
+            ("await anyio.sleep_forever()", "the app's startup did not answer within 0.2 s"),
+        ],
+    )
+    def test_a_startup_that_fails_or_hangs_is_said_in_one_line(
+        self, lifespan: str, said: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        module = f"startup_for_check_{abs(hash(lifespan))}"
+        (tmp_path / f"{module}.py").write_text(
+            "import anyio\n"
+            "async def app(scope, receive, send):\n"
+            "    await receive()\n"
+            f"    {lifespan}\n"
+        )
+        monkeypatch.chdir(tmp_path)
+        with pytest.raises(SystemExit) as refused:
+            main(["check", f"{module}:app", "--timeout", "0.2", "--growth-requests", "0"])
+        assert refused.value.code == said
+
+    def test_a_request_that_hangs_fails_the_check_at_the_timeout(
+        self, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        (tmp_path / "hanging_app_for_check.py").write_text(
+            "import anyio\n"
+            "async def app(scope, receive, send):\n"
+            "    if scope['type'] == 'http':\n"
+            "        await anyio.sleep_forever()\n"
+        )
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.delitem(sys.modules, "hanging_app_for_check", raising=False)
+        code = main(
+            [
+                *("check", "hanging_app_for_check:app", "--users", "2", "--requests", "1"),
+                *("--growth-requests", "0", "--timeout", "0.2", "--json"),
+            ]
+        )
+        report = json.loads(capsys.readouterr().out)
+        assert code == 1
+        assert len(report["failed_requests"]) == 2
+        assert all("no whole response within 0.2 s" in line for line in report["failed_requests"])
+
     def test_numbers_out_of_range_are_refused_by_name(
         self, capsys: pytest.CaptureFixture[str]
     ) -> None:
         for wrong, said in [
             (["check", "--users", "many"], "--users: must be a whole number, not 'many'"),
             (["check", "--requests", "1e3"], "--requests: must be a whole number, not '1e3'"),
+            (["check", "--timeout", "0"], "--timeout: must be more than 0 seconds, not 0"),
+            (["check", "--timeout", "nan"], "--timeout: must be more than 0 seconds, not nan"),
+            (["check", "--timeout", "soon"], "--timeout: must be a number of seconds"),
             (["demo", "--port", "99999"], "--port: must be from 1 to 65535, not 99999"),
             (["demo", "--port", "-1"], "--port: must be from 1 to 65535, not -1"),
         ]:
