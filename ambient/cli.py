@@ -347,6 +347,9 @@ def _check(args: argparse.Namespace) -> int:
             report: CheckReport = anyio.run(run, progress)
     except _StartupError as error:
         raise SystemExit(str(error)) from None
+    except KeyboardInterrupt:
+        sys.stderr.write("ambient check: interrupted; no report\n")
+        return 130
     if args.json:
         sys.stdout.write(report.to_json() + "\n")
     else:

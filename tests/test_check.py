@@ -13,8 +13,10 @@ import itertools
 import json
 import logging
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -814,6 +816,37 @@ class TestCommandLine:
                 main(wrong)
             assert refused.value.code == 2
             assert said in capsys.readouterr().err
+
+    def test_an_interrupted_check_exits_with_a_line_not_a_traceback(self, tmp_path: Any) -> None:
+        """Ctrl-C while an app is being checked: one line and exit status 130."""
+        (tmp_path / "slow_app_for_check.py").write_text(
+            "import sys, anyio\n"
+            "async def app(scope, receive, send):\n"
+            "    if scope['type'] == 'http':\n"
+            "        print('serving', flush=True)\n"
+            "        await anyio.sleep_forever()\n"
+        )
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ambient", "check", "slow_app_for_check:app", "--json"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        watchdog = threading.Timer(60, process.kill)  # bounds the blocking read below
+        watchdog.start()
+        try:
+            assert process.stdout is not None
+            assert process.stdout.readline() == "serving\n"
+            process.send_signal(signal.SIGINT)
+            _, err = process.communicate(timeout=30)
+        finally:
+            watchdog.cancel()
+            process.kill()
+            process.wait(timeout=30)
+        assert process.returncode == 130
+        assert "Traceback" not in err
+        assert "interrupted" in err
 
     def test_the_console_script_prints_help(self) -> None:
         result = subprocess.run(
