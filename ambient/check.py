@@ -68,7 +68,7 @@ def parse_request(text: str) -> PlannedRequest:
     """Parse ``"GET /path"`` or ``'POST /path {"json": "body"}'``."""
     parts = text.strip().split(" ", 2)
     if len(parts) == 1:
-        return PlannedRequest("GET", parts[0])
+        parts.insert(0, "GET")
     method, path = parts[0].upper(), parts[1]
     if not path.startswith("/"):
         msg = f"request {text!r}: the path must start with '/'"

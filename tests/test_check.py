@@ -651,8 +651,10 @@ class TestCommandLine:
                 main(["check", *wrong])
             assert refused.value.code == 2  # argparse's, with the usage: not a traceback
         assert "must be 0 or more" in capsys.readouterr().err
-        with pytest.raises(ValueError, match="must start with"):
-            parse_request("GET nopath")
+        for wrong in ("GET nopath", "nopath", "", "  "):
+            with pytest.raises(ValueError, match="must start with"):
+                parse_request(wrong)
+        assert parse_request("/only/a/path") == PlannedRequest("GET", "/only/a/path")
         assert parse_request('POST /x {"a": 1}') == PlannedRequest("POST", "/x", '{"a": 1}')
 
     def test_an_error_text_with_brackets_is_printed_as_it_is(
