@@ -241,7 +241,7 @@ class _Driver:
                     failed = f"the app's startup did not answer within {self.time_limit:g} s"
                     group.cancel_scope.cancel()
                 elif answer["type"] == "lifespan.startup.failed":
-                    failed = f"the app's startup failed: {answer.get('message', '')}"
+                    failed = f"the app's startup failed: {_error_of(answer.get('message', ''))}"
                     group.cancel_scope.cancel()
                 else:
                     supported = answer["type"] == "lifespan.startup.complete"
@@ -257,6 +257,19 @@ class _Driver:
         # Raised out here, not inside the task group, which would wrap it in a group.
         if failed is not None:
             raise _StartupError(failed)
+
+
+def _error_of(message: str) -> str:
+    """The error a startup failure's message ends with, without the traceback before it
+    (Starlette sends the whole of it)."""
+    if not message.startswith("Traceback (most recent call last):"):
+        return message
+    lines = message.rstrip().splitlines()
+    frames = [n for n, line in enumerate(lines) if line.startswith("  File ")]
+    rest = lines[frames[-1] + 1 :] if frames else lines[1:]
+    while rest and rest[0].startswith("    "):  # the frame's source line and its markers
+        rest.pop(0)
+    return "\n".join(rest) or message
 
 
 class _LogWatch(logging.Handler):

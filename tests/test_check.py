@@ -780,6 +780,26 @@ class TestCommandLine:
             main(["check", f"{module}:app", "--timeout", "0.2", "--growth-requests", "0"])
         assert refused.value.code == said
 
+    def test_a_startup_failure_is_said_without_the_traceback_starlette_sends(
+        self, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        (tmp_path / "starlette_startup_for_check.py").write_text(
+            "import contextlib\n"
+            "from starlette.applications import Starlette\n"
+            "@contextlib.asynccontextmanager\n"
+            "async def lifespan(app):\n"
+            "    raise ConnectionError('the database refused')\n"
+            "    yield\n"
+            "app = Starlette(lifespan=lifespan)\n"
+        )
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.delitem(sys.modules, "starlette_startup_for_check", raising=False)
+        with pytest.raises(SystemExit) as refused:
+            main(["check", "starlette_startup_for_check:app", "--growth-requests", "0"])
+        assert refused.value.code == (
+            "the app's startup failed: ConnectionError: the database refused"
+        )
+
     def test_a_request_that_hangs_fails_the_check_at_the_timeout(
         self, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
     ) -> None:
