@@ -125,6 +125,7 @@ class _Driver:
         self.app = app
         self.identity = identity
         self.time_limit = time_limit
+        self.shutdown_unanswered = False
 
     def _headers(self, user: str, body: bytes | None) -> list[tuple[bytes, bytes]]:
         kind, name = self.identity
@@ -250,9 +251,10 @@ class _Driver:
                     finally:
                         if supported:
                             await to_app.send({"type": "lifespan.shutdown"})
-                            with anyio.move_on_after(self.time_limit):
+                            with anyio.move_on_after(self.time_limit) as waited:
                                 reply = await inbox.receive()
                                 shut_down[0] = reply["type"] == "lifespan.shutdown.complete"
+                            self.shutdown_unanswered = waited.cancelled_caught
                         group.cancel_scope.cancel()
         # Raised out here, not inside the task group, which would wrap it in a group.
         if failed is not None:
@@ -510,6 +512,8 @@ async def run_check(
         root.removeHandler(watch)
         root.setLevel(old_level)
     _summarise(report, traffic, watch, after_run, findings, elapsed, max_growth_kib)
+    if driver.shutdown_unanswered:
+        report.cleanup.append(f"the app's shutdown did not answer within {time_limit:g} s")
     globals_report = global_state_report()
     if globals_report.total:
         report.global_state_accesses = globals_report.as_dict()

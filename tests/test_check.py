@@ -554,6 +554,23 @@ class TestAppsThatDoNotAnswer:
             report = await check(http_only, users=3, requests=2)
         assert report.ok, report.violations
 
+    async def test_a_shutdown_that_hangs_fails_the_check_at_the_timeout(self) -> None:
+        inner = notes_app(_noted_registry())
+
+        async def hangs_at_shutdown(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "lifespan":
+                await inner(scope, receive, send)
+                return
+            await receive()
+            await send({"type": "lifespan.startup.complete"})
+            await receive()
+            await anyio.sleep_forever()
+
+        with anyio.fail_after(30):
+            report = await check(hangs_at_shutdown, users=3, requests=2, time_limit=0.2)
+        assert report.cleanup == ["the app's shutdown did not answer within 0.2 s"]
+        assert not report.ok
+
     async def test_a_request_that_hangs_is_cancelled_at_the_timeout_and_cleaned(self) -> None:
         """An endpoint that never answers: with a timeout each request is cancelled and
         counted as failed, its components still cleaned (the check used to wait forever)."""
