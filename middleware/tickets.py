@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import heapq
 import json
 import logging
 import math
@@ -84,7 +85,12 @@ class MemoryTicketStore:
         self._max = max_tickets
         self._clock = clock
         self._lock = threading.Lock()
+        # In order of their deadlines, but for tickets put with a deadline earlier than
+        # ``_latest`` (one given back after a refused handshake): those are in ``_early``
+        # too, so that they expire on time rather than once every ticket before them has.
         self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._early: list[tuple[float, str]] = []
+        self._latest = -math.inf  # the latest deadline of a ticket put in order
 
     def __len__(self) -> int:
         with self._lock:
@@ -93,6 +99,12 @@ class MemoryTicketStore:
 
     def _purge(self, now: float) -> None:
         entries = self._entries
+        early = self._early
+        while early and early[0][0] <= now:
+            deadline, key = heapq.heappop(early)
+            entry = entries.get(key)
+            if entry is not None and entry[0] == deadline:  # not taken (nor put again)
+                del entries[key]
         while entries:
             key, (deadline, _) = next(iter(entries.items()))
             if deadline > now and len(entries) <= self._max:
@@ -102,7 +114,22 @@ class MemoryTicketStore:
     async def put(self, key: str, value: bytes, ttl: float) -> None:
         with self._lock:
             now = self._clock()
-            self._entries[key] = (now + ttl, value)
+            deadline = now + ttl
+            entries = self._entries
+            entries.pop(key, None)
+            if not entries:
+                self._latest = -math.inf
+                self._early.clear()
+            if deadline >= self._latest:
+                self._latest = deadline
+            else:
+                early = self._early
+                if len(early) > 2 * len(entries) + 8:
+                    # Mostly tickets taken since: rebuilt from the ones still here.
+                    early[:] = [(d, k) for d, k in early if entries.get(k, (None,))[0] == d]
+                    heapq.heapify(early)
+                heapq.heappush(early, (deadline, key))
+            entries[key] = (deadline, value)
             self._purge(now)
 
     async def take(self, key: str) -> bytes | None:

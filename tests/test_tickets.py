@@ -536,6 +536,32 @@ async def test_a_ticket_that_expired_while_out_is_not_given_back() -> None:
     assert await tickets(handshake(ticket)) is not None
 
 
+async def test_a_ticket_given_back_expires_in_turn_with_the_ones_issued_after_it() -> None:
+    """A ticket given back goes behind tickets issued after it but expires before them:
+    it leaves the store when it expires (it stayed until they did) and never costs a live
+    ticket its place under ``max_tickets``."""
+    clock = Clock()
+    store = MemoryTicketStore(max_tickets=2, clock=clock)
+    tickets = WebSocketTickets(store, ttl=30, clock=clock)
+    with bound():
+        given_back = await tickets.issue()
+        clock.now += 1
+        live = await tickets.issue()
+    clock.now += 1
+    identity = await tickets(handshake(given_back))
+    assert identity is not None
+    await identity._refused()
+    assert len(store) == 2
+    clock.now += 28.5  # the ticket given back expired; the one issued after it did not
+    assert len(store) == 1
+    with bound():
+        newest = await tickets.issue()
+    assert (await refused(tickets, handshake(given_back))).status == 401
+    assert await tickets(handshake(live)) is not None
+    assert await tickets(handshake(newest)) is not None
+    assert len(store) == 0
+
+
 # -- end to end ----------------------------------------------------------------------------
 
 
