@@ -1945,8 +1945,8 @@ async def _per_user_idle(pools: PerUserPools) -> bool:
 
 def _cancelled_in(exc: BaseException) -> str:
     """Where a cancellation hit a checkout: the innermost function of the integration on
-    its way (``_take_slot``: waiting for room, ``turn``: waiting for the user's pool to
-    open, ``__aenter__``: waiting for a connection of the pool) or ``query`` when psycopg
+    its way (``_take_slot``: waiting for room, ``ensure_pool``: waiting for the user's pool
+    to open, ``__aenter__``: waiting for a connection of the pool) or ``query`` when psycopg
     was running a statement."""
     where = "elsewhere"
     tb = exc.__traceback__
@@ -2108,7 +2108,9 @@ async def test_per_user_pools_random_cancellations_lose_no_connection(db: Databa
     assert 0 < peak <= max_total, (peak, raw_peak)
     assert completed >= 150
     assert cancelled["query"] >= 10, cancelled
-    assert cancelled["turn"] + cancelled["_take_slot"] + cancelled["__aenter__"] >= 10, cancelled
+    assert cancelled["ensure_pool"] + cancelled["_take_slot"] + cancelled["__aenter__"] >= 10, (
+        cancelled
+    )
     assert pools.stats().evicted >= 30
     await _eventually(_async_int(lambda: _server_connections(db), 0), "connections closed")
 

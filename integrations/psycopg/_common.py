@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import math
-import time
 import weakref
-from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, Union, cast
 
 import anyio
@@ -71,45 +68,6 @@ def _checked_pool_options(options: dict[str, Any]) -> dict[str, Any]:
         msg = f"{', '.join(taken)} cannot be set: ambient sets it on every pool it opens"
         raise TypeError(msg)
     return options
-
-
-class _Openings:
-    """The openings of one pool: one at a time, and how many of them ran out of time.
-
-    A caller that waited for an opening that ran out of time (the database does not
-    answer) fails at once rather than try again in its turn, which would make the last of
-    N concurrent first checkouts wait N timeouts: it compares :attr:`ran_out` with the
-    count it saw when it began (:meth:`ran_out_since`).
-    """
-
-    __slots__ = ("_current", "ran_out")
-
-    def __init__(self) -> None:
-        self._current: anyio.Event | None = None  # set when the opening in progress ends
-        self.ran_out = 0
-
-    @contextlib.asynccontextmanager
-    async def turn(
-        self, deadline: float, waited_out: Callable[[], Exception]
-    ) -> AsyncIterator[None]:
-        """Run the block once no other opening is in progress (the caller's opening, or
-        its look at what the last one left); raise ``waited_out()`` when ``deadline``
-        comes first."""
-        while (current := self._current) is not None:
-            with anyio.move_on_after(max(deadline - time.monotonic(), 0.0)):
-                await current.wait()
-            if not current.is_set():
-                raise waited_out()
-        self._current = ended = anyio.Event()
-        try:
-            yield
-        finally:
-            self._current = None
-            ended.set()
-
-    def ran_out_since(self, seen: int) -> bool:
-        """Whether an opening ran out of time since the caller counted ``seen``."""
-        return self.ran_out != seen
 
 
 async def _close_unopened(pool: AsyncConnectionPool[Any], *, ran_out: bool) -> None:

@@ -44,7 +44,6 @@ from ambient.integrations.psycopg._common import (
     _ended_inside,
     _hand_back,
     _not_opened,
-    _Openings,
     _python_side,
     _restore_python_side,
     _through_pooler,
@@ -222,7 +221,8 @@ class SharedPool:
         self._kwargs = {**(kwargs or {}), "autocommit": True}
         self._pool_options = _checked_pool_options(pool_options)
         self._pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None
-        self._openings = _Openings()
+        self._opening: anyio.Lock | None = None
+        self._timeouts = 0  # openings that got no connection in time
         self._installed = False
         self._initial: tuple[Any, ...] | None = None
         self._login: str | None = None
@@ -251,18 +251,22 @@ class SharedPool:
             PoolExhaustedError: the check got no connection within ``timeout`` (is the
                 database reachable?).
         """
-        await self._open(time.monotonic() + self.timeout, self.timeout, self._openings.ran_out)
+        await self._open(time.monotonic() + self.timeout, self.timeout, self._timeouts)
 
     async def _open(self, deadline: float, allowed: float, seen: int) -> None:
         """Open the pool by ``deadline`` (``allowed`` seconds after the caller began);
         ``seen`` is how many openings had run out of time when the caller began to wait."""
         _loops.require_asyncio(_ASYNCIO_ONLY)
-        openings = self._openings
+        if self._opening is None:
+            self._opening = anyio.Lock()
         with anyio.move_on_after(max(deadline - time.monotonic(), 0.0)) as bound:
-            async with openings.turn(deadline, lambda: self._not_opened(allowed)):
+            async with self._opening:
                 if self._pool is not None:
                     return
-                if openings.ran_out_since(seen):
+                if self._timeouts != seen:
+                    # An opening this caller waited for got no connection in time: the
+                    # database is unreachable. Trying again in turn would make the last of
+                    # N concurrent first requests wait N timeouts.
                     raise self._not_opened(allowed, shared=True)
                 await self._open_now(deadline, allowed)
         if bound.cancelled_caught:
@@ -295,7 +299,7 @@ class SharedPool:
             ran_out = isinstance(exc, PoolTimeout) or time.monotonic() >= deadline
             await _close_unopened(pool, ran_out=ran_out)
             if ran_out:
-                self._openings.ran_out += 1
+                self._timeouts += 1
                 if isinstance(exc, PoolTimeout):
                     raise self._not_opened(allowed) from None
             raise
@@ -355,7 +359,7 @@ class SharedPool:
         if self._installed:
             # The registry opens the pool (its component) and waits for an opening in
             # progress: tell the opening this checkout's deadline, and bound the wait.
-            token = _opener.set((self, deadline, allowed, self._openings.ran_out))
+            token = _opener.set((self, deadline, allowed, self._timeouts))
             try:
                 with anyio.move_on_after(max(deadline - time.monotonic(), 0.0)) as bound:
                     await ambient.resolve(self)

@@ -21,7 +21,6 @@ from ambient.integrations.psycopg._common import (
     _close_unopened,
     _exhausted,
     _not_opened,
-    _Openings,
     _python_side,
     _queue_full,
     _release,
@@ -52,11 +51,12 @@ class _UserPool:
         "active",
         "closed",
         "initial",
-        "openings",
+        "opening",
         "owner",
         "pool",
         "pooled",
         "slots",
+        "timeouts",
         "user",
     )
 
@@ -64,7 +64,7 @@ class _UserPool:
         self.owner = owner
         self.user = user
         self.pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None
-        self.openings = _Openings()
+        self.opening: anyio.Event | None = None
         self.slots = 0
         self.active = 0
         self.closed = False
@@ -72,6 +72,7 @@ class _UserPool:
         self.pooled = False
         # How the pool makes its connections, to restore on return (see _reset).
         self.initial: tuple[Any, ...] | None = None
+        self.timeouts = 0  # openings that got no connection in time
         owner._pools.add(self)
 
     def __repr__(self) -> str:
@@ -82,27 +83,29 @@ class _UserPool:
         self, deadline: float, allowed: float
     ) -> AsyncConnectionPool[AsyncConnection[Any]]:
         owner = self.owner
-        # Every checkout but the first finds the pool open: no turn to take.
-        if self.closed:
-            raise _user_pool_closed(owner)
-        if self.pool is not None:
-            return self.pool
-        openings = self.openings
-        seen = openings.ran_out
-
-        def waited_out() -> PoolExhaustedError:
-            return _exhausted(
-                f"this user's pool of {owner!r} did not open within {allowed} s",
-                owner.retry_after,
-            )
-
-        async with openings.turn(deadline, waited_out):
+        seen = self.timeouts
+        while True:
             if self.closed:
                 raise _user_pool_closed(owner)
             if self.pool is not None:
                 return self.pool
-            if openings.ran_out_since(seen):
+            opening = self.opening
+            if opening is None:
+                break
+            with anyio.move_on_after(max(deadline - time.monotonic(), 0.0)):
+                await opening.wait()
+            if not opening.is_set():
+                raise _exhausted(
+                    f"this user's pool of {owner!r} did not open within {allowed} s",
+                    owner.retry_after,
+                )
+            if self.timeouts != seen:
+                # The opening waited for got no connection in time: the database is
+                # unreachable. Trying again in turn would make the last of N concurrent
+                # first checkouts wait N timeouts.
                 raise self._not_opened(allowed, shared=True)
+        self.opening = opening = anyio.Event()
+        try:
             first = max(1, owner.min_size)
             taken = 0
             try:
@@ -121,6 +124,9 @@ class _UserPool:
             self.slots = taken
             self.pool = pool
             return pool
+        finally:
+            self.opening = None
+            opening.set()
 
     async def _open(
         self, slots: int, deadline: float, allowed: float
@@ -154,7 +160,7 @@ class _UserPool:
             raise
         if ran_out or bound.cancelled_caught:
             await _close_unopened(pool, ran_out=True)
-            self.openings.ran_out += 1
+            self.timeouts += 1
             raise self._not_opened(allowed)
         return pool
 
