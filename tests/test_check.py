@@ -513,6 +513,14 @@ async def test_user_components_expiring_while_memory_is_measured_are_seen_cleane
     assert report.ok, report.violations
 
 
+def _app_module(tmp_path: Any, monkeypatch: pytest.MonkeyPatch, name: str, source: str) -> None:
+    """Write module ``name`` with ``source`` into ``tmp_path`` and run the test from there,
+    so that ``ambient check name:attr`` imports it afresh."""
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, name, raising=False)
+
+
 def _noted_registry() -> Registry:
     registry = Registry()
     registry.register(Notes, Notes)
@@ -721,15 +729,16 @@ class TestCommandLine:
     ) -> None:
         """``async def create_app()`` (it awaits its own start-up work): the check awaits it
         and runs the app it returns (it used to take the coroutine for the app)."""
-        (tmp_path / "async_app_for_check.py").write_text(
+        _app_module(
+            tmp_path,
+            monkeypatch,
+            "async_app_for_check",
             "import asyncio\n"
             "from tests.test_check import _noted_registry, notes_app\n"
             "async def create_app():\n"
             "    await asyncio.sleep(0)\n"
-            "    return notes_app(_noted_registry())\n"
+            "    return notes_app(_noted_registry())\n",
         )
-        monkeypatch.chdir(tmp_path)
-        monkeypatch.delitem(sys.modules, "async_app_for_check", raising=False)
         code = main(
             [
                 *("check", "async_app_for_check:create_app", "--users", "3", "--requests", "2"),
@@ -762,8 +771,7 @@ class TestCommandLine:
         that is no ASGI app: one line saying so and a non-zero exit, not a traceback nor a
         table of every request failing with ``'int' object is not callable``."""
         module = f"unloadable_for_check_{abs(hash((source, target)))}"
-        (tmp_path / f"{module}.py").write_text(source)
-        monkeypatch.chdir(tmp_path)
+        _app_module(tmp_path, monkeypatch, module, source)
         if target.startswith("m:"):
             target = module + target[1:]
             said = said.replace("m:", f"{module}:")
@@ -786,13 +794,15 @@ class TestCommandLine:
         self, lifespan: str, said: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         module = f"startup_for_check_{abs(hash(lifespan))}"
-        (tmp_path / f"{module}.py").write_text(
+        _app_module(
+            tmp_path,
+            monkeypatch,
+            module,
             "import anyio\n"
             "async def app(scope, receive, send):\n"
             "    await receive()\n"
-            f"    {lifespan}\n"
+            f"    {lifespan}\n",
         )
-        monkeypatch.chdir(tmp_path)
         with pytest.raises(SystemExit) as refused:
             main(["check", f"{module}:app", "--timeout", "0.2", "--growth-requests", "0"])
         assert refused.value.code == said
@@ -800,17 +810,18 @@ class TestCommandLine:
     def test_a_startup_failure_is_said_without_the_traceback_starlette_sends(
         self, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        (tmp_path / "starlette_startup_for_check.py").write_text(
+        _app_module(
+            tmp_path,
+            monkeypatch,
+            "starlette_startup_for_check",
             "import contextlib\n"
             "from starlette.applications import Starlette\n"
             "@contextlib.asynccontextmanager\n"
             "async def lifespan(app):\n"
             "    raise ConnectionError('the database refused')\n"
             "    yield\n"
-            "app = Starlette(lifespan=lifespan)\n"
+            "app = Starlette(lifespan=lifespan)\n",
         )
-        monkeypatch.chdir(tmp_path)
-        monkeypatch.delitem(sys.modules, "starlette_startup_for_check", raising=False)
         with pytest.raises(SystemExit) as refused:
             main(["check", "starlette_startup_for_check:app", "--growth-requests", "0"])
         assert refused.value.code == (
@@ -820,14 +831,15 @@ class TestCommandLine:
     def test_a_request_that_hangs_fails_the_check_at_the_timeout(
         self, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
     ) -> None:
-        (tmp_path / "hanging_app_for_check.py").write_text(
+        _app_module(
+            tmp_path,
+            monkeypatch,
+            "hanging_app_for_check",
             "import anyio\n"
             "async def app(scope, receive, send):\n"
             "    if scope['type'] == 'http':\n"
-            "        await anyio.sleep_forever()\n"
+            "        await anyio.sleep_forever()\n",
         )
-        monkeypatch.chdir(tmp_path)
-        monkeypatch.delitem(sys.modules, "hanging_app_for_check", raising=False)
         code = main(
             [
                 *("check", "hanging_app_for_check:app", "--users", "2", "--requests", "1"),
