@@ -447,8 +447,26 @@ class Registry:
 
     async def sweep(self) -> None:
         """Clean up every USER component whose ``idle_ttl`` has passed, now."""
+        await self._close_all(self._take_expired())
+
+    def _queue_expired(self) -> None:
+        """Take the USER components whose ``idle_ttl`` has passed out of use, now, and
+        queue their cleanup for the next scope of this registry that closes (or
+        :meth:`aclose`): a request opening does not wait for another user's cleanups, and a
+        user coming back gets fresh components at once."""
+        if not self._idle or self._clock() < self._next_expiry:
+            return
+        for entry, expired in self._take_expired():
+            # Queued as an evicted user's would be: expiry_due() sees it at no extra cost.
+            queued = UserEntry(entry.ref, ephemeral=True)
+            queued.instances.created = expired
+            with self._lock:
+                self._evicted.append(queued)
+
+    def _take_expired(self) -> list[tuple[UserEntry, list[Created]]]:
+        """Take every USER component whose ``idle_ttl`` has passed out of its user's store."""
         now = self._clock()
-        due: list[tuple[UserEntry, list[Any]]] = []
+        due: list[tuple[UserEntry, list[Created]]] = []
         with self._lock:
             next_expiry = math.inf
             for ref, entry in list(self._users.items()):
@@ -482,7 +500,7 @@ class Registry:
                 if expired:
                     due.append((entry, expired))
             self._next_expiry = next_expiry
-        await self._close_all(due)
+        return due
 
     async def _close_all(
         self, due: list[tuple[UserEntry, list[Any]]], app: list[Any] | None = None

@@ -83,6 +83,7 @@ class Scope:
         "_extra",
         "_holds",
         "_opened",
+        "_others_after",
         "_own",
         "_registry",
         "_released",
@@ -122,6 +123,10 @@ class Scope:
         self._binding: _Binding | None = None
         self._opened = False
         self._closed = False
+        # Whether other users' cleanups this scope comes across (evicted, expired) wait
+        # for its close: set by the middleware for an HTTP request, whose answer must not
+        # wait for them.
+        self._others_after = False
         self._state: dict[Any, Any] | None = None
         self.observers: tuple[Observer, ...] = ()
         self.components_created = 0
@@ -557,7 +562,8 @@ class Scope:
 
     async def _acquire_user(self) -> UserEntry:
         entry = self._acquire_user_sync()
-        await self._registry.close_evicted()
+        if not self._others_after:
+            await self._registry.close_evicted()
         return entry
 
     def _acquire_user_sync(self) -> UserEntry:

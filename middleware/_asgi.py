@@ -86,6 +86,9 @@ class AmbientMiddleware:
     (which binds the context), call the app, and close the scope when the app's call returns
     — after a streamed body and Starlette background tasks, so they still see the context.
     Cleanup is shielded from cancellation and runs on client disconnect and on errors.
+    Other users' USER components that an HTTP request finds past their ``idle_ttl`` or
+    evicts for ``max_users`` are cleaned when that request's scope closes, after its
+    response: a request never waits for another user's cleanups before it is answered.
     Cleanups see the exception that ended the request, also when the app returned without
     raising yet the request failed: its response never finished (the framework cancelled
     the work of a client that disconnected; :class:`~ambient.errors.IncompleteResponseError`),
@@ -276,8 +279,14 @@ class AmbientMiddleware:
             )
             if identity is not None and identity.expires_at is not None:
                 component_scope.state[_EXPIRES_AT_KEY] = identity.expires_at
-            if registry.expiry_due():
-                await registry.expire_idle()
+            if websocket:
+                if registry.expiry_due():
+                    await registry.expire_idle()
+            else:
+                # Other users' cleanups wait for this request's close, after its answer.
+                component_scope._others_after = True
+                if registry.expiry_due():
+                    registry._queue_expired()
             handshake = _Handshake(receive) if websocket else None
             app_receive = receive if handshake is None else handshake
             component_scope._open()

@@ -1594,3 +1594,78 @@ def test_two_telemetries_on_the_registry_and_the_middleware_are_warned_of(
     assert len(warned) == 1
     assert "traced and counted twice" in warned[0]
     assert not caplog.records
+
+
+class _Mailbox:
+    """A USER component whose async cleanup waits until the test lets it end."""
+
+    def __init__(self, user: ambient.UserRef, release: anyio.Event, log: list[str]) -> None:
+        self.user = user
+        self._release = release
+        self._log = log
+
+    async def aclose(self) -> None:
+        self._log.append(f"closing {self.user.user_id}")
+        await self._release.wait()
+        self._log.append(f"closed {self.user.user_id}")
+
+
+@pytest.mark.parametrize("how", ["expired", "evicted"])
+async def test_another_users_cleanups_run_after_the_response(how: str) -> None:
+    """bob's request comes along once alice's mailbox has been idle past its idle_ttl, or
+    when it takes the room of max_users=1 from her, and her mailbox's cleanup is slow:
+    bob's response goes out first, then the cleanup runs (bob's call returns once it has
+    ended, and it runs once). Before, bob's handler waited for alice's cleanup. alice
+    coming back afterwards gets a fresh mailbox."""
+    now = [1000.0]
+    release = anyio.Event()
+    log: list[str] = []
+    registry = Registry(clock=lambda: now[0], max_users=1 if how == "evicted" else 10)
+    registry.register(
+        _Mailbox,
+        lambda user: _Mailbox(user, release, log),
+        lifetime=Lifetime.USER,
+        idle_ttl=60,
+    )
+    seen: list[tuple[str, int]] = []
+
+    async def endpoint(scope: Any, receive: Any, send: Any) -> None:
+        mailbox = await ambient.resolve(_Mailbox)
+        seen.append((mailbox.user.user_id, id(mailbox)))
+        body = mailbox.user.user_id.encode()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+    app = AmbientMiddleware(endpoint, registry=registry, identity=trusted_header())
+
+    async def request(user: str, answered: anyio.Event) -> None:
+        async def receive() -> Message:
+            await anyio.sleep_forever()
+            raise AssertionError  # pragma: no cover
+
+        async def send(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                assert message["body"] == user.encode()
+                answered.set()
+
+        await app(http_scope([(b"x-user-id", user.encode())]), receive, send)
+
+    with anyio.fail_after(5):
+        await request("alice", anyio.Event())
+        if how == "expired":
+            now[0] += 61
+        bob_answered = anyio.Event()
+        async with anyio.create_task_group() as group:
+            group.start_soon(request, "bob", bob_answered)
+            await bob_answered.wait()
+            # alice's cleanup has not ended: bob's answer did not wait for it.
+            assert "closed alice" not in log
+            release.set()
+        assert log == ["closing alice", "closed alice"]
+        await request("alice", anyio.Event())
+        await registry.aclose()
+    assert [user for user, _ in seen] == ["alice", "bob", "alice"]
+    assert seen[0][1] != seen[2][1]
+    assert sorted(log) == sorted(
+        2 * ["closing alice", "closed alice"] + ["closing bob", "closed bob"]
+    )
