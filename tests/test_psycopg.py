@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fractions
+import gc
 import os
 import random
 import re
@@ -17,6 +18,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -1486,6 +1488,146 @@ async def test_a_checkout_cancelled_as_its_pool_hands_it_a_connection_loses_none
                 with anyio.fail_after(5):
                     async with pools.connection(timeout=2) as conn:
                         assert await _scalar(conn, "SELECT 1") == 1
+    finally:
+        await registry.aclose()
+
+
+@pytest.mark.parametrize("closed_by", ["shutdown", "idle_ttl", "room"])
+async def test_per_user_pools_close_a_connection_handed_back_as_the_pool_closes(
+    db: Database, closed_by: str
+) -> None:
+    """psycopg's pool takes a connection back in a background task, and drops the task
+    when the pool has closed meanwhile. Alice hands her two connections back; the first
+    one's reset holds the pool's one worker until her pool is closing (at shutdown, after
+    idle_ttl, or for room another user needs), so the second one's return is still
+    queued then. Once the close has returned, neither is open, on the client or on the
+    server, and garbage collection finds nothing to warn about. The second used to stay
+    open until garbage collection closed it, its server session too, while its slot of
+    max_total was already given to another pool."""
+    now = [1000.0]
+    registry = Registry(clock=lambda: now[0])
+    made: list[psycopg.AsyncConnection[Any]] = []
+
+    class Tracked(psycopg.AsyncConnection[Any]):
+        @classmethod
+        async def connect(cls, *args: Any, **kwargs: Any) -> Any:
+            conn = await super().connect(*args, **kwargs)
+            made.append(conn)
+            return conn
+
+    resetting, resume = anyio.Event(), anyio.Event()
+
+    async def reset(conn: psycopg.AsyncConnection[Any]) -> None:
+        if not resetting.is_set():
+            resetting.set()
+            await resume.wait()
+
+    pools = PerUserPools(
+        db.app_url,
+        max_size=2,
+        max_total=2,
+        idle_ttl=60,
+        timeout=10,
+        rls_check="off",
+        kwargs=db.kwargs(),
+        num_workers=1,
+        connection_class=Tracked,
+        reset=reset,
+    )
+    pools.install(registry)
+    both = anyio.Event()
+    holders = 0
+
+    async def hold() -> None:
+        nonlocal holders
+        async with registry.open_scope(_ctx("alice")), connection() as conn:
+            await conn.execute("SELECT 1")
+            holders += 1
+            if holders == 2:
+                both.set()
+            await both.wait()
+
+    async def room() -> None:
+        async with registry.open_scope(_ctx("bob")), connection() as conn:
+            assert await _scalar(conn, "SELECT current_setting('app.user_id')") == "bob"
+
+    try:
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(hold)
+                tg.start_soon(hold)
+            (user_pool,) = pools._pools
+            psycopg_pool = user_pool.pool
+            assert psycopg_pool is not None
+            alices = list(made)
+            assert len(alices) == 2
+            pids = [conn.info.backend_pid for conn in alices]
+            await resetting.wait()  # the first return holds the worker, the second waits
+            async with anyio.create_task_group() as tg:
+                if closed_by == "shutdown":
+                    tg.start_soon(registry.aclose)
+                elif closed_by == "idle_ttl":
+                    now[0] += 61
+                    tg.start_soon(registry.sweep)
+                else:
+                    tg.start_soon(room)
+                await anyio.wait_all_tasks_blocked()
+                assert psycopg_pool.closed  # closing, waiting for its worker
+                resume.set()
+            assert [conn.closed for conn in alices] == [True, True]
+            assert pools.stats().slots == (1 if closed_by == "room" else 0)
+
+            async def backends_gone() -> bool:
+                left = await _admin_scalar(
+                    db, "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)
+                )
+                return bool(left == 0)
+
+            await _eventually(backends_gone, "alice's server sessions ended")
+    finally:
+        resume.set()
+        await registry.aclose()
+    del alices
+    made.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gc.collect()
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
+async def test_per_user_pools_close_the_connection_of_a_failed_rls_check(db: Database) -> None:
+    """A user's pool whose first connection fails the row-level security check is closed
+    with its connection: psycopg's pool took the connection back in a background task,
+    dropped once the pool had closed, and the connection used to stay open, its server
+    session too, until garbage collection, after its slot of max_total was given back."""
+    made: list[psycopg.AsyncConnection[Any]] = []
+
+    class Tracked(psycopg.AsyncConnection[Any]):
+        @classmethod
+        async def connect(cls, *args: Any, **kwargs: Any) -> Any:
+            conn = await super().connect(*args, **kwargs)
+            made.append(conn)
+            return conn
+
+    pools = PerUserPools(
+        db.app_url,
+        max_total=2,
+        rls_tables=[f"{db.schema}.plain"],
+        rls_check="raise",
+        kwargs=db.kwargs(),
+        connection_class=Tracked,
+    )
+    registry = Registry()
+    pools.install(registry)
+    try:
+        async with registry.open_scope(_ctx("alice")):
+            with pytest.raises(RowSecurityError, match="not enabled"):
+                async with pools.connection():
+                    pass
+        assert len(made) == 1
+        assert made[0].closed
+        assert pools.stats().slots == 0
+        await _eventually(_async_int(lambda: _server_connections(db), 0), "connection closed")
     finally:
         await registry.aclose()
 

@@ -51,6 +51,8 @@ class _UserPool:
         "active",
         "closed",
         "initial",
+        "lent",
+        "made",
         "opening",
         "owner",
         "pool",
@@ -64,6 +66,10 @@ class _UserPool:
         self.owner = owner
         self.user = user
         self.pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None
+        # The connections the pool made (closed ones pruned as it makes more), and those a
+        # checkout holds: see _close_left_open.
+        self.made: set[AsyncConnection[Any]] = set()
+        self.lent: set[AsyncConnection[Any]] = set()
         self.opening: anyio.Event | None = None
         self.slots = 0
         self.active = 0
@@ -112,17 +118,16 @@ class _UserPool:
                 while taken < first:
                     await owner._take_slot(self, deadline, wait=True)
                     taken += 1
-                pool = await self._open(taken, deadline, allowed)
+                pool, made = await self._open(taken, deadline, allowed)
             except BaseException:
                 owner._give_back(taken)
                 raise
-            if self.closed:  # the component was cleaned up while the pool opened
-                self.slots = taken
-                self.pool = pool
-                await self.close_pool()
-                raise _user_pool_closed(owner)
             self.slots = taken
             self.pool = pool
+            self.made = made
+            if self.closed:  # the component was cleaned up while the pool opened
+                await self.close_pool()
+                raise _user_pool_closed(owner)
             return pool
         finally:
             self.opening = None
@@ -130,16 +135,24 @@ class _UserPool:
 
     async def _open(
         self, slots: int, deadline: float, allowed: float
-    ) -> AsyncConnectionPool[AsyncConnection[Any]]:
+    ) -> tuple[AsyncConnectionPool[AsyncConnection[Any]], set[AsyncConnection[Any]]]:
+        """A new psycopg pool for this user, open, and the connections it makes."""
         owner = self.owner
         conninfo = owner.conninfo if isinstance(owner.conninfo, str) else owner.conninfo(self.user)
+        made: set[AsyncConnection[Any]] = set()
+
+        async def configure(conn: AsyncConnection[Any]) -> None:
+            made.difference_update([c for c in made if c.closed])
+            made.add(conn)
+            await self._configure(conn)
+
         pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
             conninfo,
             min_size=owner.min_size,
             max_size=slots,
             open=False,
             kwargs=owner._kwargs,
-            configure=self._configure,
+            configure=configure,
             timeout=owner.timeout,
             name=f"{owner.name}-{next(_pool_numbers)}",
             **{**owner._pool_options, "reset": self._reset},
@@ -157,12 +170,14 @@ class _UserPool:
             ran_out = True
         except BaseException:
             await _close_unopened(pool, ran_out=False)
+            await self._close_left_open(made)
             raise
         if ran_out or bound.cancelled_caught:
             await _close_unopened(pool, ran_out=True)
+            await self._close_left_open(made)
             self.timeouts += 1
             raise self._not_opened(allowed)
-        return pool
+        return pool, made
 
     def _not_opened(self, allowed: float, *, shared: bool = False) -> PoolExhaustedError:
         owner = self.owner
@@ -232,6 +247,7 @@ class _UserPool:
         owner = self.owner
         owner._idle.pop(self, None)
         pool, self.pool = self.pool, None
+        made, self.made = self.made, set()
         slots, self.slots = self.slots, 0
         if evicted:
             owner.evicted += 1
@@ -239,8 +255,24 @@ class _UserPool:
             if pool is not None:
                 with anyio.CancelScope(shield=True):
                     await pool.close()
+                    await self._close_left_open(made)
         finally:
+            # After the connections are closed: their room may go to another pool at once.
             owner._give_back(slots, keep=keep)
+
+    async def _close_left_open(self, made: set[AsyncConnection[Any]]) -> None:
+        """Close what a closed pool that ``made`` these connections left open (shielded).
+
+        psycopg's pool takes a connection back in a background task, and drops the task
+        when the pool has closed meanwhile: nothing would close that connection (nor end
+        its server session) but the garbage collector. A connection a checkout still
+        holds is closed by the pool when the checkout hands it back.
+        """
+        left = [conn for conn in made if not conn.closed and conn not in self.lent]
+        made.clear()
+        with anyio.CancelScope(shield=True):
+            for conn in left:
+                await conn.close()
 
     async def aclose(self) -> None:
         """Close the pool (the USER component's cleanup)."""
@@ -333,6 +365,7 @@ class _UserCheckout:
             except BaseException:
                 owner._done(user_pool)
                 raise
+            user_pool.lent.add(conn)
             if not (user_pool.pooled and owner._names):
                 break
             error = await self._set_local(conn, pool, user_pool)
@@ -401,7 +434,10 @@ class _UserCheckout:
                 if row is not None:
                     self._server = (row[-2], row[-1])
                 return None
-        await _release(owner, pool, conn, owner._cancellers.of(conn), error, pooled=True)
+        try:
+            await _release(owner, pool, conn, owner._cancellers.of(conn), error, pooled=True)
+        finally:
+            user_pool.lent.discard(conn)
         return error
 
     async def __aexit__(
@@ -426,6 +462,7 @@ class _UserCheckout:
                 server=self._server,
             )
         finally:
+            self._user_pool.lent.discard(conn)
             self._owner._done(self._user_pool)
         if error is not None:
             raise error
