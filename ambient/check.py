@@ -33,6 +33,13 @@ Progress = Callable[[int, int], None]
 
 _MAX_SHOWN = 20
 
+# What one process can drive: every simulated user is a task in flight at once, and every
+# request keeps its latency and what the probe saw of it until the report is made (about
+# 30 KiB per user of the demo and 1 KiB per request): a check stays within about a GiB.
+_MAX_USERS = 10_000
+_MAX_REQUESTS = 10_000
+_MAX_TOTAL_REQUESTS = 1_000_000
+
 # Filled, while a simulated request runs, with the user its first scope was opened for and
 # whether that context was an anonymous one.
 _served: ContextVar[list[tuple[str, bool]] | None] = ContextVar("_served", default=None)
@@ -450,8 +457,9 @@ async def run_check(
     Args:
         app: The ASGI app (usually wrapped in ``AmbientMiddleware``).
         name: How the report names the app.
-        users: Simulated users, each with a unique id.
-        requests: Requests per user, cycling through ``plan``.
+        users: Simulated users, each with a unique id: from 1 to 10,000.
+        requests: Requests per user, cycling through ``plan``: from 1 to 10,000, and at
+            most 1,000,000 in all (``users * requests``).
         concurrency: Users in flight at once (default: all of them).
         identity: How a user presents itself: ``("header", name)`` or ``("bearer", "")``.
         plan: The requests each user sends.
@@ -462,13 +470,12 @@ async def run_check(
         time_limit: Seconds a request, and the lifespan startup and shutdown, may take: a
             request that has not answered by then is cancelled and counted as failed, a
             startup that has not raises. ``None`` (the default) waits as long as they take.
+
+    Raises:
+        ValueError: ``users`` or ``requests`` out of those bounds, or ``time_limit`` not
+            more than 0.
     """
-    if users < 1 or requests < 1:
-        msg = "users and requests must be at least 1"
-        raise ValueError(msg)
-    if time_limit is not None and not time_limit > 0:
-        msg = f"time_limit must be more than 0 seconds, not {time_limit}"
-        raise ValueError(msg)
+    _check_arguments(users, requests, time_limit)
     from ambient.migration import global_state_report, reset_global_state_report
 
     ids = [f"check-{n:05d}-{secrets.token_hex(3)}" for n in range(users)]
@@ -520,6 +527,23 @@ async def run_check(
     if measure_overhead:
         report.middleware_overhead_us = round(await _overhead(), 2)
     return report
+
+
+def _check_arguments(users: int, requests: int, time_limit: float | None) -> None:
+    bounds = (("users", users, _MAX_USERS), ("requests", requests, _MAX_REQUESTS))
+    for option, value, most in bounds:
+        if not 1 <= value <= most:
+            msg = f"{option} must be from 1 to {most}, not {value}"
+            raise ValueError(msg)
+    if users * requests > _MAX_TOTAL_REQUESTS:
+        msg = (
+            f"users={users} and requests={requests} make {users * requests} requests; "
+            f"at most {_MAX_TOTAL_REQUESTS} in all"
+        )
+        raise ValueError(msg)
+    if time_limit is not None and not time_limit > 0:
+        msg = f"time_limit must be more than 0 seconds, not {time_limit}"
+        raise ValueError(msg)
 
 
 def _summarise(

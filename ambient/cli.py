@@ -52,8 +52,15 @@ def _parser() -> argparse.ArgumentParser:
         help="the app as module:attr (a function taking no argument is called to build it); "
         "default: the bundled demo",
     )
-    check.add_argument("--users", type=_positive, default=100, help="simulated users (100)")
-    check.add_argument("--requests", type=_positive, default=20, help="requests per user (20)")
+    check.add_argument(
+        "--users", type=_users, default=100, help="simulated users, at most 10000 (100)"
+    )
+    check.add_argument(
+        "--requests",
+        type=_requests,
+        default=20,
+        help="requests per user, at most 10000 and 1000000 in all (20)",
+    )
     check.add_argument(
         "--concurrency", type=_positive, default=None, help="users in flight at once (all)"
     )
@@ -83,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds a request or the app's startup may take before it counts as failed (30)",
     )
     check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.set_defaults(refuse=check.error)
     return parser
 
 
@@ -116,6 +124,26 @@ def _positive(text: str) -> int:
     value = _whole(text)
     if value < 1:
         msg = f"must be at least 1, not {value}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _users(text: str) -> int:
+    from ambient.check import _MAX_USERS
+
+    return _from_1_to(text, _MAX_USERS)
+
+
+def _requests(text: str) -> int:
+    from ambient.check import _MAX_REQUESTS
+
+    return _from_1_to(text, _MAX_REQUESTS)
+
+
+def _from_1_to(text: str, most: int) -> int:
+    value = _whole(text)
+    if not 1 <= value <= most:
+        msg = f"must be from 1 to {most}, not {value}"
         raise argparse.ArgumentTypeError(msg)
     return value
 
@@ -302,8 +330,20 @@ def _configure_tracing(service: str) -> Callable[[], None] | None:
 def _check(args: argparse.Namespace) -> int:
     import anyio
 
-    from ambient.check import CheckReport, _StartupError, parse_request, run_check
+    from ambient.check import (
+        _MAX_TOTAL_REQUESTS,
+        CheckReport,
+        _StartupError,
+        parse_request,
+        run_check,
+    )
 
+    total = args.users * args.requests
+    if total > _MAX_TOTAL_REQUESTS:  # said by argparse, with the usage and exit status 2
+        args.refuse(
+            f"--users {args.users} and --requests {args.requests} make {total} requests; "
+            f"at most {_MAX_TOTAL_REQUESTS} in all"
+        )
     identity = _identity(args.identity)
     if args.plan:
         plan = [parse_request(text) for text in args.plan]
@@ -317,7 +357,6 @@ def _check(args: argparse.Namespace) -> int:
     if not inspect.isawaitable(app):
         app = _asgi_app(app, args.app)
     name = "the bundled demo" if args.app == _DEMO else args.app
-    total = args.users * args.requests
 
     async def run(progress: Callable[[int, int], None] | None) -> CheckReport:
         # An ``async def create_app()`` is awaited on the loop the check then runs the app

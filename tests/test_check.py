@@ -513,6 +513,34 @@ async def test_user_components_expiring_while_memory_is_measured_are_seen_cleane
     assert report.ok, report.violations
 
 
+@pytest.mark.parametrize(
+    ("size", "said"),
+    [
+        ({"users": 10_001}, "users must be from 1 to 10000, not 10001"),
+        ({"requests": 10_001}, "requests must be from 1 to 10000, not 10001"),
+        ({"users": 0}, "users must be from 1 to 10000, not 0"),
+        ({"users": -3}, "users must be from 1 to 10000, not -3"),
+        ({"requests": 0}, "requests must be from 1 to 10000, not 0"),
+        (
+            {"users": 200, "requests": 10_000},
+            "users=200 and requests=10000 make 2000000 requests; at most 1000000",
+        ),
+    ],
+)
+async def test_run_check_refuses_more_users_or_requests_than_it_can_drive(
+    size: dict[str, int], said: str
+) -> None:
+    """The bounds of ``ambient check`` hold for ``run_check`` too, before anything runs
+    (the app's startup, which fails here, is never reached)."""
+
+    async def fails_at_startup(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "lifespan.startup.failed", "message": "not to be reached"})
+
+    with pytest.raises(ValueError, match=re.escape(said)):
+        await run_check(fails_at_startup, **size, growth_requests=0, measure_overhead=False)
+
+
 def _app_module(tmp_path: Any, monkeypatch: pytest.MonkeyPatch, name: str, source: str) -> None:
     """Write module ``name`` with ``source`` into ``tmp_path`` and run the test from there,
     so that ``ambient check name:attr`` imports it afresh."""
@@ -867,6 +895,40 @@ class TestCommandLine:
                 main(wrong)
             assert refused.value.code == 2
             assert said in capsys.readouterr().err
+
+    @pytest.mark.parametrize(
+        ("wrong", "said"),
+        [
+            (["--users", "100000000"], "--users: must be from 1 to 10000, not 100000000"),
+            (["--users", "10001"], "--users: must be from 1 to 10000, not 10001"),
+            (["--requests", "10001"], "--requests: must be from 1 to 10000, not 10001"),
+            (["--users", "0"], "--users: must be from 1 to 10000, not 0"),
+            (["--users", "-5"], "--users: must be from 1 to 10000, not -5"),
+            (["--requests", "0"], "--requests: must be from 1 to 10000, not 0"),
+            (["--requests", "-1"], "--requests: must be from 1 to 10000, not -1"),
+            (
+                ["--users", "200", "--requests", "10000"],
+                "--users 200 and --requests 10000 make 2000000 requests; at most 1000000",
+            ),
+        ],
+    )
+    def test_users_and_requests_beyond_what_one_process_can_drive_are_refused(
+        self, wrong: list[str], said: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """``--users 100000000`` was accepted and the check ran out of memory making its
+        users: each bound is refused by name before the app is loaded (``nocolon`` would
+        be refused next, with another message)."""
+        with pytest.raises(SystemExit) as refused:
+            main(["check", "nocolon", *wrong])
+        assert refused.value.code == 2
+        err = capsys.readouterr().err
+        assert said in err
+        assert err.count("error:") == 1
+
+    def test_the_largest_users_and_requests_are_accepted(self) -> None:
+        for allowed in (["--users", "10000", "--requests", "100"], ["--requests", "10000"]):
+            with pytest.raises(SystemExit, match="module:attr"):  # parsed; the app is next
+                main(["check", "nocolon", *allowed])
 
     def test_an_interrupted_check_exits_with_a_line_not_a_traceback(self, tmp_path: Any) -> None:
         """Ctrl-C while an app is being checked: one line and exit status 130."""
