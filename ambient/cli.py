@@ -265,7 +265,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         return _demo(args.host, args.port)
     if args.command == "check":
-        return _check(args)
+        try:
+            return _check(args)
+        except KeyboardInterrupt:  # while the app imports or builds, or during the check
+            sys.stderr.write("ambient check: interrupted; no report\n")
+            return 130
     parser.print_help()
     return 0
 
@@ -386,9 +390,6 @@ def _check(args: argparse.Namespace) -> int:
             report: CheckReport = anyio.run(run, progress)
     except _StartupError as error:
         raise SystemExit(str(error)) from None
-    except KeyboardInterrupt:
-        sys.stderr.write("ambient check: interrupted; no report\n")
-        return 130
     if args.json:
         sys.stdout.write(report.to_json() + "\n")
     else:

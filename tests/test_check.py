@@ -961,6 +961,57 @@ class TestCommandLine:
         assert "Traceback" not in err
         assert "interrupted" in err
 
+    @pytest.mark.parametrize(
+        ("source", "attribute"),
+        [
+            ("print('waiting', flush=True)\nsys.stdin.readline()\n", "app"),
+            (
+                "def create_app():\n"
+                "    print('waiting', flush=True)\n"
+                "    sys.stdin.readline()\n"
+                "    return app\n",
+                "create_app",
+            ),
+        ],
+        ids=["import", "factory"],
+    )
+    def test_an_interrupt_while_the_app_is_loaded_exits_with_a_line(
+        self, source: str, attribute: str, tmp_path: Any
+    ) -> None:
+        """Ctrl-C while the app's module is still importing, or its factory building it (it
+        waits on its input, as one may wait on a database): one line and exit status 130,
+        not a traceback."""
+        (tmp_path / "blocking_app_for_check.py").write_text(
+            f"import sys\nasync def app(scope, receive, send):\n    pass\n{source}"
+        )
+        target = f"blocking_app_for_check:{attribute}"
+        process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [sys.executable, "-m", "ambient", "check", target, "--json"],
+            cwd=tmp_path,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        watchdog = threading.Timer(60, process.kill)  # bounds the blocking read below
+        watchdog.start()
+        try:
+            assert process.stdout is not None
+            assert process.stdout.readline() == "waiting\n"
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=30)  # stdin stays open: only the interrupt ends the wait
+            assert process.stderr is not None
+            err = process.stderr.read()
+        finally:
+            watchdog.cancel()
+            process.kill()
+            process.wait(timeout=30)
+            for pipe in (process.stdin, process.stdout, process.stderr):
+                if pipe is not None:
+                    pipe.close()
+        assert process.returncode == 130, err
+        assert err == "ambient check: interrupted; no report\n"
+
     def test_the_console_script_prints_help(self) -> None:
         result = subprocess.run(
             [sys.executable, "-m", "ambient", "--help"],
