@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import importlib
 import inspect
+import logging
 import os
+import socket
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -279,19 +283,51 @@ def _demo(host: str, port: int) -> int:
 
     from ambient.demo.app import create_app
 
-    flush = _configure_tracing("ambient-demo")
-    base = f"http://{host}:{port}"
-    sys.stdout.write(
-        "ambient demo: a multi-user agent backend. Try two users:\n"
-        f"  curl -s -H 'x-user-id: alice' -d '{{\"prompt\": \"remember buy milk\"}}' "
-        f"{base}/agents/triage/runs\n"
-        f"  curl -s -H 'x-user-id: bob' {base}/history\n"
-        "Identity comes from the x-user-id header of loopback clients: for demos only.\n"
-    )
-    app = create_app()
-    served = app if flush is None else _flushed_at_shutdown(app, flush)
-    uvicorn.run(served, host=host, port=port, log_level="info")
-    return 0
+    # Bound before the banner: a port in use is said instead of URLs that would not answer.
+    with _listen(host, port) as listening:
+        flush = _configure_tracing("ambient-demo")
+        base = f"http://{_address(host, port)}"
+        sys.stdout.write(
+            "ambient demo: a multi-user agent backend. Try two users:\n"
+            f"  curl -s -H 'x-user-id: alice' -d '{{\"prompt\": \"remember buy milk\"}}' "
+            f"{base}/agents/triage/runs\n"
+            f"  curl -s -H 'x-user-id: bob' {base}/history\n"
+            "Identity comes from the x-user-id header of loopback clients: for demos only.\n"
+        )
+        app = create_app()
+        served = app if flush is None else _flushed_at_shutdown(app, flush)
+        server = uvicorn.Server(uvicorn.Config(served, host=host, port=port, log_level="info"))
+        # Said by uvicorn itself only for a socket it bound (as it does for its workers).
+        logging.getLogger("uvicorn.error").info(
+            "Uvicorn running on %s (Press CTRL+C to quit)", base
+        )
+        # As uvicorn.run(): Ctrl-C is a clean end (the server has shut down gracefully, then
+        # raises it again), a server that never started a failure.
+        with contextlib.suppress(KeyboardInterrupt):
+            server.run(sockets=[listening])
+    return 0 if server.started else 3
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` as uvicorn binds one for its workers, or a clear exit."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        if error.errno == errno.EADDRINUSE:
+            said = "the address is in use (another server? choose another --port)"
+        else:
+            said = error.strerror or str(error)
+        msg = f"ambient demo: cannot listen on {_address(host, port)}: {said}"
+        raise SystemExit(msg) from None
+    return sock
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _flushed_at_shutdown(app: Any, flush: Callable[[], None]) -> Any:

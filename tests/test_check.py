@@ -1174,6 +1174,30 @@ async def test_the_migration_guide_example_fails_before_and_passes_after() -> No
     assert after.global_state_accesses == {}
 
 
+def test_ambient_demo_on_a_port_in_use_says_so_in_one_line_without_the_banner() -> None:
+    """Another server listens on the port: the demo says so and exits non-zero before it
+    prints the URLs to try (it printed them, then uvicorn's lines ending in a bind error)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(  # noqa: S603 - our own interpreter and module
+            [sys.executable, "-m", "ambient", "demo", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode != 0
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"ambient demo: cannot listen on 127.0.0.1:{port}: the address is in use "
+        "(another server? choose another --port)\n"
+    )
+
+
 def test_ambient_demo_serves_the_backend_on_uvicorn() -> None:
     """`ambient demo --port N` in its own process: it prints how to try it, and answers."""
     import httpx
