@@ -12,6 +12,7 @@ import contextlib
 import gc
 import json
 import logging
+import re
 import secrets
 import statistics
 import time
@@ -305,9 +306,22 @@ class _LogWatch(logging.Handler):
 
 
 def _mentions(text: str, users: set[str], own: str) -> list[str]:
+    """The simulated users other than ``own`` whose ids ``text`` contains."""
     if "check-" not in text:
         return []
-    return [user for user in users if user != own and user in text]
+    # Found by their shape, then looked up: a cost that grows with the text, not with the
+    # number of simulated users (10,000 of them made every response 10,000 searches).
+    found = dict.fromkeys(_SIMULATED_ID.findall(text))
+    return [user for user in found if user != own and user in users]
+
+
+def _simulated_ids(users: int) -> list[str]:
+    """Ids for ``users`` simulated users, each unlike any id an app would make up."""
+    return [f"check-{n:05d}-{secrets.token_hex(3)}" for n in range(users)]
+
+
+# The shape of _simulated_ids(): _mentions() finds them by it.
+_SIMULATED_ID = re.compile(r"check-[0-9]{5,}-[0-9a-f]{6}")
 
 
 async def _overhead() -> float:
@@ -478,7 +492,7 @@ async def run_check(
     _check_arguments(users, requests, time_limit)
     from ambient.migration import global_state_report, reset_global_state_report
 
-    ids = [f"check-{n:05d}-{secrets.token_hex(3)}" for n in range(users)]
+    ids = _simulated_ids(users)
     report = CheckReport(app=name, users=users, requests=users * requests)
     driver = _Driver(app, identity, time_limit)
     traffic = _Traffic(driver, ids, plan, requests, progress)

@@ -1228,3 +1228,24 @@ def test_ambient_demo_serves_the_backend_on_uvicorn() -> None:
         output, _ = process.communicate(timeout=30)
     assert "curl" in output
     assert "x-user-id: alice" in output
+
+
+def test_every_simulated_user_named_in_a_text_is_found_among_ten_thousand() -> None:
+    """A response naming other simulated users is caught whichever they are, among the
+    most users a check drives, without searching the text once per user: each id the
+    check makes up has the shape its search looks for."""
+    from ambient.check import _MAX_USERS, _mentions, _simulated_ids
+
+    ids = _simulated_ids(_MAX_USERS)
+    assert len(set(ids)) == _MAX_USERS
+    users = set(ids)
+    own, first, last = ids[17], ids[0], ids[-1]
+    text = f'{{"owner": "{own}", "seen": ["{first}", "{last}", "{first}"], "x": "check-"}}'
+    assert sorted(_mentions(text, users, own)) == sorted([first, last])
+    assert _mentions(f"only {own} here", users, own) == []
+    # An id of another check run (not one of these users) is not a mention.
+    stranger = _simulated_ids(1)[0]
+    assert stranger not in users
+    assert _mentions(f"{stranger} and {last}", users, own) == [last]
+    # Every id is found in any text that holds it.
+    assert all(_mentions(f"<{user}>", users, own) == [user] for user in ids if user != own)
