@@ -1532,6 +1532,74 @@ async def test_a_revocation_made_while_the_subscription_was_down_still_ends_the_
         own.kill()
 
 
+async def test_a_join_written_just_after_the_subscription_died_reconnects_it_once(
+    redis_url: str,
+) -> None:
+    """The process's pub/sub connection is killed (CLIENT KILL) and, before its reader has
+    heard, two users join: their SUBSCRIBEs are written on the dead connection. Only the
+    reader reconnects: each kill costs one new connection to Redis and one outage, one
+    subscription connection is left, and every event for the user held throughout
+    arrives. redis-py reconnected that connection by itself behind the reader: each kill
+    opened three connections, one of them left open and unreferenced, and under churn the
+    reader read the replies of such a handshake (a second outage) or went on reading a
+    connection on which the held user was never subscribed again, reporting itself
+    connected while that user's events were lost."""
+    own = RedisProcess()
+    own.start()
+    admin = redis.Redis.from_url(own.url)
+    try:
+        # No health check during the test: only the kills make the reader reconnect.
+        backend = RedisBroadcast(own.url, channel_prefix=unique_prefix(), health_check_interval=60)
+        held = UserRef("held")
+        received: list[Envelope] = []
+        arrived = anyio.Event()
+
+        def deliver(envelope: Envelope) -> None:
+            received.append(envelope)
+            if len(received) == 3:
+                arrived.set()
+
+        async def join(user: UserRef) -> None:
+            # Fails with BroadcastError when the reader has heard of the outage meanwhile.
+            with contextlib.suppress(BroadcastError):
+                await backend.subscribe(user)
+
+        backend.attach(deliver)
+        with anyio.fail_after(DEADLINE):
+            await backend.subscribe(held)
+            for kill in range(2, 12, 2):
+                opened = admin.info("stats")["total_connections_received"]
+                # Twice: the second kill lands as the reader, back from the first, reads the
+                # user's counts of revocations, away from the connection.
+                for twice in range(2):
+                    [subscription] = admin.client_list(_type="pubsub")
+                    # A synchronous kill: both joins write their SUBSCRIBE before the loop
+                    # reads the killed socket, so before the reader has heard.
+                    assert admin.client_kill_filter(_id=subscription["id"]) == 1
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(join, UserRef(f"first-{kill}-{twice}"))
+                        tg.start_soon(join, UserRef(f"second-{kill}-{twice}"))
+                    await backend.wait_connected()
+                assert backend.reconnects == kill
+                if kill > 2:  # the first round also opens the connections that publish
+                    assert admin.info("stats")["total_connections_received"] == opened + 2
+                assert len(admin.client_list(_type="pubsub")) == 1
+                assert admin.pubsub_numsub(backend.channel(held)) == [(backend.channel(held), 1)]
+                received.clear()
+                arrived = anyio.Event()
+                for n in range(3):
+                    await backend.publish(Envelope(held, 0, None, f'{{"n": {n}}}'))
+                with anyio.fail_after(2):
+                    await arrived.wait()
+                assert [envelope.data for envelope in received] == [
+                    f'{{"n": {n}}}' for n in range(3)
+                ]
+        await backend.aclose()
+    finally:
+        admin.close()
+        own.kill()
+
+
 # Starlette's TestClient prefers httpx2 now and warns when it runs on httpx.
 @pytest.mark.filterwarnings("ignore::starlette.exceptions.StarletteDeprecationWarning")
 def test_starlettes_test_client_on_one_loop_delivers_and_on_a_loop_per_call_says_why_not(

@@ -8,7 +8,7 @@ import hashlib
 import json
 import logging
 import secrets
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -24,8 +24,8 @@ from ambient.integrations.websockets._envelope import (
 )
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
-    from redis.asyncio.client import PubSub
+    from redis.asyncio import ConnectionPool, Redis
+    from redis.asyncio.connection import AbstractConnection
 
 
 logger = logging.getLogger("ambient.websockets")
@@ -122,8 +122,13 @@ class RedisBroadcast:
         # in this semaphore rather than in redis-py's pool, so a deadline passed waiting
         # (every connection busy) is told apart from one passed in Redis.
         self._free: asyncio.Semaphore | None = None
-        self._sub_client: Redis | None = None
-        self._pubsub: PubSub | None = None
+        # The subscription's own connection, outside redis-py's PubSub: PubSub reconnects
+        # its connection by itself when a command is written on it after it died (and
+        # when a read on it fails), behind the reader, which then read the replies of
+        # that reconnect or went on reading a connection subscribed to nothing. Only the
+        # reader connects this one, and it subscribes every channel when it does.
+        self._subscription: AbstractConnection | None = None
+        self._sub_pool: ConnectionPool | None = None
         self._reader: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected = False
@@ -355,13 +360,13 @@ class RedisBroadcast:
         await self._send("UNSUBSCRIBE", channel)
 
     async def _send(self, command: str, channel: bytes) -> None:
-        pubsub = self._pubsub
-        if pubsub is None:
+        connection = self._subscription
+        if connection is None or not connection.is_connected:
             return  # the reader (re)subscribes every wanted channel when it connects
         if command == "SUBSCRIBE":
             self._pending[channel] = self._pending.get(channel, 0) + 1
         try:
-            await pubsub.execute_command(command, channel)
+            await _write(connection, command, channel)
         except Exception:  # the reader notices the broken connection
             logger.debug("ambient: %s on Redis failed", command, exc_info=True)
 
@@ -408,32 +413,30 @@ class RedisBroadcast:
                 self._resync = False  # set again once every channel is subscribed again
                 self._confirmed.clear()
                 self._pending.clear()
-                pubsub, self._pubsub = self._pubsub, None
-                if pubsub is not None:
-                    # Any: redis-py types aclose() in some releases and not in others.
-                    aclose: Any = pubsub.aclose
+                connection, self._subscription = self._subscription, None
+                if connection is not None:
                     with anyio.CancelScope(shield=True):
-                        await _close_quietly(aclose())
+                        await _close_quietly(connection.disconnect(nowait=True))
                 self._notify()
             await anyio.sleep(delay)
             delay = min(delay * 2, self.max_reconnect_delay)
 
     async def _read_once(self) -> None:
-        if self._sub_client is None:
-            self._sub_client = self._new_client(retries=0)
-        pubsub = self._sub_client.pubsub()
+        connection = self._new_subscription()
         channels = [self._control, *self._refs]
         for channel in channels:
             self._pending[channel] = 1
         try:
             with anyio.fail_after(self.timeout):
-                await pubsub.execute_command("SUBSCRIBE", *channels)
+                # Any: redis-py leaves connect() untyped in some releases.
+                connect: Any = connection.connect
+                await connect()
+                await _write(connection, "SUBSCRIBE", *channels)
         except BaseException:
-            aclose: Any = pubsub.aclose
             with anyio.CancelScope(shield=True):
-                await _close_quietly(aclose())
+                await _close_quietly(connection.disconnect(nowait=True))
             raise
-        self._pubsub = pubsub
+        self._subscription = connection
         # Channels subscribed or dropped while the SUBSCRIBE above was on its way.
         sent = set(channels)
         late = [channel for channel in self._refs if channel not in sent]
@@ -441,20 +444,20 @@ class RedisBroadcast:
         if late:
             for channel in late:
                 self._pending[channel] = 1
-            await pubsub.execute_command("SUBSCRIBE", *late)
+            await _write(connection, "SUBSCRIBE", *late)
         if gone:
-            await pubsub.execute_command("UNSUBSCRIBE", *gone)
+            await _write(connection, "UNSUBSCRIBE", *gone)
         interval = self.health_check_interval
         silent_since = anyio.current_time()
         pinged = False
         while True:
-            message = await pubsub.get_message(timeout=interval)
+            message = await _read(connection, interval)
             now = anyio.current_time()
             if message is None:
                 if now - silent_since >= 2 * interval:
                     raise ConnectionError(f"Redis did not answer a ping within {interval} s")
                 if not pinged:
-                    await pubsub.ping()
+                    await _write(connection, "PING")
                     pinged = True
                 continue
             silent_since = now
@@ -465,16 +468,35 @@ class RedisBroadcast:
                 await self._missed_revocations()
                 self._resync = False
 
-    def _handle(self, message: Mapping[str, Any]) -> None:
-        kind = message["type"]
-        channel = message["channel"]
-        if kind == "message":
+    def _new_subscription(self) -> AbstractConnection:
+        """A new, unconnected connection for the subscription, made by the reader only."""
+        from redis.asyncio import ConnectionPool
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        if self._sub_pool is None:
+            # Only its connection settings are used: connections are made from them, never
+            # taken from (nor given back to) the pool.
+            self._sub_pool = ConnectionPool.from_url(
+                self.url,
+                socket_timeout=self.timeout,
+                socket_connect_timeout=self.timeout,
+                retry=Retry(NoBackoff(), 0),
+            )
+        pool = self._sub_pool
+        connection: AbstractConnection = pool.connection_class(**pool.connection_kwargs)
+        return connection
+
+    def _handle(self, message: list[Any]) -> None:
+        kind = message[0]
+        channel: bytes = message[1] if len(message) > 1 else b""
+        if kind == b"message":
             user = self._users.get(channel)
             deliver = self._deliver
             if user is None or deliver is None:
                 return
             try:
-                envelope = decode_envelope(message["data"])
+                envelope = decode_envelope(message[2])
             except (ValueError, UnicodeDecodeError):
                 logger.warning("ambient: dropped a malformed message on a websocket channel")
                 return
@@ -482,7 +504,7 @@ class RedisBroadcast:
                 logger.warning("ambient: dropped a message whose user does not match its channel")
                 return
             deliver(envelope)
-        elif kind == "subscribe":
+        elif kind == b"subscribe":
             pending = self._pending.get(channel, 0) - 1
             if pending > 0:
                 self._pending[channel] = pending
@@ -510,10 +532,10 @@ class RedisBroadcast:
                     # reader would go on reconnecting while shutdown waits for it.
                     reader.cancel()
                     await asyncio.wait([reader], timeout=self.timeout)
-        for client in (self._client, self._sub_client):
-            if client is not None:
-                await _close_quietly(client.aclose())
-        self._client = self._sub_client = None
+        if self._client is not None:
+            await _close_quietly(self._client.aclose())
+        self._client = None
+        self._sub_pool = None
         self._free = None
         self._connected = False
         self._down_since = None
@@ -521,6 +543,30 @@ class RedisBroadcast:
         self._pending.clear()
         self._notify()
         self._loop = None
+
+
+async def _write(connection: AbstractConnection, *command: str | bytes) -> None:
+    """Write ``command`` on the subscription connection, or raise ``ConnectionError`` if it
+    is closed: never connect it again, nor ping it first, as redis-py would."""
+    if not connection.is_connected:
+        raise ConnectionError("the Redis subscription connection is closed")
+    await connection.send_command(*command, check_health=False)
+
+
+async def _read(connection: AbstractConnection, silence: float) -> list[Any] | None:
+    """The next message on the subscription connection (``None`` after ``silence`` seconds
+    without one), or ``ConnectionError`` if it is closed: it is not connected again."""
+    if not connection.is_connected:
+        raise ConnectionError("the Redis subscription connection is closed")
+    response = await connection.read_response(timeout=silence, push_request=True)
+    if response is None:
+        return None
+    if isinstance(response, bytes):  # a PING's answer over RESP3
+        return [b"pong", response]
+    if not isinstance(response, list) or not response:
+        msg = f"Redis sent {response!r} on the subscription connection"
+        raise ConnectionError(msg)
+    return response
 
 
 async def _close_quietly(closing: Awaitable[None]) -> None:
