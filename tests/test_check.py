@@ -939,25 +939,8 @@ class TestCommandLine:
             "        print('serving', flush=True)\n"
             "        await anyio.sleep_forever()\n"
         )
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ambient", "check", "slow_app_for_check:app", "--json"],
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        watchdog = threading.Timer(60, process.kill)  # bounds the blocking read below
-        watchdog.start()
-        try:
-            assert process.stdout is not None
-            assert process.stdout.readline() == "serving\n"
-            process.send_signal(signal.SIGINT)
-            _, err = process.communicate(timeout=30)
-        finally:
-            watchdog.cancel()
-            process.kill()
-            process.wait(timeout=30)
-        assert process.returncode == 130
+        returncode, err = _interrupted_check("slow_app_for_check:app", "serving", tmp_path)
+        assert returncode == 130
         assert "Traceback" not in err
         assert "interrupted" in err
 
@@ -984,32 +967,10 @@ class TestCommandLine:
         (tmp_path / "blocking_app_for_check.py").write_text(
             f"import sys\nasync def app(scope, receive, send):\n    pass\n{source}"
         )
-        target = f"blocking_app_for_check:{attribute}"
-        process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            [sys.executable, "-m", "ambient", "check", target, "--json"],
-            cwd=tmp_path,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        returncode, err = _interrupted_check(
+            f"blocking_app_for_check:{attribute}", "waiting", tmp_path
         )
-        watchdog = threading.Timer(60, process.kill)  # bounds the blocking read below
-        watchdog.start()
-        try:
-            assert process.stdout is not None
-            assert process.stdout.readline() == "waiting\n"
-            process.send_signal(signal.SIGINT)
-            process.wait(timeout=30)  # stdin stays open: only the interrupt ends the wait
-            assert process.stderr is not None
-            err = process.stderr.read()
-        finally:
-            watchdog.cancel()
-            process.kill()
-            process.wait(timeout=30)
-            for pipe in (process.stdin, process.stdout, process.stderr):
-                if pipe is not None:
-                    pipe.close()
-        assert process.returncode == 130, err
+        assert returncode == 130, err
         assert err == "ambient check: interrupted; no report\n"
 
     def test_the_console_script_prints_help(self) -> None:
@@ -1249,3 +1210,34 @@ def test_every_simulated_user_named_in_a_text_is_found_among_ten_thousand() -> N
     assert _mentions(f"{stranger} and {last}", users, own) == [last]
     # Every id is found in any text that holds it.
     assert all(_mentions(f"<{user}>", users, own) == [user] for user in ids if user != own)
+
+
+def _interrupted_check(target: str, ready: str, cwd: Any) -> tuple[int, str]:
+    """Run ``ambient check target`` in ``cwd``, send it SIGINT once the app prints
+    ``ready``, and return its exit status and what it wrote to stderr. Its stdin stays
+    open: an app waiting on it is ended by the interrupt alone."""
+    process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+        [sys.executable, "-m", "ambient", "check", target, "--json"],
+        cwd=cwd,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    watchdog = threading.Timer(60, process.kill)  # bounds the blocking read below
+    watchdog.start()
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline() == f"{ready}\n"
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)  # not communicate(): it would close stdin
+        assert process.stderr is not None
+        err = process.stderr.read()
+    finally:
+        watchdog.cancel()
+        process.kill()
+        process.wait(timeout=30)
+        for pipe in (process.stdin, process.stdout, process.stderr):
+            if pipe is not None:
+                pipe.close()
+    return process.returncode, err

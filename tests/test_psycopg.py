@@ -201,6 +201,21 @@ async def _reached(check: Callable[[], Awaitable[bool]], within: float) -> bool:
     return True
 
 
+def _recording(
+    made: list[psycopg.AsyncConnection[Any]],
+) -> type[psycopg.AsyncConnection[Any]]:
+    """A connection class that appends every connection it opens to ``made``."""
+
+    class Recorded(psycopg.AsyncConnection[Any]):
+        @classmethod
+        async def connect(cls, *args: Any, **kwargs: Any) -> Any:
+            conn = await super().connect(*args, **kwargs)
+            made.append(conn)
+            return conn
+
+    return Recorded
+
+
 def _ctx(user: str, tenant: str | None = "acme") -> UserExecutionContext:
     return UserExecutionContext.create(user, tenant_id=tenant)
 
@@ -1507,13 +1522,7 @@ async def test_per_user_pools_close_a_connection_handed_back_as_the_pool_closes(
     now = [1000.0]
     registry = Registry(clock=lambda: now[0])
     made: list[psycopg.AsyncConnection[Any]] = []
-
-    class Tracked(psycopg.AsyncConnection[Any]):
-        @classmethod
-        async def connect(cls, *args: Any, **kwargs: Any) -> Any:
-            conn = await super().connect(*args, **kwargs)
-            made.append(conn)
-            return conn
+    tracked = _recording(made)
 
     resetting, resume = anyio.Event(), anyio.Event()
 
@@ -1531,7 +1540,7 @@ async def test_per_user_pools_close_a_connection_handed_back_as_the_pool_closes(
         rls_check="off",
         kwargs=db.kwargs(),
         num_workers=1,
-        connection_class=Tracked,
+        connection_class=tracked,
         reset=reset,
     )
     pools.install(registry)
@@ -1601,13 +1610,7 @@ async def test_per_user_pools_close_the_connection_of_a_failed_rls_check(db: Dat
     dropped once the pool had closed, and the connection used to stay open, its server
     session too, until garbage collection, after its slot of max_total was given back."""
     made: list[psycopg.AsyncConnection[Any]] = []
-
-    class Tracked(psycopg.AsyncConnection[Any]):
-        @classmethod
-        async def connect(cls, *args: Any, **kwargs: Any) -> Any:
-            conn = await super().connect(*args, **kwargs)
-            made.append(conn)
-            return conn
+    tracked = _recording(made)
 
     pools = PerUserPools(
         db.app_url,
@@ -1615,7 +1618,7 @@ async def test_per_user_pools_close_the_connection_of_a_failed_rls_check(db: Dat
         rls_tables=[f"{db.schema}.plain"],
         rls_check="raise",
         kwargs=db.kwargs(),
-        connection_class=Tracked,
+        connection_class=tracked,
     )
     registry = Registry()
     pools.install(registry)
