@@ -1757,6 +1757,142 @@ async def test_an_empty_connection_id_revokes_no_socket_through_redis(redis_url:
     await registry.aclose()
 
 
+class HeldOnItsWay(RedisBroadcast):
+    """A RedisBroadcast that runs ``hold`` once, just before its next read of a user's count
+    of revocations (``held_at = "read"``) or its next SUBSCRIBE of a user's channel
+    (``"subscribe"``): a socket is joining, and Redis has no subscription of its user yet."""
+
+    def __init__(
+        self, url: str, *, channel_prefix: str, held_at: str, timeout: float = 2.0
+    ) -> None:
+        super().__init__(url, channel_prefix=channel_prefix, timeout=timeout)
+        self.held_at = held_at
+        self.hold: Callable[[], Awaitable[None]] | None = None
+        self.reads = 0
+
+    async def _held(self, step: str) -> None:
+        hold = self.hold
+        if step == self.held_at and hold is not None:
+            self.hold = None
+            await hold()
+
+    async def _revocation_counts(self, client: Any, channels: list[bytes]) -> list[int]:
+        self.reads += 1
+        await self._held("read")
+        return await super()._revocation_counts(client, channels)
+
+    async def _send(self, command: str, channel: bytes) -> None:
+        if command == "SUBSCRIBE":
+            await self._held("subscribe")
+        await super()._send(command, channel)
+
+
+@pytest.mark.parametrize(
+    ("revoked_by", "held_at"),
+    [("another process", "subscribe"), ("this process", "subscribe"), ("this process", "read")],
+)
+async def test_a_revocation_before_the_first_subscription_is_confirmed_ends_the_socket(
+    redis_url: str, revoked_by: str, held_at: str
+) -> None:
+    """Carol's socket starts joining on a process that holds nothing of hers yet, and she
+    is revoked (by another process, or by this one) before Redis has that process's
+    subscription of her channel: the message reaches no process. Her socket is revoked all
+    the same: the handler's block ends at its first await and the socket is closed with
+    4001, counted as revoked. The joining process read her count of revocations only once
+    its subscription was confirmed, so the count already held this revocation, and the
+    socket was served under the revoked user."""
+    prefix = unique_prefix()
+    registry = Registry()
+    backend = HeldOnItsWay(redis_url, channel_prefix=prefix, held_at=held_at)
+    hub = ConnectionHub(backend)
+    hub.install(registry)
+    other = ConnectionHub(RedisBroadcast(redis_url, channel_prefix=prefix))
+    revoking = other if revoked_by == "another process" else hub
+    socket = SignalledAccept()
+    served: list[str] = []
+    settled = anyio.Event()
+
+    async def revoke() -> None:
+        assert [c.user for c in hub._joining] == [UserRef("carol")]
+        await revoking.revoke("carol")
+        served.append("revoked")
+
+    async def handler() -> None:
+        context = UserExecutionContext.create("carol", connection_id="c-1")
+        try:
+            async with registry.open_scope(context) as scope:
+                manager = await scope.resolve(UserWebSocketManager)
+                async with manager.connect(socket):  # type: ignore[arg-type]
+                    served.append("entered")
+                    await anyio.lowlevel.checkpoint()
+                    served.append("served on")
+                    settled.set()
+                    await anyio.sleep_forever()
+                served.append("ended quietly")
+        finally:
+            settled.set()
+
+    with anyio.fail_after(DEADLINE):
+        # Subscribed to its own channel first: the SUBSCRIBE of carol's is written at once.
+        await backend.wait_connected()
+        backend.hold = revoke
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(handler)
+            await settled.wait()
+            tg.cancel_scope.cancel()
+    assert served == ["revoked", "entered", "ended quietly"]
+    assert socket.closed == [(4001, "access revoked")]
+    stats = hub.stats()
+    assert (stats.revoked, stats.connections, hub._joining) == (1, 0, set())
+    assert backend.subscriptions == 0
+    await other.aclose()
+    await registry.aclose()
+
+
+async def test_a_users_second_subscription_reads_nothing_from_redis(redis_url: str) -> None:
+    """A process's first subscription to a user reads the user's count of revocations
+    before subscribing and once subscribed; a second one, the channel already subscribed,
+    costs no read at all."""
+    backend = HeldOnItsWay(redis_url, channel_prefix=unique_prefix(), held_at="read")
+    backend.attach(lambda envelope: None)
+    dave = UserRef("dave")
+    with anyio.fail_after(DEADLINE):
+        await backend.subscribe(dave)
+        assert backend.reads == 2
+        await backend.subscribe(dave)
+        assert (backend.reads, backend.subscriptions) == (2, 1)
+        await backend.unsubscribe(dave)
+        await backend.unsubscribe(dave)
+    assert backend.subscriptions == 0
+    await backend.aclose()
+
+
+async def test_a_first_subscription_whose_read_does_not_answer_fails_and_leaves_nothing(
+    redis_url: str,
+) -> None:
+    """The read of the user's count of revocations that precedes a first subscription does
+    not answer within ``timeout``: subscribe() raises BroadcastError saying so, and the
+    user's channel is neither held nor subscribed in Redis; the next subscription works."""
+    backend = HeldOnItsWay(redis_url, channel_prefix=unique_prefix(), held_at="read", timeout=0.5)
+    backend.attach(lambda envelope: None)
+    dave = UserRef("dave")
+    admin = redis.Redis.from_url(redis_url)
+    try:
+        with anyio.fail_after(DEADLINE):
+            await backend.wait_connected()
+            backend.hold = anyio.sleep_forever
+            with pytest.raises(BroadcastError, match="answer the read of the user's revocations"):
+                await backend.subscribe(dave)
+            assert backend.subscriptions == 0
+            assert admin.pubsub_numsub(backend.channel(dave)) == [(backend.channel(dave), 0)]
+            await backend.subscribe(dave)
+            assert admin.pubsub_numsub(backend.channel(dave)) == [(backend.channel(dave), 1)]
+            await backend.unsubscribe(dave)
+    finally:
+        admin.close()
+    await backend.aclose()
+
+
 async def test_more_sends_at_once_than_redis_connections_all_get_through(redis_url: str) -> None:
     """150 users each send 10 events at the same moment: more publishes under way than the
     backend holds connections to Redis. They wait for a free connection and every socket

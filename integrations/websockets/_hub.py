@@ -170,9 +170,13 @@ class ConnectionHub:
         more under that user's context, and the socket is closed with 4001 and ``reason``.
 
         For a logout, a ban or a revoked session: refuse the credential first (so no new
-        handshake gets in), then call this. Unlike the hub's other sends, it names its
-        user explicitly: it is meant for an administrator or the auth system, not for the
-        user's own requests.
+        handshake gets in), then call this. A socket still connecting is revoked as its
+        handshake completes. Where :class:`RedisBroadcast` learns of a revocation from its
+        count rather than its message (after an outage of a process's subscription, or
+        when it races that process's first subscription to the user), it ends every socket
+        of that user there, also when ``connection_id`` named one, with the reason "access
+        revoked". Unlike the hub's other sends, it names its user explicitly: it is meant
+        for an administrator or the auth system, not for the user's own requests.
 
         Raises:
             InvalidContextError: ``user``, ``tenant_id`` or ``connection_id`` is not a
@@ -195,7 +199,12 @@ class ConnectionHub:
         if not isinstance(reason, str) or len(reason.encode()) > 123:
             msg = f"reason must be a str of at most 123 bytes (a close frame's), not {reason!r}"
             raise ValueError(msg)
-        await self._publish(Envelope(ref, REVOKE, connection_id, reason))
+        envelope = Envelope(ref, REVOKE, connection_id, reason)
+        await self._publish(envelope)
+        if self._joining:
+            # This process's own sockets still connecting, at once: a backend delivering
+            # over subscriptions (Redis) misses those whose user it is not yet subscribed to.
+            self._revoke_joining(envelope)
 
     # -- delivery ------------------------------------------------------------------------
 
@@ -234,11 +243,12 @@ class ConnectionHub:
         as it starts (see :meth:`_connect`)."""
         target = envelope.target
         for joining in list(self._joining):
-            if joining.user == envelope.user and (
-                target is None or joining.connection_id == target
+            if (
+                joining.user == envelope.user
+                and (target is None or joining.connection_id == target)
+                and joining._revoked is None  # once: revoke() delivers here too
             ):
-                if joining._revoked is None:
-                    self._revoked += 1
+                self._revoked += 1
                 joining._revoke(CLOSE_REVOKED, str(envelope.data))
 
     # -- registration --------------------------------------------------------------------

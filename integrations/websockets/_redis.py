@@ -55,7 +55,10 @@ class RedisBroadcast:
     sockets. Revocations are the exception: each is also counted in a Redis key of its
     user, and a process whose subscription comes back compares those counts with the
     ones it knew and revokes every socket of a user revoked meanwhile (all of them: the
-    count does not say which connection a revocation named).
+    count does not say which connection a revocation named). A process subscribing to a
+    user it holds no socket of yet reads the count before and after: a revocation in
+    between, published before Redis had the subscription, revokes the user's sockets
+    there the same way.
 
     Args:
         url: The Redis URL (``redis://host:6379/0``).
@@ -268,6 +271,11 @@ class RedisBroadcast:
         """Subscribe to ``user``'s channel (reference-counted) and wait until Redis
         confirmed it.
 
+        A first subscription of ``user`` here reads the user's count of revocations before
+        it subscribes and again once Redis confirmed it: a revocation published in between
+        reached this process as no message, and if the count grew meanwhile, every socket
+        of ``user`` here is revoked (the count does not say which connection was named).
+
         Raises:
             BroadcastError: Redis is down or did not confirm within ``timeout``.
             UnsupportedBackendError: not running on asyncio.
@@ -277,24 +285,41 @@ class RedisBroadcast:
         refs = self._refs.get(channel, 0)
         self._refs[channel] = refs + 1
         self._users[channel] = user
-        waiting_for: str | None = "confirm the subscription"
+        waiting_for: str | None = None
+
+        async def read_count() -> int:
+            nonlocal waiting_for
+            client, free = self._publisher()
+            waiting_for = None  # None while no connection is free
+            async with free:
+                waiting_for = "answer the read of the user's revocations"
+                [count] = await self._revocation_counts(client, [channel])
+            return count
+
         try:
             self._start_reader()
             self._check_up()
-            if refs == 0:
-                await self._send("SUBSCRIBE", channel)
             with anyio.fail_after(self.timeout):
+                before = 0
+                if refs == 0:
+                    # Read before subscribing: a revocation Redis takes from now until it
+                    # has the subscription is published to nobody here, and only the count
+                    # read again below tells of it.
+                    before = await read_count()
+                    self._check_up()
+                    await self._send("SUBSCRIBE", channel)
+                waiting_for = "confirm the subscription"
                 while channel not in self._confirmed:
                     await self._wait_changed()
                     self._check_up()  # the connection broke meanwhile: fail now
-                if channel not in self._revocations:
+                if refs == 0 or channel not in self._revocations:
                     # Read once subscribed: a revocation after this read arrives as a message.
-                    client, free = self._publisher()
-                    waiting_for = None
-                    async with free:
-                        waiting_for = "answer the read of the user's revocations"
-                        counts = await self._revocation_counts(client, [channel])
-                    self._revocations.setdefault(channel, counts[0])
+                    count = await read_count()
+                    known = self._revocations.get(channel)
+                    self._revocations[channel] = count if known is None else max(known, count)
+                    deliver = self._deliver
+                    if refs == 0 and count > before and deliver is not None:
+                        deliver(Envelope(user, REVOKE, None, "access revoked"))
         except TimeoutError:
             await self._release(user)
             raise self._timed_out(waiting_for) from None
@@ -329,7 +354,9 @@ class RedisBroadcast:
             user = self._users.get(channel)
             if user is None:
                 continue  # unsubscribed meanwhile
-            self._revocations[channel] = count
+            # The highest count read: a subscription's own read may have been answered
+            # after this one.
+            self._revocations[channel] = count if known is None else max(known, count)
             if known is not None and count > known and deliver is not None:
                 logger.warning(
                     "ambient: a user was revoked while the Redis subscription was down; "
