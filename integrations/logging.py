@@ -27,9 +27,9 @@ import weakref
 from collections.abc import MutableMapping
 from typing import Any, Final
 
-from opentelemetry import trace
+from opentelemetry import trace as otel_trace
 
-from ambient import current_context_or_none
+from ambient import UserExecutionContext, current_context_or_none
 from ambient.telemetry import IdPolicy, _IdExport
 
 __all__ = ["FIELDS", "ContextFilter", "ContextProcessor", "add_context", "context_fields"]
@@ -47,12 +47,15 @@ FIELDS: Final = (
 
 _EMPTY: Final = dict.fromkeys(FIELDS, "")
 _DISCLOSES: Final = {"raw": 2, "hash": 1, "omit": 0}
-# By record: how much of the ids the fields a ContextFilter added give away, and which it
-# added. Kept beside the record, not on it: formatters that print every attribute of a
-# record would print it.
-_written: Final[weakref.WeakKeyDictionary[logging.LogRecord, tuple[tuple[int, int], list[str]]]] = (
-    weakref.WeakKeyDictionary()
-)
+# By record: how much of the ids the fields a ContextFilter added give away, which it added,
+# and the context they came from (a later filter writing an id again may run elsewhere: a
+# MemoryHandler flushes in whichever context logs last). Kept beside the record, not on it:
+# formatters that print every attribute of a record would print it.
+_written: Final[
+    weakref.WeakKeyDictionary[
+        logging.LogRecord, tuple[tuple[int, int], list[str], UserExecutionContext | None]
+    ]
+] = weakref.WeakKeyDictionary()
 
 
 class _Fields:
@@ -67,16 +70,22 @@ class _Fields:
 
     def __call__(self) -> dict[str, str]:
         try:
+            return self.of(current_context_or_none(), trace=True)
+        except Exception:  # noqa: BLE001 - a log record must never fail for its metadata
+            return dict(_EMPTY)
+
+    def of(self, ctx: UserExecutionContext | None, *, trace: bool) -> dict[str, str]:
+        """The fields of ``ctx`` (and, with ``trace``, of the current span)."""
+        try:
             fields = dict(_EMPTY)
-            ctx = current_context_or_none()
             if ctx is not None:
                 fields["user_id"] = self._ids.user(ctx.user_id) or ""
                 fields["tenant_id"] = self._ids.tenant(ctx.tenant_id) or ""
                 fields["thread_id"] = ctx.thread_id
                 fields["run_id"] = ctx.run_id
                 fields["request_id"] = ctx.request_id
-            span = trace.get_current_span().get_span_context()
-            if span.is_valid:
+            span = otel_trace.get_current_span().get_span_context() if trace else None
+            if span is not None and span.is_valid:
                 fields["trace_id"] = f"{span.trace_id:032x}"
                 fields["span_id"] = f"{span.span_id:016x}"
         except Exception:  # noqa: BLE001 - a log record must never fail for its metadata
@@ -128,20 +137,25 @@ class ContextFilter(logging.Filter):
         policy = self._fields.policy
         written = _written.get(record)
         if written is None:
-            fields = self._fields()
+            try:
+                ctx = current_context_or_none()
+            except Exception:  # noqa: BLE001 - a log record must never fail for its metadata
+                ctx = None
+            fields = self._fields.of(ctx, trace=True)
             added = [key for key in fields if key not in present]
             for key in added:
                 present[key] = fields[key]
-            _written[record] = (policy, added)
+            _written[record] = (policy, added, ctx)
         else:
-            (user, tenant), added = written
+            (user, tenant), added, ctx = written
             if policy[0] < user or policy[1] < tenant:
-                fields = self._fields()
+                # The record's own context, not the one bound where it is handled again.
+                fields = self._fields.of(ctx, trace=False)
                 if policy[0] < user and "user_id" in added:
                     present["user_id"] = fields["user_id"]
                 if policy[1] < tenant and "tenant_id" in added:
                     present["tenant_id"] = fields["tenant_id"]
-                _written[record] = ((min(policy[0], user), min(policy[1], tenant)), added)
+                _written[record] = ((min(policy[0], user), min(policy[1], tenant)), added, ctx)
         return True
 
 

@@ -4,6 +4,7 @@ the current trace to every record, empty outside a context, never another user's
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import random
 import subprocess
 import sys
@@ -204,6 +205,44 @@ class TestContextFilter:
             assert records[1]["request_id"] == "from-caller"
         if exported_sees != "raw":
             assert "alice@example.com" not in repr(emitted["exported"])
+
+    @pytest.mark.parametrize("flushed_in", ["another user's context", "no context"])
+    def test_a_record_rewritten_later_keeps_the_user_it_was_made_for(self, flushed_in: str) -> None:
+        """A raw debug handler and a MemoryHandler whose target hashes: alice's record,
+        flushed later in another context, carries alice's pseudonym, never the flushing
+        context's user id (nor an empty one)."""
+        log = logging.getLogger(f"tests.logging.flushed-{flushed_in}")
+        log.setLevel(logging.INFO)
+        log.propagate = False
+        exported: list[tuple[str, str, str]] = []
+
+        class Snapshot(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                exported.append((record.getMessage(), record.user_id, record.request_id))  # type: ignore[attr-defined]
+
+        debug = Keep()
+        debug.addFilter(ContextFilter(user_id="raw"))
+        target = Snapshot()
+        target.addFilter(ContextFilter())
+        buffer = logging.handlers.MemoryHandler(
+            capacity=100, flushLevel=logging.CRITICAL, target=target
+        )
+        log.addHandler(debug)
+        log.addHandler(buffer)
+        alice = UserExecutionContext.create("alice", request_id="req-alice")
+        try:
+            with bind_context(alice):
+                log.info("for alice")
+            if flushed_in == "no context":
+                buffer.flush()
+            else:
+                with bind_context(UserExecutionContext.create("bob", request_id="req-bob")):
+                    buffer.flush()
+        finally:
+            log.removeHandler(debug)
+            log.removeHandler(buffer)
+            buffer.close()
+        assert exported == [("for alice", hash_id("alice"), "req-alice")]
 
     def test_never_raises(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """If looking up the context fails, the record still goes out with empty fields."""
