@@ -35,7 +35,7 @@ import functools
 import inspect
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, TypeVarTuple, cast
 
@@ -130,8 +130,7 @@ def hold_scope(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any,
     hold = _take_hold(current_scope())[0]
     used = False
 
-    @functools.wraps(fn)
-    async def run_held(*args: P.args, **kwargs: P.kwargs) -> R:
+    async def body(*args: P.args, **kwargs: P.kwargs) -> R:
         nonlocal used
         if used:
             msg = f"the function returned by hold_scope({fn.__name__}) can be called once"
@@ -140,7 +139,58 @@ def hold_scope(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any,
         with hold:
             return await fn(*args, **kwargs)
 
+    @functools.wraps(fn)
+    def run_held(*args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
+        return _HeldCoroutine(body(*args, **kwargs), hold)
+
+    _mark_coroutine_function(run_held)
     return run_held
+
+
+class _HeldCoroutine(Coroutine[Any, Any, R]):
+    """The coroutine of a :func:`hold_scope` function: one cancelled or closed before it
+    started (``task.cancel()`` right after ``asyncio.create_task``, an ``asyncio.TaskGroup``
+    whose sibling failed) never runs its body, so it releases the hold itself instead of
+    leaving the request's cleanup waiting for it until the cleanup timeout."""
+
+    __slots__ = ("_coro", "_hold", "_started")
+
+    def __init__(self, coro: Coroutine[Any, Any, R], hold: _Hold) -> None:
+        self._coro = coro
+        self._hold = hold
+        self._started = False
+
+    def send(self, value: Any, /) -> Any:
+        self._started = True
+        return self._coro.send(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None, /) -> Any:
+        if not self._started:
+            self._hold.release()
+        if val is None and tb is None:
+            return self._coro.throw(typ)
+        return self._coro.throw(typ, val, tb)  # pragma: no cover - the deprecated form
+
+    def close(self) -> None:
+        if not self._started:
+            self._hold.release()
+        self._coro.close()
+
+    def __await__(self) -> Generator[Any, None, R]:
+        return self._coro.__await__()
+
+    def __getattr__(self, name: str) -> Any:
+        # cr_frame, cr_running, cr_await, ...: what event loops and anyio inspect.
+        return getattr(self._coro, name)
+
+
+def _mark_coroutine_function(function: Callable[..., Any]) -> None:
+    """Let ``inspect`` and ``asyncio`` (and frameworks asking them, as Starlette's
+    background tasks do) see ``function`` as the async function it stands for."""
+    if sys.version_info >= (3, 12):
+        inspect.markcoroutinefunction(function)
+    else:  # pragma: no cover - depends on the Python version
+        function._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
 
 
 async def run_sync_in_thread(

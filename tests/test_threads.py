@@ -341,6 +341,48 @@ class TestWorkThatOutlivesTheRequest:
         assert outcome == ["refused"]
         assert "hold(s)" in caplog.text
 
+    async def test_a_held_task_cancelled_before_it_started_releases_the_scope(
+        self, anyio_backend: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """An asyncio.TaskGroup whose body fails cancels the held task before it ever ran:
+        the hold goes with it, and the scope cleans up at once instead of waiting for the
+        cleanup timeout."""
+        if anyio_backend != "asyncio":
+            pytest.skip("asyncio's tasks can be cancelled before they start")
+        registry, ledger = make_registry(cleanup_timeout=2.0)
+        ran: list[str] = []
+
+        async def job() -> None:
+            ran.append("job")
+
+        with caplog.at_level(logging.WARNING, logger="ambient"), pytest.raises(ExceptionGroup):
+            async with registry.open_scope(UserExecutionContext.create("alice")):
+                await ambient.resolve(Probe)
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(hold_scope(job)())
+                    raise ValueError("the handler failed")
+        assert ran == []
+        assert ledger.open_probes() == 0
+        assert_released_in_time(caplog)
+
+    def test_a_held_function_is_still_an_async_function(self) -> None:
+        """Frameworks that ask whether a callable is async (Starlette's background tasks)
+        await what hold_scope returns instead of sending it to a thread."""
+        from starlette._utils import is_async_callable
+
+        registry, _ = make_registry()
+
+        async def job() -> None:
+            pass
+
+        async def check() -> None:
+            async with registry.open_scope(UserExecutionContext.create("alice")):
+                held = hold_scope(job)
+                assert is_async_callable(held)
+                await held()
+
+        anyio.run(check)
+
     async def test_hold_scope_misuse(self) -> None:
         registry, _ = make_registry()
 
