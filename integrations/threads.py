@@ -315,11 +315,19 @@ class ContextExecutor(ThreadPoolExecutor):
             finally:
                 _release_soon(hold, call_soon)
 
+        def released_if_cancelled(future: Future[R]) -> None:
+            # Cancelled while queued (future.cancel(), shutdown(cancel_futures=True)):
+            # run_held never runs, so its release must come from here.
+            if future.cancelled():
+                _release_soon(hold, call_soon)
+
         try:
-            return super().submit(run_held)
+            future = super().submit(run_held)
         except BaseException:
             _release_soon(hold, call_soon)
             raise
+        future.add_done_callback(released_if_cancelled)
+        return future
 
 
 def _check_sync(fn: Callable[..., Any]) -> None:

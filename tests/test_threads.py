@@ -436,6 +436,36 @@ class TestWorkThatOutlivesTheRequest:
         ]
         assert_released_in_time(caplog)
 
+    @pytest.mark.parametrize("how", ["future.cancel()", "shutdown(cancel_futures=True)"])
+    async def test_a_held_call_cancelled_before_it_started_releases_the_scope(
+        self, how: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A submit_held call still queued behind a busy worker and then cancelled never
+        runs: the hold goes with it, and the scope cleans up at once instead of waiting for
+        the cleanup timeout."""
+        registry, ledger = make_registry(cleanup_timeout=2.0)
+        busy = threading.Event()
+        ran: list[str] = []
+        executor = ContextExecutor(max_workers=1)
+        try:
+            with caplog.at_level(logging.WARNING, logger="ambient"):
+                async with registry.open_scope(UserExecutionContext.create("alice")):
+                    await ambient.resolve(Probe)
+                    blocker = executor.submit(busy.wait, 10)
+                    queued = executor.submit_held(ran.append, "ran")
+                    if how == "future.cancel()":
+                        assert queued.cancel()
+                    else:
+                        executor.shutdown(wait=False, cancel_futures=True)
+                    assert queued.cancelled()
+        finally:
+            busy.set()
+            executor.shutdown(wait=True)
+        assert blocker.result() is True
+        assert ran == []
+        assert ledger.open_probes() == 0
+        assert_released_in_time(caplog)
+
     async def test_submit_held_from_a_worker_thread(self) -> None:
         """From an anyio worker thread the hold is taken on the loop's thread."""
         registry, _ = make_registry()
