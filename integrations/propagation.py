@@ -91,8 +91,11 @@ MAX_TOKEN_LENGTH: Final = 4096
 _VERSION: Final = "v1"
 _MIN_SECRET_BYTES: Final = 32
 _KID_LABEL: Final = b"ambient context key id"
+_MAX_PAYLOAD: Final = 4000
 # version . key id . payload . HMAC-SHA256 (32 bytes: 43 base64url characters, no padding)
-_TOKEN: Final = re.compile(r"v1\.[0-9a-f]{8}\.[A-Za-z0-9_-]{1,4000}\.[A-Za-z0-9_-]{43}")
+_TOKEN: Final = re.compile(
+    rf"v1\.[0-9a-f]{{8}}\.[A-Za-z0-9_-]{{1,{_MAX_PAYLOAD}}}\.[A-Za-z0-9_-]{{43}}"
+)
 _LOOPBACK: Final = ("127.0.0.1/32", "::1/128")
 
 
@@ -184,7 +187,8 @@ class ContextSigner:
         """A token of ``ctx`` valid for ``ttl`` seconds (for ``audience`` only, if given).
 
         Raises:
-            ValueError: ``ttl`` is not positive.
+            ValueError: ``ttl`` is not positive, or the context's ids are too long to carry
+                in a token (about 3,000 bytes of UTF-8 together).
         """
         if not ttl > 0:
             msg = f"ttl must be > 0 seconds, not {ttl!r}"
@@ -206,7 +210,17 @@ class ContextSigner:
             claims["d"] = ctx.depth
         if audience is not None:
             claims["aud"] = audience
-        payload = _b64encode(json.dumps(claims, separators=(",", ":")).encode("utf-8"))
+        # UTF-8, not \u escapes: ids in other alphabets take a half to a third of the room.
+        raw = json.dumps(claims, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        payload = _b64encode(raw)
+        if len(payload) > _MAX_PAYLOAD:
+            # Refused here: every verifier would refuse the token as malformed.
+            msg = (
+                f"the context's ids are too long to carry in a context token ({len(raw)} "
+                f"bytes of UTF-8, at most {_MAX_PAYLOAD * 3 // 4}): shorten the longest of "
+                "user_id, tenant_id, thread_id, request_id, run_id and parent_run_id"
+            )
+            raise ValueError(msg)
         key = self._signing
         signed = f"{_VERSION}.{key.kid}.{payload}"
         return f"{signed}.{_b64encode(key.mac(signed.encode('ascii')))}"
@@ -317,6 +331,7 @@ def capture(
 
     Raises:
         NoActiveContextError: no ``ctx`` and nothing bound here.
+        ValueError: the context's ids are too long to carry in a token.
     """
     return _signer(secret).sign(
         get_current_context() if ctx is None else ctx, ttl=ttl, audience=audience
@@ -458,6 +473,7 @@ def inject(
 
     Raises:
         NoActiveContextError: nothing is bound here.
+        ValueError: the context's ids are too long to carry in a token.
     """
     ctx = get_current_context()
     _set_header(headers, header, _signer(secret).sign(ctx, ttl=ttl, audience=audience))

@@ -109,6 +109,30 @@ class TestTokens:
         claims = claims_of(token)
         assert claims["exp"] - claims["iat"] in (60, 61)
 
+    def test_every_token_captured_verifies(self) -> None:
+        """Long ids in several alphabets still make a token the verifier accepts: the
+        worker restores the job's context instead of refusing its own token as malformed."""
+        ctx = context(
+            "ü" * 256,
+            tenant_id="ü" * 256,
+            thread_id="会" * 256,
+            request_id="会" * 256,
+        )
+        assert ids(verify(capture(ctx, secret=SECRET), secret=SECRET)) == ids(ctx)
+
+    def test_a_context_too_large_for_a_token_is_refused_when_captured(self) -> None:
+        """Ids too long to fit in a token are refused where the token is made, saying so,
+        never turned into a token every verifier refuses as malformed."""
+        ctx = context(
+            "😀" * 256,
+            tenant_id="😀" * 256,
+            thread_id="😀" * 256,
+            request_id="😀" * 256,
+            run_id="😀" * 256,
+        )
+        with pytest.raises(ValueError, match="too long to carry in a context token"):
+            capture(ctx, secret=SECRET)
+
     def test_capture_takes_the_bound_context(self) -> None:
         ctx = context()
         with pytest.raises(NoActiveContextError):
