@@ -23,13 +23,12 @@ Example::
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import MutableMapping
 from typing import Any, Final
 
-from opentelemetry import trace as otel_trace
+from opentelemetry import trace
 
-from ambient import UserExecutionContext, current_context_or_none
+from ambient import current_context_or_none
 from ambient.telemetry import IdPolicy, _IdExport
 
 __all__ = ["FIELDS", "ContextFilter", "ContextProcessor", "add_context", "context_fields"]
@@ -46,51 +45,79 @@ FIELDS: Final = (
 """The names added to every record."""
 
 _EMPTY: Final = dict.fromkeys(FIELDS, "")
-_DISCLOSES: Final = {"raw": 2, "hash": 1, "omit": 0}
-# By record: how much of the ids the fields a ContextFilter added give away, which it added,
-# and the context they came from (a later filter writing an id again may run elsewhere: a
-# MemoryHandler flushes in whichever context logs last). Kept beside the record, not on it:
-# formatters that print every attribute of a record would print it.
-_written: Final[
-    weakref.WeakKeyDictionary[
-        logging.LogRecord, tuple[tuple[int, int], list[str], UserExecutionContext | None]
-    ]
-] = weakref.WeakKeyDictionary()
+
+
+class _Written(str):
+    """An id a :class:`ContextFilter` wrote on a record, under the policy its class names.
+
+    The policy travels with the value, not beside the record: a ``QueueHandler`` hands its
+    listener a copy of the record (sharing the values), and a ``MemoryHandler`` emits the
+    record later, in whatever context is bound then; either way a stricter filter further
+    on can still write the id again from the value itself. Pickled (a ``SocketHandler``, a
+    queue to another process) it is a plain string.
+    """
+
+    __slots__ = ()
+    disclosure = 2
+
+    def __reduce__(self) -> tuple[type[str], tuple[str]]:
+        return (str, (str(self),))
+
+
+class _Hashed(_Written):
+    __slots__ = ()
+    disclosure = 1
+
+
+class _Omitted(_Written):
+    __slots__ = ()
+    disclosure = 0
+
+
+_WRITTEN: Final[dict[str, type[_Written]]] = {"raw": _Written, "hash": _Hashed, "omit": _Omitted}
 
 
 class _Fields:
     """Builds the correlation fields under one id policy."""
 
-    __slots__ = ("_ids", "policy")
+    __slots__ = ("_ids",)
 
     def __init__(self, user_id: IdPolicy, tenant_id: IdPolicy, hash_key: bytes | str | None):
         self._ids = _IdExport(user_id, tenant_id, hash_key)
-        # How much of each id the fields give away: raw > hash > omit.
-        self.policy = (_DISCLOSES[self._ids.user_policy], _DISCLOSES[self._ids.tenant_policy])
 
     def __call__(self) -> dict[str, str]:
         try:
-            return self.of(current_context_or_none(), trace=True)
-        except Exception:  # noqa: BLE001 - a log record must never fail for its metadata
-            return dict(_EMPTY)
-
-    def of(self, ctx: UserExecutionContext | None, *, trace: bool) -> dict[str, str]:
-        """The fields of ``ctx`` (and, with ``trace``, of the current span)."""
-        try:
             fields = dict(_EMPTY)
+            ctx = current_context_or_none()
             if ctx is not None:
                 fields["user_id"] = self._ids.user(ctx.user_id) or ""
                 fields["tenant_id"] = self._ids.tenant(ctx.tenant_id) or ""
                 fields["thread_id"] = ctx.thread_id
                 fields["run_id"] = ctx.run_id
                 fields["request_id"] = ctx.request_id
-            span = otel_trace.get_current_span().get_span_context() if trace else None
-            if span is not None and span.is_valid:
+            span = trace.get_current_span().get_span_context()
+            if span.is_valid:
                 fields["trace_id"] = f"{span.trace_id:032x}"
                 fields["span_id"] = f"{span.span_id:016x}"
         except Exception:  # noqa: BLE001 - a log record must never fail for its metadata
             return dict(_EMPTY)
         return fields
+
+    def stricter(self, key: str, value: object) -> str | None:
+        """``value``, an id (``key``) a filter wrote, written again under this policy if
+        that gives away less of it; else ``None`` (keep it)."""
+        if not isinstance(value, _Written):
+            return None  # given with extra=: the caller's to decide
+        if key == "user_id":
+            policy, export = self._ids.user_policy, self._ids.user
+        else:
+            policy, export = self._ids.tenant_policy, self._ids.tenant
+        written = _WRITTEN[policy]
+        if written.disclosure >= value.disclosure:
+            return None
+        if written is _Hashed and value:
+            return _Hashed(export(str(value)) or "")
+        return _Omitted()
 
 
 def context_fields(
@@ -106,11 +133,12 @@ class ContextFilter(logging.Filter):
     It never drops a record. A field the record already has (passed with ``extra=``, or set
     by a filter with the same id policies earlier on the way, e.g. before a
     ``QueueHandler``) is kept, except that a filter giving away less of an id (``"hash"``
-    after ``"raw"``, ``"omit"`` after either) writes that id again under its own policy:
-    handlers share one record, and a debug handler's ``user_id="raw"`` must not reach the
-    exported handler that hashes. Never the other way: a record a handler keeps to emit
-    later (a ``MemoryHandler``) must not turn raw under it, so a ``"raw"`` filter after a
-    hashing one leaves the hash.
+    after ``"raw"``, ``"omit"`` after either) writes that id again under its own policy,
+    from the value written (also behind a ``QueueHandler``, in its listener's thread, and
+    in a ``MemoryHandler`` flushing during another request): handlers share one record, and
+    a debug handler's ``user_id="raw"`` must not reach the exported handler that hashes.
+    Never the other way: a record a handler keeps to emit later (a ``MemoryHandler``) must
+    not turn raw under it, so a ``"raw"`` filter after a hashing one leaves the hash.
 
     Args:
         user_id: ``"hash"`` (default; same HMAC as the spans), ``"raw"`` or ``"omit"``
@@ -130,32 +158,26 @@ class ContextFilter(logging.Filter):
     ) -> None:
         super().__init__(name)
         self._fields = _Fields(user_id, tenant_id, hash_key)
+        ids = self._fields._ids
+        self._written = {
+            "user_id": _WRITTEN[ids.user_policy],
+            "tenant_id": _WRITTEN[ids.tenant_policy],
+        }
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Add the fields; always keep the record."""
         present = record.__dict__
-        policy = self._fields.policy
-        written = _written.get(record)
-        if written is None:
+        if not all(key in present for key in FIELDS):
+            for key, value in self._fields().items():
+                if key not in present:
+                    present[key] = self._written.get(key, str)(value)
+        for key in ("user_id", "tenant_id"):
             try:
-                ctx = current_context_or_none()
+                again = self._fields.stricter(key, present[key])
             except Exception:  # noqa: BLE001 - a log record must never fail for its metadata
-                ctx = None
-            fields = self._fields.of(ctx, trace=True)
-            added = [key for key in fields if key not in present]
-            for key in added:
-                present[key] = fields[key]
-            _written[record] = (policy, added, ctx)
-        else:
-            (user, tenant), added, ctx = written
-            if policy[0] < user or policy[1] < tenant:
-                # The record's own context, not the one bound where it is handled again.
-                fields = self._fields.of(ctx, trace=False)
-                if policy[0] < user and "user_id" in added:
-                    present["user_id"] = fields["user_id"]
-                if policy[1] < tenant and "tenant_id" in added:
-                    present["tenant_id"] = fields["tenant_id"]
-                _written[record] = ((min(policy[0], user), min(policy[1], tenant)), added, ctx)
+                again = _Omitted()
+            if again is not None:
+                present[key] = again
         return True
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import pickle
+import queue
 import random
 import subprocess
 import sys
@@ -243,6 +245,44 @@ class TestContextFilter:
             log.removeHandler(buffer)
             buffer.close()
         assert exported == [("for alice", hash_id("alice"), "req-alice")]
+
+    def test_a_raw_debug_handler_does_not_reach_a_hashing_handler_behind_a_queue(
+        self,
+    ) -> None:
+        """A raw debug handler, then a QueueHandler whose listener's handler hashes: the
+        listener gets a copy of the record, in a thread with no context, and still writes
+        the hash, never the raw id the debug handler's filter put on the record."""
+        log = logging.getLogger("tests.logging.queued")
+        log.setLevel(logging.INFO)
+        log.propagate = False
+        exported: list[tuple[str, str]] = []
+
+        class Snapshot(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                exported.append((record.user_id, record.tenant_id))  # type: ignore[attr-defined]
+
+        debug = Keep()
+        debug.addFilter(ContextFilter(user_id="raw"))
+        target = Snapshot()
+        target.addFilter(ContextFilter(tenant_id="omit"))
+        records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+        listener = logging.handlers.QueueListener(records, target)
+        queued = logging.handlers.QueueHandler(records)
+        log.addHandler(debug)
+        log.addHandler(queued)
+        listener.start()
+        try:
+            with bind_context(UserExecutionContext.create("alice@example.com", tenant_id="acme")):
+                log.info("run done")
+        finally:
+            listener.stop()
+            log.removeHandler(debug)
+            log.removeHandler(queued)
+        assert exported == [(hash_id("alice@example.com"), "")]
+        # The copy the listener got pickles as plain strings (a SocketHandler's receiver
+        # need not have this library installed).
+        pickled = pickle.dumps(debug.records[0].__dict__)
+        assert type(pickle.loads(pickled)["user_id"]) is str  # noqa: S301 - made just above
 
     def test_never_raises(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """If looking up the context fails, the record still goes out with empty fields."""
