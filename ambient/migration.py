@@ -50,7 +50,12 @@ from opentelemetry import metrics
 
 from ambient import __version__
 from ambient._binding import _current, _shown
-from ambient.errors import GlobalStateError, GlobalStateWarning, NoActiveContextError
+from ambient.errors import (
+    GlobalStateError,
+    GlobalStateWarning,
+    NoActiveContextError,
+    ScopeClosedError,
+)
 
 if TYPE_CHECKING:
     from types import FrameType
@@ -956,6 +961,8 @@ class Rollout(Generic[T]):
         Raises:
             NoActiveContextError: a context without a scope is bound and the component is
                 due.
+            ScopeClosedError: the component is due and the scope bound here has closed
+                (work that outlived its request); not counted as a failure of the component.
             Exception: whatever the component's factory raised, without ``max_error_rate``.
         """
         decision, resolver, first = self._begin()
@@ -967,6 +974,11 @@ class Rollout(Generic[T]):
             return self.legacy
         try:
             component = await resolver.resolve(self.key)
+        except ScopeClosedError:
+            # Work that outlived its request: its mistake, not a failure of the component.
+            if decision.path == "shadow":
+                return self.legacy
+            raise
         except Exception as exc:
             if self._absorbed(decision, exc, first=first):
                 return self.legacy
@@ -984,6 +996,11 @@ class Rollout(Generic[T]):
             return self.legacy
         try:
             component = resolver.resolve_sync(self.key)
+        except ScopeClosedError:
+            # Work that outlived its request: its mistake, not a failure of the component.
+            if decision.path == "shadow":
+                return self.legacy
+            raise
         except Exception as exc:
             if self._absorbed(decision, exc, first=first):
                 return self.legacy

@@ -27,6 +27,7 @@ import ambient.migration
 from ambient import (
     NoActiveContextError,
     Registry,
+    ScopeClosedError,
     UserExecutionContext,
     bind_context,
 )
@@ -34,6 +35,7 @@ from ambient.migration import (
     GlobalStateError,
     GlobalStateWarning,
     Rollout,
+    RolloutMode,
     global_state_report,
     guard_global,
     reset_global_state_report,
@@ -884,6 +886,43 @@ class TestFallback:
         assert not rollout.state().fallen_back
         assert rollout.state().window_calls == 0
         assert (await serve(engines, rollout, "user-0")).user_id == "user-0"
+
+    @pytest.mark.parametrize("mode", ["component", "shadow"])
+    @pytest.mark.parametrize("decided", ["in the request", "after it"])
+    async def test_work_that_outlived_its_request_is_no_component_failure(
+        self, engines: Registry, decided: str, mode: RolloutMode
+    ) -> None:
+        """A task still running after its request's scope closed gets ScopeClosedError from
+        the component path, as from any resolution, never the legacy global in its place
+        (a shadow hands it the legacy object, as always); and its mistake is not counted
+        against the component (enough of them made every user fall back)."""
+        rollout: Rollout[Any] = Rollout(
+            ExecutionEngine, legacy=LEGACY, mode=mode, max_error_rate=0.25, min_calls=1
+        )
+        closed = anyio.Event()
+        outcome: list[object] = []
+
+        async def late() -> None:
+            await closed.wait()
+            try:
+                outcome.append(await rollout.resolve())
+            except ScopeClosedError:
+                outcome.append("ScopeClosedError")
+            try:
+                outcome.append(rollout.resolve_sync())
+            except ScopeClosedError:
+                outcome.append("ScopeClosedError")
+
+        async with anyio.create_task_group() as service:
+            async with engines.open_scope(ctx("alice")):
+                if decided == "in the request":
+                    await rollout.resolve()
+                service.start_soon(late)
+            closed.set()
+        late_gets = LEGACY if mode == "shadow" else "ScopeClosedError"
+        assert outcome == [late_gets, late_gets]
+        state = rollout.state()
+        assert (state.failures, state.window_failures, state.fallen_back) == (0, 0, False)
 
     async def test_concurrent_failures_fall_back_without_errors(
         self, engines: Registry, factory: Switchable
