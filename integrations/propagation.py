@@ -355,13 +355,24 @@ def verify(
 class Restored:
     """A verified context token, ready to bind: see :func:`restore`.
 
+    Entered by one ``with`` (or ``async with``) at a time, as many times as wanted one after
+    the other; entering it while it is in use raises :class:`RuntimeError`.
+
     Attributes:
         captured: The context the token was captured from.
         context: The context bound on entry: a child of ``captured`` (same user, tenant,
             thread and request; a new run whose parent is the captured run).
     """
 
-    __slots__ = ("_allow_switch", "_binding", "_registry", "_scope", "captured", "context")
+    __slots__ = (
+        "_allow_switch",
+        "_binding",
+        "_in_use",
+        "_registry",
+        "_scope",
+        "captured",
+        "context",
+    )
 
     def __init__(
         self,
@@ -376,13 +387,33 @@ class Restored:
         self._allow_switch = allow_switch
         self._binding: bind_context | None = None
         self._scope: Scope | None = None
+        self._in_use = False
+
+    def _take(self) -> None:
+        # One binding or scope at a time: a second one, from another task, would replace
+        # the first, which would then never be unbound or closed (nor its components
+        # cleaned up).
+        if self._in_use:
+            msg = (
+                "this restore() is already in use; use one `with` at a time, or one "
+                "restore() per concurrent task"
+            )
+            raise RuntimeError(msg)
+        self._in_use = True
 
     def __enter__(self) -> UserExecutionContext:
         if self._registry is not None:
             msg = "opening a scope on the registry is async: use `async with restore(...)`"
             raise TypeError(msg)
-        self._binding = bind_context(self.context, allow_switch=self._allow_switch)
-        return self._binding.__enter__()
+        self._take()
+        try:
+            binding = bind_context(self.context, allow_switch=self._allow_switch)
+            ctx = binding.__enter__()
+        except BaseException:
+            self._in_use = False
+            raise
+        self._binding = binding
+        return ctx
 
     def __exit__(
         self,
@@ -391,14 +422,22 @@ class Restored:
         tb: TracebackType | None,
     ) -> None:
         binding, self._binding = self._binding, None
-        if binding is not None:
-            binding.__exit__(exc_type, exc, tb)
+        try:
+            if binding is not None:
+                binding.__exit__(exc_type, exc, tb)
+        finally:
+            self._in_use = False
 
     async def __aenter__(self) -> UserExecutionContext:
         if self._registry is None:
             return self.__enter__()
-        scope = self._registry.open_scope(self.context, allow_switch=self._allow_switch)
-        await scope.__aenter__()
+        self._take()
+        try:
+            scope = self._registry.open_scope(self.context, allow_switch=self._allow_switch)
+            await scope.__aenter__()
+        except BaseException:
+            self._in_use = False
+            raise
         self._scope = scope
         return self.context
 
@@ -409,10 +448,13 @@ class Restored:
         tb: TracebackType | None,
     ) -> None:
         scope, self._scope = self._scope, None
-        if scope is not None:
-            await scope.__aexit__(exc_type, exc, tb)
-        else:
+        if scope is None:
             self.__exit__(exc_type, exc, tb)
+            return
+        try:
+            await scope.__aexit__(exc_type, exc, tb)
+        finally:
+            self._in_use = False
 
 
 def restore(

@@ -257,6 +257,41 @@ class TestRestore:
             assert ambient.get_current_context() is job
         assert ambient.current_context_or_none() is None
 
+    async def test_a_restored_context_in_use_cannot_be_entered_again(self) -> None:
+        """One restore() shared by two tasks at once (a fan-out over a job's items) is
+        refused for the second with RuntimeError, as a bind_context in use is: it used to
+        open a second scope over the first, which was then never closed (its components
+        never cleaned, the user's entry never released). One after the other is fine."""
+        registry, ledger = build_registry()
+        restored = restore(capture(context(), secret=SECRET), secret=SECRET, registry=registry)
+        entered = anyio.Event()
+        leave = anyio.Event()
+
+        async def first() -> None:
+            async with restored:
+                await ambient.resolve(Probe)
+                entered.set()
+                await leave.wait()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first)
+            await entered.wait()
+            with pytest.raises(RuntimeError, match="already in use"):
+                async with restored:
+                    pass
+            leave.set()
+        async with restored as job:
+            assert ambient.get_current_context() is job
+        assert registry.stats().open_scopes == 0
+        bound = restore(capture(context(), secret=SECRET), secret=SECRET)
+        with bound:
+            with pytest.raises(RuntimeError, match="already in use"), bound:
+                pass
+            assert ambient.current_context_or_none() is bound.context
+        assert ambient.current_context_or_none() is None
+        await registry.aclose()
+        assert ledger.problems() == []
+
     def test_a_scope_needs_async_with(self) -> None:
         registry, _ = build_registry()
         token = capture(context(), secret=SECRET)
