@@ -681,6 +681,13 @@ class _KeySet:
                 found = client.get_signing_key_from_jwt(token)
             except (jwt.PyJWKClientError, jwt.PyJWKSetError) as exc:
                 raise self.failure(exc) from None
+            except jwt.PyJWTError:
+                raise  # the token itself is malformed
+            except Exception as exc:  # noqa: BLE001 - whatever the answer broke, it is not the token
+                # PyJWKClient lets through what the provider's answer makes of its parsing: a
+                # body that is not JSON (a proxy's error page), JSON nested too deep, a key
+                # field of the wrong type, a connection reset in the middle of the body.
+                raise self.failure(exc) from None
         self.worked()
         return found
 
@@ -706,7 +713,7 @@ class _KeySet:
         the token, and the provider is left alone for a pause."""
         import jwt
 
-        unreachable = isinstance(exc, jwt.PyJWKClientConnectionError)
+        unreachable = isinstance(exc, jwt.PyJWKClientConnectionError | OSError)
         if not unreachable and str(exc).startswith(_NO_MATCHING_KEY):
             return _token_refused("the token's key (kid) is not trusted")
         reason = "could not be fetched" if unreachable else "is unusable"
@@ -715,7 +722,7 @@ class _KeySet:
         error = IdentityUnavailableError(self._outage, retry_after=_KEY_SET_PAUSE)
         if not self.failing:
             self.failing = True
-            logger.warning("ambient: jwt_bearer(): %s (%s)", error, exc)
+            logger.warning("ambient: jwt_bearer(): %s (%s: %s)", error, type(exc).__name__, exc)
         return error
 
     def worked(self) -> None:

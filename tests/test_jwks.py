@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import struct
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -37,6 +39,7 @@ class KeySetServer:
         jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(PRIVATE_KEY.public_key()))
         jwk.update({"kid": "k1", "alg": "RS256", "use": "sig"})
         self.document = json.dumps({"keys": [jwk]}).encode()
+        self.odd_key = json.dumps({"keys": [{**jwk, "alg": ["RS256"]}]}).encode()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -50,6 +53,14 @@ class KeySetServer:
             "error": (500, b"upstream broke"),
             "garbage": (200, b'["not", "a", "key", "set"]'),
             "no keys": (200, b'{"keys": []}'),
+            # What PyJWKClient does not turn into its own errors: a body that is not JSON
+            # (a proxy's or captive portal's page, nothing, bytes of no text encoding), JSON
+            # nested past the parser's recursion limit, a key whose "alg" is not a string.
+            "html": (200, b"<html><body>Please sign in to the network</body></html>"),
+            "empty": (200, b""),
+            "binary": (200, b"\xff\xfe\x00\x81\x00garbage"),
+            "nested": (200, b"[" * 100_000 + b"]" * 100_000),
+            "odd key": (200, self.odd_key),
         }[self.mode]
         headers = [(b"content-type", b"application/json")]
         await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -120,7 +131,9 @@ async def test_a_key_the_key_set_does_not_have_is_the_tokens_fault(
         assert "not trusted" in response.json()["detail"]
 
 
-@pytest.mark.parametrize("mode", ["error", "garbage", "no keys"])
+@pytest.mark.parametrize(
+    "mode", ["error", "garbage", "no keys", "html", "empty", "binary", "nested", "odd key"]
+)
 async def test_a_key_set_that_cannot_be_had_is_503_and_logged_once_per_outage(
     provider: tuple[KeySetServer, str],
     mode: str,
@@ -305,3 +318,42 @@ async def test_keys_already_fetched_keep_working_while_the_provider_is_down(
     assert_unavailable(await ask(app, kid="k-other"))
     assert server.arrived == 1
     assert server.fetches == 1
+
+
+@pytest.fixture
+def cut_off() -> Iterator[str]:
+    """An identity provider whose connection breaks mid-answer: it sends the head and the
+    start of the key set, then resets the connection (RST, not a clean close)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    done = threading.Event()
+
+    def serve_forever() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.recv(65536)
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                    b'content-length: 4096\r\n\r\n{"keys": [{"kty": "RSA", '
+                )
+                # Linger 0: close() sends a reset instead of a FIN.
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    thread = threading.Thread(target=serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/.well-known/jwks.json"
+    finally:
+        done.set()
+        thread.join(5)
+        listener.close()
+
+
+async def test_a_connection_reset_in_the_middle_of_the_key_set_is_503(cut_off: str) -> None:
+    response = await ask(protected(cut_off))
+    assert_unavailable(response)
+    assert "could not be fetched" in response.json()["detail"]
