@@ -40,6 +40,7 @@ from urllib.parse import parse_qsl
 
 from ambient import _loops
 from ambient._binding import _shown, get_current_context
+from ambient._context import ANONYMOUS
 from ambient._context import ReadOnlyDict as _ReadOnlyDict
 from ambient.errors import IdentityError, IdentityUnavailableError
 from ambient.middleware.identity import _EXPIRES_AT_KEY, Identity
@@ -246,9 +247,15 @@ class WebSocketTickets:
 
         Raises:
             NoActiveContextError: outside a request.
+            IdentityError: in an anonymous caller's context (401 from the middleware): its
+                user is its request's alone, and the ticket would carry it to a socket as
+                a signed-in user.
             TypeError: when the context's claims are not JSON.
         """
         ctx = get_current_context()
+        if ctx.metadata.get(ANONYMOUS) is True:
+            msg = "websocket tickets are issued to signed-in users; this request had no identity"
+            raise IdentityError(msg, status=401)
         claims = ctx.metadata.get("claims")
         if expires_at is None:
             binding = _shown()

@@ -35,6 +35,7 @@ from ambient.errors import (
     PoolExhaustedError,
     UnsupportedBackendError,
 )
+from ambient.integrations.starlette import install
 from ambient.middleware import AmbientMiddleware, WebSocketTickets, first_of, trusted_header
 from ambient.middleware.identity import jwt_bearer
 from ambient.middleware.tickets import MemoryTicketStore, RedisTicketStore, TicketStore
@@ -721,3 +722,31 @@ async def test_a_refused_handshake_keeps_its_ticket_for_the_retry_on_uvicorn() -
 
 async def _left(app: AmbientMiddleware, user: str) -> bool:
     return all(ref.user_id != user for ref in app._active)
+
+
+async def test_an_anonymous_caller_gets_no_ticket() -> None:
+    """With ``anonymous=True`` a request without credentials runs as a fresh anonymous user,
+    never the user of another request. A ticket for it would carry that user id to a
+    websocket as an identity, without the ``anonymous`` mark: the socket would share the
+    request's anonymous user and pass for signed in. Asking for one is 401, and no
+    websocket gets in as that user."""
+    tickets = WebSocketTickets()
+    seen: list[UserExecutionContext] = []
+
+    async def issue(request: Request) -> Response:
+        seen.append(ambient.get_current_context())
+        return JSONResponse({"ticket": await tickets.issue()})
+
+    app = Starlette(routes=[Route("/ws-ticket", issue, methods=["POST"])])
+    install(app, registry=Registry(), identity=tickets, anonymous=True)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://app"
+    ) as client:
+        response = await client.post("/ws-ticket")
+    assert seen[0].metadata.get("anonymous") is True
+    assert response.status_code == 401, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert len(tickets.store) == 0  # type: ignore[arg-type]
+    with ambient.bind_context(seen[0]), pytest.raises(IdentityError) as info:
+        await tickets.issue()
+    assert info.value.status == 401
