@@ -636,6 +636,13 @@ _KEY_SET_THREADS = 4
 # pause every waiting request would try the provider in turn, each for up to its timeout.
 _KEY_SET_PAUSE = 5.0
 
+# A request waits for its key at most this many times the client's timeout (PyJWT's default
+# when it has none): enough for a fetch that connects, then answers, each within it. The
+# timeout bounds every read of the answer, not the whole of it, so a provider sending its
+# key set a byte at a time would otherwise hold every request for as long as it likes.
+_KEY_SET_WAIT = 2
+_PYJWT_TIMEOUT = 30.0
+
 
 class _KeySet:
     """``jwt_bearer``'s view of a ``PyJWKClient``: the threads it may use, the pause after a
@@ -669,12 +676,19 @@ class _KeySet:
         One thread at a time asks the client (PyJWKClient holds its own lock for the whole
         call anyway), so the requests queued behind a fetch that failed do not each ask
         again: for :data:`_KEY_SET_PAUSE` seconds after a failure nobody does. Keys the
-        client fetched before still serve then; any other key is 503 at once.
+        client fetched before still serve then; any other key is 503 at once. Nobody waits
+        for the gate longer than :meth:`patience` either: a fetch that never ends holds it.
         """
         import jwt
 
-        with self._gate:
-            wait = self._retry_at - _monotonic()
+        wait = self._retry_at - _monotonic()
+        if wait > 0:
+            return self._fetched_key(client, token, wait)
+        if not self._gate.acquire(timeout=self.patience(client)):
+            # A fetch that will not end holds the gate (its request has given up on it).
+            raise self.unavailable(TimeoutError("another request's fetch is stuck"))
+        try:
+            wait = self._retry_at - _monotonic()  # a fetch failed while this one waited
             if wait > 0:
                 return self._fetched_key(client, token, wait)
             try:
@@ -688,8 +702,27 @@ class _KeySet:
                 # body that is not JSON (a proxy's error page), JSON nested too deep, a key
                 # field of the wrong type, a connection reset in the middle of the body.
                 raise self.failure(exc) from None
+        finally:
+            self._gate.release()
         self.worked()
         return found
+
+    @staticmethod
+    def patience(client: PyJWKClient) -> float:
+        """Seconds a request waits for its key from ``client``, fetch included."""
+        timeout = getattr(client, "timeout", None)
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not 0 < timeout < math.inf
+        ):
+            timeout = _PYJWT_TIMEOUT
+        return _KEY_SET_WAIT * float(timeout)
+
+    def stuck(self) -> IdentityUnavailableError:
+        """The 503 of a request that waited :meth:`patience` for its key in vain: the fetch
+        goes on in its thread, and fills the client's cache if it ever ends."""
+        return self.unavailable(TimeoutError("the key set did not arrive in time"))
 
     def _fetched_key(self, client: PyJWKClient, token: str, wait: float) -> Any:
         import jwt
@@ -716,6 +749,14 @@ class _KeySet:
         unreachable = isinstance(exc, jwt.PyJWKClientConnectionError | OSError)
         if not unreachable and str(exc).startswith(_NO_MATCHING_KEY):
             return _token_refused("the token's key (kid) is not trusted")
+        return self.unavailable(exc)
+
+    def unavailable(self, exc: Exception) -> IdentityUnavailableError:
+        """The 503 for a key set that could not be had because of ``exc``; the provider is
+        left alone for a pause."""
+        import jwt
+
+        unreachable = isinstance(exc, jwt.PyJWKClientConnectionError | OSError)
         reason = "could not be fetched" if unreachable else "is unusable"
         self._outage = f"the identity provider's key set {reason}; try again shortly"
         self._retry_at = _monotonic() + _KEY_SET_PAUSE
@@ -728,6 +769,7 @@ class _KeySet:
     def worked(self) -> None:
         if self.failing:
             self.failing = False
+            self._retry_at = 0.0  # a fetch that outlived its request's wait ended after all
             logger.warning("ambient: jwt_bearer(): the identity provider's key set works again")
 
 
@@ -810,7 +852,9 @@ def jwt_bearer(
     Args:
         key_or_jwks: The verification key (HMAC secret, PEM public key, PyJWT key object), a
             JWKS as a dict (``{"keys": [...]}``, selected by the token's ``kid``) or a
-            ``jwt.PyJWKClient``.
+            ``jwt.PyJWKClient``. A key set that cannot be had is 503 with ``Retry-After``;
+            a request waits for it at most twice the client's ``timeout`` (which bounds
+            each read of the answer, not the whole answer).
         algorithms: Accepted algorithms, e.g. ``["RS256"]``. Required; never ``"none"``.
         audience: Accepted ``aud`` value(s).
         issuer: Required ``iss`` value.
@@ -883,8 +927,13 @@ def jwt_bearer(
             token = _bearer_token(scope)
             if token is None:
                 return None
-            # PyJWKClient fetches (and caches) the key set with blocking I/O.
-            return await anyio.to_thread.run_sync(verify, token, limiter=key_set.limiter())
+            # PyJWKClient fetches (and caches) the key set with blocking I/O, which no
+            # cancellation reaches: a fetch that outlasts the wait is left to end on its own.
+            with anyio.move_on_after(key_set.patience(jwk_client)):
+                return await anyio.to_thread.run_sync(
+                    verify, token, limiter=key_set.limiter(), abandon_on_cancel=True
+                )
+            raise key_set.stuck()
 
         return _challenging(resolve_remote, _BEARER)
 

@@ -26,6 +26,7 @@ from ambient.middleware.identity import jwt_bearer
 from tests.servers import serve
 from tests.test_identity import AUDIENCE, ISSUER, PRIVATE_KEY, _echo_app, token
 from tests.test_middleware import drive, ws_scope
+from tests.test_psycopg import _eventually
 
 USERS = 30
 
@@ -357,3 +358,73 @@ async def test_a_connection_reset_in_the_middle_of_the_key_set_is_503(cut_off: s
     response = await ask(protected(cut_off))
     assert_unavailable(response)
     assert "could not be fetched" in response.json()["detail"]
+
+
+class TricklingKeySetServer(KeySetServer):
+    """An identity provider that sends its key set one byte at a time, each well within the
+    client's timeout (which bounds every read, not the whole answer), until the test lets
+    the rest go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.sent = threading.Event()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        self.fetches += 1
+        body = self.document
+        length = str(len(body)).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", length)]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        sent = 0
+        while sent < len(body) - 1 and not self.release.is_set():
+            await send(
+                {"type": "http.response.body", "body": body[sent : sent + 1], "more_body": True}
+            )
+            sent += 1
+            await anyio.sleep(0.05)
+        await send({"type": "http.response.body", "body": body[sent:]})
+        self.sent.set()
+
+
+async def test_a_key_set_that_trickles_in_is_503_within_the_clients_timeout(
+    clock: _Clock,
+) -> None:
+    """The provider answers a byte at a time, never pausing long enough for the client's
+    timeout: the fetch would take as long as the provider likes, every request waiting for
+    it. Requests are answered 503 once the client's timeout has passed instead, all at
+    once, the provider asked once; the fetch goes on, and once it ends its keys serve."""
+    server = TricklingKeySetServer()
+    with serve("uvicorn", server) as url:
+        client = jwt.PyJWKClient(f"{url}/.well-known/jwks.json", timeout=0.5)
+        identity = jwt_bearer(client, algorithms=["RS256"], audience=AUDIENCE, issuer=ISSUER)
+        app = AmbientMiddleware(_echo_app, registry=Registry(), identity=identity)
+        answers: list[httpx.Response] = []
+
+        async def one(n: int) -> None:
+            answers.append(await ask(app, f"user-{n}"))
+
+        try:
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as tg:
+                    for n in range(10):
+                        tg.start_soon(one, n)
+            assert len(answers) == 10
+            for response in answers:
+                assert_unavailable(response)
+            assert server.fetches == 1
+        finally:
+            server.release.set()
+        with anyio.fail_after(10):
+            await anyio.to_thread.run_sync(server.sent.wait)
+
+        async def cached() -> bool:
+            return client.jwk_set_cache is not None and client.jwk_set_cache.get() is not None
+
+        await _eventually(cached, "the key set fetched after all")
+        back = await ask(app, "after")
+    assert (back.status_code, back.json()["user"]) == (200, "after")
+    assert server.fetches == 1
