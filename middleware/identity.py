@@ -819,6 +819,18 @@ def _audiences(audience: str | Iterable[str] | None) -> list[str] | None:
     return audiences
 
 
+def _leeway(leeway: object) -> float:
+    """``leeway`` as seconds; a value no token check could use is refused at construction
+    (``inf`` would pass every expired token, ``nan`` fail every valid one)."""
+    if isinstance(leeway, bool) or not isinstance(leeway, int | float):
+        msg = f"leeway must be seconds as an int or float, not {type(leeway).__name__}"
+        raise TypeError(msg)
+    if not 0 <= leeway < math.inf:
+        msg = f"leeway must be finite seconds >= 0, not {leeway!r}"
+        raise ValueError(msg)
+    return float(leeway)
+
+
 def jwt_bearer(
     key_or_jwks: Any,
     *,
@@ -860,8 +872,14 @@ def jwt_bearer(
         issuer: Required ``iss`` value.
         user_claim: The claim holding the user id.
         tenant_claim: The claim holding the tenant id, if any.
-        leeway: Seconds of clock skew allowed for ``exp`` and ``nbf``.
+        leeway: Seconds of clock skew allowed for ``exp`` and ``nbf`` (finite, >= 0).
         require: Claims that must be present (``user_claim`` always is).
+
+    Raises:
+        ValueError: at construction, for ``alg=none``, no algorithm, HMAC mixed with
+            asymmetric algorithms or given a public key, an empty audience, or a leeway
+            that is negative, infinite or NaN.
+        TypeError: at construction, for a leeway that is not a number of seconds.
     """
     import jwt
 
@@ -870,6 +888,7 @@ def jwt_bearer(
 
     jwk_client, jwks, key = _verification_keys(key_or_jwks, hmac=bool(hmac_algs))
     audiences = _audiences(audience)
+    leeway = _leeway(leeway)
     required = sorted({*require, user_claim})
     decoder = jwt.PyJWT(
         options={"require": required, "verify_aud": audience is not None, "strict_aud": False}

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import logging
+import math
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -263,6 +265,25 @@ class TestJwtBearer:
         assert hs_resolver(leeway=30)(bearer(just_expired)) is not None
         with pytest.raises(IdentityError, match="expired"):
             hs_resolver(leeway=0)(bearer(just_expired))
+
+    @pytest.mark.parametrize(
+        ("leeway", "error"),
+        [
+            (math.inf, ValueError),  # every expired token would pass
+            (math.nan, ValueError),  # every valid token would be a 500
+            (-1.0, ValueError),  # every token would be refused as not valid yet
+            (datetime.timedelta(seconds=30), TypeError),  # PyJWT's form: a 500 per token
+            ("30", TypeError),
+            (True, TypeError),
+        ],
+    )
+    def test_a_leeway_that_is_not_seconds_of_skew_is_refused_at_once(
+        self, leeway: Any, error: type[Exception]
+    ) -> None:
+        """Tokens are checked against ``leeway`` only at request time: a value no check can
+        use must fail where it is configured, not in every request (or pass them all)."""
+        with pytest.raises(error, match="leeway"):
+            hs_resolver(leeway=leeway)
 
     def test_alg_none_is_refused(self) -> None:
         with pytest.raises(IdentityError, match="algorithm"):
