@@ -318,8 +318,13 @@ def _host_port(node: str) -> tuple[str, int]:
         host, _, port = node.partition(":")
     else:
         host, port = node, ""
-    # isdecimal() alone admits digits int() refuses (latin-1 '²'), and other scripts'.
-    return host, int(port) if port.isascii() and port.isdigit() else 0
+    # Read as uvicorn reads it, with int(): a sign, leading zeros, underscores and spaces
+    # are a port too. A stricter reading would take a client's "127.0.0.1:0443" for
+    # another node than the ("127.0.0.1", 443) the server made of it.
+    try:
+        return host, int(port)
+    except ValueError:  # no port, or none int() reads (latin-1 '²' is a digit to isdigit())
+        return host, 0
 
 
 def _nodes(name: bytes, value: bytes) -> list[str]:
@@ -355,11 +360,11 @@ def _client_forwarded(
     if host[:1] == '"':
         host = host.strip('"')  # hypercorn keeps a quoted Forwarded node as it was sent
     # Behind a real proxy every request carries X-Forwarded-For, naming the proxy's clients,
-    # not the proxy: a value that lacks the host (or the port, when there is one) cannot name
-    # it, and is passed over without being parsed.
+    # not the proxy: a value that lacks the host cannot name it, and is passed over without
+    # being parsed. (Not the port: the text of one int() reads has many spellings.)
     wanted = host.encode("latin-1", "replace")
     for name, value in headers:
-        if wanted not in value or (port and b":%d" % port not in value):
+        if wanted not in value:
             continue
         for node in _nodes(name, value):
             node_host, node_port = _host_port(node)

@@ -1129,3 +1129,34 @@ def test_a_token_whose_exp_no_float_holds_never_expires_instead_of_failing() -> 
         identity = hs_resolver(leeway=5)(bearer(token({"exp": exp})))
         assert identity is not None
         assert identity.expires_at is None
+
+
+@pytest.mark.parametrize(
+    "forwarded_for",
+    [
+        "127.0.0.1:-1",
+        "127.0.0.1:0443",
+        "127.0.0.1:+443",
+        "127.0.0.1:4_43",
+        "127.0.0.1: 443",
+        "[::1]:-80",
+        "[::1]:080",
+    ],
+)
+async def test_a_forwarded_port_only_int_reads_still_names_the_client(forwarded_for: str) -> None:
+    """uvicorn's proxy headers (trusting every peer, as ``--forwarded-allow-ips='*'``) take
+    ``host:port`` from X-Forwarded-For with ``int()``, which reads a sign, leading zeros,
+    underscores and spaces: the client address became 127.0.0.1 with a port no socket has.
+    A client anywhere then asserted any identity to ``trusted_header()``."""
+    from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+    app = ProxyHeadersMiddleware(
+        AmbientMiddleware(_echo_app, registry=Registry(), identity=trusted_header()),
+        trusted_hosts="*",
+    )
+    transport = httpx.ASGITransport(app=app, client=("203.0.113.9", 40000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+        response = await client.get(
+            "/", headers={"x-user-id": "admin", "x-forwarded-for": forwarded_for}
+        )
+    assert response.status_code == 401, response.text

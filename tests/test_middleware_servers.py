@@ -553,6 +553,9 @@ async def test_behind_auth_cors_and_gzip_with_base_http_middleware_inside(server
         # uvicorn trusting proxy headers from every peer, as containers often configure it
         ("uvicorn", False, {"forwarded_allow_ips": "*"}, {"x-forwarded-for": "10.9.9.9"}),
         ("uvicorn", False, {"forwarded_allow_ips": "*"}, {"x-forwarded-for": "10.9.9.9:8443"}),
+        # ports that uvicorn reads with int() and no digit test does
+        ("uvicorn", False, {"forwarded_allow_ips": "*"}, {"x-forwarded-for": "10.9.9.9:-1"}),
+        ("uvicorn", False, {"forwarded_allow_ips": "*"}, {"x-forwarded-for": "10.9.9.9:08443"}),
         ("hypercorn", True, {}, {"x-forwarded-for": "10.9.9.9"}),
         ("hypercorn", True, {}, {"forwarded": "for=10.9.9.9;proto=http"}),
     ],
