@@ -139,9 +139,18 @@ def hold_scope(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any,
         with hold:
             return await fn(*args, **kwargs)
 
+    def never_ran() -> None:
+        # A call cancelled or closed before it started: the hold is its to release only
+        # when no call has run (one that ran holds it until it ends). Any later call
+        # raises, as a second call would: the scope may close as soon as this returns.
+        nonlocal used
+        if not used:
+            used = True
+            hold.release()
+
     @functools.wraps(fn)
     def run_held(*args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
-        return _HeldCoroutine(body(*args, **kwargs), hold)
+        return _HeldCoroutine(body(*args, **kwargs), never_ran)
 
     _mark_coroutine_function(run_held)
     return run_held
@@ -150,14 +159,15 @@ def hold_scope(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any,
 class _HeldCoroutine(Coroutine[Any, Any, R]):
     """The coroutine of a :func:`hold_scope` function: one cancelled or closed before it
     started (``task.cancel()`` right after ``asyncio.create_task``, an ``asyncio.TaskGroup``
-    whose sibling failed) never runs its body, so it releases the hold itself instead of
-    leaving the request's cleanup waiting for it until the cleanup timeout."""
+    whose sibling failed) never runs its body, so it releases the hold itself (unless a
+    call of the same function runs) instead of leaving the request's cleanup waiting for it
+    until the cleanup timeout."""
 
-    __slots__ = ("_coro", "_hold", "_started")
+    __slots__ = ("_coro", "_never_ran", "_started")
 
-    def __init__(self, coro: Coroutine[Any, Any, R], hold: _Hold) -> None:
+    def __init__(self, coro: Coroutine[Any, Any, R], never_ran: Callable[[], None]) -> None:
         self._coro = coro
-        self._hold = hold
+        self._never_ran = never_ran
         self._started = False
 
     def send(self, value: Any, /) -> Any:
@@ -166,14 +176,14 @@ class _HeldCoroutine(Coroutine[Any, Any, R]):
 
     def throw(self, typ: Any, val: Any = None, tb: Any = None, /) -> Any:
         if not self._started:
-            self._hold.release()
+            self._never_ran()
         if val is None and tb is None:
             return self._coro.throw(typ)
         return self._coro.throw(typ, val, tb)  # pragma: no cover - the deprecated form
 
     def close(self) -> None:
         if not self._started:
-            self._hold.release()
+            self._never_ran()
         self._coro.close()
 
     def __await__(self) -> Generator[Any, None, R]:

@@ -383,6 +383,38 @@ class TestWorkThatOutlivesTheRequest:
 
         anyio.run(check)
 
+    async def test_a_second_call_that_never_ran_keeps_the_first_ones_hold(self) -> None:
+        """The held function may be called once: a second call's coroutine, closed without
+        running, leaves the hold of the first call, still running, in place; the scope
+        stays open for it."""
+        registry, ledger = make_registry(cleanup_timeout=2.0)
+        started = anyio.Event()
+        go = anyio.Event()
+        seen: list[bool] = []
+
+        async def job() -> None:
+            started.set()
+            await go.wait()
+            seen.append((await ambient.resolve(Probe)).closed)
+
+        async with (
+            anyio.create_task_group() as tg,
+            registry.open_scope(UserExecutionContext.create("alice")),
+        ):
+            await ambient.resolve(Probe)
+            held = hold_scope(job)
+            tg.start_soon(held)
+            await started.wait()
+            held().close()
+            go.set()
+        assert seen == [False]
+        assert ledger.open_probes() == 0
+        with pytest.raises(RuntimeError, match="called once"):
+            async with registry.open_scope(UserExecutionContext.create("alice")):
+                held = hold_scope(job)
+                held().close()
+                await held()
+
     async def test_hold_scope_misuse(self) -> None:
         registry, _ = make_registry()
 
