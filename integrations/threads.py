@@ -130,6 +130,7 @@ def hold_scope(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any,
     hold = _take_hold(current_scope())[0]
     used = False
 
+    @functools.wraps(fn)  # its coroutine is named after fn (in task reprs and warnings)
     async def body(*args: P.args, **kwargs: P.kwargs) -> R:
         nonlocal used
         if used:

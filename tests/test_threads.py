@@ -383,6 +383,22 @@ class TestWorkThatOutlivesTheRequest:
 
         anyio.run(check)
 
+    async def test_a_held_task_is_named_after_its_function(self, anyio_backend: str) -> None:
+        """asyncio names a task's coroutine in its repr, and in its warnings about a task
+        destroyed while pending or an exception never retrieved: the held function's
+        name, as the coroutine of an async function has, not hold_scope's own."""
+        if anyio_backend != "asyncio":
+            pytest.skip("asyncio's task repr")
+        registry, _ = make_registry()
+
+        async def send_receipt() -> None:
+            pass
+
+        async with registry.open_scope(UserExecutionContext.create("alice")):
+            task = asyncio.create_task(hold_scope(send_receipt)())
+            assert f"coro=<{send_receipt.__qualname__}()" in repr(task)
+            await task
+
     async def test_a_second_call_that_never_ran_keeps_the_first_ones_hold(self) -> None:
         """The held function may be called once: a second call's coroutine, closed without
         running, leaves the hold of the first call, still running, in place; the scope
