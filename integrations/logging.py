@@ -23,6 +23,8 @@ Example::
 from __future__ import annotations
 
 import logging
+import threading
+import weakref
 from collections.abc import MutableMapping
 from typing import Any, Final
 
@@ -75,6 +77,43 @@ class _Omitted(_Written):
 
 
 _WRITTEN: Final[dict[str, type[_Written]]] = {"raw": _Written, "hash": _Hashed, "omit": _Omitted}
+_DISCLOSURES: Final = {written.disclosure: written for written in _WRITTEN.values()}
+
+# Per id field: how little of it the strictest live ContextFilter gives away. A value gets
+# its policy's class only while a stricter filter exists to write it again; otherwise it is
+# a plain str, as JSON encoders that refuse str subclasses (msgspec without an enc_hook)
+# need, and as nearly every process has it (one filter, or filters of one policy).
+_strictest: Final = {"user_id": 2, "tenant_id": 2}
+_filters: Final[weakref.WeakKeyDictionary[ContextFilter, dict[str, int]]] = (
+    weakref.WeakKeyDictionary()
+)
+# Reentrant: a filter collected while another is made calls back on the same thread.
+_filters_lock: Final = threading.RLock()
+
+
+def _note_filter(made: ContextFilter, disclosures: dict[str, int]) -> None:
+    with _filters_lock:
+        _filters[made] = disclosures
+        _recount()
+    weakref.finalize(made, _forget_filter)
+
+
+def _forget_filter() -> None:
+    with _filters_lock:
+        _recount()
+
+
+def _recount() -> None:
+    live = list(_filters.values())
+    for key in _strictest:
+        _strictest[key] = min((d[key] for d in live), default=2)
+
+
+def _marked(key: str, disclosure: int, value: str) -> str:
+    """``value`` as written under ``disclosure``: marked when a stricter filter exists."""
+    if _strictest[key] < disclosure:
+        return _DISCLOSURES[disclosure](value)
+    return str(value)
 
 
 class _Fields:
@@ -116,8 +155,8 @@ class _Fields:
         if written.disclosure >= value.disclosure:
             return None
         if written is _Hashed and value:
-            return _Hashed(export(str(value)) or "")
-        return _Omitted()
+            return _marked(key, written.disclosure, export(str(value)) or "")
+        return ""
 
 
 def context_fields(
@@ -139,6 +178,10 @@ class ContextFilter(logging.Filter):
     a debug handler's ``user_id="raw"`` must not reach the exported handler that hashes.
     Never the other way: a record a handler keeps to emit later (a ``MemoryHandler``) must
     not turn raw under it, so a ``"raw"`` filter after a hashing one leaves the hash.
+    The fields are plain strings, except while a filter with a stricter policy exists in
+    the process: then the ids a laxer filter writes are ``str`` subclasses that carry their
+    policy to it (``json`` and pickling treat them as strings; msgspec needs an
+    ``enc_hook`` returning ``str(value)`` for them).
 
     Args:
         user_id: ``"hash"`` (default; same HMAC as the spans), ``"raw"`` or ``"omit"``
@@ -159,23 +202,26 @@ class ContextFilter(logging.Filter):
         super().__init__(name)
         self._fields = _Fields(user_id, tenant_id, hash_key)
         ids = self._fields._ids
-        self._written = {
-            "user_id": _WRITTEN[ids.user_policy],
-            "tenant_id": _WRITTEN[ids.tenant_policy],
+        self._disclosures = {
+            "user_id": _WRITTEN[ids.user_policy].disclosure,
+            "tenant_id": _WRITTEN[ids.tenant_policy].disclosure,
         }
+        _note_filter(self, self._disclosures)
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Add the fields; always keep the record."""
         present = record.__dict__
         if not all(key in present for key in FIELDS):
+            disclosures = self._disclosures
             for key, value in self._fields().items():
                 if key not in present:
-                    present[key] = self._written.get(key, str)(value)
+                    disclosure = disclosures.get(key)
+                    present[key] = value if disclosure is None else _marked(key, disclosure, value)
         for key in ("user_id", "tenant_id"):
             try:
                 again = self._fields.stricter(key, present[key])
             except Exception:  # noqa: BLE001 - a log record must never fail for its metadata
-                again = _Omitted()
+                again = ""
             if again is not None:
                 present[key] = again
         return True

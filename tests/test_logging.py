@@ -3,6 +3,7 @@ the current trace to every record, empty outside a context, never another user's
 
 from __future__ import annotations
 
+import gc
 import logging
 import logging.handlers
 import pickle
@@ -66,6 +67,16 @@ def make_logger(name: str, log_filter: logging.Filter) -> tuple[logging.Logger, 
     handler.addFilter(log_filter)
     log.addHandler(handler)
     return log, handler
+
+
+def _drop_test_handlers(but: str = "") -> None:
+    """Detach the handlers (and their filters) of this file's loggers, but ``but``'s."""
+    for name in list(logging.Logger.manager.loggerDict):
+        if name.startswith("tests.logging.") and name != but:
+            log = logging.getLogger(name)
+            for handler in list(log.handlers):
+                log.removeHandler(handler)
+    gc.collect()
 
 
 def fields(record: logging.LogRecord) -> dict[str, str]:
@@ -360,6 +371,32 @@ class TestContextFilter:
             assert context_fields(user_id="raw")["request_id"] == "r1"
             assert context_fields(user_id="raw")["user_id"] == "alice"
         assert context_fields() == dict.fromkeys(FIELDS, "")
+
+    def test_one_policy_writes_plain_strings_that_any_json_encoder_takes(self) -> None:
+        """With filters of one policy (nearly every process), the ids are plain str, which
+        msgspec (no enc_hook) encodes: it refuses str subclasses, and every record would be
+        a logging error. Only while a stricter filter lives are they marked for it, and the
+        stricter one's own output is plain again."""
+        msgspec = pytest.importorskip("msgspec")
+        _drop_test_handlers()  # and with them the filters of earlier tests
+        log, kept = make_logger("plain", ContextFilter())
+        with bind_context(UserExecutionContext.create("alice", tenant_id="acme")):
+            log.info("hello")
+            encoded = msgspec.json.encode({name: getattr(kept.records[0], name) for name in FIELDS})
+            assert msgspec.json.decode(encoded)["user_id"] == hash_id("alice")
+            # A stricter filter beside it: a raw one's values are marked for it to find.
+            strict, strict_kept = make_logger("plain.strict", ContextFilter(user_id="omit"))
+            raw, raw_kept = make_logger("plain.raw", ContextFilter(user_id="raw"))
+            raw.handlers[0].addFilter(strict.handlers[0].filters[0])
+            raw.info("hello")
+            record = raw_kept.records[0]
+            assert record.user_id == ""  # type: ignore[attr-defined]
+            msgspec.json.encode({name: getattr(record, name) for name in FIELDS})
+        del strict, strict_kept, raw, raw_kept, record
+        _drop_test_handlers(but="tests.logging.plain")
+        with bind_context(UserExecutionContext.create("bob")):
+            log.info("again")
+        assert type(kept.records[1].user_id) is str  # type: ignore[attr-defined]
 
 
 class TestThroughTheMiddleware:
