@@ -87,8 +87,10 @@ class AmbientMiddleware:
     — after a streamed body and Starlette background tasks, so they still see the context.
     Cleanup is shielded from cancellation and runs on client disconnect and on errors.
     Other users' USER components that an HTTP request finds past their ``idle_ttl`` or
-    evicts for ``max_users`` are cleaned when that request's scope closes, after its
-    response: a request never waits for another user's cleanups before it is answered.
+    evicts for ``max_users`` are taken out of use at once and cleaned when a scope of the
+    registry next closes (this request's at the latest, after its response), not before
+    its handler runs; a long streamed response leaves them to other requests' closes.
+    (Scopes a handler opens itself clean them as they open.)
     Cleanups see the exception that ended the request, also when the app returned without
     raising yet the request failed: its response never finished (the framework cancelled
     the work of a client that disconnected; :class:`~ambient.errors.IncompleteResponseError`),

@@ -830,10 +830,14 @@ def _leeway(leeway: object) -> float:
     if isinstance(leeway, bool) or not isinstance(leeway, int | float):
         msg = f"leeway must be seconds as an int or float, not {type(leeway).__name__}"
         raise TypeError(msg)
-    if not 0 <= leeway < math.inf:
-        msg = f"leeway must be finite seconds >= 0, not {leeway!r}"
+    try:
+        seconds = float(leeway)
+    except OverflowError:  # an int past what a float holds
+        seconds = math.inf
+    if not 0 <= seconds < math.inf:
+        msg = f"leeway must be finite seconds >= 0, not {str(leeway)[:64]}"
         raise ValueError(msg)
-    return float(leeway)
+    return seconds
 
 
 def jwt_bearer(

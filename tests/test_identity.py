@@ -272,6 +272,7 @@ class TestJwtBearer:
             (math.inf, ValueError),  # every expired token would pass
             (math.nan, ValueError),  # every valid token would be a 500
             (-1.0, ValueError),  # every token would be refused as not valid yet
+            (10**400, ValueError),  # past what a float holds: was an OverflowError
             (datetime.timedelta(seconds=30), TypeError),  # PyJWT's form: a 500 per token
             ("30", TypeError),
             (True, TypeError),
