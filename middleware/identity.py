@@ -193,8 +193,9 @@ async def checked_identity(resolver: IdentityResolver, result: object) -> Identi
 def scope_user(*, tenant_attribute: str = "tenant_id") -> IdentityResolver:
     """Use the user that Starlette's ``AuthenticationMiddleware`` put in ``scope["user"]``.
 
-    Place ``AmbientMiddleware`` *inside* ``AuthenticationMiddleware``. An unauthenticated
-    user is no identity. The user id is ``user.identity``, or ``user.display_name`` for
+    Place ``AmbientMiddleware`` *inside* ``AuthenticationMiddleware``. A user whose
+    ``is_authenticated`` is not ``True`` (unauthenticated, or a method rather than Starlette's
+    property) is no identity. The user id is ``user.identity``, or ``user.display_name`` for
     user classes that do not implement ``identity`` (Starlette's ``SimpleUser``); the tenant
     is the user's ``tenant_attribute`` attribute when it has one; the auth scopes from
     ``scope["auth"]`` become the ``scopes`` claim.
@@ -202,7 +203,9 @@ def scope_user(*, tenant_attribute: str = "tenant_id") -> IdentityResolver:
 
     def resolve(scope: Mapping[str, Any]) -> Identity | None:
         user = scope.get("user")
-        if user is None or not getattr(user, "is_authenticated", False):
+        # `is True`, not truthiness: a user class whose is_authenticated is a method (old
+        # Django style) would otherwise pass for signed in whoever it is.
+        if user is None or getattr(user, "is_authenticated", False) is not True:
             return None
         try:
             user_id = user.identity
@@ -785,6 +788,13 @@ def _verification_keys(
     import jwt
 
     if isinstance(key_or_jwks, jwt.PyJWKClient):
+        if hmac:
+            msg = (
+                "jwt_bearer() cannot verify HMAC algorithms with a PyJWKClient: a key set "
+                "fetched from a URL is public, and anyone who reads a secret key in it can "
+                "sign tokens; give the secret itself (or a key set dict kept private)"
+            )
+            raise ValueError(msg)
         return key_or_jwks, None, None
     if isinstance(key_or_jwks, Mapping) and "keys" in key_or_jwks:
         return None, jwt.PyJWKSet.from_dict(dict(key_or_jwks)), None
@@ -886,8 +896,9 @@ def jwt_bearer(
 
     Raises:
         ValueError: at construction, for ``alg=none``, no algorithm, HMAC mixed with
-            asymmetric algorithms or given a public key, an empty audience, or a leeway
-            that is negative, infinite or NaN.
+            asymmetric algorithms or given a public key or a ``PyJWKClient`` (a key set
+            fetched from a URL is public), an empty audience, or a leeway that is
+            negative, infinite or NaN.
         TypeError: at construction, for a leeway that is not a number of seconds.
     """
     import jwt

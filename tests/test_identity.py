@@ -710,6 +710,23 @@ class TestScopeUser:
         with pytest.raises(IdentityError, match="identity"):
             scope_user()({"user": Odd()})
 
+    def test_a_user_whose_is_authenticated_is_not_true_is_no_identity(self) -> None:
+        """Old-style user classes make is_authenticated a method: a bound method is truthy,
+        so an anonymous user of such a class passed for signed in."""
+
+        class Visitor:
+            identity = "visitor-1"
+
+            def is_authenticated(self) -> bool:
+                return False
+
+        class Flagged:
+            identity = "u-1"
+            is_authenticated = 1  # not a bool: no telling what was meant
+
+        assert scope_user()({"user": Visitor()}) is None
+        assert scope_user()({"user": Flagged()}) is None
+
 
 class TestComposition:
     async def test_first_of_takes_the_first_identity_and_stops_on_errors(self) -> None:

@@ -428,3 +428,13 @@ async def test_a_key_set_that_trickles_in_is_503_within_the_clients_timeout(
         back = await ask(app, "after")
     assert (back.status_code, back.json()["user"]) == (200, "after")
     assert server.fetches == 1
+
+
+def test_hmac_algorithms_are_refused_with_a_key_set_fetched_from_a_url() -> None:
+    """A key set served at a URL is public: a secret (oct) key in it would let anyone who
+    reads it sign tokens, so HMAC with a PyJWKClient is refused where it is configured."""
+    client = jwt.PyJWKClient("http://127.0.0.1:9/.well-known/jwks.json", timeout=1)
+    for algorithms in (["HS256"], ["HS256", "HS512"]):
+        with pytest.raises(ValueError, match="PyJWKClient"):
+            jwt_bearer(client, algorithms=algorithms, audience=AUDIENCE, issuer=ISSUER)
+    assert jwt_bearer(client, algorithms=["RS256"], audience=AUDIENCE, issuer=ISSUER)
