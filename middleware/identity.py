@@ -619,7 +619,8 @@ def _jwt_failure(exc: Exception) -> str:
         return f"the bearer token lacks the {exc.claim!r} claim"
     reasons: tuple[tuple[type[Exception], str], ...] = (
         (jwt.ExpiredSignatureError, "the bearer token has expired"),
-        (jwt.ImmatureSignatureError, "the bearer token is not valid yet (nbf)"),
+        # nbf or iat in the future: PyJWT raises the same error for both.
+        (jwt.ImmatureSignatureError, "the bearer token is not valid yet (nbf or iat)"),
         (jwt.InvalidAudienceError, "the bearer token is for another audience"),
         (jwt.InvalidIssuerError, "the bearer token has the wrong issuer"),
         (jwt.InvalidAlgorithmError, "the bearer token's algorithm is not accepted"),

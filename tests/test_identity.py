@@ -225,7 +225,8 @@ class TestJwtBearer:
         ("claims", "reason"),
         [
             ({"exp": int(time.time()) - 3600}, "expired"),
-            ({"nbf": int(time.time()) + 3600}, "not valid yet"),
+            ({"nbf": int(time.time()) + 3600}, "not valid yet (nbf or iat)"),
+            ({"iat": int(time.time()) + 3600}, "not valid yet (nbf or iat)"),
             ({"aud": "someone-else"}, "another audience"),
             ({"iss": "https://evil.test"}, "wrong issuer"),
             ({"exp": None}, "lacks the 'exp' claim"),
