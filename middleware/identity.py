@@ -800,7 +800,12 @@ def _verification_keys(
     if isinstance(key_or_jwks, Mapping) and "keys" in key_or_jwks:
         return None, jwt.PyJWKSet.from_dict(dict(key_or_jwks)), None
     if isinstance(key_or_jwks, Mapping):
-        return None, None, jwt.PyJWK.from_dict(dict(key_or_jwks))
+        jwk = jwt.PyJWK.from_dict(dict(key_or_jwks))
+        if jwk.public_key_use not in ("sig", None):
+            # As in a key set: a key marked for encryption verifies no signature.
+            msg = f"the JWK given is marked for use {jwk.public_key_use!r}, not for signatures"
+            raise ValueError(msg)
+        return None, None, jwk
     if hmac and isinstance(key_or_jwks, str | bytes):
         _refuse_public_key_as_secret(key_or_jwks)
     return None, None, key_or_jwks

@@ -381,6 +381,15 @@ class TestJwtBearer:
                     resolver(good)
                 assert refused.value.status == 401
 
+    def test_a_single_jwk_meant_for_encryption_is_refused_when_configured(self) -> None:
+        """A lone JWK (not a set) marked ``"use": "enc"`` was used to verify signatures,
+        unlike the same key in a set: refused where it is configured."""
+        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(PRIVATE_KEY.public_key()))
+        with pytest.raises(ValueError, match="'enc'"):
+            jwt_bearer({**jwk, "use": "enc"}, algorithms=["RS256"], audience=AUDIENCE)
+        resolver = jwt_bearer({**jwk, "use": "sig"}, algorithms=["RS256"], audience=AUDIENCE)
+        assert resolver(bearer(token(key=PRIVATE_KEY, alg="RS256"))).user_id == "alice"
+
     @pytest.mark.parametrize(
         "headers",
         [
