@@ -187,11 +187,13 @@ class ContextSigner:
         """A token of ``ctx`` valid for ``ttl`` seconds (for ``audience`` only, if given).
 
         Raises:
-            ValueError: ``ttl`` is not positive, or the context's ids are too long to carry
-                in a token (about 3,000 bytes of UTF-8 together).
+            ValueError: ``ttl`` is not finite and positive, or the context's ids are too
+                long to carry in a token (about 3,000 bytes of UTF-8 together).
         """
-        if not ttl > 0:
-            msg = f"ttl must be > 0 seconds, not {ttl!r}"
+        # Finite too: an infinite ttl would make a token that never expires (and fail as
+        # an OverflowError below).
+        if not 0 < ttl < math.inf:
+            msg = f"ttl must be finite seconds > 0, not {ttl!r}"
             raise ValueError(msg)
         now = self.clock()
         claims: dict[str, Any] = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 import multiprocessing
 import time
 from collections.abc import Iterator
@@ -219,8 +220,9 @@ class TestTokens:
         assert verify(capture(context()), secret=SECRET).user_id == "alice"
         with pytest.raises(ValueError, match="at least 32 bytes"):
             ContextSigner("short")
-        with pytest.raises(ValueError, match="ttl"):
-            capture(context(), ttl=0)
+        for ttl in (0, -1.0, math.nan, math.inf):  # inf: was an OverflowError
+            with pytest.raises(ValueError, match="ttl"):
+                capture(context(), ttl=ttl)
 
 
 class TestRestore:
