@@ -477,7 +477,8 @@ async def run_check(
         concurrency: Users in flight at once (default: all of them).
         identity: How a user presents itself: ``("header", name)`` or ``("bearer", "")``.
         plan: The requests each user sends.
-        growth_requests: Requests in the tracemalloc memory-growth phase (0 to skip).
+        growth_requests: Requests in the tracemalloc memory-growth phase (0 to skip; at
+            most 1,000,000).
         max_growth_kib: Growth per 1,000 requests above which memory counts as leaking.
         measure_overhead: Also measure the middleware's own cost on a bare endpoint.
         progress: Called with ``(done, total)`` as requests complete.
@@ -486,10 +487,10 @@ async def run_check(
             startup that has not raises. ``None`` (the default) waits as long as they take.
 
     Raises:
-        ValueError: ``users`` or ``requests`` out of those bounds, or ``time_limit`` not
-            more than 0.
+        ValueError: ``users``, ``requests`` or ``growth_requests`` out of those bounds, or
+            ``time_limit`` not more than 0.
     """
-    _check_arguments(users, requests, time_limit)
+    _check_arguments(users, requests, time_limit, growth_requests)
     from ambient.migration import global_state_report, reset_global_state_report
 
     ids = _simulated_ids(users)
@@ -543,7 +544,9 @@ async def run_check(
     return report
 
 
-def _check_arguments(users: int, requests: int, time_limit: float | None) -> None:
+def _check_arguments(
+    users: int, requests: int, time_limit: float | None, growth_requests: int = 0
+) -> None:
     bounds = (("users", users, _MAX_USERS), ("requests", requests, _MAX_REQUESTS))
     for option, value, most in bounds:
         if not 1 <= value <= most:
@@ -554,6 +557,9 @@ def _check_arguments(users: int, requests: int, time_limit: float | None) -> Non
             f"users={users} and requests={requests} make {users * requests} requests; "
             f"at most {_MAX_TOTAL_REQUESTS} in all"
         )
+        raise ValueError(msg)
+    if not 0 <= growth_requests <= _MAX_TOTAL_REQUESTS:
+        msg = f"growth_requests must be from 0 to {_MAX_TOTAL_REQUESTS}, not {growth_requests}"
         raise ValueError(msg)
     if time_limit is not None and not time_limit > 0:
         msg = f"time_limit must be more than 0 seconds, not {time_limit}"

@@ -83,9 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument(
         "--growth-requests",
-        type=_not_negative,
+        type=_growth_requests,
         default=1000,
-        help="requests in the memory-growth phase (1000; 0 skips it)",
+        help="requests in the memory-growth phase, at most 1000000 (1000; 0 skips it)",
     )
     check.add_argument(
         "--timeout",
@@ -104,14 +104,6 @@ def _whole(text: str) -> int:
     except ValueError:
         msg = f"must be a whole number, not {text!r}"
         raise argparse.ArgumentTypeError(msg) from None
-
-
-def _not_negative(text: str) -> int:
-    value = _whole(text)
-    if value < 0:
-        msg = f"must be 0 or more, not {value}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
 
 
 def _request(text: str) -> str:
@@ -144,10 +136,16 @@ def _requests(text: str) -> int:
     return _from_1_to(text, _MAX_REQUESTS)
 
 
-def _from_1_to(text: str, most: int) -> int:
+def _growth_requests(text: str) -> int:
+    from ambient.check import _MAX_TOTAL_REQUESTS
+
+    return _from_1_to(text, _MAX_TOTAL_REQUESTS, least=0)
+
+
+def _from_1_to(text: str, most: int, *, least: int = 1) -> int:
     value = _whole(text)
-    if not 1 <= value <= most:
-        msg = f"must be from 1 to {most}, not {value}"
+    if not least <= value <= most:
+        msg = f"must be from {least} to {most}, not {value}"
         raise argparse.ArgumentTypeError(msg)
     return value
 

@@ -525,6 +525,8 @@ async def test_user_components_expiring_while_memory_is_measured_are_seen_cleane
             {"users": 200, "requests": 10_000},
             "users=200 and requests=10000 make 2000000 requests; at most 1000000",
         ),
+        ({"growth_requests": 1_000_001}, "growth_requests must be from 0 to 1000000, not"),
+        ({"growth_requests": -1}, "growth_requests must be from 0 to 1000000, not -1"),
     ],
 )
 async def test_run_check_refuses_more_users_or_requests_than_it_can_drive(
@@ -538,7 +540,7 @@ async def test_run_check_refuses_more_users_or_requests_than_it_can_drive(
         await send({"type": "lifespan.startup.failed", "message": "not to be reached"})
 
     with pytest.raises(ValueError, match=re.escape(said)):
-        await run_check(fails_at_startup, **size, growth_requests=0, measure_overhead=False)
+        await run_check(fails_at_startup, **{"growth_requests": 0, **size}, measure_overhead=False)
 
 
 def _app_module(tmp_path: Any, monkeypatch: pytest.MonkeyPatch, name: str, source: str) -> None:
@@ -703,7 +705,7 @@ class TestCommandLine:
             with pytest.raises(SystemExit) as refused:
                 main(["check", *wrong])
             assert refused.value.code == 2  # argparse's, with the usage: not a traceback
-        assert "must be 0 or more" in capsys.readouterr().err
+        assert "must be from 0 to 1000000, not -50" in capsys.readouterr().err
         for wrong in ("GET nopath", "nopath", "", "  "):
             with pytest.raises(ValueError, match="must start with"):
                 parse_request(wrong)
@@ -910,6 +912,11 @@ class TestCommandLine:
                 ["--users", "200", "--requests", "10000"],
                 "--users 200 and --requests 10000 make 2000000 requests; at most 1000000",
             ),
+            (
+                ["--growth-requests", "1000001"],
+                "--growth-requests: must be from 0 to 1000000, not 1000001",
+            ),
+            (["--growth-requests", "-1"], "--growth-requests: must be from 0 to 1000000, not -1"),
         ],
     )
     def test_users_and_requests_beyond_what_one_process_can_drive_are_refused(
