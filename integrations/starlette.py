@@ -54,7 +54,10 @@ def problem_response(error: AmbientError) -> Response:
     if error.http_status is None:
         msg = f"{type(error).__name__} carries no HTTP status; it is not an answer to a client"
         raise ValueError(msg)
-    problem = Problem.from_error(error)
+    return _response(Problem.from_error(error))
+
+
+def _response(problem: Problem) -> Response:
     headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in problem.headers}
     return Response(
         problem.body(),
@@ -70,8 +73,11 @@ async def ambient_error_handler(request: Request, exc: Exception) -> Response:
 
     The error is also noted on the request's scope, so that ``AmbientMiddleware`` closes it
     with the error as if it had answered it itself: cleanups see the failure and a
-    transaction around a generator factory's ``yield`` rolls back. An exception group whose
-    every error carries a status (a task group around the work) is answered as its first.
+    transaction around a generator factory's ``yield`` rolls back. A 401 without a
+    challenge of its own gets the ``WWW-Authenticate`` challenge of the middleware's
+    resolver (``Bearer`` for ``jwt_bearer``), as when the middleware answers it. An
+    exception group whose every error carries a status (a task group around the work) is
+    answered as its first.
 
     Registered by :func:`install`; register it yourself with
     ``app.add_exception_handler(AmbientError, ambient_error_handler)`` in a stack that
@@ -83,8 +89,8 @@ async def ambient_error_handler(request: Request, exc: Exception) -> Response:
         # Websockets: AmbientMiddleware refuses the handshake itself (ServerErrorMiddleware
         # lets non-HTTP errors through). Errors without an HTTP status are bugs: a 500.
         raise exc
-    _note_answered(exc)
-    return problem_response(answer)
+    challenge = _note_answered(exc)
+    return _response(Problem.from_error(answer)._challenged(challenge))
 
 
 def install(

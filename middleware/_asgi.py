@@ -61,6 +61,9 @@ _ANONYMOUS: Final = _ReadOnlyDict({ANONYMOUS: True})
 CLOSE_IDENTITY_ENDED: Final = 4001
 # A response with this status or above tells the client its request was not carried out.
 _SERVER_ERROR: Final = 500
+# Where a request's scope keeps the resolver's WWW-Authenticate challenge, for a 401 that a
+# framework's exception handler answers (ambient.integrations.starlette's).
+_CHALLENGE_KEY: Final = "ambient.middleware.challenge"
 _UNAUTHENTICATED = Problem(
     401,
     "Authentication required",
@@ -147,6 +150,7 @@ class AmbientMiddleware:
 
     __slots__ = (
         "_active",
+        "_challenge",
         "_request_id_header",
         "_requests",
         "_requests_done",
@@ -194,6 +198,7 @@ class AmbientMiddleware:
         self.app = app
         self.registry = registry
         self.identity = identity
+        self._challenge = _challenge_of(identity)
         self.anonymous = anonymous
         self._request_id_header = _header_name(request_id_header)
         self._thread_id_header = _header_name(thread_id_header)
@@ -281,6 +286,8 @@ class AmbientMiddleware:
             )
             if identity is not None and identity.expires_at is not None:
                 component_scope.state[_EXPIRES_AT_KEY] = identity.expires_at
+            if self._challenge is not None:
+                component_scope.state[_CHALLENGE_KEY] = self._challenge
             if websocket:
                 if registry.expiry_due():
                     await registry.expire_idle()
@@ -709,17 +716,23 @@ def _answer_of(error: BaseException) -> AmbientError | None:
     return None
 
 
-def _note_answered(error: BaseException) -> None:
+def _note_answered(error: BaseException) -> str | None:
     """Note on the bound request scope that the app answered ``error`` itself (a
     framework's exception handler did), so that the middleware closes the scope with it
-    and cleanups see the failure, as when the error reaches the middleware."""
+    and cleanups see the failure, as when the error reaches the middleware.
+
+    Returns the ``WWW-Authenticate`` challenge of the middleware's resolver, which a 401
+    without a challenge of its own gets, as when the middleware answers it."""
     binding = _shown()
     resolver = binding.scope if binding is not None else None
     if resolver is None:
-        return
+        return None
     scope = resolver.owner
     if scope.exception is None and not scope.closed:
         scope.exception = error
+    state = scope._state
+    challenge = None if state is None else state.get(_CHALLENGE_KEY)
+    return challenge if isinstance(challenge, str) else None
 
 
 def _problem(refusal: Exception) -> Problem:

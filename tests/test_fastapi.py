@@ -388,6 +388,48 @@ class TestErrors:
         assert ledger.work == {"failed": "rollback", "done": "commit"}
         assert registry.stats().open_scopes == 0
 
+    @pytest.mark.parametrize("framework", ["fastapi", "starlette"])
+    async def test_a_401_the_handler_answers_carries_the_resolvers_challenge(
+        self, framework: str
+    ) -> None:
+        """An IdentityError(401) raised in an endpoint (a token revoked since it was issued)
+        is answered by install()'s handler: that 401 went without WWW-Authenticate, which
+        the middleware adds when it answers the same error itself. It now carries the
+        resolver's challenge; an error's own challenge is kept, and a 400 gets none."""
+        import jwt as pyjwt
+
+        from ambient.middleware.identity import jwt_bearer
+
+        secret = "a-test-secret-of-at-least-32-bytes"
+        errors = {
+            "revoked": IdentityError("the token was revoked", status=401),
+            "basic": IdentityError("sign in again", status=401, challenge='Basic realm="a"'),
+            "malformed": IdentityError("the run id is malformed", status=400),
+        }
+
+        async def check(request: Request) -> Response:
+            raise errors[request.path_params["case"]]
+
+        identity = jwt_bearer(secret, algorithms=["HS256"])
+        registry, _ = build_registry()
+        if framework == "fastapi":
+            app: Any = FastAPI()
+            app.add_route("/{case}", check)
+            install(app, registry=registry, identity=identity)
+        else:
+            app = Starlette(routes=[Route("/{case}", check)])
+            starlette_integration.install(app, registry=registry, identity=identity)
+        token = pyjwt.encode({"sub": "alice", "exp": 4_000_000_000}, secret, algorithm="HS256")
+        headers = {"authorization": f"Bearer {token}"}
+        async with client(app) as http:
+            answers = {case: await http.get(f"/{case}", headers=headers) for case in errors}
+        assert_problem(answers["revoked"], 401, "urn:ambient:problem:identity")
+        assert answers["revoked"].headers.get_list("www-authenticate") == ["Bearer"]
+        assert answers["basic"].headers.get_list("www-authenticate") == ['Basic realm="a"']
+        assert_problem(answers["malformed"], 400, "urn:ambient:problem:identity")
+        assert "www-authenticate" not in answers["malformed"].headers
+        assert registry.stats().open_scopes == 0
+
     async def test_pool_exhaustion_in_a_task_group_is_503(self) -> None:
         """An endpoint that runs its queries in a task group: the PoolExhaustedError comes
         wrapped in an ExceptionGroup, which was a bare 500 (``gather`` gave 503)."""
