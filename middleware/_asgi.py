@@ -352,6 +352,12 @@ class AmbientMiddleware:
                     _current.reset(leftover)
                 except ValueError:  # pragma: no cover - only if the app switched Contexts
                     _current.set(None)
+                else:
+                    if _live(bound) is None:
+                        # An ended request's binding, copied in by the server: what runs
+                        # outside the middleware for this request (Starlette's error
+                        # handler, an outer middleware) must not take it for its own.
+                        _current.set(None)
 
     # -- requests and sockets ------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from websockets.sync.client import connect
 import ambient
 from ambient import Registry
 from ambient._binding import _current, _live
+from ambient.integrations.starlette import install
 from ambient.middleware import AmbientMiddleware, scope_user, trusted_header
 from ambient.middleware.identity import jwt_bearer
 from tests.apps import BUILT, Ledger, Probe, build, build_app, build_registry, close_built
@@ -935,6 +936,73 @@ async def test_a_request_after_a_large_body_on_one_connection_is_its_own(
         assert [b["entry"] for b in bodies] == [None, None, None]
     warned = [r for r in caplog.records if "live context" in r.getMessage()]
     assert len(warned) == (1 if any(live) else 0)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"http": "h11", "loop": "asyncio"}, {"http": "httptools", "loop": "uvloop"}],
+    ids=["h11", "httptools"],
+)
+async def test_code_outside_the_middleware_never_sees_the_previous_request_s_user(
+    options: dict[str, Any],
+) -> None:
+    """uvicorn (without reset_contextvars) starts a request that follows a large body on
+    its connection inside a copy of the previous request's context. The middleware set
+    that user aside for the request, then put it back: what runs outside it afterwards,
+    in the same request, saw the previous user as its own: Starlette's error handler (its
+    ServerErrorMiddleware is always outside) logged bob's failure as carol's, and an outer
+    middleware saw alice or carol when their answers went out. (uvicorn closes a
+    connection after an error that reached it: bob's request comes last.)"""
+    after: list[tuple[str, str | None]] = []
+    failed: list[tuple[str, str | None]] = []
+
+    def user_of(headers: Any) -> str:
+        return str(dict(headers)[b"x-user-id"].decode())
+
+    async def echo(request: Request) -> Response:
+        await request.body()
+        user = ambient.get_current_context().user_id
+        if user == "bob":
+            msg = f"the request of {user} failed"
+            raise RuntimeError(msg)
+        return JSONResponse({"user": user})
+
+    async def on_error(request: Request, exc: Exception) -> Response:
+        ctx = ambient.current_context_or_none()
+        failed.append((request.headers["x-user-id"], None if ctx is None else ctx.user_id))
+        return JSONResponse({"error": str(exc)}, status_code=500)
+
+    app = Starlette(
+        routes=[Route("/echo", echo, methods=["POST"])], exception_handlers={Exception: on_error}
+    )
+    install(app, registry=Registry(), identity=trusted_header())
+
+    class Outer:
+        """A pure ASGI middleware added after install(): outside the middleware."""
+
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                if scope["type"] == "http":
+                    ctx = ambient.current_context_or_none()
+                    after.append((user_of(scope["headers"]), None if ctx is None else ctx.user_id))
+
+    app.add_middleware(Outer)
+
+    def post(user: str, body: bytes) -> bytes:
+        head = f"POST /echo HTTP/1.1\r\nHost: x\r\nx-user-id: {user}\r\n"
+        return f"{head}content-length: {len(body)}\r\n\r\n".encode() + body
+
+    payload = post("alice", b"a" * 2_000_000) + post("carol", b"c") + post("bob", b"")
+    with serve("uvicorn", app, **options) as url:
+        answers = await anyio.to_thread.run_sync(raw_exchange, url, payload, 3)
+    assert [answer[9:12] for answer in answers] == [b"200", b"200", b"500"]
+    assert failed == [("bob", None)]
+    assert after == [("alice", None), ("carol", None), ("bob", None)]
 
 
 class Outside(BaseHTTPMiddleware):
