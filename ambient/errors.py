@@ -229,9 +229,9 @@ class IncompleteResponseError(AmbientError):
         self.started = started
         if started:
             detail = (
-                "the response was cut short: the app returned before its body ended (the "
-                "client disconnected and the framework cancelled the stream, or the app never "
-                "sent the last body message)"
+                "the response was cut short: its body never reached its end (the client "
+                "disconnected before it, and the framework cancelled the stream, or the app "
+                "never sent the last body message)"
             )
         else:
             detail = (

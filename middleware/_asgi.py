@@ -96,7 +96,8 @@ class AmbientMiddleware:
     (Scopes a handler opens itself clean them as they open.)
     Cleanups see the exception that ended the request, also when the app returned without
     raising yet the request failed: its response never finished (the framework cancelled
-    the work of a client that disconnected; :class:`~ambient.errors.IncompleteResponseError`),
+    the work of a client that disconnected, or the client disconnected before the end of
+    the body; :class:`~ambient.errors.IncompleteResponseError`),
     it was a 5xx (:class:`~ambient.errors.ServerErrorResponseError`), or an ambient error
     was answered by ``ambient.integrations.starlette``'s exception handler (that error).
     On ``lifespan`` shutdown the registry's USER and APP components are closed before the
@@ -297,7 +298,7 @@ class AmbientMiddleware:
                 if registry.expiry_due():
                     registry._queue_expired()
             handshake = _Handshake(receive) if websocket else None
-            app_receive = receive if handshake is None else handshake
+            app_receive = response.receiving(receive) if handshake is None else handshake
             component_scope._open()
             self._requests += 1
             counted = True
@@ -603,7 +604,7 @@ class _Response:
     message would cost more than everything it does.
     """
 
-    __slots__ = ("_echo", "_send", "ended", "started", "status")
+    __slots__ = ("_echo", "_receive", "_send", "ended", "gone", "started", "status")
 
     def __init__(self, send: Send, echo: list[tuple[bytes, bytes]]) -> None:
         self._send = send
@@ -611,6 +612,21 @@ class _Response:
         self.started = False
         self.status = 0
         self.ended = False
+        # The client disconnected before the body ended: an end sent after that (a
+        # BaseHTTPMiddleware inside re-sends a stream Starlette cancelled, then ends it)
+        # never reached it.
+        self.gone = False
+
+    def receiving(self, receive: Receive) -> Receive:
+        """The app's ``receive`` for an HTTP request: notes a disconnect before the end."""
+        self._receive = receive
+        return self._received
+
+    async def _received(self) -> MutableMapping[str, Any]:
+        message = await self._receive()
+        if message["type"] == "http.disconnect" and not self.ended:
+            self.gone = True
+        return message
 
     def failure(self) -> AmbientError | None:
         """Why an HTTP request whose app returned failed all the same, if it did."""
@@ -624,7 +640,7 @@ class _Response:
         kind = message["type"]
         if kind == "http.response.body":
             if not message.get("more_body", False):
-                self.ended = True
+                self.ended = not self.gone
             return self._send(message)
         if kind in ("http.response.start", "websocket.accept"):
             self.started = True
@@ -645,7 +661,7 @@ class _Response:
         elif kind == "http.response.pathsend" or (
             kind == "http.response.zerocopysend" and not message.get("more_body", False)
         ):
-            self.ended = True
+            self.ended = not self.gone
         return self._send(message)
 
 

@@ -14,12 +14,14 @@ import importlib
 import socket
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import anyio
 import httpx
 import pytest
 
+import ambient
 from tests.servers import granian_available, serve
 
 USERS = 50
@@ -208,11 +210,18 @@ async def test_a_request_whose_client_hangs_up_rolls_back(server: str, framework
     others' requests, answered whole, commit. Before, a request cut short closed its scope
     as a success, and its Work committed half a request."""
     app, registry, ledger = build(framework)
-    streamed = framework in STREAMED
+    outcomes = await hang_up_half(server, app, ledger, streamed=framework in STREAMED)
+    assert sorted(outcomes) == [(False, "commit")] * 10 + [(True, "rollback")] * 10
+    assert registry.stats().open_scopes == 0
+
+
+async def hang_up_half(server: str, app: Any, ledger: Any, *, streamed: bool) -> list[Any]:
+    """Send 20 users' ``/work`` requests at once, every other one hanging up mid-request;
+    return ``(hung up, how its Work ended)`` for each."""
 
     def one(port: int, n: int) -> tuple[bool, str]:
         hang = n % 2 == 0
-        request_id = f"{framework}.{n}"
+        request_id = f"work.{n}"
         request = (
             f"GET /work{'?hang=1' if hang else ''} HTTP/1.1\r\nhost: 127.0.0.1\r\n"
             f"x-user-id: user-{n}\r\nx-request-id: {request_id}\r\nconnection: close\r\n\r\n"
@@ -221,15 +230,22 @@ async def test_a_request_whose_client_hangs_up_rolls_back(server: str, framework
             sock.sendall(request.encode())
             if hang and not streamed:
                 assert ledger.wait_for_work(request_id, ("begun",)) == "begun"
+            elif hang:
+                read_until(sock, lambda received: b"begun\n" in received)
             else:
-                wanted = b"begun\n" if hang else b"done"
-                received = b""
-                while wanted not in received:
-                    chunk = sock.recv(4096)
-                    assert chunk, received
-                    received += chunk
+                # The whole answer, not only "done": Quart's has a length, the others' end
+                # with a chunked body's last chunk.
+                ends = (b"\r\n\r\ndone", b"done\r\n0\r\n\r\n", b"done\n\r\n0\r\n\r\n")
+                read_until(sock, lambda received: received.endswith(ends))
         # The socket is closed: a client that hung up, or one that read its whole answer.
         return hang, ledger.wait_for_work(request_id, ("commit", "rollback"))
+
+    def read_until(sock: socket.socket, enough: Callable[[bytes], bool]) -> None:
+        received = b""
+        while not enough(received):
+            chunk = sock.recv(4096)
+            assert chunk, received
+            received += chunk
 
     outcomes: list[tuple[bool, str]] = []
 
@@ -241,7 +257,45 @@ async def test_a_request_whose_client_hangs_up_rolls_back(server: str, framework
         async with anyio.create_task_group() as tg:
             for n in range(20):
                 tg.start_soon(run, port, n)
+    return outcomes
+
+
+@pytest.mark.parametrize("server", ["uvicorn", "hypercorn", "hypercorn-trio"])
+@pytest.mark.parametrize("framework", ["starlette", "fastapi"])
+async def test_a_stream_cut_short_behind_an_http_middleware_inside_rolls_back(
+    server: str, framework: str
+) -> None:
+    """A ``BaseHTTPMiddleware`` (FastAPI's ``@app.middleware("http")``) added before
+    install() runs inside AmbientMiddleware and re-sends the endpoint's stream: when the
+    client hangs up, Starlette cancels the endpoint's stream and the outer copy still ends
+    the response normally. The middleware took that for a whole answer, and the Work of
+    a request cut short committed. The client's disconnect, received before the end of the
+    response, now makes it incomplete."""
+    from fastapi import FastAPI
+    from starlette.applications import Starlette
+    from starlette.middleware.base import BaseHTTPMiddleware
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from ambient.integrations.starlette import install
+    from tests.frameworks import starlette_app
+    from tests.frameworks.common import IDENTITY, build_registry
+
+    registry, ledger = build_registry()
+    app = FastAPI() if framework == "fastapi" else Starlette()
+    app.router.routes.append(Route("/work", starlette_app.work))
+
+    async def tag(request: Request, call_next: Any) -> Response:
+        response: Response = await call_next(request)
+        response.headers["x-served-for"] = ambient.get_current_context().user_id
+        return response
+
+    app.add_middleware(BaseHTTPMiddleware, dispatch=tag)
+    install(app, registry=registry, identity=IDENTITY)
+    outcomes = await hang_up_half(server, app, ledger, streamed=True)
     assert sorted(outcomes) == [(False, "commit")] * 10 + [(True, "rollback")] * 10
+    assert ledger.problems(("probe", "memory")) == []
     assert registry.stats().open_scopes == 0
 
 
@@ -254,7 +308,7 @@ async def test_a_quart_sync_view_keeps_its_components_until_its_thread_is_done()
     import functools
     import inspect
     import threading
-    from collections.abc import Callable, Coroutine, Iterator
+    from collections.abc import Coroutine, Iterator
 
     from quart import Quart
 
