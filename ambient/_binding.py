@@ -109,6 +109,24 @@ def _visible(binding: _Binding) -> _Binding | None:
     return binding
 
 
+def _bound_here(binding: _Binding) -> bool:
+    """Whether the live ``binding`` was bound in this very :class:`contextvars.Context` (a
+    caller's own binding), not in one this Context was copied from (a task started inside
+    it: another request's, when a server starts requests inside the previous one's).
+
+    Only the Context that set a token can reset it: a try, then the binding set again,
+    with a token of this Context that restores the same value."""
+    token = binding.token
+    if binding.closed or binding.elsewhere or token is None:
+        return False
+    try:
+        _current.reset(token)
+    except (ValueError, RuntimeError):
+        return False
+    binding.token = _current.set(binding)
+    return True
+
+
 def _inherited(binding: _Binding) -> _Binding:
     """What a Context that inherited the ended ``binding`` (and did not make it) shows:
     the nearest live binding it shadows if that is of the same user, else itself."""

@@ -12,7 +12,7 @@ from typing import Any, Final
 
 import anyio
 
-from ambient._binding import _current, _live, _shown
+from ambient._binding import _bound_here, _current, _live, _shown
 from ambient._context import (
     ANONYMOUS,
     UserExecutionContext,
@@ -354,8 +354,8 @@ class AmbientMiddleware:
                 except ValueError:  # pragma: no cover - only if the app switched Contexts
                     _current.set(None)
                 else:
-                    if _live(bound) is None:
-                        # An ended request's binding, copied in by the server: what runs
+                    if bound is None or not _bound_here(bound):
+                        # Another request's binding, copied in by the server: what runs
                         # outside the middleware for this request (Starlette's error
                         # handler, an outer middleware) must not take it for its own.
                         _current.set(None)

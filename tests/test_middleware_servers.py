@@ -20,6 +20,7 @@ import jwt as pyjwt
 import pytest
 from starlette.applications import Starlette
 from starlette.authentication import AuthCredentials, AuthenticationBackend, SimpleUser
+from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
@@ -938,26 +939,32 @@ async def test_a_request_after_a_large_body_on_one_connection_is_its_own(
     assert len(warned) == (1 if any(live) else 0)
 
 
+@pytest.mark.parametrize("running", [False, True], ids=["ended", "still-running"])
 @pytest.mark.parametrize(
     "options",
     [{"http": "h11", "loop": "asyncio"}, {"http": "httptools", "loop": "uvloop"}],
     ids=["h11", "httptools"],
 )
 async def test_code_outside_the_middleware_never_sees_the_previous_request_s_user(
-    options: dict[str, Any],
+    options: dict[str, Any], running: bool
 ) -> None:
     """uvicorn (without reset_contextvars) starts a request that follows a large body on
     its connection inside a copy of the previous request's context. The middleware set
     that user aside for the request, then put it back: what runs outside it afterwards,
     in the same request, saw the previous user as its own: Starlette's error handler (its
     ServerErrorMiddleware is always outside) logged bob's failure as carol's, and an outer
-    middleware saw alice or carol when their answers went out. (uvicorn closes a
-    connection after an error that reached it: bob's request comes last.)"""
+    middleware saw alice or carol when their answers went out; ``running``: with the
+    earlier requests still in their background tasks. (uvicorn closes a connection after
+    an error that reached it: bob's request comes last.)"""
     after: list[tuple[str, str | None]] = []
     failed: list[tuple[str, str | None]] = []
+    bob_failed = threading.Event()
 
     def user_of(headers: Any) -> str:
         return str(dict(headers)[b"x-user-id"].decode())
+
+    async def until_bob_failed() -> None:
+        await anyio.to_thread.run_sync(bob_failed.wait, 10)
 
     async def echo(request: Request) -> Response:
         await request.body()
@@ -965,11 +972,13 @@ async def test_code_outside_the_middleware_never_sees_the_previous_request_s_use
         if user == "bob":
             msg = f"the request of {user} failed"
             raise RuntimeError(msg)
-        return JSONResponse({"user": user})
+        later = BackgroundTask(until_bob_failed) if running else None
+        return JSONResponse({"user": user}, background=later)
 
     async def on_error(request: Request, exc: Exception) -> Response:
         ctx = ambient.current_context_or_none()
         failed.append((request.headers["x-user-id"], None if ctx is None else ctx.user_id))
+        bob_failed.set()
         return JSONResponse({"error": str(exc)}, status_code=500)
 
     app = Starlette(
@@ -1002,7 +1011,7 @@ async def test_code_outside_the_middleware_never_sees_the_previous_request_s_use
         answers = await anyio.to_thread.run_sync(raw_exchange, url, payload, 3)
     assert [answer[9:12] for answer in answers] == [b"200", b"200", b"500"]
     assert failed == [("bob", None)]
-    assert after == [("alice", None), ("carol", None), ("bob", None)]
+    assert sorted(after) == [("alice", None), ("bob", None), ("carol", None)]
 
 
 class Outside(BaseHTTPMiddleware):
