@@ -29,7 +29,8 @@ see the context and the request's components.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+import weakref
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Annotated, Any, TypeVar, overload
 
 from fastapi import Depends
@@ -79,13 +80,27 @@ def Resolve(key: Any, /) -> Any:  # noqa: N802
     (``engine: Engine = Resolve(Engine)``). Sync and async factories both work; the
     component is created once per request (or user, or app) whatever asks for it.
 
+    The dependency function is the same one for every ``Resolve(key)`` of a key, so a test
+    can replace it as FastAPI's own: ``app.dependency_overrides[Resolve(Engine).dependency]
+    = lambda: FakeEngine()``.
+
     Raises:
         ResolutionError: at request time, for an unknown key (listing what is registered).
     """
+    resolve_component = _resolvers.get(key)
+    if resolve_component is None:
 
-    async def resolve_component() -> Any:
-        return await resolve(key)
+        async def resolve_component() -> Any:
+            return await resolve(key)
 
-    resolve_component.__name__ = f"resolve_{key_name(key)}"
-    resolve_component.__qualname__ = resolve_component.__name__
+        resolve_component.__name__ = f"resolve_{key_name(key)}"
+        resolve_component.__qualname__ = resolve_component.__name__
+        # Kept while a route (or anyone) holds it: a key's function stays the same one.
+        _resolvers[key] = resolve_component
     return Depends(resolve_component)
+
+
+# Per key, the dependency function of Resolve(key), for FastAPI's dependency_overrides.
+_resolvers: weakref.WeakValueDictionary[Hashable, Callable[[], Awaitable[Any]]] = (
+    weakref.WeakValueDictionary()
+)

@@ -145,6 +145,29 @@ class TestDependencies:
         await registry.aclose()
         assert ledger.problems() == []
 
+    async def test_a_resolved_component_can_be_replaced_with_dependency_overrides(self) -> None:
+        """``Resolve(key)`` gives the same dependency function for one key every time, so a
+        test replaces it as any FastAPI dependency (each call made a new function, and an
+        override of one never matched the route's)."""
+        app, registry, _ = make_app()
+
+        @app.get("/")
+        async def home(probe: Annotated[Probe, Resolve(Probe)]) -> dict[str, str]:
+            return {"probe": type(probe).__name__}
+
+        class FakeProbe:
+            pass
+
+        assert Resolve(Probe).dependency is Resolve(Probe).dependency
+        assert Resolve(Probe).dependency is not Resolve(Memory).dependency
+        async with client(app) as http:
+            assert (await http.get("/", headers=ALICE)).json() == {"probe": "Probe"}
+            app.dependency_overrides[Resolve(Probe).dependency] = FakeProbe
+            assert (await http.get("/", headers=ALICE)).json() == {"probe": "FakeProbe"}
+            app.dependency_overrides.clear()
+            assert (await http.get("/", headers=ALICE)).json() == {"probe": "Probe"}
+        await registry.aclose()
+
     async def test_every_kind_of_dependency_sees_one_context_and_one_scope(self) -> None:
         """async/sync x plain/yield dependencies: one context object, the Probe created once
         (first in a sync dependency, in a worker thread), and the exit halves of yield
