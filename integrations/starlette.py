@@ -26,6 +26,7 @@ it when the identity comes from :func:`~ambient.middleware.identity.scope_user`.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from starlette.applications import Starlette
@@ -38,6 +39,8 @@ from ambient.errors import AmbientError
 from ambient.middleware import AmbientMiddleware, IdentityResolver
 from ambient.middleware._asgi import _answer_of, _note_answered
 from ambient.middleware._problem import Problem
+
+logger = logging.getLogger("ambient.integrations.starlette")
 
 __all__ = ["ambient_error_handler", "install", "problem_response"]
 
@@ -124,6 +127,9 @@ def install(
         max_concurrent_per_user: Requests one user may have in flight at once.
         telemetry: An extra observer (``ambient.telemetry.Telemetry``) for these scopes.
 
+    An exception handler for :class:`~ambient.AmbientError` the app registered before is
+    kept (with a warning); otherwise :func:`ambient_error_handler` is registered.
+
     Raises:
         RuntimeError: the middleware is already installed, or the app has started.
     """
@@ -147,6 +153,16 @@ def install(
     # Build it once now so that a bad argument fails at start-up, not on the first request.
     AmbientMiddleware(_no_app, **options)
     app.add_middleware(AmbientMiddleware, **options)
+    own = app.exception_handlers.get(AmbientError)
+    if own is not None and own is not ambient_error_handler:
+        # The app's own, registered before: kept, as a later registration would be.
+        logger.warning(
+            "install(): the app already handles AmbientError with %r; it is kept, so "
+            "cleanups see the errors it answers with a 4xx as successes unless it returns "
+            "`await ambient_error_handler(request, exc)` for them",
+            own,
+        )
+        return
     app.add_exception_handler(AmbientError, ambient_error_handler)
 
 

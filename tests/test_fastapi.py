@@ -595,6 +595,33 @@ class TestInstall:
         with pytest.raises(RuntimeError, match="already installed"):
             install(app, registry=registry, identity=trusted_header())
 
+    async def test_a_handler_the_app_registered_before_is_kept_and_warned_of(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """An AmbientError handler of the app's own, registered before install(), was
+        silently replaced: it is kept (as a later registration would be), with a warning
+        that cleanups see its 4xx answers as successes unless it calls ours."""
+        registry, _ = build_registry()
+        app = FastAPI()
+
+        async def teapot(request: Any, exc: Exception) -> JSONResponse:
+            return JSONResponse({"own": type(exc).__name__}, status_code=418)
+
+        app.add_exception_handler(AmbientError, teapot)
+        with caplog.at_level(logging.WARNING, logger="ambient.integrations.starlette"):
+            install(app, registry=registry, identity=trusted_header())
+        assert len(caplog.records) == 1
+        assert "ambient_error_handler" in caplog.records[0].getMessage()
+
+        @app.get("/")
+        async def home() -> None:
+            raise IdentityError("not you")
+
+        async with client(app) as http:
+            response = await http.get("/", headers=ALICE)
+        assert (response.status_code, response.json()) == (418, {"own": "IdentityError"})
+        await registry.aclose()
+
     async def test_installing_after_start_is_refused(self) -> None:
         registry, _ = build_registry()
         app = FastAPI()
