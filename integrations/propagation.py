@@ -45,6 +45,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from types import TracebackType
@@ -191,9 +192,9 @@ class ContextSigner:
                 long to carry in a token (about 3,000 bytes of UTF-8 together).
         """
         # Finite too: an infinite ttl would make a token that never expires (and fail as
-        # an OverflowError below).
-        if not 0 < ttl < math.inf:
-            msg = f"ttl must be finite seconds > 0, not {ttl!r}"
+        # an OverflowError below), as would an int past what a float holds.
+        if not 0 < ttl <= sys.float_info.max:
+            msg = f"ttl must be finite seconds > 0, not {str(ttl)[:64]}"
             raise ValueError(msg)
         now = self.clock()
         claims: dict[str, Any] = {
