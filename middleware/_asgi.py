@@ -12,7 +12,7 @@ from typing import Any, Final
 
 import anyio
 
-from ambient._binding import _bound_here, _current, _live, _shown
+from ambient._binding import _Binding, _bound_here, _current, _live, _shown
 from ambient._context import (
     ANONYMOUS,
     UserExecutionContext,
@@ -354,10 +354,12 @@ class AmbientMiddleware:
                 except ValueError:  # pragma: no cover - only if the app switched Contexts
                     _current.set(None)
                 else:
-                    if bound is None or not _bound_here(bound):
+                    if bound is None or not (_bound_here(bound) or not _of_request(bound)):
                         # Another request's binding, copied in by the server: what runs
                         # outside the middleware for this request (Starlette's error
                         # handler, an outer middleware) must not take it for its own.
+                        # A caller's that reached this Context another way stays (a
+                        # thread hop: asgiref copies this Context back to the caller).
                         _current.set(None)
 
     # -- requests and sockets ------------------------------------------------------------
@@ -736,6 +738,17 @@ def _answer_of(error: BaseException) -> AmbientError | None:
     if isinstance(error, AmbientError) and error.http_status is not None:
         return error
     return None
+
+
+def _of_request(binding: _Binding | None) -> bool:
+    """Whether ``binding`` is, or shadows, the binding of an HTTP request's scope that an
+    ``AmbientMiddleware`` opened (what a server copies into the next request's task)."""
+    while binding is not None:
+        resolver = binding.scope
+        if resolver is not None and resolver.owner._others_after:
+            return True
+        binding = binding.prev
+    return False
 
 
 def _note_answered(error: BaseException) -> str | None:

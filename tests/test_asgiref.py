@@ -109,3 +109,46 @@ async def test_bindings_across_sync_to_async_hops_stay_per_user(
         for user in users
     }
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def _answer(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def test_a_caller_s_binding_survives_an_app_called_through_async_to_sync() -> None:
+    """A sync caller bound to a user (a job, a sync test harness) that calls an app behind
+    the middleware through ``async_to_sync`` keeps its binding afterwards: the app runs in a
+    copy of the caller's context whose changes asgiref copies back, and the middleware
+    cleared the caller's binding there as if a server had copied another request's in, so
+    the rest of the caller's block ran with nothing bound."""
+    stack = AmbientMiddleware(_answer, registry=Registry(), identity=trusted_header())
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/",
+        "raw_path": b"/",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"x-user-id", b"bob")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    alice = ambient.UserExecutionContext.create("alice")
+    with bind_context(alice):
+        async_to_sync(stack)(scope, receive, send)
+        after = ambient.current_context_or_none()
+    assert sent[0]["status"] == 200
+    assert after is alice
+    assert ambient.current_context_or_none() is None
