@@ -109,6 +109,15 @@ def _recount() -> None:
         _strictest[key] = min((d[key] for d in live), default=2)
 
 
+# Records on which a filter wrote an id as a plain str (no stricter filter existed then):
+# the value and its policy per field, for a stricter filter made later that meets the
+# record again (a MemoryHandler emitting it once its target is set up). A value that is no
+# longer the one written there was given by someone else: theirs to decide.
+_plain: Final[weakref.WeakKeyDictionary[logging.LogRecord, dict[str, tuple[str, int]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def _marked(key: str, disclosure: int, value: str) -> str:
     """``value`` as written under ``disclosure``: marked when a stricter filter exists."""
     if _strictest[key] < disclosure:
@@ -142,17 +151,20 @@ class _Fields:
             return dict(_EMPTY)
         return fields
 
-    def stricter(self, key: str, value: object) -> str | None:
-        """``value``, an id (``key``) a filter wrote, written again under this policy if
-        that gives away less of it; else ``None`` (keep it)."""
-        if not isinstance(value, _Written):
+    def stricter(self, key: str, value: object, disclosure: int | None = None) -> str | None:
+        """``value``, an id (``key``) a filter wrote (under ``disclosure`` if it is a plain
+        str), written again under this policy if that gives away less of it; else ``None``
+        (keep it)."""
+        if isinstance(value, _Written):
+            disclosure = value.disclosure
+        elif disclosure is None:
             return None  # given with extra=: the caller's to decide
         if key == "user_id":
             policy, export = self._ids.user_policy, self._ids.user
         else:
             policy, export = self._ids.tenant_policy, self._ids.tenant
         written = _WRITTEN[policy]
-        if written.disclosure >= value.disclosure:
+        if written.disclosure >= disclosure:
             return None
         if written is _Hashed and value:
             return _marked(key, written.disclosure, export(str(value)) or "")
@@ -211,19 +223,40 @@ class ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         """Add the fields; always keep the record."""
         present = record.__dict__
+        written: dict[str, str] = {}
         if not all(key in present for key in FIELDS):
             disclosures = self._disclosures
             for key, value in self._fields().items():
                 if key not in present:
                     disclosure = disclosures.get(key)
-                    present[key] = value if disclosure is None else _marked(key, disclosure, value)
+                    if disclosure is None:
+                        present[key] = value
+                    else:
+                        present[key] = written[key] = _marked(key, disclosure, value)
+        try:
+            plain = _plain.get(record)
+        except TypeError:  # a record class without weak references: nothing noted on it
+            plain = None
         for key in ("user_id", "tenant_id"):
+            value = present[key]
+            noted = None if plain is None else plain.get(key)
+            disclosure = noted[1] if noted is not None and noted[0] is value else None
             try:
-                again = self._fields.stricter(key, present[key])
+                again = self._fields.stricter(key, value, disclosure)
             except Exception:  # noqa: BLE001 - a log record must never fail for its metadata
                 again = ""
             if again is not None:
-                present[key] = again
+                present[key] = value = again
+            elif value is not written.get(key):
+                continue
+            mine = self._disclosures[key]
+            if mine and value and type(value) is str:
+                if plain is None:
+                    try:
+                        plain = _plain.setdefault(record, {})
+                    except TypeError:
+                        break
+                plain[key] = (value, mine)
         return True
 
 

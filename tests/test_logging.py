@@ -398,6 +398,34 @@ class TestContextFilter:
             log.info("again")
         assert type(kept.records[1].user_id) is str  # type: ignore[attr-defined]
 
+    def test_a_record_kept_before_a_stricter_filter_existed_is_still_written_again(
+        self,
+    ) -> None:
+        """A MemoryHandler keeps records until its hashing target is set up (at startup,
+        say): a raw filter wrote alice's id while no stricter filter existed, so as a plain
+        string, which the target's hashing filter then took for a value given with extra=
+        and exported raw."""
+        _drop_test_handlers()  # and with them the filters of earlier tests
+        log = logging.getLogger("tests.logging.buffered")
+        log.setLevel(logging.DEBUG)
+        log.propagate = False
+        log.addFilter(ContextFilter(user_id="raw"))
+        buffer = logging.handlers.MemoryHandler(100, flushLevel=logging.CRITICAL)
+        log.addHandler(buffer)
+        try:
+            with bind_context(UserExecutionContext.create("alice")):
+                log.info("before the exporter is set up")
+            exporter = Keep()
+            exporter.addFilter(ContextFilter())
+            buffer.setTarget(exporter)
+            buffer.flush()
+            (record,) = exporter.records
+            assert record.user_id == hash_id("alice")  # type: ignore[attr-defined]
+        finally:
+            log.removeHandler(buffer)
+            for old in list(log.filters):
+                log.removeFilter(old)
+
 
 class TestThroughTheMiddleware:
     async def test_requests_on_uvicorn_log_their_own_ids_and_trace(
