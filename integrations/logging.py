@@ -22,8 +22,8 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 import logging
-import threading
 import weakref
 from collections.abc import MutableMapping
 from typing import Any, Final
@@ -87,26 +87,33 @@ _strictest: Final = {"user_id": 2, "tenant_id": 2}
 _filters: Final[weakref.WeakKeyDictionary[ContextFilter, dict[str, int]]] = (
     weakref.WeakKeyDictionary()
 )
-# Reentrant: a filter collected while another is made calls back on the same thread.
-_filters_lock: Final = threading.RLock()
+# Tickets of recounts, and the last one taken. No lock: filters are made while logging's
+# own lock is held (dictConfig) and forgotten from the garbage collector, which may run a
+# handler's callback that takes logging's lock; holding one of ours meanwhile could deadlock.
+_tickets: Final = itertools.count(1)
+_last_ticket = [0]
 
 
 def _note_filter(made: ContextFilter, disclosures: dict[str, int]) -> None:
-    with _filters_lock:
-        _filters[made] = disclosures
-        _recount()
-    weakref.finalize(made, _forget_filter)
-
-
-def _forget_filter() -> None:
-    with _filters_lock:
-        _recount()
+    _filters[made] = disclosures
+    _recount()
+    weakref.finalize(made, _recount)
 
 
 def _recount() -> None:
-    live = list(_filters.values())
-    for key in _strictest:
-        _strictest[key] = min((d[key] for d in live), default=2)
+    while True:
+        ticket = next(_tickets)  # atomic
+        _last_ticket[0] = ticket
+        try:
+            live = list(_filters.values())
+        except RuntimeError:  # changed by another thread as it was read: read again
+            continue
+        for key in _strictest:
+            _strictest[key] = min((d[key] for d in live), default=2)
+        # A recount that read before a filter was added may write after the one that read
+        # it: that one took its ticket later, so the earlier one sees it and counts again.
+        if _last_ticket[0] == ticket:
+            return
 
 
 # Records on which a filter wrote an id as a plain str (no stricter filter existed then):

@@ -11,6 +11,7 @@ import queue
 import random
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -425,6 +426,53 @@ class TestContextFilter:
             log.removeHandler(buffer)
             for old in list(log.filters):
                 log.removeFilter(old)
+
+    def test_filters_made_and_dropped_on_many_threads_leave_the_strictest_live_policy(
+        self,
+    ) -> None:
+        """Filters of every policy made and dropped on four threads at once (as dictConfig
+        in one thread and the garbage collector in another may): once they are done, the
+        strictest policy noted is that of the filters still alive, neither a dropped
+        one's nor a laxer one's."""
+        from ambient.integrations import logging as ambient_logging
+
+        _drop_test_handlers()
+        # Filters of other tests' loggers that are still alive count too.
+        kept: list[ContextFilter] = list(ambient_logging._filters.keys())
+        others = len(kept)
+        policies = ("raw", "hash", "omit")
+        start = threading.Barrier(4)
+
+        def churn(seed: int) -> None:
+            rng = random.Random(seed)
+            start.wait(timeout=10)
+            for n in range(300):
+                made = ContextFilter(user_id=rng.choice(policies), tenant_id=rng.choice(policies))
+                if n % 100 == 0:
+                    kept.append(made)
+                if n % 37 == 0:
+                    gc.collect()
+
+        threads = [threading.Thread(target=churn, args=(seed,)) for seed in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        gc.collect()
+        disclosure = {"raw": 2, "hash": 1, "omit": 0}
+        expected = {
+            "user_id": min(disclosure[f._fields._ids.user_policy] for f in kept),
+            "tenant_id": min(disclosure[f._fields._ids.tenant_policy] for f in kept),
+        }
+        assert len(kept) == others + 12
+        assert ambient_logging._strictest == expected
+        del kept[others:]
+        gc.collect()
+        assert ambient_logging._strictest == {
+            key: min((d[key] for d in ambient_logging._filters.values()), default=2)
+            for key in ("user_id", "tenant_id")
+        }
+        assert len(ambient_logging._filters) == others
 
 
 class TestThroughTheMiddleware:

@@ -1627,11 +1627,11 @@ async def test_another_users_cleanups_run_after_the_response(how: str) -> None:
         lifetime=Lifetime.USER,
         idle_ttl=60,
     )
-    seen: list[tuple[str, int]] = []
+    seen: list[tuple[str, _Mailbox]] = []  # the mailboxes themselves: ids get reused
 
     async def endpoint(scope: Any, receive: Any, send: Any) -> None:
         mailbox = await ambient.resolve(_Mailbox)
-        seen.append((mailbox.user.user_id, id(mailbox)))
+        seen.append((mailbox.user.user_id, mailbox))
         body = mailbox.user.user_id.encode()
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": body})
@@ -1665,7 +1665,7 @@ async def test_another_users_cleanups_run_after_the_response(how: str) -> None:
         await request("alice", anyio.Event())
         await registry.aclose()
     assert [user for user, _ in seen] == ["alice", "bob", "alice"]
-    assert seen[0][1] != seen[2][1]
+    assert seen[0][1] is not seen[2][1]
     assert sorted(log) == sorted(
         2 * ["closing alice", "closed alice"] + ["closing bob", "closed bob"]
     )
