@@ -71,13 +71,10 @@ class _Hashed(_Written):
     disclosure = 1
 
 
-class _Omitted(_Written):
-    __slots__ = ()
-    disclosure = 0
-
-
-_WRITTEN: Final[dict[str, type[_Written]]] = {"raw": _Written, "hash": _Hashed, "omit": _Omitted}
-_DISCLOSURES: Final = {written.disclosure: written for written in _WRITTEN.values()}
+# How much of an id each policy gives away: raw > hash > omit. An omitted id is "", of which
+# nothing gives away less, so no value is marked as omitted.
+_DISCLOSES: Final = {"raw": 2, "hash": 1, "omit": 0}
+_MARKED: Final[dict[int, type[_Written]]] = {2: _Written, 1: _Hashed}
 
 # Per id field: how little of it the strictest live ContextFilter gives away. A value gets
 # its policy's class only while a stricter filter exists to write it again; otherwise it is
@@ -128,7 +125,7 @@ _plain: Final[weakref.WeakKeyDictionary[logging.LogRecord, dict[str, tuple[str, 
 def _marked(key: str, disclosure: int, value: str) -> str:
     """``value`` as written under ``disclosure``: marked when a stricter filter exists."""
     if _strictest[key] < disclosure:
-        return _DISCLOSURES[disclosure](value)
+        return _MARKED[disclosure](value)
     return str(value)
 
 
@@ -170,11 +167,11 @@ class _Fields:
             policy, export = self._ids.user_policy, self._ids.user
         else:
             policy, export = self._ids.tenant_policy, self._ids.tenant
-        written = _WRITTEN[policy]
-        if written.disclosure >= disclosure:
+        mine = _DISCLOSES[policy]
+        if mine >= disclosure:
             return None
-        if written is _Hashed and value:
-            return _marked(key, written.disclosure, export(str(value)) or "")
+        if mine and value:  # hashed
+            return _marked(key, mine, export(str(value)) or "")
         return ""
 
 
@@ -222,8 +219,8 @@ class ContextFilter(logging.Filter):
         self._fields = _Fields(user_id, tenant_id, hash_key)
         ids = self._fields._ids
         self._disclosures = {
-            "user_id": _WRITTEN[ids.user_policy].disclosure,
-            "tenant_id": _WRITTEN[ids.tenant_policy].disclosure,
+            "user_id": _DISCLOSES[ids.user_policy],
+            "tenant_id": _DISCLOSES[ids.tenant_policy],
         }
         _note_filter(self, self._disclosures)
 
