@@ -427,8 +427,13 @@ class Registry:
         if not needs_await(created):
             finalize_sync(created, None, self, scope._user_ref(), observers, scope)
             return
-        # Queued as an evicted user's would be: expiry_due() sees it at no extra cost.
-        entry = UserEntry(scope._user_ref(), ephemeral=True)
+        self._queue_cleanup(scope._user_ref(), created)
+
+    def _queue_cleanup(self, ref: UserRef, created: list[Created]) -> None:
+        """Queue the cleanup of ``created`` (made for ``ref``) for the next scope of this
+        registry that closes, or :meth:`aclose`: as an evicted user's entry, which
+        expiry_due() sees at no extra cost."""
+        entry = UserEntry(ref, ephemeral=True)
         entry.instances.created = created
         with self._lock:
             self._evicted.append(entry)
@@ -457,11 +462,7 @@ class Registry:
         if not self._idle or self._clock() < self._next_expiry:
             return
         for entry, expired in self._take_expired():
-            # Queued as an evicted user's would be: expiry_due() sees it at no extra cost.
-            queued = UserEntry(entry.ref, ephemeral=True)
-            queued.instances.created = expired
-            with self._lock:
-                self._evicted.append(queued)
+            self._queue_cleanup(entry.ref, expired)
 
     def _take_expired(self) -> list[tuple[UserEntry, list[Created]]]:
         """Take every USER component whose ``idle_ttl`` has passed out of its user's store."""
