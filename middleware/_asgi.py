@@ -354,12 +354,12 @@ class AmbientMiddleware:
                 except ValueError:  # pragma: no cover - only if the app switched Contexts
                     _current.set(None)
                 else:
-                    if bound is None or not (_bound_here(bound) or not _of_request(bound)):
-                        # Another request's binding, copied in by the server: what runs
-                        # outside the middleware for this request (Starlette's error
-                        # handler, an outer middleware) must not take it for its own.
-                        # A caller's that reached this Context another way stays (a
-                        # thread hop: asgiref copies this Context back to the caller).
+                    # Another request's binding, copied in by the server: what runs
+                    # outside the middleware for this request (Starlette's error handler,
+                    # an outer middleware) must not take it for its own. A caller's that
+                    # reached this Context another way stays (a thread hop: asgiref
+                    # copies this Context back to the caller). leftover implies bound.
+                    if bound is not None and _of_request(bound) and not _bound_here(bound):
                         _current.set(None)
 
     # -- requests and sockets ------------------------------------------------------------
