@@ -151,11 +151,7 @@ def _from_1_to(text: str, most: int, *, least: int = 1) -> int:
 
 
 def _port(text: str) -> int:
-    value = _whole(text)
-    if not 1 <= value <= 65535:
-        msg = f"must be from 1 to 65535, not {value}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
+    return _from_1_to(text, 65535)
 
 
 def _seconds(text: str) -> float:
