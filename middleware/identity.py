@@ -17,6 +17,7 @@ import inspect
 import ipaddress
 import logging
 import math
+import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -846,14 +847,11 @@ def _leeway(leeway: object) -> float:
     if isinstance(leeway, bool) or not isinstance(leeway, int | float):
         msg = f"leeway must be seconds as an int or float, not {type(leeway).__name__}"
         raise TypeError(msg)
-    try:
-        seconds = float(leeway)
-    except OverflowError:  # an int past what a float holds
-        seconds = math.inf
-    if not 0 <= seconds < math.inf:
+    # Compared, not converted first: an int past what a float holds is refused as inf is.
+    if not 0 <= leeway <= sys.float_info.max:
         msg = f"leeway must be finite seconds >= 0, not {str(leeway)[:64]}"
         raise ValueError(msg)
-    return seconds
+    return float(leeway)
 
 
 def jwt_bearer(
