@@ -261,7 +261,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(f"ambient {__version__}\n")
         return 0
     if args.command == "demo":
-        return _demo(args.host, args.port)
+        try:
+            return _demo(args.host, args.port)
+        except KeyboardInterrupt:  # while the demo imports or builds its app
+            sys.stderr.write("ambient demo: interrupted\n")
+            return 130
     if args.command == "check":
         try:
             return _check(args)

@@ -1166,6 +1166,54 @@ def test_ambient_demo_on_a_port_in_use_says_so_in_one_line_without_the_banner() 
     )
 
 
+def test_an_interrupt_while_the_demo_builds_its_app_exits_with_a_line(tmp_path: Any) -> None:
+    """Ctrl-C before the demo serves (its imports, its app being built): one line and exit
+    status 130, not a traceback. The app's build is made to wait on its input here."""
+    from tests.servers import free_port
+
+    (tmp_path / "slow_demo_build.py").write_text(
+        "import sys\n"
+        "import ambient.demo.app\n"
+        "from ambient.cli import main\n"
+        "built = ambient.demo.app.create_app\n"
+        "def create_app():\n"
+        "    print('building', flush=True)\n"
+        "    sys.stdin.readline()\n"
+        "    return built()\n"
+        "ambient.demo.app.create_app = create_app\n"
+        "sys.exit(main(['demo', '--port', sys.argv[1]]))\n"
+    )
+    process = subprocess.Popen(  # noqa: S603 - our own interpreter and script
+        [sys.executable, "slow_demo_build.py", str(free_port())],
+        cwd=tmp_path,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    watchdog = threading.Timer(60, process.kill)  # bounds the blocking reads below
+    watchdog.start()
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        while line and line != "building\n":  # the banner comes first
+            line = process.stdout.readline()
+        assert line == "building\n"
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)  # not communicate(): it would close stdin
+        assert process.stderr is not None
+        err = process.stderr.read()
+    finally:
+        watchdog.cancel()
+        process.kill()
+        process.wait(timeout=30)
+        for pipe in (process.stdin, process.stdout, process.stderr):
+            if pipe is not None:
+                pipe.close()
+    assert process.returncode == 130, err
+    assert err == "ambient demo: interrupted\n"
+
+
 def test_ambient_demo_serves_the_backend_on_uvicorn() -> None:
     """`ambient demo --port N` in its own process: it prints how to try it, and answers."""
     import httpx
