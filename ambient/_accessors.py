@@ -96,10 +96,11 @@ class _Proxy:
     """Forwards attribute access and calls to the current scope's instance of a component.
 
     Limits: ``isinstance`` sees the proxy, and dunder protocols other than ``__call__``
-    (iteration, ``len``, operators, ``with``) are not forwarded. Outside a scope a dunder
-    attribute (``__wrapped__``, ``__signature__``) is missing, an ``AttributeError``, so
-    ``hasattr``, ``inspect`` and doctest collection of the module holding the proxy work;
-    any other attribute raises :class:`NoActiveContextError`.
+    (iteration, ``len``, operators, ``with``) are not forwarded. Outside a scope an
+    attribute whose name starts with ``_`` (``__wrapped__``, ``__signature__``, the
+    ``_partialmethod`` that ``inspect.signature`` looks for) is missing, an
+    ``AttributeError``, so ``hasattr``, ``inspect`` and doctest collection of the module
+    holding the proxy work; any other attribute raises :class:`NoActiveContextError`.
     """
 
     __slots__ = ("_ambient_key",)
@@ -114,7 +115,7 @@ class _Proxy:
         try:
             target = self._ambient_target()
         except NoActiveContextError as exc:
-            if name.startswith("__") and name.endswith("__"):
+            if name.startswith("_"):  # what introspection probes for, not an API
                 msg = f"{self!r} has no attribute {name!r} outside a scope"
                 raise AttributeError(msg, name=name, obj=self) from exc
             raise

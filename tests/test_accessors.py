@@ -96,10 +96,11 @@ class TestAccessors:
             engine_proxy.run("x")
 
     async def test_outside_a_scope_a_dunder_attribute_is_missing(self, registry: Registry) -> None:
-        """hasattr(proxy, "__wrapped__"), inspect.unwrap() and so doctest collection of a
-        module holding a proxy used to raise NoActiveContextError; outside a scope (bound
-        context or not) a dunder attribute is missing now, and an ordinary one still says
-        no scope is bound. Inside a scope attributes are the instance's, as before."""
+        """hasattr(proxy, "__wrapped__"), inspect.unwrap(), inspect.signature() and so
+        doctest collection of a module holding a proxy used to raise NoActiveContextError;
+        outside a scope (bound context or not) an attribute starting with "_" is missing
+        now, and an ordinary one still says no scope is bound. Inside a scope attributes
+        are the instance's, as before."""
         module = types.ModuleType("legacy_tools", ">>> 20 + 22\n42\n")
         module.engine = engine_proxy  # type: ignore[attr-defined]
         for bound in (contextlib.nullcontext(), bind_context(UserExecutionContext.create("a"))):
@@ -108,6 +109,10 @@ class TestAccessors:
                 assert inspect.unwrap(engine_proxy) is engine_proxy
                 with pytest.raises(AttributeError, match="'__signature__' outside a scope"):
                     _ = engine_proxy.__signature__  # type: ignore[attr-defined]
+                # inspect.signature() also asks for `_partialmethod`, a single underscore.
+                assert list(inspect.signature(engine_proxy).parameters) == ["args", "kwargs"]
+                with pytest.raises(AttributeError, match="'_private' outside a scope"):
+                    _ = engine_proxy._private  # type: ignore[attr-defined]
                 tests = doctest.DocTestFinder().find(module)
                 assert [test.name for test in tests] == ["legacy_tools"]
                 with pytest.raises(NoActiveContextError):
