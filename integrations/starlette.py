@@ -36,9 +36,7 @@ from starlette.responses import Response
 from ambient._observe import Observer
 from ambient._registry import Registry
 from ambient.errors import AmbientError
-from ambient.middleware import AmbientMiddleware, IdentityResolver
-from ambient.middleware._asgi import _answer_of, _note_answered
-from ambient.middleware._problem import Problem
+from ambient.middleware import AmbientMiddleware, IdentityResolver, Problem, answer_error
 
 logger = logging.getLogger("ambient.integrations.starlette")
 
@@ -72,7 +70,8 @@ def _response(problem: Problem) -> Response:
 
 async def ambient_error_handler(request: Request, exc: Exception) -> Response:
     """Starlette exception handler: an :class:`~ambient.AmbientError` with an HTTP status
-    becomes its problem+json response; anything else is raised again.
+    becomes its problem+json response (:func:`~ambient.middleware.answer_error`'s answer);
+    anything else is raised again.
 
     The error is also noted on the request's scope, so that ``AmbientMiddleware`` closes it
     with the error as if it had answered it itself: cleanups see the failure and a
@@ -87,13 +86,12 @@ async def ambient_error_handler(request: Request, exc: Exception) -> Response:
     installs the middleware by other means, or on a sub-application mounted below one that
     did (it has error handling of its own).
     """
-    answer = _answer_of(exc) if request.scope.get("type") == "http" else None
+    answer = answer_error(exc) if request.scope.get("type") == "http" else None
     if answer is None:
         # Websockets: AmbientMiddleware refuses the handshake itself (ServerErrorMiddleware
         # lets non-HTTP errors through). Errors without an HTTP status are bugs: a 500.
         raise exc
-    challenge = _note_answered(exc)
-    return _response(Problem.from_error(answer)._challenged(challenge))
+    return _response(answer)
 
 
 def install(

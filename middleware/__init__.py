@@ -1,10 +1,11 @@
 """ASGI middleware that gives every request its own ambient scope.
 
 ``AmbientMiddleware`` is pure ASGI 3 and works under any ASGI framework; identity resolvers
-live in :mod:`ambient.middleware.identity`.
+live in :mod:`ambient.middleware.identity`. A framework's exception handler answers
+ambient's errors with :func:`answer_error`, as the middleware would.
 """
 
-from ambient.middleware._asgi import AmbientMiddleware
+from ambient.middleware._asgi import AmbientMiddleware, answer_error
 from ambient.middleware._problem import Problem
 from ambient.middleware.identity import (
     Identity,
@@ -21,6 +22,7 @@ __all__ = [
     "IdentityResolver",
     "Problem",
     "WebSocketTickets",
+    "answer_error",
     "first_of",
     "scope_user",
     "trusted_header",

@@ -45,7 +45,7 @@ from ambient.middleware.identity import (
 )
 from ambient.telemetry import Telemetry
 
-__all__ = ["AmbientMiddleware"]
+__all__ = ["AmbientMiddleware", "answer_error"]
 
 logger = logging.getLogger("ambient.middleware")
 
@@ -62,7 +62,7 @@ CLOSE_IDENTITY_ENDED: Final = 4001
 # A response with this status or above tells the client its request was not carried out.
 _SERVER_ERROR: Final = 500
 # Where a request's scope keeps the resolver's WWW-Authenticate challenge, for a 401 that a
-# framework's exception handler answers (ambient.integrations.starlette's).
+# framework's exception handler answers (through answer_error()).
 _CHALLENGE_KEY: Final = "ambient.middleware.challenge"
 _UNAUTHENTICATED = Problem(
     401,
@@ -99,7 +99,8 @@ class AmbientMiddleware:
     the work of a client that disconnected, or the client disconnected before the end of
     the body; :class:`~ambient.errors.IncompleteResponseError`),
     it was a 5xx (:class:`~ambient.errors.ServerErrorResponseError`), or an ambient error
-    was answered by ``ambient.integrations.starlette``'s exception handler (that error).
+    was answered by a framework's exception handler through :func:`answer_error` (that
+    error; ``ambient.integrations.starlette``'s handler is one).
     On ``lifespan`` shutdown the registry's USER and APP components are closed before the
     app's own shutdown runs, once the requests' scopes still open have closed (requests the
     server cancelled may still be cleaning up; it waits while their cleanups go on, and
@@ -324,7 +325,7 @@ class AmbientMiddleware:
                     await self._refuse(problem, scope, receive, send, echo, websocket)
                 return
             # The app returned, yet the request may have failed: an error its framework
-            # answered (noted on the scope by install()'s handler), a response cut short
+            # answered (noted on the scope by answer_error()), a response cut short
             # (frameworks cancel the work when the client disconnects, then return), or a
             # 5xx. Cleanups must see that, or a transaction around a yield commits.
             ended_by = component_scope.exception
@@ -768,6 +769,47 @@ def _note_answered(error: BaseException) -> str | None:
     state = scope._state
     challenge = None if state is None else state.get(_CHALLENGE_KEY)
     return challenge if isinstance(challenge, str) else None
+
+
+def answer_error(error: BaseException) -> Problem | None:
+    """Answer an error that a framework's exception handler caught, as the middleware
+    answers one that reaches it; ``None`` when it is not an answer to a client.
+
+    For the exception handler of a framework that answers a view's exception itself
+    (Litestar's ``exception_handlers``, Quart's ``errorhandler``, Django's
+    ``process_exception``; ``ambient.integrations.starlette`` registers one built on this).
+    An :class:`~ambient.AmbientError` that carries an HTTP status (``IdentityError`` 400 or
+    401, ``TooManyRequestsError`` 429, ``PoolExhaustedError`` 503, ``InvalidContextError``
+    400) becomes its RFC 9457 problem, with its ``Retry-After`` and ``WWW-Authenticate``
+    headers; a 401 without a challenge of its own gets the challenge of the middleware's
+    resolver (``Bearer`` for ``jwt_bearer``). An exception group (a task group around the
+    work) is answered as its first error when every error in it carries a status.
+
+    The error is also noted on the request's scope, so that ``AmbientMiddleware`` closes
+    the scope with it, as if it had answered it itself: cleanups see the failure and a
+    transaction around a generator factory's ``yield`` rolls back instead of committing
+    the work of a refused request. Call it where the request's context is bound (in the
+    handler the framework runs for the request, or a thread that carries the context);
+    elsewhere nothing is noted and a 401 gets no challenge but its own::
+
+        answer = answer_error(error)
+        if answer is None:
+            raise error  # a bug: the framework's 500
+        headers = {name.decode(): value.decode() for name, value in answer.headers}
+        return answer.body(), answer.status, headers  # as application/problem+json
+
+    Args:
+        error: What the handler caught.
+
+    Returns:
+        The answer (``status``, ``headers``, ``body()``), or ``None`` for an error that
+        carries no HTTP status (a bug: raise it again); nothing is noted then.
+    """
+    answer = _answer_of(error)
+    if answer is None:
+        return None
+    challenge = _note_answered(error)
+    return Problem.from_error(answer)._challenged(challenge)
 
 
 def _problem(refusal: Exception) -> Problem:

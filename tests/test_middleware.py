@@ -20,14 +20,24 @@ import ambient
 from ambient import Lifetime, Registry, UserExecutionContext
 from ambient._binding import _current, bind
 from ambient.errors import (
+    AmbientError,
     CleanupError,
     IdentityError,
     IncompleteResponseError,
+    InvalidContextError,
+    NoActiveContextError,
     PoolExhaustedError,
     ServerErrorResponseError,
     TooManyRequestsError,
 )
-from ambient.middleware import AmbientMiddleware, Identity, trusted_header
+from ambient.middleware import (
+    AmbientMiddleware,
+    Identity,
+    answer_error,
+    first_of,
+    trusted_header,
+)
+from ambient.middleware.identity import jwt_bearer
 from ambient.telemetry import Telemetry
 from tests.apps import BUILT, Ledger, Memory, Probe, build, build_registry, close_built
 from tests.test_identity import http_scope
@@ -505,6 +515,139 @@ class TestErrors:
         failed = [r for r in caplog.records if "cleanup failed" in r.getMessage()]
         assert len(failed) == 1
         assert "r-9" in failed[0].getMessage()
+
+
+class TestAnswerError:
+    """``answer_error``: what a framework's own exception handler answers for an ambient
+    error it caught, with the effects the middleware has when it answers the error
+    itself."""
+
+    @staticmethod
+    def _app(raised: BaseException, *, in_thread: bool = False) -> Any:
+        """A raw ASGI app whose "view" begins the request's work, then raises; its
+        "exception handler" answers through answer_error, or lets the error through."""
+
+        async def view() -> None:
+            await ambient.resolve("tx")
+            raise raised
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            try:
+                await view()
+            except BaseException as error:
+                if in_thread:
+                    answer = await anyio.to_thread.run_sync(answer_error, error)
+                else:
+                    answer = answer_error(error)
+                if answer is None:
+                    raise
+                await answer.send_http(send)
+
+        return app
+
+    @pytest.mark.parametrize("in_thread", [False, True])
+    async def test_a_401_gets_the_resolvers_challenge_and_its_scope_closes_with_it(
+        self, in_thread: bool
+    ) -> None:
+        """An IdentityError(401) raised in a view (a token revoked since it was issued) is
+        its problem+json with the challenge of the middleware's resolver, the request id
+        echoed, and the request's work sees the error, also when the handler runs in a
+        worker thread that carries the context (Django's ``process_exception``)."""
+        seen: list[BaseException | None] = []
+        revoked = IdentityError("the token was revoked", status=401)
+        identity = first_of(trusted_header(), jwt_bearer("x" * 32, algorithms=["HS256"]))
+        app = self._app(revoked, in_thread=in_thread)
+        middleware = AmbientMiddleware(app, registry=_tx_registry(seen), identity=identity)
+        async with client(middleware) as http:
+            response = await http.get("/", headers={"x-user-id": "u", "x-request-id": "r-401"})
+        body = assert_problem(response, 401)
+        assert body["type"] == "urn:ambient:problem:identity"
+        assert body["detail"] == "the token was revoked"
+        assert response.headers.get_list("www-authenticate") == ["Bearer"]
+        assert response.headers["x-request-id"] == "r-401"
+        assert seen == [revoked]
+
+    @pytest.mark.parametrize(
+        ("raised", "status", "headers"),
+        [
+            (IdentityError("malformed", status=400), 400, {}),
+            (
+                IdentityError("sign in", status=401, challenge='Basic realm="a"'),
+                401,
+                {"www-authenticate": 'Basic realm="a"'},
+            ),
+            (TooManyRequestsError("slow down", retry_after=2.5), 429, {"retry-after": "3"}),
+            (PoolExhaustedError("no connection", retry_after=2), 503, {"retry-after": "2"}),
+            (InvalidContextError("run_id", "too long", echo=False), 400, {}),
+        ],
+    )
+    async def test_an_error_that_carries_an_answer_is_answered_with_its_headers(
+        self, raised: AmbientError, status: int, headers: dict[str, str]
+    ) -> None:
+        """Its status and headers; a 401's own challenge is kept, a 400 gets none."""
+        seen: list[BaseException | None] = []
+        identity = first_of(trusted_header(), jwt_bearer("x" * 32, algorithms=["HS256"]))
+        middleware = AmbientMiddleware(
+            self._app(raised), registry=_tx_registry(seen), identity=identity
+        )
+        async with client(middleware) as http:
+            response = await http.get("/", headers={"x-user-id": "u"})
+        body = assert_problem(response, status)
+        assert body["type"] == raised.problem_type
+        for name, value in headers.items():
+            assert response.headers.get_list(name) == [value]
+        if "www-authenticate" not in headers:
+            assert "www-authenticate" not in response.headers
+        assert seen == [raised]
+
+    @pytest.mark.parametrize(
+        ("raised", "status"),
+        [
+            (
+                ExceptionGroup(
+                    "queries",
+                    [
+                        ExceptionGroup("inner", [TooManyRequestsError("slow down")]),
+                        PoolExhaustedError("no connection"),
+                    ],
+                ),
+                429,
+            ),
+            (ExceptionGroup("queries", [PoolExhaustedError("busy"), IdentityError("x")]), 503),
+            (ExceptionGroup("queries", [PoolExhaustedError("busy"), RuntimeError("bug")]), None),
+            (CleanupError("cleanups failed", [PoolExhaustedError("busy")]), None),
+            (NoActiveContextError(), None),
+            (RuntimeError("bug"), None),
+        ],
+    )
+    async def test_an_exception_group_is_answered_as_its_first_error(
+        self, raised: BaseException, status: int | None
+    ) -> None:
+        """A group whose every error (nested groups flattened) carries a status is answered
+        as its first error and noted whole; anything else is ``None`` and not noted."""
+        registry = Registry()
+        async with registry.open_scope(UserExecutionContext.create("u")) as scope:
+            answer = answer_error(raised)
+            noted = scope.exception
+        if status is None:
+            assert answer is None
+            assert noted is None
+        else:
+            assert answer is not None
+            assert answer.status == status
+            assert noted is raised
+
+    def test_outside_a_request_nothing_is_noted_and_a_401_keeps_its_own_challenge(
+        self,
+    ) -> None:
+        """With no scope bound (an app without the middleware) the answer is the error's
+        own: no challenge is added to a 401 that has none."""
+        bare = answer_error(IdentityError("who are you", status=401))
+        assert bare is not None
+        assert (bare.status, bare.headers) == (401, [])
+        own = answer_error(IdentityError("sign in", status=401, challenge="Bearer"))
+        assert own is not None
+        assert own.headers == [(b"www-authenticate", b"Bearer")]
 
 
 class TestConcurrencyLimit:
