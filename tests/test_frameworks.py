@@ -105,15 +105,17 @@ async def drive(
 
 async def refusals(url: str) -> None:
     """A PoolExhaustedError from a view is 503 problem+json with Retry-After; a request
-    without identity is 401 before any view runs."""
+    without identity is 401 with the resolver's challenge before any view runs."""
     async with httpx.AsyncClient(base_url=url) as client:
-        busy = await client.get("/busy", headers={"x-user-id": "alice"})
+        busy = await client.get("/busy", headers={"x-user-id": "alice", "x-request-id": "busy.1"})
         anonymous = await client.get("/whoami")
     assert busy.status_code == 503, busy.text
     assert busy.headers["content-type"] == "application/problem+json"
     assert busy.headers["retry-after"] == "2"
+    assert busy.headers["x-request-id"] == "busy.1"
     assert busy.json()["type"] == "urn:ambient:problem:pool-exhausted"
     assert anonymous.status_code == 401
+    assert anonymous.headers.get_list("www-authenticate") == ["Bearer"]
     assert anonymous.json()["type"] == "urn:ambient:problem:unauthenticated"
 
 
@@ -130,6 +132,34 @@ async def test_fifty_users_through_uvicorn(framework: str) -> None:
     assert ledger.problems() == []
     assert registry.stats().open_scopes == 0
     assert registry.stats().live_users == 0
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+async def test_a_401_a_view_raises_carries_the_challenge_and_rolls_back(framework: str) -> None:
+    """A view begins its Work, then raises IdentityError(401) (a token revoked since it was
+    issued), which the framework's own exception handler answers with ``answer_error``:
+    a problem+json 401 with the resolver's ``WWW-Authenticate`` challenge and the request
+    id, and the Work rolls back. Litestar's, Quart's and Django's handlers answered it
+    without a challenge (RFC 9110 requires one on a 401), and the request's scope closed
+    as a success: its Work committed the work of a refused request."""
+    app, registry, ledger = build(framework)
+    with serve("uvicorn", app) as url:
+        async with httpx.AsyncClient(base_url=url) as client:
+            response = await client.get(
+                "/refused", headers={"x-user-id": "alice", "x-request-id": "refused.1"}
+            )
+        outcome = await anyio.to_thread.run_sync(
+            ledger.wait_for_work, "refused.1", ("commit", "rollback")
+        )
+    assert response.status_code == 401, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.headers.get_list("www-authenticate") == ["Bearer"]
+    assert response.headers["x-request-id"] == "refused.1"
+    body = response.json()
+    assert body["type"] == "urn:ambient:problem:identity"
+    assert (body["status"], body["detail"]) == (401, "the token was revoked since it was issued")
+    assert outcome == "rollback"
+    assert registry.stats().open_scopes == 0
 
 
 @pytest.mark.parametrize(

@@ -8,15 +8,22 @@ import itertools
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 
 import ambient
 from ambient import Lifetime, Registry, UserExecutionContext, UserRef
-from ambient.middleware import IdentityResolver, trusted_header
+from ambient.errors import IdentityError
+from ambient.middleware import IdentityResolver, first_of, trusted_header
+from ambient.middleware.identity import jwt_bearer
 
-IDENTITY: IdentityResolver = trusted_header(tenant_header="x-tenant-id")
+# A gateway's trusted header, or a bearer token: a request with neither is refused with
+# the token's challenge (``WWW-Authenticate: Bearer``), and so is a 401 a view raises.
+IDENTITY: IdentityResolver = first_of(
+    trusted_header(tenant_header="x-tenant-id"),
+    jwt_bearer("example-app-only-not-a-secret-key", algorithms=["HS256"]),
+)
 
 
 class Ledger:
@@ -182,6 +189,13 @@ async def do_work(hang: bool) -> Work:
     if hang:
         await anyio.sleep_forever()
     return work
+
+
+async def refuse() -> NoReturn:
+    """Begin the request's Work, then refuse the caller as a view does whose token was
+    revoked since it was issued: the answer is a 401, and the Work rolls back."""
+    await ambient.resolve(Work)
+    raise IdentityError("the token was revoked since it was issued", status=401)
 
 
 async def work_stream(hang: bool) -> AsyncIterator[bytes]:

@@ -2,9 +2,10 @@
 
 Sync views run in a worker thread through asgiref's ``sync_to_async``, which carries the
 context and the scope along. Django answers a view's exception itself (a 500), so a Django
-middleware maps ambient errors with an HTTP status to problem+json. Django's ASGI handler
-does not speak lifespan; ``AmbientMiddleware`` answers it and closes the registry at
-shutdown.
+middleware answers ambient errors with an HTTP status through ``answer_error``:
+problem+json, and the error noted on the request's scope so that its cleanups see it.
+Django's ASGI handler does not speak lifespan; ``AmbientMiddleware`` answers it and closes
+the registry at shutdown.
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ from django.utils.deprecation import MiddlewareMixin
 
 import ambient
 from ambient import Registry
-from ambient.errors import AmbientError, PoolExhaustedError
-from ambient.middleware import AmbientMiddleware
-from ambient.middleware._problem import Problem
+from ambient.errors import PoolExhaustedError
+from ambient.middleware import AmbientMiddleware, answer_error
 from tests.frameworks.common import (
     IDENTITY,
     Ledger,
@@ -34,6 +34,7 @@ from tests.frameworks.common import (
     do_work,
     gate,
     in_thread,
+    refuse,
     settled,
 )
 
@@ -56,9 +57,9 @@ class ProblemMiddleware(MiddlewareMixin):
     """Answers an ambient error that carries an HTTP status with its problem+json body."""
 
     def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
-        if not isinstance(exception, AmbientError) or exception.http_status is None:
+        answer = answer_error(exception)
+        if answer is None:
             return None
-        answer = Problem.from_error(exception)
         response = HttpResponse(
             answer.body(), status=answer.status, content_type="application/problem+json"
         )
@@ -92,12 +93,17 @@ async def work(request: HttpRequest) -> HttpResponse:
     return HttpResponse("done")
 
 
+async def refused(request: HttpRequest) -> HttpResponse:
+    await refuse()
+
+
 urlpatterns = [
     path("whoami", whoami),
     path("sync", whoami_sync),
     path("stats", stats),
     path("busy", busy),
     path("work", work),
+    path("refused", refused),
 ]
 
 

@@ -22,6 +22,7 @@ from tests.frameworks.common import (
     describe,
     gate,
     in_thread,
+    refuse,
     settled,
     work_stream,
 )
@@ -59,6 +60,10 @@ def build() -> tuple[FastAPI, Registry, Ledger]:
     @app.get("/busy")
     async def busy() -> None:
         raise PoolExhaustedError("no connection within 0.1 s", retry_after=2)
+
+    @app.get("/refused")
+    async def refused() -> None:
+        await refuse()
 
     @app.get("/work")
     async def work(_: Annotated[Work, Resolve(Work)], hang: bool = False) -> StreamingResponse:

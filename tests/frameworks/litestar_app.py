@@ -2,8 +2,9 @@
 
 Litestar builds its middleware per route handler and keeps lifespan events away from it,
 so the registry is closed with ``on_shutdown``. Litestar answers a handler's exception
-itself (a 500) before route middleware sees it, so an exception handler maps ambient
-errors with an HTTP status to the middleware's problem+json body.
+itself (a 500) before route middleware sees it, so an exception handler answers ambient
+errors with an HTTP status through ``answer_error``: the middleware's problem+json body,
+and the error noted on the request's scope so that its cleanups see it.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ from litestar.response import Stream
 import ambient
 from ambient import Registry
 from ambient.errors import AmbientError, PoolExhaustedError
-from ambient.middleware import AmbientMiddleware
-from ambient.middleware._problem import Problem
+from ambient.middleware import AmbientMiddleware, answer_error
 from tests.frameworks.common import (
     IDENTITY,
     Ledger,
@@ -32,6 +32,7 @@ from tests.frameworks.common import (
     describe,
     describe_sync,
     in_thread,
+    refuse,
     settled,
     work_stream,
 )
@@ -73,6 +74,11 @@ async def busy() -> None:
     raise PoolExhaustedError("no connection within 0.1 s", retry_after=2)
 
 
+@get("/refused")
+async def refused() -> None:
+    await refuse()
+
+
 @get("/work")
 async def work(hang: FromQuery[bool] = False) -> Stream:
     await ambient.resolve(Work)
@@ -80,9 +86,9 @@ async def work(hang: FromQuery[bool] = False) -> Stream:
 
 
 def problem(request: Request[Any, Any, Any], error: AmbientError) -> Response[bytes]:
-    if error.http_status is None:
+    answer = answer_error(error)
+    if answer is None:
         raise error
-    answer = Problem.from_error(error)
     return Response(
         answer.body(),
         status_code=answer.status,
@@ -94,7 +100,7 @@ def problem(request: Request[Any, Any, Any], error: AmbientError) -> Response[by
 def build() -> tuple[Litestar, Registry, Ledger]:
     registry, ledger = build_registry()
     app = Litestar(
-        route_handlers=[whoami, whoami_sync, stats, busy, work],
+        route_handlers=[whoami, whoami_sync, stats, busy, work, refused],
         middleware=[DefineMiddleware(AmbientMiddleware, registry=registry, identity=IDENTITY)],
         dependencies={"probe": Provide(provide_probe), "memory": Provide(provide_memory)},
         exception_handlers={AmbientError: problem},

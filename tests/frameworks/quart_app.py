@@ -1,7 +1,8 @@
 """Quart: ``app.asgi_app`` wrapped in the middleware, an ``errorhandler`` for ambient errors.
 
-Quart answers a view's exception itself (a 500), so an ambient error with an HTTP status is
-mapped in an error handler with the same problem+json body the middleware writes.
+Quart answers a view's exception itself (a 500), so an error handler answers an ambient
+error with an HTTP status through ``answer_error``: the same problem+json body the
+middleware writes, and the error noted on the request's scope so that its cleanups see it.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ from quart import Quart, request
 import ambient
 from ambient import Registry
 from ambient.errors import AmbientError, PoolExhaustedError
-from ambient.middleware import AmbientMiddleware
-from ambient.middleware._problem import Problem
+from ambient.middleware import AmbientMiddleware, answer_error
 from tests.frameworks.common import (
     IDENTITY,
     Ledger,
@@ -27,6 +27,7 @@ from tests.frameworks.common import (
     do_work,
     gate,
     in_thread,
+    refuse,
     settled,
 )
 
@@ -61,11 +62,15 @@ def build() -> tuple[Quart, Registry, Ledger]:
         await do_work(bool(request.args.get("hang")))
         return "done"
 
+    @app.get("/refused")
+    async def refused() -> None:
+        await refuse()
+
     @app.errorhandler(AmbientError)
     async def problem(error: AmbientError) -> Any:
-        if error.http_status is None:
+        answer = answer_error(error)
+        if answer is None:
             raise error
-        answer = Problem.from_error(error)
         headers = {k.decode(): v.decode() for k, v in answer.headers}
         headers["content-type"] = "application/problem+json"
         return answer.body(), answer.status, headers

@@ -24,6 +24,7 @@ from tests.frameworks.common import (
     describe_sync,
     gate,
     in_thread,
+    refuse,
     settled,
     work_stream,
 )
@@ -51,6 +52,10 @@ async def busy(request: Request) -> Response:
     raise PoolExhaustedError("no connection within 0.1 s", retry_after=2)
 
 
+async def refused(request: Request) -> Response:
+    await refuse()
+
+
 async def work(request: Request) -> Response:
     await ambient.resolve(Work)
     return StreamingResponse(work_stream(bool(request.query_params.get("hang"))))
@@ -65,6 +70,7 @@ def build() -> tuple[Starlette, Registry, Ledger]:
             Route("/stats", stats),
             Route("/busy", busy),
             Route("/work", work),
+            Route("/refused", refused),
         ]
     )
     install(app, registry=registry, identity=IDENTITY)
