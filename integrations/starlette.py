@@ -9,6 +9,14 @@ carries an HTTP status (``PoolExhaustedError`` -> 503 with ``Retry-After``,
 exception handler. :func:`install` registers one that writes the same RFC 9457 body the
 middleware writes for its own refusals; every other error keeps propagating (a 500).
 
+That 500 is answered by ``ServerErrorMiddleware`` after the request's scope has closed.
+:func:`install` has it answer in the request's name: the 500 (the app's own 500 handler's,
+Starlette's plain one, or the debug traceback page) carries the request id the middleware
+echoes on every other answer, and the app's 500 handler runs with the request's context
+bound, so ``get_current_context()`` and a ``ContextFilter``'s log lines name the request
+and its user. Its scope has closed (cleanups have seen the exception): resolving a
+component there raises ``ScopeClosedError``.
+
 Handlers reach the context and components without ``request.state``::
 
     app = Starlette(routes=[Route("/", home)])
@@ -29,14 +37,18 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from starlette._utils import is_async_callable
 from starlette.applications import Starlette
+from starlette.middleware.errors import ServerErrorMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import ASGIApp, ExceptionHandler
 
 from ambient._observe import Observer
 from ambient._registry import Registry
 from ambient.errors import AmbientError
 from ambient.middleware import AmbientMiddleware, IdentityResolver, Problem, answer_error
+from ambient.middleware._asgi import _FAILED_KEY, _FailedRequest
 
 logger = logging.getLogger("ambient.integrations.starlette")
 
@@ -128,6 +140,14 @@ def install(
     An exception handler for :class:`~ambient.AmbientError` the app registered before is
     kept (with a warning); otherwise :func:`ambient_error_handler` is registered.
 
+    The app's ``ServerErrorMiddleware`` (built with the rest of its stack on the first
+    request) answers an exception that escaped a request's scope in that request's name:
+    its 500 carries the request id, unless the app's 500 handler set that header itself,
+    and the app's 500 handler (``exception_handlers={500: ...}`` or ``{Exception: ...}``,
+    registered before or after :func:`install`) runs with the request's context bound and
+    its closed scope, which resolves nothing. The exception still reaches the server; a
+    response that had started (a stream failing midway) stays as it was.
+
     Raises:
         RuntimeError: the middleware is already installed, or the app has started.
     """
@@ -151,6 +171,7 @@ def install(
     # Build it once now so that a bad argument fails at start-up, not on the first request.
     AmbientMiddleware(_no_app, **options)
     app.add_middleware(AmbientMiddleware, **options)
+    _answer_500s_in_the_request(app)
     own = app.exception_handlers.get(AmbientError)
     if own is not None and own is not ambient_error_handler:
         # The app's own, registered before: kept, as a later registration would be.
@@ -162,6 +183,110 @@ def install(
         )
         return
     app.add_exception_handler(AmbientError, ambient_error_handler)
+
+
+def _answer_500s_in_the_request(app: Starlette) -> None:
+    """Have the ``ServerErrorMiddleware`` of ``app``'s stack, outside ``AmbientMiddleware``,
+    answer a request the middleware served in that request's name.
+
+    The stack is built on the first request, after every middleware and handler has been
+    added (those added after :func:`install` included): its build is wrapped, not
+    replaced, so that it stays Starlette's (or FastAPI's, or what wrapped it before).
+    """
+    build = app.build_middleware_stack
+
+    def build_middleware_stack() -> ASGIApp:
+        return _with_server_errors_in_the_request(build())
+
+    app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
+
+
+def _with_server_errors_in_the_request(stack: ASGIApp) -> ASGIApp:
+    """``stack`` with each ``ServerErrorMiddleware`` outside ``AmbientMiddleware`` (the
+    outermost layer, and one an instrumentation wrapped with its own outside that) made a
+    :class:`_ServerErrorMiddleware` with the same handler and debug flag."""
+    outer: Any = None
+    layer: Any = stack
+    seen: set[int] = set()
+    while layer is not None and not isinstance(layer, AmbientMiddleware) and id(layer) not in seen:
+        seen.add(id(layer))
+        if type(layer) is ServerErrorMiddleware:
+            layer = _ServerErrorMiddleware(layer.app, handler=layer.handler, debug=layer.debug)
+            if outer is None:
+                stack = layer
+            else:
+                outer.app = layer
+        outer = layer
+        layer = getattr(layer, "app", None)
+    return stack
+
+
+class _ServerErrorMiddleware(ServerErrorMiddleware):
+    """Starlette's ``ServerErrorMiddleware``, answering an exception that escaped a request
+    ``AmbientMiddleware`` served (its scope closed by then) in that request's name.
+
+    Its 500 (the app's handler's, the plain one, the debug traceback page) carries the
+    request id the middleware echoes on the request's other answers, unless the handler
+    set one itself; the app's handler runs with the request's context bound again, and its
+    closed scope, which resolves nothing. The exception is raised again as before, and
+    a response that had started (a stream failing midway) stays as it is: nothing more is
+    sent. Requests that did not fail never reach this code.
+    """
+
+    def __init__(self, app: ASGIApp, handler: ExceptionHandler | None, debug: bool) -> None:
+        super().__init__(
+            app, handler=None if handler is None else _in_the_request(handler), debug=debug
+        )
+
+    def debug_response(self, request: Request, exc: Exception) -> Response:
+        return _with_request_id(request, super().debug_response(request, exc))
+
+    def error_response(self, request: Request, exc: Exception) -> Response:
+        return _with_request_id(request, super().error_response(request, exc))
+
+
+def _in_the_request(handler: ExceptionHandler) -> ExceptionHandler:
+    """``handler`` (the app's 500 handler) run in the failed request's context, and its
+    response given the request's id. Async or not, as ``handler`` is: Starlette runs a
+    sync handler in its thread pool, and this binds the context there."""
+    # An HTTP handler: ServerErrorMiddleware handles nothing else.
+    call: Any = handler
+    if is_async_callable(handler):
+
+        async def handle(request: Request, exc: Exception) -> Response:
+            failed = request.scope.get(_FAILED_KEY)
+            if not isinstance(failed, _FailedRequest):
+                response: Response = await call(request, exc)
+                return response
+            with failed.bound():
+                response = await call(request, exc)
+            return _with_request_id(request, response)
+
+        return handle
+
+    def handle_sync(request: Request, exc: Exception) -> Response:
+        failed = request.scope.get(_FAILED_KEY)
+        if not isinstance(failed, _FailedRequest):
+            response: Response = call(request, exc)
+            return response
+        with failed.bound():
+            response = call(request, exc)
+        return _with_request_id(request, response)
+
+    return handle_sync
+
+
+def _with_request_id(request: Request, response: Response) -> Response:
+    """``response`` with the request id ``AmbientMiddleware`` echoes, if the request failed
+    past it and ``response`` names no request id of its own."""
+    failed = request.scope.get(_FAILED_KEY)
+    if isinstance(failed, _FailedRequest) and isinstance(response, Response):
+        headers = response.headers
+        for name, value in failed.echo:
+            header = name.decode("latin-1")
+            if header not in headers:
+                headers.append(header, value.decode("latin-1"))
+    return response
 
 
 async def _no_app(scope: Any, receive: Any, send: Any) -> None:  # pragma: no cover

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import re
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import Any, Final
 
 import anyio
 
-from ambient._binding import _Binding, _bound_here, _current, _live, _shown
+from ambient._binding import _Binding, _bound_here, _current, _live, _shown, bind, unbind
 from ambient._context import (
     ANONYMOUS,
     UserExecutionContext,
@@ -64,6 +65,8 @@ _SERVER_ERROR: Final = 500
 # Where a request's scope keeps the resolver's WWW-Authenticate challenge, for a 401 that a
 # framework's exception handler answers (through answer_error()).
 _CHALLENGE_KEY: Final = "ambient.middleware.challenge"
+# Where a request whose app raised keeps its _FailedRequest, in the ASGI scope.
+_FAILED_KEY: Final = "ambient.failed_request"
 _UNAUTHENTICATED = Problem(
     401,
     "Authentication required",
@@ -311,6 +314,9 @@ class AmbientMiddleware:
             except BaseException as exc:
                 answer = None if response.started else _answer_of(exc)
                 if answer is None:
+                    # For a last-resort handler outside (Starlette's 500), which answers
+                    # after the scope closed.
+                    scope[_FAILED_KEY] = _FailedRequest(echo, ctx, component_scope)
                     await component_scope.__aexit__(type(exc), exc, exc.__traceback__)
                     raise
                 failures = await component_scope.finish(exc)
@@ -576,6 +582,39 @@ class AmbientMiddleware:
             if self._requests >= left and registry.cleaned + registry.cleanup_failures == progress:
                 break
         return self._requests
+
+
+class _FailedRequest:
+    """A request whose app raised an exception that the middleware let through, as
+    the middleware leaves it in the ASGI scope (under :data:`_FAILED_KEY`) for a
+    last-resort error handler outside it: Starlette's ``ServerErrorMiddleware``, which
+    answers such a request with a 500 after the request's scope has closed.
+
+    Attributes:
+        echo: The request id header the middleware echoes on the request's answers.
+        context: The request's context.
+        scope: The request's component scope, closed.
+    """
+
+    __slots__ = ("context", "echo", "scope")
+
+    def __init__(
+        self, echo: list[tuple[bytes, bytes]], context: UserExecutionContext, scope: Scope
+    ) -> None:
+        self.echo = echo
+        self.context = context
+        self.scope = scope
+
+    @contextlib.contextmanager
+    def bound(self) -> Iterator[None]:
+        """Bind the request's context again for the block, with its closed scope: the
+        block sees the request's context and resolves nothing (``ScopeClosedError``)."""
+        # The request's own context, whatever is bound here: as the middleware binds it.
+        binding = bind(self.context, self.scope, allow_switch=True)
+        try:
+            yield
+        finally:
+            unbind(binding)
 
 
 class _Handshake:

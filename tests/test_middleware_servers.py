@@ -955,7 +955,8 @@ async def test_code_outside_the_middleware_never_sees_the_previous_request_s_use
     ServerErrorMiddleware is always outside) logged bob's failure as carol's, and an outer
     middleware saw alice or carol when their answers went out; ``running``: with the
     earlier requests still in their background tasks. (uvicorn closes a connection after
-    an error that reached it: bob's request comes last.)"""
+    an error that reached it: bob's request comes last.) The error handler sees bob's own
+    context, which install() binds again there; an outer middleware sees none."""
     after: list[tuple[str, str | None]] = []
     failed: list[tuple[str, str | None]] = []
     bob_failed = threading.Event()
@@ -1010,7 +1011,7 @@ async def test_code_outside_the_middleware_never_sees_the_previous_request_s_use
     with serve("uvicorn", app, **options) as url:
         answers = await anyio.to_thread.run_sync(raw_exchange, url, payload, 3)
     assert [answer[9:12] for answer in answers] == [b"200", b"200", b"500"]
-    assert failed == [("bob", None)]
+    assert failed == [("bob", "bob")]
     assert sorted(after) == [("alice", None), ("bob", None), ("carol", None)]
 
 

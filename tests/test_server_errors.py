@@ -1,0 +1,589 @@
+"""A handler's bug under ``install()``: the 500 Starlette's ``ServerErrorMiddleware`` answers.
+
+``ServerErrorMiddleware`` is the outermost layer of every Starlette and FastAPI app, outside
+``AmbientMiddleware``: the 500 it answers for an exception that escaped the app, the app's
+own 500 handler (``exception_handlers={500: ...}`` or ``{Exception: ...}``) and the debug
+traceback page all happen after the request's scope closed. With ``install()`` the 500
+carries the request id, as every other answer does, and the 500 handler runs in the
+request's context (its scope closed: it resolves nothing); the exception still reaches the
+server, cleanups see it once, and answers that did not fail are as they were.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from fastapi import FastAPI
+from starlette.applications import Starlette
+from starlette.middleware.errors import ServerErrorMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+
+import ambient
+from ambient import Registry, UserExecutionContext
+from ambient.errors import NoActiveContextError, ScopeClosedError
+from ambient.integrations.logging import ContextFilter
+from ambient.integrations.starlette import install
+from ambient.middleware import trusted_header
+from tests.frameworks.common import build_registry, gate
+from tests.servers import serve
+from tests.test_fastapi import documented_code
+
+IDENTITY = trusted_header(tenant_header="x-tenant-id")
+USERS = 40
+GENERATED = re.compile(r"[0-9a-f]{32}")
+
+
+class Boom(Exception):  # noqa: N818 - named as the tests read it
+    """A handler's bug, naming the user whose request it ended."""
+
+    def __init__(self, tenant: str | None, user: str, overlapped: bool | None) -> None:
+        super().__init__(f"{tenant}/{user}")
+        self.overlapped = overlapped
+
+
+class Witness:
+    """A REQUEST component whose cleanup notes what ended its request."""
+
+
+class Record:
+    """What the app saw, from the server's threads: each cleanup, each 500 handler call,
+    each log line made in a 500 handler."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.cleanups: list[tuple[str, str | None]] = []
+        self.handled: list[dict[str, Any]] = []
+        self.records: list[logging.LogRecord] = []
+
+    def cleanup(self, request_id: str, error: BaseException | None) -> None:
+        with self._lock:
+            self.cleanups.append((request_id, None if error is None else str(error)))
+
+    def handle(self, seen: dict[str, Any]) -> None:
+        with self._lock:
+            self.handled.append(seen)
+
+
+class Keep(logging.Handler):
+    """Keeps the records it handles in a :class:`Record`."""
+
+    def __init__(self, record: Record) -> None:
+        super().__init__(logging.DEBUG)
+        self.record = record
+        self.addFilter(ContextFilter(user_id="raw"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self.record._lock:
+            self.record.records.append(record)
+
+
+def build_app(
+    framework: str, handler: str | None, *, debug: bool = False
+) -> tuple[Starlette, Registry, Record]:
+    """A Starlette or FastAPI app with ``install()``: ``/boom`` raises :class:`Boom` (after
+    ``size`` requests met at ``gate``), ``/ok`` answers; ``handler`` is the app's 500
+    handler (``"async"``, ``"sync"`` or ``None`` for Starlette's own)."""
+    registry, _ = build_registry()
+    record = Record()
+    log = logging.getLogger(f"tests.server_errors.{uuid.uuid4().hex}")
+    log.propagate = False
+    log.addHandler(Keep(record))
+
+    def witness(ctx: UserExecutionContext) -> Iterator[Witness]:
+        try:
+            yield Witness()
+        except BaseException as exc:
+            record.cleanup(ctx.request_id, exc)
+            raise
+        record.cleanup(ctx.request_id, None)
+
+    registry.register(Witness, witness)
+
+    async def boom(request: Request) -> Response:
+        ctx = ambient.get_current_context()
+        await ambient.resolve(Witness)
+        overlapped = await gate(
+            request.query_params.get("gate"), int(request.query_params.get("size", 0))
+        )
+        raise Boom(ctx.tenant_id, ctx.user_id, overlapped)
+
+    async def ok(request: Request) -> Response:
+        ctx = ambient.get_current_context()
+        await ambient.resolve(Witness)
+        return JSONResponse({"user": ctx.user_id, "request_id": ctx.request_id})
+
+    def seen(exc: Exception, overlapped: bool | None) -> dict[str, Any]:
+        ctx = ambient.get_current_context()
+        try:
+            ambient.resolve_sync(Witness)
+        except ScopeClosedError as closed:
+            resolved = f"ScopeClosedError: {closed}"
+        else:
+            resolved = "resolved"
+        log.error("request failed: %s", exc)
+        body = {
+            "error": str(exc),
+            "user": f"{ctx.tenant_id}/{ctx.user_id}",
+            "request_id": ctx.request_id,
+            "resolve": resolved,
+            "overlapped": getattr(exc, "overlapped", None),
+            "handler_overlapped": overlapped,
+        }
+        record.handle(body)
+        return body
+
+    async def on_error(request: Request, exc: Exception) -> Response:
+        # Every handler in flight at once, each then reading its own context.
+        name = request.query_params.get("gate")
+        size = int(request.query_params.get("size", 0))
+        overlapped = await gate(name and f"{name}-handler", size)
+        return JSONResponse(seen(exc, overlapped), status_code=500)
+
+    def on_error_sync(request: Request, exc: Exception) -> Response:
+        return JSONResponse(seen(exc, None), status_code=500)
+
+    handlers = {"async": on_error, "sync": on_error_sync}
+    app: Starlette
+    if framework == "starlette":
+        # The 500 handler given before install().
+        exception_handlers: Any = {} if handler is None else {500: handlers[handler]}
+        app = Starlette(
+            debug=debug,
+            routes=[Route("/boom", boom), Route("/ok", ok)],
+            exception_handlers=exception_handlers,
+        )
+        install(app, registry=registry, identity=IDENTITY)
+    else:
+        app = FastAPI(debug=debug)
+        install(app, registry=registry, identity=IDENTITY)
+        # The 500 handler registered after install().
+        if handler is not None:
+            app.add_exception_handler(Exception, handlers[handler])
+        app.add_route("/boom", boom)
+        app.add_route("/ok", ok)
+    return app, registry, record
+
+
+def identities() -> list[tuple[str, str]]:
+    """USERS identities: equal user ids in two tenants, which must never meet."""
+    return [(f"tenant-{n % 2}", f"user-{n // 2}") for n in range(USERS)]
+
+
+async def drive(
+    url: str, *, handled: bool, accept: str = "*/*"
+) -> tuple[list[httpx.Response], dict[str, str]]:
+    """For every identity at once: a request to ``/boom`` with a request id, one without,
+    and one to ``/ok``. Checks every answer; returns the 500s and, per request id echoed on
+    a 500, the ``tenant/user`` it was sent for."""
+    failing = 2 * USERS
+    name = uuid.uuid4().hex
+    failed: list[httpx.Response] = []
+    owners: dict[str, str] = {}
+
+    async def one(client: httpx.AsyncClient, tenant: str, user: str, kind: str) -> None:
+        headers = {"x-user-id": user, "x-tenant-id": tenant, "accept": accept}
+        sent = f"{tenant}.{user}.{kind}"
+        if kind != "generated":
+            headers["x-request-id"] = sent
+        if kind == "ok":
+            response = await client.get("/ok", headers=headers)
+            # As it always was: the id once, the body the view's.
+            assert response.status_code == 200, response.text
+            assert response.headers.get_list("x-request-id") == [sent]
+            assert response.json() == {"user": user, "request_id": sent}
+            return
+        params = {"gate": name, "size": str(failing)}
+        response = await client.get("/boom", params=params, headers=headers)
+        assert response.status_code == 500, response.text
+        echoed = response.headers.get_list("x-request-id")
+        assert len(echoed) == 1, response.headers
+        if kind == "given":
+            assert echoed == [sent]
+        else:
+            assert GENERATED.fullmatch(echoed[0]), echoed
+        if handled:
+            body = response.json()
+            assert body["error"] == f"{tenant}/{user}"
+            assert body["user"] == f"{tenant}/{user}"
+            assert body["request_id"] == echoed[0]
+            assert (
+                body["resolve"] == "ScopeClosedError: cannot resolve Witness: the scope has closed"
+            )
+            assert body["overlapped"] is True
+            assert body["handler_overlapped"] in (True, None)
+        owners[echoed[0]] = f"{tenant}/{user}"
+        failed.append(response)
+
+    limits = httpx.Limits(max_connections=3 * USERS)
+    async with (
+        httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client,
+        anyio.create_task_group() as tg,
+    ):
+        for tenant, user in identities():
+            for kind in ("given", "generated", "ok"):
+                tg.start_soon(one, client, tenant, user, kind)
+    assert len(failed) == failing
+    assert len(owners) == failing, "two failed requests were answered with one request id"
+    return failed, owners
+
+
+def check_cleanups(record: Record, owners: dict[str, str]) -> None:
+    """Each failed request's cleanup saw its own Boom, once; each other request's nothing."""
+    cleanups = Counter(record.cleanups)
+    assert {key for key in cleanups if key[1] is not None} == set(owners.items())
+    assert all(count == 1 for count in cleanups.values()), cleanups
+    assert sum(1 for _, error in cleanups if error is None) == USERS  # the /ok requests
+
+
+def server_errors(caplog: pytest.LogCaptureFixture) -> Counter[str]:
+    """The exceptions uvicorn logged, by message."""
+    return Counter(
+        str(record.exc_info[1])
+        for record in caplog.records
+        if record.name == "uvicorn.error" and record.exc_info and record.exc_info[1]
+    )
+
+
+class TestUnderUvicorn:
+    @pytest.mark.parametrize(
+        ("server", "framework", "handler"),
+        [
+            ("uvicorn", "starlette", "async"),
+            ("uvicorn", "starlette", "sync"),
+            ("uvicorn", "fastapi", "async"),
+            ("uvicorn", "fastapi", "sync"),
+            ("hypercorn-trio", "starlette", "sync"),
+            ("hypercorn-trio", "fastapi", "async"),
+        ],
+    )
+    async def test_the_apps_500_handler_answers_in_the_requests_context(
+        self, caplog: pytest.LogCaptureFixture, server: str, framework: str, handler: str
+    ) -> None:
+        """80 failing requests of 40 users in flight at once, their 500 handlers too: each
+        500 carries its request's id (the client's, or the one generated for it), and its
+        handler saw the context of the user whose request failed, logged with its ids,
+        and could resolve nothing from the closed scope. Cleanups saw each exception once;
+        the server still got every exception; answers that did not fail are unchanged."""
+        app, registry, record = build_app(framework, handler)
+        caplog.set_level(logging.ERROR)
+        options = {"log_config": None} if server == "uvicorn" else {}
+        with serve(server, app, **options) as url:
+            _, owners = await drive(url, handled=True)
+        check_cleanups(record, owners)
+        assert len(record.handled) == len(owners)
+        assert sorted(
+            (record.request_id, f"{record.tenant_id}/{record.user_id}", record.getMessage())
+            for record in record.records
+        ) == sorted(
+            (request_id, owner, f"request failed: {owner}") for request_id, owner in owners.items()
+        )
+        if server == "uvicorn":
+            assert server_errors(caplog) == Counter(owners.values())
+        assert registry.stats().open_scopes == 0
+
+    @pytest.mark.parametrize("framework", ["starlette", "fastapi"])
+    @pytest.mark.parametrize(
+        ("debug", "accept"),
+        [(False, "*/*"), (True, "text/plain"), (True, "text/html")],
+        ids=["plain", "debug-text", "debug-html"],
+    )
+    async def test_starlettes_own_500_carries_the_request_id(
+        self, caplog: pytest.LogCaptureFixture, framework: str, debug: bool, accept: str
+    ) -> None:
+        """Without a 500 handler of the app's: Starlette's plain 500, or its traceback page
+        in debug mode, carries each request's id, under 40 concurrent users."""
+        app, registry, record = build_app(framework, None, debug=debug)
+        caplog.set_level(logging.ERROR)
+        with serve("uvicorn", app, log_config=None) as url:
+            failed, owners = await drive(url, handled=False, accept=accept)
+        for response in failed:
+            if debug:
+                assert "Boom" in response.text
+                assert response.headers["content-type"].startswith(accept)
+            else:
+                assert response.text == "Internal Server Error"
+        check_cleanups(record, owners)
+        assert server_errors(caplog) == Counter(owners.values())
+        assert registry.stats().open_scopes == 0
+
+
+def client(app: Any) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(
+        app=app, client=("127.0.0.1", 50000), raise_app_exceptions=False
+    )
+    return httpx.AsyncClient(transport=transport, base_url="http://testserver")
+
+
+ALICE = {"x-user-id": "alice", "x-tenant-id": "acme", "x-request-id": "alice-1"}
+
+
+class Escaped:
+    """The app as a server runs it, noting what escaped it."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.errors: list[BaseException] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except BaseException as exc:
+            self.errors.append(exc)
+            raise
+
+
+class TestInProcess:
+    @pytest.mark.parametrize("framework", ["starlette", "fastapi"])
+    async def test_the_exception_reaches_the_server_unchanged(self, framework: str) -> None:
+        """The handler's own exception, the very object, still escapes the app after the
+        500 went out."""
+        app, _, record = build_app(framework, "async")
+        escaped = Escaped(app)
+        async with client(escaped) as http:
+            response = await http.get("/boom", headers=ALICE)
+        assert response.status_code == 500
+        assert response.headers["x-request-id"] == "alice-1"
+        assert [type(error) for error in escaped.errors] == [Boom]
+        assert str(escaped.errors[0]) == "acme/alice"
+        assert record.cleanups == [("alice-1", "acme/alice")]
+
+    async def test_a_stream_that_fails_after_its_start_is_as_it_was(self) -> None:
+        """A response that fails after its start cannot get a header any more: it keeps
+        the start it sent (the id once), no second answer follows, and the 500 handler
+        still runs in the request's context."""
+        registry, _ = build_registry()
+        seen: list[str] = []
+
+        async def chunks() -> Any:
+            yield b"begun\n"
+            raise Boom("acme", "alice", None)
+
+        async def stream(request: Request) -> Response:
+            return StreamingResponse(chunks())
+
+        async def on_error(request: Request, exc: Exception) -> Response:
+            seen.append(ambient.get_current_context().request_id)
+            return PlainTextResponse("failed", status_code=500)
+
+        app = Starlette(routes=[Route("/stream", stream)], exception_handlers={500: on_error})
+        install(app, registry=registry, identity=IDENTITY)
+        starts: list[Any] = []
+
+        async def server(scope: Any, receive: Any, send: Any) -> None:
+            async def sent(message: Any) -> None:
+                if message["type"] == "http.response.start":
+                    starts.append(message)
+                await send(message)
+
+            await app(scope, receive, sent)
+
+        escaped = Escaped(server)
+        async with client(escaped) as http:
+            response = await http.get("/stream", headers=ALICE)
+        assert response.status_code == 200
+        assert [start["status"] for start in starts] == [200]
+        assert [v for k, v in starts[0]["headers"] if k == b"x-request-id"] == [b"alice-1"]
+        assert seen == ["alice-1"]
+        assert [type(error) for error in escaped.errors] == [Boom]
+
+    @pytest.mark.parametrize("kind", ["async", "sync", "none"])
+    async def test_the_500_handler_outside_a_request_sees_no_context(self, kind: str) -> None:
+        """An exception that never went through the middleware's scope (an outer layer's
+        bug) reaches the 500 handler as before: nothing bound, no id; as does Starlette's
+        own 500 (``kind="none"``)."""
+        registry, _ = build_registry()
+        seen: list[str] = []
+
+        def answer() -> Response:
+            try:
+                ambient.get_current_context()
+            except NoActiveContextError:
+                seen.append("nothing bound")
+            return PlainTextResponse("failed", status_code=500)
+
+        async def on_error(request: Request, exc: Exception) -> Response:
+            return answer()
+
+        def on_error_sync(request: Request, exc: Exception) -> Response:
+            return answer()
+
+        async def home(request: Request) -> Response:  # pragma: no cover - never reached
+            return PlainTextResponse("home")
+
+        handlers: dict[str, Any] = {"async": on_error, "sync": on_error_sync}
+        exception_handlers = {500: handlers[kind]} if kind in handlers else {}
+        app = Starlette(routes=[Route("/", home)], exception_handlers=exception_handlers)
+        install(app, registry=registry, identity=IDENTITY)
+
+        class Broken:
+            def __init__(self, app: Any) -> None:
+                self.app = app
+
+            async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+                raise RuntimeError("an outer middleware's bug")
+
+        app.add_middleware(Broken)
+        async with client(app) as http:
+            response = await http.get("/", headers=ALICE)
+        assert response.status_code == 500
+        assert "x-request-id" not in response.headers
+        if kind == "none":
+            assert response.text == "Internal Server Error"
+        else:
+            assert response.text == "failed"
+            assert seen == ["nothing bound"]
+
+    async def test_a_request_id_the_500_handler_set_is_kept(self) -> None:
+        """A 500 handler that names the request itself (another header value, another
+        case) keeps its own: the header is not sent twice."""
+        registry, _ = build_registry()
+
+        async def boom(request: Request) -> Response:
+            raise Boom("acme", "alice", None)
+
+        async def on_error(request: Request, exc: Exception) -> Response:
+            ctx = ambient.get_current_context()
+            headers = {"X-Request-ID": f"{ctx.request_id}/500"}
+            return PlainTextResponse("failed", status_code=500, headers=headers)
+
+        app = Starlette(routes=[Route("/boom", boom)], exception_handlers={500: on_error})
+        install(app, registry=registry, identity=IDENTITY)
+        async with client(app) as http:
+            response = await http.get("/boom", headers=ALICE)
+        assert response.status_code == 500
+        assert response.headers.get_list("x-request-id") == ["alice-1/500"]
+
+    async def test_a_sub_app_that_called_install_answers_its_500_with_the_id(self) -> None:
+        """A FastAPI app that called install(), mounted under an app that did not: its own
+        ServerErrorMiddleware is the one outside the middleware."""
+        api, _, _ = build_app("fastapi", "sync")
+        app = Starlette(routes=[Mount("/v1", app=api)])
+        escaped = Escaped(app)
+        async with client(escaped) as http:
+            response = await http.get("/v1/boom", headers=ALICE)
+            ok = await http.get("/v1/ok", headers={**ALICE, "x-request-id": "alice-2"})
+        assert response.status_code == 500
+        assert response.headers.get_list("x-request-id") == ["alice-1"]
+        assert response.json()["user"] == "acme/alice"
+        assert ok.headers.get_list("x-request-id") == ["alice-2"]
+        assert [type(error) for error in escaped.errors] == [Boom]
+
+    async def test_the_documented_mounted_sub_app_answers_its_500_inside_the_scope(
+        self,
+    ) -> None:
+        """The documented mount (install() on the outer app, the handler alone on the
+        sub-app): the sub-app's ServerErrorMiddleware is inside the request's scope, so its
+        500 goes out with the request id, its 500 handler sees the context with the scope
+        open, and the cleanups then see the exception."""
+        registry, _ = build_registry()
+        record = Record()
+
+        def witness(ctx: UserExecutionContext) -> Iterator[Witness]:
+            try:
+                yield Witness()
+            except BaseException as exc:
+                record.cleanup(ctx.request_id, exc)
+                raise
+
+        registry.register(Witness, witness)
+        namespace: dict[str, Any] = {
+            "FastAPI": FastAPI,
+            "registry": registry,
+            "identity": IDENTITY,
+        }
+        exec(documented_code("docs/frameworks.md", "**Mounted sub-applications.**"), namespace)  # noqa: S102 - our own docs
+        app, api = namespace["app"], namespace["api"]
+
+        @api.get("/boom")
+        async def boom() -> None:
+            await ambient.resolve(Witness)
+            raise Boom("acme", "alice", None)
+
+        async def on_error(request: Request, exc: Exception) -> Response:
+            witness = await ambient.resolve(Witness)  # the scope is still open
+            record.handle({"user": ambient.get_current_context().user_id, "witness": witness})
+            return PlainTextResponse("failed", status_code=500)
+
+        api.add_exception_handler(Exception, on_error)
+        escaped = Escaped(app)
+        async with client(escaped) as http:
+            response = await http.get("/v1/boom", headers=ALICE)
+        assert response.status_code == 500
+        assert response.text == "failed"
+        assert response.headers.get_list("x-request-id") == ["alice-1"]
+        assert [seen["user"] for seen in record.handled] == ["alice"]
+        assert record.cleanups == [("alice-1", "acme/alice")]
+        assert [type(error) for error in escaped.errors] == [Boom]
+
+    async def test_an_app_the_server_error_middleware_is_wrapped_around(self) -> None:
+        """A stack whose build was wrapped before install() (an instrumentation's tracing
+        middleware, with a ServerErrorMiddleware of its own, outside the app's): the app's
+        500 handler, inside, still answers in the request's context and with its id."""
+        registry, _ = build_registry()
+        seen: list[str] = []
+
+        async def boom(request: Request) -> Response:
+            raise Boom("acme", "alice", None)
+
+        async def on_error(request: Request, exc: Exception) -> Response:
+            seen.append(ambient.get_current_context().user_id)
+            return PlainTextResponse("failed", status_code=500)
+
+        app = Starlette(routes=[Route("/boom", boom)], exception_handlers={500: on_error})
+        build = app.build_middleware_stack
+
+        class Tracing:
+            def __init__(self, app: Any) -> None:
+                self.app = app
+
+            async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+                await self.app(scope, receive, send)
+
+        def instrumented() -> Any:
+            return ServerErrorMiddleware(Tracing(build()))
+
+        app.build_middleware_stack = instrumented  # type: ignore[method-assign]
+        install(app, registry=registry, identity=IDENTITY)
+        async with client(app) as http:
+            response = await http.get("/boom", headers=ALICE)
+        assert response.status_code == 500
+        assert response.text == "failed"
+        assert response.headers.get_list("x-request-id") == ["alice-1"]
+        assert seen == ["alice"]
+
+    async def test_the_documented_500_handler_names_the_failed_request(self) -> None:
+        """The 500 handler of docs/frameworks.md, run as written on a FastAPI app: its body
+        and its log line name the failed request."""
+        app, _, record = build_app("fastapi", None)
+        log = logging.getLogger(f"tests.server_errors.{uuid.uuid4().hex}")
+        log.propagate = False
+        log.addHandler(Keep(record))
+        namespace: dict[str, Any] = {
+            "app": app,
+            "ambient": ambient,
+            "logger": log,
+            "Request": Request,
+            "Response": Response,
+            "JSONResponse": JSONResponse,
+        }
+        exec(documented_code("docs/frameworks.md", "**A bug in a handler: the 500.**"), namespace)  # noqa: S102 - our own docs
+        async with client(app) as http:
+            response = await http.get("/boom", headers=ALICE)
+        assert response.status_code == 500
+        assert response.headers.get_list("x-request-id") == ["alice-1"]
+        assert response.json() == {"error": "internal", "request_id": "alice-1"}
+        assert [
+            (logged.user_id, logged.tenant_id, logged.request_id, logged.getMessage())
+            for logged in record.records
+        ] == [("alice", "acme", "alice-1", "unhandled error")]
