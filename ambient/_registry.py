@@ -388,10 +388,14 @@ class Registry:
                 self._idle += 1
                 shortest = min((p.idle_ttl for p, _, _ in entry.instances.created), default=0.0)
                 self._next_expiry = min(self._next_expiry, now + shortest)
+                if len(self._users) > self.max_users:
+                    # A burst of users in flight at once went past max_users: shrink back
+                    # as they leave, not when some later user arrives.
+                    self._evict_lru(warn=False)
         finally:
             lock.release()
 
-    def _evict_lru(self) -> None:
+    def _evict_lru(self, *, warn: bool = True) -> None:
         excess = len(self._users) - self.max_users
         for ref, entry in list(self._users.items()):
             if excess <= 0:
@@ -401,7 +405,7 @@ class Registry:
                 self._idle -= 1
                 self._evicted.append(entry)
                 excess -= 1
-        if excess > 0:
+        if excess > 0 and warn:
             logger.warning(
                 "ambient: %d users hold USER components in open scopes, above max_users=%d; "
                 "none can be evicted while in use",

@@ -177,6 +177,43 @@ class TestUserLifetime:
         await registry.aclose()
         assert sorted(cleaned) == ["a", "b"]
 
+    async def test_a_burst_of_users_past_max_users_shrinks_back_as_their_scopes_close(
+        self,
+    ) -> None:
+        """50 users at once with max_users=10: none can be evicted while in use, but once
+        their scopes close the registry is back to 10 users, the least recently used
+        cleaned, without waiting for another user to arrive (a burst used to leave all 50
+        users' components, per-user pools and all, until then)."""
+        cleaned: list[str] = []
+        registry = user_registry(cleaned, max_users=10, idle_ttl=3600)
+        users = [f"user-{n}" for n in range(50)]
+        held = 0
+        all_held = anyio.Event()
+        release = anyio.Event()
+
+        async def request(user: str) -> None:
+            nonlocal held
+            async with registry.open_scope(ctx(user)):
+                assert (await ambient.resolve(Tracked)).user.user_id == user
+                held += 1
+                if held == len(users):
+                    all_held.set()
+                await release.wait()
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for user in users:
+                    tg.start_soon(request, user)
+                await all_held.wait()
+                assert registry.stats().live_users == 50
+                assert cleaned == []
+                release.set()
+        stats = registry.stats()
+        assert (stats.open_scopes, stats.live_users) == (0, 10)
+        assert len(set(cleaned)) == len(cleaned) == 40
+        await registry.aclose()
+        assert sorted(cleaned) == sorted(users)  # each cleaned once
+
     async def test_aclose_closes_user_and_app_components(self) -> None:
         """registry.aclose() cleans every USER and APP component."""
         cleaned: list[str] = []
