@@ -119,6 +119,9 @@ class Registry:
         self._idle = 0
         self._next_expiry = math.inf
         self._evicted: list[UserEntry] = []
+        # Whether the users in use are past max_users, said once: a burst of thousands of
+        # users at once would otherwise be thousands of warnings.
+        self._over_max_users = False
         # The scopes' own observers (the middleware's telemetry), for the cleanups that
         # happen outside any scope. Weakly: an observer an application opened one scope
         # with and then dropped must not stay here (nor be told of every later cleanup)
@@ -405,10 +408,14 @@ class Registry:
                 self._idle -= 1
                 self._evicted.append(entry)
                 excess -= 1
-        if excess > 0 and warn:
+        if excess <= 0:
+            self._over_max_users = False
+        elif warn and not self._over_max_users:
+            self._over_max_users = True
             logger.warning(
                 "ambient: %d users hold USER components in open scopes, above max_users=%d; "
-                "none can be evicted while in use",
+                "none can be evicted while in use (reported once until they are back "
+                "within it)",
                 len(self._users),
                 self.max_users,
             )
@@ -638,6 +645,7 @@ class Registry:
             self._users.clear()
             self._evicted = []
             self._idle = 0
+            self._over_max_users = False
             # Every store closed before the first await: a scope resolving meanwhile makes
             # fresh components instead of taking one that is about to be cleaned.
             due = [(entry, entry.instances.close()) for entry in entries]

@@ -214,6 +214,44 @@ class TestUserLifetime:
         await registry.aclose()
         assert sorted(cleaned) == sorted(users)  # each cleaned once
 
+    async def test_a_burst_past_max_users_is_reported_once_not_once_per_user(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Two bursts of 30 users at once with max_users=10: each is one warning, not one
+        per user admitted over the limit (a burst of thousands was thousands of lines)."""
+        cleaned: list[str] = []
+        registry = user_registry(cleaned, max_users=10)
+
+        async def burst(name: str) -> None:
+            held = 0
+            all_held = anyio.Event()
+            release = anyio.Event()
+
+            async def request(user: str) -> None:
+                nonlocal held
+                async with registry.open_scope(ctx(user)):
+                    await ambient.resolve(Tracked)
+                    held += 1
+                    if held == 30:
+                        all_held.set()
+                    await release.wait()
+
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as tg:
+                    for n in range(30):
+                        tg.start_soon(request, f"{name}-{n}")
+                    await all_held.wait()
+                    release.set()
+
+        with caplog.at_level("WARNING", logger="ambient"):
+            await burst("first")
+            assert registry.stats().live_users == 10
+            await burst("second")
+        warnings = [r.getMessage() for r in caplog.records if "above max_users" in r.getMessage()]
+        assert len(warnings) == 2, warnings
+        assert all("above max_users=10" in warning for warning in warnings)
+        await registry.aclose()
+
     async def test_aclose_closes_user_and_app_components(self) -> None:
         """registry.aclose() cleans every USER and APP component."""
         cleaned: list[str] = []
