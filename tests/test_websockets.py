@@ -1849,6 +1849,76 @@ async def test_a_revocation_before_the_first_subscription_is_confirmed_ends_the_
     await registry.aclose()
 
 
+CHURN_USERS, CHURN_ROUNDS = 30, 4
+
+
+async def test_users_reopening_sockets_as_they_close_them_keep_their_redis_channel(
+    redis_url: str,
+) -> None:
+    """30 users at once on Redis, each closing its only socket while opening the next one
+    (a page reload: the channel's last reference goes as the next one comes), four times
+    over, then opening a second socket on another thread. Every user's last sockets get
+    exactly that user's events, the thread's only on its thread; nobody else's; and once
+    every socket is gone no channel stays subscribed, here or in Redis."""
+    prefix = unique_prefix()
+    hub = ConnectionHub(RedisBroadcast(redis_url, channel_prefix=prefix))
+    app, ledger, _ = build(hub)
+    users = [f"user-{n}" for n in range(CHURN_USERS)]
+
+    async def reload(base: str, user: str) -> tuple[ClientConnection, ClientConnection]:
+        sock, _ = await open_socket(base, user, "chat")
+        for _ in range(CHURN_ROUNDS):
+            _, (sock, _) = await asyncio.gather(sock.close(), open_socket(base, user, "chat"))
+        other, _ = await open_socket(base, user, "other")
+        return sock, other
+
+    async def scenario(base: str) -> dict[str, Any]:
+        held = await asyncio.gather(*(reload(base, user) for user in users))
+        async with httpx.AsyncClient(base_url=base, timeout=DEADLINE) as http:
+            runs = {}
+            for user, response in zip(
+                users,
+                await asyncio.gather(
+                    *(
+                        http.post(
+                            "/run",
+                            params={"events": 5, "broadcast": 1},
+                            headers={"x-user-id": user, "x-thread-id": "chat"},
+                        )
+                        for user in users
+                    )
+                ),
+                strict=True,
+            ):
+                assert response.status_code == 200, response.text
+                runs[user] = response.json()["run"]
+            for user, (chat, other) in zip(users, held, strict=True):
+                run = runs[user]
+                events = [
+                    {"type": "event", "user": user, "thread": "chat", "run": run, "seq": n}
+                    for n in range(5)
+                ]
+                done = {"type": "done", "user": user, "thread": "chat", "run": run}
+                assert await frames_before_pong(chat, 1) == [*events, done], user
+                assert await frames_before_pong(other, 1) == [done], user
+            await close_all([sock for pair in held for sock in pair])
+            count = CHURN_USERS * (CHURN_ROUNDS + 2)
+            closed = await http.get("/closed", params={"count": count}, headers=OPS)
+        return dict(closed.json())
+
+    with serve("uvicorn", app) as url:
+        stats = await in_client_thread(lambda: scenario(url))
+    assert stats["closed"] is True
+    assert (stats["connections"], stats["subscriptions"], stats["queued"]) == (0, 0, 0)
+    assert handler_failures(ledger) == []
+    admin = redis.Redis.from_url(redis_url)
+    try:
+        # The server's shutdown closed the hub, and with it the backend's control channel.
+        assert admin.pubsub_channels(f"{prefix}*") == []
+    finally:
+        admin.close()
+
+
 async def test_a_users_second_subscription_reads_nothing_from_redis(redis_url: str) -> None:
     """A process's first subscription to a user reads the user's count of revocations
     before subscribing and once subscribed; a second one, the channel already subscribed,
