@@ -127,7 +127,8 @@ class AmbientMiddleware:
     exception group (a task group around the work) that holds only such errors, answered
     as its first; any other exception propagates unchanged. A websocket whose identity
     has an ``expires_at`` (a JWT's ``exp``) is cancelled and closed with 4001 when it
-    passes.
+    passes; its cleanups then see an :class:`~ambient.errors.IncompleteResponseError`, as
+    for any work cut short.
 
     Args:
         app: The ASGI application.
@@ -306,11 +307,14 @@ class AmbientMiddleware:
             component_scope._open()
             self._requests += 1
             counted = True
+            expired = False
             try:
                 if expires_at is None:
                     await self.app(scope, app_receive, response)
                 else:
-                    await _serve_until_expiry(self.app, scope, app_receive, socket, expires_at)
+                    expired = await _serve_until_expiry(
+                        self.app, scope, app_receive, socket, expires_at
+                    )
             except BaseException as exc:
                 answer = None if response.started else _answer_of(exc)
                 if answer is None:
@@ -341,6 +345,8 @@ class AmbientMiddleware:
                 and (not response.ended or response.status >= _SERVER_ERROR)
             ):
                 ended_by = response.failure()
+            elif ended_by is None and expired:
+                ended_by = _CutOffAtExpiryError()
             # The response has gone out: a failed cleanup is logged, counted and traced by
             # the scope's observers, never raised to the server.
             done = component_scope._close_now(ended_by)
@@ -722,33 +728,46 @@ class _Socket(_Response):
         return super().__call__(message)
 
 
+class _CutOffAtExpiryError(IncompleteResponseError):
+    """What a websocket's scope is closed with when its identity expired under it: its
+    work was cancelled, not finished, so cleanups must not take it for a clean end."""
+
+    def __init__(self) -> None:
+        super().__init__(started=True)
+        self.args = ("the websocket was cut off when its identity expired",)
+
+
 async def _serve_until_expiry(
     app: ASGIApp,
     scope: MutableMapping[str, Any],
     receive: Receive,
     socket: _Socket,
     expires_at: float,
-) -> None:
+) -> bool:
     """Run a websocket's app until its identity expires; then cancel it and close the
-    socket with 4001, so that no message is handled for an identity no longer valid. A
-    socket the app had not accepted yet is refused as any expired credential is (401)."""
+    socket with 4001, so that no message is handled for an identity no longer valid, and
+    return ``True``. A socket the app had not accepted yet is refused as any expired
+    credential is (401)."""
     try:
         left = expires_at - time.time()
     except OverflowError:  # an int no float holds: an expiry that never comes
         await app(scope, receive, socket)
-        return
+        return False
     with anyio.CancelScope(deadline=anyio.current_time() + left) as expiry:
         await app(scope, receive, socket)
-    if expiry.cancelled_caught and not socket.started:
+    if not expiry.cancelled_caught:
+        return False
+    if not socket.started:
         # A close before accept is answered by servers with a bare 403: the client could not
         # tell "refresh your token" from "forbidden".
         msg = "the identity expired before the websocket was accepted"
         raise IdentityError(msg, status=401)
-    if expiry.cancelled_caught and not socket.closed:
+    if not socket.closed:
         logger.info("ambient: closing a websocket whose identity has expired")
         await socket(
             {"type": "websocket.close", "code": CLOSE_IDENTITY_ENDED, "reason": "identity expired"}
         )
+    return True
 
 
 class _Refused(Exception):  # noqa: N818 - control flow, never escapes

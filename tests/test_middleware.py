@@ -1295,13 +1295,21 @@ class TestWebsocketIdentityExpiry:
         return resolve
 
     async def test_an_open_socket_is_closed_with_4001_at_expiry(self) -> None:
+        """The connection's components are cleaned, told that its work was cut short
+        (IncompleteResponseError), not that it ended cleanly."""
         handled: list[str] = []
         cleaned: list[str] = []
+        ended_by: list[Exception] = []
         registry = Registry()
 
         def session(ctx: UserExecutionContext) -> Iterator[str]:
-            yield ctx.user_id
-            cleaned.append(ctx.user_id)
+            try:
+                yield ctx.user_id
+            except Exception as error:
+                ended_by.append(error)
+                raise
+            finally:
+                cleaned.append(ctx.user_id)
 
         registry.register("session", session)
 
@@ -1321,6 +1329,8 @@ class TestWebsocketIdentityExpiry:
         assert sent[1]["code"] == 4001
         assert handled == ["ann"]
         assert cleaned == ["ann"]
+        assert len(ended_by) == 1
+        assert isinstance(ended_by[0], IncompleteResponseError)
         assert 0.2 < waited < 2.0
 
     async def test_a_socket_the_app_closed_is_not_closed_again(self) -> None:

@@ -36,6 +36,7 @@ from websockets.sync.client import connect
 import ambient
 from ambient import Registry
 from ambient._binding import _current, _live
+from ambient.errors import IncompleteResponseError
 from ambient.integrations.starlette import install
 from ambient.middleware import AmbientMiddleware, scope_user, trusted_header
 from ambient.middleware.identity import jwt_bearer
@@ -674,7 +675,10 @@ async def test_an_untrusted_peer_sending_the_identity_header_gets_401(server: st
 async def test_a_websocket_is_closed_when_its_token_expires(server: str, credential: str) -> None:
     """A socket authenticated by a JWT, or by another service's signed context, is closed
     with 4001 when the token expires, though the client keeps talking: no message is
-    handled after expiry, and the connection's components are cleaned once."""
+    handled after expiry, and the connection's components are cleaned once, told that the
+    socket was cut short (IncompleteResponseError), so that a transaction around their
+    yield rolls back rather than commits: they used to see a clean end."""
+
     from ambient.integrations.propagation import HEADER, ContextSigner, signed_context
 
     secret = "a-test-secret-of-at-least-32-bytes!"
@@ -683,10 +687,19 @@ async def test_a_websocket_is_closed_when_its_token_expires(server: str, credent
     all_cleaned = threading.Event()
     registry = ambient.Registry()
 
+    ended_by: list[Exception | None] = []
+
     def session(ctx: ambient.UserExecutionContext) -> Iterator[str]:
-        yield ctx.user_id
-        cleaned.append(ctx.user_id)
-        all_cleaned.set()
+        try:
+            yield ctx.user_id
+        except Exception as error:
+            ended_by.append(error)
+            raise
+        else:
+            ended_by.append(None)
+        finally:
+            cleaned.append(ctx.user_id)
+            all_cleaned.set()
 
     registry.register("session", session)
 
@@ -739,6 +752,137 @@ async def test_a_websocket_is_closed_when_its_token_expires(server: str, credent
     assert all(reply == {"user": "alice", "session": "alice"} for reply in replies)
     assert max(handled_at) < expires + 0.1
     assert cleaned == ["alice"]
+    assert len(ended_by) == 1
+    assert isinstance(ended_by[0], IncompleteResponseError)
+    assert "identity expired" in str(ended_by[0])
+
+
+EXPIRING_USERS = 20
+
+
+def test_twenty_sockets_expiring_one_after_another_each_end_at_their_own_expiry(
+    server: str,
+) -> None:
+    """20 users on sockets at once, each identity expiring 50 ms after the previous one,
+    behind opentelemetry-instrumentation-asgi, each message handled in a message scope
+    through the hub, the clients talking all along. Each socket is closed with 4001 at its
+    own user's expiry (never at another's), answers only as its own user until then, and
+    handles no message after it; every span started ends, none is an error, and every
+    message's scope span sits under its own connection's, with its user."""
+    import asyncio
+    from contextlib import aclosing
+
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+    from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
+    from opentelemetry.trace import StatusCode
+    from websockets.asyncio.client import connect as connect_async
+
+    from ambient.integrations.websockets import (
+        ConnectionHub,
+        UserWebSocketManager,
+        message_scope,
+    )
+    from ambient.middleware.identity import Identity
+    from ambient.telemetry import Telemetry, hash_id
+
+    class Spans(SpanProcessor):
+        def __init__(self) -> None:
+            self.started = 0
+            self.ended: list[ReadableSpan] = []
+            self.lock = threading.Lock()
+
+        def on_start(self, span: Span, parent_context: Any = None) -> None:
+            with self.lock:
+                self.started += 1
+
+        def on_end(self, span: ReadableSpan) -> None:
+            with self.lock:
+                self.ended.append(span)
+
+    spans = Spans()
+    provider = TracerProvider()
+    provider.add_span_processor(spans)
+    # Late enough that every handshake is done before the first expiry on a busy machine.
+    first = time.time() + 1.5
+    expiry = {f"user-{n}": first + 0.05 * n for n in range(EXPIRING_USERS)}
+
+    def identity(scope: dict[str, Any]) -> Identity | None:
+        for name, value in scope["headers"]:
+            if name == b"x-user-id":
+                user = value.decode()
+                return Identity(user, expires_at=expiry[user])
+        return None
+
+    registry = Registry(telemetry=Telemetry(tracer_provider=provider, hash_key=b"k"))
+    hub = ConnectionHub()
+    hub.install(registry)
+    handled: dict[str, list[float]] = {user: [] for user in expiry}
+
+    async def chat(websocket: WebSocket) -> None:
+        manager = await ambient.resolve(UserWebSocketManager)
+        async with (
+            manager.connect(websocket) as connection,
+            aclosing(websocket.iter_text()) as texts,
+        ):
+            async for _ in texts:
+                async with message_scope():
+                    user = ambient.get_current_context().user_id
+                    handled[user].append(time.time())
+                    await connection.send({"user": user})
+
+    app = OpenTelemetryMiddleware(
+        AmbientMiddleware(
+            Starlette(routes=[WebSocketRoute("/ws", chat)]), registry=registry, identity=identity
+        ),
+        tracer_provider=provider,
+    )
+
+    async def talk(url: str, user: str) -> tuple[int | None, float, int]:
+        replies = 0
+        async with connect_async(url, additional_headers={"x-user-id": user}) as sock:
+            try:
+                for _ in range(1000):  # bounded: the expiry comes long before
+                    await sock.send("hi")
+                    assert json.loads(await sock.recv()) == {"user": user}
+                    replies += 1
+                    await asyncio.sleep(0.02)  # a chatty client's pace
+            except ConnectionClosed as closed:
+                return (closed.rcvd.code if closed.rcvd else None), time.time(), replies
+        return None, time.time(), replies
+
+    async def everyone(url: str) -> list[tuple[int | None, float, int]]:
+        async with asyncio.timeout(30):
+            return await asyncio.gather(*(talk(url, user) for user in expiry))
+
+    with serve(server, app) as url:
+        ends = asyncio.run(everyone(url.replace("http://", "ws://") + "/ws"))
+        with anyio.from_thread.start_blocking_portal() as portal:
+            portal.call(registry.aclose)
+    for (user, expires), (code, closed_at, replies) in zip(expiry.items(), ends, strict=True):
+        assert code == 4001, user
+        assert expires - 0.05 <= closed_at <= expires + 1.0, (user, closed_at - expires)
+        assert replies >= 10, user
+        assert handled[user], user
+        assert max(handled[user]) < expires + 0.25, (user, max(handled[user]) - expires)
+    assert hub.stats().connections == 0
+    assert registry.stats().open_scopes == 0
+    with spans.lock:
+        assert spans.started == len(spans.ended)
+        ended = list(spans.ended)
+    assert [s.name for s in ended if s.status.status_code is StatusCode.ERROR] == []
+    by_id = {s.context.span_id: s for s in ended if s.context is not None}
+    scopes = [s for s in ended if s.name == "ambient.scope"]
+    connections = [s for s in scopes if s.parent and by_id[s.parent.span_id].name != s.name]
+    assert len(connections) == EXPIRING_USERS
+    for connection in connections:
+        assert (connection.attributes or {})["ambient.cancelled"] is True
+    for scope_span in scopes:
+        assert scope_span.parent is not None
+        parent = by_id[scope_span.parent.span_id]
+        if parent.name == "ambient.scope":  # a message's, under its connection's
+            user = (scope_span.attributes or {})["ambient.user_id"]
+            assert user == (parent.attributes or {})["ambient.user_id"]
+            assert user in {hash_id(u, b"k") for u in expiry}
 
 
 @pytest.mark.parametrize(
