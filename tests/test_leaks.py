@@ -136,13 +136,27 @@ class Payload:
     """Request data that must not outlive the request (a body, a document)."""
 
 
-async def test_a_timer_or_task_holding_the_request_context_pins_none_of_its_data() -> None:
+@pytest.mark.parametrize("traced", [False, True], ids=["untraced", "traced"])
+async def test_a_timer_or_task_holding_the_request_context_pins_none_of_its_data(
+    traced: bool,
+) -> None:
     """A request schedules work that keeps a copy of its contextvars long after it ends
     (a task in an application-wide task group; on asyncio also a ``call_later`` timer),
     and then fails. Once the request is over, its REQUEST component, its user's USER
     component, what it kept in ``scope.state`` and a local of the failing frame are all
-    collectable; the scope that stays reachable holds no exception and no state."""
-    registry = Registry()
+    collectable; the scope that stays reachable holds no exception and no state. Traced
+    too: the OpenTelemetry context the copy holds (the scope's span, events and baggage)
+    keeps none of them either."""
+    telemetry = None
+    if traced:
+        from opentelemetry.sdk.trace import TracerProvider
+
+        from ambient.telemetry import Telemetry
+
+        telemetry = Telemetry(
+            tracer_provider=TracerProvider(), span_threshold=0, baggage=("thread_id",)
+        )
+    registry = Registry(telemetry=telemetry)
     registry.register(RequestThing, RequestThing)
     registry.register(UserThing, UserThing, lifetime=Lifetime.USER, idle_ttl=0)
     refs: list[weakref.ref[object]] = []
