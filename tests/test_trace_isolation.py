@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import random
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,10 +24,16 @@ import anyio
 import anyio.to_thread
 import httpx
 import pytest
+from opentelemetry import propagate, trace
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.trace import SpanKind
 
-from ambient.telemetry import hash_id
+import ambient
+from ambient import Registry
+from ambient.middleware import AmbientMiddleware
+from ambient.middleware.identity import trusted_header
+from ambient.telemetry import Telemetry, hash_id
 from tests.servers import SERVERS, granian_available, serve
 from tests.test_otel_wire import Receiver, attributes
 from tests.traced_app import HASH_KEY, build
@@ -225,7 +232,7 @@ async def test_keep_alive_and_pipelined_requests_each_stay_in_their_own_trace(
     # instrumentation then starts its server span as a child of that request's span (only
     # uvicorn's reset_contextvars stops that); ambient's own spans need no such help, as
     # tests/test_telemetry.py's pipelining tests show without the instrumentation.
-    options = {"reset_contextvars": True} if server == "uvicorn" else {}
+    options: dict[str, Any] = {"reset_contextvars": True} if server == "uvicorn" else {}
     with serve(server, build(provider), lifespan="off", **options) as url:
         answers = await drive(url)
         await anyio.to_thread.run_sync(
@@ -260,3 +267,113 @@ async def test_under_granian_through_the_otlp_exporter(monkeypatch: pytest.Monke
     # The flush request's own spans end after its flush; any exported later are left out.
     flusher = hash_id("flusher", HASH_KEY)
     check(answers, [s for s in spans if s.attributes.get("ambient.user_id") != flusher])
+
+
+USERS_CALLING = 40
+
+
+class Recorder:
+    """A downstream service that keeps the headers of every request, by request id."""
+
+    def __init__(self) -> None:
+        self.headers: dict[str, dict[str, str]] = {}
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        self.headers[headers["x-request-id"]] = headers
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+
+@pytest.mark.parametrize("server", ["uvicorn", "hypercorn-trio"])
+@pytest.mark.parametrize("fields", [(), ("user_id", "thread_id")], ids=["default", "baggage"])
+async def test_outgoing_calls_carry_only_their_own_requests_trace_and_baggage(
+    server: str, fields: tuple[str, ...], collected: tuple[TracerProvider, Collector]
+) -> None:
+    """40 users at once, half of them sending a forged ``baggage: ambient.user_id=admin``,
+    each request calling a downstream service with the propagated headers. Each call
+    continues its own request's scope span, in its own trace; by default it carries no
+    baggage of ambient's, and with ``baggage=("user_id", "thread_id")`` only its own
+    user's keyed hash and thread, never the raw id nor the forged one; the client's other
+    entries pass through."""
+    provider, collector = collected
+    telemetry = Telemetry(tracer_provider=provider, hash_key=HASH_KEY, baggage=fields)
+    downstream = Recorder()
+    with serve("uvicorn", downstream) as downstream_url:
+        # Made once: a client of its own per call, without building an SSL context each time.
+        tls = ssl.create_default_context()
+
+        async def endpoint(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            ctx = ambient.get_current_context()
+            headers = {"x-request-id": ctx.request_id}
+            propagate.inject(headers)
+            async with httpx.AsyncClient(timeout=30, verify=tls) as client:
+                answer = await client.get(downstream_url, headers=headers)
+            span = trace.get_current_span().get_span_context()
+            body = json.dumps(
+                {"status": answer.status_code, "span_id": f"{span.span_id:016x}"}
+            ).encode()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": body})
+
+        app = OpenTelemetryMiddleware(
+            AmbientMiddleware(
+                endpoint, registry=Registry(), identity=trusted_header(), telemetry=telemetry
+            ),
+            tracer_provider=provider,
+            exclude_spans=["receive", "send"],
+        )
+        answers: dict[str, dict[str, Any]] = {}
+        with serve(server, app, lifespan="off") as url:
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+
+                async def one(n: int) -> None:
+                    headers = {
+                        "x-user-id": f"user-{n}",
+                        "x-thread-id": f"thread-{n}",
+                        "x-request-id": f"req-{n}",
+                    }
+                    if n % 2:
+                        headers["baggage"] = "ambient.user_id=admin,other=kept"
+                    response = await client.get("/", headers=headers)
+                    assert response.status_code == 200, response.text
+                    answers[f"req-{n}"] = response.json()
+
+                async with anyio.create_task_group() as tg:
+                    for n in range(USERS_CALLING):
+                        tg.start_soon(one, n)
+    scopes = {
+        str((s.attributes or {})["ambient.request_id"]): s
+        for s in collector.spans
+        if s.name == "ambient.scope"
+    }
+    for n in range(USERS_CALLING):
+        request_id = f"req-{n}"
+        answer, sent, scope_span = (
+            answers[request_id],
+            downstream.headers[request_id],
+            scopes[request_id],
+        )
+        assert answer["status"] == 204
+        assert scope_span.context is not None
+        assert answer["span_id"] == f"{scope_span.context.span_id:016x}"
+        _, trace_id, parent_id, _ = sent["traceparent"].split("-")
+        assert (trace_id, parent_id) == (
+            f"{scope_span.context.trace_id:032x}",
+            f"{scope_span.context.span_id:016x}",
+        )
+        entries = dict(
+            item.strip().split("=", 1) for item in sent.get("baggage", "").split(",") if item
+        )
+        expected = {}
+        if fields:
+            expected = {
+                "ambient.user_id": hash_id(f"user-{n}", HASH_KEY),
+                "ambient.thread_id": f"thread-{n}",
+            }
+        if n % 2:
+            expected["other"] = "kept"
+        assert entries == expected, (request_id, sent.get("baggage"))
+        assert f"user-{n}" not in " ".join(v for k, v in sent.items() if k != "x-request-id")
