@@ -22,7 +22,7 @@ import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from time import monotonic as _monotonic
-from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn, TypeAlias
 
 from ambient._context import ReadOnlyDict as _ReadOnlyDict
 from ambient._loops import in_trio as _in_trio
@@ -466,6 +466,10 @@ def trusted_header(
     headers is therefore refused too, with a warning logged once. Run such a server
     without its proxy-header handling (uvicorn ``--no-proxy-headers``).
 
+    A header sent more than once is refused (400), also as the one comma-separated line
+    a proxy may join its copies into: a user or tenant id with a comma cannot be asserted
+    this way.
+
     Args:
         name: The user id header (compared case-insensitively; ``_`` is not ``-``).
         tenant_header: The tenant id header, if any.
@@ -513,12 +517,17 @@ def trusted_header(
             identity = known.get(raw)
             if identity is not None:
                 return identity
+        if b"," in raw:
+            _joined(name)
         try:
             user_id = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise IdentityError(f"the {name} header is not valid UTF-8") from None
         if tenant_header:
-            return _identity(user_id, _single_header(scope, tenant_header))
+            tenant_id = _single_header(scope, tenant_header)
+            if tenant_id is not None and "," in tenant_id:
+                _joined(tenant_header)
+            return _identity(user_id, tenant_id)
         identity = _identity(user_id, None)
         if len(known) >= _MAX_IDENTITIES:
             known.clear()
@@ -526,6 +535,13 @@ def trusted_header(
         return identity
 
     return resolve
+
+
+def _joined(name: str) -> NoReturn:
+    # RFC 9110 lets a proxy join the copies of a repeated header into one comma-separated
+    # line: "bob, admin" is two identities, refused as two lines are.
+    msg = f"the {name} header holds a comma-separated list: it was sent more than once"
+    raise IdentityError(msg)
 
 
 # -- JWT bearer tokens ----------------------------------------------------------------------

@@ -116,6 +116,29 @@ class TestTrustedHeader:
         assert resolve(http_scope(alice, **trusted)) == Identity("alice")
 
     @pytest.mark.parametrize(
+        ("headers", "named"),
+        [
+            ([(b"x-user-id", b"bob, admin")], "x-user-id"),
+            ([(b"x-user-id", b"bob,admin")], "x-user-id"),
+            ([(b"x-user-id", b"bob"), (b"x-tenant-id", b"acme, globex")], "x-tenant-id"),
+        ],
+    )
+    def test_a_header_a_proxy_joined_from_two_copies_is_refused(
+        self, headers: list[tuple[bytes, bytes]], named: str
+    ) -> None:
+        """RFC 9110 lets a proxy join the copies of a repeated header into one line with
+        commas: that is two identities, refused as two lines are (never "bob, admin" as one
+        user, nor the first)."""
+        resolve = trusted_header(tenant_header="x-tenant-id")
+        scope = http_scope(headers, client=("127.0.0.1", 4000))
+        with pytest.raises(IdentityError, match=f"the {named} header holds a comma") as caught:
+            resolve(scope)
+        assert caught.value.http_status == 400
+        assert resolve(http_scope([(b"x-user-id", b"bob")], client=("127.0.0.1", 4000))) == (
+            Identity("bob")
+        )
+
+    @pytest.mark.parametrize(
         ("client", "forwarding"),
         [
             # uvicorn's proxy headers: the node, port 0 (or the port the node names)
