@@ -19,7 +19,7 @@ import logging
 import math
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from time import monotonic as _monotonic
 from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn, TypeAlias
@@ -828,6 +828,28 @@ def _verification_keys(
     return None, None, key_or_jwks
 
 
+def _check_keys_serve(algs: Collection[str], jwks: PyJWKSet | None, key: Any) -> None:
+    """Refuse a JWK, or a key set, none of whose keys can verify a token of ``algs``: PyJWT
+    takes a JWK's algorithm for the only one it verifies, so every token would be 401."""
+    import jwt
+
+    if isinstance(key, jwt.PyJWK):
+        if key.algorithm_name not in algs:
+            msg = (
+                f"the JWK given verifies {key.algorithm_name} tokens only, an algorithm "
+                f"not among algorithms {sorted(algs)}: every token would be refused"
+            )
+            raise ValueError(msg)
+    elif jwks is not None:
+        signing = {k.algorithm_name for k in jwks.keys if k.public_key_use in ("sig", None)}
+        if not signing & set(algs):
+            msg = (
+                f"no signing key of the key set verifies any of algorithms {sorted(algs)} "
+                f"(its keys are for {sorted(signing)}): every token would be refused"
+            )
+            raise ValueError(msg)
+
+
 def _refuse_public_key_as_secret(key: str | bytes) -> None:
     """Raise ``ValueError`` when an HMAC secret is a public key or certificate."""
     from jwt.algorithms import HMACAlgorithm
@@ -917,8 +939,9 @@ def jwt_bearer(
     Raises:
         ValueError: at construction, for ``alg=none``, no algorithm, HMAC mixed with
             asymmetric algorithms or given a public key or a ``PyJWKClient`` (a key set
-            fetched from a URL is public), an empty audience, or a leeway that is
-            negative, infinite or NaN.
+            fetched from a URL is public), a JWK or key set with no signing key for any of
+            ``algorithms``, an empty audience, or a leeway that is negative, infinite or
+            NaN.
         TypeError: at construction, for a leeway that is not a number of seconds.
     """
     import jwt
@@ -927,6 +950,7 @@ def jwt_bearer(
     hmac_algs = _HMAC.intersection(algs)
 
     jwk_client, jwks, key = _verification_keys(key_or_jwks, hmac=bool(hmac_algs))
+    _check_keys_serve(algs, jwks, key)
     audiences = _audiences(audience)
     leeway = _leeway(leeway)
     required = sorted({*require, user_claim})

@@ -395,7 +395,8 @@ class TestJwtBearer:
         jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(PRIVATE_KEY.public_key()))
         for use, trusted in (("enc", False), ("sig", True), (None, True)):
             key = {**jwk, "kid": "k1", "alg": "RS256", **({"use": use} if use else {})}
-            resolver = jwt_bearer({"keys": [key]}, algorithms=["RS256"], audience=AUDIENCE)
+            signing = {**jwk, "kid": "k2", "alg": "RS256", "use": "sig"}  # a usable set
+            resolver = jwt_bearer({"keys": [key, signing]}, algorithms=["RS256"], audience=AUDIENCE)
             good = bearer(token(key=PRIVATE_KEY, alg="RS256", kid="k1"))
             if trusted:
                 assert resolver(good).user_id == "alice"
@@ -412,6 +413,23 @@ class TestJwtBearer:
             jwt_bearer({**jwk, "use": "enc"}, algorithms=["RS256"], audience=AUDIENCE)
         resolver = jwt_bearer({**jwk, "use": "sig"}, algorithms=["RS256"], audience=AUDIENCE)
         assert resolver(bearer(token(key=PRIVATE_KEY, alg="RS256"))).user_id == "alice"
+
+    def test_keys_that_verify_none_of_the_algorithms_are_refused_when_configured(self) -> None:
+        """PyJWT verifies with a JWK only tokens of the JWK's own algorithm: a JWK, or a key
+        set, with no signing key for any of ``algorithms`` would refuse every token (401s
+        for all, from a typo in the configuration). Refused where it is configured."""
+        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(PRIVATE_KEY.public_key()))
+        rs256 = {**jwk, "kid": "k1", "alg": "RS256"}
+        with pytest.raises(ValueError, match="verifies RS256 tokens only"):
+            jwt_bearer(rs256, algorithms=["HS256"])
+        with pytest.raises(ValueError, match="verifies RS256 tokens only"):
+            jwt_bearer(rs256, algorithms=["RS512"])
+        with pytest.raises(ValueError, match=r"no signing key of the key set .* \['RS256'\]"):
+            jwt_bearer({"keys": [{**rs256, "use": "enc"}]}, algorithms=["RS256"])
+        with pytest.raises(ValueError, match=r"its keys are for \['RS256'\]"):
+            jwt_bearer({"keys": [rs256]}, algorithms=["ES256"])
+        resolver = jwt_bearer({"keys": [rs256]}, algorithms=["ES256", "RS256"], audience=AUDIENCE)
+        assert resolver(bearer(token(key=PRIVATE_KEY, alg="RS256", kid="k1"))).user_id == "alice"
 
     @pytest.mark.parametrize(
         "headers",
