@@ -459,19 +459,26 @@ async def _clients_waiting(url: str) -> int:
 
 
 def _serializable(db: Database) -> tuple[sql.Identifier, sql.Composed]:
-    """Every transaction of the app role SERIALIZABLE, a table of two rows for two of them
-    to conflict over, and what a client finds in the server session it is handed: its
-    process, role, search_path, a session setting, a temporary table, LISTEN, session
-    advisory locks, the last sequence value it drew."""
+    """Every transaction of the app role SERIALIZABLE (see :func:`_isolated`), and a table
+    of two rows for two of them to conflict over."""
     role = psycopg.conninfo.conninfo_to_dict(db.app_url)["user"]
     pairs = sql.Identifier(db.schema, "pairs")
-    last_value = sql.Identifier(db.schema, "last_value")
     with _admin() as admin:
         admin.execute(sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, v int)").format(pairs))
         admin.execute(sql.SQL("INSERT INTO {} VALUES (1, 0), (2, 0)").format(pairs))
         admin.execute(
             sql.SQL("GRANT SELECT, UPDATE ON {} TO {}").format(pairs, sql.Identifier(role))
         )
+    return pairs, _isolated(db, "serializable")
+
+
+def _isolated(db: Database, isolation: str) -> sql.Composed:
+    """Every transaction of the app role at ``isolation``, and what a client finds in the
+    server session it is handed: its process, role, search_path, a session setting, a
+    temporary table, LISTEN, session advisory locks, the last sequence value it drew."""
+    role = psycopg.conninfo.conninfo_to_dict(db.app_url)["user"]
+    last_value = sql.Identifier(db.schema, "last_value")
+    with _admin() as admin:
         admin.execute(
             sql.SQL(
                 "CREATE FUNCTION {}() RETURNS bigint LANGUAGE plpgsql AS $$ BEGIN "
@@ -479,8 +486,12 @@ def _serializable(db: Database) -> tuple[sql.Identifier, sql.Composed]:
                 "THEN RETURN NULL; END $$"
             ).format(last_value)
         )
-        admin.execute(f"ALTER ROLE {role} SET default_transaction_isolation = 'serializable'")
-    left = sql.SQL(
+        admin.execute(
+            sql.SQL("ALTER ROLE {} SET default_transaction_isolation = {}").format(
+                sql.Identifier(role), sql.Literal(isolation)
+            )
+        )
+    return sql.SQL(
         "SELECT pg_catalog.pg_backend_pid(), current_user, current_setting('search_path'), "
         "COALESCE(current_setting('app.leftover', true), ''), "
         "pg_catalog.to_regclass('pg_temp.scratch') IS NOT NULL, "
@@ -488,7 +499,6 @@ def _serializable(db: Database) -> tuple[sql.Identifier, sql.Composed]:
         "(SELECT count(*) FROM pg_catalog.pg_locks "
         "WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()), {}()"
     ).format(last_value)
-    return pairs, left
 
 
 async def _leave_session_state(conn: psycopg.AsyncConnection[Any], db: Database, user: str) -> int:
@@ -766,3 +776,118 @@ async def test_a_handler_that_sets_a_setting_itself_commits_without_error(
     finally:
         await registry.aclose()
     assert rows == [("note of user-5", ""), ("kept", "")]
+
+
+# What makes a COMMIT fail after the deferred constraints were checked, at any isolation
+# level, and what the checkout then raises (None: it commits).
+_FAILING_COMMITS: dict[str, tuple[str, type[psycopg.Error] | None]] = {
+    # Checked just before the COMMIT, inside the transaction, where the session is still
+    # the checkout's.
+    "deferred constraint": (
+        "INSERT INTO {deferred} VALUES (1); INSERT INTO {deferred} VALUES (1)",
+        psycopg.errors.UniqueViolation,
+    ),
+    # A cursor WITH HOLD is run to its end by the COMMIT, which fails when the cursor's
+    # query does; the checkout closes its cursors anyway, so it commits.
+    "held cursor": (
+        "DECLARE doomed CURSOR WITH HOLD FOR SELECT pg_catalog.nextval({sequence}::regclass) "
+        "/ (x - 2) FROM pg_catalog.generate_series(1, 3) x",
+        None,
+    ),
+    # PostgreSQL refuses, at the COMMIT itself, a table emptied at each COMMIT that a
+    # table kept across them refers to.
+    "on commit action": (
+        "CREATE TEMP TABLE parent (id int PRIMARY KEY) ON COMMIT DELETE ROWS; "
+        "CREATE TEMP TABLE child (id int REFERENCES parent)",
+        psycopg.errors.FeatureNotSupported,
+    ),
+}
+
+
+@pytest.mark.parametrize("strategy", ["shared", "per_user"])
+@pytest.mark.parametrize("isolation", ["read committed", "repeatable read", "serializable"])
+@pytest.mark.parametrize("cause", list(_FAILING_COMMITS))
+async def test_a_commit_failing_at_any_isolation_level_leaves_nothing_to_the_next_user(
+    bounced: tuple[Database, str], strategy: str, isolation: str, cause: str
+) -> None:
+    """A handler takes a session advisory lock, draws a sequence value and leaves other
+    session state, and its checkout's COMMIT then fails, whatever the isolation level (not
+    only a serialization failure under SERIALIZABLE). The client that waited for a server
+    session gets that one at once, and another user's checkouts, in every server session of
+    the pooler at once, after it: none finds anything of the handler's (no lock held, so
+    they can take it; no sequence value, no setting). Before, outside SERIALIZABLE the lock
+    was released only after the COMMIT, in the part of the message a failed COMMIT skips,
+    and the pooler handed the session on with the lock held; a held cursor drew a sequence
+    value after the sequence state was discarded."""
+    db, url = bounced
+    left = _isolated(db, isolation)
+    role = psycopg.conninfo.conninfo_to_dict(url)["user"]
+    pool = _rls_pool(db, url, strategy, shared={"max_size": 2, "per_user_limit": 2})
+    registry = _registry(pool)
+    statements, raised = _FAILING_COMMITS[cause]
+    statement = sql.SQL(statements).format(
+        deferred=sql.Identifier(db.schema, "deferred"),
+        sequence=sql.Literal(f"{db.schema}.notes_id_seq"),
+    )
+    # Whether this session can take user-1's lock (and gives it back at once).
+    lock = (
+        "SELECT CASE WHEN pg_catalog.pg_try_advisory_lock(hashtext('user-1')) "
+        "THEN pg_catalog.pg_advisory_unlock(hashtext('user-1')) ELSE false END"
+    )
+    outcome: list[BaseException | None] = []
+    seen: list[tuple[Any, ...]] = []
+    waited = anyio.Event()
+
+    async def probe(conn: psycopg.AsyncConnection[Any]) -> tuple[Any, ...]:
+        row = await (await conn.execute(left, prepare=False)).fetchone()
+        took = await (await conn.execute(lock, prepare=False)).fetchone()
+        assert row is not None
+        assert took is not None
+        return (*row, *took)
+
+    async def waiter() -> None:
+        try:
+            async with await psycopg.AsyncConnection.connect(url) as conn:
+                seen.append(await probe(conn))
+        finally:
+            waited.set()
+
+    async def queued() -> bool:
+        return await _clients_waiting(url) == 1
+
+    try:
+        with anyio.fail_after(30):
+            # The other server session is held by a plain client, so the next one waits for
+            # the session of user-1's checkout, and gets it as its COMMIT ends.
+            async with (
+                anyio.create_task_group() as tg,
+                await psycopg.AsyncConnection.connect(url) as blocker,
+            ):
+                try:
+                    async with (
+                        registry.open_scope(UserExecutionContext.create("user-1")),
+                        connection() as conn,
+                    ):
+                        pid = await _leave_session_state(conn, db, "user-1")
+                        await conn.execute(statement, prepare=False)
+                        await blocker.execute("SELECT 1", prepare=False)
+                        tg.start_soon(waiter)
+                        await _eventually(queued, "the next client waits for a session")
+                except psycopg.Error as error:
+                    outcome.append(error)
+                else:
+                    outcome.append(None)
+                await waited.wait()
+        async with (
+            registry.open_scope(UserExecutionContext.create("user-2")),
+            connection() as first,
+            connection() as second,
+        ):
+            seen += [await probe(conn) for conn in (first, second)]
+    finally:
+        await registry.aclose()
+    assert type(outcome[0]) is (type(None) if raised is None else raised), outcome
+    assert seen[0][0] == pid  # the waiting client got the session of the failed COMMIT
+    assert len({row[0] for row in seen[1:]}) == 2  # user-2 had both server sessions
+    clean = (role, '"$user", public', "", False, 0, 0, None, True)
+    assert [row[1:] for row in seen] == [clean] * 3

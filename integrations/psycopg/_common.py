@@ -411,28 +411,29 @@ async def _end_and_reset(
     return row is not None and tuple(row) == server
 
 
-# Behind a pooler, before the COMMIT too: what a transaction that fails to commit leaves in
-# the server session (its settings, role, temporary tables and LISTEN go with it), since the
-# pooler hands the session on before the reset after the COMMIT can reach it. Once the
-# deferred constraints were checked, a COMMIT fails in practice only under SERIALIZABLE (a
-# serialization failure), where releasing the session advisory locks before it changes
-# nothing the isolation guarantees; under the other levels they go after the COMMIT, as a
-# handler that took one to guard its writes expects.
-_BEFORE_POOLED_COMMIT = (
-    "DISCARD SEQUENCES; SELECT CASE WHEN pg_catalog.current_setting('transaction_isolation') "
-    "= 'serializable' THEN pg_catalog.pg_advisory_unlock_all() IS NULL END; "
-)
+# Behind a pooler, before the COMMIT too: what a transaction that fails to commit would leave
+# in the server session (its settings, role, temporary tables and LISTEN go with it), since
+# the pooler hands the session on before the reset after the COMMIT can reach it. A COMMIT
+# can fail at any isolation level, after the deferred constraints were checked (a full
+# NOTIFY queue, a table emptied ON COMMIT that another refers to, an extension's own commit
+# such as postgres_fdw's, and a serialization failure under SERIALIZABLE), so the session
+# advisory locks go before it whatever the level: the pooler's next client would hold them,
+# or wait for them. The sequence state goes after the cursors, which a COMMIT would otherwise
+# run to their end (a cursor WITH HOLD) after it was discarded; the reset closes them anyway.
+_BEFORE_POOLED_COMMIT = "DISCARD SEQUENCES; SELECT pg_catalog.pg_advisory_unlock_all(); "
 
 
 def _before(end: str, *, pooled: bool) -> str:
     """What goes before ``end`` in the message that ends a checkout: before a COMMIT, the
     deferred constraints are checked, so that one failing fails inside the transaction,
     where the session can still be reset, not in the COMMIT, which ends it (behind a
-    pooler the session is then another client's); behind a ``pooled`` connection, what a
-    failed COMMIT would leave is undone before it."""
+    pooler the session is then another client's), and the cursors are closed, which the
+    COMMIT would otherwise run to their end (a cursor WITH HOLD) only for the reset to
+    close them; behind a ``pooled`` connection, what a failed COMMIT would leave is undone
+    before it."""
     if end != "COMMIT":
         return ""
-    return f"SET CONSTRAINTS ALL IMMEDIATE; {_BEFORE_POOLED_COMMIT if pooled else ''}"
+    return f"SET CONSTRAINTS ALL IMMEDIATE; CLOSE ALL; {_BEFORE_POOLED_COMMIT if pooled else ''}"
 
 
 _IN_USE = "this checkout is in use; call connection() once per `async with`"
