@@ -29,6 +29,7 @@ from psycopg.abc import Query
 
 from ambient import Registry, UserExecutionContext
 from ambient.integrations.psycopg import PerUserPools, SharedPool, connection
+from ambient.integrations.psycopg._common import _DEALLOCATE_FROM_SQL, _end_and_reset
 from tests.conftest import service_unavailable
 from tests.servers import free_port
 from tests.test_psycopg import Database, _admin, _eventually, _query_stopped, make_database
@@ -891,3 +892,76 @@ async def test_a_commit_failing_at_any_isolation_level_leaves_nothing_to_the_nex
     assert len({row[0] for row in seen[1:]}) == 2  # user-2 had both server sessions
     clean = (role, '"$user", public', "", False, 0, 0, None, True)
     assert [row[1:] for row in seen] == [clean] * 3
+
+
+@pytest.mark.parametrize("strategy", ["shared", "per_user"])
+@pytest.mark.parametrize("outcome", ["commit", "rollback", "failed commit"])
+async def test_a_statement_from_sql_prepare_stays_out_of_the_pooler(
+    bounced: tuple[Database, str], strategy: str, outcome: str
+) -> None:
+    """A handler prepares a statement with SQL ``PREPARE`` (a name and a text of user-1's),
+    and its checkout commits, rolls back, or fails to commit. Another user's checkouts, in
+    every server session of the pooler at once, find no such statement and can prepare one
+    of the same name; SharedPool keeps its connection (it has nothing to discard). Before,
+    the statement outlived the checkout in the server session (PREPARE is not undone by a
+    rollback, and the reset left statements alone, for psycopg's own): the next client
+    could read and run it, and failed to prepare its own of that name; SharedPool closed
+    its own client connection for it, which left the server session as it was."""
+    db, url = bounced
+    pool = _rls_pool(db, url, strategy, shared={"max_size": 2, "per_user_limit": 2})
+    registry = _registry(pool)
+    fail = _FAILING_COMMITS["on commit action"][0] if outcome == "failed commit" else "SELECT 1"
+    seen: list[tuple[Any, ...]] = []
+    try:
+        with contextlib.suppress(LookupError, psycopg.errors.FeatureNotSupported):
+            async with (
+                registry.open_scope(UserExecutionContext.create("user-1")),
+                connection() as conn,
+            ):
+                await conn.execute("PREPARE mine AS SELECT 'user-1 private'", prepare=False)
+                await conn.execute(fail, prepare=False)
+                if outcome == "rollback":
+                    raise LookupError(outcome)
+        async with (
+            registry.open_scope(UserExecutionContext.create("user-2")),
+            connection() as first,
+            connection() as second,
+        ):
+            for conn in (first, second):
+                cur = await conn.execute(
+                    "SELECT pg_catalog.pg_backend_pid(), (SELECT count(*) FROM "
+                    "pg_catalog.pg_prepared_statements WHERE from_sql)",
+                    prepare=False,
+                )
+                row = await cur.fetchone()
+                assert row is not None
+                await conn.execute("PREPARE mine AS SELECT 'user-2 private'", prepare=False)
+                seen.append(row)
+        discarded = pool.stats().discarded if isinstance(pool, SharedPool) else 0
+    finally:
+        await registry.aclose()
+    assert len({pid for pid, _ in seen}) == 2  # user-2 had both server sessions
+    assert [count for _, count in seen] == [0, 0]
+    assert discarded == 0
+
+
+async def test_the_pooled_commit_keeps_psycopgs_own_prepared_statements(
+    bounced: tuple[Database, str],
+) -> None:
+    """The message that commits a checkout behind a pooler deallocates the statements from
+    SQL PREPARE only: psycopg's own, prepared with the protocol (which pgbouncer 1.22 and
+    later follows across server sessions), stay prepared, where DEALLOCATE ALL would make
+    every checkout prepare them again. On one server session, directly, so that psycopg's
+    statement is there to find."""
+    db, _ = bounced
+    own = "SELECT count(*) FROM pg_catalog.pg_prepared_statements WHERE NOT from_sql"
+    async with await psycopg.AsyncConnection.connect(db.app_url) as conn:
+        await conn.execute("SELECT 1", prepare=True)  # psycopg's own, _pg3_0
+        await conn.execute("PREPARE mine AS SELECT 1", prepare=False)
+        await _end_and_reset(conn, "COMMIT", deallocate=_DEALLOCATE_FROM_SQL)
+        cur = await conn.execute(own, prepare=False)
+        assert await cur.fetchone() == (1,)
+        cur = await conn.execute("SELECT 1", prepare=True)
+        assert await cur.fetchone() == (1,)
+        cur = await conn.execute("SELECT name FROM pg_catalog.pg_prepared_statements")
+        assert [row[0] for row in await cur.fetchall()] == ["_pg3_0"]

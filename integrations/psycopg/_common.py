@@ -50,6 +50,15 @@ _OWN_POOL_ARGUMENTS = frozenset({"open", "configure"})
 _SESSION_RESET = "CLOSE ALL; RESET ALL; RESET ROLE; UNLISTEN *; DISCARD TEMP; DISCARD SEQUENCES"
 # The same for a PerUserPools connection behind a pooler, advisory locks included.
 _POOLED_RESET = f"{_SESSION_RESET}; SELECT pg_catalog.pg_advisory_unlock_all()"
+# Behind a pooler, the statements a handler prepared with SQL PREPARE, one by one (not
+# DEALLOCATE ALL, see above): a rollback keeps them, and the pooler's next client would find
+# them (and fail to prepare one of the same name). PL/pgSQL names them; a role that may not
+# use it gets nothing here (see _through_pooler).
+_DEALLOCATE_FROM_SQL = (
+    "DO $$DECLARE stmt text; BEGIN FOR stmt IN SELECT s.name FROM "
+    "pg_catalog.pg_prepared_statements s WHERE s.from_sql LOOP "
+    "EXECUTE 'DEALLOCATE ' || pg_catalog.quote_ident(stmt); END LOOP; END $$; "
+)
 
 
 def _checked_pool_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -221,21 +230,31 @@ async def _cancel_server_side(
         return
 
 
-async def _through_pooler(conn: AsyncConnection[Any]) -> tuple[bool, str]:
+async def _through_pooler(conn: AsyncConnection[Any]) -> tuple[bool, str, str]:
     """Whether ``conn`` reaches PostgreSQL through a connection pooler (pgbouncer and its
-    kin), and the role its server session logged in as (a pooler may log in under another
-    name than its client's). The pooler hands the client a cancel key of its own, so the
-    backend pid libpq learnt at connect time is not the pid of the server process that
-    runs the queries."""
-    cur = await conn.execute("SELECT pg_catalog.pg_backend_pid(), session_user", prepare=False)
+    kin), the role its server session logged in as (a pooler may log in under another
+    name than its client's), and, behind a pooler, what deallocates the statements from
+    SQL PREPARE (nothing when the role may not use PL/pgSQL). The pooler hands the client
+    a cancel key of its own, so the backend pid libpq learnt at connect time is not the
+    pid of the server process that runs the queries."""
+    cur = await conn.execute(
+        "SELECT pg_catalog.pg_backend_pid(), session_user, EXISTS (SELECT FROM "
+        "pg_catalog.pg_language WHERE lanname = 'plpgsql' "
+        "AND pg_catalog.has_language_privilege(oid, 'USAGE'))",
+        prepare=False,
+    )
     row = await cur.fetchone()
     if row is None:  # pragma: no cover - a SELECT without FROM returns its row
-        return False, conn.info.user
-    return row[0] != conn.info.backend_pid, row[1]
+        return False, conn.info.user, ""
+    pooled = row[0] != conn.info.backend_pid
+    return pooled, row[1], _DEALLOCATE_FROM_SQL if pooled and row[2] else ""
 
 
-def _warn_pooler(owner: SharedPool | PerUserPools, conn: AsyncConnection[Any], how: str) -> None:
-    """Say once per pool owner what a pooler between it and the server means."""
+def _warn_pooler(
+    owner: SharedPool | PerUserPools, conn: AsyncConnection[Any], how: str, deallocate: str
+) -> None:
+    """Say once per pool owner what a pooler between it and the server means (and, without
+    what would ``deallocate`` them, that statements from SQL PREPARE outlive a checkout)."""
     if owner._pooler_seen:
         return
     owner._pooler_seen = True
@@ -243,9 +262,15 @@ def _warn_pooler(owner: SharedPool | PerUserPools, conn: AsyncConnection[Any], h
         ""
         if conn.prepare_threshold is None
         else " psycopg prepares statements it runs often (prepare_threshold="
-        f"{conn.prepare_threshold}); under transaction pooling that fails before pgbouncer "
-        "1.21 (pass kwargs={'prepare_threshold': None} there)."
+        f"{conn.prepare_threshold}); under transaction pooling that needs pgbouncer 1.22 or "
+        "newer with max_prepared_statements set, and libpq 17 or newer (otherwise pass "
+        "kwargs={'prepare_threshold': None})."
     )
+    if not deallocate:
+        prepared += (
+            " This role may not use PL/pgSQL, which deallocates the statements a handler "
+            "prepares with SQL PREPARE: they would stay in the server session, so use none."
+        )
     logger.warning(
         "ambient: %r connects through a connection pooler (pgbouncer?): %s.%s",
         owner,
@@ -337,6 +362,7 @@ async def _release(
     exc: BaseException | None,
     *,
     pooled: bool,
+    deallocate: str = "",
     settings: list[str] | None = None,
     server: ServerSide | None = None,
 ) -> Exception | None:
@@ -350,8 +376,9 @@ async def _release(
     behind a pooler) were all the context it had (told by the ``server`` side of the
     transaction, read again as it commits). A ``pooled`` connection (its server session
     passes to other clients of the pooler) is reset in the same message as its COMMIT or
-    ROLLBACK. An interrupted query of a checkout whose ``server`` side is known (behind a
-    pooler) is cancelled with SQL too.
+    ROLLBACK, statements from SQL PREPARE included with ``deallocate``. An interrupted
+    query of a checkout whose ``server`` side is known (behind a pooler) is cancelled with
+    SQL too.
     """
     committing = False
     status: int | None = None
@@ -369,11 +396,17 @@ async def _release(
                 committing = True
                 if not pooled:
                     await conn.commit()
-                elif not await _end_and_reset(conn, "COMMIT", server if settings else None):
+                elif not await _end_and_reset(
+                    conn, "COMMIT", server if settings else None, deallocate=deallocate
+                ):
                     return _ended_inside()
                 return None
             try:
-                await (_end_and_reset(conn, "ROLLBACK") if pooled else conn.rollback())
+                await (
+                    _end_and_reset(conn, "ROLLBACK", deallocate=deallocate)
+                    if pooled
+                    else conn.rollback()
+                )
             except psycopg.Error as error:  # the pool replaces a broken connection
                 logger.warning("ambient: rollback after %r failed: %s", exc, error)
         finally:
@@ -386,26 +419,33 @@ async def _release(
 
 
 async def _end_and_reset(
-    conn: AsyncConnection[Any], end: str, server: ServerSide | None = None
+    conn: AsyncConnection[Any],
+    end: str,
+    server: ServerSide | None = None,
+    *,
+    deallocate: str = "",
 ) -> bool:
-    """End the transaction with ``end`` and reset the session, in one message; ``False``
-    when the transaction ended is not the one whose ``server`` side the checkout read as it
-    began (the handler ended that one, and a statement began another)."""
+    """End the transaction with ``end`` and reset the session, in one message, statements
+    from SQL PREPARE included with ``deallocate``; ``False`` when the transaction ended is
+    not the one whose ``server`` side the checkout read as it began (the handler ended that
+    one, and a statement began another)."""
     # Client-side binding: the simple query protocol, which alone takes several statements.
     cur = AsyncClientCursor(conn)
+    ending = (
+        f"{_before(end, pooled=True, deallocate=deallocate)}{end}; "
+        f"{_after(end, deallocate=deallocate)}{_POOLED_RESET}"
+    )
     try:
         if server is None:
-            await cur.execute(f"{_before(end, pooled=True)}{end}; {_POOLED_RESET}")
+            await cur.execute(ending)
             return True
         # Not the settings' values: a handler may set one itself, in the same transaction.
-        await cur.execute(
-            f"SELECT {_SERVER_SIDE}; {_before(end, pooled=True)}{end}; {_POOLED_RESET}"
-        )
+        await cur.execute(f"SELECT {_SERVER_SIDE}; {ending}")
     except psycopg.Error:
         if not conn.closed and conn.pgconn.transaction_status == _INERROR:
             # Failed before COMMIT (a deferred constraint): the transaction is still open,
             # so the pooler still gives this client the same server session. Reset it.
-            await cur.execute(f"ROLLBACK; {_POOLED_RESET}")
+            await cur.execute(f"ROLLBACK; {deallocate}{_POOLED_RESET}")
         raise
     row = await cur.fetchone()
     return row is not None and tuple(row) == server
@@ -423,17 +463,26 @@ async def _end_and_reset(
 _BEFORE_POOLED_COMMIT = "DISCARD SEQUENCES; SELECT pg_catalog.pg_advisory_unlock_all(); "
 
 
-def _before(end: str, *, pooled: bool) -> str:
+def _before(end: str, *, pooled: bool, deallocate: str = "") -> str:
     """What goes before ``end`` in the message that ends a checkout: before a COMMIT, the
     deferred constraints are checked, so that one failing fails inside the transaction,
     where the session can still be reset, not in the COMMIT, which ends it (behind a
     pooler the session is then another client's), and the cursors are closed, which the
     COMMIT would otherwise run to their end (a cursor WITH HOLD) only for the reset to
     close them; behind a ``pooled`` connection, what a failed COMMIT would leave is undone
-    before it."""
+    before it, statements from SQL PREPARE included with ``deallocate`` (no rollback
+    undoes them)."""
     if end != "COMMIT":
         return ""
-    return f"SET CONSTRAINTS ALL IMMEDIATE; CLOSE ALL; {_BEFORE_POOLED_COMMIT if pooled else ''}"
+    pooled_part = f"{_BEFORE_POOLED_COMMIT}{deallocate}" if pooled else ""
+    return f"SET CONSTRAINTS ALL IMMEDIATE; CLOSE ALL; {pooled_part}"
+
+
+def _after(end: str, *, deallocate: str) -> str:
+    """What goes between ``end`` and the reset: ``deallocate`` (statements from SQL
+    PREPARE), unless ``end`` is a COMMIT, before which they went. A failed transaction
+    refuses every statement but its ROLLBACK, so there they go after it."""
+    return "" if end == "COMMIT" else deallocate
 
 
 _IN_USE = "this checkout is in use; call connection() once per `async with`"

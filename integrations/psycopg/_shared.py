@@ -122,7 +122,10 @@ class SharedPool:
     ``LISTEN``, cursors, sequence state; psycopg's own prepared statements are kept) and
     checked: the settings empty, ``current_user`` and ``session_user`` the login role, no
     statement from SQL ``PREPARE``. One that fails the check is closed, never handed on
-    (``stats().discarded``). Python-side attributes a handler
+    (``stats().discarded``). Behind a connection pooler, whose server sessions outlive
+    the client connection, the statements from SQL ``PREPARE`` are deallocated instead,
+    and what a failed COMMIT would leave (advisory locks, sequence state) goes just before
+    the COMMIT. Python-side attributes a handler
     changed (``autocommit``, ``isolation_level``, ``read_only``, ``deferrable``,
     ``row_factory``, ``prepare_threshold``) are restored too.
 
@@ -210,6 +213,9 @@ class SharedPool:
             f"{self._begin_sql}, {_SERVER_SIDE}" if self._names else f"BEGIN; SELECT {_SERVER_SIDE}"
         )
         self._pooled = False
+        # Behind a pooler: what deallocates the statements from SQL PREPARE in the message
+        # that ends a checkout.
+        self._deallocate = ""
         reads = [sql.SQL("current_setting({}, true)").format(sql.Literal(n)) for n in self._names]
         # Sent as one simple-protocol string after COMMIT, ROLLBACK or nothing, with the
         # check (which refuses statements from SQL PREPARE and a role still changed) last.
@@ -379,11 +385,15 @@ class SharedPool:
     # -- connection callbacks (run by psycopg_pool's workers) ------------------------------
 
     async def _configure(self, conn: AsyncConnection[Any]) -> None:
-        pooled, login = await _through_pooler(conn)
+        pooled, login, deallocate = await _through_pooler(conn)
         self._pooled = pooled
+        self._deallocate = deallocate
         if pooled:
             _warn_pooler(
-                self, conn, "its settings last one transaction, so transaction pooling suits it"
+                self,
+                conn,
+                "its settings last one transaction, so transaction pooling suits it",
+                deallocate,
             )
         # What the reset check expects: the role the server session logged in as, which a
         # pooler's own login (pgbouncer's user=, "user.project" names) makes differ from
@@ -424,12 +434,13 @@ class SharedPool:
                 if status == _INERROR and exc is None:
                     error = _aborted()
                 commit = exc is None and error is None
+                deallocate = self._deallocate
                 end = (
-                    ""
+                    deallocate
                     if status == _IDLE
-                    else f"{_before('COMMIT', pooled=self._pooled)}COMMIT; "
+                    else f"{_before('COMMIT', pooled=self._pooled, deallocate=deallocate)}COMMIT; "
                     if commit
-                    else "ROLLBACK; "
+                    else f"ROLLBACK; {deallocate}"
                 )
                 if cur is None:
                     cur = conn.cursor(row_factory=tuple_row)
@@ -461,7 +472,7 @@ class SharedPool:
                 # A deferred constraint failed before COMMIT: the transaction is still
                 # open (behind a pooler, on the same server session), so end it here.
                 rollback = "ROLLBACK; " if conn.pgconn.transaction_status == _INERROR else ""
-                await cur.execute(rollback + self._reset_sql)
+                await cur.execute(rollback + self._deallocate + self._reset_sql)
             while cur.nextset():
                 pass
             row = await cur.fetchone()

@@ -50,6 +50,7 @@ class _UserPool:
         "__weakref__",
         "active",
         "closed",
+        "deallocate",
         "initial",
         "lent",
         "made",
@@ -76,6 +77,8 @@ class _UserPool:
         self.closed = False
         # Whether the connections reach the server through a pooler (seen on connecting).
         self.pooled = False
+        # Behind a pooler: what deallocates statements from SQL PREPARE as a checkout ends.
+        self.deallocate = ""
         # How the pool makes its connections, to restore on return (see _reset).
         self.initial: tuple[Any, ...] | None = None
         self.timeouts = 0  # openings that got no connection in time
@@ -186,14 +189,17 @@ class _UserPool:
 
     async def _configure(self, conn: AsyncConnection[Any]) -> None:
         owner = self.owner
-        if (await _through_pooler(conn))[0]:
+        pooled, _, deallocate = await _through_pooler(conn)
+        if pooled:
             # The server session behind this connection changes hands between
             # transactions: a session-level setting would reach other users' queries.
             self.pooled = True
+            self.deallocate = deallocate
             _warn_pooler(
                 owner,
                 conn,
                 "its settings are set in every checkout's transaction, not once per session",
+                deallocate,
             )
         elif owner._names:
             # A connection of this pool serves this user only: session settings are safe.
@@ -435,7 +441,15 @@ class _UserCheckout:
                     self._server = (row[-2], row[-1])
                 return None
         try:
-            await _release(owner, pool, conn, owner._cancellers.of(conn), error, pooled=True)
+            await _release(
+                owner,
+                pool,
+                conn,
+                owner._cancellers.of(conn),
+                error,
+                pooled=True,
+                deallocate=user_pool.deallocate,
+            )
         finally:
             user_pool.lent.discard(conn)
         return error
@@ -458,6 +472,7 @@ class _UserCheckout:
                 self._cancel,
                 exc,
                 pooled=self._user_pool.pooled,
+                deallocate=self._user_pool.deallocate,
                 settings=self._settings,
                 server=self._server,
             )
