@@ -41,9 +41,10 @@ SERVER_CONNECTIONS = 2
 
 
 @contextmanager
-def pgbouncer(db: Database, port: int | None = None) -> Iterator[str]:
-    """pgbouncer in transaction mode in front of the test database, logging in as the
-    test's app role, on ``port`` (default: a free one); yields the conninfo clients use."""
+def pgbouncer(db: Database, port: int | None = None, *, dbname: str = "test") -> Iterator[str]:
+    """pgbouncer in transaction mode in front of the test database (or ``dbname``, under
+    the name ``test``), logging in as the test's app role, on ``port`` (default: a free
+    one); yields the conninfo clients use."""
     binary = shutil.which("pgbouncer")
     if binary is None:
         service_unavailable("pgbouncer", "the pgbouncer program is not installed")
@@ -55,7 +56,7 @@ def pgbouncer(db: Database, port: int | None = None) -> Iterator[str]:
         ini = Path(folder, "pgbouncer.ini")
         ini.write_text(
             "[databases]\n"
-            f"test = host=127.0.0.1 port=5432 dbname=test user={role}\n"
+            f"test = host=127.0.0.1 port=5432 dbname={dbname} user={role}\n"
             "[pgbouncer]\n"
             "listen_addr = 127.0.0.1\n"
             f"listen_port = {port}\n"
@@ -965,3 +966,41 @@ async def test_the_pooled_commit_keeps_psycopgs_own_prepared_statements(
         assert await cur.fetchone() == (1,)
         cur = await conn.execute("SELECT name FROM pg_catalog.pg_prepared_statements")
         assert [row[0] for row in await cur.fetchall()] == ["_pg3_0"]
+
+
+async def test_without_plpgsql_statements_from_sql_prepare_are_warned_about(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In a database where the role may not use PL/pgSQL, which deallocates the statements
+    from SQL PREPARE behind a pooler, checkouts still commit (the deallocation is left
+    out rather than failing every COMMIT), and the pooler warning says not to use them."""
+    if anyio_backend != "asyncio":
+        pytest.skip("psycopg's async pool is asyncio-only (trio refusal: test_*_trio)")
+    name = f"ambient_nopl_{uuid.uuid4().hex[:12]}"
+    with make_database() as db:
+        with _admin() as admin:
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        try:
+            info = psycopg.conninfo.conninfo_to_dict(db.admin_url)
+            other = psycopg.conninfo.make_conninfo(**{**info, "dbname": name})  # type: ignore[arg-type]
+            with psycopg.connect(other, autocommit=True) as admin:
+                admin.execute("REVOKE USAGE ON LANGUAGE plpgsql FROM PUBLIC")
+            with pgbouncer(db, dbname=name) as url, caplog.at_level(logging.WARNING, "ambient"):
+                pool = SharedPool(url, rls_check="off", kwargs={"prepare_threshold": None})
+                registry = _registry(pool)
+                try:
+                    async with (
+                        registry.open_scope(UserExecutionContext.create("user-1")),
+                        connection() as conn,
+                    ):
+                        await conn.execute("PREPARE mine AS SELECT 1", prepare=False)
+                    rows = await _read(registry, "user-2", SETTING)
+                finally:
+                    await registry.aclose()
+        finally:
+            with _admin() as admin:
+                admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+    assert rows == [("user-2",)]
+    warnings = _pooler_warnings(caplog)
+    assert len(warnings) == 1
+    assert "PL/pgSQL" in warnings[0]
