@@ -97,6 +97,11 @@ _CHECK = (
     "current_user, session_user, pg_catalog.pg_advisory_unlock_all() IS NULL, "
     "EXISTS (SELECT FROM pg_catalog.pg_prepared_statements WHERE from_sql)"
 )
+# The same where the message deallocated the statements from SQL PREPARE (behind a pooler):
+# looking for them again would cost as much as the deallocation.
+_CHECK_DEALLOCATED = (
+    "current_user, session_user, pg_catalog.pg_advisory_unlock_all() IS NULL, false"
+)
 
 
 class SharedPool:
@@ -219,10 +224,11 @@ class SharedPool:
         reads = [sql.SQL("current_setting({}, true)").format(sql.Literal(n)) for n in self._names]
         # Sent as one simple-protocol string after COMMIT, ROLLBACK or nothing, with the
         # check (which refuses statements from SQL PREPARE and a role still changed) last.
-        self._reset_sql = (
+        self._reset_sql, self._deallocated_reset_sql = (
             sql.SQL("{}; SELECT {}")
-            .format(sql.SQL(_SESSION_RESET), sql.SQL(", ").join([sql.SQL(_CHECK), *reads]))
+            .format(sql.SQL(_SESSION_RESET), sql.SQL(", ").join([sql.SQL(check), *reads]))
             .as_string()
+            for check in (_CHECK, _CHECK_DEALLOCATED)
         )
         self._kwargs = {**(kwargs or {}), "autocommit": True}
         self._pool_options = _checked_pool_options(pool_options)
@@ -461,9 +467,10 @@ class SharedPool:
         # commit's error goes to the caller. A connection that cannot be reset and shown
         # clean is closed, whatever went wrong.
         failure: Exception | None = None
+        reset = self._deallocated_reset_sql if self._deallocate else self._reset_sql
         try:
             try:
-                await cur.execute(end + self._reset_sql)
+                await cur.execute(end + reset)
             except psycopg.Error as exc:
                 if "COMMIT" in end:
                     failure = exc
@@ -472,7 +479,7 @@ class SharedPool:
                 # A deferred constraint failed before COMMIT: the transaction is still
                 # open (behind a pooler, on the same server session), so end it here.
                 rollback = "ROLLBACK; " if conn.pgconn.transaction_status == _INERROR else ""
-                await cur.execute(rollback + self._deallocate + self._reset_sql)
+                await cur.execute(rollback + self._deallocate + reset)
             while cur.nextset():
                 pass
             row = await cur.fetchone()
