@@ -27,7 +27,7 @@ from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoin
 from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import HTTPConnection, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -40,9 +40,9 @@ from ambient.errors import IncompleteResponseError
 from ambient.integrations.starlette import install
 from ambient.middleware import AmbientMiddleware, scope_user, trusted_header
 from ambient.middleware.identity import jwt_bearer
-from tests.apps import BUILT, Ledger, Probe, build, build_app, build_registry, close_built
+from tests.apps import BUILT, Ledger, Memory, Probe, build, build_app, build_registry, close_built
 from tests.h2client import H2Client
-from tests.servers import serve, serve_unix
+from tests.servers import granian_available, serve, serve_unix
 
 SERVERS = ["uvicorn", "hypercorn", "hypercorn-trio"]
 USERS = 200
@@ -431,6 +431,90 @@ def test_shutdown_with_requests_in_flight_loses_no_cleanup() -> None:
     # 10 + 10 probes and the 10 early users' Memory, every one cleaned exactly once.
     assert len(ledger.created) == 30
     assert ledger.problems() == []
+
+
+@pytest.mark.parametrize(
+    ("server", "options"),
+    [
+        ("uvicorn", {"timeout_graceful_shutdown": 1}),
+        ("hypercorn", {"graceful_timeout": 1}),
+        ("hypercorn-trio", {"graceful_timeout": 1}),
+    ],
+    ids=["uvicorn", "hypercorn", "hypercorn-trio"],
+)
+def test_shutdown_under_open_streams_and_background_tasks_loses_no_cleanup(
+    server: str, options: dict[str, Any]
+) -> None:
+    """10 users each hold an endless streamed response and a background task still at
+    work, both using the request's Probe and the user's Memory, when the server shuts
+    down; it gives up on them after its 1 s grace period and cancels them. No stream or
+    task ever finds one of its components cleaned while it still runs, every component is
+    cleaned exactly once (the USER ones after the requests that held them, whose own
+    cleanups still write to them), no scope is left open, and the shutdown ends within a
+    few seconds."""
+    ledger = Ledger()
+    registry = build_registry(ledger)
+    misuse: list[str] = []
+    working = threading.Semaphore(0)
+
+    async def flush(ctx: ambient.UserExecutionContext) -> AsyncIterator[str]:
+        """A REQUEST component whose cleanup writes to the user's Memory, taking a while."""
+        memory = await ambient.resolve(Memory)
+        yield "flush"
+        await anyio.sleep(0.2)
+        if memory.number in ledger.cleaned:
+            misuse.append(f"{ctx.user_id}'s request flushed to a cleaned Memory")
+
+    registry.register("flush", flush)
+
+    async def keep_using(user: str, what: str) -> AsyncIterator[bytes]:
+        await ambient.resolve("flush")
+        probe = await ambient.resolve(Probe)
+        memory = await ambient.resolve(Memory)
+        working.release()
+        while True:  # until the server cancels it
+            misuse.extend(
+                f"{user}'s {what} used component {number} after its cleanup"
+                for number in (probe.number, memory.number)
+                if number in ledger.cleaned
+            )
+            if ambient.get_current_context().user_id != user:
+                misuse.append(f"{user}'s {what} changed user")
+            yield b"more\n"
+            await anyio.sleep(0.01)
+
+    async def chat(request: Request) -> Response:
+        user = ambient.get_current_context().user_id
+        return StreamingResponse(keep_using(user, "stream"))
+
+    async def later(request: Request) -> Response:
+        user = ambient.get_current_context().user_id
+
+        async def job() -> None:
+            async for _ in keep_using(user, "background task"):
+                pass
+
+        return Response("accepted", background=BackgroundTask(job))
+
+    inner = build_app(ledger)
+    inner.router.routes += [Route("/chat", chat), Route("/later", later)]
+    app = AmbientMiddleware(inner, registry=registry, identity=trusted_header())
+    users = 10
+    with contextlib.ExitStack() as sockets:
+        with serve(server, app, **options) as url:
+            host, port = url.removeprefix("http://").split(":")
+            for n, path in itertools.product(range(users), ("/chat", "/later")):
+                sock = sockets.enter_context(socket.create_connection((host, int(port)), 10))
+                sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nx-user-id: u-{n}\r\n\r\n".encode())
+            for _ in range(2 * users):
+                assert working.acquire(timeout=20)
+            shutdown_began = time.monotonic()
+        took = time.monotonic() - shutdown_began
+    assert misuse == []
+    assert len(ledger.created) == 3 * users  # two Probes and one Memory per user
+    assert ledger.problems() == []
+    assert registry.stats().open_scopes == 0
+    assert took < 10
 
 
 def test_a_startup_failure_stops_uvicorn_as_it_would_without_the_middleware() -> None:
@@ -1081,6 +1165,33 @@ async def test_a_request_after_a_large_body_on_one_connection_is_its_own(
         assert [b["entry"] for b in bodies] == [None, None, None]
     warned = [r for r in caplog.records if "live context" in r.getMessage()]
     assert len(warned) == (1 if any(live) else 0)
+
+
+@pytest.mark.skipif(not granian_available(), reason="granian is not installed")
+def test_a_request_after_a_large_body_on_one_connection_is_its_own_under_granian() -> None:
+    """The same connection under granian (its own process, its own way of starting each
+    request's task): alice's 2 MB body, then bob's and carol's requests in one write, then
+    dan's and eve's pipelined on a second connection. Each request finds nothing live
+    bound as it arrives, and its handler sees only its own user."""
+
+    def post(user: str, body: bytes) -> bytes:
+        head = f"POST /echo HTTP/1.1\r\nHost: x\r\nx-user-id: {user}\r\n"
+        return f"{head}content-length: {len(body)}\r\n\r\n".encode() + body
+
+    first = post("alice", b"a" * 2_000_000) + post("bob", b"b") + post("carol", b"")
+    with serve("granian", None, target="tests.granian_entry_app:app") as url:
+        answers = raw_exchange(url, first, 3) + raw_exchange(
+            url, post("dan", b"") + post("eve", b"e"), 2
+        )
+    bodies = [json.loads(answer.partition(b"\r\n\r\n")[2]) for answer in answers]
+    assert [(b["user"], b["size"]) for b in bodies] == [
+        ("alice", 2_000_000),
+        ("bob", 1),
+        ("carol", 0),
+        ("dan", 0),
+        ("eve", 1),
+    ]
+    assert [b["entry_live"] for b in bodies] == [False] * 5
 
 
 @pytest.mark.parametrize("running", [False, True], ids=["ended", "still-running"])
