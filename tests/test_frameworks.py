@@ -427,3 +427,87 @@ async def test_a_quart_sync_view_keeps_its_components_until_its_thread_is_done()
         proceed.set()
     assert events == ["SELECT before its cleanup", "UPDATE before its cleanup", "cleanup"]
     assert registry.stats().open_scopes == 0
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # asgiref runs on asyncio only
+async def test_a_django_sync_view_keeps_its_components_until_its_thread_is_done() -> None:
+    """Django runs a sync view in asgiref's thread and, when the client hangs up, cancels
+    the view's task. asgiref then waits for the thread before the task ends (unlike
+    Quart's executor, which abandons it), so with no override the request's cleanup still
+    comes after the thread's last use of the view's connection, never before it."""
+    import threading
+    from collections.abc import Iterator
+
+    from django.core.asgi import get_asgi_application
+    from django.http import HttpRequest, HttpResponse
+    from django.urls import path
+
+    from ambient import Registry
+    from ambient.middleware import AmbientMiddleware, trusted_header
+    from tests.frameworks import django_app
+
+    events: list[str] = []
+    started, proceed, finished = threading.Event(), threading.Event(), threading.Event()
+    cleaned, disconnected = threading.Event(), threading.Event()
+
+    class Connection:
+        def __init__(self) -> None:
+            self.in_pool = False
+
+        def execute(self, sql: str) -> None:
+            events.append(f"{sql} {'after' if self.in_pool else 'before'} its cleanup")
+
+    def connection() -> Iterator[Connection]:
+        conn = Connection()
+        try:
+            yield conn
+        finally:
+            conn.in_pool = True
+            events.append("cleanup")
+            cleaned.set()
+
+    registry = Registry()
+    registry.register(Connection, connection)
+
+    def report(request: HttpRequest) -> HttpResponse:
+        conn = ambient.resolve_sync(Connection)
+        conn.execute("SELECT")
+        started.set()
+        proceed.wait(30)
+        conn.execute("UPDATE")
+        finished.set()
+        return HttpResponse("ok")
+
+    route = path("held-report", report)
+    django_app.urlpatterns.append(route)
+    inner = AmbientMiddleware(get_asgi_application(), registry=registry, identity=trusted_header())
+
+    async def watch(scope: Any, receive: Any, send: Any) -> None:
+        async def noted() -> Any:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                disconnected.set()
+            return message
+
+        await inner(scope, noted, send)
+
+    def hang_up(port: int) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            request = b"GET /held-report HTTP/1.1\r\nhost: 127.0.0.1\r\nx-user-id: alice\r\n\r\n"
+            sock.sendall(request)
+            assert started.wait(30)
+        assert disconnected.wait(30)
+        # Bounded wait for what must not happen (a cleanup while the thread still works).
+        assert not cleaned.wait(1.0), events
+        proceed.set()
+        assert finished.wait(30)
+        assert cleaned.wait(30), (events, registry.stats())
+
+    try:
+        with serve("uvicorn", watch) as url:
+            await anyio.to_thread.run_sync(hang_up, int(url.rsplit(":", 1)[1]))
+    finally:
+        proceed.set()
+        django_app.urlpatterns.remove(route)
+    assert events == ["SELECT before its cleanup", "UPDATE before its cleanup", "cleanup"]
+    assert registry.stats().open_scopes == 0
