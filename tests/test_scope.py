@@ -281,6 +281,68 @@ class TestSingleFlight:
         assert seen["alice"] != seen["bob"]
         await registry.aclose()
 
+    async def test_one_users_scopes_tasks_and_threads_at_once_create_a_user_component_once(
+        self,
+    ) -> None:
+        """A worker thread of one of alice's scopes is making her USER component when 20
+        more of her scopes ask for it, each from 50 tasks and 10 worker threads (and bob's
+        scope likewise): her factory runs once, all 1201 callers get that instance, bob
+        gets his own, and each instance is cleaned exactly once when the registry closes."""
+        calls: list[str] = []
+        cleaned: list[str] = []
+        inside, gate = threading.Event(), threading.Event()
+
+        def memory(user: ambient.UserRef) -> Iterator[object]:
+            calls.append(user.user_id)
+            if not inside.is_set():  # the first creation waits until everyone asked
+                inside.set()
+                gate.wait(10)
+            try:
+                yield object()
+            finally:
+                cleaned.append(user.user_id)
+
+        registry = Registry()
+        registry.register("memory", memory, lifetime=Lifetime.USER)
+        got: dict[str, list[int]] = {"alice": [], "bob": []}
+
+        def in_thread(scope: Scope, user: str) -> None:
+            got[user].append(id(scope.resolve_sync("memory")))
+
+        async def request(user: str) -> None:
+            async with registry.open_scope(ctx(user)) as scope:
+
+                async def in_task() -> None:
+                    got[user].append(id(await scope.resolve("memory")))
+
+                async with anyio.create_task_group() as tg:
+                    for _ in range(10):
+                        tg.start_soon(anyio.to_thread.run_sync, in_thread, scope, user)
+                    for _ in range(50):
+                        tg.start_soon(in_task)
+
+        async def first_request() -> None:
+            async with registry.open_scope(ctx("alice")) as scope:
+                await anyio.to_thread.run_sync(in_thread, scope, "alice")
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(first_request)
+                await anyio.to_thread.run_sync(inside.wait, 10)
+                for _ in range(20):
+                    tg.start_soon(request, "alice")
+                tg.start_soon(request, "bob")
+                await anyio.wait_all_tasks_blocked()
+                gate.set()
+            await registry.aclose()
+        assert sorted(calls) == ["alice", "bob"]
+        assert len(got["alice"]) == 1 + 20 * 60
+        assert len(set(got["alice"])) == 1
+        assert len(got["bob"]) == 60
+        assert len(set(got["bob"])) == 1
+        assert set(got["alice"]) != set(got["bob"])
+        assert sorted(cleaned) == ["alice", "bob"]
+
 
 def _resolve_thing() -> object:
     return ambient.resolve_sync("thing")
