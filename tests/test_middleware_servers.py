@@ -4,6 +4,7 @@ disconnects, websockets, lifespan and composition with other middleware."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import json
 import logging
@@ -515,6 +516,198 @@ def test_shutdown_under_open_streams_and_background_tasks_loses_no_cleanup(
     assert ledger.problems() == []
     assert registry.stats().open_scopes == 0
     assert took < 10
+
+
+# trio warns about an async generator left to the garbage collector (Starlette does not
+# close a stream whose client has gone): that is the case under test.
+@pytest.mark.filterwarnings("ignore:Async generator:ResourceWarning")
+@pytest.mark.parametrize("acting_for", ["child run", "another user"])
+def test_a_sub_scope_in_a_stream_the_client_left_is_cleaned_once_and_ends_nowhere(
+    server: str, acting_for: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """10 users' streams each open a sub-scope inside their body generator (acting for a
+    child run, or for another user, as an admin would) and resolve a component there
+    for every chunk; each client hangs up mid-stream. Whether the server or the
+    generator's finaliser ends it, and in whichever task: each sub-scope's component and
+    each request's are cleaned exactly once, every scope closes, what runs outside the
+    middleware after each request sees no context (neither the request's nor the
+    sub-scope's), and nothing is logged at warning or above."""
+    caplog.set_level(logging.DEBUG, logger="ambient")
+    made: list[str] = []
+    cleaned: list[str] = []
+    after: list[str] = []
+    changed = threading.Condition()
+    registry = Registry()
+
+    def part(ctx: ambient.UserExecutionContext) -> Iterator[str]:
+        with changed:
+            made.append(ctx.run_id)
+        try:
+            yield ctx.user_id
+        finally:
+            with changed:
+                cleaned.append(ctx.run_id)
+                changed.notify_all()
+
+    registry.register("part", part)
+
+    async def stream(request: Request) -> Response:
+        request_ctx = ambient.get_current_context()
+        await ambient.resolve("part")
+        if acting_for == "child run":
+            sub = request_ctx.child("stream")
+        else:
+            sub = ambient.UserExecutionContext.create(f"for-{request_ctx.user_id}")
+
+        async def body() -> AsyncIterator[bytes]:
+            async with registry.open_scope(sub, allow_switch=acting_for != "child run"):
+                while True:  # until the client leaves
+                    yield f"{await ambient.resolve('part')}\n".encode()
+                    await anyio.sleep(0.005)
+
+        return StreamingResponse(body())
+
+    app = AmbientMiddleware(
+        Starlette(routes=[Route("/stream", stream)]), registry=registry, identity=trusted_header()
+    )
+
+    async def outside(scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await app(scope, receive, send)
+        finally:
+            if scope["type"] == "http":
+                ctx = ambient.current_context_or_none()
+                with changed:
+                    after.append("nobody" if ctx is None else ctx.user_id)
+                    changed.notify_all()
+
+    users = 10
+
+    def stream_and_leave(port: int, n: int) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+            sock.sendall(f"GET /stream HTTP/1.1\r\nHost: x\r\nx-user-id: u-{n}\r\n\r\n".encode())
+            received = b""
+            while received.count(b"\n") < 12:  # the headers and a few chunks
+                chunk = sock.recv(4096)
+                assert chunk, received
+                received += chunk
+
+    def settled() -> bool:
+        return len(after) == users and len(cleaned) == 2 * users
+
+    with serve(server, outside) as url:
+        port = int(url.rsplit(":", 1)[1])
+        callers = [threading.Thread(target=stream_and_leave, args=(port, n)) for n in range(users)]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join(30)
+        with changed:
+            changed.wait_for(settled, timeout=10)
+        gc.collect()  # a generator nobody closed is finalised now at the latest
+        with changed:
+            assert changed.wait_for(settled, timeout=10), (after, made, cleaned)
+    assert sorted(cleaned) == sorted(made)
+    assert len(set(cleaned)) == 2 * users
+    assert after == ["nobody"] * users
+    assert registry.stats().open_scopes == 0
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    """Read one whole HTTP/1.1 response (a fixed length or chunked body) from ``sock``."""
+    data = b""
+    while True:
+        head, _, body = data.partition(b"\r\n\r\n")
+        if _:
+            fields = head.lower()
+            if b"transfer-encoding: chunked" in fields and body.endswith(b"0\r\n\r\n"):
+                return data
+            for line in fields.split(b"\r\n"):
+                if line.startswith(b"content-length:") and len(body) >= int(line[15:]):
+                    return data
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_requests_cut_short_at_every_moment_leave_no_count_scope_or_reference(
+    server: str,
+) -> None:
+    """10 users, 20 requests each, 40 at a time, with a per-user limit: whole answers,
+    whole streams, and clients that hang up at once, while the handler waits (before its
+    answer starts) or in the middle of an endless stream. Every answer a client read
+    whole names its own user; afterwards no request is counted against its user's limit
+    or as in flight, no scope is open, no user entry is referenced, and every component
+    was cleaned exactly once."""
+    app, ledger, registry = build(max_concurrent_per_user=20)
+
+    async def long_poll(request: Request) -> Response:
+        await ambient.resolve(Probe)
+        await ambient.resolve(Memory)
+        ledger.note("waiting", request.headers["x-request-id"])
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        return Response(status_code=204)
+
+    app.app.router.routes.append(Route("/poll", long_poll))  # type: ignore[attr-defined]
+    kinds = ("whole", "stream", "gone-at-once", "gone-while-waiting", "gone-mid-stream")
+    paths = {
+        "whole": "/whoami",
+        "stream": "/stream",
+        "gone-at-once": "/whoami",
+        "gone-while-waiting": "/poll",
+        "gone-mid-stream": "/stream?endless=1",
+    }
+    wrong: list[str] = []
+
+    def one(port: int, n: int) -> None:
+        user, kind, request_id = f"cut-{n % 10}", kinds[n % len(kinds)], f"cut.{n}"
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+            sock.sendall(
+                f"GET {paths[kind]} HTTP/1.1\r\nHost: x\r\nx-user-id: {user}\r\n"
+                f"x-request-id: {request_id}\r\n\r\n".encode()
+            )
+            if kind == "gone-while-waiting":
+                assert ledger.wait(lambda led: ("waiting", request_id) in led.events)
+            elif kind == "gone-mid-stream":
+                received = b""
+                while b"more" not in received:
+                    chunk = sock.recv(4096)
+                    assert chunk, received
+                    received += chunk
+            elif kind != "gone-at-once":
+                answer = _read_response(sock)
+                if not answer.startswith(b"HTTP/1.1 200") or f"{user}".encode() not in answer:
+                    wrong.append(f"{request_id} ({user}, {kind}): {answer[-120:]!r}")
+        # Leaving the block closed the socket: the client has gone.
+
+    with serve(server, app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        for batch in range(5):
+            callers = [
+                threading.Thread(target=one, args=(port, n))
+                for n in range(batch * 40, batch * 40 + 40)
+            ]
+            for caller in callers:
+                caller.start()
+            for caller in callers:
+                caller.join(30)
+
+        def quiet() -> bool:
+            return not (app._requests or app._active or registry.stats().open_scopes)
+
+        deadline = time.monotonic() + 20
+        while not quiet() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert quiet(), (app._requests, app._active, registry.stats())
+        assert {ref: entry.refs for ref, entry in registry._users.items() if entry.refs} == {}
+    assert wrong == []
+    assert [what for what, _ in ledger.events].count("waiting") == 40
+    assert len(ledger.created) >= 160 + 10  # a Probe for each request that got in, Memories
+    assert ledger.problems() == []
 
 
 def test_a_startup_failure_stops_uvicorn_as_it_would_without_the_middleware() -> None:
