@@ -3,12 +3,14 @@ disconnects, websockets, lifespan and composition with other middleware."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import gc
 import itertools
 import json
 import logging
 import socket
+import struct
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -632,6 +634,21 @@ def _read_response(sock: socket.socket) -> bytes:
         data += chunk
 
 
+def assert_quiet(app: AmbientMiddleware) -> None:
+    """Wait (bounded) until ``app`` has no request or socket in flight, counted against a
+    user's limit or with a scope open; then no user entry may be referenced either."""
+    registry = app.registry
+
+    def quiet() -> bool:
+        return not (app._requests or app._active or registry.stats().open_scopes)
+
+    deadline = time.monotonic() + 20
+    while not quiet() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert quiet(), (app._requests, app._active, registry.stats())
+    assert {ref: entry.refs for ref, entry in registry._users.items() if entry.refs} == {}
+
+
 @pytest.mark.parametrize("server", SERVERS)
 def test_requests_cut_short_at_every_moment_leave_no_count_scope_or_reference(
     server: str,
@@ -642,7 +659,7 @@ def test_requests_cut_short_at_every_moment_leave_no_count_scope_or_reference(
     whole names its own user; afterwards no request is counted against its user's limit
     or as in flight, no scope is open, no user entry is referenced, and every component
     was cleaned exactly once."""
-    app, ledger, registry = build(max_concurrent_per_user=20)
+    app, ledger, _ = build(max_concurrent_per_user=20)
 
     async def long_poll(request: Request) -> Response:
         await ambient.resolve(Probe)
@@ -696,17 +713,74 @@ def test_requests_cut_short_at_every_moment_leave_no_count_scope_or_reference(
             for caller in callers:
                 caller.join(30)
 
-        def quiet() -> bool:
-            return not (app._requests or app._active or registry.stats().open_scopes)
-
-        deadline = time.monotonic() + 20
-        while not quiet() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert quiet(), (app._requests, app._active, registry.stats())
-        assert {ref: entry.refs for ref, entry in registry._users.items() if entry.refs} == {}
+        assert_quiet(app)
     assert wrong == []
     assert [what for what, _ in ledger.events].count("waiting") == 40
     assert len(ledger.created) >= 160 + 10  # a Probe for each request that got in, Memories
+    assert ledger.problems() == []
+
+
+def test_websockets_dropped_at_every_moment_leave_no_count_or_scope_behind(server: str) -> None:
+    """60 websockets of 10 users under a per-user limit, each dropped by its client with a
+    TCP reset: while the handler holds the handshake (before accept), once accepted, or
+    right after the upgrade request was sent. No socket stays counted against its user's
+    limit or in flight, no scope stays open, and every component is cleaned once."""
+    ledger = Ledger()
+    registry = build_registry(ledger)
+
+    async def chat(websocket: WebSocket) -> None:
+        await ambient.resolve(Probe)
+        socket_id = websocket.headers["x-request-id"]
+        ledger.note("inside", socket_id)
+        if websocket.query_params.get("when") == "before-accept":
+            await anyio.to_thread.run_sync(
+                ledger.wait, lambda led: ("gone", socket_id) in led.events
+            )
+        await websocket.accept()
+        while True:
+            text = await websocket.receive_text()
+            await websocket.send_text(f"{ambient.get_current_context().user_id} {text}")
+
+    app = AmbientMiddleware(
+        Starlette(routes=[WebSocketRoute("/ws", chat)]),
+        registry=registry,
+        identity=trusted_header(),
+        max_concurrent_per_user=10,
+    )
+
+    def drop(port: int, n: int) -> None:
+        socket_id, when = f"ws.{n}", ("before-accept", "accepted", "at-once")[n % 3]
+        key = base64.b64encode(n.to_bytes(16, "big")).decode()
+        upgrade = (
+            f"GET /ws?when={when} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            f"Sec-WebSocket-Version: 13\r\nx-user-id: ws-{n % 10}\r\n"
+            f"x-request-id: {socket_id}\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+            sock.sendall(upgrade.encode())
+            if when == "before-accept":
+                assert ledger.wait(lambda led: ("inside", socket_id) in led.events)
+            elif when == "accepted":
+                answer = b""
+                while b"\r\n\r\n" not in answer:
+                    chunk = sock.recv(4096)
+                    assert chunk, answer
+                    answer += chunk
+                assert answer.startswith(b"HTTP/1.1 101"), answer
+            # A reset, not a close: no closing handshake of either protocol.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        ledger.note("gone", socket_id)
+
+    with serve(server, app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        callers = [threading.Thread(target=drop, args=(port, n)) for n in range(60)]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join(30)
+        assert_quiet(app)
+    assert len(ledger.created) >= 40  # every socket but those dropped at once got in
     assert ledger.problems() == []
 
 
