@@ -160,16 +160,24 @@ def _encloses(outer: Scope, scope: Scope) -> bool:
 def _unrelated_scopes_removed(context: Context, scope: Scope) -> Context:
     """The context to start ``scope``'s span in.
 
-    The current one, unless it is exactly the context another scope made current and
-    ``scope`` is not nested in that scope: then it was inherited from unrelated work (on
-    asyncio a pipelined request starts inside the previous request's context, uvicorn#2167;
-    a task spawned by a request outlives it), and the span starts from what was current
-    before that scope instead, so it never becomes another request's child.
+    The current one, unless it is the context another scope made current, or one its work
+    made from it whose span has ended, and ``scope`` is not nested in that scope: then it
+    was inherited from unrelated work (on asyncio a pipelined request starts inside the
+    previous request's context, uvicorn#2167, even inside the span an instrumentation
+    inside the middleware wraps that request's ``send`` in; a task spawned by a request
+    outlives it), and the span starts from what was current before that scope instead, so
+    it never becomes another request's child. A span still going on is the current work's
+    own (a task's, an outer middleware's server span), as is a remote parent it took from
+    a message: the scope's span goes under it.
     """
     while True:
         record = context.get(_SCOPE_KEY)
-        if type(record) is not _ScopeRecord or record.attached() is not context:
+        if type(record) is not _ScopeRecord:
             return context
+        if record.attached() is not context:
+            span = trace.get_current_span(context)
+            if span.is_recording() or span.get_span_context().is_remote:
+                return context
         outer = record.scope()
         if not record.closed and outer is not None and _encloses(outer, scope):
             return context

@@ -485,6 +485,39 @@ class TestScopeSpan:
         assert parent_id(second) == server.get_span_context().span_id
         assert second.context.trace_id == first.context.trace_id
 
+    async def test_work_outliving_its_request_nests_its_scope_under_its_own_live_span(
+        self, otel: Otel
+    ) -> None:
+        """A task started inside a request's span ("handler") that outlives the request:
+        the scope it opens in a span of its own ("job", still going on) nests under that
+        span; one it opens where the request's span has ended (the task's context still
+        shows it) starts, like the request's scope, under the request's parent span."""
+        registry = Registry(telemetry=otel.telemetry())
+        tracer = otel.tracer_provider.get_tracer("test")
+        request_done = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            with tracer.start_as_current_span("server") as server:
+                async with registry.open_scope(ctx("alice")):
+                    with tracer.start_as_current_span("handler"):
+
+                        async def later() -> None:
+                            await request_done.wait()
+                            with tracer.start_as_current_span("job") as job:
+                                async with registry.open_scope(ctx("alice")):
+                                    pass
+                            async with registry.open_scope(ctx("alice")):
+                                pass
+                            assert job.get_span_context().is_valid
+
+                        tg.start_soon(later)
+            request_done.set()
+        request, in_job, after_job = otel.spans.named("ambient.scope")
+        (job,) = otel.spans.named("job")
+        assert parent_id(request) == server.get_span_context().span_id
+        assert parent_id(in_job) == job.context.span_id
+        assert parent_id(after_job) == server.get_span_context().span_id
+        assert len({s.context.trace_id for s in (request, in_job, after_job)}) == 1
+
     async def test_a_traced_scope_leaves_no_reference_cycle(self, otel: Otel) -> None:
         """Once the scope closes, its span and the context it made current are freed by
         reference counting alone: a traced request leaves nothing to the cycle collector."""
@@ -1721,12 +1754,17 @@ async def test_a_websocket_messages_scopes_are_traced_by_the_middlewares_telemet
     assert otel.total("ambient.scopes.active") == 0
 
 
-def pipelined(url: str, users: list[str]) -> list[bytes]:
-    """Send one request per user on one socket in a single write; read every answer."""
+def pipelined(url: str, users: list[str], first_body: int = 0) -> list[bytes]:
+    """Send one request per user on one socket in a single write, the first with a body of
+    ``first_body`` bytes (a POST); read every answer."""
     host, port = url.removeprefix("http://").split(":")
     payload = b"".join(
         f"GET / HTTP/1.1\r\nHost: x\r\nx-user-id: {user}\r\n\r\n".encode() for user in users
     )
+    if first_body:
+        head = f"POST / HTTP/1.1\r\nHost: x\r\nx-user-id: {users[0]}\r\n"
+        first = f"{head}content-length: {first_body}\r\n\r\n".encode() + b"a" * first_body
+        payload = first + payload.partition(b"\r\n\r\n")[2]
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(payload)
         data = b""
@@ -1738,6 +1776,9 @@ def pipelined(url: str, users: list[str]) -> list[bytes]:
 
 
 async def who(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Read the request's body, answer its user."""
+    while (await receive()).get("more_body", False):
+        pass
     body = json.dumps({"user": ambient.get_current_context().user_id}).encode()
     headers = [(b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -1756,6 +1797,37 @@ class TestPipelining:
         assert sorted((s.attributes or {})["ambient.user_id"] for s in scopes) == ["u0", "u1", "u2"]
         assert [s.parent for s in scopes] == [None, None, None]
         assert len({s.context.trace_id for s in scopes}) == 3
+
+    @pytest.mark.parametrize("first_body", [0, 2_000_000], ids=["pipelined", "large-body"])
+    @pytest.mark.parametrize(
+        "options",
+        [{"http": "h11", "loop": "asyncio"}, {"http": "httptools", "loop": "uvloop"}],
+        ids=["h11", "httptools"],
+    )
+    async def test_requests_behind_an_instrumentation_inside_get_a_trace_each(
+        self, otel: Otel, options: dict[str, str], first_body: int
+    ) -> None:
+        """opentelemetry-instrumentation-asgi inside the middleware wraps each ``send`` and
+        ``receive`` in a span of its own: uvicorn (without reset_contextvars) starts the
+        next request on the connection (pipelined, or after a large body) inside one of
+        those spans' context. Every scope span is still the root of its own trace. The next
+        user's scope span was a child of the previous user's "http send" or "http receive"
+        span: three users in one trace."""
+        inner = OpenTelemetryMiddleware(who, tracer_provider=otel.tracer_provider)
+        app = make_app(server_registry(), otel.telemetry(user_id="raw"), inner)
+        with serve("uvicorn", app, lifespan="off", **options) as url:
+            bodies = await anyio.to_thread.run_sync(pipelined, url, ["u0", "u1", "u2"], first_body)
+        assert [json.loads(b)["user"] for b in bodies] == ["u0", "u1", "u2"]
+        scopes = otel.spans.named("ambient.scope")
+        assert sorted((s.attributes or {})["ambient.user_id"] for s in scopes) == ["u0", "u1", "u2"]
+        assert [s.parent for s in scopes] == [None, None, None]
+        assert len({s.context.trace_id for s in scopes}) == 3
+        # The instrumentation's own request spans (internal ones, a span being current),
+        # one under each scope span.
+        requests = otel.spans.named("GET /") + otel.spans.named("POST /")
+        assert sorted(parent_id(s) or 0 for s in requests) == sorted(
+            s.context.span_id for s in scopes
+        )
 
     async def test_behind_otel_asgi_with_reset_contextvars(self, otel: Otel) -> None:
         """Behind opentelemetry-instrumentation-asgi, with uvicorn's reset_contextvars (the
