@@ -400,14 +400,20 @@ class Registry:
 
     def _evict_lru(self, *, warn: bool = True) -> None:
         excess = len(self._users) - self.max_users
-        for ref, entry in list(self._users.items()):
-            if excess <= 0:
-                break
-            if entry.refs == 0:
-                del self._users[ref]
-                self._idle -= 1
-                self._evicted.append(entry)
-                excess -= 1
+        # Past max_users in a burst, this runs for every user admitted and released: walk
+        # the users only while some are idle, and only as far as the idle ones to evict.
+        if self._idle:
+            victims: list[UserEntry] = []
+            for entry in self._users.values():
+                if entry.refs == 0:
+                    victims.append(entry)
+                    if len(victims) == excess or len(victims) == self._idle:
+                        break
+            for entry in victims:
+                del self._users[entry.ref]
+            self._idle -= len(victims)
+            self._evicted += victims
+            excess -= len(victims)
         if excess <= 0:
             self._over_max_users = False
         elif warn and not self._over_max_users:
