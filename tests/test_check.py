@@ -1183,34 +1183,10 @@ def test_an_interrupt_while_the_demo_builds_its_app_exits_with_a_line(tmp_path: 
         "ambient.demo.app.create_app = create_app\n"
         "sys.exit(main(['demo', '--port', sys.argv[1]]))\n"
     )
-    process = subprocess.Popen(  # noqa: S603 - our own interpreter and script
-        [sys.executable, "slow_demo_build.py", str(free_port())],
-        cwd=tmp_path,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    watchdog = threading.Timer(60, process.kill)  # bounds the blocking reads below
-    watchdog.start()
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        while line and line != "building\n":  # the banner comes first
-            line = process.stdout.readline()
-        assert line == "building\n"
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=30)  # not communicate(): it would close stdin
-        assert process.stderr is not None
-        err = process.stderr.read()
-    finally:
-        watchdog.cancel()
-        process.kill()
-        process.wait(timeout=30)
-        for pipe in (process.stdin, process.stdout, process.stderr):
-            if pipe is not None:
-                pipe.close()
-    assert process.returncode == 130, err
+    returncode, err = _interrupted(
+        ["slow_demo_build.py", str(free_port())], "building", tmp_path
+    )  # the banner comes before the app is built
+    assert returncode == 130, err
     assert err == "ambient demo: interrupted\n"
 
 
@@ -1268,22 +1244,32 @@ def test_every_simulated_user_named_in_a_text_is_found_among_ten_thousand() -> N
 
 
 def _interrupted_check(target: str, ready: str, cwd: Any) -> tuple[int, str]:
-    """Run ``ambient check target`` in ``cwd``, send it SIGINT once the app prints
-    ``ready``, and return its exit status and what it wrote to stderr. Its stdin stays
-    open: an app waiting on it is ended by the interrupt alone."""
+    """Run ``ambient check target`` in ``cwd``, interrupted once the app prints ``ready``
+    (see :func:`_interrupted`)."""
+    return _interrupted(["-m", "ambient", "check", target, "--json"], ready, cwd)
+
+
+def _interrupted(args: list[str], ready: str, cwd: Any) -> tuple[int, str]:
+    """Run our interpreter with ``args`` in ``cwd``, send it SIGINT once it prints the line
+    ``ready`` (lines before it are passed over), and return its exit status and what it
+    wrote to stderr. Its stdin stays open: a program waiting on it is ended by the
+    interrupt alone."""
     process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-        [sys.executable, "-m", "ambient", "check", target, "--json"],
+        [sys.executable, *args],
         cwd=cwd,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    watchdog = threading.Timer(60, process.kill)  # bounds the blocking read below
+    watchdog = threading.Timer(60, process.kill)  # bounds the blocking reads below
     watchdog.start()
     try:
         assert process.stdout is not None
-        assert process.stdout.readline() == f"{ready}\n"
+        line = process.stdout.readline()
+        while line and line != f"{ready}\n":
+            line = process.stdout.readline()
+        assert line == f"{ready}\n"
         process.send_signal(signal.SIGINT)
         process.wait(timeout=30)  # not communicate(): it would close stdin
         assert process.stderr is not None
