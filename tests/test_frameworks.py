@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 import ambient
+from ambient import Registry
 from tests.servers import granian_available, serve
 
 USERS = 50
@@ -329,6 +330,95 @@ async def test_a_stream_cut_short_behind_an_http_middleware_inside_rolls_back(
     assert registry.stats().open_scopes == 0
 
 
+class _HeldView:
+    """A sync view whose thread holds its request's connection while its client hangs up:
+    it reads, waits to be let go, then writes. What the connection was used for, and when
+    its cleanup came, end up in ``events``."""
+
+    def __init__(self) -> None:
+        import threading
+        from collections.abc import Iterator
+
+        self.events: list[str] = []
+        self.started, self.proceed, self.finished = (threading.Event() for _ in range(3))
+        self.cleaned, self.disconnected = threading.Event(), threading.Event()
+        events, cleaned = self.events, self.cleaned
+
+        class Connection:
+            def __init__(self) -> None:
+                self.in_pool = False
+
+            def execute(self, sql: str) -> None:
+                events.append(f"{sql} {'after' if self.in_pool else 'before'} its cleanup")
+
+        def connection() -> Iterator[Connection]:
+            conn = Connection()
+            try:
+                yield conn
+            finally:  # the request ended with an error: its client hung up
+                conn.in_pool = True
+                events.append("cleanup")
+                cleaned.set()
+
+        self.connection_key = Connection
+        self.registry = Registry()
+        self.registry.register(Connection, connection)
+
+    def work(self) -> None:
+        """The view's body, in its thread."""
+        conn = ambient.resolve_sync(self.connection_key)
+        conn.execute("SELECT")
+        self.started.set()
+        self.proceed.wait(30)
+        conn.execute("UPDATE")
+        self.finished.set()
+
+    def watched(self, app: Any) -> Any:
+        """``app`` behind ``AmbientMiddleware``, noting the client's disconnect."""
+        from ambient.middleware import AmbientMiddleware, trusted_header
+
+        inner = AmbientMiddleware(app, registry=self.registry, identity=trusted_header())
+
+        async def watch(scope: Any, receive: Any, send: Any) -> None:
+            async def noted() -> Any:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    self.disconnected.set()
+                return message
+
+            await inner(scope, noted, send)
+
+        return watch
+
+    async def hang_up_on(self, server_app: Any, target: str) -> None:
+        """Serve ``server_app`` on uvicorn, ask for ``target`` and hang up while the view's
+        thread works; its cleanup must come after the thread's last use, never before."""
+
+        def hang_up(port: int) -> None:
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                request = f"GET {target} HTTP/1.1\r\nhost: 127.0.0.1\r\nx-user-id: alice\r\n\r\n"
+                sock.sendall(request.encode())
+                assert self.started.wait(30)
+            assert self.disconnected.wait(30)
+            # Bounded wait for what must not happen (a cleanup while the thread still works).
+            assert not self.cleaned.wait(1.0), self.events
+            self.proceed.set()
+            assert self.finished.wait(30)
+            assert self.cleaned.wait(30), (self.events, self.registry.stats())
+
+        try:
+            with serve("uvicorn", server_app) as url:
+                await anyio.to_thread.run_sync(hang_up, int(url.rsplit(":", 1)[1]))
+        finally:
+            self.proceed.set()
+        assert self.events == [
+            "SELECT before its cleanup",
+            "UPDATE before its cleanup",
+            "cleanup",
+        ]
+        assert self.registry.stats().open_scopes == 0
+
+
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # Quart runs on asyncio only
 async def test_a_quart_sync_view_keeps_its_components_until_its_thread_is_done() -> None:
     """Quart runs a sync view in a thread and, when the client hangs up, cancels the view's
@@ -337,15 +427,11 @@ async def test_a_quart_sync_view_keeps_its_components_until_its_thread_is_done()
     view's connection went back to its pool while the thread still used it."""
     import functools
     import inspect
-    import threading
-    from collections.abc import Coroutine, Iterator
+    from collections.abc import Coroutine
 
     from quart import Quart
 
-    import ambient
-    from ambient import Registry
     from ambient.integrations.threads import run_sync_in_thread
-    from ambient.middleware import AmbientMiddleware, trusted_header
 
     class HeldQuart(Quart):  # as docs/frameworks.md shows it
         def ensure_async(  # type: ignore[override]
@@ -361,72 +447,16 @@ async def test_a_quart_sync_view_keeps_its_components_until_its_thread_is_done()
 
             return run
 
-    events: list[str] = []
-    started, proceed, finished = threading.Event(), threading.Event(), threading.Event()
-    cleaned, disconnected = threading.Event(), threading.Event()
-
-    class Connection:
-        def __init__(self) -> None:
-            self.in_pool = False
-
-        def execute(self, sql: str) -> None:
-            events.append(f"{sql} {'after' if self.in_pool else 'before'} its cleanup")
-
-    def connection() -> Iterator[Connection]:
-        conn = Connection()
-        try:
-            yield conn
-        finally:  # the request ended with an error: its client hung up
-            conn.in_pool = True
-            events.append("cleanup")
-            cleaned.set()
-
-    registry = Registry()
-    registry.register(Connection, connection)
+    held = _HeldView()
     app = HeldQuart(__name__)
 
     @app.get("/report")
     def report() -> str:
-        conn = ambient.resolve_sync(Connection)
-        conn.execute("SELECT")
-        started.set()
-        proceed.wait(30)
-        conn.execute("UPDATE")
-        finished.set()
+        held.work()
         return "ok"
 
-    inner = AmbientMiddleware(app.asgi_app, registry=registry, identity=trusted_header())
-
-    async def watch(scope: Any, receive: Any, send: Any) -> None:
-        async def noted() -> Any:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                disconnected.set()
-            return message
-
-        await inner(scope, noted, send)
-
-    app.asgi_app = watch  # type: ignore[method-assign]
-
-    def hang_up(port: int) -> None:
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-            sock.sendall(b"GET /report HTTP/1.1\r\nhost: 127.0.0.1\r\nx-user-id: alice\r\n\r\n")
-            assert started.wait(30)
-        assert disconnected.wait(30)
-        # Quart cancels the view's task now; the old behaviour cleaned up at once. Bounded
-        # wait for what must not happen, then let the thread go on.
-        assert not cleaned.wait(1.0), events
-        proceed.set()
-        assert finished.wait(30)
-        assert cleaned.wait(30), (events, registry.stats())
-
-    try:
-        with serve("uvicorn", app) as url:
-            await anyio.to_thread.run_sync(hang_up, int(url.rsplit(":", 1)[1]))
-    finally:
-        proceed.set()
-    assert events == ["SELECT before its cleanup", "UPDATE before its cleanup", "cleanup"]
-    assert registry.stats().open_scopes == 0
+    app.asgi_app = held.watched(app.asgi_app)  # type: ignore[method-assign]
+    await held.hang_up_on(app, "/report")
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # asgiref runs on asyncio only
@@ -435,79 +465,21 @@ async def test_a_django_sync_view_keeps_its_components_until_its_thread_is_done(
     the view's task. asgiref then waits for the thread before the task ends (unlike
     Quart's executor, which abandons it), so with no override the request's cleanup still
     comes after the thread's last use of the view's connection, never before it."""
-    import threading
-    from collections.abc import Iterator
-
     from django.core.asgi import get_asgi_application
     from django.http import HttpRequest, HttpResponse
     from django.urls import path
 
-    from ambient import Registry
-    from ambient.middleware import AmbientMiddleware, trusted_header
     from tests.frameworks import django_app
 
-    events: list[str] = []
-    started, proceed, finished = threading.Event(), threading.Event(), threading.Event()
-    cleaned, disconnected = threading.Event(), threading.Event()
-
-    class Connection:
-        def __init__(self) -> None:
-            self.in_pool = False
-
-        def execute(self, sql: str) -> None:
-            events.append(f"{sql} {'after' if self.in_pool else 'before'} its cleanup")
-
-    def connection() -> Iterator[Connection]:
-        conn = Connection()
-        try:
-            yield conn
-        finally:
-            conn.in_pool = True
-            events.append("cleanup")
-            cleaned.set()
-
-    registry = Registry()
-    registry.register(Connection, connection)
+    held = _HeldView()
 
     def report(request: HttpRequest) -> HttpResponse:
-        conn = ambient.resolve_sync(Connection)
-        conn.execute("SELECT")
-        started.set()
-        proceed.wait(30)
-        conn.execute("UPDATE")
-        finished.set()
+        held.work()
         return HttpResponse("ok")
 
     route = path("held-report", report)
     django_app.urlpatterns.append(route)
-    inner = AmbientMiddleware(get_asgi_application(), registry=registry, identity=trusted_header())
-
-    async def watch(scope: Any, receive: Any, send: Any) -> None:
-        async def noted() -> Any:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                disconnected.set()
-            return message
-
-        await inner(scope, noted, send)
-
-    def hang_up(port: int) -> None:
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-            request = b"GET /held-report HTTP/1.1\r\nhost: 127.0.0.1\r\nx-user-id: alice\r\n\r\n"
-            sock.sendall(request)
-            assert started.wait(30)
-        assert disconnected.wait(30)
-        # Bounded wait for what must not happen (a cleanup while the thread still works).
-        assert not cleaned.wait(1.0), events
-        proceed.set()
-        assert finished.wait(30)
-        assert cleaned.wait(30), (events, registry.stats())
-
     try:
-        with serve("uvicorn", watch) as url:
-            await anyio.to_thread.run_sync(hang_up, int(url.rsplit(":", 1)[1]))
+        await held.hang_up_on(held.watched(get_asgi_application()), "/held-report")
     finally:
-        proceed.set()
         django_app.urlpatterns.remove(route)
-    assert events == ["SELECT before its cleanup", "UPDATE before its cleanup", "cleanup"]
-    assert registry.stats().open_scopes == 0
