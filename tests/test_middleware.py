@@ -70,6 +70,25 @@ def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
     return body
 
 
+# Exception groups and what answers them: the first error when every error in the group
+# (nested groups flattened) carries a status, nothing otherwise.
+_GROUPS: list[tuple[BaseException, int | None]] = [
+    (
+        ExceptionGroup(
+            "queries",
+            [
+                ExceptionGroup("inner", [TooManyRequestsError("slow down")]),
+                PoolExhaustedError("no connection"),
+            ],
+        ),
+        429,
+    ),
+    (ExceptionGroup("queries", [PoolExhaustedError("busy"), RuntimeError("bug")]), None),
+    (ExceptionGroup("queries", [PoolExhaustedError("busy"), IdentityError("x")]), 503),
+    (CleanupError("cleanups failed", [PoolExhaustedError("busy")]), None),
+]
+
+
 class TestIdentity:
     async def test_the_header_user_is_bound_and_the_request_id_echoed(self) -> None:
         app, ledger, registry = build()
@@ -444,24 +463,7 @@ class TestErrors:
         assert len(seen) == 1
         assert isinstance(seen[0], ExceptionGroup)
 
-    @pytest.mark.parametrize(
-        ("raised", "status"),
-        [
-            (
-                ExceptionGroup(
-                    "queries",
-                    [
-                        ExceptionGroup("inner", [TooManyRequestsError("slow down")]),
-                        PoolExhaustedError("no connection"),
-                    ],
-                ),
-                429,
-            ),
-            (ExceptionGroup("queries", [PoolExhaustedError("busy"), RuntimeError("bug")]), None),
-            (ExceptionGroup("queries", [PoolExhaustedError("busy"), IdentityError("x")]), 503),
-            (CleanupError("cleanups failed", [PoolExhaustedError("busy")]), None),
-        ],
-    )
+    @pytest.mark.parametrize(("raised", "status"), _GROUPS)
     async def test_an_exception_group_is_answered_only_when_every_error_in_it_can_be(
         self, raised: BaseExceptionGroup[Any], status: int | None
     ) -> None:
@@ -602,23 +604,7 @@ class TestAnswerError:
 
     @pytest.mark.parametrize(
         ("raised", "status"),
-        [
-            (
-                ExceptionGroup(
-                    "queries",
-                    [
-                        ExceptionGroup("inner", [TooManyRequestsError("slow down")]),
-                        PoolExhaustedError("no connection"),
-                    ],
-                ),
-                429,
-            ),
-            (ExceptionGroup("queries", [PoolExhaustedError("busy"), IdentityError("x")]), 503),
-            (ExceptionGroup("queries", [PoolExhaustedError("busy"), RuntimeError("bug")]), None),
-            (CleanupError("cleanups failed", [PoolExhaustedError("busy")]), None),
-            (NoActiveContextError(), None),
-            (RuntimeError("bug"), None),
-        ],
+        [*_GROUPS, (NoActiveContextError(), None), (RuntimeError("bug"), None)],
     )
     async def test_an_exception_group_is_answered_as_its_first_error(
         self, raised: BaseException, status: int | None
