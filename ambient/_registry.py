@@ -385,6 +385,10 @@ class Registry:
                 if entry.ephemeral:
                     del self._users[entry.ref]
                     self._evicted.append(entry)
+                    if self._over_max_users and len(self._users) <= self.max_users:
+                        # Back within the limit without an eviction: the next burst past
+                        # it is reported again.
+                        self._over_max_users = False
                     return
                 now = self._clock()
                 entry.idle_since = now

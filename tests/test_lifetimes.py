@@ -18,6 +18,7 @@ from opentelemetry import trace as otel_trace
 
 import ambient
 from ambient import ComponentEvent, Lifetime, Observer, Registry, UserExecutionContext, UserRef
+from ambient._context import ANONYMOUS
 
 
 class FakeClock:
@@ -250,6 +251,50 @@ class TestUserLifetime:
         warnings = [r.getMessage() for r in caplog.records if "above max_users" in r.getMessage()]
         assert len(warnings) == 2, warnings
         assert all("above max_users=10" in warning for warning in warnings)
+        await registry.aclose()
+
+    async def test_a_burst_of_anonymous_users_past_max_users_leaves_the_next_burst_reported(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A burst of 30 anonymous users (whose USER components go as their scope closes)
+        past max_users=10 is one warning; once they have gone the registry is back within
+        the limit, so a later burst of signed-in users is reported again (the anonymous
+        users left without the registry noticing, and every later burst went unreported)."""
+        cleaned: list[str] = []
+        registry = user_registry(cleaned, max_users=10)
+
+        async def burst(contexts: list[UserExecutionContext]) -> None:
+            held = 0
+            all_held = anyio.Event()
+            release = anyio.Event()
+
+            async def request(context: UserExecutionContext) -> None:
+                nonlocal held
+                async with registry.open_scope(context):
+                    await ambient.resolve(Tracked)
+                    held += 1
+                    if held == len(contexts):
+                        all_held.set()
+                    await release.wait()
+
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as tg:
+                    for context in contexts:
+                        tg.start_soon(request, context)
+                    await all_held.wait()
+                    release.set()
+
+        anonymous = [
+            UserExecutionContext.create(f"anonymous:{n}", metadata={ANONYMOUS: True})
+            for n in range(30)
+        ]
+        with caplog.at_level("WARNING", logger="ambient"):
+            await burst(anonymous)
+            assert registry.stats().live_users == 0
+            await burst([ctx(f"user-{n}") for n in range(30)])
+        warnings = [r.getMessage() for r in caplog.records if "above max_users" in r.getMessage()]
+        assert len(warnings) == 2, warnings
+        assert len(cleaned) == 50  # the 30 anonymous users, and 20 users over the limit
         await registry.aclose()
 
     async def test_aclose_closes_user_and_app_components(self) -> None:
