@@ -398,7 +398,16 @@ class Registry:
                 if len(self._users) > self.max_users:
                     # A burst of users in flight at once went past max_users: shrink back
                     # as they leave, not when some later user arrives.
-                    self._evict_lru(warn=False)
+                    if self._idle == 1:
+                        # The only idle user is this one (every other user over the limit
+                        # is in use): no walk over them all for each user that leaves.
+                        del self._users[entry.ref]
+                        self._idle = 0
+                        self._evicted.append(entry)
+                        if len(self._users) <= self.max_users:
+                            self._over_max_users = False
+                    else:
+                        self._evict_lru(warn=False)
         finally:
             lock.release()
 

@@ -8,7 +8,9 @@ import gc
 import sys
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import anyio
 import pytest
@@ -251,6 +253,47 @@ class TestUserLifetime:
         warnings = [r.getMessage() for r in caplog.records if "above max_users" in r.getMessage()]
         assert len(warnings) == 2, warnings
         assert all("above max_users=10" in warning for warning in warnings)
+        await registry.aclose()
+
+    async def test_a_burst_past_max_users_walks_no_user_list_per_request(self) -> None:
+        """300 users at once with max_users=100: admitting each user over the limit, and
+        releasing each as its scope closes, looks at that user only. A walk over every
+        user for each of them (under the registry's lock, on the event loop) made a
+        burst quadratic: seconds of a blocked loop for a burst of thousands."""
+        cleaned: list[str] = []
+        registry = user_registry(cleaned, max_users=100, idle_ttl=3600)
+        walked = 0
+
+        class Counted(OrderedDict[UserRef, Any]):
+            def items(self) -> Any:
+                nonlocal walked
+                walked += len(self)
+                return super().items()
+
+        registry._users = Counted()
+        users = [f"user-{n}" for n in range(300)]
+        held = 0
+        all_held = anyio.Event()
+        release = anyio.Event()
+
+        async def request(user: str) -> None:
+            nonlocal held
+            async with registry.open_scope(ctx(user)):
+                await ambient.resolve(Tracked)
+                held += 1
+                if held == len(users):
+                    all_held.set()
+                await release.wait()
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for user in users:
+                    tg.start_soon(request, user)
+                await all_held.wait()
+                release.set()
+        assert registry.stats().live_users == 100
+        assert len(set(cleaned)) == len(cleaned) == 200
+        assert walked <= len(users), walked
         await registry.aclose()
 
     async def test_a_burst_of_anonymous_users_past_max_users_leaves_the_next_burst_reported(
