@@ -265,10 +265,22 @@ class TestUserLifetime:
         walked = 0
 
         class Counted(OrderedDict[UserRef, Any]):
+            """Counts the entries of every walk over the users, however it is taken."""
+
             def items(self) -> Any:
                 nonlocal walked
                 walked += len(self)
                 return super().items()
+
+            def values(self) -> Any:
+                nonlocal walked
+                walked += len(self)
+                return super().values()
+
+            def __iter__(self) -> Any:
+                nonlocal walked
+                walked += len(self)
+                return super().__iter__()
 
         registry._users = Counted()
         users = [f"user-{n}" for n in range(300)]
