@@ -1324,6 +1324,58 @@ async def test_check_rls_passes_an_ordinary_role(db: Database) -> None:
     assert "does not exist" in info.value.problems[1]
 
 
+@pytest.mark.parametrize("strategy", ["shared", "per_user"])
+async def test_connections_made_with_dict_rows_open_and_check_row_level_security(
+    db: Database, strategy: str
+) -> None:
+    """The application's connections return dicts (``kwargs={"row_factory": dict_row}``):
+    the pool opens, its self-check still tells a protected table from an unprotected one,
+    and each of several users gets dict rows of its own rows only. Before, ambient read its
+    own queries' rows by position: no connection could be configured (every checkout was
+    refused after its timeout, "is it reachable?") and check_rls raised KeyError."""
+    kwargs = {**db.kwargs(), "row_factory": dict_row}
+    async with await psycopg.AsyncConnection.connect(db.app_url, **kwargs) as conn:
+        with pytest.warns(RowSecurityWarning):
+            problems = await check_rls(conn, [db.notes, f"{db.schema}.plain"], action="warn")
+    assert len(problems) == 1
+    assert f"{db.schema}.plain" in problems[0]
+    assert "not enabled" in problems[0]
+    options: dict[str, Any] = {
+        "timeout": 5,
+        "rls_tables": [db.notes],
+        "rls_check": "raise",
+        "kwargs": kwargs,
+    }
+    pool: SharedPool | PerUserPools = (
+        SharedPool(db.app_url, min_size=1, max_size=2, **options)
+        if strategy == "shared"
+        else PerUserPools(db.app_url, max_size=1, max_total=2, **options)
+    )
+    registry = Registry()
+    pool.install(registry)
+    users = [f"user-{n}" for n in range(4)]
+    seen: dict[str, list[Any]] = {}
+
+    async def user(name: str) -> None:
+        async with registry.open_scope(_ctx(name)):
+            async with connection() as conn:
+                await conn.execute(
+                    db.sql("INSERT INTO {notes} (owner, body) VALUES (%s, %s)"), (name, name)
+                )
+            async with connection() as conn:
+                cur = await conn.execute(db.sql("SELECT owner, body FROM {notes}"))
+                seen[name] = await cur.fetchall()
+
+    try:
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                for name in users:
+                    tg.start_soon(user, name)
+    finally:
+        await registry.aclose()
+    assert seen == {name: [{"owner": name, "body": name}] for name in users}
+
+
 # -- PerUserPools ------------------------------------------------------------------------------
 
 

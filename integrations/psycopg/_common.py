@@ -12,6 +12,7 @@ import anyio
 import psycopg
 from psycopg import AsyncClientCursor, AsyncConnection, capabilities
 from psycopg.pq import PollingStatus, TransactionStatus
+from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool
 
 from ambient.errors import PoolExhaustedError
@@ -237,7 +238,7 @@ async def _through_pooler(conn: AsyncConnection[Any]) -> tuple[bool, str, str]:
     SQL PREPARE (nothing when the role may not use PL/pgSQL). The pooler hands the client
     a cancel key of its own, so the backend pid libpq learnt at connect time is not the
     pid of the server process that runs the queries."""
-    cur = await conn.execute(
+    cur = await conn.cursor(row_factory=tuple_row).execute(
         "SELECT pg_catalog.pg_backend_pid(), session_user, EXISTS (SELECT FROM "
         "pg_catalog.pg_language WHERE lanname = 'plpgsql' "
         "AND pg_catalog.has_language_privilege(oid, 'USAGE'))",

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from typing import Any, Literal
 
 from psycopg import AsyncConnection
+from psycopg.rows import tuple_row
 
 from ambient.errors import RowSecurityError, RowSecurityWarning
 from ambient.integrations.psycopg._common import _IDLE
@@ -91,7 +92,8 @@ async def check_rls(
         msg = f"action must be 'raise' or 'warn', not {action!r}"
         raise ValueError(msg)
     problems: list[str] = []
-    async with conn.cursor() as cur:
+    # Rows by position, whatever row factory the application made the connection with.
+    async with conn.cursor(row_factory=tuple_row) as cur:
         await cur.execute(_ROLE_SQL, prepare=False)
         row = await cur.fetchone()
         role = "?" if row is None else str(row[0])
