@@ -720,6 +720,63 @@ async def _role_of(url: str) -> str:
         return str(await _scalar(conn, "SELECT current_user"))
 
 
+async def test_shared_sessions_that_start_as_another_role_are_reused_as_that_role(
+    db: Database,
+) -> None:
+    """The pool logs in as a role that only switches to the app role (``options=-c
+    role=...``, as an ``ALTER ROLE ... SET role`` default would): the reset brings each
+    session back to the app role, even after a handler's ``SET ROLE NONE``, and the same
+    connection serves user after user as the app role, each with its own rows. Before,
+    the reset check expected the login role, so every connection was closed on its first
+    return (a new server session per checkout, and a warning each time)."""
+    app_role = await _role_of(db.app_url)
+    login = f"{app_role}_login"
+    with _admin() as admin:
+        admin.execute(f"CREATE ROLE {login} LOGIN NOINHERIT NOSUPERUSER NOBYPASSRLS")
+        admin.execute(f"GRANT {app_role} TO {login}")
+    kwargs = {**db.kwargs(), "options": f"-c role={app_role}"}
+    seen: list[tuple[Any, ...]] = []
+    try:
+        async with SharedPool(
+            _url_for(login),
+            min_size=1,
+            max_size=1,
+            timeout=5,
+            rls_tables=[db.notes],
+            rls_check="raise",
+            kwargs=kwargs,
+        ) as pool:
+            for user in ("alice", "bob", "carol", "alice"):
+                with bind_context(_ctx(user), allow_switch=True):
+                    async with pool.connection() as conn:
+                        await conn.execute(
+                            db.sql("INSERT INTO {notes} (owner, body) VALUES (%s, 'n')"), (user,)
+                        )
+                        cur = await conn.execute(
+                            db.sql(
+                                "SELECT current_user, pg_backend_pid(), "
+                                "(SELECT array_agg(DISTINCT owner) FROM {notes})"
+                            )
+                        )
+                        row = await cur.fetchone()
+                        assert row is not None
+                        seen.append(tuple(row))
+                        await conn.execute("SET ROLE NONE")  # back to the login role
+            discarded = pool.stats().discarded
+    finally:
+        with _admin() as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+                (login,),
+            )
+            admin.execute(f"DROP ROLE {login}")
+    assert [(role, owners) for role, _, owners in seen] == [
+        (app_role, [user]) for user in ("alice", "bob", "carol", "alice")
+    ]
+    assert len({pid for _, pid, _ in seen}) == 1
+    assert discarded == 0
+
+
 async def test_shared_dirty_connection_is_discarded(db: Database) -> None:
     """When the reset cannot clean a connection, it is closed and replaced, never handed
     on (the reset is sabotaged to simulate one that fails)."""

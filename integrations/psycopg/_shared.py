@@ -125,7 +125,8 @@ class SharedPool:
     On return, in the same round trip as the commit, the connection is reset like
     ``DISCARD ALL`` (session settings, ``SET ROLE``, temporary tables, advisory locks,
     ``LISTEN``, cursors, sequence state; psycopg's own prepared statements are kept) and
-    checked: the settings empty, ``current_user`` and ``session_user`` the login role, no
+    checked: the settings empty, ``session_user`` the login role and ``current_user`` the role
+    the session starts as (the login role, unless it takes another at connect time), no
     statement from SQL ``PREPARE``. One that fails the check is closed, never handed on
     (``stats().discarded``). Behind a connection pooler, whose server sessions outlive
     the client connection, the statements from SQL ``PREPARE`` are deallocated instead,
@@ -238,6 +239,7 @@ class SharedPool:
         self._installed = False
         self._initial: tuple[Any, ...] | None = None
         self._login: str | None = None
+        self._role: str | None = None
         self._gates: dict[UserRef, _Gate] = {}
         self.checked_out = 0
         self.discarded = 0
@@ -405,6 +407,11 @@ class SharedPool:
         # pooler's own login (pgbouncer's user=, "user.project" names) makes differ from
         # the client's.
         self._login = login
+        # And the role it runs as once RESET ROLE has run: the login role, unless the session
+        # starts as another (options=-c role=..., ALTER ROLE ... SET role).
+        cur = await conn.cursor(row_factory=tuple_row).execute("SELECT current_user", prepare=False)
+        row = await cur.fetchone()
+        self._role = None if row is None else row[0]
         # Every connection of the pool starts alike; remember how, to restore it on return.
         if self._initial is None:
             self._initial = _python_side(conn)
@@ -485,7 +492,8 @@ class SharedPool:
             row = await cur.fetchone()
             login = self._login or conn.info.user
             # The columns of _CHECK, then every setting.
-            if row is None or row[0] != login or row[1] != login or any(row[3:]):
+            role = self._role or login
+            if row is None or row[0] != role or row[1] != login or any(row[3:]):
                 await self._discard(conn, "it kept session state (PREPARE, a role default?)")
                 return failure
             if conn.pgconn.transaction_status != _IDLE:
