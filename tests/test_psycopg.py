@@ -1350,6 +1350,74 @@ async def test_check_rls_detects_views_that_bypass_the_policies(db: Database) ->
             pass
 
 
+async def test_check_rls_detects_partitions_and_children_read_without_the_policies(
+    db: Database,
+) -> None:
+    """A protected table partitioned by tenant, and one that other tables inherit from:
+    row-level security applies to the table a query names, so a tenant that queries another
+    tenant's partition (or a child table) directly reads all of it. check_rls names each
+    such table the role can read or write, at any depth, and a SharedPool checking the
+    parent refuses to open; a partition with row-level security of its own, or one the
+    role has no privilege on, is fine."""
+    app_role = psycopg.conninfo.conninfo_to_dict(db.app_url)["user"]
+    schema = db.schema
+    with _admin() as admin:
+        for statement in (
+            "CREATE TABLE {s}.docs (tenant text NOT NULL, body text) PARTITION BY LIST (tenant)",
+            "ALTER TABLE {s}.docs ENABLE ROW LEVEL SECURITY",
+            "CREATE TABLE {s}.docs_acme PARTITION OF {s}.docs FOR VALUES IN ('acme')",
+            "CREATE TABLE {s}.docs_globex PARTITION OF {s}.docs FOR VALUES IN ('globex') "
+            "PARTITION BY LIST (body)",
+            "CREATE TABLE {s}.docs_globex_all PARTITION OF {s}.docs_globex DEFAULT",
+            "CREATE TABLE {s}.docs_initech PARTITION OF {s}.docs FOR VALUES IN ('initech')",
+            "CREATE TABLE {s}.docs_hidden PARTITION OF {s}.docs FOR VALUES IN ('hidden')",
+            "CREATE TABLE {s}.docs_own_policy PARTITION OF {s}.docs FOR VALUES IN ('own')",
+            "ALTER TABLE {s}.docs_own_policy ENABLE ROW LEVEL SECURITY",
+            "CREATE TABLE {s}.base (tenant text)",
+            "ALTER TABLE {s}.base ENABLE ROW LEVEL SECURITY",
+            "CREATE TABLE {s}.child () INHERITS ({s}.base)",
+            "GRANT SELECT ON {s}.docs, {s}.docs_acme, {s}.docs_globex, {s}.docs_globex_all, "
+            "{s}.docs_own_policy, {s}.base, {s}.child TO {app}",
+            "GRANT UPDATE ON {s}.docs_initech TO {app}",
+        ):
+            admin.execute(statement.format(s=schema, app=app_role))
+        admin.execute(
+            f"CREATE POLICY tenant ON {schema}.docs "
+            "USING (tenant = NULLIF(current_setting('app.tenant_id', true), ''))"
+        )
+        admin.execute(
+            sql.SQL("INSERT INTO {} VALUES ('acme', 'a'), ('globex', 'g')").format(
+                sql.Identifier(schema, "docs")
+            )
+        )
+    async with SharedPool(db.app_url, min_size=1, max_size=1, rls_check="off") as pool:
+        with bind_context(_ctx("alice", "acme")):
+            async with pool.connection() as conn:
+                count = sql.SQL("SELECT count(*) FROM {}")
+                through_parent, direct = [
+                    await _scalar(conn, count.format(sql.Identifier(schema, name)))
+                    for name in ("docs", "docs_globex")
+                ]
+    assert (through_parent, direct) == (1, 1)  # the danger: globex's row, read directly
+    async with await psycopg.AsyncConnection.connect(db.app_url) as conn:
+        with pytest.warns(RowSecurityWarning):
+            problems = await check_rls(conn, [f"{schema}.docs", f"{schema}.base"], action="warn")
+    named = [re.findall(r"'([^']+)'", problem)[0] for problem in problems]
+    assert named == [
+        f"{schema}.docs_acme",
+        f"{schema}.docs_globex",
+        f"{schema}.docs_globex_all",
+        f"{schema}.docs_initech",
+        f"{schema}.child",
+    ]
+    assert all("ENABLE ROW LEVEL SECURITY" in problem for problem in problems)
+    with pytest.raises(RowSecurityError, match="docs_globex"):
+        async with SharedPool(
+            db.app_url, min_size=1, rls_tables=[f"{schema}.docs"], rls_check="raise"
+        ):
+            pass
+
+
 async def test_bob_cannot_update_or_delete_alices_rows(db: Database, shared: SharedPool) -> None:
     """Row-level security also holds for writes: bob's UPDATE and DELETE of alice's rows
     touch nothing, and alice's row is as she left it."""

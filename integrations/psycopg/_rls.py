@@ -56,6 +56,27 @@ WHERE d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass
 ORDER BY 1
 """
 
+# Partitions and inheritance children of a protected table, at any depth, that this role can
+# read or write and whose own row-level security does not apply to it: a policy applies to
+# the table a query names, so querying one of them directly skips the parent's policies.
+_CHILD_SQL = """
+WITH RECURSIVE below(oid) AS (
+  SELECT i.inhrelid FROM pg_catalog.pg_inherits i
+  WHERE i.inhparent = pg_catalog.to_regclass(%s)
+  UNION
+  SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN below b ON i.inhparent = b.oid
+)
+SELECT c.oid::pg_catalog.regclass::text
+FROM below b
+JOIN pg_catalog.pg_class c ON c.oid = b.oid
+WHERE pg_catalog.has_table_privilege(c.oid, 'SELECT, INSERT, UPDATE, DELETE')
+  AND (
+    NOT c.relrowsecurity
+    OR (pg_catalog.pg_has_role(current_user, c.relowner, 'USAGE') AND NOT c.relforcerowsecurity)
+  )
+ORDER BY 1
+"""
+
 
 async def check_rls(
     conn: AsyncConnection[Any],
@@ -72,7 +93,9 @@ async def check_rls(
     database default presets (``ALTER ROLE ... SET app.user_id``) makes every session
     start as somebody; a view over a protected table that this role can read, and that
     reads it with the rights of an owner who bypasses its policies (not
-    ``security_invoker``), or a materialized view over one, shows every user's rows.
+    ``security_invoker``), or a materialized view over one, shows every user's rows; so
+    does a partition or child table of a protected table, queried directly, unless row-level
+    security applies to it too (a policy applies to the table a query names).
     Each of these is a problem.
 
     Args:
@@ -123,6 +146,14 @@ async def check_rls(
                 problems.append(
                     f"role {role!r} owns {table!r}, and owners bypass its policies unless "
                     f"ALTER TABLE {table} FORCE ROW LEVEL SECURITY"
+                )
+            await cur.execute(_CHILD_SQL, (table,), prepare=False)
+            for (child,) in await cur.fetchall():
+                problems.append(
+                    f"table {child!r} is a partition or child of {table!r}, and role {role!r} "
+                    "can query it directly, which skips the policies of "
+                    f"{table!r}: ALTER TABLE {child} ENABLE ROW LEVEL SECURITY (and FORCE, "
+                    "for its owner) with policies of its own, or revoke that privilege"
                 )
             await cur.execute(_VIEW_SQL, (table,), prepare=False)
             for view, kind in await cur.fetchall():
