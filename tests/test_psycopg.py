@@ -22,13 +22,16 @@ import warnings
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 import anyio.abc
 import anyio.lowlevel
+import httpx
 import psycopg
 import pytest
+from fastapi import Depends, FastAPI, HTTPException
+from fastapi.responses import JSONResponse
 from psycopg import sql
 from psycopg.abc import Query
 from psycopg.pq import PipelineStatus, Trace, TransactionStatus
@@ -37,6 +40,7 @@ from psycopg_pool import PoolClosed
 
 from ambient import Registry, UserExecutionContext, bind_context, resolve
 from ambient.errors import NoActiveContextError, PoolExhaustedError, RegistryError
+from ambient.integrations.fastapi import CurrentContext, install
 from ambient.integrations.psycopg import (
     PerUserPools,
     RowSecurityError,
@@ -46,6 +50,7 @@ from ambient.integrations.psycopg import (
     check_rls,
     connection,
 )
+from ambient.middleware import trusted_header
 from tests.conftest import DATABASE_URL, service_unavailable
 
 
@@ -1539,6 +1544,83 @@ async def test_per_user_pools_give_each_user_its_own_sessions(db: Database) -> N
     assert pools.stats().pools == 0
     assert pools.stats().slots == 0
     await _eventually(_async_int(lambda: _server_connections(db), 0), "connections closed")
+
+
+async def _checkout() -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """A FastAPI ``yield`` dependency holding a checkout for the endpoint."""
+    async with connection() as conn:
+        yield conn
+
+
+Checkout = Annotated[psycopg.AsyncConnection[Any], Depends(_checkout)]
+
+
+@pytest.mark.parametrize("strategy", ["shared", "per_user"])
+async def test_an_error_answer_raised_through_the_checkout_rolls_its_writes_back(
+    db: Database, strategy: str
+) -> None:
+    """FastAPI turns an HTTPException into a 409 answer after it left the endpoint: raised
+    inside the checkout's block, or in an endpoint whose checkout a ``yield`` dependency
+    holds, the write is rolled back; an endpoint that answers 409 itself from inside the
+    block ends it normally, so its write is committed (the documented rule: the block's
+    own outcome decides, not the status). Ten users at once, each seeing only its own row."""
+    pool: SharedPool | PerUserPools = (
+        SharedPool(db.app_url, min_size=1, max_size=3, rls_check="raise", kwargs=db.kwargs())
+        if strategy == "shared"
+        else PerUserPools(
+            db.app_url, max_size=1, max_total=3, rls_check="raise", kwargs=db.kwargs()
+        )
+    )
+    registry = Registry()
+    pool.install(registry)
+    app = FastAPI()
+    install(app, registry=registry, identity=trusted_header())
+    insert = db.sql("INSERT INTO {notes} (owner, body) VALUES (%s, %s)")
+
+    @app.post("/raise")
+    async def raising(ctx: CurrentContext) -> None:
+        async with connection() as conn:
+            await conn.execute(insert, (ctx.user_id, "raise"))
+            raise HTTPException(409)
+
+    @app.post("/dependency")
+    async def dependency(ctx: CurrentContext, conn: Checkout) -> None:
+        await conn.execute(insert, (ctx.user_id, "dependency"))
+        raise HTTPException(409)
+
+    @app.post("/answer")
+    async def answer(ctx: CurrentContext) -> JSONResponse:
+        async with connection() as conn:
+            await conn.execute(insert, (ctx.user_id, "answer"))
+            return JSONResponse({"detail": "conflict"}, status_code=409)
+
+    @app.get("/notes")
+    async def notes() -> list[list[str]]:
+        async with connection() as conn:
+            cur = await conn.execute(db.sql("SELECT owner, body FROM {notes} ORDER BY body"))
+            return [list(row) for row in await cur.fetchall()]
+
+    seen: dict[str, Any] = {}
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50000))
+
+    async def user(http: httpx.AsyncClient, name: str) -> None:
+        headers = {"x-user-id": name}
+        statuses = [
+            (await http.post(path, headers=headers)).status_code
+            for path in ("/raise", "/dependency", "/answer")
+        ]
+        seen[name] = (statuses, (await http.get("/notes", headers=headers)).json())
+
+    users = [f"user-{n}" for n in range(10)]
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            with anyio.fail_after(20):
+                async with anyio.create_task_group() as tg:
+                    for name in users:
+                        tg.start_soon(user, http, name)
+    finally:
+        await registry.aclose()
+    assert seen == {name: ([409, 409, 409], [[name, "answer"]]) for name in users}
 
 
 @pytest.mark.parametrize("strategy", ["shared", "per_user"])
