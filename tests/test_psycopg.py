@@ -1355,6 +1355,55 @@ async def test_check_rls_detects_views_that_bypass_the_policies(db: Database) ->
             pass
 
 
+async def test_check_rls_detects_views_over_views_that_bypass_the_policies(
+    db: Database,
+) -> None:
+    """A view the role cannot read reads the protected table with its (superuser) owner's
+    rights; a view over it, and a materialized view over it, are granted to the role and
+    show bob alice's rows. check_rls names both and the view they read through, and a
+    SharedPool checking the table refuses to open. A view over a security_invoker view is
+    fine: the table is then read with the querying role's rights."""
+    app_role = sql.Identifier(psycopg.conninfo.conninfo_to_dict(db.app_url)["user"])
+    notes = sql.Identifier(db.schema, "notes")
+    names = ("internal", "report", "stored", "invoker", "over_invoker")
+    views = {name: sql.Identifier(db.schema, name) for name in names}
+    with _admin() as admin:
+        for template, *relations in (
+            ("CREATE VIEW {} AS SELECT * FROM {}", views["internal"], notes),
+            ("CREATE VIEW {} AS SELECT owner, body FROM {}", views["report"], views["internal"]),
+            ("CREATE MATERIALIZED VIEW {} AS SELECT * FROM {}", views["stored"], views["internal"]),
+            (
+                "CREATE VIEW {} WITH (security_invoker = on) AS SELECT * FROM {}",
+                views["invoker"],
+                notes,
+            ),
+            ("CREATE VIEW {} AS SELECT * FROM {}", views["over_invoker"], views["invoker"]),
+            ("GRANT SELECT ON {}, {} TO {}", views["report"], views["stored"], app_role),
+            ("GRANT SELECT ON {}, {} TO {}", views["invoker"], views["over_invoker"], app_role),
+        ):
+            admin.execute(sql.SQL(template).format(*relations))
+        admin.execute(db.sql("INSERT INTO {notes} (owner, body) VALUES ('alice', 'x')"))
+        admin.execute(sql.SQL("REFRESH MATERIALIZED VIEW {}").format(views["stored"]))
+    async with SharedPool(db.app_url, min_size=1, max_size=1, rls_check="off") as pool:
+        with bind_context(_ctx("bob")):
+            async with pool.connection() as conn:
+                count = sql.SQL("SELECT count(*) FROM {}")
+                counts = {
+                    name: await _scalar(conn, count.format(views[name])) for name in names[1:]
+                }
+    assert counts == {"report": 1, "stored": 1, "invoker": 0, "over_invoker": 0}  # the danger
+    async with await psycopg.AsyncConnection.connect(db.app_url) as conn:
+        with pytest.warns(RowSecurityWarning):
+            problems = await check_rls(conn, [db.notes], action="warn")
+    assert len(problems) == 2
+    assert f"view '{db.schema}.report' shows the rows" in problems[0]
+    assert f"that '{db.schema}.internal' reads without its policies" in problems[0]
+    assert f"materialized view '{db.schema}.stored'" in problems[1]
+    with pytest.raises(RowSecurityError, match="report"):
+        async with SharedPool(db.app_url, min_size=1, rls_tables=[db.notes], rls_check="raise"):
+            pass
+
+
 async def test_check_rls_detects_partitions_and_children_read_without_the_policies(
     db: Database,
 ) -> None:

@@ -22,26 +22,16 @@ _TABLE_SQL = (
     "FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass(%s)"
 )
 
-# Views and materialized views over a protected table that this role can read, and that
-# are read with rights that skip its policies: a materialized view always (its rows were
-# stored by whoever refreshed it), a view unless it is security_invoker (PostgreSQL 15+)
-# or its owner is itself subject to the policies.
+# Views and materialized views over a protected table, directly or through other views, that
+# this role can read, and that show rows the table's policies did not filter: a materialized
+# view always (its rows were stored by whoever refreshed it), a view over the table unless it
+# is security_invoker (PostgreSQL 15+) or its owner is itself subject to the policies, and
+# any view over one of those (which the role may read though it cannot read that one). With
+# the first of those in the chain (NULL: the view itself).
 _VIEW_SQL = """
-SELECT DISTINCT v.oid::pg_catalog.regclass::text, v.relkind
-FROM pg_catalog.pg_depend d
-JOIN pg_catalog.pg_rewrite w ON w.oid = d.objid
-JOIN pg_catalog.pg_class v ON v.oid = w.ev_class
-JOIN pg_catalog.pg_class t ON t.oid = d.refobjid
-JOIN pg_catalog.pg_roles o ON o.oid = v.relowner
-WHERE d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass
-  AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
-  AND d.refobjid = pg_catalog.to_regclass(%s)
-  AND v.oid <> t.oid
-  AND v.relkind IN ('v', 'm')
-  AND pg_catalog.has_table_privilege(v.oid, 'SELECT')
-  AND (
-    v.relkind = 'm'
-    OR (
+WITH RECURSIVE over(oid, relkind, skips, source) AS (
+  SELECT v.oid, v.relkind,
+    v.relkind = 'm' OR (
       NOT COALESCE((
         SELECT x.option_value::boolean
         FROM pg_catalog.pg_options_to_table(v.reloptions) x
@@ -51,9 +41,35 @@ WHERE d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass
         o.rolsuper OR o.rolbypassrls
         OR (pg_catalog.pg_has_role(o.oid, t.relowner, 'USAGE') AND NOT t.relforcerowsecurity)
       )
-    )
-  )
-ORDER BY 1
+    ),
+    NULL::pg_catalog.oid
+  FROM pg_catalog.pg_depend d
+  JOIN pg_catalog.pg_rewrite w ON w.oid = d.objid
+  JOIN pg_catalog.pg_class v ON v.oid = w.ev_class
+  JOIN pg_catalog.pg_class t ON t.oid = d.refobjid
+  JOIN pg_catalog.pg_roles o ON o.oid = v.relowner
+  WHERE d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass
+    AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
+    AND d.refobjid = pg_catalog.to_regclass(%s)
+    AND v.oid <> t.oid
+    AND v.relkind IN ('v', 'm')
+  UNION
+  SELECT v.oid, v.relkind, u.skips OR v.relkind = 'm',
+    CASE WHEN u.skips THEN COALESCE(u.source, u.oid) END
+  FROM over u
+  JOIN pg_catalog.pg_depend d ON d.refobjid = u.oid
+  JOIN pg_catalog.pg_rewrite w ON w.oid = d.objid
+  JOIN pg_catalog.pg_class v ON v.oid = w.ev_class
+  WHERE d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass
+    AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
+    AND v.oid <> u.oid
+    AND v.relkind IN ('v', 'm')
+)
+SELECT DISTINCT ON (1) u.oid::pg_catalog.regclass::text, u.relkind,
+  u.source::pg_catalog.regclass::text
+FROM over u
+WHERE u.skips AND pg_catalog.has_table_privilege(u.oid, 'SELECT')
+ORDER BY 1, 3 NULLS FIRST
 """
 
 # Partitions and inheritance children of a protected table, at any depth, that this role can
@@ -93,8 +109,9 @@ async def check_rls(
     database default presets (``ALTER ROLE ... SET app.user_id``) makes every session
     start as somebody; a view over a protected table that this role can read, and that
     reads it with the rights of an owner who bypasses its policies (not
-    ``security_invoker``), or a materialized view over one, shows every user's rows; so
-    does a partition or child table of a protected table, queried directly, unless row-level
+    ``security_invoker``), or a materialized view over one, shows every user's rows, and so
+    does a view this role can read over such a view (even one it cannot read); so does a
+    partition or child table of a protected table, queried directly, unless row-level
     security applies to it too (a policy applies to the table a query names).
     Each of these is a problem.
 
@@ -156,11 +173,18 @@ async def check_rls(
                     "for its owner) with policies of its own, or revoke that privilege"
                 )
             await cur.execute(_VIEW_SQL, (table,), prepare=False)
-            for view, kind in await cur.fetchall():
+            for view, kind, source in await cur.fetchall():
                 if kind == "m":
                     problems.append(
                         f"materialized view {view!r} holds rows of {table!r} that no policy "
                         f"filters, and role {role!r} can read it: revoke that privilege"
+                    )
+                elif source is not None:
+                    problems.append(
+                        f"view {view!r} shows the rows of {table!r} that {source!r} reads "
+                        f"without its policies, and role {role!r} can read it: ALTER VIEW "
+                        f"{source} SET (security_invoker = true) (PostgreSQL 15+), or revoke "
+                        "that privilege"
                     )
                 else:
                     problems.append(
