@@ -32,6 +32,8 @@ import psycopg
 import pytest
 from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import JSONResponse
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from psycopg import sql
 from psycopg.abc import Query
 from psycopg.pq import PipelineStatus, Trace, TransactionStatus
@@ -39,7 +41,13 @@ from psycopg.rows import dict_row
 from psycopg_pool import PoolClosed
 
 from ambient import Registry, UserExecutionContext, bind_context, resolve
-from ambient.errors import NoActiveContextError, PoolExhaustedError, RegistryError
+from ambient._context import validate_id
+from ambient.errors import (
+    InvalidContextError,
+    NoActiveContextError,
+    PoolExhaustedError,
+    RegistryError,
+)
 from ambient.integrations.fastapi import CurrentContext, install
 from ambient.integrations.psycopg import (
     PerUserPools,
@@ -414,6 +422,84 @@ async def test_shared_values_arrive_verbatim_never_as_sql(db: Database, conformi
                         )
                     ).fetchone()
             assert row == (value, value, True, conforming)
+
+
+def _is_valid_id(value: str) -> bool:
+    try:
+        validate_id("id", value)
+    except InvalidContextError:
+        return False
+    return True
+
+
+# Ids as the context allows them: SQL's quoting and comment characters, psycopg's placeholder
+# syntax and any printable Unicode (private use and unassigned code points included).
+_any_id = (
+    st.lists(
+        st.one_of(
+            st.sampled_from(["'", "''", "\\", '"', ";", "--", "/*", "$$", "%s", "%(x)s", "E'"]),
+            st.sampled_from(["'; SET ROLE postgres; --", "'); RESET ALL; SELECT ('"]),
+            st.text(
+                st.characters(exclude_categories=("Cc", "Cs", "Cf", "Zl", "Zp", "Zs")),
+                max_size=8,
+            ),
+            st.just(" "),
+        ),
+        min_size=1,
+        max_size=12,
+    )
+    .map("".join)
+    .filter(_is_valid_id)
+)
+
+
+@pytest.fixture(name="verbatim_db", scope="module")
+def fixture_verbatim_db() -> Iterator[Database]:
+    """One schema and role for every example of the property test below."""
+    with make_database() as db:
+        yield db
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ids=st.lists(_any_id, min_size=1, max_size=6, unique=True))
+def test_any_ids_arrive_verbatim_in_both_strategies(verbatim_db: Database, ids: list[str]) -> None:
+    """Whatever ids the context allows, used as user and tenant at once by users checking
+    out together: each of them reads back exactly its own ids from the settings, through
+    SharedPool (quoted by psycopg in the statement that begins the checkout) and through
+    PerUserPools (bound as parameters of the session's settings), and the role never
+    changes."""
+    db = verbatim_db
+
+    async def check() -> dict[str, set[tuple[Any, ...]]]:
+        seen: dict[str, set[tuple[Any, ...]]] = {}
+        options: dict[str, Any] = {"timeout": 10, "rls_check": "off", "kwargs": db.kwargs()}
+        for pool in (
+            SharedPool(db.app_url, min_size=1, max_size=2, **options),
+            PerUserPools(db.app_url, max_size=1, max_total=3, **options),
+        ):
+            registry = Registry()
+            pool.install(registry)
+
+            async def read(registry: Registry, value: str) -> None:
+                async with registry.open_scope(_ctx(value, value)), connection() as conn:
+                    cur = await conn.execute(
+                        "SELECT current_setting('app.user_id', true), "
+                        "current_setting('app.tenant_id', true), current_user = session_user"
+                    )
+                    row = await cur.fetchone()
+                    assert row is not None
+                    seen.setdefault(value, set()).add(tuple(row))
+
+            try:
+                async with anyio.create_task_group() as tg:
+                    for value in ids:
+                        tg.start_soon(read, registry, value)
+            finally:
+                await registry.aclose()
+        return seen
+
+    seen = anyio.run(check, backend="asyncio")
+    assert seen == {value: {(value, value, True)} for value in ids}
 
 
 # -- SharedPool: transactions -----------------------------------------------------------------
