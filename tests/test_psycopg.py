@@ -1137,6 +1137,60 @@ async def test_shared_cancel_while_waiting_loses_nothing(shared: SharedPool) -> 
     assert shared.stats().size == 4
 
 
+@pytest.mark.parametrize("waits_for", ["user share", "pool"])
+async def test_shared_checkout_cancelled_as_a_connection_is_handed_to_it_loses_none(
+    db: Database, waits_for: str
+) -> None:
+    """max_size=1, per_user_limit=1: a second checkout waits for alice's share (alice
+    again) or for the pool's one connection (bob). Alice's checkout ends and cancels the
+    waiter a few steps later, at each step in turn, so that the cancellation lands while
+    the share or the connection is being handed over, or during the waiter's first
+    statement: every time, the share and the connection come back, and carol is served
+    at once after."""
+    async with SharedPool(
+        db.app_url,
+        min_size=1,
+        max_size=1,
+        per_user_limit=1,
+        timeout=5,
+        rls_check="off",
+        kwargs=db.kwargs(),
+    ) as pool:
+        waiter_user = "alice" if waits_for == "user share" else "bob"
+
+        async def one_round(steps: int) -> None:
+            waiting = anyio.CancelScope()
+            holding, release = anyio.Event(), anyio.Event()
+
+            async def holder() -> None:
+                with bind_context(_ctx("alice")):
+                    async with pool.connection():
+                        holding.set()
+                        await release.wait()
+                for _ in range(steps):
+                    await anyio.lowlevel.checkpoint()
+                waiting.cancel()
+
+            async def waiter() -> None:
+                with waiting, bind_context(_ctx(waiter_user)):
+                    async with pool.connection() as conn:
+                        await conn.execute("SELECT 1")
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(holder)
+                await holding.wait()
+                tg.start_soon(waiter)
+                await anyio.wait_all_tasks_blocked()
+                release.set()
+
+        for steps in range(12):
+            await one_round(steps)
+            await _eventually(lambda: _shared_idle(pool), f"pool idle after {steps} steps")
+            assert (pool.stats().size, pool._gates) == (1, {})
+            with anyio.fail_after(5):
+                await _checkout_once(pool, "carol")
+
+
 def _async(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
     async def run() -> bool:
         return check()
@@ -1340,6 +1394,56 @@ async def test_shared_open_warns_for_an_owner_without_force(db: Database) -> Non
         await pool.open()
     assert pool.opened
     await pool.close()
+
+
+@pytest.mark.parametrize("strategy", ["shared", "per_user"])
+@pytest.mark.parametrize("role", ["bypassrls", "member of the owner"])
+async def test_strategies_refuse_a_role_that_bypasses_the_policies(
+    db: Database, strategy: str, role: str
+) -> None:
+    """Connecting as a role with BYPASSRLS, or as a member of the table's owner (which owns
+    it by inheritance, and the table does not FORCE row-level security), the first checkout
+    with rls_check='raise' fails with RowSecurityError naming the cause, before any query
+    of the user's runs, and leaves no server session open."""
+    name = f"ambient_bad_{uuid.uuid4().hex[:12]}"
+    owner = psycopg.conninfo.conninfo_to_dict(db.owner_url)["user"]
+    with _admin() as admin:
+        if role == "bypassrls":
+            admin.execute(f"CREATE ROLE {name} LOGIN NOSUPERUSER BYPASSRLS")
+            admin.execute(f"GRANT USAGE ON SCHEMA {db.schema} TO {name}")
+        else:
+            admin.execute(f"CREATE ROLE {name} LOGIN NOSUPERUSER NOBYPASSRLS INHERIT")
+            admin.execute(f"GRANT {owner} TO {name}")
+    options: dict[str, Any] = {
+        "timeout": 5,
+        "rls_tables": [f"{db.schema}.owned"],
+        "rls_check": "raise",
+        "kwargs": db.kwargs(),
+    }
+    pool: SharedPool | PerUserPools = (
+        SharedPool(_url_for(name), min_size=1, max_size=1, **options)
+        if strategy == "shared"
+        else PerUserPools(_url_for(name), max_size=1, max_total=1, **options)
+    )
+    registry = Registry()
+    pool.install(registry)
+    try:
+        async with registry.open_scope(_ctx("bob")):
+            with pytest.raises(RowSecurityError) as info:
+                async with connection():
+                    pytest.fail("the checkout must not start")
+        await _eventually(_async_int(lambda: _server_connections(db), 0), "no session left")
+    finally:
+        await registry.aclose()
+        with _admin() as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+                (name,),
+            )
+            admin.execute(f"DROP OWNED BY {name}")
+            admin.execute(f"DROP ROLE {name}")
+    expected = "BYPASSRLS" if role == "bypassrls" else f"owns '{db.schema}.owned'"
+    assert any(expected in problem for problem in info.value.problems), info.value.problems
 
 
 # -- check_rls ---------------------------------------------------------------------------------
