@@ -40,7 +40,7 @@ from psycopg.pq import PipelineStatus, Trace, TransactionStatus
 from psycopg.rows import dict_row
 from psycopg_pool import PoolClosed
 
-from ambient import Registry, UserExecutionContext, bind_context, resolve
+from ambient import Registry, UserExecutionContext, UserRef, bind_context, resolve
 from ambient._context import validate_id
 from ambient.errors import (
     InvalidContextError,
@@ -987,6 +987,50 @@ async def test_shared_per_user_limit(shared: SharedPool) -> None:
     assert info.value.retry_after == 1.0
     assert "per_user_limit" in str(info.value)
     await _eventually(lambda: _shared_idle(shared), "pool idle again")
+
+
+async def test_shared_max_waiting_bounds_the_wait_for_a_users_share(db: Database) -> None:
+    """max_waiting=2, per_user_limit=1: alice holds her one connection and two more of her
+    checkouts wait for it; her next ones are refused at once with a 503 error that says
+    why, as psycopg refuses a checkout past max_waiting in the pool's own queue, while bob
+    is still served. Before, every further checkout of alice's waited the whole timeout
+    for her share, however many already did."""
+    async with SharedPool(
+        db.app_url,
+        min_size=1,
+        max_size=2,
+        per_user_limit=1,
+        timeout=10,
+        rls_check="off",
+        kwargs=db.kwargs(),
+        max_waiting=2,
+    ) as pool:
+        served: list[str] = []
+
+        async def queued() -> None:
+            with bind_context(_ctx("alice")):
+                async with pool.connection() as conn:
+                    served.append(await _scalar(conn, "SELECT current_setting('app.user_id')"))
+
+        async with anyio.create_task_group() as tg:
+            release = await _hold(tg, pool, "alice")
+            for _ in range(2):
+                tg.start_soon(queued)
+            alice = UserRef("alice", "acme")
+            await _eventually(
+                _async(lambda: len(pool._gates[alice].waiters) == 2), "two of alice's wait"
+            )
+            with bind_context(_ctx("alice")), anyio.fail_after(2):
+                for _ in range(3):
+                    with pytest.raises(PoolExhaustedError, match="max_waiting=2") as info:
+                        async with pool.connection():
+                            pytest.fail("alice's share is taken")
+            await _checkout_once(pool, "bob")
+            release.set()
+        assert served == ["alice", "alice"]
+        assert info.value.http_status == 503
+        assert "per_user_limit" in str(info.value)
+        await _eventually(lambda: _shared_idle(pool), "pool idle again")
 
 
 async def _hold(tg: anyio.abc.TaskGroup, pool: SharedPool, user: str) -> anyio.Event:

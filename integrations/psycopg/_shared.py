@@ -142,7 +142,9 @@ class SharedPool:
         min_size: Connections kept open.
         max_size: Connections at most.
         per_user_limit: Connections one user may hold at once; further checkouts of that
-            user wait (within ``timeout``), so one user cannot take every connection.
+            user wait (within ``timeout``), so one user cannot take every connection; with
+            ``max_waiting``, at most that many of them wait, and further ones are refused
+            at once, as in the pool's own queue.
         settings: Setting name -> context field (``user_id``, ``tenant_id``,
             ``thread_id``, ``run_id``, ``request_id``, ``connection_id``,
             ``parent_run_id``); an absent field is set to ``''``.

@@ -129,7 +129,7 @@ class _SharedCheckout:
         gate = owner._enter_gate(user)
         owner.checked_out += 1
         try:
-            await self._take_share(gate, deadline)
+            await self._take_share(gate, pool, deadline)
             try:
                 conn = await self._getconn(pool, deadline)
             except BaseException:
@@ -148,11 +148,23 @@ class _SharedCheckout:
         self._server = None
         return conn
 
-    async def _take_share(self, gate: _Gate, deadline: float) -> None:
+    async def _take_share(
+        self, gate: _Gate, pool: AsyncConnectionPool[AsyncConnection[Any]], deadline: float
+    ) -> None:
         owner = self._owner
-        if gate.try_acquire(owner.per_user_limit) or await gate.acquire(
-            max(deadline - time.monotonic(), 0.0)
-        ):
+        if gate.try_acquire(owner.per_user_limit):
+            return
+        # The user's line for a share is a queue for the pool too: max_waiting bounds it as
+        # psycopg bounds its own, or one user's burst would wait there without limit.
+        if pool.max_waiting and len(gate.waiters) >= pool.max_waiting:
+            raise _exhausted(
+                f"this user already holds {owner.per_user_limit} connection(s) of {owner!r} "
+                f"(per_user_limit) and {len(gate.waiters)} more of its checkouts wait for one "
+                f"(max_waiting={pool.max_waiting}), so this request was refused without "
+                "waiting",
+                owner.retry_after,
+            )
+        if await gate.acquire(max(deadline - time.monotonic(), 0.0)):
             return
         raise _exhausted(
             f"this user already holds {owner.per_user_limit} connection(s) of {owner!r} "
