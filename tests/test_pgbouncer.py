@@ -26,6 +26,7 @@ import psycopg
 import pytest
 from psycopg import sql
 from psycopg.abc import Query
+from psycopg.rows import dict_row
 
 from ambient import Registry, UserExecutionContext
 from ambient.integrations.psycopg import PerUserPools, SharedPool, connection
@@ -247,6 +248,48 @@ async def test_per_user_pools_refuse_autocommit_behind_a_pooler(
             assert pools.stats().checked_out == 0
     finally:
         await registry.aclose()
+
+
+@pytest.mark.parametrize("strategy", ["shared", "per_user"])
+async def test_connections_made_with_dict_rows_behind_a_pooler(
+    bounced: tuple[Database, str], strategy: str
+) -> None:
+    """Behind the pooler, with connections that return dicts (``row_factory=dict_row``):
+    ten users at once, three checkouts each, get dict rows of their own row only, every
+    checkout commits without error, and no server session keeps a setting. Before,
+    PerUserPools read the statement that sets a checkout's settings, and the one that
+    commits it, by position: every checkout failed."""
+    db, url = bounced
+    kwargs = {**db.kwargs(), "prepare_threshold": None, "row_factory": dict_row}
+    options: dict[str, Any] = {"rls_tables": [db.notes], "rls_check": "raise", "kwargs": kwargs}
+    pool: SharedPool | PerUserPools = (
+        SharedPool(url, max_size=4, per_user_limit=2, **options)
+        if strategy == "shared"
+        else PerUserPools(url, max_size=1, max_total=10, **options)
+    )
+    registry = _registry(pool)
+    query = db.sql("SELECT owner, current_setting('app.user_id', true) AS setting FROM {notes}")
+    seen: dict[str, list[Any]] = {}
+
+    async def user(name: str) -> None:
+        for _ in range(3):
+            async with (
+                registry.open_scope(UserExecutionContext.create(name)),
+                connection() as conn,
+            ):
+                cur = await conn.execute(query, prepare=False)
+                seen.setdefault(name, []).append(await cur.fetchall())
+
+    users = [f"user-{n}" for n in range(10)]
+    try:
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                for name in users:
+                    tg.start_soon(user, name)
+    finally:
+        await registry.aclose()
+    assert seen == {name: [[{"owner": name, "setting": name}]] * 3 for name in users}
+    assert await _no_session_settings(url) == []
 
 
 async def test_prepared_statements_behind_a_pooler_are_warned_about(

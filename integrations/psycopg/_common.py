@@ -430,8 +430,9 @@ async def _end_and_reset(
     from SQL PREPARE included with ``deallocate``; ``False`` when the transaction ended is
     not the one whose ``server`` side the checkout read as it began (the handler ended that
     one, and a statement began another)."""
-    # Client-side binding: the simple query protocol, which alone takes several statements.
-    cur = AsyncClientCursor(conn)
+    # Client-side binding: the simple query protocol, which alone takes several statements;
+    # rows by position, whatever the connection's row factory.
+    cur = AsyncClientCursor(conn, row_factory=tuple_row)
     ending = (
         f"{_before(end, pooled=True, deallocate=deallocate)}{end}; "
         f"{_after(end, deallocate=deallocate)}{_POOLED_RESET}"

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import psycopg
 from psycopg import AsyncConnection
+from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout, TooManyRequests
 
 import ambient
@@ -431,7 +432,9 @@ class _UserCheckout:
         else:
             params = _values(user_pool.user, owner)
             try:
-                cur = await conn.execute(owner._set_local_sql, params, prepare=False)
+                # Read by position, whatever the connection's row factory.
+                cur = conn.cursor(row_factory=tuple_row)
+                await cur.execute(owner._set_local_sql, params, prepare=False)
                 row = await cur.fetchone()
             except BaseException as exc:  # noqa: BLE001 - the caller raises it
                 error = exc
