@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import Any, Final
 
 import anyio
+import anyio.lowlevel
 
 from ambient._binding import _Binding, _bound_here, _current, _live, _shown, bind, unbind
 from ambient._context import (
@@ -754,7 +755,17 @@ async def _serve_until_expiry(
         await app(scope, receive, socket)
         return False
     with anyio.CancelScope(deadline=anyio.current_time() + left) as expiry:
-        await app(scope, receive, socket)
+
+        async def receive_in_time() -> MutableMapping[str, Any]:
+            message = await receive()
+            if time.time() >= expires_at:
+                # Past the deadline before the loop got to cancel (a busy loop, a receive
+                # that never yielded): the message must not reach the expired user's app.
+                expiry.cancel()
+                await anyio.lowlevel.checkpoint()
+            return message
+
+        await app(scope, receive_in_time, socket)
     if not expiry.cancelled_caught:
         return False
     if not socket.started:

@@ -1319,6 +1319,44 @@ class TestWebsocketIdentityExpiry:
         assert isinstance(ended_by[0], IncompleteResponseError)
         assert 0.2 < waited < 2.0
 
+    async def test_a_message_received_after_expiry_never_reaches_the_app(self) -> None:
+        """A message the server hands over once the identity has expired, before the loop
+        got to cancel the app (here a receive that blocks past the expiry without yielding,
+        as a busy loop can), is not handled as the expired user: the socket is closed with
+        4001 instead."""
+        handled: list[str] = []
+        later = anyio.Event()
+        messages = iter(["websocket.connect", "late"])
+
+        async def receive() -> dict[str, Any]:
+            message = next(messages, None)
+            if message is None:
+                await later.wait()
+                return {"type": "websocket.disconnect", "code": 1000}
+            if message == "late":
+                time.sleep(0.3)  # noqa: ASYNC251 - the point: past the expiry, no checkpoint
+                return {"type": "websocket.receive", "text": "late"}
+            return {"type": message}
+
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await receive()
+            await send({"type": "websocket.accept"})
+            while True:
+                message = await receive()
+                handled.append(message.get("text", message["type"]))
+
+        middleware = AmbientMiddleware(app, registry=Registry(), identity=self.expiring(0.2))
+        with anyio.fail_after(10):
+            await middleware(ws_scope([]), receive, send)
+        assert handled == []
+        assert [m["type"] for m in sent] == ["websocket.accept", "websocket.close"]
+        assert sent[1]["code"] == 4001
+
     async def test_a_socket_the_app_closed_is_not_closed_again(self) -> None:
         async def app(scope: Any, receive: Any, send: Any) -> None:
             await receive()
