@@ -540,7 +540,10 @@ def trusted_header(
 def _joined(name: str) -> NoReturn:
     # RFC 9110 lets a proxy join the copies of a repeated header into one comma-separated
     # line: "bob, admin" is two identities, refused as two lines are.
-    msg = f"the {name} header holds a comma-separated list: it was sent more than once"
+    msg = (
+        f"the {name} header holds a comma, as a proxy joins the copies of a header sent "
+        "more than once: an id with a comma cannot be asserted through it"
+    )
     raise IdentityError(msg)
 
 
