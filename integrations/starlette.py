@@ -15,7 +15,9 @@ Starlette's plain one, or the debug traceback page) carries the request id the m
 echoes on every other answer, and the app's 500 handler runs with the request's context
 bound, so ``get_current_context()`` and a ``ContextFilter``'s log lines name the request
 and its user. Its scope has closed (cleanups have seen the exception): resolving a
-component there raises ``ScopeClosedError``.
+component there raises ``ScopeClosedError``. A request whose identity resolver raised (a
+bug, not an ambient error), or whose context failed to build, has no context: its 500
+carries its request id all the same, and the 500 handler runs with no context bound.
 
 Handlers reach the context and components without ``request.state``::
 
@@ -145,8 +147,11 @@ def install(
     its 500 carries the request id, unless the app's 500 handler set that header itself,
     and the app's 500 handler (``exception_handlers={500: ...}`` or ``{Exception: ...}``,
     registered before or after :func:`install`) runs with the request's context bound and
-    its closed scope, which resolves nothing. The exception still reaches the server; a
-    response that had started (a stream failing midway) stays as it was.
+    its closed scope, which resolves nothing. A request that failed before it had a
+    context (its identity resolver raised an exception that is not an ambient error, or
+    its context failed to build) gets its request id too, and the handler runs with no
+    context bound. The exception still reaches the server; a response that had started
+    (a stream failing midway) stays as it was.
 
     Raises:
         RuntimeError: the middleware is already installed, or the app has started.
@@ -228,7 +233,8 @@ class _ServerErrorMiddleware(ServerErrorMiddleware):
     Its 500 (the app's handler's, the plain one, the debug traceback page) carries the
     request id the middleware echoes on the request's other answers, unless the handler
     set one itself; the app's handler runs with the request's context bound again, and its
-    closed scope, which resolves nothing. The exception is raised again as before, and
+    closed scope, which resolves nothing (with no context, for a request whose identity
+    resolver failed before it had one). The exception is raised again as before, and
     a response that had started (a stream failing midway) stays as it is: nothing more is
     sent. Requests that did not fail never reach this code.
     """

@@ -66,7 +66,8 @@ _SERVER_ERROR: Final = 500
 # Where a request's scope keeps the resolver's WWW-Authenticate challenge, for a 401 that a
 # framework's exception handler answers (through answer_error()).
 _CHALLENGE_KEY: Final = "ambient.middleware.challenge"
-# Where a request whose app raised keeps its _FailedRequest, in the ASGI scope.
+# Where a request that failed with an exception the middleware let through (its app, its
+# identity resolver) keeps its _FailedRequest, in the ASGI scope.
 _FAILED_KEY: Final = "ambient.failed_request"
 _UNAUTHENTICATED = Problem(
     401,
@@ -276,6 +277,12 @@ class AmbientMiddleware:
                 problem = _problem(refused)._challenged(_challenge_of(self.identity))
                 await self._refuse(problem, scope, receive, send, echo, websocket)
                 return
+            except Exception:
+                # A resolver's bug, or its database's error: no context exists, yet the 500
+                # a last-resort handler outside answers (Starlette's) is this request's.
+                echo = [(self._request_id_header, (request_id or new_id()).encode())]
+                scope[_FAILED_KEY] = _FailedRequest(echo, None, None)
+                raise
 
             echo = [(self._request_id_header, request_id.encode())]
             expires_at = identity.expires_at if websocket and identity is not None else None
@@ -592,21 +599,27 @@ class AmbientMiddleware:
 
 
 class _FailedRequest:
-    """A request whose app raised an exception that the middleware let through, as
-    the middleware leaves it in the ASGI scope (under :data:`_FAILED_KEY`) for a
-    last-resort error handler outside it: Starlette's ``ServerErrorMiddleware``, which
-    answers such a request with a 500 after the request's scope has closed.
+    """A request that failed with an exception the middleware let through, as the
+    middleware leaves it in the ASGI scope (under :data:`_FAILED_KEY`) for a last-resort
+    error handler outside it: Starlette's ``ServerErrorMiddleware``, which answers such a
+    request with a 500 after the request's scope has closed.
+
+    A request whose identity resolver (or the building of its context) raised has no
+    context and no scope: only its request id.
 
     Attributes:
         echo: The request id header the middleware echoes on the request's answers.
-        context: The request's context.
-        scope: The request's component scope, closed.
+        context: The request's context; ``None`` when it failed before it had one.
+        scope: The request's component scope, closed; ``None`` as ``context`` is.
     """
 
     __slots__ = ("context", "echo", "scope")
 
     def __init__(
-        self, echo: list[tuple[bytes, bytes]], context: UserExecutionContext, scope: Scope
+        self,
+        echo: list[tuple[bytes, bytes]],
+        context: UserExecutionContext | None,
+        scope: Scope | None,
     ) -> None:
         self.echo = echo
         self.context = context
@@ -615,7 +628,16 @@ class _FailedRequest:
     @contextlib.contextmanager
     def bound(self) -> Iterator[None]:
         """Bind the request's context again for the block, with its closed scope: the
-        block sees the request's context and resolves nothing (``ScopeClosedError``)."""
+        block sees the request's context and resolves nothing (``ScopeClosedError``).
+        A request that failed before it had a context binds none: the block sees no
+        context, whatever was bound here (a caller's, or another request's)."""
+        if self.context is None:
+            token = _current.set(None)
+            try:
+                yield
+            finally:
+                _current.reset(token)
+            return
         # The request's own context, whatever is bound here: as the middleware binds it.
         binding = bind(self.context, self.scope, allow_switch=True)
         try:

@@ -16,7 +16,7 @@ import re
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator, Mapping
 from typing import Any
 
 import anyio
@@ -34,7 +34,7 @@ from ambient import Registry, UserExecutionContext
 from ambient.errors import NoActiveContextError, ScopeClosedError
 from ambient.integrations.logging import ContextFilter
 from ambient.integrations.starlette import install
-from ambient.middleware import trusted_header
+from ambient.middleware import Identity, IdentityResolver, trusted_header
 from tests.frameworks.common import build_registry, gate
 from tests.servers import serve
 from tests.test_fastapi import documented_code
@@ -42,6 +42,8 @@ from tests.test_fastapi import documented_code
 IDENTITY = trusted_header(tenant_header="x-tenant-id")
 USERS = 40
 GENERATED = re.compile(r"[0-9a-f]{32}")
+# What a ContextFilter's log line made where no context is bound has for its user and request.
+NO_CONTEXT = ("", "")
 
 
 class Boom(Exception):  # noqa: N818 - named as the tests read it
@@ -89,7 +91,11 @@ class Keep(logging.Handler):
 
 
 def build_app(
-    framework: str, handler: str | None, *, debug: bool = False
+    framework: str,
+    handler: str | None,
+    *,
+    debug: bool = False,
+    identity: IdentityResolver = IDENTITY,
 ) -> tuple[Starlette, Registry, Record]:
     """A Starlette or FastAPI app with ``install()``: ``/boom`` raises :class:`Boom` (after
     ``size`` requests met at ``gate``), ``/ok`` answers; ``handler`` is the app's 500
@@ -124,7 +130,13 @@ def build_app(
         return JSONResponse({"user": ctx.user_id, "request_id": ctx.request_id})
 
     def seen(exc: Exception, overlapped: bool | None) -> dict[str, Any]:
-        ctx = ambient.get_current_context()
+        ctx = ambient.current_context_or_none()
+        if ctx is None:
+            # A request that failed before it had a context (its identity resolver's bug).
+            log.error("request failed: %s", exc)
+            body = {"error": str(exc), "context": None, "handler_overlapped": overlapped}
+            record.handle(body)
+            return body
         try:
             ambient.resolve_sync(Witness)
         except ScopeClosedError as closed:
@@ -163,10 +175,10 @@ def build_app(
             routes=[Route("/boom", boom), Route("/ok", ok)],
             exception_handlers=exception_handlers,
         )
-        install(app, registry=registry, identity=IDENTITY)
+        install(app, registry=registry, identity=identity)
     else:
         app = FastAPI(debug=debug)
-        install(app, registry=registry, identity=IDENTITY)
+        install(app, registry=registry, identity=identity)
         # The 500 handler registered after install().
         if handler is not None:
             app.add_exception_handler(Exception, handlers[handler])
@@ -316,6 +328,212 @@ class TestUnderUvicorn:
         check_cleanups(record, owners)
         assert server_errors(caplog) == Counter(owners.values())
         assert registry.stats().open_scopes == 0
+
+
+class ResolverBug(Exception):  # noqa: N818 - named as the tests read it
+    """An identity resolver's bug (or its database's error), naming the user it failed for."""
+
+
+class ClaimsFromTheDatabase(Mapping[str, Any]):
+    """Claims read from a database when first used, whose read fails: the request fails
+    while the middleware builds its context, after its identity was resolved."""
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+
+    def __getitem__(self, key: str) -> Any:
+        raise ResolverBug(self.owner)
+
+    def __iter__(self) -> Iterator[str]:
+        raise ResolverBug(self.owner)
+
+    def __len__(self) -> int:
+        raise ResolverBug(self.owner)
+
+
+def failing_identity(scope: Any) -> Identity | Awaitable[Identity | None] | None:
+    """``IDENTITY``, failing for ``/resolver-bug`` (in the resolver, at once or after
+    ``size`` requests met at ``gate``) and ``/context-bug`` (in the context's claims)."""
+    identity = IDENTITY(scope)
+    path = scope["path"]
+    if identity is None or path not in ("/resolver-bug", "/context-bug"):
+        return identity
+    owner = f"{identity.tenant_id}/{identity.user_id}"
+    failed = Identity(identity.user_id, identity.tenant_id, claims=ClaimsFromTheDatabase(owner))
+    query = dict(
+        pair.split("=", 1) for pair in scope["query_string"].decode().split("&") if "=" in pair
+    )
+    if "gate" not in query:
+        if path == "/resolver-bug":
+            raise ResolverBug(owner)
+        return failed
+
+    async def resolve() -> Identity:
+        await gate(query["gate"], int(query["size"]))
+        if path == "/resolver-bug":
+            raise ResolverBug(owner)
+        return failed
+
+    return resolve()
+
+
+async def drive_resolver_bugs(
+    url: str, *, handled: bool, accept: str = "*/*"
+) -> tuple[list[httpx.Response], dict[str, str]]:
+    """For every identity at once: a request whose resolver fails (``/resolver-bug`` for
+    half the users, ``/context-bug`` for the others) with a request id, one without, and
+    one to ``/ok``. Checks every answer; returns the 500s and, per request id echoed on a
+    500, the ``tenant/user`` it was sent for."""
+    failing = 2 * USERS
+    name = uuid.uuid4().hex
+    failed: list[httpx.Response] = []
+    owners: dict[str, str] = {}
+
+    async def one(client: httpx.AsyncClient, n: int, tenant: str, user: str, kind: str) -> None:
+        headers = {"x-user-id": user, "x-tenant-id": tenant, "accept": accept}
+        sent = f"{tenant}.{user}.{kind}"
+        if kind != "generated":
+            headers["x-request-id"] = sent
+        if kind == "ok":
+            response = await client.get("/ok", headers=headers)
+            assert response.status_code == 200, response.text
+            assert response.headers.get_list("x-request-id") == [sent]
+            assert response.json() == {"user": user, "request_id": sent}
+            return
+        path = "/resolver-bug" if n % 4 < 2 else "/context-bug"
+        params = {"gate": name, "size": str(failing)}
+        response = await client.get(path, params=params, headers=headers)
+        assert response.status_code == 500, response.text
+        echoed = response.headers.get_list("x-request-id")
+        assert len(echoed) == 1, response.headers
+        if kind == "given":
+            assert echoed == [sent]
+        else:
+            assert GENERATED.fullmatch(echoed[0]), echoed
+        if handled:
+            # This request's own exception, in no context: there was none.
+            body = response.json()
+            assert body["error"] == f"{tenant}/{user}"
+            assert body["context"] is None
+            assert body["handler_overlapped"] in (True, None)
+        owners[echoed[0]] = f"{tenant}/{user}"
+        failed.append(response)
+
+    limits = httpx.Limits(max_connections=3 * USERS)
+    async with (
+        httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client,
+        anyio.create_task_group() as tg,
+    ):
+        for n, (tenant, user) in enumerate(identities()):
+            for kind in ("given", "generated", "ok"):
+                tg.start_soon(one, client, n, tenant, user, kind)
+    assert len(failed) == failing
+    assert len(owners) == failing, "two failed requests were answered with one request id"
+    return failed, owners
+
+
+class TestAResolversBug:
+    """An identity resolver that raises something other than an ambient error (a bug, its
+    database's error), or a context that fails to build: the request has no context, and
+    its 500 still carries its request id."""
+
+    @pytest.mark.parametrize(
+        ("server", "framework", "handler"),
+        [
+            ("uvicorn", "starlette", "async"),
+            ("uvicorn", "starlette", "sync"),
+            ("uvicorn", "fastapi", "async"),
+            ("uvicorn", "fastapi", "sync"),
+            ("hypercorn-trio", "starlette", "sync"),
+            ("hypercorn-trio", "fastapi", "async"),
+        ],
+    )
+    async def test_the_apps_500_handler_answers_with_the_request_id_in_no_context(
+        self, caplog: pytest.LogCaptureFixture, server: str, framework: str, handler: str
+    ) -> None:
+        """80 requests of 40 users whose resolver fails, in flight at once, their 500
+        handlers too: each 500 carries its request's id (the client's, or a unique
+        generated one), and its handler got that request's exception with no context
+        bound (nobody else's). The server still got every exception; nothing was opened,
+        and answers that did not fail are unchanged."""
+        app, registry, record = build_app(framework, handler, identity=failing_identity)
+        caplog.set_level(logging.ERROR)
+        options = {"log_config": None} if server == "uvicorn" else {}
+        with serve(server, app, **options) as url:
+            _, owners = await drive_resolver_bugs(url, handled=True)
+        assert sorted(seen["error"] for seen in record.handled) == sorted(owners.values())
+        assert all(seen["context"] is None for seen in record.handled)
+        assert sorted(logged.getMessage() for logged in record.records) == sorted(
+            f"request failed: {owner}" for owner in owners.values()
+        )
+        # The handler's log lines name no user and no request: there was none.
+        assert {(logged.user_id, logged.request_id) for logged in record.records} == {NO_CONTEXT}
+        if server == "uvicorn":
+            assert server_errors(caplog) == Counter(owners.values())
+        assert [error for _, error in record.cleanups] == [None] * USERS  # the /ok requests
+        assert registry.stats().open_scopes == 0
+
+    @pytest.mark.parametrize("framework", ["starlette", "fastapi"])
+    @pytest.mark.parametrize(
+        ("debug", "accept"),
+        [(False, "*/*"), (True, "text/plain"), (True, "text/html")],
+        ids=["plain", "debug-text", "debug-html"],
+    )
+    async def test_starlettes_own_500_carries_the_request_id(
+        self, caplog: pytest.LogCaptureFixture, framework: str, debug: bool, accept: str
+    ) -> None:
+        """Without a 500 handler of the app's: Starlette's plain 500, or its traceback page
+        in debug mode, carries each failed request's id, under 40 concurrent users."""
+        app, registry, _ = build_app(framework, None, debug=debug, identity=failing_identity)
+        caplog.set_level(logging.ERROR)
+        with serve("uvicorn", app, log_config=None) as url:
+            failed, owners = await drive_resolver_bugs(url, handled=False, accept=accept)
+        for response in failed:
+            if debug:
+                assert "ResolverBug" in response.text
+                assert response.headers["content-type"].startswith(accept)
+            else:
+                assert response.text == "Internal Server Error"
+        assert server_errors(caplog) == Counter(owners.values())
+        assert registry.stats().open_scopes == 0
+
+    @pytest.mark.parametrize("handler", ["async", "sync", None])
+    @pytest.mark.parametrize("path", ["/resolver-bug", "/context-bug"])
+    @pytest.mark.parametrize("framework", ["starlette", "fastapi"])
+    async def test_the_500_handler_sees_no_context_not_the_callers(
+        self, framework: str, path: str, handler: str | None
+    ) -> None:
+        """A resolver that raises at once, or a context that fails to build, under a caller
+        that had bound another user's context: the 500 (the app's handler's or Starlette's)
+        carries the request's id, the handler sees no context, not the caller's, and the
+        exception still reaches the server."""
+        app, _, record = build_app(framework, handler, identity=failing_identity)
+        other = UserExecutionContext.create("mallory", request_id="mallory-1")
+
+        async def server(scope: Any, receive: Any, send: Any) -> None:
+            with ambient.bind_context(other):
+                await app(scope, receive, send)
+
+        escaped = Escaped(server)
+        async with client(escaped) as http:
+            response = await http.get(path, headers=ALICE)
+            generated = await http.get(path, headers={**ALICE, "x-request-id": "not valid"})
+        for answer in (response, generated):
+            assert answer.status_code == 500
+            if handler is None:
+                assert answer.text == "Internal Server Error"
+            else:
+                assert answer.json() == {
+                    "error": "acme/alice",
+                    "context": None,
+                    "handler_overlapped": None,
+                }
+        assert response.headers.get_list("x-request-id") == ["alice-1"]
+        [echoed] = generated.headers.get_list("x-request-id")
+        assert GENERATED.fullmatch(echoed), echoed
+        assert [type(error) for error in escaped.errors] == [ResolverBug, ResolverBug]
+        assert [str(error) for error in escaped.errors] == ["acme/alice", "acme/alice"]
+        assert record.cleanups == []
 
 
 def client(app: Any) -> httpx.AsyncClient:
@@ -565,7 +783,7 @@ class TestInProcess:
     async def test_the_documented_500_handler_names_the_failed_request(self) -> None:
         """The 500 handler of docs/frameworks.md, run as written on a FastAPI app: its body
         and its log line name the failed request."""
-        app, _, record = build_app("fastapi", None)
+        app, _, record = build_app("fastapi", None, identity=failing_identity)
         log = logging.getLogger(f"tests.server_errors.{uuid.uuid4().hex}")
         log.propagate = False
         log.addHandler(Keep(record))
@@ -580,10 +798,17 @@ class TestInProcess:
         exec(documented_code("docs/frameworks.md", "**A bug in a handler: the 500.**"), namespace)  # noqa: S102 - our own docs
         async with client(app) as http:
             response = await http.get("/boom", headers=ALICE)
+            # A resolver's bug: no context, the id on the header only.
+            unresolved = await http.get(
+                "/resolver-bug", headers={**ALICE, "x-request-id": "alice-2"}
+            )
         assert response.status_code == 500
         assert response.headers.get_list("x-request-id") == ["alice-1"]
         assert response.json() == {"error": "internal", "request_id": "alice-1"}
+        assert unresolved.status_code == 500
+        assert unresolved.headers.get_list("x-request-id") == ["alice-2"]
+        assert unresolved.json() == {"error": "internal", "request_id": None}
         assert [
             (logged.user_id, logged.tenant_id, logged.request_id, logged.getMessage())
             for logged in record.records
-        ] == [("alice", "acme", "alice-1", "unhandled error")]
+        ] == [("alice", "acme", "alice-1", "unhandled error"), ("", "", "", "unhandled error")]
