@@ -662,6 +662,38 @@ class TestInProcess:
             assert response.text == "failed"
             assert seen == ["nothing bound"]
 
+    @pytest.mark.parametrize("path", ["/boom", "/resolver-bug"])
+    async def test_a_500_handler_that_raises_leaves_the_500_to_the_server(self, path: str) -> None:
+        """A 500 handler that raises itself: Starlette sends nothing and raises the
+        handler's exception on, as without ambient; the server answers with its own 500,
+        which no ASGI layer sends, so it goes without the request id."""
+        registry, _ = build_registry()
+
+        async def boom(request: Request) -> Response:
+            raise Boom("acme", "alice", None)
+
+        async def on_error(request: Request, exc: Exception) -> Response:
+            raise RuntimeError(f"the 500 handler failed on {exc}")
+
+        app = Starlette(routes=[Route("/boom", boom)], exception_handlers={500: on_error})
+        install(app, registry=registry, identity=failing_identity)
+        sent: list[str] = []
+
+        async def server(scope: Any, receive: Any, send: Any) -> None:
+            async def sending(message: Any) -> None:
+                sent.append(message["type"])
+                await send(message)
+
+            await app(scope, receive, sending)
+
+        escaped = Escaped(server)
+        async with client(escaped) as http:
+            response = await http.get(path, headers=ALICE)
+        assert response.status_code == 500
+        assert "x-request-id" not in response.headers
+        assert sent == []
+        assert [str(error) for error in escaped.errors] == ["the 500 handler failed on acme/alice"]
+
     async def test_a_request_id_the_500_handler_set_is_kept(self) -> None:
         """A 500 handler that names the request itself (another header value, another
         case) keeps its own: the header is not sent twice."""
