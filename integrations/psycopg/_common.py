@@ -495,14 +495,15 @@ def _exhausted(detail: str, retry_after: float) -> PoolExhaustedError:
 
 
 def _not_opened(
-    what: str, allowed: float, retry_after: float, *, shared: bool = False
+    what: str, allowed: float, retry_after: float, why: str, *, shared: bool = False
 ) -> PoolExhaustedError:
     """``what`` (a pool) got no connection to open with within ``allowed`` seconds, in an
-    opening of its own or in the one it waited for (``shared``)."""
+    opening of its own or in the one it waited for (``shared``); ``why``: what the server
+    said when it last refused one (see ``_Refusals.why``), if it did."""
     how = "the opening this checkout waited for" if shared else "it"
     return _exhausted(
         f"{what} could not be opened: the database gave {how} no connection within "
-        f"{allowed} s (is it reachable?)",
+        f"{allowed} s{why or ' (is it reachable?)'}",
         retry_after,
     )
 

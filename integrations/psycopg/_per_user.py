@@ -178,6 +178,8 @@ class PerUserPools:
             else ""
         )
         self._pooler_seen = False
+        # The server's refusal of a connection logged last (once while it lasts).
+        self._refusal_logged: str | None = None
         self._kwargs = dict(kwargs or {})
         self._pool_options = _checked_pool_options(pool_options)
         self._checked_conninfo: set[str] = set()
@@ -230,7 +232,8 @@ class PerUserPools:
 
         Raises:
             NoActiveContextError: outside a scope.
-            PoolExhaustedError: no connection within the timeout.
+            PoolExhaustedError: no connection within the timeout (when the server refuses
+                new connections, the message ends with what it answered the last one).
             ValueError: a ``timeout`` of NaN.
             TypeError: a ``timeout`` that is not a number.
         """

@@ -51,6 +51,7 @@ from ambient.integrations.psycopg._common import (
     _warn_pooler,
 )
 from ambient.integrations.psycopg._database import Database
+from ambient.integrations.psycopg._refusals import _Refusals
 from ambient.integrations.psycopg._rls import check_rls
 from ambient.integrations.psycopg._shared_checkout import _Gate, _SharedCheckout
 
@@ -247,6 +248,10 @@ class SharedPool:
         self.discarded = 0
         self._cancellers = _Cancellers()
         self._pooler_seen = False
+        # What the server said when it last refused a connection of the pool, and what of
+        # that was logged (once while it lasts).
+        self._refusals = _Refusals(self)
+        self._refusal_logged: str | None = None
 
     def __repr__(self) -> str:
         return f"<SharedPool {self.name!r}>"
@@ -265,7 +270,7 @@ class SharedPool:
             UnsupportedBackendError: outside asyncio.
             RowSecurityError: with ``rls_check="raise"`` when the role bypasses RLS.
             PoolExhaustedError: the check got no connection within ``timeout`` (is the
-                database reachable?).
+                database reachable? When the server refused it, the message says why).
         """
         await self._open(time.monotonic() + self.timeout, self.timeout, self._timeouts)
 
@@ -289,6 +294,11 @@ class SharedPool:
             raise self._not_opened(allowed)
 
     async def _open_now(self, deadline: float, allowed: float) -> None:
+        self._refusals = _Refusals(self)
+        options = dict(self._pool_options)
+        options["connection_class"] = self._refusals.connection_class(
+            options.get("connection_class", AsyncConnection), options
+        )
         pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
             self.conninfo,
             min_size=self.min_size,
@@ -298,7 +308,7 @@ class SharedPool:
             configure=self._configure,
             timeout=self.timeout,
             name=self.name,
-            **self._pool_options,
+            **options,
         )
         # The pool's worker tasks copy the current context: start them with no request
         # bound, or they would keep the first user's scope alive (and run as that user).
@@ -322,7 +332,8 @@ class SharedPool:
         self._pool = pool
 
     def _not_opened(self, allowed: float, *, shared: bool = False) -> PoolExhaustedError:
-        return _not_opened(repr(self), allowed, self.retry_after, shared=shared)
+        why = self._refusals.why()
+        return _not_opened(repr(self), allowed, self.retry_after, why, shared=shared)
 
     async def close(self) -> None:
         """Close the pool; connections in use are closed when they come back."""
@@ -526,7 +537,8 @@ class SharedPool:
         Raises:
             NoActiveContextError: outside a context.
             PoolExhaustedError: no connection within the timeout (the user's share or the
-                whole pool is in use).
+                whole pool is in use, or the server refuses new connections: the message
+                then ends with what it answered the last one).
             ValueError: a ``timeout`` of NaN.
             TypeError: a ``timeout`` that is not a number.
         """

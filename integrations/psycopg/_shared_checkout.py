@@ -186,7 +186,7 @@ class _SharedCheckout:
                 f"no connection of {owner!r} became available within {self._timeout} s "
                 f"(max_size={owner.max_size}, in use="
                 f"{stats.get('pool_size', 0) - stats.get('pool_available', 0)}, "
-                f"waiting={stats.get('requests_waiting', 0)}): {exc}",
+                f"waiting={stats.get('requests_waiting', 0)}): {exc}{owner._refusals.why()}",
                 owner.retry_after,
             ) from None
 

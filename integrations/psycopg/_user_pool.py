@@ -29,6 +29,7 @@ from ambient.integrations.psycopg._common import (
     _through_pooler,
     _warn_pooler,
 )
+from ambient.integrations.psycopg._refusals import _Refusals
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -59,6 +60,7 @@ class _UserPool:
         "owner",
         "pool",
         "pooled",
+        "refusals",
         "slots",
         "timeouts",
         "user",
@@ -83,6 +85,8 @@ class _UserPool:
         # How the pool makes its connections, to restore on return (see _reset).
         self.initial: tuple[Any, ...] | None = None
         self.timeouts = 0  # openings that got no connection in time
+        # What the server said when it last refused a connection of this user's pool.
+        self.refusals = _Refusals(owner)
         owner._pools.add(self)
 
     def __repr__(self) -> str:
@@ -106,7 +110,8 @@ class _UserPool:
                 await opening.wait()
             if not opening.is_set():
                 raise _exhausted(
-                    f"this user's pool of {owner!r} did not open within {allowed} s",
+                    f"this user's pool of {owner!r} did not open within {allowed} s"
+                    f"{self.refusals.why()}",
                     owner.retry_after,
                 )
             if self.timeouts != seen:
@@ -150,6 +155,10 @@ class _UserPool:
             made.add(conn)
             await self._configure(conn)
 
+        options = {**owner._pool_options, "reset": self._reset}
+        options["connection_class"] = self.refusals.connection_class(
+            options.get("connection_class", AsyncConnection), options
+        )
         pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
             conninfo,
             min_size=owner.min_size,
@@ -159,7 +168,7 @@ class _UserPool:
             configure=configure,
             timeout=owner.timeout,
             name=f"{owner.name}-{next(_pool_numbers)}",
-            **{**owner._pool_options, "reset": self._reset},
+            **options,
         )
         with anyio.CancelScope(shield=True):
             # The pool's worker tasks copy the current context: start them with no request
@@ -186,7 +195,7 @@ class _UserPool:
     def _not_opened(self, allowed: float, *, shared: bool = False) -> PoolExhaustedError:
         owner = self.owner
         what = f"this user's pool of {owner!r}"
-        return _not_opened(what, allowed, owner.retry_after, shared=shared)
+        return _not_opened(what, allowed, owner.retry_after, self.refusals.why(), shared=shared)
 
     async def _configure(self, conn: AsyncConnection[Any]) -> None:
         owner = self.owner
@@ -409,7 +418,8 @@ class _UserCheckout:
             raise _exhausted(
                 f"no connection of this user's pool of {owner!r} became available within "
                 f"{self._timeout} s (max_size={owner.max_size}, "
-                f"{owner._used}/{owner.max_total} server connections in use): {exc}",
+                f"{owner._used}/{owner.max_total} server connections in use): {exc}"
+                f"{user_pool.refusals.why()}",
                 owner.retry_after,
             ) from None
 

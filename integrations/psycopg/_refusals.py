@@ -1,0 +1,109 @@
+"""What the server said when it last refused a pool's new connection."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import TYPE_CHECKING, Any, cast
+
+import psycopg
+from psycopg import AsyncConnection
+
+if TYPE_CHECKING:
+    from ambient.integrations.psycopg._per_user import PerUserPools
+    from ambient.integrations.psycopg._shared import SharedPool
+
+
+logger = logging.getLogger("ambient")
+
+# libpq's "where" before the server's own words: the 503 goes to the client, which has no
+# business knowing the database's address.
+_WHERE = re.compile(r"^(?:connection failed: )?connection to server (?:at|on) .*? failed: ")
+_MAX_REASON = 300
+# psycopg before 3.3 refuses a connection class of the pool's own with close_returns=True.
+_CLOSE_RETURNS_NEEDS_OWN_CLASS = tuple(int(n) for n in psycopg.__version__.split(".")[:2]) < (3, 3)
+
+
+def _first_line(exc: psycopg.Error) -> str:
+    """``exc``'s first line, with the password the attempt used blotted out (libpq never
+    writes it, but a server message may echo what a connection option held)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    password = getattr(getattr(exc, "pgconn", None), "password", None)
+    if password:
+        text = text.replace(password.decode(errors="replace"), "***")
+    return " ".join(text.split())[:_MAX_REASON]
+
+
+class _Refusals:
+    """The last refusal of one psycopg pool's attempts to connect, until one succeeds.
+
+    psycopg's pool opens connections in background workers, logs each failure and tries
+    again later, so a checkout that waits for a connection only learns that none came. The
+    pool gets a connection class of this object's making (:meth:`connection_class`): its
+    ``connect`` is the application's, and notes what the server answered. The connections
+    it returns are the application's own class.
+    """
+
+    __slots__ = ("_owner", "at", "reason")
+
+    def __init__(self, owner: SharedPool | PerUserPools) -> None:
+        self._owner = owner
+        self.reason: str | None = None  # the server's words, without where it runs
+        self.at = 0.0
+
+    def connection_class(
+        self, base: type[AsyncConnection[Any]], options: dict[str, Any]
+    ) -> type[AsyncConnection[Any]]:
+        """A subclass of ``base`` whose ``connect`` notes refusals (``base`` itself where
+        the pool ``options`` could not take one)."""
+        if options.get("close_returns") and _CLOSE_RETURNS_NEEDS_OWN_CLASS:
+            return base
+        refusals = self
+
+        async def connect(cls: type[Any], *args: Any, **kwargs: Any) -> AsyncConnection[Any]:
+            try:
+                conn = await base.connect(*args, **kwargs)
+            except psycopg.OperationalError as exc:
+                refusals._refused(exc)
+                raise
+            refusals._connected()
+            return conn
+
+        namespace = {
+            "connect": classmethod(connect),
+            "__module__": base.__module__,
+            "__qualname__": base.__qualname__,
+            "__doc__": base.__doc__,
+        }
+        return cast("type[AsyncConnection[Any]]", type(base.__name__, (base,), namespace))
+
+    def _refused(self, exc: psycopg.OperationalError) -> None:
+        line = _first_line(exc)
+        self.reason = _WHERE.sub("", line)
+        self.at = time.monotonic()
+        owner = self._owner
+        if owner._refusal_logged != self.reason:
+            # Once while the server refuses for the same reason: psycopg's pool logs each
+            # attempt, and a checkout's 503 says it again.
+            owner._refusal_logged = self.reason
+            logger.warning(
+                "ambient: the database refused a new connection of %r: %s (psycopg's pool "
+                "tries again; checkouts that find no connection meanwhile answer 503)",
+                owner,
+                line,
+            )
+
+    def _connected(self) -> None:
+        if self.reason is not None and self._owner._refusal_logged == self.reason:
+            self._owner._refusal_logged = None
+        self.reason = None
+
+    def why(self) -> str:
+        """What to add to the error of a checkout that got no connection: the server's last
+        refusal, unless the pool has connected since."""
+        if self.reason is None:
+            return ""
+        ago = time.monotonic() - self.at
+        said = self.reason
+        return f"; the database refused the pool's last new connection {ago:.1f} s ago: {said}"

@@ -1,0 +1,187 @@
+"""Both psycopg strategies when PostgreSQL refuses their new connections.
+
+The server refuses a connection for reasons of its own (a role's CONNECTION LIMIT, a wrong
+password, a database that is starting up). psycopg's pool logs each refusal and tries again
+in the background, so a checkout that waits for a connection only learns that none came:
+the 503 it raises must say what the server said, without the conninfo or the password, and
+ambient's log must say it once, not once per attempt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from ambient import Registry, bind_context
+from ambient.errors import PoolExhaustedError
+from ambient.integrations.psycopg import PerUserPools, SharedPool, connection
+from tests.conftest import DATABASE_URL
+from tests.test_psycopg import (
+    Database,
+    _admin,
+    _ctx,
+    _eventually,
+    fixture_db,  # noqa: F401 - the db fixture
+)
+
+# Never in a message (the test server trusts loopback, so it is never checked either).
+SECRET = "s3cret-pa55word"
+
+
+@contextlib.contextmanager
+def limited_role(limit: int) -> Iterator[tuple[str, str]]:
+    """A throwaway login role that may hold ``limit`` server connections at most, and a
+    conninfo of it with a password; dropped afterwards."""
+    name = f"ambient_lim_{uuid.uuid4().hex[:12]}"
+    with _admin() as admin:
+        admin.execute(f"CREATE ROLE {name} LOGIN NOSUPERUSER NOBYPASSRLS CONNECTION LIMIT {limit}")
+    params = psycopg.conninfo.conninfo_to_dict(DATABASE_URL)
+    params.update(user=name, password=SECRET)
+    try:
+        yield name, psycopg.conninfo.make_conninfo(**params)  # type: ignore[arg-type]
+    finally:
+        with _admin() as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+                (name,),
+            )
+            admin.execute(f"DROP ROLE {name}")
+
+
+def _refusal_logs(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "ambient" and "too many connections" in r.getMessage()
+    ]
+
+
+def _assert_says_why(error: PoolExhaustedError, role: str, retry_after: float) -> None:
+    """The 503 names the server's reason, and neither the password nor the conninfo."""
+    message = str(error)
+    assert f'too many connections for role "{role}"' in message, message
+    assert SECRET not in message
+    assert "password" not in message
+    assert "port" not in message
+    assert (error.http_status, error.retry_after) == (503, retry_after)
+
+
+def _strategy(kind: str, url: str, db: Database, **options: Any) -> SharedPool | PerUserPools:
+    common: dict[str, Any] = {"rls_check": "off", "kwargs": db.kwargs(), **options}
+    if kind == "shared":
+        return SharedPool(url, min_size=1, max_size=2, per_user_limit=2, **common)
+    return PerUserPools(url, min_size=1, max_size=2, max_total=2, **common)
+
+
+async def _errors(pool: SharedPool | PerUserPools) -> int:
+    """The refused connection attempts of the psycopg pool(s) behind ``pool``."""
+    if isinstance(pool, SharedPool):
+        inner = [pool._pool] if pool._pool is not None else []
+    else:
+        inner = [p.pool for p in pool._pools if p.pool is not None]
+    return sum(p.get_stats().get("connections_errors", 0) for p in inner)
+
+
+@pytest.mark.parametrize("kind", ["shared", "per_user"])
+async def test_a_503_for_a_connection_the_server_refused_says_why(
+    db: Database, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The role may hold one server connection; a checkout holds it and a second one waits
+    for the pool to grow, which the server refuses ("too many connections for role"). The
+    second checkout's 503 says so (not only that no connection became available); the
+    server refuses the pool's retry too, and a third checkout says the same, while
+    ambient's log said it once. (The first checkout waits 2 s: time enough for the refusal
+    of the pool's first attempt to arrive on a loaded machine.)"""
+    caplog.set_level(logging.WARNING, logger="ambient")
+    with limited_role(1) as (role, url):
+        pool = _strategy(kind, url, db, timeout=5, retry_after=7.0)
+        registry = Registry()
+        pool.install(registry)
+        try:
+            async with registry.open_scope(_ctx("alice")), connection() as held:
+                await held.execute("SELECT 1")
+                with pytest.raises(PoolExhaustedError) as first:
+                    async with pool.connection(timeout=2):
+                        pytest.fail("the server allows one connection only")
+                _assert_says_why(first.value, role, 7.0)
+
+                async def retried() -> bool:
+                    return await _errors(pool) >= 2
+
+                await _eventually(retried, "psycopg's pool tried to connect again")
+                with pytest.raises(PoolExhaustedError) as again:
+                    async with pool.connection(timeout=0.2):
+                        pytest.fail("the server allows one connection only")
+                _assert_says_why(again.value, role, 7.0)
+        finally:
+            await registry.aclose()
+    logged = _refusal_logs(caplog)
+    assert len(logged) == 1, logged
+    assert SECRET not in logged[0]
+
+
+@pytest.mark.parametrize("kind", ["shared", "per_user"])
+async def test_a_pool_the_server_lets_open_no_connection_says_why(db: Database, kind: str) -> None:
+    """The role may hold no connection at all: the first checkout, which opens the pool and
+    runs the row-level-security check on its first connection, gets a 503 that names the
+    server's refusal instead of asking whether the database is reachable."""
+    with limited_role(0) as (role, url):
+        pool = _strategy(kind, url, db, timeout=2, rls_check="warn")
+        registry = Registry()
+        pool.install(registry)
+        try:
+            async with registry.open_scope(_ctx("alice")):
+                with pytest.raises(PoolExhaustedError) as refused:
+                    async with connection():
+                        pytest.fail("the server allows no connection")
+        finally:
+            await registry.aclose()
+    _assert_says_why(refused.value, role, 1.0)
+    assert "reachable" not in str(refused.value)
+
+
+async def test_connections_keep_the_applications_own_class(db: Database) -> None:
+    """The pool notes refusals through a connection class of its own making, which opens
+    the application's: a checkout still gets a connection of the class it asked for."""
+
+    class Custom(psycopg.AsyncConnection[Any]):
+        pass
+
+    async with SharedPool(
+        db.app_url,
+        min_size=1,
+        max_size=1,
+        rls_check="off",
+        kwargs=db.kwargs(),
+        connection_class=Custom,
+    ) as pool:
+        with bind_context(_ctx("alice")):
+            async with pool.connection() as conn:
+                assert type(conn) is Custom
+                await conn.execute("SELECT 1")
+
+
+def test_a_refusal_that_echoes_the_password_is_noted_without_it() -> None:
+    """A server message may echo what a connection option held (the password too, if it
+    was put there by mistake): what the pool notes, and the 503 and the log say, has it
+    blotted out, and libpq's words about where the server runs left off."""
+
+    class Attempt:
+        password = SECRET.encode()
+
+    refusal = psycopg.OperationalError(
+        'connection failed: connection to server at "10.0.0.1", port 5432 failed: '
+        f'FATAL:  invalid value for parameter "app.key": "{SECRET}"\nmore detail',
+        pgconn=Attempt(),  # type: ignore[arg-type]
+    )
+    pool = SharedPool("postgresql://app@127.0.0.1/app")
+    pool._refusals._refused(refusal)
+    assert pool._refusals.why().endswith(': FATAL: invalid value for parameter "app.key": "***"'), (
+        pool._refusals.why()
+    )
