@@ -1737,6 +1737,83 @@ async def test_check_rls_passes_an_ordinary_role(db: Database) -> None:
     assert "does not exist" in info.value.problems[1]
 
 
+@pytest.fixture(name="hidden")
+def fixture_hidden(db: Database) -> Iterator[str]:
+    """A schema the app role has no USAGE on, holding a protected table (``guarded``), one
+    without row-level security (``bare``), both readable by the app role, and a view over
+    ``guarded`` that skips its policies; and a view in the test's own schema over
+    ``guarded`` that does too (``peek``): the app role may read both views."""
+    hidden = f"{db.schema}_hidden"
+    app = psycopg.conninfo.conninfo_to_dict(db.app_url)["user"]
+    with _admin() as admin:
+        admin.execute(f"CREATE SCHEMA {hidden}")
+        admin.execute(f"CREATE TABLE {hidden}.guarded (owner text)")
+        admin.execute(f"ALTER TABLE {hidden}.guarded ENABLE ROW LEVEL SECURITY")
+        admin.execute(f"CREATE TABLE {hidden}.bare (owner text)")
+        for view in ((hidden, "inner_peek"), (db.schema, "peek")):
+            admin.execute(
+                sql.SQL("CREATE VIEW {} AS SELECT * FROM {}").format(
+                    sql.Identifier(*view), sql.Identifier(hidden, "guarded")
+                )
+            )
+        admin.execute(
+            f"GRANT SELECT ON {hidden}.guarded, {hidden}.bare, {hidden}.inner_peek, "
+            f"{db.schema}.peek TO {app}"
+        )
+    try:
+        yield hidden
+    finally:
+        with _admin() as admin:
+            admin.execute(f"DROP SCHEMA {hidden} CASCADE")
+
+
+async def test_check_rls_checks_tables_in_a_schema_the_role_cannot_use(
+    db: Database, hidden: str
+) -> None:
+    """Protected tables named in a schema the role has no USAGE on: check_rls checks them
+    all the same (it raised "permission denied for schema" before), and reports what it
+    finds there: the table without row-level security, and the view the role can read
+    over the protected one, not the view it cannot reach (in that schema)."""
+    async with await psycopg.AsyncConnection.connect(db.app_url) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            await conn.execute(f"SELECT FROM {hidden}.guarded")
+        await conn.rollback()
+        with pytest.warns(RowSecurityWarning):
+            problems = await check_rls(conn, [f"{hidden}.guarded", f"{hidden}.bare"], action="warn")
+    assert len(problems) == 2, problems
+    assert f"view '{db.schema}.peek' reads '{hidden}.guarded'" in problems[0]
+    assert f"row-level security is not enabled on '{hidden}.bare'" in problems[1]
+
+
+@pytest.mark.parametrize("strategy", ["shared", "per_user"])
+async def test_strategies_with_rls_check_warn_open_on_tables_the_role_cannot_reach(
+    db: Database, hidden: str, strategy: str
+) -> None:
+    """With ``rls_check="warn"`` and a protected table in a schema the role cannot use, the
+    strategy warns of what the check found and serves checkouts (before, the check's
+    "permission denied for schema" failed every checkout)."""
+    options: dict[str, Any] = {
+        "timeout": 5,
+        "rls_tables": [db.notes, f"{hidden}.bare"],
+        "rls_check": "warn",
+        "kwargs": db.kwargs(),
+    }
+    pool: SharedPool | PerUserPools = (
+        SharedPool(db.app_url, min_size=1, max_size=1, **options)
+        if strategy == "shared"
+        else PerUserPools(db.app_url, max_size=1, max_total=1, **options)
+    )
+    registry = Registry()
+    pool.install(registry)
+    try:
+        async with registry.open_scope(_ctx("alice")):
+            with pytest.warns(RowSecurityWarning, match=f"not enabled on '{hidden}.bare'"):
+                async with connection() as conn:
+                    assert await _scalar(conn, "SELECT current_setting('app.user_id')") == "alice"
+    finally:
+        await registry.aclose()
+
+
 @pytest.mark.parametrize("strategy", ["shared", "per_user"])
 async def test_connections_made_with_dict_rows_open_and_check_row_level_security(
     db: Database, strategy: str

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from psycopg import AsyncConnection
 from psycopg.rows import tuple_row
+from psycopg.types.numeric import Oid
 
 from ambient.errors import RowSecurityError, RowSecurityWarning
 from ambient.integrations.psycopg._common import _IDLE
@@ -16,18 +17,35 @@ _ROLE_SQL = (
     "SELECT current_user, r.rolsuper, r.rolbypassrls "
     "FROM pg_catalog.pg_roles r WHERE r.rolname = current_user"
 )
-_TABLE_SQL = (
-    "SELECT c.relrowsecurity, c.relforcerowsecurity, "
+_TABLE = (
+    "SELECT c.oid, c.relrowsecurity, c.relforcerowsecurity, "
     "pg_catalog.pg_has_role(current_user, c.relowner, 'USAGE') "
-    "FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass(%s)"
+    "FROM pg_catalog.pg_class c WHERE c.oid = "
 )
+_TABLE_SQL = f"{_TABLE}pg_catalog.to_regclass(%s)"
+_TABLE_BY_OID_SQL = f"{_TABLE}%s"
+# A name qualified with a schema this role has no USAGE on, and the table it means there
+# (NULL: none), read from the catalogs, which every role may read. to_regclass() raises
+# "permission denied for schema" for such a name (even inside a CASE that would not reach
+# it: the planner may evaluate it), though the table's policies matter all the same: views
+# over it, and its partitions, may be elsewhere. No row for any other name (one without a
+# schema is looked up on the search path, which skips the schemas the role may not use).
+_UNUSABLE_SCHEMA_SQL = """
+SELECT t.oid FROM pg_catalog.parse_ident(%s) p(n)
+JOIN pg_catalog.pg_namespace s ON s.nspname = p.n[pg_catalog.cardinality(p.n) - 1]
+LEFT JOIN pg_catalog.pg_class t
+  ON t.relnamespace = s.oid AND t.relname = p.n[pg_catalog.cardinality(p.n)]
+WHERE pg_catalog.cardinality(p.n) IN (2, 3)
+  AND (pg_catalog.cardinality(p.n) = 2 OR p.n[1] = pg_catalog.current_database())
+  AND NOT pg_catalog.has_schema_privilege(s.oid, 'USAGE')
+"""
 
 # Views and materialized views over a protected table, directly or through other views, that
-# this role can read, and that show rows the table's policies did not filter: a materialized
-# view always (its rows were stored by whoever refreshed it), a view over the table unless it
-# is security_invoker (PostgreSQL 15+) or its owner is itself subject to the policies, and
-# any view over one of those (which the role may read though it cannot read that one). With
-# the first of those in the chain (NULL: the view itself).
+# this role can read (in a schema it may use), and that show rows the table's policies did
+# not filter: a materialized view always (its rows were stored by whoever refreshed it), a
+# view over the table unless it is security_invoker (PostgreSQL 15+) or its owner is itself
+# subject to the policies, and any view over one of those (which the role may read though it
+# cannot read that one). With the first of those in the chain (NULL: the view itself).
 _VIEW_SQL = """
 WITH RECURSIVE over(oid, relkind, skips, source) AS (
   SELECT v.oid, v.relkind,
@@ -50,7 +68,7 @@ WITH RECURSIVE over(oid, relkind, skips, source) AS (
   JOIN pg_catalog.pg_roles o ON o.oid = v.relowner
   WHERE d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass
     AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
-    AND d.refobjid = pg_catalog.to_regclass(%s)
+    AND d.refobjid = %s
     AND v.oid <> t.oid
     AND v.relkind IN ('v', 'm')
   UNION
@@ -68,17 +86,20 @@ WITH RECURSIVE over(oid, relkind, skips, source) AS (
 SELECT DISTINCT ON (1) u.oid::pg_catalog.regclass::text, u.relkind,
   u.source::pg_catalog.regclass::text
 FROM over u
+JOIN pg_catalog.pg_class v ON v.oid = u.oid
 WHERE u.skips AND pg_catalog.has_table_privilege(u.oid, 'SELECT')
+  AND pg_catalog.has_schema_privilege(v.relnamespace, 'USAGE')
 ORDER BY 1, 3 NULLS FIRST
 """
 
 # Partitions and inheritance children of a protected table, at any depth, that this role can
-# read or write and whose own row-level security does not apply to it: a policy applies to
-# the table a query names, so querying one of them directly skips the parent's policies.
+# read or write (in a schema it may use) and whose own row-level security does not apply to
+# it: a policy applies to the table a query names, so querying one of them directly skips
+# the parent's policies.
 _CHILD_SQL = """
 WITH RECURSIVE below(oid) AS (
   SELECT i.inhrelid FROM pg_catalog.pg_inherits i
-  WHERE i.inhparent = pg_catalog.to_regclass(%s)
+  WHERE i.inhparent = %s
   UNION
   SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN below b ON i.inhparent = b.oid
 )
@@ -86,6 +107,7 @@ SELECT c.oid::pg_catalog.regclass::text
 FROM below b
 JOIN pg_catalog.pg_class c ON c.oid = b.oid
 WHERE pg_catalog.has_table_privilege(c.oid, 'SELECT, INSERT, UPDATE, DELETE')
+  AND pg_catalog.has_schema_privilege(c.relnamespace, 'USAGE')
   AND (
     NOT c.relrowsecurity
     OR (pg_catalog.pg_has_role(current_user, c.relowner, 'USAGE') AND NOT c.relforcerowsecurity)
@@ -113,7 +135,9 @@ async def check_rls(
     does a view this role can read over such a view (even one it cannot read); so does a
     partition or child table of a protected table, queried directly, unless row-level
     security applies to it too (a policy applies to the table a query names).
-    Each of these is a problem.
+    Each of these is a problem. A table in a schema the role has no USAGE on is checked
+    all the same (views over it and its partitions may be elsewhere); views and partitions
+    in such a schema, which the role cannot reach, are no problem.
 
     Args:
         conn: A fresh connection, opened the way the application opens its own.
@@ -148,12 +172,18 @@ async def check_rls(
                 f"(ALTER ROLE {role} NOBYPASSRLS)"
             )
         for table in tables:
-            await cur.execute(_TABLE_SQL, (table,), prepare=False)
+            await cur.execute(_UNUSABLE_SCHEMA_SQL, (table,), prepare=False)
+            unusable = await cur.fetchone()
+            if unusable is None:
+                await cur.execute(_TABLE_SQL, (table,), prepare=False)
+            else:
+                await cur.execute(_TABLE_BY_OID_SQL, (Oid(unusable[0] or 0),), prepare=False)
             info = await cur.fetchone()
             if info is None:
                 problems.append(f"table {table!r} does not exist (or is not visible)")
                 continue
-            enabled, forced, owns = info
+            oid, enabled, forced, owns = info
+            table_oid = Oid(oid)
             if not enabled:
                 problems.append(
                     f"row-level security is not enabled on {table!r}: "
@@ -164,7 +194,7 @@ async def check_rls(
                     f"role {role!r} owns {table!r}, and owners bypass its policies unless "
                     f"ALTER TABLE {table} FORCE ROW LEVEL SECURITY"
                 )
-            await cur.execute(_CHILD_SQL, (table,), prepare=False)
+            await cur.execute(_CHILD_SQL, (table_oid,), prepare=False)
             for (child,) in await cur.fetchall():
                 problems.append(
                     f"table {child!r} is a partition or child of {table!r}, and role {role!r} "
@@ -172,7 +202,7 @@ async def check_rls(
                     f"{table!r}: ALTER TABLE {child} ENABLE ROW LEVEL SECURITY (and FORCE, "
                     "for its owner) with policies of its own, or revoke that privilege"
                 )
-            await cur.execute(_VIEW_SQL, (table,), prepare=False)
+            await cur.execute(_VIEW_SQL, (table_oid,), prepare=False)
             for view, kind, source in await cur.fetchall():
                 if kind == "m":
                     problems.append(
