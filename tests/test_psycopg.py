@@ -9,6 +9,7 @@ the strategies refuse to run there with a clear error.
 from __future__ import annotations
 
 import contextlib
+import decimal
 import fractions
 import gc
 import os
@@ -35,9 +36,10 @@ from fastapi.responses import JSONResponse
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
-from psycopg.abc import Query
+from psycopg.abc import Buffer, Query
 from psycopg.pq import PipelineStatus, Trace, TransactionStatus
 from psycopg.rows import dict_row
+from psycopg.types.string import TextLoader
 from psycopg_pool import PoolClosed
 
 from ambient import Registry, UserExecutionContext, UserRef, bind_context, resolve
@@ -666,6 +668,76 @@ async def test_per_user_pools_hand_the_next_checkout_a_connection_as_the_pool_ma
                 raise LookupError
         async with registry.open_scope(_ctx("alice")), pools.connection() as conn:
             assert await _scalar(conn, db.sql("SELECT count(*) FROM {notes}")) == 0
+    finally:
+        await registry.aclose()
+
+
+class _AlicesCursor(psycopg.AsyncCursor[Any]):
+    """A cursor class one handler makes its connection's default."""
+
+
+class _AlicesServerCursor(psycopg.AsyncServerCursor[Any]):
+    """A named-cursor class one handler makes its connection's default."""
+
+
+class _AlicesText(TextLoader):
+    """How one handler loads text: every value as the same string."""
+
+    def load(self, data: Buffer) -> str:
+        return "loaded the way alice wanted"
+
+
+class _AlicesDecimal(psycopg.adapt.Dumper):
+    """How one handler dumps a Decimal: always 0."""
+
+    oid = psycopg.adapters.types["numeric"].oid
+
+    def dump(self, obj: Any) -> bytes:
+        return b"0"
+
+
+@pytest.mark.parametrize("strategy", ["shared", "per_user"])
+async def test_cursor_factories_and_adapters_a_handler_changed_are_restored(
+    db: Database, strategy: str
+) -> None:
+    """A handler changes its connection's cursor classes, registers a text loader, a Decimal
+    dumper and a type of its own on it. The next checkout of the same connection (another
+    user's, with SharedPool; the same user's next request, with PerUserPools) gets it as the
+    pool made it: the default cursor classes, text loaded as text, a Decimal sent as it is,
+    without alice's type; and the connection was kept, not closed."""
+    options: dict[str, Any] = {"rls_check": "off", "kwargs": db.kwargs()}
+    pool: SharedPool | PerUserPools = (
+        SharedPool(db.app_url, min_size=1, max_size=1, **options)
+        if strategy == "shared"
+        else PerUserPools(db.app_url, max_size=1, max_total=1, **options)
+    )
+    registry = Registry()
+    pool.install(registry)
+    try:
+        async with registry.open_scope(_ctx("alice")), connection() as conn:
+            pid = conn.info.backend_pid
+            conn.cursor_factory = _AlicesCursor
+            conn.server_cursor_factory = _AlicesServerCursor
+            conn.adapters.register_loader("text", _AlicesText)
+            conn.adapters.register_dumper(decimal.Decimal, _AlicesDecimal)
+            info = await psycopg.types.TypeInfo.fetch(conn, "text")
+            assert info is not None
+            info.name = "alices_text"
+            info.register(conn)
+            assert await _scalar(conn, "SELECT 'alice'::text") == "loaded the way alice wanted"
+        second = "bob" if strategy == "shared" else "alice"
+        async with registry.open_scope(_ctx(second)), connection() as conn:
+            assert conn.info.backend_pid == pid  # the same connection
+            assert type(conn.cursor()) is psycopg.AsyncCursor
+            async with conn.cursor("named") as named:
+                assert type(named) is psycopg.AsyncServerCursor
+            assert await _scalar(conn, "SELECT %s::text", (second,)) == second
+            assert await _scalar(conn, "SELECT %s", (decimal.Decimal("1.5"),)) == decimal.Decimal(
+                "1.5"
+            )
+            assert "alices_text" not in conn.adapters.types
+        if isinstance(pool, SharedPool):
+            assert pool.stats().discarded == 0
     finally:
         await registry.aclose()
 

@@ -20,6 +20,7 @@ from ambient.errors import PoolExhaustedError
 if TYPE_CHECKING:
     from psycopg.pq.abc import PGcancel, PGcancelConn
 
+    from ambient.integrations.psycopg._adapters import _AdaptersAsMade
     from ambient.integrations.psycopg._per_user import PerUserPools
     from ambient.integrations.psycopg._shared import SharedPool
 
@@ -96,14 +97,20 @@ def _python_side(conn: AsyncConnection[Any]) -> tuple[Any, ...]:
         conn.read_only,
         conn.deferrable,
         conn.row_factory,
+        conn.cursor_factory,
+        conn.server_cursor_factory,
         conn.prepare_threshold,
     )
 
 
-async def _restore_python_side(conn: AsyncConnection[Any], initial: tuple[Any, ...] | None) -> None:
+async def _restore_python_side(
+    conn: AsyncConnection[Any], initial: tuple[Any, ...] | None, adapters: _AdaptersAsMade
+) -> None:
     """Undo what a handler changed on the Python side of an idle connection before it serves
     another checkout: ``autocommit`` left on would commit each statement of the next one,
-    errors or not."""
+    errors or not, and a loader registered on it would load the next one's values. The
+    attributes go back to the pool's ``initial`` ones, the adapters to the connection's own
+    as made (see ``_AdaptersAsMade``)."""
     # Notice and notification callbacks a request added would receive the next users'
     # notices, and notifications that arrived after a handler's own COMMIT wait in the
     # backlog for whoever calls notifies() next. The pool's connections start with none;
@@ -112,9 +119,19 @@ async def _restore_python_side(conn: AsyncConnection[Any], initial: tuple[Any, .
         kept = getattr(conn, name, None)
         if kept:
             kept.clear()
+    adapters.restore(conn)
     if initial is None:
         return
-    autocommit, isolation_level, read_only, deferrable, row_factory, threshold = initial
+    (
+        autocommit,
+        isolation_level,
+        read_only,
+        deferrable,
+        row_factory,
+        cursor_factory,
+        server_cursor_factory,
+        threshold,
+    ) = initial
     if conn.autocommit != autocommit:
         await conn.set_autocommit(autocommit)
     if conn.isolation_level != isolation_level:
@@ -124,6 +141,8 @@ async def _restore_python_side(conn: AsyncConnection[Any], initial: tuple[Any, .
     if conn.deferrable != deferrable:
         await conn.set_deferrable(deferrable)
     conn.row_factory = row_factory
+    conn.cursor_factory = cursor_factory
+    conn.server_cursor_factory = server_cursor_factory
     conn.prepare_threshold = threshold
 
 

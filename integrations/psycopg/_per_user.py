@@ -14,6 +14,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from ambient import Lifetime, Registry, UserRef, _loops
+from ambient.integrations.psycopg._adapters import _AdaptersAsMade
 from ambient.integrations.psycopg._arguments import (
     _USER_FIELDS,
     DEFAULT_SETTINGS,
@@ -89,7 +90,10 @@ class PerUserPools:
     normally, rolled back when it raises. One that ends normally in a failed transaction
     (a statement's error caught inside it) is rolled back and raises
     ``psycopg.errors.InFailedSqlTransaction``, where psycopg's commit would roll back
-    silently.
+    silently. What a handler changed on the Python side of its connection (``autocommit``,
+    ``isolation_level``, ``read_only``, ``deferrable``, ``row_factory``,
+    ``cursor_factory``, ``server_cursor_factory``, ``prepare_threshold``, a loader, dumper
+    or type registered on its ``adapters``) is put back before the user's next checkout.
 
     Args:
         conninfo: libpq connection string, or a callable taking the
@@ -191,6 +195,7 @@ class PerUserPools:
         self.checked_out = 0
         self.evicted = 0
         self._cancellers = _Cancellers()
+        self._adapters = _AdaptersAsMade()
 
     def __repr__(self) -> str:
         return f"<PerUserPools {self.name!r}>"

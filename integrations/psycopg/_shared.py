@@ -18,6 +18,7 @@ from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 
 import ambient
 from ambient import Lifetime, Registry, UserRef, _loops
+from ambient.integrations.psycopg._adapters import _AdaptersAsMade
 from ambient.integrations.psycopg._arguments import (
     _CONTEXT_FIELDS,
     DEFAULT_SETTINGS,
@@ -134,7 +135,9 @@ class SharedPool:
     and what a failed COMMIT would leave (advisory locks, sequence state) goes just before
     the COMMIT. Python-side attributes a handler
     changed (``autocommit``, ``isolation_level``, ``read_only``, ``deferrable``,
-    ``row_factory``, ``prepare_threshold``) are restored too.
+    ``row_factory``, ``cursor_factory``, ``server_cursor_factory``, ``prepare_threshold``)
+    are restored too, and so are the connection's ``adapters`` when a handler registered a
+    loader, a dumper or a type on them (told apart without a round trip).
 
     Args:
         conninfo: libpq connection string of an ordinary role (no superuser, no
@@ -241,6 +244,7 @@ class SharedPool:
         self._timeouts = 0  # openings that got no connection in time
         self._installed = False
         self._initial: tuple[Any, ...] | None = None
+        self._adapters = _AdaptersAsMade()
         self._login: str | None = None
         self._role: str | None = None
         self._gates: dict[UserRef, _Gate] = {}
@@ -428,6 +432,7 @@ class SharedPool:
         # Every connection of the pool starts alike; remember how, to restore it on return.
         if self._initial is None:
             self._initial = _python_side(conn)
+        self._adapters.keep(conn)
 
     async def _give_back(
         self,
@@ -512,7 +517,7 @@ class SharedPool:
             if conn.pgconn.transaction_status != _IDLE:
                 await self._discard(conn, "its reset left a transaction open")
                 return failure
-            await _restore_python_side(conn, self._initial)
+            await _restore_python_side(conn, self._initial, self._adapters)
         except Exception as exc:  # noqa: BLE001 - never hand on a connection not shown clean
             await self._discard(conn, f"its reset failed: {exc!r}")
         return failure

@@ -218,12 +218,13 @@ class _UserPool:
             await conn.commit()
         if self.initial is None:
             self.initial = _python_side(conn)
+        owner._adapters.keep(conn)
 
     async def _reset(self, conn: AsyncConnection[Any]) -> None:
         # psycopg's pool calls this on every connection handed back idle: a handler's
         # set_autocommit(True) would otherwise commit the user's next request statement by
         # statement, its error's rollback undoing nothing.
-        await _restore_python_side(conn, self.initial)
+        await _restore_python_side(conn, self.initial, self.owner._adapters)
         reset = self.owner._pool_options.get("reset")
         if reset is not None:
             await reset(conn)
