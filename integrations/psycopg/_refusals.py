@@ -22,13 +22,17 @@ logger = logging.getLogger("ambient")
 _WHERE = re.compile(r"^(?:connection failed: )?connection to server (?:at|on) .*? failed: ")
 _MAX_REASON = 300
 # psycopg before 3.3 refuses a connection class of the pool's own with close_returns=True.
-_CLOSE_RETURNS_NEEDS_OWN_CLASS = tuple(int(n) for n in psycopg.__version__.split(".")[:2]) < (3, 3)
+_CLOSE_RETURNS_NEEDS_OWN_CLASS = [int(n) for n in re.findall(r"\d+", psycopg.__version__)[:2]] < [
+    3,
+    3,
+]
 
 
 def _first_line(exc: psycopg.Error) -> str:
     """``exc``'s first line, with the password the attempt used blotted out (libpq never
     writes it, but a server message may echo what a connection option held)."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
     password = getattr(getattr(exc, "pgconn", None), "password", None)
     if password:
         text = text.replace(password.decode(errors="replace"), "***")
@@ -88,8 +92,8 @@ class _Refusals:
             # attempt, and a checkout's 503 says it again.
             owner._refusal_logged = self.reason
             logger.warning(
-                "ambient: the database refused a new connection of %r: %s (psycopg's pool "
-                "tries again; checkouts that find no connection meanwhile answer 503)",
+                "ambient: a new connection of %r failed: %s (psycopg's pool tries again; "
+                "checkouts that find no connection meanwhile answer 503 and say why)",
                 owner,
                 line,
             )
@@ -106,4 +110,4 @@ class _Refusals:
             return ""
         ago = time.monotonic() - self.at
         said = self.reason
-        return f"; the database refused the pool's last new connection {ago:.1f} s ago: {said}"
+        return f"; the pool's last attempt to connect failed {ago:.1f} s ago: {said}"
