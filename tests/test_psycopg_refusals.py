@@ -63,12 +63,15 @@ def _refusal_logs(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 def _assert_says_why(error: PoolExhaustedError, role: str, retry_after: float) -> None:
-    """The 503 names the server's reason, and neither the password nor the conninfo."""
-    message = str(error)
-    assert f'too many connections for role "{role}"' in message, message
-    assert SECRET not in message
-    assert "password" not in message
-    assert "port" not in message
+    """The 503 notes the server's reason for the logs and tracebacks that show it, never
+    the password or the conninfo, and keeps it out of its detail, the client's answer."""
+    notes = "\n".join(getattr(error, "__notes__", []))
+    assert f'too many connections for role "{role}"' in notes, notes
+    assert role not in str(error)
+    for said in (notes, str(error)):
+        assert SECRET not in said
+        assert "password" not in said
+        assert "port" not in said
     assert (error.http_status, error.retry_after) == (503, retry_after)
 
 
@@ -144,6 +147,7 @@ async def test_a_pool_the_server_lets_open_no_connection_says_why(db: Database, 
             await registry.aclose()
     _assert_says_why(refused.value, role, 1.0)
     assert "reachable" not in str(refused.value)
+    assert "the server refused the last attempt to connect" in str(refused.value)
 
 
 async def test_connections_keep_the_applications_own_class(db: Database) -> None:

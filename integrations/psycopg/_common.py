@@ -509,8 +509,13 @@ def _after(end: str, *, deallocate: str) -> str:
 _IN_USE = "this checkout is in use; call connection() once per `async with`"
 
 
-def _exhausted(detail: str, retry_after: float) -> PoolExhaustedError:
-    return PoolExhaustedError(detail, retry_after=retry_after)
+def _exhausted(detail: str, retry_after: float, why: str = "") -> PoolExhaustedError:
+    error = PoolExhaustedError(detail, retry_after=retry_after)
+    if why:
+        # A note, for the logs and tracebacks that show the error: the detail is the
+        # client's answer, and the server's words name its roles and settings.
+        error.add_note(why)
+    return error
 
 
 def _not_opened(
@@ -518,12 +523,14 @@ def _not_opened(
 ) -> PoolExhaustedError:
     """``what`` (a pool) got no connection to open with within ``allowed`` seconds, in an
     opening of its own or in the one it waited for (``shared``); ``why``: what the server
-    said when it last refused one (see ``_Refusals.why``), if it did."""
+    said when it last refused one (see ``_Refusals.why``), if it did, noted on the error."""
     how = "the opening this checkout waited for" if shared else "it"
+    hint = " (the server refused the last attempt to connect)" if why else " (is it reachable?)"
     return _exhausted(
         f"{what} could not be opened: the database gave {how} no connection within "
-        f"{allowed} s{why or ' (is it reachable?)'}",
+        f"{allowed} s{hint}",
         retry_after,
+        why,
     )
 
 

@@ -93,7 +93,7 @@ class _Refusals:
             owner._refusal_logged = self.reason
             logger.warning(
                 "ambient: a new connection of %r failed: %s (psycopg's pool tries again; "
-                "checkouts that find no connection meanwhile answer 503 and say why)",
+                "checkouts that find no connection meanwhile answer 503, with this as a note)",
                 owner,
                 line,
             )
@@ -104,10 +104,10 @@ class _Refusals:
         self.reason = None
 
     def why(self) -> str:
-        """What to add to the error of a checkout that got no connection: the server's last
-        refusal, unless the pool has connected since."""
+        """The note for the error of a checkout that got no connection: the server's last
+        refusal, unless the pool has connected since (``""``)."""
         if self.reason is None:
             return ""
         ago = time.monotonic() - self.at
         said = self.reason
-        return f"; the pool's last attempt to connect failed {ago:.1f} s ago: {said}"
+        return f"the pool's last attempt to connect failed {ago:.1f} s ago: {said}"

@@ -274,7 +274,8 @@ class SharedPool:
             UnsupportedBackendError: outside asyncio.
             RowSecurityError: with ``rls_check="raise"`` when the role bypasses RLS.
             PoolExhaustedError: the check got no connection within ``timeout`` (is the
-                database reachable? When the server refused it, the message says why).
+                database reachable? When the server refused it, the message says so and
+                a note on the error says what the server answered).
         """
         await self._open(time.monotonic() + self.timeout, self.timeout, self._timeouts)
 

@@ -186,8 +186,9 @@ class _SharedCheckout:
                 f"no connection of {owner!r} became available within {self._timeout} s "
                 f"(max_size={owner.max_size}, in use="
                 f"{stats.get('pool_size', 0) - stats.get('pool_available', 0)}, "
-                f"waiting={stats.get('requests_waiting', 0)}): {exc}{owner._refusals.why()}",
+                f"waiting={stats.get('requests_waiting', 0)}): {exc}",
                 owner.retry_after,
+                owner._refusals.why(),
             ) from None
 
     async def __aexit__(

@@ -110,9 +110,9 @@ class _UserPool:
                 await opening.wait()
             if not opening.is_set():
                 raise _exhausted(
-                    f"this user's pool of {owner!r} did not open within {allowed} s"
-                    f"{self.refusals.why()}",
+                    f"this user's pool of {owner!r} did not open within {allowed} s",
                     owner.retry_after,
+                    self.refusals.why(),
                 )
             if self.timeouts != seen:
                 # The opening waited for got no connection in time: the database is
@@ -419,9 +419,9 @@ class _UserCheckout:
             raise _exhausted(
                 f"no connection of this user's pool of {owner!r} became available within "
                 f"{self._timeout} s (max_size={owner.max_size}, "
-                f"{owner._used}/{owner.max_total} server connections in use): {exc}"
-                f"{user_pool.refusals.why()}",
+                f"{owner._used}/{owner.max_total} server connections in use): {exc}",
                 owner.retry_after,
+                user_pool.refusals.why(),
             ) from None
 
     async def _set_local(
