@@ -780,6 +780,9 @@ async def _serve_until_expiry(
 
         async def receive_in_time() -> MutableMapping[str, Any]:
             message = await receive()
+            if message["type"] == "websocket.disconnect":
+                # The client closed it: a close sent now would be refused (uvicorn raises).
+                socket.closed = True
             if time.time() >= expires_at:
                 # Past the deadline before the loop got to cancel (a busy loop, a receive
                 # that never yielded): the message must not reach the expired user's app.

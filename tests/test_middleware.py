@@ -1357,6 +1357,39 @@ class TestWebsocketIdentityExpiry:
         assert [m["type"] for m in sent] == ["websocket.accept", "websocket.close"]
         assert sent[1]["code"] == 4001
 
+    async def test_a_disconnect_received_after_expiry_is_not_answered_with_a_close(
+        self,
+    ) -> None:
+        """A client that hangs up just after the identity expired, before the loop got to
+        cancel the app: the app is cancelled, but no close is sent on the socket the client
+        already closed (uvicorn raises ClientDisconnected for a send after the disconnect)."""
+        handled: list[str] = []
+        messages = iter(["websocket.connect", "gone"])
+
+        async def receive() -> dict[str, Any]:
+            message = next(messages)
+            if message == "gone":
+                time.sleep(0.3)  # noqa: ASYNC251 - the point: past the expiry, no checkpoint
+                return {"type": "websocket.disconnect", "code": 1000}
+            return {"type": message}
+
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await receive()
+            await send({"type": "websocket.accept"})
+            message = await receive()
+            handled.append(message["type"])
+
+        middleware = AmbientMiddleware(app, registry=Registry(), identity=self.expiring(0.2))
+        with anyio.fail_after(10):
+            await middleware(ws_scope([]), receive, send)
+        assert [m["type"] for m in sent] == ["websocket.accept"]
+        assert handled == []
+
     async def test_a_socket_the_app_closed_is_not_closed_again(self) -> None:
         async def app(scope: Any, receive: Any, send: Any) -> None:
             await receive()

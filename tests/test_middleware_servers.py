@@ -1108,6 +1108,64 @@ async def test_a_websocket_is_closed_when_its_token_expires(server: str, credent
     assert "identity expired" in str(ended_by[0])
 
 
+async def test_a_client_hanging_up_just_after_expiry_gets_no_close_and_the_server_no_error(
+    server: str,
+) -> None:
+    """The client closes its socket just after its identity expired, and the server hands
+    the app that disconnect before the loop got to cancel the app (a busy loop, here a
+    receive that blocks past the expiry): the app is cancelled, and the middleware sends
+    no close on the socket the client closed, which uvicorn refused by raising
+    ClientDisconnected into the server."""
+    from ambient.middleware.identity import Identity
+
+    expires_at = time.time() + 1.0
+
+    def identity(scope: dict[str, Any]) -> Identity:
+        return Identity("ann", expires_at=expires_at)
+
+    handled: list[str] = []
+    raised: list[BaseException] = []
+    done = threading.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        while True:
+            message = await receive()
+            handled.append(message["type"])
+            if message["type"] == "websocket.disconnect":
+                return
+
+    middleware = AmbientMiddleware(app, registry=Registry(), identity=identity)
+
+    async def busy_server(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "websocket":
+            await middleware(scope, receive, send)
+            return
+
+        async def late_receive() -> Any:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                # The point: past the expiry without a checkpoint, as on a busy loop.
+                time.sleep(max(expires_at - time.time(), 0) + 0.2)  # noqa: ASYNC251
+            return message
+
+        try:
+            await middleware(scope, late_receive, send)
+        except BaseException as exc:
+            raised.append(exc)
+            raise
+        finally:
+            done.set()
+
+    with serve(server, busy_server) as url:
+        with connect(url.replace("http", "ws") + "/ws", open_timeout=20):
+            pass  # the client closes at once, before the expiry
+        assert await anyio.to_thread.run_sync(done.wait, 10)
+    assert raised == []
+    assert handled == []
+
+
 EXPIRING_USERS = 20
 
 
