@@ -1778,6 +1778,57 @@ async def test_check_rls_detects_partitions_and_children_read_without_the_polici
             pass
 
 
+async def test_check_rls_detects_views_over_partitions_that_skip_the_policies(
+    db: Database,
+) -> None:
+    """A view (owned by a superuser) over a partition of a protected table, granted to the
+    role, though the partition itself is not: it shows every tenant's rows of that
+    partition, as the partition read directly would. check_rls names it; a view over a
+    partition with row-level security of its own, read with the querying role's rights
+    (security_invoker), is fine."""
+    app_role = psycopg.conninfo.conninfo_to_dict(db.app_url)["user"]
+    schema = db.schema
+    with _admin() as admin:
+        for statement in (
+            "CREATE TABLE {s}.docs (tenant text NOT NULL, body text) PARTITION BY LIST (tenant)",
+            "ALTER TABLE {s}.docs ENABLE ROW LEVEL SECURITY",
+            "CREATE TABLE {s}.docs_globex PARTITION OF {s}.docs FOR VALUES IN ('globex')",
+            "CREATE TABLE {s}.docs_own PARTITION OF {s}.docs FOR VALUES IN ('own')",
+            "ALTER TABLE {s}.docs_own ENABLE ROW LEVEL SECURITY",
+            "CREATE VIEW {s}.globex_report AS SELECT * FROM {s}.docs_globex",
+            "CREATE VIEW {s}.own_report WITH (security_invoker = on) AS SELECT * FROM {s}.docs_own",
+            "GRANT SELECT ON {s}.docs, {s}.globex_report, {s}.own_report TO {app}",
+        ):
+            admin.execute(statement.format(s=schema, app=app_role))
+        admin.execute(
+            f"CREATE POLICY tenant ON {schema}.docs "
+            "USING (tenant = NULLIF(current_setting('app.tenant_id', true), ''))"
+        )
+        admin.execute(
+            sql.SQL("INSERT INTO {} VALUES ('globex', 'g')").format(sql.Identifier(schema, "docs"))
+        )
+    async with SharedPool(db.app_url, min_size=1, max_size=1, rls_check="off") as pool:
+        with bind_context(_ctx("alice", "acme")):
+            async with pool.connection() as conn:
+                count = sql.SQL("SELECT count(*) FROM {}")
+                through_parent, through_view = [
+                    await _scalar(conn, count.format(sql.Identifier(schema, name)))
+                    for name in ("docs", "globex_report")
+                ]
+    assert (through_parent, through_view) == (0, 1)  # the danger: globex's row, in a view
+    async with await psycopg.AsyncConnection.connect(db.app_url) as conn:
+        with pytest.warns(RowSecurityWarning):
+            problems = await check_rls(conn, [f"{schema}.docs"], action="warn")
+    assert len(problems) == 1
+    assert f"view '{schema}.globex_report'" in problems[0]
+    assert f"'{schema}.docs_globex'" in problems[0]
+    with pytest.raises(RowSecurityError, match="globex_report"):
+        async with SharedPool(
+            db.app_url, min_size=1, rls_tables=[f"{schema}.docs"], rls_check="raise"
+        ):
+            pass
+
+
 async def test_bob_cannot_update_or_delete_alices_rows(db: Database, shared: SharedPool) -> None:
     """Row-level security also holds for writes: bob's UPDATE and DELETE of alice's rows
     touch nothing, and alice's row is as she left it."""

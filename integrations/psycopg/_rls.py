@@ -40,14 +40,21 @@ WHERE pg_catalog.cardinality(p.n) IN (2, 3)
   AND NOT pg_catalog.has_schema_privilege(s.oid, 'USAGE')
 """
 
-# Views and materialized views over a protected table, directly or through other views, that
-# this role can read (in a schema it may use), and that show rows the table's policies did
-# not filter: a materialized view always (its rows were stored by whoever refreshed it), a
-# view over the table unless it is security_invoker (PostgreSQL 15+) or its owner is itself
-# subject to the policies, and any view over one of those (which the role may read though it
-# cannot read that one). With the first of those in the chain (NULL: the view itself).
+# Views and materialized views over a protected table, directly or through other views,
+# that this role can read (in a schema it may use), and that show rows the table's policies
+# did not filter: a materialized view always (its rows were stored by whoever refreshed
+# it), a view over the table unless it is security_invoker (PostgreSQL 15+) or its owner is
+# itself subject to the policies, and any view over one of those (which the role may read
+# though it cannot read that one); views over a partition or child of the table too, which
+# a query reads with the partition's own row-level security, if any, not the table's. With
+# the first of those in the chain (NULL: the view itself), and the partition or child a view
+# reads (NULL: the table).
 _VIEW_SQL = """
-WITH RECURSIVE over(oid, relkind, skips, source) AS (
+WITH RECURSIVE below(oid, child) AS (
+  SELECT %s::pg_catalog.oid, false
+  UNION
+  SELECT i.inhrelid, true FROM pg_catalog.pg_inherits i JOIN below b ON i.inhparent = b.oid
+), over(oid, relkind, skips, source, via) AS (
   SELECT v.oid, v.relkind,
     v.relkind = 'm' OR (
       NOT COALESCE((
@@ -58,22 +65,24 @@ WITH RECURSIVE over(oid, relkind, skips, source) AS (
       AND (
         o.rolsuper OR o.rolbypassrls
         OR (pg_catalog.pg_has_role(o.oid, t.relowner, 'USAGE') AND NOT t.relforcerowsecurity)
+        OR (b.child AND NOT t.relrowsecurity)
       )
     ),
-    NULL::pg_catalog.oid
-  FROM pg_catalog.pg_depend d
+    NULL::pg_catalog.oid,
+    CASE WHEN b.child THEN t.oid END
+  FROM below b
+  JOIN pg_catalog.pg_depend d ON d.refobjid = b.oid
   JOIN pg_catalog.pg_rewrite w ON w.oid = d.objid
   JOIN pg_catalog.pg_class v ON v.oid = w.ev_class
   JOIN pg_catalog.pg_class t ON t.oid = d.refobjid
   JOIN pg_catalog.pg_roles o ON o.oid = v.relowner
   WHERE d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass
     AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
-    AND d.refobjid = %s
     AND v.oid <> t.oid
     AND v.relkind IN ('v', 'm')
   UNION
   SELECT v.oid, v.relkind, u.skips OR v.relkind = 'm',
-    CASE WHEN u.skips THEN COALESCE(u.source, u.oid) END
+    CASE WHEN u.skips THEN COALESCE(u.source, u.oid) END, u.via
   FROM over u
   JOIN pg_catalog.pg_depend d ON d.refobjid = u.oid
   JOIN pg_catalog.pg_rewrite w ON w.oid = d.objid
@@ -84,12 +93,12 @@ WITH RECURSIVE over(oid, relkind, skips, source) AS (
     AND v.relkind IN ('v', 'm')
 )
 SELECT DISTINCT ON (1) u.oid::pg_catalog.regclass::text, u.relkind,
-  u.source::pg_catalog.regclass::text
+  u.source::pg_catalog.regclass::text, u.via::pg_catalog.regclass::text
 FROM over u
 JOIN pg_catalog.pg_class v ON v.oid = u.oid
 WHERE u.skips AND pg_catalog.has_table_privilege(u.oid, 'SELECT')
   AND pg_catalog.has_schema_privilege(v.relnamespace, 'USAGE')
-ORDER BY 1, 3 NULLS FIRST
+ORDER BY 1, 3 NULLS FIRST, 4 NULLS FIRST
 """
 
 # Partitions and inheritance children of a protected table, at any depth, that this role can
@@ -133,8 +142,9 @@ async def check_rls(
     reads it with the rights of an owner who bypasses its policies (not
     ``security_invoker``), or a materialized view over one, shows every user's rows, and so
     does a view this role can read over such a view (even one it cannot read); so does a
-    partition or child table of a protected table, queried directly, unless row-level
-    security applies to it too (a policy applies to the table a query names).
+    partition or child table of a protected table, queried directly or through such a view,
+    unless row-level security applies to it too (a policy applies to the table a query
+    names).
     Each of these is a problem. A table in a schema the role has no USAGE on is checked
     all the same (views over it and its partitions may be elsewhere); views and partitions
     in such a schema, which the role cannot reach, are no problem.
@@ -203,7 +213,7 @@ async def check_rls(
                     "for its owner) with policies of its own, or revoke that privilege"
                 )
             await cur.execute(_VIEW_SQL, (table_oid,), prepare=False)
-            for view, kind, source in await cur.fetchall():
+            for view, kind, source, via in await cur.fetchall():
                 if kind == "m":
                     problems.append(
                         f"materialized view {view!r} holds rows of {table!r} that no policy "
@@ -215,6 +225,13 @@ async def check_rls(
                         f"without its policies, and role {role!r} can read it: ALTER VIEW "
                         f"{source} SET (security_invoker = true) (PostgreSQL 15+), or revoke "
                         "that privilege"
+                    )
+                elif via is not None:
+                    problems.append(
+                        f"view {view!r} reads {via!r}, a partition or child of {table!r}, "
+                        f"with the rights of its owner, which skips the policies of {table!r}, "
+                        f"and role {role!r} can read it: ALTER VIEW {view} SET "
+                        "(security_invoker = true) (PostgreSQL 15+), or revoke that privilege"
                     )
                 else:
                     problems.append(
