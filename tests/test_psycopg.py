@@ -1778,6 +1778,33 @@ async def test_check_rls_detects_partitions_and_children_read_without_the_polici
             pass
 
 
+async def test_check_rls_asks_no_security_invoker_of_a_materialized_view_a_view_reads(
+    db: Database,
+) -> None:
+    """A view granted to the role over a materialized view it cannot read shows the rows
+    the materialized view stored without the table's policies: check_rls reports it, and
+    tells to revoke the privilege, not to make the materialized view security_invoker
+    (ALTER VIEW refuses a materialized view, which reads nothing when queried)."""
+    app_role = sql.Identifier(psycopg.conninfo.conninfo_to_dict(db.app_url)["user"])
+    notes = sql.Identifier(db.schema, "notes")
+    stored = sql.Identifier(db.schema, "stored")
+    report = sql.Identifier(db.schema, "report")
+    with _admin() as admin:
+        admin.execute(
+            sql.SQL("CREATE MATERIALIZED VIEW {} AS SELECT * FROM {}").format(stored, notes)
+        )
+        admin.execute(sql.SQL("CREATE VIEW {} AS SELECT * FROM {}").format(report, stored))
+        admin.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(report, app_role))
+    async with await psycopg.AsyncConnection.connect(db.app_url) as conn:
+        with pytest.warns(RowSecurityWarning):
+            problems = await check_rls(conn, [db.notes], action="warn")
+    assert len(problems) == 1
+    assert f"view '{db.schema}.report'" in problems[0]
+    assert f"materialized view '{db.schema}.stored'" in problems[0]
+    assert "security_invoker" not in problems[0]
+    assert "revoke" in problems[0]
+
+
 async def test_check_rls_detects_views_over_partitions_that_skip_the_policies(
     db: Database,
 ) -> None:

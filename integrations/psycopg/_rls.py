@@ -47,8 +47,8 @@ WHERE pg_catalog.cardinality(p.n) IN (2, 3)
 # itself subject to the policies, and any view over one of those (which the role may read
 # though it cannot read that one); views over a partition or child of the table too, which
 # a query reads with the partition's own row-level security, if any, not the table's. With
-# the first of those in the chain (NULL: the view itself), and the partition or child a view
-# reads (NULL: the table).
+# the first of those in the chain (NULL: the view itself) and its kind, and the partition or
+# child a view reads (NULL: the table).
 _VIEW_SQL = """
 WITH RECURSIVE below(oid, child) AS (
   SELECT %s::pg_catalog.oid, false
@@ -93,7 +93,8 @@ WITH RECURSIVE below(oid, child) AS (
     AND v.relkind IN ('v', 'm')
 )
 SELECT DISTINCT ON (1) u.oid::pg_catalog.regclass::text, u.relkind,
-  u.source::pg_catalog.regclass::text, u.via::pg_catalog.regclass::text
+  u.source::pg_catalog.regclass::text, u.via::pg_catalog.regclass::text,
+  (SELECT s.relkind FROM pg_catalog.pg_class s WHERE s.oid = u.source)
 FROM over u
 JOIN pg_catalog.pg_class v ON v.oid = u.oid
 WHERE u.skips AND pg_catalog.has_table_privilege(u.oid, 'SELECT')
@@ -213,33 +214,7 @@ async def check_rls(
                     "for its owner) with policies of its own, or revoke that privilege"
                 )
             await cur.execute(_VIEW_SQL, (table_oid,), prepare=False)
-            for view, kind, source, via in await cur.fetchall():
-                if kind == "m":
-                    problems.append(
-                        f"materialized view {view!r} holds rows of {table!r} that no policy "
-                        f"filters, and role {role!r} can read it: revoke that privilege"
-                    )
-                elif source is not None:
-                    problems.append(
-                        f"view {view!r} shows the rows of {table!r} that {source!r} reads "
-                        f"without its policies, and role {role!r} can read it: ALTER VIEW "
-                        f"{source} SET (security_invoker = true) (PostgreSQL 15+), or revoke "
-                        "that privilege"
-                    )
-                elif via is not None:
-                    problems.append(
-                        f"view {view!r} reads {via!r}, a partition or child of {table!r}, "
-                        f"with the rights of its owner, which skips the policies of {table!r}, "
-                        f"and role {role!r} can read it: ALTER VIEW {view} SET "
-                        "(security_invoker = true) (PostgreSQL 15+), or revoke that privilege"
-                    )
-                else:
-                    problems.append(
-                        f"view {view!r} reads {table!r} with the rights of its owner, who "
-                        f"bypasses the table's policies, and role {role!r} can read it: "
-                        f"ALTER VIEW {view} SET (security_invoker = true) (PostgreSQL 15+), "
-                        "or revoke that privilege"
-                    )
+            problems += [_view_problem(table, role, *found) for found in await cur.fetchall()]
         for name in settings:
             await cur.execute("SELECT current_setting(%s, true)", (name,), prepare=False)
             preset = await cur.fetchone()
@@ -256,3 +231,47 @@ async def check_rls(
             raise RowSecurityError(problems)
         warnings.warn(RowSecurityError(problems).args[0], RowSecurityWarning, stacklevel=2)
     return problems
+
+
+def _view_problem(
+    table: str,
+    role: str,
+    view: str,
+    kind: str,
+    source: str | None,
+    via: str | None,
+    source_kind: str | None,
+) -> str:
+    """What is wrong with a view (a row of :data:`_VIEW_SQL`) that shows ``table``'s rows
+    to ``role`` without its policies, and what to do about it."""
+    if kind == "m":
+        return (
+            f"materialized view {view!r} holds rows of {table!r} that no policy "
+            f"filters, and role {role!r} can read it: revoke that privilege"
+        )
+    if source_kind == "m":
+        return (
+            f"view {view!r} shows the rows of {table!r} that materialized view "
+            f"{source!r} holds, which no policy filters, and role {role!r} can "
+            "read it: revoke that privilege"
+        )
+    if source is not None:
+        return (
+            f"view {view!r} shows the rows of {table!r} that {source!r} reads "
+            f"without its policies, and role {role!r} can read it: ALTER VIEW "
+            f"{source} SET (security_invoker = true) (PostgreSQL 15+), or revoke "
+            "that privilege"
+        )
+    if via is not None:
+        return (
+            f"view {view!r} reads {via!r}, a partition or child of {table!r}, "
+            f"with the rights of its owner, which skips the policies of {table!r}, "
+            f"and role {role!r} can read it: ALTER VIEW {view} SET "
+            "(security_invoker = true) (PostgreSQL 15+), or revoke that privilege"
+        )
+    return (
+        f"view {view!r} reads {table!r} with the rights of its owner, who "
+        f"bypasses the table's policies, and role {role!r} can read it: "
+        f"ALTER VIEW {view} SET (security_invoker = true) (PostgreSQL 15+), "
+        "or revoke that privilege"
+    )
