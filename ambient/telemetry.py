@@ -157,6 +157,20 @@ def _encloses(outer: Scope, scope: Scope) -> bool:
     return False
 
 
+def _descends(outer: Scope, scope: Scope) -> bool:
+    """Whether ``scope`` was opened by work that ``outer``'s work started (``outer`` is
+    bound around it, open or closed since: a task that outlived it)."""
+    binding = _current.get()
+    if binding is None or binding.scope is None or binding.scope.owner is not scope:
+        return True  # not ours to judge: keep the current context
+    binding = binding.prev
+    while binding is not None:
+        if binding.scope is not None and binding.scope.owner is outer:
+            return True
+        binding = binding.prev
+    return False
+
+
 def _unrelated_scopes_removed(context: Context, scope: Scope) -> Context:
     """The context to start ``scope``'s span in.
 
@@ -168,17 +182,27 @@ def _unrelated_scopes_removed(context: Context, scope: Scope) -> Context:
     outlives it), and the span starts from what was current before that scope instead, so
     it never becomes another request's child. A span still going on is the current work's
     own (a task's, an outer middleware's server span), as is a remote parent it took from
-    a message: the scope's span goes under it.
+    a message: the scope's span goes under it. A sampled-out span never tells whether it
+    has ended: it is the current work's own when that work descends from the scope's
+    (a task a request started), not when unrelated work inherited it.
     """
     while True:
         record = context.get(_SCOPE_KEY)
         if type(record) is not _ScopeRecord:
             return context
+        outer = record.scope()
         if record.attached() is not context:
             span = trace.get_current_span(context)
-            if span.is_recording() or span.get_span_context().is_remote:
+            span_context = span.get_span_context()
+            if span.is_recording() or span_context.is_remote:
                 return context
-        outer = record.scope()
+            if (
+                span_context.is_valid
+                and not span_context.trace_flags.sampled
+                and outer is not None
+                and _descends(outer, scope)
+            ):
+                return context
         if not record.closed and outer is not None and _encloses(outer, scope):
             return context
         if record.previous is None:

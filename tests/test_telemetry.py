@@ -36,6 +36,12 @@ from opentelemetry.sdk.trace import (
     TracerProvider,
 )
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import (
+    Decision,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+)
 from opentelemetry.trace import SpanKind, StatusCode
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -103,9 +109,9 @@ class Collector(SpanProcessor):
 class Otel:
     """A real SDK tracer and meter provider with in-memory collection."""
 
-    def __init__(self) -> None:
+    def __init__(self, sampler: Sampler | None = None) -> None:
         self.spans = Collector()
-        self.tracer_provider = TracerProvider()
+        self.tracer_provider = TracerProvider(sampler=sampler)
         self.tracer_provider.add_span_processor(self.spans)
         self.reader = InMemoryMetricReader()
         self.meter_provider = MeterProvider(metric_readers=[self.reader])
@@ -139,6 +145,42 @@ class Otel:
 @pytest.fixture(name="otel")
 def fixture_otel() -> Iterator[Otel]:
     otel = Otel()
+    yield otel
+    otel.tracer_provider.shutdown()
+
+
+class FirstRootDropped(Sampler):
+    """A root sampler that samples out the first trace and samples every later one."""
+
+    def __init__(self) -> None:
+        self.roots = 0
+        self._lock = threading.Lock()
+
+    def should_sample(
+        self,
+        parent_context: otel_context.Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Any = None,
+        links: Any = None,
+        trace_state: Any = None,
+    ) -> SamplingResult:
+        with self._lock:
+            self.roots += 1
+            first = self.roots == 1
+        if first:
+            return SamplingResult(Decision.DROP)
+        return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
+
+    def get_description(self) -> str:
+        return "FirstRootDropped"
+
+
+@pytest.fixture(name="otel_first_dropped")
+def fixture_otel_first_dropped() -> Iterator[Otel]:
+    """Parent-based sampling whose first trace is sampled out."""
+    otel = Otel(ParentBased(FirstRootDropped()))
     yield otel
     otel.tracer_provider.shutdown()
     otel.meter_provider.shutdown()
@@ -517,6 +559,38 @@ class TestScopeSpan:
         assert parent_id(in_job) == job.context.span_id
         assert parent_id(after_job) == server.get_span_context().span_id
         assert len({s.context.trace_id for s in (request, in_job, after_job)}) == 1
+
+    async def test_sampled_out_work_outliving_its_request_keeps_its_scope_in_its_trace(
+        self, otel_first_dropped: Otel
+    ) -> None:
+        """The same in a trace sampled out: the task's own "job" span is still going on,
+        though not recording, so the scope it opens in it stays in the request's trace,
+        sampled out as the rest of it. It used to start a trace of its own, sampled afresh
+        (exported as a root span of a trace nothing else is in), its log records carrying
+        another trace id than the request's."""
+        otel = otel_first_dropped
+        registry = Registry(telemetry=otel.telemetry())
+        tracer = otel.tracer_provider.get_tracer("test")
+        request_done = anyio.Event()
+        in_job: list[trace.SpanContext] = []
+        async with anyio.create_task_group() as tg:
+            async with registry.open_scope(ctx("alice")):
+                request = trace.get_current_span().get_span_context()
+
+                async def later() -> None:
+                    await request_done.wait()
+                    with tracer.start_as_current_span("job") as job:
+                        async with registry.open_scope(ctx("alice")):
+                            in_job.append(trace.get_current_span().get_span_context())
+                    assert not job.is_recording()
+
+                tg.start_soon(later)
+            request_done.set()
+        assert not request.trace_flags.sampled
+        assert len(in_job) == 1
+        assert in_job[0].trace_id == request.trace_id
+        assert not in_job[0].trace_flags.sampled
+        assert otel.spans.spans == []
 
     async def test_a_traced_scope_leaves_no_reference_cycle(self, otel: Otel) -> None:
         """Once the scope closes, its span and the context it made current are freed by
@@ -1797,6 +1871,24 @@ class TestPipelining:
         assert sorted((s.attributes or {})["ambient.user_id"] for s in scopes) == ["u0", "u1", "u2"]
         assert [s.parent for s in scopes] == [None, None, None]
         assert len({s.context.trace_id for s in scopes}) == 3
+
+    async def test_requests_behind_an_instrumentation_inside_after_a_sampled_out_one(
+        self, otel_first_dropped: Otel
+    ) -> None:
+        """The first of three pipelined requests is sampled out, so the spans that the
+        instrumentation inside wraps its ``send`` in are sampled out too (not recording,
+        never seen to end): the next requests still start traces of their own, sampled
+        afresh, rather than joining the first one's, sampled out with it."""
+        otel = otel_first_dropped
+        inner = OpenTelemetryMiddleware(who, tracer_provider=otel.tracer_provider)
+        app = make_app(server_registry(), otel.telemetry(user_id="raw"), inner)
+        with serve("uvicorn", app, lifespan="off", http="h11", loop="asyncio") as url:
+            bodies = await anyio.to_thread.run_sync(pipelined, url, ["u0", "u1", "u2"])
+        assert [json.loads(b)["user"] for b in bodies] == ["u0", "u1", "u2"]
+        scopes = otel.spans.named("ambient.scope")
+        assert sorted((s.attributes or {})["ambient.user_id"] for s in scopes) == ["u1", "u2"]
+        assert [s.parent for s in scopes] == [None, None]
+        assert len({s.context.trace_id for s in scopes}) == 2
 
     @pytest.mark.parametrize("first_body", [0, 2_000_000], ids=["pipelined", "large-body"])
     @pytest.mark.parametrize(
