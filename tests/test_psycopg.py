@@ -940,6 +940,60 @@ async def test_shared_sessions_that_start_as_another_role_are_reused_as_that_rol
     assert discarded == 0
 
 
+async def test_shared_sessions_that_start_as_another_role_than_the_first_are_refused(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler makes the pool's login start its sessions as a BYPASSRLS role it is a
+    member of (``ALTER ROLE CURRENT_USER SET role``, which any role may run for itself),
+    and leaves its connection to be closed (a SQL PREPARE). The connection opened next
+    starts as that role: it is refused, and the next user's checkout gets a 503, instead
+    of reading every user's rows through it (and every connection after it). The pool
+    checked the role its first connection started as, and only that one."""
+    app_role = await _role_of(db.app_url)
+    login = f"{app_role}_switching_login"
+    bypass = f"{app_role}_switching_bypass"
+    with _admin() as admin:
+        admin.execute(f"CREATE ROLE {bypass} NOLOGIN BYPASSRLS")
+        admin.execute(f"GRANT {app_role} TO {bypass}")
+        admin.execute(f"CREATE ROLE {login} LOGIN NOSUPERUSER NOBYPASSRLS")
+        admin.execute(f"GRANT {app_role}, {bypass} TO {login}")
+        admin.execute(db.sql("INSERT INTO {notes} (owner, body) VALUES ('alice', 'a')"))
+    seen: list[Any] = []
+    try:
+        async with SharedPool(
+            _url_for(login),
+            min_size=1,
+            max_size=1,
+            timeout=2,
+            rls_tables=[db.notes],
+            rls_check="raise",
+            kwargs=db.kwargs(),
+        ) as pool:
+            with bind_context(_ctx("mallory")):
+                async with pool.connection() as conn:
+                    await conn.execute(f"ALTER ROLE CURRENT_USER SET role = {bypass}")
+                    await conn.execute("PREPARE kept AS SELECT 1")
+            with bind_context(_ctx("bob"), allow_switch=True):
+                try:
+                    async with pool.connection() as conn:
+                        cur = await conn.execute(
+                            db.sql("SELECT current_user, (SELECT count(*) FROM {notes})")
+                        )
+                        seen.append(await cur.fetchone())
+                except PoolExhaustedError:
+                    seen.append("refused")
+    finally:
+        with _admin() as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+                (login,),
+            )
+            admin.execute(f"DROP ROLE {login}")
+            admin.execute(f"DROP ROLE {bypass}")
+    assert seen == ["refused"]
+    assert any(bypass in record.getMessage() for record in caplog.records)
+
+
 async def test_shared_dirty_connection_is_discarded(db: Database) -> None:
     """When the reset cannot clean a connection, it is closed and replaced, never handed
     on (the reset is sabotaged to simulate one that fails)."""

@@ -129,11 +129,13 @@ class SharedPool:
     ``LISTEN``, cursors, sequence state; psycopg's own prepared statements are kept) and
     checked: the settings empty, ``session_user`` the login role and ``current_user`` the role
     the session starts as (the login role, unless it takes another at connect time), no
-    statement from SQL ``PREPARE``. One that fails the check is closed, never handed on
-    (``stats().discarded``). Behind a connection pooler, whose server sessions outlive
-    the client connection, the statements from SQL ``PREPARE`` are deallocated instead,
-    and what a failed COMMIT would leave (advisory locks, sequence state) goes just before
-    the COMMIT. Python-side attributes a handler
+    statement from SQL ``PREPARE``. Every session must start as the role the pool's first
+    one did (the one ``check_rls`` checked): a new connection that starts as another (an
+    ``ALTER ROLE ... SET role`` since the pool opened) is closed unused. One that fails the
+    check is closed, never handed on (``stats().discarded``). Behind a connection pooler,
+    whose server sessions outlive the client connection, the statements from SQL
+    ``PREPARE`` are deallocated instead, and what a failed COMMIT would leave (advisory
+    locks, sequence state) goes just before the COMMIT. Python-side attributes a handler
     changed (``autocommit``, ``isolation_level``, ``read_only``, ``deferrable``,
     ``row_factory``, ``cursor_factory``, ``server_cursor_factory``, ``prepare_threshold``)
     are restored too, and so are the connection's ``adapters`` when a handler registered a
@@ -315,6 +317,8 @@ class SharedPool:
             name=self.name,
             **options,
         )
+        # The role its sessions start as is read again from the first new connection.
+        self._role = None
         # The pool's worker tasks copy the current context: start them with no request
         # bound, or they would keep the first user's scope alive (and run as that user).
         with ambient.detached():
@@ -429,7 +433,21 @@ class SharedPool:
         # starts as another (options=-c role=..., ALTER ROLE ... SET role).
         cur = await conn.cursor(row_factory=tuple_row).execute("SELECT current_user", prepare=False)
         row = await cur.fetchone()
-        self._role = None if row is None else row[0]
+        role = None if row is None else row[0]
+        if self._role is None:
+            self._role = role
+        elif role != self._role:
+            # The pool checked the role its first connection started as: a handler may have
+            # made later sessions start as another (any role may ALTER ROLE itself SET role
+            # to a role it is a member of, one that bypasses row-level security).
+            await conn.close()
+            msg = (
+                f"a new connection of {self!r} starts as role {role!r}, not {self._role!r} "
+                "as the pool's first one did (an ALTER ROLE ... SET role since the pool "
+                "opened?): it is closed, not used; reopen the pool to use that role"
+            )
+            logger.error("ambient: %s", msg)
+            raise psycopg.OperationalError(msg)
         # Every connection of the pool starts alike; remember how, to restore it on return.
         if self._initial is None:
             self._initial = _python_side(conn)
