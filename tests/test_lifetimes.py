@@ -9,7 +9,7 @@ import sys
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -61,6 +61,35 @@ def user_registry(
         Tracked, lambda user: Tracked(user, cleaned), lifetime=Lifetime.USER, idle_ttl=idle_ttl
     )
     return registry
+
+
+async def burst(
+    registry: Registry,
+    contexts: list[UserExecutionContext],
+    while_held: Callable[[], None] = lambda: None,
+) -> None:
+    """Open a scope for each of ``contexts`` at once, each resolving its user's
+    ``Tracked``; once all are open, run ``while_held``, then let them all close."""
+    held = 0
+    all_held = anyio.Event()
+    release = anyio.Event()
+
+    async def request(context: UserExecutionContext) -> None:
+        nonlocal held
+        async with registry.open_scope(context):
+            assert (await ambient.resolve(Tracked)).user.user_id == context.user_id
+            held += 1
+            if held == len(contexts):
+                all_held.set()
+            await release.wait()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for context in contexts:
+                tg.start_soon(request, context)
+            await all_held.wait()
+            while_held()
+            release.set()
 
 
 async def use(registry: Registry, user: str) -> Tracked:
@@ -190,27 +219,12 @@ class TestUserLifetime:
         cleaned: list[str] = []
         registry = user_registry(cleaned, max_users=10, idle_ttl=3600)
         users = [f"user-{n}" for n in range(50)]
-        held = 0
-        all_held = anyio.Event()
-        release = anyio.Event()
 
-        async def request(user: str) -> None:
-            nonlocal held
-            async with registry.open_scope(ctx(user)):
-                assert (await ambient.resolve(Tracked)).user.user_id == user
-                held += 1
-                if held == len(users):
-                    all_held.set()
-                await release.wait()
+        def all_in_use() -> None:
+            assert registry.stats().live_users == 50
+            assert cleaned == []
 
-        with anyio.fail_after(10):
-            async with anyio.create_task_group() as tg:
-                for user in users:
-                    tg.start_soon(request, user)
-                await all_held.wait()
-                assert registry.stats().live_users == 50
-                assert cleaned == []
-                release.set()
+        await burst(registry, [ctx(user) for user in users], all_in_use)
         stats = registry.stats()
         assert (stats.open_scopes, stats.live_users) == (0, 10)
         assert len(set(cleaned)) == len(cleaned) == 40
@@ -225,31 +239,10 @@ class TestUserLifetime:
         cleaned: list[str] = []
         registry = user_registry(cleaned, max_users=10)
 
-        async def burst(name: str) -> None:
-            held = 0
-            all_held = anyio.Event()
-            release = anyio.Event()
-
-            async def request(user: str) -> None:
-                nonlocal held
-                async with registry.open_scope(ctx(user)):
-                    await ambient.resolve(Tracked)
-                    held += 1
-                    if held == 30:
-                        all_held.set()
-                    await release.wait()
-
-            with anyio.fail_after(10):
-                async with anyio.create_task_group() as tg:
-                    for n in range(30):
-                        tg.start_soon(request, f"{name}-{n}")
-                    await all_held.wait()
-                    release.set()
-
         with caplog.at_level("WARNING", logger="ambient"):
-            await burst("first")
+            await burst(registry, [ctx(f"first-{n}") for n in range(30)])
             assert registry.stats().live_users == 10
-            await burst("second")
+            await burst(registry, [ctx(f"second-{n}") for n in range(30)])
         warnings = [r.getMessage() for r in caplog.records if "above max_users" in r.getMessage()]
         assert len(warnings) == 2, warnings
         assert all("above max_users=10" in warning for warning in warnings)
@@ -284,25 +277,7 @@ class TestUserLifetime:
 
         registry._users = Counted()
         users = [f"user-{n}" for n in range(300)]
-        held = 0
-        all_held = anyio.Event()
-        release = anyio.Event()
-
-        async def request(user: str) -> None:
-            nonlocal held
-            async with registry.open_scope(ctx(user)):
-                await ambient.resolve(Tracked)
-                held += 1
-                if held == len(users):
-                    all_held.set()
-                await release.wait()
-
-        with anyio.fail_after(10):
-            async with anyio.create_task_group() as tg:
-                for user in users:
-                    tg.start_soon(request, user)
-                await all_held.wait()
-                release.set()
+        await burst(registry, [ctx(user) for user in users])
         assert registry.stats().live_users == 100
         assert len(set(cleaned)) == len(cleaned) == 200
         assert walked <= len(users), walked
@@ -317,36 +292,14 @@ class TestUserLifetime:
         users left without the registry noticing, and every later burst went unreported)."""
         cleaned: list[str] = []
         registry = user_registry(cleaned, max_users=10)
-
-        async def burst(contexts: list[UserExecutionContext]) -> None:
-            held = 0
-            all_held = anyio.Event()
-            release = anyio.Event()
-
-            async def request(context: UserExecutionContext) -> None:
-                nonlocal held
-                async with registry.open_scope(context):
-                    await ambient.resolve(Tracked)
-                    held += 1
-                    if held == len(contexts):
-                        all_held.set()
-                    await release.wait()
-
-            with anyio.fail_after(10):
-                async with anyio.create_task_group() as tg:
-                    for context in contexts:
-                        tg.start_soon(request, context)
-                    await all_held.wait()
-                    release.set()
-
         anonymous = [
             UserExecutionContext.create(f"anonymous:{n}", metadata={ANONYMOUS: True})
             for n in range(30)
         ]
         with caplog.at_level("WARNING", logger="ambient"):
-            await burst(anonymous)
+            await burst(registry, anonymous)
             assert registry.stats().live_users == 0
-            await burst([ctx(f"user-{n}") for n in range(30)])
+            await burst(registry, [ctx(f"user-{n}") for n in range(30)])
         warnings = [r.getMessage() for r in caplog.records if "above max_users" in r.getMessage()]
         assert len(warnings) == 2, warnings
         assert len(cleaned) == 50  # the 30 anonymous users, and 20 users over the limit

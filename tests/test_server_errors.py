@@ -16,7 +16,7 @@ import re
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import anyio
@@ -192,18 +192,34 @@ def identities() -> list[tuple[str, str]]:
     return [(f"tenant-{n % 2}", f"user-{n // 2}") for n in range(USERS)]
 
 
+def boom_handled(body: Any, tenant: str, user: str, request_id: str) -> None:
+    """What the app's 500 handler answered for a failed ``/boom``: its own user's error,
+    in its user's context, under its request id, unable to resolve from the closed scope."""
+    assert body["error"] == f"{tenant}/{user}"
+    assert body["user"] == f"{tenant}/{user}"
+    assert body["request_id"] == request_id
+    assert body["resolve"] == "ScopeClosedError: cannot resolve Witness: the scope has closed"
+    assert body["overlapped"] is True
+    assert body["handler_overlapped"] in (True, None)
+
+
 async def drive(
-    url: str, *, handled: bool, accept: str = "*/*"
+    url: str,
+    *,
+    handled: Callable[[Any, str, str, str], None] | None,
+    accept: str = "*/*",
+    failing: Callable[[int], str] = lambda n: "/boom",
 ) -> tuple[list[httpx.Response], dict[str, str]]:
-    """For every identity at once: a request to ``/boom`` with a request id, one without,
-    and one to ``/ok``. Checks every answer; returns the 500s and, per request id echoed on
-    a 500, the ``tenant/user`` it was sent for."""
-    failing = 2 * USERS
+    """For every identity at once (the ``n``-th): a request to ``failing(n)`` with a request
+    id, one without, and one to ``/ok``. Checks every answer (with ``handled``, the body
+    of a 500 the app's handler answered); returns the 500s and, per request id echoed on a
+    500, the ``tenant/user`` it was sent for."""
+    failing_count = 2 * USERS
     name = uuid.uuid4().hex
     failed: list[httpx.Response] = []
     owners: dict[str, str] = {}
 
-    async def one(client: httpx.AsyncClient, tenant: str, user: str, kind: str) -> None:
+    async def one(client: httpx.AsyncClient, n: int, tenant: str, user: str, kind: str) -> None:
         headers = {"x-user-id": user, "x-tenant-id": tenant, "accept": accept}
         sent = f"{tenant}.{user}.{kind}"
         if kind != "generated":
@@ -215,8 +231,8 @@ async def drive(
             assert response.headers.get_list("x-request-id") == [sent]
             assert response.json() == {"user": user, "request_id": sent}
             return
-        params = {"gate": name, "size": str(failing)}
-        response = await client.get("/boom", params=params, headers=headers)
+        params = {"gate": name, "size": str(failing_count)}
+        response = await client.get(failing(n), params=params, headers=headers)
         assert response.status_code == 500, response.text
         echoed = response.headers.get_list("x-request-id")
         assert len(echoed) == 1, response.headers
@@ -224,16 +240,8 @@ async def drive(
             assert echoed == [sent]
         else:
             assert GENERATED.fullmatch(echoed[0]), echoed
-        if handled:
-            body = response.json()
-            assert body["error"] == f"{tenant}/{user}"
-            assert body["user"] == f"{tenant}/{user}"
-            assert body["request_id"] == echoed[0]
-            assert (
-                body["resolve"] == "ScopeClosedError: cannot resolve Witness: the scope has closed"
-            )
-            assert body["overlapped"] is True
-            assert body["handler_overlapped"] in (True, None)
+        if handled is not None:
+            handled(response.json(), tenant, user, echoed[0])
         owners[echoed[0]] = f"{tenant}/{user}"
         failed.append(response)
 
@@ -242,11 +250,11 @@ async def drive(
         httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client,
         anyio.create_task_group() as tg,
     ):
-        for tenant, user in identities():
+        for n, (tenant, user) in enumerate(identities()):
             for kind in ("given", "generated", "ok"):
-                tg.start_soon(one, client, tenant, user, kind)
-    assert len(failed) == failing
-    assert len(owners) == failing, "two failed requests were answered with one request id"
+                tg.start_soon(one, client, n, tenant, user, kind)
+    assert len(failed) == failing_count
+    assert len(owners) == failing_count, "two failed requests were answered with one request id"
     return failed, owners
 
 
@@ -256,6 +264,17 @@ def check_cleanups(record: Record, owners: dict[str, str]) -> None:
     assert {key for key in cleanups if key[1] is not None} == set(owners.items())
     assert all(count == 1 for count in cleanups.values()), cleanups
     assert sum(1 for _, error in cleanups if error is None) == USERS  # the /ok requests
+
+
+# Servers, frameworks and kinds of 500 handler the tests under real servers run on.
+STACKS = [
+    ("uvicorn", "starlette", "async"),
+    ("uvicorn", "starlette", "sync"),
+    ("uvicorn", "fastapi", "async"),
+    ("uvicorn", "fastapi", "sync"),
+    ("hypercorn-trio", "starlette", "sync"),
+    ("hypercorn-trio", "fastapi", "async"),
+]
 
 
 def server_errors(caplog: pytest.LogCaptureFixture) -> Counter[str]:
@@ -268,17 +287,7 @@ def server_errors(caplog: pytest.LogCaptureFixture) -> Counter[str]:
 
 
 class TestUnderUvicorn:
-    @pytest.mark.parametrize(
-        ("server", "framework", "handler"),
-        [
-            ("uvicorn", "starlette", "async"),
-            ("uvicorn", "starlette", "sync"),
-            ("uvicorn", "fastapi", "async"),
-            ("uvicorn", "fastapi", "sync"),
-            ("hypercorn-trio", "starlette", "sync"),
-            ("hypercorn-trio", "fastapi", "async"),
-        ],
-    )
+    @pytest.mark.parametrize(("server", "framework", "handler"), STACKS)
     async def test_the_apps_500_handler_answers_in_the_requests_context(
         self, caplog: pytest.LogCaptureFixture, server: str, framework: str, handler: str
     ) -> None:
@@ -291,7 +300,7 @@ class TestUnderUvicorn:
         caplog.set_level(logging.ERROR)
         options = {"log_config": None} if server == "uvicorn" else {}
         with serve(server, app, **options) as url:
-            _, owners = await drive(url, handled=True)
+            _, owners = await drive(url, handled=boom_handled)
         check_cleanups(record, owners)
         assert len(record.handled) == len(owners)
         assert sorted(
@@ -318,7 +327,7 @@ class TestUnderUvicorn:
         app, registry, record = build_app(framework, None, debug=debug)
         caplog.set_level(logging.ERROR)
         with serve("uvicorn", app, log_config=None) as url:
-            failed, owners = await drive(url, handled=False, accept=accept)
+            failed, owners = await drive(url, handled=None, accept=accept)
         for response in failed:
             if debug:
                 assert "Boom" in response.text
@@ -377,59 +386,18 @@ def failing_identity(scope: Any) -> Identity | Awaitable[Identity | None] | None
     return resolve()
 
 
-async def drive_resolver_bugs(
-    url: str, *, handled: bool, accept: str = "*/*"
-) -> tuple[list[httpx.Response], dict[str, str]]:
-    """For every identity at once: a request whose resolver fails (``/resolver-bug`` for
-    half the users, ``/context-bug`` for the others) with a request id, one without, and
-    one to ``/ok``. Checks every answer; returns the 500s and, per request id echoed on a
-    500, the ``tenant/user`` it was sent for."""
-    failing = 2 * USERS
-    name = uuid.uuid4().hex
-    failed: list[httpx.Response] = []
-    owners: dict[str, str] = {}
+def resolver_bug(n: int) -> str:
+    """Where the ``n``-th identity's request fails: its resolver (half), or building its
+    context (the other half)."""
+    return "/resolver-bug" if n % 4 < 2 else "/context-bug"
 
-    async def one(client: httpx.AsyncClient, n: int, tenant: str, user: str, kind: str) -> None:
-        headers = {"x-user-id": user, "x-tenant-id": tenant, "accept": accept}
-        sent = f"{tenant}.{user}.{kind}"
-        if kind != "generated":
-            headers["x-request-id"] = sent
-        if kind == "ok":
-            response = await client.get("/ok", headers=headers)
-            assert response.status_code == 200, response.text
-            assert response.headers.get_list("x-request-id") == [sent]
-            assert response.json() == {"user": user, "request_id": sent}
-            return
-        path = "/resolver-bug" if n % 4 < 2 else "/context-bug"
-        params = {"gate": name, "size": str(failing)}
-        response = await client.get(path, params=params, headers=headers)
-        assert response.status_code == 500, response.text
-        echoed = response.headers.get_list("x-request-id")
-        assert len(echoed) == 1, response.headers
-        if kind == "given":
-            assert echoed == [sent]
-        else:
-            assert GENERATED.fullmatch(echoed[0]), echoed
-        if handled:
-            # This request's own exception, in no context: there was none.
-            body = response.json()
-            assert body["error"] == f"{tenant}/{user}"
-            assert body["context"] is None
-            assert body["handler_overlapped"] in (True, None)
-        owners[echoed[0]] = f"{tenant}/{user}"
-        failed.append(response)
 
-    limits = httpx.Limits(max_connections=3 * USERS)
-    async with (
-        httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client,
-        anyio.create_task_group() as tg,
-    ):
-        for n, (tenant, user) in enumerate(identities()):
-            for kind in ("given", "generated", "ok"):
-                tg.start_soon(one, client, n, tenant, user, kind)
-    assert len(failed) == failing
-    assert len(owners) == failing, "two failed requests were answered with one request id"
-    return failed, owners
+def resolver_bug_handled(body: Any, tenant: str, user: str, request_id: str) -> None:
+    """What the app's 500 handler answered for a resolver's bug: this request's own
+    exception, in no context (there was none)."""
+    assert body["error"] == f"{tenant}/{user}"
+    assert body["context"] is None
+    assert body["handler_overlapped"] in (True, None)
 
 
 class TestAResolversBug:
@@ -437,17 +405,7 @@ class TestAResolversBug:
     database's error), or a context that fails to build: the request has no context, and
     its 500 still carries its request id."""
 
-    @pytest.mark.parametrize(
-        ("server", "framework", "handler"),
-        [
-            ("uvicorn", "starlette", "async"),
-            ("uvicorn", "starlette", "sync"),
-            ("uvicorn", "fastapi", "async"),
-            ("uvicorn", "fastapi", "sync"),
-            ("hypercorn-trio", "starlette", "sync"),
-            ("hypercorn-trio", "fastapi", "async"),
-        ],
-    )
+    @pytest.mark.parametrize(("server", "framework", "handler"), STACKS)
     async def test_the_apps_500_handler_answers_with_the_request_id_in_no_context(
         self, caplog: pytest.LogCaptureFixture, server: str, framework: str, handler: str
     ) -> None:
@@ -460,7 +418,7 @@ class TestAResolversBug:
         caplog.set_level(logging.ERROR)
         options = {"log_config": None} if server == "uvicorn" else {}
         with serve(server, app, **options) as url:
-            _, owners = await drive_resolver_bugs(url, handled=True)
+            _, owners = await drive(url, handled=resolver_bug_handled, failing=resolver_bug)
         assert sorted(seen["error"] for seen in record.handled) == sorted(owners.values())
         assert all(seen["context"] is None for seen in record.handled)
         assert sorted(logged.getMessage() for logged in record.records) == sorted(
@@ -487,7 +445,7 @@ class TestAResolversBug:
         app, registry, _ = build_app(framework, None, debug=debug, identity=failing_identity)
         caplog.set_level(logging.ERROR)
         with serve("uvicorn", app, log_config=None) as url:
-            failed, owners = await drive_resolver_bugs(url, handled=False, accept=accept)
+            failed, owners = await drive(url, handled=None, accept=accept, failing=resolver_bug)
         for response in failed:
             if debug:
                 assert "ResolverBug" in response.text

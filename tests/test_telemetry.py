@@ -1905,6 +1905,9 @@ class TestPipelining:
         those spans' context. Every scope span is still the root of its own trace. The next
         user's scope span was a child of the previous user's "http send" or "http receive"
         span: three users in one trace."""
+        if options["http"] == "httptools":  # uvicorn's extra, not the core's test set
+            pytest.importorskip("httptools")
+            pytest.importorskip("uvloop")
         inner = OpenTelemetryMiddleware(who, tracer_provider=otel.tracer_provider)
         app = make_app(server_registry(), otel.telemetry(user_id="raw"), inner)
         with serve("uvicorn", app, lifespan="off", **options) as url:
