@@ -994,6 +994,60 @@ async def test_shared_sessions_that_start_as_another_role_than_the_first_are_ref
     assert any(bypass in record.getMessage() for record in caplog.records)
 
 
+async def test_per_user_sessions_that_start_as_another_role_than_the_first_are_refused(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PerUserPools: a handler makes the login start its sessions as a BYPASSRLS role it is
+    a member of (``ALTER ROLE CURRENT_USER SET role``, which any role may run for itself).
+    The next user's pool opens a connection that starts as that role: it is refused, and
+    that user's checkout gets a 503, instead of reading every user's rows through it. The
+    strategy checked the role its first connection started as, and only that one."""
+    app_role = await _role_of(db.app_url)
+    login = f"{app_role}_per_user_switching_login"
+    bypass = f"{app_role}_per_user_switching_bypass"
+    with _admin() as admin:
+        admin.execute(f"CREATE ROLE {bypass} NOLOGIN BYPASSRLS")
+        admin.execute(f"GRANT {app_role} TO {bypass}")
+        admin.execute(f"CREATE ROLE {login} LOGIN NOSUPERUSER NOBYPASSRLS")
+        admin.execute(f"GRANT {app_role}, {bypass} TO {login}")
+        admin.execute(db.sql("INSERT INTO {notes} (owner, body) VALUES ('alice', 'a')"))
+    seen: list[Any] = []
+    registry = Registry()
+    pools = PerUserPools(
+        _url_for(login),
+        max_size=1,
+        max_total=4,
+        timeout=2,
+        rls_tables=[db.notes],
+        rls_check="raise",
+        kwargs=db.kwargs(),
+    )
+    pools.install(registry)
+    try:
+        async with registry.open_scope(_ctx("mallory")), pools.connection() as conn:
+            await conn.execute(f"ALTER ROLE CURRENT_USER SET role = {bypass}")
+        async with registry.open_scope(_ctx("bob")):
+            try:
+                async with pools.connection() as conn:
+                    cur = await conn.execute(
+                        db.sql("SELECT current_user, (SELECT count(*) FROM {notes})")
+                    )
+                    seen.append(await cur.fetchone())
+            except PoolExhaustedError:
+                seen.append("refused")
+    finally:
+        await registry.aclose()
+        with _admin() as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+                (login,),
+            )
+            admin.execute(f"DROP ROLE {login}")
+            admin.execute(f"DROP ROLE {bypass}")
+    assert seen == ["refused"]
+    assert any(bypass in record.getMessage() for record in caplog.records)
+
+
 async def test_shared_dirty_connection_is_discarded(db: Database) -> None:
     """When the reset cannot clean a connection, it is closed and replaced, never handed
     on (the reset is sabotaged to simulate one that fails)."""

@@ -196,6 +196,9 @@ class PerUserPools:
         self.evicted = 0
         self._cancellers = _Cancellers()
         self._adapters = _AdaptersAsMade()
+        # The role the first connection's session started as (the one check_rls checked):
+        # every later one must start as it too.
+        self._role: str | None = None
 
     def __repr__(self) -> str:
         return f"<PerUserPools {self.name!r}>"
