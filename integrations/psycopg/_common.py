@@ -250,24 +250,49 @@ async def _cancel_server_side(
         return
 
 
-async def _through_pooler(conn: AsyncConnection[Any]) -> tuple[bool, str, str]:
+async def _through_pooler(conn: AsyncConnection[Any]) -> tuple[bool, str, str, str]:
     """Whether ``conn`` reaches PostgreSQL through a connection pooler (pgbouncer and its
     kin), the role its server session logged in as (a pooler may log in under another
-    name than its client's), and, behind a pooler, what deallocates the statements from
-    SQL PREPARE (nothing when the role may not use PL/pgSQL). The pooler hands the client
-    a cancel key of its own, so the backend pid libpq learnt at connect time is not the
-    pid of the server process that runs the queries."""
+    name than its client's), the role the session starts as (the login's, unless it takes
+    another at connect time: ``options=-c role=...``, ``ALTER ROLE ... SET role``), and,
+    behind a pooler, what deallocates the statements from SQL PREPARE (nothing when the
+    role may not use PL/pgSQL). The pooler hands the client a cancel key of its own, so
+    the backend pid libpq learnt at connect time is not the pid of the server process that
+    runs the queries."""
     cur = await conn.cursor(row_factory=tuple_row).execute(
-        "SELECT pg_catalog.pg_backend_pid(), session_user, EXISTS (SELECT FROM "
-        "pg_catalog.pg_language WHERE lanname = 'plpgsql' "
+        "SELECT pg_catalog.pg_backend_pid(), session_user, current_user, EXISTS (SELECT "
+        "FROM pg_catalog.pg_language WHERE lanname = 'plpgsql' "
         "AND pg_catalog.has_language_privilege(oid, 'USAGE'))",
         prepare=False,
     )
     row = await cur.fetchone()
     if row is None:  # pragma: no cover - a SELECT without FROM returns its row
-        return False, conn.info.user, ""
+        return False, conn.info.user, conn.info.user, ""
     pooled = row[0] != conn.info.backend_pid
-    return pooled, row[1], _DEALLOCATE_FROM_SQL if pooled and row[2] else ""
+    return pooled, row[1], row[2], _DEALLOCATE_FROM_SQL if pooled and row[3] else ""
+
+
+async def _starts_as_the_first(
+    owner: SharedPool | PerUserPools, conn: AsyncConnection[Any], role: str, remedy: str
+) -> None:
+    """Note the role ``owner``'s first session started as (the one check_rls checked), or
+    close ``conn`` unused when its session starts as another: any role may ALTER ROLE
+    itself SET role to a role it is a member of, perhaps one that bypasses row-level
+    security, and every user after would run as it. ``remedy`` says how to take a new
+    role default on purpose."""
+    if owner._role is None:
+        owner._role = role
+        return
+    if role == owner._role:
+        return
+    await conn.close()
+    msg = (
+        f"a new connection of {owner!r} starts as role {role!r}, not {owner._role!r} as "
+        f"its first one did (an ALTER ROLE ... SET role since?): it is closed, not used; "
+        f"{remedy} to use that role"
+    )
+    logger.error("ambient: %s", msg)
+    raise psycopg.OperationalError(msg)
 
 
 def _warn_pooler(

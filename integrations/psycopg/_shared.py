@@ -47,6 +47,7 @@ from ambient.integrations.psycopg._common import (
     _not_opened,
     _python_side,
     _restore_python_side,
+    _starts_as_the_first,
     _through_pooler,
     _unknown_commit,
     _warn_pooler,
@@ -415,7 +416,7 @@ class SharedPool:
     # -- connection callbacks (run by psycopg_pool's workers) ------------------------------
 
     async def _configure(self, conn: AsyncConnection[Any]) -> None:
-        pooled, login, deallocate = await _through_pooler(conn)
+        pooled, login, role, deallocate = await _through_pooler(conn)
         self._pooled = pooled
         self._deallocate = deallocate
         if pooled:
@@ -429,25 +430,8 @@ class SharedPool:
         # pooler's own login (pgbouncer's user=, "user.project" names) makes differ from
         # the client's.
         self._login = login
-        # And the role it runs as once RESET ROLE has run: the login role, unless the session
-        # starts as another (options=-c role=..., ALTER ROLE ... SET role).
-        cur = await conn.cursor(row_factory=tuple_row).execute("SELECT current_user", prepare=False)
-        row = await cur.fetchone()
-        role = None if row is None else row[0]
-        if self._role is None:
-            self._role = role
-        elif role != self._role:
-            # The pool checked the role its first connection started as: a handler may have
-            # made later sessions start as another (any role may ALTER ROLE itself SET role
-            # to a role it is a member of, one that bypasses row-level security).
-            await conn.close()
-            msg = (
-                f"a new connection of {self!r} starts as role {role!r}, not {self._role!r} "
-                "as the pool's first one did (an ALTER ROLE ... SET role since the pool "
-                "opened?): it is closed, not used; reopen the pool to use that role"
-            )
-            logger.error("ambient: %s", msg)
-            raise psycopg.OperationalError(msg)
+        # And the role it runs as once RESET ROLE has run, which must stay the first's.
+        await _starts_as_the_first(self, conn, role, "reopen the pool")
         # Every connection of the pool starts alike; remember how, to restore it on return.
         if self._initial is None:
             self._initial = _python_side(conn)

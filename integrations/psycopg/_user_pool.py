@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +26,7 @@ from ambient.integrations.psycopg._common import (
     _queue_full,
     _release,
     _restore_python_side,
+    _starts_as_the_first,
     _through_pooler,
     _warn_pooler,
 )
@@ -37,8 +37,6 @@ if TYPE_CHECKING:
 
     from ambient.integrations.psycopg._common import ServerSide
     from ambient.integrations.psycopg._per_user import PerUserPools
-
-logger = logging.getLogger("ambient")
 
 
 _pool_numbers = itertools.count(1)
@@ -202,24 +200,8 @@ class _UserPool:
 
     async def _configure(self, conn: AsyncConnection[Any]) -> None:
         owner = self.owner
-        pooled, _, deallocate = await _through_pooler(conn)
-        cur = await conn.cursor(row_factory=tuple_row).execute("SELECT current_user", prepare=False)
-        row = await cur.fetchone()
-        role = None if row is None else row[0]
-        if owner._role is None:
-            owner._role = role
-        elif role != owner._role:
-            # An ALTER ROLE ... SET role since the first connection (a handler may run it
-            # for its own login): the session would run as a role check_rls never saw,
-            # perhaps one that bypasses row-level security, for every user after.
-            await conn.close()
-            msg = (
-                f"a new connection of {owner!r} starts as role {role!r}, not {owner._role!r} "
-                "as its first one did (an ALTER ROLE ... SET role since?): it is closed, not "
-                "used; restart the application to use that role"
-            )
-            logger.error("ambient: %s", msg)
-            raise psycopg.OperationalError(msg)
+        pooled, _, role, deallocate = await _through_pooler(conn)
+        await _starts_as_the_first(owner, conn, role, "restart the application")
         if pooled:
             # The server session behind this connection changes hands between
             # transactions: a session-level setting would reach other users' queries.
