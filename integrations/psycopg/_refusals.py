@@ -66,12 +66,13 @@ class _Refusals:
         refusals = self
 
         async def connect(cls: type[Any], *args: Any, **kwargs: Any) -> AsyncConnection[Any]:
+            started = time.monotonic()
             try:
                 conn = await base.connect(*args, **kwargs)
             except psycopg.OperationalError as exc:
                 refusals._refused(exc)
                 raise
-            refusals._connected()
+            refusals._connected(started)
             return conn
 
         namespace = {
@@ -98,7 +99,11 @@ class _Refusals:
                 line,
             )
 
-    def _connected(self) -> None:
+    def _connected(self, started: float) -> None:
+        if started < self.at:
+            # An attempt begun before the last refusal (the pool opens several at once)
+            # says nothing of whether the server refuses now.
+            return
         if self.reason is not None and self._owner._refusal_logged == self.reason:
             self._owner._refusal_logged = None
         self.reason = None
