@@ -19,6 +19,14 @@ exactly one gets in. A handshake the middleware refuses for a reason that is not
 ticket's (a bad thread id, the per-user limit, a 503 before accept) gives the ticket back
 for the rest of its ``ttl``, so that the client can retry with it. The store keeps a
 SHA-256 of the ticket, never the ticket itself.
+
+An outstanding ticket is a credential of its own: for a logout or a ban, refuse the user's
+credential, then ``await tickets.revoke(user_id, tenant_id=...)`` so that every ticket issued
+for that user before the call is refused (401) in every process sharing the store, then end
+the user's open sockets (``hub.revoke(...)``). Tickets issued after the call work. The store
+keeps a revocation generation per user, which every ticket carries from its issue; a ticket
+of an older generation is refused. A generation is kept for 10 minutes after the user's
+latest revocation or ticket, so it outlives every ticket that carries it.
 """
 
 from __future__ import annotations
@@ -40,16 +48,30 @@ from urllib.parse import parse_qsl
 
 from ambient import _loops
 from ambient._binding import _shown, get_current_context
-from ambient._context import ANONYMOUS
+from ambient._context import ANONYMOUS, UserRef, validate_id
 from ambient._context import ReadOnlyDict as _ReadOnlyDict
 from ambient.errors import IdentityError, IdentityUnavailableError
 from ambient.middleware.identity import _EXPIRES_AT_KEY, Identity
 
-__all__ = ["MemoryTicketStore", "RedisTicketStore", "TicketStore", "WebSocketTickets"]
+__all__ = [
+    "MemoryTicketStore",
+    "RedisTicketStore",
+    "RevocableTicketStore",
+    "TicketStore",
+    "WebSocketTickets",
+]
 
 logger = logging.getLogger("ambient.middleware")
 
 _TICKET = re.compile(r"[A-Za-z0-9_-]{43}")  # token_urlsafe(32)
+_MAX_TTL = 300.0
+# How long a user's revocation generation outlives their latest revocation or ticket:
+# twice the longest ttl, so that it outlives every ticket that carries it whatever ttl the
+# instances sharing the store use, a ticket given back after a refused handshake, and
+# clocks that disagree by minutes. Were it to go while such a ticket is out, a revocation
+# after that would count from 0 again and could let the ticket in. Once it is gone the
+# user's generation reads 0, as every ticket issued since carries.
+_KEEP_GENERATION = 2 * _MAX_TTL
 _REFUSED = "the websocket ticket is unknown, expired or already used"
 _ASYNCIO_ONLY = (
     "redis-py's asyncio client runs on asyncio only, and this code runs under another event "
@@ -67,6 +89,25 @@ class TicketStore(Protocol):
 
     async def take(self, key: str) -> bytes | None:
         """Remove and return the value under ``key``, atomically; ``None`` when absent."""
+        ...
+
+
+@runtime_checkable
+class RevocableTicketStore(TicketStore, Protocol):
+    """A ticket store that also keeps each user's revocation generation, which
+    :meth:`WebSocketTickets.revoke` needs. Both built-in stores are; a store with only
+    ``put()`` and ``take()`` still issues and redeems tickets, and ``revoke()`` over it
+    raises ``TypeError``."""
+
+    async def generation(self, user: str, keep: float) -> int:
+        """The generation under ``user`` (an opaque key): 0 when none, or once expired. One
+        that exists is kept ``keep`` seconds from now, atomically with this read, so that
+        it outlives the ticket about to carry it."""
+        ...
+
+    async def revoke(self, user: str, keep: float) -> None:
+        """Add 1 to the generation under ``user``, atomically, and keep it ``keep`` seconds
+        from now (from this call, also when it was kept longer before)."""
         ...
 
 
@@ -92,6 +133,8 @@ class MemoryTicketStore:
         self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
         self._early: list[tuple[float, str]] = []
         self._latest = -math.inf  # the latest deadline of a ticket put in order
+        # user -> (generation, deadline), in the order of their deadlines.
+        self._generations: OrderedDict[str, tuple[int, float]] = OrderedDict()
 
     def __len__(self) -> int:
         with self._lock:
@@ -144,13 +187,41 @@ class MemoryTicketStore:
                 return None
             return entry[1]
 
+    async def generation(self, user: str, keep: float) -> int:
+        with self._lock:
+            now = self._clock()
+            generations = self._generations
+            self._purge_generations(now)
+            entry = generations.pop(user, None)
+            if entry is None or entry[1] <= now:
+                return 0
+            generations[user] = (entry[0], max(entry[1], now + keep))
+            return entry[0]
+
+    async def revoke(self, user: str, keep: float) -> None:
+        with self._lock:
+            now = self._clock()
+            generations = self._generations
+            self._purge_generations(now)
+            entry = generations.pop(user, None)
+            generations[user] = (1 if entry is None else entry[0] + 1, now + keep)
+
+    def _purge_generations(self, now: float) -> None:
+        generations = self._generations
+        while generations:
+            user, (_, deadline) = next(iter(generations.items()))
+            if deadline > now:
+                return
+            del generations[user]
+
 
 class RedisTicketStore:
     """Tickets in Redis (6.2 or newer), shared by every worker and server.
 
     A Redis that cannot be reached raises :class:`~ambient.errors.IdentityUnavailableError`
     (503 with ``Retry-After`` for the request issuing a ticket, a handshake closed with
-    1013): the ticket may be fine, the store is not.
+    1013, or the request revoking a user's tickets): the ticket may be fine, the store is
+    not.
 
     Args:
         client: A ``redis.asyncio.Redis`` (extra ``redis``; ``decode_responses`` either
@@ -190,6 +261,38 @@ class RedisTicketStore:
         # A client made with decode_responses=True answers str (tickets are ASCII JSON).
         return value.encode() if isinstance(value, str) else bytes(value)
 
+    async def generation(self, user: str, keep: float) -> int:
+        _loops.refuse_trio(_ASYNCIO_ONLY)
+        from redis.exceptions import RedisError
+
+        try:
+            value = await self._client.getex(
+                self._generation_key(user), px=max(1, math.ceil(keep * 1000))
+            )
+        except RedisError as error:
+            raise _store_unavailable("issued or redeemed", error) from error
+        return 0 if value is None else int(value)
+
+    async def revoke(self, user: str, keep: float) -> None:
+        _loops.refuse_trio(_ASYNCIO_ONLY)
+        from redis.exceptions import RedisError
+
+        key = self._generation_key(user)
+        try:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.incr(key)
+                pipe.pexpire(key, max(1, math.ceil(keep * 1000)))
+                await pipe.execute()
+        except RedisError as error:
+            raise IdentityUnavailableError(
+                "the ticket store (Redis) cannot be reached, so the user's tickets were not "
+                f"revoked: nothing was; try again shortly ({type(error).__name__})"
+            ) from error
+
+    def _generation_key(self, user: str) -> str:
+        # A ticket's key is 64 hex digits: "revoked:" sets these apart from every one.
+        return f"{self._prefix}revoked:{user}"
+
 
 def _store_unavailable(what: str, error: Exception) -> IdentityUnavailableError:
     return IdentityUnavailableError(
@@ -207,7 +310,8 @@ class WebSocketTickets:
     repeated parameter is malformed (400). A handshake that the middleware refuses after
     redeeming its ticket, for a reason that is not the ticket's (400 for a bad thread id,
     429 over ``max_concurrent_per_user``, an error of the app answered before accept), gives
-    the ticket back for the rest of its ``ttl``: the retry with it can get in.
+    the ticket back for the rest of its ``ttl``: the retry with it can get in. A ticket
+    issued before :meth:`revoke` was called for its user is refused (401) as well.
 
     Args:
         store: Where tickets wait (default: a :class:`MemoryTicketStore`).
@@ -224,7 +328,7 @@ class WebSocketTickets:
         query: str = "ticket",
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl <= 300:
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl <= _MAX_TTL:
             msg = f"ttl must be seconds, more than 0 and at most 300, not {ttl!r}"
             raise ValueError(msg)
         if not isinstance(query, str) or not query:
@@ -268,6 +372,13 @@ class WebSocketTickets:
                 # socket must end when the token it was issued from does.
                 with contextlib.suppress(TypeError, ValueError, OverflowError):
                     expires_at = float(int(exp))
+        store = self.store
+        # Read before the ticket is put: a revoke() in between leaves it an older generation.
+        generation = (
+            await store.generation(_user_key(ctx.user_id, ctx.tenant_id), _KEEP_GENERATION)
+            if isinstance(store, RevocableTicketStore)
+            else 0
+        )
         ticket = secrets.token_urlsafe(32)
         now = self._clock()
         payload = {
@@ -276,14 +387,51 @@ class WebSocketTickets:
             "claims": dict(claims) if isinstance(claims, Mapping) else None,
             "expires_at": expires_at,
             "valid_until": now + self.ttl,
+            "generation": generation,
         }
         try:
             value = json.dumps(payload, separators=(",", ":")).encode()
         except (TypeError, ValueError) as exc:
             msg = f"a ticket carries the context's claims, which must be JSON: {exc}"
             raise TypeError(msg) from None
-        await self.store.put(_key(ticket), value, self.ttl)
+        await store.put(_key(ticket), value, self.ttl)
         return ticket
+
+    async def revoke(self, user: UserRef | str, *, tenant_id: str | None = None) -> None:
+        """Refuse every ticket issued for ``user`` (and ``tenant_id``) before this call, in
+        every process that shares the store; tickets issued after it work.
+
+        For a logout, a ban or a revoked session: refuse the user's credential (so that no
+        new ticket is issued), call this, then end the user's open sockets
+        (:meth:`ConnectionHub.revoke <ambient.integrations.websockets.ConnectionHub.revoke>`).
+        A ticket issued while this runs may be refused too; none issued before it gets in.
+
+        Raises:
+            InvalidContextError: ``user`` or ``tenant_id`` is not a valid id.
+            ValueError: ``user`` is a ``UserRef`` and ``tenant_id`` is given as well.
+            TypeError: the store keeps no revocations (it has only ``put()`` and ``take()``;
+                see :class:`RevocableTicketStore`).
+            IdentityUnavailableError: the store (Redis) cannot be reached; nothing was
+                revoked. Answered 503 with ``Retry-After`` if it leaves a request: retry.
+        """
+        if isinstance(user, UserRef):
+            if tenant_id is not None:
+                msg = "pass the tenant inside the UserRef, not as tenant_id as well"
+                raise ValueError(msg)
+            user_id, tenant = user.user_id, user.tenant_id
+        else:
+            user_id, tenant = user, tenant_id
+        user_id = validate_id("user_id", user_id)
+        tenant = None if tenant is None else validate_id("tenant_id", tenant)
+        store = self.store
+        if not isinstance(store, RevocableTicketStore):
+            msg = (
+                f"the ticket store {type(store).__name__} keeps no revocations: give it async "
+                "generation() and revoke() (see RevocableTicketStore), or use MemoryTicketStore "
+                "or RedisTicketStore"
+            )
+            raise TypeError(msg)
+        await store.revoke(_user_key(user_id, tenant), _KEEP_GENERATION)
 
     async def __call__(self, scope: Mapping[str, Any]) -> Identity | None:
         if scope.get("type") != "websocket":
@@ -311,6 +459,14 @@ class WebSocketTickets:
         expires_at = payload["expires_at"]
         if payload["valid_until"] <= now or (expires_at is not None and expires_at <= now):
             raise IdentityError(_REFUSED, status=401)
+        store = self.store
+        if isinstance(store, RevocableTicketStore):
+            # Read after the take: a revoke() that returned before this handshake began is
+            # seen. A ticket issued before the upgrade that added generations counts as 0.
+            user = _user_key(payload["user"], payload["tenant"])
+            current = await store.generation(user, _KEEP_GENERATION)
+            if payload.get("generation", 0) < current:
+                raise IdentityError(_REFUSED, status=401)
         claims = payload["claims"]
         identity = _TicketIdentity(
             payload["user"],
@@ -357,3 +513,9 @@ class _TicketIdentity(Identity):
 
 def _key(ticket: str) -> str:
     return hashlib.sha256(ticket.encode()).hexdigest()
+
+
+def _user_key(user_id: str, tenant_id: str | None) -> str:
+    """The store's name for a user's revocation generation: unambiguous (no separator a
+    user id could contain) and free of the ids themselves."""
+    return hashlib.sha256(json.dumps([user_id, tenant_id]).encode()).hexdigest()

@@ -31,6 +31,7 @@ from ambient import Registry, UserExecutionContext
 from ambient.errors import (
     IdentityError,
     IdentityUnavailableError,
+    InvalidContextError,
     NoActiveContextError,
     PoolExhaustedError,
     UnsupportedBackendError,
@@ -38,7 +39,12 @@ from ambient.errors import (
 from ambient.integrations.starlette import install
 from ambient.middleware import AmbientMiddleware, WebSocketTickets, first_of, trusted_header
 from ambient.middleware.identity import jwt_bearer
-from ambient.middleware.tickets import MemoryTicketStore, RedisTicketStore, TicketStore
+from ambient.middleware.tickets import (
+    MemoryTicketStore,
+    RedisTicketStore,
+    RevocableTicketStore,
+    TicketStore,
+)
 from tests.conftest import REDIS_URL, service_unavailable
 from tests.servers import serve
 from tests.test_middleware import ws_scope
@@ -561,6 +567,264 @@ async def test_a_ticket_given_back_expires_in_turn_with_the_ones_issued_after_it
     assert await tickets(handshake(live)) is not None
     assert await tickets(handshake(newest)) is not None
     assert len(store) == 0
+
+
+# -- revocation ------------------------------------------------------------------------------
+
+
+async def _handshake(app: AmbientMiddleware, ticket: str) -> Socket:
+    """One handshake with ``ticket`` through ``app``; a socket that got in is closed again."""
+    socket = Socket(f"ticket={ticket}")
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await _open(tg, app, socket)
+            if socket.status == 101:
+                socket.disconnect()
+    return socket
+
+
+def _detail(socket: Socket) -> str:
+    """The problem detail of a refused handshake."""
+    (body,) = (m["body"] for m in socket.sent if m["type"] == "websocket.http.response.body")
+    detail: str = json.loads(body)["detail"]
+    return detail
+
+
+def _served(tickets: WebSocketTickets, **options: Any) -> AmbientMiddleware:
+    return AmbientMiddleware(_serve_socket, registry=Registry(), identity=tickets, **options)
+
+
+async def test_revoke_refuses_the_users_earlier_tickets_and_no_one_elses(
+    ticket_store: TicketStore,
+) -> None:
+    """After ``revoke("alice", tenant_id="acme")`` her outstanding tickets are 401, with the
+    refusal of an unknown ticket; bob's, alice's in another tenant and alice's without a
+    tenant still get in, and so does a ticket issued to her after the revocation."""
+    tickets = WebSocketTickets(ticket_store)
+    app = _served(tickets)
+    with bound("alice"):
+        earlier = [await tickets.issue() for _ in range(2)]
+    with bound("bob"):
+        bobs = await tickets.issue()
+    with ambient.bind_context(UserExecutionContext.create("alice", tenant_id="globex")):
+        other_tenant = await tickets.issue()
+    with ambient.bind_context(UserExecutionContext.create("alice")):
+        no_tenant = await tickets.issue()
+
+    await tickets.revoke("alice", tenant_id="acme")
+    with bound("alice"):
+        later = await tickets.issue()
+
+    unknown = await _handshake(app, "u" * 43)
+    for ticket in earlier:
+        revoked = await _handshake(app, ticket)
+        assert revoked.status == 401
+        assert _detail(revoked) == _detail(unknown)
+    for ticket in (bobs, other_tenant, no_tenant, later):
+        assert (await _handshake(app, ticket)).status == 101
+    assert (await _handshake(app, earlier[0])).status == 401  # spent, as any refused one
+
+
+async def test_revoke_takes_a_user_ref() -> None:
+    """``revoke(UserRef(user_id, tenant_id))`` is ``revoke(user_id, tenant_id=...)``."""
+    tickets = WebSocketTickets()
+    app = _served(tickets)
+    with bound("alice"):
+        earlier = await tickets.issue()
+    await tickets.revoke(ambient.UserRef("alice", "acme"))
+    assert (await _handshake(app, earlier)).status == 401
+
+
+async def test_a_ticket_given_back_after_a_refused_handshake_stays_revoked(
+    ticket_store: TicketStore,
+) -> None:
+    """A handshake over ``max_concurrent_per_user`` (429) gives its ticket back to the store,
+    with the generation it was issued under: revoked meanwhile, the retry is 401."""
+    tickets = WebSocketTickets(ticket_store)
+    app = AmbientMiddleware(
+        _serve_socket,
+        registry=Registry(),
+        identity=first_of(tickets, trusted_header(tenant_header="x-tenant-id")),
+        max_concurrent_per_user=1,
+    )
+    with bound("alice"):
+        ticket = await tickets.issue()
+    alice = [(b"x-user-id", b"alice"), (b"x-tenant-id", b"acme")]
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            holder = await _open(tg, app, Socket(headers=alice))
+            assert holder.status == 101
+            assert (await _open(tg, app, Socket(f"ticket={ticket}"))).status == 429
+            holder.disconnect()
+            await holder.done.wait()
+    await tickets.revoke("alice", tenant_id="acme")
+    assert (await _handshake(app, ticket)).status == 401
+
+
+class PausedStore:
+    """A revocable store whose next ``put`` (issue() storing its ticket, after it read the
+    generation) waits until the test lets it through."""
+
+    def __init__(self, inner: RevocableTicketStore) -> None:
+        self.inner = inner
+        self.calls: list[str] = []
+        self.putting = anyio.Event()
+        self.proceed = anyio.Event()
+
+    async def put(self, key: str, value: bytes, ttl: float) -> None:
+        self.calls.append("put")
+        self.putting.set()
+        await self.proceed.wait()
+        await self.inner.put(key, value, ttl)
+
+    async def take(self, key: str) -> bytes | None:
+        return await self.inner.take(key)
+
+    async def generation(self, user: str, keep: float) -> int:
+        self.calls.append("generation")
+        return await self.inner.generation(user, keep)
+
+    async def revoke(self, user: str, keep: float) -> None:
+        self.calls.append("revoke")
+        await self.inner.revoke(user, keep)
+
+
+async def test_a_revoke_while_a_ticket_is_being_issued_refuses_that_ticket(
+    ticket_store: TicketStore,
+) -> None:
+    """issue() has read alice's generation but not yet stored her ticket when she is
+    revoked: the ticket it then hands out carries the older generation, and is 401."""
+    assert isinstance(ticket_store, RevocableTicketStore)
+    store = PausedStore(ticket_store)
+    tickets = WebSocketTickets(store)
+    issued: list[str] = []
+
+    async def issue() -> None:
+        with bound("alice"):
+            issued.append(await tickets.issue())
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(issue)
+            await store.putting.wait()
+            await tickets.revoke("alice", tenant_id="acme")
+            store.proceed.set()
+    assert (await _handshake(_served(tickets), issued[0])).status == 401
+    assert store.calls == ["generation", "put", "revoke", "generation"]  # the last: redeeming
+
+
+async def test_a_revocation_is_seen_by_every_process_sharing_redis(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """Two processes (two ``WebSocketTickets`` over their own Redis clients): alice's
+    tickets issued by the first are refused by both once the second revokes her, and a
+    ticket the second issues after it gets in at the first. Redis keeps a hash of the user,
+    for twice the longest ttl, refreshed at each revocation and each ticket issued."""
+    prefix = f"ambient-test:{uuid.uuid4().hex}:"
+    other = redis.asyncio.Redis.from_url(REDIS_URL)
+    try:
+        first = WebSocketTickets(RedisTicketStore(redis_client, prefix=prefix))
+        second = WebSocketTickets(RedisTicketStore(other, prefix=prefix))
+        with bound("alice"):
+            earlier = [await first.issue() for _ in range(2)]
+        await second.revoke("alice", tenant_id="acme")
+        await second.revoke("alice", tenant_id="acme")
+        with bound("alice"):
+            later = await second.issue()
+        assert (await _handshake(_served(first), earlier[0])).status == 401
+        assert (await _handshake(_served(second), earlier[1])).status == 401
+        assert (await _handshake(_served(first), later)).status == 101
+        (key,) = [key async for key in redis_client.scan_iter(match=f"{prefix}revoked:*")]
+        assert b"alice" not in key
+        assert b"acme" not in key
+        assert await redis_client.get(key) == b"2"
+        assert 599_000 <= await redis_client.pttl(key) <= 600_000
+        await redis_client.pexpire(key, 1_000)
+        with bound("alice"):
+            await first.issue()  # its ticket carries the generation: kept for it again
+        assert 599_000 <= await redis_client.pttl(key) <= 600_000
+    finally:
+        await other.aclose()
+
+
+async def test_a_revocation_outlives_every_ticket_issued_before_it_and_then_goes() -> None:
+    """A ticket of the longest ttl issued just before a revocation is still refused at its
+    last moment. The generation leaves the store 10 minutes after the user's latest
+    revocation or ticket; from then on a new ticket reads 0 again and gets in, and the
+    earlier ones stay out: they expired."""
+    clock = Clock()
+    store = MemoryTicketStore(clock=clock)
+    tickets = WebSocketTickets(store, ttl=300, clock=clock)
+    app = _served(tickets)
+    with bound("alice"):
+        earlier = [await tickets.issue() for _ in range(2)]
+    clock.now += 1
+    await tickets.revoke("alice", tenant_id="acme")
+    clock.now += 298.9  # the last 0.1 s of the earlier tickets
+    assert (await _handshake(app, earlier[0])).status == 401
+    clock.now += 301.2  # 600.1 s after the revocation, 301.2 s after that handshake
+    assert len(store._generations) == 1
+    clock.now += 300
+    assert (await _handshake(app, earlier[1])).status == 401
+    with bound("alice"):
+        after_expiry = await tickets.issue()
+    assert len(store._generations) == 0
+    assert (await _handshake(app, after_expiry)).status == 101
+
+
+async def test_a_generation_outlives_the_tickets_that_carry_it() -> None:
+    """A ticket issued 599 s after alice's revocation carries her generation; it must not
+    expire a second later while the ticket is out, or a second revocation would count from
+    0 again, give the ticket's generation back, and let the ticket in."""
+    clock = Clock()
+    tickets = WebSocketTickets(MemoryTicketStore(clock=clock), ttl=300, clock=clock)
+    await tickets.revoke("alice", tenant_id="acme")
+    clock.now += 599
+    with bound("alice"):
+        ticket = await tickets.issue()
+    clock.now += 101
+    await tickets.revoke("alice", tenant_id="acme")
+    assert (await _handshake(_served(tickets), ticket)).status == 401
+
+
+async def test_revoke_refuses_bad_ids_and_stores_without_revocations() -> None:
+    """Ids are checked as a context checks them; a ``UserRef`` carries its tenant; a store
+    with only ``put()`` and ``take()`` issues and redeems tickets but cannot revoke."""
+    tickets = WebSocketTickets()
+    for user, tenant in (("", None), ("none", None), (" alice", None), (5, None), ("a", "")):
+        with pytest.raises(InvalidContextError):
+            await tickets.revoke(user, tenant_id=tenant)  # type: ignore[arg-type]
+    with pytest.raises(InvalidContextError, match="tenant_id"):
+        await tickets.revoke(ambient.UserRef("alice", "null"))
+    with pytest.raises(ValueError, match="inside the UserRef"):
+        await tickets.revoke(ambient.UserRef("alice", "acme"), tenant_id="acme")
+
+    plain = WebSocketTickets(GatedStore(MemoryTicketStore()))
+    with bound("alice"):
+        ticket = await plain.issue()
+    with pytest.raises(TypeError, match="keeps no revocations"):
+        await plain.revoke("alice", tenant_id="acme")
+    assert (await _handshake(_served(plain), ticket)).status == 101
+
+
+async def test_revoke_with_redis_unreachable_says_nothing_was_revoked(anyio_backend: str) -> None:
+    """Nothing listens where the store should be: revoke() raises
+    IdentityUnavailableError (503 with Retry-After if it leaves a request), not Redis's
+    ConnectionError."""
+    from tests.servers import free_port
+
+    if anyio_backend != "asyncio":
+        pytest.skip("redis-py's asyncio client is asyncio-only; test_redis_store_refuses_trio")
+    gone = redis.asyncio.Redis.from_url(
+        f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=2
+    )
+    try:
+        tickets = WebSocketTickets(RedisTicketStore(gone))
+        with pytest.raises(IdentityUnavailableError, match="nothing was") as info:
+            await tickets.revoke("alice")
+        assert info.value.http_status == 503
+    finally:
+        await gone.aclose()
 
 
 # -- end to end ----------------------------------------------------------------------------

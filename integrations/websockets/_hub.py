@@ -169,8 +169,10 @@ class ConnectionHub:
         backend reaches: each handler's block is cancelled at once, so it handles nothing
         more under that user's context, and the socket is closed with 4001 and ``reason``.
 
-        For a logout, a ban or a revoked session: refuse the credential first (so no new
-        handshake gets in), then call this. A socket still connecting is revoked as its
+        For a logout, a ban or a revoked session: refuse the credential first, and the
+        user's outstanding websocket tickets (:meth:`WebSocketTickets.revoke
+        <ambient.middleware.tickets.WebSocketTickets.revoke>`), so no new handshake gets in;
+        then call this. A socket still connecting is revoked as its
         handshake completes. Where :class:`RedisBroadcast` learns of a revocation from its
         count rather than its message (after an outage of a process's subscription, or
         when it races that process's first subscription to the user), it ends every socket
