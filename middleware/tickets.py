@@ -479,7 +479,11 @@ class WebSocketTickets:
 
     async def _give_back(self, key: str, value: bytes, valid_until: float) -> None:
         """Put a taken ticket back for the rest of its ttl (its handshake was refused)."""
-        left = valid_until - self._clock()
+        # At most a ttl, whatever this process's clock says is left: one behind the
+        # issuer's would have the store keep the ticket past the generation it carries
+        # (kept from this handshake's read), and a revocation after that generation went
+        # would count from 0 again, up to the ticket's own, and let it in.
+        left = min(valid_until - self._clock(), self.ttl)
         if left <= 0:
             return
         try:

@@ -787,6 +787,62 @@ async def test_a_generation_outlives_the_tickets_that_carry_it() -> None:
     assert (await _handshake(_served(tickets), ticket)).status == 401
 
 
+async def test_a_ticket_given_back_by_a_process_whose_clock_is_behind_stays_revoked() -> None:
+    """A process whose wall clock is 1000 s behind gives a refused handshake's ticket back
+    for at most its ``ttl``, not for the 1300 s its clock says are left: the store must
+    not keep the ticket past the generation it carries (kept 600 s from that handshake),
+    or a revocation after the generation went would count from 0 again, to the very
+    generation the ticket carries, and let it in."""
+    monotonic = Clock()
+    store = MemoryTicketStore(clock=monotonic)
+    issuer = WebSocketTickets(store, ttl=300, clock=Clock())
+    behind = Clock()
+    behind.now -= 1000
+    app = AmbientMiddleware(
+        _serve_socket,
+        registry=Registry(),
+        identity=WebSocketTickets(store, ttl=300, clock=behind),
+        thread_id_query="thread",
+    )
+    await issuer.revoke("alice", tenant_id="acme")
+    with bound("alice"):
+        ticket = await issuer.issue()  # carries generation 1
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            refused = await _open(tg, app, Socket(f"ticket={ticket}&thread=%FF"))
+    assert refused.status == 400  # not UTF-8: given back
+    monotonic.now += 700
+    behind.now += 700
+    await issuer.revoke("alice", tenant_id="acme")  # the generation had gone: 1 again
+    assert (await _handshake(app, ticket)).status == 401
+
+
+async def test_redis_keeps_a_ticket_given_back_no_longer_than_its_ttl(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """In Redis too, a ticket given back by a process whose clock is behind is kept for at
+    most its ``ttl``: never past the generation it carries."""
+    prefix = f"ambient-test:{uuid.uuid4().hex}:"
+    store = RedisTicketStore(redis_client, prefix=prefix)
+    issuer = WebSocketTickets(store, ttl=300)
+    behind = Clock()
+    behind.now = time.time() - 1000
+    app = AmbientMiddleware(
+        _serve_socket,
+        registry=Registry(),
+        identity=WebSocketTickets(store, ttl=300, clock=behind),
+        thread_id_query="thread",
+    )
+    with bound("alice"):
+        ticket = await issuer.issue()
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            refused = await _open(tg, app, Socket(f"ticket={ticket}&thread=%FF"))
+    assert refused.status == 400
+    (key,) = [key async for key in redis_client.scan_iter(match=f"{prefix}[0-9a-f]*")]
+    assert 0 < await redis_client.pttl(key) <= 300_000
+
+
 async def test_revoke_refuses_bad_ids_and_stores_without_revocations() -> None:
     """Ids are checked as a context checks them; a ``UserRef`` carries its tenant; a store
     with only ``put()`` and ``take()`` issues and redeems tickets but cannot revoke."""
