@@ -464,7 +464,13 @@ class WebSocketTickets:
             # Read after the take: a revoke() that returned before this handshake began is
             # seen. A ticket issued before the upgrade that added generations counts as 0.
             user = _user_key(payload["user"], payload["tenant"])
-            current = await store.generation(user, _KEEP_GENERATION)
+            try:
+                current = await store.generation(user, _KEEP_GENERATION)
+            except Exception:
+                # Not the ticket's fault (the store failed after the take): back for the
+                # retry that the 1013 asks for, still to be checked against the generation.
+                await self._give_back(key, value, payload["valid_until"])
+                raise
             if payload.get("generation", 0) < current:
                 raise IdentityError(_REFUSED, status=401)
         claims = payload["claims"]

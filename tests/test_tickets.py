@@ -843,6 +843,42 @@ async def test_redis_keeps_a_ticket_given_back_no_longer_than_its_ttl(
     assert 0 < await redis_client.pttl(key) <= 300_000
 
 
+class FailingGenerationStore(PausedStore):
+    """A revocable store whose next ``generation()`` fails as an unreachable Redis does."""
+
+    def __init__(self, inner: RevocableTicketStore) -> None:
+        super().__init__(inner)
+        self.proceed.set()
+        self.fail = False
+
+    async def generation(self, user: str, keep: float) -> int:
+        if self.fail:
+            self.fail = False
+            raise IdentityUnavailableError("the ticket store (Redis) cannot be reached")
+        return await super().generation(user, keep)
+
+
+async def test_a_handshake_that_cannot_read_the_generation_leaves_its_ticket_usable(
+    ticket_store: TicketStore,
+) -> None:
+    """The store fails between taking the ticket and reading the user's generation: the
+    handshake is refused as unavailable (1013, "try again"), and the retry with the same
+    ticket gets in; the ticket was not at fault."""
+    assert isinstance(ticket_store, RevocableTicketStore)
+    store = FailingGenerationStore(ticket_store)
+    tickets = WebSocketTickets(store)
+    with bound("alice"):
+        ticket = await tickets.issue()
+    store.fail = True
+    with pytest.raises(IdentityUnavailableError):
+        await tickets(handshake(ticket))
+    identity = await tickets(handshake(ticket))
+    assert identity is not None
+    assert identity.user_id == "alice"
+    with pytest.raises(IdentityError, match="already used"):
+        await tickets(handshake(ticket))
+
+
 async def test_revoke_refuses_bad_ids_and_stores_without_revocations() -> None:
     """Ids are checked as a context checks them; a ``UserRef`` carries its tenant; a store
     with only ``put()`` and ``take()`` issues and redeems tickets but cannot revoke."""
