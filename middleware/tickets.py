@@ -43,7 +43,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 from urllib.parse import parse_qsl
 
 from ambient import _loops
@@ -341,6 +341,7 @@ class WebSocketTickets:
         self.ttl = float(ttl)
         self.query = query
         self._clock = clock
+        self._checked: tuple[TicketStore | None, bool] = (None, False)
 
     async def issue(self, *, expires_at: float | None = None) -> str:
         """A ticket for the current context's user and tenant, with its ``claims``.
@@ -372,12 +373,12 @@ class WebSocketTickets:
                 # socket must end when the token it was issued from does.
                 with contextlib.suppress(TypeError, ValueError, OverflowError):
                     expires_at = float(int(exp))
-        store = self.store
+        revocable = self._revocable()
         # Read before the ticket is put: a revoke() in between leaves it an older generation.
         generation = (
-            await store.generation(_user_key(ctx.user_id, ctx.tenant_id), _KEEP_GENERATION)
-            if isinstance(store, RevocableTicketStore)
-            else 0
+            0
+            if revocable is None
+            else await revocable.generation(_user_key(ctx.user_id, ctx.tenant_id), _KEEP_GENERATION)
         )
         ticket = secrets.token_urlsafe(32)
         now = self._clock()
@@ -394,7 +395,7 @@ class WebSocketTickets:
         except (TypeError, ValueError) as exc:
             msg = f"a ticket carries the context's claims, which must be JSON: {exc}"
             raise TypeError(msg) from None
-        await store.put(_key(ticket), value, self.ttl)
+        await self.store.put(_key(ticket), value, self.ttl)
         return ticket
 
     async def revoke(self, user: UserRef | str, *, tenant_id: str | None = None) -> None:
@@ -423,15 +424,15 @@ class WebSocketTickets:
             user_id, tenant = user, tenant_id
         user_id = validate_id("user_id", user_id)
         tenant = None if tenant is None else validate_id("tenant_id", tenant)
-        store = self.store
-        if not isinstance(store, RevocableTicketStore):
+        revocable = self._revocable()
+        if revocable is None:
             msg = (
-                f"the ticket store {type(store).__name__} keeps no revocations: give it async "
-                "generation() and revoke() (see RevocableTicketStore), or use MemoryTicketStore "
-                "or RedisTicketStore"
+                f"the ticket store {type(self.store).__name__} keeps no revocations: give it "
+                "async generation() and revoke() (see RevocableTicketStore), or use "
+                "MemoryTicketStore or RedisTicketStore"
             )
             raise TypeError(msg)
-        await store.revoke(_user_key(user_id, tenant), _KEEP_GENERATION)
+        await revocable.revoke(_user_key(user_id, tenant), _KEEP_GENERATION)
 
     async def __call__(self, scope: Mapping[str, Any]) -> Identity | None:
         if scope.get("type") != "websocket":
@@ -459,13 +460,13 @@ class WebSocketTickets:
         expires_at = payload["expires_at"]
         if payload["valid_until"] <= now or (expires_at is not None and expires_at <= now):
             raise IdentityError(_REFUSED, status=401)
-        store = self.store
-        if isinstance(store, RevocableTicketStore):
+        revocable = self._revocable()
+        if revocable is not None:
             # Read after the take: a revoke() that returned before this handshake began is
             # seen. A ticket issued before the upgrade that added generations counts as 0.
             user = _user_key(payload["user"], payload["tenant"])
             try:
-                current = await store.generation(user, _KEEP_GENERATION)
+                current = await revocable.generation(user, _KEEP_GENERATION)
             except Exception:
                 # Not the ticket's fault (the store failed after the take): back for the
                 # retry that the 1013 asks for, still to be checked against the generation.
@@ -482,6 +483,16 @@ class WebSocketTickets:
         )
         object.__setattr__(identity, "_spent", (self, key, value, payload["valid_until"]))
         return identity
+
+    def _revocable(self) -> RevocableTicketStore | None:
+        """The store, if it keeps revocation generations; checked once per store, as an
+        isinstance() of a runtime protocol costs microseconds on every issue and handshake."""
+        store = self.store
+        checked, revocable = self._checked
+        if checked is not store:
+            revocable = isinstance(store, RevocableTicketStore)
+            self._checked = (store, revocable)
+        return cast(RevocableTicketStore, store) if revocable else None
 
     async def _give_back(self, key: str, value: bytes, valid_until: float) -> None:
         """Put a taken ticket back for the rest of its ttl (its handshake was refused)."""

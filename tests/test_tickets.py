@@ -879,6 +879,38 @@ async def test_a_handshake_that_cannot_read_the_generation_leaves_its_ticket_usa
         await tickets(handshake(ticket))
 
 
+async def test_whether_the_store_keeps_revocations_is_checked_once_per_store(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issuing and redeeming do not check the store against ``RevocableTicketStore`` each
+    time (an isinstance() of a runtime protocol costs about 10 microseconds on Python 3.11,
+    on every handshake): once for the store, again for a store put in its place."""
+    import ambient.middleware.tickets as module
+
+    checks: list[object] = []
+
+    def counting(obj: object, kind: Any) -> bool:
+        if kind is RevocableTicketStore:
+            checks.append(obj)
+        return isinstance(obj, kind)
+
+    monkeypatch.setattr(module, "isinstance", counting, raising=False)
+    store = MemoryTicketStore()
+    tickets = WebSocketTickets(store)
+    for _ in range(3):
+        with bound("alice"):
+            ticket = await tickets.issue()
+        assert await tickets(handshake(ticket)) is not None
+    assert checks == [store]
+    tickets.store = other = MemoryTicketStore()
+    with bound("alice"):
+        ticket = await tickets.issue()
+    await tickets.revoke("alice", tenant_id="acme")
+    with pytest.raises(IdentityError):
+        await tickets(handshake(ticket))
+    assert checks == [store, other]
+
+
 async def test_revoke_refuses_bad_ids_and_stores_without_revocations() -> None:
     """Ids are checked as a context checks them; a ``UserRef`` carries its tenant; a store
     with only ``put()`` and ``take()`` issues and redeems tickets but cannot revoke."""
