@@ -226,7 +226,11 @@ class RedisTicketStore:
     Args:
         client: A ``redis.asyncio.Redis`` (extra ``redis``; ``decode_responses`` either
             way); asyncio only.
-        prefix: Key prefix; keys expire with their tickets.
+        prefix: Key prefix; a ticket's key expires with the ticket, a user's revocation
+            generation (``<prefix>revoked:<hash>``) 10 minutes after the user's latest
+            revocation or ticket. A Redis that evicts keys with an expiry under
+            ``maxmemory`` (``volatile-*``, ``allkeys-*``) or restarts without persistence
+            can lose a generation, and with it the revocation of tickets still out.
     """
 
     def __init__(self, client: Any, *, prefix: str = "ambient:ws-ticket:") -> None:
