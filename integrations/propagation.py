@@ -61,6 +61,7 @@ from ambient.errors import IdentityError, InvalidContextError, InvalidTokenError
 from ambient.middleware.identity import (
     Identity,
     IdentityResolver,
+    _leeway,
     _networks,
     _peer_trusted,
     _PeerHints,
@@ -143,7 +144,9 @@ class ContextSigner:
         leeway: Seconds of clock skew tolerated between the issuer and the verifier.
 
     Raises:
-        ValueError: a secret shorter than 32 bytes, or a negative leeway.
+        ValueError: a secret shorter than 32 bytes, or a leeway that is negative or not
+            finite.
+        TypeError: a leeway that is not a number of seconds.
     """
 
     __slots__ = ("_keys", "_signing", "clock", "leeway")
@@ -156,9 +159,9 @@ class ContextSigner:
         clock: Callable[[], float] = time.time,
         leeway: float = 5.0,
     ) -> None:
-        if not leeway >= 0:
-            msg = f"leeway must be >= 0 seconds, not {leeway!r}"
-            raise ValueError(msg)
+        # Finite, as jwt_bearer's: an infinite leeway honoured every token forever, and an
+        # int past what a float holds failed every verification with an OverflowError.
+        leeway = _leeway(leeway)
         self._signing = _Key(secret)
         self._keys = {self._signing.kid: self._signing}
         for old in previous:

@@ -212,6 +212,17 @@ class TestTokens:
         with pytest.raises(InvalidTokenError):
             verify(old, secret=SECRET)
 
+    def test_a_leeway_must_be_finite_seconds(self) -> None:
+        """A leeway no expiry check can use is refused when the signer is built: ``inf``
+        honoured every expired token, an int past what a float holds failed every
+        verification with an OverflowError (a 500 for the request), ``nan`` refused none."""
+        for leeway in (-1, math.inf, math.nan, 10**400):
+            with pytest.raises(ValueError, match="leeway"):
+                ContextSigner(SECRET, leeway=leeway)
+        with pytest.raises(TypeError, match="leeway"):
+            ContextSigner(SECRET, leeway="5")  # type: ignore[arg-type]
+        assert ContextSigner(SECRET, leeway=0).leeway == 0
+
     def test_the_secret_comes_from_configuration(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(SECRET_ENV, raising=False)
         with pytest.raises(LookupError, match=SECRET_ENV):
