@@ -139,7 +139,8 @@ class ContextSigner:
     Args:
         secret: The key new tokens are signed with (at least 32 bytes).
         previous: Older keys still accepted when verifying (rotation: deploy the new key
-            as ``secret`` with the old one in ``previous`` everywhere, then drop it).
+            as ``secret`` with the old one in ``previous`` everywhere, then drop it); one
+            key or several.
         clock: Wall clock in seconds since the epoch (tokens cross processes and hosts).
         leeway: Seconds of clock skew tolerated between the issuer and the verifier.
 
@@ -155,7 +156,7 @@ class ContextSigner:
         self,
         secret: str | bytes,
         *,
-        previous: Iterable[str | bytes] = (),
+        previous: str | bytes | Iterable[str | bytes] = (),
         clock: Callable[[], float] = time.time,
         leeway: float = 5.0,
     ) -> None:
@@ -164,7 +165,8 @@ class ContextSigner:
         leeway = _leeway(leeway)
         self._signing = _Key(secret)
         self._keys = {self._signing.kid: self._signing}
-        for old in previous:
+        # One key is a str or bytes, not an iterable of its characters (or of ints).
+        for old in (previous,) if isinstance(previous, str | bytes) else previous:
             key = _Key(old)
             self._keys.setdefault(key.kid, key)
         self.clock = clock

@@ -212,6 +212,13 @@ class TestTokens:
         with pytest.raises(InvalidTokenError):
             verify(old, secret=SECRET)
 
+    def test_one_previous_key_may_be_given_alone(self) -> None:
+        """``previous=old`` is that one key, as ``previous=[old]``: it was read as its
+        characters (or bytes), each refused as a secret too short."""
+        old = capture(context(), secret=OTHER_SECRET)
+        for previous in (OTHER_SECRET, OTHER_SECRET.encode()):
+            assert verify(old, secret=ContextSigner(SECRET, previous=previous)).user_id == "alice"
+
     def test_a_leeway_must_be_finite_seconds(self) -> None:
         """A leeway no expiry check can use is refused when the signer is built: ``inf``
         honoured every expired token, an int past what a float holds failed every
