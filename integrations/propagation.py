@@ -639,9 +639,10 @@ def signed_context(
     peer outside ``trusted`` (the peer that connected: a client address the server read
     from ``X-Forwarded-For`` or ``Forwarded`` does not count, see
     :func:`~ambient.middleware.identity.trusted_header`), and request or thread id headers
-    that contradict the token are all refused with 401; a repeated header is malformed,
-    400. The request's context continues the caller's: same user, tenant, thread and
-    request ids, a new run whose parent is the caller's run.
+    that contradict the token are all refused with 401; a repeated header (the token's,
+    the request id's or the thread id's) is malformed, 400. The request's context
+    continues the caller's: same user, tenant, thread and request ids, a new run whose
+    parent is the caller's run.
 
     Args:
         secret: As for :func:`capture`; read once, when the resolver is built.
@@ -679,6 +680,10 @@ def signed_context(
             if name is None:
                 continue
             sent = header_values(scope, name)
+            if len(sent) > 1:
+                # Malformed, as the token's header sent twice (and the middleware's thread
+                # id): not "does not match" when every copy may match.
+                raise IdentityError(f"the {name} header was sent {len(sent)} times", status=400)
             if sent and sent != [expected.encode("utf-8")]:
                 raise InvalidTokenError(
                     "mismatch", f"the {name} header does not match the signed context"

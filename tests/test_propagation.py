@@ -527,6 +527,9 @@ class TestSignedContext:
             # a server's proxy-header handling made a forwarded address the client
             ("peer from proxy headers", "only from trusted services"),
             ("repeated header", "sent 2 times"),
+            # the same id twice: was 401 "does not match" (the middleware's own answer: 400)
+            ("repeated thread id", "x-thread-id header was sent 2 times"),
+            ("repeated request id", "x-request-id header was sent 2 times"),
             ("other thread id", "x-thread-id header does not match"),
             ("garbage", "malformed"),
         ],
@@ -534,7 +537,8 @@ class TestSignedContext:
     async def test_refusals_are_401_or_400_and_reach_no_handler(
         self, case: str, fragment: str
     ) -> None:
-        """A token that fails a check is 401; a header sent twice is malformed: 400."""
+        """A token that fails a check is 401; a header sent twice (the token, the request
+        or thread id) is malformed: 400."""
         app, registry = downstream()
         ctx = context()
         headers: Any = signed_headers(ctx)
@@ -550,14 +554,16 @@ class TestSignedContext:
         elif case == "peer from proxy headers":
             headers["x-forwarded-for"] = "127.0.0.1"
             port = 0
-        elif case == "repeated header":
-            headers = [*headers.items(), (HEADER, headers[HEADER])]
+        elif case.startswith("repeated"):
+            name = {"header": HEADER, "thread id": "x-thread-id", "request id": "x-request-id"}
+            repeated = name[case.removeprefix("repeated ")]
+            headers = [*headers.items(), (repeated, headers[repeated])]
         elif case == "other thread id":
             headers["x-thread-id"] = "someone-elses-thread"
         else:
             headers[HEADER] = "v1.garbage"
         response = await call_b(app, headers, peer, port)
-        assert response.status_code == (400 if case == "repeated header" else 401), response.text
+        assert response.status_code == (400 if case.startswith("repeated") else 401), response.text
         assert response.headers["content-type"] == "application/problem+json"
         assert fragment in response.json()["detail"]
         assert registry.stats().created == 0
