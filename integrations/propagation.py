@@ -493,11 +493,15 @@ def restore(
 # -- service to service -----------------------------------------------------------------------
 
 
-def _set_header(headers: MutableMapping[str, str], name: str, value: str) -> None:
+def _set_header(headers: MutableMapping[str, str], name: str, value: str | None) -> None:
+    """Set ``name`` to ``value`` (``None``: remove it), whatever the case of its spelling."""
     lowered = name.lower()
     for existing in [key for key in headers if key.lower() == lowered and key != name]:
         del headers[existing]
-    headers[name] = value
+    if value is not None:
+        headers[name] = value
+    elif name in headers:
+        del headers[name]
 
 
 def inject(
@@ -515,7 +519,8 @@ def inject(
 
     Sets ``header`` to a signed token of the current context, the request and thread id
     headers (so the callee's middleware keeps them; :func:`signed_context` checks they
-    match the token), and with ``trace`` the W3C ``traceparent`` (and ``baggage``) of the
+    match the token; an id that is not ASCII travels only in the token, and its header is
+    removed), and with ``trace`` the W3C ``traceparent`` (and ``baggage``) of the
     current OpenTelemetry context through the globally configured propagator.
 
     Returns:
@@ -528,11 +533,12 @@ def inject(
     ctx = get_current_context()
     _set_header(headers, header, _signer(secret).sign(ctx, ttl=ttl, audience=audience))
     # An id that is not ASCII (a thread id may be any text) cannot go into a header that
-    # httpx encodes as ASCII; the token carries it, and the callee takes it from there.
-    if request_id_header and ctx.request_id.isascii():
-        _set_header(headers, request_id_header, ctx.request_id)
-    if thread_id_header and ctx.thread_id.isascii():
-        _set_header(headers, thread_id_header, ctx.thread_id)
+    # httpx encodes as ASCII; the token carries it, and the callee takes it from there. A
+    # header already there goes: it names another request or thread (headers forwarded
+    # from the incoming request, a dict used before), which the callee refuses.
+    for name, value in ((request_id_header, ctx.request_id), (thread_id_header, ctx.thread_id)):
+        if name:
+            _set_header(headers, name, value if value.isascii() else None)
     if trace:
         propagate.inject(headers)
     return headers

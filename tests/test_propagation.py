@@ -398,6 +398,23 @@ class TestInject:
         assert headers["traceparent"].split("-")[1] == trace_id
         assert headers["accept"] == "application/json"
 
+    async def test_an_id_that_cannot_go_in_a_header_takes_a_stale_one_away(self) -> None:
+        """A thread id that is not ASCII travels only in the token; a thread id header the
+        headers already held (forwarded from the incoming request) named another thread,
+        so the callee refused the call (401, the header contradicts the token)."""
+        app, _ = downstream()
+        ctx = context(thread_id="café talk")
+        headers = {"X-Thread-Id": "conversation-7", "x-request-id": "request-1"}
+        with bind_context(ctx):
+            inject(headers, secret=SECRET, trace=False)
+        response = await call_b(app, headers)
+        assert response.status_code == 200, response.text
+        assert "x-thread-id" not in {name.lower() for name in headers}
+        assert (response.json()["thread"], response.json()["request"]) == (
+            "café talk",
+            "request-42",
+        )
+
     def test_inject_outside_a_context_is_an_error(self) -> None:
         with pytest.raises(NoActiveContextError):
             inject({}, secret=SECRET)
