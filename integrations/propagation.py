@@ -138,9 +138,11 @@ class ContextSigner:
 
     Args:
         secret: The key new tokens are signed with (at least 32 bytes).
-        previous: Older keys still accepted when verifying (rotation: deploy the new key
-            as ``secret`` with the old one in ``previous`` everywhere, then drop it); one
-            key or several.
+        previous: Other keys still accepted when verifying; one key or several. To
+            rotate without refusing a token, deploy everywhere in turn
+            ``ContextSigner(old, previous=new)`` (every service accepts the new key before
+            any signs with it), then ``ContextSigner(new, previous=old)``, then, once the
+            longest ``ttl`` in use has passed (queued jobs' tokens), ``ContextSigner(new)``.
         clock: Wall clock in seconds since the epoch (tokens cross processes and hosts).
         leeway: Seconds of clock skew tolerated between the issuer and the verifier.
 
