@@ -26,6 +26,7 @@ class UserThing:
     """A USER component."""
 
 
+@pytest.mark.no_cover  # a load test: what it runs, smaller tests cover
 async def test_10000_scopes_leave_nothing_alive() -> None:
     """After 10,000 scopes with components, no context, scope or REQUEST component is alive."""
     registry = Registry()
@@ -78,6 +79,7 @@ def _count_context_vars(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return made
 
 
+@pytest.mark.no_cover  # a load test: what it runs, smaller tests cover
 async def test_10000_middleware_stacks_create_no_context_vars_and_free_their_memory(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
