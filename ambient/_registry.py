@@ -32,6 +32,9 @@ __all__ = ["Registry", "RegistryStats", "UserEntry"]
 
 logger = logging.getLogger("ambient")
 
+# Seconds of ``clock`` between two warnings that the users in use are past max_users.
+_WARN_OVER_EVERY = 60.0
+
 F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_IDLE_TTL = 300.0
 
@@ -77,7 +80,8 @@ class Registry:
     Args:
         cleanup_timeout: Seconds an async cleanup may take before it is abandoned.
         max_users: Users whose USER components are kept; past it, the least recently used
-            users that no open scope holds are evicted (never one in use).
+            users that no open scope holds are evicted (never one in use). Users in use
+            past it are logged as a warning, at most once a minute.
         clock: Monotonic clock for ``idle_ttl`` expiry (inject one in tests).
         telemetry: An :class:`~ambient.telemetry.Telemetry` (or any observer) that sees
             this registry's scopes and components.
@@ -120,8 +124,11 @@ class Registry:
         self._next_expiry = math.inf
         self._evicted: list[UserEntry] = []
         # Whether the users in use are past max_users, said once: a burst of thousands of
-        # users at once would otherwise be thousands of warnings.
+        # users at once would otherwise be thousands of warnings. And said at most once a
+        # minute (of ``clock``): a registry going back and forth across the limit would
+        # otherwise say it at every crossing.
         self._over_max_users = False
+        self._warned_over_at = -math.inf
         # The scopes' own observers (the middleware's telemetry), for the cleanups that
         # happen outside any scope. Weakly: an observer an application opened one scope
         # with and then dropped must not stay here (nor be told of every later cleanup)
@@ -431,13 +438,16 @@ class Registry:
             self._over_max_users = False
         elif warn and not self._over_max_users:
             self._over_max_users = True
-            logger.warning(
-                "ambient: %d users hold USER components in open scopes, above max_users=%d; "
-                "none can be evicted while in use (reported once until they are back "
-                "within it)",
-                len(self._users),
-                self.max_users,
-            )
+            now = self._clock()
+            if now - self._warned_over_at >= _WARN_OVER_EVERY:
+                self._warned_over_at = now
+                logger.warning(
+                    "ambient: %d users hold USER components in open scopes, above "
+                    "max_users=%d; none can be evicted while in use (reported once until "
+                    "they are back within it, at most once a minute)",
+                    len(self._users),
+                    self.max_users,
+                )
 
     async def close_evicted(self) -> None:
         """Clean up users evicted by ``max_users``."""

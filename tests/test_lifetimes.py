@@ -234,18 +234,44 @@ class TestUserLifetime:
     async def test_a_burst_past_max_users_is_reported_once_not_once_per_user(
         self, caplog: pytest.LogCaptureFixture
     ) -> None:
-        """Two bursts of 30 users at once with max_users=10: each is one warning, not one
-        per user admitted over the limit (a burst of thousands was thousands of lines)."""
+        """Two bursts of 30 users at once with max_users=10, a minute apart: each is one
+        warning, not one per user admitted over the limit (a burst of thousands was
+        thousands of lines)."""
         cleaned: list[str] = []
-        registry = user_registry(cleaned, max_users=10)
+        clock = FakeClock()
+        registry = user_registry(cleaned, clock=clock, max_users=10, idle_ttl=3600)
 
         with caplog.at_level("WARNING", logger="ambient"):
             await burst(registry, [ctx(f"first-{n}") for n in range(30)])
             assert registry.stats().live_users == 10
+            clock.now += 60
             await burst(registry, [ctx(f"second-{n}") for n in range(30)])
         warnings = [r.getMessage() for r in caplog.records if "above max_users" in r.getMessage()]
         assert len(warnings) == 2, warnings
         assert all("above max_users=10" in warning for warning in warnings)
+        await registry.aclose()
+
+    async def test_a_registry_crossing_max_users_again_and_again_warns_once_a_minute(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Ten bursts of 12 users past max_users=10 within a minute, the registry back
+        within the limit after each: one warning, not one per crossing; a burst after the
+        minute is reported again."""
+        cleaned: list[str] = []
+        clock = FakeClock()
+        registry = user_registry(cleaned, clock=clock, max_users=10, idle_ttl=3600)
+        with caplog.at_level("WARNING", logger="ambient"):
+            for round_ in range(10):
+                await burst(registry, [ctx(f"r{round_}-{n}") for n in range(12)])
+                assert registry.stats().live_users == 10
+                clock.now += 5
+            first = [r for r in caplog.records if "above max_users" in r.getMessage()]
+            clock.now += 10
+            await burst(registry, [ctx(f"late-{n}") for n in range(12)])
+        warnings = [r for r in caplog.records if "above max_users" in r.getMessage()]
+        assert len(first) == 1, [r.getMessage() for r in first]
+        assert len(warnings) == 2, [r.getMessage() for r in warnings]
+        assert len(set(cleaned)) == len(cleaned) == 11 * 12 - 10
         await registry.aclose()
 
     async def test_a_burst_past_max_users_walks_no_user_list_per_request(self) -> None:
@@ -291,7 +317,8 @@ class TestUserLifetime:
         the limit, so a later burst of signed-in users is reported again (the anonymous
         users left without the registry noticing, and every later burst went unreported)."""
         cleaned: list[str] = []
-        registry = user_registry(cleaned, max_users=10)
+        clock = FakeClock()
+        registry = user_registry(cleaned, clock=clock, max_users=10, idle_ttl=3600)
         anonymous = [
             UserExecutionContext.create(f"anonymous:{n}", metadata={ANONYMOUS: True})
             for n in range(30)
@@ -299,6 +326,7 @@ class TestUserLifetime:
         with caplog.at_level("WARNING", logger="ambient"):
             await burst(registry, anonymous)
             assert registry.stats().live_users == 0
+            clock.now += 60
             await burst(registry, [ctx(f"user-{n}") for n in range(30)])
         warnings = [r.getMessage() for r in caplog.records if "above max_users" in r.getMessage()]
         assert len(warnings) == 2, warnings
