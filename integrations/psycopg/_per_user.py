@@ -76,6 +76,12 @@ class PerUserPools:
 
     Every connection of a user's pool serves that user only; the ``settings`` (by default
     ``app.user_id`` and ``app.tenant_id``) are set for the whole session when it connects.
+    Connected directly, what a handler leaves in its server session (``SET ROLE``, a session
+    setting, a temporary table) stays for that same user's later checkouts of the
+    connection, as in psycopg's own pool, and never reaches another user's. Undo it in the
+    handler (``RESET ROLE``, ``SET LOCAL`` rather than ``SET``), not with ``RESET ALL`` in a
+    ``reset`` of ``pool_options``, which would drop the ``settings`` too; or use
+    :class:`SharedPool`, which resets every session it hands back.
     A connection that reaches PostgreSQL through a connection pooler (pgbouncer, whose
     transaction pooling hands one server session to many clients in turn) is recognised
     when it connects (the pooler's cancel key is not the server's): its settings are then
