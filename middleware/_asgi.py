@@ -40,6 +40,7 @@ from ambient.errors import (
 from ambient.middleware._problem import Problem, Receive, Send
 from ambient.middleware.identity import (
     _EXPIRES_AT_KEY,
+    _VALIDATED_AT_KEY,
     Identity,
     IdentityResolver,
     _challenge_of,
@@ -249,6 +250,9 @@ class AmbientMiddleware:
         counted = False
         try:
             request_id, raw_thread_ids = self._read_ids(scope)
+            # Before the resolver looks at the credential: a revocation of the user from
+            # this moment on may have come after that look, and must reach the socket.
+            validated_at = time.monotonic() if websocket else 0.0
             try:
                 # The resolver is called here rather than through resolve_identity(): two
                 # coroutines fewer per request for a sync resolver returning an Identity.
@@ -303,6 +307,7 @@ class AmbientMiddleware:
             if self._challenge is not None:
                 component_scope.state[_CHALLENGE_KEY] = self._challenge
             if websocket:
+                component_scope.state[_VALIDATED_AT_KEY] = validated_at
                 if registry.expiry_due():
                     await registry.expire_idle()
             else:

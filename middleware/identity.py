@@ -96,6 +96,10 @@ class Identity:
 # The request scope's state key for its identity's expiry, for what outlives the request on
 # its behalf (a websocket ticket it issues must not outlive the credential either).
 _EXPIRES_AT_KEY: Final = "ambient.identity.expires_at"
+# A websocket's scope state key for when (``time.monotonic()``) the middleware began to
+# resolve its identity: a revocation after that moment may have come after the credential
+# was checked, and the websockets integration's hub applies it to the socket as it joins.
+_VALIDATED_AT_KEY: Final = "ambient.identity.validated_at"
 
 _set_user_id = Identity.__dict__["user_id"].__set__
 _set_tenant_id = Identity.__dict__["tenant_id"].__set__

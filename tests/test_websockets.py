@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 import httpx
 import pytest
@@ -36,6 +37,7 @@ from starlette.websockets import WebSocket
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+import ambient
 from ambient import Registry, UserExecutionContext, UserRef
 from ambient.errors import ContextSwitchError, InvalidContextError, NoActiveContextError
 from ambient.integrations.websockets import (
@@ -48,7 +50,9 @@ from ambient.integrations.websockets import (
     UserWebSocketManager,
     decode_envelope,
     encode_envelope,
+    message_scope,
 )
+from ambient.middleware import AmbientMiddleware, trusted_header
 from tests.apps import Ledger
 from tests.conftest import REDIS_URL, service_unavailable
 from tests.servers import free_port, serve
@@ -1121,6 +1125,205 @@ async def test_a_revocation_as_the_socket_starts_its_writer_ends_the_block_quiet
     await registry.aclose()
 
 
+class HeldConnect:
+    """A websocket handshake driven in process through ``AmbientMiddleware``: its app
+    waits for ``proceed`` after the identity check (a database lookup, a ticket's
+    redemption) before it calls ``connect()``; in the block, past its first await, it does
+    the user's work and stays until ``leave``. ``settled`` is set once it did that work or
+    its app returned, ``ended`` once its app returned. With ``nested``, it connects
+    inside a message scope of the handshake's."""
+
+    def __init__(self, registry: Registry, user: str, *, nested: bool = False) -> None:
+        self.middleware = AmbientMiddleware(self.app, registry=registry, identity=trusted_header())
+        self.scope = {
+            "type": "websocket",
+            "asgi": {"version": "3.0"},
+            "path": "/ws",
+            "headers": [(b"x-user-id", user.encode())],
+            "client": ("127.0.0.1", 40000),
+            "subprotocols": [],
+        }
+        self.checked = anyio.Event()
+        self.proceed = anyio.Event()
+        self.settled = anyio.Event()
+        self.leave = anyio.Event()
+        self.ended = anyio.Event()
+        self.connection_id = ""
+        self.work: list[str] = []
+        self.sent: list[MutableMapping[str, Any]] = []
+        self.connected = False
+        self.nested = nested
+
+    async def app(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            websocket = WebSocket(scope, receive, send)
+            connection_id = ambient.get_current_context().connection_id
+            assert connection_id is not None
+            self.connection_id = connection_id
+            self.checked.set()
+            await self.proceed.wait()
+            async with message_scope() if self.nested else contextlib.nullcontext():
+                manager = await ambient.resolve(UserWebSocketManager)
+                async with manager.connect(websocket):
+                    await anyio.lowlevel.checkpoint()
+                    self.work.append(ambient.get_current_context().user_id)
+                    self.settled.set()
+                    await self.leave.wait()
+        finally:
+            self.settled.set()
+            self.ended.set()
+
+    async def receive(self) -> dict[str, Any]:
+        if not self.connected:
+            self.connected = True
+            return {"type": "websocket.connect"}
+        await self.leave.wait()
+        return {"type": "websocket.disconnect", "code": 1000}
+
+    async def send(self, message: MutableMapping[str, Any]) -> None:
+        self.sent.append(message)
+
+    async def run(self) -> None:
+        await self.middleware(self.scope, self.receive, self.send)
+
+    def closes(self) -> list[tuple[int, str]]:
+        return [(m["code"], m["reason"]) for m in self.sent if m["type"] == "websocket.close"]
+
+
+async def connect_held(*held: HeldConnect) -> None:
+    """Let the held handshakes on to ``connect()``, and wait until each has settled."""
+    for handshake in held:
+        handshake.proceed.set()
+    for handshake in held:
+        await handshake.settled.wait()
+
+
+@pytest.mark.parametrize("naming", ["the user", "the connection"])
+async def test_a_handshake_validated_before_a_revocation_is_revoked_as_it_connects(
+    naming: str,
+) -> None:
+    """Carol's handshake passed the identity check, and her app awaits a lookup before
+    connect() when she is revoked (all her sockets, or this connection by its id): the
+    socket was neither registered nor joining, so the revocation missed it. It is revoked
+    as it joins now: accepted, its block ends at its first await without doing her work,
+    and it is closed with 4001 and the revocation's reason. Dave's handshake, in the same
+    window, is not touched."""
+    registry = Registry()
+    hub = ConnectionHub()
+    hub.install(registry)
+    carol, dave = HeldConnect(registry, "carol"), HeldConnect(registry, "dave")
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for handshake in (carol, dave):
+                tg.start_soon(handshake.run)
+                await handshake.checked.wait()
+            named = carol.connection_id if naming == "the connection" else None
+            await hub.revoke("carol", connection_id=named, reason="banned")
+            await connect_held(carol, dave)
+            assert (carol.work, carol.closes()) == ([], [(4001, "banned")])
+            assert (dave.work, dave.closes()) == (["dave"], [])
+            assert (hub.stats().revoked, hub.stats().connections) == (1, 1)
+            dave.leave.set()
+    assert (hub.stats().connections, hub._joining) == (0, set())
+    await registry.aclose()
+
+
+async def test_a_handshake_connecting_inside_a_message_scope_is_revoked_as_well() -> None:
+    """The app calls connect() inside a message scope of the handshake's (a child scope
+    of its own): the time the handshake was validated is found through its parent, and
+    the socket is revoked as it joins."""
+    registry = Registry()
+    hub = ConnectionHub()
+    hub.install(registry)
+    carol = HeldConnect(registry, "carol", nested=True)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(carol.run)
+            await carol.checked.wait()
+            await hub.revoke("carol")
+            await connect_held(carol)
+            assert (carol.work, carol.closes()) == ([], [(4001, "access revoked")])
+    await registry.aclose()
+
+
+async def test_a_revocation_naming_one_connection_leaves_the_users_others_in_the_window() -> None:
+    """Two handshakes of carol wait before connect() when one of them is revoked by its
+    connection id: that one is revoked as it joins, the other gets in and stays."""
+    registry = Registry()
+    hub = ConnectionHub()
+    hub.install(registry)
+    first, second = HeldConnect(registry, "carol"), HeldConnect(registry, "carol")
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for handshake in (first, second):
+                tg.start_soon(handshake.run)
+                await handshake.checked.wait()
+            await hub.revoke("carol", connection_id=first.connection_id)
+            await connect_held(first, second)
+            assert (first.work, first.closes()) == ([], [(4001, "access revoked")])
+            assert (second.work, second.closes()) == (["carol"], [])
+            assert list(hub._users[UserRef("carol")]) == [second.connection_id]
+            second.leave.set()
+    assert hub.stats().revoked == 1
+    await registry.aclose()
+
+
+async def test_a_handshake_validated_after_the_revocation_gets_in_and_stays() -> None:
+    """Carol is revoked with a handshake of hers in the window (revoked as it joins), then
+    she signs in again: the new handshake, validated after the revocation, gets in, does
+    her work, and is still registered once the revoked one is gone."""
+    registry = Registry()
+    hub = ConnectionHub()
+    hub.install(registry)
+    before, after = HeldConnect(registry, "carol"), HeldConnect(registry, "carol")
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(before.run)
+            await before.checked.wait()
+            await hub.revoke("carol")
+            tg.start_soon(after.run)
+            await after.checked.wait()
+            await connect_held(before, after)
+            assert (before.work, before.closes()) == ([], [(4001, "access revoked")])
+            assert (after.work, after.closes()) == (["carol"], [])
+            assert list(hub._users[UserRef("carol")]) == [after.connection_id]
+            after.leave.set()
+    assert hub.stats().revoked == 1
+    await registry.aclose()
+
+
+async def test_the_revocations_remembered_for_joining_handshakes_are_bounded() -> None:
+    """The hub keeps the latest revocations only, by count (the oldest go first) and by
+    age: with room for three, six users revoked leave three entries, and a handshake of
+    the last one validated before it is still revoked as it joins while the first one's
+    gets in; past the age, a new revocation drops every older one."""
+    registry = Registry()
+    hub = ConnectionHub()
+    hub.install(registry)
+    hub._recent_max = 3
+    first, last = HeldConnect(registry, "user-0"), HeldConnect(registry, "user-5")
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for handshake in (first, last):
+                tg.start_soon(handshake.run)
+                await handshake.checked.wait()
+            for number in range(6):
+                await hub.revoke(f"user-{number}")
+            await connect_held(first, last)
+            assert (first.work, last.work, last.closes()) == (
+                ["user-0"],
+                [],
+                [(4001, "access revoked")],
+            )
+            first.leave.set()
+    assert [user.user_id for user, _ in hub._recent] == ["user-3", "user-4", "user-5"]
+    now = time.monotonic()
+    hub._clock = lambda: now + hub._recent_for + 1
+    await hub.revoke("user-6")
+    assert [user.user_id for user, _ in hub._recent] == ["user-6"]
+    await registry.aclose()
+
+
 class HeldClose:
     """The server side of a Starlette ``WebSocket`` whose close frame stays in flight until
     the test releases it, as a real server's close takes a moment (Starlette refuses the
@@ -1846,6 +2049,35 @@ async def test_a_revocation_before_the_first_subscription_is_confirmed_ends_the_
     stats = hub.stats()
     assert (stats.revoked, stats.connections, hub._joining) == (1, 0, set())
     assert backend.subscriptions == 0
+    await other.aclose()
+    await registry.aclose()
+
+
+async def test_a_revocation_through_redis_reaches_a_handshake_in_the_window(
+    redis_url: str,
+) -> None:
+    """This process holds a socket of carol, so her revocation by another process reaches
+    it as a message; a second handshake of hers, validated, waits before connect() as
+    it arrives. The message ends the registered socket, and the handshake is revoked as
+    it joins, instead of serving her."""
+    prefix = unique_prefix()
+    registry = Registry()
+    hub = ConnectionHub(RedisBroadcast(redis_url, channel_prefix=prefix))
+    hub.install(registry)
+    other = ConnectionHub(RedisBroadcast(redis_url, channel_prefix=prefix))
+    registered, held = HeldConnect(registry, "carol"), HeldConnect(registry, "carol")
+    with anyio.fail_after(DEADLINE):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(registered.run)
+            await connect_held(registered)
+            tg.start_soon(held.run)
+            await held.checked.wait()
+            await other.revoke("carol")
+            await registered.ended.wait()  # the message reached this process
+            await connect_held(held)
+            assert (held.work, held.closes()) == ([], [(4001, "access revoked")])
+    assert (registered.work, registered.closes()) == (["carol"], [(4001, "access revoked")])
+    assert (hub.stats().revoked, hub.stats().connections, hub._joining) == (2, 0, set())
     await other.aclose()
     await registry.aclose()
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -12,6 +14,7 @@ import anyio
 
 import ambient
 from ambient import Lifetime, Registry, UserExecutionContext, UserRef
+from ambient._binding import _shown
 from ambient._context import validate_id
 from ambient.errors import BroadcastError
 from ambient.integrations.websockets._broadcast import Broadcast, InProcessBroadcast
@@ -19,6 +22,7 @@ from ambient.integrations.websockets._connection import Connection, WebSocketLik
 from ambient.integrations.websockets._envelope import REVOKE, TO_CONNECTION, TO_USER, Envelope
 from ambient.integrations.websockets._manager import UserWebSocketManager
 from ambient.middleware._asgi import CLOSE_IDENTITY_ENDED
+from ambient.middleware.identity import _VALIDATED_AT_KEY
 
 logger = logging.getLogger("ambient.websockets")
 
@@ -26,6 +30,16 @@ CLOSE_GOING_AWAY: Final = 1001
 CLOSE_POLICY_VIOLATION: Final = 1008
 CLOSE_TRY_AGAIN_LATER: Final = 1013
 CLOSE_REVOKED: Final = CLOSE_IDENTITY_ENDED  # as the middleware closes an expired identity's
+
+# How long, and how many, revocations the hub keeps for handshakes validated before them
+# that reach connect() only after them. Between the identity check and connect() an app
+# awaits a database, a ticket's redemption, the accept: milliseconds to seconds, and servers
+# give up on a handshake well before five minutes. Revocations are rare administrative
+# acts; 10,000 entries (a few MB at most) still hold a whole tenant banned at once, and past
+# that the oldest go first, those whose handshakes in flight are the likeliest to have
+# joined already (and been revoked as registered sockets).
+_REVOCATIONS_KEPT_FOR: Final = 300.0
+_REVOCATIONS_KEPT: Final = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +119,15 @@ class ConnectionHub:
         # Sockets between the start of connect() and their registration (subscribing,
         # accepting): a revocation or aclose() in that window must reach them too.
         self._joining: set[Connection] = set()
+        # Recent revocations, oldest first: (user, the connection id named or None for all)
+        # -> (when, on self._clock, the reason). A socket whose handshake passed the
+        # identity check before one of them, and whose app reached connect() only after
+        # it, was neither registered nor joining when it came, and is revoked as it joins.
+        self._recent: OrderedDict[tuple[UserRef, str | None], tuple[float, str]] = OrderedDict()
+        self._recent_for = _REVOCATIONS_KEPT_FOR
+        self._recent_max = _REVOCATIONS_KEPT
+        # The middleware's clock for the moment it checks a handshake's identity.
+        self._clock = time.monotonic
         self._count = 0
         self._peak_queued = 0
         self._overflows = 0
@@ -172,12 +195,31 @@ class ConnectionHub:
         For a logout, a ban or a revoked session: refuse the credential first, and the
         user's outstanding websocket tickets (:meth:`WebSocketTickets.revoke
         <ambient.middleware.tickets.WebSocketTickets.revoke>`), so no new handshake gets in;
-        then call this. A socket still connecting is revoked as its
-        handshake completes. Where :class:`RedisBroadcast` learns of a revocation from its
-        count rather than its message (after an outage of a process's subscription, or
-        when it races that process's first subscription to the user), it ends every socket
-        of that user there, also when ``connection_id`` named one, with the reason "access
-        revoked". Unlike the hub's other sends, it names its user explicitly: it is meant
+        then call this. A socket still connecting is revoked as its handshake completes.
+
+        So is a socket whose handshake :class:`~ambient.middleware.AmbientMiddleware`
+        validated before the revocation reached this process, but whose app reached
+        ``connect()`` only after it (it awaited a database, a ticket's redemption, the
+        accept first): each process remembers the revocations that reach it (through this
+        call, the backend's message, or :class:`RedisBroadcast`'s count, see below) for
+        five minutes, the latest 10,000 of them, dated on its monotonic clock as they
+        arrive; a handshake validated at or before that date is revoked as it joins, one
+        validated after it gets in. A revocation learnt from the count is dated when it
+        is learnt, which can be later than the revocation: a handshake validated in
+        between is revoked too, and can connect again. Not covered: with
+        :class:`RedisBroadcast`, a process that held no socket of the user when the
+        revocation was published gets no message of it, and the count it reads as a
+        socket of the user subscribes there already includes it; a handshake validated in
+        that process before the revocation and joining after it is served (the
+        revocation's time on another host's clock cannot be compared with this one's).
+        Nor are sockets whose scope the middleware did not open (no validation time).
+
+        Where :class:`RedisBroadcast` learns of a revocation from its count rather than
+        its message (after an outage of a process's subscription, or when it races that
+        process's first subscription to the user), it ends every socket of that user
+        there, also when ``connection_id`` named one, with the reason "access revoked".
+
+        Unlike the hub's other sends, it names its user explicitly: it is meant
         for an administrator or the auth system, not for the user's own requests.
 
         Raises:
@@ -203,6 +245,9 @@ class ConnectionHub:
             raise ValueError(msg)
         envelope = Envelope(ref, REVOKE, connection_id, reason)
         await self._publish(envelope)
+        # Here too: a backend delivering over subscriptions (Redis) does not deliver to this
+        # process when it holds no socket of the user.
+        self._remember(envelope)
         if self._joining:
             # This process's own sockets still connecting, at once: a backend delivering
             # over subscriptions (Redis) misses those whose user it is not yet subscribed to.
@@ -217,8 +262,10 @@ class ConnectionHub:
     def _deliver(self, envelope: Envelope) -> None:
         """Queue ``envelope`` on the matching sockets this process holds (never waits)."""
         mode = envelope.mode
-        if mode == REVOKE and self._joining:
-            self._revoke_joining(envelope)
+        if mode == REVOKE:
+            self._remember(envelope)
+            if self._joining:
+                self._revoke_joining(envelope)
         connections = self._users.get(envelope.user)
         if not connections:
             return
@@ -253,6 +300,31 @@ class ConnectionHub:
                 self._revoked += 1
                 joining._revoke(CLOSE_REVOKED, str(envelope.data))
 
+    def _remember(self, envelope: Envelope) -> None:
+        """Keep the revocation ``envelope`` for handshakes validated before it that join
+        later, dated now (the latest one per user and connection named), within the
+        bounds: the oldest go once past ``_recent_for`` seconds or ``_recent_max``."""
+        now = self._clock()
+        recent = self._recent
+        key = (envelope.user, envelope.target)
+        recent.pop(key, None)
+        recent[key] = (now, str(envelope.data))
+        oldest = now - self._recent_for
+        # Oldest first, as dated on one monotonic clock; the entry just added stays.
+        while len(recent) > self._recent_max or next(iter(recent.values()))[0] < oldest:
+            recent.popitem(last=False)
+
+    def _revoked_since(self, connection: Connection, validated_at: float) -> str | None:
+        """The reason of a remembered revocation of ``connection`` (its user's every
+        socket, or this one) at or after ``validated_at``, or ``None``."""
+        user = connection.user
+        for key in ((user, None), (user, connection.connection_id)):
+            found = self._recent.get(key)
+            # At the same instant too: the clock cannot tell which came first.
+            if found is not None and validated_at <= found[0]:
+                return found[1]
+        return None
+
     # -- registration --------------------------------------------------------------------
 
     @asynccontextmanager
@@ -267,7 +339,7 @@ class ConnectionHub:
         if existing is not None and connection.connection_id in existing:
             msg = f"connection {connection.connection_id} is already registered"
             raise RuntimeError(msg)
-        await self._join(connection, websocket, accept=accept)
+        await self._join(connection, websocket, accept=accept, validated_at=_validated_at(ctx))
         failure: BaseException | None = None
         try:
             if accept:
@@ -311,10 +383,23 @@ class ConnectionHub:
                     logger.warning("ambient: unsubscribing %r failed", connection, exc_info=True)
 
     async def _join(
-        self, connection: Connection, websocket: WebSocketLike, *, accept: bool
+        self,
+        connection: Connection,
+        websocket: WebSocketLike,
+        *,
+        accept: bool,
+        validated_at: float | None = None,
     ) -> None:
-        """Subscribe ``connection``'s user, the socket counted as joining from now on."""
+        """Subscribe ``connection``'s user, the socket counted as joining from now on, and
+        revoked at once if its handshake (validated at ``validated_at``, when known) came
+        before a revocation remembered here."""
         self._joining.add(connection)
+        # With no await since the add: a revocation from now on finds it joining instead.
+        if validated_at is not None and self._recent:
+            reason = self._revoked_since(connection, validated_at)
+            if reason is not None:
+                self._revoked += 1
+                connection._revoke(CLOSE_REVOKED, reason)
         try:
             await self.backend.subscribe(connection.user)
         except BaseException as error:
@@ -371,6 +456,24 @@ class ConnectionHub:
         self._remove(connection)
         self._send_failures += 1
         return True
+
+
+def _validated_at(ctx: UserExecutionContext) -> float | None:
+    """When the middleware began to check the identity of the websocket handshake whose
+    scope is bound here (``time.monotonic()``), or ``None`` without one (a scope opened
+    without the middleware). Found through the scopes of ``ctx``'s user bound here, a
+    message scope's parent included."""
+    binding = _shown()
+    user = ctx.user
+    while binding is not None and binding.ctx.user == user:
+        resolver = binding.scope
+        state = None if resolver is None else resolver.owner._state
+        if state is not None:
+            validated_at = state.get(_VALIDATED_AT_KEY)
+            if isinstance(validated_at, float):
+                return validated_at
+        binding = binding.prev
+    return None
 
 
 async def _close(connection: Connection, websocket: WebSocketLike, code: int, reason: str) -> None:
