@@ -47,9 +47,10 @@ import os
 import re
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+import weakref
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, MutableMapping
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from opentelemetry import propagate
 
@@ -567,6 +568,55 @@ def _parse_host(entry: str) -> tuple[str, int | None]:
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 
 
+_INJECTED: Final = "ambient.injected"
+"""The request extension where each hook notes the headers it set: httpx hands a request's
+extensions to the request that follows its redirect, and builds that one's headers from it."""
+
+
+class _Noted(MutableMapping[str, str]):
+    """Headers that note the values set in them (by :func:`inject` and the propagator)."""
+
+    __slots__ = ("headers", "set")
+
+    def __init__(self, headers: MutableMapping[str, str]) -> None:
+        self.headers = headers
+        self.set: dict[str, str] = {}
+
+    def __getitem__(self, name: str) -> str:
+        return self.headers[name]
+
+    def __setitem__(self, name: str, value: str) -> None:
+        self.headers[name] = value
+        self.set[name.lower()] = value
+
+    def __delitem__(self, name: str) -> None:
+        del self.headers[name]
+        self.set.pop(name.lower(), None)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.headers)
+
+    def __len__(self) -> int:
+        return len(self.headers)
+
+
+class _Injected(NamedTuple):
+    """What one hook set on one request."""
+
+    request: weakref.ref[Any]
+    headers: dict[str, str]
+
+
+def _note(request: Any, key: object, injected: _Injected | None) -> None:
+    records = {k: v for k, v in request.extensions.get(_INJECTED, {}).items() if k is not key}
+    if injected is not None:
+        records[key] = injected
+    # A new dict, never a change to the old one: httpx may share it between requests (the
+    # redirect's with the one before; the application's own dict between its calls), and a
+    # note on a request to a third party would then name its headers as ours.
+    request.extensions = {**request.extensions, _INJECTED: records}
+
+
 def inject_hook(
     *,
     hosts: Iterable[str],
@@ -578,9 +628,19 @@ def inject_hook(
     """An httpx request event hook that calls :func:`inject` for requests to ``hosts``.
 
     For ``httpx.Client(event_hooks={"request": [inject_hook(hosts=[...])]})``; use
-    :func:`async_inject_hook` with ``httpx.AsyncClient``. Requests to other hosts, and
-    requests sent outside any context, go out unchanged: the token is a credential, and a
-    client shared with third-party APIs must not hand it to them.
+    :func:`async_inject_hook` with ``httpx.AsyncClient``. Requests sent outside any
+    context go out unchanged; requests to other hosts go out without the context: the
+    token is a credential, the ids and the W3C ``baggage`` (which may hold the user's and
+    the tenant's ids, see ``Telemetry(baggage=...)``) are the user's, and a client shared
+    with third-party APIs must not hand them out.
+
+    When an allowed host answers with a redirect to another host, httpx builds the next
+    request from the headers of the last one (it drops only ``Authorization``): on that
+    request the hook takes off every header it set (the token, ``x-request-id``,
+    ``x-thread-id``, ``traceparent``, ``baggage``) that still holds the value it set. A
+    redirect to an allowed host gets them all afresh, one past another host included.
+    Headers the application sets itself on a request to another host go out as they are,
+    except ``header``: a token goes to no other host, whoever put it there.
 
     Args:
         hosts: The services that may receive the context: ``"billing.internal"`` (any
@@ -595,19 +655,42 @@ def inject_hook(
         msg = "inject_hook() needs at least one host that may receive the signed context"
         raise ValueError(msg)
     signer = _signer(secret)
+    # Names this hook's notes: a client may have hooks for other hosts, whose headers are
+    # theirs to take off.
+    key = object()
 
     def hook(request: Any) -> None:
         url = request.url
         host = str(url.host).lower()
         port = url.port or _DEFAULT_PORTS.get(url.scheme)
+        noted: dict[object, _Injected] = request.extensions.get(_INJECTED, {})
+        mine = noted.get(key)
         if not any(host == name and (wanted is None or wanted == port) for name, wanted in allowed):
-            # A redirect from an allowed host keeps the request's headers (httpx drops only
-            # Authorization across origins): the token must not follow it elsewhere.
+            if mine is not None:
+                # Redirected here from an allowed host: what the hook set there must not
+                # follow (httpx drops only Authorization across origins). A value another
+                # hook set on this very request, for a host of its own, stays.
+                theirs = {
+                    item
+                    for other in noted.values()
+                    if other.request() is request
+                    for item in other.headers.items()
+                }
+                for name, value in mine.headers.items():
+                    if request.headers.get(name) == value and (name, value) not in theirs:
+                        del request.headers[name]
+                _note(request, key, None)
             if header in request.headers:
                 del request.headers[header]
             return
         if current_context_or_none() is not None:
-            inject(request.headers, secret=signer, ttl=ttl, audience=audience, header=header)
+            headers = _Noted(request.headers)
+            inject(headers, secret=signer, ttl=ttl, audience=audience, header=header)
+            # What it set at an earlier allowed host, and did not set again here, is still
+            # its own to take off if the redirects go on elsewhere.
+            earlier = {} if mine is None else mine.headers
+            kept = {name: value for name, value in earlier.items() if headers.get(name) == value}
+            _note(request, key, _Injected(weakref.ref(request), kept | headers.set))
 
     return hook
 

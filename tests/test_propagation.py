@@ -8,7 +8,7 @@ import logging
 import math
 import multiprocessing
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
@@ -471,6 +471,197 @@ class TestInject:
             inject_hook(hosts=["billing:http"], secret=SECRET)
 
 
+INJECTED = (HEADER, "x-request-id", "x-thread-id", "traceparent", "baggage")
+"""The headers the hook sets when the app traces and puts ids into baggage."""
+
+
+class Hops:
+    """Hosts served in process, through httpx's own redirect handling: each request is
+    noted (host and headers); a path in ``redirects`` is answered 307 to the URL given."""
+
+    def __init__(self, **redirects: str) -> None:
+        self.redirects = redirects
+        self.received: list[tuple[str, httpx.Headers]] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.received.append((request.url.host, request.headers))
+        location = self.redirects.get(request.url.path.strip("/"))
+        if location is not None:
+            return httpx.Response(307, headers={"location": location})
+        return httpx.Response(200, text=request.url.host)
+
+
+@pytest.fixture(name="traced")
+async def fixture_traced() -> AsyncIterator[Registry]:
+    """A registry whose scopes are traced and put the raw user id and the tenant id into
+    baggage: the hook then sets a ``traceparent``, and a ``baggage`` naming the user."""
+    registry = Registry(
+        telemetry=Telemetry(
+            tracer_provider=TracerProvider(),
+            span_threshold=0,
+            user_id="raw",
+            baggage=("user_id", "tenant_id"),
+        )
+    )
+    yield registry
+    await registry.aclose()
+
+
+def hook_for(*hosts: str, **options: Any) -> dict[str, Any]:
+    """The arguments of an inject hook for ``hosts``."""
+    return {"hosts": hosts, "secret": SECRET, **options}
+
+
+async def follow(
+    sync: bool,
+    hops: Hops,
+    url: str,
+    *hooks: dict[str, Any],
+    headers: dict[str, str] | None = None,
+) -> httpx.Response:
+    """GET ``url``, following redirects, with a sync client (in a worker thread, which
+    sees this context) or an async one, and their hooks."""
+    transport = httpx.MockTransport(hops)
+    if sync:
+
+        def sync_get() -> httpx.Response:
+            with httpx.Client(
+                transport=transport,
+                follow_redirects=True,
+                event_hooks={"request": [inject_hook(**options) for options in hooks]},
+            ) as client:
+                return client.get(url, headers=headers)
+
+        return await anyio.to_thread.run_sync(sync_get)
+    async with httpx.AsyncClient(
+        transport=transport,
+        follow_redirects=True,
+        event_hooks={"request": [async_inject_hook(**options) for options in hooks]},
+    ) as client:
+        return await client.get(url, headers=headers)
+
+
+def injected(headers: httpx.Headers) -> list[str]:
+    return [name for name in INJECTED if name in headers]
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["async-hook", "sync-hook"])
+class TestRedirects:
+    async def test_a_redirect_elsewhere_carries_nothing_the_hook_set(
+        self, sync: bool, traced: Registry
+    ) -> None:
+        """An allowed service redirects to a host outside ``hosts``: httpx builds the next
+        request from the last one's headers, so the request and thread ids, the
+        traceparent and the baggage (here the user's and the tenant's ids) reached the
+        third party; only the token was taken off. The hook now takes off all it set; the
+        application's other headers follow the redirect, as httpx has them do."""
+        hops = Hops(pay="https://api.example.com/next")
+        async with traced.open_scope(context()):
+            answer = await follow(
+                sync,
+                hops,
+                "http://billing.internal/pay",
+                hook_for("billing.internal"),
+                headers={"x-client": "mobile"},
+            )
+        assert answer.text == "api.example.com"
+        assert [host for host, _ in hops.received] == ["billing.internal", "api.example.com"]
+        [(_, billing), (_, third_party)] = hops.received
+        assert injected(billing) == list(INJECTED)
+        assert "ambient.user_id=alice" in billing["baggage"]
+        assert injected(third_party) == []
+        assert third_party["x-client"] == "mobile"
+
+    async def test_the_applications_own_headers_to_another_host_stay(
+        self, sync: bool, traced: Registry
+    ) -> None:
+        """A request the application sends straight to a host outside ``hosts`` keeps the
+        ids and trace headers it set itself, even the context's own (a request id given
+        to a payment API to match its logs): they are the application's business."""
+        hops = Hops()
+        ctx = context()
+        own = {
+            "x-request-id": ctx.request_id,
+            "x-thread-id": ctx.thread_id,
+            "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "baggage": "order=17",
+        }
+        async with traced.open_scope(ctx):
+            await follow(
+                sync, hops, "https://api.example.com/", hook_for("billing.internal"), headers=own
+            )
+        [(_, received)] = hops.received
+        assert {name: received.get(name) for name in own} == own
+
+    async def test_a_redirect_between_allowed_hosts_carries_the_context(
+        self, sync: bool, traced: Registry
+    ) -> None:
+        """From one allowed host to another the hook sets the context again."""
+        hops = Hops(pay="http://ledger.internal/entries")
+        ctx = context()
+        async with traced.open_scope(ctx):
+            await follow(
+                sync,
+                hops,
+                "http://billing.internal/pay",
+                hook_for("billing.internal", "ledger.internal"),
+            )
+        [_, (host, ledger)] = hops.received
+        assert host == "ledger.internal"
+        assert injected(ledger) == list(INJECTED)
+        assert verify(ledger[HEADER], secret=SECRET) == ctx
+        assert (ledger["x-request-id"], ledger["x-thread-id"]) == ("request-42", "conversation-7")
+        assert "ambient.user_id=alice" in ledger["baggage"]
+
+    async def test_a_redirect_back_to_an_allowed_host_carries_the_context_again(
+        self, sync: bool, traced: Registry
+    ) -> None:
+        """Allowed, allowed, elsewhere, allowed again: the third party gets nothing the
+        hook set at either allowed host before it, and the host after it gets it all."""
+        hops = Hops(
+            a="http://ledger.internal/b",
+            b="https://api.example.com/c",
+            c="http://billing.internal:8080/d",
+        )
+        ctx = context()
+        async with traced.open_scope(ctx):
+            answer = await follow(
+                sync,
+                hops,
+                "http://billing.internal/a",
+                hook_for("billing.internal", "ledger.internal"),
+            )
+        assert answer.text == "billing.internal"
+        assert [(host, injected(headers)) for host, headers in hops.received] == [
+            ("billing.internal", list(INJECTED)),
+            ("ledger.internal", list(INJECTED)),
+            ("api.example.com", []),
+            ("billing.internal", list(INJECTED)),
+        ]
+        assert verify(hops.received[-1][1][HEADER], secret=SECRET) == ctx
+
+    async def test_a_hook_leaves_what_another_hook_set_for_its_own_host(
+        self, sync: bool, traced: Registry
+    ) -> None:
+        """Two hooks, for two services, with tokens under two headers: on a redirect from
+        the first service to the second, the first hook takes off its token, and leaves
+        the ids and trace headers the second one set on that request (whichever runs
+        first), though they hold the same values it had set."""
+        for order in (1, -1):
+            hops = Hops(pay="http://search.internal/find")
+            hooks = [
+                hook_for("billing.internal"),
+                hook_for("search.internal", header="x-search-context"),
+            ]
+            async with traced.open_scope(context()):
+                await follow(sync, hops, "http://billing.internal/pay", *hooks[::order])
+            [_, (host, search)] = hops.received
+            assert host == "search.internal"
+            assert HEADER not in search
+            assert "x-search-context" in search
+            assert injected(search) == list(INJECTED[1:]), order
+
+
 def downstream(
     secret: str = SECRET, *, provider: TracerProvider | None = None, **options: Any
 ) -> tuple[Any, Registry]:
@@ -675,8 +866,9 @@ class _Recorder:
 async def test_a_redirect_to_another_host_does_not_carry_the_token() -> None:
     """An allowed service answers with a redirect to a host outside ``hosts`` (a third
     party, a compromised service's doing): the client follows it, and the token, a
-    credential, does not: httpx keeps every header but Authorization across origins, so
-    the hook takes it off. Both over loopback, with the async and the sync hook."""
+    credential, does not, nor the ids the hook set: httpx keeps every header but
+    Authorization across origins, so the hook takes them off. Both over loopback, with
+    the async and the sync hook."""
     elsewhere = _Recorder(Response("elsewhere"))
     with serve("uvicorn", elsewhere) as other_url:
         allowed = _Recorder(Response(status_code=302, headers={"location": f"{other_url}/x"}))
@@ -701,6 +893,8 @@ async def test_a_redirect_to_another_host_does_not_carry_the_token() -> None:
     assert (answer.text, sync_answer.text) == ("elsewhere", "elsewhere")
     assert [HEADER in headers for headers in allowed.headers] == [True, True]
     assert [HEADER in headers for headers in elsewhere.headers] == [False, False]
+    for headers in elsewhere.headers:
+        assert ("x-request-id" in headers, "x-thread-id" in headers) == (False, False)
 
 
 async def test_a_thread_id_that_is_not_ascii_reaches_the_callee_in_the_token() -> None:
