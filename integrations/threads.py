@@ -320,16 +320,22 @@ class ContextExecutor(ThreadPoolExecutor):
         context = contextvars.copy_context()
         _hand_over(context)
 
+        ran = False
+
         def run_held() -> R:
+            nonlocal ran
+            ran = True
             try:
                 return context.run(fn, *args, **kwargs)
             finally:
                 _release_soon(hold, call_soon)
 
-        def released_if_cancelled(future: Future[R]) -> None:
-            # Cancelled while queued (future.cancel(), shutdown(cancel_futures=True)):
-            # run_held never runs, so its release must come from here.
-            if future.cancelled():
+        def released_if_never_ran(future: Future[R]) -> None:
+            # Done without running: cancelled while queued (future.cancel(),
+            # shutdown(cancel_futures=True)), or failed with BrokenThreadPool when a worker's
+            # initializer failed (the pool drains its queue). run_held never runs, so its
+            # release must come from here. A future is done only after run_held returned.
+            if not ran:
                 _release_soon(hold, call_soon)
 
         try:
@@ -337,7 +343,7 @@ class ContextExecutor(ThreadPoolExecutor):
         except BaseException:
             _release_soon(hold, call_soon)
             raise
-        future.add_done_callback(released_if_cancelled)
+        future.add_done_callback(released_if_never_ran)
         return future
 
 

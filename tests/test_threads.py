@@ -514,6 +514,31 @@ class TestWorkThatOutlivesTheRequest:
         assert ledger.open_probes() == 0
         assert_released_in_time(caplog)
 
+    async def test_a_held_call_in_a_pool_whose_initializer_failed_releases_the_scope(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A worker's initializer fails: the pool breaks and fails its queued calls with
+        BrokenThreadPool without running them. The hold of a submit_held call goes with
+        it, and the scope cleans up at once instead of waiting for the cleanup timeout."""
+        registry, ledger = make_registry(cleanup_timeout=2.0)
+        ran: list[str] = []
+
+        def initializer() -> None:
+            raise RuntimeError("no database")
+
+        with (
+            ContextExecutor(max_workers=1, initializer=initializer) as executor,
+            caplog.at_level(logging.WARNING, logger="ambient"),
+        ):
+            async with registry.open_scope(UserExecutionContext.create("alice")):
+                await ambient.resolve(Probe)
+                future = executor.submit_held(ran.append, "ran")
+                failure = await anyio.to_thread.run_sync(future.exception, 10)
+        assert isinstance(failure, concurrent.futures.thread.BrokenThreadPool)
+        assert ran == []
+        assert ledger.open_probes() == 0
+        assert_released_in_time(caplog)
+
     async def test_submit_held_from_a_worker_thread(self) -> None:
         """From an anyio worker thread the hold is taken on the loop's thread."""
         registry, _ = make_registry()
