@@ -17,6 +17,7 @@ import contextlib
 import contextvars
 import functools
 import inspect
+import os
 from collections.abc import Callable, Hashable, Iterator
 from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, cast
@@ -72,6 +73,23 @@ _resolving: Final[ContextVar[tuple[Any, ...]]] = ContextVar("ambient.resolving",
 _handed_over: Final[ContextVar[tuple[Hashable, ...]]] = ContextVar(
     "ambient.handed_over", default=()
 )
+
+
+def _forget_in_forked_child() -> None:
+    """Start a forked child with nothing bound, as a spawned one starts.
+
+    The child runs on in the context of the thread that forked it: a process pool forks
+    its workers at its first submit, in the submitting request, and without this every
+    job its workers run, whoever submits it, would see that request's user and resolve
+    from a copy of its scope (sharing its connections with the parent). The child is the
+    only owner of this context, so nothing is left to restore."""
+    _current.set(None)
+    _resolving.set(())
+    _handed_over.set(())
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which only spawns
+    os.register_at_fork(after_in_child=_forget_in_forked_child)
 
 
 def _live(binding: _Binding | None) -> _Binding | None:

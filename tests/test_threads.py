@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import multiprocessing
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -739,3 +740,27 @@ async def test_fire_and_forget_behind_a_real_server() -> None:
     assert jobs["loose"]["result"] == "ScopeClosedError"
     assert jobs["held"]["result"] == f"probe {held['probe']} closed=False"
     assert ledger.problems() == []
+
+
+def _user_here() -> str | None:
+    """What a worker process sees (module level: a process pool pickles it by name)."""
+    ctx = ambient.current_context_or_none()
+    return None if ctx is None else ctx.user_id
+
+
+@pytest.mark.skipif(
+    "fork" not in multiprocessing.get_all_start_methods(), reason="needs the fork start method"
+)
+# Python 3.12+ warns about forking a process that has threads (other tests leave some).
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_forked_worker_process_has_no_context_never_the_one_that_started_it() -> None:
+    """A process pool forks its workers at its first submit, in the submitting request's
+    context: they start empty, as spawned ones do, so a later user's job never runs as
+    the user whose request happened to start the pool."""
+    fork = multiprocessing.get_context("fork")
+    seen = []
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=fork) as pool:
+        for user in ("alice", "bob"):
+            with ambient.bind_context(UserExecutionContext.create(user)):
+                seen.append(pool.submit(_user_here).result(timeout=30))
+    assert seen == [None, None]
