@@ -76,16 +76,19 @@ _handed_over: Final[ContextVar[tuple[Hashable, ...]]] = ContextVar(
 
 
 def _forget_in_forked_child() -> None:
-    """Start a forked child with nothing bound, as a spawned one starts.
+    """Start a forked child with nothing bound and an empty OpenTelemetry context, as a
+    spawned one starts.
 
     The child runs on in the context of the thread that forked it: a process pool forks
     its workers at its first submit, in the submitting request, and without this every
     job its workers run, whoever submits it, would see that request's user and resolve
-    from a copy of its scope (sharing its connections with the parent). The child is the
+    from a copy of its scope (sharing its connections with the parent), and record its
+    spans and log lines into that request's trace, with its baggage. The child is the
     only owner of this context, so nothing is left to restore."""
     _current.set(None)
     _resolving.set(())
     _handed_over.set(())
+    otel_context.attach(otel_context.Context())
 
 
 if hasattr(os, "register_at_fork"):  # not on Windows, which only spawns

@@ -17,11 +17,14 @@ import anyio.from_thread
 import httpx
 import pytest
 from fastapi import FastAPI
+from opentelemetry import baggage, trace
+from opentelemetry import context as otel_context
 
 import ambient
 from ambient import Lifetime, Registry, UserExecutionContext, UserRef
 from ambient.errors import NoActiveContextError, ResolutionError, ScopeClosedError
 from ambient.integrations.fastapi import install
+from ambient.integrations.logging import context_fields
 from ambient.integrations.threads import ContextExecutor, hold_scope, run_sync_in_thread
 from ambient.middleware import trusted_header
 from tests.frameworks.common import Ledger, Memory, Probe
@@ -764,3 +767,29 @@ def test_a_forked_worker_process_has_no_context_never_the_one_that_started_it() 
             with ambient.bind_context(UserExecutionContext.create(user)):
                 seen.append(pool.submit(_user_here).result(timeout=30))
     assert seen == [None, None]
+
+
+def _trace_here() -> tuple[str, dict[str, object]]:
+    """The trace id a worker process's log lines carry, and the baggage it sees."""
+    return context_fields()["trace_id"], dict(baggage.get_all())
+
+
+@pytest.mark.skipif(
+    "fork" not in multiprocessing.get_all_start_methods(), reason="needs the fork start method"
+)
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_forked_worker_process_is_not_in_the_trace_that_started_it() -> None:
+    """Nor does a forked worker stay in the trace of the request that started the pool: a
+    later request's job neither logs that request's trace id nor sees its baggage."""
+    fork = multiprocessing.get_context("fork")
+    seen = []
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=fork) as pool:
+        for trace_id in (0xA11CE, 0xB0B):
+            span = trace.NonRecordingSpan(trace.SpanContext(trace_id, span_id=1, is_remote=False))
+            request = baggage.set_baggage("plan", f"{trace_id:x}", trace.set_span_in_context(span))
+            token = otel_context.attach(request)
+            try:
+                seen.append(pool.submit(_trace_here).result(timeout=30))
+            finally:
+                otel_context.detach(token)
+    assert seen == [("", {}), ("", {})]
