@@ -18,6 +18,12 @@ Example::
     handler.setFormatter(logging.Formatter("%(levelname)s %(user_id)s %(trace_id)s %(message)s"))
 
     structlog.configure(processors=[add_context, structlog.processors.JSONRenderer()])
+
+A filter reads the context where it runs. Where records are emitted later or elsewhere,
+put it on the handler that takes them in (the ``QueueHandler``, the ``MemoryHandler``) or on
+the logger, not on the handler behind it: a ``QueueListener``'s handlers run in the
+listener's thread (no context: empty fields), and a ``MemoryHandler``'s target runs when the
+buffer is flushed, maybe during another request (that request's ids).
 """
 
 from __future__ import annotations
