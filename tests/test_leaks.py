@@ -26,9 +26,9 @@ class UserThing:
     """A USER component."""
 
 
-@pytest.mark.no_cover  # a load test: what it runs, smaller tests cover
-async def test_10000_scopes_leave_nothing_alive() -> None:
-    """After 10,000 scopes with components, no context, scope or REQUEST component is alive."""
+@pytest.mark.load
+async def test_5000_scopes_leave_nothing_alive() -> None:
+    """After 5,000 scopes with components, no context, scope or REQUEST component is alive."""
     registry = Registry()
     registry.register(RequestThing, RequestThing)
 
@@ -42,7 +42,7 @@ async def test_10000_scopes_leave_nothing_alive() -> None:
     registry.register("agen", async_with_cleanup)
     registry.register(UserThing, UserThing, lifetime=Lifetime.USER, idle_ttl=0)
     refs: list[weakref.ref[object]] = []
-    for n in range(10_000):
+    for n in range(5_000):
         ctx = UserExecutionContext.create(f"user-{n % 100}")
         async with registry.open_scope(ctx) as scope:
             thing = await ambient.resolve(RequestThing)
@@ -79,11 +79,11 @@ def _count_context_vars(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return made
 
 
-@pytest.mark.no_cover  # a load test: what it runs, smaller tests cover
-async def test_10000_middleware_stacks_create_no_context_vars_and_free_their_memory(
+@pytest.mark.load
+async def test_5000_middleware_stacks_create_no_context_vars_and_free_their_memory(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Building 10,000 applications (registry, telemetry, middleware) and serving one
+    """Building 5,000 applications (registry, telemetry, middleware) and serving one
     request each creates no ContextVar (a Context keeps every variable it saw alive), and
     the memory they used is returned once they are dropped (the same 100 users throughout:
     valid user ids are memoised process-wide, up to a bound)."""
@@ -125,12 +125,12 @@ async def test_10000_middleware_stacks_create_no_context_vars_and_free_their_mem
     made.clear()
     gc.collect()
     blocks = sys.getallocatedblocks()
-    for n in range(10_000):
+    for n in range(5_000):
         await serve_one(n)
     gc.collect()
     grown = sys.getallocatedblocks() - blocks
     assert made == []
-    # One object kept per application would be 10,000 blocks.
+    # One object kept per application would be 5,000 blocks.
     assert grown < 1_000, f"{grown} memory blocks still allocated"
 
 

@@ -80,7 +80,7 @@ async def wait_for(ledger: Ledger, predicate: Any) -> None:
     assert await anyio.to_thread.run_sync(ledger.wait, predicate), ledger.problems()
 
 
-@pytest.mark.no_cover  # a load test: what it runs, smaller tests cover
+@pytest.mark.load
 async def test_many_users_on_keep_alive_connections_never_see_each_other(
     server: str, anyio_backend: str
 ) -> None:

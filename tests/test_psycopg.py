@@ -773,7 +773,7 @@ async def test_shared_savepoint_rollback_keeps_the_settings(shared: SharedPool) 
 # -- SharedPool: a returned connection is clean --------------------------------------------------
 
 
-@pytest.mark.no_cover  # a load test: what it runs, smaller tests cover
+@pytest.mark.load
 async def test_shared_leak_check_10000_alternating_checkouts(db: Database) -> None:
     """max_size=1: over 10,000 alternating checkouts of two users on one physical
     connection (same backend pid throughout), each sees only its own settings, and a

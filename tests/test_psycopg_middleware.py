@@ -202,7 +202,7 @@ async def _eventually_zero(db: Database, query: str, params: tuple[object, ...])
     await _eventually(zero, query, within=10)
 
 
-@pytest.mark.no_cover  # a load test: what it runs, smaller tests cover
+@pytest.mark.load
 async def test_middleware_rls_100_concurrent_users(served: Served) -> None:
     """100 users write and read notes concurrently through the middleware; each sees only
     its own rows, and a request without identity is refused before touching the pool."""

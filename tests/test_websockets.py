@@ -141,7 +141,7 @@ async def close_all(sockets: list[ClientConnection]) -> None:
 # -- isolation -----------------------------------------------------------------------------
 
 
-@pytest.mark.no_cover  # a load test: what it runs, smaller tests cover
+@pytest.mark.load
 async def test_every_socket_gets_exactly_its_users_thread_events_in_order(server: str) -> None:
     """50 users x 2 threads x 2 sockets; each (user, thread) run emits 100 events to its
     thread and one to all of its user's sockets. Every socket receives exactly its thread's
