@@ -44,6 +44,7 @@ from ambient.middleware.identity import (
     Identity,
     IdentityResolver,
     _challenge_of,
+    _validation_clock,
     checked_identity,
 )
 from ambient.telemetry import Telemetry
@@ -252,7 +253,7 @@ class AmbientMiddleware:
             request_id, raw_thread_ids = self._read_ids(scope)
             # Before the resolver looks at the credential: a revocation of the user from
             # this moment on may have come after that look, and must reach the socket.
-            validated_at = time.monotonic() if websocket else 0.0
+            validated_at = _validation_clock() if websocket else 0.0
             try:
                 # The resolver is called here rather than through resolve_identity(): two
                 # coroutines fewer per request for a sync resolver returning an Identity.

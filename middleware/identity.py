@@ -19,6 +19,7 @@ import logging
 import math
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from time import monotonic as _monotonic
@@ -96,10 +97,18 @@ class Identity:
 # The request scope's state key for its identity's expiry, for what outlives the request on
 # its behalf (a websocket ticket it issues must not outlive the credential either).
 _EXPIRES_AT_KEY: Final = "ambient.identity.expires_at"
-# A websocket's scope state key for when (``time.monotonic()``) the middleware began to
-# resolve its identity: a revocation after that moment may have come after the credential
+# A websocket's scope state key for when (on :func:`_validation_clock`) the middleware began
+# to resolve its identity: a revocation after that moment may have come after the credential
 # was checked, and the websockets integration's hub applies it to the socket as it joins.
 _VALIDATED_AT_KEY: Final = "ambient.identity.validated_at"
+
+
+def _validation_clock() -> float:
+    """The clock of :data:`_VALIDATED_AT_KEY`, which the websockets hub dates revocations
+    on too: ``time.monotonic()``, looked up at each call, so that both read the same clock
+    when a test replaces it."""
+    return time.monotonic()
+
 
 _set_user_id = Identity.__dict__["user_id"].__set__
 _set_tenant_id = Identity.__dict__["tenant_id"].__set__

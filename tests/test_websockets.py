@@ -1324,6 +1324,30 @@ async def test_the_revocations_remembered_for_joining_handshakes_are_bounded() -
     await registry.aclose()
 
 
+async def test_the_hub_dates_revocations_on_the_clock_the_middleware_reads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The middleware reads ``time.monotonic()`` as it checks a handshake, and the hub
+    dated revocations on the function it had taken when it was built: a test that
+    replaces ``time.monotonic`` (freezegun, a monkeypatch) gave them two clocks. With
+    the middleware's a day ahead, carol's handshake, validated before her revocation,
+    joined after it and was served. Both read the one clock now."""
+    registry = Registry()
+    hub = ConnectionHub()
+    hub.install(registry)
+    real = time.monotonic
+    monkeypatch.setattr(time, "monotonic", lambda: real() + 86_400.0)
+    carol = HeldConnect(registry, "carol")
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(carol.run)
+            await carol.checked.wait()
+            await hub.revoke("carol")
+            await connect_held(carol)
+            assert (carol.work, carol.closes()) == ([], [(4001, "access revoked")])
+    await registry.aclose()
+
+
 class HeldClose:
     """The server side of a Starlette ``WebSocket`` whose close frame stays in flight until
     the test releases it, as a real server's close takes a moment (Starlette refuses the

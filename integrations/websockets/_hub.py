@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,7 +21,7 @@ from ambient.integrations.websockets._connection import Connection, WebSocketLik
 from ambient.integrations.websockets._envelope import REVOKE, TO_CONNECTION, TO_USER, Envelope
 from ambient.integrations.websockets._manager import UserWebSocketManager
 from ambient.middleware._asgi import CLOSE_IDENTITY_ENDED
-from ambient.middleware.identity import _VALIDATED_AT_KEY
+from ambient.middleware.identity import _VALIDATED_AT_KEY, _validation_clock
 
 logger = logging.getLogger("ambient.websockets")
 
@@ -127,7 +126,7 @@ class ConnectionHub:
         self._recent_for = _REVOCATIONS_KEPT_FOR
         self._recent_max = _REVOCATIONS_KEPT
         # The middleware's clock for the moment it checks a handshake's identity.
-        self._clock = time.monotonic
+        self._clock = _validation_clock
         self._count = 0
         self._peak_queued = 0
         self._overflows = 0
@@ -460,9 +459,9 @@ class ConnectionHub:
 
 def _validated_at(ctx: UserExecutionContext) -> float | None:
     """When the middleware began to check the identity of the websocket handshake whose
-    scope is bound here (``time.monotonic()``), or ``None`` without one (a scope opened
-    without the middleware). Found through the scopes of ``ctx``'s user bound here, a
-    message scope's parent included."""
+    scope is bound here (on its clock, the hub's ``_clock``), or ``None`` without one (a
+    scope opened without the middleware). Found through the scopes of ``ctx``'s user bound
+    here, a message scope's parent included."""
     binding = _shown()
     user = ctx.user
     while binding is not None and binding.ctx.user == user:
