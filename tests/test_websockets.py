@@ -1348,6 +1348,29 @@ async def test_the_hub_dates_revocations_on_the_clock_the_middleware_reads(
     await registry.aclose()
 
 
+async def test_a_hub_that_keeps_no_revocations_still_revokes() -> None:
+    """With no room for remembered revocations, the loop that drops the oldest emptied
+    them all and then read the oldest of none: revoke() failed with a RuntimeError
+    (StopIteration out of a coroutine) after publishing. It revokes, and keeps none."""
+    registry = Registry()
+    hub = ConnectionHub()
+    hub.install(registry)
+    hub._recent_max = 0
+    carol = HeldConnect(registry, "carol")
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(carol.run)
+            await connect_held(carol)
+            await hub.revoke("carol")
+            await carol.ended.wait()
+    assert (carol.closes(), hub.stats().revoked, len(hub._recent)) == (
+        [(4001, "access revoked")],
+        1,
+        0,
+    )
+    await registry.aclose()
+
+
 class HeldClose:
     """The server side of a Starlette ``WebSocket`` whose close frame stays in flight until
     the test releases it, as a real server's close takes a moment (Starlette refuses the

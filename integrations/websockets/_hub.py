@@ -309,8 +309,11 @@ class ConnectionHub:
         recent.pop(key, None)
         recent[key] = (now, str(envelope.data))
         oldest = now - self._recent_for
-        # Oldest first, as dated on one monotonic clock; the entry just added stays.
-        while len(recent) > self._recent_max or next(iter(recent.values()))[0] < oldest:
+        # Oldest first, as dated on one monotonic clock; the entry just added stays, unless
+        # there is room for none.
+        while recent and (
+            len(recent) > self._recent_max or next(iter(recent.values()))[0] < oldest
+        ):
             recent.popitem(last=False)
 
     def _revoked_since(self, connection: Connection, validated_at: float) -> str | None:
