@@ -1324,19 +1324,21 @@ async def test_the_revocations_remembered_for_joining_handshakes_are_bounded() -
     await registry.aclose()
 
 
+@pytest.mark.parametrize("seconds", [float, int], ids=["fractions", "whole"])
 async def test_the_hub_dates_revocations_on_the_clock_the_middleware_reads(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, seconds: Callable[[float], float]
 ) -> None:
     """The middleware reads ``time.monotonic()`` as it checks a handshake, and the hub
     dated revocations on the function it had taken when it was built: a test that
     replaces ``time.monotonic`` (freezegun, a monkeypatch) gave them two clocks. With
     the middleware's a day ahead, carol's handshake, validated before her revocation,
-    joined after it and was served. Both read the one clock now."""
+    joined after it and was served. Both read the one clock now, also one that counts
+    whole seconds (an int, once taken for no validation time at all)."""
     registry = Registry()
     hub = ConnectionHub()
     hub.install(registry)
     real = time.monotonic
-    monkeypatch.setattr(time, "monotonic", lambda: real() + 86_400.0)
+    monkeypatch.setattr(time, "monotonic", lambda: seconds(real() + 86_400.0))
     carol = HeldConnect(registry, "carol")
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
