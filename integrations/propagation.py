@@ -640,7 +640,9 @@ def inject_hook(
     ``x-thread-id``, ``traceparent``, ``baggage``) that still holds the value it set. A
     redirect to an allowed host gets them all afresh, one past another host included.
     Headers the application sets itself on a request to another host go out as they are,
-    except ``header``: a token goes to no other host, whoever put it there.
+    except ``header``: a token goes to no other host, whoever put it there, but for one
+    that another inject hook on the client set on that request for a host of its own
+    (hooks for several services, each with its ``audience``, may share the header).
 
     Args:
         hosts: The services that may receive the context: ``"billing.internal"`` (any
@@ -666,21 +668,23 @@ def inject_hook(
         noted: dict[object, _Injected] = request.extensions.get(_INJECTED, {})
         mine = noted.get(key)
         if not any(host == name and (wanted is None or wanted == port) for name, wanted in allowed):
+            # A value another hook set on this very request, for a host of its own, stays:
+            # its token too, under the same header name.
+            theirs = {
+                item
+                for other in noted.values()
+                if other.request() is request
+                for item in other.headers.items()
+            }
             if mine is not None:
                 # Redirected here from an allowed host: what the hook set there must not
-                # follow (httpx drops only Authorization across origins). A value another
-                # hook set on this very request, for a host of its own, stays.
-                theirs = {
-                    item
-                    for other in noted.values()
-                    if other.request() is request
-                    for item in other.headers.items()
-                }
+                # follow (httpx drops only Authorization across origins).
                 for name, value in mine.headers.items():
                     if request.headers.get(name) == value and (name, value) not in theirs:
                         del request.headers[name]
                 _note(request, key, None)
-            if header in request.headers:
+            token = request.headers.get(header)
+            if token is not None and (header.lower(), token) not in theirs:
                 del request.headers[header]
             return
         if current_context_or_none() is not None:

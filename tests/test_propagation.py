@@ -661,6 +661,34 @@ class TestRedirects:
             assert "x-search-context" in search
             assert injected(search) == list(INJECTED[1:]), order
 
+    async def test_hooks_sharing_the_token_header_leave_each_others_token(
+        self, sync: bool, traced: Registry
+    ) -> None:
+        """Two hooks on one client, one per service, each signing for its own audience
+        under the same header: a hook took the header off every request to a host outside
+        its list, so whichever hook ran second took off the token the first had just set
+        for its own host, and that service got no token (401) on a direct request as on a
+        redirect. Each service now gets the token signed for it, whatever the hooks'
+        order."""
+        for order in (1, -1):
+            hooks = [
+                hook_for("billing.internal", audience="billing"),
+                hook_for("search.internal", audience="search"),
+            ][::order]
+            hops = Hops(pay="http://search.internal/find")
+            async with traced.open_scope(context()):
+                await follow(sync, hops, "http://billing.internal/pay", *hooks)
+                await follow(sync, hops, "http://search.internal/find", *hooks)
+            tokens = [(host, headers.get(HEADER)) for host, headers in hops.received]
+            assert [host for host, _ in tokens] == [
+                "billing.internal",
+                "search.internal",
+                "search.internal",
+            ], order
+            for host, token in tokens:
+                assert token is not None, (order, host)
+                verify(token, secret=SECRET, audience=host.split(".")[0])
+
 
 def downstream(
     secret: str = SECRET, *, provider: TracerProvider | None = None, **options: Any
