@@ -150,8 +150,15 @@ class _Driver:
         return headers
 
     async def request(
-        self, user: str, planned: PlannedRequest, served: list[tuple[str, bool]] | None = None
+        self,
+        user: str,
+        planned: PlannedRequest,
+        served: list[tuple[str, bool]] | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
     ) -> tuple[int, bytes, float]:
+        """Send one request; return its status, body and duration (status 0 and what went
+        wrong instead of a body when there was no whole response). The response's headers
+        are added to ``headers`` when given."""
         path = planned.path.replace("{user}", user)
         raw_path, _, query = path.partition("?")
         body = planned.body.replace("{user}", user).encode() if planned.body else None
@@ -188,6 +195,8 @@ class _Driver:
             nonlocal status, finished
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if headers is not None:
+                    headers.extend(message.get("headers", ()))
             elif message["type"] == "http.response.body":
                 chunks.append(message.get("body", b""))
                 if not message.get("more_body", False):
@@ -315,6 +324,11 @@ def _mentions(text: str, users: set[str], own: str) -> list[str]:
     return [user for user in found if user != own and user in users]
 
 
+def _latin1(raw: object) -> str:
+    """A header name or value as text (an app that sends ``str`` is not our finding)."""
+    return raw.decode("latin-1") if isinstance(raw, bytes | bytearray) else str(raw)
+
+
 def _simulated_ids(users: int) -> list[str]:
     """Ids for ``users`` simulated users, each unlike any id an app would make up."""
     return [f"check-{n:05d}-{secrets.token_hex(3)}" for n in range(users)]
@@ -396,7 +410,8 @@ class _Traffic:
 
     async def one(self, user: str, planned: PlannedRequest) -> None:
         served: list[tuple[str, bool]] = []
-        status, body, elapsed = await self.driver.request(user, planned, served)
+        headers: list[tuple[bytes, bytes]] = []
+        status, body, elapsed = await self.driver.request(user, planned, served, headers)
         self.latencies.append(elapsed)
         if served:
             served_as, anonymous = served[0]
@@ -419,6 +434,13 @@ class _Traffic:
         self.isolation.extend(
             f"{where}: the response for {user} contains {other}'s data"
             for other in _mentions(text, self.known, user)
+        )
+        # Headers carry data too (a cookie, a redirect's location, an echoed id), and a
+        # leak there reaches the other user as surely as one in the body.
+        said = "\n".join(f"{_latin1(name)}: {_latin1(value)}" for name, value in headers)
+        self.isolation.extend(
+            f"{where}: the response headers for {user} contain {other}'s data"
+            for other in _mentions(said, self.known, user)
         )
         self.done += 1
         if self.progress is not None:

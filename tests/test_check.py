@@ -305,6 +305,29 @@ class TestBrokenApps:
         report = await check(app, users=10, requests=3)
         assert any("log record from tests.chatty" in line for line in report.isolation)
 
+    @pytest.mark.parametrize("header", ["set-cookie", "x-previous-user"])
+    async def test_another_users_id_in_a_response_header(self, header: str) -> None:
+        """A cookie or a header that carries the previous request's user reaches the next
+        user as surely as a body would (the check read only bodies and passed such an app)."""
+        last: list[str] = []
+
+        async def endpoint(request: Request) -> Response:
+            user = ambient.get_current_context().user_id
+            response = JSONResponse({"user": user})
+            if last:
+                response.headers.append(header, f"last={last[-1]}")
+            last.append(user)
+            return response
+
+        app = AmbientMiddleware(
+            Starlette(routes=[Route("/", endpoint)]),
+            registry=Registry(),
+            identity=trusted_header(),
+        )
+        report = await check(app, users=5, requests=2)
+        assert not report.ok
+        assert any("response headers for" in line for line in report.isolation)
+
 
 class TestUsersNotServedAsThemselves:
     """The check's claim "no data of another" holds only when each simulated user was served
