@@ -15,6 +15,7 @@ import logging
 import re
 import secrets
 import statistics
+import threading
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
@@ -25,7 +26,7 @@ from typing import Any
 import anyio
 
 from ambient import _probe, add_observer, current_context_or_none
-from ambient._observe import Observer
+from ambient._observe import ComponentEvent, Observer
 
 __all__ = ["CheckReport", "PlannedRequest", "parse_request", "run_check"]
 
@@ -60,6 +61,32 @@ class _ServedAs(Observer):
         if note is not None and not note:
             ctx = scope.context
             note.append((ctx.user_id, ctx.metadata.get("anonymous") is True))
+
+
+class _CleanupFailures(Observer):
+    """Notes the cleanups that raised, timed out or were cut short: the registry logs them
+    and goes on, so a check that only counted the cleanups run would pass an app whose
+    every cleanup fails (a connection never given back, a file never closed)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.failed: dict[str, tuple[int, str]] = {}  # component -> (count, first error)
+
+    def component_cleaned(self, event: ComponentEvent) -> None:
+        error = event.error
+        if error is None:
+            return
+        with self._lock:
+            count, first = self.failed.get(event.name, (0, f"{type(error).__name__}: {error}"))
+            self.failed[event.name] = (count + 1, first)
+
+    def findings(self) -> list[str]:
+        with self._lock:
+            failed = sorted(self.failed.items())
+        return [
+            f"{name}: {count} cleanup(s) failed (the first: {first[:160]})"
+            for name, (count, first) in failed
+        ]
 
 
 @dataclass(frozen=True)
@@ -533,6 +560,8 @@ async def run_check(
 
     probe = _probe.IsolationProbe()
     remove_served_as = add_observer(_ServedAs())
+    cleanup_failures = _CleanupFailures()
+    remove_cleanup_failures = add_observer(cleanup_failures)
     try:
         with probe:
             async with driver.lifespan() as shut_down:
@@ -552,10 +581,12 @@ async def run_check(
             probe.expect_closed = shut_down[0]
             findings = probe.report()
     finally:
+        remove_cleanup_failures()
         remove_served_as()
         root.removeHandler(watch)
         root.setLevel(old_level)
     _summarise(report, traffic, watch, after_run, findings, elapsed, max_growth_kib)
+    report.cleanup += _cut(cleanup_failures.findings())
     if driver.shutdown_unanswered:
         report.cleanup.append(f"the app's shutdown did not answer within {time_limit:g} s")
     globals_report = global_state_report()

@@ -328,6 +328,34 @@ class TestBrokenApps:
         assert not report.ok
         assert any("response headers for" in line for line in report.isolation)
 
+    @pytest.mark.parametrize("lifetime", [Lifetime.REQUEST, Lifetime.USER])
+    async def test_a_cleanup_that_fails(self, lifetime: Lifetime) -> None:
+        """A cleanup that raises, at the end of a request or at shutdown, is logged by the
+        registry, which goes on: the check reports it instead of passing the app because
+        the cleanup ran."""
+
+        class Leaky:
+            def close(self) -> None:
+                raise ConnectionError("the pool refused the connection back")
+
+        registry = Registry()
+        registry.register(Leaky, Leaky, lifetime=lifetime, name="Leaky")
+
+        async def endpoint(request: Request) -> Response:
+            await ambient.resolve(Leaky)
+            return JSONResponse({"user": ambient.get_current_context().user_id})
+
+        app = AmbientMiddleware(
+            Starlette(routes=[Route("/", endpoint)]), registry=registry, identity=trusted_header()
+        )
+        report = await check(app, users=3, requests=2)
+        assert not report.ok
+        count = 6 if lifetime is Lifetime.REQUEST else 3
+        assert report.cleanup == [
+            f"Leaky: {count} cleanup(s) failed (the first: ConnectionError: the pool refused "
+            "the connection back)"
+        ]
+
 
 class TestUsersNotServedAsThemselves:
     """The check's claim "no data of another" holds only when each simulated user was served
