@@ -161,6 +161,8 @@ class _Driver:
         self.identity = identity
         self.time_limit = time_limit
         self.shutdown_unanswered = False
+        # What went wrong in the app's lifespan shutdown, said in one line.
+        self.shutdown_failed: str | None = None
 
     def _headers(self, user: str, body: bytes | None) -> list[tuple[bytes, bytes]]:
         kind, name = self.identity
@@ -255,6 +257,12 @@ class _Driver:
             return 0, b"the app returned before its response body ended", elapsed
         return status, b"".join(chunks), elapsed
 
+    def shutdown_findings(self) -> list[str]:
+        """What went wrong in the app's lifespan shutdown, one line each."""
+        if self.shutdown_unanswered:
+            return [f"the app's shutdown did not answer within {self.time_limit:g} s"]
+        return [] if self.shutdown_failed is None else [self.shutdown_failed]
+
     @contextlib.asynccontextmanager
     async def lifespan(self) -> AsyncIterator[list[bool]]:
         """Run the app's lifespan around the block; ``[True]`` once shutdown completed."""
@@ -267,8 +275,9 @@ class _Driver:
             scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
             try:
                 await self.app(scope, app_inbox.receive, from_app.send)
-            except Exception:  # noqa: BLE001 - an app without lifespan support may raise
-                await from_app.send({"type": "lifespan.unsupported"})
+            except Exception as error:  # noqa: BLE001 - an app without lifespan support may raise
+                said = f"{type(error).__name__}: {error}"
+                await from_app.send({"type": "lifespan.unsupported", "error": said})
             else:
                 # Returning without a word is the other way to say it (as uvicorn takes it);
                 # whoever waits for an answer must not wait forever.
@@ -298,11 +307,23 @@ class _Driver:
                             with anyio.move_on_after(self.time_limit) as waited:
                                 reply = await inbox.receive()
                                 shut_down[0] = reply["type"] == "lifespan.shutdown.complete"
+                                self.shutdown_failed = _shutdown_failure(reply)
                             self.shutdown_unanswered = waited.cancelled_caught
                         group.cancel_scope.cancel()
         # Raised out here, not inside the task group, which would wrap it in a group.
         if failed is not None:
             raise _StartupError(failed)
+
+
+def _shutdown_failure(reply: dict[str, Any]) -> str | None:
+    """What the app's answer to the shutdown says went wrong, or ``None``: a failure it
+    sent, or an error its lifespan raised (after a startup it completed, so it does
+    support the protocol)."""
+    if reply["type"] == "lifespan.shutdown.failed":
+        return f"the app's shutdown failed: {_error_of(reply.get('message', ''))}"
+    if reply["type"] == "lifespan.unsupported":
+        return f"the app's lifespan raised {reply['error']} before its shutdown completed"
+    return None
 
 
 def _error_of(message: str) -> str:
@@ -587,8 +608,7 @@ async def run_check(
         root.setLevel(old_level)
     _summarise(report, traffic, watch, after_run, findings, elapsed, max_growth_kib)
     report.cleanup += _cut(cleanup_failures.findings())
-    if driver.shutdown_unanswered:
-        report.cleanup.append(f"the app's shutdown did not answer within {time_limit:g} s")
+    report.cleanup += driver.shutdown_findings()
     globals_report = global_state_report()
     if globals_report.total:
         report.global_state_accesses = globals_report.as_dict()

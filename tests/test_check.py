@@ -661,6 +661,47 @@ class TestAppsThatDoNotAnswer:
         assert report.cleanup == ["the app's shutdown did not answer within 0.2 s"]
         assert not report.ok
 
+    @pytest.mark.parametrize(
+        ("ending", "said"),
+        [
+            (
+                "failed",
+                "the app's shutdown failed: ConnectionError: the database went away",
+            ),
+            (
+                "raised",
+                "the app's lifespan raised ConnectionError: the database went away before "
+                "its shutdown completed",
+            ),
+        ],
+    )
+    async def test_a_shutdown_that_fails_fails_the_check(self, ending: str, said: str) -> None:
+        """A shutdown answered with ``lifespan.shutdown.failed``, or a lifespan that raises
+        at shutdown, is a finding as a shutdown that hangs is (the check passed both)."""
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app: Starlette) -> AsyncIterator[None]:
+            yield
+            raise ConnectionError("the database went away")
+
+        inner = Starlette(routes=[Route("/", lambda request: JSONResponse({}))], lifespan=lifespan)
+        app: Any = AmbientMiddleware(inner, registry=Registry(), identity=trusted_header())
+        if ending == "raised":
+            starlette_app = app
+
+            async def app(scope: Any, receive: Any, send: Any) -> None:
+                async def send_or_raise(message: Any) -> None:
+                    if message["type"] == "lifespan.shutdown.failed":
+                        raise ConnectionError("the database went away")
+                    await send(message)
+
+                await starlette_app(scope, receive, send_or_raise)
+
+        with anyio.fail_after(30):
+            report = await check(app, users=3, requests=2)
+        assert report.cleanup == [said]
+        assert not report.ok
+
     async def test_a_request_that_hangs_is_cancelled_at_the_timeout_and_cleaned(self) -> None:
         """An endpoint that never answers: with a timeout each request is cancelled and
         counted as failed, its components still cleaned (the check used to wait forever)."""
