@@ -13,7 +13,10 @@ import socket
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ambient.check import CheckReport, PlannedRequest
 
 __all__ = ["main"]
 
@@ -366,15 +369,7 @@ def _configure_tracing(service: str) -> Callable[[], None] | None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    import anyio
-
-    from ambient.check import (
-        _MAX_TOTAL_REQUESTS,
-        CheckReport,
-        _StartupError,
-        parse_request,
-        run_check,
-    )
+    from ambient.check import _MAX_TOTAL_REQUESTS, parse_request
 
     total = args.users * args.requests
     if total > _MAX_TOTAL_REQUESTS:  # said by argparse, with the usage and exit status 2
@@ -391,6 +386,24 @@ def _check(args: argparse.Namespace) -> int:
         plan = list(CHECK_PLAN)
     else:
         plan = [parse_request("GET /")]
+    # With --json, stdout holds the report alone: what the app prints goes to stderr.
+    printed = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+    with printed:
+        report = _load_and_run(args, identity, plan)
+    if args.json:
+        sys.stdout.write(report.to_json() + "\n")
+    else:
+        _render(report, sys.stdout)
+    return 0 if report.ok else 1
+
+
+def _load_and_run(
+    args: argparse.Namespace, identity: tuple[str, str], plan: list[PlannedRequest]
+) -> CheckReport:
+    import anyio
+
+    from ambient.check import _StartupError, run_check
+
     app = load_app(args.app)
     if not inspect.isawaitable(app):
         app = _asgi_app(app, args.app)
@@ -420,15 +433,11 @@ def _check(args: argparse.Namespace) -> int:
         )
 
     try:
-        with _progress(total, quiet=args.json) as progress:
+        with _progress(args.users * args.requests, quiet=args.json) as progress:
             report: CheckReport = anyio.run(run, progress)
     except _StartupError as error:
         raise SystemExit(str(error)) from None
-    if args.json:
-        sys.stdout.write(report.to_json() + "\n")
-    else:
-        _render(report, sys.stdout)
-    return 0 if report.ok else 1
+    return report
 
 
 class _progress:  # noqa: N801 - used like a function

@@ -767,6 +767,45 @@ class TestCommandLine:
         assert report["requests"] == 48
         assert report["middleware_overhead_us"] is not None
 
+    def test_json_stays_json_when_the_app_prints(
+        self, capsys: pytest.CaptureFixture[str], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """What the app prints or logs to stdout (at import, startup or in a request) goes
+        to stderr with ``--json``: stdout is the report alone, which CI parses."""
+        _app_module(
+            tmp_path,
+            monkeypatch,
+            "prints_for_check",
+            "import logging, sys\n"
+            "from ambient import Registry\n"
+            "from ambient.middleware import AmbientMiddleware, trusted_header\n"
+            "print('importing')\n"
+            "async def inner(scope, receive, send):\n"
+            "    if scope['type'] == 'lifespan':\n"
+            "        await receive()\n"
+            "        print('started')\n"
+            "        await send({'type': 'lifespan.startup.complete'})\n"
+            "        await receive()\n"
+            "        await send({'type': 'lifespan.shutdown.complete'})\n"
+            "        return\n"
+            "    print('serving')\n"
+            "    await send({'type': 'http.response.start', 'status': 200, 'headers': []})\n"
+            "    await send({'type': 'http.response.body', 'body': b'ok'})\n"
+            "def create_app():\n"
+            "    print('building')\n"
+            "    return AmbientMiddleware(inner, registry=Registry(), identity=trusted_header())\n",
+        )
+        code = main(
+            [
+                *("check", "prints_for_check:create_app", "--users", "2", "--requests", "1"),
+                *("--growth-requests", "0", "--json"),
+            ]
+        )
+        captured = capsys.readouterr()
+        assert code == 0
+        assert json.loads(captured.out)["ok"] is True
+        assert captured.err.split() == ["importing", "building", "started", "serving", "serving"]
+
     def test_check_of_a_broken_app_exits_nonzero_with_a_table(
         self, capsys: pytest.CaptureFixture[str]
     ) -> None:
@@ -1337,16 +1376,20 @@ def test_every_simulated_user_named_in_a_text_is_found_among_ten_thousand() -> N
 
 
 def _interrupted_check(target: str, ready: str, cwd: Any) -> tuple[int, str]:
-    """Run ``ambient check target`` in ``cwd``, interrupted once the app prints ``ready``
-    (see :func:`_interrupted`)."""
-    return _interrupted(["-m", "ambient", "check", target, "--json"], ready, cwd)
+    """Run ``ambient check target --json`` in ``cwd``, interrupted once the app prints
+    ``ready`` (which ``--json`` sends to stderr; see :func:`_interrupted`)."""
+    return _interrupted(
+        ["-m", "ambient", "check", target, "--json"], ready, cwd, printed_to="stderr"
+    )
 
 
-def _interrupted(args: list[str], ready: str, cwd: Any) -> tuple[int, str]:
+def _interrupted(
+    args: list[str], ready: str, cwd: Any, *, printed_to: str = "stdout"
+) -> tuple[int, str]:
     """Run our interpreter with ``args`` in ``cwd``, send it SIGINT once it prints the line
-    ``ready`` (lines before it are passed over), and return its exit status and what it
-    wrote to stderr. Its stdin stays open: a program waiting on it is ended by the
-    interrupt alone."""
+    ``ready`` to ``printed_to`` (lines before it are passed over), and return its exit
+    status and what it wrote to stderr (after ``ready`` when that went there too). Its
+    stdin stays open: a program waiting on it is ended by the interrupt alone."""
     process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
         [sys.executable, *args],
         cwd=cwd,
@@ -1358,10 +1401,11 @@ def _interrupted(args: list[str], ready: str, cwd: Any) -> tuple[int, str]:
     watchdog = threading.Timer(60, process.kill)  # bounds the blocking reads below
     watchdog.start()
     try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
+        watched = process.stdout if printed_to == "stdout" else process.stderr
+        assert watched is not None
+        line = watched.readline()
         while line and line != f"{ready}\n":
-            line = process.stdout.readline()
+            line = watched.readline()
         assert line == f"{ready}\n"
         process.send_signal(signal.SIGINT)
         process.wait(timeout=30)  # not communicate(): it would close stdin
