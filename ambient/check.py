@@ -594,6 +594,8 @@ async def run_check(
                 # Every request has finished: a closed scope or REQUEST component still
                 # alive now is kept by a pending task or a global.
                 after_run = probe.report()
+                # The simulated users' accesses, not the memory measurement's after them.
+                globals_report = global_state_report()
                 if growth_requests:
                     root.setLevel(old_level)
                     report.memory_growth_kib_per_1k = await _quiet_growth(
@@ -609,7 +611,6 @@ async def run_check(
     _summarise(report, traffic, watch, after_run, findings, elapsed, max_growth_kib)
     report.cleanup += _cut(cleanup_failures.findings())
     report.cleanup += driver.shutdown_findings()
-    globals_report = global_state_report()
     if globals_report.total:
         report.global_state_accesses = globals_report.as_dict()
     if measure_overhead:

@@ -1274,6 +1274,24 @@ async def test_the_migration_guide_example_fails_before_and_passes_after() -> No
     assert after.global_state_accesses == {}
 
 
+async def test_global_state_accesses_are_the_simulated_requests_own() -> None:
+    """The memory measurement after the run sends requests of its own: their accesses to
+    guarded globals are not added to those the report gives for its requests (6 requests
+    touching a global once each were reported as 26 accesses)."""
+    from ambient.migration import guard_global
+
+    cache = guard_global({}, name="cache", mode="off")
+
+    async def endpoint(request: Request) -> Response:
+        return JSONResponse({"cached": cache.get(ambient.get_current_context().user_id)})
+
+    app = AmbientMiddleware(
+        Starlette(routes=[Route("/", endpoint)]), registry=Registry(), identity=trusted_header()
+    )
+    report = await check(app, users=3, requests=2, growth_requests=10)
+    assert report.global_state_accesses["total"] == 6
+
+
 def test_ambient_demo_on_a_port_in_use_says_so_in_one_line_without_the_banner() -> None:
     """Another server listens on the port: the demo says so and exits non-zero before it
     prints the URLs to try (it printed them, then uvicorn's lines ending in a bind error)."""
