@@ -222,12 +222,13 @@ class _Driver:
 
         async def send(message: MutableMapping[str, Any]) -> None:
             nonlocal status, finished
+            _refuse_malformed(message)
             if message["type"] == "http.response.start":
                 status = message["status"]
                 if headers is not None:
                     headers.extend(message.get("headers", ()))
             elif message["type"] == "http.response.body":
-                chunks.append(message.get("body", b""))
+                chunks.append(bytes(message.get("body", b"")))
                 if not message.get("more_body", False):
                     finished = True
                     done.set()
@@ -313,6 +314,23 @@ class _Driver:
         # Raised out here, not inside the task group, which would wrap it in a group.
         if failed is not None:
             raise _StartupError(failed)
+
+
+def _refuse_malformed(message: MutableMapping[str, Any]) -> None:
+    """Raise :class:`TypeError` in the app's ``send`` for a status or body of the wrong
+    type, as a server does: a request the app fails, not a check that ends in a traceback
+    when it adds up the body or compares the status."""
+    kind = message["type"]
+    if kind == "http.response.start":
+        status = message["status"]
+        if isinstance(status, bool) or not isinstance(status, int):
+            msg = f"the response status must be an int, not {status!r}"
+            raise TypeError(msg)
+    elif kind == "http.response.body":
+        body = message.get("body", b"")
+        if not isinstance(body, bytes | bytearray | memoryview):
+            msg = f"a response body must be bytes, not {type(body).__name__!r}"
+            raise TypeError(msg)
 
 
 def _shutdown_failure(reply: dict[str, Any]) -> str | None:

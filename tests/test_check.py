@@ -628,6 +628,28 @@ class TestAppsThatDoNotAnswer:
         assert len(report.failed_requests) == 6
         assert all(said in line for line in report.failed_requests)
 
+    @pytest.mark.parametrize(
+        ("status", "body", "said"),
+        [
+            (200, "text", "TypeError: a response body must be bytes, not 'str'"),
+            ("200", b"ok", "TypeError: the response status must be an int, not '200'"),
+        ],
+    )
+    async def test_a_response_of_the_wrong_types_fails_its_requests(
+        self, status: Any, body: Any, said: str
+    ) -> None:
+        """A ``str`` body or status is refused in the app's ``send``, as a server refuses
+        it: each request fails, where the check used to end in a traceback."""
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "http":
+                await send({"type": "http.response.start", "status": status, "headers": []})
+                await send({"type": "http.response.body", "body": body})
+
+        report = await check(app, users=2, requests=1)
+        assert len(report.failed_requests) == 2
+        assert all(said in line for line in report.failed_requests)
+
     async def test_an_app_that_returns_from_the_lifespan_is_checked_not_waited_for(
         self,
     ) -> None:
