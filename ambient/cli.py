@@ -7,6 +7,7 @@ import contextlib
 import errno
 import importlib
 import inspect
+import json
 import logging
 import os
 import socket
@@ -388,8 +389,15 @@ def _check(args: argparse.Namespace) -> int:
         plan = [parse_request("GET /")]
     # With --json, stdout holds the report alone: what the app prints goes to stderr.
     printed = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
-    with printed:
-        report = _load_and_run(args, identity, plan)
+    try:
+        with printed:
+            report = _load_and_run(args, identity, plan)
+    except SystemExit as refused:
+        if args.json and isinstance(refused.code, str):
+            # An app that cannot be loaded or started: still JSON for whoever parses it.
+            said = {"app": _name(args.app), "ok": False, "error": refused.code}
+            sys.stdout.write(json.dumps(said, indent=2, sort_keys=True) + "\n")
+        raise
     if args.json:
         sys.stdout.write(report.to_json() + "\n")
     else:
@@ -407,7 +415,7 @@ def _load_and_run(
     app = load_app(args.app)
     if not inspect.isawaitable(app):
         app = _asgi_app(app, args.app)
-    name = "the bundled demo" if args.app == _DEMO else args.app
+    name = _name(args.app)
 
     async def run(progress: Callable[[int, int], None] | None) -> CheckReport:
         # An ``async def create_app()`` is awaited on the loop the check then runs the app
@@ -438,6 +446,11 @@ def _load_and_run(
     except _StartupError as error:
         raise SystemExit(str(error)) from None
     return report
+
+
+def _name(target: str) -> str:
+    """How the report names the app."""
+    return "the bundled demo" if target == _DEMO else target
 
 
 class _progress:  # noqa: N801 - used like a function

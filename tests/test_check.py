@@ -595,6 +595,11 @@ async def test_run_check_refuses_more_users_or_requests_than_it_can_drive(
         await run_check(fails_at_startup, **{"growth_requests": 0, **size}, measure_overhead=False)
 
 
+async def failing_startup(scope: Any, receive: Any, send: Any) -> None:
+    await receive()
+    await send({"type": "lifespan.startup.failed", "message": "db down"})
+
+
 def _app_module(tmp_path: Any, monkeypatch: pytest.MonkeyPatch, name: str, source: str) -> None:
     """Write module ``name`` with ``source`` into ``tmp_path`` and run the test from there,
     so that ``ambient check name:attr`` imports it afresh."""
@@ -827,6 +832,25 @@ class TestCommandLine:
         assert code == 0
         assert json.loads(captured.out)["ok"] is True
         assert captured.err.split() == ["importing", "building", "started", "serving", "serving"]
+
+    @pytest.mark.parametrize(
+        ("target", "said"),
+        [
+            ("tests.test_check:no_such_app", "module 'tests.test_check' has no attribute"),
+            ("tests.test_check:failing_startup", "the app's startup failed: db down"),
+        ],
+    )
+    def test_json_says_a_check_that_cannot_run(
+        self, target: str, said: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """An app that cannot be loaded or started: with ``--json`` stdout is still JSON
+        (it was empty), and the line on stderr and the exit status are as without it."""
+        with pytest.raises(SystemExit) as refused:
+            main(["check", target, "--growth-requests", "0", "--json"])
+        assert isinstance(refused.value.code, str)
+        assert said in refused.value.code
+        report = json.loads(capsys.readouterr().out)
+        assert report == {"app": target, "ok": False, "error": refused.value.code}
 
     def test_check_of_a_broken_app_exits_nonzero_with_a_table(
         self, capsys: pytest.CaptureFixture[str]
