@@ -74,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument(
         "--identity",
+        type=_identity,
         default="header:x-user-id",
         help="how a user presents itself: header:NAME or bearer (default header:x-user-id)",
     )
@@ -171,13 +172,14 @@ def _seconds(text: str) -> float:
 
 
 def _identity(text: str) -> tuple[str, str]:
-    kind, _, name = text.partition(":")
-    if kind == "header" and name:
-        return "header", name
-    if kind == "bearer":
+    kind, colon, name = text.partition(":")
+    if kind == "header" and name.strip():
+        return "header", name.strip()
+    if kind == "bearer" and not colon:
         return "bearer", ""
-    msg = f"--identity must be header:NAME or bearer, not {text!r}"
-    raise SystemExit(msg)
+    # said by argparse, with the usage and exit status 2, as every other bad argument
+    msg = f"must be header:NAME or bearer, not {text!r}"
+    raise argparse.ArgumentTypeError(msg)
 
 
 def load_app(target: str) -> Any:
@@ -378,7 +380,7 @@ def _check(args: argparse.Namespace) -> int:
             f"--users {args.users} and --requests {args.requests} make {total} requests; "
             f"at most {_MAX_TOTAL_REQUESTS} in all"
         )
-    identity = _identity(args.identity)
+    identity: tuple[str, str] = args.identity
     if args.plan:
         plan = [parse_request(text) for text in args.plan]
     elif args.app == _DEMO:

@@ -875,15 +875,23 @@ class TestCommandLine:
     def test_bad_arguments(self, capsys: pytest.CaptureFixture[str]) -> None:
         with pytest.raises(SystemExit):
             main(["check", "--users", "0"])
-        with pytest.raises(SystemExit, match="header:NAME"):
-            main(["check", "--identity", "cookie"])
         with pytest.raises(SystemExit, match="module:attr"):
             main(["check", "nocolon"])
-        for wrong in (["--growth-requests", "-50"], ["--request", "GET history"]):
+        wrongs = {
+            "--growth-requests=-50": "must be from 0 to 1000000, not -50",
+            "--request=GET history": "the path must start with '/'",
+            "--identity=cookie": "must be header:NAME or bearer, not 'cookie'",
+            "--identity=header: ": "must be header:NAME or bearer, not 'header: '",
+            "--identity=bearer:authorization": "must be header:NAME or bearer, not",
+        }
+        for wrong, said in wrongs.items():
             with pytest.raises(SystemExit) as refused:
-                main(["check", *wrong])
-            assert refused.value.code == 2  # argparse's, with the usage: not a traceback
-        assert "must be from 0 to 1000000, not -50" in capsys.readouterr().err
+                main(["check", wrong])
+            # argparse's, with the usage: not a traceback, nor the status of a failed check
+            assert refused.value.code == 2
+            err = capsys.readouterr().err
+            assert "usage: ambient check" in err
+            assert said in err
         for wrong in ("GET nopath", "nopath", "", "  "):
             with pytest.raises(ValueError, match="must start with"):
                 parse_request(wrong)
