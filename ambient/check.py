@@ -357,15 +357,43 @@ def _error_of(message: str) -> str:
     return "\n".join(rest) or message
 
 
-class _LogWatch(logging.Handler):
-    """Flags log records emitted for one user that name another simulated user."""
+class _LogWatch:
+    """Flags log records made for one user that name another simulated user.
+
+    Records are looked at as they are made (a log record factory), not where they end up:
+    a logger that does not propagate to the root (one with handlers of its own, as
+    ``dictConfig`` setups often have) would otherwise hide its records from the check."""
 
     def __init__(self, users: Sequence[str]) -> None:
-        super().__init__(logging.DEBUG)
         self.users = set(users)
         self.findings: list[str] = []
+        self._watching = False
+        self._previous: Callable[..., logging.LogRecord] | None = None
+        self._factory: Callable[..., logging.LogRecord] | None = None
 
-    def emit(self, record: logging.LogRecord) -> None:
+    def start(self) -> None:
+        """Look at every log record made from now on."""
+        previous = self._previous = logging.getLogRecordFactory()
+
+        def make(*args: Any, **kwargs: Any) -> logging.LogRecord:
+            record = previous(*args, **kwargs)
+            if self._watching:
+                self._look_at(record)
+            return record
+
+        self._watching = True
+        self._factory = make
+        logging.setLogRecordFactory(make)
+
+    def stop(self) -> None:
+        """Stop looking."""
+        self._watching = False
+        # Put back unless the app installed a factory of its own on top of ours meanwhile:
+        # ours then stays in its chain, passing records through.
+        if logging.getLogRecordFactory() is self._factory and self._previous is not None:
+            logging.setLogRecordFactory(self._previous)
+
+    def _look_at(self, record: logging.LogRecord) -> None:
         ctx = current_context_or_none()
         if ctx is None or ctx.user_id not in self.users:
             return
@@ -588,7 +616,7 @@ async def run_check(
     watch = _LogWatch(ids)
     root = logging.getLogger()
     old_level = root.level
-    root.addHandler(watch)
+    watch.start()
     root.setLevel(min(old_level or logging.WARNING, logging.INFO))
     reset_global_state_report()
     limiter = anyio.Semaphore(concurrency or users)
@@ -624,7 +652,7 @@ async def run_check(
     finally:
         remove_cleanup_failures()
         remove_served_as()
-        root.removeHandler(watch)
+        watch.stop()
         root.setLevel(old_level)
     _summarise(report, traffic, watch, after_run, findings, elapsed, max_growth_kib)
     report.cleanup += _cut(cleanup_failures.findings())

@@ -286,9 +286,17 @@ class TestBrokenApps:
         assert report.failed_requests
         assert "NoActiveContextError" in report.failed_requests[0]
 
-    async def test_a_log_record_naming_another_user(self) -> None:
+    @pytest.mark.parametrize("propagates", [True, False])
+    async def test_a_log_record_naming_another_user(
+        self, propagates: bool, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Also from a logger with handlers of its own that does not propagate to the root
+        (the check used to watch the root's records only, and passed such an app)."""
         last: list[str] = []
-        log = logging.getLogger("tests.chatty")
+        log = logging.getLogger(f"tests.chatty.{propagates}")
+        monkeypatch.setattr(log, "propagate", propagates)
+        monkeypatch.setattr(log, "handlers", [logging.NullHandler()])
+        factory = logging.getLogRecordFactory()
 
         async def endpoint(request: Request) -> Response:
             user = ambient.get_current_context().user_id
@@ -303,7 +311,8 @@ class TestBrokenApps:
             identity=trusted_header(),
         )
         report = await check(app, users=10, requests=3)
-        assert any("log record from tests.chatty" in line for line in report.isolation)
+        assert any(f"log record from {log.name}" in line for line in report.isolation)
+        assert logging.getLogRecordFactory() is factory  # put back
 
     @pytest.mark.parametrize("header", ["set-cookie", "x-previous-user"])
     async def test_another_users_id_in_a_response_header(self, header: str) -> None:
