@@ -81,6 +81,13 @@ class TestTheDemo:
         assert report.throughput_rps > 0
         assert report.memory_growth_kib_per_1k < 64
 
+    async def test_a_short_memory_measurement_is_no_leak_by_extrapolation(self) -> None:
+        """Measured over 20 requests, what the demo allocates once (caches filling) was
+        multiplied by 50 into "memory grew 600 KiB per 1,000 requests": a leak reported in
+        a correct app. Fewer than 1,000 requests are held to the limit in all."""
+        report = await check(create_app(), plan=CHECK_PLAN, users=5, requests=2, growth_requests=20)
+        assert report.leaks == []
+
     async def test_log_records_a_host_keeps_are_not_counted_as_the_apps_growth(self) -> None:
         """A host that logs the app at INFO into a handler keeping every record (a test
         runner's capture, a buffer): the memory phase counted what those records hold as
@@ -364,6 +371,20 @@ class TestBrokenApps:
             f"Leaky: {count} cleanup(s) failed (the first: ConnectionError: the pool refused "
             "the connection back)"
         ]
+
+    async def test_memory_kept_by_every_request_over_a_short_measurement(self) -> None:
+        kept: list[bytes] = []
+
+        async def endpoint(request: Request) -> Response:
+            kept.append(bytes(8192))  # never let go
+            return JSONResponse({"user": ambient.get_current_context().user_id})
+
+        app = AmbientMiddleware(
+            Starlette(routes=[Route("/", endpoint)]), registry=Registry(), identity=trusted_header()
+        )
+        report = await check(app, users=2, requests=1, growth_requests=50)
+        assert len(report.leaks) == 1
+        assert report.leaks[0].startswith("memory grew ")
 
 
 class TestUsersNotServedAsThemselves:
