@@ -276,7 +276,7 @@ def reset_global_state_report() -> None:
 def _site(filename: str, lineno: int) -> str:
     try:
         relative = os.path.relpath(filename)
-    except ValueError:  # another drive on Windows
+    except (ValueError, OSError):  # another drive on Windows; a working directory removed
         relative = filename
     shown = filename if relative.startswith("..") else relative
     return f"{shown}:{lineno}"

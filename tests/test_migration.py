@@ -328,6 +328,25 @@ class TestGuardRecords:
         assert len(failures) == 1
         assert global_state_report().by_name() == {"metered": 3}
 
+    async def test_a_removed_working_directory_never_breaks_the_request(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A server whose working directory was removed under it (a release directory
+        replaced by a deploy): the call site is named by its full path, where every
+        guarded access raised FileNotFoundError from the request, and so did the report."""
+        gone = tmp_path / "release"
+        gone.mkdir()
+        monkeypatch.chdir(gone)
+        gone.rmdir()
+        guard = guard_global(Catalog(), name="homeless")
+        with pytest.warns(GlobalStateWarning), bind_context(ctx()):
+            assert [guard.lookup("a") for _ in range(2)] == [1, 1]  # homeless
+        report = global_state_report()
+        assert [(a.site, a.count) for a in report.accesses] == [
+            (f"{HERE}:{line_of('homeless')}", 2)
+        ]
+        assert "homeless: 2" in str(report)
+
     async def test_reset_warns_again(self, registry: Registry) -> None:
         """After reset_global_state_report() the next access at a site warns again."""
         guard = guard_global(Catalog(), name="again")
