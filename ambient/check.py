@@ -544,6 +544,12 @@ class _Traffic:
         """Simulated users not served as one user of their own: their requests cannot show
         one user's data reaching another."""
         findings: list[str] = []
+        if self.done and not self.served_as:
+            findings.append(
+                "no request reached the app in an ambient context (is it wrapped in "
+                "AmbientMiddleware, and does --identity name what that reads the user "
+                "from?), so isolation between the users was not tested"
+            )
         if self.anonymous:
             findings.append(
                 f"{len(self.anonymous)} simulated user(s) were served as anonymous users, "

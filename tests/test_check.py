@@ -410,6 +410,23 @@ class TestUsersNotServedAsThemselves:
         right = await check(app, users=5, requests=requests, identity=("header", "x-user-id"))
         assert right.ok, right.violations
 
+    async def test_an_app_without_the_middleware_is_not_reported_isolated(self) -> None:
+        """A plain app (no AmbientMiddleware) that answers every user 200 opened no context,
+        so no response could ever show another user's data: the check says so rather than
+        "isolation ok"."""
+
+        async def hello(request: Request) -> Response:
+            return JSONResponse({"hello": "world"})
+
+        report = await check(Starlette(routes=[Route("/", hello)]), users=4, requests=2)
+        assert not report.ok
+        assert report.failed_requests == []
+        assert report.isolation == [
+            "no request reached the app in an ambient context (is it wrapped in "
+            "AmbientMiddleware, and does --identity name what that reads the user from?), "
+            "so isolation between the users was not tested"
+        ]
+
     async def test_users_served_as_one_user(self) -> None:
         """An identity that maps every caller to one account (a misconfigured resolver)."""
 
