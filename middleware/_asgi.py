@@ -44,6 +44,7 @@ from ambient.middleware.identity import (
     Identity,
     IdentityResolver,
     _challenge_of,
+    _check_resolver,
     _validation_clock,
     checked_identity,
 )
@@ -194,9 +195,8 @@ class AmbientMiddleware:
         if identity is None and not anonymous:
             msg = "AmbientMiddleware needs an identity resolver (or anonymous=True)"
             raise ValueError(msg)
-        if identity is not None and not callable(identity):
-            msg = f"identity must be a callable taking the ASGI scope, not {identity!r}"
-            raise TypeError(msg)
+        if identity is not None:
+            _check_resolver(identity, "identity")
         if max_concurrent_per_user is not None and (
             isinstance(max_concurrent_per_user, bool)
             or not isinstance(max_concurrent_per_user, int)

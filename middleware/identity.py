@@ -174,6 +174,38 @@ def _challenge_of(resolver: object) -> str | None:
     return challenge if isinstance(challenge, str) else None
 
 
+def _uncalled_factory(resolver: object) -> str | None:
+    """The name of ``resolver`` when it is a function that *makes* identity resolvers
+    (declared to return an ``IdentityResolver``: ``trusted_header``, ``jwt_bearer``, an
+    application's own) given where its result belongs, or ``None``.
+
+    Called with the ASGI scope, such a function fails on every request with an error about
+    its own arguments; caught where the resolver is given, it fails at start-up instead."""
+    if not inspect.isfunction(resolver):
+        return None
+    returns = resolver.__annotations__.get("return")
+    if returns is IdentityResolver or (
+        isinstance(returns, str) and returns.rpartition(".")[2] == "IdentityResolver"
+    ):
+        return resolver.__name__
+    return None
+
+
+def _check_resolver(resolver: object, what: str) -> None:
+    """Refuse ``resolver`` (given as ``what``) when it is not callable, or is a factory of
+    resolvers that was not called."""
+    if not callable(resolver):
+        msg = f"{what} must be a callable taking the ASGI scope, not {resolver!r}"
+        raise TypeError(msg)
+    factory = _uncalled_factory(resolver)
+    if factory is not None:
+        msg = (
+            f"{what} is {factory}, which makes an identity resolver rather than being one: "
+            f"call it ({factory}(...)) and pass what it returns"
+        )
+        raise TypeError(msg)
+
+
 def _challenging(resolver: IdentityResolver, challenge: str | None) -> IdentityResolver:
     if challenge is not None:
         setattr(resolver, _CHALLENGE, challenge)
@@ -1053,10 +1085,17 @@ def first_of(*resolvers: IdentityResolver) -> IdentityResolver:
     malformed credential is refused, never skipped in favour of a weaker one. The 401 for a
     request that none of them identified offers the ``WWW-Authenticate`` challenges of all
     that have one (``Bearer`` for :func:`jwt_bearer`).
+
+    Raises:
+        ValueError: No resolver was given.
+        TypeError: A resolver is not callable, or is a function that makes one, given
+            without calling it (``trusted_header`` for ``trusted_header()``).
     """
     if not resolvers:
         msg = "first_of() needs at least one resolver"
         raise ValueError(msg)
+    for number, resolver in enumerate(resolvers, 1):
+        _check_resolver(resolver, f"first_of()'s resolver {number}")
 
     async def resolve(scope: Mapping[str, Any]) -> Identity | None:
         for resolver in resolvers:

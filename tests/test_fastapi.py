@@ -639,6 +639,32 @@ class TestInstall:
                 FastAPI(), registry=registry, identity=trusted_header(), max_concurrent_per_user=0
             )
 
+    @pytest.mark.parametrize("factory", ["trusted_header", "jwt_bearer", "signed_context", "own"])
+    def test_a_resolver_factory_given_uncalled_fails_at_install(self, factory: str) -> None:
+        """``identity=trusted_header`` (the function that makes a resolver, not one) was
+        accepted, and every request then failed with a 500 about the factory's own
+        arguments ("'dict' object has no attribute 'isascii'"). It is refused at install,
+        saying to call it; the same inside ``first_of()``."""
+        from ambient.integrations.propagation import signed_context
+        from ambient.middleware.identity import IdentityResolver, first_of, jwt_bearer
+
+        def own() -> IdentityResolver:  # an application's own factory
+            return trusted_header("x-api-user")
+
+        given: Any = {
+            "trusted_header": trusted_header,
+            "jwt_bearer": jwt_bearer,
+            "signed_context": signed_context,
+            "own": own,
+        }[factory]
+        registry, _ = build_registry()
+        call_it = rf"is {factory}, which makes an identity resolver .*: call it \({factory}\("
+        with pytest.raises(TypeError, match=rf"^identity {call_it}"):
+            install(FastAPI(), registry=registry, identity=given)
+        with pytest.raises(TypeError, match=rf"^first_of\(\)'s resolver 2 {call_it}"):
+            first_of(trusted_header(), given)
+        install(FastAPI(), registry=registry, identity=first_of(own(), trusted_header()))
+
     def test_install_takes_every_option_of_the_middleware(self) -> None:
         """install() says its arguments are the middleware's: every one of them."""
         import inspect
