@@ -172,11 +172,23 @@ class IsolationProbe(Observer):
             :meth:`report` after ``registry.aclose()``).
         shared_types: More types whose instances are shared by design (immutable values
             of the application, such as a frozen settings class), not tracked either.
+
+    Raises:
+        TypeError: ``shared_types`` holds something that is not a class.
     """
 
     def __init__(self, *, expect_closed: bool = False, shared_types: Iterable[type] = ()) -> None:
         self.expect_closed = expect_closed
         self._shared_types = tuple(shared_types)
+        for kind in self._shared_types:
+            # Checked here: the observer hooks that use them only log their failures, and
+            # a probe whose every check fails that way records nothing and reports clean.
+            if not isinstance(kind, type):
+                msg = (
+                    f"IsolationProbe(shared_types=...) takes classes, not {kind!r} "
+                    f"(a {type(kind).__name__})"
+                )
+                raise TypeError(msg)
         self._lock = threading.Lock()
         self._records: dict[int, _Record] = {}
         self._retired: list[_Record] = []

@@ -551,6 +551,26 @@ async def test_objects_shared_by_design_are_not_taken_for_a_shared_instance() ->
     await registry.aclose()
 
 
+async def test_shared_types_that_are_not_classes_are_refused() -> None:
+    """``shared_types=["Limits"]`` (a name for the class) was accepted: every check of a
+    created component then raised inside the probe's hook, which was only logged, so the
+    probe recorded nothing and reported an instance handed to two users as clean. It is
+    refused when the probe is made; classes are taken as before."""
+    with pytest.raises(TypeError, match=r"takes classes, not 'Limits' \(a str\)"):
+        IsolationProbe(shared_types=["Limits"])  # type: ignore[list-item]
+    shared = Notes()
+    registry = Registry()
+    registry.register(Notes, lambda: shared)
+    with IsolationProbe(shared_types=[Limits]) as probe:
+        for user in ("alice", "bob"):
+            async with registry.open_scope(UserExecutionContext.create(user)):
+                await ambient.resolve(Notes)
+    assert probe.report().shared == [
+        "Notes: one instance was handed to users alice, bob (a factory returning a shared "
+        "object, e.g. one cached in a module global?)"
+    ]
+
+
 async def test_a_user_of_a_tenant_is_told_apart_from_a_user_named_like_it() -> None:
     """User "bob" of tenant "acme" and user "acme/bob" without a tenant were both labelled
     "acme/bob", so one instance handed to both went unreported."""
