@@ -98,7 +98,10 @@ async def ambient_error_handler(request: Request, exc: Exception) -> Response:
     Registered by :func:`install`; register it yourself with
     ``app.add_exception_handler(AmbientError, ambient_error_handler)`` in a stack that
     installs the middleware by other means, or on a sub-application mounted below one that
-    did (it has error handling of its own).
+    did (it has error handling of its own), and for ``ExceptionGroup`` there too: Starlette
+    looks handlers up by the exception's class, so a group reaches only a handler
+    registered for groups, and is otherwise that app's 500. (Under :func:`install` a group
+    that no handler answers reaches ``AmbientMiddleware``, which answers it the same way.)
     """
     answer = answer_error(exc) if request.scope.get("type") == "http" else None
     if answer is None:

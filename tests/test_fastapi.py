@@ -588,6 +588,45 @@ class TestDocumentedSetups:
         assert ledger.work == {"busy": "rollback"}
         assert scopes.opened == 1
 
+    async def test_a_mounted_sub_app_answers_a_task_groups_ambient_errors(self) -> None:
+        """The same documented setup, the error raised in a task group: an ExceptionGroup,
+        which no handler registered for AmbientError is looked up for, so the sub-app's own
+        ServerErrorMiddleware answered it with a 500 (the app that called install() answers
+        the same group 503). The documented setup registers the handler for
+        ExceptionGroup too; a group holding a bug stays a 500."""
+        registry, ledger = build_registry()
+        namespace: dict[str, Any] = {
+            "FastAPI": FastAPI,
+            "registry": registry,
+            "identity": trusted_header(),
+        }
+        exec(documented_code("docs/frameworks.md", "**Mounted sub-applications.**"), namespace)  # noqa: S102 - our own docs
+        app, api = namespace["app"], namespace["api"]
+
+        async def query(error: Exception) -> None:
+            await ambient.resolve(Work)
+            raise error
+
+        @api.get("/busy")
+        async def busy() -> None:
+            async with anyio.create_task_group() as tg:
+                for _ in range(2):
+                    tg.start_soon(query, PoolExhaustedError("no connection", retry_after=2))
+
+        @api.get("/bug")
+        async def bug() -> None:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(query, PoolExhaustedError("no connection", retry_after=2))
+                tg.start_soon(query, KeyError("a bug"))
+
+        async with client(app, raise_errors=False) as http:
+            busy_answer = await http.get("/v1/busy", headers={**ALICE, "x-request-id": "busy"})
+            bug_answer = await http.get("/v1/bug", headers={**ALICE, "x-request-id": "bug"})
+        assert_problem(busy_answer, 503, "urn:ambient:problem:pool-exhausted")
+        assert busy_answer.headers["retry-after"] == "2"
+        assert bug_answer.status_code == 500
+        assert ledger.work == {"busy": "rollback", "bug": "rollback"}
+
 
 class TestInstall:
     def test_installing_twice_is_refused(self) -> None:
