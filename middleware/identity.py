@@ -244,7 +244,9 @@ def scope_user(*, tenant_attribute: str = "tenant_id") -> IdentityResolver:
     property) is no identity. The user id is ``user.identity``, or ``user.display_name`` for
     user classes that do not implement ``identity`` (Starlette's ``SimpleUser``); the tenant
     is the user's ``tenant_attribute`` attribute when it has one; the auth scopes from
-    ``scope["auth"]`` become the ``scopes`` claim.
+    ``scope["auth"]`` become the ``scopes`` claim. A user id, or a tenant other than
+    ``None``, that is not a ``str`` (a ``UUID``, an ``int``) is refused with
+    :class:`~ambient.errors.IdentityError` rather than guessed at.
     """
 
     def resolve(scope: Mapping[str, Any]) -> Identity | None:
@@ -264,10 +266,18 @@ def scope_user(*, tenant_attribute: str = "tenant_id") -> IdentityResolver:
             )
             raise IdentityError(msg)
         tenant = getattr(user, tenant_attribute, None)
+        if tenant is not None and not isinstance(tenant, str):
+            # Taken for "no tenant", users of every tenant with the same id would share
+            # one user's components.
+            msg = (
+                f"scope['user'] ({type(user).__name__}) has a {tenant_attribute} that is "
+                f"{type(tenant).__name__}, not a str or None; make it a str property"
+            )
+            raise IdentityError(msg)
         auth = scope.get("auth")
         scopes = getattr(auth, "scopes", None)
         claims = {"scopes": tuple(scopes)} if scopes else _NO_CLAIMS
-        return Identity(user_id, tenant if isinstance(tenant, str) else None, claims)
+        return Identity(user_id, tenant, claims)
 
     return resolve
 

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -760,6 +761,19 @@ class TestScopeUser:
 
         with pytest.raises(IdentityError, match="identity"):
             scope_user()({"user": Odd()})
+
+    @pytest.mark.parametrize("tenant", [uuid.UUID(int=7), 7, b"acme"])
+    def test_a_tenant_that_is_not_a_str_is_refused_not_dropped(self, tenant: object) -> None:
+        """A tenant id of another type (a UUID column, an int key) was taken for no tenant:
+        users of different tenants with the same id would share one user's components."""
+
+        class Member:
+            is_authenticated = True
+            identity = "u-17"
+            tenant_id = tenant
+
+        with pytest.raises(IdentityError, match="tenant_id"):
+            scope_user()({"user": Member()})
 
     def test_a_user_whose_is_authenticated_is_not_true_is_no_identity(self) -> None:
         """Old-style user classes make is_authenticated a method: a bound method is truthy,
