@@ -676,6 +676,18 @@ def _check_algorithms(algorithms: Iterable[str]) -> tuple[str, ...]:
     if any(alg.lower() == "none" for alg in algs):
         msg = "jwt_bearer() refuses the 'none' algorithm: unsigned tokens prove nothing"
         raise ValueError(msg)
+    from jwt.algorithms import get_default_algorithms
+
+    unknown = sorted(set(algs).difference(get_default_algorithms()))
+    if unknown:
+        # A token of such an algorithm is never verified: a misspelt name (or an algorithm
+        # of the cryptography package, not installed) would refuse every token.
+        msg = (
+            f"jwt_bearer() does not know the algorithm(s) {unknown}; known ones are "
+            f"{sorted(get_default_algorithms())} (the jwt extra installs cryptography, "
+            "which the asymmetric ones need)"
+        )
+        raise ValueError(msg)
     hmac_algs = _HMAC.intersection(algs)
     if hmac_algs and len(hmac_algs) != len(algs):
         msg = (
@@ -908,6 +920,31 @@ def _check_keys_serve(algs: Collection[str], jwks: PyJWKSet | None, key: Any) ->
             raise ValueError(msg)
 
 
+def _check_key_verifies(algs: Collection[str], key: Any) -> None:
+    """Refuse a key (neither a JWK nor a key set) with which none of ``algs`` verifies a
+    signature: a key of another kind, a private key rather than its public key, a key set
+    object given where a dict was meant. PyJWT finds out only at each token, with a
+    ``TypeError`` or ``AttributeError``: every request with a token would be a 500."""
+    import jwt
+
+    jws = jwt.PyJWS()
+    reasons = []
+    for alg in sorted(algs):
+        try:
+            prepared = jws.get_algorithm_by_name(alg).prepare_key(key)
+        except (jwt.PyJWTError, TypeError, ValueError, AttributeError) as exc:
+            reasons.append(f"{alg}: {exc}")
+            continue
+        if isinstance(prepared, bytes) or callable(getattr(prepared, "verify", None)):
+            return
+        reasons.append(f"{alg}: a private key verifies nothing, give its public key")
+    msg = (
+        f"the key given ({type(key).__name__}) cannot verify tokens of any of algorithms "
+        f"{sorted(algs)}: every token would fail ({'; '.join(reasons)})"
+    )
+    raise ValueError(msg)
+
+
 def _refuse_public_key_as_secret(key: str | bytes) -> None:
     """Raise ``ValueError`` when an HMAC secret is a public key or certificate."""
     from jwt.algorithms import HMACAlgorithm
@@ -995,11 +1032,12 @@ def jwt_bearer(
         require: Claims that must be present (``user_claim`` always is).
 
     Raises:
-        ValueError: at construction, for ``alg=none``, no algorithm, HMAC mixed with
-            asymmetric algorithms or given a public key or a ``PyJWKClient`` (a key set
-            fetched from a URL is public), a JWK or key set with no signing key for any of
-            ``algorithms``, an empty audience, or a leeway that is negative, infinite or
-            NaN.
+        ValueError: at construction, for ``alg=none``, no algorithm, an algorithm PyJWT
+            does not know, HMAC mixed with asymmetric algorithms or given a public key or a
+            ``PyJWKClient`` (a key set fetched from a URL is public), a key with which none
+            of ``algorithms`` verifies (a private key, a key of another kind), a JWK or key
+            set with no signing key for any of ``algorithms``, an empty audience, or a
+            leeway that is negative, infinite or NaN.
         TypeError: at construction, for a leeway that is not a number of seconds.
     """
     import jwt
@@ -1009,6 +1047,8 @@ def jwt_bearer(
 
     jwk_client, jwks, key = _verification_keys(key_or_jwks, hmac=bool(hmac_algs))
     _check_keys_serve(algs, jwks, key)
+    if jwk_client is None and jwks is None and not isinstance(key, jwt.PyJWK):
+        _check_key_verifies(algs, key)
     audiences = _audiences(audience)
     leeway = _leeway(leeway)
     required = sorted({*require, user_claim})

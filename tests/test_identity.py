@@ -433,6 +433,53 @@ class TestJwtBearer:
         assert resolver(bearer(token(key=PRIVATE_KEY, alg="RS256", kid="k1"))).user_id == "alice"
 
     @pytest.mark.parametrize(
+        ("key", "algorithms"),
+        [
+            (PRIVATE_KEY, ["RS256"]),
+            (
+                PRIVATE_KEY.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                ),
+                ["RS256", "PS256"],
+            ),
+            (PRIVATE_KEY.public_key(), ["HS256"]),
+            (None, ["HS256"]),
+            (SECRET, ["RS256"]),
+            (
+                jwt.PyJWKSet.from_dict(
+                    {"keys": [json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(PRIVATE_KEY))]}
+                ),
+                ["RS256"],
+            ),
+        ],
+        ids=["private-key", "private-pem", "public-for-hmac", "none", "secret-for-rsa", "key-set"],
+    )
+    def test_a_key_that_verifies_no_token_is_refused_when_configured(
+        self, key: Any, algorithms: list[str]
+    ) -> None:
+        """A key with which none of the algorithms verifies a signature (a private key for
+        its public key, a key object of another kind, a key set object for its dict) was
+        taken, and PyJWT failed at each token: a 500 (TypeError, AttributeError) for every
+        request with a token, or a 401 for every one. Refused where it is configured."""
+        with pytest.raises(ValueError, match="cannot verify tokens"):
+            jwt_bearer(key, algorithms=algorithms)
+
+    def test_a_public_key_object_or_pem_verifies(self) -> None:
+        for key in (PRIVATE_KEY.public_key(), PUBLIC_PEM, PUBLIC_PEM.decode()):
+            resolver = jwt_bearer(key, algorithms=["RS256"], audience=AUDIENCE)
+            assert resolver(bearer(token(key=PRIVATE_KEY, alg="RS256"))).user_id == "alice"
+
+    @pytest.mark.parametrize("algorithms", [["HS257"], ["RS256", "rs256"]])
+    def test_an_algorithm_pyjwt_does_not_know_is_refused_when_configured(
+        self, algorithms: list[str]
+    ) -> None:
+        """A misspelt algorithm verified no token (every one of it a 401)."""
+        with pytest.raises(ValueError, match="does not know the algorithm"):
+            jwt_bearer(PUBLIC_PEM if "RS256" in algorithms else SECRET, algorithms=algorithms)
+
+    @pytest.mark.parametrize(
         "headers",
         [
             [(b"authorization", b"Basic YWxpY2U6cHc=")],
