@@ -946,7 +946,8 @@ def _check_key_verifies(algs: Collection[str], key: Any) -> None:
 
 
 def _refuse_public_key_as_secret(key: str | bytes) -> None:
-    """Raise ``ValueError`` when an HMAC secret is a public key or certificate."""
+    """Raise ``ValueError`` when an HMAC secret is a public key or certificate (or
+    anything else PyJWT refuses as one: nothing at all, a JWK as text)."""
     from jwt.algorithms import HMACAlgorithm
     from jwt.exceptions import InvalidKeyError
 
@@ -954,12 +955,28 @@ def _refuse_public_key_as_secret(key: str | bytes) -> None:
     # knows PEM, SSH and DER (public keys and certificates) alike.
     try:
         HMACAlgorithm(HMACAlgorithm.SHA256).prepare_key(key)
-    except InvalidKeyError:
-        msg = (
-            "an HMAC algorithm was given with a public key or certificate; that is the "
-            "key-confusion attack"
-        )
+    except InvalidKeyError as exc:
+        if not key:
+            msg = "the HMAC secret given is empty: no token would ever verify"
+        elif _jwk_text(key):
+            msg = f"the HMAC secret given is a JWK as text: give it as a dict ({exc})"
+        else:
+            msg = (
+                "an HMAC algorithm was given with a public key or certificate; that is the "
+                "key-confusion attack"
+            )
         raise ValueError(msg) from None
+
+
+def _jwk_text(key: str | bytes) -> bool:
+    """Whether ``key`` is a JWK (a JSON object with ``kty``) as text."""
+    import json
+
+    try:
+        value = json.loads(key)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(value, dict) and "kty" in value
 
 
 def _audiences(audience: str | Iterable[str] | None) -> list[str] | None:

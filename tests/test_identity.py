@@ -359,6 +359,20 @@ class TestJwtBearer:
         with pytest.raises(ValueError, match="key-confusion"):
             jwt_bearer(PUBLIC_PEM, algorithms=["HS256"])
 
+    def test_an_hmac_secret_pyjwt_refuses_for_another_reason_is_named_for_it(self) -> None:
+        """An empty secret, or a JWK given as its JSON text, was refused as "a public key or
+        certificate; that is the key-confusion attack": the wrong mistake to look for."""
+        for empty in ("", b""):
+            with pytest.raises(ValueError, match="secret given is empty"):
+                jwt_bearer(empty, algorithms=["HS256"])
+        secret = b"a-json-web-key-secret-of-40-bytes-long!!"
+        encoded = base64.urlsafe_b64encode(secret).rstrip(b"=").decode()
+        jwk = json.dumps({"kty": "oct", "k": encoded})
+        with pytest.raises(ValueError, match="JWK as text: give it as a dict"):
+            jwt_bearer(jwk, algorithms=["HS256"])
+        resolver = jwt_bearer(json.loads(jwk), algorithms=["HS256"])
+        assert resolver(bearer(token(key=secret))).user_id == "alice"
+
     @pytest.mark.parametrize("encoding", ["PEM", "DER", "OpenSSH"])
     def test_an_hmac_secret_that_is_a_public_key_is_refused_in_any_encoding(
         self, encoding: str
