@@ -308,6 +308,15 @@ def _networks(trusted: Iterable[str]) -> tuple[_Network, ...]:
                 f"{_UNIX_SOCKET!r}, for the server's Unix socket): {exc}"
             )
             raise ValueError(msg) from None
+        mapped = network.network_address
+        if (
+            isinstance(mapped, ipaddress.IPv6Address)
+            and mapped.ipv4_mapped is not None
+            and network.prefixlen >= 128 - 32
+        ):
+            # A peer's IPv4-mapped address is checked as the IPv4 address it maps (a
+            # dual-stack server's IPv4 clients): so must the network be, or it never matches.
+            network = ipaddress.ip_network(f"{mapped.ipv4_mapped}/{network.prefixlen - 96}")
         if network.prefixlen == 0:
             logger.warning(
                 "ambient: the trusted network %s is every address: any client can assert "
@@ -529,7 +538,9 @@ def trusted_header(
         name: The user id header (compared case-insensitively; ``_`` is not ``-``).
         tenant_header: The tenant id header, if any.
         trusted: Networks in CIDR notation whose peers may assert an identity, and
-            ``"unix"`` for a proxy connecting through the server's Unix domain socket.
+            ``"unix"`` for a proxy connecting through the server's Unix domain socket. An
+            IPv4 peer and its IPv4-mapped IPv6 form (``::ffff:10.0.0.1``) are one peer, in
+            an IPv4 network and its mapped form (``::ffff:10.0.0.0/104``) alike.
 
     Raises:
         ValueError: at construction, for a network that is not valid CIDR, or none.

@@ -116,6 +116,17 @@ class TestTrustedHeader:
             assert found == Identity(user)
         assert resolve(http_scope(alice, **trusted)) == Identity("alice")
 
+    @pytest.mark.parametrize("peer", ["10.1.2.3", "::ffff:10.1.2.3"])
+    def test_an_ipv4_mapped_trusted_network_trusts_its_ipv4_peers(self, peer: str) -> None:
+        """A peer's IPv4-mapped address is checked as the IPv4 address it maps: a trusted
+        network written in the IPv4-mapped form (as a dual-stack server shows its IPv4
+        peers) never matched, and its proxies' requests had no identity."""
+        resolve = trusted_header(trusted=("::ffff:10.0.0.0/104",))
+        alice = [(b"x-user-id", b"alice")]
+        assert resolve(http_scope(alice, client=(peer, 4000))) == Identity("alice")
+        assert resolve(http_scope(alice, client=("11.1.2.3", 4000))) is None
+        assert resolve(http_scope(alice, client=("::ffff:11.1.2.3", 4000))) is None
+
     @pytest.mark.parametrize(
         ("headers", "named"),
         [
