@@ -40,6 +40,7 @@ import logging
 import secrets
 import sys
 import threading
+import traceback
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from time import monotonic
@@ -55,7 +56,7 @@ from ambient import __version__
 from ambient._binding import _current
 from ambient._observe import ComponentEvent, Observer
 from ambient._provider import Lifetime
-from ambient.errors import IncompleteResponseError
+from ambient.errors import IncompleteResponseError, InvalidContextError
 
 if TYPE_CHECKING:
     from ambient._context import UserExecutionContext, UserRef
@@ -223,15 +224,55 @@ def _cancellation(error: BaseException) -> bool:
     )
 
 
-def _record_end(span: trace.Span, error: BaseException) -> None:
+def _echoed_ids(error: BaseException, hidden: frozenset[str]) -> dict[str, str]:
+    """The messages of the :class:`~ambient.errors.InvalidContextError` in ``error`` (its
+    cause, context or group members included) that echo a ``hidden`` id field's value,
+    each mapped to the same message without the value."""
+    found: dict[str, str] = {}
+    seen: set[int] = set()
+    pending = [error]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        field = getattr(current, "field", None)
+        if isinstance(current, InvalidContextError) and field in hidden:
+            safe = f"{field} is invalid: {getattr(current, 'reason', '')}"
+            message = str(current)
+            if message != safe:
+                found[message] = safe
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)
+        links = (current.__cause__, current.__context__)
+        pending.extend(link for link in links if link is not None)
+    return found
+
+
+def _record_end(span: trace.Span, error: BaseException, hidden: frozenset[str]) -> None:
     """Record on ``span`` what ended its work: a cancellation is not an error of its own,
     only ``ambient.cancelled``; any other exception, ``KeyboardInterrupt`` and
-    ``SystemExit`` included, is an error, as OpenTelemetry's own spans record it."""
+    ``SystemExit`` included, is an error, as OpenTelemetry's own spans record it.
+
+    An invalid id that a context error echoes (``user_id is invalid: ... (got 'alice ')``)
+    is left out of the recorded message and stack trace when its field (in ``hidden``) is
+    exported hashed or not at all: it is that user's id, give or take the flaw."""
     if _cancellation(error):
         span.set_attribute("ambient.cancelled", True)
+        return
+    echoed = _echoed_ids(error, hidden) if hidden else None
+    if echoed:
+        message = str(error)
+        stacktrace = "".join(traceback.format_exception(error))
+        for raw, safe in echoed.items():
+            message = message.replace(raw, safe)
+            stacktrace = stacktrace.replace(raw, safe)
+        span.record_exception(
+            error, {"exception.message": message, "exception.stacktrace": stacktrace}
+        )
     else:
         span.record_exception(error)
-        span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+    span.set_status(Status(StatusCode.ERROR, type(error).__name__))
 
 
 def _check_policy(name: str, policy: str) -> IdPolicy:
@@ -244,11 +285,17 @@ def _check_policy(name: str, policy: str) -> IdPolicy:
 class _IdExport:
     """Applies the user and tenant id policies (shared with the logging integration)."""
 
-    __slots__ = ("_hashed", "key", "tenant_policy", "user_policy")
+    __slots__ = ("_hashed", "hidden", "key", "tenant_policy", "user_policy")
 
     def __init__(self, user_id: str, tenant_id: str, hash_key: bytes | str | None) -> None:
         self.user_policy = _check_policy("user_id", user_id)
         self.tenant_policy = _check_policy("tenant_id", tenant_id)
+        # The fields whose raw values must not be exported.
+        self.hidden = frozenset(
+            field
+            for field, policy in (("user_id", self.user_policy), ("tenant_id", self.tenant_policy))
+            if policy != "raw"
+        )
         self.key = _key_bytes(hash_key)
         # An HMAC costs about 1.5 us; the same users come back request after request.
         self._hashed: dict[str, str] = {}
@@ -474,7 +521,8 @@ class Telemetry(Observer):
         tracer_provider: Where spans go (default: the global provider, looked up once).
         meter_provider: Where metrics go (default: the global provider, looked up once).
         user_id: ``"hash"`` (default): HMAC-SHA256 under ``hash_key``, 16 hex characters;
-            ``"raw"``: the id itself; ``"omit"``: no user attribute.
+            ``"raw"``: the id itself; ``"omit"``: no user attribute. Unless ``"raw"``, an
+            :class:`~ambient.InvalidContextError` recorded on a span loses the id it echoes.
         tenant_id: The same choice for the tenant id (default ``"raw"``).
         hash_key: Key for ``"hash"`` (bytes or str). ``None``: a random key per process,
             the same one :mod:`ambient.integrations.logging` uses, so spans and log records
@@ -769,7 +817,7 @@ class Telemetry(Observer):
                             Status(StatusCode.ERROR, f"{len(failures)} component cleanup(s) failed")
                         )
                 else:
-                    _record_end(span, ended_by)
+                    _record_end(span, ended_by, self._ids.hidden)
                 span.end()
             except Exception:  # noqa: BLE001 - logged once; never breaks a request
                 self._failed("scope_closed (span)")
@@ -920,7 +968,7 @@ class Telemetry(Observer):
         )
         error = event.error
         if error is not None:
-            _record_end(span, error)
+            _record_end(span, error, self._ids.hidden)
         span.end(end_time=event.start_ns + round(event.duration * 1e9))
 
     # -- migration -----------------------------------------------------------------------

@@ -899,6 +899,55 @@ class TestIds:
             assert user not in span.to_json()
 
     @pytest.mark.parametrize(
+        ("options", "field"),
+        [
+            ({}, "user_id"),
+            ({"user_id": "omit"}, "user_id"),
+            ({"tenant_id": "hash"}, "tenant_id"),
+        ],
+    )
+    async def test_an_invalid_id_a_context_error_echoes_is_not_exported(
+        self, otel: Otel, options: dict[str, Any], field: str
+    ) -> None:
+        """A worker building a context from a flawed id (an e-mail with a trailing space,
+        read from a queue) fails with an error echoing it: the scope span and the factory's
+        span record that error without the id its policy keeps out of traces."""
+        flawed = "alice@example.com "
+        ids = {"user_id": flawed, "tenant_id": "acme"}
+        if field == "tenant_id":
+            ids = {"user_id": "alice", "tenant_id": flawed}
+
+        class Job:
+            def __init__(self) -> None:
+                UserExecutionContext.create(ids["user_id"], tenant_id=ids["tenant_id"])
+
+        registry = Registry(telemetry=otel.telemetry(**options))
+        registry.register(Job, Job)
+        with pytest.raises(ambient.InvalidContextError, match="alice@example.com"):
+            async with registry.open_scope(ctx("worker")):
+                await ambient.resolve(Job)
+        spans = [one(otel.spans.named("ambient.scope")), one(otel.spans.named("ambient.resolve"))]
+        for span in spans:
+            assert "alice@example.com" not in span.to_json()
+            (event,) = [e for e in span.events if e.name == "exception"]
+            assert event.attributes is not None
+            assert event.attributes["exception.message"] == (
+                f"{field} is invalid: must not start or end with whitespace"
+            )
+            assert "InvalidContextError" in str(event.attributes["exception.stacktrace"])
+
+    async def test_an_invalid_id_is_echoed_where_its_policy_is_raw(self, otel: Otel) -> None:
+        """With user_id="raw" the error is recorded as it was raised."""
+        flawed = "alice@example.com "
+        registry = Registry(telemetry=otel.telemetry(user_id="raw"))
+        with pytest.raises(ambient.InvalidContextError):
+            async with registry.open_scope(ctx("worker")):
+                UserExecutionContext.create(flawed)
+        (event,) = one(otel.spans.named("ambient.scope")).events
+        assert event.attributes is not None
+        assert "(got 'alice@example.com ')" in str(event.attributes["exception.message"])
+
+    @pytest.mark.parametrize(
         ("options", "message"),
         [
             ({"user_id": "plain"}, "user_id must be one of"),
