@@ -1198,6 +1198,19 @@ async def connect_held(*held: HeldConnect) -> None:
         await handshake.settled.wait()
 
 
+async def revoked_in_the_window(registry: Registry, hub: ConnectionHub, carol: HeldConnect) -> None:
+    """Carol's handshake passes the identity check, she is revoked, then her app reaches
+    ``connect()``: the socket is revoked as it joins, before it does any of her work."""
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(carol.run)
+            await carol.checked.wait()
+            await hub.revoke("carol")
+            await connect_held(carol)
+            assert (carol.work, carol.closes()) == ([], [(4001, "access revoked")])
+    await registry.aclose()
+
+
 @pytest.mark.parametrize("naming", ["the user", "the connection"])
 async def test_a_handshake_validated_before_a_revocation_is_revoked_as_it_connects(
     naming: str,
@@ -1235,15 +1248,7 @@ async def test_a_handshake_connecting_inside_a_message_scope_is_revoked_as_well(
     registry = Registry()
     hub = ConnectionHub()
     hub.install(registry)
-    carol = HeldConnect(registry, "carol", nested=True)
-    with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(carol.run)
-            await carol.checked.wait()
-            await hub.revoke("carol")
-            await connect_held(carol)
-            assert (carol.work, carol.closes()) == ([], [(4001, "access revoked")])
-    await registry.aclose()
+    await revoked_in_the_window(registry, hub, HeldConnect(registry, "carol", nested=True))
 
 
 async def test_a_revocation_naming_one_connection_leaves_the_users_others_in_the_window() -> None:
@@ -1339,15 +1344,7 @@ async def test_the_hub_dates_revocations_on_the_clock_the_middleware_reads(
     hub.install(registry)
     real = time.monotonic
     monkeypatch.setattr(time, "monotonic", lambda: seconds(real() + 86_400.0))
-    carol = HeldConnect(registry, "carol")
-    with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(carol.run)
-            await carol.checked.wait()
-            await hub.revoke("carol")
-            await connect_held(carol)
-            assert (carol.work, carol.closes()) == ([], [(4001, "access revoked")])
-    await registry.aclose()
+    await revoked_in_the_window(registry, hub, HeldConnect(registry, "carol"))
 
 
 async def test_a_hub_that_keeps_no_revocations_still_revokes() -> None:
