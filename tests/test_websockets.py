@@ -494,11 +494,14 @@ async def pump(sock: ClientConnection, hub: ConnectionHub, stop: asyncio.Event) 
     return start
 
 
-async def test_a_slow_socket_is_closed_with_1013_and_nobody_else_waits(server: str) -> None:
+async def test_a_slow_socket_is_closed_with_1013_and_nobody_else_waits(
+    server: str, caplog: pytest.LogCaptureFixture
+) -> None:
     """One socket stops reading while its user's other socket and another user's socket
     keep up with batches of 8 KiB events. The slow socket's queue never grows past its
     bound: it is dropped and closed with 1013 after an in-order prefix of the events; the
-    senders never wait for it, and the other sockets get every event in order."""
+    senders never wait for it, and the other sockets get every event in order. The
+    warning names the connection, never its user's id (it named the raw id)."""
     hub = ConnectionHub(queue_size=QUEUE)
     app, ledger, _ = build(hub)
 
@@ -537,6 +540,8 @@ async def test_a_slow_socket_is_closed_with_1013_and_nobody_else_waits(server: s
     assert stats.peak_queued <= QUEUE
     assert (stats.connections, stats.queued, stats.send_failures) == (0, 0, 0)
     assert ledger.problems() == []
+    [warning] = [r.getMessage() for r in caplog.records if "events behind" in r.getMessage()]
+    assert "slow" not in warning, warning
 
 
 async def test_a_socket_that_never_reads_again_is_cut_off_after_close_timeout(

@@ -98,7 +98,9 @@ class Connection:
         self._revoked: str | None = None
 
     def __repr__(self) -> str:
-        return f"<Connection {self.connection_id} of {self.user.user_id!r}>"
+        # The connection id only, as a scope's repr: it goes into log lines (the hub's
+        # warnings), where a raw user id must never appear.
+        return f"<Connection {self.connection_id}>"
 
     @property
     def closed(self) -> bool:
