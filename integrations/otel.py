@@ -90,9 +90,12 @@ class TracingHandle:
         if self._shut_down:
             return
         self._shut_down = True
-        self.tracer_provider.shutdown()
-        if self.meter_provider is not None:
-            self.meter_provider.shutdown()
+        try:
+            self.tracer_provider.shutdown()
+        finally:
+            # Even when the tracer provider's shutdown raised: the metrics still flush.
+            if self.meter_provider is not None:
+                self.meter_provider.shutdown()
 
     def __repr__(self) -> str:
         state = "shut down" if self._shut_down else "running"

@@ -315,6 +315,32 @@ def test_shutdown_is_idempotent_and_validates_the_name(receiver: Receiver) -> No
         configure_tracing(" ", set_global=False)
 
 
+def test_metrics_still_flush_when_the_tracer_providers_shutdown_fails(
+    receiver: Receiver,
+) -> None:
+    """The tracer provider's shutdown raises (an exporter's bug): the error reaches the
+    caller, and the meter provider is shut down all the same, its last metrics exported.
+    The handle had marked itself shut down first and never reached the meter provider."""
+    handle = configure_tracing("failing", receiver.url, set_global=False)
+    assert handle.meter_provider is not None
+    handle.meter_provider.get_meter("test").create_counter("ambient.test.count").add(1)
+
+    def broken() -> None:
+        raise RuntimeError("exporter bug")
+
+    handle.tracer_provider.shutdown = broken  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="exporter bug"):
+        handle.shutdown()
+    assert any(
+        metric.name == "ambient.test.count"
+        for request in receiver.metrics
+        for resource in request.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+    )
+    handle.shutdown()  # once: nothing more happens
+
+
 def test_global_setup_in_a_fresh_process(receiver: Receiver) -> None:
     """The README flow in a fresh process: configure_tracing installs the global providers,
     a plain Telemetry() uses them, a second configure_tracing warns and stays local, and
