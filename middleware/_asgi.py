@@ -8,6 +8,7 @@ import logging
 import re
 import time
 import urllib.parse
+import weakref
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import Any, Final
 
@@ -80,8 +81,19 @@ _UNAUTHENTICATED = Problem(
 )
 
 
+# The (middleware's, registry's) Telemetry pairs already warned of: install() builds the
+# middleware once to check its arguments and Starlette once more for its stack.
+_warned_twice: weakref.WeakKeyDictionary[Observer, weakref.WeakSet[Observer]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def _warn_if_traced_twice(telemetry: Observer, registry_telemetry: Observer | None) -> None:
     if isinstance(telemetry, Telemetry) and isinstance(registry_telemetry, Telemetry):
+        warned = _warned_twice.setdefault(telemetry, weakref.WeakSet())
+        if registry_telemetry in warned:
+            return
+        warned.add(registry_telemetry)
         logger.warning(
             "ambient: the registry and AmbientMiddleware(telemetry=...) were given two "
             "Telemetry objects: every request's scope would be traced and counted twice. "

@@ -704,6 +704,27 @@ class TestInstall:
             first_of(trusted_header(), given)
         install(FastAPI(), registry=registry, identity=first_of(own(), trusted_header()))
 
+    async def test_two_telemetry_objects_are_warned_of_once(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A Telemetry on the registry and another given to install(): one warning, at
+        install, not a second one when the app builds its middleware stack."""
+        from ambient.telemetry import Telemetry
+
+        registry = Registry(telemetry=Telemetry())
+        app = FastAPI()
+
+        @app.get("/")
+        async def home(ctx: CurrentContext) -> dict[str, str]:
+            return {"user": ctx.user_id}
+
+        with caplog.at_level(logging.WARNING, logger="ambient.middleware"):
+            install(app, registry=registry, identity=trusted_header(), telemetry=Telemetry())
+            async with client(app) as http:
+                assert (await http.get("/", headers=ALICE)).json() == {"user": "alice"}
+        warned = [r.getMessage() for r in caplog.records if "counted twice" in r.getMessage()]
+        assert len(warned) == 1, warned
+
     def test_install_takes_every_option_of_the_middleware(self) -> None:
         """install() says its arguments are the middleware's: every one of them."""
         import inspect
