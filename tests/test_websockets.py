@@ -2247,6 +2247,60 @@ async def test_a_first_subscription_whose_read_does_not_answer_fails_and_leaves_
     await backend.aclose()
 
 
+async def test_a_first_subscription_given_up_before_its_subscribe_leaves_the_next_one_to_it(
+    redis_url: str,
+) -> None:
+    """A first socket of dave starts subscribing his channel and a second one joins, waiting
+    for that subscription; the first gives up (its client left) while it still reads dave's
+    count of revocations, before it ever sent the SUBSCRIBE. The second subscribes the
+    channel itself, at once, and gets dave's events, instead of waiting for a confirmation
+    that nothing had asked for until its deadline."""
+    backend = HeldOnItsWay(redis_url, channel_prefix=unique_prefix(), held_at="read", timeout=1.0)
+    delivered: list[Envelope] = []
+    arrived = anyio.Event()
+
+    def deliver(envelope: Envelope) -> None:
+        delivered.append(envelope)
+        arrived.set()
+
+    backend.attach(deliver)
+    dave = UserRef("dave")
+    holding, joining = anyio.Event(), anyio.Event()
+    subscribed: list[str] = []
+
+    async def hold() -> None:
+        holding.set()
+        await anyio.sleep_forever()
+
+    async def first(scope: anyio.CancelScope) -> None:
+        with scope:
+            await backend.subscribe(dave)
+            subscribed.append("first")
+
+    async def second() -> None:
+        joining.set()
+        await backend.subscribe(dave)
+        subscribed.append("second")
+
+    with anyio.fail_after(DEADLINE):
+        await backend.wait_connected()
+        backend.hold = hold
+        async with anyio.create_task_group() as tg:
+            given_up = anyio.CancelScope()
+            tg.start_soon(first, given_up)
+            await holding.wait()
+            tg.start_soon(second)
+            await joining.wait()
+            given_up.cancel()
+        assert (subscribed, backend.subscriptions) == (["second"], 1)
+        await backend.publish(Envelope(dave, 0, None, '{"n":1}'))
+        await arrived.wait()
+    assert delivered == [Envelope(dave, 0, None, '{"n":1}')]
+    await backend.unsubscribe(dave)
+    assert backend.subscriptions == 0
+    await backend.aclose()
+
+
 async def test_more_sends_at_once_than_redis_connections_all_get_through(redis_url: str) -> None:
     """150 users each send 10 events at the same moment: more publishes under way than the
     backend holds connections to Redis. They wait for a free connection and every socket

@@ -119,6 +119,9 @@ class RedisBroadcast:
         self._users: dict[bytes, UserRef] = {}
         self._pending: dict[bytes, int] = {}
         self._confirmed: set[bytes] = set()
+        # Channels whose first subscription here got as far as its SUBSCRIBE (or is on its
+        # way to it): the other sockets of the user wait for its confirmation.
+        self._subscribing: set[bytes] = set()
         self._changed: anyio.Event | None = None
         self._client: Redis | None = None
         # The publishing client's free connections, counted here: a publish waits for one
@@ -282,10 +285,11 @@ class RedisBroadcast:
         """
         self._on_this_loop()
         channel = self.channel(user)
-        refs = self._refs.get(channel, 0)
-        self._refs[channel] = refs + 1
+        self._refs[channel] = self._refs.get(channel, 0) + 1
         self._users[channel] = user
         waiting_for: str | None = None
+        first = False  # this call makes the channel's subscription
+        sent = False
 
         async def read_count() -> int:
             nonlocal waiting_for
@@ -301,30 +305,36 @@ class RedisBroadcast:
             self._check_up()
             with anyio.fail_after(self.timeout):
                 before = 0
-                if refs == 0:
+                waiting_for = "confirm the subscription"
+                first = await self._claim(channel)
+                if first:
                     # Read before subscribing: a revocation Redis takes from now until it
                     # has the subscription is published to nobody here, and only the count
                     # read again below tells of it.
                     before = await read_count()
                     self._check_up()
+                    # Confirmed only by the answer to this SUBSCRIBE (or a later one), not
+                    # by one to a SUBSCRIBE of an earlier, since unsubscribed, socket.
+                    self._confirmed.discard(channel)
+                    sent = True
                     await self._send("SUBSCRIBE", channel)
                 waiting_for = "confirm the subscription"
                 while channel not in self._confirmed:
                     await self._wait_changed()
                     self._check_up()  # the connection broke meanwhile: fail now
-                if refs == 0 or channel not in self._revocations:
+                if first or channel not in self._revocations:
                     # Read once subscribed: a revocation after this read arrives as a message.
                     count = await read_count()
                     known = self._revocations.get(channel)
                     self._revocations[channel] = count if known is None else max(known, count)
                     deliver = self._deliver
-                    if refs == 0 and count > before and deliver is not None:
+                    if first and count > before and deliver is not None:
                         deliver(Envelope(user, REVOKE, None, "access revoked"))
         except TimeoutError:
-            await self._release(user)
+            await self._release(user, claimed=first and not sent)
             raise self._timed_out(waiting_for) from None
         except BaseException as error:
-            await self._release(user)
+            await self._release(user, claimed=first and not sent)
             from redis.exceptions import RedisError
 
             if isinstance(error, RedisError | OSError):
@@ -364,7 +374,26 @@ class RedisBroadcast:
                 )
                 deliver(Envelope(user, REVOKE, None, "access revoked"))
 
-    async def _release(self, user: UserRef) -> None:
+    async def _claim(self, channel: bytes) -> bool:
+        """Wait until ``channel`` is confirmed (``False``) or no subscription here is on
+        its way to subscribe it; then this one is (``True``): the first of its user here,
+        or the next after a first that gave up before its SUBSCRIBE, which nothing else
+        would send."""
+        while channel not in self._confirmed:
+            if channel not in self._subscribing:
+                self._subscribing.add(channel)
+                return True
+            await self._wait_changed()
+            self._check_up()  # the connection broke meanwhile: fail now
+        return False
+
+    async def _release(self, user: UserRef, *, claimed: bool) -> None:
+        """Drop the reference of a subscription of ``user`` that failed. One that
+        ``claimed`` the channel and never sent its SUBSCRIBE wakes the sockets waiting
+        for it, and the next of them subscribes."""
+        if claimed:
+            self._subscribing.discard(self.channel(user))
+            self._notify()
         with anyio.CancelScope(shield=True):
             await self.unsubscribe(user)
 
@@ -384,6 +413,7 @@ class RedisBroadcast:
         self._users.pop(channel, None)
         self._revocations.pop(channel, None)
         self._confirmed.discard(channel)
+        self._subscribing.discard(channel)
         await self._send("UNSUBSCRIBE", channel)
 
     async def _send(self, command: str, channel: bytes) -> None:
