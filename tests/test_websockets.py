@@ -957,6 +957,29 @@ async def test_a_repeated_origin_header_is_refused() -> None:
     assert len(called) == 2
 
 
+async def test_an_origin_spelled_with_a_tab_or_line_break_inside_is_refused() -> None:
+    """A tab or line break inside the Origin (which URL parsing deletes) does not make it
+    the allowed origin it spells without them."""
+    called = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        called.append(scope)
+
+    check = OriginAllowList(app, allowed_origins=["https://app.example"])
+    sent: list[MutableMapping[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "websocket.connect"}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    for spelled in (b"https://app.exa\tmple", b"https://app.\nexample", b"htt\rps://app.example"):
+        await check({"type": "websocket", "headers": [(b"origin", spelled)]}, receive, send)
+    assert called == []
+    assert [(m["type"], m["code"]) for m in sent] == [("websocket.close", 1008)] * 3
+
+
 async def nothing(*_: Any) -> None:
     """An ASGI app that does nothing."""
 
@@ -965,6 +988,13 @@ def test_the_origin_list_takes_origins_only() -> None:
     for bad in ("app.example", "https://app.example/path", "https://user@app.example", "*"):
         with pytest.raises(ValueError, match="not an origin"):
             OriginAllowList(nothing, allowed_origins=[bad])
+    # Origins no browser sends, which would never match: refused rather than kept.
+    for never in ("https://*.app.example", "https://app.exa\tmple"):
+        with pytest.raises(ValueError, match="not an origin like"):
+            OriginAllowList(nothing, allowed_origins=[never])
+    with pytest.raises(ValueError, match="xn--"):
+        OriginAllowList(nothing, allowed_origins=["https://b\u00fccher.example"])
+    assert OriginAllowList(nothing, allowed_origins=["https://xn--bcher-kva.example"]).allowed
     with pytest.raises(TypeError):
         OriginAllowList(nothing, allowed_origins="https://app.example")
 

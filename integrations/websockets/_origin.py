@@ -9,6 +9,9 @@ from urllib.parse import urlsplit
 from ambient.middleware import _problem
 
 _DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443, "wss": 443}
+# What urlsplit() deletes from anywhere in a URL before it parses it: a value holding one
+# would be read as another origin than the one it spells.
+_DELETED = ("\t", "\r", "\n")
 
 ASGIApp = Callable[
     [
@@ -22,8 +25,11 @@ ASGIApp = Callable[
 
 def _origin(value: str) -> str | None:
     """``scheme://host[:port]`` lower-cased without a default port, or ``None``."""
+    value = value.strip()
+    if any(char in value for char in _DELETED):
+        return None
     try:
-        parts = urlsplit(value.strip())
+        parts = urlsplit(value)
         port = parts.port
     except ValueError:
         return None
@@ -63,7 +69,9 @@ class OriginAllowList:
     Args:
         app: The ASGI application.
         allowed_origins: Origins such as ``"https://app.example.com"`` (scheme, host and
-            non-default port; compared case-insensitively).
+            non-default port; compared case-insensitively), each spelled out: no wildcards,
+            and a host in its ASCII form (``xn--`` for an internationalised name), as
+            browsers send it.
         allow_missing: Accept handshakes without an Origin header.
     """
 
@@ -78,8 +86,15 @@ class OriginAllowList:
         allowed: set[str] = set()
         for value in allowed_origins:
             origin = _origin(value) if isinstance(value, str) else None
-            if origin is None:
+            if origin is None or "*" in origin:
                 msg = f"{value!r} is not an origin like 'https://app.example.com'"
+                raise ValueError(msg)
+            if not origin.isascii():
+                # Browsers send the ASCII form: this one would never match.
+                msg = (
+                    f"{value!r} is not an origin as browsers send it: write its host in "
+                    "ASCII (the 'xn--' form of an internationalised name)"
+                )
                 raise ValueError(msg)
             allowed.add(origin)
         self.app = app
