@@ -198,8 +198,14 @@ class Finalizer:
         if self.how == "context manager":
             if exc is None:
                 target.__exit__(None, None, None)
-            else:
+                return
+            try:
                 target.__exit__(type(exc), exc, exc.__traceback__)
+            except BaseException as raised:
+                # Handing back the exception it was given (SQLAlchemy's transactions do)
+                # is how `with` lets it propagate too: not a failure of the cleanup.
+                if raised is not exc:
+                    raise
             return
         target.close()
 
@@ -223,8 +229,12 @@ class Finalizer:
         if self.how == "async context manager":
             if exc is None:
                 await target.__aexit__(None, None, None)
-            else:
+                return
+            try:
                 await target.__aexit__(type(exc), exc, exc.__traceback__)
+            except BaseException as raised:
+                if raised is not exc:  # as in run_sync
+                    raise
             return
         await target.aclose()
 

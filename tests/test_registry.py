@@ -332,6 +332,44 @@ class TestFactoryShapes:
                 raise ValueError("boom")
         assert log.events == ["saw boom"]
 
+    async def test_context_manager_handing_back_the_body_exception_did_not_fail(
+        self, log: Log
+    ) -> None:
+        """A context manager whose exit raises the very exception it was given (as
+        SQLAlchemy's transactions do) lets it propagate, as ``with`` would: its cleanup
+        did not fail. It was counted, logged and noted on the exception as a failed
+        cleanup."""
+
+        class Reraising:
+            def __enter__(self) -> str:
+                return "sync"
+
+            def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+                log.events.append(f"exit {exc}")
+                if exc is not None:
+                    raise exc
+
+        class AsyncReraising:
+            async def __aenter__(self) -> str:
+                return "async"
+
+            async def __aexit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+                log.events.append(f"aexit {exc}")
+                if exc is not None:
+                    raise exc
+
+        registry = Registry()
+        registry.register("sync", Reraising)
+        registry.register("async", AsyncReraising)
+        with pytest.raises(ValueError, match="boom") as caught:
+            async with registry.open_scope(ctx()) as scope:
+                assert await scope.resolve("sync") == "sync"
+                assert await scope.resolve("async") == "async"
+                raise ValueError("boom")
+        assert log.events == ["aexit boom", "exit boom"]
+        assert not getattr(caught.value, "__notes__", None)
+        assert registry.stats().cleanup_failures == 0
+
     async def test_user_and_app_factories_receive_user_ref_and_nothing(self) -> None:
         """USER factories get the UserRef, APP factories get no argument."""
         got: dict[str, object] = {}
