@@ -10,7 +10,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from ambient.errors import RegistryError, ResolutionError
+from ambient.errors import RegistryError, ResolutionError, _shorten
 
 __all__ = ["Finalizer", "Lifetime", "Provider", "build_async", "build_sync", "make_provider"]
 
@@ -104,6 +104,14 @@ def make_provider(
         or not idle_ttl >= 0  # nan too: it would stop the user's components expiring
     ):
         msg = f"idle_ttl must be a number of seconds >= 0, not {idle_ttl!r}"
+        raise RegistryError(msg)
+    if name is not None and (not isinstance(name, str) or not name or not name.isprintable()):
+        # It is joined into errors and written to log lines and span attributes: a
+        # non-str broke the error for an unknown key, a line break would split a log line.
+        msg = (
+            "name must be a non-empty str of printable characters (no line breaks or "
+            f"control characters), not {_shorten(name)}"
+        )
         raise RegistryError(msg)
     label = name if name is not None else key_name(key)
     if inspect.isasyncgenfunction(factory):

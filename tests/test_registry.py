@@ -449,3 +449,21 @@ def test_registrations_no_expiry_could_follow_are_refused(
 def test_max_users_is_a_whole_number(max_users: Any) -> None:
     with pytest.raises(ValueError, match="max_users must be an int"):
         Registry(max_users=max_users)
+
+
+@pytest.mark.parametrize("name", [123, "", "db\nERROR forged line", "\x1b[31mdb", "db\u2028"])
+def test_a_name_that_cannot_go_into_errors_and_log_lines_is_refused(name: Any) -> None:
+    """A component's name is joined into errors and written to logs and spans: a non-str
+    name was accepted and made the error for any unknown key a ``TypeError``; one with a
+    line break or an escape sequence forged or garbled log lines."""
+    registry = Registry()
+    with pytest.raises(RegistryError, match="name must be a non-empty str of printable"):
+        registry.register("component", object, name=name)
+    assert "component" not in registry.providers
+    assert "registered: nothing yet" in str(registry.unknown_key("other"))
+
+
+def test_a_printable_name_with_spaces_and_letters_of_any_script_is_kept() -> None:
+    registry = Registry()
+    registry.register("component", object, name="Kölner cache №2")
+    assert registry.providers["component"].name == "Kölner cache №2"
