@@ -140,7 +140,9 @@ def key_from_annotation(factory: Callable[..., Any]) -> Hashable:
     if isinstance(factory, type):
         return factory
     try:
-        hints = typing.get_type_hints(factory)
+        # With extras: `-> Annotated[Engine, "replica"]` is a key of its own, as it is
+        # for register(); stripped, it was Engine's and clashed with the primary one.
+        hints = typing.get_type_hints(factory, include_extras=True)
     except Exception as exc:  # noqa: BLE001 - any failure means "no usable annotation"
         msg = f"cannot read the return annotation of {factory!r}: {exc}"
         raise RegistryError(msg) from None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
 
@@ -90,6 +90,35 @@ class TestRegistration:
 
         assert set(registry.providers) == {Thing, Log, UserRef}
         assert registry.providers[Log].lifetime is Lifetime.USER
+
+    async def test_provide_keeps_annotated_metadata_in_the_key(self) -> None:
+        """``-> Annotated[Thing, "replica"]`` keys the factory by that ``Annotated`` type,
+        as ``register(Annotated[Thing, "replica"], ...)`` does, unwrapped from an iterator
+        too. The metadata was dropped: the key was ``Thing``, so a second variant clashed
+        with the plain one and resolving the ``Annotated`` key found nothing."""
+        registry = Registry()
+
+        @registry.provide
+        def primary() -> Thing:
+            return Thing("primary")
+
+        @registry.provide
+        def replica() -> Annotated[Thing, "replica"]:
+            return Thing("replica")
+
+        @registry.provide
+        def audit() -> Iterator[Annotated[Thing, "audit"]]:
+            yield Thing("audit")
+
+        assert set(registry.providers) == {
+            Thing,
+            Annotated[Thing, "replica"],
+            Annotated[Thing, "audit"],
+        }
+        async with registry.open_scope(ctx()) as scope:
+            assert (await scope.resolve(Thing)).tag == "primary"
+            assert (await scope.resolve(Annotated[Thing, "replica"])).tag == "replica"
+            assert scope.resolve_sync(Annotated[Thing, "audit"]).tag == "audit"
 
     def test_provide_needs_an_annotation(self) -> None:
         """A factory without a return annotation cannot be keyed."""
