@@ -257,6 +257,16 @@ class Registry:
             return fn
 
         if factory is not None:
+            if not callable(factory):
+                # `@registry.provide(Lifetime.USER)` or `@registry.provide(key)`: the
+                # annotation reader's complaint about it would not say what was meant.
+                hint = (
+                    f"the lifetime as a keyword: @registry.provide(lifetime={factory})"
+                    if isinstance(factory, Lifetime)
+                    else "no key: use registry.register(key, factory) to choose one"
+                )
+                msg = f"provide() decorates a factory and takes {hint}"
+                raise RegistryError(msg)
             return decorate(factory)
         return decorate
 

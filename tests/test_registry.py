@@ -129,6 +129,24 @@ class TestRegistration:
             def make():  # type: ignore[no-untyped-def]
                 return Thing()
 
+    @pytest.mark.parametrize(
+        ("argument", "error"),
+        [
+            (Lifetime.USER, r"lifetime as a keyword: @registry.provide\(lifetime=Lifetime.USER\)"),
+            ("cache", r"no key: use registry.register\(key, factory\)"),
+        ],
+    )
+    def test_provide_given_a_lifetime_or_a_key_says_how_to_pass_it(
+        self, argument: Any, error: str
+    ) -> None:
+        """``@registry.provide(Lifetime.USER)`` (the lifetime positionally) and
+        ``@registry.provide("cache")`` were refused as a failure to read the return
+        annotation *of the lifetime or key*, which did not say what to write instead."""
+        registry = Registry()
+        with pytest.raises(RegistryError, match=error):
+            registry.provide(argument)
+        assert not registry.providers
+
     async def test_unknown_key_lists_registered_names(self) -> None:
         """Resolving an unknown key names what is registered."""
         registry = Registry()
