@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import enum
 import inspect
 import typing
@@ -134,9 +135,24 @@ def make_provider(
     )
 
 
-def key_from_annotation(factory: Callable[..., Any]) -> Hashable:
+# Return annotations whose first argument is the component (see key_from_annotation).
+_YIELDED = (
+    collections.abc.Iterator,
+    collections.abc.Generator,
+    collections.abc.AsyncIterator,
+    collections.abc.AsyncGenerator,
+    collections.abc.Iterable,
+    collections.abc.AsyncIterable,
+)
+_ENTERED = (contextlib.AbstractContextManager, contextlib.AbstractAsyncContextManager)
+
+
+def key_from_annotation(factory: Callable[..., Any], *, enter: bool = True) -> Hashable:
     """The key ``@registry.provide`` derives from a factory: the class itself, or what the
-    return annotation names (``Iterator[X]``, ``AsyncIterator[X]`` and the like unwrapped)."""
+    return annotation names, unwrapped as resolution unwraps the result: ``Awaitable[X]``
+    and ``Coroutine[..., X]`` (awaited), ``Iterator[X]``, ``AsyncIterator[X]`` and the like
+    (a generator's yield) and, unless ``enter`` is false, ``AbstractContextManager[X]`` and
+    ``AbstractAsyncContextManager[X]`` (entered)."""
     if isinstance(factory, type):
         return factory
     try:
@@ -154,14 +170,10 @@ def key_from_annotation(factory: Callable[..., Any]) -> Hashable:
         )
         raise RegistryError(msg)
     origin = typing.get_origin(annotation)
-    if origin in (
-        collections.abc.Iterator,
-        collections.abc.Generator,
-        collections.abc.AsyncIterator,
-        collections.abc.AsyncGenerator,
-        collections.abc.Iterable,
-        collections.abc.AsyncIterable,
-    ):
+    while origin in (collections.abc.Awaitable, collections.abc.Coroutine):
+        annotation = typing.get_args(annotation)[-1]
+        origin = typing.get_origin(annotation)
+    if origin in _YIELDED or (enter and origin in _ENTERED):
         annotation = typing.get_args(annotation)[0]
     if not isinstance(annotation, Hashable):
         msg = f"return annotation {annotation!r} cannot be a registry key"

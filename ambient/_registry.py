@@ -234,8 +234,10 @@ class Registry:
         idle_ttl: float | None = None,
         enter: bool = True,
     ) -> Any:
-        """Decorator form of :meth:`register`; the key is the factory's return annotation
-        (``Iterator[X]`` and ``AsyncIterator[X]`` unwrapped) or the class itself.
+        """Decorator form of :meth:`register`; the key is the factory's return annotation,
+        unwrapped as its result is (``Iterator[X]``, ``AsyncIterator[X]``, ``Awaitable[X]``
+        and, unless ``enter=False``, ``AbstractAsyncContextManager[X]`` and
+        ``AbstractContextManager[X]`` give ``X``), or the class itself.
 
         Example::
 
@@ -247,7 +249,7 @@ class Registry:
 
         def decorate(fn: F) -> F:
             self.register(
-                key_from_annotation(fn),
+                key_from_annotation(fn, enter=enter),
                 fn,
                 lifetime=lifetime,
                 name=name,

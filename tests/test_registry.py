@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import Annotated, Any
 
 import pytest
@@ -38,6 +38,10 @@ def ctx() -> UserExecutionContext:
 class Thing:
     def __init__(self, tag: str = "") -> None:
         self.tag = tag
+
+
+async def _log_later() -> Log:
+    return Log()
 
 
 class TestRegistration:
@@ -119,6 +123,38 @@ class TestRegistration:
             assert (await scope.resolve(Thing)).tag == "primary"
             assert (await scope.resolve(Annotated[Thing, "replica"])).tag == "replica"
             assert scope.resolve_sync(Annotated[Thing, "audit"]).tag == "audit"
+
+    async def test_provide_keys_an_entered_or_awaited_result_by_what_it_gives(
+        self,
+    ) -> None:
+        """A factory annotated to return a context manager or an awaitable of ``X`` gives
+        ``X`` once resolution entered or awaited it, so ``X`` is its key (the manager
+        itself with ``enter=False``). The key was the annotation as written, e.g.
+        ``AbstractAsyncContextManager[Thing]``, under which a ``Thing`` was handed out."""
+        registry = Registry()
+
+        @registry.provide
+        def entered() -> contextlib.AbstractAsyncContextManager[Thing]:
+            return contextlib.nullcontext(Thing("entered"))
+
+        @registry.provide
+        def awaited() -> Awaitable[Log]:
+            return _log_later()
+
+        @registry.provide(enter=False)
+        def kept() -> contextlib.AbstractContextManager[UserRef]:
+            return contextlib.nullcontext(UserRef("kept"))
+
+        assert set(registry.providers) == {
+            Thing,
+            Log,
+            contextlib.AbstractContextManager[UserRef],
+        }
+        async with registry.open_scope(ctx()) as scope:
+            assert (await scope.resolve(Thing)).tag == "entered"
+            assert isinstance(await scope.resolve(Log), Log)
+            kept_manager = await scope.resolve(contextlib.AbstractContextManager[UserRef])
+            assert isinstance(kept_manager, contextlib.nullcontext)
 
     def test_provide_needs_an_annotation(self) -> None:
         """A factory without a return annotation cannot be keyed."""
