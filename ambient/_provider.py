@@ -175,6 +175,13 @@ def key_from_annotation(factory: Callable[..., Any], *, enter: bool = True) -> H
         origin = typing.get_origin(annotation)
     if origin in _YIELDED or (enter and origin in _ENTERED):
         annotation = typing.get_args(annotation)[0]
+    if annotation is None or annotation is type(None):
+        # `-> None` (NoneType to get_type_hints) or `Iterator[None]`: no key to resolve.
+        msg = (
+            f"{getattr(factory, '__qualname__', factory)!r} is annotated to return None; "
+            "annotate the component it gives or use registry.register(key, factory)"
+        )
+        raise RegistryError(msg)
     if not isinstance(annotation, Hashable):
         msg = f"return annotation {annotation!r} cannot be a registry key"
         raise RegistryError(msg)

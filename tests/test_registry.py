@@ -165,6 +165,24 @@ class TestRegistration:
             def make():  # type: ignore[no-untyped-def]
                 return Thing()
 
+    def test_provide_refuses_a_factory_annotated_to_return_none(self) -> None:
+        """``-> None`` (also as ``Iterator[None]``) names no component: it was registered
+        under ``NoneType``, a key nobody resolves, and the real key stayed unregistered."""
+        registry = Registry()
+        with pytest.raises(RegistryError, match="annotated to return None"):
+
+            @registry.provide
+            def setup() -> None:
+                pass
+
+        with pytest.raises(RegistryError, match="annotated to return None"):
+
+            @registry.provide
+            def setup_gen() -> Iterator[None]:
+                yield
+
+        assert not registry.providers
+
     @pytest.mark.parametrize(
         ("argument", "error"),
         [
