@@ -7,6 +7,7 @@ import contextlib
 import enum
 import inspect
 import typing
+import unicodedata
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -83,6 +84,17 @@ def _takes_argument(factory: Callable[..., Any], name: str) -> bool:
     return len(required) == 1
 
 
+# What a component's name must not hold, by Unicode category: controls and the line and
+# paragraph separators split or garble a log line, a lone surrogate cannot be encoded.
+# What else str.isprintable() refuses is kept: the zero-width (non-)joiner of Persian
+# words and emoji sequences, no-break spaces, the soft hyphen are part of names.
+_GARBLING = frozenset({"Cc", "Zl", "Zp", "Cs"})
+
+
+def _garbles_lines(name: str) -> bool:
+    return not name.isprintable() and any(unicodedata.category(char) in _GARBLING for char in name)
+
+
 def make_provider(
     key: Hashable,
     factory: Callable[..., Any],
@@ -106,12 +118,12 @@ def make_provider(
     ):
         msg = f"idle_ttl must be a number of seconds >= 0, not {idle_ttl!r}"
         raise RegistryError(msg)
-    if name is not None and (not isinstance(name, str) or not name or not name.isprintable()):
+    if name is not None and (not isinstance(name, str) or not name or _garbles_lines(name)):
         # It is joined into errors and written to log lines and span attributes: a
         # non-str broke the error for an unknown key, a line break would split a log line.
         msg = (
-            "name must be a non-empty str of printable characters (no line breaks or "
-            f"control characters), not {_shorten(name)}"
+            "name must be a non-empty str without line breaks, control characters or "
+            f"surrogates, not {_shorten(name)}"
         )
         raise RegistryError(msg)
     label = name if name is not None else key_name(key)

@@ -552,19 +552,34 @@ def test_max_users_is_a_whole_number(max_users: Any) -> None:
         Registry(max_users=max_users)
 
 
-@pytest.mark.parametrize("name", [123, "", "db\nERROR forged line", "\x1b[31mdb", "db\u2028"])
+@pytest.mark.parametrize(
+    "name", [123, "", "db\nERROR forged line", "\x1b[31mdb", "db\u2028", "db\x85", "db\ud800"]
+)
 def test_a_name_that_cannot_go_into_errors_and_log_lines_is_refused(name: Any) -> None:
     """A component's name is joined into errors and written to logs and spans: a non-str
     name was accepted and made the error for any unknown key a ``TypeError``; one with a
     line break or an escape sequence forged or garbled log lines."""
     registry = Registry()
-    with pytest.raises(RegistryError, match="name must be a non-empty str of printable"):
+    with pytest.raises(RegistryError, match="name must be a non-empty str without line breaks"):
         registry.register("component", object, name=name)
     assert "component" not in registry.providers
     assert "registered: nothing yet" in str(registry.unknown_key("other"))
 
 
-def test_a_printable_name_with_spaces_and_letters_of_any_script_is_kept() -> None:
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Kölner cache №2",
+        "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",  # Persian, with a zero-width non-joiner
+        "cache \U0001f468\u200d\U0001f469\u200d\U0001f467",  # emoji joined by zero-width joiners
+        "prix\u202f\u20ac",  # French, with a narrow no-break space
+        "cache\u00a0EU",
+    ],
+)
+def test_a_name_with_spaces_and_letters_of_any_script_is_kept(name: str) -> None:
+    """Names in any script are kept, with what str.isprintable() calls unprintable yet
+    belongs in text and does not split a log line: the zero-width (non-)joiners of Persian
+    words and emoji sequences, no-break spaces. They were refused as not printable."""
     registry = Registry()
-    registry.register("component", object, name="Kölner cache №2")
-    assert registry.providers["component"].name == "Kölner cache №2"
+    registry.register("component", object, name=name)
+    assert registry.providers["component"].name == name
