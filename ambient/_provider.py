@@ -164,7 +164,8 @@ def key_from_annotation(factory: Callable[..., Any], *, enter: bool = True) -> H
     return annotation names, unwrapped as resolution unwraps the result: ``Awaitable[X]``
     and ``Coroutine[..., X]`` (awaited), ``Iterator[X]``, ``AsyncIterator[X]`` and the like
     (a generator's yield) and, unless ``enter`` is false, ``AbstractContextManager[X]`` and
-    ``AbstractAsyncContextManager[X]`` (entered)."""
+    ``AbstractAsyncContextManager[X]`` (entered); ``Annotated`` metadata is kept, also
+    around what is unwrapped (``Annotated[Iterator[X], m]`` gives ``Annotated[X, m]``)."""
     if isinstance(factory, type):
         return factory
     try:
@@ -181,12 +182,7 @@ def key_from_annotation(factory: Callable[..., Any], *, enter: bool = True) -> H
             "annotate it or use registry.register(key, factory)"
         )
         raise RegistryError(msg)
-    origin = typing.get_origin(annotation)
-    while origin in (collections.abc.Awaitable, collections.abc.Coroutine):
-        annotation = typing.get_args(annotation)[-1]
-        origin = typing.get_origin(annotation)
-    if origin in _YIELDED or (enter and origin in _ENTERED):
-        annotation = typing.get_args(annotation)[0]
+    annotation = _given(annotation, enter=enter)
     if annotation is None or annotation is type(None):
         # `-> None` (NoneType to get_type_hints) or `Iterator[None]`: no key to resolve.
         msg = (
@@ -197,6 +193,26 @@ def key_from_annotation(factory: Callable[..., Any], *, enter: bool = True) -> H
     if not isinstance(annotation, Hashable):
         msg = f"return annotation {annotation!r} cannot be a registry key"
         raise RegistryError(msg)
+    return annotation
+
+
+def _given(annotation: Any, *, enter: bool) -> Any:
+    """What a factory annotated to return ``annotation`` gives (see key_from_annotation)."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        # `Annotated[Iterator[X], m]` gives `Annotated[X, m]`: the metadata stays with
+        # what is unwrapped (stripped, as it once was, this was simply `X`).
+        wrapped = annotation.__origin__
+        given = _given(wrapped, enter=enter)
+        if given is wrapped:
+            return annotation
+        if given is None or given is type(None):
+            return given  # refused as annotated to return None
+        return typing.Annotated[(given, *annotation.__metadata__)]
+    origin = typing.get_origin(annotation)
+    if origin in (collections.abc.Awaitable, collections.abc.Coroutine):
+        return _given(typing.get_args(annotation)[-1], enter=enter)
+    if origin in _YIELDED or (enter and origin in _ENTERED):
+        return typing.get_args(annotation)[0]
     return annotation
 
 

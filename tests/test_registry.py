@@ -124,6 +124,33 @@ class TestRegistration:
             assert (await scope.resolve(Annotated[Thing, "replica"])).tag == "replica"
             assert scope.resolve_sync(Annotated[Thing, "audit"]).tag == "audit"
 
+    async def test_provide_keeps_annotated_metadata_around_an_iterator_or_a_manager(
+        self,
+    ) -> None:
+        """``-> Annotated[Iterator[Thing], "audit"]`` gives an ``Annotated[Thing, "audit"]``:
+        the metadata stays with what is unwrapped. The annotation was taken as written, a
+        key under which the factory's ``Thing`` was handed out and that nothing resolves
+        (before metadata was kept at all, the key was ``Thing``)."""
+        registry = Registry()
+
+        @registry.provide
+        def audit() -> Annotated[Iterator[Thing], "audit"]:
+            yield Thing("audit")
+
+        @registry.provide
+        def replica() -> Annotated[contextlib.AbstractContextManager[Thing], "replica"]:
+            return contextlib.nullcontext(Thing("replica"))
+
+        assert set(registry.providers) == {Annotated[Thing, "audit"], Annotated[Thing, "replica"]}
+        async with registry.open_scope(ctx()) as scope:
+            assert (await scope.resolve(Annotated[Thing, "audit"])).tag == "audit"
+            assert (await scope.resolve(Annotated[Thing, "replica"])).tag == "replica"
+        with pytest.raises(RegistryError, match="annotated to return None"):
+
+            @registry.provide
+            def setup() -> Annotated[Iterator[None], "setup"]:
+                yield
+
     async def test_provide_keys_an_entered_or_awaited_result_by_what_it_gives(
         self,
     ) -> None:
