@@ -190,10 +190,17 @@ def key_from_annotation(factory: Callable[..., Any], *, enter: bool = True) -> H
             "annotate the component it gives or use registry.register(key, factory)"
         )
         raise RegistryError(msg)
-    if not isinstance(annotation, Hashable):
-        msg = f"return annotation {annotation!r} cannot be a registry key"
-        raise RegistryError(msg)
-    return annotation
+    try:
+        # Not isinstance(Hashable): an Annotated type says it is, and fails to hash when
+        # its metadata does not (a dataclass instance, a dict).
+        hash(annotation)
+    except TypeError:
+        msg = (
+            f"return annotation {annotation!r} cannot be a registry key (it cannot be "
+            "hashed): use hashable Annotated metadata or registry.register(key, factory)"
+        )
+        raise RegistryError(msg) from None
+    return typing.cast(Hashable, annotation)
 
 
 def _given(annotation: Any, *, enter: bool) -> Any:

@@ -151,6 +151,18 @@ class TestRegistration:
             def setup() -> Annotated[Iterator[None], "setup"]:
                 yield
 
+    def test_provide_refuses_annotated_metadata_that_cannot_be_hashed(self) -> None:
+        """Metadata that cannot be hashed (here a dict) makes a key that cannot be: a
+        ``RegistryError`` saying so, not the ``TypeError`` of a dict insertion."""
+        registry = Registry()
+        with pytest.raises(RegistryError, match="cannot be hashed"):
+
+            @registry.provide
+            def replica() -> Annotated[Thing, {"role": "replica"}]:
+                return Thing("replica")
+
+        assert not registry.providers
+
     async def test_provide_keys_an_entered_or_awaited_result_by_what_it_gives(
         self,
     ) -> None:
