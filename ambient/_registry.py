@@ -176,7 +176,8 @@ class Registry:
                 request's context, a USER factory the :class:`UserRef`, an APP factory
                 nothing; any may take no argument.
             lifetime: REQUEST (default), USER or APP.
-            name: Name in errors, logs and telemetry (default: the key's name).
+            name: Name in errors, logs and telemetry (default: the key's name): a
+                non-empty str, in any script, without line breaks or control characters.
             idle_ttl: USER only: seconds after the user's last scope closes before the
                 component is cleaned (default 300). A USER component that another one's
                 factory resolved lives at least as long as that one (it may hold it).
@@ -185,7 +186,7 @@ class Registry:
             replace: Allow replacing an earlier registration (for tests).
 
         Raises:
-            RegistryError: duplicate key, frozen registry or unusable factory.
+            RegistryError: duplicate key, frozen registry, unusable factory or name.
         """
         if self._frozen:
             msg = (
@@ -237,7 +238,8 @@ class Registry:
         """Decorator form of :meth:`register`; the key is the factory's return annotation,
         unwrapped as its result is (``Iterator[X]``, ``AsyncIterator[X]``, ``Awaitable[X]``
         and, unless ``enter=False``, ``AbstractAsyncContextManager[X]`` and
-        ``AbstractContextManager[X]`` give ``X``), or the class itself.
+        ``AbstractContextManager[X]`` give ``X``; ``Annotated`` metadata is kept, so
+        ``Annotated[Iterator[X], m]`` gives ``Annotated[X, m]``), or the class itself.
 
         Example::
 
