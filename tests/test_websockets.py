@@ -930,54 +930,50 @@ async def test_origins_not_on_the_list_are_refused_before_anything_is_bound(serv
     assert [user for what, user in ledger.events if what == "socket closed"] == ["alice"]
 
 
+class OriginProbe:
+    """``OriginAllowList`` for ``https://app.example`` around an app that notes its calls,
+    driven in process: what reached the app, and what the check sent."""
+
+    def __init__(self) -> None:
+        self.called: list[Any] = []
+        self.sent: list[MutableMapping[str, Any]] = []
+        self.check = OriginAllowList(self._app, allowed_origins=["https://app.example"])
+
+    async def _app(self, scope: Any, receive: Any, send: Any) -> None:
+        self.called.append(scope)
+
+    async def __call__(self, scope: dict[str, Any]) -> None:
+        async def receive() -> dict[str, Any]:
+            return {"type": "websocket.connect"}
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            self.sent.append(message)
+
+        await self.check(scope, receive, send)
+
+
 async def test_a_repeated_origin_header_is_refused() -> None:
     """Two Origin headers are refused even when both are allowed (never "first wins")."""
-    called = []
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        called.append(scope)
-
-    check = OriginAllowList(app, allowed_origins=["https://app.example"])
-    sent: list[MutableMapping[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "websocket.connect"}
-
-    async def send(message: MutableMapping[str, Any]) -> None:
-        sent.append(message)
-
+    probe = OriginProbe()
     origin = (b"origin", b"https://app.example")
-    await check({"type": "websocket", "headers": [origin, origin]}, receive, send)
-    assert called == []
-    assert sent[0]["type"] == "websocket.close"
-    assert sent[0]["code"] == 1008
-    await check({"type": "websocket", "headers": [origin]}, receive, send)
-    assert len(called) == 1
-    await check({"type": "http", "headers": []}, receive, send)
-    assert len(called) == 2
+    await probe({"type": "websocket", "headers": [origin, origin]})
+    assert probe.called == []
+    assert probe.sent[0]["type"] == "websocket.close"
+    assert probe.sent[0]["code"] == 1008
+    await probe({"type": "websocket", "headers": [origin]})
+    assert len(probe.called) == 1
+    await probe({"type": "http", "headers": []})
+    assert len(probe.called) == 2
 
 
 async def test_an_origin_spelled_with_a_tab_or_line_break_inside_is_refused() -> None:
     """A tab or line break inside the Origin (which URL parsing deletes) does not make it
     the allowed origin it spells without them."""
-    called = []
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        called.append(scope)
-
-    check = OriginAllowList(app, allowed_origins=["https://app.example"])
-    sent: list[MutableMapping[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "websocket.connect"}
-
-    async def send(message: MutableMapping[str, Any]) -> None:
-        sent.append(message)
-
+    probe = OriginProbe()
     for spelled in (b"https://app.exa\tmple", b"https://app.\nexample", b"htt\rps://app.example"):
-        await check({"type": "websocket", "headers": [(b"origin", spelled)]}, receive, send)
-    assert called == []
-    assert [(m["type"], m["code"]) for m in sent] == [("websocket.close", 1008)] * 3
+        await probe({"type": "websocket", "headers": [(b"origin", spelled)]})
+    assert probe.called == []
+    assert [(m["type"], m["code"]) for m in probe.sent] == [("websocket.close", 1008)] * 3
 
 
 async def nothing(*_: Any) -> None:
