@@ -302,11 +302,15 @@ class AmbientMiddleware:
                 raise
 
             echo = [(self._request_id_header, request_id.encode())]
-            expires_at = identity.expires_at if websocket and identity is not None else None
+            expires_at = identity.expires_at if identity is not None else None
             if expires_at is None:
                 response = _Response(send, echo)
-            else:
+            elif websocket:
                 response = socket = _Socket(send, echo)
+            else:
+                # A streamed answer (server-sent events) stops at the identity's expiry.
+                response = _Stream(send, echo, expires_at)
+                expires_at = None
             registry = self.registry
             telemetry = self.telemetry
             # Without a keyword when there is no telemetry: a call with one builds a dict.
@@ -342,6 +346,12 @@ class AmbientMiddleware:
                         self.app, scope, app_receive, socket, expires_at
                     )
             except BaseException as exc:
+                if response.cut and _only_cut_off(exc):
+                    # The stream this middleware cut at the identity's expiry: the error
+                    # it raised to the app's send came back, as it should.
+                    failures = await component_scope.finish(_CutOffAtExpiryError(http=True))
+                    _log_failures(failures, ctx)
+                    return
                 answer = None if response.started else _answer_of(exc)
                 if answer is None:
                     # For a last-resort handler outside (Starlette's 500), which answers
@@ -371,8 +381,8 @@ class AmbientMiddleware:
                 and (not response.ended or response.status >= _SERVER_ERROR)
             ):
                 ended_by = response.failure()
-            elif ended_by is None and expired:
-                ended_by = _CutOffAtExpiryError()
+            elif ended_by is None and (expired or response.cut):
+                ended_by = _CutOffAtExpiryError(http=response.cut)
             # The response has gone out: a failed cleanup is logged, counted and traced by
             # the scope's observers, never raised to the server.
             done = component_scope._close_now(ended_by)
@@ -695,6 +705,9 @@ class _Response:
 
     __slots__ = ("_echo", "_receive", "_send", "ended", "gone", "started", "status")
 
+    # Whether this middleware ended the body early (a stream past its identity's expiry).
+    cut = False
+
     def __init__(self, send: Send, echo: list[tuple[bytes, bytes]]) -> None:
         self._send = send
         self._echo = echo
@@ -769,13 +782,78 @@ class _Socket(_Response):
         return super().__call__(message)
 
 
-class _CutOffAtExpiryError(IncompleteResponseError):
-    """What a websocket's scope is closed with when its identity expired under it: its
-    work was cancelled, not finished, so cleanups must not take it for a clean end."""
+class _Stream(_Response):
+    """The ``send`` of an HTTP request whose identity expires: a body message after the
+    first one, sent once the identity has expired, ends the response instead of going out
+    (a server-sent event stream must not go on serving an expired credential), and the app
+    gets an error from that ``send`` and from every later one.
 
-    def __init__(self) -> None:
+    The first body message always goes out: a request admitted while its credential was
+    valid gets its answer. A response that declared its ``content-length`` cannot be ended
+    early, so nothing more is sent and the server closes the connection.
+    """
+
+    __slots__ = ("_expires_at", "_sized", "_streaming", "cut")
+
+    def __init__(self, send: Send, echo: list[tuple[bytes, bytes]], expires_at: float) -> None:
+        super().__init__(send, echo)
+        self._expires_at = expires_at
+        self._streaming = False
+        self._sized = False
+        self.cut = False
+
+    def __call__(self, message: MutableMapping[str, Any]) -> Awaitable[None]:
+        kind = message["type"]
+        if kind == "http.response.body":
+            if self.cut:
+                raise _CutOffAtExpiryError(http=True)
+            if self._streaming and not self.ended and _expired(self._expires_at):
+                self.cut = True
+                return self._cut_off()
+            self._streaming = True
+        elif kind == "http.response.start":
+            self._sized = any(
+                name.lower() == b"content-length" for name, _ in message.get("headers") or ()
+            )
+        return super().__call__(message)
+
+    async def _cut_off(self) -> None:
+        logger.info("ambient: ending a streamed response whose identity has expired")
+        if not self._sized and not self.gone:
+            await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+        raise _CutOffAtExpiryError(http=True)
+
+    def failure(self) -> AmbientError | None:
+        if self.cut:
+            return _CutOffAtExpiryError(http=True)
+        return super().failure()
+
+
+def _expired(expires_at: float) -> bool:
+    try:
+        return time.time() >= expires_at
+    except OverflowError:  # an int no float holds: an expiry that never comes
+        return False
+
+
+def _only_cut_off(error: BaseException) -> bool:
+    """Whether ``error`` is the stream's cut-off error, alone or grouped (a task group in
+    the framework's streamed response)."""
+    if isinstance(error, BaseExceptionGroup):
+        _, rest = error.split(_CutOffAtExpiryError)
+        return rest is None
+    return isinstance(error, _CutOffAtExpiryError)
+
+
+class _CutOffAtExpiryError(IncompleteResponseError):
+    """What a websocket's or a streamed response's scope is closed with when its identity
+    expired under it: its work was cut off, not finished, so cleanups must not take it for
+    a clean end. Also what the app's ``send`` raises once its stream was ended."""
+
+    def __init__(self, *, http: bool = False) -> None:
         super().__init__(started=True)
-        self.args = ("the websocket was cut off when its identity expired",)
+        what = "the streamed response" if http else "the websocket"
+        self.args = (f"{what} was cut off when its identity expired",)
 
 
 async def _serve_until_expiry(

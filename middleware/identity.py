@@ -68,7 +68,9 @@ class Identity:
             the parent's run. Its user and tenant must be ``user_id`` and ``tenant_id``.
         expires_at: When the identity stops being valid, in seconds since the epoch (a
             token's ``exp``), or ``None``. A websocket connection still open then is
-            cancelled and closed with code 4001: it never outlives its credential.
+            cancelled and closed with code 4001, and a streamed HTTP response (server-sent
+            events) is ended at its first body message after it: neither outlives its
+            credential.
     """
 
     user_id: str

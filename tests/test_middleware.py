@@ -1449,6 +1449,147 @@ class TestWebsocketIdentityExpiry:
             Identity("ann", expires_at=bad)  # type: ignore[arg-type]
 
 
+class TestStreamedResponseIdentityExpiry:
+    """A streamed HTTP response (server-sent events) does not go on past its identity's
+    ``expires_at``: its first body message after the expiry ends the response instead of
+    going out, the app's ``send`` raises, and the request's components see the response
+    cut short. The first body message always goes out."""
+
+    @staticmethod
+    def ann(expires_at: float) -> Any:
+        def resolve(scope: Any) -> Identity:
+            return Identity("ann", expires_at=expires_at)
+
+        return resolve
+
+    @staticmethod
+    def streaming(
+        raised: list[BaseException], headers: list[tuple[bytes, bytes]] | None = None
+    ) -> Any:
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            user = await ambient.resolve("tx")
+            await send({"type": "http.response.start", "status": 200, "headers": headers or []})
+            try:
+                for n in range(3):
+                    body = f"{user} {n}\n".encode()
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
+                await send({"type": "http.response.body", "body": b""})
+            except IncompleteResponseError as error:
+                raised.append(error)
+                raise
+
+        return app
+
+    @pytest.mark.parametrize("expired", [True, False])
+    async def test_a_stream_past_expiry_is_ended_after_its_first_chunk(self, expired: bool) -> None:
+        seen: list[BaseException | None] = []
+        raised: list[BaseException] = []
+        expires_at = time.time() + (-1 if expired else 3600)
+        middleware = AmbientMiddleware(
+            self.streaming(raised), registry=_tx_registry(seen), identity=self.ann(expires_at)
+        )
+        sent = await drive(middleware, http_scope([]), [{"type": "http.request"}])
+        bodies = [(m.get("body"), m.get("more_body", False)) for m in sent[1:]]
+        if expired:
+            assert bodies == [(b"ann 0\n", True), (b"", False)]
+            assert len(raised) == 1
+            assert "cut off when its identity expired" in str(raised[0])
+            assert len(seen) == 1
+            assert isinstance(seen[0], IncompleteResponseError)
+        else:
+            assert bodies == [
+                (b"ann 0\n", True),
+                (b"ann 1\n", True),
+                (b"ann 2\n", True),
+                (b"", False),
+            ]
+            assert raised == []
+            assert seen == [None]
+
+    async def test_a_sized_response_is_not_ended_early_but_stopped(self) -> None:
+        """With a ``content-length`` the response cannot end early: nothing more is sent and
+        the server closes the connection."""
+        seen: list[BaseException | None] = []
+        raised: list[BaseException] = []
+        app = self.streaming(raised, headers=[(b"content-length", b"18")])
+        middleware = AmbientMiddleware(
+            app, registry=_tx_registry(seen), identity=self.ann(time.time() - 1)
+        )
+        sent = await drive(middleware, http_scope([]), [{"type": "http.request"}])
+        assert [m.get("body") for m in sent[1:]] == [b"ann 0\n"]
+        assert len(raised) == 1
+        assert len(seen) == 1
+        assert isinstance(seen[0], IncompleteResponseError)
+
+    async def test_an_app_that_swallows_the_error_cannot_send_more(self) -> None:
+        seen: list[BaseException | None] = []
+        refused: list[str] = []
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await ambient.resolve("tx")
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            for n in range(3):
+                try:
+                    await send({"type": "http.response.body", "body": b"x", "more_body": True})
+                except IncompleteResponseError:
+                    refused.append(f"chunk {n}")
+
+        middleware = AmbientMiddleware(
+            app, registry=_tx_registry(seen), identity=self.ann(time.time() - 1)
+        )
+        sent = await drive(middleware, http_scope([]), [{"type": "http.request"}])
+        assert [(m.get("body"), m.get("more_body")) for m in sent[1:]] == [
+            (b"x", True),
+            (b"", False),
+        ]
+        assert refused == ["chunk 1", "chunk 2"]
+        assert len(seen) == 1
+        assert isinstance(seen[0], IncompleteResponseError)
+
+    @pytest.mark.parametrize("spec", ["2.3", "2.4"])
+    async def test_a_starlette_event_stream_ends_at_expiry(self, spec: str) -> None:
+        """Starlette's ``StreamingResponse`` (in a task group below ASGI 2.4): the error its
+        ``send`` raised comes back, alone or grouped, and is not raised to the server; no
+        event after the first is taken from the body."""
+        from starlette.applications import Starlette
+        from starlette.requests import Request
+        from starlette.responses import StreamingResponse
+        from starlette.routing import Route
+
+        seen: list[BaseException | None] = []
+        taken: list[int] = []
+
+        class Events:
+            """Endless events naming the user (an iterator, not a generator left unclosed)."""
+
+            def __init__(self, user: str) -> None:
+                self.user = user
+
+            def __aiter__(self) -> Events:
+                return self
+
+            async def __anext__(self) -> str:
+                taken.append(len(taken))
+                return f"data: {self.user} {len(taken) - 1}\n\n"
+
+        async def stream(request: Request) -> StreamingResponse:
+            user = await ambient.resolve("tx")
+            return StreamingResponse(Events(user), media_type="text/event-stream")
+
+        app = AmbientMiddleware(
+            Starlette(routes=[Route("/", stream)]),
+            registry=_tx_registry(seen),
+            identity=self.ann(time.time() - 1),
+        )
+        scope = http_scope([], asgi={"version": "3.0", "spec_version": spec})
+        sent = await drive(app, scope, [{"type": "http.request"}])
+        assert sent[0]["status"] == 200
+        assert [m["body"] for m in sent[1:]] == [b"data: ann 0\n\n", b""]
+        assert taken == [0, 1]
+        assert len(seen) == 1
+        assert isinstance(seen[0], IncompleteResponseError)
+
+
 class TestStreamsCutShort:
     """A streamed response cut short by the client (B06): before the first chunk, after the
     second, or by a ``send`` that raises OSError, on ASGI spec 2.3 and 2.4. The request's

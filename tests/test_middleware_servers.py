@@ -1110,6 +1110,84 @@ async def test_a_websocket_is_closed_when_its_token_expires(server: str, credent
     assert "identity expired" in str(ended_by[0])
 
 
+async def test_an_event_stream_ends_when_its_token_expires(server: str) -> None:
+    """A server-sent event stream authenticated by a JWT ends when the token expires, though
+    the app would go on: no event goes out after the expiry, the stream ends cleanly for
+    the client, and the request's components are cleaned once, told that the response was
+    cut short. It used to go on serving the expired credential for as long as it ran."""
+    secret = "a-test-secret-of-at-least-32-bytes!"
+    cleaned: list[str] = []
+    ended_by: list[Exception | None] = []
+    all_cleaned = threading.Event()
+    registry = ambient.Registry()
+
+    def session(ctx: ambient.UserExecutionContext) -> Iterator[str]:
+        try:
+            yield ctx.user_id
+        except Exception as error:
+            ended_by.append(error)
+            raise
+        else:
+            ended_by.append(None)
+        finally:
+            cleaned.append(ctx.user_id)
+            all_cleaned.set()
+
+    registry.register("session", session)
+
+    class Events:
+        """An event every 0.1 s (an event source's pace), 200 at most."""
+
+        def __init__(self, user: str) -> None:
+            self.user, self.sent = user, 0
+
+        def __aiter__(self) -> Events:
+            return self
+
+        async def __anext__(self) -> str:
+            if self.sent == 200:
+                raise StopAsyncIteration
+            if self.sent:
+                await anyio.sleep(0.1)
+            self.sent += 1
+            user = ambient.get_current_context().user_id
+            return f"data: {user} {self.user}\n\n"
+
+    async def events(request: Request) -> StreamingResponse:
+        return StreamingResponse(
+            Events(await ambient.resolve("session")), media_type="text/event-stream"
+        )
+
+    app = AmbientMiddleware(
+        Starlette(routes=[Route("/events", events)]),
+        registry=registry,
+        identity=jwt_bearer(secret, algorithms=["HS256"], leeway=0),
+    )
+    # A whole second, as JWTs count; 1.6 to 2.6 s from now: enough for a handful of events.
+    expires = int(time.time() + 1.6) + 1
+    token = pyjwt.encode({"sub": "alice", "exp": expires}, secret, algorithm="HS256")
+    received: list[tuple[float, str]] = []
+    with serve(server, app) as url:
+        async with (
+            httpx.AsyncClient(timeout=10) as http,
+            http.stream(
+                "GET", url + "/events", headers={"authorization": f"Bearer {token}"}
+            ) as response,
+        ):
+            assert response.status_code == 200
+            received.extend([(time.time(), line) async for line in response.aiter_lines() if line])
+        ended_at = time.time()
+        assert await anyio.to_thread.run_sync(all_cleaned.wait, 10)
+    assert expires - 0.2 <= ended_at <= expires + 1.0
+    assert len(received) >= 5
+    assert {line for _, line in received} == {"data: alice alice"}
+    assert max(at for at, _ in received) < expires + 0.2
+    assert cleaned == ["alice"]
+    assert len(ended_by) == 1
+    assert isinstance(ended_by[0], IncompleteResponseError)
+    assert "identity expired" in str(ended_by[0])
+
+
 async def test_a_client_hanging_up_just_after_expiry_gets_no_close_and_the_server_no_error(
     server: str,
 ) -> None:
