@@ -732,6 +732,21 @@ def _jwt_failure(exc: Exception) -> str:
     return "the bearer token is malformed"
 
 
+def _audience_refused(audiences: list[str] | None, warned: list[bool]) -> IdentityError:
+    """The refusal of a token for another audience; without accepted audiences, of any
+    token naming one, which the operator is told about once (``warned`` empty until then)."""
+    if audiences is not None:
+        return _token_refused("the bearer token is for another audience")
+    if not warned:
+        warned.append(True)
+        logger.warning(
+            "ambient: jwt_bearer() refused a token naming an audience (aud) because it "
+            "accepts none; pass audience=... with this service's name to accept tokens "
+            "meant for it. Reported once."
+        )
+    return _token_refused("the bearer token is for an audience and this service accepts none")
+
+
 # PyJWKClient's words for "the key set was fetched and has no key with the token's kid".
 _NO_MATCHING_KEY = "Unable to find a signing key that matches"
 
@@ -1017,7 +1032,7 @@ def _leeway(leeway: object) -> float:
     return float(leeway)
 
 
-def jwt_bearer(
+def jwt_bearer(  # noqa: PLR0915 - its closures share the options checked here
     key_or_jwks: Any,
     *,
     algorithms: Iterable[str],
@@ -1030,8 +1045,8 @@ def jwt_bearer(
 ) -> IdentityResolver:
     """Take the identity from an ``Authorization: Bearer`` JWT (extra ``jwt``, PyJWT).
 
-    Validates the signature, ``exp``, ``nbf``, ``aud`` (when ``audience`` is given) and
-    ``iss`` (when ``issuer`` is given); ``alg=none`` is refused, and an HMAC algorithm can
+    Validates the signature, ``exp``, ``nbf``, ``aud`` and ``iss`` (when ``issuer`` is
+    given); ``alg=none`` is refused, and an HMAC algorithm can
     never be combined with an asymmetric key (the key-confusion attack). Websockets may send
     the token as the subprotocol after ``bearer`` (``Sec-WebSocket-Protocol: bearer, <jwt>``).
     A missing token is no identity. Otherwise :class:`~ambient.errors.IdentityError`, whose
@@ -1054,7 +1069,9 @@ def jwt_bearer(
             a request waits for it at most twice the client's ``timeout`` (which bounds
             each read of the answer, not the whole answer).
         algorithms: Accepted algorithms, e.g. ``["RS256"]``. Required; never ``"none"``.
-        audience: Accepted ``aud`` value(s).
+        audience: Accepted ``aud`` value(s). Without one, a token naming any audience is
+            refused (RFC 7519: a token for other services is not for this one), with a
+            warning logged once; a token without ``aud`` is accepted either way.
         issuer: Required ``iss`` value.
         user_claim: The claim holding the user id.
         tenant_claim: The claim holding the tenant id, if any.
@@ -1082,9 +1099,10 @@ def jwt_bearer(
     audiences = _audiences(audience)
     leeway = _leeway(leeway)
     required = sorted({*require, user_claim})
-    decoder = jwt.PyJWT(
-        options={"require": required, "verify_aud": audience is not None, "strict_aud": False}
-    )
+    # aud is checked without an audience too: RFC 7519 (4.1.3) has a token naming audiences
+    # refused by a service not among them, or a token meant for another service would do.
+    decoder = jwt.PyJWT(options={"require": required, "verify_aud": True, "strict_aud": False})
+    warned_audience: list[bool] = []
 
     key_set = _KeySet()
 
@@ -1115,6 +1133,8 @@ def jwt_bearer(
                 issuer=issuer,
                 leeway=leeway,
             )
+        except jwt.InvalidAudienceError:
+            raise _audience_refused(audiences, warned_audience) from None
         except jwt.PyJWTError as exc:
             raise _token_refused(_jwt_failure(exc)) from None
         user_id = claims.get(user_claim)

@@ -290,6 +290,24 @@ class TestJwtBearer:
         with pytest.raises(IdentityError, match="another audience"):
             resolver(bearer(token({"aud": "someone-else"})))
 
+    def test_without_an_audience_a_token_naming_one_is_refused(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """RFC 7519: a service not among a token's audiences must refuse it. Without
+        ``audience=`` every token was accepted, one meant for another service (an ID token,
+        another API's access token from the same issuer) included. A token without ``aud``
+        is still accepted; the operator is told once what to configure."""
+        resolver = jwt_bearer(SECRET, algorithms=["HS256"], issuer=ISSUER)
+        assert resolver(bearer(token({"sub": "alice", "aud": None}))).user_id == "alice"
+        for aud in ("another-api", [AUDIENCE, "another-api"]):
+            with pytest.raises(IdentityError) as refused:
+                resolver(bearer(token({"aud": aud})))
+            assert refused.value.http_status == 401
+            assert "this service accepts none" in str(refused.value)
+        warnings = [r for r in caplog.records if "audience=" in r.getMessage()]
+        assert len(warnings) == 1
+        assert warnings[0].levelno == logging.WARNING
+
     @pytest.mark.parametrize("audience", [[], [""], [AUDIENCE, b"api"], ""])
     def test_an_audience_no_token_could_match_is_refused_at_once(self, audience: Any) -> None:
         """An empty list of audiences would refuse every token at request time."""
@@ -381,7 +399,7 @@ class TestJwtBearer:
         jwk = json.dumps({"kty": "oct", "k": encoded})
         with pytest.raises(ValueError, match="JWK as text: give it as a dict"):
             jwt_bearer(jwk, algorithms=["HS256"])
-        resolver = jwt_bearer(json.loads(jwk), algorithms=["HS256"])
+        resolver = jwt_bearer(json.loads(jwk), algorithms=["HS256"], audience=AUDIENCE)
         assert resolver(bearer(token(key=secret))).user_id == "alice"
 
     @pytest.mark.parametrize("encoding", ["PEM", "DER", "OpenSSH"])
