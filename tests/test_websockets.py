@@ -2159,6 +2159,157 @@ async def test_a_revocation_through_redis_reaches_a_handshake_in_the_window(
     await registry.aclose()
 
 
+async def hold_until_cancelled(
+    registry: Registry, user: str, socket: Collecting, entered: anyio.Event
+) -> None:
+    """A socket of ``user`` registered in ``registry``'s hub until the test cancels it."""
+    async with registry.open_scope(UserExecutionContext.create(user)) as scope:
+        manager = await scope.resolve(UserWebSocketManager)
+        async with manager.connect(socket):  # type: ignore[arg-type]
+            entered.set()
+            await anyio.sleep_forever()
+
+
+async def test_a_revocation_through_redis_reaches_a_handshake_in_the_window_in_any_process(
+    redis_url: str,
+) -> None:
+    """This process holds no socket of carol (only dave's) when another process revokes
+    her, and a handshake of hers, validated here, waits before connect(). Redis gave the
+    revocation to the processes subscribed to carol's channel only: this one never heard
+    of it, and the handshake joined and was served under the revoked user. Every process
+    subscribed to anything hears every revocation now: the handshake is revoked as it
+    joins, and dave's socket goes on."""
+    prefix = unique_prefix()
+    registry = Registry()
+    hub = ConnectionHub(RedisBroadcast(redis_url, channel_prefix=prefix))
+    hub.install(registry)
+    other = ConnectionHub(RedisBroadcast(redis_url, channel_prefix=prefix))
+    dave, dave_in = Collecting(1), anyio.Event()
+    carol = HeldConnect(registry, "carol")
+    with anyio.fail_after(DEADLINE):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hold_until_cancelled, registry, "dave", dave, dave_in)
+            await dave_in.wait()
+            tg.start_soon(carol.run)
+            await carol.checked.wait()
+            await other.revoke("carol")
+            # Published after the revocation, and heard here on the same subscription:
+            # once dave's socket has it, this process has handled the revocation.
+            await other.backend.publish(Envelope(UserRef("dave"), 0, None, '{"after":1}'))
+            await dave.arrived.wait()
+            await connect_held(carol)
+            assert (carol.work, carol.closes()) == ([], [(4001, "access revoked")])
+            tg.cancel_scope.cancel()
+    assert (dave.frames, dave.closed) == (['{"after":1}'], [])
+    assert (hub.stats().revoked, hub.stats().connections, hub._joining) == (1, 0, set())
+    await other.aclose()
+    await registry.aclose()
+
+
+async def test_a_process_not_subscribed_yet_learns_of_recent_revocations_as_it_subscribes(
+    redis_url: str,
+) -> None:
+    """This process has not subscribed to Redis yet (no socket since it started) when
+    another process revokes carol, whose handshake it validated: the subscription that
+    her socket starts as it joins comes after the message. The process reads the recent
+    revocations once subscribed, and her socket is revoked as it joins; a handshake of
+    hers validated after that gets in and stays."""
+    prefix = unique_prefix()
+    registry = Registry()
+    backend = RedisBroadcast(redis_url, channel_prefix=prefix)
+    hub = ConnectionHub(backend)
+    hub.install(registry)
+    other = ConnectionHub(RedisBroadcast(redis_url, channel_prefix=prefix))
+    before, after = HeldConnect(registry, "carol"), HeldConnect(registry, "carol")
+    with anyio.fail_after(DEADLINE):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(before.run)
+            await before.checked.wait()
+            await other.revoke("carol", reason="banned")
+            assert not backend.connected
+            await connect_held(before)
+            assert (before.work, before.closes()) == ([], [(4001, "banned")])
+            tg.start_soon(after.run)
+            await connect_held(after)
+            assert (after.work, after.closes()) == (["carol"], [])
+            after.leave.set()
+    assert (hub.stats().revoked, hub.stats().connections, hub._joining) == (1, 0, set())
+    await other.aclose()
+    await registry.aclose()
+
+
+async def test_a_process_subscribing_at_startup_lets_in_handshakes_validated_after_that(
+    redis_url: str,
+) -> None:
+    """Carol was revoked by another process before this one started. Awaited at startup,
+    wait_connected() returns once this process has read the recent revocations, hers
+    among them; a handshake of hers validated after that gets in and stays."""
+    prefix = unique_prefix()
+    registry = Registry()
+    backend = RedisBroadcast(redis_url, channel_prefix=prefix)
+    hub = ConnectionHub(backend)
+    hub.install(registry)
+    other = ConnectionHub(RedisBroadcast(redis_url, channel_prefix=prefix))
+    carol = HeldConnect(registry, "carol")
+    with anyio.fail_after(DEADLINE):
+        await other.revoke("carol", reason="banned")
+        await backend.wait_connected()
+        assert [(user, reason) for (user, _), (_, reason) in hub._recent.items()] == [
+            (UserRef("carol"), "banned")
+        ]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(carol.run)
+            await connect_held(carol)
+            assert (carol.work, carol.closes()) == (["carol"], [])
+            carol.leave.set()
+    assert (hub.stats().revoked, hub.stats().connections, hub._joining) == (0, 0, set())
+    await other.aclose()
+    await registry.aclose()
+
+
+async def test_a_revocation_while_the_subscription_was_down_reaches_a_handshake_in_the_window(
+    redis_url: str,
+) -> None:
+    """A handshake of carol, validated here, waits before connect(); this process holds no
+    socket of hers, and its pub/sub connection is cut (a failover, a proxy dropping it).
+    Another process revokes her before the subscription is back: no message reaches this
+    process, and the counts it reads once back are those of the users it holds sockets
+    of. The handshake, joining after that, was served. The process reads what it missed
+    from the recent revocations as its subscription comes back, and new sockets wait for
+    that read: the handshake is revoked as it joins."""
+    own = RedisProcess()
+    own.start()
+    admin = redis.Redis.from_url(own.url)
+    try:
+        prefix = unique_prefix()
+        registry = Registry()
+        # A slow first reconnect: the revocation below is made while nothing is subscribed.
+        backend = RedisBroadcast(own.url, channel_prefix=prefix, timeout=1.0, reconnect_delay=1.0)
+        hub = ConnectionHub(backend)
+        hub.install(registry)
+        other = ConnectionHub(RedisBroadcast(own.url, channel_prefix=prefix, timeout=1.0))
+        carol = HeldConnect(registry, "carol")
+        with anyio.fail_after(DEADLINE):
+            await backend.wait_connected()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(carol.run)
+                await carol.checked.wait()
+                assert admin.client_kill_filter(_type="pubsub") == 1
+                await other.revoke("carol")
+                # Made in the gap, which this test is about, not after the reconnect.
+                assert backend.reconnects == 0
+                while backend.reconnects == 0:
+                    await backend._wait_changed()
+                await connect_held(carol)
+                assert (carol.work, carol.closes()) == ([], [(4001, "access revoked")])
+        assert (hub.stats().revoked, hub.stats().connections, hub._joining) == (1, 0, set())
+        await other.aclose()
+        await registry.aclose()
+    finally:
+        admin.close()
+        own.kill()
+
+
 CHURN_USERS, CHURN_ROUNDS = 30, 4
 
 

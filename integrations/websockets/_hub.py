@@ -200,18 +200,20 @@ class ConnectionHub:
         validated before the revocation reached this process, but whose app reached
         ``connect()`` only after it (it awaited a database, a ticket's redemption, the
         accept first): each process remembers the revocations that reach it (through this
-        call, the backend's message, or :class:`RedisBroadcast`'s count, see below) for
-        five minutes, the latest 10,000 of them, dated on its monotonic clock as they
-        arrive; a handshake validated at or before that date is revoked as it joins, one
-        validated after it gets in. A revocation learnt from the count is dated when it
-        is learnt, which can be later than the revocation: a handshake validated in
-        between is revoked too, and can connect again. Not covered: with
-        :class:`RedisBroadcast`, a process that held no socket of the user when the
-        revocation was published gets no message of it, and the count it reads as a
-        socket of the user subscribes there already includes it; a handshake validated in
-        that process before the revocation and joining after it is served (the
-        revocation's time on another host's clock cannot be compared with this one's).
-        Nor are sockets whose scope the middleware did not open (no validation time).
+        call or the backend) for five minutes, the latest 10,000 of them, dated on its
+        monotonic clock as they arrive (the revocation's time on another host's clock
+        cannot be compared with this one's); a handshake validated at or before that date
+        is revoked as it joins, one validated after it gets in. :class:`RedisBroadcast`
+        hands every revocation to every process whose subscription is up, also one that
+        holds no socket of the user; a process whose subscription starts, or comes back
+        after an outage, reads the revocations of the last five minutes it did not hear
+        before it lets a socket join (start it in the application's lifespan startup with
+        :meth:`RedisBroadcast.wait_connected`, before any handshake is under way). A
+        revocation learnt that way, or from
+        :class:`RedisBroadcast`'s count (see below), is dated when it is learnt, which
+        can be later than the revocation: a handshake validated in between is revoked
+        too, and can connect again. Not covered: sockets whose scope the middleware did
+        not open (no validation time).
 
         Where :class:`RedisBroadcast` learns of a revocation from its count rather than
         its message (after an outage of a process's subscription, or when it races that
@@ -244,12 +246,12 @@ class ConnectionHub:
             raise ValueError(msg)
         envelope = Envelope(ref, REVOKE, connection_id, reason)
         await self._publish(envelope)
-        # Here too: a backend delivering over subscriptions (Redis) does not deliver to this
-        # process when it holds no socket of the user.
+        # Here too: a backend delivering over a subscription (Redis) delivers nothing to
+        # this process before it subscribed to anything.
         self._remember(envelope)
         if self._joining:
-            # This process's own sockets still connecting, at once: a backend delivering
-            # over subscriptions (Redis) misses those whose user it is not yet subscribed to.
+            # This process's own sockets still connecting, at once, without waiting for the
+            # backend's message.
             self._revoke_joining(envelope)
 
     # -- delivery ------------------------------------------------------------------------

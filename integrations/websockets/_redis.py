@@ -30,9 +30,33 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("ambient.websockets")
 
-# Seconds a user's count of revocations outlives the last one: far longer than Redis is
-# ever unreachable for, so that a process coming back still finds what it missed.
+# Seconds a user's count of revocations (and the stream of recent revocations) outlives
+# the last one: far longer than Redis is ever unreachable for, so that a process coming back
+# still finds what it missed.
 _REVOCATIONS_KEPT = 7 * 24 * 3600
+# The stream of recent revocations every process reads when its subscription starts or comes
+# back: the latest 10,000 (about; Redis trims a stream in whole nodes), of which it takes
+# those of the last five minutes (on Redis's clock), what the hub keeps for handshakes in
+# flight (see _hub.py).
+_RECENT_KEPT = 10_000
+_RECENT_FOR_MS = 300_000
+
+# A revocation, in one step: counted in its user's key (for processes holding that user's
+# sockets whose subscription was down), published on its user's channel (for processes
+# that do not listen on the revocations channel yet), added to the stream of recent ones
+# (for processes whose subscription was down or not started), and published on the
+# revocations channel, with its id in that stream, to every process.
+# KEYS: the user's count, the stream. ARGV: the user's channel, the revocations channel,
+# the envelope, the seconds both keys are kept, the length of the stream.
+_REVOKE = """
+redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('PUBLISH', ARGV[1], ARGV[3])
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'envelope', ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('PUBLISH', ARGV[2], id .. ' ' .. ARGV[3])
+return id
+"""
 
 _ASYNCIO_ONLY = (
     "RedisBroadcast uses redis-py's asyncio client, which runs on asyncio only, and this "
@@ -52,13 +76,20 @@ class RedisBroadcast:
     re-subscribes. Publishing while Redis is unreachable raises :class:`BroadcastError`;
     so does opening a socket while the subscription cannot be made. Pub/sub delivers at
     most once: events published while this process is disconnected do not reach its
-    sockets. Revocations are the exception: each is also counted in a Redis key of its
-    user, and a process whose subscription comes back compares those counts with the
-    ones it knew and revokes every socket of a user revoked meanwhile (all of them: the
-    count does not say which connection a revocation named). A process subscribing to a
-    user it holds no socket of yet reads the count before and after: a revocation in
-    between, published before Redis had the subscription, revokes the user's sockets
-    there the same way.
+    sockets. Revocations are the exception. Each is published to every process, on one
+    revocations channel the subscription always listens on (so that a process where a
+    handshake of the user is under way, with no socket of that user yet, hears it too),
+    and is kept in a Redis stream of the latest ones (about 10,000): a process whose
+    subscription starts, or comes back after an outage, reads from it the revocations of
+    the last five minutes (on Redis's clock) it has not heard, and new sockets wait for
+    that read. Each is also counted in a Redis key of its user, and a process whose
+    subscription comes back compares those counts with the ones it knew and revokes every
+    socket of a user revoked meanwhile (all of them: the count does not say which
+    connection a revocation named). A process subscribing to a user it holds no socket of
+    yet reads the count before and after: a revocation in between, published before Redis
+    had the subscription, revokes the user's sockets there the same way. (Those counts,
+    and the user's channel, serve processes of releases that do not listen on the
+    revocations channel.) Revocations need Redis 5 or later (streams).
 
     Args:
         url: The Redis URL (``redis://host:6379/0``).
@@ -115,6 +146,9 @@ class RedisBroadcast:
         self.reconnects = 0
         self._deliver: Deliver | None = None
         self._control = f"{channel_prefix}process:{secrets.token_hex(8)}".encode()
+        # Every revocation is published on this channel, and kept in the stream of this
+        # name (keys and channels are apart in Redis).
+        self._revoked = f"{channel_prefix}revocations".encode()
         self._refs: dict[bytes, int] = {}
         self._users: dict[bytes, UserRef] = {}
         self._pending: dict[bytes, int] = {}
@@ -143,6 +177,11 @@ class RedisBroadcast:
         self._revocations: dict[bytes, int] = {}
         # The subscription came back after an outage: look for revocations it missed.
         self._resync = False
+        # The stream of recent revocations was read since the subscription (re)started:
+        # new sockets wait for it, a revocation they missed would only be learnt there.
+        self._caught_up = False
+        # The id, in that stream, of the latest revocation heard (message or read).
+        self._last_revocation: tuple[int, int] | None = None
 
     def __repr__(self) -> str:
         state = "connected" if self._connected else "disconnected"
@@ -216,14 +255,19 @@ class RedisBroadcast:
                 async with free:
                     waiting_for = "take the event"
                     if envelope.mode == REVOKE:
-                        # Counted, then published, in one transaction: a process that
-                        # misses the message finds the count when its subscription is back.
-                        async with client.pipeline(transaction=True) as pipe:
-                            key = self._revocations_key(channel)
-                            pipe.incr(key)
-                            pipe.expire(key, _REVOCATIONS_KEPT)
-                            pipe.publish(channel, encode_envelope(envelope))
-                            await pipe.execute()
+                        # One script, one round trip: counted, kept and published at once,
+                        # so a process that misses the message finds it once back.
+                        await client.eval(
+                            _REVOKE,
+                            2,
+                            self._revocations_key(channel),
+                            self._revoked,
+                            channel,
+                            self._revoked,
+                            encode_envelope(envelope),
+                            _REVOCATIONS_KEPT,
+                            _RECENT_KEPT,
+                        )
                     else:
                         await client.publish(channel, encode_envelope(envelope))
         except TimeoutError:
@@ -278,6 +322,8 @@ class RedisBroadcast:
         it subscribes and again once Redis confirmed it: a revocation published in between
         reached this process as no message, and if the count grew meanwhile, every socket
         of ``user`` here is revoked (the count does not say which connection was named).
+        Every subscription also waits until this process has read the recent revocations
+        it missed, once its subscription (re)started (no command of its own).
 
         Raises:
             BroadcastError: Redis is down or did not confirm within ``timeout``.
@@ -319,7 +365,7 @@ class RedisBroadcast:
                     sent = True
                     await self._send("SUBSCRIBE", channel)
                 waiting_for = "confirm the subscription"
-                while channel not in self._confirmed:
+                while channel not in self._confirmed or not self._caught_up:
                     await self._wait_changed()
                     self._check_up()  # the connection broke meanwhile: fail now
                 if first or channel not in self._revocations:
@@ -347,6 +393,55 @@ class RedisBroadcast:
         keys = [self._revocations_key(channel) for channel in channels]
         values = await client.mget(keys)
         return [int(value or 0) for value in values]
+
+    async def _recent_revocations(self) -> None:
+        """Once the subscription (re)started: deliver the revocations of the last five
+        minutes (on Redis's clock) it has not heard, from the stream of recent ones; the
+        hub dates each as it gets it, the conservative side."""
+        client, free = self._publisher()
+        with anyio.fail_after(self.timeout):
+            async with free:
+                seconds, microseconds = await client.time()
+                start = (seconds * 1000 + microseconds // 1000 - _RECENT_FOR_MS, 0)
+                last = self._last_revocation
+                if last is not None:
+                    # After the latest one heard, if it is in the window.
+                    start = max(start, (last[0], last[1] + 1))
+                entries = await client.xrange(self._revoked, min=f"{start[0]}-{start[1]}")
+        missed = 0
+        for entry_id, fields in entries or ():
+            raw = None if fields is None else fields.get(b"envelope")
+            if not isinstance(entry_id, bytes) or not isinstance(raw, bytes):
+                logger.warning("ambient: dropped a malformed entry of the recent revocations")
+            elif self._revocation_heard(entry_id, raw):
+                missed += 1
+        if missed and self._resync:  # back after an outage, not a first start
+            logger.warning(
+                "ambient: %d revocation(s) were made while the Redis subscription was down; "
+                "applying them here now",
+                missed,
+            )
+
+    def _revocation_heard(self, entry_id: bytes, raw: bytes) -> bool:
+        """Deliver the revocation ``raw``, kept as ``entry_id`` in the stream of recent
+        ones, unless it was heard already; return whether it was delivered."""
+        try:
+            milliseconds, _, sequence = entry_id.partition(b"-")
+            heard = (int(milliseconds), int(sequence))
+            envelope = decode_envelope(raw)
+        except (ValueError, UnicodeDecodeError):
+            logger.warning("ambient: dropped a malformed message on the revocations channel")
+            return False
+        last = self._last_revocation
+        if last is not None and heard <= last:
+            return False  # read from the stream, then heard as a message too, or the reverse
+        self._last_revocation = heard
+        deliver = self._deliver
+        if envelope.mode != REVOKE or deliver is None:
+            logger.warning("ambient: dropped a message on the revocations channel that is none")
+            return False
+        deliver(envelope)
+        return True
 
     async def _missed_revocations(self) -> None:
         """After an outage of the subscription: revoke the sockets of every user whose
@@ -438,11 +533,17 @@ class RedisBroadcast:
             changed.set()
 
     async def wait_connected(self) -> None:
-        """Wait until the subscription connection is up, starting it if needed (bound the
-        wait with ``anyio.fail_after``)."""
+        """Wait until the subscription connection is up and the recent revocations read,
+        starting it if needed (bound the wait with ``anyio.fail_after``).
+
+        Awaited in the application's lifespan startup, it starts the subscription before
+        any handshake is under way: a subscription starting later dates the revocations
+        of the last five minutes as it reads them, and revokes a handshake of those users
+        that is joining then, also one validated after the revocation.
+        """
         self._on_this_loop()
         self._start_reader()
-        while not self._connected:
+        while not self._connected or not self._caught_up:
             await self._wait_changed()
 
     # -- the reader task -----------------------------------------------------------------
@@ -468,6 +569,7 @@ class RedisBroadcast:
                     delay = self.reconnect_delay  # it worked for a while: retry promptly
                 self._connected = False
                 self._resync = False  # set again once every channel is subscribed again
+                self._caught_up = False  # read again once every channel is subscribed
                 self._confirmed.clear()
                 self._pending.clear()
                 connection, self._subscription = self._subscription, None
@@ -480,7 +582,7 @@ class RedisBroadcast:
 
     async def _read_once(self) -> None:
         connection = self._new_subscription()
-        channels = [self._control, *self._refs]
+        channels = [self._control, self._revoked, *self._refs]
         for channel in channels:
             self._pending[channel] = 1
         try:
@@ -497,7 +599,7 @@ class RedisBroadcast:
         # Channels subscribed or dropped while the SUBSCRIBE above was on its way.
         sent = set(channels)
         late = [channel for channel in self._refs if channel not in sent]
-        gone = [c for c in channels if c not in self._refs and c != self._control]
+        gone = [c for c in channels[2:] if c not in self._refs]
         if late:
             for channel in late:
                 self._pending[channel] = 1
@@ -520,6 +622,11 @@ class RedisBroadcast:
             silent_since = now
             pinged = False
             self._handle(message)
+            if self._connected and not self._caught_up:
+                # Failing here (Redis gone again) reconnects, and reads again after that.
+                await self._recent_revocations()
+                self._caught_up = True
+                self._notify()
             if self._resync:
                 # Failing here (Redis gone again) reconnects, and looks again after that.
                 await self._missed_revocations()
@@ -547,7 +654,10 @@ class RedisBroadcast:
     def _handle(self, message: list[Any]) -> None:
         kind = message[0]
         channel: bytes = message[1] if len(message) > 1 else b""
-        if kind == b"message":
+        if kind == b"message" and channel == self._revoked:
+            entry_id, _, raw = message[2].partition(b" ")
+            self._revocation_heard(entry_id, raw)
+        elif kind == b"message":
             user = self._users.get(channel)
             deliver = self._deliver
             if user is None or deliver is None:
@@ -567,7 +677,7 @@ class RedisBroadcast:
                 self._pending[channel] = pending
                 return
             self._pending.pop(channel, None)
-            if channel in self._refs or channel == self._control:
+            if channel in self._refs or channel in (self._control, self._revoked):
                 self._confirmed.add(channel)
             if not self._connected and not self._pending:
                 self._connected = True
@@ -595,6 +705,9 @@ class RedisBroadcast:
         self._sub_pool = None
         self._free = None
         self._connected = False
+        self._caught_up = False
+        # Started again, it reads the last five minutes' revocations, as a new process does.
+        self._last_revocation = None
         self._down_since = None
         self._confirmed.clear()
         self._pending.clear()
