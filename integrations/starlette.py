@@ -37,6 +37,7 @@ it when the identity comes from :func:`~ambient.middleware.identity.scope_user`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 from starlette._utils import is_async_callable
@@ -117,6 +118,7 @@ def install(
     registry: Registry,
     identity: IdentityResolver | None,
     anonymous: bool = False,
+    anonymous_paths: Iterable[str] = (),
     request_id_header: str = "x-request-id",
     thread_id_header: str = "x-thread-id",
     thread_id_query: str | None = None,
@@ -135,6 +137,8 @@ def install(
         registry: Where components come from.
         identity: The identity resolver (``None`` only with ``anonymous=True``).
         anonymous: Serve requests without identity as fresh anonymous users.
+        anonymous_paths: Paths (or prefixes ending with ``/``) served so while the rest
+            require an identity: a health check, a login endpoint, ``/docs``.
         request_id_header: Header carrying the request id.
         thread_id_header: Header carrying the conversation thread id.
         thread_id_query: Query parameter carrying a websocket's thread id (browsers cannot
@@ -170,6 +174,7 @@ def install(
         "registry": registry,
         "identity": identity,
         "anonymous": anonymous,
+        "anonymous_paths": anonymous_paths,
         "request_id_header": request_id_header,
         "thread_id_header": thread_id_header,
         "thread_id_query": thread_id_query,

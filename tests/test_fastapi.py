@@ -120,6 +120,32 @@ def assert_problem(response: httpx.Response, status: int, type_: str) -> dict[st
     return body
 
 
+async def test_the_docs_and_a_health_check_are_served_without_identity() -> None:
+    """FastAPI's ``/docs`` and ``/openapi.json`` and a health check, listed in
+    ``anonymous_paths``, answer a caller without credentials; the API itself still 401s."""
+    app, registry, ledger = make_app(anonymous_paths=["/docs", "/openapi.json", "/healthz"])
+
+    @app.get("/healthz")
+    async def healthz(ctx: CurrentContext) -> dict[str, Any]:
+        await ambient.resolve(Memory)  # a USER component, cleaned with the request
+        return {"anonymous": ctx.metadata.get("anonymous") is True}
+
+    @app.get("/me")
+    async def me(ctx: CurrentContext) -> dict[str, str]:
+        await ambient.resolve(Memory)
+        return {"user": ctx.user_id}
+
+    async with client(app) as http:
+        assert (await http.get("/healthz")).json() == {"anonymous": True}
+        assert "/me" in (await http.get("/openapi.json")).json()["paths"]
+        assert (await http.get("/docs")).status_code == 200
+        assert_problem(await http.get("/me"), 401, "urn:ambient:problem:unauthenticated")
+        assert (await http.get("/me", headers=ALICE)).json() == {"user": "alice"}
+    assert registry.stats().live_users == 1  # alice's, not the anonymous callers'
+    await registry.aclose()
+    assert ledger.problems() == []
+
+
 class TestDependencies:
     async def test_current_context_and_resolve_in_an_async_endpoint(self) -> None:
         """The endpoint gets the bound context and the request's own components."""

@@ -354,6 +354,96 @@ class TestAnonymous:
         assert response.json()["user"].startswith("anonymous:")
 
 
+class TestAnonymousPaths:
+    """``anonymous_paths``: a health check or a login endpoint served without credentials
+    while every other path requires them."""
+
+    @staticmethod
+    def echo(registry: Registry | None = None, **options: Any) -> AmbientMiddleware:
+        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            ctx = ambient.get_current_context()
+            body = json.dumps({"user": ctx.user_id, "anonymous": ctx.metadata.get("anonymous")})
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": body.encode()})
+
+        return AmbientMiddleware(
+            app, registry=registry or Registry(), identity=trusted_header(), **options
+        )
+
+    async def test_only_the_listed_paths_are_served_without_identity(self) -> None:
+        app = self.echo(anonymous_paths=["/healthz", "/static/"])
+        served = ["/healthz", "/static/", "/static/app.js", "/static/css/site.css"]
+        refused = [
+            "/",
+            "/healthz/",
+            "/healthz2",
+            "/static",
+            "/staticx/app.js",
+            "/private",
+            "/static/../private",
+            "/static/./app.js",
+            "/static//private",
+            "/static/css/..",
+        ]
+        async with client(app) as http:
+            for path in served:
+                response = await http.get(path)
+                assert response.status_code == 200, path
+                body = response.json()
+                assert body["user"].startswith("anonymous:"), path
+                assert body["anonymous"] is True, path
+            for path in refused:
+                # Sent as is: httpx would resolve the dot segments itself.
+                scope = http_scope([], path=path, raw_path=path.encode())
+                sent = await drive(app, scope, [{"type": "http.request", "body": b""}])
+                assert sent[0]["status"] == 401, path
+
+    async def test_a_credential_sent_there_is_still_checked(self) -> None:
+        app = self.echo(anonymous_paths=["/healthz"])
+        async with client(app) as http:
+            frank = await http.get("/healthz", headers={"x-user-id": "frank"})
+            assert frank.json() == {"user": "frank", "anonymous": None}
+        scope = http_scope([(b"x-user-id", b"frank ")], path="/healthz", raw_path=b"/healthz")
+        sent = await drive(app, scope, [{"type": "http.request", "body": b""}])
+        assert sent[0]["status"] == 400
+        async with client(app, peer="203.0.113.9") as http:
+            # A header an untrusted peer asserts is no identity, as anywhere: never frank.
+            untrusted = (await http.get("/healthz", headers={"x-user-id": "frank"})).json()
+            assert untrusted["user"].startswith("anonymous:")
+            assert untrusted["anonymous"] is True
+
+    async def test_their_user_components_are_cleaned_with_the_request(self) -> None:
+        app, ledger, registry = build(anonymous_paths=["/whoami"])
+        async with client(app) as http:
+            bodies = [(await http.get("/whoami")).json() for _ in range(5)]
+            assert_problem(await http.get("/stream"), 401)
+        assert len({body["user"] for body in bodies}) == 5
+        assert ledger.all_cleaned() is True
+        assert registry.stats().live_users == 0
+        await registry.aclose()
+        assert ledger.problems() == []
+
+    @pytest.mark.parametrize(
+        ("paths", "error"),
+        [
+            ("/healthz", TypeError),
+            ([b"/healthz"], ValueError),
+            (["healthz"], ValueError),
+            (["/a/../b"], ValueError),
+            (["/a/./b"], ValueError),
+            (["/a//b"], ValueError),
+            (["/a?b=1"], ValueError),
+            (["/a#b"], ValueError),
+            (["/a\nb"], ValueError),
+        ],
+    )
+    def test_a_path_that_could_never_match_as_meant_is_refused(
+        self, paths: Any, error: type[Exception]
+    ) -> None:
+        with pytest.raises(error, match="anonymous_paths"):
+            self.echo(anonymous_paths=paths)
+
+
 class TestLeftoverContext:
     async def test_a_leftover_binding_never_reaches_the_next_request(self) -> None:
         """A server running a request inside a Context where user A is still bound."""
