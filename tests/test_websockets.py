@@ -471,6 +471,41 @@ async def test_a_user_closing_one_of_two_sockets_still_gets_events_on_the_other(
     assert ledger.problems() == []
 
 
+async def test_an_event_that_is_no_utf_8_is_refused_to_its_sender_and_no_socket_drops(
+    server: str,
+) -> None:
+    """A client writes a lone surrogate (``"\\ud800"`` in its JSON, which the server reads
+    as one) and the app sends it on to the client's thread: the send raises ValueError,
+    and both of the user's sockets on that thread stay in the hub and get what follows.
+    The hub used to queue it: the server could not encode the text frame, and each of
+    the thread's sockets was dropped as if its client had gone."""
+    hub = ConnectionHub()
+    app, ledger, _ = build(hub)
+
+    async def scenario(base: str) -> None:
+        writer, _ = await open_socket(base, "alice", "chat")
+        other, _ = await open_socket(base, "alice", "chat")
+        try:
+            await writer.send('{"op": "echo", "text": "half a pair: \\ud800"}')
+            refused = json.loads(await writer.recv())
+            assert refused["type"] == "refused", refused
+            assert "UTF-8" in refused["error"]
+            await writer.send(json.dumps({"op": "echo", "text": "whole"}))
+            echo = {"type": "echo", "text": "whole"}
+            assert await frames_before_pong(writer, 1) == [echo]
+            assert await frames_before_pong(other, 1) == [echo]
+        finally:
+            await close_all([writer, other])
+
+    with serve(server, app) as url:
+        await in_client_thread(lambda: scenario(url))
+        await wait_closed(ledger, 2)
+        stats = hub.stats()
+    assert handler_failures(ledger) == []
+    assert (stats.connections, stats.send_failures) == (0, 0)
+    assert ledger.problems() == []
+
+
 BATCH, EVENT_SIZE, QUEUE = 16, 8192, 32
 
 

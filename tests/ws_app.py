@@ -108,6 +108,13 @@ def build_app(hub: ConnectionHub, ledger: Ledger, sockets: Sockets) -> Starlette
                     await manager.send({"type": "event", "seq": sent, "run": ctx.run_id})
                     sent += 1
                 ledger.note(f"streamed {sent}", ctx.user_id)
+            elif op == "echo":
+                # What the client wrote, to every socket of its thread; an event that cannot
+                # be sent is refused to the sender, on this socket.
+                try:
+                    await manager.send({"type": "echo", "text": command["text"]})
+                except ValueError as error:
+                    await connection.send({"type": "refused", "error": str(error)})
             elif op == "boom":
                 await ambient.resolve(Probe)
                 msg = "the message handler failed"

@@ -52,6 +52,18 @@ def _encode(event: Event, limit: int) -> str | bytes:
     if len(data) > limit:
         msg = f"the event is {len(data)} long, more than the hub's queue_bytes ({limit})"
         raise ValueError(msg)
+    if isinstance(data, str) and not data.isascii():
+        # A text frame is UTF-8: a lone surrogate (json.loads makes one of "\ud800") cannot
+        # be sent, and the server's failure to encode it would drop every receiving socket
+        # as if its client had gone.
+        try:
+            data.encode()
+        except UnicodeEncodeError as exc:
+            msg = (
+                f"the event's text cannot be sent as UTF-8: {exc.reason} at position "
+                f"{exc.start} of its JSON (a lone surrogate)"
+            )
+            raise ValueError(msg) from None
     return data
 
 
