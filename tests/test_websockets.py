@@ -1126,6 +1126,56 @@ async def test_a_socket_still_connecting_is_revoked_or_closed_with_the_others(
     await registry.aclose()
 
 
+async def test_a_second_socket_with_the_id_of_one_still_connecting_is_refused() -> None:
+    """Two sockets of carol's with one connection id: the second calls connect() while the
+    first is still accepting. It is refused with RuntimeError, as it is once the first is
+    registered; the first gets in, and a revocation ends it. The check used to look at
+    registered sockets only: both got in, the second took the first's place in the hub,
+    and the first served on out of its reach (no event, no revocation) while the hub
+    counted a connection that no longer existed."""
+    registry = Registry()
+    hub = ConnectionHub()
+    hub.install(registry)
+    first, second = HeldHandshake(), HeldHandshake()
+    outcomes: dict[str, str] = {}
+    served, leave = anyio.Event(), anyio.Event()
+
+    async def handler(name: str, socket: HeldHandshake) -> None:
+        context = UserExecutionContext.create("carol", connection_id="c-1")
+        async with registry.open_scope(context) as scope:
+            manager = await scope.resolve(UserWebSocketManager)
+            try:
+                async with manager.connect(socket):  # type: ignore[arg-type]
+                    outcomes[name] = "got in"
+                    if name == "first":
+                        served.set()
+                        await leave.wait()
+                        outcomes[name] = "served on"
+            except RuntimeError as error:
+                outcomes[name] = str(error)
+            else:
+                outcomes.setdefault(name, "ended quietly")
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(handler, "first", first)
+            await first.accepting.wait()
+            second.release.set()
+            await handler("second", second)
+            first.release.set()
+            await served.wait()
+            await hub.revoke("carol")
+            leave.set()
+    assert outcomes == {
+        "second": "connection c-1 is already registered",
+        "first": "got in",
+    }
+    assert (first.closed, second.closed) == ([(4001, "access revoked")], [])
+    stats = hub.stats()
+    assert (stats.connections, stats.users, stats.revoked, hub._joining) == (0, 0, 1, set())
+    await registry.aclose()
+
+
 class Quiet:
     """A websocket that takes whatever it is sent."""
 

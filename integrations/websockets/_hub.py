@@ -340,7 +340,12 @@ class ConnectionHub:
         connection = Connection(self, websocket, ctx)
         user = connection.user
         existing = self._users.get(user)
-        if existing is not None and connection.connection_id in existing:
+        # One still connecting too: registered after it, the first would have been replaced
+        # in the hub and served on out of reach of its events and of a revocation.
+        if (existing is not None and connection.connection_id in existing) or any(
+            joining.user == user and joining.connection_id == connection.connection_id
+            for joining in self._joining
+        ):
             msg = f"connection {connection.connection_id} is already registered"
             raise RuntimeError(msg)
         await self._join(connection, websocket, accept=accept, validated_at=_validated_at(ctx))
