@@ -42,6 +42,7 @@ from ambient import Registry, UserExecutionContext, UserRef
 from ambient.errors import ContextSwitchError, InvalidContextError, NoActiveContextError
 from ambient.integrations.websockets import (
     BroadcastError,
+    Connection,
     ConnectionHub,
     Envelope,
     OriginAllowList,
@@ -1576,6 +1577,92 @@ async def test_a_socket_the_hub_closes_ends_its_handlers_block_quietly(ending: s
         0,
         int(ending == "replaced"),
         set(),
+    )
+    await registry.aclose()
+
+
+class StoppedReading(Quiet):
+    """A websocket whose client stopped reading: a send to it waits until the test releases
+    it; it keeps the closes it gets."""
+
+    def __init__(self) -> None:
+        self.sending = anyio.Event()
+        self.release = anyio.Event()
+        self.closed: list[tuple[int, str | None]] = []
+
+    async def send_text(self, data: str) -> None:
+        self.sending.set()
+        await self.release.wait()
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        self.closed.append((code, reason))
+
+
+@pytest.mark.parametrize("ending", ["replaced", "overflowed", "hub closed"])
+async def test_a_revocation_ends_a_socket_the_hub_is_already_closing(ending: str) -> None:
+    """Carol's client stopped reading, so the hub's close of her socket (1008 replaced by
+    a newer one, 1013 fallen behind, 1001 at shutdown) waits for its last frames, and her
+    handler's block goes on meanwhile: up to ``close_timeout`` on uvicorn, until the
+    server drops the connection on hypercorn. She is revoked then: the block is cancelled
+    at once, handles no message more, and the socket is closed with 4001. The hub used to
+    look for her sockets among the registered ones only, and this one had left them as
+    its close began: the block handled what the client sent after the revocation."""
+    registry = Registry()
+    hub = ConnectionHub(max_connections_per_user=1, queue_size=1)
+    hub.install(registry)
+    socket = StoppedReading()
+    messages, incoming = anyio.create_memory_object_stream[str](1)
+    handled: list[str] = []
+    connected: list[Connection] = []
+    finished, newer_in, leave = anyio.Event(), anyio.Event(), anyio.Event()
+
+    async def handler() -> None:
+        context = UserExecutionContext.create("carol", connection_id="c-1")
+        async with registry.open_scope(context) as scope:
+            manager = await scope.resolve(UserWebSocketManager)
+            async with manager.connect(socket) as connection:  # type: ignore[arg-type]
+                connected.append(connection)
+                await connection.send({"type": "ready"})
+                async for message in incoming:
+                    handled.append(message)  # noqa: PERF401 - each one as it is handled
+        finished.set()
+
+    async def newer_socket() -> None:
+        context = UserExecutionContext.create("carol", connection_id="c-2")
+        async with registry.open_scope(context) as scope:
+            manager = await scope.resolve(UserWebSocketManager)
+            async with manager.connect(Quiet()):  # type: ignore[arg-type]
+                newer_in.set()
+                await leave.wait()
+
+    with anyio.fail_after(10), messages, incoming:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(handler)
+            await socket.sending.wait()  # the writer waits on the client
+            if ending == "replaced":
+                tg.start_soon(newer_socket)
+                await newer_in.wait()
+            elif ending == "overflowed":
+                await connected[0].send({"type": "event"})
+                await connected[0].send({"type": "event"})
+            else:
+                await hub.aclose()
+            assert connected[0].close_code == {"replaced": 1008, "overflowed": 1013}.get(
+                ending, 1001
+            )
+            await hub.revoke("carol")
+            await messages.send("after the revocation")
+            socket.release.set()
+            await finished.wait()
+            leave.set()
+    assert handled == []
+    assert socket.closed == [(4001, "access revoked")]
+    stats = hub.stats()
+    # The newer socket that replaced it is carol's too.
+    assert (stats.revoked, stats.connections, stats.users) == (
+        2 if ending == "replaced" else 1,
+        0,
+        0,
     )
     await registry.aclose()
 

@@ -118,6 +118,10 @@ class ConnectionHub:
         # Sockets between the start of connect() and their registration (subscribing,
         # accepting): a revocation or aclose() in that window must reach them too.
         self._joining: set[Connection] = set()
+        # Sockets the hub is closing (replaced, fallen behind, shut down), out of the
+        # registry while their writer takes the last frames and their block still runs: a
+        # revocation must end them too.
+        self._leaving: set[Connection] = set()
         # Recent revocations, oldest first: (user, the connection id named or None for all)
         # -> (when, on self._clock, the reason). A socket whose handshake passed the
         # identity check before one of them, and whose app reached connect() only after
@@ -172,8 +176,7 @@ class ConnectionHub:
         """
         for user in list(self._users.values()):
             for connection in list(user.values()):
-                self._remove(connection)
-                connection._request_close(CLOSE_GOING_AWAY, "server shutting down", drain=True)
+                self._end(connection, CLOSE_GOING_AWAY, "server shutting down", drain=True)
         for connection in list(self._joining):
             # Not registered once it is accepted: closed by its writer with the others.
             connection._request_close(CLOSE_GOING_AWAY, "server shutting down", drain=True)
@@ -194,7 +197,9 @@ class ConnectionHub:
         For a logout, a ban or a revoked session: refuse the credential first, and the
         user's outstanding websocket tickets (:meth:`WebSocketTickets.revoke
         <ambient.middleware.tickets.WebSocketTickets.revoke>`), so no new handshake gets in;
-        then call this. A socket still connecting is revoked as its handshake completes.
+        then call this. A socket still connecting is revoked as its handshake completes,
+        and one the hub is already closing (replaced, fallen behind, shut down) whose
+        block still runs while its last frames go out is revoked too.
 
         So is a socket whose handshake :class:`~ambient.middleware.AmbientMiddleware`
         validated before the revocation reached this process, but whose app reached
@@ -249,10 +254,10 @@ class ConnectionHub:
         # Here too: a backend delivering over a subscription (Redis) delivers nothing to
         # this process before it subscribed to anything.
         self._remember(envelope)
-        if self._joining:
-            # This process's own sockets still connecting, at once, without waiting for the
-            # backend's message.
-            self._revoke_joining(envelope)
+        if self._joining or self._leaving:
+            # This process's own sockets still connecting or closing, at once, without
+            # waiting for the backend's message.
+            self._revoke_unregistered(envelope)
 
     # -- delivery ------------------------------------------------------------------------
 
@@ -265,8 +270,8 @@ class ConnectionHub:
         mode = envelope.mode
         if mode == REVOKE:
             self._remember(envelope)
-            if self._joining:
-                self._revoke_joining(envelope)
+            if self._joining or self._leaving:
+                self._revoke_unregistered(envelope)
         connections = self._users.get(envelope.user)
         if not connections:
             return
@@ -288,11 +293,11 @@ class ConnectionHub:
             if mode == TO_USER or connection.thread_id == target:
                 connection._offer(data)
 
-    def _revoke_joining(self, envelope: Envelope) -> None:
-        """A revocation for sockets still connecting: marked now, their block ends as soon
-        as it starts (see :meth:`_connect`)."""
+    def _revoke_unregistered(self, envelope: Envelope) -> None:
+        """A revocation for sockets still connecting, or being closed by the hub: marked
+        now, their block ends now or as soon as it starts (see :meth:`_connect`)."""
         target = envelope.target
-        for joining in list(self._joining):
+        for joining in (*self._joining, *self._leaving):
             if (
                 joining.user == envelope.user
                 and (target is None or joining.connection_id == target)
@@ -376,11 +381,13 @@ class ConnectionHub:
                     failure = error
                 finally:
                     self._remove(connection)
+                    self._leaving.discard(connection)
                     connection._finish()
             if failure is not None:
                 raise failure
         finally:
             self._joining.discard(connection)
+            self._leaving.discard(connection)
             if connection._revoked is not None:
                 await _close(connection, websocket, CLOSE_REVOKED, connection._revoked)
             elif connection._close_pending and connection._closing is not None:
@@ -421,9 +428,9 @@ class ConnectionHub:
         connections = self._users.setdefault(connection.user, {})
         while len(connections) >= self.max_connections_per_user:
             oldest = next(iter(connections.values()))
-            self._remove(oldest)
             self._replaced += 1
-            oldest._request_close(
+            self._end(
+                oldest,
                 CLOSE_POLICY_VIOLATION,
                 f"too many connections (limit {self.max_connections_per_user}); "
                 "replaced by a newer one",
@@ -443,17 +450,23 @@ class ConnectionHub:
         if not connections:
             del self._users[connection.user]
 
+    def _end(self, connection: Connection, code: int, reason: str, *, drain: bool) -> None:
+        """Close the registered ``connection`` with ``code``: out of the registry now, among
+        the sockets leaving until its block is out."""
+        self._remove(connection)
+        self._leaving.add(connection)
+        connection._request_close(code, reason, drain=drain)
+
     def _overflowed(self, connection: Connection) -> None:
         """``connection`` fell ``queue_size`` events behind: drop it and close it with 1013."""
-        self._remove(connection)
         self._overflows += 1
         logger.warning(
             "ambient: %r fell more than %d events behind; closing it with 1013",
             connection,
             self.queue_size,
         )
-        connection._request_close(
-            CLOSE_TRY_AGAIN_LATER, "too slow: the event queue overflowed", drain=False
+        self._end(
+            connection, CLOSE_TRY_AGAIN_LATER, "too slow: the event queue overflowed", drain=False
         )
 
     def _send_failed(self, connection: Connection) -> bool:
