@@ -201,6 +201,18 @@ class TestMemory:
         assert await tickets(http) is None
         assert await tickets(handshake(ticket)) is not None  # none of the above spent it
 
+    async def test_issue_refuses_an_expiry_that_is_no_time(self) -> None:
+        """An explicit ``expires_at`` must be seconds since the epoch, as an identity's
+        must: issue() took NaN, a string or a bool, and the handshake that redeemed the
+        ticket failed with a server error (TypeError in the resolver) or was refused."""
+        store = MemoryTicketStore()
+        tickets = WebSocketTickets(store)
+        with bound():
+            for expires_at in (float("nan"), "2000000000", True):
+                with pytest.raises(TypeError, match="expires_at"):
+                    await tickets.issue(expires_at=expires_at)  # type: ignore[arg-type]
+        assert len(store) == 0
+
     async def test_issue_needs_a_context_and_json_claims(self) -> None:
         tickets = WebSocketTickets()
         with pytest.raises(NoActiveContextError):
