@@ -930,6 +930,11 @@ async def test_revoke_checks_its_arguments() -> None:
         await hub.revoke(UserRef("carol", "acme"), tenant_id="acme")
     with pytest.raises(InvalidContextError):
         await hub.revoke("")
+    # A UserRef is checked too: no socket can be one of such a user's, and a revocation
+    # that reaches none must not pass for done (over Redis, an int failed to encode).
+    for user in (UserRef(""), UserRef(42), UserRef("carol", " acme")):  # type: ignore[arg-type]
+        with pytest.raises(InvalidContextError):
+            await hub.revoke(user)
     await hub.revoke("nobody")  # no socket: nothing to do
     assert hub.stats().revoked == 0
 

@@ -238,10 +238,14 @@ class ConnectionHub:
             if tenant_id is not None:
                 msg = "pass the tenant inside the UserRef, not as tenant_id as well"
                 raise ValueError(msg)
-            ref = user
+            # Checked as well: a UserRef is built unchecked, and one no socket can belong
+            # to would revoke nothing without a word.
+            user_id: object = user.user_id
+            tenant_id = user.tenant_id
         else:
-            tenant = None if tenant_id is None else validate_id("tenant_id", tenant_id)
-            ref = UserRef(validate_id("user_id", user), tenant)
+            user_id = user
+        tenant = None if tenant_id is None else validate_id("tenant_id", tenant_id)
+        ref = UserRef(validate_id("user_id", user_id), tenant)
         if connection_id is not None:
             # Checked as the context checks it: an id no connection can have (an empty one)
             # must not reach a backend, where it could read as "every connection".
