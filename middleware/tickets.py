@@ -376,9 +376,7 @@ class WebSocketTickets:
             raise IdentityError(msg, status=401)
         claims = ctx.metadata.get("claims")
         if expires_at is None:
-            binding = _shown()
-            if binding is not None and binding.scope is not None:
-                expires_at = binding.scope.owner.state.get(_EXPIRES_AT_KEY)
+            expires_at = _credential_expiry()
         if expires_at is None and isinstance(claims, Mapping):
             exp = claims.get("exp")
             if exp is not None and not isinstance(exp, bool):
@@ -543,6 +541,23 @@ class _TicketIdentity(Identity):
         object.__setattr__(self, "_spent", None)
         tickets, key, value, valid_until = spent
         await tickets._give_back(key, value, valid_until)
+
+
+def _credential_expiry() -> float | None:
+    """When the credential of the request or websocket whose scope is bound here expires,
+    or ``None``: found through the scopes of the bound user here, a message scope's parent
+    included (a child scope has no expiry of its own)."""
+    binding = _shown()
+    user = None if binding is None else binding.ctx.user
+    while binding is not None and binding.ctx.user == user:
+        resolver = binding.scope
+        state = None if resolver is None else resolver.owner._state
+        if state is not None:
+            expires_at = state.get(_EXPIRES_AT_KEY)
+            if expires_at is not None:
+                return cast(float, expires_at)
+        binding = binding.prev
+    return None
 
 
 def _key(ticket: str) -> str:

@@ -47,7 +47,7 @@ from ambient.middleware.tickets import (
 )
 from tests.conftest import REDIS_URL, service_unavailable
 from tests.servers import serve
-from tests.test_middleware import ws_scope
+from tests.test_middleware import drive, ws_scope
 from tests.test_psycopg import _eventually
 
 SECRET = "a-test-secret-of-at-least-32-bytes!"
@@ -177,6 +177,42 @@ class TestMemory:
         assert identity.user_id == "svc"
         assert identity.expires_at is not None
         assert time.time() < identity.expires_at <= time.time() + 31 + signer.leeway
+
+    async def test_a_ticket_issued_while_a_socket_handles_a_message_expires_with_it(
+        self,
+    ) -> None:
+        """A socket opened with a signed context (an expiry, no claims) handles each
+        message in a message scope, and issues a ticket there: the ticket expires with the
+        socket's credential, as one issued in the connection's own scope does. The expiry
+        was looked for in the message scope only, which has none of its own: that ticket
+        opened a socket that never expired."""
+        from ambient.integrations.propagation import ContextSigner, capture, signed_context
+        from ambient.integrations.websockets import message_scope
+
+        signer = ContextSigner("k" * 32)
+        tickets = WebSocketTickets()
+        issued: dict[str, str] = {}
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            assert (await receive())["type"] == "websocket.connect"
+            await send({"type": "websocket.accept"})
+            issued["connection"] = await tickets.issue()
+            async with message_scope():
+                issued["message"] = await tickets.issue()
+            await send({"type": "websocket.close", "code": 1000})
+
+        middleware = AmbientMiddleware(app, registry=Registry(), identity=signed_context(signer))
+        token = capture(UserExecutionContext.create("svc"), secret=signer, ttl=30)
+        scope = ws_scope([(b"x-ambient-context", token.encode())])
+        sent = await drive(middleware, scope, [{"type": "websocket.connect"}])
+        assert [message["type"] for message in sent] == ["websocket.accept", "websocket.close"]
+        expiries = {}
+        for where, ticket in issued.items():
+            identity = await tickets(handshake(ticket))
+            assert identity is not None
+            expiries[where] = identity.expires_at
+        assert expiries["connection"] is not None
+        assert expiries == {"connection": expiries["connection"], "message": expiries["connection"]}
 
     async def test_one_ticket_twenty_handshakes_at_once_one_gets_in(self) -> None:
         tickets = WebSocketTickets()
