@@ -118,6 +118,9 @@ class ConnectionHub:
         # Sockets between the start of connect() and their registration (subscribing,
         # accepting): a revocation or aclose() in that window must reach them too.
         self._joining: set[Connection] = set()
+        # The same, by user and connection id: one id is in use once, as a registered
+        # socket's or a joining one's.
+        self._joining_ids: dict[tuple[UserRef, str], Connection] = {}
         # Sockets the hub is closing (replaced, fallen behind, shut down), out of the
         # registry while their writer takes the last frames and their block still runs: a
         # revocation must end them too.
@@ -351,10 +354,10 @@ class ConnectionHub:
         existing = self._users.get(user)
         # One still connecting too: registered after it, the first would have been replaced
         # in the hub and served on out of reach of its events and of a revocation.
-        if (existing is not None and connection.connection_id in existing) or any(
-            joining.user == user and joining.connection_id == connection.connection_id
-            for joining in self._joining
-        ):
+        if (existing is not None and connection.connection_id in existing) or (
+            user,
+            connection.connection_id,
+        ) in self._joining_ids:
             msg = f"connection {connection.connection_id} is already registered"
             raise RuntimeError(msg)
         await self._join(connection, websocket, accept=accept, validated_at=_validated_at(ctx))
@@ -367,7 +370,7 @@ class ConnectionHub:
                 # Only now: cancelled while tg.start() waits, the task group would take the
                 # cancellation for its own and leave before the block ever started.
                 connection._block_scope = tg.cancel_scope
-                self._joining.discard(connection)
+                self._unjoin(connection)
                 if connection._ending:
                     # Revoked or closed while it connected: the block ends at its first
                     # await, and the socket is closed as a registered one's would be.
@@ -390,7 +393,7 @@ class ConnectionHub:
             if failure is not None:
                 raise failure
         finally:
-            self._joining.discard(connection)
+            self._unjoin(connection)
             self._leaving.discard(connection)
             if connection._revoked is not None:
                 await _close(connection, websocket, CLOSE_REVOKED, connection._revoked)
@@ -414,6 +417,7 @@ class ConnectionHub:
         revoked at once if its handshake (validated at ``validated_at``, when known) came
         before a revocation remembered here."""
         self._joining.add(connection)
+        self._joining_ids[connection.user, connection.connection_id] = connection
         # With no await since the add: a revocation from now on finds it joining instead.
         if validated_at is not None and self._recent:
             reason = self._revoked_since(connection, validated_at)
@@ -423,10 +427,19 @@ class ConnectionHub:
         try:
             await self.backend.subscribe(connection.user)
         except BaseException as error:
-            self._joining.discard(connection)
+            self._unjoin(connection)
             if accept and isinstance(error, BroadcastError):
                 await _refuse_after_accept(websocket, str(error))
             raise
+
+    def _unjoin(self, connection: Connection) -> None:
+        """``connection`` is no longer joining (registered, or its handler left)."""
+        self._joining.discard(connection)
+        key = (connection.user, connection.connection_id)
+        # Its own entry only: once it is registered or gone, another socket with its id
+        # may be joining.
+        if self._joining_ids.get(key) is connection:
+            del self._joining_ids[key]
 
     def _add(self, connection: Connection) -> None:
         connections = self._users.setdefault(connection.user, {})
