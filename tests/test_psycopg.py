@@ -3221,6 +3221,68 @@ async def test_per_user_pools_need_a_scope(db: Database) -> None:
             pass
 
 
+@pytest.mark.parametrize("strategy", ["shared", "per_user"])
+@pytest.mark.parametrize("entered_through", ["the strategy", "the module"])
+async def test_a_checkout_entered_again_while_in_use_is_refused(
+    db: Database, strategy: str, entered_through: str
+) -> None:
+    """One checkout object entered again while it is in use, nested or from another task
+    that enters it while the first still waits for a connection, raises RuntimeError: it
+    never takes a second connection, whose return would go to the other entry (the first
+    connection then never comes back, and the second goes back to the pool while in use)."""
+    pool: SharedPool | PerUserPools = (
+        SharedPool(db.app_url, min_size=1, max_size=1, timeout=5, rls_check="off")
+        if strategy == "shared"
+        else PerUserPools(db.app_url, max_size=1, timeout=5, rls_check="off")
+    )
+    registry = Registry()
+    pool.install(registry)
+
+    def checkout() -> contextlib.AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
+        return pool.connection() if entered_through == "the strategy" else connection()
+
+    try:
+        async with registry.open_scope(_ctx("alice")):
+            twice = checkout()
+            async with twice as conn:
+                with pytest.raises(RuntimeError, match="in use"):
+                    async with twice:
+                        pass
+                assert await _scalar(conn, "SELECT current_setting('app.user_id', true)") == (
+                    "alice"
+                )
+            assert pool.stats().checked_out == 0
+            shared_by_two = checkout()
+            release = anyio.Event()
+            holding = anyio.Event()
+            seen: list[int] = []
+
+            async def hold() -> None:
+                async with checkout():
+                    holding.set()
+                    await release.wait()
+
+            async def first() -> None:
+                async with shared_by_two as conn:
+                    seen.append(conn.info.backend_pid)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(hold)
+                await holding.wait()
+                tg.start_soon(first)
+                await _eventually(
+                    _async(lambda: pool.stats().checked_out == 2), "the first entry waits"
+                )
+                with pytest.raises(RuntimeError, match="in use"):
+                    async with shared_by_two:
+                        pass
+                release.set()
+            assert len(seen) == 1
+            assert pool.stats().checked_out == 0
+    finally:
+        await registry.aclose()
+
+
 # -- trio ------------------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from psycopg import AsyncConnection
 
 import ambient
+from ambient.integrations.psycopg._common import _IN_USE
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -24,16 +25,26 @@ class Database(Protocol):
 
 
 class _DefaultCheckout:
-    __slots__ = ("_inner", "_timeout")
+    __slots__ = ("_entered", "_inner", "_timeout")
 
     def __init__(self, timeout: float | None) -> None:
         self._timeout = timeout
         self._inner: AbstractAsyncContextManager[AsyncConnection[Any]] | None = None
+        # Each entry makes a checkout of its own: a second entry while the first is in use
+        # would take its place here, and the first connection would never come back.
+        self._entered = False
 
     async def __aenter__(self) -> AsyncConnection[Any]:
-        database: Database = await ambient.resolve(Database)
-        inner = database.connection(timeout=self._timeout)
-        conn = await inner.__aenter__()
+        if self._entered:
+            raise RuntimeError(_IN_USE)
+        self._entered = True
+        try:
+            database: Database = await ambient.resolve(Database)
+            inner = database.connection(timeout=self._timeout)
+            conn = await inner.__aenter__()
+        except BaseException:
+            self._entered = False
+            raise
         self._inner = inner
         return conn
 
@@ -45,8 +56,12 @@ class _DefaultCheckout:
     ) -> bool:
         inner, self._inner = self._inner, None
         if inner is None:
+            self._entered = False
             return False
-        return bool(await inner.__aexit__(exc_type, exc, tb))
+        try:
+            return bool(await inner.__aexit__(exc_type, exc, tb))
+        finally:
+            self._entered = False
 
 
 def connection(

@@ -70,6 +70,7 @@ class _SharedCheckout:
         "_cancel",
         "_conn",
         "_cur",
+        "_entered",
         "_gate",
         "_owner",
         "_pool",
@@ -84,10 +85,22 @@ class _SharedCheckout:
         self._conn: AsyncConnection[Any] | None = None
         self._cur: AsyncClientCursor[Any] | None = None
         self._server: ServerSide | None = None
+        # From the start of an entry, not from when it has a connection: a second entry
+        # while the first waits would take a connection of its own in the same fields, and
+        # the first connection would never come back.
+        self._entered = False
 
     async def __aenter__(self) -> AsyncConnection[Any]:
-        if self._conn is not None:
+        if self._entered:
             raise RuntimeError(_IN_USE)
+        self._entered = True
+        try:
+            return await self._enter()
+        except BaseException:
+            self._entered = False
+            raise
+
+    async def _enter(self) -> AsyncConnection[Any]:
         ctx = ambient.get_current_context()
         owner = self._owner
         deadline = time.monotonic() + self._timeout
@@ -197,7 +210,10 @@ class _SharedCheckout:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        error = await self._finish(exc)
+        try:
+            error = await self._finish(exc)
+        finally:
+            self._entered = False
         if error is not None and exc is None:
             raise error
         return False

@@ -350,6 +350,7 @@ class _UserCheckout:
     __slots__ = (
         "_cancel",
         "_conn",
+        "_entered",
         "_owner",
         "_pool",
         "_server",
@@ -366,10 +367,20 @@ class _UserCheckout:
         # its server side.
         self._settings: list[str] | None = None
         self._server: ServerSide | None = None
+        # From the start of an entry (see _SharedCheckout).
+        self._entered = False
 
     async def __aenter__(self) -> AsyncConnection[Any]:
-        if self._conn is not None:
+        if self._entered:
             raise RuntimeError(_IN_USE)
+        self._entered = True
+        try:
+            return await self._enter()
+        except BaseException:
+            self._entered = False
+            raise
+
+    async def _enter(self) -> AsyncConnection[Any]:
         self._settings = None
         self._server = None
         owner = self._owner
@@ -478,6 +489,7 @@ class _UserCheckout:
     ) -> bool:
         conn = self._conn
         if conn is None:
+            self._entered = False
             return False
         self._conn = None
         try:
@@ -495,6 +507,7 @@ class _UserCheckout:
         finally:
             self._user_pool.lent.discard(conn)
             self._owner._done(self._user_pool)
+            self._entered = False
         if error is not None:
             raise error
         return False
