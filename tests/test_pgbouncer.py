@@ -148,14 +148,20 @@ async def _no_session_settings(url: str) -> list[Any]:
 
 
 def _rls_pool(
-    db: Database, url: str, strategy: str, *, shared: dict[str, int]
+    db: Database,
+    url: str,
+    strategy: str,
+    *,
+    shared: dict[str, int],
+    kwargs: dict[str, Any] | None = None,
 ) -> SharedPool | PerUserPools:
     """A pool of ``strategy`` through the pooler at ``url``, checking the notes table's
-    row-level security; ``shared`` sizes a SharedPool (a PerUserPools gets 2 per user)."""
+    row-level security; ``shared`` sizes a SharedPool (a PerUserPools gets 2 per user);
+    ``kwargs``: more connection arguments."""
     options: dict[str, Any] = {
         "rls_tables": [db.notes],
         "rls_check": "raise",
-        "kwargs": {**db.kwargs(), "prepare_threshold": None},
+        "kwargs": {**db.kwargs(), "prepare_threshold": None, **(kwargs or {})},
     }
     if strategy == "shared":
         return SharedPool(url, **shared, **options)
@@ -463,16 +469,21 @@ async def test_connections_a_restarted_pooler_dropped_are_replaced_unseen(
             await registry.aclose()
 
 
+@pytest.mark.parametrize("cursors", ["psycopg's", "raw"])
 @pytest.mark.parametrize("strategy", ["shared", "per_user"])
 async def test_a_cancelled_query_stops_on_the_server_behind_a_pooler(
-    bounced: tuple[Database, str], strategy: str
+    bounced: tuple[Database, str], strategy: str, cursors: str
 ) -> None:
     """A request cancelled while its query runs (holding a row lock): the query stops on the
     server and the lock is free for the next request. psycopg gives up on such a query and
     closes the connection, and pgbouncer drops a cancel request for a client that is gone:
-    before, the query ran on to its end, holding the lock."""
+    before, the query ran on to its end, holding the lock. The same when the application's
+    cursors bind ``$1`` placeholders (``cursor_factory=AsyncRawCursor``): before, the
+    cancel, sent with ``%s`` through such a cursor, failed unseen, and PerUserPools could
+    set no checkout's settings."""
     db, url = bounced
-    pool = _rls_pool(db, url, strategy, shared={"max_size": 4})
+    kwargs = {"cursor_factory": psycopg.AsyncRawCursor} if cursors == "raw" else {}
+    pool = _rls_pool(db, url, strategy, shared={"max_size": 4}, kwargs=kwargs)
     registry = _registry(pool)
     marker = f"cancel-{uuid.uuid4().hex}"
     try:

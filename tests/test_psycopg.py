@@ -2125,6 +2125,63 @@ async def test_connections_made_with_dict_rows_open_and_check_row_level_security
     assert seen == {name: [{"owner": name, "body": name}] for name in users}
 
 
+@pytest.mark.parametrize("strategy", ["shared", "per_user"])
+async def test_connections_made_with_raw_cursors_open_and_check_row_level_security(
+    db: Database, strategy: str
+) -> None:
+    """The application's cursors bind ``$1`` placeholders
+    (``kwargs={"cursor_factory": AsyncRawCursor}``): check_rls still tells a protected
+    table from an unprotected one, the pool opens, and each of several users reads its own
+    rows only. Before, ambient sent its own ``%s`` queries through the application's
+    cursor class: check_rls raised SyntaxError, and PerUserPools could configure no
+    connection (every checkout was refused after its timeout)."""
+    kwargs = {**db.kwargs(), "cursor_factory": psycopg.AsyncRawCursor}
+    async with await psycopg.AsyncConnection.connect(db.app_url, **kwargs) as conn:
+        with pytest.warns(RowSecurityWarning):
+            problems = await check_rls(
+                conn, [db.notes, f"{db.schema}.plain"], settings=["app.user_id"], action="warn"
+            )
+    assert len(problems) == 1
+    assert f"{db.schema}.plain" in problems[0]
+    options: dict[str, Any] = {
+        "timeout": 5,
+        "rls_tables": [db.notes],
+        "rls_check": "raise",
+        "kwargs": kwargs,
+    }
+    pool: SharedPool | PerUserPools = (
+        SharedPool(db.app_url, min_size=1, max_size=2, **options)
+        if strategy == "shared"
+        else PerUserPools(db.app_url, max_size=1, max_total=2, **options)
+    )
+    registry = Registry()
+    pool.install(registry)
+    users = [f"user-{n}" for n in range(4)]
+    seen: dict[str, list[Any]] = {}
+
+    async def user(name: str) -> None:
+        async with registry.open_scope(_ctx(name)):
+            async with connection() as conn:
+                await conn.execute(
+                    db.sql("INSERT INTO {notes} (owner, body) VALUES ($1, $2)"), (name, name)
+                )
+            async with connection() as conn:
+                cur = await conn.execute(
+                    db.sql("SELECT owner, current_setting($1, true) FROM {notes}"),
+                    ("app.user_id",),
+                )
+                seen[name] = await cur.fetchall()
+
+    try:
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                for name in users:
+                    tg.start_soon(user, name)
+    finally:
+        await registry.aclose()
+    assert seen == {name: [(name, name)] for name in users}
+
+
 # -- PerUserPools ------------------------------------------------------------------------------
 
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Union, cast
 
 import anyio
 import psycopg
-from psycopg import AsyncClientCursor, AsyncConnection, capabilities
+from psycopg import AsyncClientCursor, AsyncConnection, AsyncCursor, capabilities
 from psycopg.pq import PollingStatus, TransactionStatus
 from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool
@@ -245,7 +245,8 @@ async def _cancel_server_side(
         async with await pool.connection_class.connect(
             pool.conninfo, **{**kwargs, "autocommit": True}
         ) as conn:
-            await conn.execute(_CANCEL_SERVER_SIDE, server, prepare=False)
+            # psycopg's own cursor class: the application's may bind $1, not %s.
+            await AsyncCursor(conn).execute(_CANCEL_SERVER_SIDE, server, prepare=False)
     except Exception:  # noqa: BLE001 - best effort: the server may already be done
         return
 

@@ -6,7 +6,7 @@ import warnings
 from collections.abc import Iterable
 from typing import Any, Literal
 
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, AsyncCursor
 from psycopg.rows import tuple_row
 from psycopg.types.numeric import Oid
 
@@ -167,8 +167,9 @@ async def check_rls(
         msg = f"action must be 'raise' or 'warn', not {action!r}"
         raise ValueError(msg)
     problems: list[str] = []
-    # Rows by position, whatever row factory the application made the connection with.
-    async with conn.cursor(row_factory=tuple_row) as cur:
+    # Rows by position, whatever row factory the application made the connection with, and
+    # %s placeholders, whatever cursor class (AsyncRawCursor binds $1).
+    async with AsyncCursor(conn, row_factory=tuple_row) as cur:
         await cur.execute(_ROLE_SQL, prepare=False)
         row = await cur.fetchone()
         role = "?" if row is None else str(row[0])

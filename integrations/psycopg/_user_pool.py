@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import psycopg
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, AsyncCursor
 from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout, TooManyRequests
 
@@ -215,7 +215,9 @@ class _UserPool:
             )
         elif owner._names:
             # A connection of this pool serves this user only: session settings are safe.
-            await conn.execute(owner._set_sql, _values(self.user, owner), prepare=False)
+            # psycopg's own cursor class: the application's may bind $1, not %s.
+            params = _values(self.user, owner)
+            await AsyncCursor(conn).execute(owner._set_sql, params, prepare=False)
         if not conn.autocommit:
             await conn.commit()
         if self.initial is None:
@@ -456,8 +458,9 @@ class _UserCheckout:
         else:
             params = _values(user_pool.user, owner)
             try:
-                # Read by position, whatever the connection's row factory.
-                cur = conn.cursor(row_factory=tuple_row)
+                # Read by position, whatever the connection's row factory, with psycopg's
+                # own cursor class, whatever the connection's (AsyncRawCursor binds $1).
+                cur = AsyncCursor(conn, row_factory=tuple_row)
                 await cur.execute(owner._set_local_sql, params, prepare=False)
                 row = await cur.fetchone()
             except BaseException as exc:  # noqa: BLE001 - the caller raises it
