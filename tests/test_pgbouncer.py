@@ -439,6 +439,51 @@ async def test_session_state_a_checkout_leaves_stays_out_of_the_pooler(
 
 
 @pytest.mark.parametrize("strategy", ["shared", "per_user"])
+async def test_session_state_left_before_a_commit_inside_the_checkout_is_reset(
+    bounced: tuple[Database, str], strategy: str
+) -> None:
+    """A handler leaves session state (search_path, a session setting, a temporary table,
+    LISTEN, a session advisory lock, a statement from SQL PREPARE) and then ends the
+    checkout's transaction itself (conn.commit()): the checkout says so when it ends, and
+    resets the server session the pooler gives it then (the one just left, with no other
+    client in between), as when it commits itself. Before, PerUserPools left all of it to
+    the pooler's next client, another user's checkout."""
+    db, url = bounced
+    pool = _rls_pool(db, url, strategy, shared={"max_size": 1})
+    registry = _registry(pool)
+    try:
+        async with registry.open_scope(UserExecutionContext.create("user-1")):
+            with pytest.raises(psycopg.ProgrammingError, match="ended inside"):
+                async with connection() as conn:
+                    for statement in (
+                        "SET search_path = pg_catalog",
+                        "SET app.user_id = 'user-1'",
+                        "CREATE TEMP TABLE scratch (x int)",
+                        "LISTEN leaked",
+                        "SELECT pg_advisory_lock(1)",
+                        "PREPARE leaked AS SELECT 1",
+                    ):
+                        await conn.execute(statement, prepare=False)
+                    await conn.commit()
+        left = await _server_sessions(url)
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as plain:
+            cur = await plain.execute(
+                "SELECT pg_catalog.to_regclass('pg_temp.scratch'), "
+                "(SELECT count(*) FROM pg_catalog.pg_listening_channels()), "
+                "(SELECT count(*) FROM pg_catalog.pg_prepared_statements WHERE from_sql)",
+                prepare=False,
+            )
+            leftovers = await cur.fetchone()
+    finally:
+        await registry.aclose()
+    role = psycopg.conninfo.conninfo_to_dict(url)["user"]
+    assert {(row[0], row[1], row[2], row[3] or None) for row in left} == {
+        (role, '"$user", public', 0, None)
+    }
+    assert leftovers == (None, 0, 0)
+
+
+@pytest.mark.parametrize("strategy", ["shared", "per_user"])
 async def test_connections_a_restarted_pooler_dropped_are_replaced_unseen(
     anyio_backend: str, strategy: str
 ) -> None:

@@ -437,6 +437,11 @@ async def _release(
                 return _cut_short(lost=lost) if exc is None else None
             status = conn.pgconn.transaction_status
             if status == _IDLE:
+                if pooled:
+                    # The handler ended the transaction itself, and the pooler may have handed
+                    # its server session on since: reset the one it gives now, most likely the
+                    # same (as SharedPool does), rather than leave the handler's state in it.
+                    await _reset_idle(conn, deallocate)
                 return _ended_inside() if settings and exc is None else None
             if exc is None and status != _INERROR:
                 committing = True
@@ -462,6 +467,18 @@ async def _release(
     # Rolled back (or given up, which rolls back too): a block that ended normally here was
     # in a failed transaction.
     return _aborted() if exc is None and status is not None else None
+
+
+async def _reset_idle(conn: AsyncConnection[Any], deallocate: str) -> None:
+    """Reset a pooled connection's server session outside a transaction (best effort)."""
+    try:
+        await AsyncClientCursor(conn).execute(f"{deallocate}{_POOLED_RESET}")
+        if conn.pgconn.transaction_status != _IDLE:
+            # psycopg began a transaction for it (autocommit off): the reset takes effect
+            # when it commits.
+            await conn.commit()
+    except psycopg.Error as error:
+        logger.warning("ambient: resetting a pooled server session failed: %s", error)
 
 
 async def _end_and_reset(
