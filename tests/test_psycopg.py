@@ -2846,6 +2846,24 @@ def test_bad_arguments_are_refused_at_construction(
         strategy("postgresql://app@127.0.0.1/app", **{argument: value})
 
 
+@pytest.mark.parametrize(
+    ("strategy", "argument"), [(SharedPool, "per_user_limit"), (PerUserPools, "max_total")]
+)
+@pytest.mark.parametrize(
+    ("value", "error"), [(None, TypeError), ("5", TypeError), (float("nan"), ValueError)]
+)
+def test_a_connection_limit_that_is_no_number_is_refused_at_construction(
+    strategy: type[Any], argument: str, value: object, error: type[Exception]
+) -> None:
+    """A per-user limit (SharedPool) or global cap (PerUserPools) of None, a string or NaN
+    is refused, naming the argument, when the strategy is built. Before, None and NaN were
+    taken, and then every checkout raised TypeError, or waited its whole timeout for a
+    share or room that NaN never grants and answered 503; a string raised a TypeError that
+    named no argument."""
+    with pytest.raises(error, match=f"{argument} must be"):
+        strategy("postgresql://app@127.0.0.1/app", **{argument: value})
+
+
 @pytest.mark.parametrize("strategy", ["shared", "per_user"])
 async def test_a_checkouts_bad_timeout_is_refused_at_once(db: Database, strategy: str) -> None:
     """``connection(timeout=...)`` with NaN or a non-number, while the user's only

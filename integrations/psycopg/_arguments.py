@@ -43,6 +43,22 @@ def _check_settings(settings: Mapping[str, str], allowed: frozenset[str]) -> tup
     return tuple(settings)
 
 
+# A connection limit the strategy does not take (None is a value a caller may pass).
+_ABSENT = object()
+
+
+def _check_limit(name: str, value: object, least: int, says: str) -> None:
+    """A limit on connections: a number (``inf``: none), at least ``least``. None or NaN
+    would be taken here and fail every checkout (a TypeError, or a wait for a share or room
+    that a NaN limit never grants)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        msg = f"{name} must be a number of connections, not {value!r}"
+        raise TypeError(msg)
+    if math.isnan(value) or value < least:
+        msg = f"{name} must be >= {says}, not {value!r}"
+        raise ValueError(msg)
+
+
 @dataclass(frozen=True, slots=True)
 class _Arguments:
     """The arguments both strategies take, checked, and the settings as they are sent."""
@@ -57,8 +73,8 @@ class _Arguments:
         *,
         min_size: int,
         max_size: int,
-        per_user_limit: int | None = None,
-        max_total: int | None = None,
+        per_user_limit: object = _ABSENT,
+        max_total: object = _ABSENT,
         idle_ttl: float | None = None,
         timeout: float,
         return_timeout: float,
@@ -68,17 +84,16 @@ class _Arguments:
         fields: frozenset[str],
         local: bool,
     ) -> _Arguments:
-        """Raise ``ValueError`` naming the first bad argument (``None``: the strategy has no
-        such argument); ``fields`` are the context fields ``settings`` may name."""
+        """Raise ``ValueError`` naming the first bad argument (``None``, or ``_ABSENT`` for a
+        connection limit: the strategy has no such argument), ``TypeError`` for a connection
+        limit that is no number; ``fields`` are the context fields ``settings`` may name."""
         if not 0 <= min_size <= max_size or max_size < 1:
             msg = f"need 0 <= min_size <= max_size and max_size >= 1, not {min_size}, {max_size}"
             raise ValueError(msg)
-        if per_user_limit is not None and per_user_limit < 1:
-            msg = f"per_user_limit must be >= 1, not {per_user_limit!r}"
-            raise ValueError(msg)
-        if max_total is not None and max_total < max(1, min_size):
-            msg = f"max_total must be >= max(1, min_size), not {max_total!r}"
-            raise ValueError(msg)
+        if per_user_limit is not _ABSENT:
+            _check_limit("per_user_limit", per_user_limit, 1, "1")
+        if max_total is not _ABSENT:
+            _check_limit("max_total", max_total, max(1, min_size), "max(1, min_size)")
         if idle_ttl is not None and idle_ttl < 0:
             msg = f"idle_ttl must be >= 0 seconds, not {idle_ttl!r}"
             raise ValueError(msg)

@@ -132,7 +132,8 @@ class PerUserPools:
 
     Raises:
         UnsupportedBackendError: when constructed inside trio.
-        TypeError: a pool option ``AsyncConnectionPool`` does not take, or one ambient sets.
+        TypeError: a pool option ``AsyncConnectionPool`` does not take, or one ambient sets;
+            a ``max_total`` that is no number (``None``).
     """
 
     def __init__(

@@ -174,7 +174,8 @@ class SharedPool:
 
     Raises:
         UnsupportedBackendError: when constructed inside trio.
-        TypeError: a pool option ``AsyncConnectionPool`` does not take, or one ambient sets.
+        TypeError: a pool option ``AsyncConnectionPool`` does not take, or one ambient sets;
+            a ``per_user_limit`` that is no number (``None``).
     """
 
     def __init__(
