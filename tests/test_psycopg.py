@@ -327,7 +327,39 @@ async def test_shared_begin_and_settings_take_one_round_trip(db: Database) -> No
     sent = [line for line in checkout if line.startswith("F")]
     assert len(sent) == 1
     assert "Query" in sent[0]
-    assert "BEGIN; SELECT set_config('app.user_id', 'bob', true)" in sent[0]
+    assert "BEGIN; SELECT pg_catalog.set_config('app.user_id', 'bob', true)" in sent[0]
+
+
+async def test_a_schema_ahead_of_pg_catalog_cannot_shadow_the_settings(db: Database) -> None:
+    """A role whose search_path puts a schema before pg_catalog (where someone could create
+    functions) had that schema's ``set_config`` and ``current_setting`` called in place of
+    PostgreSQL's: here one sets every user to mallory, and alice's checkout read mallory's
+    rows. The library's own calls name pg_catalog."""
+    schema = db.schema
+    with _admin() as admin:
+        for name in ("set_config", "current_setting"):
+            admin.execute(f"DROP FUNCTION IF EXISTS {schema}.{name}")
+        admin.execute(
+            f"CREATE FUNCTION {schema}.set_config(text, text, boolean) RETURNS text "
+            "LANGUAGE sql AS $$ SELECT pg_catalog.set_config($1, 'mallory', $3) $$"
+        )
+        admin.execute(f"GRANT EXECUTE ON FUNCTION {schema}.set_config TO PUBLIC")
+    options: dict[str, Any] = {
+        "rls_check": "off",
+        "kwargs": {**db.kwargs(), "options": f"-c search_path={schema},pg_catalog"},
+    }
+    for pool in (
+        SharedPool(db.app_url, min_size=1, max_size=1, **options),
+        PerUserPools(db.app_url, max_size=1, max_total=1, **options),
+    ):
+        registry = Registry()
+        pool.install(registry)
+        try:
+            async with registry.open_scope(_ctx("alice")), connection() as conn:
+                seen = await _scalar(conn, "SELECT pg_catalog.current_setting('app.user_id', true)")
+        finally:
+            await registry.aclose()
+        assert seen == "alice", type(pool).__name__
 
 
 async def test_shared_absent_tenant_is_empty(shared: SharedPool) -> None:

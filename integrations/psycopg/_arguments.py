@@ -129,8 +129,10 @@ def _checkout_timeout(timeout: float | None, default: float) -> float:
 
 
 def _set_config_sql(count: int, *, local: bool) -> str:
-    """``SELECT set_config(%s, %s, local), ...`` for ``count`` settings ('' for none)."""
-    calls = ", ".join(f"set_config(%s, %s, {'true' if local else 'false'})" for _ in range(count))
+    """``SELECT pg_catalog.set_config(%s, %s, local), ...`` for ``count`` settings ('' for
+    none), qualified: a schema ahead of pg_catalog in the search_path cannot shadow it."""
+    flag = "true" if local else "false"
+    calls = ", ".join(f"pg_catalog.set_config(%s, %s, {flag})" for _ in range(count))
     return f"SELECT {calls}" if count else ""
 
 

@@ -217,7 +217,7 @@ async def check_rls(
             await cur.execute(_VIEW_SQL, (table_oid,), prepare=False)
             problems += [_view_problem(table, role, *found) for found in await cur.fetchall()]
         for name in settings:
-            await cur.execute("SELECT current_setting(%s, true)", (name,), prepare=False)
+            await cur.execute("SELECT pg_catalog.current_setting(%s, true)", (name,), prepare=False)
             preset = await cur.fetchone()
             if preset is not None and preset[0]:
                 problems.append(

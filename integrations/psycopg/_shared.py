@@ -111,7 +111,7 @@ class SharedPool:
     """One pool for every user; row-level security sees the current context's ids.
 
     Each checkout runs in one explicit transaction that starts with
-    ``SELECT set_config(name, value, true), ...`` for every entry of ``settings`` (the
+    ``SELECT pg_catalog.set_config(name, value, true), ...`` for every entry of ``settings`` (the
     values quoted as SQL literals by psycopg for the connection, sent with ``BEGIN`` in one
     round trip), so the values vanish at commit or rollback and ``SET LOCAL``'s autocommit
     pitfall cannot happen. It is committed when the ``async with`` body ends normally and
@@ -232,7 +232,8 @@ class SharedPool:
         # Behind a pooler: what deallocates the statements from SQL PREPARE in the message
         # that ends a checkout.
         self._deallocate = ""
-        reads = [sql.SQL("current_setting({}, true)").format(sql.Literal(n)) for n in self._names]
+        read = sql.SQL("pg_catalog.current_setting({}, true)")
+        reads = [read.format(sql.Literal(n)) for n in self._names]
         # Sent as one simple-protocol string after COMMIT, ROLLBACK or nothing, with the
         # check (which refuses statements from SQL PREPARE and a role still changed) last.
         self._reset_sql, self._deallocated_reset_sql = (
