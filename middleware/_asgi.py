@@ -772,15 +772,18 @@ class _Response:
             self.status = message.get("status", 0)
             echo = self._echo
             headers = message.get("headers") or []
+            # The app's message is never written to: an app may send one prebuilt dict for
+            # every response, and this request's id left in it would be the next one's.
             if type(headers) is not list and type(headers) is not tuple:
                 # Any iterable will do in ASGI: looked through below, it would be used up.
-                headers = message["headers"] = list(headers)
+                headers = list(headers)
+                message = {**message, "headers": headers}
             echo_name = echo[0][0]
             for name, _ in headers:
                 if name.lower() == echo_name:
                     break
             else:
-                message["headers"] = [*headers, *echo]
+                message = {**message, "headers": [*headers, *echo]}
         elif not self.started and kind.startswith("websocket."):
             self.started = kind != "websocket.send"
         elif kind == "http.response.pathsend" or (

@@ -296,6 +296,33 @@ class TestIds:
             response = await http.get("/", headers={"x-user-id": "u"})
         assert response.headers.get_list("x-request-id") == ["from-app"]
 
+    @pytest.mark.parametrize("headers", [[(b"content-type", b"text/plain")], None])
+    async def test_a_start_message_the_app_sends_for_every_request_echoes_each_ones_id(
+        self, headers: list[tuple[bytes, bytes]] | None
+    ) -> None:
+        """An app may send one prebuilt ``http.response.start`` dict for every response.
+        The echo was written into that dict: the next request found the first request's
+        id there, took it for the app's own, and answered with another user's request id."""
+        start: dict[str, Any] = {"type": "http.response.start", "status": 200}
+        if headers is not None:
+            start["headers"] = headers
+        body = {"type": "http.response.body", "body": b"ok"}
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await send(start)
+            await send(body)
+
+        middleware = AmbientMiddleware(app, registry=Registry(), identity=trusted_header())
+        async with client(middleware) as http:
+            echoed = [
+                (
+                    await http.get("/", headers={"x-user-id": user, "x-request-id": f"{user}-1"})
+                ).headers.get_list("x-request-id")
+                for user in ("ann", "bob")
+            ]
+        assert echoed == [["ann-1"], ["bob-1"]]
+        assert start.get("headers") == headers
+
 
 class TestAnonymous:
     async def test_each_anonymous_request_is_its_own_user(self) -> None:
