@@ -718,6 +718,11 @@ class _Handshake:
         return message
 
 
+# The messages that start the answer to a request, which carry the request id echo: the
+# response, the websocket's accept, or the app's own denial of a handshake.
+_ANSWERS: Final = ("http.response.start", "websocket.accept", "websocket.http.response.start")
+
+
 class _Response:
     """The app's ``send``: echoes the request id and notes how far the answer got (started,
     its status, its body ended).
@@ -767,7 +772,7 @@ class _Response:
             if not message.get("more_body", False):
                 self.ended = not self.gone
             return self._send(message)
-        if kind in ("http.response.start", "websocket.accept"):
+        if kind in _ANSWERS:
             self.started = True
             self.status = message.get("status", 0)
             echo = self._echo

@@ -2010,6 +2010,33 @@ async def test_an_accepted_websocket_echoes_the_request_id_as_a_response_does() 
         assert [v for k, v in accept["headers"] if k == b"x-request-id"] == [expected]
 
 
+async def test_a_websocket_the_app_denies_with_a_response_echoes_the_request_id() -> None:
+    """An app's own denial of a handshake (the ``websocket.http.response`` extension, as
+    Starlette's ``send_denial_response``) is the answer to the request as much as the
+    middleware's denial or an accept: it went out without the request id, kept when the
+    app set its own."""
+
+    def app_denying(headers: list[tuple[bytes, bytes]]) -> Any:
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await receive()
+            start = {"type": "websocket.http.response.start", "status": 403, "headers": headers}
+            await send(start)
+            await send({"type": "websocket.http.response.body", "body": b"no"})
+
+        return app
+
+    user = [(b"x-user-id", b"ann"), (b"x-request-id", b"req-1")]
+    scope = ws_scope(user, extensions={"websocket.http.response": {}})
+    for own, expected in (([], b"req-1"), ([(b"x-request-id", b"mine")], b"mine")):
+        middleware = AmbientMiddleware(
+            app_denying(own), registry=Registry(), identity=trusted_header()
+        )
+        sent = await drive(middleware, scope, [{"type": "websocket.connect"}])
+        start = sent[0]
+        assert start["type"] == "websocket.http.response.start"
+        assert [v for k, v in start["headers"] if k == b"x-request-id"] == [expected]
+
+
 async def test_a_websocket_whose_identity_expires_past_what_a_float_holds_is_served() -> None:
     """``Identity(expires_at=10**400)`` is accepted (an expiry that never comes); the socket
     it opened raised OverflowError computing the time left, and was never served."""
