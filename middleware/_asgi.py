@@ -725,13 +725,13 @@ _ANSWERS: Final = ("http.response.start", "websocket.accept", "websocket.http.re
 
 class _Response:
     """The app's ``send``: echoes the request id and notes how far the answer got (started,
-    its status, its body ended).
+    its status, its body ended, or its trailers when its start said it has some).
 
     A plain callable returning the server's own awaitable: a coroutine of its own per
     message would cost more than everything it does.
     """
 
-    __slots__ = ("_echo", "_receive", "_send", "ended", "gone", "started", "status")
+    __slots__ = ("_echo", "_receive", "_send", "ended", "gone", "started", "status", "trailers")
 
     # Whether this middleware ended the body early (a stream past its identity's expiry).
     cut = False
@@ -742,6 +742,9 @@ class _Response:
         self.started = False
         self.status = 0
         self.ended = False
+        # The start said trailers follow the body (the http.response.trailers extension):
+        # the response ends with the last of them, not with the body.
+        self.trailers = False
         # The client disconnected before the body ended: an end sent after that (a
         # BaseHTTPMiddleware inside re-sends a stream Starlette cancelled, then ends it)
         # never reached it.
@@ -769,12 +772,13 @@ class _Response:
     def __call__(self, message: MutableMapping[str, Any]) -> Awaitable[None]:
         kind = message["type"]
         if kind == "http.response.body":
-            if not message.get("more_body", False):
+            if not message.get("more_body", False) and not self.trailers:
                 self.ended = not self.gone
             return self._send(message)
         if kind in _ANSWERS:
             self.started = True
             self.status = message.get("status", 0)
+            self.trailers = message.get("trailers", False)
             echo = self._echo
             headers = message.get("headers") or []
             # The app's message is never written to: an app may send one prebuilt dict for
@@ -791,9 +795,13 @@ class _Response:
                 message = {**message, "headers": [*headers, *echo]}
         elif not self.started and kind.startswith("websocket."):
             self.started = kind != "websocket.send"
-        elif kind == "http.response.pathsend" or (
-            kind == "http.response.zerocopysend" and not message.get("more_body", False)
-        ):
+        elif kind == "http.response.trailers":
+            if not message.get("more_trailers", False):
+                self.ended = not self.gone
+        elif (
+            kind == "http.response.pathsend"
+            or (kind == "http.response.zerocopysend" and not message.get("more_body", False))
+        ) and not self.trailers:
             self.ended = not self.gone
         return self._send(message)
 

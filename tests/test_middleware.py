@@ -1792,6 +1792,19 @@ async def _body_never_ended(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"half", "more_body": True})
 
 
+async def _trailers_never_sent(scope: Any, receive: Any, send: Any) -> None:
+    await ambient.resolve("tx")
+    await send({"type": "http.response.start", "status": 200, "headers": [], "trailers": True})
+    await send({"type": "http.response.body", "body": b"all of it"})
+
+
+async def _trailers_sent(scope: Any, receive: Any, send: Any) -> None:
+    await _trailers_never_sent(scope, receive, send)
+    trailers = [(b"grpc-status", b"0")]
+    await send({"type": "http.response.trailers", "headers": trailers, "more_trailers": True})
+    await send({"type": "http.response.trailers", "headers": [], "more_trailers": False})
+
+
 async def _answered_503(scope: Any, receive: Any, send: Any) -> None:
     await ambient.resolve("tx")
     await send({"type": "http.response.start", "status": 503, "headers": []})
@@ -1880,6 +1893,21 @@ class TestHowTheRequestEnded:
         assert len(seen) == 1
         assert isinstance(seen[0], error)
         assert said in str(seen[0])
+
+    @pytest.mark.parametrize("sent", [True, False])
+    async def test_a_response_with_trailers_ends_at_its_last_trailers(self, sent: bool) -> None:
+        """With ``trailers`` in its start (the ``http.response.trailers`` extension) a
+        response ends with its last trailers message, not its last body message: an app
+        that returned without sending them left it unfinished (the server resets the
+        stream), yet its cleanups were told it succeeded."""
+        app = _trailers_sent if sent else _trailers_never_sent
+        seen = await self._request(app, "/", extensions={"http.response.trailers": {}}, status=200)
+        assert len(seen) == 1
+        if sent:
+            assert seen == [None]
+        else:
+            assert isinstance(seen[0], IncompleteResponseError)
+            assert "cut short" in str(seen[0])
 
     @staticmethod
     async def _request(
