@@ -296,21 +296,23 @@ class AmbientMiddleware:
                     request_id = ctx.request_id if ctx.parent_run_id is None else new_id()
                 if self.max_concurrent_per_user is not None:
                     user = self._admit(ctx)
-            except (_Refused, AmbientError) as refused:
+            except Exception as refused:
+                echo = [(self._request_id_header, (request_id or new_id()).encode())]
+                if not isinstance(refused, _Refused) and (
+                    not isinstance(refused, AmbientError) or refused.http_status is None
+                ):
+                    # A resolver's bug (an ambient error that is no answer to a client
+                    # too), or its database's error: no context exists, yet the 500 a
+                    # last-resort handler outside answers (Starlette's) is this request's.
+                    scope[_FAILED_KEY] = _FailedRequest(echo, None, None)
+                    raise
                 if identity is not None:
                     # Before answering: a client that retries at once must find the
                     # ticket back.
                     await identity._refused()
-                echo = [(self._request_id_header, (request_id or new_id()).encode())]
                 problem = _problem(refused)._challenged(_challenge_of(self.identity))
                 await self._refuse(problem, scope, receive, send, echo, websocket)
                 return
-            except Exception:
-                # A resolver's bug, or its database's error: no context exists, yet the 500
-                # a last-resort handler outside answers (Starlette's) is this request's.
-                echo = [(self._request_id_header, (request_id or new_id()).encode())]
-                scope[_FAILED_KEY] = _FailedRequest(echo, None, None)
-                raise
 
             echo = [(self._request_id_header, request_id.encode())]
             expires_at = identity.expires_at if identity is not None else None
@@ -1049,7 +1051,7 @@ def _problem(refusal: Exception) -> Problem:
         return Problem.from_error(refusal, f"{refusal.field} is invalid: {refusal.reason}")
     if isinstance(refusal, AmbientError):
         return Problem.from_error(refusal)
-    raise refusal  # pragma: no cover - only _Refused and AmbientError are caught
+    raise refusal  # pragma: no cover - only _Refused and answerable AmbientErrors come here
 
 
 def _continued(

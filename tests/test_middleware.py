@@ -27,6 +27,7 @@ from ambient.errors import (
     InvalidContextError,
     NoActiveContextError,
     PoolExhaustedError,
+    ResolutionError,
     ServerErrorResponseError,
     TooManyRequestsError,
 )
@@ -222,6 +223,30 @@ class TestIdentity:
         async with client(app) as http:
             with pytest.raises(TypeError, match="returned str"):
                 await http.get("/whoami")
+
+    @pytest.mark.parametrize(
+        "make",
+        [NoActiveContextError, lambda: ResolutionError("no factory for 'users'")],
+        ids=["no-context", "no-factory"],
+    )
+    async def test_a_resolvers_ambient_error_that_is_no_answer_propagates(
+        self, make: Callable[[], AmbientError]
+    ) -> None:
+        """An ambient error without an HTTP status raised by a resolver (it looked a
+        component up outside any scope) is a bug like any other: it reaches the server
+        and its 500 handlers. It was answered as a 500 problem instead, with the internal
+        message as its detail, and neither raised nor logged."""
+        bug = make()
+
+        def resolver(scope: Any) -> Identity:
+            raise bug
+
+        app, ledger, _ = build(resolver)
+        async with client(app) as http:
+            with pytest.raises(type(bug)) as raised:
+                await http.get("/whoami")
+        assert raised.value is bug
+        assert ledger.created == {}
 
 
 class TestIds:
