@@ -853,9 +853,13 @@ class _Stream(_Response):
                 return self._cut_off()
             self._streaming = True
         elif kind == "http.response.start":
-            self._sized = any(
-                name.lower() == b"content-length" for name, _ in message.get("headers") or ()
-            )
+            headers = message.get("headers") or ()
+            if type(headers) is not list and type(headers) is not tuple:
+                # Any iterable will do in ASGI: looked through here, it would be used up
+                # before the echo is added (and the message is the app's: not written to).
+                headers = list(headers)
+                message = {**message, "headers": headers}
+            self._sized = any(name.lower() == b"content-length" for name, _ in headers)
         return super().__call__(message)
 
     async def _cut_off(self) -> None:

@@ -1964,10 +1964,15 @@ class TestHowTheRequestEnded:
 
 @pytest.mark.parametrize("kind", ["generator", "iterator", "map"])
 @pytest.mark.parametrize("own_id", [False, True])
-async def test_response_headers_given_as_any_iterable_all_arrive(kind: str, own_id: bool) -> None:
+@pytest.mark.parametrize("expiring", [False, True])
+async def test_response_headers_given_as_any_iterable_all_arrive(
+    kind: str, own_id: bool, expiring: bool
+) -> None:
     """ASGI takes any iterable of headers: the middleware looked through it for the
     request id header and then rebuilt the list from the same, used-up, iterator, so the
-    app's headers (content type, cookies) never reached the client."""
+    app's headers (content type, cookies) never reached the client. The same for a
+    request whose identity expires (a bearer token's ``exp``), whose start was looked
+    through once more for its content length."""
     wanted = [
         (b"content-type", b"text/plain"),
         (b"set-cookie", b"a=1"),
@@ -1985,7 +1990,11 @@ async def test_response_headers_given_as_any_iterable_all_arrive(kind: str, own_
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    middleware = AmbientMiddleware(app, registry=Registry(), identity=trusted_header())
+    def until_later(scope: Any) -> Identity:
+        return Identity("u", expires_at=time.time() + 600)
+
+    identity = until_later if expiring else trusted_header()
+    middleware = AmbientMiddleware(app, registry=Registry(), identity=identity)
     async with client(middleware) as http:
         response = await http.get("/", headers={"x-user-id": "u", "x-request-id": "r-1"})
     assert response.headers["content-type"] == "text/plain"
