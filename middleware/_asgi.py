@@ -160,10 +160,11 @@ class AmbientMiddleware:
         anonymous_paths: Paths served as with ``anonymous=True`` while the rest require an
             identity: a health check, a login endpoint, FastAPI's ``/docs`` and
             ``/openapi.json``. Each is a path the request's ``scope["path"]`` must equal,
-            or, ending with ``/``, a prefix of it (``"/static/"``); a request path with a
-            ``.`` or ``..`` segment or an empty one (``//``) matches no prefix (a proxy or
-            framework may resolve it to another route). A credential sent there is still
-            checked: a valid one serves its user, a bad one is refused as anywhere else.
+            or, ending with ``/``, a prefix of it (``"/static/"``; ``"/"`` is the root
+            alone); a path with a ``.`` or ``..`` segment or an empty one (``//``) matches
+            no prefix (a proxy or framework may resolve it to another route). A credential
+            sent there is still checked: a valid one serves its user, a bad one is refused
+            as anywhere else.
         request_id_header: Header carrying the request id; a valid one (visible ASCII, at
             most 128 characters) is used, anything else replaced by a generated id. The id
             is echoed on the response.
@@ -866,6 +867,11 @@ class _Stream(_Response):
         logger.info("ambient: ending a streamed response whose identity has expired")
         if not self._sized and not self.gone:
             await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+            if self.trailers:
+                # Announced: the client waits for them before it takes the response as ended.
+                await self._send(
+                    {"type": "http.response.trailers", "headers": [], "more_trailers": False}
+                )
         raise _CutOffAtExpiryError(http=True)
 
     def failure(self) -> AmbientError | None:
@@ -1094,16 +1100,23 @@ def _paths(paths: Iterable[str]) -> tuple[frozenset[str], tuple[str, ...]]:
         if any(char in path for char in "?#") or not path.isprintable():
             msg = f"anonymous_paths must hold paths without a query or fragment, not {path!r}"
             raise ValueError(msg)
-        if path.endswith("/"):
+        if path.endswith("/") and path != "/":
             prefixes.append(path)
         else:
             exact.add(path)
     return frozenset(exact), tuple(prefixes)
 
 
+# RFC 9110's token: what a header name may be made of.
+_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
 def _header_name(name: str) -> bytes:
-    if not isinstance(name, str) or not name or not name.isascii() or " " in name:
-        msg = f"header name must be a non-empty ASCII string without spaces, not {name!r}"
+    if not isinstance(name, str) or not _TOKEN.fullmatch(name):
+        msg = (
+            "header name must be a non-empty HTTP token (letters, digits and !#$%&'*+-.^_`|~), "
+            f"not {name!r}"
+        )
         raise ValueError(msg)
     return name.lower().encode("ascii")
 

@@ -423,10 +423,11 @@ class TestAnonymousPaths:
         )
 
     async def test_only_the_listed_paths_are_served_without_identity(self) -> None:
-        app = self.echo(anonymous_paths=["/healthz", "/static/"])
-        served = ["/healthz", "/static/", "/static/app.js", "/static/css/site.css"]
+        app = self.echo(anonymous_paths=["/", "/healthz", "/static/"])
+        served = ["/", "/healthz", "/static/", "/static/app.js", "/static/css/site.css"]
         refused = [
-            "/",
+            "//",
+            "/index.html",
             "/healthz/",
             "/healthz2",
             "/static",
@@ -838,10 +839,12 @@ class TestConstruction:
             AmbientMiddleware(app, registry=Registry(), identity=None)
         with pytest.raises(TypeError, match="callable"):
             AmbientMiddleware(app, registry=Registry(), identity="x-user-id")  # type: ignore[arg-type]
-        with pytest.raises(ValueError, match="header name"):
-            AmbientMiddleware(
-                app, registry=Registry(), identity=trusted_header(), request_id_header="x y"
-            )
+        for name in ("x y", "x-id\r\nset-cookie", "x\tid", "x:id", "", "x-idé"):
+            for option in ("request_id_header", "thread_id_header"):
+                with pytest.raises(ValueError, match="header name"):
+                    AmbientMiddleware(
+                        app, registry=Registry(), identity=trusted_header(), **{option: name}
+                    )
         with pytest.raises(ValueError, match="CIDR"):
             trusted_header(trusted=("10.0.0.1/8",))
         with pytest.raises(ValueError, match="no network"):
@@ -1647,6 +1650,31 @@ class TestStreamedResponseIdentityExpiry:
             ]
             assert raised == []
             assert seen == [None]
+
+    async def test_a_stream_that_announced_trailers_ends_with_them(self) -> None:
+        """The client of a response whose start announced trailers waits for them: a stream
+        cut at expiry ends with an empty last trailers message after its empty last body."""
+        seen: list[BaseException | None] = []
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await ambient.resolve("tx")
+            start = {"type": "http.response.start", "status": 200, "headers": []}
+            await send({**start, "trailers": True})
+            for _ in range(3):
+                await send({"type": "http.response.body", "body": b"x", "more_body": True})
+
+        middleware = AmbientMiddleware(
+            app, registry=_tx_registry(seen), identity=self.ann(time.time() - 1)
+        )
+        scope = http_scope([], extensions={"http.response.trailers": {}})
+        sent = await drive(middleware, scope, [{"type": "http.request"}])
+        assert [(m["type"], m.get("more_body", m.get("more_trailers"))) for m in sent[1:]] == [
+            ("http.response.body", True),
+            ("http.response.body", False),
+            ("http.response.trailers", False),
+        ]
+        assert len(seen) == 1
+        assert isinstance(seen[0], IncompleteResponseError)
 
     async def test_a_sized_response_is_not_ended_early_but_stopped(self) -> None:
         """With a ``content-length`` the response cannot end early: nothing more is sent and
