@@ -174,6 +174,14 @@ class Scope:
         if self._opened:
             msg = "a Scope can be entered once; open a new one with registry.open_scope(ctx)"
             raise RuntimeError(msg)
+        if self._closed:
+            # Closed before it was entered: opened now, it would bind its context for good
+            # (its exit finds it closed already) and count as open forever.
+            msg = (
+                "this Scope was closed before it was entered; open a new one with "
+                "registry.open_scope(ctx)"
+            )
+            raise ScopeClosedError(msg)
         registry = self._registry
         if registry.expiry_due():
             await registry.expire_idle()

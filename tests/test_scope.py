@@ -732,6 +732,19 @@ class TestCleanup:
             async with scope:
                 pass  # pragma: no cover
 
+    async def test_scope_closed_before_entering_refuses_to_open(self) -> None:
+        """A scope closed before it was entered (an error path that closed it) cannot be
+        entered afterwards: it would bind its context and never unbind it, and count as
+        open for good (shutdown's wait_for_scopes() waiting out cleanup_timeout)."""
+        registry = Registry()
+        scope = registry.open_scope(ctx())
+        await scope.aclose()
+        with pytest.raises(ScopeClosedError, match="closed"):
+            async with scope:
+                pass  # pragma: no cover
+        assert ambient.current_context_or_none() is None
+        assert registry.stats().open_scopes == 0
+
     async def test_creation_finishing_after_close_is_cleaned(self) -> None:
         """A component whose factory finishes after its scope closed is cleaned at once."""
         registry = Registry()
