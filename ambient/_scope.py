@@ -307,6 +307,10 @@ class Scope:
                 self._cut_short(interrupted)
         try:
             self._closed = True
+            # Nothing more from the cache either: what it holds is cleaned below (the USER
+            # components released, then expired or evicted), while work this scope started
+            # may still resolve from it.
+            self._cache = {}
             own = self._own
             created = own.close() if own is not None else []
             with _FIRST_USE:  # against a worker thread taking the entry back (see there)

@@ -745,6 +745,41 @@ class TestCleanup:
         assert ambient.current_context_or_none() is None
         assert registry.stats().open_scopes == 0
 
+    async def test_a_closing_scope_hands_out_no_user_component_being_cleaned(self) -> None:
+        """Work still running in a scope whose close is cleaning its user's components (the
+        last scope of an idle_ttl=0 user) gets ScopeClosedError, never the component from
+        the scope's cache while, or after, it is cleaned (a per-user pool being closed)."""
+        registry = Registry()
+        cleaning = anyio.Event()
+        resolved = anyio.Event()
+
+        class Pool:
+            closed = False
+
+            async def aclose(self) -> None:
+                cleaning.set()
+                await resolved.wait()
+                self.closed = True
+
+        registry.register(Pool, Pool, lifetime=Lifetime.USER, idle_ttl=0)
+        got: list[object] = []
+        async with anyio.create_task_group() as tg, registry.open_scope(ctx()) as scope:
+            await scope.resolve(Pool)
+
+            async def late() -> None:  # started in the request, without a hold
+                await cleaning.wait()
+                try:
+                    got.append(await ambient.resolve(Pool))
+                except ScopeClosedError as exc:
+                    got.append(exc)
+                finally:
+                    resolved.set()
+
+            tg.start_soon(late)
+        assert len(got) == 1
+        assert isinstance(got[0], ScopeClosedError)
+        await registry.aclose()
+
     async def test_creation_finishing_after_close_is_cleaned(self) -> None:
         """A component whose factory finishes after its scope closed is cleaned at once."""
         registry = Registry()
