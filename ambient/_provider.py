@@ -135,13 +135,23 @@ def make_provider(
         kind = _ASYNC
     else:
         kind = _SYNC
+    takes_arg = _takes_argument(factory, label)
+    if takes_arg and lifetime is Lifetime.APP:
+        # It would be called with None for it: an APP component belongs to no request
+        # and no user.
+        msg = (
+            f"the APP factory for {label} takes no argument, but this one requires one "
+            "(a REQUEST factory may take the request's context, a USER factory the "
+            "UserRef): give it a default or wrap it, e.g. `lambda: Factory(setting)`"
+        )
+        raise RegistryError(msg)
     return Provider(
         key=key,
         factory=factory,
         lifetime=lifetime,
         name=label,
         kind=kind,
-        takes_arg=_takes_argument(factory, label),
+        takes_arg=takes_arg,
         enter=enter,
         idle_ttl=idle_ttl,
     )

@@ -71,6 +71,20 @@ class TestRegistration:
         with pytest.raises(RegistryError, match="exactly one"):
             Registry().register(Thing, lambda a, b: Thing())
 
+    def test_app_factory_with_a_required_argument_is_refused(self) -> None:
+        """An APP factory is given nothing: one that needs an argument (a class whose
+        ``__init__`` takes a setting) is refused where it is registered, not called with
+        ``None`` for it at its first resolution."""
+
+        class Settings:
+            def __init__(self, path: str) -> None:
+                self.path = path
+
+        registry = Registry()
+        with pytest.raises(RegistryError, match="APP factory for .*Settings takes no argument"):
+            registry.register(Settings, Settings, lifetime=Lifetime.APP)
+        registry.register(Settings, lambda path="app.toml": Settings(path), lifetime=Lifetime.APP)
+
     def test_idle_ttl_only_for_user_components(self) -> None:
         """idle_ttl on a REQUEST component is a mistake."""
         with pytest.raises(RegistryError, match="USER"):
