@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Callable
 
 from ambient.errors import UnsupportedBackendError
 
-__all__ = ["in_trio", "on_loop_thread", "refuse_trio", "require_asyncio"]
+__all__ = ["in_trio", "loop_call_soon", "on_loop_thread", "refuse_trio", "require_asyncio"]
 
 
 def in_trio() -> bool:
@@ -27,6 +28,25 @@ def _in_asyncio() -> bool:
 def on_loop_thread() -> bool:
     """Whether this thread runs an event loop (asyncio's, or trio's if trio is imported)."""
     return _in_asyncio() or in_trio()
+
+
+def loop_call_soon() -> Callable[[Callable[[], object]], object] | None:
+    """A thread-safe way to run a callback on the event loop running in this thread
+    (asyncio's or trio's), or ``None`` when none runs here."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        return loop.call_soon_threadsafe
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            token = trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            return None
+        return token.run_sync_soon  # type: ignore[no-any-return]
+    return None
 
 
 def refuse_trio(reason: str) -> None:

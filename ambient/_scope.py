@@ -20,6 +20,7 @@ from ambient._instances import (
     finalize_sync,
     needs_await,
 )
+from ambient._loops import loop_call_soon
 from ambient._observe import Observer, notify
 from ambient._provider import _REQUEST, _USER, RANK, Provider, key_name
 from ambient.errors import CleanupError, ResolutionError, ScopeClosedError
@@ -625,17 +626,31 @@ class Scope:
 
 class _Hold:
     """An active hold on a scope (see :meth:`Scope.hold`); release it by leaving ``with``
-    or calling :meth:`release`. Releasing twice is harmless."""
+    or calling :meth:`release`, on the event loop or in a thread the work went to.
+    Releasing twice is harmless."""
 
-    __slots__ = ("_scope",)
+    __slots__ = ("_call_soon", "_scope", "_thread")
 
     def __init__(self, scope: Scope) -> None:
         self._scope: Scope | None = scope
+        # The hold count and the event a closing scope waits on belong to the loop's
+        # thread: a release from another thread is handed to the loop.
+        self._thread = threading.get_ident()
+        self._call_soon = loop_call_soon()
 
     def release(self) -> None:
         """Let the scope close (once every hold is released)."""
         scope, self._scope = self._scope, None
-        if scope is not None:
+        if scope is None:
+            return
+        call_soon = self._call_soon
+        if call_soon is None or threading.get_ident() == self._thread:
+            scope._release()
+            return
+        try:
+            call_soon(scope._release)
+        except RuntimeError:
+            # The loop has finished: nothing can be waiting on the hold any more.
             scope._release()
 
     def __enter__(self) -> _Hold:

@@ -965,6 +965,44 @@ class TestHold:
         assert [entry.refs for entry in registry._users.values()] == [0]
         await registry.aclose()
 
+    async def test_a_hold_released_in_a_worker_thread_lets_the_scope_close(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A hold handed to a thread with the work it keeps the scope for (``executor.submit
+        (ambient.wrap(job), hold)``) and released there wakes the closing scope on its event
+        loop: it neither fails in the thread (trio: "must be called from async context")
+        nor leaves the close waiting out cleanup_timeout (asyncio's loop was not woken by
+        the release, only by whatever woke it next)."""
+        registry = Registry(cleanup_timeout=5)
+        cleaned: list[str] = []
+
+        def make() -> Iterator[str]:
+            yield "component"
+            cleaned.append("component")
+
+        scope, hold = await _held_scope(registry, make)
+        errors: list[BaseException] = []
+
+        def job() -> None:
+            try:
+                hold.release()
+            except BaseException as exc:  # asserted below
+                errors.append(exc)
+
+        thread = threading.Thread(target=job)
+        with caplog.at_level(logging.WARNING, logger="ambient"):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(scope.aclose)
+                await anyio.wait_all_tasks_blocked()
+                thread.start()
+        thread.join()
+        assert errors == []
+        # A lost release shows as the close giving up on the hold after cleanup_timeout.
+        assert not [r for r in caplog.records if "still active" in r.getMessage()]
+        assert cleaned == ["component"]
+        assert registry.stats().open_scopes == 0
+        await registry.aclose()
+
     async def test_scope_messages_name_the_run_never_the_user(
         self, caplog: pytest.LogCaptureFixture
     ) -> None:
