@@ -416,13 +416,17 @@ class Scope:
             self._released.set()
 
     async def _wait_for_holds(self) -> None:
-        # One event for every close waiting here: the last release sets the one it finds.
-        if self._released is None:
-            self._released = anyio.Event()
-        released = self._released
         timeout = self._registry.cleanup_timeout
         with anyio.CancelScope(shield=True), anyio.move_on_after(timeout) as deadline:
-            await released.wait()
+            # Until no hold is left: one taken after the last release woke this close
+            # (held work handing over to more) keeps the scope open too.
+            while self._holds:
+                # One event for every close waiting here: the last release sets the one
+                # it finds.
+                released = self._released
+                if released is None or released.is_set():
+                    released = self._released = anyio.Event()
+                await released.wait()
         if deadline.cancelled_caught:
             logger.warning(
                 "ambient: %d hold(s) on %r still active after %s s; cleaning up anyway",

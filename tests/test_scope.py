@@ -965,6 +965,33 @@ class TestHold:
         assert [entry.refs for entry in registry._users.values()] == [0]
         await registry.aclose()
 
+    async def test_a_hold_taken_as_the_last_one_is_released_is_waited_for_too(self) -> None:
+        """Held work that hands over to more held work (it takes a new hold, or
+        ``hold_scope`` does, right as its own goes) keeps the scope open: a close waiting
+        for the first hold waits for the second too, instead of cleaning the components
+        under it because the first release had woken it."""
+        registry = Registry(cleanup_timeout=60)
+        order: list[str] = []
+
+        def make() -> Iterator[str]:
+            yield "component"
+            order.append("cleaned")
+
+        scope, first = await _held_scope(registry, make)
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(scope.aclose)
+                await anyio.wait_all_tasks_blocked()
+                first.release()
+                second = scope.hold()
+                await anyio.wait_all_tasks_blocked()
+                order.append("second hold still active")
+                assert await scope.resolve("request") == "component"
+                second.release()
+        assert order == ["second hold still active", "cleaned"]
+        assert registry.stats().open_scopes == 0
+        await registry.aclose()
+
     async def test_a_hold_released_in_a_worker_thread_lets_the_scope_close(
         self, caplog: pytest.LogCaptureFixture
     ) -> None:
