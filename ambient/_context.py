@@ -37,10 +37,11 @@ _REFUSED = {
 }
 # Invisible characters Unicode files elsewhere than under "format" (Cf): the combining
 # grapheme joiner, the Hangul fillers, the Khmer inherent vowels, the Mongolian and other
-# variation selectors. Each renders as nothing, so "alice" + one of them looks like "alice".
+# variation selectors, the blank Braille pattern and the musical null notehead (symbols
+# that draw nothing). Each renders as nothing, so "alice" + one of them looks like "alice".
 _INVISIBLE = re.compile(
-    "[\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180d\u180f\u3164\ufe00-\ufe0f\uffa0"
-    "\U000e0100-\U000e01ef]"
+    "[\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180d\u180f\u2800\u3164\ufe00-\ufe0f"
+    "\uffa0\U0001d159\U000e0100-\U000e01ef]"
 )
 
 

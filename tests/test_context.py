@@ -80,6 +80,8 @@ class TestValidation:
             ("\u3164", "invisible character"),  # Hangul filler
             ("\uffa0", "invisible character"),  # halfwidth Hangul filler
             ("\u17b4", "invisible character"),  # Khmer inherent vowel
+            ("\u2800", "invisible character"),  # Braille pattern blank
+            ("\U0001d159", "invisible character"),  # musical symbol null notehead
         ],
     )
     def test_characters_that_hide_or_fake_a_difference_are_refused(
