@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 import warnings
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from contextvars import Context
 from typing import TYPE_CHECKING, Any, Final
 
@@ -267,7 +267,7 @@ _building: Final = _Building()
 
 
 def _run_sync(
-    build: Callable[[Provider, object], tuple[Any, Any]],
+    build: Callable[[Provider, object, Mapping[Hashable, Any]], tuple[Any, Any]],
     provider: Provider,
     arg: object,
     scope: Scope,
@@ -277,9 +277,9 @@ def _run_sync(
     building.append(provider.key)
     try:
         if provider.lifetime is _REQUEST:
-            return build(provider, arg)
+            return build(provider, arg, scope._cache)
         with scope.restricted_for(provider):
-            return build(provider, arg)
+            return build(provider, arg, scope._cache)
     finally:
         building.pop()
 
@@ -503,20 +503,22 @@ class Instances:
 
     @staticmethod
     async def _awaited(
-        run: Callable[[Provider, Any], Awaitable[tuple[Any, Finalizer | None]]],
+        run: Callable[
+            [Provider, Any, Mapping[Hashable, Any]], Awaitable[tuple[Any, Finalizer | None]]
+        ],
         provider: Provider,
         value: Any,
         scope: Scope,
         stack: tuple[_Creation, ...],
     ) -> tuple[Any, Finalizer | None]:
-        """``await run(provider, value)`` (building, or finishing what a sync factory
+        """``await run(provider, value, ...)`` (building, or finishing what a sync factory
         returned) with ``stack``, this task's creations with this one last, current."""
         token = _resolving.set(stack)
         try:
             if provider.lifetime is _REQUEST:
-                return await run(provider, value)
+                return await run(provider, value, scope._cache)
             with scope.restricted_for(provider):
-                return await run(provider, value)
+                return await run(provider, value, scope._cache)
         finally:
             _resolving.reset(token)
 

@@ -8,7 +8,7 @@ import enum
 import inspect
 import typing
 import unicodedata
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -421,8 +421,35 @@ class _AsyncClose(Finalizer):
         await self.target.close()
 
 
-async def build_async(provider: Provider, arg: object) -> tuple[Any, Finalizer | None]:
-    """Call the factory and enter its result; return the component and its cleanup."""
+def _held(result: Any, components: Mapping[Hashable, Any]) -> bool:
+    """Whether ``result`` is a component the scope holds already (a factory handing out
+    another component: an alias of it). Its own store cleans it; the alias must not."""
+    try:
+        for held in components.values():
+            if held is result:
+                return True
+    except RuntimeError:  # a worker thread of the scope added a component meanwhile
+        return any(held is result for held in list(components.values()))
+    return False
+
+
+def _owned(
+    plain: tuple[Any, Finalizer | None], components: Mapping[Hashable, Any]
+) -> tuple[Any, Finalizer | None]:
+    """``plain`` (a plain result and its cleanup), without the cleanup when the result is
+    a component the scope holds already (see :func:`_held`)."""
+    if plain[1] is not None and _held(plain[0], components):
+        return plain[0], None
+    return plain
+
+
+async def build_async(
+    provider: Provider, arg: object, components: Mapping[Hashable, Any]
+) -> tuple[Any, Finalizer | None]:
+    """Call the factory and enter its result; return the component and its cleanup.
+
+    ``components`` are those the scope holds: a result that is one of them is handed out
+    as is, neither entered nor cleaned (its own store cleans it)."""
     args = (arg,) if provider.takes_arg else ()
     kind = provider.kind
     if kind is _AGEN:
@@ -433,21 +460,25 @@ async def build_async(provider: Provider, arg: object) -> tuple[Any, Finalizer |
     if kind is _SYNC:
         plain = _plain(provider, result)
         if plain is not None:
-            return plain
-    return await finish_async(provider, result)
+            return _owned(plain, components)
+    return await finish_async(provider, result, components)
 
 
-async def finish_async(provider: Provider, result: Any) -> tuple[Any, Finalizer | None]:
+async def finish_async(
+    provider: Provider, result: Any, components: Mapping[Hashable, Any]
+) -> tuple[Any, Finalizer | None]:
     """Await and enter what a factory returned, as :func:`build_async` does."""
     if provider.kind is _ASYNC or inspect.isawaitable(result):
         result = await result
     plain = _plain(provider, result)
     if plain is not None:
-        return plain
+        return _owned(plain, components)
     if inspect.isasyncgen(result):  # e.g. `lambda: make(x)` around an async generator
         return await _enter_agen(provider, result)
     if inspect.isgenerator(result):
         return _enter_gen(provider, result)
+    if _held(result, components):
+        return result, None
     instance, finalizer = _closer(provider, result, can_await=True)
     if finalizer is not None and finalizer.how == "async context manager":
         instance = await result.__aenter__()
@@ -464,7 +495,9 @@ def is_sync(provider: Provider) -> bool:
     return provider.kind is _SYNC or provider.kind is _GEN
 
 
-def build_now(provider: Provider, arg: object) -> tuple[Any, Any]:
+def build_now(
+    provider: Provider, arg: object, components: Mapping[Hashable, Any]
+) -> tuple[Any, Any]:
     """Build a component of a sync factory (see :func:`is_sync`) without awaiting.
 
     Returns ``(instance, finalizer)``, or ``(AWAIT, result)`` when the factory returned
@@ -476,7 +509,7 @@ def build_now(provider: Provider, arg: object) -> tuple[Any, Any]:
     result = provider.factory(*args)
     plain = _plain(provider, result)
     if plain is not None:
-        return plain
+        return _owned(plain, components)
     if inspect.isgenerator(result):
         return _enter_gen(provider, result)
     if (
@@ -485,10 +518,14 @@ def build_now(provider: Provider, arg: object) -> tuple[Any, Any]:
         or (provider.enter and hasattr(type(result), "__aenter__"))
     ):
         return AWAIT, result
+    if _held(result, components):
+        return result, None
     return _closer(provider, result, can_await=True)
 
 
-def build_sync(provider: Provider, arg: object) -> tuple[Any, Finalizer | None]:
+def build_sync(
+    provider: Provider, arg: object, components: Mapping[Hashable, Any]
+) -> tuple[Any, Finalizer | None]:
     """Like :func:`build_async`, for sync factories only."""
     kind = provider.kind
     if kind is _ASYNC or kind is _AGEN:
@@ -503,7 +540,7 @@ def build_sync(provider: Provider, arg: object) -> tuple[Any, Finalizer | None]:
     result = provider.factory(*args)
     plain = _plain(provider, result)
     if plain is not None:
-        return plain
+        return _owned(plain, components)
     if inspect.isawaitable(result) or inspect.isasyncgen(result):
         if inspect.iscoroutine(result):
             result.close()
@@ -514,6 +551,8 @@ def build_sync(provider: Provider, arg: object) -> tuple[Any, Finalizer | None]:
         raise ResolutionError(msg)
     if inspect.isgenerator(result):
         return _enter_gen(provider, result)
+    if _held(result, components):
+        return result, None
     return _closer(provider, result, can_await=False)
 
 

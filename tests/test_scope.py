@@ -491,6 +491,54 @@ class TestCleanup:
         await scope.aclose()
         assert order == ["c", "a", "b"]
 
+    async def test_a_factory_handing_out_another_component_does_not_clean_it(self) -> None:
+        """A factory that returns a component it resolved (an alias: an interface mapped
+        to its implementation, a request-level view of the user's memory) hands it out as
+        is: the component's own store cleans it, once, when it goes. Closed (or entered and
+        exited) by the alias too, a USER component was closed at the end of the first
+        request, handed closed to the next, and closed again at shutdown."""
+
+        class Memory:  # the user's, closed when the user's components go
+            def __init__(self) -> None:
+                self.closed = 0
+
+            def close(self) -> None:
+                self.closed += 1
+
+        class Session:  # a context manager, entered and exited by its own registration
+            def __init__(self) -> None:
+                self.entered = self.exited = 0
+
+            def __enter__(self) -> Session:
+                self.entered += 1
+                return self
+
+            def __exit__(self, *exc_info: object) -> None:
+                self.exited += 1
+
+        registry = Registry()
+        registry.register(Memory, Memory, lifetime=Lifetime.USER)
+        registry.register(Session, Session)
+        registry.register("memory", lambda: ambient.resolve_sync(Memory))
+
+        async def memory_view() -> Memory:
+            return await ambient.resolve(Memory)  # type: ignore[no-any-return]
+
+        registry.register("memory, async", memory_view)
+        registry.register("session", lambda: ambient.resolve_sync(Session))
+        async with registry.open_scope(ctx()) as scope:
+            memory = await scope.resolve("memory")
+            assert await scope.resolve("memory, async") is memory
+            session = await scope.resolve("session")
+            assert scope.resolve_sync(Session) is session
+        assert (session.entered, session.exited) == (1, 1)
+        assert memory.closed == 0  # the user's components outlive the request
+        async with registry.open_scope(ctx()) as scope:
+            assert await scope.resolve(Memory) is memory
+            assert memory.closed == 0
+        await registry.aclose()
+        assert memory.closed == 1
+
     async def test_cleanups_complete_when_the_owner_is_cancelled(self) -> None:
         """Cancelling the task while cleanups run does not cut them short."""
         done: list[str] = []
