@@ -548,10 +548,13 @@ class Registry:
                         instances.cache.pop(created[0].key, None)
                         if deps is not None:
                             deps.pop(created[0].key, None)
+                    if not kept:
+                        # Under the store's lock: a worker thread storing a component
+                        # between the two would leave it in a store nothing cleans.
+                        instances.closed = True
                 if not kept:
                     del self._users[ref]
                     self._idle -= 1
-                    instances.closed = True
                 if expired:
                     due.append((entry, expired))
             self._next_expiry = next_expiry
