@@ -505,7 +505,10 @@ class Registry:
         await self.sweep()
 
     async def sweep(self) -> None:
-        """Clean up every USER component whose ``idle_ttl`` has passed, now."""
+        """Clean up every USER component whose ``idle_ttl`` has passed, now, and those
+        waiting for the next scope of this registry that closes (users evicted for
+        ``max_users`` or taken out of use as a request opened)."""
+        await self.close_evicted()
         await self._close_all(self._take_expired())
 
     def _queue_expired(self) -> None:

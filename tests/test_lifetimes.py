@@ -145,6 +145,20 @@ class TestUserLifetime:
         assert sorted(cleaned) == ["a", "b", "c"]
         assert registry.stats().live_users == 0
 
+    async def test_sweep_also_cleans_what_waits_for_the_next_close(self, clock: FakeClock) -> None:
+        """Cleanups queued for the next scope that closes (users a request took out of use
+        as it opened, components a worker thread made for a closed scope) are run by a
+        periodic sweep() too: with no further request they waited for aclose()."""
+        cleaned: list[str] = []
+        registry = user_registry(cleaned, clock=clock)
+        await use(registry, "a")
+        clock.now += 61
+        registry._queue_expired()  # what AmbientMiddleware does as a request opens
+        assert cleaned == []
+        await registry.sweep()
+        assert cleaned == ["a"]
+        assert registry.stats().live_users == 0
+
     async def test_reference_counting_over_concurrent_scopes(self, clock: FakeClock) -> None:
         """The idle clock starts only when the last of several concurrent scopes closes."""
         cleaned: list[str] = []
