@@ -44,6 +44,7 @@ import anyio.to_thread
 
 from ambient._binding import _shown, current_scope
 from ambient._instances import hand_over as _hand_over
+from ambient._loops import loop_call_soon
 from ambient._loops import on_loop_thread as _on_loop_thread
 
 if TYPE_CHECKING:
@@ -61,20 +62,9 @@ _CallSoon = Callable[[Callable[[], object]], object]
 def _loop_call_soon() -> _CallSoon:
     """A thread-safe, non-blocking way to run a callback on the event loop of this thread
     (or, from an anyio worker thread, of the loop that started it)."""
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        pass
-    else:
-        return loop.call_soon_threadsafe
-    trio = sys.modules.get("trio")
-    if trio is not None:
-        try:
-            token = trio.lowlevel.current_trio_token()
-        except RuntimeError:
-            pass
-        else:
-            return token.run_sync_soon  # type: ignore[no-any-return]
+    here = loop_call_soon()
+    if here is not None:
+        return here
     try:
         return anyio.from_thread.run_sync(_loop_call_soon)
     except RuntimeError:
