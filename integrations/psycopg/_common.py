@@ -552,6 +552,31 @@ def _after(end: str, *, deallocate: str) -> str:
 _IN_USE = "this checkout is in use; call connection() once per `async with`"
 
 
+class _Checkout:
+    """A checkout's ``async with``, entered once at a time: from the start of an entry, not
+    from when it has a connection, a second entry while the first waits or is in use would
+    take a connection of its own into the same fields, and the first connection would never
+    come back."""
+
+    __slots__ = ("_entered",)
+
+    def __init__(self) -> None:
+        self._entered = False
+
+    async def __aenter__(self) -> AsyncConnection[Any]:
+        if self._entered:
+            raise RuntimeError(_IN_USE)
+        self._entered = True
+        try:
+            return await self._enter()
+        except BaseException:
+            self._entered = False
+            raise
+
+    async def _enter(self) -> AsyncConnection[Any]:
+        raise NotImplementedError
+
+
 def _exhausted(detail: str, retry_after: float, why: str = "") -> PoolExhaustedError:
     error = PoolExhaustedError(detail, retry_after=retry_after)
     if why:

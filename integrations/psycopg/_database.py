@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from psycopg import AsyncConnection
 
 import ambient
-from ambient.integrations.psycopg._common import _IN_USE
+from ambient.integrations.psycopg._common import _Checkout
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -24,27 +24,18 @@ class Database(Protocol):
         ...
 
 
-class _DefaultCheckout:
-    __slots__ = ("_entered", "_inner", "_timeout")
+class _DefaultCheckout(_Checkout):
+    __slots__ = ("_inner", "_timeout")
 
     def __init__(self, timeout: float | None) -> None:
+        super().__init__()
         self._timeout = timeout
         self._inner: AbstractAsyncContextManager[AsyncConnection[Any]] | None = None
-        # Each entry makes a checkout of its own: a second entry while the first is in use
-        # would take its place here, and the first connection would never come back.
-        self._entered = False
 
-    async def __aenter__(self) -> AsyncConnection[Any]:
-        if self._entered:
-            raise RuntimeError(_IN_USE)
-        self._entered = True
-        try:
-            database: Database = await ambient.resolve(Database)
-            inner = database.connection(timeout=self._timeout)
-            conn = await inner.__aenter__()
-        except BaseException:
-            self._entered = False
-            raise
+    async def _enter(self) -> AsyncConnection[Any]:
+        database: Database = await ambient.resolve(Database)
+        inner = database.connection(timeout=self._timeout)
+        conn = await inner.__aenter__()
         self._inner = inner
         return conn
 

@@ -14,7 +14,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
 import ambient
 from ambient.integrations.psycopg._arguments import _values
-from ambient.integrations.psycopg._common import _IN_USE, _exhausted, _queue_full
+from ambient.integrations.psycopg._common import _Checkout, _exhausted, _queue_full
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -65,12 +65,11 @@ class _Gate:
             self.held -= 1
 
 
-class _SharedCheckout:
+class _SharedCheckout(_Checkout):
     __slots__ = (
         "_cancel",
         "_conn",
         "_cur",
-        "_entered",
         "_gate",
         "_owner",
         "_pool",
@@ -80,25 +79,12 @@ class _SharedCheckout:
     )
 
     def __init__(self, owner: SharedPool, timeout: float) -> None:
+        super().__init__()
         self._owner = owner
         self._timeout = timeout
         self._conn: AsyncConnection[Any] | None = None
         self._cur: AsyncClientCursor[Any] | None = None
         self._server: ServerSide | None = None
-        # From the start of an entry, not from when it has a connection: a second entry
-        # while the first waits would take a connection of its own in the same fields, and
-        # the first connection would never come back.
-        self._entered = False
-
-    async def __aenter__(self) -> AsyncConnection[Any]:
-        if self._entered:
-            raise RuntimeError(_IN_USE)
-        self._entered = True
-        try:
-            return await self._enter()
-        except BaseException:
-            self._entered = False
-            raise
 
     async def _enter(self) -> AsyncConnection[Any]:
         ctx = ambient.get_current_context()

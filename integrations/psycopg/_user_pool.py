@@ -18,7 +18,7 @@ from ambient import UserRef
 from ambient.errors import PoolExhaustedError
 from ambient.integrations.psycopg._arguments import _values
 from ambient.integrations.psycopg._common import (
-    _IN_USE,
+    _Checkout,
     _close_unopened,
     _exhausted,
     _not_opened,
@@ -348,11 +348,10 @@ async def _getconn(
     return await pool.getconn(timeout=max(deadline - time.monotonic(), 0.0))
 
 
-class _UserCheckout:
+class _UserCheckout(_Checkout):
     __slots__ = (
         "_cancel",
         "_conn",
-        "_entered",
         "_owner",
         "_pool",
         "_server",
@@ -362,6 +361,7 @@ class _UserCheckout:
     )
 
     def __init__(self, owner: PerUserPools, timeout: float) -> None:
+        super().__init__()
         self._owner = owner
         self._timeout = timeout
         self._conn: AsyncConnection[Any] | None = None
@@ -369,18 +369,6 @@ class _UserCheckout:
         # its server side.
         self._settings: list[str] | None = None
         self._server: ServerSide | None = None
-        # From the start of an entry (see _SharedCheckout).
-        self._entered = False
-
-    async def __aenter__(self) -> AsyncConnection[Any]:
-        if self._entered:
-            raise RuntimeError(_IN_USE)
-        self._entered = True
-        try:
-            return await self._enter()
-        except BaseException:
-            self._entered = False
-            raise
 
     async def _enter(self) -> AsyncConnection[Any]:
         self._settings = None
