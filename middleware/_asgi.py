@@ -827,8 +827,9 @@ class _Socket(_Response):
 class _Stream(_Response):
     """The ``send`` of an HTTP request whose identity expires: a body message after the
     first one, sent once the identity has expired, ends the response instead of going out
-    (a server-sent event stream must not go on serving an expired credential), and the app
-    gets an error from that ``send`` and from every later one.
+    (a server-sent event stream must not go on serving an expired credential), with the
+    trailers its start announced, and the app gets an error from that ``send`` and from
+    every later one.
 
     The first body message always goes out: a request admitted while its credential was
     valid gets its answer. A response that declared its ``content-length`` cannot be ended
@@ -845,10 +846,11 @@ class _Stream(_Response):
         self.cut = False
 
     def __call__(self, message: MutableMapping[str, Any]) -> Awaitable[None]:
+        if self.cut:
+            # Its trailers too: the response already ended with the (empty) ones it announced.
+            raise _CutOffAtExpiryError(http=True)
         kind = message["type"]
         if kind == "http.response.body":
-            if self.cut:
-                raise _CutOffAtExpiryError(http=True)
             if self._streaming and not self.ended and _expired(self._expires_at):
                 self.cut = True
                 return self._cut_off()
@@ -868,10 +870,11 @@ class _Stream(_Response):
         if not self._sized and not self.gone:
             await self._send({"type": "http.response.body", "body": b"", "more_body": False})
             if self.trailers:
-                # Announced: the client waits for them before it takes the response as ended.
-                await self._send(
-                    {"type": "http.response.trailers", "headers": [], "more_trailers": False}
-                )
+                # Announced in its start: without them the server never ends the response
+                # (hypercorn leaves the HTTP/2 stream open). Not empty: h2 fails to send an
+                # empty block, and hypercorn then leaves the stream open too.
+                end = {"type": "http.response.trailers", "headers": self._echo}
+                await self._send({**end, "more_trailers": False})
         raise _CutOffAtExpiryError(http=True)
 
     def failure(self) -> AmbientError | None:

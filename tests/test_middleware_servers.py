@@ -44,7 +44,7 @@ from ambient._binding import _current, _live
 from ambient.errors import IncompleteResponseError
 from ambient.integrations.starlette import install
 from ambient.middleware import AmbientMiddleware, scope_user, trusted_header
-from ambient.middleware.identity import jwt_bearer
+from ambient.middleware.identity import Identity, jwt_bearer
 from tests.apps import BUILT, Ledger, Memory, Probe, build, build_app, build_registry, close_built
 from tests.h2client import H2Client
 from tests.servers import granian_available, serve, serve_unix
@@ -1197,6 +1197,61 @@ async def test_an_event_stream_ends_when_its_token_expires(server: str) -> None:
     assert len(ended_by) == 1
     assert isinstance(ended_by[0], IncompleteResponseError)
     assert "identity expired" in str(ended_by[0])
+
+
+@pytest.mark.parametrize("server", ["hypercorn", "hypercorn-trio"])
+async def test_an_http2_stream_with_trailers_ends_when_its_token_expires(server: str) -> None:
+    """A gRPC-style HTTP/2 stream (its start announces trailers, its client asks for them
+    with ``te: trailers``) whose identity has expired ends at its second message with the
+    trailers it announced, and its client sees the stream end. It was ended with a last
+    body message only: hypercorn waited for the trailers and left the stream open, its
+    client waiting for ever."""
+    ended_by: list[Exception | None] = []
+    cleaned = threading.Event()
+    registry = ambient.Registry()
+
+    def session(ctx: ambient.UserExecutionContext) -> Iterator[str]:
+        try:
+            yield ctx.user_id
+        except Exception as error:
+            ended_by.append(error)
+            raise
+        else:
+            ended_by.append(None)
+        finally:
+            cleaned.set()
+
+    registry.register("session", session)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        user = (await ambient.resolve("session")).encode()
+        await send({"type": "http.response.start", "status": 200, "trailers": True})
+        for _ in range(3):
+            await send({"type": "http.response.body", "body": user, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        await send({"type": "http.response.trailers", "headers": [(b"grpc-status", b"0")]})
+
+    def expired(scope: Any) -> Identity:
+        return Identity("ann", expires_at=time.time() - 1)
+
+    def exercise(url: str) -> Any:
+        with H2Client(url) as client:
+            stream_id = client.get("/", {"te": "trailers"})
+            stream = client.streams[stream_id]
+            client.read_until(lambda: stream.ended or stream.reset_by_server, "the stream's end")
+            return stream
+
+    with serve(server, AmbientMiddleware(app, registry=registry, identity=expired)) as url:
+        stream = await anyio.to_thread.run_sync(exercise, url)
+        assert await anyio.to_thread.run_sync(cleaned.wait, 10)
+    assert (stream.status, stream.body, stream.ended, stream.reset_by_server) == (
+        200,
+        b"ann",
+        True,
+        False,
+    )
+    assert len(ended_by) == 1
+    assert isinstance(ended_by[0], IncompleteResponseError)
 
 
 async def test_a_client_hanging_up_just_after_expiry_gets_no_close_and_the_server_no_error(
