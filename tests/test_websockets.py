@@ -53,6 +53,7 @@ from ambient.integrations.websockets import (
     encode_envelope,
     message_scope,
 )
+from ambient.integrations.websockets._envelope import REVOKE
 from ambient.middleware import AmbientMiddleware, trusted_header
 from tests.apps import Ledger
 from tests.conftest import REDIS_URL, service_unavailable
@@ -2486,6 +2487,44 @@ async def test_a_revocation_while_the_subscription_was_down_reaches_a_handshake_
     finally:
         admin.close()
         own.kill()
+
+
+async def test_a_revocation_heard_before_the_recent_ones_are_read_hides_none_of_them(
+    redis_url: str,
+) -> None:
+    """A subscription (re)starting hears a revocation on the revocations channel before it
+    has read the recent ones: Redis confirmed that channel, but not yet a user's channel
+    subscribed by a later SUBSCRIBE (a socket joining meanwhile). The read then started
+    after that revocation's id in the stream, and the revocations kept before it, which
+    this process had missed (ann's), were never delivered: a handshake of ann's in flight
+    got in. Each revocation is delivered once, in order."""
+    prefix = unique_prefix()
+    backend = RedisBroadcast(redis_url, channel_prefix=prefix)
+    other = RedisBroadcast(redis_url, channel_prefix=prefix)
+    delivered: list[Envelope] = []
+    backend.attach(delivered.append)
+    admin = redis.Redis.from_url(redis_url)
+    try:
+        with anyio.fail_after(DEADLINE):
+            # Made while this process heard nothing (its subscription not up yet).
+            ann, bob = (Envelope(UserRef(user), REVOKE, None, "banned") for user in ("ann", "bob"))
+            await other.publish(ann)
+            await other.publish(bob)
+            entries = admin.xrange(f"{prefix}revocations")
+            assert len(entries) == 2
+            bob_id, bob_fields = entries[1]
+            # Bob's message, as the reader reads it between the confirmations, then the
+            # read of the recent revocations that follows once every channel is confirmed.
+            backend._handle([b"message", backend._revoked, bob_id + b" " + bob_fields[b"envelope"]])
+            await backend._recent_revocations()
+        assert [(envelope.user, envelope.mode) for envelope in delivered] == [
+            (UserRef("ann"), REVOKE),
+            (UserRef("bob"), REVOKE),
+        ]
+    finally:
+        admin.close()
+        await other.aclose()
+        await backend.aclose()
 
 
 CHURN_USERS, CHURN_ROUNDS = 30, 4

@@ -655,6 +655,11 @@ class RedisBroadcast:
         kind = message[0]
         channel: bytes = message[1] if len(message) > 1 else b""
         if kind == b"message" and channel == self._revoked:
+            if not self._caught_up:
+                # Kept in the stream of recent revocations before it was published, so the
+                # read of that stream still to come delivers it. Heard first, its id would
+                # start that read after the revocations this process missed before it.
+                return
             entry_id, _, raw = message[2].partition(b" ")
             self._revocation_heard(entry_id, raw)
         elif kind == b"message":
