@@ -159,12 +159,13 @@ class AmbientMiddleware:
             when the request ends (they could never be used again).
         anonymous_paths: Paths served as with ``anonymous=True`` while the rest require an
             identity: a health check, a login endpoint, FastAPI's ``/docs`` and
-            ``/openapi.json``. Each is a path the request's ``scope["path"]`` must equal,
-            or, ending with ``/``, a prefix of it (``"/static/"``; ``"/"`` is the root
-            alone); a path with a ``.`` or ``..`` segment or an empty one (``//``) matches
-            no prefix (a proxy or framework may resolve it to another route). A credential
-            sent there is still checked: a valid one serves its user, a bad one is refused
-            as anywhere else.
+            ``/openapi.json``. Each is a path the app routes (``scope["path"]`` less the
+            ``root_path`` it starts with, a server's ``--root-path`` or a mount's prefix,
+            as Starlette's routers take it) must equal, or, ending with ``/``, a prefix of
+            it (``"/static/"``; ``"/"`` is the root alone); a request path with a ``.`` or
+            ``..`` segment or an empty one (``//``) matches no prefix (a proxy or framework
+            may resolve it to another route). A credential sent there is still checked: a
+            valid one serves its user, a bad one is refused as anywhere else.
         request_id_header: Header carrying the request id; a valid one (visible ASCII, at
             most 128 characters) is used, anything else replaced by a generated id. The id
             is echoed on the response.
@@ -521,8 +522,8 @@ class AmbientMiddleware:
         )
 
     def _anonymous_path(self, scope: MutableMapping[str, Any]) -> bool:
-        path = scope.get("path")
-        if not isinstance(path, str):
+        path = _route_path(scope)
+        if path is None:
             return False
         if path in self._anonymous_paths:
             return True
@@ -1078,6 +1079,21 @@ def _continued(
     if websocket:
         ctx = dataclasses.replace(ctx, connection_id=new_id())
     return ctx
+
+
+def _route_path(scope: MutableMapping[str, Any]) -> str | None:
+    """The path the app routes: ``scope["path"]`` less the ``root_path`` it starts with (a
+    server's ``--root-path``, a mount's prefix), as Starlette's routers take it."""
+    path = scope.get("path")
+    if not isinstance(path, str):
+        return None
+    root_path = scope.get("root_path")
+    if not root_path or not isinstance(root_path, str) or not path.startswith(root_path):
+        return path
+    rest = path[len(root_path) :]
+    if not rest:
+        return ""
+    return rest if rest[0] == "/" else path
 
 
 def _plain(path: str) -> bool:

@@ -451,6 +451,41 @@ class TestAnonymousPaths:
                 sent = await drive(app, scope, [{"type": "http.request", "body": b""}])
                 assert sent[0]["status"] == 401, path
 
+    async def test_they_are_the_paths_the_app_routes_under_its_root_path(self) -> None:
+        """Behind a proxy with a root path (``uvicorn --root-path /api``) a request's
+        ``scope["path"]`` starts with the root path, and the app routes what follows it
+        (Starlette's and FastAPI's routers): the app's ``/healthz`` was refused 401 there.
+        Matched as the app routes them; the rest is still refused."""
+        app = self.echo(anonymous_paths=["/healthz", "/static/"])
+        # A server that does not prepend the root path to the path is routed the same.
+        served = ["/api/healthz", "/api/static/app.js", "/healthz"]
+        refused = [
+            "/api",
+            "/api/",
+            "/api/private",
+            "/apihealthz",
+            "/api/api/healthz",
+            "/api/static/../private",
+        ]
+        for path in served + refused:
+            scope = http_scope([], path=path, raw_path=path.encode(), root_path="/api")
+            sent = await drive(app, scope, [{"type": "http.request", "body": b""}])
+            assert sent[0]["status"] == (200 if path in served else 401), path
+
+    async def test_they_are_the_paths_of_a_mounted_app(self) -> None:
+        """A sub-app mounted at ``/api`` with its own middleware sees the whole path, the
+        mount's prefix in its root path, and routes what follows it."""
+        from starlette.applications import Starlette
+        from starlette.routing import Mount
+
+        outer = Starlette(routes=[Mount("/api", app=self.echo(anonymous_paths=["/healthz"]))])
+        async with client(outer) as http:
+            response = await http.get("/api/healthz")
+            assert response.status_code == 200
+            assert response.json()["anonymous"] is True
+            assert_problem(await http.get("/api/private"), 401)
+            assert_problem(await http.get("/api/api/healthz"), 401)
+
     async def test_a_credential_sent_there_is_still_checked(self) -> None:
         app = self.echo(anonymous_paths=["/healthz"])
         async with client(app) as http:
