@@ -183,7 +183,10 @@ def _unrelated_scopes_removed(context: Context, scope: Scope) -> Context:
     outlives it), and the span starts from what was current before that scope instead, so
     it never becomes another request's child. A span still going on is the current work's
     own (a task's, an outer middleware's server span), as is a remote parent it took from
-    a message: the scope's span goes under it. A sampled-out span never tells whether it
+    a message, when that work descends from the scope whose context it was made from (or
+    was made from no scope's): the scope's span goes under it. One made from an unrelated
+    scope's context is that scope's work, still going on (the previous pipelined request's
+    handler span), even though it is current here. A sampled-out span never tells whether it
     has ended: it is the current work's own when that work descends from the scope's
     (a task a request started), not when unrelated work inherited it.
     """
@@ -195,7 +198,13 @@ def _unrelated_scopes_removed(context: Context, scope: Scope) -> Context:
         if record.attached() is not context:
             span = trace.get_current_span(context)
             span_context = span.get_span_context()
-            if span.is_recording() or span_context.is_remote:
+            # Even going on, a span made from another scope's context belongs to work that
+            # scope's work started; a pipelined request inherits the previous one's while
+            # that request still runs (its handler's span, around a response whose
+            # streaming task group it is still leaving).
+            if (span.is_recording() or span_context.is_remote) and (
+                outer is None or _descends(outer, scope)
+            ):
                 return context
             if (
                 span_context.is_valid

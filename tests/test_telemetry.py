@@ -1973,6 +1973,40 @@ class TestPipelining:
             s.context.span_id for s in scopes
         )
 
+    async def test_a_request_started_inside_a_span_still_going_on_gets_a_trace_of_its_own(
+        self, otel: Otel
+    ) -> None:
+        """The app wraps each request in a span of its own (a handler span, an instrumentation
+        inside the middleware) that is still going on after the response was sent when
+        uvicorn starts the next pipelined request inside its context (here the first
+        request waits for the next one's scope to open; a streaming response's task group
+        does the same). That span is the previous request's work, not the next one's: the
+        next user's scope span still starts a trace of its own. It used to be a child of
+        the previous user's span, every user on the connection in one trace."""
+        tracer = otel.tracer_provider.get_tracer("app")
+        opened: list[anyio.Event] = []
+
+        async def handler(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            if not opened:
+                opened.append(anyio.Event())  # on the server's event loop
+            first = ambient.get_current_context().user_id == "u0"
+            with tracer.start_as_current_span("handler"):
+                await who(scope, receive, send)
+                if first:
+                    with anyio.fail_after(10):  # the next request is already started
+                        await opened[0].wait()
+                else:
+                    opened[0].set()
+
+        app = make_app(server_registry(), otel.telemetry(user_id="raw"), handler)
+        with serve("uvicorn", app, lifespan="off", http="h11", loop="asyncio") as url:
+            bodies = await anyio.to_thread.run_sync(pipelined, url, ["u0", "u1"])
+        assert [json.loads(b)["user"] for b in bodies] == ["u0", "u1"]
+        scopes = otel.spans.named("ambient.scope")
+        assert sorted((s.attributes or {})["ambient.user_id"] for s in scopes) == ["u0", "u1"]
+        assert [s.parent for s in scopes] == [None, None]
+        assert len({s.context.trace_id for s in scopes}) == 2
+
     async def test_behind_otel_asgi_with_reset_contextvars(self, otel: Otel) -> None:
         """Behind opentelemetry-instrumentation-asgi, with uvicorn's reset_contextvars (the
         server span itself would otherwise inherit the previous request's context): each
