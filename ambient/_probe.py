@@ -88,7 +88,7 @@ def _immutable(instance: object) -> bool:
 class _Record:
     """What the probe knows about one component instance."""
 
-    __slots__ = ("cleaned", "lifetime", "name", "ref", "scope", "strong", "users")
+    __slots__ = ("aliases", "cleaned", "lifetime", "name", "ref", "scope", "strong", "users")
 
     users: set[UserRef | None]
 
@@ -98,6 +98,10 @@ class _Record:
         self.lifetime = event.lifetime
         self.users = {_owner(event)}
         self.cleaned = 0
+        # Handed out again, alive, to its own user (a factory returning a component it
+        # resolved: an alias, which its own registration cleans): the ends of those
+        # hand-outs, with nothing cleaned, are no cleanup of it.
+        self.aliases = 0
         try:
             self.ref: weakref.ref[Any] | None = weakref.ref(event.instance)
             self.strong: Any = None
@@ -236,6 +240,7 @@ class IsolationProbe(Observer):
             record = self._records.get(key)
             if record is not None and record.alive():
                 user = _owner(event)
+                record.aliases += 1
                 if user not in record.users:
                     record.users.add(user)
                     self._shared.append(
@@ -257,6 +262,9 @@ class IsolationProbe(Observer):
                 return  # made while nothing new was recorded: not counted either
             self._cleaned += 1
             if record is None:
+                return
+            if not event.cleanup_ran and record.aliases:
+                record.aliases -= 1
                 return
             record.cleaned += 1
             if record.cleaned == 2:

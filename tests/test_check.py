@@ -496,6 +496,49 @@ async def test_equal_plain_values_are_not_taken_for_a_shared_instance() -> None:
     await registry.aclose()
 
 
+async def test_a_factory_handing_out_another_component_is_not_a_second_cleanup() -> None:
+    """A factory returning a component it resolved (an alias: an interface mapped to its
+    implementation, a request's view of the user's memory) hands it out uncleaned, and
+    its own registration cleans it once: the probe took the alias's end for a second
+    cleanup and reported the component "cleaned more than once". One a factory really
+    closes twice (a global handed out by every request) is still reported."""
+
+    class Memory:
+        def close(self) -> None:
+            pass
+
+    class Session:
+        def close(self) -> None:
+            pass
+
+    class Closed:
+        def close(self) -> None:
+            pass
+
+    closed_twice = Closed()
+    registry = Registry()
+    registry.register(Memory, Memory, lifetime=Lifetime.USER)
+    registry.register("memory", lambda: ambient.resolve_sync(Memory))
+    registry.register(Session, Session)
+    registry.register("session", lambda: ambient.resolve_sync(Session))
+    registry.register(Closed, lambda: closed_twice)
+    with IsolationProbe(expect_closed=True) as probe:
+        for _ in range(2):
+            async with registry.open_scope(UserExecutionContext.create("alice")) as scope:
+                assert await scope.resolve("memory") is await scope.resolve(Memory)
+                assert await scope.resolve("session") is await scope.resolve(Session)
+        del scope  # the probe looks for closed scopes kept alive
+        await registry.aclose()
+    assert probe.report().ok, probe.report().violations
+    with IsolationProbe() as probe:
+        for _ in range(2):
+            async with registry.open_scope(UserExecutionContext.create("alice")) as scope:
+                await scope.resolve(Closed)
+        del scope
+    assert [v for v in probe.report().cleanup if v.endswith("Closed: cleaned more than once")]
+    await registry.aclose()
+
+
 class Plan(enum.Enum):
     FREE = "free"
     PRO = "pro"
