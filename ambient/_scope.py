@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 import anyio
+import anyio.from_thread
 
 from ambient import _observe
 from ambient._binding import _Binding, _current, bind, unbind
@@ -407,8 +408,17 @@ class Scope:
         if self._closed:
             msg = "cannot hold a scope that has already closed"
             raise ScopeClosedError(msg)
+        call_soon = loop_call_soon()
+        if call_soon is None:
+            # A worker thread (a sync endpoint's): the hold count and the event a closing
+            # scope waits on belong to the loop's thread, and a hold taken here would know
+            # no loop to release itself on. Taken there instead, when the loop is anyio's.
+            try:
+                return anyio.from_thread.run_sync(self.hold)
+            except RuntimeError:
+                pass  # a thread no anyio loop started: none to hand the hold to
         self._holds += 1
-        return _Hold(self)
+        return _Hold(self, call_soon)
 
     def _release(self) -> None:
         self._holds -= 1
@@ -635,12 +645,14 @@ class _Hold:
 
     __slots__ = ("_call_soon", "_scope", "_thread")
 
-    def __init__(self, scope: Scope) -> None:
+    def __init__(
+        self, scope: Scope, call_soon: Callable[[Callable[[], object]], object] | None
+    ) -> None:
         self._scope: Scope | None = scope
         # The hold count and the event a closing scope waits on belong to the loop's
         # thread: a release from another thread is handed to the loop.
         self._thread = threading.get_ident()
-        self._call_soon = loop_call_soon()
+        self._call_soon = call_soon
 
     def release(self) -> None:
         """Let the scope close (once every hold is released)."""

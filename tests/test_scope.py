@@ -1078,6 +1078,47 @@ class TestHold:
         assert registry.stats().open_scopes == 0
         await registry.aclose()
 
+    async def test_a_hold_taken_in_a_worker_thread_is_released_on_the_scope_s_loop(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A hold taken where a sync endpoint runs (a worker thread of the loop,
+        ``anyio.to_thread.run_sync``) and released in the thread its work went to wakes
+        the closing scope on its event loop, as one taken on the loop does: it knew no loop,
+        so its release failed there (trio: "must be called from async context") and the
+        close waited out cleanup_timeout."""
+        registry = Registry(cleanup_timeout=5)
+        cleaned: list[str] = []
+
+        def make() -> Iterator[str]:
+            yield "component"
+            cleaned.append("component")
+
+        scope, first = await _held_scope(registry, make)
+        hold = await anyio.to_thread.run_sync(scope.hold)
+        first.release()
+        errors: list[BaseException] = []
+
+        def job() -> None:
+            try:
+                hold.release()
+            except BaseException as exc:  # asserted below
+                errors.append(exc)
+
+        thread = threading.Thread(target=job)
+        with caplog.at_level(logging.WARNING, logger="ambient"):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(scope.aclose)
+                await anyio.wait_all_tasks_blocked()
+                assert cleaned == []  # the hold taken in the thread keeps the scope open
+                thread.start()
+        thread.join()
+        assert errors == []
+        # A lost release shows as the close giving up on the hold after cleanup_timeout.
+        assert not [r for r in caplog.records if "still active" in r.getMessage()]
+        assert cleaned == ["component"]
+        assert registry.stats().open_scopes == 0
+        await registry.aclose()
+
     async def test_scope_messages_name_the_run_never_the_user(
         self, caplog: pytest.LogCaptureFixture
     ) -> None:
