@@ -241,6 +241,10 @@ class IsolationProbe(Observer):
             if record is not None and record.alive():
                 user = _owner(event)
                 record.aliases += 1
+                if record.lifetime is Lifetime.APP:
+                    # The application's component, handed out by a user's alias of it:
+                    # it belongs to every user alike.
+                    return
                 if user not in record.users:
                     record.users.add(user)
                     self._shared.append(

@@ -539,6 +539,41 @@ async def test_a_factory_handing_out_another_component_is_not_a_second_cleanup()
     await registry.aclose()
 
 
+async def test_an_application_component_handed_out_by_an_alias_is_not_shared() -> None:
+    """The application's component (an HTTP client) handed out to each user by a REQUEST
+    or USER alias of it (``lambda: ambient.resolve_sync(Client)``) belongs to no user: the
+    probe reported it handed to "(application), alice, bob", as a global cached in a
+    factory. A REQUEST component handed to two users still is."""
+
+    class Client:
+        def close(self) -> None:
+            pass
+
+    shared_list: list[str] = []
+    registry = Registry()
+    registry.register(Client, Client, lifetime=Lifetime.APP)
+    registry.register("client", lambda: ambient.resolve_sync(Client))
+    registry.register("user client", lambda: ambient.resolve_sync(Client), lifetime=Lifetime.USER)
+    registry.register("notes", lambda: shared_list)
+    with IsolationProbe(expect_closed=True) as probe:
+        for user in ("alice", "bob"):
+            async with registry.open_scope(UserExecutionContext.create(user)) as scope:
+                assert await scope.resolve("client") is await scope.resolve(Client)
+                assert await scope.resolve("user client") is await scope.resolve(Client)
+        del scope  # the probe looks for closed scopes kept alive
+        await registry.aclose()
+    assert probe.report().ok, probe.report().violations
+    with IsolationProbe() as probe:
+        for user in ("alice", "bob"):
+            async with registry.open_scope(UserExecutionContext.create(user)) as scope:
+                await scope.resolve("notes")
+        del scope
+    assert any(
+        "'notes': one instance was handed to users alice, bob" in v for v in probe.report().shared
+    )
+    await registry.aclose()
+
+
 class Plan(enum.Enum):
     FREE = "free"
     PRO = "pro"
