@@ -405,7 +405,12 @@ class Instances:
         return self.async_cleanups > 0
 
     def close(self) -> list[Created]:
-        """Refuse further creations; hand back what was created, oldest first."""
+        """Refuse further creations and hand-outs; hand back what was created, oldest
+        first.
+
+        The cache is kept (and refused by :meth:`_claim`): a factory still running checks
+        its result against it, and must find there a component it resolved, which its own
+        registration cleans (see ``build_async``)."""
         # acquire()/release() rather than `with`: a `with` on a lock costs about twice as
         # much, and these run for every component of every request.
         lock = self.lock
@@ -414,7 +419,6 @@ class Instances:
             self.closed = True
             created, self.created = self.created, []
             self.async_cleanups = 0
-            self.cache.clear()
         finally:
             lock.release()
         return created
@@ -568,11 +572,11 @@ class Instances:
         lock = self.lock
         lock.acquire()
         try:
+            if self.closed:
+                raise self._closed_error(provider)
             instance = self.cache.get(key, _MISSING)
             if instance is not _MISSING:
                 return instance, None
-            if self.closed:
-                raise self._closed_error(provider)
             pending = self.pending.get(key)
             if pending is None:
                 self.pending[key] = marker

@@ -268,6 +268,9 @@ class Scope:
         if own.needs_await():
             return None
         failures: list[Exception] = []
+        # Nothing more from the cache (its store keeps it, refused, for factories still
+        # running): cleanups may resolve, and must not be handed what they clean.
+        self._cache = {}
         try:
             created = own.close()
             if created:

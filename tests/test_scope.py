@@ -539,6 +539,52 @@ class TestCleanup:
         await registry.aclose()
         assert memory.closed == 1
 
+    async def test_an_alias_made_as_its_scope_closes_leaves_the_component_open(self) -> None:
+        """An alias still being made when its scope closes (work that outlived the request
+        resolves it; the factory awaits something after resolving the user's component)
+        is refused, and its component is not cleaned by it: the close had emptied what
+        the alias was checked against, so the refused alias closed the user's component,
+        which the user's next request was then handed, closed."""
+
+        class Memory:
+            def __init__(self) -> None:
+                self.closed = 0
+
+            def close(self) -> None:
+                self.closed += 1
+
+        registry = Registry()
+        registry.register(Memory, Memory, lifetime=Lifetime.USER)
+        resolved = anyio.Event()
+        go_on = anyio.Event()
+
+        async def memory_view() -> Memory:
+            memory: Memory = await ambient.resolve(Memory)
+            resolved.set()
+            await go_on.wait()
+            return memory
+
+        registry.register("memory view", memory_view)
+        errors: list[Exception] = []
+        async with anyio.create_task_group() as tg:
+            async with registry.open_scope(ctx()) as scope:
+
+                async def outliving_work() -> None:
+                    try:
+                        await scope.resolve("memory view")
+                    except ScopeClosedError as exc:
+                        errors.append(exc)
+
+                tg.start_soon(outliving_work)
+                await resolved.wait()
+            go_on.set()
+        assert len(errors) == 1  # the scope had closed: the alias was refused
+        async with registry.open_scope(ctx()) as scope:
+            memory = await scope.resolve(Memory)
+            assert memory.closed == 0
+        await registry.aclose()
+        assert memory.closed == 1
+
     async def test_cleanups_complete_when_the_owner_is_cancelled(self) -> None:
         """Cancelling the task while cleanups run does not cut them short."""
         done: list[str] = []
