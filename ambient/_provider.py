@@ -51,6 +51,9 @@ class Provider:
     takes_arg: bool
     enter: bool
     idle_ttl: float
+    # A class whose call always makes a new object: what it returns is never a component
+    # the scope holds already (see _held), so that is not looked for.
+    fresh: bool = False
 
 
 def key_name(key: Hashable) -> str:
@@ -154,7 +157,18 @@ def make_provider(
         takes_arg=takes_arg,
         enter=enter,
         idle_ttl=idle_ttl,
+        fresh=_makes_new(factory),
     )
+
+
+def _makes_new(factory: Callable[..., Any]) -> bool:
+    """Whether ``factory`` is a class whose call always makes a new object (no ``__new__``
+    or metaclass ``__call__`` of its own that could hand out an existing one)."""
+    if not isinstance(factory, type):
+        return False
+    new: object = factory.__new__
+    call: object = type(factory).__call__
+    return new is object.__new__ and call is type.__call__
 
 
 # Return annotations whose first argument is the component (see key_from_annotation).
@@ -434,11 +448,11 @@ def _held(result: Any, components: Mapping[Hashable, Any]) -> bool:
 
 
 def _owned(
-    plain: tuple[Any, Finalizer | None], components: Mapping[Hashable, Any]
+    provider: Provider, plain: tuple[Any, Finalizer | None], components: Mapping[Hashable, Any]
 ) -> tuple[Any, Finalizer | None]:
     """``plain`` (a plain result and its cleanup), without the cleanup when the result is
     a component the scope holds already (see :func:`_held`)."""
-    if plain[1] is not None and _held(plain[0], components):
+    if plain[1] is not None and not provider.fresh and _held(plain[0], components):
         return plain[0], None
     return plain
 
@@ -460,7 +474,7 @@ async def build_async(
     if kind is _SYNC:
         plain = _plain(provider, result)
         if plain is not None:
-            return _owned(plain, components)
+            return _owned(provider, plain, components)
     return await finish_async(provider, result, components)
 
 
@@ -472,12 +486,12 @@ async def finish_async(
         result = await result
     plain = _plain(provider, result)
     if plain is not None:
-        return _owned(plain, components)
+        return _owned(provider, plain, components)
     if inspect.isasyncgen(result):  # e.g. `lambda: make(x)` around an async generator
         return await _enter_agen(provider, result)
     if inspect.isgenerator(result):
         return _enter_gen(provider, result)
-    if _held(result, components):
+    if not provider.fresh and _held(result, components):
         return result, None
     instance, finalizer = _closer(provider, result, can_await=True)
     if finalizer is not None and finalizer.how == "async context manager":
@@ -509,7 +523,7 @@ def build_now(
     result = provider.factory(*args)
     plain = _plain(provider, result)
     if plain is not None:
-        return _owned(plain, components)
+        return _owned(provider, plain, components)
     if inspect.isgenerator(result):
         return _enter_gen(provider, result)
     if (
@@ -518,7 +532,7 @@ def build_now(
         or (provider.enter and hasattr(type(result), "__aenter__"))
     ):
         return AWAIT, result
-    if _held(result, components):
+    if not provider.fresh and _held(result, components):
         return result, None
     return _closer(provider, result, can_await=True)
 
@@ -540,7 +554,7 @@ def build_sync(
     result = provider.factory(*args)
     plain = _plain(provider, result)
     if plain is not None:
-        return _owned(plain, components)
+        return _owned(provider, plain, components)
     if inspect.isawaitable(result) or inspect.isasyncgen(result):
         if inspect.iscoroutine(result):
             result.close()
@@ -551,7 +565,7 @@ def build_sync(
         raise ResolutionError(msg)
     if inspect.isgenerator(result):
         return _enter_gen(provider, result)
-    if _held(result, components):
+    if not provider.fresh and _held(result, components):
         return result, None
     return _closer(provider, result, can_await=False)
 

@@ -526,9 +526,16 @@ class TestCleanup:
 
         registry.register("memory, async", memory_view)
         registry.register("session", lambda: ambient.resolve_sync(Session))
+
+        class MemoryHandle:  # a class whose construction hands out the user's memory
+            def __new__(cls) -> Any:
+                return ambient.resolve_sync(Memory)
+
+        registry.register(MemoryHandle, MemoryHandle)
         async with registry.open_scope(ctx()) as scope:
             memory = await scope.resolve("memory")
             assert await scope.resolve("memory, async") is memory
+            assert await scope.resolve(MemoryHandle) is memory
             session = await scope.resolve("session")
             assert scope.resolve_sync(Session) is session
         assert (session.entered, session.exited) == (1, 1)
