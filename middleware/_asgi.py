@@ -852,7 +852,13 @@ class _Stream(_Response):
             raise _CutOffAtExpiryError(http=True)
         kind = message["type"]
         if kind == "http.response.body":
-            if self._streaming and not self.ended and _expired(self._expires_at):
+            if (
+                self._streaming
+                and not self.ended
+                # An empty last message only ends what went out in time: it goes out.
+                and (message.get("body") or message.get("more_body", False))
+                and _expired(self._expires_at)
+            ):
                 self.cut = True
                 return self._cut_off()
             self._streaming = True

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import time
+import types
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
 from typing import Any
@@ -1685,6 +1686,43 @@ class TestStreamedResponseIdentityExpiry:
             ]
             assert raised == []
             assert seen == [None]
+
+    @pytest.mark.parametrize("last", ["empty end", "last chunk"])
+    async def test_a_stream_whose_end_alone_comes_after_expiry_ends_cleanly(
+        self, last: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """All of the body went out in time; only its empty last message comes after the
+        expiry: that message goes out, and the request's cleanups see a clean end (a
+        transaction around their yield commits). A last message with bytes is cut."""
+        from ambient.middleware import _asgi
+
+        seen: list[BaseException | None] = []
+        expires_at = time.time() + 3600
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await ambient.resolve("tx")
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"all", "more_body": True})
+            # The identity expires now, as the middleware's clock reads it.
+            monkeypatch.setattr(_asgi, "time", types.SimpleNamespace(time=lambda: expires_at))
+            with contextlib.suppress(IncompleteResponseError):
+                await send(
+                    {"type": "http.response.body", "body": b"" if last == "empty end" else b"more"}
+                )
+
+        middleware = AmbientMiddleware(
+            app, registry=_tx_registry(seen), identity=self.ann(expires_at)
+        )
+        sent = await drive(middleware, http_scope([]), [{"type": "http.request"}])
+        assert [(m.get("body"), m.get("more_body", False)) for m in sent[1:]] == [
+            (b"all", True),
+            (b"", False),
+        ]
+        if last == "empty end":
+            assert seen == [None]
+        else:
+            assert len(seen) == 1
+            assert isinstance(seen[0], IncompleteResponseError)
 
     async def test_a_sized_response_is_not_ended_early_but_stopped(self) -> None:
         """With a ``content-length`` the response cannot end early: nothing more is sent and
