@@ -9,8 +9,9 @@ project that installs ``ambient-context``:
   the test, which fails the test when a component instance was seen by two users, was not
   cleaned exactly once, or outlived its scope.
 
-Example::
+Example (an async test needs a runner: anyio's ``@pytest.mark.anyio`` or pytest-asyncio)::
 
+    @pytest.mark.anyio
     async def test_each_user_gets_their_own_dispatcher(isolation_probe, make_context):
         for user in ("alice", "bob"):
             async with registry.open_scope(make_context(user)):
