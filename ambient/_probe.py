@@ -88,7 +88,17 @@ def _immutable(instance: object) -> bool:
 class _Record:
     """What the probe knows about one component instance."""
 
-    __slots__ = ("aliases", "cleaned", "lifetime", "name", "ref", "scope", "strong", "users")
+    __slots__ = (
+        "aliases",
+        "cleaned",
+        "lifetime",
+        "name",
+        "quiet",
+        "ref",
+        "scope",
+        "strong",
+        "users",
+    )
 
     users: set[UserRef | None]
 
@@ -102,6 +112,9 @@ class _Record:
         # resolved: an alias, which its own registration cleans): the ends of those
         # hand-outs, with nothing cleaned, are no cleanup of it.
         self.aliases = 0
+        # The same, handed out while the probe recorded nothing new: their ends are not
+        # counted either.
+        self.quiet = 0
         try:
             self.ref: weakref.ref[Any] | None = weakref.ref(event.instance)
             self.strong: Any = None
@@ -227,11 +240,17 @@ class IsolationProbe(Observer):
         if event.error is not None or self._untracked(event.instance):
             return
         if not self._recording:
-            # Not recorded, but its id may be a dead recorded instance's: retire that
-            # record, or this one's cleanup would be counted as a second one of it.
             with self._lock:
-                stale = self._records.get(id(event.instance))
-                if stale is not None and not stale.alive():
+                record = self._records.get(id(event.instance))
+                if record is None:
+                    return
+                if record.alive():
+                    # A recorded instance handed out again (an alias of it): its end
+                    # is no cleanup of it.
+                    record.quiet += 1
+                else:
+                    # Not recorded, but its id is a dead recorded instance's: retire that
+                    # record, or this one's cleanup would be counted as a second one of it.
                     self._retired.append(self._records.pop(id(event.instance)))
             return
         with self._lock:
@@ -264,6 +283,9 @@ class IsolationProbe(Observer):
             record = self._records.get(id(event.instance))
             if record is None and not self._recording:
                 return  # made while nothing new was recorded: not counted either
+            if record is not None and not event.cleanup_ran and record.quiet:
+                record.quiet -= 1
+                return  # as above
             self._cleaned += 1
             if record is None:
                 return

@@ -710,6 +710,40 @@ async def test_user_components_expiring_while_memory_is_measured_are_seen_cleane
     assert report.ok, report.violations
 
 
+async def test_aliases_resolved_while_memory_is_measured_are_no_cleanups() -> None:
+    """A correct app whose requests each resolve an alias of the user's memory and of the
+    application's client (``lambda: ambient.resolve_sync(Memory)``): the ends of the
+    aliases made during the memory-growth phase, which the probe does not record, were
+    counted as cleanups of the components they hand out, and ``ambient check`` (whose
+    growth phase is on by default) reported them "cleaned more than once"."""
+
+    class Memory:
+        def close(self) -> None:
+            pass
+
+    class Client:
+        def close(self) -> None:
+            pass
+
+    registry = Registry()
+    registry.register(Memory, Memory, lifetime=Lifetime.USER)
+    registry.register("memory", lambda: ambient.resolve_sync(Memory))
+    registry.register(Client, Client, lifetime=Lifetime.APP)
+    registry.register("client", lambda: ambient.resolve_sync(Client))
+
+    async def endpoint(request: Request) -> Response:
+        assert await ambient.resolve("memory") is await ambient.resolve(Memory)
+        assert await ambient.resolve("client") is await ambient.resolve(Client)
+        return JSONResponse({"user": ambient.get_current_context().user_id})
+
+    app = AmbientMiddleware(
+        Starlette(routes=[Route("/", endpoint)]), registry=registry, identity=trusted_header()
+    )
+    report = await check(app, users=5, requests=2, growth_requests=50)
+    assert report.ok, report.violations
+    assert report.components_created == report.components_cleaned == 5 * 2 * 2 + 5 + 1
+
+
 @pytest.mark.parametrize(
     ("size", "said"),
     [
