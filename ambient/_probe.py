@@ -12,7 +12,7 @@ import threading
 import types
 import uuid
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +32,21 @@ def _owner(event: ComponentEvent) -> UserRef | None:
     if user is None and event.scope is not None and event.lifetime is not Lifetime.APP:
         user = event.scope.context.user
     return user
+
+
+def _held(event: ComponentEvent) -> bool:
+    """Whether the scope that was handed ``event``'s instance holds it already under another
+    key: it was handed out by an alias (a factory returning a component it resolved),
+    which neither enters nor closes it."""
+    scope = event.scope
+    if scope is None:
+        return False
+    instance, alias = event.instance, event.key
+    cache = scope._cache
+    try:
+        return any(held is instance and key != alias for key, held in cache.items())
+    except RuntimeError:  # a worker thread of the scope cached a component meanwhile
+        return any(held is instance and key != alias for key, held in list(cache.items()))
 
 
 def _label(user: UserRef | None) -> str:
@@ -88,17 +103,7 @@ def _immutable(instance: object) -> bool:
 class _Record:
     """What the probe knows about one component instance."""
 
-    __slots__ = (
-        "aliases",
-        "cleaned",
-        "lifetime",
-        "name",
-        "quiet",
-        "ref",
-        "scope",
-        "strong",
-        "users",
-    )
+    __slots__ = ("cleaned", "handouts", "lifetime", "name", "ref", "scope", "strong", "users")
 
     users: set[UserRef | None]
 
@@ -108,13 +113,11 @@ class _Record:
         self.lifetime = event.lifetime
         self.users = {_owner(event)}
         self.cleaned = 0
-        # Handed out again, alive, to its own user (a factory returning a component it
-        # resolved: an alias, which its own registration cleans): the ends of those
-        # hand-outs, with nothing cleaned, are no cleanup of it.
-        self.aliases = 0
-        # The same, handed out while the probe recorded nothing new: their ends are not
-        # counted either.
-        self.quiet = 0
+        # The times it was handed out again, alive, each as (alias, key, counted): by an
+        # alias (``alias``: a factory returning a component its scope holds, which its own
+        # registration cleans) or by a factory returning an existing object, under ``key``,
+        # and whether the probe counted it (it records nothing new at times).
+        self.handouts: list[tuple[bool, Hashable, bool]] = []
         try:
             self.ref: weakref.ref[Any] | None = weakref.ref(event.instance)
             self.strong: Any = None
@@ -125,6 +128,22 @@ class _Record:
 
     def alive(self) -> bool:
         return self.strong is not None or (self.ref is not None and self.ref() is not None)
+
+    def ended(self, event: ComponentEvent) -> tuple[bool, bool]:
+        """Whether the end ``event`` tells of is counted, and whether it is a cleanup of
+        this instance: an alias's end is none, whatever cleanup the alias had of its own
+        (a generator's code after its ``yield``, a context manager's exit); the end of a
+        hand-out by a factory returning an existing object is one when it cleaned it."""
+        handouts = self.handouts
+        for index, (alias, key, counted) in enumerate(handouts):
+            if alias and key == event.key:
+                del handouts[index]
+                return counted, False
+        for index, (alias, _, counted) in enumerate(handouts):
+            if not alias:
+                del handouts[index]
+                return counted, event.cleanup_ran
+        return True, True
 
 
 @dataclass
@@ -239,31 +258,19 @@ class IsolationProbe(Observer):
     def component_created(self, event: ComponentEvent) -> None:
         if event.error is not None or self._untracked(event.instance):
             return
-        if not self._recording:
-            with self._lock:
-                record = self._records.get(id(event.instance))
-                if record is None:
-                    return
-                if record.alive():
-                    # A recorded instance handed out again (an alias of it): its end
-                    # is no cleanup of it.
-                    record.quiet += 1
-                else:
-                    # Not recorded, but its id is a dead recorded instance's: retire that
-                    # record, or this one's cleanup would be counted as a second one of it.
-                    self._retired.append(self._records.pop(id(event.instance)))
-            return
         with self._lock:
-            self._created += 1
             key = id(event.instance)
             record = self._records.get(key)
             if record is not None and record.alive():
-                user = _owner(event)
-                record.aliases += 1
+                record.handouts.append((_held(event), event.key, self._recording))
+                if not self._recording:
+                    return
+                self._created += 1
                 if record.lifetime is Lifetime.APP:
                     # The application's component, handed out by a user's alias of it:
                     # it belongs to every user alike.
                     return
+                user = _owner(event)
                 if user not in record.users:
                     record.users.add(user)
                     self._shared.append(
@@ -273,24 +280,27 @@ class IsolationProbe(Observer):
                     )
                 return
             if record is not None:
-                self._retired.append(record)
-            self._records[key] = _Record(event)
+                # A dead recorded instance's id: retire its record, or this one's cleanup
+                # would be counted as a second one of it.
+                self._retired.append(self._records.pop(key))
+            if self._recording:
+                self._created += 1
+                self._records[key] = _Record(event)
 
     def component_cleaned(self, event: ComponentEvent) -> None:
         if self._untracked(event.instance):
             return
         with self._lock:
             record = self._records.get(id(event.instance))
-            if record is None and not self._recording:
-                return  # made while nothing new was recorded: not counted either
-            if record is not None and not event.cleanup_ran and record.quiet:
-                record.quiet -= 1
-                return  # as above
-            self._cleaned += 1
             if record is None:
+                if self._recording:
+                    self._cleaned += 1
+                # else made while nothing new was recorded: not counted either
                 return
-            if not event.cleanup_ran and record.aliases:
-                record.aliases -= 1
+            counted, cleans = record.ended(event)
+            if counted:
+                self._cleaned += 1
+            if not cleans:
                 return
             record.cleaned += 1
             if record.cleaned == 2:

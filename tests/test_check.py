@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -537,6 +537,69 @@ async def test_a_factory_handing_out_another_component_is_not_a_second_cleanup()
         del scope
     assert [v for v in probe.report().cleanup if v.endswith("Closed: cleaned more than once")]
     await registry.aclose()
+
+
+async def test_an_alias_with_a_cleanup_of_its_own_is_no_second_cleanup() -> None:
+    """A generator factory yielding a component it resolved (a transaction over the
+    request's session, committed after the yield; a request's view of the user's memory,
+    flushed) or a context manager whose ``__enter__`` gives one: the alias's own cleanup
+    runs, but it does not clean the component it hands out, which its own registration
+    cleans once. The probe counted both and reported the component "cleaned more than
+    once"."""
+
+    class Session:
+        def __init__(self) -> None:
+            self.commits = 0
+
+        def close(self) -> None:
+            pass
+
+    class Memory:
+        def __init__(self) -> None:
+            self.flushes = 0
+
+        def close(self) -> None:
+            pass
+
+    class Locked:
+        def __init__(self, memory: Memory) -> None:
+            self.memory = memory
+
+        def __enter__(self) -> Memory:
+            return self.memory
+
+        def __exit__(self, *exc_info: object) -> None:
+            self.memory.flushes += 1
+
+    def transaction() -> Iterator[Session]:
+        session = ambient.resolve_sync(Session)
+        yield session
+        session.commits += 1
+
+    def memory_view() -> Iterator[Memory]:
+        memory = ambient.resolve_sync(Memory)
+        yield memory
+        memory.flushes += 1
+
+    registry = Registry()
+    registry.register(Session, Session)
+    registry.register("transaction", transaction)
+    registry.register(Memory, Memory, lifetime=Lifetime.USER)
+    registry.register("memory view", memory_view)
+    registry.register("locked memory", lambda: Locked(ambient.resolve_sync(Memory)))
+    with IsolationProbe(expect_closed=True) as probe:
+        for user in ("alice", "bob", "alice"):
+            async with registry.open_scope(UserExecutionContext.create(user)) as scope:
+                session = await scope.resolve("transaction")
+                assert session is await scope.resolve(Session)
+                memory = await scope.resolve("memory view")
+                assert memory is await scope.resolve("locked memory") is await scope.resolve(Memory)
+            assert session.commits == 1
+        del scope, session  # the probe looks for closed scopes and components kept alive
+        assert memory.flushes == 4  # alice's, by the view and the lock in both her requests
+        del memory
+        await registry.aclose()
+    assert probe.report().ok, probe.report().violations
 
 
 async def test_an_application_component_handed_out_by_an_alias_is_not_shared() -> None:
