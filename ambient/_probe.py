@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ambient._observe import ComponentEvent, Observer, add_observer
-from ambient._provider import Lifetime
+from ambient._provider import RANK, Lifetime
 from ambient._scope import Scope
 
 if TYPE_CHECKING:
@@ -26,27 +26,42 @@ if TYPE_CHECKING:
 __all__ = ["IsolationProbe", "IsolationReport"]
 
 
-def _owner(event: ComponentEvent) -> UserRef | None:
-    """Whom the instance was handed to: its user, or ``None`` for the application."""
+def _owner(event: ComponentEvent, lifetime: Lifetime | None = None) -> UserRef | None:
+    """Whom the instance was handed to: its user, or ``None`` for the application (what an
+    instance of ``lifetime``, by default the event's, belongs to)."""
+    lifetime = event.lifetime if lifetime is None else lifetime
+    if lifetime is Lifetime.APP:
+        return None
     user = event.user
-    if user is None and event.scope is not None and event.lifetime is not Lifetime.APP:
+    if user is None and event.scope is not None:
         user = event.scope.context.user
     return user
 
 
-def _held(event: ComponentEvent) -> bool:
-    """Whether the scope that was handed ``event``'s instance holds it already under another
-    key: it was handed out by an alias (a factory returning a component it resolved),
-    which neither enters nor closes it."""
+def _aliased(event: ComponentEvent) -> Lifetime | None:
+    """The lifetime of ``event``'s instance when the scope it was handed to holds it already
+    under another key: it was handed out by an alias (a factory returning a component it
+    resolved), which neither enters nor closes it. ``None`` when it is not an alias's."""
     scope = event.scope
     if scope is None:
-        return False
+        return None
     instance, alias = event.instance, event.key
     cache = scope._cache
     try:
-        return any(held is instance and key != alias for key, held in cache.items())
+        holders = [key for key, held in cache.items() if held is instance and key != alias]
     except RuntimeError:  # a worker thread of the scope cached a component meanwhile
-        return any(held is instance and key != alias for key, held in list(cache.items()))
+        holders = [key for key, held in list(cache.items()) if held is instance and key != alias]
+    providers = scope.registry.providers
+    # An alias lives no longer than what it resolved: the longest lifetime is the maker's.
+    lifetimes = [providers[key].lifetime for key in holders if key in providers]
+    return max(lifetimes, key=RANK.__getitem__) if lifetimes else None
+
+
+def _fresh(event: ComponentEvent) -> bool:
+    """Whether ``event``'s instance was made by a plain class, so is new (no alias's)."""
+    scope = event.scope
+    provider = scope.registry.providers.get(event.key) if scope is not None else None
+    return provider is not None and provider.fresh
 
 
 def _label(user: UserRef | None) -> str:
@@ -107,11 +122,12 @@ class _Record:
 
     users: set[UserRef | None]
 
-    def __init__(self, event: ComponentEvent) -> None:
+    def __init__(self, event: ComponentEvent, lifetime: Lifetime | None = None) -> None:
+        # ``lifetime``: the component's, when ``event`` is an alias's hand-out of it.
         self.name = event.name
         self.scope = id(event.scope) if event.scope is not None else None
-        self.lifetime = event.lifetime
-        self.users = {_owner(event)}
+        self.lifetime = event.lifetime if lifetime is None else lifetime
+        self.users = {_owner(event, self.lifetime)}
         self.cleaned = 0
         # The times it was handed out again, alive, each as (alias, key, counted): by an
         # alias (``alias``: a factory returning a component its scope holds, which its own
@@ -262,7 +278,8 @@ class IsolationProbe(Observer):
             key = id(event.instance)
             record = self._records.get(key)
             if record is not None and record.alive():
-                record.handouts.append((_held(event), event.key, self._recording))
+                alias = _aliased(event) is not None
+                record.handouts.append((alias, event.key, self._recording))
                 if not self._recording:
                     return
                 self._created += 1
@@ -283,9 +300,15 @@ class IsolationProbe(Observer):
                 # A dead recorded instance's id: retire its record, or this one's cleanup
                 # would be counted as a second one of it.
                 self._retired.append(self._records.pop(key))
-            if self._recording:
-                self._created += 1
-                self._records[key] = _Record(event)
+            if not self._recording:
+                return
+            self._created += 1
+            # Seen first handed out by an alias (it was made before the probe was
+            # installed): recorded as the component it is, this hand-out as an alias.
+            aliased = None if _fresh(event) else _aliased(event)
+            record = self._records[key] = _Record(event, aliased)
+            if aliased is not None:
+                record.handouts.append((True, event.key, True))
 
     def component_cleaned(self, event: ComponentEvent) -> None:
         if self._untracked(event.instance):

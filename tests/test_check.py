@@ -637,6 +637,40 @@ async def test_an_application_component_handed_out_by_an_alias_is_not_shared() -
     await registry.aclose()
 
 
+async def test_aliases_of_components_made_before_the_probe_are_not_shared() -> None:
+    """A probe installed once the application's client and a user's memory exist (an app
+    fixture wider than the test, a probe entered mid-test) first sees them handed out by
+    aliases: it took the alias's lifetime for theirs, and reported the client handed to
+    alice and bob and both still alive after their scope closed."""
+
+    class Client:
+        def close(self) -> None:
+            pass
+
+    class Memory:
+        def close(self) -> None:
+            pass
+
+    registry = Registry()
+    registry.register(Client, Client, lifetime=Lifetime.APP)
+    registry.register("client", lambda: ambient.resolve_sync(Client))
+    registry.register("user client", lambda: ambient.resolve_sync(Client), lifetime=Lifetime.USER)
+    registry.register(Memory, Memory, lifetime=Lifetime.USER)
+    registry.register("memory", lambda: ambient.resolve_sync(Memory))
+    async with registry.open_scope(UserExecutionContext.create("alice")) as scope:
+        await scope.resolve(Client)
+        await scope.resolve(Memory)
+    with IsolationProbe(expect_closed=True) as probe:
+        for user in ("alice", "bob", "alice"):
+            async with registry.open_scope(UserExecutionContext.create(user)) as scope:
+                assert await scope.resolve("client") is await scope.resolve(Client)
+                assert await scope.resolve("user client") is await scope.resolve(Client)
+                assert await scope.resolve("memory") is await scope.resolve(Memory)
+        del scope  # the probe looks for closed scopes kept alive
+        await registry.aclose()
+    assert probe.report().ok, probe.report().violations
+
+
 class Plan(enum.Enum):
     FREE = "free"
     PRO = "pro"
