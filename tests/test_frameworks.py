@@ -163,6 +163,31 @@ async def test_a_401_a_view_raises_carries_the_challenge_and_rolls_back(framewor
     assert registry.stats().open_scopes == 0
 
 
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+async def test_an_error_from_a_task_group_is_answered_as_its_first(framework: str) -> None:
+    """A view's task group fails with a PoolExhaustedError: the exception group that holds
+    it is answered 503 with Retry-After, as the error alone is, and the Work rolls back.
+    Litestar and Quart look their exception handlers up by the exception's class: with
+    the handler registered for ``AmbientError`` alone, as docs/frameworks.md showed it,
+    the group was their plain 500."""
+    app, registry, ledger = build(framework)
+    with serve("uvicorn", app) as url:
+        async with httpx.AsyncClient(base_url=url) as client:
+            response = await client.get(
+                "/grouped", headers={"x-user-id": "alice", "x-request-id": "grouped.1"}
+            )
+        outcome = await anyio.to_thread.run_sync(
+            ledger.wait_for_work, "grouped.1", ("commit", "rollback")
+        )
+    assert response.status_code == 503, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.headers["retry-after"] == "2"
+    assert response.headers["x-request-id"] == "grouped.1"
+    assert response.json()["type"] == "urn:ambient:problem:pool-exhausted"
+    assert outcome == "rollback"
+    assert registry.stats().open_scopes == 0
+
+
 @pytest.mark.parametrize(
     ("server", "framework"),
     [

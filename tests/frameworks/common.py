@@ -14,7 +14,7 @@ import anyio
 
 import ambient
 from ambient import Lifetime, Registry, UserExecutionContext, UserRef
-from ambient.errors import IdentityError
+from ambient.errors import IdentityError, PoolExhaustedError
 from ambient.middleware import IdentityResolver, first_of, trusted_header
 from ambient.middleware.identity import jwt_bearer
 
@@ -196,6 +196,18 @@ async def refuse() -> NoReturn:
     revoked since it was issued: the answer is a 401, and the Work rolls back."""
     await ambient.resolve(Work)
     raise IdentityError("the token was revoked since it was issued", status=401)
+
+
+async def grouped() -> None:
+    """Begin the request's Work, then fail in a task group around the work: the group
+    holds one ``PoolExhaustedError`` (every error in it carries a status), answered as it."""
+    await ambient.resolve(Work)
+
+    async def fetch() -> None:
+        raise PoolExhaustedError("no connection within 0.1 s", retry_after=2)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(fetch)
 
 
 async def work_stream(hang: bool) -> AsyncIterator[bytes]:

@@ -33,6 +33,7 @@ from tests.frameworks.common import (
     describe_sync,
     do_work,
     gate,
+    grouped,
     in_thread,
     refuse,
     settled,
@@ -93,6 +94,11 @@ async def work(request: HttpRequest) -> HttpResponse:
     return HttpResponse("done")
 
 
+async def grouped_view(request: HttpRequest) -> HttpResponse:
+    await grouped()
+    return HttpResponse()
+
+
 async def refused(request: HttpRequest) -> HttpResponse:
     await refuse()
 
@@ -104,6 +110,7 @@ urlpatterns = [
     path("busy", busy),
     path("work", work),
     path("refused", refused),
+    path("grouped", grouped_view),
 ]
 
 

@@ -21,6 +21,7 @@ from tests.frameworks.common import (
     build_registry,
     describe,
     gate,
+    grouped,
     in_thread,
     refuse,
     settled,
@@ -64,6 +65,10 @@ def build() -> tuple[FastAPI, Registry, Ledger]:
     @app.get("/refused")
     async def refused() -> None:
         await refuse()
+
+    @app.get("/grouped")
+    async def grouped_view() -> None:
+        await grouped()
 
     @app.get("/work")
     async def work(_: Annotated[Work, Resolve(Work)], hang: bool = False) -> StreamingResponse:

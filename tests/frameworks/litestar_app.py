@@ -31,6 +31,7 @@ from tests.frameworks.common import (
     build_registry,
     describe,
     describe_sync,
+    grouped,
     in_thread,
     refuse,
     settled,
@@ -79,13 +80,18 @@ async def refused() -> None:
     await refuse()
 
 
+@get("/grouped")
+async def grouped_view() -> None:
+    await grouped()
+
+
 @get("/work")
 async def work(hang: FromQuery[bool] = False) -> Stream:
     await ambient.resolve(Work)
     return Stream(work_stream(hang))
 
 
-def problem(request: Request[Any, Any, Any], error: AmbientError) -> Response[bytes]:
+def problem(request: Request[Any, Any, Any], error: Exception) -> Response[bytes]:
     answer = answer_error(error)
     if answer is None:
         raise error
@@ -100,10 +106,11 @@ def problem(request: Request[Any, Any, Any], error: AmbientError) -> Response[by
 def build() -> tuple[Litestar, Registry, Ledger]:
     registry, ledger = build_registry()
     app = Litestar(
-        route_handlers=[whoami, whoami_sync, stats, busy, work, refused],
+        route_handlers=[whoami, whoami_sync, stats, busy, work, refused, grouped_view],
         middleware=[DefineMiddleware(AmbientMiddleware, registry=registry, identity=IDENTITY)],
         dependencies={"probe": Provide(provide_probe), "memory": Provide(provide_memory)},
-        exception_handlers={AmbientError: problem},
+        # ExceptionGroup too: an error raised in a task group arrives as a group.
+        exception_handlers={AmbientError: problem, ExceptionGroup: problem},
         on_shutdown=[registry.wait_for_scopes, registry.aclose],
     )
     return app, registry, ledger

@@ -26,6 +26,7 @@ from tests.frameworks.common import (
     describe_sync,
     do_work,
     gate,
+    grouped,
     in_thread,
     refuse,
     settled,
@@ -62,12 +63,18 @@ def build() -> tuple[Quart, Registry, Ledger]:
         await do_work(bool(request.args.get("hang")))
         return "done"
 
+    @app.get("/grouped")
+    async def grouped_view() -> None:
+        await grouped()
+
     @app.get("/refused")
     async def refused() -> None:
         await refuse()
 
+    # ExceptionGroup too: an error raised in a task group arrives as a group.
     @app.errorhandler(AmbientError)
-    async def problem(error: AmbientError) -> Any:
+    @app.errorhandler(ExceptionGroup)
+    async def problem(error: Exception) -> Any:
         answer = answer_error(error)
         if answer is None:
             raise error

@@ -23,6 +23,7 @@ from tests.frameworks.common import (
     describe,
     describe_sync,
     gate,
+    grouped,
     in_thread,
     refuse,
     settled,
@@ -56,6 +57,11 @@ async def refused(request: Request) -> Response:
     await refuse()
 
 
+async def grouped_view(request: Request) -> Response:
+    await grouped()
+    return Response()
+
+
 async def work(request: Request) -> Response:
     await ambient.resolve(Work)
     return StreamingResponse(work_stream(bool(request.query_params.get("hang"))))
@@ -71,6 +77,7 @@ def build() -> tuple[Starlette, Registry, Ledger]:
             Route("/busy", busy),
             Route("/work", work),
             Route("/refused", refused),
+            Route("/grouped", grouped_view),
         ]
     )
     install(app, registry=registry, identity=IDENTITY)
