@@ -67,6 +67,10 @@ _ANONYMOUS: Final = _ReadOnlyDict({ANONYMOUS: True})
 CLOSE_IDENTITY_ENDED: Final = 4001
 # A response with this status or above tells the client its request was not carried out.
 _SERVER_ERROR: Final = 500
+# The websocket close codes that say the same: RFC 6455's "internal error", and 4000 plus
+# a 5xx status (Litestar closes a socket whose handler raised with 4500).
+_CLOSE_INTERNAL_ERROR: Final = 1011
+_CLOSE_SERVER_ERRORS: Final = (4500, 4600)
 # Where a request's scope keeps the resolver's WWW-Authenticate challenge, for a 401 that a
 # framework's exception handler answers (through answer_error()).
 _CHALLENGE_KEY: Final = "ambient.middleware.challenge"
@@ -118,7 +122,9 @@ class AmbientMiddleware:
     raising yet the request failed: its response never finished (the framework cancelled
     the work of a client that disconnected, or the client disconnected before the end of
     the body; :class:`~ambient.errors.IncompleteResponseError`),
-    it was a 5xx (:class:`~ambient.errors.ServerErrorResponseError`), or an ambient error
+    it was a 5xx (:class:`~ambient.errors.ServerErrorResponseError`; for a websocket, a
+    close with 1011 or 4000 plus a 5xx, as Litestar closes a failed handler's socket, or a
+    5xx denial of its handshake), or an ambient error
     was answered by a framework's exception handler through :func:`answer_error` (that
     error; ``ambient.integrations.starlette``'s handler is one).
     On ``lifespan`` shutdown the registry's USER and APP components are closed before the
@@ -398,6 +404,8 @@ class AmbientMiddleware:
                 ended_by = response.failure()
             elif ended_by is None and (expired or response.cut):
                 ended_by = _CutOffAtExpiryError(http=response.cut)
+            elif ended_by is None and websocket:
+                ended_by = response.socket_failure()
             # The response has gone out: a failed cleanup is logged, counted and traced by
             # the scope's observers, never raised to the server.
             done = component_scope._close_now(ended_by)
@@ -735,7 +743,17 @@ class _Response:
     message would cost more than everything it does.
     """
 
-    __slots__ = ("_echo", "_receive", "_send", "ended", "gone", "started", "status", "trailers")
+    __slots__ = (
+        "_echo",
+        "_receive",
+        "_send",
+        "close_code",
+        "ended",
+        "gone",
+        "started",
+        "status",
+        "trailers",
+    )
 
     # Whether this middleware ended the body early (a stream past its identity's expiry).
     cut = False
@@ -753,6 +771,8 @@ class _Response:
         # BaseHTTPMiddleware inside re-sends a stream Starlette cancelled, then ends it)
         # never reached it.
         self.gone = False
+        # The code of the websocket.close the app sent, if it sent one.
+        self.close_code = 0
 
     def receiving(self, receive: Receive) -> Receive:
         """The app's ``receive`` for an HTTP request: notes a disconnect before the end."""
@@ -769,6 +789,19 @@ class _Response:
         """Why an HTTP request whose app returned failed all the same, if it did."""
         if not self.ended:
             return IncompleteResponseError(started=self.started)
+        if self.status >= _SERVER_ERROR:
+            return ServerErrorResponseError(self.status)
+        return None
+
+    def socket_failure(self) -> AmbientError | None:
+        """Why a websocket whose app returned failed all the same, if it did: the app
+        closed it with a server error (1011, or 4000 plus a 5xx status, as Litestar closes
+        the socket of a handler that raised), or denied its handshake with a 5xx."""
+        code = self.close_code
+        if code == _CLOSE_INTERNAL_ERROR:
+            return ServerErrorResponseError(_SERVER_ERROR)
+        if _CLOSE_SERVER_ERRORS[0] <= code < _CLOSE_SERVER_ERRORS[1]:
+            return ServerErrorResponseError(code - 4000)
         if self.status >= _SERVER_ERROR:
             return ServerErrorResponseError(self.status)
         return None
@@ -797,6 +830,9 @@ class _Response:
                     break
             else:
                 message = {**message, "headers": [*headers, *echo]}
+        elif kind == "websocket.close":
+            self.started = True
+            self.close_code = message.get("code", 1000)
         elif not self.started and kind.startswith("websocket."):
             self.started = kind != "websocket.send"
         elif kind == "http.response.trailers":

@@ -10,6 +10,7 @@ cleaned exactly once, and at shutdown every USER component too.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import socket
 import uuid
@@ -186,6 +187,76 @@ async def test_an_error_from_a_task_group_is_answered_as_its_first(framework: st
     assert response.json()["type"] == "urn:ambient:problem:pool-exhausted"
     assert outcome == "rollback"
     assert registry.stats().open_scopes == 0
+
+
+def talk_on_socket(url: str) -> int | None:
+    """Open the websocket at ``url``, read its first message and wait for its close; the
+    close code, or the HTTP status its handshake was refused with."""
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
+    from websockets.sync.client import connect
+
+    headers = {"x-user-id": "alice", "x-request-id": "socket.1"}
+    try:
+        with connect(url, additional_headers=headers) as client:
+            assert client.recv(timeout=30) == "begun"
+            with contextlib.suppress(ConnectionClosed):
+                client.recv(timeout=30)  # until the server closes it
+            return client.protocol.close_rcvd.code if client.protocol.close_rcvd else None
+    except InvalidStatus as refused:
+        return refused.response.status_code
+
+
+async def socket_outcome(framework: str, fail: str, accept: bool) -> tuple[int | None, str]:
+    """Serve the framework's ``/socket`` on uvicorn, failing as asked; how the socket
+    ended for the client, and how its Work ended."""
+    app, registry, ledger = build(framework)
+    with serve("uvicorn", app) as url:
+        target = f"ws{url[4:]}/socket?fail={fail}&accept={str(accept).lower()}"
+        closed = await anyio.to_thread.run_sync(talk_on_socket, target)
+        ended = await anyio.to_thread.run_sync(
+            ledger.wait_for_work, "socket.1", ("commit", "rollback")
+        )
+    assert registry.stats().open_scopes == 0
+    return closed, ended
+
+
+@pytest.mark.parametrize(
+    ("fail", "accept", "closed", "outcome"),
+    [
+        ("", True, 1000, "commit"),
+        ("busy", True, 4500, "rollback"),
+        ("bug", True, 4500, "rollback"),
+        ("busy", False, 403, "rollback"),
+    ],
+)
+async def test_a_litestar_websocket_that_fails_rolls_back(
+    fail: str, accept: bool, closed: int, outcome: str
+) -> None:
+    """Litestar answers a websocket handler's exception itself: it closes the socket with
+    4000 plus the status (4500) and returns, never calling the exception handlers. The
+    socket's Work must roll back; it committed, the middleware taking the close for a
+    clean end. A socket the handler closes itself ends cleanly."""
+    assert await socket_outcome("litestar", fail, accept) == (closed, outcome)
+
+
+@pytest.mark.parametrize(
+    ("fail", "accept", "closed", "outcome"),
+    [
+        ("", True, 1000, "commit"),
+        ("busy", True, 1000, "rollback"),
+        ("busy", False, 503, "rollback"),
+        ("bug", False, 500, "rollback"),
+    ],
+)
+async def test_a_quart_websocket_that_fails_rolls_back(
+    fail: str, accept: bool, closed: int, outcome: str
+) -> None:
+    """Quart answers a websocket handler's exception with its error handlers: an ambient
+    error through ``answer_error`` (noted on the scope), a bug before accept with a 500
+    denial of the handshake. The 500 denial's Work committed: the middleware looked at
+    a websocket's denial status no more than at its close code. (A bug after accept is
+    closed with 1000, as a clean end: nothing on the wire tells it apart.)"""
+    assert await socket_outcome("quart", fail, accept) == (closed, outcome)
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import anyio.to_thread
-from litestar import Litestar, Request, Response, get
+from litestar import Litestar, Request, Response, WebSocket, get, websocket
 from litestar.di import NamedDependency, Provide
 from litestar.middleware import DefineMiddleware
 from litestar.params import FromQuery
@@ -91,6 +91,23 @@ async def work(hang: FromQuery[bool] = False) -> Stream:
     return Stream(work_stream(hang))
 
 
+@websocket("/socket")
+async def socket(
+    socket: WebSocket[Any, Any, Any], fail: FromQuery[str] = "", accept: FromQuery[bool] = True
+) -> None:
+    """Begin the Work, then fail (with a PoolExhaustedError, or a bug), before or after
+    accepting: Litestar closes the socket itself (4500) and returns."""
+    await ambient.resolve(Work)
+    if accept:
+        await socket.accept()
+        await socket.send_text("begun")
+    if fail == "busy":
+        raise PoolExhaustedError("no connection within 0.1 s", retry_after=2)
+    if fail == "bug":
+        raise RuntimeError("a bug in the handler")
+    await socket.close()
+
+
 def problem(request: Request[Any, Any, Any], error: Exception) -> Response[bytes]:
     answer = answer_error(error)
     if answer is None:
@@ -106,7 +123,7 @@ def problem(request: Request[Any, Any, Any], error: Exception) -> Response[bytes
 def build() -> tuple[Litestar, Registry, Ledger]:
     registry, ledger = build_registry()
     app = Litestar(
-        route_handlers=[whoami, whoami_sync, stats, busy, work, refused, grouped_view],
+        route_handlers=[whoami, whoami_sync, stats, busy, work, refused, grouped_view, socket],
         middleware=[DefineMiddleware(AmbientMiddleware, registry=registry, identity=IDENTITY)],
         dependencies={"probe": Provide(provide_probe), "memory": Provide(provide_memory)},
         # ExceptionGroup too: an error raised in a task group arrives as a group.

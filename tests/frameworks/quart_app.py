@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import anyio.to_thread
-from quart import Quart, request
+from quart import Quart, request, websocket
 
 import ambient
 from ambient import Registry
@@ -21,6 +21,7 @@ from tests.frameworks.common import (
     Ledger,
     Memory,
     Probe,
+    Work,
     build_registry,
     describe,
     describe_sync,
@@ -66,6 +67,21 @@ def build() -> tuple[Quart, Registry, Ledger]:
     @app.get("/grouped")
     async def grouped_view() -> None:
         await grouped()
+
+    @app.websocket("/socket")
+    async def socket() -> None:
+        # Begin the Work, then fail (a PoolExhaustedError, or a bug), before or after
+        # accepting.
+        await ambient.resolve(Work)
+        if websocket.args.get("accept") == "true":
+            await websocket.accept()
+            await websocket.send("begun")
+        fail = websocket.args.get("fail")
+        if fail == "busy":
+            raise PoolExhaustedError("no connection within 0.1 s", retry_after=2)
+        if fail == "bug":
+            raise RuntimeError("a bug in the handler")
+        await websocket.close(1000)
 
     @app.get("/refused")
     async def refused() -> None:
