@@ -22,7 +22,9 @@ current without an OpenTelemetry context token: closing the scope restores the c
 was current when it opened, if the scope's context is still the current one, instead of
 ``detach``-ing a token. Closing a scope from another task or after an abandoned generator
 therefore never logs "Failed to detach context"; the task that abandoned the generator keeps
-the ended scope span as its current span until its own enclosing span ends.
+the ended scope span as its current span until its own enclosing span ends. When the context
+current at the opening was another request's (a server that starts a pipelined request
+inside the previous one's), closing restores what the scope span started from instead.
 
 The per-scope state refers to the context it made current only weakly, so a closed scope's
 span, events and context are freed by reference counting, not left to the cycle collector.
@@ -172,6 +174,22 @@ def _descends(outer: Scope, scope: Scope) -> bool:
     return False
 
 
+def _foreign(context: Context, scope: Scope) -> bool:
+    """Whether the scope whose record ``context`` carries is another request's: ``scope``
+    was not opened by work that scope's work started (a pipelined request, which the server
+    started inside the previous one's context, and whose middleware bound nothing above it)."""
+    record = context.get(_SCOPE_KEY)
+    if type(record) is not _ScopeRecord:
+        return False
+    binding = _current.get()
+    if binding is None or binding.scope is None or binding.scope.owner is not scope:
+        return False  # not ours to judge
+    outer = record.scope()
+    if outer is None:  # gone: only a scope with nothing bound above it is surely unrelated
+        return binding.prev is None
+    return not _descends(outer, scope)
+
+
 def _unrelated_scopes_removed(context: Context, scope: Scope) -> Context:
     """The context to start ``scope``'s span in.
 
@@ -218,6 +236,19 @@ def _unrelated_scopes_removed(context: Context, scope: Scope) -> Context:
         if record.previous is None:
             return Context()
         context = record.previous
+
+
+def _parent_context(previous: Context, scope: Scope, record: _ScopeRecord) -> Context:
+    """The context ``scope``'s span starts in (see :func:`_unrelated_scopes_removed`).
+
+    When ``previous`` was another request's (the server started this one inside it),
+    closing the scope makes that context current, not ``previous``: what runs after the
+    scope in this request (the middleware's log of a failed cleanup, an outer middleware)
+    must not take that request's trace for its own, as the scope span did not."""
+    parent = _unrelated_scopes_removed(previous, scope)
+    if parent is not previous and _foreign(previous, scope):
+        record.restores = parent
+    return parent
 
 
 def _cancellation(error: BaseException) -> bool:
@@ -502,6 +533,7 @@ class _ScopeRecord:
         "flush",
         "parent",
         "previous",
+        "restores",
         "scope",
         "span",
     )
@@ -516,6 +548,9 @@ class _ScopeRecord:
         # all) to the cycle collector.
         self.attached: Callable[[], Context | None] = _no_context
         self.previous: Context | None = None  # what was current before
+        # What closing the scope makes current instead of ``previous``, when that was
+        # another request's context (see _parent_context).
+        self.restores: Context | None = None
         # Fast components' events, for ``flush`` (the SDK span's event list) at close.
         self.events: list[object] | None = None
         self.flush: Callable[[list[object]], object] | None = None
@@ -762,7 +797,7 @@ class Telemetry(Observer):
                 else:
                     current = previous
             else:
-                parent = _unrelated_scopes_removed(previous, scope)
+                parent = _parent_context(previous, scope, record)
                 # The scope's spans start from the cleaned baggage too, not only the code in
                 # the scope: a span processor copying baggage onto spans (as
                 # opentelemetry-processor-baggage does) would otherwise label them with a
@@ -853,7 +888,7 @@ class Telemetry(Observer):
         # one back, skipping scopes that already closed out of order.
         if otel_context.get_current() is not record.attached():
             return
-        previous = record.previous
+        previous = record.previous if record.restores is None else record.restores
         while previous is not None:
             outer = previous.get(_SCOPE_KEY)
             if type(outer) is not _ScopeRecord or not outer.closed:

@@ -62,6 +62,7 @@ from ambient import (
     UserExecutionContext,
     UserRef,
 )
+from ambient.integrations.logging import ContextFilter
 from ambient.integrations.websockets import message_scope
 from ambient.middleware import AmbientMiddleware
 from ambient.middleware.identity import trusted_header
@@ -228,6 +229,12 @@ def ctx(user: str = "alice", **ids: Any) -> UserExecutionContext:
 def one(spans: list[ReadableSpan]) -> ReadableSpan:
     assert len(spans) == 1, [s.name for s in spans]
     return spans[0]
+
+
+def one_record(records: list[logging.LogRecord], text: str) -> logging.LogRecord:
+    found = [r for r in records if text in r.getMessage()]
+    assert len(found) == 1, [r.getMessage() for r in records]
+    return found[0]
 
 
 def parent_id(span: ReadableSpan) -> int | None:
@@ -1657,6 +1664,13 @@ class Background:
         """A real cleanup, so that it is traced."""
 
 
+class FailingCleanup:
+    """A REQUEST component whose cleanup fails (after the response was sent)."""
+
+    def close(self) -> None:
+        raise RuntimeError("cleanup failed")
+
+
 async def streaming_handler(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """Resolves components, streams its ids in three chunks, then does background work."""
     context = ambient.get_current_context()
@@ -2006,6 +2020,49 @@ class TestPipelining:
         assert sorted((s.attributes or {})["ambient.user_id"] for s in scopes) == ["u0", "u1"]
         assert [s.parent for s in scopes] == [None, None]
         assert len({s.context.trace_id for s in scopes}) == 2
+
+    async def test_a_log_line_after_the_scope_is_not_in_the_previous_users_trace(
+        self, otel: Otel
+    ) -> None:
+        """uvicorn starts the next pipelined request inside the previous one's context, here
+        inside a span of the instrumentation within the middleware. The next user's scope
+        span starts a trace of its own; once its scope closes, what runs on in that request
+        (the middleware's log of its failed cleanup) must not carry the previous user's
+        trace either. Closing the scope put the previous user's context back: the log line
+        about u1's cleanup carried u0's trace id."""
+        records: list[logging.LogRecord] = []
+
+        class Keep(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                records.append(record)
+
+        keep = Keep()
+        keep.addFilter(ContextFilter(user_id="raw"))
+        log = logging.getLogger("ambient.middleware")
+        log.addHandler(keep)
+        registry = server_registry()
+        registry.register(FailingCleanup, FailingCleanup)
+
+        async def handler(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            if ambient.get_current_context().user_id == "u1":
+                await ambient.resolve(FailingCleanup)
+            await who(scope, receive, send)
+
+        inner = OpenTelemetryMiddleware(handler, tracer_provider=otel.tracer_provider)
+        app = make_app(registry, otel.telemetry(user_id="raw"), inner)
+        try:
+            with serve("uvicorn", app, lifespan="off", http="h11", loop="asyncio") as url:
+                bodies = await anyio.to_thread.run_sync(pipelined, url, ["u0", "u1"])
+        finally:
+            log.removeHandler(keep)
+        assert [json.loads(b)["user"] for b in bodies] == ["u0", "u1"]
+        traces = {
+            (s.attributes or {})["ambient.user_id"]: f"{s.context.trace_id:032x}"
+            for s in otel.spans.named("ambient.scope")
+        }
+        failed = one_record(records, "a cleanup failed after the response was sent")
+        assert failed.trace_id != traces["u0"]  # type: ignore[attr-defined]
+        assert failed.trace_id in ("", traces["u1"])  # type: ignore[attr-defined]
 
     async def test_behind_otel_asgi_with_reset_contextvars(self, otel: Otel) -> None:
         """Behind opentelemetry-instrumentation-asgi, with uvicorn's reset_contextvars (the
