@@ -1025,6 +1025,30 @@ async def test_an_untrusted_peer_sending_the_identity_header_gets_401(server: st
     assert ledger.created == {}
 
 
+class _Sessions:
+    """A registry whose REQUEST "session" is its request's user id, noting how each ended:
+    the exception its cleanup saw, or ``None`` for a clean end."""
+
+    def __init__(self) -> None:
+        self.cleaned: list[str] = []
+        self.ended_by: list[Exception | None] = []
+        self.all_cleaned = threading.Event()
+        self.registry = ambient.Registry()
+        self.registry.register("session", self._session)
+
+    def _session(self, ctx: ambient.UserExecutionContext) -> Iterator[str]:
+        try:
+            yield ctx.user_id
+        except Exception as error:
+            self.ended_by.append(error)
+            raise
+        else:
+            self.ended_by.append(None)
+        finally:
+            self.cleaned.append(ctx.user_id)
+            self.all_cleaned.set()
+
+
 @pytest.mark.parametrize("credential", ["jwt", "signed context"])
 async def test_a_websocket_is_closed_when_its_token_expires(server: str, credential: str) -> None:
     """A socket authenticated by a JWT, or by another service's signed context, is closed
@@ -1037,25 +1061,13 @@ async def test_a_websocket_is_closed_when_its_token_expires(server: str, credent
 
     secret = "a-test-secret-of-at-least-32-bytes!"
     handled_at: list[float] = []
-    cleaned: list[str] = []
-    all_cleaned = threading.Event()
-    registry = ambient.Registry()
-
-    ended_by: list[Exception | None] = []
-
-    def session(ctx: ambient.UserExecutionContext) -> Iterator[str]:
-        try:
-            yield ctx.user_id
-        except Exception as error:
-            ended_by.append(error)
-            raise
-        else:
-            ended_by.append(None)
-        finally:
-            cleaned.append(ctx.user_id)
-            all_cleaned.set()
-
-    registry.register("session", session)
+    ledger = _Sessions()
+    registry, cleaned, ended_by, all_cleaned = (
+        ledger.registry,
+        ledger.cleaned,
+        ledger.ended_by,
+        ledger.all_cleaned,
+    )
 
     async def chat(websocket: WebSocket) -> None:
         await websocket.accept()
@@ -1118,24 +1130,13 @@ async def test_an_event_stream_ends_when_its_token_expires(server: str) -> None:
     the client, and the request's components are cleaned once, told that the response was
     cut short. It used to go on serving the expired credential for as long as it ran."""
     secret = "a-test-secret-of-at-least-32-bytes!"
-    cleaned: list[str] = []
-    ended_by: list[Exception | None] = []
-    all_cleaned = threading.Event()
-    registry = ambient.Registry()
-
-    def session(ctx: ambient.UserExecutionContext) -> Iterator[str]:
-        try:
-            yield ctx.user_id
-        except Exception as error:
-            ended_by.append(error)
-            raise
-        else:
-            ended_by.append(None)
-        finally:
-            cleaned.append(ctx.user_id)
-            all_cleaned.set()
-
-    registry.register("session", session)
+    ledger = _Sessions()
+    registry, cleaned, ended_by, all_cleaned = (
+        ledger.registry,
+        ledger.cleaned,
+        ledger.ended_by,
+        ledger.all_cleaned,
+    )
 
     class Events:
         """An event every 0.05 s (an event source's pace), 200 at most."""
@@ -1206,22 +1207,8 @@ async def test_an_http2_stream_with_trailers_ends_when_its_token_expires(server:
     trailers it announced, and its client sees the stream end. It was ended with a last
     body message only: hypercorn waited for the trailers and left the stream open, its
     client waiting for ever."""
-    ended_by: list[Exception | None] = []
-    cleaned = threading.Event()
-    registry = ambient.Registry()
-
-    def session(ctx: ambient.UserExecutionContext) -> Iterator[str]:
-        try:
-            yield ctx.user_id
-        except Exception as error:
-            ended_by.append(error)
-            raise
-        else:
-            ended_by.append(None)
-        finally:
-            cleaned.set()
-
-    registry.register("session", session)
+    ledger = _Sessions()
+    registry, ended_by, cleaned = ledger.registry, ledger.ended_by, ledger.all_cleaned
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         user = (await ambient.resolve("session")).encode()
