@@ -64,6 +64,13 @@ def _fresh(event: ComponentEvent) -> bool:
     return provider is not None and provider.fresh
 
 
+def _scope_id(event: ComponentEvent) -> int | None:
+    """The id of the request scope a REQUEST hand-out is made, and ended, in; ``None`` for
+    a longer-lived one (a USER alias ends with its user's components, in no request)."""
+    scope = event.scope
+    return id(scope) if scope is not None and event.lifetime is Lifetime.REQUEST else None
+
+
 def _label(user: UserRef | None) -> str:
     if user is None:
         return "(application)"
@@ -129,11 +136,12 @@ class _Record:
         self.lifetime = event.lifetime if lifetime is None else lifetime
         self.users = {_owner(event, self.lifetime)}
         self.cleaned = 0
-        # The times it was handed out again, alive, each as (alias, key, counted): by an
-        # alias (``alias``: a factory returning a component its scope holds, which its own
-        # registration cleans) or by a factory returning an existing object, under ``key``,
-        # and whether the probe counted it (it records nothing new at times).
-        self.handouts: list[tuple[bool, Hashable, bool]] = []
+        # The times it was handed out again, alive, each as (alias, key, scope, counted): by
+        # an alias (``alias``: a factory returning a component its scope holds, which its
+        # own registration cleans) or by a factory returning an existing object, under
+        # ``key`` in the scope of id ``scope``, and whether the probe counted it (it records
+        # nothing new at times).
+        self.handouts: list[tuple[bool, Hashable, int | None, bool]] = []
         try:
             self.ref: weakref.ref[Any] | None = weakref.ref(event.instance)
             self.strong: Any = None
@@ -151,11 +159,13 @@ class _Record:
         (a generator's code after its ``yield``, a context manager's exit); the end of a
         hand-out by a factory returning an existing object is one when it cleaned it."""
         handouts = self.handouts
-        for index, (alias, key, counted) in enumerate(handouts):
-            if alias and key == event.key:
+        # A REQUEST alias's in the same scope: the same key may clean it in another one.
+        scope = _scope_id(event)
+        for index, (alias, key, made_in, counted) in enumerate(handouts):
+            if alias and key == event.key and made_in == scope:
                 del handouts[index]
                 return counted, False
-        for index, (alias, _, counted) in enumerate(handouts):
+        for index, (alias, _, _, counted) in enumerate(handouts):
             if not alias:
                 del handouts[index]
                 return counted, event.cleanup_ran
@@ -279,7 +289,7 @@ class IsolationProbe(Observer):
             record = self._records.get(key)
             if record is not None and record.alive():
                 alias = _aliased(event) is not None
-                record.handouts.append((alias, event.key, self._recording))
+                record.handouts.append((alias, event.key, _scope_id(event), self._recording))
                 if not self._recording:
                     return
                 self._created += 1
@@ -308,7 +318,7 @@ class IsolationProbe(Observer):
             aliased = None if _fresh(event) else _aliased(event)
             record = self._records[key] = _Record(event, aliased)
             if aliased is not None:
-                record.handouts.append((True, event.key, True))
+                record.handouts.append((True, event.key, _scope_id(event), True))
 
     def component_cleaned(self, event: ComponentEvent) -> None:
         if self._untracked(event.instance):

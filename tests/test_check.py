@@ -602,6 +602,38 @@ async def test_an_alias_with_a_cleanup_of_its_own_is_no_second_cleanup() -> None
     assert probe.report().ok, probe.report().violations
 
 
+async def test_an_alias_in_one_request_hides_no_cleanup_in_another() -> None:
+    """Two requests of one user hand out one existing object (a global a REQUEST factory
+    returns) under two keys, in opposite orders: in each, the key resolved second is an
+    alias and the first cleans it, so it is cleaned twice. The end of the key that cleaned
+    it in one request was taken for the end of the same key's alias in the other request,
+    and the second cleanup went unreported."""
+
+    class Connection:
+        def __init__(self) -> None:
+            self.closes = 0
+
+        def close(self) -> None:
+            self.closes += 1
+
+    shared = Connection()
+    registry = Registry()
+    registry.register("primary", lambda: shared)
+    registry.register("replica", lambda: shared)
+    with IsolationProbe() as probe:
+        first = registry.open_scope(UserExecutionContext.create("alice"))
+        second = registry.open_scope(UserExecutionContext.create("alice"))
+        async with first:
+            assert await first.resolve("primary") is await first.resolve("replica") is shared
+            async with second:
+                assert await second.resolve("replica") is await second.resolve("primary")
+        assert shared.closes == 2
+        del first, second
+    assert any("cleaned more than once" in line for line in probe.report().cleanup), (
+        probe.report().violations
+    )
+
+
 async def test_an_application_component_handed_out_by_an_alias_is_not_shared() -> None:
     """The application's component (an HTTP client) handed out to each user by a REQUEST
     or USER alias of it (``lambda: ambient.resolve_sync(Client)``) belongs to no user: the
