@@ -55,7 +55,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ambient import __version__
-from ambient._binding import _current
+from ambient._binding import _bound_here, _current
 from ambient._observe import ComponentEvent, Observer
 from ambient._provider import Lifetime
 from ambient.errors import IncompleteResponseError, InvalidContextError
@@ -187,7 +187,21 @@ def _foreign(context: Context, scope: Scope) -> bool:
     outer = record.scope()
     if outer is None:  # gone: only a scope with nothing bound above it is surely unrelated
         return binding.prev is None
-    return not _descends(outer, scope)
+    return not _descends(outer, scope) and not _callers(outer)
+
+
+def _callers(outer: Scope) -> bool:
+    """Whether the open ``outer`` was bound in this very Context: the caller's own scope,
+    around an app it calls in its task (an ASGI client in a test's scope, an app mounted in
+    another one's), whose context must be current again once the app's scope closes."""
+    held = outer._binding
+    if held is None:
+        return False
+    mine = _current.get()
+    if not _bound_here(held):
+        return False
+    _current.set(mine)  # _bound_here made ``held`` current again
+    return True
 
 
 def _unrelated_scopes_removed(context: Context, scope: Scope) -> Context:

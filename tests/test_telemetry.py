@@ -428,6 +428,37 @@ class TestScopeSpan:
         assert parent_id(scope_span) == outer.get_span_context().span_id
         assert parent_id(one(otel.spans.named("work"))) == scope_span.context.span_id
 
+    async def test_a_request_served_inside_a_scope_restores_the_context_before_it(
+        self, otel: Otel
+    ) -> None:
+        """An app called inside an open scope, in its task (an ASGI client in a test's bound
+        context, an app with a middleware of its own mounted in another): the request's
+        scope does not descend from the enclosing one, its middleware bound nothing above
+        it. Closing it put back the context the enclosing scope started from, not the one
+        current before the request: the enclosing scope's span was no longer current."""
+        telemetry = otel.telemetry()
+        registry = Registry(telemetry=telemetry)
+
+        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        stack = AmbientMiddleware(
+            app, registry=registry, identity=trusted_header(), telemetry=telemetry
+        )
+        transport = httpx.ASGITransport(app=stack, client=("127.0.0.1", 50000))
+        async with (
+            httpx.AsyncClient(transport=transport, base_url="http://test") as client,
+            registry.open_scope(ctx()),
+        ):
+            before = otel_context.get_current()
+            enclosing = trace.get_current_span()
+            answer = await client.get("/", headers={"x-user-id": "u1"})
+            assert answer.status_code == 200
+            assert trace.get_current_span() is enclosing
+            assert otel_context.get_current() is before
+        assert len(otel.spans.named("ambient.scope")) == 2
+
     async def test_scope_span_covers_the_cleanup(self, otel: Otel) -> None:
         """The scope span ends after the last cleanup, which is its child."""
         registry = Registry(telemetry=otel.telemetry(span_threshold=0))
