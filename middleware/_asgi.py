@@ -832,7 +832,7 @@ class _Response:
                 message = {**message, "headers": [*headers, *echo]}
         elif kind == "websocket.close":
             self.started = True
-            self.close_code = message.get("code", 1000)
+            self.close_code = message.get("code") or 1000  # None: the default, as servers read it
         elif not self.started and kind.startswith("websocket."):
             self.started = kind != "websocket.send"
         elif kind == "http.response.trailers":

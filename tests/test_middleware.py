@@ -978,6 +978,32 @@ def ws_scope(headers: list[tuple[bytes, bytes]], **extra: Any) -> dict[str, Any]
     }
 
 
+@pytest.mark.parametrize(
+    ("code", "fails"), [(None, False), (1000, False), (1011, True), (4503, True)]
+)
+async def test_how_the_app_closes_a_websocket_tells_its_cleanups_how_it_ended(
+    code: int | None, fails: bool
+) -> None:
+    """A close with a server error (1011, or 4000 plus a 5xx as Litestar sends) ends the
+    socket's scope as failed; a normal close, or one whose code is None (the default 1000,
+    as servers read it), as a clean end, without an error of the middleware's own."""
+    seen: list[BaseException | None] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await ambient.resolve("tx")
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.close", "code": code})
+
+    middleware = AmbientMiddleware(app, registry=_tx_registry(seen), identity=trusted_header())
+    sent = await drive(
+        middleware, ws_scope([(b"x-user-id", b"ann")]), [{"type": "websocket.connect"}]
+    )
+    assert [m["type"] for m in sent] == ["websocket.accept", "websocket.close"]
+    assert len(seen) == 1
+    assert (seen[0] is not None) is fails
+
+
 class TestWebsocketRefusal:
     async def test_no_identity_closes_with_1008_before_accept(self) -> None:
         app, ledger, _ = build()
