@@ -99,8 +99,9 @@ async def test_a_503_for_a_connection_the_server_refused_says_why(
     for the pool to grow, which the server refuses ("too many connections for role"). The
     second checkout's 503 says so (not only that no connection became available); the
     server refuses the pool's retry too, and a third checkout says the same, while
-    ambient's log said it once. (The first checkout waits 2 s: time enough for the refusal
-    of the pool's first attempt to arrive on a loaded machine.)"""
+    ambient's log said it once per outage, not once per refused attempt. (The first
+    checkout waits 2 s: time enough for the refusal of the pool's first attempt to arrive
+    on a loaded machine.)"""
     caplog.set_level(logging.WARNING, logger="ambient")
     with limited_role(1) as (role, url):
         pool = _strategy(kind, url, db, timeout=5, retry_after=7.0)
@@ -122,10 +123,16 @@ async def test_a_503_for_a_connection_the_server_refused_says_why(
                     async with pool.connection(timeout=0.2):
                         pytest.fail("the server allows one connection only")
                 _assert_says_why(again.value, role, 7.0)
+                # While the server refuses: once the held connection goes back and the
+                # pool closes, an attempt may get in and a later refusal be a new outage.
+                logged = _refusal_logs(caplog)
+                refused = await _errors(pool)
         finally:
             await registry.aclose()
-    logged = _refusal_logs(caplog)
-    assert len(logged) == 1, logged
+    # Once per outage, not once per refused attempt. The pool's opening may make an outage
+    # of its own: an attempt refused while another, begun after it, took the one place.
+    assert 1 <= len(logged) <= 2, logged
+    assert len(logged) < refused
     assert SECRET not in logged[0]
 
 
