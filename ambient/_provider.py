@@ -435,9 +435,12 @@ class _AsyncClose(Finalizer):
         await self.target.close()
 
 
-def _held(result: Any, components: Mapping[Hashable, Any]) -> bool:
-    """Whether ``result`` is a component the scope holds already (a factory handing out
-    another component: an alias of it). Its own store cleans it; the alias must not."""
+def _held(provider: Provider, result: Any, components: Mapping[Hashable, Any]) -> bool:
+    """Whether ``result``, made by ``provider``, is a component the scope holds already (a
+    factory handing out another component: an alias of it). Its own store cleans it; the
+    alias must not."""
+    if provider.fresh:
+        return False
     try:
         for held in components.values():
             if held is result:
@@ -452,7 +455,7 @@ def _owned(
 ) -> tuple[Any, Finalizer | None]:
     """``plain`` (a plain result and its cleanup), without the cleanup when the result is
     a component the scope holds already (see :func:`_held`)."""
-    if plain[1] is not None and not provider.fresh and _held(plain[0], components):
+    if plain[1] is not None and _held(provider, plain[0], components):
         return plain[0], None
     return plain
 
@@ -491,7 +494,7 @@ async def finish_async(
         return await _enter_agen(provider, result)
     if inspect.isgenerator(result):
         return _enter_gen(provider, result)
-    if not provider.fresh and _held(result, components):
+    if _held(provider, result, components):
         return result, None
     instance, finalizer = _closer(provider, result, can_await=True)
     if finalizer is not None and finalizer.how == "async context manager":
@@ -532,7 +535,7 @@ def build_now(
         or (provider.enter and hasattr(type(result), "__aenter__"))
     ):
         return AWAIT, result
-    if not provider.fresh and _held(result, components):
+    if _held(provider, result, components):
         return result, None
     return _closer(provider, result, can_await=True)
 
@@ -565,7 +568,7 @@ def build_sync(
         raise ResolutionError(msg)
     if inspect.isgenerator(result):
         return _enter_gen(provider, result)
-    if not provider.fresh and _held(result, components):
+    if _held(provider, result, components):
         return result, None
     return _closer(provider, result, can_await=False)
 
