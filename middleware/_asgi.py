@@ -873,10 +873,13 @@ class _Stream(_Response):
     early, so nothing more is sent and the server closes the connection.
     """
 
-    __slots__ = ("_expires_at", "_sized", "_streaming", "cut")
+    __slots__ = ("_expires_at", "_server", "_sized", "_streaming", "cut")
 
     def __init__(self, send: Send, echo: list[tuple[bytes, bytes]], expires_at: float) -> None:
-        super().__init__(send, echo)
+        # What _Response sends goes through _forward: the start it sends has its headers
+        # as a list already, the echo among them.
+        super().__init__(self._forward, echo)
+        self._server = send
         self._expires_at = expires_at
         self._streaming = False
         self._sized = False
@@ -898,26 +901,24 @@ class _Stream(_Response):
                 self.cut = True
                 return self._cut_off()
             self._streaming = True
-        elif kind == "http.response.start":
-            headers = message.get("headers") or ()
-            if type(headers) is not list and type(headers) is not tuple:
-                # Any iterable will do in ASGI: looked through here, it would be used up
-                # before the echo is added (and the message is the app's: not written to).
-                headers = list(headers)
-                message = {**message, "headers": headers}
-            self._sized = any(name.lower() == b"content-length" for name, _ in headers)
         return super().__call__(message)
+
+    def _forward(self, message: MutableMapping[str, Any]) -> Awaitable[None]:
+        if message["type"] == "http.response.start":
+            headers = message.get("headers") or ()
+            self._sized = any(name.lower() == b"content-length" for name, _ in headers)
+        return self._server(message)
 
     async def _cut_off(self) -> None:
         logger.info("ambient: ending a streamed response whose identity has expired")
         if not self._sized and not self.gone:
-            await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+            await self._server({"type": "http.response.body", "body": b"", "more_body": False})
             if self.trailers:
                 # Announced in its start: without them the server never ends the response
                 # (hypercorn leaves the HTTP/2 stream open). Not empty: h2 fails to send an
                 # empty block, and hypercorn then leaves the stream open too.
                 end = {"type": "http.response.trailers", "headers": self._echo}
-                await self._send({**end, "more_trailers": False})
+                await self._server({**end, "more_trailers": False})
         raise _CutOffAtExpiryError(http=True)
 
     def failure(self) -> AmbientError | None:
