@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import re
 import time
 import urllib.parse
@@ -150,8 +151,9 @@ class AmbientMiddleware:
     exception group (a task group around the work) that holds only such errors, answered
     as its first; any other exception propagates unchanged. A websocket whose identity
     has an ``expires_at`` (a JWT's ``exp``) is cancelled and closed with 4001 when it
-    passes; its cleanups then see an :class:`~ambient.errors.IncompleteResponseError`, as
-    for any work cut short.
+    passes, and a streamed HTTP response whose body is streaming (server-sent events) is
+    cancelled and ended then, idle or not; their cleanups then see an
+    :class:`~ambient.errors.IncompleteResponseError`, as for any work cut short.
 
     Args:
         app: The ASGI application.
@@ -330,8 +332,7 @@ class AmbientMiddleware:
                 response = socket = _Socket(send, echo)
             else:
                 # A streamed answer (server-sent events) stops at the identity's expiry.
-                response = _Stream(send, echo, expires_at)
-                expires_at = None
+                response = stream = _Stream(send, echo, expires_at)
             registry = self.registry
             telemetry = self.telemetry
             # Without a keyword when there is no telemetry: a call with one builds a dict.
@@ -362,10 +363,12 @@ class AmbientMiddleware:
             try:
                 if expires_at is None:
                     await self.app(scope, app_receive, response)
-                else:
+                elif websocket:
                     expired = await _serve_until_expiry(
                         self.app, scope, app_receive, socket, expires_at
                     )
+                else:
+                    await _stream_until_expiry(self.app, scope, app_receive, stream)
             except BaseException as exc:
                 if response.cut and _only_cut_off(exc):
                     # The stream this middleware cut at the identity's expiry: the error
@@ -862,18 +865,20 @@ class _Socket(_Response):
 
 
 class _Stream(_Response):
-    """The ``send`` of an HTTP request whose identity expires: a body message after the
-    first one, sent once the identity has expired, ends the response instead of going out
-    (a server-sent event stream must not go on serving an expired credential), with the
-    trailers its start announced, and the app gets an error from that ``send`` and from
-    every later one.
+    """The ``send`` of an HTTP request whose identity expires: once its body is streaming
+    (its first message with ``more_body`` went out), the app is cancelled at the expiry
+    through :attr:`expiry`, and a body message it sends after the expiry is refused: the
+    middleware then ends the response (a server-sent event stream must not go on serving an
+    expired credential, idle or not), with the trailers its start announced, and the app
+    gets an error from that ``send`` and from every later one.
 
-    The first body message always goes out: a request admitted while its credential was
-    valid gets its answer. A response that declared its ``content-length`` cannot be ended
-    early, so nothing more is sent and the server closes the connection.
+    The first body message always goes out, and an answer that is not streaming is never
+    cut: a request admitted while its credential was valid gets its answer. A response
+    that declared its ``content-length`` cannot be ended early, so nothing more is sent and
+    the server closes the connection.
     """
 
-    __slots__ = ("_expires_at", "_server", "_sized", "_streaming", "cut")
+    __slots__ = ("_expires_at", "_server", "_sized", "_streaming", "cut", "expiry")
 
     def __init__(self, send: Send, echo: list[tuple[bytes, bytes]], expires_at: float) -> None:
         # What _Response sends goes through _forward: the start it sends has its headers
@@ -884,24 +889,44 @@ class _Stream(_Response):
         self._streaming = False
         self._sized = False
         self.cut = False
+        # Around the app; its deadline is set when the body starts streaming.
+        self.expiry = anyio.CancelScope()
 
     def __call__(self, message: MutableMapping[str, Any]) -> Awaitable[None]:
         if self.cut:
-            # Its trailers too: the response already ended with the (empty) ones it announced.
+            # Its trailers too: the response is ended with the (empty) ones it announced.
             raise _CutOffAtExpiryError(http=True)
-        kind = message["type"]
-        if kind == "http.response.body":
-            if (
-                self._streaming
-                and not self.ended
-                # An empty last message only ends what went out in time: it goes out.
-                and (message.get("body") or message.get("more_body", False))
-                and _expired(self._expires_at)
-            ):
-                self.cut = True
-                return self._cut_off()
-            self._streaming = True
+        if message["type"] == "http.response.body":
+            more = message.get("more_body", False)
+            if not self._streaming:
+                self._streaming = True
+                if more:
+                    return self._stream(message)
+            elif not self.ended:
+                expiry = self.expiry
+                if expiry.cancel_called or (
+                    # An empty last message only ends what went out in time: it goes out.
+                    (more or message.get("body")) and _expired(self._expires_at)
+                ):
+                    # Past the expiry, before the deadline reached the app (a busy loop), or
+                    # from an app that caught its cancellation: nothing more goes out.
+                    self.cut = True
+                    expiry.cancel()
+                    raise _CutOffAtExpiryError(http=True)
+                if not more:
+                    # The body ended in time: its trailers or the work after it (background
+                    # tasks) are not cut.
+                    expiry.deadline = math.inf
         return super().__call__(message)
+
+    async def _stream(self, message: MutableMapping[str, Any]) -> None:
+        """Send the body's first message, which opens the stream, then arm the expiry."""
+        await super().__call__(message)
+        try:
+            left = self._expires_at - time.time()
+        except OverflowError:  # an int no float holds: an expiry that never comes
+            return
+        self.expiry.deadline = anyio.current_time() + left
 
     def _forward(self, message: MutableMapping[str, Any]) -> Awaitable[None]:
         if message["type"] == "http.response.start":
@@ -909,7 +934,9 @@ class _Stream(_Response):
             self._sized = any(name.lower() == b"content-length" for name, _ in headers)
         return self._server(message)
 
-    async def _cut_off(self) -> None:
+    async def end(self) -> None:
+        """End the response cut at the expiry: an empty last body message, then the
+        trailers its start announced; nothing for a sized response or a client gone."""
         logger.info("ambient: ending a streamed response whose identity has expired")
         if not self._sized and not self.gone:
             await self._server({"type": "http.response.body", "body": b"", "more_body": False})
@@ -919,7 +946,6 @@ class _Stream(_Response):
                 # empty block, and hypercorn then leaves the stream open too.
                 end = {"type": "http.response.trailers", "headers": self._echo}
                 await self._server({**end, "more_trailers": False})
-        raise _CutOffAtExpiryError(http=True)
 
     def failure(self) -> AmbientError | None:
         if self.cut:
@@ -952,6 +978,27 @@ class _CutOffAtExpiryError(IncompleteResponseError):
         super().__init__(started=True)
         what = "the streamed response" if http else "the websocket"
         self.args = (f"{what} was cut off when its identity expired",)
+
+
+async def _stream_until_expiry(
+    app: ASGIApp, scope: MutableMapping[str, Any], receive: Receive, stream: _Stream
+) -> None:
+    """Run an HTTP request's app until its streamed body passes the identity's expiry (the
+    stream's deadline, set when its body starts streaming; an idle stream too), then
+    cancel it; a response cut there, or refused a message past the expiry, is ended once
+    the app is out, with the trailers its start announced, so nothing the app sends while
+    it unwinds can follow the end. The app's error, the cut-off one included, propagates."""
+    expiry = stream.expiry
+    try:
+        with expiry:
+            await app(scope, receive, stream)
+    finally:
+        # Cancelled at the deadline, whether the app let the cancellation out or swallowed
+        # it, and its response is still open: cut there.
+        if expiry.cancel_called and not stream.ended:
+            stream.cut = True
+        if stream.cut:
+            await stream.end()
 
 
 async def _serve_until_expiry(

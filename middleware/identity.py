@@ -69,8 +69,8 @@ class Identity:
         expires_at: When the identity stops being valid, in seconds since the epoch (a
             token's ``exp``), or ``None``. A websocket connection still open then is
             cancelled and closed with code 4001, and a streamed HTTP response (server-sent
-            events) is ended at its first body message after it: neither outlives its
-            credential.
+            events) whose body is streaming is cancelled and ended, idle or not: neither
+            outlives its credential.
     """
 
     user_id: str

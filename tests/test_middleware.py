@@ -1658,9 +1658,10 @@ class TestWebsocketIdentityExpiry:
 
 class TestStreamedResponseIdentityExpiry:
     """A streamed HTTP response (server-sent events) does not go on past its identity's
-    ``expires_at``: its first body message after the expiry ends the response instead of
-    going out, the app's ``send`` raises, and the request's components see the response
-    cut short. The first body message always goes out."""
+    ``expires_at``: once its body is streaming, the app is cancelled at the expiry and the
+    response ended, and a body message sent after the expiry does not go out (the app's
+    ``send`` raises); the request's components see the response cut short. The first body
+    message always goes out."""
 
     @staticmethod
     def ann(expires_at: float) -> Any:
@@ -1876,6 +1877,241 @@ class TestStreamedResponseIdentityExpiry:
         assert taken == [0, 1]
         assert len(seen) == 1
         assert isinstance(seen[0], IncompleteResponseError)
+
+    @staticmethod
+    async def serve_idle(
+        middleware: Any, scope: dict[str, Any], gone: anyio.Event | None = None
+    ) -> tuple[list[Message], bool]:
+        """Serve one request whose client reads on and never leaves (unless ``gone`` is
+        set); return what went out and whether the request ended within 3 s."""
+        sent: list[Message] = []
+        requested = False
+
+        async def receive() -> Message:
+            nonlocal requested
+            if not requested:
+                requested = True
+                return {"type": "http.request"}
+            await (gone or anyio.Event()).wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        with anyio.move_on_after(3) as waited:
+            await middleware(scope, receive, send)
+        return sent, not waited.cancelled_caught
+
+    @pytest.mark.parametrize("waits", ["for its next event", "for a disconnect"])
+    @pytest.mark.parametrize("shape", ["chunked", "with trailers", "sized"])
+    async def test_an_idle_stream_is_ended_at_expiry(self, waits: str, shape: str) -> None:
+        """A stream waiting for its next event (which comes in an hour), or for the
+        client's disconnect, is cancelled when its identity expires and ended then, as a
+        message past the expiry ends it. It held the expired credential's connection and
+        its components until its next message."""
+        seen: list[BaseException | None] = []
+        cancelled_at: list[float] = []
+        expires_at = time.time() + 0.3
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            user = await ambient.resolve("tx")
+            await receive()  # the request
+            start: Message = {"type": "http.response.start", "status": 200, "headers": []}
+            if shape == "with trailers":
+                start["trailers"] = True
+            elif shape == "sized":
+                start["headers"] = [(b"content-length", b"12")]
+            await send(start)
+            body = f"{user} 0\n".encode()
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+            try:
+                if waits == "for its next event":
+                    await anyio.Event().wait()
+                else:
+                    await receive()
+            except anyio.get_cancelled_exc_class():
+                cancelled_at.append(time.time())
+                raise
+
+        middleware = AmbientMiddleware(
+            app, registry=_tx_registry(seen), identity=self.ann(expires_at)
+        )
+        scope = http_scope([(b"x-request-id", b"req-1")], extensions={"http.response.trailers": {}})
+        sent, ended = await self.serve_idle(middleware, scope)
+        assert ended, "the idle stream outlived its identity's expiry"
+        assert len(cancelled_at) == 1
+        assert expires_at <= cancelled_at[0] < expires_at + 1
+        out = [(m["type"], m.get("body"), m.get("more_body", False)) for m in sent[1:]]
+        if shape == "sized":
+            # Nothing more: the server closes the connection.
+            assert out == [("http.response.body", b"ann 0\n", True)]
+        else:
+            assert out[:2] == [
+                ("http.response.body", b"ann 0\n", True),
+                ("http.response.body", b"", False),
+            ]
+        if shape == "with trailers":
+            assert out[2:] == [("http.response.trailers", None, False)]
+            assert sent[-1]["headers"] == [(b"x-request-id", b"req-1")]
+            assert sent[-1]["more_trailers"] is False
+        elif shape == "chunked":
+            assert len(out) == 2
+        assert len(seen) == 1
+        assert isinstance(seen[0], IncompleteResponseError)
+        assert "cut off when its identity expired" in str(seen[0])
+
+    @pytest.mark.parametrize("then", ["returns", "raises the cancellation"])
+    async def test_an_app_that_catches_its_cancellation_gets_nothing_out_after_the_end(
+        self, then: str
+    ) -> None:
+        """Cancelled at the expiry, the app catches the cancellation and sends on (another
+        event, its own end, its trailers): none of it goes out, each ``send`` raises, and
+        the response ends once, as the middleware ends it."""
+        seen: list[BaseException | None] = []
+        refused: list[str] = []
+        cancelled_at: list[float] = []
+        expires_at = time.time() + 0.2
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await ambient.resolve("tx")
+            await send({"type": "http.response.start", "status": 200, "trailers": True})
+            await send({"type": "http.response.body", "body": b"x", "more_body": True})
+            try:
+                await anyio.Event().wait()
+            except anyio.get_cancelled_exc_class():
+                cancelled_at.append(time.time())
+                for name, message in [
+                    ("event", {"type": "http.response.body", "body": b"y", "more_body": True}),
+                    ("end", {"type": "http.response.body", "body": b""}),
+                    ("trailers", {"type": "http.response.trailers", "headers": []}),
+                ]:
+                    try:
+                        await send(message)
+                    except IncompleteResponseError:
+                        refused.append(name)
+                if then != "returns":
+                    raise
+
+        middleware = AmbientMiddleware(
+            app, registry=_tx_registry(seen), identity=self.ann(expires_at)
+        )
+        scope = http_scope([(b"x-request-id", b"req-1")], extensions={"http.response.trailers": {}})
+        sent, ended = await self.serve_idle(middleware, scope)
+        assert ended
+        assert len(cancelled_at) == 1
+        assert expires_at <= cancelled_at[0] < expires_at + 1, "not cancelled at the expiry"
+        assert refused == ["event", "end", "trailers"]
+        assert [(m["type"], m.get("body"), m.get("headers")) for m in sent[1:]] == [
+            ("http.response.body", b"x", None),
+            ("http.response.body", b"", None),
+            ("http.response.trailers", None, [(b"x-request-id", b"req-1")]),
+        ]
+        assert len(seen) == 1
+        assert isinstance(seen[0], IncompleteResponseError)
+
+    async def test_a_client_gone_before_the_expiry_is_sent_nothing(self) -> None:
+        """The client of an idle stream leaves before the expiry: the app waiting for the
+        disconnect gets it and returns, nothing more is sent, and the cleanups see the
+        response cut short by the client, as before."""
+        seen: list[BaseException | None] = []
+        gone = anyio.Event()
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await ambient.resolve("tx")
+            await receive()  # the request
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"x", "more_body": True})
+            gone.set()  # the client leaves
+            assert (await receive())["type"] == "http.disconnect"
+
+        middleware = AmbientMiddleware(
+            app, registry=_tx_registry(seen), identity=self.ann(time.time() + 3600)
+        )
+        sent, ended = await self.serve_idle(middleware, http_scope([]), gone)
+        assert ended
+        assert [m.get("body") for m in sent[1:]] == [b"x"]
+        assert len(seen) == 1
+        assert isinstance(seen[0], IncompleteResponseError)
+        assert "identity expired" not in str(seen[0])
+
+    @pytest.mark.parametrize("trailers", [False, True])
+    async def test_work_after_a_body_ended_in_time_is_not_cut(self, trailers: bool) -> None:
+        """A stream whose body ended before the expiry is not cancelled at the expiry: what
+        the app does after it (a background task, its trailers) runs to its end, and the
+        cleanups see a clean end."""
+        seen: list[BaseException | None] = []
+        expires_at = time.time() + 0.1
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await ambient.resolve("tx")
+            await send({"type": "http.response.start", "status": 200, "trailers": trailers})
+            await send({"type": "http.response.body", "body": b"x", "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+            await anyio.sleep(max(expires_at - time.time(), 0) + 0.1)  # work past the expiry
+            if trailers:
+                await send({"type": "http.response.trailers", "headers": [(b"s", b"0")]})
+
+        middleware = AmbientMiddleware(
+            app, registry=_tx_registry(seen), identity=self.ann(expires_at)
+        )
+        scope = http_scope([], extensions={"http.response.trailers": {}})
+        sent, ended = await self.serve_idle(middleware, scope)
+        assert ended
+        assert time.time() > expires_at
+        assert [(m["type"], m.get("body")) for m in sent[1:]] == [
+            ("http.response.body", b"x"),
+            ("http.response.body", b""),
+            *([("http.response.trailers", None)] if trailers else []),
+        ]
+        assert seen == [None]
+
+    @pytest.mark.parametrize("spec", ["2.3", "2.4"])
+    async def test_an_idle_starlette_event_stream_ends_at_expiry(self, spec: str) -> None:
+        """Starlette's ``StreamingResponse`` waiting for its next event (below ASGI 2.4 in a
+        task group beside a task waiting for the disconnect) is cancelled at the expiry and
+        ended; nothing is raised to the server."""
+        from starlette.applications import Starlette
+        from starlette.requests import Request
+        from starlette.responses import StreamingResponse
+        from starlette.routing import Route
+
+        seen: list[BaseException | None] = []
+        expires_at = time.time() + 0.3
+
+        class Events:
+            """One event now, the next in an hour (an iterator, not a generator left
+            unclosed)."""
+
+            def __init__(self, user: str) -> None:
+                self.user, self.sent = user, 0
+
+            def __aiter__(self) -> Events:
+                return self
+
+            async def __anext__(self) -> str:
+                if self.sent:
+                    await anyio.sleep(3600)
+                self.sent += 1
+                return f"data: {self.user}\n\n"
+
+        async def stream(request: Request) -> StreamingResponse:
+            user = await ambient.resolve("tx")
+            return StreamingResponse(Events(user), media_type="text/event-stream")
+
+        app = AmbientMiddleware(
+            Starlette(routes=[Route("/", stream)]),
+            registry=_tx_registry(seen),
+            identity=self.ann(expires_at),
+        )
+        scope = http_scope([], asgi={"version": "3.0", "spec_version": spec})
+        sent, ended = await self.serve_idle(app, scope)
+        assert ended, "the idle stream outlived its identity's expiry"
+        assert time.time() >= expires_at
+        assert sent[0]["status"] == 200
+        assert [m["body"] for m in sent[1:]] == [b"data: ann\n\n", b""]
+        assert len(seen) == 1
+        assert isinstance(seen[0], IncompleteResponseError)
+        assert "cut off when its identity expired" in str(seen[0])
 
 
 class TestStreamsCutShort:

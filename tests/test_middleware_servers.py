@@ -1241,6 +1241,160 @@ async def test_an_http2_stream_with_trailers_ends_when_its_token_expires(server:
     assert isinstance(ended_by[0], IncompleteResponseError)
 
 
+@pytest.mark.parametrize("client", ["reads on", "leaves"])
+@pytest.mark.parametrize("kind", ["starlette", "raw"])
+async def test_an_idle_event_stream_ends_when_its_token_expires(
+    server: str, kind: str, client: str
+) -> None:
+    """An event stream waiting for its next event (which comes in an hour; Starlette's
+    ``StreamingResponse``), or for its client's disconnect (a raw ASGI app), ends when its
+    identity expires: its client, reading on, sees the stream end then, and the request's
+    components are cleaned once, told that the response was cut short. The stream held the
+    expired credential's connection and components until its next message. A client that
+    leaves before the expiry ends it then, as before: its cleanups see the disconnect.
+    Nothing is raised to the server either way."""
+    ledger = _Sessions()
+    registry, cleaned, ended_by, all_cleaned = (
+        ledger.registry,
+        ledger.cleaned,
+        ledger.ended_by,
+        ledger.all_cleaned,
+    )
+
+    class Events:
+        """One event now, the next in an hour."""
+
+        def __init__(self, user: str) -> None:
+            self.user, self.sent = user, 0
+
+        def __aiter__(self) -> Events:
+            return self
+
+        async def __anext__(self) -> str:
+            if self.sent:
+                await anyio.sleep(3600)
+            self.sent += 1
+            return f"data: {self.user}\n\n"
+
+    async def events(request: Request) -> StreamingResponse:
+        return StreamingResponse(
+            Events(await ambient.resolve("session")), media_type="text/event-stream"
+        )
+
+    async def raw(scope: Any, receive: Any, send: Any) -> None:
+        user = await ambient.resolve("session")
+        await receive()  # the request
+        headers = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        body = f"data: {user}\n\n".encode()
+        await send({"type": "http.response.body", "body": body, "more_body": True})
+        await receive()  # the client's disconnect
+
+    expires = math.inf
+
+    def identity(scope: Any) -> Identity:
+        nonlocal expires
+        expires = time.time() + (0.8 if client == "reads on" else 3.0)
+        return Identity("alice", expires_at=expires)
+
+    inner = Starlette(routes=[Route("/events", events)]) if kind == "starlette" else raw
+    middleware = AmbientMiddleware(inner, registry=registry, identity=identity)
+    raised: list[BaseException] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await middleware(scope, receive, send)
+        except BaseException as exc:
+            raised.append(exc)
+            raise
+
+    def read_one_event_and_leave(url: str) -> list[str]:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+            received = b""
+            for _ in range(100):  # bounded: the event comes in the first reads
+                if b"data: alice" in received:
+                    break
+                chunk = sock.recv(4096)
+                assert chunk, "the server closed the stream early"
+                received += chunk
+        # Leaving the block closed the socket mid-body: the client is gone.
+        lines = received.decode().split("\r\n")  # chunked: "data: alice\n\n" in a chunk
+        return [line.strip() for line in lines if line.startswith("data:")]
+
+    received: list[str] = []
+    with serve(server, app) as url:
+        if client == "leaves":
+            received = await anyio.to_thread.run_sync(read_one_event_and_leave, url)
+        else:
+            async with (
+                httpx.AsyncClient(timeout=10) as http,
+                http.stream("GET", url + "/events") as response,
+            ):
+                assert response.status_code == 200
+                with anyio.move_on_after(5) as waited:
+                    received.extend([line async for line in response.aiter_lines() if line])
+            ended_at = time.time()
+            assert not waited.cancelled_caught, "the idle stream outlived its identity's expiry"
+        assert await anyio.to_thread.run_sync(all_cleaned.wait, 10)
+        cleaned_at = time.time()
+    assert received == ["data: alice"]
+    assert cleaned == ["alice"]
+    assert len(ended_by) == 1
+    assert isinstance(ended_by[0], IncompleteResponseError)
+    if client == "reads on":
+        assert expires <= ended_at <= expires + 1.0
+        assert "identity expired" in str(ended_by[0])
+    else:
+        assert cleaned_at < expires
+        assert "identity expired" not in str(ended_by[0])
+    assert raised == []
+
+
+@pytest.mark.parametrize("server", ["hypercorn", "hypercorn-trio"])
+async def test_an_idle_http2_stream_with_trailers_ends_when_its_token_expires(
+    server: str,
+) -> None:
+    """A gRPC-style HTTP/2 stream (its start announces trailers) waiting for its next
+    message when its identity expires ends then with the trailers it announced, and its
+    client sees the stream end, not a reset."""
+    ledger = _Sessions()
+    registry, ended_by, cleaned = ledger.registry, ledger.ended_by, ledger.all_cleaned
+    expires = math.inf
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        user = (await ambient.resolve("session")).encode()
+        await send({"type": "http.response.start", "status": 200, "trailers": True})
+        await send({"type": "http.response.body", "body": user, "more_body": True})
+        await anyio.sleep(3600)  # the next message
+
+    def identity(scope: Any) -> Identity:
+        nonlocal expires
+        expires = time.time() + 0.5
+        return Identity("ann", expires_at=expires)
+
+    def exercise(url: str) -> tuple[Any, float]:
+        with H2Client(url, timeout=5) as client:
+            stream_id = client.get("/", {"te": "trailers"})
+            stream = client.streams[stream_id]
+            client.read_until(lambda: stream.ended or stream.reset_by_server, "the stream's end")
+            return stream, time.time()
+
+    with serve(server, AmbientMiddleware(app, registry=registry, identity=identity)) as url:
+        stream, ended_at = await anyio.to_thread.run_sync(exercise, url)
+        assert await anyio.to_thread.run_sync(cleaned.wait, 10)
+    assert expires <= ended_at <= expires + 1.0
+    assert (stream.status, stream.body, stream.ended, stream.reset_by_server) == (
+        200,
+        b"ann",
+        True,
+        False,
+    )
+    assert len(ended_by) == 1
+    assert isinstance(ended_by[0], IncompleteResponseError)
+
+
 async def test_a_client_hanging_up_just_after_expiry_gets_no_close_and_the_server_no_error(
     server: str,
 ) -> None:
