@@ -960,13 +960,30 @@ def _expired(expires_at: float) -> bool:
         return False
 
 
-def _only_cut_off(error: BaseException) -> bool:
+def _only_cut_off(error: BaseException, depth: int = 0) -> bool:
     """Whether ``error`` is the stream's cut-off error, alone or grouped (a task group in
-    the framework's streamed response)."""
-    if isinstance(error, BaseExceptionGroup):
-        _, rest = error.split(_CutOffAtExpiryError)
-        return rest is None
-    return isinstance(error, _CutOffAtExpiryError)
+    the framework's streamed response), or an error a framework raised from it once the
+    response had started: Starlette's routing raises ``RuntimeError("Caught handled
+    exception, but response already started.")`` from an error an exception handler
+    matches (``install()``'s matches every ambient error), Litestar a
+    ``LitestarException`` from the task group of its streamed response."""
+    while depth < 8:  # a bounded walk down the explicit causes
+        if isinstance(error, BaseExceptionGroup):
+            _, rest = error.split(_leaf_cut_off(depth + 1))
+            return rest is None
+        if isinstance(error, _CutOffAtExpiryError):
+            return True
+        cause = error.__cause__
+        if cause is None:
+            return False
+        error = cause
+        depth += 1
+    return False
+
+
+def _leaf_cut_off(depth: int) -> Callable[[BaseException], bool]:
+    """The test ``BaseExceptionGroup.split()`` applies to a group's leaves."""
+    return lambda leaf: not isinstance(leaf, BaseExceptionGroup) and _only_cut_off(leaf, depth)
 
 
 class _CutOffAtExpiryError(IncompleteResponseError):

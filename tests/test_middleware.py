@@ -1879,6 +1879,100 @@ class TestStreamedResponseIdentityExpiry:
         assert isinstance(seen[0], IncompleteResponseError)
 
     @staticmethod
+    def expiring_events(monkeypatch: pytest.MonkeyPatch, expires_at: float) -> Any:
+        """An iterator class of three events naming the user, whose identity expires (as the
+        middleware's clock reads it) once the first event is out, so that the second is
+        refused by the app's ``send`` rather than cut by the expiry's deadline."""
+        from ambient.middleware import _asgi
+
+        class Events:
+            """Three events (an iterator, not a generator left unclosed)."""
+
+            def __init__(self, user: str) -> None:
+                self.user, self.sent = user, 0
+
+            def __aiter__(self) -> Events:
+                return self
+
+            async def __anext__(self) -> str:
+                if self.sent == 3:
+                    raise StopAsyncIteration
+                if self.sent == 1:
+                    clock = types.SimpleNamespace(time=lambda: expires_at)
+                    monkeypatch.setattr(_asgi, "time", clock)
+                self.sent += 1
+                return f"data: {self.user} {self.sent - 1}\n\n"
+
+        return Events
+
+    @pytest.mark.parametrize("framework", ["starlette", "fastapi"])
+    @pytest.mark.parametrize("spec", ["2.3", "2.4"])
+    async def test_an_event_stream_of_an_installed_app_ends_at_expiry(
+        self, framework: str, spec: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """With ``install()``, whose handler for ambient's errors matches the cut-off error
+        too, Starlette's routing raises a ``RuntimeError`` ("response already started") from
+        it: that is still the stream the middleware cut, not raised to the server, and the
+        cleanups see the response cut short. They saw the ``RuntimeError``, and the server
+        logged it as the app's crash."""
+        from fastapi import FastAPI
+        from starlette.applications import Starlette
+        from starlette.requests import Request
+        from starlette.responses import StreamingResponse
+        from starlette.routing import Route
+
+        from ambient.integrations.starlette import install
+
+        seen: list[BaseException | None] = []
+        expires_at = time.time() + 3600
+        events = self.expiring_events(monkeypatch, expires_at)
+
+        async def stream(request: Request) -> StreamingResponse:
+            user = await ambient.resolve("tx")
+            return StreamingResponse(events(user), media_type="text/event-stream")
+
+        app = (FastAPI if framework == "fastapi" else Starlette)(routes=[Route("/", stream)])
+        install(app, registry=_tx_registry(seen), identity=self.ann(expires_at))
+        scope = http_scope([], asgi={"version": "3.0", "spec_version": spec})
+        sent = await drive(app, scope, [{"type": "http.request"}])
+        assert sent[0]["status"] == 200
+        assert [m["body"] for m in sent[1:]] == [b"data: ann 0\n\n", b""]
+        assert len(seen) == 1
+        assert isinstance(seen[0], IncompleteResponseError)
+
+    async def test_a_litestar_event_stream_ends_at_expiry(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Litestar raises a ``LitestarException`` from the task group of its streamed
+        response, which holds the error its ``send`` raised: still the stream the middleware
+        cut, not raised to the server, and the cleanups see the response cut short. They
+        saw the ``LitestarException``, and the server logged it as the app's crash."""
+        from litestar import Litestar, get
+        from litestar.response import Stream
+
+        seen: list[BaseException | None] = []
+        expires_at = time.time() + 3600
+        events = self.expiring_events(monkeypatch, expires_at)
+
+        async def stream() -> Stream:
+            user = await ambient.resolve("tx")
+            return Stream(events(user), media_type="text/event-stream")
+
+        # Litestar reads the return annotation, a string under this module's annotations.
+        stream.__annotations__["return"] = Stream
+        app = AmbientMiddleware(
+            Litestar(route_handlers=[get("/")(stream)]),
+            registry=_tx_registry(seen),
+            identity=self.ann(expires_at),
+        )
+        scope = http_scope([], asgi={"version": "3.0", "spec_version": "2.4"})
+        sent = await drive(app, scope, [{"type": "http.request"}])
+        assert sent[0]["status"] == 200
+        assert [m["body"] for m in sent[1:]] == [b"data: ann 0\n\n", b""]
+        assert len(seen) == 1
+        assert isinstance(seen[0], IncompleteResponseError)
+
+    @staticmethod
     async def serve_idle(
         middleware: Any, scope: dict[str, Any], gone: anyio.Event | None = None
     ) -> tuple[list[Message], bool]:
