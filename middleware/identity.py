@@ -1071,7 +1071,8 @@ def jwt_bearer(  # noqa: PLR0915 - its closures share the options checked here
         algorithms: Accepted algorithms, e.g. ``["RS256"]``. Required; never ``"none"``.
         audience: Accepted ``aud`` value(s). Without one, a token naming any audience is
             refused (RFC 7519: a token for other services is not for this one), with a
-            warning logged once; a token without ``aud`` is accepted either way.
+            warning logged once, and a token without ``aud`` is accepted. With one, a
+            token without ``aud`` is refused too (401: it lacks the claim).
         issuer: Required ``iss`` value.
         user_claim: The claim holding the user id.
         tenant_claim: The claim holding the tenant id, if any.

@@ -263,6 +263,7 @@ class TestJwtBearer:
             ({"nbf": int(time.time()) + 3600}, "not valid yet (nbf or iat)"),
             ({"iat": int(time.time()) + 3600}, "not valid yet (nbf or iat)"),
             ({"aud": "someone-else"}, "another audience"),
+            ({"aud": None}, "lacks the 'aud' claim"),  # audience= given: aud is required
             ({"iss": "https://evil.test"}, "wrong issuer"),
             ({"exp": None}, "lacks the 'exp' claim"),
             ({"sub": None}, "lacks the 'sub' claim"),
