@@ -1048,7 +1048,9 @@ def jwt_bearer(  # noqa: PLR0915 - its closures share the options checked here
     Validates the signature, ``exp``, ``nbf``, ``aud`` and ``iss`` (when ``issuer`` is
     given); ``alg=none`` is refused, and an HMAC algorithm can
     never be combined with an asymmetric key (the key-confusion attack). Websockets may send
-    the token as the subprotocol after ``bearer`` (``Sec-WebSocket-Protocol: bearer, <jwt>``).
+    the token as the subprotocol after ``bearer`` (``Sec-WebSocket-Protocol: bearer, <jwt>``);
+    the app then accepts with ``subprotocol="bearer"``, since a browser fails a handshake
+    whose answer names none of the subprotocols it offered.
     A missing token is no identity. Otherwise :class:`~ambient.errors.IdentityError`, whose
     detail says what failed, never the token: 401 for a token that fails validation (bad
     signature, expired, wrong ``aud`` or ``iss``, ...) or an Authorization header of another

@@ -81,8 +81,9 @@ class UserWebSocketManager:
         """Register ``websocket`` as a socket of the bound context while the block runs.
 
         The socket is keyed by the context's user, thread and ``connection_id``. It is
-        accepted (unless ``accept=False``: accept it yourself first, e.g. with a
-        subprotocol), subscribed and registered before the block starts, so an event sent
+        accepted without a subprotocol (unless ``accept=False``: accept it yourself first,
+        e.g. with ``subprotocol="bearer"`` when the token came as the subprotocol, as a
+        browser requires), subscribed and registered before the block starts, so an event sent
         after that reaches it. It is unregistered when the block ends, when a send to it
         fails, when it falls behind (closed with 1013) or when the user opens more than
         ``max_connections_per_user`` sockets (the oldest is closed with 1008).
