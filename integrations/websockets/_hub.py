@@ -196,6 +196,9 @@ class ConnectionHub:
         """End a user's sockets (or the one ``connection_id`` names) in every process the
         backend reaches: each handler's block is cancelled at once, so it handles nothing
         more under that user's context, and the socket is closed with 4001 and ``reason``.
+        A user is its ``(tenant_id, user_id)`` pair, as for USER components: without
+        ``tenant_id`` only the user of no tenant is revoked, never that user id in a
+        tenant (pass a :class:`~ambient.UserRef`, or the tenant the user's tokens carry).
 
         For a logout, a ban or a revoked session: refuse the credential first, and the
         user's outstanding websocket tickets (:meth:`WebSocketTickets.revoke
