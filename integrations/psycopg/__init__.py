@@ -42,6 +42,10 @@ A policy that fails closed when no user is set::
     CREATE POLICY notes_owner ON notes
         USING (owner = NULLIF(current_setting('app.user_id', true), ''))
         WITH CHECK (owner = NULLIF(current_setting('app.user_id', true), ''));
+
+With tenants, a user id names a user only within its tenant: add
+``AND tenant IS NOT DISTINCT FROM NULLIF(current_setting('app.tenant_id', true), '')`` to
+both, or the same user id in two tenants shares its rows.
 """
 
 from ambient.errors import RowSecurityError, RowSecurityWarning, UnsupportedBackendError
