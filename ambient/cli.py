@@ -76,7 +76,10 @@ def _parser() -> argparse.ArgumentParser:
         "--identity",
         type=_identity,
         default="header:x-user-id",
-        help="how a user presents itself: header:NAME or bearer (default header:x-user-id)",
+        help=(
+            "how a user presents itself: header:NAME, or bearer (the user id itself as the "
+            "token, for a resolver of opaque tokens, not a JWT) (default header:x-user-id)"
+        ),
     )
     check.add_argument(
         "--request",
