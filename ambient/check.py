@@ -12,6 +12,7 @@ import contextlib
 import gc
 import json
 import logging
+import math
 import re
 import secrets
 import statistics
@@ -28,7 +29,7 @@ import anyio
 from ambient import _probe, add_observer, current_context_or_none
 from ambient._observe import ComponentEvent, Observer
 
-__all__ = ["CheckReport", "PlannedRequest", "parse_request", "run_check"]
+__all__ = ["CheckReport", "JWTIdentity", "PlannedRequest", "parse_request", "run_check"]
 
 ASGIApp = Callable[..., Awaitable[None]]
 Progress = Callable[[int, int], None]
@@ -90,6 +91,58 @@ class _CleanupFailures(Observer):
 
 
 @dataclass(frozen=True)
+class JWTIdentity:
+    """Simulated users presenting HS256 JWTs (``Authorization: Bearer <jwt>``), as an app
+    behind :func:`~ambient.middleware.identity.jwt_bearer` reads them (extra ``jwt``).
+
+    Each user's token has ``sub`` (the user's id), ``iat`` and ``exp`` (``lifetime`` seconds
+    later; a user's token is made anew once half of that has passed, so a run may last
+    longer), and ``aud`` and ``iss`` when given. The secret is never shown (not in the
+    ``repr`` either), nor are the tokens.
+
+    Raises:
+        ValueError: An empty secret, one PyJWT refuses for HS256 (a public key), an empty
+            audience or issuer, or a lifetime that is not more than 0 seconds.
+        ImportError: PyJWT is not installed.
+    """
+
+    secret: str | bytes = field(repr=False)
+    audience: str | None = None
+    issuer: str | None = None
+    lifetime: float = 900.0
+
+    def __post_init__(self) -> None:
+        if not self.secret:
+            msg = "the JWT secret is empty"
+            raise ValueError(msg)
+        for name, value in (("audience", self.audience), ("issuer", self.issuer)):
+            if value is not None and not value:
+                msg = f"the JWT {name} must be a non-empty string or None"
+                raise ValueError(msg)
+        if not 0 < self.lifetime < float("inf"):
+            msg = f"the JWT lifetime must be more than 0 seconds, not {self.lifetime}"
+            raise ValueError(msg)
+        self.token("check-secret-test")  # a secret PyJWT refuses, refused here
+
+    def token(self, user: str) -> str:
+        """A token for ``user``, valid from now for ``lifetime`` seconds."""
+        import jwt
+
+        now = int(time.time())
+        claims: dict[str, Any] = {"sub": user, "iat": now, "exp": now + math.ceil(self.lifetime)}
+        if self.audience is not None:
+            claims["aud"] = self.audience
+        if self.issuer is not None:
+            claims["iss"] = self.issuer
+        try:
+            return jwt.encode(claims, self.secret, algorithm="HS256")
+        except jwt.InvalidKeyError:
+            # Its message is PyJWT's, not the secret's text.
+            msg = "the JWT secret cannot sign HS256 tokens (is it a public key?)"
+            raise ValueError(msg) from None
+
+
+@dataclass(frozen=True)
 class PlannedRequest:
     """One request a simulated user sends; ``{user}`` in the path or body is replaced by
     the user's id."""
@@ -115,7 +168,8 @@ def parse_request(text: str) -> PlannedRequest:
 class CheckReport:
     """The outcome of :func:`run_check`.
 
-    ``ok`` is true only when there was no violation and no leak.
+    ``ok`` is true only when there was no violation and no leak. ``tokens_refused`` counts
+    the requests whose JWT (a :class:`JWTIdentity`) the app refused with 401.
     """
 
     app: str
@@ -133,6 +187,7 @@ class CheckReport:
     throughput_rps: float = 0.0
     middleware_overhead_us: float | None = None
     global_state_accesses: dict[str, Any] = field(default_factory=dict)
+    tokens_refused: int = 0
 
     @property
     def violations(self) -> list[str]:
@@ -155,18 +210,39 @@ class _Driver:
     """Calls an ASGI app in process with synthetic scopes."""
 
     def __init__(
-        self, app: ASGIApp, identity: tuple[str, str], time_limit: float | None = None
+        self,
+        app: ASGIApp,
+        identity: tuple[str, str] | JWTIdentity,
+        time_limit: float | None = None,
     ) -> None:
         self.app = app
         self.identity = identity
+        # user -> (their token, when to make it anew), with a JWTIdentity.
+        self._tokens: dict[str, tuple[str, float]] = {}
         self.time_limit = time_limit
         self.shutdown_unanswered = False
         # What went wrong in the app's lifespan shutdown, said in one line.
         self.shutdown_failed: str | None = None
 
+    def token(self, user: str) -> str | None:
+        """The JWT ``user`` presents now, or ``None`` without a :class:`JWTIdentity`."""
+        identity = self.identity
+        if not isinstance(identity, JWTIdentity):
+            return None
+        now = time.time()
+        made = self._tokens.get(user)
+        if made is None or now >= made[1]:
+            made = (identity.token(user), now + identity.lifetime / 2)
+            self._tokens[user] = made
+        return made[0]
+
     def _headers(self, user: str, body: bytes | None) -> list[tuple[bytes, bytes]]:
-        kind, name = self.identity
         headers = [(b"host", b"ambient-check"), (b"user-agent", b"ambient-check")]
+        if isinstance(self.identity, JWTIdentity):
+            headers.append((b"authorization", f"Bearer {self.token(user)}".encode()))
+            kind = name = ""
+        else:
+            kind, name = self.identity
         if kind == "header":
             headers.append((name.lower().encode(), user.encode()))
         elif kind == "bearer":
@@ -418,6 +494,23 @@ def _mentions(text: str, users: set[str], own: str) -> list[str]:
     return [user for user in found if user != own and user in users]
 
 
+def _detail(text: str) -> str:
+    """The ``detail`` of a problem+json answer (RFC 9457), or ``text`` as it is."""
+    try:
+        problem = json.loads(text)
+    except ValueError:
+        return text
+    detail = problem.get("detail") if isinstance(problem, dict) else None
+    return detail if isinstance(detail, str) and detail else text
+
+
+def _shown(body: bytes, token: str | None) -> str:
+    """The start of a response body, with ``token`` (a JWT an app may echo) taken out."""
+    if token is None:
+        return body[:160].decode("utf-8", "replace")
+    return body.decode("utf-8", "replace").replace(token, "<token>")[:160]
+
+
 def _latin1(raw: object) -> str:
     """A header name or value as text (an app that sends ``str`` is not our finding)."""
     return raw.decode("latin-1") if isinstance(raw, bytes | bytearray) else str(raw)
@@ -497,6 +590,9 @@ class _Traffic:
         self.failed: list[str] = []
         self.served_as: dict[str, set[str]] = {}
         self.anonymous: set[str] = set()
+        # With a JWTIdentity: the requests answered 401, and what the first answer said.
+        self.refused = 0
+        self.refused_said = ""
 
     async def user(self, user: str) -> None:
         for index in range(self.requests):
@@ -505,6 +601,9 @@ class _Traffic:
     async def one(self, user: str, planned: PlannedRequest) -> None:
         served: list[tuple[str, bool]] = []
         headers: list[tuple[bytes, bytes]] = []
+        # The token this request sends (the same the driver puts in its headers, before
+        # anything is awaited): taken out of what is shown of an answer that echoes it.
+        token = self.driver.token(user)
         status, body, elapsed = await self.driver.request(user, planned, served, headers)
         self.latencies.append(elapsed)
         if served:
@@ -515,8 +614,14 @@ class _Traffic:
         where = f"{planned.method} {planned.path}"
         if not status:  # no complete response: the driver says what went wrong
             self.failed.append(f"{where} for {user}: {body.decode()}")
+        elif status == 401 and token is not None:
+            # Said once for them all (see refusal()): the app refuses the tokens.
+            if not self.refused:
+                text = body.decode("utf-8", "replace").replace(token, "<token>")
+                self.refused_said = _detail(text)[:160]
+            self.refused += 1
         elif status >= 400:
-            shown = body[:160].decode("utf-8", "replace")
+            shown = _shown(body, token)
             self.failed.append(f"{where} for {user}: HTTP {status} {shown!r}")
         elif status >= 300:
             # Redirects are not followed: the isolation checks never saw the page behind it.
@@ -540,10 +645,25 @@ class _Traffic:
         if self.progress is not None:
             self.progress(self.done, self.total)
 
+    def refusal(self) -> list[str]:
+        """The requests whose JWT the app refused (401), in one line."""
+        if not self.refused:
+            return []
+        said = f" (the first answer: {self.refused_said!r})" if self.refused_said else ""
+        return [
+            f"the app refused the tokens of {self.refused} of {self.done} requests with HTTP "
+            f"401{said}: does it verify HS256 tokens with the secret they are signed with "
+            "(AMBIENT_JWT_SECRET), and expect the aud and iss they carry (--jwt-audience, "
+            "--jwt-issuer)?"
+        ]
+
     def identity_findings(self) -> list[str]:
         """Simulated users not served as one user of their own: their requests cannot show
         one user's data reaching another."""
         findings: list[str] = []
+        if self.done and self.refused == self.done:
+            # Every token refused: no request reached the app, for that reason (refusal()).
+            return findings
         if self.done and not self.served_as:
             findings.append(
                 "no request reached the app in an ambient context (is it wrapped in "
@@ -580,7 +700,7 @@ async def run_check(
     users: int = 100,
     requests: int = 20,
     concurrency: int | None = None,
-    identity: tuple[str, str] = ("header", "x-user-id"),
+    identity: tuple[str, str] | JWTIdentity = ("header", "x-user-id"),
     plan: Sequence[PlannedRequest] = (PlannedRequest(),),
     growth_requests: int = 1000,
     max_growth_kib: float = 64.0,
@@ -597,7 +717,8 @@ async def run_check(
         requests: Requests per user, cycling through ``plan``: from 1 to 10,000, and at
             most 1,000,000 in all (``users * requests``).
         concurrency: Users in flight at once (default: all of them).
-        identity: How a user presents itself: ``("header", name)`` or ``("bearer", "")``.
+        identity: How a user presents itself: ``("header", name)``, ``("bearer", "")``
+            (the user id as an opaque token) or a :class:`JWTIdentity` (a signed JWT).
         plan: The requests each user sends.
         growth_requests: Requests in the tracemalloc memory-growth phase (0 to skip; at
             most 1,000,000).
@@ -713,7 +834,8 @@ def _summarise(
         *_cut(traffic.isolation),
         *_cut(watch.findings),
     ]
-    report.failed_requests = _cut(traffic.failed)
+    report.failed_requests = [*traffic.refusal(), *_cut(traffic.failed)]
+    report.tokens_refused = traffic.refused
     report.cleanup = _cut(findings.cleanup + findings.open_scopes)
     report.leaks = _cut(after_run.outlived + after_run.leaked_scopes)
     report.components_created = findings.created

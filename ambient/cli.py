@@ -14,10 +14,10 @@ import socket
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
-    from ambient.check import CheckReport, PlannedRequest
+    from ambient.check import CheckReport, JWTIdentity, PlannedRequest
 
 __all__ = ["main"]
 
@@ -77,9 +77,23 @@ def _parser() -> argparse.ArgumentParser:
         type=_identity,
         default="header:x-user-id",
         help=(
-            "how a user presents itself: header:NAME, or bearer (the user id itself as the "
-            "token, for a resolver of opaque tokens, not a JWT) (default header:x-user-id)"
+            "how a user presents itself: header:NAME; bearer (the user id itself as the "
+            "token, for a resolver of opaque tokens, not a JWT); or jwt (an HS256 JWT with "
+            "sub, iat and exp, signed with the secret in the AMBIENT_JWT_SECRET environment "
+            "variable, as Authorization: Bearer) (default header:x-user-id)"
         ),
+    )
+    check.add_argument(
+        "--jwt-audience",
+        metavar="AUD",
+        type=_claim,
+        help="with --identity jwt: the tokens' aud claim (none by default)",
+    )
+    check.add_argument(
+        "--jwt-issuer",
+        metavar="ISS",
+        type=_claim,
+        help="with --identity jwt: the tokens' iss claim (none by default)",
     )
     check.add_argument(
         "--request",
@@ -178,11 +192,40 @@ def _identity(text: str) -> tuple[str, str]:
     kind, colon, name = text.partition(":")
     if kind == "header" and name.strip():
         return "header", name.strip()
-    if kind == "bearer" and not colon:
-        return "bearer", ""
+    if kind in ("bearer", "jwt") and not colon:
+        return kind, ""
     # said by argparse, with the usage and exit status 2, as every other bad argument
-    msg = f"must be header:NAME or bearer, not {text!r}"
+    msg = f"must be header:NAME, bearer or jwt, not {text!r}"
     raise argparse.ArgumentTypeError(msg)
+
+
+def _claim(text: str) -> str:
+    if not text:
+        msg = "must not be empty"
+        raise argparse.ArgumentTypeError(msg)
+    return text
+
+
+def _jwt_identity(args: argparse.Namespace) -> JWTIdentity:
+    """The check's :class:`~ambient.check.JWTIdentity`, its secret taken from the
+    environment; an argument error (exit status 2) when there is none to be had."""
+    refuse: Callable[[str], NoReturn] = args.refuse
+    secret = os.environ.get("AMBIENT_JWT_SECRET")
+    if not secret:
+        unset = "empty" if secret == "" else "not set"
+        refuse(
+            "--identity jwt signs the tokens with the secret in the AMBIENT_JWT_SECRET "
+            f"environment variable, which is {unset}: set it to the secret the app verifies "
+            "HS256 tokens with"
+        )
+    from ambient.check import JWTIdentity
+
+    try:
+        return JWTIdentity(secret, audience=args.jwt_audience, issuer=args.jwt_issuer)
+    except ImportError:
+        refuse("--identity jwt needs PyJWT: install ambient-context[jwt]")
+    except ValueError as error:  # said without the secret
+        refuse(f"--identity jwt: {error} (AMBIENT_JWT_SECRET)")
 
 
 def load_app(target: str) -> Any:
@@ -383,7 +426,11 @@ def _check(args: argparse.Namespace) -> int:
             f"--users {args.users} and --requests {args.requests} make {total} requests; "
             f"at most {_MAX_TOTAL_REQUESTS} in all"
         )
-    identity: tuple[str, str] = args.identity
+    identity: tuple[str, str] | JWTIdentity = args.identity
+    if args.identity[0] == "jwt":
+        identity = _jwt_identity(args)
+    elif args.jwt_audience is not None or args.jwt_issuer is not None:
+        args.refuse("--jwt-audience and --jwt-issuer are for --identity jwt")
     if args.plan:
         plan = [parse_request(text) for text in args.plan]
     elif args.app == _DEMO:
@@ -411,7 +458,9 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _load_and_run(
-    args: argparse.Namespace, identity: tuple[str, str], plan: list[PlannedRequest]
+    args: argparse.Namespace,
+    identity: tuple[str, str] | JWTIdentity,
+    plan: list[PlannedRequest],
 ) -> CheckReport:
     import anyio
 
@@ -504,13 +553,18 @@ class _progress:  # noqa: N801 - used like a function
 def _rows(report: Any) -> list[tuple[str, str, str]]:
     latency = report.latency_ms
     created, cleaned = report.components_created, report.components_cleaned
-    rows = [
-        (
+    if report.requests and report.tokens_refused == report.requests:
+        # No request reached the app: there was nothing to find (the failed requests say why).
+        isolation = ("isolation", "not tested", "the app refused every token (401)")
+    else:
+        isolation = (
             "isolation",
             _verdict(report.isolation),
             f"{report.users} users, "
             + ("no data of another" if not report.isolation else "data crossed users"),
-        ),
+        )
+    rows = [
+        isolation,
         ("failed requests", _verdict(report.failed_requests), f"{report.requests} requests"),
         (
             "cleanup",

@@ -33,10 +33,11 @@ from starlette.routing import Route
 
 import ambient
 from ambient import Lifetime, Registry, UserExecutionContext
-from ambient.check import CheckReport, PlannedRequest, parse_request, run_check
+from ambient.check import CheckReport, JWTIdentity, PlannedRequest, parse_request, run_check
 from ambient.cli import main
 from ambient.demo.app import CHECK_PLAN, create_app
 from ambient.middleware import AmbientMiddleware, Identity, trusted_header
+from ambient.middleware.identity import jwt_bearer
 from ambient.testing import IsolationProbe, IsolationReport
 
 pytest_plugins = ["pytester"]
@@ -453,6 +454,115 @@ class TestUsersNotServedAsThemselves:
         assert not report.ok
         assert len(report.failed_requests) == 6
         assert all("HTTP 302, a redirect" in line for line in report.failed_requests)
+
+
+# The demo's secret in these tests, and another one, neither a real one.
+DEMO_SECRET = "demo-secret-for-the-check-0123456789abcdef"
+OTHER_SECRET = "another-secret-for-the-check-0123456789ab"
+# Taken for a public key by PyJWT, which refuses it as an HMAC secret.
+PUBLIC_KEY = (
+    "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----"
+)
+
+
+def _jwt_notes_app(secret: str, **options: Any) -> AmbientMiddleware:
+    inner = Starlette(routes=[Route("/", _whoami)])
+    resolver = jwt_bearer(secret, algorithms=["HS256"], **options)
+    return AmbientMiddleware(inner, registry=Registry(), identity=resolver)
+
+
+class TestJWTIdentity:
+    """``identity=JWTIdentity(secret)`` (``--identity jwt``): each simulated user sends an
+    HS256 JWT, as an app behind ``jwt_bearer()`` reads it; an opaque bearer token, the only
+    kind there was, is refused by such an app on every request."""
+
+    async def test_the_demo_in_jwt_mode_passes(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("AMBIENT_JWT_SECRET", DEMO_SECRET)
+        report = await check(create_app(), plan=CHECK_PLAN, identity=JWTIdentity(DEMO_SECRET))
+        assert report.ok, report.violations
+        assert report.scopes == report.requests == 180
+        assert report.tokens_refused == 0
+        # Not an opaque token: the user id itself is refused on every request.
+        opaque = await check(create_app(), plan=CHECK_PLAN, identity=("bearer", ""))
+        assert not opaque.ok
+
+    async def test_tokens_the_app_refuses_are_said_refused_not_an_isolation_failure(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("AMBIENT_JWT_SECRET", DEMO_SECRET)
+        report = await check(create_app(), plan=CHECK_PLAN, identity=JWTIdentity(OTHER_SECRET))
+        assert not report.ok
+        assert report.tokens_refused == 180
+        assert report.isolation == []
+        assert report.failed_requests == [
+            "the app refused the tokens of 180 of 180 requests with HTTP 401 (the first "
+            'answer: "the bearer token\'s signature is invalid"): does it verify HS256 '
+            "tokens with the secret they are signed with (AMBIENT_JWT_SECRET), and expect "
+            "the aud and iss they carry (--jwt-audience, --jwt-issuer)?"
+        ]
+
+    async def test_audience_and_issuer_are_the_tokens_aud_and_iss(self) -> None:
+        options = {"audience": "notes-api", "issuer": "https://issuer.test"}
+        app = _jwt_notes_app(DEMO_SECRET, **options)
+        right = await check(app, users=5, requests=2, identity=JWTIdentity(DEMO_SECRET, **options))
+        assert right.ok, right.violations
+        without = await check(app, users=5, requests=2, identity=JWTIdentity(DEMO_SECRET))
+        assert without.tokens_refused == 10
+        assert "the bearer token lacks the 'iss' claim" in without.failed_requests[0]
+        # An app expecting neither refuses a token naming an audience (RFC 7519).
+        plain = _jwt_notes_app(DEMO_SECRET)
+        aud = await check(plain, users=5, requests=2, identity=JWTIdentity(DEMO_SECRET, **options))
+        assert aud.tokens_refused == 10
+
+    @pytest.mark.parametrize("status", [401, 500])
+    async def test_a_token_the_app_echoes_is_not_shown(self, status: int) -> None:
+        async def echo(scope: Any, receive: Any, send: Any) -> None:
+            sent = dict(scope["headers"])[b"authorization"]
+            await send({"type": "http.response.start", "status": status, "headers": []})
+            await send({"type": "http.response.body", "body": b"you sent " + sent})
+
+        report = await check(echo, users=2, requests=1, identity=JWTIdentity(DEMO_SECRET))
+        assert len(report.failed_requests) == 1 if status == 401 else 2
+        assert all("you sent Bearer <token>" in line for line in report.failed_requests)
+        assert "eyJ" not in repr(report)
+
+    def test_a_users_token_is_made_anew_once_half_its_lifetime_has_passed(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        import jwt
+
+        from ambient.check import _Driver
+
+        now = [1_800_000_000.0]
+        monkeypatch.setattr(time, "time", lambda: now[0])
+        driver = _Driver(_whoami, JWTIdentity(DEMO_SECRET, lifetime=600))
+        first = driver.token("check-00000-abcdef")
+        now[0] += 299
+        assert driver.token("check-00000-abcdef") == first
+        now[0] += 1
+        second = driver.token("check-00000-abcdef")
+        assert second is not None
+        assert second != first
+        claims = jwt.decode(
+            second,
+            DEMO_SECRET,
+            algorithms=["HS256"],
+            options={"verify_exp": False, "verify_iat": False},
+        )
+        assert claims == {
+            "sub": "check-00000-abcdef",
+            "iat": 1_800_000_300,
+            "exp": 1_800_000_900,
+        }
+
+    def test_what_cannot_sign_is_refused(self) -> None:
+        public_key = PUBLIC_KEY
+        for secret, said in (("", "is empty"), (public_key, "cannot sign HS256 tokens")):
+            with pytest.raises(ValueError, match=said):
+                JWTIdentity(secret)
+        with pytest.raises(ValueError, match="lifetime must be more than 0"):
+            JWTIdentity(DEMO_SECRET, lifetime=0)
+        assert DEMO_SECRET not in repr(JWTIdentity(DEMO_SECRET))
 
 
 async def _whoami(request: Request) -> Response:
@@ -1188,9 +1298,11 @@ class TestCommandLine:
         wrongs = {
             "--growth-requests=-50": "must be from 0 to 1000000, not -50",
             "--request=GET history": "the path must start with '/'",
-            "--identity=cookie": "must be header:NAME or bearer, not 'cookie'",
-            "--identity=header: ": "must be header:NAME or bearer, not 'header: '",
-            "--identity=bearer:authorization": "must be header:NAME or bearer, not",
+            "--identity=cookie": "must be header:NAME, bearer or jwt, not 'cookie'",
+            "--identity=header: ": "must be header:NAME, bearer or jwt, not 'header: '",
+            "--identity=bearer:authorization": "must be header:NAME, bearer or jwt, not",
+            "--identity=jwt:HS256": "must be header:NAME, bearer or jwt, not",
+            "--jwt-audience=": "must not be empty",
         }
         for wrong, said in wrongs.items():
             with pytest.raises(SystemExit) as refused:
@@ -1205,6 +1317,107 @@ class TestCommandLine:
                 parse_request(wrong)
         assert parse_request("/only/a/path") == PlannedRequest("GET", "/only/a/path")
         assert parse_request('POST /x {"a": 1}') == PlannedRequest("POST", "/x", '{"a": 1}')
+
+    def test_the_demo_in_jwt_mode_passes_with_jwt_identity(
+        self, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("AMBIENT_JWT_SECRET", DEMO_SECRET)
+        options = ["--users", "12", "--requests", "4", "--growth-requests", "200"]
+        code = main(["check", "--identity", "jwt", *options])
+        out, err = capsys.readouterr()
+        assert code == 0, out
+        assert "PASSED" in out
+        code = main(["check", "--identity", "jwt", *options, "--json"])
+        said, err_json = capsys.readouterr()
+        assert code == 0
+        assert json.loads(said)["tokens_refused"] == 0
+        for text in (out, err, said, err_json):
+            assert DEMO_SECRET not in text
+            assert "eyJ" not in text  # how every JWT begins
+
+    def test_tokens_the_app_refuses_fail_the_check_saying_so(
+        self, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """The demo verifies tokens with another secret than the check signs them with."""
+        _app_module(
+            tmp_path,
+            monkeypatch,
+            "other_secret_app_for_check",
+            "import os\n"
+            "from unittest import mock\n"
+            "from ambient.demo import app\n"
+            "from tests.test_check import OTHER_SECRET\n"
+            "def create_app():\n"
+            "    with mock.patch.dict(os.environ, {'AMBIENT_JWT_SECRET': OTHER_SECRET}):\n"
+            "        return app.create_app()\n",
+        )
+        monkeypatch.setenv("AMBIENT_JWT_SECRET", DEMO_SECRET)
+        argv = ["check", "other_secret_app_for_check:create_app", "--identity", "jwt"]
+        argv += ["--users", "4", "--requests", "2", "--growth-requests", "0"]
+        code = main([*argv, "--json"])
+        said, err_json = capsys.readouterr()
+        report = json.loads(said)
+        assert code == 1
+        assert report["isolation"] == []
+        assert report["tokens_refused"] == 8
+        assert report["failed_requests"] == [
+            "the app refused the tokens of 8 of 8 requests with HTTP 401 (the first answer: "
+            '"the bearer token\'s signature is invalid"): does it verify HS256 tokens with '
+            "the secret they are signed with (AMBIENT_JWT_SECRET), and expect the aud and iss "
+            "they carry (--jwt-audience, --jwt-issuer)?"
+        ]
+        code = main(argv)
+        out, err = capsys.readouterr()
+        assert code == 1
+        assert re.search(r"isolation\W+not tested\W+the app refused every token \(401\)", out)
+        assert "the app refused the tokens of 8 of 8 requests with HTTP 401" in out
+        assert "ambient context" not in out
+        assert "FAILED" in out
+        for text in (out, err, said, err_json):
+            assert DEMO_SECRET not in text
+            assert OTHER_SECRET not in text
+            assert "eyJ" not in text
+
+    @pytest.mark.parametrize(
+        ("secret", "said"),
+        [
+            (None, "the AMBIENT_JWT_SECRET environment variable, which is not set"),
+            ("", "the AMBIENT_JWT_SECRET environment variable, which is empty"),
+            (
+                PUBLIC_KEY,
+                "--identity jwt: the JWT secret cannot sign HS256 tokens (is it a public key?)",
+            ),
+        ],
+    )
+    def test_a_secret_missing_or_unusable_is_said_in_one_line(
+        self,
+        secret: str | None,
+        said: str,
+        capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        if secret is None:
+            monkeypatch.delenv("AMBIENT_JWT_SECRET", raising=False)
+        else:
+            monkeypatch.setenv("AMBIENT_JWT_SECRET", secret)
+        with pytest.raises(SystemExit) as refused:
+            main(["check", "--identity", "jwt", "--users", "2", "--requests", "1"])
+        out, err = capsys.readouterr()
+        assert refused.value.code == 2
+        assert said in err
+        assert "Traceback" not in out + err
+        assert not secret or secret not in out + err
+
+    def test_jwt_claims_without_jwt_identity_are_refused(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        for option in ("--jwt-audience", "--jwt-issuer"):
+            with pytest.raises(SystemExit) as refused:
+                main(["check", option, "api", "--users", "2", "--requests", "1"])
+            assert refused.value.code == 2
+            assert "--jwt-audience and --jwt-issuer are for --identity jwt" in (
+                capsys.readouterr().err
+            )
 
     def test_an_error_text_with_brackets_is_printed_as_it_is(
         self, capsys: pytest.CaptureFixture[str]
