@@ -368,7 +368,9 @@ class AmbientMiddleware:
                         self.app, scope, app_receive, socket, expires_at
                     )
                 else:
-                    await _stream_until_expiry(self.app, scope, app_receive, stream)
+                    await _stream_until_expiry(
+                        self.app, scope, app_receive, stream, registry.cleanup_timeout
+                    )
             except BaseException as exc:
                 if response.cut and _only_cut_off(exc):
                     # The stream this middleware cut at the identity's expiry: the error
@@ -998,13 +1000,20 @@ class _CutOffAtExpiryError(IncompleteResponseError):
 
 
 async def _stream_until_expiry(
-    app: ASGIApp, scope: MutableMapping[str, Any], receive: Receive, stream: _Stream
+    app: ASGIApp,
+    scope: MutableMapping[str, Any],
+    receive: Receive,
+    stream: _Stream,
+    end_within: float,
 ) -> None:
     """Run an HTTP request's app until its streamed body passes the identity's expiry (the
     stream's deadline, set when its body starts streaming; an idle stream too), then
     cancel it; a response cut there, or refused a message past the expiry, is ended once
     the app is out, with the trailers its start announced, so nothing the app sends while
-    it unwinds can follow the end. The app's error, the cut-off one included, propagates."""
+    it unwinds can follow the end. The end waits at most ``end_within`` seconds for the
+    server to take it: a client that stopped reading must not hold the request's
+    components (the server then closes the connection of a response left unfinished). The
+    app's error, the cut-off one included, propagates."""
     expiry = stream.expiry
     try:
         with expiry:
@@ -1015,7 +1024,8 @@ async def _stream_until_expiry(
         if expiry.cancel_called and not stream.ended:
             stream.cut = True
         if stream.cut:
-            await stream.end()
+            with anyio.move_on_after(end_within):
+                await stream.end()
 
 
 async def _serve_until_expiry(

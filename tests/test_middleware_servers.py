@@ -1029,11 +1029,11 @@ class _Sessions:
     """A registry whose REQUEST "session" is its request's user id, noting how each ended:
     the exception its cleanup saw, or ``None`` for a clean end."""
 
-    def __init__(self) -> None:
+    def __init__(self, **options: Any) -> None:
         self.cleaned: list[str] = []
         self.ended_by: list[Exception | None] = []
         self.all_cleaned = threading.Event()
-        self.registry = ambient.Registry()
+        self.registry = ambient.Registry(**options)
         self.registry.register("session", self._session)
 
     def _session(self, ctx: ambient.UserExecutionContext) -> Iterator[str]:
@@ -1350,6 +1350,51 @@ async def test_an_idle_event_stream_ends_when_its_token_expires(
         assert cleaned_at < expires
         assert "identity expired" not in str(ended_by[0])
     assert raised == []
+
+
+# hypercorn on trio shields its writes: no cancellation reaches a send its client does not take.
+@pytest.mark.parametrize("server", ["uvicorn", "hypercorn"])
+async def test_a_stream_to_a_client_that_stopped_reading_ends_at_its_token_expiry(
+    server: str,
+) -> None:
+    """A client that stopped reading holds the stream's sends, and at the expiry the end
+    of the response the middleware sends would wait for it forever, holding the expired
+    credential's components and connection: the end waits at most the registry's
+    ``cleanup_timeout``, then the request's components are cleaned, told of the cut."""
+    ledger = _Sessions(cleanup_timeout=0.5)
+    registry, ended_by, cleaned = ledger.registry, ledger.ended_by, ledger.all_cleaned
+    expires = math.inf
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        user = (await ambient.resolve("session")).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": user, "more_body": True})
+        chunk = b"x" * (1 << 20)
+        for _ in range(256):  # bounded: the client's and the server's buffers fill first
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    def identity(scope: Any) -> Identity:
+        nonlocal expires
+        expires = time.time() + 0.8
+        return Identity("ann", expires_at=expires)
+
+    with serve(server, AmbientMiddleware(app, registry=registry, identity=identity)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(10)
+            sock.connect((host, int(port)))
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(64).startswith(b"HTTP/1.1 200")
+            # The client reads no more, and stays.
+            ended = await anyio.to_thread.run_sync(cleaned.wait, 0.8 + 0.5 + 5)
+            cleaned_at = time.time()
+    assert ended, "the response's end waited on a client that stopped reading"
+    assert cleaned_at <= expires + 0.5 + 3
+    assert len(ended_by) == 1
+    assert isinstance(ended_by[0], IncompleteResponseError)
+    assert "identity expired" in str(ended_by[0])
 
 
 @pytest.mark.parametrize("server", ["hypercorn", "hypercorn-trio"])
