@@ -874,8 +874,9 @@ class _Stream(_Response):
     expired credential, idle or not), with the trailers its start announced, and the app
     gets an error from that ``send`` and from every later one.
 
-    The first body message always goes out, and an answer that is not streaming is never
-    cut: a request admitted while its credential was valid gets its answer. A response
+    The first body message sent after the expiry goes out (one sent before it, held by a
+    client that stopped reading, is cut at the expiry), and an answer that is not streaming
+    is never cut: a request admitted while its credential was valid gets its answer. A response
     that declared its ``content-length`` cannot be ended early, so nothing more is sent and
     the server closes the connection.
     """
@@ -922,13 +923,20 @@ class _Stream(_Response):
         return super().__call__(message)
 
     async def _stream(self, message: MutableMapping[str, Any]) -> None:
-        """Send the body's first message, which opens the stream, then arm the expiry."""
-        await super().__call__(message)
+        """Send the body's first message, which opens the stream, and arm the expiry: past
+        it, once the message went out; before it, already while it goes out (a client
+        that stopped reading must not hold it past the expiry)."""
         try:
             left = self._expires_at - time.time()
         except OverflowError:  # an int no float holds: an expiry that never comes
+            await super().__call__(message)
             return
-        self.expiry.deadline = anyio.current_time() + left
+        if left > 0:
+            self.expiry.deadline = anyio.current_time() + left
+            await super().__call__(message)
+        else:
+            await super().__call__(message)
+            self.expiry.deadline = anyio.current_time() + left
 
     def _forward(self, message: MutableMapping[str, Any]) -> Awaitable[None]:
         if message["type"] == "http.response.start":

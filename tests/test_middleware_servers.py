@@ -1354,13 +1354,16 @@ async def test_an_idle_event_stream_ends_when_its_token_expires(
 
 # hypercorn on trio shields its writes: no cancellation reaches a send its client does not take.
 @pytest.mark.parametrize("server", ["uvicorn", "hypercorn"])
+@pytest.mark.parametrize("held", ["a later message", "the first message"])
 async def test_a_stream_to_a_client_that_stopped_reading_ends_at_its_token_expiry(
-    server: str,
+    server: str, held: str
 ) -> None:
     """A client that stopped reading holds the stream's sends, and at the expiry the end
     of the response the middleware sends would wait for it forever, holding the expired
     credential's components and connection: the end waits at most the registry's
-    ``cleanup_timeout``, then the request's components are cleaned, told of the cut."""
+    ``cleanup_timeout``, then the request's components are cleaned, told of the cut. The
+    body's first message, held by such a client (hypercorn waits for its write), is cut at
+    the expiry too: the expiry was armed only once it went out."""
     ledger = _Sessions(cleanup_timeout=0.5)
     registry, ended_by, cleaned = ledger.registry, ledger.ended_by, ledger.all_cleaned
     expires = math.inf
@@ -1368,7 +1371,10 @@ async def test_a_stream_to_a_client_that_stopped_reading_ends_at_its_token_expir
     async def app(scope: Any, receive: Any, send: Any) -> None:
         user = (await ambient.resolve("session")).encode()
         await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": user, "more_body": True})
+        if held == "a later message":
+            await send({"type": "http.response.body", "body": user, "more_body": True})
+        else:  # more than the client's and the server's buffers take
+            await send({"type": "http.response.body", "body": user * (1 << 24), "more_body": True})
         chunk = b"x" * (1 << 20)
         for _ in range(256):  # bounded: the client's and the server's buffers fill first
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
