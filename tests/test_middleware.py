@@ -2207,6 +2207,55 @@ class TestStreamedResponseIdentityExpiry:
         assert isinstance(seen[0], IncompleteResponseError)
         assert "cut off when its identity expired" in str(seen[0])
 
+    @pytest.mark.parametrize("ping", [0, 0.02])
+    @pytest.mark.parametrize("spec", ["2.3", "2.4"])
+    async def test_an_idle_sse_starlette_stream_ends_at_expiry(
+        self, spec: str, ping: float
+    ) -> None:
+        """sse-starlette's ``EventSourceResponse`` runs its event stream, its pings and its
+        disconnect listener as tasks of one task group: waiting for its next event at the
+        expiry (pinging or not), it is cancelled and ended once, its generator closed;
+        nothing is raised to the server, and the cleanups see the cut."""
+        from sse_starlette import EventSourceResponse
+        from starlette.applications import Starlette
+        from starlette.requests import Request
+        from starlette.routing import Route
+
+        seen: list[BaseException | None] = []
+        closed: list[str] = []
+        expires_at = time.time() + 0.3
+
+        async def events(user: str) -> AsyncIterator[dict[str, str]]:
+            try:
+                yield {"data": user}
+                await anyio.sleep(3600)  # the next event
+                yield {"data": "late"}
+            finally:
+                closed.append(user)
+
+        async def stream(request: Request) -> EventSourceResponse:
+            user = await ambient.resolve("tx")
+            return EventSourceResponse(events(user), ping=ping)
+
+        app = AmbientMiddleware(
+            Starlette(routes=[Route("/", stream)]),
+            registry=_tx_registry(seen),
+            identity=self.ann(expires_at),
+        )
+        scope = http_scope([], asgi={"version": "3.0", "spec_version": spec})
+        sent, ended = await self.serve_idle(app, scope)
+        assert ended, "the idle stream outlived its identity's expiry"
+        assert time.time() >= expires_at
+        assert sent[0]["status"] == 200
+        bodies = [m["body"] for m in sent[1:]]
+        assert bodies[0] == b"data: ann\r\n\r\n"
+        assert bodies[-1] == b""
+        assert all(body.startswith(b": ping") for body in bodies[1:-1])
+        assert [m.get("more_body", False) for m in sent[1:]].count(False) == 1
+        assert closed == ["ann"]
+        assert len(seen) == 1
+        assert "cut off when its identity expired" in str(seen[0])
+
 
 class TestStreamsCutShort:
     """A streamed response cut short by the client (B06): before the first chunk, after the
