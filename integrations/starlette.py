@@ -106,8 +106,9 @@ async def ambient_error_handler(request: Request, exc: Exception) -> Response:
     """
     answer = answer_error(exc) if request.scope.get("type") == "http" else None
     if answer is None:
-        # Websockets: AmbientMiddleware refuses the handshake itself (ServerErrorMiddleware
-        # lets non-HTTP errors through). Errors without an HTTP status are bugs: a 500.
+        # Websockets: AmbientMiddleware answers them itself, refusing the handshake or
+        # closing the accepted socket with 1013 or 1008 (ServerErrorMiddleware lets
+        # non-HTTP errors through). Errors without an HTTP status are bugs: a 500.
         raise exc
     return _response(answer)
 

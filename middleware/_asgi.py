@@ -66,6 +66,7 @@ _ANONYMOUS: Final = _ReadOnlyDict({ANONYMOUS: True})
 # The close code of a websocket whose identity stopped being valid: expired here, or
 # revoked through the websockets integration's hub.
 CLOSE_IDENTITY_ENDED: Final = 4001
+_EXPIRED: Final = "identity expired"
 # A response with this status or above tells the client its request was not carried out.
 _SERVER_ERROR: Final = 500
 # The websocket close codes that say the same: RFC 6455's "internal error", and 4000 plus
@@ -149,7 +150,12 @@ class AmbientMiddleware:
     :class:`~ambient.AmbientError` that carries an HTTP status (``PoolExhaustedError`` ->
     503) raised by the app before its response started becomes that answer, also inside an
     exception group (a task group around the work) that holds only such errors, answered
-    as its first; any other exception propagates unchanged. A websocket whose identity
+    as its first; any other exception propagates unchanged. Raised once a websocket was
+    accepted, such an error closes it instead, with 1013 "try again later" for a 503 or
+    429 and 1008 for the rest, the problem's title as reason (nothing is sent on a socket
+    the app or the client closed already; one raised as the expiry below cancelled the app
+    gets the expiry's 4001), and is not raised to the server either; its cleanups see it
+    all the same. A websocket whose identity
     has an ``expires_at`` (a JWT's ``exp``) is cancelled and closed with 4001 when it
     passes, and a streamed HTTP response whose body is streaming (server-sent events) is
     cancelled and ended then, idle or not; their cleanups then see an
@@ -378,7 +384,13 @@ class AmbientMiddleware:
                     failures = await component_scope.finish(_CutOffAtExpiryError(http=True))
                     _log_failures(failures, ctx)
                     return
-                answer = None if response.started else _answer_of(exc)
+                if not response.started:
+                    answer = _answer_of(exc)
+                elif websocket and not response.status:
+                    # An accepted socket (or one the app closed): its answer is a close.
+                    answer = _answer_of(exc)
+                else:
+                    answer = None
                 if answer is None:
                     # For a last-resort handler outside (Starlette's 500), which answers
                     # after the scope closed.
@@ -387,6 +399,10 @@ class AmbientMiddleware:
                     raise
                 failures = await component_scope.finish(exc)
                 _log_failures(failures, ctx)
+                if response.started:
+                    # Its handshake was answered: no ticket to give back, no challenge.
+                    await _close_answered(Problem.from_error(answer), response, handshake, ctx)
+                    return
                 if identity is not None:
                     await identity._refused()
                 problem = Problem.from_error(answer)._challenged(_challenge_of(self.identity))
@@ -715,24 +731,53 @@ class _FailedRequest:
 
 
 class _Handshake:
-    """A websocket's ``receive``, noting whether the app took the handshake's connect."""
+    """A websocket's ``receive``, noting whether the app took the handshake's connect, and
+    whether it took the client's disconnect (a close sent after that is refused: uvicorn
+    raises)."""
 
-    __slots__ = ("_receive", "connected")
+    __slots__ = ("_receive", "connected", "disconnected")
 
     def __init__(self, receive: Receive) -> None:
         self._receive = receive
         self.connected = False
+        self.disconnected = False
 
-    def __call__(self) -> Awaitable[MutableMapping[str, Any]]:
-        if self.connected:
-            return self._receive()
-        return self._first()
-
-    async def _first(self) -> MutableMapping[str, Any]:
+    async def __call__(self) -> MutableMapping[str, Any]:
         message = await self._receive()
-        if message["type"] == "websocket.connect":
+        kind = message["type"]
+        if kind == "websocket.disconnect":
+            self.disconnected = True
+        elif kind == "websocket.connect":
             self.connected = True
         return message
+
+
+async def _close_answered(
+    problem: Problem, socket: _Response, handshake: _Handshake | None, ctx: UserExecutionContext
+) -> None:
+    """Close an accepted websocket whose app raised an error that has an answer (no
+    database connection free: 1013), unless the app, its expiry or the client closed it
+    already: the client learns to try again later instead of seeing the connection drop.
+    An app that raised it as it was cancelled at its identity's expiry gets the expiry's
+    close (4001): trying again with the same credential is no use."""
+    if socket.close_code or handshake is None or handshake.disconnected:
+        return
+    message: dict[str, Any]
+    if isinstance(socket, _Socket) and socket.expired:
+        logger.info("ambient: closing a websocket whose identity has expired")
+        message = {"type": "websocket.close", "code": CLOSE_IDENTITY_ENDED, "reason": _EXPIRED}
+    else:
+        message = problem._websocket_close()
+        logger.info(
+            "ambient: closing a websocket with %d after its app raised a %d error (request %s)",
+            message["code"],
+            problem.status,
+            ctx.request_id,
+        )
+    # A client gone before its disconnect was received: the server refuses the close
+    # (uvicorn's ClientDisconnected), with nobody left to tell.
+    with contextlib.suppress(OSError):
+        await socket(message)
 
 
 # The messages that start the answer to a request, which carry the request id echo: the
@@ -852,13 +897,15 @@ class _Response:
 
 
 class _Socket(_Response):
-    """The ``send`` of a websocket whose identity expires: also notes whether it closed."""
+    """The ``send`` of a websocket whose identity expires: also notes whether it closed,
+    and whether its app raised as it was cancelled at the expiry (``expired``)."""
 
-    __slots__ = ("closed",)
+    __slots__ = ("closed", "expired")
 
     def __init__(self, send: Send, echo: list[tuple[bytes, bytes]]) -> None:
         super().__init__(send, echo)
         self.closed = False
+        self.expired = False
 
     def __call__(self, message: MutableMapping[str, Any]) -> Awaitable[None]:
         if message["type"] in ("websocket.close", "websocket.http.response.start"):
@@ -1066,7 +1113,13 @@ async def _serve_until_expiry(
                 await anyio.lowlevel.checkpoint()
             return message
 
-        await app(scope, receive_in_time, socket)
+        try:
+            await app(scope, receive_in_time, socket)
+        except BaseException:
+            # Raised as the app was cancelled at the expiry: an error with an answer (no
+            # database connection free) is answered with the expiry's close, not its own.
+            socket.expired = expiry.cancel_called
+            raise
     if not expiry.cancelled_caught:
         return False
     if not socket.started:
@@ -1076,9 +1129,7 @@ async def _serve_until_expiry(
         raise IdentityError(msg, status=401)
     if not socket.closed:
         logger.info("ambient: closing a websocket whose identity has expired")
-        await socket(
-            {"type": "websocket.close", "code": CLOSE_IDENTITY_ENDED, "reason": "identity expired"}
-        )
+        await socket({"type": "websocket.close", "code": CLOSE_IDENTITY_ENDED, "reason": _EXPIRED})
     return True
 
 

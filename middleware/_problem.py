@@ -138,3 +138,15 @@ class Problem:
         reason = self.detail.encode()[:_MAX_REASON].decode("utf-8", "ignore")
         code = _WS_CODES.get(self.status, 1008)
         await send({"type": "websocket.close", "code": code, "reason": reason})
+
+    def _websocket_close(self) -> dict[str, Any]:
+        """The ``websocket.close`` message that ends an accepted websocket with this
+        problem: 1013 "try again later" for overload (503, 429), 1008 policy violation
+        otherwise, with the title as reason (the detail may say more than a socket that
+        was served should hear)."""
+        reason = self.title.encode()[:_MAX_REASON].decode("utf-8", "ignore")
+        return {
+            "type": "websocket.close",
+            "code": _WS_CODES.get(self.status, 1008),
+            "reason": reason,
+        }

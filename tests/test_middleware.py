@@ -2751,3 +2751,210 @@ async def test_another_users_cleanups_run_after_the_response(how: str) -> None:
     assert sorted(log) == sorted(
         2 * ["closing alice", "closed alice"] + ["closing bob", "closed bob"]
     )
+
+
+def _after_accept(
+    error: BaseException, before: list[Message] | None = None
+) -> Callable[[Any, Any, Any], Any]:
+    """A websocket app that accepts, resolves the request's "tx", sends ``before`` (a close
+    of its own), then raises ``error``."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        await ambient.resolve("tx")
+        for message in before or ():
+            if message["type"] == "receive":
+                await receive()
+            else:
+                await send(message)
+        raise error
+
+    return app
+
+
+def _expiring_in_an_hour(scope: Any) -> Identity:
+    return Identity("ann", expires_at=time.time() + 3600)
+
+
+class TestWebsocketAnsweredAfterAccept:
+    """An ambient error that carries an HTTP answer, raised by the app once its websocket
+    was accepted, closes the socket with 1013 (overload) or 1008, the problem's title as
+    reason, instead of reaching the server (which drops the connection, a crash to the
+    client); cleanups still see the error."""
+
+    @pytest.mark.parametrize("expiring", [False, True], ids=["plain", "expiring"])
+    @pytest.mark.parametrize(
+        ("error", "code", "reason"),
+        [
+            (
+                PoolExhaustedError("pool of ann's", retry_after=2),
+                1013,
+                "Service temporarily unavailable",
+            ),
+            (TooManyRequestsError("too many of ann's"), 1013, "Too many concurrent requests"),
+            (IdentityError("the token of ann was revoked", status=401), 1008, "Invalid identity"),
+            (
+                InvalidContextError("thread_id", "too long", "x" * 300),
+                1008,
+                "Invalid request context",
+            ),
+            (
+                ExceptionGroup("work", [PoolExhaustedError("first"), IdentityError("second")]),
+                1013,
+                "Service temporarily unavailable",
+            ),
+        ],
+        ids=["pool", "too-many", "identity", "invalid-context", "group"],
+    )
+    async def test_the_socket_is_closed_with_the_errors_code(
+        self, error: Exception, code: int, reason: str, expiring: bool
+    ) -> None:
+        seen: list[BaseException | None] = []
+        identity = _expiring_in_an_hour if expiring else trusted_header()
+        middleware = AmbientMiddleware(
+            _after_accept(error), registry=_tx_registry(seen), identity=identity
+        )
+        sent = await drive(
+            middleware, ws_scope([(b"x-user-id", b"ann")]), [{"type": "websocket.connect"}]
+        )
+        assert sent[1:] == [{"type": "websocket.close", "code": code, "reason": reason}]
+        assert sent[0]["type"] == "websocket.accept"
+        assert seen == [error]
+
+    @pytest.mark.parametrize(
+        "error",
+        [
+            RuntimeError("a bug"),
+            ExceptionGroup("work", [PoolExhaustedError("busy"), RuntimeError("a bug")]),
+        ],
+        ids=["bug", "mixed-group"],
+    )
+    async def test_any_other_error_still_reaches_the_server(self, error: Exception) -> None:
+        seen: list[BaseException | None] = []
+        middleware = AmbientMiddleware(
+            _after_accept(error), registry=_tx_registry(seen), identity=trusted_header()
+        )
+        sent: list[Message] = []
+        with pytest.raises(type(error)) as raised:
+            await middleware(
+                ws_scope([(b"x-user-id", b"ann")]),
+                _script([{"type": "websocket.connect"}]),
+                _recorder(sent),
+            )
+        assert raised.value is error
+        assert [m["type"] for m in sent] == ["websocket.accept"]
+        assert seen == [error]
+
+    @pytest.mark.parametrize("expiring", [False, True], ids=["plain", "expiring"])
+    @pytest.mark.parametrize(
+        "before",
+        [
+            [{"type": "websocket.close", "code": 1000}],
+            [{"type": "receive"}],
+        ],
+        ids=["closed-by-the-app", "client-gone"],
+    )
+    async def test_nothing_is_sent_on_a_socket_already_closed(
+        self, before: list[Message], expiring: bool
+    ) -> None:
+        """The app closed the socket itself, or received the client's disconnect (a close
+        sent then is refused: uvicorn raises), before raising: nothing more is sent, and
+        the error does not reach the server either."""
+        seen: list[BaseException | None] = []
+        error = PoolExhaustedError("busy")
+        identity = _expiring_in_an_hour if expiring else trusted_header()
+        middleware = AmbientMiddleware(
+            _after_accept(error, before), registry=_tx_registry(seen), identity=identity
+        )
+        incoming: list[Message] = [
+            {"type": "websocket.connect"},
+            {"type": "websocket.disconnect", "code": 1001},
+        ]
+        sent = await drive(middleware, ws_scope([(b"x-user-id", b"ann")]), incoming)
+        closes = [m for m in before if m["type"] == "websocket.close"]
+        assert sent == [{"type": "websocket.accept", "headers": sent[0]["headers"]}, *closes]
+        assert seen == [error]
+
+    async def test_a_client_gone_unnoticed_refuses_the_close_quietly(self) -> None:
+        """The client went away before its disconnect was received: the server's send
+        refuses the close (uvicorn's ClientDisconnected, an OSError), and nobody is left to
+        answer; the error does not reach the server."""
+        seen: list[BaseException | None] = []
+        error = PoolExhaustedError("busy")
+        middleware = AmbientMiddleware(
+            _after_accept(error), registry=_tx_registry(seen), identity=trusted_header()
+        )
+        sent: list[Message] = []
+
+        async def send(message: Message) -> None:
+            if message["type"] == "websocket.close":
+                raise ConnectionResetError("the client is gone")
+            sent.append(message)
+
+        with anyio.fail_after(5):
+            await middleware(
+                ws_scope([(b"x-user-id", b"ann")]), _script([{"type": "websocket.connect"}]), send
+            )
+        assert [m["type"] for m in sent] == ["websocket.accept"]
+        assert seen == [error]
+
+    async def test_an_error_raised_as_the_expiry_cancels_the_app_gets_the_expirys_close(
+        self,
+    ) -> None:
+        """The app, cancelled at its identity's expiry, raises such an error as it unwinds
+        (its pool's wait cut short): the socket is closed with 4001 "identity expired",
+        not with the error's 1013; trying again with the same credential is no use."""
+        seen: list[BaseException | None] = []
+        error = PoolExhaustedError("no connection while unwinding")
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await receive()
+            await send({"type": "websocket.accept"})
+            await ambient.resolve("tx")
+            try:
+                await anyio.sleep_forever()  # the client stays silent: only expiry ends this
+            except anyio.get_cancelled_exc_class():
+                raise error from None
+
+        def expiring(scope: Any) -> Identity:
+            return Identity("ann", expires_at=time.time() + 0.2)
+
+        middleware = AmbientMiddleware(app, registry=_tx_registry(seen), identity=expiring)
+        sent = await drive(middleware, ws_scope([]), [{"type": "websocket.connect"}])
+        assert sent[1:] == [{"type": "websocket.close", "code": 4001, "reason": "identity expired"}]
+        assert seen == [error]
+
+    async def test_a_long_title_is_cut_to_the_close_frame_limit(self) -> None:
+        class LongTitledError(PoolExhaustedError):
+            title = "é" * 100
+
+        middleware = AmbientMiddleware(
+            _after_accept(LongTitledError("busy")),
+            registry=_tx_registry([]),
+            identity=trusted_header(),
+        )
+        sent = await drive(
+            middleware, ws_scope([(b"x-user-id", b"ann")]), [{"type": "websocket.connect"}]
+        )
+        assert sent[1]["code"] == 1013
+        assert sent[1]["reason"] == "é" * 61
+
+
+def _script(incoming: list[Message]) -> Callable[[], Any]:
+    queue = list(incoming)
+
+    async def receive() -> Message:
+        if queue:
+            return queue.pop(0)
+        await anyio.sleep_forever()
+        raise AssertionError  # pragma: no cover
+
+    return receive
+
+
+def _recorder(sent: list[Message]) -> Callable[[Message], Any]:
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    return send

@@ -1976,3 +1976,150 @@ async def test_a_base_http_middleware_outside_ambient_changes_nothing(server: st
     await wait_for(ledger, lambda led: led.all_cleaned())
     assert ledger.problems() == []
     assert set(ledger.created.values()) == {f"outer-{n}" for n in range(20)}
+
+
+# How each socket of the test below fails after accept: the error its handler raises, what
+# it does before, and the close the client gets (None: the connection drops, no 1008/1013).
+_AFTER_ACCEPT: dict[str, tuple[str, int | None, str]] = {
+    "busy": ("raise", 1013, "Service temporarily unavailable"),
+    "refused": ("raise", 1008, "Invalid identity"),
+    "closed": ("close", 1000, ""),
+    "gone": ("wait", None, ""),
+    "bug": ("raise", None, ""),
+}
+
+
+def _failing_after_accept(
+    stack: str, seen: dict[str, BaseException | None]
+) -> tuple[Any, threading.Condition]:
+    """A Starlette or FastAPI app (under install(), or wrapped by the middleware) whose
+    socket ``/fail?how=...`` fails after accept as ``_AFTER_ACCEPT`` says, with a REQUEST
+    "tx" whose cleanup notes in ``seen`` the error it saw, by request id; and the
+    condition notified as it does."""
+    from fastapi import FastAPI
+
+    from ambient.errors import IdentityError, PoolExhaustedError
+
+    registry = Registry()
+    done = threading.Condition()
+
+    def tx(ctx: ambient.UserExecutionContext) -> Iterator[str]:
+        error: BaseException | None = None
+        try:
+            yield ctx.user_id
+        except Exception as exc:
+            error = exc
+            raise
+        finally:
+            with done:
+                seen[str(ctx.request_id)] = error
+                done.notify_all()
+
+    registry.register("tx", tx)
+
+    async def fail(websocket: WebSocket) -> None:
+        how = websocket.query_params["how"]
+        await websocket.accept()
+        await ambient.resolve("tx")
+        await websocket.send_text("begun")
+        if how == "closed":
+            await websocket.close(1000)
+        elif how == "gone":
+            assert (await websocket.receive())["type"] == "websocket.disconnect"
+        if how == "bug":
+            raise RuntimeError("a bug after accept")
+        if how == "refused":
+            raise IdentityError("the token was revoked since it was issued", status=401)
+        raise PoolExhaustedError("no database connection free for this user", retry_after=2)
+
+    app: Any
+    if stack.startswith("fastapi"):
+        app = FastAPI()
+        app.add_api_websocket_route("/fail", fail)
+    else:
+        app = Starlette(routes=[WebSocketRoute("/fail", fail)])
+    if stack.endswith("install"):
+        install(app, registry=registry, identity=trusted_header())
+    else:
+        app = AmbientMiddleware(app, registry=registry, identity=trusted_header())
+    return app, done
+
+
+@pytest.mark.parametrize("stack", ["starlette-install", "starlette", "fastapi-install"])
+async def test_an_ambient_error_after_accept_closes_the_socket_with_its_code(
+    server: str, stack: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler raises, once its socket was accepted, an ambient error that has an answer:
+    the client gets a close with 1013 (no database connection free: try again later) or
+    1008 and the problem's title, where it used to see the connection drop as after a
+    crash; the server logs no crash, and the socket's cleanups see the error. A socket the
+    handler closed itself, or whose client went away, gets nothing more; a bug still
+    reaches the server."""
+    options: dict[str, Any] = (
+        {"log_config": None}
+        if server == "uvicorn"
+        else {"errorlog": logging.getLogger("hypercorn.error")}
+    )
+    await _fail_after_accept(server, stack, caplog, options)
+
+
+# The legacy implementation, and the websockets module it is built on, are deprecated.
+@pytest.mark.filterwarnings("ignore:The `websockets` implementation is deprecated")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:websockets")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:uvicorn")
+@pytest.mark.parametrize("ws", ["wsproto", "websockets"])
+async def test_an_ambient_error_after_accept_under_uvicorns_other_websocket_implementations(
+    ws: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same under uvicorn's wsproto and legacy websockets implementations; the legacy
+    one raises for a close sent once the client's disconnect was received."""
+    await _fail_after_accept("uvicorn", "starlette", caplog, {"log_config": None, "ws": ws})
+
+
+async def _fail_after_accept(
+    server: str, stack: str, caplog: pytest.LogCaptureFixture, options: dict[str, Any]
+) -> None:
+    seen: dict[str, BaseException | None] = {}
+    app, done = _failing_after_accept(stack, seen)
+    caplog.set_level(logging.ERROR)
+
+    def talk(url: str, how: str) -> tuple[int | None, str]:
+        headers = {"x-user-id": "ann", "x-request-id": f"socket.{how}"}
+        with connect(f"{url}/fail?how={how}", additional_headers=headers) as client:
+            assert client.recv(timeout=20) == "begun"
+            if how == "gone":
+                client.close()
+            with contextlib.suppress(ConnectionClosed):
+                client.recv(timeout=20)  # until the server closes it
+            closed = client.protocol.close_rcvd
+        with done:  # the close goes out once the cleanups ran; a bug's close before
+            assert done.wait_for(lambda: f"socket.{how}" in seen, timeout=20)
+        return (closed.code, closed.reason) if closed is not None else (None, "")
+
+    with serve(server, app, **options) as url:
+        ws_base = url.replace("http://", "ws://")
+        for how, (_, code, reason) in _AFTER_ACCEPT.items():
+            got_code, got_reason = await anyio.to_thread.run_sync(talk, ws_base, how)
+            if code in (1008, 1013):
+                assert (got_code, got_reason) == (code, reason), how
+            elif how == "bug":
+                assert got_code not in (1000, 1008, 1013), how
+            elif how == "closed":
+                assert (got_code, got_reason) == (1000, ""), how
+    crashes = [
+        record
+        for record in caplog.records
+        if record.name in ("uvicorn.error", "hypercorn.error") and record.exc_info
+    ]
+    from ambient.errors import IdentityError, PoolExhaustedError
+
+    assert {how: type(error) for how, error in seen.items()} == {
+        "socket.busy": PoolExhaustedError,
+        "socket.refused": IdentityError,
+        "socket.closed": PoolExhaustedError,
+        "socket.gone": PoolExhaustedError,
+        "socket.bug": RuntimeError,
+    }
+    assert [str(record.exc_info[1]) for record in crashes if record.exc_info] == [
+        "a bug after accept"
+    ]
