@@ -214,6 +214,42 @@ class TestMemory:
         assert expiries["connection"] is not None
         assert expiries == {"connection": expiries["connection"], "message": expiries["connection"]}
 
+    async def test_a_ticket_for_another_user_does_not_take_the_request_credentials_expiry(
+        self,
+    ) -> None:
+        """A request signed in as an admin whose token expires, acting for bob (a switch
+        to bob's context), issues bob a ticket: the expiry is looked for in bob's own
+        bindings only, and bob presented no credential in this request. The admin's
+        own ticket, issued in the same request, expires with the admin's token."""
+        from ambient.integrations.propagation import ContextSigner, capture, signed_context
+
+        signer = ContextSigner("k" * 32)
+        tickets = WebSocketTickets()
+
+        async def issue(request: Request) -> Response:
+            own = await tickets.issue()
+            with ambient.bind_context(UserExecutionContext.create("bob"), allow_switch=True):
+                for_bob = await tickets.issue()
+            return JSONResponse({"own": own, "bob": for_bob})
+
+        app = AmbientMiddleware(
+            Starlette(routes=[Route("/ticket", issue)]),
+            registry=Registry(),
+            identity=signed_context(signer),
+        )
+        token = capture(UserExecutionContext.create("admin"), secret=signer, ttl=30)
+        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 1))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            answer = await http.get("/ticket", headers={"x-ambient-context": token})
+        assert answer.status_code == 200, answer.text
+        own = await tickets(handshake(answer.json()["own"]))
+        bob = await tickets(handshake(answer.json()["bob"]))
+        assert own is not None
+        assert bob is not None
+        assert (own.user_id, bob.user_id) == ("admin", "bob")
+        assert own.expires_at is not None
+        assert bob.expires_at is None
+
     async def test_one_ticket_twenty_handshakes_at_once_one_gets_in(self) -> None:
         tickets = WebSocketTickets()
         with bound():
