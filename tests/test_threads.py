@@ -182,7 +182,7 @@ class _Tools:
     pass
 
 
-@pytest.mark.parametrize("hop", ["ContextExecutor", "ambient.wrap"])
+@pytest.mark.parametrize("hop", ["ContextExecutor", "ContextExecutor.submit_held", "ambient.wrap"])
 async def test_a_cycle_through_a_thread_hop_is_reported_not_a_deadlock(hop: str) -> None:
     """A sync factory builds part of its component in another thread and waits for it;
     that part resolves what the factory is making. Without the hop that is a cycle
@@ -195,11 +195,12 @@ async def test_a_cycle_through_a_thread_hop_is_reported_not_a_deadlock(hop: str)
     ):
 
         def make_engine() -> _Engine:
-            part = (
-                executor.submit(ambient.resolve_sync, _Tools)
-                if hop == "ContextExecutor"
-                else plain.submit(ambient.wrap(ambient.resolve_sync), _Tools)
-            )
+            if hop == "ContextExecutor":
+                part = executor.submit(ambient.resolve_sync, _Tools)
+            elif hop == "ContextExecutor.submit_held":
+                part = executor.submit_held(ambient.resolve_sync, _Tools)
+            else:
+                part = plain.submit(ambient.wrap(ambient.resolve_sync), _Tools)
             part.result(timeout=10)
             return _Engine()
 
@@ -621,6 +622,43 @@ class TestWorkThatOutlivesTheRequest:
             "thread used probe of alice closed=False",
             "scope closed, probe closed=True",
         ]
+        assert_released_in_time(caplog)
+
+    async def test_a_thread_cancelled_before_it_started_releases_the_scope(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """run_sync_in_thread(abandon_on_cancel=True) in a cancelled caller: no thread
+        ever runs ``fn``, so the hold it took is released at once, and the scope's cleanup
+        does not wait for its timeout."""
+        registry, ledger = make_registry(cleanup_timeout=2.0)
+        ran: list[str] = []
+        async with registry.open_scope(UserExecutionContext.create("alice")):
+            await ambient.resolve(Probe)
+            with anyio.CancelScope() as cancel:
+                cancel.cancel()
+                await run_sync_in_thread(ran.append, "ran", abandon_on_cancel=True)
+            assert cancel.cancelled_caught
+        assert ran == []
+        assert ledger.problems() == []
+        assert len(ledger.cleaned) == 1
+        assert_released_in_time(caplog)
+
+    async def test_a_held_call_the_executor_refuses_releases_the_scope(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """submit_held() on an executor already shut down raises as submit() does: the
+        hold it took is released, so the scope's cleanup does not wait for its timeout."""
+        registry, ledger = make_registry(cleanup_timeout=2.0)
+        executor = ContextExecutor(max_workers=1)
+        executor.shutdown()
+        ran: list[str] = []
+        async with registry.open_scope(UserExecutionContext.create("alice")):
+            await ambient.resolve(Probe)
+            with pytest.raises(RuntimeError, match="shutdown"):
+                executor.submit_held(ran.append, "ran")
+        assert ran == []
+        assert ledger.problems() == []
+        assert len(ledger.cleaned) == 1
         assert_released_in_time(caplog)
 
 
