@@ -327,6 +327,22 @@ class TestRestore:
             restore("v1.bad", secret=SECRET)
         assert ambient.current_context_or_none() is None
 
+    async def test_a_restore_whose_scope_could_not_open_can_be_entered_again(self) -> None:
+        """``async with restore(token, registry=...)`` refused on entry (another user's
+        context is bound here) leaves the restore() free: entered again where it may
+        be, it opens its scope, rather than being refused as already in use."""
+        registry, ledger = build_registry()
+        restored = restore(capture(context("bob"), secret=SECRET), secret=SECRET, registry=registry)
+        with bind_context(context("alice")), pytest.raises(ContextSwitchError):
+            async with restored:
+                pytest.fail("bob's scope opened inside alice's context")
+        async with restored as job:
+            assert job.user_id == "bob"
+            assert (await ambient.resolve(Probe)).user_id == "bob"
+        assert registry.stats().open_scopes == 0
+        await registry.aclose()
+        assert ledger.problems() == []
+
     def test_restoring_another_users_context_inside_one_needs_allow_switch(self) -> None:
         token = capture(context("bob"), secret=SECRET)
         with bind_context(context("alice")):
@@ -398,13 +414,17 @@ class TestInject:
         assert headers["traceparent"].split("-")[1] == trace_id
         assert headers["accept"] == "application/json"
 
-    async def test_an_id_that_cannot_go_in_a_header_takes_a_stale_one_away(self) -> None:
+    @pytest.mark.parametrize("stale", ["X-Thread-Id", "x-thread-id"])
+    async def test_an_id_that_cannot_go_in_a_header_takes_a_stale_one_away(
+        self, stale: str
+    ) -> None:
         """A thread id that is not ASCII travels only in the token; a thread id header the
         headers already held (forwarded from the incoming request) named another thread,
-        so the callee refused the call (401, the header contradicts the token)."""
+        so the callee refused the call (401, the header contradicts the token). Spelled
+        as inject() spells it or not."""
         app, _ = downstream()
         ctx = context(thread_id="café talk")
-        headers = {"X-Thread-Id": "conversation-7", "x-request-id": "request-1"}
+        headers = {stale: "conversation-7", "x-request-id": "request-1"}
         with bind_context(ctx):
             inject(headers, secret=SECRET, trace=False)
         response = await call_b(app, headers)
@@ -829,6 +849,24 @@ class TestSignedContext:
         ):
             signed_context(SECRET)(scope)
         assert ["'unix'" in r.getMessage() for r in caplog.records] == [True]
+
+    async def test_the_identity_expires_when_the_token_is_no_longer_honoured(self) -> None:
+        """A websocket opened with a signed context is closed when its token would be
+        refused: at its ``exp`` plus the verifier's leeway, as the check allows, not
+        sooner."""
+        now = 1_900_000_000.25
+        signer = ContextSigner(SECRET, clock=lambda: now, leeway=7)
+        token = signer.sign(context(), ttl=30)
+        headers = [(HEADER.encode(), token.encode())]
+        scope = {"type": "websocket", "headers": headers, "client": ("127.0.0.1", 1)}
+        identity = signed_context(signer)(scope)
+        assert identity is not None
+        assert identity.expires_at == claims_of(token)["exp"] + 7
+        now = claims_of(token)["exp"] + 7
+        assert signer.verify(token).user_id == "alice"
+        now += 1
+        with pytest.raises(InvalidTokenError, match="expired"):
+            signer.verify(token)
 
     async def test_without_the_header_other_resolvers_decide(self) -> None:
         """signed_context answers None without its header, so first_of falls through."""
