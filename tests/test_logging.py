@@ -150,6 +150,9 @@ class TestContextFilter:
             # A hashing filter on the logger, a raw debug handler, an exported handler with
             # no filter of its own: it must get the logger filter's hash.
             ("hashing logger, raw debug, plain exported", "hash", "hash"),
+            # The same policy twice on one record (the logger's filter and the handlers'):
+            # an id written under it is kept, not hashed again.
+            ("hashing logger, hashing debug and exported", "hash", "hash"),
         ],
     )
     def test_no_handler_gives_away_more_of_an_id_than_its_filter_allows(
@@ -195,6 +198,11 @@ class TestContextFilter:
             buffer.addFilter(ContextFilter())
             debug.addFilter(ContextFilter(user_id="raw"))
             handlers = [buffer, debug]
+        elif setup == "hashing logger, hashing debug and exported":
+            log.addFilter(logger_filter := ContextFilter())
+            debug.addFilter(ContextFilter())
+            exported.addFilter(ContextFilter())
+            handlers = [debug, exported]
         else:
             log.addFilter(logger_filter := ContextFilter())
             debug.addFilter(ContextFilter(user_id="raw"))
@@ -208,7 +216,7 @@ class TestContextFilter:
         finally:
             for handler in handlers:
                 log.removeHandler(handler)
-            if setup == "hashing logger, raw debug, plain exported":
+            if setup.startswith("hashing logger"):
                 log.removeFilter(logger_filter)
         for record in buffered:  # the buffer flushes now, after the other handlers ran
             exported.handle(record)
@@ -295,6 +303,59 @@ class TestContextFilter:
         # need not have this library installed).
         pickled = pickle.dumps(debug.records[0].__dict__)
         assert type(pickle.loads(pickled)["user_id"]) is str  # noqa: S301 - made just above
+
+    def test_outside_a_context_a_stricter_filter_after_a_laxer_one_leaves_the_ids_empty(
+        self,
+    ) -> None:
+        """A raw debug handler, then a hashing one, on a record made outside any context:
+        the empty ids the first filter wrote stay empty under the second, never the hash
+        of an empty string, which would look like a user's."""
+        debug, exported = Keep(), Keep()
+        debug.addFilter(ContextFilter(user_id="raw"))
+        exported.addFilter(ContextFilter(tenant_id="hash"))
+        log = logging.getLogger("tests.logging.outside-two-policies")
+        log.setLevel(logging.INFO)
+        log.propagate = False
+        log.addHandler(debug)
+        log.addHandler(exported)
+        try:
+            log.info("no context")
+        finally:
+            log.removeHandler(debug)
+            log.removeHandler(exported)
+        (record,) = exported.records
+        assert (record.user_id, record.tenant_id) == ("", "")  # type: ignore[attr-defined]
+
+    def test_an_id_that_cannot_be_written_again_is_left_out(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A raw debug handler, then a hashing one whose hash fails: the record still goes
+        out, without the id rather than with the raw one."""
+        import hmac
+
+        debug, exported = Keep(), Keep()
+        debug.addFilter(ContextFilter(user_id="raw"))
+        exported.addFilter(ContextFilter())
+        log = logging.getLogger("tests.logging.failing-hash")
+        log.setLevel(logging.INFO)
+        log.propagate = False
+        log.addHandler(debug)
+        log.addHandler(exported)
+
+        def broken(*args: object) -> bytes:
+            raise RuntimeError("hash failed")
+
+        try:
+            with bind_context(UserExecutionContext.create("alice@example.com")):
+                monkeypatch.setattr(hmac, "digest", broken)
+                log.info("run done")
+                monkeypatch.undo()
+        finally:
+            log.removeHandler(debug)
+            log.removeHandler(exported)
+        (record,) = exported.records
+        assert record.user_id == ""  # type: ignore[attr-defined]
+        assert "alice@example.com" not in repr(record.__dict__)
 
     def test_never_raises(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """If looking up the context fails, the record still goes out with empty fields."""
