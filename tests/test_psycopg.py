@@ -1448,6 +1448,65 @@ async def test_shared_checkout_cancelled_as_a_connection_is_handed_to_it_loses_n
                 await _checkout_once(pool, "carol")
 
 
+async def test_shared_checkout_cancelled_by_asyncio_as_its_share_is_handed_to_it_hands_it_on(
+    db: Database,
+) -> None:
+    """per_user_limit=1: alice holds her share and two more of her checkouts wait for it in
+    line. Her checkout ends and, in the same step, the first waiter's task is cancelled
+    with asyncio's ``Task.cancel()`` (``asyncio.timeout``, a server ending the task): the
+    share just handed to it must go on to the next in line, which is served. Dropped, it
+    would keep alice's count of held connections at the limit while her line lasted, and
+    the second waiter would wait out its timeout."""
+    import asyncio
+
+    async with SharedPool(
+        db.app_url,
+        min_size=1,
+        max_size=2,
+        per_user_limit=1,
+        timeout=3,
+        rls_check="off",
+        kwargs=db.kwargs(),
+    ) as pool:
+        alice = UserRef("alice", "acme")
+        served: list[str] = []
+
+        async def waiter() -> None:
+            with bind_context(_ctx("alice")):
+                async with pool.connection() as conn:
+                    served.append(await _scalar(conn, "SELECT current_setting('app.user_id')"))
+
+        with anyio.fail_after(10):
+            holding, release = anyio.Event(), anyio.Event()
+            first: asyncio.Task[None] | None = None
+
+            async def holder() -> None:
+                with bind_context(_ctx("alice")):
+                    async with pool.connection():
+                        holding.set()
+                        await release.wait()
+                # No checkpoint since the share was handed to the first waiter.
+                assert first is not None
+                first.cancel()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(holder)
+                await holding.wait()
+                first = asyncio.create_task(waiter())
+                await _eventually(
+                    _async(lambda: len(pool._gates[alice].waiters) == 1), "alice's first waits"
+                )
+                tg.start_soon(waiter)
+                await _eventually(
+                    _async(lambda: len(pool._gates[alice].waiters) == 2), "alice's second waits"
+                )
+                release.set()
+            with pytest.raises(asyncio.CancelledError):
+                await first
+        assert served == ["alice"]
+        await _eventually(lambda: _shared_idle(pool), "pool idle again")
+
+
 def _async(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
     async def run() -> bool:
         return check()
