@@ -12,6 +12,7 @@ import logging
 import random
 import socket
 import threading
+import traceback
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -370,6 +371,49 @@ class TestScopeSpan:
         assert not cancelled.events
         assert failed.status.status_code is StatusCode.ERROR
         assert "ambient.cancelled" not in (failed.attributes or {})
+
+    async def test_a_group_of_cancellations_and_an_error_is_an_error(
+        self, otel: Otel, anyio_backend: str
+    ) -> None:
+        """A scope ended by a group of cancellations and an error together is an error,
+        not a cancellation: on trio, a nursery cancelled from outside while one of its
+        tasks fails as it is cancelled (its cleanup raises); on asyncio, the failures of
+        tasks gathered and raised as one group, a cancelled one among them."""
+        registry = Registry(telemetry=otel.telemetry())
+        ended: list[BaseException] = []
+
+        async def fails_when_cancelled(started: anyio.Event) -> None:
+            try:
+                started.set()
+                await anyio.sleep_forever()
+            finally:
+                raise LookupError("cleanup of the task failed")
+
+        async def gathered_failures() -> None:
+            failures = [asyncio.CancelledError(), LookupError("the task failed")]
+            raise BaseExceptionGroup("gathered", failures)
+
+        with pytest.raises(BaseExceptionGroup) as raised, anyio.CancelScope() as outer:
+            async with registry.open_scope(ctx("mixed")):
+                try:
+                    if anyio_backend == "asyncio":
+                        await gathered_failures()
+                    async with anyio.create_task_group() as tg:
+                        started = anyio.Event()
+                        tg.start_soon(fails_when_cancelled, started)
+                        await started.wait()
+                        outer.cancel()
+                        await anyio.sleep_forever()
+                except BaseException as error:
+                    ended.append(error)
+                    raise
+        assert raised.value.subgroup(LookupError) is not None
+        [error] = ended
+        assert isinstance(error, BaseExceptionGroup)
+        assert error.subgroup(anyio.get_cancelled_exc_class()) is not None
+        [span] = otel.spans.named("ambient.scope")
+        assert span.status.status_code is StatusCode.ERROR
+        assert "ambient.cancelled" not in (span.attributes or {})
 
     @pytest.mark.parametrize("cleanup", ["sync", "async"])
     async def test_an_interrupt_escaping_a_cleanup_marks_the_scope_span(
@@ -973,6 +1017,35 @@ class TestIds:
                 f"{field} is invalid: must not start or end with whitespace"
             )
             assert "InvalidContextError" in str(event.attributes["exception.stacktrace"])
+
+    @pytest.mark.parametrize("wrapped", ["cause", "context", "group"])
+    async def test_an_invalid_id_echoed_by_a_wrapped_context_error_is_not_exported(
+        self, otel: Otel, wrapped: str
+    ) -> None:
+        """The error echoing a flawed user id reaches the scope wrapped: the cause of the
+        job's own error, the error being handled when another was raised, or a member of
+        an exception group (a task group's). Its stack trace, recorded on the scope span,
+        holds the wrapped error's message too: without the id all the same."""
+        flawed = "alice@example.com "
+        registry = Registry(telemetry=otel.telemetry())
+        with pytest.raises(Exception) as raised:  # noqa: PT011 - each case raises its own
+            async with registry.open_scope(ctx("worker")):
+                try:
+                    UserExecutionContext.create(flawed)
+                except ambient.InvalidContextError as error:
+                    if wrapped == "cause":
+                        raise RuntimeError("the job could not start") from error
+                    if wrapped == "context":
+                        raise RuntimeError("the job could not start")  # noqa: B904
+                    failed = error
+                # Raised where no error is being handled: a member of the group only.
+                raise ExceptionGroup("jobs", [failed])
+        assert "alice@example.com" in "".join(traceback.format_exception(raised.value))
+        span = one(otel.spans.named("ambient.scope"))
+        assert "alice@example.com" not in span.to_json()
+        (event,) = [e for e in span.events if e.name == "exception"]
+        assert event.attributes is not None
+        assert "user_id is invalid" in str(event.attributes["exception.stacktrace"])
 
     async def test_an_invalid_id_is_echoed_where_its_policy_is_raw(self, otel: Otel) -> None:
         """With user_id="raw" the error is recorded as it was raised."""
