@@ -1453,6 +1453,27 @@ async def test_the_revocations_remembered_for_joining_handshakes_are_bounded() -
     await registry.aclose()
 
 
+async def test_a_user_revoked_again_counts_as_the_latest_revocation_kept() -> None:
+    """With room for two remembered revocations, user-0, user-1, user-0 again, then
+    user-2 are revoked: the oldest to go is user-1's, not user-0's, which is among the
+    latest; a handshake of user-0 validated before them is still revoked as it joins."""
+    registry = Registry()
+    hub = ConnectionHub()
+    hub.install(registry)
+    hub._recent_max = 2
+    held = HeldConnect(registry, "user-0")
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(held.run)
+            await held.checked.wait()
+            for number in (0, 1, 0, 2):
+                await hub.revoke(f"user-{number}")
+            assert [user.user_id for user, _ in hub._recent] == ["user-0", "user-2"]
+            await connect_held(held)
+            assert (held.work, held.closes()) == ([], [(4001, "access revoked")])
+    await registry.aclose()
+
+
 @pytest.mark.parametrize("seconds", [float, int], ids=["fractions", "whole"])
 async def test_the_hub_dates_revocations_on_the_clock_the_middleware_reads(
     monkeypatch: pytest.MonkeyPatch, seconds: Callable[[float], float]
@@ -1585,6 +1606,62 @@ async def test_a_socket_the_hub_closes_ends_its_handlers_block_quietly(ending: s
         int(ending == "replaced"),
         set(),
     )
+    await registry.aclose()
+
+
+class FailingSend(Quiet):
+    """A websocket whose client is gone: a send to it fails, as a server's does."""
+
+    def __init__(self) -> None:
+        self.failed = anyio.Event()
+
+    async def send_text(self, data: str) -> None:
+        self.failed.set()
+        raise OSError("connection reset by peer")
+
+
+async def test_a_socket_whose_send_failed_leaves_the_hub_while_its_block_still_runs() -> None:
+    """A send to carol's socket fails while her handler is in a step that must not be cut
+    short (a shielded one): the socket leaves the hub at once, counted as a send failure,
+    and later events for carol are queued on no socket; the block ends once the step is
+    done."""
+    registry = Registry()
+    hub = ConnectionHub()
+    hub.install(registry)
+    socket = FailingSend()
+    entered, leave = anyio.Event(), anyio.Event()
+    outcome: list[str] = []
+
+    async def handler() -> None:
+        context = UserExecutionContext.create("carol", connection_id="c-1")
+        async with registry.open_scope(context) as scope:
+            manager = await scope.resolve(UserWebSocketManager)
+            async with manager.connect(socket):  # type: ignore[arg-type]
+                with anyio.CancelScope(shield=True):
+                    entered.set()
+                    await leave.wait()
+                await anyio.lowlevel.checkpoint()  # the block ends at its first await
+                outcome.append("served on")
+            outcome.append("ended quietly")
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(handler)
+            await entered.wait()
+            sender = UserExecutionContext.create("carol", connection_id="c-2")
+            try:
+                async with registry.open_scope(sender) as scope:
+                    manager = await scope.resolve(UserWebSocketManager)
+                    await manager.broadcast_user({"seq": 1})
+                    await socket.failed.wait()
+                    stats = hub.stats()
+                    assert (stats.connections, stats.users, stats.send_failures) == (0, 0, 1)
+                    await manager.broadcast_user({"seq": 2})
+                    assert hub.stats().queued == 0
+            finally:
+                leave.set()  # the shielded step ends whatever happened
+    assert outcome == ["ended quietly"]
+    assert hub._leaving == set()
     await registry.aclose()
 
 
