@@ -3053,6 +3053,55 @@ async def test_per_user_pools_cancel_while_waiting_for_room(db: Database) -> Non
     await registry.aclose()
 
 
+async def test_per_user_pools_room_handed_to_a_checkout_asyncio_cancels_goes_to_the_next(
+    db: Database,
+) -> None:
+    """max_total=1: alice holds the one connection, and two other users' checkouts wait
+    for room in line. Alice's checkout ends (her pool idle, the first in line woken to
+    take its room) and, in the same step, the first waiter's task is cancelled with
+    asyncio's ``Task.cancel()``: the room must go on to the second, which is served."""
+    import asyncio
+
+    pools = PerUserPools(
+        db.app_url, max_size=1, max_total=1, timeout=3, rls_check="off", kwargs=db.kwargs()
+    )
+    registry = Registry()
+    pools.install(registry)
+    served: list[str] = []
+
+    async def waiter(user: str) -> None:
+        async with registry.open_scope(_ctx(user)), connection() as conn:
+            served.append(await _scalar(conn, "SELECT current_setting('app.user_id', true)"))
+
+    with anyio.fail_after(10):
+        holding, release = anyio.Event(), anyio.Event()
+        first: asyncio.Task[None] | None = None
+
+        async def holder() -> None:
+            async with registry.open_scope(_ctx("alice")):
+                async with connection():
+                    holding.set()
+                    await release.wait()
+                # No checkpoint since the room was handed to the first waiter.
+                assert first is not None
+                first.cancel()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(holder)
+            await holding.wait()
+            first = asyncio.create_task(waiter("bob"))
+            await _eventually(_async(lambda: pools.stats().waiting == 1), "bob waits")
+            tg.start_soon(waiter, "carol")
+            await _eventually(_async(lambda: pools.stats().waiting == 2), "carol waits")
+            release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+    assert served == ["carol"]
+    stats = pools.stats()
+    assert (stats.waiting, stats.checked_out, stats.slots) == (0, 0, 1)
+    await registry.aclose()
+
+
 async def test_per_user_pools_cancel_mid_query(db: Database) -> None:
     """A cancelled query of a per-user pool is cancelled on the server; the pool recovers."""
     pools = PerUserPools(db.app_url, max_total=5, rls_check="off", kwargs=db.kwargs())
