@@ -304,6 +304,32 @@ async def test_environment_variables_are_honoured(
     assert all(h.get("x-api-key") == "s3cret" for h in receiver.headers)
 
 
+def test_an_endpoint_with_a_slash_and_headers_reach_both_signals(receiver: Receiver) -> None:
+    """An endpoint given with a trailing slash (``http://collector:4318/``) and export
+    headers (an API key): spans and metrics both go to ``/v1/traces`` and ``/v1/metrics``
+    with the headers; and force_flush() says False when the traces did not flush, even
+    though the metrics did."""
+    handle = configure_tracing(
+        "slashed", receiver.url + "/", set_global=False, headers={"x-api-key": "s3cret"}
+    )
+    assert handle.meter_provider is not None
+    handle.tracer_provider.get_tracer("test").start_span("test.span").end()
+    handle.meter_provider.get_meter("test").create_counter("ambient.test.count").add(1)
+    assert handle.force_flush(timeout=5)
+    assert receiver.rejected == []
+    assert [span.name for _, span in receiver.spans()] == ["test.span"]
+    assert receiver.metrics != []
+    assert len(receiver.headers) == len(receiver.traces) + len(receiver.metrics)
+    assert all(h.get("x-api-key") == "s3cret" for h in receiver.headers)
+
+    def unfinished(timeout_millis: int = 30000) -> bool:
+        return False
+
+    handle.tracer_provider.force_flush = unfinished  # type: ignore[method-assign]
+    assert handle.force_flush(timeout=5) is False
+    handle.shutdown()
+
+
 def test_shutdown_is_idempotent_and_validates_the_name(receiver: Receiver) -> None:
     """shutdown() twice is harmless; an empty service name is refused."""
     handle = configure_tracing("twice", receiver.url, set_global=False)
