@@ -45,6 +45,7 @@ from ambient.integrations.websockets import (
     Connection,
     ConnectionHub,
     Envelope,
+    InProcessBroadcast,
     OriginAllowList,
     RedisBroadcast,
     UnsupportedBackendError,
@@ -1606,6 +1607,49 @@ async def test_a_socket_the_hub_closes_ends_its_handlers_block_quietly(ending: s
         int(ending == "replaced"),
         set(),
     )
+    await registry.aclose()
+
+
+class SubscribesOnSecondTry(InProcessBroadcast):
+    """The in-process backend, whose first subscription fails as an unreachable Redis's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 1
+
+    async def subscribe(self, user: UserRef) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise BroadcastError("the broadcast backend is unreachable")
+        await super().subscribe(user)
+
+
+async def test_a_socket_whose_subscription_failed_leaves_nothing_joining() -> None:
+    """The backend cannot subscribe carol's socket: it is refused with 1013 after the
+    accept, and nothing of it stays among the sockets joining, so the client's retry
+    with the same connection id gets in (rather than "already registered")."""
+    registry = Registry()
+    hub = ConnectionHub(SubscribesOnSecondTry())
+    hub.install(registry)
+
+    async def attempt(socket: SignalledAccept) -> str:
+        context = UserExecutionContext.create("carol", connection_id="c-1")
+        async with registry.open_scope(context) as scope:
+            manager = await scope.resolve(UserWebSocketManager)
+            try:
+                async with manager.connect(socket):  # type: ignore[arg-type]
+                    return "got in"
+            except BroadcastError:
+                return "refused"
+
+    first, retry = SignalledAccept(), SignalledAccept()
+    with anyio.fail_after(10):
+        assert await attempt(first) == "refused"
+        assert (hub._joining, hub._joining_ids) == (set(), {})
+        assert await attempt(retry) == "got in"
+    assert first.closed == [(1013, "the broadcast backend is unreachable")]
+    assert retry.closed == []
+    assert (hub._joining, hub._joining_ids, hub.stats().connections) == (set(), {}, 0)
     await registry.aclose()
 
 
