@@ -2610,6 +2610,45 @@ async def test_a_revocation_while_the_subscription_was_down_reaches_a_handshake_
         own.kill()
 
 
+async def test_a_revocation_the_stream_lost_during_an_outage_is_learnt_from_the_count(
+    redis_url: str,
+) -> None:
+    """Carol's socket is open here when this process's pub/sub connection is cut, and
+    another process revokes her before the subscription is back; the stream of recent
+    revocations no longer holds that revocation when it is read (trimmed, or lost with
+    the key). Her count of revocations grew by one meanwhile: once back, the process
+    revokes her socket from the count."""
+    own = RedisProcess()
+    own.start()
+    admin = redis.Redis.from_url(own.url)
+    try:
+        prefix = unique_prefix()
+        registry = Registry()
+        backend = RedisBroadcast(own.url, channel_prefix=prefix, timeout=1.0, reconnect_delay=1.0)
+        hub = ConnectionHub(backend)
+        hub.install(registry)
+        other = ConnectionHub(RedisBroadcast(own.url, channel_prefix=prefix, timeout=1.0))
+        carol = HeldConnect(registry, "carol")
+        with anyio.fail_after(DEADLINE):
+            await backend.wait_connected()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(carol.run)
+                await connect_held(carol)
+                assert carol.work == ["carol"]
+                assert admin.client_kill_filter(_type="pubsub") == 1
+                await other.revoke("carol", reason="banned")
+                assert admin.delete(f"{prefix}revocations") == 1
+                assert backend.reconnects == 0  # made in the gap
+                await carol.ended.wait()
+        assert carol.closes() == [(4001, "access revoked")]
+        assert (hub.stats().revoked, hub.stats().connections) == (1, 0)
+        await other.aclose()
+        await registry.aclose()
+    finally:
+        admin.close()
+        own.kill()
+
+
 async def test_a_revocation_heard_before_the_recent_ones_are_read_hides_none_of_them(
     redis_url: str,
 ) -> None:
