@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import gc
 import logging
@@ -1305,6 +1306,58 @@ async def test_a_cleanup_cut_short_is_reported_as_such_not_as_done(anyio_backend
     with pytest.raises(asyncio.CancelledError):
         await closing
     assert [type(error) for error in ended] == [asyncio.CancelledError]
+    assert registry.stats().cleanup_failures == 0
+
+
+_attached: contextvars.ContextVar[str] = contextvars.ContextVar("_attached", default="none")
+
+
+async def test_a_token_set_before_a_components_yield_is_reset_after_it() -> None:
+    """A REQUEST async generator that sets a context variable before its yield and resets
+    its token after it (as OpenTelemetry's context.attach and detach do, or structlog's
+    bound contextvars): the body sees the value, the reset at the scope's end succeeds, and
+    the variable is back as it was. Run in a copy of the request's context (a task of its
+    own), the reset raises ValueError (created in a different Context): a CleanupError."""
+    seen: list[str] = []
+
+    async def attached() -> AsyncIterator[str]:
+        token = _attached.set(ambient.get_current_context().user_id)
+        try:
+            yield "attached"
+        finally:
+            await anyio.lowlevel.checkpoint()
+            seen.append(_attached.get())
+            _attached.reset(token)
+
+    registry = Registry()
+    registry.register("attached", attached)
+    async with registry.open_scope(ctx("bob")) as scope:
+        await scope.resolve("attached")
+        seen.append(_attached.get())
+    seen.append(_attached.get())
+    assert seen == ["bob", "bob", "none"]
+    assert registry.stats().cleanup_failures == 0
+
+
+async def test_a_lock_held_across_a_components_yield_is_released_after_it() -> None:
+    """A REQUEST component holding a task-owned lock for its request (one agent run per
+    user at a time: ``async with lock: yield agent``) releases it at the scope's end. Its
+    cleanup must run in the task that took the lock: run in a task of its own, anyio's
+    lock refuses the release (the current task is not holding this lock) and stays held."""
+    lock = anyio.Lock()
+
+    async def agent() -> AsyncIterator[str]:
+        async with lock:
+            yield "agent"
+            await anyio.lowlevel.checkpoint()
+
+    registry = Registry()
+    registry.register("agent", agent)
+    for user in ("bob", "alice"):
+        async with registry.open_scope(ctx(user)) as scope:
+            await scope.resolve("agent")
+            assert lock.locked()
+        assert not lock.locked()
     assert registry.stats().cleanup_failures == 0
 
 
