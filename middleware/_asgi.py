@@ -921,11 +921,13 @@ class _Stream(_Response):
     expired credential, idle or not), with the trailers its start announced, and the app
     gets an error from that ``send`` and from every later one.
 
-    The first body message sent after the expiry goes out (one sent before it, held by a
-    client that stopped reading, is cut at the expiry), and an answer that is not streaming
-    is never cut: a request admitted while its credential was valid gets its answer. A response
-    that declared its ``content-length`` cannot be ended early, so nothing more is sent and
-    the server closes the connection.
+    A server-sent event stream (``content-type: text/event-stream``, no
+    ``content-length``) is streaming from its start: one still waiting for its first event
+    is cut at the expiry too. The first body message sent after the expiry goes out (one
+    sent before it, held by a client that stopped reading, is cut at the expiry), and an
+    answer that is not streaming is never cut: a request admitted while its credential was
+    valid gets its answer. A response that declared its ``content-length`` cannot be ended
+    early, so nothing more is sent and the server closes the connection.
     """
 
     __slots__ = ("_expires_at", "_server", "_sized", "_streaming", "cut", "expiry")
@@ -948,12 +950,20 @@ class _Stream(_Response):
             raise _CutOffAtExpiryError(http=True)
         if message["type"] == "http.response.body":
             more = message.get("more_body", False)
+            expiry = self.expiry
             if not self._streaming:
+                if expiry.cancel_called:
+                    # An event stream cut at the expiry before its first event, whose app
+                    # caught its cancellation: nothing goes out.
+                    self.cut = True
+                    raise _CutOffAtExpiryError(http=True)
                 self._streaming = True
                 if more:
                     return self._stream(message)
+                # A body in one message: the work after it is not cut (an event stream's
+                # deadline is armed from its start).
+                expiry.deadline = math.inf
             elif not self.ended:
-                expiry = self.expiry
                 if expiry.cancel_called or (
                     # An empty last message only ends what went out in time: it goes out.
                     (more or message.get("body")) and _expired(self._expires_at)
@@ -987,9 +997,28 @@ class _Stream(_Response):
 
     def _forward(self, message: MutableMapping[str, Any]) -> Awaitable[None]:
         if message["type"] == "http.response.start":
-            headers = message.get("headers") or ()
-            self._sized = any(name.lower() == b"content-length" for name, _ in headers)
+            events = False
+            for name, value in message.get("headers") or ():
+                lowered = name.lower()
+                if lowered == b"content-length":
+                    self._sized = True
+                elif lowered == b"content-type":
+                    events = value.partition(b";")[0].strip().lower() == b"text/event-stream"
+            if events and not self._sized:
+                # A server-sent event stream is a stream from its start: one waiting for
+                # its first event (none yet, no ping) is cut at the expiry too.
+                self._arm()
         return self._server(message)
+
+    def _arm(self) -> None:
+        """Cancel the app at the expiry, unless it has passed already (the first body
+        message still goes out then) or never comes."""
+        try:
+            left = self._expires_at - time.time()
+        except OverflowError:  # an int no float holds: an expiry that never comes
+            return
+        if left > 0:
+            self.expiry.deadline = anyio.current_time() + left
 
     async def end(self) -> None:
         """End the response cut at the expiry: an empty last body message, then the

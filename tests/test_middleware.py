@@ -2054,6 +2054,134 @@ class TestStreamedResponseIdentityExpiry:
         assert isinstance(seen[0], IncompleteResponseError)
         assert "cut off when its identity expired" in str(seen[0])
 
+    @pytest.mark.parametrize("then", ["raises the cancellation", "sends an event anyway"])
+    @pytest.mark.parametrize("app_kind", ["raw", "starlette"])
+    async def test_an_event_stream_waiting_for_its_first_event_is_ended_at_expiry(
+        self, app_kind: str, then: str
+    ) -> None:
+        """A server-sent event stream is streaming from its start: one that sent its start
+        and waits for its first event (no ping) is cancelled at the identity's expiry and
+        ended (an empty last body); an event the app sends after catching the cancellation
+        does not go out. Armed only by the first body message, it outlived the expiry."""
+        from starlette.applications import Starlette
+        from starlette.requests import Request
+        from starlette.responses import StreamingResponse
+        from starlette.routing import Route
+
+        seen: list[BaseException | None] = []
+        cancelled_at: list[float] = []
+        refused: list[BaseException] = []
+        expires_at = time.time() + 0.3
+
+        async def first_event() -> None:
+            try:
+                await anyio.Event().wait()
+            except anyio.get_cancelled_exc_class():
+                cancelled_at.append(time.time())
+                if then == "raises the cancellation":
+                    raise
+
+        async def raw(scope: Any, receive: Any, send: Any) -> None:
+            await ambient.resolve("tx")
+            await receive()
+            headers = [(b"Content-Type", b"text/event-stream; charset=utf-8")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await first_event()
+            try:
+                await send({"type": "http.response.body", "body": b"data: x\n\n"})
+            except IncompleteResponseError as error:
+                refused.append(error)
+                raise
+
+        class Events:
+            """One event, once it comes (an iterator, not a generator left unclosed)."""
+
+            def __init__(self) -> None:
+                self.sent = False
+
+            def __aiter__(self) -> Events:
+                return self
+
+            async def __anext__(self) -> str:
+                if self.sent:
+                    raise StopAsyncIteration
+                await first_event()
+                self.sent = True
+                return "data: x\n\n"
+
+        async def stream(request: Request) -> StreamingResponse:
+            await ambient.resolve("tx")
+            return StreamingResponse(Events(), media_type="text/event-stream")
+
+        app = raw if app_kind == "raw" else Starlette(routes=[Route("/", stream)])
+        middleware = AmbientMiddleware(
+            app, registry=_tx_registry(seen), identity=self.ann(expires_at)
+        )
+        sent, ended = await self.serve_idle(middleware, http_scope([]))
+        assert ended, "the event stream outlived its identity's expiry"
+        assert len(cancelled_at) == 1
+        assert expires_at <= cancelled_at[0] < expires_at + 1
+        assert sent[0]["type"] == "http.response.start"
+        out = [(m["type"], m.get("body"), m.get("more_body", False)) for m in sent[1:]]
+        assert out == [("http.response.body", b"", False)]
+        if app_kind == "raw" and then == "sends an event anyway":
+            assert len(refused) == 1
+        assert len(seen) == 1
+        assert isinstance(seen[0], IncompleteResponseError)
+        assert "cut off when its identity expired" in str(seen[0])
+
+    async def test_an_event_stream_answered_in_one_message_keeps_the_work_after_it(
+        self,
+    ) -> None:
+        """An event stream whose whole body went out in one message before the expiry: the
+        work after it (a background task) runs past the expiry, and cleanups see a clean
+        end."""
+        seen: list[BaseException | None] = []
+        past: list[float] = []
+        expires_at = time.time() + 0.2
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await ambient.resolve("tx")
+            headers = [(b"content-type", b"text/event-stream")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": b"data: x\n\n"})
+            await anyio.sleep(expires_at - time.time() + 0.1)  # the expiry is the event
+            past.append(time.time())
+
+        middleware = AmbientMiddleware(
+            app, registry=_tx_registry(seen), identity=self.ann(expires_at)
+        )
+        sent, ended = await self.serve_idle(middleware, http_scope([]))
+        assert ended
+        assert len(past) == 1
+        assert past[0] > expires_at
+        assert [m.get("body") for m in sent[1:]] == [b"data: x\n\n"]
+        assert seen == [None]
+
+    async def test_a_stream_of_another_kind_waiting_for_its_first_body_is_not_cut(
+        self,
+    ) -> None:
+        """A response that is no event stream and has sent only its start is not cut at the
+        expiry: it may be a plain answer still being made, which a request admitted while
+        its credential was valid gets."""
+        seen: list[BaseException | None] = []
+        expires_at = time.time() + 0.2
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await ambient.resolve("tx")
+            headers = [(b"content-type", b"application/json")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await anyio.sleep(expires_at - time.time() + 0.1)  # the expiry is the event
+            await send({"type": "http.response.body", "body": b"{}"})
+
+        middleware = AmbientMiddleware(
+            app, registry=_tx_registry(seen), identity=self.ann(expires_at)
+        )
+        sent, ended = await self.serve_idle(middleware, http_scope([]))
+        assert ended
+        assert [m.get("body") for m in sent[1:]] == [b"{}"]
+        assert seen == [None]
+
     @pytest.mark.parametrize("then", ["returns", "raises the cancellation"])
     async def test_an_app_that_catches_its_cancellation_gets_nothing_out_after_the_end(
         self, then: str
