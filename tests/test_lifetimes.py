@@ -210,6 +210,21 @@ class TestUserLifetime:
         assert cleaned == ["b"]
         assert registry.stats().live_users == 2
 
+    async def test_a_user_evicted_by_a_scope_is_cleaned_while_that_scope_stays_open(
+        self,
+    ) -> None:
+        """A scope opened outside the middleware (a websocket's, a job's) that evicts an
+        idle user for max_users cleans that user's components as it evicts them, not when
+        it closes, which for a websocket may be hours later."""
+        cleaned: list[str] = []
+        registry = user_registry(cleaned, max_users=1)
+        await use(registry, "a")
+        async with registry.open_scope(ctx("b")):
+            await ambient.resolve(Tracked)
+            assert cleaned == ["a"]
+        await registry.aclose()
+        assert cleaned == ["a", "b"]
+
     async def test_max_users_never_evicts_an_entry_in_use(self) -> None:
         """Eviction skips users whose scopes are open."""
         cleaned: list[str] = []
