@@ -882,6 +882,37 @@ class TestCleanup:
         assert isinstance(got[0], ScopeClosedError)
         await registry.aclose()
 
+    @pytest.mark.parametrize("cleanup", ["sync", "async"])
+    async def test_a_cleanup_resolves_nothing_from_its_closing_scope(self, cleanup: str) -> None:
+        """A cleanup that resolves from the scope it is cleaned with gets ScopeClosedError,
+        never a component from the scope's cache: cleanups run newest first, so that one
+        has been cleaned already."""
+        registry = Registry()
+        got: list[object] = []
+
+        def resolve_newer() -> None:
+            try:
+                got.append(ambient.resolve_sync("newer"))
+            except ScopeClosedError as exc:
+                got.append(exc)
+
+        def older_sync() -> Iterator[str]:
+            yield "older"
+            resolve_newer()
+
+        async def older_async() -> AsyncIterator[str]:
+            yield "older"
+            resolve_newer()
+
+        registry.register("older", older_sync if cleanup == "sync" else older_async)
+        registry.register("newer", Counter)
+        async with registry.open_scope(ctx()) as scope:
+            await scope.resolve("older")
+            newer = await scope.resolve("newer")
+        assert newer.closed == 1
+        assert len(got) == 1
+        assert isinstance(got[0], ScopeClosedError)
+
     async def test_creation_finishing_after_close_is_cleaned(self) -> None:
         """A component whose factory finishes after its scope closed is cleaned at once."""
         registry = Registry()
@@ -1036,6 +1067,43 @@ class TestHold:
         with hold:
             pass  # releasing it late is harmless
         await registry.aclose()
+
+    async def test_a_native_cancel_while_waiting_for_a_hold_is_what_ended_the_scope(
+        self, anyio_backend: str
+    ) -> None:
+        """The body ended well, then asyncio's own ``task.cancel()`` cut the close short
+        while it waited for a hold: the observers see that cancellation as what ended the
+        scope, not a scope that ended normally."""
+        if anyio_backend != "asyncio":
+            pytest.skip("task.cancel() is asyncio's; trio has only cancel scopes")
+        import asyncio
+
+        ended: list[BaseException | None] = []
+
+        class Watch(ambient.Observer):
+            def scope_closed(self, scope: ambient.Scope, failures: tuple[Exception, ...]) -> None:
+                ended.append(scope.exception)
+
+        registry = Registry(telemetry=Watch())
+        scope, hold = await _held_scope(registry, lambda: iter(["request"]))
+        closing = asyncio.ensure_future(scope.__aexit__(None, None, None))
+        await anyio.wait_all_tasks_blocked()
+        assert not closing.done()  # waiting for the hold
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        assert [type(error) for error in ended] == [asyncio.CancelledError]
+        hold.release()
+        await registry.aclose()
+
+    async def test_a_closed_scope_cannot_be_held(self) -> None:
+        """A hold taken once the scope has closed would keep nothing open: refused."""
+        registry = Registry()
+        async with registry.open_scope(ctx()) as scope:
+            pass
+        with pytest.raises(ScopeClosedError, match="already closed"):
+            scope.hold()
+        assert scope._holds == 0
 
     async def test_two_closes_waiting_for_one_hold_end_the_scope_once(self) -> None:
         """Two tasks close a held scope (the request's end and a shutdown, say): the
@@ -1467,6 +1535,44 @@ class TestClosingWhileResolving:
     """A scope that closes while something still resolves from it (work that outlived its
     request, without a hold): the resolution is refused, nothing it made is lost or kept
     by the closed scope, and every component is cleaned exactly once."""
+
+    async def test_an_app_component_whose_scope_and_registry_closed_is_not_made_again(
+        self,
+    ) -> None:
+        """The registry closed (a shutdown) while an APP component was made, and the
+        scope closed too: the resolution is refused, and the component is not made again
+        in the registry's fresh store for a scope that can no longer hand it out."""
+        registry = Registry()
+        entered = anyio.Event()
+        go_on = anyio.Event()
+        calls: list[str] = []
+
+        async def make() -> Counter:
+            calls.append("made")
+            entered.set()
+            await go_on.wait()
+            return Counter()
+
+        registry.register("app", make, lifetime=Lifetime.APP)
+        outcome: list[BaseException] = []
+        scope = registry.open_scope(ctx())
+        await scope.__aenter__()
+        async with anyio.create_task_group() as tg:
+
+            async def resolving() -> None:
+                try:
+                    await scope.resolve("app")
+                except ScopeClosedError as exc:
+                    outcome.append(exc)
+
+            tg.start_soon(resolving)
+            await entered.wait()
+            await registry.aclose()
+            await scope.aclose()
+            go_on.set()
+        assert [type(error) for error in outcome] == [ScopeClosedError]
+        assert calls == ["made"]
+        assert registry.stats().created == registry.stats().cleaned == 1
 
     async def test_a_user_component_made_while_its_scope_closed_is_not_handed_out(
         self,
