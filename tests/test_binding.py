@@ -186,6 +186,19 @@ class TestNesting:
         assert made.run(current_context_or_none) is None
         assert task.run(get_current_context).user_id == "bob"
 
+    def test_ended_from_a_task_it_never_shows_the_user_it_shadowed(self) -> None:
+        """Bob (an admin acting for him) bound over carol; a Context copied inside bob's
+        binding (a task started there) ends it, with a token of the Context that made it.
+        The task goes on seeing bob, never carol; the Context that made the bindings sees
+        its own live one, carol's."""
+        made = contextvars.copy_context()
+        made.run(bind, ctx_for("carol"), None)
+        bob = made.run(bind, ctx_for("bob"), None, allow_switch=True)
+        task = made.copy()
+        task.run(unbind, bob)
+        assert task.run(get_current_context).user_id == "bob"
+        assert made.run(get_current_context).user_id == "carol"
+
     def test_a_bind_context_object_is_single_use(self) -> None:
         """Entering the same bind_context twice is an error, not a silent re-bind."""
         binding = bind_context(ctx_for("alice"))
@@ -212,6 +225,34 @@ class TestSwitching:
             bind_context(ctx_for("alice", "globex")),
         ):
             pass
+
+    def test_an_ended_binding_left_in_a_context_refuses_no_other_user(self) -> None:
+        """A Context copied inside bob's binding (a task started in his request) that
+        outlives it may bind another user: the ended binding has nothing left to mix."""
+        made = contextvars.copy_context()
+        bob = made.run(bind, ctx_for("bob"), None)
+        task = made.copy()
+        made.run(unbind, bob)
+
+        def as_alice() -> str:
+            with bind_context(ctx_for("alice")):
+                return get_current_context().user_id
+
+        assert task.run(as_alice) == "alice"
+        assert task.run(get_current_context).user_id == "bob"
+
+    async def test_a_switch_to_another_user_leaves_the_scope_behind(self) -> None:
+        """Bob bound with allow_switch inside alice's scope has no scope: he can never
+        resolve alice's components."""
+        registry = Registry()
+        registry.register("x", lambda: "alice's")
+        async with registry.open_scope(ctx_for("alice")):
+            with bind_context(ctx_for("bob"), allow_switch=True):
+                with pytest.raises(NoActiveContextError):
+                    await ambient.resolve("x")
+                with pytest.raises(NoActiveContextError):
+                    ambient.current_scope()
+            assert await ambient.resolve("x") == "alice's"
 
     def test_allow_switch(self) -> None:
         """allow_switch=True permits an intended switch and restores afterwards."""
