@@ -2572,6 +2572,34 @@ class TestHowTheRequestEnded:
         assert isinstance(seen[0], error)
         assert said in str(seen[0])
 
+    async def test_a_body_ended_after_the_client_disconnected_is_cut_short(self) -> None:
+        """The client disconnected mid-body and the app sent the end all the same (a
+        ``BaseHTTPMiddleware`` inside re-sends a stream Starlette cancelled, then ends it):
+        that end never reached the client, so the cleanups see the response cut short."""
+
+        async def ended_after_the_client_left(scope: Any, receive: Any, send: Any) -> None:
+            await ambient.resolve("tx")
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"half", "more_body": True})
+            assert (await receive())["type"] == "http.request"
+            assert (await receive())["type"] == "http.disconnect"
+            await send({"type": "http.response.body", "body": b"rest"})
+
+        seen: list[BaseException | None] = []
+        registry = _tx_registry(seen)
+        middleware = AmbientMiddleware(
+            ended_after_the_client_left, registry=registry, identity=trusted_header()
+        )
+        incoming: list[Message] = [
+            {"type": "http.request", "body": b""},
+            {"type": "http.disconnect"},
+        ]
+        sent = await drive(middleware, http_scope([(b"x-user-id", b"ann")]), incoming)
+        assert [m["body"] for m in sent if m["type"] == "http.response.body"] == [b"half", b"rest"]
+        assert len(seen) == 1
+        assert isinstance(seen[0], IncompleteResponseError)
+        assert registry.stats().open_scopes == 0
+
     @pytest.mark.parametrize("sent", [True, False])
     async def test_a_response_with_trailers_ends_at_its_last_trailers(self, sent: bool) -> None:
         """With ``trailers`` in its start (the ``http.response.trailers`` extension) a
