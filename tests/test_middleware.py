@@ -2848,6 +2848,72 @@ class _Mailbox:
         self._log.append(f"closed {self.user.user_id}")
 
 
+async def test_a_websocket_cleans_expired_users_before_its_app_runs() -> None:
+    """A socket may stay open for hours: the USER components it finds past their idle_ttl
+    as it opens are cleaned then, before its app runs, not left until a scope closes."""
+    now = [1000.0]
+    cleaned: list[str] = []
+
+    class Box:
+        def __init__(self, user: ambient.UserRef) -> None:
+            self.user = user
+
+        def close(self) -> None:
+            cleaned.append(self.user.user_id)
+
+    registry = Registry(clock=lambda: now[0])
+    registry.register(Box, Box, lifetime=Lifetime.USER, idle_ttl=60)
+    async with registry.open_scope(UserExecutionContext.create("alice")):
+        await ambient.resolve(Box)
+    now[0] += 61
+    seen: list[list[str]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "websocket.connect"
+        seen.append(list(cleaned))
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.close", "code": 1000})
+
+    middleware = AmbientMiddleware(app, registry=registry, identity=trusted_header())
+    sent = await drive(
+        middleware, ws_scope([(b"x-user-id", b"bob")]), [{"type": "websocket.connect"}]
+    )
+    assert [m["type"] for m in sent] == ["websocket.accept", "websocket.close"]
+    assert seen == [["alice"]]
+    assert registry.stats().live_users == 0
+
+
+async def test_a_user_back_after_their_idle_ttl_gets_fresh_components() -> None:
+    """alice's USER component has been idle past its idle_ttl when her next request comes:
+    that request gets a fresh one, never the expired one (cleaned once, after the answer)."""
+    now = [1000.0]
+    cleaned: list[object] = []
+
+    class Box:
+        def close(self) -> None:
+            cleaned.append(self)
+
+    registry = Registry(clock=lambda: now[0])
+    registry.register(Box, Box, lifetime=Lifetime.USER, idle_ttl=60)
+    seen: list[Box] = []
+
+    async def endpoint(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(await ambient.resolve(Box))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    app = AmbientMiddleware(endpoint, registry=registry, identity=trusted_header())
+    request: list[Message] = [{"type": "http.request", "body": b""}]
+    await drive(app, http_scope([(b"x-user-id", b"alice")]), request)
+    now[0] += 61
+    await drive(app, http_scope([(b"x-user-id", b"alice")]), request)
+    assert len(seen) == 2
+    assert seen[1] is not seen[0]
+    assert cleaned == [seen[0]]
+    await registry.aclose()
+    assert cleaned == seen
+
+
 @pytest.mark.parametrize("how", ["expired", "evicted"])
 async def test_another_users_cleanups_run_after_the_response(how: str) -> None:
     """bob's request comes along once alice's mailbox has been idle past its idle_ttl, or
