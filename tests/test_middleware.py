@@ -456,10 +456,12 @@ class TestAnonymousPaths:
         """Behind a proxy with a root path (``uvicorn --root-path /api``) a request's
         ``scope["path"]`` starts with the root path, and the app routes what follows it
         (Starlette's and FastAPI's routers): the app's ``/healthz`` was refused 401 there.
-        Matched as the app routes them; the rest is still refused."""
-        app = self.echo(anonymous_paths=["/healthz", "/static/"])
+        Matched as the app routes them; the rest is still refused. A path that only
+        starts with the root path's text (``/apistatus``) is routed whole, as Starlette
+        routes it."""
+        app = self.echo(anonymous_paths=["/healthz", "/static/", "/apistatus"])
         # A server that does not prepend the root path to the path is routed the same.
-        served = ["/api/healthz", "/api/static/app.js", "/healthz"]
+        served = ["/api/healthz", "/api/static/app.js", "/healthz", "/apistatus"]
         refused = [
             "/api",
             "/api/",
@@ -979,7 +981,8 @@ def ws_scope(headers: list[tuple[bytes, bytes]], **extra: Any) -> dict[str, Any]
 
 
 @pytest.mark.parametrize(
-    ("code", "fails"), [(None, False), (1000, False), (1011, True), (4503, True)]
+    ("code", "fails"),
+    [(None, False), (1000, False), (1011, True), (4499, False), (4503, True), (4600, False)],
 )
 async def test_how_the_app_closes_a_websocket_tells_its_cleanups_how_it_ended(
     code: int | None, fails: bool
