@@ -549,6 +549,36 @@ class TestLeftoverContext:
         assert body["probe_user"] == body["user"]
         assert registry.stats().open_scopes == 0
 
+    async def test_what_runs_after_the_middleware_sees_no_other_requests_binding(
+        self,
+    ) -> None:
+        """A server starts a request inside the Context of another request still under way
+        (uvicorn's pipelined requests): once the middleware returns, what runs outside it
+        for this request (Starlette's error handler, an outer middleware) sees no context,
+        never that other request's. A caller's own binding (a request served inside it, a
+        test's) is there again as it was."""
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        middleware = AmbientMiddleware(app, registry=Registry(), anonymous=True, identity=None)
+        request: list[Message] = [{"type": "http.request", "body": b""}]
+        after: list[UserExecutionContext | None] = []
+        earlier = Registry().open_scope(UserExecutionContext.create("alice"))
+        earlier._others_after = True  # as the middleware opens an HTTP request's scope
+        async with earlier:
+
+            async def next_request() -> None:
+                await drive(middleware, http_scope([]), request)
+                after.append(ambient.current_context_or_none())
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(next_request)
+            await drive(middleware, http_scope([]), request)
+            after.append(ambient.current_context_or_none())
+        assert after == [None, earlier.context]
+
     async def test_a_live_leftover_is_reported_once_an_ended_one_never(
         self, caplog: pytest.LogCaptureFixture
     ) -> None:
