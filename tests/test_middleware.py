@@ -1410,8 +1410,9 @@ class TestContinuedRuns:
         parent = UserExecutionContext.create("ann", tenant_id="t1", thread_id="th-1")
 
         def resolver(scope: Any) -> Identity:
-            header = dict(scope["headers"]).get(b"x-as", b"ann").decode()
-            return Identity(header, "t1", parent=parent)
+            headers = dict(scope["headers"])
+            user = headers.get(b"x-as", b"ann").decode()
+            return Identity(user, headers.get(b"x-tenant", b"t1").decode(), parent=parent)
 
         async def app(scope: Any, receive: Any, send: Any) -> None:
             ctx = ambient.get_current_context()
@@ -1431,6 +1432,7 @@ class TestContinuedRuns:
         async with client(middleware) as http:
             continued = await http.get("/")
             mismatch = await http.get("/", headers={"x-as": "mallory"})
+            other_tenant = await http.get("/", headers={"x-tenant": "t2"})
         body = continued.json()
         assert (body["user"], body["thread"], body["parent"], body["depth"]) == (
             "ann",
@@ -1440,6 +1442,8 @@ class TestContinuedRuns:
         )
         assert body["run"] != parent.run_id
         assert "different users" in assert_problem(mismatch, 400)["detail"]
+        # The same user id in another tenant is another user.
+        assert "different users" in assert_problem(other_tenant, 400)["detail"]
 
 
 def _thread_recorder(seen: list[str]) -> AmbientMiddleware:
