@@ -1751,6 +1751,30 @@ class TestStreamedResponseIdentityExpiry:
             assert raised == []
             assert seen == [None]
 
+    async def test_a_stream_whose_client_left_is_cut_without_an_end_sent(self) -> None:
+        """The client disconnected, then the app sent more past the identity's expiry: the
+        stream is cut (the app's ``send`` raises, the cleanups see it cut short), and no
+        end of body goes to the server for a client that is gone."""
+        seen: list[BaseException | None] = []
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await ambient.resolve("tx")
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"first", "more_body": True})
+            assert (await receive())["type"] == "http.request"
+            assert (await receive())["type"] == "http.disconnect"
+            with pytest.raises(IncompleteResponseError):
+                await send({"type": "http.response.body", "body": b"late", "more_body": True})
+
+        middleware = AmbientMiddleware(
+            app, registry=_tx_registry(seen), identity=self.ann(time.time() - 1)
+        )
+        incoming: list[Message] = [{"type": "http.request"}, {"type": "http.disconnect"}]
+        sent = await drive(middleware, http_scope([]), incoming)
+        assert [(m.get("body"), m.get("more_body", False)) for m in sent[1:]] == [(b"first", True)]
+        assert len(seen) == 1
+        assert isinstance(seen[0], IncompleteResponseError)
+
     @pytest.mark.parametrize("last", ["empty end", "last chunk"])
     async def test_a_stream_whose_end_alone_comes_after_expiry_ends_cleanly(
         self, last: str, monkeypatch: pytest.MonkeyPatch
