@@ -71,6 +71,16 @@ class TestRegistration:
         with pytest.raises(RegistryError, match="exactly one"):
             Registry().register(Thing, lambda a, b: Thing())
 
+    def test_factory_with_a_required_keyword_only_argument_is_refused(self) -> None:
+        """A factory is called with the context, the user or nothing, never a keyword:
+        one that requires a keyword-only argument is refused where it is registered."""
+
+        def factory(*, setting: str) -> Thing:
+            return Thing()
+
+        with pytest.raises(RegistryError, match="exactly one"):
+            Registry().register(Thing, factory)
+
     def test_app_factory_with_a_required_argument_is_refused(self) -> None:
         """An APP factory is given nothing: one that needs an argument (a class whose
         ``__init__`` takes a setting) is refused where it is registered, not called with

@@ -533,10 +533,20 @@ class TestCleanup:
                 return ambient.resolve_sync(Memory)
 
         registry.register(MemoryHandle, MemoryHandle)
+
+        class HandsOutMemory(type):  # a metaclass whose call does the same
+            def __call__(cls) -> Any:
+                return ambient.resolve_sync(Memory)
+
+        class MemoryByMetaclass(metaclass=HandsOutMemory):
+            pass
+
+        registry.register(MemoryByMetaclass, MemoryByMetaclass)
         async with registry.open_scope(ctx()) as scope:
             memory = await scope.resolve("memory")
             assert await scope.resolve("memory, async") is memory
             assert await scope.resolve(MemoryHandle) is memory
+            assert await scope.resolve(MemoryByMetaclass) is memory
             session = await scope.resolve("session")
             assert scope.resolve_sync(Session) is session
         assert (session.entered, session.exited) == (1, 1)
