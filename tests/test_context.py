@@ -258,6 +258,8 @@ class TestCreateAndChild:
         assert child.parent_run_id == parent.run_id
         assert child.depth == 1
         assert dict(child.metadata) == {"a": 1, "query": "x", "operation": "search"}
+        # What the child is given wins over what it inherits.
+        assert dict(parent.child("search", a=2).metadata) == {"a": 2, "operation": "search"}
 
     def test_child_depth_is_limited_to_32(self) -> None:
         """The 33rd nested child is refused."""
@@ -322,6 +324,18 @@ def test_a_str_subclass_id_is_its_string_whichever_way_the_context_is_built() ->
         UserExecutionContext(user_id=_Disguised(" none\n"), **ids)
     with pytest.raises(InvalidContextError, match="placeholder"):
         UserExecutionContext.create(_Disguised("none"))
+
+
+def test_a_str_subclass_user_id_the_middleware_has_seen_is_its_string() -> None:
+    """The middleware checks a user id it has seen before from a memo: a str subclass
+    equal to one in it (a str-valued Enum member a resolver returns) is still made its
+    plain string, as a user id never seen is."""
+    from ambient._context import request_context
+
+    assert request_context("alice", None, None, None, None, None).user_id == "alice"
+    again = request_context(_User.ALICE, None, None, None, None, None)
+    assert type(again.user_id) is str
+    assert f"{again.user_id}" == "alice"
 
 
 def test_a_context_survives_pickle_and_deepcopy() -> None:
