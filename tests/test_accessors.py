@@ -136,3 +136,22 @@ class TestAccessors:
             with bind_context(scope.context.child("tool")):
                 assert await ambient.resolve(Engine) is engine
                 assert ambient.current_scope() is scope
+
+
+async def test_resolve_after_an_inner_scope_ended_from_another_task_uses_the_outer_one() -> None:
+    """alice's inner scope, opened inside her outer one, is closed by another task (a
+    shutdown closing it, a generator finalised elsewhere): where it was opened, resolve()
+    goes on with the outer scope, still open, as resolve_sync() and current_scope() do."""
+    registry = Registry()
+    registry.register("x", Engine)
+    alice = UserExecutionContext.create("alice")
+    async with registry.open_scope(alice) as outer:
+        inner = registry.open_scope(alice)
+        await inner.__aenter__()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(inner.aclose)
+        assert inner.closed
+        # resolve() first: what the others look at restores the outer binding here.
+        assert await ambient.resolve("x") is await outer.resolve("x")
+        assert ambient.current_scope() is outer
+        assert ambient.resolve_sync("x") is await outer.resolve("x")
