@@ -2747,14 +2747,22 @@ async def test_response_headers_given_as_any_iterable_all_arrive(
 
 @pytest.mark.parametrize(
     ("retry_after", "header"),
-    [(float("inf"), "86400"), (float("nan"), "1"), (10**400, "86400"), (90_000.5, "86400")],
+    [
+        (float("inf"), "86400"),
+        (float("nan"), "1"),
+        (10**400, "86400"),
+        (90_000.5, "86400"),
+        (0, "1"),
+        (-5, "1"),
+    ],
 )
 async def test_an_error_with_a_retry_after_of_no_number_of_seconds_is_still_answered(
     retry_after: float, header: str
 ) -> None:
     """``math.ceil`` of inf or nan raised while the 503 was being written: no answer. An
     int no float holds must not raise either, nor a header of hundreds of digits go out:
-    at most a day."""
+    at most a day. Nor does a client get told to retry at once, or in the past: at least
+    a second."""
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         raise PoolExhaustedError("no connection", retry_after=retry_after)
