@@ -596,6 +596,21 @@ class TestAppLifetime:
         assert one is not two
         await registry.aclose()
 
+    async def test_an_anonymous_scope_open_across_aclose_closes_cleanly(self) -> None:
+        """An anonymous request's scope is open when the registry closes (a shutdown): its
+        user's entry is no longer the registry's when the scope releases it, and nothing
+        of the registry's is touched then (it raised KeyError from the scope's close)."""
+        cleaned: list[str] = []
+        registry = user_registry(cleaned)
+        anonymous = UserExecutionContext.create("anonymous:1", metadata={ANONYMOUS: True})
+        async with registry.open_scope(anonymous):
+            await ambient.resolve(Tracked)
+            await registry.aclose()
+            assert cleaned == ["anonymous:1"]
+        assert cleaned == ["anonymous:1"]
+        stats = registry.stats()
+        assert (stats.open_scopes, stats.live_users, stats.cleanup_failures) == (0, 0, 0)
+
     async def test_a_scope_open_across_aclose_gets_fresh_components(self) -> None:
         """aclose() while a scope is still open (a websocket at shutdown): the USER and APP
         components it cleaned are never handed out again from that scope's cache; the
