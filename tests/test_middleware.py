@@ -1047,6 +1047,18 @@ class TestWebsocketRefusal:
         assert "identity" in sent[0]["reason"]
         assert ledger.created == {}
 
+    @pytest.mark.parametrize("extensions", [{}, {"websocket.http.response": {}}])
+    async def test_a_client_gone_before_the_handshake_gets_no_answer(
+        self, extensions: dict[str, Any]
+    ) -> None:
+        """The client went away before its handshake finished: a refusal has no one to
+        go to, and nothing is sent (a server refuses a close or a response then)."""
+        app, ledger, _ = build()
+        scope = ws_scope([], extensions=extensions)
+        sent = await drive(app, scope, [{"type": "websocket.disconnect", "code": 1006}])
+        assert sent == []
+        assert ledger.created == {}
+
     async def test_the_denial_response_extension_gets_a_problem_answer(self) -> None:
         app, _, _ = build()
         scope = ws_scope(
