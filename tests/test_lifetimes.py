@@ -118,6 +118,41 @@ class TestUserLifetime:
         assert second is not first
         assert registry.stats().live_users == 1
 
+    async def test_freed_once_idle_ttl_has_passed_to_the_tick(self, clock: FakeClock) -> None:
+        """idle_ttl seconds after the last scope closed, not a tick later, the component
+        is due: at once for idle_ttl=0, whatever the clock's resolution."""
+        cleaned: list[str] = []
+        registry = user_registry(cleaned, clock=clock)
+        first = await use(registry, "alice")
+        clock.now += 60
+        assert await use(registry, "alice") is not first
+        assert cleaned == ["alice"]
+        at_once = user_registry(cleaned, clock=clock, idle_ttl=0)
+        await use(at_once, "bob")
+        assert cleaned == ["alice", "bob"]
+        assert at_once.stats().live_users == 0
+        await registry.aclose()
+
+    async def test_an_expired_component_is_never_handed_out_beside_a_kept_one(
+        self, clock: FakeClock
+    ) -> None:
+        """Of a user's two components, the one with the shorter idle_ttl expires and is
+        cleaned while the other is kept: the user's next scope gets a fresh one, never the
+        cleaned one."""
+        cleaned: list[str] = []
+        registry = user_registry(cleaned, clock=clock, idle_ttl=10)
+        registry.register("kept", object, lifetime=Lifetime.USER, idle_ttl=3600)
+        async with registry.open_scope(ctx("alice")):
+            first = await ambient.resolve(Tracked)
+            kept = await ambient.resolve("kept")
+        clock.now += 11
+        await use(registry, "bob")  # a scope of the registry runs the expiry
+        assert cleaned == ["alice"]
+        async with registry.open_scope(ctx("alice")):
+            assert await ambient.resolve("kept") is kept
+            assert await ambient.resolve(Tracked) is not first
+        await registry.aclose()
+
     async def test_not_freed_while_a_scope_holds_it(self, clock: FakeClock) -> None:
         """An entry in use never expires, however long the request takes."""
         cleaned: list[str] = []
