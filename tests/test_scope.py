@@ -1106,6 +1106,38 @@ class TestHold:
         hold.release()
         await registry.aclose()
 
+    async def test_a_close_cancelled_while_waiting_for_a_hold_still_waits_for_it(
+        self,
+    ) -> None:
+        """The task closing a held scope is cancelled (a server cancelling the request):
+        the wait for the hold is shielded, so the held work keeps its components until
+        it releases the hold, and only then are they cleaned."""
+        registry = Registry()
+        cleaned: list[str] = []
+
+        def make() -> Iterator[str]:
+            yield "request"
+            cleaned.append("request")
+
+        scope, hold = await _held_scope(registry, make)
+        cancelled = anyio.CancelScope()
+
+        async def closing() -> None:
+            with cancelled:
+                await scope.aclose()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(closing)
+            await anyio.wait_all_tasks_blocked()
+            cancelled.cancel()
+            await anyio.wait_all_tasks_blocked()
+            assert cleaned == []  # still waiting for the hold
+            assert await scope.resolve("request") == "request"
+            hold.release()
+        assert cleaned == ["request"]
+        assert scope.closed
+        await registry.aclose()
+
     async def test_a_closed_scope_cannot_be_held(self) -> None:
         """A hold taken once the scope has closed would keep nothing open: refused."""
         registry = Registry()
