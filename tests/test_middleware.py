@@ -1763,6 +1763,29 @@ class TestStreamedResponseIdentityExpiry:
             assert raised == []
             assert seen == [None]
 
+    async def test_an_error_the_app_raises_over_the_cut_still_propagates(self) -> None:
+        """The stream was cut at its identity's expiry, and the app raised an error of its
+        own in handling that: the error reaches the server (and the last-resort handler
+        outside), it is not taken for the cut-off, and the cleanups see it."""
+        seen: list[BaseException | None] = []
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await ambient.resolve("tx")
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"first", "more_body": True})
+            try:
+                await send({"type": "http.response.body", "body": b"late", "more_body": True})
+            except IncompleteResponseError as cut:
+                raise RuntimeError("the app's own bug") from cut
+
+        middleware = AmbientMiddleware(
+            app, registry=_tx_registry(seen), identity=self.ann(time.time() - 1)
+        )
+        with pytest.raises(RuntimeError, match="own bug"):
+            await drive(middleware, http_scope([]), [{"type": "http.request"}])
+        assert len(seen) == 1
+        assert isinstance(seen[0], RuntimeError)
+
     async def test_a_stream_whose_client_left_is_cut_without_an_end_sent(self) -> None:
         """The client disconnected, then the app sent more past the identity's expiry: the
         stream is cut (the app's ``send`` raises, the cleanups see it cut short), and no
