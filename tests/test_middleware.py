@@ -1491,6 +1491,31 @@ class TestWebsocketThreadQuery:
         assert twice[0]["code"] == 1008
         assert "2 times" in twice[0]["reason"]
 
+    async def test_an_http_request_takes_no_thread_id_from_its_query(self) -> None:
+        """The query names a socket's thread only: an HTTP request can set headers, and a
+        ``?thread=`` in a link someone follows must not put them in another thread."""
+        seen: list[str] = []
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            seen.append(ambient.get_current_context().thread_id)
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        middleware = AmbientMiddleware(
+            app, registry=Registry(), identity=trusted_header(), thread_id_query="thread"
+        )
+        user = [(b"x-user-id", b"ann")]
+        request: list[Message] = [{"type": "http.request", "body": b""}]
+        await drive(middleware, http_scope(user, query_string=b"thread=t-1"), request)
+        await drive(
+            middleware,
+            http_scope([*user, (b"x-thread-id", b"t-2")], query_string=b"thread=t-1"),
+            request,
+        )
+        assert len(seen) == 2
+        assert seen[0] != "t-1"
+        assert seen[1] == "t-2"
+
     async def test_a_query_thread_id_that_is_not_utf8_is_refused_as_the_headers_is(
         self,
     ) -> None:
