@@ -866,23 +866,25 @@ class TestConcurrencyLimit:
             app, registry=Registry(), identity=trusted_header(), max_concurrent_per_user=2
         )
         statuses: list[int] = []
-        async with client(middleware) as http:
+        # Bounded: a limit that refuses too much holds the third request at the gate.
+        with anyio.fail_after(10):
+            async with client(middleware) as http:
 
-            async def call(user: str) -> None:
-                response = await http.get("/", headers={"x-user-id": user})
-                statuses.append(response.status_code)
+                async def call(user: str) -> None:
+                    response = await http.get("/", headers={"x-user-id": user})
+                    statuses.append(response.status_code)
 
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(call, "greedy")
-                tg.start_soon(call, "greedy")
-                await both_in.wait()
-                refused = await http.get("/", headers={"x-user-id": "greedy"})
-                body = assert_problem(refused, 429)
-                assert refused.headers["retry-after"] == "1"
-                assert "limit 2" in body["detail"]
-                tg.start_soon(call, "patient")
-                gate.set()
-            again = await http.get("/", headers={"x-user-id": "greedy"})
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(call, "greedy")
+                    tg.start_soon(call, "greedy")
+                    await both_in.wait()
+                    refused = await http.get("/", headers={"x-user-id": "greedy"})
+                    body = assert_problem(refused, 429)
+                    assert refused.headers["retry-after"] == "1"
+                    assert "limit 2" in body["detail"]
+                    tg.start_soon(call, "patient")
+                    gate.set()
+                again = await http.get("/", headers={"x-user-id": "greedy"})
         assert sorted(statuses) == [200, 200, 200]
         assert again.status_code == 200
         assert middleware._active == {}

@@ -875,19 +875,21 @@ class TestCleanup:
 
         registry.register(Pool, Pool, lifetime=Lifetime.USER, idle_ttl=0)
         got: list[object] = []
-        async with anyio.create_task_group() as tg, registry.open_scope(ctx()) as scope:
-            await scope.resolve(Pool)
+        # Bounded: a close that skips the expiry never reaches the cleanup the task waits on.
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg, registry.open_scope(ctx()) as scope:
+                await scope.resolve(Pool)
 
-            async def late() -> None:  # started in the request, without a hold
-                await cleaning.wait()
-                try:
-                    got.append(await ambient.resolve(Pool))
-                except ScopeClosedError as exc:
-                    got.append(exc)
-                finally:
-                    resolved.set()
+                async def late() -> None:  # started in the request, without a hold
+                    await cleaning.wait()
+                    try:
+                        got.append(await ambient.resolve(Pool))
+                    except ScopeClosedError as exc:
+                        got.append(exc)
+                    finally:
+                        resolved.set()
 
-            tg.start_soon(late)
+                tg.start_soon(late)
         assert len(got) == 1
         assert isinstance(got[0], ScopeClosedError)
         await registry.aclose()
