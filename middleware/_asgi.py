@@ -916,10 +916,11 @@ class _Socket(_Response):
 class _Stream(_Response):
     """The ``send`` of an HTTP request whose identity expires: once its body is streaming
     (its first message with ``more_body`` went out), the app is cancelled at the expiry
-    through :attr:`expiry`, and a body message it sends after the expiry is refused: the
-    middleware then ends the response (a server-sent event stream must not go on serving an
-    expired credential, idle or not), with the trailers its start announced, and the app
-    gets an error from that ``send`` and from every later one.
+    through :attr:`expiry`, and a body message with bytes it sends after the expiry is
+    refused: the middleware then ends the response (a server-sent event stream must not go
+    on serving an expired credential, idle or not), with the trailers its start announced,
+    and the app gets an error from that ``send`` and from every later one. The empty end of
+    its body goes out.
 
     A server-sent event stream (``content-type: text/event-stream``, no
     ``content-length``) is streaming from its start: one still waiting for its first event
@@ -930,7 +931,7 @@ class _Stream(_Response):
     early, so nothing more is sent and the server closes the connection.
     """
 
-    __slots__ = ("_expires_at", "_server", "_sized", "_streaming", "cut", "expiry")
+    __slots__ = ("_body_done", "_expires_at", "_server", "_sized", "_streaming", "cut", "expiry")
 
     def __init__(self, send: Send, echo: list[tuple[bytes, bytes]], expires_at: float) -> None:
         # What _Response sends goes through _forward: the start it sends has its headers
@@ -940,6 +941,8 @@ class _Stream(_Response):
         self._expires_at = expires_at
         self._streaming = False
         self._sized = False
+        # Its body's last message went out (its trailers may follow).
+        self._body_done = False
         self.cut = False
         # Around the app; its deadline is set when the body starts streaming.
         self.expiry = anyio.CancelScope()
@@ -963,10 +966,12 @@ class _Stream(_Response):
                 # A body in one message: the work after it is not cut (an event stream's
                 # deadline is armed from its start).
                 expiry.deadline = math.inf
+                self._body_done = True
             elif not self.ended:
-                if expiry.cancel_called or (
-                    # An empty last message only ends what went out in time: it goes out.
-                    (more or message.get("body")) and _expired(self._expires_at)
+                # An empty last message only ends what went out in time: it goes out, the
+                # expiry not asked (trio cancels a scope asked past its deadline).
+                if (more or message.get("body")) and (
+                    expiry.cancel_called or _expired(self._expires_at)
                 ):
                     # Past the expiry, before the deadline reached the app (a busy loop), or
                     # from an app that caught its cancellation: nothing more goes out.
@@ -974,9 +979,10 @@ class _Stream(_Response):
                     expiry.cancel()
                     raise _CutOffAtExpiryError(http=True)
                 if not more:
-                    # The body ended in time: its trailers or the work after it (background
-                    # tasks) are not cut.
+                    # The body ends: its trailers or the work after it (background tasks)
+                    # are not cut, unless the app was cancelled before (see below).
                     expiry.deadline = math.inf
+                    self._body_done = True
         return super().__call__(message)
 
     async def _stream(self, message: MutableMapping[str, Any]) -> None:
@@ -1021,11 +1027,14 @@ class _Stream(_Response):
             self.expiry.deadline = anyio.current_time() + left
 
     async def end(self) -> None:
-        """End the response cut at the expiry: an empty last body message, then the
-        trailers its start announced; nothing for a sized response or a client gone."""
+        """End the response cut at the expiry: an empty last body message (unless the app
+        ended its body), then the trailers its start announced; nothing for a sized
+        response or a client gone."""
         logger.info("ambient: ending a streamed response whose identity has expired")
         if not self._sized and not self.gone:
-            await self._server({"type": "http.response.body", "body": b"", "more_body": False})
+            if not self._body_done:
+                end_body = {"type": "http.response.body", "body": b"", "more_body": False}
+                await self._server(end_body)
             if self.trailers:
                 # Announced in its start: without them the server never ends the response
                 # (hypercorn leaves the HTTP/2 stream open). Not empty: h2 fails to send an
@@ -1104,10 +1113,11 @@ async def _stream_until_expiry(
             await app(scope, receive, stream)
     finally:
         # Cancelled at the deadline, whether the app let the cancellation out or swallowed
-        # it, and its response is still open: cut there.
-        if expiry.cancel_called and not stream.ended:
+        # it: cut there, also when it ended its body (or all of it) after the cancellation.
+        # An end that came in time set the deadline off before it could cancel.
+        if expiry.cancel_called:
             stream.cut = True
-        if stream.cut:
+        if stream.cut and not stream.ended:
             with anyio.move_on_after(end_within):
                 await stream.end()
 

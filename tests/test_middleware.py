@@ -1874,6 +1874,78 @@ class TestStreamedResponseIdentityExpiry:
             assert len(seen) == 1
             assert isinstance(seen[0], IncompleteResponseError)
 
+    @pytest.mark.parametrize("trailers", [False, True])
+    async def test_an_end_sent_by_a_busy_app_past_the_expiry_ends_cleanly(
+        self, trailers: bool
+    ) -> None:
+        """The app works on without waiting through its identity's expiry (the deadline
+        passes, no checkpoint comes), then sends its empty last message: it goes out and
+        the cleanups see a clean end, on either event loop, as when the middleware's clock
+        alone says the expiry passed. On trio the end was refused and the cleanups saw the
+        response cut: asking the expiry whether it was cancelled cancels it there once its
+        deadline passed."""
+        seen: list[BaseException | None] = []
+        expires_at = time.time() + 0.2
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await ambient.resolve("tx")
+            await send({"type": "http.response.start", "status": 200, "trailers": trailers})
+            await send({"type": "http.response.body", "body": b"all", "more_body": True})
+            busy_until = time.monotonic() + (expires_at - time.time()) + 0.05
+            for _ in range(10**9):  # bounded: work that never waits, through the expiry
+                if time.monotonic() >= busy_until:
+                    break
+            await send({"type": "http.response.body", "body": b""})
+            if trailers:
+                await send({"type": "http.response.trailers", "headers": [(b"s", b"0")]})
+
+        middleware = AmbientMiddleware(
+            app, registry=_tx_registry(seen), identity=self.ann(expires_at)
+        )
+        scope = http_scope([], extensions={"http.response.trailers": {}})
+        sent, ended = await self.serve_idle(middleware, scope)
+        assert ended
+        assert time.time() > expires_at
+        assert [(m["type"], m.get("body"), m.get("headers")) for m in sent[1:]] == [
+            ("http.response.body", b"all", None),
+            ("http.response.body", b"", None),
+            *([("http.response.trailers", None, [(b"s", b"0")])] if trailers else []),
+        ]
+        assert seen == [None]
+
+    async def test_an_app_cancelled_at_the_expiry_may_end_its_own_body(self) -> None:
+        """Cancelled at the expiry, the app catches the cancellation and ends its body
+        itself, then raises it again: its end goes out and the middleware ends the response
+        with the trailers its start announced, never with a second end of the body; the
+        cleanups see the response cut at the expiry."""
+        seen: list[BaseException | None] = []
+        expires_at = time.time() + 0.2
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await ambient.resolve("tx")
+            await send({"type": "http.response.start", "status": 200, "trailers": True})
+            await send({"type": "http.response.body", "body": b"x", "more_body": True})
+            try:
+                await anyio.sleep_forever()
+            except anyio.get_cancelled_exc_class():
+                await send({"type": "http.response.body", "body": b""})
+                raise
+
+        middleware = AmbientMiddleware(
+            app, registry=_tx_registry(seen), identity=self.ann(expires_at)
+        )
+        scope = http_scope([(b"x-request-id", b"req-1")], extensions={"http.response.trailers": {}})
+        sent, ended = await self.serve_idle(middleware, scope)
+        assert ended
+        assert [(m["type"], m.get("body"), m.get("headers")) for m in sent[1:]] == [
+            ("http.response.body", b"x", None),
+            ("http.response.body", b"", None),
+            ("http.response.trailers", None, [(b"x-request-id", b"req-1")]),
+        ]
+        assert len(seen) == 1
+        assert isinstance(seen[0], IncompleteResponseError)
+        assert "cut off when its identity expired" in str(seen[0])
+
     async def test_a_sized_response_is_not_ended_early_but_stopped(self) -> None:
         """With a ``content-length`` the response cannot end early: nothing more is sent and
         the server closes the connection."""
