@@ -67,6 +67,9 @@ _ANONYMOUS: Final = _ReadOnlyDict({ANONYMOUS: True})
 # revoked through the websockets integration's hub.
 CLOSE_IDENTITY_ENDED: Final = 4001
 _EXPIRED: Final = "identity expired"
+# A stream begun past its identity's expiry is cancelled at the app's first wait this long
+# after its first message went out, unless its body ended by then.
+_LATE_STREAM_GRACE: Final = 0.01
 # A response with this status or above tells the client its request was not carried out.
 _SERVER_ERROR: Final = 500
 # The websocket close codes that say the same: RFC 6455's "internal error", and 4000 plus
@@ -987,8 +990,9 @@ class _Stream(_Response):
 
     async def _stream(self, message: MutableMapping[str, Any]) -> None:
         """Send the body's first message, which opens the stream, and arm the expiry: past
-        it, once the message went out; before it, already while it goes out (a client
-        that stopped reading must not hold it past the expiry)."""
+        it, once the message went out, for the app's next wait (an end sent before that
+        sets it off: the answer went out whole); before it, already while it goes out (a
+        client that stopped reading must not hold it past the expiry)."""
         try:
             left = self._expires_at - time.time()
         except OverflowError:  # an int no float holds: an expiry that never comes
@@ -999,7 +1003,9 @@ class _Stream(_Response):
             await super().__call__(message)
         else:
             await super().__call__(message)
-            self.expiry.deadline = anyio.current_time() + left
+            # Not in the past: anyio cancels an asyncio scope given a past deadline at once,
+            # and the app's end, sent before it waits, would come too late.
+            self.expiry.deadline = anyio.current_time() + _LATE_STREAM_GRACE
 
     def _forward(self, message: MutableMapping[str, Any]) -> Awaitable[None]:
         if message["type"] == "http.response.start":

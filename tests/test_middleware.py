@@ -1946,6 +1946,90 @@ class TestStreamedResponseIdentityExpiry:
         assert isinstance(seen[0], IncompleteResponseError)
         assert "cut off when its identity expired" in str(seen[0])
 
+    @pytest.mark.parametrize("then", ["ends", "waits"])
+    async def test_a_stream_begun_past_the_expiry_is_cut_only_if_it_goes_on(
+        self, then: str
+    ) -> None:
+        """The app begins streaming after its identity expired (its work took that long):
+        the first message goes out, and an end sent right after it ends the response
+        cleanly, the work after it (a background task) not cut: the request was admitted
+        in time and its answer went out whole. An app that waits instead is cancelled then
+        and the response ended. The end was refused and the cleanups saw the response
+        cut, the expiry having cancelled the app as the first message went out."""
+        seen: list[BaseException | None] = []
+        after: list[str] = []
+        cancelled: list[str] = []
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await ambient.resolve("tx")
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"all", "more_body": True})
+            try:
+                if then == "waits":
+                    await anyio.sleep_forever()  # the next event
+                await send({"type": "http.response.body", "body": b""})
+                await anyio.lowlevel.checkpoint()  # work after the response
+                after.append("done")
+            except anyio.get_cancelled_exc_class():
+                cancelled.append(then)
+                raise
+
+        middleware = AmbientMiddleware(
+            app, registry=_tx_registry(seen), identity=self.ann(time.time() - 1)
+        )
+        sent, ended = await self.serve_idle(middleware, http_scope([]))
+        assert ended
+        assert [(m.get("body"), m.get("more_body", False)) for m in sent[1:]] == [
+            (b"all", True),
+            (b"", False),
+        ]
+        if then == "ends":
+            assert (after, cancelled) == (["done"], [])
+            assert seen == [None]
+        else:
+            assert (after, cancelled) == ([], ["waits"])
+            assert len(seen) == 1
+            assert "cut off when its identity expired" in str(seen[0])
+
+    @pytest.mark.parametrize("spec", ["2.3", "2.4"])
+    async def test_a_starlette_stream_of_one_chunk_begun_past_the_expiry_ends_cleanly(
+        self, spec: str
+    ) -> None:
+        """A ``StreamingResponse`` of one chunk, returned after the identity expired: its
+        client gets it whole, its background task runs, and the cleanups see a clean end
+        (a transaction around their yield commits). Its send raised, the background task
+        never ran, and the cleanups saw the response cut."""
+        from starlette.applications import Starlette
+        from starlette.background import BackgroundTask
+        from starlette.requests import Request
+        from starlette.responses import StreamingResponse
+        from starlette.routing import Route
+
+        seen: list[BaseException | None] = []
+        ran: list[str] = []
+
+        async def one(user: str) -> AsyncIterator[str]:
+            yield f"{user}'s answer"
+
+        async def note() -> None:
+            ran.append("background")
+
+        async def stream(request: Request) -> StreamingResponse:
+            user = await ambient.resolve("tx")
+            return StreamingResponse(one(user), background=BackgroundTask(note))
+
+        app = AmbientMiddleware(
+            Starlette(routes=[Route("/", stream)]),
+            registry=_tx_registry(seen),
+            identity=self.ann(time.time() - 1),
+        )
+        scope = http_scope([], asgi={"version": "3.0", "spec_version": spec})
+        sent, ended = await self.serve_idle(app, scope)
+        assert ended
+        assert [m["body"] for m in sent[1:]] == [b"ann's answer", b""]
+        assert ran == ["background"]
+        assert seen == [None]
+
     async def test_a_sized_response_is_not_ended_early_but_stopped(self) -> None:
         """With a ``content-length`` the response cannot end early: nothing more is sent and
         the server closes the connection."""
