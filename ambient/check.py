@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
 from ambient import _probe, add_observer, current_context_or_none
 from ambient._observe import ComponentEvent, Observer
@@ -885,6 +886,9 @@ async def _growth(
     async def run(n: int) -> None:
         for index in range(n):
             await driver.request(users[index % len(users)], plan[index % len(plan)])
+        # Let the event loop run once: asyncio frees the timers the requests' time limits
+        # left cancelled only then, and requests that never waited never let it run.
+        await anyio.lowlevel.checkpoint()
 
     tracing = tracemalloc.is_tracing()
     if not tracing:
