@@ -923,6 +923,148 @@ async def test_a_user_of_a_tenant_is_told_apart_from_a_user_named_like_it() -> N
     await registry.aclose()
 
 
+async def test_expect_closed_requires_user_and_app_components_to_be_cleaned() -> None:
+    """``expect_closed=True`` holds USER and APP components to a cleanup too: before
+    ``registry.aclose()`` each is reported, after it none is. Without it, only REQUEST
+    components must be cleaned by the time of the report."""
+
+    class Memory:
+        def close(self) -> None:
+            pass
+
+    class Client:
+        def close(self) -> None:
+            pass
+
+    for expect_closed in (False, True):
+        registry = Registry()
+        registry.register(Memory, Memory, lifetime=Lifetime.USER)
+        registry.register(Client, Client, lifetime=Lifetime.APP)
+        with IsolationProbe(expect_closed=expect_closed) as probe:
+            for user in ("alice", "bob"):
+                async with registry.open_scope(UserExecutionContext.create(user)) as scope:
+                    await scope.resolve(Memory)
+                    await scope.resolve(Client)
+            del scope  # the probe looks for closed scopes kept alive
+            open_report = probe.report()
+            await registry.aclose()
+        if expect_closed:
+            assert [line.split("<locals>.")[-1] for line in open_report.cleanup] == [
+                "Memory: 2 instance(s) created but never cleaned",
+                "Client: 1 instance(s) created but never cleaned",
+            ]
+        else:
+            assert open_report.ok, open_report.violations
+        assert probe.report().ok, probe.report().violations
+        assert probe.report().cleaned == 3
+
+
+async def test_one_tuple_holding_a_mutable_object_handed_to_two_users_is_shared() -> None:
+    """A tuple is a plain value only when all it holds is: one holding a list, handed to
+    two users as the same object, shares that list between them."""
+    settings = ("https://api.example.com/v1", 10)
+    pending = ("https://api.example.com/v1", [])
+    registry = Registry()
+    registry.register("settings", lambda: settings)
+    registry.register("pending", lambda: pending)
+
+    async def requests(key: str) -> IsolationReport:
+        with IsolationProbe() as probe:
+            for user in ("alice", "bob"):
+                async with registry.open_scope(UserExecutionContext.create(user)) as scope:
+                    assert await scope.resolve(key) is globals_of[key]
+            del scope  # the probe looks for closed scopes kept alive
+        return probe.report()
+
+    globals_of = {"settings": settings, "pending": pending}
+    assert (await requests("settings")).ok
+    assert (await requests("pending")).shared == [
+        "'pending': one instance was handed to users alice, bob (a factory returning a "
+        "shared object, e.g. one cached in a module global?)"
+    ]
+    await registry.aclose()
+
+
+async def test_a_report_while_a_scope_is_open_leaves_its_cleanups_to_come() -> None:
+    """A report made while a scope is open says the scope is open, and does not count its
+    REQUEST components as never cleaned: they are cleaned when it closes."""
+
+    class Session:
+        def close(self) -> None:
+            pass
+
+    registry = Registry()
+    registry.register(Session, Session)
+    with IsolationProbe() as probe:
+        async with registry.open_scope(UserExecutionContext.create("alice")) as scope:
+            await scope.resolve(Session)
+            during = probe.report()
+        del scope  # the probe looks for closed scopes kept alive
+    assert during.cleanup == []
+    assert len(during.open_scopes) == 1
+    assert "alice" in during.open_scopes[0]
+    assert probe.report().ok, probe.report().violations
+    await registry.aclose()
+
+
+async def test_one_user_component_handed_to_two_users_is_shared() -> None:
+    """A USER factory returning one cached object gives every user the same "per-user"
+    component: reported as shared, as a REQUEST one is."""
+
+    class Memory:
+        pass
+
+    cached = Memory()
+    registry = Registry()
+    registry.register(Memory, lambda: cached, lifetime=Lifetime.USER)
+    with IsolationProbe() as probe:
+        for user in ("alice", "bob"):
+            async with registry.open_scope(UserExecutionContext.create(user)) as scope:
+                assert await scope.resolve(Memory) is cached
+        del scope  # the probe looks for closed scopes kept alive
+    assert [line.split("<locals>.")[-1] for line in probe.report().shared] == [
+        "Memory: one instance was handed to users alice, bob (a factory returning a shared "
+        "object, e.g. one cached in a module global?)"
+    ]
+    await registry.aclose()
+
+
+async def test_an_object_without_a_cleanup_handed_out_again_is_not_cleaned_twice() -> None:
+    """A REQUEST factory returning one kept object that has nothing to clean up (no
+    ``close()``), to the same user in two requests: the end of each request is no cleanup
+    of it, so it is not "cleaned more than once" (it is reported as outliving its
+    scope). One with a ``close()`` is closed by both requests, and reported so."""
+
+    class Plain:
+        pass
+
+    class Closing:
+        def close(self) -> None:
+            pass
+
+    kept = {"plain": Plain(), "closing": Closing()}
+    registry = Registry()
+    registry.register("plain", lambda: kept["plain"])
+    registry.register("closing", lambda: kept["closing"])
+
+    async def requests(key: str) -> IsolationReport:
+        with IsolationProbe() as probe:
+            for _ in range(2):
+                async with registry.open_scope(UserExecutionContext.create("alice")) as scope:
+                    assert await scope.resolve(key) is kept[key]
+            del scope  # the probe looks for closed scopes kept alive
+        return probe.report()
+
+    plain = await requests("plain")
+    assert plain.cleanup == []
+    assert plain.outlived == [
+        "'plain': 1 instance(s) still alive after their scope closed (referenced from a "
+        "global, a cache or a pending task?)"
+    ]
+    assert (await requests("closing")).cleanup == ["'closing': cleaned more than once"]
+    await registry.aclose()
+
+
 async def test_user_components_expiring_while_memory_is_measured_are_seen_cleaned() -> None:
     """A correct app whose USER components expire by idle_ttl (a fast clock makes them
     expire during the run): those expiring during the memory-growth phase were reported
