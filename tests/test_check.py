@@ -428,8 +428,10 @@ class TestUsersNotServedAsThemselves:
             "so isolation between the users was not tested"
         ]
 
-    async def test_users_served_as_one_user(self) -> None:
-        """An identity that maps every caller to one account (a misconfigured resolver)."""
+    @pytest.mark.parametrize("users", [2, 4])
+    async def test_users_served_as_one_user(self, users: int) -> None:
+        """An identity that maps every caller to one account (a misconfigured resolver);
+        two users so served are as many as it takes."""
 
         def one_account(scope: Any) -> Identity:
             return Identity(user_id="service-account")
@@ -437,15 +439,16 @@ class TestUsersNotServedAsThemselves:
         app = AmbientMiddleware(
             Starlette(routes=[Route("/", _whoami)]), registry=Registry(), identity=one_account
         )
-        report = await check(app, users=4, requests=2)
+        report = await check(app, users=users, requests=2)
         assert not report.ok
         assert len(report.isolation) == 1
         assert report.isolation[0].endswith("were all served as one user")
-        assert report.isolation[0].count("check-") == 4
+        assert report.isolation[0].count("check-") == users
 
-    async def test_a_redirect_is_not_a_served_request(self) -> None:
+    @pytest.mark.parametrize("status", [300, 302])
+    async def test_a_redirect_is_not_a_served_request(self, status: int) -> None:
         async def to_login(request: Request) -> Response:
-            return Response(status_code=302, headers={"location": "/login"})
+            return Response(status_code=status, headers={"location": "/login"})
 
         app = AmbientMiddleware(
             Starlette(routes=[Route("/", to_login)]), registry=Registry(), identity=trusted_header()
@@ -453,7 +456,20 @@ class TestUsersNotServedAsThemselves:
         report = await check(app, users=3, requests=2)
         assert not report.ok
         assert len(report.failed_requests) == 6
-        assert all("HTTP 302, a redirect" in line for line in report.failed_requests)
+        assert all(f"HTTP {status}, a redirect" in line for line in report.failed_requests)
+
+    @pytest.mark.parametrize("status", [400, 404, 500])
+    async def test_an_error_answer_is_a_failed_request(self, status: int) -> None:
+        async def refuse(request: Request) -> Response:
+            return Response("no", status_code=status)
+
+        app = AmbientMiddleware(
+            Starlette(routes=[Route("/", refuse)]), registry=Registry(), identity=trusted_header()
+        )
+        report = await check(app, users=3, requests=2)
+        assert not report.ok
+        assert len(report.failed_requests) == 6
+        assert all(f": HTTP {status} 'no'" in line for line in report.failed_requests)
 
 
 # The demo's secret in these tests, and another one, neither a real one.
