@@ -18,6 +18,7 @@ import secrets
 import statistics
 import threading
 import time
+import traceback
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
 from contextvars import ContextVar
@@ -435,7 +436,8 @@ def _error_of(message: str) -> str:
 
 
 class _LogWatch:
-    """Flags log records made for one user that name another simulated user.
+    """Flags log records made for one user that name another simulated user, in their
+    message or in the exception logged with them (``logger.exception``).
 
     Records are looked at as they are made (a log record factory), not where they end up:
     a logger that does not propagate to the root (one with handlers of its own, as
@@ -478,11 +480,25 @@ class _LogWatch:
             text = record.getMessage()
         except Exception:  # noqa: BLE001 - a broken record is not our finding
             return
-        for other in _mentions(text, self.users, ctx.user_id):
+        named = _mentions(text, self.users, ctx.user_id)
+        for other in named:
             self.findings.append(
                 f"log record from {record.name} emitted for {ctx.user_id} names {other}: "
                 f"{text[:120]!r}"
             )
+        exc_info = record.exc_info
+        if not isinstance(exc_info, tuple) or exc_info[1] is None:
+            return
+        # The exception logged with it (``logger.exception``) is written out with it.
+        error = exc_info[1]
+        said = "".join(traceback.format_exception(error))
+        shown = f"{type(error).__name__}: {error}"[:120]
+        for other in _mentions(said, self.users, ctx.user_id):
+            if other not in named:
+                self.findings.append(
+                    f"log record from {record.name} emitted for {ctx.user_id} names {other} "
+                    f"in the exception logged with it: {shown!r}"
+                )
 
 
 def _mentions(text: str, users: set[str], own: str) -> list[str]:

@@ -322,6 +322,41 @@ class TestBrokenApps:
         assert any(f"log record from {log.name}" in line for line in report.isolation)
         assert logging.getLogRecordFactory() is factory  # put back
 
+    async def test_another_users_id_in_an_exception_logged_for_a_user(self) -> None:
+        """``logger.exception()`` writes the exception out with the record: one naming the
+        user who came before reaches the log as surely as a message naming them (the check
+        read only the message, and passed such an app)."""
+        last: list[str] = []
+        log = logging.getLogger("tests.failing")
+
+        def cart_of(user: str) -> None:
+            raise LookupError(f"no cart for {user}")
+
+        async def endpoint(request: Request) -> Response:
+            user = ambient.get_current_context().user_id
+            if last:
+                try:
+                    cart_of(last[-1])  # the one before's cart
+                except LookupError:
+                    log.exception("the cart lookup failed")
+            last.append(user)
+            return JSONResponse({"user": user})
+
+        app = AmbientMiddleware(
+            Starlette(routes=[Route("/", endpoint)]),
+            registry=Registry(),
+            identity=trusted_header(),
+        )
+        report = await check(app, users=10, requests=3)
+        assert not report.ok
+        found = [line for line in report.isolation if line.startswith("log record from")]
+        assert found
+        assert all(
+            f"log record from {log.name} emitted for " in line
+            and " in the exception logged with it: 'LookupError: no cart for check-" in line
+            for line in found
+        ), found
+
     @pytest.mark.parametrize("header", ["set-cookie", "x-previous-user"])
     async def test_another_users_id_in_a_response_header(self, header: str) -> None:
         """A cookie or a header that carries the previous request's user reaches the next
