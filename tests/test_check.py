@@ -1116,6 +1116,26 @@ async def test_an_object_without_a_cleanup_handed_out_again_is_not_cleaned_twice
     await registry.aclose()
 
 
+async def test_a_probe_watches_only_while_installed_and_once() -> None:
+    """Installed twice, a probe would see every event twice (each cleanup a second one);
+    left installed after its block, it would go on recording other tests' components."""
+    registry = Registry()
+    registry.register(Notes, Notes)
+    probe = IsolationProbe()
+    with probe:
+        with pytest.raises(RuntimeError, match="this IsolationProbe is already installed"):
+            probe.__enter__()
+        async with registry.open_scope(UserExecutionContext.create("alice")) as scope:
+            await scope.resolve(Notes)
+    async with registry.open_scope(UserExecutionContext.create("bob")) as scope:
+        await scope.resolve(Notes)
+    del scope  # the probe looks for closed scopes kept alive
+    report = probe.report()
+    assert (report.scopes, report.created, report.cleaned) == (1, 1, 1)
+    assert report.ok, report.violations
+    await registry.aclose()
+
+
 async def test_user_components_expiring_while_memory_is_measured_are_seen_cleaned() -> None:
     """A correct app whose USER components expire by idle_ttl (a fast clock makes them
     expire during the run): those expiring during the memory-growth phase were reported
