@@ -437,11 +437,14 @@ def _error_of(message: str) -> str:
 
 class _LogWatch:
     """Flags log records made for one user that name another simulated user, in their
-    message or in the exception logged with them (``logger.exception``).
+    message, in the exception logged with them (``logger.exception``) or in a field given
+    as ``extra`` (what structured logs write out).
 
     Records are looked at as they are made (a log record factory), not where they end up:
     a logger that does not propagate to the root (one with handlers of its own, as
-    ``dictConfig`` setups often have) would otherwise hide its records from the check."""
+    ``dictConfig`` setups often have) would otherwise hide its records from the check.
+    The logger sets a record's ``extra`` fields after the factory returned it, so those
+    are read when the next record is made in the same thread, or when the watch stops."""
 
     def __init__(self, users: Sequence[str]) -> None:
         self.users = set(users)
@@ -449,6 +452,10 @@ class _LogWatch:
         self._watching = False
         self._previous: Callable[..., logging.LogRecord] | None = None
         self._factory: Callable[..., logging.LogRecord] | None = None
+        # Per thread, the last record made there for a user, and that user: its extra
+        # fields, set by then, are read when the next one is made or the watch stops.
+        self._pending: dict[int, tuple[logging.LogRecord, str]] = {}
+        self._lock = threading.Lock()
 
     def start(self) -> None:
         """Look at every log record made from now on."""
@@ -467,6 +474,10 @@ class _LogWatch:
     def stop(self) -> None:
         """Stop looking."""
         self._watching = False
+        with self._lock:
+            pending, self._pending = list(self._pending.values()), {}
+        for record, user in pending:
+            self._look_at_extra(record, user)
         # Put back unless the app installed a factory of its own on top of ours meanwhile:
         # ours then stays in its chain, passing records through.
         if logging.getLogRecordFactory() is self._factory and self._previous is not None:
@@ -476,6 +487,11 @@ class _LogWatch:
         ctx = current_context_or_none()
         if ctx is None or ctx.user_id not in self.users:
             return
+        with self._lock:
+            before = self._pending.get(threading.get_ident())
+            self._pending[threading.get_ident()] = (record, ctx.user_id)
+        if before is not None:
+            self._look_at_extra(*before)
         try:
             text = record.getMessage()
         except Exception:  # noqa: BLE001 - a broken record is not our finding
@@ -499,6 +515,33 @@ class _LogWatch:
                     f"log record from {record.name} emitted for {ctx.user_id} names {other} "
                     f"in the exception logged with it: {shown!r}"
                 )
+
+    def _look_at_extra(self, record: logging.LogRecord, user: str) -> None:
+        for name, value in list(vars(record).items()):
+            if name in _RECORD_FIELDS:
+                continue
+            said = _text_of(value)
+            self.findings.extend(
+                f"log record from {record.name} emitted for {user} names {other} in its "
+                f"field {name!r}: {said[:120]!r}"
+                for other in _mentions(said, self.users, user)
+            )
+
+
+def _text_of(value: object) -> str:
+    """A log record's field as a log would write it out ("" when it cannot be)."""
+    if isinstance(value, str):
+        return value
+    try:
+        return repr(value)
+    except Exception:  # noqa: BLE001 - a broken value is not our finding
+        return ""
+
+
+# The fields of every log record: the others were given as ``extra``.
+_RECORD_FIELDS = frozenset(
+    {*vars(logging.LogRecord("", 0, "", 0, "", None, None)), "message", "asctime"}
+)
 
 
 def _mentions(text: str, users: set[str], own: str) -> list[str]:

@@ -357,6 +357,45 @@ class TestBrokenApps:
             for line in found
         ), found
 
+    @pytest.mark.parametrize("in_a_thread", [False, True], ids=["async", "sync"])
+    async def test_another_users_id_in_an_extra_field_of_a_log_record(
+        self, in_a_thread: bool
+    ) -> None:
+        """A field given as ``extra`` is written out by structured logs: one naming the user
+        who came before is found, in an ``async def`` endpoint and in a plain ``def`` one
+        (run in a worker thread). The logger sets those fields after the record is made,
+        where the check looked, and it passed such an app."""
+        last: list[str] = []
+        log = logging.getLogger("tests.structured")
+
+        def serve() -> dict[str, str]:
+            user = ambient.get_current_context().user_id
+            if last:
+                log.info("cart loaded", extra={"cart_owner": last[-1]})  # the one before's
+            last.append(user)
+            return {"user": user}
+
+        async def endpoint(request: Request) -> Response:
+            return JSONResponse(serve())
+
+        def sync_endpoint(request: Request) -> Response:
+            return JSONResponse(serve())
+
+        app = AmbientMiddleware(
+            Starlette(routes=[Route("/", sync_endpoint if in_a_thread else endpoint)]),
+            registry=Registry(),
+            identity=trusted_header(),
+        )
+        report = await check(app, users=10, requests=3)
+        assert not report.ok
+        found = [line for line in report.isolation if line.startswith("log record from")]
+        assert found
+        assert all(
+            f"log record from {log.name} emitted for " in line
+            and " in its field 'cart_owner': 'check-" in line
+            for line in found
+        ), found
+
     @pytest.mark.parametrize("header", ["set-cookie", "x-previous-user"])
     async def test_another_users_id_in_a_response_header(self, header: str) -> None:
         """A cookie or a header that carries the previous request's user reaches the next
