@@ -665,6 +665,20 @@ class TestBucketing:
         assert rollout.bucket("alice") == 922
         assert rollout.bucket("alice", "acme") == 7286
 
+    async def test_a_user_in_the_bucket_at_the_threshold_stays_on_legacy(
+        self, engines: Registry
+    ) -> None:
+        """percent selects the buckets below ``percent`` hundredths of 10,000: the user in
+        the bucket just at that bound takes the legacy path, as includes() says."""
+        bucket = Rollout(ExecutionEngine, legacy=LEGACY).bucket("alice")
+        for percent, included in ((bucket / 100, False), ((bucket + 1) / 100, True)):
+            rollout: Rollout[Any] = Rollout(
+                ExecutionEngine, legacy=LEGACY, mode="component", percent=percent
+            )
+            assert rollout.includes("alice") is included
+            got = await serve(engines, rollout, "alice")
+            assert (got is not LEGACY) is included, percent
+
     def test_salted_by_name(self) -> None:
         """Two rollouts at 30 % pick mostly different users (about 9 % overlap); the same
         salt picks the same users."""
@@ -1034,6 +1048,24 @@ class TestFallback:
         state = rollout.state()
         assert not state.fallen_back
         assert (state.window_calls, state.window_failures) == (100, 10)
+
+    async def test_a_rate_at_the_threshold_keeps_the_component(
+        self, engines: Registry, factory: Switchable
+    ) -> None:
+        """max_error_rate is the rate the switch tolerates: 2 failures in 4 against 0.5
+        keep the component, the next failure (3 in 5) falls back."""
+        rollout: Rollout[Any] = Rollout(
+            ExecutionEngine, legacy=LEGACY, mode="component", max_error_rate=0.5, min_calls=4
+        )
+        for n in range(4):
+            factory.failing = n % 2 == 1
+            await serve(engines, rollout, f"user-{n}")
+        state = rollout.state()
+        assert (state.window_calls, state.window_failures) == (4, 2)
+        assert not state.fallen_back
+        factory.failing = True
+        assert await serve(engines, rollout, "user-4") is LEGACY
+        assert rollout.state().fallen_back
 
     async def test_failures_reported_by_the_application_count(
         self, engines: Registry, factory: Switchable
