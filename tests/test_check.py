@@ -1541,6 +1541,8 @@ class TestCommandLine:
         assert code == 1
         assert "FAILED" in out
         assert "handed to users" in out
+        assert "data crossed users" in out
+        assert "no data of another" not in out
 
     def test_bad_arguments(self, capsys: pytest.CaptureFixture[str]) -> None:
         with pytest.raises(SystemExit):
