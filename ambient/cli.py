@@ -605,10 +605,11 @@ def _rows(report: Any) -> list[tuple[str, str, str]]:
 def _verdict(findings: list[str]) -> str:
     if not findings:
         return "ok"
-    count = len(findings)
-    last = findings[-1]
-    if last.startswith("... and ") and last.endswith(" more"):
-        count += int(last.removeprefix("... and ").removesuffix(" more")) - 1
+    count = 0
+    for line in findings:
+        # A row may join several lists, each cut short with a "... and N more" of its own.
+        more = line.removeprefix("... and ").removesuffix(" more")
+        count += int(more) if line.startswith("... and ") and more.isdigit() else 1
     return f"{count} problem(s)"
 
 

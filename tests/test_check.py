@@ -1544,6 +1544,19 @@ class TestCommandLine:
         assert "data crossed users" in out
         assert "no data of another" not in out
 
+    def test_the_table_counts_every_problem_of_a_row_cut_short(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """30 users of one shared Notes: 29 "handed to users" findings and 29 responses
+        naming the first user, each list cut to 20 lines and "... and 9 more". The row
+        counted only the last list's "more" and said 50 problems, not 58."""
+        target = "tests.test_check:broken_app"
+        code = main(["check", target, "--users", "30", "--requests", "1", "--growth-requests", "0"])
+        out = capsys.readouterr().out
+        assert code == 1
+        assert out.count("... and 9 more") == 2
+        assert "58 problem(s)" in out
+
     def test_bad_arguments(self, capsys: pytest.CaptureFixture[str]) -> None:
         with pytest.raises(SystemExit):
             main(["check", "--users", "0"])
