@@ -41,6 +41,7 @@ from ambient.integrations import starlette as starlette_integration
 from ambient.integrations.fastapi import (
     CurrentContext,
     Resolve,
+    ambient_error_handler,
     install,
     problem_response,
 )
@@ -685,6 +686,28 @@ class TestInstall:
         async with client(app) as http:
             response = await http.get("/", headers=ALICE)
         assert (response.status_code, response.json()) == (418, {"own": "IdentityError"})
+        await registry.aclose()
+
+    async def test_ambient_error_handler_registered_before_is_no_handler_of_the_apps_own(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """An app that registered ``ambient_error_handler`` itself before install() gets no
+        warning about a handler of its own: it is the one install() would register."""
+        registry, _ = build_registry()
+        app = FastAPI()
+        app.add_exception_handler(AmbientError, ambient_error_handler)
+        with caplog.at_level(logging.WARNING, logger="ambient.integrations.starlette"):
+            install(app, registry=registry, identity=trusted_header())
+        assert caplog.records == []
+
+        @app.get("/")
+        async def home() -> None:
+            raise IdentityError("not you")
+
+        async with client(app) as http:
+            response = await http.get("/", headers=ALICE)
+        assert response.status_code == 400
+        assert response.headers["content-type"] == "application/problem+json"
         await registry.aclose()
 
     async def test_installing_after_start_is_refused(self) -> None:
