@@ -67,9 +67,14 @@ _ANONYMOUS: Final = _ReadOnlyDict({ANONYMOUS: True})
 # revoked through the websockets integration's hub.
 CLOSE_IDENTITY_ENDED: Final = 4001
 _EXPIRED: Final = "identity expired"
-# A stream begun past its identity's expiry is cancelled at the app's first wait this long
-# after its first message went out, unless its body ended by then.
+# A stream begun past its identity's expiry is told the client is gone at the app's first
+# receive this long after its first message went out, unless its body ended by then.
 _LATE_STREAM_GRACE: Final = 0.01
+# How long an app told at its identity's expiry that the client is gone may take to end
+# before it is cancelled (at most the registry's cleanup_timeout): frameworks that run
+# the view in tasks of their own (Django, Quart) cancel them when told, and a
+# cancellation of the app would leave them running.
+_TOLD_GRACE: Final = 1.0
 # A response with this status or above tells the client its request was not carried out.
 _SERVER_ERROR: Final = 500
 # The websocket close codes that say the same: RFC 6455's "internal error", and 4000 plus
@@ -161,7 +166,10 @@ class AmbientMiddleware:
     all the same. A websocket whose identity
     has an ``expires_at`` (a JWT's ``exp``) is cancelled and closed with 4001 when it
     passes, and a streamed HTTP response whose body is streaming (server-sent events) is
-    cancelled and ended then, idle or not; their cleanups then see an
+    ended then, idle or not: its app is told the client is gone (its ``receive`` answers
+    ``http.disconnect``; Django and Quart then end the tasks they run the view in) and
+    cancelled if it has not returned a second later (at most the registry's
+    ``cleanup_timeout``); their cleanups then see an
     :class:`~ambient.errors.IncompleteResponseError`, as for any work cut short.
 
     Args:
@@ -341,7 +349,9 @@ class AmbientMiddleware:
                 response = socket = _Socket(send, echo)
             else:
                 # A streamed answer (server-sent events) stops at the identity's expiry.
-                response = stream = _Stream(send, echo, expires_at)
+                response = stream = _Stream(
+                    send, echo, expires_at, min(_TOLD_GRACE, self.registry.cleanup_timeout)
+                )
             registry = self.registry
             telemetry = self.telemetry
             # Without a keyword when there is no telemetry: a call with one builds a dict.
@@ -918,12 +928,13 @@ class _Socket(_Response):
 
 class _Stream(_Response):
     """The ``send`` of an HTTP request whose identity expires: once its body is streaming
-    (its first message with ``more_body`` went out), the app is cancelled at the expiry
-    through :attr:`expiry`, and a body message with bytes it sends after the expiry is
-    refused: the middleware then ends the response (a server-sent event stream must not go
-    on serving an expired credential, idle or not), with the trailers its start announced,
-    and the app gets an error from that ``send`` and from every later one. The empty end of
-    its body goes out.
+    (its first message with ``more_body`` went out), the app's ``receive`` answers
+    ``http.disconnect`` from the expiry on, the app is cancelled through :attr:`expiry`
+    if it still runs ``grace`` seconds later, and a body message with bytes it sends after
+    the expiry is refused: the middleware then ends the response (a server-sent event
+    stream must not go on serving an expired credential, idle or not), with the trailers
+    its start announced, and the app gets an error from that ``send`` and from every later
+    one. The empty end of its body goes out.
 
     A server-sent event stream (``content-type: text/event-stream``, no
     ``content-length``) is streaming from its start: one still waiting for its first event
@@ -934,9 +945,23 @@ class _Stream(_Response):
     early, so nothing more is sent and the server closes the connection.
     """
 
-    __slots__ = ("_body_done", "_expires_at", "_server", "_sized", "_streaming", "cut", "expiry")
+    __slots__ = (
+        "_body_done",
+        "_expires_at",
+        "_grace",
+        "_server",
+        "_sized",
+        "_streaming",
+        "_tell_at",
+        "_waiting",
+        "cut",
+        "expiry",
+        "told",
+    )
 
-    def __init__(self, send: Send, echo: list[tuple[bytes, bytes]], expires_at: float) -> None:
+    def __init__(
+        self, send: Send, echo: list[tuple[bytes, bytes]], expires_at: float, grace: float
+    ) -> None:
         # What _Response sends goes through _forward: the start it sends has its headers
         # as a list already, the echo among them.
         super().__init__(self._forward, echo)
@@ -947,8 +972,16 @@ class _Stream(_Response):
         # Its body's last message went out (its trailers may follow).
         self._body_done = False
         self.cut = False
-        # Around the app; its deadline is set when the body starts streaming.
+        # Around the app; its deadline (the expiry plus the grace) is set when the body
+        # starts streaming.
         self.expiry = anyio.CancelScope()
+        self._grace = grace
+        # When the app's receive answers that the client is gone (the expiry, on the
+        # loop's clock), and the scopes of the receive calls waiting until then.
+        self._tell_at = math.inf
+        self._waiting: set[anyio.CancelScope] = set()
+        # Whether the app was answered that the client is gone, or refused a message.
+        self.told = False
 
     def __call__(self, message: MutableMapping[str, Any]) -> Awaitable[None]:
         if self.cut:
@@ -958,33 +991,38 @@ class _Stream(_Response):
             more = message.get("more_body", False)
             expiry = self.expiry
             if not self._streaming:
-                if expiry.cancel_called:
+                if self.told or self._tell_at <= anyio.current_time() or expiry.cancel_called:
                     # An event stream cut at the expiry before its first event, whose app
-                    # caught its cancellation: nothing goes out.
-                    self.cut = True
+                    # was told the client is gone or caught its cancellation: nothing goes
+                    # out.
+                    self.cut = self.told = True
                     raise _CutOffAtExpiryError(http=True)
                 self._streaming = True
                 if more:
                     return self._stream(message)
                 # A body in one message: the work after it is not cut (an event stream's
                 # deadline is armed from its start).
-                expiry.deadline = math.inf
+                self._deadline(math.inf)
                 self._body_done = True
             elif not self.ended:
                 # An empty last message only ends what went out in time: it goes out, the
                 # expiry not asked (trio cancels a scope asked past its deadline).
                 if (more or message.get("body")) and (
-                    expiry.cancel_called or _expired(self._expires_at)
+                    self.told or expiry.cancel_called or _expired(self._expires_at)
                 ):
                     # Past the expiry, before the deadline reached the app (a busy loop), or
-                    # from an app that caught its cancellation: nothing more goes out.
-                    self.cut = True
-                    expiry.cancel()
+                    # from an app told the client is gone or that caught its cancellation:
+                    # nothing more goes out. Told now that the client is gone, as the
+                    # expiry tells it (not later than it was already).
+                    self.cut = self.told = True
+                    self._deadline(min(self._tell_at, anyio.current_time()))
                     raise _CutOffAtExpiryError(http=True)
                 if not more:
                     # The body ends: its trailers or the work after it (background tasks)
-                    # are not cut, unless the app was cancelled before (see below).
-                    expiry.deadline = math.inf
+                    # are not cut, unless the app was told the client is gone or was
+                    # cancelled before (see below); one told keeps its cancellation due.
+                    if not self.told:
+                        self._deadline(math.inf)
                     self._body_done = True
         return super().__call__(message)
 
@@ -999,13 +1037,14 @@ class _Stream(_Response):
             await super().__call__(message)
             return
         if left > 0:
-            self.expiry.deadline = anyio.current_time() + left
+            self._deadline(anyio.current_time() + left)
             await super().__call__(message)
         else:
             await super().__call__(message)
             # Not in the past: anyio cancels an asyncio scope given a past deadline at once,
-            # and the app's end, sent before it waits, would come too late.
-            self.expiry.deadline = anyio.current_time() + _LATE_STREAM_GRACE
+            # and a receive waiting (a framework listening for the disconnect) would be
+            # told the client is gone before the app's end, sent before it waits, came.
+            self._deadline(anyio.current_time() + _LATE_STREAM_GRACE)
 
     def _forward(self, message: MutableMapping[str, Any]) -> Awaitable[None]:
         if message["type"] == "http.response.start":
@@ -1030,7 +1069,36 @@ class _Stream(_Response):
         except OverflowError:  # an int no float holds: an expiry that never comes
             return
         if left > 0:
-            self.expiry.deadline = anyio.current_time() + left
+            self._deadline(anyio.current_time() + left)
+
+    def _deadline(self, at: float) -> None:
+        """Tell the app the client is gone at ``at`` (on the loop's clock), and cancel it
+        if it is still running ``grace`` seconds later."""
+        self._tell_at = at
+        self.expiry.deadline = at + self._grace
+        for waiting in self._waiting:
+            waiting.deadline = at
+
+    def receiving(self, receive: Receive) -> Receive:
+        """The app's ``receive``: past the expiry, it answers that the client is gone, as
+        a server does once the client left (frameworks that run the view in tasks of
+        their own cancel them then, and end; cancelling the app would leave them
+        running)."""
+        super().receiving(receive)
+        return self._received_in_time
+
+    async def _received_in_time(self) -> MutableMapping[str, Any]:
+        if not self.told and self._tell_at > anyio.current_time():
+            with anyio.CancelScope(deadline=self._tell_at) as waiting:
+                self._waiting.add(waiting)
+                try:
+                    return await self._received()
+                finally:
+                    self._waiting.discard(waiting)
+        else:
+            await anyio.lowlevel.checkpoint()
+        self.told = True
+        return {"type": "http.disconnect"}
 
     async def end(self) -> None:
         """End the response cut at the expiry: an empty last body message (unless the app
@@ -1106,8 +1174,9 @@ async def _stream_until_expiry(
     end_within: float,
 ) -> None:
     """Run an HTTP request's app until its streamed body passes the identity's expiry (the
-    stream's deadline, set when its body starts streaming; an idle stream too), then
-    cancel it; a response cut there, or refused a message past the expiry, is ended once
+    stream's deadline, set when its body starts streaming; an idle stream too), then tell
+    it the client is gone and cancel it if it has not returned within the stream's
+    grace; a response cut there, or refused a message past the expiry, is ended once
     the app is out, with the trailers its start announced, so nothing the app sends while
     it unwinds can follow the end. The end waits at most ``end_within`` seconds for the
     server to take it: a client that stopped reading must not hold the request's
@@ -1118,10 +1187,11 @@ async def _stream_until_expiry(
         with expiry:
             await app(scope, receive, stream)
     finally:
-        # Cancelled at the deadline, whether the app let the cancellation out or swallowed
-        # it: cut there, also when it ended its body (or all of it) after the cancellation.
-        # An end that came in time set the deadline off before it could cancel.
-        if expiry.cancel_called:
+        # Told the client is gone at the expiry, or cancelled after the grace, whether the
+        # app let the cancellation out or swallowed it: cut there, also when it ended its
+        # body (or all of it) after that. An end that came in time set the deadline off
+        # before it could tell or cancel.
+        if stream.told or expiry.cancel_called:
             stream.cut = True
         if stream.cut and not stream.ended:
             with anyio.move_on_after(end_within):

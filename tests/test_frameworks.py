@@ -10,12 +10,14 @@ cleaned exactly once, and at shutdown every USER component too.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import socket
+import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -433,7 +435,6 @@ class _HeldView:
 
     def __init__(self) -> None:
         import threading
-        from collections.abc import Iterator
 
         self.events: list[str] = []
         self.started, self.proceed, self.finished = (threading.Event() for _ in range(3))
@@ -579,3 +580,148 @@ async def test_a_django_sync_view_keeps_its_components_until_its_thread_is_done(
         await held.hang_up_on(held.watched(get_asgi_application()), "/held-report")
     finally:
         django_app.urlpatterns.remove(route)
+
+
+class _ExpiringView:
+    """A streamed view (or a websocket) idle past its identity's expiry: what it did with
+    its REQUEST component, and what was still going on when the middleware returned."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.events: list[str] = []
+        self.seen: list[BaseException | None] = []
+        self.tasks: list[asyncio.Task[Any]] = []
+        # At each return of the middleware: whether the view's task was done, the events.
+        self.returned: list[tuple[bool, list[str]]] = []
+        self.done = threading.Event()
+        events, seen = self.events, self.seen
+
+        class Tx:
+            cleaned = False
+
+        def tx(ctx: ambient.UserExecutionContext) -> Iterator[Tx]:
+            held = Tx()
+            events.append("resolved")
+            try:
+                yield held
+            except Exception as exc:
+                seen.append(exc)
+                raise
+            else:
+                seen.append(None)
+            finally:
+                held.cleaned = True
+                events.append("cleanup")
+
+        self.key = Tx
+        self.registry = Registry()
+        self.registry.register(Tx, tx)
+
+    async def idle(self) -> None:
+        """The view's part once its first message went out: resolve, wait for an event
+        that never comes; note when it stops, and whether its component was cleaned
+        under it."""
+        self.tasks.append(asyncio.current_task())  # type: ignore[arg-type]
+        held = await ambient.resolve(self.key)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.events.append("view stopped" + (" after its cleanup" if held.cleaned else ""))
+
+    def watched(self, app: Any) -> Any:
+        """``app`` behind ``AmbientMiddleware`` with an identity expiring half a second
+        after the request came, noting what still ran when the middleware returned."""
+        from ambient.middleware import AmbientMiddleware, Identity
+
+        def expiring(scope: Any) -> Identity:
+            return Identity("ann", expires_at=time.time() + 0.5)
+
+        inner = AmbientMiddleware(app, registry=self.registry, identity=expiring)
+
+        async def watch(scope: Any, receive: Any, send: Any) -> None:
+            await inner(scope, receive, send)
+            if scope["type"] in ("http", "websocket"):
+                done = bool(self.tasks) and all(task.done() for task in self.tasks)
+                self.returned.append((done, list(self.events)))
+                self.done.set()
+
+        return watch
+
+    async def stream_from(self, app: Any, target: str, caplog: pytest.LogCaptureFixture) -> None:
+        """Stream ``target`` on uvicorn until the expiry ends it; the view must have
+        stopped, told the client is gone, before the middleware returned, and its
+        component be cleaned once, after that."""
+        import gc
+
+        with serve("uvicorn", self.watched(app)) as url:
+            async with (
+                httpx.AsyncClient(base_url=url, timeout=30) as client,
+                client.stream("GET", target) as response,
+            ):
+                body = b"".join([chunk async for chunk in response.aiter_bytes()])
+            assert await anyio.to_thread.run_sync(self.done.wait, 30)
+        gc.collect()  # a task left with its error is reported as it is collected
+        assert response.status_code == 200
+        assert body == b"data: 0\n\n"
+        assert self.returned == [(True, ["resolved", "view stopped", "cleanup"])]
+        assert len(self.seen) == 1
+        assert "cut off when its identity expired" in str(self.seen[0])
+        assert "never retrieved" not in caplog.text
+        assert "destroyed but it is pending" not in caplog.text
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # asgiref runs on asyncio only
+async def test_a_django_stream_idle_past_its_expiry_ends_its_view_first(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Django runs the view in a task of its own and cancels it when the client leaves.
+    At the identity's expiry the middleware tells the app the client is gone, so the view
+    ends before the request's components are cleaned. Cancelling the app (Django's wait
+    for its task) left the view's task running after the middleware returned."""
+    from django.core.asgi import get_asgi_application
+    from django.http import HttpRequest, StreamingHttpResponse
+    from django.urls import path
+
+    from tests.frameworks import django_app
+
+    view = _ExpiringView()
+
+    async def events(request: HttpRequest) -> StreamingHttpResponse:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"data: 0\n\n"
+            await view.idle()
+            yield b"data: 1\n\n"
+
+        return StreamingHttpResponse(body(), content_type="text/event-stream")
+
+    route = path("expiring-events", events)
+    django_app.urlpatterns.append(route)
+    try:
+        await view.stream_from(get_asgi_application(), "/expiring-events", caplog)
+    finally:
+        django_app.urlpatterns.remove(route)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # Quart runs on asyncio only
+async def test_a_quart_stream_idle_past_its_expiry_ends_its_view_first(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Quart runs the view and the reading of the request in tasks of its own and cancels
+    them when the client leaves: at the identity's expiry the middleware tells it the
+    client is gone, so they end before the request's components are cleaned."""
+    from quart import Quart
+
+    view = _ExpiringView()
+    app = Quart(__name__)
+
+    @app.get("/events")
+    async def events() -> Any:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"data: 0\n\n"
+            await view.idle()
+            yield b"data: 1\n\n"
+
+        return body(), 200, {"content-type": "text/event-stream"}
+
+    await view.stream_from(app.asgi_app, "/events", caplog)

@@ -1435,7 +1435,9 @@ async def test_an_idle_http2_stream_with_trailers_ends_when_its_token_expires(
     with serve(server, AmbientMiddleware(app, registry=registry, identity=identity)) as url:
         stream, ended_at = await anyio.to_thread.run_sync(exercise, url)
         assert await anyio.to_thread.run_sync(cleaned.wait, 10)
-    assert expires <= ended_at <= expires + 1.0
+    # Told at the expiry that the client is gone; not listening, cancelled a second (the
+    # grace) later.
+    assert expires <= ended_at <= expires + 2.0
     assert (stream.status, stream.body, stream.ended, stream.reset_by_server) == (
         200,
         b"ann",
