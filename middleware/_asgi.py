@@ -163,13 +163,13 @@ class AmbientMiddleware:
     429 and 1008 for the rest, the problem's title as reason (nothing is sent on a socket
     the app or the client closed already; one raised as the expiry below cancelled the app
     gets the expiry's 4001), and is not raised to the server either; its cleanups see it
-    all the same. A websocket whose identity
-    has an ``expires_at`` (a JWT's ``exp``) is cancelled and closed with 4001 when it
-    passes, and a streamed HTTP response whose body is streaming (server-sent events) is
-    ended then, idle or not: its app is told the client is gone (its ``receive`` answers
-    ``http.disconnect``; Django and Quart then end the tasks they run the view in) and
-    cancelled if it has not returned a second later (at most the registry's
-    ``cleanup_timeout``); their cleanups then see an
+    all the same. A websocket whose identity has an ``expires_at`` (a JWT's ``exp``) is
+    closed with 4001 when it passes, and a streamed HTTP response whose body is streaming
+    (server-sent events) is ended then, idle or not: the app is told the client is gone
+    (its ``receive`` answers ``websocket.disconnect`` or ``http.disconnect``; Django and
+    Quart then end the tasks they run the view in), cancelled if it has not returned a
+    second later (at most the registry's ``cleanup_timeout``), and nothing it sends after
+    the expiry goes out; their cleanups then see an
     :class:`~ambient.errors.IncompleteResponseError`, as for any work cut short.
 
     Args:
@@ -346,7 +346,7 @@ class AmbientMiddleware:
             if expires_at is None:
                 response = _Response(send, echo)
             elif websocket:
-                response = socket = _Socket(send, echo)
+                response = socket = _Socket(send, echo, expires_at)
             else:
                 # A streamed answer (server-sent events) stops at the identity's expiry.
                 response = stream = _Stream(
@@ -384,7 +384,12 @@ class AmbientMiddleware:
                     await self.app(scope, app_receive, response)
                 elif websocket:
                     expired = await _serve_until_expiry(
-                        self.app, scope, app_receive, socket, expires_at
+                        self.app,
+                        scope,
+                        app_receive,
+                        socket,
+                        expires_at,
+                        min(_TOLD_GRACE, registry.cleanup_timeout),
                     )
                 else:
                     await _stream_until_expiry(
@@ -788,9 +793,10 @@ async def _close_answered(
             ctx.request_id,
         )
     # A client gone before its disconnect was received: the server refuses the close
-    # (uvicorn's ClientDisconnected), with nobody left to tell.
+    # (uvicorn's ClientDisconnected), with nobody left to tell. Past the expiry, the
+    # socket's own send refuses what the app sends, not this.
     with contextlib.suppress(OSError):
-        await socket(message)
+        await _Response.__call__(socket, message)
 
 
 # The messages that start the answer to a request, which carry the request id echo: the
@@ -911,16 +917,25 @@ class _Response:
 
 class _Socket(_Response):
     """The ``send`` of a websocket whose identity expires: also notes whether it closed,
-    and whether its app raised as it was cancelled at the expiry (``expired``)."""
+    and whether its app raised as it was ended at the expiry (``expired``). Past the
+    expiry nothing the app sends goes out (``told``: the app was told the client is gone,
+    or refused a message): the middleware closes the socket."""
 
-    __slots__ = ("closed", "expired")
+    __slots__ = ("_expires_at", "closed", "disconnected", "expired", "told")
 
-    def __init__(self, send: Send, echo: list[tuple[bytes, bytes]]) -> None:
+    def __init__(self, send: Send, echo: list[tuple[bytes, bytes]], expires_at: float) -> None:
         super().__init__(send, echo)
+        self._expires_at = expires_at
         self.closed = False
         self.expired = False
+        self.told = False
+        # The app's receive answered the expiry's disconnect.
+        self.disconnected = False
 
     def __call__(self, message: MutableMapping[str, Any]) -> Awaitable[None]:
+        if self.told or _expired(self._expires_at):
+            self.told = True
+            return anyio.lowlevel.checkpoint()
         if message["type"] in ("websocket.close", "websocket.http.response.start"):
             self.closed = True
         return super().__call__(message)
@@ -1204,38 +1219,63 @@ async def _serve_until_expiry(
     receive: Receive,
     socket: _Socket,
     expires_at: float,
+    grace: float,
 ) -> bool:
-    """Run a websocket's app until its identity expires; then cancel it and close the
-    socket with 4001, so that no message is handled for an identity no longer valid, and
-    return ``True``. A socket the app had not accepted yet is refused as any expired
-    credential is (401)."""
+    """Run a websocket's app until its identity expires; then tell it the client is gone
+    (its ``receive`` answers ``websocket.disconnect``, as a server's does: frameworks that
+    run the handler in tasks of their own end them), cancel it if it still runs ``grace``
+    seconds later, close the socket with 4001, so that no message is handled for an
+    identity no longer valid, and return ``True``. A socket the app had not accepted yet
+    is refused as any expired credential is (401)."""
     try:
         left = expires_at - time.time()
     except OverflowError:  # an int no float holds: an expiry that never comes
         await app(scope, receive, socket)
         return False
-    with anyio.CancelScope(deadline=anyio.current_time() + left) as expiry:
+    tell_at = anyio.current_time() + left
+    with anyio.CancelScope(deadline=tell_at + grace) as expiry:
 
         async def receive_in_time() -> MutableMapping[str, Any]:
-            message = await receive()
-            if message["type"] == "websocket.disconnect":
-                # The client closed it: a close sent now would be refused (uvicorn raises).
-                socket.closed = True
-            if time.time() >= expires_at:
-                # Past the deadline before the loop got to cancel (a busy loop, a receive
-                # that never yielded): the message must not reach the expired user's app.
-                expiry.cancel()
-                await anyio.lowlevel.checkpoint()
-            return message
+            if not socket.told:
+                with anyio.CancelScope(deadline=tell_at):
+                    message = await receive()
+                    if message["type"] == "websocket.disconnect":
+                        # The client closed it: a close sent now would be refused (uvicorn
+                        # raises).
+                        socket.closed = True
+                        return message
+                    if time.time() < expires_at:
+                        return message
+                    # Past the deadline before the loop got to it (a busy loop, a receive
+                    # that never yielded): the message must not reach the expired user's
+                    # app.
+            elif socket.disconnected:
+                # Told once already: an app that receives on waits for its cancellation
+                # rather than spin on the disconnect.
+                await anyio.sleep_forever()
+            socket.told = socket.disconnected = True
+            await anyio.lowlevel.checkpoint()
+            return {
+                "type": "websocket.disconnect",
+                "code": CLOSE_IDENTITY_ENDED,
+                "reason": _EXPIRED,
+            }
 
         try:
             await app(scope, receive_in_time, socket)
+        except Exception as exc:
+            # Raised as the app ended on the disconnect it was told (Starlette's
+            # WebSocketDisconnect), or as it was cancelled at the expiry: an error with an
+            # answer (no database connection free) is answered with the expiry's close,
+            # not its own, and one without is the expiry's end.
+            socket.expired = expiry.cancel_called or socket.told
+            if not socket.told or _answer_of(exc) is not None:
+                raise
+            logger.debug("ambient: a websocket's app raised as its identity expired: %r", exc)
         except BaseException:
-            # Raised as the app was cancelled at the expiry: an error with an answer (no
-            # database connection free) is answered with the expiry's close, not its own.
-            socket.expired = expiry.cancel_called
+            socket.expired = expiry.cancel_called or socket.told
             raise
-    if not expiry.cancelled_caught:
+    if not (expiry.cancelled_caught or socket.told):
         return False
     if not socket.started:
         # A close before accept is answered by servers with a bare 403: the client could not
@@ -1244,7 +1284,8 @@ async def _serve_until_expiry(
         raise IdentityError(msg, status=401)
     if not socket.closed:
         logger.info("ambient: closing a websocket whose identity has expired")
-        await socket({"type": "websocket.close", "code": CLOSE_IDENTITY_ENDED, "reason": _EXPIRED})
+        close = {"type": "websocket.close", "code": CLOSE_IDENTITY_ENDED, "reason": _EXPIRED}
+        await _Response.__call__(socket, close)
     return True
 
 

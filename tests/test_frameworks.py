@@ -725,3 +725,36 @@ async def test_a_quart_stream_idle_past_its_expiry_ends_its_view_first(
         return body(), 200, {"content-type": "text/event-stream"}
 
     await view.stream_from(app.asgi_app, "/events", caplog)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # Quart runs on asyncio only
+async def test_a_quart_websocket_idle_past_its_expiry_ends_its_view_first(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Quart runs the websocket's handler and its reading in tasks of its own and cancels
+    them when the client leaves: at the identity's expiry the middleware tells it the
+    client is gone, so they end before the socket's components are cleaned, and the
+    socket is closed with 4001."""
+    import gc
+
+    from quart import Quart, websocket
+
+    view = _ExpiringView()
+    app = Quart(__name__)
+
+    @app.websocket("/socket")
+    async def socket() -> None:
+        await websocket.accept()
+        await websocket.send("begun")
+        await view.idle()
+
+    with serve("uvicorn", view.watched(app.asgi_app)) as url:
+        closed = await anyio.to_thread.run_sync(talk_on_socket, f"ws{url[4:]}/socket")
+        assert await anyio.to_thread.run_sync(view.done.wait, 30)
+    gc.collect()  # a task left with its error is reported as it is collected
+    assert closed == 4001
+    assert view.returned == [(True, ["resolved", "view stopped", "cleanup"])]
+    assert len(view.seen) == 1
+    assert "cut off when its identity expired" in str(view.seen[0])
+    assert "never retrieved" not in caplog.text
+    assert "destroyed but it is pending" not in caplog.text

@@ -1596,7 +1596,9 @@ class TestWebsocketIdentityExpiry:
         waited = time.monotonic() - started
         assert [m["type"] for m in sent] == ["websocket.accept", "websocket.close"]
         assert sent[1]["code"] == 4001
-        assert handled == ["ann"]
+        # Told at the expiry that the client is gone; receiving on, cancelled a second (the
+        # grace) later.
+        assert handled == ["ann", "websocket.disconnect"]
         assert cleaned == ["ann"]
         assert len(ended_by) == 1
         assert isinstance(ended_by[0], IncompleteResponseError)
@@ -1636,7 +1638,8 @@ class TestWebsocketIdentityExpiry:
         middleware = AmbientMiddleware(app, registry=Registry(), identity=self.expiring(0.2))
         with anyio.fail_after(10):
             await middleware(ws_scope([]), receive, send)
-        assert handled == []
+        # Told the client is gone instead.
+        assert handled == ["websocket.disconnect"]
         assert [m["type"] for m in sent] == ["websocket.accept", "websocket.close"]
         assert sent[1]["code"] == 4001
 
@@ -1671,7 +1674,42 @@ class TestWebsocketIdentityExpiry:
         with anyio.fail_after(10):
             await middleware(ws_scope([]), receive, send)
         assert [m["type"] for m in sent] == ["websocket.accept"]
-        assert handled == []
+        # The client's own disconnect: the app ends on it.
+        assert handled == ["websocket.disconnect"]
+
+    async def test_an_app_told_at_expiry_sends_nothing_more_and_may_raise(self) -> None:
+        """Past the expiry nothing the app sends goes out, and its ``receive`` answers
+        that the client is gone (4001); an app that raises on that (Starlette's
+        WebSocketDisconnect) ends as the expiry ends it: closed with 4001, its cleanups
+        told its work was cut short, nothing raised to the server."""
+        from starlette.websockets import WebSocketDisconnect
+
+        ended_by: list[BaseException | None] = []
+        told: list[dict[str, Any]] = []
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await receive()
+            await send({"type": "websocket.accept"})
+            await ambient.resolve("tx")
+            await anyio.sleep(0.4)  # the expiry is the event
+            await send({"type": "websocket.send", "text": "late"})
+            message = await receive()
+            told.append(message)
+            raise WebSocketDisconnect(message["code"])
+
+        middleware = AmbientMiddleware(
+            app, registry=_tx_registry(ended_by), identity=self.expiring(0.2)
+        )
+        with anyio.fail_after(10):
+            sent = await drive(middleware, ws_scope([]), [{"type": "websocket.connect"}])
+        assert [m["type"] for m in sent] == ["websocket.accept", "websocket.close"]
+        assert sent[1]["code"] == 4001
+        assert told == [
+            {"type": "websocket.disconnect", "code": 4001, "reason": "identity expired"}
+        ]
+        assert len(ended_by) == 1
+        assert isinstance(ended_by[0], IncompleteResponseError)
+        assert "cut off when its identity expired" in str(ended_by[0])
 
     async def test_a_socket_the_app_closed_is_not_closed_again(self) -> None:
         async def app(scope: Any, receive: Any, send: Any) -> None:
