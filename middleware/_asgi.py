@@ -1043,9 +1043,9 @@ class _Stream(_Response):
 
     async def _stream(self, message: MutableMapping[str, Any]) -> None:
         """Send the body's first message, which opens the stream, and arm the expiry: past
-        it, once the message went out, for the app's next wait (an end sent before that
+        it, once the message went out, for the app's next receive (an end sent before that
         sets it off: the answer went out whole); before it, already while it goes out (a
-        client that stopped reading must not hold it past the expiry)."""
+        client that stopped reading must not hold it past the expiry and the grace)."""
         try:
             left = self._expires_at - time.time()
         except OverflowError:  # an int no float holds: an expiry that never comes
@@ -1077,8 +1077,9 @@ class _Stream(_Response):
         return self._server(message)
 
     def _arm(self) -> None:
-        """Cancel the app at the expiry, unless it has passed already (the first body
-        message still goes out then) or never comes."""
+        """Tell the app the client is gone at the expiry (and cancel it after the grace),
+        unless the expiry has passed already (the first body message still goes out then)
+        or never comes."""
         try:
             left = self._expires_at - time.time()
         except OverflowError:  # an int no float holds: an expiry that never comes

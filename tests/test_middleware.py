@@ -1985,6 +1985,41 @@ class TestStreamedResponseIdentityExpiry:
         assert isinstance(seen[0], IncompleteResponseError)
         assert "cut off when its identity expired" in str(seen[0])
 
+    async def test_an_app_told_the_client_is_gone_may_end_its_own_body(self) -> None:
+        """Told at the expiry that the client is gone (its receive answers
+        ``http.disconnect``), the app ends its body itself and returns, as a framework
+        does: its end goes out and its send does not raise, the middleware ends the
+        response with the trailers its start announced only, never with a second end of
+        the body, and the cleanups see the response cut at the expiry."""
+        seen: list[BaseException | None] = []
+        told: list[str] = []
+        expires_at = time.time() + 0.2
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await ambient.resolve("tx")
+            await receive()  # the request
+            await send({"type": "http.response.start", "status": 200, "trailers": True})
+            await send({"type": "http.response.body", "body": b"x", "more_body": True})
+            told.append((await receive())["type"])
+            await send({"type": "http.response.body", "body": b""})
+            told.append("ended")
+
+        middleware = AmbientMiddleware(
+            app, registry=_tx_registry(seen), identity=self.ann(expires_at)
+        )
+        scope = http_scope([(b"x-request-id", b"req-1")], extensions={"http.response.trailers": {}})
+        sent, ended = await self.serve_idle(middleware, scope)
+        assert ended
+        assert told == ["http.disconnect", "ended"]
+        assert [(m["type"], m.get("body"), m.get("headers")) for m in sent[1:]] == [
+            ("http.response.body", b"x", None),
+            ("http.response.body", b"", None),
+            ("http.response.trailers", None, [(b"x-request-id", b"req-1")]),
+        ]
+        assert len(seen) == 1
+        assert isinstance(seen[0], IncompleteResponseError)
+        assert "cut off when its identity expired" in str(seen[0])
+
     @pytest.mark.parametrize("then", ["ends", "waits"])
     async def test_a_stream_begun_past_the_expiry_is_cut_only_if_it_goes_on(
         self, then: str
