@@ -2300,6 +2300,8 @@ class TestStreamedResponseIdentityExpiry:
         response, which holds the error its ``send`` raised: still the stream the middleware
         cut, not raised to the server, and the cleanups see the response cut short. They
         saw the ``LitestarException``, and the server logged it as the app's crash."""
+        # The core suite runs on other Pythons without the frameworks' extras.
+        pytest.importorskip("litestar")
         from litestar import Litestar, get
         from litestar.response import Stream
 
@@ -2709,6 +2711,7 @@ class TestStreamedResponseIdentityExpiry:
         disconnect listener as tasks of one task group: waiting for its next event at the
         expiry (pinging or not), it is cancelled and ended once, its generator closed;
         nothing is raised to the server, and the cleanups see the cut."""
+        pytest.importorskip("sse_starlette")  # not in the core suite's installs
         from sse_starlette import EventSourceResponse
         from starlette.applications import Starlette
         from starlette.requests import Request
