@@ -9,8 +9,8 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, Generic, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -24,6 +24,40 @@ from starlette.websockets import WebSocket
 import ambient
 from ambient import Lifetime, Registry, UserExecutionContext, UserRef
 from ambient.middleware import AmbientMiddleware, IdentityResolver, trusted_header
+
+_Chunk = TypeVar("_Chunk", str, bytes)
+
+
+class Chunks(Generic[_Chunk]):
+    """A streamed body for tests: ``count`` chunks (endless with ``None``), the ``n``-th
+    made by ``make(n)`` once ``before(n)`` is awaited (an event source's pace, the next event
+    in an hour). An iterator, not a generator: one left unclosed is no unraisable warning."""
+
+    def __init__(
+        self,
+        make: Callable[[int], _Chunk],
+        *,
+        count: int | None = None,
+        before: Callable[[int], Awaitable[None]] | None = None,
+    ) -> None:
+        self.make, self.count, self.before, self.sent = make, count, before, 0
+
+    def __aiter__(self) -> Chunks[_Chunk]:
+        return self
+
+    async def __anext__(self) -> _Chunk:
+        if self.count is not None and self.sent >= self.count:
+            raise StopAsyncIteration
+        if self.before is not None:
+            await self.before(self.sent)
+        self.sent += 1
+        return self.make(self.sent - 1)
+
+
+async def next_in_an_hour(n: int) -> None:
+    """For :class:`Chunks`: the first chunk now, the next in an hour (an idle stream)."""
+    if n:
+        await anyio.sleep(3600)
 
 
 class Ledger:

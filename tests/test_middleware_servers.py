@@ -15,7 +15,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -45,7 +45,18 @@ from ambient.errors import IncompleteResponseError
 from ambient.integrations.starlette import install
 from ambient.middleware import AmbientMiddleware, scope_user, trusted_header
 from ambient.middleware.identity import Identity, jwt_bearer
-from tests.apps import BUILT, Ledger, Memory, Probe, build, build_app, build_registry, close_built
+from tests.apps import (
+    BUILT,
+    Chunks,
+    Ledger,
+    Memory,
+    Probe,
+    build,
+    build_app,
+    build_registry,
+    close_built,
+    next_in_an_hour,
+)
 from tests.h2client import H2Client
 from tests.servers import granian_available, serve, serve_unix
 
@@ -1138,28 +1149,18 @@ async def test_an_event_stream_ends_when_its_token_expires(server: str) -> None:
         ledger.all_cleaned,
     )
 
-    class Events:
-        """An event every 0.05 s (an event source's pace), 200 at most."""
+    async def paced(n: int) -> None:
+        if n:
+            await anyio.sleep(0.05)
 
-        def __init__(self, user: str) -> None:
-            self.user, self.sent = user, 0
-
-        def __aiter__(self) -> Events:
-            return self
-
-        async def __anext__(self) -> str:
-            if self.sent == 200:
-                raise StopAsyncIteration
-            if self.sent:
-                await anyio.sleep(0.05)
-            self.sent += 1
-            user = ambient.get_current_context().user_id
-            return f"data: {user} {self.user}\n\n"
+    def event(session: str) -> Callable[[int], str]:
+        return lambda n: f"data: {ambient.get_current_context().user_id} {session}\n\n"
 
     async def events(request: Request) -> StreamingResponse:
-        return StreamingResponse(
-            Events(await ambient.resolve("session")), media_type="text/event-stream"
-        )
+        # An event every 0.05 s (an event source's pace), 200 at most.
+        session = await ambient.resolve("session")
+        body = Chunks(event(session), count=200, before=paced)
+        return StreamingResponse(body, media_type="text/event-stream")
 
     bearer = jwt_bearer(secret, algorithms=["HS256"], leeway=0)
     # 0.8 s after the request arrives, to the microsecond (a JWT's exp counts whole seconds;
@@ -1261,25 +1262,10 @@ async def test_an_idle_event_stream_ends_when_its_token_expires(
         ledger.all_cleaned,
     )
 
-    class Events:
-        """One event now, the next in an hour."""
-
-        def __init__(self, user: str) -> None:
-            self.user, self.sent = user, 0
-
-        def __aiter__(self) -> Events:
-            return self
-
-        async def __anext__(self) -> str:
-            if self.sent:
-                await anyio.sleep(3600)
-            self.sent += 1
-            return f"data: {self.user}\n\n"
-
     async def events(request: Request) -> StreamingResponse:
-        return StreamingResponse(
-            Events(await ambient.resolve("session")), media_type="text/event-stream"
-        )
+        user = await ambient.resolve("session")
+        body = Chunks(lambda n: f"data: {user}\n\n", before=next_in_an_hour)
+        return StreamingResponse(body, media_type="text/event-stream")
 
     async def raw(scope: Any, receive: Any, send: Any) -> None:
         user = await ambient.resolve("session")
