@@ -73,8 +73,9 @@ _LATE_STREAM_GRACE: Final = 0.01
 # How long an app told at its identity's expiry that the client is gone may take to end
 # before it is cancelled (at most the registry's cleanup_timeout): frameworks that run
 # the view in tasks of their own (Django, Quart) cancel them when told, and a
-# cancellation of the app would leave them running.
-_TOLD_GRACE: Final = 1.0
+# cancellation of the app would leave them running. Short: the expired credential's app
+# runs no longer than that past its expiry.
+_TOLD_GRACE: Final = 0.25
 # A response with this status or above tells the client its request was not carried out.
 _SERVER_ERROR: Final = 500
 # The websocket close codes that say the same: RFC 6455's "internal error", and 4000 plus
@@ -168,8 +169,8 @@ class AmbientMiddleware:
     (server-sent events) is ended then, idle or not: the app is told the client is gone
     (its ``receive`` answers ``websocket.disconnect`` or ``http.disconnect``; Django and
     Quart then end the tasks they run the view in), cancelled if it has not returned a
-    second later (at most the registry's ``cleanup_timeout``), and nothing it sends after
-    the expiry goes out; their cleanups then see an
+    quarter of a second later (at most the registry's ``cleanup_timeout``), and nothing it
+    sends after the expiry goes out; their cleanups then see an
     :class:`~ambient.errors.IncompleteResponseError`, as for any work cut short.
 
     Args:
