@@ -1047,16 +1047,9 @@ class _Stream(_Response):
         it, once the message went out, for the app's next receive (an end sent before that
         sets it off: the answer went out whole); before it, already while it goes out (a
         client that stopped reading must not hold it past the expiry and the grace)."""
-        try:
-            left = self._expires_at - time.time()
-        except OverflowError:  # an int no float holds: an expiry that never comes
-            await super().__call__(message)
-            return
-        if left > 0:
-            self._deadline(anyio.current_time() + left)
-            await super().__call__(message)
-        else:
-            await super().__call__(message)
+        left = self._arm()
+        await super().__call__(message)
+        if left is not None and left <= 0:
             # Not in the past: anyio cancels an asyncio scope given a past deadline at once,
             # and a receive waiting (a framework listening for the disconnect) would be
             # told the client is gone before the app's end, sent before it waits, came.
@@ -1077,16 +1070,14 @@ class _Stream(_Response):
                 self._arm()
         return self._server(message)
 
-    def _arm(self) -> None:
+    def _arm(self) -> float | None:
         """Tell the app the client is gone at the expiry (and cancel it after the grace),
         unless the expiry has passed already (the first body message still goes out then)
-        or never comes."""
-        try:
-            left = self._expires_at - time.time()
-        except OverflowError:  # an int no float holds: an expiry that never comes
-            return
-        if left > 0:
+        or never comes; return the seconds left (``None``: never)."""
+        left = _seconds_left(self._expires_at)
+        if left is not None and left > 0:
             self._deadline(anyio.current_time() + left)
+        return left
 
     def _deadline(self, at: float) -> None:
         """Tell the app the client is gone at ``at`` (on the loop's clock), and cancel it
@@ -1137,6 +1128,15 @@ class _Stream(_Response):
         if self.cut:
             return _CutOffAtExpiryError(http=True)
         return super().failure()
+
+
+def _seconds_left(expires_at: float) -> float | None:
+    """Seconds until ``expires_at`` (negative once past), or ``None`` for an int no float
+    holds: an expiry that never comes."""
+    try:
+        return expires_at - time.time()
+    except OverflowError:
+        return None
 
 
 def _expired(expires_at: float) -> bool:
@@ -1229,9 +1229,8 @@ async def _serve_until_expiry(
     seconds later, close the socket with 4001, so that no message is handled for an
     identity no longer valid, and return ``True``. A socket the app had not accepted yet
     is refused as any expired credential is (401)."""
-    try:
-        left = expires_at - time.time()
-    except OverflowError:  # an int no float holds: an expiry that never comes
+    left = _seconds_left(expires_at)
+    if left is None:
         await app(scope, receive, socket)
         return False
     tell_at = anyio.current_time() + left
