@@ -184,18 +184,27 @@ def build_app(ledger: Ledger) -> Starlette:
         return JSONResponse(_describe(probe, memory))
 
     async def stream(request: Request) -> Response:
-        async def body() -> AsyncIterator[bytes]:
-            yield b"first\n"
-            # After the first chunk went out: the context and components still work.
-            probe = await ambient.resolve(Probe)
-            ledger.note("streamed", ambient.get_current_context().user_id)
-            yield f"{probe.user_id} {probe.number}\n".encode()
-            if request.query_params.get("endless"):
-                while True:  # a token stream that only ends when the client leaves
-                    await anyio.sleep(0.005)
-                    yield b"more\n"
+        probes: list[Probe] = []
 
-        return StreamingResponse(body(), media_type="text/plain")
+        async def before(n: int) -> None:
+            if n == 1:  # after the first chunk went out: the context and components still work
+                probes.append(await ambient.resolve(Probe))
+                ledger.note("streamed", ambient.get_current_context().user_id)
+            elif n > 1:
+                await anyio.sleep(0.005)
+
+        def chunk(n: int) -> bytes:
+            if n == 0:
+                return b"first\n"
+            if n == 1:
+                return f"{probes[0].user_id} {probes[0].number}\n".encode()
+            return b"more\n"
+
+        # "endless": a token stream that only ends when the client leaves. An iterator, not a
+        # generator: one cut on trio leaves no unraisable warning.
+        count = None if request.query_params.get("endless") else 2
+        body = Chunks(chunk, count=count, before=before)
+        return StreamingResponse(body, media_type="text/plain")
 
     async def background(request: Request) -> Response:
         async def later() -> None:
