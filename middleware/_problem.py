@@ -14,7 +14,8 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
 # RFC 6455: a close frame's reason is at most 123 bytes of UTF-8.
 _MAX_REASON = 123
-# 1008 policy violation for refusals, 1013 "try again later" for overload.
+# 1008 policy violation for refusals, 1013 "try again later" for overload, 1011 for any
+# other server error (an app's own AmbientError with a 500 or 502 is no policy violation).
 _WS_CODES = {429: 1013, 503: 1013}
 # A day: a Retry-After longer than that says nothing a client would act on.
 _RETRY_AFTER_MAX: Final = 86_400
@@ -136,17 +137,19 @@ class Problem:
             await send({"type": "websocket.http.response.body", "body": body})
             return
         reason = self.detail.encode()[:_MAX_REASON].decode("utf-8", "ignore")
-        code = _WS_CODES.get(self.status, 1008)
-        await send({"type": "websocket.close", "code": code, "reason": reason})
+        await send({"type": "websocket.close", "code": self._websocket_code(), "reason": reason})
+
+    def _websocket_code(self) -> int:
+        return _WS_CODES.get(self.status, 1011 if self.status >= 500 else 1008)
 
     def _websocket_close(self) -> dict[str, Any]:
         """The ``websocket.close`` message that ends an accepted websocket with this
-        problem: 1013 "try again later" for overload (503, 429), 1008 policy violation
-        otherwise, with the title as reason (the detail may say more than a socket that
-        was served should hear)."""
+        problem: 1013 "try again later" for overload (503, 429), 1011 for another server
+        error, 1008 policy violation otherwise, with the title as reason (the detail may say
+        more than a socket that was served should hear)."""
         reason = self.title.encode()[:_MAX_REASON].decode("utf-8", "ignore")
         return {
             "type": "websocket.close",
-            "code": _WS_CODES.get(self.status, 1008),
+            "code": self._websocket_code(),
             "reason": reason,
         }

@@ -3328,6 +3328,40 @@ def _after_accept(
     return app
 
 
+class UpstreamError(AmbientError):
+    """An app's own error with a server-side status (no policy violation, no overload)."""
+
+    http_status = 502
+    title = "Upstream unavailable"
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (UpstreamError("the model server"), 1011),
+        (PoolExhaustedError("busy"), 1013),
+        (InvalidContextError("thread_id", "too long", "x"), 1008),
+    ],
+    ids=["own-5xx", "overload", "4xx"],
+)
+async def test_an_error_before_accept_closes_the_websocket_with_its_kind_of_code(
+    error: AmbientError, code: int
+) -> None:
+    """An app's own ambient error with a 502, raised before it accepted the websocket,
+    closed it with 1008 "policy violation": the client was told its request broke a rule
+    when the server failed. A server error other than overload is 1011."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        raise error
+
+    middleware = AmbientMiddleware(app, registry=Registry(), identity=trusted_header())
+    sent = await drive(
+        middleware, ws_scope([(b"x-user-id", b"ann")]), [{"type": "websocket.connect"}]
+    )
+    assert [(m["type"], m["code"]) for m in sent] == [("websocket.close", code)]
+
+
 def _expiring_in_an_hour(scope: Any) -> Identity:
     return Identity("ann", expires_at=time.time() + 3600)
 
@@ -3359,8 +3393,9 @@ class TestWebsocketAnsweredAfterAccept:
                 1013,
                 "Service temporarily unavailable",
             ),
+            (UpstreamError("the model server of ann's run"), 1011, "Upstream unavailable"),
         ],
-        ids=["pool", "too-many", "identity", "invalid-context", "group"],
+        ids=["pool", "too-many", "identity", "invalid-context", "group", "own-5xx"],
     )
     async def test_the_socket_is_closed_with_the_errors_code(
         self, error: Exception, code: int, reason: str, expiring: bool
