@@ -954,8 +954,9 @@ class _Stream(_Response):
 
     A server-sent event stream (``content-type: text/event-stream``, no
     ``content-length``) is streaming from its start: one still waiting for its first event
-    is cut at the expiry too. The first body message sent after the expiry goes out (one
-    sent before it, held by a client that stopped reading, is cut at the expiry), and an
+    is cut at the expiry too, and one begun past it right after its start. Otherwise the
+    first body message sent after the expiry goes out (one sent before it, held by a client
+    that stopped reading, is cut at the expiry), and an
     answer that is not streaming is never cut: a request admitted while its credential was
     valid gets its answer. A response that declared its ``content-length`` cannot be ended
     early, so nothing more is sent and the server closes the connection.
@@ -1067,7 +1068,11 @@ class _Stream(_Response):
             if events and not self._sized:
                 # A server-sent event stream is a stream from its start: one waiting for
                 # its first event (none yet, no ping) is cut at the expiry too.
-                self._arm()
+                left = self._arm()
+                if left is not None and left <= 0:
+                    # Begun past the expiry: its start is its first message, and one waiting
+                    # for its first event must not hold the expired credential until then.
+                    self._deadline(anyio.current_time() + _LATE_STREAM_GRACE)
         return self._server(message)
 
     def _arm(self) -> float | None:

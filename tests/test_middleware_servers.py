@@ -1340,6 +1340,70 @@ async def test_an_idle_event_stream_ends_when_its_token_expires(
     assert raised == []
 
 
+async def test_an_event_stream_begun_past_its_token_expiry_ends_while_it_waits(
+    server: str,
+) -> None:
+    """The handler's work outlasts the identity, then it answers with an event stream whose
+    first event comes in an hour: the stream ends at once, its client sees it end with no
+    event, and the request's components are cleaned once, told the response was cut at the
+    expiry. Armed only by a first body message, it held the expired credential's
+    connection and components until that event."""
+    ledger = _Sessions()
+    registry, cleaned, ended_by, all_cleaned = (
+        ledger.registry,
+        ledger.cleaned,
+        ledger.ended_by,
+        ledger.all_cleaned,
+    )
+    expires = math.inf
+
+    async def in_an_hour(n: int) -> None:
+        await anyio.sleep(3600)
+
+    async def events(request: Request) -> StreamingResponse:
+        user = await ambient.resolve("session")
+        await anyio.sleep(max(expires - time.time(), 0) + 0.05)  # work past the expiry
+        body = Chunks(lambda n: f"data: {user}\n\n", before=in_an_hour)
+        return StreamingResponse(body, media_type="text/event-stream")
+
+    def identity(scope: Any) -> Identity:
+        nonlocal expires
+        expires = time.time() + 0.2
+        return Identity("alice", expires_at=expires)
+
+    middleware = AmbientMiddleware(
+        Starlette(routes=[Route("/events", events)]), registry=registry, identity=identity
+    )
+    raised: list[BaseException] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await middleware(scope, receive, send)
+        except BaseException as exc:
+            raised.append(exc)
+            raise
+
+    received: list[str] = []
+    with serve(server, app) as url:
+        async with (
+            httpx.AsyncClient(timeout=10) as http,
+            http.stream("GET", url + "/events") as response,
+        ):
+            assert response.status_code == 200
+            with anyio.move_on_after(5) as waited:
+                received.extend([line async for line in response.aiter_lines() if line])
+        ended_at = time.time()
+        assert not waited.cancelled_caught, "the event stream outlived its identity's expiry"
+        assert await anyio.to_thread.run_sync(all_cleaned.wait, 10)
+    assert received == []
+    assert ended_at <= expires + 2.0
+    assert cleaned == ["alice"]
+    assert len(ended_by) == 1
+    assert isinstance(ended_by[0], IncompleteResponseError)
+    assert "identity expired" in str(ended_by[0])
+    assert raised == []
+
+
 # hypercorn on trio shields its writes: no cancellation reaches a send its client does not take.
 @pytest.mark.parametrize("server", ["uvicorn", "hypercorn"])
 @pytest.mark.parametrize("held", ["a later message", "the first message"])
