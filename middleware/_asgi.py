@@ -1291,7 +1291,10 @@ async def _serve_until_expiry(
     if not socket.closed:
         logger.info("ambient: closing a websocket whose identity has expired")
         close = {"type": "websocket.close", "code": CLOSE_IDENTITY_ENDED, "reason": _EXPIRED}
-        await _Response.__call__(socket, close)
+        # A client that hung up as the app ended, its disconnect never received: the
+        # server refuses the close (uvicorn's ClientDisconnected), with nobody to tell.
+        with contextlib.suppress(OSError):
+            await _Response.__call__(socket, close)
     return True
 
 

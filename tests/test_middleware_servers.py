@@ -1560,6 +1560,67 @@ async def test_a_client_hanging_up_just_after_expiry_gets_no_close_and_the_serve
     assert handled == ["websocket.disconnect"]
 
 
+async def test_a_client_hanging_up_while_its_app_ends_at_expiry_gets_no_close(
+    server: str,
+) -> None:
+    """The app, told at its identity's expiry that the client is gone, takes a moment to
+    end, and the client closes the socket meanwhile: the middleware's close, sent once the
+    app returned, finds the socket closed. Nothing is raised to the server, and the
+    cleanups see the socket cut at the expiry. uvicorn refused the close by raising
+    ClientDisconnected, which reached the server and the cleanups instead."""
+    from ambient.middleware.identity import Identity
+
+    ledger = _Sessions()
+    registry, ended_by, all_cleaned = ledger.registry, ledger.ended_by, ledger.all_cleaned
+    told = threading.Event()
+    client_closed = threading.Event()
+    raised: list[BaseException] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "websocket":
+            return
+        await receive()
+        await ambient.resolve("session")
+        await send({"type": "websocket.accept"})
+        for _ in range(100):  # bounded: the client stays silent, the expiry ends it
+            if (await receive())["type"] == "websocket.disconnect":
+                told.set()
+                # Its own end takes until the client closed the socket.
+                await anyio.to_thread.run_sync(client_closed.wait, 5, abandon_on_cancel=True)
+                return
+
+    def identity(scope: Any) -> Identity:
+        return Identity("ann", expires_at=time.time() + 0.3)
+
+    middleware = AmbientMiddleware(app, registry=registry, identity=identity)
+
+    async def watched(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "websocket":
+            await middleware(scope, receive, send)
+            return
+        try:
+            await middleware(scope, receive, send)
+        except BaseException as exc:
+            raised.append(exc)
+            raise
+
+    def hang_up_when_told(ws_url: str) -> bool:
+        with connect(ws_url, open_timeout=20) as sock:
+            if not told.wait(5):
+                return False
+            sock.close()  # sent, and answered by the server
+        client_closed.set()
+        return True
+
+    with serve(server, watched) as url:
+        assert await anyio.to_thread.run_sync(hang_up_when_told, url.replace("http", "ws") + "/ws")
+        assert await anyio.to_thread.run_sync(all_cleaned.wait, 10)
+    assert raised == []
+    assert len(ended_by) == 1
+    assert isinstance(ended_by[0], IncompleteResponseError)
+    assert "identity expired" in str(ended_by[0])
+
+
 EXPIRING_USERS = 20
 
 
