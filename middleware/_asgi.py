@@ -391,6 +391,7 @@ class AmbientMiddleware:
                         socket,
                         expires_at,
                         min(_TOLD_GRACE, registry.cleanup_timeout),
+                        registry.cleanup_timeout,
                     )
                 else:
                     await _stream_until_expiry(
@@ -1227,13 +1228,16 @@ async def _serve_until_expiry(
     socket: _Socket,
     expires_at: float,
     grace: float,
+    close_within: float,
 ) -> bool:
     """Run a websocket's app until its identity expires; then tell it the client is gone
     (its ``receive`` answers ``websocket.disconnect``, as a server's does: frameworks that
     run the handler in tasks of their own end them), cancel it if it still runs ``grace``
     seconds later, close the socket with 4001, so that no message is handled for an
-    identity no longer valid, and return ``True``. A socket the app had not accepted yet
-    is refused as any expired credential is (401)."""
+    identity no longer valid, and return ``True``. The close waits at most
+    ``close_within`` seconds for the server to take it: a client that stopped reading must
+    not hold the socket's components. A socket the app had not accepted yet is refused as
+    any expired credential is (401)."""
     left = _seconds_left(expires_at)
     if left is None:
         await app(scope, receive, socket)
@@ -1293,7 +1297,7 @@ async def _serve_until_expiry(
         close = {"type": "websocket.close", "code": CLOSE_IDENTITY_ENDED, "reason": _EXPIRED}
         # A client that hung up as the app ended, its disconnect never received: the
         # server refuses the close (uvicorn's ClientDisconnected), with nobody to tell.
-        with contextlib.suppress(OSError):
+        with anyio.move_on_after(close_within), contextlib.suppress(OSError):
             await _Response.__call__(socket, close)
     return True
 

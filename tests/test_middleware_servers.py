@@ -1621,6 +1621,60 @@ async def test_a_client_hanging_up_while_its_app_ends_at_expiry_gets_no_close(
     assert "identity expired" in str(ended_by[0])
 
 
+# hypercorn shields its writes: no cancellation reaches the app's send its client does not
+# take, and the app is never cut at the expiry.
+@pytest.mark.parametrize("server", ["uvicorn"])
+async def test_a_websocket_to_a_client_that_stopped_reading_ends_at_its_token_expiry(
+    server: str,
+) -> None:
+    """A client that stopped reading holds the socket's sends: at the expiry the app,
+    stuck in one, is cancelled, and the 4001 close the middleware sends then would wait
+    for the client as long as the server keeps the connection, holding the expired
+    credential's components. The close waits at most the registry's ``cleanup_timeout``,
+    as the end of a streamed response does, and the components are cleaned, told of the
+    cut."""
+    ledger = _Sessions(cleanup_timeout=0.3)
+    registry, ended_by, cleaned = ledger.registry, ledger.ended_by, ledger.all_cleaned
+    expires = math.inf
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "websocket":
+            return
+        await receive()
+        await ambient.resolve("session")
+        await send({"type": "websocket.accept"})
+        chunk = b"x" * (1 << 20)
+        for _ in range(256):  # bounded: the client's and the server's buffers fill first
+            await send({"type": "websocket.send", "bytes": chunk})
+
+    def identity(scope: Any) -> Identity:
+        nonlocal expires
+        expires = time.time() + 0.5
+        return Identity("ann", expires_at=expires)
+
+    with serve(server, AmbientMiddleware(app, registry=registry, identity=identity)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(10)
+            sock.connect((host, int(port)))
+            key = base64.b64encode(b"sixteen byte key").decode()
+            sock.sendall(
+                b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                + f"Sec-WebSocket-Key: {key}\r\n\r\n".encode()
+            )
+            assert sock.recv(12) == b"HTTP/1.1 101"
+            # The client reads no more, and stays.
+            ended = await anyio.to_thread.run_sync(cleaned.wait, 0.5 + 0.25 + 0.3 + 4)
+            cleaned_at = time.time()
+    assert ended, "the close at the expiry waited on a client that stopped reading"
+    assert cleaned_at <= expires + 0.25 + 0.3 + 2
+    assert len(ended_by) == 1
+    assert isinstance(ended_by[0], IncompleteResponseError)
+    assert "identity expired" in str(ended_by[0])
+
+
 EXPIRING_USERS = 20
 
 
