@@ -404,13 +404,9 @@ class AmbientMiddleware:
                     failures = await component_scope.finish(_CutOffAtExpiryError(http=True))
                     _log_failures(failures, ctx)
                     return
-                if not response.started:
-                    answer = _answer_of(exc)
-                elif websocket and not response.status:
-                    # An accepted socket (or one the app closed): its answer is a close.
-                    answer = _answer_of(exc)
-                else:
-                    answer = None
+                # An accepted socket (or one the app closed) has an answer too: a close.
+                answerable = not response.started or (websocket and not response.status)
+                answer = _answer_of(exc) if answerable else None
                 if answer is None:
                     # For a last-resort handler outside (Starlette's 500), which answers
                     # after the scope closed.
