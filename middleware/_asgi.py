@@ -953,10 +953,10 @@ class _Stream(_Response):
     ``content-length``) is streaming from its start: one still waiting for its first event
     is cut at the expiry too, and one begun past it right after its start. Otherwise the
     first body message sent after the expiry goes out (one sent before it, held by a client
-    that stopped reading, is cut at the expiry), and an
-    answer that is not streaming is never cut: a request admitted while its credential was
-    valid gets its answer. A response that declared its ``content-length`` cannot be ended
-    early, so nothing more is sent and the server closes the connection.
+    that stopped reading, is cut at the expiry), and an answer that is not streaming is
+    never cut: a request admitted while its credential was valid gets its answer. A
+    response that declared its ``content-length`` cannot be ended early, so nothing more
+    is sent and the server closes the connection.
     """
 
     __slots__ = (
