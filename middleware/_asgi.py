@@ -1133,12 +1133,13 @@ class _Stream(_Response):
 
 
 def _seconds_left(expires_at: float) -> float | None:
-    """Seconds until ``expires_at`` (negative once past), or ``None`` for an int no float
-    holds: an expiry that never comes."""
+    """Seconds until ``expires_at`` (negative once past), or, for an int no float holds,
+    ``None`` (an expiry that never comes) or minus infinity (one long past), as
+    :func:`_expired` sees them."""
     try:
         return expires_at - time.time()
     except OverflowError:
-        return None
+        return None if expires_at > 0 else -math.inf
 
 
 def _expired(expires_at: float) -> bool:

@@ -1763,6 +1763,39 @@ class TestWebsocketIdentityExpiry:
             assert [(m["type"], m["code"]) for m in sent] == [("websocket.close", 1008)]
             assert "expired before the websocket was accepted" in sent[0]["reason"]
 
+    @pytest.mark.parametrize(
+        ("expires_at", "expected"),
+        [
+            (-(10**400), [("websocket.close", 1008)]),
+            (
+                10**400,
+                [("websocket.accept", None), ("websocket.send", None), ("websocket.close", 1000)],
+            ),
+        ],
+        ids=["long-past", "never"],
+    )
+    async def test_an_expiry_no_float_holds_is_past_or_never_on_every_path(
+        self, expires_at: int, expected: list[tuple[str, int | None]]
+    ) -> None:
+        """An ``expires_at`` of a custom resolver that no float holds: one long past was
+        "never" for the socket's deadline but "past" for its sends, so the accept was
+        dropped and the client got no answer at all. It is refused as any expired
+        credential is; one far ahead never expires."""
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await receive()
+            await send({"type": "websocket.accept"})
+            await send({"type": "websocket.send", "text": "hi"})
+            await send({"type": "websocket.close", "code": 1000})
+
+        def ann(scope: Any) -> Identity:
+            return Identity("ann", expires_at=expires_at)
+
+        middleware = AmbientMiddleware(app, registry=Registry(), identity=ann)
+        with anyio.fail_after(10):
+            sent = await drive(middleware, ws_scope([]), [{"type": "websocket.connect"}])
+        assert [(m["type"], m.get("code")) for m in sent] == expected
+
     async def test_http_requests_are_not_cut_at_expiry(self) -> None:
         async def app(scope: Any, receive: Any, send: Any) -> None:
             await anyio.sleep(0.2)  # the identity expires meanwhile
