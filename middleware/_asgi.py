@@ -154,24 +154,24 @@ class AmbientMiddleware:
     ``jwt_bearer``, every scheme of a ``first_of``); a resolver whose credential has no
     standard scheme (``trusted_header``, ``scope_user``, ``signed_context``, tickets) has
     none to offer, and its 401 goes without. Websockets are closed before accept with 1008
-    (1013 for overload, 1011 for another server error), or answered with the same HTTP problem, headers included, where
-    the server supports the ``websocket.http.response`` extension. An
-    :class:`~ambient.AmbientError` that carries an HTTP status (``PoolExhaustedError`` ->
-    503) raised by the app before its response started becomes that answer, also inside an
-    exception group (a task group around the work) that holds only such errors, answered
-    as its first; any other exception propagates unchanged. Raised once a websocket was
-    accepted, such an error closes it instead, with 1013 "try again later" for a 503 or
-    429, 1011 for another 5xx and 1008 for the rest, the problem's title as reason (nothing is sent on a socket
-    the app or the client closed already; one raised as the expiry below cancelled the app
-    gets the expiry's 4001), and is not raised to the server either; its cleanups see it
-    all the same. A websocket whose identity has an ``expires_at`` (a JWT's ``exp``) is
-    closed with 4001 when it passes, and a streamed HTTP response whose body is streaming
-    (server-sent events) is ended then, idle or not: the app is told the client is gone
-    (its ``receive`` answers ``websocket.disconnect`` or ``http.disconnect``; Django and
-    Quart then end the tasks they run the view in), cancelled if it has not returned a
-    quarter of a second later (at most the registry's ``cleanup_timeout``), and nothing it
-    sends after the expiry goes out; their cleanups then see an
-    :class:`~ambient.errors.IncompleteResponseError`, as for any work cut short.
+    (1013 for overload, 1011 for another server error), or answered with the same HTTP
+    problem, headers included, where the server supports the ``websocket.http.response``
+    extension. An :class:`~ambient.AmbientError` that carries an HTTP status
+    (``PoolExhaustedError`` -> 503) raised by the app before its response started becomes
+    that answer, also inside an exception group (a task group around the work) that holds
+    only such errors, answered as its first; any other exception propagates unchanged.
+    Raised once a websocket was accepted, such an error closes it instead, with 1013 "try
+    again later" for a 503 or 429, 1011 for another 5xx and 1008 for the rest, the problem's
+    title as reason (nothing is sent on a socket the app or the client closed already; one
+    raised as the expiry below cancelled the app gets the expiry's 4001), and is not raised
+    to the server either; its cleanups see it all the same. A websocket whose identity has
+    an ``expires_at`` (a JWT's ``exp``) is closed with 4001 when it passes, and a streamed
+    HTTP response whose body is streaming (server-sent events) is ended then, idle or not:
+    the app is told the client is gone (its ``receive`` answers ``websocket.disconnect`` or
+    ``http.disconnect``; Django and Quart then end the tasks they run the view in),
+    cancelled if it has not returned a quarter of a second later (at most the registry's
+    ``cleanup_timeout``), and nothing it sends after the expiry goes out; their cleanups
+    then see an :class:`~ambient.errors.IncompleteResponseError`, as for any work cut short.
 
     Args:
         app: The ASGI application.
@@ -417,7 +417,9 @@ class AmbientMiddleware:
                 _log_failures(failures, ctx)
                 if response.started:
                     # Its handshake was answered: no ticket to give back, no challenge.
-                    await _close_answered(Problem.from_error(answer), response, handshake, ctx)
+                    problem = Problem.from_error(answer)
+                    within = self.registry.cleanup_timeout
+                    await _close_answered(problem, response, handshake, ctx, within)
                     return
                 if identity is not None:
                     await identity._refused()
@@ -769,13 +771,18 @@ class _Handshake:
 
 
 async def _close_answered(
-    problem: Problem, socket: _Response, handshake: _Handshake | None, ctx: UserExecutionContext
+    problem: Problem,
+    socket: _Response,
+    handshake: _Handshake | None,
+    ctx: UserExecutionContext,
+    within: float,
 ) -> None:
     """Close an accepted websocket whose app raised an error that has an answer (no
     database connection free: 1013), unless the app, its expiry or the client closed it
     already: the client learns to try again later instead of seeing the connection drop.
     An app that raised it as it was cancelled at its identity's expiry gets the expiry's
-    close (4001): trying again with the same credential is no use."""
+    close (4001): trying again with the same credential is no use. The close waits at
+    most ``within`` seconds for a client that stopped reading."""
     if socket.close_code or handshake is None or handshake.disconnected:
         return
     message: dict[str, Any]
@@ -793,7 +800,7 @@ async def _close_answered(
     # A client gone before its disconnect was received: the server refuses the close
     # (uvicorn's ClientDisconnected), with nobody left to tell. Past the expiry, the
     # socket's own send refuses what the app sends, not this.
-    with contextlib.suppress(OSError):
+    with anyio.move_on_after(within), contextlib.suppress(OSError):
         await _Response.__call__(socket, message)
 
 

@@ -41,7 +41,7 @@ from websockets.sync.client import connect
 import ambient
 from ambient import Registry
 from ambient._binding import _current, _live
-from ambient.errors import IncompleteResponseError
+from ambient.errors import IncompleteResponseError, PoolExhaustedError
 from ambient.integrations.starlette import install
 from ambient.middleware import AmbientMiddleware, scope_user, trusted_header
 from ambient.middleware.identity import Identity, jwt_bearer
@@ -369,7 +369,6 @@ async def test_a_websocket_the_app_refuses_after_taking_its_connect_is_refused_a
     accepting with an error that has an answer (no database connection free: 503). The
     refusal goes out at once; it used to wait for a second connect that never comes, so
     the handshake hung until the client gave up (with the user's concurrency slot held)."""
-    from ambient.errors import PoolExhaustedError
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "websocket":
@@ -1621,6 +1620,26 @@ async def test_a_client_hanging_up_while_its_app_ends_at_expiry_gets_no_close(
     assert "identity expired" in str(ended_by[0])
 
 
+@contextlib.contextmanager
+def _stalled_websocket(url: str, user: str = "ann") -> Iterator[socket.socket]:
+    """A websocket client of ``user`` that reads nothing past the handshake's 101, and
+    stays: once its (small) receive buffer and the server's are full, the server's sends
+    wait on it."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(10)
+        sock.connect((host, int(port)))
+        key = base64.b64encode(b"sixteen byte key").decode()
+        sock.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            + f"Sec-WebSocket-Key: {key}\r\nx-user-id: {user}\r\n\r\n".encode()
+        )
+        assert sock.recv(12) == b"HTTP/1.1 101"
+        yield sock
+
+
 # hypercorn shields its writes: no cancellation reaches the app's send its client does not
 # take, and the app is never cut at the expiry.
 @pytest.mark.parametrize("server", ["uvicorn"])
@@ -1652,27 +1671,61 @@ async def test_a_websocket_to_a_client_that_stopped_reading_ends_at_its_token_ex
         expires = time.time() + 0.5
         return Identity("ann", expires_at=expires)
 
-    with serve(server, AmbientMiddleware(app, registry=registry, identity=identity)) as url:
-        host, port = url.removeprefix("http://").split(":")
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.settimeout(10)
-            sock.connect((host, int(port)))
-            key = base64.b64encode(b"sixteen byte key").decode()
-            sock.sendall(
-                b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-                b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-                + f"Sec-WebSocket-Key: {key}\r\n\r\n".encode()
-            )
-            assert sock.recv(12) == b"HTTP/1.1 101"
-            # The client reads no more, and stays.
-            ended = await anyio.to_thread.run_sync(cleaned.wait, 0.5 + 0.25 + 0.3 + 4)
-            cleaned_at = time.time()
+    with (
+        serve(server, AmbientMiddleware(app, registry=registry, identity=identity)) as url,
+        _stalled_websocket(url),
+    ):
+        ended = await anyio.to_thread.run_sync(cleaned.wait, 0.5 + 0.25 + 0.3 + 4)
+        cleaned_at = time.time()
     assert ended, "the close at the expiry waited on a client that stopped reading"
     assert cleaned_at <= expires + 0.25 + 0.3 + 2
     assert len(ended_by) == 1
     assert isinstance(ended_by[0], IncompleteResponseError)
     assert "identity expired" in str(ended_by[0])
+
+
+@pytest.mark.parametrize("server", ["uvicorn"])  # hypercorn shields its writes, as above
+def test_the_close_of_an_answered_error_waits_at_most_cleanup_timeout(server: str) -> None:
+    """The app's sender waits on a client that stopped reading when another of its tasks
+    finds no database connection free: the 1013 close the middleware sends then waited
+    for that client as long as the server kept the connection (on uvicorn its ping
+    timeout), the request counted against its user's limit all that time. It waits at
+    most the registry's ``cleanup_timeout``."""
+    ledger = _Sessions(cleanup_timeout=0.3)
+    returned = threading.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await ambient.resolve("session")
+        await send({"type": "websocket.accept"})
+
+        async def stream() -> None:
+            chunk = b"x" * (1 << 20)
+            for _ in range(256):  # bounded: the client's and the server's buffers fill first
+                await send({"type": "websocket.send", "bytes": chunk})
+
+        async def query() -> None:
+            await anyio.sleep(0.2)  # the sender is stuck by then
+            raise PoolExhaustedError("no connection for ann's run", retry_after=1)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stream)
+            tg.start_soon(query)
+
+    middleware = AmbientMiddleware(app, registry=ledger.registry, identity=trusted_header())
+
+    async def outer(scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await middleware(scope, receive, send)
+        finally:
+            if scope["type"] == "websocket":
+                returned.set()
+
+    with serve(server, outer) as url, _stalled_websocket(url):
+        ended = returned.wait(0.2 + 0.3 + 4)
+    assert ended, "the close of the answered error waited on a client that stopped reading"
+    assert len(ledger.ended_by) == 1
+    assert isinstance(ledger.ended_by[0], BaseExceptionGroup)
 
 
 EXPIRING_USERS = 20
