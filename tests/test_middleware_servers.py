@@ -1061,8 +1061,10 @@ class _Sessions:
             self.all_cleaned.set()
 
 
+# Synchronous: the client is the websockets library's own, in this thread; the server runs
+# its own loop, and a second client loop would only wait out the expiry again.
 @pytest.mark.parametrize("credential", ["jwt", "signed context"])
-async def test_a_websocket_is_closed_when_its_token_expires(server: str, credential: str) -> None:
+def test_a_websocket_is_closed_when_its_token_expires(server: str, credential: str) -> None:
     """A socket authenticated by a JWT, or by another service's signed context, is closed
     with 4001 when the token expires, though the client keeps talking: no message is
     handled after expiry, and the connection's components are cleaned once, told that the
@@ -1121,9 +1123,9 @@ async def test_a_websocket_is_closed_when_its_token_expires(server: str, credent
         return replies, None
 
     with serve(server, app) as url:
-        replies, close = await anyio.to_thread.run_sync(talk, url.replace("http", "ws") + "/ws")
+        replies, close = talk(url.replace("http", "ws") + "/ws")
         closed_at = time.time()
-        assert await anyio.to_thread.run_sync(all_cleaned.wait, 10)
+        assert all_cleaned.wait(10)
     assert close is not None
     assert close.code == 4001
     assert expires - 0.2 <= closed_at <= expires + 1.0
@@ -1406,7 +1408,7 @@ async def test_an_event_stream_begun_past_its_token_expiry_ends_while_it_waits(
 # hypercorn on trio shields its writes: no cancellation reaches a send its client does not take.
 @pytest.mark.parametrize("server", ["uvicorn", "hypercorn"])
 @pytest.mark.parametrize("held", ["a later message", "the first message"])
-async def test_a_stream_to_a_client_that_stopped_reading_ends_at_its_token_expiry(
+def test_a_stream_to_a_client_that_stopped_reading_ends_at_its_token_expiry(
     server: str, held: str
 ) -> None:
     """A client that stopped reading holds the stream's sends, and at the expiry the end
@@ -1445,7 +1447,7 @@ async def test_a_stream_to_a_client_that_stopped_reading_ends_at_its_token_expir
             sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             assert sock.recv(64).startswith(b"HTTP/1.1 200")
             # The client reads no more, and stays.
-            ended = await anyio.to_thread.run_sync(cleaned.wait, 0.8 + 0.5 + 5)
+            ended = cleaned.wait(0.8 + 0.5 + 5)
             cleaned_at = time.time()
     assert ended, "the response's end waited on a client that stopped reading"
     assert cleaned_at <= expires + 0.5 + 3
@@ -1559,7 +1561,7 @@ async def test_a_client_hanging_up_just_after_expiry_gets_no_close_and_the_serve
     assert handled == ["websocket.disconnect"]
 
 
-async def test_a_client_hanging_up_while_its_app_ends_at_expiry_gets_no_close(
+def test_a_client_hanging_up_while_its_app_ends_at_expiry_gets_no_close(
     server: str,
 ) -> None:
     """The app, told at its identity's expiry that the client is gone, takes a moment to
@@ -1612,8 +1614,8 @@ async def test_a_client_hanging_up_while_its_app_ends_at_expiry_gets_no_close(
         return True
 
     with serve(server, watched) as url:
-        assert await anyio.to_thread.run_sync(hang_up_when_told, url.replace("http", "ws") + "/ws")
-        assert await anyio.to_thread.run_sync(all_cleaned.wait, 10)
+        assert hang_up_when_told(url.replace("http", "ws") + "/ws")
+        assert all_cleaned.wait(10)
     assert raised == []
     assert len(ended_by) == 1
     assert isinstance(ended_by[0], IncompleteResponseError)
@@ -1643,7 +1645,7 @@ def _stalled_websocket(url: str, user: str = "ann") -> Iterator[socket.socket]:
 # hypercorn shields its writes: no cancellation reaches the app's send its client does not
 # take, and the app is never cut at the expiry.
 @pytest.mark.parametrize("server", ["uvicorn"])
-async def test_a_websocket_to_a_client_that_stopped_reading_ends_at_its_token_expiry(
+def test_a_websocket_to_a_client_that_stopped_reading_ends_at_its_token_expiry(
     server: str,
 ) -> None:
     """A client that stopped reading holds the socket's sends: at the expiry the app,
@@ -1675,7 +1677,7 @@ async def test_a_websocket_to_a_client_that_stopped_reading_ends_at_its_token_ex
         serve(server, AmbientMiddleware(app, registry=registry, identity=identity)) as url,
         _stalled_websocket(url),
     ):
-        ended = await anyio.to_thread.run_sync(cleaned.wait, 0.5 + 0.25 + 0.3 + 4)
+        ended = cleaned.wait(0.5 + 0.25 + 0.3 + 4)
         cleaned_at = time.time()
     assert ended, "the close at the expiry waited on a client that stopped reading"
     assert cleaned_at <= expires + 0.25 + 0.3 + 2
