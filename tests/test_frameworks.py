@@ -727,8 +727,7 @@ async def test_a_quart_stream_idle_past_its_expiry_ends_its_view_first(
     await view.stream_from(app.asgi_app, "/events", caplog)
 
 
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # Quart runs on asyncio only
-async def test_a_quart_websocket_idle_past_its_expiry_ends_its_view_first(
+def test_a_quart_websocket_idle_past_its_expiry_ends_its_view_first(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Quart runs the websocket's handler and its reading in tasks of its own and cancels
@@ -749,8 +748,8 @@ async def test_a_quart_websocket_idle_past_its_expiry_ends_its_view_first(
         await view.idle()
 
     with serve("uvicorn", view.watched(app.asgi_app)) as url:
-        closed = await anyio.to_thread.run_sync(talk_on_socket, f"ws{url[4:]}/socket")
-        assert await anyio.to_thread.run_sync(view.done.wait, 30)
+        closed = talk_on_socket(f"ws{url[4:]}/socket")
+        assert view.done.wait(30)
     gc.collect()  # a task left with its error is reported as it is collected
     assert closed == 4001
     assert view.returned == [(True, ["resolved", "view stopped", "cleanup"])]

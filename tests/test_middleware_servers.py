@@ -1205,7 +1205,7 @@ async def test_an_event_stream_ends_when_its_token_expires(server: str) -> None:
 
 
 @pytest.mark.parametrize("server", ["hypercorn", "hypercorn-trio"])
-async def test_an_http2_stream_with_trailers_ends_when_its_token_expires(server: str) -> None:
+def test_an_http2_stream_with_trailers_ends_when_its_token_expires(server: str) -> None:
     """A gRPC-style HTTP/2 stream (its start announces trailers, its client asks for them
     with ``te: trailers``) whose identity has expired ends at its second message with the
     trailers it announced, and its client sees the stream end. It was ended with a last
@@ -1233,8 +1233,8 @@ async def test_an_http2_stream_with_trailers_ends_when_its_token_expires(server:
             return stream
 
     with serve(server, AmbientMiddleware(app, registry=registry, identity=expired)) as url:
-        stream = await anyio.to_thread.run_sync(exercise, url)
-        assert await anyio.to_thread.run_sync(cleaned.wait, 10)
+        stream = exercise(url)
+        assert cleaned.wait(10)
     assert (stream.status, stream.body, stream.ended, stream.reset_by_server) == (
         200,
         b"ann",
@@ -1457,7 +1457,7 @@ def test_a_stream_to_a_client_that_stopped_reading_ends_at_its_token_expiry(
 
 
 @pytest.mark.parametrize("server", ["hypercorn", "hypercorn-trio"])
-async def test_an_idle_http2_stream_with_trailers_ends_when_its_token_expires(
+def test_an_idle_http2_stream_with_trailers_ends_when_its_token_expires(
     server: str,
 ) -> None:
     """A gRPC-style HTTP/2 stream (its start announces trailers) waiting for its next
@@ -1486,8 +1486,8 @@ async def test_an_idle_http2_stream_with_trailers_ends_when_its_token_expires(
             return stream, time.time()
 
     with serve(server, AmbientMiddleware(app, registry=registry, identity=identity)) as url:
-        stream, ended_at = await anyio.to_thread.run_sync(exercise, url)
-        assert await anyio.to_thread.run_sync(cleaned.wait, 10)
+        stream, ended_at = exercise(url)
+        assert cleaned.wait(10)
     # Told at the expiry that the client is gone; not listening, cancelled a second (the
     # grace) later.
     assert expires <= ended_at <= expires + 2.0
@@ -1501,7 +1501,7 @@ async def test_an_idle_http2_stream_with_trailers_ends_when_its_token_expires(
     assert isinstance(ended_by[0], IncompleteResponseError)
 
 
-async def test_a_client_hanging_up_just_after_expiry_gets_no_close_and_the_server_no_error(
+def test_a_client_hanging_up_just_after_expiry_gets_no_close_and_the_server_no_error(
     server: str,
 ) -> None:
     """The client closes its socket just after its identity expired, and the server hands
@@ -1554,7 +1554,7 @@ async def test_a_client_hanging_up_just_after_expiry_gets_no_close_and_the_serve
     with serve(server, busy_server) as url:
         with connect(url.replace("http", "ws") + "/ws", open_timeout=20):
             pass  # the client closes at once, before the expiry
-        assert await anyio.to_thread.run_sync(done.wait, 10)
+        assert done.wait(10)
     assert raised == []
     # The client's own disconnect (it was cancelled before it, when the expiry cancelled
     # the app at once).
