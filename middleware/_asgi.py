@@ -906,7 +906,13 @@ class _Response:
                 message = {**message, "headers": [*headers, *echo]}
         elif kind == "websocket.close":
             self.started = True
+            closed = self.close_code
             self.close_code = message.get("code") or 1000  # None: the default, as servers read it
+            if closed:
+                # Closed already (Litestar closes the socket of a handler that raised, also
+                # one the hub closed before raising): uvicorn raises on a second close, and
+                # the client has its close frame. The later code still tells a failure.
+                return anyio.lowlevel.checkpoint()
         elif not self.started and kind.startswith("websocket."):
             self.started = kind != "websocket.send"
         elif kind == "http.response.trailers":

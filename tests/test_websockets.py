@@ -20,6 +20,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -33,6 +34,11 @@ import anyio.to_thread
 import httpx
 import pytest
 import redis
+from litestar import Litestar
+from litestar import WebSocket as LitestarWebSocket
+from litestar import websocket as litestar_websocket
+from litestar.exceptions import WebSocketDisconnect
+from litestar.middleware import DefineMiddleware
 from starlette.websockets import WebSocket
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -1651,6 +1657,84 @@ async def test_a_socket_whose_subscription_failed_leaves_nothing_joining() -> No
     assert retry.closed == []
     assert (hub._joining, hub._joining_ids, hub.stats().connections) == (set(), {}, 0)
     await registry.aclose()
+
+
+async def test_a_litestar_socket_refused_by_the_backend_closes_once_and_raises_nothing(
+    server: str,
+) -> None:
+    """Litestar closes the socket of a handler that raised with 4500, also when the hub
+    closed it already: connect() closes a socket it cannot subscribe with 1013, then
+    raises BroadcastError. uvicorn raises on that second close, so a refused socket came
+    out of the app as an "Exception in ASGI application". The client gets the 1013; the
+    second close is not sent, nothing reaches the server, and the scope closes as failed."""
+
+    class Work:
+        """A component whose cleanup notes how its socket ended."""
+
+    registry = Registry()
+    hub = ConnectionHub(SubscribesOnSecondTry())
+    hub.install(registry)
+    ended: list[str] = []
+    both_ended = threading.Event()
+
+    def work() -> Iterator[Work]:
+        try:
+            yield Work()
+        except BaseException as exc:
+            ended.append(type(exc).__name__)
+            raise
+        else:
+            ended.append("success")
+        finally:
+            if len(ended) == 2:
+                both_ended.set()
+
+    registry.register(Work, work)
+
+    @litestar_websocket("/ws")
+    async def events(socket: LitestarWebSocket[Any, Any, Any]) -> None:
+        await ambient.resolve(Work)
+        manager = await ambient.resolve(UserWebSocketManager)
+        async with manager.connect(socket) as connection:  # type: ignore[arg-type]
+            await connection.send({"ready": True})
+            with contextlib.suppress(WebSocketDisconnect):
+                await socket.receive_text()
+
+    litestar = Litestar(
+        route_handlers=[events],
+        middleware=[
+            DefineMiddleware(
+                AmbientMiddleware, registry=registry, identity=trusted_header("x-user-id")
+            )
+        ],
+    )
+    escaped: list[BaseException] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await litestar(scope, receive, send)
+        except BaseException as exc:
+            escaped.append(exc)
+            raise
+
+    async def scenario(base: str) -> list[int | None]:
+        codes: list[int | None] = []
+        for _ in range(2):  # refused, then the retry gets in
+            sock = await connect(ws_url(base), additional_headers={"x-user-id": "rita"}, proxy=None)
+            try:
+                json.loads(await sock.recv())
+                codes.append(None)
+            except ConnectionClosed as closed:
+                codes.append(None if closed.rcvd is None else closed.rcvd.code)
+            await sock.close()
+        return codes
+
+    with serve(server, app) as url:
+        assert await in_client_thread(lambda: scenario(url)) == [1013, None]
+        assert await anyio.to_thread.run_sync(both_ended.wait, DEADLINE)
+    assert escaped == []
+    assert ended == ["ServerErrorResponseError", "success"]
+    assert registry.stats().open_scopes == 0
 
 
 class FailingSend(Quiet):
