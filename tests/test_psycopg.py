@@ -1507,6 +1507,42 @@ async def test_shared_checkout_cancelled_by_asyncio_as_its_share_is_handed_to_it
         await _eventually(lambda: _shared_idle(pool), "pool idle again")
 
 
+async def test_shared_checkout_cancelled_by_asyncio_as_the_pool_hands_it_a_connection_ends(
+    db: Database,
+) -> None:
+    """max_size=1: alice holds the pool's one connection and bob's checkout waits for it
+    in psycopg's pool. Her checkout ends and, in the same step, bob's task is cancelled
+    with asyncio's ``Task.cancel()`` (a framework cancelling the view of a client gone):
+    the connection just handed to him goes back, and his task ends cancelled. Python
+    3.11's ``asyncio.wait_for``, under the pool's wait, returns the connection instead of
+    the cancellation: the checkout went on, and the cancelled view ran its queries."""
+    import asyncio
+    import contextvars
+
+    async with SharedPool(
+        db.app_url, min_size=1, max_size=1, timeout=3, rls_check="off", kwargs=db.kwargs()
+    ) as pool:
+        served: list[str] = []
+
+        async def waiter() -> None:
+            with bind_context(_ctx("bob")):
+                async with pool.connection() as conn:
+                    served.append(await _scalar(conn, "SELECT current_setting('app.user_id')"))
+
+        with anyio.fail_after(10):
+            with bind_context(_ctx("alice")):
+                async with pool.connection():
+                    bob = asyncio.create_task(waiter(), context=contextvars.Context())
+                    await _eventually(_async(lambda: pool.stats().waiting == 1), "bob waits")
+            # No checkpoint since the connection was handed to bob.
+            bob.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await bob
+        assert served == []
+        await _eventually(lambda: _shared_idle(pool), "pool idle again")
+        await _checkout_once(pool, "carol")
+
+
 def _async(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
     async def run() -> bool:
         return check()
@@ -3100,6 +3136,58 @@ async def test_per_user_pools_room_handed_to_a_checkout_asyncio_cancels_goes_to_
     stats = pools.stats()
     assert (stats.waiting, stats.checked_out, stats.slots) == (0, 0, 1)
     await registry.aclose()
+
+
+async def test_per_user_pools_checkout_cancelled_by_asyncio_as_its_pool_hands_it_one_ends(
+    db: Database,
+) -> None:
+    """max_size=1: alice holds her pool's one connection and another of her checkouts
+    waits for it in psycopg's pool. The first ends, and the waiter's task is cancelled
+    with asyncio's ``Task.cancel()`` a few steps later, at each step in turn, so that the
+    cancellation lands as the pool's worker hands the connection over: every time, the
+    waiter ends cancelled, having run nothing (Python 3.11's ``asyncio.wait_for`` handed
+    it the connection instead, and the cancelled checkout went on)."""
+    import asyncio
+    import contextvars
+
+    pools = PerUserPools(
+        db.app_url, max_size=1, max_total=5, timeout=3, rls_check="off", kwargs=db.kwargs()
+    )
+    registry = Registry()
+    pools.install(registry)
+    served: list[int] = []
+    done_first: list[int] = []
+
+    async def waiter(steps: int) -> None:
+        async with registry.open_scope(_ctx("alice")), connection() as conn:
+            await conn.execute("SELECT 1")
+            served.append(steps)
+
+    with anyio.fail_after(20):
+        for steps in range(8):
+            async with registry.open_scope(_ctx("alice")):
+                async with connection():
+                    second = asyncio.create_task(waiter(steps), context=contextvars.Context())
+                    await _eventually(_async(lambda: _waiting_in(pools) == 1), "it waits")
+                for _ in range(steps):
+                    await asyncio.sleep(0)
+                if second.cancel():
+                    with pytest.raises(asyncio.CancelledError):
+                        await second
+                else:
+                    done_first.append(steps)  # its whole checkout ran before the cancel
+                async with connection() as conn:
+                    assert await _scalar(conn, "SELECT current_setting('app.user_id')") == "alice"
+    assert served == done_first
+    assert pools.stats().checked_out == 0
+    await registry.aclose()
+
+
+def _waiting_in(pools: PerUserPools) -> int:
+    """Checkouts waiting in psycopg's user pools (not for room under the cap)."""
+    return sum(
+        p.pool.get_stats().get("requests_waiting", 0) for p in pools._pools if p.pool is not None
+    )
 
 
 async def test_per_user_pools_cancel_mid_query(db: Database) -> None:

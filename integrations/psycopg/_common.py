@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import math
@@ -9,6 +10,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Union, cast
 
 import anyio
+import anyio.lowlevel
 import psycopg
 from psycopg import AsyncClientCursor, AsyncConnection, AsyncCursor, capabilities
 from psycopg.pq import PollingStatus, TransactionStatus
@@ -373,6 +375,27 @@ def _bounded(owner: SharedPool | PerUserPools) -> anyio.CancelScope:
     """The scope of a give-back: shielded from cancellation, ended by its own deadline
     (``owner.return_timeout``) when the server stops answering."""
     return anyio.CancelScope(shield=True, deadline=anyio.current_time() + owner.return_timeout)
+
+
+async def _getconn_uncancelled(
+    pool: AsyncConnectionPool[AsyncConnection[Any]], within: float
+) -> AsyncConnection[Any]:
+    """``pool.getconn(timeout=within)``, keeping a cancellation that lands as the pool
+    hands the task a connection: Python 3.11's ``asyncio.wait_for``, under the pool's
+    wait, then returns the connection and drops the ``Task.cancel()`` (a framework's
+    cancelling the view of a client gone), and the cancelled work would go on. The
+    connection goes back, and the cancellation is raised."""
+    task = asyncio.current_task()
+    requested = 0 if task is None else task.cancelling()
+    conn = await pool.getconn(timeout=within)
+    if task is None or task.cancelling() <= requested:
+        return conn
+    with anyio.CancelScope(shield=True):
+        await pool.putconn(conn)
+    # A cancel scope's cancellation is delivered again at a checkpoint, as its own; a
+    # native one, dropped, is not.
+    await anyio.lowlevel.checkpoint()
+    raise asyncio.CancelledError
 
 
 async def _hand_back(

@@ -14,7 +14,12 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
 import ambient
 from ambient.integrations.psycopg._arguments import _values
-from ambient.integrations.psycopg._common import _Checkout, _exhausted, _queue_full
+from ambient.integrations.psycopg._common import (
+    _Checkout,
+    _exhausted,
+    _getconn_uncancelled,
+    _queue_full,
+)
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -176,7 +181,7 @@ class _SharedCheckout(_Checkout):
     ) -> AsyncConnection[Any]:
         owner = self._owner
         try:
-            return await pool.getconn(timeout=max(deadline - time.monotonic(), 0.0))
+            return await _getconn_uncancelled(pool, max(deadline - time.monotonic(), 0.0))
         except TooManyRequests as exc:
             raise _queue_full(repr(owner), pool, owner.max_size, owner.retry_after, exc) from None
         except PoolTimeout as exc:

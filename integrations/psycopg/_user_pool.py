@@ -21,6 +21,7 @@ from ambient.integrations.psycopg._common import (
     _Checkout,
     _close_unopened,
     _exhausted,
+    _getconn_uncancelled,
     _not_opened,
     _python_side,
     _queue_full,
@@ -345,7 +346,7 @@ async def _getconn(
             if isinstance(outcome[0], Exception):
                 raise outcome[0]
             return outcome[0]
-    return await pool.getconn(timeout=max(deadline - time.monotonic(), 0.0))
+    return await _getconn_uncancelled(pool, max(deadline - time.monotonic(), 0.0))
 
 
 class _UserCheckout(_Checkout):
