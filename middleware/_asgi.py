@@ -845,7 +845,8 @@ class _Response:
         # BaseHTTPMiddleware inside re-sends a stream Starlette cancelled, then ends it)
         # never reached it.
         self.gone = False
-        # The code of the websocket.close the app sent, if it sent one.
+        # The code of the websocket.close the app sent, if it sent one (of a later one that
+        # tells a server error, if it sent two).
         self.close_code = 0
 
     def receiving(self, receive: Receive) -> Receive:
@@ -906,13 +907,18 @@ class _Response:
                 message = {**message, "headers": [*headers, *echo]}
         elif kind == "websocket.close":
             self.started = True
-            closed = self.close_code
-            self.close_code = message.get("code") or 1000  # None: the default, as servers read it
-            if closed:
+            code = message.get("code") or 1000  # None: the default, as servers read it
+            if self.close_code:
                 # Closed already (Litestar closes the socket of a handler that raised, also
                 # one the hub closed before raising): uvicorn raises on a second close, and
-                # the client has its close frame. The later code still tells a failure.
+                # the client has its close frame. A later server error still tells a
+                # failure, and a later clean close hides no earlier one.
+                if code == _CLOSE_INTERNAL_ERROR or (
+                    _CLOSE_SERVER_ERRORS[0] <= code < _CLOSE_SERVER_ERRORS[1]
+                ):
+                    self.close_code = code
                 return anyio.lowlevel.checkpoint()
+            self.close_code = code
         elif not self.started and kind.startswith("websocket."):
             self.started = kind != "websocket.send"
         elif kind == "http.response.trailers":

@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,6 +38,7 @@ from litestar import Litestar
 from litestar import WebSocket as LitestarWebSocket
 from litestar import websocket as litestar_websocket
 from litestar.exceptions import WebSocketDisconnect
+from litestar.handlers import send_websocket_stream
 from litestar.middleware import DefineMiddleware
 from starlette.websockets import WebSocket
 from websockets.asyncio.client import ClientConnection, connect
@@ -1734,6 +1735,72 @@ async def test_a_litestar_socket_refused_by_the_backend_closes_once_and_raises_n
         assert await anyio.to_thread.run_sync(both_ended.wait, DEADLINE)
     assert escaped == []
     assert ended == ["ServerErrorResponseError", "success"]
+    assert registry.stats().open_scopes == 0
+
+
+async def test_a_litestar_socket_its_app_closed_with_1011_fails_though_closed_again_cleanly(
+    server: str,
+) -> None:
+    """A Litestar stream whose generator closes its socket with 1011 when its upstream
+    fails: ``send_websocket_stream`` then closes it again with 1000. The client reads the
+    1011, and the socket's cleanups must see a failure; the later clean close, kept from
+    the server, replaced the code the middleware judges the socket by, and a transaction
+    around a yield committed."""
+
+    class Work:
+        """A component whose cleanup notes how its socket ended."""
+
+    registry = Registry()
+    ended: list[str] = []
+    cleaned = threading.Event()
+
+    def work() -> Iterator[Work]:
+        try:
+            yield Work()
+        except BaseException as exc:
+            ended.append(type(exc).__name__)
+            raise
+        else:
+            ended.append("success")
+        finally:
+            cleaned.set()
+
+    registry.register(Work, work)
+
+    @litestar_websocket("/ws")
+    async def tokens(socket: LitestarWebSocket[Any, Any, Any]) -> None:
+        await ambient.resolve(Work)
+        await socket.accept()
+
+        async def upstream() -> AsyncIterator[str]:
+            yield "first"
+            await socket.close(1011, "upstream failed")
+
+        await send_websocket_stream(socket, upstream())
+
+    litestar = Litestar(
+        route_handlers=[tokens],
+        middleware=[
+            DefineMiddleware(
+                AmbientMiddleware, registry=registry, identity=trusted_header("x-user-id")
+            )
+        ],
+    )
+
+    async def scenario(base: str) -> tuple[str, int | None]:
+        async with connect(
+            ws_url(base), additional_headers={"x-user-id": "rita"}, proxy=None
+        ) as sock:
+            first = str(await sock.recv())
+            with contextlib.suppress(ConnectionClosed):
+                await sock.recv()
+            close = sock.protocol.close_rcvd
+            return first, None if close is None else close.code
+
+    with serve(server, litestar) as url:
+        assert await in_client_thread(lambda: scenario(url)) == ("first", 1011)
+        assert await anyio.to_thread.run_sync(cleaned.wait, DEADLINE)
+    assert ended == ["ServerErrorResponseError"]
     assert registry.stats().open_scopes == 0
 
 
