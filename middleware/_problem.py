@@ -115,9 +115,9 @@ class Problem:
         """Refuse a websocket before accepting it.
 
         With the ``websocket.http.response`` extension the client gets the same HTTP
-        problem answer; otherwise the handshake is closed with 1008 (1013 for overload) and
-        the detail as reason. ``connected``: the handshake's ``websocket.connect`` was
-        already received (by the app), so it is not waited for.
+        problem answer; otherwise the handshake is closed with 1008 (1013 for overload, 1011
+        for another server error) and the detail as reason. ``connected``: the handshake's
+        ``websocket.connect`` was already received (by the app), so it is not waited for.
         """
         if not connected:
             message = await receive()
