@@ -913,9 +913,7 @@ class _Response:
                 # one the hub closed before raising): uvicorn raises on a second close, and
                 # the client has its close frame. A later server error still tells a
                 # failure, and a later clean close hides no earlier one.
-                if code == _CLOSE_INTERNAL_ERROR or (
-                    _CLOSE_SERVER_ERRORS[0] <= code < _CLOSE_SERVER_ERRORS[1]
-                ):
+                if _tells_server_error(code):
                     self.close_code = code
                 return anyio.lowlevel.checkpoint()
             self.close_code = code
@@ -1149,6 +1147,13 @@ class _Stream(_Response):
         if self.cut:
             return _CutOffAtExpiryError(http=True)
         return super().failure()
+
+
+def _tells_server_error(code: int) -> bool:
+    """Whether a websocket close code says the server failed: 1011, or 4000 plus a 5xx
+    status (as Litestar closes the socket of a handler that raised)."""
+    low, high = _CLOSE_SERVER_ERRORS
+    return code == _CLOSE_INTERNAL_ERROR or low <= code < high
 
 
 def _seconds_left(expires_at: float) -> float | None:
