@@ -1102,9 +1102,9 @@ class _Stream(_Response):
         """Tell the app the client is gone at ``at`` (on the loop's clock), and cancel it
         if it is still running ``grace`` seconds later."""
         self._tell_at = at
-        self.expiry.deadline = at + self._grace
+        _set_deadline(self.expiry, at + self._grace)
         for waiting in self._waiting:
-            waiting.deadline = at
+            _set_deadline(waiting, at)
 
     def receiving(self, receive: Receive) -> Receive:
         """The app's ``receive``: past the expiry, it answers that the client is gone, as
@@ -1116,7 +1116,8 @@ class _Stream(_Response):
 
     async def _received_in_time(self) -> MutableMapping[str, Any]:
         if not self.told and self._tell_at > anyio.current_time():
-            with anyio.CancelScope(deadline=self._tell_at) as waiting:
+            with anyio.CancelScope() as waiting:
+                _set_deadline(waiting, self._tell_at)
                 self._waiting.add(waiting)
                 try:
                     return await self._received()
@@ -1154,6 +1155,20 @@ def _tells_server_error(code: int) -> bool:
     status (as Litestar closes the socket of a handler that raised)."""
     low, high = _CLOSE_SERVER_ERRORS
     return code == _CLOSE_INTERNAL_ERROR or low <= code < high
+
+
+def _set_deadline(scope: anyio.CancelScope, at: float) -> None:
+    """Set ``scope``'s deadline with no ambient binding in the current context.
+
+    On asyncio a deadline is a timer handle holding a copy of the current context until
+    it is due, even once cancelled; an identity's expiry is often hours on, so one set with
+    the binding would keep the request's closed scope alive that long.
+    """
+    token = _current.set(None)
+    try:
+        scope.deadline = at
+    finally:
+        _current.reset(token)
 
 
 def _seconds_left(expires_at: float) -> float | None:

@@ -591,6 +591,29 @@ class TestJWTIdentity:
             "the aud and iss they carry (--jwt-audience, --jwt-issuer)?"
         ]
 
+    async def test_a_body_streamed_in_messages_leaves_no_closed_scope_alive(self) -> None:
+        """An app behind ``jwt_bearer()`` sending each body in two messages, as Quart
+        does: the expiry its tokens carry, armed while the body streams, keeps no closed
+        scope alive after the run (asyncio's cancelled timers keep their context)."""
+
+        async def two_messages(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            user = ambient.get_current_context().user_id.encode()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": user, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+
+        resolver = jwt_bearer(DEMO_SECRET, algorithms=["HS256"])
+        app = AmbientMiddleware(two_messages, registry=Registry(), identity=resolver)
+        async with anyio.create_task_group() as group:
+            # Due before the tokens expire, as a pool's maintenance or a server's keep-alive
+            # is: asyncio drops cancelled timers from the front of its queue only.
+            group.start_soon(anyio.sleep, 60)
+            report = await check(app, users=10, requests=2, identity=JWTIdentity(DEMO_SECRET))
+            group.cancel_scope.cancel()
+        assert report.leaks == []
+        assert report.ok, report.violations
+        assert report.scopes == report.requests == 20
+
     async def test_audience_and_issuer_are_the_tokens_aud_and_iss(self) -> None:
         options = {"audience": "notes-api", "issuer": "https://issuer.test"}
         app = _jwt_notes_app(DEMO_SECRET, **options)

@@ -210,3 +210,58 @@ async def test_a_timer_or_task_holding_the_request_context_pins_none_of_its_data
         outlives.cancel_scope.cancel()
     for timer in timers:
         timer.cancel()
+
+
+async def test_a_streamed_response_with_an_expiring_identity_leaves_no_closed_scope() -> None:
+    """Responses sent in more than one body message (as Quart sends every response) for
+    users with an expiring identity (a JWT's ``exp``): once they are over, no closed scope
+    is still alive. On asyncio the middleware's expiry deadlines are timers, which keep a
+    copy of the context they were set in until their time comes (an hour on here), even
+    once cancelled."""
+    import time
+
+    import jwt
+
+    from ambient.middleware import AmbientMiddleware
+    from ambient.middleware.identity import jwt_bearer
+    from tests.test_identity import http_scope
+
+    secret = "a-secret-for-streamed-responses-0123456789"
+    scopes: list[weakref.ref[ambient.Scope]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        scopes.append(weakref.ref(ambient.current_scope()))
+        user = ambient.get_current_context().user_id.encode()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": user, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    resolver = jwt_bearer(secret, algorithms=["HS256"])
+    stack = AmbientMiddleware(app, registry=Registry(), identity=resolver)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def one(user: str) -> None:
+        token = jwt.encode({"sub": user, "exp": int(time.time()) + 3600}, secret, "HS256")
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await stack(http_scope([(b"authorization", f"Bearer {token}".encode())]), receive, send)
+        assert [m.get("body") for m in sent] == [None, user.encode(), b""]
+
+    users = [f"streamer-{n}" for n in range(20)]
+    async with anyio.create_task_group() as group:
+        # Due before the tokens expire, as a server's keep-alive or a pool's maintenance
+        # is: asyncio drops cancelled timers from the front of its queue only.
+        group.start_soon(anyio.sleep, 60)
+        async with anyio.create_task_group() as requests:
+            for user in users:
+                requests.start_soon(one, user)
+        gc.collect()
+        alive = [scope for ref in scopes if (scope := ref()) is not None]
+        group.cancel_scope.cancel()
+    assert len(scopes) == len(users)
+    assert [scope.context.user_id for scope in alive] == []
