@@ -1279,11 +1279,13 @@ async def _serve_until_expiry(
         await app(scope, receive, socket)
         return False
     tell_at = anyio.current_time() + left
-    with anyio.CancelScope(deadline=tell_at + grace) as expiry:
+    with anyio.CancelScope() as expiry:
+        _set_deadline(expiry, tell_at + grace)
 
         async def receive_in_time() -> MutableMapping[str, Any]:
             if not socket.told:
-                with anyio.CancelScope(deadline=tell_at):
+                with anyio.CancelScope() as waiting:
+                    _set_deadline(waiting, tell_at)
                     message = await receive()
                     if message["type"] == "websocket.disconnect":
                         # The client closed it: a close sent now would be refused (uvicorn

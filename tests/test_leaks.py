@@ -265,3 +265,65 @@ async def test_a_streamed_response_with_an_expiring_identity_leaves_no_closed_sc
         group.cancel_scope.cancel()
     assert len(scopes) == len(users)
     assert [scope.context.user_id for scope in alive] == []
+
+
+async def test_a_websocket_with_an_expiring_identity_leaves_no_closed_scope() -> None:
+    """Websockets of users with an expiring identity (a JWT's ``exp``) that close before
+    it: once they are over, no closed scope is still alive (the expiry's deadlines, timers
+    on asyncio, are set with no binding in the context)."""
+    import time
+
+    import jwt
+
+    from ambient.middleware import AmbientMiddleware
+    from ambient.middleware.identity import jwt_bearer
+    from tests.test_middleware import ws_scope
+
+    secret = "a-secret-for-closed-websockets-0123456789"
+    scopes: list[weakref.ref[ambient.Scope]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        scopes.append(weakref.ref(ambient.current_scope()))
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        user = ambient.get_current_context().user_id
+        await send({"type": "websocket.send", "text": user})
+        await send({"type": "websocket.close", "code": 1000})
+
+    resolver = jwt_bearer(secret, algorithms=["HS256"])
+    stack = AmbientMiddleware(app, registry=Registry(), identity=resolver)
+
+    async def one(user: str) -> None:
+        token = jwt.encode({"sub": user, "exp": int(time.time()) + 3600}, secret, "HS256")
+        connect = [{"type": "websocket.connect"}]
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            if connect:
+                return connect.pop()
+            await anyio.sleep_forever()
+            raise AssertionError  # pragma: no cover - never woken
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await stack(ws_scope([(b"authorization", f"Bearer {token}".encode())]), receive, send)
+        assert [(m["type"], m.get("text")) for m in sent] == [
+            ("websocket.accept", None),
+            ("websocket.send", user),
+            ("websocket.close", None),
+        ]
+
+    users = [f"socket-{n}" for n in range(20)]
+    async with anyio.create_task_group() as group:
+        # Due before the tokens expire: asyncio drops cancelled timers from the front of
+        # its queue only.
+        group.start_soon(anyio.sleep, 60)
+        async with anyio.create_task_group() as sockets:
+            for user in users:
+                sockets.start_soon(one, user)
+        gc.collect()
+        alive = [scope for ref in scopes if (scope := ref()) is not None]
+        group.cancel_scope.cancel()
+    assert len(scopes) == len(users)
+    assert [scope.context.user_id for scope in alive] == []
