@@ -28,6 +28,7 @@ from ambient._context import (
 from ambient._context import (
     ReadOnlyDict as _ReadOnlyDict,
 )
+from ambient._instances import _Deadline
 from ambient._observe import Observer
 from ambient._registry import Registry
 from ambient._scope import Scope
@@ -800,7 +801,7 @@ async def _close_answered(
     # A client gone before its disconnect was received: the server refuses the close
     # (uvicorn's ClientDisconnected), with nobody left to tell. Past the expiry, the
     # socket's own send refuses what the app sends, not this.
-    with anyio.move_on_after(within), contextlib.suppress(OSError):
+    with _Deadline(within), contextlib.suppress(OSError):
         await _Response.__call__(socket, message)
 
 
@@ -1253,7 +1254,7 @@ async def _stream_until_expiry(
         if stream.told or expiry.cancel_called:
             stream.cut = True
         if stream.cut and not stream.ended:
-            with anyio.move_on_after(end_within):
+            with _Deadline(end_within):
                 await stream.end()
 
 
@@ -1299,8 +1300,10 @@ async def _serve_until_expiry(
                     # app.
             elif socket.disconnected:
                 # Told once already: an app that receives on waits for its cancellation
-                # rather than spin on the disconnect.
-                await anyio.sleep_forever()
+                # rather than spin on the disconnect. On an event, not sleep_forever(): on
+                # asyncio that is a timer due at infinity, holding the request's binding
+                # in the loop's queue long after it was cancelled.
+                await anyio.Event().wait()
             socket.told = socket.disconnected = True
             await anyio.lowlevel.checkpoint()
             return {
@@ -1335,7 +1338,7 @@ async def _serve_until_expiry(
         close = {"type": "websocket.close", "code": CLOSE_IDENTITY_ENDED, "reason": _EXPIRED}
         # A client that hung up as the app ended, its disconnect never received: the
         # server refuses the close (uvicorn's ClientDisconnected), with nobody to tell.
-        with anyio.move_on_after(close_within), contextlib.suppress(OSError):
+        with _Deadline(close_within), contextlib.suppress(OSError):
             await _Response.__call__(socket, close)
     return True
 

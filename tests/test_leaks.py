@@ -327,3 +327,70 @@ async def test_a_websocket_with_an_expiring_identity_leaves_no_closed_scope() ->
         group.cancel_scope.cancel()
     assert len(scopes) == len(users)
     assert [scope.context.user_id for scope in alive] == []
+
+
+@pytest.mark.parametrize("receives_on", [False, True], ids=["ends-when-told", "receives-on"])
+async def test_a_websocket_closed_at_its_identitys_expiry_leaves_no_closed_scope(
+    receives_on: bool,
+) -> None:
+    """Websockets closed by the middleware with 4001 at their identity's expiry, a close
+    bounded by the registry's ``cleanup_timeout``, of apps that end when told the client is
+    gone or receive on until cancelled: once they are over, no closed scope is still alive
+    (no timer of the middleware's, on asyncio, holds the binding in its context)."""
+    import time
+
+    from ambient.middleware import AmbientMiddleware
+    from ambient.middleware.identity import Identity
+    from tests.test_middleware import ws_scope
+
+    scopes: list[weakref.ref[ambient.Scope]] = []
+    expires_at = time.time() + 0.2
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        scopes.append(weakref.ref(ambient.current_scope()))
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        assert (await receive())["type"] == "websocket.disconnect"  # told at the expiry
+        if receives_on:
+            await receive()  # until cancelled
+
+    def expiring(scope: Any) -> Identity:
+        return Identity(scope["headers"][0][1].decode(), expires_at=expires_at)
+
+    stack = AmbientMiddleware(app, registry=Registry(), identity=expiring)
+
+    async def one(user: str) -> None:
+        connect = [{"type": "websocket.connect"}]
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            if connect:
+                return connect.pop()
+            # A server's wait for the client, as a future: no timer (anyio's sleep_forever
+            # is one, due at infinity, that would hold the binding itself).
+            await anyio.Event().wait()
+            raise AssertionError  # pragma: no cover - never woken
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await stack(ws_scope([(b"x-user-id", user.encode())]), receive, send)
+        assert [(m["type"], m.get("code")) for m in sent] == [
+            ("websocket.accept", None),
+            ("websocket.close", 4001),
+        ]
+
+    users = [f"expired-{n}" for n in range(20)]
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+            # Due before the bound's end: asyncio drops cancelled timers from the front of
+            # its queue only.
+            group.start_soon(anyio.sleep, 5)
+            async with anyio.create_task_group() as sockets:
+                for user in users:
+                    sockets.start_soon(one, user)
+            gc.collect()
+            alive = [scope for ref in scopes if (scope := ref()) is not None]
+            group.cancel_scope.cancel()
+    assert len(scopes) == len(users)
+    assert [scope.context.user_id for scope in alive] == []
