@@ -7,7 +7,7 @@ import contextvars
 import gc
 import sys
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -212,6 +212,51 @@ async def test_a_timer_or_task_holding_the_request_context_pins_none_of_its_data
         timer.cancel()
 
 
+Scopes = list[weakref.ref[ambient.Scope]]
+
+
+async def _alive_after(
+    one: Callable[[str], Awaitable[None]], users: list[str], scopes: Scopes, due: float
+) -> list[str]:
+    """Serve every user's request at once with ``one`` while a timer due in ``due`` seconds
+    waits (as a server's keep-alive or a pool's maintenance does: asyncio drops cancelled
+    timers from the front of its queue only), then collect garbage: the users whose closed
+    scopes are still alive."""
+    async with anyio.create_task_group() as group:
+        group.start_soon(anyio.sleep, due)
+        async with anyio.create_task_group() as requests:
+            for user in users:
+                requests.start_soon(one, user)
+        gc.collect()
+        alive = [scope.context.user_id for ref in scopes if (scope := ref()) is not None]
+        group.cancel_scope.cancel()
+    assert len(scopes) == len(users)
+    return alive
+
+
+def _websocket_client() -> tuple[
+    Callable[[], Awaitable[dict[str, Any]]],
+    Callable[[dict[str, Any]], Awaitable[None]],
+    list[dict[str, Any]],
+]:
+    """A websocket client's side for the middleware: the handshake's connect, then a wait
+    for nothing (on an event, as a server's future: anyio's ``sleep_forever`` is a timer,
+    due at infinity, that would hold the binding itself), and the messages sent to it."""
+    connect = [{"type": "websocket.connect"}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if connect:
+            return connect.pop()
+        await anyio.Event().wait()
+        raise AssertionError  # pragma: no cover - never woken
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    return receive, send, sent
+
+
 async def test_a_streamed_response_with_an_expiring_identity_leaves_no_closed_scope() -> None:
     """Responses sent in more than one body message (as Quart sends every response) for
     users with an expiring identity (a JWT's ``exp``): once they are over, no closed scope
@@ -227,7 +272,7 @@ async def test_a_streamed_response_with_an_expiring_identity_leaves_no_closed_sc
     from tests.test_identity import http_scope
 
     secret = "a-secret-for-streamed-responses-0123456789"
-    scopes: list[weakref.ref[ambient.Scope]] = []
+    scopes: Scopes = []
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         scopes.append(weakref.ref(ambient.current_scope()))
@@ -253,18 +298,7 @@ async def test_a_streamed_response_with_an_expiring_identity_leaves_no_closed_sc
         assert [m.get("body") for m in sent] == [None, user.encode(), b""]
 
     users = [f"streamer-{n}" for n in range(20)]
-    async with anyio.create_task_group() as group:
-        # Due before the tokens expire, as a server's keep-alive or a pool's maintenance
-        # is: asyncio drops cancelled timers from the front of its queue only.
-        group.start_soon(anyio.sleep, 60)
-        async with anyio.create_task_group() as requests:
-            for user in users:
-                requests.start_soon(one, user)
-        gc.collect()
-        alive = [scope for ref in scopes if (scope := ref()) is not None]
-        group.cancel_scope.cancel()
-    assert len(scopes) == len(users)
-    assert [scope.context.user_id for scope in alive] == []
+    assert await _alive_after(one, users, scopes, due=60) == []
 
 
 async def test_a_websocket_with_an_expiring_identity_leaves_no_closed_scope() -> None:
@@ -280,7 +314,7 @@ async def test_a_websocket_with_an_expiring_identity_leaves_no_closed_scope() ->
     from tests.test_middleware import ws_scope
 
     secret = "a-secret-for-closed-websockets-0123456789"
-    scopes: list[weakref.ref[ambient.Scope]] = []
+    scopes: Scopes = []
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         scopes.append(weakref.ref(ambient.current_scope()))
@@ -295,18 +329,7 @@ async def test_a_websocket_with_an_expiring_identity_leaves_no_closed_scope() ->
 
     async def one(user: str) -> None:
         token = jwt.encode({"sub": user, "exp": int(time.time()) + 3600}, secret, "HS256")
-        connect = [{"type": "websocket.connect"}]
-        sent: list[dict[str, Any]] = []
-
-        async def receive() -> dict[str, Any]:
-            if connect:
-                return connect.pop()
-            await anyio.sleep_forever()
-            raise AssertionError  # pragma: no cover - never woken
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
-
+        receive, send, sent = _websocket_client()
         await stack(ws_scope([(b"authorization", f"Bearer {token}".encode())]), receive, send)
         assert [(m["type"], m.get("text")) for m in sent] == [
             ("websocket.accept", None),
@@ -315,18 +338,7 @@ async def test_a_websocket_with_an_expiring_identity_leaves_no_closed_scope() ->
         ]
 
     users = [f"socket-{n}" for n in range(20)]
-    async with anyio.create_task_group() as group:
-        # Due before the tokens expire: asyncio drops cancelled timers from the front of
-        # its queue only.
-        group.start_soon(anyio.sleep, 60)
-        async with anyio.create_task_group() as sockets:
-            for user in users:
-                sockets.start_soon(one, user)
-        gc.collect()
-        alive = [scope for ref in scopes if (scope := ref()) is not None]
-        group.cancel_scope.cancel()
-    assert len(scopes) == len(users)
-    assert [scope.context.user_id for scope in alive] == []
+    assert await _alive_after(one, users, scopes, due=60) == []
 
 
 @pytest.mark.parametrize("receives_on", [False, True], ids=["ends-when-told", "receives-on"])
@@ -343,7 +355,7 @@ async def test_a_websocket_closed_at_its_identitys_expiry_leaves_no_closed_scope
     from ambient.middleware.identity import Identity
     from tests.test_middleware import ws_scope
 
-    scopes: list[weakref.ref[ambient.Scope]] = []
+    scopes: Scopes = []
     expires_at = time.time() + 0.2
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -360,20 +372,7 @@ async def test_a_websocket_closed_at_its_identitys_expiry_leaves_no_closed_scope
     stack = AmbientMiddleware(app, registry=Registry(), identity=expiring)
 
     async def one(user: str) -> None:
-        connect = [{"type": "websocket.connect"}]
-        sent: list[dict[str, Any]] = []
-
-        async def receive() -> dict[str, Any]:
-            if connect:
-                return connect.pop()
-            # A server's wait for the client, as a future: no timer (anyio's sleep_forever
-            # is one, due at infinity, that would hold the binding itself).
-            await anyio.Event().wait()
-            raise AssertionError  # pragma: no cover - never woken
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
-
+        receive, send, sent = _websocket_client()
         await stack(ws_scope([(b"x-user-id", user.encode())]), receive, send)
         assert [(m["type"], m.get("code")) for m in sent] == [
             ("websocket.accept", None),
@@ -382,15 +381,5 @@ async def test_a_websocket_closed_at_its_identitys_expiry_leaves_no_closed_scope
 
     users = [f"expired-{n}" for n in range(20)]
     with anyio.fail_after(10):
-        async with anyio.create_task_group() as group:
-            # Due before the bound's end: asyncio drops cancelled timers from the front of
-            # its queue only.
-            group.start_soon(anyio.sleep, 5)
-            async with anyio.create_task_group() as sockets:
-                for user in users:
-                    sockets.start_soon(one, user)
-            gc.collect()
-            alive = [scope for ref in scopes if (scope := ref()) is not None]
-            group.cancel_scope.cancel()
-    assert len(scopes) == len(users)
-    assert [scope.context.user_id for scope in alive] == []
+        # Due before the bound of the close (cleanup_timeout) ends.
+        assert await _alive_after(one, users, scopes, due=5) == []
