@@ -1660,23 +1660,15 @@ async def test_a_socket_whose_subscription_failed_leaves_nothing_joining() -> No
     await registry.aclose()
 
 
-async def test_a_litestar_socket_refused_by_the_backend_closes_once_and_raises_nothing(
-    server: str,
+class Work:
+    """A component whose cleanup notes how its socket ended."""
+
+
+def _note_endings(
+    registry: Registry, ended: list[str], done: threading.Event, *, sockets: int
 ) -> None:
-    """Litestar closes the socket of a handler that raised with 4500, also when the hub
-    closed it already: connect() closes a socket it cannot subscribe with 1013, then
-    raises BroadcastError. uvicorn raises on that second close, so a refused socket came
-    out of the app as an "Exception in ASGI application". The client gets the 1013; the
-    second close is not sent, nothing reaches the server, and the scope closes as failed."""
-
-    class Work:
-        """A component whose cleanup notes how its socket ended."""
-
-    registry = Registry()
-    hub = ConnectionHub(SubscribesOnSecondTry())
-    hub.install(registry)
-    ended: list[str] = []
-    both_ended = threading.Event()
+    """Register ``Work``, noting in ``ended`` how each socket's scope ended (the error its
+    cleanup saw, or "success"); ``done`` is set once ``sockets`` have ended."""
 
     def work() -> Iterator[Work]:
         try:
@@ -1687,10 +1679,27 @@ async def test_a_litestar_socket_refused_by_the_backend_closes_once_and_raises_n
         else:
             ended.append("success")
         finally:
-            if len(ended) == 2:
-                both_ended.set()
+            if len(ended) >= sockets:
+                done.set()
 
     registry.register(Work, work)
+
+
+async def test_a_litestar_socket_refused_by_the_backend_closes_once_and_raises_nothing(
+    server: str,
+) -> None:
+    """Litestar closes the socket of a handler that raised with 4500, also when the hub
+    closed it already: connect() closes a socket it cannot subscribe with 1013, then
+    raises BroadcastError. uvicorn raises on that second close, so a refused socket came
+    out of the app as an "Exception in ASGI application". The client gets the 1013; the
+    second close is not sent, nothing reaches the server, and the scope closes as failed."""
+
+    registry = Registry()
+    hub = ConnectionHub(SubscribesOnSecondTry())
+    hub.install(registry)
+    ended: list[str] = []
+    both_ended = threading.Event()
+    _note_endings(registry, ended, both_ended, sockets=2)
 
     @litestar_websocket("/ws")
     async def events(socket: LitestarWebSocket[Any, Any, Any]) -> None:
@@ -1747,25 +1756,10 @@ async def test_a_litestar_socket_its_app_closed_with_1011_fails_though_closed_ag
     the server, replaced the code the middleware judges the socket by, and a transaction
     around a yield committed."""
 
-    class Work:
-        """A component whose cleanup notes how its socket ended."""
-
     registry = Registry()
     ended: list[str] = []
     cleaned = threading.Event()
-
-    def work() -> Iterator[Work]:
-        try:
-            yield Work()
-        except BaseException as exc:
-            ended.append(type(exc).__name__)
-            raise
-        else:
-            ended.append("success")
-        finally:
-            cleaned.set()
-
-    registry.register(Work, work)
+    _note_endings(registry, ended, cleaned, sockets=1)
 
     @litestar_websocket("/ws")
     async def tokens(socket: LitestarWebSocket[Any, Any, Any]) -> None:
