@@ -1317,15 +1317,8 @@ async def test_an_idle_event_stream_ends_when_its_token_expires(
         if client == "leaves":
             received = await anyio.to_thread.run_sync(read_one_event_and_leave, url)
         else:
-            async with (
-                httpx.AsyncClient(timeout=10) as http,
-                http.stream("GET", url + "/events") as response,
-            ):
-                assert response.status_code == 200
-                with anyio.move_on_after(5) as waited:
-                    received.extend([line async for line in response.aiter_lines() if line])
+            received = await _read_event_stream(url + "/events")
             ended_at = time.time()
-            assert not waited.cancelled_caught, "the idle stream outlived its identity's expiry"
         assert await anyio.to_thread.run_sync(all_cleaned.wait, 10)
         cleaned_at = time.time()
     assert received == ["data: alice"]
@@ -1339,6 +1332,20 @@ async def test_an_idle_event_stream_ends_when_its_token_expires(
         assert cleaned_at < expires
         assert "identity expired" not in str(ended_by[0])
     assert raised == []
+
+
+async def _read_event_stream(url: str) -> list[str]:
+    """The lines of an event stream that must end (its identity expires) within 5 s."""
+    received: list[str] = []
+    async with (
+        httpx.AsyncClient(timeout=10) as http,
+        http.stream("GET", url) as response,
+    ):
+        assert response.status_code == 200
+        with anyio.move_on_after(5) as waited:
+            received.extend([line async for line in response.aiter_lines() if line])
+    assert not waited.cancelled_caught, "the event stream outlived its identity's expiry"
+    return received
 
 
 async def test_an_event_stream_begun_past_its_token_expiry_ends_while_it_waits(
@@ -1384,17 +1391,9 @@ async def test_an_event_stream_begun_past_its_token_expiry_ends_while_it_waits(
             raised.append(exc)
             raise
 
-    received: list[str] = []
     with serve(server, app) as url:
-        async with (
-            httpx.AsyncClient(timeout=10) as http,
-            http.stream("GET", url + "/events") as response,
-        ):
-            assert response.status_code == 200
-            with anyio.move_on_after(5) as waited:
-                received.extend([line async for line in response.aiter_lines() if line])
+        received = await _read_event_stream(url + "/events")
         ended_at = time.time()
-        assert not waited.cancelled_caught, "the event stream outlived its identity's expiry"
         assert await anyio.to_thread.run_sync(all_cleaned.wait, 10)
     assert received == []
     assert ended_at <= expires + 2.0
