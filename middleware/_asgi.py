@@ -1174,8 +1174,7 @@ def _set_deadline(scope: anyio.CancelScope, at: float) -> None:
 
 def _seconds_left(expires_at: float) -> float | None:
     """Seconds until ``expires_at`` (negative once past), or, for an int no float holds,
-    ``None`` (an expiry that never comes) or minus infinity (one long past), as
-    :func:`_expired` sees them."""
+    ``None`` (an expiry that never comes) or minus infinity (one long past)."""
     try:
         return expires_at - time.time()
     except OverflowError:
@@ -1183,10 +1182,10 @@ def _seconds_left(expires_at: float) -> float | None:
 
 
 def _expired(expires_at: float) -> bool:
-    try:
-        return time.time() >= expires_at
-    except OverflowError:  # an int no float holds: an expiry that never comes
-        return False
+    """Whether ``expires_at`` has passed, read as :func:`_seconds_left` reads it (the
+    deadlines and the sends disagreed about an int no float holds)."""
+    left = _seconds_left(expires_at)
+    return left is not None and left <= 0
 
 
 def _only_cut_off(error: BaseException, depth: int = 0) -> bool:
