@@ -2,10 +2,11 @@
 
 ``AmbientMiddleware`` is pure ASGI 3 and works under any ASGI framework; identity resolvers
 live in :mod:`ambient.middleware.identity`. A framework's exception handler answers
-ambient's errors with :func:`answer_error`, as the middleware would.
+ambient's errors with :func:`answer_error`, as the middleware would, and notes an error it
+answered in a way the middleware cannot read with :func:`note_failure`.
 """
 
-from ambient.middleware._asgi import AmbientMiddleware, answer_error
+from ambient.middleware._asgi import AmbientMiddleware, answer_error, note_failure
 from ambient.middleware._problem import Problem
 from ambient.middleware.identity import (
     Identity,
@@ -24,6 +25,7 @@ __all__ = [
     "WebSocketTickets",
     "answer_error",
     "first_of",
+    "note_failure",
     "scope_user",
     "trusted_header",
 ]

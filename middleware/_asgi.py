@@ -53,7 +53,7 @@ from ambient.middleware.identity import (
 )
 from ambient.telemetry import Telemetry
 
-__all__ = ["AmbientMiddleware", "answer_error"]
+__all__ = ["AmbientMiddleware", "answer_error", "note_failure"]
 
 logger = logging.getLogger("ambient.middleware")
 
@@ -1440,6 +1440,25 @@ def answer_error(error: BaseException) -> Problem | None:
         return None
     challenge = _note_answered(error)
     return Problem.from_error(answer)._challenged(challenge)
+
+
+def note_failure(error: BaseException) -> None:
+    """Note on the bound request's scope that the request failed with ``error``, which the
+    framework caught and answered itself without letting it reach the middleware, so
+    that cleanups see the failure (a transaction around a generator factory's ``yield``
+    rolls back) and the scope's span records it.
+
+    For what the middleware cannot tell from the wire: Quart closes the websocket of a
+    handler that raised with 1000, a clean close; connect this to its
+    ``got_websocket_exception`` signal. An error the framework answers with a 5xx needs
+    none (the middleware reads the status), nor one that reaches the middleware. Call it
+    where the request's context is bound; elsewhere, or once the scope has closed,
+    nothing is noted. A first noted error is kept.
+
+    Args:
+        error: What the framework caught.
+    """
+    _note_answered(error)
 
 
 def _problem(refusal: Exception) -> Problem:

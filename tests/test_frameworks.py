@@ -246,6 +246,7 @@ async def test_a_litestar_websocket_that_fails_rolls_back(
     [
         ("", True, 1000, "commit"),
         ("busy", True, 1000, "rollback"),
+        ("bug", True, 1000, "rollback"),
         ("busy", False, 503, "rollback"),
         ("bug", False, 500, "rollback"),
     ],
@@ -256,8 +257,9 @@ async def test_a_quart_websocket_that_fails_rolls_back(
     """Quart answers a websocket handler's exception with its error handlers: an ambient
     error through ``answer_error`` (noted on the scope), a bug before accept with a 500
     denial of the handshake. The 500 denial's Work committed: the middleware looked at
-    a websocket's denial status no more than at its close code. (A bug after accept is
-    closed with 1000, as a clean end: nothing on the wire tells it apart.)"""
+    a websocket's denial status no more than at its close code. A bug after accept is
+    closed with 1000, as a clean end: nothing on the wire tells it apart, so the app
+    notes it with ``note_failure`` from Quart's ``got_websocket_exception`` signal."""
     assert await socket_outcome("quart", fail, accept) == (closed, outcome)
 
 

@@ -37,6 +37,7 @@ from ambient.middleware import (
     Identity,
     answer_error,
     first_of,
+    note_failure,
     trusted_header,
 )
 from ambient.middleware.identity import jwt_bearer
@@ -855,6 +856,24 @@ class TestAnswerError:
         own = answer_error(IdentityError("sign in", status=401, challenge="Bearer"))
         assert own is not None
         assert own.headers == [(b"www-authenticate", b"Bearer")]
+
+
+class TestNoteFailure:
+    """``note_failure``: an error a framework answered in a way the middleware cannot read
+    (Quart closes a websocket whose handler raised with 1000)."""
+
+    async def test_the_first_noted_error_closes_the_scope_and_nothing_after_it(self) -> None:
+        first, second = RuntimeError("a bug"), KeyError("another")
+        registry = Registry()
+        note_failure(second)  # nothing bound: nothing to note, nothing raised
+        async with registry.open_scope(UserExecutionContext.create("u")) as scope:
+            assert scope.exception is None
+            note_failure(first)
+            note_failure(second)
+            noted = scope.exception
+        assert noted is first
+        note_failure(second)  # closed: nothing to note, nothing raised
+        assert scope.closed
 
 
 class TestConcurrencyLimit:

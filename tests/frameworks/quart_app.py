@@ -11,11 +11,12 @@ from typing import Any
 
 import anyio.to_thread
 from quart import Quart, request, websocket
+from quart.signals import got_websocket_exception
 
 import ambient
 from ambient import Registry
 from ambient.errors import AmbientError, PoolExhaustedError
-from ambient.middleware import AmbientMiddleware, answer_error
+from ambient.middleware import AmbientMiddleware, answer_error, note_failure
 from tests.frameworks.common import (
     IDENTITY,
     Ledger,
@@ -97,6 +98,13 @@ def build() -> tuple[Quart, Registry, Ledger]:
         headers = {k.decode(): v.decode() for k, v in answer.headers}
         headers["content-type"] = "application/problem+json"
         return answer.body(), answer.status, headers
+
+    # Quart closes the socket of a handler that raised with 1000: the failure is noted.
+    # Held by the app: blinker keeps a weak reference to a receiver.
+    async def socket_failed(sender: Quart, exception: Exception) -> None:
+        note_failure(exception)
+
+    got_websocket_exception.connect(socket_failed, sender=app, weak=False)
 
     app.asgi_app = AmbientMiddleware(app.asgi_app, registry=registry, identity=IDENTITY)  # type: ignore[method-assign]
     return app, registry, ledger
