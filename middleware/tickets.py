@@ -27,6 +27,11 @@ the user's open sockets (``hub.revoke(...)``). Tickets issued after the call wor
 keeps a revocation generation per user, which every ticket carries from its issue; a ticket
 of an older generation is refused. A generation is kept for 10 minutes after the user's
 latest revocation or ticket, so it outlives every ticket that carries it.
+
+One user holds at most ``max_per_user`` outstanding tickets (16 by default, an argument of
+either store): one more drops that user's oldest, never another user's, so a user who
+calls the issuing endpoint in a loop neither pushes out the tickets of the others nor fills
+the store they share.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from ambient.middleware.identity import _EXPIRES_AT_KEY, Identity
 
 __all__ = [
     "MemoryTicketStore",
+    "PerUserTicketStore",
     "RedisTicketStore",
     "RevocableTicketStore",
     "TicketStore",
@@ -72,6 +78,7 @@ _MAX_TTL = 300.0
 # after that would count from 0 again and could let the ticket in. Once it is gone the
 # user's generation reads 0, as every ticket issued since carries.
 _KEEP_GENERATION = 2 * _MAX_TTL
+_MAX_PER_USER = 16
 _REFUSED = "the websocket ticket is unknown, expired or already used"
 _ASYNCIO_ONLY = (
     "redis-py's asyncio client runs on asyncio only, and this code runs under another event "
@@ -111,26 +118,58 @@ class RevocableTicketStore(TicketStore, Protocol):
         ...
 
 
+@runtime_checkable
+class PerUserTicketStore(TicketStore, Protocol):
+    """A ticket store that knows whose each ticket is, and holds a bounded number of one
+    user's: :class:`WebSocketTickets` puts every ticket with :meth:`put_for` then. Both
+    built-in stores are; over a store with only ``put()`` and ``take()`` the bound is the
+    store's business."""
+
+    async def put_for(self, user: str, key: str, value: bytes, ttl: float) -> None:
+        """As :meth:`~TicketStore.put`, as one of ``user``'s (an opaque key) outstanding
+        tickets: when that user holds as many as the store's bound, their oldest are
+        dropped (atomically with the put), never another user's."""
+        ...
+
+
+def _check_max(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        msg = f"{name} must be an int >= 1, not {value!r}"
+        raise ValueError(msg)
+    return value
+
+
 class MemoryTicketStore:
     """Tickets in this process's memory: for one server process (a handshake that reaches
     another worker finds no ticket; use :class:`RedisTicketStore` there).
 
-    Holds at most ``max_tickets``; beyond that the oldest outstanding ticket is dropped.
+    Args:
+        max_tickets: Tickets held at most, all users together (a bound on memory); beyond
+            it the oldest outstanding ticket is dropped, whoever's it is. A user reaches it
+            alone only with ``max_per_user`` as large.
+        max_per_user: Tickets of one user (and tenant) held at most; one more drops that
+            user's oldest outstanding ticket.
+        clock: Monotonic seconds (for tests).
     """
 
     def __init__(
-        self, *, max_tickets: int = 100_000, clock: Callable[[], float] = time.monotonic
+        self,
+        *,
+        max_tickets: int = 100_000,
+        max_per_user: int = _MAX_PER_USER,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if isinstance(max_tickets, bool) or not isinstance(max_tickets, int) or max_tickets < 1:
-            msg = f"max_tickets must be an int >= 1, not {max_tickets!r}"
-            raise ValueError(msg)
-        self._max = max_tickets
+        self._max = _check_max("max_tickets", max_tickets)
+        self._max_per_user = _check_max("max_per_user", max_per_user)
         self._clock = clock
         self._lock = threading.Lock()
         # In order of their deadlines, but for tickets put with a deadline earlier than
         # ``_latest`` (one given back after a refused handshake): those are in ``_early``
         # too, so that they expire on time rather than once every ticket before them has.
-        self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        # key -> (deadline, value, the user put_for() named or None).
+        self._entries: OrderedDict[str, tuple[float, bytes, str | None]] = OrderedDict()
+        # user -> the keys of their outstanding tickets, in the order they were put.
+        self._users: dict[str, dict[str, None]] = {}
         self._early: list[tuple[float, str]] = []
         self._latest = -math.inf  # the latest deadline of a ticket put in order
         # user -> (generation, deadline), in the order of their deadlines.
@@ -149,18 +188,51 @@ class MemoryTicketStore:
             entry = entries.get(key)
             if entry is not None and entry[0] == deadline:  # not taken (nor put again)
                 del entries[key]
+                if entry[2] is not None:
+                    self._forget(entry[2], key)
         while entries:
-            key, (deadline, _) = next(iter(entries.items()))
+            key, (deadline, _, user) = next(iter(entries.items()))
             if deadline > now and len(entries) <= self._max:
                 return
             del entries[key]
+            if user is not None:
+                self._forget(user, key)
+
+    def _forget(self, user: str, key: str) -> None:
+        held = self._users.get(user)
+        if held is not None:
+            held.pop(key, None)
+            if not held:
+                del self._users[user]
 
     async def put(self, key: str, value: bytes, ttl: float) -> None:
+        self._put(None, key, value, ttl)
+
+    async def put_for(self, user: str, key: str, value: bytes, ttl: float) -> None:
+        self._put(user, key, value, ttl)
+
+    def _put(self, user: str | None, key: str, value: bytes, ttl: float) -> None:
         with self._lock:
             now = self._clock()
             deadline = now + ttl
             entries = self._entries
-            entries.pop(key, None)
+            entry = entries.pop(key, None)
+            if entry is not None and entry[2] is not None:
+                self._forget(entry[2], key)
+            if user is not None:
+                held = self._users.get(user)
+                if held is None:
+                    self._users[user] = {key: None}
+                else:
+                    if len(held) >= self._max_per_user:
+                        # Expired ones first, so that only live tickets count.
+                        self._purge(now)
+                        while len(held) >= self._max_per_user:
+                            oldest = next(iter(held))
+                            del held[oldest], entries[oldest]
+                    # Back in place: the purge forgets a user whose tickets all expired.
+                    self._users[user] = held
+                    held[key] = None
             if not entries:
                 self._latest = -math.inf
                 self._early.clear()
@@ -173,13 +245,15 @@ class MemoryTicketStore:
                     early[:] = [(d, k) for d, k in early if entries.get(k, (None,))[0] == d]
                     heapq.heapify(early)
                 heapq.heappush(early, (deadline, key))
-            entries[key] = (deadline, value)
+            entries[key] = (deadline, value, user)
             self._purge(now)
 
     async def take(self, key: str) -> bytes | None:
         with self._lock:
             now = self._clock()
             entry = self._entries.pop(key, None)
+            if entry is not None and entry[2] is not None:
+                self._forget(entry[2], key)
             # Expired tickets go here too, not only when one is issued: a burst of tickets
             # never used would otherwise stay until the next ticket is issued.
             self._purge(now)
@@ -226,17 +300,44 @@ class RedisTicketStore:
     Args:
         client: A ``redis.asyncio.Redis`` (extra ``redis``; ``decode_responses`` either
             way); asyncio only.
-        prefix: Key prefix; a ticket's key expires with the ticket, a user's revocation
-            generation (``<prefix>revoked:<hash>``) 10 minutes after the user's latest
-            revocation or ticket. A Redis that evicts keys with an expiry under
-            ``maxmemory`` (``volatile-*``, ``allkeys-*``) or restarts without persistence
-            can lose a generation, and with it the revocation of tickets still out.
+        prefix: Key prefix; a ticket's key expires with the ticket, the list of a user's
+            outstanding tickets (``<prefix>held:<hash>``) with the last of them, a
+            user's revocation generation (``<prefix>revoked:<hash>``) 10 minutes after the
+            user's latest revocation or ticket. A Redis that evicts keys with an expiry
+            under ``maxmemory`` (``volatile-*``, ``allkeys-*``) or restarts without
+            persistence can lose a generation, and with it the revocation of tickets still
+            out.
+        max_per_user: Tickets of one user (and tenant) held at most, all processes
+            together; one more drops that user's oldest outstanding ticket, in the same
+            Lua script that stores the new one.
     """
 
-    def __init__(self, client: Any, *, prefix: str = "ambient:ws-ticket:") -> None:
+    def __init__(
+        self, client: Any, *, prefix: str = "ambient:ws-ticket:", max_per_user: int = _MAX_PER_USER
+    ) -> None:
         _loops.refuse_trio(_ASYNCIO_ONLY)
+        self._max_per_user = _check_max("max_per_user", max_per_user)
         self._client = client
         self._prefix = prefix
+        self._put_for: Any = None  # the script, registered on first use
+
+    async def put_for(self, user: str, key: str, value: bytes, ttl: float) -> None:
+        _loops.refuse_trio(_ASYNCIO_ONLY)
+        from redis.exceptions import RedisError
+
+        script = self._put_for
+        if script is None:
+            script = self._put_for = self._client.register_script(_PUT_FOR)
+        try:
+            stored = await script(
+                keys=[self._prefix + key, f"{self._prefix}held:{user}"],
+                args=[value, max(1, math.ceil(ttl * 1000)), self._max_per_user],
+            )
+        except RedisError as error:
+            raise _store_unavailable("issued", error) from error
+        if not stored:  # pragma: no cover - 256 random bits do not collide
+            msg = "a ticket with this key is already outstanding"
+            raise RuntimeError(msg)
 
     async def put(self, key: str, value: bytes, ttl: float) -> None:
         _loops.refuse_trio(_ASYNCIO_ONLY)
@@ -298,6 +399,49 @@ class RedisTicketStore:
         return f"{self._prefix}revoked:{user}"
 
 
+# Stores a ticket (KEYS[1]; ARGV[1] for ARGV[2] ms) and lists it last among its user's
+# (KEYS[2], oldest first), after dropping as many of the user's oldest as leave it room
+# among ARGV[3]. The list is pruned only once it is full, so that the common put costs no
+# more than a SET: it still names tickets taken (GETDEL knows no user) or expired since,
+# and a ticket given back twice; those do not count, and a ticket counts where it was last
+# put. The tickets it names are keys the script was not passed: one Redis, not a cluster.
+_PUT_FOR = """
+local held, ttl, bound = KEYS[2], tonumber(ARGV[2]), tonumber(ARGV[3])
+if redis.call('LLEN', held) >= bound then
+    local listed = redis.call('LRANGE', held, 0, -1)
+    local left = redis.call('PTTL', held)
+    local live, seen = {}, {[KEYS[1]] = true}
+    for i = #listed, 1, -1 do
+        local key = listed[i]
+        if not seen[key] then
+            seen[key] = true
+            if redis.call('EXISTS', key) == 1 then
+                live[#live + 1] = key
+            end
+        end
+    end
+    for i = bound, #live do
+        redis.call('DEL', live[i])
+    end
+    redis.call('DEL', held)
+    for i = math.min(#live, bound - 1), 1, -1 do
+        redis.call('RPUSH', held, live[i])
+    end
+    if left > 0 and #live > 0 and bound > 1 then
+        redis.call('PEXPIRE', held, left)
+    end
+end
+if not redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'NX') then
+    return 0
+end
+redis.call('RPUSH', held, KEYS[1])
+if redis.call('PTTL', held) < ttl then
+    redis.call('PEXPIRE', held, ttl)
+end
+return 1
+"""
+
+
 def _store_unavailable(what: str, error: Exception) -> IdentityUnavailableError:
     return IdentityUnavailableError(
         f"the ticket store (Redis) cannot be reached, so no ticket can be {what}; try again "
@@ -316,6 +460,10 @@ class WebSocketTickets:
     429 over ``max_concurrent_per_user``, an error of the app answered before accept), gives
     the ticket back for the rest of its ``ttl``: the retry with it can get in. A ticket
     issued before :meth:`revoke` was called for its user is refused (401) as well.
+
+    A user (and tenant) holds at most the store's ``max_per_user`` outstanding tickets (16
+    by default): issuing one more drops that user's oldest, whose handshake is then refused
+    (401), never another user's. A ticket given back counts once, as the user's newest.
 
     Args:
         store: Where tickets wait (default: a :class:`MemoryTicketStore`).
@@ -345,7 +493,8 @@ class WebSocketTickets:
         self.ttl = float(ttl)
         self.query = query
         self._clock = clock
-        self._checked: tuple[TicketStore | None, bool] = (None, False)
+        # The store last checked, whether it keeps revocations, whether it bounds a user's.
+        self._checked: tuple[TicketStore | None, bool, bool] = (None, False, False)
 
     async def issue(self, *, expires_at: float | None = None) -> str:
         """A ticket for the current context's user and tenant, with its ``claims``.
@@ -384,13 +533,10 @@ class WebSocketTickets:
                 # socket must end when the token it was issued from does.
                 with contextlib.suppress(TypeError, ValueError, OverflowError):
                     expires_at = float(int(exp))
+        user = _user_key(ctx.user_id, ctx.tenant_id)
         revocable = self._revocable()
         # Read before the ticket is put: a revoke() in between leaves it an older generation.
-        generation = (
-            0
-            if revocable is None
-            else await revocable.generation(_user_key(ctx.user_id, ctx.tenant_id), _KEEP_GENERATION)
-        )
+        generation = 0 if revocable is None else await revocable.generation(user, _KEEP_GENERATION)
         ticket = secrets.token_urlsafe(32)
         now = self._clock()
         payload = {
@@ -406,7 +552,7 @@ class WebSocketTickets:
         except (TypeError, ValueError) as exc:
             msg = f"a ticket carries the context's claims, which must be JSON: {exc}"
             raise TypeError(msg) from None
-        await self.store.put(_key(ticket), value, self.ttl)
+        await self._put(user, _key(ticket), value, self.ttl)
         return ticket
 
     async def revoke(self, user: UserRef | str, *, tenant_id: str | None = None) -> None:
@@ -471,17 +617,17 @@ class WebSocketTickets:
         expires_at = payload["expires_at"]
         if payload["valid_until"] <= now or (expires_at is not None and expires_at <= now):
             raise IdentityError(_REFUSED, status=401)
+        user = _user_key(payload["user"], payload["tenant"])
         revocable = self._revocable()
         if revocable is not None:
             # Read after the take: a revoke() that returned before this handshake began is
             # seen. A ticket issued before the upgrade that added generations counts as 0.
-            user = _user_key(payload["user"], payload["tenant"])
             try:
                 current = await revocable.generation(user, _KEEP_GENERATION)
             except Exception:
                 # Not the ticket's fault (the store failed after the take): back for the
                 # retry that the 1013 asks for, still to be checked against the generation.
-                await self._give_back(key, value, payload["valid_until"])
+                await self._give_back(user, key, value, payload["valid_until"])
                 raise
             if payload.get("generation", 0) < current:
                 raise IdentityError(_REFUSED, status=401)
@@ -492,20 +638,37 @@ class WebSocketTickets:
             _ReadOnlyDict(claims or {}),
             expires_at=expires_at,
         )
-        object.__setattr__(identity, "_spent", (self, key, value, payload["valid_until"]))
+        object.__setattr__(identity, "_spent", (self, user, key, value, payload["valid_until"]))
         return identity
 
-    def _revocable(self) -> RevocableTicketStore | None:
-        """The store, if it keeps revocation generations; checked once per store, as an
-        isinstance() of a runtime protocol costs microseconds on every issue and handshake."""
+    def _check(self) -> tuple[TicketStore | None, bool, bool]:
+        """The store, whether it keeps revocation generations and whether it bounds a
+        user's tickets; checked once per store, as an isinstance() of a runtime protocol
+        costs microseconds on every issue and handshake."""
         store = self.store
-        checked, revocable = self._checked
-        if checked is not store:
-            revocable = isinstance(store, RevocableTicketStore)
-            self._checked = (store, revocable)
+        checked = self._checked
+        if checked[0] is not store:
+            checked = self._checked = (
+                store,
+                isinstance(store, RevocableTicketStore),
+                isinstance(store, PerUserTicketStore),
+            )
+        return checked
+
+    def _revocable(self) -> RevocableTicketStore | None:
+        """The store, if it keeps revocation generations."""
+        store, revocable, _ = self._check()
         return cast(RevocableTicketStore, store) if revocable else None
 
-    async def _give_back(self, key: str, value: bytes, valid_until: float) -> None:
+    async def _put(self, user: str, key: str, value: bytes, ttl: float) -> None:
+        """Put a ticket in the store, as ``user``'s when the store bounds a user's."""
+        store, _, per_user = self._check()
+        if per_user:
+            await cast(PerUserTicketStore, store).put_for(user, key, value, ttl)
+        else:
+            await self.store.put(key, value, ttl)
+
+    async def _give_back(self, user: str, key: str, value: bytes, valid_until: float) -> None:
         """Put a taken ticket back for the rest of its ttl (its handshake was refused)."""
         # At most a ttl, whatever this process's clock says is left: one behind the
         # issuer's would have the store keep the ticket past the generation it carries
@@ -515,7 +678,7 @@ class WebSocketTickets:
         if left <= 0:
             return
         try:
-            await self.store.put(key, value, left)
+            await self._put(user, key, value, left)
         except Exception:  # the refusal goes out all the same; the ticket stays spent
             logger.warning(
                 "ambient: a websocket ticket could not be given back to its store after the "
@@ -532,15 +695,15 @@ class _TicketIdentity(Identity):
 
     __slots__ = ("_spent",)
 
-    _spent: tuple[WebSocketTickets, str, bytes, float] | None
+    _spent: tuple[WebSocketTickets, str, str, bytes, float] | None
 
     async def _refused(self) -> None:
         spent = self._spent
         if spent is None:
             return
         object.__setattr__(self, "_spent", None)
-        tickets, key, value, valid_until = spent
-        await tickets._give_back(key, value, valid_until)
+        tickets, user, key, value, valid_until = spent
+        await tickets._give_back(user, key, value, valid_until)
 
 
 def _credential_expiry() -> float | None:

@@ -41,6 +41,7 @@ from ambient.middleware import AmbientMiddleware, WebSocketTickets, first_of, tr
 from ambient.middleware.identity import jwt_bearer
 from ambient.middleware.tickets import (
     MemoryTicketStore,
+    PerUserTicketStore,
     RedisTicketStore,
     RevocableTicketStore,
     TicketStore,
@@ -97,6 +98,11 @@ async def refused(tickets: WebSocketTickets, scope: dict[str, Any]) -> IdentityE
     with pytest.raises(IdentityError) as info:
         await tickets(scope)
     return info.value
+
+
+def _held(keys: list[bytes], prefix: str) -> list[bytes]:
+    """The keys of outstanding tickets among ``keys``: a prefix and 64 hex digits."""
+    return [key for key in keys if len(key) == len(prefix) + 64]
 
 
 class TestMemory:
@@ -310,7 +316,7 @@ class TestMemory:
         """1,000 tickets issued and never used expire: the next handshake takes them out of
         the memory store (they stayed until another ticket was issued, however long)."""
         clock = Clock()
-        store = MemoryTicketStore(clock=clock)
+        store = MemoryTicketStore(max_per_user=1_001, clock=clock)
         tickets = WebSocketTickets(store, ttl=30, clock=clock)
         with bound():
             for _ in range(1_000):
@@ -333,6 +339,11 @@ class TestMemory:
             WebSocketTickets(store={})  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="max_tickets"):
             MemoryTicketStore(max_tickets=0)
+        for bad in (0, -1, True, 1.5, "16", None):
+            with pytest.raises(ValueError, match="max_per_user must be an int >= 1"):
+                MemoryTicketStore(max_per_user=bad)  # type: ignore[arg-type]
+            with pytest.raises(ValueError, match="max_per_user must be an int >= 1"):
+                RedisTicketStore(object(), max_per_user=bad)  # type: ignore[arg-type]
 
 
 @pytest.fixture(name="redis_client")
@@ -358,7 +369,7 @@ class TestRedis:
         tickets = WebSocketTickets(RedisTicketStore(redis_client, prefix=prefix), ttl=30)
         with bound("bob"):
             ticket = await tickets.issue()
-        keys = [key async for key in redis_client.scan_iter(match=f"{prefix}*")]
+        keys = _held([key async for key in redis_client.scan_iter(match=f"{prefix}*")], prefix)
         assert len(keys) == 1
         assert ticket.encode() not in keys[0]
         assert ticket.encode() not in (await redis_client.get(keys[0]) or b"")
@@ -370,7 +381,8 @@ class TestRedis:
         finally:
             for client in clients:
                 await client.aclose()
-        assert [key async for key in redis_client.scan_iter(match=f"{prefix}*")] == []
+        keys = [key async for key in redis_client.scan_iter(match=f"{prefix}*")]
+        assert _held(keys, prefix) == []
 
     async def test_redis_forgets_an_expired_ticket(self, redis_client: redis.asyncio.Redis) -> None:
         prefix = f"ambient-test:{uuid.uuid4().hex}:"
@@ -655,6 +667,106 @@ async def test_a_ticket_given_back_expires_in_turn_with_the_ones_issued_after_it
     assert await tickets(handshake(live)) is not None
     assert await tickets(handshake(newest)) is not None
     assert len(store) == 0
+
+
+# -- one user's tickets and another's --------------------------------------------------------
+
+
+async def _redeems(tickets: WebSocketTickets, ticket: str, user: str) -> None:
+    identity = await tickets(handshake(ticket))
+    assert identity is not None
+    assert identity.user_id == user
+
+
+async def test_a_user_issuing_in_a_loop_never_pushes_out_another_users_ticket() -> None:
+    """alice calls the issuing endpoint in a loop: past 16 outstanding tickets, her own
+    oldest go, and bob's ticket still gets in. Before, the store dropped the oldest ticket
+    of all once ``max_tickets`` were out: bob's, whose handshake was then 401."""
+    store = MemoryTicketStore(max_tickets=20)
+    tickets = WebSocketTickets(store)
+    with bound("bob"):
+        bobs = await tickets.issue()
+    with bound("alice"):
+        alices = [await tickets.issue() for _ in range(40)]
+    await _redeems(tickets, bobs, "bob")
+    assert len(store) == 16
+    for ticket in alices[:-16]:
+        assert (await refused(tickets, handshake(ticket))).status == 401
+    for ticket in alices[-16:]:
+        await _redeems(tickets, ticket, "alice")
+    assert len(store) == 0
+
+
+async def test_redis_keeps_no_more_than_16_of_one_users_tickets(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """In Redis too, alice issuing in a loop holds at most 16 outstanding tickets (her
+    oldest go), so that she cannot fill the Redis that every user's tickets share; bob's
+    ticket still gets in. Before, every ticket she was issued stayed for its ttl."""
+    prefix = f"ambient-test:{uuid.uuid4().hex}:"
+    tickets = WebSocketTickets(RedisTicketStore(redis_client, prefix=prefix))
+    with bound("bob"):
+        bobs = await tickets.issue()
+    with bound("alice"):
+        alices = [await tickets.issue() for _ in range(20)]
+    keys = [key async for key in redis_client.scan_iter(match=f"{prefix}*")]
+    assert len(_held(keys, prefix)) == 17
+    await _redeems(tickets, bobs, "bob")
+    for ticket in alices[:-16]:
+        assert (await refused(tickets, handshake(ticket))).status == 401
+    for ticket in alices[-16:]:
+        await _redeems(tickets, ticket, "alice")
+    keys = [key async for key in redis_client.scan_iter(match=f"{prefix}*")]
+    assert _held(keys, prefix) == []
+
+
+@pytest.fixture(name="store_of_three", params=["memory", "redis"])
+def fixture_store_of_three(request: pytest.FixtureRequest) -> TicketStore:
+    """A ticket store that holds at most three tickets of one user."""
+    if request.param == "memory":
+        return MemoryTicketStore(max_per_user=3)
+    client = request.getfixturevalue("redis_client")
+    return RedisTicketStore(client, prefix=f"ambient-test:{uuid.uuid4().hex}:", max_per_user=3)
+
+
+async def test_past_max_per_user_the_users_own_oldest_ticket_goes(
+    store_of_three: TicketStore,
+) -> None:
+    """With ``max_per_user=3`` alice's fourth and fifth tickets drop her two oldest; the
+    tickets of bob and of alice in another tenant (another user), issued before hers,
+    stay."""
+    assert isinstance(store_of_three, PerUserTicketStore)
+    tickets = WebSocketTickets(store_of_three)
+    with bound("bob"):
+        bobs = await tickets.issue()
+    with ambient.bind_context(UserExecutionContext.create("alice", tenant_id="globex")):
+        other_tenant = await tickets.issue()
+    with bound("alice"):
+        alices = [await tickets.issue() for _ in range(5)]
+    for ticket in alices[:2]:
+        assert (await refused(tickets, handshake(ticket))).status == 401
+    for ticket in (*alices[2:], other_tenant):
+        await _redeems(tickets, ticket, "alice")
+    await _redeems(tickets, bobs, "bob")
+
+
+async def test_a_ticket_given_back_counts_once_as_the_users_newest(
+    store_of_three: TicketStore,
+) -> None:
+    """alice holds her three tickets; the first one's handshake is refused for a reason
+    that is not the ticket's and gives it back: she still holds three, that one now her
+    newest, so her next ticket drops the second, and the one given back gets in."""
+    tickets = WebSocketTickets(store_of_three)
+    with bound("alice"):
+        first, second, third = [await tickets.issue() for _ in range(3)]
+    identity = await tickets(handshake(first))
+    assert identity is not None
+    await identity._refused()
+    with bound("alice"):
+        fourth = await tickets.issue()
+    assert (await refused(tickets, handshake(second))).status == 401
+    for ticket in (first, third, fourth):
+        await _redeems(tickets, ticket, "alice")
 
 
 # -- revocation ------------------------------------------------------------------------------
