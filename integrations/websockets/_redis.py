@@ -95,7 +95,14 @@ class RedisBroadcast:
         url: The Redis URL (``redis://host:6379/0``).
         channel_prefix: Prefix of the channel names (separate applications sharing one
             Redis need different prefixes).
-        timeout: Seconds to connect, publish or subscribe before failing.
+        timeout: Seconds to connect, publish or subscribe before failing. A new
+            connection's setup (redis-py's handshake: a round trip for each of HELLO,
+            CLIENT SETINFO and the like) counts against the command that takes it, and a
+            command that gives up throws its half set-up connection away; the
+            subscription needs about three round trips within one ``timeout``. On a
+            distant Redis whose round trip is more than a fifth of ``timeout``, raise it:
+            otherwise publishes from a cold start fail until the load drops, and the
+            subscription never connects.
         reconnect_delay: First back-off delay after a lost connection, doubled per failure.
         max_reconnect_delay: The longest back-off delay.
         health_check_interval: Seconds of silence after which the subscription connection
