@@ -8,7 +8,7 @@ import re
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 
 from ambient.errors import InvalidContextError
 
@@ -22,6 +22,18 @@ _MAX_LEN = 256
 _PLACEHOLDERS = frozenset(
     {"none", "null", "nil", "undefined", "placeholder", "registry", "default", "unknown", "0"}
 )
+# What a placeholder's error advises: only the ids create() (and the middleware) generate
+# when left out may be left out "to generate one"; a user id is never generated, and an
+# optional id left out is none at all.
+_REAL_ID = "is a placeholder value; pass the real id"
+_PLACEHOLDER_ADVICE: Final = {
+    "thread_id": f"{_REAL_ID} or leave it out to generate one",
+    "run_id": f"{_REAL_ID} or leave it out to generate one",
+    "request_id": f"{_REAL_ID} or leave it out to generate one",
+    "tenant_id": f"{_REAL_ID} or leave it out for none",
+    "connection_id": f"{_REAL_ID} or leave it out for none",
+    "parent_run_id": f"{_REAL_ID} or leave it out for none",
+}
 # The characters refused in an id, by Unicode category: controls and the line and paragraph
 # separators can split a log line or a header; invisible format characters (zero-width
 # spaces, bidi overrides and isolates, the BOM, the soft hyphen), lone surrogates and spaces
@@ -126,11 +138,7 @@ def validate_id(field_name: str, value: object) -> str:
                 field_name, f"contains the invisible character U+{code:04X}", echo=False
             )
     if value.lower() in _PLACEHOLDERS:
-        raise InvalidContextError(
-            field_name,
-            "is a placeholder value; pass the real id or leave it out to generate one",
-            value,
-        )
+        raise InvalidContextError(field_name, _PLACEHOLDER_ADVICE.get(field_name, _REAL_ID), value)
     return value
 
 

@@ -133,6 +133,27 @@ class TestValidation:
             with pytest.raises(InvalidContextError, match="placeholder"):
                 _make(**{field: variant})
 
+    @pytest.mark.parametrize(
+        ("field", "advice"),
+        [
+            ("user_id", "pass the real id"),
+            ("thread_id", "pass the real id or leave it out to generate one"),
+            ("run_id", "pass the real id or leave it out to generate one"),
+            ("request_id", "pass the real id or leave it out to generate one"),
+            ("tenant_id", "pass the real id or leave it out for none"),
+            ("connection_id", "pass the real id or leave it out for none"),
+            ("parent_run_id", "pass the real id or leave it out for none"),
+        ],
+    )
+    def test_a_placeholder_is_refused_with_advice_that_fits_its_field(
+        self, field: str, advice: str
+    ) -> None:
+        """Only an id that is generated when left out is said to be: a user id never is (a
+        client told to leave its id out gets a 401), and an optional id left out is none."""
+        with pytest.raises(InvalidContextError) as info:
+            _make(**{field: "null"})
+        assert info.value.reason == f"is a placeholder value; {advice}"
+
     @pytest.mark.parametrize("value", [123, b"alice", None, ["a"], 1.5])
     def test_non_str_is_refused(self, value: object) -> None:
         """Required ids must be str; the message says which type arrived."""
