@@ -1077,7 +1077,8 @@ def jwt_bearer(  # noqa: PLR0915 - its closures share the options checked here
             token without ``aud`` is refused too (401: it lacks the claim).
         issuer: Required ``iss`` value.
         user_claim: The claim holding the user id.
-        tenant_claim: The claim holding the tenant id, if any.
+        tenant_claim: The claim holding the tenant id, if any. A token without it (or with
+            it null) is a user of no tenant; name it in ``require`` to refuse such a token.
         leeway: Seconds of clock skew allowed for ``exp`` and ``nbf`` (finite, >= 0).
         require: Claims that must be present (``user_claim`` always is).
 
