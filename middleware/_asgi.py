@@ -541,13 +541,18 @@ class AmbientMiddleware:
         websocket = scope["type"] == "websocket"
         thread_id = None
         if raw_thread_ids:
-            name = self._thread_id_header.decode("latin-1")
+            # Where a socket's thread id may have come from: the header or the query.
+            where = f"the {self._thread_id_header.decode('latin-1')} header"
+            if websocket and self._thread_id_query is not None:
+                where += f" or the {self._thread_id_query} query parameter"
             if len(raw_thread_ids) > 1:
-                raise IdentityError(f"the thread id ({name}) was sent {len(raw_thread_ids)} times")
+                reason = f"was sent {len(raw_thread_ids)} times ({where})"
+                raise InvalidContextError("thread_id", reason, echo=False)
             try:
                 thread_id = raw_thread_ids[0].decode("utf-8")
             except UnicodeDecodeError:
-                raise IdentityError(f"the {name} header is not valid UTF-8") from None
+                reason = f"is not valid UTF-8 ({where})"
+                raise InvalidContextError("thread_id", reason, echo=False) from None
         if identity is None:
             if not self.anonymous and not self._anonymous_path(scope):
                 raise _Refused(_UNAUTHENTICATED)

@@ -1547,6 +1547,43 @@ class TestWebsocketThreadQuery:
         assert seen[0] != "t-1"
         assert seen[1] == "t-2"
 
+    async def test_a_thread_id_sent_twice_or_not_utf8_is_an_invalid_context_named_as_sent(
+        self,
+    ) -> None:
+        """A thread id sent twice or not in UTF-8 was refused as an "Invalid identity"
+        (other broken thread ids are an invalid request context), and one sent in the query
+        was said to have come in the x-thread-id header."""
+        entered: list[str] = []
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            entered.append(ambient.get_current_context().thread_id)
+
+        middleware = AmbientMiddleware(
+            app, registry=Registry(), identity=trusted_header(), thread_id_query="thread"
+        )
+        user = [(b"x-user-id", b"ann")]
+        request: list[Message] = [{"type": "http.request", "body": b""}]
+        for headers, detail in (
+            ([(b"x-thread-id", b"a"), (b"x-thread-id", b"b")], "was sent 2 times"),
+            ([(b"x-thread-id", b"t-\xff")], "is not valid UTF-8"),
+        ):
+            sent = await drive(middleware, http_scope([*user, *headers]), request)
+            body = json.loads(sent[1]["body"])
+            assert (sent[0]["status"], body["type"], body["detail"]) == (
+                400,
+                "urn:ambient:problem:invalid-context",
+                f"thread_id is invalid: {detail} (the x-thread-id header)",
+            )
+        for query in (b"thread=a&thread=b", b"thread=t-%FF"):
+            closed = await drive(
+                middleware, ws_scope(user, query_string=query), [{"type": "websocket.connect"}]
+            )
+            assert closed[0]["code"] == 1008
+            assert closed[0]["reason"].endswith(
+                "(the x-thread-id header or the thread query parameter)"
+            )
+        assert entered == []
+
     async def test_a_query_thread_id_that_is_not_utf8_is_refused_as_the_headers_is(
         self,
     ) -> None:
