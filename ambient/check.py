@@ -163,7 +163,14 @@ def parse_request(text: str) -> PlannedRequest:
     if not path.startswith("/"):
         msg = f"request {text!r}: the path must start with '/'"
         raise ValueError(msg)
-    return PlannedRequest(method, path, parts[2] if len(parts) == 3 else None)
+    body = parts[2] if len(parts) == 3 else None
+    if body is not None:
+        try:  # as it is sent: {user} replaced by a user's id, as application/json
+            json.loads(body.replace("{user}", "check-00000-000000"))
+        except ValueError:
+            msg = f"request {text!r}: the body is not JSON (it is sent as application/json)"
+            raise ValueError(msg) from None
+    return PlannedRequest(method, path, body)
 
 
 @dataclass

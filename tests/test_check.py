@@ -1608,6 +1608,19 @@ class TestCommandLine:
         assert parse_request("/only/a/path") == PlannedRequest("GET", "/only/a/path")
         assert parse_request('POST /x {"a": 1}') == PlannedRequest("POST", "/x", '{"a": 1}')
 
+    def test_a_request_body_that_is_not_json_is_refused_before_the_run(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Every body goes out as application/json: one that was not JSON ran the whole
+        check, and each request failed as the app's error (a 500 for a JSON parser)."""
+        with pytest.raises(SystemExit) as refused:
+            main(["check", "--request", "POST /x {bad json", "--growth-requests", "0"])
+        assert refused.value.code == 2
+        assert "the body is not JSON" in capsys.readouterr().err
+        with pytest.raises(ValueError, match="the body is not JSON"):
+            parse_request("POST /x prompt={user}")
+        assert parse_request('POST /x {"to": "{user}"}').body == '{"to": "{user}"}'
+
     def test_the_demo_in_jwt_mode_passes_with_jwt_identity(
         self, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
     ) -> None:
