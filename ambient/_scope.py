@@ -285,6 +285,11 @@ class Scope:
         return failures
 
     async def _close(self, exc: BaseException | None) -> list[Exception]:
+        if exc is None:
+            # An error noted on the scope while it ran (note_failure(), answer_error()) is
+            # what ended it, for its cleanups as for its observers: else a transaction
+            # around a yield commits the work of a scope its span records as failed.
+            exc = self.exception
         done = self._close_now(exc)
         if done is not None:
             return done
@@ -308,6 +313,8 @@ class Scope:
                 if interrupted is not None:
                     raise interrupted
                 return []
+            if exc is None:
+                exc = self.exception  # noted by the work the close waited for
             if interrupted is not None:
                 self._cut_short(interrupted)
         try:

@@ -875,6 +875,42 @@ class TestNoteFailure:
         note_failure(second)  # closed: nothing to note, nothing raised
         assert scope.closed
 
+    async def test_a_scope_left_cleanly_hands_its_noted_error_to_its_cleanups(self) -> None:
+        """A scope not closed by the middleware (``open_scope``, ``message_scope``) that is
+        left without an exception, after ``note_failure``: its cleanups see the noted
+        error, as its observers do, and its transaction rolls back. They saw a clean exit
+        and committed, while ``scope.exception`` said it failed."""
+        seen: list[BaseException | None] = []
+        registry = _tx_registry(seen)
+        bug = RuntimeError("a bug the app answered itself")
+        async with registry.open_scope(UserExecutionContext.create("u")) as scope:
+            await scope.resolve("tx")
+            note_failure(bug)
+        assert seen == [bug]
+
+    async def test_an_error_noted_by_held_work_reaches_the_cleanups_it_held_back(
+        self,
+    ) -> None:
+        """Work holding the scope (``scope.hold()``) notes a failure while the scope's close
+        waits for it: the cleanups that run once it lets go see it. They saw the clean
+        exit the close began with."""
+        seen: list[BaseException | None] = []
+        registry = _tx_registry(seen)
+        bug = RuntimeError("the held work failed")
+        go = anyio.Event()
+
+        async def held_work(hold: Any) -> None:
+            with hold:
+                await go.wait()  # set as the body ends: the close is waiting by now
+                note_failure(bug)
+
+        ctx = UserExecutionContext.create("u")
+        async with anyio.create_task_group() as tg, registry.open_scope(ctx) as scope:
+            await scope.resolve("tx")
+            tg.start_soon(held_work, scope.hold())
+            go.set()
+        assert seen == [bug]
+
 
 class TestConcurrencyLimit:
     async def test_a_user_over_the_limit_gets_429_and_others_do_not(self) -> None:
