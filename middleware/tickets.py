@@ -29,9 +29,10 @@ of an older generation is refused. A generation is kept for 10 minutes after the
 latest revocation or ticket, so it outlives every ticket that carries it.
 
 One user holds at most ``max_per_user`` outstanding tickets (16 by default, an argument of
-either store): one more drops that user's oldest, never another user's, so a user who
-calls the issuing endpoint in a loop neither pushes out the tickets of the others nor fills
-the store they share.
+either store): one more drops that user's oldest, so a user who calls the issuing endpoint
+in a loop neither pushes out the tickets of the others nor fills the store they share
+(only ``MemoryTicketStore``'s bound on all users together, ``max_tickets``, drops the
+oldest ticket of anyone, once that many are out).
 """
 
 from __future__ import annotations
@@ -290,7 +291,10 @@ class MemoryTicketStore:
 
 
 class RedisTicketStore:
-    """Tickets in Redis (6.2 or newer), shared by every worker and server.
+    """Tickets in Redis (6.2 or newer), shared by every worker and server: one Redis (a
+    primary with its replicas), not a Redis Cluster, as the script that puts a ticket also
+    drops the user's oldest, keys in other slots. Past ``max_per_user`` that script runs
+    a command per ticket of the user, so keep the bound small (the default is 16).
 
     A Redis that cannot be reached raises :class:`~ambient.errors.IdentityUnavailableError`
     (503 with ``Retry-After`` for the request issuing a ticket, a handshake closed with
@@ -463,7 +467,7 @@ class WebSocketTickets:
 
     A user (and tenant) holds at most the store's ``max_per_user`` outstanding tickets (16
     by default): issuing one more drops that user's oldest, whose handshake is then refused
-    (401), never another user's. A ticket given back counts once, as the user's newest.
+    (401), not another user's. A ticket given back counts once, as the user's newest.
 
     Args:
         store: Where tickets wait (default: a :class:`MemoryTicketStore`).
