@@ -212,8 +212,10 @@ def _unrelated_scopes_removed(context: Context, scope: Scope) -> Context:
     was inherited from unrelated work (on asyncio a pipelined request starts inside the
     previous request's context, uvicorn#2167, even inside the span an instrumentation
     inside the middleware wraps that request's ``send`` in; a task spawned by a request
-    outlives it), and the span starts from what was current before that scope instead, so
-    it never becomes another request's child. A span still going on is the current work's
+    outlives it), and the span starts from what was current before that scope instead, or
+    from nothing when that scope is another request's (what was current before it, its
+    server span and its baggage, is that request's too), so it never becomes another
+    request's child. A span still going on is the current work's
     own (a task's, an outer middleware's server span), as is a remote parent it took from
     a message, when that work descends from the scope whose context it was made from (or
     was made from no scope's): the scope's span goes under it. One made from an unrelated
@@ -247,6 +249,11 @@ def _unrelated_scopes_removed(context: Context, scope: Scope) -> Context:
                 return context
         if not record.closed and outer is not None and _encloses(outer, scope):
             return context
+        if outer is not None and not _descends(outer, scope) and not _callers(outer):
+            # Another request's scope, which ``scope``'s work did not start: what was current
+            # before it (that request's server span, its caller's remote parent, its
+            # baggage) is that request's too.
+            return Context()
         if record.previous is None:
             return Context()
         context = record.previous

@@ -1995,13 +1995,17 @@ async def test_a_websocket_messages_scopes_are_traced_by_the_middlewares_telemet
     assert otel.total("ambient.scopes.active") == 0
 
 
-def pipelined(url: str, users: list[str], first_body: int = 0) -> list[bytes]:
+def pipelined(
+    url: str, users: list[str], first_body: int = 0, first_header: str = ""
+) -> list[bytes]:
     """Send one request per user on one socket in a single write, the first with a body of
-    ``first_body`` bytes (a POST); read every answer."""
+    ``first_body`` bytes (a POST) and the header line ``first_header``; read every answer."""
     host, port = url.removeprefix("http://").split(":")
     payload = b"".join(
         f"GET / HTTP/1.1\r\nHost: x\r\nx-user-id: {user}\r\n\r\n".encode() for user in users
     )
+    if first_header:
+        payload = payload.replace(b"\r\n\r\n", f"\r\n{first_header}\r\n\r\n".encode(), 1)
     if first_body:
         head = f"POST / HTTP/1.1\r\nHost: x\r\nx-user-id: {users[0]}\r\n"
         first = f"{head}content-length: {first_body}\r\n\r\n".encode() + b"a" * first_body
@@ -2017,10 +2021,11 @@ def pipelined(url: str, users: list[str], first_body: int = 0) -> list[bytes]:
 
 
 async def who(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """Read the request's body, answer its user."""
+    """Read the request's body, answer its user and the baggage it sees."""
     while (await receive()).get("more_body", False):
         pass
-    body = json.dumps({"user": ambient.get_current_context().user_id}).encode()
+    seen = dict(baggage.get_all())
+    body = json.dumps({"user": ambient.get_current_context().user_id, "baggage": seen}).encode()
     headers = [(b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": body})
@@ -2193,6 +2198,39 @@ class TestPipelining:
             server = servers[parent_id(scope_span) or 0]
             assert server.context.trace_id == scope_span.context.trace_id
         assert len({s.context.trace_id for s in scopes}) == 3
+
+    async def test_behind_otel_asgi_without_reset_contextvars(self, otel: Otel) -> None:
+        """Behind opentelemetry-instrumentation-asgi, without reset_contextvars: uvicorn
+        starts the next pipelined request inside the previous one's context, so the
+        instrumentation's span of that request joins the previous user's trace. The next
+        user's scope span (with its user id, its components and the app's spans under it)
+        still starts a trace of its own, and none of the previous request's baggage is in
+        its context. It used to start from what was current before the previous user's
+        scope: that user's server span (three users in one trace) and client's baggage."""
+        app = OpenTelemetryMiddleware(
+            make_app(server_registry(), otel.telemetry(user_id="raw"), who),
+            tracer_provider=otel.tracer_provider,
+            exclude_spans=["receive", "send"],
+        )
+        with serve("uvicorn", app, lifespan="off", http="h11", loop="asyncio") as url:
+            bodies = await anyio.to_thread.run_sync(
+                pipelined, url, ["u0", "u1", "u2"], 0, "baggage: email=u0%40example.com"
+            )
+            await anyio.to_thread.run_sync(
+                lambda: otel.spans.wait_for(
+                    lambda spans: sum(s.name == "GET /" for s in spans) == 3
+                )
+            )
+        answers = [json.loads(b) for b in bodies]
+        assert [a["user"] for a in answers] == ["u0", "u1", "u2"]
+        # The first client's baggage is the first request's only.
+        assert [a["baggage"] for a in answers] == [{"email": "u0@example.com"}, {}, {}]
+        scopes = otel.spans.named("ambient.scope")
+        users = {s.context.trace_id: (s.attributes or {})["ambient.user_id"] for s in scopes}
+        assert sorted(users.values()) == ["u0", "u1", "u2"]  # one user per trace
+        first = next(s for s in scopes if (s.attributes or {})["ambient.user_id"] == "u0")
+        server = next(s for s in otel.spans.named("GET /") if s.kind is SpanKind.SERVER)
+        assert parent_id(first) == server.context.span_id  # the first is under its server span
 
 
 # -- a BaseHTTPMiddleware, worker threads, cancellations and failures: 50 users at once ------
