@@ -895,7 +895,8 @@ class _Response:
             return self._send(message)
         if kind in _ANSWERS:
             self.started = True
-            self.status = message.get("status", 0)
+            status = message.get("status", 0)
+            self.status = status if type(status) is int else _number(status)
             self.trailers = message.get("trailers", False)
             echo = self._echo
             headers = message.get("headers") or []
@@ -913,7 +914,10 @@ class _Response:
                 message = {**message, "headers": [*headers, *echo]}
         elif kind == "websocket.close":
             self.started = True
-            code = message.get("code") or 1000  # None: the default, as servers read it
+            code = message.get("code")
+            if type(code) is not int:
+                code = _number(code)
+            code = code or 1000  # None: the default, as servers read it
             if self.close_code:
                 # Closed already (Litestar closes the socket of a handler that raised, also
                 # one the hub closed before raising): uvicorn raises on a second close, and
@@ -1154,6 +1158,17 @@ class _Stream(_Response):
         if self.cut:
             return _CutOffAtExpiryError(http=True)
         return super().failure()
+
+
+def _number(value: object) -> int:
+    """A status or close code the app sent as something other than an int, read as a
+    server reads it (hypercorn takes ``int()`` of it: ``"200"`` goes out as a 200); 0 for
+    one that no number is made of (``None``: the default, which no server refuses)."""
+    try:
+        number: int = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError, OverflowError):
+        return 0
+    return number
 
 
 def _tells_server_error(code: int) -> bool:

@@ -1104,6 +1104,50 @@ async def test_how_the_app_closes_a_websocket_tells_its_cleanups_how_it_ended(
     assert (seen[0] is not None) is fails
 
 
+@pytest.mark.parametrize(
+    ("kind", "number", "fails"),
+    [
+        ("http", "200", False),
+        ("http", "503", True),
+        ("http", b"502", True),
+        ("websocket", "1000", False),
+        ("websocket", "1011", True),
+        ("websocket", "4503", True),
+    ],
+)
+async def test_a_status_or_close_code_sent_as_text_is_read_as_the_server_reads_it(
+    kind: str, number: object, fails: bool
+) -> None:
+    """hypercorn reads a response's status and a websocket's close code with ``int()``, so
+    ``"status": "200"`` goes out as a 200. The middleware compared the text with numbers
+    once the app had returned: a ``TypeError`` to the server, and the request's scope never
+    closed (its cleanups left to the garbage collector)."""
+    seen: list[BaseException | None] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await ambient.resolve("tx")
+        if kind == "http":
+            await send({"type": "http.response.start", "status": number, "headers": []})
+            await send({"type": "http.response.body", "body": b"done"})
+        else:
+            await send({"type": "websocket.accept"})
+            await send({"type": "websocket.close", "code": number})
+
+    registry = _tx_registry(seen)
+    middleware = AmbientMiddleware(app, registry=registry, identity=trusted_header())
+    headers = [(b"x-user-id", b"ann")]
+    if kind == "http":
+        incoming: list[Message] = [{"type": "http.request", "body": b""}]
+        sent = await drive(middleware, http_scope(headers), incoming)
+    else:
+        sent = await drive(middleware, ws_scope(headers), [{"type": "websocket.connect"}])
+    assert len(sent) == 2
+    assert registry.stats().open_scopes == 0
+    assert len(seen) == 1
+    assert (seen[0] is not None) is fails
+
+
 class TestWebsocketRefusal:
     async def test_no_identity_closes_with_1008_before_accept(self) -> None:
         app, ledger, _ = build()
