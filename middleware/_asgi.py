@@ -606,6 +606,7 @@ class AmbientMiddleware:
     ) -> None:
         received: list[str] = []
         startup_answered = False
+        started_up = False
         closed = False
 
         async def close_registry(*, before_the_apps_shutdown: bool = False) -> None:
@@ -623,10 +624,11 @@ class AmbientMiddleware:
             return message
 
         async def send_tracked(message: MutableMapping[str, Any]) -> None:
-            nonlocal startup_answered
+            nonlocal startup_answered, started_up
             kind = message["type"]
             if kind.startswith("lifespan.startup."):
                 startup_answered = True
+                started_up = kind == "lifespan.startup.complete"
             elif kind.startswith("lifespan.shutdown."):
                 await close_registry()
             await send(message)
@@ -640,13 +642,16 @@ class AmbientMiddleware:
                 raise
             logger.debug("the app does not support lifespan; ambient answers it", exc_info=True)
         else:
-            if startup_answered:
+            if startup_answered and (not started_up or "lifespan.shutdown" in received):
                 return
-        # The app has no lifespan support: answer the protocol so that shutdown still
-        # closes the registry.
-        if "lifespan.startup" not in received:
-            await receive()
-        await send({"type": "lifespan.startup.complete"})
+        if not started_up:
+            # The app has no lifespan support: answer the protocol so that shutdown still
+            # closes the registry.
+            if "lifespan.startup" not in received:
+                await receive()
+            await send({"type": "lifespan.startup.complete"})
+        # Or it answered its startup and returned, having nothing to stop: the server's
+        # shutdown, which it will never receive, is answered here, and closes the registry.
         message = await receive()
         if message["type"] == "lifespan.shutdown":
             await close_registry()

@@ -1462,6 +1462,38 @@ class TestLifespan:
         ]
         assert ledger.problems() == []
 
+    async def test_an_app_that_returns_after_its_startup_still_gets_the_registry_closed(
+        self,
+    ) -> None:
+        """An app whose lifespan answers ``lifespan.startup`` and returns (it has nothing to
+        stop) never receives ``lifespan.shutdown``: the server, seeing the app's lifespan
+        over, sends it to nobody. The middleware returned with the app, so the USER
+        components of its requests were never closed at shutdown."""
+        ledger = Ledger()
+        registry = build_registry(ledger)
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "lifespan":
+                assert (await receive())["type"] == "lifespan.startup"
+                await send({"type": "lifespan.startup.complete"})
+                return
+            await ambient.resolve(Memory)
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+        middleware = AmbientMiddleware(app, registry=registry, identity=trusted_header())
+        async with client(middleware) as http:
+            await http.get("/", headers={"x-user-id": "a"})
+        assert ledger.cleaned == {}
+        sent: list[Message] = []
+        with anyio.fail_after(5):
+            await run_lifespan(middleware, sent)
+        assert [m["type"] for m in sent] == [
+            "lifespan.startup.complete",
+            "lifespan.shutdown.complete",
+        ]
+        assert ledger.problems() == []
+
     async def test_a_failing_startup_is_reported_by_the_app_and_raised(self) -> None:
         async def app(scope: Any, receive: Any, send: Any) -> None:
             await receive()
