@@ -898,11 +898,18 @@ class _Response:
             if not message.get("more_body", False) and not self.trailers:
                 self.ended = not self.gone
             return self._send(message)
-        if kind in _ANSWERS:
+        if kind in _ANSWERS or (kind == "http.response.trailers" and not self.started):
             self.started = True
-            status = message.get("status", 0)
-            self.status = status if type(status) is int else _number(status)
-            self.trailers = message.get("trailers", False)
+            if kind == "http.response.trailers":
+                # Trailers before any start: hypercorn answers them (over HTTP/2, a
+                # gRPC-style "trailers-only" response) with a 200 whose headers are these.
+                self.status = 200
+                if not message.get("more_trailers", False):
+                    self.ended = not self.gone
+            else:
+                status = message.get("status", 0)
+                self.status = status if type(status) is int else _number(status)
+                self.trailers = message.get("trailers", False)
             echo = self._echo
             headers = message.get("headers") or []
             # The app's message is never written to: an app may send one prebuilt dict for

@@ -3141,6 +3141,40 @@ class TestHowTheRequestEnded:
             assert isinstance(seen[0], IncompleteResponseError)
             assert "cut short" in str(seen[0])
 
+    async def test_a_trailers_only_response_echoes_the_request_id(self) -> None:
+        """hypercorn answers trailers sent before any start (over HTTP/2: a gRPC-style
+        "trailers-only" response) with a 200 whose headers are those trailers. They went
+        out without the request id, and the response passed for not started: an error the
+        app raised after it was answered with a problem the server refused."""
+
+        async def trailers_only(scope: Any, receive: Any, send: Any) -> None:
+            await ambient.resolve("tx")
+            status = [(b"grpc-status", b"5")]
+            await send({"type": "http.response.trailers", "headers": status})
+            raise PoolExhaustedError("too late to answer")
+
+        seen: list[BaseException | None] = []
+        registry = _tx_registry(seen)
+        middleware = AmbientMiddleware(trailers_only, registry=registry, identity=trusted_header())
+        scope = http_scope(
+            [(b"x-user-id", b"ann"), (b"x-request-id", b"grpc-1")],
+            extensions={"http.response.trailers": {}},
+        )
+        sent: list[Message] = []
+
+        async def receive() -> Message:
+            return {"type": "http.request", "body": b""}
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        with anyio.fail_after(5), pytest.raises(PoolExhaustedError):
+            await middleware(scope, receive, send)
+        assert [m["type"] for m in sent] == ["http.response.trailers"]
+        assert (b"x-request-id", b"grpc-1") in sent[0]["headers"]
+        assert [type(error) for error in seen] == [PoolExhaustedError]
+        assert registry.stats().open_scopes == 0
+
     @staticmethod
     async def _request(
         app: Any,
