@@ -629,6 +629,10 @@ class AmbientMiddleware:
             if kind.startswith("lifespan.startup."):
                 startup_answered = True
                 started_up = kind == "lifespan.startup.complete"
+                if not started_up:
+                    # The server exits on it and sends no shutdown: what the startup made
+                    # (APP components) is closed now or never.
+                    await close_registry()
             elif kind.startswith("lifespan.shutdown."):
                 await close_registry()
             await send(message)

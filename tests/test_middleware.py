@@ -1514,6 +1514,39 @@ class TestLifespan:
             await middleware({"type": "lifespan"}, receive, send)
         assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
 
+    async def test_a_failed_startup_closes_the_registry_before_the_server_hears_it(
+        self,
+    ) -> None:
+        """The app makes an APP component at startup (a scope of its own), then fails its
+        startup: the server exits on ``lifespan.startup.failed`` and sends no shutdown, so
+        the component was never closed. It is closed before the failure goes out."""
+        order: list[str] = []
+        registry = Registry()
+        BUILT.append(registry)
+
+        async def session() -> AsyncIterator[Session]:
+            yield Session()
+            order.append("app component closed")
+
+        registry.register(Session, session, lifetime=Lifetime.APP)
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            assert (await receive())["type"] == "lifespan.startup"
+            async with registry.open_scope(UserExecutionContext.create("startup")):
+                await ambient.resolve(Session)
+            await send({"type": "lifespan.startup.failed", "message": "no database"})
+
+        async def send(message: Message) -> None:
+            order.append(f"server told {message['type']}")
+
+        async def receive() -> Message:
+            return {"type": "lifespan.startup"}
+
+        middleware = AmbientMiddleware(app, registry=registry, identity=trusted_header())
+        with anyio.fail_after(5):
+            await middleware({"type": "lifespan"}, receive, send)
+        assert order == ["app component closed", "server told lifespan.startup.failed"]
+
     async def test_a_startup_that_raises_is_raised_not_answered_as_complete(self) -> None:
         """The app receives ``lifespan.startup`` and raises without answering (a database
         unreachable at startup): the server gets the exception, as it would without the
