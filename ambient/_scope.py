@@ -267,12 +267,19 @@ class Scope:
             return []
         if own.needs_await():
             return None
+        created = own.close()
+        if needs_await(created):
+            # A worker thread stored a component with an async cleanup after the check
+            # above: the store is closed now, so nothing more comes in. Handed back for
+            # the close that awaits, which takes them from it again.
+            with own.lock:
+                own.created = created
+            return None
         failures: list[Exception] = []
         # Nothing more from the cache (its store keeps it, refused, for factories still
         # running): cleanups may resolve, and must not be handed what they clean.
         self._cache = {}
         try:
-            created = own.close()
             if created:
                 failures = finalize_sync(
                     created, exc, self._registry, self._owner_user(), self.observers, self

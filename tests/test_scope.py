@@ -1700,6 +1700,55 @@ class TestClosingWhileResolving:
         stats = registry.stats()
         assert (stats.created, stats.cleaned) == (1, 1)
 
+    async def test_an_async_cleanup_a_thread_stores_as_the_scope_closes_is_awaited(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A worker thread's sync factory stores a component whose cleanup awaits just as
+        the scope, having found only sync cleanups, closes without awaiting: that cleanup
+        is still awaited, once, never run as a sync one (it failed, unawaited, with an
+        AttributeError for a close() the component does not have)."""
+        import ambient._scope
+
+        registry = Registry()
+        made: list[_AsyncCleaned] = []
+        inside, go_on, stored = threading.Event(), threading.Event(), threading.Event()
+
+        def make() -> _AsyncCleaned:
+            inside.set()
+            go_on.wait(10)
+            made.append(_AsyncCleaned())
+            return made[-1]
+
+        class PausedStore(ambient._scope._RequestInstances):  # type: ignore[misc]
+            __slots__ = ()
+
+            def needs_await(self) -> bool:
+                found = super().needs_await()  # nothing to await, as the close reads it
+                go_on.set()  # where the GIL could switch to the thread
+                stored.wait(10)
+                return found
+
+        monkeypatch.setattr(ambient._scope, "_RequestInstances", PausedStore)
+        registry.register(_AsyncCleaned, make)
+        with anyio.fail_after(10):
+            scope = registry.open_scope(ctx())
+            await scope.__aenter__()
+
+            def work() -> None:
+                try:
+                    scope.resolve_sync(_AsyncCleaned)
+                finally:
+                    stored.set()
+
+            thread = threading.Thread(target=work)
+            thread.start()
+            await anyio.to_thread.run_sync(inside.wait)
+            await scope.aclose()
+            await anyio.to_thread.run_sync(thread.join)
+        assert [c.closed for c in made] == [1]
+        stats = registry.stats()
+        assert (stats.created, stats.cleaned, stats.cleanup_failures) == (1, 1, 0)
+
     @pytest.mark.parametrize("lifetime", [Lifetime.REQUEST, Lifetime.USER])
     async def test_a_thread_resolving_while_the_scope_closes_takes_nothing_along(
         self, monkeypatch: pytest.MonkeyPatch, lifetime: Lifetime
