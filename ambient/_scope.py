@@ -16,6 +16,7 @@ from ambient._binding import _Binding, _current, bind, unbind
 from ambient._context import ANONYMOUS, UserExecutionContext
 from ambient._instances import (
     Instances,
+    _Deadline,
     _RequestInstances,
     finalize,
     finalize_sync,
@@ -444,7 +445,9 @@ class Scope:
 
     async def _wait_for_holds(self) -> None:
         timeout = self._registry.cleanup_timeout
-        with anyio.CancelScope(shield=True), anyio.move_on_after(timeout) as deadline:
+        # Set with no binding: on asyncio the deadline's timer holds a copy of the context
+        # until its time, even once cancelled, and with it this scope.
+        with anyio.CancelScope(shield=True), _Deadline(timeout) as deadline:
             # Until no hold is left: one taken after the last release woke this close
             # (held work handing over to more) keeps the scope open too.
             while self._holds:

@@ -341,6 +341,35 @@ async def test_a_websocket_with_an_expiring_identity_leaves_no_closed_scope() ->
     assert await _alive_after(one, users, scopes, due=60) == []
 
 
+async def test_a_scope_whose_close_waited_for_a_hold_is_not_kept_by_the_wait() -> None:
+    """Requests that hand work to a task with ``scope.hold()``, each closing while the hold
+    is still active: once they are over, no closed scope is still alive (the bound of the
+    wait for the hold, ``cleanup_timeout``, is a timer on asyncio, which must not hold the
+    binding in its context)."""
+    registry = Registry()
+    scopes: Scopes = []
+
+    closed_when_released: list[bool] = []
+
+    async def release(hold: Any, scope: weakref.ref[ambient.Scope]) -> None:
+        # Runs once the request's body has ended: its close waits for this.
+        closed_when_released.append(scope().closed)  # type: ignore[union-attr]
+        hold.release()
+
+    async def one(user: str) -> None:
+        context = UserExecutionContext.create(user)
+        async with anyio.create_task_group() as tasks, registry.open_scope(context) as scope:
+            scopes.append(weakref.ref(scope))
+            tasks.start_soon(release, scope.hold(), scopes[-1])
+            del scope
+
+    users = [f"held-{n}" for n in range(20)]
+    with anyio.fail_after(10):
+        # Due before the bound of the wait for the hold (cleanup_timeout) ends.
+        assert await _alive_after(one, users, scopes, due=5) == []
+    assert closed_when_released == [False] * len(users)
+
+
 @pytest.mark.parametrize("receives_on", [False, True], ids=["ends-when-told", "receives-on"])
 async def test_a_websocket_closed_at_its_identitys_expiry_leaves_no_closed_scope(
     receives_on: bool,
