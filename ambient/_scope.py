@@ -39,7 +39,8 @@ T = TypeVar("T")
 logger = logging.getLogger("ambient")
 _NOTHING = contextlib.nullcontext()
 # Guards a scope's first REQUEST store and its USER entry: worker threads of one scope may
-# get there at once. Taken only on those first uses, and held for a few field accesses.
+# get there at once. Taken only on those first uses (and for holds, which a thread may
+# take and release), and held for a few field accesses.
 _FIRST_USE = threading.Lock()
 _MISSING: Any = object()
 
@@ -94,6 +95,7 @@ class Scope:
         "_state",
         "_user",
         "_user_entry",
+        "_wake",
         "cleanup_failures",
         "components_created",
         "context",
@@ -113,6 +115,8 @@ class Scope:
         self._extra = observer
         self._holds = 0
         self._released: anyio.Event | None = None
+        # The loop's thread and how to run a callback there, once a close waits for holds.
+        self._wake: tuple[int, Callable[[Callable[[], object]], object] | None] | None = None
         self.context = context
         self._allow_switch = allow_switch
         # Made on the first REQUEST component: many requests create none.
@@ -434,28 +438,45 @@ class Scope:
             try:
                 return anyio.from_thread.run_sync(self.hold)
             except RuntimeError:
-                pass  # a thread no anyio loop started: none to hand the hold to
-        self._holds += 1
+                pass  # a thread no anyio loop started: released there (see _release)
+        with _FIRST_USE:
+            self._holds += 1
         return _Hold(self, call_soon)
 
     def _release(self) -> None:
-        self._holds -= 1
-        if self._holds == 0 and self._released is not None:
-            self._released.set()
+        # On the loop's thread, or in a thread no anyio loop started (a hold taken in a
+        # raw thread knows no loop): a close waiting meanwhile is woken on its loop.
+        with _FIRST_USE:
+            self._holds -= 1
+            released = self._released if self._holds == 0 else None
+            wake = self._wake
+        if released is None:
+            return
+        if wake is None or wake[1] is None or wake[0] == threading.get_ident():
+            released.set()
+            return
+        # A RuntimeError: the loop has finished, and nothing waits for the hold any more.
+        with contextlib.suppress(RuntimeError):
+            wake[1](released.set)
 
     async def _wait_for_holds(self) -> None:
         timeout = self._registry.cleanup_timeout
+        self._wake = (threading.get_ident(), loop_call_soon())
         # Set with no binding: on asyncio the deadline's timer holds a copy of the context
         # until its time, even once cancelled, and with it this scope.
         with anyio.CancelScope(shield=True), _Deadline(timeout) as deadline:
             # Until no hold is left: one taken after the last release woke this close
             # (held work handing over to more) keeps the scope open too.
-            while self._holds:
+            while True:
                 # One event for every close waiting here: the last release sets the one
-                # it finds.
-                released = self._released
-                if released is None or released.is_set():
-                    released = self._released = anyio.Event()
+                # it finds. Read and made under the lock a release in a raw thread takes:
+                # it sees either no hold left here, or this event to wake.
+                with _FIRST_USE:
+                    if not self._holds:
+                        break
+                    released = self._released
+                    if released is None or released.is_set():
+                        released = self._released = anyio.Event()
                 await released.wait()
         if deadline.cancelled_caught:
             logger.warning(

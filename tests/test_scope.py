@@ -1285,6 +1285,62 @@ class TestHold:
         assert registry.stats().open_scopes == 0
         await registry.aclose()
 
+    async def test_a_hold_taken_in_a_raw_thread_wakes_the_close_when_released_there(
+        self,
+    ) -> None:
+        """A hold taken in a thread no anyio loop started (``threading.Thread(target=
+        ambient.wrap(job))``, whose ``job`` holds ``ambient.current_scope()``) and released
+        there once the request's body has ended wakes the closing scope on its event loop:
+        the release failed there on trio ("must be called from async context"), and on
+        asyncio it did not wake the loop, so the close waited out cleanup_timeout (or
+        whatever woke the loop next)."""
+        registry = Registry(cleanup_timeout=20)
+        cleaned: list[str] = []
+
+        def make() -> Iterator[str]:
+            yield "component"
+            cleaned.append("component")
+
+        scope, first = await _held_scope(registry, make)
+        taken, go_on = threading.Event(), threading.Event()
+        errors: list[BaseException] = []
+
+        def job() -> None:
+            try:
+                hold = ambient.current_scope().hold()
+                taken.set()
+                go_on.wait(10)
+                hold.release()
+            except BaseException as exc:  # asserted below
+                errors.append(exc)
+                taken.set()
+
+        thread = threading.Thread(target=ambient.wrap(job))  # _held_scope bound the scope
+        thread.start()
+        await anyio.to_thread.run_sync(taken.wait)
+        first.release()
+        closed = anyio.Event()
+
+        async def close() -> None:
+            await scope.aclose()
+            closed.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(close)
+            await anyio.wait_all_tasks_blocked()
+            assert cleaned == []  # the hold taken in the thread keeps the scope open
+            go_on.set()
+            # Woken by the release alone: nothing else here wakes the loop before this
+            # deadline (well within the close's own bound, cleanup_timeout).
+            with anyio.move_on_after(5) as waited:
+                await closed.wait()
+        assert not waited.cancel_called
+        await anyio.to_thread.run_sync(thread.join)
+        assert errors == []
+        assert cleaned == ["component"]
+        assert registry.stats().open_scopes == 0
+        await registry.aclose()
+
     async def test_scope_messages_name_the_run_never_the_user(
         self, caplog: pytest.LogCaptureFixture
     ) -> None:
