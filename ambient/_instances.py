@@ -8,6 +8,7 @@ behind, so the next resolution retries.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -20,7 +21,7 @@ import anyio
 import anyio.lowlevel
 
 from ambient._binding import _current, _handed_over, _resolving
-from ambient._loops import on_loop_thread
+from ambient._loops import loop_call_soon, on_loop_thread
 from ambient._observe import Observer, component_event, notify
 from ambient._provider import (
     _REQUEST,
@@ -48,6 +49,11 @@ logger = logging.getLogger("ambient")
 _MISSING: Final = object()
 
 Created = tuple[Provider, Any, Finalizer | None]
+_CallSoon = Callable[[Callable[[], object]], object]
+# What a finished creation wakes: a task of the creator's loop, threads, other loops' tasks.
+_Waiters = tuple[
+    anyio.Event | None, threading.Event | None, dict[int, tuple[_CallSoon, anyio.Event]] | None
+]
 
 
 class _Marker:
@@ -164,8 +170,8 @@ class _Pending:
 
     __slots__ = (
         "_async_event",
-        "_gates",
         "_lock",
+        "_loop_events",
         "_thread_event",
         "creation",
         "finished",
@@ -181,21 +187,28 @@ class _Pending:
         self.finished = False
         self._async_event: anyio.Event | None = None
         self._thread_event: threading.Event | None = None
-        self._gates: dict[int, anyio.Lock] | None = None
+        # Per event loop (by its thread) waiting for a creation made elsewhere: how to run
+        # a callback on that loop, and the event its tasks wait on.
+        self._loop_events: dict[int, tuple[_CallSoon, anyio.Event]] | None = None
 
-    def finish_locked(self) -> tuple[anyio.Event | None, threading.Event | None]:
+    def finish_locked(self) -> _Waiters:
         """Mark the creation finished (the lock is held); return the events to set."""
         self.finished = True
-        return self._async_event, self._thread_event
+        return self._async_event, self._thread_event, self._loop_events
 
     @staticmethod
-    def wake(waiters: tuple[anyio.Event | None, threading.Event | None]) -> None:
+    def wake(waiters: _Waiters) -> None:
         """Set the events :meth:`finish_locked` returned (the lock released)."""
-        async_event, thread_event = waiters
+        async_event, thread_event, loop_events = waiters
         if thread_event is not None:
             thread_event.set()
         if async_event is not None:
             async_event.set()
+        if loop_events:
+            for call_soon, event in loop_events.values():
+                # A RuntimeError: that loop has finished, and nothing there waits any more.
+                with contextlib.suppress(RuntimeError):
+                    call_soon(event.set)
 
     def blocks_this_loop(self) -> bool:
         """Whether a blocking wait here would block the event loop that must finish it."""
@@ -219,27 +232,24 @@ class _Pending:
                 event = self._async_event
             await event.wait()
             return
-        thread_event = self._thread_waiter()
-        if thread_event is None:
-            return
-        # Created by a worker thread: wait for it without blocking the event loop, in a
-        # worker thread. One per event loop, not one per waiting task: the default limiter's
-        # threads are the application's too, and many tasks awaiting one slow creation would
-        # hold every one of them. The other tasks wait for the gate, then find it done.
-        async with self._gate():
-            if not thread_event.is_set():
-                await anyio.to_thread.run_sync(thread_event.wait, abandon_on_cancel=True)
-
-    def _gate(self) -> anyio.Lock:
-        # Keyed by the waiter's thread: an anyio lock belongs to one event loop.
+        # Created by a worker thread (or on another event loop): the creator wakes this
+        # loop's tasks through the loop itself, with no thread to wait in. A thread per
+        # waiting task, abandoned when that task was cancelled (a request timing out), was
+        # left blocked until the creation ended: one more for every timeout meanwhile.
+        call_soon = loop_call_soon()
+        if call_soon is None:  # pragma: no cover - awaited, so some loop runs here
+            msg = "a creation can only be awaited on an event loop"
+            raise RuntimeError(msg)
         loop_thread = threading.get_ident()
         with self._lock:
-            if self._gates is None:
-                self._gates = {}
-            gate = self._gates.get(loop_thread)
-            if gate is None:
-                gate = self._gates[loop_thread] = anyio.Lock()
-            return gate
+            if self.finished:
+                return
+            if self._loop_events is None:
+                self._loop_events = {}
+            found = self._loop_events.get(loop_thread)
+            if found is None:
+                found = self._loop_events[loop_thread] = (call_soon, anyio.Event())
+        await found[1].wait()
 
     def wait_blocking(self, timeout: float | None = None) -> bool:
         """Block this thread until the creation is done (at most ``timeout``); whether it
@@ -587,9 +597,7 @@ class Instances:
         finally:
             lock.release()
 
-    def _unmark_locked(
-        self, key: Hashable
-    ) -> tuple[anyio.Event | None, threading.Event | None] | None:
+    def _unmark_locked(self, key: Hashable) -> _Waiters | None:
         """Drop ``key``'s in-progress mark (the lock is held); the waiters to wake, if any."""
         pending = self.pending.pop(key, None)
         return pending.finish_locked() if type(pending) is _Pending else None

@@ -80,6 +80,42 @@ async def _held_scope(
 
 
 class TestSingleFlight:
+    async def test_tasks_giving_up_on_a_thread_s_creation_leave_no_thread_behind(
+        self,
+    ) -> None:
+        """Tasks awaiting a component that a worker thread's sync factory is making, each
+        cancelled as it waits (a request timing out while the factory hangs), leave no
+        thread behind: each left one blocked until the creation ended, so a server's
+        threads grew with every timeout meanwhile. Then the creation ends: made once."""
+        registry = Registry()
+        inside, release = threading.Event(), threading.Event()
+
+        def make() -> Counter:
+            inside.set()
+            release.wait(10)
+            return Counter()
+
+        registry.register(Counter, make, lifetime=Lifetime.APP)
+        made: list[Counter] = []
+        with anyio.fail_after(10):
+            async with registry.open_scope(ctx()) as scope:
+                thread = threading.Thread(target=lambda: made.append(scope.resolve_sync(Counter)))
+                thread.start()
+                await anyio.to_thread.run_sync(inside.wait)
+                before = threading.active_count()
+                for _ in range(20):
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(scope.resolve, Counter)
+                        await anyio.wait_all_tasks_blocked()
+                        tg.cancel_scope.cancel()
+                grown = threading.active_count() - before
+                release.set()
+                await anyio.to_thread.run_sync(thread.join)
+                assert await scope.resolve(Counter) is made[0]
+        assert grown < 5  # not one per cancelled wait
+        await registry.aclose()
+        assert registry.stats().created == registry.stats().cleaned == 1
+
     async def test_200_tasks_create_a_request_component_once(self) -> None:
         """200 concurrent resolutions of one key in one scope create it once."""
         calls = 0
