@@ -433,6 +433,22 @@ class Instances:
             lock.release()
         return created
 
+    def close_sync(self) -> list[Created] | None:
+        """:meth:`close`, unless cleaning up what was created awaits anything: then
+        ``None``, and nothing changes (the close that awaits takes it all). Checked under
+        the lock: a worker thread may store a component with an async cleanup up to the
+        close."""
+        lock = self.lock
+        lock.acquire()
+        try:
+            if self.async_cleanups:
+                return None
+            self.closed = True
+            created, self.created = self.created, []
+        finally:
+            lock.release()
+        return created
+
     def _closed_error(self, provider: Provider) -> ScopeClosedError:
         return ScopeClosedError(
             f"cannot resolve {provider.name}: the {self.owner_label} it belongs to has closed "

@@ -270,15 +270,8 @@ class Scope:
         if own is None:
             self._ended([])
             return []
-        if own.needs_await():
-            return None
-        created = own.close()
-        if needs_await(created):
-            # A worker thread stored a component with an async cleanup after the check
-            # above: the store is closed now, so nothing more comes in. Handed back for
-            # the close that awaits, which takes them from it again.
-            with own.lock:
-                own.created = created
+        created = own.close_sync()
+        if created is None:
             return None
         failures: list[Exception] = []
         # Nothing more from the cache (its store keeps it, refused, for factories still

@@ -1814,11 +1814,12 @@ class TestClosingWhileResolving:
         class PausedStore(ambient._scope._RequestInstances):  # type: ignore[misc]
             __slots__ = ()
 
-            def needs_await(self) -> bool:
-                found = super().needs_await()  # nothing to await, as the close reads it
-                go_on.set()  # where the GIL could switch to the thread
+            def close_sync(self) -> Any:
+                # The close has found only sync cleanups so far: where the GIL could switch
+                # to the thread before the close takes what was made.
+                go_on.set()
                 stored.wait(10)
-                return found
+                return super().close_sync()
 
         monkeypatch.setattr(ambient._scope, "_RequestInstances", PausedStore)
         registry.register(_AsyncCleaned, make)
