@@ -52,7 +52,7 @@ Created = tuple[Provider, Any, Finalizer | None]
 _CallSoon = Callable[[Callable[[], object]], object]
 # What a finished creation wakes: a task of the creator's loop, threads, other loops' tasks.
 _Waiters = tuple[
-    anyio.Event | None, threading.Event | None, dict[int, tuple[_CallSoon, anyio.Event]] | None
+    anyio.Event | None, threading.Event | None, dict[object, tuple[_CallSoon, anyio.Event]] | None
 ]
 
 
@@ -187,9 +187,11 @@ class _Pending:
         self.finished = False
         self._async_event: anyio.Event | None = None
         self._thread_event: threading.Event | None = None
-        # Per event loop (by its thread) waiting for a creation made elsewhere: how to run
-        # a callback on that loop, and the event its tasks wait on.
-        self._loop_events: dict[int, tuple[_CallSoon, anyio.Event]] | None = None
+        # Per event loop waiting for a creation made elsewhere: how to run a callback on
+        # that loop, and the event its tasks wait on. Keyed by the loop (trio: its run's
+        # token), not its thread: a thread runs one loop after another (asyncio.run per
+        # job), and a later one's tasks must not wait on a finished one's event.
+        self._loop_events: dict[object, tuple[_CallSoon, anyio.Event]] | None = None
 
     def finish_locked(self) -> _Waiters:
         """Mark the creation finished (the lock is held); return the events to set."""
@@ -240,15 +242,15 @@ class _Pending:
         if call_soon is None:  # pragma: no cover - awaited, so some loop runs here
             msg = "a creation can only be awaited on an event loop"
             raise RuntimeError(msg)
-        loop_thread = threading.get_ident()
+        loop = getattr(call_soon, "__self__", call_soon)
         with self._lock:
             if self.finished:
                 return
             if self._loop_events is None:
                 self._loop_events = {}
-            found = self._loop_events.get(loop_thread)
+            found = self._loop_events.get(loop)
             if found is None:
-                found = self._loop_events[loop_thread] = (call_soon, anyio.Event())
+                found = self._loop_events[loop] = (call_soon, anyio.Event())
         await found[1].wait()
 
     def wait_blocking(self, timeout: float | None = None) -> bool:

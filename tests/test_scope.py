@@ -116,6 +116,64 @@ class TestSingleFlight:
         await registry.aclose()
         assert registry.stats().created == registry.stats().cleaned == 1
 
+    @pytest.mark.parametrize("backend", ["asyncio", "trio"])
+    def test_a_creation_awaited_again_on_a_later_loop_of_the_thread_wakes_it(
+        self, backend: str
+    ) -> None:
+        """A thread whose event loop gave up awaiting a creation another loop is making (a
+        request timed out), then runs a new loop (asyncio.run per job) awaiting it again:
+        the new loop's task is woken when it ends. The waiters of each loop were kept by
+        thread, so the new loop's task waited on the finished loop's event: asyncio refused
+        it (bound to a different event loop), trio never woke it."""
+        registry = Registry()
+        inside, release = threading.Event(), threading.Event()
+
+        async def make() -> Counter:
+            inside.set()
+            await anyio.to_thread.run_sync(release.wait, 10)
+            return Counter()
+
+        registry.register(Counter, make, lifetime=Lifetime.APP)
+        made: list[Counter] = []
+
+        async def create() -> None:
+            async with registry.open_scope(ctx()) as scope:
+                made.append(await scope.resolve(Counter))
+
+        creator = threading.Thread(target=anyio.run, args=(create,), kwargs={"backend": backend})
+        creator.start()
+        inside.wait(10)
+
+        async def give_up() -> None:
+            async with registry.open_scope(ctx()) as scope, anyio.create_task_group() as tg:
+                tg.start_soon(scope.resolve, Counter)
+                await anyio.wait_all_tasks_blocked()
+                tg.cancel_scope.cancel()
+
+        async def wait_again() -> Counter:
+            async with registry.open_scope(ctx()) as scope:
+                with anyio.fail_after(5):
+                    async with anyio.create_task_group() as tg:
+                        got: list[Counter] = []
+
+                        async def resolve() -> None:
+                            got.append(await scope.resolve(Counter))
+
+                        tg.start_soon(resolve)
+                        await anyio.wait_all_tasks_blocked()
+                        release.set()
+                return got[0]
+
+        try:
+            anyio.run(give_up, backend=backend)
+            found = anyio.run(wait_again, backend=backend)
+        finally:
+            release.set()
+            creator.join(10)
+        assert found is made[0]
+        anyio.run(registry.aclose, backend=backend)
+        assert registry.stats().created == registry.stats().cleaned == 1
+
     async def test_200_tasks_create_a_request_component_once(self) -> None:
         """200 concurrent resolutions of one key in one scope create it once."""
         calls = 0
