@@ -541,17 +541,13 @@ class AmbientMiddleware:
         websocket = scope["type"] == "websocket"
         thread_id = None
         if raw_thread_ids:
-            # Where a socket's thread id may have come from: the header or the query.
-            where = f"the {self._thread_id_header.decode('latin-1')} header"
-            if websocket and self._thread_id_query is not None:
-                where += f" or the {self._thread_id_query} query parameter"
             if len(raw_thread_ids) > 1:
-                reason = f"was sent {len(raw_thread_ids)} times ({where})"
+                reason = f"was sent {len(raw_thread_ids)} times ({self._thread_source(scope)})"
                 raise InvalidContextError("thread_id", reason, echo=False)
             try:
                 thread_id = raw_thread_ids[0].decode("utf-8")
             except UnicodeDecodeError:
-                reason = f"is not valid UTF-8 ({where})"
+                reason = f"is not valid UTF-8 ({self._thread_source(scope)})"
                 raise InvalidContextError("thread_id", reason, echo=False) from None
         if identity is None:
             if not self.anonymous and not self._anonymous_path(scope):
@@ -573,6 +569,14 @@ class AmbientMiddleware:
             new_id() if websocket else None,
             {"claims": identity.claims} if identity.claims else None,
         )
+
+    def _thread_source(self, scope: MutableMapping[str, Any]) -> str:
+        """Where a refused thread id may have come from: the header, or for a websocket the
+        header or the query parameter."""
+        where = f"the {self._thread_id_header.decode('latin-1')} header"
+        if scope["type"] == "websocket" and self._thread_id_query is not None:
+            where += f" or the {self._thread_id_query} query parameter"
+        return where
 
     def _anonymous_path(self, scope: MutableMapping[str, Any]) -> bool:
         path = _route_path(scope)
