@@ -305,6 +305,9 @@ class Scope:
         registry = self._registry
         failures: list[Exception] = []
         interrupted: BaseException | None = None
+        # Marked closed by this close's _close_now (a later close returns there): a hold
+        # that a raw thread took meanwhile, having found the scope open, is waited for.
+        marked_here = self._closed
         if self._holds:
             try:
                 await self._wait_for_holds()
@@ -312,7 +315,7 @@ class Scope:
                 # A native asyncio cancellation gets through the shield: stop waiting for
                 # the holds, but still clean up and release the user's components.
                 interrupted = error
-            if self._closed:
+            if self._closed and not marked_here:
                 # Another close of this scope waited for the same holds and has taken over
                 # the cleanup: ending the scope twice would count it twice.
                 if interrupted is not None:

@@ -1379,6 +1379,65 @@ class TestHold:
         assert registry.stats().open_scopes == 0
         await registry.aclose()
 
+    async def test_a_hold_a_raw_thread_takes_as_the_scope_closes_still_gets_its_cleanup(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A raw thread has found the scope open and takes a hold just as the close,
+        finding no hold yet but an async cleanup to await, marks the scope closed: the close
+        waits for that hold, then cleans up. It took the scope marked closed for another
+        close that had taken over, and returned: the cleanup never ran."""
+        import ambient._scope
+
+        registry = Registry(cleanup_timeout=20)
+        cleaned: list[str] = []
+
+        async def make() -> AsyncIterator[str]:
+            yield "component"
+            cleaned.append("component")
+
+        registry.register("component", make)
+        scope = registry.open_scope(ctx())
+        await scope.__aenter__()
+        await scope.resolve("component")
+        holds: list[Any] = []
+        checked, marked, held = threading.Event(), threading.Event(), threading.Event()
+        loop_call_soon = ambient._scope.loop_call_soon
+
+        def paused_call_soon() -> Any:
+            if threading.current_thread() is thread:
+                checked.set()  # the thread found the scope open
+                marked.wait(10)  # the close marks it closed meanwhile
+            return loop_call_soon()
+
+        def job() -> None:
+            try:
+                holds.append(scope.hold())
+            finally:
+                held.set()
+
+        close_now = Scope._close_now
+
+        def close_now_then_hold(self: Scope, exc: BaseException | None) -> Any:
+            done = close_now(self, exc)
+            marked.set()
+            held.wait(10)  # the thread's hold lands before the close goes on
+            return done
+
+        monkeypatch.setattr(ambient._scope, "loop_call_soon", paused_call_soon)
+        monkeypatch.setattr(Scope, "_close_now", close_now_then_hold)
+        thread = threading.Thread(target=job)
+        with anyio.fail_after(10):
+            thread.start()
+            await anyio.to_thread.run_sync(checked.wait)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(scope.aclose)
+                await anyio.wait_all_tasks_blocked()
+                assert len(holds) == 1
+                assert cleaned == []  # waiting for the thread's hold
+                holds[0].release()
+            await anyio.to_thread.run_sync(thread.join)
+        assert cleaned == ["component"]
+
     async def test_a_hold_taken_in_a_raw_thread_wakes_the_close_when_released_there(
         self,
     ) -> None:
