@@ -624,6 +624,21 @@ async def test_shared_commit_inside_checkout_is_reported(db: Database, shared: S
     await _eventually(lambda: _shared_idle(shared), "pool idle again")
 
 
+@pytest.mark.parametrize("end", ["COMMIT", "ROLLBACK"])
+async def test_shared_commit_and_begin_inside_checkout_is_reported(
+    db: Database, shared: SharedPool, end: str
+) -> None:
+    """A handler that ends the checkout's transaction and begins another ran the rest of its
+    block without the settings: the connection is in a transaction again when the block
+    ends, and the checkout still raises (what ran after BEGIN committed without them)."""
+    with bind_context(_ctx("alice")), pytest.raises(psycopg.ProgrammingError, match="ended"):
+        async with shared.connection() as conn:
+            await conn.execute(f"{end}; BEGIN")
+            assert await _scalar(conn, "SELECT current_setting('app.user_id', true)") == ""
+    await _eventually(lambda: _shared_idle(shared), "pool idle again")
+    assert shared.stats().discarded == 0
+
+
 async def test_a_requests_notice_handlers_never_hear_the_next_users(db: Database) -> None:
     """Alice's request adds a notice and a notification handler to its connection; Bob's
     checkout gets the same connection next: his notices (here naming his data) and his
@@ -1096,10 +1111,15 @@ async def test_shared_dirty_connection_is_discarded(db: Database) -> None:
             async with pool.connection() as conn:
                 pid = conn.info.backend_pid
                 await conn.execute("SET app.tenant_id = 'evil'")
-        with bind_context(_ctx("bob", None), allow_switch=True):
+        # Ending the checkout's transaction inside it (to see the session value, not ours)
+        # is reported when the block ends.
+        with (
+            bind_context(_ctx("bob", None), allow_switch=True),
+            pytest.raises(psycopg.ProgrammingError, match="ended"),
+        ):
             async with pool.connection() as conn:
                 assert conn.info.backend_pid != pid
-                await conn.execute("COMMIT; BEGIN")  # see the session value, not ours
+                await conn.execute("COMMIT; BEGIN")
                 tenant = await _scalar(conn, "SELECT current_setting('app.tenant_id', true)")
         assert tenant in (None, "")
         assert pool.stats().discarded == 1

@@ -226,8 +226,10 @@ class SharedPool:
         # BEGIN and the settings as one statement: one round trip without pipeline mode,
         # which costs psycopg more client CPU than the round trip it saves on a local server.
         self._begin_sql = f"BEGIN; {checked.set_sql}" if self._names else "BEGIN"
-        # Behind a pooler the same statement also reads the server side of the transaction,
-        # to cancel its query with SQL when the cancel request cannot get through.
+        # The same statement also reads the server side of the transaction: its COMMIT
+        # reads it again (a handler that ended it and began another ran without the
+        # settings), and behind a pooler it cancels the query with SQL when the cancel
+        # request cannot get through.
         self._begin_pooled_sql = (
             f"{self._begin_sql}, {_SERVER_SIDE}" if self._names else f"BEGIN; SELECT {_SERVER_SIDE}"
         )
@@ -465,7 +467,7 @@ class SharedPool:
                 status = conn.pgconn.transaction_status
                 lost = conn.closed
                 if (lost or status == _ACTIVE) and await _cancel_broken(conn, cancel):
-                    if server is not None:
+                    if server is not None and self._pooled:
                         await _cancel_server_side(pool, self._kwargs, server)
                     return _cut_short(lost=lost) if exc is None else None
                 if status == _IDLE and exc is None:
@@ -483,7 +485,10 @@ class SharedPool:
                 )
                 if cur is None:
                     cur = conn.cursor(row_factory=tuple_row)
-                error = await self._reset(conn, cur, end) or error
+                # Committing, the transaction's server side is read again first: another
+                # than the one the checkout began means the handler ended that one.
+                begun = server if commit else None
+                error = await self._reset(conn, cur, end, begun) or error
             finally:
                 if bound.cancel_called:
                     self.discarded += 1
@@ -493,7 +498,11 @@ class SharedPool:
         return error
 
     async def _reset(
-        self, conn: AsyncConnection[Any], cur: AsyncCursor[Any], end: str
+        self,
+        conn: AsyncConnection[Any],
+        cur: AsyncCursor[Any],
+        end: str,
+        begun: ServerSide | None = None,
     ) -> Exception | None:
         # The end of the transaction and the reset travel in one round trip. If the commit
         # fails, the rest of the string is skipped: the reset then runs on its own, and the
@@ -503,7 +512,9 @@ class SharedPool:
         reset = self._deallocated_reset_sql if self._deallocate else self._reset_sql
         try:
             try:
-                await cur.execute(end + reset)
+                await cur.execute((f"SELECT {_SERVER_SIDE}; " if begun else "") + end + reset)
+                if begun is not None and tuple(await cur.fetchone() or ()) != begun:
+                    failure = _ended_inside()
             except psycopg.Error as exc:
                 if "COMMIT" in end:
                     failure = exc

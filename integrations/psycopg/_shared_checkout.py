@@ -105,15 +105,15 @@ class _SharedCheckout(_Checkout):
                 # One cursor for the checkout's own statements, with a known row factory.
                 # It binds client-side (psycopg quotes each value for this connection), so
                 # BEGIN and the settings go as one statement in one round trip.
+                # It also reads the server side of the transaction, which the checkout's
+                # COMMIT reads again: a handler that ended the transaction and began another
+                # ran the rest of its block without the settings.
                 self._cur = cur = AsyncClientCursor(conn, row_factory=tuple_row)
-                if owner._pooled:
-                    await cur.execute(owner._begin_pooled_sql, _values(ctx, owner))
-                    cur.nextset()
-                    row = await cur.fetchone()
-                    if row is not None:
-                        self._server = (row[-2], row[-1])
-                else:
-                    await cur.execute(owner._begin_sql, _values(ctx, owner))
+                await cur.execute(owner._begin_pooled_sql, _values(ctx, owner))
+                cur.nextset()
+                row = await cur.fetchone()
+                if row is not None:
+                    self._server = (row[-2], row[-1])
             except BaseException as exc:
                 await self._finish(exc)
                 # The server ended the connection while it sat idle in the pool (a restart,
