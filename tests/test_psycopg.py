@@ -639,6 +639,39 @@ async def test_shared_commit_and_begin_inside_checkout_is_reported(
     assert shared.stats().discarded == 0
 
 
+async def test_shared_checkout_begins_with_the_connections_transaction_characteristics(
+    db: Database,
+) -> None:
+    """Connections made SERIALIZABLE and read-only (by a connection class): the checkout's
+    own BEGIN ran READ COMMITTED and read-write all the same, silently."""
+
+    class Serializable(psycopg.AsyncConnection[Any]):
+        @classmethod
+        async def connect(cls, *args: Any, **kwargs: Any) -> Any:
+            conn = await super().connect(*args, **kwargs)
+            await conn.set_isolation_level(psycopg.IsolationLevel.SERIALIZABLE)
+            await conn.set_read_only(True)
+            return conn
+
+    async with SharedPool(
+        db.app_url,
+        min_size=1,
+        max_size=1,
+        rls_check="off",
+        kwargs=db.kwargs(),
+        connection_class=Serializable,
+    ) as pool:
+        for user in ("alice", "bob"):
+            with bind_context(_ctx(user), allow_switch=True):
+                async with pool.connection() as conn:
+                    level = await _scalar(conn, "SELECT current_setting('transaction_isolation')")
+                    read_only = await _scalar(
+                        conn, "SELECT current_setting('transaction_read_only')"
+                    )
+                    setting = await _scalar(conn, "SELECT current_setting('app.user_id', true)")
+            assert (level, read_only, setting) == ("serializable", "on", user)
+
+
 async def test_a_requests_notice_handlers_never_hear_the_next_users(db: Database) -> None:
     """Alice's request adds a notice and a notification handler to its connection; Bob's
     checkout gets the same connection next: his notices (here naming his data) and his

@@ -72,6 +72,20 @@ _opener: ContextVar[tuple[SharedPool, float, float, int] | None] = ContextVar(
 )
 
 
+def _transaction_head(conn: AsyncConnection[Any]) -> str:
+    """``BEGIN`` with the transaction characteristics set on ``conn`` (``isolation_level``,
+    ``read_only``, ``deferrable``), as psycopg would begin its own transaction: the
+    checkout's explicit BEGIN would otherwise ignore them."""
+    parts = ["BEGIN"]
+    if conn.isolation_level is not None:
+        parts.append(f"ISOLATION LEVEL {conn.isolation_level.name.replace('_', ' ')}")
+    if conn.read_only is not None:
+        parts.append("READ ONLY" if conn.read_only else "READ WRITE")
+    if conn.deferrable is not None:
+        parts.append("DEFERRABLE" if conn.deferrable else "NOT DEFERRABLE")
+    return " ".join(parts)
+
+
 @dataclass(frozen=True, slots=True)
 class SharedPoolStats:
     """A snapshot of a :class:`SharedPool`.
@@ -114,7 +128,9 @@ class SharedPool:
     ``SELECT pg_catalog.set_config(name, value, true), ...`` for every entry of ``settings`` (the
     values quoted as SQL literals by psycopg for the connection, sent with ``BEGIN`` in one
     round trip), so the values vanish at commit or rollback and ``SET LOCAL``'s autocommit
-    pitfall cannot happen. It is committed when the ``async with`` body ends normally and
+    pitfall cannot happen. That ``BEGIN`` has the ``isolation_level``, ``read_only`` and
+    ``deferrable`` the pool's connections are made with (by a ``connection_class``), as
+    psycopg's own transactions would. It is committed when the ``async with`` body ends normally and
     rolled back when it raises. Nested ``conn.transaction()`` blocks are savepoints, which
     never undo the settings. Ending the transaction inside the block (``conn.commit()``)
     leaves the rest of the block without settings, so the checkout then raises
@@ -225,14 +241,13 @@ class SharedPool:
         self._fields = checked.fields
         # BEGIN and the settings as one statement: one round trip without pipeline mode,
         # which costs psycopg more client CPU than the round trip it saves on a local server.
-        self._begin_sql = f"BEGIN; {checked.set_sql}" if self._names else "BEGIN"
         # The same statement also reads the server side of the transaction: its COMMIT
         # reads it again (a handler that ended it and began another ran without the
         # settings), and behind a pooler it cancels the query with SQL when the cancel
-        # request cannot get through.
-        self._begin_pooled_sql = (
-            f"{self._begin_sql}, {_SERVER_SIDE}" if self._names else f"BEGIN; SELECT {_SERVER_SIDE}"
-        )
+        # request cannot get through. BEGIN takes the transaction characteristics of the
+        # pool's connections once the first is made (see _configure).
+        self._set_sql = checked.set_sql
+        self._begin_sql = self._begin_with("BEGIN")
         self._pooled = False
         # Behind a pooler: what deallocates the statements from SQL PREPARE in the message
         # that ends a checkout.
@@ -442,7 +457,15 @@ class SharedPool:
         # Every connection of the pool starts alike; remember how, to restore it on return.
         if self._initial is None:
             self._initial = _python_side(conn)
+            self._begin_sql = self._begin_with(_transaction_head(conn))
         self._adapters.keep(conn)
+
+    def _begin_with(self, head: str) -> str:
+        """The statement that begins a checkout's transaction with ``head`` (``BEGIN`` and
+        its characteristics), sets the settings and reads the transaction's server side."""
+        if self._names:
+            return f"{head}; {self._set_sql}, {_SERVER_SIDE}"
+        return f"{head}; SELECT {_SERVER_SIDE}"
 
     async def _give_back(
         self,

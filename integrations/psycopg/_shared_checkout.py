@@ -109,7 +109,7 @@ class _SharedCheckout(_Checkout):
                 # COMMIT reads again: a handler that ended the transaction and began another
                 # ran the rest of its block without the settings.
                 self._cur = cur = AsyncClientCursor(conn, row_factory=tuple_row)
-                await cur.execute(owner._begin_pooled_sql, _values(ctx, owner))
+                await cur.execute(owner._begin_sql, _values(ctx, owner))
                 cur.nextset()
                 row = await cur.fetchone()
                 if row is not None:
