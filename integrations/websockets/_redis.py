@@ -180,8 +180,13 @@ class RedisBroadcast:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected = False
         self._down_since: float | None = None
-        # Per subscribed channel: the user's count of revocations as of its subscription.
+        # Per subscribed channel: the user's count of revocations as of its subscription,
+        # or as read again after a revocation of the user heard here.
         self._revocations: dict[bytes, int] = {}
+        # Subscribed channel -> revocations of its user heard here (messages on its
+        # channel) since its count was read: counted in, or the outage after would apply
+        # them once more.
+        self._heard: dict[bytes, int] = {}
         # The subscription came back after an outage: look for revocations it missed.
         self._resync = False
         # The stream of recent revocations was read since the subscription (re)started:
@@ -476,6 +481,31 @@ class RedisBroadcast:
                 )
                 deliver(Envelope(user, REVOKE, None, "access revoked"))
 
+    async def _count_heard(self) -> None:
+        """Read again the counts of the users revoked in messages heard here: each such
+        revocation is applied already, and must not be taken, after an outage, for one
+        made while this process heard nothing (which would end every socket of the user
+        here, also those opened since, or left by a revocation naming another one)."""
+        heard, self._heard = self._heard, {}
+        channels = [channel for channel in heard if channel in self._revocations]
+        if channels:
+            client, free = self._publisher()
+            try:
+                with anyio.fail_after(self.timeout):
+                    async with free:
+                        counts = await self._revocation_counts(client, channels)
+            except BaseException:
+                # Counted in once the count is read (the reader reconnects first).
+                for channel, n in heard.items():
+                    self._heard[channel] = self._heard.get(channel, 0) + n
+                raise
+            for channel, count in zip(channels, counts, strict=True):
+                known = self._revocations.get(channel)
+                if known is not None:  # not unsubscribed meanwhile
+                    # Those heard, never more than the count: a revocation made since and
+                    # not heard yet must still be learnt from it if its message is lost.
+                    self._revocations[channel] = max(known, min(count, known + heard[channel]))
+
     async def _claim(self, channel: bytes) -> bool:
         """Wait until ``channel`` is confirmed (``False``) or no subscription here is on
         its way to subscribe it; then this one is (``True``): the first of its user here,
@@ -638,6 +668,8 @@ class RedisBroadcast:
                 # Failing here (Redis gone again) reconnects, and looks again after that.
                 await self._missed_revocations()
                 self._resync = False
+            if self._heard and self._caught_up:
+                await self._count_heard()
 
     def _new_subscription(self) -> AbstractConnection:
         """A new, unconnected connection for the subscription, made by the reader only."""
@@ -682,6 +714,8 @@ class RedisBroadcast:
             if envelope.user != user:
                 logger.warning("ambient: dropped a message whose user does not match its channel")
                 return
+            if envelope.mode == REVOKE and channel in self._revocations:
+                self._heard[channel] = self._heard.get(channel, 0) + 1
             deliver(envelope)
         elif kind == b"subscribe":
             pending = self._pending.get(channel, 0) - 1
