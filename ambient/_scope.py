@@ -426,22 +426,21 @@ class Scope:
         if self._closed:
             msg = "cannot hold a scope that has already closed"
             raise ScopeClosedError(msg)
-        call_soon = loop_call_soon()
-        if call_soon is None:
-            # A worker thread (a sync endpoint's): the hold count and the event a closing
-            # scope waits on belong to the loop's thread, and a hold taken here would know
-            # no loop to release itself on. Taken there instead, when the loop is anyio's.
+        if loop_call_soon() is None:
+            # A worker thread (a sync endpoint's): taken on the loop's thread instead, when
+            # the loop is anyio's, where it comes before or after a close, never between
+            # the close's look at the holds and its end.
             try:
                 return anyio.from_thread.run_sync(self.hold)
             except RuntimeError:
-                pass  # a thread no anyio loop started: released there (see _release)
+                pass  # a thread no anyio loop started
         with _FIRST_USE:
             self._holds += 1
-        return _Hold(self, call_soon)
+        return _Hold(self)
 
     def _release(self) -> None:
-        # On the loop's thread, or in a thread no anyio loop started (a hold taken in a
-        # raw thread knows no loop): a close waiting meanwhile is woken on its loop.
+        # In any thread: the count is the lock's, and a close waiting meanwhile is woken on
+        # its own loop.
         with _FIRST_USE:
             self._holds -= 1
             released = self._released if self._holds == 0 else None
@@ -680,30 +679,15 @@ class _Hold:
     or calling :meth:`release`, on the event loop or in a thread the work went to.
     Releasing twice is harmless."""
 
-    __slots__ = ("_call_soon", "_scope", "_thread")
+    __slots__ = ("_scope",)
 
-    def __init__(
-        self, scope: Scope, call_soon: Callable[[Callable[[], object]], object] | None
-    ) -> None:
+    def __init__(self, scope: Scope) -> None:
         self._scope: Scope | None = scope
-        # The hold count and the event a closing scope waits on belong to the loop's
-        # thread: a release from another thread is handed to the loop.
-        self._thread = threading.get_ident()
-        self._call_soon = call_soon
 
     def release(self) -> None:
         """Let the scope close (once every hold is released)."""
         scope, self._scope = self._scope, None
-        if scope is None:
-            return
-        call_soon = self._call_soon
-        if call_soon is None or threading.get_ident() == self._thread:
-            scope._release()
-            return
-        try:
-            call_soon(scope._release)
-        except RuntimeError:
-            # The loop has finished: nothing can be waiting on the hold any more.
+        if scope is not None:
             scope._release()
 
     def __enter__(self) -> _Hold:
