@@ -692,25 +692,34 @@ class _RequestInstances(Instances):
             )
 
 
-class _Deadline:
-    """``anyio.move_on_after`` entered with no ambient binding in the current context.
+def _set_deadline(scope: anyio.CancelScope, at: float) -> None:
+    """Set ``scope``'s deadline with no ambient binding in the current context.
 
-    On asyncio the deadline is a timer handle holding a copy of the current context until
-    the deadline passes, even once cancelled; entered with the binding, it would keep the
-    scope and its context alive for ``cleanup_timeout`` seconds after the scope closed.
+    On asyncio a deadline is a timer handle holding a copy of the current context until
+    it is due, even once cancelled: set with the binding, it would keep the scope and its
+    context alive that long after the scope closed (an identity's expiry is often hours
+    on; a cleanup's bound is ``cleanup_timeout``).
     """
+    token = _current.set(None)
+    try:
+        scope.deadline = at
+    finally:
+        _current.reset(token)
 
-    __slots__ = ("_scope",)
+
+class _Deadline:
+    """``anyio.move_on_after``, its deadline set with :func:`_set_deadline`."""
+
+    __slots__ = ("_scope", "_timeout")
 
     def __init__(self, timeout: float) -> None:
-        self._scope = anyio.move_on_after(timeout)
+        self._timeout = timeout
+        self._scope = anyio.CancelScope()
 
     def __enter__(self) -> anyio.CancelScope:
-        token = _current.set(None)
-        try:
-            return self._scope.__enter__()
-        finally:
-            _current.reset(token)
+        scope = self._scope.__enter__()
+        _set_deadline(scope, anyio.current_time() + self._timeout)
+        return scope
 
     def __exit__(self, *exc_info: Any) -> bool:
         return bool(self._scope.__exit__(*exc_info))

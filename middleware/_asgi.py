@@ -28,7 +28,7 @@ from ambient._context import (
 from ambient._context import (
     ReadOnlyDict as _ReadOnlyDict,
 )
-from ambient._instances import _Deadline
+from ambient._instances import _Deadline, _set_deadline
 from ambient._observe import Observer
 from ambient._registry import Registry
 from ambient._scope import Scope
@@ -1196,20 +1196,6 @@ def _tells_server_error(code: int) -> bool:
     status (as Litestar closes the socket of a handler that raised)."""
     low, high = _CLOSE_SERVER_ERRORS
     return code == _CLOSE_INTERNAL_ERROR or low <= code < high
-
-
-def _set_deadline(scope: anyio.CancelScope, at: float) -> None:
-    """Set ``scope``'s deadline with no ambient binding in the current context.
-
-    On asyncio a deadline is a timer handle holding a copy of the current context until
-    it is due, even once cancelled; an identity's expiry is often hours on, so one set with
-    the binding would keep the request's closed scope alive that long.
-    """
-    token = _current.set(None)
-    try:
-        scope.deadline = at
-    finally:
-        _current.reset(token)
 
 
 def _seconds_left(expires_at: float) -> float | None:
