@@ -406,6 +406,13 @@ class RedisBroadcast:
         values = await client.mget(keys)
         return [int(value or 0) for value in values]
 
+    async def _read_counts(self, channels: list[bytes]) -> list[int]:
+        """:meth:`_revocation_counts` on a connection of the pool, within ``timeout``."""
+        client, free = self._publisher()
+        with anyio.fail_after(self.timeout):
+            async with free:
+                return await self._revocation_counts(client, channels)
+
     async def _recent_revocations(self) -> None:
         """Once the subscription (re)started: deliver the revocations of the last five
         minutes (on Redis's clock) it has not heard, from the stream of recent ones; the
@@ -461,10 +468,7 @@ class RedisBroadcast:
         channels = list(self._refs)
         if not channels:
             return
-        client, free = self._publisher()
-        with anyio.fail_after(self.timeout):
-            async with free:
-                counts = await self._revocation_counts(client, channels)
+        counts = await self._read_counts(channels)
         deliver = self._deliver
         for channel, count in zip(channels, counts, strict=True):
             known = self._revocations.get(channel)
@@ -489,11 +493,8 @@ class RedisBroadcast:
         heard, self._heard = self._heard, {}
         channels = [channel for channel in heard if channel in self._revocations]
         if channels:
-            client, free = self._publisher()
             try:
-                with anyio.fail_after(self.timeout):
-                    async with free:
-                        counts = await self._revocation_counts(client, channels)
+                counts = await self._read_counts(channels)
             except BaseException:
                 # Counted in once the count is read (the reader reconnects first).
                 for channel, n in heard.items():
