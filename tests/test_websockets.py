@@ -2434,35 +2434,45 @@ class Collecting:
         self.arrived.set()
 
 
+class CarolsSockets:
+    """Carol's two sockets, c-1 and c-2, on a hub over ``backend``: :meth:`hold` keeps
+    one open in a scope of its own until cancelled, setting ``entered`` once it is in the
+    hub and ``ended`` once it is out."""
+
+    def __init__(self, backend: RedisBroadcast) -> None:
+        self.registry = Registry()
+        self.hub = ConnectionHub(backend)
+        self.hub.install(self.registry)
+        self.sockets = {"c-1": Collecting(1), "c-2": Collecting(1)}
+        self.entered = {connection_id: anyio.Event() for connection_id in self.sockets}
+        self.ended = {connection_id: anyio.Event() for connection_id in self.sockets}
+
+    async def hold(self, connection_id: str) -> None:
+        context = UserExecutionContext.create("carol", connection_id=connection_id)
+        async with self.registry.open_scope(context) as scope:
+            manager = await scope.resolve(UserWebSocketManager)
+            try:
+                async with manager.connect(self.sockets[connection_id]):  # type: ignore[arg-type]
+                    self.entered[connection_id].set()
+                    await anyio.sleep_forever()
+            finally:
+                self.ended[connection_id].set()
+
+
 async def test_an_empty_connection_id_revokes_no_socket_through_redis(redis_url: str) -> None:
     """Carol has two sockets behind Redis. Revoking her connection "" is refused (it is no
     valid id), and a revocation envelope naming connection "" travels through Redis as
     such and ends neither socket; naming one of hers ends that one only. The empty id
     used to pass, and went over the wire as "no connection named": every socket of hers,
     in every process, was revoked (in process it revoked nothing)."""
-    registry = Registry()
     backend = RedisBroadcast(redis_url, channel_prefix=unique_prefix())
-    hub = ConnectionHub(backend)
-    hub.install(registry)
-    sockets = {"c-1": Collecting(1), "c-2": Collecting(1)}
-    entered = {connection_id: anyio.Event() for connection_id in sockets}
-    ended = {connection_id: anyio.Event() for connection_id in sockets}
-
-    async def hold(connection_id: str) -> None:
-        context = UserExecutionContext.create("carol", connection_id=connection_id)
-        async with registry.open_scope(context) as scope:
-            manager = await scope.resolve(UserWebSocketManager)
-            try:
-                async with manager.connect(sockets[connection_id]):  # type: ignore[arg-type]
-                    entered[connection_id].set()
-                    await anyio.sleep_forever()
-            finally:
-                ended[connection_id].set()
+    carol = CarolsSockets(backend)
+    hub, sockets, entered, ended = carol.hub, carol.sockets, carol.entered, carol.ended
 
     with anyio.fail_after(DEADLINE):
         async with anyio.create_task_group() as tg:
             for connection_id in sockets:
-                tg.start_soon(hold, connection_id)
+                tg.start_soon(carol.hold, connection_id)
                 await entered[connection_id].wait()
             with pytest.raises(InvalidContextError, match="connection_id"):
                 await hub.revoke("carol", connection_id="")
@@ -2480,7 +2490,7 @@ async def test_an_empty_connection_id_revokes_no_socket_through_redis(redis_url:
     assert sockets["c-1"].closed == [(4001, "access revoked")]
     assert sockets["c-2"].closed == []
     assert (hub.stats().revoked, hub.stats().connections) == (1, 0)
-    await registry.aclose()
+    await carol.registry.aclose()
 
 
 class HeldOnItsWay(RedisBroadcast):
@@ -2807,30 +2817,15 @@ async def test_a_revocation_heard_before_an_outage_is_not_applied_again_after_it
     own.start()
     admin = redis.Redis.from_url(own.url)
     try:
-        registry = Registry()
         backend = RedisBroadcast(own.url, channel_prefix=unique_prefix(), timeout=1.0)
-        hub = ConnectionHub(backend)
-        hub.install(registry)
-        sockets = {"c-1": Collecting(1), "c-2": Collecting(1)}
-        entered = {connection_id: anyio.Event() for connection_id in sockets}
-        ended = {connection_id: anyio.Event() for connection_id in sockets}
-
-        async def hold(connection_id: str) -> None:
-            context = UserExecutionContext.create("carol", connection_id=connection_id)
-            async with registry.open_scope(context) as scope:
-                manager = await scope.resolve(UserWebSocketManager)
-                try:
-                    async with manager.connect(sockets[connection_id]):  # type: ignore[arg-type]
-                        entered[connection_id].set()
-                        await anyio.sleep_forever()
-                finally:
-                    ended[connection_id].set()
+        carol = CarolsSockets(backend)
+        hub, sockets, entered, ended = carol.hub, carol.sockets, carol.entered, carol.ended
 
         with anyio.fail_after(DEADLINE):
             await backend.wait_connected()
             async with anyio.create_task_group() as tg:
                 for connection_id in sockets:
-                    tg.start_soon(hold, connection_id)
+                    tg.start_soon(carol.hold, connection_id)
                     await entered[connection_id].wait()
                 await hub.revoke("carol", connection_id="c-1")
                 await ended["c-1"].wait()
@@ -2845,7 +2840,7 @@ async def test_a_revocation_heard_before_an_outage_is_not_applied_again_after_it
         assert sockets["c-1"].closed == [(4001, "access revoked")]
         assert (sockets["c-2"].frames, sockets["c-2"].closed) == (['{"after": "outage"}'], [])
         assert hub.stats().revoked == 1
-        await registry.aclose()
+        await carol.registry.aclose()
     finally:
         admin.close()
         own.kill()
