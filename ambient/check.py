@@ -2,8 +2,9 @@
 report isolation violations, cleanup completeness, leaks, memory growth and latency.
 
 Components are seen through the core's observer hook (an :class:`~ambient.testing.IsolationProbe`),
-so no registry needs to be named. Every simulated user has a unique id; a response or a log
-record made for one user that carries another simulated user's id is a violation.
+so no registry needs to be named. Every simulated user has a unique id (with tenants, unique
+within its tenant); a response or a log record made for one user that carries another simulated
+user's id, or another tenant's, is a violation.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import anyio
 import anyio.lowlevel
 
 from ambient import _probe, add_observer, current_context_or_none
+from ambient._context import UserRef
 from ambient._observe import ComponentEvent, Observer
 
 __all__ = ["CheckReport", "JWTIdentity", "PlannedRequest", "parse_request", "run_check"]
@@ -47,7 +49,7 @@ _MAX_TOTAL_REQUESTS = 1_000_000
 
 # Filled, while a simulated request runs, with the user its first scope was opened for and
 # whether that context was an anonymous one.
-_served: ContextVar[list[tuple[str, bool]] | None] = ContextVar("_served", default=None)
+_served: ContextVar[list[tuple[UserRef, bool]] | None] = ContextVar("_served", default=None)
 
 
 class _StartupError(RuntimeError):
@@ -63,7 +65,8 @@ class _ServedAs(Observer):
         note = _served.get()
         if note is not None and not note:
             ctx = scope.context
-            note.append((ctx.user_id, ctx.metadata.get("anonymous") is True))
+            user = UserRef(ctx.user_id, ctx.tenant_id)
+            note.append((user, ctx.metadata.get("anonymous") is True))
 
 
 class _CleanupFailures(Observer):
@@ -99,12 +102,13 @@ class JWTIdentity:
 
     Each user's token has ``sub`` (the user's id), ``iat`` and ``exp`` (``lifetime`` seconds
     later; a user's token is made anew once half of that has passed, so a run may last
-    longer), and ``aud`` and ``iss`` when given. The secret is never shown (not in the
-    ``repr`` either), nor are the tokens.
+    longer), ``aud`` and ``iss`` when given, and the user's tenant id in ``tenant_claim``
+    when the check simulates tenants. The secret is never shown (not in the ``repr``
+    either), nor are the tokens.
 
     Raises:
         ValueError: An empty secret, one PyJWT refuses for HS256 (a public key), an empty
-            audience or issuer, or a lifetime that is not more than 0 seconds.
+            audience, issuer or tenant claim, or a lifetime that is not more than 0 seconds.
         ImportError: PyJWT is not installed.
     """
 
@@ -112,10 +116,14 @@ class JWTIdentity:
     audience: str | None = None
     issuer: str | None = None
     lifetime: float = 900.0
+    tenant_claim: str = "tenant_id"
 
     def __post_init__(self) -> None:
         if not self.secret:
             msg = "the JWT secret is empty"
+            raise ValueError(msg)
+        if not self.tenant_claim:
+            msg = "the JWT tenant claim must be a non-empty string"
             raise ValueError(msg)
         for name, value in (("audience", self.audience), ("issuer", self.issuer)):
             if value is not None and not value:
@@ -126,12 +134,14 @@ class JWTIdentity:
             raise ValueError(msg)
         self.token("check-secret-test")  # a secret PyJWT refuses, refused here
 
-    def token(self, user: str) -> str:
-        """A token for ``user``, valid from now for ``lifetime`` seconds."""
+    def token(self, user: str, tenant: str | None = None) -> str:
+        """A token for ``user`` (of ``tenant``), valid from now for ``lifetime`` seconds."""
         import jwt
 
         now = int(time.time())
         claims: dict[str, Any] = {"sub": user, "iat": now, "exp": now + math.ceil(self.lifetime)}
+        if tenant is not None:
+            claims[self.tenant_claim] = tenant
         if self.audience is not None:
             claims["aud"] = self.audience
         if self.issuer is not None:
@@ -147,7 +157,7 @@ class JWTIdentity:
 @dataclass(frozen=True)
 class PlannedRequest:
     """One request a simulated user sends; ``{user}`` in the path or body is replaced by
-    the user's id."""
+    the user's id, ``{tenant}`` by their tenant's (empty without tenants)."""
 
     method: str = "GET"
     path: str = "/"
@@ -166,7 +176,7 @@ def parse_request(text: str) -> PlannedRequest:
     body = parts[2] if len(parts) == 3 else None
     if body is not None:
         try:  # as it is sent: {user} replaced by a user's id, as application/json
-            json.loads(body.replace("{user}", "check-00000-000000"))
+            json.loads(_filled(body, UserRef("check-00000-000000", "check-tenant-00000-000000")))
         except ValueError:
             msg = f"request {text!r}: the body is not JSON (it is sent as application/json)"
             raise ValueError(msg) from None
@@ -178,12 +188,14 @@ class CheckReport:
     """The outcome of :func:`run_check`.
 
     ``ok`` is true only when there was no violation and no leak. ``tokens_refused`` counts
-    the requests whose JWT (a :class:`JWTIdentity`) the app refused with 401.
+    the requests whose JWT (a :class:`JWTIdentity`) the app refused with 401. ``tenants``
+    is how many tenants the users were spread over (0: users of no tenant).
     """
 
     app: str
     users: int
     requests: int
+    tenants: int = 0
     isolation: list[str] = field(default_factory=list)
     failed_requests: list[str] = field(default_factory=list)
     cleanup: list[str] = field(default_factory=list)
@@ -223,17 +235,19 @@ class _Driver:
         app: ASGIApp,
         identity: tuple[str, str] | JWTIdentity,
         time_limit: float | None = None,
+        tenant_header: str = "x-tenant-id",
     ) -> None:
         self.app = app
         self.identity = identity
+        self.tenant_header = tenant_header.lower().encode()
         # user -> (their token, when to make it anew), with a JWTIdentity.
-        self._tokens: dict[str, tuple[str, float]] = {}
+        self._tokens: dict[UserRef, tuple[str, float]] = {}
         self.time_limit = time_limit
         self.shutdown_unanswered = False
         # What went wrong in the app's lifespan shutdown, said in one line.
         self.shutdown_failed: str | None = None
 
-    def token(self, user: str) -> str | None:
+    def token(self, user: UserRef) -> str | None:
         """The JWT ``user`` presents now, or ``None`` without a :class:`JWTIdentity`."""
         identity = self.identity
         if not isinstance(identity, JWTIdentity):
@@ -241,11 +255,11 @@ class _Driver:
         now = time.time()
         made = self._tokens.get(user)
         if made is None or now >= made[1]:
-            made = (identity.token(user), now + identity.lifetime / 2)
+            made = (identity.token(user.user_id, user.tenant_id), now + identity.lifetime / 2)
             self._tokens[user] = made
         return made[0]
 
-    def _headers(self, user: str, body: bytes | None) -> list[tuple[bytes, bytes]]:
+    def _headers(self, user: UserRef, body: bytes | None) -> list[tuple[bytes, bytes]]:
         headers = [(b"host", b"ambient-check"), (b"user-agent", b"ambient-check")]
         if isinstance(self.identity, JWTIdentity):
             headers.append((b"authorization", f"Bearer {self.token(user)}".encode()))
@@ -253,9 +267,11 @@ class _Driver:
         else:
             kind, name = self.identity
         if kind == "header":
-            headers.append((name.lower().encode(), user.encode()))
+            headers.append((name.lower().encode(), user.user_id.encode()))
+            if user.tenant_id is not None:
+                headers.append((self.tenant_header, user.tenant_id.encode()))
         elif kind == "bearer":
-            headers.append((b"authorization", f"Bearer {user}".encode()))
+            headers.append((b"authorization", f"Bearer {user.user_id}".encode()))
         if body is not None:
             headers += [
                 (b"content-type", b"application/json"),
@@ -265,17 +281,17 @@ class _Driver:
 
     async def request(
         self,
-        user: str,
+        user: UserRef,
         planned: PlannedRequest,
-        served: list[tuple[str, bool]] | None = None,
+        served: list[tuple[UserRef, bool]] | None = None,
         headers: list[tuple[bytes, bytes]] | None = None,
     ) -> tuple[int, bytes, float]:
         """Send one request; return its status, body and duration (status 0 and what went
         wrong instead of a body when there was no whole response). The response's headers
         are added to ``headers`` when given."""
-        path = planned.path.replace("{user}", user)
+        path = _filled(planned.path, user)
         raw_path, _, query = path.partition("?")
-        body = planned.body.replace("{user}", user).encode() if planned.body else None
+        body = _filled(planned.body, user).encode() if planned.body else None
         scope: dict[str, Any] = {
             "type": "http",
             "asgi": {"version": "3.0", "spec_version": "2.4"},
@@ -342,6 +358,12 @@ class _Driver:
         if not finished:
             return 0, b"the app returned before its response body ended", elapsed
         return status, b"".join(chunks), elapsed
+
+    def tenant_source(self) -> str:
+        """Where a simulated user's tenant id is, said for a finding."""
+        if isinstance(self.identity, JWTIdentity):
+            return f"the tokens' {self.identity.tenant_claim!r} claim"
+        return f"the {self.tenant_header.decode()} header"
 
     def shutdown_findings(self) -> list[str]:
         """What went wrong in the app's lifespan shutdown, one line each."""
@@ -453,15 +475,16 @@ class _LogWatch:
     The logger sets a record's ``extra`` fields after the factory returned it, so those
     are read when the next record is made in the same thread, or when the watch stops."""
 
-    def __init__(self, users: Sequence[str]) -> None:
-        self.users = set(users)
+    def __init__(self, known: set[str]) -> None:
+        # The simulated users' ids, and their tenants'.
+        self.known = known
         self.findings: list[str] = []
         self._watching = False
         self._previous: Callable[..., logging.LogRecord] | None = None
         self._factory: Callable[..., logging.LogRecord] | None = None
         # Per thread, the last record made there for a user, and that user: its extra
         # fields, set by then, are read when the next one is made or the watch stops.
-        self._pending: dict[int, tuple[logging.LogRecord, str]] = {}
+        self._pending: dict[int, tuple[logging.LogRecord, UserRef]] = {}
         self._lock = threading.Lock()
 
     def start(self) -> None:
@@ -492,22 +515,23 @@ class _LogWatch:
 
     def _look_at(self, record: logging.LogRecord) -> None:
         ctx = current_context_or_none()
-        if ctx is None or ctx.user_id not in self.users:
+        if ctx is None or ctx.user_id not in self.known:
             return
+        user = UserRef(ctx.user_id, ctx.tenant_id)
         with self._lock:
             before = self._pending.get(threading.get_ident())
-            self._pending[threading.get_ident()] = (record, ctx.user_id)
+            self._pending[threading.get_ident()] = (record, user)
         if before is not None:
             self._look_at_extra(*before)
         try:
             text = record.getMessage()
         except Exception:  # noqa: BLE001 - a broken record is not our finding
             return
-        named = _mentions(text, self.users, ctx.user_id)
+        named = _mentions(text, self.known, user)
         for other in named:
             self.findings.append(
-                f"log record from {record.name} emitted for {ctx.user_id} names {other}: "
-                f"{text[:120]!r}"
+                f"log record from {record.name} emitted for {_label(user)} names "
+                f"{_whose(other)}: {text[:120]!r}"
             )
         exc_info = record.exc_info
         if not isinstance(exc_info, tuple) or exc_info[1] is None:
@@ -516,22 +540,22 @@ class _LogWatch:
         error = exc_info[1]
         said = "".join(traceback.format_exception(error))
         shown = f"{type(error).__name__}: {error}"[:120]
-        for other in _mentions(said, self.users, ctx.user_id):
+        for other in _mentions(said, self.known, user):
             if other not in named:
                 self.findings.append(
-                    f"log record from {record.name} emitted for {ctx.user_id} names {other} "
-                    f"in the exception logged with it: {shown!r}"
+                    f"log record from {record.name} emitted for {_label(user)} names "
+                    f"{_whose(other)} in the exception logged with it: {shown!r}"
                 )
 
-    def _look_at_extra(self, record: logging.LogRecord, user: str) -> None:
+    def _look_at_extra(self, record: logging.LogRecord, user: UserRef) -> None:
         for name, value in list(vars(record).items()):
             if name in _RECORD_FIELDS:
                 continue
             said = _text_of(value)
             self.findings.extend(
-                f"log record from {record.name} emitted for {user} names {other} in its "
-                f"field {name!r}: {said[:120]!r}"
-                for other in _mentions(said, self.users, user)
+                f"log record from {record.name} emitted for {_label(user)} names "
+                f"{_whose(other)} in its field {name!r}: {said[:120]!r}"
+                for other in _mentions(said, self.known, user)
             )
 
 
@@ -551,14 +575,32 @@ _RECORD_FIELDS = frozenset(
 )
 
 
-def _mentions(text: str, users: set[str], own: str) -> list[str]:
-    """The simulated users other than ``own`` whose ids ``text`` contains."""
+def _mentions(text: str, known: set[str], own: UserRef) -> list[str]:
+    """The ids of simulated users, and tenants, other than ``own`` and ``own``'s tenant
+    that ``text`` contains."""
     if "check-" not in text:
         return []
     # Found by their shape, then looked up: a cost that grows with the text, not with the
     # number of simulated users (10,000 of them made every response 10,000 searches).
     found = dict.fromkeys(_SIMULATED_ID.findall(text))
-    return [user for user in found if user != own and user in users]
+    return [
+        other for other in found if other not in (own.user_id, own.tenant_id) and other in known
+    ]
+
+
+def _whose(simulated_id: str) -> str:
+    """How a finding names the simulated user, or tenant, of ``simulated_id``."""
+    return f"tenant {simulated_id}" if simulated_id.startswith(_TENANT) else simulated_id
+
+
+def _label(user: UserRef) -> str:
+    """How a finding names a simulated user (as the probe names users)."""
+    return _probe._label(user)
+
+
+def _filled(text: str, user: UserRef) -> str:
+    """``text`` with ``{user}`` and ``{tenant}`` replaced by ``user``'s ids."""
+    return text.replace("{user}", user.user_id).replace("{tenant}", user.tenant_id or "")
 
 
 def _detail(text: str) -> str:
@@ -583,13 +625,32 @@ def _latin1(raw: object) -> str:
     return raw.decode("latin-1") if isinstance(raw, bytes | bytearray) else str(raw)
 
 
-def _simulated_ids(users: int) -> list[str]:
+def _simulated_ids(users: int, prefix: str = "check-") -> list[str]:
     """Ids for ``users`` simulated users, each unlike any id an app would make up."""
-    return [f"check-{n:05d}-{secrets.token_hex(3)}" for n in range(users)]
+    return [f"{prefix}{n:05d}-{secrets.token_hex(3)}" for n in range(users)]
 
 
-# The shape of _simulated_ids(): _mentions() finds them by it.
-_SIMULATED_ID = re.compile(r"check-[0-9]{5,}-[0-9a-f]{6}")
+def _simulated_users(users: int, tenants: int = 0) -> list[UserRef]:
+    """``users`` simulated users; with ``tenants``, spread over that many tenants in turn,
+    and each user id used in as many tenants as it can (an id is unique only within its
+    tenant): two users of one id in two tenants are two users to keep apart."""
+    if not tenants:
+        return [UserRef(user) for user in _simulated_ids(users)]
+    ids = _simulated_ids(-(-users // tenants))
+    tenant_ids = _simulated_ids(tenants, _TENANT)
+    return [UserRef(ids[n // tenants], tenant_ids[n % tenants]) for n in range(users)]
+
+
+def _ids_of(users: Sequence[UserRef]) -> set[str]:
+    """The ids of ``users`` and of their tenants."""
+    return {user.user_id for user in users} | {
+        user.tenant_id for user in users if user.tenant_id is not None
+    }
+
+
+_TENANT = "check-tenant-"
+# The shape of _simulated_ids(), of users and tenants: _mentions() finds them by it.
+_SIMULATED_ID = re.compile(r"check-(?:tenant-)?[0-9]{5,}-[0-9a-f]{6}")
 
 
 async def _overhead() -> float:
@@ -607,11 +668,12 @@ async def _overhead() -> float:
     wrapped_times: list[float] = []
     bare_driver = _Driver(bare, ("header", "x-user-id"))
     wrapped_driver = _Driver(wrapped, ("header", "x-user-id"))
+    user = UserRef("check-overhead")
     for _ in range(5):
         for driver, times in ((bare_driver, bare_times), (wrapped_driver, wrapped_times)):
             started = time.perf_counter()
             for _ in range(400):
-                await driver.request("check-overhead", plan)
+                await driver.request(user, plan)
             times.append((time.perf_counter() - started) / 400)
     return (statistics.median(wrapped_times) - statistics.median(bare_times)) * 1e6
 
@@ -640,33 +702,33 @@ class _Traffic:
     def __init__(
         self,
         driver: _Driver,
-        ids: list[str],
+        users: list[UserRef],
         plan: Sequence[PlannedRequest],
         requests: int,
         progress: Progress | None,
     ) -> None:
         self.driver = driver
-        self.known = set(ids)
+        self.known = _ids_of(users)
         self.plan = plan
         self.requests = requests
-        self.total = len(ids) * requests
+        self.total = len(users) * requests
         self.progress = progress
         self.done = 0
         self.latencies: list[float] = []
         self.isolation: list[str] = []
         self.failed: list[str] = []
-        self.served_as: dict[str, set[str]] = {}
-        self.anonymous: set[str] = set()
+        self.served_as: dict[UserRef, set[UserRef]] = {}
+        self.anonymous: set[UserRef] = set()
         # With a JWTIdentity: the requests answered 401, and what the first answer said.
         self.refused = 0
         self.refused_said = ""
 
-    async def user(self, user: str) -> None:
+    async def user(self, user: UserRef) -> None:
         for index in range(self.requests):
             await self.one(user, self.plan[index % len(self.plan)])
 
-    async def one(self, user: str, planned: PlannedRequest) -> None:
-        served: list[tuple[str, bool]] = []
+    async def one(self, user: UserRef, planned: PlannedRequest) -> None:
+        served: list[tuple[UserRef, bool]] = []
         headers: list[tuple[bytes, bytes]] = []
         # The token this request sends (the same the driver puts in its headers, before
         # anything is awaited): taken out of what is shown of an answer that echoes it.
@@ -679,8 +741,9 @@ class _Traffic:
             if anonymous:
                 self.anonymous.add(user)
         where = f"{planned.method} {planned.path}"
+        whom = _label(user)
         if not status:  # no complete response: the driver says what went wrong
-            self.failed.append(f"{where} for {user}: {body.decode()}")
+            self.failed.append(f"{where} for {whom}: {body.decode()}")
         elif status == 401 and token is not None:
             # Said once for them all (see refusal()): the app refuses the tokens.
             if not self.refused:
@@ -689,23 +752,23 @@ class _Traffic:
             self.refused += 1
         elif status >= 400:
             shown = _shown(body, token)
-            self.failed.append(f"{where} for {user}: HTTP {status} {shown!r}")
+            self.failed.append(f"{where} for {whom}: HTTP {status} {shown!r}")
         elif status >= 300:
             # Redirects are not followed: the isolation checks never saw the page behind it.
             self.failed.append(
-                f"{where} for {user}: HTTP {status}, a redirect (not followed; plan the "
+                f"{where} for {whom}: HTTP {status}, a redirect (not followed; plan the "
                 "request it leads to, or send what the app needs to serve this one)"
             )
         text = body.decode("utf-8", "replace")
         self.isolation.extend(
-            f"{where}: the response for {user} contains {other}'s data"
+            f"{where}: the response for {whom} contains {_whose(other)}'s data"
             for other in _mentions(text, self.known, user)
         )
         # Headers carry data too (a cookie, a redirect's location, an echoed id), and a
         # leak there reaches the other user as surely as one in the body.
         said = "\n".join(f"{_latin1(name)}: {_latin1(value)}" for name, value in headers)
         self.isolation.extend(
-            f"{where}: the response headers for {user} contain {other}'s data"
+            f"{where}: the response headers for {whom} contain {_whose(other)}'s data"
             for other in _mentions(said, self.known, user)
         )
         self.done += 1
@@ -743,17 +806,31 @@ class _Traffic:
                 "so isolation between them was not tested: does --identity name what the "
                 "app reads the user from?"
             )
-        split = sorted(user for user, seen in self.served_as.items() if len(seen) > 1)
+        untenanted = sum(
+            1
+            for user, seen in self.served_as.items()
+            if user.tenant_id is not None and any(served.tenant_id is None for served in seen)
+        )
+        if untenanted:
+            findings.append(
+                f"{untenanted} simulated user(s) of a tenant were served as users of no "
+                f"tenant, so users of one id in two tenants were not told apart: does the "
+                f"app read the tenant from {self.driver.tenant_source()}?"
+            )
+        split = sorted((user for user, seen in self.served_as.items() if len(seen) > 1), key=_label)
         if split and not self.anonymous:
             findings.append(
-                f"the requests of {split[0]} were served as {len(self.served_as[split[0]])} "
-                f"different users ({len(split)} simulated user(s) in all were split so)"
+                f"the requests of {_label(split[0])} were served as "
+                f"{len(self.served_as[split[0]])} different users ({len(split)} simulated "
+                "user(s) in all were split so)"
             )
-        owners: dict[str, list[str]] = {}
+        owners: dict[UserRef, list[str]] = {}
         for user, seen in self.served_as.items():
             for served_as in seen:
-                owners.setdefault(served_as, []).append(user)
-        shared = sorted(sorted(users) for users in owners.values() if len(users) > 1)
+                owners.setdefault(served_as, []).append(_label(user))
+        # Users of one id in two tenants, served without them, were served as one: said
+        # above, with why.
+        shared = [] if untenanted else sorted(sorted(u) for u in owners.values() if len(u) > 1)
         findings += [
             f"simulated users {', '.join(users)} were all served as one user" for users in shared
         ]
@@ -774,13 +851,16 @@ async def run_check(
     measure_overhead: bool = True,
     progress: Progress | None = None,
     time_limit: float | None = None,
+    tenants: int = 0,
+    tenant_header: str = "x-tenant-id",
 ) -> CheckReport:
     """Drive ``users`` simulated users, ``requests`` each, through ``app`` and report.
 
     Args:
         app: The ASGI app (usually wrapped in ``AmbientMiddleware``).
         name: How the report names the app.
-        users: Simulated users, each with a unique id: from 1 to 10,000.
+        users: Simulated users, each with a unique id (with tenants, unique within its
+            tenant): from 1 to 10,000.
         requests: Requests per user, cycling through ``plan``: from 1 to 10,000, and at
             most 1,000,000 in all (``users * requests``).
         concurrency: Users in flight at once (default: all of them).
@@ -797,19 +877,28 @@ async def run_check(
         time_limit: Seconds a request, and the lifespan startup and shutdown, may take: a
             request that has not answered by then is cancelled and counted as failed, a
             startup that has not raises. ``None`` (the default) waits as long as they take.
+        tenants: Tenants to spread the users over, in turn (0, the default: users of no
+            tenant), at most one per user. User ids then repeat across tenants, as they may
+            in a multi-tenant app: the user of one id in each of two tenants must still see
+            nothing of the other. A user presents its tenant id in ``tenant_header``, or in
+            the tokens' ``tenant_claim`` with a :class:`JWTIdentity`.
+        tenant_header: The header of a user's tenant id, with a ``("header", name)``
+            identity and ``tenants``.
 
     Raises:
-        ValueError: ``users``, ``requests`` or ``growth_requests`` out of those bounds, or
-            ``time_limit`` not more than 0.
+        ValueError: ``users``, ``requests``, ``growth_requests`` or ``tenants`` out of
+            those bounds, ``tenants`` with a ``("bearer", "")`` identity (an opaque token
+            carries no tenant), or ``time_limit`` not more than 0.
     """
     _check_arguments(users, requests, time_limit, growth_requests)
+    _check_tenants(tenants, users, identity)
     from ambient.migration import global_state_report, reset_global_state_report
 
-    ids = _simulated_ids(users)
-    report = CheckReport(app=name, users=users, requests=users * requests)
-    driver = _Driver(app, identity, time_limit)
-    traffic = _Traffic(driver, ids, plan, requests, progress)
-    watch = _LogWatch(ids)
+    simulated = _simulated_users(users, tenants)
+    report = CheckReport(app=name, users=users, requests=users * requests, tenants=tenants)
+    driver = _Driver(app, identity, time_limit, tenant_header)
+    traffic = _Traffic(driver, simulated, plan, requests, progress)
+    watch = _LogWatch(traffic.known)
     root = logging.getLogger()
     old_level = root.level
     watch.start()
@@ -817,7 +906,7 @@ async def run_check(
     reset_global_state_report()
     limiter = anyio.Semaphore(concurrency or users)
 
-    async def simulate(user: str) -> None:
+    async def simulate(user: UserRef) -> None:
         async with limiter:
             await traffic.user(user)
 
@@ -830,7 +919,7 @@ async def run_check(
             async with driver.lifespan() as shut_down:
                 started = time.perf_counter()
                 async with anyio.create_task_group() as group:
-                    for user in ids:
+                    for user in simulated:
                         group.start_soon(simulate, user)
                 elapsed = time.perf_counter() - started
                 # Every request has finished: a closed scope or REQUEST component still
@@ -841,7 +930,7 @@ async def run_check(
                 if growth_requests:
                     root.setLevel(old_level)
                     report.memory_growth_kib_per_1k = await _quiet_growth(
-                        probe, driver, ids, plan, growth_requests
+                        probe, driver, simulated, plan, growth_requests
                     )
             probe.expect_closed = shut_down[0]
             findings = probe.report()
@@ -885,6 +974,18 @@ def _check_arguments(
         raise ValueError(msg)
 
 
+def _check_tenants(tenants: int, users: int, identity: tuple[str, str] | JWTIdentity) -> None:
+    if not 0 <= tenants <= users:
+        msg = f"tenants must be from 0 to the number of users ({users}), not {tenants}"
+        raise ValueError(msg)
+    if tenants and not isinstance(identity, JWTIdentity) and identity[0] != "header":
+        msg = (
+            "tenants need an identity that can carry the tenant id: a header or a "
+            "JWTIdentity (an opaque bearer token is the user id alone)"
+        )
+        raise ValueError(msg)
+
+
 def _summarise(
     report: CheckReport,
     traffic: _Traffic,
@@ -924,7 +1025,7 @@ def _growth_findings(per_1k: float, requests: int, max_growth_kib: float) -> lis
 async def _quiet_growth(
     probe: _probe.IsolationProbe,
     driver: _Driver,
-    ids: list[str],
+    users: list[UserRef],
     plan: Sequence[PlannedRequest],
     count: int,
 ) -> float:
@@ -937,17 +1038,17 @@ async def _quiet_growth(
     disabled = logging.root.manager.disable
     logging.disable(max(disabled, logging.INFO))
     try:
-        return await _growth(driver, ids, plan, count)
+        return await _growth(driver, users, plan, count)
     finally:
         logging.disable(disabled)
         probe._recording = True
 
 
 async def _growth(
-    driver: _Driver, ids: list[str], plan: Sequence[PlannedRequest], count: int
+    driver: _Driver, simulated: list[UserRef], plan: Sequence[PlannedRequest], count: int
 ) -> float:
     """KiB the process keeps per 1,000 requests by users that are already warm."""
-    users = ids[: min(len(ids), 10)]
+    users = simulated[: min(len(simulated), 10)]
 
     async def run(n: int) -> None:
         for index in range(n):

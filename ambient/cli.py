@@ -36,8 +36,9 @@ def _parser() -> argparse.ArgumentParser:
         "demo",
         help="serve the bundled multi-user agent backend",
         description=(
-            "Serve the demo agent backend with uvicorn. Identity is the x-user-id header from "
-            "loopback peers (demo only); set AMBIENT_JWT_SECRET for HS256 bearer tokens. "
+            "Serve the demo agent backend with uvicorn. Identity is the x-user-id header (and "
+            "x-tenant-id, if any) from loopback peers (demo only); set AMBIENT_JWT_SECRET for "
+            "HS256 bearer tokens (the tenant in their tenant_id claim). "
             "Traces go to OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set."
         ),
     )
@@ -96,12 +97,37 @@ def _parser() -> argparse.ArgumentParser:
         help="with --identity jwt: the tokens' iss claim (none by default)",
     )
     check.add_argument(
+        "--tenants",
+        type=_tenants,
+        default=0,
+        help=(
+            "spread the users over this many tenants, each user id used in several of "
+            "them (unique only within a tenant), at most one per user (0: users of no "
+            "tenant)"
+        ),
+    )
+    check.add_argument(
+        "--tenant-header",
+        metavar="NAME",
+        type=_claim,
+        help="with --tenants and --identity header: the tenant id's header (x-tenant-id)",
+    )
+    check.add_argument(
+        "--tenant-claim",
+        metavar="NAME",
+        type=_claim,
+        help="with --tenants and --identity jwt: the tenant id's claim (tenant_id)",
+    )
+    check.add_argument(
         "--request",
         dest="plan",
         action="append",
         type=_request,
         metavar="'METHOD /path [JSON]'",
-        help="a request each user sends ({user} is replaced); repeatable; default: GET /",
+        help=(
+            "a request each user sends ({user} and {tenant} are replaced by its ids); "
+            "repeatable; default: GET /"
+        ),
     )
     check.add_argument(
         "--growth-requests",
@@ -156,6 +182,12 @@ def _requests(text: str) -> int:
     from ambient.check import _MAX_REQUESTS
 
     return _from_1_to(text, _MAX_REQUESTS)
+
+
+def _tenants(text: str) -> int:
+    from ambient.check import _MAX_USERS
+
+    return _from_1_to(text, _MAX_USERS, least=0)
 
 
 def _growth_requests(text: str) -> int:
@@ -221,7 +253,12 @@ def _jwt_identity(args: argparse.Namespace) -> JWTIdentity:
     from ambient.check import JWTIdentity
 
     try:
-        return JWTIdentity(secret, audience=args.jwt_audience, issuer=args.jwt_issuer)
+        return JWTIdentity(
+            secret,
+            audience=args.jwt_audience,
+            issuer=args.jwt_issuer,
+            tenant_claim=args.tenant_claim or "tenant_id",
+        )
     except ImportError:
         refuse("--identity jwt needs PyJWT: install ambient-context[jwt]")
     except ValueError as error:  # said without the secret
@@ -342,7 +379,8 @@ def _demo(host: str, port: int) -> int:
             f"  curl -s -H 'x-user-id: alice' -d '{{\"prompt\": \"remember buy milk\"}}' "
             f"{base}/agents/triage/runs\n"
             f"  curl -s -H 'x-user-id: bob' {base}/history\n"
-            "Identity comes from the x-user-id header of loopback clients: for demos only.\n"
+            "Identity comes from the x-user-id header (x-tenant-id for a tenant) of loopback "
+            "clients: for demos only.\n"
         )
         app = create_app()
         served = app if flush is None else _flushed_at_shutdown(app, flush)
@@ -417,6 +455,22 @@ def _configure_tracing(service: str) -> Callable[[], None] | None:
     return configure_tracing(service).shutdown
 
 
+def _check_tenants(args: argparse.Namespace) -> None:
+    """Refuse tenant options that do not fit the rest (said by argparse, exit status 2)."""
+    kind = args.identity[0]
+    if args.tenants > args.users:
+        args.refuse(f"--tenants {args.tenants} is more than --users {args.users}")
+    if args.tenants and kind == "bearer":
+        args.refuse(
+            "--tenants needs --identity header:NAME or jwt: an opaque bearer token is the "
+            "user id alone"
+        )
+    if args.tenant_header is not None and (not args.tenants or kind != "header"):
+        args.refuse("--tenant-header is for --tenants with --identity header:NAME")
+    if args.tenant_claim is not None and (not args.tenants or kind != "jwt"):
+        args.refuse("--tenant-claim is for --tenants with --identity jwt")
+
+
 def _check(args: argparse.Namespace) -> int:
     from ambient.check import _MAX_TOTAL_REQUESTS, parse_request
 
@@ -426,6 +480,7 @@ def _check(args: argparse.Namespace) -> int:
             f"--users {args.users} and --requests {args.requests} make {total} requests; "
             f"at most {_MAX_TOTAL_REQUESTS} in all"
         )
+    _check_tenants(args)
     identity: tuple[str, str] | JWTIdentity = args.identity
     if args.identity[0] == "jwt":
         identity = _jwt_identity(args)
@@ -492,6 +547,8 @@ def _load_and_run(
             growth_requests=args.growth_requests,
             progress=progress,
             time_limit=args.timeout,
+            tenants=args.tenants,
+            tenant_header=args.tenant_header or "x-tenant-id",
         )
 
     try:
@@ -560,8 +617,9 @@ def _rows(report: Any) -> list[tuple[str, str, str]]:
         isolation = (
             "isolation",
             _verdict(report.isolation),
-            f"{report.users} users, "
-            + ("no data of another" if not report.isolation else "data crossed users"),
+            f"{report.users} users"
+            + (f" in {report.tenants} tenants" if report.tenants else "")
+            + (", no data of another" if not report.isolation else ", data crossed users"),
         )
     rows = [
         isolation,

@@ -644,16 +644,18 @@ class TestJWTIdentity:
     ) -> None:
         import jwt
 
+        from ambient import UserRef
         from ambient.check import _Driver
 
         now = [1_800_000_000.0]
         monkeypatch.setattr(time, "time", lambda: now[0])
         driver = _Driver(_whoami, JWTIdentity(DEMO_SECRET, lifetime=600))
-        first = driver.token("check-00000-abcdef")
+        user = UserRef("check-00000-abcdef")
+        first = driver.token(user)
         now[0] += 299
-        assert driver.token("check-00000-abcdef") == first
+        assert driver.token(user) == first
         now[0] += 1
-        second = driver.token("check-00000-abcdef")
+        second = driver.token(user)
         assert second is not None
         assert second != first
         claims = jwt.decode(
@@ -676,6 +678,108 @@ class TestJWTIdentity:
         with pytest.raises(ValueError, match="lifetime must be more than 0"):
             JWTIdentity(DEMO_SECRET, lifetime=0)
         assert DEMO_SECRET not in repr(JWTIdentity(DEMO_SECRET))
+
+
+def tenants_app(registry: Registry, *, tenant_header: str | None = "x-tenant-id") -> Any:
+    """Each user's notes, named by whose they are, and a route whose path names the user."""
+
+    async def notes(request: Request) -> Response:
+        ctx = ambient.get_current_context()
+        held = await ambient.resolve(Notes)
+        if not held.owner:
+            held.owner = f"{ctx.user_id} of {ctx.tenant_id}"
+        return JSONResponse({"user": ctx.user_id, "tenant": ctx.tenant_id, "notes": held.owner})
+
+    async def named(request: Request) -> Response:
+        ctx = ambient.get_current_context()
+        path = request.path_params
+        mine = (path["user"], path["tenant"]) == (ctx.user_id, ctx.tenant_id)
+        return JSONResponse({"mine": mine}, status_code=200 if mine else 409)
+
+    routes = [Route("/", notes), Route("/t/{tenant}/u/{user}", named)]
+    identity = trusted_header(tenant_header=tenant_header)
+    return AmbientMiddleware(Starlette(routes=routes), registry=registry, identity=identity)
+
+
+def _registry_of(factory: Callable[[], Notes]) -> Registry:
+    registry = Registry()
+    registry.register(Notes, factory)
+    return registry
+
+
+class TestTenants:
+    """``tenants=N`` (``--tenants N``): the users are spread over tenants, user ids repeat
+    across them, and the check tells a user of one tenant from the same id in another."""
+
+    async def test_the_demo_passes_with_users_of_one_id_in_several_tenants(self) -> None:
+        report = await check(create_app(), plan=CHECK_PLAN, users=12, requests=3, tenants=4)
+        assert report.ok, report.violations
+        assert (report.tenants, report.scopes) == (4, 36)
+
+    async def test_the_path_names_each_users_own_ids(self) -> None:
+        plan = [PlannedRequest("GET", "/t/{tenant}/u/{user}"), PlannedRequest()]
+        report = await check(tenants_app(_registry_of(Notes)), plan=plan, users=9, tenants=3)
+        assert report.ok, report.violations
+
+    async def test_a_cache_keyed_by_the_user_id_alone_is_caught(self) -> None:
+        """Users of one id in two tenants get one cached object: the probe sees it handed
+        to both, and the second one's answer names the first one's tenant."""
+        cache: dict[str, Notes] = {}
+
+        def by_user_id() -> Notes:
+            return cache.setdefault(ambient.get_current_context().user_id, Notes())
+
+        report = await check(tenants_app(_registry_of(by_user_id)), users=8, tenants=4)
+        assert not report.ok
+        assert any("one instance was handed to users" in line for line in report.isolation)
+        assert any(
+            re.search(r"contains tenant check-tenant-\d{5}-[0-9a-f]{6}'s data", line)
+            for line in report.isolation
+        ), report.isolation
+        # Every user id is its own without tenants: nothing crosses users then.
+        alone = await check(tenants_app(_registry_of(by_user_id)), users=8)
+        assert alone.isolation == []
+
+    async def test_an_app_that_does_not_read_the_tenant_is_told_so(self) -> None:
+        app = tenants_app(_registry_of(Notes), tenant_header=None)
+        report = await check(app, users=6, requests=2, tenants=3)
+        assert report.isolation == [
+            "6 simulated user(s) of a tenant were served as users of no tenant, so users of "
+            "one id in two tenants were not told apart: does the app read the tenant from "
+            "the x-tenant-id header?"
+        ]
+        named = await check(
+            tenants_app(_registry_of(Notes), tenant_header="x-org"),
+            users=6,
+            tenants=3,
+            tenant_header="x-org",
+        )
+        assert named.ok, named.violations
+
+    async def test_jwt_users_carry_their_tenant_in_a_claim(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("AMBIENT_JWT_SECRET", DEMO_SECRET)
+        identity = JWTIdentity(DEMO_SECRET)
+        report = await check(create_app(), users=6, requests=2, tenants=2, identity=identity)
+        assert report.ok, report.violations
+        app = _jwt_notes_app(DEMO_SECRET, tenant_claim="org")
+        report = await check(app, users=4, requests=1, tenants=2, identity=identity)
+        assert report.isolation[0].endswith("from the tokens' 'tenant_id' claim?")
+        org = JWTIdentity(DEMO_SECRET, tenant_claim="org")
+        right = await check(app, users=4, requests=1, tenants=2, identity=org)
+        assert right.ok, right.violations
+
+    async def test_tenants_that_cannot_be_simulated_are_refused(self) -> None:
+        app = tenants_app(_registry_of(Notes))
+        with pytest.raises(ValueError, match="from 0 to the number of users"):
+            await check(app, users=3, tenants=4)
+        with pytest.raises(ValueError, match="from 0 to the number of users"):
+            await check(app, users=3, tenants=-1)
+        with pytest.raises(ValueError, match="an opaque bearer token is the user id alone"):
+            await check(app, users=3, tenants=2, identity=("bearer", ""))
+        with pytest.raises(ValueError, match="tenant claim must be a non-empty"):
+            JWTIdentity(DEMO_SECRET, tenant_claim="")
 
 
 async def _whoami(request: Request) -> Response:
@@ -1722,6 +1826,31 @@ class TestCommandLine:
                 capsys.readouterr().err
             )
 
+    def test_tenant_options_that_do_not_fit_are_refused(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        wrongs = {
+            ("--tenants", "3", "--users", "2"): "--tenants 3 is more than --users 2",
+            ("--tenants", "-1"): "must be from 0 to 10000, not -1",
+            ("--tenants", "2", "--identity", "bearer"): "an opaque bearer token is the user",
+            ("--tenant-header", "x-org"): "--tenant-header is for --tenants with --identity",
+            ("--tenants", "2", "--tenant-claim", "org"): "--tenant-claim is for --tenants with",
+            ("--tenants", "2", "--tenant-header", ""): "must not be empty",
+        }
+        for wrong, said in wrongs.items():
+            with pytest.raises(SystemExit) as refused:
+                main(["check", *wrong])
+            assert refused.value.code == 2
+            assert said in capsys.readouterr().err
+
+    def test_the_demo_with_tenants_as_json(self, capsys: pytest.CaptureFixture[str]) -> None:
+        args = ["--users", "6", "--requests", "2", "--growth-requests", "0", "--tenants", "3"]
+        assert main(["check", *args, "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert (report["ok"], report["tenants"], report["users"]) == (True, 3, 6)
+        assert main(["check", *args]) == 0
+        assert "6 users in 3 tenants, no data of another" in capsys.readouterr().out
+
     def test_an_error_text_with_brackets_is_printed_as_it_is(
         self, capsys: pytest.CaptureFixture[str]
     ) -> None:
@@ -2113,9 +2242,12 @@ async def test_the_demo_streams_each_run_to_its_own_users_sockets() -> None:
     assert sorted(received) == sorted(users)
 
 
-async def test_the_demo_on_postgresql_passes_the_check(anyio_backend: str) -> None:
+async def test_the_demo_on_postgresql_passes_the_check(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """History in PostgreSQL through the shared pool: isolated, cleaned, nothing kept alive
-    (the pool's worker tasks used to keep the first request's scope alive)."""
+    (the pool's worker tasks used to keep the first request's scope alive); with tenants
+    too, where a query that forgot the tenant is caught."""
     import psycopg
 
     from ambient.errors import UnsupportedBackendError
@@ -2133,6 +2265,19 @@ async def test_the_demo_on_postgresql_passes_the_check(anyio_backend: str) -> No
     report = await check(create_app(database_url=DATABASE_URL), plan=CHECK_PLAN, users=20)
     assert report.ok, report.violations
     assert report.components_created == report.components_cleaned
+    options: dict[str, Any] = {"plan": CHECK_PLAN, "users": 12, "requests": 4, "tenants": 4}
+    tenanted = await check(create_app(database_url=DATABASE_URL), **options)
+    assert tenanted.ok, tenanted.violations
+    import ambient.demo.app as demo
+
+    forgot = demo._RECENT.replace("tenant = current_setting('app.tenant_id')", "TRUE")
+    assert forgot != demo._RECENT
+    monkeypatch.setattr(demo, "_RECENT", forgot)
+    leaky = await check(create_app(database_url=DATABASE_URL), **options)
+    assert any(
+        line.startswith("GET /history: the response for") and "contains tenant check-" in line
+        for line in leaky.isolation
+    ), leaky.isolation
 
 
 async def test_the_migration_guide_example_fails_before_and_passes_after() -> None:
@@ -2254,21 +2399,44 @@ def test_every_simulated_user_named_in_a_text_is_found_among_ten_thousand() -> N
     """A response naming other simulated users is caught whichever they are, among the
     most users a check drives, without searching the text once per user: each id the
     check makes up has the shape its search looks for."""
+    from ambient import UserRef
     from ambient.check import _MAX_USERS, _mentions, _simulated_ids
 
     ids = _simulated_ids(_MAX_USERS)
     assert len(set(ids)) == _MAX_USERS
     users = set(ids)
-    own, first, last = ids[17], ids[0], ids[-1]
-    text = f'{{"owner": "{own}", "seen": ["{first}", "{last}", "{first}"], "x": "check-"}}'
+    own, first, last = UserRef(ids[17]), ids[0], ids[-1]
+    text = f'{{"owner": "{own.user_id}", "seen": ["{first}", "{last}", "{first}"], "x": "check-"}}'
     assert sorted(_mentions(text, users, own)) == sorted([first, last])
-    assert _mentions(f"only {own} here", users, own) == []
+    assert _mentions(f"only {own.user_id} here", users, own) == []
     # An id of another check run (not one of these users) is not a mention.
     stranger = _simulated_ids(1)[0]
     assert stranger not in users
     assert _mentions(f"{stranger} and {last}", users, own) == [last]
     # Every id is found in any text that holds it.
-    assert all(_mentions(f"<{user}>", users, own) == [user] for user in ids if user != own)
+    assert all(_mentions(f"<{user}>", users, own) == [user] for user in ids if user != own.user_id)
+
+
+def test_simulated_tenants_share_user_ids_and_their_ids_are_found_in_a_text() -> None:
+    """With tenants, each user id is used in several tenants (an id is unique only in its
+    tenant), every (user, tenant) pair is one simulated user, and another tenant's id in a
+    text is found as its user's are, but not the user's own tenant's."""
+    from ambient.check import _ids_of, _mentions, _simulated_users
+
+    users = _simulated_users(10, 4)
+    assert len(set(users)) == 10
+    assert len({user.user_id for user in users}) == 3  # 4 + 4 + 2
+    assert len({user.tenant_id for user in users}) == 4
+    assert {user.tenant_id for user in users if user.user_id == users[0].user_id} == {
+        user.tenant_id for user in users[:4]
+    }
+    known = _ids_of(users)
+    own, neighbour = users[0], users[1]  # one user id, two tenants
+    assert own.user_id == neighbour.user_id
+    assert neighbour.tenant_id is not None
+    said = f"{own.user_id} of {own.tenant_id} sees {neighbour.tenant_id}"
+    assert _mentions(said, known, own) == [neighbour.tenant_id]
+    assert _mentions(said, known, neighbour) == [own.tenant_id]
 
 
 def _interrupted_check(target: str, ready: str, cwd: Any) -> tuple[int, str]:

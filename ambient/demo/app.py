@@ -3,8 +3,9 @@
 Per request: a ``ToolDispatcher``, an ``AgentInstanceFactory`` and an ``ExecutionEngine``.
 Per user: a websocket event stream (``/events``; every run is announced on the user's
 sockets only) and a ``ConversationStore`` (in memory, or PostgreSQL when ``AMBIENT_DATABASE_URL`` is
-set). Identity: the ``x-user-id`` header from loopback peers (demo only), or an HS256 bearer
-JWT when ``AMBIENT_JWT_SECRET`` is set. Traces go to OTLP when
+set). Identity: the ``x-user-id`` header (and the tenant's, ``x-tenant-id``, if any) from
+loopback peers (demo only), or an HS256 bearer JWT (the tenant in its ``tenant_id`` claim)
+when ``AMBIENT_JWT_SECRET`` is set. Traces go to OTLP when
 ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set.
 """
 
@@ -49,7 +50,9 @@ HISTORY_LIMIT = 50
 
 # What `ambient check` sends as each simulated user when it checks the demo.
 CHECK_PLAN = (
-    PlannedRequest("POST", "/agents/triage/runs", '{"prompt": "remember note for {user}"}'),
+    PlannedRequest(
+        "POST", "/agents/triage/runs", '{"prompt": "remember note for {user} {tenant}"}'
+    ),
     PlannedRequest("GET", "/history"),
     PlannedRequest("POST", "/agents/research/runs", '{"prompt": "calc (6 + 1) * 6"}'),
     PlannedRequest("GET", "/whoami"),
@@ -422,8 +425,8 @@ def _identity() -> IdentityResolver:
     if secret:
         from ambient.middleware.identity import jwt_bearer
 
-        return jwt_bearer(secret, algorithms=["HS256"])
-    return trusted_header("x-user-id")
+        return jwt_bearer(secret, algorithms=["HS256"], tenant_claim="tenant_id")
+    return trusted_header("x-user-id", tenant_header="x-tenant-id")
 
 
 def create_app(
