@@ -33,12 +33,25 @@ from ambient import _probe, add_observer, current_context_or_none
 from ambient._context import UserRef
 from ambient._observe import ComponentEvent, Observer
 
-__all__ = ["CheckReport", "JWTIdentity", "PlannedRequest", "parse_request", "run_check"]
+__all__ = [
+    "JWT_ALGORITHMS",
+    "CheckReport",
+    "JWTIdentity",
+    "PlannedRequest",
+    "parse_request",
+    "run_check",
+]
 
 ASGIApp = Callable[..., Awaitable[None]]
 Progress = Callable[[int, int], None]
 
 _MAX_SHOWN = 20
+
+#: The algorithms a :class:`JWTIdentity` signs with.
+JWT_ALGORITHMS = (
+    *("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512"),
+    *("ES256", "ES384", "ES512", "EdDSA"),
+)
 
 # What one process can drive: every simulated user is a task in flight at once, and every
 # request keeps its latency and what the probe saw of it until the report is made (about
@@ -97,18 +110,23 @@ class _CleanupFailures(Observer):
 
 @dataclass(frozen=True)
 class JWTIdentity:
-    """Simulated users presenting HS256 JWTs (``Authorization: Bearer <jwt>``), as an app
+    """Simulated users presenting signed JWTs (``Authorization: Bearer <jwt>``), as an app
     behind :func:`~ambient.middleware.identity.jwt_bearer` reads them (extra ``jwt``).
 
     Each user's token has ``sub`` (the user's id), ``iat`` and ``exp`` (``lifetime`` seconds
     later; a user's token is made anew once half of that has passed, so a run may last
     longer), ``aud`` and ``iss`` when given, and the user's tenant id in ``tenant_claim``
-    when the check simulates tenants. The secret is never shown (not in the ``repr``
-    either), nor are the tokens.
+    when the check simulates tenants. Tokens are signed with ``algorithm``: HS256 (the
+    default) and the other HMAC ones with ``secret`` as the shared secret; RS, PS, ES and
+    EdDSA ones with ``secret`` as a PEM private key, whose public key (or a key set holding
+    it, then named by ``key_id``, the tokens' ``kid``) the app verifies them with. The secret
+    is never shown (not in the ``repr`` either), nor are the tokens.
 
     Raises:
-        ValueError: An empty secret, one PyJWT refuses for HS256 (a public key), an empty
-            audience, issuer or tenant claim, or a lifetime that is not more than 0 seconds.
+        ValueError: An empty secret, one PyJWT cannot sign ``algorithm``'s tokens with (a
+            public key, or a private key of another kind), an algorithm not listed above,
+            an empty audience, issuer, key id or tenant claim, or a lifetime that is not
+            more than 0 seconds.
         ImportError: PyJWT is not installed.
     """
 
@@ -117,22 +135,47 @@ class JWTIdentity:
     issuer: str | None = None
     lifetime: float = 900.0
     tenant_claim: str = "tenant_id"
+    algorithm: str = "HS256"
+    key_id: str | None = None
+    # The secret as PyJWT signs with it: a private key is read once, not for every token.
+    _key: Any = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
         if not self.secret:
             msg = "the JWT secret is empty"
             raise ValueError(msg)
+        if self.algorithm not in JWT_ALGORITHMS:
+            known = ", ".join(JWT_ALGORITHMS)
+            msg = f"the JWT algorithm must be one of {known}, not {self.algorithm!r}"
+            raise ValueError(msg)
         if not self.tenant_claim:
             msg = "the JWT tenant claim must be a non-empty string"
             raise ValueError(msg)
-        for name, value in (("audience", self.audience), ("issuer", self.issuer)):
+        named = (("audience", self.audience), ("issuer", self.issuer), ("key id", self.key_id))
+        for name, value in named:
             if value is not None and not value:
                 msg = f"the JWT {name} must be a non-empty string or None"
                 raise ValueError(msg)
         if not 0 < self.lifetime < float("inf"):
             msg = f"the JWT lifetime must be more than 0 seconds, not {self.lifetime}"
             raise ValueError(msg)
-        self.token("check-secret-test")  # a secret PyJWT refuses, refused here
+        import jwt
+
+        try:
+            key = jwt.get_algorithm_by_name(self.algorithm).prepare_key(self.secret)
+        except (jwt.InvalidKeyError, ValueError, TypeError):
+            raise ValueError(self._unusable()) from None
+        object.__setattr__(self, "_key", key)
+        self.token("check-secret-test")  # a key PyJWT reads but cannot sign with (a public one)
+
+    def _unusable(self) -> str:
+        # Said without PyJWT's message, which may quote the secret.
+        if self.algorithm.startswith("HS"):
+            return f"the JWT secret cannot sign {self.algorithm} tokens (is it a public key?)"
+        return (
+            f"the JWT secret cannot sign {self.algorithm} tokens: it must be a PEM private "
+            "key of that algorithm's kind"
+        )
 
     def token(self, user: str, tenant: str | None = None) -> str:
         """A token for ``user`` (of ``tenant``), valid from now for ``lifetime`` seconds."""
@@ -146,12 +189,11 @@ class JWTIdentity:
             claims["aud"] = self.audience
         if self.issuer is not None:
             claims["iss"] = self.issuer
+        headers = None if self.key_id is None else {"kid": self.key_id}
         try:
-            return jwt.encode(claims, self.secret, algorithm="HS256")
-        except jwt.InvalidKeyError:
-            # Its message is PyJWT's, not the secret's text.
-            msg = "the JWT secret cannot sign HS256 tokens (is it a public key?)"
-            raise ValueError(msg) from None
+            return jwt.encode(claims, self._key, algorithm=self.algorithm, headers=headers)
+        except (jwt.InvalidKeyError, AttributeError, TypeError, ValueError):
+            raise ValueError(self._unusable()) from None
 
 
 @dataclass(frozen=True)
@@ -780,11 +822,18 @@ class _Traffic:
         if not self.refused:
             return []
         said = f" (the first answer: {self.refused_said!r})" if self.refused_said else ""
+        identity = self.driver.identity
+        algorithm = identity.algorithm if isinstance(identity, JWTIdentity) else "HS256"
+        key = (
+            "the secret they are signed with (AMBIENT_JWT_SECRET)"
+            if algorithm.startswith("HS")
+            else "the public key of the private key they are signed with (AMBIENT_JWT_SECRET), "
+            "or a key set holding it under their kid (--jwt-key-id)"
+        )
         return [
             f"the app refused the tokens of {self.refused} of {self.done} requests with HTTP "
-            f"401{said}: does it verify HS256 tokens with the secret they are signed with "
-            "(AMBIENT_JWT_SECRET), and expect the aud and iss they carry (--jwt-audience, "
-            "--jwt-issuer)?"
+            f"401{said}: does it verify {algorithm} tokens with {key}, and expect the aud and "
+            "iss they carry (--jwt-audience, --jwt-issuer)?"
         ]
 
     def identity_findings(self) -> list[str]:

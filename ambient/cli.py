@@ -97,6 +97,24 @@ def _parser() -> argparse.ArgumentParser:
         help="with --identity jwt: the tokens' iss claim (none by default)",
     )
     check.add_argument(
+        "--jwt-algorithm",
+        metavar="ALG",
+        choices=_jwt_algorithms(),
+        default="HS256",
+        help=(
+            "with --identity jwt: the tokens' algorithm; HS256 (the default), HS384 or "
+            "HS512 sign with AMBIENT_JWT_SECRET as the shared secret, the RS, PS, ES and "
+            "EdDSA ones with it as a PEM private key"
+        ),
+    )
+    check.add_argument(
+        "--jwt-key-id",
+        metavar="KID",
+        type=_claim,
+        help="with --identity jwt: the tokens' kid header, for an app verifying them "
+        "against a key set (none by default)",
+    )
+    check.add_argument(
         "--tenants",
         type=_tenants,
         default=0,
@@ -231,6 +249,12 @@ def _identity(text: str) -> tuple[str, str]:
     raise argparse.ArgumentTypeError(msg)
 
 
+def _jwt_algorithms() -> tuple[str, ...]:
+    from ambient.check import JWT_ALGORITHMS
+
+    return JWT_ALGORITHMS
+
+
 def _claim(text: str) -> str:
     if not text:
         msg = "must not be empty"
@@ -243,12 +267,17 @@ def _jwt_identity(args: argparse.Namespace) -> JWTIdentity:
     environment; an argument error (exit status 2) when there is none to be had."""
     refuse: Callable[[str], NoReturn] = args.refuse
     secret = os.environ.get("AMBIENT_JWT_SECRET")
+    algorithm = args.jwt_algorithm
     if not secret:
         unset = "empty" if secret == "" else "not set"
+        what = (
+            f"the secret the app verifies {algorithm} tokens with"
+            if algorithm.startswith("HS")
+            else f"the PEM private key whose public key the app verifies {algorithm} tokens with"
+        )
         refuse(
             "--identity jwt signs the tokens with the secret in the AMBIENT_JWT_SECRET "
-            f"environment variable, which is {unset}: set it to the secret the app verifies "
-            "HS256 tokens with"
+            f"environment variable, which is {unset}: set it to {what}"
         )
     from ambient.check import JWTIdentity
 
@@ -258,6 +287,8 @@ def _jwt_identity(args: argparse.Namespace) -> JWTIdentity:
             audience=args.jwt_audience,
             issuer=args.jwt_issuer,
             tenant_claim=args.tenant_claim or "tenant_id",
+            algorithm=algorithm,
+            key_id=args.jwt_key_id,
         )
     except ImportError:
         refuse("--identity jwt needs PyJWT: install ambient-context[jwt]")
@@ -484,8 +515,16 @@ def _check(args: argparse.Namespace) -> int:
     identity: tuple[str, str] | JWTIdentity = args.identity
     if args.identity[0] == "jwt":
         identity = _jwt_identity(args)
-    elif args.jwt_audience is not None or args.jwt_issuer is not None:
-        args.refuse("--jwt-audience and --jwt-issuer are for --identity jwt")
+    else:
+        jwt_options = {
+            "--jwt-audience": args.jwt_audience is not None,
+            "--jwt-issuer": args.jwt_issuer is not None,
+            "--jwt-algorithm": args.jwt_algorithm != "HS256",
+            "--jwt-key-id": args.jwt_key_id is not None,
+        }
+        given = [option for option, set_ in jwt_options.items() if set_]
+        if given:
+            args.refuse(f"{' and '.join(given)}: for --identity jwt only")
     if args.plan:
         plan = [parse_request(text) for text in args.plan]
     elif args.app == _DEMO:

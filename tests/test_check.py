@@ -678,6 +678,88 @@ class TestJWTIdentity:
         with pytest.raises(ValueError, match="lifetime must be more than 0"):
             JWTIdentity(DEMO_SECRET, lifetime=0)
         assert DEMO_SECRET not in repr(JWTIdentity(DEMO_SECRET))
+        rsa_private, rsa_public = _key_pair("RS256")
+        ec_private, _ = _key_pair("ES256")
+        refused = {
+            (rsa_public, "RS256"): "cannot sign RS256 tokens: it must be a PEM private key",
+            (ec_private, "RS256"): "cannot sign RS256 tokens: it must be a PEM private key",
+            (rsa_private, "ES256"): "cannot sign ES256 tokens: it must be a PEM private key",
+            (DEMO_SECRET, "EdDSA"): "cannot sign EdDSA tokens: it must be a PEM private key",
+            (rsa_private, "HS256"): "cannot sign HS256 tokens",
+            (DEMO_SECRET, "none"): "must be one of HS256, HS384",
+            (DEMO_SECRET, "RS257"): "must be one of HS256, HS384",
+        }
+        for (secret, algorithm), said in refused.items():
+            with pytest.raises(ValueError, match=said) as error:
+                JWTIdentity(secret, algorithm=algorithm)
+            assert secret not in str(error.value)
+        with pytest.raises(ValueError, match="key id must be a non-empty string"):
+            JWTIdentity(DEMO_SECRET, key_id="")
+        assert rsa_private not in repr(JWTIdentity(rsa_private, algorithm="RS256"))
+
+    @pytest.mark.parametrize("algorithm", ["RS256", "PS384", "ES256", "EdDSA", "HS512"])
+    async def test_an_app_verifying_the_algorithm_passes(self, algorithm: str) -> None:
+        private, public = _key_pair(algorithm)
+        resolver = jwt_bearer(public, algorithms=[algorithm])
+        app = AmbientMiddleware(
+            Starlette(routes=[Route("/", _whoami)]), registry=Registry(), identity=resolver
+        )
+        identity = JWTIdentity(private, algorithm=algorithm)
+        report = await check(app, users=4, requests=2, identity=identity)
+        assert report.ok, report.violations
+        assert report.tokens_refused == 0
+
+    async def test_a_key_set_finds_the_key_by_the_tokens_kid(self) -> None:
+        import jwt as pyjwt
+        from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+        private, public = _key_pair("RS256")
+        jwk = json.loads(pyjwt.algorithms.RSAAlgorithm.to_jwk(load_pem_public_key(public.encode())))
+        key_set = {"keys": [{**jwk, "kid": "k2", "alg": "RS256", "use": "sig"}]}
+        resolver = jwt_bearer(key_set, algorithms=["RS256"])
+        app = AmbientMiddleware(
+            Starlette(routes=[Route("/", _whoami)]), registry=Registry(), identity=resolver
+        )
+        named = await check(
+            app, users=4, requests=2, identity=JWTIdentity(private, algorithm="RS256", key_id="k2")
+        )
+        assert named.ok, named.violations
+        unnamed = await check(
+            app, users=4, requests=2, identity=JWTIdentity(private, algorithm="RS256")
+        )
+        assert unnamed.tokens_refused == unnamed.requests == 8
+        assert unnamed.failed_requests[0].endswith(
+            "does it verify RS256 tokens with the public key of the private key they are "
+            "signed with (AMBIENT_JWT_SECRET), or a key set holding it under their kid "
+            "(--jwt-key-id), and expect the aud and iss they carry (--jwt-audience, "
+            "--jwt-issuer)?"
+        )
+
+
+def _key_pair(algorithm: str) -> tuple[str, str]:
+    """A PEM private key and its public key for ``algorithm`` (an HMAC one: a secret, twice)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    if algorithm.startswith("HS"):
+        secret = DEMO_SECRET * 2  # long enough for HS512
+        return secret, secret
+    key: Any
+    if algorithm.startswith(("RS", "PS")):
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    elif algorithm == "EdDSA":
+        key = ed25519.Ed25519PrivateKey.generate()
+    else:
+        key = ec.generate_private_key(ec.SECP256R1())
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return private.decode(), public.decode()
 
 
 def tenants_app(registry: Registry, *, tenant_header: str | None = "x-tenant-id") -> Any:
@@ -1818,13 +1900,56 @@ class TestCommandLine:
     def test_jwt_claims_without_jwt_identity_are_refused(
         self, capsys: pytest.CaptureFixture[str]
     ) -> None:
-        for option in ("--jwt-audience", "--jwt-issuer"):
+        options = {
+            "--jwt-audience": "api",
+            "--jwt-issuer": "api",
+            "--jwt-algorithm": "RS256",
+            "--jwt-key-id": "k1",
+        }
+        for option, value in options.items():
             with pytest.raises(SystemExit) as refused:
-                main(["check", option, "api", "--users", "2", "--requests", "1"])
+                main(["check", option, value, "--users", "2", "--requests", "1"])
             assert refused.value.code == 2
-            assert "--jwt-audience and --jwt-issuer are for --identity jwt" in (
-                capsys.readouterr().err
-            )
+            assert f"{option}: for --identity jwt only" in capsys.readouterr().err
+        with pytest.raises(SystemExit) as refused:
+            main(["check", "--jwt-issuer", "i", "--jwt-key-id", "k", "--users", "2"])
+        assert "--jwt-issuer and --jwt-key-id: for --identity jwt only" in (capsys.readouterr().err)
+
+    def test_tokens_signed_with_a_private_key(
+        self, tmp_path: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        private, public = _key_pair("ES256")
+        source = (
+            "from starlette.applications import Starlette\n"
+            "from starlette.responses import JSONResponse\n"
+            "from starlette.routing import Route\n"
+            "import ambient\n"
+            "from ambient.middleware import AmbientMiddleware\n"
+            "from ambient.middleware.identity import jwt_bearer\n"
+            "async def whoami(request):\n"
+            "    return JSONResponse({'user': ambient.get_current_context().user_id})\n"
+            "app = AmbientMiddleware(Starlette(routes=[Route('/', whoami)]),\n"
+            "    registry=ambient.Registry(),\n"
+            f"    identity=jwt_bearer({public!r}, algorithms=['ES256']))\n"
+        )
+        _app_module(tmp_path, monkeypatch, "signed_app", source)
+        monkeypatch.setenv("AMBIENT_JWT_SECRET", private)
+        options = ["signed_app:app", "--identity", "jwt", "--users", "4", "--requests", "2"]
+        assert main(["check", *options, "--growth-requests", "0", "--jwt-algorithm", "ES256"]) == 0
+        assert "PASSED" in capsys.readouterr().out
+        # Signed HS256 with the PEM text as its secret: refused before the run.
+        with pytest.raises(SystemExit) as refused:
+            main(["check", *options])
+        out, err = capsys.readouterr()
+        assert refused.value.code == 2
+        assert "the JWT secret cannot sign HS256 tokens (is it a public key?)" in err
+        assert private not in out + err
+        monkeypatch.delenv("AMBIENT_JWT_SECRET")
+        with pytest.raises(SystemExit):
+            main(["check", *options, "--jwt-algorithm", "ES256"])
+        assert "set it to the PEM private key whose public key the app verifies ES256" in (
+            capsys.readouterr().err
+        )
 
     def test_tenant_options_that_do_not_fit_are_refused(
         self, capsys: pytest.CaptureFixture[str]
