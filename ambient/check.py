@@ -231,13 +231,17 @@ class CheckReport:
 
     ``ok`` is true only when there was no violation and no leak. ``tokens_refused`` counts
     the requests whose JWT (a :class:`JWTIdentity`) the app refused with 401. ``tenants``
-    is how many tenants the users were spread over (0: users of no tenant).
+    is how many tenants the users were spread over (0: users of no tenant);
+    ``websockets`` how many sockets were held open (one per user, with ``websocket``) and
+    ``websocket_frames`` the frames the app sent on them.
     """
 
     app: str
     users: int
     requests: int
     tenants: int = 0
+    websockets: int = 0
+    websocket_frames: int = 0
     isolation: list[str] = field(default_factory=list)
     failed_requests: list[str] = field(default_factory=list)
     cleanup: list[str] = field(default_factory=list)
@@ -331,24 +335,9 @@ class _Driver:
         """Send one request; return its status, body and duration (status 0 and what went
         wrong instead of a body when there was no whole response). The response's headers
         are added to ``headers`` when given."""
-        path = _filled(planned.path, user)
-        raw_path, _, query = path.partition("?")
         body = _filled(planned.body, user).encode() if planned.body else None
-        scope: dict[str, Any] = {
-            "type": "http",
-            "asgi": {"version": "3.0", "spec_version": "2.4"},
-            "http_version": "1.1",
-            "method": planned.method,
-            "scheme": "http",
-            "path": raw_path,
-            "raw_path": raw_path.encode(),
-            "query_string": query.encode(),
-            "root_path": "",
-            "headers": self._headers(user, body),
-            "client": ("127.0.0.1", 40000),
-            "server": ("127.0.0.1", 8000),
-            "state": {},
-        }
+        scope = self.scope("http", user, planned.path, body)
+        scope["method"] = planned.method
         sent_body = False
         done = anyio.Event()
         status = 0
@@ -400,6 +389,30 @@ class _Driver:
         if not finished:
             return 0, b"the app returned before its response body ended", elapsed
         return status, b"".join(chunks), elapsed
+
+    def scope(
+        self, kind: str, user: UserRef, path: str, body: bytes | None = None
+    ) -> dict[str, Any]:
+        """A scope of ``kind`` (``http`` or ``websocket``) of ``user``'s at ``path``."""
+        raw_path, _, query = _filled(path, user).partition("?")
+        scope: dict[str, Any] = {
+            "type": kind,
+            "asgi": {"version": "3.0", "spec_version": "2.4"},
+            "http_version": "1.1",
+            "scheme": "ws" if kind == "websocket" else "http",
+            "path": raw_path,
+            "raw_path": raw_path.encode(),
+            "query_string": query.encode(),
+            "root_path": "",
+            "headers": self._headers(user, body),
+            "client": ("127.0.0.1", 40000),
+            "server": ("127.0.0.1", 8000),
+            "state": {},
+        }
+        if kind == "websocket":
+            scope["subprotocols"] = []
+            scope["extensions"] = {"websocket.http.response": {}}
+        return scope
 
     def tenant_source(self) -> str:
         """Where a simulated user's tenant id is, said for a finding."""
@@ -683,6 +696,10 @@ def _simulated_users(users: int, tenants: int = 0) -> list[UserRef]:
     return [UserRef(ids[n // tenants], tenant_ids[n % tenants]) for n in range(users)]
 
 
+# Seconds a user's requests wait, after its socket's accept, for the app to listen on it.
+_LISTENING = 1.0
+
+
 def _ids_of(users: Sequence[UserRef]) -> set[str]:
     """The ids of ``users`` and of their tenants."""
     return {user.user_id for user in users} | {
@@ -738,6 +755,79 @@ def _cut(findings: list[str]) -> list[str]:
     return [*findings[:_MAX_SHOWN], f"... and {len(findings) - _MAX_SHOWN} more"]
 
 
+class _Socket:
+    """A simulated user's websocket at ``path``, held open while its requests run; what
+    the app sent on it, and what went wrong."""
+
+    def __init__(self, driver: _Driver, user: UserRef, path: str) -> None:
+        self.driver = driver
+        self.user = user
+        self.path = path
+        self.frames: list[str] = []
+        self.served: list[tuple[UserRef, bool]] = []
+        # What went wrong: a handshake refused, a socket the app closed or failed early.
+        self.problem: str | None = None
+        self.accepted = False
+        self.settled = anyio.Event()  # accepted, or ended without
+        # Once the app awaits a message, sends a frame or returns: an app that registers the
+        # socket after its accept (with a per-user manager) has done so by then.
+        self.listening = anyio.Event()
+        self.ended = anyio.Event()  # the app returned
+        self._leaving = anyio.Event()
+
+    async def run(self) -> None:
+        """Connect, and call the app until it returns (after :meth:`leave`)."""
+        scope = self.driver.scope("websocket", self.user, self.path)
+        connected = False
+
+        async def receive() -> MutableMapping[str, Any]:
+            nonlocal connected
+            if not connected:
+                connected = True
+                return {"type": "websocket.connect"}
+            self.listening.set()
+            await self._leaving.wait()
+            return {"type": "websocket.disconnect", "code": 1000}
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            kind = message["type"]
+            if kind == "websocket.accept":
+                self.accepted = True
+                self.settled.set()
+            elif kind == "websocket.send":
+                self.listening.set()
+                text, data = message.get("text"), message.get("bytes")
+                self.frames.append(text if text is not None else _latin1(data or b""))
+            elif kind == "websocket.http.response.start":
+                self._failed(f"refused the handshake with HTTP {message.get('status')}")
+            elif kind == "websocket.close" and not self._leaving.is_set():
+                code = message.get("code", 1000)
+                said = "refused the handshake" if not self.accepted else "closed the socket"
+                self._failed(f"{said} with close code {code}")
+
+        token = _served.set(self.served)
+        try:
+            await self.driver.app(scope, receive, send)
+        except Exception as exc:  # noqa: BLE001 - an app error is a finding, not a crash
+            self._failed(f"raised {type(exc).__name__}: {exc}")
+        finally:
+            _served.reset(token)
+            if not self.accepted:
+                self._failed("returned without accepting the socket")
+            self.settled.set()
+            self.listening.set()
+            self.ended.set()
+
+    def _failed(self, problem: str) -> None:
+        if self.problem is None:
+            self.problem = problem[:200]
+        self.settled.set()
+
+    def leave(self) -> None:
+        """Disconnect: the app's next ``receive`` is ``websocket.disconnect``."""
+        self._leaving.set()
+
+
 class _Traffic:
     """One simulated user's requests, and what their responses showed."""
 
@@ -748,8 +838,12 @@ class _Traffic:
         plan: Sequence[PlannedRequest],
         requests: int,
         progress: Progress | None,
+        websocket: str | None = None,
     ) -> None:
         self.driver = driver
+        self.websocket = websocket
+        self.sockets = 0
+        self.frames = 0
         self.known = _ids_of(users)
         self.plan = plan
         self.requests = requests
@@ -766,6 +860,48 @@ class _Traffic:
         self.refused_said = ""
 
     async def user(self, user: UserRef) -> None:
+        if self.websocket is None:
+            await self._requests(user)
+            return
+        socket = _Socket(self.driver, user, self.websocket)
+        limit = self.driver.time_limit
+        async with anyio.create_task_group() as group:
+            group.start_soon(socket.run)
+            with anyio.move_on_after(limit):
+                await socket.settled.wait()
+            if not socket.settled.is_set():
+                socket.problem = f"no accept within {limit:g} s"
+            with anyio.move_on_after(min(limit or _LISTENING, _LISTENING)):
+                await socket.listening.wait()
+            await self._requests(user)
+            socket.leave()
+            with anyio.move_on_after(limit):
+                await socket.ended.wait()
+            if not socket.ended.is_set():
+                socket.problem = socket.problem or f"did not end within {limit:g} s of its close"
+                group.cancel_scope.cancel()
+        self._look_at_socket(socket)
+
+    def _look_at_socket(self, socket: _Socket) -> None:
+        where, whom = f"WS {socket.path}", _label(socket.user)
+        self.sockets += 1
+        self.frames += len(socket.frames)
+        if socket.served:
+            self._note_served(socket.user, *socket.served[0])
+        if socket.problem is not None:
+            self.failed.append(f"{where} for {whom}: the app {socket.problem}")
+        for frame in socket.frames:
+            self.isolation.extend(
+                f"{where}: a frame sent to {whom} contains {_whose(other)}'s data"
+                for other in _mentions(frame, self.known, socket.user)
+            )
+
+    def _note_served(self, user: UserRef, served_as: UserRef, anonymous: bool) -> None:
+        self.served_as.setdefault(user, set()).add(served_as)
+        if anonymous:
+            self.anonymous.add(user)
+
+    async def _requests(self, user: UserRef) -> None:
         for index in range(self.requests):
             await self.one(user, self.plan[index % len(self.plan)])
 
@@ -778,10 +914,7 @@ class _Traffic:
         status, body, elapsed = await self.driver.request(user, planned, served, headers)
         self.latencies.append(elapsed)
         if served:
-            served_as, anonymous = served[0]
-            self.served_as.setdefault(user, set()).add(served_as)
-            if anonymous:
-                self.anonymous.add(user)
+            self._note_served(user, *served[0])
         where = f"{planned.method} {planned.path}"
         whom = _label(user)
         if not status:  # no complete response: the driver says what went wrong
@@ -902,6 +1035,7 @@ async def run_check(
     time_limit: float | None = None,
     tenants: int = 0,
     tenant_header: str = "x-tenant-id",
+    websocket: str | None = None,
 ) -> CheckReport:
     """Drive ``users`` simulated users, ``requests`` each, through ``app`` and report.
 
@@ -933,20 +1067,26 @@ async def run_check(
             the tokens' ``tenant_claim`` with a :class:`JWTIdentity`.
         tenant_header: The header of a user's tenant id, with a ``("header", name)``
             identity and ``tenants``.
+        websocket: A path (``{user}`` and ``{tenant}`` are replaced) at which each user
+            holds a websocket open, presenting itself as its requests do, from before its
+            first request until after its last; a frame the app sends on it that carries
+            another user's or tenant's id is a violation, a handshake refused or a socket
+            the app closes first is a failed request.
 
     Raises:
         ValueError: ``users``, ``requests``, ``growth_requests`` or ``tenants`` out of
             those bounds, ``tenants`` with a ``("bearer", "")`` identity (an opaque token
-            carries no tenant), or ``time_limit`` not more than 0.
+            carries no tenant), a ``websocket`` path not starting with ``/``, or
+            ``time_limit`` not more than 0.
     """
     _check_arguments(users, requests, time_limit, growth_requests)
-    _check_tenants(tenants, users, identity)
+    _check_simulated(tenants, users, identity, websocket)
     from ambient.migration import global_state_report, reset_global_state_report
 
     simulated = _simulated_users(users, tenants)
     report = CheckReport(app=name, users=users, requests=users * requests, tenants=tenants)
     driver = _Driver(app, identity, time_limit, tenant_header)
-    traffic = _Traffic(driver, simulated, plan, requests, progress)
+    traffic = _Traffic(driver, simulated, plan, requests, progress, websocket)
     watch = _LogWatch(traffic.known)
     root = logging.getLogger()
     old_level = root.level
@@ -1023,7 +1163,12 @@ def _check_arguments(
         raise ValueError(msg)
 
 
-def _check_tenants(tenants: int, users: int, identity: tuple[str, str] | JWTIdentity) -> None:
+def _check_simulated(
+    tenants: int, users: int, identity: tuple[str, str] | JWTIdentity, websocket: str | None
+) -> None:
+    if websocket is not None and not websocket.startswith("/"):
+        msg = f"the websocket path must start with '/', not {websocket!r}"
+        raise ValueError(msg)
     if not 0 <= tenants <= users:
         msg = f"tenants must be from 0 to the number of users ({users}), not {tenants}"
         raise ValueError(msg)
@@ -1052,6 +1197,8 @@ def _summarise(
         *_cut(watch.findings),
     ]
     report.failed_requests = [*traffic.refusal(), *_cut(traffic.failed)]
+    report.websockets = traffic.sockets
+    report.websocket_frames = traffic.frames
     report.tokens_refused = traffic.refused
     report.cleanup = _cut(findings.cleanup + findings.open_scopes)
     report.leaks = _cut(after_run.outlived + after_run.leaked_scopes)

@@ -148,6 +148,16 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     check.add_argument(
+        "--websocket",
+        metavar="PATH",
+        type=_websocket_path,
+        help=(
+            "a websocket path each user holds open while its requests run, checked for "
+            "frames carrying another user's data ({user} and {tenant} are replaced); "
+            "default: /events for the demo without --request, none otherwise"
+        ),
+    )
+    check.add_argument(
         "--growth-requests",
         type=_growth_requests,
         default=1000,
@@ -247,6 +257,13 @@ def _identity(text: str) -> tuple[str, str]:
     # said by argparse, with the usage and exit status 2, as every other bad argument
     msg = f"must be header:NAME, bearer or jwt, not {text!r}"
     raise argparse.ArgumentTypeError(msg)
+
+
+def _websocket_path(text: str) -> str:
+    if not text.startswith("/"):
+        msg = f"the path must start with '/', not {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return text
 
 
 def _jwt_algorithms() -> tuple[str, ...]:
@@ -525,19 +542,21 @@ def _check(args: argparse.Namespace) -> int:
         given = [option for option, set_ in jwt_options.items() if set_]
         if given:
             args.refuse(f"{' and '.join(given)}: for --identity jwt only")
+    websocket = args.websocket
     if args.plan:
         plan = [parse_request(text) for text in args.plan]
     elif args.app == _DEMO:
-        from ambient.demo.app import CHECK_PLAN
+        from ambient.demo.app import CHECK_PLAN, CHECK_WEBSOCKET
 
         plan = list(CHECK_PLAN)
+        websocket = websocket or CHECK_WEBSOCKET
     else:
         plan = [parse_request("GET /")]
     # With --json, stdout holds the report alone: what the app prints goes to stderr.
     printed = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     try:
         with printed:
-            report = _load_and_run(args, identity, plan)
+            report = _load_and_run(args, identity, plan, websocket)
     except SystemExit as refused:
         if args.json and isinstance(refused.code, str):
             # An app that cannot be loaded or started: still JSON for whoever parses it.
@@ -555,6 +574,7 @@ def _load_and_run(
     args: argparse.Namespace,
     identity: tuple[str, str] | JWTIdentity,
     plan: list[PlannedRequest],
+    websocket: str | None,
 ) -> CheckReport:
     import anyio
 
@@ -588,6 +608,7 @@ def _load_and_run(
             time_limit=args.timeout,
             tenants=args.tenants,
             tenant_header=args.tenant_header or "x-tenant-id",
+            websocket=websocket,
         )
 
     try:
@@ -660,9 +681,18 @@ def _rows(report: Any) -> list[tuple[str, str, str]]:
             + (f" in {report.tenants} tenants" if report.tenants else "")
             + (", no data of another" if not report.isolation else ", data crossed users"),
         )
+    sockets = (
+        f", {report.websockets} websockets ({report.websocket_frames} frames)"
+        if report.websockets
+        else ""
+    )
     rows = [
         isolation,
-        ("failed requests", _verdict(report.failed_requests), f"{report.requests} requests"),
+        (
+            "failed requests",
+            _verdict(report.failed_requests),
+            f"{report.requests} requests{sockets}",
+        ),
         (
             "cleanup",
             _verdict(report.cleanup),

@@ -29,13 +29,14 @@ from starlette.applications import Starlette
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 import ambient
 from ambient import Lifetime, Registry, UserExecutionContext
 from ambient.check import CheckReport, JWTIdentity, PlannedRequest, parse_request, run_check
 from ambient.cli import main
-from ambient.demo.app import CHECK_PLAN, create_app
+from ambient.demo.app import CHECK_PLAN, CHECK_WEBSOCKET, create_app
 from ambient.middleware import AmbientMiddleware, Identity, trusted_header
 from ambient.middleware.identity import jwt_bearer
 from ambient.testing import IsolationProbe, IsolationReport
@@ -734,6 +735,116 @@ class TestJWTIdentity:
             "(--jwt-key-id), and expect the aud and iss they carry (--jwt-audience, "
             "--jwt-issuer)?"
         )
+
+
+def broadcast_app() -> AmbientMiddleware:
+    """Announces every run on every open socket: the bug a per-user socket manager fixes."""
+    sockets: list[WebSocket] = []
+
+    async def events(websocket: WebSocket) -> None:
+        await websocket.accept()
+        sockets.append(websocket)
+        try:
+            await websocket.send_json({"ready": ambient.get_current_context().user_id})
+            while True:
+                await websocket.receive_text()
+        except WebSocketDisconnect:
+            sockets.remove(websocket)
+
+    async def run(request: Request) -> Response:
+        said = f"ran for {ambient.get_current_context().user_id}"
+        for websocket in sockets:
+            await websocket.send_text(said)
+        return JSONResponse({"ok": True})
+
+    routes = [Route("/", run, methods=["POST"]), WebSocketRoute("/events", events)]
+    return AmbientMiddleware(
+        Starlette(routes=routes), registry=Registry(), identity=trusted_header()
+    )
+
+
+class TestWebsockets:
+    """``websocket=PATH`` (``--websocket PATH``): each user holds a socket open while its
+    requests run, and what the app sends on it is checked as its responses are."""
+
+    async def test_the_demo_announces_each_run_to_its_own_users_sockets_only(self) -> None:
+        report = await check(
+            create_app(), plan=CHECK_PLAN, websocket=CHECK_WEBSOCKET, users=12, requests=4
+        )
+        assert report.ok, report.violations
+        assert (report.websockets, report.scopes) == (12, 12 * 4 + 12)
+        # A "ready" frame, then each of its two runs started and done, on each socket.
+        assert report.websocket_frames == 12 * 5
+        assert report.components_created == report.components_cleaned
+
+    async def test_frames_sent_to_every_socket_are_caught(self) -> None:
+        plan = [PlannedRequest("POST", "/")]
+        report = await check(broadcast_app(), plan=plan, websocket="/events", users=6, tenants=3)
+        assert not report.ok
+        assert report.failed_requests == []
+        assert any(
+            re.fullmatch(
+                r"WS /events: a frame sent to check-\d{5}-[0-9a-f]{6} \(tenant check-tenant-"
+                r"\d{5}-[0-9a-f]{6}\) contains check-\d{5}-[0-9a-f]{6}'s data",
+                line,
+            )
+            for line in report.isolation
+        ), report.isolation
+        alone = await check(broadcast_app(), plan=plan, websocket="/events", users=1)
+        assert alone.ok, alone.violations
+        assert (alone.websockets, alone.websocket_frames) == (1, 7)
+
+    @pytest.mark.parametrize(
+        ("ending", "said"),
+        [
+            ("refuse", "the app refused the handshake with close code 4003"),
+            ("deny", "the app refused the handshake with HTTP 403"),
+            ("close", "the app closed the socket with close code 1011"),
+            ("raise", "the app raised RuntimeError: socket broke"),
+        ],
+    )
+    async def test_a_socket_the_app_refuses_or_ends_first_is_a_failed_request(
+        self, ending: str, said: str
+    ) -> None:
+        async def events(websocket: WebSocket) -> None:
+            if ending == "refuse":
+                await websocket.close(code=4003)
+                return
+            if ending == "deny":
+                await websocket.send_denial_response(Response(status_code=403))
+                return
+            await websocket.accept()
+            if ending == "close":
+                await websocket.close(code=1011)
+                return
+            raise RuntimeError("socket broke")
+
+        inner = Starlette(routes=[Route("/", _whoami), WebSocketRoute("/events", events)])
+        app = AmbientMiddleware(inner, registry=Registry(), identity=trusted_header())
+        report = await check(app, websocket="/events", users=3, requests=2)
+        assert report.isolation == []
+        assert len(report.failed_requests) == 3
+        assert all(
+            re.fullmatch(rf"WS /events for check-\d{{5}}-[0-9a-f]{{6}}: {said}", line)
+            for line in report.failed_requests
+        ), report.failed_requests
+
+    async def test_a_socket_that_never_ends_is_cancelled_at_the_time_limit(self) -> None:
+        async def events(websocket: WebSocket) -> None:
+            await websocket.accept()
+            await anyio.sleep_forever()  # deaf to the disconnect
+
+        inner = Starlette(routes=[Route("/", _whoami), WebSocketRoute("/events", events)])
+        app = AmbientMiddleware(inner, registry=Registry(), identity=trusted_header())
+        report = await check(app, websocket="/events", users=2, requests=1, time_limit=0.2)
+        said = (
+            r"WS /events for check-\d{5}-[0-9a-f]{6}: the app did not end within 0.2 s of its close"
+        )
+        assert len(report.failed_requests) == 2
+        assert all(re.fullmatch(said, line) for line in report.failed_requests), report
+        assert report.websockets == 2
+        with pytest.raises(ValueError, match="the websocket path must start with '/'"):
+            await check(app, websocket="events")
 
 
 def _key_pair(algorithm: str) -> tuple[str, str]:
@@ -1672,6 +1783,8 @@ class TestCommandLine:
         assert report["users"] == 12
         assert report["requests"] == 48
         assert report["middleware_overhead_us"] is not None
+        # The demo's own plan: each user holds its event stream open too.
+        assert (report["websockets"], report["scopes"]) == (12, 48 + 12)
 
     def test_json_stays_json_when_the_app_prints(
         self, capsys: pytest.CaptureFixture[str], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
@@ -1779,6 +1892,7 @@ class TestCommandLine:
             "--identity=bearer:authorization": "must be header:NAME, bearer or jwt, not",
             "--identity=jwt:HS256": "must be header:NAME, bearer or jwt, not",
             "--jwt-audience=": "must not be empty",
+            "--websocket=events": "the path must start with '/', not 'events'",
         }
         for wrong, said in wrongs.items():
             with pytest.raises(SystemExit) as refused:

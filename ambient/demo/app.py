@@ -35,6 +35,7 @@ from ambient.telemetry import Telemetry
 
 __all__ = [
     "CHECK_PLAN",
+    "CHECK_WEBSOCKET",
     "AgentInstance",
     "AgentInstanceFactory",
     "ConversationStore",
@@ -57,6 +58,8 @@ CHECK_PLAN = (
     PlannedRequest("POST", "/agents/research/runs", '{"prompt": "calc (6 + 1) * 6"}'),
     PlannedRequest("GET", "/whoami"),
 )
+# Held open by each simulated user while its requests run: every run is announced on it.
+CHECK_WEBSOCKET = "/events"
 
 
 class ConversationStore:
