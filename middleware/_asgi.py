@@ -144,8 +144,16 @@ class AmbientMiddleware:
     server cancelled may still be cleaning up; it waits while their cleanups go on, and
     gives up after a whole ``cleanup_timeout`` in which none ended). When scopes the app
     opened itself are still open (a consumer started at startup), the components are
-    closed after the app's shutdown instead, which stops them. Other scope types pass
-    through untouched.
+    closed after the app's shutdown instead, which stops them. An app whose lifespan fails
+    after its startup, while the server serves (a task it started crashed; Starlette and
+    Litestar then send ``lifespan.shutdown.failed`` unasked), would leave the server
+    serving on and skipping its shutdown, with the registry never closed: the failure is
+    logged at once (an error with its traceback, on the ``ambient.middleware`` logger),
+    requests go on with the registry, and the server's shutdown closes it and hears
+    ``lifespan.shutdown.failed`` naming the failure. An app that raises as it answers its
+    startup, before it waits for more, has failed its startup: that is raised to the
+    server, as without the middleware (uvicorn ``--lifespan on`` exits). Other scope types
+    pass through untouched.
 
     Refusals never call the app and never bind anything: no identity is 401, a malformed
     identity or id 400, more than ``max_concurrent_per_user`` requests of one user 429
@@ -611,6 +619,12 @@ class AmbientMiddleware:
         received: list[str] = []
         startup_answered = False
         started_up = False
+        # Whether the app serves: it answered its startup and waits for its shutdown, which
+        # the server has not sent yet.
+        serving = False
+        # What the server is told at its shutdown when the app's lifespan ended while it
+        # served (without the middleware, the server would skip its shutdown).
+        answer: MutableMapping[str, Any] | None = None
         closed = False
 
         async def close_registry(*, before_the_apps_shutdown: bool = False) -> None:
@@ -619,16 +633,19 @@ class AmbientMiddleware:
                 closed = await self._close_registry(before_the_apps_shutdown)
 
         async def receive_tracked() -> MutableMapping[str, Any]:
+            nonlocal serving
+            serving = started_up and "lifespan.shutdown" not in received
             message = await receive()
             received.append(message["type"])
             if message["type"] == "lifespan.shutdown":
+                serving = False
                 # Before the app's own shutdown: the components were made from what its
                 # startup made (a client, an engine), so they go first.
                 await close_registry(before_the_apps_shutdown=True)
             return message
 
         async def send_tracked(message: MutableMapping[str, Any]) -> None:
-            nonlocal startup_answered, started_up
+            nonlocal startup_answered, started_up, answer
             kind = message["type"]
             if kind.startswith("lifespan.startup."):
                 startup_answered = True
@@ -638,17 +655,30 @@ class AmbientMiddleware:
                     # (APP components) is closed now or never.
                     await close_registry()
             elif kind.startswith("lifespan.shutdown."):
+                if serving:
+                    # Unasked: Starlette and Litestar send shutdown.failed as their lifespan
+                    # fails while the server serves. Closed now, the registry would be
+                    # refilled by the requests to come; kept for the server's shutdown.
+                    answer = message
+                    return
                 await close_registry()
             await send(message)
 
         try:
             await self.app(scope, receive_tracked, send_tracked)
-        except Exception:
+        except Exception as exc:
+            if serving:
+                # Its lifespan failed while the server serves (a task it started crashed).
+                # Raised, it would leave the server serving on and skipping its shutdown,
+                # with the registry never closed: the conversation goes on for the app.
+                answer = _failed_while_serving(exc)
             # An app that took the startup message and raised has failed its startup: the
-            # server must hear it (uvicorn --lifespan on exits), as without the middleware.
-            if startup_answered or received:
+            # server must hear it (uvicorn --lifespan on exits), as without the middleware;
+            # so must one that raised as it answered its startup, before it waited for more.
+            elif startup_answered or received:
                 raise
-            logger.debug("the app does not support lifespan; ambient answers it", exc_info=True)
+            else:
+                logger.debug("the app does not support lifespan; ambient answers it", exc_info=True)
         else:
             if startup_answered and (not started_up or "lifespan.shutdown" in received):
                 return
@@ -658,12 +688,13 @@ class AmbientMiddleware:
             if "lifespan.startup" not in received:
                 await receive()
             await send({"type": "lifespan.startup.complete"})
-        # Or it answered its startup and returned, having nothing to stop: the server's
-        # shutdown, which it will never receive, is answered here, and closes the registry.
+        # Or it answered its startup and returned, having nothing to stop, or its lifespan
+        # ended while the server served: the server's shutdown, which it will never
+        # receive, is answered here, and closes the registry.
         message = await receive()
         if message["type"] == "lifespan.shutdown":
             await close_registry()
-            await send({"type": "lifespan.shutdown.complete"})
+            await send(answer or {"type": "lifespan.shutdown.complete"})
 
     async def _close_registry(self, before_the_apps_shutdown: bool) -> bool:
         """Close the registry at shutdown, once the scopes using its USER and APP components
@@ -1568,6 +1599,21 @@ def _header_name(name: str) -> bytes:
         )
         raise ValueError(msg)
     return name.lower().encode("ascii")
+
+
+def _failed_while_serving(error: Exception) -> MutableMapping[str, Any]:
+    """Log ``error``, with which the app's lifespan failed while the server served, and
+    return the ``lifespan.shutdown.failed`` the server is to hear at its shutdown: the app's
+    own shutdown never runs, as Starlette tells the server when its lifespan fails so."""
+    logger.error(
+        "ambient: the app's lifespan failed after its startup; requests go on, and the "
+        "registry is closed at the server's shutdown",
+        exc_info=error,
+    )
+    return {
+        "type": "lifespan.shutdown.failed",
+        "message": f"ambient: the app's lifespan failed after its startup: {error!r}",
+    }
 
 
 def _log_failures(failures: tuple[Exception, ...], ctx: UserExecutionContext) -> None:

@@ -6,6 +6,7 @@ that each one was cleaned exactly once and was only ever seen by its own user.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 from collections import Counter
@@ -260,3 +261,86 @@ def build(
         **options,
     )
     return app, ledger, registry
+
+
+class Pool:
+    """An APP component."""
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+
+
+CRASH = "the background loop died"
+
+
+def build_crashing_lifespan(ledger: Ledger, *, framework: bool) -> Any:
+    """An app whose lifespan starts a background task that raises ``RuntimeError(CRASH)``
+    while the server serves, once ``GET /crash`` asks for it (the answer comes when the
+    lifespan has ended): a plain ASGI lifespan, whose wait for the shutdown message the
+    crash ends, or, with ``framework``, a Starlette lifespan context, after which Starlette
+    sends ``lifespan.shutdown.failed`` unasked. ``GET /`` answers the numbers of the user's
+    Memory (USER) and of the Pool (APP), both counted in ``ledger``. Behind
+    AmbientMiddleware; what the server hears from the lifespan is noted in ``ledger`` as
+    ``(message type, its message)``."""
+    registry = build_registry(ledger)
+
+    async def pool() -> AsyncIterator[Pool]:
+        number = ledger.create("app")
+        try:
+            yield Pool(number)
+        finally:
+            ledger.clean(number)
+
+    registry.register(Pool, pool, lifetime=Lifetime.APP)
+    events: dict[str, anyio.Event] = {}
+
+    async def crash_when_asked() -> None:
+        await events["crash"].wait()
+        raise RuntimeError(CRASH)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: object) -> AsyncIterator[None]:
+        events["crash"], events["ended"] = anyio.Event(), anyio.Event()
+        try:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(crash_when_asked)
+                yield
+                tasks.cancel_scope.cancel()
+        finally:
+            events["ended"].set()
+
+    async def numbers(request: Request) -> Response:
+        memory = await ambient.resolve(Memory)
+        return JSONResponse([memory.number, (await ambient.resolve(Pool)).number])
+
+    async def crash(request: Request) -> Response:
+        events["crash"].set()
+        await events["ended"].wait()
+        return Response("crashed")
+
+    routes = [Route("/", numbers), Route("/crash", crash)]
+    inner: Any = Starlette(routes=routes, lifespan=lifespan if framework else None)
+
+    async def plain(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            await inner(scope, receive, send)
+            return
+        assert (await receive())["type"] == "lifespan.startup"
+        async with lifespan(None):
+            await send({"type": "lifespan.startup.complete"})
+            await receive()
+        await send({"type": "lifespan.shutdown.complete"})
+
+    middleware = AmbientMiddleware(
+        inner if framework else plain, registry=registry, identity=trusted_header()
+    )
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        async def told(message: Any) -> None:
+            if scope["type"] == "lifespan":
+                ledger.note(message["type"], message.get("message", ""))
+            await send(message)
+
+        await middleware(scope, receive, told)
+
+    return app

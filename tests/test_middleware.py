@@ -1563,6 +1563,74 @@ class TestLifespan:
             await run_lifespan(middleware, sent)
         assert sent == []
 
+    @pytest.mark.parametrize("answered", [False, True], ids=["raises", "answers-and-raises"])
+    async def test_a_lifespan_that_fails_while_serving_is_answered_at_the_servers_shutdown(
+        self, answered: bool, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A task the app's lifespan started crashes while the server serves; the app
+        raises (after sending ``lifespan.shutdown.failed`` unasked, as Starlette does).
+        Raised to the server, that left it serving and skipping its shutdown, so the
+        registry was never closed (or closed at once, under the requests to come). The
+        failure is logged once and kept from the server, the registry serves requests on,
+        and the server's shutdown closes it and hears that the app's shutdown failed."""
+        ledger = Ledger()
+        registry = build_registry(ledger)
+        crash = anyio.Event()
+
+        async def crash_when_asked() -> None:
+            await crash.wait()
+            msg = "the background loop died"
+            raise RuntimeError(msg)
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "lifespan":
+                await ambient.resolve(Memory)
+                await send({"type": "http.response.start", "status": 204, "headers": []})
+                await send({"type": "http.response.body", "body": b""})
+                return
+            assert (await receive())["type"] == "lifespan.startup"
+            try:
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(crash_when_asked)
+                    await send({"type": "lifespan.startup.complete"})
+                    await receive()
+            except Exception:
+                if answered:
+                    await send({"type": "lifespan.shutdown.failed", "message": "traceback"})
+                raise
+
+        middleware = AmbientMiddleware(app, registry=registry, identity=trusted_header())
+        to_app, incoming = anyio.create_memory_object_stream[Message](2)
+        sent: list[Message] = []
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        caplog.set_level(logging.ERROR, logger="ambient.middleware")
+        with anyio.fail_after(5), to_app, incoming:
+            async with anyio.create_task_group() as server:
+                scope = {"type": "lifespan", "asgi": {"version": "3.0"}}
+                server.start_soon(middleware, scope, incoming.receive, send)
+                await to_app.send({"type": "lifespan.startup"})
+                await anyio.wait_all_tasks_blocked()
+                crash.set()
+                await anyio.wait_all_tasks_blocked()
+                assert [m["type"] for m in sent] == ["lifespan.startup.complete"]
+                async with client(middleware) as http:
+                    for user in ("ann", "bob"):
+                        await http.get("/", headers={"x-user-id": user})
+                assert (len(ledger.created), ledger.cleaned) == (2, {})
+                await to_app.send({"type": "lifespan.shutdown"})
+        assert [m["type"] for m in sent] == [
+            "lifespan.startup.complete",
+            "lifespan.shutdown.failed",
+        ]
+        assert "RuntimeError('the background loop died')" in sent[1]["message"]
+        assert ledger.problems() == []
+        logged = [r for r in caplog.records if r.name == "ambient.middleware"]
+        assert [r.levelno for r in logged] == [logging.ERROR]
+        assert isinstance(logged[0].exc_info and logged[0].exc_info[1], ExceptionGroup)
+
     async def test_other_scope_types_pass_through(self) -> None:
         seen: list[str] = []
 

@@ -11,10 +11,12 @@ import itertools
 import json
 import logging
 import math
+import pathlib
 import socket
 import struct
 import threading
 import time
+import traceback
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -23,6 +25,7 @@ import anyio.to_thread
 import httpx
 import jwt as pyjwt
 import pytest
+from hypercorn.utils import LifespanFailureError
 from starlette.applications import Starlette
 from starlette.authentication import AuthCredentials, AuthenticationBackend, SimpleUser
 from starlette.background import BackgroundTask
@@ -47,12 +50,14 @@ from ambient.middleware import AmbientMiddleware, scope_user, trusted_header
 from ambient.middleware.identity import Identity, jwt_bearer
 from tests.apps import (
     BUILT,
+    CRASH,
     Chunks,
     Ledger,
     Memory,
     Probe,
     build,
     build_app,
+    build_crashing_lifespan,
     build_registry,
     close_built,
     next_in_an_hour,
@@ -799,10 +804,14 @@ def test_websockets_dropped_at_every_moment_leave_no_count_or_scope_behind(serve
     assert ledger.problems() == []
 
 
-def test_a_startup_failure_stops_uvicorn_as_it_would_without_the_middleware() -> None:
+@pytest.mark.parametrize("answered", [False, True], ids=["unanswered", "after-complete"])
+def test_a_startup_failure_stops_uvicorn_as_it_would_without_the_middleware(
+    answered: bool,
+) -> None:
     """An app whose startup raises without answering (a plain ASGI app; Starlette answers
-    ``startup.failed`` itself): under ``--lifespan on`` uvicorn must refuse to start, with
-    the middleware as without it, and never serve after a failed startup."""
+    ``startup.failed`` itself), or as it answers ``startup.complete``, before it waits for
+    anything more: under ``--lifespan on`` uvicorn must refuse to start, with the
+    middleware as without it, and never serve after a failed startup."""
     import uvicorn
 
     from tests.servers import free_port
@@ -810,6 +819,8 @@ def test_a_startup_failure_stops_uvicorn_as_it_would_without_the_middleware() ->
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
             assert (await receive())["type"] == "lifespan.startup"
+            if answered:
+                await send({"type": "lifespan.startup.complete"})
             msg = "database unreachable"
             raise ConnectionError(msg)
         await Response("served")(scope, receive, send)
@@ -1857,6 +1868,53 @@ def test_twenty_sockets_expiring_one_after_another_each_end_at_their_own_expiry(
             assert user in {hash_id(u, b"k") for u in expiry}
 
 
+@pytest.mark.parametrize("framework", [False, True], ids=["plain-lifespan", "starlette"])
+@pytest.mark.parametrize(
+    ("server", "options"),
+    [
+        ("uvicorn", {}),
+        ("uvicorn", {"lifespan": "on"}),
+        ("hypercorn", {}),
+        ("hypercorn-trio", {}),
+    ],
+    ids=["uvicorn", "uvicorn-lifespan-on", "hypercorn", "hypercorn-trio"],
+)
+def test_a_lifespan_that_fails_while_serving_still_gets_the_registry_closed_at_shutdown(
+    server: str, options: dict[str, Any], framework: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A task the app's lifespan started crashes while the server serves. Raised to the
+    server, the failure left it serving and skipping its lifespan shutdown: the USER and
+    APP components of the requests served after it were never closed (after Starlette's
+    ``shutdown.failed``, the middleware closed the registry at once, under the requests to
+    come). Now it is logged once, requests go on with their components, the server's
+    shutdown closes each one once and the server hears that the app's shutdown failed."""
+    caplog.set_level(logging.ERROR, logger="ambient.middleware")
+    ledger = Ledger()
+    app = build_crashing_lifespan(ledger, framework=framework)
+    # hypercorn raises the failure the server hears out of the app's send; its asyncio
+    # worker raises it again out of serve() (its trio worker drops it as it cancels).
+    hypercorn_raises = contextlib.suppress(LifespanFailureError)
+    with (
+        hypercorn_raises if server.startswith("hypercorn") else contextlib.nullcontext(),
+        serve(server, app, **options) as url,
+        httpx.Client(base_url=url) as http,
+    ):
+        before = http.get("/", headers={"x-user-id": "ann"}).json()
+        assert http.get("/crash", headers={"x-user-id": "ann"}).text == "crashed"
+        after = [http.get("/", headers={"x-user-id": user}).json() for user in ("ann", "bob")]
+    assert after[0] == before  # the same Memory and Pool
+    assert after[1][1] == before[1] != after[1][0]  # bob's own Memory, the same Pool
+    assert len(ledger.created) == 3
+    assert ledger.problems() == []
+    told = ledger.events
+    assert [kind for kind, _ in told] == ["lifespan.startup.complete", "lifespan.shutdown.failed"]
+    assert CRASH in told[1][1]
+    logged = [r for r in caplog.records if r.name == "ambient.middleware"]
+    assert [r.levelno for r in logged] == [logging.ERROR]
+    assert logged[0].exc_info is not None
+    assert CRASH in "".join(traceback.format_exception(logged[0].exc_info[1]))
+
+
 @pytest.mark.parametrize(
     ("server", "options"),
     [
@@ -2080,6 +2138,40 @@ def test_a_request_after_a_large_body_on_one_connection_is_its_own_under_granian
         ("eve", 1),
     ]
     assert [b["entry_live"] for b in bodies] == [False] * 5
+
+
+@pytest.mark.skipif(not granian_available(), reason="granian is not installed")
+@pytest.mark.parametrize("framework", [False, True], ids=["plain-lifespan", "starlette"])
+def test_a_lifespan_that_fails_while_serving_under_granian(
+    framework: bool, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lifespan that fails while the server serves, under granian: it went on serving
+    and skipped its lifespan shutdown, and the components were never closed. The failure
+    is logged once, and granian's shutdown closes each component once, then hears of it."""
+    written = tmp_path / "ledger"
+    monkeypatch.setenv("AMBIENT_TEST_LEDGER", str(written))
+    monkeypatch.setenv("AMBIENT_TEST_FRAMEWORK", "1" if framework else "0")
+    with (
+        serve("granian", None, target="tests.granian_lifespan_app:app") as url,
+        httpx.Client(base_url=url) as http,
+    ):
+        before = http.get("/", headers={"x-user-id": "ann"}).json()
+        assert http.get("/crash", headers={"x-user-id": "ann"}).text == "crashed"
+        after = [http.get("/", headers={"x-user-id": user}).json() for user in ("ann", "bob")]
+    assert after[0] == before
+    assert after[1][1] == before[1] != after[1][0]
+    lines = written.read_text().splitlines()
+    logged = [line for line in lines if line.startswith("logged")]
+    assert len(logged) == 1
+    assert logged[0].startswith("logged ERROR ")
+    assert repr(CRASH) in logged[0]
+    created = [line.split()[1] for line in lines if line.startswith("created")]
+    cleaned = [line.split()[1] for line in lines if line.startswith("cleaned")]
+    assert sorted(cleaned) == sorted(created) == ["1", "2", "3"]
+    told = [line.split()[1] for line in lines if line.startswith("told")]
+    assert told == ["lifespan.startup.complete", "lifespan.shutdown.failed"]
+    assert lines[-1].startswith("told lifespan.shutdown.failed ")  # after every cleanup
+    assert CRASH in lines[-1]
 
 
 @pytest.mark.parametrize("running", [False, True], ids=["ended", "still-running"])
