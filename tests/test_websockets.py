@@ -893,7 +893,8 @@ async def test_revoking_a_user_ends_its_sockets_at_once_with_4001(server: str) -
     """Carol has two sockets, one busy streaming events for a message; dave has two.
     Revoking carol closes both of hers with 4001 within 1 s, and the busy handler stops
     mid-message: it never finishes that message under her context. Revoking one of dave's
-    connections closes only that one; every handler ends cleanly."""
+    connections closes only that one; every handler ends cleanly. Each call says how many
+    sockets it ended (it used to return nothing: an admin endpoint could not tell)."""
     hub = ConnectionHub()
     app, ledger, _ = build(hub)
 
@@ -910,6 +911,7 @@ async def test_revoking_a_user_ends_its_sockets_at_once_with_4001(server: str) -
         async with httpx.AsyncClient(base_url=base, timeout=DEADLINE) as http:
             carol = await http.post("/revoke", params={"user": "carol"}, headers=OPS)
             assert carol.status_code == 200, carol.text
+            assert carol.json()["ended"] == 2
             for sock in (busy, idle):
                 frame = await _closed_frame(sock)
                 assert (frame.code, frame.reason) == (4001, "access revoked")
@@ -917,6 +919,9 @@ async def test_revoking_a_user_ends_its_sockets_at_once_with_4001(server: str) -
             one = {"user": "dave", "connection": ready["connection"], "reason": "session ended"}
             dave = await http.post("/revoke", params=one, headers=OPS)
             assert dave.status_code == 200, dave.text
+            assert dave.json()["ended"] == 1
+            again = await http.post("/revoke", params=one, headers=OPS)
+            assert again.json()["ended"] == 0
         frame = await _closed_frame(dave_one)
         assert (frame.code, frame.reason) == (4001, "session ended")
         assert await expect_pong(dave_two, 1) == []
@@ -944,7 +949,7 @@ async def test_revoke_checks_its_arguments() -> None:
     for user in (UserRef(""), UserRef(42), UserRef("carol", " acme")):  # type: ignore[arg-type]
         with pytest.raises(InvalidContextError):
             await hub.revoke(user)
-    await hub.revoke("nobody")  # no socket: nothing to do
+    assert await hub.revoke("nobody") == 0  # no socket: nothing to do
     assert hub.stats().revoked == 0
 
 
@@ -1127,7 +1132,7 @@ async def test_a_socket_still_connecting_is_revoked_or_closed_with_the_others(
             tg.start_soon(handler)
             await socket.accepting.wait()
             if ending == "revoke":
-                await hub.revoke("carol")
+                assert await hub.revoke("carol") == 1
             else:
                 await hub.aclose()
             socket.release.set()
@@ -1923,7 +1928,8 @@ async def test_a_revocation_ends_a_socket_the_hub_is_already_closing(ending: str
             assert connected[0].close_code == {"replaced": 1008, "overflowed": 1013}.get(
                 ending, 1001
             )
-            await hub.revoke("carol")
+            # The newer socket that replaced it is carol's too.
+            assert await hub.revoke("carol") == (2 if ending == "replaced" else 1)
             await messages.send("after the revocation")
             socket.release.set()
             await finished.wait()
@@ -2139,6 +2145,7 @@ async def test_a_revocation_reaches_the_users_sockets_in_another_process(redis_u
         async with httpx.AsyncClient(timeout=DEADLINE) as http:
             revoked = await http.post(f"{two}/revoke", params={"user": "carol"}, headers=OPS)
             assert revoked.status_code == 200, revoked.text
+            assert revoked.json()["ended"] == 0  # none of hers in process 2
             for sock in carol:
                 frame = await _closed_frame(sock)
                 assert (frame.code, frame.reason) == (4001, "access revoked")
@@ -2215,18 +2222,17 @@ async def test_a_revocation_made_while_the_subscription_was_down_still_ends_the_
     redis_url: str,
 ) -> None:
     """The process's pub/sub connection is cut (a Redis failover, a proxy dropping it) and
-    carol is revoked before it is back: the revocation message reaches nobody here. Once
-    the subscription is back, the process finds the revocation it missed and ends carol's
-    socket with 4001; dave's socket, not revoked, goes on."""
+    another process revokes carol before it is back: the revocation message reaches
+    nobody here. Once the subscription is back, the process finds the revocation it
+    missed and ends carol's socket with 4001; dave's socket, not revoked, goes on."""
     import redis
 
     own = RedisProcess()
     own.start()
     try:
+        prefix = unique_prefix()
         # A slow first reconnect: the revocation below is made while nothing is subscribed.
-        backend = RedisBroadcast(
-            own.url, channel_prefix=unique_prefix(), timeout=1.0, reconnect_delay=1.0
-        )
+        backend = RedisBroadcast(own.url, channel_prefix=prefix, timeout=1.0, reconnect_delay=1.0)
         hub = ConnectionHub(backend)
         app, ledger, _ = build(hub)
 
@@ -2234,19 +2240,22 @@ async def test_a_revocation_made_while_the_subscription_was_down_still_ends_the_
             carol, _ = await open_socket(base, "carol", "chat")
             dave, _ = await open_socket(base, "dave", "chat")
             admin = redis.Redis.from_url(own.url)
+            other = ConnectionHub(RedisBroadcast(own.url, channel_prefix=prefix, timeout=1.0))
             try:
                 assert admin.client_kill_filter(_type="pubsub") == 1
-                async with httpx.AsyncClient(base_url=base, timeout=DEADLINE) as http:
-                    revoked = await http.post("/revoke", params={"user": "carol"}, headers=OPS)
-                    assert revoked.status_code == 200, revoked.text
-                    # Made in the gap, which this test is about, not after the reconnect.
-                    assert backend.reconnects == 0
-                    frame = await _closed_frame(carol)
-                    assert (frame.code, frame.reason) == (4001, "access revoked")
-                    assert backend.reconnects == 1
-                    assert await expect_pong(dave) == []
+                assert await other.revoke("carol") == 0
+                # Made in the gap, which this test is about, not after the reconnect.
+                assert backend.reconnects == 0
+                with pytest.raises(ConnectionClosed) as closed:  # once the reconnect is made
+                    await carol.recv()
+                frame = closed.value.rcvd
+                assert frame is not None
+                assert (frame.code, frame.reason) == (4001, "access revoked")
+                assert backend.reconnects == 1
+                assert await expect_pong(dave) == []
             finally:
                 admin.close()
+                await other.aclose()
             await close_all([dave])
 
         with serve("uvicorn", app) as url:
@@ -2490,6 +2499,33 @@ async def test_an_empty_connection_id_revokes_no_socket_through_redis(redis_url:
     assert sockets["c-1"].closed == [(4001, "access revoked")]
     assert sockets["c-2"].closed == []
     assert (hub.stats().revoked, hub.stats().connections) == (1, 0)
+    await carol.registry.aclose()
+
+
+async def test_revoke_through_redis_returns_the_sockets_it_ended_in_this_process(
+    redis_url: str,
+) -> None:
+    """Carol has two sockets here behind Redis. Revoking one of them returns 1, revoking
+    her returns 1 (the other), revoking her again 0: each call ends this process's
+    sockets itself, and counts them, rather than when Redis hands the revocation back."""
+    backend = RedisBroadcast(redis_url, channel_prefix=unique_prefix())
+    carol = CarolsSockets(backend)
+    hub, sockets, entered, ended = carol.hub, carol.sockets, carol.entered, carol.ended
+
+    with anyio.fail_after(DEADLINE):
+        async with anyio.create_task_group() as tg:
+            for connection_id in sockets:
+                tg.start_soon(carol.hold, connection_id)
+                await entered[connection_id].wait()
+            assert await hub.revoke("carol", connection_id="c-1") == 1
+            assert not ended["c-2"].is_set()
+            assert await hub.revoke("carol", reason="banned") == 1
+            assert await hub.revoke("carol") == 0
+            for event in ended.values():
+                await event.wait()
+    assert sockets["c-1"].closed == [(4001, "access revoked")]
+    assert sockets["c-2"].closed == [(4001, "banned")]
+    assert (hub.stats().revoked, hub.stats().connections) == (2, 0)
     await carol.registry.aclose()
 
 

@@ -191,12 +191,12 @@ def build_app(hub: ConnectionHub, ledger: Ledger, sockets: Sockets) -> Starlette
     async def revoke(request: Request) -> Response:
         """An administrator ends a user's sockets (or one of them)."""
         params = request.query_params
-        await hub.revoke(
+        ended = await hub.revoke(
             params["user"],
             connection_id=params.get("connection"),
             reason=params.get("reason", "access revoked"),
         )
-        return JSONResponse(_stats(hub))
+        return JSONResponse({"ended": ended, **_stats(hub)})
 
     async def down(request: Request) -> Response:
         """Wait until the Redis subscription is lost."""

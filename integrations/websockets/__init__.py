@@ -24,8 +24,9 @@ the current user's own sockets, across processes through Redis (extra ``redis``)
   while a process is cut off from Redis are not replayed to it.
 * :meth:`ConnectionHub.revoke` ends a named user's sockets (or one of them) in every
   process, for a logout, a ban or a revoked session: each handler's block is cancelled at
-  once and the socket closed with 4001. It is the one operation that names its user: it is
-  for the auth system or an administrator, not for the user's own requests.
+  once and the socket closed with 4001; it returns how many sockets of this process it
+  ended. It is the one operation that names its user: it is for the auth system or an
+  administrator, not for the user's own requests.
 * :class:`OriginAllowList` is ASGI middleware that refuses websocket handshakes from origins
   not on a list (cross-site websocket hijacking), before any context is bound.
 

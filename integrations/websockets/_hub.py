@@ -140,6 +140,8 @@ class ConnectionHub:
         self._send_failures = 0
         self._replaced = 0
         self._revoked = 0
+        # id() of each revocation revoke() is publishing -> sockets it ended here so far.
+        self._ending_here: dict[int, int] = {}
         self.backend.attach(self._deliver)
 
     def install(self, registry: Registry) -> None:
@@ -192,7 +194,7 @@ class ConnectionHub:
         tenant_id: str | None = None,
         connection_id: str | None = None,
         reason: str = "access revoked",
-    ) -> None:
+    ) -> int:
         """End a user's sockets (or the one ``connection_id`` names) in every process the
         backend reaches: each handler's block is cancelled at once, so it handles nothing
         more under that user's context, and the socket is closed with 4001 and ``reason``.
@@ -234,6 +236,13 @@ class ConnectionHub:
         Unlike the hub's other sends, it names its user explicitly: it is meant
         for an administrator or the auth system, not for the user's own requests.
 
+        Returns:
+            How many sockets of this process it ended: registered ones, and those still
+            connecting or being closed (0 when the user has none here). Through
+            :class:`RedisBroadcast` the other processes end theirs as the revocation
+            reaches them, and their counts are not known when this returns: 0 says only
+            that this process held none.
+
         Raises:
             InvalidContextError: ``user``, ``tenant_id`` or ``connection_id`` is not a
                 valid id.
@@ -260,14 +269,20 @@ class ConnectionHub:
             msg = f"reason must be a str of at most 123 bytes (a close frame's), not {reason!r}"
             raise ValueError(msg)
         envelope = Envelope(ref, REVOKE, connection_id, reason)
-        await self._publish(envelope)
+        # By identity: a backend delivering in this process hands over this very envelope,
+        # and what it ends there counts as this call's.
+        key = id(envelope)
+        self._ending_here[key] = 0
+        try:
+            await self._publish(envelope)
+        finally:
+            ended = self._ending_here.pop(key)
         # Here too: a backend delivering over a subscription (Redis) delivers nothing to
         # this process before it subscribed to anything.
         self._remember(envelope)
-        if self._joining or self._leaving:
-            # This process's own sockets still connecting or closing, at once, without
-            # waiting for the backend's message.
-            self._revoke_unregistered(envelope)
+        # This process's own sockets at once, without waiting for the backend's message
+        # (which then finds them gone).
+        return ended + self._revoke_here(envelope)
 
     # -- delivery ------------------------------------------------------------------------
 
@@ -280,20 +295,16 @@ class ConnectionHub:
         mode = envelope.mode
         if mode == REVOKE:
             self._remember(envelope)
-            if self._joining or self._leaving:
-                self._revoke_unregistered(envelope)
+            ended = self._revoke_here(envelope)
+            key = id(envelope)
+            if key in self._ending_here:  # this very envelope: revoke() is publishing it
+                self._ending_here[key] += ended
+            return
         connections = self._users.get(envelope.user)
         if not connections:
             return
         target = envelope.target
         data = envelope.data
-        if mode == REVOKE:
-            for revoked in list(connections.values()):
-                if target is None or revoked.connection_id == target:
-                    self._remove(revoked)
-                    self._revoked += 1
-                    revoked._revoke(CLOSE_REVOKED, str(data))
-            return
         if mode == TO_CONNECTION:
             connection = connections.get(target) if target is not None else None
             if connection is not None:
@@ -303,18 +314,32 @@ class ConnectionHub:
             if mode == TO_USER or connection.thread_id == target:
                 connection._offer(data)
 
-    def _revoke_unregistered(self, envelope: Envelope) -> None:
-        """A revocation for sockets still connecting, or being closed by the hub: marked
-        now, their block ends now or as soon as it starts (see :meth:`_connect`)."""
+    def _revoke_here(self, envelope: Envelope) -> int:
+        """Apply the revocation ``envelope`` to the sockets of this process; return how
+        many it ended (each socket once: revoke() applies it here too)."""
+        reason = str(envelope.data)
         target = envelope.target
-        for joining in (*self._joining, *self._leaving):
-            if (
-                joining.user == envelope.user
-                and (target is None or joining.connection_id == target)
-                and joining._revoked is None  # once: revoke() delivers here too
-            ):
-                self._revoked += 1
-                joining._revoke(CLOSE_REVOKED, str(envelope.data))
+        ended = 0
+        connections = self._users.get(envelope.user)
+        if connections:
+            for revoked in list(connections.values()):
+                if target is None or revoked.connection_id == target:
+                    self._remove(revoked)
+                    ended += 1
+                    revoked._revoke(CLOSE_REVOKED, reason)
+        if self._joining or self._leaving:
+            # Sockets still connecting, or being closed by the hub: marked now, their block
+            # ends now or as soon as it starts (see :meth:`_connect`).
+            for joining in (*self._joining, *self._leaving):
+                if (
+                    joining.user == envelope.user
+                    and (target is None or joining.connection_id == target)
+                    and joining._revoked is None
+                ):
+                    ended += 1
+                    joining._revoke(CLOSE_REVOKED, reason)
+        self._revoked += ended
+        return ended
 
     def _remember(self, envelope: Envelope) -> None:
         """Keep the revocation ``envelope`` for handshakes validated before it that join
