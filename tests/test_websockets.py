@@ -698,7 +698,9 @@ async def test_closing_the_hub_closes_every_socket_with_1001_and_it_can_serve_ag
     server: str,
 ) -> None:
     """At shutdown the registry closes the hub: every socket gets 1001 after what was
-    queued for it; the hub then accepts and serves new sockets."""
+    queued for it, and aclose() returns once both are closed (their handlers out of
+    connect()), not while their close frames are still to be sent, which a server
+    stopping next would cut; the hub then accepts and serves new sockets."""
     hub = ConnectionHub()
     app, ledger, _ = build(hub)
 
@@ -707,7 +709,7 @@ async def test_closing_the_hub_closes_every_socket_with_1001_and_it_can_serve_ag
         second, _ = await open_socket(base, "frank")
         async with httpx.AsyncClient(base_url=base, timeout=DEADLINE) as http:
             closed = await http.post("/hub/close", headers=OPS)
-            assert closed.json()["connections"] == 0
+            assert (closed.json()["connections"], closed.json()["finished"]) == (0, 2)
             codes = []
             for sock in (first, second):
                 with pytest.raises(ConnectionClosed) as ended:
@@ -1117,6 +1119,7 @@ async def test_a_socket_still_connecting_is_revoked_or_closed_with_the_others(
     hub.install(registry)
     socket = HeldHandshake()
     served: list[str] = []
+    returned: list[list[tuple[int, str | None]]] = []
 
     async def handler() -> None:
         context = UserExecutionContext.create("carol", connection_id="c-1")
@@ -1134,8 +1137,17 @@ async def test_a_socket_still_connecting_is_revoked_or_closed_with_the_others(
             if ending == "revoke":
                 assert await hub.revoke("carol") == 1
             else:
-                await hub.aclose()
+
+                async def shut_down() -> None:
+                    await hub.aclose()  # waits for the socket, closed once accepted
+                    returned.append(list(socket.closed))
+
+                tg.start_soon(shut_down)
+                await anyio.wait_all_tasks_blocked()
+                assert returned == []
             socket.release.set()
+    if ending == "hub closed":
+        assert returned == [[(1001, "server shutting down")]]
     expected = (
         (["entered"], [(4001, "access revoked")], 1)
         if ending == "revoke"
@@ -1602,7 +1614,12 @@ async def test_a_socket_the_hub_closes_ends_its_handlers_block_quietly(ending: s
             tg.start_soon(handler)
             await entered.wait()
             if ending == "hub closed":
-                await hub.aclose()
+
+                async def shut_down() -> None:
+                    await hub.aclose()  # waits for the close frame
+                    outcome.append("hub closed")
+
+                tg.start_soon(shut_down)
             else:
                 tg.start_soon(newer_socket)
             await held.close_started.wait()
@@ -1610,7 +1627,7 @@ async def test_a_socket_the_hub_closes_ends_its_handlers_block_quietly(ending: s
             await finished.wait()
             leave.set()
     code = 1001 if ending == "hub closed" else 1008
-    assert outcome == ["ended quietly"]
+    assert outcome == ["ended quietly"] + ["hub closed"] * (ending == "hub closed")
     assert [closed[0] for closed in held.closes] == [code]
     stats = hub.stats()
     assert (stats.connections, stats.users, stats.replaced, hub._joining) == (
@@ -1924,7 +1941,8 @@ async def test_a_revocation_ends_a_socket_the_hub_is_already_closing(ending: str
                 await connected[0].send({"type": "event"})
                 await connected[0].send({"type": "event"})
             else:
-                await hub.aclose()
+                tg.start_soon(hub.aclose)  # it waits for the socket
+                await anyio.wait_all_tasks_blocked()
             assert connected[0].close_code == {"replaced": 1008, "overflowed": 1013}.get(
                 ending, 1001
             )
@@ -1943,6 +1961,52 @@ async def test_a_revocation_ends_a_socket_the_hub_is_already_closing(ending: str
         0,
         0,
     )
+    await registry.aclose()
+
+
+async def test_closing_the_hub_waits_for_a_socket_at_most_close_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A handler whose block does not end when the hub closes it (it shields its work)
+    holds the hub's aclose() for close_timeout only: aclose() then says so in a warning,
+    releases the backend and returns; the socket is closed with 1001 once its block is
+    out. aclose() used to return at once, before any socket was closed."""
+    registry = Registry()
+    released: list[str] = []
+
+    class Released(InProcessBroadcast):
+        async def aclose(self) -> None:
+            released.append("backend")
+
+    hub = ConnectionHub(Released(), close_timeout=0.05)
+    hub.install(registry)
+    socket = SignalledAccept()
+    entered, leave, finished = anyio.Event(), anyio.Event(), anyio.Event()
+
+    async def handler() -> None:
+        context = UserExecutionContext.create("carol", connection_id="c-1")
+        async with registry.open_scope(context) as scope:
+            manager = await scope.resolve(UserWebSocketManager)
+            async with manager.connect(socket):  # type: ignore[arg-type]
+                entered.set()
+                with anyio.CancelScope(shield=True):
+                    await leave.wait()
+        finished.set()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(handler)
+            await entered.wait()
+            await hub.aclose()
+            assert (socket.closed, released) == ([], ["backend"])
+            leave.set()
+            await finished.wait()
+    assert socket.closed == [(1001, "server shutting down")]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "ambient: 1 socket(s) were still closing 0.05 s (close_timeout) after the hub "
+        "began to close them; leaving them to finish on their own"
+    ]
+    assert hub.stats().connections == 0
     await registry.aclose()
 
 

@@ -184,9 +184,11 @@ def build_app(hub: ConnectionHub, ledger: Ledger, sockets: Sockets) -> Starlette
         return JSONResponse({"closed": finished, **_stats(hub)})
 
     async def close_hub(request: Request) -> Response:
-        """What the registry does at shutdown."""
+        """What the registry does at shutdown; with how many socket handlers had finished
+        when it returned."""
         await hub.aclose()
-        return JSONResponse(_stats(hub))
+        finished = sum(1 for what, _ in ledger.events if what == "socket closed")
+        return JSONResponse({"finished": finished, **_stats(hub)})
 
     async def revoke(request: Request) -> Response:
         """An administrator ends a user's sockets (or one of them)."""

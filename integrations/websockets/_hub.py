@@ -81,7 +81,8 @@ class ConnectionHub:
             binary frames) before it is closed with 1013; a bigger event is refused.
         close_timeout: Seconds the hub waits for a socket it ends to take its last frames
             (past them, it cancels the socket's handler block without waiting further),
-            and for the close frame it sends once that block is out.
+            and for the close frame it sends once that block is out; also the longest
+            :meth:`aclose` waits for the sockets it closes.
 
     Example::
 
@@ -132,6 +133,11 @@ class ConnectionHub:
         self._recent: OrderedDict[tuple[UserRef, str | None], tuple[float, str]] = OrderedDict()
         self._recent_for = _REVOCATIONS_KEPT_FOR
         self._recent_max = _REVOCATIONS_KEPT
+        # Every socket from the start of its join until its handler left connect(), its
+        # close frame sent: what aclose() waits for.
+        self._open: set[Connection] = set()
+        # Set, and dropped, when a socket leaves _open: one per aclose() waiting.
+        self._close_waiters: list[anyio.Event] = []
         # The middleware's clock for the moment it checks a handshake's identity.
         self._clock = _validation_clock
         self._count = 0
@@ -174,18 +180,47 @@ class ConnectionHub:
         )
 
     async def aclose(self) -> None:
-        """Close every socket with 1001 (after its queue) and release the backend.
+        """Close every socket with 1001 (after its queue), wait until they are closed, and
+        release the backend.
 
-        The registry calls this at shutdown. The hub stays usable: a later connection
-        starts the backend again.
+        The registry calls this at shutdown. It returns once every socket of the hub
+        (registered, still connecting, or already being closed) is closed: its handler's
+        block is out and its close frame sent, so a server stopping next cuts none of them.
+        It waits at most ``close_timeout``: a socket still closing then (its client stopped
+        reading, or its handler does not let its block end) is logged and left to finish
+        on its own, and the backend is released anyway. The hub stays usable: a later
+        connection starts the backend again.
         """
+        closing = set(self._open)
         for user in list(self._users.values()):
             for connection in list(user.values()):
                 self._end(connection, CLOSE_GOING_AWAY, "server shutting down", drain=True)
         for connection in list(self._joining):
             # Not registered once it is accepted: closed by its writer with the others.
             connection._request_close(CLOSE_GOING_AWAY, "server shutting down", drain=True)
-        await self.backend.aclose()
+        try:
+            with anyio.move_on_after(self.close_timeout):
+                while not closing.isdisjoint(self._open):
+                    closed = anyio.Event()
+                    self._close_waiters.append(closed)
+                    try:
+                        await closed.wait()
+                    finally:
+                        if closed in self._close_waiters:
+                            self._close_waiters.remove(closed)
+            left = len(closing & self._open)
+            if left:
+                logger.warning(
+                    "ambient: %d socket(s) were still closing %s s (close_timeout) after the "
+                    "hub began to close them; leaving them to finish on their own",
+                    left,
+                    self.close_timeout,
+                )
+        finally:
+            # Also when the caller gave up waiting (a registry whose cleanup_timeout is
+            # shorter): a backend left running would go on reconnecting after shutdown.
+            with anyio.CancelScope(shield=True):
+                await self.backend.aclose()
 
     async def revoke(
         self,
@@ -421,6 +456,12 @@ class ConnectionHub:
             if failure is not None:
                 raise failure
         finally:
+            await self._leave(connection, websocket)
+
+    async def _leave(self, connection: Connection, websocket: WebSocketLike) -> None:
+        """``connection``'s handler is leaving ``connect()``: close its socket if the hub
+        ended it, and unsubscribe its user; then it counts as closed."""
+        try:
             self._unjoin(connection)
             self._leaving.discard(connection)
             if connection._revoked is not None:
@@ -429,9 +470,11 @@ class ConnectionHub:
                 await _close(connection, websocket, *connection._closing)
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.close_timeout):
                 try:
-                    await self.backend.unsubscribe(user)
+                    await self.backend.unsubscribe(connection.user)
                 except Exception:
                     logger.warning("ambient: unsubscribing %r failed", connection, exc_info=True)
+        finally:
+            self._closed(connection)
 
     async def _join(
         self,
@@ -444,6 +487,7 @@ class ConnectionHub:
         """Subscribe ``connection``'s user, the socket counted as joining from now on, and
         revoked at once if its handshake (validated at ``validated_at``, when known) came
         before a revocation remembered here."""
+        self._open.add(connection)
         self._joining.add(connection)
         self._joining_ids[connection.user, connection.connection_id] = connection
         # With no await since the add: a revocation from now on finds it joining instead.
@@ -456,9 +500,20 @@ class ConnectionHub:
             await self.backend.subscribe(connection.user)
         except BaseException as error:
             self._unjoin(connection)
-            if accept and isinstance(error, BroadcastError):
-                await _refuse_after_accept(websocket, str(error))
+            try:
+                if accept and isinstance(error, BroadcastError):
+                    await _refuse_after_accept(websocket, str(error))
+            finally:
+                self._closed(connection)
             raise
+
+    def _closed(self, connection: Connection) -> None:
+        """``connection``'s handler left ``connect()``: its socket is closed, or its own."""
+        self._open.discard(connection)
+        if self._close_waiters:
+            waiters, self._close_waiters = self._close_waiters, []
+            for closed in waiters:
+                closed.set()
 
     def _unjoin(self, connection: Connection) -> None:
         """``connection`` is no longer joining (registered, or its handler left)."""
