@@ -2946,6 +2946,144 @@ async def test_a_revocation_heard_before_an_outage_is_not_applied_again_after_it
         own.kill()
 
 
+class HeldReconnect(RedisBroadcast):
+    """A RedisBroadcast whose subscription, once lost, comes back only when the test sets
+    ``back``: ``down`` is set as it is about to reconnect, and what the test does between
+    the two happens in the outage."""
+
+    def __init__(self, url: str, *, channel_prefix: str) -> None:
+        super().__init__(url, channel_prefix=channel_prefix, timeout=1.0)
+        self.down = anyio.Event()
+        self.back = anyio.Event()
+        self.starts = 0
+
+    async def _read_once(self) -> None:
+        self.starts += 1
+        if self.starts > 1:
+            self.down.set()
+            await self.back.wait()
+        await super()._read_once()
+
+
+@pytest.mark.parametrize("revoked", ["one connection", "each connection", "one lost"])
+async def test_a_revocation_of_one_connection_during_an_outage_ends_that_one_only(
+    redis_url: str, revoked: str
+) -> None:
+    """Carol has two sockets here when this process's pub/sub connection is cut; before
+    it is back, another process revokes her connection c-1 (or c-1, then c-2). Once
+    back, the process reads what it missed from the recent revocations and ends exactly
+    the sockets named: c-2 goes on (or is ended too, with its own reason). The count of
+    her revocations had grown meanwhile, and the check of that count after the read used
+    to end every socket of hers here ("access revoked"), though nothing else was revoked.
+    Only a revocation the stream no longer holds ("one lost": c-1's, then one of a
+    connection c-3 kept) is learnt from the count alone, and ends all of hers here."""
+    own = RedisProcess()
+    own.start()
+    admin = redis.Redis.from_url(own.url)
+    try:
+        prefix = unique_prefix()
+        backend = HeldReconnect(own.url, channel_prefix=prefix)
+        carol = CarolsSockets(backend)
+        hub, sockets, entered, ended = carol.hub, carol.sockets, carol.entered, carol.ended
+        other = ConnectionHub(RedisBroadcast(own.url, channel_prefix=prefix, timeout=1.0))
+        named = {"one connection": ["c-1"], "one lost": ["c-1", "c-3"]}.get(revoked, ["c-1", "c-2"])
+
+        with anyio.fail_after(DEADLINE):
+            await backend.wait_connected()
+            async with anyio.create_task_group() as tg:
+                for connection_id in sockets:
+                    tg.start_soon(carol.hold, connection_id)
+                    await entered[connection_id].wait()
+                assert admin.client_kill_filter(_type="pubsub") == 1
+                await backend.down.wait()
+                for connection_id in named:
+                    await other.revoke("carol", connection_id=connection_id, reason=connection_id)
+                    if revoked == "one lost" and connection_id == "c-1":
+                        [(entry_id, _)] = admin.xrange(f"{prefix}revocations")
+                        assert admin.xdel(f"{prefix}revocations", entry_id) == 1
+                backend.back.set()
+                for event in ended.values() if revoked != "one connection" else [ended["c-1"]]:
+                    await event.wait()
+                while not (backend.reconnects and backend.connected):
+                    await backend._wait_changed()
+                if revoked == "one connection":
+                    # Read by the reader after it looked for revocations missed in the outage.
+                    await backend.publish(
+                        Envelope(UserRef("carol"), 0, None, '{"after": "outage"}')
+                    )
+                    await sockets["c-2"].arrived.wait()
+                    assert not ended["c-2"].is_set()
+                tg.cancel_scope.cancel()
+        if revoked == "one lost":
+            for sock in sockets.values():
+                assert sock.closed == [(4001, "access revoked")]
+        else:
+            assert sockets["c-1"].closed == [(4001, "c-1")]
+        if revoked == "one connection":
+            assert (sockets["c-2"].frames, sockets["c-2"].closed) == (['{"after": "outage"}'], [])
+        elif revoked == "each connection":
+            assert sockets["c-2"].closed == [(4001, "c-2")]
+        assert hub.stats().revoked == (1 if revoked == "one connection" else 2)
+        await other.aclose()
+        await carol.registry.aclose()
+    finally:
+        admin.close()
+        own.kill()
+
+
+@pytest.mark.parametrize("revoked_by", ["another process", "this process"])
+async def test_a_revocation_of_another_connection_before_the_first_subscription_spares_the_socket(
+    redis_url: str, revoked_by: str
+) -> None:
+    """Carol's socket c-1 starts joining on a process that holds nothing of hers yet, and
+    her connection c-2 (elsewhere) is revoked before Redis has that process's subscription
+    of her channel. c-1 is served and stays. The joining process saw her count of
+    revocations grow meanwhile and, not knowing which connection the revocation named,
+    ended c-1 as well."""
+    prefix = unique_prefix()
+    registry = Registry()
+    backend = HeldOnItsWay(redis_url, channel_prefix=prefix, held_at="subscribe")
+    hub = ConnectionHub(backend)
+    hub.install(registry)
+    other = ConnectionHub(RedisBroadcast(redis_url, channel_prefix=prefix))
+    revoking = other if revoked_by == "another process" else hub
+    socket = SignalledAccept()
+    served: list[str] = []
+    settled = anyio.Event()
+
+    async def revoke() -> None:
+        assert await revoking.revoke("carol", connection_id="c-2") == 0
+        served.append("revoked")
+
+    async def handler() -> None:
+        context = UserExecutionContext.create("carol", connection_id="c-1")
+        try:
+            async with registry.open_scope(context) as scope:
+                manager = await scope.resolve(UserWebSocketManager)
+                async with manager.connect(socket):  # type: ignore[arg-type]
+                    served.append("entered")
+                    await anyio.lowlevel.checkpoint()
+                    served.append("served on")
+                    settled.set()
+                    await anyio.sleep_forever()
+                served.append("ended quietly")
+        finally:
+            settled.set()
+
+    with anyio.fail_after(DEADLINE):
+        await backend.wait_connected()
+        backend.hold = revoke
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(handler)
+            await settled.wait()
+            tg.cancel_scope.cancel()
+    assert served == ["revoked", "entered", "served on"]
+    assert socket.closed == []
+    assert hub.stats().revoked == 0
+    await other.aclose()
+    await registry.aclose()
+
+
 async def test_a_revocation_heard_before_the_recent_ones_are_read_hides_none_of_them(
     redis_url: str,
 ) -> None:
@@ -2972,7 +3110,8 @@ async def test_a_revocation_heard_before_the_recent_ones_are_read_hides_none_of_
             bob_id, bob_fields = entries[1]
             # Bob's message, as the reader reads it between the confirmations, then the
             # read of the recent revocations that follows once every channel is confirmed.
-            backend._handle([b"message", backend._revoked, bob_id + b" " + bob_fields[b"envelope"]])
+            heard = b" ".join((bob_id, bob_fields[b"count"], bob_fields[b"envelope"]))
+            backend._handle([b"message", backend._revoked, heard])
             await backend._recent_revocations()
         assert [(envelope.user, envelope.mode) for envelope in delivered] == [
             (UserRef("ann"), REVOKE),

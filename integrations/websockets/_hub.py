@@ -263,10 +263,12 @@ class ConnectionHub:
         too, and can connect again. Not covered: sockets whose scope the middleware did
         not open (no validation time).
 
-        Where :class:`RedisBroadcast` learns of a revocation from its count rather than
-        its message (after an outage of a process's subscription, or when it races that
-        process's first subscription to the user), it ends every socket of that user
-        there, also when ``connection_id`` named one, with the reason "access revoked".
+        A process whose :class:`RedisBroadcast` subscription was down reads the
+        revocations it missed from Redis once back, and ends exactly the sockets they
+        named. Only one it can learn of from its user's count alone (made during an
+        outage longer than five minutes, or dropped from the stream of recent ones) ends
+        every socket of that user there, also when ``connection_id`` named one, with the
+        reason "access revoked".
 
         Unlike the hub's other sends, it names its user explicitly: it is meant
         for an administrator or the auth system, not for the user's own requests.

@@ -45,16 +45,19 @@ _RECENT_FOR_MS = 300_000
 # sockets whose subscription was down), published on its user's channel (for processes
 # that do not listen on the revocations channel yet), added to the stream of recent ones
 # (for processes whose subscription was down or not started), and published on the
-# revocations channel, with its id in that stream, to every process.
+# revocations channel, with its id in that stream, to every process. The stream entry and
+# that message carry the user's count as of this revocation: a process knows which of the
+# user's revocations it heard or read, and learns from the count only of those it did not.
 # KEYS: the user's count, the stream. ARGV: the user's channel, the revocations channel,
 # the envelope, the seconds both keys are kept, the length of the stream.
 _REVOKE = """
-redis.call('INCR', KEYS[1])
+local count = redis.call('INCR', KEYS[1])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('PUBLISH', ARGV[1], ARGV[3])
-local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'envelope', ARGV[3])
+local id = redis.call(
+    'XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'envelope', ARGV[3], 'count', count)
 redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call('PUBLISH', ARGV[2], id .. ' ' .. ARGV[3])
+redis.call('PUBLISH', ARGV[2], id .. ' ' .. count .. ' ' .. ARGV[3])
 return id
 """
 
@@ -82,14 +85,16 @@ class RedisBroadcast:
     and is kept in a Redis stream of the latest ones (about 10,000): a process whose
     subscription starts, or comes back after an outage, reads from it the revocations of
     the last five minutes (on Redis's clock) it has not heard, and new sockets wait for
-    that read. Each is also counted in a Redis key of its user, and a process whose
-    subscription comes back compares those counts with the ones it knew and revokes every
-    socket of a user revoked meanwhile (all of them: the count does not say which
-    connection a revocation named). A process subscribing to a user it holds no socket of
-    yet reads the count before and after: a revocation in between, published before Redis
-    had the subscription, revokes the user's sockets there the same way. (Those counts,
-    and the user's channel, serve processes of releases that do not listen on the
-    revocations channel.) Revocations need Redis 5 or later (streams).
+    that read. Each is also counted in a Redis key of its user, and carries its number in
+    that count, so a process knows which of the user's revocations it heard or read. A
+    process whose subscription comes back, once it has read the recent ones, compares
+    those counts with the revocations it accounted for, and revokes every socket of a
+    user with one it neither heard nor read (all of them: the count does not say which
+    connection that one named); that takes an outage longer than five minutes, or a
+    stream trimmed or lost meanwhile. A process subscribing to a user it holds no socket
+    of yet reads the count before and after: a revocation in between, published before
+    Redis had the subscription and neither heard nor read, revokes the user's sockets
+    there the same way. Revocations need Redis 5 or later (streams).
 
     Args:
         url: The Redis URL (``redis://host:6379/0``).
@@ -180,13 +185,13 @@ class RedisBroadcast:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected = False
         self._down_since: float | None = None
-        # Per subscribed channel: the user's count of revocations as of its subscription,
-        # or as read again after a revocation of the user heard here.
+        # Per subscribed channel: the count of its user's revocations up to which every one
+        # is accounted for here: made before the subscription, or heard (as a message, or
+        # read from the stream of recent ones), each numbered by the count it carries.
         self._revocations: dict[bytes, int] = {}
-        # Subscribed channel -> revocations of its user heard here (messages on its
-        # channel) since its count was read: counted in, or the outage after would apply
-        # them once more.
-        self._heard: dict[bytes, int] = {}
+        # Subscribed channel -> the numbers of its user's revocations heard here past that
+        # count, one before them not (yet): heard out of order, or before the count was read.
+        self._heard: dict[bytes, set[int]] = {}
         # The subscription came back after an outage: look for revocations it missed.
         self._resync = False
         # The stream of recent revocations was read since the subscription (re)started:
@@ -332,8 +337,10 @@ class RedisBroadcast:
 
         A first subscription of ``user`` here reads the user's count of revocations before
         it subscribes and again once Redis confirmed it: a revocation published in between
-        reached this process as no message, and if the count grew meanwhile, every socket
-        of ``user`` here is revoked (the count does not say which connection was named).
+        reached this process on the revocations channel, or is read from the stream of
+        recent ones, as every revocation carries its number in that count; if the count
+        grew by one heard in neither way, every socket of ``user`` here is revoked (the
+        count does not say which connection that one named).
         Every subscription also waits until this process has read the recent revocations
         it missed, once its subscription (re)started (no command of its own).
 
@@ -362,14 +369,17 @@ class RedisBroadcast:
             self._start_reader()
             self._check_up()
             with anyio.fail_after(self.timeout):
-                before = 0
                 waiting_for = "confirm the subscription"
                 first = await self._claim(channel)
                 if first:
                     # Read before subscribing: a revocation Redis takes from now until it
-                    # has the subscription is published to nobody here, and only the count
-                    # read again below tells of it.
+                    # has the subscription is published to nobody on the user's channel,
+                    # and only the revocations channel, or the count read again below,
+                    # tells of it.
                     before = await read_count()
+                    known = self._revocations.get(channel)
+                    # Every revocation up to it came before this subscription.
+                    self._advance(channel, before if known is None else max(known, before))
                     self._check_up()
                     # Confirmed only by the answer to this SUBSCRIBE (or a later one), not
                     # by one to a SUBSCRIBE of an earlier, since unsubscribed, socket.
@@ -383,10 +393,8 @@ class RedisBroadcast:
                 if first or channel not in self._revocations:
                     # Read once subscribed: a revocation after this read arrives as a message.
                     count = await read_count()
-                    known = self._revocations.get(channel)
-                    self._revocations[channel] = count if known is None else max(known, count)
                     deliver = self._deliver
-                    if first and count > before and deliver is not None:
+                    if self._missed(channel, count) and first and deliver is not None:
                         deliver(Envelope(user, REVOKE, None, "access revoked"))
         except TimeoutError:
             await self._release(user, claimed=first and not sent)
@@ -430,9 +438,14 @@ class RedisBroadcast:
         missed = 0
         for entry_id, fields in entries or ():
             raw = None if fields is None else fields.get(b"envelope")
-            if not isinstance(entry_id, bytes) or not isinstance(raw, bytes):
+            count = None if fields is None else fields.get(b"count")
+            if (
+                not isinstance(entry_id, bytes)
+                or not isinstance(raw, bytes)
+                or not isinstance(count, bytes)
+            ):
                 logger.warning("ambient: dropped a malformed entry of the recent revocations")
-            elif self._revocation_heard(entry_id, raw):
+            elif self._revocation_heard(entry_id, count, raw):
                 missed += 1
         if missed and self._resync:  # back after an outage, not a first start
             logger.warning(
@@ -441,12 +454,14 @@ class RedisBroadcast:
                 missed,
             )
 
-    def _revocation_heard(self, entry_id: bytes, raw: bytes) -> bool:
+    def _revocation_heard(self, entry_id: bytes, count: bytes, raw: bytes) -> bool:
         """Deliver the revocation ``raw``, kept as ``entry_id`` in the stream of recent
-        ones, unless it was heard already; return whether it was delivered."""
+        ones and numbered ``count`` among its user's, unless it was heard already; return
+        whether it was delivered."""
         try:
             milliseconds, _, sequence = entry_id.partition(b"-")
             heard = (int(milliseconds), int(sequence))
+            number = int(count)
             envelope = decode_envelope(raw)
         except (ValueError, UnicodeDecodeError):
             logger.warning("ambient: dropped a malformed message on the revocations channel")
@@ -460,52 +475,59 @@ class RedisBroadcast:
             logger.warning("ambient: dropped a message on the revocations channel that is none")
             return False
         deliver(envelope)
+        channel = self.channel(envelope.user)
+        if channel in self._refs:
+            self._heard.setdefault(channel, set()).add(number)
+            known = self._revocations.get(channel)
+            if known is not None:
+                self._advance(channel, known)
         return True
 
+    def _advance(self, channel: bytes, known: int) -> int:
+        """Take every revocation of ``channel``'s user up to ``known`` as accounted for,
+        and those heard in a row after it; return the count accounted for now."""
+        heard = self._heard.pop(channel, set())
+        while known + 1 in heard:
+            known += 1
+        later = {number for number in heard if number > known}
+        if later:
+            self._heard[channel] = later
+        self._revocations[channel] = known
+        return known
+
+    def _missed(self, channel: bytes, count: int) -> bool:
+        """Compare ``count``, the count of ``channel``'s user's revocations just read from
+        Redis, with those accounted for here; return whether any of them was neither
+        heard nor read from the stream (which connection it named is then not known).
+        Accounted for from now on."""
+        known = self._revocations.get(channel)
+        if known is None:
+            self._advance(channel, count)
+            return False
+        self._advance(channel, max(known, count))
+        return count > known
+
     async def _missed_revocations(self) -> None:
-        """After an outage of the subscription: revoke the sockets of every user whose
-        count of revocations grew while this process heard nothing."""
-        channels = list(self._refs)
+        """After an outage of the subscription, once the recent revocations are read:
+        revoke the sockets of every user whose count of revocations grew by one this
+        process neither heard nor read (the stream no longer held it)."""
+        # Those whose count is known: a first subscription under way reads its own.
+        channels = [channel for channel in self._refs if channel in self._revocations]
         if not channels:
             return
         counts = await self._read_counts(channels)
         deliver = self._deliver
         for channel, count in zip(channels, counts, strict=True):
-            known = self._revocations.get(channel)
             user = self._users.get(channel)
-            if user is None:
+            if user is None or channel not in self._revocations:
                 continue  # unsubscribed meanwhile
-            # The highest count read: a subscription's own read may have been answered
-            # after this one.
-            self._revocations[channel] = count if known is None else max(known, count)
-            if known is not None and count > known and deliver is not None:
+            if self._missed(channel, count) and deliver is not None:
                 logger.warning(
-                    "ambient: a user was revoked while the Redis subscription was down; "
-                    "revoking their sockets here now"
+                    "ambient: a user was revoked while the Redis subscription was down, "
+                    "and the revocation is no longer among the recent ones; revoking "
+                    "their sockets here now"
                 )
                 deliver(Envelope(user, REVOKE, None, "access revoked"))
-
-    async def _count_heard(self) -> None:
-        """Read again the counts of the users revoked in messages heard here: each such
-        revocation is applied already, and must not be taken, after an outage, for one
-        made while this process heard nothing (which would end every socket of the user
-        here, also those opened since, or left by a revocation naming another one)."""
-        heard, self._heard = self._heard, {}
-        channels = [channel for channel in heard if channel in self._revocations]
-        if channels:
-            try:
-                counts = await self._read_counts(channels)
-            except BaseException:
-                # Counted in once the count is read (the reader reconnects first).
-                for channel, n in heard.items():
-                    self._heard[channel] = self._heard.get(channel, 0) + n
-                raise
-            for channel, count in zip(channels, counts, strict=True):
-                known = self._revocations.get(channel)
-                if known is not None:  # not unsubscribed meanwhile
-                    # Those heard, never more than the count: a revocation made since and
-                    # not heard yet must still be learnt from it if its message is lost.
-                    self._revocations[channel] = max(known, min(count, known + heard[channel]))
 
     async def _claim(self, channel: bytes) -> bool:
         """Wait until ``channel`` is confirmed (``False``) or no subscription here is on
@@ -545,6 +567,7 @@ class RedisBroadcast:
         self._refs.pop(channel, None)
         self._users.pop(channel, None)
         self._revocations.pop(channel, None)
+        self._heard.pop(channel, None)
         self._confirmed.discard(channel)
         self._subscribing.discard(channel)
         await self._send("UNSUBSCRIBE", channel)
@@ -669,8 +692,6 @@ class RedisBroadcast:
                 # Failing here (Redis gone again) reconnects, and looks again after that.
                 await self._missed_revocations()
                 self._resync = False
-            if self._heard and self._caught_up:
-                await self._count_heard()
 
     def _new_subscription(self) -> AbstractConnection:
         """A new, unconnected connection for the subscription, made by the reader only."""
@@ -700,8 +721,9 @@ class RedisBroadcast:
                 # read of that stream still to come delivers it. Heard first, its id would
                 # start that read after the revocations this process missed before it.
                 return
-            entry_id, _, raw = message[2].partition(b" ")
-            self._revocation_heard(entry_id, raw)
+            entry_id, _, rest = message[2].partition(b" ")
+            count, _, raw = rest.partition(b" ")
+            self._revocation_heard(entry_id, count, raw)
         elif kind == b"message":
             user = self._users.get(channel)
             deliver = self._deliver
@@ -715,8 +737,6 @@ class RedisBroadcast:
             if envelope.user != user:
                 logger.warning("ambient: dropped a message whose user does not match its channel")
                 return
-            if envelope.mode == REVOKE and channel in self._revocations:
-                self._heard[channel] = self._heard.get(channel, 0) + 1
             deliver(envelope)
         elif kind == b"subscribe":
             pending = self._pending.get(channel, 0) - 1
