@@ -18,7 +18,15 @@ import contextvars
 import functools
 import inspect
 import os
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import (
+    AsyncGenerator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Generator,
+    Hashable,
+    Iterator,
+)
 from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, cast
 
@@ -341,7 +349,12 @@ def wrap(fn: Callable[P, R]) -> Callable[P, R]:
     ``loop.run_in_executor``, ``threading.Thread``, callbacks and job queues. A sync ``fn``
     runs in a copy of the contextvars captured now (each call gets its own copy, so the
     wrapper may run in several threads at once); an async ``fn`` re-binds ambient's state
-    and the OpenTelemetry context around the awaited call.
+    and the OpenTelemetry context around the awaited call. What a call hands back to run
+    later runs with them too, wherever it runs: a generator (a generator function's body
+    runs as it is iterated, not as it is called) runs each step in the copy it was made in,
+    a coroutine (a lambda's) or an async generator with ambient's state and the
+    OpenTelemetry context re-bound around each step; a binding the body of a generator makes
+    lasts across its yields without reaching the code iterating it.
 
     Example::
 
@@ -372,9 +385,95 @@ def wrap(fn: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(fn)
     def run(*args: P.args, **kwargs: P.kwargs) -> R:
-        return captured.copy().run(fn, *args, **kwargs)
+        context = captured.copy()
+        result = context.run(fn, *args, **kwargs)
+        # What the call hands back to run later (a generator function's generator, a
+        # lambda's coroutine) runs with what was captured too, wherever it runs.
+        if inspect.isgenerator(result):
+            return cast("R", _steps_in(context, result))
+        if inspect.iscoroutine(result) or inspect.isasyncgen(result):
+            binding = context.get(_current)
+            trace_context = context.run(otel_context.get_current)
+            if inspect.iscoroutine(result):
+                return cast("R", _rebound(result, binding, trace_context))
+            return cast("R", _async_steps_rebound(result, binding, trace_context))
+        return result
 
     return run
+
+
+def _steps_in(
+    context: contextvars.Context, generator: Generator[Any, Any, Any]
+) -> Generator[Any, Any, Any]:
+    """Run each step of ``generator`` in ``context``, as ``yield from`` would run it here."""
+    step: Callable[[Any], Any] = generator.send
+    value: Any = None
+    while True:
+        try:
+            item = context.run(step, value)
+        except StopIteration as stop:
+            return stop.value
+        try:
+            value = yield item
+        except GeneratorExit:
+            context.run(generator.close)
+            raise
+        except BaseException as exc:  # noqa: BLE001 - thrown in, as ``yield from`` does
+            step, value = generator.throw, exc
+        else:
+            step = generator.send
+
+
+async def _rebound(
+    coroutine: Coroutine[Any, Any, R], binding: _Binding | None, trace_context: otel_context.Context
+) -> R:
+    """Await ``coroutine`` with ``binding`` and ``trace_context`` bound."""
+    token = _current.set(binding)
+    trace_token = otel_context.attach(trace_context)
+    try:
+        return await coroutine
+    finally:
+        otel_context.detach(trace_token)
+        _current.reset(token)
+
+
+async def _async_steps_rebound(
+    generator: AsyncGenerator[Any, Any],
+    binding: _Binding | None,
+    trace_context: otel_context.Context,
+) -> AsyncGenerator[Any, Any]:
+    """Run each step of ``generator`` with ``binding`` and ``trace_context`` bound."""
+    # What the body binds is its own, kept from one step to the next (as it would be
+    # unwrapped) and taken back from the code iterating it between them.
+    own = (binding, trace_context)
+
+    async def step(advance: Callable[[Any], Awaitable[Any]], value: Any) -> Any:
+        nonlocal own
+        token = _current.set(own[0])
+        trace_token = otel_context.attach(own[1])
+        try:
+            return await advance(value)
+        finally:
+            own = (_current.get(), otel_context.get_current())
+            otel_context.detach(trace_token)
+            _current.reset(token)
+
+    advance: Callable[[Any], Awaitable[Any]] = generator.asend
+    value: Any = None
+    while True:
+        try:
+            item = await step(advance, value)
+        except StopAsyncIteration:
+            return
+        try:
+            value = yield item
+        except GeneratorExit:
+            await step(lambda _: generator.aclose(), None)
+            raise
+        except BaseException as exc:  # noqa: BLE001 - thrown in, as the step's await does
+            advance, value = generator.athrow, exc
+        else:
+            advance = generator.asend
 
 
 @contextlib.contextmanager

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
+import inspect
 import logging
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -411,6 +414,137 @@ class TestThreadHops:
         for call in wrapped:
             assert await call("x") == (ctx, "x")
             assert current_context_or_none() is None
+
+    async def test_wrap_carries_the_binding_into_a_generators_body(self) -> None:
+        """A generator runs its body as it is iterated, not as it is called: a generator
+        function or an async generator function wrapped in alice's binding (a stream handed
+        to a job queue) ran only the call with it, and its body with whatever its consumer
+        had bound, here bob (the job's consumer). Each step of the body sees alice and her
+        trace now, a binding the body makes lasts across its yields, and the consumer's
+        binding is its own between the steps and after them."""
+        alice, bob = ctx_for("alice"), ctx_for("bob")
+        key = otel_context.create_key("probe")
+
+        def seen() -> tuple[str | None, object]:
+            bound = current_context_or_none()
+            return (bound and bound.run_id), otel_context.get_value(key)
+
+        ended: list[tuple[str | None, object]] = []
+
+        def lines() -> Iterator[tuple[str | None, object]]:
+            try:
+                yield seen()
+                with bind_context(get_current_context().child("render")):
+                    yield seen()
+                    yield seen()
+                yield seen()
+            finally:
+                ended.append(seen())
+
+        async def chunks() -> AsyncIterator[tuple[str | None, object]]:
+            for line in lines():
+                await anyio.lowlevel.checkpoint()
+                yield line
+
+        class Lines:
+            def __call__(self) -> Iterator[tuple[str | None, object]]:
+                yield from lines()
+
+        token = otel_context.attach(otel_context.set_value(key, "alice's trace"))
+        try:
+            with bind_context(alice):
+                wrapped = [ambient.wrap(lines), ambient.wrap(chunks), ambient.wrap(Lines())]
+        finally:
+            otel_context.detach(token)
+
+        async def consume(stream: Any) -> tuple[list[Any], list[Any]]:
+            got, between = [], []
+            if inspect.isasyncgen(stream):
+                async for line in stream:
+                    got.append(line)
+                    between.append(seen())
+            else:
+                for line in stream:
+                    got.append(line)
+                    between.append(seen())
+            return got, between
+
+        for make in wrapped:
+            with bind_context(bob):
+                got, between = await consume(make())
+                assert seen() == (bob.run_id, None)
+            assert [got[0], got[3]] == [(alice.run_id, "alice's trace")] * 2
+            assert got[1] == got[2]
+            assert got[1][0] not in (alice.run_id, bob.run_id)
+            assert got[1][1] == "alice's trace"
+            assert between == [(bob.run_id, None)] * 4
+            assert current_context_or_none() is None
+        for make in wrapped:  # left inside the body's own binding, and closed
+            with bind_context(bob):
+                stream = make()
+                if inspect.isasyncgen(stream):
+                    async with contextlib.aclosing(stream):
+                        await anext(stream)
+                        await anext(stream)
+                else:
+                    with contextlib.closing(stream):
+                        next(stream)
+                        next(stream)
+                assert seen() == (bob.run_id, None)
+        assert ended == [(alice.run_id, "alice's trace")] * 6
+
+    async def test_a_wrapped_generator_gets_what_is_sent_and_thrown_in_its_binding(
+        self,
+    ) -> None:
+        """Made into a context manager (``contextlib.contextmanager`` and its async
+        counterpart drive the generator with ``send`` and ``throw``), a wrapped generator
+        gets the block's error thrown in at its yield, handles it with alice's binding, and
+        its return value and the values sent to it arrive as without the wrapper. A lambda
+        handing back a coroutine is awaited with her binding too."""
+        alice, bob = ctx_for("alice"), ctx_for("bob")
+        handled: list[tuple[str, str]] = []
+
+        def guarded() -> Iterator[str]:
+            try:
+                yield get_current_context().user_id
+            except ValueError as error:
+                handled.append((str(error), get_current_context().user_id))
+
+        async def guarded_async() -> AsyncIterator[str]:
+            try:
+                yield get_current_context().user_id
+            except ValueError as error:
+                await anyio.lowlevel.checkpoint()
+                handled.append((str(error), get_current_context().user_id))
+
+        def echo() -> Generator[str, str, str]:
+            got = yield get_current_context().user_id
+            return f"{got} for {get_current_context().user_id}"
+
+        async def whoami() -> str:
+            await anyio.lowlevel.checkpoint()
+            return get_current_context().user_id
+
+        with bind_context(alice):
+            manager = contextlib.contextmanager(ambient.wrap(guarded))
+            async_manager = contextlib.asynccontextmanager(ambient.wrap(guarded_async))
+            wrapped_echo = ambient.wrap(echo)
+            later = ambient.wrap(lambda: whoami())
+        with bind_context(bob):
+            with manager() as user:
+                assert user == "alice"
+                raise ValueError("sync")
+            async with async_manager() as user:
+                assert user == "alice"
+                raise ValueError("async")
+            stream = wrapped_echo()
+            assert next(stream) == "alice"
+            with pytest.raises(StopIteration) as stop:
+                stream.send("hello")
+            assert stop.value.value == "hello for alice"
+            assert await later() == "alice"
+            assert get_current_context() is bob
+        assert handled == [("sync", "alice"), ("async", "alice")]
 
     async def test_wrap_carries_the_trace_context(self) -> None:
         """wrap() carries the OpenTelemetry context too."""

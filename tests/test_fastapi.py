@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import ambient
-from ambient import Observer, Registry, UserExecutionContext
+from ambient import Observer, Registry, UserExecutionContext, bind_context
 from ambient.errors import (
     AmbientError,
     IdentityError,
@@ -316,6 +316,36 @@ class TestDependencies:
             ("stream", streamed, False),
         ]
         assert ledger.open_probes() == 0
+
+    async def test_a_sync_stream_acting_for_another_user_stays_that_user_when_wrapped(
+        self,
+    ) -> None:
+        """Starlette runs each step of a sync streaming body in a worker thread, with a
+        fresh copy of the request's context: a binding the body makes (an admin acting
+        for bob) is gone after its first yield, and the rest of the stream runs as the
+        admin. Wrapped with ``ambient.wrap``, the body's steps share one copy of the
+        context: every chunk is bob's."""
+        app, _, _ = make_app()
+
+        def body() -> Iterator[bytes]:
+            ctx = UserExecutionContext.create("bob")
+            with bind_context(ctx, allow_switch=True):
+                for _ in range(3):
+                    yield f"{ambient.get_current_context().user_id} ".encode()
+
+        @app.get("/plain")
+        async def plain() -> StreamingResponse:
+            return StreamingResponse(body())
+
+        @app.get("/wrapped")
+        async def wrapped() -> StreamingResponse:
+            return StreamingResponse(ambient.wrap(body)())
+
+        async with client(app) as http:
+            unwrapped = await http.get("/plain", headers=ALICE)
+            rewrapped = await http.get("/wrapped", headers=ALICE)
+        assert unwrapped.text.split() == ["bob", "alice", "alice"]
+        assert rewrapped.text.split() == ["bob", "bob", "bob"]
 
     async def test_a_websocket_endpoint_gets_the_context(self) -> None:
         """CurrentContext and Resolve work in websocket endpoints too."""
