@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import contextvars
@@ -11,6 +12,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -329,6 +331,31 @@ class TestTasks:
             await anyio.lowlevel.checkpoint()
             gate.set()
         assert errors == []
+
+    def test_no_thread_local_holds_what_a_request_binds(self) -> None:
+        """Every request on the event loop's thread shares that thread's slot of a
+        ``threading.local`` (or of asgiref's ``Local``), so nothing bound per request may
+        live in one: across ``ambient``, its middleware and integrations, the one
+        thread-local is the stack of sync factories running on a thread, which no other
+        task's can join while one runs (a sync factory never yields to the loop)."""
+        import ambient.integrations
+        import ambient.middleware
+
+        spellings = {"threading.local", "local", "Local"}
+        found = []
+        for package in (ambient, ambient.middleware, ambient.integrations):
+            for path in sorted(Path(package.__file__).parent.rglob("*.py")):
+                for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                    if isinstance(node, ast.ImportFrom):
+                        names = {alias.name for alias in node.names}
+                        if names & spellings and node.module != "__future__":
+                            found.append(f"{path.name}: from {node.module} import {names}")
+                    elif isinstance(node, ast.ClassDef):
+                        bases = {ast.unparse(base) for base in node.bases}
+                        found += [f"{path.name}: class {node.name}({b})" for b in bases & spellings]
+                    elif isinstance(node, ast.Call) and ast.unparse(node.func) in spellings:
+                        found.append(f"{path.name}: {ast.unparse(node)}")
+        assert found == ["_instances.py: class _Building(threading.local)"]
 
 
 class TestThreadHops:

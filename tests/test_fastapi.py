@@ -7,6 +7,7 @@ pin the behaviours one at a time, in process.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import re
@@ -14,7 +15,7 @@ import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio
 import anyio.lowlevel
@@ -195,10 +196,17 @@ class TestDependencies:
             assert (await http.get("/", headers=ALICE)).json() == {"probe": "Probe"}
         await registry.aclose()
 
-    async def test_every_kind_of_dependency_sees_one_context_and_one_scope(self) -> None:
+    @pytest.mark.parametrize("exits", ["request", "function"])
+    async def test_every_kind_of_dependency_sees_one_context_and_one_scope(
+        self, exits: Literal["request", "function"]
+    ) -> None:
         """async/sync x plain/yield dependencies: one context object, the Probe created once
         (first in a sync dependency, in a worker thread), and the exit halves of yield
-        dependencies run before the scope's cleanup, with the context still bound."""
+        dependencies run before the scope's cleanup, with the context still bound, whether
+        they exit after the response (``Depends(scope="request")``, the default) or as the
+        endpoint returns (``scope="function"``)."""
+        if exits == "function" and "scope" not in inspect.signature(Depends).parameters:
+            pytest.skip("Depends(scope=...) came with FastAPI 0.121")
         app, registry, ledger = make_app()
         seen: dict[str, tuple[UserExecutionContext, Probe]] = {}
 
@@ -237,8 +245,8 @@ class TestDependencies:
             *,
             ctx: CurrentContext,
             probe: Annotated[Probe, Resolve(Probe)],
-            _b: None = Depends(sync_yield),
-            _c: None = Depends(async_yield),
+            _b: None = Depends(sync_yield, scope=exits),
+            _c: None = Depends(async_yield, scope=exits),
         ) -> dict[str, int]:
             look("endpoint (threadpool)")
             assert probe is ambient.resolve_sync(Probe)

@@ -6,11 +6,13 @@ clients are httpx, so these tests run on both asyncio and trio.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import socket
 import threading
 import uuid
-from collections.abc import Iterator, MutableMapping
+from collections.abc import AsyncIterator, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,9 +21,13 @@ import httpx
 import psycopg
 import pytest
 from psycopg.abc import Query
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.requests import Request
+from starlette.responses import Response
 
-from ambient import Registry
-from ambient.integrations.psycopg import SharedPool, connection
+import ambient
+from ambient import Registry, UserExecutionContext
+from ambient.integrations.psycopg import PerUserPools, SharedPool, connection
 from ambient.middleware import AmbientMiddleware, trusted_header
 from tests.servers import serve
 from tests.test_psycopg import Database, _eventually, make_database
@@ -176,6 +182,24 @@ def fixture_served(request: pytest.FixtureRequest) -> Iterator[Served]:
             yield Served(url, app, pool, db)
             app.release.set()  # a test that failed while holding must not stall the shutdown
         assert not pool.opened  # the middleware closed the registry at shutdown
+
+
+@pytest.fixture(name="served_behind_base_http")
+def fixture_served_behind_base_http() -> Iterator[Served]:
+    """The served app with a pass-through ``BaseHTTPMiddleware`` outside the middleware."""
+
+    async def passing(request: Request, call_next: RequestResponseEndpoint) -> Response:
+        return await call_next(request)
+
+    with make_database() as db:
+        pool = notes_pool(db, **SERVED_POOL)
+        registry = Registry()
+        pool.install(registry)
+        app = NotesApp(db)
+        inner = AmbientMiddleware(app, registry=registry, identity=trusted_header())
+        with serve("uvicorn", BaseHTTPMiddleware(inner, dispatch=passing)) as url:
+            yield Served(url, app, pool, db)
+        assert not pool.opened
 
 
 def _admin_count(db: Database, query: Query, params: tuple[object, ...]) -> int:
@@ -384,6 +408,23 @@ async def test_middleware_per_user_limit_answers_503(served: Served) -> None:
 async def test_middleware_client_disconnect_mid_query(served: Served) -> None:
     """A client that goes away during a long query: the app cancels it, the query stops
     on the server, nothing is left idle in transaction, and the pool is whole again."""
+    await _disconnect_mid_query(served)
+
+
+async def test_client_disconnect_mid_query_behind_a_base_http_middleware_outside(
+    served_behind_base_http: Served,
+) -> None:
+    """The same with a ``BaseHTTPMiddleware`` outside the middleware (FastAPI's
+    ``@app.middleware("http")`` added after install()), which runs the rest of the stack in
+    a task of its own and hands it the client's disconnect through its own ``receive``: the
+    query still stops on the server, nothing is left idle in transaction, and the pool is
+    whole again."""
+    await _disconnect_mid_query(served_behind_base_http)
+
+
+async def _disconnect_mid_query(served: Served) -> None:
+    """A long query of alice's, her client gone while it runs: the query is cancelled and
+    stops on the server, her connection comes back clean, and she is served again."""
     app = served.app
     db = served.db
     async with httpx.AsyncClient(base_url=served.url, timeout=30) as client:
@@ -486,3 +527,79 @@ async def test_shutdown_waits_for_requests_holding_pool_connections() -> None:
         assert await anyio.to_thread.run_sync(stopped.wait, 30)
         assert statuses == [200, 200, 200]
         assert not pool.opened
+
+
+async def test_per_user_pools_outlived_by_requests_cancelled_at_the_graceful_deadline(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """PerUserPools, whose pools are USER components: the server is told to stop while three
+    users' requests hold connections, and gives up on them at its graceful-shutdown
+    deadline, cancelling them. Each request's cleanup still uses its checkout (an audit
+    query after the request's work) and hands it back to its user's pool before lifespan
+    shutdown closes that pool: nothing of ambient's or psycopg's fails or warns, and no
+    server connection of the application is left behind."""
+    caplog.set_level(logging.WARNING)
+    with make_database() as db:
+        pools = await anyio.to_thread.run_sync(
+            lambda: PerUserPools(
+                db.app_url, max_size=2, max_total=6, rls_check="raise", kwargs=db.kwargs()
+            )
+        )
+        registry = Registry()
+        pools.install(registry)
+        audited: list[str] = []
+
+        async def audit(ctx: UserExecutionContext) -> AsyncIterator[_Audit]:
+            async with pools.connection() as conn:
+                try:
+                    yield _Audit()
+                finally:
+                    await conn.execute("SELECT pg_sleep(0.1)")
+                    audited.append(ctx.user_id)
+
+        registry.register(_Audit, audit)
+        app = NotesApp(db, hold_target=3)
+
+        async def auditing(scope: Scope, receive: Any, send: Any) -> None:
+            if scope["type"] == "http":
+                await ambient.resolve(_Audit)
+            await app(scope, receive, send)
+
+        asgi = AmbientMiddleware(auditing, registry=registry, identity=trusted_header())
+        server = serve("uvicorn", asgi, timeout_graceful_shutdown=0.1)
+        url = server.__enter__()
+        stopped = threading.Event()
+
+        def stop() -> None:
+            server.__exit__(None, None, None)
+            stopped.set()
+
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+
+            async def hold(n: int) -> None:
+                with contextlib.suppress(httpx.TransportError):
+                    await http.get("/hold", headers={"x-user-id": f"holder-{n}"})
+
+            async with anyio.create_task_group() as tg:
+                for n in range(3):
+                    tg.start_soon(hold, n)
+                assert await anyio.to_thread.run_sync(app.held.wait, 10)
+                assert pools.stats().pools == 3
+                threading.Thread(target=stop, daemon=True).start()
+                assert await anyio.to_thread.run_sync(stopped.wait, 30)
+        app.release.set()
+        assert sorted(audited) == [f"holder-{n}" for n in range(3)]
+        assert pools.stats().pools == 0
+        await _eventually_zero(
+            db, "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (db.app_name,)
+        )
+    complaints = [
+        f"{r.name}: {r.getMessage()}"
+        for r in caplog.records
+        if r.name.startswith(("ambient", "psycopg"))
+    ]
+    assert complaints == []
+
+
+class _Audit:
+    """A REQUEST component whose cleanup still uses the request's checkout."""

@@ -149,6 +149,75 @@ class TestCarryingTheScope:
                     errors.append(await anyio.to_thread.run_sync(future.exception))
         assert all(isinstance(error, NoActiveContextError) for error in errors)
 
+    @pytest.mark.parametrize(
+        "hop", ["to_thread", "default_executor", "thread", "wrapped_thread", "wrapped_executor"]
+    )
+    async def test_every_hop_sees_its_callers_user_or_none_never_another(
+        self, anyio_backend: str, hop: str
+    ) -> None:
+        """100 users at once, each hopping to a thread that makes the first Probe of their
+        request: through the event loop's own hop (asyncio.to_thread, trio's to_thread,
+        which copy the context), the loop's default executor and a raw Thread (which do
+        not: their threads, reused across users, have no context), or either of those
+        with ``ambient.wrap``. A thread sees its caller's user and makes the Probe the
+        request then resolves, or has no context at all: never another user's."""
+        if hop == "default_executor" and anyio_backend != "asyncio":
+            pytest.skip("loop.run_in_executor is asyncio's API")
+        registry, ledger = make_registry()
+        copies = hop in {"to_thread", "wrapped_thread", "wrapped_executor"}
+
+        def seen() -> tuple[str, Probe] | BaseException:
+            try:
+                return look()
+            except NoActiveContextError as error:
+                return error
+
+        async def in_thread(fn: Callable[[], Any]) -> Any:
+            done = threading.Event()
+            result: list[Any] = []
+            threading.Thread(target=lambda: (result.append(fn()), done.set())).start()
+            await anyio.to_thread.run_sync(done.wait)
+            return result[0]
+
+        async def hop_to_thread() -> Any:
+            if hop == "to_thread":
+                if anyio_backend == "asyncio":
+                    return await asyncio.to_thread(seen)
+                import trio
+
+                return await trio.to_thread.run_sync(seen)
+            if hop in {"default_executor", "wrapped_executor"}:
+                fn = seen if hop == "default_executor" else ambient.wrap(seen)
+                if anyio_backend == "asyncio":
+                    return await asyncio.get_running_loop().run_in_executor(None, fn)
+                with concurrent.futures.ThreadPoolExecutor(max_workers=4) as executor:
+                    return await anyio.to_thread.run_sync(executor.submit(fn).result)
+            return await in_thread(seen if hop == "thread" else ambient.wrap(seen))
+
+        everyone_in = anyio.Event()
+        arrived = 0
+
+        async def user(n: int) -> None:
+            nonlocal arrived
+            ctx = UserExecutionContext.create(f"user-{n}")
+            async with registry.open_scope(ctx):
+                arrived += 1
+                if arrived == USERS:
+                    everyone_in.set()
+                await everyone_in.wait()
+                found = await hop_to_thread()
+                probe = await ambient.resolve(Probe)
+                if copies:
+                    assert found == (ctx.user_id, probe)
+                else:
+                    assert isinstance(found, NoActiveContextError)
+
+        async with anyio.create_task_group() as tg:
+            for n in range(USERS):
+                tg.start_soon(user, n)
+        assert len(ledger.created) == USERS
+        assert ledger.problems() == []
+
     async def test_asgiref_sync_to_async(self, anyio_backend: str) -> None:
         """asgiref's sync_to_async (Django's thread hop) copies the context: same scope."""
         if anyio_backend != "asyncio":
