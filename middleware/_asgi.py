@@ -16,7 +16,17 @@ from typing import Any, Final
 import anyio
 import anyio.lowlevel
 
-from ambient._binding import _Binding, _bound_here, _current, _live, _shown, bind, unbind
+from ambient._binding import (
+    _Binding,
+    _bound_here,
+    _current,
+    _handed_over,
+    _live,
+    _resolving,
+    _shown,
+    bind,
+    unbind,
+)
 from ambient._context import (
     ANONYMOUS,
     UserExecutionContext,
@@ -302,10 +312,17 @@ class AmbientMiddleware:
         # earlier request on the same connection: start from "nothing bound". Reading is
         # cheaper than setting, and nothing is bound almost always.
         bound = _current.get()
-        leftover = None
+        leftover = making = None
         if bound is not None:
             if not self._warned_leftover and _live(bound) is not None:
                 self._warn_leftover()
+            if _of_request(bound) and not _bound_here(bound):
+                # Nor the creations that request was making: the server started this one
+                # from its task (as it read its body or sent its end), maybe inside one of
+                # its factories. This request would take such a creation for one of its
+                # own, and name a cycle where it must wait for it. (A caller's own, making
+                # a request in its task, stay: waiting for itself would hang.)
+                making = (_resolving.set(()), _handed_over.set(()))
             leftover = _current.set(None)
         user: UserRef | None = None
         counted = False
@@ -468,6 +485,10 @@ class AmbientMiddleware:
                     self._requests_done.set()
             if user is not None:
                 self._leave(user)
+            if making is not None:
+                with contextlib.suppress(ValueError):  # as below
+                    _handed_over.reset(making[1])
+                    _resolving.reset(making[0])
             if leftover is not None:
                 try:
                     _current.reset(leftover)

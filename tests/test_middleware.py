@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 import ambient
-from ambient import Lifetime, Registry, UserExecutionContext
+from ambient import Lifetime, Registry, UserExecutionContext, UserRef
 from ambient._binding import _current, bind
 from ambient.errors import (
     AmbientError,
@@ -589,6 +589,72 @@ class TestLeftoverContext:
             await drive(middleware, http_scope([]), request)
             after.append(ambient.current_context_or_none())
         assert after == [None, earlier.context]
+
+    async def test_a_request_started_inside_a_factory_waits_for_what_it_makes(self) -> None:
+        """uvicorn starts the next request on a connection from inside the task of the
+        request before it (as that one reads its body or sends its end), so in its Context:
+        here while that request makes alice's Memory (a USER component). The next request,
+        alice's too, took the creation under way for one of its own and was refused with
+        "dependency cycle while resolving: Memory -> Memory" (a 500); it waits for the
+        Memory instead, and both requests get the same one."""
+        answers: list[object] = []
+        request: list[Message] = [{"type": "http.request", "body": b""}]
+        alice = http_scope([(b"x-user-id", b"alice")])
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            found = await ambient.resolve(Memory)
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": str(id(found)).encode()})
+
+        async def answer() -> None:
+            try:
+                sent = await drive(middleware, alice, request)
+            except Exception as error:
+                answers.append(repr(error))
+            else:
+                answers.append(sent[1]["body"])
+
+        made: list[UserRef] = []
+        async with anyio.create_task_group() as server:
+
+            async def memory(user: UserRef) -> Memory:
+                made.append(user)
+                server.start_soon(answer)  # in this factory's Context, as uvicorn does
+                await anyio.wait_all_tasks_blocked()
+                return Memory(0, user)
+
+            registry = Registry()
+            registry.register(Memory, memory, lifetime=Lifetime.USER)
+            middleware = AmbientMiddleware(app, registry=registry, identity=trusted_header())
+            server.start_soon(answer)
+        await registry.aclose()
+        assert len(made) == 1
+        assert len(answers) == 2
+        assert answers[0] == answers[1]
+        assert isinstance(answers[0], bytes)
+
+    async def test_a_factory_calling_the_app_in_its_own_task_is_still_a_named_cycle(
+        self,
+    ) -> None:
+        """A factory that serves a request of its user in its own task (an in-process ASGI
+        client) whose app needs what the factory makes: the request waiting for it would
+        wait for itself. It is refused as the cycle it is, never left to hang."""
+        request: list[Message] = [{"type": "http.request", "body": b""}]
+        alice = http_scope([(b"x-user-id", b"alice")])
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await ambient.resolve(Memory)
+
+        async def memory(user: UserRef) -> Memory:
+            await drive(middleware, alice, request)
+            return Memory(0, user)
+
+        registry = Registry()
+        registry.register(Memory, memory, lifetime=Lifetime.USER)
+        middleware = AmbientMiddleware(app, registry=registry, identity=trusted_header())
+        with anyio.fail_after(5), pytest.raises(ResolutionError, match="cycle"):
+            await drive(middleware, alice, request)
+        await registry.aclose()
 
     async def test_a_live_leftover_is_reported_once_an_ended_one_never(
         self, caplog: pytest.LogCaptureFixture
