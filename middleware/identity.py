@@ -332,7 +332,27 @@ def _networks(trusted: Iterable[str]) -> tuple[_Network, ...]:
             "networks of the proxies or services that set it"
         )
         raise ValueError(msg)
+    _warn_if_every_address_together(networks)
     return tuple(networks)
+
+
+def _warn_if_every_address_together(networks: list[_Network]) -> None:
+    """Warn when networks none of which is every address are so together (``0.0.0.0/1``
+    and ``128.0.0.0/1``): any client could assert any identity, as with ``0.0.0.0/0``."""
+    for version, everything in ((4, "0.0.0.0/0"), (6, "::/0")):
+        some = [
+            network
+            for network in networks
+            if not isinstance(network, str) and network.version == version and network.prefixlen
+        ]
+        together = list(ipaddress.collapse_addresses(some))  # type: ignore[type-var]
+        if together == [ipaddress.ip_network(everything)]:
+            logger.warning(
+                "ambient: the trusted networks %s are together every IPv%d address: any "
+                "client can assert any identity; name the networks of the proxies that set it",
+                ", ".join(map(str, some)),
+                version,
+            )
 
 
 def _over_unix_socket(scope: Mapping[str, Any]) -> bool:

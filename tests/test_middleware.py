@@ -1064,6 +1064,23 @@ class TestConstruction:
             "assert any identity; name the networks of the proxies that set it"
         ]
 
+    @pytest.mark.parametrize(
+        ("halves", "version"),
+        [(("0.0.0.0/1", "128.0.0.0/1"), 4), (("::/1", "8000::/1", "10.0.0.0/8"), 6)],
+    )
+    async def test_networks_that_together_are_every_address_are_warned_about(
+        self, halves: tuple[str, ...], version: int, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        with caplog.at_level(logging.WARNING, logger="ambient.middleware"):
+            trusted_header(trusted=halves)
+            trusted_header(trusted=halves[:1])  # half of them: no warning
+        said = [r.getMessage() for r in caplog.records if "together" in r.getMessage()]
+        named = ", ".join(h for h in halves if ":" in h) if version == 6 else ", ".join(halves)
+        assert said == [
+            f"ambient: the trusted networks {named} are together every IPv{version} address: "
+            "any client can assert any identity; name the networks of the proxies that set it"
+        ]
+
 
 async def drive(app: Any, scope: dict[str, Any], incoming: list[Message]) -> list[Message]:
     """Run one ASGI call with scripted input; return what the app sent."""
