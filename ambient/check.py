@@ -755,6 +755,12 @@ def _cut(findings: list[str]) -> list[str]:
     return [*findings[:_MAX_SHOWN], f"... and {len(findings) - _MAX_SHOWN} more"]
 
 
+class _ClientGoneError(OSError):
+    """What a simulated socket's ``send`` raises once its client has left, as a server's
+    does (the ASGI spec asks for an ``OSError``; uvicorn raises ``ClientDisconnected``):
+    an app that only sends on a socket (a feed, heartbeats) learns so that it may end."""
+
+
 class _Socket:
     """A simulated user's websocket at ``path``, held open while its requests run; what
     the app sent on it, and what went wrong."""
@@ -798,6 +804,10 @@ class _Socket:
                 self.listening.set()
                 text, data = message.get("text"), message.get("bytes")
                 self.frames.append(text if text is not None else _latin1(data or b""))
+                if self._leaving.is_set():
+                    # Still looked at (the app sent it for this user), but it went nowhere.
+                    msg = "the client disconnected"
+                    raise _ClientGoneError(msg)
             elif kind == "websocket.http.response.start":
                 self._failed(f"refused the handshake with HTTP {message.get('status')}")
             elif kind == "websocket.close" and not self._leaving.is_set():
@@ -808,8 +818,12 @@ class _Socket:
         token = _served.set(self.served)
         try:
             await self.driver.app(scope, receive, send)
+        except _ClientGoneError:
+            pass  # the app let the disconnect through, as servers let it
         except Exception as exc:  # noqa: BLE001 - an app error is a finding, not a crash
-            self._failed(f"raised {type(exc).__name__}: {exc}")
+            said = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            late = " after its client left" if self._leaving.is_set() else ""
+            self._failed(f"raised {said}{late}")
         finally:
             _served.reset(token)
             if not self.accepted:

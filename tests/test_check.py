@@ -739,22 +739,25 @@ class TestJWTIdentity:
 
 def broadcast_app() -> AmbientMiddleware:
     """Announces every run on every open socket: the bug a per-user socket manager fixes."""
-    sockets: list[WebSocket] = []
+    sockets: set[WebSocket] = set()
 
     async def events(websocket: WebSocket) -> None:
         await websocket.accept()
-        sockets.append(websocket)
+        sockets.add(websocket)
         try:
             await websocket.send_json({"ready": ambient.get_current_context().user_id})
             while True:
                 await websocket.receive_text()
         except WebSocketDisconnect:
-            sockets.remove(websocket)
+            sockets.discard(websocket)
 
     async def run(request: Request) -> Response:
         said = f"ran for {ambient.get_current_context().user_id}"
-        for websocket in sockets:
-            await websocket.send_text(said)
+        for websocket in list(sockets):
+            try:
+                await websocket.send_text(said)
+            except WebSocketDisconnect:  # its client left meanwhile
+                sockets.discard(websocket)
         return JSONResponse({"ok": True})
 
     routes = [Route("/", run, methods=["POST"]), WebSocketRoute("/events", events)]
@@ -828,6 +831,62 @@ class TestWebsockets:
             re.fullmatch(rf"WS /events for check-\d{{5}}-[0-9a-f]{{6}}: {said}", line)
             for line in report.failed_requests
         ), report.failed_requests
+
+    @pytest.mark.parametrize("framework", ["starlette", "asgi"])
+    async def test_an_app_that_only_sends_ends_when_its_client_leaves(self, framework: str) -> None:
+        """A socket the app only sends on (a feed, heartbeats) learns that its client left
+        from its next send, which raises an ``OSError`` as a server's does: Starlette's
+        ``WebSocketDisconnect``, or the error itself let through by a bare ASGI app."""
+
+        async def events(websocket: WebSocket) -> None:
+            await websocket.accept()
+            user = ambient.get_current_context().user_id
+            with contextlib.suppress(WebSocketDisconnect):
+                while True:
+                    await websocket.send_json({"heartbeat": user})
+                    await anyio.sleep(0.005)
+
+        async def bare(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "http":
+                await send({"type": "http.response.start", "status": 200, "headers": []})
+                await send({"type": "http.response.body", "body": b"ok"})
+                return
+            await receive()
+            await send({"type": "websocket.accept"})
+            user = ambient.get_current_context().user_id
+            while True:
+                await send({"type": "websocket.send", "text": f"heartbeat of {user}"})
+                await anyio.sleep(0.005)
+
+        inner = (
+            Starlette(routes=[Route("/", _whoami), WebSocketRoute("/events", events)])
+            if framework == "starlette"
+            else bare
+        )
+        app = AmbientMiddleware(inner, registry=Registry(), identity=trusted_header())
+        report = await check(app, websocket="/events", users=2, requests=1, time_limit=1)
+        assert report.ok, report.violations
+        assert report.websocket_frames >= 2
+
+    async def test_an_app_failing_once_its_client_left_is_said_so(self) -> None:
+        """The disconnect a send raises, let out of the app, is an error a server logs
+        with its traceback (uvicorn's "Exception in ASGI application")."""
+
+        async def events(websocket: WebSocket) -> None:
+            await websocket.accept()
+            while True:
+                await websocket.send_json({"heartbeat": True})
+                await anyio.sleep(0.005)
+
+        inner = Starlette(routes=[Route("/", _whoami), WebSocketRoute("/events", events)])
+        app = AmbientMiddleware(inner, registry=Registry(), identity=trusted_header())
+        report = await check(app, websocket="/events", users=1, requests=1, time_limit=1)
+        said = (
+            r"WS /events for check-\d{5}-[0-9a-f]{6}: the app raised WebSocketDisconnect "
+            r"after its client left"
+        )
+        assert len(report.failed_requests) == 1
+        assert re.fullmatch(said, report.failed_requests[0]), report.failed_requests
 
     async def test_a_socket_that_never_ends_is_cancelled_at_the_time_limit(self) -> None:
         async def events(websocket: WebSocket) -> None:
