@@ -884,7 +884,7 @@ class _Traffic:
             with anyio.move_on_after(limit):
                 await socket.settled.wait()
             if not socket.settled.is_set():
-                socket.problem = f"no accept within {limit:g} s"
+                socket.problem = f"did not accept the socket within {limit:g} s"
             with anyio.move_on_after(min(limit or _LISTENING, _LISTENING)):
                 await socket.listening.wait()
             await self._requests(user)

@@ -888,6 +888,21 @@ class TestWebsockets:
         assert len(report.failed_requests) == 1
         assert re.fullmatch(said, report.failed_requests[0]), report.failed_requests
 
+    async def test_a_socket_never_accepted_is_said_so_at_the_time_limit(self) -> None:
+        """A handshake the app neither accepts nor refuses fails at the time limit."""
+
+        async def events(websocket: WebSocket) -> None:
+            await anyio.sleep_forever()  # neither accepts nor refuses
+
+        inner = Starlette(routes=[Route("/", _whoami), WebSocketRoute("/events", events)])
+        app = AmbientMiddleware(inner, registry=Registry(), identity=trusted_header())
+        report = await check(app, websocket="/events", users=1, requests=1, time_limit=0.1)
+        said = (
+            r"WS /events for check-\d{5}-[0-9a-f]{6}: the app did not accept the socket "
+            r"within 0.1 s"
+        )
+        assert [line for line in report.failed_requests if re.fullmatch(said, line)], report
+
     async def test_a_socket_that_never_ends_is_cancelled_at_the_time_limit(self) -> None:
         async def events(websocket: WebSocket) -> None:
             await websocket.accept()
