@@ -10,6 +10,7 @@ user's id, or another tenant's, is a violation.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -21,7 +22,14 @@ import threading
 import time
 import traceback
 import tracemalloc
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    MutableMapping,
+    Sequence,
+)
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -755,6 +763,30 @@ def _cut(findings: list[str]) -> list[str]:
     return [*findings[:_MAX_SHOWN], f"... and {len(findings) - _MAX_SHOWN} more"]
 
 
+class _Findings:
+    """Findings of one kind: those shown, and a count of the rest. A broken app can make
+    millions (every run announced on every socket grows with the square of the users),
+    more than a check could keep."""
+
+    def __init__(self) -> None:
+        self.shown: list[str] = []
+        self.more = 0
+
+    def append(self, finding: str) -> None:
+        if len(self.shown) < _MAX_SHOWN:
+            self.shown.append(finding)
+        else:
+            self.more += 1
+
+    def extend(self, findings: Iterable[str]) -> None:
+        for finding in findings:
+            self.append(finding)
+
+    def cut(self) -> list[str]:
+        """As :func:`_cut` says them."""
+        return [*self.shown, f"... and {self.more} more"] if self.more else list(self.shown)
+
+
 class _ClientGoneError(OSError):
     """What a simulated socket's ``send`` raises once its client has left, as a server's
     does (the ASGI spec asks for an ``OSError``; uvicorn raises ``ClientDisconnected``):
@@ -765,11 +797,15 @@ class _Socket:
     """A simulated user's websocket at ``path``, held open while its requests run; what
     the app sent on it, and what went wrong."""
 
-    def __init__(self, driver: _Driver, user: UserRef, path: str) -> None:
+    def __init__(
+        self, driver: _Driver, user: UserRef, path: str, look: Callable[[str], None]
+    ) -> None:
         self.driver = driver
         self.user = user
         self.path = path
-        self.frames: list[str] = []
+        # Each frame is looked at as it comes and counted, not kept: there may be millions.
+        self.look = look
+        self.frames = 0
         self.served: list[tuple[UserRef, bool]] = []
         # What went wrong: a handshake refused, a socket the app closed or failed early.
         self.problem: str | None = None
@@ -803,7 +839,8 @@ class _Socket:
             elif kind == "websocket.send":
                 self.listening.set()
                 text, data = message.get("text"), message.get("bytes")
-                self.frames.append(text if text is not None else _latin1(data or b""))
+                self.frames += 1
+                self.look(text if text is not None else _latin1(data or b""))
                 if self._leaving.is_set():
                     # Still looked at (the app sent it for this user), but it went nowhere.
                     msg = "the client disconnected"
@@ -865,8 +902,8 @@ class _Traffic:
         self.progress = progress
         self.done = 0
         self.latencies: list[float] = []
-        self.isolation: list[str] = []
-        self.failed: list[str] = []
+        self.isolation = _Findings()
+        self.failed = _Findings()
         self.served_as: dict[UserRef, set[UserRef]] = {}
         self.anonymous: set[UserRef] = set()
         # With a JWTIdentity: the requests answered 401, and what the first answer said.
@@ -877,7 +914,9 @@ class _Traffic:
         if self.websocket is None:
             await self._requests(user)
             return
-        socket = _Socket(self.driver, user, self.websocket)
+        socket = _Socket(
+            self.driver, user, self.websocket, functools.partial(self._look_at_frame, user)
+        )
         limit = self.driver.time_limit
         async with anyio.create_task_group() as group:
             group.start_soon(socket.run)
@@ -899,16 +938,17 @@ class _Traffic:
     def _look_at_socket(self, socket: _Socket) -> None:
         where, whom = f"WS {socket.path}", _label(socket.user)
         self.sockets += 1
-        self.frames += len(socket.frames)
+        self.frames += socket.frames
         if socket.served:
             self._note_served(socket.user, *socket.served[0])
         if socket.problem is not None:
             self.failed.append(f"{where} for {whom}: the app {socket.problem}")
-        for frame in socket.frames:
-            self.isolation.extend(
-                f"{where}: a frame sent to {whom} contains {_whose(other)}'s data"
-                for other in _mentions(frame, self.known, socket.user)
-            )
+
+    def _look_at_frame(self, user: UserRef, frame: str) -> None:
+        self.isolation.extend(
+            f"WS {self.websocket}: a frame sent to {_label(user)} contains {_whose(other)}'s data"
+            for other in _mentions(frame, self.known, user)
+        )
 
     def _note_served(self, user: UserRef, served_as: UserRef, anonymous: bool) -> None:
         self.served_as.setdefault(user, set()).add(served_as)
@@ -1207,10 +1247,10 @@ def _summarise(
     report.isolation = [
         *_cut(traffic.identity_findings()),
         *_cut(findings.shared),
-        *_cut(traffic.isolation),
+        *traffic.isolation.cut(),
         *_cut(watch.findings),
     ]
-    report.failed_requests = [*traffic.refusal(), *_cut(traffic.failed)]
+    report.failed_requests = [*traffic.refusal(), *traffic.failed.cut()]
     report.websockets = traffic.sockets
     report.websocket_frames = traffic.frames
     report.tokens_refused = traffic.refused

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -796,6 +797,38 @@ class TestWebsockets:
         alone = await check(broadcast_app(), plan=plan, websocket="/events", users=1)
         assert alone.ok, alone.violations
         assert (alone.websockets, alone.websocket_frames) == (1, 7)
+
+    async def test_frames_are_looked_at_as_they_come_and_only_the_shown_findings_kept(
+        self,
+    ) -> None:
+        """An app may send more than a check could keep (every run announced on every
+        socket grows with the square of the users): each frame is looked at as it comes,
+        not kept, and findings past those shown are only counted."""
+        first: list[str] = []
+
+        async def events(websocket: WebSocket) -> None:
+            await websocket.accept()
+            user = ambient.get_current_context().user_id
+            first.append(first[0] if first else user)
+            if user != first[0]:
+                for _ in range(4000):
+                    await websocket.send_text(f"{first[0]} " + "x" * 1000)
+            with contextlib.suppress(WebSocketDisconnect):
+                while True:
+                    await websocket.receive_text()
+
+        inner = Starlette(routes=[Route("/", _whoami), WebSocketRoute("/events", events)])
+        app = AmbientMiddleware(inner, registry=Registry(), identity=trusted_header())
+        tracemalloc.start()
+        try:
+            report = await check(app, websocket="/events", users=2, requests=1, concurrency=1)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert report.websocket_frames == 4000
+        assert len(report.isolation) == 21
+        assert report.isolation[-1] == "... and 3980 more"
+        assert peak < 2**20, peak  # the frames alone are 4 MB
 
     @pytest.mark.parametrize(
         ("ending", "said"),
