@@ -816,6 +816,8 @@ class _Socket:
         self.listening = anyio.Event()
         self.ended = anyio.Event()  # the app returned
         self._leaving = anyio.Event()
+        # A denial response under way: what the failure says, and the body so far.
+        self._denied: tuple[str, list[bytes]] | None = None
 
     async def run(self) -> None:
         """Connect, and call the app until it returns (after :meth:`leave`)."""
@@ -845,8 +847,8 @@ class _Socket:
                     # Still looked at (the app sent it for this user), but it went nowhere.
                     msg = "the client disconnected"
                     raise _ClientGoneError(msg)
-            elif kind == "websocket.http.response.start":
-                self._failed(f"refused the handshake with HTTP {message.get('status')}")
+            elif kind.startswith("websocket.http.response."):
+                self._denial(message)
             elif kind == "websocket.close" and not self._leaving.is_set():
                 code = message.get("code", 1000)
                 said = "refused the handshake" if not self.accepted else "closed the socket"
@@ -873,6 +875,26 @@ class _Socket:
         if self.problem is None:
             self.problem = problem[:200]
         self.settled.set()
+
+    def _denial(self, message: MutableMapping[str, Any]) -> None:
+        """A denial response to the handshake: failed, saying why as its body does (the
+        ``detail`` of a problem+json: an ``OriginAllowList``'s 403 explains itself)."""
+        if message["type"] == "websocket.http.response.start":
+            refused = f"refused the handshake with HTTP {message.get('status')}"
+            self._failed(refused)
+            self._denied = (refused, [])
+            return
+        if self._denied is None:
+            return
+        refused, body = self._denied
+        body.append(bytes(message.get("body", b"")))
+        if message.get("more_body", False):
+            return
+        text = b"".join(body).decode("utf-8", "replace")
+        token = self.driver.token(self.user)  # the one the handshake sent: never shown
+        detail = _detail(text if token is None else text.replace(token, "<token>")).strip()
+        if detail and self.problem == refused:
+            self.problem = f"{refused}: {detail}"[:200]
 
     def leave(self) -> None:
         """Disconnect: the app's next ``receive`` is ``websocket.disconnect``."""

@@ -936,6 +936,22 @@ class TestWebsockets:
         )
         assert [line for line in report.failed_requests if re.fullmatch(said, line)], report
 
+    async def test_a_handshake_denied_is_said_with_what_the_denial_says(self) -> None:
+        """A denial response's problem+json detail says why (here the check's handshakes,
+        like any client's but a browser's, carry no Origin)."""
+        from ambient.integrations.websockets import OriginAllowList
+
+        inner = Starlette(routes=[Route("/", _whoami), WebSocketRoute("/events", _whoami)])
+        app = AmbientMiddleware(inner, registry=Registry(), identity=trusted_header())
+        guarded = OriginAllowList(app, allowed_origins=["https://app.example.com"])
+        report = await check(guarded, websocket="/events", users=2, requests=1)
+        said = (
+            r"WS /events for check-\d{5}-[0-9a-f]{6}: the app refused the handshake with "
+            r"HTTP 403: the websocket handshake carried no Origin header"
+        )
+        assert len(report.failed_requests) == 2
+        assert all(re.fullmatch(said, line) for line in report.failed_requests), report
+
     async def test_a_socket_that_never_ends_is_cancelled_at_the_time_limit(self) -> None:
         async def events(websocket: WebSocket) -> None:
             await websocket.accept()
