@@ -517,6 +517,14 @@ def _check_tenants(args: argparse.Namespace) -> None:
         args.refuse("--tenant-header is for --tenants with --identity header:NAME")
     if args.tenant_claim is not None and (not args.tenants or kind != "jwt"):
         args.refuse("--tenant-claim is for --tenants with --identity jwt")
+    named = [("--request", text) for text in args.plan or ()]
+    named += [("--websocket", args.websocket)] if args.websocket else []
+    for option, text in named:
+        if not args.tenants and "{tenant}" in text:
+            args.refuse(
+                f"{option} {text!r} names {{tenant}}: give --tenants N (without tenants it "
+                "would be empty)"
+            )
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -2198,6 +2198,10 @@ class TestCommandLine:
             ("--tenant-header", "x-org"): "--tenant-header is for --tenants with --identity",
             ("--tenants", "2", "--tenant-claim", "org"): "--tenant-claim is for --tenants with",
             ("--tenants", "2", "--tenant-header", ""): "must not be empty",
+            ("--request", "GET /t/{tenant}/notes"): "--request 'GET /t/{tenant}/notes' names "
+            "{tenant}: give --tenants N (without tenants it would be empty)",
+            ("--websocket", "/t/{tenant}/events"): "--websocket '/t/{tenant}/events' names "
+            "{tenant}: give --tenants N",
         }
         for wrong, said in wrongs.items():
             with pytest.raises(SystemExit) as refused:
