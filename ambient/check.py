@@ -1070,10 +1070,13 @@ class _Traffic:
             if user.tenant_id is not None and any(served.tenant_id is None for served in seen)
         )
         if untenanted:
+            # With one tenant, no user id is in two of them.
+            several = len({user.tenant_id for user in self.served_as}) > 1
+            apart = ", so users of one id in two tenants were not told apart" if several else ""
             findings.append(
                 f"{untenanted} simulated user(s) of a tenant were served as users of no "
-                f"tenant, so users of one id in two tenants were not told apart: does the "
-                f"app read the tenant from {self.driver.tenant_source()}?"
+                f"tenant{apart}: does the app read the tenant from "
+                f"{self.driver.tenant_source()}?"
             )
         split = sorted((user for user, seen in self.served_as.items() if len(seen) > 1), key=_label)
         if split and not self.anonymous:

@@ -682,11 +682,12 @@ def _rows(report: Any) -> list[tuple[str, str, str]]:
         # No request reached the app: there was nothing to find (the failed requests say why).
         isolation = ("isolation", "not tested", "the app refused every token (401)")
     else:
+        tenants = "1 tenant" if report.tenants == 1 else f"{report.tenants} tenants"
         isolation = (
             "isolation",
             _verdict(report.isolation),
             f"{report.users} users"
-            + (f" in {report.tenants} tenants" if report.tenants else "")
+            + (f" in {tenants}" if report.tenants else "")
             + (", no data of another" if not report.isolation else ", data crossed users"),
         )
     sockets = (

@@ -1064,6 +1064,11 @@ class TestTenants:
             "one id in two tenants were not told apart: does the app read the tenant from "
             "the x-tenant-id header?"
         ]
+        one = await check(app, users=3, requests=1, tenants=1)
+        assert one.isolation == [
+            "3 simulated user(s) of a tenant were served as users of no tenant: does the app "
+            "read the tenant from the x-tenant-id header?"
+        ]
         named = await check(
             tenants_app(_registry_of(Notes), tenant_header="x-org"),
             users=6,
@@ -2216,6 +2221,8 @@ class TestCommandLine:
         assert (report["ok"], report["tenants"], report["users"]) == (True, 3, 6)
         assert main(["check", *args]) == 0
         assert "6 users in 3 tenants, no data of another" in capsys.readouterr().out
+        assert main(["check", *args[:-1], "1"]) == 0
+        assert "6 users in 1 tenant, no data of another" in capsys.readouterr().out
 
     def test_an_error_text_with_brackets_is_printed_as_it_is(
         self, capsys: pytest.CaptureFixture[str]
