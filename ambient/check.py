@@ -179,6 +179,12 @@ class JWTIdentity:
     def _unusable(self) -> str:
         # Said without PyJWT's message, which may quote the secret.
         if self.algorithm.startswith("HS"):
+            secret = self.secret if isinstance(self.secret, str) else self.secret.decode("latin-1")
+            if "PRIVATE KEY-----" in secret:
+                return (
+                    f"the JWT secret cannot sign {self.algorithm} tokens: it is a PEM private "
+                    "key, which signs RS, PS, ES or EdDSA tokens"
+                )
             return f"the JWT secret cannot sign {self.algorithm} tokens (is it a public key?)"
         return (
             f"the JWT secret cannot sign {self.algorithm} tokens: it must be a PEM private "

@@ -310,7 +310,8 @@ def _jwt_identity(args: argparse.Namespace) -> JWTIdentity:
     except ImportError:
         refuse("--identity jwt needs PyJWT: install ambient-context[jwt]")
     except ValueError as error:  # said without the secret
-        refuse(f"--identity jwt: {error} (AMBIENT_JWT_SECRET)")
+        hint = ": give the app's with --jwt-algorithm" if "private key, which" in str(error) else ""
+        refuse(f"--identity jwt: {error} (AMBIENT_JWT_SECRET){hint}")
 
 
 def load_app(target: str) -> Any:

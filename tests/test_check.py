@@ -2184,7 +2184,11 @@ class TestCommandLine:
             main(["check", *options])
         out, err = capsys.readouterr()
         assert refused.value.code == 2
-        assert "the JWT secret cannot sign HS256 tokens (is it a public key?)" in err
+        assert (
+            "--identity jwt: the JWT secret cannot sign HS256 tokens: it is a PEM private key, "
+            "which signs RS, PS, ES or EdDSA tokens (AMBIENT_JWT_SECRET): give the app's with "
+            "--jwt-algorithm"
+        ) in err
         assert private not in out + err
         monkeypatch.delenv("AMBIENT_JWT_SECRET")
         with pytest.raises(SystemExit):
