@@ -824,6 +824,9 @@ class _Socket:
         self._leaving = anyio.Event()
         # A denial response under way: what the failure says, and the body so far.
         self._denied: tuple[str, list[bytes]] | None = None
+        # The status of the denial response that refused the handshake, and its detail.
+        self.denied_status: int | None = None
+        self.denied_detail = ""
 
     async def run(self) -> None:
         """Connect, and call the app until it returns (after :meth:`leave`)."""
@@ -886,7 +889,10 @@ class _Socket:
         """A denial response to the handshake: failed, saying why as its body does (the
         ``detail`` of a problem+json: an ``OriginAllowList``'s 403 explains itself)."""
         if message["type"] == "websocket.http.response.start":
-            refused = f"refused the handshake with HTTP {message.get('status')}"
+            status = message.get("status")
+            refused = f"refused the handshake with HTTP {status}"
+            if self.problem is None:
+                self.denied_status = status if isinstance(status, int) else None
             self._failed(refused)
             self._denied = (refused, [])
             return
@@ -901,6 +907,7 @@ class _Socket:
         detail = _detail(text if token is None else text.replace(token, "<token>")).strip()
         if detail and self.problem == refused:
             self.problem = f"{refused}: {detail}"[:200]
+            self.denied_detail = detail[:160]
 
     def leave(self) -> None:
         """Disconnect: the app's next ``receive`` is ``websocket.disconnect``."""
@@ -937,6 +944,7 @@ class _Traffic:
         # With a JWTIdentity: the requests answered 401, and what the first answer said.
         self.refused = 0
         self.refused_said = ""
+        self.sockets_refused = 0  # the websocket handshakes refused so
 
     async def user(self, user: UserRef) -> None:
         if self.websocket is None:
@@ -969,7 +977,12 @@ class _Traffic:
         self.frames += socket.frames
         if socket.served:
             self._note_served(socket.user, *socket.served[0])
-        if socket.problem is not None:
+        if socket.denied_status == 401 and isinstance(self.driver.identity, JWTIdentity):
+            # Said once for them all with the requests refused so (see refusal()).
+            if not self.refused and not self.sockets_refused:
+                self.refused_said = socket.denied_detail
+            self.sockets_refused += 1
+        elif socket.problem is not None:
             self.failed.append(f"{where} for {whom}: the app {socket.problem}")
 
     def _look_at_frame(self, user: UserRef, frame: str) -> None:
@@ -1003,7 +1016,7 @@ class _Traffic:
             self.failed.append(f"{where} for {whom}: {body.decode()}")
         elif status == 401 and token is not None:
             # Said once for them all (see refusal()): the app refuses the tokens.
-            if not self.refused:
+            if not self.refused and not self.sockets_refused:
                 text = body.decode("utf-8", "replace").replace(token, "<token>")
                 self.refused_said = _detail(text)[:160]
             self.refused += 1
@@ -1033,9 +1046,13 @@ class _Traffic:
             self.progress(self.done, self.total)
 
     def refusal(self) -> list[str]:
-        """The requests whose JWT the app refused (401), in one line."""
-        if not self.refused:
+        """The requests and websocket handshakes whose JWT the app refused (401), in one
+        line."""
+        if not self.refused and not self.sockets_refused:
             return []
+        refused = [f"{self.refused} of {self.done} requests"] if self.refused else []
+        if self.sockets_refused:
+            refused.append(f"{self.sockets_refused} of {self.sockets} websocket handshakes")
         said = f" (the first answer: {self.refused_said!r})" if self.refused_said else ""
         identity = self.driver.identity
         algorithm = identity.algorithm if isinstance(identity, JWTIdentity) else "HS256"
@@ -1046,7 +1063,7 @@ class _Traffic:
             "or a key set holding it under their kid (--jwt-key-id)"
         )
         return [
-            f"the app refused the tokens of {self.refused} of {self.done} requests with HTTP "
+            f"the app refused the tokens of {' and '.join(refused)} with HTTP "
             f"401{said}: does it verify {algorithm} tokens with {key}, and expect the aud and "
             "iss they carry (--jwt-audience, --jwt-issuer)?"
         ]

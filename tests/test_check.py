@@ -593,6 +593,28 @@ class TestJWTIdentity:
             "the aud and iss they carry (--jwt-audience, --jwt-issuer)?"
         ]
 
+    async def test_websocket_handshakes_refused_for_their_token_are_said_with_the_requests(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """In the same one line, not once more for each socket."""
+        monkeypatch.setenv("AMBIENT_JWT_SECRET", DEMO_SECRET)
+        report = await check(
+            create_app(),
+            plan=CHECK_PLAN,
+            websocket=CHECK_WEBSOCKET,
+            identity=JWTIdentity(OTHER_SECRET),
+            users=3,
+            requests=2,
+        )
+        assert report.websockets == 3
+        assert report.failed_requests == [
+            "the app refused the tokens of 6 of 6 requests and 3 of 3 websocket handshakes "
+            'with HTTP 401 (the first answer: "the bearer token\'s signature is invalid"): '
+            "does it verify HS256 tokens with the secret they are signed with "
+            "(AMBIENT_JWT_SECRET), and expect the aud and iss they carry (--jwt-audience, "
+            "--jwt-issuer)?"
+        ]
+
     async def test_a_body_streamed_in_messages_leaves_no_closed_scope_alive(self) -> None:
         """An app behind ``jwt_bearer()`` sending each body in two messages, as Quart
         does: the expiry its tokens carry, armed while the body streams, keeps no closed
