@@ -804,7 +804,11 @@ class _Socket:
     the app sent on it, and what went wrong."""
 
     def __init__(
-        self, driver: _Driver, user: UserRef, path: str, look: Callable[[str], None]
+        self,
+        driver: _Driver,
+        user: UserRef,
+        path: str,
+        look: Callable[[str, UserRef | None, UserRef | None], None],
     ) -> None:
         self.driver = driver
         self.user = user
@@ -851,7 +855,12 @@ class _Socket:
                 self.listening.set()
                 text, data = message.get("text"), message.get("bytes")
                 self.frames += 1
-                self.look(text if text is not None else _latin1(data or b""))
+                # Whose request the app sent it in: another user's is a frame of theirs
+                # reaching this one, whatever it says.
+                ctx = current_context_or_none()
+                sender = None if ctx is None else UserRef(ctx.user_id, ctx.tenant_id)
+                served = self.served[0][0] if self.served else None
+                self.look(text if text is not None else _latin1(data or b""), sender, served)
                 if self._leaving.is_set():
                     # Still looked at (the app sent it for this user), but it went nowhere.
                     msg = "the client disconnected"
@@ -985,7 +994,18 @@ class _Traffic:
         elif socket.problem is not None:
             self.failed.append(f"{where} for {whom}: the app {socket.problem}")
 
-    def _look_at_frame(self, user: UserRef, frame: str) -> None:
+    def _look_at_frame(
+        self, user: UserRef, frame: str, sender: UserRef | None, served: UserRef | None
+    ) -> None:
+        # Sent while serving another simulated user (not in a job of the app's own): that
+        # user's event reaching this one, whatever the frame says.
+        served_by_other = sender is not None and served is not None and sender != served
+        if served_by_other and sender is not None and sender.user_id in self.known:
+            self.isolation.append(
+                f"WS {self.websocket}: a frame sent to {_label(user)} was sent while serving "
+                f"{_label(sender)}"
+            )
+            return
         self.isolation.extend(
             f"WS {self.websocket}: a frame sent to {_label(user)} contains {_whose(other)}'s data"
             for other in _mentions(frame, self.known, user)
@@ -1172,8 +1192,9 @@ async def run_check(
         websocket: A path (``{user}`` and ``{tenant}`` are replaced) at which each user
             holds a websocket open, presenting itself as its requests do, from before its
             first request until after its last; a frame the app sends on it that carries
-            another user's or tenant's id is a violation, a handshake refused or a socket
-            the app closes first is a failed request.
+            another user's or tenant's id, or that it sends while serving another user's
+            request, is a violation, a handshake refused or a socket the app closes first is
+            a failed request.
 
     Raises:
         ValueError: ``users``, ``requests``, ``growth_requests`` or ``tenants`` out of

@@ -760,7 +760,7 @@ class TestJWTIdentity:
         )
 
 
-def broadcast_app() -> AmbientMiddleware:
+def broadcast_app(frame: str = "ran for {user}") -> AmbientMiddleware:
     """Announces every run on every open socket: the bug a per-user socket manager fixes."""
     sockets: set[WebSocket] = set()
 
@@ -775,7 +775,7 @@ def broadcast_app() -> AmbientMiddleware:
             sockets.discard(websocket)
 
     async def run(request: Request) -> Response:
-        said = f"ran for {ambient.get_current_context().user_id}"
+        said = frame.replace("{user}", ambient.get_current_context().user_id)
         for websocket in list(sockets):
             try:
                 await websocket.send_text(said)
@@ -808,17 +808,30 @@ class TestWebsockets:
         report = await check(broadcast_app(), plan=plan, websocket="/events", users=6, tenants=3)
         assert not report.ok
         assert report.failed_requests == []
-        assert any(
-            re.fullmatch(
-                r"WS /events: a frame sent to check-\d{5}-[0-9a-f]{6} \(tenant check-tenant-"
-                r"\d{5}-[0-9a-f]{6}\) contains check-\d{5}-[0-9a-f]{6}'s data",
-                line,
-            )
-            for line in report.isolation
-        ), report.isolation
+        user = r"check-\d{5}-[0-9a-f]{6} \(tenant check-tenant-\d{5}-[0-9a-f]{6}\)"
+        # Served without their tenants (the app reads none), said so; and each run is
+        # announced in the request of a user that is not the socket's.
+        said = rf"WS /events: a frame sent to {user} was sent while serving check-\d{{5}}-\w{{6}}"
+        assert any(re.fullmatch(said, line) for line in report.isolation), report.isolation
         alone = await check(broadcast_app(), plan=plan, websocket="/events", users=1)
         assert alone.ok, alone.violations
         assert (alone.websockets, alone.websocket_frames) == (1, 7)
+
+    async def test_a_frame_sent_while_serving_another_user_is_caught_whatever_it_says(
+        self,
+    ) -> None:
+        """A frame the app sends in one user's request to another user's socket is that
+        user's event reaching the other, also one carrying no id (a bare "run done")."""
+        plan = [PlannedRequest("POST", "/")]
+        app = broadcast_app('{"type": "run.done"}')
+        report = await check(app, plan=plan, websocket="/events", users=6)
+        assert report.failed_requests == []
+        user = r"check-\d{5}-[0-9a-f]{6}"
+        said = rf"WS /events: a frame sent to {user} was sent while serving {user}"
+        assert len(report.isolation) > 1
+        assert all(re.fullmatch(said, line) for line in report.isolation[:-1]), report
+        alone = await check(app, plan=plan, websocket="/events", users=1)
+        assert alone.ok, alone.violations
 
     async def test_frames_are_looked_at_as_they_come_and_only_the_shown_findings_kept(
         self,
