@@ -710,6 +710,20 @@ def _simulated_users(users: int, tenants: int = 0) -> list[UserRef]:
     return [UserRef(ids[n // tenants], tenant_ids[n % tenants]) for n in range(users)]
 
 
+def _start_order(users: list[UserRef], tenants: int) -> list[UserRef]:
+    """``users``, as :func:`_simulated_users` makes them, in the order they start: one
+    after another, they differ in user id and in tenant, so that the users in flight
+    together are users of other ids even when fewer run at once than there are tenants
+    (in the order they are made, the users of one id in every tenant come one after
+    another, and a race between two users of other ids would hardly ever be run)."""
+    if tenants < 2:
+        return users
+    # users[n] is user id n // tenants in tenant n % tenants: taken by diagonals, each
+    # the next id in the next tenant.
+    order = sorted(range(len(users)), key=lambda n: ((n % tenants - n // tenants) % tenants, n))
+    return [users[n] for n in order]
+
+
 # Seconds a user's requests wait, after its socket's accept, for the app to listen on it.
 _LISTENING = 1.0
 
@@ -1231,7 +1245,7 @@ async def run_check(
             async with driver.lifespan() as shut_down:
                 started = time.perf_counter()
                 async with anyio.create_task_group() as group:
-                    for user in simulated:
+                    for user in _start_order(simulated, tenants):
                         group.start_soon(simulate, user)
                 elapsed = time.perf_counter() - started
                 # Every request has finished: a closed scope or REQUEST component still

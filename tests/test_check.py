@@ -1091,6 +1091,28 @@ class TestTenants:
         alone = await check(tenants_app(_registry_of(by_user_id)), users=8)
         assert alone.isolation == []
 
+    async def test_users_started_one_after_another_differ_in_id_and_tenant(self) -> None:
+        """So that users in flight together are users of other ids, also when fewer run at
+        once than there are tenants: a race between two users (a module-level "current
+        user" overwritten across an await) is run, not only users of one id in turn."""
+        seen: list[tuple[str, str | None]] = []
+
+        async def record(scope: Any, receive: Any, send: Any) -> None:
+            ctx = ambient.get_current_context()
+            seen.append((ctx.user_id, ctx.tenant_id))
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        app = AmbientMiddleware(
+            record, registry=Registry(), identity=trusted_header(tenant_header="x-tenant-id")
+        )
+        report = await check(app, users=12, requests=1, tenants=4, concurrency=1)
+        assert report.ok, report.violations
+        assert len(set(seen)) == 12
+        for before, after in itertools.pairwise(seen):
+            assert before[0] != after[0], seen
+            assert before[1] != after[1], seen
+
     async def test_an_app_that_does_not_read_the_tenant_is_told_so(self) -> None:
         app = tenants_app(_registry_of(Notes), tenant_header=None)
         report = await check(app, users=6, requests=2, tenants=3)
