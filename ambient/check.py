@@ -431,8 +431,10 @@ class _Driver:
     def tenant_source(self) -> str:
         """Where a simulated user's tenant id is, said for a finding."""
         if isinstance(self.identity, JWTIdentity):
-            return f"the tokens' {self.identity.tenant_claim!r} claim"
-        return f"the {self.tenant_header.decode()} header"
+            return (
+                f"the tokens' {self.identity.tenant_claim!r} claim (--tenant-claim names another)"
+            )
+        return f"the {self.tenant_header.decode()} header (--tenant-header names another)"
 
     def shutdown_findings(self) -> list[str]:
         """What went wrong in the app's lifespan shutdown, one line each."""

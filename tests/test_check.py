@@ -1119,12 +1119,12 @@ class TestTenants:
         assert report.isolation == [
             "6 simulated user(s) of a tenant were served as users of no tenant, so users of "
             "one id in two tenants were not told apart: does the app read the tenant from "
-            "the x-tenant-id header?"
+            "the x-tenant-id header (--tenant-header names another)?"
         ]
         one = await check(app, users=3, requests=1, tenants=1)
         assert one.isolation == [
             "3 simulated user(s) of a tenant were served as users of no tenant: does the app "
-            "read the tenant from the x-tenant-id header?"
+            "read the tenant from the x-tenant-id header (--tenant-header names another)?"
         ]
         named = await check(
             tenants_app(_registry_of(Notes), tenant_header="x-org"),
@@ -1143,7 +1143,9 @@ class TestTenants:
         assert report.ok, report.violations
         app = _jwt_notes_app(DEMO_SECRET, tenant_claim="org")
         report = await check(app, users=4, requests=1, tenants=2, identity=identity)
-        assert report.isolation[0].endswith("from the tokens' 'tenant_id' claim?")
+        assert report.isolation[0].endswith(
+            "from the tokens' 'tenant_id' claim (--tenant-claim names another)?"
+        )
         org = JWTIdentity(DEMO_SECRET, tenant_claim="org")
         right = await check(app, users=4, requests=1, tenants=2, identity=org)
         assert right.ok, right.violations
