@@ -41,10 +41,10 @@ from ambient import _probe, add_observer, current_context_or_none
 from ambient._context import UserRef
 from ambient._observe import ComponentEvent, Observer
 
-__all__ = [
-    "JWT_ALGORITHMS",
+__all__ = [  # noqa: RUF022 - sorted as sorted() sorts, which test_all_attributes checks
     "CheckReport",
     "JWTIdentity",
+    "JWT_ALGORITHMS",
     "PlannedRequest",
     "parse_request",
     "run_check",
