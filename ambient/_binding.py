@@ -354,7 +354,9 @@ def wrap(fn: Callable[P, R]) -> Callable[P, R]:
     runs as it is iterated, not as it is called) runs each step in the copy it was made in,
     a coroutine (a lambda's) or an async generator with ambient's state and the
     OpenTelemetry context re-bound around each step; a binding the body of a generator makes
-    lasts across its yields without reaching the code iterating it.
+    lasts across its yields without reaching the code iterating it. A generator already
+    under way when the call hands it back (a module-level stream) is not the call's to run:
+    it comes back as it is.
 
     Example::
 
@@ -390,6 +392,10 @@ def wrap(fn: Callable[P, R]) -> Callable[P, R]:
         # What the call hands back to run later (a generator function's generator, a
         # lambda's coroutine) runs with what was captured too, wherever it runs.
         if inspect.isgenerator(result):
+            if inspect.getgeneratorstate(result) != inspect.GEN_CREATED:
+                # One already under way is not the call's to run (a module-level stream):
+                # driven through a generator of ours, it would be closed when that is.
+                return result
             return cast("R", _steps_in(context, result))
         if inspect.iscoroutine(result) or inspect.isasyncgen(result):
             binding = context.get(_current)

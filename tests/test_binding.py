@@ -573,6 +573,27 @@ class TestThreadHops:
             assert get_current_context() is bob
         assert handled == [("sync", "alice"), ("async", "alice")]
 
+    def test_wrap_leaves_alone_a_generator_the_call_did_not_start(self) -> None:
+        """A wrapped call that hands back a generator already under way (a module-level
+        stream, a cursor kept on a component) hands back that very generator: its steps
+        run as without the wrapper, wherever it is iterated. Wrapped, it was driven
+        through a generator of wrap()'s own, which closed it when it was dropped: the next
+        call found the stream ended."""
+
+        def numbers() -> Iterator[int]:
+            yield from range(1, 100)
+
+        shared = numbers()
+        assert next(shared) == 1
+        with bind_context(ctx_for("alice")):
+            take = ambient.wrap(lambda: shared)
+        for expected in (2, 3):
+            stream = take()
+            assert stream is shared
+            assert next(stream) == expected
+            del stream
+        assert next(shared) == 4
+
     async def test_wrap_carries_the_trace_context(self) -> None:
         """wrap() carries the OpenTelemetry context too."""
 
