@@ -392,18 +392,22 @@ def wrap(fn: Callable[P, R]) -> Callable[P, R]:
         # What the call hands back to run later (a generator function's generator, a
         # lambda's coroutine) runs with what was captured too, wherever it runs.
         if inspect.isgenerator(result):
-            if inspect.getgeneratorstate(result) != inspect.GEN_CREATED:
-                # One already under way is not the call's to run (a module-level stream):
-                # driven through a generator of ours, it would be closed when that is.
-                return result
-            return cast("R", _steps_in(context, result))
-        if inspect.iscoroutine(result) or inspect.isasyncgen(result):
-            binding = context.get(_current)
-            trace_context = context.run(otel_context.get_current)
-            if inspect.iscoroutine(result):
-                return cast("R", _rebound(result, binding, trace_context))
-            return cast("R", _async_steps_rebound(result, binding, trace_context))
-        return result
+            if not result.gi_code.co_flags & inspect.CO_ITERABLE_COROUTINE:
+                if inspect.getgeneratorstate(result) != inspect.GEN_CREATED:
+                    # One already under way is not the call's to run (a module-level
+                    # stream): driven through a generator of ours, it would be closed
+                    # when that is.
+                    return cast("R", result)
+                return cast("R", _steps_in(context, result))
+            # A coroutine too (``types.coroutine``): awaited as one.
+        elif not (inspect.iscoroutine(result) or inspect.isasyncgen(result)):
+            return result
+        later: Any = result
+        binding = context.get(_current)
+        trace_context = context.run(otel_context.get_current)
+        if inspect.isasyncgen(later):
+            return cast("R", _async_steps_rebound(later, binding, trace_context))
+        return cast("R", _rebound(later, binding, trace_context))
 
     return run
 

@@ -10,6 +10,7 @@ import functools
 import inspect
 import logging
 import threading
+import types
 from collections.abc import AsyncIterator, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -593,6 +594,21 @@ class TestThreadHops:
             assert next(stream) == expected
             del stream
         assert next(shared) == 4
+
+    async def test_wrap_hands_back_an_awaitable_generator_still_awaitable(self) -> None:
+        """A generator-based coroutine (``types.coroutine``) a wrapped call hands back is
+        awaited with the captured binding, as a coroutine is; it was made into a plain
+        generator, and awaiting it raised ``TypeError``."""
+
+        @types.coroutine
+        def legacy() -> Generator[None, None, str]:
+            yield from ()
+            return get_current_context().user_id
+
+        with bind_context(ctx_for("alice")):
+            later = ambient.wrap(lambda: legacy())
+        with bind_context(ctx_for("bob")):
+            assert await later() == "alice"
 
     async def test_wrap_carries_the_trace_context(self) -> None:
         """wrap() carries the OpenTelemetry context too."""
