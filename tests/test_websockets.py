@@ -3031,6 +3031,75 @@ async def test_a_revocation_of_one_connection_during_an_outage_ends_that_one_onl
         own.kill()
 
 
+class RevokedAfterTheRecentOnes(HeldReconnect):
+    """A :class:`HeldReconnect` that runs ``hold`` once its subscription is back, right
+    after it read the recent revocations it missed: what ``hold`` revokes is published
+    to it, and waits on its connection while it looks for revocations it missed."""
+
+    def __init__(self, url: str, *, channel_prefix: str) -> None:
+        super().__init__(url, channel_prefix=channel_prefix)
+        self.hold: Callable[[], Awaitable[None]] | None = None
+
+    async def _recent_revocations(self) -> None:
+        await super()._recent_revocations()
+        hold = self.hold
+        if hold is not None and self.starts > 1:
+            self.hold = None
+            await hold()
+
+
+async def test_a_revocation_of_one_connection_just_after_an_outage_ends_that_one_only(
+    redis_url: str,
+) -> None:
+    """Carol has two sockets here when this process's pub/sub connection is cut. It comes
+    back, reads the recent revocations (none), and just then another process revokes her
+    connection c-1; its message waits on the connection while this process compares the
+    counts of revocations with those it heard. c-1 is ended with its own reason, and c-2
+    goes on. The count, read after the recent revocations, already had c-1's, not yet
+    heard: it was taken for a revocation missed in the outage, and every socket of hers
+    here was ended ("access revoked")."""
+    own = RedisProcess()
+    own.start()
+    admin = redis.Redis.from_url(own.url)
+    try:
+        prefix = unique_prefix()
+        backend = RevokedAfterTheRecentOnes(own.url, channel_prefix=prefix)
+        carol = CarolsSockets(backend)
+        hub, sockets, entered, ended = carol.hub, carol.sockets, carol.entered, carol.ended
+        other = ConnectionHub(RedisBroadcast(own.url, channel_prefix=prefix, timeout=1.0))
+
+        async def revoke() -> None:
+            await other.revoke("carol", connection_id="c-1", reason="c-1")
+
+        with anyio.fail_after(DEADLINE):
+            await backend.wait_connected()
+            async with anyio.create_task_group() as tg:
+                for connection_id in sockets:
+                    tg.start_soon(carol.hold, connection_id)
+                    await entered[connection_id].wait()
+                backend.hold = revoke
+                assert admin.client_kill_filter(_type="pubsub") == 1
+                await backend.down.wait()
+                backend.back.set()
+                await ended["c-1"].wait()
+                while not (backend.reconnects and backend.connected) or backend._resync:
+                    await backend._wait_changed()
+                # Read by the reader after it looked for revocations missed in the outage.
+                await backend.publish(Envelope(UserRef("carol"), 0, None, '{"after": "outage"}'))
+                await sockets["c-2"].arrived.wait()
+                assert not ended["c-2"].is_set()
+                tg.cancel_scope.cancel()
+        assert backend.hold is None
+        assert sockets["c-1"].closed == [(4001, "c-1")]
+        assert (sockets["c-2"].frames, sockets["c-2"].closed) == (['{"after": "outage"}'], [])
+        assert hub.stats().revoked == 1
+        await other.aclose()
+        await carol.registry.aclose()
+    finally:
+        admin.close()
+        own.kill()
+
+
 @pytest.mark.parametrize("revoked_by", ["another process", "this process"])
 async def test_a_revocation_of_another_connection_before_the_first_subscription_spares_the_socket(
     redis_url: str, revoked_by: str

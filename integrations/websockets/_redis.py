@@ -414,20 +414,23 @@ class RedisBroadcast:
         values = await client.mget(keys)
         return [int(value or 0) for value in values]
 
-    async def _read_counts(self, channels: list[bytes]) -> list[int]:
-        """:meth:`_revocation_counts` on a connection of the pool, within ``timeout``."""
-        client, free = self._publisher()
-        with anyio.fail_after(self.timeout):
-            async with free:
-                return await self._revocation_counts(client, channels)
-
     async def _recent_revocations(self) -> None:
         """Once the subscription (re)started: deliver the revocations of the last five
         minutes (on Redis's clock) it has not heard, from the stream of recent ones; the
-        hub dates each as it gets it, the conservative side."""
+        hub dates each as it gets it, the conservative side. After an outage, then revoke
+        the sockets of every user with a revocation this process neither heard nor read
+        (see :meth:`_missed_revocations`)."""
         client, free = self._publisher()
+        # After an outage, the counts of the users whose count is known (a first
+        # subscription under way reads its own), read before the stream: every revocation
+        # they count is in what is read next, unless lost from it. Read after, they would
+        # count one made meanwhile whose message waits, not yet heard, on the subscription.
+        channels = [c for c in self._refs if c in self._revocations] if self._resync else []
+        counts: list[int] = []
         with anyio.fail_after(self.timeout):
             async with free:
+                if channels:
+                    counts = await self._revocation_counts(client, channels)
                 seconds, microseconds = await client.time()
                 start = (seconds * 1000 + microseconds // 1000 - _RECENT_FOR_MS, 0)
                 last = self._last_revocation
@@ -453,6 +456,8 @@ class RedisBroadcast:
                 "applying them here now",
                 missed,
             )
+        if channels:
+            self._missed_revocations(channels, counts)
 
     def _revocation_heard(self, entry_id: bytes, count: bytes, raw: bytes) -> bool:
         """Deliver the revocation ``raw``, kept as ``entry_id`` in the stream of recent
@@ -507,15 +512,11 @@ class RedisBroadcast:
         self._advance(channel, max(known, count))
         return count > known
 
-    async def _missed_revocations(self) -> None:
+    def _missed_revocations(self, channels: list[bytes], counts: list[int]) -> None:
         """After an outage of the subscription, once the recent revocations are read:
-        revoke the sockets of every user whose count of revocations grew by one this
-        process neither heard nor read (the stream no longer held it)."""
-        # Those whose count is known: a first subscription under way reads its own.
-        channels = [channel for channel in self._refs if channel in self._revocations]
-        if not channels:
-            return
-        counts = await self._read_counts(channels)
+        revoke the sockets of every user whose count of revocations (``counts``, of
+        ``channels``' users, read before the recent ones) grew by one this process neither
+        heard nor read (the stream no longer held it)."""
         deliver = self._deliver
         for channel, count in zip(channels, counts, strict=True):
             user = self._users.get(channel)
@@ -687,11 +688,8 @@ class RedisBroadcast:
                 # Failing here (Redis gone again) reconnects, and reads again after that.
                 await self._recent_revocations()
                 self._caught_up = True
-                self._notify()
-            if self._resync:
-                # Failing here (Redis gone again) reconnects, and looks again after that.
-                await self._missed_revocations()
                 self._resync = False
+                self._notify()
 
     def _new_subscription(self) -> AbstractConnection:
         """A new, unconnected connection for the subscription, made by the reader only."""
