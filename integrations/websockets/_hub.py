@@ -146,8 +146,8 @@ class ConnectionHub:
         self._send_failures = 0
         self._replaced = 0
         self._revoked = 0
-        # id() of each revocation revoke() is publishing -> sockets it ended here so far.
-        self._ending_here: dict[int, int] = {}
+        # Each revocation revoke() is publishing -> sockets it ended here so far.
+        self._ending_here: dict[Envelope, int] = {}
         self.backend.attach(self._deliver)
 
     def install(self, registry: Registry) -> None:
@@ -306,14 +306,15 @@ class ConnectionHub:
             msg = f"reason must be a str of at most 123 bytes (a close frame's), not {reason!r}"
             raise ValueError(msg)
         envelope = Envelope(ref, REVOKE, connection_id, reason)
-        # By identity: a backend delivering in this process hands over this very envelope,
-        # and what it ends there counts as this call's.
-        key = id(envelope)
-        self._ending_here[key] = 0
+        # By value: what the backend ends in this process while this call publishes counts
+        # as this call's, handed back as this envelope or as one of its own (decoded from
+        # Redis, heard before Redis's answer). Equal revocations in flight share the count.
+        ending = self._ending_here
+        ending.setdefault(envelope, 0)
         try:
             await self._publish(envelope)
         finally:
-            ended = self._ending_here.pop(key)
+            ended = ending.pop(envelope, 0)
         # Here too: a backend delivering over a subscription (Redis) delivers nothing to
         # this process before it subscribed to anything.
         self._remember(envelope)
@@ -333,9 +334,8 @@ class ConnectionHub:
         if mode == REVOKE:
             self._remember(envelope)
             ended = self._revoke_here(envelope)
-            key = id(envelope)
-            if key in self._ending_here:  # this very envelope: revoke() is publishing it
-                self._ending_here[key] += ended
+            if envelope in self._ending_here:  # revoke() is publishing it
+                self._ending_here[envelope] += ended
             return
         connections = self._users.get(envelope.user)
         if not connections:
