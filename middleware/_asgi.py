@@ -634,7 +634,7 @@ class AmbientMiddleware:
 
     # -- lifespan ------------------------------------------------------------------------
 
-    async def _lifespan(
+    async def _lifespan(  # noqa: PLR0915 - one conversation, its state in locals
         self, scope: MutableMapping[str, Any], receive: Receive, send: Send
     ) -> None:
         received: list[str] = []
@@ -697,6 +697,10 @@ class AmbientMiddleware:
             # server must hear it (uvicorn --lifespan on exits), as without the middleware;
             # so must one that raised as it answered its startup, before it waited for more.
             elif startup_answered or received:
+                if "lifespan.shutdown" in received:
+                    # Its shutdown failed, maybe while the registry was closing before it
+                    # (a task of its lifespan crashed as requests finished): now or never.
+                    await close_registry()
                 raise
             else:
                 logger.debug("the app does not support lifespan; ambient answers it", exc_info=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -1713,6 +1714,71 @@ class TestLifespan:
         logged = [r for r in caplog.records if r.name == "ambient.middleware"]
         assert [r.levelno for r in logged] == [logging.ERROR]
         assert isinstance(logged[0].exc_info and logged[0].exc_info[1], ExceptionGroup)
+
+    async def test_a_lifespan_that_fails_while_the_registry_closes_still_gets_it_closed(
+        self,
+    ) -> None:
+        """The server sends its shutdown while a request is still under way, so the
+        middleware waits for it before it closes the registry; meanwhile a task the app's
+        lifespan started crashes. The failure reaches the server, as without the
+        middleware, and the registry is closed all the same once the request is done. The
+        crash cut the wait short and the registry was never closed: alice's Memory (USER)
+        was never cleaned."""
+        ledger = Ledger()
+        registry = build_registry(ledger)
+        crash, release = anyio.Event(), anyio.Event()
+
+        async def crash_when_asked() -> None:
+            await crash.wait()
+            msg = "the background loop died"
+            raise RuntimeError(msg)
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "lifespan":
+                await ambient.resolve(Memory)
+                await release.wait()
+                await send({"type": "http.response.start", "status": 204, "headers": []})
+                await send({"type": "http.response.body", "body": b""})
+                return
+            assert (await receive())["type"] == "lifespan.startup"
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(crash_when_asked)
+                await send({"type": "lifespan.startup.complete"})
+                await receive()
+                tasks.cancel_scope.cancel()
+            await send({"type": "lifespan.shutdown.complete"})
+
+        middleware = AmbientMiddleware(app, registry=registry, identity=trusted_header())
+        to_app, incoming = anyio.create_memory_object_stream[Message](2)
+        sent: list[Message] = []
+        failures: list[BaseException] = []
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        async def lifespan() -> None:
+            try:
+                await middleware({"type": "lifespan"}, incoming.receive, send)
+            except Exception as error:
+                failures.append(error)
+
+        with anyio.fail_after(5), to_app, incoming:
+            async with anyio.create_task_group() as server, client(middleware) as http:
+                server.start_soon(lifespan)
+                await to_app.send({"type": "lifespan.startup"})
+                server.start_soon(functools.partial(http.get, "/", headers={"x-user-id": "alice"}))
+                await anyio.wait_all_tasks_blocked()
+                assert len(ledger.created) == 1
+                await to_app.send({"type": "lifespan.shutdown"})
+                await anyio.wait_all_tasks_blocked()
+                crash.set()
+                await anyio.wait_all_tasks_blocked()
+                release.set()
+        assert [m["type"] for m in sent] == ["lifespan.startup.complete"]
+        [failure] = failures
+        assert isinstance(failure, ExceptionGroup)
+        assert failure.split(RuntimeError)[0] is not None
+        assert ledger.problems() == []
 
     async def test_other_scope_types_pass_through(self) -> None:
         seen: list[str] = []
