@@ -3149,6 +3149,87 @@ async def test_a_revocation_of_one_connection_just_after_an_outage_ends_that_one
         own.kill()
 
 
+class HeardLate(HeldOnItsWay):
+    """A :class:`HeldOnItsWay` (held at a read of a count) whose subscription hands on the
+    messages of the revocations channel it reads while ``late`` is a list only once the
+    test calls :meth:`hear_late`: they come after the answers Redis gave meanwhile on
+    other connections (the reader not scheduled yet, Redis writing those answers first)."""
+
+    def __init__(self, url: str, *, channel_prefix: str) -> None:
+        super().__init__(url, channel_prefix=channel_prefix, held_at="read")
+        self.late: list[list[Any]] | None = None
+        self.arrived = anyio.Event()
+
+    def _handle(self, message: list[Any]) -> None:
+        if self.late is not None and message[:2] == [b"message", self._revoked]:
+            self.late.append(message)
+            self.arrived.set()
+            return
+        super()._handle(message)
+
+    def hear_late(self) -> None:
+        late, self.late = self.late or [], None
+        for message in late:
+            super()._handle(message)
+
+
+async def test_a_revocation_of_another_connection_heard_late_spares_the_first_socket(
+    redis_url: str,
+) -> None:
+    """Carol's socket c-1 starts joining on a process that holds nothing of hers yet, and
+    once Redis has its subscription, another process revokes her connection c-2. The
+    message reaches this process after its read of her count, which has the revocation.
+    c-1 is served and stays: the process reads the revocations it has not heard yet from
+    the stream of recent ones before it compares. It took the count for a revocation it
+    missed and, not knowing which connection it named, ended c-1 as well."""
+    prefix = unique_prefix()
+    registry = Registry()
+    backend = HeardLate(redis_url, channel_prefix=prefix)
+    hub = ConnectionHub(backend)
+    hub.install(registry)
+    other = ConnectionHub(RedisBroadcast(redis_url, channel_prefix=prefix))
+    socket = SignalledAccept()
+    served: list[str] = []
+    settled = anyio.Event()
+
+    async def before_subscribing() -> None:
+        backend.hold = once_subscribed
+
+    async def once_subscribed() -> None:
+        backend.late = []
+        assert await other.revoke("carol", connection_id="c-2") == 0
+        await backend.arrived.wait()
+
+    async def handler() -> None:
+        context = UserExecutionContext.create("carol", connection_id="c-1")
+        try:
+            async with registry.open_scope(context) as scope:
+                manager = await scope.resolve(UserWebSocketManager)
+                async with manager.connect(socket):  # type: ignore[arg-type]
+                    served.append("entered")
+                    await anyio.lowlevel.checkpoint()
+                    served.append("served on")
+                    settled.set()
+                    await anyio.sleep_forever()
+                served.append("ended quietly")
+        finally:
+            settled.set()
+
+    with anyio.fail_after(DEADLINE):
+        await backend.wait_connected()
+        backend.hold = before_subscribing
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(handler)
+            await settled.wait()
+            backend.hear_late()
+            tg.cancel_scope.cancel()
+    assert served == ["entered", "served on"]
+    assert socket.closed == []
+    assert hub.stats().revoked == 0
+    await other.aclose()
+    await registry.aclose()
+
+
 @pytest.mark.parametrize("revoked_by", ["another process", "this process"])
 async def test_a_revocation_of_another_connection_before_the_first_subscription_spares_the_socket(
     redis_url: str, revoked_by: str

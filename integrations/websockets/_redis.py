@@ -394,7 +394,7 @@ class RedisBroadcast:
                     # Read once subscribed: a revocation after this read arrives as a message.
                     count = await read_count()
                     deliver = self._deliver
-                    if self._missed(channel, count) and first and deliver is not None:
+                    if await self._missed_since(channel, count) and first and deliver is not None:
                         deliver(Envelope(user, REVOKE, None, "access revoked"))
         except TimeoutError:
             await self._release(user, claimed=first and not sent)
@@ -416,16 +416,23 @@ class RedisBroadcast:
 
     async def _recent_revocations(self) -> None:
         """Once the subscription (re)started: deliver the revocations of the last five
-        minutes (on Redis's clock) it has not heard, from the stream of recent ones; the
-        hub dates each as it gets it, the conservative side. After an outage, then revoke
+        minutes it has not heard (see :meth:`_read_recent`). After an outage, then revoke
         the sockets of every user with a revocation this process neither heard nor read
         (see :meth:`_missed_revocations`)."""
-        client, free = self._publisher()
-        # After an outage, the counts of the users whose count is known (a first
-        # subscription under way reads its own), read before the stream: every revocation
-        # they count is in what is read next, unless lost from it. Read after, they would
-        # count one made meanwhile whose message waits, not yet heard, on the subscription.
+        # Those whose count is known: a first subscription under way reads its own.
         channels = [c for c in self._refs if c in self._revocations] if self._resync else []
+        counts = await self._read_recent(channels)
+        if channels:
+            self._missed_revocations(channels, counts)
+
+    async def _read_recent(self, channels: list[bytes]) -> list[int]:
+        """Deliver the revocations of the last five minutes (on Redis's clock) not heard
+        here, from the stream of recent ones (the hub dates each as it gets it, the
+        conservative side), once it read the counts of ``channels``' users, which it
+        returns: every revocation those count is in what is read next, unless the stream
+        lost it. (Read after the stream, they could count one made meanwhile whose message
+        waits on the subscription, not read yet.)"""
+        client, free = self._publisher()
         counts: list[int] = []
         with anyio.fail_after(self.timeout):
             async with free:
@@ -456,8 +463,7 @@ class RedisBroadcast:
                 "applying them here now",
                 missed,
             )
-        if channels:
-            self._missed_revocations(channels, counts)
+        return counts
 
     def _revocation_heard(self, entry_id: bytes, count: bytes, raw: bytes) -> bool:
         """Deliver the revocation ``raw``, kept as ``entry_id`` in the stream of recent
@@ -511,6 +517,15 @@ class RedisBroadcast:
             return False
         self._advance(channel, max(known, count))
         return count > known
+
+    async def _missed_since(self, channel: bytes, count: int) -> bool:
+        """:meth:`_missed` for ``count``, read once Redis confirmed the subscription of
+        ``channel``: a revocation it counts may have reached this process with its message
+        not read from the subscription yet, and is then read from the stream first."""
+        known = self._revocations.get(channel)
+        if known is not None and count > known:
+            await self._read_recent([])
+        return self._missed(channel, count)
 
     def _missed_revocations(self, channels: list[bytes], counts: list[int]) -> None:
         """After an outage of the subscription, once the recent revocations are read:
