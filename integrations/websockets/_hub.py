@@ -136,8 +136,8 @@ class ConnectionHub:
         # Every socket from the start of its join until its handler left connect(), its
         # close frame sent: what aclose() waits for.
         self._open: set[Connection] = set()
-        # Set, and dropped, when a socket leaves _open: one per aclose() waiting.
-        self._close_waiters: list[anyio.Event] = []
+        # Set, and dropped, when a socket leaves _open: what aclose() waits on.
+        self._left: anyio.Event | None = None
         # The middleware's clock for the moment it checks a handshake's identity.
         self._clock = _validation_clock
         self._count = 0
@@ -201,13 +201,9 @@ class ConnectionHub:
         try:
             with anyio.move_on_after(self.close_timeout):
                 while not closing.isdisjoint(self._open):
-                    closed = anyio.Event()
-                    self._close_waiters.append(closed)
-                    try:
-                        await closed.wait()
-                    finally:
-                        if closed in self._close_waiters:
-                            self._close_waiters.remove(closed)
+                    if self._left is None:
+                        self._left = anyio.Event()
+                    await self._left.wait()
             left = len(closing & self._open)
             if left:
                 logger.warning(
@@ -512,10 +508,9 @@ class ConnectionHub:
     def _closed(self, connection: Connection) -> None:
         """``connection``'s handler left ``connect()``: its socket is closed, or its own."""
         self._open.discard(connection)
-        if self._close_waiters:
-            waiters, self._close_waiters = self._close_waiters, []
-            for closed in waiters:
-                closed.set()
+        left, self._left = self._left, None
+        if left is not None:
+            left.set()
 
     def _unjoin(self, connection: Connection) -> None:
         """``connection`` is no longer joining (registered, or its handler left)."""
