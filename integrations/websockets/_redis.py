@@ -376,10 +376,8 @@ class RedisBroadcast:
                     # has the subscription is published to nobody on the user's channel,
                     # and only the revocations channel, or the count read again below,
                     # tells of it.
-                    before = await read_count()
-                    known = self._revocations.get(channel)
                     # Every revocation up to it came before this subscription.
-                    self._advance(channel, before if known is None else max(known, before))
+                    self._advance(channel, await read_count())
                     self._check_up()
                     # Confirmed only by the answer to this SUBSCRIBE (or a later one), not
                     # by one to a SUBSCRIBE of an earlier, since unsubscribed, socket.
@@ -489,14 +487,14 @@ class RedisBroadcast:
         channel = self.channel(envelope.user)
         if channel in self._refs:
             self._heard.setdefault(channel, set()).add(number)
-            known = self._revocations.get(channel)
-            if known is not None:
-                self._advance(channel, known)
+            if channel in self._revocations:
+                self._advance(channel, 0)
         return True
 
-    def _advance(self, channel: bytes, known: int) -> int:
-        """Take every revocation of ``channel``'s user up to ``known`` as accounted for,
-        and those heard in a row after it; return the count accounted for now."""
+    def _advance(self, channel: bytes, count: int) -> None:
+        """Take every revocation of ``channel``'s user up to ``count`` (or up to those
+        accounted for already, if more) as accounted for, and those heard in a row after."""
+        known = max(self._revocations.get(channel, count), count)
         heard = self._heard.pop(channel, set())
         while known + 1 in heard:
             known += 1
@@ -504,18 +502,14 @@ class RedisBroadcast:
         if later:
             self._heard[channel] = later
         self._revocations[channel] = known
-        return known
 
     def _missed(self, channel: bytes, count: int) -> bool:
         """Compare ``count``, the count of ``channel``'s user's revocations just read from
         Redis, with those accounted for here; return whether any of them was neither
         heard nor read from the stream (which connection it named is then not known).
         Accounted for from now on."""
-        known = self._revocations.get(channel)
-        if known is None:
-            self._advance(channel, count)
-            return False
-        self._advance(channel, max(known, count))
+        known = self._revocations.get(channel, count)
+        self._advance(channel, count)
         return count > known
 
     async def _missed_since(self, channel: bytes, count: int) -> bool:
