@@ -280,7 +280,9 @@ class ConnectionHub:
             InvalidContextError: ``user``, ``tenant_id`` or ``connection_id`` is not a
                 valid id.
             ValueError: ``reason`` is longer than a close frame allows (123 bytes).
-            BroadcastError: the backend is unreachable; nothing was revoked.
+            BroadcastError: the backend is unreachable, or did not answer in time: the
+                revocation may not have been made, or (only its answer late) it may have
+                been, in every process; revoking again is safe.
         """
         if isinstance(user, UserRef):
             if tenant_id is not None:
