@@ -22,7 +22,6 @@ from collections.abc import (
     AsyncGenerator,
     Awaitable,
     Callable,
-    Coroutine,
     Generator,
     Hashable,
     Iterator,
@@ -388,28 +387,31 @@ def wrap(fn: Callable[P, R]) -> Callable[P, R]:
     @functools.wraps(fn)
     def run(*args: P.args, **kwargs: P.kwargs) -> R:
         context = captured.copy()
-        result = context.run(fn, *args, **kwargs)
-        # What the call hands back to run later (a generator function's generator, a
-        # lambda's coroutine) runs with what was captured too, wherever it runs.
-        if inspect.isgenerator(result):
-            if not result.gi_code.co_flags & inspect.CO_ITERABLE_COROUTINE:
-                if inspect.getgeneratorstate(result) != inspect.GEN_CREATED:
-                    # One already under way is not the call's to run (a module-level
-                    # stream): driven through a generator of ours, it would be closed
-                    # when that is.
-                    return cast("R", result)
-                return cast("R", _steps_in(context, result))
-            # A coroutine too (``types.coroutine``): awaited as one.
-        elif not (inspect.iscoroutine(result) or inspect.isasyncgen(result)):
-            return result
-        later: Any = result
-        binding = context.get(_current)
-        trace_context = context.run(otel_context.get_current)
-        if inspect.isasyncgen(later):
-            return cast("R", _async_steps_rebound(later, binding, trace_context))
-        return cast("R", _rebound(later, binding, trace_context))
+        return cast("R", _run_later(context, context.run(fn, *args, **kwargs)))
 
     return run
+
+
+def _run_later(context: contextvars.Context, result: Any) -> Any:
+    """``result``, what a wrapped call handed back, made to run with the binding and trace
+    ``context`` holds when it runs later, wherever that is: a generator function's generator
+    steps in ``context``; a coroutine (a lambda's, or a ``types.coroutine`` generator) or an
+    async generator gets them re-bound. Anything else comes back as it is, and so does a
+    generator already under way (a module-level stream): it is not the call's to run, and
+    driven through one of ours it would be closed when ours is."""
+    if inspect.isgenerator(result) and not result.gi_code.co_flags & inspect.CO_ITERABLE_COROUTINE:
+        if inspect.getgeneratorstate(result) == inspect.GEN_CREATED:
+            return _steps_in(context, result)
+        return result
+    if not (
+        inspect.isgenerator(result) or inspect.iscoroutine(result) or inspect.isasyncgen(result)
+    ):
+        return result
+    binding = context.get(_current)
+    trace_context = context.run(otel_context.get_current)
+    if inspect.isasyncgen(result):
+        return _async_steps_rebound(result, binding, trace_context)
+    return _rebound(cast("Awaitable[Any]", result), binding, trace_context)
 
 
 def _steps_in(
@@ -435,7 +437,7 @@ def _steps_in(
 
 
 async def _rebound(
-    coroutine: Coroutine[Any, Any, R], binding: _Binding | None, trace_context: otel_context.Context
+    coroutine: Awaitable[R], binding: _Binding | None, trace_context: otel_context.Context
 ) -> R:
     """Await ``coroutine`` with ``binding`` and ``trace_context`` bound."""
     token = _current.set(binding)
