@@ -460,7 +460,6 @@ class Instances:
     async def aget(self, provider: Provider, arg: object, scope: Scope, registry: Registry) -> Any:
         """Return the cached component or create it (once, however many ask at once)."""
         key = provider.key
-        stack = _resolving.get()
         here = _building
         building = here.keys
         # A sync factory never waits for another task (one returning an awaitable aside):
@@ -475,6 +474,9 @@ class Instances:
                 if instance is not _MISSING:
                     return instance
                 break
+            # Read where used, not on every creation: nothing this task runs in between
+            # changes it (_awaited() restores what it sets).
+            stack = _resolving.get()
             if not settled and _looks_cyclic(pending, key, stack, building):
                 # Not yet a cycle: this may be a task the factory making the key has just
                 # started, running its first step inside create_task (asyncio's eager task
@@ -499,7 +501,7 @@ class Instances:
                         provider,
                         finalizer,
                         scope,
-                        (*stack, _Creation(key, owner.owner)),
+                        (*_resolving.get(), _Creation(key, owner.owner)),
                     )
             else:
                 instance, finalizer = await self._awaited(
@@ -507,7 +509,7 @@ class Instances:
                     provider,
                     arg,
                     scope,
-                    (*stack, creation),  # type: ignore[arg-type]  # made: not sync
+                    (*_resolving.get(), creation),  # type: ignore[arg-type]  # made: not sync
                 )
         except BaseException as exc:
             self._forget(key)
@@ -557,7 +559,6 @@ class Instances:
     def get(self, provider: Provider, arg: object, scope: Scope, registry: Registry) -> Any:
         """The sync twin of :meth:`aget` (sync factories only; safe from worker threads)."""
         key = provider.key
-        stack = _resolving.get()
         here = _building
         building = here.keys
         while True:
@@ -566,7 +567,8 @@ class Instances:
                 if instance is not _MISSING:
                     return instance
                 break
-            _wait_sync(provider, pending, stack, building, registry)
+            # Read only for a wait, as in aget().
+            _wait_sync(provider, pending, _resolving.get(), building, registry)
         observers = scope.observers
         started = time.perf_counter() if observers else 0.0
         start_ns = time.time_ns() if observers else 0
