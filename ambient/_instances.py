@@ -260,13 +260,15 @@ class _Pending:
         return thread_event is None or thread_event.wait(timeout)
 
 
-class _Building(threading.local):
-    """Per thread: the keys whose sync factories run on it, outermost first, and its
-    markers of creations in progress.
+class _Building:
+    """One thread's keys whose sync factories run on it, outermost first, and its markers
+    of creations in progress.
 
     A sync factory never yields to the event loop, so while one runs no other task's can
     start on this thread: a per-thread stack suffices, and costs less than a ContextVar.
     """
+
+    __slots__ = ("in_async", "in_thread", "keys")
 
     def __init__(self) -> None:
         self.keys: list[Hashable] = []
@@ -275,7 +277,16 @@ class _Building(threading.local):
         self.in_thread = _Marker(owner, in_async=False)
 
 
-_building: Final = _Building()
+class _PerThread(threading.local):
+    """Each thread's :class:`_Building`, behind one attribute: reading an attribute of a
+    thread-local costs about what reading a ContextVar does, and a creation needs all
+    three of its fields."""
+
+    def __init__(self) -> None:
+        self.building = _Building()
+
+
+_per_thread: Final = _PerThread()
 
 
 def _run_sync(
@@ -301,7 +312,7 @@ def hand_over(context: Context) -> None:
     sync factories are making. A factory that hands work to a thread and waits for it
     would otherwise deadlock when that work resolves what the factory makes, instead of
     the cycle being reported."""
-    building = _building.keys
+    building = _per_thread.building.keys
     if building:
         context.run(_extend_handed_over, tuple(building))
 
@@ -460,7 +471,7 @@ class Instances:
     async def aget(self, provider: Provider, arg: object, scope: Scope, registry: Registry) -> Any:
         """Return the cached component or create it (once, however many ask at once)."""
         key = provider.key
-        here = _building
+        here = _per_thread.building
         building = here.keys
         # A sync factory never waits for another task (one returning an awaitable aside):
         # the thread's reused marker is enough, and spares an object per creation.
@@ -559,7 +570,7 @@ class Instances:
     def get(self, provider: Provider, arg: object, scope: Scope, registry: Registry) -> Any:
         """The sync twin of :meth:`aget` (sync factories only; safe from worker threads)."""
         key = provider.key
-        here = _building
+        here = _per_thread.building
         building = here.keys
         while True:
             instance, pending = self._claim(provider, here.in_thread)
