@@ -24,7 +24,9 @@ from ambient._binding import _current, _handed_over, _resolving
 from ambient._loops import loop_call_soon, on_loop_thread
 from ambient._observe import Observer, component_event, notify
 from ambient._provider import (
+    _GEN,
     _REQUEST,
+    _SYNC,
     AWAIT,
     Finalizer,
     Provider,
@@ -32,7 +34,6 @@ from ambient._provider import (
     build_now,
     build_sync,
     finish_async,
-    is_sync,
     key_name,
 )
 from ambient.errors import CleanupTimeoutError, ResolutionError, ScopeClosedError
@@ -289,22 +290,18 @@ class _PerThread(threading.local):
 _per_thread: Final = _PerThread()
 
 
-def _run_sync(
+def _build_restricted(
     build: Callable[[Provider, object, Mapping[Hashable, Any]], tuple[Any, Any]],
     provider: Provider,
     arg: object,
     scope: Scope,
-    building: list[Hashable],
 ) -> tuple[Any, Any]:
-    """Run a sync factory with its key on this thread's stack of creations."""
-    building.append(provider.key)
-    try:
-        if provider.lifetime is _REQUEST:
-            return build(provider, arg, scope._cache)
-        with scope.restricted_for(provider):
-            return build(provider, arg, scope._cache)
-    finally:
-        building.pop()
+    """Run a USER or APP component's sync factory, restricted to what lives as long.
+
+    A REQUEST component's is called in place, with its key on the thread's stack of
+    creations around it: a call fewer for every component of every request."""
+    with scope.restricted_for(provider):
+        return build(provider, arg, scope._cache)
 
 
 def hand_over(context: Context) -> None:
@@ -468,14 +465,17 @@ class Instances:
             "(work that outlives its request must not use that request's components)"
         )
 
-    async def aget(self, provider: Provider, arg: object, scope: Scope, registry: Registry) -> Any:
+    async def aget(  # noqa: PLR0915 - every component's creation, in one frame
+        self, provider: Provider, arg: object, scope: Scope, registry: Registry
+    ) -> Any:
         """Return the cached component or create it (once, however many ask at once)."""
         key = provider.key
         here = _per_thread.building
         building = here.keys
         # A sync factory never waits for another task (one returning an awaitable aside):
         # the thread's reused marker is enough, and spares an object per creation.
-        sync = is_sync(provider)
+        # A plain function or a generator (which may still return an awaitable: AWAIT).
+        sync = provider.kind is _SYNC or provider.kind is _GEN
         owner = here.in_async
         creation = None if sync else _Creation(key, owner.owner)
         settled = False
@@ -505,7 +505,15 @@ class Instances:
             if sync:
                 # Nothing to await (usually): no task switch can happen while it runs, so
                 # the cheap per-thread stack finds cycles.
-                instance, finalizer = _run_sync(build_now, provider, arg, scope, building)
+                building.append(key)
+                try:
+                    instance, finalizer = (
+                        build_now(provider, arg, scope._cache)
+                        if provider.lifetime is _REQUEST
+                        else _build_restricted(build_now, provider, arg, scope)
+                    )
+                finally:
+                    building.pop()
                 if instance is AWAIT:
                     instance, finalizer = await self._awaited(
                         finish_async,
@@ -584,7 +592,15 @@ class Instances:
         started = time.perf_counter() if observers else 0.0
         start_ns = time.time_ns() if observers else 0
         try:
-            instance, finalizer = _run_sync(build_sync, provider, arg, scope, building)
+            building.append(key)
+            try:
+                instance, finalizer = (
+                    build_sync(provider, arg, scope._cache)
+                    if provider.lifetime is _REQUEST
+                    else _build_restricted(build_sync, provider, arg, scope)
+                )
+            finally:
+                building.pop()
         except BaseException as exc:
             self._forget(key)
             if observers:
@@ -650,7 +666,9 @@ class Instances:
                 self.created.append((provider, instance, finalizer))
                 if finalizer is not None and finalizer.is_async:
                     self.async_cleanups += 1
-            waiters = self._unmark_locked(key)
+            # _unmark_locked(), inlined: once for every component made.
+            pending = self.pending.pop(key, None)
+            waiters = pending.finish_locked() if type(pending) is _Pending else None
         finally:
             lock.release()
         if waiters is not None:

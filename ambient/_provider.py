@@ -506,16 +506,11 @@ async def finish_async(
 AWAIT: Any = object()
 
 
-def is_sync(provider: Provider) -> bool:
-    """Whether the factory is a plain function or a generator (it may still return an
-    awaitable, see :func:`build_now`)."""
-    return provider.kind is _SYNC or provider.kind is _GEN
-
-
 def build_now(
     provider: Provider, arg: object, components: Mapping[Hashable, Any]
 ) -> tuple[Any, Any]:
-    """Build a component of a sync factory (see :func:`is_sync`) without awaiting.
+    """Build a component of a sync factory (a plain function or a generator, which may
+    still return an awaitable) without awaiting.
 
     Returns ``(instance, finalizer)``, or ``(AWAIT, result)`` when the factory returned
     something to await or enter asynchronously: pass ``result`` to :func:`finish_async`.
