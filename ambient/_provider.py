@@ -367,9 +367,12 @@ def _class_close(cls: type) -> tuple[str | None, bool] | None:
     return how, cls.__dictoffset__ != 0
 
 
-def _plain(provider: Provider, result: Any) -> tuple[Any, Finalizer | None] | None:
-    """The component and its cleanup when ``result`` is a plain object (see ``_PLAIN``);
-    ``None`` when it must be awaited, iterated or entered first."""
+def _plain(
+    provider: Provider, result: Any, components: Mapping[Hashable, Any]
+) -> tuple[Any, Finalizer | None] | None:
+    """The component and its cleanup when ``result`` is a plain object (see ``_PLAIN``),
+    without the cleanup when it is a component the scope holds already (see
+    :func:`_owned`); ``None`` when it must be awaited, iterated or entered first."""
     cls = type(result)
     known = _PLAIN.get(cls, _UNSEEN)
     if known is _UNSEEN:
@@ -384,18 +387,21 @@ def _plain(provider: Provider, result: Any) -> tuple[Any, Finalizer | None] | No
         # An instance attribute of the same name still wins.
         if not has_dict or not ("close" in result.__dict__ or "aclose" in result.__dict__):
             if how is None:
-                return result, None
+                return result, None  # most components: nothing to clean, no _owned() call
             if how == "async close":
-                return result, _AsyncClose(provider.name, result)
-            return result, Finalizer(provider.name, how, result, how == "aclose")
+                return _owned(provider, (result, _AsyncClose(provider.name, result)), components)
+            finalizer = Finalizer(provider.name, how, result, how == "aclose")
+            return _owned(provider, (result, finalizer), components)
     aclose = getattr(result, "aclose", None)
     if callable(aclose) and inspect.iscoroutinefunction(aclose):
-        return result, Finalizer(provider.name, "aclose", result, is_async=True)
+        finalizer = Finalizer(provider.name, "aclose", result, is_async=True)
+        return _owned(provider, (result, finalizer), components)
     close = getattr(result, "close", None)
     if callable(close):
         if inspect.iscoroutinefunction(close):
-            return result, _AsyncClose(provider.name, result)
-        return result, Finalizer(provider.name, "close", result, is_async=False)
+            return _owned(provider, (result, _AsyncClose(provider.name, result)), components)
+        finalizer = Finalizer(provider.name, "close", result, is_async=False)
+        return _owned(provider, (result, finalizer), components)
     return result, None
 
 
@@ -475,9 +481,9 @@ async def build_async(
         return _enter_gen(provider, provider.factory(*args))
     result = provider.factory(*args)
     if kind is _SYNC:
-        plain = _plain(provider, result)
+        plain = _plain(provider, result, components)
         if plain is not None:
-            return _owned(provider, plain, components)
+            return plain
     return await finish_async(provider, result, components)
 
 
@@ -487,9 +493,9 @@ async def finish_async(
     """Await and enter what a factory returned, as :func:`build_async` does."""
     if provider.kind is _ASYNC or inspect.isawaitable(result):
         result = await result
-    plain = _plain(provider, result)
+    plain = _plain(provider, result, components)
     if plain is not None:
-        return _owned(provider, plain, components)
+        return plain
     if inspect.isasyncgen(result):  # e.g. `lambda: make(x)` around an async generator
         return await _enter_agen(provider, result)
     if inspect.isgenerator(result):
@@ -519,9 +525,9 @@ def build_now(
     if provider.kind is _GEN:
         return _enter_gen(provider, provider.factory(*args))
     result = provider.factory(*args)
-    plain = _plain(provider, result)
+    plain = _plain(provider, result, components)
     if plain is not None:
-        return _owned(provider, plain, components)
+        return plain
     if inspect.isgenerator(result):
         return _enter_gen(provider, result)
     if (
@@ -550,9 +556,9 @@ def build_sync(
     if kind is _GEN:
         return _enter_gen(provider, provider.factory(*args))
     result = provider.factory(*args)
-    plain = _plain(provider, result)
+    plain = _plain(provider, result, components)
     if plain is not None:
-        return _owned(provider, plain, components)
+        return plain
     if inspect.isawaitable(result) or inspect.isasyncgen(result):
         if inspect.iscoroutine(result):
             result.close()
