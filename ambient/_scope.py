@@ -258,7 +258,14 @@ class Scope:
         if self._closed or not self._opened:
             self._closed = True
             return []
-        if self._holds or self._user_entry is not None or self._registry.expiry_due():
+        registry = self._registry
+        # registry.expiry_due(), inlined: once per request.
+        if (
+            self._holds
+            or self._user_entry is not None
+            or registry._evicted
+            or (registry._idle and registry._clock() >= registry._next_expiry)
+        ):
             return None
         # Closed first, then what was made read: a worker thread's resolve_sync() publishes
         # what it takes (a store, a user entry) first, then looks at _closed. Whichever

@@ -398,7 +398,9 @@ class AmbientMiddleware:
             else:
                 # Other users' cleanups wait for this request's close, after its answer.
                 component_scope._others_after = True
-                if registry.expiry_due():
+                # _queue_expired() unless nothing is idle (expiry_due(), inlined): it looks
+                # at the clock itself, and evicted users wait for the close anyway.
+                if registry._idle:
                     registry._queue_expired()
             handshake = _Handshake(receive) if websocket else None
             app_receive = response.receiving(receive) if handshake is None else handshake
