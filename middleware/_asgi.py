@@ -410,7 +410,9 @@ class AmbientMiddleware:
             expired = False
             try:
                 if expires_at is None:
-                    await self.app(scope, app_receive, response)
+                    # Its bound method: a call of one costs less than a call of an object's
+                    # __call__, and the app sends at least twice.
+                    await self.app(scope, app_receive, response.__call__)
                 elif websocket:
                     expired = await _serve_until_expiry(
                         self.app,
