@@ -991,7 +991,10 @@ class _Response:
                 if name.lower() == echo_name:
                     break
             else:
-                message = {**message, "headers": [*headers, *echo]}
+                # Copied, then the headers replaced: a dict display with both costs a
+                # second dict.
+                message = {**message}
+                message["headers"] = [*headers, *echo]
         elif kind == "websocket.close":
             self.started = True
             code = message.get("code")
