@@ -58,7 +58,12 @@ def resolve_sync(key: Any) -> Any:
         ResolutionError: as :func:`resolve`, and for async factories.
         ScopeClosedError: the bound scope has closed.
     """
-    return _scope_here().resolve_sync(key)
+    # As resolve(): the binding read in place when it is live and has a scope (factories
+    # call this for their dependencies, once per component made).
+    binding = _current.get()
+    if binding is None or binding.closed or binding.scope is None:
+        return _scope_here().resolve_sync(key)
+    return binding.scope.resolve_sync(key)
 
 
 class Accessor(Generic[T]):
