@@ -356,7 +356,7 @@ class TestTasks:
                         found += [f"{path.name}: class {node.name}({b})" for b in bases & spellings]
                     elif isinstance(node, ast.Call) and ast.unparse(node.func) in spellings:
                         found.append(f"{path.name}: {ast.unparse(node)}")
-        assert found == ["_instances.py: class _Building(threading.local)"]
+        assert found == ["_instances.py: class _PerThread(threading.local)"]
 
 
 class TestThreadHops:
