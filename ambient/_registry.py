@@ -387,7 +387,6 @@ class Registry:
                 if len(self._users) > self.max_users:
                     self._evict_lru()
                 return entry
-            self._users.move_to_end(ref)
             if entry.refs == 0:
                 self._idle -= 1
             entry.refs += 1
@@ -411,6 +410,10 @@ class Registry:
                         # it is reported again.
                         self._over_max_users = False
                     return
+                # Least recently used is least recently released (not acquired): a long
+                # request that began before another user's short one used its user after it.
+                # Only the idle users' order counts: eviction never takes one in use.
+                self._users.move_to_end(entry.ref)
                 now = self._clock()
                 entry.idle_since = now
                 self._idle += 1

@@ -245,6 +245,42 @@ class TestUserLifetime:
         assert cleaned == ["b"]
         assert registry.stats().live_users == 2
 
+    async def test_max_users_orders_users_by_the_end_of_their_last_scope(self) -> None:
+        """A user's last use is the end of the last scope that held it, not its start:
+        ``a``'s long request began before ``b``'s short one and ended after it, so ``b``
+        is the least recently used and goes first (``a`` used to, still being ordered by
+        when its request began)."""
+        cleaned: list[str] = []
+        registry = user_registry(cleaned, max_users=2)
+        short_done = anyio.Event()
+
+        async def long_request() -> None:
+            async with registry.open_scope(ctx("a")):
+                await ambient.resolve(Tracked)
+                await short_done.wait()
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(long_request)
+                await anyio.wait_all_tasks_blocked()
+                await use(registry, "b")
+                short_done.set()
+        await use(registry, "c")
+        assert cleaned == ["b"]
+        await registry.aclose()
+        assert sorted(cleaned) == ["a", "b", "c"]
+
+    def test_max_users_orders_users_by_the_end_of_their_last_scope_in_sync_code(self) -> None:
+        """The same with the USER entries taken and released directly (the registry's
+        bookkeeping is sync): released last means evicted last."""
+        registry = Registry(max_users=2)
+        a = registry.acquire_user(UserRef("a"))
+        b = registry.acquire_user(UserRef("b"))
+        registry.release_user(b)
+        registry.release_user(a)
+        registry.release_user(registry.acquire_user(UserRef("c")))
+        assert registry._evicted == [b]
+
     async def test_a_user_evicted_by_a_scope_is_cleaned_while_that_scope_stays_open(
         self,
     ) -> None:
