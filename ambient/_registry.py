@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -20,6 +21,7 @@ from ambient import _observe
 from ambient._binding import _current
 from ambient._context import UserExecutionContext, UserRef
 from ambient._instances import Created, Instances, finalize, finalize_sync, needs_await
+from ambient._loops import loop_call_soon
 from ambient._observe import Observer
 from ambient._provider import Lifetime, key_from_annotation, key_name, make_provider
 from ambient._scope import Scope
@@ -72,6 +74,58 @@ class UserEntry:
         self.idle_since: float | None = None
         # A user that can never come back (an anonymous caller): cleaned once unused.
         self.ephemeral = ephemeral
+
+
+_CallSoon = Callable[[Callable[[], object]], object]
+
+
+def _loop_key(call_soon: _CallSoon | None) -> object:
+    """The event loop (trio: its run's token) ``call_soon`` runs callbacks on."""
+    return getattr(call_soon, "__self__", call_soon)
+
+
+class _Closing:
+    """An :meth:`Registry.aclose` under way, which every call made meanwhile waits for: its
+    event loop, and how it ended.
+
+    Those calls may run on other event loops (two servers in two threads sharing one
+    registry): each loop's callers wait on an event of their own loop, set through that
+    loop, as the close ends."""
+
+    __slots__ = ("done", "failures", "lock", "loop", "waiters")
+
+    def __init__(self) -> None:
+        self.loop = _loop_key(loop_call_soon())
+        self.lock = threading.Lock()
+        self.done = False
+        self.failures: list[Exception] = []
+        self.waiters: dict[object, tuple[_CallSoon, anyio.Event]] = {}
+
+    def waiter(self) -> anyio.Event | None:
+        """The event this loop's callers wait on; ``None`` once the close has ended."""
+        call_soon = loop_call_soon()
+        if call_soon is None:  # pragma: no cover - awaited, so some loop runs here
+            msg = "registry.aclose() can only be awaited on an event loop"
+            raise RuntimeError(msg)
+        loop = _loop_key(call_soon)
+        with self.lock:
+            if self.done:
+                return None
+            found = self.waiters.get(loop)
+            if found is None:
+                found = self.waiters[loop] = (call_soon, anyio.Event())
+        return found[1]
+
+    def finish(self, failures: list[Exception]) -> None:
+        """Record how the close ended and wake every caller waiting for it."""
+        with self.lock:
+            self.done = True
+            self.failures = failures
+            waiters = list(self.waiters.values())
+        for call_soon, event in waiters:
+            # A RuntimeError: that loop has finished, and nothing there waits any more.
+            with contextlib.suppress(RuntimeError):
+                call_soon(event.set)
 
 
 class Registry:
@@ -150,6 +204,8 @@ class Registry:
         # Calls cleaning users' components right now, and aclose()s waiting for them to end.
         self._users_cleaning = 0
         self._users_cleaned: list[anyio.Event] = []
+        # The aclose() under way, if any: calls made meanwhile wait for it.
+        self._closing: _Closing | None = None
         self.created = 0
         self.cleaned = 0
         self.cleanup_failures = 0
@@ -689,30 +745,81 @@ class Registry:
         most ``cleanup_timeout``. The registry stays usable (a test may start the same
         application twice).
 
+        A call made while another is under way (two servers sharing the registry, a
+        shutdown racing a test's teardown) cleans nothing more: it returns when that close
+        has ended, and raises the same failures as :class:`CleanupError`. Waiting for a
+        close running on another event loop, it gives up with :class:`RegistryError`
+        once a whole ``cleanup_timeout`` went by with no cleanup ending there (that loop
+        stopped, or a sync cleanup blocks it).
+
         Raises:
             CleanupError: when cleanups failed (every cleanup still ran).
+            RegistryError: a close under way on another event loop stopped making progress.
         """
         with self._lock:
-            entries = list(self._users.values()) + self._evicted
-            self._users.clear()
-            self._evicted = []
-            self._idle = 0
-            self._over_max_users = False
-            # Every store closed before the first await: a scope resolving meanwhile makes
-            # fresh components instead of taking one that is about to be cleaned.
-            due = [(entry, entry.instances.close()) for entry in entries]
-            app, self.app_instances = self.app_instances, Instances("registry")
-        for scope in list(self._sharing):
-            # Open scopes resolve these afresh from now on, not from their caches.
-            cache = scope._cache
-            for key in list(cache):
-                provider = self.providers.get(key)
-                if provider is not None and provider.lifetime is not Lifetime.REQUEST:
-                    cache.pop(key, None)
-        failures = await self._close_all(due, app.close())
+            under_way = self._closing
+            if under_way is None:
+                closing = self._closing = _Closing()
+                due, app = self._take_all()
+        if under_way is not None:
+            await self._wait_for_close(under_way)
+            return
+        failures: list[Exception] = []
+        try:
+            for scope in list(self._sharing):
+                # Open scopes resolve these afresh from now on, not from their caches.
+                cache = scope._cache
+                for key in list(cache):
+                    provider = self.providers.get(key)
+                    if provider is not None and provider.lifetime is not Lifetime.REQUEST:
+                        cache.pop(key, None)
+            failures = await self._close_all(due, app.close())
+        finally:
+            with self._lock:
+                self._closing = None
+            closing.finish(failures)
         if failures:
             msg = f"{len(failures)} cleanup(s) failed while closing the registry"
             raise CleanupError(msg, failures)
+
+    def _take_all(self) -> tuple[list[tuple[UserEntry, list[Created]]], Instances]:
+        """Take every user's components and the app's out of use (the lock is held)."""
+        entries = list(self._users.values()) + self._evicted
+        self._users.clear()
+        self._evicted = []
+        self._idle = 0
+        self._over_max_users = False
+        # Every store closed before the first await: a scope resolving meanwhile makes
+        # fresh components instead of taking one that is about to be cleaned.
+        due = [(entry, entry.instances.close()) for entry in entries]
+        app, self.app_instances = self.app_instances, Instances("registry")
+        return due, app
+
+    async def _wait_for_close(self, closing: _Closing) -> None:
+        """Wait for the close under way (see :meth:`aclose`), and raise what it raised."""
+        event = closing.waiter()
+        if event is not None and closing.loop == _loop_key(loop_call_soon()):
+            await event.wait()  # as its own caller awaits it
+        elif event is not None:
+            # On another loop, whose end this one cannot see: as long as its cleanups go on.
+            while not event.is_set():
+                progress = self.cleaned + self.cleanup_failures
+                with anyio.move_on_after(self.cleanup_timeout):
+                    await event.wait()
+                if not event.is_set() and self.cleaned + self.cleanup_failures == progress:
+                    msg = (
+                        "registry.aclose() is under way on another event loop and no cleanup "
+                        f"ended there for {self.cleanup_timeout} s (the registry's "
+                        "cleanup_timeout); has that loop stopped, or does a sync cleanup "
+                        "block it? Its USER and APP components may not all be cleaned up"
+                    )
+                    raise RegistryError(msg)
+        if closing.failures:
+            msg = (
+                f"{len(closing.failures)} cleanup(s) failed while closing the registry "
+                "(in the close under way that this call waited for)"
+            )
+            raise CleanupError(msg, closing.failures)
 
     def stats(self) -> RegistryStats:
         """Counts of what this registry has done so far."""

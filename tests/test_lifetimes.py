@@ -741,6 +741,152 @@ async def test_every_shutdown_waiting_for_open_scopes_ends_when_they_close() -> 
     assert still_open == [0, 0]
 
 
+class TestAcloseUnderWay:
+    """``registry.aclose()`` called again while a close is under way (two servers sharing
+    a registry, a shutdown racing a test's teardown)."""
+
+    @staticmethod
+    def slow_registry(closing: anyio.Event, release: anyio.Event) -> Registry:
+        registry = Registry()
+        registry.register(
+            Conn, lambda user: Conn(user.user_id, closing, release), lifetime=Lifetime.USER
+        )
+        registry.register("app", lambda: Conn("app", anyio.Event(), release), lifetime=Lifetime.APP)
+        return registry
+
+    async def test_a_second_aclose_returns_once_the_first_has_cleaned_everything(self) -> None:
+        """The second call returns only when the USER and APP components are cleaned, each
+        once: it used to return at once, with both still alive, to a caller that then
+        checked (or a server that then exited)."""
+        closing, release = anyio.Event(), anyio.Event()
+        registry = self.slow_registry(closing, release)
+        async with registry.open_scope(ctx("alice")):
+            user, app = await ambient.resolve(Conn), await ambient.resolve("app")
+        seen: list[tuple[bool, bool]] = []
+
+        async def second() -> None:
+            await registry.aclose()
+            seen.append((user.closed, app.closed))
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(registry.aclose)
+                await closing.wait()
+                tg.start_soon(second)
+                await anyio.wait_all_tasks_blocked()
+                assert seen == []
+                release.set()
+        assert seen == [(True, True)]
+        stats = registry.stats()
+        assert (stats.created, stats.cleaned) == (2, 2)
+        await registry.aclose()  # a later call closes again (nothing left), at once
+
+    async def test_a_second_aclose_raises_the_failures_of_the_close_it_waited_for(self) -> None:
+        """When the close under way fails, each call made meanwhile raises its failures as
+        a CleanupError too: it waited for that close, and the components it failed to
+        clean are not clean. The cleanup itself ran once."""
+        closing, release = anyio.Event(), anyio.Event()
+        reset = ConnectionResetError("connection reset")
+
+        class Failing:
+            async def aclose(self) -> None:
+                closing.set()
+                await release.wait()
+                raise reset
+
+        registry = Registry()
+        registry.register(Failing, Failing, lifetime=Lifetime.APP)
+        async with registry.open_scope(ctx("alice")):
+            await ambient.resolve(Failing)
+        raised: list[ambient.errors.CleanupError] = []
+
+        async def close() -> None:
+            try:
+                await registry.aclose()
+            except ambient.errors.CleanupError as exc:
+                raised.append(exc)
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(close)
+                await closing.wait()
+                tg.start_soon(close)
+                await anyio.wait_all_tasks_blocked()
+                release.set()
+        assert [exc.exceptions for exc in raised] == [(reset,), (reset,)]
+        assert registry.stats().cleanup_failures == 1
+
+    async def test_an_aclose_on_another_event_loop_waits_for_the_close_under_way(
+        self, anyio_backend: str
+    ) -> None:
+        """A second server on an event loop of its own, in another thread, closes the
+        registry while this loop's close runs: its call returns once the components are
+        cleaned (an event of this loop could not wake it there)."""
+        closing, release = anyio.Event(), anyio.Event()
+        registry = self.slow_registry(closing, release)
+        async with registry.open_scope(ctx("alice")):
+            user, app = await ambient.resolve(Conn), await ambient.resolve("app")
+        waiting = threading.Event()
+        seen: list[tuple[bool, bool]] = []
+
+        async def other_server() -> None:
+            async with anyio.create_task_group() as tg:
+
+                async def close() -> None:
+                    await registry.aclose()
+                    seen.append((user.closed, app.closed))
+
+                tg.start_soon(close)
+                await anyio.wait_all_tasks_blocked()
+                waiting.set()
+
+        other = threading.Thread(
+            target=anyio.run, args=(other_server,), kwargs={"backend": anyio_backend}
+        )
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(registry.aclose)
+                await closing.wait()
+                other.start()
+                await anyio.to_thread.run_sync(waiting.wait)
+                assert seen == []
+                release.set()
+            await anyio.to_thread.run_sync(other.join)
+        assert seen == [(True, True)]
+
+    async def test_an_aclose_waiting_for_a_stuck_loop_gives_up_after_cleanup_timeout(
+        self, anyio_backend: str
+    ) -> None:
+        """The close under way runs on another event loop, blocked by a sync cleanup: a
+        call on this loop raises RegistryError once a whole ``cleanup_timeout`` went by
+        with no cleanup ending, instead of waiting for good (or returning at once)."""
+        cleaning, release = threading.Event(), threading.Event()
+
+        class Stuck:
+            def close(self) -> None:
+                cleaning.set()
+                release.wait(10)
+
+        registry = Registry(cleanup_timeout=0.2)
+        registry.register(Stuck, Stuck, lifetime=Lifetime.APP)
+        async with registry.open_scope(ctx("alice")):
+            await ambient.resolve(Stuck)
+        other = threading.Thread(
+            target=anyio.run, args=(registry.aclose,), kwargs={"backend": anyio_backend}
+        )
+        other.start()
+        try:
+            with anyio.fail_after(10):
+                await anyio.to_thread.run_sync(cleaning.wait)
+                with pytest.raises(ambient.errors.RegistryError, match="another event loop"):
+                    await registry.aclose()
+        finally:
+            release.set()
+            await anyio.to_thread.run_sync(other.join)
+        assert registry.stats().cleaned == 1
+        await registry.aclose()
+
+
 class TestAbnormalExits:
     async def test_refcounts_return_to_zero_after_cancellations_and_errors(
         self, clock: FakeClock
