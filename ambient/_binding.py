@@ -70,6 +70,38 @@ class _Binding:
         self.token: Token[_Binding | None] | None = None
 
 
+class _SharedBinding(_Binding):
+    """What a USER or APP factory runs in: its resolutions go through ``scope`` (a view of
+    the request's scope that refuses shorter-lived components), while no request context is
+    shown (``get_current_context()`` raises, ``current_context_or_none()`` answers ``None``):
+    the component is shared by many requests, and one request's ids baked into it would be
+    wrong for every other.
+
+    Marked ended from the start: code that reads a binding only when it is live (the hot
+    ``get_current_context()``, switch checks) reaches :func:`_visible` and the check for
+    this class there, so a binding of a request pays nothing for it. Made current and reset
+    by its factory's caller, never through :func:`bind` and :func:`unbind`."""
+
+    __slots__ = ("lifetime", "name")
+
+    def __init__(
+        self,
+        ctx: UserExecutionContext,
+        scope: _Resolver,
+        prev: _Binding | None,
+        lifetime: str,
+        name: str,
+    ) -> None:
+        super().__init__(ctx, scope, prev)
+        self.closed = True
+        self.lifetime = lifetime
+        self.name = name
+
+    def refuse(self) -> NoActiveContextError:
+        """The error of asking it for the context."""
+        return NoActiveContextError(self.lifetime, component=self.name)
+
+
 _current: Final[ContextVar[_Binding | None]] = ContextVar("ambient.current", default=None)
 
 # The creations (ambient._instances._Creation) whose async factories this task is
@@ -143,9 +175,12 @@ def _bound_here(binding: _Binding) -> bool:
     it: another request's, when a server starts requests inside the previous one's).
 
     Only the Context that set a token can reset it: a try, then the binding set again,
-    with a token of this Context that restores the same value."""
+    with a token of this Context that restores the same value. A USER or APP factory's
+    binding counts while its factory runs (it is marked ended only to show no context)."""
     token = binding.token
-    if binding.closed or binding.elsewhere or token is None:
+    if (binding.closed and type(binding) is not _SharedBinding) or binding.elsewhere:
+        return False
+    if token is None:
         return False
     try:
         _current.reset(token)
@@ -306,7 +341,9 @@ def get_current_context() -> UserExecutionContext:
     """Return the context bound here.
 
     Raises:
-        NoActiveContextError: when nothing is bound (outside a request, job or test binding).
+        NoActiveContextError: when nothing is bound (outside a request, job or test
+            binding), and inside the factory of a USER or APP component, which is shared by
+            many requests (a USER factory receives a :class:`UserRef` instead).
     """
     # _shown() inlined: this is the hottest read there is.
     binding = _current.get()
@@ -316,14 +353,24 @@ def get_current_context() -> UserExecutionContext:
         shown = _visible(binding)
         if shown is None:
             raise NoActiveContextError
+        if type(shown) is _SharedBinding:
+            raise shown.refuse()
         return shown.ctx
     return binding.ctx
 
 
 def current_context_or_none() -> UserExecutionContext | None:
-    """Return the context bound here, or ``None``."""
-    binding = _shown()
-    return None if binding is None else binding.ctx
+    """Return the context bound here, or ``None`` (also inside a USER or APP factory)."""
+    # _shown() inlined, as in get_current_context(): a logging filter reads it per record.
+    binding = _current.get()
+    if binding is None:
+        return None
+    if binding.closed:
+        shown = _visible(binding)
+        if shown is None or type(shown) is _SharedBinding:
+            return None
+        return shown.ctx
+    return binding.ctx
 
 
 def current_scope() -> Scope:

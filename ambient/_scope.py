@@ -12,7 +12,7 @@ import anyio
 import anyio.from_thread
 
 from ambient import _observe
-from ambient._binding import _Binding, _current, bind, unbind
+from ambient._binding import _Binding, _current, _SharedBinding, _shown, bind, unbind
 from ambient._context import ANONYMOUS, UserExecutionContext
 from ambient._instances import (
     Instances,
@@ -671,16 +671,22 @@ class Scope:
 
     @contextlib.contextmanager
     def _restricted(self, provider: Provider) -> Iterator[None]:
-        binding = bind(self.context, _View(self, provider), allow_switch=True)
+        binding = _SharedBinding(
+            self.context, _View(self, provider), _shown(), provider.lifetime.name, provider.name
+        )
+        binding.token = _current.set(binding)
         try:
             yield
         finally:
-            unbind(binding)
+            # Its token, as _bound_here() may have replaced it.
+            token, binding.token = binding.token, None
+            if token is not None:
+                _current.reset(token)
 
     def restricted_for(self, provider: Provider) -> contextlib.AbstractContextManager[None]:
         """While a USER or APP factory runs, ``ambient.resolve`` may only reach components
         that live at least as long (a USER object holding one request's component would
-        keep it past that request's cleanup)."""
+        keep it past that request's cleanup), and no request's context is shown."""
         if provider.lifetime is _REQUEST:
             return _NOTHING
         return self._restricted(provider)

@@ -93,8 +93,22 @@ class InvalidContextError(AmbientError, ValueError):
 class NoActiveContextError(AmbientError, LookupError):
     """No :class:`~ambient.UserExecutionContext` (or no scope) is bound here."""
 
-    def __init__(self, what: str = "context") -> None:
-        if what == "scope":
+    def __init__(self, what: str = "context", *, component: str = "") -> None:
+        if what in ("USER", "APP"):
+            # Asked inside the factory of a USER or APP component (named by ``component``).
+            shared = (
+                "by every request of its user: it receives a UserRef(user_id, tenant_id) "
+                "to use instead (a factory taking one argument gets it)"
+                if what == "USER"
+                else "by every request of every user: it receives no context"
+            )
+            message = (
+                f"no request context is bound inside the factory of {what} component "
+                f"{component}: the component is shared {shared}. One request's ids would "
+                "otherwise be baked into it. Its dependencies are still resolved with "
+                "ambient.resolve() and resolve_sync()"
+            )
+        elif what == "scope":
             message = (
                 "a context is bound but no component scope is: components are resolved from "
                 "a scope opened by AmbientMiddleware or `registry.open_scope(ctx)`; "

@@ -1300,3 +1300,98 @@ async def test_what_a_user_component_was_made_with_never_expires_before_it(
         pass
     assert cleaned == ["cache", "agent", "session", "token"]
     await registry.aclose()
+
+
+class TestWhatASharedFactorySees:
+    """A USER or APP factory makes an object shared by many requests: no one request's
+    context may be baked into it."""
+
+    @pytest.mark.parametrize("lifetime", [Lifetime.USER, Lifetime.APP])
+    @pytest.mark.parametrize("how", ["resolve", "resolve_sync"])
+    async def test_get_current_context_in_a_shared_factory_raises(
+        self, lifetime: Lifetime, how: str
+    ) -> None:
+        """``get_current_context()`` inside a USER or APP factory raises
+        NoActiveContextError saying why and what to use instead, and nothing is made: it
+        used to answer the context of whichever request happened to resolve it first, whose
+        ids then stayed in the object every later request of the user (or of anyone) got."""
+
+        def make() -> str:
+            return ambient.get_current_context().request_id
+
+        registry = Registry()
+        registry.register("baked", make, lifetime=lifetime)
+        async with registry.open_scope(ctx("alice")) as scope:
+            with pytest.raises(ambient.NoActiveContextError) as raised:
+                if how == "resolve":
+                    await ambient.resolve("baked")
+                else:
+                    await anyio.to_thread.run_sync(scope.resolve_sync, "baked")
+        message = str(raised.value)
+        assert f"{lifetime.name} component 'baked'" in message
+        assert "shared" in message
+        if lifetime is Lifetime.USER:
+            assert "UserRef" in message
+        assert registry.stats().created == 0
+        await registry.aclose()
+
+    @pytest.mark.parametrize("lifetime", [Lifetime.USER, Lifetime.APP])
+    async def test_a_shared_factory_sees_no_context_but_resolves_its_dependencies(
+        self, lifetime: Lifetime
+    ) -> None:
+        """Inside a USER or APP factory, sync or async, ``current_context_or_none()`` is
+        ``None`` (as in its cleanup), while ``ambient.resolve`` and ``resolve_sync`` still
+        reach the components it depends on."""
+        seen: list[object] = []
+
+        def config() -> dict[str, str]:
+            seen.append(ambient.current_context_or_none())
+            return {"dsn": "db"}
+
+        def sync_client() -> tuple[str, str]:
+            seen.append(ambient.current_context_or_none())
+            return ("sync", ambient.resolve_sync("config")["dsn"])
+
+        async def async_client() -> tuple[str, str]:
+            seen.append(ambient.current_context_or_none())
+            return ("async", (await ambient.resolve("config"))["dsn"])
+
+        registry = Registry()
+        registry.register("config", config, lifetime=Lifetime.APP)
+        registry.register("sync", sync_client, lifetime=lifetime)
+        registry.register("async", async_client, lifetime=lifetime)
+        async with registry.open_scope(ctx("alice")):
+            assert await ambient.resolve("sync") == ("sync", "db")
+            assert await ambient.resolve("async") == ("async", "db")
+            assert ambient.get_current_context().user_id == "alice"  # the request's again
+        assert seen == [None, None, None]
+        await registry.aclose()
+
+    async def test_a_request_factory_still_gets_the_requests_context(self) -> None:
+        """A REQUEST factory, also one a USER factory's caller resolves right after, sees
+        the request's context, through ``get_current_context()`` as through its argument."""
+        registry = Registry()
+        registry.register("user", lambda user: user, lifetime=Lifetime.USER)
+        registry.register(
+            "request", lambda c: (c, ambient.get_current_context(), ambient.resolve_sync("user"))
+        )
+        context = ctx("alice")
+        async with registry.open_scope(context):
+            assert await ambient.resolve("request") == (context, context, UserRef("alice"))
+        await registry.aclose()
+
+    def test_get_current_context_in_a_shared_factory_raises_in_sync_code(self) -> None:
+        """The same from sync code: a job's worker thread resolving a USER component with
+        ``resolve_sync`` from a scope it was handed."""
+        registry = Registry()
+        registry.register(
+            "baked", lambda: ambient.get_current_context().run_id, lifetime=Lifetime.USER
+        )
+
+        async def job() -> None:
+            async with registry.open_scope(ctx("alice")):
+                with pytest.raises(ambient.NoActiveContextError, match="UserRef"):
+                    await anyio.to_thread.run_sync(ambient.wrap(ambient.resolve_sync), "baked")
+            await registry.aclose()
+
+        anyio.run(job)

@@ -685,6 +685,34 @@ class TestLeftoverContext:
             _current.reset(ended.token)
         assert not [r for r in caplog.records if "live context" in r.getMessage()]
 
+    async def test_a_factory_serving_a_request_in_its_own_task_still_resolves(
+        self,
+    ) -> None:
+        """A USER factory serves a request through the middleware in its own task (an
+        in-process ASGI client): once that request is over, the factory's binding is there
+        again, and it resolves its dependencies. It is the factory's own, not a leftover
+        of another request to drop, although no request's context is shown in it."""
+        request: list[Message] = [{"type": "http.request", "body": b""}]
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            body = b"-"
+            if ambient.get_current_context().user_id == "alice":
+                body = repr(await ambient.resolve("memory")).encode()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": body})
+
+        async def memory(user: ambient.UserRef) -> tuple[str, str]:
+            await drive(middleware, http_scope([(b"x-user-id", b"bob")]), request)
+            return (user.user_id, (await ambient.resolve("config"))["dsn"])
+
+        registry = Registry()
+        registry.register("config", lambda: {"dsn": "db"}, lifetime=Lifetime.APP)
+        registry.register("memory", memory, lifetime=Lifetime.USER)
+        middleware = AmbientMiddleware(app, registry=registry, identity=trusted_header())
+        sent = await drive(middleware, http_scope([(b"x-user-id", b"alice")]), request)
+        assert sent[-1]["body"] == repr(("alice", "db")).encode()
+        await registry.aclose()
+
 
 class TestErrors:
     async def test_an_app_exception_propagates_unchanged_and_cleanup_runs(self) -> None:
