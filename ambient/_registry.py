@@ -25,7 +25,7 @@ from ambient._loops import loop_call_soon
 from ambient._observe import Observer
 from ambient._provider import Lifetime, key_from_annotation, key_name, make_provider
 from ambient._scope import Scope
-from ambient.errors import CleanupError, RegistryError, ResolutionError
+from ambient.errors import CleanupError, RegistryError, ResolutionError, ScopeClosedError
 
 if TYPE_CHECKING:
     from ambient._provider import Provider
@@ -92,9 +92,11 @@ class _Closing:
     registry): each loop's callers wait on an event of their own loop, set through that
     loop, as the close ends."""
 
-    __slots__ = ("done", "failures", "lock", "loop", "waiters")
+    __slots__ = ("done", "failures", "frozen", "lock", "loop", "waiters")
 
-    def __init__(self) -> None:
+    def __init__(self, *, frozen: bool) -> None:
+        # Whether a scope had opened before: the registry stays frozen to registrations.
+        self.frozen = frozen
         self.loop = _loop_key(loop_call_soon())
         self.lock = threading.Lock()
         self.done = False
@@ -204,7 +206,9 @@ class Registry:
         # Calls cleaning users' components right now, and aclose()s waiting for them to end.
         self._users_cleaning = 0
         self._users_cleaned: list[anyio.Event] = []
-        # The aclose() under way, if any: calls made meanwhile wait for it.
+        # The last aclose(), under way or done: calls made meanwhile wait for it. Once one
+        # has begun (it clears _frozen) the registry is closed, until a scope opens again
+        # (the application started again), as each scope sets _frozen as it opens.
         self._closing: _Closing | None = None
         self.created = 0
         self.cleaned = 0
@@ -244,7 +248,7 @@ class Registry:
         Raises:
             RegistryError: duplicate key, frozen registry, unusable factory or name.
         """
-        if self._frozen:
+        if self._frozen or (self._closing is not None and self._closing.frozen):
             msg = (
                 f"cannot register {key_name(key)}: the registry is frozen because a scope "
                 "has been opened; register every component at start-up"
@@ -438,6 +442,8 @@ class Registry:
         try:
             entry = self._users.get(ref)
             if entry is None:
+                if self._closing is not None and not self._frozen:
+                    raise self._shut_error("USER components")
                 entry = self._users[ref] = UserEntry(ref, ephemeral=ephemeral)
                 entry.refs = 1  # before eviction, which must never pick this new entry
                 if len(self._users) > self.max_users:
@@ -737,13 +743,17 @@ class Registry:
         return self.open_scopes
 
     async def aclose(self) -> None:
-        """Clean up every USER and APP component (application shutdown).
+        """Clean up every USER and APP component (application shutdown), and close the
+        registry.
 
-        Scopes still open keep their REQUEST components; a USER or APP component they
-        resolve afterwards is created afresh. Users' cleanups already under way (an expiry
-        a request ran as shutdown began) end before the APP components go, waited for at
-        most ``cleanup_timeout``. The registry stays usable (a test may start the same
-        application twice).
+        Scopes still open keep their REQUEST components, but from now on a USER or APP
+        component they resolve (in a worker thread too) raises
+        :class:`~ambient.errors.ScopeClosedError` instead of being made: nothing would
+        clean it up after shutdown. One being made meanwhile is cleaned up as it is
+        finished, and refused the same way. Users' cleanups already under way (an expiry a
+        request ran as shutdown began) end before the APP components go, waited for at
+        most ``cleanup_timeout``. The registry stays usable: a scope opened afterwards (a
+        test starting the same application twice) opens it again.
 
         A call made while another is under way (two servers sharing the registry, a
         shutdown racing a test's teardown) cleans nothing more: it returns when that close
@@ -757,9 +767,11 @@ class Registry:
             RegistryError: a close under way on another event loop stopped making progress.
         """
         with self._lock:
-            under_way = self._closing
-            if under_way is None:
-                closing = self._closing = _Closing()
+            under_way = last = self._closing
+            if last is None or last.done:
+                under_way = None
+                frozen = self._frozen or (last is not None and last.frozen)
+                closing = self._closing = _Closing(frozen=frozen)
                 due, app = self._take_all()
         if under_way is not None:
             await self._wait_for_close(under_way)
@@ -767,33 +779,54 @@ class Registry:
         failures: list[Exception] = []
         try:
             for scope in list(self._sharing):
-                # Open scopes resolve these afresh from now on, not from their caches.
+                # Open scopes no longer take these from their caches (and are refused them).
                 cache = scope._cache
                 for key in list(cache):
                     provider = self.providers.get(key)
                     if provider is not None and provider.lifetime is not Lifetime.REQUEST:
                         cache.pop(key, None)
-            failures = await self._close_all(due, app.close())
+            failures = await self._close_all(due, app)
         finally:
-            with self._lock:
-                self._closing = None
             closing.finish(failures)
         if failures:
             msg = f"{len(failures)} cleanup(s) failed while closing the registry"
             raise CleanupError(msg, failures)
 
-    def _take_all(self) -> tuple[list[tuple[UserEntry, list[Created]]], Instances]:
-        """Take every user's components and the app's out of use (the lock is held)."""
+    def _take_all(self) -> tuple[list[tuple[UserEntry, list[Created]]], list[Created]]:
+        """Take every user's components and the app's out of use, and close the registry
+        (the lock is held)."""
+        # Nothing more is made for the scopes open now: what they made would never be
+        # cleaned (a server exits after its shutdown). A scope that opens later reopens it.
+        self._frozen = False
         entries = list(self._users.values()) + self._evicted
         self._users.clear()
         self._evicted = []
         self._idle = 0
         self._over_max_users = False
-        # Every store closed before the first await: a scope resolving meanwhile makes
-        # fresh components instead of taking one that is about to be cleaned.
+        # Every store closed before the first await: a scope resolving meanwhile is refused
+        # instead of taking one that is about to be cleaned.
         due = [(entry, entry.instances.close()) for entry in entries]
-        app, self.app_instances = self.app_instances, Instances("registry")
-        return due, app
+        return due, self.app_instances.close()
+
+    def closed_error(self, provider: Provider) -> ScopeClosedError | None:
+        """The error for resolving ``provider``'s (USER or APP) component from a store
+        :meth:`aclose` closed, while the registry is closed; ``None`` once it has been
+        started again (a scope opened since), with a fresh store for APP components."""
+        with self._lock:
+            if self._closing is not None and not self._frozen:
+                return self._shut_error(provider.name)
+            if self.app_instances.closed:
+                self.app_instances = Instances("registry")
+        return None
+
+    @staticmethod
+    def _shut_error(what: str) -> ScopeClosedError:
+        return ScopeClosedError(
+            f"cannot resolve {what}: the registry was closed at shutdown "
+            "(registry.aclose()), and a USER or APP component made now would never be "
+            "cleaned up. Work still running after shutdown must not use them; a scope "
+            "opened later (the application started again) makes them afresh"
+        )
 
     async def _wait_for_close(self, closing: _Closing) -> None:
         """Wait for the close under way (see :meth:`aclose`), and raise what it raised."""

@@ -527,7 +527,12 @@ class Scope:
             except ScopeClosedError:
                 if not store.closed or self._closed:
                     raise
-                continue  # registry.aclose() closed the store meanwhile: made afresh
+                # registry.aclose() closed the store meanwhile: refused while the registry
+                # is closed; made afresh once it was started again (or expiry closed it).
+                shut = registry.closed_error(provider)
+                if shut is not None:
+                    raise shut from None
+                continue
             break
         if self._closed:
             # The scope closed while the component was made: it lives on with its user or
@@ -574,7 +579,10 @@ class Scope:
             except ScopeClosedError:
                 if not store.closed or self._closed:
                     raise
-                continue  # as in resolve()
+                shut = registry.closed_error(provider)  # as in resolve()
+                if shut is not None:
+                    raise shut from None
+                continue
             # Published, then _closed read (see _close_now): a close that came first may have
             # missed the scope in the registry's set of sharing scopes, which would keep it (and
             # what its cache holds) for good. Whoever sees the other takes it out.

@@ -682,27 +682,31 @@ class TestAppLifetime:
         stats = registry.stats()
         assert (stats.open_scopes, stats.live_users, stats.cleanup_failures) == (0, 0, 0)
 
-    async def test_a_scope_open_across_aclose_gets_fresh_components(self) -> None:
+    async def test_a_scope_open_across_aclose_keeps_only_its_request_components(
+        self,
+    ) -> None:
         """aclose() while a scope is still open (a websocket at shutdown): the USER and APP
-        components it cleaned are never handed out again from that scope's cache; the
-        scope gets new ones (its REQUEST components stay), cleaned by the next aclose()."""
+        components it cleaned are never handed out again from that scope's cache, nor made
+        afresh (nothing would clean them after shutdown): resolving them raises
+        ScopeClosedError. Its REQUEST components stay."""
         cleaned: list[str] = []
         registry = user_registry(cleaned)
         registry.register("app", lambda: Tracked(UserRef("app"), cleaned), lifetime=Lifetime.APP)
         registry.register("request", object)
         async with registry.open_scope(ctx("alice")) as scope:
-            user, app = await ambient.resolve(Tracked), await ambient.resolve("app")
+            await ambient.resolve(Tracked)
+            await ambient.resolve("app")
             request = await ambient.resolve("request")
             await registry.aclose()
             assert sorted(cleaned) == ["alice", "app"]
-            fresh_user, fresh_app = await ambient.resolve(Tracked), scope.resolve_sync("app")
-            assert fresh_user is not user
-            assert fresh_app is not app
-            assert await ambient.resolve(Tracked) is fresh_user
+            with pytest.raises(ambient.errors.ScopeClosedError, match="closed at shutdown"):
+                await ambient.resolve(Tracked)
+            with pytest.raises(ambient.errors.ScopeClosedError, match="closed at shutdown"):
+                scope.resolve_sync("app")
             assert await ambient.resolve("request") is request
-        await registry.aclose()
-        assert sorted(cleaned) == ["alice", "alice", "app", "app"]
+        assert sorted(cleaned) == ["alice", "app"]
         assert registry._sharing == set()
+        assert registry.stats().live_users == 0
 
 
 async def test_every_shutdown_waiting_for_open_scopes_ends_when_they_close() -> None:
@@ -989,11 +993,11 @@ class Conn:
 
 
 @pytest.mark.parametrize("lifetime", [Lifetime.USER, Lifetime.APP])
-async def test_a_component_resolved_while_aclose_runs_is_a_fresh_one(lifetime: Lifetime) -> None:
+async def test_a_component_resolved_while_aclose_runs_is_refused(lifetime: Lifetime) -> None:
     """``registry.aclose()`` (shutdown) awaits an idle user's cleanup while a request still
-    runs and resolves a USER or APP component: it must get a fresh one. It used to get the
+    runs and resolves a USER or APP component: it gets ScopeClosedError. It used to get the
     old one, from a store aclose() had not closed yet, and keep it after aclose() had
-    cleaned it under the request."""
+    cleaned it under the request (and later a fresh one, which nothing cleaned)."""
     closing, release = anyio.Event(), anyio.Event()
     never = anyio.Event()
     registry = Registry()
@@ -1011,23 +1015,22 @@ async def test_a_component_resolved_while_aclose_runs_is_a_fresh_one(lifetime: L
         async with anyio.create_task_group() as tg:
             tg.start_soon(registry.aclose)
             await closing.wait()  # aclose() waits on the idle user's cleanup
-            during = await ambient.resolve(Conn)
+            with pytest.raises(ambient.errors.ScopeClosedError, match="closed at shutdown"):
+                await ambient.resolve(Conn)
+            never.set()
             release.set()
-        after = await ambient.resolve(Conn)
+        with pytest.raises(ambient.errors.ScopeClosedError, match="closed at shutdown"):
+            await ambient.resolve(Conn)
         assert before.closed
-        assert during is not before
-        assert after is during
-        assert not during.closed
-    never.set()
-    await registry.aclose()
-    assert during.closed
+    stats = registry.stats()
+    assert (stats.created, stats.cleaned) == (2, 2)
 
 
-async def test_a_creation_in_flight_when_aclose_runs_gives_a_fresh_component() -> None:
+async def test_a_creation_in_flight_when_aclose_runs_is_cleaned_and_refused() -> None:
     """A USER component still being made when ``registry.aclose()`` closes its user's store:
-    the open scope's resolve used to fail with ScopeClosedError ("the user it belongs to has
-    closed"); it gets a component made afresh, and the one made for the closed store is
-    cleaned."""
+    the one made is cleaned, and the open scope's resolve fails with ScopeClosedError
+    saying the registry was closed at shutdown (not "the user it belongs to has closed"),
+    instead of making one afresh that nothing would clean."""
     started, proceed = anyio.Event(), anyio.Event()
     made: list[Conn] = []
     never = anyio.Event()
@@ -1048,16 +1051,16 @@ async def test_a_creation_in_flight_when_aclose_runs_gives_a_fresh_component() -
 
     never.set()  # cleanups finish at once
     async with registry.open_scope(ctx("alice")):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(resolve)
-            await started.wait()
-            await registry.aclose()
-            proceed.set()
-        assert got == [made[1]]
+        with pytest.raises(ExceptionGroup) as raised:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(resolve)
+                await started.wait()
+                await registry.aclose()
+                proceed.set()
+        assert raised.group_contains(ambient.errors.ScopeClosedError, match="closed at shutdown")
+        assert got == []
+        assert len(made) == 1
         assert made[0].closed
-        assert not made[1].closed
-    await registry.aclose()
-    assert made[1].closed
 
 
 async def test_aclose_cleans_the_app_after_a_users_cleanup_already_under_way(
@@ -1124,8 +1127,8 @@ async def test_a_component_a_worker_thread_gets_as_aclose_cleans_it_is_not_kept(
     """A worker thread of a request still open at shutdown (a websocket's) makes a USER or
     APP component, and ``registry.aclose()`` on the event loop cleans it just before the
     thread caches it in the scope (paused here, by an observer, in between). The thread and
-    the scope's later resolutions get a fresh one: the scope used to keep the cleaned one
-    cached, and hand it out for the rest of the request."""
+    the scope's later resolutions get ScopeClosedError: the scope used to keep the cleaned
+    one cached, and hand it out for the rest of the request."""
     stored, go_on = threading.Event(), threading.Event()
 
     class PauseTheThread(Observer):
@@ -1137,23 +1140,26 @@ async def test_a_component_a_worker_thread_gets_as_aclose_cleans_it_is_not_kept(
     loop_thread = threading.current_thread()
     registry = Registry(telemetry=PauseTheThread())
     registry.register(_Closable, _Closable, lifetime=lifetime)
-    made: list[_Closable] = []
+    refused: list[Exception] = []
     with anyio.fail_after(10):
         async with registry.open_scope(ctx("alice")) as scope:
             async with anyio.create_task_group() as tg:
 
                 async def in_thread() -> None:
-                    made.append(await anyio.to_thread.run_sync(scope.resolve_sync, _Closable))
+                    try:
+                        await anyio.to_thread.run_sync(scope.resolve_sync, _Closable)
+                    except ambient.errors.ScopeClosedError as exc:
+                        refused.append(exc)
 
                 tg.start_soon(in_thread)
                 await anyio.to_thread.run_sync(stored.wait)
                 await registry.aclose()
                 go_on.set()
-            later = await ambient.resolve(_Closable)
-            assert later is made[0]
-            assert not later.closed
-    await registry.aclose()
-    assert later.closed
+            assert len(refused) == 1
+            with pytest.raises(ambient.errors.ScopeClosedError, match="closed at shutdown"):
+                await ambient.resolve(_Closable)
+    stats = registry.stats()
+    assert (stats.created, stats.cleaned) == (1, 1)
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
@@ -1395,3 +1401,121 @@ class TestWhatASharedFactorySees:
             await registry.aclose()
 
         anyio.run(job)
+
+
+class TestAfterShutdown:
+    """Once ``registry.aclose()`` has closed the registry (shutdown), nothing makes USER or
+    APP components that no later close would clean up."""
+
+    @staticmethod
+    def counting_registry(lifetime: Lifetime, made: list[_Closable]) -> Registry:
+        def make() -> _Closable:
+            made.append(_Closable())
+            return made[-1]
+
+        registry = Registry()
+        registry.register(_Closable, make, lifetime=lifetime)
+        return registry
+
+    @pytest.mark.parametrize("lifetime", [Lifetime.USER, Lifetime.APP])
+    @pytest.mark.parametrize("hop", ["await", "to_thread", "run_sync_in_thread", "executor"])
+    async def test_a_resolution_after_aclose_is_refused_and_makes_nothing(
+        self, lifetime: Lifetime, hop: str
+    ) -> None:
+        """A request still open at shutdown (a websocket, a slow sync endpoint in a worker
+        thread) resolves a USER or APP component after ``registry.aclose()`` returned: it
+        gets ScopeClosedError saying the registry was closed at shutdown, and nothing is
+        made. A component used to be made afresh, which nothing would ever clean."""
+        from ambient.integrations.threads import ContextExecutor, run_sync_in_thread
+
+        made: list[_Closable] = []
+        registry = self.counting_registry(lifetime, made)
+        async with registry.open_scope(ctx("alice")) as scope:
+            first = await ambient.resolve(_Closable)
+            await registry.aclose()
+            with pytest.raises(ambient.errors.ScopeClosedError, match="closed at shutdown"):
+                if hop == "await":
+                    await ambient.resolve(_Closable)
+                elif hop == "to_thread":
+                    await anyio.to_thread.run_sync(ambient.resolve_sync, _Closable)
+                elif hop == "run_sync_in_thread":
+                    await run_sync_in_thread(scope.resolve_sync, _Closable)
+                else:
+                    with ContextExecutor(max_workers=1) as executor:
+                        executor.submit(ambient.resolve_sync, _Closable).result(10)
+        assert made == [first]
+        assert first.closed
+        stats = registry.stats()
+        assert (stats.created, stats.cleaned, stats.live_users) == (1, 1, 0)
+
+    @pytest.mark.parametrize("lifetime", [Lifetime.USER, Lifetime.APP])
+    @pytest.mark.parametrize("cleanup", ["close", "aclose"])
+    async def test_a_creation_in_a_thread_racing_aclose_is_cleaned_and_refused(
+        self, lifetime: Lifetime, cleanup: str
+    ) -> None:
+        """A worker thread's factory is still making a USER or APP component when
+        ``registry.aclose()`` runs and returns: the component it then makes is cleaned up
+        (its sync or async cleanup) and the thread gets ScopeClosedError. It used to be
+        made a second time, into a fresh store that no later close would clean."""
+        started, go_on = threading.Event(), threading.Event()
+        made: list[Any] = []
+
+        class Conn:
+            def __init__(self) -> None:
+                self.closed = False
+
+        class Closing(Conn):
+            def close(self) -> None:
+                self.closed = True
+
+        class AClosing(Conn):
+            async def aclose(self) -> None:
+                self.closed = True
+
+        def make() -> Conn:
+            started.set()
+            go_on.wait(10)
+            made.append(Closing() if cleanup == "close" else AClosing())
+            return made[-1]
+
+        registry = Registry()
+        registry.register(Conn, make, lifetime=lifetime)
+        outcome: list[BaseException] = []
+
+        async def in_thread() -> None:
+            try:
+                await anyio.to_thread.run_sync(ambient.resolve_sync, Conn)
+            except ambient.errors.ScopeClosedError as exc:
+                outcome.append(exc)
+
+        with anyio.fail_after(10):
+            async with registry.open_scope(ctx("alice")), anyio.create_task_group() as tg:
+                tg.start_soon(in_thread)
+                await anyio.to_thread.run_sync(started.wait)
+                await registry.aclose()
+                go_on.set()
+        assert len(outcome) == 1
+        assert "closed at shutdown" in str(outcome[0])
+        assert len(made) == 1
+        assert made[0].closed
+        stats = registry.stats()
+        assert (stats.created, stats.cleaned, stats.live_users) == (1, 1, 0)
+
+    async def test_a_new_start_after_aclose_makes_components_again(self) -> None:
+        """A scope opened after the close (the application started again, a test's second
+        app) makes USER and APP components afresh; the next close cleans them."""
+        made: list[_Closable] = []
+        registry = self.counting_registry(Lifetime.USER, made)
+        registry.register("app", _Closable, lifetime=Lifetime.APP)
+        async with registry.open_scope(ctx("alice")):
+            await ambient.resolve(_Closable)
+            app = await ambient.resolve("app")
+        await registry.aclose()
+        async with registry.open_scope(ctx("alice")):
+            again = await ambient.resolve(_Closable)
+            app_again = await ambient.resolve("app")
+        assert again is made[1]
+        assert app_again is not app
+        await registry.aclose()
+        assert again.closed
+        assert app_again.closed

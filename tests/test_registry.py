@@ -61,6 +61,23 @@ class TestRegistration:
         with pytest.raises(RegistryError, match="frozen"):
             registry.register(Thing, Thing)
 
+    async def test_still_frozen_after_aclose(self) -> None:
+        """aclose() (shutdown) closes the registry, which then refuses to make USER and APP
+        components until a scope opens again: registrations stay refused all along. One
+        closed before any scope opened (a failed startup) still takes them."""
+        registry = Registry()
+        async with registry.open_scope(ctx()):
+            pass
+        await registry.aclose()
+        with pytest.raises(RegistryError, match="frozen"):
+            registry.register(Thing, Thing)
+        await registry.aclose()
+        with pytest.raises(RegistryError, match="frozen"):
+            registry.register(Thing, Thing)
+        unused = Registry()
+        await unused.aclose()
+        unused.register(Thing, Thing)
+
     def test_factory_must_be_callable(self) -> None:
         """A non-callable factory is refused at registration."""
         with pytest.raises(RegistryError, match="callable"):
