@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import anyio
+import anyio.from_thread
 from opentelemetry import context as otel_context
 
 from ambient import _observe
@@ -542,10 +543,18 @@ class Registry:
         """Clean up components made for ``scope`` that its store refused, having closed
         while they were made (by a worker thread): at once when every cleanup is sync;
         otherwise on the event loop, by the next scope of this registry that opens or
-        closes, or by :meth:`aclose`."""
+        closes, or by :meth:`aclose`; once the registry is closed (at shutdown, when no
+        such scope may come), on the loop of the anyio worker thread this is, at once."""
         if not needs_await(created):
             finalize_sync(created, None, self, scope._user_ref(), observers, scope)
             return
+        if self._closing is not None and not self._frozen:
+            try:
+                anyio.from_thread.run(self._close_all, [(UserEntry(scope._user_ref()), created)])
+            except RuntimeError:
+                pass  # not an anyio worker thread, or its loop has finished: queued
+            else:
+                return
         self._queue_cleanup(scope._user_ref(), created)
 
     def _queue_cleanup(self, ref: UserRef, created: list[Created]) -> None:

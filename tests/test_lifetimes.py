@@ -10,6 +10,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
+from functools import partial
 from typing import Any
 
 import anyio
@@ -1500,6 +1501,48 @@ class TestAfterShutdown:
         assert made[0].closed
         stats = registry.stats()
         assert (stats.created, stats.cleaned, stats.live_users) == (1, 1, 0)
+
+    async def test_an_abandoned_threads_creation_finished_after_aclose_is_cleaned(
+        self,
+    ) -> None:
+        """A worker thread abandoned by its cancelled request is still making a USER
+        component with an async cleanup when the request's scope closes and then the
+        registry: what it makes is cleaned on the event loop as it is refused. It used to
+        be queued for the next scope that closes, which after shutdown never comes."""
+        started, go_on, done = threading.Event(), threading.Event(), threading.Event()
+        made: list[Conn] = []
+        released = anyio.Event()
+        released.set()  # its cleanup ends at once
+
+        def make(user: UserRef) -> Conn:
+            started.set()
+            go_on.wait(10)
+            made.append(Conn(user.user_id, anyio.Event(), released))
+            return made[-1]
+
+        registry = Registry()
+        registry.register(Conn, make, lifetime=Lifetime.USER)
+
+        def work() -> None:
+            try:
+                ambient.resolve_sync(Conn)
+            except ambient.errors.ScopeClosedError:
+                pass
+            finally:
+                done.set()
+
+        with anyio.fail_after(10):
+            async with registry.open_scope(ctx("alice")), anyio.create_task_group() as tg:
+                tg.start_soon(partial(anyio.to_thread.run_sync, work, abandon_on_cancel=True))
+                await anyio.to_thread.run_sync(started.wait)
+                tg.cancel_scope.cancel()
+            await registry.aclose()
+            go_on.set()
+            await anyio.to_thread.run_sync(done.wait)
+        assert len(made) == 1
+        assert made[0].closed
+        stats = registry.stats()
+        assert (stats.created, stats.cleaned) == (1, 1)
 
     async def test_a_new_start_after_aclose_makes_components_again(self) -> None:
         """A scope opened after the close (the application started again, a test's second
