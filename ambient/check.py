@@ -1232,10 +1232,12 @@ async def run_check(
     watch.start()
     root.setLevel(min(old_level or logging.WARNING, logging.INFO))
     reset_global_state_report()
-    limiter = anyio.Semaphore(concurrency or users)
+    order = iter(_start_order(simulated, tenants))
 
-    async def simulate(user: UserRef) -> None:
-        async with limiter:
+    async def simulate() -> None:
+        # Each takes the next user once free, so users start in that order (trio does not
+        # run tasks in the order they were started, nor wake a semaphore's waiters so).
+        for user in order:
             await traffic.user(user)
 
     probe = _probe.IsolationProbe()
@@ -1247,8 +1249,8 @@ async def run_check(
             async with driver.lifespan() as shut_down:
                 started = time.perf_counter()
                 async with anyio.create_task_group() as group:
-                    for user in _start_order(simulated, tenants):
-                        group.start_soon(simulate, user)
+                    for _ in range(min(concurrency or users, users)):
+                        group.start_soon(simulate)
                 elapsed = time.perf_counter() - started
                 # Every request has finished: a closed scope or REQUEST component still
                 # alive now is kept by a pending task or a global.
