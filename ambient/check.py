@@ -572,13 +572,22 @@ class _LogWatch:
         self._factory = make
         logging.setLogRecordFactory(make)
 
-    def stop(self) -> None:
-        """Stop looking."""
-        self._watching = False
+    def flush(self) -> None:
+        """Read the extra fields of the records still held, and let go of them.
+
+        A record logged with its exception holds the traceback, whose frames can hold a
+        request's Context (a worker thread's) and so its scope: held on, it would be
+        reported as the app's leak.
+        """
         with self._lock:
             pending, self._pending = list(self._pending.values()), {}
         for record, user in pending:
             self._look_at_extra(record, user)
+
+    def stop(self) -> None:
+        """Stop looking."""
+        self._watching = False
+        self.flush()
         # Put back unless the app installed a factory of its own on top of ours meanwhile:
         # ours then stays in its chain, passing records through.
         if logging.getLogRecordFactory() is self._factory and self._previous is not None:
@@ -1254,7 +1263,7 @@ async def run_check(
                 elapsed = time.perf_counter() - started
                 # Every request has finished: a closed scope or REQUEST component still
                 # alive now is kept by a pending task or a global.
-                after_run = probe.report()
+                after_run = _report_after_run(probe, watch)
                 # The simulated users' accesses, not the memory measurement's after them.
                 globals_report = global_state_report()
                 if growth_requests:
@@ -1319,6 +1328,13 @@ def _check_simulated(
             "JWTIdentity (an opaque bearer token is the user id alone)"
         )
         raise ValueError(msg)
+
+
+def _report_after_run(probe: _probe.IsolationProbe, watch: _LogWatch) -> _probe.IsolationReport:
+    """The probe's report once every request has finished, the records the watch still
+    held let go of first: they are not the app's."""
+    watch.flush()
+    return probe.report()
 
 
 def _summarise(

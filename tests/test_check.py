@@ -359,6 +359,39 @@ class TestBrokenApps:
             for line in found
         ), found
 
+    async def test_an_exception_logged_in_a_request_keeps_no_scope_alive(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A record logged with its exception (``logger.exception``, as Django logs every
+        500 and every disallowed host) holds the traceback, and through the frames of a
+        worker thread the request ran code in, the request's Context and scope: the check
+        kept each thread's latest such record to read its extra fields later, and reported
+        those scopes as leaked by the app."""
+        log = logging.getLogger("tests.handled")
+        # Written out and dropped, as a production handler does (pytest's capture keeps them).
+        monkeypatch.setattr(log, "propagate", False)
+        monkeypatch.setattr(log, "handlers", [logging.NullHandler()])
+
+        def load_cart() -> None:
+            raise LookupError("no cart yet")
+
+        async def endpoint(request: Request) -> Response:
+            try:
+                # The worker thread's frame, in the traceback, holds the request's Context.
+                await anyio.to_thread.run_sync(load_cart)
+            except LookupError:
+                log.exception("the cart lookup failed")  # handled: the answer is a 200
+            return JSONResponse({"user": ambient.get_current_context().user_id})
+
+        app = AmbientMiddleware(
+            Starlette(routes=[Route("/", endpoint)]),
+            registry=Registry(),
+            identity=trusted_header(),
+        )
+        report = await check(app, users=5, requests=2)
+        assert report.leaks == []
+        assert report.ok
+
     @pytest.mark.parametrize("in_a_thread", [False, True], ids=["async", "sync"])
     async def test_another_users_id_in_an_extra_field_of_a_log_record(
         self, in_a_thread: bool
