@@ -320,7 +320,9 @@ class _Driver:
         return made[0]
 
     def _headers(self, user: UserRef, body: bytes | None) -> list[tuple[bytes, bytes]]:
-        headers = [(b"host", b"ambient-check"), (b"user-agent", b"ambient-check")]
+        # The host a local client of the server in the scope names: an app that checks it
+        # (Django's ALLOWED_HOSTS, Starlette's TrustedHostMiddleware) serves it in development.
+        headers = [(b"host", b"127.0.0.1:8000"), (b"user-agent", b"ambient-check")]
         if isinstance(self.identity, JWTIdentity):
             headers.append((b"authorization", f"Bearer {self.token(user)}".encode()))
             kind = name = ""

@@ -759,3 +759,24 @@ def test_a_quart_websocket_idle_past_its_expiry_ends_its_view_first(
     assert "cut off when its identity expired" in str(view.seen[0])
     assert "never retrieved" not in caplog.text
     assert "destroyed but it is pending" not in caplog.text
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # asgiref runs on asyncio only
+async def test_ambient_check_drives_the_django_app_past_its_allowed_hosts() -> None:
+    """``ambient check`` on the Django app: every simulated request is served. Its requests
+    named the host ``ambient-check``, which no ``ALLOWED_HOSTS`` lists, so Django answered
+    each with a 400 and the check of any Django app failed; they now name the address the
+    check's scopes claim to reach (127.0.0.1:8000), as a local client of the server does."""
+    from ambient.check import PlannedRequest, run_check
+
+    app, _, _ = build("django")
+    report = await run_check(
+        app,
+        users=5,
+        requests=2,
+        plan=[PlannedRequest("GET", "/whoami")],
+        growth_requests=0,
+        measure_overhead=False,
+    )
+    assert report.failed_requests == []
+    assert report.ok

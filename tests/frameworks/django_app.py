@@ -46,7 +46,8 @@ if not settings.configured:
         ROOT_URLCONF=__name__,
         ALLOWED_HOSTS=["127.0.0.1", "localhost", "testserver"],
         INSTALLED_APPS=[],
-        MIDDLEWARE=[f"{__name__}.ProblemMiddleware"],
+        # CommonMiddleware, as in any Django project, checks the host against ALLOWED_HOSTS.
+        MIDDLEWARE=["django.middleware.common.CommonMiddleware", f"{__name__}.ProblemMiddleware"],
         USE_TZ=True,
     )
     django.setup(set_prefix=False)
