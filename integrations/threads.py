@@ -39,13 +39,10 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, TypeVarTuple, cast
 
-import anyio.from_thread
 import anyio.to_thread
 
 from ambient._binding import _shown, current_scope
 from ambient._instances import hand_over as _hand_over
-from ambient._loops import loop_call_soon
-from ambient._loops import on_loop_thread as _on_loop_thread
 
 if TYPE_CHECKING:
     from ambient._scope import Scope, _Hold
@@ -56,40 +53,13 @@ P = ParamSpec("P")
 R = TypeVar("R")
 Ts = TypeVarTuple("Ts")
 
-_CallSoon = Callable[[Callable[[], object]], object]
 
-
-def _loop_call_soon() -> _CallSoon:
-    """A thread-safe, non-blocking way to run a callback on the event loop of this thread
-    (or, from an anyio worker thread, of the loop that started it)."""
-    here = loop_call_soon()
-    if here is not None:
-        return here
-    try:
-        return anyio.from_thread.run_sync(_loop_call_soon)
-    except RuntimeError:
-        msg = (
-            "a scope can only be held from its event loop's thread or from a worker thread "
-            "started by anyio (run_sync_in_thread, anyio.to_thread.run_sync)"
-        )
-        raise RuntimeError(msg) from None
-
-
-def _release_soon(hold: _Hold, call_soon: _CallSoon) -> None:
-    """Release ``hold`` on its event loop: the scope's hold counter and the event its
-    cleanup waits on belong to the loop's thread."""
-    try:
-        call_soon(hold.release)
-    except RuntimeError:
-        # The loop has finished: nothing can be waiting on the hold any more.
-        hold.release()
-
-
-def _take_hold(scope: Scope) -> tuple[_Hold, _CallSoon]:
-    """Hold ``scope`` (on its loop's thread) and say how to release it from anywhere."""
-    call_soon = _loop_call_soon()
-    hold = scope.hold() if _on_loop_thread() else anyio.from_thread.run_sync(scope.hold)
-    return hold, call_soon
+def _take_hold(scope: Scope) -> _Hold:
+    """Hold ``scope`` from this thread: the event loop's, a worker thread anyio started
+    (taken on the loop's thread), or another framework's worker thread (asgiref's, where a
+    Django sync view runs: the request's body is running there, so the scope cannot be
+    closing). The hold is released in whatever thread its work ends."""
+    return scope.hold()
 
 
 def hold_scope(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
@@ -117,7 +87,7 @@ def hold_scope(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any,
     if not inspect.iscoroutinefunction(fn):
         msg = f"hold_scope() takes an async function, not {fn!r}; for threads use ContextExecutor"
         raise TypeError(msg)
-    hold = _take_hold(current_scope())[0]
+    hold = _take_hold(current_scope())
     used = False
 
     @functools.wraps(fn)  # its coroutine is named after fn (in task reprs and warnings)
@@ -234,7 +204,7 @@ async def run_sync_in_thread(
         return await anyio.to_thread.run_sync(
             fn, *args, abandon_on_cancel=abandon_on_cancel, limiter=limiter
         )
-    hold, call_soon = _take_hold(binding.scope.owner)
+    hold = _take_hold(binding.scope.owner)
     lock = threading.Lock()
     started = given_up = False
 
@@ -247,7 +217,7 @@ async def run_sync_in_thread(
         try:
             return fn(*args)
         finally:
-            _release_soon(hold, call_soon)
+            hold.release()
 
     try:
         result = await anyio.to_thread.run_sync(run_held, abandon_on_cancel=True, limiter=limiter)
@@ -298,7 +268,8 @@ class ContextExecutor(ThreadPoolExecutor):
 
         The request's cleanup waits for ``fn`` (at most the registry's
         ``cleanup_timeout``), so ``fn`` may use the request's components after the
-        response. Call it from the event loop's thread or an anyio worker thread.
+        response. Call it in the request: on the event loop, or in the worker thread a
+        sync endpoint runs in (Starlette's and FastAPI's, Django's through asgiref).
 
         Raises:
             NoActiveContextError: no scope is bound here.
@@ -306,7 +277,7 @@ class ContextExecutor(ThreadPoolExecutor):
             TypeError: ``fn`` is an async function.
         """
         _check_sync(fn)
-        hold, call_soon = _take_hold(current_scope())
+        hold = _take_hold(current_scope())
         context = contextvars.copy_context()
         _hand_over(context)
 
@@ -318,7 +289,7 @@ class ContextExecutor(ThreadPoolExecutor):
             try:
                 return context.run(fn, *args, **kwargs)
             finally:
-                _release_soon(hold, call_soon)
+                hold.release()
 
         def released_if_never_ran(future: Future[R]) -> None:
             # Done without running: cancelled while queued (future.cancel(),
@@ -326,12 +297,12 @@ class ContextExecutor(ThreadPoolExecutor):
             # initializer failed (the pool drains its queue). run_held never runs, so its
             # release must come from here. A future is done only after run_held returned.
             if not ran:
-                _release_soon(hold, call_soon)
+                hold.release()
 
         try:
             future = super().submit(run_held)
         except BaseException:
-            _release_soon(hold, call_soon)
+            hold.release()
             raise
         future.add_done_callback(released_if_never_ran)
         return future

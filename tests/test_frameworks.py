@@ -780,3 +780,53 @@ async def test_ambient_check_drives_the_django_app_past_its_allowed_hosts() -> N
     )
     assert report.failed_requests == []
     assert report.ok
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # asgiref runs on asyncio only
+async def test_a_django_sync_view_hands_work_past_its_response_to_a_held_thread() -> None:
+    """A sync view (asgiref's thread) gives ``ContextExecutor.submit_held`` work that uses
+    its component after the response: the work gets the same component, not yet cleaned,
+    and the request's cleanup comes after it. Taking the hold insisted on the event loop's
+    thread or an anyio worker thread, so the view failed with a RuntimeError (a 500)."""
+    import threading
+
+    from django.http import HttpRequest, HttpResponse
+    from django.urls import path
+
+    from ambient.integrations.threads import ContextExecutor
+    from tests.frameworks import django_app
+    from tests.frameworks.common import Probe
+
+    release, done = threading.Event(), threading.Event()
+    seen: list[tuple[bool, bool]] = []
+    executor = ContextExecutor(max_workers=1)
+
+    def audit(request: HttpRequest) -> HttpResponse:
+        probe = ambient.resolve_sync(Probe)
+
+        def write_audit_log() -> None:
+            release.wait(10)  # until the client has its answer
+            seen.append((ambient.resolve_sync(Probe) is probe, probe.closed))
+            done.set()
+
+        executor.submit_held(write_audit_log)
+        return HttpResponse("ok")
+
+    route = path("held-audit", audit)
+    django_app.urlpatterns.append(route)
+    app, registry, ledger = build("django")
+    try:
+        with serve("uvicorn", app) as url:
+            async with httpx.AsyncClient(base_url=url) as client:
+                response = await client.get("/held-audit", headers={"x-user-id": "alice"})
+            assert response.status_code == 200, response.text
+            assert ledger.open_probes() == 1  # held: not cleaned after the response
+            release.set()
+            assert await anyio.to_thread.run_sync(done.wait, 10)
+    finally:
+        release.set()
+        executor.shutdown()
+        django_app.urlpatterns.remove(route)
+    assert seen == [(True, False)]
+    assert ledger.problems() == []
+    assert registry.stats().open_scopes == 0
