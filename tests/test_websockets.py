@@ -2642,6 +2642,26 @@ async def test_revoke_through_redis_counts_the_sockets_ended_as_it_is_heard_back
     await carol.registry.aclose()
 
 
+async def _serve_carols_first_socket(
+    registry: Registry, socket: Any, served: list[str], settled: anyio.Event
+) -> None:
+    """Carol's socket c-1 served through the hub until cancelled: what it got to is noted
+    in ``served``, and ``settled`` is set once it is served or ended."""
+    context = UserExecutionContext.create("carol", connection_id="c-1")
+    try:
+        async with registry.open_scope(context) as scope:
+            manager = await scope.resolve(UserWebSocketManager)
+            async with manager.connect(socket):
+                served.append("entered")
+                await anyio.lowlevel.checkpoint()
+                served.append("served on")
+                settled.set()
+                await anyio.sleep_forever()
+            served.append("ended quietly")
+    finally:
+        settled.set()
+
+
 class HeldOnItsWay(RedisBroadcast):
     """A RedisBroadcast that runs ``hold`` once, just before its next read of a user's count
     of revocations (``held_at = "read"``) or its next SUBSCRIBE of a user's channel
@@ -2702,27 +2722,12 @@ async def test_a_revocation_before_the_first_subscription_is_confirmed_ends_the_
         await revoking.revoke("carol")
         served.append("revoked")
 
-    async def handler() -> None:
-        context = UserExecutionContext.create("carol", connection_id="c-1")
-        try:
-            async with registry.open_scope(context) as scope:
-                manager = await scope.resolve(UserWebSocketManager)
-                async with manager.connect(socket):  # type: ignore[arg-type]
-                    served.append("entered")
-                    await anyio.lowlevel.checkpoint()
-                    served.append("served on")
-                    settled.set()
-                    await anyio.sleep_forever()
-                served.append("ended quietly")
-        finally:
-            settled.set()
-
     with anyio.fail_after(DEADLINE):
         # Subscribed to its own channel first: the SUBSCRIBE of carol's is written at once.
         await backend.wait_connected()
         backend.hold = revoke
         async with anyio.create_task_group() as tg:
-            tg.start_soon(handler)
+            tg.start_soon(_serve_carols_first_socket, registry, socket, served, settled)
             await settled.wait()
             tg.cancel_scope.cancel()
     assert served == ["revoked", "entered", "ended quietly"]
@@ -3200,26 +3205,11 @@ async def test_a_revocation_of_another_connection_heard_late_spares_the_first_so
         assert await other.revoke("carol", connection_id="c-2") == 0
         await backend.arrived.wait()
 
-    async def handler() -> None:
-        context = UserExecutionContext.create("carol", connection_id="c-1")
-        try:
-            async with registry.open_scope(context) as scope:
-                manager = await scope.resolve(UserWebSocketManager)
-                async with manager.connect(socket):  # type: ignore[arg-type]
-                    served.append("entered")
-                    await anyio.lowlevel.checkpoint()
-                    served.append("served on")
-                    settled.set()
-                    await anyio.sleep_forever()
-                served.append("ended quietly")
-        finally:
-            settled.set()
-
     with anyio.fail_after(DEADLINE):
         await backend.wait_connected()
         backend.hold = before_subscribing
         async with anyio.create_task_group() as tg:
-            tg.start_soon(handler)
+            tg.start_soon(_serve_carols_first_socket, registry, socket, served, settled)
             await settled.wait()
             backend.hear_late()
             tg.cancel_scope.cancel()
@@ -3254,26 +3244,11 @@ async def test_a_revocation_of_another_connection_before_the_first_subscription_
         assert await revoking.revoke("carol", connection_id="c-2") == 0
         served.append("revoked")
 
-    async def handler() -> None:
-        context = UserExecutionContext.create("carol", connection_id="c-1")
-        try:
-            async with registry.open_scope(context) as scope:
-                manager = await scope.resolve(UserWebSocketManager)
-                async with manager.connect(socket):  # type: ignore[arg-type]
-                    served.append("entered")
-                    await anyio.lowlevel.checkpoint()
-                    served.append("served on")
-                    settled.set()
-                    await anyio.sleep_forever()
-                served.append("ended quietly")
-        finally:
-            settled.set()
-
     with anyio.fail_after(DEADLINE):
         await backend.wait_connected()
         backend.hold = revoke
         async with anyio.create_task_group() as tg:
-            tg.start_soon(handler)
+            tg.start_soon(_serve_carols_first_socket, registry, socket, served, settled)
             await settled.wait()
             tg.cancel_scope.cancel()
     assert served == ["revoked", "entered", "served on"]
