@@ -551,7 +551,8 @@ class _LogWatch:
     def __init__(self, known: set[str]) -> None:
         # The simulated users' ids, and their tenants'.
         self.known = known
-        self.findings: list[str] = []
+        # Kept to those shown: an app logging others' ids on every request makes millions.
+        self.findings = _Findings()
         self._watching = False
         self._previous: Callable[..., logging.LogRecord] | None = None
         self._factory: Callable[..., logging.LogRecord] | None = None
@@ -804,12 +805,15 @@ class _Findings:
     def __init__(self) -> None:
         self.shown: list[str] = []
         self.more = 0
+        # Log records are looked at in whichever thread makes them.
+        self._lock = threading.Lock()
 
     def append(self, finding: str) -> None:
-        if len(self.shown) < _MAX_SHOWN:
-            self.shown.append(finding)
-        else:
-            self.more += 1
+        with self._lock:
+            if len(self.shown) < _MAX_SHOWN:
+                self.shown.append(finding)
+            else:
+                self.more += 1
 
     def extend(self, findings: Iterable[str]) -> None:
         for finding in findings:
@@ -1353,7 +1357,7 @@ def _summarise(
         *_cut(traffic.identity_findings()),
         *_cut(findings.shared),
         *traffic.isolation.cut(),
-        *_cut(watch.findings),
+        *watch.findings.cut(),
     ]
     report.failed_requests = [*traffic.refusal(), *traffic.failed.cut()]
     report.websockets = traffic.sockets

@@ -409,6 +409,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check(args)
         except KeyboardInterrupt:  # while the app imports or builds, or during the check
             sys.stderr.write("ambient check: interrupted; no report\n")
+            if args.json:  # still JSON for whoever parses it
+                said = {"app": _name(args.app), "ok": False, "error": "interrupted; no report"}
+                sys.stdout.write(json.dumps(said, indent=2, sort_keys=True) + "\n")
             return 130
     parser.print_help()
     return 0
@@ -676,6 +679,10 @@ class _progress:  # noqa: N801 - used like a function
             self._bar.__exit__(None, None, None)
 
 
+def _counted(number: int, thing: str) -> str:
+    return f"{number} {thing}" if number == 1 else f"{number} {thing}s"
+
+
 def _rows(report: Any) -> list[tuple[str, str, str]]:
     latency = report.latency_ms
     created, cleaned = report.components_created, report.components_cleaned
@@ -683,16 +690,16 @@ def _rows(report: Any) -> list[tuple[str, str, str]]:
         # No request reached the app: there was nothing to find (the failed requests say why).
         isolation = ("isolation", "not tested", "the app refused every token (401)")
     else:
-        tenants = "1 tenant" if report.tenants == 1 else f"{report.tenants} tenants"
         isolation = (
             "isolation",
             _verdict(report.isolation),
-            f"{report.users} users"
-            + (f" in {tenants}" if report.tenants else "")
+            _counted(report.users, "user")
+            + (f" in {_counted(report.tenants, 'tenant')}" if report.tenants else "")
             + (", no data of another" if not report.isolation else ", data crossed users"),
         )
     sockets = (
-        f", {report.websockets} websockets ({report.websocket_frames} frames)"
+        f", {_counted(report.websockets, 'websocket')} "
+        f"({_counted(report.websocket_frames, 'frame')})"
         if report.websockets
         else ""
     )
@@ -701,7 +708,7 @@ def _rows(report: Any) -> list[tuple[str, str, str]]:
         (
             "failed requests",
             _verdict(report.failed_requests),
-            f"{report.requests} requests{sockets}",
+            f"{_counted(report.requests, 'request')}{sockets}",
         ),
         (
             "cleanup",

@@ -2319,6 +2319,11 @@ class TestCommandLine:
         assert "6 users in 3 tenants, no data of another" in capsys.readouterr().out
         assert main(["check", *args[:-1], "1"]) == 0
         assert "6 users in 1 tenant, no data of another" in capsys.readouterr().out
+        one = ["--users", "1", "--requests", "1", "--growth-requests", "0"]
+        assert main(["check", *one, "--tenants", "1"]) == 0
+        said = capsys.readouterr().out
+        assert "1 user in 1 tenant, no data of another" in said
+        assert "1 request, 1 websocket (" in said
 
     def test_an_error_text_with_brackets_is_printed_as_it_is(
         self, capsys: pytest.CaptureFixture[str]
@@ -2554,10 +2559,18 @@ class TestCommandLine:
             "        print('serving', flush=True)\n"
             "        await anyio.sleep_forever()\n"
         )
-        returncode, err = _interrupted_check("slow_app_for_check:app", "serving", tmp_path)
+        out: list[str] = []
+        returncode, err = _interrupted_check("slow_app_for_check:app", "serving", tmp_path, out)
         assert returncode == 130
         assert "Traceback" not in err
         assert "interrupted" in err
+        # With --json, still JSON on stdout for whoever parses it, as for an app that
+        # cannot be loaded.
+        assert json.loads(out[0]) == {
+            "app": "slow_app_for_check:app",
+            "ok": False,
+            "error": "interrupted; no report",
+        }
 
     @pytest.mark.parametrize(
         ("source", "attribute"),
@@ -2908,21 +2921,30 @@ def test_simulated_tenants_share_user_ids_and_their_ids_are_found_in_a_text() ->
     assert _mentions(said, known, neighbour) == [own.tenant_id]
 
 
-def _interrupted_check(target: str, ready: str, cwd: Any) -> tuple[int, str]:
+def _interrupted_check(
+    target: str, ready: str, cwd: Any, out: list[str] | None = None
+) -> tuple[int, str]:
     """Run ``ambient check target --json`` in ``cwd``, interrupted once the app prints
-    ``ready`` (which ``--json`` sends to stderr; see :func:`_interrupted`)."""
+    ``ready`` (which ``--json`` sends to stderr; see :func:`_interrupted`); what it wrote
+    to stdout goes into ``out`` when given."""
     return _interrupted(
-        ["-m", "ambient", "check", target, "--json"], ready, cwd, printed_to="stderr"
+        ["-m", "ambient", "check", target, "--json"], ready, cwd, printed_to="stderr", out=out
     )
 
 
 def _interrupted(
-    args: list[str], ready: str, cwd: Any, *, printed_to: str = "stdout"
+    args: list[str],
+    ready: str,
+    cwd: Any,
+    *,
+    printed_to: str = "stdout",
+    out: list[str] | None = None,
 ) -> tuple[int, str]:
     """Run our interpreter with ``args`` in ``cwd``, send it SIGINT once it prints the line
     ``ready`` to ``printed_to`` (lines before it are passed over), and return its exit
-    status and what it wrote to stderr (after ``ready`` when that went there too). Its
-    stdin stays open: a program waiting on it is ended by the interrupt alone."""
+    status and what it wrote to stderr (after ``ready`` when that went there too); what it
+    wrote to stdout goes into ``out`` when given (with ``ready`` on stderr). Its stdin stays
+    open: a program waiting on it is ended by the interrupt alone."""
     process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
         [sys.executable, *args],
         cwd=cwd,
@@ -2944,6 +2966,8 @@ def _interrupted(
         process.wait(timeout=30)  # not communicate(): it would close stdin
         assert process.stderr is not None
         err = process.stderr.read()
+        if out is not None and process.stdout is not None:
+            out.append(process.stdout.read())
     finally:
         watchdog.cancel()
         process.kill()
@@ -2970,3 +2994,25 @@ async def test_the_time_limit_of_each_request_is_not_the_apps_memory_growth() ->
     report = await check(app, users=10, requests=1, growth_requests=1000, time_limit=30.0)
     assert report.leaks == [], report.memory_growth_kib_per_1k
     assert report.memory_growth_kib_per_1k < 64
+
+
+def test_log_findings_past_those_shown_are_only_counted() -> None:
+    """An app that logs another user's id on every request makes as many findings as
+    requests (up to 1,000,000): past those shown, the check counts them, as it does its
+    frames' findings, rather than keep them all."""
+    from ambient.check import _MAX_SHOWN, _LogWatch, _simulated_ids
+
+    own, other = _simulated_ids(2)
+    watch = _LogWatch({own, other})
+    log = logging.getLogger("tests.check.many")
+    watch.start()
+    try:
+        with ambient.bind_context(UserExecutionContext.create(own)):
+            for _ in range(500):
+                log.warning("served after %s", other)
+    finally:
+        watch.stop()
+    said = watch.findings.cut()
+    assert len(said) == _MAX_SHOWN + 1
+    assert said[-1] == f"... and {500 - _MAX_SHOWN} more"
+    assert all(f"names {other}" in line for line in said[:-1])
