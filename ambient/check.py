@@ -840,10 +840,14 @@ class _Socket:
         user: UserRef,
         path: str,
         look: Callable[[str, UserRef | None, UserRef | None], None],
+        sends: str | None = None,
     ) -> None:
         self.driver = driver
         self.user = user
         self.path = path
+        # The text frame the user sends once the app listens, if any.
+        self.sends = None if sends is None else _filled(sends, user)
+        self._connected = False
         # Each frame is looked at as it comes and counted, not kept: there may be millions.
         self.look = look
         self.frames = 0
@@ -866,16 +870,7 @@ class _Socket:
     async def run(self) -> None:
         """Connect, and call the app until it returns (after :meth:`leave`)."""
         scope = self.driver.scope("websocket", self.user, self.path)
-        connected = False
-
-        async def receive() -> MutableMapping[str, Any]:
-            nonlocal connected
-            if not connected:
-                connected = True
-                return {"type": "websocket.connect"}
-            self.listening.set()
-            await self._leaving.wait()
-            return {"type": "websocket.disconnect", "code": 1000}
+        receive = self._receive
 
         async def send(message: MutableMapping[str, Any]) -> None:
             kind = message["type"]
@@ -919,6 +914,19 @@ class _Socket:
             self.settled.set()
             self.listening.set()
             self.ended.set()
+
+    async def _receive(self) -> MutableMapping[str, Any]:
+        """What the app receives: the connect, the frame the user sends once the app
+        listens (if any), and the disconnect once the user leaves."""
+        if not self._connected:
+            self._connected = True
+            return {"type": "websocket.connect"}
+        self.listening.set()
+        if self.sends is not None:
+            text, self.sends = self.sends, None
+            return {"type": "websocket.receive", "text": text}
+        await self._leaving.wait()
+        return {"type": "websocket.disconnect", "code": 1000}
 
     def _failed(self, problem: str) -> None:
         if self.problem is None:
@@ -965,9 +973,11 @@ class _Traffic:
         requests: int,
         progress: Progress | None,
         websocket: str | None = None,
+        websocket_send: str | None = None,
     ) -> None:
         self.driver = driver
         self.websocket = websocket
+        self.websocket_send = websocket_send
         self.sockets = 0
         self.frames = 0
         self.known = _ids_of(users)
@@ -991,7 +1001,11 @@ class _Traffic:
             await self._requests(user)
             return
         socket = _Socket(
-            self.driver, user, self.websocket, functools.partial(self._look_at_frame, user)
+            self.driver,
+            user,
+            self.websocket,
+            functools.partial(self._look_at_frame, user),
+            self.websocket_send,
         )
         limit = self.driver.time_limit
         async with anyio.create_task_group() as group:
@@ -1189,6 +1203,7 @@ async def run_check(
     tenants: int = 0,
     tenant_header: str = "x-tenant-id",
     websocket: str | None = None,
+    websocket_send: str | None = None,
 ) -> CheckReport:
     """Drive ``users`` simulated users, ``requests`` each, through ``app`` and report.
 
@@ -1226,21 +1241,24 @@ async def run_check(
             another user's or tenant's id, or that it sends while serving another user's
             request, is a violation, a handshake refused or a socket the app closes first is
             a failed request.
+        websocket_send: A text frame (``{user}`` and ``{tenant}`` are replaced) each user
+            sends on its websocket once the app listens on it, for an app that answers
+            messages (a prompt, a subscription).
 
     Raises:
         ValueError: ``users``, ``requests``, ``growth_requests`` or ``tenants`` out of
             those bounds, ``tenants`` with a ``("bearer", "")`` identity (an opaque token
-            carries no tenant), a ``websocket`` path not starting with ``/``, or
-            ``time_limit`` not more than 0.
+            carries no tenant), a ``websocket`` path not starting with ``/``,
+            ``websocket_send`` without ``websocket``, or ``time_limit`` not more than 0.
     """
     _check_arguments(users, requests, time_limit, growth_requests)
-    _check_simulated(tenants, users, identity, websocket)
+    _check_simulated(tenants, users, identity, websocket, websocket_send)
     from ambient.migration import global_state_report, reset_global_state_report
 
     simulated = _simulated_users(users, tenants)
     report = CheckReport(app=name, users=users, requests=users * requests, tenants=tenants)
     driver = _Driver(app, identity, time_limit, tenant_header)
-    traffic = _Traffic(driver, simulated, plan, requests, progress, websocket)
+    traffic = _Traffic(driver, simulated, plan, requests, progress, websocket, websocket_send)
     watch = _LogWatch(traffic.known)
     root = logging.getLogger()
     old_level = root.level
@@ -1320,10 +1338,17 @@ def _check_arguments(
 
 
 def _check_simulated(
-    tenants: int, users: int, identity: tuple[str, str] | JWTIdentity, websocket: str | None
+    tenants: int,
+    users: int,
+    identity: tuple[str, str] | JWTIdentity,
+    websocket: str | None,
+    websocket_send: str | None = None,
 ) -> None:
     if websocket is not None and not websocket.startswith("/"):
         msg = f"the websocket path must start with '/', not {websocket!r}"
+        raise ValueError(msg)
+    if websocket_send is not None and websocket is None:
+        msg = "websocket_send is sent on the websocket, which needs a websocket path"
         raise ValueError(msg)
     if not 0 <= tenants <= users:
         msg = f"tenants must be from 0 to the number of users ({users}), not {tenants}"

@@ -158,6 +158,14 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     check.add_argument(
+        "--websocket-send",
+        metavar="TEXT",
+        help=(
+            "a text frame each user sends on its websocket once the app listens on it, for "
+            "an app that answers messages ({user} and {tenant} are replaced)"
+        ),
+    )
+    check.add_argument(
         "--growth-requests",
         type=_growth_requests,
         default=1000,
@@ -523,6 +531,8 @@ def _check_tenants(args: argparse.Namespace) -> None:
         args.refuse("--tenant-claim is for --tenants with --identity jwt")
     named = [("--request", text) for text in args.plan or ()]
     named += [("--websocket", args.websocket)] if args.websocket else []
+    sends = args.websocket_send
+    named += [("--websocket-send", sends)] if sends is not None else []
     for option, text in named:
         if not args.tenants and "{tenant}" in text:
             args.refuse(
@@ -564,6 +574,8 @@ def _check(args: argparse.Namespace) -> int:
         websocket = websocket or CHECK_WEBSOCKET
     else:
         plan = [parse_request("GET /")]
+    if args.websocket_send is not None and websocket is None:
+        args.refuse("--websocket-send is sent on the socket of --websocket PATH")
     # With --json, stdout holds the report alone: what the app prints goes to stderr.
     printed = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     try:
@@ -621,6 +633,7 @@ def _load_and_run(
             tenants=args.tenants,
             tenant_header=args.tenant_header or "x-tenant-id",
             websocket=websocket,
+            websocket_send=args.websocket_send,
         )
 
     try:

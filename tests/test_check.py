@@ -898,6 +898,53 @@ class TestWebsockets:
         assert report.isolation[-1] == "... and 3980 more"
         assert peak < 2**20, peak  # the frames alone are 4 MB
 
+    async def test_a_frame_each_user_sends_is_answered_on_its_own_socket_only(self) -> None:
+        """``websocket_send``: each user sends a prompt once the demo listens; its run is
+        announced on that user's socket (started and done) in a scope of its own."""
+        report = await check(
+            create_app(),
+            plan=CHECK_PLAN,
+            websocket=CHECK_WEBSOCKET,
+            websocket_send="remember {user} on the socket",
+            users=12,
+            requests=4,
+        )
+        assert report.ok, report.violations
+        assert report.websocket_frames == 12 * 7
+        assert report.scopes == 12 * 4 + 12 * 2  # requests, sockets, their messages
+        with pytest.raises(ValueError, match="needs a websocket path"):
+            await check(create_app(), websocket_send="hello")
+
+    async def test_a_message_answered_on_the_wrong_socket_is_caught(self) -> None:
+        """An app that answers each message on the first socket still open (a module-level
+        "the socket" set once): the answer of one user's message reaches another."""
+        latest: list[WebSocket] = []
+
+        async def events(websocket: WebSocket) -> None:
+            await websocket.accept()
+            latest.append(websocket)
+            try:
+                while True:
+                    said = await websocket.receive_text()
+                    await latest[0].send_text(f"noted: {said}")
+            except (WebSocketDisconnect, OSError):
+                latest.remove(websocket)
+
+        inner = Starlette(routes=[Route("/", _whoami), WebSocketRoute("/events", events)])
+        app = AmbientMiddleware(inner, registry=Registry(), identity=trusted_header())
+        sends = "I am {user}"
+        report = await check(app, websocket="/events", websocket_send=sends, users=8)
+        assert any(
+            re.fullmatch(
+                r"WS /events: a frame sent to check-\d{5}-[0-9a-f]{6} contains "
+                r"check-\d{5}-[0-9a-f]{6}'s data",
+                line,
+            )
+            for line in report.isolation
+        ), report.isolation
+        alone = await check(app, websocket="/events", websocket_send=sends, users=1)
+        assert alone.ok, alone.violations
+
     @pytest.mark.parametrize(
         ("ending", "said"),
         [
@@ -2113,6 +2160,7 @@ class TestCommandLine:
             "--identity=jwt:HS256": "must be header:NAME, bearer or jwt, not",
             "--jwt-audience=": "must not be empty",
             "--websocket=events": "the path must start with '/', not 'events'",
+            "--websocket-send={tenant}": "--websocket-send '{tenant}' names {tenant}: give",
         }
         for wrong, said in wrongs.items():
             with pytest.raises(SystemExit) as refused:
