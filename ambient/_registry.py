@@ -208,8 +208,8 @@ class Registry:
         self._users_cleaning = 0
         self._users_cleaned: list[anyio.Event] = []
         # The last aclose(), under way or done: calls made meanwhile wait for it. Once one
-        # has begun (it clears _frozen) the registry is closed, until a scope opens again
-        # (the application started again), as each scope sets _frozen as it opens.
+        # has begun (it clears _frozen) the registry is closed, until a scope opens once it
+        # has ended (the application started again): the first to open sets _frozen.
         self._closing: _Closing | None = None
         self.created = 0
         self.cleaned = 0
@@ -428,8 +428,14 @@ class Registry:
         return tuple(o for o in every if o.active)
 
     def before_open(self) -> None:
-        """Freeze the registry as its first scope opens."""
-        self._frozen = True
+        """Freeze the registry as its first scope opens, and open it again as the first
+        scope after :meth:`aclose` does. Not while that close is still under way: a scope
+        opening during shutdown would otherwise have the scopes still open make USER and
+        APP components again, which the close, past taking them, never cleans up."""
+        with self._lock:
+            closing = self._closing
+            if closing is None or closing.done:
+                self._frozen = True
 
     # -- USER entries --------------------------------------------------------------------
 
@@ -761,8 +767,9 @@ class Registry:
         clean it up after shutdown. One being made meanwhile is cleaned up as it is
         finished, and refused the same way. Users' cleanups already under way (an expiry a
         request ran as shutdown began) end before the APP components go, waited for at
-        most ``cleanup_timeout``. The registry stays usable: a scope opened afterwards (a
-        test starting the same application twice) opens it again.
+        most ``cleanup_timeout``. The registry stays usable: a scope opened once the close
+        has ended (a test starting the same application twice) opens it again; one opened
+        while it runs does not.
 
         A call made while another is under way (two servers sharing the registry, a
         shutdown racing a test's teardown) cleans nothing more: it returns when that close

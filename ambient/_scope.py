@@ -202,7 +202,8 @@ class Scope:
         checked that the scope is new.
         """
         registry = self._registry
-        registry._frozen = True  # before_open(), inlined: once per request
+        if not registry._frozen:
+            registry.before_open()  # once per start: a store on every request costs as much
         if _current.get() is None:
             # Nothing to shadow and no other user to refuse: bind() without its checks.
             binding = self._binding = _Binding(self.context, self, None)

@@ -1562,3 +1562,64 @@ class TestAfterShutdown:
         await registry.aclose()
         assert again.closed
         assert app_again.closed
+
+    @pytest.mark.parametrize("lifetime", [Lifetime.USER, Lifetime.APP])
+    async def test_a_scope_opening_while_aclose_runs_does_not_start_it_again(
+        self, lifetime: Lifetime
+    ) -> None:
+        """A scope opens while ``registry.aclose()`` is still cleaning (a job, a request
+        another server lets in during shutdown): the registry stays closed, so a websocket's
+        scope still open refuses the USER or APP component it resolves then, as the new
+        scope does. The opening used to start the registry again, and the websocket got a
+        component made afresh that the close, past taking them, never cleaned up."""
+        made: list[_Closable] = []
+        registry = self.counting_registry(lifetime, made)
+        closing, release = anyio.Event(), anyio.Event()
+
+        class Slow:
+            async def aclose(self) -> None:
+                closing.set()
+                await release.wait()
+
+        registry.register(Slow, Slow, lifetime=Lifetime.APP)
+        resolve, resolved = anyio.Event(), anyio.Event()
+        refused: list[str] = []
+
+        async def refusal() -> None:
+            try:
+                await ambient.resolve(_Closable)
+            except ambient.errors.ScopeClosedError as exc:
+                refused.append(str(exc))
+
+        async def websocket() -> None:
+            async with registry.open_scope(ctx("alice")):
+                await ambient.resolve(Slow)
+                await resolve.wait()
+                await refusal()
+                resolved.set()
+
+        async def late() -> None:
+            async with registry.open_scope(ctx("bob")):
+                await refusal()
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(websocket)
+                await anyio.wait_all_tasks_blocked()
+                tg.start_soon(registry.aclose)
+                await closing.wait()
+                tg.start_soon(late)
+                await anyio.wait_all_tasks_blocked()
+                resolve.set()
+                await resolved.wait()
+                release.set()
+        assert made == []
+        assert len(refused) == 2
+        assert all("closed at shutdown" in message for message in refused)
+        stats = registry.stats()
+        assert (stats.created, stats.cleaned, stats.live_users) == (1, 1, 0)
+        async with registry.open_scope(ctx("alice")):  # started again once the close ended
+            again = await ambient.resolve(_Closable)
+        await registry.aclose()
+        assert made == [again]
+        assert again.closed
