@@ -209,6 +209,11 @@ def _shown() -> _Binding | None:
     return binding
 
 
+def _user_factorys(binding: _Binding) -> bool:
+    """Whether ``binding`` is the one a USER component's factory runs in."""
+    return type(binding) is _SharedBinding and binding.lifetime == "USER"
+
+
 def bind(
     ctx: UserExecutionContext, scope: _Resolver | None, *, allow_switch: bool = False
 ) -> _Binding:
@@ -221,7 +226,8 @@ def bind(
     if (
         current is not None
         and not allow_switch
-        and not current.closed
+        # A USER factory's binding shows no context, but what it makes is its user's.
+        and (not current.closed or _user_factorys(current))
         and not _same_user(current.ctx, ctx)
     ):
         msg = (

@@ -1387,6 +1387,42 @@ class TestWhatASharedFactorySees:
             assert await ambient.resolve("request") == (context, context, UserRef("alice"))
         await registry.aclose()
 
+    @pytest.mark.parametrize("how", ["bind_context", "open_scope"])
+    async def test_a_user_factory_binding_another_user_needs_allow_switch(self, how: str) -> None:
+        """alice's USER factory binds bob's context (or opens a scope for him): that is a
+        switch to another user inside what is made for alice, refused with
+        ContextSwitchError unless ``allow_switch=True``, as it was before the factory stopped
+        showing the request's context (and as it is in the request itself). alice's own
+        context, and any user's in an APP factory, are bound as before."""
+
+        async def bind(context: UserExecutionContext, *, allow_switch: bool = False) -> str:
+            if how == "bind_context":
+                with ambient.bind_context(context, allow_switch=allow_switch):
+                    return ambient.get_current_context().user_id
+            scope = registry.open_scope(context, allow_switch=allow_switch)
+            async with scope:
+                return ambient.get_current_context().user_id
+
+        async def refused(user: UserRef) -> str:
+            return await bind(ctx("bob"))
+
+        async def switched(user: UserRef) -> tuple[str, str]:
+            return await bind(ctx("bob"), allow_switch=True), await bind(ctx(user.user_id))
+
+        async def app() -> str:
+            return await bind(ctx("bob"))
+
+        registry = Registry()
+        registry.register("refused", refused, lifetime=Lifetime.USER)
+        registry.register("switched", switched, lifetime=Lifetime.USER)
+        registry.register("app", app, lifetime=Lifetime.APP)
+        async with registry.open_scope(ctx("alice")):
+            with pytest.raises(ambient.errors.ContextSwitchError):
+                await ambient.resolve("refused")
+            assert await ambient.resolve("switched") == ("bob", "alice")
+            assert await ambient.resolve("app") == "bob"
+        await registry.aclose()
+
     def test_get_current_context_in_a_shared_factory_raises_in_sync_code(self) -> None:
         """The same from sync code: a job's worker thread resolving a USER component with
         ``resolve_sync`` from a scope it was handed."""
