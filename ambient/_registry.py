@@ -211,6 +211,9 @@ class Registry:
         # has begun (it clears _frozen) the registry is closed, until a scope opens once it
         # has ended (the application started again): the first to open sets _frozen.
         self._closing: _Closing | None = None
+        # How many times aclose() has closed the registry: a scope opened before the last
+        # close makes no more USER or APP components, even once a later scope opened it again.
+        self._closes = 0
         self.created = 0
         self.cleaned = 0
         self.cleanup_failures = 0
@@ -768,7 +771,8 @@ class Registry:
         finished, and refused the same way. Users' cleanups already under way (an expiry a
         request ran as shutdown began) end before the APP components go, waited for at
         most ``cleanup_timeout``. The registry stays usable: a scope opened once the close
-        has ended (a test starting the same application twice) opens it again; one opened
+        has ended (a test starting the same application twice) opens it again, for the
+        scopes opened from then on (one open across the close stays refused); one opened
         while it runs does not.
 
         A call made while another is under way (two servers sharing the registry, a
@@ -814,6 +818,7 @@ class Registry:
         # Nothing more is made for the scopes open now: what they made would never be
         # cleaned (a server exits after its shutdown). A scope that opens later reopens it.
         self._frozen = False
+        self._closes += 1
         entries = list(self._users.values()) + self._evicted
         self._users.clear()
         self._evicted = []
@@ -834,6 +839,13 @@ class Registry:
             if self.app_instances.closed:
                 self.app_instances = Instances("registry")
         return None
+
+    def closed_since_open(self, provider: Provider) -> ScopeClosedError:
+        """The error for resolving ``provider``'s (USER or APP) component from a scope that
+        opened before the last :meth:`aclose`: a scope opened since (the application started
+        again, a job) opened the registry again, but what this one made would be cleaned by
+        no close of its start, which has ended."""
+        return self._shut_error(provider.name)
 
     @staticmethod
     def _shut_error(what: str) -> ScopeClosedError:

@@ -84,6 +84,7 @@ class Scope:
         "_binding",
         "_cache",
         "_closed",
+        "_closes",
         "_extra",
         "_holds",
         "_opened",
@@ -204,6 +205,8 @@ class Scope:
         registry = self._registry
         if not registry._frozen:
             registry.before_open()  # once per start: a store on every request costs as much
+        # Which start of the registry this scope belongs to (see _shut_since_open()).
+        self._closes = registry._closes
         if _current.get() is None:
             # Nothing to shadow and no other user to refuse: bind() without its checks.
             binding = self._binding = _Binding(self.context, self, None)
@@ -515,6 +518,8 @@ class Scope:
             own = self._own or self._request_store()
             return await own.aget(provider, self.context, self, self._registry)
         registry = self._registry
+        if self._closes != registry._closes:
+            raise registry.closed_since_open(provider)
         while True:
             if provider.lifetime is _USER:
                 entry = self._user_entry
@@ -567,6 +572,8 @@ class Scope:
             own = self._own or self._request_store()
             return own.get(provider, self.context, self, self._registry)
         registry = self._registry
+        if self._closes != registry._closes:
+            raise registry.closed_since_open(provider)  # as in resolve()
         while True:
             if provider.lifetime is _USER:
                 entry = self._user_entry

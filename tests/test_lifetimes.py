@@ -1659,3 +1659,42 @@ class TestAfterShutdown:
         await registry.aclose()
         assert made == [again]
         assert again.closed
+
+    @pytest.mark.parametrize("lifetime", [Lifetime.USER, Lifetime.APP])
+    @pytest.mark.parametrize("how", ["resolve", "resolve_sync"])
+    async def test_a_scope_open_across_aclose_is_refused_after_a_new_start(
+        self, lifetime: Lifetime, how: str
+    ) -> None:
+        """A websocket's scope stays open across ``registry.aclose()``; then a scope opens (a
+        job run after shutdown, the application started again) and opens the registry
+        again. The websocket's scope is still refused the USER or APP component: it used to
+        get one made afresh, which no close of its start, over already, would clean up."""
+        made: list[_Closable] = []
+        registry = self.counting_registry(lifetime, made)
+        reopened = anyio.Event()
+        refused: list[str] = []
+
+        async def websocket() -> None:
+            async with registry.open_scope(ctx("alice")) as scope:
+                await reopened.wait()
+                try:
+                    if how == "resolve":
+                        await ambient.resolve(_Closable)
+                    else:
+                        await anyio.to_thread.run_sync(scope.resolve_sync, _Closable)
+                except ambient.errors.ScopeClosedError as exc:
+                    refused.append(str(exc))
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(websocket)
+                await anyio.wait_all_tasks_blocked()
+                await registry.aclose()
+                async with registry.open_scope(ctx("bob")):
+                    bobs = await ambient.resolve(_Closable)
+                reopened.set()
+        assert made == [bobs]
+        assert len(refused) == 1
+        assert "closed at shutdown" in refused[0]
+        await registry.aclose()
+        assert bobs.closed
