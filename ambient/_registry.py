@@ -840,15 +840,12 @@ class Registry:
                 self.app_instances = Instances("registry")
         return None
 
-    def closed_since_open(self, provider: Provider) -> ScopeClosedError:
-        """The error for resolving ``provider``'s (USER or APP) component from a scope that
-        opened before the last :meth:`aclose`: a scope opened since (the application started
-        again, a job) opened the registry again, but what this one made would be cleaned by
-        no close of its start, which has ended."""
-        return self._shut_error(provider.name)
-
     @staticmethod
     def _shut_error(what: str) -> ScopeClosedError:
+        """The error for resolving ``what`` (USER or APP components) once :meth:`aclose`
+        closed the registry: from a store it closed, or from a scope opened before it (a
+        scope opened since, the application started again, opened the registry again, but
+        what one of before made would be cleaned by no close of its start)."""
         return ScopeClosedError(
             f"cannot resolve {what}: the registry was closed at shutdown "
             "(registry.aclose()), and a USER or APP component made now would never be "

@@ -205,7 +205,8 @@ class Scope:
         registry = self._registry
         if not registry._frozen:
             registry.before_open()  # once per start: a store on every request costs as much
-        # Which start of the registry this scope belongs to (see _shut_since_open()).
+        # Which start of the registry this scope belongs to: one opened before the last
+        # aclose() is refused USER and APP components (Registry._shut_error()).
         self._closes = registry._closes
         if _current.get() is None:
             # Nothing to shadow and no other user to refuse: bind() without its checks.
@@ -519,7 +520,7 @@ class Scope:
             return await own.aget(provider, self.context, self, self._registry)
         registry = self._registry
         if self._closes != registry._closes:
-            raise registry.closed_since_open(provider)
+            raise registry._shut_error(provider.name)
         while True:
             if provider.lifetime is _USER:
                 entry = self._user_entry
@@ -573,7 +574,7 @@ class Scope:
             return own.get(provider, self.context, self, self._registry)
         registry = self._registry
         if self._closes != registry._closes:
-            raise registry.closed_since_open(provider)  # as in resolve()
+            raise registry._shut_error(provider.name)  # as in resolve()
         while True:
             if provider.lifetime is _USER:
                 entry = self._user_entry
