@@ -33,7 +33,14 @@ from ambient.integrations.psycopg import PerUserPools, SharedPool, connection
 from ambient.integrations.psycopg._common import _DEALLOCATE_FROM_SQL, _end_and_reset
 from tests.conftest import service_unavailable
 from tests.servers import free_port
-from tests.test_psycopg import Database, _admin, _eventually, _query_stopped, make_database
+from tests.test_psycopg import (
+    Database,
+    _admin,
+    _eventually,
+    _query_stopped,
+    _scalar,
+    make_database,
+)
 from tests.test_websockets import stop, wait_listening
 
 USERS = 50
@@ -344,18 +351,22 @@ async def test_a_pooler_logging_in_under_another_name_keeps_clean_connections(
 
 
 @pytest.mark.parametrize("strategy", ["shared", "per_user"])
-@pytest.mark.parametrize("then", ["statement", "nothing"])
+@pytest.mark.parametrize("then", ["statement", "nothing", "write"])
 async def test_a_transaction_ended_inside_the_checkout_is_reported(
     bounced: tuple[Database, str], strategy: str, then: str
 ) -> None:
     """Behind the pooler the settings last one transaction, for both strategies: after the
     handler's own conn.commit() a statement sees no user setting and no row (the policy
     fails closed), and the checkout says so when it ends instead of passing silently, as
-    it does when the commit was the block's last statement."""
+    it does when the commit was the block's last statement. What the handler wrote in a
+    transaction it began after its commit, without the settings, is rolled back with the
+    error (it was committed)."""
     db, url = bounced
     pool = _rls_pool(db, url, strategy, shared={"max_size": 2, "per_user_limit": 2})
     registry = _registry(pool)
     seen: list[Any] = []
+    deferred = sql.Identifier(db.schema, "deferred")
+    insert = sql.SQL("INSERT INTO {} VALUES (3)").format(deferred)
     try:
         async with registry.open_scope(UserExecutionContext.create("user-3")):
             with pytest.raises(psycopg.ProgrammingError, match="ended inside"):
@@ -367,12 +378,19 @@ async def test_a_transaction_ended_inside_the_checkout_is_reported(
                     await conn.commit()
                     if then == "statement":
                         seen.append(await (await conn.execute(query, prepare=False)).fetchone())
+                    elif then == "write":
+                        # In a transaction of its own: a SharedPool connection autocommits
+                        # outside the one the checkout began.
+                        await conn.execute("BEGIN", prepare=False)
+                        await conn.execute(insert, prepare=False)
             assert pool.stats().checked_out == 0
     finally:
         await registry.aclose()
     assert seen[0] == ("user-3", 1)
     after = [[(None, 0)], [("", 0)]] if then == "statement" else [[]]
     assert seen[1:] in after
+    async with await psycopg.AsyncConnection.connect(db.admin_url) as admin:
+        assert await _scalar(admin, sql.SQL("SELECT count(*) FROM {}").format(deferred)) == 0
 
 
 @pytest.mark.parametrize("strategy", ["shared", "per_user"])

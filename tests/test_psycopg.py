@@ -1158,6 +1158,29 @@ async def test_shared_dirty_connection_is_discarded(db: Database) -> None:
         assert pool.stats().discarded == 1
 
 
+async def test_shared_writes_after_a_commit_inside_the_checkout_are_rolled_back(
+    db: Database,
+) -> None:
+    """A handler ends the checkout's transaction itself and begins another, then writes:
+    the checkout raises "ended inside", and the write it made without the context's
+    settings is rolled back, not committed with the error (what ran before the handler's
+    own commit stays)."""
+    deferred = sql.Identifier(db.schema, "deferred")
+    insert = sql.SQL("INSERT INTO {} VALUES (%s)").format(deferred)
+    async with SharedPool(db.app_url, min_size=1, max_size=1, kwargs=db.kwargs()) as pool:
+        with bind_context(_ctx("alice")), pytest.raises(psycopg.ProgrammingError, match="ended"):
+            async with pool.connection() as conn:
+                await conn.execute(insert, (1,))
+                await conn.execute("COMMIT; BEGIN")
+                await conn.execute(insert, (2,))
+        with bind_context(_ctx("bob"), allow_switch=True):
+            async with pool.connection() as conn:
+                assert await _scalar(conn, "SELECT txid_current_if_assigned()") is None
+                rows = await _scalar(conn, sql.SQL("SELECT array_agg(x) FROM {}").format(deferred))
+        assert pool.stats().discarded == 0
+    assert rows == [1]
+
+
 _CHECK_ONLY = (
     "SELECT current_user, session_user, NULL, false, "
     "current_setting('app.user_id', true), current_setting('app.tenant_id', true)"

@@ -233,6 +233,25 @@ _CANCEL_SERVER_SIDE = (
     "WHERE pid = %s AND (extract(epoch FROM xact_start) * 1000000)::bigint = %s"
 )
 ServerSide = tuple[int, int]
+# The setting a checkout's COMMIT asks for when its transaction is not the one it began: an
+# error, so that the COMMIT after it in the same message is skipped and what the handler
+# ran after ending the checkout's transaction is rolled back, not committed.
+_ENDED_INSIDE_GUARD = "ambient.checkout_transaction_ended_inside"
+
+
+def _same_transaction(server: ServerSide) -> str:
+    """The statement that fails unless the transaction is the one whose ``server`` side the
+    checkout read as it began (the integers are the server's own, read back as ints)."""
+    pid, began = server
+    return (
+        f"SELECT pg_catalog.current_setting(CASE WHEN ({_SERVER_SIDE}) = ({int(pid)}, "
+        f"{int(began)}) THEN 'server_version' ELSE '{_ENDED_INSIDE_GUARD}' END); "
+    )
+
+
+def _is_ended_inside(error: BaseException) -> bool:
+    """Whether ``error`` is the failure of :func:`_same_transaction`'s statement."""
+    return isinstance(error, psycopg.errors.UndefinedObject) and _ENDED_INSIDE_GUARD in str(error)
 
 
 async def _cancel_server_side(
@@ -338,13 +357,15 @@ def _aborted() -> psycopg.errors.InFailedSqlTransaction:
     )
 
 
-def _ended_inside() -> psycopg.ProgrammingError:
+def _ended_inside(*, another: bool = False) -> psycopg.ProgrammingError:
     """The error of a checkout whose handler ended the transaction that carried the
-    context's settings (behind a pooler, the settings of either strategy)."""
+    context's settings (behind a pooler, the settings of either strategy); ``another``:
+    and began another, which was rolled back."""
+    then = ", and the transaction begun after it was rolled back" if another else ""
     return psycopg.ProgrammingError(
         "the checkout's transaction was ended inside it (conn.commit(), conn.rollback() or "
-        "COMMIT): the statements after that ran without the context's settings. Let the "
-        "checkout commit when its block ends"
+        f"COMMIT): the statements after that ran without the context's settings{then}. "
+        "Let the checkout commit when its block ends"
     )
 
 
@@ -473,7 +494,7 @@ async def _release(
                 elif not await _end_and_reset(
                     conn, "COMMIT", server if settings else None, deallocate=deallocate
                 ):
-                    return _ended_inside()
+                    return _ended_inside(another=True)
                 return None
             try:
                 await (
@@ -523,19 +544,18 @@ async def _end_and_reset(
         f"{_after(end, deallocate=deallocate)}{_POOLED_RESET}"
     )
     try:
-        if server is None:
-            await cur.execute(ending)
-            return True
         # Not the settings' values: a handler may set one itself, in the same transaction.
-        await cur.execute(f"SELECT {_SERVER_SIDE}; {ending}")
-    except psycopg.Error:
+        await cur.execute(ending if server is None else _same_transaction(server) + ending)
+    except psycopg.Error as exc:
         if not conn.closed and conn.pgconn.transaction_status == _INERROR:
-            # Failed before COMMIT (a deferred constraint): the transaction is still open,
-            # so the pooler still gives this client the same server session. Reset it.
+            # Failed before COMMIT (a deferred constraint, or another transaction than the
+            # checkout's): the transaction is still open, so the pooler still gives this
+            # client the same server session. Roll it back and reset it.
             await cur.execute(f"ROLLBACK; {deallocate}{_POOLED_RESET}")
+        if server is not None and _is_ended_inside(exc):
+            return False
         raise
-    row = await cur.fetchone()
-    return row is not None and tuple(row) == server
+    return True
 
 
 # Behind a pooler, before the COMMIT too: what a transaction that fails to commit would leave

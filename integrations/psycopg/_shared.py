@@ -44,9 +44,11 @@ from ambient.integrations.psycopg._common import (
     _cut_short,
     _ended_inside,
     _hand_back,
+    _is_ended_inside,
     _not_opened,
     _python_side,
     _restore_python_side,
+    _same_transaction,
     _starts_as_the_first,
     _through_pooler,
     _unknown_commit,
@@ -134,7 +136,8 @@ class SharedPool:
     rolled back when it raises. Nested ``conn.transaction()`` blocks are savepoints, which
     never undo the settings. Ending the transaction inside the block (``conn.commit()``)
     leaves the rest of the block without settings, so the checkout then raises
-    ``psycopg.ProgrammingError`` at its end. The connection is the checkout's only inside
+    ``psycopg.ProgrammingError`` at its end; statements after it run in autocommit, and a
+    transaction the block began after it is rolled back, not committed. The connection is the checkout's only inside
     the block: a reference kept past it (for a background task, a task spawned in the
     block) runs its statements in whatever checkout holds the connection next, another
     user's included; such work takes a checkout of its own. A block that ends normally in a failed
@@ -508,8 +511,9 @@ class SharedPool:
                 )
                 if cur is None:
                     cur = conn.cursor(row_factory=tuple_row)
-                # Committing, the transaction's server side is read again first: another
-                # than the one the checkout began means the handler ended that one.
+                # Committing, the transaction's server side is checked first: another than
+                # the one the checkout began means the handler ended that one, and the
+                # check's error rolls back what ran after instead of committing it.
                 begun = server if commit else None
                 error = await self._reset(conn, cur, end, begun) or error
             finally:
@@ -535,11 +539,12 @@ class SharedPool:
         reset = self._deallocated_reset_sql if self._deallocate else self._reset_sql
         try:
             try:
-                await cur.execute((f"SELECT {_SERVER_SIDE}; " if begun else "") + end + reset)
-                if begun is not None and tuple(await cur.fetchone() or ()) != begun:
-                    failure = _ended_inside()
+                await cur.execute((_same_transaction(begun) if begun else "") + end + reset)
             except psycopg.Error as exc:
-                if "COMMIT" in end:
+                if begun is not None and _is_ended_inside(exc):
+                    # Another transaction than the checkout's: it is rolled back below.
+                    failure = _ended_inside(another=True)
+                elif "COMMIT" in end:
                     failure = exc
                 if conn.closed:
                     return failure
