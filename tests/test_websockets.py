@@ -3272,6 +3272,70 @@ async def test_a_revocation_heard_before_the_recent_ones_are_read_hides_none_of_
         await backend.aclose()
 
 
+@pytest.mark.parametrize("made", ["once back", "in the outage"])
+async def test_revocations_after_the_stream_ids_went_back_are_not_taken_for_ones_heard(
+    redis_url: str, made: str
+) -> None:
+    """This process heard a revocation (bob's) whose id in the stream of recent ones is an
+    hour ahead of the clock (made by a Redis whose clock ran ahead). That Redis restarts
+    without persistence, as a failover to one with a right clock would look: the ids of
+    new revocations are smaller than bob's. Carol is revoked once the subscription is back
+    (or in the outage), while a handshake of hers, validated here, waits before connect():
+    it is revoked as it joins. This process took every id up to bob's for one heard, and
+    dropped her message (or started its read of the stream after bob's id): carol's
+    handshake got in."""
+    own = RedisProcess()
+    own.start()
+    admin = redis.Redis.from_url(own.url)
+    try:
+        prefix = unique_prefix()
+        registry = Registry()
+        backend = HeldReconnect(own.url, channel_prefix=prefix)
+        hub = ConnectionHub(backend)
+        hub.install(registry)
+        other = ConnectionHub(RedisBroadcast(own.url, channel_prefix=prefix, timeout=1.0))
+        dave, dave_in = Collecting(1), anyio.Event()
+        carol = HeldConnect(registry, "carol")
+        with anyio.fail_after(DEADLINE):
+            await backend.wait_connected()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(hold_until_cancelled, registry, "dave", dave, dave_in)
+                await dave_in.wait()
+                await other.revoke("ann")
+                seconds, microseconds = admin.time()
+                ahead = seconds * 1000 + microseconds // 1000 + 3_600_000
+                admin.execute_command("XSETID", f"{prefix}revocations", f"{ahead}-0")
+                await other.revoke("bob")
+                # Heard after bob's revocation, on the same subscription.
+                await other.backend.publish(Envelope(UserRef("dave"), 0, None, '{"n":1}'))
+                await dave.arrived.wait()
+                assert [user.user_id for user, _ in hub._recent] == ["ann", "bob"]
+                tg.start_soon(carol.run)
+                await carol.checked.wait()
+                own.kill()
+                own.start()
+                await backend.down.wait()
+                if made == "in the outage":
+                    await other.revoke("carol")
+                backend.back.set()
+                while not (backend.reconnects and backend.connected and backend._caught_up):
+                    await backend._wait_changed()
+                if made == "once back":
+                    await other.revoke("carol")
+                    dave.expected, dave.arrived = 2, anyio.Event()
+                    await other.backend.publish(Envelope(UserRef("dave"), 0, None, '{"n":2}'))
+                    await dave.arrived.wait()
+                await connect_held(carol)
+                assert (carol.work, carol.closes()) == ([], [(4001, "access revoked")])
+                tg.cancel_scope.cancel()
+        assert (hub.stats().revoked, hub.stats().connections, hub._joining) == (1, 0, set())
+        await other.aclose()
+        await registry.aclose()
+    finally:
+        admin.close()
+        own.kill()
+
+
 CHURN_USERS, CHURN_ROUNDS = 30, 4
 
 

@@ -40,6 +40,9 @@ _REVOCATIONS_KEPT = 7 * 24 * 3600
 # flight (see _hub.py).
 _RECENT_KEPT = 10_000
 _RECENT_FOR_MS = 300_000
+# The ids of revocations heard a process keeps to know one heard again: twice what the
+# stream holds, so that whatever it still holds of them is known.
+_SEEN_KEPT = 2 * _RECENT_KEPT
 
 # A revocation, in one step: counted in its user's key (for processes holding that user's
 # sockets whose subscription was down), published on its user's channel (for processes
@@ -197,8 +200,11 @@ class RedisBroadcast:
         # The stream of recent revocations was read since the subscription (re)started:
         # new sockets wait for it, a revocation they missed would only be learnt there.
         self._caught_up = False
-        # The id, in that stream, of the latest revocation heard (message or read).
-        self._last_revocation: tuple[int, int] | None = None
+        # The ids, in that stream, of the latest revocations heard (messages or read),
+        # oldest first. Not their order: ids go back when a Redis whose clock is behind the
+        # ids seen takes over (a failover, a restart without persistence), and a later
+        # revocation would be taken for one heard.
+        self._seen: dict[bytes, None] = {}
 
     def __repr__(self) -> str:
         state = "connected" if self._connected else "disconnected"
@@ -437,12 +443,10 @@ class RedisBroadcast:
                 if channels:
                     counts = await self._revocation_counts(client, channels)
                 seconds, microseconds = await client.time()
-                start = (seconds * 1000 + microseconds // 1000 - _RECENT_FOR_MS, 0)
-                last = self._last_revocation
-                if last is not None:
-                    # After the latest one heard, if it is in the window.
-                    start = max(start, (last[0], last[1] + 1))
-                entries = await client.xrange(self._revoked, min=f"{start[0]}-{start[1]}")
+                start = seconds * 1000 + microseconds // 1000 - _RECENT_FOR_MS
+                # The whole window, those heard too (skipped below): after the latest one
+                # heard could miss later ones with smaller ids.
+                entries = await client.xrange(self._revoked, min=max(start, 0))
         missed = 0
         for entry_id, fields in entries or ():
             raw = None if fields is None else fields.get(b"envelope")
@@ -468,17 +472,17 @@ class RedisBroadcast:
         ones and numbered ``count`` among its user's, unless it was heard already; return
         whether it was delivered."""
         try:
-            milliseconds, _, sequence = entry_id.partition(b"-")
-            heard = (int(milliseconds), int(sequence))
             number = int(count)
             envelope = decode_envelope(raw)
         except (ValueError, UnicodeDecodeError):
             logger.warning("ambient: dropped a malformed message on the revocations channel")
             return False
-        last = self._last_revocation
-        if last is not None and heard <= last:
+        seen = self._seen
+        if entry_id in seen:
             return False  # read from the stream, then heard as a message too, or the reverse
-        self._last_revocation = heard
+        seen[entry_id] = None
+        if len(seen) > _SEEN_KEPT:
+            del seen[next(iter(seen))]
         deliver = self._deliver
         if envelope.mode != REVOKE or deliver is None:
             logger.warning("ambient: dropped a message on the revocations channel that is none")
@@ -725,8 +729,8 @@ class RedisBroadcast:
         if kind == b"message" and channel == self._revoked:
             if not self._caught_up:
                 # Kept in the stream of recent revocations before it was published, so the
-                # read of that stream still to come delivers it. Heard first, its id would
-                # start that read after the revocations this process missed before it.
+                # read of that stream still to come delivers it, in order with those this
+                # process missed before it.
                 return
             entry_id, _, rest = message[2].partition(b" ")
             count, _, raw = rest.partition(b" ")
@@ -781,7 +785,7 @@ class RedisBroadcast:
         self._connected = False
         self._caught_up = False
         # Started again, it reads the last five minutes' revocations, as a new process does.
-        self._last_revocation = None
+        self._seen.clear()
         self._down_since = None
         self._confirmed.clear()
         self._pending.clear()
