@@ -2617,6 +2617,70 @@ async def test_revoke_through_redis_returns_the_sockets_it_ended_in_this_process
     await carol.registry.aclose()
 
 
+class ReadInTwoParts(RedisBroadcast):
+    """A RedisBroadcast whose reader gets the messages that follow the first revocation it
+    delivers only once the test calls :meth:`read_the_rest`: they come in a later read of
+    the connection (split across segments, the reader busy), and the process runs other
+    tasks in between. ``rest_arrived`` is set once an event on a user's channel waits."""
+
+    def __init__(self, url: str, *, channel_prefix: str) -> None:
+        super().__init__(url, channel_prefix=channel_prefix)
+        self.rest: list[list[Any]] | None = None
+        self.split = True
+        self.rest_arrived = anyio.Event()
+
+    def attach(self, deliver: Callable[[Envelope], None]) -> None:
+        def delivered(envelope: Envelope) -> None:
+            deliver(envelope)
+            if envelope.mode == REVOKE and self.split:
+                self.split, self.rest = False, []
+
+        super().attach(delivered)
+
+    def _handle(self, message: list[Any]) -> None:
+        if self.rest is not None and message[0] == b"message":
+            self.rest.append(message)
+            if message[1] != self._revoked:
+                self.rest_arrived.set()
+            return
+        super()._handle(message)
+
+    def read_the_rest(self) -> None:
+        rest, self.rest = self.rest or [], None
+        for message in rest:
+            super()._handle(message)
+
+
+async def test_a_revocation_through_redis_ends_a_process_sockets_once(redis_url: str) -> None:
+    """Another process revokes carol, and her socket c-1 here is ended; her socket c-2
+    joins after that, and gets the event sent to her next. The revocation reached each
+    process twice (on carol's channel and on the revocations channel), and when the
+    reader read the second copy after c-2 had joined, it ended c-2 as well."""
+    prefix = unique_prefix()
+    backend = ReadInTwoParts(redis_url, channel_prefix=prefix)
+    carol = CarolsSockets(backend)
+    hub, sockets, entered, ended = carol.hub, carol.sockets, carol.entered, carol.ended
+    other = RedisBroadcast(redis_url, channel_prefix=prefix)
+    with anyio.fail_after(DEADLINE):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(carol.hold, "c-1")
+            await entered["c-1"].wait()
+            await other.publish(Envelope(UserRef("carol"), REVOKE, None, "banned"))
+            await ended["c-1"].wait()
+            tg.start_soon(carol.hold, "c-2")
+            await entered["c-2"].wait()
+            await other.publish(Envelope(UserRef("carol"), 0, None, '{"after": "revoke"}'))
+            await backend.rest_arrived.wait()
+            backend.read_the_rest()
+            await sockets["c-2"].arrived.wait()
+            tg.cancel_scope.cancel()
+    assert sockets["c-1"].closed == [(4001, "banned")]
+    assert (sockets["c-2"].frames, sockets["c-2"].closed) == (['{"after": "revoke"}'], [])
+    assert hub.stats().revoked == 1
+    await other.aclose()
+    await carol.registry.aclose()
+
+
 async def _serve_carols_first_socket(
     registry: Registry, socket: Any, served: list[str], settled: anyio.Event
 ) -> None:

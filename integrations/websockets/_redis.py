@@ -45,22 +45,22 @@ _RECENT_FOR_MS = 300_000
 _SEEN_KEPT = 2 * _RECENT_KEPT
 
 # A revocation, in one step: counted in its user's key (for processes holding that user's
-# sockets whose subscription was down), published on its user's channel (for processes
-# that do not listen on the revocations channel yet), added to the stream of recent ones
-# (for processes whose subscription was down or not started), and published on the
-# revocations channel, with its id in that stream, to every process. The stream entry and
-# that message carry the user's count as of this revocation: a process knows which of the
-# user's revocations it heard or read, and learns from the count only of those it did not.
-# KEYS: the user's count, the stream. ARGV: the user's channel, the revocations channel,
-# the envelope, the seconds both keys are kept, the length of the stream.
+# sockets whose subscription was down), added to the stream of recent ones (for processes
+# whose subscription was down or not started), and published on the revocations channel,
+# with its id in that stream, to every process. The stream entry and that message carry
+# the user's count as of this revocation: a process knows which of the user's revocations
+# it heard or read, and learns from the count only of those it did not. Not on the user's
+# channel as well: every process listens on the revocations channel, and a second copy,
+# read after a socket of the user joined, ended that socket too.
+# KEYS: the user's count, the stream. ARGV: the revocations channel, the envelope, the
+# seconds both keys are kept, the length of the stream.
 _REVOKE = """
 local count = redis.call('INCR', KEYS[1])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('PUBLISH', ARGV[1], ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
 local id = redis.call(
-    'XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'envelope', ARGV[3], 'count', count)
-redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call('PUBLISH', ARGV[2], id .. ' ' .. count .. ' ' .. ARGV[3])
+    'XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'envelope', ARGV[2], 'count', count)
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('PUBLISH', ARGV[1], id .. ' ' .. count .. ' ' .. ARGV[2])
 return id
 """
 
@@ -82,9 +82,9 @@ class RedisBroadcast:
     re-subscribes. Publishing while Redis is unreachable raises :class:`BroadcastError`;
     so does opening a socket while the subscription cannot be made. Pub/sub delivers at
     most once: events published while this process is disconnected do not reach its
-    sockets. Revocations are the exception. Each is published to every process, on one
-    revocations channel the subscription always listens on (so that a process where a
-    handshake of the user is under way, with no socket of that user yet, hears it too),
+    sockets. Revocations are the exception. Each is published to every process, only on
+    one revocations channel the subscription always listens on (so that a process where
+    a handshake of the user is under way, with no socket of that user yet, hears it too),
     and is kept in a Redis stream of the latest ones (about 10,000): a process whose
     subscription starts, or comes back after an outage, reads from it the revocations of
     the last five minutes (on Redis's clock) it has not heard, and new sockets wait for
@@ -260,7 +260,8 @@ class RedisBroadcast:
     # -- publishing ----------------------------------------------------------------------
 
     async def publish(self, envelope: Envelope) -> None:
-        """Publish ``envelope`` on its user's channel.
+        """Publish ``envelope`` on its user's channel (a revocation on the revocations
+        channel instead, see the class).
 
         Raises:
             BroadcastError: Redis did not take it within ``timeout`` (or no connection of
@@ -285,7 +286,6 @@ class RedisBroadcast:
                             2,
                             self._revocations_key(channel),
                             self._revoked,
-                            channel,
                             self._revoked,
                             encode_envelope(envelope),
                             _REVOCATIONS_KEPT,
@@ -378,11 +378,9 @@ class RedisBroadcast:
                 waiting_for = "confirm the subscription"
                 first = await self._claim(channel)
                 if first:
-                    # Read before subscribing: a revocation Redis takes from now until it
-                    # has the subscription is published to nobody on the user's channel,
-                    # and only the revocations channel, or the count read again below,
-                    # tells of it.
-                    # Every revocation up to it came before this subscription.
+                    # Read before subscribing: every revocation up to it came before this
+                    # subscription; one Redis takes from now on is told by the revocations
+                    # channel, or by the count read again below.
                     self._advance(channel, await read_count())
                     self._check_up()
                     # Confirmed only by the answer to this SUBSCRIBE (or a later one), not
