@@ -2126,10 +2126,12 @@ def uvicorn_processes(count: int, env: dict[str, str]) -> Iterator[list[str]]:
 class RedisProcess:
     """A redis-server of our own on a spare port, to kill and restart."""
 
-    def __init__(self) -> None:
+    def __init__(self, snapshots: Path | None = None) -> None:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen[bytes] | None = None
+        # Where SAVE writes its snapshot, loaded at the next start (none: nothing kept).
+        self.snapshots = snapshots
 
     def start(self) -> None:
         binary = shutil.which("redis-server")
@@ -2138,6 +2140,8 @@ class RedisProcess:
             return
         argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1"]
         argv += ["--save", "", "--appendonly", "no"]
+        if self.snapshots is not None:
+            argv += ["--dir", str(self.snapshots)]
         self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL)  # noqa: S603 - fixed argv
         wait_listening(self.port, self.process)
 
@@ -3056,6 +3060,60 @@ class HeldReconnect(RedisBroadcast):
             self.down.set()
             await self.back.wait()
         await super()._read_once()
+
+
+@pytest.mark.parametrize("restart", ["without persistence", "from an older snapshot"])
+async def test_a_revocation_lost_after_a_redis_restart_is_learnt_from_the_count(
+    redis_url: str, tmp_path: Path, restart: str
+) -> None:
+    """Carol's socket c-1 is open here, and this process heard two revocations of her
+    connection c-9 (her count of revocations is 2). Redis restarts without persistence
+    (or from a snapshot taken when the count was 1), and while this process's
+    subscription is down, another process revokes her; the stream of recent revocations
+    no longer holds that revocation when it is read. Once back, the process revokes c-1
+    from the count. The count had started again from what Redis had kept, no higher than
+    the one this process had accounted for, and the revocation was hidden until her count
+    passed 2."""
+    snapshot = restart == "from an older snapshot"
+    own = RedisProcess(tmp_path if snapshot else None)
+    own.start()
+    admin = redis.Redis.from_url(own.url)
+    try:
+        prefix = unique_prefix()
+        backend = HeldReconnect(own.url, channel_prefix=prefix)
+        carol = CarolsSockets(backend)
+        hub, sockets, entered, ended = carol.hub, carol.sockets, carol.entered, carol.ended
+        other = ConnectionHub(RedisBroadcast(own.url, channel_prefix=prefix, timeout=1.0))
+        with anyio.fail_after(DEADLINE):
+            await backend.wait_connected()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(carol.hold, "c-1")
+                await entered["c-1"].wait()
+                for _ in range(2):
+                    await other.revoke("carol", connection_id="c-9")
+                    if snapshot:
+                        admin.save()
+                        snapshot = False
+                # Heard after both revocations, on the same subscription.
+                await other.backend.publish(Envelope(UserRef("carol"), 0, None, '{"n":1}'))
+                await sockets["c-1"].arrived.wait()
+                own.kill()
+                own.start()
+                await backend.down.wait()
+                await other.revoke("carol", reason="banned")
+                assert admin.delete(f"{prefix}revocations") == 1
+                backend.back.set()
+                while not (backend.reconnects and backend.connected and backend._caught_up):
+                    await backend._wait_changed()
+                assert hub.stats().revoked == 1
+                await ended["c-1"].wait()
+        assert sockets["c-1"].closed == [(4001, "access revoked")]
+        assert hub.stats().connections == 0
+        await other.aclose()
+        await carol.registry.aclose()
+    finally:
+        admin.close()
+        own.kill()
 
 
 @pytest.mark.parametrize("revoked", ["one connection", "each connection", "one lost"])

@@ -40,8 +40,8 @@ _REVOCATIONS_KEPT = 7 * 24 * 3600
 # flight (see _hub.py).
 _RECENT_KEPT = 10_000
 _RECENT_FOR_MS = 300_000
-# The ids of revocations heard a process keeps to know one heard again: twice what the
-# stream holds, so that whatever it still holds of them is known.
+# The revocations heard (id in the stream and count) a process keeps to know one heard
+# again: twice what the stream holds, so that whatever it still holds of them is known.
 _SEEN_KEPT = 2 * _RECENT_KEPT
 
 # A revocation, in one step: counted in its user's key (for processes holding that user's
@@ -52,17 +52,49 @@ _SEEN_KEPT = 2 * _RECENT_KEPT
 # it heard or read, and learns from the count only of those it did not. Not on the user's
 # channel as well: every process listens on the revocations channel, and a second copy,
 # read after a socket of the user joined, ended that socket too.
+# A count is "<epoch>:<number>". A count this Redis did not make (lost with the key, kept
+# by the Redis before a restart or a failover, which may have lost the latest ones) starts
+# again at 1 in a new epoch, named after this Redis's run id and a token: numbers that
+# would come again after those processes accounted for are never reused. (INFO may be
+# refused by an ACL: then only a lost count starts a new epoch.)
 # KEYS: the user's count, the stream. ARGV: the revocations channel, the envelope, the
-# seconds both keys are kept, the length of the stream.
+# seconds both keys are kept, the length of the stream, the token of a new epoch.
 _REVOKE = """
-local count = redis.call('INCR', KEYS[1])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
+local info = redis.pcall('INFO', 'server')
+local run = type(info) == 'string' and string.match(info, 'run_id:(%x+)') or ''
+local epoch, number = run .. ':' .. ARGV[5], 1
+local value = redis.call('GET', KEYS[1])
+if value then
+    local kept, counted = string.match(value, '^(.*):(%d+)$')
+    if kept and string.sub(kept, 1, #run + 1) == run .. ':' then
+        epoch, number = kept, tonumber(counted) + 1
+    end
+end
+local count = epoch .. ':' .. number
+redis.call('SET', KEYS[1], count, 'EX', ARGV[3])
 local id = redis.call(
     'XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'envelope', ARGV[2], 'count', count)
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('PUBLISH', ARGV[1], id .. ' ' .. count .. ' ' .. ARGV[2])
 return id
 """
+
+# A user's count of revocations: the epoch Redis numbers them in, and their number.
+Count = tuple[bytes, int]
+_NO_COUNT: Count = (b"", 0)
+
+
+def _count(value: bytes) -> Count:
+    """The count ``value`` (``<epoch>:<number>``) says.
+
+    Raises:
+        ValueError: it is no count.
+    """
+    epoch, _, number = value.rpartition(b":")
+    if not number.isdigit():
+        raise ValueError(value)
+    return epoch, int(number)
+
 
 _ASYNCIO_ONLY = (
     "RedisBroadcast uses redis-py's asyncio client, which runs on asyncio only, and this "
@@ -89,7 +121,9 @@ class RedisBroadcast:
     subscription starts, or comes back after an outage, reads from it the revocations of
     the last five minutes (on Redis's clock) it has not heard, and new sockets wait for
     that read. Each is also counted in a Redis key of its user, and carries its number in
-    that count, so a process knows which of the user's revocations it heard or read. A
+    that count, so a process knows which of the user's revocations it heard or read; a
+    count another Redis made (before a restart or a failover, which may have lost the
+    latest) or that was lost starts again in a new epoch, never reusing a number. A
     process whose subscription comes back, once it has read the recent ones, compares
     those counts with the revocations it accounted for, and revokes every socket of a
     user with one it neither heard nor read (all of them: the count does not say which
@@ -191,10 +225,11 @@ class RedisBroadcast:
         # Per subscribed channel: the count of its user's revocations up to which every one
         # is accounted for here: made before the subscription, or heard (as a message, or
         # read from the stream of recent ones), each numbered by the count it carries.
-        self._revocations: dict[bytes, int] = {}
-        # Subscribed channel -> the numbers of its user's revocations heard here past that
+        # Numbers of another epoch than this count's are not comparable with it.
+        self._revocations: dict[bytes, Count] = {}
+        # Subscribed channel -> the counts of its user's revocations heard here past that
         # count, one before them not (yet): heard out of order, or before the count was read.
-        self._heard: dict[bytes, set[int]] = {}
+        self._heard: dict[bytes, set[Count]] = {}
         # The subscription came back after an outage: look for revocations it missed.
         self._resync = False
         # The stream of recent revocations was read since the subscription (re)started:
@@ -290,6 +325,7 @@ class RedisBroadcast:
                             encode_envelope(envelope),
                             _REVOCATIONS_KEPT,
                             _RECENT_KEPT,
+                            secrets.token_hex(8),
                         )
                     else:
                         await client.publish(channel, encode_envelope(envelope))
@@ -362,7 +398,7 @@ class RedisBroadcast:
         first = False  # this call makes the channel's subscription
         sent = False
 
-        async def read_count() -> int:
+        async def read_count() -> Count:
             nonlocal waiting_for
             client, free = self._publisher()
             waiting_for = None  # None while no connection is free
@@ -410,11 +446,18 @@ class RedisBroadcast:
                 raise BroadcastError(msg) from error
             raise
 
-    async def _revocation_counts(self, client: Redis, channels: list[bytes]) -> list[int]:
+    async def _revocation_counts(self, client: Redis, channels: list[bytes]) -> list[Count]:
         """The users' counts of revocations (``channels``' users), from Redis."""
         keys = [self._revocations_key(channel) for channel in channels]
         values = await client.mget(keys)
-        return [int(value or 0) for value in values]
+        counts = []
+        for value in values:
+            try:
+                counts.append(_count(value) if isinstance(value, bytes) else _NO_COUNT)
+            except ValueError:
+                logger.warning("ambient: took a malformed count of revocations for none")
+                counts.append(_NO_COUNT)
+        return counts
 
     async def _recent_revocations(self) -> None:
         """Once the subscription (re)started: deliver the revocations of the last five
@@ -427,7 +470,7 @@ class RedisBroadcast:
         if channels:
             self._missed_revocations(channels, counts)
 
-    async def _read_recent(self, channels: list[bytes]) -> list[int]:
+    async def _read_recent(self, channels: list[bytes]) -> list[Count]:
         """Deliver the revocations of the last five minutes (on Redis's clock) not heard
         here, from the stream of recent ones (the hub dates each as it gets it, the
         conservative side), once it read the counts of ``channels``' users, which it
@@ -435,7 +478,7 @@ class RedisBroadcast:
         lost it. (Read after the stream, they could count one made meanwhile whose message
         waits on the subscription, not read yet.)"""
         client, free = self._publisher()
-        counts: list[int] = []
+        counts: list[Count] = []
         with anyio.fail_after(self.timeout):
             async with free:
                 if channels:
@@ -470,15 +513,17 @@ class RedisBroadcast:
         ones and numbered ``count`` among its user's, unless it was heard already; return
         whether it was delivered."""
         try:
-            number = int(count)
+            numbered = _count(count)
             envelope = decode_envelope(raw)
         except (ValueError, UnicodeDecodeError):
             logger.warning("ambient: dropped a malformed message on the revocations channel")
             return False
         seen = self._seen
-        if entry_id in seen:
+        # With its count: an id may come again after the stream was lost, its count not.
+        key = entry_id + b" " + count
+        if key in seen:
             return False  # read from the stream, then heard as a message too, or the reverse
-        seen[entry_id] = None
+        seen[key] = None
         if len(seen) > _SEEN_KEPT:
             del seen[next(iter(seen))]
         deliver = self._deliver
@@ -488,42 +533,53 @@ class RedisBroadcast:
         deliver(envelope)
         channel = self.channel(envelope.user)
         if channel in self._refs:
-            self._heard.setdefault(channel, set()).add(number)
+            self._heard.setdefault(channel, set()).add(numbered)
             if channel in self._revocations:
-                self._advance(channel, 0)
+                self._advance(channel, (numbered[0], 0))
         return True
 
-    def _advance(self, channel: bytes, count: int) -> None:
+    def _advance(self, channel: bytes, count: Count) -> None:
         """Take every revocation of ``channel``'s user up to ``count`` (or up to those
-        accounted for already, if more) as accounted for, and those heard in a row after."""
-        known = max(self._revocations.get(channel, count), count)
+        accounted for already, if more) as accounted for, and those heard in a row after.
+        A count in another epoch than the one accounted for (Redis lost or rolled back the
+        count, and numbers it anew) replaces it: of its revocations, only those heard are
+        accounted for."""
+        epoch, number = count
+        accounted = self._revocations.get(channel)
+        if accounted is not None and accounted[0] == epoch:
+            number = max(accounted[1], number)
         heard = self._heard.pop(channel, set())
-        while known + 1 in heard:
-            known += 1
-        later = {number for number in heard if number > known}
+        while (epoch, number + 1) in heard:
+            number += 1
+        later = {(e, n) for e, n in heard if e == epoch and n > number}
         if later:
             self._heard[channel] = later
-        self._revocations[channel] = known
+        self._revocations[channel] = (epoch, number)
 
-    def _missed(self, channel: bytes, count: int) -> bool:
+    def _missed(self, channel: bytes, count: Count) -> bool:
         """Compare ``count``, the count of ``channel``'s user's revocations just read from
         Redis, with those accounted for here; return whether any of them was neither
         heard nor read from the stream (which connection it named is then not known).
         Accounted for from now on."""
-        known = self._revocations.get(channel, count)
+        if channel not in self._revocations:
+            self._advance(channel, count)
+            return False
+        # Those accounted for in its epoch: none but those heard, in a new one.
+        self._advance(channel, (count[0], 0))
+        known = self._revocations[channel][1]
         self._advance(channel, count)
-        return count > known
+        return count[1] > known
 
-    async def _missed_since(self, channel: bytes, count: int) -> bool:
+    async def _missed_since(self, channel: bytes, count: Count) -> bool:
         """:meth:`_missed` for ``count``, read once Redis confirmed the subscription of
         ``channel``: a revocation it counts may have reached this process with its message
         not read from the subscription yet, and is then read from the stream first."""
         known = self._revocations.get(channel)
-        if known is not None and count > known:
+        if known is not None and (count[0] != known[0] or count[1] > known[1]):
             await self._read_recent([])
         return self._missed(channel, count)
 
-    def _missed_revocations(self, channels: list[bytes], counts: list[int]) -> None:
+    def _missed_revocations(self, channels: list[bytes], counts: list[Count]) -> None:
         """After an outage of the subscription, once the recent revocations are read:
         revoke the sockets of every user whose count of revocations (``counts``, of
         ``channels``' users, read before the recent ones) grew by one this process neither
