@@ -84,6 +84,12 @@ Count = tuple[bytes, int]
 _NO_COUNT: Count = (b"", 0)
 
 
+def _milliseconds(entry_id: bytes) -> int:
+    """The time, in milliseconds, of the id ``entry_id`` in a stream (-1 if it is none)."""
+    milliseconds = entry_id.partition(b"-")[0]
+    return int(milliseconds) if milliseconds.isdigit() else -1
+
+
 def _count(value: bytes) -> Count:
     """The count ``value`` (``<epoch>:<number>``) says.
 
@@ -240,6 +246,9 @@ class RedisBroadcast:
         # ids seen takes over (a failover, a restart without persistence), and a later
         # revocation would be taken for one heard.
         self._seen: dict[bytes, None] = {}
+        # The id and count of the revocation heard last: the stream holds those heard
+        # after it past it, as long as it holds it.
+        self._last_heard: tuple[bytes, bytes] | None = None
 
     def __repr__(self) -> str:
         state = "connected" if self._connected else "disconnected"
@@ -485,9 +494,18 @@ class RedisBroadcast:
                     counts = await self._revocation_counts(client, channels)
                 seconds, microseconds = await client.time()
                 start = seconds * 1000 + microseconds // 1000 - _RECENT_FOR_MS
-                # The whole window, those heard too (skipped below): after the latest one
-                # heard could miss later ones with smaller ids.
-                entries = await client.xrange(self._revoked, min=max(start, 0))
+                entries = None
+                last = self._last_heard
+                if last is not None and _milliseconds(last[0]) >= start:
+                    # From the one heard last, if the stream still holds it: not past the
+                    # largest id heard, as later ones may have smaller ids.
+                    entries = await client.xrange(self._revoked, min=last[0])
+                    first_id, fields = entries[0] if entries else (None, None)
+                    if (first_id, (fields or {}).get(b"count")) != last:
+                        entries = None  # another stream (a reset, a failover) or trimmed
+                if entries is None:
+                    # The whole window, those heard too (skipped below).
+                    entries = await client.xrange(self._revoked, min=max(start, 0))
         missed = 0
         for entry_id, fields in entries or ():
             raw = None if fields is None else fields.get(b"envelope")
@@ -526,6 +544,7 @@ class RedisBroadcast:
         seen[key] = None
         if len(seen) > _SEEN_KEPT:
             del seen[next(iter(seen))]
+        self._last_heard = (entry_id, count)
         deliver = self._deliver
         if envelope.mode != REVOKE or deliver is None:
             logger.warning("ambient: dropped a message on the revocations channel that is none")
@@ -840,6 +859,7 @@ class RedisBroadcast:
         self._caught_up = False
         # Started again, it reads the last five minutes' revocations, as a new process does.
         self._seen.clear()
+        self._last_heard = None
         self._down_since = None
         self._confirmed.clear()
         self._pending.clear()
