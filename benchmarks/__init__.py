@@ -220,7 +220,11 @@ class Target:
         """One line: name, measured value, limit, verdict."""
         sign = ">=" if self.higher_is_better else "<="
         digits = 3 if self.unit == "x" else 2
-        value = f"{self.value.fmt(digits, self.unit)} [{self.interval}]"
+        value = (
+            f"{self.value.median:.{digits}f}{self.unit} [{self.interval}]"
+            if self.value.low == self.value.high
+            else f"{self.value.fmt(digits, self.unit)} [{self.interval}]"
+        )
         if self.informative:
             return f"{'info':6}  {self.name}: {value}"
         verdict = "met" if self.met else "MISSED"

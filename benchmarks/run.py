@@ -13,7 +13,10 @@ Sections (all by default, in this order):
   separate process when ``wrk`` is not installed), req/s against the floor app;
 * ``telemetry`` and ``psycopg``: the standalone ``bench_telemetry.py`` and
   ``bench_psycopg.py`` scripts, run in a subprocess when present (``psycopg`` needs
-  PostgreSQL, so it runs only when named in ``--only``).
+  PostgreSQL, so it runs only when named in ``--only``);
+* ``instructions``: CPU instructions per request of the in-process stacks, counted by
+  valgrind's callgrind (deterministic where timings are noise; needs ``valgrind``, so it
+  runs only when named in ``--only``).
 """
 
 from __future__ import annotations
@@ -38,7 +41,16 @@ if __package__ in (None, ""):  # run as a script: python benchmarks/run.py
 from benchmarks import Options, Report
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("asgi", "fastapi", "micro", "memory", "server", "telemetry", "psycopg")
+SECTIONS = (
+    "asgi",
+    "fastapi",
+    "micro",
+    "memory",
+    "server",
+    "telemetry",
+    "psycopg",
+    "instructions",
+)
 DEFAULT = ("asgi", "fastapi", "micro", "memory", "server", "telemetry")
 PACKAGES = (
     "ambient-context",
@@ -123,7 +135,7 @@ async def _sections(report: Report, options: Options, chosen: Sequence[str]) -> 
     for name in chosen:
         started = time.perf_counter()
         print(f"## {name}\n", flush=True)
-        if name in ("asgi", "fastapi", "micro", "memory", "server"):
+        if name in ("asgi", "fastapi", "micro", "memory", "server", "instructions"):
             module = importlib.import_module(f"benchmarks.bench_{name}")
             await module.run(report, options)
         elif name == "telemetry":
