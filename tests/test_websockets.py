@@ -62,6 +62,7 @@ from ambient.integrations.websockets import (
     message_scope,
 )
 from ambient.integrations.websockets._envelope import REVOKE
+from ambient.integrations.websockets._redis import Count
 from ambient.middleware import AmbientMiddleware, trusted_header
 from tests.apps import Ledger
 from tests.conftest import REDIS_URL, service_unavailable
@@ -3353,6 +3354,128 @@ async def test_a_revocation_of_another_connection_before_the_first_subscription_
     assert hub.stats().revoked == 0
     await other.aclose()
     await registry.aclose()
+
+
+class HeardAsItReads(RedisBroadcast):
+    """A RedisBroadcast that runs ``hold`` once Redis answered its next read of a user's
+    count of revocations, before it takes the answer; ``heard`` is set once it heard a
+    revocation (the reader handled its message while the reading task waited)."""
+
+    def __init__(self, url: str, *, channel_prefix: str) -> None:
+        super().__init__(url, channel_prefix=channel_prefix)
+        self.hold: Callable[[], Awaitable[None]] | None = None
+        self.heard = anyio.Event()
+
+    async def _revocation_counts(self, client: Any, channels: list[bytes]) -> list[Count]:
+        counts = await super()._revocation_counts(client, channels)
+        hold, self.hold = self.hold, None
+        if hold is not None:
+            await hold()
+        return counts
+
+    def _revocation_heard(self, entry_id: bytes, count: bytes, raw: bytes) -> bool:
+        delivered = super()._revocation_heard(entry_id, count, raw)
+        self.heard.set()
+        return delivered
+
+
+@pytest.mark.parametrize("kept", ["no count", "a count of an earlier Redis run"])
+async def test_a_revocation_heard_as_the_first_read_of_the_count_returns_spares_the_socket(
+    redis_url: str, kept: str
+) -> None:
+    """Carol's socket c-1 starts joining on a process that holds nothing of hers yet, and as
+    Redis answers its read of her count of revocations (none yet, or one an earlier Redis
+    run made, as after a restart with persistence), another process revokes her connection
+    c-2; this process hears it before it takes the answer. That revocation starts a new
+    epoch of her count. c-1 is served and stays. Taking the answer, in the epoch before,
+    dropped the revocation heard in the new one: the count read once subscribed then had
+    one neither heard nor read, and c-1 was ended."""
+    prefix = unique_prefix()
+    registry = Registry()
+    backend = HeardAsItReads(redis_url, channel_prefix=prefix)
+    hub = ConnectionHub(backend)
+    hub.install(registry)
+    other = ConnectionHub(RedisBroadcast(redis_url, channel_prefix=prefix))
+    socket = SignalledAccept()
+    served: list[str] = []
+    settled = anyio.Event()
+    admin = redis.Redis.from_url(redis_url)
+    key = backend._revocations_key(backend.channel(UserRef("carol")))
+
+    async def revoke() -> None:
+        assert await other.revoke("carol", connection_id="c-2") == 0
+        await backend.heard.wait()
+
+    try:
+        if kept != "no count":
+            admin.set(key, "0123456789abcdef:0123456789abcdef:3", ex=60)
+        with anyio.fail_after(DEADLINE):
+            await backend.wait_connected()
+            backend.hold = revoke
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_serve_carols_first_socket, registry, socket, served, settled)
+                await settled.wait()
+                tg.cancel_scope.cancel()
+        assert served == ["entered", "served on"]
+        assert socket.closed == []
+        assert hub.stats().revoked == 0
+    finally:
+        admin.delete(key)
+        admin.close()
+        await other.aclose()
+        await registry.aclose()
+
+
+@pytest.mark.parametrize("kept", ["no count", "a count of an earlier Redis run"])
+async def test_a_revocation_read_as_the_subscription_comes_back_is_not_taken_for_one_missed(
+    redis_url: str, kept: str
+) -> None:
+    """Carol's socket c-1 is open here when this process's pub/sub connection is cut; once
+    back, it reads her count of revocations (none yet, or one an earlier Redis run made, as
+    after a restart with persistence), and just then another process revokes her
+    connection c-2, which starts a new epoch of her count: the read of the recent
+    revocations that follows delivers it. The connection is cut again and comes back.
+    c-1 stays open throughout. Comparing the count read before that revocation, in the
+    epoch before, replaced the new epoch accounted for: c-1 was revoked for a revocation
+    of c-2 it had delivered, at that comparison or at the next outage's."""
+    own = RedisProcess()
+    own.start()
+    admin = redis.Redis.from_url(own.url)
+    try:
+        prefix = unique_prefix()
+        backend = HeardAsItReads(own.url, channel_prefix=prefix)
+        carol = CarolsSockets(backend)
+        hub, sockets, entered, ended = carol.hub, carol.sockets, carol.entered, carol.ended
+        other = ConnectionHub(RedisBroadcast(own.url, channel_prefix=prefix, timeout=1.0))
+        if kept != "no count":
+            key = backend._revocations_key(backend.channel(UserRef("carol")))
+            admin.set(key, "0123456789abcdef:0123456789abcdef:3")
+
+        async def revoke() -> None:
+            assert await other.revoke("carol", connection_id="c-2") == 0
+
+        with anyio.fail_after(DEADLINE):
+            await backend.wait_connected()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(carol.hold, "c-1")
+                await entered["c-1"].wait()
+                for outage in (1, 2):
+                    backend.hold = revoke if outage == 1 else None
+                    assert admin.client_kill_filter(_type="pubsub") == 1
+                    while not (backend.reconnects == outage and backend._caught_up):
+                        await backend._wait_changed()
+                # Read by the reader after it looked for revocations missed in the outage.
+                await other.backend.publish(Envelope(UserRef("carol"), 0, None, '{"n":1}'))
+                await sockets["c-1"].arrived.wait()
+                assert not ended["c-1"].is_set()
+                tg.cancel_scope.cancel()
+        assert (sockets["c-1"].frames, sockets["c-1"].closed) == (['{"n":1}'], [])
+        assert hub.stats().revoked == 0
+        await other.aclose()
+        await carol.registry.aclose()
+    finally:
+        admin.close()
+        own.kill()
 
 
 async def test_a_revocation_heard_before_the_recent_ones_are_read_hides_none_of_them(

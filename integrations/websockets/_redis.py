@@ -43,6 +43,10 @@ _RECENT_FOR_MS = 300_000
 # The revocations heard (id in the stream and count) a process keeps to know one heard
 # again: twice what the stream holds, so that whatever it still holds of them is known.
 _SEEN_KEPT = 2 * _RECENT_KEPT
+# The epochs of a user's count of revocations a process keeps what it accounted for in:
+# a new one begins only when Redis lost the count or another Redis run made it. One dropped
+# and read again is taken for one of revocations none of which was heard (all sockets).
+_EPOCHS_KEPT = 4
 
 # A revocation, in one step: counted in its user's key (for processes holding that user's
 # sockets whose subscription was down), added to the stream of recent ones (for processes
@@ -228,13 +232,16 @@ class RedisBroadcast:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected = False
         self._down_since: float | None = None
-        # Per subscribed channel: the count of its user's revocations up to which every one
-        # is accounted for here: made before the subscription, or heard (as a message, or
-        # read from the stream of recent ones), each numbered by the count it carries.
-        # Numbers of another epoch than this count's are not comparable with it.
-        self._revocations: dict[bytes, Count] = {}
-        # Subscribed channel -> the counts of its user's revocations heard here past that
-        # count, one before them not (yet): heard out of order, or before the count was read.
+        # Per subscribed channel, per epoch of its user's count of revocations (the latest
+        # _EPOCHS_KEPT, the one met last at the end): the number up to which every one is
+        # accounted for here, made before the subscription, or heard (as a message, or read
+        # from the stream of recent ones), each numbered by the count it carries. Epochs
+        # apart: epochs have no order, and a count read just before a revocation that began
+        # a new epoch, heard before the read's answer was taken, is of the epoch before.
+        self._revocations: dict[bytes, dict[bytes, int]] = {}
+        # Subscribed channel -> the counts of its user's revocations heard here past those
+        # accounted for in their epoch, one before them not (yet): heard out of order, or
+        # before the count was read.
         self._heard: dict[bytes, set[Count]] = {}
         # The subscription came back after an outage: look for revocations it missed.
         self._resync = False
@@ -559,33 +566,41 @@ class RedisBroadcast:
 
     def _advance(self, channel: bytes, count: Count) -> None:
         """Take every revocation of ``channel``'s user up to ``count`` (or up to those
-        accounted for already, if more) as accounted for, and those heard in a row after.
-        A count in another epoch than the one accounted for (Redis lost or rolled back the
-        count, and numbers it anew) replaces it: of its revocations, only those heard are
-        accounted for."""
-        epoch, number = count
-        accounted = self._revocations.get(channel)
-        if accounted is not None and accounted[0] == epoch:
-            number = max(accounted[1], number)
+        accounted for already in its epoch, if more) as accounted for, and those heard in a
+        row after, in each epoch. An epoch first met here (Redis lost the count, or another
+        Redis run made it, and numbers them anew) has none of its revocations accounted for
+        but those heard."""
+        epochs = self._revocations.setdefault(channel, {})
         heard = self._heard.pop(channel, set())
-        while (epoch, number + 1) in heard:
-            number += 1
-        later = {(e, n) for e, n in heard if e == epoch and n > number}
+        epoch, number = count
+        for other in {e for e, _ in heard}:
+            # Only heard of (before the channel's first count, of another epoch, was
+            # taken): begun after that read, which counted none of its revocations.
+            epochs.setdefault(other, 0)
+        # Met last: moved to the end.
+        epochs[epoch] = max(epochs.pop(epoch, 0), number)
+        for each, accounted in epochs.items():
+            number = accounted
+            while (each, number + 1) in heard:
+                number += 1
+            epochs[each] = number
+        while len(epochs) > _EPOCHS_KEPT:
+            del epochs[next(iter(epochs))]
+        later = {(e, n) for e, n in heard if e in epochs and n > epochs[e]}
         if later:
             self._heard[channel] = later
-        self._revocations[channel] = (epoch, number)
 
     def _missed(self, channel: bytes, count: Count) -> bool:
         """Compare ``count``, the count of ``channel``'s user's revocations just read from
-        Redis, with those accounted for here; return whether any of them was neither
-        heard nor read from the stream (which connection it named is then not known).
-        Accounted for from now on."""
+        Redis, with those accounted for here in its epoch; return whether any of them was
+        neither heard nor read from the stream (which connection it named is then not
+        known). Accounted for from now on."""
         if channel not in self._revocations:
             self._advance(channel, count)
             return False
-        # Those accounted for in its epoch: none but those heard, in a new one.
+        # Those accounted for in its epoch: none but those heard, in one new here.
         self._advance(channel, (count[0], 0))
-        known = self._revocations[channel][1]
+        known = self._revocations[channel][count[0]]
         self._advance(channel, count)
         return count[1] > known
 
@@ -594,7 +609,7 @@ class RedisBroadcast:
         ``channel``: a revocation it counts may have reached this process with its message
         not read from the subscription yet, and is then read from the stream first."""
         known = self._revocations.get(channel)
-        if known is not None and (count[0] != known[0] or count[1] > known[1]):
+        if known is not None and count[1] > known.get(count[0], 0):
             await self._read_recent([])
         return self._missed(channel, count)
 
