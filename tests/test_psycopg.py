@@ -1181,6 +1181,42 @@ async def test_shared_writes_after_a_commit_inside_the_checkout_are_rolled_back(
     assert rows == [1]
 
 
+@pytest.mark.parametrize("then", ["a caught error", "another commit"])
+async def test_shared_an_error_after_a_commit_inside_the_checkout_owns_that_commit(
+    db: Database, then: str
+) -> None:
+    """A handler ends the checkout's transaction itself, begins another and writes; then
+    a statement fails and its error is caught (the checkout raises InFailedSqlTransaction),
+    or it commits again and begins a third (the checkout raises "ended inside"). What it
+    committed stays, and the error says so: it said that nothing of the transaction was
+    committed, or that the transaction begun after the checkout's was rolled back."""
+    deferred = sql.Identifier(db.schema, "deferred")
+    insert = sql.SQL("INSERT INTO {} VALUES (%s)").format(deferred)
+    async with SharedPool(db.app_url, min_size=1, max_size=1, kwargs=db.kwargs()) as pool:
+        with bind_context(_ctx("alice")), pytest.raises(psycopg.Error) as raised:
+            async with pool.connection() as conn:
+                await conn.execute(insert, (1,))
+                await conn.execute("COMMIT; BEGIN")
+                await conn.execute(insert, (2,))
+                if then == "a caught error":
+                    with contextlib.suppress(psycopg.errors.UndefinedTable):
+                        await conn.execute("SELECT FROM no_such_table")
+                else:
+                    await conn.execute("COMMIT; BEGIN")
+                    await conn.execute(insert, (3,))
+    async with await psycopg.AsyncConnection.connect(db.admin_url) as admin:
+        query = sql.SQL("SELECT array_agg(x ORDER BY x) FROM {}").format(deferred)
+        rows = await _scalar(admin, query)
+    if then == "a caught error":
+        assert isinstance(raised.value, psycopg.errors.InFailedSqlTransaction)
+        assert rows == [1]
+        assert "but what the block committed itself" in str(raised.value)
+    else:
+        assert isinstance(raised.value, psycopg.ProgrammingError)
+        assert rows == [1, 2]
+        assert "the transaction still open as the block ended was rolled back" in str(raised.value)
+
+
 _CHECK_ONLY = (
     "SELECT current_user, session_user, NULL, false, "
     "current_setting('app.user_id', true), current_setting('app.tenant_id', true)"

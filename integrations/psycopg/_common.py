@@ -349,19 +349,23 @@ def _warn_pooler(
 def _aborted() -> psycopg.errors.InFailedSqlTransaction:
     """The error of a checkout that ended normally in a failed transaction."""
     # COMMIT of a failed transaction rolls it back without an error: say so rather than
-    # let the block's work vanish silently.
+    # let the block's work vanish silently. A failed transaction answers no query, so
+    # whether it is still the checkout's (the handler may have committed that one) is not
+    # known here.
     return psycopg.errors.InFailedSqlTransaction(
         "a statement in the checkout failed and its error was caught inside the block, so "
-        "the transaction was rolled back: nothing of it was committed. Wrap statements "
-        "whose errors you handle in `async with conn.transaction():` (a savepoint)"
+        "the transaction was rolled back: nothing of it was committed, but what the block "
+        "committed itself before, if it did (conn.commit(), COMMIT). Wrap statements whose "
+        "errors you handle in `async with conn.transaction():` (a savepoint)"
     )
 
 
 def _ended_inside(*, another: bool = False) -> psycopg.ProgrammingError:
     """The error of a checkout whose handler ended the transaction that carried the
     context's settings (behind a pooler, the settings of either strategy); ``another``:
-    and began another, which was rolled back."""
-    then = ", and the transaction begun after it was rolled back" if another else ""
+    and the one open at the block's end (the handler may have begun and committed others
+    in between) was rolled back."""
+    then = ", and the transaction still open as the block ended was rolled back" if another else ""
     return psycopg.ProgrammingError(
         "the checkout's transaction was ended inside it (conn.commit(), conn.rollback() or "
         f"COMMIT): the statements after that ran without the context's settings{then}. "

@@ -92,8 +92,9 @@ class PerUserPools:
     COMMIT or ROLLBACK, before the pooler can hand the session to another client; a
     handler that ends the checkout's transaction itself there (``conn.commit()``) gets
     ``psycopg.ProgrammingError`` when its block ends, since what ran after it ran without
-    the settings (and is rolled back, not committed; the server session the pooler gives the checkout then is reset, most
-    likely the one the handler left, though the pooler may have handed that on before).
+    the settings (the transaction open as the block ends is rolled back, not committed;
+    the server session the pooler gives the checkout then is reset, most likely the one
+    the handler left, though the pooler may have handed that on before).
     A checkout follows psycopg's rules: committed when the ``async with`` body ends
     normally, rolled back when it raises. One that ends normally in a failed transaction
     (a statement's error caught inside it) is rolled back and raises

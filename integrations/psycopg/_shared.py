@@ -137,10 +137,11 @@ class SharedPool:
     never undo the settings. Ending the transaction inside the block (``conn.commit()``)
     leaves the rest of the block without settings, so the checkout then raises
     ``psycopg.ProgrammingError`` at its end; statements after it run in autocommit, and a
-    transaction the block began after it is rolled back, not committed. The connection is the checkout's only inside
-    the block: a reference kept past it (for a background task, a task spawned in the
-    block) runs its statements in whatever checkout holds the connection next, another
-    user's included; such work takes a checkout of its own. A block that ends normally in a failed
+    transaction the block began after it and left open is rolled back, not committed. The
+    connection is the checkout's only inside the block: a reference kept past it (for a
+    background task, a task spawned in the block) runs its statements in whatever
+    checkout holds the connection next, another user's included; such work takes a
+    checkout of its own. A block that ends normally in a failed
     transaction (a statement's error caught inside it) is rolled back, and the checkout
     raises ``psycopg.errors.InFailedSqlTransaction`` rather than report a commit that did
     not happen. A connection whose server session ended while it sat idle (a server restart,
