@@ -631,7 +631,10 @@ async def _leave_session_state(conn: psycopg.AsyncConnection[Any], db: Database,
         "LISTEN leaked",
     ):
         await conn.execute(statement, prepare=False)
-    await conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (user,), prepare=False)
+    # Keyed by the test's schema too: advisory locks are the database's, and another test
+    # run on the same database would hold (or wait for) the same user's.
+    key = (f"{db.schema}/{user}",)
+    await conn.execute("SELECT pg_advisory_lock(hashtext(%s))", key, prepare=False)
     insert = db.sql("INSERT INTO {notes} (owner, body) VALUES (%s, 'secret') RETURNING id")
     await conn.execute(insert, (user,), prepare=False)
     cur = await conn.execute("SELECT pg_catalog.pg_backend_pid()", prepare=False)
@@ -949,10 +952,10 @@ async def test_a_commit_failing_at_any_isolation_level_leaves_nothing_to_the_nex
         sequence=sql.Literal(f"{db.schema}.notes_id_seq"),
     )
     # Whether this session can take user-1's lock (and gives it back at once).
-    lock = (
-        "SELECT CASE WHEN pg_catalog.pg_try_advisory_lock(hashtext('user-1')) "
-        "THEN pg_catalog.pg_advisory_unlock(hashtext('user-1')) ELSE false END"
-    )
+    lock = sql.SQL(
+        "SELECT CASE WHEN pg_catalog.pg_try_advisory_lock(hashtext({key})) "
+        "THEN pg_catalog.pg_advisory_unlock(hashtext({key})) ELSE false END"
+    ).format(key=sql.Literal(f"{db.schema}/user-1"))
     outcome: list[BaseException | None] = []
     seen: list[tuple[Any, ...]] = []
     waited = anyio.Event()
