@@ -1129,6 +1129,65 @@ async def test_per_user_sessions_that_start_as_another_role_than_the_first_are_r
     assert any(bypass in record.getMessage() for record in caplog.records)
 
 
+@pytest.mark.parametrize("kind", ["shared", "per_user"])
+async def test_a_commit_given_up_at_return_timeout_is_cancelled_on_the_server(
+    db: Database, kind: str
+) -> None:
+    """A COMMIT that waits on the server (here a deferred trigger waiting for a lock
+    another session holds) is given up at ``return_timeout``: the caller hears that its
+    outcome is unknown, and the server stops running it instead of waiting on, holding
+    the transaction's locks, until the lock comes free. Before, the cancel psycopg sends
+    when its wait is interrupted was interrupted by the same deadline, and the connection
+    was closed with the COMMIT still running."""
+    schema = sql.Identifier(db.schema)
+    with _admin() as admin:
+        admin.execute(
+            sql.SQL(
+                "CREATE FUNCTION {}.wait_at_commit() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN PERFORM pg_catalog.pg_advisory_xact_lock(hashtext({})); "
+                "RETURN NULL; END $$"
+            ).format(schema, sql.Literal(db.schema))
+        )
+        admin.execute(
+            sql.SQL(
+                "CREATE CONSTRAINT TRIGGER wait_at_commit AFTER INSERT ON {}.plain "
+                "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {}.wait_at_commit()"
+            ).format(schema, schema)
+        )
+        admin.execute(sql.SQL("GRANT INSERT ON {}.plain TO PUBLIC").format(schema))
+    options: dict[str, Any] = {"return_timeout": 0.5, "rls_check": "off", "kwargs": db.kwargs()}
+    pool = (
+        SharedPool(db.app_url, min_size=1, max_size=1, **options)
+        if kind == "shared"
+        else PerUserPools(db.app_url, max_size=1, max_total=1, **options)
+    )
+    registry = Registry()
+    pool.install(registry)
+    insert = sql.SQL("INSERT INTO {}.plain VALUES ('alice')").format(schema)
+    waiting = (
+        "SELECT count(*) FROM pg_catalog.pg_stat_activity "
+        "WHERE application_name = %s AND wait_event_type = 'Lock'"
+    )
+
+    async def still_waiting() -> bool:
+        return int(await _admin_scalar(db, waiting, (db.app_name,))) > 0
+
+    async def gone() -> bool:
+        return not await still_waiting()
+
+    try:
+        with _admin() as holder:
+            holder.autocommit = False
+            holder.execute("SELECT pg_catalog.pg_advisory_xact_lock(hashtext(%s))", (db.schema,))
+            with pytest.raises(psycopg.OperationalError, match="may or may not"):
+                async with registry.open_scope(_ctx("alice")), connection() as conn:
+                    await conn.execute(insert)
+            await _eventually(gone, "the COMMIT given up stops on the server", within=3.0)
+            holder.rollback()
+    finally:
+        await registry.aclose()
+
+
 async def test_shared_dirty_connection_is_discarded(db: Database) -> None:
     """When the reset cannot clean a connection, it is closed and replaced, never handed
     on (the reset is sabotaged to simulate one that fails)."""

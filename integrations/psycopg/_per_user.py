@@ -116,8 +116,9 @@ class PerUserPools:
             connection back (commit or rollback, the server-side cancel of an
             interrupted query). Handing back is shielded from cancellation, so this is
             what ends it when the server stops answering: the connection is then closed
-            instead of reused, and a COMMIT cut off this way raises
-            ``psycopg.OperationalError`` (it may or may not have taken effect).
+            instead of reused, a COMMIT cut off this way raises
+            ``psycopg.OperationalError`` (it may or may not have taken effect), and what
+            the server still runs of it is cancelled there in the background.
         retry_after: Seconds for the ``Retry-After`` of the 503 answer.
         settings: Setting name -> ``"user_id"`` or ``"tenant_id"``.
         rls_tables: Tables checked by :func:`check_rls` when a pool first connects.

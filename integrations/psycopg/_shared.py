@@ -49,6 +49,7 @@ from ambient.integrations.psycopg._common import (
     _python_side,
     _restore_python_side,
     _same_transaction,
+    _send_cancel,
     _starts_as_the_first,
     _through_pooler,
     _unknown_commit,
@@ -183,8 +184,9 @@ class SharedPool:
             connection back (commit or rollback, the reset, the server-side cancel of an
             interrupted query). Handing back is shielded from cancellation, so this is
             what ends it when the server stops answering: the connection is then closed
-            instead of reused, and a COMMIT cut off this way raises
-            ``psycopg.OperationalError`` (it may or may not have taken effect).
+            instead of reused, a COMMIT cut off this way raises
+            ``psycopg.OperationalError`` (it may or may not have taken effect), and what
+            the server still runs of it is cancelled there in the background.
         retry_after: Seconds for the ``Retry-After`` of the 503 answer.
         rls_tables: Tables checked by :func:`check_rls` when the pool opens.
         rls_check: ``"warn"`` (default), ``"raise"`` or ``"off"``: what to do when the
@@ -520,7 +522,13 @@ class SharedPool:
             finally:
                 if bound.cancel_called:
                     self.discarded += 1
-                await _hand_back(bound, self, pool, conn)
+
+                async def stop() -> None:
+                    await _send_cancel(cancel)
+                    if server is not None and self._pooled:
+                        await _cancel_server_side(pool, self._kwargs, server)
+
+                await _hand_back(bound, self, pool, conn, stop)
         if bound.cancelled_caught and commit:
             return _unknown_commit(self.return_timeout)
         return error
