@@ -247,6 +247,10 @@ def _given(annotation: Any, *, enter: bool) -> Any:
     return annotation
 
 
+# What next() returns for a generator factory that has finished (its cleanup ran through).
+_FINISHED: Final = object()
+
+
 class Finalizer:
     """How one created component is cleaned up. ``is_async`` says which ``run`` to call.
 
@@ -271,7 +275,10 @@ class Finalizer:
         if self.how == "generator":
             try:
                 if exc is None:
-                    next(target)
+                    # A default rather than StopIteration: raising and catching that costs
+                    # more than the rest of this cleanup, on every request with one.
+                    if next(target, _FINISHED) is _FINISHED:
+                        return
                 else:
                     target.throw(exc)
             except StopIteration:

@@ -868,6 +868,36 @@ class TestCleanup:
         assert isinstance(info.value, ExceptionGroup)
         assert isinstance(info.value, ambient.AmbientError)
 
+    async def test_generator_cleanups_that_return_or_yield_again(self) -> None:
+        """A generator factory whose cleanup returns a value is cleaned; one that yields
+        again is closed and reported as a failed cleanup."""
+        steps: list[str] = []
+        registry = Registry()
+
+        def returns() -> Iterator[str]:
+            yield "returns"
+            steps.append("returned")
+            return "ignored"
+
+        def yields_again() -> Iterator[str]:
+            try:
+                yield "again"
+                yield "more"
+            finally:
+                steps.append("closed")
+
+        registry.register("returns", returns)
+        registry.register("again", yields_again)
+        with pytest.raises(CleanupError) as info:
+            async with registry.open_scope(ctx()) as scope:
+                await scope.resolve("returns")
+                await scope.resolve("again")
+        assert steps == ["closed", "returned"]
+        [failure] = info.value.exceptions
+        assert isinstance(failure, RuntimeError)
+        assert str(failure) == "generator factory of 'again' yielded more than once"
+        assert registry.stats().cleanup_failures == 1
+
     async def test_body_exception_wins_with_cleanup_failures_as_notes(self) -> None:
         """When the body raised, its exception propagates with cleanup failures noted."""
         registry = Registry()
