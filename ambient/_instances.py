@@ -575,22 +575,42 @@ class Instances:
         finally:
             _resolving.reset(token)
 
-    def get(self, provider: Provider, arg: object, scope: Scope, registry: Registry) -> Any:
+    def get(  # noqa: PLR0915 - every component's creation, in one frame
+        self, provider: Provider, arg: object, scope: Scope, registry: Registry
+    ) -> Any:
         """The sync twin of :meth:`aget` (sync factories only; safe from worker threads)."""
         key = provider.key
         here = _per_thread.building
+        # _claim() and _store(), inlined, with their lock: once for every component made.
+        lock = self.lock
+        lock.acquire()
+        try:
+            if self.closed:
+                raise self._closed_error(provider)
+            instance = self.cache.get(key, _MISSING)
+            if instance is not _MISSING:
+                return instance
+            pending = self.pending
+            claimed = key not in pending
+            if claimed:
+                pending[key] = here.in_thread
+        finally:
+            lock.release()
         building = here.keys
-        while True:
-            instance, pending = self._claim(provider, here.in_thread)
-            if pending is None:
-                if instance is not _MISSING:
-                    return instance
-                break
-            # Read only for a wait, as in aget().
-            _wait_sync(provider, pending, _resolving.get(), building, registry)
+        if not claimed:
+            # Another thread or task is making it: wait, then claim it again.
+            while True:
+                instance, waited = self._claim(provider, here.in_thread)
+                if waited is None:
+                    if instance is not _MISSING:
+                        return instance
+                    break
+                # Read only for a wait, as in aget().
+                _wait_sync(provider, waited, _resolving.get(), building, registry)
         observers = scope.observers
-        started = time.perf_counter() if observers else 0.0
-        start_ns = time.time_ns() if observers else 0
+        if observers:
+            started = time.perf_counter()
+            start_ns = time.time_ns()
         try:
             building.append(key)
             try:
@@ -606,19 +626,29 @@ class Instances:
             if observers:
                 self._report(observers, provider, None, arg, scope, start_ns, started, exc)
             raise
-        if not self._store(provider, instance, finalizer):
-            # Its owner closed while the factory ran (in a worker thread, say): nobody else
-            # will clean it, and an async cleanup cannot be awaited here.
-            registry.created += 1
-            scope.components_created += 1
-            if observers:
-                self._report(observers, provider, instance, arg, scope, start_ns, started, None)
-            registry.clean_up_refused([(provider, instance, finalizer)], scope, observers)
-            raise self._closed_error(provider)
+        lock.acquire()
+        try:
+            stored = not self.closed
+            if stored:
+                self.cache[key] = instance
+                self.created.append((provider, instance, finalizer))
+                if finalizer is not None and finalizer.is_async:
+                    self.async_cleanups += 1
+            marker = self.pending.pop(key, None)
+            waiters = marker.finish_locked() if type(marker) is _Pending else None
+        finally:
+            lock.release()
+        if waiters is not None:
+            _Pending.wake(waiters)
         registry.created += 1
         scope.components_created += 1
         if observers:
             self._report(observers, provider, instance, arg, scope, start_ns, started, None)
+        if not stored:
+            # Its owner closed while the factory ran (in a worker thread, say): nobody else
+            # will clean it, and an async cleanup cannot be awaited here.
+            registry.clean_up_refused([(provider, instance, finalizer)], scope, observers)
+            raise self._closed_error(provider)
         return instance
 
     def _claim(self, provider: Provider, marker: _Marker) -> tuple[Any, _Pending | None]:

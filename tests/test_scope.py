@@ -464,6 +464,29 @@ class TestFailures:
         assert attempts == 2
         assert registry.stats().created == 1
 
+    async def test_an_awaitable_a_sync_factory_returned_that_fails_leaves_nothing(
+        self,
+    ) -> None:
+        """A plain function returning a coroutine that raises: nothing is cached or left
+        in progress, and the next resolve calls the factory again."""
+        attempts = 0
+
+        async def build() -> str:
+            nonlocal attempts
+            attempts += 1
+            if attempts == 1:
+                raise ConnectionError("first try fails")
+            return "ok"
+
+        registry = Registry()
+        registry.register("flaky", lambda: build())
+        async with registry.open_scope(ctx()) as scope:
+            with pytest.raises(ConnectionError):
+                await scope.resolve("flaky")
+            assert await scope.resolve("flaky") == "ok"
+        assert attempts == 2
+        assert registry.stats().created == 1
+
     async def test_waiters_retry_when_the_creator_fails(self) -> None:
         """Tasks waiting on a creation that fails try again themselves, once each turn."""
         attempts = 0
@@ -1899,6 +1922,37 @@ class TestClosingWhileResolving:
             await registry.sweep()
         assert [c.closed for c in made] == [1]
         assert registry.stats().live_users == 0
+
+    @pytest.mark.parametrize("sync", [False, True], ids=["resolve", "resolve_sync"])
+    async def test_a_component_made_on_the_loop_while_its_scope_closed_is_cleaned_once(
+        self, sync: bool
+    ) -> None:
+        """The scope closes (from another thread) while a sync factory runs on the event
+        loop's thread: the resolution is refused, and what the factory made is cleaned
+        once, there and then."""
+        registry = Registry()
+        steps: list[str] = []
+        scope = registry.open_scope(ctx())
+
+        def make() -> Iterator[str]:
+            closing = threading.Thread(target=asyncio.run, args=(scope.aclose(),))
+            closing.start()
+            closing.join(10)
+            steps.append("made")
+            yield "component"
+            steps.append("cleaned")
+
+        registry.register("closing", make)
+        await scope.__aenter__()
+        with pytest.raises(ScopeClosedError):
+            if sync:
+                scope.resolve_sync("closing")
+            else:
+                await scope.resolve("closing")
+        assert steps == ["made", "cleaned"]
+        stats = registry.stats()
+        assert stats.created == stats.cleaned == 1
+        assert stats.open_scopes == 0
 
     async def test_a_thread_made_component_with_an_async_cleanup_is_still_cleaned(
         self,
