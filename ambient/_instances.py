@@ -13,9 +13,9 @@ import logging
 import threading
 import time
 import warnings
-from collections.abc import Awaitable, Callable, Hashable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Mapping
 from contextvars import Context
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import anyio
 import anyio.lowlevel
@@ -84,6 +84,16 @@ class _Creation(_Marker):
         self.key = key
         # One entry per wait: several tasks or threads of one factory may wait at once.
         self.waiting: list[_Pending] = []
+
+
+class _Later:
+    """What :meth:`Instances.now` answers when the creation must be awaited: the coroutine
+    that finishes it. Never a component: the class is private."""
+
+    __slots__ = ("rest",)
+
+    def __init__(self, rest: Coroutine[Any, Any, Any]) -> None:
+        self.rest = rest
 
 
 def _keys(stack: tuple[_Creation, ...]) -> tuple[Hashable, ...]:
@@ -465,9 +475,7 @@ class Instances:
             "(work that outlives its request must not use that request's components)"
         )
 
-    async def aget(  # noqa: PLR0915 - every component's creation, in one frame
-        self, provider: Provider, arg: object, scope: Scope, registry: Registry
-    ) -> Any:
+    async def aget(self, provider: Provider, arg: object, scope: Scope, registry: Registry) -> Any:
         """Return the cached component or create it (once, however many ask at once)."""
         key = provider.key
         here = _per_thread.building
@@ -536,23 +544,153 @@ class Instances:
                 self._report(observers, provider, None, arg, scope, start_ns, started, exc)
             raise
         if not self._store(provider, instance, finalizer):
-            # Made, and cleaned below: the counts stay even, the observers' too.
-            registry.created += 1
-            scope.components_created += 1
-            user = None
-            if observers:
-                self._report(observers, provider, instance, arg, scope, start_ns, started, None)
-                user = scope._user_ref() if arg is not None else None
-            with anyio.CancelScope(shield=True):
-                await finalize(
-                    [(provider, instance, finalizer)], None, registry, user, observers, scope
-                )
-            raise self._closed_error(provider)
+            await self._refused(
+                provider, instance, finalizer, arg, scope, registry, start_ns, started
+            )
         registry.created += 1
         scope.components_created += 1
         if observers:
             self._report(observers, provider, instance, arg, scope, start_ns, started, None)
         return instance
+
+    def now(  # noqa: PLR0915 - every such component's creation, in one frame
+        self, provider: Provider, arg: object, scope: Scope, registry: Registry
+    ) -> Any:
+        """:meth:`aget` for a REQUEST component of a plain function or a generator, with no
+        coroutine of its own (one fewer for every such component made): the component, or
+        a :class:`_Later` whose coroutine the caller awaits for it when the creation must
+        wait (for another one, for what the factory returned, for a cleanup)."""
+        key = provider.key
+        here = _per_thread.building
+        # _claim() and _store(), inlined, with their lock (as in get()).
+        lock = self.lock
+        lock.acquire()
+        try:
+            if self.closed:
+                raise self._closed_error(provider)
+            instance = self.cache.get(key, _MISSING)
+            if instance is not _MISSING:
+                return instance
+            pending = self.pending
+            claimed = key not in pending
+            if claimed:
+                pending[key] = here.in_async
+        finally:
+            lock.release()
+        if not claimed:
+            # Another task or thread is making it: aget() waits for it (or names a cycle).
+            return _Later(self.aget(provider, arg, scope, registry))
+        observers = scope.observers
+        if observers:
+            started = time.perf_counter()
+            start_ns = time.time_ns()
+        else:
+            started, start_ns = 0.0, 0
+        building = here.keys
+        try:
+            # Nothing to await (usually): no task switch can happen while it runs, so the
+            # cheap per-thread stack finds cycles.
+            building.append(key)
+            try:
+                instance, finalizer = build_now(provider, arg, scope._cache)
+            finally:
+                building.pop()
+        except BaseException as exc:
+            self._forget(key)
+            if observers:
+                self._report(observers, provider, None, arg, scope, start_ns, started, exc)
+            raise
+        if instance is AWAIT:
+            return _Later(
+                self._finish(provider, finalizer, arg, scope, registry, start_ns, started)
+            )
+        lock.acquire()
+        try:
+            stored = not self.closed
+            if stored:
+                self.cache[key] = instance
+                self.created.append((provider, instance, finalizer))
+                if finalizer is not None and finalizer.is_async:
+                    self.async_cleanups += 1
+            marker = self.pending.pop(key, None)
+            waiters = marker.finish_locked() if type(marker) is _Pending else None
+        finally:
+            lock.release()
+        if waiters is not None:
+            _Pending.wake(waiters)
+        if not stored:
+            return _Later(
+                self._refused(
+                    provider, instance, finalizer, arg, scope, registry, start_ns, started
+                )
+            )
+        registry.created += 1
+        scope.components_created += 1
+        if observers:
+            self._report(observers, provider, instance, arg, scope, start_ns, started, None)
+        return instance
+
+    async def _finish(
+        self,
+        provider: Provider,
+        result: Any,
+        arg: object,
+        scope: Scope,
+        registry: Registry,
+        start_ns: int,
+        started: float,
+    ) -> Any:
+        """The rest of :meth:`now` when the factory returned something to await or enter."""
+        key = provider.key
+        observers = scope.observers
+        try:
+            instance, finalizer = await self._awaited(
+                finish_async,
+                provider,
+                result,
+                scope,
+                (*_resolving.get(), _Creation(key, _per_thread.building.in_async.owner)),
+            )
+        except BaseException as exc:
+            self._forget(key)
+            if observers:
+                self._report(observers, provider, None, arg, scope, start_ns, started, exc)
+            raise
+        if not self._store(provider, instance, finalizer):
+            await self._refused(
+                provider, instance, finalizer, arg, scope, registry, start_ns, started
+            )
+        registry.created += 1
+        scope.components_created += 1
+        if observers:
+            self._report(observers, provider, instance, arg, scope, start_ns, started, None)
+        return instance
+
+    async def _refused(
+        self,
+        provider: Provider,
+        instance: Any,
+        finalizer: Finalizer | None,
+        arg: object,
+        scope: Scope,
+        registry: Registry,
+        start_ns: int,
+        started: float,
+    ) -> NoReturn:
+        """Clean up a component made while this store closed, and refuse it."""
+        # Made, and cleaned below: the counts stay even, the observers' too.
+        registry.created += 1
+        scope.components_created += 1
+        observers = scope.observers
+        user = None
+        if observers:
+            self._report(observers, provider, instance, arg, scope, start_ns, started, None)
+            user = scope._user_ref() if arg is not None else None
+        with anyio.CancelScope(shield=True):
+            await finalize(
+                [(provider, instance, finalizer)], None, registry, user, observers, scope
+            )
+        raise self._closed_error(provider)
 
     @staticmethod
     async def _awaited(

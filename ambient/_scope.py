@@ -17,6 +17,7 @@ from ambient._context import ANONYMOUS, UserExecutionContext
 from ambient._instances import (
     Instances,
     _Deadline,
+    _Later,
     _RequestInstances,
     finalize,
     finalize_sync,
@@ -24,7 +25,7 @@ from ambient._instances import (
 )
 from ambient._loops import loop_call_soon
 from ambient._observe import Observer, notify
-from ambient._provider import _REQUEST, _USER, RANK, Provider, key_name
+from ambient._provider import _GEN, _REQUEST, _SYNC, _USER, RANK, Provider, key_name
 from ambient.errors import CleanupError, ResolutionError, ScopeClosedError
 
 if TYPE_CHECKING:
@@ -517,6 +518,12 @@ class Scope:
             raise self._unavailable(key)
         if provider.lifetime is _REQUEST:
             own = self._own or self._request_store()
+            kind = provider.kind
+            if kind is _SYNC or kind is _GEN:
+                instance = own.now(provider, self.context, self, self._registry)
+                if type(instance) is _Later:
+                    return await instance.rest
+                return instance
             return await own.aget(provider, self.context, self, self._registry)
         registry = self._registry
         if self._closes != registry._closes:
