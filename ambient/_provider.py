@@ -343,6 +343,10 @@ class Finalizer:
 _PLAIN: dict[type, tuple[str | None, bool] | None] = {}
 _MAX_PLAIN = 4096
 _UNSEEN: Any = object()
+# What _PLAIN holds for a class whose instances have nothing to clean and no ``__dict__``
+# to give them a close() of their own: build_sync() and build_now() look for it in place,
+# a call fewer for such a component.
+_BARE: Final = (None, False)
 
 
 def _special(result: Any) -> bool:
@@ -371,7 +375,8 @@ def _class_close(cls: type) -> tuple[str | None, bool] | None:
         how = "aclose"
     elif close is not None:
         how = "async close" if inspect.iscoroutinefunction(close) else "close"
-    return how, cls.__dictoffset__ != 0
+    has_dict = cls.__dictoffset__ != 0
+    return _BARE if how is None and not has_dict else (how, has_dict)
 
 
 def _plain(
@@ -382,6 +387,8 @@ def _plain(
     :func:`_owned`); ``None`` when it must be awaited, iterated or entered first."""
     cls = type(result)
     known = _PLAIN.get(cls, _UNSEEN)
+    if known is _BARE:
+        return result, None
     if known is _UNSEEN:
         if _special(result):
             return None
@@ -528,10 +535,12 @@ def build_now(
     Returns ``(instance, finalizer)``, or ``(AWAIT, result)`` when the factory returned
     something to await or enter asynchronously: pass ``result`` to :func:`finish_async`.
     """
-    args = (arg,) if provider.takes_arg else ()
+    # The call spelled out: a call with *args builds a tuple, and costs more.
+    result = provider.factory(arg) if provider.takes_arg else provider.factory()
     if provider.kind is _GEN:
-        return _enter_gen(provider, provider.factory(*args))
-    result = provider.factory(*args)
+        return _enter_gen(provider, result)
+    if _PLAIN.get(type(result)) is _BARE:
+        return result, None
     plain = _plain(provider, result, components)
     if plain is not None:
         return plain
@@ -559,10 +568,12 @@ def build_sync(
             "use `await resolve(...)`"
         )
         raise ResolutionError(msg)
-    args = (arg,) if provider.takes_arg else ()
+    # As in build_now().
+    result = provider.factory(arg) if provider.takes_arg else provider.factory()
     if kind is _GEN:
-        return _enter_gen(provider, provider.factory(*args))
-    result = provider.factory(*args)
+        return _enter_gen(provider, result)
+    if _PLAIN.get(type(result)) is _BARE:
+        return result, None
     plain = _plain(provider, result, components)
     if plain is not None:
         return plain
