@@ -1001,26 +1001,31 @@ def finalize_sync(
     """:func:`finalize` for components whose cleanups are all sync (nothing to shield)."""
     failures: list[Exception] = []
     escaped: BaseException | None = None
+    # Timed only for observers; a cleanup that ran through with none is only counted.
+    started, start_ns = 0.0, 0
+    error: Exception | None
+    interrupted: BaseException | None
     for provider, instance, finalizer in reversed(created):
         if finalizer is None:
             registry.cleaned += 1
             if observers:
                 _no_cleanup(provider, instance, user, observers, scope)
             continue
-        started = time.perf_counter() if observers else 0.0
-        start_ns = time.time_ns() if observers else 0
-        error: Exception | None = None
-        interrupted: BaseException | None = None
+        if observers:
+            started = time.perf_counter()
+            start_ns = time.time_ns()
         try:
             finalizer.run_sync(exc)
         except Exception as raised:  # noqa: BLE001 - collected into CleanupError
-            error = raised
+            error, interrupted = raised, None
         except BaseException as raised:  # noqa: BLE001 - re-raised once every cleanup ran
             escaped = escaped or raised
-            interrupted = raised
-        if error is None and interrupted is None and not observers:
-            registry.cleaned += 1
-            continue
+            error, interrupted = None, raised
+        else:
+            if not observers:
+                registry.cleaned += 1
+                continue
+            error = interrupted = None
         _record(
             registry,
             provider,

@@ -292,9 +292,10 @@ class Scope:
         self._cache = {}
         try:
             if created:
-                failures = finalize_sync(
-                    created, exc, self._registry, self._owner_user(), self.observers, self
-                )
+                observers = self.observers
+                # _owner_user(), inlined: once per request that made a component.
+                user = self._user_ref() if observers else None
+                failures = finalize_sync(created, exc, registry, user, observers, self)
         except BaseException as error:
             self._cut_short(error)
             raise
@@ -396,7 +397,8 @@ class Scope:
         return user
 
     def _ended(self, failures: list[Exception]) -> None:
-        self._cache = {}
+        if self._cache:
+            self._cache = {}
         self.cleanup_failures = len(failures)
         binding = self._binding
         if binding is not None:
