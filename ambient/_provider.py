@@ -6,6 +6,7 @@ import collections.abc
 import contextlib
 import enum
 import inspect
+import types
 import typing
 import unicodedata
 from collections.abc import Callable, Hashable, Mapping
@@ -347,6 +348,11 @@ _UNSEEN: Any = object()
 # to give them a close() of their own: build_sync() and build_now() look for it in place,
 # a call fewer for such a component.
 _BARE: Final = (None, False)
+# What it holds for a class with nothing to clean whose instances have a ``__dict__``, found
+# by the usual attribute lookup: getattr() tells whether an instance has a close() of its
+# own. Reading ``result.__dict__`` would tell too, but (on Python 3.11 and later) builds
+# that dict, which the object keeps, its attribute reads slower ever after.
+_BARE_DICT: Final = (None, True)
 
 
 def _special(result: Any) -> bool:
@@ -376,7 +382,24 @@ def _class_close(cls: type) -> tuple[str | None, bool] | None:
     elif close is not None:
         how = "async close" if inspect.iscoroutinefunction(close) else "close"
     has_dict = cls.__dictoffset__ != 0
-    return _BARE if how is None and not has_dict else (how, has_dict)
+    if how is None:
+        if not has_dict:
+            return _BARE
+        if _usual_lookup(cls):
+            return _BARE_DICT
+    return how, has_dict
+
+
+def _usual_lookup(cls: type) -> bool:
+    """Whether an attribute of ``cls``'s instances is looked up as ``object``'s are, in
+    the ``__dict__`` the type gives them."""
+    if cls.__getattribute__ is not object.__getattribute__:  # type: ignore[comparison-overlap]
+        return False
+    for base in cls.__mro__:
+        found = base.__dict__.get("__dict__")
+        if found is not None:
+            return type(found) is types.GetSetDescriptorType
+    return False
 
 
 def _plain(
@@ -387,7 +410,12 @@ def _plain(
     :func:`_owned`); ``None`` when it must be awaited, iterated or entered first."""
     cls = type(result)
     known = _PLAIN.get(cls, _UNSEEN)
-    if known is _BARE:
+    if known is _BARE or (
+        # No close() or aclose() on the class: none on the instance either (see _BARE_DICT).
+        known is _BARE_DICT
+        and getattr(result, "close", None) is None
+        and getattr(result, "aclose", None) is None
+    ):
         return result, None
     if known is _UNSEEN:
         if _special(result):

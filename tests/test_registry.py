@@ -436,18 +436,36 @@ class TestFactoryShapes:
             plain.close = lambda: log.events.append("instance close")  # type: ignore[attr-defined]
             return plain
 
+        def with_own_aclose() -> Plain:
+            async def aclose() -> None:
+                log.events.append("instance aclose")
+
+            plain = Plain()
+            plain.aclose = aclose  # type: ignore[attr-defined]
+            return plain
+
+        def with_none_close() -> Plain:
+            plain = Plain()
+            plain.close = None  # type: ignore[attr-defined]
+            return plain
+
         registry = Registry()
         registry.register("plain", Plain)
         registry.register("own", with_own_close)
+        registry.register("own async", with_own_aclose)
+        registry.register("none", with_none_close)
         registry.register(Dynamic, Dynamic)
         registry.register(Static, Static)
         for _ in range(2):  # the second round runs on what the first one remembered
             async with registry.open_scope(ctx()) as scope:
                 assert type(await scope.resolve("plain")) is Plain
                 scope.resolve_sync("own")
+                await scope.resolve("own async")
+                await scope.resolve("none")
                 await scope.resolve(Dynamic)
                 scope.resolve_sync(Static)
-        assert log.events == ["static close", "dynamic close", "instance close"] * 2
+        expected = ["static close", "dynamic close", "instance aclose", "instance close"]
+        assert log.events == expected * 2
 
     async def test_async_factory_through_resolve_sync_says_to_await(self) -> None:
         """resolve_sync() of an async factory raises ResolutionError naming `await resolve`."""
