@@ -24,16 +24,21 @@ from ambient._binding import _current, _handed_over, _resolving
 from ambient._loops import loop_call_soon, on_loop_thread
 from ambient._observe import Observer, component_event, notify
 from ambient._provider import (
+    _BARE,
     _GEN,
+    _PLAIN,
     _REQUEST,
     _SYNC,
     AWAIT,
     Finalizer,
     Provider,
+    _enter_gen,
     build_async,
     build_now,
     build_sync,
     finish_async,
+    finish_now,
+    finish_sync,
     key_name,
 )
 from ambient.errors import CleanupTimeoutError, ResolutionError, ScopeClosedError
@@ -592,7 +597,14 @@ class Instances:
             # cheap per-thread stack finds cycles.
             building.append(key)
             try:
-                instance, finalizer = build_now(provider, arg, scope._cache)
+                # build_now(), inlined to the factory's call: once for every such component.
+                instance = provider.factory(arg) if provider.takes_arg else provider.factory()
+                if provider.kind is _GEN:
+                    instance, finalizer = _enter_gen(provider, instance)
+                elif _PLAIN.get(type(instance)) is _BARE:
+                    finalizer = None
+                else:
+                    instance, finalizer = finish_now(provider, instance, scope._cache)
             finally:
                 building.pop()
         except BaseException as exc:
@@ -752,11 +764,17 @@ class Instances:
         try:
             building.append(key)
             try:
-                instance, finalizer = (
-                    build_sync(provider, arg, scope._cache)
-                    if provider.lifetime is _REQUEST
-                    else _build_restricted(build_sync, provider, arg, scope)
-                )
+                if provider.lifetime is not _REQUEST:
+                    instance, finalizer = _build_restricted(build_sync, provider, arg, scope)
+                elif provider.kind is _SYNC:
+                    # build_sync(), inlined to the factory's call (as in now()).
+                    instance = provider.factory(arg) if provider.takes_arg else provider.factory()
+                    if _PLAIN.get(type(instance)) is _BARE:
+                        finalizer = None
+                    else:
+                        instance, finalizer = finish_sync(provider, instance, scope._cache)
+                else:
+                    instance, finalizer = build_sync(provider, arg, scope._cache)
             finally:
                 building.pop()
         except BaseException as exc:

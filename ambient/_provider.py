@@ -569,6 +569,14 @@ def build_now(
         return _enter_gen(provider, result)
     if _PLAIN.get(type(result)) is _BARE:
         return result, None
+    return finish_now(provider, result, components)
+
+
+def finish_now(
+    provider: Provider, result: Any, components: Mapping[Hashable, Any]
+) -> tuple[Any, Any]:
+    """The rest of :func:`build_now` once a plain function returned ``result``, which
+    is not of a class with nothing to clean (``_BARE``)."""
     plain = _plain(provider, result, components)
     if plain is not None:
         return plain
@@ -602,6 +610,14 @@ def build_sync(
         return _enter_gen(provider, result)
     if _PLAIN.get(type(result)) is _BARE:
         return result, None
+    return finish_sync(provider, result, components)
+
+
+def finish_sync(
+    provider: Provider, result: Any, components: Mapping[Hashable, Any]
+) -> tuple[Any, Finalizer | None]:
+    """The rest of :func:`build_sync` once a plain function returned ``result``, which
+    is not of a class with nothing to clean (``_BARE``)."""
     plain = _plain(provider, result, components)
     if plain is not None:
         return plain
