@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Coroutine, Hashable
-from typing import Any, Generic, TypeVar, overload
+from typing import Any, Final, Generic, TypeVar, overload
 
-from ambient._binding import _current, _shown
+from ambient import _binding
+from ambient._binding import _shown
 from ambient._provider import key_name
 from ambient.errors import NoActiveContextError
 
 __all__ = ["Accessor", "accessor", "proxy", "resolve", "resolve_sync"]
 
 T = TypeVar("T")
+# Assigned, not imported by name: CPython 3.11 compiles a method call on a name bound by
+# `from ... import` as an attribute read (it takes the name for a module's), which builds a
+# bound method on every call: _current.get() is run per request.
+_current: Final = _binding._current
 
 
 def _scope_here() -> Any:

@@ -20,13 +20,12 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn
 import anyio
 import anyio.lowlevel
 
-from ambient._binding import _current, _handed_over, _resolving
+from ambient import _binding, _provider
 from ambient._loops import loop_call_soon, on_loop_thread
 from ambient._observe import Observer, component_event, notify
 from ambient._provider import (
     _BARE,
     _GEN,
-    _PLAIN,
     _REQUEST,
     _SYNC,
     AWAIT,
@@ -53,6 +52,13 @@ __all__ = ["Created", "Instances", "finalize", "finalize_sync", "hand_over", "ne
 logger = logging.getLogger("ambient")
 
 _MISSING: Final = object()
+# Assigned, not imported by name: CPython 3.11 compiles a method call on a name bound by
+# `from ... import` as an attribute read (it takes the name for a module's), which builds a
+# bound method on every call: _PLAIN.get() is run per component made.
+_PLAIN: Final = _provider._PLAIN
+_current: Final = _binding._current
+_resolving: Final = _binding._resolving
+_handed_over: Final = _binding._handed_over
 
 Created = tuple[Provider, Any, Finalizer | None]
 _CallSoon = Callable[[Callable[[], object]], object]

@@ -6,13 +6,13 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Hashable, Iterator
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar, overload
 
 import anyio
 import anyio.from_thread
 
-from ambient import _observe
-from ambient._binding import _Binding, _current, _SharedBinding, _shown, bind, unbind
+from ambient import _binding, _observe
+from ambient._binding import _Binding, _SharedBinding, _shown, bind, unbind
 from ambient._context import ANONYMOUS, UserExecutionContext
 from ambient._instances import (
     Instances,
@@ -44,6 +44,10 @@ _NOTHING = contextlib.nullcontext()
 # take and release), and held for a few field accesses.
 _FIRST_USE = threading.Lock()
 _MISSING: Any = object()
+# Assigned, not imported by name: CPython 3.11 compiles a method call on a name bound by
+# `from ... import` as an attribute read (it takes the name for a module's), which builds a
+# bound method on every call: _current.get() and .set() are run per request.
+_current: Final = _binding._current
 
 
 class _Resolver(Protocol):

@@ -16,13 +16,11 @@ from typing import Any, Final
 import anyio
 import anyio.lowlevel
 
+from ambient import _binding
 from ambient._binding import (
     _Binding,
     _bound_here,
-    _current,
-    _handed_over,
     _live,
-    _resolving,
     _shown,
     bind,
     unbind,
@@ -66,6 +64,12 @@ from ambient.telemetry import Telemetry
 __all__ = ["AmbientMiddleware", "answer_error", "note_failure"]
 
 logger = logging.getLogger("ambient.middleware")
+# Assigned, not imported by name: CPython 3.11 compiles a method call on a name bound by
+# `from ... import` as an attribute read (it takes the name for a module's), which builds a
+# bound method on every call: _current.get() is run per request.
+_current: Final = _binding._current
+_resolving: Final = _binding._resolving
+_handed_over: Final = _binding._handed_over
 
 ASGIApp = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
 
