@@ -248,6 +248,7 @@ def _given(annotation: Any, *, enter: bool) -> Any:
     return annotation
 
 
+_new_object: Final = object.__new__
 # What next() returns for a generator factory that has finished (its cleanup ran through).
 _FINISHED: Final = object()
 
@@ -642,7 +643,14 @@ def _enter_gen(provider: Provider, gen: Any) -> tuple[Any, Finalizer]:
     except StopIteration:
         msg = f"generator factory of {provider.name} returned without yielding"
         raise ResolutionError(msg) from None
-    return instance, Finalizer(provider.name, "generator", gen, False)
+    # Finalizer.__init__, inlined: calling a class with an __init__ in Python costs about
+    # twice what making the object and setting its slots here does.
+    finalizer = _new_object(Finalizer)
+    finalizer.name = provider.name
+    finalizer.how = "generator"
+    finalizer.target = gen
+    finalizer.is_async = False
+    return instance, finalizer
 
 
 async def _enter_agen(provider: Provider, agen: Any) -> tuple[Any, Finalizer]:
