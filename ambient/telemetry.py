@@ -54,8 +54,8 @@ from opentelemetry import metrics, trace
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from ambient import __version__
-from ambient._binding import _bound_here, _current
+from ambient import __version__, _binding
+from ambient._binding import _bound_here
 from ambient._observe import ComponentEvent, Observer
 from ambient._provider import Lifetime
 from ambient.errors import IncompleteResponseError, InvalidContextError
@@ -72,6 +72,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger("ambient")
+# Assigned, not imported by name: CPython 3.11 compiles a method call on a name bound by
+# `from ... import` as an attribute read (it takes the name for a module's), which builds a
+# bound method on every call: _current.get() is run per traced scope.
+_current: Final = _binding._current
 
 IdPolicy = Literal["hash", "raw", "omit"]
 """How an id is exported: keyed hash (default for users), as is, or not at all."""
