@@ -539,7 +539,7 @@ class Instances:
                         provider,
                         finalizer,
                         scope,
-                        (*_resolving.get(), _Creation(key, owner.owner)),
+                        (*_resolving.get(), self._continued(key, owner.owner)),
                     )
             else:
                 instance, finalizer = await self._awaited(
@@ -667,7 +667,7 @@ class Instances:
                 provider,
                 result,
                 scope,
-                (*_resolving.get(), _Creation(key, _per_thread.building.in_async.owner)),
+                (*_resolving.get(), self._continued(key, _per_thread.building.in_async.owner)),
             )
         except BaseException as exc:
             self._forget(key)
@@ -709,6 +709,20 @@ class Instances:
                 [(provider, instance, finalizer)], None, registry, user, observers, scope
             )
         raise self._closed_error(provider)
+
+    def _continued(self, key: Hashable, owner: int) -> _Creation:
+        """The creation of ``key`` by a plain function whose result is to be awaited, put in
+        place of the thread's reused marker as what is in progress: a task about to wait for
+        ``key`` then follows what this creation waits for, and names a cycle through other
+        tasks rather than waiting for good."""
+        creation = _Creation(key, owner)
+        with self.lock:
+            marked = self.pending.get(key)
+            if type(marked) is _Pending:
+                marked.creation = creation
+            elif marked is not None:
+                self.pending[key] = creation
+        return creation
 
     @staticmethod
     async def _awaited(

@@ -2398,14 +2398,17 @@ async def test_resolve_sync_on_the_loop_waits_for_a_worker_threads_creation_with
             assert on_the_loop is made[0]
 
 
+@pytest.mark.parametrize("shape", ["async def", "returns an awaitable"])
 @pytest.mark.parametrize("length", [2, 3])
 async def test_a_cycle_resolved_from_several_tasks_at_once_is_named_not_a_hang(
-    length: int,
+    length: int, shape: str
 ) -> None:
     """A -> B (-> C) -> A, each key resolved by its own task of one request at the same time
     (a task group fetching components in parallel): each task makes its key and waits for
     the next one, made by another task, which waits in turn. One task alone gets
-    ResolutionError naming the cycle; several used to wait for each other forever."""
+    ResolutionError naming the cycle; several used to wait for each other forever. So did
+    they when the factories were plain functions returning what to await (a lambda around
+    a coroutine): such a creation was not followed to what it waits for."""
     keys = ["a", "b", "c"][:length]
     all_started = anyio.Event()
     started: list[str] = []
@@ -2419,7 +2422,7 @@ async def test_a_cycle_resolved_from_several_tasks_at_once_is_named_not_a_hang(
             await all_started.wait()  # every key is being made before any asks for the next
             return (key, await ambient.resolve(needs))
 
-        return make
+        return make if shape == "async def" else lambda: make()
 
     for index, key in enumerate(keys):
         registry.register(key, factory(key, keys[(index + 1) % length]))
