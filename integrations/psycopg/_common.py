@@ -21,8 +21,6 @@ from psycopg_pool import AsyncConnectionPool
 from ambient.errors import PoolExhaustedError
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
-
     from psycopg.pq.abc import PGcancel, PGcancelConn
 
     from ambient.integrations.psycopg._adapters import _AdaptersAsMade
@@ -431,11 +429,13 @@ async def _hand_back(
     owner: SharedPool | PerUserPools,
     pool: AsyncConnectionPool[Any],
     conn: AsyncConnection[Any],
-    stop: Callable[[], Awaitable[None]] | None = None,
+    cancel: Canceller,
+    server: ServerSide | None,
 ) -> None:
     """Give ``conn`` to ``pool`` at the end of the give-back ``bound`` (from ``finally``),
-    closed first when the give-back ran out of time; then ``stop()`` cancels on the server,
-    in the background, what the give-back left running there."""
+    closed first when the give-back ran out of time; then what the give-back left running
+    on the server is cancelled there in the background (with ``cancel``, and with SQL for
+    the transaction ``server`` behind a pooler)."""
     if not bound.cancel_called:
         # The work is done: nothing of the hand-back itself may be cut short. One scope for
         # both, rather than a deadline inside a shield: each costs microseconds per checkout.
@@ -451,30 +451,36 @@ async def _hand_back(
     # psycopg's own cancel of the interrupted statement was cut short by the same deadline:
     # a server that is slow rather than unreachable would run it on (a COMMIT waiting for a
     # lock, holding the transaction's), however long, once the connection is closed.
-    running = stop is not None and (conn.closed or conn.pgconn.transaction_status == _ACTIVE)
+    running = conn.closed or conn.pgconn.transaction_status == _ACTIVE
     with anyio.CancelScope(shield=True):
         await conn.close()
         await pool.putconn(conn)
-    if running and stop is not None:
-        _stop_later(stop, owner.return_timeout)
+    if running:
+        stop = _cancel_given_up(pool, owner._kwargs, cancel, server, owner.return_timeout)
+        # In a Context of its own: not the request's, which it would keep alive meanwhile.
+        task = asyncio.get_running_loop().create_task(stop, context=contextvars.Context())
+        _stopping.add(task)
+        task.add_done_callback(_stopping.discard)
 
 
-# The background cancels of _stop_later(), kept referenced until they end.
+# The background cancels of _hand_back(), kept referenced until they end.
 _stopping: set[asyncio.Task[None]] = set()
 
 
-def _stop_later(stop: Callable[[], Awaitable[None]], within: float) -> None:
-    """Run ``stop()`` in a task of its own, given up after ``within`` seconds: the caller,
-    whose give-back already took its whole bound, does not wait for it."""
-
-    async def run() -> None:
-        with anyio.move_on_after(within):
-            await stop()
-
-    # In a Context of its own: not the request's, which it would keep alive meanwhile.
-    task = asyncio.get_running_loop().create_task(run(), context=contextvars.Context())
-    _stopping.add(task)
-    task.add_done_callback(_stopping.discard)
+async def _cancel_given_up(
+    pool: AsyncConnectionPool[Any],
+    kwargs: dict[str, Any],
+    cancel: Canceller,
+    server: ServerSide | None,
+    within: float,
+) -> None:
+    """Cancel on the server what a give-back given up at its bound left running, in
+    ``within`` seconds at most: the caller, whose give-back took its whole bound already,
+    does not wait for it."""
+    with anyio.move_on_after(within):
+        await _send_cancel(cancel)
+        if server is not None:
+            await _cancel_server_side(pool, kwargs, server)
 
 
 async def _release(
@@ -538,13 +544,7 @@ async def _release(
             except psycopg.Error as error:  # the pool replaces a broken connection
                 logger.warning("ambient: rollback after %r failed: %s", exc, error)
         finally:
-
-            async def stop() -> None:
-                await _send_cancel(cancel)
-                if pooled and server is not None:
-                    await _cancel_server_side(pool, owner._kwargs, server)
-
-            await _hand_back(bound, owner, pool, conn, stop)
+            await _hand_back(bound, owner, pool, conn, cancel, server if pooled else None)
     if bound.cancelled_caught and committing:
         return _unknown_commit(owner.return_timeout)
     # Rolled back (or given up, which rolls back too): a block that ended normally here was

@@ -49,7 +49,6 @@ from ambient.integrations.psycopg._common import (
     _python_side,
     _restore_python_side,
     _same_transaction,
-    _send_cancel,
     _starts_as_the_first,
     _through_pooler,
     _unknown_commit,
@@ -522,13 +521,7 @@ class SharedPool:
             finally:
                 if bound.cancel_called:
                     self.discarded += 1
-
-                async def stop() -> None:
-                    await _send_cancel(cancel)
-                    if server is not None and self._pooled:
-                        await _cancel_server_side(pool, self._kwargs, server)
-
-                await _hand_back(bound, self, pool, conn, stop)
+                await _hand_back(bound, self, pool, conn, cancel, server if self._pooled else None)
         if bound.cancelled_caught and commit:
             return _unknown_commit(self.return_timeout)
         return error
