@@ -518,8 +518,10 @@ class Instances:
                 continue
             await _wait(pending, key, stack, building)
         observers = scope.observers
-        started = time.perf_counter() if observers else 0.0
+        # Wall clock first: a pause between the two reads then moves the span's start
+        # earlier, never its end (start_ns + duration) past the cleanup's or the scope's.
         start_ns = time.time_ns() if observers else 0
+        started = time.perf_counter() if observers else 0.0
         try:
             if sync:
                 # Nothing to await (usually): no task switch can happen while it runs, so
@@ -593,8 +595,8 @@ class Instances:
             return _Later(self.aget(provider, arg, scope, registry))
         observers = scope.observers
         if observers:
+            start_ns = time.time_ns()  # first, as in aget()
             started = time.perf_counter()
-            start_ns = time.time_ns()
         else:
             started, start_ns = 0.0, 0
         building = here.keys
@@ -779,8 +781,8 @@ class Instances:
                 _wait_sync(provider, waited, _resolving.get(), building, registry)
         observers = scope.observers
         if observers:
+            start_ns = time.time_ns()  # first, as in aget()
             started = time.perf_counter()
-            start_ns = time.time_ns()
         try:
             building.append(key)
             try:
@@ -989,8 +991,8 @@ async def finalize(
             if observers:
                 _no_cleanup(provider, instance, user, observers, scope)
             continue
+        start_ns = time.time_ns() if observers else 0  # first, as in aget()
         started = time.perf_counter()
-        start_ns = time.time_ns() if observers else 0
         error: Exception | None = None
         interrupted: BaseException | None = None
         try:
@@ -1050,8 +1052,8 @@ def finalize_sync(
                 _no_cleanup(provider, instance, user, observers, scope)
             continue
         if observers:
+            start_ns = time.time_ns()  # first, as in aget()
             started = time.perf_counter()
-            start_ns = time.time_ns()
         try:
             finalizer.run_sync(exc)
         except Exception as raised:  # noqa: BLE001 - collected into CleanupError
