@@ -3044,6 +3044,71 @@ async def test_a_revocation_heard_before_an_outage_is_not_applied_again_after_it
         own.kill()
 
 
+@pytest.mark.parametrize("closed", ["the backend", "the hub"])
+async def test_a_revocation_heard_before_the_backend_was_closed_is_not_applied_again_after_it(
+    redis_url: str, closed: str
+) -> None:
+    """Another process revokes carol, and her socket here is ended; she signs in again and
+    her new socket is served. Then the backend is closed (or the hub, which closes its
+    sockets and the backend) and used again; while it was closed, dave was revoked. Once
+    started again, the backend delivers dave's revocation, which it had not heard: his
+    socket held here is ended (or a handshake of his, validated before, is revoked as it
+    joins). Carol's socket, held here (or a new one joining as the backend starts again),
+    stays. aclose() forgot the revocations heard: started again, the backend delivered
+    every revocation of the last five minutes once more, and ended carol's socket, made
+    after her revocation."""
+    prefix = unique_prefix()
+    registry = Registry()
+    backend = RedisBroadcast(redis_url, channel_prefix=prefix)
+    hub = ConnectionHub(backend)
+    hub.install(registry)
+    other = ConnectionHub(RedisBroadcast(redis_url, channel_prefix=prefix))
+    first, again = HeldConnect(registry, "carol"), HeldConnect(registry, "carol")
+    dave, dave_in = Collecting(1), anyio.Event()
+    with anyio.fail_after(DEADLINE):
+        await backend.wait_connected()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hold_until_cancelled, registry, "dave", dave, dave_in)
+            await dave_in.wait()
+            tg.start_soon(first.run)
+            await connect_held(first)
+            await other.revoke("carol")
+            await first.ended.wait()  # the revocation reached this process
+            tg.start_soon(again.run)
+            await connect_held(again)
+            assert (again.work, first.closes()) == (["carol"], [(4001, "access revoked")])
+            if closed == "the backend":
+                await backend.aclose()
+                await other.revoke("dave", reason="banned")
+                await backend.wait_connected()
+                await dave.arrived.wait()
+                assert dave.closed == [(4001, "banned")]
+                assert (hub.stats().revoked, hub.stats().connections) == (2, 1)
+                carol = again
+            else:
+                await hub.aclose()
+                assert again.closes() == [(1001, "server shutting down")]
+                assert dave.closed == [(1001, "server shutting down")]
+                late_dave, carol = HeldConnect(registry, "dave"), HeldConnect(registry, "carol")
+                tg.start_soon(late_dave.run)
+                await late_dave.checked.wait()
+                await other.revoke("dave", reason="banned")
+                tg.start_soon(carol.run)
+                await carol.checked.wait()
+                # Their joins start the backend again.
+                await connect_held(late_dave, carol)
+                assert (late_dave.work, late_dave.closes()) == ([], [(4001, "banned")])
+                assert (hub.stats().revoked, hub.stats().connections) == (2, 1)
+            assert (carol.work, carol.closes()) == (["carol"], [])
+            carol.leave.set()
+            await carol.ended.wait()
+            tg.cancel_scope.cancel()
+    assert carol.closes() == []
+    assert (hub.stats().revoked, hub.stats().connections, hub._joining) == (2, 0, set())
+    await other.aclose()
+    await registry.aclose()
+
+
 class HeldReconnect(RedisBroadcast):
     """A RedisBroadcast whose subscription, once lost, comes back only when the test sets
     ``back``: ``down`` is set as it is about to reconnect, and what the test does between

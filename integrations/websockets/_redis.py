@@ -855,7 +855,11 @@ class RedisBroadcast:
             self._notify()
 
     async def aclose(self) -> None:
-        """Stop the reader and close the Redis connections (used again on next use)."""
+        """Stop the reader and close the Redis connections (used again on next use).
+
+        The revocations heard are not forgotten: started again, the backend delivers those
+        of the last five minutes it has not heard, as after an outage, not every one again.
+        """
         reader, self._reader = self._reader, None
         if reader is not None:
             with anyio.CancelScope(shield=True):
@@ -872,9 +876,13 @@ class RedisBroadcast:
         self._free = None
         self._connected = False
         self._caught_up = False
-        # Started again, it reads the last five minutes' revocations, as a new process does.
-        self._seen.clear()
-        self._last_heard = None
+        # The revocations heard are kept (_seen, _last_heard, the accounting per channel):
+        # started again, it delivers from the stream only those it has not heard, as after
+        # an outage. Delivered again, one heard minutes ago ended the sockets its user
+        # opened since with a new credential. Another Redis behind the URL by then is taken
+        # as after a failover: the read starts at the one heard last only if its stream
+        # holds that one, and its counts, of epochs of its own, match none heard. _seen
+        # stays within _SEEN_KEPT.
         self._down_since = None
         self._confirmed.clear()
         self._pending.clear()
