@@ -2571,6 +2571,46 @@ async def test_an_empty_connection_id_revokes_no_socket_through_redis(redis_url:
     await carol.registry.aclose()
 
 
+async def test_a_revocation_envelope_on_a_users_channel_ends_no_socket(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A revocation envelope of carol's is published on her channel, not through a
+    revocation (which goes on the revocations channel only, counted and kept in the
+    stream of recent ones): her socket here stays and gets the event published after
+    it, and the message is logged as dropped. It used to end her sockets in the
+    processes subscribed to her channel only: a revocation Redis neither counted nor
+    kept, missed by a process whose subscription was down, or that held a handshake of
+    hers in flight."""
+    backend = RedisBroadcast(redis_url, channel_prefix=unique_prefix())
+    carol = CarolsSockets(backend)
+    hub, sockets, entered, ended = carol.hub, carol.sockets, carol.entered, carol.ended
+    admin = redis.Redis.from_url(redis_url)
+    channel = backend.channel(UserRef("carol"))
+    try:
+        with anyio.fail_after(DEADLINE):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(carol.hold, "c-1")
+                await entered["c-1"].wait()
+                revocation = Envelope(UserRef("carol"), REVOKE, None, "banned")
+                assert admin.publish(channel, encode_envelope(revocation)) == 1
+                # Published after it on the same channel: once the socket has this one,
+                # the revocation envelope was handled.
+                after = Envelope(UserRef("carol"), 0, None, '{"after": "revoke"}')
+                assert admin.publish(channel, encode_envelope(after)) == 1
+                await sockets["c-1"].arrived.wait()
+                assert not ended["c-1"].is_set()
+                tg.cancel_scope.cancel()
+        assert (sockets["c-1"].frames, sockets["c-1"].closed) == (['{"after": "revoke"}'], [])
+        assert (hub.stats().revoked, hub.stats().connections) == (0, 0)
+        assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+            "ambient: dropped a revocation on a user's channel (revocations come on the "
+            "revocations channel only)"
+        ]
+    finally:
+        admin.close()
+        await carol.registry.aclose()
+
+
 class HeardBeforeItsReply(RedisBroadcast):
     """A RedisBroadcast whose publish of a revocation returns once this process has heard
     the revocation back from Redis: the answer to the script comes after the message on

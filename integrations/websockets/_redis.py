@@ -836,6 +836,16 @@ class RedisBroadcast:
             if envelope.user != user:
                 logger.warning("ambient: dropped a message whose user does not match its channel")
                 return
+            if envelope.mode == REVOKE:
+                # Not made by publish(), which counts a revocation and keeps it in the stream
+                # of recent ones: delivered, it would end the user's sockets only in the
+                # processes subscribed to this channel, its subscription up, and no process
+                # would learn of it later.
+                logger.warning(
+                    "ambient: dropped a revocation on a user's channel (revocations come on "
+                    "the revocations channel only)"
+                )
+                return
             deliver(envelope)
         elif kind == b"subscribe":
             pending = self._pending.get(channel, 0) - 1
