@@ -39,6 +39,32 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def wait_listening(port: int, process: subprocess.Popen[bytes]) -> None:
+    """Wait until ``process`` accepts on 127.0.0.1:``port`` (at most 20 s)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            msg = f"the process meant to listen on {port} exited with {process.returncode}"
+            raise RuntimeError(msg)
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.02)
+    msg = f"nothing listens on {port} after 20 s"
+    raise RuntimeError(msg)
+
+
+def stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    """Stop one process we started, by its pid."""
+    if process.poll() is None:
+        process.send_signal(sig)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
 def granian_available() -> bool:
     """Whether granian can be imported here."""
     try:

@@ -32,7 +32,7 @@ from ambient import Registry, UserExecutionContext
 from ambient.integrations.psycopg import PerUserPools, SharedPool, connection
 from ambient.integrations.psycopg._common import _DEALLOCATE_FROM_SQL, _end_and_reset
 from tests.conftest import service_unavailable
-from tests.servers import free_port
+from tests.servers import free_port, stop, wait_listening
 from tests.test_psycopg import (
     Database,
     _admin,
@@ -41,7 +41,6 @@ from tests.test_psycopg import (
     _scalar,
     make_database,
 )
-from tests.test_websockets import stop, wait_listening
 
 USERS = 50
 CHECKOUTS = 40

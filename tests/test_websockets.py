@@ -14,7 +14,6 @@ import contextlib
 import gc
 import json
 import os
-import shutil
 import signal
 import socket
 import struct
@@ -66,7 +65,8 @@ from ambient.integrations.websockets._redis import Count
 from ambient.middleware import AmbientMiddleware, trusted_header
 from tests.apps import Ledger
 from tests.conftest import REDIS_URL, service_unavailable
-from tests.servers import free_port, serve
+from tests.redis_server import own_redis
+from tests.servers import free_port, serve, stop, wait_listening
 from tests.ws_app import build
 
 T = TypeVar("T")
@@ -2066,31 +2066,6 @@ def unique_prefix() -> str:
     return f"ambient-test:{uuid.uuid4().hex}:"
 
 
-def wait_listening(port: int, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            msg = f"the process meant to listen on {port} exited with {process.returncode}"
-            raise RuntimeError(msg)
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.02)
-    msg = f"nothing listens on {port} after 20 s"
-    raise RuntimeError(msg)
-
-
-def stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-    """Stop one process we started, by its pid."""
-    if process.poll() is None:
-        process.send_signal(sig)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
-
-
 @contextlib.contextmanager
 def uvicorn_processes(count: int, env: dict[str, str]) -> Iterator[list[str]]:
     """``count`` uvicorn processes serving tests.ws_redis_app; yield their base URLs."""
@@ -2122,34 +2097,6 @@ def uvicorn_processes(count: int, env: dict[str, str]) -> Iterator[list[str]]:
     finally:
         for process in processes:
             stop(process)
-
-
-class RedisProcess:
-    """A redis-server of our own on a spare port, to kill and restart."""
-
-    def __init__(self, snapshots: Path | None = None) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen[bytes] | None = None
-        # Where SAVE writes its snapshot, loaded at the next start (none: nothing kept).
-        self.snapshots = snapshots
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            service_unavailable("redis-server", "the binary is not on PATH")
-            return
-        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1"]
-        argv += ["--save", "", "--appendonly", "no"]
-        if self.snapshots is not None:
-            argv += ["--dir", str(self.snapshots)]
-        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL)  # noqa: S603 - fixed argv
-        wait_listening(self.port, self.process)
-
-    def kill(self) -> None:
-        if self.process is not None:
-            stop(self.process, signal.SIGKILL)
-            self.process = None
 
 
 async def read_run(sock: ClientConnection, count: int) -> tuple[set[str], list[int]]:
@@ -2236,9 +2183,7 @@ async def test_delivery_resumes_after_a_redis_restart_and_the_outage_is_reported
     BroadcastError on its first event, a socket opening then is closed with 1013; once
     Redis is back the backend re-subscribes by itself and the same socket receives the
     next run, in order, with nothing of the failed one."""
-    own = RedisProcess()
-    own.start()
-    try:
+    with own_redis() as own:
         backend = RedisBroadcast(
             own.url, channel_prefix=unique_prefix(), timeout=1.0, max_reconnect_delay=0.2
         )
@@ -2283,8 +2228,6 @@ async def test_delivery_resumes_after_a_redis_restart_and_the_outage_is_reported
         assert backend._reader is None
         assert not backend.connected
         assert stats.connections == 0
-    finally:
-        own.kill()
 
 
 async def test_a_revocation_made_while_the_subscription_was_down_still_ends_the_socket(
@@ -2296,9 +2239,7 @@ async def test_a_revocation_made_while_the_subscription_was_down_still_ends_the_
     missed and ends carol's socket with 4001; dave's socket, not revoked, goes on."""
     import redis
 
-    own = RedisProcess()
-    own.start()
-    try:
+    with own_redis() as own:
         prefix = unique_prefix()
         # A slow first reconnect: the revocation below is made while nothing is subscribed.
         backend = RedisBroadcast(own.url, channel_prefix=prefix, timeout=1.0, reconnect_delay=1.0)
@@ -2332,8 +2273,6 @@ async def test_a_revocation_made_while_the_subscription_was_down_still_ends_the_
             await wait_closed(ledger, 2)
             stats = hub.stats()
             assert (stats.revoked, stats.connections) == (1, 0)
-    finally:
-        own.kill()
 
 
 async def test_a_join_written_just_after_the_subscription_died_reconnects_it_once(
@@ -2348,10 +2287,7 @@ async def test_a_join_written_just_after_the_subscription_died_reconnects_it_onc
     reader read the replies of such a handshake (a second outage) or went on reading a
     connection on which the held user was never subscribed again, reporting itself
     connected while that user's events were lost."""
-    own = RedisProcess()
-    own.start()
-    admin = redis.Redis.from_url(own.url)
-    try:
+    with own_redis() as own, redis.Redis.from_url(own.url) as admin:
         # No health check during the test: only the kills make the reader reconnect.
         backend = RedisBroadcast(own.url, channel_prefix=unique_prefix(), health_check_interval=60)
         held = UserRef("held")
@@ -2399,9 +2335,6 @@ async def test_a_join_written_just_after_the_subscription_died_reconnects_it_onc
                     f'{{"n": {n}}}' for n in range(3)
                 ]
         await backend.aclose()
-    finally:
-        admin.close()
-        own.kill()
 
 
 # Starlette's TestClient prefers httpx2 now and warns when it runs on httpx.
@@ -2445,9 +2378,7 @@ async def test_a_hung_redis_is_noticed_by_the_health_check(redis_url: str) -> No
     """Redis stops answering without closing its connections (SIGSTOP): a send times out
     with BroadcastError, the health check gives the subscription up, and once Redis runs
     again the backend reconnects and delivery resumes."""
-    own = RedisProcess()
-    own.start()
-    try:
+    with own_redis() as own:
         backend = RedisBroadcast(
             own.url,
             channel_prefix=unique_prefix(),
@@ -2482,8 +2413,6 @@ async def test_a_hung_redis_is_noticed_by_the_health_check(redis_url: str) -> No
             await in_client_thread(lambda: scenario(url))
             await wait_closed(ledger, 1)
         assert backend.reconnects >= 1
-    finally:
-        own.kill()
 
 
 class Collecting:
@@ -2970,10 +2899,7 @@ async def test_a_revocation_while_the_subscription_was_down_reaches_a_handshake_
     of. The handshake, joining after that, was served. The process reads what it missed
     from the recent revocations as its subscription comes back, and new sockets wait for
     that read: the handshake is revoked as it joins."""
-    own = RedisProcess()
-    own.start()
-    admin = redis.Redis.from_url(own.url)
-    try:
+    with own_redis() as own, redis.Redis.from_url(own.url) as admin:
         prefix = unique_prefix()
         registry = Registry()
         # A slow first reconnect: the revocation below is made while nothing is subscribed.
@@ -2998,9 +2924,6 @@ async def test_a_revocation_while_the_subscription_was_down_reaches_a_handshake_
         assert (hub.stats().revoked, hub.stats().connections, hub._joining) == (1, 0, set())
         await other.aclose()
         await registry.aclose()
-    finally:
-        admin.close()
-        own.kill()
 
 
 async def test_a_revocation_the_stream_lost_during_an_outage_is_learnt_from_the_count(
@@ -3011,10 +2934,7 @@ async def test_a_revocation_the_stream_lost_during_an_outage_is_learnt_from_the_
     revocations no longer holds that revocation when it is read (trimmed, or lost with
     the key). Her count of revocations grew by one meanwhile: once back, the process
     revokes her socket from the count."""
-    own = RedisProcess()
-    own.start()
-    admin = redis.Redis.from_url(own.url)
-    try:
+    with own_redis() as own, redis.Redis.from_url(own.url) as admin:
         prefix = unique_prefix()
         registry = Registry()
         backend = RedisBroadcast(own.url, channel_prefix=prefix, timeout=1.0, reconnect_delay=1.0)
@@ -3037,9 +2957,6 @@ async def test_a_revocation_the_stream_lost_during_an_outage_is_learnt_from_the_
         assert (hub.stats().revoked, hub.stats().connections) == (1, 0)
         await other.aclose()
         await registry.aclose()
-    finally:
-        admin.close()
-        own.kill()
 
 
 async def test_a_revocation_heard_before_an_outage_is_not_applied_again_after_it(
@@ -3051,10 +2968,7 @@ async def test_a_revocation_heard_before_an_outage_is_not_applied_again_after_it
     read was that of her first subscription, from before the revocation it heard: once
     back, the count read then was higher, and every socket of hers was revoked ("access
     revoked") for the revocation already applied."""
-    own = RedisProcess()
-    own.start()
-    admin = redis.Redis.from_url(own.url)
-    try:
+    with own_redis() as own, redis.Redis.from_url(own.url) as admin:
         backend = RedisBroadcast(own.url, channel_prefix=unique_prefix(), timeout=1.0)
         carol = CarolsSockets(backend)
         hub, sockets, entered, ended = carol.hub, carol.sockets, carol.entered, carol.ended
@@ -3079,9 +2993,6 @@ async def test_a_revocation_heard_before_an_outage_is_not_applied_again_after_it
         assert (sockets["c-2"].frames, sockets["c-2"].closed) == (['{"after": "outage"}'], [])
         assert hub.stats().revoked == 1
         await carol.registry.aclose()
-    finally:
-        admin.close()
-        own.kill()
 
 
 @pytest.mark.parametrize("closed", ["the backend", "the hub"])
@@ -3181,10 +3092,7 @@ async def test_a_revocation_lost_after_a_redis_restart_is_learnt_from_the_count(
     the one this process had accounted for, and the revocation was hidden until her count
     passed 2."""
     snapshot = restart == "from an older snapshot"
-    own = RedisProcess(tmp_path if snapshot else None)
-    own.start()
-    admin = redis.Redis.from_url(own.url)
-    try:
+    with own_redis(tmp_path if snapshot else None) as own, redis.Redis.from_url(own.url) as admin:
         prefix = unique_prefix()
         backend = HeldReconnect(own.url, channel_prefix=prefix)
         carol = CarolsSockets(backend)
@@ -3217,9 +3125,6 @@ async def test_a_revocation_lost_after_a_redis_restart_is_learnt_from_the_count(
         assert hub.stats().connections == 0
         await other.aclose()
         await carol.registry.aclose()
-    finally:
-        admin.close()
-        own.kill()
 
 
 @pytest.mark.parametrize("revoked", ["one connection", "each connection", "one lost"])
@@ -3234,10 +3139,7 @@ async def test_a_revocation_of_one_connection_during_an_outage_ends_that_one_onl
     to end every socket of hers here ("access revoked"), though nothing else was revoked.
     Only a revocation the stream no longer holds ("one lost": c-1's, then one of a
     connection c-3 kept) is learnt from the count alone, and ends all of hers here."""
-    own = RedisProcess()
-    own.start()
-    admin = redis.Redis.from_url(own.url)
-    try:
+    with own_redis() as own, redis.Redis.from_url(own.url) as admin:
         prefix = unique_prefix()
         backend = HeldReconnect(own.url, channel_prefix=prefix)
         carol = CarolsSockets(backend)
@@ -3283,9 +3185,6 @@ async def test_a_revocation_of_one_connection_during_an_outage_ends_that_one_onl
         assert hub.stats().revoked == (1 if revoked == "one connection" else 2)
         await other.aclose()
         await carol.registry.aclose()
-    finally:
-        admin.close()
-        own.kill()
 
 
 class RevokedAfterTheRecentOnes(HeldReconnect):
@@ -3315,10 +3214,7 @@ async def test_a_revocation_of_one_connection_just_after_an_outage_ends_that_one
     goes on. The count, read after the recent revocations, already had c-1's, not yet
     heard: it was taken for a revocation missed in the outage, and every socket of hers
     here was ended ("access revoked")."""
-    own = RedisProcess()
-    own.start()
-    admin = redis.Redis.from_url(own.url)
-    try:
+    with own_redis() as own, redis.Redis.from_url(own.url) as admin:
         prefix = unique_prefix()
         backend = RevokedAfterTheRecentOnes(own.url, channel_prefix=prefix)
         carol = CarolsSockets(backend)
@@ -3352,9 +3248,6 @@ async def test_a_revocation_of_one_connection_just_after_an_outage_ends_that_one
         assert hub.stats().revoked == 1
         await other.aclose()
         await carol.registry.aclose()
-    finally:
-        admin.close()
-        own.kill()
 
 
 class HeardLate(HeldOnItsWay):
@@ -3543,10 +3436,7 @@ async def test_a_revocation_read_as_the_subscription_comes_back_is_not_taken_for
     c-1 stays open throughout. Comparing the count read before that revocation, in the
     epoch before, replaced the new epoch accounted for: c-1 was revoked for a revocation
     of c-2 it had delivered, at that comparison or at the next outage's."""
-    own = RedisProcess()
-    own.start()
-    admin = redis.Redis.from_url(own.url)
-    try:
+    with own_redis() as own, redis.Redis.from_url(own.url) as admin:
         prefix = unique_prefix()
         backend = HeardAsItReads(own.url, channel_prefix=prefix)
         carol = CarolsSockets(backend)
@@ -3578,9 +3468,6 @@ async def test_a_revocation_read_as_the_subscription_comes_back_is_not_taken_for
         assert hub.stats().revoked == 0
         await other.aclose()
         await carol.registry.aclose()
-    finally:
-        admin.close()
-        own.kill()
 
 
 async def test_a_revocation_heard_before_the_recent_ones_are_read_hides_none_of_them(
@@ -3634,10 +3521,7 @@ async def test_revocations_after_the_stream_ids_went_back_are_not_taken_for_ones
     it is revoked as it joins. This process took every id up to bob's for one heard, and
     dropped her message (or started its read of the stream after bob's id): carol's
     handshake got in."""
-    own = RedisProcess()
-    own.start()
-    admin = redis.Redis.from_url(own.url)
-    try:
+    with own_redis() as own, redis.Redis.from_url(own.url) as admin:
         prefix = unique_prefix()
         registry = Registry()
         backend = HeldReconnect(own.url, channel_prefix=prefix)
@@ -3681,9 +3565,6 @@ async def test_revocations_after_the_stream_ids_went_back_are_not_taken_for_ones
         assert (hub.stats().revoked, hub.stats().connections, hub._joining) == (1, 0, set())
         await other.aclose()
         await registry.aclose()
-    finally:
-        admin.close()
-        own.kill()
 
 
 CHURN_USERS, CHURN_ROUNDS = 30, 4
