@@ -2627,9 +2627,9 @@ class ReadInTwoParts(RedisBroadcast):
 
 async def test_a_revocation_through_redis_ends_a_process_sockets_once(redis_url: str) -> None:
     """Another process revokes carol, and her socket c-1 here is ended; her socket c-2
-    joins after that, and gets the event sent to her next. The revocation reached each
-    process twice (on carol's channel and on the revocations channel), and when the
-    reader read the second copy after c-2 had joined, it ended c-2 as well."""
+    joins after that, and gets the event sent to her next. A revocation once reached each
+    process twice (on carol's channel and on the revocations channel), and a reader that
+    read the second copy after c-2 had joined ended c-2 as well."""
     prefix = unique_prefix()
     backend = ReadInTwoParts(redis_url, channel_prefix=prefix)
     carol = CarolsSockets(backend)
