@@ -3060,6 +3060,50 @@ async def test_a_revocation_heard_before_the_backend_was_closed_is_not_applied_a
     await registry.aclose()
 
 
+@pytest.mark.parametrize("started", ["wait_connected()", "a new socket"])
+async def test_a_revocation_the_stream_lost_while_the_backend_was_closed_is_learnt_from_the_count(
+    redis_url: str, started: str
+) -> None:
+    """Carol's socket is open here when the backend is closed (the hub still holds the
+    socket), and another process revokes her; the stream of recent revocations no longer
+    holds that revocation when the backend starts again (by wait_connected(), or as a
+    socket of dave's joins): her socket is revoked from her count of revocations, which
+    grew by one this process neither heard nor read, and dave's stays. Started again, the
+    backend read the stream from the revocation heard last but did not compare the counts
+    as it does after an outage, and carol's socket stayed open."""
+    prefix = unique_prefix()
+    backend = RedisBroadcast(redis_url, channel_prefix=prefix)
+    carol = CarolsSockets(backend)
+    hub, sockets, entered, ended = carol.hub, carol.sockets, carol.entered, carol.ended
+    other = ConnectionHub(RedisBroadcast(redis_url, channel_prefix=prefix))
+    dave, dave_in = Collecting(1), anyio.Event()
+    with (
+        anyio.fail_after(DEADLINE),
+        redis.Redis.from_url(redis_url, socket_connect_timeout=2) as admin,
+    ):
+        await backend.wait_connected()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(carol.hold, "c-1")
+            await entered["c-1"].wait()
+            await backend.aclose()
+            await other.revoke("carol", reason="banned")
+            assert admin.delete(f"{prefix}revocations") == 1
+            if started == "wait_connected()":
+                await backend.wait_connected()
+            else:
+                tg.start_soon(hold_until_cancelled, carol.registry, "dave", dave, dave_in)
+                await dave_in.wait()
+            # Revoked once the recent revocations were read, before anything waiting for
+            # that read went on.
+            assert hub.stats().revoked == 1
+            await ended["c-1"].wait()
+            tg.cancel_scope.cancel()
+    assert sockets["c-1"].closed == [(4001, "access revoked")]
+    assert (dave.closed, backend.reconnects) == ([], 0)
+    await other.aclose()
+    await carol.registry.aclose()
+
+
 class HeldReconnect(RedisBroadcast):
     """A RedisBroadcast whose subscription, once lost, comes back only when the test sets
     ``back``: ``down`` is set as it is about to reconnect, and what the test does between

@@ -134,14 +134,15 @@ class RedisBroadcast:
     that count, so a process knows which of the user's revocations it heard or read; a
     count another Redis made (before a restart or a failover, which may have lost the
     latest) or that was lost starts again in a new epoch, never reusing a number. A
-    process whose subscription comes back, once it has read the recent ones, compares
-    those counts with the revocations it accounted for, and revokes every socket of a
-    user with one it neither heard nor read (all of them: the count does not say which
-    connection that one named); that takes an outage longer than five minutes, or a
-    stream trimmed or lost meanwhile. A process subscribing to a user it holds no socket
-    of yet reads the count before and after: a revocation in between, published before
-    Redis had the subscription and neither heard nor read, revokes the user's sockets
-    there the same way. Revocations need Redis 5 or later (streams).
+    process whose subscription comes back (or starts again after :meth:`aclose`, sockets
+    still held), once it has read the recent ones, compares those counts with the
+    revocations it accounted for, and revokes every socket of a user with one it neither
+    heard nor read (all of them: the count does not say which connection that one named);
+    that takes an outage (or a close) longer than five minutes, or a stream trimmed or
+    lost meanwhile. A process subscribing to a user it holds no socket of yet reads the
+    count before and after: a revocation in between, published before Redis had the
+    subscription and neither heard nor read, revokes the user's sockets there the same
+    way. Revocations need Redis 5 or later (streams).
 
     Args:
         url: The Redis URL (``redis://host:6379/0``).
@@ -243,8 +244,13 @@ class RedisBroadcast:
         # accounted for in their epoch, one before them not (yet): heard out of order, or
         # before the count was read.
         self._heard: dict[bytes, set[Count]] = {}
-        # The subscription came back after an outage: look for revocations it missed.
+        # The subscription came back after an outage (or started again after aclose(), with
+        # sockets held): look for revocations it missed.
         self._resync = False
+        # aclose() ran since the subscription was last up: started again with channels
+        # still subscribed (sockets the hub still holds), it looks for revocations missed
+        # as after an outage.
+        self._closed = False
         # The stream of recent revocations was read since the subscription (re)started:
         # new sockets wait for it, a revocation they missed would only be learnt there.
         self._caught_up = False
@@ -477,9 +483,9 @@ class RedisBroadcast:
 
     async def _recent_revocations(self) -> None:
         """Once the subscription (re)started: deliver the revocations of the last five
-        minutes it has not heard (see :meth:`_read_recent`). After an outage, then revoke
-        the sockets of every user with a revocation this process neither heard nor read
-        (see :meth:`_missed_revocations`)."""
+        minutes it has not heard (see :meth:`_read_recent`). After an outage (or aclose()
+        with sockets held), then revoke the sockets of every user with a revocation this
+        process neither heard nor read (see :meth:`_missed_revocations`)."""
         # Those whose count is known: a first subscription under way reads its own.
         channels = [c for c in self._refs if c in self._revocations] if self._resync else []
         counts = await self._read_recent(channels)
@@ -525,7 +531,7 @@ class RedisBroadcast:
                 logger.warning("ambient: dropped a malformed entry of the recent revocations")
             elif self._revocation_heard(entry_id, count, raw):
                 missed += 1
-        if missed and self._resync:  # back after an outage, not a first start
+        if missed and self._resync:  # after an outage or a close, not a first start
             logger.warning(
                 "ambient: %d revocation(s) were made while the Redis subscription was down; "
                 "applying them here now",
@@ -614,10 +620,10 @@ class RedisBroadcast:
         return self._missed(channel, count)
 
     def _missed_revocations(self, channels: list[bytes], counts: list[Count]) -> None:
-        """After an outage of the subscription, once the recent revocations are read:
-        revoke the sockets of every user whose count of revocations (``counts``, of
-        ``channels``' users, read before the recent ones) grew by one this process neither
-        heard nor read (the stream no longer held it)."""
+        """After an outage of the subscription (or aclose() with sockets held), once the
+        recent revocations are read: revoke the sockets of every user whose count of
+        revocations (``counts``, of ``channels``' users, read before the recent ones) grew
+        by one this process neither heard nor read (the stream no longer held it)."""
         deliver = self._deliver
         for channel, count in zip(channels, counts, strict=True):
             user = self._users.get(channel)
@@ -861,14 +867,22 @@ class RedisBroadcast:
                     self.reconnects += 1
                     self._resync = True
                     logger.warning("ambient: the Redis subscription is back")
+                elif self._closed and self._refs:
+                    # Started again after aclose() with sockets held: their users may have
+                    # been revoked meanwhile, in revocations the stream no longer holds.
+                    self._resync = True
                 self._down_since = None
+                self._closed = False
             self._notify()
 
     async def aclose(self) -> None:
         """Stop the reader and close the Redis connections (used again on next use).
 
         The revocations heard are not forgotten: started again, the backend delivers those
-        of the last five minutes it has not heard, as after an outage, not every one again.
+        of the last five minutes it has not heard, as after an outage, not every one again;
+        and, as after an outage, it revokes the sockets still held here of every user with
+        a revocation it neither heard nor read (made while it was closed, and no longer
+        among the recent ones).
         """
         reader, self._reader = self._reader, None
         if reader is not None:
@@ -892,7 +906,11 @@ class RedisBroadcast:
         # opened since with a new credential. Another Redis behind the URL by then is taken
         # as after a failover: the read starts at the one heard last only if its stream
         # holds that one, and its counts, of epochs of its own, match none heard. _seen
-        # stays within _SEEN_KEPT.
+        # stays within _SEEN_KEPT. The channels of the sockets the hub still holds stay
+        # subscribed: started again, it compares their users' counts of revocations with
+        # those accounted for, as after an outage, for one that the stream lost meanwhile
+        # or that fell out of its five minutes.
+        self._closed = True
         self._down_since = None
         self._confirmed.clear()
         self._pending.clear()
