@@ -89,11 +89,20 @@ class Observer:
 
     Subclass and override what you need; each method runs inline, so keep it fast. An
     observer that raises is logged and otherwise ignored: it never breaks a request.
+
+    Attributes:
+        inactive_until: A :func:`time.monotonic` time before which :attr:`active` is surely
+            false, or ``None`` (the default). Until then a scope may leave the observer out
+            without asking :attr:`active` (one reporting to this observer alone does): a
+            telemetry waiting for an SDK costs a clock read per scope instead of a call.
     """
+
+    inactive_until: float | None = None
 
     @property
     def active(self) -> bool:
-        """Whether this observer wants the scope that is opening; read once per scope.
+        """Whether this observer wants the scope that is opening; read once per scope
+        (unless :attr:`inactive_until` says it is false).
 
         An inactive observer is left out of that scope entirely (no hooks are called and no
         events are built for it), so a dormant telemetry costs next to nothing.

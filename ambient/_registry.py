@@ -12,6 +12,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
+from time import monotonic
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import anyio
@@ -379,18 +380,27 @@ class Registry:
         own = self._observers
         if extra is not None and extra is not self._last_extra:
             self._note_extra(extra)
-        if extra is None and not _observe.observers:
+        if _observe.observers or (own and extra is not None):
+            every = self.observers()
+            if extra is not None and extra not in every:
+                every = (*every, extra)
+            if len(every) > 1:
+                return tuple(o for o in every if o.active)
+            observer = every[0]
+        elif extra is None:
             # The common cases, without building a tuple: no observer, or one telemetry.
             if not own:
                 return ()
-            if len(own) == 1:
-                return own if own[0].active else ()
-        every = self.observers()
-        if extra is not None and extra not in every:
-            every = (*every, extra)
-        if len(every) == 1:
-            return every if every[0].active else ()
-        return tuple(o for o in every if o.active)
+            observer = own[0]  # the only one: the registry's telemetry
+        else:
+            observer = extra  # the scope's alone (the middleware's telemetry)
+        # Not asked while it says it stays inactive: a clock read instead of a call.
+        until = observer.inactive_until
+        if until is not None and monotonic() < until:
+            return ()
+        if not observer.active:
+            return ()
+        return own if own else (observer,)
 
     def _note_extra(self, extra: Observer) -> None:
         # It may see USER and APP components made: it must see them cleaned too, which

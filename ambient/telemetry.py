@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import secrets
 import sys
 import threading
@@ -701,6 +702,13 @@ class Telemetry(Observer):
             self._tracer is None and self._instruments is None and not self.baggage_fields
         )
         self._active = not self._dormant
+        # Last: a scope reading it before the state above changed asks `active` anyway.
+        if self._active:
+            self.inactive_until = None
+        elif self._pending:
+            self.inactive_until = self._next_check
+        else:
+            self.inactive_until = math.inf
 
     def _recheck(self) -> None:
         now = monotonic()
@@ -729,7 +737,8 @@ class Telemetry(Observer):
         """Whether this telemetry records anything (an SDK provider or baggage is set).
 
         While the global providers are still no-op proxies this looks again at most once a
-        second, so it stays cheap enough to ask for every scope.
+        second, so it stays cheap enough to ask for every scope; :attr:`inactive_until` says
+        when, so that a scope opening before then need not ask.
         """
         if self._pending and monotonic() >= self._next_check:
             self._recheck()

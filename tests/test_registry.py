@@ -681,3 +681,38 @@ def test_a_name_with_spaces_and_letters_of_any_script_is_kept(name: str) -> None
     registry = Registry()
     registry.register("component", object, name=name)
     assert registry.providers["component"].name == name
+
+
+@pytest.mark.parametrize("given", ["to the registry", "to the scope"])
+async def test_an_observer_inactive_until_later_is_not_asked_until_then(given: str) -> None:
+    """An observer whose ``inactive_until`` is still to come is left out of the scopes
+    opening before then without ``active`` being asked; once that time has passed (or it
+    is ``None``) ``active`` is asked again for every scope."""
+    import time
+
+    asked: list[str] = []
+    opened: list[str] = []
+
+    class Sleepy(ambient.Observer):
+        @property
+        def active(self) -> bool:
+            asked.append("active")
+            return True
+
+        def scope_opened(self, scope: ambient.Scope) -> None:
+            opened.append(scope.context.user_id)
+
+    observer = Sleepy()
+    observer.inactive_until = time.monotonic() + 3600
+    registry = Registry(telemetry=observer) if given == "to the registry" else Registry()
+    extra = observer if given == "to the scope" else None
+    async with registry.open_scope(UserExecutionContext.create("alice"), observer=extra):
+        pass
+    assert (asked, opened) == ([], [])
+    observer.inactive_until = time.monotonic() - 1
+    async with registry.open_scope(UserExecutionContext.create("bob"), observer=extra):
+        pass
+    observer.inactive_until = None
+    async with registry.open_scope(UserExecutionContext.create("carol"), observer=extra):
+        pass
+    assert (asked, opened) == (["active", "active"], ["bob", "carol"])

@@ -12,6 +12,7 @@ import logging
 import random
 import socket
 import threading
+import time
 import traceback
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
@@ -1297,6 +1298,47 @@ class TestNoSdk:
             pass
         assert telemetry.active
         assert len(otel.spans.named("ambient.scope")) == 1
+
+    async def test_sdk_installed_later_is_picked_up_by_a_scope_given_the_telemetry(
+        self, otel: Otel, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The same for a telemetry given to each scope (as the middleware does) instead of
+        to the registry: a global provider set after it was built is found."""
+        monkeypatch.setattr(ambient.telemetry, "_RECHECK_SECONDS", 0.0)
+        telemetry = Telemetry()
+        registry = Registry()
+        async with registry.open_scope(ctx(), observer=telemetry):
+            pass
+        assert not telemetry.active
+        monkeypatch.setattr(trace, "get_tracer_provider", lambda: otel.tracer_provider)
+        async with registry.open_scope(ctx(), observer=telemetry):
+            pass
+        assert telemetry.active
+        assert len(otel.spans.named("ambient.scope")) == 1
+
+    async def test_a_dormant_telemetry_says_until_when_it_stays_inactive(
+        self, otel: Otel, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Waiting for an SDK, ``inactive_until`` is when it looks again (so a scope opening
+        before then does not ask); on explicit no-op providers, never; once active, ``None``."""
+        from opentelemetry.metrics import NoOpMeterProvider
+
+        telemetry = Telemetry()
+        assert not telemetry.active  # looks now, and not again for a second
+        assert telemetry.inactive_until is not None
+        assert 0 < telemetry.inactive_until - time.monotonic() <= 1.0
+        noop = Telemetry(
+            tracer_provider=trace.NoOpTracerProvider(), meter_provider=NoOpMeterProvider()
+        )
+        assert noop.inactive_until == float("inf")
+        traced = Telemetry(tracer_provider=otel.tracer_provider)
+        assert traced.inactive_until is None
+        monkeypatch.setattr(ambient.telemetry, "_RECHECK_SECONDS", 0.0)
+        late = Telemetry()
+        assert not late.active
+        monkeypatch.setattr(trace, "get_tracer_provider", lambda: otel.tracer_provider)
+        assert late.active
+        assert late.inactive_until is None
 
     async def test_a_meter_found_later_counts_only_what_it_saw_made(
         self, otel: Otel, monkeypatch: pytest.MonkeyPatch
