@@ -345,6 +345,20 @@ class UserExecutionContext:
         )
 
 
+class _DraftContext(UserExecutionContext):
+    """A context being assembled: the same slots, written by plain attribute stores, then
+    made a :class:`UserExecutionContext` (the layouts match, so its class can be swapped).
+
+    A store through a slot's descriptor (``__set__``) or ``object.__setattr__`` builds an
+    argument tuple per call: nine of them cost more than the rest of the assembly.
+    """
+
+    __slots__ = ()
+    # Both: a frozen __delattr__ left in place would keep every store on the slow path.
+    __setattr__ = object.__setattr__
+    __delattr__ = object.__delattr__
+
+
 def _assemble(
     user_id: str,
     thread_id: str | None,
@@ -358,27 +372,28 @@ def _assemble(
 ) -> UserExecutionContext:
     """A new context from ids that are valid already, generating the missing ones.
 
-    Runs once per request. The slots are written through their descriptors:
-    object.__setattr__ looks each name up again and costs twice as much.
+    Runs once per request.
     """
-    self = object.__new__(UserExecutionContext)
-    _set_user_id(self, user_id)
+    draft: Any = object.__new__(_DraftContext)
+    draft.user_id = user_id
     if thread_id is None or request_id is None:
         # The ids a request needs, from one draw: a third of the cost of three.
         ids = _random_bits(384).to_bytes(48, "big").hex()
-        _set_thread_id(self, ids[:32] if thread_id is None else thread_id)
-        _set_run_id(self, ids[32:64] if run_id is None else run_id)
-        _set_request_id(self, ids[64:] if request_id is None else request_id)
+        draft.thread_id = ids[:32] if thread_id is None else thread_id
+        draft.run_id = ids[32:64] if run_id is None else run_id
+        draft.request_id = ids[64:] if request_id is None else request_id
     else:
-        _set_thread_id(self, thread_id)
-        _set_run_id(self, new_id() if run_id is None else run_id)
-        _set_request_id(self, request_id)
-    _set_tenant_id(self, tenant_id)
-    _set_connection_id(self, connection_id)
-    _set_parent_run_id(self, parent_run_id)
-    _set_depth(self, depth)
-    _set_metadata(self, _EMPTY if metadata is None else _copy_metadata(metadata))
-    return self
+        draft.thread_id = thread_id
+        draft.run_id = new_id() if run_id is None else run_id
+        draft.request_id = request_id
+    draft.tenant_id = tenant_id
+    draft.connection_id = connection_id
+    draft.parent_run_id = parent_run_id
+    draft.depth = depth
+    draft.metadata = _EMPTY if metadata is None else _copy_metadata(metadata)
+    draft.__class__ = UserExecutionContext
+    made: UserExecutionContext = draft
+    return made
 
 
 _VALID_USER_IDS: dict[str, None] = {}
@@ -415,15 +430,5 @@ def request_context(
     )
 
 
-# Slot setters of the frozen context, for _assemble() (see there).
-_set_user_id = UserExecutionContext.__dict__["user_id"].__set__
-_set_thread_id = UserExecutionContext.__dict__["thread_id"].__set__
-_set_run_id = UserExecutionContext.__dict__["run_id"].__set__
-_set_request_id = UserExecutionContext.__dict__["request_id"].__set__
-_set_tenant_id = UserExecutionContext.__dict__["tenant_id"].__set__
-_set_connection_id = UserExecutionContext.__dict__["connection_id"].__set__
-_set_parent_run_id = UserExecutionContext.__dict__["parent_run_id"].__set__
-_set_depth = UserExecutionContext.__dict__["depth"].__set__
-_set_metadata = UserExecutionContext.__dict__["metadata"].__set__
 _set_ref_user_id = UserRef.__dict__["user_id"].__set__
 _set_ref_tenant_id = UserRef.__dict__["tenant_id"].__set__
