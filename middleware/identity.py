@@ -593,7 +593,9 @@ def trusted_header(
                 if raw is not None:
                     _single_header(scope, name)  # raises, naming how often it was sent
                 raw = value
-            elif lowered in (_XFF, _FORWARDED):
+            # Two comparisons rather than `in` a tuple (or a set, which would refuse a
+            # name it cannot hash): cheaper, and this runs for every header.
+            elif lowered == _XFF or lowered == _FORWARDED:  # noqa: PLR1714, SIM109
                 if forwarding is None:
                     forwarding = []
                 forwarding.append((lowered, value))
