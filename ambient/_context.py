@@ -19,6 +19,8 @@ MAX_DEPTH = 32
 # scope cleans such a user's USER components when its one request ends).
 ANONYMOUS = "anonymous"
 _MAX_LEN = 256
+# The middleware checks a client's request id (visible ASCII, at most 128 characters, which
+# no other rule of validate_id() refuses) against these alone.
 _PLACEHOLDERS = frozenset(
     {"none", "null", "nil", "undefined", "placeholder", "registry", "default", "unknown", "0"}
 )

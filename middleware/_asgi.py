@@ -26,12 +26,12 @@ from ambient._binding import (
     unbind,
 )
 from ambient._context import (
+    _PLACEHOLDERS,
     ANONYMOUS,
     UserExecutionContext,
     UserRef,
     new_id,
     request_context,
-    validate_id,
 )
 from ambient._context import (
     ReadOnlyDict as _ReadOnlyDict,
@@ -73,8 +73,9 @@ _handed_over: Final = _binding._handed_over
 
 ASGIApp = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
 
-# A request id is echoed in a response header, so only visible ASCII is taken from a client.
-_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+# A request id is echoed in a response header, so only visible ASCII is taken from a client,
+# at most this long.
+_MAX_REQUEST_ID: Final = 128
 # The metadata of an anonymous caller's context: its user id is fresh for each request, so
 # its USER components can never be used again and are cleaned when the request ends.
 _ANONYMOUS: Final = _ReadOnlyDict({ANONYMOUS: True})
@@ -570,11 +571,16 @@ class AmbientMiddleware:
             found = parsed.get(query_name, [])
             thread_ids += tuple(value.encode("latin-1") for value in found)
         request_id = None
-        if raw_request_id and _REQUEST_ID.fullmatch(raw_request_id):
-            try:
-                request_id = validate_id("request_id", raw_request_id.decode("ascii"))
-            except InvalidContextError:
-                request_id = None
+        if raw_request_id and len(raw_request_id) <= _MAX_REQUEST_ID and raw_request_id.isascii():
+            candidate = raw_request_id.decode("ascii")
+            # Visible ASCII: printable, bar the space (a regular expression costs more). Of
+            # validate_id()'s rules only the placeholders' can refuse such an id.
+            if (
+                candidate.isprintable()
+                and " " not in candidate
+                and candidate.lower() not in _PLACEHOLDERS
+            ):
+                request_id = candidate
         return request_id, thread_ids
 
     def _context(

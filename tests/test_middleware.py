@@ -265,7 +265,7 @@ class TestIdentity:
 class TestIds:
     @pytest.mark.parametrize(
         "value",
-        ["", "has space", "x" * 129, "null", "ünïcode", "a\tb"],
+        ["", "has space", "x" * 129, "null", "NULL", "ünïcode", "a\tb", "a\x7fb", "a\x00b"],
     )
     async def test_an_unusable_request_id_is_replaced_by_a_generated_one(self, value: str) -> None:
         app, _, _ = build()
@@ -278,6 +278,27 @@ class TestIds:
         assert generated != value
         assert len(generated) == 32
         assert response.headers["x-request-id"] == generated
+
+    @pytest.mark.parametrize("value", ["!", "~" * 128, "Req-7_a.b/c:d=e~!"])
+    async def test_a_request_id_of_visible_ascii_up_to_128_characters_is_taken(
+        self, value: str
+    ) -> None:
+        app, _, _ = build()
+        async with client(app) as http:
+            response = await http.get(
+                "/whoami", headers=[(b"x-user-id", b"u1"), (b"x-request-id", value.encode())]
+            )
+        assert response.json()["request_id"] == value
+        assert response.headers["x-request-id"] == value
+
+    async def test_three_request_id_headers_are_replaced(self) -> None:
+        app, _, _ = build()
+        async with client(app) as http:
+            response = await http.get(
+                "/whoami",
+                headers=[("x-user-id", "u1")] + [("x-request-id", "a")] * 3,
+            )
+        assert response.json()["request_id"] != "a"
 
     async def test_two_request_id_headers_are_replaced(self) -> None:
         app, _, _ = build()
