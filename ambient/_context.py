@@ -398,8 +398,20 @@ def _assemble(
     return made
 
 
-_VALID_USER_IDS: dict[str, None] = {}
-_MAX_VALID_USER_IDS = 4096
+# Ids of users and tenants found valid, for request_context(): whether a str is a valid id
+# depends on nothing else (not on its field), and a server sees the same users and tenants
+# again and again. Bounded: emptied when full.
+_VALID_IDS: dict[str, None] = {}
+_MAX_VALID_IDS = 4096
+
+
+def _valid_remembered(field_name: str, value: str) -> str:
+    """``validate_id(field_name, value)``, remembered in :data:`_VALID_IDS` when valid."""
+    value = validate_id(field_name, value)
+    if len(_VALID_IDS) >= _MAX_VALID_IDS:
+        _VALID_IDS.clear()
+    _VALID_IDS[value] = None
+    return value
 
 
 def request_context(
@@ -412,24 +424,17 @@ def request_context(
 ) -> UserExecutionContext:
     """:meth:`UserExecutionContext.create` for the middleware: positional, trusting the
     ``request_id`` and ``connection_id`` it has validated or generated, and checking a user
-    id it has seen before from a bounded memo. Not for generated user ids (anonymous
-    users): each would take a place in the memo."""
-    # Whether a str is a valid id depends on nothing else: a server sees the same users
-    # again and again, so their ids are checked once.
-    if type(user_id) is not str or user_id not in _VALID_USER_IDS:
-        user_id = validate_id("user_id", user_id)
-        if len(_VALID_USER_IDS) >= _MAX_VALID_USER_IDS:
-            _VALID_USER_IDS.clear()
-        _VALID_USER_IDS[user_id] = None
-    return _assemble(
-        user_id,
-        None if thread_id is None else validate_id("thread_id", thread_id),
-        None,
-        request_id,
-        None if tenant_id is None else validate_id("tenant_id", tenant_id),
-        connection_id,
-        metadata,
-    )
+    or tenant id it has seen before from a bounded memo. Not for generated user ids
+    (anonymous users): each would take a place in the memo."""
+    if type(user_id) is not str or user_id not in _VALID_IDS:
+        user_id = _valid_remembered("user_id", user_id)
+    # In the order of create()'s parameters, so the first bad one is the one named. Thread
+    # ids are not remembered: there are as many as conversations.
+    if thread_id is not None:
+        thread_id = validate_id("thread_id", thread_id)
+    if tenant_id is not None and (type(tenant_id) is not str or tenant_id not in _VALID_IDS):
+        tenant_id = _valid_remembered("tenant_id", tenant_id)
+    return _assemble(user_id, thread_id, None, request_id, tenant_id, connection_id, metadata)
 
 
 _set_ref_user_id = UserRef.__dict__["user_id"].__set__
