@@ -6,6 +6,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Hashable, Iterator
+from time import monotonic
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar, overload
 
 import anyio
@@ -222,8 +223,14 @@ class Scope:
         self._opened = True
         registry.open_scopes += 1
         extra = self._extra
-        if extra is None and not registry._observers and not _observe.observers:
-            return  # nobody observes (scope_observers() would say so, for a call more)
+        if extra is None and not _observe.observers:
+            own = registry._observers
+            if not own:
+                return  # nobody observes (scope_observers() would say so, for a call more)
+            # The registry's one telemetry, waiting for an SDK: a clock read, not a call.
+            until = own[0].inactive_until
+            if until is not None and monotonic() < until:
+                return
         observers = registry.scope_observers(extra)
         if observers:
             self.observers = observers

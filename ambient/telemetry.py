@@ -702,8 +702,9 @@ class Telemetry(Observer):
             self._tracer is None and self._instruments is None and not self.baggage_fields
         )
         self._active = not self._dormant
-        # Last: a scope reading it before the state above changed asks `active` anyway.
-        if self._active:
+        # Last: a scope reading it before the state above changed asks `active` anyway. A
+        # subclass deciding `active` itself is asked for every scope.
+        if self._active or type(self).active is not Telemetry.active:
             self.inactive_until = None
         elif self._pending:
             self.inactive_until = self._next_check

@@ -1340,6 +1340,29 @@ class TestNoSdk:
         assert late.active
         assert late.inactive_until is None
 
+    async def test_a_subclass_with_its_own_active_is_asked_for_every_scope(self) -> None:
+        """A subclass deciding ``active`` itself is asked as before: the base's own wait for
+        an SDK says nothing about the subclass's answer."""
+
+        class Always(Telemetry):
+            opened: list[str]
+
+            @property
+            def active(self) -> bool:
+                return True
+
+            def scope_opened(self, scope: ambient.Scope) -> None:
+                self.opened.append(scope.context.user_id)
+
+        always = Always()
+        always.opened = []
+        assert always.inactive_until is None
+        registry = Registry(telemetry=always)
+        for user in ("alice", "bob"):
+            async with registry.open_scope(ctx(user)):
+                pass
+        assert always.opened == ["alice", "bob"]
+
     async def test_a_meter_found_later_counts_only_what_it_saw_made(
         self, otel: Otel, monkeypatch: pytest.MonkeyPatch
     ) -> None:
