@@ -25,13 +25,15 @@ from ambient._loops import loop_call_soon, on_loop_thread
 from ambient._observe import Observer, component_event, notify
 from ambient._provider import (
     _BARE,
+    _FINISHED,
     _GEN,
     _REQUEST,
     _SYNC,
     AWAIT,
     Finalizer,
     Provider,
-    _enter_gen,
+    _new_object,
+    _no_yield,
     build_async,
     build_now,
     build_sync,
@@ -608,7 +610,17 @@ class Instances:
                 # build_now(), inlined to the factory's call: once for every such component.
                 instance = provider.factory(arg) if provider.takes_arg else provider.factory()
                 if provider.kind is _GEN:
-                    instance, finalizer = _enter_gen(provider, instance)
+                    # _enter_gen(), inlined: once for every generator component.
+                    gen = instance
+                    try:
+                        instance = next(gen)
+                    except StopIteration:
+                        raise _no_yield(provider) from None
+                    finalizer = _new_object(Finalizer)
+                    finalizer.name = provider.name
+                    finalizer.how = "generator"
+                    finalizer.target = gen
+                    finalizer.is_async = False
                 elif _PLAIN.get(type(instance)) is _BARE:
                     finalizer = None
                 else:
@@ -1055,7 +1067,13 @@ def finalize_sync(
             start_ns = time.time_ns()  # first, as in aget()
             started = time.perf_counter()
         try:
-            finalizer.run_sync(exc)
+            if exc is None and finalizer.how == "generator":
+                # Finalizer.run_sync(), in place for its usual case: a generator factory's
+                # run to its end, once for every such component.
+                if next(finalizer.target, _FINISHED) is not _FINISHED:
+                    finalizer.yielded_again()
+            else:
+                finalizer.run_sync(exc)
         except Exception as raised:  # noqa: BLE001 - collected into CleanupError
             error, interrupted = raised, None
         except BaseException as raised:  # noqa: BLE001 - re-raised once every cleanup ran

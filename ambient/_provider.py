@@ -11,7 +11,7 @@ import typing
 import unicodedata
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from ambient.errors import RegistryError, ResolutionError, _shorten
 
@@ -289,9 +289,7 @@ class Finalizer:
                 if raised is exc:
                     return
                 raise
-            target.close()
-            msg = f"generator factory of {self.name} yielded more than once"
-            raise RuntimeError(msg)
+            self.yielded_again()
         if self.how == "context manager":
             if exc is None:
                 target.__exit__(None, None, None)
@@ -305,6 +303,12 @@ class Finalizer:
                     raise
             return
         target.close()
+
+    def yielded_again(self) -> NoReturn:
+        """Close a generator factory that yielded a second time, and raise that."""
+        self.target.close()
+        msg = f"generator factory of {self.name} yielded more than once"
+        raise RuntimeError(msg)
 
     async def run(self, exc: BaseException | None) -> None:
         target = self.target
@@ -637,12 +641,16 @@ def finish_sync(
     return _closer(provider, result, can_await=False)
 
 
+def _no_yield(provider: Provider) -> ResolutionError:
+    """The error of a generator factory that returned without yielding."""
+    return ResolutionError(f"generator factory of {provider.name} returned without yielding")
+
+
 def _enter_gen(provider: Provider, gen: Any) -> tuple[Any, Finalizer]:
     try:
         instance = next(gen)
     except StopIteration:
-        msg = f"generator factory of {provider.name} returned without yielding"
-        raise ResolutionError(msg) from None
+        raise _no_yield(provider) from None
     # Finalizer.__init__, inlined: calling a class with an __init__ in Python costs about
     # twice what making the object and setting its slots here does.
     finalizer = _new_object(Finalizer)
