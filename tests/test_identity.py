@@ -238,6 +238,153 @@ class TestTrustedHeader:
             trusted_header(trusted=("Unix",))
 
 
+_ALICE = (b"x-user-id", b"alice")
+_TENANT_CASES = [
+    # (tenant_header, headers, status, user, tenant or problem detail)
+    ("x-tenant-id", [_ALICE], 200, "alice", None),
+    ("x-tenant-id", [_ALICE, (b"x-tenant-id", b"acme")], 200, "alice", "acme"),
+    ("x-tenant-id", [(b"x-tenant-id", b"acme"), _ALICE], 200, "alice", "acme"),
+    ("x-tenant-id", [_ALICE, (b"X-Tenant-ID", b"acme")], 200, "alice", "acme"),
+    ("X-Tenant-Id", [_ALICE, (b"x-tenant-id", b"acme")], 200, "alice", "acme"),
+    ("x-tenant-id", [_ALICE, (b"x_tenant_id", b"acme")], 200, "alice", None),
+    ("x-tenant-id", [_ALICE, (b"x-tenant-id", b"a b")], 200, "alice", "a b"),
+    ("x-tenant-id", [_ALICE, (b"x-tenant-id", "ünï".encode())], 200, "alice", "ünï"),
+    ("x-tenant-id", [_ALICE, (b"x-tenant-id", b"")], 400, None, "tenant_id is invalid"),
+    ("x-tenant-id", [_ALICE, (b"x-tenant-id", b"\x00")], 400, None, "U+0000"),
+    ("x-tenant-id", [_ALICE, (b"x-tenant-id", b"\xff")], 400, None, "not valid UTF-8"),
+    ("x-tenant-id", [_ALICE, (b"x-tenant-id", b"\xff,")], 400, None, "not valid UTF-8"),
+    ("x-tenant-id", [_ALICE, (b"x-tenant-id", b"a,b")], 400, None, "holds a comma"),
+    (
+        "x-tenant-id",
+        [_ALICE, (b"x-tenant-id", b"acme"), (b"X-TENANT-ID", b"acme")],
+        400,
+        None,
+        "the x-tenant-id header was sent 2 times",
+    ),
+    (
+        "X-Tenant-ID",
+        [_ALICE, *[(b"x-tenant-id", b"acme")] * 3],
+        400,
+        None,
+        "the X-Tenant-ID header was sent 3 times",
+    ),
+    # the user header's errors come first
+    (
+        "x-tenant-id",
+        [_ALICE, _ALICE, (b"x-tenant-id", b"a"), (b"x-tenant-id", b"b")],
+        400,
+        None,
+        "the x-user-id header was sent 2 times",
+    ),
+    (
+        "x-tenant-id",
+        [(b"x-user-id", b"\xff"), (b"x-tenant-id", b"a"), (b"x-tenant-id", b"b")],
+        400,
+        None,
+        "the x-user-id header is not valid UTF-8",
+    ),
+    (
+        "x-tenant-id",
+        [(b"x-user-id", b"a,b"), (b"x-tenant-id", b"\xff")],
+        400,
+        None,
+        "the x-user-id header holds a comma",
+    ),
+    # no user, no identity, whatever the tenant header holds
+    ("x-tenant-id", [(b"x-tenant-id", b"acme")], 401, None, "carried none"),
+    ("x-tenant-id", [(b"x-tenant-id", b"a"), (b"x-tenant-id", b"b")], 401, None, "carried none"),
+    # the tenant header named as the user header, or as a forwarding header
+    ("X-User-Id", [_ALICE], 200, "alice", "alice"),
+    (
+        "X-Forwarded-For",
+        [_ALICE, (b"x-forwarded-for", b"10.0.0.1")],
+        200,
+        "alice",
+        "10.0.0.1",
+    ),
+    ("forwarded", [_ALICE, (b"Forwarded", b"for=10.0.0.1")], 200, "alice", "for=10.0.0.1"),
+    # an empty tenant header name reads no tenant
+    ("", [_ALICE, (b"", b"acme")], 200, "alice", None),
+    ("X-TÉNANT", [_ALICE, (b"x-t\xe9nant", b"acme")], 200, "alice", "acme"),
+]
+
+
+class TestTrustedHeaderTenants:
+    @pytest.mark.parametrize(("tenant_header", "headers", "status", "user", "what"), _TENANT_CASES)
+    async def test_a_tenant_header_gives_these_answers(
+        self,
+        tenant_header: str,
+        headers: list[tuple[bytes, bytes]],
+        status: int,
+        user: str | None,
+        what: str | None,
+    ) -> None:
+        """Every way a tenant header can be sent, named or configured, answered as
+        documented: a repeated, joined or undecodable tenant is 400 after the user
+        header's own checks, an empty or invalid one is refused as a context id."""
+        app = AmbientMiddleware(
+            _echo_app, registry=Registry(), identity=trusted_header(tenant_header=tenant_header)
+        )
+        for _ in range(2):  # what the resolver remembers changes no answer
+            answered, _, body = await _exchange(app, http_scope(headers))
+            assert answered == status, body
+            if status == 200:
+                assert (body["user"], body["tenant"]) == (user, what)
+            else:
+                assert what is not None
+                assert what in body["detail"]
+
+    async def test_untrusted_or_forwarded_peers_assert_no_tenant(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """From an untrusted peer, or a client address read from forwarding headers, the
+        request has no identity (401), even with a tenant header that would be refused."""
+        app = AmbientMiddleware(
+            _echo_app, registry=Registry(), identity=trusted_header(tenant_header="x-tenant-id")
+        )
+        tenants = [(b"x-tenant-id", b"a"), (b"x-tenant-id", b"b")]
+        good = [_ALICE, (b"x-tenant-id", b"acme")]
+        forwarded = [(b"x-forwarded-for", b"127.0.0.1")]
+        with caplog.at_level(logging.WARNING, logger="ambient.middleware"):
+            for headers, client in [
+                (good, ("203.0.113.9", 4000)),
+                ([_ALICE, *tenants], ("203.0.113.9", 4000)),
+                ([*good, *forwarded], ("127.0.0.1", 0)),
+                ([_ALICE, *tenants, *forwarded], ("127.0.0.1", 0)),
+            ]:
+                for _ in range(2):
+                    status, _, body = await _exchange(app, http_scope(headers, client=client))
+                    assert status == 401, body
+            status, _, body = await _exchange(app, http_scope(good))
+            assert (status, body["tenant"]) == (200, "acme")
+        assert len([r for r in caplog.records if "--no-proxy-headers" in r.getMessage()]) == 1
+
+    def test_what_it_remembers_never_bypasses_a_check(self) -> None:
+        """A user and tenant seen before are still refused from an untrusted peer, with a
+        repeated tenant, or another tenant's header joined in; each tenant of a user is
+        its own, and ids keep resolving past the memo's bound."""
+        resolve = trusted_header(tenant_header="x-tenant-id")
+        trusted = {"client": ("127.0.0.1", 4000)}
+        untrusted = {"client": ("203.0.113.9", 4000)}
+        acme = [_ALICE, (b"x-tenant-id", b"acme")]
+        assert resolve(http_scope(acme, **trusted)) == Identity("alice", "acme")
+        assert resolve(http_scope(acme, **trusted)) == Identity("alice", "acme")
+        assert resolve(http_scope([_ALICE], **trusted)) == Identity("alice")
+        assert resolve(http_scope([_ALICE], **trusted)) == Identity("alice")
+        globex = [_ALICE, (b"x-tenant-id", b"globex")]
+        assert resolve(http_scope(globex, **trusted)) == Identity("alice", "globex")
+        assert resolve(http_scope(acme, **untrusted)) is None
+        with pytest.raises(IdentityError, match="x-tenant-id header was sent 2 times"):
+            resolve(http_scope([*acme, acme[1]], **trusted))
+        with pytest.raises(IdentityError, match="x-user-id header was sent 2 times"):
+            resolve(http_scope([*acme, _ALICE], **trusted))
+        for number in range(3000):  # more identities than it keeps
+            user, tenant = f"user-{number}", f"tenant-{number % 7}"
+            headers = [(b"x-user-id", user.encode()), (b"x-tenant-id", tenant.encode())]
+            assert resolve(http_scope(headers, **trusted)) == Identity(user, tenant)
+        assert resolve(http_scope(acme, **trusted)) == Identity("alice", "acme")
+
+
 class TestJwtBearer:
     def test_a_valid_token_gives_its_subject_and_claims(self) -> None:
         identity = hs_resolver(tenant_claim="org")(bearer(token({"org": "acme"})))
