@@ -619,7 +619,7 @@ def trusted_header(
             user_id = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise IdentityError(f"the {name} header is not valid UTF-8") from None
-        if tenant_header:
+        if tenant_header:  # a name _scanned_name() leaves to be read on its own
             tenant_id = _single_header(scope, tenant_header)
             if tenant_id is not None and "," in tenant_id:
                 _joined(tenant_header)
@@ -629,6 +629,81 @@ def trusted_header(
             known.clear()
         known[raw] = identity
         return identity
+
+    if tenant_header:
+        tenant = _scanned_name(tenant_header, wanted)
+        if tenant is not None:
+            return _with_tenant(name, tenant_header, tenant, peer_trusted, hints)
+    return resolve
+
+
+def _scanned_name(tenant_header: str, wanted: bytes) -> bytes | None:
+    """The lowered name the tenant header is looked for by in the user header's pass, or
+    ``None`` when it is read on its own (as :func:`header_values` reads it): a name that
+    pass gives another meaning (the user header's, a forwarding header's), or one that is
+    not latin-1."""
+    try:
+        tenant = tenant_header.lower().encode("latin-1")
+    except UnicodeEncodeError:
+        return None
+    return None if tenant in (wanted, _XFF, _FORWARDED) else tenant
+
+
+def _with_tenant(
+    name: str,
+    tenant_header: str,
+    tenant: bytes,
+    peer_trusted: Callable[[Mapping[str, Any]], bool],
+    hints: _PeerHints,
+) -> IdentityResolver:
+    """:func:`trusted_header`'s resolver for a tenant header named ``tenant`` (lowered):
+    both headers and the forwarding headers read in one pass, answered as reading each on
+    its own would (the user header's errors first, then the tenant's)."""
+    wanted = name.lower().encode("latin-1")
+
+    def resolve(scope: Mapping[str, Any]) -> Identity | None:
+        if not peer_trusted(scope):
+            if not hints.warned and header_values(scope, name):
+                hints.refused(scope)
+            return None
+        raw: bytes | None = None
+        tenant_raw: bytes | None = None
+        tenants = 0
+        forwarding: list[tuple[bytes, bytes]] | None = None
+        for key, value in scope.get("headers", ()):
+            lowered = key.lower()
+            if lowered == wanted:
+                if raw is not None:
+                    _single_header(scope, name)  # raises, naming how often it was sent
+                raw = value
+            elif lowered == tenant:
+                tenant_raw = value
+                tenants += 1
+            elif lowered == _XFF or lowered == _FORWARDED:  # noqa: PLR1714, SIM109
+                if forwarding is None:
+                    forwarding = []
+                forwarding.append((lowered, value))
+        if raw is None:
+            return None
+        if forwarding is not None and hints.forwarded(scope, forwarding):
+            return None
+        if b"," in raw:
+            _joined(name)
+        try:
+            user_id = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise IdentityError(f"the {name} header is not valid UTF-8") from None
+        if tenant_raw is None:
+            return _identity(user_id, None)
+        if tenants > 1:
+            _single_header(scope, tenant_header)  # raises, naming how often it was sent
+        try:
+            tenant_id = tenant_raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise IdentityError(f"the {tenant_header} header is not valid UTF-8") from None
+        if "," in tenant_id:
+            _joined(tenant_header)
+        return _identity(user_id, tenant_id)
 
     return resolve
 
