@@ -660,6 +660,9 @@ def _with_tenant(
     both headers and the forwarding headers read in one pass, answered as reading each on
     its own would (the user header's errors first, then the tenant's)."""
     wanted = name.lower().encode("latin-1")
+    # As trusted_header()'s own memo, by both headers' values (the tenant's None when not
+    # sent): only what was decoded and checked is kept, never what a repeat refuses.
+    known: dict[tuple[bytes, bytes | None], Identity] = {}
 
     def resolve(scope: Mapping[str, Any]) -> Identity | None:
         if not peer_trusted(scope):
@@ -687,23 +690,33 @@ def _with_tenant(
             return None
         if forwarding is not None and hints.forwarded(scope, forwarding):
             return None
+        key = (raw, tenant_raw)
+        if tenants < 2:
+            identity = known.get(key)
+            if identity is not None:
+                return identity
         if b"," in raw:
             _joined(name)
         try:
             user_id = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise IdentityError(f"the {name} header is not valid UTF-8") from None
-        if tenant_raw is None:
-            return _identity(user_id, None)
-        if tenants > 1:
-            _single_header(scope, tenant_header)  # raises, naming how often it was sent
-        try:
-            tenant_id = tenant_raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise IdentityError(f"the {tenant_header} header is not valid UTF-8") from None
-        if "," in tenant_id:
-            _joined(tenant_header)
-        return _identity(user_id, tenant_id)
+        tenant_id: str | None = None
+        if tenant_raw is not None:
+            if tenants > 1:
+                _single_header(scope, tenant_header)  # raises, naming how often it was sent
+            try:
+                tenant_id = tenant_raw.decode("utf-8")
+            except UnicodeDecodeError:
+                msg = f"the {tenant_header} header is not valid UTF-8"
+                raise IdentityError(msg) from None
+            if "," in tenant_id:
+                _joined(tenant_header)
+        identity = _identity(user_id, tenant_id)
+        if len(known) >= _MAX_IDENTITIES:
+            known.clear()
+        known[key] = identity
+        return identity
 
     return resolve
 
