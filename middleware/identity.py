@@ -571,11 +571,16 @@ def trusted_header(
             an IPv4 network and its mapped form (``::ffff:10.0.0.0/104``) alike.
 
     Raises:
-        ValueError: at construction, for a network that is not valid CIDR, or none.
+        ValueError: at construction, for a network that is not valid CIDR, or none; for a
+            header name (``name``, ``tenant_header``) that is empty or not ASCII.
     """
     networks = _networks(trusted)
     if not name or not name.isascii():
         msg = f"header name must be a non-empty ASCII string, not {name!r}"
+        raise ValueError(msg)
+    if tenant_header is not None and (not tenant_header or not tenant_header.isascii()):
+        # Else an empty name read no tenant at all, and a non-ASCII one failed every request.
+        msg = f"tenant_header must be None or a non-empty ASCII string, not {tenant_header!r}"
         raise ValueError(msg)
 
     peer_trusted = _peer_check(networks)
@@ -640,12 +645,8 @@ def trusted_header(
 def _scanned_name(tenant_header: str, wanted: bytes) -> bytes | None:
     """The lowered name the tenant header is looked for by in the user header's pass, or
     ``None`` when it is read on its own (as :func:`header_values` reads it): a name that
-    pass gives another meaning (the user header's, a forwarding header's), or one that is
-    not latin-1."""
-    try:
-        tenant = tenant_header.lower().encode("latin-1")
-    except UnicodeEncodeError:
-        return None
+    pass gives another meaning (the user header's, a forwarding header's)."""
+    tenant = tenant_header.lower().encode("ascii")
     return None if tenant in (wanted, _XFF, _FORWARDED) else tenant
 
 
