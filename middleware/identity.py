@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from time import monotonic as _monotonic
-from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn, TypeAlias, TypeVar
 
 from ambient._context import ReadOnlyDict as _ReadOnlyDict
 from ambient._loops import in_trio as _in_trio
@@ -386,6 +386,7 @@ def _peer_trusted(scope: Mapping[str, Any], networks: tuple[_Network, ...]) -> b
 
 _MAX_PEERS = 1024
 _MAX_IDENTITIES = 1024
+_K = TypeVar("_K")
 _XFF = b"x-forwarded-for"
 _FORWARDED = b"forwarded"
 _FORWARDED_PEER = (
@@ -618,22 +619,13 @@ def trusted_header(
             identity = known.get(raw)
             if identity is not None:
                 return identity
-        if b"," in raw:
-            _joined(name)
-        try:
-            user_id = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise IdentityError(f"the {name} header is not valid UTF-8") from None
+        user_id = _header_id(raw, name)
         if tenant_header:  # a name _scanned_name() leaves to be read on its own
             tenant_id = _single_header(scope, tenant_header)
             if tenant_id is not None and "," in tenant_id:
                 _joined(tenant_header)
             return _identity(user_id, tenant_id)
-        identity = _identity(user_id, None)
-        if len(known) >= _MAX_IDENTITIES:
-            known.clear()
-        known[raw] = identity
-        return identity
+        return _remembered(known, raw, _identity(user_id, None))
 
     if tenant_header:
         tenant = _scanned_name(tenant_header, wanted)
@@ -696,12 +688,7 @@ def _with_tenant(
             identity = known.get(key)
             if identity is not None:
                 return identity
-        if b"," in raw:
-            _joined(name)
-        try:
-            user_id = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise IdentityError(f"the {name} header is not valid UTF-8") from None
+        user_id = _header_id(raw, name)
         tenant_id: str | None = None
         if tenant_raw is not None:
             if tenants > 1:
@@ -711,15 +698,30 @@ def _with_tenant(
             except UnicodeDecodeError:
                 msg = f"the {tenant_header} header is not valid UTF-8"
                 raise IdentityError(msg) from None
-            if "," in tenant_id:
+            if "," in tenant_id:  # after decoding, as _single_header() reads it
                 _joined(tenant_header)
-        identity = _identity(user_id, tenant_id)
-        if len(known) >= _MAX_IDENTITIES:
-            known.clear()
-        known[key] = identity
-        return identity
+        return _remembered(known, key, _identity(user_id, tenant_id))
 
     return resolve
+
+
+def _header_id(raw: bytes, name: str) -> str:
+    """The user id a header's single value holds: refused (400) when joined by a comma (a
+    proxy's copies on one line), then when not UTF-8."""
+    if b"," in raw:
+        _joined(name)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise IdentityError(f"the {name} header is not valid UTF-8") from None
+
+
+def _remembered(known: dict[_K, Identity], key: _K, identity: Identity) -> Identity:
+    """``identity``, kept in ``known`` under ``key`` (emptied when full)."""
+    if len(known) >= _MAX_IDENTITIES:
+        known.clear()
+    known[key] = identity
+    return identity
 
 
 def _joined(name: str) -> NoReturn:
