@@ -119,21 +119,33 @@ class Engine:
         self.dispatcher = dispatcher
 
 
+class _SessionCounts:
+    """Sessions opened and cleaned, in every stack: kept on an instance, as a write to a
+    class attribute empties CPython's lookup cache for that class on every request."""
+
+    __slots__ = ("cleaned", "opened")
+
+    def __init__(self) -> None:
+        self.opened = 0
+        self.cleaned = 0
+
+
+SESSIONS = _SessionCounts()
+
+
 class Session:
     """Depends on the engine; its factory is a generator whose cleanup closes it."""
 
     __slots__ = ("closed", "engine")
-    opened = 0
-    cleaned = 0
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.closed = False
-        Session.opened += 1
+        SESSIONS.opened += 1
 
     def close(self) -> None:
         self.closed = True
-        Session.cleaned += 1
+        SESSIONS.cleaned += 1
 
 
 def _header_user(scope: Scope) -> str:
@@ -728,7 +740,7 @@ def chunk(variant: Variant, n: int, *, concurrent_mode: bool) -> Callable[[], Aw
     async def run() -> float:
         global PAUSE
         PAUSE = concurrent_mode
-        opened, cleaned = Session.opened, Session.cleaned
+        opened, cleaned = SESSIONS.opened, SESSIONS.cleaned
         try:
             if concurrent_mode:
                 seconds = await concurrent(variant.app, n)
@@ -738,10 +750,10 @@ def chunk(variant: Variant, n: int, *, concurrent_mode: bool) -> Callable[[], Aw
             PAUSE = False
         if variant.cleanups:
             done = max(1, n // len(USERS)) * len(USERS) if concurrent_mode else n
-            if Session.opened - opened != done or Session.cleaned - cleaned != done:
+            if SESSIONS.opened - opened != done or SESSIONS.cleaned - cleaned != done:
                 msg = (
-                    f"{variant.name}: {Session.opened - opened} sessions opened and "
-                    f"{Session.cleaned - cleaned} cleaned for {done} requests"
+                    f"{variant.name}: {SESSIONS.opened - opened} sessions opened and "
+                    f"{SESSIONS.cleaned - cleaned} cleaned for {done} requests"
                 )
                 raise BrokenVariantError(msg)
         return seconds
