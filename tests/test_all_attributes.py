@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 from typing import TypeVar
@@ -77,3 +78,21 @@ def test_import_ambient_imports_nothing_optional() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert out.stdout.strip() == ""
+
+
+@pytest.mark.parametrize(
+    ("module", "errors"),
+    [
+        ("ambient.integrations.propagation", ["InvalidTokenError"]),
+        ("ambient.integrations.psycopg", ["PoolExhaustedError", "UnsupportedBackendError"]),
+        ("ambient.integrations.websockets", ["BroadcastError", "UnsupportedBackendError"]),
+    ],
+)
+def test_integrations_re_export_the_errors_they_raise(module: str, errors: list[str]) -> None:
+    """An integration lists the errors it raises in its ``__all__``, as ``ambient.errors``
+    defines them (the README: "the integrations re-export their own"), so that
+    ``from ambient.integrations.psycopg import PoolExhaustedError`` works."""
+    imported = importlib.import_module(module)
+    for name in errors:
+        assert name in imported.__all__, name
+        assert getattr(imported, name) is getattr(ambient.errors, name)

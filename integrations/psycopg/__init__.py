@@ -48,7 +48,12 @@ With tenants, a user id names a user only within its tenant: add
 both, or the same user id in two tenants shares its rows.
 """
 
-from ambient.errors import RowSecurityError, RowSecurityWarning, UnsupportedBackendError
+from ambient.errors import (
+    PoolExhaustedError,
+    RowSecurityError,
+    RowSecurityWarning,
+    UnsupportedBackendError,
+)
 from ambient.integrations.psycopg._arguments import DEFAULT_SETTINGS
 from ambient.integrations.psycopg._arguments import RlsCheck as RlsCheck
 from ambient.integrations.psycopg._database import Database, connection
@@ -61,6 +66,7 @@ __all__ = [
     "Database",
     "PerUserPools",
     "PerUserPoolsStats",
+    "PoolExhaustedError",
     "RowSecurityError",
     "RowSecurityWarning",
     "SharedPool",
