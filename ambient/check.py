@@ -247,7 +247,9 @@ class CheckReport:
     the requests whose JWT (a :class:`JWTIdentity`) the app refused with 401. ``tenants``
     is how many tenants the users were spread over (0: users of no tenant);
     ``websockets`` how many sockets were held open (one per user, with ``websocket``) and
-    ``websocket_frames`` the frames the app sent on them.
+    ``websocket_frames`` the frames the app sent on them. ``memory_growth_kib_per_1k`` is
+    ``None`` when the memory phase was skipped (``growth_requests=0``), as
+    ``middleware_overhead_us`` is without its measurement.
     """
 
     app: str
@@ -263,7 +265,7 @@ class CheckReport:
     components_created: int = 0
     components_cleaned: int = 0
     scopes: int = 0
-    memory_growth_kib_per_1k: float = 0.0
+    memory_growth_kib_per_1k: float | None = None
     latency_ms: dict[str, float] = field(default_factory=dict)
     throughput_rps: float = 0.0
     middleware_overhead_us: float | None = None
@@ -1218,8 +1220,8 @@ async def run_check(
         identity: How a user presents itself: ``("header", name)``, ``("bearer", "")``
             (the user id as an opaque token) or a :class:`JWTIdentity` (a signed JWT).
         plan: The requests each user sends.
-        growth_requests: Requests in the tracemalloc memory-growth phase (0 to skip; at
-            most 1,000,000).
+        growth_requests: Requests in the tracemalloc memory-growth phase (0 to skip it,
+            leaving the report's ``memory_growth_kib_per_1k`` ``None``; at most 1,000,000).
         max_growth_kib: Growth per 1,000 requests above which memory counts as leaking;
             with fewer than 1,000 requests measured, growth above it in all (what a few
             requests allocate once, extrapolated to 1,000, is no leak).
@@ -1303,9 +1305,10 @@ async def run_check(
         watch.stop()
         root.setLevel(old_level)
     _summarise(report, traffic, watch, after_run, findings, elapsed)
-    report.leaks += _growth_findings(
-        report.memory_growth_kib_per_1k, growth_requests, max_growth_kib
-    )
+    if report.memory_growth_kib_per_1k is not None:
+        report.leaks += _growth_findings(
+            report.memory_growth_kib_per_1k, growth_requests, max_growth_kib
+        )
     report.cleanup += _cut(cleanup_failures.findings())
     report.cleanup += driver.shutdown_findings()
     if globals_report.total:

@@ -716,6 +716,12 @@ def _rows(report: Any) -> list[tuple[str, str, str]]:
         if report.websockets
         else ""
     )
+    growth = report.memory_growth_kib_per_1k
+    memory = (
+        "memory growth not measured (--growth-requests 0)"
+        if growth is None
+        else f"memory {growth:.1f} KiB per 1,000 requests after warm-up"
+    )
     rows = [
         isolation,
         (
@@ -731,8 +737,7 @@ def _rows(report: Any) -> list[tuple[str, str, str]]:
         (
             "leaks",
             _verdict(report.leaks),
-            ("no scope or component alive after the run; " if not report.leaks else "")
-            + f"memory {report.memory_growth_kib_per_1k:.1f} KiB per 1,000 requests after warm-up",
+            ("no scope or component alive after the run; " if not report.leaks else "") + memory,
         ),
         (
             "latency",

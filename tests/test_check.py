@@ -91,6 +91,18 @@ class TestTheDemo:
         report = await check(create_app(), plan=CHECK_PLAN, users=5, requests=2, growth_requests=20)
         assert report.leaks == []
 
+    async def test_memory_growth_skipped_is_not_reported_as_measured(self) -> None:
+        """``growth_requests=0`` skips the memory phase: the report has no growth figure
+        (``None``, as ``middleware_overhead_us`` without its measurement), not 0.0 KiB, a
+        reading that was never taken."""
+        skipped = await check(create_app(), plan=CHECK_PLAN, users=3, requests=2)
+        assert skipped.ok, skipped.violations
+        assert skipped.memory_growth_kib_per_1k is None
+        measured = await check(
+            create_app(), plan=CHECK_PLAN, users=3, requests=2, growth_requests=20
+        )
+        assert isinstance(measured.memory_growth_kib_per_1k, float)
+
     async def test_log_records_a_host_keeps_are_not_counted_as_the_apps_growth(self) -> None:
         """A host that logs the app at INFO into a handler keeping every record (a test
         runner's capture, a buffer): the memory phase counted what those records hold as
@@ -2052,6 +2064,17 @@ class TestCommandLine:
         assert report["middleware_overhead_us"] is not None
         # The demo's own plan: each user holds its event stream open too.
         assert (report["websockets"], report["scopes"]) == (12, 48 + 12)
+
+    def test_a_skipped_memory_measurement_says_so(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """``--growth-requests 0`` ("0 skips it"): the table says memory growth was not
+        measured and the JSON has ``null`` for it; both said 0.0 KiB per 1,000 requests."""
+        options = ["check", "--users", "3", "--requests", "2", "--growth-requests", "0"]
+        assert main(options) == 0
+        table = " ".join(capsys.readouterr().out.replace("│", " ").split())
+        assert "memory growth not measured (--growth-requests 0)" in table
+        assert "KiB per 1,000" not in table
+        assert main([*options, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["memory_growth_kib_per_1k"] is None
 
     def test_json_stays_json_when_the_app_prints(
         self, capsys: pytest.CaptureFixture[str], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
