@@ -1057,9 +1057,10 @@ class Rollout(Generic[T]):
         reason = None
         with self._lock:
             self._window.add(now, failed=failed, call=call)
-            if not failed:
-                return
-            self._failures += 1
+            if failed:
+                self._failures += 1
+            # Checked after a success too: the request that brings the window to
+            # `min_calls` may be one, with the failures before it already over the rate.
             calls, failures = self._window.calls, self._window.failures
             limit = self.max_error_rate
             if (
@@ -1074,10 +1075,11 @@ class Rollout(Generic[T]):
                     f"{failures} of {calls} component-path requests failed in the last "
                     f"{self.window:g} s, above max_error_rate {limit:g}"
                 )
-        _counters.add(
-            "ambient.rollout.failures",
-            {"ambient.rollout": self.name, "ambient.rollout.path": path},
-        )
+        if failed:
+            _counters.add(
+                "ambient.rollout.failures",
+                {"ambient.rollout": self.name, "ambient.rollout.path": path},
+            )
         if reason is not None:
             logger.error(
                 "ambient: rollout %s fell back to legacy: %s; call reset() to resume",

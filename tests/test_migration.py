@@ -1067,6 +1067,31 @@ class TestFallback:
         assert await serve(engines, rollout, "user-4") is LEGACY
         assert rollout.state().fallen_back
 
+    async def test_the_request_that_completes_min_calls_falls_back_when_it_succeeds(
+        self, engines: Registry, factory: Switchable, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Two failures in the first three requests, then a success that makes min_calls
+        (4): the window holds 4 requests failing at 0.5, above max_error_rate 0.25, so the
+        switch falls back then, as it does when the 4th request is the failure. It went on
+        with the component until the next failure came."""
+        rollout: Rollout[Any] = Rollout(
+            ExecutionEngine, legacy=LEGACY, mode="component", max_error_rate=0.25, min_calls=4
+        )
+        with caplog.at_level(logging.WARNING, logger="ambient.migration"):
+            for n in range(4):
+                assert not rollout.state().fallen_back, n
+                factory.failing = n in (0, 2)
+                await serve(engines, rollout, f"user-{n}")
+        state = rollout.state()
+        assert (state.window_calls, state.window_failures) == (4, 2)
+        assert state.fallen_back
+        assert state.reason is not None
+        assert "2 of 4" in state.reason
+        assert [r.levelno for r in caplog.records] == [logging.WARNING] * 2 + [logging.ERROR]
+        calls = factory.calls
+        assert await serve(engines, rollout, "user-4") is LEGACY
+        assert factory.calls == calls
+
     async def test_failures_reported_by_the_application_count(
         self, engines: Registry, factory: Switchable
     ) -> None:
