@@ -937,6 +937,57 @@ async def test_shared_sql_prepared_statement_is_not_handed_on(db: Database) -> N
         assert pool.stats().discarded == 1
 
 
+@pytest.mark.parametrize("deallocate", ["by name", "DEALLOCATE ALL seen before"])
+async def test_shared_a_deallocated_psycopg_statement_is_not_handed_on(
+    db: Database, deallocate: str
+) -> None:
+    """A handler deallocates a statement psycopg prepared on its connection: by name, or
+    with a DEALLOCATE ALL psycopg has run before on the connection (it notices only a new
+    one). psycopg would go on using the statement, so the next user's same query would
+    fail with "prepared statement does not exist": the connection is closed instead, and
+    the next user's query runs."""
+    query = db.sql("SELECT count(*) FROM {notes}")
+    async with SharedPool(
+        db.app_url, min_size=1, max_size=1, timeout=5, rls_check="raise", kwargs=db.kwargs()
+    ) as pool:
+        with bind_context(_ctx("alice")):
+            async with pool.connection() as conn:
+                pid = conn.info.backend_pid
+                if deallocate == "by name":
+                    await conn.execute(query, prepare=True)
+                    name = await _scalar(
+                        conn, "SELECT name FROM pg_prepared_statements WHERE NOT from_sql"
+                    )
+                    await conn.execute(sql.SQL("DEALLOCATE {}").format(sql.Identifier(name)))
+                else:
+                    await conn.execute("DEALLOCATE ALL")  # nothing prepared yet
+                    await conn.execute(query, prepare=True)
+                    await conn.execute("DEALLOCATE ALL")
+        with bind_context(_ctx("bob"), allow_switch=True):
+            async with pool.connection() as conn:
+                row = await (await conn.execute(query, prepare=True)).fetchone()
+                assert conn.info.backend_pid != pid
+        assert row == (0,)
+        assert pool.stats().discarded == 1
+
+
+async def test_shared_psycopgs_prepared_statements_are_kept_across_checkouts(db: Database) -> None:
+    """Checkouts that commit and that roll back keep the connection and psycopg's own
+    prepared statements work on (none deallocated by a handler: nothing is discarded)."""
+    query = db.sql("SELECT count(*) FROM {notes}")
+    async with SharedPool(
+        db.app_url, min_size=1, max_size=1, timeout=5, rls_check="raise", kwargs=db.kwargs()
+    ) as pool:
+        for turn in range(4):
+            with bind_context(_ctx(f"user{turn}")), contextlib.suppress(LookupError):
+                async with pool.connection() as conn:
+                    row = await (await conn.execute(query, prepare=True)).fetchone()
+                    assert row == (0,)
+                    if turn % 2:
+                        raise LookupError  # rolled back
+        assert pool.stats().discarded == 0
+
+
 async def test_shared_changed_role_is_not_handed_on(db: Database) -> None:
     """A handler that switches role (SET ROLE): the reset undoes it (behind a pooler,
     closing the connection would not: the pooler keeps the server session), and the next
@@ -1195,7 +1246,8 @@ async def test_shared_dirty_connection_is_discarded(db: Database) -> None:
         db.app_url, min_size=1, max_size=1, timeout=5, rls_check="raise", kwargs=db.kwargs()
     ) as pool:
         pool._reset_sql = (  # a reset that resets nothing
-            "SELECT current_user, session_user, NULL, false, "
+            "SELECT current_user, session_user, NULL, "
+            "(SELECT count(*) FROM pg_prepared_statements WHERE NOT from_sql), false, "
             "current_setting('app.user_id', true), "
             "current_setting('app.tenant_id', true)"
         )
@@ -1277,7 +1329,8 @@ async def test_shared_an_error_after_a_commit_inside_the_checkout_owns_that_comm
 
 
 _CHECK_ONLY = (
-    "SELECT current_user, session_user, NULL, false, "
+    "SELECT current_user, session_user, NULL, "
+    "(SELECT count(*) FROM pg_prepared_statements WHERE NOT from_sql), false, "
     "current_setting('app.user_id', true), current_setting('app.tenant_id', true)"
 )
 
@@ -1321,7 +1374,8 @@ async def test_shared_settings_are_transaction_local(db: Database) -> None:
         db.app_url, min_size=1, max_size=1, timeout=5, rls_check="raise", kwargs=db.kwargs()
     ) as pool:
         pool._reset_sql = (  # a reset that resets nothing: only the check remains
-            "SELECT current_user, session_user, NULL, false, "
+            "SELECT current_user, session_user, NULL, "
+            "(SELECT count(*) FROM pg_prepared_statements WHERE NOT from_sql), false, "
             "current_setting('app.user_id', true), "
             "current_setting('app.tenant_id', true)"
         )

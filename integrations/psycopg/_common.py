@@ -149,6 +149,20 @@ async def _restore_python_side(
     conn.prepare_threshold = threshold
 
 
+def _prepared_in_step(conn: AsyncConnection[Any], on_server: int) -> bool:
+    """Whether the server session of ``conn``, which held ``on_server`` protocol-level
+    prepared statements as the reset ended, holds every statement psycopg will execute
+    as prepared. psycopg notices a DEALLOCATE ALL only the first time it runs the query
+    text, and a DEALLOCATE by name never: it would execute the statement in the next
+    checkout, which would fail with "prepared statement does not exist". psycopg keeps them
+    in a private manager: without it, there is nothing to compare."""
+    # Read after the reset's results, which psycopg may have followed with deallocations of
+    # its own (all of them after a ROLLBACK, old ones past prepared_max): those left its
+    # list too, so the session may hold more than the list, never fewer.
+    names = getattr(getattr(conn, "_prepared", None), "_names", None)
+    return names is None or on_server >= len(names)
+
+
 # libpq 17's non-blocking cancel: psycopg's blocking one (PGcancel.cancel) holds the GIL
 # while it waits for the server, which freezes the event loop when the server is slow or
 # unreachable, even from a worker thread.

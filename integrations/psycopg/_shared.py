@@ -46,6 +46,7 @@ from ambient.integrations.psycopg._common import (
     _hand_back,
     _is_ended_inside,
     _not_opened,
+    _prepared_in_step,
     _python_side,
     _restore_python_side,
     _same_transaction,
@@ -110,16 +111,20 @@ class SharedPoolStats:
 
 
 # What the reset is checked by: current_user, session_user, advisory locks released (and
-# NULL-tested, to be a column), statements from SQL PREPARE (psycopg's own are
-# protocol-level); the settings follow.
+# NULL-tested, to be a column), how many protocol-level statements the session holds (to
+# match psycopg's own, see _prepared_in_step), statements from SQL PREPARE; the settings
+# follow.
 _CHECK = (
     "current_user, session_user, pg_catalog.pg_advisory_unlock_all() IS NULL, "
+    "(SELECT pg_catalog.count(*) FROM pg_catalog.pg_prepared_statements WHERE NOT from_sql), "
     "EXISTS (SELECT FROM pg_catalog.pg_prepared_statements WHERE from_sql)"
 )
 # The same where the message deallocated the statements from SQL PREPARE (behind a pooler):
-# looking for them again would cost as much as the deallocation.
+# looking for them again would cost as much as the deallocation. The pooler's server session
+# holds its other clients' statements too (renamed, with pgbouncer's own tracking), so
+# psycopg's are not counted there.
 _CHECK_DEALLOCATED = (
-    "current_user, session_user, pg_catalog.pg_advisory_unlock_all() IS NULL, false"
+    "current_user, session_user, pg_catalog.pg_advisory_unlock_all() IS NULL, NULL, false"
 )
 
 
@@ -153,11 +158,13 @@ class SharedPool:
     ``LISTEN``, cursors, sequence state; psycopg's own prepared statements are kept) and
     checked: the settings empty, ``session_user`` the login role and ``current_user`` the role
     the session starts as (the login role, unless it takes another at connect time), no
-    statement from SQL ``PREPARE``. Every session must start as the role the pool's first
-    one did (the one ``check_rls`` checked): a new connection that starts as another (an
-    ``ALTER ROLE ... SET role`` since the pool opened) is closed unused. One that fails the
-    check is closed, never handed on (``stats().discarded``). Behind a connection pooler,
-    whose server sessions outlive the client connection, the statements from SQL
+    statement from SQL ``PREPARE``, and every statement psycopg prepared still there (psycopg
+    would run one a handler deallocated, by name or with a ``DEALLOCATE ALL`` it does not
+    notice, in the next user's query, which would fail). Every session must start as the role
+    the pool's first one did (the one ``check_rls`` checked): a new connection that starts as
+    another (an ``ALTER ROLE ... SET role`` since the pool opened) is closed unused. One that
+    fails the check is closed, never handed on (``stats().discarded``). Behind a connection
+    pooler, whose server sessions outlive the client connection, the statements from SQL
     ``PREPARE`` are deallocated instead, and what a failed COMMIT would leave (advisory
     locks, sequence state) goes just before the COMMIT. Python-side attributes a handler
     changed (``autocommit``, ``isolation_level``, ``read_only``, ``deferrable``,
@@ -560,8 +567,11 @@ class SharedPool:
             login = self._login or conn.info.user
             # The columns of _CHECK, then every setting.
             role = self._role or login
-            if row is None or row[0] != role or row[1] != login or any(row[3:]):
+            if row is None or row[0] != role or row[1] != login or any(row[4:]):
                 await self._discard(conn, "it kept session state (PREPARE, a role default?)")
+                return failure
+            if not self._pooled and not _prepared_in_step(conn, row[3]):
+                await self._discard(conn, "a handler deallocated a statement psycopg prepared")
                 return failure
             if conn.pgconn.transaction_status != _IDLE:
                 await self._discard(conn, "its reset left a transaction open")
