@@ -576,6 +576,10 @@ async def _clients_waiting(url: str) -> int:
     return sum(int(row["cl_waiting"]) for row in rows if row["database"] == "test")
 
 
+# The seed a handler gives random(): the next user must not draw what it makes.
+_SEED = 0.5
+
+
 def _serializable(db: Database) -> tuple[sql.Identifier, sql.Composed]:
     """Every transaction of the app role SERIALIZABLE (see :func:`_isolated`), and a table
     of two rows for two of them to conflict over."""
@@ -593,10 +597,13 @@ def _serializable(db: Database) -> tuple[sql.Identifier, sql.Composed]:
 def _isolated(db: Database, isolation: str) -> sql.Composed:
     """Every transaction of the app role at ``isolation``, and what a client finds in the
     server session it is handed: its process, role, search_path, a session setting, a
-    temporary table, LISTEN, session advisory locks, the last sequence value it drew."""
+    temporary table, LISTEN, session advisory locks, the last sequence value it drew, and
+    whether its random() draws what the seed :func:`_leave_session_state` sets makes."""
     role = psycopg.conninfo.conninfo_to_dict(db.app_url)["user"]
     last_value = sql.Identifier(db.schema, "last_value")
     with _admin() as admin:
+        admin.execute(f"SELECT setseed({_SEED})")
+        seeded = admin.execute("SELECT random()").fetchone()
         admin.execute(
             sql.SQL(
                 "CREATE FUNCTION {}() RETURNS bigint LANGUAGE plpgsql AS $$ BEGIN "
@@ -615,15 +622,17 @@ def _isolated(db: Database, isolation: str) -> sql.Composed:
         "pg_catalog.to_regclass('pg_temp.scratch') IS NOT NULL, "
         "(SELECT count(*) FROM pg_catalog.pg_listening_channels()), "
         "(SELECT count(*) FROM pg_catalog.pg_locks "
-        "WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()), {}()"
-    ).format(last_value)
+        "WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()), {}(), "
+        "pg_catalog.random() = {}"
+    ).format(last_value, sql.Literal(seeded[0] if seeded else None))
 
 
 async def _leave_session_state(conn: psycopg.AsyncConnection[Any], db: Database, user: str) -> int:
     """Leave in ``conn``'s server session what a handler can: a search_path, a session
-    setting, a temporary table, a LISTEN, a session advisory lock and a sequence value (a
-    note of ``user``'s). Returns the server process."""
+    setting, a temporary table, a LISTEN, a session advisory lock, a sequence value (a
+    note of ``user``'s) and random()'s seed. Returns the server process."""
     for statement in (
+        f"SELECT setseed({_SEED})",
         "SET search_path = pg_catalog",
         "SET app.leftover = 'leaked'",
         "CREATE TEMP TABLE scratch (x int)",
@@ -751,7 +760,7 @@ async def test_a_commit_that_fails_leaves_nothing_to_the_next_client(
     finally:
         await registry.aclose()
     assert isinstance(error, psycopg.errors.SerializationFailure), error
-    assert seen == [(pid, role, '"$user", public', "", False, 0, 0, None)]
+    assert seen == [(pid, role, '"$user", public', "", False, 0, 0, None, False)]
     assert {row[:3] for row in sessions} == {(role, '"$user", public', 0)}
 
 
@@ -785,7 +794,7 @@ async def test_a_commit_that_fails_leaves_nothing_to_the_next_user_connected_dir
     finally:
         await registry.aclose()
     assert isinstance(error, psycopg.errors.SerializationFailure), error
-    assert (pid, role, '"$user", public', "", False, 0, 0, None) in seen
+    assert (pid, role, '"$user", public', "", False, 0, 0, None, False) in seen
     assert discarded == 0
 
 
@@ -854,7 +863,7 @@ async def test_a_deadlock_as_checkouts_commit_leaves_nothing_in_their_sessions(
     clean = (
         (role, '"$user", public', 0)
         if route == "pooler"
-        else (role, '"$user", public', "", False, 0, 0, None)
+        else (role, '"$user", public', "", False, 0, 0, None, False)
     )
     assert sessions == [clean, clean]
 
@@ -1010,7 +1019,7 @@ async def test_a_commit_failing_at_any_isolation_level_leaves_nothing_to_the_nex
     assert type(outcome[0]) is (type(None) if raised is None else raised), outcome
     assert seen[0][0] == pid  # the waiting client got the session of the failed COMMIT
     assert len({row[0] for row in seen[1:]}) == 2  # user-2 had both server sessions
-    clean = (role, '"$user", public', "", False, 0, 0, None, True)
+    clean = (role, '"$user", public', "", False, 0, 0, None, False, True)
     assert [row[1:] for row in seen] == [clean] * 3
 
 

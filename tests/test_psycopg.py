@@ -988,6 +988,30 @@ async def test_shared_psycopgs_prepared_statements_are_kept_across_checkouts(db:
         assert pool.stats().discarded == 0
 
 
+async def test_shared_a_seed_one_user_set_does_not_decide_the_next_users_random(
+    db: Database,
+) -> None:
+    """A handler seeds the session's random() with setseed(), which DISCARD ALL keeps: the
+    next user's random() on the same connection must not be the sequence that seed makes
+    (which the first user could compute)."""
+    async with await psycopg.AsyncConnection.connect(db.admin_url, autocommit=True) as conn:
+        await conn.execute("SELECT setseed(0.5)")
+        seeded = [await _scalar(conn, "SELECT random()") for _ in range(3)]
+    async with SharedPool(
+        db.app_url, min_size=1, max_size=1, timeout=5, rls_check="raise", kwargs=db.kwargs()
+    ) as pool:
+        with bind_context(_ctx("alice")):
+            async with pool.connection() as conn:
+                pid = conn.info.backend_pid
+                await conn.execute("SELECT setseed(0.5)")
+        with bind_context(_ctx("bob"), allow_switch=True):
+            async with pool.connection() as conn:
+                assert conn.info.backend_pid == pid
+                drawn = [await _scalar(conn, "SELECT random()") for _ in range(3)]
+        assert pool.stats().discarded == 0
+    assert drawn != seeded
+
+
 async def test_shared_changed_role_is_not_handed_on(db: Database) -> None:
     """A handler that switches role (SET ROLE): the reset undoes it (behind a pooler,
     closing the connection would not: the pooler keeps the server session), and the next

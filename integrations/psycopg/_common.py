@@ -53,8 +53,17 @@ _OWN_POOL_ARGUMENTS = frozenset({"open", "configure"})
 # anything). RESET ALL leaves the role alone: RESET ROLE undoes a SET ROLE. Sent after COMMIT
 # or ROLLBACK in the same message, so that a pooler cannot hand the session on in between.
 _SESSION_RESET = "CLOSE ALL; RESET ALL; RESET ROLE; UNLISTEN *; DISCARD TEMP; DISCARD SEQUENCES"
-# The same for a PerUserPools connection behind a pooler, advisory locks included.
-_POOLED_RESET = f"{_SESSION_RESET}; SELECT pg_catalog.pg_advisory_unlock_all()"
+# The session's random() seeded anew from strong randomness (gen_random_uuid(), PostgreSQL
+# 13+; hashed to an int8, then scaled into setseed()'s range): DISCARD ALL keeps what a
+# handler's setseed() made of it, and the next user's random() would draw the sequence that
+# seed decides. Costs tens of microseconds per checkout, most of it the server's strong
+# random source; text and bit string arithmetic on it cost twice that.
+_RESEED = (
+    "pg_catalog.setseed(pg_catalog.uuid_hash_extended(pg_catalog.gen_random_uuid(), 0)"
+    "::float8 / 9223372036854775808.0::float8)"
+)
+# The same for a PerUserPools connection behind a pooler, advisory locks and seed included.
+_POOLED_RESET = f"{_SESSION_RESET}; SELECT pg_catalog.pg_advisory_unlock_all(), {_RESEED}"
 # Behind a pooler, the statements a handler prepared with SQL PREPARE, one by one (not
 # DEALLOCATE ALL, see above): a rollback keeps them, and the pooler's next client would find
 # them (and fail to prepare one of the same name). PL/pgSQL names them; a role that may not
@@ -620,7 +629,9 @@ async def _end_and_reset(
 # advisory locks go before it whatever the level: the pooler's next client would hold them,
 # or wait for them. The sequence state goes after the cursors, which a COMMIT would otherwise
 # run to their end (a cursor WITH HOLD) after it was discarded; the reset closes them anyway.
-_BEFORE_POOLED_COMMIT = "DISCARD SEQUENCES; SELECT pg_catalog.pg_advisory_unlock_all(); "
+_BEFORE_POOLED_COMMIT = (
+    f"DISCARD SEQUENCES; SELECT pg_catalog.pg_advisory_unlock_all(), {_RESEED}; "
+)
 
 
 def _before(end: str, *, pooled: bool, deallocate: str = "") -> str:

@@ -88,9 +88,9 @@ class PerUserPools:
     never set for the session, but at the start of every checkout, for its transaction
     only, and autocommit is refused there (one statement's transaction would lose them);
     what a handler leaves in the server session (``SET ROLE``, session settings, advisory
-    locks, temporary tables, ``LISTEN``) is reset in the same message as the checkout's
-    COMMIT or ROLLBACK, before the pooler can hand the session to another client; a
-    handler that ends the checkout's transaction itself there (``conn.commit()``) gets
+    locks, temporary tables, ``LISTEN``, ``random()``'s seed) is reset in the same message
+    as the checkout's COMMIT or ROLLBACK, before the pooler can hand the session to another
+    client; a handler that ends the checkout's transaction itself there (``conn.commit()``) gets
     ``psycopg.ProgrammingError`` when its block ends, since what ran after it ran without
     the settings (the transaction open as the block ends is rolled back, not committed;
     the server session the pooler gives the checkout then is reset, most likely the one

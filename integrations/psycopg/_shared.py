@@ -31,6 +31,7 @@ from ambient.integrations.psycopg._common import (
     _ASYNCIO_ONLY,
     _IDLE,
     _INERROR,
+    _RESEED,
     _SERVER_SIDE,
     _SESSION_RESET,
     _aborted,
@@ -110,12 +111,13 @@ class SharedPoolStats:
     discarded: int
 
 
-# What the reset is checked by: current_user, session_user, advisory locks released (and
-# NULL-tested, to be a column), how many protocol-level statements the session holds (to
-# match psycopg's own, see _prepared_in_step), statements from SQL PREPARE; the settings
-# follow.
+# What the reset is checked by: current_user, session_user, advisory locks released and
+# random() seeded anew (in a function that evaluates both: a row's IS NULL stops at the
+# first column that is not), how many protocol-level statements the session holds (to match
+# psycopg's own, see _prepared_in_step), statements from SQL PREPARE; the settings follow.
+_UNLOCK_AND_RESEED = f"pg_catalog.num_nulls(pg_catalog.pg_advisory_unlock_all(), {_RESEED})"
 _CHECK = (
-    "current_user, session_user, pg_catalog.pg_advisory_unlock_all() IS NULL, "
+    f"current_user, session_user, {_UNLOCK_AND_RESEED}, "  # noqa: S608 - constants only
     "(SELECT pg_catalog.count(*) FROM pg_catalog.pg_prepared_statements WHERE NOT from_sql), "
     "EXISTS (SELECT FROM pg_catalog.pg_prepared_statements WHERE from_sql)"
 )
@@ -123,9 +125,7 @@ _CHECK = (
 # looking for them again would cost as much as the deallocation. The pooler's server session
 # holds its other clients' statements too (renamed, with pgbouncer's own tracking), so
 # psycopg's are not counted there.
-_CHECK_DEALLOCATED = (
-    "current_user, session_user, pg_catalog.pg_advisory_unlock_all() IS NULL, NULL, false"
-)
+_CHECK_DEALLOCATED = f"current_user, session_user, {_UNLOCK_AND_RESEED}, NULL, false"
 
 
 class SharedPool:
@@ -155,7 +155,9 @@ class SharedPool:
 
     On return, in the same round trip as the commit, the connection is reset like
     ``DISCARD ALL`` (session settings, ``SET ROLE``, temporary tables, advisory locks,
-    ``LISTEN``, cursors, sequence state; psycopg's own prepared statements are kept) and
+    ``LISTEN``, cursors, sequence state; psycopg's own prepared statements are kept), its
+    ``random()`` seeded anew (a handler's ``setseed()``, which ``DISCARD ALL`` keeps, would
+    decide what the next user draws; this takes PostgreSQL 13 or newer) and
     checked: the settings empty, ``session_user`` the login role and ``current_user`` the role
     the session starts as (the login role, unless it takes another at connect time), no
     statement from SQL ``PREPARE``, and every statement psycopg prepared still there (psycopg
@@ -166,7 +168,7 @@ class SharedPool:
     fails the check is closed, never handed on (``stats().discarded``). Behind a connection
     pooler, whose server sessions outlive the client connection, the statements from SQL
     ``PREPARE`` are deallocated instead, and what a failed COMMIT would leave (advisory
-    locks, sequence state) goes just before the COMMIT. Python-side attributes a handler
+    locks, sequence state, the seed) goes just before the COMMIT. Python-side attributes a handler
     changed (``autocommit``, ``isolation_level``, ``read_only``, ``deferrable``,
     ``row_factory``, ``cursor_factory``, ``server_cursor_factory``, ``prepare_threshold``)
     are restored too, and so are the connection's ``adapters`` when a handler registered a
