@@ -157,22 +157,31 @@ class SharedPool:
     ``DISCARD ALL`` (session settings, ``SET ROLE``, temporary tables, advisory locks,
     ``LISTEN``, cursors, sequence state; psycopg's own prepared statements are kept), its
     ``random()`` seeded anew (a handler's ``setseed()``, which ``DISCARD ALL`` keeps, would
-    decide what the next user draws; this takes PostgreSQL 13 or newer) and
-    checked: the settings empty, ``session_user`` the login role and ``current_user`` the role
-    the session starts as (the login role, unless it takes another at connect time), no
-    statement from SQL ``PREPARE``, and every statement psycopg prepared still there (psycopg
-    would run one a handler deallocated, by name or with a ``DEALLOCATE ALL`` it does not
-    notice, in the next user's query, which would fail). Every session must start as the role
-    the pool's first one did (the one ``check_rls`` checked): a new connection that starts as
-    another (an ``ALTER ROLE ... SET role`` since the pool opened) is closed unused. One that
-    fails the check is closed, never handed on (``stats().discarded``). Behind a connection
+    decide what the next user draws; this takes PostgreSQL 13 or newer) and checked: the
+    settings empty, ``session_user`` the login role and ``current_user`` the role the session
+    starts as (the login role, unless it takes another at connect time), no statement from
+    SQL ``PREPARE``, and every statement psycopg prepared still there (psycopg would run one
+    a handler deallocated, by name or with a ``DEALLOCATE ALL`` it does not notice, in the
+    next user's query, which would fail). Every session must start as the role the pool's
+    first one did (the one ``check_rls`` checked): a new connection that starts as another
+    (an ``ALTER ROLE ... SET role`` since the pool opened) is closed unused. One that fails
+    the check is closed, never handed on (``stats().discarded``). Behind a connection
     pooler, whose server sessions outlive the client connection, the statements from SQL
     ``PREPARE`` are deallocated instead, and what a failed COMMIT would leave (advisory
-    locks, sequence state, the seed) goes just before the COMMIT. Python-side attributes a handler
-    changed (``autocommit``, ``isolation_level``, ``read_only``, ``deferrable``,
+    locks, sequence state, the seed) goes just before the COMMIT. Python-side attributes a
+    handler changed (``autocommit``, ``isolation_level``, ``read_only``, ``deferrable``,
     ``row_factory``, ``cursor_factory``, ``server_cursor_factory``, ``prepare_threshold``)
     are restored too, and so are the connection's ``adapters`` when a handler registered a
     loader, a dumper or a type on them (told apart without a round trip).
+
+    What no reset reaches stays, as after ``DISCARD ALL``: what an extension keeps in the
+    server process (dblink's named connections, postgres_fdw's cached ones, a library a
+    handler loaded with ``LOAD``, PL/Perl's ``%_SHARED``), and the role's or database's
+    defaults (``ALTER ROLE ... SET``, which any role may run for itself), which ``RESET ALL``
+    returns to and every session opened after the change starts with. Those are a change
+    of the role, as DDL is, not of one session: only a ``role`` default is refused (above);
+    a setting the checkouts set is set over its default in each of them, and a connection
+    whose reset leaves it non-empty is closed. Let handlers leave neither.
 
     Args:
         conninfo: libpq connection string of an ordinary role (no superuser, no
