@@ -456,6 +456,50 @@ async def test_session_state_a_checkout_leaves_stays_out_of_the_pooler(
 
 
 @pytest.mark.parametrize("strategy", ["shared", "per_user"])
+async def test_a_pipeline_left_open_leaves_nothing_to_the_pooler(
+    bounced: tuple[Database, str], strategy: str
+) -> None:
+    """A handler takes a session advisory lock in every server session of the pooler, then
+    enters ``conn.pipeline()`` and never leaves it: the message that ends the checkout
+    (COMMIT and reset) would be queued, not run. The block raises (before, it ended as if
+    committed), and no server session keeps the lock: the connection is closed in its
+    transaction, and the pooler drops the session."""
+    db, url = bounced
+    role = psycopg.conninfo.conninfo_to_dict(url)["user"]
+    options: dict[str, Any] = {
+        "rls_check": "off",
+        "kwargs": {**db.kwargs(), "prepare_threshold": None},
+    }
+    pool: SharedPool | PerUserPools = (
+        SharedPool(url, max_size=SERVER_CONNECTIONS, per_user_limit=SERVER_CONNECTIONS, **options)
+        if strategy == "shared"
+        else PerUserPools(url, max_size=SERVER_CONNECTIONS, **options)
+    )
+    registry = _registry(pool)
+    left_open = []
+    try:
+        with pytest.raises(psycopg.OperationalError, match="pipeline"):
+            async with (
+                registry.open_scope(UserExecutionContext.create("user-1")),
+                connection() as first,
+                connection() as second,
+            ):
+                for key, conn in enumerate((first, second)):
+                    await conn.execute("SELECT pg_advisory_lock(%s)", (key,), prepare=False)
+                    left_open.append(conn.pipeline())
+                    pipeline = await left_open[-1].__aenter__()
+                    await conn.execute("SELECT 1", prepare=False)
+                    await pipeline.sync()
+        sessions = {row[:3] for row in await _server_sessions(url)}
+    finally:
+        for pipeline_block in left_open:
+            with contextlib.suppress(psycopg.Error):
+                await pipeline_block.__aexit__(None, None, None)
+        await registry.aclose()
+    assert sessions == {(role, '"$user", public', 0)}
+
+
+@pytest.mark.parametrize("strategy", ["shared", "per_user"])
 async def test_session_state_left_before_a_commit_inside_the_checkout_is_reset(
     bounced: tuple[Database, str], strategy: str
 ) -> None:

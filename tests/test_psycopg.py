@@ -2712,6 +2712,39 @@ async def test_a_block_that_cannot_commit_says_so_instead_of_losing_its_writes(
     assert bodies == [("kept",)]
 
 
+@pytest.mark.parametrize("strategy", ["shared", "per_user"])
+async def test_a_pipeline_left_open_is_not_a_silent_commit(db: Database, strategy: str) -> None:
+    """A handler enters ``conn.pipeline()`` and never leaves it (its results synced, so no
+    query runs): the checkout's end would be queued, not run. SharedPool's COMMIT and reset
+    failed unseen and its block ended as if committed; PerUserPools committed and handed
+    the connection back still in pipeline mode. The block raises now, nothing of it is
+    committed, and the next checkout gets a connection out of pipeline mode."""
+    pool: SharedPool | PerUserPools = (
+        SharedPool(db.app_url, min_size=1, max_size=1, rls_check="raise", kwargs=db.kwargs())
+        if strategy == "shared"
+        else PerUserPools(db.app_url, max_size=1, rls_check="raise", kwargs=db.kwargs())
+    )
+    registry = Registry()
+    pool.install(registry)
+    insert = db.sql("INSERT INTO {notes} (owner, body) VALUES ('alice', 'piped')")
+    try:
+        async with registry.open_scope(_ctx("alice")):
+            with pytest.raises(psycopg.OperationalError, match="pipeline"):
+                async with pool.connection() as conn:
+                    left_open = conn.pipeline()
+                    pipeline = await left_open.__aenter__()
+                    await conn.execute(insert)
+                    await pipeline.sync()
+            with contextlib.suppress(psycopg.Error):
+                await left_open.__aexit__(None, None, None)
+            async with pool.connection() as conn:
+                piped = conn.pgconn.pipeline_status
+                count = await _scalar(conn, db.sql("SELECT count(*) FROM {notes}"))
+    finally:
+        await registry.aclose()
+    assert (piped, count) == (PipelineStatus.OFF, 0)
+
+
 async def test_a_checkout_waiting_to_grow_its_pool_takes_room_that_frees_up(
     db: Database,
 ) -> None:

@@ -14,7 +14,7 @@ import anyio
 import anyio.lowlevel
 import psycopg
 from psycopg import AsyncClientCursor, AsyncConnection, AsyncCursor, capabilities
-from psycopg.pq import PollingStatus, TransactionStatus
+from psycopg.pq import PipelineStatus, PollingStatus, TransactionStatus
 from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 _ACTIVE = TransactionStatus.ACTIVE
 _IDLE = TransactionStatus.IDLE
 _INERROR = TransactionStatus.INERROR
+_PIPELINE_OFF = PipelineStatus.OFF
 _POLL_READING = PollingStatus.READING
 _POLL_WRITING = PollingStatus.WRITING
 logger = logging.getLogger("ambient")
@@ -231,13 +232,21 @@ async def _send_cancel(cancel: Canceller) -> None:
 
 
 async def _cancel_broken(conn: AsyncConnection[Any], cancel: Canceller) -> bool:
-    """Whether ``conn`` was interrupted mid-query; if so cancel the query on the server.
+    """Whether ``conn`` cannot end its checkout: lost, interrupted mid-query, or left in
+    pipeline mode; if so cancel its query on the server and close it (which rolls its
+    transaction back).
 
     psycopg closes a connection whose query it could not finish (a cancellation that kept
-    interrupting it); the server would go on running the query, holding its locks.
+    interrupting it); the server would go on running the query, holding its locks. In
+    pipeline mode (a ``conn.pipeline()`` the block entered and never left) the end of the
+    checkout would be queued, not run: its COMMIT and reset would fail unseen, or not
+    happen, and the connection would go back to the pool still in pipeline mode.
     """
     if not conn.closed and conn.pgconn.transaction_status != _ACTIVE:
-        return False
+        if conn.pgconn.pipeline_status == _PIPELINE_OFF:
+            return False
+        await conn.close()  # no query runs: nothing to cancel
+        return True
     await _send_cancel(cancel)
     if not conn.closed:
         await conn.close()
@@ -397,12 +406,16 @@ def _ended_inside(*, another: bool = False) -> psycopg.ProgrammingError:
     )
 
 
-def _cut_short(*, lost: bool) -> psycopg.OperationalError:
+def _cut_short(*, lost: bool, piped: bool = False) -> psycopg.OperationalError:
     """The error of a checkout whose block ended normally on a connection it could not
-    commit on: lost, or still running a query (cancelled, so rolled back)."""
+    commit on: lost, ``piped`` (left in pipeline mode, so closed) or still running a query
+    (cancelled, so rolled back)."""
     why = (
         "its connection was lost"
         if lost
+        else "its connection was still in pipeline mode (a conn.pipeline() entered and not "
+        "left), so it was closed"
+        if piped
         else "its connection was still running a query (a cursor.stream() left before its "
         "end? close it first, e.g. with contextlib.aclosing), which was cancelled"
     )
@@ -537,10 +550,11 @@ async def _release(
     with _bounded(owner) as bound:
         try:
             lost = conn.closed
+            piped = not lost and conn.pgconn.pipeline_status != _PIPELINE_OFF
             if await _cancel_broken(conn, cancel):
                 if server is not None:
                     await _cancel_server_side(pool, owner._kwargs, server)
-                return _cut_short(lost=lost) if exc is None else None
+                return _cut_short(lost=lost, piped=piped) if exc is None else None
             status = conn.pgconn.transaction_status
             if status == _IDLE:
                 if pooled:

@@ -31,6 +31,7 @@ from ambient.integrations.psycopg._common import (
     _ASYNCIO_ONLY,
     _IDLE,
     _INERROR,
+    _PIPELINE_OFF,
     _RESEED,
     _SERVER_SIDE,
     _SESSION_RESET,
@@ -512,10 +513,11 @@ class SharedPool:
             try:
                 status = conn.pgconn.transaction_status
                 lost = conn.closed
-                if (lost or status == _ACTIVE) and await _cancel_broken(conn, cancel):
+                piped = not lost and conn.pgconn.pipeline_status != _PIPELINE_OFF
+                if (lost or piped or status == _ACTIVE) and await _cancel_broken(conn, cancel):
                     if server is not None and self._pooled:
                         await _cancel_server_side(pool, self._kwargs, server)
-                    return _cut_short(lost=lost) if exc is None else None
+                    return _cut_short(lost=lost, piped=piped) if exc is None else None
                 if status == _IDLE and exc is None:
                     error = _ended_inside()
                 if status == _INERROR and exc is None:
