@@ -2745,6 +2745,39 @@ async def test_a_pipeline_left_open_is_not_a_silent_commit(db: Database, strateg
     assert (piped, count) == (PipelineStatus.OFF, 0)
 
 
+@pytest.mark.parametrize("strategy", ["shared", "per_user"])
+async def test_a_copy_left_open_is_not_a_silent_commit(db: Database, strategy: str) -> None:
+    """A handler starts a ``COPY ... TO STDOUT``, reads part of it and ends its block with
+    the COPY still open (entered by hand, never left): the connection is still busy, so
+    the block raises, nothing of it is committed, and the next checkout gets a connection
+    that is not in COPY mode."""
+    pool: SharedPool | PerUserPools = (
+        SharedPool(db.app_url, min_size=1, max_size=1, rls_check="raise", kwargs=db.kwargs())
+        if strategy == "shared"
+        else PerUserPools(db.app_url, max_size=1, rls_check="raise", kwargs=db.kwargs())
+    )
+    registry = Registry()
+    pool.install(registry)
+    insert = db.sql("INSERT INTO {notes} (owner, body) VALUES ('alice', 'copied')")
+    try:
+        async with registry.open_scope(_ctx("alice")):
+            with pytest.raises(psycopg.OperationalError, match="still running a query"):
+                async with pool.connection() as conn:
+                    await conn.execute(insert)
+                    left_open = conn.cursor().copy(
+                        "COPY (SELECT generate_series(1, 100000)) TO STDOUT"
+                    )
+                    copy = await left_open.__aenter__()
+                    assert await copy.read()
+            with contextlib.suppress(psycopg.Error):
+                await left_open.__aexit__(None, None, None)
+            async with pool.connection() as conn:
+                count = await _scalar(conn, db.sql("SELECT count(*) FROM {notes}"))
+    finally:
+        await registry.aclose()
+    assert count == 0
+
+
 async def test_a_checkout_waiting_to_grow_its_pool_takes_room_that_frees_up(
     db: Database,
 ) -> None:
