@@ -6,9 +6,11 @@ import collections.abc
 import contextlib
 import enum
 import inspect
+import sys
 import types
 import typing
 import unicodedata
+import warnings
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn
@@ -662,9 +664,61 @@ def _enter_gen(provider: Provider, gen: Any) -> tuple[Any, Finalizer]:
 
 
 async def _enter_agen(provider: Provider, agen: Any) -> tuple[Any, Finalizer]:
+    step = agen.__anext__() if provider.lifetime is _REQUEST else _unseen_step(provider, agen)
     try:
-        instance = await agen.__anext__()
+        instance = await step
     except StopAsyncIteration:
         msg = f"async generator factory of {provider.name} returned without yielding"
         raise ResolutionError(msg) from None
     return instance, Finalizer(provider.name, "async generator", agen, is_async=True)
+
+
+def _unseen_step(provider: Provider, agen: Any) -> Any:
+    """The first ``agen.__anext__()`` of a USER or APP component's async generator, which
+    the event loop's async generator hooks do not see.
+
+    A loop closes the generators it saw first iterated, unfinished, as it ends
+    (``shutdown_asyncgens``, trio's end of run): it closed the components of a registry that
+    outlives it (one ``asyncio.run`` per job), which the next loop was handed, cleaned; and
+    one ending while another loop ran such a cleanup (``registry.aclose()``, an expiry)
+    logged "asynchronous generator is already running". The registry cleans them; the
+    loop's finalizer still closes one garbage-collected unfinished while it runs.
+    """
+    firstiter, finalizer = sys.get_asyncgen_hooks()
+    sys.set_asyncgen_hooks(None, _Abandoned(provider.name, finalizer))
+    try:
+        return agen.__anext__()
+    finally:
+        sys.set_asyncgen_hooks(firstiter, finalizer)
+
+
+class _Abandoned:
+    """The finalizer of a USER or APP component's async generator garbage-collected
+    unfinished (its registry was dropped without ``aclose()``): the event loop it was made
+    on closes it, as it would have; once that loop has ended, a warning says that its
+    cleanup never ran (asyncio's own finalizer says nothing then)."""
+
+    __slots__ = ("_finalizer", "_name")
+
+    def __init__(self, name: str, finalizer: Callable[[Any], object] | None) -> None:
+        self._name = name
+        self._finalizer = finalizer
+
+    def __call__(self, agen: Any) -> None:
+        finalizer = self._finalizer
+        loop = getattr(finalizer, "__self__", None)
+        is_closed = getattr(loop, "is_closed", None)
+        if finalizer is not None and not (is_closed is not None and is_closed()):
+            try:
+                finalizer(agen)
+            except RuntimeError:
+                pass  # trio's run has ended
+            else:
+                return
+        warnings.warn(
+            f"the cleanup of {self._name} never ran: its async generator was "
+            "garbage-collected unfinished after the event loop it was made on had ended "
+            "(the registry was never closed); call `await registry.aclose()` at shutdown",
+            ResourceWarning,
+            stacklevel=1,
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import sys
 import threading
 import weakref
@@ -1698,3 +1699,117 @@ class TestAfterShutdown:
         assert "closed at shutdown" in refused[0]
         await registry.aclose()
         assert bobs.closed
+
+
+class TestAcrossEventLoops:
+    """A registry outlives the event loops it is used on (one ``asyncio.run`` per job, two
+    servers in two threads): its USER and APP components are its own, not a loop's."""
+
+    @staticmethod
+    def generator_registry(lifetime: Lifetime, steps: list[str]) -> Registry:
+        registry = Registry()
+
+        async def connect() -> AsyncIterator[_Closable]:
+            connection = _Closable()
+            try:
+                yield connection
+            finally:
+                steps.append("cleaned")
+                connection.close()
+
+        registry.register(_Closable, connect, lifetime=lifetime)
+        return registry
+
+    @pytest.mark.parametrize("backend", ["asyncio", "trio"])
+    @pytest.mark.parametrize("lifetime", [Lifetime.USER, Lifetime.APP])
+    def test_a_generator_component_outlives_the_event_loop_that_made_it(
+        self, backend: str, lifetime: Lifetime
+    ) -> None:
+        """A USER or APP component from an async generator, made by a job on one event
+        loop, is handed to the next job, on a loop of its own, as it was: the first loop's
+        end used to close it (``shutdown_asyncgens``, trio's end of run), and the next job
+        got a component already cleaned up. The registry's close cleans it, once."""
+        steps: list[str] = []
+        registry = self.generator_registry(lifetime, steps)
+        seen: list[tuple[_Closable, bool]] = []
+
+        async def job() -> None:
+            async with registry.open_scope(ctx("alice")):
+                component = await ambient.resolve(_Closable)
+                seen.append((component, component.closed))
+
+        anyio.run(job, backend=backend)
+        anyio.run(job, backend=backend)
+        assert steps == []
+        assert seen[1] == (seen[0][0], False)
+        anyio.run(registry.aclose, backend=backend)
+        assert steps == ["cleaned"]
+        assert registry.stats().cleaned == 1
+
+    @pytest.mark.parametrize("backend", ["asyncio", "trio"])
+    def test_a_loop_ending_while_another_cleans_its_component_logs_no_error(
+        self, backend: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """One server's event loop made a user's component from an async generator; a
+        second server's loop, in another thread, closes the registry, and the first loop
+        ends while that cleanup runs. The cleanup runs once, and nothing is logged: the
+        first loop used to close the generator as it ended, and logged "aclose():
+        asynchronous generator is already running"."""
+        made, cleaning, release = threading.Event(), threading.Event(), threading.Event()
+        steps: list[str] = []
+        registry = Registry()
+
+        async def connect() -> AsyncIterator[_Closable]:
+            try:
+                yield _Closable()
+            finally:
+                cleaning.set()
+                await anyio.to_thread.run_sync(release.wait, 10)
+                steps.append("cleaned")
+
+        registry.register(_Closable, connect, lifetime=Lifetime.USER)
+
+        async def first_server() -> None:
+            async with registry.open_scope(ctx("alice")):
+                await ambient.resolve(_Closable)
+            made.set()
+            await anyio.to_thread.run_sync(cleaning.wait, 10)
+
+        first = threading.Thread(
+            target=anyio.run, args=(first_server,), kwargs={"backend": backend}
+        )
+        second = threading.Thread(
+            target=anyio.run, args=(registry.aclose,), kwargs={"backend": backend}
+        )
+        first.start()
+        try:
+            assert made.wait(10)
+            second.start()
+            first.join(10)  # its loop has ended, the cleanup still running in the second
+            assert not first.is_alive()
+        finally:
+            release.set()
+            first.join(10)
+        second.join(10)
+        assert steps == ["cleaned"]
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+        assert registry.stats().cleaned == 1
+
+    @pytest.mark.parametrize("backend", ["asyncio", "trio"])
+    def test_a_registry_dropped_unclosed_after_its_loop_ended_warns(self, backend: str) -> None:
+        """A registry never closed is garbage-collected after the event loop that made
+        its USER component from an async generator has ended: the cleanup cannot run
+        there any more, and a ResourceWarning names the component (asyncio's own
+        finalizer drops such a generator without a word)."""
+        steps: list[str] = []
+        registry = self.generator_registry(Lifetime.USER, steps)
+
+        async def job(registry: Registry) -> None:
+            async with registry.open_scope(ctx("alice")):
+                await ambient.resolve(_Closable)
+
+        anyio.run(job, registry, backend=backend)
+        with pytest.warns(ResourceWarning, match="cleanup of _Closable never ran"):
+            del registry
+            gc.collect()
+        assert steps == []
