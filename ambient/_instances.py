@@ -49,7 +49,15 @@ if TYPE_CHECKING:
     from ambient._registry import Registry
     from ambient._scope import Scope
 
-__all__ = ["Created", "Instances", "finalize", "finalize_sync", "hand_over", "needs_await"]
+__all__ = [
+    "Created",
+    "Instances",
+    "finalize",
+    "finalize_sync",
+    "hand_over",
+    "needs_await",
+    "not_run",
+]
 
 logger = logging.getLogger("ambient")
 
@@ -1101,6 +1109,30 @@ def finalize_sync(
     if escaped is not None:
         raise escaped
     return failures
+
+
+def not_run(
+    registry: Registry,
+    provider: Provider,
+    instance: Any,
+    user: UserRef | None,
+    observers: tuple[Observer, ...],
+    scope: Scope | None,
+    error: Exception,
+) -> None:
+    """Report a cleanup that could not run at all (``error`` says why) as a failed one:
+    logged, counted and seen by observers."""
+    _record(
+        registry,
+        provider,
+        instance,
+        user,
+        observers,
+        scope,
+        time.time_ns(),
+        time.perf_counter(),
+        error,
+    )
 
 
 def _no_cleanup(

@@ -22,7 +22,14 @@ from opentelemetry import context as otel_context
 from ambient import _observe
 from ambient._binding import _current
 from ambient._context import UserExecutionContext, UserRef
-from ambient._instances import Created, Instances, finalize, finalize_sync, needs_await
+from ambient._instances import (
+    Created,
+    Instances,
+    finalize,
+    finalize_sync,
+    needs_await,
+    not_run,
+)
 from ambient._loops import loop_call_soon
 from ambient._observe import Observer
 from ambient._provider import Lifetime, key_from_annotation, key_name, make_provider
@@ -563,7 +570,10 @@ class Registry:
         while they were made (by a worker thread): at once when every cleanup is sync;
         otherwise on the event loop, by the next scope of this registry that opens or
         closes, or by :meth:`aclose`; once the registry is closed (at shutdown, when no
-        such scope may come), on the loop of the anyio worker thread this is, at once."""
+        such scope may come), on the loop of the anyio worker thread this is, at once. A
+        thread that has no loop to run them on then (one no anyio loop started, or whose
+        loop has ended) runs the sync cleanups and reports each async one as a failed
+        cleanup that could not run: logged, counted and seen by observers."""
         if not needs_await(created):
             finalize_sync(created, None, self, scope._user_ref(), observers, scope)
             return
@@ -571,10 +581,34 @@ class Registry:
             try:
                 anyio.from_thread.run(self._close_all, [(UserEntry(scope._user_ref()), created)])
             except RuntimeError:
-                pass  # not an anyio worker thread, or its loop has finished: queued
-            else:
-                return
+                # Queued, they would wait for a scope or a close that shutdown ruled out.
+                self._cannot_clean(created, scope, observers)
+            return
         self._queue_cleanup(scope._user_ref(), created)
+
+    def _cannot_clean(
+        self, created: list[Created], scope: Scope, observers: tuple[Observer, ...]
+    ) -> None:
+        """Run the sync cleanups of ``created`` here, and report the async ones, which this
+        thread has no event loop to await, as failed cleanups that could not run."""
+        user = scope._user_ref()
+        runnable: list[Created] = []
+        pending: list[Created] = []
+        for one in created:
+            finalizer = one[2]
+            (pending if finalizer is not None and finalizer.is_async else runnable).append(one)
+        finalize_sync(runnable, None, self, user, observers, scope)
+        for provider, instance, _ in reversed(pending):
+            error = RuntimeError(
+                "it is async and could not run: the component was made in a thread with no "
+                "event loop to await it (a thread no anyio loop started, or one whose loop "
+                "has ended) after its scope closed and the registry was closed at shutdown, "
+                "so no later scope or close of the registry runs it. Work still running "
+                "after shutdown must not resolve components: hold the scope "
+                "(ContextExecutor.submit_held, run_sync_in_thread(..., "
+                "abandon_on_cancel=True)) or end the work before shutdown"
+            )
+            not_run(self, provider, instance, user, observers, scope, error)
 
     def _queue_cleanup(self, ref: UserRef, created: list[Created]) -> None:
         """Queue the cleanup of ``created`` (made for ``ref``) for the next scope of this

@@ -899,3 +899,67 @@ def test_a_forked_worker_process_is_not_in_the_trace_that_started_it() -> None:
             finally:
                 otel_context.detach(token)
     assert seen == [("", {}), ("", {})]
+
+
+class _RemoteConn:
+    """A component whose cleanup awaits (a network close)."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@pytest.mark.parametrize("lifetime", [Lifetime.REQUEST, Lifetime.USER])
+def test_a_raw_threads_async_cleanup_after_shutdown_is_reported_not_skipped(
+    backend: str, lifetime: Lifetime, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ``threading.Thread`` (no anyio loop started it) is still making a component with
+    an async cleanup when its request ends, the registry is closed and the event loop has
+    ended. The thread gets ScopeClosedError; the cleanup, which no loop is left to await
+    and no later close would run, is reported as a failed cleanup naming the component
+    and why: logged, counted. It used to be queued for a scope that never came, and
+    skipped without a word."""
+    started, go_on = threading.Event(), threading.Event()
+    made: list[_RemoteConn] = []
+    outcome: list[BaseException] = []
+
+    def make() -> _RemoteConn:
+        started.set()
+        go_on.wait(10)
+        made.append(_RemoteConn())
+        return made[-1]
+
+    registry = Registry()
+    registry.register(_RemoteConn, make, lifetime=lifetime, name="RemoteConn")
+
+    def work() -> None:
+        try:
+            ambient.resolve_sync(_RemoteConn)
+        except ScopeClosedError as exc:
+            outcome.append(exc)
+
+    threads: list[threading.Thread] = []
+
+    async def serve_and_shut_down() -> None:
+        async with registry.open_scope(UserExecutionContext.create("alice")):
+            threads.append(threading.Thread(target=ambient.wrap(work)))
+            threads[0].start()
+            await anyio.to_thread.run_sync(started.wait, 10)
+        await registry.aclose()
+
+    try:
+        anyio.run(serve_and_shut_down, backend=backend)
+    finally:
+        go_on.set()
+        for thread in threads:
+            thread.join(10)
+    assert len(outcome) == 1
+    assert [conn.closed for conn in made] == [False]
+    reported = [r.getMessage() for r in caplog.records if r.name == "ambient"]
+    assert len(reported) == 1
+    assert reported[0].startswith("cleanup of RemoteConn failed: it is async and could not run")
+    stats = registry.stats()
+    assert (stats.created, stats.cleaned, stats.cleanup_failures) == (1, 1, 1)
