@@ -1795,6 +1795,79 @@ class TestAbandonedGenerators:
         assert registry.stats().open_scopes == 0
         assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
+    @pytest.mark.parametrize("backend", ["asyncio", "trio"])
+    def test_a_scope_never_closed_has_its_generator_cleaned_once_as_its_loop_ends(
+        self, backend: str
+    ) -> None:
+        """A scope left open when its event loop ends (its task returned without closing
+        it) has a component's async generator closed by the loop's end, once; closing the
+        scope later (from another loop) does not run that cleanup again."""
+        steps: list[str] = []
+        registry = Registry()
+
+        async def connect() -> AsyncIterator[str]:
+            try:
+                yield "connection"
+            finally:
+                steps.append("cleaned")
+
+        registry.register("connection", connect)
+        scopes: list[Scope] = []
+
+        async def request() -> None:
+            scope = registry.open_scope(ctx())
+            await scope.__aenter__()
+            await scope.resolve("connection")
+            scopes.append(scope)
+
+        anyio.run(request, backend=backend)
+        assert steps == ["cleaned"]
+        anyio.run(scopes[0].aclose, backend=backend)
+        assert steps == ["cleaned"]
+        assert registry.stats().open_scopes == 0
+
+    def test_a_request_task_cancelled_as_asyncio_run_ends_cleans_up_once(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """``asyncio.run()`` returns while a request's task still runs (trio has no task
+        outliving its nursery): asyncio cancels the task, its scope closes with the
+        cancellation thrown into the component's generator, whose cleanup runs once;
+        the loop's own closing of generators then finds nothing to do, and logs nothing."""
+        seen: list[str] = []
+        registry = Registry()
+
+        async def connect() -> AsyncIterator[str]:
+            try:
+                yield "connection"
+            except BaseException as exc:
+                seen.append(type(exc).__name__)
+                raise
+            finally:
+                await anyio.lowlevel.checkpoint()
+                seen.append("cleaned")
+
+        registry.register("connection", connect)
+
+        async def main() -> None:
+            opened = asyncio.Event()
+
+            async def request() -> None:
+                async with registry.open_scope(ctx()):
+                    await ambient.resolve("connection")
+                    opened.set()
+                    await asyncio.Event().wait()
+
+            running.append(asyncio.get_running_loop().create_task(request()))
+            await opened.wait()
+
+        running: list[asyncio.Task[None]] = []
+        asyncio.run(main())
+        assert running[0].cancelled()
+        assert seen == ["CancelledError", "cleaned"]
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+        stats = registry.stats()
+        assert (stats.open_scopes, stats.cleaned, stats.cleanup_failures) == (0, 1, 0)
+
 
 class _Clock:
     def __init__(self) -> None:
