@@ -44,7 +44,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -81,6 +81,7 @@ SVCS = "svcs, 3 factories"
 AMBIENT = "ambient"
 AMBIENT3 = "ambient + 3 components"
 NO_SDK = "ambient + 3 components + Telemetry(), no SDK"
+AMBIENT_ASYNC_GEN = "ambient + 1 async generator component"
 TRACED = "ambient + 3 components, full tracing (SDK)"
 OTEL_ASGI = "otel-asgi, server span only (SDK)"
 DUTIES = "hand-written middleware with ambient's duties"
@@ -359,6 +360,30 @@ def ambient_registry(*, components: bool, telemetry: Any = None) -> Any:
     return registry
 
 
+def ambient_async_gen_app() -> App:
+    """``AmbientMiddleware`` with one REQUEST component made by an async generator factory
+    (a connection per request, the usual shape): its cleanup is async, so the scope closes
+    through its awaiting path."""
+    import ambient
+
+    registry = ambient.Registry()
+
+    async def session() -> AsyncIterator[Session]:
+        created = Session(Engine(Dispatcher(get_current_context().user_id)))
+        yield created
+        created.close()
+
+    registry.register(Session, session)
+
+    async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+        made = await resolve(Session)
+        if PAUSE:
+            await asyncio.sleep(0)
+        await _respond(send, made.engine.dispatcher.user_id.encode())
+
+    return ambient_app(endpoint, components=False, registry=registry)
+
+
 async def ambient_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
     """Answers with the user of ``get_current_context()``."""
     if PAUSE:
@@ -377,14 +402,21 @@ async def ambient_components_endpoint(scope: Scope, receive: Receive, send: Send
 
 
 def ambient_app(
-    endpoint: App, *, components: bool, identity: Any = None, telemetry: Any = None
+    endpoint: App,
+    *,
+    components: bool,
+    identity: Any = None,
+    telemetry: Any = None,
+    registry: Any = None,
 ) -> App:
     """``AmbientMiddleware`` around ``endpoint`` (``trusted_header()`` unless given)."""
     from ambient.middleware import AmbientMiddleware, trusted_header
 
+    if registry is None:
+        registry = ambient_registry(components=components, telemetry=telemetry)
     return AmbientMiddleware(
         endpoint,
-        registry=ambient_registry(components=components, telemetry=telemetry),
+        registry=registry,
         identity=identity if identity is not None else trusted_header("x-user-id"),
     )
 

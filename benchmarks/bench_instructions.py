@@ -54,6 +54,7 @@ STACKS: dict[str, Callable[[], asgi.App]] = {
     NO_SDK: _no_sdk,
     asgi.SVCS: asgi.svcs_app,
     asgi.DISHKA: asgi.dishka_app,
+    asgi.AMBIENT_ASYNC_GEN: asgi.ambient_async_gen_app,
 }
 _COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
 
@@ -138,7 +139,8 @@ async def run(report: Report, options: Options) -> None:
     table.notes.append(
         "overhead = stack minus the bare endpoint; ambient + 3 components vs dishka's "
         f"overhead: {(per[asgi.AMBIENT3] - bare) / dishka:.2f}x; Telemetry() with no SDK "
-        f"adds {per[NO_SDK] - per[asgi.AMBIENT3]:,.0f} instructions"
+        f"adds {per[NO_SDK] - per[asgi.AMBIENT3]:,.0f} instructions; {asgi.AMBIENT_ASYNC_GEN}: "
+        "its async cleanup closes the scope through the awaiting path (not a peer row)"
     )
     report.table(table)
     ambient, duties = per[asgi.AMBIENT] - bare, per[asgi.DUTIES] - bare
