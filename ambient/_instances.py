@@ -12,8 +12,9 @@ import contextlib
 import logging
 import threading
 import time
+import types
 import warnings
-from collections.abc import Awaitable, Callable, Coroutine, Hashable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Hashable, Mapping
 from contextvars import Context
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
@@ -984,6 +985,29 @@ class _Deadline:
         return bool(self._scope.__exit__(*exc_info))
 
 
+@types.coroutine
+def _resumed(running: Coroutine[Any, Any, Any], waits_on: Any) -> Generator[Any, Any, Any]:
+    """The rest of ``running``, whose first step yielded ``waits_on``, run as ``await
+    running`` would: what it yields goes to the event loop, what the loop sends or throws
+    goes back to it."""
+    while True:
+        try:
+            sent = yield waits_on
+        except GeneratorExit:
+            running.close()
+            raise
+        except BaseException as thrown:  # noqa: BLE001 - handed to the coroutine, as await does
+            try:
+                waits_on = running.throw(thrown)
+            except StopIteration as done:
+                return done.value
+        else:
+            try:
+                waits_on = running.send(sent)
+            except StopIteration as done:
+                return done.value
+
+
 def needs_await(created: list[Created]) -> bool:
     """Whether cleaning ``created`` awaits anything (and so needs a shielded scope)."""
     return any(finalizer is not None and finalizer.is_async for _, _, finalizer in created)
@@ -996,11 +1020,14 @@ async def finalize(
     user: UserRef | None,
     observers: tuple[Observer, ...],
     scope: Scope | None = None,
+    *,
+    shield: bool = False,
 ) -> list[Exception]:
     """Clean up ``created`` newest first; every cleanup runs once, whatever the others do.
 
-    Must run inside a shielded cancel scope. Async cleanups are bounded by the registry's
-    ``cleanup_timeout``. Returns the failures; each is also logged and counted.
+    Must run inside a shielded cancel scope, unless ``shield`` (for a single component: each
+    async cleanup's own bounding scope is then shielded). Async cleanups are bounded by the
+    registry's ``cleanup_timeout``. Returns the failures; each is also logged and counted.
     """
     failures: list[Exception] = []
     escaped: BaseException | None = None
@@ -1017,8 +1044,19 @@ async def finalize(
         interrupted: BaseException | None = None
         try:
             if finalizer.is_async:
-                with _Deadline(timeout) as deadline:
-                    await finalizer.run(exc)
+                with anyio.CancelScope(shield=shield) as deadline:
+                    # Stepped once by hand: a cleanup that finishes without waiting (most
+                    # of them) needs no deadline, and a deadline is a timer on the event
+                    # loop, about a quarter of such a request's cost. One that waits gets
+                    # its deadline before it does, within this scope it started in.
+                    running = finalizer.run(exc)
+                    try:
+                        waits_on = running.send(None)
+                    except StopIteration:
+                        pass
+                    else:
+                        _set_deadline(deadline, anyio.current_time() + timeout)
+                        await _resumed(running, waits_on)
                 if deadline.cancelled_caught:
                     error = CleanupTimeoutError(
                         f"cleanup of {provider.name} did not finish within {timeout} s "

@@ -865,6 +865,86 @@ class TestCleanup:
         assert "hang" in str(info.value.exceptions[0])
         assert registry.stats().cleanup_failures == 1
 
+    @pytest.mark.parametrize("others", [0, 2])
+    async def test_an_async_cleanup_that_waits_is_shielded_and_bounded(self, others: int) -> None:
+        """An async cleanup that waits runs to its end though the scope closes inside a
+        cancelled scope, a second one that hangs is abandoned after cleanup_timeout; alone
+        (its bound is the shield too) or beside others (each bound inside the shield)."""
+        cleaned: list[str] = []
+        registry = Registry(cleanup_timeout=0.2)
+
+        async def waits() -> AsyncIterator[str]:
+            yield "waits"
+            for _ in range(3):
+                await anyio.lowlevel.checkpoint()
+            cleaned.append("waits")
+
+        async def hangs() -> AsyncIterator[str]:
+            yield "hangs"
+            cleaned.append("hanging")
+            await anyio.sleep_forever()
+
+        def other() -> Iterator[str]:
+            yield "other"
+            cleaned.append("other")
+
+        registry.register("waits", waits)
+        registry.register("hangs", hangs)
+        for n in range(others):
+            registry.register(f"other{n}", other)
+        with anyio.fail_after(5):
+            with anyio.CancelScope() as outer:
+                async with registry.open_scope(ctx()) as scope:
+                    for n in range(others):
+                        await scope.resolve(f"other{n}")
+                    await scope.resolve("waits")
+                    outer.cancel()
+            assert cleaned == ["waits"] + ["other"] * others
+            cleaned.clear()
+            with pytest.raises(CleanupError) as info:
+                async with registry.open_scope(ctx()) as scope:
+                    for n in range(others):
+                        await scope.resolve(f"other{n}")
+                    await scope.resolve("hangs")
+        assert cleaned == ["hanging"] + ["other"] * others
+        assert [type(e) for e in info.value.exceptions] == [CleanupTimeoutError]
+        assert registry.stats().cleaned == 2 + 2 * others
+        assert registry.stats().cleanup_failures == 1
+
+    @pytest.mark.parametrize("others", [0, 2])
+    async def test_an_async_cleanup_may_wait_inside_cancel_scopes_of_its_own(
+        self, others: int
+    ) -> None:
+        """A cleanup that enters cancel scopes and a task group of its own, and waits inside
+        them, leaves them in order: the scope bounding it was entered before it started."""
+        cleaned: list[str] = []
+        registry = Registry(cleanup_timeout=5)
+
+        async def connection() -> AsyncIterator[str]:
+            yield "connection"
+            with anyio.move_on_after(5):
+                await anyio.lowlevel.checkpoint()
+                async with anyio.create_task_group() as group:
+                    group.start_soon(anyio.lowlevel.checkpoint)
+                with anyio.CancelScope(shield=True):
+                    await anyio.lowlevel.checkpoint()
+            cleaned.append("connection")
+
+        def other() -> Iterator[str]:
+            yield "other"
+            cleaned.append("other")
+
+        registry.register("connection", connection)
+        for n in range(others):
+            registry.register(f"other{n}", other)
+        with anyio.fail_after(5):
+            async with registry.open_scope(ctx()) as scope:
+                for n in range(others):
+                    await scope.resolve(f"other{n}")
+                await scope.resolve("connection")
+        assert cleaned == ["connection"] + ["other"] * others
+        assert registry.stats().cleanup_failures == 0
+
     async def test_failures_are_collected_into_cleanup_error(self) -> None:
         """Two failing cleanups both run and both appear in one CleanupError group."""
         ran: list[str] = []
