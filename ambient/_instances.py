@@ -8,6 +8,7 @@ behind, so the next resolution retries.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
@@ -1067,8 +1068,10 @@ async def finalize(
         except Exception as raised:  # noqa: BLE001 - collected into CleanupError
             error = raised
         except BaseException as raised:  # noqa: BLE001 - re-raised once every cleanup ran
-            escaped = escaped or raised
-            interrupted = raised
+            error = _stray_cancellation(raised, provider)
+            if error is None:
+                escaped = escaped or raised
+                interrupted = raised
         _record(
             registry,
             provider,
@@ -1123,8 +1126,10 @@ def finalize_sync(
         except Exception as raised:  # noqa: BLE001 - collected into CleanupError
             error, interrupted = raised, None
         except BaseException as raised:  # noqa: BLE001 - re-raised once every cleanup ran
-            escaped = escaped or raised
-            error, interrupted = None, raised
+            error, interrupted = _stray_cancellation(raised, provider), None
+            if error is None:
+                escaped = escaped or raised
+                interrupted = raised
         else:
             if not observers:
                 registry.cleaned += 1
@@ -1171,6 +1176,34 @@ def not_run(
         time.perf_counter(),
         error,
     )
+
+
+def _stray_cancellation(raised: BaseException, provider: Provider) -> Exception | None:
+    """The failure of a cleanup that raised asyncio's ``CancelledError`` while nothing
+    cancels the task it runs in, or ``None`` for any other ``BaseException``.
+
+    Such a cancellation is the cleanup's own: it awaited a task or future it had cancelled
+    (``task.cancel(); await task``) and let its ``CancelledError`` out. Raised on, it would
+    pass for a cancellation of the request, reach the server after the response (uvicorn
+    then closes the connection, dropping the next request on it) and go uncounted. A
+    cancellation of the task itself (its ``cancelling()`` count is up: the server, a
+    timeout or a cancel scope asked for it) stays one. Trio raises no cancellation unasked.
+    """
+    if not isinstance(raised, asyncio.CancelledError):
+        return None
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no asyncio loop here: trio, or a worker thread
+        return None
+    if task is None or task.cancelling():
+        return None
+    error = RuntimeError(
+        f"the cleanup of {provider.name} raised CancelledError, though nothing cancelled "
+        "it (it awaited a task or future it had cancelled?); suppress that cancellation "
+        "in the cleanup"
+    )
+    error.__cause__ = raised
+    return error
 
 
 def _no_cleanup(

@@ -3,6 +3,7 @@ disconnects, websockets, lifespan and composition with other middleware."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import dataclasses
@@ -2440,3 +2441,85 @@ async def _fail_after_accept(
     assert [str(record.exc_info[1]) for record in crashes if record.exc_info] == [
         "a bug after accept"
     ]
+
+
+class Poller:
+    """A REQUEST component that runs a task of its own while the request lasts."""
+
+
+async def _read_one_response(sock: socket.socket) -> bytes:
+    """Read one whole HTTP/1.1 response from ``sock`` (in a worker thread); what came if the
+    server closed the connection first."""
+
+    def read() -> bytes:
+        data = b""
+        while not _complete(data, 1):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+    return await anyio.to_thread.run_sync(read)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # trio raises no cancellation unasked
+@pytest.mark.parametrize("server", ["uvicorn", "hypercorn"])
+async def test_a_cleanup_raising_a_cancellation_nobody_asked_for_is_a_cleanup_failure(
+    server: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cleanup that cancels a task of its own and awaits it without suppressing its
+    CancelledError (a common slip) raises a cancellation while nothing cancels the request.
+    That is the cleanup's failure, logged and counted after the response as any other. It
+    reached the server instead, uncounted: uvicorn then closed the keep-alive connection,
+    and the next request on it (another user's, behind a gateway) got no answer."""
+    registry = Registry()
+
+    async def poller() -> AsyncIterator[Poller]:
+        task = asyncio.ensure_future(asyncio.Event().wait())
+        yield Poller()
+        task.cancel()
+        await task  # the slip: the task's CancelledError comes out of the cleanup
+
+    registry.register(Poller, poller)
+
+    async def whoami(request: Request) -> Response:
+        await ambient.resolve(Poller)
+        return JSONResponse({"user": ambient.get_current_context().user_id})
+
+    middleware = AmbientMiddleware(
+        Starlette(routes=[Route("/", whoami)]), registry=registry, identity=trusted_header()
+    )
+    reached: list[BaseException] = []
+    ended = threading.Semaphore(0)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        # What the server gets from the middleware.
+        try:
+            await middleware(scope, receive, send)
+        except BaseException as exc:
+            reached.append(exc)
+            raise
+        finally:
+            if scope["type"] == "http":
+                ended.release()
+
+    answers: list[bytes] = []
+    with serve(server, app, lifespan="off") as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            for user in ("alice", "bob"):
+                sock.sendall(f"GET / HTTP/1.1\r\nHost: x\r\nx-user-id: {user}\r\n\r\n".encode())
+                answers.append(await _read_one_response(sock))
+                assert answers[-1], f"the connection was closed before {user}'s answer"
+                # The request's call has returned (or raised): its cleanups are done.
+                assert await anyio.to_thread.run_sync(ended.acquire, True, 10)
+    assert reached == []
+    assert [answer.partition(b"\r\n\r\n")[2] for answer in answers] == [
+        b'{"user":"alice"}',
+        b'{"user":"bob"}',
+    ]
+    assert registry.stats().cleanup_failures == 2
+    failed = [r for r in caplog.records if r.name == "ambient" and "cleanup of" in r.getMessage()]
+    assert len(failed) == 2, [r.getMessage() for r in failed]
+    await registry.aclose()
