@@ -35,9 +35,10 @@ import functools
 import inspect
 import sys
 import threading
+import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, TypeVarTuple, cast
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, TypeVarTuple, cast
 
 import anyio.to_thread
 
@@ -109,12 +110,37 @@ def hold_scope(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any,
             used = True
             hold.release()
 
-    @functools.wraps(fn)
     def run_held(*args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
         return _HeldCoroutine(body(*args, **kwargs), never_ran)
 
-    _mark_coroutine_function(run_held)
-    return run_held
+    # The code of an async function (body is one), which marks held as async to inspect.
+    held = _AsyncFunction(run_held, cast("types.FunctionType", body).__code__)
+    functools.update_wrapper(held, fn)
+    _mark_coroutine_function(held)
+    return held
+
+
+class _AsyncFunction(Generic[P, R]):
+    """The function :func:`hold_scope` returns: it makes a :class:`_HeldCoroutine`, and is
+    an async function to whoever asks.
+
+    ``inspect.iscoroutinefunction`` (which Litestar asks of a background task, and Starlette
+    from Python 3.13 on) takes a function for async by the flags of its code, and on Python
+    3.11 knows no other mark. A plain function making the coroutine passes for sync there:
+    such a framework runs it in a worker thread, which makes the coroutine and drops it
+    unawaited, and the request's cleanup waits out its timeout for the hold. So this is a
+    function-like object (as a compiled function is), with the code of an async function.
+    """
+
+    __defaults__ = None
+    __kwdefaults__ = None
+
+    def __init__(self, make: Callable[P, Coroutine[Any, Any, R]], code: types.CodeType) -> None:
+        self._make = make
+        self.__code__ = code
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
+        return self._make(*args, **kwargs)
 
 
 class _HeldCoroutine(Coroutine[Any, Any, R]):

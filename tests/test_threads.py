@@ -17,6 +17,10 @@ import anyio.from_thread
 import httpx
 import pytest
 from fastapi import FastAPI
+from litestar import Litestar, get
+from litestar.background_tasks import BackgroundTask
+from litestar.middleware import DefineMiddleware
+from litestar.response import Response
 from opentelemetry import baggage, trace
 from opentelemetry import context as otel_context
 
@@ -26,7 +30,7 @@ from ambient.errors import NoActiveContextError, ResolutionError, ScopeClosedErr
 from ambient.integrations.fastapi import install
 from ambient.integrations.logging import context_fields
 from ambient.integrations.threads import ContextExecutor, hold_scope, run_sync_in_thread
-from ambient.middleware import trusted_header
+from ambient.middleware import AmbientMiddleware, trusted_header
 from tests.frameworks.common import Ledger, Memory, Probe
 from tests.servers import serve
 
@@ -456,6 +460,44 @@ class TestWorkThatOutlivesTheRequest:
                 await held()
 
         anyio.run(check)
+
+    @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # Litestar, as tests/test_frameworks.py
+    async def test_a_held_function_runs_as_a_litestar_background_task(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Litestar asks ``inspect.iscoroutinefunction`` whether a background task is async.
+        On Python 3.11 (no ``inspect.markcoroutinefunction``) a held function passed for a
+        sync one there: Litestar ran it in a worker thread, which made its coroutine and
+        dropped it unawaited. The work never ran, and the request's cleanup waited out its
+        whole cleanup_timeout for the hold."""
+        registry, ledger = make_registry(cleanup_timeout=5.0)
+        ran = threading.Event()
+        seen: list[tuple[str, str]] = []
+
+        async def send_receipt(order: str) -> None:
+            probe = await ambient.resolve(Probe)
+            seen.append((order, probe.user_id))
+            ran.set()
+
+        @get("/checkout")
+        async def checkout() -> Response[dict[str, bool]]:
+            receipt = BackgroundTask(hold_scope(send_receipt), "order-1")
+            return Response({"ok": True}, background=receipt)
+
+        app = Litestar(
+            route_handlers=[checkout],
+            middleware=[
+                DefineMiddleware(AmbientMiddleware, registry=registry, identity=trusted_header())
+            ],
+        )
+        with serve("uvicorn", app) as url:
+            async with httpx.AsyncClient(base_url=url) as client:
+                answer = await client.get("/checkout", headers={"x-user-id": "alice"})
+            assert answer.json() == {"ok": True}
+            assert await anyio.to_thread.run_sync(ran.wait, 4.0), "the held task never ran"
+        assert seen == [("order-1", "alice")]
+        assert ledger.open_probes() == 0
+        assert_released_in_time(caplog)
 
     async def test_a_held_task_is_named_after_its_function(self, anyio_backend: str) -> None:
         """asyncio names a task's coroutine in its repr, and in its warnings about a task
