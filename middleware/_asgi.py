@@ -225,7 +225,8 @@ class AmbientMiddleware:
             parameter (browsers cannot set headers on ``new WebSocket(url)``); a thread id
             given twice, in the header and the query or twice in either, is 400.
         max_concurrent_per_user: Requests and sockets one user may have in flight in this
-            process at once; ``None`` for no limit.
+            process at once; ``None`` for no limit. A request counts until its app returns
+            (its streamed body and background tasks included), not while its cleanups run.
         telemetry: An extra observer for the scopes this middleware opens (an
             ``ambient.telemetry.Telemetry``); ``None`` uses the registry's own.
     """
@@ -440,6 +441,10 @@ class AmbientMiddleware:
                         self.app, scope, app_receive, stream, registry.cleanup_timeout
                     )
             except BaseException as exc:
+                if user is not None:
+                    # The app's work is over: no longer in flight (see below).
+                    self._leave(user)
+                    user = None
                 if response.cut and _only_cut_off(exc):
                     # The stream this middleware cut at the identity's expiry: the error
                     # it raised to the app's send came back, as it should.
@@ -472,6 +477,12 @@ class AmbientMiddleware:
                 else:
                     await self._refuse(problem, scope, receive, send, echo, websocket)
                 return
+            if user is not None:
+                # The app has returned: the request is no longer in flight, though its
+                # cleanups (a connection going back to its pool) may take a while yet. A
+                # client that waits for each answer must not see its next request refused.
+                self._leave(user)
+                user = None
             # The app returned, yet the request may have failed: an error its framework
             # answered (noted on the scope by answer_error()), a response cut short
             # (frameworks cancel the work when the client disconnects, then return), or a

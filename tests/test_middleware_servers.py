@@ -2523,3 +2523,54 @@ async def test_a_cleanup_raising_a_cancellation_nobody_asked_for_is_a_cleanup_fa
     failed = [r for r in caplog.records if r.name == "ambient" and "cleanup of" in r.getMessage()]
     assert len(failed) == 2, [r.getMessage() for r in failed]
     await registry.aclose()
+
+
+class Connection:
+    """A REQUEST component whose cleanup takes a while (a connection going back to its
+    pool, its transaction rolled back)."""
+
+
+async def test_a_request_whose_answer_went_out_no_longer_counts_while_it_cleans_up(
+    server: str,
+) -> None:
+    """With ``max_concurrent_per_user=1``, a client that waits for each answer before its
+    next request is never refused: a request whose app has returned is no longer in
+    flight. Its slot was held until its cleanups ended, so a connection slow to go back
+    to its pool had the user's next request refused with 429 (half of a sequential
+    client's requests, with a cleanup of a millisecond)."""
+    registry = Registry()
+    events: dict[str, anyio.Event] = {}
+
+    def answered() -> anyio.Event:
+        # Made on the server's loop, by whichever of its requests comes first.
+        return events.setdefault("next answered", anyio.Event())
+
+    async def connection() -> AsyncIterator[Connection]:
+        yield Connection()
+        with anyio.fail_after(5):
+            await answered().wait()
+
+    registry.register(Connection, connection)
+
+    async def first(request: Request) -> Response:
+        await ambient.resolve(Connection)
+        return JSONResponse({"user": ambient.get_current_context().user_id})
+
+    async def then(request: Request) -> Response:
+        answered().set()
+        return JSONResponse({"user": ambient.get_current_context().user_id})
+
+    app = AmbientMiddleware(
+        Starlette(routes=[Route("/first", first), Route("/then", then)]),
+        registry=registry,
+        identity=trusted_header(),
+        max_concurrent_per_user=1,
+    )
+    with serve(server, app, lifespan="off") as url:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            one = await http.get("/first", headers={"x-user-id": "alice"})
+            # The first request's answer is in; its connection is still going back.
+            two = await http.get("/then", headers={"x-user-id": "alice"})
+    assert (one.status_code, two.status_code) == (200, 200), two.text
+    assert registry.stats().cleanup_failures == 0
+    assert app._active == {}
