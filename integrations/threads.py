@@ -19,8 +19,9 @@ context (``get_current_context()`` still answers, for logging) but every resolut
 :class:`~ambient.errors.ScopeClosedError`, so it can never be handed a component that has
 been cleaned up (a connection back in the pool, perhaps already lent to another user).
 Work that needs the request's components after the response takes ownership explicitly:
-:func:`hold_scope` (tasks), :meth:`ContextExecutor.submit_held` (threads) or
-``run_sync_in_thread(..., abandon_on_cancel=True)`` hold the scope open, and its cleanup
+:func:`hold_scope` (tasks), :meth:`ContextExecutor.submit_held` (threads),
+``run_sync_in_thread(..., abandon_on_cancel=True)`` or :func:`iterate_in_thread` (a sync
+generator's steps) hold the scope open, and its cleanup
 waits for them, for at most the registry's ``cleanup_timeout``; then it logs a warning and
 cleans up anyway. While a hold is active the request's ASGI call has not returned (the
 response has been sent): keep held work short, and hand long jobs to a queue with
@@ -36,7 +37,7 @@ import inspect
 import sys
 import threading
 import types
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, TypeVarTuple, cast
 
@@ -48,7 +49,7 @@ from ambient._instances import hand_over as _hand_over
 if TYPE_CHECKING:
     from ambient._scope import Scope, _Hold
 
-__all__ = ["ContextExecutor", "hold_scope", "run_sync_in_thread"]
+__all__ = ["ContextExecutor", "hold_scope", "iterate_in_thread", "run_sync_in_thread"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -255,6 +256,36 @@ async def run_sync_in_thread(
             hold.release()
         raise
     return cast("R", result)
+
+
+async def iterate_in_thread(
+    iterable: Iterable[R], *, limiter: anyio.CapacityLimiter | None = None
+) -> AsyncIterator[R]:
+    """Step a sync iterable (a sync generator streamed as a response body) in worker threads,
+    each step as :func:`run_sync_in_thread` with ``abandon_on_cancel=True`` runs it.
+
+    Each step sees the current context, scope and trace. A caller cancelled during a step
+    (a framework ending the stream of a client that hung up) goes on at once, and the
+    request's scope is held until the abandoned step returns, so the request's cleanup
+    never runs under a step that still uses its components (for at most the registry's
+    ``cleanup_timeout``, as any hold). For frameworks that would abandon such a thread
+    themselves (Quart steps a sync body in its executor): see docs/frameworks.md.
+
+    Args:
+        iterable: A sync iterable; ``iter()`` of it is taken in the caller's thread.
+        limiter: The capacity limiter (default: anyio's, 40 threads).
+    """
+    iterator = iter(iterable)
+    end = object()
+
+    def step() -> R | object:
+        return next(iterator, end)
+
+    while True:
+        item = await run_sync_in_thread(step, abandon_on_cancel=True, limiter=limiter)
+        if item is end:
+            return
+        yield cast("R", item)
 
 
 class ContextExecutor(ThreadPoolExecutor):

@@ -558,6 +558,47 @@ async def test_a_quart_sync_view_keeps_its_components_until_its_thread_is_done()
     await held.hang_up_on(app, "/report")
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # Quart runs on asyncio only
+@pytest.mark.parametrize("view", ["async", "sync"])
+async def test_a_quart_sync_stream_keeps_its_components_until_its_thread_is_done(
+    view: str,
+) -> None:
+    """Quart steps a sync generator streamed as a body in its executor, a thread per step,
+    and when the client hangs up it cancels the view's task and abandons the step's thread,
+    as it does a sync view's. With the ``response_class`` that docs/frameworks.md shows,
+    the request's cleanup waits for the step: with the ``ensure_async`` override alone, the
+    stream's connection went back to its pool while the step still used it."""
+    from quart import Quart
+
+    from tests.test_fastapi import documented_code
+
+    namespace: dict[str, Any] = {"Quart": Quart, "__name__": __name__}
+    exec(documented_code("docs/frameworks.md", "Sync views run in Quart's executor"), namespace)  # noqa: S102 - our own docs
+
+    held = _HeldView()
+    app = namespace["App"](__name__)
+
+    def rows() -> Iterator[bytes]:
+        yield b"report\n"
+        held.work()
+        yield b"done\n"
+
+    if view == "async":
+
+        @app.get("/report")
+        async def report() -> Any:
+            return rows()
+
+    else:
+
+        @app.get("/report")
+        def report() -> Any:
+            return rows()
+
+    app.asgi_app = held.watched(app.asgi_app)  # type: ignore[method-assign]
+    await held.hang_up_on(app, "/report")
+
+
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # asgiref runs on asyncio only
 async def test_a_django_sync_view_keeps_its_components_until_its_thread_is_done() -> None:
     """Django runs a sync view in asgiref's thread and, when the client hangs up, cancels

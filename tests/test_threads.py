@@ -29,7 +29,12 @@ from ambient import Lifetime, Registry, UserExecutionContext, UserRef
 from ambient.errors import NoActiveContextError, ResolutionError, ScopeClosedError
 from ambient.integrations.fastapi import install
 from ambient.integrations.logging import context_fields
-from ambient.integrations.threads import ContextExecutor, hold_scope, run_sync_in_thread
+from ambient.integrations.threads import (
+    ContextExecutor,
+    hold_scope,
+    iterate_in_thread,
+    run_sync_in_thread,
+)
 from ambient.middleware import AmbientMiddleware, trusted_header
 from tests.frameworks.common import Ledger, Memory, Probe
 from tests.servers import serve
@@ -733,6 +738,62 @@ class TestWorkThatOutlivesTheRequest:
             "scope closed, probe closed=True",
         ]
         assert_released_in_time(caplog)
+
+    async def test_an_abandoned_step_of_a_sync_iterator_holds_the_scope(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """iterate_in_thread: each step runs in a thread with the scope; a consumer cancelled
+        during a step (a stream whose client hung up) goes on at once, and the scope's
+        cleanup waits for the abandoned step instead of cleaning up under it."""
+        registry, _ = make_registry(cleanup_timeout=2.0)
+        started = anyio.Event()
+        body_ended = anyio.Event()
+        go = threading.Event()
+        events: list[str] = []
+
+        def rows() -> Iterator[str]:
+            user, probe = look()
+            yield f"first row of {user}"
+            anyio.from_thread.run_sync(started.set)
+            go.wait(10)
+            events.append(f"step used probe of {user} closed={probe.closed}")
+            yield "second row"
+
+        async def let_go() -> None:
+            await body_ended.wait()
+            go.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(let_go)
+            async with registry.open_scope(UserExecutionContext.create("alice")):
+                probe = await ambient.resolve(Probe)
+                with anyio.CancelScope() as cancel:
+                    async with anyio.create_task_group() as inner:
+
+                        async def cancel_when_started() -> None:
+                            await started.wait()
+                            cancel.cancel()
+
+                        inner.start_soon(cancel_when_started)
+                        async for row in iterate_in_thread(rows()):
+                            events.append(row)  # noqa: PERF401 - as it comes, before the cancel
+                assert cancel.cancelled_caught
+                body_ended.set()
+            events.append(f"scope closed, probe closed={probe.closed}")
+        assert events == [
+            "first row of alice",
+            "step used probe of alice closed=False",
+            "scope closed, probe closed=True",
+        ]
+        assert_released_in_time(caplog)
+
+    async def test_iterate_in_thread_steps_to_the_end_in_the_callers_scope(self) -> None:
+        registry, _ = make_registry()
+        async with registry.open_scope(UserExecutionContext.create("bob")):
+            probe = await ambient.resolve(Probe)
+            seen = [row async for row in iterate_in_thread(look() for _ in range(3))]
+        assert seen == [("bob", probe)] * 3
+        assert [row async for row in iterate_in_thread([])] == []
 
     async def test_a_thread_cancelled_before_it_started_releases_the_scope(
         self, caplog: pytest.LogCaptureFixture
