@@ -125,12 +125,13 @@ class _AsyncFunction(Generic[P, R]):
     """The function :func:`hold_scope` returns: it makes a :class:`_HeldCoroutine`, and is
     an async function to whoever asks.
 
-    ``inspect.iscoroutinefunction`` (which Litestar asks of a background task, and Starlette
-    from Python 3.13 on) takes a function for async by the flags of its code, and on Python
-    3.11 knows no other mark. A plain function making the coroutine passes for sync there:
-    such a framework runs it in a worker thread, which makes the coroutine and drops it
-    unawaited, and the request's cleanup waits out its timeout for the hold. So this is a
-    function-like object (as a compiled function is), with the code of an async function.
+    ``inspect.iscoroutinefunction`` (which Litestar asks of a background task) takes a
+    function for async by the flags of its code, and on Python 3.11 knows no other mark. A
+    plain function making the coroutine passes for sync there: such a framework runs it in
+    a worker thread, which makes the coroutine and drops it unawaited, and the request's
+    cleanup waits out its timeout for the hold. So this is a function-like object (as a
+    compiled function is), with the code of an async function; ``functools.update_wrapper``
+    gives it the held function's name (a ``functools.partial`` has none: it keeps its own).
     """
 
     __defaults__ = None
@@ -139,6 +140,7 @@ class _AsyncFunction(Generic[P, R]):
     def __init__(self, make: Callable[P, Coroutine[Any, Any, R]], code: types.CodeType) -> None:
         self._make = make
         self.__code__ = code
+        self.__name__ = self.__qualname__ = "hold_scope_call"
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
         return self._make(*args, **kwargs)

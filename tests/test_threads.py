@@ -466,6 +466,25 @@ class TestWorkThatOutlivesTheRequest:
 
         anyio.run(check)
 
+    def test_a_held_partial_is_an_async_function_to_inspect(self) -> None:
+        """What Litestar asks of a background task (``inspect.iscoroutinefunction``) holds for
+        a held ``functools.partial`` of an async function too, which has no name of its own."""
+        import functools
+        import inspect
+
+        registry, _ = make_registry()
+
+        async def job(order: str) -> str:
+            return order
+
+        async def check() -> None:
+            async with registry.open_scope(UserExecutionContext.create("alice")):
+                held = hold_scope(functools.partial(job, "order-1"))
+                assert inspect.iscoroutinefunction(held)
+                assert await held() == "order-1"
+
+        anyio.run(check)
+
     @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # Litestar, as tests/test_frameworks.py
     async def test_a_held_function_runs_as_a_litestar_background_task(
         self, caplog: pytest.LogCaptureFixture
