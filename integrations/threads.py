@@ -297,7 +297,9 @@ class ContextExecutor(ThreadPoolExecutor):
     Each submitted call runs in a copy of the contextvars taken at :meth:`submit`, so
     ``loop.run_in_executor(executor, fn)`` and ``executor.map`` carry them too. Outside any
     context it behaves as a plain ``ThreadPoolExecutor``. Work that may still run after
-    the request ended should use :meth:`submit_held`.
+    the request ended should use :meth:`submit_held`: a cancelled ``await
+    loop.run_in_executor(...)`` (a client that hung up) does not stop its thread, which
+    could go on using a component the request's cleanup has closed.
 
     Example::
 
