@@ -24,7 +24,9 @@ was current when it opened, if the scope's context is still the current one, ins
 therefore never logs "Failed to detach context"; the task that abandoned the generator keeps
 the ended scope span as its current span until its own enclosing span ends. When the context
 current at the opening was another request's (a server that starts a pipelined request
-inside the previous one's), closing restores what the scope span started from instead.
+inside the previous one's), neither the scope span nor the scope's context (its baggage and
+trace parent, with or without tracing) starts from it, and closing restores what they
+started from instead.
 
 The per-scope state refers to the context it made current only weakly, so a closed scope's
 span, events and context are freed by reference counting, not left to the cycle collector.
@@ -822,17 +824,19 @@ class Telemetry(Observer):
                 self._failed("scope_opened (metrics)")
         try:
             previous = otel_context.get_current()
+            # Without a span too: the trace parent and baggage that the scope's calls
+            # propagate must not be another request's (a pipelined request's) either.
+            parent = _parent_context(previous, scope, record)
             tracer = self._tracer
             if tracer is None:
                 if self.baggage_fields:
-                    current = self._with_baggage(previous, scope.context)
-                elif _BAGGAGE_KEY is None or _BAGGAGE_KEY in previous:
+                    current = self._with_baggage(parent, scope.context)
+                elif _BAGGAGE_KEY is None or _BAGGAGE_KEY in parent:
                     # Metrics only: still no forged `ambient.*` baggage past this scope.
-                    current = _strip_ambient_baggage(previous)
+                    current = _strip_ambient_baggage(parent)
                 else:
-                    current = previous
+                    current = parent
             else:
-                parent = _parent_context(previous, scope, record)
                 # The scope's spans start from the cleaned baggage too, not only the code in
                 # the scope: a span processor copying baggage onto spans (as
                 # opentelemetry-processor-baggage does) would otherwise label them with a

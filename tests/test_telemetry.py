@@ -2196,6 +2196,50 @@ class TestPipelining:
         assert [s.parent for s in scopes] == [None, None]
         assert len({s.context.trace_id for s in scopes}) == 2
 
+    async def test_pipelined_requests_under_baggage_alone_carry_nothing_of_the_previous_one(
+        self,
+    ) -> None:
+        """A telemetry that puts baggage and records no spans (no SDK) makes the scope's
+        baggage current too: uvicorn starts the next pipelined request inside the previous
+        one's context, here while that request still has a trace parent and baggage of its
+        own current for its calls. The next user's outgoing calls carry only their own
+        thread id: they carried the previous user's trace parent and baggage as well."""
+        telemetry = Telemetry(tracer_provider=trace.NoOpTracerProvider(), baggage=("thread_id",))
+        assert telemetry.active
+        parent = trace.NonRecordingSpan(
+            trace.SpanContext(0xA11CE, 0xA11CE, is_remote=True, trace_flags=trace.TraceFlags(1))
+        )
+
+        async def handler(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            ctx = ambient.get_current_context()
+            own = None
+            if ctx.user_id == "u0":
+                mine = trace.set_span_in_context(parent, baggage.set_baggage("order", "u0-order"))
+                own = otel_context.attach(mine)
+            try:
+                outgoing: dict[str, str] = {}
+                propagate.inject(outgoing)
+                body = json.dumps(
+                    {"user": ctx.user_id, "thread": ctx.thread_id, "outgoing": outgoing}
+                ).encode()
+                headers = [(b"content-length", str(len(body)).encode())]
+                await send({"type": "http.response.start", "status": 200, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+            finally:
+                if own is not None:
+                    otel_context.detach(own)
+
+        app = make_app(server_registry(), telemetry, handler)
+        with serve("uvicorn", app, lifespan="off", http="h11", loop="asyncio") as url:
+            bodies = await anyio.to_thread.run_sync(pipelined, url, ["u0", "u1", "u2"])
+        answers = [json.loads(body) for body in bodies]
+        assert [answer["user"] for answer in answers] == ["u0", "u1", "u2"]
+        assert answers[0]["outgoing"]["baggage"] == (
+            f"ambient.thread_id={answers[0]['thread']},order=u0-order"
+        )
+        for answer in answers[1:]:
+            assert answer["outgoing"] == {"baggage": f"ambient.thread_id={answer['thread']}"}
+
     async def test_a_log_line_after_the_scope_is_not_in_the_previous_users_trace(
         self, otel: Otel
     ) -> None:
