@@ -7,24 +7,28 @@ is the server's (503 with Retry-After), and never tells a client its good token 
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import socket
 import struct
 import threading
+import tomllib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
 import jwt
 import pytest
+from packaging.requirements import Requirement
 
 from ambient import Registry
 from ambient.middleware import AmbientMiddleware
 from ambient.middleware.identity import jwt_bearer
 from tests.servers import serve
-from tests.test_identity import AUDIENCE, ISSUER, PRIVATE_KEY, _echo_app, token
+from tests.test_identity import AUDIENCE, ISSUER, PRIVATE_KEY, SECRET, _echo_app, token
 from tests.test_middleware import drive, ws_scope
 from tests.test_psycopg import _eventually
 
@@ -438,3 +442,76 @@ def test_hmac_algorithms_are_refused_with_a_key_set_fetched_from_a_url() -> None
         with pytest.raises(ValueError, match="PyJWKClient"):
             jwt_bearer(client, algorithms=algorithms, audience=AUDIENCE, issuer=ISSUER)
     assert jwt_bearer(client, algorithms=["RS256"], audience=AUDIENCE, issuer=ISSUER)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def nested(where: str, alg: str = "RS256") -> str:
+    """A token whose header or payload is JSON nested past the parser's recursion limit
+    (under 3 KB: a header any server takes), signed with nothing."""
+    deep = b"[" * 1000 + b"]" * 1000
+    header = json.dumps({"alg": alg, "kid": "k1"}).encode()
+    payload = json.dumps({"sub": "mallory"}).encode()
+    if where == "header":
+        header = header[:-1] + b', "x": ' + deep + b"}"
+    else:
+        payload = payload[:-1] + b', "x": ' + deep + b"}"
+    return f"{_b64(header)}.{_b64(payload)}.{_b64(b'x' * 256)}"
+
+
+async def test_tokens_naming_unknown_keys_do_not_fetch_the_key_set_each_time(
+    provider: tuple[KeySetServer, str],
+) -> None:
+    """Thirty requests whose tokens name keys the key set does not have, each a new one:
+    each is 401, and the identity provider is not asked again for each (PyJWT before 2.14
+    fetched the key set for every one, so a client could keep the provider busy and the
+    requests with good tokens queued behind those fetches)."""
+    server, url = provider
+    app = protected(url)
+    assert (await ask(app, "warm-up")).status_code == 200
+    for n in range(30):
+        response = await ask(app, kid=f"unknown-{n}")
+        assert response.status_code == 401, response.text
+    assert server.fetches == 1
+    assert (await ask(app, "after")).status_code == 200
+
+
+@pytest.mark.parametrize("where", ["header", "payload"])
+async def test_a_token_nested_past_the_parsers_limit_is_malformed_not_an_outage(
+    provider: tuple[KeySetServer, str], where: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A token whose header or payload nests JSON past the parser's limit is 401 (with a
+    key set, and with a secret). PyJWT 2.13 let the parser's RecursionError through, and
+    PyJWT 2.14 still did for a key set's look at the payload: with a secret that was a 500,
+    with a key set a 503 that also made every token whose key was not fetched yet a 503
+    for the next 5 seconds, whoever sent it."""
+    server, url = provider
+    app = protected(url)
+    hmac_app = AmbientMiddleware(
+        _echo_app,
+        registry=Registry(),
+        identity=jwt_bearer(SECRET, algorithms=["HS256"], audience=AUDIENCE, issuer=ISSUER),
+    )
+    with caplog.at_level(logging.WARNING, logger="ambient.middleware"):
+        for target, alg in ((app, "RS256"), (hmac_app, "HS256")):
+            transport = httpx.ASGITransport(app=target)
+            async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+                bearer = nested(where, alg)
+                response = await client.get("/", headers={"authorization": f"Bearer {bearer}"})
+            assert response.status_code == 401, response.text
+            assert response.json()["type"] == "urn:ambient:problem:identity"
+        assert (await ask(app, "after")).status_code == 200
+    assert not [r for r in caplog.records if "jwt_bearer()" in r.getMessage()]
+    assert server.fetches == 1
+
+
+def test_the_jwt_extra_leaves_out_pyjwt_releases_that_hostile_tokens_get_past() -> None:
+    """The two tests above fail with PyJWT 2.13, the second one with PyJWT 2.14 too: the
+    jwt extra allowed both."""
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    wanted = [Requirement(r) for r in pyproject["project"]["optional-dependencies"]["jwt"]]
+    [pyjwt] = [r for r in wanted if r.name.lower() == "pyjwt"]
+    assert not any(pyjwt.specifier.contains(old) for old in ("2.13.0", "2.14.0"))
+    assert pyjwt.specifier.contains(jwt.__version__)
