@@ -279,6 +279,19 @@ def _parent_context(previous: Context, scope: Scope, record: _ScopeRecord) -> Co
     return parent
 
 
+def _leave_scopes_context() -> None:
+    """Make an empty OpenTelemetry context current when the current one is a scope's (or was
+    made from one's).
+
+    For a request that the server started inside another request's context (see
+    :func:`_unrelated_scopes_removed`), before its own scope opens: its identity resolver,
+    or the refusal of its request, must not call out or log in that request's trace, with
+    that request's baggage (its user's ids among it). Telemetry that never made a scope's
+    context current costs nothing here."""
+    if type(otel_context.get_current().get(_SCOPE_KEY)) is _ScopeRecord:
+        otel_context.attach(Context())
+
+
 def _cancellation(error: BaseException) -> bool:
     """Whether ``error`` is a cancellation (asyncio's, trio's, a closed generator's, a
     response cut short because the framework cancelled the work of a client gone): work cut

@@ -59,7 +59,7 @@ from ambient.middleware.identity import (
     _validation_clock,
     checked_identity,
 )
-from ambient.telemetry import Telemetry
+from ambient.telemetry import Telemetry, _leave_scopes_context
 
 __all__ = ["AmbientMiddleware", "answer_error", "note_failure"]
 
@@ -329,6 +329,9 @@ class AmbientMiddleware:
                 # own, and name a cycle where it must wait for it. (A caller's own, making
                 # a request in its task, stay: waiting for itself would hang.)
                 making = (_resolving.set(()), _handed_over.set(()))
+                # Nor its scope's trace and baggage, in which this request's identity would
+                # be resolved (or refused) before its own scope opens.
+                _leave_scopes_context()
             leftover = _current.set(None)
         user: UserRef | None = None
         counted = False

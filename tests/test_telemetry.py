@@ -67,7 +67,7 @@ from ambient import (
 from ambient.integrations.logging import ContextFilter
 from ambient.integrations.websockets import message_scope
 from ambient.middleware import AmbientMiddleware
-from ambient.middleware.identity import trusted_header
+from ambient.middleware.identity import Identity, trusted_header
 from ambient.telemetry import Telemetry, hash_id
 from tests.servers import serve
 from tests.test_middleware import drive, ws_scope
@@ -2239,6 +2239,52 @@ class TestPipelining:
         )
         for answer in answers[1:]:
             assert answer["outgoing"] == {"baggage": f"ambient.thread_id={answer['thread']}"}
+
+    async def test_a_pipelined_requests_identity_is_resolved_outside_the_previous_ones_trace(
+        self, otel: Otel
+    ) -> None:
+        """uvicorn starts the next pipelined request inside the previous one's context, the
+        previous scope's trace and baggage current in it. The next request's identity
+        resolver (here one that calls another service, as a token introspection does, and
+        logs) runs before that request's scope opens: its call carries no trace or baggage
+        of the previous user's, its log line no trace id of theirs. Its call carried the
+        previous user's trace parent and baggage (their user id among it)."""
+        telemetry = otel.telemetry(user_id="raw", baggage=("user_id", "thread_id"))
+        header = trusted_header()
+        resolved: dict[str, dict[str, str]] = {}
+        records: list[logging.LogRecord] = []
+
+        class Keep(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                records.append(record)
+
+        async def introspecting(scope: Any) -> Identity | None:
+            identity = header(scope)
+            assert isinstance(identity, Identity)
+            outgoing: dict[str, str] = {}
+            propagate.inject(outgoing)
+            resolved[identity.user_id] = outgoing
+            log.info("resolved %s", identity.user_id)
+            return identity
+
+        keep = Keep()
+        keep.addFilter(ContextFilter(user_id="raw"))
+        log = logging.getLogger("tests.introspection")
+        log.addHandler(keep)
+        log.setLevel(logging.INFO)
+        app = AmbientMiddleware(
+            who, registry=server_registry(), identity=introspecting, telemetry=telemetry
+        )
+        try:
+            with serve("uvicorn", app, lifespan="off", http="h11", loop="asyncio") as url:
+                bodies = await anyio.to_thread.run_sync(pipelined, url, ["u0", "u1", "u2"])
+        finally:
+            log.removeHandler(keep)
+        assert [json.loads(b)["user"] for b in bodies] == ["u0", "u1", "u2"]
+        assert resolved == {"u0": {}, "u1": {}, "u2": {}}
+        assert [(r.getMessage(), r.trace_id) for r in records] == [  # type: ignore[attr-defined]
+            (f"resolved u{n}", "") for n in range(3)
+        ]
 
     async def test_a_log_line_after_the_scope_is_not_in_the_previous_users_trace(
         self, otel: Otel
