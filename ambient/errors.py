@@ -237,11 +237,25 @@ class IncompleteResponseError(AmbientError):
 
     Attributes:
         started: Whether the response had started (its status and headers were sent).
+        client_gone: Whether the client was gone before the response ended (the app's
+            ``receive`` said it disconnected, or its identity expired): work cut short,
+            which telemetry records as a cancellation. ``False``: the app returned without
+            finishing its answer while the client waited, which the server answers with a
+            500 or by dropping the connection: an error.
     """
 
-    def __init__(self, *, started: bool) -> None:
+    def __init__(self, *, started: bool, client_gone: bool = True) -> None:
         self.started = started
-        if started:
+        self.client_gone = client_gone
+        if not client_gone:
+            detail = (
+                "the response was cut short: the app returned before its end, with the "
+                "client still there"
+                if started
+                else "the request got no response: the app returned without answering, with "
+                "the client still there"
+            )
+        elif started:
             detail = (
                 "the response was cut short: its body never reached its end (the client "
                 "disconnected before it, and the framework cancelled the stream, or the app "
@@ -255,11 +269,11 @@ class IncompleteResponseError(AmbientError):
         super().__init__(detail)
 
     def __reduce__(self) -> tuple[object, ...]:
-        return _rebuild_incomplete, (self.started,)
+        return _rebuild_incomplete, (self.started, self.client_gone)
 
 
-def _rebuild_incomplete(started: bool) -> IncompleteResponseError:
-    return IncompleteResponseError(started=started)
+def _rebuild_incomplete(started: bool, client_gone: bool = True) -> IncompleteResponseError:
+    return IncompleteResponseError(started=started, client_gone=client_gone)
 
 
 class ServerErrorResponseError(AmbientError):

@@ -299,8 +299,12 @@ def _cancellation(error: BaseException) -> bool:
     nursery raises when it is cancelled from outside while its tasks run."""
     if isinstance(error, BaseExceptionGroup):
         return all(_cancellation(member) for member in error.exceptions)
+    if isinstance(error, IncompleteResponseError):
+        # Not when the app returned without finishing its answer to a client still there:
+        # the server answers that with a 500, or drops the connection.
+        return getattr(error, "client_gone", True) is not False
     trio = sys.modules.get("trio")
-    return isinstance(error, (asyncio.CancelledError, GeneratorExit, IncompleteResponseError)) or (
+    return isinstance(error, (asyncio.CancelledError, GeneratorExit)) or (
         trio is not None and isinstance(error, trio.Cancelled)
     )
 

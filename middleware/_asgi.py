@@ -972,7 +972,7 @@ class _Response:
     def failure(self) -> AmbientError | None:
         """Why an HTTP request whose app returned failed all the same, if it did."""
         if not self.ended:
-            return IncompleteResponseError(started=self.started)
+            return IncompleteResponseError(started=self.started, client_gone=self.gone)
         if self.status >= _SERVER_ERROR:
             return ServerErrorResponseError(self.status)
         return None
@@ -1273,6 +1273,9 @@ class _Stream(_Response):
     def failure(self) -> AmbientError | None:
         if self.cut:
             return _CutOffAtExpiryError(http=True)
+        if self.told and not self.ended:
+            # Its receive said the client is gone (at the expiry) before the app returned.
+            return IncompleteResponseError(started=self.started)
         return super().failure()
 
 

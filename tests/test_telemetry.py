@@ -295,14 +295,17 @@ class TestScopeSpan:
 
     async def test_a_request_cut_short_is_cancelled_and_a_5xx_an_error(self, otel: Otel) -> None:
         """The middleware closes a request whose app returned with its response unfinished
-        (a framework cancelled the work of a client gone) as cancelled, as a cancellation
-        that reaches it is; one its app answered with a 5xx as an error."""
+        once it heard that the client is gone (a framework cancelled the work of a client
+        gone) as cancelled, as a cancellation that reaches it is; one its app answered with
+        a 5xx as an error."""
         registry = Registry(telemetry=otel.telemetry())
 
         async def app(scope: Any, receive: Any, send: Any) -> None:
             if scope["path"] == "/gone":
                 await send({"type": "http.response.start", "status": 200, "headers": []})
                 await send({"type": "http.response.body", "body": b"a", "more_body": True})
+                while (await receive())["type"] != "http.disconnect":
+                    pass
                 return
             await send({"type": "http.response.start", "status": 502, "headers": []})
             await send({"type": "http.response.body", "body": b"upstream failed"})
@@ -310,7 +313,7 @@ class TestScopeSpan:
         middleware = AmbientMiddleware(app, registry=registry, identity=trusted_header())
 
         async def receive() -> dict[str, Any]:
-            return {"type": "http.request", "body": b""}
+            return {"type": "http.disconnect"}
 
         async def send(message: Any) -> None:
             pass
@@ -330,6 +333,40 @@ class TestScopeSpan:
         assert (gone.attributes or {})["ambient.cancelled"] is True
         assert failed.status.status_code is StatusCode.ERROR
         assert failed.status.description == "ServerErrorResponseError"
+
+    @pytest.mark.parametrize("server", ["uvicorn", "hypercorn"])
+    async def test_an_app_that_returns_without_answering_a_client_still_there_is_an_error(
+        self, otel: Otel, server: str
+    ) -> None:
+        """An app that returns without answering, or without ending the answer it began,
+        while its client waits: the server answers a 500 or drops the connection, and logs
+        the app's failure. Its scope span is an error, not a request cut short by a client
+        gone: it was marked cancelled, status unset, as if the client had left."""
+        registry = Registry(telemetry=otel.telemetry())
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            if scope["path"] == "/unfinished":
+                await send({"type": "http.response.start", "status": 200, "headers": []})
+                await send({"type": "http.response.body", "body": b"a", "more_body": True})
+
+        middleware = AmbientMiddleware(app, registry=registry, identity=trusted_header())
+        with serve(server, middleware, lifespan="off") as url:
+            async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+                unanswered = await client.get("/unanswered", headers={"x-user-id": "ann"})
+                with pytest.raises(httpx.RemoteProtocolError):
+                    await client.get("/unfinished", headers={"x-user-id": "bob"})
+            await anyio.to_thread.run_sync(
+                lambda: otel.spans.wait_for(lambda spans: len(spans) == 2)
+            )
+        assert unanswered.status_code == 500
+        for span in otel.spans.named("ambient.scope"):
+            assert span.status.status_code is StatusCode.ERROR
+            assert span.status.description == "IncompleteResponseError"
+            assert "ambient.cancelled" not in (span.attributes or {})
+            [event] = span.events
+            assert "with the client still there" in str(
+                (event.attributes or {})["exception.message"]
+            )
 
     async def test_a_failing_or_cancelled_body_marks_the_scope_span(self, otel: Otel) -> None:
         registry = Registry(telemetry=otel.telemetry())
