@@ -148,7 +148,8 @@ class AmbientMiddleware:
     Cleanups see the exception that ended the request, also when the app returned without
     raising yet the request failed: its response never finished (the framework cancelled
     the work of a client that disconnected, or the client disconnected before the end of
-    the body; :class:`~ambient.errors.IncompleteResponseError`),
+    the body, or the app returned without finishing its answer, a websocket's handshake
+    included; :class:`~ambient.errors.IncompleteResponseError`),
     it was a 5xx (:class:`~ambient.errors.ServerErrorResponseError`; for a websocket, a
     close with 1011 or 4000 plus a 5xx, as Litestar closes a failed handler's socket, or a
     5xx denial of its handshake), or an ambient error
@@ -500,7 +501,7 @@ class AmbientMiddleware:
             elif ended_by is None and (expired or response.cut):
                 ended_by = _CutOffAtExpiryError(http=response.cut)
             elif ended_by is None and websocket:
-                ended_by = response.socket_failure()
+                ended_by = response.socket_failure(handshake is None or handshake.disconnected)
             # The response has gone out: a failed cleanup is logged, counted and traced by
             # the scope's observers, never raised to the server.
             done = component_scope._close_now(ended_by)
@@ -977,10 +978,14 @@ class _Response:
             return ServerErrorResponseError(self.status)
         return None
 
-    def socket_failure(self) -> AmbientError | None:
+    def socket_failure(self, client_gone: bool) -> AmbientError | None:
         """Why a websocket whose app returned failed all the same, if it did: the app
         closed it with a server error (1011, or 4000 plus a 5xx status, as Litestar closes
-        the socket of a handler that raised), or denied its handshake with a 5xx."""
+        the socket of a handler that raised), or denied its handshake with a 5xx, or never
+        answered its handshake while the client waited (unless ``client_gone``: the app
+        heard that it left), which the server refuses with a 500."""
+        if not self.started and not client_gone:
+            return IncompleteResponseError(started=False, client_gone=False)
         code = self.close_code
         if code == _CLOSE_INTERNAL_ERROR:
             return ServerErrorResponseError(_SERVER_ERROR)

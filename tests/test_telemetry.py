@@ -52,6 +52,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp as StarletteApp
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect as ws_connect
 
 import ambient
 import ambient.telemetry
@@ -367,6 +369,35 @@ class TestScopeSpan:
             assert "with the client still there" in str(
                 (event.attributes or {})["exception.message"]
             )
+
+    @pytest.mark.parametrize("server", ["uvicorn", "hypercorn"])
+    async def test_a_websocket_app_that_returns_without_answering_its_handshake_is_an_error(
+        self, otel: Otel, server: str
+    ) -> None:
+        """A websocket app that returns without accepting or refusing the handshake while
+        its client waits: the server refuses it with a 500. Its scope span is an error (and
+        its cleanups see it): it was a success."""
+        registry = Registry(telemetry=otel.telemetry())
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await receive()  # websocket.connect
+
+        def knock(url: str) -> int:
+            try:
+                with ws_connect(url, additional_headers={"x-user-id": "ann"}, open_timeout=10):
+                    pass
+            except InvalidStatus as refused:
+                return refused.response.status_code
+            return 101
+
+        middleware = AmbientMiddleware(app, registry=registry, identity=trusted_header())
+        with serve(server, middleware, lifespan="off") as url:
+            status = await anyio.to_thread.run_sync(knock, url.replace("http", "ws", 1))
+            await anyio.to_thread.run_sync(lambda: otel.spans.wait_for(lambda spans: spans))
+        assert status == 500
+        span = one(otel.spans.named("ambient.scope"))
+        assert span.status.status_code is StatusCode.ERROR
+        assert span.status.description == "IncompleteResponseError"
 
     async def test_a_failing_or_cancelled_body_marks_the_scope_span(self, otel: Otel) -> None:
         registry = Registry(telemetry=otel.telemetry())
