@@ -2712,13 +2712,9 @@ async def test_a_block_that_cannot_commit_says_so_instead_of_losing_its_writes(
     assert bodies == [("kept",)]
 
 
-@pytest.mark.parametrize("strategy", ["shared", "per_user"])
-async def test_a_pipeline_left_open_is_not_a_silent_commit(db: Database, strategy: str) -> None:
-    """A handler enters ``conn.pipeline()`` and never leaves it (its results synced, so no
-    query runs): the checkout's end would be queued, not run. SharedPool's COMMIT and reset
-    failed unseen and its block ended as if committed; PerUserPools committed and handed
-    the connection back still in pipeline mode. The block raises now, nothing of it is
-    committed, and the next checkout gets a connection out of pipeline mode."""
+def _one_connection_pool(db: Database, strategy: str) -> tuple[SharedPool | PerUserPools, Registry]:
+    """A pool of the given strategy holding at most one connection, installed in a new
+    registry."""
     pool: SharedPool | PerUserPools = (
         SharedPool(db.app_url, min_size=1, max_size=1, rls_check="raise", kwargs=db.kwargs())
         if strategy == "shared"
@@ -2726,6 +2722,17 @@ async def test_a_pipeline_left_open_is_not_a_silent_commit(db: Database, strateg
     )
     registry = Registry()
     pool.install(registry)
+    return pool, registry
+
+
+@pytest.mark.parametrize("strategy", ["shared", "per_user"])
+async def test_a_pipeline_left_open_is_not_a_silent_commit(db: Database, strategy: str) -> None:
+    """A handler enters ``conn.pipeline()`` and never leaves it (its results synced, so no
+    query runs): the checkout's end would be queued, not run. SharedPool's COMMIT and reset
+    failed unseen and its block ended as if committed; PerUserPools committed and handed
+    the connection back still in pipeline mode. The block raises now, nothing of it is
+    committed, and the next checkout gets a connection out of pipeline mode."""
+    pool, registry = _one_connection_pool(db, strategy)
     insert = db.sql("INSERT INTO {notes} (owner, body) VALUES ('alice', 'piped')")
     try:
         async with registry.open_scope(_ctx("alice")):
@@ -2751,13 +2758,7 @@ async def test_a_copy_left_open_is_not_a_silent_commit(db: Database, strategy: s
     the COPY still open (entered by hand, never left): the connection is still busy, so
     the block raises, nothing of it is committed, and the next checkout gets a connection
     that is not in COPY mode."""
-    pool: SharedPool | PerUserPools = (
-        SharedPool(db.app_url, min_size=1, max_size=1, rls_check="raise", kwargs=db.kwargs())
-        if strategy == "shared"
-        else PerUserPools(db.app_url, max_size=1, rls_check="raise", kwargs=db.kwargs())
-    )
-    registry = Registry()
-    pool.install(registry)
+    pool, registry = _one_connection_pool(db, strategy)
     insert = db.sql("INSERT INTO {notes} (owner, body) VALUES ('alice', 'copied')")
     try:
         async with registry.open_scope(_ctx("alice")):
