@@ -270,8 +270,11 @@ async def iterate_in_thread(
     (a framework ending the stream of a client that hung up) goes on at once, and the
     request's scope is held until the abandoned step returns, so the request's cleanup
     never runs under a step that still uses its components (for at most the registry's
-    ``cleanup_timeout``, as any hold). For frameworks that would abandon such a thread
-    themselves (Quart steps a sync body in its executor): see docs/frameworks.md.
+    ``cleanup_timeout``, as any hold). An iterator left before its end (this generator
+    closed, or its caller cancelled) is closed as a step is, its ``finally`` blocks
+    included: in a worker thread, or by the abandoned step's thread once that step returns.
+    For frameworks that would abandon such a thread themselves (Quart steps a sync body in
+    its executor): see docs/frameworks.md.
 
     Args:
         iterable: A sync iterable; ``iter()`` of it is taken in the caller's thread.
@@ -279,15 +282,48 @@ async def iterate_in_thread(
     """
     iterator = iter(iterable)
     end = object()
+    close = getattr(iterator, "close", None)  # a generator's: its finally blocks run
+    lock = threading.Lock()
+    # "idle" between steps, "running" a step, "closing" once left during a step (whose
+    # thread then closes the iterator, as the step ends), "done" once finished or closed.
+    state = "idle"
 
     def step() -> R | object:
-        return next(iterator, end)
+        nonlocal state
+        with lock:
+            if state != "idle":
+                return end  # left before this step's thread started, and closed
+            state = "running"
+        try:
+            item = next(iterator, end)
+        except BaseException:
+            with lock:
+                state = "done"
+            raise
+        with lock:
+            left = state == "closing"
+            state = "done" if left or item is end else "idle"
+        if left and close is not None:
+            close()
+            return end
+        return item
 
-    while True:
-        item = await run_sync_in_thread(step, abandon_on_cancel=True, limiter=limiter)
-        if item is end:
-            return
-        yield cast("R", item)
+    try:
+        while True:
+            item = await run_sync_in_thread(step, abandon_on_cancel=True, limiter=limiter)
+            if item is end:
+                return
+            yield cast("R", item)
+    finally:
+        # Left before its end (closed, cancelled): an iterator not closed here would run its
+        # finally blocks whenever it is collected, in any thread, with no scope and perhaps
+        # after the request's cleanup; its steps' thread and hold are for them too.
+        with lock:
+            between_steps = state == "idle"
+            state = "closing" if state == "running" else "done"
+        if between_steps and close is not None:
+            with anyio.CancelScope(shield=True):
+                await run_sync_in_thread(close, abandon_on_cancel=True, limiter=limiter)
 
 
 class ContextExecutor(ThreadPoolExecutor):

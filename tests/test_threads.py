@@ -806,6 +806,89 @@ class TestWorkThatOutlivesTheRequest:
         ]
         assert_released_in_time(caplog)
 
+    async def test_iterate_in_thread_closes_a_body_left_early_in_a_thread_with_the_scope(
+        self,
+    ) -> None:
+        """A sync generator whose stream is closed early (a framework closing the body of a
+        client that hung up) is closed as that happens: its ``finally`` runs in a worker
+        thread, with the scope, before the scope's cleanup."""
+        registry, _ = make_registry()
+        loop_thread = threading.get_ident()
+        events: list[str] = []
+
+        def rows() -> Iterator[str]:
+            try:
+                yield "first row"
+                yield "second row"
+            finally:
+                user, probe = look()
+                in_thread = threading.get_ident() != loop_thread
+                events.append(f"closed for {user} in a thread={in_thread} closed={probe.closed}")
+
+        async with registry.open_scope(UserExecutionContext.create("alice")):
+            probe = await ambient.resolve(Probe)
+            body = iterate_in_thread(rows())
+            events.append(await body.__anext__())
+            await body.aclose()
+            events.append("body closed")
+        events.append(f"scope closed, probe closed={probe.closed}")
+        assert events == [
+            "first row",
+            "closed for alice in a thread=True closed=False",
+            "body closed",
+            "scope closed, probe closed=True",
+        ]
+
+    async def test_iterate_in_thread_closes_a_body_after_its_abandoned_step(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A sync generator whose consumer was cancelled during a step is closed by the
+        abandoned step's thread once the step returns, still holding the scope: its
+        ``finally`` runs before the scope's cleanup."""
+        registry, _ = make_registry(cleanup_timeout=2.0)
+        started = anyio.Event()
+        body_ended = anyio.Event()
+        go = threading.Event()
+        events: list[str] = []
+
+        def rows() -> Iterator[str]:
+            try:
+                yield "first row"
+                anyio.from_thread.run_sync(started.set)
+                go.wait(10)
+                yield "second row"
+            finally:
+                user, probe = look()
+                events.append(f"closed for {user}, probe closed={probe.closed}")
+
+        async def let_go() -> None:
+            await body_ended.wait()
+            go.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(let_go)
+            async with registry.open_scope(UserExecutionContext.create("alice")):
+                probe = await ambient.resolve(Probe)
+                with anyio.CancelScope() as cancel:
+                    async with anyio.create_task_group() as inner:
+
+                        async def cancel_when_started() -> None:
+                            await started.wait()
+                            cancel.cancel()
+
+                        inner.start_soon(cancel_when_started)
+                        async for row in iterate_in_thread(rows()):
+                            events.append(row)  # noqa: PERF401 - as it comes, before the cancel
+                assert cancel.cancelled_caught
+                body_ended.set()
+            events.append(f"scope closed, probe closed={probe.closed}")
+        assert events == [
+            "first row",
+            "closed for alice, probe closed=False",
+            "scope closed, probe closed=True",
+        ]
+        assert_released_in_time(caplog)
+
     async def test_iterate_in_thread_steps_to_the_end_in_the_callers_scope(self) -> None:
         registry, _ = make_registry()
         async with registry.open_scope(UserExecutionContext.create("bob")):
