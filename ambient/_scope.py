@@ -16,7 +16,6 @@ from ambient import _binding, _observe
 from ambient._binding import _Binding, _SharedBinding, _shown, bind, unbind
 from ambient._context import ANONYMOUS, UserExecutionContext
 from ambient._instances import (
-    Created,
     Instances,
     _Deadline,
     _Later,
@@ -361,9 +360,7 @@ class Scope:
             created = own.close() if own is not None else []
             with _FIRST_USE:  # against a worker thread taking the entry back (see there)
                 entry, self._user_entry = self._user_entry, None
-            if entry is None and len(created) == 1 and needs_await(created):
-                failures = await self._clean_one(created, exc)
-            elif entry is not None or (created and needs_await(created)):
+            if entry is not None or (len(created) > 1 and needs_await(created)):
                 with anyio.CancelScope(shield=True):
                     try:
                         failures = await finalize(
@@ -374,10 +371,24 @@ class Scope:
                             registry.release_user(entry)
                     await registry.expire_idle()
             else:
-                if created:
+                if created and needs_await(created):
+                    # One component whose cleanup is async (a connection per request, most
+                    # often): its bounding scope is the shield too, one cancel scope fewer
+                    # than for several.
+                    failures = await finalize(
+                        created,
+                        exc,
+                        registry,
+                        self._owner_user(),
+                        self.observers,
+                        self,
+                        shield=True,
+                    )
+                elif created:
                     failures = finalize_sync(
                         created, exc, registry, self._owner_user(), self.observers, self
                     )
+                # After the failures are kept: a native cancellation may cut the expiry short.
                 if registry.expiry_due():
                     with anyio.CancelScope(shield=True):
                         await registry.expire_idle()
@@ -391,21 +402,6 @@ class Scope:
             self._ended(failures)
         if interrupted is not None:
             raise interrupted
-        return failures
-
-    async def _clean_one(
-        self, created: list[Created], exc: BaseException | None
-    ) -> list[Exception]:
-        """Clean up the one component of ``created``, whose cleanup is async (a connection
-        per request, most often): its bounding scope is the shield too, one cancel scope
-        fewer than for several."""
-        registry = self._registry
-        failures = await finalize(
-            created, exc, registry, self._owner_user(), self.observers, self, shield=True
-        )
-        if registry.expiry_due():
-            with anyio.CancelScope(shield=True):
-                await registry.expire_idle()
         return failures
 
     def _cut_short(self, error: BaseException) -> None:

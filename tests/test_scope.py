@@ -1335,6 +1335,57 @@ class TestHold:
         hold.release()
         await registry.aclose()
 
+    async def test_a_native_cancel_during_expiry_keeps_the_failure_of_a_lone_cleanup(
+        self, anyio_backend: str
+    ) -> None:
+        """A scope's one async cleanup fails, then asyncio's own ``task.cancel()`` lands
+        while its close runs another user's expiry: the scope still ends with that
+        failure, for its observers and in ``cleanup_failures``."""
+        if anyio_backend != "asyncio":
+            pytest.skip("task.cancel() is asyncio's; trio has only cancel scopes")
+        import asyncio
+
+        clock = _Clock()
+        seen: list[tuple[Exception, ...]] = []
+
+        class Watch(ambient.Observer):
+            def scope_closed(self, scope: ambient.Scope, failures: tuple[Exception, ...]) -> None:
+                seen.append(failures)
+
+        registry = Registry(clock=clock, telemetry=Watch())
+        expiring, release = anyio.Event(), anyio.Event()
+
+        async def session() -> AsyncIterator[str]:
+            yield "session"
+            expiring.set()
+            await release.wait()
+
+        async def connection() -> AsyncIterator[str]:
+            yield "connection"
+            await anyio.lowlevel.checkpoint()
+            raise LookupError("connection lost")
+
+        registry.register("session", session, lifetime=Lifetime.USER, idle_ttl=10)
+        registry.register("connection", connection)
+        async with registry.open_scope(ctx("bob")) as scope:
+            await scope.resolve("session")
+        scope = registry.open_scope(ctx("alice"))
+        await scope.__aenter__()
+        await scope.resolve("connection")
+        clock.now = 100.0  # bob's session expires as alice's scope closes
+        seen.clear()
+        closing = asyncio.ensure_future(scope.__aexit__(None, None, None))
+        with anyio.fail_after(5):
+            await expiring.wait()
+            closing.cancel()
+            release.set()
+            with pytest.raises(asyncio.CancelledError):
+                await closing
+        assert scope.closed
+        assert [[type(e) for e in failures] for failures in seen] == [[LookupError]]
+        assert scope.cleanup_failures == 1
+        await registry.aclose()
+
     async def test_a_close_cancelled_while_waiting_for_a_hold_still_waits_for_it(
         self,
     ) -> None:
