@@ -26,6 +26,7 @@ from ambient import _binding, _provider
 from ambient._loops import loop_call_soon, on_loop_thread
 from ambient._observe import Observer, component_event, notify
 from ambient._provider import (
+    _AGEN,
     _BARE,
     _FINISHED,
     _GEN,
@@ -563,6 +564,77 @@ class Instances:
                     scope,
                     (*_resolving.get(), creation),  # type: ignore[arg-type]  # made: not sync
                 )
+        except BaseException as exc:
+            self._forget(key)
+            if observers:
+                self._report(observers, provider, None, arg, scope, start_ns, started, exc)
+            raise
+        if not self._store(provider, instance, finalizer):
+            await self._refused(
+                provider, instance, finalizer, arg, scope, registry, start_ns, started
+            )
+        registry.created += 1
+        scope.components_created += 1
+        if observers:
+            self._report(observers, provider, instance, arg, scope, start_ns, started, None)
+        return instance
+
+    async def anow(  # noqa: PLR0915 - every such component's creation, in one frame
+        self, provider: Provider, arg: object, scope: Scope, registry: Registry
+    ) -> Any:
+        """:meth:`aget` for a REQUEST component of an async function or an async generator
+        (a connection per request, most often), in one coroutine: its claim and creation
+        inlined, with no coroutine for ``_awaited()``, ``build_async()`` or
+        ``_enter_agen()``."""
+        key = provider.key
+        lock = self.lock
+        lock.acquire()
+        try:
+            if self.closed:
+                raise self._closed_error(provider)
+            instance = self.cache.get(key, _MISSING)
+            if instance is not _MISSING:
+                return instance
+            pending = self.pending
+            claimed = key not in pending
+            if claimed:
+                # _Creation.__init__, inlined (as Finalizer's in _enter_gen()).
+                creation = _new_object(_Creation)
+                creation.owner = _per_thread.building.in_async.owner
+                creation.in_async = True
+                creation.key = key
+                creation.waiting = []
+                pending[key] = creation
+        finally:
+            lock.release()
+        if not claimed:
+            # Another task or thread is making it: aget() waits for it (or names a cycle).
+            return await self.aget(provider, arg, scope, registry)
+        observers = scope.observers
+        start_ns = time.time_ns() if observers else 0  # first, as in aget()
+        started = time.perf_counter() if observers else 0.0
+        finalizer: Finalizer | None
+        try:
+            # _awaited(), inlined: the factory runs with this creation last on the task's
+            # stack, restored before the store (or the refused component's cleanup).
+            token = _resolving.set((*_resolving.get(), creation))
+            try:
+                result = provider.factory(arg) if provider.takes_arg else provider.factory()
+                if provider.kind is _AGEN:
+                    # _enter_agen(), inlined: once for every async generator component.
+                    try:
+                        instance = await result.__anext__()
+                    except StopAsyncIteration:
+                        raise _no_yield(provider, _AGEN) from None
+                    finalizer = _new_object(Finalizer)
+                    finalizer.name = provider.name
+                    finalizer.how = "async generator"
+                    finalizer.target = result
+                    finalizer.is_async = True
+                else:
+                    instance, finalizer = await finish_async(provider, result, scope._cache)
+            finally:
+                _resolving.reset(token)
         except BaseException as exc:
             self._forget(key)
             if observers:

@@ -643,9 +643,10 @@ def finish_sync(
     return _closer(provider, result, can_await=False)
 
 
-def _no_yield(provider: Provider) -> ResolutionError:
-    """The error of a generator factory that returned without yielding."""
-    return ResolutionError(f"generator factory of {provider.name} returned without yielding")
+def _no_yield(provider: Provider, kind: str = _GEN) -> ResolutionError:
+    """The error of a generator (or async generator) factory that returned without
+    yielding."""
+    return ResolutionError(f"{kind} factory of {provider.name} returned without yielding")
 
 
 def _enter_gen(provider: Provider, gen: Any) -> tuple[Any, Finalizer]:
@@ -668,8 +669,7 @@ async def _enter_agen(provider: Provider, agen: Any) -> tuple[Any, Finalizer]:
     try:
         instance = await step
     except StopAsyncIteration:
-        msg = f"async generator factory of {provider.name} returned without yielding"
-        raise ResolutionError(msg) from None
+        raise _no_yield(provider, _AGEN) from None
     return instance, Finalizer(provider.name, "async generator", agen, is_async=True)
 
 

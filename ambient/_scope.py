@@ -551,7 +551,7 @@ class Scope:
                 if type(instance) is _Later:
                     return await instance.rest
                 return instance
-            return await own.aget(provider, self.context, self, self._registry)
+            return await own.anow(provider, self.context, self, self._registry)
         registry = self._registry
         if self._closes != registry._closes:
             raise registry._shut_error(provider.name)

@@ -513,6 +513,28 @@ class TestFactoryShapes:
             with pytest.raises(ResolutionError, match="without yielding"):
                 await scope.resolve(Thing)
 
+    async def test_async_generator_that_never_yields(self) -> None:
+        """An async generator factory that returns without yielding is a ResolutionError
+        naming it, and leaves nothing behind: the next resolution runs it again."""
+        calls = 0
+
+        async def empty() -> AsyncIterator[Thing]:
+            nonlocal calls
+            calls += 1
+            return
+            yield  # pragma: no cover
+
+        registry = Registry()
+        registry.register(Thing, empty)
+        async with registry.open_scope(ctx()) as scope:
+            for _ in range(2):
+                with pytest.raises(
+                    ResolutionError, match="^async generator factory of Thing returned without"
+                ):
+                    await scope.resolve(Thing)
+        assert calls == 2
+        assert scope.components_created == 0
+
     async def test_generator_sees_the_body_exception(self, log: Log) -> None:
         """When the body raises, generator cleanups see the exception at their yield."""
 
