@@ -37,9 +37,11 @@ from ambient._provider import (
     Provider,
     _new_object,
     _no_yield,
+    _plain,
     build_async,
     build_now,
     build_sync,
+    enter_async,
     finish_async,
     finish_now,
     finish_sync,
@@ -632,7 +634,16 @@ class Instances:
                     finalizer.target = result
                     finalizer.is_async = True
                 else:
-                    instance, finalizer = await finish_async(provider, result, scope._cache)
+                    # finish_async(), in place for an async function: once for every such
+                    # component, whose awaited result is most often a plain object. Checked
+                    # against the store's cache, the scope's as the factory started: a
+                    # close meanwhile gives the scope an empty one.
+                    result = await result
+                    plain = _plain(provider, result, self.cache)
+                    if plain is None:
+                        instance, finalizer = await enter_async(provider, result, self.cache)
+                    else:
+                        instance, finalizer = plain
             finally:
                 _resolving.reset(token)
         except BaseException as exc:

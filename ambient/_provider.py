@@ -545,6 +545,14 @@ async def finish_async(
     plain = _plain(provider, result, components)
     if plain is not None:
         return plain
+    return await enter_async(provider, result, components)
+
+
+async def enter_async(
+    provider: Provider, result: Any, components: Mapping[Hashable, Any]
+) -> tuple[Any, Finalizer | None]:
+    """The rest of :func:`finish_async` once ``result`` is awaited and not a plain object
+    (:func:`_plain` answered ``None``): enter it."""
     if inspect.isasyncgen(result):  # e.g. `lambda: make(x)` around an async generator
         return await _enter_agen(provider, result)
     if inspect.isgenerator(result):
