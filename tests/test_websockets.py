@@ -3699,6 +3699,28 @@ async def test_a_users_second_subscription_reads_nothing_from_redis(redis_url: s
     await backend.aclose()
 
 
+async def test_a_subscription_while_redis_is_down_says_so_and_nothing_else(
+    redis_url: str,
+) -> None:
+    """Redis is gone and the backend knows it: subscribe() raises the BroadcastError that
+    says how long Redis has been unreachable, as it is, not dressed as a failed read of
+    the user's revocations (no read was made); the channel is not held."""
+    with own_redis() as own:
+        backend = RedisBroadcast(own.url, channel_prefix=unique_prefix(), timeout=1.0)
+        backend.attach(lambda envelope: None)
+        with anyio.fail_after(DEADLINE):
+            await backend.wait_connected()
+            await anyio.to_thread.run_sync(own.kill)
+            while backend.connected:
+                await backend._wait_changed()
+            with pytest.raises(BroadcastError) as failed:
+                await backend.subscribe(UserRef("dave"))
+        await backend.aclose()
+    assert str(failed.value).startswith("Redis has been unreachable for "), failed.value
+    assert failed.value.__cause__ is None
+    assert backend.subscriptions == 0
+
+
 async def test_a_first_subscription_whose_read_does_not_answer_fails_and_leaves_nothing(
     redis_url: str,
 ) -> None:

@@ -463,7 +463,8 @@ class RedisBroadcast:
             await self._release(user, claimed=first and not sent)
             from redis.exceptions import RedisError
 
-            if isinstance(error, RedisError | OSError):
+            # Not a BroadcastError (an OSError too): it says what failed already.
+            if isinstance(error, RedisError | OSError) and not isinstance(error, BroadcastError):
                 msg = f"could not read the user's revocations from Redis: {error}"
                 raise BroadcastError(msg) from error
             raise
