@@ -502,7 +502,9 @@ class ConnectionHub:
             self._unjoin(connection)
             try:
                 if accept and isinstance(error, BroadcastError):
-                    await _refuse_after_accept(websocket, str(error))
+                    # Its title, as the middleware closes an accepted socket: the detail
+                    # names the backend's address, no business of the client's.
+                    await _refuse_after_accept(websocket, error.title)
             finally:
                 self._closed(connection)
             raise

@@ -96,7 +96,7 @@ class UserWebSocketManager:
 
         Raises:
             BroadcastError: the backend could not subscribe (the socket is accepted and
-                closed with 1013 first).
+                closed with 1013 first, the reason "Event delivery unavailable").
         """
         ctx = self._bound()
         return self._hub._connect(ctx, websocket, accept=accept)
