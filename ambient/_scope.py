@@ -325,7 +325,9 @@ class Scope:
             return done
         return await self._close_later(exc)
 
-    async def _close_later(self, exc: BaseException | None) -> list[Exception]:
+    async def _close_later(  # noqa: PLR0915 - one close, its state in locals
+        self, exc: BaseException | None
+    ) -> list[Exception]:
         """The rest of :meth:`_close`, once :meth:`_close_now` has said it must await."""
         registry = self._registry
         failures: list[Exception] = []
@@ -360,7 +362,8 @@ class Scope:
             created = own.close() if own is not None else []
             with _FIRST_USE:  # against a worker thread taking the entry back (see there)
                 entry, self._user_entry = self._user_entry, None
-            if entry is not None or (len(created) > 1 and needs_await(created)):
+            awaits = bool(created) and needs_await(created)
+            if entry is not None or (awaits and len(created) > 1):
                 with anyio.CancelScope(shield=True):
                     try:
                         failures = await finalize(
@@ -371,7 +374,7 @@ class Scope:
                             registry.release_user(entry)
                     await registry.expire_idle()
             else:
-                if created and needs_await(created):
+                if awaits:
                     # One component whose cleanup is async (a connection per request, most
                     # often): its bounding scope is the shield too, one cancel scope fewer
                     # than for several.
