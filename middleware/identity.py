@@ -8,7 +8,8 @@ rejected: a repeated identity header, a token that fails validation.
 
 Built in: :func:`scope_user` (Starlette's ``AuthenticationMiddleware``),
 :func:`trusted_header` (a header set by a trusted proxy), :func:`jwt_bearer` (extra
-``jwt``) and :func:`first_of`.
+``jwt``), :func:`first_of`, and :func:`signed_context` (another service's signed context;
+it lives in :mod:`ambient.integrations.propagation` and is found here too).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from jwt import PyJWKClient, PyJWKSet
 
     from ambient._context import UserExecutionContext
+    from ambient.integrations.propagation import signed_context
 
 __all__ = [
     "Identity",
@@ -47,6 +49,7 @@ __all__ = [
     "jwt_bearer",
     "resolve_identity",
     "scope_user",
+    "signed_context",
     "trusted_header",
 ]
 
@@ -1330,3 +1333,14 @@ def first_of(*resolvers: IdentityResolver) -> IdentityResolver:
     # A 401 offers every scheme a client could answer with (RFC 9110 allows several).
     challenges = dict.fromkeys(filter(None, map(_challenge_of, resolvers)))
     return _challenging(resolve, ", ".join(challenges) or None)
+
+
+def __getattr__(name: str) -> Callable[..., IdentityResolver]:
+    # signed_context() is built on ambient.integrations.propagation, which imports this
+    # module: it is imported when first asked for here, not when this module loads.
+    if name == "signed_context":
+        from ambient.integrations.propagation import signed_context
+
+        return signed_context
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)

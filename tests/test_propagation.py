@@ -7,6 +7,8 @@ import json
 import logging
 import math
 import multiprocessing
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -876,6 +878,33 @@ class TestSignedContext:
         assert identity is not None
         assert identity.user_id == "carol"  # type: ignore[union-attr]
         assert signed_context(SECRET)(scope) is None
+
+    @pytest.mark.parametrize("first", ["identity", "propagation"])
+    def test_the_resolver_is_found_with_the_other_built_in_resolvers(self, first: str) -> None:
+        """``ambient.middleware.identity.signed_context`` is the propagation module's
+        resolver, whichever of the two modules a fresh interpreter imports first (they
+        import each other), and it resolves a signed context."""
+        token = ContextSigner(SECRET).sign(context("dave"), ttl=30)
+        code = f"""
+import ambient.middleware.identity as identity
+import ambient.integrations.propagation as propagation
+from ambient.middleware.identity import *
+resolver = signed_context({SECRET!r})
+headers = [({HEADER!r}.encode(), {token!r}.encode())]
+found = resolver({{"type": "http", "client": ("127.0.0.1", 1), "headers": headers}})
+print(identity.signed_context is propagation.signed_context, found.user_id, found.tenant_id)
+"""
+        if first == "propagation":
+            code = "import ambient.integrations.propagation\n" + code
+        done = subprocess.run(  # noqa: S603 - this interpreter, our own code
+            [sys.executable, "-c", code], capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == ["True", "dave", "acme"]
+        with pytest.raises(AttributeError, match="no attribute 'signed_contexts'"):
+            import ambient.middleware.identity as identity_module
+
+            identity_module.signed_contexts  # noqa: B018 - the attribute error is the point
 
     def test_the_secret_is_checked_when_the_resolver_is_built(
         self, monkeypatch: pytest.MonkeyPatch
