@@ -1376,18 +1376,19 @@ async def _report_after_run(
     a real leak keeps stays alive past that moment."""
     watch.flush()
     report = probe.report()
-    for _ in range(_SETTLE_TRIES):
+    for pause in _SETTLE_PAUSES:
         if not (report.outlived or report.leaked_scopes):
             break
-        await anyio.sleep(_SETTLE_PAUSE)  # the worker threads get the GIL meanwhile
+        await anyio.sleep(pause)  # the worker threads get the GIL meanwhile
         report = probe.report()
     return report
 
 
 # How long, at most, the report after the run waits for worker threads to let go of the
-# requests they ran: 20 pauses of 5 ms.
-_SETTLE_TRIES = 20
-_SETTLE_PAUSE = 0.005
+# requests they ran: 155 ms in pauses that double, since each is followed by a full garbage
+# collection, which in a large process costs more than the pause (a real leak paid for 20
+# of them with pauses of 5 ms).
+_SETTLE_PAUSES = (0.005, 0.01, 0.02, 0.04, 0.08)
 
 
 def _summarise(
