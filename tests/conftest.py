@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 from collections.abc import AsyncIterator, Iterator
 
@@ -17,6 +18,18 @@ DATABASE_URL = os.environ.get(
 )
 REDIS_URL = os.environ.get("AMBIENT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 REQUIRE_SERVICES = os.environ.get("AMBIENT_REQUIRE_SERVICES") == "1"
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Freeze what exists once the tests are collected (imported modules, test items),
+    which lives as long as the run: the tests that collect garbage (leak checks, the
+    probe of ``ambient check``) then traverse what the tests made, not all of that."""
+    # Hypothesis, when first imported, registers trio's random generator and warns unless
+    # gc.get_referrers() finds what keeps it, which it does not look for among frozen
+    # objects: imported before, as any test using it would have.
+    import hypothesis  # noqa: F401
+
+    gc.freeze()
 
 
 @pytest.fixture(
