@@ -14,7 +14,6 @@ import re
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import anyio
@@ -48,6 +47,7 @@ from ambient.integrations.fastapi import (
 )
 from ambient.middleware import trusted_header
 from ambient.middleware._problem import Problem
+from tests.documented import documented_code
 from tests.frameworks.common import Ledger, Memory, Probe, Work, build_registry
 
 
@@ -584,14 +584,6 @@ class TestErrors:
             release.set()
         assert_problem(second, 429, "urn:ambient:problem:too-many-requests")
         assert ledger.created == {}
-
-
-def documented_code(document: str, after: str) -> str:
-    """The first Python block of ``document`` (a path from the repository root) that
-    follows the text ``after``."""
-    text = (Path(__file__).resolve().parents[1] / document).read_text()
-    start = text.index("```python\n", text.index(after)) + len("```python\n")
-    return text[start : text.index("```", start)]
 
 
 class ScopeCounter(Observer):

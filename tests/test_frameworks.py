@@ -570,7 +570,7 @@ async def test_a_quart_sync_stream_keeps_its_components_until_its_thread_is_done
     stream's connection went back to its pool while the step still used it."""
     from quart import Quart
 
-    from tests.test_fastapi import documented_code
+    from tests.documented import documented_code
 
     namespace: dict[str, Any] = {"Quart": Quart, "__name__": __name__}
     exec(documented_code("docs/frameworks.md", "Sync views run in Quart's executor"), namespace)  # noqa: S102 - our own docs

@@ -35,9 +35,9 @@ from ambient.errors import NoActiveContextError, ScopeClosedError
 from ambient.integrations.logging import ContextFilter
 from ambient.integrations.starlette import install
 from ambient.middleware import Identity, IdentityResolver, trusted_header
+from tests.documented import documented_code
 from tests.frameworks.common import build_registry, gate
 from tests.servers import serve
-from tests.test_fastapi import documented_code
 
 IDENTITY = trusted_header(tenant_header="x-tenant-id")
 USERS = 40
