@@ -614,6 +614,66 @@ class TestDocumentedSetups:
         assert response.headers["retry-after"] == "2"
         assert ledger.work == {"busy": "rollback"}
 
+    async def test_the_fastapi_guides_app_runs_as_written(self) -> None:
+        """docs/frameworks.md's FastAPI app, run as written with RS256 tokens: the async
+        and the thread-pool endpoint get the token's user, its documentation paths are
+        served without a token, and a request without one is a 401 with the challenge."""
+        import jwt
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        from ambient.middleware.identity import jwt_bearer
+
+        private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+        class ExecutionEngine:
+            def __init__(self, ctx: UserExecutionContext) -> None:
+                self.ctx = ctx
+
+            async def start(self, thread_id: str) -> str:
+                return f"run of {self.ctx.user_id} on {thread_id}"
+
+        class ReportBuilder:
+            def __init__(self, ctx: UserExecutionContext) -> None:
+                self.ctx = ctx
+
+        def render(builder: ReportBuilder, user_id: str) -> dict[str, str]:
+            assert builder.ctx.user_id == user_id
+            return {"report": user_id, "thread": threading.current_thread().name}
+
+        registry = Registry()
+        registry.register(ExecutionEngine, ExecutionEngine)
+        registry.register(ReportBuilder, ReportBuilder)
+        namespace: dict[str, Any] = {
+            "ambient": ambient,
+            "registry": registry,
+            "jwt_bearer": jwt_bearer,
+            "KEY": private_key.public_key(),
+            "ExecutionEngine": ExecutionEngine,
+            "ReportBuilder": ReportBuilder,
+            "render": render,
+        }
+        exec(documented_code("docs/frameworks.md", "\n## FastAPI\n"), namespace)  # noqa: S102 - our own docs
+
+        def bearer(user: str) -> dict[str, str]:
+            claims = {"sub": user, "aud": "runs-api", "exp": 4_000_000_000}
+            return {"authorization": f"Bearer {jwt.encode(claims, private_key, 'RS256')}"}
+
+        async with client(namespace["app"]) as http:
+            run = await http.post("/runs", headers={**bearer("alice"), "x-thread-id": "t-1"})
+            report = await http.get("/report", headers=bearer("bob"))
+            documentation = [
+                (await http.get(path)).status_code for path in ("/docs", "/openapi.json")
+            ]
+            refused = await http.post("/runs")
+        assert (run.status_code, run.json()) == (200, {"run": "run of alice on t-1"})
+        assert report.status_code == 200
+        assert report.json()["report"] == "bob"
+        assert report.json()["thread"] != threading.current_thread().name
+        assert documentation == [200, 200]
+        assert_problem(refused, 401, "urn:ambient:problem:unauthenticated")
+        assert refused.headers["www-authenticate"] == "Bearer"
+        assert registry.stats().open_scopes == 0
+
     async def test_a_mounted_sub_app_answers_ambient_errors_in_the_one_scope(self) -> None:
         """The documented setup for a sub-app mounted under an app that called install():
         its own ServerErrorMiddleware answered PoolExhaustedError with a 500. With the

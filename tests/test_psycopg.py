@@ -404,6 +404,32 @@ async def test_shared_rls_concurrent_users_see_only_their_rows(
     assert shared.opened  # opened by the fixture, not by the registry: it stays open
 
 
+async def test_the_readmes_shared_pool_example_runs_as_written(db: Database) -> None:
+    """The README's PostgreSQL example, run as written (its table found on the role's
+    search path): each user reads only their notes, under a pool that checked the table's
+    row-level security when it opened (``rls_check="raise"``)."""
+    from tests.documented import documented_code
+
+    with _admin() as admin:
+        admin.execute(
+            db.sql("INSERT INTO {notes} (owner, body) VALUES ('alice', 'a'), ('bob', 'b')")
+        )
+    info = psycopg.conninfo.conninfo_to_dict(db.app_url)
+    info["options"] = f"-c search_path={db.schema}"
+    registry = Registry()
+    namespace: dict[str, Any] = {
+        "url": psycopg.conninfo.make_conninfo(**info),  # type: ignore[arg-type]
+        "registry": registry,
+    }
+    exec(documented_code("README.md", "## PostgreSQL per user"), namespace)  # noqa: S102 - our own docs
+    try:
+        for user in ("alice", "bob"):
+            async with registry.open_scope(_ctx(user)):
+                assert await namespace["my_notes"]() == [(user[0],)]
+    finally:
+        await registry.aclose()
+
+
 async def test_shared_policy_fails_closed_without_settings(
     db: Database, shared: SharedPool
 ) -> None:

@@ -3907,3 +3907,74 @@ async def test_redis_broadcast_refuses_trio(
             async with manager.connect(NeverUsedSocket()):
                 pass
     await registry.aclose()
+
+
+class WordModel:
+    """The ``llm`` of the README's websocket example: streams the prompt's words."""
+
+    async def stream(self, prompt: str) -> AsyncIterator[str]:
+        for word in prompt.split():
+            await anyio.lowlevel.checkpoint()
+            yield word
+
+
+async def test_the_readmes_websocket_example_streams_each_run_to_its_user(server: str) -> None:
+    """The README's example, run as written behind a real server: a run's tokens reach the
+    sockets of its user's thread, ``run.done`` every socket of that user and no other
+    user's, and a handshake without the listed Origin is refused."""
+    from starlette.applications import Starlette
+    from starlette.routing import WebSocketRoute
+
+    from ambient.middleware.identity import trusted_header
+    from tests.documented import documented_code
+
+    registry = Registry()
+    namespace: dict[str, Any] = {
+        "registry": registry,
+        "identity": trusted_header(),
+        "llm": WordModel(),
+        "WebSocket": WebSocket,
+        "starlette_app": Starlette(),
+    }
+    exec(documented_code("README.md", "## WebSockets: stream a run to its user"), namespace)  # noqa: S102 - our own docs
+    namespace["starlette_app"].router.routes.append(WebSocketRoute("/ws", namespace["events"]))
+    origin = "https://app.example.com"
+
+    async def run(sock: ClientConnection, prompt: str, frames: int) -> list[dict[str, Any]]:
+        await sock.send(prompt)
+        return [json.loads(await sock.recv()) for _ in range(frames)]
+
+    async def scenario(base: str) -> tuple[list[Any], ...]:
+        def socket(user: str, thread: str) -> Any:
+            headers = {"x-user-id": user, "x-thread-id": thread}
+            return connect(ws_url(base), additional_headers=headers, origin=origin, proxy=None)
+
+        # A socket is registered once its handler reads: each runs a prompt of its own
+        # before alice's run, which the others must then hear of only as documented.
+        async with socket("alice", "drafts") as elsewhere, socket("bob", "inbox") as bob:
+            assert await run(elsewhere, "ready", 2) == [
+                {"type": "token", "text": "ready"},
+                {"type": "run.done"},
+            ]
+            assert len(await run(bob, "ready", 2)) == 2
+            async with socket("alice", "inbox") as alice:
+                alices = await run(alice, "summarise my inbox", 4)
+            elsewheres = [json.loads(await elsewhere.recv())]
+            bobs = await run(bob, "hi", 2)  # anything of alice's would come first
+        with pytest.raises(InvalidStatus) as refusal:
+            await connect(ws_url(base), additional_headers={"x-user-id": "bob"}, proxy=None)
+        return alices, elsewheres, bobs, [refusal.value.response.status_code]
+
+    with serve(server, namespace["app"]) as url:
+        alices, elsewheres, bobs, refused = await in_client_thread(lambda: scenario(url))
+    assert alices == [
+        {"type": "token", "text": "summarise"},
+        {"type": "token", "text": "my"},
+        {"type": "token", "text": "inbox"},
+        {"type": "run.done"},
+    ]
+    assert elsewheres == [{"type": "run.done"}]
+    assert bobs == [{"type": "token", "text": "hi"}, {"type": "run.done"}]
+    assert refused == [403]
+    await registry.aclose()
+    assert registry.stats().open_scopes == 0
