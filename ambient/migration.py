@@ -335,14 +335,16 @@ def _record(guard: _Guarded, frame: FrameType | None) -> None:
         extra={"ambient_global": name, "ambient_call_site": site},
     )
     module = module_globals.get("__name__", "") if module_globals is not None else ""
-    warnings.warn_explicit(
-        f"legacy global {name!r} touched inside a user context; {_hint(replacement)}",
-        GlobalStateWarning,
-        filename,
-        lineno,
-        module=module,
-        module_globals=module_globals,
-    )
+    message = f"legacy global {name!r} touched inside a user context; {_hint(replacement)}"
+    try:
+        warnings.warn_explicit(
+            message, GlobalStateWarning, filename, lineno, module, module_globals=module_globals
+        )
+    except ImportError:
+        # The globals let the warning show a line of a zip-imported module; but the loader
+        # of code run by `python -c`, from stdin or in the interactive interpreter has no
+        # source to give and raises, before anything is shown: warn without them.
+        warnings.warn_explicit(message, GlobalStateWarning, filename, lineno, module)
 
 
 def _touch(guard: _Guarded) -> Any:

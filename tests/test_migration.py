@@ -8,6 +8,8 @@ import itertools
 import json
 import logging
 import pickle
+import subprocess
+import sys
 import threading
 import warnings
 from collections.abc import AsyncIterator, Iterator
@@ -184,6 +186,31 @@ def fixture_registry() -> Registry:
 
 
 class TestGuardRecords:
+    @pytest.mark.parametrize("how", ["-c", "stdin"])
+    def test_warns_in_code_whose_module_has_no_source(self, how: str) -> None:
+        """Code run by ``python -c``, from stdin or in the interactive interpreter has a
+        ``__main__`` whose loader gives no source: the guard handed its globals on to
+        ``warnings.warn_explicit()``, which asked that loader for the source, and the
+        guarded access raised ``ImportError`` instead of warning."""
+        code = (
+            "import ambient\n"
+            "from ambient.migration import guard_global\n"
+            "cache = guard_global({'a': 1}, name='cache')\n"
+            "with ambient.bind_context(ambient.UserExecutionContext.create('alice')):\n"
+            "    print(cache['a'])\n"
+        )
+        command = [sys.executable, "-c", code] if how == "-c" else [sys.executable, "-"]
+        done = subprocess.run(  # noqa: S603 - this interpreter, our own code
+            command,
+            input=None if how == "-c" else code,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert (done.returncode, done.stdout) == (0, "1\n"), done.stderr
+        assert ":5: GlobalStateWarning: legacy global 'cache' touched inside a user" in done.stderr
+
     async def test_warns_once_per_call_site_under_100_concurrent_users(
         self,
         registry: Registry,
