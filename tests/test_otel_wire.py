@@ -38,6 +38,7 @@ from ambient.integrations.otel import TracingHandle, configure_tracing
 from ambient.middleware import AmbientMiddleware
 from ambient.middleware.identity import trusted_header
 from ambient.telemetry import Telemetry, hash_id
+from tests.documented import ROOT
 from tests.servers import serve
 
 
@@ -459,3 +460,49 @@ def test_the_demo_flushes_its_telemetry_when_the_server_is_stopped(receiver: Rec
     names = {span.name for _, span in receiver.spans()}
     assert "ambient.scope" in names, errors
     assert "ambient.scopes.active" in receiver.last_metrics()
+
+
+def test_the_readmes_jaeger_example_flushes_at_the_lifespan_shutdown(receiver: Receiver) -> None:
+    """The README's tracing example, run as written under uvicorn in a fresh process (it
+    installs the global providers): the request's scope span reaches the collector when the
+    server stops, through the lifespan's ``tracing.shutdown()``, with the user id hashed,
+    and ``metrics=False`` sends no metrics."""
+    code = f"""
+import contextlib, httpx
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+import ambient
+from ambient import Registry
+from ambient.middleware import AmbientMiddleware
+from ambient.middleware.identity import trusted_header
+from tests.documented import documented_code
+from tests.servers import serve
+
+async def home(request):
+    return PlainTextResponse(ambient.get_current_context().user_id)
+
+namespace = {{
+    "contextlib": contextlib, "Registry": Registry, "AmbientMiddleware": AmbientMiddleware,
+    "Starlette": Starlette, "trusted_header": trusted_header, "routes": [Route("/", home)],
+}}
+code = documented_code("README.md", "## Traces in Jaeger")
+exec(code.replace("http://localhost:4318", {receiver.url!r}), namespace)
+with serve("uvicorn", namespace["app"]) as url:
+    assert httpx.get(url, headers={{"x-user-id": "alice"}}).text == "alice"
+"""
+    out = subprocess.run(  # noqa: S603 - our own interpreter, fixed code
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=ROOT,  # where `tests` is found
+    )
+    assert out.returncode == 0, out.stderr
+    ((resource, span),) = receiver.spans()
+    assert (resource["service.name"], span.name) == ("agent-backend", "ambient.scope")
+    user = attributes(span.attributes)["ambient.user_id"]
+    assert len(user) == 16
+    assert user != "alice"
+    assert receiver.metrics == []
