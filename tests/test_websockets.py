@@ -2233,6 +2233,42 @@ async def test_delivery_resumes_after_a_redis_restart_and_the_outage_is_reported
         assert stats.connections == 0
 
 
+async def test_a_revocation_while_redis_is_down_still_ends_this_process_sockets(
+    redis_url: str,
+) -> None:
+    """Redis is down when an administrator revokes carol: the revocation cannot reach the
+    other processes, and says so (BroadcastError), but her socket here is this process's
+    own to end, and is ended first, with 4001; dave's socket stays open."""
+    with own_redis() as own:
+        backend = RedisBroadcast(own.url, channel_prefix=unique_prefix(), timeout=1.0)
+        hub = ConnectionHub(backend)
+        app, ledger, _ = build(hub)
+
+        async def scenario(base: str) -> dict[str, Any]:
+            carol, _ = await open_socket(base, "carol")
+            dave, _ = await open_socket(base, "dave")
+            await asyncio.to_thread(own.kill)
+            async with httpx.AsyncClient(base_url=base, timeout=DEADLINE) as http:
+                revoked = await http.post("/revoke", params={"user": "carol"}, headers=OPS)
+            assert revoked.status_code == 503, revoked.text
+            numbers: dict[str, Any] = revoked.json()
+            assert "could not publish" in numbers["error"]
+            # Ended before the call raised, not left to a backend that will not deliver.
+            assert (numbers["revoked"], numbers["connections"]) == (1, 1)
+            frame = await _closed_frame(carol)
+            assert (frame.code, frame.reason) == (4001, "access revoked")
+            # Dave's socket is still open (a ping would need Redis): his own close is the
+            # first, and the server echoes it.
+            await dave.close()
+            assert dave.close_code == 1000
+            return numbers
+
+        with serve("uvicorn", app) as url:
+            await in_client_thread(lambda: scenario(url))
+            await wait_closed(ledger, 2)
+            assert hub.stats().connections == 0
+
+
 async def test_a_revocation_made_while_the_subscription_was_down_still_ends_the_socket(
     redis_url: str,
 ) -> None:

@@ -191,13 +191,17 @@ def build_app(hub: ConnectionHub, ledger: Ledger, sockets: Sockets) -> Starlette
         return JSONResponse({"finished": finished, **_stats(hub)})
 
     async def revoke(request: Request) -> Response:
-        """An administrator ends a user's sockets (or one of them)."""
+        """An administrator ends a user's sockets (or one of them); with what the backend
+        raised, and the hub's numbers after it, when the backend could not take it."""
         params = request.query_params
-        ended = await hub.revoke(
-            params["user"],
-            connection_id=params.get("connection"),
-            reason=params.get("reason", "access revoked"),
-        )
+        try:
+            ended = await hub.revoke(
+                params["user"],
+                connection_id=params.get("connection"),
+                reason=params.get("reason", "access revoked"),
+            )
+        except BroadcastError as error:
+            return JSONResponse({"error": str(error), **_stats(hub)}, status_code=503)
         return JSONResponse({"ended": ended, **_stats(hub)})
 
     async def down(request: Request) -> Response:

@@ -280,9 +280,10 @@ class ConnectionHub:
             InvalidContextError: ``user``, ``tenant_id`` or ``connection_id`` is not a
                 valid id.
             ValueError: ``reason`` is longer than a close frame allows (123 bytes).
-            BroadcastError: the backend is unreachable, or did not answer in time: the
-                revocation may not have been made, or (only its answer late) it may have
-                been, in every process; revoking again is safe.
+            BroadcastError: the backend is unreachable, or did not answer in time: this
+                process's sockets of the user are ended all the same, but the revocation
+                may not have reached the other processes, or (only its answer late) it
+                may have; revoking again is safe.
         """
         if isinstance(user, UserRef):
             if tenant_id is not None:
@@ -313,12 +314,14 @@ class ConnectionHub:
             await self._publish(envelope)
         finally:
             ended = ending.pop(envelope, 0)
-        # Here too: a backend delivering over a subscription (Redis) delivers nothing to
-        # this process before it subscribed to anything.
-        self._remember(envelope)
-        # This process's own sockets at once, without waiting for the backend's message
-        # (which then finds them gone).
-        return ended + self._revoke_here(envelope)
+            # Here too: a backend delivering over a subscription (Redis) delivers nothing
+            # to this process before it subscribed to anything. And whether or not the
+            # backend took it (Redis down, this call cancelled): this process's sockets
+            # are its own to end, at once, without waiting for the backend's message
+            # (which then finds them gone).
+            self._remember(envelope)
+            ended += self._revoke_here(envelope)
+        return ended
 
     # -- delivery ------------------------------------------------------------------------
 
