@@ -5,8 +5,13 @@ error derives from it too (``LookupError`` for "nothing bound", ``ValueError`` f
 so ``except LookupError`` keeps working for code that never heard of ambient.
 
 An error that maps to an HTTP answer carries it (``http_status``, ``retry_after``,
-``problem_type``, ``title``); the middleware turns such an error into an RFC 9457
-``application/problem+json`` response without knowing which integration raised it.
+``problem_type``, ``title``, ``client_detail``); the middleware turns such an error into an
+RFC 9457 ``application/problem+json`` response without knowing which integration raised it.
+A refusal of the client's own request (4xx) tells it what was wrong with it: its message. A
+failure on the server's side (5xx, and the overload answers 429 and 503) tells it only its
+class's ``client_detail``: its message names what the client has no business knowing (a
+backend's address, a pool's settings, an exception's text), and goes to the logs and the
+trace instead.
 """
 
 from __future__ import annotations
@@ -60,6 +65,9 @@ class AmbientError(Exception):
         retry_after: Seconds for a ``Retry-After`` header, or ``None``.
         problem_type: The ``type`` URI of the problem+json body.
         title: The ``title`` of the problem+json body.
+        client_detail: The ``detail`` of the problem+json body when ``http_status`` is a
+            server error (5xx) or an overload (429): a sentence fit for any client, where
+            the error's own message (the body's detail of a 4xx) is for the server's logs.
         challenge: The ``WWW-Authenticate`` challenge of the answer (RFC 9110: a 401
             carries one), e.g. ``Bearer error="invalid_token"``, or ``None``.
     """
@@ -67,6 +75,7 @@ class AmbientError(Exception):
     http_status: int | None = None
     problem_type: ClassVar[str] = "about:blank"
     title: ClassVar[str] = "Error"
+    client_detail: ClassVar[str] = "the server could not carry out the request"
     retry_after: float | None = None
     challenge: str | None = None
 
@@ -196,6 +205,7 @@ class IdentityUnavailableError(AmbientError):
     http_status = 503
     problem_type = "urn:ambient:problem:identity-unavailable"
     title = "Identity check unavailable"
+    client_detail = "the credential cannot be checked right now; try again later"
 
     def __init__(self, detail: str, *, retry_after: float = 5.0) -> None:
         self.retry_after = retry_after
@@ -208,6 +218,7 @@ class TooManyRequestsError(AmbientError):
     http_status = 429
     problem_type = "urn:ambient:problem:too-many-requests"
     title = "Too many concurrent requests"
+    client_detail = "this user has too many requests in flight; try again later"
 
     def __init__(self, detail: str, *, retry_after: float = 1.0) -> None:
         self.retry_after = retry_after
@@ -220,6 +231,7 @@ class PoolExhaustedError(AmbientError):
     http_status = 503
     problem_type = "urn:ambient:problem:pool-exhausted"
     title = "Service temporarily unavailable"
+    client_detail = "no database connection is available right now; try again later"
 
     def __init__(self, detail: str, *, retry_after: float = 1.0) -> None:
         self.retry_after = retry_after
@@ -337,6 +349,7 @@ class BroadcastError(AmbientError, ConnectionError):
     http_status = 503
     problem_type = "urn:ambient:problem:broadcast-unavailable"
     title = "Event delivery unavailable"
+    client_detail = "events cannot be delivered right now; try again later"
 
     def __init__(self, detail: str, *, retry_after: float = 1.0) -> None:
         self.retry_after = retry_after

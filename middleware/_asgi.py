@@ -94,6 +94,8 @@ _LATE_STREAM_GRACE: Final = 0.01
 _TOLD_GRACE: Final = 0.25
 # A response with this status or above tells the client its request was not carried out.
 _SERVER_ERROR: Final = 500
+_TOO_MANY: Final = 429
+_UNAVAILABLE: Final = 503
 # The websocket close codes that say the same: RFC 6455's "internal error", and 4000 plus
 # a 5xx status (Litestar closes a socket whose handler raised with 4500).
 _CLOSE_INTERNAL_ERROR: Final = 1011
@@ -375,6 +377,8 @@ class AmbientMiddleware:
                     # ticket back.
                     await identity._refused()
                 problem = _problem(refused)._challenged(_challenge_of(self.identity))
+                if isinstance(refused, AmbientError):
+                    _log_withheld(refused, problem, echo[0][1].decode())
                 await self._refuse(problem, scope, receive, send, echo, websocket)
                 return
 
@@ -469,12 +473,14 @@ class AmbientMiddleware:
                 if response.started:
                     # Its handshake was answered: no ticket to give back, no challenge.
                     problem = Problem.from_error(answer)
+                    _log_withheld(answer, problem, ctx.request_id)
                     within = self.registry.cleanup_timeout
                     await _close_answered(problem, response, handshake, ctx, within)
                     return
                 if identity is not None:
                     await identity._refused()
                 problem = Problem.from_error(answer)._challenged(_challenge_of(self.identity))
+                _log_withheld(answer, problem, ctx.request_id)
                 if handshake is not None and handshake.connected:
                     # The app took the handshake's connect: waiting for it would hang.
                     await problem.deny_websocket(scope, receive, send, echo, connected=True)
@@ -1569,7 +1575,10 @@ def answer_error(error: BaseException) -> Problem | None:
     if answer is None:
         return None
     challenge = _note_answered(error)
-    return Problem.from_error(answer)._challenged(challenge)
+    problem = Problem.from_error(answer)._challenged(challenge)
+    binding = _shown()
+    _log_withheld(answer, problem, None if binding is None else binding.ctx.request_id)
+    return problem
 
 
 def note_failure(error: BaseException) -> None:
@@ -1687,6 +1696,30 @@ def _failed_while_serving(error: Exception) -> MutableMapping[str, Any]:
         "type": "lifespan.shutdown.failed",
         "message": f"ambient: the app's lifespan failed after its startup: {error!r}",
     }
+
+
+def _log_withheld(error: AmbientError, problem: Problem, request_id: str | None) -> None:
+    """Log what the answer ``problem`` to ``error`` leaves out of its body: the message of
+    a server error (5xx) or an overload (429), with its notes. It names what only the
+    server may know (a backend's address, how long it has been down, a pool's settings).
+    An unexpected server error (not 503 "unavailable") comes with its traceback, as a
+    server logs what it answers with a 500."""
+    status = problem.status
+    if status < _SERVER_ERROR and status != _TOO_MANY:
+        return
+    notes = getattr(error, "__notes__", None)
+    said = str(error)
+    if notes:
+        said += " (" + "; ".join(map(str, notes)) + ")"
+    logger.log(
+        logging.INFO if status == _TOO_MANY else logging.WARNING,
+        "ambient: answered request %s with %d, which does not tell the client: %s: %s",
+        request_id,
+        status,
+        type(error).__name__,
+        said,
+        exc_info=error if status >= _SERVER_ERROR and status != _UNAVAILABLE else None,
+    )
 
 
 def _log_failures(failures: tuple[Exception, ...], ctx: UserExecutionContext) -> None:

@@ -17,6 +17,10 @@ _MAX_REASON = 123
 # 1008 policy violation for refusals, 1013 "try again later" for overload, 1011 for any
 # other server error (an app's own AmbientError with a 500 or 502 is no policy violation).
 _WS_CODES = {429: 1013, 503: 1013}
+# From this status on, and for 429, the answer is the server's failure or overload: the
+# body says the error class's client_detail, never the error's message.
+_SERVER_ERROR: Final = 500
+_OVERLOAD: Final = 429
 # A day: a Retry-After longer than that says nothing a client would act on.
 _RETRY_AFTER_MAX: Final = 86_400
 _WWW_AUTHENTICATE = b"www-authenticate"
@@ -45,8 +49,20 @@ class Problem:
     @classmethod
     def from_error(cls, error: AmbientError, detail: str | None = None) -> Problem:
         """The answer ``error`` carries (it must have an ``http_status``), with its
-        ``Retry-After`` and ``WWW-Authenticate`` headers when it has them."""
+        ``Retry-After`` and ``WWW-Authenticate`` headers when it has them.
+
+        Its detail is ``detail`` when given; else the error's message for a refusal of the
+        client's request (4xx), and the class's ``client_detail`` for a server error (5xx)
+        or an overload (429): the message of such an error is the server's (a backend's
+        address, how long it has been down), for its logs and trace, not for the client.
+        """
         status = error.http_status or 500
+        if detail is None:
+            detail = (
+                error.client_detail
+                if status >= _SERVER_ERROR or status == _OVERLOAD
+                else str(error)
+            )
         headers: list[tuple[bytes, bytes]] = []
         retry_after = error.retry_after
         if retry_after is not None:
@@ -64,7 +80,7 @@ class Problem:
         return cls(
             status,
             error.title,
-            str(error) if detail is None else detail,
+            detail,
             type_=error.problem_type,
             headers=headers,
         )
@@ -145,8 +161,8 @@ class Problem:
     def _websocket_close(self) -> dict[str, Any]:
         """The ``websocket.close`` message that ends an accepted websocket with this
         problem: 1013 "try again later" for overload (503, 429), 1011 for another server
-        error, 1008 policy violation otherwise, with the title as reason (the detail may say
-        more than a socket that was served should hear)."""
+        error, 1008 policy violation otherwise, with the title as reason (the detail of a
+        refusal says more than a socket that was served should hear)."""
         reason = self.title.encode()[:_MAX_REASON].decode("utf-8", "ignore")
         return {
             "type": "websocket.close",

@@ -1029,7 +1029,12 @@ class TestNoteFailure:
 
 
 class TestConcurrencyLimit:
-    async def test_a_user_over_the_limit_gets_429_and_others_do_not(self) -> None:
+    async def test_a_user_over_the_limit_gets_429_and_others_do_not(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """The refusal tells the client to come back later; how many of its requests were
+        in flight, and the limit, are the server's to log."""
+        caplog.set_level(logging.INFO, logger="ambient.middleware")
         gate = anyio.Event()
         inside = 0
         both_in = anyio.Event()
@@ -1062,13 +1067,16 @@ class TestConcurrencyLimit:
                     refused = await http.get("/", headers={"x-user-id": "greedy"})
                     body = assert_problem(refused, 429)
                     assert refused.headers["retry-after"] == "1"
-                    assert "limit 2" in body["detail"]
+                    assert body["detail"] == TooManyRequestsError.client_detail
+                    assert "limit" not in refused.text
                     tg.start_soon(call, "patient")
                     gate.set()
                 again = await http.get("/", headers={"x-user-id": "greedy"})
         assert sorted(statuses) == [200, 200, 200]
         assert again.status_code == 200
         assert middleware._active == {}
+        logged = [r.getMessage() for r in caplog.records if r.name == "ambient.middleware"]
+        assert [m for m in logged if "429" in m and "(limit 2)" in m], logged
 
     def test_the_limit_must_be_a_positive_int(self) -> None:
         for bad in (0, -1, 1.5, True):

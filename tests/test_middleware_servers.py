@@ -45,7 +45,7 @@ from websockets.sync.client import connect
 import ambient
 from ambient import Registry
 from ambient._binding import _current, _live
-from ambient.errors import IncompleteResponseError, PoolExhaustedError
+from ambient.errors import AmbientError, IncompleteResponseError, PoolExhaustedError
 from ambient.integrations.starlette import install
 from ambient.middleware import AmbientMiddleware, scope_user, trusted_header
 from ambient.middleware.identity import Identity, jwt_bearer
@@ -366,6 +366,117 @@ async def test_an_unauthenticated_websocket_is_refused(
     # handshake with 1008, which the client sees as a 403 refusal.
     assert refusal.response.status_code in (401, 403)
     assert ledger.created == {}
+
+
+class UpstreamError(AmbientError):
+    """An application's own error with an answer: its upstream failed (502)."""
+
+    http_status = 502
+    problem_type = "urn:example:problem:upstream"
+    title = "Upstream failed"
+
+
+class QuotaStoreError(AmbientError):
+    """An application's own 500, with a sentence of its own for the client."""
+
+    http_status = 500
+    title = "Quota unknown"
+    client_detail = "the quota could not be checked"
+
+
+async def test_a_server_errors_own_message_reaches_the_log_never_the_client(
+    server: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An app raises its own ambient errors with a server-side status, their messages
+    quoting what failed (an upstream's address, an exception's text), before it answers a
+    request or accepts a socket. The client gets the problem with the class's
+    client_detail (a sentence any client may hear), in the body or the refusal; the
+    message, with its traceback, is logged."""
+    secret = "10.0.0.7:8443 said: psycopg.OperationalError: password authentication failed"
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        error = QuotaStoreError if scope["path"] == "/quota" else UpstreamError
+        raise error(f"the upstream at {secret}")
+
+    caplog.set_level(logging.WARNING, logger="ambient.middleware")
+    middleware = AmbientMiddleware(app, registry=Registry(), identity=trusted_header())
+    headers = {"x-user-id": "ann"}
+    with serve(server, middleware) as url:
+        async with httpx.AsyncClient(base_url=url) as http:
+            upstream = await http.get("/", headers=headers)
+            quota = await http.get("/quota", headers=headers)
+
+        def refused_handshake() -> InvalidStatus:
+            ws_url = url.replace("http://", "ws://") + "/ws"
+            with (
+                pytest.raises(InvalidStatus) as refused,
+                connect(ws_url, additional_headers=headers, open_timeout=10),
+            ):
+                pass
+            return refused.value
+
+        refusal = await anyio.to_thread.run_sync(refused_handshake)
+    assert (upstream.status_code, upstream.json()) == (
+        502,
+        {
+            "type": "urn:example:problem:upstream",
+            "title": "Upstream failed",
+            "status": 502,
+            "detail": "the server could not carry out the request",
+        },
+    )
+    assert (quota.status_code, quota.json()["detail"]) == (500, "the quota could not be checked")
+    # Every server here answers a refused handshake over HTTP (the denial extension).
+    assert refusal.response.status_code == 502
+    assert json.loads(refusal.response.body) == upstream.json()
+    for answer in (upstream.text, quota.text, bytes(refusal.response.body).decode()):
+        assert "10.0.0.7" not in answer
+        assert "password" not in answer
+    logged = [r for r in caplog.records if r.name == "ambient.middleware"]
+    assert len(logged) == 3, logged
+    for record in logged:
+        assert secret in record.getMessage()
+        assert record.exc_info is not None
+
+
+async def test_a_handshake_refused_with_a_close_gives_the_client_detail_as_reason() -> None:
+    """Without the ``websocket.http.response`` extension (every server here has it) a
+    refused handshake is closed, its reason the problem's detail: for a server error, the
+    class's client_detail."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise UpstreamError("the upstream at 10.0.0.7:8443 refused the connection")
+
+    sent: list[dict[str, Any]] = []
+    messages = iter([{"type": "websocket.connect"}])
+
+    async def receive() -> dict[str, Any]:
+        return next(messages)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "websocket",
+        "path": "/ws",
+        "headers": [(b"x-user-id", b"ann")],
+        "client": ("127.0.0.1", 50000),
+        "query_string": b"",
+    }
+    middleware = AmbientMiddleware(app, registry=Registry(), identity=trusted_header())
+    await middleware(scope, receive, send)
+    assert sent == [
+        {
+            "type": "websocket.close",
+            "code": 1011,
+            "reason": "the server could not carry out the request",
+        }
+    ]
 
 
 async def test_a_websocket_the_app_refuses_after_taking_its_connect_is_refused_at_once(

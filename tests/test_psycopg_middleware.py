@@ -27,6 +27,7 @@ from starlette.responses import Response
 
 import ambient
 from ambient import Registry, UserExecutionContext
+from ambient.errors import PoolExhaustedError
 from ambient.integrations.psycopg import PerUserPools, SharedPool, connection
 from ambient.middleware import AmbientMiddleware, trusted_header
 from tests.servers import serve
@@ -216,7 +217,18 @@ def _assert_pool_exhausted(response: httpx.Response) -> dict[str, Any]:
     assert response.headers["content-type"].startswith("application/problem+json")
     problem: dict[str, Any] = response.json()
     assert problem["status"] == 503
+    # The pool's name, settings and state are the server's: they go to its log.
+    assert problem["detail"] == PoolExhaustedError.client_detail
     return problem
+
+
+def _answered_503(caplog: pytest.LogCaptureFixture) -> str:
+    """What the middleware logged of the 503s it answered (the errors' own messages)."""
+    return "\n".join(
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "ambient.middleware" and "with 503" in r.getMessage()
+    )
 
 
 async def _eventually_zero(db: Database, query: str, params: tuple[object, ...]) -> None:
@@ -293,7 +305,9 @@ async def test_middleware_exhaustion_answers_503_with_retry_after(served: Served
     ids=["max_size=2,max_waiting=2"],
     indirect=True,
 )
-async def test_middleware_max_waiting_full_answers_503_at_once(served: Served) -> None:
+async def test_middleware_max_waiting_full_answers_503_at_once(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
     """With every connection held and max_waiting requests already queued for one, the
     next request gets 503 problem+json with Retry-After at once (not after the pool's 10 s
     timeout), saying the queue is full; once released, every held and queued request is
@@ -324,10 +338,11 @@ async def test_middleware_max_waiting_full_answers_503_at_once(served: Served) -
             stats_when_refused = pool.stats()
             app.release.set()
         after = await client.get("/notes", headers={"x-user-id": "e"})
-    problem = _assert_pool_exhausted(refused)
-    assert "queue for a connection" in problem["detail"]
-    assert "is full (max_waiting=2" in problem["detail"]
-    assert "2 requests waiting" in problem["detail"]
+    _assert_pool_exhausted(refused)
+    logged = _answered_503(caplog)
+    assert "queue for a connection" in logged
+    assert "is full (max_waiting=2" in logged
+    assert "2 requests waiting" in logged
     assert elapsed < 2  # refused at once, well under the 10 s timeout
     assert (stats_when_refused.waiting, stats_when_refused.checked_out) == (2, 4)
     assert [r.status_code for r in holders] == [200, 200]
@@ -343,7 +358,9 @@ async def test_middleware_max_waiting_full_answers_503_at_once(served: Served) -
     ids=["max_size=2,timeout=0.5"],
     indirect=True,
 )
-async def test_middleware_configured_timeout_answers_503(served: Served) -> None:
+async def test_middleware_configured_timeout_answers_503(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
     """With every connection held, a request without a timeout of its own waits the pool's
     configured 0.5 s, not longer, and gets 503 problem+json with Retry-After; afterwards
     nothing is left checked out or waiting, and requests are served again."""
@@ -374,14 +391,16 @@ async def test_middleware_configured_timeout_answers_503(served: Served) -> None
 
         await _eventually(whole, "every connection back in the pool", within=10)
         after = await client.get("/notes", headers={"x-user-id": "c"})
-    problem = _assert_pool_exhausted(refused)
-    assert "within 0.5 s" in problem["detail"]
+    _assert_pool_exhausted(refused)
+    assert "within 0.5 s" in _answered_503(caplog)
     assert 0.4 <= elapsed < 3  # waited the configured timeout, and no longer
     assert pool.stats().discarded == 0
     assert after.status_code == 200
 
 
-async def test_middleware_per_user_limit_answers_503(served: Served) -> None:
+async def test_middleware_per_user_limit_answers_503(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
     """One user holding per_user_limit connections gets 503 for a third request, while
     another user is served."""
     app = served.app
@@ -401,7 +420,8 @@ async def test_middleware_per_user_limit_answers_503(served: Served) -> None:
         other = await client.get("/notes", headers={"x-user-id": "modest"})
         app.release.set()
     assert greedy.status_code == 503
-    assert "per_user_limit" in greedy.json()["detail"]
+    assert greedy.json()["detail"] == PoolExhaustedError.client_detail
+    assert "per_user_limit" in _answered_503(caplog)
     assert other.status_code == 200
 
 

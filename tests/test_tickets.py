@@ -439,6 +439,11 @@ class TestRedis:
             with pytest.raises(IdentityUnavailableError, match="nothing was") as info:
                 await tickets.revoke("alice")
             assert info.value.http_status == 503
+            # Through the middleware, the client hears only to try again later: what the
+            # server stores tickets in, and how it failed, is the server's business.
+            refused = await _handshake(_served(tickets), "t" * 43)
+            assert refused.status == 503
+            assert _detail(refused) == IdentityUnavailableError.client_detail
         finally:
             await gone.aclose()
 

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import logging
 import os
 import signal
 import socket
@@ -39,6 +40,9 @@ from litestar import websocket as litestar_websocket
 from litestar.exceptions import WebSocketDisconnect
 from litestar.handlers import send_websocket_stream
 from litestar.middleware import DefineMiddleware
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from starlette.websockets import WebSocket
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -63,6 +67,7 @@ from ambient.integrations.websockets import (
 from ambient.integrations.websockets._envelope import REVOKE
 from ambient.integrations.websockets._redis import Count
 from ambient.middleware import AmbientMiddleware, trusted_header
+from ambient.telemetry import Telemetry
 from tests.apps import Ledger
 from tests.conftest import REDIS_URL, service_unavailable
 from tests.redis_server import own_redis
@@ -2267,6 +2272,129 @@ async def test_a_revocation_while_redis_is_down_still_ends_this_process_sockets(
             await in_client_thread(lambda: scenario(url))
             await wait_closed(ledger, 2)
             assert hub.stats().connections == 0
+
+
+async def _refuse_until_published(
+    scope: MutableMapping[str, Any],
+    receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
+    send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
+) -> None:
+    """An app that sends its user an event before it answers (a request) or accepts (a
+    handshake): while the backend is down, that raises BroadcastError to the middleware."""
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    manager = await ambient.resolve(UserWebSocketManager)
+    await manager.send({"type": "hello"})
+    if scope["type"] == "http":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"sent"})
+    else:
+        await receive()
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.close", "code": 1000})
+
+
+def _without_http_refusals(app: Any, closes: list[MutableMapping[str, Any]]) -> Any:
+    """``app`` as a server without the ``websocket.http.response`` extension serves it: a
+    handshake is refused with a ``websocket.close``, its reason the problem's detail (kept
+    in ``closes``: uvicorn answers it with a bare 403, another server may pass it on)."""
+
+    async def served(
+        scope: MutableMapping[str, Any],
+        receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
+        send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
+    ) -> None:
+        if scope["type"] != "websocket":
+            await app(scope, receive, send)
+            return
+        extensions = dict(scope.get("extensions") or {})
+        extensions.pop("websocket.http.response", None)
+
+        async def sent(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "websocket.close":
+                closes.append(message)
+            await send(message)
+
+        await app({**scope, "extensions": extensions}, receive, sent)
+
+    return served
+
+
+@pytest.mark.parametrize("refusal", ["http", "close"])
+async def test_a_redis_outage_tells_the_client_to_come_back_and_only_the_server_where_redis_is(
+    redis_url: str, refusal: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis is down: a request whose event cannot be published is answered 503 (with
+    Retry-After), a handshake whose app publishes before accepting is refused (503, or
+    closed with 1013), each saying only that events cannot be delivered right now. The
+    error's own message, which names Redis's address, goes to the log and to the
+    request's span; never to the body or the close reason."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    caplog.set_level(logging.WARNING, logger="ambient.middleware")
+    with own_redis() as own:
+        backend = RedisBroadcast(own.url, channel_prefix=unique_prefix(), timeout=1.0)
+        hub = ConnectionHub(backend)
+        registry = Registry(telemetry=Telemetry(tracer_provider=provider))
+        hub.install(registry)
+        app = AmbientMiddleware(
+            _refuse_until_published, registry=registry, identity=trusted_header()
+        )
+        address = f"127.0.0.1:{own.port}"
+        own.kill()
+
+        async def scenario(base: str) -> tuple[httpx.Response, InvalidStatus]:
+            headers = {"x-user-id": "rita"}
+            async with httpx.AsyncClient(base_url=base, timeout=DEADLINE) as http:
+                answered = await http.get("/", headers=headers)
+            with pytest.raises(InvalidStatus) as refused:
+                await connect(ws_url(base), additional_headers=headers, proxy=None)
+            return answered, refused.value
+
+        closes: list[MutableMapping[str, Any]] = []
+        served = app if refusal == "http" else _without_http_refusals(app, closes)
+        with serve("uvicorn", served) as url:
+            answered, denied = await in_client_thread(lambda: scenario(url))
+        provider.shutdown()
+    assert answered.status_code == 503, answered.text
+    assert answered.headers["content-type"] == "application/problem+json"
+    assert answered.headers["retry-after"] == "1"
+    assert answered.json() == {
+        "type": "urn:ambient:problem:broadcast-unavailable",
+        "title": "Event delivery unavailable",
+        "status": 503,
+        "detail": "events cannot be delivered right now; try again later",
+    }
+    if refusal == "http":
+        assert denied.response.status_code == 503
+        assert json.loads(denied.response.body) == answered.json()
+        assert closes == []
+    else:
+        assert denied.response.status_code == 403
+        assert closes == [
+            {
+                "type": "websocket.close",
+                "code": 1013,
+                "reason": "events cannot be delivered right now; try again later",
+            }
+        ]
+    assert str(own.port) not in answered.text
+    assert str(own.port) not in bytes(denied.response.body).decode()
+    # The server still knows: its log and the scopes' spans say where Redis was.
+    logged = [r for r in caplog.records if r.name == "ambient.middleware"]
+    assert len([r for r in logged if address in r.getMessage()]) == 2, logged
+    assert all("BroadcastError" in r.getMessage() for r in logged)
+    recorded = [
+        event.attributes["exception.message"]
+        for span in exporter.get_finished_spans()
+        for event in span.events
+        if event.name == "exception" and event.attributes is not None
+    ]
+    assert len([message for message in recorded if address in str(message)]) == 2, recorded
 
 
 async def test_a_revocation_made_while_the_subscription_was_down_still_ends_the_socket(
