@@ -37,7 +37,13 @@ import ambient
 from ambient import Lifetime, Registry, UserExecutionContext
 from ambient.check import CheckReport, JWTIdentity, PlannedRequest, parse_request, run_check
 from ambient.cli import main
-from ambient.demo.app import CHECK_PLAN, CHECK_WEBSOCKET, create_app
+from ambient.demo.app import (
+    CHECK_PLAN,
+    CHECK_WEBSOCKET,
+    ConversationStore,
+    build_registry,
+    create_app,
+)
 from ambient.middleware import AmbientMiddleware, Identity, trusted_header
 from ambient.middleware.identity import jwt_bearer
 from ambient.testing import IsolationProbe, IsolationReport
@@ -168,6 +174,41 @@ class TestTheDemo:
         assert bad.status_code == 404
         assert empty.status_code == 400
         assert unsafe.json()["answer"].startswith("cannot calculate")
+
+    async def test_a_components_lookup_error_is_a_500_not_the_unknown_agents_404(
+        self,
+    ) -> None:
+        """A KeyError raised by a component during a run (a bug) was taken for the unknown
+        agent's LookupError: a 404 whose detail was the KeyError's text, what the server
+        was looking up and where. It is the server's 500 now, which says nothing of it;
+        an unknown agent is still a 404 that names the agents there are."""
+        import httpx
+
+        class BrokenStore(ConversationStore):
+            async def add(self, thread_id: str, role: str, text: str) -> None:
+                raise KeyError("tenant 'acme' has no shard in the map at 10.0.0.9")
+
+        registry = build_registry()
+        registry.register(ConversationStore, BrokenStore, lifetime=Lifetime.USER, replace=True)
+        app = create_app(registry=registry)
+        transport = httpx.ASGITransport(
+            app=app, client=("127.0.0.1", 1), raise_app_exceptions=False
+        )
+        async with (
+            contextlib.AsyncExitStack() as stack,
+            httpx.AsyncClient(transport=transport, base_url="http://demo") as http,
+        ):
+            stack.push_async_callback(app.registry.aclose)
+            broken = await http.post(
+                "/agents/triage/runs", json={"prompt": "hi"}, headers={"x-user-id": "bob"}
+            )
+            unknown = await http.post(
+                "/agents/nobody/runs", json={"prompt": "hi"}, headers={"x-user-id": "bob"}
+            )
+        assert broken.status_code == 500
+        assert "10.0.0.9" not in broken.text
+        assert unknown.status_code == 404
+        assert unknown.json()["detail"] == "unknown agent 'nobody'; try one of triage, research"
 
     def test_a_prompt_it_cannot_calculate_is_answered_and_the_socket_lives_on(self) -> None:
         """A 400-digit number (float overflow) and a 1500-term sum or 1500 minus signs

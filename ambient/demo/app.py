@@ -227,6 +227,10 @@ class AgentInstance:
         return await self.tools.call(tool, argument)
 
 
+class UnknownAgentError(LookupError):
+    """No agent has the name a run asked for (the client's mistake: 404)."""
+
+
 class AgentInstanceFactory:
     """Makes agent instances for the current request (REQUEST lifetime)."""
 
@@ -240,7 +244,7 @@ class AgentInstanceFactory:
     def create(self, name: str) -> AgentInstance:
         if name not in self.AGENTS:
             msg = f"unknown agent {name!r}; try one of {', '.join(self.AGENTS)}"
-            raise LookupError(msg)
+            raise UnknownAgentError(msg)
         agent = AgentInstance(name, self.ctx.child(f"agent:{name}"), self.tools)
         self.created.append(agent)
         return agent
@@ -355,7 +359,9 @@ async def run_agent(request: Request) -> Response:
     engine = await ambient.resolve(ExecutionEngine)
     try:
         result = await engine.run(request.path_params["agent"], prompt)
-    except LookupError as exc:
+    except UnknownAgentError as exc:
+        # Only that: another LookupError (a KeyError in a component) is a bug, the
+        # server's 500, and its text is not the client's to read.
         return _problem(404, str(exc))
     return JSONResponse(result)
 
