@@ -1702,8 +1702,10 @@ def _log_withheld(error: AmbientError, problem: Problem, request_id: str | None)
     """Log what the answer ``problem`` to ``error`` leaves out of its body: the message of
     a server error (5xx) or an overload (429), with its notes. It names what only the
     server may know (a backend's address, how long it has been down, a pool's settings).
-    An unexpected server error (not 503 "unavailable") comes with its traceback, as a
-    server logs what it answers with a 500."""
+    An unexpected server error is a warning with its traceback, as a server logs what it
+    answers with a 500. An overload (429) or an unavailable backend (503) is information:
+    it comes with every request while it lasts, and its source says so itself (the Redis
+    backend logs the subscription it lost, jwt_bearer() the key set it cannot fetch)."""
     status = problem.status
     if status < _SERVER_ERROR and status != _TOO_MANY:
         return
@@ -1712,7 +1714,7 @@ def _log_withheld(error: AmbientError, problem: Problem, request_id: str | None)
     if notes:
         said += " (" + "; ".join(map(str, notes)) + ")"
     logger.log(
-        logging.INFO if status == _TOO_MANY else logging.WARNING,
+        logging.INFO if status in (_TOO_MANY, _UNAVAILABLE) else logging.WARNING,
         "ambient: answered request %s with %d, which does not tell the client: %s: %s",
         request_id,
         status,

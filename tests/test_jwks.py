@@ -364,7 +364,7 @@ def cut_off() -> Iterator[str]:
 async def test_a_connection_reset_in_the_middle_of_the_key_set_is_503(
     cut_off: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="ambient.middleware"):
+    with caplog.at_level(logging.INFO, logger="ambient.middleware"):
         response = await ask(protected(cut_off))
     assert_unavailable(response)
     logged = [r.getMessage() for r in caplog.records if r.name == "ambient.middleware"]

@@ -312,6 +312,7 @@ async def test_middleware_max_waiting_full_answers_503_at_once(
     next request gets 503 problem+json with Retry-After at once (not after the pool's 10 s
     timeout), saying the queue is full; once released, every held and queued request is
     served, and so is a new one."""
+    caplog.set_level(logging.INFO, logger="ambient.middleware")
     app, pool = served.app, served.pool
     app.hold_target = 2
     async with httpx.AsyncClient(base_url=served.url, timeout=30) as client:
@@ -364,6 +365,7 @@ async def test_middleware_configured_timeout_answers_503(
     """With every connection held, a request without a timeout of its own waits the pool's
     configured 0.5 s, not longer, and gets 503 problem+json with Retry-After; afterwards
     nothing is left checked out or waiting, and requests are served again."""
+    caplog.set_level(logging.INFO, logger="ambient.middleware")
     app, pool = served.app, served.pool
     app.hold_target = 2
     async with httpx.AsyncClient(base_url=served.url, timeout=30) as client:
@@ -403,6 +405,7 @@ async def test_middleware_per_user_limit_answers_503(
 ) -> None:
     """One user holding per_user_limit connections gets 503 for a third request, while
     another user is served."""
+    caplog.set_level(logging.INFO, logger="ambient.middleware")
     app = served.app
     app.hold_target = 2
     async with (

@@ -2335,7 +2335,7 @@ async def test_a_redis_outage_tells_the_client_to_come_back_and_only_the_server_
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    caplog.set_level(logging.WARNING, logger="ambient.middleware")
+    caplog.set_level(logging.INFO, logger="ambient.middleware")
     with own_redis() as own:
         backend = RedisBroadcast(own.url, channel_prefix=unique_prefix(), timeout=1.0)
         hub = ConnectionHub(backend)
