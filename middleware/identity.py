@@ -256,8 +256,9 @@ def scope_user(*, tenant_attribute: str = "tenant_id") -> IdentityResolver:
     user classes that do not implement ``identity`` (Starlette's ``SimpleUser``); the tenant
     is the user's ``tenant_attribute`` attribute when it has one; the auth scopes from
     ``scope["auth"]`` become the ``scopes`` claim. A user id, or a tenant other than
-    ``None``, that is not a ``str`` (a ``UUID``, an ``int``) is refused with
-    :class:`~ambient.errors.IdentityError` rather than guessed at.
+    ``None``, that is not a ``str`` (a ``UUID``, an ``int``) raises :class:`TypeError`
+    rather than being guessed at: the user class is the application's, so that is the
+    server's error (a 500 whose message only the server's log shows), not the client's.
     """
 
     def resolve(scope: Mapping[str, Any]) -> Identity | None:
@@ -275,7 +276,7 @@ def scope_user(*, tenant_attribute: str = "tenant_id") -> IdentityResolver:
                 f"scope['user'] ({type(user).__name__}) has no str identity or display_name; "
                 "give the user class an `identity` property"
             )
-            raise IdentityError(msg)
+            raise TypeError(msg)
         tenant = getattr(user, tenant_attribute, None)
         if tenant is not None and not isinstance(tenant, str):
             # Taken for "no tenant", users of every tenant with the same id would share
@@ -284,7 +285,7 @@ def scope_user(*, tenant_attribute: str = "tenant_id") -> IdentityResolver:
                 f"scope['user'] ({type(user).__name__}) has a {tenant_attribute} that is "
                 f"{type(tenant).__name__}, not a str or None; make it a str property"
             )
-            raise IdentityError(msg)
+            raise TypeError(msg)
         auth = scope.get("auth")
         scopes = getattr(auth, "scopes", None)
         claims = {"scopes": tuple(scopes)} if scopes else _NO_CLAIMS

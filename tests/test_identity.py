@@ -1003,7 +1003,7 @@ class TestScopeUser:
             is_authenticated = True
             identity = 17
 
-        with pytest.raises(IdentityError, match="identity"):
+        with pytest.raises(TypeError, match="identity"):
             scope_user()({"user": Odd()})
 
     @pytest.mark.parametrize("tenant", [uuid.UUID(int=7), 7, b"acme"])
@@ -1016,7 +1016,7 @@ class TestScopeUser:
             identity = "u-17"
             tenant_id = tenant
 
-        with pytest.raises(IdentityError, match="tenant_id"):
+        with pytest.raises(TypeError, match="tenant_id"):
             scope_user()({"user": Member()})
 
     def test_a_user_whose_is_authenticated_is_not_true_is_no_identity(self) -> None:

@@ -18,6 +18,7 @@ import struct
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -36,7 +37,7 @@ from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoin
 from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import HTTPConnection, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -1037,6 +1038,57 @@ async def test_behind_auth_cors_and_gzip_with_base_http_middleware_inside(server
             assert anonymous.headers["access-control-allow-origin"] == "https://app.example"
     assert next(counter) == 100
     assert ledger.problems() == []
+
+
+class UUIDUser(SimpleUser):
+    """An application's user class whose identity is its database key, a UUID."""
+
+    @property
+    def identity(self) -> Any:
+        return uuid.uuid5(uuid.NAMESPACE_OID, self.username)
+
+
+class UUIDAuth(AuthenticationBackend):
+    """Signs in "Token name" users, those named uuid-* with the UUIDUser class."""
+
+    async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, SimpleUser] | None:
+        name = (conn.headers.get("authorization") or "").removeprefix("Token ")
+        return AuthCredentials(), UUIDUser(name) if name.startswith("uuid-") else SimpleUser(name)
+
+
+async def test_a_user_class_without_a_str_identity_is_the_servers_500(server: str) -> None:
+    """scope_user() given a user whose identity is a UUID: the application's bug, not the
+    client's request, so a 500 whose body does not name the app's user class (the server
+    logs its traceback), while users of a sound class go on being served as themselves."""
+
+    async def whoami(request: Request) -> Response:
+        return PlainTextResponse(ambient.get_current_context().user_id)
+
+    app = Starlette(
+        routes=[Route("/", whoami)],
+        middleware=[
+            Middleware(AuthenticationMiddleware, backend=UUIDAuth()),
+            Middleware(AmbientMiddleware, registry=Registry(), identity=scope_user()),
+        ],
+    )
+    answers: dict[str, tuple[int, str]] = {}
+    with serve(server, app) as url:
+        async with httpx.AsyncClient(base_url=url) as http:
+
+            async def user(name: str) -> None:
+                response = await http.get("/", headers={"authorization": f"Token {name}"})
+                answers[name] = (response.status_code, response.text)
+
+            async with anyio.create_task_group() as tg:
+                for n in range(10):
+                    tg.start_soon(user, f"member-{n}")
+                    tg.start_soon(user, f"uuid-{n}")
+    for n in range(10):
+        assert answers[f"member-{n}"] == (200, f"member-{n}")
+        status, body = answers[f"uuid-{n}"]
+        assert status == 500
+        assert "UUIDUser" not in body
+        assert "identity" not in body
 
 
 @pytest.mark.parametrize(
