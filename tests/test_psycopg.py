@@ -1283,7 +1283,7 @@ async def test_a_commit_given_up_at_return_timeout_is_cancelled_on_the_server(
             with pytest.raises(psycopg.OperationalError, match="may or may not"):
                 async with registry.open_scope(_ctx("alice")), connection() as conn:
                     await conn.execute(insert)
-            await _eventually(gone, "the COMMIT given up stops on the server", within=3.0)
+            await _eventually(gone, "the COMMIT given up stops on the server", within=10.0)
             holder.rollback()
     finally:
         await registry.aclose()
