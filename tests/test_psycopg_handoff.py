@@ -1,0 +1,89 @@
+"""What one user's checkout leaves in a connection never reaches the next user's.
+
+Many users at once, each with its own identity, share few connections, so every
+connection passes from user to user; each checkout leaves something behind in its
+session and checks, before anything else, that nothing another user left is there.
+PostgreSQL only (psycopg's async pool runs on asyncio: the trio parametrization is
+skipped here, and the trio refusals are tested in test_psycopg.py).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+from psycopg.rows import tuple_row
+
+from ambient import bind_context
+from ambient.integrations.psycopg import SharedPool
+from tests.test_psycopg import Database, _ctx, _eventually, _scalar, _shared_idle, make_database
+
+USERS = 12
+# The cursors a session holds, not counting the unnamed portal of this very query.
+_CURSORS = "SELECT count(*) FROM pg_catalog.pg_cursors WHERE name <> ''"
+ROUNDS = 4
+
+
+@pytest.fixture(name="db")
+def fixture_db(anyio_backend: str) -> Iterator[Database]:
+    """A fresh schema, tables and roles (asyncio only: the pools run on asyncio)."""
+    if anyio_backend != "asyncio":
+        pytest.skip("psycopg's async pool is asyncio-only (trio refusal: test_psycopg.py)")
+    with make_database() as db:
+        yield db
+
+
+async def _each_user(work: Any) -> None:
+    """Run ``work(user, round)`` for USERS users at once, ROUNDS times each in turn."""
+
+    async def rounds(user: str) -> None:
+        for turn in range(ROUNDS):
+            with bind_context(_ctx(user), allow_switch=True):
+                await work(user, turn)
+
+    async with anyio.create_task_group() as tg:
+        for n in range(USERS):
+            tg.start_soon(rounds, f"user{n}")
+
+
+async def test_a_held_cursor_left_by_a_handler_never_reaches_the_next_user(db: Database) -> None:
+    """A handler declares a cursor WITH HOLD over its own rows and commits inside its
+    checkout (which the checkout reports): the cursor outlives that transaction, and the
+    next user of the connection must neither see it nor fetch the rows it holds."""
+    async with SharedPool(
+        db.app_url,
+        min_size=2,
+        max_size=2,
+        per_user_limit=1,
+        timeout=30,
+        rls_check="raise",
+        kwargs=db.kwargs(),
+    ) as pool:
+        fetched: Counter[str] = Counter()
+
+        async def work(user: str, turn: int) -> None:
+            with pytest.raises(psycopg.ProgrammingError, match="ended"):
+                async with pool.connection() as conn:
+                    assert await _scalar(conn, _CURSORS) == 0
+                    await conn.execute(
+                        db.sql("INSERT INTO {notes} (owner, body) VALUES (%s, %s)"),
+                        (user, f"{user}-{turn}"),
+                    )
+                    await conn.execute(
+                        db.sql("DECLARE held CURSOR WITH HOLD FOR SELECT owner FROM {notes}")
+                    )
+                    await conn.commit()
+                    cur = conn.cursor(row_factory=tuple_row)
+                    await cur.execute("FETCH ALL FROM held")
+                    owners = [owner for (owner,) in await cur.fetchall()]
+                    assert owners == [user] * (turn + 1)
+                    fetched[user] += 1
+
+        await _each_user(work)
+        assert fetched == dict.fromkeys((f"user{n}" for n in range(USERS)), ROUNDS)
+        await _eventually(lambda: _shared_idle(pool), "pool idle again")
+        assert pool.stats().discarded == 0
