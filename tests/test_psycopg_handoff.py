@@ -87,3 +87,33 @@ async def test_a_held_cursor_left_by_a_handler_never_reaches_the_next_user(db: D
         assert fetched == dict.fromkeys((f"user{n}" for n in range(USERS)), ROUNDS)
         await _eventually(lambda: _shared_idle(pool), "pool idle again")
         assert pool.stats().discarded == 0
+
+
+async def test_a_channel_a_handler_listens_on_never_reaches_the_next_user(db: Database) -> None:
+    """Each user's handler listens on its own inbox channel and commits normally. The next
+    user of the connection listens on nothing of another user's: a notification sent later
+    to that inbox (a reset code, say) would otherwise arrive on the next user's connection,
+    in its ``notifies()``."""
+    async with SharedPool(
+        db.app_url,
+        min_size=2,
+        max_size=2,
+        per_user_limit=1,
+        timeout=30,
+        rls_check="raise",
+        kwargs=db.kwargs(),
+    ) as pool:
+        listened: Counter[str] = Counter()
+
+        async def work(user: str, turn: int) -> None:
+            async with pool.connection() as conn:
+                cur = conn.cursor(row_factory=tuple_row)
+                await cur.execute("SELECT pg_catalog.pg_listening_channels()")
+                assert await cur.fetchall() == []
+                await conn.execute(f"LISTEN inbox_{user}")  # from its COMMIT on
+                listened[user] += 1
+
+        await _each_user(work)
+        assert listened == dict.fromkeys((f"user{n}" for n in range(USERS)), ROUNDS)
+        await _eventually(lambda: _shared_idle(pool), "pool idle again")
+        assert pool.stats().discarded == 0
