@@ -117,3 +117,40 @@ async def test_a_channel_a_handler_listens_on_never_reaches_the_next_user(db: Da
         assert listened == dict.fromkeys((f"user{n}" for n in range(USERS)), ROUNDS)
         await _eventually(lambda: _shared_idle(pool), "pool idle again")
         assert pool.stats().discarded == 0
+
+
+async def test_the_last_sequence_value_a_user_drew_never_reaches_the_next_user(
+    db: Database,
+) -> None:
+    """Each user inserts a note (drawing the next id from the notes' sequence). The next
+    user of the connection has drawn nothing in its session: ``lastval()`` there would
+    otherwise tell it another user's newest id, a row it may not see."""
+    async with SharedPool(
+        db.app_url,
+        min_size=2,
+        max_size=2,
+        per_user_limit=1,
+        timeout=30,
+        rls_check="raise",
+        kwargs=db.kwargs(),
+    ) as pool:
+        drawn: dict[str, list[int]] = {}
+
+        async def work(user: str, turn: int) -> None:
+            async with pool.connection() as conn:
+                with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState):
+                    async with conn.transaction():  # a savepoint: the checkout goes on
+                        await conn.execute("SELECT pg_catalog.lastval()")
+                new = await _scalar(
+                    conn,
+                    db.sql("INSERT INTO {notes} (owner, body) VALUES (%s, %s) RETURNING id"),
+                    (user, f"{user}-{turn}"),
+                )
+                assert await _scalar(conn, "SELECT pg_catalog.lastval()") == new
+                drawn.setdefault(user, []).append(new)
+
+        await _each_user(work)
+        ids = [new for news in drawn.values() for new in news]
+        assert len(ids) == len(set(ids)) == USERS * ROUNDS
+        await _eventually(lambda: _shared_idle(pool), "pool idle again")
+        assert pool.stats().discarded == 0
