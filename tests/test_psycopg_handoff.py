@@ -18,8 +18,8 @@ import psycopg
 import pytest
 from psycopg.rows import tuple_row
 
-from ambient import bind_context
-from ambient.integrations.psycopg import SharedPool
+from ambient import Registry, bind_context
+from ambient.integrations.psycopg import PerUserPools, SharedPool
 from tests.test_psycopg import Database, _ctx, _eventually, _scalar, _shared_idle, make_database
 
 USERS = 12
@@ -154,3 +154,52 @@ async def test_the_last_sequence_value_a_user_drew_never_reaches_the_next_user(
         assert len(ids) == len(set(ids)) == USERS * ROUNDS
         await _eventually(lambda: _shared_idle(pool), "pool idle again")
         assert pool.stats().discarded == 0
+
+
+async def test_transaction_characteristics_a_handler_set_never_reach_the_next_checkout(
+    db: Database,
+) -> None:
+    """A handler of PerUserPools, between transactions of its checkout, makes its
+    connection's next transactions SERIALIZABLE and DEFERRABLE (psycopg begins them with
+    the connection's characteristics). The user's next checkout of that connection begins
+    them as the pool made it: READ COMMITTED, not deferrable, where a serialization failure
+    the application never expects cannot happen."""
+    pools = PerUserPools(
+        db.app_url,
+        max_size=1,
+        max_total=USERS,
+        timeout=30,
+        rls_check="raise",
+        rls_tables=[db.notes],
+        kwargs=db.kwargs(),
+    )
+    registry = Registry()
+    pools.install(registry)
+    characteristics = (
+        "SELECT current_setting('transaction_isolation'), "
+        "current_setting('transaction_deferrable'), current_setting('app.user_id')"
+    )
+    served: Counter[str] = Counter()
+
+    async def rounds(user: str) -> None:
+        for _ in range(ROUNDS):
+            async with registry.open_scope(_ctx(user)), pools.connection() as conn:
+                assert (conn.isolation_level, conn.deferrable) == (None, None)
+                cur = conn.cursor(row_factory=tuple_row)
+                await cur.execute(characteristics)
+                assert await cur.fetchone() == ("read committed", "off", user)
+                await conn.commit()
+                await conn.set_isolation_level(psycopg.IsolationLevel.SERIALIZABLE)
+                await conn.set_deferrable(True)
+                await cur.execute(characteristics)
+                assert await cur.fetchone() == ("serializable", "on", user)
+                served[user] += 1
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for n in range(USERS):
+                tg.start_soon(rounds, f"user{n}")
+        assert served == dict.fromkeys((f"user{n}" for n in range(USERS)), ROUNDS)
+        assert pools.stats().slots <= USERS
+    finally:
+        await registry.aclose()
