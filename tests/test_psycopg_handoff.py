@@ -20,6 +20,7 @@ from psycopg.rows import tuple_row
 
 from ambient import Registry, bind_context
 from ambient.integrations.psycopg import PerUserPools, SharedPool
+from tests.conftest import DATABASE_URL
 from tests.test_psycopg import Database, _ctx, _eventually, _scalar, _shared_idle, make_database
 
 USERS = 12
@@ -203,3 +204,49 @@ async def test_transaction_characteristics_a_handler_set_never_reach_the_next_ch
         assert pools.stats().slots <= USERS
     finally:
         await registry.aclose()
+
+
+@pytest.mark.parametrize("starts_as", ["its login", "another role"])
+async def test_a_session_authorization_a_handler_set_never_reaches_the_next_user(
+    db: Database, starts_as: str
+) -> None:
+    """A pool that logs in as a superuser (which ``rls_check`` only warns about, or not at
+    all when off), its sessions maybe starting as an ordinary role (``-c role=...``): a
+    handler runs ``SET SESSION AUTHORIZATION``, which the authenticated superuser allows
+    whatever the current role, and which neither ``RESET ALL`` nor ``RESET ROLE`` undoes.
+    The next user would run as that role, or with its rights: the connection is closed
+    instead, every time."""
+    login = psycopg.conninfo.conninfo_to_dict(DATABASE_URL)["user"]
+    other = psycopg.conninfo.conninfo_to_dict(db.app_url)["user"]
+    kwargs = db.kwargs()
+    role = login
+    if starts_as == "another role":
+        kwargs["options"] = f"-c role={other}"
+        role = other
+    async with SharedPool(
+        DATABASE_URL,
+        min_size=2,
+        max_size=2,
+        per_user_limit=1,
+        timeout=30,
+        rls_check="off",
+        kwargs=kwargs,
+    ) as pool:
+        switched: Counter[str] = Counter()
+
+        async def work(user: str, turn: int) -> None:
+            async with pool.connection() as conn:
+                cur = conn.cursor(row_factory=tuple_row)
+                await cur.execute(
+                    "SELECT session_user, current_user, current_setting('app.user_id')"
+                )
+                assert await cur.fetchone() == (login, role, user)
+                await conn.execute(f'SET SESSION AUTHORIZATION "{other}"')
+                await cur.execute("SELECT session_user, current_user")
+                assert await cur.fetchone() == (other, other)
+                switched[user] += 1
+
+        await _each_user(work)
+        assert switched == dict.fromkeys((f"user{n}" for n in range(USERS)), ROUNDS)
+        await _eventually(lambda: _shared_idle(pool), "pool idle again")
+        assert pool.stats().discarded == USERS * ROUNDS
