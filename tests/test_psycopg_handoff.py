@@ -250,3 +250,46 @@ async def test_a_session_authorization_a_handler_set_never_reaches_the_next_user
         assert switched == dict.fromkeys((f"user{n}" for n in range(USERS)), ROUNDS)
         await _eventually(lambda: _shared_idle(pool), "pool idle again")
         assert pool.stats().discarded == USERS * ROUNDS
+
+
+async def test_a_prepare_threshold_a_handler_set_never_reaches_the_next_user(
+    db: Database,
+) -> None:
+    """A handler makes psycopg prepare every statement on its connection
+    (``prepare_threshold = 0``). The next user's checkout of that connection prepares as
+    the pool made it: a statement run once is not prepared on the server (behind a pooler
+    that follows no prepared statements, one prepared would fail the next transaction)."""
+    async with SharedPool(
+        db.app_url,
+        min_size=2,
+        max_size=2,
+        per_user_limit=1,
+        timeout=30,
+        rls_check="raise",
+        kwargs=db.kwargs(),
+    ) as pool:
+        made: int | None = None
+        prepared = "SELECT count(*) FROM pg_catalog.pg_prepared_statements WHERE statement LIKE %s"
+        ran: Counter[str] = Counter()
+
+        async def work(user: str, turn: int) -> None:
+            nonlocal made
+            async with pool.connection() as conn:
+                if made is None:
+                    made = conn.prepare_threshold
+                assert conn.prepare_threshold == made
+                mark = f"once_{user}_{turn}"
+                assert await _scalar(conn, f"SELECT '{user}' AS {mark}") == user
+                assert await _scalar(conn, prepared, (f"%{mark}%",)) == 0
+                conn.prepare_threshold = 0
+                mark = f"always_{user}_{turn}"
+                assert await _scalar(conn, f"SELECT '{user}' AS {mark}") == user
+                assert await _scalar(conn, prepared, (f"%{mark}%",)) == 1
+                ran[user] += 1
+
+        await _each_user(work)
+        assert made is not None
+        assert made > 0
+        assert ran == dict.fromkeys((f"user{n}" for n in range(USERS)), ROUNDS)
+        await _eventually(lambda: _shared_idle(pool), "pool idle again")
+        assert pool.stats().discarded == 0
