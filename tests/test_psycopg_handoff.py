@@ -9,11 +9,13 @@ skipped here, and the trio refusals are tested in test_psycopg.py).
 
 from __future__ import annotations
 
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import psycopg
 import pytest
 from psycopg.rows import tuple_row
@@ -297,3 +299,63 @@ async def test_a_prepare_threshold_a_handler_set_never_reaches_the_next_user(
         assert ran == dict.fromkeys((f"user{n}" for n in range(USERS)), ROUNDS)
         await _eventually(lambda: _shared_idle(pool), "pool idle again")
         assert pool.stats().discarded == 0
+
+
+async def test_a_users_share_stays_within_per_user_limit_as_places_are_handed_on(
+    db: Database,
+) -> None:
+    """Six users, each with three checkouts at once, again and again, and
+    per_user_limit=2 of a pool that could serve all: a place a checkout frees is handed to
+    the user's one in line, and the checkout that freed it, back at once for another, waits
+    in turn, though no other waits then. No user ever holds more than two
+    connections (counted in the checkouts, and on the server by a lock each checkout of
+    the user holds), and every checkout sees its own user's id."""
+    users, limit = 6, 2
+    tasks, rounds = limit + 1, 3 * ROUNDS
+    key = zlib.crc32(db.schema.encode()) & 0x7FFFFFFF  # this test's locks only
+    async with SharedPool(
+        db.app_url,
+        min_size=limit * users,
+        max_size=limit * users + 4,
+        per_user_limit=limit,
+        timeout=30,
+        rls_check="raise",
+        kwargs=db.kwargs(),
+    ) as pool:
+        holding: Counter[str] = Counter()
+        peak: Counter[str] = Counter()
+        served: Counter[str] = Counter()
+
+        async def checkout(u: int) -> None:
+            user = f"user{u}"
+            with bind_context(_ctx(user), allow_switch=True):
+                for _ in range(rounds):
+                    async with pool.connection() as conn:
+                        holding[user] += 1
+                        peak[user] = max(peak[user], holding[user])
+                        cur = conn.cursor(row_factory=tuple_row)
+                        await cur.execute(
+                            "SELECT pg_catalog.pg_advisory_xact_lock_shared(%s, %s)", (key, u)
+                        )
+                        await cur.execute(
+                            "SELECT current_setting('app.user_id'), count(*) "
+                            "FROM pg_catalog.pg_locks WHERE locktype = 'advisory' "
+                            "AND classid = %s AND objid = %s AND objsubid = 2 AND granted",
+                            (key, u),
+                        )
+                        (setting, holders) = await cur.fetchone() or (None, None)
+                        assert (setting, holding[user]) == (user, min(holding[user], limit))
+                        assert 1 <= holders <= limit
+                        # Let the user's other checkouts queue up behind this one.
+                        for _ in range(tasks):
+                            await anyio.lowlevel.checkpoint()
+                        holding[user] -= 1
+                    served[user] += 1
+
+        async with anyio.create_task_group() as tg:
+            for u in range(users):
+                for _ in range(tasks):
+                    tg.start_soon(checkout, u)
+        assert served == dict.fromkeys((f"user{u}" for u in range(users)), tasks * rounds)
+        assert peak == dict.fromkeys((f"user{u}" for u in range(users)), limit)
+        await _eventually(lambda: _shared_idle(pool), "pool idle again")
