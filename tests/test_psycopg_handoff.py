@@ -23,7 +23,16 @@ from psycopg.rows import tuple_row
 from ambient import Registry, bind_context
 from ambient.integrations.psycopg import PerUserPools, SharedPool
 from tests.conftest import DATABASE_URL
-from tests.test_psycopg import Database, _ctx, _eventually, _scalar, _shared_idle, make_database
+from tests.test_psycopg import (
+    Database,
+    _admin,
+    _ctx,
+    _eventually,
+    _scalar,
+    _shared_idle,
+    _url_for,
+    make_database,
+)
 
 USERS = 12
 # The cursors a session holds, not counting the unnamed portal of this very query.
@@ -359,3 +368,62 @@ async def test_a_users_share_stays_within_per_user_limit_as_places_are_handed_on
         assert served == dict.fromkeys((f"user{u}" for u in range(users)), tasks * rounds)
         assert peak == dict.fromkeys((f"user{u}" for u in range(users)), limit)
         await _eventually(lambda: _shared_idle(pool), "pool idle again")
+
+
+async def test_per_user_pools_serve_users_that_each_log_in_as_a_role_of_their_own(
+    db: Database,
+) -> None:
+    """A conninfo callable gives each user a login role of its own (the documented "a role
+    per user"). Every user's pool connects and serves it as its own role, with its own
+    settings, whichever user's pool connected first: the role a pool's sessions must keep
+    starting as is the first one of the same login's, not the first of any user's."""
+    app_role = psycopg.conninfo.conninfo_to_dict(db.app_url)["user"]
+    roles = {f"user{n}": f"{app_role}_login{n}" for n in range(USERS)}
+    with _admin() as admin:
+        for role in roles.values():
+            admin.execute(f"CREATE ROLE {role} LOGIN NOSUPERUSER NOBYPASSRLS IN ROLE {app_role}")
+    pools = PerUserPools(
+        lambda user: _url_for(roles[user.user_id]),
+        max_size=1,
+        max_total=USERS,
+        timeout=10,
+        rls_check="raise",
+        rls_tables=[db.notes],
+        kwargs=db.kwargs(),
+    )
+    registry = Registry()
+    pools.install(registry)
+    served: Counter[str] = Counter()
+
+    async def serve(user: str) -> None:
+        for turn in range(ROUNDS):
+            async with registry.open_scope(_ctx(user)), pools.connection() as conn:
+                await conn.execute(
+                    db.sql("INSERT INTO {notes} (owner, body) VALUES (%s, %s)"),
+                    (user, f"{user}-{turn}"),
+                )
+                cur = conn.cursor(row_factory=tuple_row)
+                await cur.execute(
+                    db.sql(
+                        "SELECT current_user, current_setting('app.user_id'), "
+                        "(SELECT array_agg(DISTINCT owner) FROM {notes}), "
+                        "(SELECT count(*) FROM {notes})"
+                    )
+                )
+                assert await cur.fetchone() == (roles[user], user, [user], turn + 1)
+                served[user] += 1
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for user in roles:
+                tg.start_soon(serve, user)
+        assert served == dict.fromkeys(roles, ROUNDS)
+    finally:
+        await registry.aclose()
+        with _admin() as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY(%s)",
+                (list(roles.values()),),
+            )
+            for role in roles.values():
+                admin.execute(f"DROP ROLE {role}")

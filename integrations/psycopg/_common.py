@@ -328,21 +328,22 @@ async def _through_pooler(conn: AsyncConnection[Any]) -> tuple[bool, str, str, s
 
 
 async def _starts_as_the_first(
-    owner: SharedPool | PerUserPools, conn: AsyncConnection[Any], role: str, remedy: str
+    owner: SharedPool | PerUserPools,
+    conn: AsyncConnection[Any],
+    role: str,
+    first: str,
+    remedy: str,
 ) -> None:
-    """Note the role ``owner``'s first session started as (the one check_rls checked), or
-    close ``conn`` unused when its session starts as another: any role may ALTER ROLE
-    itself SET role to a role it is a member of, perhaps one that bypasses row-level
-    security, and every user after would run as it. ``remedy`` says how to take a new
-    role default on purpose."""
-    if owner._role is None:
-        owner._role = role
-        return
-    if role == owner._role:
+    """Close ``conn`` unused when its session starts as another role than ``first``, the
+    role the first session of ``owner`` with the same login started as (the one check_rls
+    checked): any role may ALTER ROLE itself SET role to a role it is a member of, perhaps
+    one that bypasses row-level security, and every user after would run as it.
+    ``remedy`` says how to take a new role default on purpose."""
+    if role == first:
         return
     await conn.close()
     msg = (
-        f"a new connection of {owner!r} starts as role {role!r}, not {owner._role!r} as "
+        f"a new connection of {owner!r} starts as role {role!r}, not {first!r} as "
         f"its first one did (an ALTER ROLE ... SET role since?): it is closed, not used; "
         f"{remedy} to use that role"
     )

@@ -207,9 +207,10 @@ class PerUserPools:
         self.evicted = 0
         self._cancellers = _Cancellers()
         self._adapters = _AdaptersAsMade()
-        # The role the first connection's session started as (the one check_rls checked):
-        # every later one must start as it too.
-        self._role: str | None = None
+        # Per connection string (a callable conninfo may log each user in as a role of its
+        # own), the role its first session started as (the one check_rls checked): every
+        # later one with that string must start as it too.
+        self._roles: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"<PerUserPools {self.name!r}>"

@@ -484,7 +484,9 @@ class SharedPool:
         # the client's.
         self._login = login
         # And the role it runs as once RESET ROLE has run, which must stay the first's.
-        await _starts_as_the_first(self, conn, role, "reopen the pool")
+        if self._role is None:
+            self._role = role
+        await _starts_as_the_first(self, conn, role, self._role, "reopen the pool")
         # Every connection of the pool starts alike; remember how, to restore it on return.
         if self._initial is None:
             self._initial = _python_side(conn)

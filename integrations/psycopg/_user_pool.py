@@ -155,7 +155,7 @@ class _UserPool:
         async def configure(conn: AsyncConnection[Any]) -> None:
             made.difference_update([c for c in made if c.closed])
             made.add(conn)
-            await self._configure(conn)
+            await self._configure(conn, conninfo)
 
         options = {**owner._pool_options, "reset": self._reset}
         options["connection_class"] = self.refusals.connection_class(
@@ -199,10 +199,11 @@ class _UserPool:
         what = f"this user's pool of {owner!r}"
         return _not_opened(what, allowed, owner.retry_after, self.refusals.why(), shared=shared)
 
-    async def _configure(self, conn: AsyncConnection[Any]) -> None:
+    async def _configure(self, conn: AsyncConnection[Any], conninfo: str) -> None:
         owner = self.owner
         pooled, _, role, deallocate = await _through_pooler(conn)
-        await _starts_as_the_first(owner, conn, role, "restart the application")
+        first = owner._roles.setdefault(conninfo, role)
+        await _starts_as_the_first(owner, conn, role, first, "restart the application")
         if pooled:
             # The server session behind this connection changes hands between
             # transactions: a session-level setting would reach other users' queries.
