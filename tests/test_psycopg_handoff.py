@@ -20,7 +20,8 @@ import psycopg
 import pytest
 from psycopg.rows import tuple_row
 
-from ambient import Registry, bind_context
+from ambient import Registry, UserRef, bind_context
+from ambient.errors import RowSecurityError
 from ambient.integrations.psycopg import PerUserPools, SharedPool
 from tests.conftest import DATABASE_URL
 from tests.test_psycopg import (
@@ -368,6 +369,53 @@ async def test_a_users_share_stays_within_per_user_limit_as_places_are_handed_on
         assert served == dict.fromkeys((f"user{u}" for u in range(users)), tasks * rounds)
         assert peak == dict.fromkeys((f"user{u}" for u in range(users)), limit)
         await _eventually(lambda: _shared_idle(pool), "pool idle again")
+
+
+async def test_user_pools_that_fail_to_open_give_their_room_back(db: Database) -> None:
+    """Under max_total=2, the pools of six users fail to open one after another (their
+    role bypasses row-level security, which ``rls_check="raise"`` refuses): each gives back
+    the room it took for its first connection. Then six other users are all served at once,
+    each with its own settings; the budget is whole again afterwards."""
+    max_total = 2
+    refused = [f"root{n}" for n in range(6)]
+
+    def conninfo(user: UserRef) -> str:
+        return DATABASE_URL if user.user_id.startswith("root") else db.app_url
+
+    pools = PerUserPools(
+        conninfo,
+        max_size=1,
+        max_total=max_total,
+        timeout=10,
+        rls_check="raise",
+        rls_tables=[db.notes],
+        kwargs=db.kwargs(),
+    )
+    registry = Registry()
+    pools.install(registry)
+    served: Counter[str] = Counter()
+
+    async def serve(user: str) -> None:
+        for _ in range(ROUNDS):
+            async with registry.open_scope(_ctx(user)), pools.connection() as conn:
+                assert await _scalar(conn, "SELECT current_setting('app.user_id')") == user
+                served[user] += 1
+
+    try:
+        for user in refused:
+            with pytest.raises(RowSecurityError):
+                async with registry.open_scope(_ctx(user)), pools.connection():
+                    pass
+            assert pools.stats().slots == 0
+        async with anyio.create_task_group() as tg:
+            for n in range(6):
+                tg.start_soon(serve, f"user{n}")
+        assert served == dict.fromkeys((f"user{n}" for n in range(6)), ROUNDS)
+        assert pools.stats().slots <= max_total
+        assert pools.stats().checked_out == 0
+    finally:
+        await registry.aclose()
+    assert pools.stats().slots == 0
 
 
 async def test_per_user_pools_serve_users_that_each_log_in_as_a_role_of_their_own(
