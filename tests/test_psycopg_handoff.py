@@ -19,8 +19,9 @@ import anyio.lowlevel
 import psycopg
 import pytest
 from psycopg.rows import tuple_row
+from psycopg_pool import PoolClosed
 
-from ambient import Registry, UserRef, bind_context
+from ambient import Registry, UserRef, bind_context, resolve
 from ambient.errors import RowSecurityError
 from ambient.integrations.psycopg import PerUserPools, SharedPool
 from tests.conftest import DATABASE_URL
@@ -475,3 +476,126 @@ async def test_per_user_pools_serve_users_that_each_log_in_as_a_role_of_their_ow
             )
             for role in roles.values():
                 admin.execute(f"DROP ROLE {role}")
+
+
+def _gated(gate: anyio.Event, gated_conninfo: str) -> type[psycopg.AsyncConnection[Any]]:
+    """A connection class whose connections to ``gated_conninfo`` wait for ``gate``."""
+
+    class Gated(psycopg.AsyncConnection[Any]):
+        @classmethod
+        async def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:
+            if conninfo == gated_conninfo:
+                await gate.wait()
+            return await super().connect(conninfo, **kwargs)
+
+    return Gated
+
+
+async def _serve_users(registry: Registry, pools: PerUserPools, users: list[str]) -> None:
+    """Each of ``users`` at once, ROUNDS checkouts each, every one seeing its own id."""
+    served: Counter[str] = Counter()
+
+    async def serve(user: str) -> None:
+        for _ in range(ROUNDS):
+            async with registry.open_scope(_ctx(user)), pools.connection() as conn:
+                assert await _scalar(conn, "SELECT current_setting('app.user_id')") == user
+                served[user] += 1
+
+    async with anyio.create_task_group() as tg:
+        for user in users:
+            tg.start_soon(serve, user)
+    assert served == dict.fromkeys(users, ROUNDS)
+
+
+async def test_room_a_failed_opening_gives_back_goes_to_the_checkouts_waiting_for_it(
+    db: Database,
+) -> None:
+    """max_total=1: a user's pool takes the only room and fails to open (its role bypasses
+    row-level security) while four other users' checkouts wait for room. The room it gives
+    back wakes them: all are served, in turn, well within their timeout."""
+    gate = anyio.Event()
+
+    def conninfo(user: UserRef) -> str:
+        return DATABASE_URL if user.user_id == "root" else db.app_url
+
+    pools = PerUserPools(
+        conninfo,
+        max_size=1,
+        max_total=1,
+        timeout=10,
+        rls_check="raise",
+        rls_tables=[db.notes],
+        kwargs=db.kwargs(),
+        connection_class=_gated(gate, DATABASE_URL),
+    )
+    registry = Registry()
+    pools.install(registry)
+    users = [f"user{n}" for n in range(4)]
+
+    async def refused() -> None:
+        with pytest.raises(RowSecurityError):
+            async with registry.open_scope(_ctx("root")), pools.connection():
+                pass
+
+    async def waiting(count: int) -> bool:
+        return pools.stats().waiting == count
+
+    async def room_taken() -> bool:
+        return pools.stats().slots == 1
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(refused)
+            await _eventually(room_taken, "the refused user's pool took the room")
+            tg.start_soon(_serve_users, registry, pools, users)
+            await _eventually(lambda: waiting(len(users)), "every other user waits for room")
+            gate.set()
+        assert pools.stats().checked_out == 0
+    finally:
+        await registry.aclose()
+    assert pools.stats().slots == 0
+
+
+async def test_a_user_pool_closed_while_it_opens_gives_its_room_back(db: Database) -> None:
+    """max_total=1: a user's pool is closed (its user evicted) while it opens; the opening
+    ends with PoolClosed for that checkout, closes what it opened and gives the room back,
+    so that other users are served next."""
+    gate = anyio.Event()
+    pools = PerUserPools(
+        db.app_url,
+        max_size=1,
+        max_total=1,
+        timeout=10,
+        rls_check="raise",
+        rls_tables=[db.notes],
+        kwargs=db.kwargs(),
+        connection_class=_gated(gate, db.app_url),
+    )
+    registry = Registry()
+    pools.install(registry)
+
+    async def evicted() -> None:
+        async with registry.open_scope(_ctx("leaving")):
+            user_pool = await resolve(pools)
+            async with anyio.create_task_group() as tg:
+
+                async def checkout() -> None:
+                    with pytest.raises(PoolClosed):
+                        async with pools.connection():
+                            pass
+
+                tg.start_soon(checkout)
+                await _eventually(room_taken, "the pool took its room and opens")
+                await user_pool.aclose()  # the USER component's cleanup
+                gate.set()
+
+    async def room_taken() -> bool:
+        return pools.stats().slots == 1
+
+    try:
+        await evicted()
+        assert pools.stats().slots == 0
+        await _serve_users(registry, pools, [f"user{n}" for n in range(4)])
+    finally:
+        await registry.aclose()
+    assert pools.stats().slots == 0
