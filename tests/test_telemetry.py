@@ -2178,6 +2178,49 @@ class TestPipelining:
         assert [s.parent for s in scopes] == [None, None, None]
         assert len({s.context.trace_id for s in scopes}) == 3
 
+    async def test_the_next_requests_identity_is_resolved_outside_the_previous_trace(
+        self, otel: Otel
+    ) -> None:
+        """uvicorn starts the next pipelined request inside the previous one's context, here
+        while that request's scope (its span, its baggage) is still current: each request
+        waits in its handler, its answer sent, until the next one's identity resolver has
+        run. The resolver (which may call an identity provider, or log) runs in no trace
+        and sees no baggage; it ran in the previous user's trace, with that user's ids as
+        its baggage."""
+        seen: dict[str, tuple[bool, dict[str, object]]] = {}
+        waiting: list[anyio.Event] = []
+        users = ["u0", "u1", "u2"]
+        by_header = trusted_header()
+
+        def identity(scope: Any) -> Identity | None:
+            user = dict(scope["headers"])[b"x-user-id"].decode()
+            current = trace.get_current_span().get_span_context().is_valid
+            seen[user] = (current, dict(baggage.get_all()))
+            if waiting:
+                waiting.pop().set()
+            return by_header(scope)
+
+        async def handler(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            last = ambient.get_current_context().user_id == users[-1]
+            if not last:
+                waiting.append(anyio.Event())  # on the server's event loop
+                next_resolved = waiting[-1]
+            await who(scope, receive, send)
+            if not last:
+                with anyio.fail_after(10):  # uvicorn started the next one as the answer ended
+                    await next_resolved.wait()
+
+        telemetry = otel.telemetry(user_id="raw", baggage=("user_id", "thread_id"))
+        app = AmbientMiddleware(
+            handler, registry=server_registry(), identity=identity, telemetry=telemetry
+        )
+        with serve("uvicorn", app, lifespan="off", http="h11", loop="asyncio") as url:
+            bodies = await anyio.to_thread.run_sync(pipelined, url, users)
+        assert [json.loads(b)["user"] for b in bodies] == users
+        # Each handler saw its own user's baggage: the scope did put it there.
+        assert [json.loads(b)["baggage"].get("ambient.user_id") for b in bodies] == users
+        assert seen == {user: (False, {}) for user in users}
+
     async def test_requests_behind_an_instrumentation_inside_after_a_sampled_out_one(
         self, otel_first_dropped: Otel
     ) -> None:
