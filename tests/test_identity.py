@@ -533,8 +533,10 @@ class TestJwtBearer:
             resolver(bearer(confused))
 
     def test_construction_refuses_dangerous_configurations(self) -> None:
-        with pytest.raises(ValueError, match="none"):
-            jwt_bearer(SECRET, algorithms=["none"])
+        for unsigned in ("none", "None", "NONE"):
+            # Refused as unsigned whatever its case, not as a name PyJWT does not know.
+            with pytest.raises(ValueError, match="refuses the 'none' algorithm"):
+                jwt_bearer(SECRET, algorithms=[unsigned])
         with pytest.raises(ValueError, match="at least one algorithm"):
             jwt_bearer(SECRET, algorithms=[])
         with pytest.raises(ValueError, match="cannot mix"):
@@ -675,6 +677,15 @@ class TestJwtBearer:
         """A misspelt algorithm verified no token (every one of it a 401)."""
         with pytest.raises(ValueError, match="does not know the algorithm"):
             jwt_bearer(PUBLIC_PEM if "RS256" in algorithms else SECRET, algorithms=algorithms)
+
+    @pytest.mark.parametrize("scheme", ["bearer", "BEARER", "bEaReR"])
+    def test_the_scheme_is_case_insensitive(self, scheme: str) -> None:
+        """RFC 9110 (11.1): the auth scheme is case-insensitive, so a client writing
+        ``bearer`` or ``BEARER`` sends a bearer token like one writing ``Bearer``."""
+        good = token()
+        identity = hs_resolver()(http_scope([(b"authorization", f"{scheme} {good}".encode())]))
+        assert identity is not None
+        assert identity.user_id == "alice"
 
     @pytest.mark.parametrize(
         "headers",
