@@ -2127,6 +2127,84 @@ async def test_lifespan_never_runs_in_a_user_context(server: str, options: dict[
     assert sorted(cleaned) == ["ann", "bob", "cid"]
 
 
+@pytest.mark.parametrize(
+    ("server", "options"),
+    [
+        ("uvicorn", {}),
+        ("uvicorn", {"lifespan": "on"}),
+        ("hypercorn", {}),
+        ("hypercorn-trio", {}),
+    ],
+    ids=["uvicorn", "uvicorn-lifespan-on", "hypercorn", "hypercorn-trio"],
+)
+def test_a_cleanup_failing_at_shutdown_never_skips_the_apps_own_shutdown(
+    server: str, options: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Eight users each make a USER component; two of them fail their cleanup as the
+    server shuts down. The registry is closed before the app's own shutdown, and its
+    failure is logged there: raised into the app's ``receive``, it ended a Starlette
+    lifespan at its ``yield``, so the app's own shutdown (closing what its startup made)
+    never ran, and the server heard ``lifespan.shutdown.failed``. The app's shutdown runs,
+    after every cleanup, the server hears ``lifespan.shutdown.complete``, and the failures
+    are logged once, on the ``ambient.middleware`` logger."""
+    caplog.set_level(logging.ERROR, logger="ambient.middleware")
+    users = [f"user-{n}" for n in range(8)]
+    failing = {"user-2", "user-5"}
+    events: list[str] = []
+    told: list[str] = []
+
+    class Session:
+        def __init__(self, user: str) -> None:
+            self.user = user
+
+        def close(self) -> None:
+            events.append(f"cleaned {self.user}")
+            if self.user in failing:
+                raise RuntimeError(f"{self.user}'s session did not close")
+
+    registry = ambient.Registry()
+    registry.register(Session, lambda ref: Session(ref.user_id), lifetime=ambient.Lifetime.USER)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        events.append("app startup")
+        yield
+        events.append("app shutdown")
+
+    async def whoami(request: Request) -> Response:
+        session = await ambient.resolve(Session)
+        return JSONResponse({"user": ambient.get_current_context().user_id, "of": session.user})
+
+    app = AmbientMiddleware(
+        Starlette(routes=[Route("/whoami", whoami)], lifespan=lifespan),
+        registry=registry,
+        identity=trusted_header(),
+    )
+
+    async def server_side(scope: Any, receive: Any, send: Any) -> None:
+        async def heard(message: Any) -> None:
+            if scope["type"] == "lifespan":
+                told.append(message["type"])
+            await send(message)
+
+        await app(scope, receive, heard)
+
+    with serve(server, server_side, **options) as url, httpx.Client(base_url=url) as http:
+        for user in users:
+            answer = http.get("/whoami", headers={"x-user-id": user})
+            assert answer.json() == {"user": user, "of": user}
+    assert told == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert events[0] == "app startup"
+    assert events[-1] == "app shutdown"
+    assert sorted(events[1:-1]) == sorted(f"cleaned {user}" for user in users)
+    logged = [r for r in caplog.records if r.name == "ambient.middleware"]
+    assert [r.getMessage() for r in logged] == ["ambient: closing the registry at shutdown failed"]
+    assert logged[0].exc_info is not None
+    failure = "".join(traceback.format_exception(logged[0].exc_info[1]))
+    assert "user-2's session" in failure
+    assert "user-5's session" in failure
+
+
 async def test_bearer_tokens_reach_no_log_span_or_close_reason() -> None:
     """A websocket's bearer token (sent as its subprotocol), valid or expired, shows up in
     no log record (uvicorn's access and error logs at INFO, ambient's at DEBUG), no
