@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
@@ -1077,6 +1078,70 @@ class TestConcurrencyLimit:
         assert middleware._active == {}
         logged = [r.getMessage() for r in caplog.records if r.name == "ambient.middleware"]
         assert [m for m in logged if "429" in m and "(limit 2)" in m], logged
+
+    @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # trio's cancel stops at the shield
+    async def test_a_socket_cancelled_as_it_expires_idle_users_gives_its_slot_back(
+        self,
+    ) -> None:
+        """A websocket handshake arrives when idle users' components are due for cleanup,
+        which it runs before calling its app. A native cancellation (``asyncio.timeout``
+        around the request, a server cancelling its task) passes anyio's shield and is
+        raised once those cleanups are done, before the app was called. The socket is no
+        longer counted against its user then: the user's next socket is served, not
+        refused with 429 for as long as the process lives; another user's socket, served
+        meanwhile, is its own."""
+        now = [0.0]
+        in_cleanup, go_on = anyio.Event(), anyio.Event()
+
+        class Held:
+            def __init__(self, user: UserRef) -> None:
+                self.user = user.user_id
+
+            async def aclose(self) -> None:
+                in_cleanup.set()
+                await go_on.wait()
+
+        registry = Registry(clock=lambda: now[0])
+        registry.register(Held, Held, lifetime=Lifetime.USER, idle_ttl=60)
+        async with registry.open_scope(UserExecutionContext.create("idle")):
+            await ambient.resolve(Held)
+        now[0] += 120
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            assert (await receive())["type"] == "websocket.connect"
+            await send({"type": "websocket.accept"})
+            user = ambient.get_current_context().user_id
+            await send({"type": "websocket.send", "text": user})
+            await send({"type": "websocket.close", "code": 1000})
+
+        middleware = AmbientMiddleware(
+            app, registry=registry, identity=trusted_header(), max_concurrent_per_user=1
+        )
+        connect: list[Message] = [{"type": "websocket.connect"}]
+
+        def socket_of(user: str) -> dict[str, Any]:
+            return ws_scope([(b"x-user-id", user.encode())])
+
+        cancelled = asyncio.ensure_future(drive(middleware, socket_of("alice"), connect))
+        await in_cleanup.wait()
+        served = await drive(middleware, socket_of("bob"), connect)
+        assert [m.get("text") for m in served] == [None, "bob", None]
+        cancelled.cancel()
+        await anyio.wait_all_tasks_blocked()
+        go_on.set()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert middleware._active == {}
+        for user in ("alice", "bob", "alice"):
+            sent = await drive(middleware, socket_of(user), connect)
+            assert [m["type"] for m in sent] == [
+                "websocket.accept",
+                "websocket.send",
+                "websocket.close",
+            ]
+            assert sent[1]["text"] == user
+        assert registry.stats().open_scopes == 0
+        await registry.aclose()
 
     def test_the_limit_must_be_a_positive_int(self) -> None:
         for bad in (0, -1, 1.5, True):
