@@ -429,6 +429,22 @@ class TestJwtBearer:
         assert refused.value.http_status == 401
         assert reason in str(refused.value)
 
+    @pytest.mark.parametrize("value", [42, 4.2, True, ["alice"], {"id": "alice"}])
+    def test_a_user_or_tenant_claim_that_is_no_string_is_a_401_naming_it(
+        self, value: object
+    ) -> None:
+        """A custom ``user_claim`` or ``tenant_claim`` (PyJWT checks only ``sub``) holding a
+        number, a list or an object is a token that fails validation: 401 naming the
+        claim, never an identity whose id is not a string."""
+        with pytest.raises(IdentityError, match="'uid' claim is not a string") as refused:
+            hs_resolver(user_claim="uid")(bearer(token({"uid": value})))
+        assert refused.value.http_status == 401
+        assert refused.value.challenge == 'Bearer error="invalid_token"'
+        with pytest.raises(IdentityError, match="'org' claim is not a string") as refused:
+            hs_resolver(tenant_claim="org")(bearer(token({"org": value})))
+        assert refused.value.http_status == 401
+        assert refused.value.challenge == 'Bearer error="invalid_token"'
+
     def test_audiences_given_as_an_iterator_serve_every_request(self) -> None:
         """``audience=`` is any iterable of strings: a generator (or ``map``) used to be
         used up by the first token, after which every valid token was refused as "for
