@@ -308,6 +308,49 @@ async def test_a_reset_http2_stream_is_cleaned_up_while_its_connection_goes_on(
     assert app.registry.stats().open_scopes == 0
 
 
+async def test_anonymous_websockets_each_get_a_connection_of_their_own(server: str) -> None:
+    """With ``anonymous=True``, 12 sockets without identity and 12 of distinct users at
+    once: every socket's context has a connection id, the same for all of its messages and
+    no other socket's, as an identified socket's has (an anonymous one had none), and
+    every anonymous socket is a user of its own."""
+    app, ledger, _ = build(anonymous=True)
+    results: dict[str, list[dict[str, Any]]] = {}
+
+    def talk(name: str) -> None:
+        headers = {} if name.startswith("anon") else {"x-user-id": name}
+        with connect(ws_url, additional_headers=headers, open_timeout=20) as sock:
+            replies = []
+            for _ in range(3):
+                sock.send("hi")
+                replies.append(json.loads(sock.recv(timeout=20)))
+            results[name] = replies
+
+    names = [f"anon-{n}" for n in range(12)] + [f"ws-{n}" for n in range(12)]
+    with serve(server, app) as url:
+        ws_url = url.replace("http://", "ws://") + "/ws"
+        async with anyio.create_task_group() as tg:
+            for name in names:
+                tg.start_soon(anyio.to_thread.run_sync, talk, name)
+        await wait_for(ledger, lambda led: len(led.events) == len(names))
+    assert sorted(results) == sorted(names)
+    connections = set()
+    anonymous = set()
+    for name, replies in results.items():
+        (user,) = {r["user"] for r in replies}
+        (connection_id,) = {r["connection_id"] for r in replies}
+        assert isinstance(connection_id, str)
+        assert connection_id
+        connections.add(connection_id)
+        if name.startswith("anon"):
+            assert user.startswith("anonymous:")
+            anonymous.add(user)
+        else:
+            assert user == name
+    assert len(connections) == len(names)
+    assert len(anonymous) == 12
+    assert ledger.problems() == []
+
+
 async def test_an_app_exception_gives_500_and_cleanup_still_runs(
     served: tuple[str, Ledger, AmbientMiddleware],
 ) -> None:
