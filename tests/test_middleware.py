@@ -1310,6 +1310,38 @@ async def test_how_the_app_closes_a_websocket_tells_its_cleanups_how_it_ended(
     assert (seen[0] is not None) is fails
 
 
+@pytest.mark.parametrize("heard", [True, False], ids=["client-gone", "client-waiting"])
+async def test_a_socket_whose_app_returns_before_accepting_tells_its_cleanups_why(
+    heard: bool,
+) -> None:
+    """The app returns without answering the handshake. When it heard the client leave
+    first (its ``receive`` answered ``websocket.disconnect``), the socket ended as its
+    client ended it: the cleanups see a clean end, as for an accepted socket its client
+    closed. When the client still waits, the server refuses the handshake (a 500 or 403):
+    the cleanups see the unanswered handshake, an ``IncompleteResponseError``, and a
+    transaction around the ``yield`` rolls back."""
+    seen: list[BaseException | None] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "websocket.connect"
+        await ambient.resolve("tx")
+        if heard:
+            assert (await receive())["type"] == "websocket.disconnect"
+
+    middleware = AmbientMiddleware(app, registry=_tx_registry(seen), identity=trusted_header())
+    incoming: list[Message] = [{"type": "websocket.connect"}]
+    if heard:
+        incoming.append({"type": "websocket.disconnect", "code": 1006})
+    sent = await drive(middleware, ws_scope([(b"x-user-id", b"ann")]), incoming)
+    assert sent == []
+    assert len(seen) == 1
+    if heard:
+        assert seen == [None]
+    else:
+        assert isinstance(seen[0], IncompleteResponseError)
+        assert seen[0].client_gone is False
+
+
 @pytest.mark.parametrize(
     ("kind", "number", "fails"),
     [
