@@ -2814,6 +2814,72 @@ class Connection:
     pool, its transaction rolled back)."""
 
 
+async def test_users_over_their_limit_get_429_with_retry_after_and_no_one_else_does(
+    server: str,
+) -> None:
+    """Ten users with ``max_concurrent_per_user=2``, each with two requests held inside the
+    app: a third request of each user is refused with a 429 problem carrying
+    ``Retry-After`` and its request id, without reaching the app, while the twenty held
+    requests are answered afterwards, each naming its own user, and every user's next
+    request is served: no slot stays counted."""
+    users = [f"user-{n}" for n in range(10)]
+    lock = threading.Lock()
+    inside: list[str] = []
+    all_in, gate = threading.Event(), threading.Event()
+
+    async def held(request: Request) -> Response:
+        user = ambient.get_current_context().user_id
+        with lock:
+            inside.append(user)
+            if len(inside) == 2 * len(users):
+                all_in.set()
+        await anyio.to_thread.run_sync(gate.wait, 20)
+        return JSONResponse({"user": ambient.get_current_context().user_id})
+
+    app = AmbientMiddleware(
+        Starlette(routes=[Route("/", held)]),
+        registry=Registry(),
+        identity=trusted_header(),
+        max_concurrent_per_user=2,
+    )
+    answers: dict[str, list[httpx.Response]] = {user: [] for user in users}
+    with serve(server, app, lifespan="off") as url:
+        limits = httpx.Limits(max_connections=100)
+        async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as http:
+
+            async def call(user: str) -> None:
+                answers[user].append(await http.get("/", headers={"x-user-id": user}))
+
+            async with anyio.create_task_group() as tg:
+                for user in users:
+                    tg.start_soon(call, user)
+                    tg.start_soon(call, user)
+                try:
+                    assert await anyio.to_thread.run_sync(all_in.wait, 20)
+                    for user in users:
+                        refused = await http.get(
+                            "/", headers={"x-user-id": user, "x-request-id": f"over-{user}"}
+                        )
+                        assert refused.status_code == 429, refused.text
+                        assert refused.headers["retry-after"] == "1"
+                        assert refused.headers["x-request-id"] == f"over-{user}"
+                        assert refused.headers["content-type"] == "application/problem+json"
+                        problem = refused.json()
+                        assert problem["status"] == 429
+                        assert problem["title"]
+                        assert problem["detail"]
+                finally:
+                    gate.set()  # the held requests answer now (or the test fails at once)
+            again = {user: await http.get("/", headers={"x-user-id": user}) for user in users}
+    assert sorted(inside) == sorted(users * 3)  # the refused ones never reached the app
+    for user in users:
+        assert [a.status_code for a in answers[user]] == [200, 200]
+        assert [a.json()["user"] for a in answers[user]] == [user, user]
+        assert again[user].status_code == 200
+        assert again[user].json() == {"user": user}
+    assert app._active == {}
+
+
 async def test_a_request_whose_answer_went_out_no_longer_counts_while_it_cleans_up(
     server: str,
 ) -> None:
