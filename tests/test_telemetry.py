@@ -16,6 +16,7 @@ import time
 import traceback
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import nullcontext
 from typing import Any
 
 import anyio
@@ -2178,19 +2179,22 @@ class TestPipelining:
         assert [s.parent for s in scopes] == [None, None, None]
         assert len({s.context.trace_id for s in scopes}) == 3
 
+    @pytest.mark.parametrize("nested", [False, True], ids=["request", "nested-binding"])
     async def test_the_next_requests_identity_is_resolved_outside_the_previous_trace(
-        self, otel: Otel
+        self, otel: Otel, nested: bool
     ) -> None:
         """uvicorn starts the next pipelined request inside the previous one's context, here
         while that request's scope (its span, its baggage) is still current: each request
         waits in its handler, its answer sent, until the next one's identity resolver has
-        run. The resolver (which may call an identity provider, or log) runs in no trace
-        and sees no baggage; it ran in the previous user's trace, with that user's ids as
-        its baggage."""
+        run; ``nested``: inside a scope the handler opened inside the request's. The
+        resolver (which may call an identity provider, or log) runs in no trace and sees
+        no baggage; it ran in the previous user's trace, with that user's ids as its
+        baggage."""
         seen: dict[str, tuple[bool, dict[str, object]]] = {}
         waiting: list[anyio.Event] = []
         users = ["u0", "u1", "u2"]
         by_header = trusted_header()
+        registry = server_registry()
 
         def identity(scope: Any) -> Identity | None:
             user = dict(scope["headers"])[b"x-user-id"].decode()
@@ -2205,15 +2209,15 @@ class TestPipelining:
             if not last:
                 waiting.append(anyio.Event())  # on the server's event loop
                 next_resolved = waiting[-1]
-            await who(scope, receive, send)
-            if not last:
-                with anyio.fail_after(10):  # uvicorn started the next one as the answer ended
-                    await next_resolved.wait()
+            own = registry.open_scope(ambient.get_current_context()) if nested else nullcontext()
+            async with own:
+                await who(scope, receive, send)
+                if not last:
+                    with anyio.fail_after(10):  # uvicorn started the next one as it ended
+                        await next_resolved.wait()
 
         telemetry = otel.telemetry(user_id="raw", baggage=("user_id", "thread_id"))
-        app = AmbientMiddleware(
-            handler, registry=server_registry(), identity=identity, telemetry=telemetry
-        )
+        app = AmbientMiddleware(handler, registry=registry, identity=identity, telemetry=telemetry)
         with serve("uvicorn", app, lifespan="off", http="h11", loop="asyncio") as url:
             bodies = await anyio.to_thread.run_sync(pipelined, url, users)
         assert [json.loads(b)["user"] for b in bodies] == users
