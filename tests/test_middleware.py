@@ -1310,6 +1310,41 @@ async def test_how_the_app_closes_a_websocket_tells_its_cleanups_how_it_ended(
     assert (seen[0] is not None) is fails
 
 
+@pytest.mark.parametrize("second", [1000, 1011])
+@pytest.mark.parametrize(
+    "first", [{"code": 1000}, {}, {"code": None}], ids=["1000", "no-code", "code-none"]
+)
+async def test_a_second_close_never_reaches_the_server_yet_tells_a_later_failure(
+    first: dict[str, Any], second: int
+) -> None:
+    """The app closes its accepted socket, then closes it again (Litestar closes the
+    socket of a handler that raised, also one closed already), the first close maybe
+    without a code (ASGI's default, 1000). uvicorn raises on a second close: only the
+    first goes out. A second close telling a server error (1011) is still what the
+    cleanups see, a transaction around the ``yield`` rolling back; a clean one hides
+    nothing."""
+    seen: list[BaseException | None] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await ambient.resolve("tx")
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.close", **first})
+        await send({"type": "websocket.close", "code": second})
+
+    middleware = AmbientMiddleware(app, registry=_tx_registry(seen), identity=trusted_header())
+    sent = await drive(
+        middleware, ws_scope([(b"x-user-id", b"ann")]), [{"type": "websocket.connect"}]
+    )
+    assert [m["type"] for m in sent] == ["websocket.accept", "websocket.close"]
+    assert sent[1] == {"type": "websocket.close", **first}
+    assert len(seen) == 1
+    if second == 1011:
+        assert isinstance(seen[0], ServerErrorResponseError)
+    else:
+        assert seen == [None]
+
+
 @pytest.mark.parametrize("heard", [True, False], ids=["client-gone", "client-waiting"])
 async def test_a_socket_whose_app_returns_before_accepting_tells_its_cleanups_why(
     heard: bool,
