@@ -351,6 +351,46 @@ async def test_anonymous_websockets_each_get_a_connection_of_their_own(server: s
     assert ledger.problems() == []
 
 
+async def test_an_app_that_sets_the_request_id_header_in_any_case_gets_no_second_one(
+    server: str,
+) -> None:
+    """An app that sets the request id header itself, its name in another case (Django
+    sends header names as they were set: ``X-Request-ID``), keeps it as the only one: a
+    second ``x-request-id`` with the middleware's id went out beside it, two ids for one
+    answer. Sixteen users at once, half of them on such a route; each answer carries
+    exactly one id, the app's or the one its client sent."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        user = ambient.get_current_context().user_id
+        headers = [(b"content-type", b"text/plain")]
+        if scope["path"] == "/own":
+            headers.append((b"X-Request-ID", f"app-{user}".encode()))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": user.encode()})
+
+    middleware = AmbientMiddleware(app, registry=Registry(), identity=trusted_header())
+    answers: dict[str, httpx.Response] = {}
+    with serve(server, middleware, lifespan="off") as url:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+
+            async def call(n: int) -> None:
+                user, path = f"user-{n}", "/own" if n % 2 else "/"
+                headers = {"x-user-id": user, "x-request-id": f"client-{n}"}
+                answers[user] = await http.get(path, headers=headers)
+
+            async with anyio.create_task_group() as tg:
+                for n in range(16):
+                    tg.start_soon(call, n)
+    for n in range(16):
+        answer = answers[f"user-{n}"]
+        assert answer.status_code == 200
+        assert answer.text == f"user-{n}"
+        expected = f"app-user-{n}" if n % 2 else f"client-{n}"
+        assert answer.headers.get_list("x-request-id") == [expected]
+
+
 async def test_an_app_exception_gives_500_and_cleanup_still_runs(
     served: tuple[str, Ledger, AmbientMiddleware],
 ) -> None:
