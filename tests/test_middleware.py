@@ -1444,9 +1444,10 @@ class TestWebsocketRefusal:
         assert ledger.created == {}
 
     async def test_the_denial_response_extension_gets_a_problem_answer(self) -> None:
+        """With its request id echoed, as on an HTTP refusal."""
         app, _, _ = build()
         scope = ws_scope(
-            [(b"x-user-id", b"a"), (b"x-user-id", b"b")],
+            [(b"x-user-id", b"a"), (b"x-user-id", b"b"), (b"x-request-id", b"ws-req-1")],
             extensions={"websocket.http.response": {}},
         )
         sent = await drive(app, scope, [{"type": "websocket.connect"}])
@@ -1455,6 +1456,8 @@ class TestWebsocketRefusal:
             "websocket.http.response.body",
         ]
         assert sent[0]["status"] == 400
+        assert (b"x-request-id", b"ws-req-1") in sent[0]["headers"]
+        assert (b"content-type", b"application/problem+json") in sent[0]["headers"]
         assert json.loads(sent[1]["body"])["status"] == 400
 
     async def test_a_long_reason_is_cut_to_the_close_frame_limit(self) -> None:
