@@ -340,6 +340,22 @@ class TestTrustedHeaderTenants:
         with pytest.raises(ValueError, match="tenant_header must be None or a non-empty ASCII"):
             trusted_header(tenant_header=tenant_header)
 
+    @pytest.mark.parametrize("name", ["", "X-ÜSER", "x-用户"])
+    def test_an_empty_or_non_ascii_user_header_name_is_refused_at_construction(
+        self, name: str
+    ) -> None:
+        """Such a name would never match a header (empty), or fail every trusted request
+        with an error the middleware does not answer (not latin-1): refused at start-up."""
+        with pytest.raises(ValueError, match="header name must be a non-empty ASCII"):
+            trusted_header(name=name)
+
+    @pytest.mark.parametrize("trusted", [(), []])
+    def test_no_trusted_network_is_refused_at_construction(self, trusted: Any) -> None:
+        """With no network to trust, no peer could ever assert an identity: every request
+        would be 401 without a word why. Refused at start-up instead."""
+        with pytest.raises(ValueError, match="trusted names no network"):
+            trusted_header(trusted=trusted)
+
     async def test_untrusted_or_forwarded_peers_assert_no_tenant(
         self, caplog: pytest.LogCaptureFixture
     ) -> None:
