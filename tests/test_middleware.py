@@ -1310,6 +1310,39 @@ async def test_how_the_app_closes_a_websocket_tells_its_cleanups_how_it_ended(
     assert (seen[0] is not None) is fails
 
 
+@pytest.mark.parametrize(("status", "fails"), [(403, False), (500, True), (503, True)])
+async def test_an_app_denying_a_handshake_with_a_5xx_fails_its_cleanups(
+    status: int, fails: bool
+) -> None:
+    """An app denies the handshake itself through the ``websocket.http.response``
+    extension (Quart answers a handler's bug before accept with a 500). A 5xx denial tells
+    the request failed: the cleanups see a ``ServerErrorResponseError`` with its status and
+    a transaction around the ``yield`` rolls back; a 403 is an answer like any other."""
+    seen: list[BaseException | None] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await ambient.resolve("tx")
+        start = {"type": "websocket.http.response.start", "status": status, "headers": []}
+        await send(start)
+        await send({"type": "websocket.http.response.body", "body": b"no"})
+
+    middleware = AmbientMiddleware(app, registry=_tx_registry(seen), identity=trusted_header())
+    scope = ws_scope([(b"x-user-id", b"ann")], extensions={"websocket.http.response": {}})
+    sent = await drive(middleware, scope, [{"type": "websocket.connect"}])
+    assert [m["type"] for m in sent] == [
+        "websocket.http.response.start",
+        "websocket.http.response.body",
+    ]
+    assert sent[0]["status"] == status
+    assert len(seen) == 1
+    if fails:
+        assert isinstance(seen[0], ServerErrorResponseError)
+        assert str(status) in str(seen[0])
+    else:
+        assert seen == [None]
+
+
 @pytest.mark.parametrize("second", [1000, 1011])
 @pytest.mark.parametrize(
     "first", [{"code": 1000}, {}, {"code": None}], ids=["1000", "no-code", "code-none"]
