@@ -1032,6 +1032,28 @@ class TestScopeUser:
         found = resolve({"user": SimpleUser("ann"), "auth": AuthCredentials(["read"])})
         assert found == Identity("ann", None, {"scopes": ("read",)})
 
+    def test_a_user_class_without_identity_is_known_by_its_display_name(self) -> None:
+        """Starlette's ``BaseUser.identity`` raises ``NotImplementedError``: a user class of
+        an application that implements only ``display_name`` is that user (not a 500 on
+        every request), as one without the attribute at all is."""
+        from starlette.authentication import BaseUser
+
+        class Member(BaseUser):
+            @property
+            def is_authenticated(self) -> bool:
+                return True
+
+            @property
+            def display_name(self) -> str:
+                return "ann"
+
+        class Plain:
+            is_authenticated = True
+            display_name = "bob"
+
+        assert scope_user()({"user": Member()}) == Identity("ann")
+        assert scope_user()({"user": Plain()}) == Identity("bob")
+
     def test_a_user_class_with_identity_and_tenant(self) -> None:
         class Member:
             is_authenticated = True
