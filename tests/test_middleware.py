@@ -613,6 +613,38 @@ class TestLeftoverContext:
             after.append(ambient.current_context_or_none())
         assert after == [None, earlier.context]
 
+    async def test_a_callers_own_scope_stays_bound_around_a_request_in_its_child_task(
+        self,
+    ) -> None:
+        """A worker's scope (not a request's) is bound when one of its child tasks serves a
+        request in process (an ASGI client, a test): that request gets its own context,
+        and once it returns the child task still sees the worker's context, as when the
+        worker itself makes the request. Only another request's binding is taken away."""
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            body = ambient.get_current_context().user_id.encode()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": body})
+
+        middleware = AmbientMiddleware(app, registry=Registry(), identity=trusted_header())
+        request: list[Message] = [{"type": "http.request", "body": b""}]
+        answers: list[bytes] = []
+        after: list[UserExecutionContext | None] = []
+        worker = Registry().open_scope(UserExecutionContext.create("worker"))
+        async with worker:
+
+            async def child(user: str) -> None:
+                sent = await drive(middleware, http_scope([(b"x-user-id", user.encode())]), request)
+                answers.append(sent[1]["body"])
+                after.append(ambient.current_context_or_none())
+
+            async with anyio.create_task_group() as tg:
+                for user in ("ann", "bob", "cid"):
+                    tg.start_soon(child, user)
+            await child("dan")
+        assert sorted(answers) == [b"ann", b"bob", b"cid", b"dan"]
+        assert after == [worker.context] * 4
+
     async def test_a_request_started_inside_a_factory_waits_for_what_it_makes(self) -> None:
         """uvicorn starts the next request on a connection from inside the task of the
         request before it (as that one reads its body or sends its end), so in its Context:
