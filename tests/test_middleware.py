@@ -2396,6 +2396,33 @@ class TestWebsocketIdentityExpiry:
         assert isinstance(ended_by[0], IncompleteResponseError)
         assert "cut off when its identity expired" in str(ended_by[0])
 
+    async def test_an_error_with_an_answer_raised_when_told_is_what_the_cleanups_see(
+        self,
+    ) -> None:
+        """An app told at the expiry that the client is gone raises an error that has an
+        answer (no database connection free): the socket is closed with the expiry's 4001
+        all the same, nothing is raised to the server, and the cleanups see that error, not
+        only that the socket was cut off at the expiry."""
+        ended_by: list[BaseException | None] = []
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await receive()
+            await send({"type": "websocket.accept"})
+            await ambient.resolve("tx")
+            message = await receive()  # the expiry is the event
+            assert message["code"] == 4001
+            raise PoolExhaustedError("no connection free", retry_after=1)
+
+        middleware = AmbientMiddleware(
+            app, registry=_tx_registry(ended_by), identity=self.expiring(0.2)
+        )
+        with anyio.fail_after(10):
+            sent = await drive(middleware, ws_scope([]), [{"type": "websocket.connect"}])
+        assert [m["type"] for m in sent] == ["websocket.accept", "websocket.close"]
+        assert sent[1]["code"] == 4001
+        assert len(ended_by) == 1
+        assert isinstance(ended_by[0], PoolExhaustedError)
+
     async def test_a_socket_the_app_closed_is_not_closed_again(self) -> None:
         async def app(scope: Any, receive: Any, send: Any) -> None:
             await receive()
