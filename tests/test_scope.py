@@ -2704,3 +2704,45 @@ async def test_a_cycle_through_one_of_several_tasks_a_factory_waits_for_is_named
         "x": ["dependency cycle while resolving: 'x' -> 'a' -> 'x'"],
         "y": [],
     }
+
+
+async def test_scopes_closed_again_each_end_once() -> None:
+    """Many users' scopes, each closed in its body and then again by ``async with`` and a
+    third time after: every scope ends once (counted once, one ``scope_closed`` each) and
+    every component is cleaned once."""
+    closed: list[str] = []
+    cleaned: list[str] = []
+
+    class Watch(ambient.Observer):
+        def scope_closed(self, scope: ambient.Scope, failures: tuple[Exception, ...]) -> None:
+            closed.append(scope.context.user_id)
+
+    def connection(context: UserExecutionContext) -> Iterator[str]:
+        yield context.user_id
+        cleaned.append(context.user_id)
+
+    registry = Registry(telemetry=Watch())
+    registry.register("conn", connection)
+    users = [f"user-{i}" for i in range(40)]
+    resolved = 0
+    all_resolved = anyio.Event()
+
+    async def request(user: str) -> None:
+        nonlocal resolved
+        async with registry.open_scope(ctx(user)) as scope:
+            assert await scope.resolve("conn") == user
+            resolved += 1
+            if resolved == len(users):
+                all_resolved.set()
+            await all_resolved.wait()  # every user's scope open at once
+            await scope.aclose()
+        await scope.aclose()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for user in users:
+                tg.start_soon(request, user)
+    assert sorted(closed) == sorted(users)
+    assert sorted(cleaned) == sorted(users)
+    stats = registry.stats()
+    assert (stats.open_scopes, stats.created, stats.cleaned) == (0, len(users), len(users))
