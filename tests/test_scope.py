@@ -2746,3 +2746,47 @@ async def test_scopes_closed_again_each_end_once() -> None:
     assert sorted(cleaned) == sorted(users)
     stats = registry.stats()
     assert (stats.open_scopes, stats.created, stats.cleaned) == (0, len(users), len(users))
+
+
+async def test_a_failure_held_work_notes_while_the_close_waits_reaches_the_cleanups() -> None:
+    """Work holding a scope past its body notes a failure (``note_failure``) while the
+    close waits for it: the cleanups see that failure, so a transaction around a
+    generator factory's ``yield`` rolls back, for the users whose work failed only."""
+    from ambient.middleware import note_failure
+
+    ledger: dict[str, str] = {}
+
+    def transaction(context: UserExecutionContext) -> Iterator[str]:
+        try:
+            yield context.user_id
+        except BaseException:
+            ledger[context.user_id] = "rollback"
+            raise
+        ledger[context.user_id] = "commit"
+
+    registry = Registry()
+    registry.register("tx", transaction)
+    users = [f"user-{i}" for i in range(20)]
+    failing = set(users[::2])
+
+    async def job(user: str, hold: Any, body_done: anyio.Event) -> None:
+        with hold:
+            await body_done.wait()
+            assert await ambient.resolve("tx") == user
+            if user in failing:
+                note_failure(RuntimeError(f"the background work of {user} failed"))
+
+    async def request(user: str, tg: anyio.abc.TaskGroup) -> None:
+        body_done = anyio.Event()
+        async with registry.open_scope(ctx(user)) as scope:
+            await scope.resolve("tx")
+            tg.start_soon(job, user, scope.hold(), body_done)
+            body_done.set()
+        # The close waited for the job, which noted its failure meanwhile.
+        assert user in ledger
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for user in users:
+                tg.start_soon(request, user, tg)
+    assert ledger == {user: "rollback" if user in failing else "commit" for user in users}
