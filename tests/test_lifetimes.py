@@ -1813,3 +1813,49 @@ class TestAcrossEventLoops:
             del registry
             gc.collect()
         assert steps == []
+
+
+async def test_requests_using_no_user_component_clean_the_idle_users_they_took_out_of_use(
+    clock: FakeClock,
+) -> None:
+    """Many users' requests make USER components; once their idle_ttl has passed, requests
+    that use none (health checks, of other users, at once) take them out of use as they
+    open and clean them as they close. They were left for a later request that happened to
+    use a USER component or to await a cleanup."""
+    import httpx
+
+    from ambient.middleware import AmbientMiddleware, trusted_header
+
+    cleaned: list[str] = []
+    registry = user_registry(cleaned, clock=clock, idle_ttl=60)
+
+    async def endpoint(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] == "/orders":
+            assert (
+                await ambient.resolve(Tracked)
+            ).user.user_id == ambient.get_current_context().user_id
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    app = AmbientMiddleware(endpoint, registry=registry, identity=trusted_header())
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50000))
+    users = [f"user-{i}" for i in range(30)]
+
+    async def get(http: httpx.AsyncClient, path: str, user: str) -> None:
+        response = await http.get(path, headers={"x-user-id": user})
+        assert response.status_code == 200
+
+    with anyio.fail_after(10):
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            async with anyio.create_task_group() as tg:
+                for user in users:
+                    tg.start_soon(get, http, "/orders", user)
+            assert cleaned == []
+            clock.now += 61
+            async with anyio.create_task_group() as tg:
+                for i in range(5):
+                    tg.start_soon(get, http, "/health", f"monitor-{i}")
+            assert sorted(cleaned) == sorted(users)
+            assert registry.stats().live_users == 0
+    await registry.aclose()
+    assert sorted(cleaned) == sorted(users)
