@@ -2790,3 +2790,47 @@ async def test_a_failure_held_work_notes_while_the_close_waits_reaches_the_clean
             for user in users:
                 tg.start_soon(request, user, tg)
     assert ledger == {user: "rollback" if user in failing else "commit" for user in users}
+
+
+async def test_a_user_entry_a_thread_takes_as_the_close_begins_is_released() -> None:
+    """A worker thread takes the user's entry (its first USER component) just as the scope
+    begins to close, after the close looked for one and before it marked the scope closed
+    (here: while it reads the registry's clock, another user being idle): the thread gets
+    its component, and the close still releases the entry, so that the component expires
+    like any other. It was kept in use for good."""
+    armed = False
+    taken = threading.Event()
+    outcome: list[object] = []
+    scope: Scope | None = None
+    clock = _Clock()
+
+    def take() -> None:
+        assert scope is not None
+        try:
+            outcome.append(scope.resolve_sync(Counter))
+        finally:
+            taken.set()
+
+    def racing_clock() -> float:
+        nonlocal armed
+        if armed:
+            armed = False
+            threading.Thread(target=take).start()
+            assert taken.wait(10)
+        return clock.now
+
+    registry = Registry(clock=racing_clock)
+    registry.register(Counter, Counter, lifetime=Lifetime.USER, idle_ttl=1.0)
+    with anyio.fail_after(10):
+        async with registry.open_scope(ctx("bob")) as other:
+            await other.resolve(Counter)  # bob's entry is idle once this scope closes
+        async with registry.open_scope(ctx("alice")) as scope:
+            armed = True
+        assert not armed  # the close read the clock, and the thread ran meanwhile
+        assert [type(o) for o in outcome] == [Counter]
+        assert [entry.refs for entry in registry._users.values()] == [0, 0]
+        clock.now = 100.0
+        await registry.sweep()
+    stats = registry.stats()
+    assert (stats.open_scopes, stats.live_users, stats.created, stats.cleaned) == (0, 0, 2, 2)
+    assert outcome[0].closed == 1  # type: ignore[attr-defined]
