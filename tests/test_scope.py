@@ -2834,3 +2834,56 @@ async def test_a_user_entry_a_thread_takes_as_the_close_begins_is_released() -> 
     stats = registry.stats()
     assert (stats.open_scopes, stats.live_users, stats.created, stats.cleaned) == (0, 0, 2, 2)
     assert outcome[0].closed == 1  # type: ignore[attr-defined]
+
+
+async def test_what_cut_a_failed_bodys_cleanup_short_does_not_replace_its_failure() -> None:
+    """Many users' bodies each fail, and a cleanup of each lets a BaseException through
+    (a KeyboardInterrupt, say): the observers still see each body's own failure as what
+    ended its scope, not the interruption of its cleanup."""
+
+    class Interrupt(BaseException):
+        pass
+
+    class BodyError(Exception):
+        pass
+
+    ended: dict[str, BaseException | None] = {}
+
+    class Watch(ambient.Observer):
+        def scope_closed(self, scope: ambient.Scope, failures: tuple[Exception, ...]) -> None:
+            ended[scope.context.user_id] = scope.exception
+
+    def connection() -> Iterator[str]:
+        try:
+            yield "conn"
+        finally:
+            raise Interrupt  # in place of what the yield raised
+
+    registry = Registry(telemetry=Watch())
+    registry.register("conn", connection)
+    users = [f"user-{i}" for i in range(20)]
+    opened = 0
+    all_open = anyio.Event()
+    interrupted: list[str] = []
+
+    async def request(user: str) -> None:
+        nonlocal opened
+        try:
+            async with registry.open_scope(ctx(user)) as scope:
+                await scope.resolve("conn")
+                opened += 1
+                if opened == len(users):
+                    all_open.set()
+                await all_open.wait()
+                raise BodyError(user)
+        except Interrupt:
+            interrupted.append(user)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for user in users:
+                tg.start_soon(request, user)
+    assert sorted(interrupted) == sorted(users)
+    assert {user: (type(error), str(error)) for user, error in ended.items()} == {
+        user: (BodyError, user) for user in users
+    }
