@@ -1859,3 +1859,33 @@ async def test_requests_using_no_user_component_clean_the_idle_users_they_took_o
             assert registry.stats().live_users == 0
     await registry.aclose()
     assert sorted(cleaned) == sorted(users)
+
+
+async def test_a_shutdown_waiting_for_open_scopes_waits_for_the_last_of_many() -> None:
+    """Many users' scopes are open as shutdowns start waiting for them; they close one at
+    a time: no shutdown goes on before the last one has closed, and each sees none open."""
+    registry = Registry(cleanup_timeout=60)
+    users = [f"user-{i}" for i in range(20)]
+    done = {user: anyio.Event() for user in users}
+    still_open: list[int] = []
+
+    async def request(user: str) -> None:
+        async with registry.open_scope(ctx(user)):
+            await done[user].wait()
+
+    async def shutdown() -> None:
+        still_open.append(await registry.wait_for_scopes())
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for user in users:
+                tg.start_soon(request, user)
+            await anyio.wait_all_tasks_blocked()
+            assert registry.stats().open_scopes == len(users)
+            tg.start_soon(shutdown)
+            tg.start_soon(shutdown)
+            for user in users:
+                await anyio.wait_all_tasks_blocked()
+                assert still_open == []
+                done[user].set()
+    assert still_open == [0, 0]
