@@ -1889,3 +1889,38 @@ async def test_a_shutdown_waiting_for_open_scopes_waits_for_the_last_of_many() -
                 assert still_open == []
                 done[user].set()
     assert still_open == [0, 0]
+
+
+async def test_max_users_evicts_an_idle_user_behind_users_in_use(clock: FakeClock) -> None:
+    """Users in use come first in the users' order (their scopes opened before the idle
+    user's closed): a new user past max_users evicts the idle one behind them, never one
+    in use, whose component is kept and cleaned only once it is done with."""
+    cleaned: list[str] = []
+    registry = user_registry(cleaned, clock=clock, max_users=10, idle_ttl=3600)
+    in_use = [f"user-{n}" for n in range(9)]
+    held: dict[str, Tracked] = {}
+    all_held, release = anyio.Event(), anyio.Event()
+    again: dict[str, Tracked] = {}
+
+    async def request(user: str) -> None:
+        async with registry.open_scope(ctx(user)):
+            held[user] = await ambient.resolve(Tracked)
+            if len(held) == len(in_use):
+                all_held.set()
+            await release.wait()
+            again[user] = await ambient.resolve(Tracked)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for user in in_use:
+                tg.start_soon(request, user)
+            await all_held.wait()
+            await use(registry, "idle")  # the tenth user, idle once its request closed
+            assert cleaned == []
+            await use(registry, "newcomer")  # past max_users: the idle user makes room
+            assert cleaned == ["idle"]
+            release.set()
+    assert again == held
+    assert cleaned == ["idle"]
+    await registry.aclose()
+    assert sorted(cleaned) == sorted(["idle", "newcomer", *in_use])
