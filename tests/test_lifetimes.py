@@ -1924,3 +1924,48 @@ async def test_max_users_evicts_an_idle_user_behind_users_in_use(clock: FakeCloc
     assert cleaned == ["idle"]
     await registry.aclose()
     assert sorted(cleaned) == sorted(["idle", "newcomer", *in_use])
+
+
+async def test_users_who_came_back_then_expired_leave_a_later_burst_walking_no_user_list(
+    clock: FakeClock,
+) -> None:
+    """Idle users who come back, then expire, are no longer counted as idle: a later burst
+    of 300 users past max_users=100 still looks at each user only, not at every user for
+    each (which it does while it believes some are idle)."""
+    cleaned: list[str] = []
+    registry = user_registry(cleaned, clock=clock, max_users=100, idle_ttl=60)
+    early = [f"early-{n}" for n in range(40)]
+    await burst(registry, [ctx(user) for user in early])  # 40 idle users
+    clock.now += 30
+    await burst(registry, [ctx(user) for user in early[:20]])  # 20 of them come back
+    clock.now += 100
+    await registry.sweep()  # and then they all expire
+    assert sorted(cleaned) == sorted(early)
+    assert registry.stats().live_users == 0
+    walked = 0
+
+    class Counted(OrderedDict[UserRef, Any]):
+        """Counts the entries of every walk over the users, however it is taken."""
+
+        def items(self) -> Any:
+            nonlocal walked
+            walked += len(self)
+            return super().items()
+
+        def values(self) -> Any:
+            nonlocal walked
+            walked += len(self)
+            return super().values()
+
+        def __iter__(self) -> Any:
+            nonlocal walked
+            walked += len(self)
+            return super().__iter__()
+
+    registry._users = Counted(registry._users)
+    users = [f"user-{n}" for n in range(300)]
+    await burst(registry, [ctx(user) for user in users])
+    assert registry.stats().live_users == 100
+    assert len(set(cleaned)) == len(cleaned) == len(early) + 200
+    assert walked <= len(users), walked
+    await registry.aclose()
