@@ -1612,7 +1612,7 @@ class TestHold:
         thread = threading.Thread(target=job)
         with anyio.fail_after(10):
             thread.start()
-            await anyio.to_thread.run_sync(checked.wait)
+            assert await anyio.to_thread.run_sync(checked.wait, 10)  # bounded: else a hang
             async with anyio.create_task_group() as tg:
                 tg.start_soon(scope.aclose)
                 await anyio.wait_all_tasks_blocked()
