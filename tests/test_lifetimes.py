@@ -1969,3 +1969,61 @@ async def test_users_who_came_back_then_expired_leave_a_later_burst_walking_no_u
     assert len(set(cleaned)) == len(cleaned) == len(early) + 200
     assert walked <= len(users), walked
     await registry.aclose()
+
+
+async def test_a_cancelled_aclose_still_cleans_the_app_after_users_cleanups_under_way(
+    clock: FakeClock,
+) -> None:
+    """Many idle users' connections are going back to the APP pool (an expiry a request
+    ran) when shutdown calls ``registry.aclose()``, and the shutdown is then cancelled (its
+    grace period ran out): the pool still closes only once every connection is back."""
+    registry = Registry(clock=clock)
+    order: list[str] = []
+    returned = anyio.Event()
+    users = [f"user-{n}" for n in range(10)]
+    returning: set[str] = set()
+    all_returning = anyio.Event()
+
+    class Pool:
+        closed = False
+
+        async def aclose(self) -> None:
+            order.append("pool closed")
+            self.closed = True
+
+    async def connection(user: UserRef) -> AsyncIterator[str]:
+        pool = await ambient.resolve(Pool)
+        yield f"connection of {user.user_id}"
+        returning.add(user.user_id)
+        if len(returning) == len(users):
+            all_returning.set()
+        await returned.wait()
+        order.append("returned to a closed pool" if pool.closed else "returned to the pool")
+
+    registry.register(Pool, Pool, lifetime=Lifetime.APP)
+    registry.register("connection", connection, lifetime=Lifetime.USER, idle_ttl=1)
+    for user in users:
+        async with registry.open_scope(ctx(user)):
+            await ambient.resolve("connection")
+    clock.now += 5
+
+    async def request() -> None:
+        async with registry.open_scope(ctx("bob")):
+            pass
+
+    shutdown_scope = anyio.CancelScope()
+
+    async def shutdown() -> None:
+        with shutdown_scope:
+            await registry.aclose()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(request)
+            await all_returning.wait()
+            tg.start_soon(shutdown)
+            await anyio.wait_all_tasks_blocked()
+            shutdown_scope.cancel()
+            await anyio.wait_all_tasks_blocked()
+            returned.set()
+    assert order == ["returned to the pool"] * len(users) + ["pool closed"]
