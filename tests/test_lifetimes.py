@@ -2027,3 +2027,20 @@ async def test_a_cancelled_aclose_still_cleans_the_app_after_users_cleanups_unde
             await anyio.wait_all_tasks_blocked()
             returned.set()
     assert order == ["returned to the pool"] * len(users) + ["pool closed"]
+
+
+async def test_max_users_evicting_idle_users_one_at_a_time_warns_of_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Users come one after another, past max_users=5, each leaving before the next
+    arrives: each newcomer evicts the least recently used idle user, which is what
+    max_users is for. No warning that users in use are past the limit (none is)."""
+    cleaned: list[str] = []
+    registry = user_registry(cleaned, max_users=5, idle_ttl=3600)
+    users = [f"user-{n}" for n in range(20)]
+    with caplog.at_level("WARNING", logger="ambient"):
+        for user in users:
+            await use(registry, user)
+    assert cleaned == users[:15]
+    assert [r.getMessage() for r in caplog.records if "above max_users" in r.getMessage()] == []
+    await registry.aclose()
