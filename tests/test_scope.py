@@ -2887,3 +2887,52 @@ async def test_what_cut_a_failed_bodys_cleanup_short_does_not_replace_its_failur
     assert {user: (type(error), str(error)) for user, error in ended.items()} == {
         user: (BodyError, user) for user in users
     }
+
+
+async def test_what_cut_a_cleanup_short_after_a_body_that_returned_is_what_ended_the_scope() -> (
+    None
+):
+    """Many users' bodies return, and a sync cleanup of each lets a BaseException through
+    (a KeyboardInterrupt, say): the observers see that interruption as what ended each
+    scope, not a scope that ended normally."""
+
+    class Interrupt(BaseException):
+        pass
+
+    ended: dict[str, BaseException | None] = {}
+
+    class Watch(ambient.Observer):
+        def scope_closed(self, scope: ambient.Scope, failures: tuple[Exception, ...]) -> None:
+            ended[scope.context.user_id] = scope.exception
+
+    def connection(context: UserExecutionContext) -> Iterator[str]:
+        yield context.user_id
+        raise Interrupt(context.user_id)
+
+    registry = Registry(telemetry=Watch())
+    registry.register("conn", connection)
+    users = [f"user-{i}" for i in range(20)]
+    opened = 0
+    all_open = anyio.Event()
+    interrupted: list[str] = []
+
+    async def request(user: str) -> None:
+        nonlocal opened
+        try:
+            async with registry.open_scope(ctx(user)) as scope:
+                await scope.resolve("conn")
+                opened += 1
+                if opened == len(users):
+                    all_open.set()
+                await all_open.wait()
+        except Interrupt:
+            interrupted.append(user)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for user in users:
+                tg.start_soon(request, user)
+    assert sorted(interrupted) == sorted(users)
+    assert {user: (type(error), str(error)) for user, error in ended.items()} == {
+        user: (Interrupt, user) for user in users
+    }
