@@ -2936,3 +2936,52 @@ async def test_what_cut_a_cleanup_short_after_a_body_that_returned_is_what_ended
     assert {user: (type(error), str(error)) for user, error in ended.items()} == {
         user: (Interrupt, user) for user in users
     }
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_of_cleanups_letting_base_exceptions_through_the_first_is_raised(kind: str) -> None:
+    """Each of a scope's components lets a different BaseException out of its cleanup:
+    every cleanup still runs, newest first, and the close raises the first that got
+    through (the newest component's), for each of many users at once."""
+
+    class Interrupt(BaseException):
+        pass
+
+    cleaned: list[tuple[str, str]] = []
+
+    def factory(name: str) -> Callable[[UserExecutionContext], Any]:
+        def sync(context: UserExecutionContext) -> Iterator[str]:
+            yield name
+            cleaned.append((context.user_id, name))
+            raise Interrupt(f"{name} of {context.user_id}")
+
+        async def async_(context: UserExecutionContext) -> AsyncIterator[str]:
+            yield name
+            await anyio.lowlevel.checkpoint()
+            cleaned.append((context.user_id, name))
+            raise Interrupt(f"{name} of {context.user_id}")
+
+        return sync if kind == "sync" else async_
+
+    registry = Registry()
+    for name in ("older", "newer"):
+        registry.register(name, factory(name))
+    users = [f"user-{i}" for i in range(10)]
+    raised: dict[str, str] = {}
+
+    async def request(user: str) -> None:
+        try:
+            async with registry.open_scope(ctx(user)) as scope:
+                await scope.resolve("older")
+                await scope.resolve("newer")
+        except Interrupt as interrupt:
+            raised[user] = str(interrupt)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for user in users:
+                tg.start_soon(request, user)
+    assert raised == {user: f"newer of {user}" for user in users}
+    assert sorted(cleaned) == sorted((user, name) for user in users for name in ("older", "newer"))
+    stats = registry.stats()
+    assert (stats.created, stats.cleaned) == (2 * len(users), 2 * len(users))
