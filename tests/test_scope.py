@@ -2889,12 +2889,13 @@ async def test_what_cut_a_failed_bodys_cleanup_short_does_not_replace_its_failur
     }
 
 
-async def test_what_cut_a_cleanup_short_after_a_body_that_returned_is_what_ended_the_scope() -> (
-    None
-):
-    """Many users' bodies return, and a sync cleanup of each lets a BaseException through
-    (a KeyboardInterrupt, say): the observers see that interruption as what ended each
-    scope, not a scope that ended normally."""
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_what_cut_a_cleanup_short_after_a_body_that_returned_is_what_ended_the_scope(
+    kind: str,
+) -> None:
+    """Many users' bodies return, and a cleanup of each (sync, or one that awaits) lets a
+    BaseException through (a KeyboardInterrupt, say): the observers see that interruption
+    as what ended each scope, not a scope that ended normally."""
 
     class Interrupt(BaseException):
         pass
@@ -2909,8 +2910,13 @@ async def test_what_cut_a_cleanup_short_after_a_body_that_returned_is_what_ended
         yield context.user_id
         raise Interrupt(context.user_id)
 
+    async def async_connection(context: UserExecutionContext) -> AsyncIterator[str]:
+        yield context.user_id
+        await anyio.lowlevel.checkpoint()
+        raise Interrupt(context.user_id)
+
     registry = Registry(telemetry=Watch())
-    registry.register("conn", connection)
+    registry.register("conn", connection if kind == "sync" else async_connection)
     users = [f"user-{i}" for i in range(20)]
     opened = 0
     all_open = anyio.Event()
