@@ -2991,3 +2991,43 @@ async def test_of_cleanups_letting_base_exceptions_through_the_first_is_raised(k
     assert sorted(cleaned) == sorted((user, name) for user in users for name in ("older", "newer"))
     stats = registry.stats()
     assert (stats.created, stats.cleaned) == (2 * len(users), 2 * len(users))
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # trio raises no cancellation unasked
+async def test_a_cleanup_raising_a_cancellation_nobody_asked_for_fails_only_that_cleanup() -> None:
+    """Many users' scopes each have a cleanup that cancels a task of its own and awaits it
+    without suppressing its CancelledError: that is each cleanup's failure (CleanupError,
+    counted), not a cancellation of the request, and the other cleanups still run."""
+    cleaned: list[str] = []
+
+    async def poller(context: UserExecutionContext) -> AsyncIterator[str]:
+        task = asyncio.ensure_future(asyncio.Event().wait())
+        yield context.user_id
+        task.cancel()
+        await task  # the slip: the task's CancelledError comes out of the cleanup
+
+    def connection(context: UserExecutionContext) -> Iterator[str]:
+        yield context.user_id
+        cleaned.append(context.user_id)
+
+    registry = Registry()
+    registry.register("connection", connection)
+    registry.register("poller", poller)
+    users = [f"user-{i}" for i in range(20)]
+    failed: dict[str, list[str]] = {}
+
+    async def request(user: str) -> None:
+        try:
+            async with registry.open_scope(ctx(user)) as scope:
+                await scope.resolve("connection")
+                await scope.resolve("poller")
+        except CleanupError as error:
+            failed[user] = [type(e).__name__ for e in error.exceptions]
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for user in users:
+                tg.start_soon(request, user)
+    assert failed == {user: ["RuntimeError"] for user in users}
+    assert sorted(cleaned) == sorted(users)
+    assert registry.stats().cleanup_failures == len(users)
