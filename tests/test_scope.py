@@ -3031,3 +3031,50 @@ async def test_a_cleanup_raising_a_cancellation_nobody_asked_for_fails_only_that
     assert failed == {user: ["RuntimeError"] for user in users}
     assert sorted(cleaned) == sorted(users)
     assert registry.stats().cleanup_failures == len(users)
+
+
+async def test_a_component_refused_to_a_cancelled_task_after_its_scope_closed_is_cleaned() -> None:
+    """Work outliving many users' requests (no hold) is still making each one's connection
+    when the request closes, and is then cancelled (its task group shuts down) as the
+    connection arrives: the connection is refused, and its cleanup, which awaits, still
+    runs to its end instead of being cut short by that cancellation."""
+    users = [f"user-{i}" for i in range(10)]
+    started = {user: anyio.Event() for user in users}
+    release = anyio.Event()
+    cleaned: list[str] = []
+    outcome: dict[str, str] = {}
+
+    async def connection(context: UserExecutionContext) -> AsyncIterator[str]:
+        started[context.user_id].set()
+        with anyio.CancelScope(shield=True):
+            await release.wait()
+        yield context.user_id
+        await anyio.lowlevel.checkpoint()
+        cleaned.append(context.user_id)
+
+    registry = Registry()
+    registry.register("conn", connection)
+
+    async def job(user: str) -> None:
+        try:
+            await ambient.resolve("conn")
+        except ScopeClosedError:
+            outcome[user] = "refused"
+
+    async with anyio.create_task_group() as background:
+
+        async def request(user: str) -> None:
+            async with registry.open_scope(ctx(user)):
+                background.start_soon(job, user)  # no hold: the request does not wait
+                await started[user].wait()
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for user in users:
+                    tg.start_soon(request, user)
+            background.cancel_scope.cancel()  # shutting down, as the connections arrive
+            release.set()
+    assert outcome == dict.fromkeys(users, "refused")
+    assert sorted(cleaned) == sorted(users)
+    stats = registry.stats()
+    assert (stats.created, stats.cleaned, stats.cleanup_failures) == (len(users), len(users), 0)
