@@ -240,6 +240,11 @@ class TestTokens:
         assert verify(capture(context()), secret=SECRET).user_id == "alice"
         with pytest.raises(ValueError, match="at least 32 bytes"):
             ContextSigner("short")
+        with pytest.raises(ValueError, match="at least 32 bytes, not 31"):
+            ContextSigner("s" * 31, previous=SECRET)
+        with pytest.raises(ValueError, match="at least 32 bytes, not 31"):
+            ContextSigner(SECRET, previous=b"s" * 31)
+        ContextSigner("s" * 32)
         # inf and an int past what a float holds: were OverflowErrors
         for ttl in (0, -1.0, math.nan, math.inf, 10**400):
             with pytest.raises(ValueError, match="ttl"):
