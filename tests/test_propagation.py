@@ -474,6 +474,33 @@ class TestInject:
         sent = [HEADER in request.headers for request in seen]
         assert sent == [False, True, True, True, False, False]
 
+    async def test_a_token_the_app_set_itself_never_goes_to_another_host(self) -> None:
+        """Headers forwarded from the incoming request carry the caller's token: on a request
+        to a host the hook does not serve, the hook takes it off (whatever its case), while
+        the app's other headers go out as they are; to an allowed host it is replaced."""
+        seen: list[httpx.Request] = []
+
+        def record(request: httpx.Request) -> httpx.Response:
+            seen.append(request)
+            return httpx.Response(204)
+
+        forwarded = ContextSigner(SECRET).sign(context(), ttl=30)
+        hook = async_inject_hook(hosts=["billing.internal"], secret=SECRET)
+        async with httpx.AsyncClient(
+            transport=httpx.MockTransport(record), event_hooks={"request": [hook]}
+        ) as client:
+            with bind_context(context("bob")):
+                for name in (HEADER, HEADER.upper()):
+                    await client.get(
+                        "https://api.example.com/", headers={name: forwarded, "x-app": "mine"}
+                    )
+                await client.get("http://billing.internal/", headers={HEADER: forwarded})
+        third_party, third_party_upper, billing = seen
+        for request in (third_party, third_party_upper):
+            assert HEADER not in request.headers
+            assert request.headers["x-app"] == "mine"
+        assert verify(billing.headers[HEADER], secret=SECRET).user_id == "bob"
+
     def test_the_sync_hook(self) -> None:
         seen: list[httpx.Request] = []
 
