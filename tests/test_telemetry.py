@@ -988,6 +988,73 @@ class TestComponentSpans:
         assert (cleanup.attributes or {})["ambient.user_id"] == hash_id("carol", "k")
         assert (cleanup.attributes or {})["ambient.lifetime"] == "user"
 
+    @pytest.mark.parametrize("ended_by", ["idle expiry", "max_users eviction"])
+    async def test_other_users_cleanups_run_in_a_request_stay_out_of_its_trace(
+        self, otel: Otel, ended_by: str
+    ) -> None:
+        """Twenty users' USER components are cleaned up while bob's traced request runs (an
+        expiry swept as his scope opens and closes, an eviction as he takes his slot): each
+        cleanup span is a root of its own naming its hashed user, none in bob's trace, and no
+        one's id reaches the spans of bob's trace."""
+        now = [0.0]
+        evicting = ended_by == "max_users eviction"
+        registry = Registry(
+            telemetry=otel.telemetry(span_threshold=0, hash_key="k", tenant_id="hash"),
+            clock=lambda: now[0],
+            max_users=20 if evicting else 10_000,
+        )
+        cleaned: list[str] = []
+
+        def memory(user: UserRef) -> Iterator[Memory]:
+            yield Memory(user)
+            cleaned.append(user.user_id)
+
+        registry.register(Memory, memory, lifetime=Lifetime.USER, idle_ttl=10)
+        users = [f"user-{i}" for i in range(20)]
+
+        async def visit(user: str) -> None:
+            async with registry.open_scope(ctx(user, tenant_id=f"tenant-{user}")):
+                await ambient.resolve(Memory)
+
+        async with anyio.create_task_group() as tg:
+            for user in users:
+                tg.start_soon(visit, user)
+        assert cleaned == []
+        if not evicting:
+            now[0] = 11.0
+        tracer = otel.tracer_provider.get_tracer("test")
+        with tracer.start_as_current_span("bob-request") as request_span:
+            if evicting:
+                # Twenty users kept: bob's is one more, and the least recent idle one goes.
+                await visit("bob")
+                for i in range(1, len(users)):
+                    await visit(f"bob-{i}")
+            else:
+                await visit("bob")
+        assert set(users) <= set(cleaned)
+        bobs_trace = request_span.get_span_context().trace_id
+        cleanups = [
+            s
+            for s in otel.spans.named("ambient.cleanup")
+            if (s.attributes or {}).get("ambient.user_id") in {hash_id(u, "k") for u in users}
+        ]
+        assert len(cleanups) == len(users)
+        for span in cleanups:
+            assert span.parent is None, span.attributes
+            assert span.context.trace_id != bobs_trace
+        # Hashed under the tenant policy too, though no scope is there to say whose it is.
+        assert {(s.attributes or {})["ambient.tenant_id"] for s in cleanups} == {
+            hash_id(f"tenant-{u}", "k") for u in users
+        }
+        raw = set(users) | {f"tenant-{u}" for u in users}
+        for span in otel.spans.spans:
+            assert not {str(v) for v in (span.attributes or {}).values()} & raw, span.name
+        forbidden = {hash_id(u, "k") for u in users} | set(users) | {f"tenant-{u}" for u in users}
+        for span in otel.spans.spans:
+            if span.context.trace_id == bobs_trace:
+                values = {str(v) for v in (span.attributes or {}).values()}
+                assert not values & forbidden, (span.name, span.attributes)
+
 
 # -- ids -----------------------------------------------------------------------------------
 
