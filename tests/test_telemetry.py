@@ -1351,6 +1351,37 @@ class TestMetrics:
         cleanup = one(otel.spans.named("ambient.cleanup"))
         assert parent_id(cleanup) == scope_span.context.span_id
 
+    async def test_a_failed_user_factory_is_never_counted_live(self, otel: Otel) -> None:
+        """Ten users whose USER factory fails, concurrently: each failure is timed, none is
+        counted as a live USER component (nothing lives, and nothing will be cleaned up to
+        count it down again), next to ten users whose factory works."""
+        registry = Registry(telemetry=otel.telemetry())
+
+        def memory(user: UserRef) -> Memory:
+            if user.user_id.startswith("broken"):
+                raise ConnectionError("store down")
+            return Memory(user)
+
+        registry.register(Memory, memory, lifetime=Lifetime.USER)
+        failed: list[str] = []
+
+        async def visit(user: str) -> None:
+            async with registry.open_scope(ctx(user)):
+                try:
+                    await ambient.resolve(Memory)
+                except ConnectionError:
+                    failed.append(user)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(10):
+                tg.start_soon(visit, f"broken-{i}")
+                tg.start_soon(visit, f"fine-{i}")
+        assert len(failed) == 10
+        assert otel.count("ambient.component.create.duration") == 20
+        assert otel.total("ambient.user_components.live") == 10
+        await registry.aclose()
+        assert otel.total("ambient.user_components.live") == 0
+
     async def test_scopes_active_counts_every_telemetry_on_one_meter(self, otel: Otel) -> None:
         """Two telemetries on one meter provider add up in one ambient.scopes.active."""
         first = Registry(telemetry=otel.telemetry())
