@@ -1661,6 +1661,52 @@ class TestBaggage:
         finally:
             otel_context.detach(token)
 
+    @pytest.mark.parametrize("metrics_only", [False, True])
+    async def test_every_forged_ambient_entry_is_dropped_for_many_users(
+        self, otel: Otel, metrics_only: bool
+    ) -> None:
+        """Not only `ambient.user_id`: a client's `ambient.tenant_id`, `ambient.thread_id`,
+        any `ambient.*` entry is dropped before the scope's outgoing calls see it, for
+        twenty concurrent users each forging another tenant; what the telemetry puts in
+        itself (`baggage=("thread_id",)`) is the user's own; other entries pass."""
+        if metrics_only:
+            telemetry = Telemetry(
+                tracer_provider=trace.NoOpTracerProvider(), meter_provider=otel.meter_provider
+            )
+        else:
+            telemetry = otel.telemetry(baggage=("thread_id",))
+        registry = Registry(telemetry=telemetry)
+        forged = [f"ambient.{field}" for field in sorted(ambient.telemetry.BAGGAGE_FIELDS)]
+        forged.append("ambient.role")
+        sent: dict[str, str] = {}
+
+        async def visit(i: int) -> None:
+            incoming = otel_context.Context()
+            for key in forged:
+                incoming = baggage.set_baggage(key, f"forged-{i}", incoming)
+            incoming = baggage.set_baggage("other", f"kept-{i}", incoming)
+            token = otel_context.attach(incoming)
+            try:
+                async with registry.open_scope(ctx(f"user-{i}", thread_id=f"thread-{i}")):
+                    await anyio.lowlevel.checkpoint()
+                    outgoing: dict[str, str] = {}
+                    propagate.inject(outgoing)
+                    sent[f"user-{i}"] = outgoing.get("baggage", "")
+                    assert baggage.get_baggage("other") == f"kept-{i}"
+            finally:
+                otel_context.detach(token)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(visit, i)
+        assert len(sent) == 20
+        for i in range(20):
+            header = sent[f"user-{i}"]
+            assert "forged" not in header, header
+            assert f"other=kept-{i}" in header
+            if not metrics_only:
+                assert f"ambient.thread_id=thread-{i}" in header
+
     @pytest.mark.parametrize("fields", [(), ("user_id",)])
     async def test_forged_ambient_baggage_never_reaches_the_scopes_spans(
         self, otel: Otel, fields: tuple[str, ...]
