@@ -1452,6 +1452,27 @@ class TestNoSdk:
         )
         assert not telemetry.active
 
+    async def test_a_disabled_sdk_is_dormant(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """SDK providers made under OTEL_SDK_DISABLED=true hand out no-op tracers and
+        meters: the telemetry is dormant as with no SDK (no per-scope state, no no-op
+        spans made current), for every user."""
+        monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+        telemetry = Telemetry(tracer_provider=TracerProvider(), meter_provider=MeterProvider())
+        assert not telemetry.active
+        registry = Registry(telemetry=telemetry)
+        registry.register(Dispatcher, Dispatcher)
+        before = otel_context.get_current()
+
+        async def visit(user: str) -> None:
+            async with registry.open_scope(ctx(user)) as scope:
+                await ambient.resolve(Dispatcher)
+                assert otel_context.get_current() is before
+                assert telemetry not in scope.state
+
+        async with anyio.create_task_group() as tg:
+            for i in range(10):
+                tg.start_soon(visit, f"user-{i}")
+
     async def test_sdk_installed_later_is_picked_up(
         self, otel: Otel, monkeypatch: pytest.MonkeyPatch
     ) -> None:
