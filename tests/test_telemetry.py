@@ -798,6 +798,29 @@ class TestComponentSpans:
         assert scope_span.events == ()
         await registry.aclose()
 
+    async def test_threshold_zero_makes_spans_of_operations_a_coarse_clock_times_at_zero(
+        self, otel: Otel, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A clock too coarse to see a fast factory or cleanup (Windows' ticks) times it at
+        0.0 s: under span_threshold=0 it is still a span, "every one", for every user."""
+        registry = Registry(telemetry=otel.telemetry(span_threshold=0))
+        registry.register(Dispatcher, Dispatcher)
+
+        async def visit(user: str) -> None:
+            async with registry.open_scope(ctx(user)):
+                await ambient.resolve(Dispatcher)
+
+        monkeypatch.setattr(time, "perf_counter", lambda: 1.0)
+        async with anyio.create_task_group() as tg:
+            for i in range(10):
+                tg.start_soon(visit, f"user-{i}")
+        monkeypatch.undo()
+        resolves = otel.spans.named("ambient.resolve")
+        cleanups = otel.spans.named("ambient.cleanup")
+        assert len(resolves) == len(cleanups) == 10
+        for span in otel.spans.named("ambient.scope"):
+            assert span.events == ()
+
     async def test_fast_operations_become_events_on_the_scope_span(self, otel: Otel) -> None:
         """Below the threshold a creation or cleanup is an event with its duration."""
         registry = Registry(telemetry=otel.telemetry(span_threshold=60))
