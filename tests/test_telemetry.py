@@ -1093,6 +1093,25 @@ class TestIds:
         assert hash_id("alice") != hashlib.sha256(b"alice").hexdigest()[:16]
         assert len(hash_id("alice")) == 16
 
+    def test_the_hash_cache_stays_bounded_under_many_users(self) -> None:
+        """A long-running process sees ever more users: the cache of their hashes (keyed
+        by their raw ids) stays bounded, and a hash is the same after the cache has turned
+        over, in the telemetry and in the log filter alike."""
+        telemetry = Telemetry(
+            tracer_provider=trace.NoOpTracerProvider(), user_id="hash", hash_key="k"
+        )
+        log_filter = ContextFilter(hash_key="k")
+        first = telemetry.export_user_id("user-0")
+        for i in range(10_000):
+            assert telemetry.export_user_id(f"user-{i}") == hash_id(f"user-{i}", "k")
+            with ambient.bind_context(ctx(f"user-{i}")):
+                record = logging.LogRecord("x", logging.INFO, __file__, 1, "m", None, None)
+                log_filter.filter(record)
+                assert record.user_id == hash_id(f"user-{i}", "k")  # type: ignore[attr-defined]
+        assert telemetry.export_user_id("user-0") == first
+        for cache in (telemetry._ids._hashed, log_filter._fields._ids._hashed):
+            assert 0 < len(cache) <= 4096
+
     @pytest.mark.parametrize(
         ("user_policy", "tenant_policy", "user", "tenant"),
         [
