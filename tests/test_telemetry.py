@@ -1803,6 +1803,47 @@ class TestBaggage:
         for span in otel.spans.spans:
             assert (span.attributes or {}).get("ambient.user_id") in (None, hash_id("bob"))
 
+    async def test_baggage_a_scope_takes_in_from_a_message_never_labels_its_component_spans(
+        self, otel: Otel
+    ) -> None:
+        """Inside their scopes, ten users' handlers attach the context propagated with a
+        message (a queue consumer, a websocket frame) whose baggage forges
+        `ambient.user_id`: a span processor copying baggage onto spans still never labels
+        a component span with it; component spans start from the scope's own context."""
+
+        class BaggageToAttributes(SpanProcessor):
+            def on_start(
+                self, span: Span, parent_context: otel_context.Context | None = None
+            ) -> None:
+                for key, value in baggage.get_all(parent_context).items():
+                    span.set_attribute(key, str(value))
+
+        otel.tracer_provider.add_span_processor(BaggageToAttributes())
+        registry = Registry(telemetry=otel.telemetry(span_threshold=0))
+        registry.register(Dispatcher, Dispatcher)
+        users = [f"user-{i}" for i in range(10)]
+
+        async def visit(user: str) -> None:
+            async with registry.open_scope(ctx(user)):
+                message = propagate.extract({"baggage": "ambient.user_id=admin,order=o-1"})
+                token = otel_context.attach(message)
+                try:
+                    await anyio.lowlevel.checkpoint()
+                    await ambient.resolve(Dispatcher)
+                finally:
+                    otel_context.detach(token)
+
+        async with anyio.create_task_group() as tg:
+            for user in users:
+                tg.start_soon(visit, user)
+        resolves = otel.spans.named("ambient.resolve")
+        assert len(resolves) == 10
+        scopes = {s.context.span_id: s for s in otel.spans.named("ambient.scope")}
+        for span in resolves:
+            assert (span.attributes or {}).get("ambient.user_id") is None, span.attributes
+            assert span.parent is not None
+            assert span.parent.span_id in scopes
+
     @pytest.mark.parametrize("size", [8_000, 16 * 1024])
     async def test_oversized_incoming_baggage_is_bounded_and_never_identity(
         self, otel: Otel, size: int
