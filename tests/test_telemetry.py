@@ -712,6 +712,37 @@ class TestScopeSpan:
         assert parent_id(after_job) == server.get_span_context().span_id
         assert len({s.context.trace_id for s in (request, in_job, after_job)}) == 1
 
+    async def test_work_outliving_its_request_gets_its_own_span_back_after_a_scope(
+        self, otel: Otel
+    ) -> None:
+        """Ten tasks a request started outlive it, each in a span of its own ("job"), and
+        open and close a scope there: once it closes, the task's "job" span is current
+        again, so what the task does next ("step") nests under it, not under the ended
+        request's server span."""
+        registry = Registry(telemetry=otel.telemetry())
+        tracer = otel.tracer_provider.get_tracer("test")
+        request_done = anyio.Event()
+
+        async def later(i: int) -> None:
+            await request_done.wait()
+            with tracer.start_as_current_span(f"job-{i}") as job:
+                async with registry.open_scope(ctx(f"user-{i}"), allow_switch=True):
+                    await anyio.lowlevel.checkpoint()
+                assert trace.get_current_span() is job
+                with tracer.start_as_current_span(f"step-{i}"):
+                    pass
+
+        async with anyio.create_task_group() as tg:
+            with tracer.start_as_current_span("server"):
+                async with registry.open_scope(ctx("alice")):
+                    with tracer.start_as_current_span("handler"):
+                        for i in range(10):
+                            tg.start_soon(later, i)
+            request_done.set()
+        by_name = {s.name: s for s in otel.spans.spans}
+        for i in range(10):
+            assert parent_id(by_name[f"step-{i}"]) == by_name[f"job-{i}"].context.span_id
+
     async def test_sampled_out_work_outliving_its_request_keeps_its_scope_in_its_trace(
         self, otel_first_dropped: Otel
     ) -> None:
