@@ -12,7 +12,7 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 import anyio.from_thread
@@ -595,6 +595,15 @@ class TestFailures:
         await registry.aclose()
 
 
+async def _hang_until_abandoned() -> NoReturn:
+    """What a cleanup that hangs awaits: only its cleanup_timeout ends it. Bounded all the
+    same (a cleanup is shielded from the test's own deadline): one that is not abandoned
+    fails the test, where it would hang it."""
+    with anyio.move_on_after(3):
+        await anyio.sleep_forever()
+    raise AssertionError("a hanging cleanup was not abandoned after the cleanup_timeout")
+
+
 class TestCleanup:
     async def test_reverse_creation_order_exactly_once(self) -> None:
         """Cleanups run newest first, each exactly once."""
@@ -853,7 +862,7 @@ class TestCleanup:
 
         async def hangs() -> AsyncIterator[str]:
             yield "hang"
-            await anyio.sleep_forever()
+            await _hang_until_abandoned()
 
         def fine() -> Iterator[str]:
             yield "fine"
@@ -888,7 +897,7 @@ class TestCleanup:
         async def hangs() -> AsyncIterator[str]:
             yield "hangs"
             cleaned.append("hanging")
-            await anyio.sleep_forever()
+            await _hang_until_abandoned()
 
         def other() -> Iterator[str]:
             yield "other"
@@ -1812,10 +1821,11 @@ async def test_a_cleanup_cut_short_is_reported_as_such_not_as_done(anyio_backend
     await scope.__aenter__()
     await scope.resolve(Slow)
     closing = asyncio.ensure_future(scope.aclose())
-    await entered.wait()
-    closing.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await closing
+    with anyio.fail_after(10):
+        await entered.wait()
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
     assert [type(error) for error in ended] == [asyncio.CancelledError]
     assert registry.stats().cleanup_failures == 0
 
