@@ -2048,12 +2048,16 @@ async def _close_as_a_thread_resolves(
         except ScopeClosedError as refused:
             outcome.append(refused)
 
-    thread = threading.Thread(target=work)
+    thread = threading.Thread(target=work, daemon=True)
     thread.start()
-    await anyio.to_thread.run_sync(reached.wait)
+    # Bounded, as the join: a thread that never gets there fails the test, not hangs it.
+    if not await anyio.to_thread.run_sync(reached.wait, 10):
+        go_on.set()
+        pytest.fail(f"resolve_sync() in a thread did not reach the pause within 10 s: {outcome}")
     await scope.aclose()  # the request ends
     go_on.set()
-    await anyio.to_thread.run_sync(thread.join)
+    await anyio.to_thread.run_sync(thread.join, 10)
+    assert not thread.is_alive(), "resolve_sync() in a thread did not end within 10 s"
     return outcome
 
 
