@@ -30,6 +30,7 @@ from ambient import (
     ScopeClosedError,
     UserExecutionContext,
 )
+from ambient._loops import loop_call_soon
 from ambient.errors import CleanupTimeoutError
 
 
@@ -2590,14 +2591,22 @@ async def test_resolve_sync_on_the_loop_waits_for_a_worker_threads_creation_with
         started.set()
         if factory == "waits for the loop":
             # Once the loop is about to block in resolve_sync(), which it does without
-            # yielding: the call below cannot run on it until that returns.
+            # yielding: the callback below cannot run on it until that returns. Waited
+            # for within a bound, as anyio.from_thread would not: a wait on the loop's
+            # side without its own bound then fails the test instead of hanging it.
             asked.wait(10)
-            anyio.from_thread.run_sync(lambda: None)
+            loop_ran = threading.Event()
+            call_soon(loop_ran.set)
+            if not loop_ran.wait(10):
+                stood_still.append("the loop did not run for 10 s")
         else:
             finish.wait(10)
         return Settings()
 
     finish = threading.Event()
+    call_soon = loop_call_soon()
+    assert call_soon is not None
+    stood_still: list[str] = []
     registry = Registry(cleanup_timeout=0.5)
     registry.register(Settings, make_settings)
     made: list[object] = []
@@ -2612,7 +2621,10 @@ async def test_resolve_sync_on_the_loop_waits_for_a_worker_threads_creation_with
             if factory == "waits for the loop":
                 asked.set()
                 with pytest.raises(ResolutionError, match="was not done within 0.5 s"):
-                    scope.resolve_sync(Settings)
+                    try:
+                        scope.resolve_sync(Settings)
+                    finally:
+                        assert not stood_still, "resolve_sync() on the loop waited without a bound"
             else:
                 # The creation ends while the loop waits (a timer, as another thread would).
                 threading.Timer(0.05, finish.set).start()
