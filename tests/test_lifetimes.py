@@ -1145,18 +1145,24 @@ async def test_a_component_a_worker_thread_gets_as_aclose_cleans_it_is_not_kept(
     refused: list[Exception] = []
     with anyio.fail_after(10):
         async with registry.open_scope(ctx("alice")) as scope:
-            async with anyio.create_task_group() as tg:
 
-                async def in_thread() -> None:
-                    try:
-                        await anyio.to_thread.run_sync(scope.resolve_sync, _Closable)
-                    except ambient.errors.ScopeClosedError as exc:
-                        refused.append(exc)
+            def in_thread() -> None:
+                try:
+                    scope.resolve_sync(_Closable)
+                except ambient.errors.ScopeClosedError as exc:
+                    refused.append(exc)
 
-                tg.start_soon(in_thread)
-                await anyio.to_thread.run_sync(stored.wait)
+            # A daemon thread, waited for within a bound: a resolve_sync() that never
+            # returns (retrying for good) fails the test instead of hanging the run.
+            thread = threading.Thread(target=in_thread, daemon=True)
+            thread.start()
+            try:
+                assert await anyio.to_thread.run_sync(stored.wait, 5), "the thread made nothing"
                 await registry.aclose()
+            finally:
                 go_on.set()
+            await anyio.to_thread.run_sync(thread.join, 5)
+            assert not thread.is_alive(), "resolve_sync() did not return within 5 s"
             assert len(refused) == 1
             with pytest.raises(ambient.errors.ScopeClosedError, match="closed at shutdown"):
                 await ambient.resolve(_Closable)
