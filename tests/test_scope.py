@@ -1628,14 +1628,18 @@ class TestHold:
         thread = threading.Thread(target=job)
         with anyio.fail_after(10):
             thread.start()
-            assert await anyio.to_thread.run_sync(checked.wait, 10)  # bounded: else a hang
+            # Bounded (a wait in a worker thread is no deadline's to cancel): else a hang.
+            assert await anyio.to_thread.run_sync(checked.wait, 10), (
+                "hold() in a thread did not look for the event loop to be taken on its thread"
+            )
             async with anyio.create_task_group() as tg:
                 tg.start_soon(scope.aclose)
                 await anyio.wait_all_tasks_blocked()
                 assert len(holds) == 1
                 assert cleaned == []  # waiting for the thread's hold
                 holds[0].release()
-            await anyio.to_thread.run_sync(thread.join)
+            await anyio.to_thread.run_sync(thread.join, 10)
+            assert not thread.is_alive(), "the thread taking the hold did not end within 10 s"
         assert cleaned == ["component"]
 
     async def test_a_hold_taken_in_a_raw_thread_wakes_the_close_when_released_there(
