@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import Annotated, Any
 
+import anyio
 import pytest
 
 import ambient
@@ -528,8 +529,11 @@ class TestFactoryShapes:
         registry.register(Thing, empty)
         async with registry.open_scope(ctx()) as scope:
             for _ in range(2):
-                with pytest.raises(
-                    ResolutionError, match="^async generator factory of Thing returned without"
+                with (
+                    anyio.fail_after(10),  # not waiting for the failed creation
+                    pytest.raises(
+                        ResolutionError, match="^async generator factory of Thing returned without"
+                    ),
                 ):
                     await scope.resolve(Thing)
         assert calls == 2
