@@ -1312,3 +1312,58 @@ async def test_an_anonymous_caller_gets_no_ticket() -> None:
     with ambient.bind_context(seen[0]), pytest.raises(IdentityError) as info:
         await tickets.issue()
     assert info.value.status == 401
+
+
+async def test_a_ticket_whose_credential_expired_before_its_handshake_is_refused_and_spent(
+    ticket_store: TicketStore,
+) -> None:
+    """alice's ticket is issued under a credential that expires 5 s later, and the
+    handshake comes 5 s after the issue (well within the ticket's own 30 s): it is 401,
+    never a socket of a credential that is over, and the ticket is not given back. bob's,
+    issued at the same time under a credential that lasts, gets in."""
+    clock = Clock()
+    clock.now = time.time()
+    tickets = WebSocketTickets(ticket_store, ttl=30, clock=clock)
+    app = _served(tickets)
+    with bound("alice"):
+        alices = await tickets.issue(expires_at=clock.now + 5)
+    with bound("bob"):
+        bobs = await tickets.issue(expires_at=clock.now + 3600)
+    clock.now += 5
+    refusal = await _handshake(app, alices)
+    assert refusal.status == 401
+    assert "unknown, expired or already used" in _detail(refusal)
+    assert (await _handshake(app, bobs)).status == 101
+    clock.now -= 4  # had it been given back, it would redeem now
+    assert (await _handshake(app, alices)).status == 401
+
+
+async def test_a_users_redeemed_tickets_take_no_room_from_the_one_still_out(
+    store_of_three: TicketStore,
+) -> None:
+    """With ``max_per_user=3`` alice holds three tickets and redeems her two newest: one
+    is outstanding. Her next ticket must not drop it, as if the redeemed ones still
+    counted: both redeem. Redis lists a user's tickets and prunes the list only once it
+    is full, so the prune must look at which of them still exist."""
+    tickets = WebSocketTickets(store_of_three)
+    with bound("alice"):
+        held = [await tickets.issue() for _ in range(3)]
+    for ticket in held[1:]:
+        await _redeems(tickets, ticket, "alice")
+    with bound("alice"):
+        newest = await tickets.issue()
+    await _redeems(tickets, held[0], "alice")
+    await _redeems(tickets, newest, "alice")
+
+
+async def test_a_revoked_user_who_never_comes_back_leaves_nothing_in_redis_for_good(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """A revocation of a user who issues no ticket after it: Redis still forgets the
+    user's generation 10 minutes later, rather than keeping a key per banned user for
+    ever."""
+    prefix = f"ambient-test:{uuid.uuid4().hex}:"
+    tickets = WebSocketTickets(RedisTicketStore(redis_client, prefix=prefix))
+    await tickets.revoke("mallory", tenant_id="acme")
+    (key,) = [key async for key in redis_client.scan_iter(match=f"{prefix}revoked:*")]
+    assert 599_000 <= await redis_client.pttl(key) <= 600_000
