@@ -1245,6 +1245,47 @@ class SignalledAccept(Quiet):
         self.closed.append((code, reason))
 
 
+async def test_a_second_socket_with_the_id_of_a_registered_one_is_refused() -> None:
+    """carol's first socket is registered and serving when a second socket of hers calls
+    connect() with its connection id: the second is refused with RuntimeError. Let in, it
+    would take the first's place in the hub, and the first would serve on out of reach of
+    her events and of a revocation, which must end it."""
+    registry = Registry()
+    hub = ConnectionHub()
+    hub.install(registry)
+    first, second = SignalledAccept(), SignalledAccept()
+    outcomes: dict[str, str] = {}
+    served, leave = anyio.Event(), anyio.Event()
+
+    async def handler(name: str, socket: SignalledAccept) -> None:
+        context = UserExecutionContext.create("carol", connection_id="c-1")
+        async with registry.open_scope(context) as scope:
+            manager = await scope.resolve(UserWebSocketManager)
+            try:
+                async with manager.connect(socket):  # type: ignore[arg-type]
+                    outcomes[name] = "got in"
+                    if name == "first":
+                        served.set()
+                        await leave.wait()
+                        outcomes[name] = "served on"
+            except RuntimeError as error:
+                outcomes[name] = str(error)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(handler, "first", first)
+            await served.wait()
+            await handler("second", second)
+            assert await hub.revoke("carol") == 1
+            leave.set()
+    assert outcomes == {"second": "connection c-1 is already registered", "first": "got in"}
+    assert (first.closed, second.closed) == ([(4001, "access revoked")], [])
+    assert not second.accepted.is_set()
+    stats = hub.stats()
+    assert (stats.connections, stats.users, stats.revoked) == (0, 0, 1)
+    await registry.aclose()
+
+
 async def test_a_revocation_as_the_socket_starts_its_writer_ends_the_block_quietly() -> None:
     """The user is revoked right after the handshake, while the hub starts the socket's
     writer: the handler's block ends at its first await and the socket is closed with
@@ -2272,6 +2313,41 @@ async def test_a_revocation_while_redis_is_down_still_ends_this_process_sockets(
             await in_client_thread(lambda: scenario(url))
             await wait_closed(ledger, 2)
             assert hub.stats().connections == 0
+
+
+async def test_a_revocation_while_redis_is_down_reaches_a_handshake_connecting_once_it_is_back(
+    redis_url: str,
+) -> None:
+    """Carol's handshake passed the identity check and her app awaits a lookup when she is
+    revoked while Redis is down: the revocation reaches no other process (BroadcastError)
+    and is in no stream for this one to read later. Redis comes back, her app reaches
+    connect(), and her socket must still be revoked as it joins, before it does any of her
+    work: this process remembers the revocation it was asked to make, not only the ones
+    the backend handed back. Dave's handshake, in the same window, gets in."""
+    with own_redis() as own:
+        backend = RedisBroadcast(own.url, channel_prefix=unique_prefix(), timeout=1.0)
+        registry = Registry()
+        hub = ConnectionHub(backend)
+        hub.install(registry)
+        carol, dave = HeldConnect(registry, "carol"), HeldConnect(registry, "dave")
+        with anyio.fail_after(DEADLINE):
+            await backend.wait_connected()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(carol.run)
+                tg.start_soon(dave.run)
+                await carol.checked.wait()
+                await dave.checked.wait()
+                await anyio.to_thread.run_sync(own.kill)
+                with pytest.raises(BroadcastError, match="could not publish"):
+                    await hub.revoke("carol")
+                await anyio.to_thread.run_sync(own.start)
+                await backend.wait_connected()
+                await connect_held(carol, dave)
+                assert (carol.work, carol.closes()) == ([], [(4001, "access revoked")])
+                assert (dave.work, dave.closes()) == (["dave"], [])
+                dave.leave.set()
+                carol.leave.set()
+        await registry.aclose()
 
 
 async def _refuse_until_published(
