@@ -1940,6 +1940,59 @@ class StoppedReading(Quiet):
         self.closed.append((code, reason))
 
 
+async def test_the_event_that_would_pass_queue_bytes_closes_the_socket_with_1013() -> None:
+    """carol's client stopped reading, the writer stuck on a first event: with
+    ``queue_bytes=100`` two 40-character events wait (80), and the third, which would
+    bring the queue to 120, closes the socket with 1013 then, not one event later: the
+    queue never holds more than ``queue_bytes``. What waited is dropped with it: once the
+    client reads again, the 1013 is all it gets after the first event."""
+    registry = Registry()
+    hub = ConnectionHub(queue_bytes=100)
+    hub.install(registry)
+    frames: list[str] = []
+
+    class Counting(StoppedReading):
+        async def send_text(self, data: str) -> None:
+            frames.append(data)
+            await super().send_text(data)
+
+    socket = Counting()
+    entered, finished = anyio.Event(), anyio.Event()
+    event = {"p": "x" * 32}  # 40 characters of JSON
+
+    async def handler() -> None:
+        context = UserExecutionContext.create("carol", connection_id="c-1")
+        async with registry.open_scope(context) as scope:
+            manager = await scope.resolve(UserWebSocketManager)
+            async with manager.connect(socket):  # type: ignore[arg-type]
+                entered.set()
+                await anyio.sleep_forever()
+        finished.set()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(handler)
+            await entered.wait()
+            async with registry.open_scope(UserExecutionContext.create("carol")) as scope:
+                manager = await scope.resolve(UserWebSocketManager)
+                try:
+                    await manager.broadcast_user({"p": ""})
+                    await socket.sending.wait()
+                    for _ in range(2):
+                        await manager.broadcast_user(event)
+                    stats = hub.stats()
+                    assert (stats.queued_bytes, stats.overflows, stats.connections) == (80, 0, 1)
+                    await manager.broadcast_user(event)
+                    stats = hub.stats()
+                    assert (stats.overflows, stats.connections) == (1, 0)
+                finally:
+                    socket.release.set()
+            await finished.wait()
+    assert socket.closed == [(1013, "too slow: the event queue overflowed")]
+    assert frames == ['{"p":""}']
+    await registry.aclose()
+
+
 @pytest.mark.parametrize("ending", ["replaced", "overflowed", "hub closed"])
 async def test_a_revocation_ends_a_socket_the_hub_is_already_closing(ending: str) -> None:
     """Carol's client stopped reading, so the hub's close of her socket (1008 replaced by
