@@ -2839,6 +2839,65 @@ async def test_a_revocation_envelope_on_a_users_channel_ends_no_socket(
         await carol.registry.aclose()
 
 
+async def test_an_event_for_another_user_on_a_users_channel_reaches_no_one(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An envelope naming dave (and one naming carol of tenant acme) is published on
+    carol's channel: a message on a user's channel is for that user only, so neither
+    reaches dave's socket (nor acme's carol) and both are logged as dropped; dave and
+    carol still get the events published on their own channels after it."""
+    backend = RedisBroadcast(redis_url, channel_prefix=unique_prefix())
+    carol = CarolsSockets(backend)
+    hub, sockets, entered = carol.hub, carol.sockets, carol.entered
+    others = {"dave": Collecting(1), "acme": Collecting(1)}
+    others_in = {name: anyio.Event() for name in others}
+
+    async def hold(name: str, user: UserRef) -> None:
+        context = UserExecutionContext.create(user.user_id, tenant_id=user.tenant_id)
+        async with carol.registry.open_scope(context) as scope:
+            manager = await scope.resolve(UserWebSocketManager)
+            async with manager.connect(others[name]):  # type: ignore[arg-type]
+                others_in[name].set()
+                await anyio.sleep_forever()
+
+    admin = redis.Redis.from_url(redis_url)
+    dave, acme = UserRef("dave"), UserRef("carol", "acme")
+    carols = backend.channel(UserRef("carol"))
+    try:
+        with anyio.fail_after(DEADLINE):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(carol.hold, "c-1")
+                tg.start_soon(hold, "dave", dave)
+                tg.start_soon(hold, "acme", acme)
+                for event in (entered["c-1"], *others_in.values()):
+                    await event.wait()
+                for user in (dave, acme):
+                    forged = Envelope(user, 0, None, '{"forged": true}')
+                    assert admin.publish(carols, encode_envelope(forged)) == 1
+                # Published after them on carol's channel: once her socket has it, they
+                # were handled.
+                after = Envelope(UserRef("carol"), 0, None, '{"for": "carol"}')
+                assert admin.publish(carols, encode_envelope(after)) == 1
+                await sockets["c-1"].arrived.wait()
+                for name, user in (("dave", dave), ("acme", acme)):
+                    own = Envelope(user, 0, None, f'{{"for": "{name}"}}')
+                    assert admin.publish(backend.channel(user), encode_envelope(own)) == 1
+                    await others[name].arrived.wait()
+                tg.cancel_scope.cancel()
+        assert sockets["c-1"].frames == ['{"for": "carol"}']
+        assert others["dave"].frames == ['{"for": "dave"}']
+        assert others["acme"].frames == ['{"for": "acme"}']
+        dropped = "ambient: dropped a message whose user does not match its channel"
+        assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+            dropped,
+            dropped,
+        ]
+        assert hub.stats().connections == 0
+    finally:
+        admin.close()
+        await carol.registry.aclose()
+
+
 class HeardBeforeItsReply(RedisBroadcast):
     """A RedisBroadcast whose publish of a revocation returns once this process has heard
     the revocation back from Redis: the answer to the script comes after the message on
