@@ -1993,6 +1993,34 @@ async def test_the_event_that_would_pass_queue_bytes_closes_the_socket_with_1013
     await registry.aclose()
 
 
+async def test_a_handler_that_fails_while_its_client_stopped_reading_leaves_at_once() -> None:
+    """carol's client stopped reading, the socket's writer stuck sending to it, when her
+    handler fails: its exception leaves connect() at once, the stuck send abandoned, not
+    close_timeout (here a minute) later, with her scope and its components held meanwhile."""
+    registry = Registry()
+    hub = ConnectionHub(close_timeout=60)
+    hub.install(registry)
+    socket = StoppedReading()
+
+    async def handler() -> None:
+        context = UserExecutionContext.create("carol", connection_id="c-1")
+        async with registry.open_scope(context) as scope:
+            manager = await scope.resolve(UserWebSocketManager)
+            async with manager.connect(socket) as connection:  # type: ignore[arg-type]
+                await connection.send({"stuck": True})
+                await socket.sending.wait()
+                raise RuntimeError("the handler failed")
+
+    try:
+        with anyio.fail_after(10), pytest.raises(RuntimeError, match="the handler failed"):
+            await handler()
+    finally:
+        socket.release.set()
+    assert socket.closed == []  # the app answers its own failure (a 1011 from the server)
+    assert (hub.stats().connections, hub._open) == (0, set())
+    await registry.aclose()
+
+
 @pytest.mark.parametrize("ending", ["replaced", "overflowed", "hub closed"])
 async def test_a_revocation_ends_a_socket_the_hub_is_already_closing(ending: str) -> None:
     """Carol's client stopped reading, so the hub's close of her socket (1008 replaced by
