@@ -1087,6 +1087,26 @@ async def test_the_manager_only_sends_for_the_bound_user() -> None:
     await registry.aclose()
 
 
+async def test_a_manager_is_refused_under_the_same_user_id_of_another_tenant() -> None:
+    """A user is its tenant and id: alice of acme's manager, kept around and used while
+    alice of globex (or alice of no tenant) is bound, raises ContextSwitchError, as for
+    any other user, rather than sending or connecting as whoever is bound."""
+    registry = Registry()
+    hub = ConnectionHub()
+    hub.install(registry)
+    async with registry.open_scope(UserExecutionContext.create("alice", tenant_id="acme")) as s:
+        manager = await s.resolve(UserWebSocketManager)
+    for tenant in ("globex", None):
+        async with registry.open_scope(UserExecutionContext.create("alice", tenant_id=tenant)):
+            with pytest.raises(ContextSwitchError):
+                await manager.send({"a": 1})
+            with pytest.raises(ContextSwitchError):
+                await manager.broadcast_user({"a": 1})
+            with pytest.raises(ContextSwitchError):
+                manager.connect(Quiet())  # type: ignore[arg-type]
+    await registry.aclose()
+
+
 class HeldHandshake:
     """A websocket whose handshake (``accept()``) completes only when the test says: the
     window between a socket's subscription and its registration, held open."""
