@@ -1367,3 +1367,23 @@ async def test_a_revoked_user_who_never_comes_back_leaves_nothing_in_redis_for_g
     await tickets.revoke("mallory", tenant_id="acme")
     (key,) = [key async for key in redis_client.scan_iter(match=f"{prefix}revoked:*")]
     assert 599_000 <= await redis_client.pttl(key) <= 600_000
+
+
+async def test_a_user_whose_tickets_all_expired_is_bounded_again_from_the_next_one() -> None:
+    """With ``max_per_user=3`` alice's three tickets all expire; she is issued one more,
+    then three after it: the first of those four is dropped as her oldest, as it would be
+    had none of hers expired. The store forgot her once her tickets were all gone, and
+    the ticket issued then was kept outside her count: she held four."""
+    clock = Clock()
+    store = MemoryTicketStore(max_per_user=3, clock=clock)
+    tickets = WebSocketTickets(store, ttl=30)
+    with bound("alice"):
+        for _ in range(3):
+            await tickets.issue()
+        clock.now += 31
+        first = await tickets.issue()
+        later = [await tickets.issue() for _ in range(3)]
+    assert len(store) == 3
+    assert (await refused(tickets, handshake(first))).status == 401
+    for ticket in later:
+        await _redeems(tickets, ticket, "alice")
