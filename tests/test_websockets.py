@@ -4105,6 +4105,44 @@ async def test_a_users_second_subscription_reads_nothing_from_redis(redis_url: s
     await backend.aclose()
 
 
+async def test_a_users_last_socket_leaving_unsubscribes_their_channel_in_redis(
+    redis_url: str,
+) -> None:
+    """Twenty users hold two sockets each, then close them: while one of a user's sockets
+    is held, Redis still has the user's channel subscribed; once the last one is gone it
+    has not, so that a process does not go on receiving (and Redis go on sending it) the
+    events of every user it ever held a socket of. A subscription made after the
+    unsubscriptions, on the same connection, is the sign Redis has handled them."""
+    backend = RedisBroadcast(redis_url, channel_prefix=unique_prefix())
+    backend.attach(lambda envelope: None)
+    users = [UserRef(f"user-{n}", "acme" if n % 2 else None) for n in range(20)]
+    admin = redis.Redis.from_url(redis_url)
+
+    def subscribed() -> list[int]:
+        return [count for _, count in admin.pubsub_numsub(*map(backend.channel, users))]
+
+    try:
+        with anyio.fail_after(DEADLINE):
+            await backend.wait_connected()
+            async with anyio.create_task_group() as tg:
+                for user in users * 2:
+                    tg.start_soon(backend.subscribe, user)
+            assert (backend.subscriptions, subscribed()) == (20, [1] * 20)
+            for user in users:
+                await backend.unsubscribe(user)
+            await backend.subscribe(UserRef("sign"))
+            assert (backend.subscriptions, subscribed()) == (21, [1] * 20)
+            for user in users:
+                await backend.unsubscribe(user)
+            await backend.unsubscribe(UserRef("sign"))
+            await backend.subscribe(UserRef("sign again"))
+            assert (backend.subscriptions, subscribed()) == (1, [0] * 20)
+            await backend.unsubscribe(UserRef("sign again"))
+    finally:
+        admin.close()
+    await backend.aclose()
+
+
 async def test_a_subscription_while_redis_is_down_says_so_and_nothing_else(
     redis_url: str,
 ) -> None:
