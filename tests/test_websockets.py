@@ -2197,7 +2197,11 @@ def test_envelopes_survive_the_wire() -> None:
             decode_envelope(raw[:cut])
     no_user = b"\x00\x00\x00\x00\x00\x00\x00\x01"
     longer_than_sent = b"\x00\x00\x00\x00\x00\x05\x00\x00ab"
-    for lying in (no_user, longer_than_sent):
+    # The flag of an empty target on a revocation that names a connection: which one it
+    # says (every connection, none, that one) is not to be guessed.
+    named = bytearray(encode_envelope(Envelope(UserRef("carol"), 3, "conn", "session ended")))
+    named[0] |= 0x80
+    for lying in (no_user, longer_than_sent, bytes(named)):
         with pytest.raises(ValueError, match="envelope"):
             decode_envelope(lying)
 
