@@ -48,7 +48,7 @@ from ambient.errors import (
     ServerErrorResponseError,
     TooManyRequestsError,
 )
-from ambient.middleware._problem import Problem, Receive, Send
+from ambient.middleware._problem import Problem, Receive, Send, _withholds_detail
 from ambient.middleware.identity import (
     _EXPIRES_AT_KEY,
     _VALIDATED_AT_KEY,
@@ -1707,7 +1707,7 @@ def _log_withheld(error: AmbientError, problem: Problem, request_id: str | None)
     it comes with every request while it lasts, and its source says so itself (the Redis
     backend logs the subscription it lost, jwt_bearer() the key set it cannot fetch)."""
     status = problem.status
-    if status < _SERVER_ERROR and status != _TOO_MANY:
+    if not _withholds_detail(status):
         return
     notes = getattr(error, "__notes__", None)
     said = str(error)

@@ -58,11 +58,7 @@ class Problem:
         """
         status = error.http_status or 500
         if detail is None:
-            detail = (
-                error.client_detail
-                if status >= _SERVER_ERROR or status == _OVERLOAD
-                else str(error)
-            )
+            detail = error.client_detail if _withholds_detail(status) else str(error)
         headers: list[tuple[bytes, bytes]] = []
         retry_after = error.retry_after
         if retry_after is not None:
@@ -169,3 +165,9 @@ class Problem:
             "code": self._websocket_code(),
             "reason": reason,
         }
+
+
+def _withholds_detail(status: int) -> bool:
+    """Whether an answer with ``status`` is the server's failure or overload (5xx, 429),
+    whose body says the error class's ``client_detail`` and never the error's message."""
+    return status >= _SERVER_ERROR or status == _OVERLOAD
