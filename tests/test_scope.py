@@ -2872,31 +2872,29 @@ async def test_a_user_entry_a_thread_takes_as_the_close_begins_is_released() -> 
     assert outcome[0].closed == 1  # type: ignore[attr-defined]
 
 
-async def test_what_cut_a_failed_bodys_cleanup_short_does_not_replace_its_failure() -> None:
-    """Many users' bodies each fail, and a cleanup of each lets a BaseException through
-    (a KeyboardInterrupt, say): the observers still see each body's own failure as what
-    ended its scope, not the interruption of its cleanup."""
+class _Interrupt(BaseException):
+    """What a cleanup lets through in place of finishing (a KeyboardInterrupt, say)."""
 
-    class Interrupt(BaseException):
-        pass
 
-    class BodyError(Exception):
-        pass
+class _BodyError(Exception):
+    pass
 
+
+async def _cleanups_interrupted_at_once(
+    factory: Callable[..., Any], *, body_fails: bool
+) -> dict[str, BaseException | None]:
+    """Twenty users' scopes open at once, each resolving ``"conn"`` made by ``factory``,
+    whose cleanup lets :class:`_Interrupt` through; once all are open, each body returns,
+    or fails with ``_BodyError(user)`` when ``body_fails``. Every close must let the
+    interruption through; returns what the observers saw end each user's scope."""
     ended: dict[str, BaseException | None] = {}
 
     class Watch(ambient.Observer):
         def scope_closed(self, scope: ambient.Scope, failures: tuple[Exception, ...]) -> None:
             ended[scope.context.user_id] = scope.exception
 
-    def connection() -> Iterator[str]:
-        try:
-            yield "conn"
-        finally:
-            raise Interrupt  # in place of what the yield raised
-
     registry = Registry(telemetry=Watch())
-    registry.register("conn", connection)
+    registry.register("conn", factory)
     users = [f"user-{i}" for i in range(20)]
     opened = 0
     all_open = anyio.Event()
@@ -2911,8 +2909,9 @@ async def test_what_cut_a_failed_bodys_cleanup_short_does_not_replace_its_failur
                 if opened == len(users):
                     all_open.set()
                 await all_open.wait()
-                raise BodyError(user)
-        except Interrupt:
+                if body_fails:
+                    raise _BodyError(user)
+        except _Interrupt:
             interrupted.append(user)
 
     with anyio.fail_after(10):
@@ -2920,8 +2919,24 @@ async def test_what_cut_a_failed_bodys_cleanup_short_does_not_replace_its_failur
             for user in users:
                 tg.start_soon(request, user)
     assert sorted(interrupted) == sorted(users)
+    assert sorted(ended) == sorted(users)
+    return ended
+
+
+async def test_what_cut_a_failed_bodys_cleanup_short_does_not_replace_its_failure() -> None:
+    """Many users' bodies each fail, and a cleanup of each lets a BaseException through
+    (a KeyboardInterrupt, say): the observers still see each body's own failure as what
+    ended its scope, not the interruption of its cleanup."""
+
+    def connection() -> Iterator[str]:
+        try:
+            yield "conn"
+        finally:
+            raise _Interrupt  # in place of what the yield raised
+
+    ended = await _cleanups_interrupted_at_once(connection, body_fails=True)
     assert {user: (type(error), str(error)) for user, error in ended.items()} == {
-        user: (BodyError, user) for user in users
+        user: (_BodyError, user) for user in ended
     }
 
 
@@ -2933,50 +2948,19 @@ async def test_what_cut_a_cleanup_short_after_a_body_that_returned_is_what_ended
     BaseException through (a KeyboardInterrupt, say): the observers see that interruption
     as what ended each scope, not a scope that ended normally."""
 
-    class Interrupt(BaseException):
-        pass
-
-    ended: dict[str, BaseException | None] = {}
-
-    class Watch(ambient.Observer):
-        def scope_closed(self, scope: ambient.Scope, failures: tuple[Exception, ...]) -> None:
-            ended[scope.context.user_id] = scope.exception
-
     def connection(context: UserExecutionContext) -> Iterator[str]:
         yield context.user_id
-        raise Interrupt(context.user_id)
+        raise _Interrupt(context.user_id)
 
     async def async_connection(context: UserExecutionContext) -> AsyncIterator[str]:
         yield context.user_id
         await anyio.lowlevel.checkpoint()
-        raise Interrupt(context.user_id)
+        raise _Interrupt(context.user_id)
 
-    registry = Registry(telemetry=Watch())
-    registry.register("conn", connection if kind == "sync" else async_connection)
-    users = [f"user-{i}" for i in range(20)]
-    opened = 0
-    all_open = anyio.Event()
-    interrupted: list[str] = []
-
-    async def request(user: str) -> None:
-        nonlocal opened
-        try:
-            async with registry.open_scope(ctx(user)) as scope:
-                await scope.resolve("conn")
-                opened += 1
-                if opened == len(users):
-                    all_open.set()
-                await all_open.wait()
-        except Interrupt:
-            interrupted.append(user)
-
-    with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            for user in users:
-                tg.start_soon(request, user)
-    assert sorted(interrupted) == sorted(users)
+    factory = connection if kind == "sync" else async_connection
+    ended = await _cleanups_interrupted_at_once(factory, body_fails=False)
     assert {user: (type(error), str(error)) for user, error in ended.items()} == {
-        user: (Interrupt, user) for user in users
+        user: (_Interrupt, user) for user in ended
     }
 
 
