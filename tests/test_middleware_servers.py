@@ -2115,8 +2115,9 @@ def test_twenty_sockets_expiring_one_after_another_each_end_at_their_own_expiry(
             assert user in {hash_id(u, b"k") for u in expiry}
 
 
-@pytest.mark.parametrize("framework", [False, True], ids=["plain-lifespan", "starlette"])
-@pytest.mark.parametrize(
+# The servers whose lifespan handling the shutdown tests run under (uvicorn's "auto" and
+# "on" treat a lifespan that fails differently).
+lifespan_servers = pytest.mark.parametrize(
     ("server", "options"),
     [
         ("uvicorn", {}),
@@ -2126,6 +2127,10 @@ def test_twenty_sockets_expiring_one_after_another_each_end_at_their_own_expiry(
     ],
     ids=["uvicorn", "uvicorn-lifespan-on", "hypercorn", "hypercorn-trio"],
 )
+
+
+@pytest.mark.parametrize("framework", [False, True], ids=["plain-lifespan", "starlette"])
+@lifespan_servers
 def test_a_lifespan_that_fails_while_serving_still_gets_the_registry_closed_at_shutdown(
     server: str, options: dict[str, Any], framework: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -2210,16 +2215,7 @@ async def test_lifespan_never_runs_in_a_user_context(server: str, options: dict[
     assert sorted(cleaned) == ["ann", "bob", "cid"]
 
 
-@pytest.mark.parametrize(
-    ("server", "options"),
-    [
-        ("uvicorn", {}),
-        ("uvicorn", {"lifespan": "on"}),
-        ("hypercorn", {}),
-        ("hypercorn-trio", {}),
-    ],
-    ids=["uvicorn", "uvicorn-lifespan-on", "hypercorn", "hypercorn-trio"],
-)
+@lifespan_servers
 def test_a_cleanup_failing_at_shutdown_never_skips_the_apps_own_shutdown(
     server: str, options: dict[str, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
