@@ -65,6 +65,25 @@ def user_registry(
     return registry
 
 
+class _CountedUsers(OrderedDict[UserRef, Any]):
+    """A registry's users that count the entries of every walk over them, however it is
+    taken (``walked``)."""
+
+    walked = 0
+
+    def items(self) -> Any:
+        self.walked += len(self)
+        return super().items()
+
+    def values(self) -> Any:
+        self.walked += len(self)
+        return super().values()
+
+    def __iter__(self) -> Any:
+        self.walked += len(self)
+        return super().__iter__()
+
+
 async def burst(
     registry: Registry,
     contexts: list[UserExecutionContext],
@@ -383,32 +402,12 @@ class TestUserLifetime:
         burst quadratic: seconds of a blocked loop for a burst of thousands."""
         cleaned: list[str] = []
         registry = user_registry(cleaned, max_users=100, idle_ttl=3600)
-        walked = 0
-
-        class Counted(OrderedDict[UserRef, Any]):
-            """Counts the entries of every walk over the users, however it is taken."""
-
-            def items(self) -> Any:
-                nonlocal walked
-                walked += len(self)
-                return super().items()
-
-            def values(self) -> Any:
-                nonlocal walked
-                walked += len(self)
-                return super().values()
-
-            def __iter__(self) -> Any:
-                nonlocal walked
-                walked += len(self)
-                return super().__iter__()
-
-        registry._users = Counted()
+        registry._users = counted = _CountedUsers()
         users = [f"user-{n}" for n in range(300)]
         await burst(registry, [ctx(user) for user in users])
         assert registry.stats().live_users == 100
         assert len(set(cleaned)) == len(cleaned) == 200
-        assert walked <= len(users), walked
+        assert counted.walked <= len(users), counted.walked
         await registry.aclose()
 
     async def test_a_burst_of_anonymous_users_past_max_users_leaves_the_next_burst_reported(
@@ -1948,32 +1947,12 @@ async def test_users_who_came_back_then_expired_leave_a_later_burst_walking_no_u
     await registry.sweep()  # and then they all expire
     assert sorted(cleaned) == sorted(early)
     assert registry.stats().live_users == 0
-    walked = 0
-
-    class Counted(OrderedDict[UserRef, Any]):
-        """Counts the entries of every walk over the users, however it is taken."""
-
-        def items(self) -> Any:
-            nonlocal walked
-            walked += len(self)
-            return super().items()
-
-        def values(self) -> Any:
-            nonlocal walked
-            walked += len(self)
-            return super().values()
-
-        def __iter__(self) -> Any:
-            nonlocal walked
-            walked += len(self)
-            return super().__iter__()
-
-    registry._users = Counted(registry._users)
+    registry._users = counted = _CountedUsers(registry._users)
     users = [f"user-{n}" for n in range(300)]
     await burst(registry, [ctx(user) for user in users])
     assert registry.stats().live_users == 100
     assert len(set(cleaned)) == len(cleaned) == len(early) + 200
-    assert walked <= len(users), walked
+    assert counted.walked <= len(users), counted.walked
     await registry.aclose()
 
 
