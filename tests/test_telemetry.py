@@ -1692,6 +1692,15 @@ class TestNoSdk:
 # -- baggage -------------------------------------------------------------------------------
 
 
+class BaggageToAttributes(SpanProcessor):
+    """Copies the baggage of a span's parent context onto the span as it starts, as
+    opentelemetry-processor-baggage does."""
+
+    def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:
+        for key, value in baggage.get_all(parent_context).items():
+            span.set_attribute(key, str(value))
+
+
 class TestBaggage:
     async def test_off_by_default(self, otel: Otel) -> None:
         """Default telemetry puts nothing into baggage; outgoing headers carry none."""
@@ -1810,13 +1819,6 @@ class TestBaggage:
         `ambient.user_id` on the scope span or its component spans: it used to overwrite
         the span's own hashed user id with "admin"."""
 
-        class BaggageToAttributes(SpanProcessor):
-            def on_start(
-                self, span: Span, parent_context: otel_context.Context | None = None
-            ) -> None:
-                for key, value in baggage.get_all(parent_context).items():
-                    span.set_attribute(key, str(value))
-
         otel.tracer_provider.add_span_processor(BaggageToAttributes())
         registry = Registry(telemetry=otel.telemetry(span_threshold=0, baggage=fields))
         registry.register(Dispatcher, Dispatcher)
@@ -1841,13 +1843,6 @@ class TestBaggage:
         message (a queue consumer, a websocket frame) whose baggage forges
         `ambient.user_id`: a span processor copying baggage onto spans still never labels
         a component span with it; component spans start from the scope's own context."""
-
-        class BaggageToAttributes(SpanProcessor):
-            def on_start(
-                self, span: Span, parent_context: otel_context.Context | None = None
-            ) -> None:
-                for key, value in baggage.get_all(parent_context).items():
-                    span.set_attribute(key, str(value))
 
         otel.tracer_provider.add_span_processor(BaggageToAttributes())
         registry = Registry(telemetry=otel.telemetry(span_threshold=0))
