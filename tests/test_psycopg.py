@@ -2851,6 +2851,67 @@ async def test_a_checkout_waiting_to_grow_its_pool_takes_room_that_frees_up(
     assert (stats.evicted, stats.slots) == (1, 2)
 
 
+async def _x_grows_as_z_is_woken(db: Database, steps: int) -> list[str]:
+    """One round of the test below: the users in the order they got their connection."""
+    pools = PerUserPools(
+        db.app_url, max_size=2, max_total=2, timeout=10, rls_check="off", kwargs=db.kwargs()
+    )
+    registry = Registry()
+    pools.install(registry)
+    x_holds, y_holds, y_done, z_got, x_done = (anyio.Event() for _ in range(5))
+    order: list[str] = []
+
+    async def hold_x() -> None:
+        async with registry.open_scope(_ctx("x")), pools.connection():
+            x_holds.set()
+            await x_done.wait()
+
+    async def y_then_x_again() -> None:
+        async with registry.open_scope(_ctx("y")), pools.connection():
+            y_holds.set()
+            await y_done.wait()
+        for _ in range(steps):
+            await anyio.lowlevel.checkpoint()
+        async with registry.open_scope(_ctx("x")), pools.connection() as conn:
+            order.append(await _scalar(conn, "SELECT current_setting('app.user_id')"))
+
+    async def z() -> None:
+        async with registry.open_scope(_ctx("z")), pools.connection() as conn:
+            order.append(await _scalar(conn, "SELECT current_setting('app.user_id')"))
+            z_got.set()
+
+    try:
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(hold_x)
+                await x_holds.wait()
+                tg.start_soon(y_then_x_again)
+                await y_holds.wait()
+                tg.start_soon(z)
+                await anyio.wait_all_tasks_blocked()
+                assert pools.stats().waiting == 1
+                y_done.set()
+                with anyio.move_on_after(5):  # z's room came free: well within its 10 s
+                    await z_got.wait()
+                x_done.set()
+    finally:
+        await registry.aclose()
+    return order
+
+
+async def test_room_freed_for_a_user_with_no_connection_is_not_taken_by_a_busy_user(
+    db: Database,
+) -> None:
+    """max_total=2: x and y hold one connection each, and z, which has none, waits for
+    room. y's checkout ends, so y's idle pool is z's to close for room, and right then
+    (after a few more steps, at each count in turn) x asks for a second connection. x's
+    pool used to grow into that room whenever x asked between z being woken and z
+    running, and z, which had waited first, waited on until x's work was done."""
+    for steps in range(8):
+        order = await _x_grows_as_z_is_woken(db, steps)
+        assert order == ["z", "x"], f"{steps} steps after y's checkout ended"
+
+
 async def test_a_checkout_cancelled_as_its_pool_hands_it_a_connection_loses_none(
     db: Database,
 ) -> None:

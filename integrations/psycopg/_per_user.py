@@ -203,6 +203,9 @@ class PerUserPools:
         self._idle: OrderedDict[_UserPool, None] = OrderedDict()
         self._pools: set[_UserPool] = set()
         self._waiters: deque[anyio.Event] = deque()
+        # Waiters woken (their event set) that have not run yet: the room or idle pool that
+        # woke them is theirs, not a busy user's that asks for more in between.
+        self._handed = 0
         self.checked_out = 0
         self.evicted = 0
         self._cancellers = _Cancellers()
@@ -289,13 +292,14 @@ class PerUserPools:
     def _wake(self, count: int) -> None:
         while count > 0 and self._waiters:
             self._waiters.popleft().set()
+            self._handed += 1
             count -= 1
 
     async def _take_slot(self, user_pool: _UserPool, deadline: float, *, wait: bool) -> bool:
         """Take one connection slot for ``user_pool``: free room, else close the least
         recently used idle pool, else wait until ``deadline`` (or give up when not
         ``wait``)."""
-        if not wait and self._waiters:
+        if not wait and (self._waiters or self._handed):
             return False  # room freed up belongs to checkouts that have no connection at all
         woken = False
         while True:
@@ -325,11 +329,13 @@ class PerUserPools:
                     await event.wait()
             except BaseException:
                 if event.is_set():
+                    self._handed -= 1
                     self._wake(1)  # we were handed room or an idle pool: pass it on
                 else:
                     self._waiters.remove(event)
                 raise
             if event.is_set():
+                self._handed -= 1
                 woken = True
             else:
                 self._waiters.remove(event)
