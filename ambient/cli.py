@@ -127,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--tenant-header",
         metavar="NAME",
-        type=_claim,
+        type=_header,
         help="with --tenants and --identity header: the tenant id's header (x-tenant-id)",
     )
     check.add_argument(
@@ -259,12 +259,24 @@ def _seconds(text: str) -> float:
 def _identity(text: str) -> tuple[str, str]:
     kind, colon, name = text.partition(":")
     if kind == "header" and name.strip():
-        return "header", name.strip()
+        return "header", _header(name.strip())
     if kind in ("bearer", "jwt") and not colon:
         return kind, ""
     # said by argparse, with the usage and exit status 2, as every other bad argument
     msg = f"must be header:NAME, bearer or jwt, not {text!r}"
     raise argparse.ArgumentTypeError(msg)
+
+
+def _header(text: str) -> str:
+    """``text`` when it can name a header; else an argument error (no request of the
+    check could carry it, and every user would be reported as refused)."""
+    from ambient.middleware.identity import _header_name
+
+    try:
+        _header_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _websocket_path(text: str) -> str:

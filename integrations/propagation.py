@@ -62,6 +62,7 @@ from ambient.errors import IdentityError, InvalidContextError, InvalidTokenError
 from ambient.middleware.identity import (
     Identity,
     IdentityResolver,
+    _header_name,
     _leeway,
     _networks,
     _peer_trusted,
@@ -651,8 +652,13 @@ def inject_hook(
         ttl: Token lifetime in seconds.
         audience: The audience the callee expects, if any.
         header: The header carrying the token.
+
+    Raises:
+        ValueError: no host, a host that is not ``name`` or ``name:port``, or a ``header``
+            that is not an HTTP token.
     """
     allowed = [_parse_host(entry) for entry in ([hosts] if isinstance(hosts, str) else hosts)]
+    _header_name(header, "header")
     if not allowed:
         msg = "inject_hook() needs at least one host that may receive the signed context"
         raise ValueError(msg)
@@ -750,10 +756,16 @@ def signed_context(
 
     Raises:
         LookupError: no secret given and ``AMBIENT_CONTEXT_SECRET`` is not set.
-        ValueError: a secret shorter than 32 bytes, a network that is not CIDR, or none.
+        ValueError: a secret shorter than 32 bytes, a network that is not CIDR, or none; a
+            header name that is not an HTTP token (no request could carry it).
     """
     signer = _signer(secret)
     networks = _networks(trusted)
+    _header_name(header, "header")
+    if request_id_header is not None:
+        _header_name(request_id_header, "request_id_header")
+    if thread_id_header is not None:
+        _header_name(thread_id_header, "thread_id_header")
     hints = _PeerHints("signed_context()")
 
     def resolve(scope: Mapping[str, Any]) -> Identity | None:

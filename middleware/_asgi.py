@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import re
 import time
 import urllib.parse
 import weakref
@@ -56,6 +55,7 @@ from ambient.middleware.identity import (
     IdentityResolver,
     _challenge_of,
     _check_resolver,
+    _header_name,
     _validation_clock,
     checked_identity,
 )
@@ -1667,20 +1667,6 @@ def _paths(paths: Iterable[str]) -> tuple[frozenset[str], tuple[str, ...]]:
         else:
             exact.add(path)
     return frozenset(exact), tuple(prefixes)
-
-
-# RFC 9110's token: what a header name may be made of.
-_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-
-
-def _header_name(name: str) -> bytes:
-    if not isinstance(name, str) or not _TOKEN.fullmatch(name):
-        msg = (
-            "header name must be a non-empty HTTP token (letters, digits and !#$%&'*+-.^_`|~), "
-            f"not {name!r}"
-        )
-        raise ValueError(msg)
-    return name.lower().encode("ascii")
 
 
 def _failed_while_serving(error: Exception) -> MutableMapping[str, Any]:

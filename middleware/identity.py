@@ -18,6 +18,7 @@ import inspect
 import ipaddress
 import logging
 import math
+import re
 import sys
 import threading
 import time
@@ -142,6 +143,24 @@ def _identity(user_id: str, tenant_id: str | None) -> Identity:
 IdentityResolver: TypeAlias = Callable[
     [Mapping[str, Any]], "Identity | Awaitable[Identity | None] | None"
 ]
+
+
+# RFC 9110's token: what a header name may be made of.
+_HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def _header_name(name: object, what: str = "header name") -> bytes:
+    """``name`` lower-cased as an ASGI server passes header names, or :class:`ValueError`
+    naming ``what`` when no request could ever carry a header so named: a resolver
+    reading it would find no identity in any request, each answered 401 without a word
+    why."""
+    if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+        msg = (
+            f"{what} must be a non-empty HTTP token (letters, digits and !#$%&'*+-.^_`|~), "
+            f"not {name!r}"
+        )
+        raise ValueError(msg)
+    return name.lower().encode("ascii")
 
 
 def header_values(scope: Mapping[str, Any], name: str) -> list[bytes]:
@@ -577,19 +596,16 @@ def trusted_header(
 
     Raises:
         ValueError: at construction, for a network that is not valid CIDR, or none; for a
-            header name (``name``, ``tenant_header``) that is empty or not ASCII.
+            header name (``name``, ``tenant_header``) that is not an HTTP token (empty, not
+            ASCII, with a space, a colon ...): no request could carry it.
     """
     networks = _networks(trusted)
-    if not name or not name.isascii():
-        msg = f"header name must be a non-empty ASCII string, not {name!r}"
-        raise ValueError(msg)
-    if tenant_header is not None and (not tenant_header or not tenant_header.isascii()):
+    wanted = _header_name(name)
+    if tenant_header is not None:
         # Else an empty name read no tenant at all, and a non-ASCII one failed every request.
-        msg = f"tenant_header must be None or a non-empty ASCII string, not {tenant_header!r}"
-        raise ValueError(msg)
+        _header_name(tenant_header, "tenant_header")
 
     peer_trusted = _peer_check(networks)
-    wanted = name.lower().encode("latin-1")
     # Identities are immutable and a server sees the same users again and again: decoding
     # and building one is looked up, not redone (bounded like the peer verdicts).
     known: dict[bytes, Identity] = {}

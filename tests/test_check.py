@@ -2222,6 +2222,7 @@ class TestCommandLine:
             "--identity=header: ": "must be header:NAME, bearer or jwt, not 'header: '",
             "--identity=bearer:authorization": "must be header:NAME, bearer or jwt, not",
             "--identity=jwt:HS256": "must be header:NAME, bearer or jwt, not",
+            "--identity=header:x user": "header name must be a non-empty HTTP token",
             "--jwt-audience=": "must not be empty",
             "--websocket=events": "the path must start with '/', not 'events'",
             "--websocket-send={tenant}": "--websocket-send '{tenant}' names {tenant}: give",
@@ -2410,7 +2411,8 @@ class TestCommandLine:
             ("--tenants", "2", "--identity", "bearer"): "an opaque bearer token is the user",
             ("--tenant-header", "x-org"): "--tenant-header is for --tenants with --identity",
             ("--tenants", "2", "--tenant-claim", "org"): "--tenant-claim is for --tenants with",
-            ("--tenants", "2", "--tenant-header", ""): "must not be empty",
+            ("--tenants", "2", "--tenant-header", ""): "must be a non-empty HTTP token",
+            ("--tenants", "2", "--tenant-header", "x org"): "must be a non-empty HTTP token",
             ("--request", "GET /t/{tenant}/notes"): "--request 'GET /t/{tenant}/notes' names "
             "{tenant}: give --tenants N (without tenants it would be empty)",
             ("--websocket", "/t/{tenant}/events"): "--websocket '/t/{tenant}/events' names "

@@ -524,6 +524,13 @@ class TestInject:
         with pytest.raises(ValueError, match="port"):
             inject_hook(hosts=["billing:http"], secret=SECRET)
 
+    @pytest.mark.parametrize("header", ["", "x context", "x-context:", "x-c\r\nx-user-id"])
+    def test_a_header_name_no_request_can_carry_is_refused(self, header: str) -> None:
+        """httpx would refuse every request the hook touched (or the callee would find no
+        token in any): said when the hook is built."""
+        with pytest.raises(ValueError, match="header must be a non-empty HTTP token"):
+            inject_hook(hosts=["billing.internal"], secret=SECRET, header=header)
+
 
 INJECTED = (HEADER, "x-request-id", "x-thread-id", "traceparent", "baggage")
 """The headers the hook sets when the app traces and puts ids into baggage."""
@@ -947,6 +954,19 @@ print(identity.signed_context is propagation.signed_context, found.user_id, foun
         with pytest.raises(ValueError, match="CIDR"):
             signed_context(SECRET, trusted=("not-a-network",))
         assert issubclass(InvalidTokenError, IdentityError)
+
+    @pytest.mark.parametrize("option", ["header", "request_id_header", "thread_id_header"])
+    @pytest.mark.parametrize("name", ["", "x context", "x-id:", "x-i\r\nx-user-id"])
+    def test_a_header_name_no_request_can_carry_is_refused_when_the_resolver_is_built(
+        self, option: str, name: str
+    ) -> None:
+        """A token header so named is in no request: every caller would be answered as if
+        it sent no context; an id header so named would never be compared with the token.
+        Refused at start-up, naming the option; ``None`` still turns an id check off."""
+        with pytest.raises(ValueError, match=f"{option} must be a non-empty HTTP token"):
+            signed_context(SECRET, **{option: name})
+        if option != "header":
+            assert callable(signed_context(SECRET, **{option: None}))
 
 
 class Spans:
