@@ -24,11 +24,14 @@ from psycopg.abc import Query
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.requests import Request
 from starlette.responses import Response
+from websockets.sync.client import ClientConnection
+from websockets.sync.client import connect as ws_connect
 
 import ambient
 from ambient import Registry, UserExecutionContext
 from ambient.errors import PoolExhaustedError
 from ambient.integrations.psycopg import PerUserPools, SharedPool, connection
+from ambient.integrations.websockets import message_scope
 from ambient.middleware import AmbientMiddleware, trusted_header
 from tests.servers import serve
 from tests.test_psycopg import Database, _eventually, make_database
@@ -626,3 +629,115 @@ async def test_per_user_pools_outlived_by_requests_cancelled_at_the_graceful_dea
 
 class _Audit:
     """A REQUEST component whose cleanup still uses the request's checkout."""
+
+
+def _open_socket(stack: contextlib.ExitStack, url: str, user: str) -> ClientConnection:
+    """Open a websocket for ``user``, closed with ``stack``."""
+    return stack.enter_context(
+        ws_connect(url, additional_headers={"x-user-id": user}, open_timeout=10)
+    )
+
+
+def _exchange(ws: ClientConnection, text: str) -> dict[str, Any]:
+    """Send one message on a websocket and read its answer (bounded)."""
+    ws.send(text)
+    answer: dict[str, Any] = json.loads(ws.recv(timeout=20))
+    return answer
+
+
+async def test_open_sockets_pin_no_pool_and_query_as_their_user_after_its_eviction() -> None:
+    """Ten users each keep a websocket open (a scope holding their user entry for the
+    socket's life) and query through their PerUserPools pool once per message, under a
+    budget of three connections; fifty other users' HTTP requests come in between. The
+    sockets' pools, idle between messages, are closed to make room, so every request is
+    served instead of waiting for a socket to end (503 or a hang); each socket's next
+    message reopens its user's pool and runs with that user's settings and rows only. A
+    pool whose user still has a scope open must neither be spared from eviction (ten
+    sockets would hold more pools than the budget has room for) nor stay closed for good."""
+    users = [f"sock-{n}" for n in range(10)]
+    callers = [f"http-{n}" for n in range(50)]
+    with make_database() as db:
+        pools = await anyio.to_thread.run_sync(
+            lambda: PerUserPools(
+                db.app_url,
+                max_size=1,
+                max_total=3,
+                timeout=15,
+                rls_tables=[db.notes],
+                rls_check="raise",
+                kwargs=db.kwargs(),
+            )
+        )
+        registry = Registry()
+        pools.install(registry)
+        notes = NotesApp(db)
+        query = db.sql(
+            "SELECT current_setting('app.user_id', true),"
+            " (SELECT coalesce(array_agg(DISTINCT owner), ARRAY[]::text[]) FROM {notes})"
+        )
+
+        async def app(scope: Scope, receive: Any, send: Any) -> None:
+            if scope["type"] != "websocket":
+                await notes(scope, receive, send)
+                return
+            await receive()  # websocket.connect
+            await send({"type": "websocket.accept"})
+            while (await receive())["type"] == "websocket.receive":
+                async with message_scope(), connection() as conn:
+                    row = await (await conn.execute(query)).fetchone()
+                assert row is not None
+                answer = {"user": _current_user(), "setting": row[0], "owners": row[1]}
+                await send({"type": "websocket.send", "text": json.dumps(answer)})
+
+        asgi = AmbientMiddleware(app, registry=registry, identity=trusted_header())
+        with serve("uvicorn", asgi) as url, anyio.fail_after(90):
+            async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+
+                async def post(user: str) -> None:
+                    response = await http.post(
+                        "/notes", content=f"{user}'s note", headers={"x-user-id": user}
+                    )
+                    assert response.status_code == 201, (user, response.text)
+
+                async with anyio.create_task_group() as tg:
+                    for user in users + callers:
+                        tg.start_soon(post, user)
+
+                ws_url = url.replace("http://", "ws://") + "/ws"
+                sockets: dict[str, ClientConnection] = {}
+                opened = contextlib.ExitStack()
+                try:
+                    for user in users:
+                        sockets[user] = await anyio.to_thread.run_sync(
+                            _open_socket, opened, ws_url, user
+                        )
+                    answers: dict[str, list[dict[str, Any]]] = {user: [] for user in users}
+
+                    async def talk(user: str, text: str) -> None:
+                        answers[user].append(
+                            await anyio.to_thread.run_sync(_exchange, sockets[user], text)
+                        )
+
+                    async def read(user: str) -> None:
+                        response = await http.get("/notes", headers={"x-user-id": user})
+                        assert response.status_code == 200, (user, response.text)
+                        assert response.json() == {"rows": [[user, f"{user}'s note"]]}, user
+
+                    async with anyio.create_task_group() as tg:
+                        for user in users:
+                            tg.start_soon(talk, user, "first")
+                    async with anyio.create_task_group() as tg:
+                        for user in callers:
+                            tg.start_soon(read, user)
+                    async with anyio.create_task_group() as tg:
+                        for user in users:
+                            tg.start_soon(talk, user, "second")
+                    stats = pools.stats()
+                finally:
+                    await anyio.to_thread.run_sync(opened.close)
+        for user in users:
+            expected = {"user": user, "setting": user, "owners": [user]}
+            assert answers[user] == [expected, expected], user
+        # Every socket user's pool had to give its room up at least once for the others.
+        assert stats.evicted >= len(users) + len(callers) - pools.max_total, stats
+        assert stats.slots <= pools.max_total, stats
