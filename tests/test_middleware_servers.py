@@ -2215,6 +2215,78 @@ async def test_lifespan_never_runs_in_a_user_context(server: str, options: dict[
     assert sorted(cleaned) == ["ann", "bob", "cid"]
 
 
+@pytest.mark.parametrize("server", SERVERS)
+async def test_lifespan_state_reaches_every_users_request_through_the_middleware(
+    server: str,
+) -> None:
+    """The app's startup yields its state (an application-wide client), which the server
+    hands every request as ``scope["state"]``, and each request writes its own user and
+    component into ``request.state``. 20 users x 5 requests on 4 keep-alive connections:
+    every request finds the startup's client (the middleware hands the app the lifespan
+    scope and each request's scope with their state, neither dropped nor replaced), and is
+    bound to the user of its own header with its own component, whatever earlier requests
+    on its connection wrote into their state."""
+    users = [f"user-{n}" for n in range(20)]
+    registry = ambient.Registry()
+
+    class Client:
+        """What the app's startup makes and every request uses."""
+
+    class Tag:
+        def __init__(self, ctx: ambient.UserExecutionContext) -> None:
+            self.user = ctx.user_id
+            self.request = ctx.request_id
+
+    registry.register(Tag, Tag)
+    made: list[Client] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        made.append(Client())
+        yield {"client": made[0]}
+
+    async def whoami(request: Request) -> Response:
+        ctx = ambient.get_current_context()
+        tag = await ambient.resolve(Tag)
+        answer = {
+            "user": ctx.user_id,
+            "request": ctx.request_id,
+            "tag": [tag.user, tag.request],
+            "client": request.state.client is made[0],
+        }
+        request.state.user = ctx.user_id
+        request.state.tag = tag
+        return JSONResponse(answer)
+
+    app = AmbientMiddleware(
+        Starlette(routes=[Route("/whoami", whoami)], lifespan=lifespan),
+        registry=registry,
+        identity=trusted_header(),
+    )
+    limits = httpx.Limits(max_connections=4, max_keepalive_connections=4)
+    with serve(server, app) as url, anyio.fail_after(60):
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as http:
+
+            async def user(name: str) -> None:
+                for n in range(5):
+                    request_id = f"{name}-r{n}"
+                    response = await http.get(
+                        "/whoami", headers={"x-user-id": name, "x-request-id": request_id}
+                    )
+                    assert response.status_code == 200, (name, response.text)
+                    assert response.json() == {
+                        "user": name,
+                        "request": request_id,
+                        "tag": [name, request_id],
+                        "client": True,
+                    }, name
+
+            async with anyio.create_task_group() as tg:
+                for name in users:
+                    tg.start_soon(user, name)
+    assert len(made) == 1
+
+
 @lifespan_servers
 def test_a_cleanup_failing_at_shutdown_never_skips_the_apps_own_shutdown(
     server: str, options: dict[str, Any], caplog: pytest.LogCaptureFixture
