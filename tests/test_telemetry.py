@@ -4,9 +4,11 @@ AmbientMiddleware behind opentelemetry-instrumentation-asgi on a real uvicorn se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import random
@@ -47,10 +49,11 @@ from opentelemetry.sdk.trace.sampling import (
 )
 from opentelemetry.trace import SpanKind, StatusCode
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp as StarletteApp
 from websockets.exceptions import InvalidStatus
@@ -3169,3 +3172,94 @@ async def test_a_telemetrys_own_meter_counts_the_guarded_globals_touched_in_its_
     assert [(dict(p.attributes or {}), p.value) for p in points] == [
         ({"ambient.global": "catalog"}, 2)
     ]
+
+
+# -- a server shutting down under open streams and background work ------------------------
+
+
+# trio warns about the async generators the shutdown cancels (Starlette does not close them).
+@pytest.mark.filterwarnings("ignore:Async generator:ResourceWarning")
+@pytest.mark.parametrize(
+    ("server", "options"),
+    [
+        ("uvicorn", {"timeout_graceful_shutdown": 1}),
+        ("hypercorn", {"graceful_timeout": 1}),
+        ("hypercorn-trio", {"graceful_timeout": 1}),
+    ],
+    ids=["uvicorn", "hypercorn", "hypercorn-trio"],
+)
+def test_a_shutdown_cutting_streams_and_background_work_short_ends_every_span(
+    otel: Otel, server: str, options: dict[str, Any]
+) -> None:
+    """10 users each hold an endless streamed response and a background task still at
+    work, both using a REQUEST component with an async cleanup and the user's USER
+    component, when the server shuts down and cancels them after its 1 s grace period.
+    Every span that started has ended (none left open, which an exporter would never see),
+    each request's scope span names its own user with that request's cleanups inside it,
+    and each user's USER component, cleaned at shutdown, is a span naming that user."""
+    users = [f"u-{n}" for n in range(10)]
+    registry = Registry(telemetry=otel.telemetry(hash_key="k", span_threshold=0))
+    working = threading.Semaphore(0)
+
+    class Step:
+        def __init__(self, context: UserExecutionContext) -> None:
+            self.user = context.user_id
+
+        async def aclose(self) -> None:
+            await anyio.sleep(0.05)
+
+    async def memory(user: UserRef) -> AsyncIterator[Memory]:
+        yield Memory(user)
+        await anyio.sleep(0.05)
+
+    registry.register(Step, Step)
+    registry.register(Memory, memory, lifetime=Lifetime.USER)
+
+    async def keep_going(user: str) -> AsyncIterator[bytes]:
+        step = await ambient.resolve(Step)
+        memory = await ambient.resolve(Memory)
+        assert (step.user, memory.user.user_id) == (user, user)
+        working.release()
+        while True:  # until the server cancels it
+            yield b"more\n"
+            await anyio.sleep(0.01)
+
+    async def chat(request: Request) -> Response:
+        return StreamingResponse(keep_going(ambient.get_current_context().user_id))
+
+    async def later(request: Request) -> Response:
+        user = ambient.get_current_context().user_id
+
+        async def job() -> None:
+            async for _ in keep_going(user):
+                pass
+
+        return Response("accepted", background=BackgroundTask(job))
+
+    app = AmbientMiddleware(
+        Starlette(routes=[Route("/chat", chat), Route("/later", later)]),
+        registry=registry,
+        identity=trusted_header(),
+    )
+    with contextlib.ExitStack() as sockets, serve(server, app, **options) as url:
+        host, port = url.removeprefix("http://").split(":")
+        for user, path in itertools.product(users, ("/chat", "/later")):
+            sock = sockets.enter_context(socket.create_connection((host, int(port)), 10))
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nx-user-id: {user}\r\n\r\n".encode())
+        for _ in range(2 * len(users)):
+            assert working.acquire(timeout=20)
+    assert registry.stats().open_scopes == 0
+    assert otel.spans.started == len(otel.spans.spans), otel.spans.names()
+    hashed = {hash_id(user, "k"): user for user in users}
+    scopes = otel.spans.named("ambient.scope")
+    assert sorted(hashed[(s.attributes or {})["ambient.user_id"]] for s in scopes) == sorted(
+        users * 2
+    )
+    by_id = {s.context.span_id: s for s in scopes if s.context is not None}
+    cleanups = otel.spans.named("ambient.cleanup")
+    steps = [s for s in cleanups if (s.attributes or {})["ambient.lifetime"] == "request"]
+    assert len(steps) == 2 * len(users)
+    # One cleanup inside each request's scope span, none elsewhere.
+    assert sorted(s.parent.span_id for s in steps if s.parent is not None) == sorted(by_id)
+    memories = [s for s in cleanups if (s.attributes or {})["ambient.lifetime"] == "user"]
+    assert sorted(hashed[(s.attributes or {})["ambient.user_id"]] for s in memories) == users
