@@ -940,6 +940,160 @@ class TestWorkThatOutlivesTheRequest:
         assert len(ledger.cleaned) == 1
         assert_released_in_time(caplog)
 
+    async def test_submit_held_refuses_an_async_function_and_holds_nothing(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """submit_held() of an async function raises TypeError, as submit() does, before it
+        takes a hold: the scope cleans up at once. Unrefused, a thread made the coroutine
+        and dropped it unawaited (the work never ran); refused after the hold was taken,
+        the scope's cleanup waited out its timeout for a call that never existed."""
+        registry, ledger = make_registry(cleanup_timeout=2.0)
+
+        async def job() -> None:
+            pass
+
+        with ContextExecutor(max_workers=1) as executor:
+            async with registry.open_scope(UserExecutionContext.create("alice")):
+                await ambient.resolve(Probe)
+                with pytest.raises(TypeError, match="task"):
+                    executor.submit_held(job)  # type: ignore[arg-type]
+        assert ledger.open_probes() == 0
+        assert_released_in_time(caplog)
+
+    def test_a_held_function_keeps_its_functions_name_and_docs(self) -> None:
+        """What hold_scope returns has the held function's name, qualified name, docstring
+        and ``__wrapped__`` (what frameworks show and log of a background task), not the
+        name of ambient's own wrapper."""
+        registry, _ = make_registry()
+
+        async def send_receipt() -> None:
+            """Mail the receipt."""
+
+        async def check() -> None:
+            async with registry.open_scope(UserExecutionContext.create("alice")):
+                held = hold_scope(send_receipt)
+                assert held.__name__ == "send_receipt"
+                assert held.__qualname__ == send_receipt.__qualname__
+                assert held.__doc__ == "Mail the receipt."
+                assert held.__wrapped__ is send_receipt  # type: ignore[attr-defined]
+                await held()
+
+        anyio.run(check)
+
+    async def test_a_thread_not_abandoned_keeps_its_cancelled_caller_until_it_returns(
+        self,
+    ) -> None:
+        """run_sync_in_thread() without abandon_on_cancel, in a scope: a cancelled caller
+        waits for its thread to return before it goes on, as anyio's run_sync does (the
+        thread may still be using what the caller owns). Taking the path that holds the
+        scope for an abandoned thread, the caller went on while the thread still ran."""
+        registry, _ = make_registry()
+        started = anyio.Event()
+        go = threading.Event()
+        events: list[str] = []
+
+        def work() -> None:
+            anyio.from_thread.run_sync(started.set)
+            go.wait(10)
+            events.append("thread returned")
+
+        async def cancel_then_let_go(cancel: anyio.CancelScope) -> None:
+            await started.wait()
+            cancel.cancel()
+            await anyio.wait_all_tasks_blocked()  # a caller that went on has done so now
+            go.set()
+
+        with anyio.fail_after(10):
+            async with (
+                anyio.create_task_group() as tg,
+                registry.open_scope(UserExecutionContext.create("alice")),
+            ):
+                with anyio.CancelScope() as cancel:
+                    tg.start_soon(cancel_then_let_go, cancel)
+                    await run_sync_in_thread(work)
+                events.append("caller went on")
+        assert events == ["thread returned", "caller went on"]
+
+    @pytest.mark.parametrize(
+        "hop", ["plain", "abandon_on_cancel", "iterate_in_thread", "iterate_in_thread closing"]
+    )
+    async def test_every_thread_hop_takes_its_thread_from_the_given_limiter(self, hop: str) -> None:
+        """The ``limiter`` of run_sync_in_thread (with or without abandon_on_cancel, with a
+        scope bound) and of iterate_in_thread (its steps, and the close of a body left
+        early) is the one each thread is borrowed from: a call it was not passed to ran
+        outside the application's bound on its threads, on anyio's default limiter."""
+        registry, _ = make_registry()
+        limiter = anyio.CapacityLimiter(1)
+
+        def borrowed() -> float:
+            return anyio.from_thread.run_sync(lambda: limiter.borrowed_tokens)
+
+        seen: list[float] = []
+
+        def rows() -> Iterator[str]:
+            try:
+                seen.append(borrowed())
+                yield "first row"
+                yield "second row"
+            finally:
+                seen.append(borrowed())
+
+        with anyio.fail_after(10):
+            async with registry.open_scope(UserExecutionContext.create("alice")):
+                if hop == "plain":
+                    seen.append(await run_sync_in_thread(borrowed, limiter=limiter))
+                elif hop == "abandon_on_cancel":
+                    seen.append(
+                        await run_sync_in_thread(borrowed, abandon_on_cancel=True, limiter=limiter)
+                    )
+                else:
+                    body = iterate_in_thread(rows(), limiter=limiter)
+                    assert await body.__anext__() == "first row"
+                    if hop == "iterate_in_thread closing":
+                        await body.aclose()
+                    else:
+                        assert [row async for row in body] == ["second row"]
+        assert seen == ([1] if hop in {"plain", "abandon_on_cancel"} else [1, 1])
+        assert limiter.borrowed_tokens == 0
+
+    async def test_iterate_in_thread_closes_a_body_left_in_a_cancelled_caller(self) -> None:
+        """A caller cancelled between two steps closes the body in its cancelled scope (an
+        ``aclosing()`` around the loop of a cancelled task): the sync generator's
+        ``finally`` still runs, in a worker thread with the scope, before the scope's
+        cleanup. Unshielded, the cancellation stopped the close before its thread started,
+        and the generator was left for the garbage collector to finish in any thread, with
+        no scope, after the request's components had been cleaned up."""
+        registry, _ = make_registry()
+        events: list[str] = []
+
+        def rows() -> Iterator[str]:
+            try:
+                yield "first row"
+                yield "second row"
+            finally:
+                user, probe = look()
+                events.append(f"closed for {user}, probe closed={probe.closed}")
+
+        with anyio.fail_after(10):
+            async with registry.open_scope(UserExecutionContext.create("alice")):
+                probe = await ambient.resolve(Probe)
+                body = iterate_in_thread(rows())
+                with anyio.CancelScope() as cancel:
+                    try:
+                        async for row in body:
+                            events.append(row)
+                            cancel.cancel()
+                            await anyio.sleep_forever()
+                    finally:
+                        await body.aclose()
+                assert cancel.cancelled_caught
+            events.append(f"scope closed, probe closed={probe.closed}")
+        assert events == [
+            "first row",
+            "closed for alice, probe closed=False",
+            "scope closed, probe closed=True",
+        ]
+
 
 @pytest.mark.parametrize("bound", ["nothing", "a context without a scope"])
 async def test_abandon_on_cancel_with_no_scope_bound_runs_as_anyio_would(bound: str) -> None:
