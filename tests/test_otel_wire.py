@@ -19,6 +19,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from opentelemetry import baggage as otel_baggage
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
@@ -61,17 +62,20 @@ class Receiver:
                     body = gzip.decompress(body)
                 elif encoding == "deflate":
                     body = zlib.decompress(body)
+                # The path as sent: http.server collapses a leading "//" in self.path, which
+                # a collector's router would not find.
+                path = self.requestline.split()[1]
                 response: Any
                 with receiver._lock:
                     receiver.headers.append({k.lower(): v for k, v in self.headers.items()})
-                    if self.path == "/v1/traces":
+                    if path == "/v1/traces":
                         receiver.traces.append(ExportTraceServiceRequest.FromString(body))
                         response = ExportTraceServiceResponse()
-                    elif self.path == "/v1/metrics":
+                    elif path == "/v1/metrics":
                         receiver.metrics.append(ExportMetricsServiceRequest.FromString(body))
                         response = ExportMetricsServiceResponse()
                     else:
-                        receiver.rejected.append(self.path)
+                        receiver.rejected.append(path)
                         self.send_response(404)
                         self.end_headers()
                         return
@@ -369,7 +373,9 @@ def test_metrics_still_flush_when_the_tracer_providers_shutdown_fails(
 
 
 def test_global_setup_in_a_fresh_process(receiver: Receiver) -> None:
-    """The README flow in a fresh process: configure_tracing installs the global providers,
+    """The README flow in a fresh process: ``set_global=False`` leaves the global providers
+    alone (a handle that took them anyway left the application's own setup local, with a
+    warning), then configure_tracing installs the global providers,
     a plain Telemetry() uses them, a second configure_tracing warns and stays local, and
     shutdown() delivers the spans."""
     code = f"""
@@ -380,6 +386,10 @@ from ambient.integrations.otel import configure_tracing
 from ambient.telemetry import Telemetry
 
 logging.basicConfig(level=logging.WARNING, format="%(message)s")
+local = configure_tracing("local-only", {receiver.url!r}, set_global=False)
+assert trace.get_tracer_provider() is not local.tracer_provider
+assert metrics.get_meter_provider() is not local.meter_provider
+local.shutdown()
 handle = configure_tracing("global-service", {receiver.url!r})
 assert trace.get_tracer_provider() is handle.tracer_provider
 assert metrics.get_meter_provider() is handle.meter_provider
@@ -506,3 +516,104 @@ with serve("uvicorn", namespace["app"]) as url:
     assert len(user) == 16
     assert user != "alice"
     assert receiver.metrics == []
+
+
+def test_the_service_name_given_wins_over_one_among_the_resource_attributes(
+    receiver: Receiver,
+) -> None:
+    """``resource_attributes`` carrying a ``service.name`` of their own (a shared settings
+    dict): the spans still name the service ``configure_tracing`` was given, with the other
+    attributes kept. Merged the other way, the service was listed under the stray name."""
+    handle = configure_tracing(
+        "orders",
+        receiver.url,
+        set_global=False,
+        metrics=False,
+        resource_attributes={"service.name": "shared-defaults", "deployment.environment": "test"},
+    )
+    handle.tracer_provider.get_tracer("test").start_span("test.span").end()
+    handle.shutdown()
+    ((resource, span),) = receiver.spans()
+    assert span.name == "test.span"
+    assert resource["service.name"] == "orders"
+    assert resource["deployment.environment"] == "test"
+
+
+def test_the_handles_telemetry_passes_on_every_option(receiver: Receiver) -> None:
+    """``handle.telemetry()`` makes a Telemetry with each option it was given: a raw user
+    id, a tenant id hashed under the given key, every creation traced with a zero
+    threshold, and the thread id put into baggage inside the scope. An option dropped on
+    the way fell back to Telemetry's default (a hashed user id, a raw tenant id, no span
+    for a fast creation, no baggage)."""
+    handle = configure_tracing("options", receiver.url, set_global=False, metrics=False)
+    telemetry = handle.telemetry(
+        user_id="raw",
+        tenant_id="hash",
+        hash_key=b"tenant-key",
+        span_threshold=0,
+        baggage=("thread_id",),
+    )
+    registry = Registry(telemetry=telemetry)
+    registry.register("baggage", lambda: dict(otel_baggage.get_all()))
+
+    async def request() -> Any:
+        ctx = ambient.UserExecutionContext.create("alice", tenant_id="acme", thread_id="t-1")
+        async with registry.open_scope(ctx):
+            return await ambient.resolve("baggage")
+
+    seen = anyio.run(request)
+    handle.shutdown()
+    assert seen == {"ambient.thread_id": "t-1"}
+    by_name = {span.name: attributes(span.attributes) for _, span in receiver.spans()}
+    assert sorted(by_name) == ["ambient.resolve", "ambient.scope"]
+    assert by_name["ambient.scope"]["ambient.user_id"] == "alice"
+    assert by_name["ambient.scope"]["ambient.tenant_id"] == hash_id("acme", b"tenant-key")
+    assert by_name["ambient.resolve"]["ambient.component"] == "'baggage'"
+
+
+def test_force_flush_exports_the_metrics_even_when_the_traces_did_not_flush(
+    receiver: Receiver,
+) -> None:
+    """force_flush() whose tracer provider did not finish in time still flushes the meter
+    provider (and says False): the metrics recorded so far reach the collector before the
+    next export period, instead of being skipped because the traces were late."""
+    handle = configure_tracing("flushing", receiver.url, set_global=False)
+    assert handle.meter_provider is not None
+    handle.meter_provider.get_meter("test").create_counter("ambient.test.count").add(1)
+
+    def unfinished(timeout_millis: int = 30000) -> bool:
+        return False
+
+    handle.tracer_provider.force_flush = unfinished  # type: ignore[method-assign]
+    assert handle.force_flush(timeout=5) is False
+    names = [
+        metric.name
+        for request in receiver.metrics
+        for resource in request.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+    ]
+    assert names == ["ambient.test.count"]
+    handle.shutdown()
+
+
+def test_force_flush_gives_both_providers_its_timeout_in_milliseconds(receiver: Receiver) -> None:
+    """``force_flush(timeout=2.5)`` waits at most 2.5 s for each provider: the SDK takes
+    milliseconds, and a timeout passed on as seconds gave them 2 ms, reporting a flush
+    that merely took longer than that as unfinished."""
+    handle = configure_tracing("timeouts", receiver.url, set_global=False)
+    assert handle.meter_provider is not None
+    given: list[tuple[str, int]] = []
+
+    def recording(signal: str) -> Any:
+        def force_flush(timeout_millis: int = 30000) -> bool:
+            given.append((signal, timeout_millis))
+            return True
+
+        return force_flush
+
+    handle.tracer_provider.force_flush = recording("traces")  # type: ignore[method-assign]
+    handle.meter_provider.force_flush = recording("metrics")  # type: ignore[method-assign]
+    assert handle.force_flush(timeout=2.5) is True
+    assert given == [("traces", 2500), ("metrics", 2500)]
+    handle.shutdown()
