@@ -1144,6 +1144,27 @@ async def test_abandon_on_cancel_in_work_that_outlived_its_request_runs_without_
     assert seen == ["alice", "ran"]
 
 
+async def test_abandon_on_cancel_in_a_user_factory_runs_in_the_requests_scope() -> None:
+    """A USER component's async factory loads it with ``run_sync_in_thread(...,
+    abandon_on_cancel=True)``: the factory sees a view of the request's scope, and the hold
+    is the request scope's own, and the thread loads the component. Holding the view
+    itself raised AttributeError, and the component was never made."""
+    registry = Registry()
+    loop_thread = threading.get_ident()
+
+    async def profile(user: UserRef) -> tuple[str, bool]:
+        def load() -> bool:
+            return threading.get_ident() != loop_thread
+
+        return (user.user_id, await run_sync_in_thread(load, abandon_on_cancel=True))
+
+    registry.register("profile", profile, lifetime=Lifetime.USER)
+    with anyio.fail_after(10):
+        async with registry.open_scope(UserExecutionContext.create("alice")):
+            assert await ambient.resolve("profile") == ("alice", True)
+    await registry.aclose()
+
+
 def _until(condition: Callable[[], bool]) -> None:
     """Block (in a worker thread) until ``condition`` holds; bounded."""
     deadline = time.monotonic() + 10
