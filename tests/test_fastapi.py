@@ -25,7 +25,7 @@ from fastapi.responses import StreamingResponse
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 
 import ambient
 from ambient import Observer, Registry, UserExecutionContext, bind_context
@@ -478,6 +478,35 @@ class TestErrors:
         assert failed.status_code == error.http_status
         assert done.status_code == 200
         assert ledger.work == {"failed": "rollback", "done": "commit"}
+        assert registry.stats().open_scopes == 0
+
+    @pytest.mark.parametrize("framework", ["fastapi", "starlette"])
+    async def test_an_ambient_error_in_a_websocket_endpoint_closes_it_and_rolls_back(
+        self, framework: str
+    ) -> None:
+        """install()'s handler leaves a websocket's ambient error to the middleware, which
+        closes the accepted socket with 1013 and the problem's title, and closes the scope
+        with the error (the Work rolls back). Starlette ignores what a handler returns for
+        a websocket: answered there as an HTTP error, the error was swallowed, the socket
+        was left without a close and the request's Work committed."""
+        registry, ledger = build_registry()
+
+        async def busy(websocket: WebSocket) -> None:
+            await ambient.resolve(Work)
+            await websocket.accept()
+            raise PoolExhaustedError("no connection within 0.5 s", retry_after=1)
+
+        if framework == "fastapi":
+            app: Any = FastAPI()
+            app.add_api_websocket_route("/ws", busy)
+            install(app, registry=registry, identity=trusted_header())
+        else:
+            app = Starlette(routes=[WebSocketRoute("/ws", busy)])
+            starlette_integration.install(app, registry=registry, identity=trusted_header())
+        sent = await websocket_exchange(app, "/ws", {**ALICE, "x-request-id": "ws-1"})
+        assert [message["type"] for message in sent] == ["websocket.accept", "websocket.close"]
+        assert (sent[1]["code"], sent[1]["reason"]) == (1013, "Service temporarily unavailable")
+        assert ledger.work == {"ws-1": "rollback"}
         assert registry.stats().open_scopes == 0
 
     @pytest.mark.parametrize("framework", ["fastapi", "starlette"])
