@@ -671,6 +671,36 @@ class TestInProcess:
         assert response.status_code == 500
         assert response.headers.get_list("x-request-id") == ["alice-1/500"]
 
+    async def test_a_500_handler_answering_with_a_plain_asgi_app_is_sent_as_it_is(self) -> None:
+        """A 500 handler may return any ASGI app, not only a Starlette Response (Starlette
+        just calls it): its answer goes out as it is, in the request's context, with no
+        header added (it has none to add to). Given a request id as a Response is, it
+        failed with AttributeError, and the client got the server's bare 500 instead."""
+        registry, _ = build_registry()
+
+        async def boom(request: Request) -> Response:
+            raise Boom("acme", "alice", None)
+
+        async def on_error(request: Request, exc: Exception) -> Any:
+            user = ambient.get_current_context().user_id
+
+            async def answer(scope: Any, receive: Any, send: Any) -> None:
+                headers = [(b"content-type", b"text/plain")]
+                await send({"type": "http.response.start", "status": 500, "headers": headers})
+                await send({"type": "http.response.body", "body": f"failed for {user}".encode()})
+
+            return answer
+
+        app = Starlette(routes=[Route("/boom", boom)], exception_handlers={500: on_error})
+        install(app, registry=registry, identity=IDENTITY)
+        escaped = Escaped(app)
+        async with client(escaped) as http:
+            response = await http.get("/boom", headers=ALICE)
+        assert response.status_code == 500
+        assert response.text == "failed for alice"
+        assert "x-request-id" not in response.headers
+        assert [type(error) for error in escaped.errors] == [Boom]
+
     async def test_a_sub_app_that_called_install_answers_its_500_with_the_id(self) -> None:
         """A FastAPI app that called install(), mounted under an app that did not: its own
         ServerErrorMiddleware is the one outside the middleware."""
