@@ -7,11 +7,13 @@ pin the behaviours one at a time, in process.
 from __future__ import annotations
 
 import functools
+import gc
 import inspect
 import json
 import logging
 import re
 import threading
+import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any, Literal
@@ -195,6 +197,22 @@ class TestDependencies:
             app.dependency_overrides.clear()
             assert (await http.get("/", headers=ALICE)).json() == {"probe": "Probe"}
         await registry.aclose()
+
+    def test_resolve_keeps_nothing_once_nothing_uses_its_dependency(self) -> None:
+        """``Resolve(key)`` keeps a key's dependency function only while something (a route)
+        holds it: made for keys created at run time (a key per plugin, per tenant's
+        model), the functions and their keys go once nothing uses them, instead of living
+        as long as the process."""
+
+        class Plugin:
+            pass
+
+        dependency = Resolve(Plugin).dependency
+        assert Resolve(Plugin).dependency is dependency  # while it is held
+        function, key = weakref.ref(dependency), weakref.ref(Plugin)
+        del dependency, Plugin
+        gc.collect()
+        assert (function(), key()) == (None, None)
 
     @pytest.mark.parametrize("exits", ["request", "function"])
     async def test_every_kind_of_dependency_sees_one_context_and_one_scope(
