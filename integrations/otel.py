@@ -25,6 +25,7 @@ With ``endpoint=None`` the exporters follow the standard environment variables
 from __future__ import annotations
 
 import logging
+import urllib.parse
 from collections.abc import Mapping
 
 from opentelemetry import metrics as otel_metrics
@@ -106,6 +107,18 @@ def _signal_url(endpoint: str, path: str) -> str:
     return f"{endpoint.rstrip('/')}/{path}"
 
 
+def _check_endpoint(endpoint: object) -> None:
+    # The exporter takes any string and fails only as it exports, logging each lost batch
+    # while force_flush() still reports success: refused here, at start-up, instead.
+    parts = urllib.parse.urlsplit(endpoint) if isinstance(endpoint, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        msg = (
+            "endpoint must be the collector's http:// or https:// base URL, such as "
+            f"'http://localhost:4318', not {endpoint!r}"
+        )
+        raise ValueError(msg)
+
+
 def configure_tracing(
     service_name: str,
     endpoint: str | None = None,
@@ -134,10 +147,16 @@ def configure_tracing(
     Returns:
         A :class:`TracingHandle`; call ``shutdown()`` in the application's lifespan
         shutdown to flush (see the module's docs: not after ``uvicorn.run()``).
+
+    Raises:
+        ValueError: ``service_name`` is empty, or ``endpoint`` is not an ``http://`` or
+            ``https://`` URL naming a host.
     """
     if not isinstance(service_name, str) or not service_name.strip():
         msg = "service_name must be a non-empty str (it becomes the resource's service.name)"
         raise ValueError(msg)
+    if endpoint is not None:
+        _check_endpoint(endpoint)
     resource = Resource.create({**(resource_attributes or {}), SERVICE_NAME: service_name})
     span_exporter = OTLPSpanExporter(
         endpoint=None if endpoint is None else _signal_url(endpoint, "v1/traces"),

@@ -617,3 +617,28 @@ def test_force_flush_gives_both_providers_its_timeout_in_milliseconds(receiver: 
     assert handle.force_flush(timeout=2.5) is True
     assert given == [("traces", 2500), ("metrics", 2500)]
     handle.shutdown()
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    ["", "localhost:4318", "collector/v1", "grpc://collector:4317", "http://", "http:///v1"],
+)
+def test_an_endpoint_that_is_no_http_url_is_refused_at_configuration(endpoint: str) -> None:
+    """An endpoint without ``http://`` or ``https://`` and a host (empty from an unset
+    setting, a bare ``host:port``, the gRPC scheme) is refused by configure_tracing with
+    a ValueError. It was accepted: every batch of spans then failed as it was exported,
+    logged one by one, while force_flush() reported success."""
+    with pytest.raises(ValueError, match="endpoint must be the collector's http"):
+        configure_tracing("misconfigured", endpoint, set_global=False)
+
+
+@pytest.mark.parametrize("scheme", ["http", "https", "HTTP"])
+def test_an_http_or_https_endpoint_is_accepted(receiver: Receiver, scheme: str) -> None:
+    """Either scheme, in any case, is a collector's URL (spans go over plain HTTP here)."""
+    url = receiver.url.replace("http", scheme, 1)
+    handle = configure_tracing("accepted", url, set_global=False, metrics=False)
+    if scheme != "https":
+        handle.tracer_provider.get_tracer("test").start_span("test.span").end()
+        assert handle.force_flush(timeout=5)
+        assert [span.name for _, span in receiver.spans()] == ["test.span"]
+    handle.shutdown()
