@@ -1,0 +1,650 @@
+"""RedisBroadcast under orderings of Redis's replies only a network can make: the
+subscription lost and made again while sockets open and close, confirmations that come
+late or for a subscription given up. A proxy between redis-py and a real Redis holds and
+lets through each direction value by value, so every ordering is the test's own.
+
+RedisBroadcast runs on asyncio only: the trio runs are skipped (test_websockets.py checks
+that it refuses trio).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import anyio
+import anyio.abc
+import pytest
+import redis.asyncio
+
+from ambient import Registry, UserExecutionContext, UserRef
+from ambient.integrations.websockets import (
+    BroadcastError,
+    ConnectionHub,
+    Envelope,
+    RedisBroadcast,
+    UserWebSocketManager,
+)
+from ambient.integrations.websockets._envelope import TO_USER
+from tests.conftest import REDIS_URL, service_unavailable
+from tests.redisproxy import Link, RedisProxy, words
+
+# A bound against a hang: every wait below is on an event, and each test takes well under
+# a second when nothing is wrong.
+DEADLINE = 20.0
+
+
+@pytest.fixture(name="admin")
+async def fixture_admin(anyio_backend: str) -> AsyncIterator[redis.asyncio.Redis]:
+    """A client of the test Redis itself, past the proxy (asyncio runs only)."""
+    if anyio_backend != "asyncio":
+        pytest.skip("RedisBroadcast is asyncio-only; test_redis_broadcast_refuses_trio covers trio")
+    client = redis.asyncio.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        await client.ping()
+    except redis.RedisError as error:
+        await client.aclose()
+        service_unavailable("Redis", str(error))
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(name="proxy")
+async def fixture_proxy(admin: redis.asyncio.Redis) -> AsyncIterator[RedisProxy]:
+    """A proxy in front of the test Redis."""
+    target = urlsplit(REDIS_URL)
+    async with RedisProxy(target.hostname or "127.0.0.1", target.port or 6379) as proxy:
+        yield proxy
+
+
+def prefix() -> str:
+    """Channel names no concurrent test run shares."""
+    return f"ambient-test:{uuid.uuid4().hex}:"
+
+
+async def numsub(
+    admin: redis.asyncio.Redis, backend: RedisBroadcast, users: list[UserRef]
+) -> list[int]:
+    """How many subscriptions Redis has of each of ``users``' channels."""
+    channels = [backend.channel(user) for user in users]
+    return [count for _, count in await admin.pubsub_numsub(*channels)]
+
+
+def event(user: UserRef, n: int) -> str:
+    return json.dumps({"tenant": user.tenant_id, "user": user.user_id, "n": n})
+
+
+class Socket:
+    """A websocket that keeps the text frames the hub writes to it and how it was closed."""
+
+    def __init__(self) -> None:
+        self.frames: list[str] = []
+        self.closed: list[tuple[int, str | None]] = []
+        self._changed = anyio.Event()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
+
+    async def accept(self) -> None:
+        pass
+
+    async def send_text(self, data: str) -> None:
+        self.frames.append(data)
+        self._notify()
+
+    async def send_bytes(self, data: bytes) -> None:
+        raise AssertionError
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        self.closed.append((code, reason))
+        self._notify()
+
+    async def until(self, frames: int) -> None:
+        while len(self.frames) < frames and not self.closed:
+            await self._changed.wait()
+
+
+class Sockets:
+    """Sockets of many users on one hub over ``backend``, each held open in a scope of its
+    own by :meth:`hold` until :meth:`close` (or the hub) ends it."""
+
+    def __init__(self, backend: RedisBroadcast, group: anyio.abc.TaskGroup) -> None:
+        self.registry = Registry()
+        self.hub = ConnectionHub(backend)
+        self.hub.install(self.registry)
+        self.group = group
+        self.sockets: dict[tuple[UserRef, str], Socket] = {}
+        self._leave: dict[tuple[UserRef, str], anyio.Event] = {}
+        self._left: dict[tuple[UserRef, str], anyio.Event] = {}
+        self.refusals: dict[tuple[UserRef, str], str] = {}
+
+    async def open(self, user: UserRef, connection_id: str) -> str:
+        """Open a socket; return ``"open"`` once it is in the hub, or ``"refused"``."""
+        return str(await self.group.start(self._hold, user, connection_id))
+
+    async def close(self, user: UserRef, connection_id: str) -> None:
+        """Close a socket opened by :meth:`open`; return once its handler left the hub."""
+        self._leave[user, connection_id].set()
+        await self._left[user, connection_id].wait()
+
+    async def _hold(
+        self,
+        user: UserRef,
+        connection_id: str,
+        *,
+        task_status: anyio.abc.TaskStatus[str],
+    ) -> None:
+        key = (user, connection_id)
+        socket = self.sockets[key] = Socket()
+        self._leave[key] = anyio.Event()
+        self._left[key] = left = anyio.Event()
+        context = UserExecutionContext.create(
+            user.user_id, tenant_id=user.tenant_id, connection_id=connection_id
+        )
+        try:
+            async with self.registry.open_scope(context) as scope:
+                manager = await scope.resolve(UserWebSocketManager)
+                try:
+                    async with manager.connect(socket):  # type: ignore[arg-type]
+                        task_status.started("open")
+                        await self._leave[key].wait()
+                except BroadcastError as error:
+                    self.refusals[key] = str(error)
+                    task_status.started("refused")
+        finally:
+            left.set()
+
+
+class Handled(RedisBroadcast):
+    """A RedisBroadcast that counts the replies and messages its reader has handled, so a
+    test knows when one it let through has been taken into account, and the SUBSCRIBEs
+    asked for before the reader had a connection."""
+
+    def __init__(self, url: str, **options: Any) -> None:
+        super().__init__(url, **options)
+        self.handled: list[list[Any]] = []
+        self._handled = anyio.Event()
+        self._sent = anyio.Event()
+        # SUBSCRIBEs subscribe() asked for while the reader had no connection yet.
+        self.unsent: list[bytes] = []
+
+    async def _send(self, command: str, channel: bytes) -> None:
+        if command == "SUBSCRIBE" and self._subscription is None:
+            self.unsent.append(channel)
+            sent, self._sent = self._sent, anyio.Event()
+            sent.set()
+        await super()._send(command, channel)
+
+    async def unsent_subscribes(self, count: int) -> None:
+        """Wait until ``count`` SUBSCRIBEs were asked for with no connection to write them."""
+        while len(self.unsent) < count:
+            await self._sent.wait()
+
+    def _handle(self, message: list[Any]) -> None:
+        super()._handle(message)
+        self.handled.append(message)
+        handled, self._handled = self._handled, anyio.Event()
+        handled.set()
+
+    async def handled_reply(self, kind: bytes, channel: bytes, start: int = 0) -> int:
+        """Wait until the reader has handled a ``kind`` reply for ``channel`` (from the
+        ``start``-th it handled); return its index."""
+        while True:
+            for index in range(start, len(self.handled)):
+                if [bytes(part) for part in self.handled[index][:2]] == [kind, channel]:
+                    return index
+            await self._handled.wait()
+
+
+USERS = [UserRef(f"user-{n // 2}", "acme" if n % 2 else None) for n in range(24)]
+
+
+async def test_sockets_opening_and_closing_across_a_reconnect_keep_exactly_their_channels(
+    proxy: RedisProxy, admin: redis.asyncio.Redis
+) -> None:
+    """Twenty-four users (the same ids in two tenants) hold two sockets each when the
+    subscription's connection is cut. The new connection's handshake is held while four
+    users close both sockets (their channels are in the SUBSCRIBE it is about to send),
+    then Redis takes that SUBSCRIBE and its answers are held while four more users close
+    both sockets, four close one of their two, and a new user's socket tries to join.
+    Once Redis's answers go through: the new socket was refused (1013) and holds nothing;
+    Redis has exactly the channels of the users with a socket left, one subscription
+    each; events published before Redis had the new SUBSCRIBE reach no one, those
+    published after it (while its answers were held) and after the reconnect reach
+    every open socket of their user, in order, and nobody else's."""
+    backend = Handled(proxy.url, channel_prefix=prefix(), timeout=2.0, health_check_interval=60)
+    stay, early, late, half = USERS[:12], USERS[12:16], USERS[16:20], USERS[20:]
+    newcomer = UserRef("newcomer", "acme")
+    with anyio.fail_after(DEADLINE):
+        async with anyio.create_task_group() as group:
+            sockets = Sockets(backend, group)
+            await backend.wait_connected()
+            for user in USERS:
+                for connection_id in ("c-1", "c-2"):
+                    assert await sockets.open(user, connection_id) == "open"
+            old = await proxy.link(Link.subscribed)
+            assert await numsub(admin, backend, USERS) == [1] * len(USERS)
+
+            def hold_the_handshake(link: Link) -> None:
+                # The first connection after the cut is the reader's (nothing publishes
+                # meanwhile): held from its first byte, its answers once it subscribes.
+                proxy.on_link = None
+                link.up.hold()
+
+                def on_command(value: Any) -> None:
+                    if words(value)[0] == b"subscribe":
+                        link.down.hold()
+                        link.up.on_arrival = None
+
+                link.up.on_arrival = on_command
+
+            proxy.on_link = hold_the_handshake
+            start = len(proxy.links)
+            old.cut()
+            new = await proxy.link(lambda link: True, start=start)
+            for user in early:
+                for connection_id in ("c-1", "c-2"):
+                    await sockets.close(user, connection_id)
+            for user in USERS:
+                await backend.publish(Envelope(user, TO_USER, None, event(user, 0)))
+            new.up.release()
+            subscribe = await new.up.arrival(lambda w: w[0] == b"subscribe")
+            assert {backend.channel(user) for user in early} <= set(
+                words(new.up.arrived[subscribe])
+            )
+            # Written once the SUBSCRIBE is: the reader holds the new connection from here.
+            # Due at once (what is left of its SUBSCRIBE): not waited for to the deadline.
+            with anyio.move_on_after(5):
+                await new.up.arrival(lambda w: w[0] == b"unsubscribe", subscribe)
+            unsubscribed = [w for w in map(words, new.up.arrived) if w[0] == b"unsubscribe"]
+            assert unsubscribed == [[b"unsubscribe", *(backend.channel(user) for user in early)]], (
+                "the channels of the users gone as it connected were not unsubscribed"
+            )
+            for user in late:
+                for connection_id in ("c-1", "c-2"):
+                    await sockets.close(user, connection_id)
+            for user in half:
+                await sockets.close(user, "c-1")
+            assert await sockets.open(newcomer, "c-1") == "refused"
+            # Redis has the SUBSCRIBE: these are on their way to the sockets.
+            await new.up.passed_through(subscribe)
+            for user in USERS:
+                await backend.publish(Envelope(user, TO_USER, None, event(user, 1)))
+            new.down.release()
+            await backend.wait_connected()
+            assert backend.reconnects == 1
+            # Its confirmation comes after Redis handled every UNSUBSCRIBE sent before.
+            assert await sockets.open(UserRef("sign"), "c-1") == "open", sockets.refusals
+            held = stay + half
+            assert await numsub(admin, backend, [*USERS, newcomer]) == [
+                1 if user in held else 0 for user in [*USERS, newcomer]
+            ]
+            assert backend.subscriptions == len(held) + 1
+            for n in (2, 3):
+                for user in USERS:
+                    await backend.publish(Envelope(user, TO_USER, None, event(user, n)))
+            sign = (UserRef("sign"), "c-1")
+            still_open = {(user, "c-2") for user in held} | {(user, "c-1") for user in stay}
+            for key, socket in sockets.sockets.items():
+                user, _ = key
+                if key in still_open:
+                    expected = [event(user, n) for n in (1, 2, 3)]
+                    # Published after the reconnect: due at once, not at the deadline.
+                    with anyio.move_on_after(2):
+                        await socket.until(len(expected))
+                    assert (socket.frames, socket.closed) == (expected, []), key
+                elif user == newcomer:
+                    assert (socket.frames, [code for code, _ in socket.closed]) == ([], [1013])
+                else:
+                    assert socket.frames == [], key
+            for key in [*still_open, sign]:
+                await sockets.close(*key)
+            await backend.subscribe(UserRef("sign again"))
+            assert await numsub(admin, backend, USERS) == [0] * len(USERS)
+            await backend.unsubscribe(UserRef("sign again"))
+            await sockets.registry.aclose()
+    assert backend.subscriptions == 0
+
+
+@pytest.mark.parametrize(
+    "answered", ["before the second joins", "as the second reads", "after the second subscribes"]
+)
+async def test_a_confirmation_for_a_subscription_given_up_does_not_confirm_the_next_one(
+    proxy: RedisProxy, admin: redis.asyncio.Redis, answered: str
+) -> None:
+    """Redis's answer to dave's SUBSCRIBE is late: his subscribe() gives up after
+    ``timeout`` and unsubscribes. A second socket of dave subscribes again, its SUBSCRIBE
+    held on its way to Redis. The late answers to the first SUBSCRIBE and to the
+    UNSUBSCRIBE come before that socket joins, while it reads dave's count of revocations,
+    or once it sent its SUBSCRIBE: they confirm nothing, as Redis has no subscription of
+    dave after them (an event published then reaches nobody). Only once Redis took the
+    second SUBSCRIBE and answered it does subscribe() return; Redis has dave's channel
+    once, and dave's events reach him; carol's, subscribed throughout, reach her only."""
+    backend = Handled(proxy.url, channel_prefix=prefix(), timeout=0.5, health_check_interval=60)
+    delivered: list[Envelope] = []
+    arrived = anyio.Event()
+
+    def deliver(envelope: Envelope) -> None:
+        delivered.append(envelope)
+        arrived.set()
+
+    backend.attach(deliver)
+    dave, carol = UserRef("dave", "acme"), UserRef("carol", "acme")
+    channel = backend.channel(dave)
+    key = channel + b":revocations"
+    subscribes: list[int] = []
+    second_sent, second_reads = anyio.Event(), anyio.Event()
+    reading: list[Link] = []
+
+    with anyio.fail_after(DEADLINE):
+        await backend.wait_connected()
+        await backend.subscribe(carol)
+        link = await proxy.link(Link.subscribed)
+
+        def on_subscription_command(value: Any) -> None:
+            if words(value)[:2] == [b"subscribe", channel]:
+                subscribes.append(len(link.up.arrived))
+                if len(subscribes) == 1:
+                    link.down.hold()  # the first: its answer is late
+                else:
+                    link.up.hold()  # the second: held on its way to Redis
+                    second_sent.set()
+
+        def on_command(each: Link, value: Any) -> None:
+            if words(value) == [b"mget", key] and answered == "as the second reads":
+                reading.append(each)
+                if len(reading) == 2:  # the second socket's first read
+                    each.down.hold()
+                    second_reads.set()
+
+        link.up.on_arrival = on_subscription_command
+        proxy.on_command = on_command
+        with pytest.raises(BroadcastError, match="confirm the subscription"):
+            await backend.subscribe(dave)
+        assert backend.subscriptions == 1
+        await link.up.arrival(lambda w: w[:2] == [b"unsubscribe", channel])
+        done = anyio.Event()
+
+        async def answer_the_first() -> None:
+            start = len(backend.handled)
+            link.down.release(2)
+            start = await backend.handled_reply(b"subscribe", channel, start)
+            await backend.handled_reply(b"unsubscribe", channel, start)
+            assert await numsub(admin, backend, [dave]) == [0]
+
+        async def subscribe_again() -> None:
+            await backend.subscribe(dave)
+            done.set()
+
+        if answered == "before the second joins":
+            await answer_the_first()
+        async with anyio.create_task_group() as group:
+            group.start_soon(subscribe_again)
+            if answered == "as the second reads":
+                await second_reads.wait()
+                await answer_the_first()
+                reading[1].down.release()
+            await second_sent.wait()
+            if answered == "after the second subscribes":
+                await answer_the_first()
+            # Taken for confirmed, subscribe() would return a step later (after its read
+            # of dave's count), while Redis has no subscription of dave.
+            assert channel not in backend._confirmed
+            assert not done.is_set()
+            link.down.release()
+            link.up.release()
+        assert await numsub(admin, backend, [dave, carol]) == [1, 1]
+        for user in (dave, carol):
+            await backend.publish(Envelope(user, TO_USER, None, event(user, 1)))
+        while len(delivered) < 2:
+            arrived = anyio.Event()
+            await arrived.wait()
+    assert delivered == [Envelope(u, TO_USER, None, event(u, 1)) for u in (dave, carol)]
+    await backend.unsubscribe(dave)
+    await backend.unsubscribe(carol)
+    assert backend.subscriptions == 0
+    await backend.aclose()
+
+
+async def first_of(*waits: Callable[[], Awaitable[Any]]) -> None:
+    """Return once any of ``waits`` returned (the others are cancelled)."""
+    async with anyio.create_task_group() as group:
+
+        async def run(wait: Callable[[], Awaitable[Any]]) -> None:
+            await wait()
+            group.cancel_scope.cancel()
+
+        for wait in waits:
+            group.start_soon(run, wait)
+
+
+@pytest.mark.parametrize("read_answered", ["after the reconnect", "during the reconnect"])
+async def test_a_first_subscription_reading_its_count_across_a_reconnect_ends_consistent(
+    proxy: RedisProxy, admin: redis.asyncio.Redis, read_answered: str
+) -> None:
+    """Ten users hold their channels. Dave's first socket is joining: Redis's answer to its
+    read of his count of revocations is held while the subscription's connection is cut.
+    Answered once the subscription is back, dave's subscribe() goes on: Redis has his
+    channel once and his events reach him. Answered while the new connection's SUBSCRIBE
+    (his channel in it) waits for Redis's confirmations, it fails saying Redis is
+    unreachable and unsubscribes: Redis has no subscription of dave once the connection
+    is back. Either way the ten users' events reach exactly them."""
+    backend = Handled(proxy.url, channel_prefix=prefix(), timeout=2.0, health_check_interval=60)
+    delivered: list[Envelope] = []
+    changed = anyio.Event()
+
+    def deliver(envelope: Envelope) -> None:
+        nonlocal changed
+        delivered.append(envelope)
+        changed.set()
+        changed = anyio.Event()
+
+    backend.attach(deliver)
+    held, dave = USERS[:10], UserRef("dave", "acme")
+    key = backend.channel(dave) + b":revocations"
+    read_held = anyio.Event()
+    reads: list[Link] = []
+
+    def on_command(link: Link, value: Any) -> None:
+        if words(value) == [b"mget", key] and not reads:
+            link.down.hold()
+            reads.append(link)
+            read_held.set()
+
+    outcome: list[str] = []
+    finished = anyio.Event()
+
+    async def join() -> None:
+        try:
+            await backend.subscribe(dave)
+            outcome.append("subscribed")
+        except BroadcastError as error:
+            outcome.append(str(error))
+        finished.set()
+
+    with anyio.fail_after(DEADLINE):
+        await backend.wait_connected()
+        for user in held:
+            await backend.subscribe(user)
+        old = await proxy.link(Link.subscribed)
+        proxy.on_command = on_command
+        async with anyio.create_task_group() as group:
+            group.start_soon(join)
+            await read_held.wait()
+            start = len(proxy.links)
+            if read_answered == "during the reconnect":
+
+                def hold_confirmations(link: Link) -> None:
+                    proxy.on_link = None
+
+                    def on_subscribe(value: Any) -> None:
+                        if words(value)[0] == b"subscribe":
+                            link.up.on_arrival = None
+                            link.down.hold()
+
+                    link.up.on_arrival = on_subscribe
+
+                proxy.on_link = hold_confirmations
+            old.cut()
+            while backend.connected:
+                await backend._wait_changed()
+            if read_answered == "after the reconnect":
+                await backend.wait_connected()
+                reads[0].down.release()
+            else:
+                new = await proxy.link(Link.subscribed, start)
+                batch = await new.up.arrival(lambda w: w[0] == b"subscribe")
+                assert backend.channel(dave) in words(new.up.arrived[batch])
+                await new.up.passed_through(batch)
+                reads[0].down.release()
+                # Let the confirmations through once dave's subscribe() has ended or sent
+                # a SUBSCRIBE of its own: it must not wait for them.
+                await first_of(
+                    finished.wait,
+                    lambda: new.up.arrival(lambda w: w[0] == b"subscribe", batch + 1),
+                )
+                new.down.release()
+                await backend.wait_connected()
+        if read_answered == "after the reconnect":
+            assert outcome == ["subscribed"]
+        else:
+            assert outcome[0].startswith("Redis has been unreachable for "), outcome
+        assert backend.reconnects == 1
+        # Its confirmation comes after Redis handled whatever was sent before it.
+        await backend.subscribe(UserRef("sign"))
+        subscribed = read_answered == "after the reconnect"
+        assert await numsub(admin, backend, [*held, dave]) == [1] * len(held) + [int(subscribed)]
+        assert backend.subscriptions == len(held) + 1 + subscribed
+        for user in [*held, dave]:
+            await backend.publish(Envelope(user, TO_USER, None, event(user, 1)))
+        await backend.publish(Envelope(UserRef("sign"), TO_USER, None, event(UserRef("sign"), 1)))
+        while len(delivered) < len(held) + subscribed + 1:
+            await changed.wait()
+    receivers = [*held, dave] if subscribed else held
+    assert delivered == [
+        Envelope(user, TO_USER, None, event(user, 1)) for user in [*receivers, UserRef("sign")]
+    ]
+    await backend.aclose()
+
+
+async def test_sockets_joining_while_the_first_subscription_connects_get_their_events(
+    proxy: RedisProxy, admin: redis.asyncio.Redis
+) -> None:
+    """The backend's subscription connects for the first time, and its handshake with
+    Redis is held while twelve users (the same ids in two tenants) subscribe: each reads
+    its count of revocations and asks for its SUBSCRIBE while there is no connection to
+    write it on. Once the handshake goes through, the reader subscribes them too: every
+    subscribe() returns, Redis has each channel once, and each user's events reach that
+    user only."""
+    backend = Handled(proxy.url, channel_prefix=prefix(), timeout=2.0, health_check_interval=60)
+    delivered: list[Envelope] = []
+    arrived = anyio.Event()
+
+    def deliver(envelope: Envelope) -> None:
+        delivered.append(envelope)
+        arrived.set()
+
+    backend.attach(deliver)
+    users = USERS[:12]
+
+    def hold_the_handshake(link: Link) -> None:
+        # The reader's: wait_connected() starts it, and nothing else connects before.
+        proxy.on_link = None
+        link.up.hold()
+
+    proxy.on_link = hold_the_handshake
+    with anyio.fail_after(DEADLINE):
+        async with anyio.create_task_group() as group:
+            group.start_soon(backend.wait_connected)
+            reader = await proxy.link(lambda link: True)
+            for user in users:
+                group.start_soon(backend.subscribe, user)
+            await backend.unsent_subscribes(len(users))
+            assert not reader.subscribed()
+            reader.up.release()
+        assert backend.connected
+        assert await numsub(admin, backend, users) == [1] * len(users)
+        for user in users:
+            await backend.publish(Envelope(user, TO_USER, None, event(user, 1)))
+        while len(delivered) < len(users):
+            arrived = anyio.Event()
+            with anyio.move_on_after(2):  # published once subscribed: due at once
+                await arrived.wait()
+            if not arrived.is_set():
+                break
+    assert delivered == [Envelope(user, TO_USER, None, event(user, 1)) for user in users]
+    for user in users:
+        await backend.unsubscribe(user)
+    assert backend.subscriptions == 0
+    await backend.aclose()
+
+
+async def test_a_subscribe_whose_answer_is_lost_with_the_connection_leaves_nothing_behind(
+    proxy: RedisProxy, admin: redis.asyncio.Redis
+) -> None:
+    """Ten users hold their channels. Dave's first socket sends its SUBSCRIBE, and the
+    connection is cut before Redis's answer gets through: his subscribe() fails saying
+    Redis is unreachable, and his channel is let go. The subscription comes back without
+    waiting for that answer, which will never come: Redis has the ten users' channels and
+    not dave's, their events reach exactly them, and dave subscribes again."""
+    backend = Handled(proxy.url, channel_prefix=prefix(), timeout=2.0, health_check_interval=60)
+    delivered: list[Envelope] = []
+    arrived = anyio.Event()
+
+    def deliver(envelope: Envelope) -> None:
+        delivered.append(envelope)
+        arrived.set()
+
+    backend.attach(deliver)
+    held, dave = USERS[:10], UserRef("dave", "acme")
+    channel = backend.channel(dave)
+    outcome: list[str] = []
+
+    async def join() -> None:
+        try:
+            await backend.subscribe(dave)
+            outcome.append("subscribed")
+        except BroadcastError as error:
+            outcome.append(str(error))
+
+    with anyio.fail_after(DEADLINE):
+        await backend.wait_connected()
+        for user in held:
+            await backend.subscribe(user)
+        link = await proxy.link(Link.subscribed)
+
+        def on_command(value: Any) -> None:
+            if words(value)[:2] == [b"subscribe", channel]:
+                link.up.on_arrival = None
+                link.down.hold()
+
+        link.up.on_arrival = on_command
+        async with anyio.create_task_group() as group:
+            group.start_soon(join)
+            await link.up.passed_through(
+                await link.up.arrival(lambda w: w[:2] == [b"subscribe", channel])
+            )
+            link.cut()
+        assert outcome[0].startswith("Redis has been unreachable for "), outcome
+        assert backend.subscriptions == len(held)
+        with anyio.move_on_after(5):  # due once the reconnect is made
+            await backend.wait_connected()
+        assert backend.connected, "the subscription never came back"
+        assert await numsub(admin, backend, [*held, dave]) == [1] * len(held) + [0]
+        for user in held:
+            await backend.publish(Envelope(user, TO_USER, None, event(user, 1)))
+        while len(delivered) < len(held):
+            arrived = anyio.Event()
+            await arrived.wait()
+        await backend.subscribe(dave)
+        assert await numsub(admin, backend, [dave]) == [1]
+    assert delivered == [Envelope(user, TO_USER, None, event(user, 1)) for user in held]
+    await backend.unsubscribe(dave)
+    for user in held:
+        await backend.unsubscribe(user)
+    assert backend.subscriptions == 0
+    await backend.aclose()
