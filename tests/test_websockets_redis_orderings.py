@@ -161,8 +161,9 @@ class Sockets:
 
 class Handled(RedisBroadcast):
     """A RedisBroadcast that counts the replies and messages its reader has handled, so a
-    test knows when one it let through has been taken into account, and the SUBSCRIBEs
-    asked for before the reader had a connection."""
+    test knows when one it let through has been taken into account, the SUBSCRIBEs
+    asked for before the reader had a connection, and the subscriptions that came as far
+    as claiming their channel (past their first checks)."""
 
     def __init__(self, url: str, **options: Any) -> None:
         super().__init__(url, **options)
@@ -171,6 +172,19 @@ class Handled(RedisBroadcast):
         self._sent = anyio.Event()
         # SUBSCRIBEs subscribe() asked for while the reader had no connection yet.
         self.unsent: list[bytes] = []
+        self.claims: list[bytes] = []
+        self._claimed = anyio.Event()
+
+    async def _claim(self, channel: bytes) -> bool:
+        self.claims.append(channel)
+        claimed, self._claimed = self._claimed, anyio.Event()
+        claimed.set()
+        return await super()._claim(channel)
+
+    async def claimed(self, channel: bytes, times: int) -> None:
+        """Wait until ``times`` subscriptions of ``channel`` came as far as claiming it."""
+        while self.claims.count(channel) < times:
+            await self._claimed.wait()
 
     async def _send(self, command: str, channel: bytes) -> None:
         if command == "SUBSCRIBE" and self._subscription is None:
@@ -407,6 +421,100 @@ async def test_a_confirmation_for_a_subscription_given_up_does_not_confirm_the_n
     await backend.unsubscribe(dave)
     await backend.unsubscribe(carol)
     assert backend.subscriptions == 0
+    # Nothing kept of dave's unsubscriptions once their late answers came.
+    assert backend._unsubscribed == set()
+    await backend.aclose()
+
+
+async def test_a_late_confirmation_while_the_next_socket_reads_leaves_no_socket_unsubscribed(
+    proxy: RedisProxy, admin: redis.asyncio.Redis
+) -> None:
+    """Redis's answer to the SUBSCRIBE of dave's first socket is late: its subscribe()
+    gives up after ``timeout`` and unsubscribes. His second socket starts subscribing
+    and reads his count of revocations; the late answers to the first SUBSCRIBE and to
+    the UNSUBSCRIBE come in meanwhile, and a third socket of dave joins. The second
+    socket gives up (its client left) before its read is answered. The third socket then
+    subscribes dave's channel itself: once its subscribe() returned, Redis has dave's
+    channel, and dave's events reach him. Before, the late answer was taken for the
+    confirmation of the second socket's subscription, not sent yet: the third socket's
+    subscribe() returned at once, and once the second gave up nothing subscribed dave's
+    channel, while his third socket stayed open, receiving nothing."""
+    backend = Handled(proxy.url, channel_prefix=prefix(), timeout=1.0, health_check_interval=60)
+    delivered: list[Envelope] = []
+    arrived = anyio.Event()
+
+    def deliver(envelope: Envelope) -> None:
+        delivered.append(envelope)
+        arrived.set()
+
+    backend.attach(deliver)
+    dave, carol = UserRef("dave", "acme"), UserRef("carol", "acme")
+    channel = backend.channel(dave)
+    key = channel + b":revocations"
+    reads: list[Link] = []
+    second_reads = anyio.Event()
+    outcomes: dict[str, str] = {}
+
+    async def join(name: str, scope: anyio.CancelScope | None = None) -> None:
+        with scope or anyio.CancelScope():
+            try:
+                await backend.subscribe(dave)
+                outcomes[name] = "subscribed"
+            except BroadcastError as error:
+                outcomes[name] = str(error)
+        outcomes.setdefault(name, "given up")
+
+    with anyio.fail_after(DEADLINE):
+        await backend.wait_connected()
+        await backend.subscribe(carol)
+        link = await proxy.link(Link.subscribed)
+
+        def on_subscription_command(value: Any) -> None:
+            if words(value)[:2] == [b"subscribe", channel]:
+                link.up.on_arrival = None
+                link.down.hold()  # the first: its answer is late
+
+        def on_command(each: Link, value: Any) -> None:
+            if words(value) == [b"mget", key]:
+                reads.append(each)
+                if len(reads) == 2:  # the second socket's first read: never answered
+                    each.down.hold()
+                    second_reads.set()
+
+        link.up.on_arrival = on_subscription_command
+        proxy.on_command = on_command
+        await join("first")
+        await link.up.arrival(lambda w: w[:2] == [b"unsubscribe", channel])
+        async with anyio.create_task_group() as group:
+            second = anyio.CancelScope()
+            group.start_soon(join, "second", second)
+            await second_reads.wait()
+            start = len(backend.handled)
+            link.down.release()
+            start = await backend.handled_reply(b"subscribe", channel, start)
+            await backend.handled_reply(b"unsubscribe", channel, start)
+            group.start_soon(join, "third")
+            await backend.claimed(channel, 3)
+            second.cancel()
+        assert outcomes == {
+            "first": "Redis did not confirm the subscription within 1.0 s",
+            "second": "given up",
+            "third": "subscribed",
+        }
+        assert backend.subscriptions == 2
+        assert await numsub(admin, backend, [dave, carol]) == [1, 1]
+        # In this order on one connection: carol's arrives after dave's would have.
+        for user in (dave, carol):
+            await backend.publish(Envelope(user, TO_USER, None, event(user, 1)))
+        while Envelope(carol, TO_USER, None, event(carol, 1)) not in delivered:
+            arrived = anyio.Event()
+            await arrived.wait()
+    assert delivered == [Envelope(u, TO_USER, None, event(u, 1)) for u in (dave, carol)]
+    await backend.unsubscribe(dave)
+    await backend.unsubscribe(carol)
+    assert backend.subscriptions == 0
+    # Nothing kept of dave's unsubscriptions once their late answers came.
+    assert backend._unsubscribed == set()
     await backend.aclose()
 
 

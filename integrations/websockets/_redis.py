@@ -216,6 +216,11 @@ class RedisBroadcast:
         # Channels whose first subscription here got as far as its SUBSCRIBE (or is on its
         # way to it): the other sockets of the user wait for its confirmation.
         self._subscribing: set[bytes] = set()
+        # Channels unsubscribed with answers to a SUBSCRIBE still to come, whose next
+        # SUBSCRIBE is not written yet: those answers, from before the UNSUBSCRIBE, confirm
+        # nothing (a socket joining meanwhile would take the channel for subscribed, and
+        # stay open with none once the socket subscribing it gave up).
+        self._unsubscribed: set[bytes] = set()
         self._changed: anyio.Event | None = None
         self._client: Redis | None = None
         # The publishing client's free connections, counted here: a publish waits for one
@@ -679,9 +684,14 @@ class RedisBroadcast:
         self._heard.pop(channel, None)
         self._confirmed.discard(channel)
         self._subscribing.discard(channel)
+        if self._pending.get(channel, 0) > 0:
+            self._unsubscribed.add(channel)
         await self._send("UNSUBSCRIBE", channel)
 
     async def _send(self, command: str, channel: bytes) -> None:
+        if command == "SUBSCRIBE":
+            # Written now, or (no connection) by the reader as it subscribes every channel.
+            self._unsubscribed.discard(channel)
         connection = self._subscription
         if connection is None or not connection.is_connected:
             return  # the reader (re)subscribes every wanted channel when it connects
@@ -742,6 +752,7 @@ class RedisBroadcast:
                 self._caught_up = False  # read again once every channel is subscribed
                 self._confirmed.clear()
                 self._pending.clear()
+                self._unsubscribed.clear()  # a new connection has none of the old's answers
                 connection, self._subscription = self._subscription, None
                 if connection is not None:
                     with anyio.CancelScope(shield=True):
@@ -860,7 +871,9 @@ class RedisBroadcast:
                 self._pending[channel] = pending
                 return
             self._pending.pop(channel, None)
-            if channel in self._refs or channel in (self._control, self._revoked):
+            if channel in self._unsubscribed:
+                self._unsubscribed.discard(channel)  # the last answer from before it
+            elif channel in self._refs or channel in (self._control, self._revoked):
                 self._confirmed.add(channel)
             if not self._connected and not self._pending:
                 self._connected = True
@@ -915,6 +928,7 @@ class RedisBroadcast:
         self._down_since = None
         self._confirmed.clear()
         self._pending.clear()
+        self._unsubscribed.clear()
         self._notify()
         self._loop = None
 
