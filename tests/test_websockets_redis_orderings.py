@@ -224,12 +224,13 @@ async def test_sockets_opening_and_closing_across_a_reconnect_keep_exactly_their
     subscription's connection is cut. The new connection's handshake is held while four
     users close both sockets (their channels are in the SUBSCRIBE it is about to send),
     then Redis takes that SUBSCRIBE and its answers are held while four more users close
-    both sockets, four close one of their two, and a new user's socket tries to join.
-    Once Redis's answers go through: the new socket was refused (1013) and holds nothing;
-    Redis has exactly the channels of the users with a socket left, one subscription
-    each; events published before Redis had the new SUBSCRIBE reach no one, those
-    published after it (while its answers were held) and after the reconnect reach
-    every open socket of their user, in order, and nobody else's."""
+    both sockets, four close one of their two, and a new user's socket and a third socket
+    of a user keeping two try to join. Once Redis's answers go through: both were refused
+    (1013) and hold nothing; Redis has exactly the channels of the users with a socket
+    left, one subscription each; events published before Redis had the new SUBSCRIBE
+    reach no one, those published after it (while its answers were held) and after the
+    reconnect reach every open socket of their user, in order, and nobody else's; once
+    every socket is closed, Redis has none of their channels."""
     backend = Handled(proxy.url, channel_prefix=prefix(), timeout=2.0, health_check_interval=60)
     stay, early, late, half = USERS[:12], USERS[12:16], USERS[16:20], USERS[20:]
     newcomer = UserRef("newcomer", "acme")
@@ -284,6 +285,8 @@ async def test_sockets_opening_and_closing_across_a_reconnect_keep_exactly_their
             for user in half:
                 await sockets.close(user, "c-1")
             assert await sockets.open(newcomer, "c-1") == "refused"
+            # A third socket of a user who keeps two: refused, it takes none of theirs.
+            assert await sockets.open(stay[0], "c-3") == "refused"
             # Redis has the SUBSCRIBE: these are on their way to the sockets.
             await new.up.passed_through(subscribe)
             for user in USERS:
@@ -311,7 +314,7 @@ async def test_sockets_opening_and_closing_across_a_reconnect_keep_exactly_their
                     with anyio.move_on_after(2):
                         await socket.until(len(expected))
                     assert (socket.frames, socket.closed) == (expected, []), key
-                elif user == newcomer:
+                elif key in ((newcomer, "c-1"), (stay[0], "c-3")):
                     assert (socket.frames, [code for code, _ in socket.closed]) == ([], [1013])
                 else:
                     assert socket.frames == [], key
