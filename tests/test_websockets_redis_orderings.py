@@ -9,6 +9,7 @@ that it refuses trio).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -758,4 +759,76 @@ async def test_a_subscribe_whose_answer_is_lost_with_the_connection_leaves_nothi
     for user in held:
         await backend.unsubscribe(user)
     assert backend.subscriptions == 0
+    await backend.aclose()
+
+
+async def test_a_subscription_connection_that_answers_no_command_is_replaced_despite_traffic(
+    proxy: RedisProxy, admin: redis.asyncio.Redis
+) -> None:
+    """The subscription's connection goes on bringing carol's events while nothing the
+    process writes on it reaches Redis any more (one way of a connection stalled). Dave's
+    socket cannot subscribe (BroadcastError) and the connection is replaced within twice
+    ``health_check_interval`` of the unanswered SUBSCRIBE: dave subscribes again, Redis
+    has his channel once, and his events and carol's reach exactly them; the new
+    connection, its SUBSCRIBEs answered, is kept under the same traffic. Before, the
+    health check counted only silence, which carol's events never let come: the
+    connection was kept, reported as connected, and every new user's socket was refused
+    for as long as the traffic lasted."""
+    backend = RedisBroadcast(
+        proxy.url, channel_prefix=prefix(), timeout=0.5, health_check_interval=0.2
+    )
+    delivered: list[Envelope] = []
+    arrived = anyio.Event()
+
+    def deliver(envelope: Envelope) -> None:
+        delivered.append(envelope)
+        arrived.set()
+
+    backend.attach(deliver)
+    carol, dave = UserRef("carol", "acme"), UserRef("dave", "acme")
+
+    async def traffic() -> None:
+        # Back to back: the connection is never silent for health_check_interval.
+        n = 0
+        while True:
+            n += 1
+            with contextlib.suppress(BroadcastError):
+                await backend.publish(Envelope(carol, TO_USER, None, event(carol, n)))
+
+    with anyio.fail_after(DEADLINE):
+        await backend.wait_connected()
+        await backend.subscribe(carol)
+        link = await proxy.link(Link.subscribed)
+        async with anyio.create_task_group() as group:
+            group.start_soon(traffic)
+            await arrived.wait()
+            link.up.hold()
+            with pytest.raises(BroadcastError):  # unconfirmed, or the connection replaced
+                await backend.subscribe(dave)
+            with anyio.move_on_after(5):
+                while backend.reconnects == 0:
+                    await backend._wait_changed()
+            group.cancel_scope.cancel()
+        assert backend.reconnects == 1, "the stalled connection was kept"
+        await backend.wait_connected()
+        await backend.subscribe(dave)
+        assert await numsub(admin, backend, [dave, carol]) == [1, 1]
+        # A connection whose SUBSCRIBEs were all answered is kept, however long the
+        # traffic lasts (here thrice the health check's limit).
+        with anyio.move_on_after(6 * backend.health_check_interval):
+            await traffic()
+        assert backend.reconnects == 1, "a healthy connection was replaced"
+        delivered.clear()
+        for user in (dave, carol):
+            await backend.publish(Envelope(user, TO_USER, None, event(user, 0)))
+        final = Envelope(carol, TO_USER, None, event(carol, 0))
+        while final not in delivered:
+            arrived = anyio.Event()
+            await arrived.wait()
+    # The end of carol's traffic may come along: hers only.
+    latest = [Envelope(u, TO_USER, None, event(u, 0)) for u in (dave, carol)]
+    assert [e for e in delivered if e in latest] == latest
+    assert all(e.user == carol for e in delivered if e not in latest)
+    await backend.unsubscribe(dave)
+    await backend.unsubscribe(carol)
     await backend.aclose()

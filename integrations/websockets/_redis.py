@@ -120,8 +120,8 @@ class RedisBroadcast:
     name is a hash of tenant and user id) and delivers what arrives to those sockets;
     senders publish on the user's channel. A reader task per process keeps the
     subscription alive: it notices a dead connection (also a silent one, by pinging every
-    ``health_check_interval`` seconds), reconnects with exponential back-off and
-    re-subscribes. Publishing while Redis is unreachable raises :class:`BroadcastError`;
+    ``health_check_interval`` seconds, and one that no longer answers its SUBSCRIBEs
+    while messages still come), reconnects with exponential back-off and re-subscribes. Publishing while Redis is unreachable raises :class:`BroadcastError`;
     so does opening a socket while the subscription cannot be made. Pub/sub delivers at
     most once: events published while this process is disconnected do not reach its
     sockets. Revocations are the exception. Each is published to every process, only on
@@ -159,7 +159,9 @@ class RedisBroadcast:
         reconnect_delay: First back-off delay after a lost connection, doubled per failure.
         max_reconnect_delay: The longest back-off delay.
         health_check_interval: Seconds of silence after which the subscription connection
-            is pinged; twice that without an answer and it is replaced.
+            is pinged; twice that without an answer and it is replaced. So is a connection
+            on which a SUBSCRIBE waits twice that long for Redis's answer, messages coming
+            or not (they do not show that Redis still reads what this process writes).
         max_connections: Connections this process opens to Redis to publish (the
             subscription takes one more). A publish finding them all busy waits for one,
             within ``timeout``; past it, it raises :class:`BroadcastError` saying so.
@@ -221,6 +223,10 @@ class RedisBroadcast:
         # nothing (a socket joining meanwhile would take the channel for subscribed, and
         # stay open with none once the socket subscribing it gave up).
         self._unsubscribed: set[bytes] = set()
+        # Since when the subscription connection has had a SUBSCRIBE waiting for Redis's
+        # answer with no answer meanwhile (None: none waits). Messages alone keep it from
+        # going silent while Redis no longer takes its commands (one way of it stalled).
+        self._unanswered_since: float | None = None
         self._changed: anyio.Event | None = None
         self._client: Redis | None = None
         # The publishing client's free connections, counted here: a publish waits for one
@@ -697,6 +703,8 @@ class RedisBroadcast:
             return  # the reader (re)subscribes every wanted channel when it connects
         if command == "SUBSCRIBE":
             self._pending[channel] = self._pending.get(channel, 0) + 1
+            if self._unanswered_since is None:
+                self._unanswered_since = anyio.current_time()
         try:
             await _write(connection, command, channel)
         except Exception:  # the reader notices the broken connection
@@ -753,6 +761,7 @@ class RedisBroadcast:
                 self._confirmed.clear()
                 self._pending.clear()
                 self._unsubscribed.clear()  # a new connection has none of the old's answers
+                self._unanswered_since = None
                 connection, self._subscription = self._subscription, None
                 if connection is not None:
                     with anyio.CancelScope(shield=True):
@@ -777,6 +786,7 @@ class RedisBroadcast:
                 await _close_quietly(connection.disconnect(nowait=True))
             raise
         self._subscription = connection
+        self._unanswered_since = anyio.current_time()
         # Channels subscribed or dropped while the SUBSCRIBE above was on its way.
         sent = set(channels)
         late = [channel for channel in self._refs if channel not in sent]
@@ -793,6 +803,10 @@ class RedisBroadcast:
         while True:
             message = await _read(connection, interval)
             now = anyio.current_time()
+            unanswered = self._unanswered_since
+            if unanswered is not None and now - unanswered >= 2 * interval:
+                msg = f"Redis answered no SUBSCRIBE within {2 * interval} s"
+                raise ConnectionError(msg)
             if message is None:
                 if now - silent_since >= 2 * interval:
                     raise ConnectionError(f"Redis did not answer a ping within {interval} s")
@@ -866,6 +880,8 @@ class RedisBroadcast:
                 return
             deliver(envelope)
         elif kind == b"subscribe":
+            # Redis takes what this process writes: the rest is waited for from now.
+            self._unanswered_since = anyio.current_time()
             pending = self._pending.get(channel, 0) - 1
             if pending > 0:
                 self._pending[channel] = pending
@@ -875,6 +891,8 @@ class RedisBroadcast:
                 self._unsubscribed.discard(channel)  # the last answer from before it
             elif channel in self._refs or channel in (self._control, self._revoked):
                 self._confirmed.add(channel)
+            if not self._pending:
+                self._unanswered_since = None
             if not self._connected and not self._pending:
                 self._connected = True
                 if self._down_since is not None:
@@ -929,6 +947,7 @@ class RedisBroadcast:
         self._confirmed.clear()
         self._pending.clear()
         self._unsubscribed.clear()
+        self._unanswered_since = None
         self._notify()
         self._loop = None
 
