@@ -12,9 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
-from urllib.parse import urlsplit
 
 import anyio
 import anyio.abc
@@ -30,7 +29,7 @@ from ambient.integrations.websockets import (
     UserWebSocketManager,
 )
 from ambient.integrations.websockets._envelope import TO_USER
-from tests.conftest import REDIS_URL, service_unavailable
+from tests.redis_server import own_redis
 from tests.redisproxy import Link, RedisProxy, words
 
 # A bound against a hang: every wait below is on an event, and each test takes well under
@@ -38,26 +37,28 @@ from tests.redisproxy import Link, RedisProxy, words
 DEADLINE = 20.0
 
 
-@pytest.fixture(name="admin")
-async def fixture_admin(anyio_backend: str) -> AsyncIterator[redis.asyncio.Redis]:
-    """A client of the test Redis itself, past the proxy (asyncio runs only)."""
+@pytest.fixture(name="redis_port")
+def fixture_redis_port(anyio_backend: str) -> Iterator[int]:
+    """The port of a redis-server of the test's own (asyncio runs only): no other test's
+    client kills or commands reach the connections these tests count."""
     if anyio_backend != "asyncio":
         pytest.skip("RedisBroadcast is asyncio-only; test_redis_broadcast_refuses_trio covers trio")
-    client = redis.asyncio.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        await client.ping()
-    except redis.RedisError as error:
-        await client.aclose()
-        service_unavailable("Redis", str(error))
+    with own_redis() as own:
+        yield own.port
+
+
+@pytest.fixture(name="admin")
+async def fixture_admin(redis_port: int) -> AsyncIterator[redis.asyncio.Redis]:
+    """A client of the test's Redis itself, past the proxy."""
+    client = redis.asyncio.Redis.from_url(f"redis://127.0.0.1:{redis_port}/0")
     yield client
     await client.aclose()
 
 
 @pytest.fixture(name="proxy")
-async def fixture_proxy(admin: redis.asyncio.Redis) -> AsyncIterator[RedisProxy]:
-    """A proxy in front of the test Redis."""
-    target = urlsplit(REDIS_URL)
-    async with RedisProxy(target.hostname or "127.0.0.1", target.port or 6379) as proxy:
+async def fixture_proxy(redis_port: int) -> AsyncIterator[RedisProxy]:
+    """A proxy in front of the test's Redis."""
+    async with RedisProxy("127.0.0.1", redis_port) as proxy:
         yield proxy
 
 
@@ -342,7 +343,7 @@ async def test_a_confirmation_for_a_subscription_given_up_does_not_confirm_the_n
     dave after them (an event published then reaches nobody). Only once Redis took the
     second SUBSCRIBE and answered it does subscribe() return; Redis has dave's channel
     once, and dave's events reach him; carol's, subscribed throughout, reach her only."""
-    backend = Handled(proxy.url, channel_prefix=prefix(), timeout=0.5, health_check_interval=60)
+    backend = Handled(proxy.url, channel_prefix=prefix(), timeout=2.0, health_check_interval=60)
     delivered: list[Envelope] = []
     arrived = anyio.Event()
 
@@ -381,8 +382,10 @@ async def test_a_confirmation_for_a_subscription_given_up_does_not_confirm_the_n
 
         link.up.on_arrival = on_subscription_command
         proxy.on_command = on_command
+        backend.timeout = 0.3  # the first socket's deadline only
         with pytest.raises(BroadcastError, match="confirm the subscription"):
             await backend.subscribe(dave)
+        backend.timeout = 2.0
         assert backend.subscriptions == 1
         await link.up.arrival(lambda w: w[:2] == [b"unsubscribe", channel])
         done = anyio.Event()
@@ -443,7 +446,7 @@ async def test_a_late_confirmation_while_the_next_socket_reads_leaves_no_socket_
     confirmation of the second socket's subscription, not sent yet: the third socket's
     subscribe() returned at once, and once the second gave up nothing subscribed dave's
     channel, while his third socket stayed open, receiving nothing."""
-    backend = Handled(proxy.url, channel_prefix=prefix(), timeout=1.0, health_check_interval=60)
+    backend = Handled(proxy.url, channel_prefix=prefix(), timeout=2.0, health_check_interval=60)
     delivered: list[Envelope] = []
     arrived = anyio.Event()
 
@@ -487,7 +490,9 @@ async def test_a_late_confirmation_while_the_next_socket_reads_leaves_no_socket_
 
         link.up.on_arrival = on_subscription_command
         proxy.on_command = on_command
+        backend.timeout = 0.3  # the first socket's deadline only
         await join("first")
+        backend.timeout = 2.0
         await link.up.arrival(lambda w: w[:2] == [b"unsubscribe", channel])
         async with anyio.create_task_group() as group:
             second = anyio.CancelScope()
@@ -501,7 +506,7 @@ async def test_a_late_confirmation_while_the_next_socket_reads_leaves_no_socket_
             await backend.claimed(channel, 3)
             second.cancel()
         assert outcomes == {
-            "first": "Redis did not confirm the subscription within 1.0 s",
+            "first": "Redis did not confirm the subscription within 0.3 s",
             "second": "given up",
             "third": "subscribed",
         }
@@ -775,7 +780,7 @@ async def test_a_subscription_connection_that_answers_no_command_is_replaced_des
     connection was kept, reported as connected, and every new user's socket was refused
     for as long as the traffic lasted."""
     backend = RedisBroadcast(
-        proxy.url, channel_prefix=prefix(), timeout=0.5, health_check_interval=0.2
+        proxy.url, channel_prefix=prefix(), timeout=0.5, health_check_interval=0.3
     )
     delivered: list[Envelope] = []
     arrived = anyio.Event()
@@ -814,8 +819,8 @@ async def test_a_subscription_connection_that_answers_no_command_is_replaced_des
         await backend.subscribe(dave)
         assert await numsub(admin, backend, [dave, carol]) == [1, 1]
         # A connection whose SUBSCRIBEs were all answered is kept, however long the
-        # traffic lasts (here thrice the health check's limit).
-        with anyio.move_on_after(6 * backend.health_check_interval):
+        # traffic lasts (here twice the health check's limit).
+        with anyio.move_on_after(4 * backend.health_check_interval):
             await traffic()
         assert backend.reconnects == 1, "a healthy connection was replaced"
         delivered.clear()
