@@ -121,8 +121,9 @@ class RedisBroadcast:
     senders publish on the user's channel. A reader task per process keeps the
     subscription alive: it notices a dead connection (also a silent one, by pinging every
     ``health_check_interval`` seconds, and one that no longer answers its SUBSCRIBEs
-    while messages still come), reconnects with exponential back-off and re-subscribes. Publishing while Redis is unreachable raises :class:`BroadcastError`;
-    so does opening a socket while the subscription cannot be made. Pub/sub delivers at
+    while messages still come), reconnects with exponential back-off and re-subscribes.
+    Publishing while Redis is unreachable raises :class:`BroadcastError`; so does opening
+    a socket while the subscription cannot be made. Pub/sub delivers at
     most once: events published while this process is disconnected do not reach its
     sockets. Revocations are the exception. Each is published to every process, only on
     one revocations channel the subscription always listens on (so that a process where
