@@ -267,6 +267,8 @@ class TestGuardRecords:
             assert catalog.lookup("a") == 1
             assert len(catalog) == 2
             assert await anyio.to_thread.run_sync(catalog.lookup, "b") == 2
+            assert copy.deepcopy(catalog) == unwrap_global(catalog)
+            assert pickle.loads(pickle.dumps(catalog)) == unwrap_global(catalog)  # noqa: S301
         assert caught == []
         assert global_state_report().total == 0
         assert counter_values(metric_reader, "ambient.global_state.accesses") == {}
@@ -374,6 +376,27 @@ class TestGuardRecords:
         ]
         assert "homeless: 2" in str(report)
 
+    async def test_a_site_outside_the_working_directory_is_named_by_its_full_path(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A call site in a file outside the working directory is named by its full path,
+        not by a path climbing out of the directory with '..'."""
+        monkeypatch.chdir(tmp_path)
+        guard = guard_global(Catalog(), name="elsewhere", mode="off")
+        with bind_context(ctx()):
+            guard.lookup("a")  # elsewhere
+        (access,) = global_state_report().accesses
+        assert access.site == f"{HERE}:{line_of('elsewhere')}"
+
+    async def test_an_empty_replacement_gives_the_generic_hint(self) -> None:
+        """replacement='' names no replacement: the message points at ambient.resolve
+        instead of saying 'use  instead'."""
+        strict = guard_global(Catalog(), name="hintless", replacement="", mode="strict")
+        with bind_context(ctx()), pytest.raises(GlobalStateError) as caught:
+            strict.lookup("a")
+        assert "Resolve a per-user component" in str(caught.value)
+        assert "use  instead" not in str(caught.value)
+
     async def test_reset_warns_again(self, registry: Registry) -> None:
         """After reset_global_state_report() the next access at a site warns again."""
         guard = guard_global(Catalog(), name="again")
@@ -391,6 +414,10 @@ class TestGuardRecords:
         guard = guard_global(Catalog(), name="env", mode="warn")
         with bind_context(ctx()), pytest.raises(GlobalStateError):
             guard.lookup("a")
+        monkeypatch.setenv("AMBIENT_GUARD_MODE", " Strict ")
+        shouted = guard_global(Catalog(), name="env", mode="off")
+        with bind_context(ctx()), pytest.raises(GlobalStateError):
+            shouted.lookup("a")
         monkeypatch.setenv("AMBIENT_GUARD_MODE", "loud")
         with pytest.raises(ValueError, match="AMBIENT_GUARD_MODE must be one of"):
             guard_global(Catalog(), name="env")
@@ -487,12 +514,14 @@ class TestGuardForwards:
             _ = "a" in guard  # use: contains
             with guard:  # use: with
                 pass
+            async with guard:  # use: async with
+                pass
             isinstance(guard, Catalog)
             repr(guard)
+            dir(guard)
         counted = {a.lineno: a.count for a in global_state_report().accesses}
-        assert counted == {
-            line_of(f"use: {u}"): 1 for u in ("attribute", "item", "len", "contains", "with")
-        }
+        uses = ("attribute", "item", "len", "contains", "with", "async with")
+        assert counted == {line_of(f"use: {u}"): 1 for u in uses}
 
     async def test_copies_and_pickles_are_of_the_object(self, registry: Registry) -> None:
         """copy.copy, copy.deepcopy (of the guard or of an object holding it) and pickling
@@ -520,6 +549,67 @@ class TestGuardForwards:
         assert counted == {
             line_of(f"use: {u}"): 1 for u in ("deepcopy", "copy", "deepcopy holder", "pickle")
         }
+
+    async def test_a_deep_copy_keeps_what_the_copied_object_shares(
+        self, registry: Registry
+    ) -> None:
+        """An object holding a guarded global and a list that global holds too is
+        deep-copied holding one copy of that list in both places, as without the guard:
+        the copy of the guarded object is made with the same memo."""
+        tools = ["search"]
+        defaults = guard_global({"tools": tools}, name="memo", mode="off")
+        holder = Holder({"defaults": defaults, "tools": tools})
+        async with registry.open_scope(ctx()):
+            copied = copy.deepcopy(holder)
+        assert copied.config["defaults"]["tools"] is copied.config["tools"]
+        assert copied.config["tools"] is not tools
+        assert copied.config["tools"] == ["search"]
+
+    async def test_an_object_iterating_both_ways_keeps_both(self, registry: Registry) -> None:
+        """The guard of an object that is an iterator and an asynchronous iterator passes
+        for both, and next() and anext() both reach it; unwrap_global gives it back."""
+
+        class Both:
+            def __init__(self) -> None:
+                self.n = 0
+
+            def __iter__(self) -> Both:
+                return self
+
+            def __next__(self) -> int:
+                self.n += 1
+                return self.n
+
+            def __aiter__(self) -> Both:
+                return self
+
+            async def __anext__(self) -> int:
+                self.n += 10
+                return self.n
+
+        inner = Both()
+        both = guard_global(inner, name="both", mode="off")
+        async with registry.open_scope(ctx()):
+            assert next(both) == 1
+            assert await anext(both) == 11
+        assert isinstance(both, collections.abc.Iterator)
+        assert isinstance(both, collections.abc.AsyncIterator)
+        assert unwrap_global(both) is inner
+        assert global_state_report().by_name() == {"both": 2}
+
+    def test_unwrap_global_unwraps_the_guard_of_an_iterator(self) -> None:
+        """unwrap_global gives back a guarded iterator or asynchronous iterator itself,
+        and guarding its guard guards it, not the guard."""
+
+        async def numbers() -> AsyncIterator[int]:
+            yield 1
+
+        counter = itertools.count()
+        stream = numbers()
+        for inner in (counter, stream):
+            guard = guard_global(inner, name="iterator", mode="off")
+            assert unwrap_global(guard) is inner
+            assert unwrap_global(guard_global(guard, name="again", mode="off")) is inner
 
     async def test_next_and_anext_reach_an_iterator(self, registry: Registry) -> None:
         """next() of a guarded iterator used to fail with "'_Guarded' object is not an
@@ -589,6 +679,20 @@ class TestReport:
         assert f"catalog_quiet: 3  -> {REPLACEMENT}" in text
         assert quiet_site in text
         assert other_site in text
+
+    async def test_one_global_at_two_sites_adds_up(self, registry: Registry) -> None:
+        """A global touched at two call sites counts both, per name and in the JSON."""
+        twice = guard_global(Catalog(), name="twice", mode="off")
+        async with registry.open_scope(ctx()):
+            for _ in range(2):
+                twice.lookup("a")  # sites: first
+            twice.lookup("b")  # sites: second
+        report = global_state_report()
+        assert report.by_name() == {"twice": 3}
+        entry = report.as_dict()["globals"]["twice"]
+        assert entry["count"] == 3
+        assert sorted(entry["sites"].values()) == [1, 2]
+        assert "twice: 3" in str(report)
 
     def test_empty_report(self) -> None:
         """With no access the report says so."""
