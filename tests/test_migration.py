@@ -829,6 +829,20 @@ class TestBucketing:
         differ = sum(rollout.includes(u, "t1") != rollout.includes(u, "t2") for u in ids)
         assert 350 <= differ <= 650
 
+    async def test_a_request_is_bucketed_with_its_tenant(self, engines: Registry) -> None:
+        """A request of a user of a tenant takes the path includes(user, tenant) gives,
+        not the one of the same user id without a tenant."""
+        rollout: Rollout[Any] = Rollout(
+            ExecutionEngine, legacy=LEGACY, mode="component", percent=50
+        )
+        users = [f"user-{n}" for n in range(100)]
+        differ = [u for u in users if rollout.includes(u, "acme") != rollout.includes(u)]
+        assert len(differ) >= 20
+        for user in differ:
+            async with engines.open_scope(ctx(user, "acme")):
+                got = await rollout.resolve()
+            assert (got is not LEGACY) is rollout.includes(user, "acme"), user
+
     async def test_a_user_never_flips_between_requests(
         self, engines: Registry, factory: Switchable
     ) -> None:
@@ -925,6 +939,63 @@ class TestModes:
         assert counter_values(metric_reader, "ambient.rollout.failures") == {
             (("ambient.rollout", "ExecutionEngine"), ("ambient.rollout.path", "shadow")): 5
         }
+
+    @pytest.mark.parametrize("how", ["resolve", "resolve_sync"])
+    async def test_a_failed_shadow_is_tried_once_per_request(
+        self, engines: Registry, factory: Switchable, how: str
+    ) -> None:
+        """A request whose shadow component failed gets the legacy object for the rest of
+        it without the factory being tried again, and the failure, reported again by the
+        application, is counted once."""
+        rollout: Rollout[Any] = Rollout(ExecutionEngine, legacy=LEGACY, mode="shadow")
+        factory.failing = True
+        async with engines.open_scope(ctx()):
+            for _ in range(3):
+                if how == "resolve":
+                    assert await rollout.resolve() is LEGACY
+                else:
+                    assert rollout.resolve_sync() is LEGACY
+            rollout.record_failure()
+        assert factory.calls == 1
+        state = rollout.state()
+        assert (state.shadow, state.failures, state.window_calls) == (1, 1, 1)
+
+    @pytest.mark.parametrize("how", ["resolve", "resolve_sync"])
+    async def test_a_failed_component_is_tried_once_per_request_under_a_rate(
+        self, engines: Registry, factory: Switchable, how: str
+    ) -> None:
+        """With max_error_rate, a request whose component failed is served the legacy
+        object for the rest of it, without the factory being tried again."""
+        rollout: Rollout[Any] = Rollout(
+            ExecutionEngine, legacy=LEGACY, mode="component", max_error_rate=0.5
+        )
+        factory.failing = True
+        async with engines.open_scope(ctx()):
+            for _ in range(3):
+                if how == "resolve":
+                    assert await rollout.resolve() is LEGACY
+                else:
+                    assert rollout.resolve_sync() is LEGACY
+            factory.failing = False
+            assert await rollout.resolve() is LEGACY
+        assert factory.calls == 1
+        assert (rollout.state().failures, rollout.state().window_calls) == (1, 1)
+
+    async def test_a_request_failing_twice_without_a_rate_is_one_failure(
+        self, engines: Registry, factory: Switchable
+    ) -> None:
+        """Without max_error_rate the failure propagates each time the request resolves;
+        the request, tried twice and reported by the application too, is one failure."""
+        rollout: Rollout[Any] = Rollout(ExecutionEngine, legacy=LEGACY, mode="component")
+        factory.failing = True
+        async with engines.open_scope(ctx()):
+            for _ in range(2):
+                with pytest.raises(ConnectionError):
+                    await rollout.resolve()
+            rollout.record_failure()
+        state = rollout.state()
+        assert (state.component, state.failures, state.window_calls) == (1, 1, 1)
+        assert state.window_failures == 1
 
     async def test_component_failure_propagates_without_max_error_rate(
         self, engines: Registry, factory: Switchable
@@ -1047,9 +1118,18 @@ class TestFallback:
         assert repr(rollout) == "<Rollout ExecutionEngine fallen back 100%>"
 
         rollout.reset()
-        assert not rollout.state().fallen_back
-        assert rollout.state().window_calls == 0
+        state = rollout.state()
+        assert (state.fallen_back, state.reason) == (False, None)
+        assert (state.window_calls, state.window_failures) == (0, 0)
         assert (await serve(engines, rollout, "user-0")).user_id == "user-0"
+        # After a reset the first failure is logged with its traceback again.
+        factory.failing = True
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="ambient.migration"):
+            for n in range(2):
+                assert await serve(engines, rollout, f"user-{n}") is LEGACY
+        failed = [r for r in caplog.records if "component path failed" in r.getMessage()]
+        assert [r.exc_info is not None for r in failed] == [True, False]
 
     @pytest.mark.parametrize("mode", ["component", "shadow"])
     @pytest.mark.parametrize("decided", ["in the request", "after it"])
@@ -1087,6 +1167,74 @@ class TestFallback:
         assert outcome == [late_gets, late_gets]
         state = rollout.state()
         assert (state.failures, state.window_failures, state.fallen_back) == (0, 0, False)
+
+    @pytest.mark.parametrize("mode", ["component", "shadow"])
+    async def test_work_that_outlived_its_request_resolving_sync_first(
+        self, engines: Registry, mode: RolloutMode
+    ) -> None:
+        """resolve_sync, first of the request after its scope closed, raises
+        ScopeClosedError on the component path and gives the legacy object in shadow
+        mode, like resolve; nothing is counted against the component."""
+        rollout: Rollout[Any] = Rollout(
+            ExecutionEngine, legacy=LEGACY, mode=mode, max_error_rate=0.25, min_calls=1
+        )
+        closed = anyio.Event()
+        outcome: list[object] = []
+
+        async def late() -> None:
+            await closed.wait()
+            try:
+                outcome.append(rollout.resolve_sync())
+            except ScopeClosedError:
+                outcome.append("ScopeClosedError")
+
+        async with anyio.create_task_group() as service:
+            async with engines.open_scope(ctx("alice")):
+                service.start_soon(late)
+            closed.set()
+        assert outcome == [LEGACY if mode == "shadow" else "ScopeClosedError"]
+        state = rollout.state()
+        assert (state.failures, state.window_failures, state.fallen_back) == (0, 0, False)
+
+    async def test_requests_in_flight_failing_after_a_fallback_fall_back_once(
+        self, engines: Registry, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Five requests on the component path at once, all failing: the first failure
+        falls back; those still in flight count as failures but make no second fallback
+        nor a second ERROR log."""
+        names = [f"user-{n}" for n in range(5)]
+        release, all_waiting = anyio.Event(), anyio.Event()
+        waiting: list[str] = []
+
+        async def failing(context: UserExecutionContext) -> ExecutionEngine:
+            waiting.append(context.user_id)
+            if len(waiting) == len(names):
+                all_waiting.set()
+            await release.wait()
+            msg = "engine backend unavailable"
+            raise ConnectionError(msg)
+
+        registry = Registry()
+        registry.register(ExecutionEngine, failing)
+        rollout: Rollout[Any] = Rollout(
+            ExecutionEngine, legacy=LEGACY, mode="component", max_error_rate=0.0, min_calls=1
+        )
+        got: dict[str, object] = {}
+
+        async def user(name: str) -> None:
+            got[name] = await serve(registry, rollout, name)
+
+        with caplog.at_level(logging.WARNING, logger="ambient.migration"), anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                for name in names:
+                    tg.start_soon(user, name)
+                await all_waiting.wait()
+                release.set()
+        assert got == dict.fromkeys(names, LEGACY)
+        state = rollout.state()
+        assert (state.fallen_back, state.fallbacks, state.failures) == (True, 1, 5)
+        errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1
 
     async def test_concurrent_failures_fall_back_without_errors(
         self, engines: Registry, factory: Switchable
@@ -1166,10 +1314,42 @@ class TestFallback:
         assert not rollout.state().fallen_back
         assert rollout.state().failures == 30
 
-    async def test_a_rate_below_the_threshold_keeps_the_component(
+    async def test_the_window_slides_by_twelfths(
         self, engines: Registry, factory: Switchable
     ) -> None:
-        """One failure in ten against max_error_rate 0.2 never falls back."""
+        """Failures at the start of a 60 s window and successes 55 s later: a minute after
+        the failures only they have left the window, and the successes stay counted."""
+        clock = FakeClock()
+        clock.now = 1_200.0  # the start of a bucket of 5 s
+        rollout: Rollout[Any] = Rollout(
+            ExecutionEngine,
+            legacy=LEGACY,
+            mode="component",
+            max_error_rate=0.9,
+            window=60,
+            clock=clock,
+        )
+        factory.failing = True
+        for n in range(3):
+            await serve(engines, rollout, f"user-{n}")
+        clock.now += 55
+        factory.failing = False
+        for n in range(4):
+            await serve(engines, rollout, f"user-{n}")
+        state = rollout.state()
+        assert (state.window_calls, state.window_failures) == (7, 3)
+        clock.now += 6
+        state = rollout.state()
+        assert (state.window_calls, state.window_failures) == (4, 0)
+        assert state.error_rate == 0.0
+        clock.now += 60
+        assert (rollout.state().window_calls, rollout.state().window_failures) == (0, 0)
+
+    async def test_a_rate_below_the_threshold_keeps_the_component(
+        self, engines: Registry, factory: Switchable, metric_reader: InMemoryMetricReader
+    ) -> None:
+        """One failure in ten against max_error_rate 0.2 never falls back; the failures
+        metric counts the ten failures, not the successes."""
         rollout: Rollout[Any] = Rollout(
             ExecutionEngine, legacy=LEGACY, mode="component", max_error_rate=0.2
         )
@@ -1179,6 +1359,9 @@ class TestFallback:
         state = rollout.state()
         assert not state.fallen_back
         assert (state.window_calls, state.window_failures) == (100, 10)
+        assert counter_values(metric_reader, "ambient.rollout.failures") == {
+            (("ambient.rollout", "ExecutionEngine"), ("ambient.rollout.path", "component")): 10
+        }
 
     async def test_a_rate_at_the_threshold_keeps_the_component(
         self, engines: Registry, factory: Switchable
@@ -1290,6 +1473,8 @@ class TestRuntimeChanges:
             rollout.percent = 101
         with pytest.raises(TypeError):
             rollout.percent = "50"  # type: ignore[assignment]
+        with pytest.raises(TypeError, match="True"):
+            rollout.percent = True
         assert (rollout.mode, rollout.percent) == ("legacy", 10)
 
     def test_constructor_arguments_are_checked(self) -> None:
@@ -1315,6 +1500,8 @@ class TestEnvironment:
         assert (rollout.mode, rollout.percent) == ("shadow", 12.5)
         named: Rollout[Any] = Rollout("x", legacy=LEGACY, name="agent-registry.v2")
         assert named.env_prefix == "AMBIENT_ROLLOUT_AGENT_REGISTRY_V2_"
+        private: Rollout[Any] = Rollout("x", legacy=LEGACY, name="_engine (v3)")
+        assert private.env_prefix == "AMBIENT_ROLLOUT_ENGINE_V3_"
 
     def test_invalid_variables_name_themselves(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """A bad value fails at start-up with the variable's name in the message."""
