@@ -8,6 +8,7 @@ import contextlib
 import contextvars
 import dataclasses
 import datetime
+import decimal
 import enum
 import itertools
 import json
@@ -19,6 +20,7 @@ import sys
 import threading
 import time
 import tracemalloc
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -313,6 +315,9 @@ class TestBrokenApps:
             report = await check(app, users=5, requests=2)
         assert not report.ok
         assert any("opened and never closed" in line for line in report.cleanup)
+        assert any(
+            line.endswith("(garbage-collected: its cleanups never ran)") for line in report.cleanup
+        )
         assert any("never cleaned" in line for line in report.cleanup)
 
     async def test_a_context_leaking_into_a_fire_and_forget_task(self) -> None:
@@ -1553,11 +1558,16 @@ class Limits:
     requests_per_minute: int
 
 
+NAMESPACE = uuid.UUID("6ba7b810-9dad-11d1-80b4-00c04fd430c8")
+RATE = decimal.Decimal("0.15")
+
+
 async def test_objects_shared_by_design_are_not_taken_for_a_shared_instance() -> None:
     """An enum member chosen per user, a compiled pattern (re caches it), timezone.utc, a
-    function, a class or a module is one object for every user but shares no state: the
-    probe used to report them as handed to several users, cleaned more than once and
-    alive after their scope. A type given as shared_types is passed too; a list is not."""
+    UUID, a Decimal, a function, a class or a module is one object for every user but
+    shares no state: the probe used to report them as handed to several users, cleaned
+    more than once and alive after their scope. A type given as shared_types is passed
+    too; a list is not."""
     users = [f"user-{n}" for n in range(20)]
     limits = Limits(60)
     shared_list: list[str] = []
@@ -1572,9 +1582,12 @@ async def test_objects_shared_by_design_are_not_taken_for_a_shared_instance() ->
     registry.register("kind", lambda: Notes)
     registry.register("module", lambda: json)
     registry.register("pair", lambda: (Plan.PRO, datetime.UTC))
+    registry.register("namespace", lambda: NAMESPACE)
+    registry.register("rate", lambda: RATE)
     registry.register(Limits, lambda: limits)
     registry.register("notes", lambda: shared_list)
-    keys = [Plan, "word", "zone", "day", "parse", "kind", "module", "pair", Limits]
+    keys = [Plan, "word", "zone", "day", "parse", "kind", "module", "pair", "namespace", "rate"]
+    keys.append(Limits)
 
     async def requests(probe: IsolationProbe, *keys: Any) -> IsolationReport:
         with probe:
@@ -1730,9 +1743,11 @@ async def test_a_report_while_a_scope_is_open_leaves_its_cleanups_to_come() -> N
             await scope.resolve(Session)
             during = probe.report()
         del scope  # the probe looks for closed scopes kept alive
-    assert during.cleanup == []
+    assert (during.cleanup, during.outlived) == ([], [])
     assert len(during.open_scopes) == 1
     assert "alice" in during.open_scopes[0]
+    assert during.violations == during.open_scopes
+    assert not during.ok
     assert probe.report().ok, probe.report().violations
     await registry.aclose()
 
@@ -1791,7 +1806,82 @@ async def test_an_object_without_a_cleanup_handed_out_again_is_not_cleaned_twice
         "'plain': 1 instance(s) still alive after their scope closed (referenced from a "
         "global, a cache or a pending task?)"
     ]
+    assert plain.violations == plain.outlived
+    assert not plain.ok
     assert (await requests("closing")).cleanup == ["'closing': cleaned more than once"]
+    await registry.aclose()
+
+
+async def test_plain_values_are_counted_neither_created_nor_cleaned() -> None:
+    """The probe does not track plain values, so their ends are not cleanups either: the
+    counts of a request resolving a value and an object are one created, one cleaned."""
+
+    class Session:
+        def close(self) -> None:
+            pass
+
+    registry = Registry()
+    registry.register("quota", lambda ctx: len(ctx.user_id) * 10)
+    registry.register(Session, Session)
+    with IsolationProbe() as probe:
+        for user in ("alice", "bob"):
+            async with registry.open_scope(UserExecutionContext.create(user)) as scope:
+                await scope.resolve("quota")
+                await scope.resolve(Session)
+        del scope  # the probe looks for closed scopes kept alive
+    report = probe.report()
+    assert report.ok, report.violations
+    assert (report.created, report.cleaned, report.scopes) == (2, 2, 2)
+    await registry.aclose()
+
+
+async def test_request_components_that_cannot_be_weakly_referenced_are_reported_on() -> None:
+    """A REQUEST component that is a dict or a list (no weak reference to it) is kept by
+    the probe itself: its report neither fails on it nor takes it for outliving its scope,
+    and still finds one handed to two users."""
+    registry = Registry()
+    registry.register("headers", lambda ctx: {"user": ctx.user_id})
+    registry.register("trail", lambda ctx: [ctx.user_id])
+    kept: dict[str, str] = {}
+    registry.register("kept", lambda: kept)
+    with IsolationProbe() as probe:
+        for user in ("alice", "bob"):
+            async with registry.open_scope(UserExecutionContext.create(user)) as scope:
+                assert (await scope.resolve("headers"))["user"] == user
+                assert await scope.resolve("trail") == [user]
+        del scope  # the probe looks for closed scopes kept alive
+    report = probe.report()
+    assert report.ok, report.violations
+    assert (report.created, report.cleaned) == (4, 4)
+    with IsolationProbe() as probe:
+        for user in ("alice", "bob"):
+            async with registry.open_scope(UserExecutionContext.create(user)) as scope:
+                await scope.resolve("kept")
+        del scope
+    assert [line.split(" (a factory")[0] for line in probe.report().violations] == [
+        "'kept': one instance was handed to users alice, bob"
+    ]
+    await registry.aclose()
+
+
+async def test_a_closed_scope_kept_alive_fails_the_probe() -> None:
+    """A closed scope something still holds is a violation: the report is not ok and
+    assert_clean raises naming it."""
+    registry = Registry()
+    kept: list[Any] = []
+    with IsolationProbe() as probe:
+        async with registry.open_scope(UserExecutionContext.create("alice")) as scope:
+            kept.append(scope)
+        del scope
+    report = probe.report()
+    assert len(report.leaked_scopes) == 1
+    assert "alice" in report.leaked_scopes[0]
+    assert report.violations == report.leaked_scopes
+    assert not report.ok
+    with pytest.raises(AssertionError, match="still alive after garbage collection"):
+        probe.assert_clean()
+    kept.clear()
+    assert probe.report().ok
     await registry.aclose()
 
 
