@@ -2881,6 +2881,29 @@ class TestPytestKit:
         result.assert_outcomes(passed=1, errors=1)
         result.stdout.fnmatch_lines(["*one instance was handed to users alice, bob*"])
 
+    def test_the_fixtures_leave_nothing_behind_for_the_next_test(
+        self, pytester: pytest.Pytester
+    ) -> None:
+        """After a test using ambient_context and isolation_probe, the next test runs with
+        no context bound and no probe installed: neither leaks into other tests."""
+        pytester.makepyfile(
+            """
+            import ambient
+            import ambient._observe as observe
+            from ambient.testing import IsolationProbe
+
+            def test_first(ambient_context, isolation_probe):
+                assert ambient.current_context_or_none() is ambient_context
+                assert isolation_probe in observe.observers
+
+            def test_second():
+                assert ambient.current_context_or_none() is None
+                assert not any(isinstance(o, IsolationProbe) for o in observe.observers)
+            """
+        )
+        result = pytester.runpytest("-p", "no:cacheprovider")
+        result.assert_outcomes(passed=2)
+
 
 async def test_the_demo_streams_each_run_to_its_own_users_sockets() -> None:
     """On real uvicorn: runs announced on the websocket of their user, never another's."""
