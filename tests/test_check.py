@@ -37,7 +37,14 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 import ambient
 from ambient import Lifetime, Registry, UserExecutionContext
-from ambient.check import CheckReport, JWTIdentity, PlannedRequest, parse_request, run_check
+from ambient.check import (
+    CheckReport,
+    JWTIdentity,
+    PlannedRequest,
+    _growth_findings,
+    parse_request,
+    run_check,
+)
 from ambient.cli import main
 from ambient.demo.app import (
     CHECK_PLAN,
@@ -292,6 +299,81 @@ class TestBrokenApps:
         assert not report.ok
         assert any("one instance was handed to users" in line for line in report.isolation)
         assert any("contains" in line and "data" in line for line in report.isolation)
+
+    async def test_request_components_kept_in_a_global_list(self) -> None:
+        """Each request's component appended to a module-level list outlives its scope,
+        though no scope is kept: reported among the leaks."""
+        kept: list[Notes] = []
+        registry = Registry()
+        registry.register(Notes, Notes)
+
+        async def endpoint(request: Request) -> Response:
+            kept.append(await ambient.resolve(Notes))
+            return JSONResponse({"user": ambient.get_current_context().user_id})
+
+        app = AmbientMiddleware(
+            Starlette(routes=[Route("/", endpoint)]), registry=registry, identity=trusted_header()
+        )
+        report = await check(app, users=5, requests=2)
+        assert len(kept) == 10
+        assert not report.ok
+        assert [line.split(": ", 1)[1] for line in report.leaks] == [
+            "10 instance(s) still alive after their scope closed (referenced from a global, "
+            "a cache or a pending task?)"
+        ]
+
+    def test_growth_at_the_limit_is_no_leak(self) -> None:
+        """max_growth_kib is the growth tolerated: at the limit per 1,000 requests (or, over
+        fewer, in all) memory is not leaking; above it, it is."""
+        assert _growth_findings(64.0, 1000, 64.0) == []
+        assert _growth_findings(128.0, 500, 64.0) == []
+        assert _growth_findings(64.5, 1000, 64.0) == [
+            "memory grew 64.5 KiB per 1,000 requests (limit 64) after warm-up"
+        ]
+        assert len(_growth_findings(129.0, 500, 64.0)) == 1
+
+    @pytest.mark.parametrize("lifespan", ["none", "forgets the registry"])
+    async def test_user_components_are_held_to_a_cleanup_after_a_completed_shutdown(
+        self, lifespan: str
+    ) -> None:
+        """USER components must be cleaned by the end of a check only when the app's
+        lifespan shutdown completed: an app without lifespan support is not told to close
+        anything, one whose shutdown completes without closing its registry leaks them."""
+
+        class Memory:
+            def close(self) -> None:
+                pass
+
+        registry = Registry()
+        registry.register(Memory, Memory, lifetime=Lifetime.USER)
+
+        async def endpoint(request: Request) -> Response:
+            await ambient.resolve(Memory)
+            return JSONResponse({"user": ambient.get_current_context().user_id})
+
+        inner = AmbientMiddleware(
+            Starlette(routes=[Route("/", endpoint)]), registry=registry, identity=trusted_header()
+        )
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "lifespan":
+                await inner(scope, receive, send)
+                return
+            if lifespan == "none":
+                msg = "no lifespan here"
+                raise RuntimeError(msg)
+            while (await receive())["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+
+        report = await check(app, users=3, requests=2)
+        if lifespan == "none":
+            assert report.ok, report.violations
+        else:
+            assert [line.split("<locals>.")[-1] for line in report.cleanup] == [
+                "Memory: 3 instance(s) created but never cleaned"
+            ]
+        await registry.aclose()
 
     async def test_a_cleanup_that_never_runs(self) -> None:
         # The app's shutdown waits up to cleanup_timeout for the scopes left open.
@@ -3205,6 +3287,43 @@ def _interrupted(
     return process.returncode, err
 
 
+async def test_the_root_loggers_level_is_given_back() -> None:
+    """The check lowers the root logger's level to INFO while it watches the app's log
+    records; it sets the host's level back after, with or without a memory measurement."""
+    registry = Registry()
+    registry.register(Notes, Notes)
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        for growth in (0, 20):
+            report = await check(notes_app(registry), users=2, requests=1, growth_requests=growth)
+            assert report.ok, report.violations
+            assert root.level == logging.ERROR, growth
+    finally:
+        root.setLevel(before)
+    await registry.aclose()
+
+
+async def test_a_host_tracing_memory_still_traces_after_the_check() -> None:
+    """The memory measurement starts tracemalloc when it is off and stops it after; a host
+    that traces allocations itself (a profiler, a test checking its peak) is left tracing:
+    the check stopped it, and the host's own measurement failed after it."""
+    registry = Registry()
+    registry.register(Notes, Notes)
+    report = await check(notes_app(registry), users=2, requests=1, growth_requests=20)
+    assert report.memory_growth_kib_per_1k is not None
+    assert not tracemalloc.is_tracing()
+    tracemalloc.start()
+    try:
+        report = await check(notes_app(registry), users=2, requests=1, growth_requests=20)
+        assert tracemalloc.is_tracing()
+    finally:
+        tracemalloc.stop()
+    assert report.memory_growth_kib_per_1k is not None
+    await registry.aclose()
+
+
 async def test_the_time_limit_of_each_request_is_not_the_apps_memory_growth() -> None:
     """A correct app whose requests never wait for anything, checked with a time limit per
     request (the command line's ``--timeout``): each request's limit left a cancelled
@@ -3245,14 +3364,16 @@ def test_log_findings_past_those_shown_are_only_counted() -> None:
     assert all(f"names {other}" in line for line in said[:-1])
 
 
+@pytest.mark.parametrize("holds", ["its Context", "its component"])
 async def test_a_worker_thread_letting_go_of_a_request_late_is_no_leak(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, holds: str
 ) -> None:
     """A worker thread hands a request its result before it lets go of that request's
     Context (anyio's does), and the run may end in between: the scope it still holds for
-    that moment is not the app's leak. Here a thread holds the last request's Context until
-    the check first looks, then lets go; a scope kept for good is still reported (the
-    module-global test above)."""
+    that moment is not the app's leak. Here a thread holds the last request's Context, or
+    only its REQUEST component, until the check first looks, then lets go; the check
+    looked again for a scope only, and reported the component as outliving its scope. A
+    scope kept for good is still reported (the module-global test above)."""
     import ambient._probe as probe_module
 
     looked = threading.Event()
@@ -3265,7 +3386,7 @@ async def test_a_worker_thread_letting_go_of_a_request_late_is_no_leak(
         return said
 
     monkeypatch.setattr(probe_module.IsolationProbe, "report", first_look)
-    held: list[contextvars.Context] = []
+    held: list[object] = []
 
     def hold_until_looked() -> None:
         looked.wait(30)
@@ -3274,13 +3395,16 @@ async def test_a_worker_thread_letting_go_of_a_request_late_is_no_leak(
 
     async def endpoint(request: Request) -> Response:
         user = ambient.get_current_context().user_id
+        notes = await ambient.resolve(Notes)
         if not held:
-            held.append(contextvars.copy_context())
+            held.append(contextvars.copy_context() if holds == "its Context" else notes)
             threading.Thread(target=hold_until_looked).start()
         return JSONResponse({"user": user})
 
+    registry = Registry()
+    registry.register(Notes, Notes)
     app = AmbientMiddleware(
-        Starlette(routes=[Route("/", endpoint)]), registry=Registry(), identity=trusted_header()
+        Starlette(routes=[Route("/", endpoint)]), registry=registry, identity=trusted_header()
     )
     result = await check(app, users=1, requests=1)
     assert let_go.wait(30)
