@@ -383,11 +383,18 @@ def current_scope() -> Scope:
     """Return the component scope bound here.
 
     Raises:
-        NoActiveContextError: when no scope is bound.
+        NoActiveContextError: when no scope is bound, and inside the factory of a USER or
+            APP component (as :func:`get_current_context` does): the request's scope
+            would hand it the request's context and its REQUEST components, which a
+            component shared by many requests must not keep.
     """
     binding = _shown()
     if binding is None:
         raise NoActiveContextError
+    if type(binding) is _SharedBinding:
+        # Its resolutions go through binding.scope, a view that refuses shorter-lived
+        # components; the scope it views would not.
+        raise binding.refuse()
     scope = binding.scope
     if scope is None:
         raise NoActiveContextError("scope")

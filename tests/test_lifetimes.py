@@ -1380,6 +1380,42 @@ class TestWhatASharedFactorySees:
         assert seen == [None, None, None]
         await registry.aclose()
 
+    @pytest.mark.parametrize("lifetime", [Lifetime.USER, Lifetime.APP])
+    @pytest.mark.parametrize("how", ["resolve", "resolve_sync"])
+    async def test_current_scope_in_a_shared_factory_raises(
+        self, lifetime: Lifetime, how: str
+    ) -> None:
+        """``current_scope()`` inside a USER or APP factory raises NoActiveContextError, as
+        ``get_current_context()`` does, and nothing is made. It used to answer the request's
+        own scope, through which the factory took the request's context and a REQUEST
+        component that ``ambient.resolve()`` refuses it: the user's next request got that
+        request's ids and its connection, closed when that request ended."""
+        made: list[object] = []
+
+        def connection(context: UserExecutionContext) -> str:
+            return f"connection of {context.request_id}"
+
+        def make() -> tuple[str, str]:
+            scope = ambient.current_scope()
+            made.append(scope)
+            return scope.context.request_id, scope.resolve_sync("connection")
+
+        registry = Registry()
+        registry.register("connection", connection)
+        registry.register("cache", make, lifetime=lifetime)
+        async with registry.open_scope(ctx("alice")) as scope:
+            with pytest.raises(ambient.NoActiveContextError) as raised:
+                if how == "resolve":
+                    await ambient.resolve("cache")
+                else:
+                    await anyio.to_thread.run_sync(scope.resolve_sync, "cache")
+            assert ambient.current_scope() is scope  # the request's own, outside the factory
+        message = str(raised.value)
+        assert f"{lifetime.name} component 'cache'" in message
+        assert made == []
+        assert registry.stats().created == 0
+        await registry.aclose()
+
     async def test_a_request_factory_still_gets_the_requests_context(self) -> None:
         """A REQUEST factory, also one a USER factory's caller resolves right after, sees
         the request's context, through ``get_current_context()`` as through its argument."""
