@@ -78,8 +78,16 @@ class TestValidation:
             ("\ufe0f", "invisible character"),  # variation selector 16
             ("\U000e0100", "invisible character"),  # variation selector 17
             ("\u3164", "invisible character"),  # Hangul filler
+            ("\u115f", "invisible character"),  # Hangul choseong filler
+            ("\u1160", "invisible character"),  # Hangul jungseong filler
             ("\uffa0", "invisible character"),  # halfwidth Hangul filler
             ("\u17b4", "invisible character"),  # Khmer inherent vowel
+            ("\u17b5", "invisible character"),  # Khmer inherent vowel
+            ("\u180b", "invisible character"),  # Mongolian free variation selector
+            ("\u180d", "invisible character"),  # Mongolian free variation selector
+            ("\u180f", "invisible character"),  # Mongolian free variation selector
+            ("\ufe00", "invisible character"),  # variation selector 1
+            ("\U000e01ef", "invisible character"),  # variation selector 256
             ("\u2800", "invisible character"),  # Braille pattern blank
             ("\U0001d159", "invisible character"),  # musical symbol null notehead
         ],
@@ -191,9 +199,15 @@ class TestValidation:
             _make(depth=True)
 
     def test_metadata_must_be_a_mapping_with_str_keys(self) -> None:
-        """metadata is a mapping with string keys."""
+        """metadata is a mapping with string keys: a list or a str is refused, never made
+        into a dict (a list of two-character strings was, and so passed)."""
         with pytest.raises(InvalidContextError, match="metadata"):
             _make(metadata=[("a", 1)])
+        # A list of two-character strings would make a dict ({"a": "b"}) if taken for one.
+        with pytest.raises(InvalidContextError, match="must be a mapping, not list"):
+            _make(metadata=["ab"])
+        with pytest.raises(InvalidContextError, match="must be a mapping, not str"):
+            UserExecutionContext.create("alice", metadata="ab")  # type: ignore[arg-type]
         with pytest.raises(InvalidContextError, match="keys must be str"):
             _make(metadata={1: "a"})
 
@@ -265,8 +279,23 @@ class TestCreateAndChild:
         with pytest.raises(InvalidContextError, match="request_id"):
             UserExecutionContext.create("alice", request_id="null")
 
+    @pytest.mark.parametrize(
+        "field", ["user_id", "thread_id", "run_id", "request_id", "tenant_id", "connection_id"]
+    )
+    @pytest.mark.parametrize("bad", ["null", "ab\x00cd", " ab", "ab\u200bcd", "", 42])
+    def test_create_validates_every_id_it_is_given(self, field: str, bad: object) -> None:
+        """create() builds the context past the constructor's checks, so it checks each id
+        itself, by the same rules and naming the field: a run or connection id it left
+        unchecked went into the context as given, NUL and placeholders included."""
+        ids: dict[str, object] = {"user_id": "alice", field: bad}
+        user_id = ids.pop("user_id")
+        with pytest.raises(InvalidContextError) as info:
+            UserExecutionContext.create(user_id, **ids)  # type: ignore[arg-type]
+        assert info.value.field == field
+
     def test_child_links_to_its_parent(self) -> None:
-        """child(): same user/tenant/thread/request, new run, parent link, depth + 1."""
+        """child(): same user/tenant/thread/request, new run, parent link, depth + 1, and
+        its own operation, never the one of the parent's it inherits."""
         parent = UserExecutionContext.create("alice", tenant_id="acme", metadata={"a": 1})
         child = parent.child("search", query="x")
         assert (child.user_id, child.tenant_id, child.thread_id, child.request_id) == (
@@ -281,6 +310,11 @@ class TestCreateAndChild:
         assert dict(child.metadata) == {"a": 1, "query": "x", "operation": "search"}
         # What the child is given wins over what it inherits.
         assert dict(parent.child("search", a=2).metadata) == {"a": 2, "operation": "search"}
+        # A child's own operation wins over the one its parent was a child for.
+        grandchild = child.child("fetch")
+        assert grandchild.metadata["operation"] == "fetch"
+        assert grandchild.parent_run_id == child.run_id
+        assert grandchild.depth == 2
 
     def test_child_depth_is_limited_to_32(self) -> None:
         """The 33rd nested child is refused."""
@@ -361,7 +395,8 @@ def test_a_str_subclass_user_id_the_middleware_has_seen_is_its_string() -> None:
 
 def test_a_context_survives_pickle_and_deepcopy() -> None:
     """A process pool or a job queue pickles what it is given: a context goes through,
-    metadata and all, and comes back equal and still read-only."""
+    metadata and all, and comes back equal, still read-only, and sharing nothing mutable
+    with the original."""
     original = UserExecutionContext.create("alice", tenant_id="acme", metadata={"k": [1]})
     child = original.child("tool")
     for context in (original, child):
@@ -369,8 +404,16 @@ def test_a_context_survives_pickle_and_deepcopy() -> None:
             assert copied == context
             assert (copied.parent_run_id, copied.depth) == (context.parent_run_id, context.depth)
             assert dict(copied.metadata) == dict(context.metadata)
+            assert copied.metadata["k"] is not context.metadata["k"]
             with pytest.raises(TypeError):
                 copied.metadata["k"] = 2  # type: ignore[index]
+    # The metadata deep-copied alone is a deep copy too, and as read-only: a copy sharing
+    # the list with the context would let a change to the copy reach the context.
+    deep = copy.deepcopy(original.metadata)
+    assert type(deep) is type(original.metadata)
+    assert deep == original.metadata
+    deep["k"].append(2)
+    assert original.metadata["k"] == [1]
 
 
 def test_a_contexts_fields_serialise_as_a_dataclasss_do() -> None:
