@@ -146,6 +146,22 @@ class TestNesting:
         unbind(binding)
         assert current_context_or_none() is None
 
+    def test_unbind_twice_changes_nothing_for_a_task_started_inside(self) -> None:
+        """A Context copied inside alice's inner binding (a task started there) sees that
+        binding once it has ended; ending it a second time, with another binding made
+        since, changes nothing, there or in the Context that made it. The second end used
+        to mark it ended elsewhere, and the task then saw alice's outer binding instead."""
+        made = contextvars.copy_context()
+        outer = made.run(bind, ctx_for("alice"), None)
+        inner = made.run(bind, outer.ctx.child("plan"), None)
+        task = made.copy()
+        made.run(unbind, inner)
+        assert task.run(get_current_context) is inner.ctx
+        later = made.run(bind, outer.ctx.child("act"), None)
+        made.run(unbind, inner)
+        assert task.run(get_current_context) is inner.ctx
+        assert made.run(get_current_context) is later.ctx
+
     def test_unbind_from_another_context_does_not_raise(self) -> None:
         """Ending a binding from a different contextvars.Context (a generator finalised
         elsewhere) raises no 'created in a different Context' error."""
@@ -204,6 +220,25 @@ class TestNesting:
         task.run(unbind, bob)
         assert task.run(get_current_context).user_id == "bob"
         assert made.run(get_current_context).user_id == "carol"
+
+    def test_a_task_shows_the_nearest_live_binding_past_an_ended_one(self) -> None:
+        """Alice bound three times (a request, then two of its operations inside each
+        other); a Context copied inside the innermost (a task started there) reads on while
+        the middle one ends out of order and the innermost is ended from a third Context (a
+        generator finalised elsewhere). The task sees the live outer binding, as the Context
+        that made them does, never the ended middle one (which a walk to the nearest live
+        binding that stopped at the first one shadowed, ended or not, would show)."""
+        made = contextvars.copy_context()
+        outer = made.run(bind, ctx_for("alice"), None)
+        middle = made.run(bind, outer.ctx.child("plan"), None)
+        inner = made.run(bind, outer.ctx.child("act"), None)
+        task = made.copy()
+        made.run(unbind, middle)
+        contextvars.copy_context().run(unbind, inner)
+        assert task.run(get_current_context) is outer.ctx
+        assert made.run(get_current_context) is outer.ctx
+        made.run(unbind, outer)
+        assert made.run(current_context_or_none) is None
 
     def test_a_bind_context_object_is_single_use(self) -> None:
         """Entering the same bind_context twice is an error, not a silent re-bind."""
