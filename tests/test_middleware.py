@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import functools
 import json
 import logging
+import pickle
 import time
 import types
 import urllib.parse
@@ -1340,6 +1342,28 @@ async def test_how_the_app_closes_a_websocket_tells_its_cleanups_how_it_ended(
     assert [m["type"] for m in sent] == ["websocket.accept", "websocket.close"]
     assert len(seen) == 1
     assert (seen[0] is not None) is fails
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        IncompleteResponseError(started=True, client_gone=False),
+        IncompleteResponseError(started=False),
+        ServerErrorResponseError(502),
+    ],
+    ids=["cut-short", "unanswered", "server-error"],
+)
+def test_what_closes_a_scope_for_an_unfinished_answer_copies_and_pickles(
+    error: Exception,
+) -> None:
+    """The error a scope is closed with when its request failed without raising (a cleanup
+    may hand it to a process pool or a job queue, a reporter copies it) comes back from
+    pickle and copy as it was, fields and message. Their keyword-only or extra constructor
+    arguments made the default pickling raise TypeError when loading one."""
+    for copied in (pickle.loads(pickle.dumps(error)), copy.copy(error), copy.deepcopy(error)):  # noqa: S301 - our own bytes
+        assert type(copied) is type(error)
+        assert str(copied) == str(error)
+        assert vars(copied) == vars(error)
 
 
 @pytest.mark.parametrize(("status", "fails"), [(403, False), (500, True), (503, True)])
