@@ -265,6 +265,36 @@ class TestCreateAndChild:
         assert len({one.run_id, two.run_id, one.thread_id, one.request_id}) == 4
         assert one.thread_id != two.thread_id
 
+    @pytest.mark.parametrize(
+        "given",
+        [
+            {"thread_id": "t"},
+            {"request_id": "q"},
+            {"run_id": "r"},
+            {"thread_id": "t", "request_id": "q"},
+        ],
+    )
+    def test_create_generates_every_id_left_out(self, given: dict[str, str]) -> None:
+        """Whichever of the thread, run and request ids are given, each one left out is
+        generated: 32 hex characters, distinct from the others. A request id left out
+        while a thread id was given came out as None when the generated ids were drawn
+        only for a context given neither."""
+        context = UserExecutionContext.create("alice", **given)
+        made = {field: getattr(context, field) for field in ("thread_id", "run_id", "request_id")}
+        for field, value in made.items():
+            if field in given:
+                assert value == given[field]
+            else:
+                assert isinstance(value, str)
+                assert len(value) == 32
+                assert int(value, 16) >= 0
+        assert len(set(made.values())) == 3
+
+    def test_create_checks_its_metadata(self) -> None:
+        """create()'s metadata is held to the constructor's rules: str keys only."""
+        with pytest.raises(InvalidContextError, match="keys must be str"):
+            UserExecutionContext.create("alice", metadata={1: "a"})  # type: ignore[dict-item]
+
     def test_create_keeps_given_ids(self) -> None:
         """Given ids are kept (and validated)."""
         ctx = UserExecutionContext.create(
@@ -387,10 +417,43 @@ def test_a_str_subclass_user_id_the_middleware_has_seen_is_its_string() -> None:
     plain string, as a user id never seen is."""
     from ambient._context import request_context
 
-    assert request_context("alice", None, None, None, None, None).user_id == "alice"
-    again = request_context(_User.ALICE, None, None, None, None, None)
+    assert request_context("alice", "acme", None, None, None, None).user_id == "alice"
+    again = request_context(_User.ALICE, _User.ALICE, None, None, None, None)
     assert type(again.user_id) is str
     assert f"{again.user_id}" == "alice"
+    # A tenant id the memo holds too (a tenant is remembered as a user is).
+    assert type(again.tenant_id) is str
+    assert f"{again.tenant_id}" == "alice"
+
+
+@pytest.mark.parametrize("field", ["user_id", "tenant_id", "thread_id"])
+@pytest.mark.parametrize("bad", ["null", "ab\x00cd", "ab\u200bcd", 42])
+def test_the_middlewares_context_checks_the_ids_a_client_sent(field: str, bad: object) -> None:
+    """The middleware builds a request's context from the user, tenant and thread ids a
+    client's identity and headers carry, past the constructor's checks: each is refused
+    as create() refuses it, naming the field, seen before or not. A thread id went into
+    the context unchecked when the check was left out."""
+    from ambient._context import request_context
+
+    ids: dict[str, object] = {"user_id": "alice", "tenant_id": "acme", "thread_id": "t-1"}
+    request_context(*ids.values(), None, None, None)  # type: ignore[arg-type]
+    ids[field] = bad
+    with pytest.raises(InvalidContextError) as info:
+        request_context(*ids.values(), None, None, None)  # type: ignore[arg-type]
+    assert info.value.field == field
+
+
+def test_the_memo_of_valid_user_ids_stays_bounded() -> None:
+    """The user and tenant ids the middleware found valid are remembered for their next
+    request, at most a bounded number of them: a server seeing ever new users (ten
+    thousand here) would otherwise grow the memo without end."""
+    from ambient._context import _MAX_VALID_IDS, _VALID_IDS, request_context
+
+    for n in range(10_000):
+        made = request_context(f"user-{n}", f"tenant-{n % 7}", None, None, None, None)
+        assert made.user_id == f"user-{n}"
+        assert len(_VALID_IDS) <= _MAX_VALID_IDS
+    assert "user-9999" in _VALID_IDS
 
 
 def test_a_context_survives_pickle_and_deepcopy() -> None:
