@@ -138,10 +138,15 @@ class TestAccessors:
                 assert ambient.current_scope() is scope
 
 
-async def test_resolve_after_an_inner_scope_ended_from_another_task_uses_the_outer_one() -> None:
+@pytest.mark.parametrize("first", ["resolve", "resolve_sync"])
+async def test_resolve_after_an_inner_scope_ended_from_another_task_uses_the_outer_one(
+    first: str,
+) -> None:
     """alice's inner scope, opened inside her outer one, is closed by another task (a
     shutdown closing it, a generator finalised elsewhere): where it was opened, resolve()
-    goes on with the outer scope, still open, as resolve_sync() and current_scope() do."""
+    goes on with the outer scope, still open, as resolve_sync() and current_scope() do,
+    whichever is asked first (resolve_sync() asked first, taking the ended binding's scope
+    for the current one, raised ScopeClosedError)."""
     registry = Registry()
     registry.register("x", Engine)
     alice = UserExecutionContext.create("alice")
@@ -151,7 +156,11 @@ async def test_resolve_after_an_inner_scope_ended_from_another_task_uses_the_out
         async with anyio.create_task_group() as tg:
             tg.start_soon(inner.aclose)
         assert inner.closed
-        # resolve() first: what the others look at restores the outer binding here.
+        # The first one asked finds the ended binding current here, and restores the outer.
+        if first == "resolve":
+            assert await ambient.resolve("x") is await outer.resolve("x")
+        else:
+            assert ambient.resolve_sync("x") is await outer.resolve("x")
         assert await ambient.resolve("x") is await outer.resolve("x")
         assert ambient.current_scope() is outer
         assert ambient.resolve_sync("x") is await outer.resolve("x")

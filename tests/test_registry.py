@@ -84,6 +84,16 @@ class TestRegistration:
         with pytest.raises(RegistryError, match="callable"):
             Registry().register(Thing, Thing())  # type: ignore[arg-type]
 
+    @pytest.mark.parametrize("lifetime", ["user", "USER", None, 1])
+    def test_a_lifetime_that_is_no_lifetime_is_refused(self, lifetime: object) -> None:
+        """A lifetime given as its name or value (or anything but a Lifetime) is refused at
+        registration, naming what was given, never registered to fail or be taken for
+        another lifetime when it is first resolved."""
+        registry = Registry()
+        with pytest.raises(RegistryError, match=f"lifetime must be a Lifetime, not {lifetime!r}"):
+            registry.register(Thing, Thing, lifetime=lifetime)  # type: ignore[arg-type]
+        assert Thing not in registry.providers
+
     def test_factory_with_two_required_arguments_is_refused(self) -> None:
         """Factories take at most one argument."""
         with pytest.raises(RegistryError, match="exactly one"):
@@ -98,6 +108,31 @@ class TestRegistration:
 
         with pytest.raises(RegistryError, match="exactly one"):
             Registry().register(Thing, factory)
+
+    async def test_a_positional_only_argument_is_the_one_a_factory_takes(self) -> None:
+        """A factory whose one argument is positional-only (``def make(context, /)``, or a
+        builtin's) gets what its lifetime gives, as any other one-argument factory does;
+        it was called with nothing, a TypeError at its first resolution. An APP factory
+        requiring one is refused at registration, as for any required argument."""
+
+        def for_request(context: UserExecutionContext, /) -> str:
+            return f"request of {context.user_id}"
+
+        def for_user(user: UserRef, /) -> str:
+            return f"cache of {user.user_id}"
+
+        def for_app(setting: str, /) -> str:
+            return setting
+
+        registry = Registry()
+        registry.register("request", for_request)
+        registry.register("user", for_user, lifetime=Lifetime.USER)
+        with pytest.raises(RegistryError, match="APP factory for 'app' takes no argument"):
+            registry.register("app", for_app, lifetime=Lifetime.APP)
+        async with registry.open_scope(ctx()):
+            assert await ambient.resolve("request") == "request of alice"
+            assert ambient.resolve_sync("user") == "cache of alice"
+        await registry.aclose()
 
     def test_app_factory_with_a_required_argument_is_refused(self) -> None:
         """An APP factory is given nothing: one that needs an argument (a class whose
