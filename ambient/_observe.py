@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -124,7 +125,11 @@ class Observer:
 
 # A tuple, replaced on change, so the hot path reads it without a lock.
 observers: tuple[Observer, ...] = ()
-_complained: set[int] = set()
+# The observers whose failure has been logged, by id(), each with a weak reference to it:
+# an id is reused once its object is gone, and a new observer at the same address must
+# not pass for one already logged (its failures would never be). An entry leaves with
+# its observer.
+_complained: dict[int, Callable[[], object]] = {}
 
 
 def add_observer(observer: Observer) -> Callable[[], None]:
@@ -149,8 +154,25 @@ def notify(targets: tuple[Observer, ...], method: str, *args: Any) -> None:
         try:
             getattr(observer, method)(*args)
         except Exception:
-            if id(observer) not in _complained:
-                _complained.add(id(observer))
+            if not _logged_before(observer):
                 logger.exception(
                     "ambient observer %r failed in %s; the request goes on", observer, method
                 )
+
+
+def _logged_before(observer: Observer) -> bool:
+    """Whether ``observer``'s failure has been logged already; marks it logged if not."""
+    key = id(observer)
+    known = _complained.get(key)
+    if known is not None and known() is observer:
+        return True
+
+    def forget(ref: object) -> None:
+        if _complained.get(key) is ref:
+            del _complained[key]
+
+    try:
+        _complained[key] = weakref.ref(observer, forget)
+    except TypeError:  # not weakly referable (slots without __weakref__): kept alive
+        _complained[key] = lambda: observer
+    return False

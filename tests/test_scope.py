@@ -1769,6 +1769,84 @@ class TestObservers:
         assert ended[2] is not None
         assert not isinstance(ended[2], Exception)
 
+    async def test_a_failing_observer_is_logged_once_and_the_requests_go_on(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """An observer that fails at every event is logged once, with its traceback, not
+        once per event (a broken telemetry under load would flood the log); every request
+        goes on, and another observer, failing too, is logged once of its own."""
+        seen: list[str] = []
+
+        class Broken(ambient.Observer):
+            def scope_opened(self, scope: ambient.Scope) -> None:
+                raise RuntimeError("opened")
+
+            def component_created(self, event: ambient.ComponentEvent) -> None:
+                raise RuntimeError("created")
+
+        class AlsoBroken(ambient.Observer):
+            def component_cleaned(self, event: ambient.ComponentEvent) -> None:
+                seen.append(event.user.user_id if event.user else "")
+                raise RuntimeError("cleaned")
+
+        broken, also = Broken(), AlsoBroken()
+        registry = Registry(telemetry=broken)
+        registry.register(Counter, Counter)
+        caplog.set_level(logging.ERROR, logger="ambient")
+        for n in range(5):
+            async with registry.open_scope(UserExecutionContext.create(f"u{n}"), observer=also):
+                assert isinstance(await ambient.resolve(Counter), Counter)
+        assert seen == [f"u{n}" for n in range(5)]
+        failed = [r for r in caplog.records if "observer" in r.getMessage()]
+        assert [(r.args[0], r.args[1]) for r in failed] == [  # type: ignore[index]
+            (broken, "scope_opened"),
+            (also, "component_cleaned"),
+        ]
+        assert all(r.exc_info is not None for r in failed)
+        await registry.aclose()
+
+    async def test_each_failing_observer_is_logged_even_at_a_reused_address(self) -> None:
+        """Observers made and dropped one after the other (a registry's telemetry per job,
+        per test) often get the address, and so the id(), of the one before: each one that
+        fails is logged all the same. One at the address of an observer already logged
+        used to be taken for it, and its failures were never logged."""
+
+        class Broken(ambient.Observer):
+            def scope_opened(self, scope: ambient.Scope) -> None:
+                raise RuntimeError("opened")
+
+        messages: list[str] = []
+
+        class Formatted(logging.Handler):
+            """Keeps the message alone, as a handler writing lines does: not the record,
+            whose arguments would keep each observer, and its address, taken."""
+
+            def emit(self, record: logging.LogRecord) -> None:
+                messages.append(record.getMessage())
+
+        ambient_logger = logging.getLogger("ambient")
+        handler = Formatted(logging.ERROR)
+        ambient_logger.addHandler(handler)
+        ambient_logger.propagate = False
+        registry = Registry()
+        addresses: set[int] = set()
+        try:
+            for n in range(5):
+                watcher = Broken()
+                addresses.add(id(watcher))
+                remove = ambient.add_observer(watcher)
+                del watcher
+                async with registry.open_scope(UserExecutionContext.create(f"u{n}")):
+                    assert ambient.get_current_context().user_id == f"u{n}"
+                remove()
+                del remove
+        finally:
+            ambient_logger.propagate = True
+            ambient_logger.removeHandler(handler)
+            await registry.aclose()
+        assert len(messages) == 5, (messages, len(addresses))
+        assert all("failed in scope_opened" in message for message in messages)
+
     async def test_events_are_frozen_component_events_with_every_field(self) -> None:
         events: list[ambient.ComponentEvent] = []
 
