@@ -1017,6 +1017,78 @@ class TestCleanup:
         assert str(failure) == "generator factory of 'again' yielded more than once"
         assert registry.stats().cleanup_failures == 1
 
+    @pytest.mark.parametrize("kind", ["generator", "async generator"])
+    @pytest.mark.parametrize("ending", ["returns", "raises"])
+    async def test_a_factory_yielding_again_at_its_cleanup_fails_it_whatever_ended_the_body(
+        self, kind: str, ending: str
+    ) -> None:
+        """A generator or async generator factory that yields a second time at its cleanup
+        (one that swallowed the body's error thrown in at its ``yield``, too) is closed,
+        its ``finally`` run, and that is a cleanup failure, in a scope whose other
+        cleanup is async as in one whose is sync; a generator the body's error went
+        through is a cleanup that ran, no failure. The second yield used to pass for a
+        cleanup that ran, and the error going through for one that failed."""
+        steps: list[str] = []
+
+        def sync_again() -> Iterator[str]:
+            try:
+                with contextlib.suppress(ValueError):
+                    yield "again"
+                yield "more"
+            finally:
+                steps.append("again closed")
+
+        async def async_again() -> AsyncIterator[str]:
+            try:
+                with contextlib.suppress(ValueError):
+                    yield "again"
+                yield "more"
+            finally:
+                steps.append("again closed")
+
+        def sync_through() -> Iterator[str]:
+            try:
+                yield "through"
+            finally:
+                steps.append("through closed")
+
+        async def async_through() -> AsyncIterator[str]:
+            try:
+                yield "through"
+            finally:
+                steps.append("through closed")
+
+        async def other() -> AsyncIterator[str]:
+            try:
+                yield "other"
+            finally:
+                steps.append("other cleaned")
+
+        registry = Registry()
+        registry.register("again", sync_again if kind == "generator" else async_again)
+        registry.register("through", sync_through if kind == "generator" else async_through)
+        registry.register("other", other)
+        expected = f"{kind} factory of 'again' yielded more than once"
+        with pytest.raises((CleanupError, ValueError)) as info:
+            async with registry.open_scope(ctx()) as scope:
+                await scope.resolve("again")
+                await scope.resolve("through")
+                await scope.resolve("other")
+                if ending == "raises":
+                    raise ValueError("the body failed")
+        assert sorted(steps) == ["again closed", "other cleaned", "through closed"]
+        if ending == "returns":
+            assert isinstance(info.value, CleanupError)
+            [failure] = info.value.exceptions
+            assert str(failure) == expected
+        else:
+            assert str(info.value) == "the body failed"
+            notes = getattr(info.value, "__notes__", [])
+            assert len(notes) == 1
+            assert expected in notes[0]
+        assert registry.stats().cleanup_failures == 1
+        assert registry.stats().cleaned == 3
+
     async def test_body_exception_wins_with_cleanup_failures_as_notes(self) -> None:
         """When the body raised, its exception propagates with cleanup failures noted."""
         registry = Registry()
