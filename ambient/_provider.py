@@ -377,7 +377,12 @@ def _special(result: Any) -> bool:
 def _class_close(cls: type) -> tuple[str | None, bool] | None:
     """``(how, instances_have_dict)``, or ``None`` when only the instance can tell."""
     how: str | None = None
-    if inspect.getattr_static(cls, "__getattr__", None) is not None:
+    if (
+        inspect.getattr_static(cls, "__getattr__", None) is not None
+        # A __getattribute__ of its own (a proxy forwarding every attribute) may give an
+        # instance a close() that neither the class nor the instance's __dict__ holds.
+        or cls.__getattribute__ is not object.__getattribute__  # type: ignore[comparison-overlap]
+    ):
         return None  # names appear at run time
     aclose = inspect.getattr_static(cls, "aclose", None)
     close = inspect.getattr_static(cls, "close", None)

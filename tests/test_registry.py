@@ -451,7 +451,9 @@ class TestFactoryShapes:
 
     async def test_close_is_looked_up_on_every_instance(self, log: Log) -> None:
         """How a class closes is remembered, but an instance's own close still counts, as
-        does a close that only ``__getattr__`` or a staticmethod provides."""
+        does a close that only ``__getattr__``, ``__getattribute__`` (a proxy forwarding
+        every attribute, with or without a ``__dict__``) or a staticmethod provides. One
+        only ``__getattribute__`` provided was never called: the component leaked."""
 
         class Plain:
             pass
@@ -466,6 +468,27 @@ class TestFactoryShapes:
             @staticmethod
             def close() -> None:
                 log.events.append("static close")
+
+        class Target:
+            def __init__(self, name: str) -> None:
+                self.name = name
+
+            def close(self) -> None:
+                log.events.append(f"{self.name} close")
+
+        class Forwarding:
+            def __init__(self, target: Target) -> None:
+                object.__setattr__(self, "_target", target)
+
+            def __getattribute__(self, name: str) -> object:
+                if name in ("__dict__", "__class__"):
+                    return object.__getattribute__(self, name)
+                return getattr(object.__getattribute__(self, "_target"), name)
+
+        class SlottedForwarding:
+            __slots__ = ("_target",)
+            __init__ = Forwarding.__init__
+            __getattribute__ = Forwarding.__getattribute__
 
         def with_own_close() -> Plain:
             plain = Plain()
@@ -492,6 +515,8 @@ class TestFactoryShapes:
         registry.register("none", with_none_close)
         registry.register(Dynamic, Dynamic)
         registry.register(Static, Static)
+        registry.register(Forwarding, lambda: Forwarding(Target("forwarded")))
+        registry.register("slotted", lambda: SlottedForwarding(Target("slotted")))
         for _ in range(2):  # the second round runs on what the first one remembered
             async with registry.open_scope(ctx()) as scope:
                 assert type(await scope.resolve("plain")) is Plain
@@ -500,7 +525,10 @@ class TestFactoryShapes:
                 await scope.resolve("none")
                 await scope.resolve(Dynamic)
                 scope.resolve_sync(Static)
-        expected = ["static close", "dynamic close", "instance aclose", "instance close"]
+                await scope.resolve(Forwarding)
+                scope.resolve_sync("slotted")
+        expected = ["slotted close", "forwarded close", "static close", "dynamic close"]
+        expected += ["instance aclose", "instance close"]
         assert log.events == expected * 2
 
     async def test_async_factory_through_resolve_sync_says_to_await(self) -> None:
