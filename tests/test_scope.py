@@ -661,6 +661,11 @@ class TestCleanup:
         registry.register("memory, async", memory_view)
         registry.register("session", lambda: ambient.resolve_sync(Session))
 
+        async def session_view() -> Session:
+            return await ambient.resolve(Session)  # type: ignore[no-any-return]
+
+        registry.register("session, async", session_view)
+
         class MemoryHandle:  # a class whose construction hands out the user's memory
             def __new__(cls) -> Any:
                 return ambient.resolve_sync(Memory)
@@ -682,6 +687,7 @@ class TestCleanup:
             assert await scope.resolve(MemoryByMetaclass) is memory
             session = await scope.resolve("session")
             assert scope.resolve_sync(Session) is session
+            assert await scope.resolve("session, async") is session
         assert (session.entered, session.exited) == (1, 1)
         assert memory.closed == 0  # the user's components outlive the request
         async with registry.open_scope(ctx()) as scope:
