@@ -138,15 +138,15 @@ class TestAccessors:
                 assert ambient.current_scope() is scope
 
 
-@pytest.mark.parametrize("first", ["resolve", "resolve_sync"])
+@pytest.mark.parametrize("first", ["resolve", "resolve_sync", "accessor.sync"])
 async def test_resolve_after_an_inner_scope_ended_from_another_task_uses_the_outer_one(
     first: str,
 ) -> None:
     """alice's inner scope, opened inside her outer one, is closed by another task (a
     shutdown closing it, a generator finalised elsewhere): where it was opened, resolve()
     goes on with the outer scope, still open, as resolve_sync() and current_scope() do,
-    whichever is asked first (resolve_sync() asked first, taking the ended binding's scope
-    for the current one, raised ScopeClosedError)."""
+    whichever is asked first, an accessor too (resolve_sync() asked first, taking the
+    ended binding's scope for the current one, raised ScopeClosedError)."""
     registry = Registry()
     registry.register("x", Engine)
     alice = UserExecutionContext.create("alice")
@@ -159,8 +159,10 @@ async def test_resolve_after_an_inner_scope_ended_from_another_task_uses_the_out
         # The first one asked finds the ended binding current here, and restores the outer.
         if first == "resolve":
             assert await ambient.resolve("x") is await outer.resolve("x")
-        else:
+        elif first == "resolve_sync":
             assert ambient.resolve_sync("x") is await outer.resolve("x")
+        else:
+            assert ambient.accessor("x").sync() is await outer.resolve("x")
         assert await ambient.resolve("x") is await outer.resolve("x")
         assert ambient.current_scope() is outer
         assert ambient.resolve_sync("x") is await outer.resolve("x")

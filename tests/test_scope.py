@@ -1925,6 +1925,33 @@ class TestObservers:
         assert len(messages) == 5, (messages, len(addresses))
         assert all("failed in scope_opened" in message for message in messages)
 
+    async def test_removing_an_observer_leaves_one_equal_to_it(self) -> None:
+        """The function ``add_observer()`` returns removes that observer alone: another
+        one equal to it (dataclass observers with the same fields are) still sees every
+        scope. Removed by equality, both would have gone."""
+        seen: list[str] = []
+
+        @dataclasses.dataclass(eq=True)
+        class Opened(ambient.Observer):
+            label: str
+
+            def scope_opened(self, scope: ambient.Scope) -> None:
+                seen.append(f"{self.label}: {scope.context.user_id}")
+
+        first, second = Opened("probe"), Opened("probe")
+        assert first == second
+        remove_first = ambient.add_observer(first)
+        remove_second = ambient.add_observer(second)
+        registry = Registry()
+        try:
+            remove_first()
+            async with registry.open_scope(UserExecutionContext.create("alice")):
+                pass
+        finally:
+            remove_second()
+            await registry.aclose()
+        assert seen == ["probe: alice"]
+
     async def test_events_are_frozen_component_events_with_every_field(self) -> None:
         events: list[ambient.ComponentEvent] = []
 
