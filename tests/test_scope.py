@@ -665,6 +665,7 @@ class TestCleanup:
             return await ambient.resolve(Session)  # type: ignore[no-any-return]
 
         registry.register("session, async", session_view)
+        registry.register("session, sync", lambda: ambient.resolve_sync(Session))
 
         class MemoryHandle:  # a class whose construction hands out the user's memory
             def __new__(cls) -> Any:
@@ -688,6 +689,7 @@ class TestCleanup:
             session = await scope.resolve("session")
             assert scope.resolve_sync(Session) is session
             assert await scope.resolve("session, async") is session
+            assert scope.resolve_sync("session, sync") is session
         assert (session.entered, session.exited) == (1, 1)
         assert memory.closed == 0  # the user's components outlive the request
         async with registry.open_scope(ctx()) as scope:
