@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import Annotated, Any
 
@@ -452,7 +453,8 @@ class TestFactoryShapes:
     async def test_close_is_looked_up_on_every_instance(self, log: Log) -> None:
         """How a class closes is remembered, but an instance's own close still counts, as
         does a close that only ``__getattr__``, ``__getattribute__`` (a proxy forwarding
-        every attribute, with or without a ``__dict__``) or a staticmethod provides. One
+        every attribute, with or without a ``__dict__``), a staticmethod or a
+        ``partialmethod`` (an async one, awaited) provides. One
         only ``__getattribute__`` provided was never called: the component leaked."""
 
         class Plain:
@@ -484,6 +486,12 @@ class TestFactoryShapes:
                 if name in ("__dict__", "__class__"):
                     return object.__getattribute__(self, name)
                 return getattr(object.__getattribute__(self, "_target"), name)
+
+        class Partial:
+            async def _shutdown(self, how: str) -> None:
+                log.events.append(f"{how} aclose")
+
+            aclose = functools.partialmethod(_shutdown, "partial")
 
         class SlottedForwarding:
             __slots__ = ("_target",)
@@ -517,6 +525,7 @@ class TestFactoryShapes:
         registry.register(Static, Static)
         registry.register(Forwarding, lambda: Forwarding(Target("forwarded")))
         registry.register("slotted", lambda: SlottedForwarding(Target("slotted")))
+        registry.register(Partial, Partial)
         for _ in range(2):  # the second round runs on what the first one remembered
             async with registry.open_scope(ctx()) as scope:
                 assert type(await scope.resolve("plain")) is Plain
@@ -527,7 +536,9 @@ class TestFactoryShapes:
                 scope.resolve_sync(Static)
                 await scope.resolve(Forwarding)
                 scope.resolve_sync("slotted")
-        expected = ["slotted close", "forwarded close", "static close", "dynamic close"]
+                await scope.resolve(Partial)
+        expected = ["partial aclose", "slotted close", "forwarded close", "static close"]
+        expected += ["dynamic close"]
         expected += ["instance aclose", "instance close"]
         assert log.events == expected * 2
 
