@@ -1984,6 +1984,26 @@ class TestObservers:
             created.name = "other"  # type: ignore[misc]
 
 
+def test_a_cleanup_error_split_by_except_star_stays_a_cleanup_error() -> None:
+    """``except*`` (and ``split``/``subgroup``) hands a handler of one kind of cleanup
+    failure a CleanupError, with the group's message and that kind's failures alone, and
+    leaves the rest one too: ``except CleanupError`` further up still matches what was
+    not handled. A plain ExceptionGroup came out of the split."""
+    timeout, broken = TimeoutError("slow"), ValueError("broken")
+    error = CleanupError("2 cleanups failed", [timeout, broken])
+    handled: list[BaseExceptionGroup[BaseException]] = []
+    with pytest.raises(CleanupError) as rest:
+        try:
+            raise error
+        except* TimeoutError as caught:
+            handled.append(caught)
+    [timeouts] = handled
+    assert type(timeouts) is CleanupError
+    assert (timeouts.message, timeouts.exceptions) == ("2 cleanups failed", (timeout,))
+    assert rest.value.exceptions == (broken,)
+    assert type(error.subgroup(ValueError)) is CleanupError
+
+
 async def test_a_cleanup_cut_short_is_reported_as_such_not_as_done(anyio_backend: str) -> None:
     """asyncio's own ``task.cancel()`` gets through the shield into an async cleanup: the
     observers' event carries that cancellation (telemetry marks the span
