@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 from collections.abc import AsyncIterator, Awaitable, Iterator
@@ -40,6 +41,10 @@ def ctx() -> UserExecutionContext:
 class Thing:
     def __init__(self, tag: str = "") -> None:
         self.tag = tag
+
+
+class Pool:
+    """A component made by awaiting a factory's result, then entering it."""
 
 
 async def _log_later() -> Log:
@@ -133,6 +138,22 @@ class TestRegistration:
         async with registry.open_scope(ctx()):
             assert await ambient.resolve("request") == "request of alice"
             assert ambient.resolve_sync("user") == "cache of alice"
+        await registry.aclose()
+
+    @pytest.mark.parametrize("lifetime", list(Lifetime))
+    async def test_a_factory_whose_signature_cannot_be_read_is_called_with_nothing(
+        self, lifetime: Lifetime
+    ) -> None:
+        """A builtin whose signature inspect cannot read (``dict``, ``deque``) is taken
+        for a factory of no argument, whatever its lifetime: called with nothing, never
+        with the context (``dict(context)`` fails) nor refused as an APP factory that
+        needs one."""
+        registry = Registry()
+        registry.register("counts", dict, lifetime=lifetime)
+        registry.register("queue", collections.deque, lifetime=lifetime)
+        async with registry.open_scope(ctx()):
+            assert await ambient.resolve("counts") == {}
+            assert ambient.resolve_sync("queue") == collections.deque()
         await registry.aclose()
 
     def test_app_factory_with_a_required_argument_is_refused(self) -> None:
@@ -262,16 +283,26 @@ class TestRegistration:
         def kept() -> contextlib.AbstractContextManager[UserRef]:
             return contextlib.nullcontext(UserRef("kept"))
 
+        async def open_pool() -> contextlib.AbstractAsyncContextManager[Pool]:
+            return contextlib.nullcontext(Pool())
+
+        # Awaited, then entered: the key is what both give.
+        @registry.provide
+        def pool() -> Awaitable[contextlib.AbstractAsyncContextManager[Pool]]:
+            return open_pool()
+
         assert set(registry.providers) == {
             Thing,
             Log,
             contextlib.AbstractContextManager[UserRef],
+            Pool,
         }
         async with registry.open_scope(ctx()) as scope:
             assert (await scope.resolve(Thing)).tag == "entered"
             assert isinstance(await scope.resolve(Log), Log)
             kept_manager = await scope.resolve(contextlib.AbstractContextManager[UserRef])
             assert isinstance(kept_manager, contextlib.nullcontext)
+            assert type(await scope.resolve(Pool)) is Pool
 
     def test_provide_needs_an_annotation(self) -> None:
         """A factory without a return annotation cannot be keyed."""
