@@ -573,6 +573,29 @@ class TestFactoryShapes:
         expected += ["instance aclose", "instance close"]
         assert log.events == expected * 2
 
+    async def test_what_is_remembered_of_classes_made_on_the_fly_stays_bounded(self) -> None:
+        """How a class's instances are closed is remembered per class, for a bounded
+        number of classes: an application making classes on the fly (a class per request,
+        per tenant schema) would otherwise grow it without end. Each component is still
+        closed as it should be."""
+        from ambient._provider import _MAX_PLAIN, _PLAIN
+
+        closed: list[int] = []
+        registry = Registry()
+        count = _MAX_PLAIN + 100
+        for n in range(count):
+
+            def close(self: object, n: int = n) -> None:
+                closed.append(n)
+
+            made = type(f"Made{n}", (), {"close": close} if n % 2 else {})
+            registry.register(f"made {n}", made)
+        async with registry.open_scope(ctx()) as scope:
+            for n in range(count):
+                scope.resolve_sync(f"made {n}")
+                assert len(_PLAIN) <= _MAX_PLAIN
+        assert sorted(closed) == list(range(1, count, 2))
+
     async def test_async_factory_through_resolve_sync_says_to_await(self) -> None:
         """resolve_sync() of an async factory raises ResolutionError naming `await resolve`."""
         registry = Registry()
