@@ -649,7 +649,10 @@ class TestThreadHops:
             assert await later() == "alice"
 
     async def test_wrap_carries_the_trace_context(self) -> None:
-        """wrap() carries the OpenTelemetry context too."""
+        """wrap() carries the OpenTelemetry context too, into an async function, and into
+        the coroutine a sync function hands back (a lambda's), for the call alone: the
+        caller's context is current again after it. The coroutine's left the request's
+        trace attached in the task that awaited it."""
 
         key = otel_context.create_key("probe")
         token = otel_context.attach(otel_context.set_value(key, "request-trace"))
@@ -660,11 +663,14 @@ class TestThreadHops:
                 return otel_context.get_value(key)
 
             async_fn = ambient.wrap(read)
+            handing_back = ambient.wrap(lambda: read())
         finally:
             otel_context.detach(token)
         with ThreadPoolExecutor(1) as pool:
             assert pool.submit(sync_fn).result(timeout=10) == "request-trace"
         assert await async_fn() == "request-trace"
+        assert otel_context.get_value(key) is None
+        assert await handing_back() == "request-trace"
         assert otel_context.get_value(key) is None
 
 
