@@ -13,6 +13,7 @@ import json
 import logging
 import random
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -3182,11 +3183,21 @@ async def test_a_telemetrys_own_meter_counts_the_guarded_globals_touched_in_its_
 @pytest.mark.parametrize(
     ("server", "options"),
     [
-        ("uvicorn", {"timeout_graceful_shutdown": 1}),
-        ("hypercorn", {"graceful_timeout": 1}),
-        ("hypercorn-trio", {"graceful_timeout": 1}),
+        pytest.param("uvicorn", {"timeout_graceful_shutdown": 1}, id="uvicorn"),
+        pytest.param(
+            "hypercorn",
+            {"graceful_timeout": 1},
+            id="hypercorn",
+            marks=pytest.mark.skipif(
+                sys.version_info >= (3, 12),
+                reason="on Python 3.12+ hypercorn's asyncio server first waits for every "
+                "client to close its connection (asyncio.Server.wait_closed() waits for "
+                "them there), so it never reaches its graceful timeout while a client "
+                "holds a stream open",
+            ),
+        ),
+        pytest.param("hypercorn-trio", {"graceful_timeout": 1}, id="hypercorn-trio"),
     ],
-    ids=["uvicorn", "hypercorn", "hypercorn-trio"],
 )
 def test_a_shutdown_cutting_streams_and_background_work_short_ends_every_span(
     otel: Otel, server: str, options: dict[str, Any]
