@@ -216,6 +216,24 @@ class Handled(RedisBroadcast):
             await self._handled.wait()
 
 
+class Deliveries:
+    """What the backend delivered to this process's sockets, in order."""
+
+    def __init__(self, backend: RedisBroadcast) -> None:
+        self.delivered: list[Envelope] = []
+        self._arrived = anyio.Event()
+        backend.attach(self)
+
+    def __call__(self, envelope: Envelope) -> None:
+        self.delivered.append(envelope)
+        arrived, self._arrived = self._arrived, anyio.Event()
+        arrived.set()
+
+    async def next(self) -> None:
+        """Wait for the next delivery."""
+        await self._arrived.wait()
+
+
 USERS = [UserRef(f"user-{n // 2}", "acme" if n % 2 else None) for n in range(24)]
 
 
@@ -344,14 +362,8 @@ async def test_a_confirmation_for_a_subscription_given_up_does_not_confirm_the_n
     second SUBSCRIBE and answered it does subscribe() return; Redis has dave's channel
     once, and dave's events reach him; carol's, subscribed throughout, reach her only."""
     backend = Handled(proxy.url, channel_prefix=prefix(), timeout=2.0, health_check_interval=60)
-    delivered: list[Envelope] = []
-    arrived = anyio.Event()
-
-    def deliver(envelope: Envelope) -> None:
-        delivered.append(envelope)
-        arrived.set()
-
-    backend.attach(deliver)
+    deliveries = Deliveries(backend)
+    delivered = deliveries.delivered
     dave, carol = UserRef("dave", "acme"), UserRef("carol", "acme")
     channel = backend.channel(dave)
     key = channel + b":revocations"
@@ -422,8 +434,7 @@ async def test_a_confirmation_for_a_subscription_given_up_does_not_confirm_the_n
         for user in (dave, carol):
             await backend.publish(Envelope(user, TO_USER, None, event(user, 1)))
         while len(delivered) < 2:
-            arrived = anyio.Event()
-            await arrived.wait()
+            await deliveries.next()
     assert delivered == [Envelope(u, TO_USER, None, event(u, 1)) for u in (dave, carol)]
     await backend.unsubscribe(dave)
     await backend.unsubscribe(carol)
@@ -447,14 +458,8 @@ async def test_a_late_confirmation_while_the_next_socket_reads_leaves_no_socket_
     subscribe() returned at once, and once the second gave up nothing subscribed dave's
     channel, while his third socket stayed open, receiving nothing."""
     backend = Handled(proxy.url, channel_prefix=prefix(), timeout=2.0, health_check_interval=60)
-    delivered: list[Envelope] = []
-    arrived = anyio.Event()
-
-    def deliver(envelope: Envelope) -> None:
-        delivered.append(envelope)
-        arrived.set()
-
-    backend.attach(deliver)
+    deliveries = Deliveries(backend)
+    delivered = deliveries.delivered
     dave, carol = UserRef("dave", "acme"), UserRef("carol", "acme")
     channel = backend.channel(dave)
     key = channel + b":revocations"
@@ -516,8 +521,7 @@ async def test_a_late_confirmation_while_the_next_socket_reads_leaves_no_socket_
         for user in (dave, carol):
             await backend.publish(Envelope(user, TO_USER, None, event(user, 1)))
         while Envelope(carol, TO_USER, None, event(carol, 1)) not in delivered:
-            arrived = anyio.Event()
-            await arrived.wait()
+            await deliveries.next()
     assert delivered == [Envelope(u, TO_USER, None, event(u, 1)) for u in (dave, carol)]
     await backend.unsubscribe(dave)
     await backend.unsubscribe(carol)
@@ -551,16 +555,8 @@ async def test_a_first_subscription_reading_its_count_across_a_reconnect_ends_co
     unreachable and unsubscribes: Redis has no subscription of dave once the connection
     is back. Either way the ten users' events reach exactly them."""
     backend = Handled(proxy.url, channel_prefix=prefix(), timeout=2.0, health_check_interval=60)
-    delivered: list[Envelope] = []
-    changed = anyio.Event()
-
-    def deliver(envelope: Envelope) -> None:
-        nonlocal changed
-        delivered.append(envelope)
-        changed.set()
-        changed = anyio.Event()
-
-    backend.attach(deliver)
+    deliveries = Deliveries(backend)
+    delivered = deliveries.delivered
     held, dave = USERS[:10], UserRef("dave", "acme")
     key = backend.channel(dave) + b":revocations"
     read_held = anyio.Event()
@@ -640,7 +636,7 @@ async def test_a_first_subscription_reading_its_count_across_a_reconnect_ends_co
             await backend.publish(Envelope(user, TO_USER, None, event(user, 1)))
         await backend.publish(Envelope(UserRef("sign"), TO_USER, None, event(UserRef("sign"), 1)))
         while len(delivered) < len(held) + subscribed + 1:
-            await changed.wait()
+            await deliveries.next()
     receivers = [*held, dave] if subscribed else held
     assert delivered == [
         Envelope(user, TO_USER, None, event(user, 1)) for user in [*receivers, UserRef("sign")]
@@ -658,14 +654,8 @@ async def test_sockets_joining_while_the_first_subscription_connects_get_their_e
     subscribe() returns, Redis has each channel once, and each user's events reach that
     user only."""
     backend = Handled(proxy.url, channel_prefix=prefix(), timeout=2.0, health_check_interval=60)
-    delivered: list[Envelope] = []
-    arrived = anyio.Event()
-
-    def deliver(envelope: Envelope) -> None:
-        delivered.append(envelope)
-        arrived.set()
-
-    backend.attach(deliver)
+    deliveries = Deliveries(backend)
+    delivered = deliveries.delivered
     users = USERS[:12]
 
     def hold_the_handshake(link: Link) -> None:
@@ -688,10 +678,9 @@ async def test_sockets_joining_while_the_first_subscription_connects_get_their_e
         for user in users:
             await backend.publish(Envelope(user, TO_USER, None, event(user, 1)))
         while len(delivered) < len(users):
-            arrived = anyio.Event()
-            with anyio.move_on_after(2):  # published once subscribed: due at once
-                await arrived.wait()
-            if not arrived.is_set():
+            with anyio.move_on_after(2) as waited:  # published once subscribed: due at once
+                await deliveries.next()
+            if waited.cancelled_caught:
                 break
     assert delivered == [Envelope(user, TO_USER, None, event(user, 1)) for user in users]
     for user in users:
@@ -709,14 +698,8 @@ async def test_a_subscribe_whose_answer_is_lost_with_the_connection_leaves_nothi
     waiting for that answer, which will never come: Redis has the ten users' channels and
     not dave's, their events reach exactly them, and dave subscribes again."""
     backend = Handled(proxy.url, channel_prefix=prefix(), timeout=2.0, health_check_interval=60)
-    delivered: list[Envelope] = []
-    arrived = anyio.Event()
-
-    def deliver(envelope: Envelope) -> None:
-        delivered.append(envelope)
-        arrived.set()
-
-    backend.attach(deliver)
+    deliveries = Deliveries(backend)
+    delivered = deliveries.delivered
     held, dave = USERS[:10], UserRef("dave", "acme")
     channel = backend.channel(dave)
     outcome: list[str] = []
@@ -755,8 +738,7 @@ async def test_a_subscribe_whose_answer_is_lost_with_the_connection_leaves_nothi
         for user in held:
             await backend.publish(Envelope(user, TO_USER, None, event(user, 1)))
         while len(delivered) < len(held):
-            arrived = anyio.Event()
-            await arrived.wait()
+            await deliveries.next()
         await backend.subscribe(dave)
         assert await numsub(admin, backend, [dave]) == [1]
     assert delivered == [Envelope(user, TO_USER, None, event(user, 1)) for user in held]
@@ -782,14 +764,8 @@ async def test_a_subscription_connection_that_answers_no_command_is_replaced_des
     backend = RedisBroadcast(
         proxy.url, channel_prefix=prefix(), timeout=0.5, health_check_interval=0.3
     )
-    delivered: list[Envelope] = []
-    arrived = anyio.Event()
-
-    def deliver(envelope: Envelope) -> None:
-        delivered.append(envelope)
-        arrived.set()
-
-    backend.attach(deliver)
+    deliveries = Deliveries(backend)
+    delivered = deliveries.delivered
     carol, dave = UserRef("carol", "acme"), UserRef("dave", "acme")
 
     async def traffic() -> None:
@@ -806,7 +782,8 @@ async def test_a_subscription_connection_that_answers_no_command_is_replaced_des
         link = await proxy.link(Link.subscribed)
         async with anyio.create_task_group() as group:
             group.start_soon(traffic)
-            await arrived.wait()
+            while not delivered:
+                await deliveries.next()
             link.up.hold()
             with pytest.raises(BroadcastError):  # unconfirmed, or the connection replaced
                 await backend.subscribe(dave)
@@ -828,8 +805,7 @@ async def test_a_subscription_connection_that_answers_no_command_is_replaced_des
             await backend.publish(Envelope(user, TO_USER, None, event(user, 0)))
         final = Envelope(carol, TO_USER, None, event(carol, 0))
         while final not in delivered:
-            arrived = anyio.Event()
-            await arrived.wait()
+            await deliveries.next()
     # The end of carol's traffic may come along: hers only.
     latest = [Envelope(u, TO_USER, None, event(u, 0)) for u in (dave, carol)]
     assert [e for e in delivered if e in latest] == latest
