@@ -219,6 +219,46 @@ class TestTheDemo:
         assert unknown.status_code == 404
         assert unknown.json()["detail"] == "unknown agent 'nobody'; try one of triage, research"
 
+    async def test_a_body_nested_too_deeply_is_a_400_problem_not_a_500(self) -> None:
+        """A JSON body of arrays or objects nested 100,000 deep made the JSON parser raise
+        RecursionError, which the run route did not take for a bad body: a 500. It is the
+        400 problem of a body that is not JSON now, and each problem's title is its
+        status's (an unknown agent's 404 was titled "Bad request")."""
+        import httpx
+
+        app = create_app(database_url="")
+        transport = httpx.ASGITransport(
+            app=app, client=("127.0.0.1", 1), raise_app_exceptions=False
+        )
+        headers = {"x-user-id": "bob", "content-type": "application/json"}
+        async with (
+            contextlib.AsyncExitStack() as stack,
+            httpx.AsyncClient(transport=transport, base_url="http://demo") as http,
+        ):
+            stack.push_async_callback(app.registry.aclose)
+            nested = [
+                await http.post("/agents/triage/runs", content=body, headers=headers)
+                for body in ("[" * 100_000, '{"prompt": ' * 100_000, "[" * 100_000 + "]" * 100_000)
+            ]
+            unknown = await http.post(
+                "/agents/nobody/runs", json={"prompt": "hi"}, headers={"x-user-id": "bob"}
+            )
+            after = await http.post(
+                "/agents/research/runs", json={"prompt": "calc 6 * 7"}, headers=headers
+            )
+        for response in nested:
+            assert response.status_code == 400, response.text
+            assert response.headers["content-type"] == "application/problem+json"
+            assert response.json() == {
+                "type": "about:blank",
+                "title": "Bad Request",
+                "status": 400,
+                "detail": 'the body must be JSON like {"prompt": "calc 1 + 2"}',
+            }
+        assert unknown.status_code == 404
+        assert unknown.json()["title"] == "Not Found"
+        assert after.json()["answer"] == "42"
+
     def test_a_prompt_it_cannot_calculate_is_answered_and_the_socket_lives_on(self) -> None:
         """A 400-digit number (float overflow) and a 1500-term sum or 1500 minus signs
         (recursion) used to end the request with 500, and the user's /events socket with
@@ -228,7 +268,9 @@ class TestTheDemo:
     def test_the_demo_on_postgresql_refuses_a_prompt_it_cannot_store(self) -> None:
         """A NUL character ("\\u0000" in JSON), which PostgreSQL text refuses, used to end
         the request with 500 and the /events socket with it; now it is a 400 problem, or a
-        run.refused event on the socket, and nothing is stored."""
+        run.refused event on the socket, and nothing is stored. A binary frame on the
+        socket ended it with an error (the route read only text frames); now it is
+        refused with a run.refused event, and the socket lives on."""
         import psycopg
 
         from tests.conftest import DATABASE_URL, service_unavailable
@@ -276,7 +318,7 @@ def _prompts_the_demo_cannot_answer(app: AmbientMiddleware) -> None:
             base.replace("http://", "ws://") + "/events", additional_headers=headers
         ) as sock:
             assert json.loads(sock.recv(timeout=20))["type"] == "ready"
-            for prompt in [*uncomputable, "remember a\x00b", "calc 20 + 22"]:
+            for prompt in [*uncomputable, "remember a\x00b", b"calc 1", "calc 20 + 22"]:
                 sock.send(prompt)
             frames = [json.loads(sock.recv(timeout=20))]
             while frames[-1].get("answer") != "42":
@@ -284,7 +326,11 @@ def _prompts_the_demo_cannot_answer(app: AmbientMiddleware) -> None:
         answers = [f["answer"] for f in frames if f["type"] == "run.done"]
         assert len(answers) == 4
         assert all(answer.startswith("cannot calculate") for answer in answers[:3])
-        assert [f["type"] for f in frames].count("run.refused") == 1
+        refused = [f["detail"] for f in frames if f["type"] == "run.refused"]
+        assert refused == [
+            "'prompt' must not contain NUL characters",
+            "a prompt must be sent as a text frame, not a binary one",
+        ]
         texts = [m["text"] for m in http.get("/history").json()["messages"]]
     assert "calc 20 + 22" in texts
     assert not any("\x00" in text or "\ud800" in text for text in texts)

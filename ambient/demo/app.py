@@ -18,13 +18,14 @@ import operator
 import os
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from http import HTTPStatus
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket
 
 import ambient
 from ambient import Lifetime, Registry, UserExecutionContext, UserRef
@@ -348,7 +349,7 @@ async def whoami(request: Request) -> Response:
 async def run_agent(request: Request) -> Response:
     try:
         payload = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays or objects nested deeply
         return _problem(400, 'the body must be JSON like {"prompt": "calc 1 + 2"}')
     prompt = payload.get("prompt") if isinstance(payload, dict) else None
     if not isinstance(prompt, str) or not prompt.strip() or len(prompt) > 4000:
@@ -380,10 +381,15 @@ async def events(websocket: WebSocket) -> None:
         ctx = ambient.get_current_context()
         await connection.send({"type": "ready", "user": ctx.user_id, "thread_id": ctx.thread_id})
         while True:
-            try:
-                prompt = await websocket.receive_text()
-            except WebSocketDisconnect:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
                 return
+            prompt = message.get("text")
+            if prompt is None:
+                # receive_text() fails on a binary frame, ending the socket with an error.
+                detail = "a prompt must be sent as a text frame, not a binary one"
+                await connection.send({"type": "run.refused", "detail": detail})
+                continue
             prompt = prompt[:4000] or "hello"
             problem = _unstorable(prompt)
             if problem:
@@ -423,7 +429,12 @@ def _unstorable(prompt: str) -> str | None:
 
 def _problem(status: int, detail: str) -> Response:
     return JSONResponse(
-        {"type": "about:blank", "title": "Bad request", "status": status, "detail": detail},
+        {
+            "type": "about:blank",
+            "title": HTTPStatus(status).phrase,
+            "status": status,
+            "detail": detail,
+        },
         status_code=status,
         media_type="application/problem+json",
     )
