@@ -125,7 +125,17 @@ def _immutable(instance: object) -> bool:
 class _Record:
     """What the probe knows about one component instance."""
 
-    __slots__ = ("cleaned", "handouts", "lifetime", "name", "ref", "scope", "strong", "users")
+    __slots__ = (
+        "cleaned",
+        "handouts",
+        "lifetime",
+        "name",
+        "ran",
+        "ref",
+        "scope",
+        "strong",
+        "users",
+    )
 
     users: set[UserRef | None]
 
@@ -135,7 +145,10 @@ class _Record:
         self.scope = id(event.scope) if event.scope is not None else None
         self.lifetime = event.lifetime if lifetime is None else lifetime
         self.users = {_owner(event, self.lifetime)}
+        # Its ends taken for its cleanup, and those of them that ran one (an end with
+        # nothing to clean, as that of an alias made before the probe, cleans it no more).
         self.cleaned = 0
+        self.ran = 0
         # The times it was handed out again, alive, each as (alias, key, scope, counted): by
         # an alias (``alias``: a factory returning a component its scope holds, which its
         # own registration cleans) or by a factory returning an existing object, under
@@ -336,7 +349,10 @@ class IsolationProbe(Observer):
             if not cleans:
                 return
             record.cleaned += 1
-            if record.cleaned == 2:
+            if not event.cleanup_ran:
+                return
+            record.ran += 1
+            if record.ran == 2:
                 self._extra_cleanups.append(f"{record.name}: cleaned more than once")
 
     # -- results -------------------------------------------------------------------------

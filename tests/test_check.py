@@ -1878,6 +1878,52 @@ async def test_hand_outs_of_a_kept_object_while_memory_is_measured_are_no_ends()
     ]
 
 
+async def test_an_alias_made_before_the_probe_is_no_cleanup_when_it_ends() -> None:
+    """A user's memory and the user's alias of it (``lambda: ambient.resolve_sync(Memory)``
+    with USER lifetime) made before the probe (an app fixture wider than the test), then
+    handed out under the probe by a request's alias: at shutdown the user's alias ends,
+    with nothing to clean, before the memory's own cleanup. The probe had not seen that
+    alias made, took its end for a cleanup of the memory, and reported a correct app's
+    memory "cleaned more than once". A component really cleaned twice still is."""
+
+    class Memory:
+        def __init__(self) -> None:
+            self.closes = 0
+
+        def close(self) -> None:
+            self.closes += 1
+
+    registry = Registry()
+    registry.register(Memory, Memory, lifetime=Lifetime.USER)
+    registry.register("user memory", lambda: ambient.resolve_sync(Memory), lifetime=Lifetime.USER)
+    registry.register("memory", lambda: ambient.resolve_sync(Memory))
+    async with registry.open_scope(UserExecutionContext.create("alice")) as scope:
+        memory = await scope.resolve("user memory")
+        assert memory is await scope.resolve(Memory)
+    with IsolationProbe(expect_closed=True) as probe:
+        async with registry.open_scope(UserExecutionContext.create("alice")) as scope:
+            assert await scope.resolve("memory") is memory
+        del scope  # the probe looks for closed scopes kept alive
+        await registry.aclose()
+    assert memory.closes == 1
+    del memory
+    report = probe.report()
+    assert report.ok, report.violations
+    shared = Memory()
+    registry = Registry()
+    registry.register("kept", lambda: shared, lifetime=Lifetime.USER)
+    registry.register("kept again", lambda: shared, lifetime=Lifetime.USER)
+    async with registry.open_scope(UserExecutionContext.create("alice")) as scope:
+        assert await scope.resolve("kept") is shared
+    with IsolationProbe() as probe:
+        async with registry.open_scope(UserExecutionContext.create("bob")) as scope:
+            assert await scope.resolve("kept again") is shared
+        del scope
+        await registry.aclose()
+    assert shared.closes == 2
+    assert probe.report().cleanup == ["'kept again': cleaned more than once"]
+
+
 class Plan(enum.Enum):
     FREE = "free"
     PRO = "pro"
