@@ -259,10 +259,61 @@ class TestTheDemo:
         assert unknown.json()["title"] == "Not Found"
         assert after.json()["answer"] == "42"
 
+    async def test_a_run_refuses_each_prompt_that_is_no_text_and_calculates_only_arithmetic(
+        self,
+    ) -> None:
+        """The run route answers 400 to a body that is no object, a prompt that is no
+        string, only blanks or over 4,000 characters (one of 4,000 is run), and its
+        calculator answers arithmetic only: a power, a bitwise sign, a quoted number, a
+        division by zero, a half expression and signs nested past what the parser takes
+        are each said to be beyond it, not evaluated and not a 500."""
+        import httpx
+
+        app = create_app(database_url="")
+        transport = httpx.ASGITransport(
+            app=app, client=("127.0.0.1", 1), raise_app_exceptions=False
+        )
+        headers = {"x-user-id": "bob"}
+        async with (
+            contextlib.AsyncExitStack() as stack,
+            httpx.AsyncClient(transport=transport, base_url="http://demo") as http,
+        ):
+            stack.push_async_callback(app.registry.aclose)
+
+            async def run(body: object) -> httpx.Response:
+                return await http.post("/agents/research/runs", json=body, headers=headers)
+
+            refused = [
+                await run(body)
+                for body in (
+                    ["calc 1 + 2"],
+                    "calc 1 + 2",
+                    {"prompt": 3},
+                    {"prompt": ["calc 1 + 2"]},
+                    {"prompt": " \t\n "},
+                    {"prompt": "x" * 4001},
+                )
+            ]
+            longest = await run({"prompt": "x" * 4000})
+            answers = [
+                (await run({"prompt": f"calc {expression}"})).json()["answer"]
+                for expression in ("2 ** 3", "~1", "'12'", "1 / 0", "1 +", "-" * 3990 + "1")
+            ]
+        for response in refused:
+            assert response.status_code == 400, response.text
+            assert response.headers["content-type"] == "application/problem+json"
+            assert response.json()["detail"] == (
+                "'prompt' must be a non-empty string of at most 4000 characters"
+            )
+        assert longest.status_code == 200
+        assert longest.json()["answer"] == "you said: " + "x" * 4000
+        assert [answer.startswith("cannot calculate") for answer in answers] == [True] * 6, answers
+
     def test_a_prompt_it_cannot_calculate_is_answered_and_the_socket_lives_on(self) -> None:
         """A 400-digit number (float overflow) and a 1500-term sum or 1500 minus signs
         (recursion) used to end the request with 500, and the user's /events socket with
-        it; now the answer says it cannot calculate them."""
+        it; now the answer says it cannot calculate them. On the socket, an empty frame is
+        run as a greeting and a long one cut to a prompt's 4,000 characters."""
         _prompts_the_demo_cannot_answer(create_app(database_url=""))
 
     def test_the_demo_on_postgresql_refuses_a_prompt_it_cannot_store(self) -> None:
@@ -318,14 +369,17 @@ def _prompts_the_demo_cannot_answer(app: AmbientMiddleware) -> None:
             base.replace("http://", "ws://") + "/events", additional_headers=headers
         ) as sock:
             assert json.loads(sock.recv(timeout=20))["type"] == "ready"
-            for prompt in [*uncomputable, "remember a\x00b", b"calc 1", "calc 20 + 22"]:
+            sent = [*uncomputable, "remember a\x00b", b"calc 1", "", "y" * 5000, "calc 20 + 22"]
+            for prompt in sent:
                 sock.send(prompt)
             frames = [json.loads(sock.recv(timeout=20))]
             while frames[-1].get("answer") != "42":
                 frames.append(json.loads(sock.recv(timeout=20)))
         answers = [f["answer"] for f in frames if f["type"] == "run.done"]
-        assert len(answers) == 4
+        assert len(answers) == 6
         assert all(answer.startswith("cannot calculate") for answer in answers[:3])
+        # An empty frame is a greeting, a long one cut to the 4,000 characters of a prompt.
+        assert answers[3:5] == ["you said: hello", "you said: " + "y" * 4000]
         refused = [f["detail"] for f in frames if f["type"] == "run.refused"]
         assert refused == [
             "'prompt' must not contain NUL characters",
