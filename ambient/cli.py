@@ -475,9 +475,11 @@ def _listen(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
-    except OSError as error:
+    except (OSError, TypeError) as error:  # TypeError: a host name it cannot encode
         sock.close()
-        if error.errno == errno.EADDRINUSE:
+        if isinstance(error, TypeError):
+            said = f"not a host name: {error}"
+        elif error.errno == errno.EADDRINUSE:
             said = "the address is in use (another server? choose another --port)"
         else:
             said = error.strerror or str(error)

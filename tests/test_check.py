@@ -3478,6 +3478,25 @@ def test_ambient_demo_on_a_port_in_use_says_so_in_one_line_without_the_banner() 
     )
 
 
+@pytest.mark.parametrize(
+    "host",
+    ["\u00e9" * 70, "\u00e9..example", "local\x00host"],
+    ids=["label-too-long", "empty-label", "nul"],
+)
+def test_ambient_demo_on_a_host_name_it_cannot_encode_says_so_in_one_line(
+    host: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A --host the socket cannot encode (a label over 63 characters once made ASCII, an
+    empty label, a NUL) ended the demo with a TypeError's traceback; it is said in one
+    line now, before the banner, as a host that does not resolve is."""
+    with pytest.raises(SystemExit) as exited:
+        main(["demo", "--host", host, "--port", "8000"])
+    said = str(exited.value)
+    assert said.startswith(f"ambient demo: cannot listen on {host}:8000: not a host name: ")
+    assert "\n" not in said
+    assert capsys.readouterr().out == ""
+
+
 def test_an_interrupt_while_the_demo_builds_its_app_exits_with_a_line(tmp_path: Any) -> None:
     """Ctrl-C before the demo serves (its imports, its app being built): one line and exit
     status 130, not a traceback. The app's build is made to wait on its input here."""
