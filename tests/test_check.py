@@ -220,7 +220,7 @@ class TestTheDemo:
         assert unknown.json()["detail"] == "unknown agent 'nobody'; try one of triage, research"
 
     async def test_a_body_nested_too_deeply_is_a_400_problem_not_a_500(self) -> None:
-        """A JSON body of arrays or objects nested 100,000 deep made the JSON parser raise
+        """A JSON body of arrays or objects nested 5,000 deep made the JSON parser raise
         RecursionError, which the run route did not take for a bad body: a 500. It is the
         400 problem of a body that is not JSON now, and each problem's title is its
         status's (an unknown agent's 404 was titled "Bad request")."""
@@ -238,7 +238,7 @@ class TestTheDemo:
             stack.push_async_callback(app.registry.aclose)
             nested = [
                 await http.post("/agents/triage/runs", content=body, headers=headers)
-                for body in ("[" * 100_000, '{"prompt": ' * 100_000, "[" * 100_000 + "]" * 100_000)
+                for body in ("[" * 20_000, '{"prompt": ' * 5_000, "[" * 20_000 + "]" * 20_000)
             ]
             unknown = await http.post(
                 "/agents/nobody/runs", json={"prompt": "hi"}, headers={"x-user-id": "bob"}
@@ -308,6 +308,31 @@ class TestTheDemo:
         assert longest.status_code == 200
         assert longest.json()["answer"] == "you said: " + "x" * 4000
         assert [answer.startswith("cannot calculate") for answer in answers] == [True] * 6, answers
+
+    def test_a_body_longer_than_a_run_needs_is_refused_unread(self) -> None:
+        """A run's body of any length was read whole into memory and run when its prompt
+        was short (a megabyte of padding beside it): one over 64 KiB is a 413 problem now,
+        read no further, and the longest prompt, every character escaped as a surrogate
+        pair, still fits."""
+        import httpx
+
+        from tests.servers import serve
+
+        headers = {"x-user-id": "bob", "content-type": "application/json"}
+        padded = json.dumps({"prompt": "hi", "pad": "y" * 1_000_000})
+        longest = json.dumps({"prompt": "\U0001f600" * 4000})
+        assert len(longest) > 48_000
+        with (
+            serve("uvicorn", create_app(database_url="")) as base,
+            httpx.Client(base_url=base, headers=headers) as http,
+        ):
+            padding = http.post("/agents/triage/runs", content=padded)
+            fits = http.post("/agents/triage/runs", content=longest)
+        assert padding.status_code == 413, padding.text
+        assert padding.headers["content-type"] == "application/problem+json"
+        assert padding.json()["detail"] == "the body must be at most 65536 bytes"
+        assert fits.status_code == 200, fits.text
+        assert fits.json()["answer"] == "you said: " + "\U0001f600" * 4000
 
     def test_a_prompt_it_cannot_calculate_is_answered_and_the_socket_lives_on(self) -> None:
         """A 400-digit number (float overflow) and a 1500-term sum or 1500 minus signs

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import json
 import logging
 import operator
 import os
@@ -49,6 +50,9 @@ __all__ = [
 logger = logging.getLogger("ambient.demo")
 
 HISTORY_LIMIT = 50
+# A run's body: room for a 4,000-character prompt whose every character is escaped (12
+# bytes for one outside the BMP, a surrogate pair of \uXXXX).
+MAX_BODY = 64 * 1024
 
 # What `ambient check` sends as each simulated user when it checks the demo.
 CHECK_PLAN = (
@@ -347,8 +351,11 @@ async def whoami(request: Request) -> Response:
 
 
 async def run_agent(request: Request) -> Response:
+    body = await _body(request)
+    if body is None:
+        return _problem(413, f"the body must be at most {MAX_BODY} bytes")
     try:
-        payload = await request.json()
+        payload = json.loads(body)
     except (ValueError, RecursionError):  # RecursionError: arrays or objects nested deeply
         return _problem(400, 'the body must be JSON like {"prompt": "calc 1 + 2"}')
     prompt = payload.get("prompt") if isinstance(payload, dict) else None
@@ -412,6 +419,20 @@ async def index(request: Request) -> Response:
             ],
         }
     )
+
+
+async def _body(request: Request) -> bytes | None:
+    """The request's body, or ``None`` once it is longer than ``MAX_BODY`` (read no further:
+    a body of any length was read whole into memory before its prompt was refused)."""
+    chunks: list[bytes] = []
+    size = 0
+    async with contextlib.aclosing(request.stream()) as stream:
+        async for chunk in stream:
+            size += len(chunk)
+            if size > MAX_BODY:
+                return None
+            chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _unstorable(prompt: str) -> str | None:
