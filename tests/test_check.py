@@ -2003,6 +2003,48 @@ async def test_an_alias_made_before_the_probe_is_no_cleanup_when_it_ends() -> No
     assert probe.report().cleanup == ["'kept again': cleaned more than once"]
 
 
+async def test_an_uncleaned_hand_out_in_an_inner_request_is_not_taken_for_an_alias() -> None:
+    """A kept connection entered by one key (its exit is its cleanup) and viewed through a
+    generator alias in one request, and handed out as is (not entered, nothing to clean)
+    by another key in a request inside it: the inner hand-out's end is its own, so the
+    alias's end, a cleanup of its own, is still the alias's. Taken for the alias's, the
+    inner end left the alias's end to count as a cleanup of the connection, reported
+    "cleaned more than once" though only its exit ran."""
+
+    class Connection:
+        def __init__(self) -> None:
+            self.exits = 0
+
+        def __enter__(self) -> Connection:
+            return self
+
+        def __exit__(self, *exc_info: object) -> None:
+            self.exits += 1
+
+    def view() -> Iterator[Connection]:
+        yield ambient.resolve_sync("entered")
+
+    kept = Connection()
+    registry = Registry()
+    registry.register("entered", lambda: kept)
+    registry.register("view", view)
+    registry.register("raw", lambda: kept, enter=False)
+    with IsolationProbe() as probe:
+        async with registry.open_scope(UserExecutionContext.create("alice")) as outer:
+            assert await outer.resolve("entered") is kept
+            assert await outer.resolve("view") is kept
+            async with registry.open_scope(UserExecutionContext.create("alice")) as inner:
+                assert await inner.resolve("raw") is kept
+        del outer, inner  # the probe looks for closed scopes kept alive
+    assert kept.exits == 1
+    report = probe.report()
+    assert report.cleanup == []
+    assert [line.split(" (")[0] for line in report.violations] == [
+        "'entered': 1 instance(s) still alive after their scope closed"
+    ]
+    await registry.aclose()
+
+
 class Plan(enum.Enum):
     FREE = "free"
     PRO = "pro"
