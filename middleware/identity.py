@@ -601,9 +601,8 @@ def trusted_header(
     """
     networks = _networks(trusted)
     wanted = _header_name(name)
-    if tenant_header is not None:
-        # Else an empty name read no tenant at all, and a non-ASCII one failed every request.
-        _header_name(tenant_header, "tenant_header")
+    # Else an empty name read no tenant at all, and a non-ASCII one failed every request.
+    tenant = None if tenant_header is None else _header_name(tenant_header, "tenant_header")
 
     peer_trusted = _peer_check(networks)
     # Identities are immutable and a server sees the same users again and again: decoding
@@ -640,39 +639,32 @@ def trusted_header(
             if identity is not None:
                 return identity
         user_id = _header_id(raw, name)
-        if tenant_header:  # a name _scanned_name() leaves to be read on its own
+        if tenant_header:  # a name the user header's pass leaves to be read on its own
             tenant_id = _single_header(scope, tenant_header)
             if tenant_id is not None and "," in tenant_id:
                 _joined(tenant_header)
             return _identity(user_id, tenant_id)
         return _remembered(known, raw, _identity(user_id, None))
 
-    if tenant_header:
-        tenant = _scanned_name(tenant_header, wanted)
-        if tenant is not None:
-            return _with_tenant(name, tenant_header, tenant, peer_trusted, hints)
+    # A tenant name the user header's pass gives another meaning (the user header's, a
+    # forwarding header's) is read on its own, as header_values() reads it.
+    if tenant is not None and tenant not in (wanted, _XFF, _FORWARDED):
+        return _with_tenant(name, wanted, tenant_header, tenant, peer_trusted, hints)
     return resolve
-
-
-def _scanned_name(tenant_header: str, wanted: bytes) -> bytes | None:
-    """The lowered name the tenant header is looked for by in the user header's pass, or
-    ``None`` when it is read on its own (as :func:`header_values` reads it): a name that
-    pass gives another meaning (the user header's, a forwarding header's)."""
-    tenant = tenant_header.lower().encode("ascii")
-    return None if tenant in (wanted, _XFF, _FORWARDED) else tenant
 
 
 def _with_tenant(
     name: str,
+    wanted: bytes,
     tenant_header: str,
     tenant: bytes,
     peer_trusted: Callable[[Mapping[str, Any]], bool],
     hints: _PeerHints,
 ) -> IdentityResolver:
-    """:func:`trusted_header`'s resolver for a tenant header named ``tenant`` (lowered):
-    both headers and the forwarding headers read in one pass, answered as reading each on
-    its own would (the user header's errors first, then the tenant's)."""
-    wanted = name.lower().encode("latin-1")
+    """:func:`trusted_header`'s resolver for a user header named ``wanted`` and a tenant
+    header named ``tenant`` (both lowered): both headers and the forwarding headers read
+    in one pass, answered as reading each on its own would (the user header's errors
+    first, then the tenant's)."""
     # As trusted_header()'s own memo, by both headers' values (the tenant's None when not
     # sent): only what was decoded and checked is kept, never what a repeat refuses.
     known: dict[tuple[bytes, bytes | None], Identity] = {}
