@@ -648,7 +648,7 @@ def trusted_header(
 
     # A tenant name the user header's pass gives another meaning (the user header's, a
     # forwarding header's) is read on its own, as header_values() reads it.
-    if tenant is not None and tenant not in (wanted, _XFF, _FORWARDED):
+    if tenant_header and tenant is not None and tenant not in (wanted, _XFF, _FORWARDED):
         return _with_tenant(name, wanted, tenant_header, tenant, peer_trusted, hints)
     return resolve
 
