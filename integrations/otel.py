@@ -103,6 +103,9 @@ class TracingHandle:
         return f"<TracingHandle {state}>"
 
 
+_SIGNALS = ("traces", "metrics", "logs")
+
+
 def _signal_url(endpoint: str, path: str) -> str:
     return f"{endpoint.rstrip('/')}/{path}"
 
@@ -115,6 +118,18 @@ def _check_endpoint(endpoint: object) -> None:
         msg = (
             "endpoint must be the collector's http:// or https:// base URL, such as "
             f"'http://localhost:4318', not {endpoint!r}"
+        )
+        raise ValueError(msg)
+    path = parts.path.rstrip("/")
+    head, _, signal = path.rpartition("/")
+    if signal in _SIGNALS and head.endswith("/v1"):
+        # A signal's own URL, as OTEL_EXPORTER_OTLP_TRACES_ENDPOINT takes it: the signal's
+        # path would be appended again and every batch answered 404.
+        base = urllib.parse.urlunsplit(parts._replace(path=head.removesuffix("/v1")))
+        msg = (
+            "endpoint must be the collector's base URL, without a signal's path: "
+            f"{base!r}, not {endpoint!r} (traces go to <endpoint>/v1/traces, metrics "
+            "to <endpoint>/v1/metrics)"
         )
         raise ValueError(msg)
 
@@ -150,7 +165,7 @@ def configure_tracing(
 
     Raises:
         ValueError: ``service_name`` is empty, or ``endpoint`` is not an ``http://`` or
-            ``https://`` URL naming a host.
+            ``https://`` URL naming a host, or ends in a signal's path (``/v1/traces``).
     """
     if not isinstance(service_name, str) or not service_name.strip():
         msg = "service_name must be a non-empty str (it becomes the resource's service.name)"

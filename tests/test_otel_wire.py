@@ -632,6 +632,25 @@ def test_an_endpoint_that_is_no_http_url_is_refused_at_configuration(endpoint: s
         configure_tracing("misconfigured", endpoint, set_global=False)
 
 
+@pytest.mark.parametrize(
+    ("endpoint", "base"),
+    [
+        ("http://collector:4318/v1/traces", "http://collector:4318"),
+        ("http://collector:4318/v1/metrics/", "http://collector:4318"),
+        ("https://gateway.example/otlp/v1/traces", "https://gateway.example/otlp"),
+    ],
+)
+def test_an_endpoint_naming_a_signals_path_is_refused_with_its_base(
+    endpoint: str, base: str
+) -> None:
+    """A signal's own URL (what ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` takes) is refused,
+    naming the base URL to give instead. It was accepted and the signal's path appended
+    again (``/v1/traces/v1/traces``): every batch was answered 404 and lost."""
+    with pytest.raises(ValueError, match="without a signal's path") as refused:
+        configure_tracing("misconfigured", endpoint, set_global=False)
+    assert f"{base!r}, not {endpoint!r}" in str(refused.value)
+
+
 @pytest.mark.parametrize("scheme", ["http", "https", "HTTP"])
 def test_an_http_or_https_endpoint_is_accepted(receiver: Receiver, scheme: str) -> None:
     """Either scheme, in any case, is a collector's URL (spans go over plain HTTP here)."""
