@@ -1658,6 +1658,16 @@ async def test_an_alias_with_a_cleanup_of_its_own_is_no_second_cleanup() -> None
     assert probe.report().ok, probe.report().violations
 
 
+class CountsCloses:
+    """A component that counts its cleanups."""
+
+    def __init__(self) -> None:
+        self.closes = 0
+
+    def close(self) -> None:
+        self.closes += 1
+
+
 async def test_an_alias_in_one_request_hides_no_cleanup_in_another() -> None:
     """Two requests of one user hand out one existing object (a global a REQUEST factory
     returns) under two keys, in opposite orders: in each, the key resolved second is an
@@ -1665,14 +1675,7 @@ async def test_an_alias_in_one_request_hides_no_cleanup_in_another() -> None:
     it in one request was taken for the end of the same key's alias in the other request,
     and the second cleanup went unreported."""
 
-    class Connection:
-        def __init__(self) -> None:
-            self.closes = 0
-
-        def close(self) -> None:
-            self.closes += 1
-
-    shared = Connection()
+    shared = CountsCloses()
     registry = Registry()
     registry.register("primary", lambda: shared)
     registry.register("replica", lambda: shared)
@@ -1825,14 +1828,7 @@ async def test_an_alias_that_ended_hides_no_later_cleanup_under_its_key() -> Non
     cleaned twice. The alias's record outlived its end and that later cleanup was taken
     for it, so the second cleanup went unreported."""
 
-    class Connection:
-        def __init__(self) -> None:
-            self.closes = 0
-
-        def close(self) -> None:
-            self.closes += 1
-
-    shared = Connection()
+    shared = CountsCloses()
     registry = Registry()
     registry.register("primary", lambda: shared, lifetime=Lifetime.USER)
     registry.register("replica", lambda: shared, lifetime=Lifetime.USER)
@@ -1965,12 +1961,8 @@ async def test_an_alias_made_before_the_probe_is_no_cleanup_when_it_ends() -> No
     alias made, took its end for a cleanup of the memory, and reported a correct app's
     memory "cleaned more than once". A component really cleaned twice still is."""
 
-    class Memory:
-        def __init__(self) -> None:
-            self.closes = 0
-
-        def close(self) -> None:
-            self.closes += 1
+    class Memory(CountsCloses):
+        pass
 
     registry = Registry()
     registry.register(Memory, Memory, lifetime=Lifetime.USER)

@@ -233,6 +233,22 @@ class Deliveries:
         """Wait for the next delivery."""
         await self._arrived.wait()
 
+    async def one_each(self, backend: RedisBroadcast, users: list[UserRef], n: int = 1) -> None:
+        """Publish event ``n`` to each of ``users`` in turn, and wait until the last one is
+        delivered (on one connection, those before it came first or never will)."""
+        for user in users:
+            await backend.publish(Envelope(user, TO_USER, None, event(user, n)))
+        last = Envelope(users[-1], TO_USER, None, event(users[-1], n))
+        while last not in self.delivered:
+            await self.next()
+
+
+async def let_go(backend: RedisBroadcast, users: list[UserRef]) -> None:
+    """Unsubscribe each of ``users``: the backend then holds no subscription."""
+    for user in users:
+        await backend.unsubscribe(user)
+    assert backend.subscriptions == 0
+
 
 USERS = [UserRef(f"user-{n // 2}", "acme" if n % 2 else None) for n in range(24)]
 
@@ -431,14 +447,9 @@ async def test_a_confirmation_for_a_subscription_given_up_does_not_confirm_the_n
             link.down.release()
             link.up.release()
         assert await numsub(admin, backend, [dave, carol]) == [1, 1]
-        for user in (dave, carol):
-            await backend.publish(Envelope(user, TO_USER, None, event(user, 1)))
-        while len(delivered) < 2:
-            await deliveries.next()
+        await deliveries.one_each(backend, [dave, carol])
     assert delivered == [Envelope(u, TO_USER, None, event(u, 1)) for u in (dave, carol)]
-    await backend.unsubscribe(dave)
-    await backend.unsubscribe(carol)
-    assert backend.subscriptions == 0
+    await let_go(backend, [dave, carol])
     # Nothing kept of dave's unsubscriptions once their late answers came.
     assert backend._unsubscribed == set()
     await backend.aclose()
@@ -518,14 +529,9 @@ async def test_a_late_confirmation_while_the_next_socket_reads_leaves_no_socket_
         assert backend.subscriptions == 2
         assert await numsub(admin, backend, [dave, carol]) == [1, 1]
         # In this order on one connection: carol's arrives after dave's would have.
-        for user in (dave, carol):
-            await backend.publish(Envelope(user, TO_USER, None, event(user, 1)))
-        while Envelope(carol, TO_USER, None, event(carol, 1)) not in delivered:
-            await deliveries.next()
+        await deliveries.one_each(backend, [dave, carol])
     assert delivered == [Envelope(u, TO_USER, None, event(u, 1)) for u in (dave, carol)]
-    await backend.unsubscribe(dave)
-    await backend.unsubscribe(carol)
-    assert backend.subscriptions == 0
+    await let_go(backend, [dave, carol])
     # Nothing kept of dave's unsubscriptions once their late answers came.
     assert backend._unsubscribed == set()
     await backend.aclose()
@@ -632,11 +638,7 @@ async def test_a_first_subscription_reading_its_count_across_a_reconnect_ends_co
         subscribed = read_answered == "after the reconnect"
         assert await numsub(admin, backend, [*held, dave]) == [1] * len(held) + [int(subscribed)]
         assert backend.subscriptions == len(held) + 1 + subscribed
-        for user in [*held, dave]:
-            await backend.publish(Envelope(user, TO_USER, None, event(user, 1)))
-        await backend.publish(Envelope(UserRef("sign"), TO_USER, None, event(UserRef("sign"), 1)))
-        while len(delivered) < len(held) + subscribed + 1:
-            await deliveries.next()
+        await deliveries.one_each(backend, [*held, dave, UserRef("sign")])
     receivers = [*held, dave] if subscribed else held
     assert delivered == [
         Envelope(user, TO_USER, None, event(user, 1)) for user in [*receivers, UserRef("sign")]
@@ -683,9 +685,7 @@ async def test_sockets_joining_while_the_first_subscription_connects_get_their_e
             if waited.cancelled_caught:
                 break
     assert delivered == [Envelope(user, TO_USER, None, event(user, 1)) for user in users]
-    for user in users:
-        await backend.unsubscribe(user)
-    assert backend.subscriptions == 0
+    await let_go(backend, users)
     await backend.aclose()
 
 
@@ -735,17 +735,11 @@ async def test_a_subscribe_whose_answer_is_lost_with_the_connection_leaves_nothi
             await backend.wait_connected()
         assert backend.connected, "the subscription never came back"
         assert await numsub(admin, backend, [*held, dave]) == [1] * len(held) + [0]
-        for user in held:
-            await backend.publish(Envelope(user, TO_USER, None, event(user, 1)))
-        while len(delivered) < len(held):
-            await deliveries.next()
+        await deliveries.one_each(backend, held)
         await backend.subscribe(dave)
         assert await numsub(admin, backend, [dave]) == [1]
     assert delivered == [Envelope(user, TO_USER, None, event(user, 1)) for user in held]
-    await backend.unsubscribe(dave)
-    for user in held:
-        await backend.unsubscribe(user)
-    assert backend.subscriptions == 0
+    await let_go(backend, [dave, *held])
     await backend.aclose()
 
 
@@ -801,11 +795,7 @@ async def test_a_subscription_connection_that_answers_no_command_is_replaced_des
             await traffic()
         assert backend.reconnects == 1, "a healthy connection was replaced"
         delivered.clear()
-        for user in (dave, carol):
-            await backend.publish(Envelope(user, TO_USER, None, event(user, 0)))
-        final = Envelope(carol, TO_USER, None, event(carol, 0))
-        while final not in delivered:
-            await deliveries.next()
+        await deliveries.one_each(backend, [dave, carol], 0)
     # The end of carol's traffic may come along: hers only.
     latest = [Envelope(u, TO_USER, None, event(u, 0)) for u in (dave, carol)]
     assert [e for e in delivered if e in latest] == latest
