@@ -181,19 +181,20 @@ class AmbientMiddleware:
     ``jwt_bearer``, every scheme of a ``first_of``); a resolver whose credential has no
     standard scheme (``trusted_header``, ``scope_user``, ``signed_context``, tickets) has
     none to offer, and its 401 goes without. Websockets are closed before accept with 1008
-    (1013 for overload, 1011 for another server error), or answered with the same HTTP
+    (1013 for a 503, 1011 for another server error), or answered with the same HTTP
     problem, headers included, where the server supports the ``websocket.http.response``
     extension. An :class:`~ambient.AmbientError` that carries an HTTP status
     (``PoolExhaustedError`` -> 503) raised by the app before its response started becomes
     that answer, also inside an exception group (a task group around the work) that holds
     only such errors, answered as its first; any other exception propagates unchanged.
     Raised once a websocket was accepted, such an error closes it instead, with 1013 "try
-    again later" for a 503 or 429, 1011 for another 5xx and 1008 for the rest, the problem's
-    title as reason (nothing is sent on a socket the app or the client closed already; one
-    raised as the expiry below cancelled the app gets the expiry's 4001), and is not raised
-    to the server either; its cleanups see it all the same. A websocket whose identity has
-    an ``expires_at`` (a JWT's ``exp``) is closed with 4001 when it passes, and a streamed
-    HTTP response whose body is streaming (server-sent events) is ended then, idle or not:
+    again later" for a 503, 1011 for another 5xx and 1008 for the rest (a 429 included),
+    the problem's title as reason (nothing is sent on a socket the app or the client
+    closed already; one raised as the expiry below cancelled the app gets the expiry's
+    4001), and is not raised to the server either; its cleanups see it all the same. A
+    websocket whose identity has an ``expires_at`` (a JWT's ``exp``) is closed with 4001
+    when it passes, and a streamed HTTP response whose body is streaming (server-sent
+    events) is ended then, idle or not:
     the app is told the client is gone (its ``receive`` answers ``websocket.disconnect`` or
     ``http.disconnect``; Django and Quart then end the tasks they run the view in),
     cancelled if it has not returned a quarter of a second later (at most the registry's

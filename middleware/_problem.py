@@ -14,9 +14,10 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
 # RFC 6455: a close frame's reason is at most 123 bytes of UTF-8.
 _MAX_REASON = 123
-# 1008 policy violation for refusals, 1013 "try again later" for overload, 1011 for any
-# other server error (an app's own AmbientError with a 500 or 502 is no policy violation).
-_WS_CODES = {429: 1013, 503: 1013}
+# 1008 policy violation for refusals (a user over max_concurrent_per_user's 429 included),
+# 1013 "try again later" for the server's overload, 1011 for any other server error (an
+# app's own AmbientError with a 500 or 502 is no policy violation).
+_WS_CODES = {503: 1013}
 # From this status on, and for 429, the answer is the server's failure or overload: the
 # body says the error class's client_detail, never the error's message.
 _SERVER_ERROR: Final = 500
@@ -127,7 +128,7 @@ class Problem:
         """Refuse a websocket before accepting it.
 
         With the ``websocket.http.response`` extension the client gets the same HTTP
-        problem answer; otherwise the handshake is closed with 1008 (1013 for overload, 1011
+        problem answer; otherwise the handshake is closed with 1008 (1013 for a 503, 1011
         for another server error) and the detail as reason. ``connected``: the handshake's
         ``websocket.connect`` was already received (by the app), so it is not waited for.
         """
@@ -156,9 +157,10 @@ class Problem:
 
     def _websocket_close(self) -> dict[str, Any]:
         """The ``websocket.close`` message that ends an accepted websocket with this
-        problem: 1013 "try again later" for overload (503, 429), 1011 for another server
-        error, 1008 policy violation otherwise, with the title as reason (the detail of a
-        refusal says more than a socket that was served should hear)."""
+        problem: 1013 "try again later" for the server's overload (503), 1011 for another
+        server error, 1008 policy violation otherwise (a 429 included), with the title as
+        reason (the detail of a refusal says more than a socket that was served should
+        hear)."""
         reason = self.title.encode()[:_MAX_REASON].decode("utf-8", "ignore")
         return {
             "type": "websocket.close",

@@ -1113,6 +1113,67 @@ class TestConcurrencyLimit:
         logged = [r.getMessage() for r in caplog.records if r.name == "ambient.middleware"]
         assert [m for m in logged if "429" in m and "(limit 2)" in m], logged
 
+    @pytest.mark.parametrize("denial", [False, True], ids=["close", "denial-response"])
+    async def test_a_websocket_over_its_users_limit_is_refused_as_a_policy_violation(
+        self, denial: bool
+    ) -> None:
+        """Five users each hold an open websocket with ``max_concurrent_per_user=1``; each
+        one's second handshake is closed before accept with 1008 policy violation, as every
+        refusal of the middleware (or answered 429 with Retry-After where the server offers
+        the denial response), while the held sockets go on as their own users. It was
+        closed with 1013, which the design keeps for the server's own overload (503)."""
+        users = [f"user-{n}" for n in range(5)]
+        release = anyio.Event()
+        held: list[str] = []
+        all_held = anyio.Event()
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            assert (await receive())["type"] == "websocket.connect"
+            await send({"type": "websocket.accept"})
+            held.append(ambient.get_current_context().user_id)
+            if len(held) == len(users):
+                all_held.set()
+            await release.wait()
+            await send({"type": "websocket.send", "text": ambient.get_current_context().user_id})
+            await send({"type": "websocket.close", "code": 1000})
+
+        middleware = AmbientMiddleware(
+            app, registry=Registry(), identity=trusted_header(), max_concurrent_per_user=1
+        )
+        extensions = {"extensions": {"websocket.http.response": {}}} if denial else {}
+        connect: list[Message] = [{"type": "websocket.connect"}]
+        served: dict[str, list[Message]] = {}
+
+        async def hold(user: str) -> None:
+            served[user] = await drive(
+                middleware, ws_scope([(b"x-user-id", user.encode())]), connect
+            )
+
+        async with anyio.create_task_group() as tg:
+            for user in users:
+                tg.start_soon(hold, user)
+            with anyio.fail_after(5):
+                await all_held.wait()
+            for user in users:
+                sent = await drive(
+                    middleware, ws_scope([(b"x-user-id", user.encode())], **extensions), connect
+                )
+                if denial:
+                    start = sent[0]
+                    assert (start["type"], start["status"]) == (
+                        "websocket.http.response.start",
+                        429,
+                    )
+                    assert (b"retry-after", b"1") in start["headers"]
+                else:
+                    assert [(m["type"], m["code"]) for m in sent] == [("websocket.close", 1008)]
+                    assert sent[0]["reason"] == TooManyRequestsError.client_detail
+            release.set()
+        assert {user: [m.get("text") for m in sent] for user, sent in served.items()} == {
+            user: [None, user, None] for user in users
+        }
+        assert middleware._active == {}
+
     @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # trio's cancel stops at the shield
     async def test_a_socket_cancelled_as_it_expires_idle_users_gives_its_slot_back(
         self,
@@ -4172,7 +4233,7 @@ def _expiring_in_an_hour(scope: Any) -> Identity:
 
 class TestWebsocketAnsweredAfterAccept:
     """An ambient error that carries an HTTP answer, raised by the app once its websocket
-    was accepted, closes the socket with 1013 (overload) or 1008, the problem's title as
+    was accepted, closes the socket with 1013 (a 503) or 1008, the problem's title as
     reason, instead of reaching the server (which drops the connection, a crash to the
     client); cleanups still see the error."""
 
@@ -4185,7 +4246,7 @@ class TestWebsocketAnsweredAfterAccept:
                 1013,
                 "Service temporarily unavailable",
             ),
-            (TooManyRequestsError("too many of ann's"), 1013, "Too many concurrent requests"),
+            (TooManyRequestsError("too many of ann's"), 1008, "Too many concurrent requests"),
             (IdentityError("the token of ann was revoked", status=401), 1008, "Invalid identity"),
             (
                 InvalidContextError("thread_id", "too long", "x" * 300),
