@@ -899,20 +899,43 @@ _KEY_SET_WAIT = 2
 _PYJWT_TIMEOUT = 30.0
 
 
+@dataclass(frozen=True, slots=True)
+class _Remembered:
+    """The last key set a ``PyJWKClient`` fetched that a resolver saw: its signing keys,
+    when it was fetched (``time.monotonic``), and the client's cache entry it came from."""
+
+    keys: list[Any]
+    fetched_at: float
+    entry: object = None
+
+
 class _KeySet:
     """``jwt_bearer``'s view of a ``PyJWKClient``: the threads it may use, the pause after a
-    failure, what it makes of a failure, and the warnings it logs: one when the provider's
-    key set starts failing, one when it works again (never one per request during an
-    outage)."""
+    failure, what it makes of a failure, the last key set fetched, and the warnings it logs:
+    one when the provider's key set starts failing, one when it works again (never one per
+    request during an outage)."""
 
-    __slots__ = ("_gate", "_limiters", "_outage", "_retry_at", "failing")
+    __slots__ = (
+        "_gate",
+        "_limiters",
+        "_outage",
+        "_remembered",
+        "_retry_at",
+        "_served_stale",
+        "_stale_for",
+        "failing",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, stale_for: float = 0.0) -> None:
         self.failing = False
         self._limiters: dict[tuple[bool, int], CapacityLimiter] = {}
         self._gate = threading.Lock()
         self._retry_at = 0.0
         self._outage = ""
+        self._stale_for = stale_for
+        # Assigned whole (never changed in place): threads of this resolver read it unlocked.
+        self._remembered: _Remembered | None = None
+        self._served_stale = False
 
     def limiter(self) -> CapacityLimiter:
         """This resolver's own thread limiter, one per event loop it runs in (an anyio
@@ -931,8 +954,9 @@ class _KeySet:
         One thread at a time asks the client (PyJWKClient holds its own lock for the whole
         call anyway), so the requests queued behind a fetch that failed do not each ask
         again: for :data:`_KEY_SET_PAUSE` seconds after a failure nobody does. Keys the
-        client fetched before still serve then; any other key is 503 at once. Nobody waits
-        for the gate longer than :meth:`patience` either: a fetch that never ends holds it.
+        client fetched before still serve then (see :meth:`_known_key`); any other key is
+        503 at once. Nobody waits for the gate longer than :meth:`patience` either: a fetch
+        that never ends holds it.
         """
         import jwt
 
@@ -941,7 +965,9 @@ class _KeySet:
             return self._fetched_key(client, token, wait)
         if not self._gate.acquire(timeout=self.patience(client)):
             # A fetch that will not end holds the gate (its request has given up on it).
-            raise self.unavailable(TimeoutError("another request's fetch is stuck"))
+            error = self.unavailable(TimeoutError("another request's fetch is stuck"))
+            return self._known_key_or(client, token, error)
+        failed: Exception | None = None
         try:
             wait = self._retry_at - _monotonic()  # a fetch failed while this one waited
             if wait > 0:
@@ -949,16 +975,22 @@ class _KeySet:
             try:
                 found = client.get_signing_key_from_jwt(token)
             except (jwt.PyJWKClientError, jwt.PyJWKSetError) as exc:
-                raise self.failure(exc) from None
+                failed = exc
             except jwt.PyJWTError:
                 raise  # the token itself is malformed
             except Exception as exc:  # noqa: BLE001 - whatever the answer broke, it is not the token
                 # PyJWKClient lets through what the provider's answer makes of its parsing: a
                 # body that is not JSON (a proxy's error page), JSON nested too deep, a key
                 # field of the wrong type, a connection reset in the middle of the body.
-                raise self.failure(exc) from None
+                failed = exc
+            self._remember(client, None if failed is not None else found)
         finally:
             self._gate.release()
+        if failed is not None:
+            refused = self.failure(failed)
+            if isinstance(refused, IdentityUnavailableError):
+                return self._known_key_or(client, token, refused)
+            raise refused
         self.worked()
         return found
 
@@ -974,26 +1006,72 @@ class _KeySet:
             timeout = _PYJWT_TIMEOUT
         return _KEY_SET_WAIT * float(timeout)
 
-    def stuck(self) -> IdentityUnavailableError:
-        """The 503 of a request that waited :meth:`patience` for its key in vain: the fetch
-        goes on in its thread, and fills the client's cache if it ever ends."""
-        return self.unavailable(TimeoutError("the key set did not arrive in time"))
+    def stuck(self, client: PyJWKClient, token: str) -> Any:
+        """The key for ``token`` after its request waited :meth:`patience` for it in vain:
+        one fetched before (:meth:`_known_key`), else the 503. The fetch goes on in its
+        thread, and fills the client's cache if it ever ends."""
+        error = self.unavailable(TimeoutError("the key set did not arrive in time"))
+        return self._known_key_or(client, token, error)
 
-    def _fetched_key(self, client: PyJWKClient, token: str, wait: float) -> Any:
+    def _remember(self, client: PyJWKClient, found: Any) -> None:
+        """Remember the last key set ``client`` fetched: its cache entry (which a fetch that
+        fails leaves in place, and which another resolver sharing the client may have
+        filled), or without a cache, where each lookup fetches, the key just ``found``."""
         import jwt
 
         cache = client.jwk_set_cache
-        fetched = cache.get() if cache is not None else None
+        if cache is not None:
+            entry = cache.jwk_set_with_timestamp
+            remembered = self._remembered
+            if entry is not None and (remembered is None or remembered.entry is not entry):
+                keys = [
+                    key
+                    for key in entry.get_jwk_set().keys
+                    if key.public_key_use in ("sig", None) and key.key_id
+                ]
+                self._remembered = _Remembered(keys, entry.get_timestamp(), entry)
+        elif isinstance(found, jwt.PyJWK):
+            self._remembered = _Remembered([found], _monotonic())
+
+    def _known_key(self, client: PyJWKClient, token: str) -> Any:
+        """The key for ``token`` among those fetched before, or ``None``: as PyJWKClient
+        picks it (by ``kid``, a signing key), in the client's cache while it is fresh, or
+        else in the last key set fetched up to ``stale_for`` seconds after its fetch."""
+        import jwt
+
+        self._remember(client, None)
+        remembered = self._remembered
+        if remembered is None:
+            return None
         kid = jwt.get_unverified_header(token).get("kid")
-        if fetched is not None and isinstance(kid, str):
-            try:
-                key = fetched[kid]
-            except KeyError:
-                pass
-            else:
-                if key.public_key_use in ("sig", None):
-                    return key
-        raise IdentityUnavailableError(self._outage, retry_after=wait)
+        key = client.match_kid(remembered.keys, kid) if isinstance(kid, str) else None
+        if key is None:
+            return None
+        cache = client.jwk_set_cache
+        if (
+            cache is not None
+            and cache.get() is not None
+            and cache.jwk_set_with_timestamp is remembered.entry
+        ):
+            return key  # still in the client's cache: it serves, whatever stale_for says
+        if self._stale_for and 0 <= _monotonic() - remembered.fetched_at <= self._stale_for:
+            self._served_stale = True
+            return key
+        return None
+
+    def _known_key_or(
+        self, client: PyJWKClient, token: str, error: IdentityUnavailableError
+    ) -> Any:
+        """The key for ``token`` among those fetched before, else ``error`` raised."""
+        key = self._known_key(client, token)
+        if key is None:
+            raise error
+        return key
+
+    def _fetched_key(self, client: PyJWKClient, token: str, wait: float) -> Any:
+        return self._known_key_or(
+            client, token, IdentityUnavailableError(self._outage, retry_after=wait)
+        )
 
     def failure(self, exc: Exception) -> IdentityError | IdentityUnavailableError:
         """The token's key unknown to the key set is the token's fault (401); a key set that
@@ -1018,14 +1096,42 @@ class _KeySet:
         error = IdentityUnavailableError(self._outage, retry_after=_KEY_SET_PAUSE)
         if not self.failing:
             self.failing = True
-            logger.warning("ambient: jwt_bearer(): %s (%s: %s)", error, type(exc).__name__, exc)
+            self._served_stale = False
+            logger.warning(
+                "ambient: jwt_bearer(): %s (%s: %s); %s",
+                error,
+                type(exc).__name__,
+                exc,
+                self._stale_note(),
+            )
         return error
+
+    def _stale_note(self) -> str:
+        """What the warning of an outage says of the keys fetched before it."""
+        if not self._stale_for:
+            return "keys fetched before serve while in the client's cache (stale_keys_for=0)"
+        remembered = self._remembered
+        if remembered is None:
+            return "no key set was fetched before to serve meanwhile"
+        age = max(0.0, _monotonic() - remembered.fetched_at)
+        if age > self._stale_for:
+            return (
+                f"the last key set fetched, {age:.0f} s ago, is past stale_keys_for="
+                f"{self._stale_for:g} and serves no more"
+            )
+        return (
+            f"the last key set fetched, {age:.0f} s ago, serves meanwhile, for "
+            f"{self._stale_for - age:.0f} s more at most (stale_keys_for={self._stale_for:g})"
+        )
 
     def worked(self) -> None:
         if self.failing:
             self.failing = False
             self._retry_at = 0.0  # a fetch that outlived its request's wait ended after all
-            logger.warning("ambient: jwt_bearer(): the identity provider's key set works again")
+            stale = "; keys fetched before it served meanwhile" if self._served_stale else ""
+            logger.warning(
+                "ambient: jwt_bearer(): the identity provider's key set works again%s", stale
+            )
 
 
 def _verification_keys(
@@ -1163,6 +1269,18 @@ def _leeway(leeway: object) -> float:
     return float(leeway)
 
 
+def _stale_keys_for(seconds: object) -> float:
+    """``stale_keys_for`` as seconds; refused at construction when no bound could be read
+    from it (``inf`` would trust a key set fetched once for ever, a removed key with it)."""
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        msg = f"stale_keys_for must be seconds as an int or float, not {type(seconds).__name__}"
+        raise TypeError(msg)
+    if not 0 <= seconds <= sys.float_info.max:
+        msg = f"stale_keys_for must be finite seconds >= 0 (0 turns it off), not {seconds!s:.64}"
+        raise ValueError(msg)
+    return float(seconds)
+
+
 def jwt_bearer(  # noqa: PLR0915 - its closures share the options checked here
     key_or_jwks: Any,
     *,
@@ -1173,6 +1291,7 @@ def jwt_bearer(  # noqa: PLR0915 - its closures share the options checked here
     tenant_claim: str | None = None,
     leeway: float = 30.0,
     require: Iterable[str] = ("exp",),
+    stale_keys_for: float = 3600.0,
 ) -> IdentityResolver:
     """Take the identity from an ``Authorization: Bearer`` JWT (extra ``jwt``, PyJWT).
 
@@ -1200,7 +1319,10 @@ def jwt_bearer(  # noqa: PLR0915 - its closures share the options checked here
             JWKS as a dict (``{"keys": [...]}``, selected by the token's ``kid``) or a
             ``jwt.PyJWKClient``. A key set that cannot be had is 503 with ``Retry-After``;
             a request waits for it at most twice the client's ``timeout`` (which bounds
-            each read of the answer, not the whole answer).
+            each read of the answer, not the whole answer). A token whose ``kid`` the set
+            lacks is 401; the client fetches the set again for such a ``kid`` only once its
+            last fetch is ``cooldown_duration`` old (30 s by default), so a token signed
+            with a key the provider added since is 401 until then.
         algorithms: Accepted algorithms, e.g. ``["RS256"]``. Required; never ``"none"``.
         audience: Accepted ``aud`` value(s). Without one, a token naming any audience is
             refused (RFC 7519: a token for other services is not for this one), with a
@@ -1212,6 +1334,14 @@ def jwt_bearer(  # noqa: PLR0915 - its closures share the options checked here
             it null) is a user of no tenant; name it in ``require`` to refuse such a token.
         leeway: Seconds of clock skew allowed for ``exp`` and ``nbf`` (finite, >= 0).
         require: Claims that must be present (``user_claim`` always is).
+        stale_keys_for: With a ``PyJWKClient`` whose cached key set has expired (its
+            ``lifespan``), for how many seconds after the last successful fetch that set
+            still verifies tokens while the provider cannot be reached or answers with no
+            usable key set: a token whose key is in it is verified with it, any other is
+            503, and past this bound every token is 503 until the provider answers.
+            Finite, >= 0; ``0`` turns it off. The outage's warning says whether that set
+            serves. A client that keeps no key set (``cache_jwk_set=False``) shows none:
+            the key it found last is remembered instead.
 
     Raises:
         ValueError: at construction, for ``alg=none``, no algorithm, an algorithm PyJWT
@@ -1219,8 +1349,9 @@ def jwt_bearer(  # noqa: PLR0915 - its closures share the options checked here
             ``PyJWKClient`` (a key set fetched from a URL is public), a key with which none
             of ``algorithms`` verifies (a private key, a key of another kind), a JWK or key
             set with no signing key for any of ``algorithms``, an empty audience, or a
-            leeway that is negative, infinite or NaN.
-        TypeError: at construction, for a leeway that is not a number of seconds.
+            leeway or ``stale_keys_for`` that is negative, infinite or NaN.
+        TypeError: at construction, for a leeway or ``stale_keys_for`` that is not a
+            number of seconds.
     """
     import jwt
 
@@ -1233,16 +1364,19 @@ def jwt_bearer(  # noqa: PLR0915 - its closures share the options checked here
         _check_key_verifies(algs, key)
     audiences = _audiences(audience)
     leeway = _leeway(leeway)
+    stale_for = _stale_keys_for(stale_keys_for)
     required = sorted({*require, user_claim})
     # aud is checked without an audience too: RFC 7519 (4.1.3) has a token naming audiences
     # refused by a service not among them, or a token meant for another service would do.
     decoder = jwt.PyJWT(options={"require": required, "verify_aud": True, "strict_aud": False})
     warned_audience: list[bool] = []
 
-    key_set = _KeySet()
+    key_set = _KeySet(stale_for)
 
-    def signing_key(token: str) -> Any:
+    def signing_key(token: str, *, waited: bool) -> Any:
         if jwk_client is not None:
+            if waited:  # in vain, for a fetch that goes on
+                return key_set.stuck(jwk_client, token)
             return key_set.signing_key(jwk_client, token)
         if jwks is not None:
             kid = jwt.get_unverified_header(token).get("kid")
@@ -1258,11 +1392,11 @@ def jwt_bearer(  # noqa: PLR0915 - its closures share the options checked here
             return found
         return key
 
-    def verify(token: str) -> Identity:
+    def verify(token: str, *, waited: bool = False) -> Identity:
         try:
             claims = decoder.decode(
                 token,
-                signing_key(token),
+                signing_key(token, waited=waited),
                 algorithms=list(algs),
                 audience=audiences,
                 issuer=issuer,
@@ -1299,7 +1433,9 @@ def jwt_bearer(  # noqa: PLR0915 - its closures share the options checked here
                 return await anyio.to_thread.run_sync(
                     verify, token, limiter=key_set.limiter(), abandon_on_cancel=True
                 )
-            raise key_set.stuck()
+            # A key fetched before may serve: it is at hand, and checking a signature with
+            # it blocks no more than with a key given (which is checked in the event loop).
+            return verify(token, waited=True)
 
         return _challenging(resolve_remote, _BEARER)
 
