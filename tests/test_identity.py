@@ -530,6 +530,28 @@ class TestJwtBearer:
         with pytest.raises(error, match="leeway"):
             hs_resolver(leeway=leeway)
 
+    @pytest.mark.parametrize(
+        ("seconds", "error", "words"),
+        [
+            (-1.0, ValueError, ">= 0"),
+            (math.nan, ValueError, ">= 0"),
+            (math.inf, ValueError, "finite"),  # a key set fetched once would serve for ever
+            pytest.param(10**400, ValueError, "finite", id="10**400"),
+            (datetime.timedelta(hours=1), TypeError, "int or float"),
+            ("3600", TypeError, "int or float"),
+            (None, TypeError, "int or float"),
+            (True, TypeError, "int or float"),
+        ],
+    )
+    def test_a_stale_keys_for_that_is_not_seconds_is_refused_at_once(
+        self, seconds: Any, error: type[Exception], words: str
+    ) -> None:
+        with pytest.raises(error, match="stale_keys_for") as refused:
+            hs_resolver(stale_keys_for=seconds)
+        assert words in str(refused.value)
+        for fine in (0, 0.5, 600, 3600.0):
+            assert hs_resolver(stale_keys_for=fine)
+
     def test_alg_none_is_refused(self) -> None:
         with pytest.raises(IdentityError, match="algorithm"):
             hs_resolver()(bearer(unsigned()))

@@ -13,6 +13,7 @@ import logging
 import socket
 import struct
 import threading
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ import anyio
 import httpx
 import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 from packaging.requirements import Requirement
 
 from ambient import Registry
@@ -36,16 +38,29 @@ from tests.test_psycopg import _eventually
 USERS = 30
 
 
+# The identity provider's next key, once it rotates.
+ROTATED_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def public_jwk(private_key: Any, kid: str, use: str = "sig") -> dict[str, Any]:
+    jwk: dict[str, Any] = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(private_key.public_key()))
+    jwk.update({"kid": kid, "alg": "RS256", "use": use})
+    return jwk
+
+
 class KeySetServer:
     """An identity provider's JWKS endpoint whose answer the test chooses."""
 
     def __init__(self) -> None:
         self.mode = "ok"
         self.fetches = 0
-        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(PRIVATE_KEY.public_key()))
-        jwk.update({"kid": "k1", "alg": "RS256", "use": "sig"})
+        jwk = public_jwk(PRIVATE_KEY, "k1")
         self.document = json.dumps({"keys": [jwk]}).encode()
         self.odd_key = json.dumps({"keys": [{**jwk, "alg": ["RS256"]}]}).encode()
+
+    def serve_keys(self, *keys: dict[str, Any]) -> None:
+        """What the provider's key set holds from now on."""
+        self.document = json.dumps({"keys": list(keys)}).encode()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -87,9 +102,9 @@ def protected(jwks_url: str) -> AmbientMiddleware:
 
 
 async def ask(
-    app: AmbientMiddleware, user: str = "alice", kid: str | None = "k1"
+    app: AmbientMiddleware, user: str = "alice", kid: str | None = "k1", key: Any = PRIVATE_KEY
 ) -> httpx.Response:
-    bearer = token({"sub": user}, key=PRIVATE_KEY, alg="RS256", **({"kid": kid} if kid else {}))
+    bearer = token({"sub": user}, key=key, alg="RS256", **({"kid": kid} if kid else {}))
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
         return await client.get("/", headers={"authorization": f"Bearer {bearer}"})
@@ -251,7 +266,8 @@ def hanging() -> Iterator[tuple[HangingKeySetServer, str]]:
 
 
 class _Clock:
-    """``time.monotonic`` for the key set's pause, moved by the test instead of waited out."""
+    """``time.monotonic`` for the key set's pause and PyJWKClient's cache, moved by the test
+    instead of waited out."""
 
     def __init__(self) -> None:
         self.now = 1000.0
@@ -260,10 +276,23 @@ class _Clock:
         return self.now
 
 
+class _TimeWith:
+    """The ``time`` module as PyJWT's key set modules see it: ``monotonic`` is the test's."""
+
+    def __init__(self, clock: _Clock) -> None:
+        self.monotonic = clock
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
     fake = _Clock()
     monkeypatch.setattr("ambient.middleware.identity._monotonic", fake)
+    # PyJWT's too: when the client fetched its key set, its lifespan and its cooldown.
+    for module in ("jwt.api_jwk", "jwt.jwk_set_cache", "jwt.jwks_client"):
+        monkeypatch.setattr(f"{module}.time", _TimeWith(fake))
     return fake
 
 
@@ -522,3 +551,281 @@ def test_the_jwt_extra_leaves_out_pyjwt_releases_that_hostile_tokens_get_past() 
     [pyjwt] = [r for r in wanted if r.name.lower() == "pyjwt"]
     assert not any(pyjwt.specifier.contains(old) for old in ("2.13.0", "2.14.0"))
     assert pyjwt.specifier.contains(jwt.__version__)
+
+
+async def test_a_key_the_provider_added_since_the_last_fetch_is_401_until_the_cooldown(
+    provider: tuple[KeySetServer, str], clock: _Clock
+) -> None:
+    """PyJWKClient fetches the key set again for a kid it lacks only once its last fetch is
+    ``cooldown_duration`` old (30 s by default): a token signed with a key the provider
+    added since is 401 until then, and verified after."""
+    server, url = provider
+    app = protected(url)
+    assert (await ask(app, "warm-up")).status_code == 200
+    server.serve_keys(public_jwk(PRIVATE_KEY, "k1"), public_jwk(ROTATED_KEY, "k2"))
+    clock.now += 29
+    early = await ask(app, "early", kid="k2", key=ROTATED_KEY)
+    assert early.status_code == 401, early.text
+    assert "not trusted" in early.json()["detail"]
+    assert server.fetches == 1
+    clock.now += 1.01
+    later = await ask(app, "later", kid="k2", key=ROTATED_KEY)
+    assert (later.status_code, later.json()["user"]) == (200, "later")
+    assert server.fetches == 2
+
+
+# -- the last key set fetched, while the provider is down past the client's cache -----------
+
+# PyJWKClient's default lifespan of its cached key set, and jwt_bearer's default bound on
+# serving the last key set fetched once that has expired.
+LIFESPAN = 300.0
+STALE_KEYS_FOR = 3600.0
+
+
+def stale_protected(
+    jwks_url: str, client: jwt.PyJWKClient | None = None, **options: Any
+) -> AmbientMiddleware:
+    client = client or jwt.PyJWKClient(jwks_url, timeout=5)
+    identity = jwt_bearer(client, algorithms=["RS256"], audience=AUDIENCE, issuer=ISSUER, **options)
+    return AmbientMiddleware(_echo_app, registry=Registry(), identity=identity)
+
+
+async def users_at_once(app: AmbientMiddleware, users: int = USERS) -> dict[str, Any]:
+    """``users`` distinct users asking at once: each one's status and the user it ran as."""
+    answers: dict[str, httpx.Response] = {}
+
+    async def one(user: str) -> None:
+        answers[user] = await ask(app, user)
+
+    async with anyio.create_task_group() as tg:
+        for n in range(users):
+            tg.start_soon(one, f"user-{n}")
+    return {user: (r.status_code, r.json().get("user")) for user, r in answers.items()}
+
+
+def each_as_itself(users: int = USERS) -> dict[str, Any]:
+    return {f"user-{n}": (200, f"user-{n}") for n in range(users)}
+
+
+def key_set_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "jwt_bearer()" in r.getMessage()]
+
+
+@pytest.mark.parametrize("mode", ["error", "html"])
+async def test_the_last_key_set_fetched_serves_while_the_provider_is_down_past_the_cache(
+    provider: tuple[KeySetServer, str],
+    mode: str,
+    clock: _Clock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The client's cached key set has expired (its lifespan) when the provider goes down
+    (an error, or an answer that is no key set): tokens whose key was in the last key set
+    fetched still pass, each request as its own user, while a token whose key the provider
+    cannot be asked about is 503. One warning says so, one says when it works again."""
+    server, url = provider
+    app = stale_protected(url)
+    with caplog.at_level(logging.WARNING, logger="ambient.middleware"):
+        assert (await ask(app, "warm-up")).status_code == 200
+        server.mode = mode
+        clock.now += LIFESPAN + 1
+        assert await users_at_once(app) == each_as_itself()
+        assert server.fetches == 2  # one try during the outage, then the pause
+        assert_unavailable(await ask(app, kid="k-new"))
+        clock.now += 5.01  # past the pause: the provider is asked again, and still fails
+        assert await users_at_once(app) == each_as_itself()
+        assert server.fetches == 3
+        server.mode = "ok"
+        clock.now += 5.01
+        back = await ask(app, "back")
+    assert (back.status_code, back.json()["user"]) == (200, "back")
+    assert server.fetches == 4
+    warnings = key_set_warnings(caplog)
+    assert len(warnings) == 2, warnings
+    assert "serves meanwhile" in warnings[0]
+    assert "works again" in warnings[1]
+    assert "served meanwhile" in warnings[1]
+
+
+@pytest.mark.parametrize("stale_keys_for", [None, 600.0])
+async def test_the_last_key_set_fetched_serves_for_stale_keys_for_at_most(
+    provider: tuple[KeySetServer, str],
+    clock: _Clock,
+    stale_keys_for: float | None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Counted from the last fetch that worked: a second before the bound a token whose key
+    was fetched passes, a second after it is 503, and so is every later one. An outage that
+    begins past the bound says so in its warning."""
+    server, url = provider
+    options = {} if stale_keys_for is None else {"stale_keys_for": stale_keys_for}
+    bound = STALE_KEYS_FOR if stale_keys_for is None else stale_keys_for
+    app = stale_protected(url, **options)
+    with caplog.at_level(logging.WARNING, logger="ambient.middleware"):
+        assert (await ask(app, "warm-up")).status_code == 200
+        server.mode = "error"
+        clock.now += bound - 1
+        ok = await ask(app, "just-in-time")
+        assert (ok.status_code, ok.json()["user"]) == (200, "just-in-time")
+        clock.now += 2  # still in the pause
+        late = await ask(app)
+        assert (late.status_code, late.headers["retry-after"]) == (503, "3"), late.text
+        clock.now += 5.01
+        assert_unavailable(await ask(app))
+        assert server.fetches == 3
+
+        server.mode = "ok"  # it works again, then is left alone past the bound
+        clock.now += 5.01
+        assert (await ask(app)).status_code == 200
+        server.mode = "html"
+        clock.now += bound + 1
+        assert_unavailable(await ask(app))
+    assert server.fetches == 5
+    warnings = key_set_warnings(caplog)
+    assert len(warnings) == 3, warnings
+    assert "serves meanwhile, for 1 s more at most" in warnings[0]
+    assert "works again; keys fetched before it served meanwhile" in warnings[1]
+    assert "serves no more" in warnings[2]
+
+
+async def test_stale_keys_for_0_leaves_the_keys_to_the_clients_cache(
+    provider: tuple[KeySetServer, str], clock: _Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``stale_keys_for=0``: once the client's cache has expired, an outage is 503 for
+    every token, as it was before the option; within the lifespan the cache serves."""
+    server, url = provider
+    app = stale_protected(url, stale_keys_for=0)
+    assert (await ask(app, "warm-up")).status_code == 200
+    server.mode = "error"
+    assert (await ask(app, "cached")).status_code == 200
+    clock.now += LIFESPAN + 1
+    with caplog.at_level(logging.WARNING, logger="ambient.middleware"):
+        for _ in range(2):
+            assert_unavailable(await ask(app))
+            clock.now += 5.01
+    assert server.fetches == 3
+    [warning] = key_set_warnings(caplog)
+    assert "while in the client's cache (stale_keys_for=0)" in warning
+
+
+async def test_a_key_for_encryption_never_serves_during_an_outage(
+    provider: tuple[KeySetServer, str], clock: _Clock
+) -> None:
+    """The key set holds the same public key twice, for signatures (k1) and marked for
+    encryption (k-enc): a token naming k-enc is refused while the provider works, and during
+    an outage it is 503, never verified with the key remembered, while k1 still passes."""
+    server, url = provider
+    server.serve_keys(public_jwk(PRIVATE_KEY, "k1"), public_jwk(PRIVATE_KEY, "k-enc", "enc"))
+    app = stale_protected(url)
+    assert (await ask(app, "warm-up")).status_code == 200
+    assert (await ask(app, kid="k-enc")).status_code == 401
+    server.mode = "error"
+    clock.now += LIFESPAN + 1
+    assert_unavailable(await ask(app, kid="k-enc"))
+    ok = await ask(app, "signer")
+    assert (ok.status_code, ok.json()["user"]) == (200, "signer")
+    assert_unavailable(await ask(app, kid="k-enc"))
+
+
+async def test_the_provider_back_with_rotated_keys_replaces_the_set_remembered(
+    provider: tuple[KeySetServer, str], clock: _Clock
+) -> None:
+    """During the outage k1 serves from the last key set fetched. The provider comes back
+    having rotated its key: k2 is verified with the key set fetched anew, k1 is 401, and in
+    the next outage past the client's cache the set remembered is the new one: k2 serves,
+    the removed k1 is 503, not verified with the set fetched before."""
+    server, url = provider
+    app = stale_protected(url)
+    assert (await ask(app, "warm-up")).status_code == 200
+    server.mode = "error"
+    clock.now += LIFESPAN + 1
+    assert (await ask(app, "during")).status_code == 200
+    server.serve_keys(public_jwk(ROTATED_KEY, "k2"))
+    server.mode = "ok"
+    clock.now += 5.01
+    rotated = await ask(app, "rotated", kid="k2", key=ROTATED_KEY)
+    assert (rotated.status_code, rotated.json()["user"]) == (200, "rotated")
+    removed = await ask(app, "removed")
+    assert removed.status_code == 401, removed.text
+    assert "not trusted" in removed.json()["detail"]
+    assert server.fetches == 3
+
+    server.mode = "html"
+    clock.now += LIFESPAN + 1
+    assert_unavailable(await ask(app, "removed"))
+    assert server.fetches == 4
+    again = await ask(app, "rotated-again", kid="k2", key=ROTATED_KEY)
+    assert (again.status_code, again.json()["user"]) == (200, "rotated-again")
+    assert_unavailable(await ask(app, "removed"))
+
+
+async def test_a_client_shared_by_two_resolvers_serves_the_last_key_set_either_fetched(
+    provider: tuple[KeySetServer, str], clock: _Clock
+) -> None:
+    """Two resolvers share one client. The first saw k1; the provider then rotated to k2
+    alone, which the second fetched. In an outage past the client's cache the first serves
+    what was fetched last: k2, not the k1 the provider removed."""
+    server, url = provider
+    client = jwt.PyJWKClient(url, timeout=5)
+    first, second = stale_protected(url, client), stale_protected(url, client)
+    assert (await ask(first, "warm-up")).status_code == 200
+    server.serve_keys(public_jwk(ROTATED_KEY, "k2"))
+    clock.now += LIFESPAN + 1
+    assert (await ask(second, "second", kid="k2", key=ROTATED_KEY)).status_code == 200
+    assert server.fetches == 2
+    server.mode = "error"
+    clock.now += LIFESPAN + 1
+    assert_unavailable(await ask(first, "removed"))
+    ok = await ask(first, "rotated", kid="k2", key=ROTATED_KEY)
+    assert (ok.status_code, ok.json()["user"]) == (200, "rotated")
+
+
+async def test_a_client_that_caches_no_key_set_serves_the_last_key_it_found(
+    provider: tuple[KeySetServer, str], clock: _Clock
+) -> None:
+    """``cache_jwk_set=False``: each token's lookup fetches the key set, and only the key
+    found is seen. During an outage that key serves, for ``stale_keys_for`` at most; a key
+    of the set no token named before is 503."""
+    server, url = provider
+    server.serve_keys(public_jwk(PRIVATE_KEY, "k1"), public_jwk(ROTATED_KEY, "k2"))
+    client = jwt.PyJWKClient(url, timeout=5, cache_jwk_set=False)
+    app = stale_protected(url, client)
+    assert (await ask(app, "warm-up")).status_code == 200
+    server.mode = "error"
+    assert await users_at_once(app, 10) == each_as_itself(10)
+    assert_unavailable(await ask(app, kid="k2", key=ROTATED_KEY))
+    clock.now += STALE_KEYS_FOR + 1
+    assert_unavailable(await ask(app))
+    assert server.fetches == 3
+
+
+class LaterTricklingKeySetServer(TricklingKeySetServer):
+    """An identity provider that answers at once until the test makes it trickle."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if self.mode == "trickle":
+            await super().__call__(scope, receive, send)
+        else:
+            await KeySetServer.__call__(self, scope, receive, send)
+
+
+async def test_a_key_set_that_trickles_in_past_the_clients_cache_leaves_the_last_one_serving(
+    clock: _Clock,
+) -> None:
+    """The client's cached set has expired when the provider starts sending its key set a
+    byte at a time: once they have waited twice the client's timeout, the requests are
+    verified with the last key set fetched, each as its own user, instead of 503."""
+    server = LaterTricklingKeySetServer()
+    with serve("uvicorn", server) as url:
+        client = jwt.PyJWKClient(f"{url}/.well-known/jwks.json", timeout=0.5)
+        app = stale_protected(url, client)
+        try:
+            assert (await ask(app, "warm-up")).status_code == 200
+            server.mode = "trickle"
+            clock.now += LIFESPAN + 1
+            with anyio.fail_after(10):
+                assert await users_at_once(app, 10) == each_as_itself(10)
+            assert server.fetches == 2
+        finally:
+            server.release.set()
+        with anyio.fail_after(10):
+            await anyio.to_thread.run_sync(server.sent.wait)
