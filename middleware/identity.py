@@ -1375,6 +1375,10 @@ def jwt_bearer(  # noqa: PLR0915 - its closures share the options checked here
 
     def signing_key(token: str, *, waited: bool) -> Any:
         if jwk_client is not None:
+            if not jwt.get_unverified_header(token).get("kid"):
+                # PyJWKClient matches no key without one: refused here, before a fetch that
+                # could only fail or, with the provider down, answer 503 for a bad token.
+                raise _token_refused("the token names no key (kid)")
             if waited:  # in vain, for a fetch that goes on
                 return key_set.stuck(jwk_client, token)
             return key_set.signing_key(jwk_client, token)

@@ -110,6 +110,29 @@ async def ask(
         return await client.get("/", headers={"authorization": f"Bearer {bearer}"})
 
 
+async def test_a_token_naming_no_key_is_401_without_a_fetch_even_with_the_provider_down(
+    provider: tuple[KeySetServer, str],
+) -> None:
+    """PyJWKClient matches no key to a token without a ``kid``: such a token is refused
+    401 at once, with the provider up or down, and the provider is not asked. It was
+    fetched for (again after each cooldown), and answered 503 while the provider was
+    down, telling the client to retry a token that can never pass; a token with a
+    ``kid`` still gets its key."""
+    server, url = provider
+    app = protected(url)
+    for mode in ("ok", "error"):
+        server.mode = mode
+        for user in ("alice", "bob"):
+            refused = await ask(app, user, kid=None)
+            assert refused.status_code == 401, refused.text
+            assert "names no key (kid)" in refused.json()["detail"]
+    assert server.fetches == 0
+    server.mode = "ok"
+    answered = await ask(app, "carol")
+    assert (answered.status_code, answered.json()["user"]) == (200, "carol")
+    assert server.fetches == 1
+
+
 def assert_unavailable(response: httpx.Response) -> None:
     assert response.status_code == 503, response.text
     assert response.headers["content-type"] == "application/problem+json"
@@ -146,11 +169,11 @@ async def test_a_key_the_key_set_does_not_have_is_the_tokens_fault(
 ) -> None:
     _, url = provider
     app = protected(url)
-    for kid in ("k9", None):
+    for kid, detail in (("k9", "not trusted"), (None, "names no key (kid)")):
         response = await ask(app, kid=kid)
         assert response.status_code == 401, response.text
         assert response.json()["type"] == "urn:ambient:problem:identity"
-        assert "not trusted" in response.json()["detail"]
+        assert detail in response.json()["detail"]
 
 
 @pytest.mark.parametrize(
