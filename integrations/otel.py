@@ -25,6 +25,7 @@ With ``endpoint=None`` the exporters follow the standard environment variables
 from __future__ import annotations
 
 import logging
+import re
 import urllib.parse
 from collections.abc import Mapping
 
@@ -38,6 +39,7 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+from ambient.middleware.identity import _header_name
 from ambient.telemetry import IdPolicy, Telemetry
 
 __all__ = ["TracingHandle", "configure_tracing"]
@@ -134,6 +136,26 @@ def _check_endpoint(endpoint: object) -> None:
         raise ValueError(msg)
 
 
+# RFC 9110 field-value: visible characters (Latin-1 beyond ASCII), spaces and tabs inside.
+_HEADER_VALUE = re.compile(r"(?:[!-~\x80-\xff](?:[\t -~\x80-\xff]*[!-~\x80-\xff])?)?")
+
+
+def _check_headers(headers: object) -> None:
+    # As with the endpoint: a header the exporter cannot send fails every export, each lost
+    # batch only logged. The value is never echoed: it is usually a credential.
+    if not isinstance(headers, Mapping):
+        msg = f"headers must be a mapping of header names to values, not {type(headers).__name__}"
+        raise TypeError(msg)
+    for name, value in headers.items():
+        _header_name(name, "a name in headers")
+        if not isinstance(value, str) or not _HEADER_VALUE.fullmatch(value):
+            msg = (
+                f"the value of {name!r} in headers must be a str of visible Latin-1 characters, "
+                "with spaces or tabs only inside and no line break"
+            )
+            raise ValueError(msg)
+
+
 def configure_tracing(
     service_name: str,
     endpoint: str | None = None,
@@ -164,14 +186,19 @@ def configure_tracing(
         shutdown to flush (see the module's docs: not after ``uvicorn.run()``).
 
     Raises:
-        ValueError: ``service_name`` is empty, or ``endpoint`` is not an ``http://`` or
-            ``https://`` URL naming a host, or ends in a signal's path (``/v1/traces``).
+        ValueError: ``service_name`` is empty, ``endpoint`` is not an ``http://`` or
+            ``https://`` URL naming a host, or ends in a signal's path (``/v1/traces``), or
+            a name in ``headers`` is no HTTP token or its value no header value (not a
+            ``str``, a line break, a character outside Latin-1).
+        TypeError: ``headers`` is not a mapping.
     """
     if not isinstance(service_name, str) or not service_name.strip():
         msg = "service_name must be a non-empty str (it becomes the resource's service.name)"
         raise ValueError(msg)
     if endpoint is not None:
         _check_endpoint(endpoint)
+    if headers is not None:
+        _check_headers(headers)
     resource = Resource.create({**(resource_attributes or {}), SERVICE_NAME: service_name})
     span_exporter = OTLPSpanExporter(
         endpoint=None if endpoint is None else _signal_url(endpoint, "v1/traces"),

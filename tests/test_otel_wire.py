@@ -651,6 +651,55 @@ def test_an_endpoint_naming_a_signals_path_is_refused_with_its_base(
     assert f"{base!r}, not {endpoint!r}" in str(refused.value)
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"x-api-key": "s3cret\r\nx-injected: 1"},
+        {"x-api-key": "сек s3cret"},
+        {"x-api-key": 12345},
+        {"x-api-key": " s3cret"},
+        {"x api key": "s3cret"},
+        {"": "s3cret"},
+    ],
+    ids=["line-break", "not-latin-1", "not-a-str", "leading-space", "name-with-spaces", "no-name"],
+)
+def test_export_headers_no_request_can_carry_are_refused_at_configuration(
+    receiver: Receiver, headers: dict[Any, Any]
+) -> None:
+    """A header the exporter cannot send (a line break, a character outside Latin-1, a
+    value that is no str, a name that is no HTTP token) is refused with a ValueError that
+    does not echo the value (an API key, as a rule). It was accepted: every batch then
+    failed as it was exported, logged one by one, while force_flush() reported success."""
+    with pytest.raises(ValueError, match="headers") as refused:
+        configure_tracing("misconfigured", receiver.url, set_global=False, headers=headers)
+    assert "s3cret" not in str(refused.value)
+    assert receiver.traces == []
+
+
+def test_export_headers_must_be_a_mapping() -> None:
+    with pytest.raises(TypeError, match="headers must be a mapping"):
+        configure_tracing(
+            "misconfigured",
+            "http://127.0.0.1:4318",
+            set_global=False,
+            headers=[("x-api-key", "s3cret")],  # type: ignore[arg-type]
+        )
+
+
+def test_export_headers_with_latin_1_and_inner_spaces_reach_the_collector(
+    receiver: Receiver,
+) -> None:
+    """Values with spaces or a tab inside and Latin-1 letters are header values: sent."""
+    headers = {"Authorization": "Bearer a.b.c", "x-team": "café\tcrème"}
+    handle = configure_tracing("accepted", receiver.url, set_global=False, headers=headers)
+    handle.tracer_provider.get_tracer("test").start_span("test.span").end()
+    assert handle.force_flush(timeout=5)
+    assert [span.name for _, span in receiver.spans()] == ["test.span"]
+    sent = receiver.headers[0]
+    assert (sent["authorization"], sent["x-team"]) == ("Bearer a.b.c", "café\tcrème")
+    handle.shutdown()
+
+
 @pytest.mark.parametrize("scheme", ["http", "https", "HTTP"])
 def test_an_http_or_https_endpoint_is_accepted(receiver: Receiver, scheme: str) -> None:
     """Either scheme, in any case, is a collector's URL (spans go over plain HTTP here)."""
