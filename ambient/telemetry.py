@@ -645,6 +645,9 @@ class Telemetry(Observer):
         baggage: Iterable[str] = (),
     ) -> None:
         self._ids = _IdExport(user_id, tenant_id, hash_key)
+        if isinstance(span_threshold, bool) or not isinstance(span_threshold, int | float):
+            msg = f"span_threshold must be seconds as an int or float, not {span_threshold!r}"
+            raise TypeError(msg)
         if not span_threshold >= 0:
             msg = f"span_threshold must be >= 0 seconds, not {span_threshold!r}"
             raise ValueError(msg)
