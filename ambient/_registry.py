@@ -21,6 +21,7 @@ from opentelemetry import context as otel_context
 
 from ambient import _observe
 from ambient._binding import _current
+from ambient._checks import number
 from ambient._context import UserExecutionContext, UserRef
 from ambient._instances import (
     Created,
@@ -169,6 +170,7 @@ class Registry:
         clock: Callable[[], float] = time.monotonic,
         telemetry: Observer | None = None,
     ) -> None:
+        cleanup_timeout = number(cleanup_timeout, "cleanup_timeout")
         if not cleanup_timeout > 0:
             msg = f"cleanup_timeout must be > 0 seconds, not {cleanup_timeout!r}"
             raise ValueError(msg)

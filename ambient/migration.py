@@ -50,6 +50,7 @@ from opentelemetry import metrics
 
 from ambient import __version__
 from ambient._binding import _current, _shown
+from ambient._checks import number, whole
 from ambient.errors import (
     GlobalStateError,
     GlobalStateWarning,
@@ -788,13 +789,16 @@ class Rollout(Generic[T]):
         if not name:
             msg = "Rollout needs a non-empty name"
             raise ValueError(msg)
-        if max_error_rate is not None and not 0 <= max_error_rate < 1:
+        if (
+            max_error_rate is not None
+            and not 0 <= number(max_error_rate, "max_error_rate", "failures per call") < 1
+        ):
             msg = f"max_error_rate must be in [0, 1) or None, not {max_error_rate!r}"
             raise ValueError(msg)
-        if not window > 0:
+        if not number(window, "window") > 0:
             msg = f"window must be > 0 seconds, not {window!r}"
             raise ValueError(msg)
-        if min_calls < 1:
+        if whole(min_calls, "min_calls", "calls") < 1:
             msg = f"min_calls must be >= 1, not {min_calls!r}"
             raise ValueError(msg)
         self.key = key

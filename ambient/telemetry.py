@@ -59,6 +59,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ambient import __version__, _binding
 from ambient._binding import _bound_here
+from ambient._checks import number
 from ambient._observe import ComponentEvent, Observer
 from ambient._provider import Lifetime
 from ambient.errors import IncompleteResponseError, InvalidContextError
@@ -645,10 +646,7 @@ class Telemetry(Observer):
         baggage: Iterable[str] = (),
     ) -> None:
         self._ids = _IdExport(user_id, tenant_id, hash_key)
-        if isinstance(span_threshold, bool) or not isinstance(span_threshold, int | float):
-            msg = f"span_threshold must be seconds as an int or float, not {span_threshold!r}"
-            raise TypeError(msg)
-        if not span_threshold >= 0:
+        if not number(span_threshold, "span_threshold") >= 0:
             msg = f"span_threshold must be >= 0 seconds, not {span_threshold!r}"
             raise ValueError(msg)
         self.span_threshold = float(span_threshold)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from ambient import UserExecutionContext, UserRef
+from ambient._checks import number, whole
 
 if TYPE_CHECKING:
     from ambient.integrations.psycopg._per_user import PerUserPools
@@ -87,6 +88,8 @@ class _Arguments:
         """Raise ``ValueError`` naming the first bad argument (``None``, or ``_ABSENT`` for a
         connection limit: the strategy has no such argument), ``TypeError`` for a connection
         limit that is no number; ``fields`` are the context fields ``settings`` may name."""
+        whole(min_size, "min_size", "connections")
+        whole(max_size, "max_size", "connections")
         if not 0 <= min_size <= max_size or max_size < 1:
             msg = f"need 0 <= min_size <= max_size and max_size >= 1, not {min_size}, {max_size}"
             raise ValueError(msg)
@@ -94,16 +97,16 @@ class _Arguments:
             _check_limit("per_user_limit", per_user_limit, 1, "1")
         if max_total is not _ABSENT:
             _check_limit("max_total", max_total, max(1, min_size), "max(1, min_size)")
-        if idle_ttl is not None and idle_ttl < 0:
+        if idle_ttl is not None and number(idle_ttl, "idle_ttl") < 0:
             msg = f"idle_ttl must be >= 0 seconds, not {idle_ttl!r}"
             raise ValueError(msg)
-        if not timeout > 0:
+        if not number(timeout, "timeout") > 0:
             msg = f"timeout must be > 0 seconds, not {timeout!r}"
             raise ValueError(msg)
-        if not return_timeout > 0:
+        if not number(return_timeout, "return_timeout") > 0:
             msg = f"return_timeout must be > 0 seconds, not {return_timeout!r}"
             raise ValueError(msg)
-        if not 0 < retry_after < math.inf:
+        if not 0 < number(retry_after, "retry_after") < math.inf:
             msg = f"retry_after must be > 0 seconds and finite, not {retry_after!r}"
             raise ValueError(msg)
         if rls_check not in ("raise", "warn", "off"):

@@ -14,6 +14,7 @@ import anyio
 import ambient
 from ambient import Lifetime, Registry, UserExecutionContext, UserRef
 from ambient._binding import _shown
+from ambient._checks import number
 from ambient._context import validate_id
 from ambient.errors import BroadcastError
 from ambient.integrations.websockets._broadcast import Broadcast, InProcessBroadcast
@@ -107,6 +108,7 @@ class ConnectionHub:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 msg = f"{name} must be an int >= 1, not {value!r}"
                 raise ValueError(msg)
+        close_timeout = number(close_timeout, "close_timeout")
         if not close_timeout > 0:
             msg = f"close_timeout must be > 0 seconds, not {close_timeout!r}"
             raise ValueError(msg)

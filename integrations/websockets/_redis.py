@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ambient import UserRef, _loops
+from ambient._checks import number
 from ambient.errors import BroadcastError
 from ambient.integrations.websockets._broadcast import Deliver, _attach_once
 from ambient.integrations.websockets._envelope import (
@@ -196,7 +197,7 @@ class RedisBroadcast:
             ("max_reconnect_delay", max_reconnect_delay),
             ("health_check_interval", health_check_interval),
         ):
-            if not value > 0:
+            if not number(value, name) > 0:
                 msg = f"{name} must be > 0 seconds, not {value!r}"
                 raise ValueError(msg)
         self.url = url

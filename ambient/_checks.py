@@ -1,0 +1,28 @@
+"""Type checks of the numeric options the package's constructors take.
+
+A value that is no number (text read from a setting, ``None`` where it means nothing, a
+bool: ``True`` is no second) is a :class:`TypeError` naming the option, instead of Python's
+own "'>' not supported between instances of 'str' and 'int'", or of ``True`` taken for 1.
+Each constructor then checks the range its option needs.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+
+def number(value: object, name: str, unit: str = "seconds") -> float:
+    """``value`` as a float, or :class:`TypeError` naming ``name`` when it is no number."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        msg = f"{name} must be a number of {unit}, not {value!r:.64}"
+        raise TypeError(msg)
+    return float(value)
+
+
+def whole(value: object, name: str, unit: str) -> int:
+    """``value`` as an int, or :class:`TypeError` naming ``name`` when it is no whole
+    number (``2.0`` is not taken either: a count given as a float is a mistake)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        msg = f"{name} must be a whole number of {unit}, not {value!r:.64}"
+        raise TypeError(msg)
+    return int(value)

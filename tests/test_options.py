@@ -1,0 +1,83 @@
+"""Numeric options that are no numbers are refused at construction, naming the option.
+
+Text read from a setting (``"5"``), ``None`` where it means nothing, or a bool (``True`` is
+no second and no connection) is a TypeError saying which option wants what: Python's own
+"'>' not supported between instances of 'str' and 'int'" named nothing, ``True`` was taken
+for one second or one connection, and ``max_size=inf`` reached psycopg_pool, failing the
+first checkout instead of the start-up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from ambient import Registry
+from ambient.integrations.psycopg import PerUserPools, SharedPool
+from ambient.integrations.websockets import ConnectionHub, RedisBroadcast
+from ambient.migration import Rollout
+from ambient.telemetry import Telemetry
+
+URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+# (what is built, the option, how to build it with the option set to a value)
+BUILDERS: list[tuple[str, Callable[[str, Any], object]]] = [
+    ("cleanup_timeout", lambda name, v: Registry(**{name: v})),
+    ("close_timeout", lambda name, v: ConnectionHub(**{name: v})),
+    ("timeout", lambda name, v: RedisBroadcast("redis://127.0.0.1:6379/0", **{name: v})),
+    ("reconnect_delay", lambda name, v: RedisBroadcast("redis://127.0.0.1:6379/0", **{name: v})),
+    (
+        "health_check_interval",
+        lambda name, v: RedisBroadcast("redis://127.0.0.1:6379/0", **{name: v}),
+    ),
+    ("window", lambda name, v: Rollout("engine", legacy=object(), max_error_rate=0.1, window=v)),
+    ("max_error_rate", lambda name, v: Rollout("engine", legacy=object(), max_error_rate=v)),
+    ("min_calls", lambda name, v: Rollout("engine", legacy=object(), min_calls=v)),
+    ("span_threshold", lambda name, v: Telemetry(span_threshold=v)),
+    ("timeout", lambda name, v: PerUserPools(URL, **{name: v})),
+    ("return_timeout", lambda name, v: SharedPool(URL, **{name: v})),
+    ("retry_after", lambda name, v: SharedPool(URL, **{name: v})),
+    ("idle_ttl", lambda name, v: PerUserPools(URL, **{name: v})),
+    ("max_size", lambda name, v: PerUserPools(URL, **{name: v})),
+    ("min_size", lambda name, v: SharedPool(URL, **{name: v})),
+]
+# None means "no limit" or "never" for these: taken, not refused.
+NONE_TAKEN = {"max_error_rate", "idle_ttl"}
+COUNTS = {"min_calls", "max_size", "min_size"}
+
+
+@pytest.mark.parametrize(("option", "build"), BUILDERS, ids=[o for o, _ in BUILDERS])
+@pytest.mark.parametrize("value", ["5", None, True, b"1"], ids=["text", "none", "bool", "bytes"])
+def test_an_option_that_is_no_number_is_a_type_error_naming_it(
+    option: str, build: Callable[[str, Any], object], value: object
+) -> None:
+    if value is None and option in NONE_TAKEN:
+        build(option, value)
+        return
+    wanted = "a whole number of" if option in COUNTS else "a number of"
+    with pytest.raises(TypeError, match=rf"^{option} must be {wanted} .+, not {value!r}"):
+        build(option, value)
+
+
+@pytest.mark.parametrize("option", sorted(COUNTS))
+def test_a_count_given_as_a_float_is_refused(option: str) -> None:
+    """``max_size=inf`` (or 2.0) is no count of connections or calls."""
+    build = {o: b for o, b in BUILDERS if o in COUNTS}[option]
+    for value in (float("inf"), 2.0):
+        with pytest.raises(TypeError, match=rf"^{option} must be a whole number of"):
+            build(option, value)
+
+
+@pytest.mark.parametrize(("option", "build"), BUILDERS, ids=[o for o, _ in BUILDERS])
+def test_numbers_of_other_types_are_taken(option: str, build: Callable[[str, Any], object]) -> None:
+    """An int where seconds are asked, and a float's equal, still construct."""
+    import fractions
+
+    value: object = {"max_error_rate": fractions.Fraction(1, 10), "span_threshold": 0}.get(
+        option, 1 if option in COUNTS else fractions.Fraction(3, 2)
+    )
+    if option == "min_size":
+        value = 0
+    build(option, value)
