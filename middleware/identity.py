@@ -1269,6 +1269,28 @@ def _leeway(leeway: object) -> float:
     return float(leeway)
 
 
+def _required_claims(require: object, user_claim: object, tenant_claim: object) -> list[str]:
+    """The claims a token must carry, ``user_claim`` among them; one name given as a str is
+    one claim (not its letters, each of which no token carries: every token was 401)."""
+    for option, claim in (("user_claim", user_claim), ("tenant_claim", tenant_claim)):
+        if claim is None and option == "tenant_claim":
+            continue
+        if not isinstance(claim, str) or not claim:
+            msg = f"{option} must be a claim's name, a non-empty str, not {claim!r:.64}"
+            raise TypeError(msg) if not isinstance(claim, str) else ValueError(msg)
+    names = (require,) if isinstance(require, str) else require
+    if not isinstance(names, Iterable):
+        msg = f"require must be claim names, such as ('exp',), not {require!r:.64}"
+        raise TypeError(msg)
+    required = {str(user_claim)}
+    for name in names:
+        if not isinstance(name, str) or not name:
+            msg = f"require must name claims with non-empty strs, not {name!r:.64}"
+            raise TypeError(msg) if not isinstance(name, str) else ValueError(msg)
+        required.add(name)
+    return sorted(required)
+
+
 def _stale_keys_for(seconds: object) -> float:
     """``stale_keys_for`` as seconds; refused at construction when no bound could be read
     from it (``inf`` would trust a key set fetched once for ever, a removed key with it)."""
@@ -1333,7 +1355,8 @@ def jwt_bearer(  # noqa: PLR0915 - its closures share the options checked here
         tenant_claim: The claim holding the tenant id, if any. A token without it (or with
             it null) is a user of no tenant; name it in ``require`` to refuse such a token.
         leeway: Seconds of clock skew allowed for ``exp`` and ``nbf`` (finite, >= 0).
-        require: Claims that must be present (``user_claim`` always is).
+        require: Claims that must be present (``user_claim`` always is); one name given
+            as a str is that claim.
         stale_keys_for: With a ``PyJWKClient`` whose cached key set has expired (its
             ``lifespan``), for how many seconds after the last successful fetch that set
             still verifies tokens while the provider cannot be reached or answers with no
@@ -1349,9 +1372,10 @@ def jwt_bearer(  # noqa: PLR0915 - its closures share the options checked here
             ``PyJWKClient`` (a key set fetched from a URL is public), a key with which none
             of ``algorithms`` verifies (a private key, a key of another kind), a JWK or key
             set with no signing key for any of ``algorithms``, an empty audience, or a
-            leeway or ``stale_keys_for`` that is negative, infinite or NaN.
+            leeway or ``stale_keys_for`` that is negative, infinite or NaN, or an empty
+            claim name (``user_claim``, ``tenant_claim``, in ``require``).
         TypeError: at construction, for a leeway or ``stale_keys_for`` that is not a
-            number of seconds.
+            number of seconds, or a claim name that is not a str.
     """
     import jwt
 
@@ -1365,7 +1389,7 @@ def jwt_bearer(  # noqa: PLR0915 - its closures share the options checked here
     audiences = _audiences(audience)
     leeway = _leeway(leeway)
     stale_for = _stale_keys_for(stale_keys_for)
-    required = sorted({*require, user_claim})
+    required = _required_claims(require, user_claim, tenant_claim)
     # aud is checked without an audience too: RFC 7519 (4.1.3) has a token naming audiences
     # refused by a service not among them, or a token meant for another service would do.
     decoder = jwt.PyJWT(options={"require": required, "verify_aud": True, "strict_aud": False})

@@ -504,6 +504,38 @@ class TestJwtBearer:
         with pytest.raises(ValueError, match="audience must be a non-empty string"):
             jwt_bearer(SECRET, algorithms=["HS256"], audience=audience)
 
+    @pytest.mark.parametrize("require", ["exp", ["exp", "iat"], ("exp",)])
+    def test_required_claims_given_as_one_name_or_several_are_claims_not_letters(
+        self, require: Any
+    ) -> None:
+        """``require="exp"`` is the claim ``exp``: it was read as the claims ``e``, ``x``
+        and ``p``, which no token carries, so every token was 401. A token without a
+        required claim is still refused."""
+        resolve = hs_resolver(require=require)
+        assert resolve(bearer(token({"sub": "alice"}))).user_id == "alice"
+        with pytest.raises(IdentityError, match="exp"):
+            resolve(bearer(token({"sub": "alice", "exp": None})))
+
+    @pytest.mark.parametrize(
+        ("options", "error", "words"),
+        [
+            ({"user_claim": ""}, ValueError, "user_claim must be a claim's name"),
+            ({"user_claim": None}, TypeError, "user_claim must be a claim's name"),
+            ({"tenant_claim": ""}, ValueError, "tenant_claim must be a claim's name"),
+            ({"tenant_claim": 7}, TypeError, "tenant_claim must be a claim's name"),
+            ({"require": ["exp", ""]}, ValueError, "require must name claims"),
+            ({"require": [b"exp"]}, TypeError, "require must name claims"),
+            ({"require": 7}, TypeError, "require must be claim names"),
+        ],
+    )
+    def test_claim_names_no_token_could_carry_are_refused_at_once(
+        self, options: dict[str, Any], error: type[Exception], words: str
+    ) -> None:
+        """An empty claim name (or one that is no str) was taken, and every token was 401
+        at request time: no token carries it, or a tenant claim named nothing was read."""
+        with pytest.raises(error, match=words):
+            hs_resolver(**options)
+
     def test_leeway_tolerates_small_clock_skew_only(self) -> None:
         just_expired = token({"exp": int(time.time()) - 10})
         assert hs_resolver(leeway=30)(bearer(just_expired)) is not None
