@@ -132,12 +132,28 @@ observers: tuple[Observer, ...] = ()
 _complained: dict[int, Callable[[], object]] = {}
 
 
+def checked(observer: object, name: str) -> Observer:
+    """``observer``, or :class:`TypeError` naming ``name`` when it is no :class:`Observer`:
+    scopes read its attributes as they open, and a request would fail at each."""
+    if not isinstance(observer, Observer):
+        msg = (
+            f"{name} must be an ambient Observer (such as ambient.telemetry.Telemetry()), "
+            f"not {type(observer).__name__}"
+        )
+        raise TypeError(msg)
+    return observer
+
+
 def add_observer(observer: Observer) -> Callable[[], None]:
     """Let ``observer`` see every scope and component in this process.
 
     Returns:
         A function that removes the observer again.
+
+    Raises:
+        TypeError: ``observer`` is not an :class:`Observer`.
     """
+    checked(observer, "observer")
     global observers  # noqa: PLW0603 - replaced as a whole so readers need no lock
     observers = (*observers, observer)
 

@@ -152,6 +152,11 @@ class Registry:
         telemetry: An :class:`~ambient.telemetry.Telemetry` (or any observer) that sees
             this registry's scopes and components.
 
+    Raises:
+        ValueError: ``cleanup_timeout`` not above 0, ``max_users`` below 1.
+        TypeError: an option of another type: ``cleanup_timeout`` no number, ``clock``
+            not callable, ``telemetry`` no :class:`~ambient.Observer`.
+
     Example::
 
         registry = Registry()
@@ -177,6 +182,11 @@ class Registry:
         if isinstance(max_users, bool) or not isinstance(max_users, int) or max_users < 1:
             msg = f"max_users must be an int >= 1, not {max_users!r}"
             raise ValueError(msg)
+        if not callable(clock):
+            msg = f"clock must be a callable returning seconds, not {type(clock).__name__}"
+            raise TypeError(msg)
+        if telemetry is not None:
+            _observe.checked(telemetry, "telemetry")
         self.cleanup_timeout = cleanup_timeout
         self.max_users = max_users
         self.telemetry = telemetry

@@ -15,7 +15,7 @@ from typing import Any, Final
 import anyio
 import anyio.lowlevel
 
-from ambient import _binding
+from ambient import _binding, _observe
 from ambient._binding import (
     _Binding,
     _bound_here,
@@ -294,6 +294,8 @@ class AmbientMiddleware:
         self._thread_id_header = _header_name(thread_id_header)
         self._thread_id_query = thread_id_query
         self.max_concurrent_per_user = max_concurrent_per_user
+        if telemetry is not None:
+            _observe.checked(telemetry, "telemetry")
         self.telemetry = telemetry
         if telemetry is not None and telemetry is not registry.telemetry:
             _warn_if_traced_twice(telemetry, registry.telemetry)

@@ -1,4 +1,4 @@
-"""Numeric options that are no numbers are refused at construction, naming the option.
+"""Options of the wrong type are refused at construction, naming the option.
 
 Text read from a setting (``"5"``), ``None`` where it means nothing, or a bool (``True`` is
 no second and no connection) is a TypeError saying which option wants what: Python's own
@@ -14,9 +14,12 @@ from typing import Any
 
 import pytest
 
-from ambient import Registry
+import ambient
+from ambient import Observer, Registry
 from ambient.integrations.psycopg import PerUserPools, SharedPool
 from ambient.integrations.websockets import ConnectionHub, RedisBroadcast
+from ambient.middleware import AmbientMiddleware
+from ambient.middleware.identity import trusted_header
 from ambient.migration import Rollout
 from ambient.telemetry import Telemetry
 
@@ -81,3 +84,42 @@ def test_numbers_of_other_types_are_taken(option: str, build: Callable[[str, Any
     if option == "min_size":
         value = 0
     build(option, value)
+
+
+async def _app(scope: Any, receive: Any, send: Any) -> None:
+    raise AssertionError("never called")
+
+
+@pytest.mark.parametrize("observer", [5, object(), "telemetry", Telemetry], ids=repr)
+def test_an_observer_that_is_none_is_refused_where_it_is_given(observer: object) -> None:
+    """Something that is no Observer given as telemetry (the class instead of an instance,
+    a setting's text) was taken, and every scope opened with it failed: each request was
+    a 500 ("object has no attribute 'inactive_until'")."""
+    with pytest.raises(TypeError, match=r"^telemetry must be an ambient Observer"):
+        Registry(telemetry=observer)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^telemetry must be an ambient Observer"):
+        AmbientMiddleware(
+            _app,
+            registry=Registry(),
+            identity=trusted_header(),
+            telemetry=observer,  # type: ignore[arg-type]
+        )
+    with pytest.raises(TypeError, match=r"^observer must be an ambient Observer"):
+        ambient.add_observer(observer)  # type: ignore[arg-type]
+
+
+def test_observers_of_ambient_are_taken() -> None:
+    class Counting(Observer):
+        pass
+
+    for observer in (Telemetry(), Counting()):
+        assert Registry(telemetry=observer).telemetry is observer
+        remove = ambient.add_observer(observer)
+        remove()
+
+
+@pytest.mark.parametrize("clock", [5, "monotonic", None], ids=repr)
+def test_a_clock_that_cannot_be_called_is_refused(clock: object) -> None:
+    """It was taken, and the first USER component's expiry check failed in a request."""
+    with pytest.raises(TypeError, match=r"^clock must be a callable"):
+        Registry(clock=clock)  # type: ignore[arg-type]
