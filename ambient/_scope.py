@@ -13,7 +13,7 @@ import anyio
 import anyio.from_thread
 
 from ambient import _binding, _observe
-from ambient._binding import _Binding, _SharedBinding, _shown, bind, unbind
+from ambient._binding import _Binding, _set_new, _SharedBinding, _shown, bind, unbind
 from ambient._context import ANONYMOUS, UserExecutionContext
 from ambient._instances import (
     Instances,
@@ -216,8 +216,7 @@ class Scope:
         self._closes = registry._closes
         if _current.get() is None:
             # Nothing to shadow and no other user to refuse: bind() without its checks.
-            binding = self._binding = _Binding(self.context, self, None)
-            binding.token = _current.set(binding)
+            self._binding = _set_new(self.context, self, None)
         else:
             self._binding = bind(self.context, self, allow_switch=self._allow_switch)
         self._opened = True
