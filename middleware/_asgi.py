@@ -388,7 +388,8 @@ class AmbientMiddleware:
             echo = [(self._request_id_header, request_id.encode())]
             expires_at = identity.expires_at if identity is not None else None
             if expires_at is None:
-                response = _Response(send, echo, receive)
+                response = _Response()
+                response._begin(send, echo, receive)
                 app_receive: Receive = response._received
             elif websocket:
                 response = socket = _Socket(send, echo, receive, expires_at)
@@ -954,7 +955,9 @@ class _Response:
     # Whether this middleware ended the body early (a stream past its identity's expiry).
     cut = False
 
-    def __init__(self, send: Send, echo: list[tuple[bytes, bytes]], receive: Receive) -> None:
+    # No __init__: made by a plain call, then begun (calling a class with an __init__ costs
+    # about twice what that does, once per request).
+    def _begin(self, send: Send, echo: list[tuple[bytes, bytes]], receive: Receive) -> None:
         self._send = send
         self._echo = echo
         self._receive = receive
@@ -1078,7 +1081,7 @@ class _Socket(_Response):
     def __init__(
         self, send: Send, echo: list[tuple[bytes, bytes]], receive: Receive, expires_at: float
     ) -> None:
-        super().__init__(send, echo, receive)
+        self._begin(send, echo, receive)
         self._expires_at = expires_at
         self.closed = False
         self.expired = False
@@ -1139,7 +1142,7 @@ class _Stream(_Response):
     ) -> None:
         # What _Response sends goes through _forward: the start it sends has its headers
         # as a list already, the echo among them.
-        super().__init__(self._forward, echo, receive)
+        self._begin(self._forward, echo, receive)
         self._server = send
         self._expires_at = expires_at
         self._streaming = False
