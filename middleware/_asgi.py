@@ -240,6 +240,7 @@ class AmbientMiddleware:
         "_anonymous_paths",
         "_anonymous_prefixes",
         "_challenge",
+        "_id_lengths",
         "_request_id_header",
         "_requests",
         "_requests_done",
@@ -292,6 +293,7 @@ class AmbientMiddleware:
         self._anonymous_paths, self._anonymous_prefixes = _paths(anonymous_paths)
         self._request_id_header = _header_name(request_id_header)
         self._thread_id_header = _header_name(thread_id_header)
+        self._id_lengths = frozenset((len(self._request_id_header), len(self._thread_id_header)))
         self._thread_id_query = thread_id_query
         self.max_concurrent_per_user = max_concurrent_per_user
         if telemetry is not None:
@@ -579,7 +581,10 @@ class AmbientMiddleware:
         thread_ids: tuple[bytes, ...] = ()
         rid_name = self._request_id_header
         tid_name = self._thread_id_header
+        lengths = self._id_lengths
         for name, value in scope.get("headers", ()):
+            if len(name) not in lengths:
+                continue  # neither name, in any case: lowered for nothing
             lowered = name.lower()
             if lowered == rid_name:
                 # Sent more than once: none is taken (b"" is no valid id).
