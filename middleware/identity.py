@@ -609,6 +609,7 @@ def trusted_header(
     # and building one is looked up, not redone (bounded like the peer verdicts).
     known: dict[bytes, Identity] = {}
     hints = _PeerHints("trusted_header()")
+    lengths = _lengths(wanted)
 
     def resolve(scope: Mapping[str, Any]) -> Identity | None:
         if not peer_trusted(scope):
@@ -619,6 +620,8 @@ def trusted_header(
         raw: bytes | None = None
         forwarding: list[tuple[bytes, bytes]] | None = None
         for key, value in scope.get("headers", ()):
+            if len(key) not in lengths:
+                continue  # none of the names, in any case: lowered for nothing
             lowered = key.lower()
             if lowered == wanted:
                 if raw is not None:
@@ -668,6 +671,7 @@ def _with_tenant(
     # As trusted_header()'s own memo, by both headers' values (the tenant's None when not
     # sent): only what was decoded and checked is kept, never what a repeat refuses.
     known: dict[tuple[bytes, bytes | None], Identity] = {}
+    lengths = _lengths(wanted, tenant)
 
     def resolve(scope: Mapping[str, Any]) -> Identity | None:
         if not peer_trusted(scope):
@@ -679,6 +683,8 @@ def _with_tenant(
         tenants = 0
         forwarding: list[tuple[bytes, bytes]] | None = None
         for key, value in scope.get("headers", ()):
+            if len(key) not in lengths:
+                continue  # as in trusted_header()
             lowered = key.lower()
             if lowered == wanted:
                 if raw is not None:
@@ -715,6 +721,12 @@ def _with_tenant(
         return _remembered(known, key, _identity(user_id, tenant_id))
 
     return resolve
+
+
+def _lengths(*names: bytes) -> frozenset[int]:
+    """The lengths of a resolver's header names and of the forwarding headers': a header
+    of another length is none of them, whatever its case."""
+    return frozenset(len(name) for name in (*names, _XFF, _FORWARDED))
 
 
 def _header_id(raw: bytes, name: str) -> str:
