@@ -48,9 +48,8 @@ from typing import (
 
 from opentelemetry import metrics
 
-from ambient import __version__
+from ambient import __version__, _checks
 from ambient._binding import _current, _shown
-from ambient._checks import number, whole
 from ambient.errors import (
     GlobalStateError,
     GlobalStateWarning,
@@ -791,14 +790,14 @@ class Rollout(Generic[T]):
             raise ValueError(msg)
         if (
             max_error_rate is not None
-            and not 0 <= number(max_error_rate, "max_error_rate", "failures per call") < 1
+            and not 0 <= _checks.number(max_error_rate, "max_error_rate", "failures per call") < 1
         ):
             msg = f"max_error_rate must be in [0, 1) or None, not {max_error_rate!r}"
             raise ValueError(msg)
-        if not number(window, "window") > 0:
+        if not _checks.number(window, "window") > 0:
             msg = f"window must be > 0 seconds, not {window!r}"
             raise ValueError(msg)
-        if whole(min_calls, "min_calls", "calls") < 1:
+        if _checks.whole(min_calls, "min_calls", "calls") < 1:
             msg = f"min_calls must be >= 1, not {min_calls!r}"
             raise ValueError(msg)
         self.key = key
