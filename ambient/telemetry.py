@@ -57,9 +57,8 @@ from opentelemetry import metrics, trace
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from ambient import __version__, _binding
+from ambient import __version__, _binding, _checks
 from ambient._binding import _bound_here
-from ambient._checks import number
 from ambient._observe import ComponentEvent, Observer
 from ambient._provider import Lifetime
 from ambient.errors import IncompleteResponseError, InvalidContextError
@@ -646,7 +645,7 @@ class Telemetry(Observer):
         baggage: Iterable[str] = (),
     ) -> None:
         self._ids = _IdExport(user_id, tenant_id, hash_key)
-        if not number(span_threshold, "span_threshold") >= 0:
+        if not _checks.number(span_threshold, "span_threshold") >= 0:
             msg = f"span_threshold must be >= 0 seconds, not {span_threshold!r}"
             raise ValueError(msg)
         self.span_threshold = float(span_threshold)
