@@ -1,4 +1,4 @@
-"""Type checks of the numeric options the package's constructors take.
+"""Type checks of the options the package's constructors take.
 
 A value that is no number (text read from a setting, ``None`` where it means nothing, a
 bool: ``True`` is no second) is a :class:`TypeError` naming the option, instead of Python's
@@ -9,6 +9,8 @@ Each constructor then checks the range its option needs.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
+from typing import cast
 
 
 def number(value: object, name: str, unit: str = "seconds") -> float:
@@ -26,3 +28,12 @@ def whole(value: object, name: str, unit: str) -> int:
         msg = f"{name} must be a whole number of {unit}, not {value!r:.64}"
         raise TypeError(msg)
     return int(value)
+
+
+def clock(value: object) -> Callable[[], float]:
+    """``value``, or :class:`TypeError` when it cannot be called: a clock is first read in
+    a request, which would fail there instead of at start-up."""
+    if not callable(value):
+        msg = f"clock must be a callable returning seconds, not {type(value).__name__}"
+        raise TypeError(msg)
+    return cast("Callable[[], float]", value)

@@ -21,6 +21,7 @@ from opentelemetry import context as otel_context
 
 from ambient import _observe
 from ambient._binding import _current
+from ambient._checks import clock as checked_clock
 from ambient._checks import number
 from ambient._context import UserExecutionContext, UserRef
 from ambient._instances import (
@@ -182,9 +183,7 @@ class Registry:
         if isinstance(max_users, bool) or not isinstance(max_users, int) or max_users < 1:
             msg = f"max_users must be an int >= 1, not {max_users!r}"
             raise ValueError(msg)
-        if not callable(clock):
-            msg = f"clock must be a callable returning seconds, not {type(clock).__name__}"
-            raise TypeError(msg)
+        clock = checked_clock(clock)
         if telemetry is not None:
             _observe.checked(telemetry, "telemetry")
         self.cleanup_timeout = cleanup_timeout

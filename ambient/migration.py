@@ -808,7 +808,7 @@ class Rollout(Generic[T]):
         self.min_calls = min_calls
         self.env_prefix = f"AMBIENT_ROLLOUT_{_env_name(name)}_"
         self._salt = (name if salt is None else salt).encode()
-        self._clock = clock
+        self._clock = _checks.clock(clock)
         self._lock = threading.Lock()
         self._window = _Window(window)
         self._fallen_back = False

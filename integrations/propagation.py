@@ -54,6 +54,7 @@ from typing import Any, Final, NamedTuple
 
 from opentelemetry import propagate
 
+from ambient import _checks
 from ambient._binding import bind_context, current_context_or_none, get_current_context
 from ambient._context import UserExecutionContext
 from ambient._registry import Registry
@@ -167,6 +168,7 @@ class ContextSigner:
         # Finite, as jwt_bearer's: an infinite leeway honoured every token forever, and an
         # int past what a float holds failed every verification with an OverflowError.
         leeway = _leeway(leeway)
+        clock = _checks.clock(clock)
         self._signing = _Key(secret)
         self._keys = {self._signing.kid: self._signing}
         # One key is a str or bytes, not an iterable of its characters (or of ints).

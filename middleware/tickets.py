@@ -52,7 +52,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol, cast, runtime_checkable
 from urllib.parse import parse_qsl
 
-from ambient import _loops
+from ambient import _checks, _loops
 from ambient._binding import _shown, get_current_context
 from ambient._context import ANONYMOUS, UserRef, validate_id
 from ambient._context import ReadOnlyDict as _ReadOnlyDict
@@ -162,7 +162,7 @@ class MemoryTicketStore:
     ) -> None:
         self._max = _check_max("max_tickets", max_tickets)
         self._max_per_user = _check_max("max_per_user", max_per_user)
-        self._clock = clock
+        self._clock = _checks.clock(clock)
         self._lock = threading.Lock()
         # In order of their deadlines, but for tickets put with a deadline earlier than
         # ``_latest`` (one given back after a refused handshake): those are in ``_early``
@@ -496,7 +496,7 @@ class WebSocketTickets:
         self.store: TicketStore = MemoryTicketStore() if store is None else store
         self.ttl = float(ttl)
         self.query = query
-        self._clock = clock
+        self._clock = _checks.clock(clock)
         # The store last checked, whether it keeps revocations, whether it bounds a user's.
         self._checked: tuple[TicketStore | None, bool, bool] = (None, False, False)
 

@@ -16,10 +16,12 @@ import pytest
 
 import ambient
 from ambient import Observer, Registry
+from ambient.integrations.propagation import ContextSigner
 from ambient.integrations.psycopg import PerUserPools, SharedPool
 from ambient.integrations.websockets import ConnectionHub, RedisBroadcast
 from ambient.middleware import AmbientMiddleware
 from ambient.middleware.identity import trusted_header
+from ambient.middleware.tickets import MemoryTicketStore, WebSocketTickets
 from ambient.migration import Rollout
 from ambient.telemetry import Telemetry
 
@@ -118,8 +120,21 @@ def test_observers_of_ambient_are_taken() -> None:
         remove()
 
 
+CLOCKED: list[tuple[str, Callable[[Any], object]]] = [
+    ("Registry", lambda clock: Registry(clock=clock)),
+    ("Rollout", lambda clock: Rollout("engine", legacy=object(), clock=clock)),
+    ("MemoryTicketStore", lambda clock: MemoryTicketStore(clock=clock)),
+    ("WebSocketTickets", lambda clock: WebSocketTickets(clock=clock)),
+    ("ContextSigner", lambda clock: ContextSigner("s" * 32, clock=clock)),
+]
+
+
+@pytest.mark.parametrize(("owner", "build"), CLOCKED, ids=[o for o, _ in CLOCKED])
 @pytest.mark.parametrize("clock", [5, "monotonic", None], ids=repr)
-def test_a_clock_that_cannot_be_called_is_refused(clock: object) -> None:
-    """It was taken, and the first USER component's expiry check failed in a request."""
+def test_a_clock_that_cannot_be_called_is_refused(
+    owner: str, build: Callable[[Any], object], clock: object
+) -> None:
+    """It was taken, and the first request that read it failed (a USER component's expiry,
+    a rollout's window, a ticket's deadline, a signed context's expiry)."""
     with pytest.raises(TypeError, match=r"^clock must be a callable"):
-        Registry(clock=clock)  # type: ignore[arg-type]
+        build(clock)
