@@ -685,7 +685,10 @@ class _ExpiringView:
         async def watch(scope: Any, receive: Any, send: Any) -> None:
             await inner(scope, receive, send)
             if scope["type"] in ("http", "websocket"):
-                done = bool(self.tasks) and all(task.done() for task in self.tasks)
+                # Django 6 runs the view in the app's own task (this one, which the view
+                # has left once the app returned); Django 5 in a task of its own.
+                here = asyncio.current_task()
+                done = bool(self.tasks) and all(t.done() or t is here for t in self.tasks)
                 self.returned.append((done, list(self.events)))
                 self.done.set()
 

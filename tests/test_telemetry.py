@@ -13,7 +13,6 @@ import json
 import logging
 import random
 import socket
-import sys
 import threading
 import time
 import traceback
@@ -76,7 +75,7 @@ from ambient.integrations.websockets import message_scope
 from ambient.middleware import AmbientMiddleware
 from ambient.middleware.identity import Identity, trusted_header
 from ambient.telemetry import Telemetry, hash_id
-from tests.servers import serve
+from tests.servers import NO_HYPERCORN_SHUTDOWN_UNDER_OPEN_STREAMS, serve
 from tests.test_middleware import drive, ws_scope
 
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
@@ -3188,13 +3187,7 @@ async def test_a_telemetrys_own_meter_counts_the_guarded_globals_touched_in_its_
             "hypercorn",
             {"graceful_timeout": 1},
             id="hypercorn",
-            marks=pytest.mark.skipif(
-                sys.version_info >= (3, 12),
-                reason="on Python 3.12+ hypercorn's asyncio server first waits for every "
-                "client to close its connection (asyncio.Server.wait_closed() waits for "
-                "them there), so it never reaches its graceful timeout while a client "
-                "holds a stream open",
-            ),
+            marks=NO_HYPERCORN_SHUTDOWN_UNDER_OPEN_STREAMS,
         ),
         pytest.param("hypercorn-trio", {"graceful_timeout": 1}, id="hypercorn-trio"),
     ],
