@@ -996,6 +996,8 @@ class _KeySet:
                 # field of the wrong type, a connection reset in the middle of the body.
                 failed = exc
             self._remember(client, None if failed is not None else found)
+            if failed is not None and self.lacks_key(failed):
+                self._forget(client, token)
         finally:
             self._gate.release()
         if failed is not None:
@@ -1045,6 +1047,18 @@ class _KeySet:
         elif isinstance(found, jwt.PyJWK):
             self._remembered = _Remembered([found], _monotonic())
 
+    def _forget(self, client: PyJWKClient, token: str) -> None:
+        """The key set just fetched lacks ``token``'s key: without a cache, the key found
+        last is forgotten when it is that one (the provider removed it, and it must not
+        serve in an outage). A cache's set is remembered whole, as it was fetched."""
+        import jwt
+
+        remembered = self._remembered
+        if client.jwk_set_cache is None and remembered is not None:
+            kid = jwt.get_unverified_header(token).get("kid")
+            if any(key.key_id == kid for key in remembered.keys):
+                self._remembered = None
+
     def _known_key(self, client: PyJWKClient, token: str) -> Any:
         """The key for ``token`` among those fetched before, or ``None``: as PyJWKClient
         picks it (by ``kid``, a signing key), in the client's cache while it is fresh, or
@@ -1089,12 +1103,17 @@ class _KeySet:
         """The token's key unknown to the key set is the token's fault (401); a key set that
         could not be fetched or is unusable is the server's (503): it says nothing about
         the token, and the provider is left alone for a pause."""
+        if self.lacks_key(exc):
+            return _token_refused("the token's key (kid) is not trusted")
+        return self.unavailable(exc)
+
+    @staticmethod
+    def lacks_key(exc: Exception) -> bool:
+        """Whether ``exc`` says the key set was had and holds no key with the token's kid."""
         import jwt
 
         unreachable = isinstance(exc, jwt.PyJWKClientConnectionError | OSError)
-        if not unreachable and str(exc).startswith(_NO_MATCHING_KEY):
-            return _token_refused("the token's key (kid) is not trusted")
-        return self.unavailable(exc)
+        return not unreachable and str(exc).startswith(_NO_MATCHING_KEY)
 
     def unavailable(self, exc: Exception) -> IdentityUnavailableError:
         """The 503 for a key set that could not be had because of ``exc``; the provider is

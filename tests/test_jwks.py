@@ -852,3 +852,23 @@ async def test_a_key_set_that_trickles_in_past_the_clients_cache_leaves_the_last
             server.release.set()
         with anyio.fail_after(10):
             await anyio.to_thread.run_sync(server.sent.wait)
+
+
+async def test_a_key_the_provider_no_longer_has_never_serves_from_a_client_without_a_cache(
+    provider: tuple[KeySetServer, str], clock: _Clock
+) -> None:
+    """``cache_jwk_set=False``: k1 was found, then the provider rotated to k2 alone and a
+    token naming k1 was refused for it (the set fetched lacked k1). In the outage that
+    follows, k1 is 503, never verified with the key found before the provider removed it."""
+    server, url = provider
+    client = jwt.PyJWKClient(url, timeout=5, cache_jwk_set=False)
+    app = stale_protected(url, client)
+    assert (await ask(app, "warm-up")).status_code == 200
+    server.serve_keys(public_jwk(ROTATED_KEY, "k2"))
+    removed = await ask(app, "removed")
+    assert removed.status_code == 401, removed.text
+    assert "not trusted" in removed.json()["detail"]
+    assert server.fetches == 3  # without a cache, a kid not found is fetched for twice
+    server.mode = "error"
+    assert_unavailable(await ask(app, "removed"))
+    assert server.fetches == 4
