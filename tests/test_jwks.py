@@ -854,6 +854,24 @@ async def test_a_key_set_that_trickles_in_past_the_clients_cache_leaves_the_last
             await anyio.to_thread.run_sync(server.sent.wait)
 
 
+# -- what the mutation hunt over the key set's handling found untested ----------------------
+
+
+def test_one_resolver_serves_event_loops_of_both_libraries_in_turn(
+    provider: tuple[KeySetServer, str],
+) -> None:
+    """One resolver, asked from an asyncio event loop, then from a trio one, then from
+    asyncio again (an anyio limiter belongs to one async library): each request waits
+    for its key in a worker thread and passes as its own user."""
+    server, url = provider
+    app = protected(url)
+    for n, backend in enumerate(("asyncio", "trio", "asyncio")):
+        user = f"{backend}-{n}"
+        response = anyio.run(ask, app, user, backend=backend)
+        assert (response.status_code, response.json()["user"]) == (200, user)
+    assert server.fetches == 1
+
+
 async def test_a_key_the_provider_no_longer_has_never_serves_from_a_client_without_a_cache(
     provider: tuple[KeySetServer, str], clock: _Clock
 ) -> None:
@@ -872,3 +890,54 @@ async def test_a_key_the_provider_no_longer_has_never_serves_from_a_client_witho
     server.mode = "error"
     assert_unavailable(await ask(app, "removed"))
     assert server.fetches == 4
+
+
+async def test_requests_during_a_stuck_fetch_are_answered_at_once_after_the_first_wait(
+    clock: _Clock,
+) -> None:
+    """The client's cache has expired and the provider trickles its key set in. The first
+    requests wait twice the client's timeout for it, then pass with the last key set
+    fetched; the fetch goes on. Requests arriving after that wait neither for that fetch
+    nor for a worker thread held by one: they pass at once, each as its own user."""
+    server = LaterTricklingKeySetServer()
+    with serve("uvicorn", server) as url:
+        client = jwt.PyJWKClient(f"{url}/.well-known/jwks.json", timeout=1)
+        app = stale_protected(url, client)
+        try:
+            assert (await ask(app, "warm-up")).status_code == 200
+            server.mode = "trickle"
+            clock.now += LIFESPAN + 1
+            with anyio.fail_after(10):
+                assert await users_at_once(app, 6) == each_as_itself(6)
+            with anyio.fail_after(1):  # well within the two seconds the first ones waited
+                assert await users_at_once(app, 6) == each_as_itself(6)
+            assert server.fetches == 2
+        finally:
+            server.release.set()
+        with anyio.fail_after(10):
+            await anyio.to_thread.run_sync(server.sent.wait)
+
+
+async def test_a_slow_identity_provider_holds_a_few_worker_threads_not_one_per_request() -> None:
+    """60 requests wait for the key set from a provider slow to answer: the resolver's own
+    limiter lets a few of them hold a worker thread, not one each (nor anyio's default 40)."""
+    server = GatedKeySetServer()
+    answers: list[httpx.Response] = []
+    with serve("uvicorn", server) as url:
+        app = protected(f"{url}/.well-known/jwks.json")
+
+        async def one(n: int) -> None:
+            answers.append(await ask(app, f"user-{n}"))
+
+        before = threading.active_count()
+        async with anyio.create_task_group() as tg:
+            for n in range(60):
+                tg.start_soon(one, n)
+            try:
+                await anyio.wait_all_tasks_blocked()
+                held = threading.active_count() - before
+            finally:
+                server.gate.set()
+    assert held <= 8, held  # the resolver's 4, and what the event loop starts for itself
+    assert sorted(r.json()["user"] for r in answers) == sorted(f"user-{n}" for n in range(60))
+    assert server.fetches == 1
