@@ -941,3 +941,106 @@ async def test_a_slow_identity_provider_holds_a_few_worker_threads_not_one_per_r
     assert held <= 8, held  # the resolver's 4, and what the event loop starts for itself
     assert sorted(r.json()["user"] for r in answers) == sorted(f"user-{n}" for n in range(60))
     assert server.fetches == 1
+
+
+async def test_once_a_stuck_fetch_ends_a_key_the_set_lacks_is_401_not_503(
+    clock: _Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Requests gave up on a fetch that trickled in (503, and a pause before the provider
+    is asked again). Once that fetch ends, the key set works again: a token whose key the
+    set lacks is the token's fault again (401), not 503 until the pause would have ended,
+    while the keys the set holds pass."""
+    server = TricklingKeySetServer()
+    with serve("uvicorn", server) as url:
+        client = jwt.PyJWKClient(f"{url}/.well-known/jwks.json", timeout=0.5)
+        app = stale_protected(url, client)
+        with caplog.at_level(logging.WARNING, logger="ambient.middleware"):
+            try:
+                with anyio.fail_after(10):
+                    assert_unavailable(await ask(app, "early"))
+            finally:
+                server.release.set()
+
+            async def works_again() -> bool:
+                return any("works again" in m for m in key_set_warnings(caplog))
+
+            await _eventually(works_again, "the fetch that trickled in to end")
+        unknown = await ask(app, kid="k9")
+        assert unknown.status_code == 401, unknown.text
+        assert "not trusted" in unknown.json()["detail"]
+        known = await ask(app, "after")
+    assert (known.status_code, known.json()["user"]) == (200, "after")
+    assert server.fetches == 1
+
+
+async def test_the_warning_of_an_outage_served_by_no_key_says_none_served(
+    provider: tuple[KeySetServer, str], clock: _Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A first outage is served by the last key set fetched, and its end says so. A second
+    outage begins past ``stale_keys_for``: no key serves in it, and its end says nothing of
+    keys served meanwhile."""
+    server, url = provider
+    app = stale_protected(url)
+    with caplog.at_level(logging.WARNING, logger="ambient.middleware"):
+        assert (await ask(app, "warm-up")).status_code == 200
+        server.mode = "error"
+        clock.now += LIFESPAN + 1
+        assert (await ask(app, "during")).status_code == 200
+        server.mode = "ok"
+        clock.now += 5.01
+        assert (await ask(app, "back")).status_code == 200
+        server.mode = "error"
+        clock.now += STALE_KEYS_FOR + 1
+        assert_unavailable(await ask(app, "too-late"))
+        server.mode = "ok"
+        clock.now += 5.01
+        again = await ask(app, "back-again")
+    assert (again.status_code, again.json()["user"]) == (200, "back-again")
+    warnings = key_set_warnings(caplog)
+    assert len(warnings) == 4, warnings
+    assert "serves meanwhile" in warnings[0]
+    assert "served meanwhile" in warnings[1]
+    assert "serves no more" in warnings[2]
+    assert warnings[3].endswith("works again"), warnings[3]
+
+
+async def test_a_key_set_another_resolver_fetched_serves_for_stale_keys_for_from_its_fetch(
+    provider: tuple[KeySetServer, str], clock: _Clock
+) -> None:
+    """Two resolvers share one client; the second fetched the set holding k2, which the
+    first never saw. In an outage that begins past ``stale_keys_for`` after that fetch, the
+    first does not serve k2: the bound counts from when the set was fetched, not from when
+    a resolver first looked at it."""
+    server, url = provider
+    client = jwt.PyJWKClient(url, timeout=5)
+    first, second = stale_protected(url, client), stale_protected(url, client)
+    assert (await ask(first, "warm-up")).status_code == 200
+    server.serve_keys(public_jwk(ROTATED_KEY, "k2"))
+    clock.now += LIFESPAN + 1
+    assert (await ask(second, "second", kid="k2", key=ROTATED_KEY)).status_code == 200
+    server.mode = "error"
+    clock.now += STALE_KEYS_FOR + 1
+    assert_unavailable(await ask(first, "late", kid="k2", key=ROTATED_KEY))
+    assert_unavailable(await ask(first, "removed"))
+    assert server.fetches == 3
+
+
+async def test_a_client_without_a_cache_serves_the_key_found_last_counted_from_that_find(
+    provider: tuple[KeySetServer, str], clock: _Clock
+) -> None:
+    """``cache_jwk_set=False``: k1 was found, then the provider rotated to k2 alone and k2
+    was found, near the end of ``stale_keys_for`` after the first find. In the outage that
+    follows, k2 serves (its find is recent), and k1, found before it, is 503."""
+    server, url = provider
+    client = jwt.PyJWKClient(url, timeout=5, cache_jwk_set=False)
+    app = stale_protected(url, client)
+    assert (await ask(app, "warm-up")).status_code == 200
+    server.serve_keys(public_jwk(ROTATED_KEY, "k2"))
+    clock.now += STALE_KEYS_FOR - 10
+    assert (await ask(app, "rotated", kid="k2", key=ROTATED_KEY)).status_code == 200
+    server.mode = "error"
+    clock.now += 20
+    ok = await ask(app, "during", kid="k2", key=ROTATED_KEY)
+    assert (ok.status_code, ok.json()["user"]) == (200, "during")
+    assert_unavailable(await ask(app, "removed"))
+    assert server.fetches == 3
