@@ -980,6 +980,7 @@ class _KeySet:
             error = self.unavailable(TimeoutError("another request's fetch is stuck"))
             return self._known_key_or(client, token, error)
         failed: Exception | None = None
+        refused: IdentityError | IdentityUnavailableError | None = None
         try:
             wait = self._retry_at - _monotonic()  # a fetch failed while this one waited
             if wait > 0:
@@ -996,14 +997,17 @@ class _KeySet:
                 # field of the wrong type, a connection reset in the middle of the body.
                 failed = exc
             self._remember(client, None if failed is not None else found)
-            if failed is not None and self.lacks_key(failed):
-                self._forget(client, token)
+            if failed is not None:
+                # Made sense of with the gate held: the pause a failure starts is set before a
+                # request queued behind this fetch looks for it, rather than it fetching too.
+                refused = self.failure(failed)
+                if isinstance(refused, IdentityError):
+                    self._forget(client, token)
         finally:
             self._gate.release()
-        if failed is not None:
-            refused = self.failure(failed)
-            if isinstance(refused, IdentityUnavailableError):
-                return self._known_key_or(client, token, refused)
+        if isinstance(refused, IdentityUnavailableError):
+            return self._known_key_or(client, token, refused)
+        if refused is not None:
             raise refused
         self.worked()
         return found
@@ -1103,17 +1107,12 @@ class _KeySet:
         """The token's key unknown to the key set is the token's fault (401); a key set that
         could not be fetched or is unusable is the server's (503): it says nothing about
         the token, and the provider is left alone for a pause."""
-        if self.lacks_key(exc):
-            return _token_refused("the token's key (kid) is not trusted")
-        return self.unavailable(exc)
-
-    @staticmethod
-    def lacks_key(exc: Exception) -> bool:
-        """Whether ``exc`` says the key set was had and holds no key with the token's kid."""
         import jwt
 
         unreachable = isinstance(exc, jwt.PyJWKClientConnectionError | OSError)
-        return not unreachable and str(exc).startswith(_NO_MATCHING_KEY)
+        if not unreachable and str(exc).startswith(_NO_MATCHING_KEY):
+            return _token_refused("the token's key (kid) is not trusted")
+        return self.unavailable(exc)
 
     def unavailable(self, exc: Exception) -> IdentityUnavailableError:
         """The 503 for a key set that could not be had because of ``exc``; the provider is

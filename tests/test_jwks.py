@@ -1044,3 +1044,47 @@ async def test_a_client_without_a_cache_serves_the_key_found_last_counted_from_t
     assert (ok.status_code, ok.json()["user"]) == (200, "during")
     assert_unavailable(await ask(app, "removed"))
     assert server.fetches == 3
+
+
+class _SlowToTell(jwt.PyJWKClientError):
+    """A key set that is no use, whose words take a while to tell each time: until someone
+    asks the client again, a second at most."""
+
+    def __init__(self, asked: threading.Event) -> None:
+        super().__init__("The JWKS endpoint did not contain any signing keys")
+        self.asked = asked
+
+    def __str__(self) -> str:
+        self.asked.wait(1)
+        return super().__str__()
+
+
+class _UselessOnce(jwt.PyJWKClient):
+    """A client whose first answer is a key set of no use; the later ones ask the provider."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url, timeout=5)
+        self.asked = threading.Event()
+        self.calls = 0
+
+    def get_signing_key_from_jwt(self, token: str | bytes) -> jwt.PyJWK:
+        self.calls += 1
+        if self.calls == 1:
+            raise _SlowToTell(self.asked)
+        self.asked.set()
+        return super().get_signing_key_from_jwt(token)
+
+
+async def test_a_request_queued_behind_a_fetch_that_failed_keeps_to_its_pause(
+    provider: tuple[KeySetServer, str],
+) -> None:
+    """Two requests at once: one asks the client, whose key set is of no use; the other,
+    queued behind that, is 503 in the pause that failure starts, without asking the client
+    again, however long the failure takes to make sense of once the first is done asking."""
+    server, url = provider
+    client = _UselessOnce(url)
+    app = stale_protected(url, client)
+    answers = await users_at_once(app, 2)
+    assert [status for status, _ in answers.values()] == [503, 503], answers
+    assert client.calls == 1
+    assert server.fetches == 0
