@@ -1088,3 +1088,27 @@ async def test_a_request_queued_behind_a_fetch_that_failed_keeps_to_its_pause(
     assert [status for status, _ in answers.values()] == [503, 503], answers
     assert client.calls == 1
     assert server.fetches == 0
+
+
+async def test_in_its_pause_a_resolver_serves_the_key_set_another_fetched_since(
+    provider: tuple[KeySetServer, str], clock: _Clock
+) -> None:
+    """Two resolvers share one client. The first's fetch failed, past the client's cache,
+    and it is in its pause; meanwhile the provider came back having rotated k1 out for k2,
+    which the second fetched. In that pause the first serves what the client holds now: k2
+    passes, and k1, which the provider removed, is 503, not verified with the set before."""
+    server, url = provider
+    client = jwt.PyJWKClient(url, timeout=5)
+    first, second = stale_protected(url, client), stale_protected(url, client)
+    assert (await ask(first, "warm-up")).status_code == 200
+    server.mode = "error"
+    clock.now += LIFESPAN + 1
+    assert (await ask(first, "during")).status_code == 200
+    server.serve_keys(public_jwk(ROTATED_KEY, "k2"))
+    server.mode = "ok"
+    assert (await ask(second, "second", kid="k2", key=ROTATED_KEY)).status_code == 200
+    rotated = await ask(first, "rotated", kid="k2", key=ROTATED_KEY)
+    assert (rotated.status_code, rotated.json()["user"]) == (200, "rotated")
+    removed = await ask(first, "removed")
+    assert removed.status_code == 503, removed.text
+    assert server.fetches == 3
