@@ -1112,3 +1112,56 @@ async def test_in_its_pause_a_resolver_serves_the_key_set_another_fetched_since(
     removed = await ask(first, "removed")
     assert removed.status_code == 503, removed.text
     assert server.fetches == 3
+
+
+async def test_the_last_key_set_fetched_serves_up_to_stale_keys_for_itself(
+    provider: tuple[KeySetServer, str], clock: _Clock
+) -> None:
+    """``stale_keys_for`` seconds to the tick after the last fetch, the set still serves;
+    the next request in that pause, a moment later, is 503."""
+    server, url = provider
+    app = stale_protected(url, stale_keys_for=600)
+    assert (await ask(app, "warm-up")).status_code == 200
+    server.mode = "error"
+    clock.now += 600
+    ok = await ask(app, "at-the-bound")
+    assert (ok.status_code, ok.json()["user"]) == (200, "at-the-bound")
+    clock.now += 0.01
+    late = await ask(app, "past-it")
+    assert late.status_code == 503, late.text
+    assert server.fetches == 2
+
+
+async def test_requests_that_give_up_on_a_stuck_fetch_never_wait_for_it_in_the_event_loop(
+    clock: _Clock,
+) -> None:
+    """No key set was fetched yet and the provider trickles it in: the requests give up
+    after twice the client's timeout (2 s) and are 503, and meanwhile the event loop
+    keeps running: none of them waits for the fetch, or the lock it holds, in the loop."""
+    server = TricklingKeySetServer()
+    with serve("uvicorn", server) as url:
+        client = jwt.PyJWKClient(f"{url}/.well-known/jwks.json", timeout=1)
+        app = stale_protected(url, client)
+        gaps: list[float] = []
+
+        async def heartbeat() -> None:
+            last = time.monotonic()
+            while True:
+                await anyio.sleep(0.05)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(heartbeat)
+                with anyio.fail_after(10):
+                    answers = await users_at_once(app, 3)
+                tg.cancel_scope.cancel()
+        finally:
+            server.release.set()
+        with anyio.fail_after(10):
+            await anyio.to_thread.run_sync(server.sent.wait)
+    assert answers == {f"user-{n}": (503, None) for n in range(3)}
+    assert max(gaps) < 1, max(gaps)
+    assert server.fetches == 1
