@@ -648,6 +648,16 @@ class TestJwtBearer:
         resolver = jwt_bearer(json.loads(jwk), algorithms=["HS256"], audience=AUDIENCE)
         assert resolver(bearer(token(key=secret))).user_id == "alice"
 
+    def test_an_hmac_secret_nested_past_the_json_parsers_limit_is_refused_as_a_value(
+        self,
+    ) -> None:
+        """A secret PyJWT refuses as JSON text nested too deep to parse is refused with
+        ``ValueError`` at construction, as any other refused secret, not ``RecursionError``
+        from looking at it again."""
+        for nested in ('{"k": ' + "[" * 100_000, b'{"k": ' + b"[" * 100_000):
+            with pytest.raises(ValueError, match="HMAC"):
+                jwt_bearer(nested, algorithms=["HS256"])
+
     @pytest.mark.parametrize("encoding", ["PEM", "DER", "OpenSSH"])
     def test_an_hmac_secret_that_is_a_public_key_is_refused_in_any_encoding(
         self, encoding: str
