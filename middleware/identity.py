@@ -1253,8 +1253,8 @@ def _refuse_public_key_as_secret(key: str | bytes) -> None:
     except InvalidKeyError as exc:
         if not key:
             msg = "the HMAC secret given is empty: no token would ever verify"
-        elif _jwk_text(key):
-            msg = f"the HMAC secret given is a JWK as text: give it as a dict ({exc})"
+        elif kind := _jwk_text(key):
+            msg = f"the HMAC secret given is a {kind} as text: give it as a dict ({exc})"
         else:
             msg = (
                 "an HMAC algorithm was given with a public key or certificate; that is the "
@@ -1263,15 +1263,20 @@ def _refuse_public_key_as_secret(key: str | bytes) -> None:
         raise ValueError(msg) from None
 
 
-def _jwk_text(key: str | bytes) -> bool:
-    """Whether ``key`` is a JWK (a JSON object with ``kty``) as text."""
+def _jwk_text(key: str | bytes) -> str | None:
+    """What ``key`` is as text: ``"JWK"`` (a JSON object with ``kty``), ``"key set"`` (one
+    with ``keys``), or ``None``."""
     import json
 
     try:
         value = json.loads(key)
     except (ValueError, RecursionError):
-        return False
-    return isinstance(value, dict) and "kty" in value
+        return None
+    if not isinstance(value, dict):
+        return None
+    if "kty" in value:
+        return "JWK"
+    return "key set" if "keys" in value else None
 
 
 def _audiences(audience: str | Iterable[str] | None) -> list[str] | None:

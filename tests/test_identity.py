@@ -648,6 +648,18 @@ class TestJwtBearer:
         resolver = jwt_bearer(json.loads(jwk), algorithms=["HS256"], audience=AUDIENCE)
         assert resolver(bearer(token(key=secret))).user_id == "alice"
 
+    def test_an_hmac_secret_that_is_a_key_set_as_text_is_named_for_it(self) -> None:
+        """A key set given as its JSON text, as a JWK is, was refused as "a public key or
+        certificate; that is the key-confusion attack"; as a dict it verifies tokens."""
+        secret = b"a-json-web-key-secret-of-40-bytes-long!!"
+        encoded = base64.urlsafe_b64encode(secret).rstrip(b"=").decode()
+        jwks = json.dumps({"keys": [{"kty": "oct", "k": encoded, "kid": "k1"}]})
+        for text in (jwks, jwks.encode()):
+            with pytest.raises(ValueError, match="key set as text: give it as a dict"):
+                jwt_bearer(text, algorithms=["HS256"])
+        resolver = jwt_bearer(json.loads(jwks), algorithms=["HS256"], audience=AUDIENCE)
+        assert resolver(bearer(token(key=secret, kid="k1"))).user_id == "alice"
+
     def test_an_hmac_secret_nested_past_the_json_parsers_limit_is_refused_as_a_value(
         self,
     ) -> None:
