@@ -63,8 +63,8 @@ from ambient.errors import IdentityError, InvalidContextError, InvalidTokenError
 from ambient.middleware.identity import (
     Identity,
     IdentityResolver,
+    _finite_seconds,
     _header_name,
-    _leeway,
     _networks,
     _peer_trusted,
     _PeerHints,
@@ -167,7 +167,7 @@ class ContextSigner:
     ) -> None:
         # Finite, as jwt_bearer's: an infinite leeway honoured every token forever, and an
         # int past what a float holds failed every verification with an OverflowError.
-        leeway = _leeway(leeway)
+        leeway = _finite_seconds(leeway, "leeway")
         clock = _checks.clock(clock)
         self._signing = _Key(secret)
         self._keys = {self._signing.kid: self._signing}

@@ -1291,17 +1291,17 @@ def _audiences(audience: str | Iterable[str] | None) -> list[str] | None:
     return audiences
 
 
-def _leeway(leeway: object) -> float:
-    """``leeway`` as seconds; a value no token check could use is refused at construction
-    (``inf`` would pass every expired token, ``nan`` fail every valid one)."""
-    if isinstance(leeway, bool) or not isinstance(leeway, int | float):
-        msg = f"leeway must be seconds as an int or float, not {type(leeway).__name__}"
+def _finite_seconds(value: object, name: str, off: str = "") -> float:
+    """``value`` as seconds, refused at construction when no check could use it: not an
+    int or float (TypeError), negative, NaN or infinite, or an int past what a float holds
+    (ValueError, compared before converting); ``off`` says what 0 means, if anything."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        msg = f"{name} must be seconds as an int or float, not {type(value).__name__}"
         raise TypeError(msg)
-    # Compared, not converted first: an int past what a float holds is refused as inf is.
-    if not 0 <= leeway <= sys.float_info.max:
-        msg = f"leeway must be finite seconds >= 0, not {str(leeway)[:64]}"
+    if not 0 <= value <= sys.float_info.max:
+        msg = f"{name} must be finite seconds >= 0{off}, not {value!s:.64}"
         raise ValueError(msg)
-    return float(leeway)
+    return float(value)
 
 
 def _required_claims(require: object, user_claim: object, tenant_claim: object) -> list[str]:
@@ -1324,18 +1324,6 @@ def _required_claims(require: object, user_claim: object, tenant_claim: object) 
             raise TypeError(msg) if not isinstance(name, str) else ValueError(msg)
         required.add(name)
     return sorted(required)
-
-
-def _stale_keys_for(seconds: object) -> float:
-    """``stale_keys_for`` as seconds; refused at construction when no bound could be read
-    from it (``inf`` would trust a key set fetched once for ever, a removed key with it)."""
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
-        msg = f"stale_keys_for must be seconds as an int or float, not {type(seconds).__name__}"
-        raise TypeError(msg)
-    if not 0 <= seconds <= sys.float_info.max:
-        msg = f"stale_keys_for must be finite seconds >= 0 (0 turns it off), not {seconds!s:.64}"
-        raise ValueError(msg)
-    return float(seconds)
 
 
 def jwt_bearer(  # noqa: PLR0915 - its closures share the options checked here
@@ -1422,8 +1410,10 @@ def jwt_bearer(  # noqa: PLR0915 - its closures share the options checked here
     if jwk_client is None and jwks is None and not isinstance(key, jwt.PyJWK):
         _check_key_verifies(algs, key)
     audiences = _audiences(audience)
-    leeway = _leeway(leeway)
-    stale_for = _stale_keys_for(stale_keys_for)
+    # inf would pass every expired token, nan fail every valid one.
+    leeway = _finite_seconds(leeway, "leeway")
+    # inf would trust a key set fetched once for ever, a removed key with it.
+    stale_for = _finite_seconds(stale_keys_for, "stale_keys_for", " (0 turns it off)")
     required = _required_claims(require, user_claim, tenant_claim)
     # aud is checked without an audience too: RFC 7519 (4.1.3) has a token naming audiences
     # refused by a service not among them, or a token meant for another service would do.
