@@ -8,6 +8,7 @@ is the server's (503 with Retry-After), and never tells a client its good token 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import socket
@@ -15,7 +16,7 @@ import struct
 import threading
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -831,27 +832,37 @@ class LaterTricklingKeySetServer(TricklingKeySetServer):
             await KeySetServer.__call__(self, scope, receive, send)
 
 
+@contextlib.asynccontextmanager
+async def trickling_past_the_cache(
+    clock: _Clock, *, client_timeout: float
+) -> AsyncIterator[tuple[LaterTricklingKeySetServer, AmbientMiddleware]]:
+    """A provider whose key set a resolver fetched once, and which now sends it a byte at a
+    time, the client's cached set expired: the provider, and the app behind the resolver."""
+    server = LaterTricklingKeySetServer()
+    with serve("uvicorn", server) as url:
+        client = jwt.PyJWKClient(f"{url}/.well-known/jwks.json", timeout=client_timeout)
+        app = stale_protected(url, client)
+        try:
+            assert (await ask(app, "warm-up")).status_code == 200
+            server.mode = "trickle"
+            clock.now += LIFESPAN + 1
+            yield server, app
+        finally:
+            server.release.set()
+        with anyio.fail_after(10):
+            await anyio.to_thread.run_sync(server.sent.wait)
+
+
 async def test_a_key_set_that_trickles_in_past_the_clients_cache_leaves_the_last_one_serving(
     clock: _Clock,
 ) -> None:
     """The client's cached set has expired when the provider starts sending its key set a
     byte at a time: once they have waited twice the client's timeout, the requests are
     verified with the last key set fetched, each as its own user, instead of 503."""
-    server = LaterTricklingKeySetServer()
-    with serve("uvicorn", server) as url:
-        client = jwt.PyJWKClient(f"{url}/.well-known/jwks.json", timeout=0.5)
-        app = stale_protected(url, client)
-        try:
-            assert (await ask(app, "warm-up")).status_code == 200
-            server.mode = "trickle"
-            clock.now += LIFESPAN + 1
-            with anyio.fail_after(10):
-                assert await users_at_once(app, 10) == each_as_itself(10)
-            assert server.fetches == 2
-        finally:
-            server.release.set()
+    async with trickling_past_the_cache(clock, client_timeout=0.5) as (server, app):
         with anyio.fail_after(10):
-            await anyio.to_thread.run_sync(server.sent.wait)
+            assert await users_at_once(app, 10) == each_as_itself(10)
+        assert server.fetches == 2
 
 
 # -- what the mutation hunt over the key set's handling found untested ----------------------
@@ -899,23 +910,12 @@ async def test_requests_during_a_stuck_fetch_are_answered_at_once_after_the_firs
     requests wait twice the client's timeout for it, then pass with the last key set
     fetched; the fetch goes on. Requests arriving after that wait neither for that fetch
     nor for a worker thread held by one: they pass at once, each as its own user."""
-    server = LaterTricklingKeySetServer()
-    with serve("uvicorn", server) as url:
-        client = jwt.PyJWKClient(f"{url}/.well-known/jwks.json", timeout=1)
-        app = stale_protected(url, client)
-        try:
-            assert (await ask(app, "warm-up")).status_code == 200
-            server.mode = "trickle"
-            clock.now += LIFESPAN + 1
-            with anyio.fail_after(10):
-                assert await users_at_once(app, 6) == each_as_itself(6)
-            with anyio.fail_after(1):  # well within the two seconds the first ones waited
-                assert await users_at_once(app, 6) == each_as_itself(6)
-            assert server.fetches == 2
-        finally:
-            server.release.set()
+    async with trickling_past_the_cache(clock, client_timeout=1) as (server, app):
         with anyio.fail_after(10):
-            await anyio.to_thread.run_sync(server.sent.wait)
+            assert await users_at_once(app, 6) == each_as_itself(6)
+        with anyio.fail_after(1):  # well within the two seconds the first ones waited
+            assert await users_at_once(app, 6) == each_as_itself(6)
+        assert server.fetches == 2
 
 
 async def test_a_slow_identity_provider_holds_a_few_worker_threads_not_one_per_request() -> None:
