@@ -865,7 +865,7 @@ async def test_a_key_set_that_trickles_in_past_the_clients_cache_leaves_the_last
         assert server.fetches == 2
 
 
-# -- what the mutation hunt over the key set's handling found untested ----------------------
+# -- the key set's handling, one protective line at a time ------------------------------
 
 
 def test_one_resolver_serves_event_loops_of_both_libraries_in_turn(
