@@ -14,11 +14,16 @@ from typing import cast
 
 
 def number(value: object, name: str, unit: str = "seconds") -> float:
-    """``value`` as a float, or :class:`TypeError` naming ``name`` when it is no number."""
+    """``value`` as a float (a Fraction or a numpy scalar too), or :class:`TypeError`
+    naming ``name`` when it is no number, :class:`ValueError` when no float holds it."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         msg = f"{name} must be a number of {unit}, not {value!r:.64}"
         raise TypeError(msg)
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int past what a float holds: Python's words name no option
+        msg = f"{name} must be a number of {unit} a float holds, not {value!s:.64}"
+        raise ValueError(msg) from None
 
 
 def whole(value: object, name: str, unit: str) -> int:

@@ -66,6 +66,19 @@ def test_an_option_that_is_no_number_is_a_type_error_naming_it(
         build(option, value)
 
 
+@pytest.mark.parametrize(
+    ("option", "build"),
+    [(o, b) for o, b in BUILDERS if o not in COUNTS],
+    ids=[o for o, _ in BUILDERS if o not in COUNTS],
+)
+def test_a_number_no_float_holds_is_a_value_error_naming_the_option(
+    option: str, build: Callable[[str, Any], object]
+) -> None:
+    """An int past what a float holds ended in Python's OverflowError, naming nothing."""
+    with pytest.raises(ValueError, match=rf"^{option} must be a number of .+ a float holds"):
+        build(option, 10**400)
+
+
 @pytest.mark.parametrize("option", sorted(COUNTS))
 def test_a_count_given_as_a_float_is_refused(option: str) -> None:
     """``max_size=inf`` (or 2.0) is no count of connections or calls."""

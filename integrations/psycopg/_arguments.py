@@ -121,10 +121,7 @@ def _checkout_timeout(timeout: float | None, default: float) -> float:
     of seconds (zero or less: no wait), never NaN, which no deadline can be made of."""
     if timeout is None:
         return default
-    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
-        msg = f"timeout must be a number of seconds, not {timeout!r}"
-        raise TypeError(msg)
-    seconds = float(timeout)  # a Fraction or a numpy scalar too
+    seconds = number(timeout, "timeout")
     if math.isnan(seconds):
         msg = "timeout must be a number of seconds, not nan"
         raise ValueError(msg)
