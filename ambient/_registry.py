@@ -19,10 +19,8 @@ import anyio
 import anyio.from_thread
 from opentelemetry import context as otel_context
 
-from ambient import _observe
+from ambient import _checks, _observe
 from ambient._binding import _current
-from ambient._checks import clock as checked_clock
-from ambient._checks import number
 from ambient._context import UserExecutionContext, UserRef
 from ambient._instances import (
     Created,
@@ -176,14 +174,14 @@ class Registry:
         clock: Callable[[], float] = time.monotonic,
         telemetry: Observer | None = None,
     ) -> None:
-        cleanup_timeout = number(cleanup_timeout, "cleanup_timeout")
+        cleanup_timeout = _checks.number(cleanup_timeout, "cleanup_timeout")
         if not cleanup_timeout > 0:
             msg = f"cleanup_timeout must be > 0 seconds, not {cleanup_timeout!r}"
             raise ValueError(msg)
         if isinstance(max_users, bool) or not isinstance(max_users, int) or max_users < 1:
             msg = f"max_users must be an int >= 1, not {max_users!r}"
             raise ValueError(msg)
-        clock = checked_clock(clock)
+        clock = _checks.clock(clock)
         if telemetry is not None:
             _observe.checked(telemetry, "telemetry")
         self.cleanup_timeout = cleanup_timeout
