@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -33,12 +33,34 @@ STARTUP_TIMEOUT = 20.0
 # connections open longer than any test runs.
 KEEP_ALIVE = 300
 # For a test that shuts hypercorn's asyncio server down while clients hold streams open.
-NO_HYPERCORN_SHUTDOWN_UNDER_OPEN_STREAMS = pytest.mark.skipif(
+_NO_HYPERCORN_SHUTDOWN_UNDER_OPEN_STREAMS = pytest.mark.skipif(
     sys.version_info >= (3, 12),
     reason="on Python 3.12+ hypercorn's asyncio server first waits for every client to close "
     "its connection (asyncio.Server.wait_closed() waits for them there), so it never "
     "reaches its graceful timeout while a client holds a stream open",
 )
+
+
+def shutdown_under_open_streams(test: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``test(server, options)`` on each server that can be shut down, by its own grace
+    period of a second, while clients hold streams open and background work goes on."""
+    servers = pytest.mark.parametrize(
+        ("server", "options"),
+        [
+            pytest.param("uvicorn", {"timeout_graceful_shutdown": 1}, id="uvicorn"),
+            pytest.param(
+                "hypercorn",
+                {"graceful_timeout": 1},
+                id="hypercorn",
+                marks=_NO_HYPERCORN_SHUTDOWN_UNDER_OPEN_STREAMS,
+            ),
+            pytest.param("hypercorn-trio", {"graceful_timeout": 1}, id="hypercorn-trio"),
+        ],
+    )
+    # trio warns about the async generators the shutdown cancels (Starlette does not close
+    # them).
+    quiet = pytest.mark.filterwarnings("ignore:Async generator:ResourceWarning")
+    return quiet(servers(test))
 
 
 def free_port() -> int:

@@ -65,12 +65,7 @@ from tests.apps import (
     next_in_an_hour,
 )
 from tests.h2client import H2Client
-from tests.servers import (
-    NO_HYPERCORN_SHUTDOWN_UNDER_OPEN_STREAMS,
-    granian_available,
-    serve,
-    serve_unix,
-)
+from tests.servers import granian_available, serve, serve_unix, shutdown_under_open_streams
 
 SERVERS = ["uvicorn", "hypercorn", "hypercorn-trio"]
 USERS = 200
@@ -655,21 +650,7 @@ def test_shutdown_with_requests_in_flight_loses_no_cleanup() -> None:
     assert ledger.problems() == []
 
 
-# trio warns about the async generators the shutdown cancels (Starlette does not close them).
-@pytest.mark.filterwarnings("ignore:Async generator:ResourceWarning")
-@pytest.mark.parametrize(
-    ("server", "options"),
-    [
-        pytest.param("uvicorn", {"timeout_graceful_shutdown": 1}, id="uvicorn"),
-        pytest.param(
-            "hypercorn",
-            {"graceful_timeout": 1},
-            id="hypercorn",
-            marks=NO_HYPERCORN_SHUTDOWN_UNDER_OPEN_STREAMS,
-        ),
-        pytest.param("hypercorn-trio", {"graceful_timeout": 1}, id="hypercorn-trio"),
-    ],
-)
+@shutdown_under_open_streams
 def test_shutdown_under_open_streams_and_background_tasks_loses_no_cleanup(
     server: str, options: dict[str, Any]
 ) -> None:

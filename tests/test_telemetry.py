@@ -75,7 +75,7 @@ from ambient.integrations.websockets import message_scope
 from ambient.middleware import AmbientMiddleware
 from ambient.middleware.identity import Identity, trusted_header
 from ambient.telemetry import Telemetry, hash_id
-from tests.servers import NO_HYPERCORN_SHUTDOWN_UNDER_OPEN_STREAMS, serve
+from tests.servers import serve, shutdown_under_open_streams
 from tests.test_middleware import drive, ws_scope
 
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
@@ -3177,21 +3177,7 @@ async def test_a_telemetrys_own_meter_counts_the_guarded_globals_touched_in_its_
 # -- a server shutting down under open streams and background work ------------------------
 
 
-# trio warns about the async generators the shutdown cancels (Starlette does not close them).
-@pytest.mark.filterwarnings("ignore:Async generator:ResourceWarning")
-@pytest.mark.parametrize(
-    ("server", "options"),
-    [
-        pytest.param("uvicorn", {"timeout_graceful_shutdown": 1}, id="uvicorn"),
-        pytest.param(
-            "hypercorn",
-            {"graceful_timeout": 1},
-            id="hypercorn",
-            marks=NO_HYPERCORN_SHUTDOWN_UNDER_OPEN_STREAMS,
-        ),
-        pytest.param("hypercorn-trio", {"graceful_timeout": 1}, id="hypercorn-trio"),
-    ],
-)
+@shutdown_under_open_streams
 def test_a_shutdown_cutting_streams_and_background_work_short_ends_every_span(
     otel: Otel, server: str, options: dict[str, Any]
 ) -> None:
