@@ -782,12 +782,11 @@ async def test_the_provider_back_with_rotated_keys_replaces_the_set_remembered(
     assert_unavailable(await ask(app, "removed"))
 
 
-async def test_a_client_shared_by_two_resolvers_serves_the_last_key_set_either_fetched(
+async def _rotated_by_another_resolver(
     provider: tuple[KeySetServer, str], clock: _Clock
-) -> None:
+) -> tuple[KeySetServer, AmbientMiddleware]:
     """Two resolvers share one client. The first saw k1; the provider then rotated to k2
-    alone, which the second fetched. In an outage past the client's cache the first serves
-    what was fetched last: k2, not the k1 the provider removed."""
+    alone, which the second fetched past the client's cache: the provider, and the first."""
     server, url = provider
     client = jwt.PyJWKClient(url, timeout=5)
     first, second = stale_protected(url, client), stale_protected(url, client)
@@ -795,6 +794,16 @@ async def test_a_client_shared_by_two_resolvers_serves_the_last_key_set_either_f
     server.serve_keys(public_jwk(ROTATED_KEY, "k2"))
     clock.now += LIFESPAN + 1
     assert (await ask(second, "second", kid="k2", key=ROTATED_KEY)).status_code == 200
+    return server, first
+
+
+async def test_a_client_shared_by_two_resolvers_serves_the_last_key_set_either_fetched(
+    provider: tuple[KeySetServer, str], clock: _Clock
+) -> None:
+    """Two resolvers share one client. The first saw k1; the provider then rotated to k2
+    alone, which the second fetched. In an outage past the client's cache the first serves
+    what was fetched last: k2, not the k1 the provider removed."""
+    server, first = await _rotated_by_another_resolver(provider, clock)
     assert server.fetches == 2
     server.mode = "error"
     clock.now += LIFESPAN + 1
@@ -1011,13 +1020,7 @@ async def test_a_key_set_another_resolver_fetched_serves_for_stale_keys_for_from
     first never saw. In an outage that begins past ``stale_keys_for`` after that fetch, the
     first does not serve k2: the bound counts from when the set was fetched, not from when
     a resolver first looked at it."""
-    server, url = provider
-    client = jwt.PyJWKClient(url, timeout=5)
-    first, second = stale_protected(url, client), stale_protected(url, client)
-    assert (await ask(first, "warm-up")).status_code == 200
-    server.serve_keys(public_jwk(ROTATED_KEY, "k2"))
-    clock.now += LIFESPAN + 1
-    assert (await ask(second, "second", kid="k2", key=ROTATED_KEY)).status_code == 200
+    server, first = await _rotated_by_another_resolver(provider, clock)
     server.mode = "error"
     clock.now += STALE_KEYS_FOR + 1
     assert_unavailable(await ask(first, "late", kid="k2", key=ROTATED_KEY))
