@@ -21,7 +21,15 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 
 import ambient
-from ambient import ComponentEvent, Lifetime, Observer, Registry, UserExecutionContext, UserRef
+from ambient import (
+    ComponentEvent,
+    Lifetime,
+    Observer,
+    Registry,
+    Scope,
+    UserExecutionContext,
+    UserRef,
+)
 from ambient._context import ANONYMOUS
 
 
@@ -1315,6 +1323,17 @@ async def test_what_a_user_component_was_made_with_never_expires_before_it(
     await registry.aclose()
 
 
+async def _refused_in_its_factory(scope: Scope, key: str, how: str) -> str:
+    """What ``NoActiveContextError`` says as ``key``'s factory runs, resolved in ``scope`` by
+    ``ambient.resolve`` or, from a worker thread, by ``scope.resolve_sync``."""
+    with pytest.raises(ambient.NoActiveContextError) as raised:
+        if how == "resolve":
+            await ambient.resolve(key)
+        else:
+            await anyio.to_thread.run_sync(scope.resolve_sync, key)
+    return str(raised.value)
+
+
 class TestWhatASharedFactorySees:
     """A USER or APP factory makes an object shared by many requests: no one request's
     context may be baked into it."""
@@ -1335,12 +1354,7 @@ class TestWhatASharedFactorySees:
         registry = Registry()
         registry.register("baked", make, lifetime=lifetime)
         async with registry.open_scope(ctx("alice")) as scope:
-            with pytest.raises(ambient.NoActiveContextError) as raised:
-                if how == "resolve":
-                    await ambient.resolve("baked")
-                else:
-                    await anyio.to_thread.run_sync(scope.resolve_sync, "baked")
-        message = str(raised.value)
+            message = await _refused_in_its_factory(scope, "baked", how)
         assert f"{lifetime.name} component 'baked'" in message
         assert "shared" in message
         if lifetime is Lifetime.USER:
@@ -1404,13 +1418,8 @@ class TestWhatASharedFactorySees:
         registry.register("connection", connection)
         registry.register("cache", make, lifetime=lifetime)
         async with registry.open_scope(ctx("alice")) as scope:
-            with pytest.raises(ambient.NoActiveContextError) as raised:
-                if how == "resolve":
-                    await ambient.resolve("cache")
-                else:
-                    await anyio.to_thread.run_sync(scope.resolve_sync, "cache")
+            message = await _refused_in_its_factory(scope, "cache", how)
             assert ambient.current_scope() is scope  # the request's own, outside the factory
-        message = str(raised.value)
         assert f"{lifetime.name} component 'cache'" in message
         assert made == []
         assert registry.stats().created == 0
