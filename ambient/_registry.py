@@ -50,6 +50,21 @@ F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_IDLE_TTL = 300.0
 
 
+def _check_key(key: object) -> None:
+    """Refuse a key no scope could resolve, naming it (rather than Python's bare
+    "unhashable type" from the lookup)."""
+    try:
+        hash(key)
+    except TypeError:
+        msg = f"a component's key must be hashable (usually the component's class), not {key!r:.64}"
+        raise RegistryError(msg) from None
+    if key is None:
+        # What a failed optional import or a missing annotation leaves: no caller means
+        # to resolve None.
+        msg = "a component's key must not be None (usually it is the component's class)"
+        raise RegistryError(msg)
+
+
 @dataclass(frozen=True, slots=True)
 class RegistryStats:
     """A snapshot of what a registry has done.
@@ -267,8 +282,14 @@ class Registry:
             replace: Allow replacing an earlier registration (for tests).
 
         Raises:
-            RegistryError: duplicate key, frozen registry, unusable factory or name.
+            RegistryError: duplicate key, frozen registry, unusable key, factory or name,
+                ``enter`` that is no bool.
         """
+        _check_key(key)
+        if type(enter) is not bool:
+            # Truthy text ("no") entered what it was meant to keep from being entered.
+            msg = f"enter must be True or False, not {enter!r:.64}"
+            raise RegistryError(msg)
         if self._frozen or (self._closing is not None and self._closing.frozen):
             msg = (
                 f"cannot register {key_name(key)}: the registry is frozen because a scope "

@@ -100,6 +100,33 @@ class TestRegistration:
             registry.register(Thing, Thing, lifetime=lifetime)  # type: ignore[arg-type]
         assert Thing not in registry.providers
 
+    @pytest.mark.parametrize(
+        ("key", "error"),
+        [
+            (None, "must not be None"),
+            ([Thing], r"must be hashable .*, not \[<class"),
+            ((Thing, {"role": "replica"}), "must be hashable"),
+        ],
+        ids=["none", "list", "tuple-holding-a-dict"],
+    )
+    def test_a_key_no_scope_could_resolve_is_refused(self, key: Any, error: str) -> None:
+        """``None`` (what a failed optional import leaves) or a key that cannot be hashed
+        is a ``RegistryError`` naming it, not Python's bare "unhashable type" nor a
+        registration under None."""
+        registry = Registry()
+        with pytest.raises(RegistryError, match=error):
+            registry.register(key, Thing)
+        assert not registry.providers
+
+    @pytest.mark.parametrize("enter", ["no", 0, None, "False"])
+    def test_enter_that_is_no_bool_is_refused(self, enter: object) -> None:
+        """``enter="no"`` is truthy: it entered the context manager it was meant to keep
+        from being entered. Anything but True or False is refused at registration."""
+        registry = Registry()
+        with pytest.raises(RegistryError, match=f"enter must be True or False, not {enter!r}"):
+            registry.register(Thing, Thing, enter=enter)  # type: ignore[arg-type]
+        assert not registry.providers
+
     def test_factory_with_two_required_arguments_is_refused(self) -> None:
         """Factories take at most one argument."""
         with pytest.raises(RegistryError, match="exactly one"):
