@@ -985,6 +985,8 @@ class _KeySet:
             wait = self._retry_at - _monotonic()  # a fetch failed while this one waited
             if wait > 0:
                 return self._fetched_key(client, token, wait)
+            cache = client.jwk_set_cache
+            cached = None if cache is None else cache.jwk_set_with_timestamp
             try:
                 found = client.get_signing_key_from_jwt(token)
             except (jwt.PyJWKClientError, jwt.PyJWKSetError) as exc:
@@ -1003,13 +1005,18 @@ class _KeySet:
                 refused = self.failure(failed)
                 if isinstance(refused, IdentityError):
                     self._forget(client, token)
+            # Whether the provider answered: a key its cache held says nothing of it, and
+            # an outage said to be over by one would be warned of again at the next fetch.
+            entry = None if cache is None else cache.jwk_set_with_timestamp
+            answered = cache is None or (entry is not None and entry is not cached)
         finally:
             self._gate.release()
         if isinstance(refused, IdentityUnavailableError):
             return self._known_key_or(client, token, refused)
+        if answered:
+            self.worked()  # a key set without the token's key works too
         if refused is not None:
             raise refused
-        self.worked()
         return found
 
     @staticmethod

@@ -598,6 +598,64 @@ async def test_a_key_the_provider_added_since_the_last_fetch_is_401_until_the_co
     assert server.fetches == 2
 
 
+async def test_an_outage_is_not_said_to_be_over_by_a_key_the_clients_cache_held(
+    provider: tuple[KeySetServer, str], clock: _Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A token naming a key the client lacks makes it ask the provider, which is down: one
+    warning. Tokens whose key the client's cache holds pass meanwhile, each as its own user,
+    but the provider is no more answering for that: the outage is over (one warning says
+    so) only once a fetch works. Before, the first token the cache served said "works
+    again", and the next failing fetch warned of the same outage once more."""
+    server, url = provider
+    app = protected(url)
+    assert (await ask(app, "warm-up")).status_code == 200
+    server.mode = "error"
+    with caplog.at_level(logging.WARNING, logger="ambient.middleware"):
+        for _ in range(2):
+            clock.now += 30.01  # past PyJWKClient's cooldown: an unknown kid is fetched for
+            assert_unavailable(await ask(app, kid="k-new"))
+            clock.now += 5.01  # past the pause: the cache's key is asked of the client
+            assert await users_at_once(app) == each_as_itself()
+        assert server.fetches == 3
+        assert len(key_set_warnings(caplog)) == 1, key_set_warnings(caplog)
+        server.mode = "ok"
+        clock.now += 30.01
+        refused = await ask(app, "unknown", kid="k-new")
+    assert refused.status_code == 401, refused.text
+    assert server.fetches == 4
+    warnings = key_set_warnings(caplog)
+    assert len(warnings) == 2, warnings
+    assert "could not be fetched" in warnings[0]
+    assert warnings[1].endswith("works again"), warnings[1]
+
+
+async def test_a_fetch_that_works_ends_the_outage_though_it_lacks_the_tokens_key(
+    provider: tuple[KeySetServer, str], clock: _Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The provider is back, with its keys rotated: the first token, signed with the key it
+    removed, is 401, and the log says at once that the key set works again (it did not
+    until a token with a key of the new set came)."""
+    server, url = provider
+    app = protected(url)
+    assert (await ask(app, "warm-up")).status_code == 200
+    server.mode = "error"
+    clock.now += LIFESPAN + 1
+    with caplog.at_level(logging.WARNING, logger="ambient.middleware"):
+        assert_unavailable(await ask(app, kid="k-new"))  # k1 would serve from the last set
+        server.serve_keys(public_jwk(ROTATED_KEY, "k2"))
+        server.mode = "ok"
+        clock.now += 5.01
+        refused = await ask(app, "old-key")
+        assert refused.status_code == 401, refused.text
+        assert "not trusted" in refused.json()["detail"]
+        warnings = key_set_warnings(caplog)
+        assert len(warnings) == 2, warnings
+        assert warnings[1].endswith("works again"), warnings[1]
+        rotated = await ask(app, "new-key", kid="k2", key=ROTATED_KEY)
+    assert (rotated.status_code, rotated.json()["user"]) == (200, "new-key")
+    assert len(key_set_warnings(caplog)) == 2
+
+
 # -- the last key set fetched, while the provider is down past the client's cache -----------
 
 # PyJWKClient's default lifespan of its cached key set, and jwt_bearer's default bound on
