@@ -11,7 +11,6 @@ import logging
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn
 
 import anyio
@@ -189,16 +188,18 @@ class TestSingleFlight:
 
         registry = Registry()
         registry.register("slow", make)
-        async with registry.open_scope(ctx()) as scope:
+        # Bounded: waiters never woken must fail the test, not hang it.
+        with anyio.fail_after(10):
+            async with registry.open_scope(ctx()) as scope:
 
-            async def resolve_it() -> None:
-                results.append(await scope.resolve("slow"))
+                async def resolve_it() -> None:
+                    results.append(await scope.resolve("slow"))
 
-            async with anyio.create_task_group() as tg:
-                for _ in range(200):
-                    tg.start_soon(resolve_it)
-                await anyio.wait_all_tasks_blocked()
-                release.set()
+                async with anyio.create_task_group() as tg:
+                    for _ in range(200):
+                        tg.start_soon(resolve_it)
+                    await anyio.wait_all_tasks_blocked()
+                    release.set()
         assert calls == 1
         assert len(results) == 200
         assert len({id(r) for r in results}) == 1
@@ -211,20 +212,28 @@ class TestSingleFlight:
         registry = Registry()
         registry.register("slow", make)
         async with registry.open_scope(ctx()) as scope:
+            results: list[object] = []
 
-            def worker() -> object:
+            def worker() -> None:
                 barrier.wait()
-                return scope.resolve_sync("slow")
+                results.append(scope.resolve_sync("slow"))
 
-            def run_all() -> list[object]:
-                with ThreadPoolExecutor(8) as pool:
-                    futures = [pool.submit(worker) for _ in range(8)]
-                    inside.wait(10)
-                    release.set()
-                    return [f.result(timeout=10) for f in futures]
+            def run_all() -> list[threading.Thread]:
+                # Daemon threads, joined within a bound: a thread never woken from its wait
+                # fails the test instead of hanging it (a pool would join it for good).
+                threads = [threading.Thread(target=worker, daemon=True) for _ in range(8)]
+                for thread in threads:
+                    thread.start()
+                inside.wait(10)
+                release.set()
+                for thread in threads:
+                    thread.join(10)
+                return [thread for thread in threads if thread.is_alive()]
 
-            results = await anyio.to_thread.run_sync(run_all)
+            stuck = await anyio.to_thread.run_sync(run_all)
+        assert not stuck, f"{len(stuck)} thread(s) never woke from the wait for the creation"
         assert make.calls == 1
+        assert len(results) == 8
         assert len({id(r) for r in results}) == 1
 
     async def test_tasks_and_threads_together_create_once(self) -> None:
@@ -320,21 +329,34 @@ class TestSingleFlight:
             barrier.wait()
             return component, scope.resolve_sync("user")
 
+        def first_uses(scope: ambient.Scope) -> list[tuple[object, object]]:
+            # Daemon threads, joined within a bound: one never woken from its wait for
+            # another's creation fails the test instead of hanging it (a pool's would be
+            # joined for good as the pool shuts down).
+            barrier = threading.Barrier(threads, timeout=10)
+            results: list[tuple[object, object]] = []
+
+            def run() -> None:
+                results.append(first_use(scope, barrier))
+
+            workers = [threading.Thread(target=run, daemon=True) for _ in range(threads)]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join(10)
+            return results
+
         switch_interval = sys.getswitchinterval()
         # Switch threads as often as the interpreter can, so that they interleave inside
         # the first resolution.
         sys.setswitchinterval(1e-6)
         try:
-            with ThreadPoolExecutor(threads) as pool:
-                for n in range(scopes):
-                    async with registry.open_scope(ctx(f"user-{n % 7}")) as scope:
-                        barrier = threading.Barrier(threads, timeout=10)
-                        futures = [pool.submit(first_use, scope, barrier) for _ in range(threads)]
-                        results = await anyio.to_thread.run_sync(
-                            lambda futures=futures: [f.result(timeout=10) for f in futures]
-                        )
-                        assert len({id(request) for request, _ in results}) == 1
-                        assert len({id(user) for _, user in results}) == 1
+            for n in range(scopes):
+                async with registry.open_scope(ctx(f"user-{n % 7}")) as scope:
+                    results = await anyio.to_thread.run_sync(first_uses, scope)
+                    assert len(results) == threads, "a thread never got its components"
+                    assert len({id(request) for request, _ in results}) == 1
+                    assert len({id(user) for _, user in results}) == 1
         finally:
             sys.setswitchinterval(switch_interval)
         await registry.sweep()
@@ -2841,6 +2863,47 @@ async def test_resolve_sync_on_the_loop_waits_for_a_worker_threads_creation_with
         assert scope.resolve_sync(Settings) is made[0]
         if factory == "done in time":
             assert on_the_loop is made[0]
+
+
+@pytest.mark.parametrize("lifetime", [Lifetime.REQUEST, Lifetime.USER, Lifetime.APP])
+async def test_resolve_sync_on_the_loop_refuses_at_once_a_component_a_task_is_making(
+    lifetime: Lifetime,
+) -> None:
+    """A task on the event loop is making a component (its async factory awaits) when code
+    on the loop's thread asks for it with ``resolve_sync``: waiting would block the loop
+    that must finish it, so it is refused at once, saying to await ``resolve`` instead, not
+    after blocking the loop for ``cleanup_timeout``. The task's creation then finishes, and
+    is the one every later resolution gets."""
+    started, release = anyio.Event(), anyio.Event()
+    calls = 0
+
+    async def make() -> Counter:
+        nonlocal calls
+        calls += 1
+        started.set()
+        await release.wait()
+        return Counter()
+
+    registry = Registry(cleanup_timeout=3)
+    registry.register(Counter, make, lifetime=lifetime)
+    made: list[Counter] = []
+    with anyio.fail_after(10):
+        async with registry.open_scope(ctx()) as scope:
+            async with anyio.create_task_group() as tg:
+
+                async def in_task() -> None:
+                    made.append(await scope.resolve(Counter))
+
+                tg.start_soon(in_task)
+                await started.wait()
+                before = anyio.current_time()
+                with pytest.raises(ResolutionError, match=r"another task on this event loop"):
+                    scope.resolve_sync(Counter)
+                assert anyio.current_time() - before < 1
+                release.set()
+            assert await scope.resolve(Counter) is made[0]
+    assert calls == 1
+    await registry.aclose()
 
 
 @pytest.mark.parametrize("shape", ["async def", "returns an awaitable"])
