@@ -1026,6 +1026,39 @@ class TestNoteFailure:
         note_failure(second)  # closed: nothing to note, nothing raised
         assert scope.closed
 
+    async def test_an_error_noted_before_the_body_raised_another_stays_what_ended_it(
+        self,
+    ) -> None:
+        """An error is noted, then the body raises another: the noted one stays what ended
+        the scope for its observers (the first is kept), and the cleanups see what the
+        body raised."""
+        noted, raised = RuntimeError("answered by the framework"), KeyError("raised after")
+        ended: list[BaseException | None] = []
+        cleaned_with: list[BaseException | None] = []
+
+        class Watch(ambient.Observer):
+            def scope_closed(self, scope: ambient.Scope, failures: tuple[Exception, ...]) -> None:
+                ended.append(scope.exception)
+
+        def component() -> Iterator[str]:
+            try:
+                yield "component"
+            except BaseException as error:
+                cleaned_with.append(error)
+                raise
+            else:
+                cleaned_with.append(None)
+
+        registry = Registry(telemetry=Watch())
+        registry.register("component", component)
+        with pytest.raises(KeyError):
+            async with registry.open_scope(UserExecutionContext.create("u")) as scope:
+                await scope.resolve("component")
+                note_failure(noted)
+                raise raised
+        assert ended == [noted]
+        assert cleaned_with == [raised]
+
     async def test_a_scope_left_cleanly_hands_its_noted_error_to_its_cleanups(self) -> None:
         """A scope not closed by the middleware (``open_scope``, ``message_scope``) that is
         left without an exception, after ``note_failure``: its cleanups see the noted
