@@ -280,7 +280,9 @@ class TestSingleFlight:
                 results.append(await anyio.to_thread.run_sync(scope.resolve_sync, "slow"))
 
             async def in_task() -> None:
-                results.append(await scope.resolve("slow"))
+                # Bounded: a task never woken by the thread's creation fails the test.
+                with anyio.fail_after(10):
+                    results.append(await scope.resolve("slow"))
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(in_thread)
@@ -1172,6 +1174,32 @@ class TestCleanup:
         with pytest.raises(ScopeClosedError):
             scope.resolve_sync("x")
         assert scope.closed
+
+    @pytest.mark.parametrize("lifetime", [Lifetime.REQUEST, Lifetime.USER, Lifetime.APP])
+    async def test_a_closed_scope_refuses_a_component_without_making_it(
+        self, lifetime: Lifetime
+    ) -> None:
+        """A closed scope refuses a component it never made, with ScopeClosedError, and
+        never calls its factory: an APP component made for a closed scope was made (and
+        kept by the application) only to be refused."""
+        calls = 0
+
+        def make() -> Counter:
+            nonlocal calls
+            calls += 1
+            return Counter()
+
+        registry = Registry()
+        registry.register(Counter, make, lifetime=lifetime)
+        async with registry.open_scope(ctx()) as scope:
+            pass
+        with pytest.raises(ScopeClosedError, match="scope has closed"):
+            await scope.resolve(Counter)
+        with pytest.raises(ScopeClosedError, match="scope has closed"):
+            scope.resolve_sync(Counter)
+        assert calls == 0
+        assert registry.stats().created == 0
+        await registry.aclose()
 
     async def test_unopened_scope_refuses_resolution(self) -> None:
         """A scope must be entered before it resolves."""
