@@ -1574,6 +1574,49 @@ class TestHold:
             scope.hold()
         assert scope._holds == 0
 
+    async def test_a_hold_released_twice_leaves_the_other_holds_keeping_the_scope(
+        self,
+    ) -> None:
+        """A hold released twice (``with hold:`` and then ``hold.release()``) counts once:
+        the close still waits for another task's hold, whose work goes on using the
+        request's component, which is cleaned once, after that hold's release."""
+        cleaned: list[str] = []
+
+        def component() -> Iterator[str]:
+            yield "component"
+            cleaned.append("component")
+
+        registry = Registry(cleanup_timeout=60)
+        registry.register("component", component)
+        release = anyio.Event()
+        used: list[str] = []
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg, registry.open_scope(ctx()) as scope:
+                await scope.resolve("component")
+                first, second = scope.hold(), scope.hold()
+                with first:
+                    pass
+                first.release()
+
+                async def held_work() -> None:
+                    with second:
+                        await release.wait()
+                        used.append(await scope.resolve("component"))
+
+                tg.start_soon(held_work)
+                closing = anyio.Event()
+
+                async def watch() -> None:
+                    await anyio.wait_all_tasks_blocked()
+                    closing.set()
+                    assert cleaned == [], "cleaned while a hold was still active"
+                    release.set()
+
+                tg.start_soon(watch)
+            assert closing.is_set()
+        assert used == ["component"]
+        assert cleaned == ["component"]
+
     async def test_two_closes_waiting_for_one_hold_end_the_scope_once(self) -> None:
         """Two tasks close a held scope (the request's end and a shutdown, say): the
         release wakes both, the scope is cleaned and counted once, and neither waits out
