@@ -410,7 +410,10 @@ class TestWorkThatOutlivesTheRequest:
         outcome: list[str] = []
 
         async def stuck() -> None:
-            await release.wait()
+            # Bounded: a close that waited for the hold without its bound would otherwise
+            # wait for this task for good, hanging the test instead of failing it.
+            with anyio.move_on_after(5):
+                await release.wait()
             with pytest.raises(ScopeClosedError):
                 await ambient.resolve(Probe)
             outcome.append("refused")
