@@ -1201,6 +1201,21 @@ class TestCleanup:
         assert registry.stats().created == 0
         await registry.aclose()
 
+    @pytest.mark.parametrize("lifetime", [Lifetime.REQUEST, Lifetime.USER, Lifetime.APP])
+    async def test_a_closed_scope_hands_out_nothing_it_resolved(self, lifetime: Lifetime) -> None:
+        """What a scope resolved while open is refused once it has closed, whatever its
+        lifetime: an APP component, alive with the application, is still not handed out
+        by the closed scope of a request that made nothing of its own."""
+        registry = Registry()
+        registry.register(Counter, Counter, lifetime=lifetime)
+        async with registry.open_scope(ctx()) as scope:
+            await scope.resolve(Counter)
+        with pytest.raises(ScopeClosedError, match="scope has closed"):
+            await scope.resolve(Counter)
+        with pytest.raises(ScopeClosedError, match="scope has closed"):
+            scope.resolve_sync(Counter)
+        await registry.aclose()
+
     async def test_unopened_scope_refuses_resolution(self) -> None:
         """A scope must be entered before it resolves."""
         registry = Registry()
