@@ -975,6 +975,18 @@ _FAILING_COMMITS: dict[str, tuple[str, type[psycopg.Error] | None]] = {
         "CREATE TEMP TABLE child (id int REFERENCES parent)",
         psycopg.errors.FeatureNotSupported,
     ),
+    # A deferred constraint trigger that draws a sequence value (numbering an audit entry,
+    # say) before it refuses the row: checked before the COMMIT too, so the value it drew
+    # is discarded with the rest, not left in the session the pooler hands on.
+    "deferred trigger": (
+        "CREATE TEMP TABLE audited (x int); "
+        "CREATE FUNCTION pg_temp.refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "PERFORM pg_catalog.nextval({sequence}::regclass); RAISE EXCEPTION 'refused'; END $$; "
+        "CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON audited DEFERRABLE INITIALLY "
+        "DEFERRED FOR EACH ROW EXECUTE FUNCTION pg_temp.refuse(); "
+        "INSERT INTO audited VALUES (1)",
+        psycopg.errors.RaiseException,
+    ),
 }
 
 
