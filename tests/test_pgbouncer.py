@@ -36,6 +36,7 @@ from tests.servers import free_port, stop, wait_listening
 from tests.test_psycopg import (
     Database,
     _admin,
+    _admin_scalar,
     _eventually,
     _query_stopped,
     _scalar,
@@ -806,6 +807,74 @@ async def test_a_commit_that_fails_leaves_nothing_to_the_next_client(
     assert isinstance(error, psycopg.errors.SerializationFailure), error
     assert seen == [(pid, role, '"$user", public', "", False, 0, 0, None, False)]
     assert {row[:3] for row in sessions} == {(role, '"$user", public', 0)}
+
+
+@pytest.mark.parametrize("strategy", ["shared", "per_user"])
+async def test_a_commit_given_up_at_return_timeout_stops_on_the_server_behind_a_pooler(
+    bounced: tuple[Database, str], strategy: str
+) -> None:
+    """A COMMIT that waits on the server (a deferred trigger waiting for a lock another
+    session holds) is given up at ``return_timeout``, and its connection to the pooler
+    closed: the caller hears that its outcome is unknown, and the server stops running it.
+    pgbouncer drops a cancel request for a client connection that is gone, so only the
+    cancel sent with SQL, over a connection of its own, reaches the server; without it the
+    COMMIT would wait on, holding the transaction's locks and the pooler's server
+    session."""
+    db, url = bounced
+    schema = sql.Identifier(db.schema)
+    role = psycopg.conninfo.conninfo_to_dict(url)["user"]
+    with _admin() as admin:
+        admin.execute(
+            sql.SQL(
+                "CREATE FUNCTION {}.wait_at_commit() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN PERFORM pg_catalog.pg_advisory_xact_lock(hashtext({})); "
+                "RETURN NULL; END $$"
+            ).format(schema, sql.Literal(db.schema))
+        )
+        admin.execute(
+            sql.SQL(
+                "CREATE CONSTRAINT TRIGGER wait_at_commit AFTER INSERT ON {}.plain "
+                "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {}.wait_at_commit()"
+            ).format(schema, schema)
+        )
+        admin.execute(sql.SQL("GRANT INSERT ON {}.plain TO PUBLIC").format(schema))
+    options: dict[str, Any] = {
+        "return_timeout": 0.5,
+        "rls_check": "off",
+        "kwargs": {**db.kwargs(), "prepare_threshold": None},
+    }
+    pool: SharedPool | PerUserPools = (
+        SharedPool(url, min_size=1, max_size=1, **options)
+        if strategy == "shared"
+        else PerUserPools(url, max_size=1, max_total=1, **options)
+    )
+    registry = _registry(pool)
+    insert = sql.SQL("INSERT INTO {}.plain VALUES ('user-1')").format(schema)
+
+    async def gone() -> bool:
+        # By role: the pooler's server sessions do not carry the client's application_name.
+        waiting = await _admin_scalar(
+            db,
+            "SELECT count(*) FROM pg_catalog.pg_stat_activity "
+            "WHERE usename = %s AND wait_event_type = 'Lock'",
+            (role,),
+        )
+        return int(waiting) == 0
+
+    try:
+        with _admin() as holder:
+            holder.autocommit = False
+            holder.execute("SELECT pg_catalog.pg_advisory_xact_lock(hashtext(%s))", (db.schema,))
+            with pytest.raises(psycopg.OperationalError, match="may or may not"):
+                async with (
+                    registry.open_scope(UserExecutionContext.create("user-1")),
+                    connection() as conn,
+                ):
+                    await conn.execute(insert, prepare=False)
+            await _eventually(gone, "the COMMIT given up stops on the server", within=10.0)
+            holder.rollback()
+    finally:
+        await registry.aclose()
 
 
 async def test_a_commit_that_fails_leaves_nothing_to_the_next_user_connected_directly(
