@@ -3994,6 +3994,41 @@ async def test_a_checkout_entered_again_while_in_use_is_refused(
         await registry.aclose()
 
 
+@pytest.mark.parametrize("strategy", ["shared", "per_user"])
+@pytest.mark.parametrize("entered_through", ["the strategy", "the module"])
+async def test_a_checkout_whose_entry_failed_can_be_entered_again(
+    db: Database, strategy: str, entered_through: str
+) -> None:
+    """A checkout object that got no connection within its timeout (the 503 answer) is not
+    in use: entered again once a connection came back, it gets one, rather than being
+    refused as in use by the entry that failed."""
+    pool: SharedPool | PerUserPools = (
+        SharedPool(db.app_url, min_size=1, max_size=1, rls_check="off", kwargs=db.kwargs())
+        if strategy == "shared"
+        else PerUserPools(db.app_url, max_size=1, rls_check="off", kwargs=db.kwargs())
+    )
+    registry = Registry()
+    pool.install(registry)
+    retried = (
+        pool.connection(timeout=0.1)
+        if entered_through == "the strategy"
+        else connection(timeout=0.1)
+    )
+    try:
+        async with registry.open_scope(_ctx("alice")):
+            async with pool.connection():
+                with pytest.raises(PoolExhaustedError):
+                    async with retried:
+                        pass
+            async with retried as conn:
+                assert await _scalar(conn, "SELECT current_setting('app.user_id', true)") == (
+                    "alice"
+                )
+            assert pool.stats().checked_out == 0
+    finally:
+        await registry.aclose()
+
+
 # -- trio ------------------------------------------------------------------------------------
 
 
