@@ -3123,6 +3123,100 @@ async def test_per_user_pools_rls(db: Database) -> None:
     await registry.aclose()
 
 
+async def test_per_user_pools_check_row_level_security_once_per_connection_string(
+    db: Database,
+) -> None:
+    """rls_check='warn' with a role that owns a table without FORCE: the first user's pool
+    checks the role and warns; the pools of the users after it, which log in with the same
+    connection string, neither check it again (a checkout and a query more as each user
+    first connects) nor repeat the warning."""
+    pools = PerUserPools(
+        db.owner_url, max_total=10, rls_tables=[f"{db.schema}.owned"], kwargs=db.kwargs()
+    )
+    registry = Registry()
+    pools.install(registry)
+    try:
+        with pytest.warns(RowSecurityWarning, match="FORCE ROW LEVEL SECURITY") as warned:
+            for user in ("alice", "bob", "carol"):
+                async with registry.open_scope(_ctx(user)), pools.connection() as conn:
+                    assert await _scalar(conn, "SELECT current_setting('app.user_id', true)") == (
+                        user
+                    )
+        assert pools.stats().pools == 3
+        assert len([w for w in warned if w.category is RowSecurityWarning]) == 1
+    finally:
+        await registry.aclose()
+
+
+async def test_per_user_pools_count_every_min_size_connection_against_max_total(
+    db: Database,
+) -> None:
+    """min_size=2 and max_total=2: the first user's pool opens holding both of its
+    connections, all the room there is, so the second user's first checkout closes that
+    idle pool to make room rather than open two connections more."""
+    pools = PerUserPools(
+        db.app_url, min_size=2, max_size=2, max_total=2, rls_check="off", kwargs=db.kwargs()
+    )
+    registry = Registry()
+    pools.install(registry)
+    try:
+        async with registry.open_scope(_ctx("alice")), pools.connection():
+            pass
+        await _eventually(_async_int(lambda: _server_connections(db), 2), "alice's pool filled")
+        assert pools.stats().slots == 2
+        async with registry.open_scope(_ctx("bob")), pools.connection() as conn:
+            assert await _scalar(conn, "SELECT current_setting('app.user_id', true)") == "bob"
+        assert (pools.stats().pools, pools.stats().slots, pools.stats().evicted) == (1, 2, 1)
+        await _eventually(_async_int(lambda: _server_connections(db), 2), "bob's pool filled")
+    finally:
+        await registry.aclose()
+
+
+async def test_per_user_pools_let_a_checkout_in_progress_finish_as_shutdown_closes_its_pool(
+    db: Database,
+) -> None:
+    """Shutdown closes alice's pool while her checkout runs: the checkout goes on with its
+    connection and commits, and the connection is closed as it comes back, not under the
+    statements still to run."""
+    pools = PerUserPools(db.app_url, max_size=1, max_total=1, rls_check="off", kwargs=db.kwargs())
+    registry = Registry()
+    pools.install(registry)
+    try:
+        async with registry.open_scope(_ctx("alice")), pools.connection() as conn:
+            await conn.execute(db.sql("INSERT INTO {notes} (owner, body) VALUES ('alice', 'a')"))
+            await registry.aclose()
+            assert pools.stats().pools == 0
+            await conn.execute(db.sql("INSERT INTO {notes} (owner, body) VALUES ('alice', 'b')"))
+        assert conn.closed
+        with _admin() as admin:
+            bodies = admin.execute(db.sql("SELECT body FROM {notes} ORDER BY body")).fetchall()
+        assert bodies == [("a",), ("b",)]
+        assert (pools.stats().slots, pools.stats().checked_out) == (0, 0)
+    finally:
+        await registry.aclose()
+
+
+async def test_per_user_pools_grow_only_for_checkouts_at_once(db: Database) -> None:
+    """A user whose checkouts come one after another holds one connection of the budget,
+    whatever max_size allows: the next user's pool finds room of its own, and the first
+    user's pool is not closed to make it."""
+    pools = PerUserPools(db.app_url, max_size=5, max_total=2, rls_check="off", kwargs=db.kwargs())
+    registry = Registry()
+    pools.install(registry)
+    try:
+        pids = set()
+        for _ in range(3):
+            async with registry.open_scope(_ctx("alice")), pools.connection() as conn:
+                pids.add(conn.info.backend_pid)
+        assert len(pids) == 1
+        assert pools.stats().slots == 1
+        async with registry.open_scope(_ctx("bob")), pools.connection() as conn:
+            assert await _scalar(conn, "SELECT current_setting('app.user_id', true)") == "bob"
+        assert (pools.stats().pools, pools.stats().slots, pools.stats().evicted) == (2, 2, 0)
+    finally:
+        await registry.aclose()
+
+
 async def test_per_user_pools_commit_on_success_rollback_on_error(db: Database) -> None:
     """A per-user checkout commits when its block ends normally, rolls back when it raises."""
     pools = PerUserPools(db.app_url, max_total=5, rls_check="raise", kwargs=db.kwargs())
