@@ -42,7 +42,14 @@ from psycopg.rows import dict_row
 from psycopg.types.string import TextLoader
 from psycopg_pool import PoolClosed
 
-from ambient import Registry, UserExecutionContext, UserRef, bind_context, resolve
+from ambient import (
+    Registry,
+    UserExecutionContext,
+    UserRef,
+    bind_context,
+    current_context_or_none,
+    resolve,
+)
 from ambient._context import validate_id
 from ambient.errors import (
     InvalidContextError,
@@ -3213,6 +3220,81 @@ async def test_per_user_pools_grow_only_for_checkouts_at_once(db: Database) -> N
         async with registry.open_scope(_ctx("bob")), pools.connection() as conn:
             assert await _scalar(conn, "SELECT current_setting('app.user_id', true)") == "bob"
         assert (pools.stats().pools, pools.stats().slots, pools.stats().evicted) == (2, 2, 0)
+    finally:
+        await registry.aclose()
+
+
+async def test_per_user_pools_a_checkout_waiting_for_room_takes_the_room_another_pool_frees(
+    db: Database,
+) -> None:
+    """Alice holds a connection and bob the rest of max_total; alice's second checkout waits
+    for room. Once bob's checkout ends, his idle pool is closed to make that room and
+    alice's second checkout gets a connection of its own at once, while her first still
+    holds the other, rather than wait for her first to end (or its timeout)."""
+    pools = PerUserPools(
+        db.app_url, max_size=2, max_total=2, timeout=5, rls_check="off", kwargs=db.kwargs()
+    )
+    registry = Registry()
+    pools.install(registry)
+    bob_in, bob_out = anyio.Event(), anyio.Event()
+
+    async def bob() -> None:
+        async with registry.open_scope(_ctx("bob")), pools.connection():
+            bob_in.set()
+            await bob_out.wait()
+
+    async def room_wanted() -> bool:
+        return pools.stats().waiting == 1
+
+    try:
+        with anyio.fail_after(4):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(bob)
+                await bob_in.wait()
+                async with registry.open_scope(_ctx("alice")), pools.connection() as first:
+
+                    async def second() -> None:
+                        async with pools.connection() as conn:
+                            assert conn.info.backend_pid != first.info.backend_pid
+                            assert await _scalar(
+                                conn, "SELECT current_setting('app.user_id', true)"
+                            ) == ("alice")
+
+                    async with anyio.create_task_group() as alice:
+                        alice.start_soon(second)
+                        await _eventually(room_wanted, "alice's second checkout waits for room")
+                        bob_out.set()
+        assert (pools.stats().pools, pools.stats().slots, pools.stats().evicted) == (1, 2, 1)
+    finally:
+        bob_out.set()
+        await registry.aclose()
+
+
+async def test_per_user_pools_run_their_background_work_outside_any_request(
+    db: Database,
+) -> None:
+    """psycopg's pool workers, which take connections back and run the pool's ``reset``,
+    start with no request bound: a reset sees no context, not the one of the request that
+    opened the user's pool, which the workers would otherwise keep alive as long as the
+    pool lives."""
+    seen: list[UserExecutionContext | None] = []
+
+    async def reset(conn: psycopg.AsyncConnection[Any]) -> None:
+        seen.append(current_context_or_none())
+
+    pools = PerUserPools(
+        db.app_url, max_size=1, max_total=1, rls_check="off", kwargs=db.kwargs(), reset=reset
+    )
+    registry = Registry()
+    pools.install(registry)
+    try:
+        for _ in range(2):
+            async with registry.open_scope(_ctx("alice")), pools.connection() as conn:
+                assert await _scalar(conn, "SELECT current_setting('app.user_id', true)") == (
+                    "alice"
+                )
+        await _eventually(_async(lambda: len(seen) == 2), "both connections taken back")
+        assert seen == [None, None]
     finally:
         await registry.aclose()
 
