@@ -29,6 +29,7 @@ from psycopg.abc import Query
 from psycopg.rows import dict_row
 
 from ambient import Registry, UserExecutionContext
+from ambient.errors import PoolExhaustedError
 from ambient.integrations.psycopg import PerUserPools, SharedPool, connection
 from ambient.integrations.psycopg._common import _DEALLOCATE_FROM_SQL, _end_and_reset
 from tests.conftest import service_unavailable
@@ -70,6 +71,7 @@ def pgbouncer(db: Database, port: int | None = None, *, dbname: str = "test") ->
             f"listen_port = {port}\n"
             "unix_socket_dir =\n"
             "auth_type = any\n"
+            f"admin_users = {role}\n"
             "pool_mode = transaction\n"
             f"default_pool_size = {SERVER_CONNECTIONS}\n"
             "max_client_conn = 500\n"
@@ -348,6 +350,69 @@ async def test_a_pooler_logging_in_under_another_name_keeps_clean_connections(
             await registry.aclose()
     assert stats.discarded == 0
     assert [r for r in caplog.records if "instead of reusing" in r.getMessage()] == []
+
+
+@pytest.mark.parametrize("strategy", ["shared", "per_user"])
+async def test_a_server_session_that_starts_as_another_role_is_refused_at_checkout(
+    bounced: tuple[Database, str], caplog: pytest.LogCaptureFixture, strategy: str
+) -> None:
+    """The app role's sessions are made to start as a BYPASSRLS role it is a member of
+    (``ALTER ROLE ... SET role``) while the pool is in use, and pgbouncer opens new server
+    sessions, which start as that role, under client connections the pool checked when
+    they connected. The next checkout is refused before its block runs, with an error
+    naming both roles, and so is the next one (SharedPool closes the connection, whose
+    reset finds it running as that role, and refuses new ones as they connect). Before, it
+    ran as the bypassing role and read every user's rows."""
+    db, url = bounced
+    app_role = psycopg.conninfo.conninfo_to_dict(url)["user"]
+    bypass = f"{app_role}_bypass"
+    pool = _rls_pool(db, url, strategy, shared={"max_size": 2, "timeout": 2})
+    registry = _registry(pool)
+    notes = db.sql("SELECT current_user, owner FROM {notes}")
+    outcomes: list[Any] = []
+    try:
+        assert await _read(registry, "user-1", notes) == [(app_role, "user-1")]
+        with _admin() as admin:
+            admin.execute(f"CREATE ROLE {bypass} NOLOGIN BYPASSRLS")
+            admin.execute(f"GRANT USAGE ON SCHEMA {db.schema} TO {bypass}")
+            admin.execute(db.sql("GRANT SELECT ON {notes} TO ") + sql.Identifier(bypass))
+            admin.execute(f"GRANT {bypass} TO {app_role}")
+            admin.execute(f"ALTER ROLE {app_role} SET role = {bypass}")
+        console = psycopg.conninfo.make_conninfo(url, dbname="pgbouncer")
+        async with await psycopg.AsyncConnection.connect(console, autocommit=True) as conn:
+            # Every server session is closed once released: the next ones are new.
+            await conn.execute("RECONNECT test", prepare=False)
+        with caplog.at_level(logging.ERROR, logger="ambient"):
+            for _ in range(2):
+                try:
+                    outcomes.append(await _read(registry, "user-1", notes))
+                except psycopg.OperationalError as error:
+                    outcomes.append(str(error))
+                except PoolExhaustedError:
+                    outcomes.append("unavailable")
+        discarded = pool.stats().discarded if isinstance(pool, SharedPool) else None
+    finally:
+        await registry.aclose()
+        with _admin() as admin:
+            admin.execute(f"ALTER ROLE {app_role} RESET role")
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE usename = %s AND pid <> pg_backend_pid()",
+                (app_role,),
+            )
+            if admin.execute("SELECT FROM pg_roles WHERE rolname = %s", (bypass,)).fetchone():
+                admin.execute(f"DROP OWNED BY {bypass}")
+                admin.execute(f"DROP ROLE {bypass}")
+    refused = f"began as role {bypass!r}, not {app_role!r}"
+    assert len(outcomes) == 2
+    assert refused in str(outcomes[0])
+    # Again: SharedPool's new connections to the pooler start as that role too, and are
+    # refused as they connect (a 503) unless the pool still held another to refuse here.
+    assert refused in str(outcomes[1]) or (strategy == "shared" and outcomes[1] == "unavailable")
+    assert [r for r in caplog.records if r.levelno == logging.ERROR and bypass in r.getMessage()]
+    # SharedPool closes the connections (the reset check finds them running as the
+    # bypassing role); PerUserPools keeps them, rolled back and reset, refusing each time.
+    assert discarded in ((None,) if strategy == "per_user" else (1, 2))
 
 
 @pytest.mark.parametrize("strategy", ["shared", "per_user"])

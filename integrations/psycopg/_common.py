@@ -261,6 +261,11 @@ async def _cancel_broken(conn: AsyncConnection[Any], cancel: Canceller) -> bool:
 _SERVER_SIDE = (
     "pg_catalog.pg_backend_pid(), (extract(epoch FROM pg_catalog.now()) * 1000000)::bigint"
 )
+# What a checkout's first statement reads before the server side: the role its transaction
+# runs as, before the handler's code can SET ROLE. Behind a pooler, a server session opened
+# after an ALTER ROLE ... SET role starts as that role, under a client connection the
+# pool checked when it connected (see _starts_as_the_first): only the checkout sees it.
+_BEGUN_SIDE = f"current_user, {_SERVER_SIDE}"
 _CANCEL_SERVER_SIDE = (
     "SELECT pg_catalog.pg_cancel_backend(pid) FROM pg_catalog.pg_stat_activity "
     "WHERE pid = %s AND (extract(epoch FROM xact_start) * 1000000)::bigint = %s"
@@ -349,6 +354,26 @@ async def _starts_as_the_first(
     )
     logger.error("ambient: %s", msg)
     raise psycopg.OperationalError(msg)
+
+
+def _begun_as_the_first(
+    owner: SharedPool | PerUserPools, role: str, first: str | None, remedy: str
+) -> psycopg.OperationalError | None:
+    """The error that refuses a checkout whose transaction began as another role than
+    ``first`` (see :func:`_starts_as_the_first`), read by its first statement (see
+    ``_BEGUN_SIDE``) before the caller's code runs; ``None`` when it is ``first``.
+    ``remedy`` says how to take a new role default on purpose."""
+    if first is None or role == first:
+        return None
+    msg = (
+        f"a checkout of {owner!r} began as role {role!r}, not {first!r} as the first "
+        "connection started (an ALTER ROLE ... SET role since, taken by a new server "
+        "session of the connection pooler?): its transaction was rolled back before the "
+        f"block ran; reset that role default (ALTER ROLE ... RESET role), or {remedy} to "
+        "use that role"
+    )
+    logger.error("ambient: %s", msg)
+    return psycopg.OperationalError(msg)
 
 
 def _warn_pooler(

@@ -25,7 +25,7 @@ from ambient.integrations.psycopg._arguments import (
 )
 from ambient.integrations.psycopg._common import (
     _ASYNCIO_ONLY,
-    _SERVER_SIDE,
+    _BEGUN_SIDE,
     _Cancellers,
     _checked_pool_options,
     _exhausted,
@@ -87,6 +87,10 @@ class PerUserPools:
     when it connects (the pooler's cancel key is not the server's): its settings are then
     never set for the session, but at the start of every checkout, for its transaction
     only, and autocommit is refused there (one statement's transaction would lose them);
+    a checkout whose transaction begins as another role than the strategy's first
+    connection started as (a server session the pooler opened after an ``ALTER ROLE ...
+    SET role``) is rolled back before its block runs and raises
+    ``psycopg.OperationalError``;
     what a handler leaves in the server session (``SET ROLE``, session settings, advisory
     locks, temporary tables, ``LISTEN``, ``random()``'s seed) is reset in the same message
     as the checkout's COMMIT or ROLLBACK, before the pooler can hand the session to another
@@ -186,11 +190,10 @@ class PerUserPools:
         self._set_sql = checked.set_sql
         # Behind a connection pooler the settings are set in every transaction instead.
         # With the server side of the transaction, to cancel its query with SQL when the
-        # cancel request cannot get through the pooler.
+        # cancel request cannot get through the pooler, and the role it runs as, to refuse
+        # a server session that started as another than the first connection did.
         self._set_local_sql = (
-            f"{_set_config_sql(len(self._names), local=True)}, {_SERVER_SIDE}"
-            if self._names
-            else ""
+            f"{_set_config_sql(len(self._names), local=True)}, {_BEGUN_SIDE}" if self._names else ""
         )
         self._pooler_seen = False
         # The server's refusal of a connection logged last (once while it lasts).

@@ -29,11 +29,11 @@ from ambient.integrations.psycopg._arguments import (
 from ambient.integrations.psycopg._common import (
     _ACTIVE,
     _ASYNCIO_ONLY,
+    _BEGUN_SIDE,
     _IDLE,
     _INERROR,
     _PIPELINE_OFF,
     _RESEED,
-    _SERVER_SIDE,
     _SESSION_RESET,
     _aborted,
     _before,
@@ -168,7 +168,10 @@ class SharedPool:
     a handler deallocated, by name or with a ``DEALLOCATE ALL`` it does not notice, in the
     next user's query, which would fail). Every session must start as the role the pool's
     first one did (the one ``check_rls`` checked): a new connection that starts as another
-    (an ``ALTER ROLE ... SET role`` since the pool opened) is closed unused. One that fails
+    (an ``ALTER ROLE ... SET role`` since the pool opened) is closed unused, and a checkout
+    whose transaction begins as another (behind a connection pooler, a server session it
+    opened since) is rolled back before its block runs and raises
+    ``psycopg.OperationalError``, its connection closed. One that fails
     the check is closed, never handed on (``stats().discarded``). Behind a connection
     pooler, whose server sessions outlive the client connection, the statements from SQL
     ``PREPARE`` are deallocated instead, and what a failed COMMIT would leave (advisory
@@ -495,10 +498,11 @@ class SharedPool:
 
     def _begin_with(self, head: str) -> str:
         """The statement that begins a checkout's transaction with ``head`` (``BEGIN`` and
-        its characteristics), sets the settings and reads the transaction's server side."""
+        its characteristics), sets the settings and reads the role the transaction runs as
+        and its server side."""
         if self._names:
-            return f"{head}; {self._set_sql}, {_SERVER_SIDE}"
-        return f"{head}; SELECT {_SERVER_SIDE}"
+            return f"{head}; {self._set_sql}, {_BEGUN_SIDE}"
+        return f"{head}; SELECT {_BEGUN_SIDE}"
 
     async def _give_back(
         self,

@@ -15,6 +15,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 import ambient
 from ambient.integrations.psycopg._arguments import _values
 from ambient.integrations.psycopg._common import (
+    _begun_as_the_first,
     _Checkout,
     _exhausted,
     _getconn_uncancelled,
@@ -101,6 +102,7 @@ class _SharedCheckout(_Checkout):
         retries = owner.max_size
         while True:
             conn = await self._take(ctx.user, pool, deadline)
+            begun_as: str | None = None
             try:
                 # One cursor for the checkout's own statements, with a known row factory.
                 # It binds client-side (psycopg quotes each value for this connection), so
@@ -113,6 +115,7 @@ class _SharedCheckout(_Checkout):
                 cur.nextset()
                 row = await cur.fetchone()
                 if row is not None:
+                    begun_as = row[-3]
                     self._server = (row[-2], row[-1])
             except BaseException as exc:
                 await self._finish(exc)
@@ -123,7 +126,19 @@ class _SharedCheckout(_Checkout):
                     raise
                 retries -= 1
             else:
-                return conn
+                # Behind a pooler, a server session that started as another role since the
+                # pool checked its connections: refused before the block runs. The rollback's
+                # reset check closes the connection (its role is not the pool's), and every
+                # checkout that meets such a session is refused too.
+                refused = (
+                    None
+                    if begun_as is None
+                    else _begun_as_the_first(owner, begun_as, owner._role, "reopen the pool")
+                )
+                if refused is None:
+                    return conn
+                await self._finish(refused)
+                raise refused
 
     async def _take(
         self, user: UserRef, pool: AsyncConnectionPool[AsyncConnection[Any]], deadline: float

@@ -18,6 +18,7 @@ from ambient import UserRef
 from ambient.errors import PoolExhaustedError
 from ambient.integrations.psycopg._arguments import _values
 from ambient.integrations.psycopg._common import (
+    _begun_as_the_first,
     _Checkout,
     _close_unopened,
     _exhausted,
@@ -63,6 +64,7 @@ class _UserPool:
         "pool",
         "pooled",
         "refusals",
+        "role",
         "slots",
         "timeouts",
         "user",
@@ -84,6 +86,8 @@ class _UserPool:
         self.pooled = False
         # Behind a pooler: what deallocates statements from SQL PREPARE as a checkout ends.
         self.deallocate = ""
+        # The role the first connection with this pool's connection string started as.
+        self.role: str | None = None
         # How the pool makes its connections, to restore on return (see _reset).
         self.initial: tuple[Any, ...] | None = None
         self.timeouts = 0  # openings that got no connection in time
@@ -204,6 +208,7 @@ class _UserPool:
         pooled, _, role, deallocate = await _through_pooler(conn)
         first = owner._roles.setdefault(conninfo, role)
         await _starts_as_the_first(owner, conn, role, first, "restart the application")
+        self.role = first
         if pooled:
             # The server session behind this connection changes hands between
             # transactions: a session-level setting would reach other users' queries.
@@ -459,7 +464,17 @@ class _UserCheckout(_Checkout):
                 self._settings = params[1::2]
                 if row is not None:
                     self._server = (row[-2], row[-1])
-                return None
+                    # A server session of the pooler that started as another role since the
+                    # first connection: rolled back and reset below before the block runs,
+                    # as every checkout that meets such a session is.
+                    refused = _begun_as_the_first(
+                        owner, row[-3], user_pool.role, "restart the application"
+                    )
+                    if refused is None:
+                        return None
+                    error = refused
+                else:
+                    return None
         try:
             await _release(
                 owner,
