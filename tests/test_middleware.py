@@ -1271,6 +1271,84 @@ class TestConcurrencyLimit:
         assert registry.stats().open_scopes == 0
         await registry.aclose()
 
+    @pytest.mark.parametrize("error", [PoolExhaustedError, RuntimeError], ids=["503", "500"])
+    async def test_a_request_whose_app_raised_no_longer_counts(
+        self, error: type[Exception]
+    ) -> None:
+        """A request whose app raised stops counting against its user's limit, whether the
+        middleware answered the error (503) or let it through to the server (a bug: 500):
+        with ``max_concurrent_per_user=1`` the user's next request is served."""
+        calls = 0
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise error("no connection free")
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        middleware = AmbientMiddleware(
+            app, registry=Registry(), identity=trusted_header(), max_concurrent_per_user=1
+        )
+        transport = httpx.ASGITransport(
+            app=middleware, raise_app_exceptions=False, client=("127.0.0.1", 50000)
+        )
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+            failed = await http.get("/", headers={"x-user-id": "alice"})
+            served = await http.get("/", headers={"x-user-id": "alice"})
+        assert failed.status_code == (503 if error is PoolExhaustedError else 500)
+        assert (served.status_code, served.text) == (200, "ok")
+        assert middleware._active == {}
+
+    @pytest.mark.parametrize("raises", [False, True], ids=["returned", "raised"])
+    async def test_a_request_whose_cleanups_still_run_no_longer_counts(self, raises: bool) -> None:
+        """A request counts against its user's limit until its app returns or raises, not
+        while its cleanups run (a connection going back to its pool): with
+        ``max_concurrent_per_user=1`` the user's next request is served meanwhile."""
+        in_cleanup, go_on = anyio.Event(), anyio.Event()
+        registry = Registry()
+
+        async def held() -> AsyncIterator[str]:
+            try:
+                yield "held"
+            finally:
+                in_cleanup.set()
+                await go_on.wait()
+
+        registry.register("held", held)
+        first = True
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            nonlocal first
+            if first:
+                first = False
+                await ambient.resolve("held")
+                if raises:
+                    raise PoolExhaustedError("no connection free")
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        middleware = AmbientMiddleware(
+            app, registry=registry, identity=trusted_header(), max_concurrent_per_user=1
+        )
+        scope = http_scope([(b"x-user-id", b"alice")])
+        request: list[Message] = [{"type": "http.request", "body": b""}]
+        answers: list[list[Message]] = []
+
+        async def call() -> None:
+            answers.append(await drive(middleware, dict(scope), request))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            with anyio.fail_after(5):
+                await in_cleanup.wait()
+            served = await drive(middleware, dict(scope), request)
+            go_on.set()
+        assert [m.get("status") for m in served] == [200, None]
+        assert answers[0][0]["status"] == (503 if raises else 200)
+        assert middleware._active == {}
+
     def test_the_limit_must_be_a_positive_int(self) -> None:
         for bad in (0, -1, 1.5, True):
             with pytest.raises(ValueError, match="max_concurrent_per_user"):
@@ -2224,6 +2302,31 @@ class TestContinuedRuns:
         assert "different users" in assert_problem(mismatch, 400)["detail"]
         # The same user id in another tenant is another user.
         assert "different users" in assert_problem(other_tenant, 400)["detail"]
+
+    async def test_a_continued_run_echoes_a_request_id_of_its_own(self) -> None:
+        """A request that continues another run keeps the parent's request id in its
+        context, yet its answer echoes an id of its own: a fresh one for each request when
+        the client sent none, else the client's."""
+        parent = UserExecutionContext.create("ann", tenant_id="t1")
+
+        def resolver(scope: Any) -> Identity:
+            return Identity("ann", "t1", parent=parent)
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            body = ambient.get_current_context().request_id.encode()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": body})
+
+        middleware = AmbientMiddleware(app, registry=Registry(), identity=resolver)
+        async with client(middleware) as http:
+            first = await http.get("/")
+            second = await http.get("/")
+            named = await http.get("/", headers={"x-request-id": "req-7"})
+        assert {first.text, second.text, named.text} == {parent.request_id}
+        echoed = {first.headers["x-request-id"], second.headers["x-request-id"]}
+        assert len(echoed) == 2
+        assert parent.request_id not in echoed
+        assert named.headers["x-request-id"] == "req-7"
 
 
 def _thread_recorder(seen: list[str]) -> AmbientMiddleware:
@@ -4309,6 +4412,35 @@ class TestWebsocketAnsweredAfterAccept:
         assert sent[1:] == [{"type": "websocket.close", "code": code, "reason": reason}]
         assert sent[0]["type"] == "websocket.accept"
         assert seen == [error]
+
+    @pytest.mark.parametrize(
+        ("error", "level"),
+        [
+            (PoolExhaustedError("pool at db-7 has 0 of 5 free"), logging.INFO),
+            (UpstreamError("model server at 10.0.0.5 timed out"), logging.WARNING),
+        ],
+        ids=["503", "502"],
+    )
+    async def test_what_the_close_leaves_out_is_logged_with_the_request_id(
+        self, error: AmbientError, level: int, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """The close's reason is the problem's title; the error's own message, which names
+        what only the server may know, is logged with the request id: information for an
+        unavailable backend (503), a warning with its traceback for another server
+        error."""
+        caplog.set_level(logging.INFO, logger="ambient.middleware")
+        seen: list[BaseException | None] = []
+        middleware = AmbientMiddleware(
+            _after_accept(error), registry=_tx_registry(seen), identity=trusted_header()
+        )
+        headers = [(b"x-user-id", b"ann"), (b"x-request-id", b"req-ws-9")]
+        sent = await drive(middleware, ws_scope(headers), [{"type": "websocket.connect"}])
+        assert str(error) not in sent[1]["reason"]
+        withheld = [r for r in caplog.records if str(error) in r.getMessage()]
+        assert [(r.levelno, r.exc_info is not None) for r in withheld] == [
+            (level, level == logging.WARNING)
+        ]
+        assert "req-ws-9" in withheld[0].getMessage()
 
     @pytest.mark.parametrize(
         "error",
