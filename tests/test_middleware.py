@@ -2962,12 +2962,16 @@ class TestStreamedResponseIdentityExpiry:
         assert isinstance(seen[0], IncompleteResponseError)
         assert "cut off when its identity expired" in str(seen[0])
 
-    async def test_an_app_told_the_client_is_gone_may_end_its_own_body(self) -> None:
+    @pytest.mark.parametrize("trailers", [True, False], ids=["trailers", "no-trailers"])
+    async def test_an_app_told_the_client_is_gone_may_end_its_own_body(
+        self, trailers: bool
+    ) -> None:
         """Told at the expiry that the client is gone (its receive answers
         ``http.disconnect``), the app ends its body itself and returns, as a framework
         does: its end goes out and its send does not raise, the middleware ends the
         response with the trailers its start announced only, never with a second end of
-        the body, and the cleanups see the response cut at the expiry."""
+        the body, and the cleanups see the response cut at the expiry, also when the
+        app's end ended the response (no trailers announced)."""
         seen: list[BaseException | None] = []
         told: list[str] = []
         expires_at = time.time() + 0.2
@@ -2975,7 +2979,7 @@ class TestStreamedResponseIdentityExpiry:
         async def app(scope: Any, receive: Any, send: Any) -> None:
             await ambient.resolve("tx")
             await receive()  # the request
-            await send({"type": "http.response.start", "status": 200, "trailers": True})
+            await send({"type": "http.response.start", "status": 200, "trailers": trailers})
             await send({"type": "http.response.body", "body": b"x", "more_body": True})
             told.append((await receive())["type"])
             await send({"type": "http.response.body", "body": b""})
@@ -2991,7 +2995,7 @@ class TestStreamedResponseIdentityExpiry:
         assert [(m["type"], m.get("body"), m.get("headers")) for m in sent[1:]] == [
             ("http.response.body", b"x", None),
             ("http.response.body", b"", None),
-            ("http.response.trailers", None, [(b"x-request-id", b"req-1")]),
+            *[("http.response.trailers", None, [(b"x-request-id", b"req-1")])] * trailers,
         ]
         assert len(seen) == 1
         assert isinstance(seen[0], IncompleteResponseError)
@@ -3382,6 +3386,39 @@ class TestStreamedResponseIdentityExpiry:
         assert len(seen) == 1
         assert isinstance(seen[0], IncompleteResponseError)
         assert "cut off when its identity expired" in str(seen[0])
+
+    async def test_an_app_deaf_to_the_expiry_is_cancelled_within_the_cleanup_timeout(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The grace an app told the client is gone has before it is cancelled is at most
+        the registry's ``cleanup_timeout``: with a grace far longer, a stream that never
+        receives is cancelled ``cleanup_timeout`` after the expiry, not the grace."""
+        from ambient.middleware import _asgi
+
+        monkeypatch.setattr(_asgi, "_TOLD_GRACE", 30.0)
+        cancelled_at: list[float] = []
+        expires_at = time.time() + 0.2
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await receive()  # the request
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"0\n", "more_body": True})
+            try:
+                await anyio.Event().wait()  # its next event comes in an hour
+            except anyio.get_cancelled_exc_class():
+                cancelled_at.append(time.time())
+                raise
+
+        registry = Registry(cleanup_timeout=0.5)
+        middleware = AmbientMiddleware(app, registry=registry, identity=self.ann(expires_at))
+        sent, ended = await self.serve_idle(middleware, http_scope([]))
+        assert ended, "the stream's app ran on for the whole grace"
+        assert len(cancelled_at) == 1
+        assert expires_at + 0.4 <= cancelled_at[0]  # not at the expiry: after its grace
+        assert [(m["type"], m.get("body")) for m in sent[1:]] == [
+            ("http.response.body", b"0\n"),
+            ("http.response.body", b""),
+        ]
 
     @pytest.mark.parametrize("then", ["raises the cancellation", "sends an event anyway"])
     @pytest.mark.parametrize("app_kind", ["raw", "starlette"])
