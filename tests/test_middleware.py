@@ -2303,6 +2303,33 @@ class TestContinuedRuns:
         # The same user id in another tenant is another user.
         assert "different users" in assert_problem(other_tenant, 400)["detail"]
 
+    async def test_a_websocket_continuing_a_run_is_a_connection_of_its_own(self) -> None:
+        """A websocket that continues another run gets a connection id of its own, fresh
+        for each socket, as any websocket does (never the parent's, nor none)."""
+        parent = UserExecutionContext.create("ann", tenant_id="t1")
+
+        def resolver(scope: Any) -> Identity:
+            return Identity("ann", "t1", parent=parent)
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await receive()
+            await send({"type": "websocket.accept"})
+            ctx = ambient.get_current_context()
+            text = json.dumps([ctx.connection_id, ctx.parent_run_id])
+            await send({"type": "websocket.send", "text": text})
+            await send({"type": "websocket.close", "code": 1000})
+
+        middleware = AmbientMiddleware(app, registry=Registry(), identity=resolver)
+        seen = []
+        for _ in range(2):
+            sent = await drive(middleware, ws_scope([]), [{"type": "websocket.connect"}])
+            seen.append(json.loads(sent[1]["text"]))
+        connections = {connection for connection, _ in seen}
+        assert None not in connections
+        assert len(connections) == 2
+        assert parent.connection_id not in connections
+        assert [run for _, run in seen] == [parent.run_id, parent.run_id]
+
     async def test_a_continued_run_echoes_a_request_id_of_its_own(self) -> None:
         """A request that continues another run keeps the parent's request id in its
         context, yet its answer echoes an id of its own: a fresh one for each request when
@@ -2654,6 +2681,31 @@ class TestWebsocketIdentityExpiry:
         assert sent[1]["code"] == 4001
         assert len(ended_by) == 1
         assert isinstance(ended_by[0], PoolExhaustedError)
+
+    async def test_a_socket_the_client_closed_gets_no_close_at_the_expiry(self) -> None:
+        """The client closed the socket and the app, which received its disconnect, is
+        still cleaning up when the identity expires: it is cancelled, and no close goes
+        to a client already gone (uvicorn raises on it)."""
+        cancelled: list[bool] = []
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await receive()
+            await send({"type": "websocket.accept"})
+            assert (await receive())["type"] == "websocket.disconnect"
+            try:
+                await anyio.Event().wait()  # still cleaning up when the identity expires
+            except anyio.get_cancelled_exc_class():
+                cancelled.append(True)
+                raise
+
+        middleware = AmbientMiddleware(app, registry=Registry(), identity=self.expiring(0.2))
+        incoming: list[Message] = [
+            {"type": "websocket.connect"},
+            {"type": "websocket.disconnect", "code": 1001},
+        ]
+        sent = await drive(middleware, ws_scope([]), incoming)
+        assert [m["type"] for m in sent] == ["websocket.accept"]
+        assert cancelled == [True]
 
     async def test_a_socket_the_app_closed_is_not_closed_again(self) -> None:
         async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -3387,6 +3439,49 @@ class TestStreamedResponseIdentityExpiry:
         assert isinstance(seen[0], IncompleteResponseError)
         assert "cut off when its identity expired" in str(seen[0])
 
+    async def test_a_receive_waiting_before_the_stream_began_is_told_at_the_expiry(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An app that listens for the client's disconnect from before its body starts
+        streaming (a framework's listener task): its waiting ``receive`` answers
+        ``http.disconnect`` at the expiry, and the app ends on it, never cancelled."""
+        from ambient.middleware import _asgi
+
+        # Long enough that only the told disconnect can end the app in time.
+        monkeypatch.setattr(_asgi, "_TOLD_GRACE", 30.0)
+        seen: list[BaseException | None] = []
+        told: list[Message] = []
+        expires_at = time.time() + 0.2
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await ambient.resolve("tx")
+            await receive()  # the request
+            listening = anyio.Event()
+
+            async def listen() -> None:
+                listening.set()
+                told.append(await receive())
+                tg.cancel_scope.cancel()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(listen)
+                await listening.wait()
+                await send({"type": "http.response.start", "status": 200, "headers": []})
+                await send({"type": "http.response.body", "body": b"0\n", "more_body": True})
+                await anyio.Event().wait()  # its next event comes in an hour
+
+        registry = _tx_registry(seen)
+        middleware = AmbientMiddleware(app, registry=registry, identity=self.ann(expires_at))
+        sent, ended = await self.serve_idle(middleware, http_scope([]))
+        assert ended, "the listening app was not told at the expiry"
+        assert told == [{"type": "http.disconnect"}]
+        assert [(m["type"], m.get("body")) for m in sent[1:]] == [
+            ("http.response.body", b"0\n"),
+            ("http.response.body", b""),
+        ]
+        assert len(seen) == 1
+        assert "cut off when its identity expired" in str(seen[0])
+
     async def test_an_app_deaf_to_the_expiry_is_cancelled_within_the_cleanup_timeout(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
@@ -3512,18 +3607,25 @@ class TestStreamedResponseIdentityExpiry:
         assert [m.get("body") for m in sent[1:]] == [b"data: x\n\n"]
         assert seen == [None]
 
+    @pytest.mark.parametrize(
+        "headers",
+        [
+            [(b"content-type", b"application/json")],
+            [(b"content-type", b"text/event-stream"), (b"content-length", b"2")],
+        ],
+        ids=["json", "sized-event-stream"],
+    )
     async def test_a_stream_of_another_kind_waiting_for_its_first_body_is_not_cut(
-        self,
+        self, headers: list[tuple[bytes, bytes]]
     ) -> None:
-        """A response that is no event stream and has sent only its start is not cut at the
-        expiry: it may be a plain answer still being made, which a request admitted while
-        its credential was valid gets."""
+        """A response that is no event stream (nor one that declared its size) and has sent
+        only its start is not cut at the expiry: it may be a plain answer still being
+        made, which a request admitted while its credential was valid gets."""
         seen: list[BaseException | None] = []
         expires_at = time.time() + 0.2
 
         async def app(scope: Any, receive: Any, send: Any) -> None:
             await ambient.resolve("tx")
-            headers = [(b"content-type", b"application/json")]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await anyio.sleep(expires_at - time.time() + 0.1)  # the expiry is the event
             await send({"type": "http.response.body", "body": b"{}"})
