@@ -809,6 +809,28 @@ class TestErrors:
         assert ledger.problems() == []
         assert len(ledger.cleaned) == 1
 
+    async def test_the_notes_of_an_answered_error_are_logged_not_answered(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """The notes added to an error the middleware answers with a 503 (which backend,
+        which pool) are logged with its message and the request id, never sent."""
+        caplog.set_level(logging.INFO, logger="ambient.middleware")
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            error = PoolExhaustedError("no connection within 2.0 s")
+            error.add_note("pool orders-db of 5")
+            raise error
+
+        middleware = AmbientMiddleware(app, registry=Registry(), identity=trusted_header())
+        async with client(middleware) as http:
+            response = await http.get("/", headers={"x-user-id": "u", "x-request-id": "r-n"})
+        assert_problem(response, 503)
+        assert "orders-db" not in response.text
+        logged = [r.getMessage() for r in caplog.records if "orders-db" in r.getMessage()]
+        assert len(logged) == 1
+        assert "no connection within 2.0 s (pool orders-db of 5)" in logged[0]
+        assert "r-n" in logged[0]
+
     async def test_pool_exhaustion_in_a_task_group_becomes_503(self) -> None:
         """Queries run side by side in a task group: the group wraps the error in an
         ExceptionGroup, which was a 500 where ``gather`` gave 503. The request's work
@@ -2682,6 +2704,30 @@ class TestWebsocketIdentityExpiry:
         assert len(ended_by) == 1
         assert isinstance(ended_by[0], PoolExhaustedError)
 
+    async def test_a_handshake_the_app_denied_gets_no_close_at_the_expiry(self) -> None:
+        """The app denied the handshake with a response of its own and is still cleaning
+        up when the identity expires: it is cancelled, and no close follows its denial."""
+        cancelled: list[bool] = []
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await receive()
+            await send({"type": "websocket.http.response.start", "status": 403, "headers": []})
+            await send({"type": "websocket.http.response.body", "body": b"no"})
+            try:
+                await anyio.Event().wait()  # still cleaning up when the identity expires
+            except anyio.get_cancelled_exc_class():
+                cancelled.append(True)
+                raise
+
+        middleware = AmbientMiddleware(app, registry=Registry(), identity=self.expiring(0.2))
+        scope = ws_scope([], extensions={"websocket.http.response": {}})
+        sent = await drive(middleware, scope, [{"type": "websocket.connect"}])
+        assert [m["type"] for m in sent] == [
+            "websocket.http.response.start",
+            "websocket.http.response.body",
+        ]
+        assert cancelled == [True]
+
     async def test_a_socket_the_client_closed_gets_no_close_at_the_expiry(self) -> None:
         """The client closed the socket and the app, which received its disconnect, is
         still cleaning up when the identity expires: it is cancelled, and no close goes
@@ -3482,6 +3528,48 @@ class TestStreamedResponseIdentityExpiry:
         assert len(seen) == 1
         assert "cut off when its identity expired" in str(seen[0])
 
+    @pytest.mark.parametrize("then", ["works on", "sends its trailers"])
+    async def test_an_app_told_that_ends_its_body_is_still_ended_at_its_grace(
+        self, then: str
+    ) -> None:
+        """Told at the expiry that the client is gone, the app ends its body and then
+        either works on (a background task, still holding the expired credential) or
+        sends the trailers its start announced and returns: one that works on is cancelled
+        after its grace all the same, and the trailers go out once, its own."""
+        cancelled: list[bool] = []
+        expires_at = time.time() + 0.2
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await receive()  # the request
+            trailers = then == "sends its trailers"
+            await send({"type": "http.response.start", "status": 200, "trailers": trailers})
+            await send({"type": "http.response.body", "body": b"x", "more_body": True})
+            assert (await receive())["type"] == "http.disconnect"
+            await send({"type": "http.response.body", "body": b""})
+            if trailers:
+                await send({"type": "http.response.trailers", "headers": [(b"x-n", b"1")]})
+                return
+            try:
+                await anyio.Event().wait()  # work that comes to no end of its own
+            except anyio.get_cancelled_exc_class():
+                cancelled.append(True)
+                raise
+
+        middleware = AmbientMiddleware(app, registry=Registry(), identity=self.ann(expires_at))
+        scope = http_scope([], extensions={"http.response.trailers": {}})
+        sent, ended = await self.serve_idle(middleware, scope)
+        assert ended, "the app told the client is gone ran on past its grace"
+        out = [(m["type"], m.get("body"), m.get("headers")) for m in sent[1:]]
+        if then == "works on":
+            assert cancelled == [True]
+            assert out == [("http.response.body", b"x", None), ("http.response.body", b"", None)]
+        else:
+            assert out == [
+                ("http.response.body", b"x", None),
+                ("http.response.body", b"", None),
+                ("http.response.trailers", None, [(b"x-n", b"1")]),
+            ]
+
     async def test_an_app_deaf_to_the_expiry_is_cancelled_within_the_cleanup_timeout(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
@@ -3545,7 +3633,8 @@ class TestStreamedResponseIdentityExpiry:
         async def raw(scope: Any, receive: Any, send: Any) -> None:
             await ambient.resolve("tx")
             await receive()
-            headers = [(b"Content-Type", b"text/event-stream; charset=utf-8")]
+            # A media type is case-insensitive.
+            headers = [(b"Content-Type", b"Text/Event-Stream; charset=utf-8")]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await first_event()
             try:
