@@ -3570,6 +3570,37 @@ class TestStreamedResponseIdentityExpiry:
                 ("http.response.trailers", None, [(b"x-n", b"1")]),
             ]
 
+    async def test_a_message_ready_past_the_expiry_never_reaches_the_app(self) -> None:
+        """Past the expiry of a streaming response, the app's ``receive`` answers that the
+        client is gone, even when the server has a message ready for it (more of the
+        request's body): nothing more of the client's reaches the expired credential's
+        app."""
+        received: list[Message] = []
+        expires_at = time.time() + 0.2
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            received.append(await receive())
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"x", "more_body": True})
+            await anyio.sleep(max(0.0, expires_at - time.time()) + 0.05)  # the expiry: the event
+            received.append(await receive())
+            await send({"type": "http.response.body", "body": b""})
+
+        chunks: list[Message] = [
+            {"type": "http.request", "body": b"a", "more_body": True},
+            {"type": "http.request", "body": b"b", "more_body": False},
+        ]
+
+        async def receive() -> Message:
+            return chunks.pop(0)  # always ready: the server holds it already
+
+        middleware = AmbientMiddleware(app, registry=Registry(), identity=self.ann(expires_at))
+        sent: list[Message] = []
+        with anyio.fail_after(5):
+            await middleware(http_scope([]), receive, _recorder(sent))
+        assert [m.get("body") for m in received] == [b"a", None]
+        assert received[1]["type"] == "http.disconnect"
+
     async def test_an_app_deaf_to_the_expiry_is_cancelled_within_the_cleanup_timeout(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
