@@ -1293,11 +1293,10 @@ class _Stream(_Response):
                 await self._server({**end, "more_trailers": False})
 
     def failure(self) -> AmbientError | None:
+        # A stream told the client is gone is cut (see _stream_until_expiry): told or not,
+        # the cut is what failed it.
         if self.cut:
             return _CutOffAtExpiryError(http=True)
-        if self.told and not self.ended:
-            # Its receive said the client is gone (at the expiry) before the app returned.
-            return IncompleteResponseError(started=self.started)
         return super().failure()
 
 
