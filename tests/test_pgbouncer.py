@@ -38,6 +38,7 @@ from tests.test_psycopg import (
     Database,
     _admin,
     _admin_scalar,
+    _commit_waits_for_its_lock,
     _eventually,
     _query_stopped,
     _scalar,
@@ -888,21 +889,7 @@ async def test_a_commit_given_up_at_return_timeout_stops_on_the_server_behind_a_
     db, url = bounced
     schema = sql.Identifier(db.schema)
     role = psycopg.conninfo.conninfo_to_dict(url)["user"]
-    with _admin() as admin:
-        admin.execute(
-            sql.SQL(
-                "CREATE FUNCTION {}.wait_at_commit() RETURNS trigger LANGUAGE plpgsql AS "
-                "$$ BEGIN PERFORM pg_catalog.pg_advisory_xact_lock(hashtext({})); "
-                "RETURN NULL; END $$"
-            ).format(schema, sql.Literal(db.schema))
-        )
-        admin.execute(
-            sql.SQL(
-                "CREATE CONSTRAINT TRIGGER wait_at_commit AFTER INSERT ON {}.plain "
-                "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {}.wait_at_commit()"
-            ).format(schema, schema)
-        )
-        admin.execute(sql.SQL("GRANT INSERT ON {}.plain TO PUBLIC").format(schema))
+    _commit_waits_for_its_lock(db)
     options: dict[str, Any] = {
         "return_timeout": 0.5,
         "rls_check": "off",

@@ -1237,16 +1237,10 @@ async def test_per_user_sessions_that_start_as_another_role_than_the_first_are_r
     assert any(bypass in record.getMessage() for record in caplog.records)
 
 
-@pytest.mark.parametrize("kind", ["shared", "per_user"])
-async def test_a_commit_given_up_at_return_timeout_is_cancelled_on_the_server(
-    db: Database, kind: str
-) -> None:
-    """A COMMIT that waits on the server (here a deferred trigger waiting for a lock
-    another session holds) is given up at ``return_timeout``: the caller hears that its
-    outcome is unknown, and the server stops running it instead of waiting on, holding
-    the transaction's locks, until the lock comes free. Before, the cancel psycopg sends
-    when its wait is interrupted was interrupted by the same deadline, and the connection
-    was closed with the COMMIT still running."""
+def _commit_waits_for_its_lock(db: Database) -> None:
+    """Make every COMMIT of an insert into ``db``'s plain table wait for the advisory lock
+    named by the schema (a deferred constraint trigger takes it): whoever holds that lock
+    holds such a COMMIT on the server."""
     schema = sql.Identifier(db.schema)
     with _admin() as admin:
         admin.execute(
@@ -1263,6 +1257,20 @@ async def test_a_commit_given_up_at_return_timeout_is_cancelled_on_the_server(
             ).format(schema, schema)
         )
         admin.execute(sql.SQL("GRANT INSERT ON {}.plain TO PUBLIC").format(schema))
+
+
+@pytest.mark.parametrize("kind", ["shared", "per_user"])
+async def test_a_commit_given_up_at_return_timeout_is_cancelled_on_the_server(
+    db: Database, kind: str
+) -> None:
+    """A COMMIT that waits on the server (here a deferred trigger waiting for a lock
+    another session holds) is given up at ``return_timeout``: the caller hears that its
+    outcome is unknown, and the server stops running it instead of waiting on, holding
+    the transaction's locks, until the lock comes free. Before, the cancel psycopg sends
+    when its wait is interrupted was interrupted by the same deadline, and the connection
+    was closed with the COMMIT still running."""
+    schema = sql.Identifier(db.schema)
+    _commit_waits_for_its_lock(db)
     options: dict[str, Any] = {"return_timeout": 0.5, "rls_check": "off", "kwargs": db.kwargs()}
     pool = (
         SharedPool(db.app_url, min_size=1, max_size=1, **options)
