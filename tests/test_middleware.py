@@ -2704,15 +2704,23 @@ class TestWebsocketIdentityExpiry:
         assert len(ended_by) == 1
         assert isinstance(ended_by[0], PoolExhaustedError)
 
-    async def test_a_handshake_the_app_denied_gets_no_close_at_the_expiry(self) -> None:
-        """The app denied the handshake with a response of its own and is still cleaning
-        up when the identity expires: it is cancelled, and no close follows its denial."""
+    @pytest.mark.parametrize("ended_by", ["the app's denial", "the client's close"])
+    async def test_a_socket_already_ended_gets_no_close_at_the_expiry(self, ended_by: str) -> None:
+        """The app denied the handshake with a response of its own, or the client closed
+        the socket and the app received its disconnect; the app is still cleaning up when
+        the identity expires: it is cancelled, and no close follows the denial, nor goes to
+        a client already gone (uvicorn raises on it)."""
+        denied = ended_by == "the app's denial"
         cancelled: list[bool] = []
 
         async def app(scope: Any, receive: Any, send: Any) -> None:
             await receive()
-            await send({"type": "websocket.http.response.start", "status": 403, "headers": []})
-            await send({"type": "websocket.http.response.body", "body": b"no"})
+            if denied:
+                await send({"type": "websocket.http.response.start", "status": 403, "headers": []})
+                await send({"type": "websocket.http.response.body", "body": b"no"})
+            else:
+                await send({"type": "websocket.accept"})
+                assert (await receive())["type"] == "websocket.disconnect"
             try:
                 await anyio.Event().wait()  # still cleaning up when the identity expires
             except anyio.get_cancelled_exc_class():
@@ -2720,37 +2728,16 @@ class TestWebsocketIdentityExpiry:
                 raise
 
         middleware = AmbientMiddleware(app, registry=Registry(), identity=self.expiring(0.2))
-        scope = ws_scope([], extensions={"websocket.http.response": {}})
-        sent = await drive(middleware, scope, [{"type": "websocket.connect"}])
-        assert [m["type"] for m in sent] == [
-            "websocket.http.response.start",
-            "websocket.http.response.body",
-        ]
-        assert cancelled == [True]
-
-    async def test_a_socket_the_client_closed_gets_no_close_at_the_expiry(self) -> None:
-        """The client closed the socket and the app, which received its disconnect, is
-        still cleaning up when the identity expires: it is cancelled, and no close goes
-        to a client already gone (uvicorn raises on it)."""
-        cancelled: list[bool] = []
-
-        async def app(scope: Any, receive: Any, send: Any) -> None:
-            await receive()
-            await send({"type": "websocket.accept"})
-            assert (await receive())["type"] == "websocket.disconnect"
-            try:
-                await anyio.Event().wait()  # still cleaning up when the identity expires
-            except anyio.get_cancelled_exc_class():
-                cancelled.append(True)
-                raise
-
-        middleware = AmbientMiddleware(app, registry=Registry(), identity=self.expiring(0.2))
-        incoming: list[Message] = [
-            {"type": "websocket.connect"},
-            {"type": "websocket.disconnect", "code": 1001},
-        ]
-        sent = await drive(middleware, ws_scope([]), incoming)
-        assert [m["type"] for m in sent] == ["websocket.accept"]
+        incoming: list[Message] = [{"type": "websocket.connect"}]
+        if denied:
+            scope = ws_scope([], extensions={"websocket.http.response": {}})
+            answer = ["websocket.http.response.start", "websocket.http.response.body"]
+        else:
+            scope = ws_scope([])
+            incoming.append({"type": "websocket.disconnect", "code": 1001})
+            answer = ["websocket.accept"]
+        sent = await drive(middleware, scope, incoming)
+        assert [m["type"] for m in sent] == answer
         assert cancelled == [True]
 
     async def test_a_socket_the_app_closed_is_not_closed_again(self) -> None:
