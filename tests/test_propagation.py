@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import logging
 import math
@@ -249,6 +251,116 @@ class TestTokens:
         for ttl in (0, -1.0, math.nan, math.inf, 10**400):
             with pytest.raises(ValueError, match="ttl"):
                 capture(context(), ttl=ttl)
+
+
+def signed_claims(claims: object, secret: str = SECRET) -> str:
+    """A token whose payload is ``claims`` as they are, signed with ``secret``: what only a
+    holder of the key could make, checked all the same."""
+    kid = hmac.new(secret.encode(), b"ambient context key id", hashlib.sha256).hexdigest()[:8]
+    raw = json.dumps(claims, separators=(",", ":")).encode()
+    signed = f"v1.{kid}.{base64.urlsafe_b64encode(raw).rstrip(b'=').decode()}"
+    mac = hmac.new(secret.encode(), signed.encode(), hashlib.sha256).digest()
+    return f"{signed}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
+
+
+IDS: dict[str, str] = {"u": "alice", "th": "thread", "r": "run", "q": "request"}
+
+
+class TestLimits:
+    """Where each check starts refusing, on a clock the test holds."""
+
+    def test_a_token_verifies_from_its_signing_to_its_ttl_with_no_leeway(self) -> None:
+        """Signed at a fraction of a second, a token verifies at once and until ``ttl``
+        seconds later, then never: its ``iat`` is not after the instant it was signed and
+        its ``exp`` not before that instant plus ``ttl``."""
+        now = 1_900_000_000.5
+        signer = ContextSigner(SECRET, clock=lambda: now, leeway=0)
+        token = signer.sign(context(), ttl=30)
+        assert signer.verify(token).user_id == "alice"
+        now += 30
+        assert signer.verify(token).user_id == "alice"
+        now += 0.5
+        assert signer.verify(token).user_id == "alice"
+        now += 0.001
+        with pytest.raises(InvalidTokenError) as refused:
+            signer.verify(token)
+        assert refused.value.reason == "expired"
+
+    def test_a_token_from_a_clock_ahead_by_the_leeway_verifies(self) -> None:
+        """The leeway covers an issuer whose clock is ahead, to the second: a token issued
+        up to ``leeway`` seconds in the future verifies, one issued later does not."""
+        now = 1_900_000_000.0
+        verifier = ContextSigner(SECRET, clock=lambda: now, leeway=5)
+        ahead = ContextSigner(SECRET, clock=lambda: now + 5).sign(context(), ttl=30)
+        assert verifier.verify(ahead).user_id == "alice"
+        now -= 0.5
+        with pytest.raises(InvalidTokenError) as refused:
+            verifier.verify(ahead)
+        assert refused.value.reason == "not-yet-valid"
+
+    def test_the_largest_context_a_token_carries_verifies(self) -> None:
+        """Ids making 3,000 bytes of JSON, a payload of 4,000 characters, are the most a
+        token carries: captured and verified, not refused as too long."""
+        ctx = context(
+            "ü" * 256,
+            tenant_id="ü" * 256,
+            thread_id="会" * 256,
+            run_id="会" * 256,
+            request_id="会" * 56 + "ü" + "r" * 199,
+        )
+        token = capture(ctx, secret=SECRET)
+        assert len(token.split(".")[2]) == 4000
+        assert ids(verify(token, secret=SECRET)) == ids(ctx)
+
+    def test_a_second_spelling_of_the_signature_is_refused(self) -> None:
+        """The last character of a signature has two bits no byte uses: a token whose
+        signature differs there decodes to the same bytes, and is refused all the same
+        (one token, one spelling)."""
+        token = capture(context(), secret=SECRET)
+        alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+        other = alphabet[alphabet.index(token[-1]) ^ 1]
+        respelled = token[:-1] + other
+        assert base64.urlsafe_b64decode(respelled.split(".")[3] + "=") == (
+            base64.urlsafe_b64decode(token.split(".")[3] + "=")
+        )
+        with pytest.raises(InvalidTokenError) as refused:
+            verify(respelled, secret=SECRET)
+        assert refused.value.reason == "tampered"
+
+    @pytest.mark.parametrize("extra", ["A", ".", ".AAAA", "\n"])
+    def test_anything_after_the_signature_is_malformed(self, extra: str) -> None:
+        """A token with something after its signature is refused as malformed (401), never
+        taken for a tampered token or failing as a server error."""
+        with pytest.raises(InvalidTokenError) as refused:
+            verify(capture(context(), secret=SECRET) + extra, secret=SECRET)
+        assert refused.value.reason == "malformed"
+
+    @pytest.mark.parametrize(
+        "claims",
+        [
+            ["u", "alice"],
+            "alice",
+            {**IDS, "exp": 4_000_000_000},
+            {**IDS, "iat": 1_000_000_000},
+            {**IDS, "iat": True, "exp": 4_000_000_000},
+            {**IDS, "iat": 1_000_000_000, "exp": 4_000_000_000.5},
+        ],
+    )
+    def test_a_signed_payload_without_whole_second_iat_and_exp_is_malformed(
+        self, claims: object
+    ) -> None:
+        """Not an object, or without ``iat`` and ``exp`` as whole seconds (a bool is not
+        one): refused as malformed, signature or not, never a server error."""
+        with pytest.raises(InvalidTokenError) as refused:
+            verify(signed_claims(claims), secret=SECRET)
+        assert refused.value.reason == "malformed"
+
+    def test_an_empty_secret_variable_is_no_secret(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """``AMBIENT_CONTEXT_SECRET=`` is not set, as its absence is: LookupError, naming
+        the variable."""
+        monkeypatch.setenv(SECRET_ENV, "")
+        with pytest.raises(LookupError, match=SECRET_ENV):
+            capture(context())
 
 
 class TestRestore:
@@ -1162,3 +1274,39 @@ async def test_two_services_one_user_one_trace(spans: Spans) -> None:
         assert b_server.parent.span_id == a_scope.context.span_id  # type: ignore[union-attr]
         assert b_scope.parent.span_id == b_server.context.span_id  # type: ignore[union-attr]
     assert b_registry.stats().open_scopes == 0
+
+
+def test_restore_checks_the_audience_it_is_given() -> None:
+    """A worker restoring with ``audience="jobs"`` takes tokens for that audience only: one
+    for another audience, or naming none (a token made for a call to some service), is
+    refused before anything is bound."""
+    jobs = capture(context(), secret=SECRET, audience="jobs")
+    with restore(jobs, secret=SECRET, audience="jobs") as job:
+        assert job.user_id == "alice"
+    for token in (
+        capture(context(), secret=SECRET, audience="billing"),
+        capture(context(), secret=SECRET),
+    ):
+        with pytest.raises(InvalidTokenError) as refused:
+            restore(token, secret=SECRET, audience="jobs")
+        assert refused.value.reason == "audience"
+    assert ambient.current_context_or_none() is None
+
+
+async def test_a_host_named_with_its_schemes_default_port_gets_the_context() -> None:
+    """``hosts=["billing.internal:443"]`` serves ``https://billing.internal/`` (port 443
+    unwritten), and not ``http://billing.internal/`` (port 80)."""
+    seen: list[httpx.Request] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(204)
+
+    hook = async_inject_hook(hosts=["billing.internal:443"], secret=SECRET)
+    async with httpx.AsyncClient(
+        transport=httpx.MockTransport(record), event_hooks={"request": [hook]}
+    ) as client:
+        with bind_context(context()):
+            await client.get("https://billing.internal/")
+            await client.get("http://billing.internal/")
+    assert [HEADER in request.headers for request in seen] == [True, False]
