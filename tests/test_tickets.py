@@ -1387,3 +1387,71 @@ async def test_a_user_whose_tickets_all_expired_is_bounded_again_from_the_next_o
     assert (await refused(tickets, handshake(first))).status == 401
     for ticket in later:
         await _redeems(tickets, ticket, "alice")
+
+
+async def test_one_ticket_past_max_per_user_drops_the_users_oldest(
+    store_of_three: TicketStore,
+) -> None:
+    """With ``max_per_user=3`` alice's fourth ticket drops her first at once: she never
+    holds four, not even for one ticket until the next is issued."""
+    tickets = WebSocketTickets(store_of_three)
+    with bound("alice"):
+        first, *rest = [await tickets.issue() for _ in range(4)]
+    assert (await refused(tickets, handshake(first))).status == 401
+    for ticket in rest:
+        await _redeems(tickets, ticket, "alice")
+
+
+async def test_the_memory_store_drops_a_ticket_at_its_deadline() -> None:
+    """A ticket is held until its deadline, not at it: from then on ``take()`` answers
+    ``None`` and ``len()`` no longer counts it, whether it was put in the order of the
+    deadlines or before a ticket put earlier with a later one (a ticket given back)."""
+    clock = Clock()
+    store = MemoryTicketStore(clock=clock)
+    for key in "abc":
+        await store.put(key * 64, key.encode(), 30)
+    await store.put("d" * 64, b"d", 10)
+    clock.now += 10
+    assert len(store) == 3
+    clock.now += 19.5
+    assert await store.take("a" * 64) == b"a"
+    clock.now += 0.5
+    assert await store.take("b" * 64) is None
+    assert len(store) == 0
+
+
+async def test_a_refused_handshakes_ticket_goes_back_once() -> None:
+    """A handshake refused for a reason not the ticket's gives it back once: after the
+    retry got in with it, the first handshake giving it back again does not make it
+    usable a second time."""
+    tickets = WebSocketTickets()
+    with bound("alice"):
+        ticket = await tickets.issue()
+    first = await tickets(handshake(ticket))
+    assert first is not None
+    await first._refused()
+    await _redeems(tickets, ticket, "alice")
+    await first._refused()
+    assert (await refused(tickets, handshake(ticket))).status == 401
+
+
+async def test_a_users_expired_ticket_takes_no_room_from_her_live_ones() -> None:
+    """alice holds three tickets; the first, given back after a refused handshake, expires
+    before the other two: her next ticket finds it gone and drops none of the live ones
+    (though the one that expired was put last)."""
+    clock = Clock()
+    store = MemoryTicketStore(max_per_user=3, clock=clock)
+    tickets = WebSocketTickets(store, ttl=30, clock=clock)
+    with bound("alice"):
+        first = await tickets.issue()
+        clock.now += 10
+        second, third = await tickets.issue(), await tickets.issue()
+    identity = await tickets(handshake(first))
+    assert identity is not None
+    await identity._refused()
+    clock.now += 25
+    with bound("alice"):
+        fourth = await tickets.issue()
+    assert (await refused(tickets, handshake(first))).status == 401
+    for ticket in (second, third, fourth):
+        await _redeems(tickets, ticket, "alice")
