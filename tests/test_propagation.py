@@ -1310,3 +1310,34 @@ async def test_a_host_named_with_its_schemes_default_port_gets_the_context() -> 
             await client.get("https://billing.internal/")
             await client.get("http://billing.internal/")
     assert [HEADER in request.headers for request in seen] == [True, False]
+
+
+def test_inject_without_trace_leaves_the_trace_headers_out() -> None:
+    """``trace=False`` adds the token and the ids, and no ``traceparent``, also inside a
+    span."""
+    provider = TracerProvider()
+    with (
+        bind_context(context()),
+        provider.get_tracer("test").start_as_current_span("outgoing"),
+    ):
+        headers = inject({}, secret=SECRET, trace=False)
+    assert sorted(headers) == sorted([HEADER, "x-request-id", "x-thread-id"])
+
+
+async def test_hosts_match_in_any_case_and_a_bare_ipv6_address_on_any_port() -> None:
+    """``"Billing.Internal"`` names the host httpx spells ``billing.internal``; ``"::1"``
+    (no brackets, no port) is that address on any port."""
+    seen: list[httpx.Request] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(204)
+
+    hook = async_inject_hook(hosts=["Billing.Internal", "::1"], secret=SECRET)
+    async with httpx.AsyncClient(
+        transport=httpx.MockTransport(record), event_hooks={"request": [hook]}
+    ) as client:
+        with bind_context(context()):
+            for url in ("http://billing.internal/", "http://[::1]:9/", "http://[::2]:9/"):
+                await client.get(url)
+    assert [HEADER in request.headers for request in seen] == [True, True, False]
