@@ -1455,3 +1455,44 @@ async def test_a_users_expired_ticket_takes_no_room_from_her_live_ones() -> None
     assert (await refused(tickets, handshake(first))).status == 401
     for ticket in (second, third, fourth):
         await _redeems(tickets, ticket, "alice")
+
+
+async def test_a_bool_exp_claim_gives_the_ticket_no_expiry() -> None:
+    """``exp: true`` is no time (as jwt_bearer() reads it): the ticket's socket has no
+    expiry from it, rather than one in 1970 that refuses the handshake."""
+    tickets = WebSocketTickets()
+    with bound(exp=True):
+        ticket = await tickets.issue()
+    identity = await tickets(handshake(ticket))
+    assert identity is not None
+    assert identity.expires_at is None
+
+
+class FailingPutStore(MemoryTicketStore):
+    """A memory store whose puts fail, once ``fail`` is set, as an unreachable Redis's do."""
+
+    fail = False
+
+    async def put_for(self, user: str, key: str, value: bytes, ttl: float) -> None:
+        if self.fail:
+            raise IdentityUnavailableError("the ticket store (Redis) cannot be reached")
+        await super().put_for(user, key, value, ttl)
+
+
+async def test_a_ticket_the_store_cannot_take_back_leaves_the_refusal_as_it_is(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The store fails as a refused handshake gives its ticket back: the refusal goes on
+    (no error of the store's in its place), the failure is logged, and the ticket stays
+    spent."""
+    store = FailingPutStore()
+    tickets = WebSocketTickets(store)
+    with bound("alice"):
+        ticket = await tickets.issue()
+    identity = await tickets(handshake(ticket))
+    assert identity is not None
+    store.fail = True
+    with caplog.at_level(logging.WARNING, logger="ambient.middleware"):
+        await identity._refused()
+    assert ["could not be given back" in r.getMessage() for r in caplog.records] == [True]
+    assert (await refused(tickets, handshake(ticket))).status == 401
