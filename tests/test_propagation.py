@@ -254,10 +254,12 @@ class TestTokens:
 
 
 def signed_claims(claims: object, secret: str = SECRET) -> str:
-    """A token whose payload is ``claims`` as they are, signed with ``secret``: what only a
-    holder of the key could make, checked all the same."""
+    """A token whose payload is ``claims`` as they are (bytes: the payload itself), signed
+    with ``secret``: what only a holder of the key could make, checked all the same."""
     kid = hmac.new(secret.encode(), b"ambient context key id", hashlib.sha256).hexdigest()[:8]
-    raw = json.dumps(claims, separators=(",", ":")).encode()
+    raw = (
+        claims if isinstance(claims, bytes) else json.dumps(claims, separators=(",", ":")).encode()
+    )
     signed = f"v1.{kid}.{base64.urlsafe_b64encode(raw).rstrip(b'=').decode()}"
     mac = hmac.new(secret.encode(), signed.encode(), hashlib.sha256).digest()
     return f"{signed}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
@@ -338,6 +340,8 @@ class TestLimits:
     @pytest.mark.parametrize(
         "claims",
         [
+            b"not json",
+            b"\xff",
             ["u", "alice"],
             "alice",
             {**IDS, "exp": 4_000_000_000},
@@ -349,8 +353,8 @@ class TestLimits:
     def test_a_signed_payload_without_whole_second_iat_and_exp_is_malformed(
         self, claims: object
     ) -> None:
-        """Not an object, or without ``iat`` and ``exp`` as whole seconds (a bool is not
-        one): refused as malformed, signature or not, never a server error."""
+        """Not JSON, not an object, or without ``iat`` and ``exp`` as whole seconds (a bool
+        is not one): refused as malformed, signature or not, never a server error."""
         with pytest.raises(InvalidTokenError) as refused:
             verify(signed_claims(claims), secret=SECRET)
         assert refused.value.reason == "malformed"
