@@ -13,6 +13,8 @@ import json
 import logging
 import random
 import socket
+import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -1179,6 +1181,33 @@ class TestIds:
         attributes = one(otel.spans.named("ambient.scope")).attributes or {}
         assert attributes["ambient.user_id"] == hash_id("alice")
 
+    def test_default_key_is_random_per_process(self) -> None:
+        """Without hash_key each process hashes under a key of its own: the same users'
+        exported ids differ between two processes (a key fixed in the library would let
+        anyone who reads a span map its hash back to a user by hashing candidate ids)."""
+        program = (
+            "from opentelemetry.trace import NoOpTracerProvider\n"
+            "from ambient.telemetry import Telemetry, hash_id\n"
+            "telemetry = Telemetry(tracer_provider=NoOpTracerProvider())\n"
+            "users = [f'user-{i}' for i in range(5)]\n"
+            "exported = [telemetry.export_user_id(u) for u in users]\n"
+            "assert exported == [hash_id(u) for u in users]\n"
+            "print(' '.join(exported))\n"
+        )
+        runs = [
+            subprocess.run(  # noqa: S603 - this interpreter, a fixed program
+                [sys.executable, "-c", program],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+            ).stdout.split()
+            for _ in range(2)
+        ]
+        assert len(runs[0]) == len(runs[1]) == 5
+        assert not set(runs[0]) & set(runs[1])
+        assert not set(runs[0]) & {hash_id(f"user-{i}") for i in range(5)}
+
     async def test_no_raw_user_id_anywhere_by_default(self, otel: Otel) -> None:
         """Default config: the raw user id is in no span name, attribute or event."""
         user = "user-7f3a9c"
@@ -1649,6 +1678,48 @@ class TestNoSdk:
         await registry.aclose()
         assert otel.total("ambient.user_components.live") == 0
 
+    async def test_scopes_open_before_the_meter_was_found_are_not_counted_closed(
+        self, otel: Otel, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A traced telemetry whose meter provider is set while scopes are open counts only
+        the scopes it saw open: ambient.scopes.active never goes below what is open."""
+        monkeypatch.setattr(ambient.telemetry, "_RECHECK_SECONDS", 0.0)
+        registry = Registry(telemetry=Telemetry(tracer_provider=otel.tracer_provider))
+        early_open = anyio.Event()
+        late_open = anyio.Event()
+        close_early = anyio.Event()
+        close_late = anyio.Event()
+        early_closed = anyio.Event()
+        opened = closed = 0
+
+        async def visit(user: str, ready: anyio.Event, close: anyio.Event) -> None:
+            nonlocal opened, closed
+            async with registry.open_scope(ctx(user)):
+                opened += 1
+                if opened in (10, 20):
+                    ready.set()
+                await close.wait()
+            closed += 1
+            if closed == 10:
+                early_closed.set()
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for i in range(10):
+                    tg.start_soon(visit, f"early-{i}", early_open, close_early)
+                await early_open.wait()
+                monkeypatch.setattr(metrics, "get_meter_provider", lambda: otel.meter_provider)
+                for i in range(10):
+                    tg.start_soon(visit, f"late-{i}", late_open, close_late)
+                await late_open.wait()
+                assert otel.total("ambient.scopes.active") == 10
+                close_early.set()
+                await early_closed.wait()
+                assert otel.total("ambient.scopes.active") == 10
+                close_late.set()
+        assert otel.total("ambient.scopes.active") == 0
+        assert len(otel.spans.named("ambient.scope")) == 20
+
     @pytest.mark.parametrize("provider", ["tracer", "meter"])
     async def test_a_failing_provider_found_later_never_breaks_a_request(
         self,
@@ -1727,6 +1798,46 @@ class TestBaggage:
             "ambient.user_id": hash_id("alice"),
         }
         assert "alice" not in headers["baggage"]
+
+    @pytest.mark.parametrize(
+        ("user_policy", "tenant_policy"), [("hash", "hash"), ("raw", "hash"), ("hash", "raw")]
+    )
+    async def test_both_ids_go_into_baggage_under_their_own_policies_for_many_users(
+        self, otel: Otel, user_policy: Any, tenant_policy: Any
+    ) -> None:
+        """The user and the tenant id in baggage follow each one's own policy: a hashed
+        tenant id never leaves the process raw, for each of many concurrent users."""
+        telemetry = otel.telemetry(
+            user_id=user_policy,
+            tenant_id=tenant_policy,
+            hash_key="k",
+            baggage=("user_id", "tenant_id"),
+        )
+        registry = Registry(telemetry=telemetry)
+        sent: dict[str, dict[str, str]] = {}
+
+        def exported(policy: str, value: str) -> str:
+            return hash_id(value, "k") if policy == "hash" else value
+
+        async def visit(i: int) -> None:
+            async with registry.open_scope(ctx(f"user-{i}", tenant_id=f"tenant-{i}")):
+                await anyio.lowlevel.checkpoint()
+                headers: dict[str, str] = {}
+                propagate.inject(headers)
+                sent[f"user-{i}"] = dict(
+                    item.split("=", 1) for item in headers["baggage"].split(",")
+                )
+
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(visit, i)
+        assert sent == {
+            f"user-{i}": {
+                "ambient.user_id": exported(user_policy, f"user-{i}"),
+                "ambient.tenant_id": exported(tenant_policy, f"tenant-{i}"),
+            }
+            for i in range(20)
+        }
 
     async def test_incoming_ambient_baggage_is_dropped(self, otel: Otel) -> None:
         """Incoming `ambient.*` baggage never survives into the scope; other entries do."""
