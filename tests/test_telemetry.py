@@ -1456,6 +1456,55 @@ class TestMetrics:
         cleanup = one(otel.spans.named("ambient.cleanup"))
         assert parent_id(cleanup) == scope_span.context.span_id
 
+    @pytest.mark.parametrize("closes", [False, True], ids=["no cleanup", "cleanup"])
+    async def test_a_request_component_handing_out_the_users_one_never_counts_it_down(
+        self, otel: Otel, closes: bool
+    ) -> None:
+        """A REQUEST component whose factory returns the user's own USER component (a
+        per-request view of it) ends with each request; the user's component lives on and
+        stays counted in ambient.user_components.live, for each of many users."""
+
+        class Session:
+            def __init__(self, user: UserRef) -> None:
+                self.user = user
+
+        class ClosingSession(Session):
+            def close(self) -> None:
+                pass
+
+        kind = ClosingSession if closes else Session
+
+        async def view() -> Session:
+            return await ambient.resolve(kind)
+
+        registry = Registry(telemetry=otel.telemetry())
+        registry.register(kind, kind, lifetime=Lifetime.USER)
+        registry.register("view", view)
+        users = [f"user-{i}" for i in range(10)]
+        for _ in range(2):
+            for user in users:
+                async with registry.open_scope(ctx(user)):
+                    assert isinstance(await ambient.resolve("view"), kind)
+        assert otel.total("ambient.user_components.live") == 10
+        await registry.aclose()
+        assert otel.total("ambient.user_components.live") == 0
+
+    async def test_one_object_handed_to_many_users_is_counted_for_each(self, otel: Otel) -> None:
+        """USER factories that return one shared object (``None``, a module-level client)
+        make a component per user all the same: each is counted live and counted down as
+        it goes, so the count returns to zero."""
+        shared = object()
+        registry = Registry(telemetry=otel.telemetry())
+        registry.register("nothing", lambda: None, lifetime=Lifetime.USER)
+        registry.register("shared", lambda: shared, lifetime=Lifetime.USER)
+        for i in range(10):
+            async with registry.open_scope(ctx(f"user-{i}")):
+                assert await ambient.resolve("nothing") is None
+                assert await ambient.resolve("shared") is shared
+        assert otel.total("ambient.user_components.live") == 20
+        await registry.aclose()
+        assert otel.total("ambient.user_components.live") == 0
+
     async def test_a_failed_user_factory_is_never_counted_live(self, otel: Otel) -> None:
         """Ten users whose USER factory fails, concurrently: each failure is timed, none is
         counted as a live USER component (nothing lives, and nothing will be cleaned up to
@@ -1677,6 +1726,47 @@ class TestNoSdk:
         assert otel.total("ambient.user_components.live") == 1
         await registry.aclose()
         assert otel.total("ambient.user_components.live") == 0
+
+    async def test_a_meter_found_later_counts_down_only_what_it_saw_made_when_cleaned(
+        self, otel: Otel, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The same for USER components with a cleanup of their own: those of the users
+        served before the meter provider was set are cleaned up (and timed) without
+        counting down ambient.user_components.live, and what it counted is forgotten as
+        they go."""
+        monkeypatch.setattr(ambient.telemetry, "_RECHECK_SECONDS", 0.0)
+        closed: list[str] = []
+
+        class Session:
+            def __init__(self, user: UserRef) -> None:
+                self.user = user
+
+            def close(self) -> None:
+                closed.append(self.user.user_id)
+
+        telemetry = Telemetry()
+        registry = Registry(telemetry=telemetry)
+        registry.register(Session, Session, lifetime=Lifetime.USER)
+        early = [f"early-{i}" for i in range(5)]
+        for user in early:
+            async with registry.open_scope(ctx(user)):
+                await ambient.resolve(Session)
+        assert not telemetry.active
+        monkeypatch.setattr(metrics, "get_meter_provider", lambda: otel.meter_provider)
+        for user in ("late-0", "late-1"):
+            async with registry.open_scope(ctx(user)):
+                await ambient.resolve(Session)
+        assert telemetry.active
+        assert otel.total("ambient.user_components.live") == 2
+        await registry.aclose()
+        assert sorted(closed) == sorted([*early, "late-0", "late-1"])
+        assert otel.count("ambient.cleanup.duration") == 7
+        assert otel.total("ambient.user_components.live") == 0
+        # Nothing is kept per component once it is gone: a long-running process serves
+        # ever more users.
+        instruments = telemetry._instruments
+        assert instruments is not None
+        assert instruments.counted == {}
 
     async def test_scopes_open_before_the_meter_was_found_are_not_counted_closed(
         self, otel: Otel, monkeypatch: pytest.MonkeyPatch
