@@ -1047,6 +1047,43 @@ class TestComponentSpans:
         assert (cleanup.attributes or {})["ambient.user_id"] == hash_id("carol", "k")
         assert (cleanup.attributes or {})["ambient.lifetime"] == "user"
 
+    async def test_user_cleanups_at_a_shutdown_run_inside_a_span_are_traces_of_their_own(
+        self, otel: Otel
+    ) -> None:
+        """A registry closed while a span is current (a lifespan shutdown traced by the
+        server, one user's request that closes it): every user's cleanup span is a root
+        naming that user, none in the current span's trace, with or without a failure."""
+        registry = Registry(telemetry=otel.telemetry(span_threshold=0, hash_key="k"))
+        cleaned: list[str] = []
+
+        def memory(user: UserRef) -> Iterator[Memory]:
+            yield Memory(user)
+            cleaned.append(user.user_id)
+            if user.user_id == "user-0":
+                raise OSError("flush failed")
+
+        registry.register(Memory, memory, lifetime=Lifetime.USER)
+        users = [f"user-{i}" for i in range(10)]
+
+        async def visit(user: str) -> None:
+            async with registry.open_scope(ctx(user)):
+                await ambient.resolve(Memory)
+
+        async with anyio.create_task_group() as tg:
+            for user in users:
+                tg.start_soon(visit, user)
+        tracer = otel.tracer_provider.get_tracer("test")
+        with tracer.start_as_current_span("shutdown") as shutdown, pytest.raises(CleanupError):
+            await registry.aclose()
+        assert sorted(cleaned) == sorted(users)
+        cleanups = otel.spans.named("ambient.cleanup")
+        assert sorted((s.attributes or {})["ambient.user_id"] for s in cleanups) == sorted(
+            hash_id(u, "k") for u in users
+        )
+        for span in cleanups:
+            assert span.parent is None, span.attributes
+            assert span.context.trace_id != shutdown.get_span_context().trace_id
+
     @pytest.mark.parametrize("ended_by", ["idle expiry", "max_users eviction"])
     async def test_other_users_cleanups_run_in_a_request_stay_out_of_its_trace(
         self, otel: Otel, ended_by: str
@@ -1289,10 +1326,14 @@ class TestIds:
         assert event.attributes is not None
         assert "user_id is invalid" in str(event.attributes["exception.stacktrace"])
 
-    async def test_an_invalid_id_is_echoed_where_its_policy_is_raw(self, otel: Otel) -> None:
-        """With user_id="raw" the error is recorded as it was raised."""
+    @pytest.mark.parametrize("tenant_policy", ["raw", "hash", "omit"])
+    async def test_an_invalid_id_is_echoed_where_its_policy_is_raw(
+        self, otel: Otel, tenant_policy: Any
+    ) -> None:
+        """With user_id="raw" the error is recorded as it was raised, whatever the tenant
+        id's policy: only the fields exported hashed or not at all are left out."""
         flawed = "alice@example.com "
-        registry = Registry(telemetry=otel.telemetry(user_id="raw"))
+        registry = Registry(telemetry=otel.telemetry(user_id="raw", tenant_id=tenant_policy))
         with pytest.raises(ambient.InvalidContextError):
             async with registry.open_scope(ctx("worker")):
                 UserExecutionContext.create(flawed)
