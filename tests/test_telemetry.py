@@ -939,6 +939,49 @@ class TestComponentSpans:
             # Memory has nothing to clean up: no cleanup event, however slow its creation.
         ]
 
+    async def test_a_component_span_lasts_what_its_operation_took(self, otel: Otel) -> None:
+        """Each ambient.resolve / ambient.cleanup span starts and ends when its factory or
+        cleanup did (the duration the histograms record), not when telemetry got to it, for
+        each of many concurrent users."""
+        seen: dict[tuple[str, str], ComponentEvent] = {}
+
+        class Durations(Observer):
+            def component_created(self, event: ComponentEvent) -> None:
+                assert event.scope is not None
+                seen["ambient.resolve", event.scope.context.request_id] = event
+
+            def component_cleaned(self, event: ComponentEvent) -> None:
+                assert event.scope is not None
+                seen["ambient.cleanup", event.scope.context.request_id] = event
+
+        async def dispatcher() -> AsyncIterator[Dispatcher]:
+            await anyio.lowlevel.checkpoint()
+            yield Dispatcher()
+            await anyio.lowlevel.checkpoint()
+
+        registry = Registry(telemetry=otel.telemetry(span_threshold=0))
+        registry.register(Dispatcher, dispatcher)
+
+        async def visit(user: str) -> None:
+            async with registry.open_scope(ctx(user)):
+                await ambient.resolve(Dispatcher)
+
+        remove = ambient.add_observer(Durations())
+        try:
+            async with anyio.create_task_group() as tg:
+                for i in range(20):
+                    tg.start_soon(visit, f"user-{i}")
+        finally:
+            remove()
+        spans = [*otel.spans.named("ambient.resolve"), *otel.spans.named("ambient.cleanup")]
+        assert len(spans) == len(seen) == 40
+        scopes = {s.context.span_id: s for s in otel.spans.named("ambient.scope")}
+        for span in spans:
+            request_id = str((scopes[parent_id(span)].attributes or {})["ambient.request_id"])
+            event = seen[span.name, request_id]
+            assert span.start_time == event.start_ns
+            assert span.end_time == event.start_ns + round(event.duration * 1e9)
+
     async def test_nothing_to_clean_up_is_no_cleanup_but_still_an_end(self, otel: Otel) -> None:
         """A component without a cleanup gets no ambient.cleanup span, event or duration,
         while observers still see its end (what probes count), flagged cleanup_ran=False;
