@@ -3459,6 +3459,26 @@ async def test_a_telemetrys_own_meter_counts_the_guarded_globals_touched_in_its_
     ]
 
 
+async def test_a_telemetry_given_the_global_meter_provider_counts_each_access_once(
+    otel: Otel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A telemetry given the very provider that is also the global one (the application
+    passes the provider it installed) counts each access to a guarded global once, not
+    once for the global count and again for its own, for each of many users."""
+    from ambient.migration import guard_global
+
+    monkeypatch.setattr(metrics, "get_meter_provider", lambda: otel.meter_provider)
+    catalog = guard_global({"triage": 1}, name="catalog", mode="off")
+    registry = Registry(telemetry=otel.telemetry())
+    for i in range(10):
+        async with registry.open_scope(ctx(f"user-{i}")):
+            assert catalog["triage"] == 1
+    points = otel.points()["ambient.global_state.accesses"]
+    assert [(dict(p.attributes or {}), p.value) for p in points] == [
+        ({"ambient.global": "catalog"}, 10)
+    ]
+
+
 # -- a server shutting down under open streams and background work ------------------------
 
 
