@@ -913,6 +913,31 @@ class TestComponentSpans:
             )
         ]
 
+    async def test_events_under_an_event_attribute_count_limit(self) -> None:
+        """With fewer attributes allowed per event than a component event has, the SDK
+        keeps within the limit (its own ``add_event`` path), for each of many users."""
+        spans = Collector()
+        provider = TracerProvider(span_limits=SpanLimits(max_event_attributes=2))
+        provider.add_span_processor(spans)
+        telemetry = Telemetry(tracer_provider=provider, meter_provider=NoOpMeterProvider())
+        registry = Registry(telemetry=telemetry)
+        registry.register(Dispatcher, Dispatcher)
+
+        async def visit(user: str) -> None:
+            async with registry.open_scope(ctx(user)):
+                await ambient.resolve(Dispatcher)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(10):
+                tg.start_soon(visit, f"user-{i}")
+        provider.shutdown()
+        scope_spans = spans.named("ambient.scope")
+        assert len(scope_spans) == 10
+        for span in scope_spans:
+            assert [e.name for e in span.events] == ["ambient.resolve", "ambient.cleanup"]
+            for event in span.events:
+                assert len(event.attributes or {}) == 2
+
     async def test_slow_operation_is_a_span_and_fast_one_an_event(self, otel: Otel) -> None:
         """Around the threshold: the 20 ms factory gets a span, the instant one an event."""
         registry = Registry(telemetry=otel.telemetry(span_threshold=0.01))
