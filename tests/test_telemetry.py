@@ -1750,6 +1750,27 @@ class TestNoSdk:
         assert telemetry.active
         assert len(otel.spans.named("ambient.scope")) == 1
 
+    async def test_sdk_installed_later_is_picked_up_when_given_the_proxy_providers(
+        self, otel: Otel, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A telemetry given the global providers as they were at start-up (still the API's
+        proxies) follows the SDK installed later, as one given no provider does: spans and
+        metrics both, for every user served after it."""
+        monkeypatch.setattr(ambient.telemetry, "_RECHECK_SECONDS", 0.0)
+        telemetry = Telemetry(
+            tracer_provider=trace.get_tracer_provider(), meter_provider=metrics.get_meter_provider()
+        )
+        registry = Registry(telemetry=telemetry)
+        assert not telemetry.active
+        monkeypatch.setattr(trace, "get_tracer_provider", lambda: otel.tracer_provider)
+        monkeypatch.setattr(metrics, "get_meter_provider", lambda: otel.meter_provider)
+        for i in range(5):
+            async with registry.open_scope(ctx(f"user-{i}")):
+                pass
+        assert telemetry.active
+        assert len(otel.spans.named("ambient.scope")) == 5
+        assert otel.points()["ambient.scopes.active"][0].value == 0
+
     async def test_sdk_installed_later_is_picked_up_by_a_scope_given_the_telemetry(
         self, otel: Otel, monkeypatch: pytest.MonkeyPatch
     ) -> None:
@@ -3484,17 +3505,19 @@ async def test_a_telemetrys_own_meter_counts_the_guarded_globals_touched_in_its_
     ]
 
 
-async def test_a_telemetry_given_the_global_meter_provider_counts_each_access_once(
-    otel: Otel, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("given", [True, False], ids=["given", "global"])
+async def test_a_telemetry_on_the_global_meter_provider_counts_each_access_once(
+    otel: Otel, monkeypatch: pytest.MonkeyPatch, given: bool
 ) -> None:
-    """A telemetry given the very provider that is also the global one (the application
-    passes the provider it installed) counts each access to a guarded global once, not
-    once for the global count and again for its own, for each of many users."""
+    """A telemetry on the global meter provider, given it (the application passes the
+    provider it installed) or not, counts each access to a guarded global once, not once
+    for the global count and again for its own, for each of many users."""
     from ambient.migration import guard_global
 
     monkeypatch.setattr(metrics, "get_meter_provider", lambda: otel.meter_provider)
     catalog = guard_global({"triage": 1}, name="catalog", mode="off")
-    registry = Registry(telemetry=otel.telemetry())
+    telemetry = otel.telemetry() if given else Telemetry(tracer_provider=otel.tracer_provider)
+    registry = Registry(telemetry=telemetry)
     for i in range(10):
         async with registry.open_scope(ctx(f"user-{i}")):
             assert catalog["triage"] == 1
