@@ -421,6 +421,29 @@ class TestScopeSpan:
         assert interrupted.status.status_code is StatusCode.UNSET
         assert (interrupted.attributes or {})["ambient.cancelled"] is True
 
+    async def test_a_generator_closed_inside_its_scope_is_cancelled_not_an_error(
+        self, otel: Otel
+    ) -> None:
+        """Scopes opened in async generators that their consumers stop early (closed while
+        each is suspended inside its scope) end cancelled, not as errors, for each user."""
+        registry = Registry(telemetry=otel.telemetry())
+
+        async def async_stream(user: str) -> AsyncIterator[int]:
+            async with registry.open_scope(ctx(user)):
+                yield 1
+                yield 2
+
+        for i in range(10):
+            agen = async_stream(f"user-{i}")
+            assert await agen.__anext__() == 1
+            await agen.aclose()
+        spans = otel.spans.named("ambient.scope")
+        assert len(spans) == 10
+        for span in spans:
+            assert span.status.status_code is StatusCode.UNSET
+            assert (span.attributes or {})["ambient.cancelled"] is True
+            assert [e.name for e in span.events] == []
+
     @pytest.mark.parametrize("anyio_backend", ["trio"])
     async def test_a_cancelled_nursery_in_the_body_is_a_cancellation_not_an_error(
         self, otel: Otel
