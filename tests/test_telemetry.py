@@ -740,6 +740,43 @@ class TestScopeSpan:
         assert parent_id(after_job) == server.get_span_context().span_id
         assert len({s.context.trace_id for s in (request, in_job, after_job)}) == 1
 
+    async def test_work_outliving_its_request_nests_its_scope_under_a_remote_parent(
+        self, otel: Otel
+    ) -> None:
+        """Tasks a request started that outlive it and take a remote parent from a message
+        they handle (a queue's traceparent): the scope each opens joins that message's
+        trace, under its remote span, not the ended request's nor its parent's."""
+        registry = Registry(telemetry=otel.telemetry())
+        tracer = otel.tracer_provider.get_tracer("test")
+        request_done = anyio.Event()
+        remote = {i: (0x1000 + i, 0x2000 + i) for i in range(5)}
+
+        async def later(i: int) -> None:
+            await request_done.wait()
+            trace_id, span_id = remote[i]
+            carrier = {"traceparent": f"00-{trace_id:032x}-{span_id:016x}-01"}
+            token = otel_context.attach(propagate.extract(carrier, otel_context.get_current()))
+            try:
+                async with registry.open_scope(ctx("alice", run_id=f"message-{i}")):
+                    pass
+            finally:
+                otel_context.detach(token)
+
+        async with anyio.create_task_group() as tg:
+            with tracer.start_as_current_span("server"):
+                async with registry.open_scope(ctx("alice", run_id="request")):
+                    for i in remote:
+                        tg.start_soon(later, i)
+            request_done.set()
+        by_run = {
+            (s.attributes or {})["ambient.run_id"]: s for s in otel.spans.named("ambient.scope")
+        }
+        assert len(by_run) == 6
+        for i, (trace_id, span_id) in remote.items():
+            span = by_run[f"message-{i}"]
+            assert span.context.trace_id == trace_id
+            assert parent_id(span) == span_id
+
     async def test_work_outliving_its_request_gets_its_own_span_back_after_a_scope(
         self, otel: Otel
     ) -> None:
