@@ -487,6 +487,36 @@ async def test_a_user_closing_one_of_two_sockets_still_gets_events_on_the_other(
     assert ledger.problems() == []
 
 
+async def test_a_send_to_one_connection_skips_a_thread_named_like_it(server: str) -> None:
+    """Alice's first socket is on thread "chat"; her second one follows a thread named
+    after the first one's connection id, and bob's socket a thread of that name too. What
+    the first socket's handler sends to its own connection reaches that socket alone: a
+    thread's id that happens to be a connection's is no way into that connection's
+    events, for the same user or another."""
+    hub = ConnectionHub()
+    app, ledger, _ = build(hub)
+
+    async def scenario(base: str) -> None:
+        first, ready = await open_socket(base, "alice", "chat")
+        named = ready["connection"]
+        second, _ = await open_socket(base, "alice", named)
+        bob, _ = await open_socket(base, "bob", named)
+        try:
+            # The pong goes out by connection.send, to the first socket's connection.
+            assert await frames_before_pong(first, 1) == []
+            # Queued behind anything the first socket's pong left on them.
+            assert await frames_before_pong(second, 2) == []
+            assert await frames_before_pong(bob, 3) == []
+        finally:
+            await close_all([first, second, bob])
+
+    with serve(server, app) as url:
+        await in_client_thread(lambda: scenario(url))
+        await wait_closed(ledger, 3)
+    assert handler_failures(ledger) == []
+    assert hub.stats().connections == 0
+
+
 async def test_an_event_that_is_no_utf_8_is_refused_to_its_sender_and_no_socket_drops(
     server: str,
 ) -> None:
@@ -1192,6 +1222,57 @@ async def test_a_socket_still_connecting_is_revoked_or_closed_with_the_others(
         else (["entered"], [(1001, "server shutting down")], 0)
     )
     assert (served, socket.closed, hub.stats().revoked) == expected
+    assert (hub.stats().connections, hub._joining) == (0, set())
+    await registry.aclose()
+
+
+async def test_a_revocation_ends_only_the_matching_sockets_still_connecting() -> None:
+    """Four handshakes are accepting at once: carol's c-1 and c-2, acme's carol c-1 and
+    dave's c-1. Revoking carol's c-1, then carol, ends her two sockets, each counted once;
+    acme's carol and dave, still connecting as well, get in once accepted and are served,
+    not closed."""
+    registry = Registry()
+    hub = ConnectionHub()
+    hub.install(registry)
+    keys = [("carol", None, "c-1"), ("carol", None, "c-2"), ("carol", "acme", "c-1")]
+    keys.append(("dave", None, "c-1"))
+    sockets = {key: HeldHandshake() for key in keys}
+    entered = {key: anyio.Event() for key in keys}
+    served: dict[tuple[str, str | None, str], list[str]] = {key: [] for key in keys}
+
+    async def handler(key: tuple[str, str | None, str]) -> None:
+        user, tenant, connection_id = key
+        context = UserExecutionContext.create(user, tenant_id=tenant, connection_id=connection_id)
+        async with registry.open_scope(context) as scope:
+            manager = await scope.resolve(UserWebSocketManager)
+            async with manager.connect(sockets[key]):  # type: ignore[arg-type]
+                entered[key].set()
+                served[key].append("entered")
+                await anyio.sleep_forever()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for key in keys:
+                tg.start_soon(handler, key)
+            for socket in sockets.values():
+                await socket.accepting.wait()
+            assert await hub.revoke("carol", connection_id="c-1") == 1
+            assert await hub.revoke("carol") == 1
+            for socket in sockets.values():
+                socket.release.set()
+            for key in keys:
+                await entered[key].wait()
+            await anyio.wait_all_tasks_blocked()
+            assert (hub.stats().connections, hub.stats().users) == (2, 2)
+            tg.cancel_scope.cancel()
+    revoked = [(4001, "access revoked")]
+    assert {key: socket.closed for key, socket in sockets.items()} == {
+        ("carol", None, "c-1"): revoked,
+        ("carol", None, "c-2"): revoked,
+        ("carol", "acme", "c-1"): [],
+        ("dave", None, "c-1"): [],
+    }
+    assert hub.stats().revoked == 2
     assert (hub.stats().connections, hub._joining) == (0, set())
     await registry.aclose()
 
