@@ -2731,6 +2731,35 @@ async def test_a_revocation_made_while_the_subscription_was_down_still_ends_the_
             assert (stats.revoked, stats.connections) == (1, 0)
 
 
+async def test_a_subscription_cut_again_and_again_comes_back_as_promptly_each_time(
+    redis_url: str,
+) -> None:
+    """The subscription connection is cut 14 times in a row, each time once it is back.
+    The back-off starts again from reconnect_delay after a connection that worked, so
+    each outage lasts about reconnect_delay: doubled from one outage to the next instead,
+    towards a max_reconnect_delay of an hour, the 14th would come back only after 400 s
+    of outages in all, with events lost and sockets refused meanwhile."""
+    with own_redis() as own:
+        backend = RedisBroadcast(
+            own.url,
+            channel_prefix=unique_prefix(),
+            reconnect_delay=0.05,
+            max_reconnect_delay=3600.0,
+        )
+        admin = redis.Redis.from_url(own.url)
+        try:
+            with anyio.fail_after(DEADLINE):
+                await backend.wait_connected()
+                for cut in range(1, 15):
+                    assert admin.client_kill_filter(_type="pubsub") == 1
+                    while backend.reconnects < cut or not backend.connected:
+                        await backend._wait_changed()
+            assert backend.reconnects == 14
+        finally:
+            admin.close()
+            await backend.aclose()
+
+
 async def test_a_join_written_just_after_the_subscription_died_reconnects_it_once(
     redis_url: str,
 ) -> None:
@@ -3377,6 +3406,50 @@ async def test_a_process_not_subscribed_yet_learns_of_recent_revocations_as_it_s
     assert (hub.stats().revoked, hub.stats().connections, hub._joining) == (1, 0, set())
     await other.aclose()
     await registry.aclose()
+
+
+async def test_a_process_starting_its_subscription_skips_revocations_older_than_five_minutes(
+    redis_url: str,
+) -> None:
+    """Dave was revoked six minutes ago, carol just now, both still in the stream of
+    recent revocations. This process has not subscribed yet when handshakes of both,
+    validated before its subscription starts, reach connect(): carol's is revoked as it
+    joins, dave's (who has signed in again since) gets in and stays."""
+    prefix = unique_prefix()
+    registry = Registry()
+    backend = RedisBroadcast(redis_url, channel_prefix=prefix)
+    hub = ConnectionHub(backend)
+    hub.install(registry)
+    other = ConnectionHub(RedisBroadcast(redis_url, channel_prefix=prefix))
+    admin = redis.Redis.from_url(redis_url)
+    seconds, microseconds = admin.time()
+    long_ago = seconds * 1000 + microseconds // 1000 - 360_000
+    old = Envelope(UserRef("dave"), REVOKE, None, "banned long ago")
+    admin.xadd(
+        f"{prefix}revocations",
+        {"envelope": encode_envelope(old), "count": "old:1"},
+        id=f"{long_ago}-0",
+    )
+    carol, dave = HeldConnect(registry, "carol"), HeldConnect(registry, "dave")
+    try:
+        with anyio.fail_after(DEADLINE):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(carol.run)
+                tg.start_soon(dave.run)
+                await carol.checked.wait()
+                await dave.checked.wait()
+                await other.revoke("carol", reason="banned")
+                assert not backend.connected
+                await connect_held(carol, dave)
+                assert (carol.work, carol.closes()) == ([], [(4001, "banned")])
+                assert (dave.work, dave.closes()) == (["dave"], [])
+                dave.leave.set()
+        assert [user for user, _ in hub._recent] == [UserRef("carol")]
+        assert (hub.stats().revoked, hub.stats().connections, hub._joining) == (1, 0, set())
+    finally:
+        admin.close()
+        await other.aclose()
+        await registry.aclose()
 
 
 async def test_a_process_subscribing_at_startup_lets_in_handshakes_validated_after_that(
