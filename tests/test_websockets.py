@@ -2205,6 +2205,36 @@ async def test_a_revocation_ends_a_socket_the_hub_is_already_closing(ending: str
     await registry.aclose()
 
 
+async def test_closing_the_hub_returns_as_soon_as_its_sockets_are_closed() -> None:
+    """Carol's socket takes its close at once: aclose() returns as soon as her handler's
+    block is out and the 1001 sent, not only once the hub's close_timeout (an hour here)
+    has run out."""
+    registry = Registry()
+    hub = ConnectionHub(close_timeout=3600.0)
+    hub.install(registry)
+    socket = Collecting(1)
+    entered = anyio.Event()
+    left: list[str] = []
+
+    async def handler() -> None:
+        context = UserExecutionContext.create("carol", connection_id="c-1")
+        async with registry.open_scope(context) as scope:
+            manager = await scope.resolve(UserWebSocketManager)
+            async with manager.connect(socket):  # type: ignore[arg-type]
+                entered.set()
+                await anyio.sleep_forever()
+            left.append("out")
+
+    with anyio.fail_after(DEADLINE):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(handler)
+            await entered.wait()
+            await hub.aclose()
+            assert (socket.closed, left) == ([(1001, "server shutting down")], ["out"])
+    assert (hub.stats().connections, hub._open) == (0, set())
+    await registry.aclose()
+
+
 async def test_closing_the_hub_waits_for_a_socket_at_most_close_timeout(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
