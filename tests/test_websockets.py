@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -1356,6 +1357,73 @@ class SignalledAccept(Quiet):
 
     async def close(self, code: int = 1000, reason: str | None = None) -> None:
         self.closed.append((code, reason))
+
+
+class StuckSend(HeldHandshake):
+    """A websocket whose sends wait until ``release``: its writer drains slowly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sending = anyio.Event()
+        self.release.set()
+        self.sent_release = anyio.Event()
+
+    async def send_text(self, data: str) -> None:
+        self.sending.set()
+        await self.sent_release.wait()
+
+
+async def test_a_socket_leaving_keeps_the_id_of_the_one_joining_after_it_taken() -> None:
+    """Carol's c-1 leaves its block while its writer still sends its last frame; a new
+    c-1 starts joining meanwhile, and the first then finishes leaving. A third c-1 is
+    still refused while the second is accepting: the first, leaving, must not free the
+    id the second holds, or both joiners would get in and one serve on out of reach of
+    events and revocations."""
+    registry = Registry()
+    hub = ConnectionHub()
+    hub.install(registry)
+    first, second, third = StuckSend(), HeldHandshake(), HeldHandshake()
+    outcomes: dict[str, str] = {}
+    first_out = anyio.Event()
+
+    async def handler(name: str, socket: HeldHandshake, *, send: bool = False) -> None:
+        context = UserExecutionContext.create("carol", connection_id="c-1")
+        async with registry.open_scope(context) as scope:
+            manager = await scope.resolve(UserWebSocketManager)
+            try:
+                async with manager.connect(socket) as connection:  # type: ignore[arg-type]
+                    outcomes[name] = "entered"
+                    if send:
+                        await connection.send({"last": True})
+                        return
+                    await anyio.sleep_forever()
+            except RuntimeError as error:
+                outcomes[name] = str(error)
+            finally:
+                if name == "first":
+                    first_out.set()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(functools.partial(handler, "first", first, send=True))
+            await first.sending.wait()
+            tg.start_soon(handler, "second", second)
+            await second.accepting.wait()
+            first.sent_release.set()
+            await first_out.wait()
+            third.release.set()  # refused before accepting, or in and out at once
+            await handler("third", third, send=True)
+            assert outcomes == {
+                "first": "entered",
+                "third": "connection c-1 is already registered",
+            }
+            second.release.set()
+            await second.accepted.wait()
+            await anyio.wait_all_tasks_blocked()
+            assert (outcomes["second"], hub.stats().connections) == ("entered", 1)
+            tg.cancel_scope.cancel()
+    assert (hub.stats().connections, hub._joining_ids) == (0, {})
+    await registry.aclose()
 
 
 async def test_a_second_socket_with_the_id_of_a_registered_one_is_refused() -> None:
