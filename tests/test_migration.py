@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections.abc
 import copy
+import io
 import itertools
 import json
 import logging
@@ -550,6 +551,22 @@ class TestGuardForwards:
             line_of(f"use: {u}"): 1 for u in ("deepcopy", "copy", "deepcopy holder", "pickle")
         }
 
+    async def test_a_pickle_by_the_python_pickler_is_counted_at_the_line_that_asked(
+        self, registry: Registry
+    ) -> None:
+        """The pure-Python pickler (the one libraries such as dill extend) reaches the guard
+        from frames of the pickle module: the access is still the line that asked for the
+        pickle, not a line of pickle's."""
+        defaults = guard_global({"model": "m"}, name="python pickle", mode="off")
+        buffer = io.BytesIO()
+        async with registry.open_scope(ctx()):
+            pickle._Pickler(buffer).dump(Holder(defaults))  # use: python pickle
+        unpickled = pickle.loads(buffer.getvalue())  # noqa: S301 - pickled just above
+        assert type(unpickled.config) is dict
+        assert unpickled.config == {"model": "m"}
+        counted = {(a.filename, a.lineno): a.count for a in global_state_report().accesses}
+        assert counted == {(HERE, line_of("use: python pickle")): 1}
+
     async def test_a_deep_copy_keeps_what_the_copied_object_shares(
         self, registry: Registry
     ) -> None:
@@ -680,6 +697,19 @@ class TestReport:
         assert quiet_site in text
         assert other_site in text
 
+    async def test_a_global_touched_once_names_its_replacement(self, registry: Registry) -> None:
+        """The replacement is reported from the first access at a call site on, so a
+        global touched only once still says what to use instead."""
+        once = guard_global(Catalog(), name="once", replacement=REPLACEMENT, mode="off")
+        async with registry.open_scope(ctx()):
+            once.lookup("a")
+        report = global_state_report()
+        assert [(a.name, a.count, a.replacement) for a in report.accesses] == [
+            ("once", 1, REPLACEMENT)
+        ]
+        assert report.as_dict()["globals"]["once"]["replacement"] == REPLACEMENT
+        assert f"once: 1  -> {REPLACEMENT}" in str(report)
+
     async def test_one_global_at_two_sites_adds_up(self, registry: Registry) -> None:
         """A global touched at two call sites counts both, per name and in the JSON."""
         twice = guard_global(Catalog(), name="twice", mode="off")
@@ -795,6 +825,17 @@ class TestBucketing:
         rollout = Rollout("engine", legacy=LEGACY)
         assert rollout.bucket("alice") == 922
         assert rollout.bucket("alice", "acme") == 7286
+
+    def test_a_percent_between_two_buckets_selects_the_nearer_bucket(self) -> None:
+        """A percent is taken to the nearest whole bucket (a hundredth of a percent), so the
+        share selected is as close to it as 10,000 buckets allow: a bound less than half a
+        bucket above a user's bucket leaves that user out, one more than half above takes
+        them in."""
+        bucket = Rollout("engine", legacy=LEGACY).bucket("alice")
+        below = Rollout("engine", legacy=LEGACY, percent=(bucket + 0.4) / 100)
+        above = Rollout("engine", legacy=LEGACY, percent=(bucket + 0.6) / 100)
+        assert not below.includes("alice")
+        assert above.includes("alice")
 
     async def test_a_user_in_the_bucket_at_the_threshold_stays_on_legacy(
         self, engines: Registry
@@ -1064,6 +1105,34 @@ class TestModes:
         assert got[0] is not LEGACY
         assert rollout.state().component == 1
         assert rollout.state().window_calls == 1
+
+    async def test_two_threads_of_one_request_deciding_at_once_count_once(
+        self, engines: Registry
+    ) -> None:
+        """Two worker threads of one request that both find no decision yet, and decide
+        together, keep the one stored first: the request is counted once."""
+        both_deciding = threading.Barrier(2, timeout=10)
+
+        class Together(Rollout[Any]):
+            def bucket(self, user_id: str, tenant_id: str | None = None) -> int:
+                both_deciding.wait()  # each thread has looked for a decision and found none
+                return super().bucket(user_id, tenant_id)
+
+        rollout = Together(ExecutionEngine, legacy=LEGACY, mode="component")
+        got: list[object] = []
+        async with engines.open_scope(ctx()):
+
+            async def one() -> None:
+                got.append(await anyio.to_thread.run_sync(rollout.resolve_sync))
+
+            with anyio.fail_after(20):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(one)
+                    tg.start_soon(one)
+        assert len(got) == 2
+        assert LEGACY not in got
+        state = rollout.state()
+        assert (state.component, state.legacy, state.window_calls) == (1, 0, 1)
 
 
 class TestFallback:
