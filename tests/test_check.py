@@ -500,6 +500,44 @@ class TestBrokenApps:
             ]
         await registry.aclose()
 
+    async def test_a_component_cleaned_at_the_end_of_every_request_of_its_user(self) -> None:
+        """A REQUEST registration whose factory hands each user the one object it keeps
+        for them (a per-user cache behind it) has that object cleaned at the end of every
+        request of its user: each is reported cleaned more than once, and alive after its
+        scopes closed."""
+
+        class Cart:
+            def __init__(self) -> None:
+                self.closes = 0
+
+            def close(self) -> None:
+                self.closes += 1
+
+        carts: dict[str, Cart] = {}
+        registry = Registry()
+        registry.register(
+            Cart, lambda: carts.setdefault(ambient.get_current_context().user_id, Cart())
+        )
+
+        async def endpoint(request: Request) -> Response:
+            await ambient.resolve(Cart)
+            return JSONResponse({"user": ambient.get_current_context().user_id})
+
+        app = AmbientMiddleware(
+            Starlette(routes=[Route("/", endpoint)]), registry=registry, identity=trusted_header()
+        )
+        report = await check(app, users=3, requests=2)
+        assert [cart.closes for cart in carts.values()] == [2, 2, 2]
+        assert not report.ok
+        assert report.isolation == []
+        assert [line.split("<locals>.")[-1] for line in report.cleanup] == [
+            "Cart: cleaned more than once"
+        ] * 3
+        assert [line.split("<locals>.")[-1] for line in report.leaks] == [
+            "Cart: 3 instance(s) still alive after their scope closed (referenced from a "
+            "global, a cache or a pending task?)"
+        ]
+
     async def test_a_cleanup_that_never_runs(self) -> None:
         # The app's shutdown waits up to cleanup_timeout for the scopes left open.
         registry = Registry(cleanup_timeout=0.5)
@@ -623,6 +661,38 @@ class TestBrokenApps:
             and " in the exception logged with it: 'LookupError: no cart for check-" in line
             for line in found
         ), found
+
+    async def test_a_record_naming_another_user_twice_is_one_finding(self) -> None:
+        """A record whose message and logged exception name the same other user is one
+        finding (said for its message), not two: the findings count what leaked, once."""
+        last: list[str] = []
+        log = logging.getLogger("tests.failing.twice")
+
+        def cart_of(user: str) -> None:
+            raise LookupError(f"no cart for {user}")
+
+        async def endpoint(request: Request) -> Response:
+            user = ambient.get_current_context().user_id
+            if last:
+                try:
+                    cart_of(last[-1])
+                except LookupError:
+                    log.exception("the cart lookup for %s failed", last[-1])
+            last.append(user)
+            return JSONResponse({"user": user})
+
+        app = AmbientMiddleware(
+            Starlette(routes=[Route("/", endpoint)]),
+            registry=Registry(),
+            identity=trusted_header(),
+        )
+        report = await check(app, users=2, requests=1)
+        assert len(last) == 2
+        assert len(report.isolation) == 1, report.isolation
+        assert report.isolation[0].startswith(f"log record from {log.name} emitted for ")
+        assert report.isolation[0].endswith(
+            f"names {last[0]}: 'the cart lookup for {last[0]} failed'"
+        )
 
     async def test_an_exception_logged_in_a_request_keeps_no_scope_alive(
         self, monkeypatch: pytest.MonkeyPatch
@@ -819,6 +889,28 @@ class TestUsersNotServedAsThemselves:
         assert report.isolation[0].endswith("were all served as one user")
         assert report.isolation[0].count("check-") == users
 
+    async def test_a_user_served_as_two_users_is_said_split(self) -> None:
+        """An identity that serves one caller as a user of its own on each of two paths (an
+        id suffixed with where it came in): no response could show that caller's data
+        reaching another, and the check says its requests were split."""
+
+        def per_path(scope: Any) -> Identity:
+            caller = dict(scope["headers"])[b"x-user-id"].decode()
+            return Identity(user_id=f"{caller}{scope['path']}")
+
+        inner = Starlette(routes=[Route("/a", _whoami), Route("/b", _whoami)])
+        app = AmbientMiddleware(inner, registry=Registry(), identity=per_path)
+        plan = [PlannedRequest("GET", "/a"), PlannedRequest("GET", "/b")]
+        report = await check(app, plan=plan, users=3, requests=2)
+        assert not report.ok
+        assert report.failed_requests == []
+        assert len(report.isolation) == 1
+        assert re.fullmatch(
+            r"the requests of check-\d{5}-[0-9a-f]{6} were served as 2 different users "
+            r"\(3 simulated user\(s\) in all were split so\)",
+            report.isolation[0],
+        ), report.isolation
+
     @pytest.mark.parametrize("status", [300, 302])
     async def test_a_redirect_is_not_a_served_request(self, status: int) -> None:
         async def to_login(request: Request) -> Response:
@@ -890,6 +982,34 @@ class TestJWTIdentity:
             "tokens with the secret they are signed with (AMBIENT_JWT_SECRET), and expect "
             "the aud and iss they carry (--jwt-audience, --jwt-issuer)?"
         ]
+
+    async def test_requests_served_as_anonymous_beside_refused_tokens_are_said_so(
+        self,
+    ) -> None:
+        """The requests whose tokens the app refused tell nothing of isolation, and those
+        it served as anonymous users (a part of the app behind another identity) tell
+        nothing either: both are said, not only the refused tokens."""
+        inner = Starlette(routes=[Route("/", _whoami), Route("/open", _whoami)])
+        verified = AmbientMiddleware(
+            inner, registry=Registry(), identity=jwt_bearer(OTHER_SECRET, algorithms=["HS256"])
+        )
+        open_to_all = AmbientMiddleware(
+            inner, registry=Registry(), identity=trusted_header("x-account"), anonymous=True
+        )
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            part = open_to_all if scope.get("path") == "/open" else verified
+            await part(scope, receive, send)
+
+        plan = [PlannedRequest("GET", "/"), PlannedRequest("GET", "/open")]
+        report = await check(app, plan=plan, identity=JWTIdentity(DEMO_SECRET), users=3, requests=2)
+        assert report.tokens_refused == 3
+        assert len(report.failed_requests) == 1
+        assert report.failed_requests[0].startswith(
+            "the app refused the tokens of 3 of 6 requests with HTTP 401"
+        )
+        assert len(report.isolation) == 1
+        assert report.isolation[0].startswith("3 simulated user(s) were served as anonymous")
 
     async def test_websocket_handshakes_refused_for_their_token_are_said_with_the_requests(
         self, monkeypatch: pytest.MonkeyPatch
@@ -1101,6 +1221,33 @@ class TestWebsockets:
         assert report.websocket_frames == 12 * 5
         assert report.components_created == report.components_cleaned
 
+    async def test_sockets_served_as_anonymous_users_are_said_so(self) -> None:
+        """An app that reads the user from what its requests carry but serves its sockets
+        as anonymous users (a websocket route behind another identity) never showed a
+        socket another user's frame: the check says so, though every request was served
+        as its user."""
+
+        async def events(websocket: WebSocket) -> None:
+            await websocket.accept()
+            with contextlib.suppress(WebSocketDisconnect):
+                while True:
+                    await websocket.receive_text()
+
+        inner = Starlette(routes=[Route("/", _whoami), WebSocketRoute("/events", events)])
+        requests = AmbientMiddleware(inner, registry=Registry(), identity=trusted_header())
+        sockets = AmbientMiddleware(
+            inner, registry=Registry(), identity=trusted_header("x-account"), anonymous=True
+        )
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await (sockets if scope["type"] == "websocket" else requests)(scope, receive, send)
+
+        report = await check(app, websocket="/events", users=4, requests=2)
+        assert not report.ok
+        assert report.failed_requests == []
+        assert report.websockets == 4
+        assert report.isolation[0].startswith("4 simulated user(s) were served as anonymous")
+
     async def test_frames_sent_to_every_socket_are_caught(self) -> None:
         plan = [PlannedRequest("POST", "/")]
         report = await check(broadcast_app(), plan=plan, websocket="/events", users=6, tenants=3)
@@ -1217,12 +1364,15 @@ class TestWebsockets:
             ("deny", "the app refused the handshake with HTTP 403"),
             ("close", "the app closed the socket with close code 1011"),
             ("raise", "the app raised RuntimeError: socket broke"),
+            ("return", "the app returned without accepting the socket"),
         ],
     )
     async def test_a_socket_the_app_refuses_or_ends_first_is_a_failed_request(
         self, ending: str, said: str
     ) -> None:
         async def events(websocket: WebSocket) -> None:
+            if ending == "return":  # neither accepted nor closed: no socket either
+                return
             if ending == "refuse":
                 await websocket.close(code=4003)
                 return
@@ -2527,13 +2677,15 @@ class TestAppsThatDoNotAnswer:
         [
             (200, "text", "TypeError: a response body must be bytes, not 'str'"),
             ("200", b"ok", "TypeError: the response status must be an int, not '200'"),
+            (True, b"ok", "TypeError: the response status must be an int, not True"),
         ],
     )
     async def test_a_response_of_the_wrong_types_fails_its_requests(
         self, status: Any, body: Any, said: str
     ) -> None:
-        """A ``str`` body or status is refused in the app's ``send``, as a server refuses
-        it: each request fails, where the check used to end in a traceback."""
+        """A ``str`` body or status, or a ``bool`` status (an ``int`` to Python, but no HTTP
+        status), is refused in the app's ``send``, as a server refuses it: each request
+        fails, where the check used to end in a traceback."""
 
         async def app(scope: Any, receive: Any, send: Any) -> None:
             if scope["type"] == "http":
@@ -2775,6 +2927,19 @@ class TestCommandLine:
         assert "handed to users" in out
         assert "data crossed users" in out
         assert "no data of another" not in out
+
+    def test_check_of_a_broken_app_as_json_is_not_ok(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """With ``--json`` the report CI parses says ``ok: false`` for an app that fails the
+        check, next to the findings that fail it, and the exit status says so too."""
+        target = "tests.test_check:broken_app"
+        options = ["--users", "5", "--requests", "1", "--growth-requests", "0", "--json"]
+        code = main(["check", target, *options])
+        report = json.loads(capsys.readouterr().out)
+        assert code == 1
+        assert report["ok"] is False
+        assert any("one instance was handed to users" in line for line in report["isolation"])
 
     def test_the_table_counts_every_problem_of_a_row_cut_short(
         self, capsys: pytest.CaptureFixture[str]
@@ -3610,6 +3775,26 @@ def test_ambient_demo_serves_the_backend_on_uvicorn() -> None:
         output, _ = process.communicate(timeout=30)
     assert "curl" in output
     assert "x-user-id: alice" in output
+
+
+async def test_a_record_logged_for_a_user_the_check_does_not_simulate_is_no_finding() -> None:
+    """A record the app logs under a context of its own (a service account auditing the
+    request) names the user it works for: made for no simulated user, it shows no user
+    another's data."""
+    log = logging.getLogger("tests.audit")
+
+    async def endpoint(request: Request) -> Response:
+        user = ambient.get_current_context().user_id
+        service = UserExecutionContext.create("audit-service")
+        with ambient.bind_context(service, allow_switch=True):
+            log.warning("audited the request of %s", user)
+        return JSONResponse({"user": user})
+
+    app = AmbientMiddleware(
+        Starlette(routes=[Route("/", endpoint)]), registry=Registry(), identity=trusted_header()
+    )
+    report = await check(app, users=4, requests=2)
+    assert report.ok, report.violations
 
 
 def test_every_simulated_user_named_in_a_text_is_found_among_ten_thousand() -> None:
