@@ -1495,6 +1495,34 @@ class TestFallback:
             rollout.record_failure()  # on legacy: not the component's failure
         assert rollout.state().failures == 4
 
+    async def test_failures_of_a_shadow_reported_by_the_application_count(
+        self, engines: Registry
+    ) -> None:
+        """record_failure() counts a shadow component that failed in use as it counts a
+        component: the shadow is there to find such failures before users get it."""
+        rollout: Rollout[Any] = Rollout(
+            ExecutionEngine, legacy=LEGACY, mode="shadow", max_error_rate=0.5, min_calls=2
+        )
+        for n in range(2):
+            async with engines.open_scope(ctx(f"user-{n}")):
+                assert await rollout.resolve() is LEGACY
+                rollout.record_failure()
+        state = rollout.state()
+        assert (state.shadow, state.window_calls, state.window_failures) == (2, 2, 2)
+        assert state.failures == 2
+        assert state.fallen_back
+
+    def test_a_reset_without_a_fallback_logs_nothing(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """reset() says it resumes only when there was a fallback to resume from."""
+        rollout: Rollout[Any] = Rollout(
+            ExecutionEngine, legacy=LEGACY, mode="component", max_error_rate=0.5
+        )
+        with caplog.at_level(logging.DEBUG, logger="ambient.migration"):
+            rollout.reset()
+        assert [r.getMessage() for r in caplog.records if r.name == "ambient.migration"] == []
+
 
 class TestRuntimeChanges:
     async def test_percent_change_affects_new_requests_only(self, engines: Registry) -> None:
