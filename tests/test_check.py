@@ -492,6 +492,8 @@ class TestBrokenApps:
             await send({"type": "lifespan.shutdown.complete"})
 
         report = await check(app, users=3, requests=2)
+        # Counted as they are, whether or not they are held to a cleanup.
+        assert (report.components_created, report.components_cleaned) == (3, 0)
         if lifespan == "none":
             assert report.ok, report.violations
         else:
@@ -499,6 +501,37 @@ class TestBrokenApps:
                 "Memory: 3 instance(s) created but never cleaned"
             ]
         await registry.aclose()
+
+    async def test_a_scope_the_shutdown_leaves_open_after_the_memory_measurement(self) -> None:
+        """The memory measurement records no new scope, but what the app does after it,
+        in its lifespan shutdown, is checked again: a scope its shutdown opens and never
+        closes is reported."""
+        registry = Registry()
+        registry.register(Notes, Notes)
+        inner = notes_app(registry)
+        forgotten: list[Any] = []
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "lifespan":
+                await inner(scope, receive, send)
+                return
+            await receive()
+            await send({"type": "lifespan.startup.complete"})
+            await receive()
+            job = registry.open_scope(UserExecutionContext.create("shutdown-job"))
+            await job.__aenter__()  # a job that never closes its scope
+            await job.resolve(Notes)
+            forgotten.append(job)
+            await send({"type": "lifespan.shutdown.complete"})
+
+        try:
+            report = await check(app, users=3, requests=2, growth_requests=20)
+        finally:
+            for job in forgotten:
+                await job.__aexit__(None, None, None)
+        assert len(forgotten) == 1
+        assert not report.ok
+        assert any("shutdown-job" in line for line in report.cleanup), report.cleanup
 
     async def test_a_component_cleaned_at_the_end_of_every_request_of_its_user(self) -> None:
         """A REQUEST registration whose factory hands each user the one object it keeps
