@@ -425,6 +425,33 @@ class TestBrokenApps:
         assert any("one instance was handed to users" in line for line in report.isolation)
         assert any("contains" in line and "data" in line for line in report.isolation)
 
+    async def test_a_user_kept_in_a_global_shows_with_users_in_flight_together(self) -> None:
+        """The user of a request kept in a module global until its answer (what the
+        middleware exists to prevent) reaches another user only when their requests are in
+        flight together: the check runs its users so, and each answer naming the last
+        user to arrive, for the others, is found."""
+        users = 4
+        current: dict[str, str] = {}
+        arrived: list[str] = []
+        everyone = anyio.Event()
+
+        async def endpoint(request: Request) -> Response:
+            current["user"] = ambient.get_current_context().user_id
+            arrived.append(current["user"])
+            if len(arrived) == users:
+                everyone.set()
+            await everyone.wait()  # answered once every user's request has begun
+            return JSONResponse({"user": current["user"]})
+
+        app = AmbientMiddleware(
+            Starlette(routes=[Route("/", endpoint)]), registry=Registry(), identity=trusted_header()
+        )
+        report = await check(app, users=users, requests=1, time_limit=5)
+        assert report.failed_requests == []
+        assert len(report.isolation) == users - 1, report.isolation
+        said = rf"GET /: the response for check-\d{{5}}-[0-9a-f]{{6}} contains {arrived[-1]}'s data"
+        assert all(re.fullmatch(said, line) for line in report.isolation), report.isolation
+
     async def test_request_components_kept_in_a_global_list(self) -> None:
         """Each request's component appended to a module-level list outlives its scope,
         though no scope is kept: reported among the leaks."""
