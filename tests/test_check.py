@@ -826,6 +826,31 @@ class TestBrokenApps:
             for line in found
         ), found
 
+    async def test_another_users_id_in_an_extra_field_while_memory_is_measured(self) -> None:
+        """The requests of the memory measurement are watched too: a record logged in one
+        of them with an extra field naming another user is found, though no record comes
+        after it in its thread to have its fields read."""
+        served: list[str] = []
+        log = logging.getLogger("tests.structured.measured")
+
+        async def endpoint(request: Request) -> Response:
+            user = ambient.get_current_context().user_id
+            served.append(user)
+            if len(served) == 7:  # the first request of the memory measurement
+                other = next(u for u in served if u != user)
+                log.warning("cart loaded", extra={"cart_owner": other})
+            return JSONResponse({"user": user})
+
+        app = AmbientMiddleware(
+            Starlette(routes=[Route("/", endpoint)]), registry=Registry(), identity=trusted_header()
+        )
+        report = await check(app, users=3, requests=2, growth_requests=20)
+        assert len(served) == 6 + 2 * 20
+        found = [line for line in report.isolation if line.startswith("log record from")]
+        assert len(found) == 1, report.isolation
+        assert f"log record from {log.name} emitted for {served[6]} names " in found[0]
+        assert " in its field 'cart_owner': 'check-" in found[0]
+
     @pytest.mark.parametrize("header", ["set-cookie", "x-previous-user"])
     async def test_another_users_id_in_a_response_header(self, header: str) -> None:
         """A cookie or a header that carries the previous request's user reaches the next
