@@ -2689,6 +2689,25 @@ async def test_aliases_resolved_while_memory_is_measured_are_no_cleanups() -> No
     assert report.components_created == report.components_cleaned == 5 * 2 * 2 + 5 + 1
 
 
+async def test_each_user_cycles_through_the_whole_plan() -> None:
+    """Each user sends its requests in the plan's order, starting over at its end: every
+    planned request is sent, so what each one serves is checked."""
+    hits: dict[str, list[str]] = {}
+
+    async def endpoint(request: Request) -> Response:
+        user = ambient.get_current_context().user_id
+        hits.setdefault(user, []).append(f"{request.method} {request.url.path}")
+        return JSONResponse({"user": user})
+
+    inner = Starlette(routes=[Route("/a", endpoint), Route("/b", endpoint, methods=["POST"])])
+    app = AmbientMiddleware(inner, registry=Registry(), identity=trusted_header())
+    plan = [PlannedRequest("GET", "/a"), PlannedRequest("POST", "/b", '{"of": "{user}"}')]
+    report = await check(app, plan=plan, users=2, requests=3)
+    assert report.ok, report.violations
+    assert len(hits) == 2
+    assert all(sent == ["GET /a", "POST /b", "GET /a"] for sent in hits.values()), hits
+
+
 @pytest.mark.parametrize(
     ("size", "said"),
     [
