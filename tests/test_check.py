@@ -996,6 +996,22 @@ class TestUsersNotServedAsThemselves:
             report.isolation[0],
         ), report.isolation
 
+    async def test_an_opaque_bearer_token_is_the_users_id(self) -> None:
+        """With ``identity=("bearer", "")`` each user presents its id as an opaque bearer
+        token, as an app looking its tokens up reads them: each is served as itself."""
+
+        def opaque(scope: Any) -> Identity | None:
+            value = dict(scope["headers"]).get(b"authorization", b"").decode()
+            scheme, _, token = value.partition(" ")
+            return Identity(user_id=token) if scheme == "Bearer" and token else None
+
+        app = AmbientMiddleware(
+            Starlette(routes=[Route("/", _whoami)]), registry=Registry(), identity=opaque
+        )
+        report = await check(app, users=3, requests=2, identity=("bearer", ""))
+        assert report.ok, report.violations
+        assert report.scopes == 6
+
     @pytest.mark.parametrize("status", [300, 302])
     async def test_a_redirect_is_not_a_served_request(self, status: int) -> None:
         async def to_login(request: Request) -> Response:
@@ -2690,13 +2706,15 @@ async def test_aliases_resolved_while_memory_is_measured_are_no_cleanups() -> No
 
 
 async def test_each_user_cycles_through_the_whole_plan() -> None:
-    """Each user sends its requests in the plan's order, starting over at its end: every
-    planned request is sent, so what each one serves is checked."""
+    """Each user sends its requests in the plan's order, starting over at its end, with
+    ``{user}`` in a body replaced by its id: every planned request is sent as planned, so
+    what each one serves is checked."""
     hits: dict[str, list[str]] = {}
 
     async def endpoint(request: Request) -> Response:
         user = ambient.get_current_context().user_id
-        hits.setdefault(user, []).append(f"{request.method} {request.url.path}")
+        said = (await request.json())["of"] if request.method == "POST" else None
+        hits.setdefault(user, []).append(f"{request.method} {request.url.path} {said}")
         return JSONResponse({"user": user})
 
     inner = Starlette(routes=[Route("/a", endpoint), Route("/b", endpoint, methods=["POST"])])
@@ -2705,7 +2723,9 @@ async def test_each_user_cycles_through_the_whole_plan() -> None:
     report = await check(app, plan=plan, users=2, requests=3)
     assert report.ok, report.violations
     assert len(hits) == 2
-    assert all(sent == ["GET /a", "POST /b", "GET /a"] for sent in hits.values()), hits
+    assert all(
+        sent == ["GET /a None", f"POST /b {user}", "GET /a None"] for user, sent in hits.items()
+    ), hits
 
 
 @pytest.mark.parametrize(
