@@ -370,10 +370,13 @@ def _said(error: BaseException) -> str:
     said = f"{type(error).__name__}: {error}"
     if isinstance(error, SyntaxError):  # its message already says where
         return said
+    # Left out: the import machinery's frames (frozen ones, and importlib's import_module
+    # with this module's own, where a module not found at all is raised).
+    machinery = {__file__, importlib.__file__}
     where = [
         frame
         for frame in traceback.extract_tb(error.__traceback__)
-        if not frame.filename.startswith("<frozen")  # the import machinery's own
+        if not frame.filename.startswith("<frozen") and frame.filename not in machinery
     ]
     return f"{said} ({where[-1].filename}:{where[-1].lineno})" if where else said
 

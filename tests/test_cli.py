@@ -379,3 +379,25 @@ def test_a_demo_whose_startup_fails_exits_non_zero() -> None:
         env={**os.environ, "AMBIENT_DATABASE_URL": "postgresql://127.0.0.1:1/x"},
     )
     assert result.returncode == 3, result.stderr
+
+
+def test_a_module_not_found_is_said_without_the_import_machinerys_line(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ambient check typo:app`` said where importlib raised the error (a line of the
+    standard library's ``importlib/__init__.py``), not anything of the user's; a module
+    importing a package that is missing is said with its own line."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as refused:
+        main(["check", "no_such_module_for_cli:app", *FEW])
+    assert refused.value.code == (
+        "cannot import the app's module 'no_such_module_for_cli': "
+        "ModuleNotFoundError: No module named 'no_such_module_for_cli'"
+    )
+    _app_module(tmp_path, monkeypatch, "imports_missing_for_cli", "import no_such_package_x\n")
+    with pytest.raises(SystemExit) as refused:
+        main(["check", "imports_missing_for_cli:app", *FEW])
+    assert refused.value.code == (
+        "cannot import the app's module 'imports_missing_for_cli': ModuleNotFoundError: "
+        f"No module named 'no_such_package_x' ({tmp_path / 'imports_missing_for_cli.py'}:1)"
+    )
