@@ -111,11 +111,14 @@ def test_the_check_defaults(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Without options: 100 users of 20 requests each, ``GET /``, identified by the
-    x-user-id header, and the report names the app as given."""
+    x-user-id header, then the memory phase's 1,000 requests (after as many to warm up);
+    the report names the app as given."""
     target, seen = _recorded(tmp_path, monkeypatch, "defaults_for_cli", "trusted_header()")
-    code, report = _report(capsys, ["check", target, "--growth-requests", "0"])
+    code, report = _report(capsys, ["check", target])
     assert code == 0, report
     assert (report["app"], report["users"], report["requests"]) == (target, 100, 2000)
+    assert report["memory_growth_kib_per_1k"] is not None
+    assert len(seen().paths) == 2000 + 2 * 1000
     assert set(seen().paths) == {"/"}
     assert len(seen().identities) == 100
 
@@ -401,3 +404,24 @@ def test_a_module_not_found_is_said_without_the_import_machinerys_line(
         "cannot import the app's module 'imports_missing_for_cli': ModuleNotFoundError: "
         f"No module named 'no_such_package_x' ({tmp_path / 'imports_missing_for_cli.py'}:1)"
     )
+
+
+def test_without_rich_the_progress_and_table_are_plain_lines(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without rich installed: the progress as lines on stderr, the table as lines on
+    stdout; with ``--json`` no progress at all, stdout the report alone."""
+    for name in ("rich", "rich.console", "rich.markup", "rich.progress", "rich.table"):
+        monkeypatch.setitem(sys.modules, name, None)  # what `import` of it then refuses
+    target, _ = _recorded(tmp_path, monkeypatch, "plain_for_cli", "trusted_header()")
+    assert main(["check", target, *FEW]) == 0
+    out, err = capsys.readouterr()
+    assert err.splitlines()[-1] == "  8/8 requests"
+    lines = out.splitlines()
+    assert lines[0] == f"ambient check: {target}"
+    assert lines[1].split() == ["isolation", "ok", "4", "users,", "no", "data", "of", "another"]
+    assert lines[-1] == "PASSED"
+    assert main(["check", target, *FEW, "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["ok"] is True
+    assert err == ""
