@@ -425,3 +425,13 @@ def test_without_rich_the_progress_and_table_are_plain_lines(
     out, err = capsys.readouterr()
     assert json.loads(out)["ok"] is True
     assert err == ""
+
+
+def test_json_names_the_demo_that_could_not_start(capsys: pytest.CaptureFixture[str]) -> None:
+    """A startup that cannot answer within the time limit (a nanosecond): the JSON names
+    the demo as the report of a check of it would."""
+    with pytest.raises(SystemExit) as refused:
+        main(["check", *FEW, "--timeout", "1e-9", "--json"])
+    assert refused.value.code == "the app's startup did not answer within 1e-09 s"
+    said = json.loads(capsys.readouterr().out)
+    assert said == {"app": "the bundled demo", "ok": False, "error": refused.value.code}
