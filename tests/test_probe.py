@@ -161,17 +161,17 @@ async def test_a_scope_dropped_without_being_closed_is_reported_with_its_compone
     will be, and that its component was never cleaned (a scope still open would clean it
     later, a dropped one cannot)."""
 
-    class Session:
+    class Connection:
         def close(self) -> None:
             pass
 
     registry = Registry()
-    registry.register(Session, Session)
+    registry.register(Connection, Connection)
 
     async def forgetful() -> None:
         scope = registry.open_scope(UserExecutionContext.create("alice"))
         await scope.__aenter__()
-        await scope.resolve(Session)
+        await scope.resolve(Connection)
 
     # The scope itself warns as it is collected.
     warned = pytest.warns(ResourceWarning, match="garbage-collected with 1 component cleanup")
@@ -186,7 +186,7 @@ async def test_a_scope_dropped_without_being_closed_is_reported_with_its_compone
         "was opened and never closed (garbage-collected: its cleanups never ran)"
     )
     assert [line.split("<locals>.")[-1] for line in report.cleanup] == [
-        "Session: 1 instance(s) created but never cleaned"
+        "Connection: 1 instance(s) created but never cleaned"
     ]
     assert not report.ok
     await registry.aclose()
