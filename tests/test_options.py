@@ -54,7 +54,9 @@ COUNTS = {"min_calls", "max_size", "min_size"}
 
 
 @pytest.mark.parametrize(("option", "build"), BUILDERS, ids=[o for o, _ in BUILDERS])
-@pytest.mark.parametrize("value", ["5", None, True, b"1"], ids=["text", "none", "bool", "bytes"])
+@pytest.mark.parametrize(
+    "value", ["5", None, True, b"1", 1j], ids=["text", "none", "bool", "bytes", "complex"]
+)
 def test_an_option_that_is_no_number_is_a_type_error_naming_it(
     option: str, build: Callable[[str, Any], object], value: object
 ) -> None:
@@ -74,9 +76,24 @@ def test_an_option_that_is_no_number_is_a_type_error_naming_it(
 def test_a_number_no_float_holds_is_a_value_error_naming_the_option(
     option: str, build: Callable[[str, Any], object]
 ) -> None:
-    """An int past what a float holds ended in Python's OverflowError, naming nothing."""
-    with pytest.raises(ValueError, match=rf"^{option} must be a number of .+ a float holds"):
+    """An int past what a float holds ended in Python's OverflowError, naming nothing.
+    The message shows the number's first 64 digits, not all 401."""
+    with pytest.raises(
+        ValueError, match=rf"^{option} must be a number of .+ a float holds"
+    ) as info:
         build(option, 10**400)
+    assert str(info.value).endswith(", not 1" + "0" * 63)
+
+
+@pytest.mark.parametrize(("option", "build"), BUILDERS, ids=[o for o, _ in BUILDERS])
+def test_a_long_value_is_shown_cut_to_64_characters(
+    option: str, build: Callable[[str, Any], object]
+) -> None:
+    """A whole file read by mistake is not pasted into the error (nor into the log)."""
+    value = "5" * 10_000
+    with pytest.raises(TypeError, match=rf"^{option} must be ") as info:
+        build(option, value)
+    assert str(info.value).endswith(", not '" + "5" * 63)
 
 
 @pytest.mark.parametrize("option", sorted(COUNTS))
