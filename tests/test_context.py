@@ -194,6 +194,10 @@ class TestValidation:
         with pytest.raises(InvalidContextError, match="depth"):
             _make(depth=depth)
 
+    @pytest.mark.parametrize("depth", [0, MAX_DEPTH])
+    def test_depth_at_either_end_of_the_range_is_taken(self, depth: int) -> None:
+        assert _make(depth=depth).depth == depth
+
     def test_depth_must_be_int(self) -> None:
         """A bool or float depth is refused."""
         with pytest.raises(InvalidContextError, match="depth"):
@@ -255,6 +259,11 @@ class TestIdentity:
         ctx = _make(metadata={"token": "secret-value"})
         assert "secret-value" not in repr(ctx)
         assert "alice" in repr(ctx)
+
+    def test_repr_names_the_tenant_when_there_is_one(self) -> None:
+        """Two users of the same id in two tenants are told apart."""
+        assert "tenant_id='acme'" in repr(_make(tenant_id="acme"))
+        assert "tenant_id" not in repr(_make())
 
 
 class TestCreateAndChild:
@@ -327,13 +336,22 @@ class TestCreateAndChild:
     def test_child_links_to_its_parent(self) -> None:
         """child(): same user/tenant/thread/request, new run, parent link, depth + 1, and
         its own operation, never the one of the parent's it inherits."""
-        parent = UserExecutionContext.create("alice", tenant_id="acme", metadata={"a": 1})
+        parent = UserExecutionContext.create(
+            "alice", tenant_id="acme", connection_id="ws-1", metadata={"a": 1}
+        )
         child = parent.child("search", query="x")
-        assert (child.user_id, child.tenant_id, child.thread_id, child.request_id) == (
+        assert (
+            child.user_id,
+            child.tenant_id,
+            child.thread_id,
+            child.request_id,
+            child.connection_id,
+        ) == (
             parent.user_id,
             parent.tenant_id,
             parent.thread_id,
             parent.request_id,
+            "ws-1",
         )
         assert child.run_id != parent.run_id
         assert child.parent_run_id == parent.run_id
@@ -355,11 +373,16 @@ class TestCreateAndChild:
         assert ctx.depth == MAX_DEPTH
         with pytest.raises(InvalidContextError, match="at most 32"):
             ctx.child("step")
+        # The deepest child still crosses a process boundary (a job queue, a pool).
+        assert pickle.loads(pickle.dumps(ctx)) == ctx  # noqa: S301 - our own bytes
 
     def test_child_needs_an_operation(self) -> None:
         """The operation name is a non-empty str."""
         with pytest.raises(InvalidContextError, match="operation"):
             UserExecutionContext.create("alice").child("")
+        for operation in (42, b"search", ["search"]):
+            with pytest.raises(InvalidContextError, match="operation"):
+                UserExecutionContext.create("alice").child(operation)  # type: ignore[arg-type]
 
     def test_log_fields_are_flat_strings_without_metadata(self) -> None:
         """log_fields() gives str values, empty for absent ids, no metadata."""
