@@ -7,6 +7,8 @@ import asyncio
 import concurrent.futures
 import logging
 import multiprocessing
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,8 +23,13 @@ from opentelemetry import baggage, trace
 from opentelemetry import context as otel_context
 
 import ambient
-from ambient import Lifetime, Registry, UserExecutionContext, UserRef
-from ambient.errors import NoActiveContextError, ResolutionError, ScopeClosedError
+from ambient import Lifetime, Registry, UserExecutionContext, UserRef, _loops
+from ambient.errors import (
+    NoActiveContextError,
+    ResolutionError,
+    ScopeClosedError,
+    UnsupportedBackendError,
+)
 from ambient.integrations.fastapi import install
 from ambient.integrations.logging import context_fields
 from ambient.integrations.threads import (
@@ -1352,3 +1359,46 @@ def test_a_raw_threads_async_cleanup_after_shutdown_is_reported_not_skipped(
     assert reported[0].startswith("cleanup of RemoteConn failed: it is async and could not run")
     stats = registry.stats()
     assert (stats.created, stats.cleaned, stats.cleanup_failures) == (1, 1, 1)
+
+
+async def test_a_worker_thread_is_handed_no_event_loop(anyio_backend: str) -> None:
+    """On the loop's thread the loop's own thread-safe call is handed out, and the
+    asyncio-only integrations refuse trio; in a worker thread (a sync endpoint's) no loop
+    runs, even with trio imported: nothing is handed out, and they refuse to start there."""
+    import trio
+
+    assert _loops.on_loop_thread()
+    assert _loops.in_trio() == (anyio_backend == "trio")
+    if anyio_backend == "asyncio":
+        assert _loops.loop_call_soon() == asyncio.get_running_loop().call_soon_threadsafe
+        _loops.require_asyncio("asyncio only")
+        _loops.refuse_trio("asyncio only")
+    else:
+        assert _loops.loop_call_soon() == trio.lowlevel.current_trio_token().run_sync_soon
+        with pytest.raises(UnsupportedBackendError, match="^asyncio only"):
+            _loops.require_asyncio("asyncio only")
+        with pytest.raises(UnsupportedBackendError, match="^asyncio only"):
+            _loops.refuse_trio("asyncio only")
+
+    def in_worker() -> None:
+        assert not _loops.on_loop_thread()
+        assert not _loops.in_trio()
+        assert _loops.loop_call_soon() is None
+        with pytest.raises(UnsupportedBackendError, match="^asyncio only"):
+            _loops.require_asyncio("asyncio only")
+        _loops.refuse_trio("asyncio only")  # no trio run here either
+
+    await anyio.to_thread.run_sync(in_worker)
+
+
+def test_a_thread_is_handed_no_event_loop_where_trio_was_never_imported() -> None:
+    """An application on asyncio alone never imports trio: a thread with no loop is
+    handed no call to make, as where trio is imported."""
+    code = (
+        "import sys\n"
+        "from ambient import _loops\n"
+        "assert _loops.loop_call_soon() is None\n"
+        "assert not _loops.on_loop_thread() and not _loops.in_trio()\n"
+        "assert 'trio' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)  # noqa: S603
