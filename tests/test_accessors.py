@@ -79,6 +79,7 @@ class TestAccessors:
             engine_proxy.mode = "careful"
             assert ambient.resolve_sync(Engine).mode == "careful"
             assert engine_proxy(21) == 42  # type: ignore[operator]
+            assert engine_proxy(x=21) == 42  # type: ignore[operator]
             del engine_proxy.mode
             assert "mode" not in vars(ambient.resolve_sync(Engine))
             assert repr(engine_proxy) == "proxy(Engine)"
@@ -111,8 +112,11 @@ class TestAccessors:
                     _ = engine_proxy.__signature__  # type: ignore[attr-defined]
                 # inspect.signature() also asks for `_partialmethod`, a single underscore.
                 assert list(inspect.signature(engine_proxy).parameters) == ["args", "kwargs"]
-                with pytest.raises(AttributeError, match="'_private' outside a scope"):
+                with pytest.raises(AttributeError, match="'_private' outside a scope") as info:
                     _ = engine_proxy._private  # type: ignore[attr-defined]
+                # Says why it is missing: no scope is bound.
+                assert isinstance(info.value.__cause__, NoActiveContextError)
+                assert (info.value.name, info.value.obj) == ("_private", engine_proxy)
                 tests = doctest.DocTestFinder().find(module)
                 assert [test.name for test in tests] == ["legacy_tools"]
                 with pytest.raises(NoActiveContextError):
@@ -122,12 +126,18 @@ class TestAccessors:
             assert not hasattr(engine_proxy, "__wrapped__")
 
     async def test_context_without_scope(self) -> None:
-        """A bare bind_context has no scope; resolving says so."""
-        with (
-            bind_context(UserExecutionContext.create("alice")),
-            pytest.raises(NoActiveContextError, match="scope"),
-        ):
-            await ambient.resolve(Engine)
+        """A bare bind_context has no scope; resolving says so, whichever way it is asked."""
+        with bind_context(UserExecutionContext.create("alice")):
+            with pytest.raises(NoActiveContextError, match="scope"):
+                await ambient.resolve(Engine)
+            with pytest.raises(NoActiveContextError, match="scope"):
+                ambient.resolve_sync(Engine)
+            with pytest.raises(NoActiveContextError, match="scope"):
+                await engine_accessor()
+            with pytest.raises(NoActiveContextError, match="scope"):
+                engine_accessor.sync()
+            with pytest.raises(NoActiveContextError, match="scope"):
+                engine_proxy.run("x")
 
     async def test_child_binding_keeps_the_scope(self, registry: Registry) -> None:
         """bind_context(ctx.child(...)) inside a scope still resolves from that scope."""
