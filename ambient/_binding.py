@@ -37,7 +37,7 @@ from ambient.errors import ContextSwitchError, NoActiveContextError
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from ambient._scope import Scope, _Resolver
+    from ambient._scope import Scope, _Resolver, _View
 
 __all__ = [
     "bind_context",
@@ -398,9 +398,10 @@ def current_scope() -> Scope:
 
     Raises:
         NoActiveContextError: when no scope is bound, and inside the factory of a USER or
-            APP component (as :func:`get_current_context` does): the request's scope
-            would hand it the request's context and its REQUEST components, which a
-            component shared by many requests must not keep.
+            APP component (as :func:`get_current_context` does), also under a context
+            the factory binds itself: the request's scope would hand it the request's
+            context and its REQUEST components, which a component shared by many
+            requests must not keep.
     """
     binding = _shown()
     if binding is None:
@@ -412,7 +413,12 @@ def current_scope() -> Scope:
     scope = binding.scope
     if scope is None:
         raise NoActiveContextError("scope")
-    return scope.owner
+    owner = scope.owner
+    if owner is not scope:
+        # The view a USER or APP factory resolves through, carried into a context it bound
+        # for its own work: refused as in the factory itself.
+        raise cast("_View", scope).refuse()
+    return owner
 
 
 def wrap(fn: Callable[P, R]) -> Callable[P, R]:

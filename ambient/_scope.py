@@ -27,7 +27,12 @@ from ambient._instances import (
 from ambient._loops import loop_call_soon
 from ambient._observe import Observer, notify
 from ambient._provider import _GEN, _REQUEST, _SYNC, _USER, RANK, Provider, key_name
-from ambient.errors import CleanupError, ResolutionError, ScopeClosedError
+from ambient.errors import (
+    CleanupError,
+    NoActiveContextError,
+    ResolutionError,
+    ScopeClosedError,
+)
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -780,6 +785,10 @@ class _View:
     @property
     def owner(self) -> Scope:
         return self._scope
+
+    def refuse(self) -> NoActiveContextError:
+        """The error of asking for the scope it views (see :func:`ambient.current_scope`)."""
+        return NoActiveContextError(self._for.lifetime.name, component=self._for.name)
 
     def _check(self, key: Hashable) -> None:
         provider = self._scope.registry.providers.get(key)
