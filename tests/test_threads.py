@@ -1271,6 +1271,55 @@ def test_a_forked_worker_process_has_no_context_never_the_one_that_started_it() 
     assert seen == [None, None]
 
 
+def _creations_here() -> tuple[int, int]:
+    """How many creations a worker process's resolutions would take for ones it is inside
+    of: those awaited in its task, and those handed over to it by a sync factory."""
+    from ambient import _binding
+
+    return len(_binding._resolving.get()), len(_binding._handed_over.get())
+
+
+@pytest.mark.skipif(
+    "fork" not in multiprocessing.get_all_start_methods(), reason="needs the fork start method"
+)
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+@pytest.mark.parametrize("factory", ["async", "sync handing work to a thread"])
+async def test_a_worker_process_forked_inside_a_factory_is_inside_none_of_its_creations(
+    factory: str,
+) -> None:
+    """A process pool first used inside a component's factory forks its worker there: the
+    worker starts outside that creation, so a job resolving the component in it is never
+    taken for a dependency cycle of the factory that happened to start the pool."""
+    fork = multiprocessing.get_context("fork")
+    seen: list[tuple[int, int]] = []
+    inside: list[tuple[int, int]] = []
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=fork) as pool:
+
+        def start_pool() -> str:
+            inside.append(_creations_here())
+            seen.append(pool.submit(_creations_here).result(timeout=30))
+            return "pool"
+
+        async def make_async() -> str:
+            return await anyio.to_thread.run_sync(start_pool)
+
+        def make_sync() -> str:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=1) as threads:
+                return threads.submit(ambient.wrap(start_pool)).result(timeout=30)
+
+        registry = Registry()
+        registry.register(
+            "pool", make_async if factory == "async" else make_sync, lifetime=Lifetime.APP
+        )
+        with anyio.fail_after(60):
+            async with registry.open_scope(UserExecutionContext.create("alice")):
+                assert await ambient.resolve("pool") == "pool"
+        await registry.aclose()
+    # Where the pool forked, the creation was under way.
+    assert inside == [(1, 0) if factory == "async" else (0, 1)]
+    assert seen == [(0, 0)]
+
+
 def _trace_here() -> tuple[str, dict[str, object]]:
     """The trace id a worker process's log lines carry, and the baggage it sees."""
     return context_fields()["trace_id"], dict(baggage.get_all())
