@@ -889,6 +889,33 @@ async def test_a_factory_that_used_detached_still_has_its_cycle_named() -> None:
     await registry.aclose()
 
 
+async def test_work_a_sync_factory_hands_to_a_thread_starts_outside_it_only_in_detached() -> None:
+    """A sync factory hands work to a thread (``ambient.wrap``): that work is part of the
+    creation (waiting there for the component would wait for itself, and is reported as a
+    cycle), what it starts in ``detached()`` is not, and after the block it is again."""
+    from ambient import _binding
+
+    seen: list[int] = []
+
+    def work() -> str:
+        seen.append(len(_binding._handed_over.get()))
+        with ambient.detached():
+            seen.append(len(_binding._handed_over.get()))
+        seen.append(len(_binding._handed_over.get()))
+        return "made"
+
+    def make() -> str:
+        with ThreadPoolExecutor(max_workers=1) as threads:
+            return threads.submit(ambient.wrap(work)).result(timeout=30)
+
+    registry = Registry()
+    registry.register("made", make, lifetime=ambient.Lifetime.APP)
+    async with registry.open_scope(ctx_for("alice")):
+        assert await ambient.resolve("made") == "made"
+    await registry.aclose()
+    assert seen == [1, 0, 1]
+
+
 def test_detached_ended_in_another_context_raises_nothing(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
