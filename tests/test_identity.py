@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import time
+import tracemalloc
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -116,7 +117,72 @@ class TestTrustedHeader:
             assert found == Identity(user)
         assert resolve(http_scope(alice, **trusted)) == Identity("alice")
 
-    @pytest.mark.parametrize("peer", ["10.1.2.3", "::ffff:10.1.2.3"])
+    def test_what_it_remembers_answers_for_the_user_header_only(self) -> None:
+        """A user seen before is never the answer for a request whose user header names
+        another, whatever value its other headers carry."""
+        resolve = trusted_header()
+        assert resolve(http_scope([(b"x-user-id", b"bob")])) == Identity("bob")
+        headers = [(b"x-user-id", b"alice"), (b"x-request-id", b"bob")]
+        assert resolve(http_scope(headers)) == Identity("alice")
+        assert resolve(http_scope([(b"x-request-id", b"bob")])) is None
+
+    @pytest.mark.parametrize("client", [("testclient", 50000), ("localhost", 4000), ("", 0)])
+    def test_a_client_address_that_is_no_ip_address_asserts_nothing(
+        self, client: tuple[str, int]
+    ) -> None:
+        """A peer whose address is no IP address (a test client's name, a host name) lies
+        in no trusted network, whatever the networks."""
+        alice = [(b"x-user-id", b"alice")]
+        for trusted in (("127.0.0.1/32", "::1/128"), ("0.0.0.0/0", "::/0")):
+            resolve = trusted_header(trusted=trusted)
+            assert resolve(http_scope(alice, client=client)) is None
+
+    def test_a_refused_peer_with_an_address_is_not_explained_as_the_unix_socket(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """An untrusted TCP peer is refused without a word about the Unix socket, even from a
+        server that gives no address of its own."""
+        resolve = trusted_header(trusted=("127.0.0.1/32",))
+        scope = http_scope([(b"x-user-id", b"alice")], client=("203.0.113.9", 4000), server=None)
+        with caplog.at_level(logging.WARNING, logger="ambient.middleware"):
+            assert resolve(scope) is None
+        assert caplog.records == []
+
+    @pytest.mark.parametrize("tenant_header", [None, "x-tenant-id"])
+    def test_what_it_remembers_stays_bounded_however_many_users_and_peers(
+        self, tenant_header: str | None
+    ) -> None:
+        """Users and peer addresses it has seen are remembered up to a bound: a server
+        that sees ever new ones (clients of a large network, sent by one proxy) does not
+        grow for each."""
+        resolve = trusted_header(tenant_header=tenant_header, trusted=("10.0.0.0/8",))
+
+        def users(first: int, count: int) -> None:
+            for number in range(first, first + count):
+                headers = [(b"x-user-id", b"user-%d" % number), (b"x-tenant-id", b"t")]
+                peer = f"10.{number >> 16 & 255}.{number >> 8 & 255}.{number & 255}"
+                assert resolve(http_scope(headers, client=(peer, 4000))) is not None
+
+        users(0, 4096)  # past every bound
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            users(4096, 20_000)
+            grown = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert grown < 1_000_000, grown
+
+    def test_one_network_given_as_a_str_is_that_network(self) -> None:
+        """``trusted="10.0.0.0/8"`` is one network, not its characters."""
+        resolve = trusted_header(trusted="10.0.0.0/8")
+        alice = [(b"x-user-id", b"alice")]
+        assert resolve(http_scope(alice, client=("10.1.2.3", 4000))) == Identity("alice")
+        assert resolve(http_scope(alice, client=("127.0.0.1", 4000))) is None
+        unix = trusted_header(trusted="unix")
+        assert unix(http_scope(alice, client=None, server=None)) == Identity("alice")
+
+    @pytest.mark.parametrize("peer", ["10.1.2.3", "::ffff:10.1.2.3", "10.200.3.4"])
     def test_an_ipv4_mapped_trusted_network_trusts_its_ipv4_peers(self, peer: str) -> None:
         """A peer's IPv4-mapped address is checked as the IPv4 address it maps: a trusted
         network written in the IPv4-mapped form (as a dual-stack server shows its IPv4
@@ -126,6 +192,18 @@ class TestTrustedHeader:
         assert resolve(http_scope(alice, client=(peer, 4000))) == Identity("alice")
         assert resolve(http_scope(alice, client=("11.1.2.3", 4000))) is None
         assert resolve(http_scope(alice, client=("::ffff:11.1.2.3", 4000))) is None
+
+    def test_every_ipv4_mapped_address_is_every_ipv4_address(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """``::ffff:0.0.0.0/96`` maps all of IPv4: its peers are trusted as IPv4 peers,
+        and the operator is warned that any client can assert any identity."""
+        with caplog.at_level(logging.WARNING, logger="ambient.middleware"):
+            resolve = trusted_header(trusted=("::ffff:0.0.0.0/96",))
+        assert ["any client can assert" in r.getMessage() for r in caplog.records] == [True]
+        alice = [(b"x-user-id", b"alice")]
+        assert resolve(http_scope(alice, client=("203.0.113.9", 4000))) == Identity("alice")
+        assert resolve(http_scope(alice, client=("2001:db8::1", 4000))) is None
 
     @pytest.mark.parametrize(
         ("headers", "named"),
@@ -161,6 +239,10 @@ class TestTrustedHeader:
             (("127.0.0.1:80", 0), [(b"x-forwarded-for", b"127.0.0.1:80")]),
             (('"[::1]:4711"', 0), [(b"forwarded", b'for="[::1]:4711";proto=http')]),
             (("::1", 4711), [(b"forwarded", b'proto=https;for="[::1]:4711", for=10.0.0.2')]),
+            # a server that keeps the node's host and drops its port
+            (("127.0.0.1", 0), [(b"x-forwarded-for", b"127.0.0.1:4444")]),
+            # RFC 7239: parameter names are case-insensitive
+            (("127.0.0.1", 0), [(b"forwarded", b"proto=http; For=127.0.0.1")]),
         ],
     )
     def test_a_client_address_read_from_forwarding_headers_asserts_nothing(
@@ -196,6 +278,9 @@ class TestTrustedHeader:
             ):
                 scope = http_scope([alice, forwarding], client=("127.0.0.1", 50123))
                 assert resolve(scope) == Identity("alice")
+            # Only a colon after a bracketed host starts a port: no server reads 80 here.
+            scope = http_scope([alice, (b"x-forwarded-for", b"[::1]x80")], client=("::1", 80))
+            assert resolve(scope) == Identity("alice")
         assert caplog.records == []
 
     def test_an_untrusted_address_from_forwarding_headers_is_explained_once(
@@ -206,6 +291,9 @@ class TestTrustedHeader:
         resolve = trusted_header()
         headers = [(b"x-user-id", b"alice"), (b"x-forwarded-for", b"203.0.113.9")]
         with caplog.at_level(logging.WARNING, logger="ambient.middleware"):
+            # A request that asserts no identity (a health check) is no sign of it.
+            assert resolve(http_scope(headers[1:], client=("203.0.113.9", 0))) is None
+            assert caplog.records == []
             for _ in range(3):
                 assert resolve(http_scope(headers, client=("203.0.113.9", 0))) is None
             assert resolve(http_scope(headers[:1], client=("203.0.113.9", 0))) is None
@@ -303,6 +391,13 @@ _TENANT_CASES = [
         "10.0.0.1",
     ),
     ("forwarded", [_ALICE, (b"Forwarded", b"for=10.0.0.1")], 200, "alice", "for=10.0.0.1"),
+    (
+        "X-Forwarded-For",
+        [_ALICE, (b"x-forwarded-for", b"10.0.0.1, 10.0.0.2")],
+        400,
+        None,
+        "the X-Forwarded-For header holds a comma",
+    ),
 ]
 
 
@@ -332,7 +427,8 @@ class TestTrustedHeaderTenants:
                 assert what in body["detail"]
 
     @pytest.mark.parametrize(
-        "tenant_header", ["", "X-TÉNANT", "x-租户", "x tenant", "x-tenant:", "x-t\r\nx-user-id"]
+        "tenant_header",
+        ["", "X-TÉNANT", "x-租户", "x tenant", "x-tenant:", "x-t\r\nx-user-id", b"x-tenant-id"],
     )
     def test_a_tenant_header_name_no_request_can_carry_is_refused_at_construction(
         self, tenant_header: str
@@ -343,7 +439,9 @@ class TestTrustedHeaderTenants:
         with pytest.raises(ValueError, match="tenant_header must be a non-empty HTTP token"):
             trusted_header(tenant_header=tenant_header)
 
-    @pytest.mark.parametrize("name", ["", "X-ÜSER", "x-用户", "x user", "x-user:", "x-u\r\nx-a"])
+    @pytest.mark.parametrize(
+        "name", ["", "X-ÜSER", "x-用户", "x user", "x-user:", "x-u\r\nx-a", b"x-user-id", None]
+    )
     def test_a_user_header_name_no_request_can_carry_is_refused_at_construction(
         self, name: str
     ) -> None:
@@ -371,11 +469,13 @@ class TestTrustedHeaderTenants:
         tenants = [(b"x-tenant-id", b"a"), (b"x-tenant-id", b"b")]
         good = [_ALICE, (b"x-tenant-id", b"acme")]
         forwarded = [(b"x-forwarded-for", b"127.0.0.1")]
+        modern = [(b"forwarded", b"for=127.0.0.1;proto=http")]
         with caplog.at_level(logging.WARNING, logger="ambient.middleware"):
             for headers, client in [
                 (good, ("203.0.113.9", 4000)),
                 ([_ALICE, *tenants], ("203.0.113.9", 4000)),
                 ([*good, *forwarded], ("127.0.0.1", 0)),
+                ([*good, *modern], ("127.0.0.1", 0)),
                 ([_ALICE, *tenants, *forwarded], ("127.0.0.1", 0)),
             ]:
                 for _ in range(2):
@@ -384,6 +484,23 @@ class TestTrustedHeaderTenants:
             status, _, body = await _exchange(app, http_scope(good))
             assert (status, body["tenant"]) == (200, "acme")
         assert len([r for r in caplog.records if "--no-proxy-headers" in r.getMessage()]) == 1
+
+    @pytest.mark.parametrize(
+        ("tenant_header", "forwarding"),
+        [
+            ("X-Forwarded-For", (b"x-forwarded-for", b"127.0.0.1")),
+            ("Forwarded", (b"forwarded", b"for=127.0.0.1")),
+        ],
+    )
+    def test_a_tenant_header_named_as_a_forwarding_header_still_reveals_a_forwarded_peer(
+        self, tenant_header: str, forwarding: tuple[bytes, bytes]
+    ) -> None:
+        """A tenant read from a forwarding header is still a forwarding header: a client
+        address the server read from it asserts nothing, tenant or user."""
+        resolve = trusted_header(tenant_header=tenant_header)
+        assert resolve(http_scope([_ALICE, forwarding], client=("127.0.0.1", 0))) is None
+        found = resolve(http_scope([_ALICE, forwarding], client=("127.0.0.1", 4000)))
+        assert found == Identity("alice", forwarding[1].decode())
 
     def test_what_it_remembers_never_bypasses_a_check(self) -> None:
         """A user and tenant seen before are still refused from an untrusted peer, with a
@@ -1122,6 +1239,8 @@ class TestScopeUser:
         assert resolve({}) is None
         found = resolve({"user": SimpleUser("ann"), "auth": AuthCredentials(["read"])})
         assert found == Identity("ann", None, {"scopes": ("read",)})
+        both = resolve({"user": SimpleUser("ann"), "auth": AuthCredentials(["read", "write"])})
+        assert both == Identity("ann", None, {"scopes": ("read", "write")})
 
     def test_a_user_class_without_identity_is_known_by_its_display_name(self) -> None:
         """Starlette's ``BaseUser.identity`` raises ``NotImplementedError``: a user class of
@@ -1153,6 +1272,24 @@ class TestScopeUser:
             tenant_id = "acme"
 
         assert scope_user()({"user": Member()}) == Identity("u-17", "acme")
+
+    def test_the_tenant_is_read_from_the_attribute_named(self) -> None:
+        """``tenant_attribute`` names where the tenant is, and the type check holds there:
+        the default attribute of a user class that has both is not read."""
+
+        class Member:
+            is_authenticated = True
+            identity = "u-17"
+            tenant_id = "default-attribute"
+            org = "acme"
+
+        class Odd(Member):
+            org = 7  # type: ignore[assignment]
+
+        resolve = scope_user(tenant_attribute="org")
+        assert resolve({"user": Member()}) == Identity("u-17", "acme")
+        with pytest.raises(TypeError, match="has a org that is int"):
+            resolve({"user": Odd()})
 
     def test_a_user_without_a_usable_id_is_refused(self) -> None:
         class Odd:
@@ -1218,6 +1355,62 @@ class TestComposition:
         assert calls == ["nobody", "header"]
         with pytest.raises(ValueError, match="at least one"):
             first_of()
+
+    def test_a_factory_of_resolvers_is_refused_however_its_return_is_annotated(self) -> None:
+        """The alias itself (a module without postponed annotations) or its dotted name
+        marks a function that makes resolvers, as the bare name does."""
+        from ambient.middleware.identity import IdentityResolver
+
+        def make() -> Any:
+            return trusted_header()
+
+        for returns in (
+            IdentityResolver,
+            "IdentityResolver",
+            "identity.IdentityResolver",
+            "ambient.middleware.identity.IdentityResolver",
+        ):
+            make.__annotations__["return"] = returns
+            with pytest.raises(TypeError, match="resolver 1 is make, which makes an identity"):
+                first_of(make)
+
+    async def test_a_resolver_may_return_any_awaitable(self) -> None:
+        """Not only a coroutine: an object whose ``__await__`` gives the identity (a
+        future, an application's own awaitable) is awaited too."""
+
+        class Later:
+            def __init__(self, identity: Identity) -> None:
+                self.identity = identity
+
+            def __await__(self) -> Iterator[None]:
+                if False:
+                    yield
+                return self.identity
+
+        def resolver(scope: Any) -> Any:
+            return Later(Identity("zoe", "acme"))
+
+        for identity in (resolver, first_of(resolver)):
+            app = AmbientMiddleware(_echo_app, registry=Registry(), identity=identity)
+            status, _, body = await _exchange(app, http_scope([]))
+            assert (status, body["user"], body["tenant"]) == (200, "zoe", "acme")
+
+    async def test_a_resolver_answering_every_attribute_offers_no_challenge(self) -> None:
+        """A resolver object that answers any attribute asked of it (as a test double
+        does) has no ``WWW-Authenticate`` challenge: its 401 goes out without one."""
+
+        class Lenient:
+            def __getattr__(self, name: str) -> Any:
+                return lambda *args: None
+
+            def __call__(self, scope: Any) -> None:
+                return None
+
+        for identity in (Lenient(), first_of(Lenient(), trusted_header())):
+            app = AmbientMiddleware(_echo_app, registry=Registry(), identity=identity)
+            status, headers, body = await _exchange(app, http_scope([]))
+            assert (status, body["status"]) == (401, 401)
+            assert b"www-authenticate" not in headers
 
     def test_header_values_fold_case_but_not_underscores(self) -> None:
         scope = http_scope([(b"X-User-Id", b"1"), (b"x-user-id", b"2"), (b"x_user_id", b"3")])
