@@ -39,6 +39,7 @@ from ambient.errors import (
 from ambient.middleware import (
     AmbientMiddleware,
     Identity,
+    Problem,
     answer_error,
     first_of,
     note_failure,
@@ -914,6 +915,15 @@ class TestErrors:
         assert "r-9" in failed[0].getMessage()
 
 
+class LockedOutError(AmbientError):
+    """An app's own 401 that says when signing in may be tried again."""
+
+    http_status = 401
+    problem_type = "urn:ambient:problem:locked-out"
+    title = "Locked out"
+    retry_after = 30.0
+
+
 class TestAnswerError:
     """``answer_error``: what a framework's own exception handler answers for an ambient
     error it caught, with the effects the middleware has when it answers the error
@@ -976,12 +986,18 @@ class TestAnswerError:
             (TooManyRequestsError("slow down", retry_after=2.5), 429, {"retry-after": "3"}),
             (PoolExhaustedError("no connection", retry_after=2), 503, {"retry-after": "2"}),
             (InvalidContextError("run_id", "too long", echo=False), 400, {}),
+            (
+                LockedOutError("ann failed to sign in 5 times"),
+                401,
+                {"retry-after": "30", "www-authenticate": "Bearer"},
+            ),
         ],
     )
     async def test_an_error_that_carries_an_answer_is_answered_with_its_headers(
         self, raised: AmbientError, status: int, headers: dict[str, str]
     ) -> None:
-        """Its status and headers; a 401's own challenge is kept, a 400 gets none."""
+        """Its status and headers; a 401's own challenge is kept, a 401 without one gets
+        the resolver's besides its own headers, a 400 gets none."""
         seen: list[BaseException | None] = []
         identity = first_of(trusted_header(), jwt_bearer("x" * 32, algorithms=["HS256"]))
         middleware = AmbientMiddleware(
@@ -1017,6 +1033,54 @@ class TestAnswerError:
             assert answer is not None
             assert answer.status == status
             assert noted is raised
+
+    async def test_the_answer_is_exactly_its_problem_document_and_headers(self) -> None:
+        """RFC 9457's four members in this order, as ASCII JSON whatever the text (a title
+        or detail with quotes or letters beyond ASCII), its length and type, then the
+        error's own headers and those passed in."""
+
+        class QuotaError(TooManyRequestsError):
+            problem_type = "urn:example:problem:quota"
+            title = "Quota überschritten"
+            client_detail = 'the "monthly" quota is used up'
+
+        answer = answer_error(QuotaError("ann's quota at db-7", retry_after=1))
+        assert answer is not None
+        body = (
+            b'{"type": "urn:example:problem:quota", "title": "Quota \\u00fcberschritten", '
+            b'"status": 429, "detail": "the \\"monthly\\" quota is used up"}'
+        )
+        assert answer.body() == body
+        sent: list[Message] = []
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        await answer.send_http(send, [(b"x-request-id", b"r-1")])
+        assert sent == [
+            {
+                "type": "http.response.start",
+                "status": 429,
+                "headers": [
+                    (b"content-type", b"application/problem+json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"retry-after", b"1"),
+                    (b"x-request-id", b"r-1"),
+                ],
+            },
+            {"type": "http.response.body", "body": body},
+        ]
+
+    def test_an_error_of_no_status_is_a_500_that_keeps_its_message_to_itself(self) -> None:
+        """``Problem.from_error`` of an error that carries no status (none a client was
+        meant to get) answers as for a server error: 500, the class's client detail."""
+        problem = Problem.from_error(AmbientError("the store at 10.0.0.5:5432 refused us"))
+        assert (problem.status, problem.title, problem.detail, problem.type) == (
+            500,
+            AmbientError.title,
+            AmbientError.client_detail,
+            "about:blank",
+        )
 
     def test_outside_a_request_nothing_is_noted_and_a_401_keeps_its_own_challenge(
         self,
@@ -4582,14 +4646,22 @@ class UpstreamError(AmbientError):
     title = "Upstream unavailable"
 
 
+class LedgerError(AmbientError):
+    """An app's own error answered with a plain 500."""
+
+    http_status = 500
+    title = "Ledger unavailable"
+
+
 @pytest.mark.parametrize(
     ("error", "code"),
     [
         (UpstreamError("the model server"), 1011),
+        (LedgerError("the ledger at 10.0.0.5"), 1011),
         (PoolExhaustedError("busy"), 1013),
         (InvalidContextError("thread_id", "too long", "x"), 1008),
     ],
-    ids=["own-5xx", "overload", "4xx"],
+    ids=["own-5xx", "own-500", "overload", "4xx"],
 )
 async def test_an_error_before_accept_closes_the_websocket_with_its_kind_of_code(
     error: AmbientError, code: int
