@@ -393,6 +393,7 @@ local.shutdown()
 handle = configure_tracing("global-service", {receiver.url!r})
 assert trace.get_tracer_provider() is handle.tracer_provider
 assert metrics.get_meter_provider() is handle.meter_provider
+logging.warning("the global providers are set")
 second = configure_tracing("second", {receiver.url!r})
 assert trace.get_tracer_provider() is handle.tracer_provider
 registry = Registry(telemetry=Telemetry())
@@ -409,8 +410,11 @@ handle.shutdown()
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
     )
     assert out.returncode == 0, out.stderr
-    assert "a global tracer provider was already installed" in out.stderr
-    assert "a global meter provider was already installed" in out.stderr
+    # Only the second call warns: the first installed the global providers.
+    before, _, after = out.stderr.partition("the global providers are set")
+    assert "already installed" not in before
+    assert after.count("a global tracer provider was already installed") == 1
+    assert after.count("a global meter provider was already installed") == 1
     spans = receiver.spans()
     assert [span.name for _, span in spans] == ["ambient.scope"]
     assert spans[0][0]["service.name"] == "global-service"
@@ -651,6 +655,19 @@ def test_an_endpoint_naming_a_signals_path_is_refused_with_its_base(
     assert f"{base!r}, not {endpoint!r}" in str(refused.value)
 
 
+@pytest.mark.parametrize("base", ["/traces", "/otlp/metrics/", "/v2/logs"])
+def test_a_base_url_ending_in_a_signals_name_outside_v1_is_a_base(
+    receiver: Receiver, base: str
+) -> None:
+    """Only ``/v1/<signal>`` is a signal's own path: a gateway's base URL whose last
+    segment merely names a signal is accepted, and the signal's path appended to it."""
+    handle = configure_tracing("routed", receiver.url + base, set_global=False, metrics=False)
+    handle.tracer_provider.get_tracer("test").start_span("test.span").end()
+    handle.force_flush(timeout=5)
+    handle.shutdown()
+    assert receiver.rejected == [base.rstrip("/") + "/v1/traces"]
+
+
 @pytest.mark.parametrize(
     "headers",
     [
@@ -689,14 +706,16 @@ def test_export_headers_must_be_a_mapping() -> None:
 def test_export_headers_with_latin_1_and_inner_spaces_reach_the_collector(
     receiver: Receiver,
 ) -> None:
-    """Values with spaces or a tab inside and Latin-1 letters are header values: sent."""
-    headers = {"Authorization": "Bearer a.b.c", "x-team": "café\tcrème"}
+    """Values with spaces or a tab inside and Latin-1 letters (first and last too) are
+    header values: sent."""
+    headers = {"Authorization": "Bearer a.b.c", "x-team": "café\tcrème", "x-season": "été"}
     handle = configure_tracing("accepted", receiver.url, set_global=False, headers=headers)
     handle.tracer_provider.get_tracer("test").start_span("test.span").end()
     assert handle.force_flush(timeout=5)
     assert [span.name for _, span in receiver.spans()] == ["test.span"]
     sent = receiver.headers[0]
     assert (sent["authorization"], sent["x-team"]) == ("Bearer a.b.c", "café\tcrème")
+    assert sent["x-season"] == "été"
     handle.shutdown()
 
 
