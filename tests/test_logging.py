@@ -108,6 +108,20 @@ class TestContextFilter:
             "span_id": "",
         }
 
+    def test_trace_and_span_ids_keep_their_leading_zeros(self) -> None:
+        """The ids are W3C's fixed-width hex (32 and 16 digits), leading zeros included, so
+        a log line's trace id is the one a trace backend shows for the span."""
+        from opentelemetry import trace
+
+        span = trace.NonRecordingSpan(
+            trace.SpanContext(trace_id=0xABC, span_id=0xDEF, is_remote=False)
+        )
+        log, kept = make_logger("padded", ContextFilter())
+        with trace.use_span(span):
+            log.info("hello")
+        assert kept.records[0].trace_id == "0" * 29 + "abc"  # type: ignore[attr-defined]
+        assert kept.records[0].span_id == "0" * 13 + "def"  # type: ignore[attr-defined]
+
     @pytest.mark.parametrize(
         ("options", "user", "tenant"),
         [
@@ -304,6 +318,83 @@ class TestContextFilter:
         pickled = pickle.dumps(debug.records[0].__dict__)
         assert type(pickle.loads(pickled)["user_id"]) is str  # noqa: S301 - made just above
 
+    def test_a_hashing_handler_then_an_omitting_one_behind_a_queue_omits_the_id(
+        self,
+    ) -> None:
+        """A raw debug handler, a hashing one, then a QueueHandler whose listener's handler
+        omits the user id: the hash the second filter wrote still reaches the listener's
+        copy of the record as written under "hash", so the omitting filter empties it."""
+        log = logging.getLogger("tests.logging.queued-three")
+        log.setLevel(logging.INFO)
+        log.propagate = False
+        exported: list[str] = []
+
+        class Snapshot(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                exported.append(record.user_id)  # type: ignore[attr-defined]
+
+        debug, hashing = Keep(), Keep()
+        debug.addFilter(ContextFilter(user_id="raw"))
+        hashing.addFilter(ContextFilter())
+        target = Snapshot()
+        target.addFilter(ContextFilter(user_id="omit"))
+        records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+        listener = logging.handlers.QueueListener(records, target)
+        queued = logging.handlers.QueueHandler(records)
+        for handler in (debug, hashing, queued):
+            log.addHandler(handler)
+        listener.start()
+        try:
+            with bind_context(UserExecutionContext.create("alice@example.com")):
+                log.info("run done")
+        finally:
+            listener.stop()
+            for handler in (debug, hashing, queued):
+                log.removeHandler(handler)
+        assert exported == [""]
+        assert hashing.records[0].user_id == hash_id("alice@example.com")  # type: ignore[attr-defined]
+
+    def test_a_filter_made_stricter_than_the_rest_counts_at_once(self) -> None:
+        """In a fresh process (no filter before): a raw filter and a hashing one made just
+        before a record is logged, the hashing one behind a QueueHandler. The stricter one
+        counts from the moment it is made, not from the next time a filter is collected:
+        the raw filter marks what it writes and the listener's copy gets the hash."""
+        code = """
+import logging, logging.handlers, queue
+from ambient import UserExecutionContext, bind_context
+from ambient.integrations.logging import ContextFilter
+from ambient.telemetry import hash_id
+
+exported, shown = [], []
+class Snapshot(logging.Handler):
+    def __init__(self, kept):
+        super().__init__()
+        self.kept = kept
+    def emit(self, record):
+        self.kept.append(record.user_id)
+
+log = logging.getLogger("fresh")
+log.setLevel(logging.INFO)
+log.propagate = False
+debug = Snapshot(shown)
+debug.addFilter(ContextFilter(user_id="raw"))
+target = Snapshot(exported)
+target.addFilter(ContextFilter())
+records = queue.SimpleQueue()
+listener = logging.handlers.QueueListener(records, target)
+log.addHandler(debug)
+log.addHandler(logging.handlers.QueueHandler(records))
+listener.start()
+with bind_context(UserExecutionContext.create("alice@example.com")):
+    log.info("run done")
+listener.stop()
+print(shown == ["alice@example.com"], exported == [hash_id("alice@example.com")])
+"""
+        out = subprocess.run(  # noqa: S603 - our own interpreter, fixed code
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+        )
+        assert out.stdout.split() == ["True", "True"]
+
     def test_outside_a_context_a_stricter_filter_after_a_laxer_one_leaves_the_ids_empty(
         self,
     ) -> None:
@@ -428,10 +519,11 @@ class TestContextFilter:
             assert record.trace_id == trace_id  # type: ignore[attr-defined]
 
     def test_context_fields_helper(self) -> None:
-        """context_fields() returns the same dict the filter adds."""
+        """context_fields() returns the same dict the filter adds, under its own policy."""
         with bind_context(UserExecutionContext.create("alice", request_id="r1")):
             assert context_fields(user_id="raw")["request_id"] == "r1"
             assert context_fields(user_id="raw")["user_id"] == "alice"
+            assert context_fields(hash_key=b"k")["user_id"] == hash_id("alice", b"k")
         assert context_fields() == dict.fromkeys(FIELDS, "")
 
     def test_one_policy_writes_plain_strings_that_any_json_encoder_takes(self) -> None:
