@@ -150,6 +150,29 @@ class TestContextFilter:
         assert kept.records[0].request_id == "from-caller"  # type: ignore[attr-defined]
         assert kept.records[0].user_id == hash_id("alice")  # type: ignore[attr-defined]
 
+    def test_an_id_given_with_extra_is_kept_by_a_stricter_filter_after_a_laxer_one(
+        self,
+    ) -> None:
+        """A user id the call gives with ``extra=`` is the caller's: a raw debug handler's
+        filter keeps it, and the hashing handler after it keeps it too instead of taking it
+        for one the raw filter wrote."""
+        debug, exported = Keep(), Keep()
+        debug.addFilter(ContextFilter(user_id="raw"))
+        exported.addFilter(ContextFilter())
+        log = logging.getLogger("tests.logging.extra-two-policies")
+        log.setLevel(logging.INFO)
+        log.propagate = False
+        log.addHandler(debug)
+        log.addHandler(exported)
+        try:
+            with bind_context(UserExecutionContext.create("alice")):
+                log.info("hello", extra={"user_id": "service-account"})
+        finally:
+            log.removeHandler(debug)
+            log.removeHandler(exported)
+        assert debug.records[0].user_id == "service-account"  # type: ignore[attr-defined]
+        assert exported.records[0].user_id == "service-account"  # type: ignore[attr-defined]
+
     @pytest.mark.parametrize(
         ("setup", "debug_sees", "exported_sees"),
         [
@@ -706,6 +729,15 @@ class TestStructlog:
         assert entry["user_id"] == hash_id("alice")
         assert entry["thread_id"] == context.thread_id
         assert entry["run_id"] == "mine"
+
+    def test_the_processor_takes_the_filters_id_policies(self) -> None:
+        """A ContextProcessor hashes under the key it is given, and follows the tenant's
+        policy, as a ContextFilter with the same arguments does."""
+        log, capture = self._logger(ContextProcessor(hash_key=b"k", tenant_id="omit"))
+        with bind_context(UserExecutionContext.create("alice", tenant_id="acme")):
+            log.info("hello")
+        (entry,) = capture.entries
+        assert (entry["user_id"], entry["tenant_id"]) == (hash_id("alice", b"k"), "")
 
     async def test_concurrent_users(self) -> None:
         """50 concurrent contexts: each event carries its own user."""
