@@ -913,6 +913,44 @@ class TestWorkThatOutlivesTheRequest:
         assert seen == [("bob", probe)] * 3
         assert [row async for row in iterate_in_thread([])] == []
 
+    @pytest.mark.parametrize("ending", ["exhausted", "raised"])
+    async def test_iterate_in_thread_gives_an_iterator_that_ended_no_close(
+        self, ending: str
+    ) -> None:
+        """An iterator that ran to its end, or raised, has ended: iterate_in_thread calls
+        no close() of it (only one left before its end is closed, its finally blocks to
+        run), so a close() that is no mere formality runs only for the early leaver."""
+        closed: list[str] = []
+
+        class Rows:
+            def __init__(self) -> None:
+                self.rows = iter([1, 2])
+
+            def __iter__(self) -> Rows:
+                return self
+
+            def __next__(self) -> int:
+                row = next(self.rows, None)
+                if row is not None:
+                    return row
+                if ending == "raised":
+                    raise ValueError("broken")
+                raise StopIteration
+
+            def close(self) -> None:
+                closed.append("closed")
+
+        seen: list[int] = []
+        with anyio.fail_after(10):
+            if ending == "exhausted":
+                seen = [row async for row in iterate_in_thread(Rows())]
+            else:
+                with pytest.raises(ValueError, match="broken"):
+                    async for row in iterate_in_thread(Rows()):
+                        seen.append(row)
+        assert seen == [1, 2]
+        assert closed == []
+
     async def test_a_thread_cancelled_before_it_started_releases_the_scope(
         self, caplog: pytest.LogCaptureFixture
     ) -> None:
@@ -1124,6 +1162,46 @@ async def test_abandon_on_cancel_with_no_scope_bound_runs_as_anyio_would(bound: 
         with ambient.bind_context(UserExecutionContext.create("alice")):
             assert await run_sync_in_thread(work, abandon_on_cancel=True) == "ran"
         assert seen == ["alice"]
+
+
+@pytest.mark.parametrize("bound", ["nothing", "a context without a scope"])
+async def test_abandon_on_cancel_with_no_scope_bound_lets_a_cancelled_caller_go(
+    bound: str,
+) -> None:
+    """Outside a request, ``abandon_on_cancel=True`` still does what it says: a caller
+    cancelled while ``fn`` runs goes on at once, and the thread runs on after it."""
+    started = anyio.Event()
+    release = threading.Event()
+    ended = threading.Event()
+
+    def work() -> None:
+        anyio.from_thread.run_sync(started.set)
+        release.wait(6)
+        ended.set()
+
+    async def call() -> None:
+        with anyio.CancelScope() as cancel:
+            async with anyio.create_task_group() as inner:
+
+                async def cancel_when_started() -> None:
+                    await started.wait()
+                    cancel.cancel()
+
+                inner.start_soon(cancel_when_started)
+                await run_sync_in_thread(work, abandon_on_cancel=True)
+        assert cancel.cancelled_caught
+
+    try:
+        with anyio.fail_after(5):
+            if bound == "nothing":
+                await call()
+            else:
+                with ambient.bind_context(UserExecutionContext.create("alice")):
+                    await call()
+        assert not ended.is_set()
+    finally:
+        release.set()
+    assert await anyio.to_thread.run_sync(ended.wait, 10)
 
 
 async def test_abandon_on_cancel_in_work_that_outlived_its_request_runs_without_a_hold() -> None:
