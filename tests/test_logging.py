@@ -650,6 +650,52 @@ print(shown == ["alice@example.com"], exported == [hash_id("alice@example.com")]
         }
         assert len(ambient_logging._filters) == others
 
+    def test_a_recount_that_read_before_a_filter_was_made_counts_again(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A raw filter made on one thread reads the live filters, then an omitting one is
+        made (and counted) on another before the first writes what it read: the first
+        counts again, so the strictest policy noted is the omitting one's, not the stale
+        count that misses it (which would leave a raw id unmarked for it)."""
+        _drop_test_handlers()
+        real = ambient_logging._filters
+        read, go_on = threading.Event(), threading.Event()
+        pause_in: list[int] = []
+
+        class ReadThenWait:
+            """The live filters; the first read on the paused thread waits once it read."""
+
+            def __setitem__(self, made: ContextFilter, disclosures: dict[str, int]) -> None:
+                real[made] = disclosures
+
+            def values(self) -> list[dict[str, int]]:
+                live = list(real.values())
+                if pause_in and pause_in[0] == threading.get_ident():
+                    pause_in.clear()
+                    read.set()
+                    go_on.wait(10)
+                return live
+
+        monkeypatch.setattr(ambient_logging, "_filters", ReadThenWait())
+        made: list[ContextFilter] = []
+
+        def make_raw() -> None:
+            pause_in.append(threading.get_ident())
+            made.append(ContextFilter(user_id="raw", tenant_id="raw"))
+
+        thread = threading.Thread(target=make_raw)
+        thread.start()
+        assert read.wait(10)
+        omitting = ContextFilter(user_id="omit", tenant_id="raw")
+        go_on.set()
+        thread.join(10)
+        assert len(made) == 1
+        assert ambient_logging._strictest["user_id"] == 0
+        monkeypatch.undo()
+        made.clear()
+        del omitting
+        gc.collect()
+
 
 class TestThroughTheMiddleware:
     async def test_requests_on_uvicorn_log_their_own_ids_and_trace(
