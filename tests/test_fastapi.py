@@ -462,6 +462,50 @@ class TestErrors:
         assert ledger.open_probes() == 0
         assert len(ledger.created) == 1
 
+    async def test_an_error_is_answered_inside_the_apps_own_middleware(self) -> None:
+        """Middleware the app added before install() runs inside AmbientMiddleware: the
+        exception handler answers an ambient error innermost, so that middleware sees the
+        503 go by (and stamps it), and its own catch-all, which makes any exception that
+        reaches it a 500, never meets the error."""
+        registry, ledger = build_registry()
+        app = FastAPI()
+
+        class StampAndCatchAll:
+            def __init__(self, app: Any) -> None:
+                self.app = app
+
+            async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+                if scope["type"] != "http":
+                    await self.app(scope, receive, send)
+                    return
+
+                async def stamped(message: Any) -> None:
+                    if message["type"] == "http.response.start":
+                        headers = [*message.get("headers", []), (b"x-stamp", b"1")]
+                        message = {**message, "headers": headers}
+                    await send(message)
+
+                try:
+                    await self.app(scope, receive, stamped)
+                except Exception:  # the catch-all under test
+                    await stamped({"type": "http.response.start", "status": 500})
+                    await send({"type": "http.response.body", "body": b"caught"})
+
+        app.add_middleware(StampAndCatchAll)
+        install(app, registry=registry, identity=trusted_header())
+
+        @app.get("/")
+        async def endpoint(probe: Annotated[Probe, Resolve(Probe)]) -> None:
+            raise PoolExhaustedError("no connection within 0.5 s", retry_after=1)
+
+        async with client(app) as http:
+            response = await http.get("/", headers=ALICE)
+        assert_problem(response, 503, "urn:ambient:problem:pool-exhausted")
+        assert response.headers["x-stamp"] == "1"
+        assert response.headers["retry-after"] == "1"
+        assert ledger.open_probes() == 0
+        await registry.aclose()
+
     @pytest.mark.parametrize("framework", ["fastapi", "starlette"])
     @pytest.mark.parametrize(
         "error",
