@@ -766,9 +766,11 @@ class TestInProcess:
     async def test_an_app_the_server_error_middleware_is_wrapped_around(self) -> None:
         """A stack whose build was wrapped before install() (an instrumentation's tracing
         middleware, with a ServerErrorMiddleware of its own, outside the app's): the app's
-        500 handler, inside, still answers in the request's context and with its id."""
+        500 handler, inside, still answers in the request's context and with its id, and
+        the instrumentation's own layers stay in the stack."""
         registry, _ = build_registry()
         seen: list[str] = []
+        traced: list[str] = []
 
         async def boom(request: Request) -> Response:
             raise Boom("acme", "alice", None)
@@ -785,6 +787,7 @@ class TestInProcess:
                 self.app = app
 
             async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+                traced.append(scope["path"])
                 await self.app(scope, receive, send)
 
         def instrumented() -> Any:
@@ -798,6 +801,7 @@ class TestInProcess:
         assert response.text == "failed"
         assert response.headers.get_list("x-request-id") == ["alice-1"]
         assert seen == ["alice"]
+        assert traced == ["/boom"]
 
     async def test_the_documented_500_handler_names_the_failed_request(self) -> None:
         """The 500 handler of docs/frameworks.md, run as written on a FastAPI app: its body
