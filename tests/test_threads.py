@@ -798,23 +798,24 @@ class TestWorkThatOutlivesTheRequest:
             await body_ended.wait()
             go.set()
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(let_go)
-            async with registry.open_scope(UserExecutionContext.create("alice")):
-                probe = await ambient.resolve(Probe)
-                with anyio.CancelScope() as cancel:
-                    async with anyio.create_task_group() as inner:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(let_go)
+                async with registry.open_scope(UserExecutionContext.create("alice")):
+                    probe = await ambient.resolve(Probe)
+                    with anyio.CancelScope() as cancel:
+                        async with anyio.create_task_group() as inner:
 
-                        async def cancel_when_started() -> None:
-                            await started.wait()
-                            cancel.cancel()
+                            async def cancel_when_started() -> None:
+                                await started.wait()
+                                cancel.cancel()
 
-                        inner.start_soon(cancel_when_started)
-                        async for row in iterate_in_thread(rows()):
-                            events.append(row)  # noqa: PERF401 - as it comes, before the cancel
-                assert cancel.cancelled_caught
-                body_ended.set()
-            events.append(f"scope closed, probe closed={probe.closed}")
+                            inner.start_soon(cancel_when_started)
+                            async for row in iterate_in_thread(rows()):
+                                events.append(row)  # noqa: PERF401 - as it comes, before the cancel
+                    assert cancel.cancelled_caught
+                    body_ended.set()
+                events.append(f"scope closed, probe closed={probe.closed}")
         assert events == [
             "first row of alice",
             "step used probe of alice closed=False",
