@@ -387,6 +387,44 @@ class TestRegistration:
             with pytest.raises(ResolutionError, match="registered"):
                 scope.resolve_sync(Log)
 
+    async def test_unknown_key_lists_registered_names_in_alphabetical_order(self) -> None:
+        """The names in the error are sorted, whatever order they were registered in, so
+        the one looked for is found by eye among many."""
+        registry = Registry()
+        registry.register("zeta", dict, name="zeta-cache")
+        registry.register("alpha", dict, name="alpha-cache")
+        registry.register("mid", dict, name="mid-cache")
+        async with registry.open_scope(ctx()) as scope:
+            with pytest.raises(
+                ResolutionError, match="registered: alpha-cache, mid-cache, zeta-cache\\. "
+            ):
+                await scope.resolve(Log)
+
+    def test_provide_registers_with_the_name_and_idle_ttl_it_is_given(self) -> None:
+        """``@registry.provide(name=..., idle_ttl=...)`` registers the factory under that
+        name and idle_ttl, as ``register()`` does: neither is left for its default."""
+        registry = Registry()
+
+        @registry.provide(lifetime=Lifetime.USER, name="audit log", idle_ttl=5)
+        def make_log() -> Log:
+            return Log()
+
+        provider = registry.providers[Log]
+        assert (provider.name, provider.idle_ttl) == ("audit log", 5)
+        assert "registered: audit log." in str(registry.unknown_key("other"))
+
+    @pytest.mark.parametrize("given", ["alice", None, UserRef("alice")], ids=repr)
+    def test_open_scope_takes_only_a_user_execution_context(self, given: Any) -> None:
+        """A user id, ``None`` or a ``UserRef`` where a context is wanted is a TypeError
+        naming what was given, at the call, not a failure once the scope is entered."""
+        registry = Registry()
+        with pytest.raises(
+            TypeError,
+            match=f"open_scope\\(\\) takes a UserExecutionContext, not {type(given).__name__}",
+        ):
+            registry.open_scope(given)
+        assert registry.open_scopes == 0
+
 
 class TestFactoryShapes:
     async def test_plain_class_and_function(self) -> None:
@@ -825,10 +863,20 @@ def test_registrations_no_expiry_could_follow_are_refused(
         Registry().register("component", object, **options)
 
 
-@pytest.mark.parametrize("max_users", [float("nan"), 1.5, True])
+@pytest.mark.parametrize("max_users", [float("nan"), 1.5, True, 0, -1])
 def test_max_users_is_a_whole_number(max_users: Any) -> None:
-    with pytest.raises(ValueError, match="max_users must be an int"):
+    """max_users is an int of at least one: a registry keeping no user's components (or
+    fewer than none) is a mistake, refused at construction."""
+    with pytest.raises(ValueError, match=f"max_users must be an int >= 1, not {max_users!r}"):
         Registry(max_users=max_users)
+
+
+@pytest.mark.parametrize("cleanup_timeout", [0, -1, float("nan")])
+def test_cleanup_timeout_is_above_zero(cleanup_timeout: float) -> None:
+    """A cleanup_timeout of 0, below it or nan would abandon every async cleanup at once
+    (or never): refused at construction, naming the value."""
+    with pytest.raises(ValueError, match=r"cleanup_timeout must be > 0 seconds, not "):
+        Registry(cleanup_timeout=cleanup_timeout)
 
 
 @pytest.mark.parametrize(
