@@ -252,6 +252,20 @@ class TestUserLifetime:
         await registry.sweep()
         assert cleaned == ["alice"]
 
+    async def test_idle_ttl_is_five_minutes_unless_given(self, clock: FakeClock) -> None:
+        """A USER component registered without an idle_ttl is kept 300 seconds after its
+        user's last scope closes, and cleaned once they have passed."""
+        cleaned: list[str] = []
+        registry = Registry(clock=clock)
+        registry.register(Tracked, lambda user: Tracked(user, cleaned), lifetime=Lifetime.USER)
+        first = await use(registry, "alice")
+        clock.now += 299
+        await registry.sweep()
+        assert await use(registry, "alice") is first
+        clock.now += 300
+        await registry.sweep()
+        assert cleaned == ["alice"]
+
     async def test_tenants_are_separate_users(self) -> None:
         """The same user id in two tenants gets two instances."""
         registry = Registry()
@@ -566,6 +580,93 @@ async def test_a_scope_observer_sees_the_user_components_it_saw_made_cleaned(
     await registry.aclose()
     made = [("created", "app"), ("created", str(Tracked))]
     assert sorted(events) == sorted([*made, ("cleaned", "app"), ("cleaned", str(Tracked))])
+
+
+async def test_scope_observers_taking_turns_each_see_a_cleanup_once() -> None:
+    """Scopes opened in turn with two observers (two middlewares' telemetries, say) make
+    each of them seen once by the registry: each is told of the APP component's cleanup
+    once, not once per scope it was given to."""
+    events: list[str] = []
+
+    class Named(ambient.Observer):
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def component_cleaned(self, event: ambient.ComponentEvent) -> None:
+            events.append(f"{self.name} saw {event.key} cleaned")
+
+    first, second = Named("first"), Named("second")
+    registry = Registry()
+    registry.register("app", object, lifetime=Lifetime.APP)
+    for observer in (first, second, first, second, first):
+        async with registry.open_scope(ctx("bob"), observer=observer):
+            await ambient.resolve("app")
+    await registry.aclose()
+    assert sorted(events) == ["first saw app cleaned", "second saw app cleaned"]
+
+
+async def test_a_scope_observer_no_longer_active_is_not_told_of_later_cleanups() -> None:
+    """A scope's observer that saw USER and APP components made but is inactive by the
+    time they are cleaned (its telemetry was switched off) is told nothing of it, as
+    an inactive observer is left out of every scope."""
+    events: list[str] = []
+
+    class Switchable(ambient.Observer):
+        on = True
+
+        @property
+        def active(self) -> bool:
+            return self.on
+
+        def component_created(self, event: ambient.ComponentEvent) -> None:
+            events.append(f"created {event.key}")
+
+        def component_cleaned(self, event: ambient.ComponentEvent) -> None:
+            events.append(f"cleaned {event.key}")
+
+    watch = Switchable()
+    registry = user_registry([])
+    registry.register("app", object, lifetime=Lifetime.APP)
+    async with registry.open_scope(ctx("bob"), observer=watch):
+        await ambient.resolve("app")
+    watch.on = False
+    await registry.aclose()
+    assert events == ["created app"]
+
+
+async def test_a_scope_observer_that_cannot_be_weakly_held_sees_cleanups_too() -> None:
+    """A scope's observer whose class cannot be weakly referred to (``__slots__``
+    without ``__weakref__``) is kept by the registry, and sees the USER and APP
+    components it saw made cleaned outside any scope, as one weakly held does."""
+    events: list[str] = []
+
+    class Slotted:
+        __slots__ = ()
+        active = True
+        inactive_until = None
+
+        def scope_opened(self, scope: Scope) -> None:
+            pass
+
+        def scope_closed(self, scope: Scope, failures: tuple[BaseException, ...]) -> None:
+            pass
+
+        def component_created(self, event: ambient.ComponentEvent) -> None:
+            events.append(f"created {event.key}")
+
+        def component_cleaned(self, event: ambient.ComponentEvent) -> None:
+            events.append(f"cleaned {event.key}")
+
+    watch: Any = Slotted()
+    with pytest.raises(TypeError):
+        weakref.ref(watch)
+    cleaned: list[str] = []
+    registry = user_registry(cleaned)
+    registry.register("app", object, lifetime=Lifetime.APP)
+    async with registry.open_scope(ctx("bob"), observer=watch):
+        await ambient.resolve("app")
+    await registry.aclose()
+    assert events == ["created app", "cleaned app"]
 
 
 async def test_scope_observers_the_application_dropped_are_not_kept_by_the_registry(
