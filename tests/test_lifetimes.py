@@ -182,6 +182,27 @@ class TestUserLifetime:
             assert await ambient.resolve(Tracked) is not first
         await registry.aclose()
 
+    async def test_a_user_leaving_later_with_a_longer_idle_ttl_delays_no_earlier_expiry(
+        self, clock: FakeClock
+    ) -> None:
+        """alice's component (idle_ttl 10) is cleaned by the first scope once her 10
+        seconds have passed, though bob, whose component is kept for an hour, left after
+        her: the registry's next expiry is the earliest of all, not the latest set."""
+        cleaned: list[str] = []
+        registry = user_registry(cleaned, clock=clock, idle_ttl=10)
+        registry.register(
+            "hour", lambda user: Tracked(user, cleaned), lifetime=Lifetime.USER, idle_ttl=3600
+        )
+        await use(registry, "alice")
+        clock.now += 1
+        async with registry.open_scope(ctx("bob")):
+            await ambient.resolve("hour")
+        clock.now += 10
+        async with registry.open_scope(ctx("carol")):  # no USER component of its own
+            pass
+        assert cleaned == ["alice"]
+        await registry.aclose()
+
     async def test_not_freed_while_a_scope_holds_it(self, clock: FakeClock) -> None:
         """An entry in use never expires, however long the request takes."""
         cleaned: list[str] = []
@@ -432,6 +453,24 @@ class TestUserLifetime:
         assert counted.walked <= len(users), counted.walked
         await registry.aclose()
 
+    async def test_a_burst_just_after_an_eviction_walks_no_user_list_per_request(self) -> None:
+        """max_users=1: bob's arrival evicts alice, the one idle user; a burst of 50 users
+        after that finds no idle user to evict, and admitting or releasing each of them
+        walks no list of users (the eviction left the registry counting alice as idle,
+        and each of them walked every user looking for her)."""
+        cleaned: list[str] = []
+        registry = user_registry(cleaned, max_users=1, idle_ttl=3600)
+        registry._users = counted = _CountedUsers()
+        await use(registry, "alice")
+        await use(registry, "bob")
+        assert cleaned == ["alice"]
+        walked = counted.walked
+        users = [f"user-{n}" for n in range(50)]
+        await burst(registry, [ctx(user) for user in users])
+        assert counted.walked - walked <= len(users), counted.walked - walked
+        assert registry.stats().live_users == 1
+        await registry.aclose()
+
     async def test_a_burst_of_anonymous_users_past_max_users_leaves_the_next_burst_reported(
         self, caplog: pytest.LogCaptureFixture
     ) -> None:
@@ -455,6 +494,28 @@ class TestUserLifetime:
         assert len(warnings) == 2, warnings
         assert len(cleaned) == 50  # the 30 anonymous users, and 20 users over the limit
         await registry.aclose()
+
+    @pytest.mark.parametrize("leaving", ["anonymous", "signed in"])
+    def test_a_user_leaving_the_registry_back_at_max_users_leaves_the_next_crossing_reported(
+        self, clock: FakeClock, caplog: pytest.LogCaptureFixture, leaving: str
+    ) -> None:
+        """With max_users=2, alice, bob and a third user in use at once is one warning.
+        Once the third has left (an anonymous caller cleaned as it goes, or a signed-in
+        user evicted as the only idle one) the registry is at the limit, which is within
+        it: carol arriving a minute later while alice and bob are still in use is reported
+        again."""
+        registry = Registry(clock=clock, max_users=2)
+        with caplog.at_level("WARNING", logger="ambient"):
+            registry.acquire_user(UserRef("alice"))
+            registry.acquire_user(UserRef("bob"))
+            third = registry.acquire_user(UserRef("third"), ephemeral=leaving == "anonymous")
+            registry.release_user(third)
+            assert registry.stats().live_users == 2
+            clock.now += 60
+            registry.acquire_user(UserRef("carol"))
+        warnings = [r.getMessage() for r in caplog.records if "above max_users" in r.getMessage()]
+        assert len(warnings) == 2, warnings
+        assert "3 users hold USER components in open scopes, above max_users=2" in warnings[1]
 
     async def test_aclose_closes_user_and_app_components(self) -> None:
         """registry.aclose() cleans every USER and APP component."""

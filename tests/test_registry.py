@@ -912,7 +912,9 @@ def test_a_name_with_spaces_and_letters_of_any_script_is_kept(name: str) -> None
     assert registry.providers["component"].name == name
 
 
-@pytest.mark.parametrize("given", ["to the registry", "to the scope"])
+@pytest.mark.parametrize(
+    "given", ["to the registry", "to the scope", "process-wide", "to the registry and the scope"]
+)
 async def test_an_observer_inactive_until_later_is_not_asked_until_then(given: str) -> None:
     """An observer whose ``inactive_until`` is still to come is left out of the scopes
     opening before then without ``active`` being asked; once that time has passed (or it
@@ -933,15 +935,18 @@ async def test_an_observer_inactive_until_later_is_not_asked_until_then(given: s
 
     observer = Sleepy()
     observer.inactive_until = time.monotonic() + 3600
-    registry = Registry(telemetry=observer) if given == "to the registry" else Registry()
-    extra = observer if given == "to the scope" else None
-    async with registry.open_scope(UserExecutionContext.create("alice"), observer=extra):
-        pass
-    assert (asked, opened) == ([], [])
-    observer.inactive_until = time.monotonic() - 1
-    async with registry.open_scope(UserExecutionContext.create("bob"), observer=extra):
-        pass
-    observer.inactive_until = None
-    async with registry.open_scope(UserExecutionContext.create("carol"), observer=extra):
-        pass
+    registry = Registry(telemetry=observer) if given.startswith("to the registry") else Registry()
+    extra = observer if given.endswith("to the scope") else None
+    with contextlib.ExitStack() as stack:
+        if given == "process-wide":
+            stack.callback(ambient.add_observer(observer))
+        async with registry.open_scope(UserExecutionContext.create("alice"), observer=extra):
+            pass
+        assert (asked, opened) == ([], [])
+        observer.inactive_until = time.monotonic() - 1
+        async with registry.open_scope(UserExecutionContext.create("bob"), observer=extra):
+            pass
+        observer.inactive_until = None
+        async with registry.open_scope(UserExecutionContext.create("carol"), observer=extra):
+            pass
     assert (asked, opened) == (["active", "active"], ["bob", "carol"])
