@@ -244,6 +244,42 @@ class TestUserLifetime:
         assert cleaned == ["a"]
         assert registry.stats().live_users == 0
 
+    @pytest.mark.parametrize("how", ["expired", "evicted"])
+    async def test_aclose_cleans_what_waits_for_the_next_close(
+        self, clock: FakeClock, how: str
+    ) -> None:
+        """A user taken out of use with no scope closing since (expired as a request
+        opened, or evicted for max_users by a user taken in use) has its components
+        cleaned by aclose(), once: shutdown is the last chance, no scope comes after."""
+        cleaned: list[str] = []
+        registry = user_registry(cleaned, clock=clock, max_users=1)
+        await use(registry, "alice")
+        if how == "expired":
+            clock.now += 61
+            registry._queue_expired()  # what AmbientMiddleware does as a request opens
+        else:
+            registry.acquire_user(UserRef("bob"))
+        assert (cleaned, registry.stats().live_users) == ([], 1 if how == "evicted" else 0)
+        await registry.aclose()
+        assert cleaned == ["alice"]
+
+    async def test_stats_count_live_users_and_their_components_apart(
+        self, clock: FakeClock
+    ) -> None:
+        """One user holding two USER components is one live user and two live USER
+        components in stats(); none of either once aclose() cleaned them."""
+        cleaned: list[str] = []
+        registry = user_registry(cleaned, clock=clock)
+        registry.register("second", object, lifetime=Lifetime.USER)
+        async with registry.open_scope(ctx("alice")):
+            await ambient.resolve(Tracked)
+            await ambient.resolve("second")
+        stats = registry.stats()
+        assert (stats.live_users, stats.live_user_components) == (1, 2)
+        await registry.aclose()
+        stats = registry.stats()
+        assert (stats.live_users, stats.live_user_components) == (0, 0)
+
     async def test_reference_counting_over_concurrent_scopes(self, clock: FakeClock) -> None:
         """The idle clock starts only when the last of several concurrent scopes closes."""
         cleaned: list[str] = []

@@ -400,6 +400,22 @@ class TestRegistration:
             ):
                 await scope.resolve(Log)
 
+    def test_errors_name_a_nested_class_key_by_its_qualified_name(self) -> None:
+        """A class key is named in errors by its qualified name (``Outer.Settings``), so two
+        classes of the same name in different places are told apart."""
+
+        class Outer:
+            class Settings:
+                pass
+
+        registry = Registry()
+        registry.register(Outer.Settings, Outer.Settings)
+        with pytest.raises(
+            RegistryError, match=r"\.<locals>\.Outer\.Settings is already registered"
+        ):
+            registry.register(Outer.Settings, Outer.Settings)
+        assert ".<locals>.Outer.Settings. Register it" in str(registry.unknown_key("other"))
+
     def test_provide_registers_with_the_name_and_idle_ttl_it_is_given(self) -> None:
         """``@registry.provide(name=..., idle_ttl=...)`` registers the factory under that
         name and idle_ttl, as ``register()`` does: neither is left for its default."""
