@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterator
 from typing import Annotated, Any
 
 import anyio
@@ -330,6 +330,30 @@ class TestRegistration:
             kept_manager = await scope.resolve(contextlib.AbstractContextManager[UserRef])
             assert isinstance(kept_manager, contextlib.nullcontext)
             assert type(await scope.resolve(Pool)) is Pool
+
+    async def test_provide_keys_a_class_by_itself_and_a_coroutine_by_what_it_returns(
+        self,
+    ) -> None:
+        """``@registry.provide`` on a class registers the class under itself (its
+        annotations name no return); on a factory annotated to return
+        ``Coroutine[Any, Any, X]`` (what an ``async def`` gives when called) under ``X``."""
+        registry = Registry()
+
+        @registry.provide
+        class Service:
+            pass
+
+        async def make_log() -> Log:
+            return Log()
+
+        @registry.provide
+        def log() -> Coroutine[Any, Any, Log]:
+            return make_log()
+
+        assert set(registry.providers) == {Service, Log}
+        async with registry.open_scope(ctx()) as scope:
+            assert type(await scope.resolve(Service)) is Service
+            assert type(await scope.resolve(Log)) is Log
 
     def test_provide_needs_an_annotation(self) -> None:
         """A factory without a return annotation cannot be keyed."""
@@ -678,7 +702,8 @@ class TestFactoryShapes:
         assert sorted(closed) == list(range(1, count, 2))
 
     async def test_async_factory_through_resolve_sync_says_to_await(self) -> None:
-        """resolve_sync() of an async factory raises ResolutionError naming `await resolve`."""
+        """resolve_sync() of an async factory raises ResolutionError naming `await resolve`
+        and what kind of factory it cannot run."""
         registry = Registry()
 
         async def make() -> Thing:
@@ -690,9 +715,17 @@ class TestFactoryShapes:
         registry.register(Thing, make)
         registry.register("agen", agen)
         registry.register("awaitable", lambda: make())
+        said = {
+            Thing: "Thing has an async factory",
+            "agen": "'agen' has an async generator factory",
+            "awaitable": "the factory of 'awaitable' returned an awaitable or async generator",
+        }
         async with registry.open_scope(ctx()) as scope:
-            for key in (Thing, "agen", "awaitable"):
-                with pytest.raises(ResolutionError, match="await resolve"):
+            for key, kind in said.items():
+                with pytest.raises(
+                    ResolutionError,
+                    match=rf"^{kind}, which resolve_sync\(\) cannot run; .*await resolve",
+                ):
                     scope.resolve_sync(key)
             assert isinstance(await scope.resolve(Thing), Thing)
             assert isinstance(await scope.resolve("awaitable"), Thing)
