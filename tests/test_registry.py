@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
 from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterator
 from typing import Annotated, Any
@@ -560,6 +561,61 @@ class TestFactoryShapes:
         async with registry.open_scope(ctx()) as scope:
             assert isinstance(await scope.resolve(Closable), Closable)
         assert log.events == ["closed"]
+
+    async def test_a_manager_kept_unentered_is_closed_as_a_plain_result_is(self, log: Log) -> None:
+        """With ``enter=False`` a context manager is cleaned by its ``close()`` as any
+        other result: awaited when it is ``async def``; a plain ``aclose()`` beside a
+        ``close()`` is no async cleanup, ``close()`` is called."""
+
+        class Manager:
+            def __enter__(self) -> Manager:
+                log.events.append(f"entered {type(self).__name__}")
+                return self
+
+            def __exit__(self, *a: object) -> None:
+                log.events.append(f"exited {type(self).__name__}")
+
+        class AsyncClose(Manager):
+            async def close(self) -> None:
+                await anyio.lowlevel.checkpoint()
+                log.events.append("AsyncClose closed")
+
+        class PlainAclose(Manager):
+            def aclose(self) -> None:
+                log.events.append("PlainAclose aclose")
+
+            def close(self) -> None:
+                log.events.append("PlainAclose closed")
+
+        registry = Registry()
+        registry.register(AsyncClose, AsyncClose, enter=False)
+        registry.register(PlainAclose, PlainAclose, enter=False)
+        async with registry.open_scope(ctx()) as scope:
+            assert type(await scope.resolve(AsyncClose)) is AsyncClose
+            assert type(scope.resolve_sync(PlainAclose)) is PlainAclose
+        assert log.events == ["PlainAclose closed", "AsyncClose closed"]
+        assert registry.stats().cleanup_failures == 0
+
+    async def test_equal_results_of_two_factories_are_each_cleaned(self, log: Log) -> None:
+        """Two components that compare equal (two connections to one database) are two
+        components: each is cleaned, neither taken for the other handed out again."""
+
+        @dataclasses.dataclass
+        class Connection:
+            dsn: str
+
+            def close(self) -> None:
+                log.events.append(f"closed {id(self)}")
+
+        registry = Registry()
+        registry.register("primary", lambda: Connection("db"))
+        registry.register("secondary", lambda: Connection("db"))
+        async with registry.open_scope(ctx()) as scope:
+            primary = await scope.resolve("primary")
+            secondary = scope.resolve_sync("secondary")
+            assert primary == secondary
+            assert primary is not secondary
+        assert sorted(log.events) == sorted([f"closed {id(primary)}", f"closed {id(secondary)}"])
 
     async def test_close_and_aclose_are_detected(self, log: Log) -> None:
         """A result with aclose() or close() is closed by it."""
