@@ -203,6 +203,30 @@ class TestUserLifetime:
         assert cleaned == ["alice"]
         await registry.aclose()
 
+    async def test_a_component_kept_past_another_ones_expiry_expires_in_its_turn(
+        self, clock: FakeClock
+    ) -> None:
+        """Of alice's two components, the one with idle_ttl 10 is cleaned by the first
+        scope 11 seconds after she left, the other (idle_ttl 100) by the first scope once
+        its own 100 seconds have passed, with no sweep() and no other user leaving."""
+        cleaned: list[str] = []
+        registry = user_registry(cleaned, clock=clock, idle_ttl=10)
+        registry.register(
+            "longer", lambda user: Tracked(user, cleaned), lifetime=Lifetime.USER, idle_ttl=100
+        )
+        async with registry.open_scope(ctx("alice")):
+            await ambient.resolve(Tracked)
+            await ambient.resolve("longer")
+        clock.now += 11
+        async with registry.open_scope(ctx("bob")):  # no USER component of its own
+            pass
+        assert cleaned == ["alice"]
+        clock.now += 89
+        async with registry.open_scope(ctx("carol")):
+            pass
+        assert cleaned == ["alice", "alice"]
+        assert registry.stats().live_users == 0
+
     async def test_not_freed_while_a_scope_holds_it(self, clock: FakeClock) -> None:
         """An entry in use never expires, however long the request takes."""
         cleaned: list[str] = []

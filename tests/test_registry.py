@@ -800,7 +800,9 @@ class TestFactoryShapes:
                 scope.resolve_sync("acm")
 
     async def test_generator_that_never_yields(self) -> None:
-        """A generator factory that returns without yielding is a ResolutionError."""
+        """A generator factory that returns without yielding is a ResolutionError naming
+        it, whatever its lifetime, also when a plain function returns the generator, and
+        through resolve_sync() too: never a component of None."""
 
         def empty() -> Iterator[Thing]:
             return
@@ -808,9 +810,20 @@ class TestFactoryShapes:
 
         registry = Registry()
         registry.register(Thing, empty)
+        registry.register("per user", empty, lifetime=Lifetime.USER)
+        registry.register("wrapped", lambda: empty())
         async with registry.open_scope(ctx()) as scope:
-            with pytest.raises(ResolutionError, match="without yielding"):
-                await scope.resolve(Thing)
+            for key, name in (
+                (Thing, "Thing"),
+                ("per user", "'per user'"),
+                ("wrapped", "'wrapped'"),
+            ):
+                said = f"generator factory of {name} returned"
+                with pytest.raises(ResolutionError, match=f"^{said} without yielding"):
+                    await scope.resolve(key)
+                with pytest.raises(ResolutionError, match=f"^{said} without yielding"):
+                    scope.resolve_sync(key)
+        await registry.aclose()
 
     async def test_async_generator_that_never_yields(self) -> None:
         """An async generator factory that returns without yielding is a ResolutionError
