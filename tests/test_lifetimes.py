@@ -577,6 +577,25 @@ class TestUserLifetime:
         assert len(warnings) == 2, warnings
         assert "3 users hold USER components in open scopes, above max_users=2" in warnings[1]
 
+    async def test_a_burst_past_max_users_after_a_restart_is_reported(
+        self, clock: FakeClock, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A registry closed (aclose()) while past max_users and started again reports
+        the next burst past it: the close took every user, so the registry is within
+        the limit again, not still "already reported"."""
+        registry = Registry(clock=clock, max_users=1)
+        with caplog.at_level("WARNING", logger="ambient"):
+            registry.acquire_user(UserRef("alice"))
+            registry.acquire_user(UserRef("bob"))
+            await registry.aclose()
+            async with registry.open_scope(ctx("carol")):  # the application started again
+                clock.now += 60
+                registry.acquire_user(UserRef("dave"))
+                registry.acquire_user(UserRef("erin"))
+        warnings = [r.getMessage() for r in caplog.records if "above max_users" in r.getMessage()]
+        assert len(warnings) == 2, warnings
+        await registry.aclose()
+
     async def test_aclose_closes_user_and_app_components(self) -> None:
         """registry.aclose() cleans every USER and APP component."""
         cleaned: list[str] = []
