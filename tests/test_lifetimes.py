@@ -1362,6 +1362,73 @@ async def test_aclose_cleans_the_app_after_a_users_cleanup_already_under_way(
     assert order == ["returned to the pool", "pool closed", "aclose returned"]
 
 
+async def test_aclose_cleans_the_app_after_every_users_cleanup_already_under_way(
+    clock: FakeClock,
+) -> None:
+    """Two requests just before shutdown each run an idle user's expiry, alice's and then
+    dave's, each connection going back to the APP pool slowly. ``registry.aclose()``
+    closes the pool only once both are back: dave's coming back first does not let it
+    close the pool with alice's still on its way."""
+    registry = Registry(clock=clock)
+    order: list[str] = []
+    returning = {"alice": anyio.Event(), "dave": anyio.Event()}
+    returned = {"alice": anyio.Event(), "dave": anyio.Event()}
+
+    class Pool:
+        closed = False
+
+        async def aclose(self) -> None:
+            order.append("pool closed")
+            self.closed = True
+
+    async def connection(user: UserRef) -> AsyncIterator[str]:
+        pool = await ambient.resolve(Pool)
+        yield f"connection of {user.user_id}"
+        returning[user.user_id].set()
+        await returned[user.user_id].wait()
+        where = "a closed pool" if pool.closed else "the pool"
+        order.append(f"{user.user_id}'s returned to {where}")
+
+    done = {"bob": anyio.Event(), "carol": anyio.Event()}
+
+    async def request(user: str) -> None:
+        async with registry.open_scope(ctx(user)):
+            pass
+        done[user].set()
+
+    async def shutdown() -> None:
+        await registry.aclose()
+        order.append("aclose returned")
+
+    registry.register(Pool, Pool, lifetime=Lifetime.APP)
+    registry.register("connection", connection, lifetime=Lifetime.USER, idle_ttl=1)
+    with anyio.fail_after(10):
+        async with registry.open_scope(ctx("alice")):
+            await ambient.resolve("connection")
+        clock.now += 5
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(request, "bob")  # runs alice's expiry
+            await returning["alice"].wait()
+            async with registry.open_scope(ctx("dave")):
+                await ambient.resolve("connection")
+            clock.now += 5
+            tg.start_soon(request, "carol")  # runs dave's expiry
+            await returning["dave"].wait()
+            tg.start_soon(shutdown)
+            await anyio.wait_all_tasks_blocked()
+            returned["dave"].set()
+            await done["carol"].wait()  # dave's cleanup has ended
+            await anyio.wait_all_tasks_blocked()
+            assert order == ["dave's returned to the pool"]
+            returned["alice"].set()
+    assert order == [
+        "dave's returned to the pool",
+        "alice's returned to the pool",
+        "pool closed",
+        "aclose returned",
+    ]
+
+
 class _Closable:
     def __init__(self) -> None:
         self.closed = False
