@@ -168,8 +168,9 @@ class Registry:
 
     Raises:
         ValueError: ``cleanup_timeout`` not above 0, ``max_users`` below 1.
-        TypeError: an option of another type: ``cleanup_timeout`` no number, ``clock``
-            not callable, ``telemetry`` no :class:`~ambient.Observer`.
+        TypeError: an option of another type: ``cleanup_timeout`` no number,
+            ``max_users`` no whole number, ``clock`` not callable, ``telemetry`` no
+            :class:`~ambient.Observer`.
 
     Example::
 
@@ -193,7 +194,8 @@ class Registry:
         if not cleanup_timeout > 0:
             msg = f"cleanup_timeout must be > 0 seconds, not {cleanup_timeout!r}"
             raise ValueError(msg)
-        if isinstance(max_users, bool) or not isinstance(max_users, int) or max_users < 1:
+        max_users = _checks.whole(max_users, "max_users", "users")
+        if max_users < 1:
             msg = f"max_users must be an int >= 1, not {max_users!r}"
             raise ValueError(msg)
         clock = _checks.clock(clock)

@@ -6,6 +6,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import re
 from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterator
 from typing import Annotated, Any
 
@@ -981,11 +982,21 @@ def test_registrations_no_expiry_could_follow_are_refused(
         Registry().register("component", object, **options)
 
 
-@pytest.mark.parametrize("max_users", [float("nan"), 1.5, True, 0, -1])
-def test_max_users_is_a_whole_number(max_users: Any) -> None:
-    """max_users is an int of at least one: a registry keeping no user's components (or
-    fewer than none) is a mistake, refused at construction."""
+@pytest.mark.parametrize("max_users", [0, -1])
+def test_max_users_is_at_least_one(max_users: int) -> None:
+    """max_users is at least one: a registry keeping no user's components (or fewer than
+    none) is a mistake, refused at construction."""
     with pytest.raises(ValueError, match=f"max_users must be an int >= 1, not {max_users!r}"):
+        Registry(max_users=max_users)
+
+
+@pytest.mark.parametrize("max_users", [float("nan"), 1.5, 5.0, True, "5", None])
+def test_max_users_is_a_whole_number(max_users: Any) -> None:
+    """max_users of another type is a TypeError naming it, as every other option's: a
+    count read from a setting ("5"), a float or a bool (``True`` is no count)."""
+    with pytest.raises(
+        TypeError, match=re.escape(f"max_users must be a whole number of users, not {max_users!r}")
+    ):
         Registry(max_users=max_users)
 
 
