@@ -79,6 +79,20 @@ class AmbientError(Exception):
     retry_after: float | None = None
     challenge: str | None = None
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Restored as it was, not by calling the constructor again with the message: most
+        # subclasses build their message from other arguments than the one they pass on.
+        return _restore, (type(self), self.args, self.__dict__)
+
+
+def _restore(
+    cls: type[AmbientError], args: tuple[object, ...], state: dict[str, object]
+) -> AmbientError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class InvalidContextError(AmbientError, ValueError):
     """A context id (or the context as a whole) failed validation.
@@ -163,6 +177,9 @@ class CleanupError(ExceptionGroup[Exception], AmbientError):
 
     def derive(self, excs: Sequence[Exception]) -> CleanupError:  # type: ignore[override]
         return CleanupError(self.message, excs)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return type(self), (self.message, list(self.exceptions))
 
 
 class IdentityError(AmbientError):

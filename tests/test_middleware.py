@@ -26,13 +26,17 @@ from ambient import Lifetime, Registry, UserExecutionContext, UserRef
 from ambient._binding import _current, bind
 from ambient.errors import (
     AmbientError,
+    BroadcastError,
     CleanupError,
     IdentityError,
+    IdentityUnavailableError,
     IncompleteResponseError,
     InvalidContextError,
+    InvalidTokenError,
     NoActiveContextError,
     PoolExhaustedError,
     ResolutionError,
+    RowSecurityError,
     ServerErrorResponseError,
     TooManyRequestsError,
 )
@@ -1622,6 +1626,49 @@ def test_what_closes_a_scope_for_an_unfinished_answer_copies_and_pickles(
         assert type(copied) is type(error)
         assert str(copied) == str(error)
         assert vars(copied) == vars(error)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        InvalidContextError("user_id", "must not be empty", "", echo=False),
+        InvalidContextError("tenant_id", "too long", "t" * 300),
+        InvalidTokenError("expired", "the context token expired 3s ago"),
+        IdentityError("no credential", status=401, challenge='Bearer realm="api"'),
+        NoActiveContextError("scope"),
+        NoActiveContextError("USER", component="'db'"),
+        RowSecurityError(["role app is a superuser", "table notes is not forced"]),
+        TooManyRequestsError("ann has 9 requests in flight", retry_after=3.0),
+        PoolExhaustedError("pool db at 10.0.0.5 is full", retry_after=2.0),
+        IdentityUnavailableError("keys unreachable", retry_after=7.0),
+        BroadcastError("redis down", retry_after=4.0),
+    ],
+    ids=lambda error: type(error).__name__,
+)
+def test_an_error_copies_and_pickles_with_its_message_and_fields(error: AmbientError) -> None:
+    """An error a job queue or a process pool carries back (pickled), or a reporter copies,
+    comes back as it was: same class, message, fields and HTTP answer. Errors whose message
+    is built from their constructor's arguments could not be loaded (TypeError: missing
+    arguments), or came back with another message."""
+    for copied in (pickle.loads(pickle.dumps(error)), copy.copy(error), copy.deepcopy(error)):  # noqa: S301 - our own bytes
+        assert type(copied) is type(error)
+        assert str(copied) == str(error)
+        assert copied.args == error.args
+        assert vars(copied) == vars(error)
+        assert (copied.http_status, copied.retry_after, copied.challenge) == (
+            error.http_status,
+            error.retry_after,
+            error.challenge,
+        )
+
+
+def test_a_cleanup_error_copies_and_pickles_with_its_failures() -> None:
+    """A ``CleanupError`` comes back from pickle and copy as the same group of failures."""
+    error = CleanupError("2 cleanups failed", [ValueError("tx"), KeyError("cache")])
+    for copied in (pickle.loads(pickle.dumps(error)), copy.copy(error), copy.deepcopy(error)):  # noqa: S301 - our own bytes
+        assert type(copied) is CleanupError
+        assert str(copied) == str(error)
+        assert [repr(e) for e in copied.exceptions] == [repr(e) for e in error.exceptions]
 
 
 @pytest.mark.parametrize(("status", "fails"), [(403, False), (500, True), (503, True)])
