@@ -183,6 +183,24 @@ class TestValidation:
         assert "s" * 65 not in str(info.value)
         assert "user_id" in str(info.value)
 
+    @pytest.mark.parametrize(
+        ("value", "shown"),
+        [
+            ("x" * 62, repr("x" * 62)),
+            ("x" * 63, repr("x" * 63)[:61] + "..."),
+            ("x" * 1000, repr("x" * 1000)[:61] + "..."),
+        ],
+        ids=["64-characters", "65-characters", "1002-characters"],
+    )
+    def test_an_echoed_value_is_shown_whole_up_to_64_characters_and_cut_beyond(
+        self, value: str, shown: str
+    ) -> None:
+        """The value an error echoes is its repr when that fits in 64 characters, else its
+        first 61 characters and "...": 64 characters at most either way."""
+        error = InvalidContextError("user_id", "is refused", value)
+        assert str(error) == f"user_id is invalid: is refused (got {shown})"
+        assert len(shown) <= 64
+
     def test_error_is_a_value_error(self) -> None:
         """InvalidContextError is a ValueError, so generic handlers catch it."""
         with pytest.raises(ValueError, match="user_id"):

@@ -28,6 +28,7 @@ from ambient.errors import (
     AmbientError,
     BroadcastError,
     CleanupError,
+    CleanupTimeoutError,
     IdentityError,
     IdentityUnavailableError,
     IncompleteResponseError,
@@ -773,6 +774,138 @@ class TestLeftoverContext:
         sent = await drive(middleware, http_scope([(b"x-user-id", b"alice")]), request)
         assert sent[-1]["body"] == repr(("alice", "db")).encode()
         await registry.aclose()
+
+
+class UpstreamError(AmbientError):
+    """An app's own server error that sets a status and nothing else."""
+
+    http_status = 502
+
+
+# What each error the library raises is answered with (status, type, title, detail, the
+# Retry-After header): a 4xx says its message; a 5xx or a 429 says only its class's
+# sentence, never its message (a backend's address, another user's id).
+_ANSWERS: list[tuple[AmbientError, int, str, str, str, str | None]] = [
+    (
+        InvalidContextError("user_id", "must not be empty", "", echo=False),
+        400,
+        "urn:ambient:problem:invalid-context",
+        "Invalid request context",
+        "user_id is invalid: must not be empty",
+        None,
+    ),
+    (
+        IdentityError("the x-user-id header is not UTF-8"),
+        400,
+        "urn:ambient:problem:identity",
+        "Invalid identity",
+        "the x-user-id header is not UTF-8",
+        None,
+    ),
+    (
+        InvalidTokenError("expired", "the context token expired 3 s ago"),
+        401,
+        "urn:ambient:problem:identity",
+        "Invalid identity",
+        "the context token expired 3 s ago",
+        None,
+    ),
+    (
+        IdentityUnavailableError("the key set of idp.internal:8443 is unreachable"),
+        503,
+        "urn:ambient:problem:identity-unavailable",
+        "Identity check unavailable",
+        "the credential cannot be checked right now; try again later",
+        "5",
+    ),
+    (
+        TooManyRequestsError("user ann-7731 has 9 requests in flight"),
+        429,
+        "urn:ambient:problem:too-many-requests",
+        "Too many concurrent requests",
+        "this user has too many requests in flight; try again later",
+        "1",
+    ),
+    (
+        PoolExhaustedError("pool of db.internal:5432 for ann-7731 is full"),
+        503,
+        "urn:ambient:problem:pool-exhausted",
+        "Service temporarily unavailable",
+        "no database connection is available right now; try again later",
+        "1",
+    ),
+    (
+        BroadcastError("redis at cache.internal:6379 refused the connection"),
+        503,
+        "urn:ambient:problem:broadcast-unavailable",
+        "Event delivery unavailable",
+        "events cannot be delivered right now; try again later",
+        "1",
+    ),
+    (
+        UpstreamError("billing.internal:9000 answered 500"),
+        502,
+        "about:blank",
+        "Error",
+        "the server could not carry out the request",
+        None,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "type_", "title", "detail", "retry_after"),
+    _ANSWERS,
+    ids=[type(answer[0]).__name__ for answer in _ANSWERS],
+)
+async def test_each_error_is_answered_with_its_status_type_title_detail_and_retry_after(
+    error: AmbientError,
+    status: int,
+    type_: str,
+    title: str,
+    detail: str,
+    retry_after: str | None,
+) -> None:
+    """An app raising one of the library's errors gets the problem+json answer of its
+    class, with its default ``Retry-After``; the body of a server error or an overload
+    never carries the error's own message."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise error
+
+    middleware = AmbientMiddleware(app, registry=Registry(), identity=trusted_header())
+    async with client(middleware) as http:
+        response = await http.get("/", headers={"x-user-id": "u"})
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json() == {"type": type_, "title": title, "status": status, "detail": detail}
+    assert response.headers.get("retry-after") == retry_after
+    if status >= 429:
+        assert str(error) not in response.text
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        AmbientError("a bug"),
+        ResolutionError("no component 'db' is registered"),
+        NoActiveContextError(),
+        CleanupTimeoutError("cleanup of 'db' took over 5 s"),
+    ],
+    ids=lambda error: type(error).__name__,
+)
+async def test_an_error_that_is_no_answer_propagates_from_the_app(error: AmbientError) -> None:
+    """An ambient error without an HTTP status is a bug of the app: it propagates as it
+    was raised, for the server to log, instead of being answered with a problem."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise error
+
+    middleware = AmbientMiddleware(app, registry=Registry(), identity=trusted_header())
+    async with client(middleware) as http:
+        with pytest.raises(AmbientError) as caught:
+            await http.get("/", headers={"x-user-id": "u"})
+    assert caught.value is error
 
 
 class TestErrors:

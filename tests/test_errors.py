@@ -1,0 +1,95 @@
+"""What the library's errors say and keep, built directly."""
+
+from __future__ import annotations
+
+import pytest
+
+from ambient.errors import (
+    AmbientError,
+    AmbientWarning,
+    BroadcastError,
+    CleanupError,
+    CleanupTimeoutError,
+    ContextSwitchError,
+    GlobalStateWarning,
+    IncompleteResponseError,
+    InvalidTokenError,
+    NoActiveContextError,
+    ResolutionError,
+    RowSecurityError,
+    RowSecurityWarning,
+)
+
+
+@pytest.mark.parametrize(
+    ("started", "client_gone", "opening", "client_there"),
+    [
+        (True, True, "the response was cut short: its body never reached its end", False),
+        (False, True, "the request got no response: the app returned without answering", False),
+        (True, False, "the response was cut short: the app returned before its end", True),
+        (False, False, "the request got no response: the app returned without answering", True),
+    ],
+)
+def test_an_unfinished_answer_says_whether_it_had_started_and_whether_the_client_waited(
+    started: bool, client_gone: bool, opening: str, client_there: bool
+) -> None:
+    error = IncompleteResponseError(started=started, client_gone=client_gone)
+    assert (error.started, error.client_gone) == (started, client_gone)
+    assert str(error).startswith(opening)
+    assert ("with the client still there" in str(error)) is client_there
+
+
+def test_an_unfinished_answer_counts_the_client_gone_unless_told_otherwise() -> None:
+    """Built without ``client_gone``, the client is taken as gone: the framework cancelled
+    the work of a client that disconnected, which is no error of the app."""
+    error = IncompleteResponseError(started=True)
+    assert error.client_gone is True
+    assert "the client disconnected" in str(error)
+
+
+def test_row_security_problems_are_a_list_of_their_own_joined_in_the_message() -> None:
+    """The problems are kept as a new list (what the caller passed may change later) and
+    the message names each, separated by semicolons."""
+    given = ["role app is a superuser", "table notes is not forced"]
+    error = RowSecurityError(given)
+    given.append("added later")
+    assert error.problems == ["role app is a superuser", "table notes is not forced"]
+    assert str(error) == (
+        "row-level security would not protect this connection: "
+        "role app is a superuser; table notes is not forced"
+    )
+    assert RowSecurityError(("one", "two")).problems == ["one", "two"]
+
+
+@pytest.mark.parametrize(
+    ("error", "builtin"),
+    [
+        (NoActiveContextError(), LookupError),
+        (ResolutionError("no component 'db'"), LookupError),
+        (ContextSwitchError("bob over alice"), RuntimeError),
+        (CleanupTimeoutError("cleanup of 'db' took over 5 s"), TimeoutError),
+        (BroadcastError("redis down"), ConnectionError),
+        (CleanupError("1 cleanup failed", [ValueError("tx")]), ExceptionGroup),
+    ],
+    ids=lambda value: getattr(value, "__name__", type(value).__name__),
+)
+def test_an_error_is_an_ambient_error_and_the_builtin_of_its_meaning(
+    error: AmbientError, builtin: type[Exception]
+) -> None:
+    """``except AmbientError`` catches every error, and ``except`` of the builtin with the
+    same meaning keeps working for code that never heard of ambient."""
+    assert isinstance(error, AmbientError)
+    assert isinstance(error, builtin)
+
+
+def test_a_guarded_global_warning_is_an_ambient_warning() -> None:
+    """A filter on ``AmbientWarning`` silences or raises every warning of the library."""
+    assert issubclass(GlobalStateWarning, AmbientWarning)
+    assert issubclass(RowSecurityWarning, AmbientWarning)
+
+
+def test_a_refused_token_keeps_its_reason_and_is_a_401() -> None:
+    error = InvalidTokenError("expired", "the context token expired 3 s ago")
+    assert error.reason == "expired"
+    assert (error.status, error.http_status) == (401, 401)
+    assert str(error) == "the context token expired 3 s ago"
