@@ -10,6 +10,7 @@ import gc
 import logging
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, NoReturn
 
@@ -1960,7 +1961,8 @@ class TestObservers:
     ) -> None:
         """An observer that fails at every event is logged once, with its traceback, not
         once per event (a broken telemetry under load would flood the log); every request
-        goes on, and another observer, failing too, is logged once of its own."""
+        goes on, and another observer, failing too (with any exception), is logged once of
+        its own."""
         seen: list[str] = []
 
         class Broken(ambient.Observer):
@@ -1973,7 +1975,7 @@ class TestObservers:
         class AlsoBroken(ambient.Observer):
             def component_cleaned(self, event: ambient.ComponentEvent) -> None:
                 seen.append(event.user.user_id if event.user else "")
-                raise RuntimeError("cleaned")
+                raise ValueError("cleaned")
 
         broken, also = Broken(), AlsoBroken()
         registry = Registry(telemetry=broken)
@@ -2088,6 +2090,54 @@ class TestObservers:
         assert created != cleaned
         with pytest.raises(dataclasses.FrozenInstanceError):
             created.name = "other"  # type: ignore[misc]
+
+    async def test_an_events_duration_is_how_long_its_factory_or_cleanup_took(self) -> None:
+        """A factory and a cleanup that each take at least 2 ms are reported with at least
+        that duration (the clock is waited on, not slept on)."""
+        events: list[ambient.ComponentEvent] = []
+
+        class Watcher(ambient.Observer):
+            def component_created(self, event: ambient.ComponentEvent) -> None:
+                events.append(event)
+
+            def component_cleaned(self, event: ambient.ComponentEvent) -> None:
+                events.append(event)
+
+        def take_2_ms() -> None:
+            until = time.perf_counter() + 0.002
+            while time.perf_counter() < until:
+                pass
+
+        def slow() -> Iterator[object]:
+            take_2_ms()
+            yield object()
+            take_2_ms()
+
+        registry = Registry(telemetry=Watcher())
+        registry.register("slow", slow)
+        async with registry.open_scope(ctx()):
+            await ambient.resolve("slow")
+        created, cleaned = events
+        assert created.duration >= 0.002
+        assert cleaned.duration >= 0.002
+        await registry.aclose()
+
+    def test_an_event_built_without_its_last_fields_has_no_error_and_a_cleanup_that_ran(
+        self,
+    ) -> None:
+        """``error`` and ``cleanup_ran`` are optional: an observer's own tests build events
+        with the fields they need."""
+        event = ambient.ComponentEvent(
+            key="db",
+            name="db",
+            lifetime=Lifetime.REQUEST,
+            instance=None,
+            user=None,
+            scope=None,
+            start_ns=1,
+            duration=0.0,
+        )
+        assert (event.error, event.cleanup_ran) == (None, True)
 
 
 def test_a_cleanup_error_split_by_except_star_stays_a_cleanup_error() -> None:
