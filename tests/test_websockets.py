@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -1040,10 +1040,14 @@ class OriginProbe:
     """``OriginAllowList`` for ``https://app.example`` around an app that notes its calls,
     driven in process: what reached the app, and what the check sent."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, allowed: Iterable[str] = ("https://app.example",), *, allow_missing: bool = False
+    ) -> None:
         self.called: list[Any] = []
         self.sent: list[MutableMapping[str, Any]] = []
-        self.check = OriginAllowList(self._app, allowed_origins=["https://app.example"])
+        self.check = OriginAllowList(
+            self._app, allowed_origins=allowed, allow_missing=allow_missing
+        )
 
     async def _app(self, scope: Any, receive: Any, send: Any) -> None:
         self.called.append(scope)
@@ -1082,6 +1086,59 @@ async def test_an_origin_spelled_with_a_tab_or_line_break_inside_is_refused() ->
     assert [(m["type"], m["code"]) for m in probe.sent] == [("websocket.close", 1008)] * 3
 
 
+async def test_only_the_allowed_origin_itself_gets_in() -> None:
+    """An Origin that merely starts like an allowed one (another port, scheme, path, query,
+    fragment, credentials, a trailing non-ASCII space, a bracketed IPv6 host read
+    differently) is refused; the allowed origin spelled another valid way gets in."""
+    probe = OriginProbe(["https://app.example", "http://[::1]:8000"])
+    for foreign in (
+        b"https://app.example:8443",
+        b"http://app.example",
+        b"wss://app.example",
+        b"https://app.example/x",
+        b"https://app.example?x",
+        b"https://app.example#x",
+        b"https://u:p@app.example",
+        b"https://app.example\xa0",
+        b"//app.example",
+        b"https://",
+        b"http://[::1:8000]",
+        b"http://[::1]",
+    ):
+        await probe({"type": "websocket", "headers": [(b"origin", foreign)]})
+        assert probe.called == [], foreign
+    assert [(m["type"], m["code"]) for m in probe.sent] == [("websocket.close", 1008)] * 12
+    for allowed in (b"https://app.example/", b"HTTPS://APP.EXAMPLE:443", b"http://[::1]:8000"):
+        await probe({"type": "websocket", "headers": [(b"origin", allowed)]})
+    assert len(probe.called) == 3
+    assert len(probe.sent) == 12
+
+
+async def test_allow_missing_admits_no_origin_and_still_checks_one_that_is_sent() -> None:
+    """With ``allow_missing`` a handshake without Origin gets in; one with a foreign Origin
+    (under any spelling of the header's name), or with two, is still refused; non-websocket
+    scopes pass through untouched."""
+    probe = OriginProbe(allow_missing=True)
+    await probe({"type": "websocket", "headers": []})
+    await probe({"type": "websocket", "headers": [(b"origin", b"https://app.example")]})
+    await probe({"type": "lifespan"})
+    assert [scope["type"] for scope in probe.called] == ["websocket", "websocket", "lifespan"]
+    for headers in (
+        [(b"origin", b"https://evil.example")],
+        [(b"Origin", b"https://evil.example")],
+        [(b"origin", b"https://app.example"), (b"origin", b"https://evil.example")],
+    ):
+        await probe({"type": "websocket", "headers": headers})
+    assert len(probe.called) == 3
+    assert [(m["type"], m["code"]) for m in probe.sent] == [("websocket.close", 1008)] * 3
+    # Without it, a missing Origin is refused; a lifespan scope still passes through.
+    strict = OriginProbe()
+    await strict({"type": "websocket", "headers": []})
+    await strict({"type": "lifespan"})
+    assert [scope["type"] for scope in strict.called] == ["lifespan"]
+    assert [(m["type"], m["code"]) for m in strict.sent] == [("websocket.close", 1008)]
+
+
 async def nothing(*_: Any) -> None:
     """An ASGI app that does nothing."""
 
@@ -1099,6 +1156,34 @@ def test_the_origin_list_takes_origins_only() -> None:
     assert OriginAllowList(nothing, allowed_origins=["https://xn--bcher-kva.example"]).allowed
     with pytest.raises(TypeError):
         OriginAllowList(nothing, allowed_origins="https://app.example")
+    for malformed in (
+        "//app.example",
+        "https://",
+        "https://app.example?x",
+        "https://app.example#x",
+        42,
+    ):
+        with pytest.raises(ValueError, match="not an origin like"):
+            OriginAllowList(nothing, allowed_origins=[malformed])  # type: ignore[list-item]
+    # Each is kept as the Origin a browser sends for it: no default port, no trailing slash.
+    spelled = [
+        " https://app.example/ ",
+        "http://app.example:80",
+        "ws://app.example:80",
+        "wss://app.example:443",
+        "https://app.example:80",
+        "http://app.example:443",
+        "http://[::1]:8000",
+    ]
+    assert OriginAllowList(nothing, allowed_origins=spelled).allowed == {
+        "https://app.example",
+        "http://app.example",
+        "ws://app.example",
+        "wss://app.example",
+        "https://app.example:80",
+        "http://app.example:443",
+        "http://[::1]:8000",
+    }
 
 
 # -- the manager's guards ------------------------------------------------------------------
