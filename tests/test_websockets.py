@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, MutableMapping
@@ -1444,6 +1445,96 @@ class SignalledAccept(Quiet):
         self.closed.append((code, reason))
 
 
+class Recording(Quiet):
+    """A websocket that keeps the frames it is sent; ``until(n)`` waits for the n-th."""
+
+    def __init__(self) -> None:
+        self.frames: list[str | bytes] = []
+        self.expected = 0
+        self.arrived = anyio.Event()
+
+    def _note(self, frame: str | bytes) -> None:
+        self.frames.append(frame)
+        if len(self.frames) == self.expected:
+            self.arrived.set()
+
+    async def until(self, count: int) -> None:
+        if len(self.frames) < count:
+            self.expected, self.arrived = count, anyio.Event()
+            await self.arrived.wait()
+
+    async def send_text(self, data: str) -> None:
+        self._note(data)
+
+    async def send_bytes(self, data: bytes) -> None:
+        self._note(data)
+
+
+async def test_any_mapping_or_bytes_like_event_up_to_queue_bytes_reaches_the_socket() -> None:
+    """A mapping that is not a dict goes out as its JSON text; a bytearray or memoryview as
+    a binary frame of its bytes; an event exactly ``queue_bytes`` long is sent, one longer
+    is refused to its sender. The connection's repr, which log lines show, is its id alone."""
+    registry = Registry()
+    hub = ConnectionHub(queue_bytes=16)
+    hub.install(registry)
+    socket = Recording()
+    with anyio.fail_after(10):
+        context = UserExecutionContext.create("carol", connection_id="c-1")
+        async with registry.open_scope(context) as scope:
+            manager = await scope.resolve(UserWebSocketManager)
+            async with manager.connect(socket) as connection:  # type: ignore[arg-type]
+                # What log lines show of it: its id, never the user's.
+                assert repr(connection) == "<Connection c-1>"
+                await manager.send(types.MappingProxyType({"a": "\u00e9"}))
+                await manager.broadcast_user(bytearray(b"\x00\x01"))
+                await connection.send(memoryview(b"\x02"))
+                await socket.until(3)  # the queue is empty again
+                await manager.send({"x": "y" * 8})  # {"x":"yyyyyyyy"} is 16 long
+                with pytest.raises(ValueError, match="queue_bytes"):
+                    await manager.send({"x": "y" * 9})
+                with pytest.raises(ValueError, match="queue_bytes"):
+                    await connection.send(b"z" * 17)
+                with pytest.raises(ValueError, match="queue_bytes"):
+                    await manager.broadcast_user(bytearray(17))
+                await socket.until(4)
+                assert not connection.closed
+            assert connection.closed  # its handler is done with it
+    assert socket.frames == ['{"a":"\u00e9"}', b"\x00\x01", b"\x02", '{"x":"yyyyyyyy"}']
+    assert [type(frame) for frame in socket.frames] == [str, bytes, bytes, str]
+    await registry.aclose()
+
+
+async def test_a_sender_in_a_tight_loop_does_not_overflow_a_socket_that_keeps_up() -> None:
+    """Ten events sent back to back, with nothing else awaited in between, to a socket
+    that takes each at once and may fall two behind: every send lets the socket's writer
+    run, so all ten arrive in order and the socket stays open."""
+    registry = Registry()
+    hub = ConnectionHub(queue_size=2)
+    hub.install(registry)
+    socket = Recording()
+    with anyio.fail_after(10):
+        context = UserExecutionContext.create("carol", connection_id="c-1")
+        async with registry.open_scope(context) as scope:
+            manager = await scope.resolve(UserWebSocketManager)
+            async with manager.connect(socket) as connection:  # type: ignore[arg-type]
+                for seq in range(10):
+                    await manager.send({"seq": seq})
+                await socket.until(10)
+                assert not connection.closed
+    assert socket.frames == [f'{{"seq":{seq}}}' for seq in range(10)]
+    assert (hub.stats().overflows, connection.close_code) == (0, None)
+    await registry.aclose()
+
+
+def test_a_backend_delivers_to_one_hub_only() -> None:
+    """A backend handed to a second hub is refused: taking it over would leave the first
+    hub's sockets receiving nothing."""
+    backend = InProcessBroadcast()
+    ConnectionHub(backend)
+    with pytest.raises(RuntimeError, match="another ConnectionHub"):
+        ConnectionHub(backend)
+
+
 class StuckSend(HeldHandshake):
     """A websocket whose sends wait until ``release``: its writer drains slowly."""
 
@@ -2259,6 +2350,56 @@ async def test_the_event_that_would_pass_queue_bytes_closes_the_socket_with_1013
     await registry.aclose()
 
 
+async def test_a_queue_exactly_full_keeps_its_socket_and_one_more_event_closes_it() -> None:
+    """carol's client stopped reading: with ``queue_size=2`` and ``queue_bytes=80`` two
+    40-character events wait, both limits reached and not passed, and the socket stays;
+    the next event, however small, closes it with 1013."""
+    registry = Registry()
+    hub = ConnectionHub(queue_size=2, queue_bytes=80)
+    hub.install(registry)
+    socket = StoppedReading()
+    entered, finished = anyio.Event(), anyio.Event()
+    event = {"p": "x" * 32}  # 40 characters of JSON
+    held: list[Connection] = []
+
+    async def handler() -> None:
+        context = UserExecutionContext.create("carol", connection_id="c-1")
+        async with registry.open_scope(context) as scope:
+            manager = await scope.resolve(UserWebSocketManager)
+            async with manager.connect(socket) as connection:  # type: ignore[arg-type]
+                held.append(connection)
+                entered.set()
+                await anyio.sleep_forever()
+        finished.set()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(handler)
+            await entered.wait()
+            async with registry.open_scope(UserExecutionContext.create("carol")) as scope:
+                manager = await scope.resolve(UserWebSocketManager)
+                try:
+                    await manager.broadcast_user({"p": ""})
+                    await socket.sending.wait()
+                    for _ in range(2):
+                        await manager.broadcast_user(event)
+                    stats = hub.stats()
+                    assert (stats.queued_bytes, stats.overflows, stats.connections) == (80, 0, 1)
+                    assert stats.peak_queued == 2
+                    assert not held[0].closed
+                    await manager.broadcast_user({})
+                    stats = hub.stats()
+                    assert (stats.overflows, stats.connections) == (1, 0)
+                    # Closed for the hub at once, though its handler's block still runs.
+                    assert held[0].closed
+                    assert held[0].close_code == 1013
+                finally:
+                    socket.release.set()
+            await finished.wait()
+    assert socket.closed == [(1013, "too slow: the event queue overflowed")]
+    await registry.aclose()
+
+
 async def test_a_handler_that_fails_while_its_client_stopped_reading_leaves_at_once() -> None:
     """carol's client stopped reading, the socket's writer stuck sending to it, when her
     handler fails: its exception leaves connect() at once, the stuck send abandoned, not
@@ -2460,12 +2601,22 @@ def test_envelopes_survive_the_wire() -> None:
         with pytest.raises(ValueError, match="envelope"):
             decode_envelope(raw[:cut])
     no_user = b"\x00\x00\x00\x00\x00\x00\x00\x01"
+    no_user_but_all_there = b"\x00" * 8 + b"data"  # every length true, the user's 0
+    unknown_kind = b"\x02\x00\x00\x00\x00\x01\x00\x00a"  # neither text nor binary
+    unknown_mode = b"\x00\x09\x00\x00\x00\x01\x00\x00a"  # no such recipient
     longer_than_sent = b"\x00\x00\x00\x00\x00\x05\x00\x00ab"
     # The flag of an empty target on a revocation that names a connection: which one it
     # says (every connection, none, that one) is not to be guessed.
     named = bytearray(encode_envelope(Envelope(UserRef("carol"), 3, "conn", "session ended")))
     named[0] |= 0x80
-    for lying in (no_user, longer_than_sent, bytes(named)):
+    for lying in (
+        no_user,
+        no_user_but_all_there,
+        longer_than_sent,
+        bytes(named),
+        unknown_kind,
+        unknown_mode,
+    ):
         with pytest.raises(ValueError, match="envelope"):
             decode_envelope(lying)
 
