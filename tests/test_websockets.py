@@ -2280,6 +2280,43 @@ async def test_a_socket_whose_send_failed_leaves_the_hub_while_its_block_still_r
     await registry.aclose()
 
 
+async def test_a_revoked_socket_reads_as_closed_while_its_block_finishes_a_step() -> None:
+    """carol's access is revoked while her handler is in a step that must not be cut short
+    (a shielded one): her connection reads as closed, with 4001, at once, not only once
+    the step is done; the socket is closed with 4001 once the block is out."""
+    registry = Registry()
+    hub = ConnectionHub()
+    hub.install(registry)
+    socket = SignalledAccept()
+    entered, leave = anyio.Event(), anyio.Event()
+    held: list[Connection] = []
+
+    async def handler() -> None:
+        context = UserExecutionContext.create("carol", connection_id="c-1")
+        async with registry.open_scope(context) as scope:
+            manager = await scope.resolve(UserWebSocketManager)
+            async with manager.connect(socket) as connection:  # type: ignore[arg-type]
+                held.append(connection)
+                with anyio.CancelScope(shield=True):
+                    entered.set()
+                    await leave.wait()
+                await anyio.sleep_forever()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(handler)
+            await entered.wait()
+            try:
+                assert not held[0].closed
+                assert await hub.revoke("carol") == 1
+                assert (held[0].closed, held[0].close_code) == (True, 4001)
+                assert socket.closed == []  # not while the block runs
+            finally:
+                leave.set()
+    assert socket.closed == [(4001, "access revoked")]
+    await registry.aclose()
+
+
 class StoppedReading(Quiet):
     """A websocket whose client stopped reading: a send to it waits until the test releases
     it; it keeps the closes it gets."""
