@@ -2437,6 +2437,41 @@ async def test_a_queue_exactly_full_keeps_its_socket_and_one_more_event_closes_i
     await registry.aclose()
 
 
+async def test_a_socket_closed_for_falling_behind_is_let_go_within_close_timeout() -> None:
+    """carol's client stopped reading and her socket overflowed: its writer, stuck sending,
+    is given up ``close_timeout`` (here half a second) later, not more, and her handler's
+    block ends then."""
+    registry = Registry()
+    hub = ConnectionHub(queue_size=1, close_timeout=0.5)
+    hub.install(registry)
+    socket = StoppedReading()
+    entered, finished = anyio.Event(), anyio.Event()
+
+    async def handler() -> None:
+        context = UserExecutionContext.create("carol", connection_id="c-1")
+        async with registry.open_scope(context) as scope:
+            manager = await scope.resolve(UserWebSocketManager)
+            async with manager.connect(socket):  # type: ignore[arg-type]
+                entered.set()
+                await anyio.sleep_forever()
+        finished.set()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(handler)
+            await entered.wait()
+            async with registry.open_scope(UserExecutionContext.create("carol")) as scope:
+                manager = await scope.resolve(UserWebSocketManager)
+                await manager.broadcast_user({"seq": 1})
+                await socket.sending.wait()
+                await manager.broadcast_user({"seq": 2})
+                await manager.broadcast_user({"seq": 3})  # overflows
+                assert hub.stats().overflows == 1
+                with anyio.fail_after(3):  # close_timeout, with room for a slow machine
+                    await finished.wait()
+    await registry.aclose()
+
+
 async def test_a_handler_that_fails_while_its_client_stopped_reading_leaves_at_once() -> None:
     """carol's client stopped reading, the socket's writer stuck sending to it, when her
     handler fails: its exception leaves connect() at once, the stuck send abandoned, not
