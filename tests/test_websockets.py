@@ -2334,6 +2334,40 @@ class StoppedReading(Quiet):
         self.closed.append((code, reason))
 
 
+@contextlib.asynccontextmanager
+async def _carol_stuck_on(
+    registry: Registry, socket: StoppedReading
+) -> AsyncIterator[tuple[UserWebSocketManager, Connection, anyio.Event]]:
+    """carol's handler connected on ``socket`` (connection c-1) and waiting in its block,
+    and a scope of hers to send from: yields her manager, the connection and an event set
+    once her handler has left its scope. On the way out the client reads again, and the
+    handler is waited for."""
+    connected: list[Connection] = []
+    entered, finished = anyio.Event(), anyio.Event()
+
+    async def handler() -> None:
+        context = UserExecutionContext.create("carol", connection_id="c-1")
+        async with registry.open_scope(context) as scope:
+            manager = await scope.resolve(UserWebSocketManager)
+            async with manager.connect(socket) as connection:  # type: ignore[arg-type]
+                connected.append(connection)
+                entered.set()
+                await anyio.sleep_forever()
+        finished.set()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(handler)
+            await entered.wait()
+            async with registry.open_scope(UserExecutionContext.create("carol")) as scope:
+                manager = await scope.resolve(UserWebSocketManager)
+                try:
+                    yield manager, connected[0], finished
+                finally:
+                    socket.release.set()
+            await finished.wait()
+
+
 async def test_the_event_that_would_pass_queue_bytes_closes_the_socket_with_1013() -> None:
     """carol's client stopped reading, the writer stuck on a first event: with
     ``queue_bytes=100`` two 40-character events wait (80), and the third, which would
@@ -2351,37 +2385,17 @@ async def test_the_event_that_would_pass_queue_bytes_closes_the_socket_with_1013
             await super().send_text(data)
 
     socket = Counting()
-    entered, finished = anyio.Event(), anyio.Event()
     event = {"p": "x" * 32}  # 40 characters of JSON
-
-    async def handler() -> None:
-        context = UserExecutionContext.create("carol", connection_id="c-1")
-        async with registry.open_scope(context) as scope:
-            manager = await scope.resolve(UserWebSocketManager)
-            async with manager.connect(socket):  # type: ignore[arg-type]
-                entered.set()
-                await anyio.sleep_forever()
-        finished.set()
-
-    with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(handler)
-            await entered.wait()
-            async with registry.open_scope(UserExecutionContext.create("carol")) as scope:
-                manager = await scope.resolve(UserWebSocketManager)
-                try:
-                    await manager.broadcast_user({"p": ""})
-                    await socket.sending.wait()
-                    for _ in range(2):
-                        await manager.broadcast_user(event)
-                    stats = hub.stats()
-                    assert (stats.queued_bytes, stats.overflows, stats.connections) == (80, 0, 1)
-                    await manager.broadcast_user(event)
-                    stats = hub.stats()
-                    assert (stats.overflows, stats.connections) == (1, 0)
-                finally:
-                    socket.release.set()
-            await finished.wait()
+    async with _carol_stuck_on(registry, socket) as (manager, _, _):
+        await manager.broadcast_user({"p": ""})
+        await socket.sending.wait()
+        for _ in range(2):
+            await manager.broadcast_user(event)
+        stats = hub.stats()
+        assert (stats.queued_bytes, stats.overflows, stats.connections) == (80, 0, 1)
+        await manager.broadcast_user(event)
+        stats = hub.stats()
+        assert (stats.overflows, stats.connections) == (1, 0)
     assert socket.closed == [(1013, "too slow: the event queue overflowed")]
     assert frames == ['{"p":""}']
     await registry.aclose()
@@ -2395,44 +2409,22 @@ async def test_a_queue_exactly_full_keeps_its_socket_and_one_more_event_closes_i
     hub = ConnectionHub(queue_size=2, queue_bytes=80)
     hub.install(registry)
     socket = StoppedReading()
-    entered, finished = anyio.Event(), anyio.Event()
     event = {"p": "x" * 32}  # 40 characters of JSON
-    held: list[Connection] = []
-
-    async def handler() -> None:
-        context = UserExecutionContext.create("carol", connection_id="c-1")
-        async with registry.open_scope(context) as scope:
-            manager = await scope.resolve(UserWebSocketManager)
-            async with manager.connect(socket) as connection:  # type: ignore[arg-type]
-                held.append(connection)
-                entered.set()
-                await anyio.sleep_forever()
-        finished.set()
-
-    with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(handler)
-            await entered.wait()
-            async with registry.open_scope(UserExecutionContext.create("carol")) as scope:
-                manager = await scope.resolve(UserWebSocketManager)
-                try:
-                    await manager.broadcast_user({"p": ""})
-                    await socket.sending.wait()
-                    for _ in range(2):
-                        await manager.broadcast_user(event)
-                    stats = hub.stats()
-                    assert (stats.queued_bytes, stats.overflows, stats.connections) == (80, 0, 1)
-                    assert stats.peak_queued == 2
-                    assert not held[0].closed
-                    await manager.broadcast_user({})
-                    stats = hub.stats()
-                    assert (stats.overflows, stats.connections) == (1, 0)
-                    # Closed for the hub at once, though its handler's block still runs.
-                    assert held[0].closed
-                    assert held[0].close_code == 1013
-                finally:
-                    socket.release.set()
-            await finished.wait()
+    async with _carol_stuck_on(registry, socket) as (manager, connection, _):
+        await manager.broadcast_user({"p": ""})
+        await socket.sending.wait()
+        for _ in range(2):
+            await manager.broadcast_user(event)
+        stats = hub.stats()
+        assert (stats.queued_bytes, stats.overflows, stats.connections) == (80, 0, 1)
+        assert stats.peak_queued == 2
+        assert not connection.closed
+        await manager.broadcast_user({})
+        stats = hub.stats()
+        assert (stats.overflows, stats.connections) == (1, 0)
+        # Closed for the hub at once, though its handler's block still runs.
+        assert connection.closed
+        assert connection.close_code == 1013
     assert socket.closed == [(1013, "too slow: the event queue overflowed")]
     await registry.aclose()
 
@@ -2445,30 +2437,14 @@ async def test_a_socket_closed_for_falling_behind_is_let_go_within_close_timeout
     hub = ConnectionHub(queue_size=1, close_timeout=0.5)
     hub.install(registry)
     socket = StoppedReading()
-    entered, finished = anyio.Event(), anyio.Event()
-
-    async def handler() -> None:
-        context = UserExecutionContext.create("carol", connection_id="c-1")
-        async with registry.open_scope(context) as scope:
-            manager = await scope.resolve(UserWebSocketManager)
-            async with manager.connect(socket):  # type: ignore[arg-type]
-                entered.set()
-                await anyio.sleep_forever()
-        finished.set()
-
-    with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(handler)
-            await entered.wait()
-            async with registry.open_scope(UserExecutionContext.create("carol")) as scope:
-                manager = await scope.resolve(UserWebSocketManager)
-                await manager.broadcast_user({"seq": 1})
-                await socket.sending.wait()
-                await manager.broadcast_user({"seq": 2})
-                await manager.broadcast_user({"seq": 3})  # overflows
-                assert hub.stats().overflows == 1
-                with anyio.fail_after(3):  # close_timeout, with room for a slow machine
-                    await finished.wait()
+    async with _carol_stuck_on(registry, socket) as (manager, _, finished):
+        await manager.broadcast_user({"seq": 1})
+        await socket.sending.wait()
+        await manager.broadcast_user({"seq": 2})
+        await manager.broadcast_user({"seq": 3})  # overflows
+        assert hub.stats().overflows == 1
+        with anyio.fail_after(3):  # close_timeout, with room for a slow machine
+            await finished.wait()  # with the client still not reading
     await registry.aclose()
 
 
