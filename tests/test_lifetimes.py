@@ -1704,51 +1704,23 @@ class TestWhatASharedFactorySees:
 
     @pytest.mark.parametrize("lifetime", [Lifetime.USER, Lifetime.APP])
     @pytest.mark.parametrize("how", ["resolve", "resolve_sync"])
+    @pytest.mark.parametrize("binds", [False, True], ids=["as-called", "binding-its-user"])
     async def test_current_scope_in_a_shared_factory_raises(
-        self, lifetime: Lifetime, how: str
+        self, lifetime: Lifetime, how: str, binds: bool
     ) -> None:
         """``current_scope()`` inside a USER or APP factory raises NoActiveContextError, as
-        ``get_current_context()`` does, and nothing is made. It used to answer the request's
-        own scope, through which the factory took the request's context and a REQUEST
-        component that ``ambient.resolve()`` refuses it: the user's next request got that
-        request's ids and its connection, closed when that request ended."""
+        ``get_current_context()`` does, also under a context the factory binds itself for
+        its own work, and nothing is made. It used to answer the request's own scope,
+        through which the factory took the request's context and a REQUEST component that
+        ``ambient.resolve()`` refuses it: the user's next request got that request's ids
+        and its connection, closed when that request ended."""
         made: list[object] = []
 
         def connection(context: UserExecutionContext) -> str:
             return f"connection of {context.request_id}"
 
         def make() -> tuple[str, str]:
-            scope = ambient.current_scope()
-            made.append(scope)
-            return scope.context.request_id, scope.resolve_sync("connection")
-
-        registry = Registry()
-        registry.register("connection", connection)
-        registry.register("cache", make, lifetime=lifetime)
-        async with registry.open_scope(ctx("alice")) as scope:
-            message = await _refused_in_its_factory(scope, "cache", how)
-            assert ambient.current_scope() is scope  # the request's own, outside the factory
-        assert f"{lifetime.name} component 'cache'" in message
-        assert made == []
-        assert registry.stats().created == 0
-        await registry.aclose()
-
-    @pytest.mark.parametrize("lifetime", [Lifetime.USER, Lifetime.APP])
-    @pytest.mark.parametrize("how", ["resolve", "resolve_sync"])
-    async def test_current_scope_under_a_context_a_shared_factory_binds_raises(
-        self, lifetime: Lifetime, how: str
-    ) -> None:
-        """A USER or APP factory that binds its user's context for its own work goes on
-        resolving through what it may reach, and ``current_scope()`` there raises as in the
-        factory itself, and nothing is made. It answered the request's own scope, through
-        which the factory took the request's context and a REQUEST component."""
-        made: list[object] = []
-
-        def connection(context: UserExecutionContext) -> str:
-            return f"connection of {context.request_id}"
-
-        def make() -> tuple[str, str]:
-            with ambient.bind_context(ctx("alice")):
+            with ambient.bind_context(ctx("alice")) if binds else contextlib.nullcontext():
                 scope = ambient.current_scope()
                 made.append(scope)
                 return scope.context.request_id, scope.resolve_sync("connection")
