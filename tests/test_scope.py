@@ -1905,6 +1905,19 @@ class TestHold:
         assert not any("alice" in text for text in [*messages, repr(scope)])
 
 
+class ComponentEvents(ambient.Observer):
+    """Keeps every component event it is told of, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[ambient.ComponentEvent] = []
+
+    def component_created(self, event: ambient.ComponentEvent) -> None:
+        self.events.append(event)
+
+    def component_cleaned(self, event: ambient.ComponentEvent) -> None:
+        self.events.append(event)
+
+
 class TestObservers:
     async def test_an_inactive_observer_sees_nothing_of_the_scope(self) -> None:
         calls: list[str] = []
@@ -2063,16 +2076,10 @@ class TestObservers:
         assert seen == ["probe: alice"]
 
     async def test_events_are_frozen_component_events_with_every_field(self) -> None:
-        events: list[ambient.ComponentEvent] = []
+        watcher = ComponentEvents()
+        events = watcher.events
 
-        class Watcher(ambient.Observer):
-            def component_created(self, event: ambient.ComponentEvent) -> None:
-                events.append(event)
-
-            def component_cleaned(self, event: ambient.ComponentEvent) -> None:
-                events.append(event)
-
-        registry = Registry(telemetry=Watcher())
+        registry = Registry(telemetry=watcher)
         registry.register(Counter, Counter, name="counter")
         async with registry.open_scope(ctx()) as scope:
             counter = await ambient.resolve(Counter)
@@ -2094,14 +2101,8 @@ class TestObservers:
     async def test_an_events_duration_is_how_long_its_factory_or_cleanup_took(self) -> None:
         """A factory and a cleanup that each take at least 2 ms are reported with at least
         that duration (the clock is waited on, not slept on)."""
-        events: list[ambient.ComponentEvent] = []
-
-        class Watcher(ambient.Observer):
-            def component_created(self, event: ambient.ComponentEvent) -> None:
-                events.append(event)
-
-            def component_cleaned(self, event: ambient.ComponentEvent) -> None:
-                events.append(event)
+        watcher = ComponentEvents()
+        events = watcher.events
 
         def take_2_ms() -> None:
             until = time.perf_counter() + 0.002
@@ -2113,7 +2114,7 @@ class TestObservers:
             yield object()
             take_2_ms()
 
-        registry = Registry(telemetry=Watcher())
+        registry = Registry(telemetry=watcher)
         registry.register("slow", slow)
         async with registry.open_scope(ctx()):
             await ambient.resolve("slow")
