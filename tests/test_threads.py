@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -351,6 +351,40 @@ async def test_a_cycle_through_a_worker_threads_wait_for_another_task_is_named()
         "b": "dependency cycle while resolving: 'b' -> 'a' -> 'b'",
     }
     assert registry.stats().created == 0
+
+
+async def _abandoned_in_a_scope_of_alice(
+    registry: Registry,
+    started: anyio.Event,
+    go: threading.Event,
+    consume: Callable[[], Awaitable[None]],
+) -> Probe:
+    """In a scope of alice's, ``consume`` (work in a thread) is cancelled once ``started``
+    is set (a client hanging up mid-step); ``go`` lets the abandoned thread on once the
+    scope's body has ended. Returns the probe resolved in that scope, once it closed."""
+    body_ended = anyio.Event()
+
+    async def let_go() -> None:
+        await body_ended.wait()
+        go.set()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(let_go)
+            async with registry.open_scope(UserExecutionContext.create("alice")):
+                probe = await ambient.resolve(Probe)
+                with anyio.CancelScope() as cancel:
+                    async with anyio.create_task_group() as inner:
+
+                        async def cancel_when_started() -> None:
+                            await started.wait()
+                            cancel.cancel()
+
+                        inner.start_soon(cancel_when_started)
+                        await consume()
+                assert cancel.cancelled_caught
+                body_ended.set()
+    return probe
 
 
 class TestWorkThatOutlivesTheRequest:
@@ -738,7 +772,6 @@ class TestWorkThatOutlivesTheRequest:
         runs on, and the scope's cleanup waits for it instead of cleaning up under it."""
         registry, _ = make_registry(cleanup_timeout=2.0)
         started = anyio.Event()
-        body_ended = anyio.Event()
         go = threading.Event()
         events: list[str] = []
 
@@ -748,26 +781,11 @@ class TestWorkThatOutlivesTheRequest:
             user, probe = look()
             events.append(f"thread used probe of {user} closed={probe.closed}")
 
-        async def let_go() -> None:
-            await body_ended.wait()
-            go.set()
+        async def consume() -> None:
+            await run_sync_in_thread(work, abandon_on_cancel=True)
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(let_go)
-            async with registry.open_scope(UserExecutionContext.create("alice")):
-                probe = await ambient.resolve(Probe)
-                with anyio.CancelScope() as cancel:
-                    async with anyio.create_task_group() as inner:
-
-                        async def cancel_when_started() -> None:
-                            await started.wait()
-                            cancel.cancel()
-
-                        inner.start_soon(cancel_when_started)
-                        await run_sync_in_thread(work, abandon_on_cancel=True)
-                assert cancel.cancelled_caught
-                body_ended.set()
-            events.append(f"scope closed, probe closed={probe.closed}")
+        probe = await _abandoned_in_a_scope_of_alice(registry, started, go, consume)
+        events.append(f"scope closed, probe closed={probe.closed}")
         assert events == [
             "thread used probe of alice closed=False",
             "scope closed, probe closed=True",
@@ -782,7 +800,6 @@ class TestWorkThatOutlivesTheRequest:
         cleanup waits for the abandoned step instead of cleaning up under it."""
         registry, _ = make_registry(cleanup_timeout=2.0)
         started = anyio.Event()
-        body_ended = anyio.Event()
         go = threading.Event()
         events: list[str] = []
 
@@ -794,28 +811,12 @@ class TestWorkThatOutlivesTheRequest:
             events.append(f"step used probe of {user} closed={probe.closed}")
             yield "second row"
 
-        async def let_go() -> None:
-            await body_ended.wait()
-            go.set()
+        async def consume() -> None:
+            async for row in iterate_in_thread(rows()):
+                events.append(row)  # noqa: PERF401 - as it comes, before the cancel
 
-        with anyio.fail_after(10):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(let_go)
-                async with registry.open_scope(UserExecutionContext.create("alice")):
-                    probe = await ambient.resolve(Probe)
-                    with anyio.CancelScope() as cancel:
-                        async with anyio.create_task_group() as inner:
-
-                            async def cancel_when_started() -> None:
-                                await started.wait()
-                                cancel.cancel()
-
-                            inner.start_soon(cancel_when_started)
-                            async for row in iterate_in_thread(rows()):
-                                events.append(row)  # noqa: PERF401 - as it comes, before the cancel
-                    assert cancel.cancelled_caught
-                    body_ended.set()
-                events.append(f"scope closed, probe closed={probe.closed}")
+        probe = await _abandoned_in_a_scope_of_alice(registry, started, go, consume)
+        events.append(f"scope closed, probe closed={probe.closed}")
         assert events == [
             "first row of alice",
             "step used probe of alice closed=False",
@@ -864,7 +865,6 @@ class TestWorkThatOutlivesTheRequest:
         ``finally`` runs before the scope's cleanup."""
         registry, _ = make_registry(cleanup_timeout=2.0)
         started = anyio.Event()
-        body_ended = anyio.Event()
         go = threading.Event()
         events: list[str] = []
 
@@ -878,27 +878,12 @@ class TestWorkThatOutlivesTheRequest:
                 user, probe = look()
                 events.append(f"closed for {user}, probe closed={probe.closed}")
 
-        async def let_go() -> None:
-            await body_ended.wait()
-            go.set()
+        async def consume() -> None:
+            async for row in iterate_in_thread(rows()):
+                events.append(row)  # noqa: PERF401 - as it comes, before the cancel
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(let_go)
-            async with registry.open_scope(UserExecutionContext.create("alice")):
-                probe = await ambient.resolve(Probe)
-                with anyio.CancelScope() as cancel:
-                    async with anyio.create_task_group() as inner:
-
-                        async def cancel_when_started() -> None:
-                            await started.wait()
-                            cancel.cancel()
-
-                        inner.start_soon(cancel_when_started)
-                        async for row in iterate_in_thread(rows()):
-                            events.append(row)  # noqa: PERF401 - as it comes, before the cancel
-                assert cancel.cancelled_caught
-                body_ended.set()
-            events.append(f"scope closed, probe closed={probe.closed}")
+        probe = await _abandoned_in_a_scope_of_alice(registry, started, go, consume)
+        events.append(f"scope closed, probe closed={probe.closed}")
         assert events == [
             "first row",
             "closed for alice, probe closed=False",
