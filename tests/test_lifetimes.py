@@ -31,6 +31,7 @@ from ambient import (
     UserRef,
 )
 from ambient._context import ANONYMOUS
+from tests.test_scope import ComponentEvents
 
 
 class FakeClock:
@@ -818,25 +819,15 @@ async def test_scope_observers_the_application_dropped_are_not_kept_by_the_regis
     One still held by its owner, as the middleware holds its telemetry, still sees the
     components it saw made cleaned."""
 
-    class Collect(ambient.Observer):
-        def __init__(self) -> None:
-            self.events: list[ambient.ComponentEvent] = []
-
-        def component_created(self, event: ambient.ComponentEvent) -> None:
-            self.events.append(event)
-
-        def component_cleaned(self, event: ambient.ComponentEvent) -> None:
-            self.events.append(event)
-
     cleaned: list[str] = []
     registry = user_registry(cleaned, clock=clock)
-    dropped: list[weakref.ref[Collect]] = []
+    dropped: list[weakref.ref[ComponentEvents]] = []
     for n in range(1_000):
-        collect = Collect()
+        collect = ComponentEvents()
         async with registry.open_scope(ctx(f"user-{n}"), observer=collect):
             await ambient.resolve(Tracked)
         dropped.append(weakref.ref(collect))
-    kept = Collect()
+    kept = ComponentEvents()
     async with registry.open_scope(ctx("bob"), observer=kept):
         await ambient.resolve(Tracked)
     del collect
