@@ -415,6 +415,33 @@ def _prompts_the_demo_cannot_answer(app: AmbientMiddleware) -> None:
     assert not any("\x00" in text or "\ud800" in text for text in texts)
 
 
+def _logs_the_cart_lookup_of_the_user_before(
+    log: logging.Logger, message: str
+) -> tuple[AmbientMiddleware, list[str]]:
+    """An app whose requests each look up the cart of the user served before and log the
+    failure with its exception (``message``, given that user when it has a ``%s``); and
+    the users it served, in order."""
+    last: list[str] = []
+
+    def cart_of(user: str) -> None:
+        raise LookupError(f"no cart for {user}")
+
+    async def endpoint(request: Request) -> Response:
+        user = ambient.get_current_context().user_id
+        if last:
+            try:
+                cart_of(last[-1])  # the one before's cart
+            except LookupError:
+                log.exception(message, *([last[-1]] if "%s" in message else []))
+        last.append(user)
+        return JSONResponse({"user": user})
+
+    app = AmbientMiddleware(
+        Starlette(routes=[Route("/", endpoint)]), registry=Registry(), identity=trusted_header()
+    )
+    return app, last
+
+
 class TestBrokenApps:
     async def test_a_component_cached_in_a_module_global(self) -> None:
         shared = Notes()
@@ -691,27 +718,8 @@ class TestBrokenApps:
         """``logger.exception()`` writes the exception out with the record: one naming the
         user who came before reaches the log as surely as a message naming them (the check
         read only the message, and passed such an app)."""
-        last: list[str] = []
         log = logging.getLogger("tests.failing")
-
-        def cart_of(user: str) -> None:
-            raise LookupError(f"no cart for {user}")
-
-        async def endpoint(request: Request) -> Response:
-            user = ambient.get_current_context().user_id
-            if last:
-                try:
-                    cart_of(last[-1])  # the one before's cart
-                except LookupError:
-                    log.exception("the cart lookup failed")
-            last.append(user)
-            return JSONResponse({"user": user})
-
-        app = AmbientMiddleware(
-            Starlette(routes=[Route("/", endpoint)]),
-            registry=Registry(),
-            identity=trusted_header(),
-        )
+        app, _ = _logs_the_cart_lookup_of_the_user_before(log, "the cart lookup failed")
         report = await check(app, users=10, requests=3)
         assert not report.ok
         found = [line for line in report.isolation if line.startswith("log record from")]
@@ -725,27 +733,8 @@ class TestBrokenApps:
     async def test_a_record_naming_another_user_twice_is_one_finding(self) -> None:
         """A record whose message and logged exception name the same other user is one
         finding (said for its message), not two: the findings count what leaked, once."""
-        last: list[str] = []
         log = logging.getLogger("tests.failing.twice")
-
-        def cart_of(user: str) -> None:
-            raise LookupError(f"no cart for {user}")
-
-        async def endpoint(request: Request) -> Response:
-            user = ambient.get_current_context().user_id
-            if last:
-                try:
-                    cart_of(last[-1])
-                except LookupError:
-                    log.exception("the cart lookup for %s failed", last[-1])
-            last.append(user)
-            return JSONResponse({"user": user})
-
-        app = AmbientMiddleware(
-            Starlette(routes=[Route("/", endpoint)]),
-            registry=Registry(),
-            identity=trusted_header(),
-        )
+        app, last = _logs_the_cart_lookup_of_the_user_before(log, "the cart lookup for %s failed")
         report = await check(app, users=2, requests=1)
         assert len(last) == 2
         assert len(report.isolation) == 1, report.isolation
