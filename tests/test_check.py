@@ -593,12 +593,8 @@ class TestBrokenApps:
         request of its user: each is reported cleaned more than once, and alive after its
         scopes closed."""
 
-        class Cart:
-            def __init__(self) -> None:
-                self.closes = 0
-
-            def close(self) -> None:
-                self.closes += 1
+        class Cart(CountsCloses):
+            pass
 
         carts: dict[str, Cart] = {}
         registry = Registry()

@@ -13,6 +13,7 @@ import pytest
 import ambient
 from ambient import Lifetime, Registry, UserExecutionContext
 from ambient.testing import IsolationProbe
+from tests.test_check import CountsCloses
 
 pytest_plugins = ["pytester"]
 
@@ -70,13 +71,8 @@ async def test_a_user_alias_with_a_cleanup_of_its_own_is_no_second_cleanup() -> 
     its ``yield``) ends with the user's components, outside any request: its end is the
     alias's, not a second cleanup of the memory, which its own registration closes once."""
 
-    class Memory:
-        def __init__(self) -> None:
-            self.closes = 0
-            self.flushes = 0
-
-        def close(self) -> None:
-            self.closes += 1
+    class Memory(CountsCloses):
+        flushes = 0
 
     def view() -> Iterator[Memory]:
         memory = ambient.resolve_sync(Memory)
