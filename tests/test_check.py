@@ -358,6 +358,123 @@ class TestTheDemo:
             service_unavailable("PostgreSQL", str(exc).strip())
         _prompts_the_demo_cannot_answer(create_app(database_url=DATABASE_URL))
 
+    @pytest.mark.parametrize("store", ["memory", "postgresql"])
+    async def test_each_user_recalls_their_own_notes_and_keeps_their_last_fifty_messages(
+        self, anyio_backend: str, store: str
+    ) -> None:
+        """``recall`` (in any case) answers with the user's own notes, or says there are
+        none yet, and names the tool it called; /history is the user's last 50 messages,
+        oldest first: in memory and in PostgreSQL alike. Its calculator subtracts, negates and
+        adds up a sum of 150 terms."""
+        import httpx
+
+        database_url = ""
+        if store == "postgresql":
+            import psycopg
+
+            from ambient.demo.app import create_schema
+            from ambient.errors import UnsupportedBackendError
+            from tests.conftest import DATABASE_URL, service_unavailable
+
+            try:
+                with psycopg.connect(DATABASE_URL, connect_timeout=3):
+                    pass
+            except psycopg.OperationalError as exc:
+                service_unavailable("PostgreSQL", str(exc).strip())
+            if anyio_backend == "trio":
+                with pytest.raises(UnsupportedBackendError, match="asyncio"):
+                    create_app(database_url=DATABASE_URL)
+                return
+            await create_schema(DATABASE_URL)
+            database_url = DATABASE_URL
+        app = create_app(database_url=database_url)
+        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 1))
+        # Users of their own: the PostgreSQL table outlives the test.
+        alice, bob = (f"{name}-{uuid.uuid4().hex}" for name in ("alice", "bob"))
+        async with (
+            contextlib.AsyncExitStack() as stack,
+            httpx.AsyncClient(transport=transport, base_url="http://demo") as http,
+        ):
+            stack.push_async_callback(app.registry.aclose)
+
+            async def run(user: str, prompt: str) -> dict[str, Any]:
+                response = await http.post(
+                    "/agents/triage/runs", json={"prompt": prompt}, headers={"x-user-id": user}
+                )
+                assert response.status_code == 200, response.text
+                result: dict[str, Any] = response.json()
+                assert result["user"] == user
+                return result
+
+            nothing = await run(bob, "recall")
+            await run(alice, "remember milk")
+            await run(alice, "Remember eggs")
+            await run(bob, "remember bread")
+            recalled = {
+                user: await run(user, prompt)
+                for user, prompt in ((alice, "RECALL"), (bob, "recall"))
+            }
+            # 8 messages so far (a note is one more beside the prompt and the answer): 25
+            # runs more push the first 8 out of the last 50.
+            for i in range(25):
+                await run(alice, f"calc 1 + {i}")
+            history = (await http.get("/history", headers={"x-user-id": alice})).json()
+            calculated = [
+                (await run(bob, f"calc {expression}"))["answer"]
+                for expression in ("-(1 + 2 + 3 + 4 + 5) - 6 * 2", "7 / 2", "+".join(["1"] * 150))
+            ]
+        assert calculated == ["-27", "3.5", "150"]
+        assert nothing["answer"] == "nothing noted yet"
+        assert nothing["tools"] == ["recall"]
+        assert recalled[alice]["answer"] == "milk; eggs"
+        assert recalled[bob]["answer"] == "bread"
+        assert history["user"] == alice
+        texts = [message["text"] for message in history["messages"]]
+        assert len(texts) == 50
+        assert texts[:3] == ["calc 1 + 0", "1", "calc 1 + 1"]
+        assert texts[-1] == "25"
+        assert {message["role"] for message in history["messages"]} == {"user", "agent"}
+
+    async def test_a_users_store_forgets_their_history_when_it_is_cleaned(self) -> None:
+        """The in-memory store of a user, cleaned at shutdown, drops the
+        conversation it held; the whoami route answers with the user's id and tenant; a body
+        of exactly 64 KiB is still run, and an unknown agent's problem says its 404."""
+        import httpx
+
+        registry = build_registry()
+        async with registry.open_scope(UserExecutionContext.create("alice")):
+            store = await ambient.resolve(ConversationStore)
+            await store.add("thread", "user", "hello")
+            assert await store.history() == [
+                {"thread_id": "thread", "role": "user", "text": "hello"}
+            ]
+        assert await store.history()  # kept for the user's next request
+        await registry.aclose()
+        assert await store.history() == []
+        app = create_app()
+        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 1))
+        async with (
+            contextlib.AsyncExitStack() as stack,
+            httpx.AsyncClient(transport=transport, base_url="http://demo") as http,
+        ):
+            stack.push_async_callback(app.registry.aclose)
+            who = await http.get("/whoami", headers={"x-user-id": "bob", "x-tenant-id": "acme"})
+            unknown = await http.post(
+                "/agents/nobody/runs", json={"prompt": "hi"}, headers={"x-user-id": "bob"}
+            )
+            body = json.dumps({"prompt": "hi", "pad": ""})
+            body = body.replace('""', '"' + "y" * (65536 - len(body)) + '"')
+            assert len(body.encode()) == 65536
+            fits = await http.post(
+                "/agents/triage/runs",
+                content=body,
+                headers={"x-user-id": "bob", "content-type": "application/json"},
+            )
+        assert who.status_code == 200, who.text
+        assert (who.json()["user"], who.json()["tenant"]) == ("bob", "acme")
+        assert fits.status_code == 200, fits.text
+        assert (unknown.status_code, unknown.json()["status"]) == (404, 404)
+
 
 def _prompts_the_demo_cannot_answer(app: AmbientMiddleware) -> None:
     """Send what the demo can neither calculate nor store, over HTTP and over the user's
