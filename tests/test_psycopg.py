@@ -2413,6 +2413,200 @@ async def test_check_rls_passes_an_ordinary_role(db: Database) -> None:
     assert "does not exist" in info.value.problems[1]
 
 
+async def test_check_rls_names_a_superuser_and_a_bypassrls_role_apart(db: Database) -> None:
+    """A superuser without BYPASSRLS bypasses every policy all the same: check_rls names it
+    a superuser; a role with BYPASSRLS alone is named for that, and for nothing else."""
+    tag = uuid.uuid4().hex[:12]
+    superuser, bypasser = f"ambient_su_{tag}", f"ambient_byp_{tag}"
+    with _admin() as admin:
+        admin.execute(f"CREATE ROLE {superuser} LOGIN SUPERUSER NOBYPASSRLS")
+        admin.execute(f"CREATE ROLE {bypasser} LOGIN NOSUPERUSER BYPASSRLS")
+    found: dict[str, list[str]] = {}
+    try:
+        for role in (superuser, bypasser):
+            async with await psycopg.AsyncConnection.connect(_url_for(role)) as conn:
+                with pytest.raises(RowSecurityError) as info:
+                    await check_rls(conn)
+            found[role] = info.value.problems
+    finally:
+        with _admin() as admin:
+            admin.execute(f"DROP ROLE {superuser}")
+            admin.execute(f"DROP ROLE {bypasser}")
+    assert len(found[superuser]) == 1, found[superuser]
+    assert f"role '{superuser}' is a superuser" in found[superuser][0]
+    assert len(found[bypasser]) == 1, found[bypasser]
+    assert f"role '{bypasser}' has BYPASSRLS" in found[bypasser][0]
+
+
+async def test_check_rls_checks_the_tables_after_a_missing_one(db: Database) -> None:
+    """A protected table that does not exist is a problem, and the tables named after it
+    are checked all the same: one without row-level security is not passed over."""
+    async with await psycopg.AsyncConnection.connect(db.app_url) as conn:
+        with pytest.raises(RowSecurityError) as info:
+            await check_rls(conn, [f"{db.schema}.missing", f"{db.schema}.plain"])
+    assert len(info.value.problems) == 2, info.value.problems
+    assert f"table '{db.schema}.missing' does not exist" in info.value.problems[0]
+    assert f"row-level security is not enabled on '{db.schema}.plain'" in info.value.problems[1]
+
+
+async def test_check_rls_refuses_an_unknown_action(db: Database) -> None:
+    """An action other than "raise" or "warn" is a ValueError, not a quiet pass: with no
+    problem to report, it would have gone unnoticed until there was one."""
+    async with await psycopg.AsyncConnection.connect(db.app_url) as conn:
+        with pytest.raises(ValueError, match="action must be 'raise' or 'warn', not 'loud'"):
+            await check_rls(conn, [db.notes], action="loud")  # type: ignore[arg-type]
+
+
+async def test_check_rls_names_an_owned_table_without_row_level_security_once(
+    db: Database,
+) -> None:
+    """A table its owner checks, with row-level security not enabled, is one problem: the
+    one to fix first (FORCE means nothing on a table without it)."""
+    owner = psycopg.conninfo.conninfo_to_dict(db.owner_url)["user"]
+    with _admin() as admin:
+        admin.execute(f"CREATE TABLE {db.schema}.mine (owner text)")
+        admin.execute(f"ALTER TABLE {db.schema}.mine OWNER TO {owner}")
+    async with await psycopg.AsyncConnection.connect(db.owner_url) as conn:
+        with pytest.raises(RowSecurityError) as info:
+            await check_rls(conn, [f"{db.schema}.mine"])
+    assert len(info.value.problems) == 1, info.value.problems
+    assert f"row-level security is not enabled on '{db.schema}.mine'" in info.value.problems[0]
+
+
+async def test_check_rls_detects_a_materialized_view_owned_by_a_role_under_the_policies(
+    db: Database,
+) -> None:
+    """A materialized view over the protected table holds the rows of whoever last
+    refreshed it, even when its owner is subject to the policies: check_rls names it."""
+    app = psycopg.conninfo.conninfo_to_dict(db.app_url)["user"]
+    with _admin() as admin:
+        admin.execute(
+            sql.SQL("CREATE MATERIALIZED VIEW {} AS SELECT * FROM {}").format(
+                sql.Identifier(db.schema, "kept"), sql.Identifier(db.schema, "notes")
+            )
+        )
+        admin.execute(f"ALTER MATERIALIZED VIEW {db.schema}.kept OWNER TO {app}")
+    async with await psycopg.AsyncConnection.connect(db.app_url) as conn:
+        with pytest.raises(RowSecurityError) as info:
+            await check_rls(conn, [db.notes])
+    assert len(info.value.problems) == 1, info.value.problems
+    assert f"materialized view '{db.schema}.kept'" in info.value.problems[0]
+
+
+@pytest.mark.parametrize("owner", ["SUPERUSER NOBYPASSRLS", "NOSUPERUSER BYPASSRLS", "table owner"])
+async def test_check_rls_detects_a_view_whose_owner_bypasses_the_policies(
+    db: Database, owner: str
+) -> None:
+    """A view over a protected table owned by a superuser without BYPASSRLS (even a table
+    that FORCEs row-level security), by a role with
+    BYPASSRLS that is no superuser, or by the table's owner (no FORCE), reads every user's
+    rows with its owner's rights: check_rls names it."""
+    app = psycopg.conninfo.conninfo_to_dict(db.app_url)["user"]
+    role = f"ambient_vo_{uuid.uuid4().hex[:12]}"
+    # A superuser bypasses the policies of a table that FORCEs them too.
+    tables = {"table owner": f"{db.schema}.owned", "SUPERUSER NOBYPASSRLS": f"{db.schema}.forced"}
+    table = tables.get(owner, db.notes)
+    with _admin() as admin:
+        if owner == "table owner":
+            role = psycopg.conninfo.conninfo_to_dict(db.owner_url)["user"]
+        else:
+            admin.execute(f"CREATE ROLE {role} NOLOGIN {owner}")
+        admin.execute(
+            sql.SQL("CREATE VIEW {} AS SELECT * FROM {}").format(
+                sql.Identifier(db.schema, "seen"), sql.Identifier(*table.split("."))
+            )
+        )
+        admin.execute(f"ALTER VIEW {db.schema}.seen OWNER TO {role}")
+        admin.execute(f"GRANT SELECT ON {db.schema}.seen TO {app}")
+    try:
+        async with await psycopg.AsyncConnection.connect(db.app_url) as conn:
+            with pytest.raises(RowSecurityError) as info:
+                await check_rls(conn, [table])
+    finally:
+        if owner != "table owner":
+            with _admin() as admin:
+                admin.execute(f"DROP OWNED BY {role}")
+                admin.execute(f"DROP ROLE {role}")
+    assert len(info.value.problems) == 1, info.value.problems
+    assert f"view '{db.schema}.seen' reads '{table}'" in info.value.problems[0]
+
+
+async def test_check_rls_detects_a_materialized_view_over_a_security_invoker_view(
+    db: Database,
+) -> None:
+    """A materialized view over a security_invoker view over the protected table holds the
+    rows of whoever last refreshed it, though the view it reads applies the policies:
+    check_rls names it, and not the view."""
+    app = psycopg.conninfo.conninfo_to_dict(db.app_url)["user"]
+    with _admin() as admin:
+        invoker, kept = sql.Identifier(db.schema, "invoker"), sql.Identifier(db.schema, "kept")
+        admin.execute(
+            sql.SQL("CREATE VIEW {} WITH (security_invoker = on) AS SELECT * FROM {}").format(
+                invoker, sql.Identifier(db.schema, "notes")
+            )
+        )
+        admin.execute(
+            sql.SQL("CREATE MATERIALIZED VIEW {} AS SELECT * FROM {}").format(kept, invoker)
+        )
+        admin.execute(f"GRANT SELECT ON {db.schema}.invoker, {db.schema}.kept TO {app}")
+    async with await psycopg.AsyncConnection.connect(db.app_url) as conn:
+        with pytest.raises(RowSecurityError) as info:
+            await check_rls(conn, [db.notes])
+    assert len(info.value.problems) == 1, info.value.problems
+    assert f"materialized view '{db.schema}.kept'" in info.value.problems[0]
+
+
+async def test_check_rls_detects_a_view_over_a_child_without_row_level_security(
+    db: Database,
+) -> None:
+    """A view over a child of the protected table that has no row-level security of its
+    own reads the child's rows without the parent's policies, even when the view's owner is
+    subject to them: check_rls names it (the child itself the role cannot read)."""
+    app = psycopg.conninfo.conninfo_to_dict(db.app_url)["user"]
+    role = f"ambient_vo_{uuid.uuid4().hex[:12]}"
+    with _admin() as admin:
+        admin.execute(f"CREATE ROLE {role} NOLOGIN NOSUPERUSER NOBYPASSRLS")
+        admin.execute(f"CREATE TABLE {db.schema}.kid () INHERITS ({db.notes})")
+        admin.execute(
+            sql.SQL("CREATE VIEW {} AS SELECT * FROM {}").format(
+                sql.Identifier(db.schema, "kids"), sql.Identifier(db.schema, "kid")
+            )
+        )
+        admin.execute(f"ALTER VIEW {db.schema}.kids OWNER TO {role}")
+        admin.execute(f"GRANT SELECT ON {db.schema}.kids TO {app}")
+    try:
+        async with await psycopg.AsyncConnection.connect(db.app_url) as conn:
+            with pytest.raises(RowSecurityError) as info:
+                await check_rls(conn, [db.notes])
+    finally:
+        with _admin() as admin:
+            admin.execute(f"DROP OWNED BY {role}")
+            admin.execute(f"DROP ROLE {role}")
+    assert len(info.value.problems) == 1, info.value.problems
+    assert (
+        f"view '{db.schema}.kids' reads '{db.schema}.kid', a partition or child of "
+        f"'{db.notes}'" in info.value.problems[0]
+    )
+
+
+async def test_check_rls_detects_a_child_the_role_owns_without_force(db: Database) -> None:
+    """A child of the protected table with row-level security enabled, but owned by the
+    role and not FORCE: the role reads it without any policy, so check_rls names it."""
+    app = psycopg.conninfo.conninfo_to_dict(db.app_url)["user"]
+    with _admin() as admin:
+        admin.execute(f"CREATE TABLE {db.schema}.kid () INHERITS ({db.notes})")
+        admin.execute(f"ALTER TABLE {db.schema}.kid ENABLE ROW LEVEL SECURITY")
+        admin.execute(f"ALTER TABLE {db.schema}.kid OWNER TO {app}")
+    async with await psycopg.AsyncConnection.connect(db.app_url) as conn:
+        with pytest.raises(RowSecurityError) as info:
+            await check_rls(conn, [db.notes])
+    assert len(info.value.problems) == 1, info.value.problems
+    assert (
+        f"table '{db.schema}.kid' is a partition or child of '{db.notes}'"
+        in (info.value.problems[0])
+    )
+
+
 @pytest.fixture(name="hidden")
 def fixture_hidden(db: Database) -> Iterator[str]:
     """A schema the app role has no USAGE on, holding a protected table (``guarded``), one
@@ -2459,6 +2653,23 @@ async def test_check_rls_checks_tables_in_a_schema_the_role_cannot_use(
     assert len(problems) == 2, problems
     assert f"view '{db.schema}.peek' reads '{hidden}.guarded'" in problems[0]
     assert f"row-level security is not enabled on '{hidden}.bare'" in problems[1]
+
+
+async def test_check_rls_takes_a_name_with_this_database_in_a_schema_the_role_cannot_use(
+    db: Database, hidden: str
+) -> None:
+    """A protected table named with this database, in a schema the role has no USAGE on,
+    is checked like the same name without the database (it raised "permission denied for
+    schema"); a name in another database is no table of this one."""
+    async with await psycopg.AsyncConnection.connect(db.app_url) as conn:
+        here = await _scalar(conn, "SELECT current_database()")
+        await conn.rollback()
+        with pytest.raises(RowSecurityError) as info:
+            await check_rls(conn, [f"{here}.{hidden}.guarded"])
+        assert len(info.value.problems) == 1, info.value.problems
+        assert f"view '{db.schema}.peek' reads '{here}.{hidden}.guarded'" in info.value.problems[0]
+        with pytest.raises(psycopg.errors.FeatureNotSupported, match="cross-database"):
+            await check_rls(conn, [f"{here}_elsewhere.{hidden}.guarded"])
 
 
 @pytest.mark.parametrize("strategy", ["shared", "per_user"])
