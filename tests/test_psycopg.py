@@ -3771,6 +3771,73 @@ def test_bad_arguments_are_refused_at_construction(
         strategy("postgresql://app@127.0.0.1/app", **{argument: value})
 
 
+@pytest.mark.parametrize("strategy", [SharedPool, PerUserPools])
+@pytest.mark.parametrize(
+    "name",
+    ["user_id", "app.", ".user_id", "app.user_id; RESET ALL", "app.user id", "1app.user_id", 7],
+)
+def test_settings_names_that_are_no_custom_setting_are_refused_at_construction(
+    strategy: type[Any], name: object
+) -> None:
+    """A setting name that is not a dotted custom setting name (or not a string at all),
+    even one that only starts like one, is a ValueError naming it when the strategy is
+    built, not a failure of every checkout."""
+    with pytest.raises(ValueError, match=re.escape(f"setting name {name!r} must be a dotted")):
+        strategy("postgresql://app@127.0.0.1/app", settings={name: "user_id"})
+
+
+@pytest.mark.parametrize(
+    ("strategy", "field", "choices"),
+    [
+        (
+            SharedPool,
+            "password",
+            "connection_id, parent_run_id, request_id, run_id, tenant_id, thread_id, user_id",
+        ),
+        (PerUserPools, "password", "tenant_id, user_id"),
+        # Each user's pool is the user's: its connections cannot follow one request's ids.
+        (PerUserPools, "request_id", "tenant_id, user_id"),
+    ],
+)
+def test_settings_of_a_field_the_strategy_cannot_set_are_refused_at_construction(
+    strategy: type[Any], field: str, choices: str
+) -> None:
+    """A setting of a context field the strategy does not set is a ValueError naming the
+    setting, the field and the fields to choose from; the names and fields it does set
+    are taken."""
+    with pytest.raises(ValueError, match=re.escape(f"choose one of {choices}")) as info:
+        strategy("postgresql://app@127.0.0.1/app", settings={"app.who": field})
+    assert f"setting 'app.who' names the context field {field!r}" in str(info.value)
+    taken = {"app.user_id": "user_id", "my_app.v2.tenant$id": "tenant_id"}
+    assert strategy("postgresql://app@127.0.0.1/app", settings=taken) is not None
+
+
+@pytest.mark.parametrize(
+    ("strategy", "arguments", "error", "message"),
+    [
+        (SharedPool, {"min_size": -1}, ValueError, "need 0 <= min_size <= max_size"),
+        (SharedPool, {"per_user_limit": 0}, ValueError, "per_user_limit must be >= 1, not 0"),
+        (SharedPool, {"per_user_limit": True}, TypeError, "per_user_limit must be a number"),
+        (PerUserPools, {"max_total": False}, TypeError, "max_total must be a number"),
+        (
+            PerUserPools,
+            {"min_size": 2, "max_size": 3, "max_total": 1},
+            ValueError,
+            "max_total must be >= max(1, min_size), not 1",
+        ),
+        (PerUserPools, {"idle_ttl": -0.5}, ValueError, "idle_ttl must be >= 0 seconds, not -0.5"),
+    ],
+)
+def test_limits_out_of_range_are_refused_at_construction(
+    strategy: type[Any], arguments: dict[str, object], error: type[Exception], message: str
+) -> None:
+    """A negative min_size, a per-user limit below one, a global cap below min_size (the
+    pools it keeps open would break it), a bool for a number of connections, or a negative
+    idle time is refused, naming the argument, when the strategy is built."""
+    with pytest.raises(error, match=re.escape(message)):
+        strategy("postgresql://app@127.0.0.1/app", **arguments)
+
+
 @pytest.mark.parametrize(
     ("strategy", "argument"), [(SharedPool, "per_user_limit"), (PerUserPools, "max_total")]
 )
