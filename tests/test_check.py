@@ -87,6 +87,27 @@ def notes_app(registry: Registry, *, middleware: type | None = None) -> AmbientM
     return AmbientMiddleware(inner, registry=registry, identity=trusted_header())
 
 
+def _demo_database(anyio_backend: str = "asyncio") -> str | None:
+    """The test database's URL for the demo, once PostgreSQL answers (else the test is
+    skipped, or fails where the services are required); ``None`` on trio, once the demo
+    refused to run on PostgreSQL there (psycopg's async pool is asyncio-only)."""
+    import psycopg
+
+    from ambient.errors import UnsupportedBackendError
+    from tests.conftest import DATABASE_URL, service_unavailable
+
+    try:
+        with psycopg.connect(DATABASE_URL, connect_timeout=3):
+            pass
+    except psycopg.OperationalError as exc:
+        service_unavailable("PostgreSQL", str(exc).strip())
+    if anyio_backend == "trio":
+        with pytest.raises(UnsupportedBackendError, match="asyncio"):
+            create_app(database_url=DATABASE_URL)
+        return None
+    return DATABASE_URL
+
+
 class TestTheDemo:
     async def test_the_demo_passes_with_numbers_that_add_up(self) -> None:
         report = await check(create_app(), plan=CHECK_PLAN, growth_requests=400)
@@ -347,16 +368,7 @@ class TestTheDemo:
         run.refused event on the socket, and nothing is stored. A binary frame on the
         socket ended it with an error (the route read only text frames); now it is
         refused with a run.refused event, and the socket lives on."""
-        import psycopg
-
-        from tests.conftest import DATABASE_URL, service_unavailable
-
-        try:
-            with psycopg.connect(DATABASE_URL, connect_timeout=3):
-                pass
-        except psycopg.OperationalError as exc:
-            service_unavailable("PostgreSQL", str(exc).strip())
-        _prompts_the_demo_cannot_answer(create_app(database_url=DATABASE_URL))
+        _prompts_the_demo_cannot_answer(create_app(database_url=_demo_database()))
 
     @pytest.mark.parametrize("store", ["memory", "postgresql"])
     async def test_each_user_recalls_their_own_notes_and_keeps_their_last_fifty_messages(
@@ -370,23 +382,12 @@ class TestTheDemo:
 
         database_url = ""
         if store == "postgresql":
-            import psycopg
-
             from ambient.demo.app import create_schema
-            from ambient.errors import UnsupportedBackendError
-            from tests.conftest import DATABASE_URL, service_unavailable
 
-            try:
-                with psycopg.connect(DATABASE_URL, connect_timeout=3):
-                    pass
-            except psycopg.OperationalError as exc:
-                service_unavailable("PostgreSQL", str(exc).strip())
-            if anyio_backend == "trio":
-                with pytest.raises(UnsupportedBackendError, match="asyncio"):
-                    create_app(database_url=DATABASE_URL)
+            if (found := _demo_database(anyio_backend)) is None:
                 return
-            await create_schema(DATABASE_URL)
-            database_url = DATABASE_URL
+            await create_schema(found)
+            database_url = found
         app = create_app(database_url=database_url)
         transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 1))
         # Users of their own: the PostgreSQL table outlives the test.
@@ -3837,19 +3838,9 @@ async def test_the_demo_on_postgresql_passes_the_check(
     """History in PostgreSQL through the shared pool: isolated, cleaned, nothing kept alive
     (the pool's worker tasks used to keep the first request's scope alive); with tenants
     too, where a query that forgot the tenant is caught."""
-    import psycopg
+    from tests.conftest import DATABASE_URL
 
-    from ambient.errors import UnsupportedBackendError
-    from tests.conftest import DATABASE_URL, service_unavailable
-
-    try:
-        with psycopg.connect(DATABASE_URL, connect_timeout=3):
-            pass
-    except psycopg.OperationalError as exc:
-        service_unavailable("PostgreSQL", str(exc).strip())
-    if anyio_backend == "trio":
-        with pytest.raises(UnsupportedBackendError, match="asyncio"):
-            create_app(database_url=DATABASE_URL)
+    if _demo_database(anyio_backend) is None:
         return
     report = await check(create_app(database_url=DATABASE_URL), plan=CHECK_PLAN, users=20)
     assert report.ok, report.violations
