@@ -297,13 +297,6 @@ class IncompleteResponseError(AmbientError):
             )
         super().__init__(detail)
 
-    def __reduce__(self) -> tuple[object, ...]:
-        return _rebuild_incomplete, (self.started, self.client_gone)
-
-
-def _rebuild_incomplete(started: bool, client_gone: bool = True) -> IncompleteResponseError:
-    return IncompleteResponseError(started=started, client_gone=client_gone)
-
 
 class ServerErrorResponseError(AmbientError):
     """A request's app answered with a server error (5xx) without raising.
@@ -321,9 +314,6 @@ class ServerErrorResponseError(AmbientError):
     def __init__(self, status: int) -> None:
         self.status = status
         super().__init__(f"the app answered the request with status {status} (a server error)")
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return type(self), (self.status,)
 
 
 class RowSecurityError(AmbientError, RuntimeError):
