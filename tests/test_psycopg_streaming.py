@@ -9,6 +9,7 @@ at the same time, and leave nothing idle in a transaction.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import threading
@@ -30,6 +31,7 @@ from starlette.routing import Route
 
 import ambient
 from ambient import Registry
+from ambient.errors import ScopeClosedError
 from ambient.integrations.psycopg import SharedPool, connection
 from ambient.middleware import AmbientMiddleware, trusted_header
 from tests.servers import serve
@@ -68,6 +70,12 @@ class Notes:
     client_gone: threading.Event = field(default_factory=threading.Event)
     written: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Tasks the app leaves running past their response, the signal they wait for, the pool
+    # they then check out from directly, and the users whose late work has ended.
+    left_running: set[asyncio.Task[None]] = field(default_factory=set)
+    go: threading.Event = field(default_factory=threading.Event)
+    pool: SharedPool | None = None
+    late: list[str] = field(default_factory=list)
 
     def add(self, checkout: Checkout) -> None:
         with self.lock:
@@ -79,6 +87,19 @@ async def _checkout_row(conn: Any, query: Any, offset: int) -> tuple[str, str, s
     row = await cur.fetchone()
     assert row is not None
     return row  # type: ignore[no-any-return]
+
+
+class RequestConnection:
+    """A request's own connection as an application registers one: a REQUEST component
+    holding a checkout from the installed pool for as long as its request's scope."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+
+async def request_connection() -> AsyncIterator[RequestConnection]:
+    async with connection() as conn:
+        yield RequestConnection(conn)
 
 
 def build_app(db: Database, notes: Notes, *, base_http: bool = False) -> Starlette:
@@ -148,6 +169,42 @@ def build_app(db: Database, notes: Notes, *, base_http: bool = False) -> Starlet
 
         return JSONResponse({"ok": True}, background=BackgroundTask(later))
 
+    async def detach(request: Request) -> Response:
+        user = ambient.get_current_context().user_id
+        own = await ambient.resolve(RequestConnection)
+        owner, _, setting, _ = await _checkout_row(own.conn, query, 0)
+
+        async def late() -> None:
+            # Left running with no hold: it outlives the request, whose scope has closed
+            # and whose connection went back to the pool by the time it goes on.
+            try:
+                await anyio.to_thread.run_sync(notes.go.wait, 10)
+                try:
+                    handed = await ambient.resolve(RequestConnection)
+                except ScopeClosedError:
+                    pass
+                else:
+                    notes.errors.append(f"late work of {user} got its request's connection")
+                    await _checkout_row(handed.conn, query, 0)
+                assert notes.pool is not None
+                async with notes.pool.connection() as conn:
+                    start = time.monotonic()
+                    owner, _, setting, pid = await _checkout_row(conn, query, 0)
+                    notes.add(Checkout(user, setting, pid, start, time.monotonic()))
+                    if owner != user:
+                        notes.errors.append(f"late work of {user} read {owner}'s row")
+            except BaseException as exc:
+                notes.errors.append(f"late work of {user} failed: {exc!r}")
+                raise
+            finally:
+                with notes.lock:
+                    notes.late.append(user)
+
+        task = asyncio.get_running_loop().create_task(late())
+        notes.left_running.add(task)
+        task.add_done_callback(notes.left_running.discard)
+        return JSONResponse({"user": user, "owner": owner, "setting": setting})
+
     async def hold(request: Request) -> Response:
         user = ambient.get_current_context().user_id
         async with connection() as conn:
@@ -163,6 +220,7 @@ def build_app(db: Database, notes: Notes, *, base_http: bool = False) -> Starlet
             Route("/stream", stream),
             Route("/background", background),
             Route("/hold", hold),
+            Route("/detach", detach),
             Route("/write-later", write_later, methods=["POST"]),
         ],
         middleware=[Middleware(BaseHTTPMiddleware, dispatch=_passing)] if base_http else [],
@@ -179,6 +237,7 @@ class Served:
     db: Database
     pool: SharedPool
     notes: Notes
+    registry: Registry
 
 
 def _seed(db: Database, users: list[str]) -> None:
@@ -204,11 +263,12 @@ async def running(
         )
         registry = Registry()
         pool.install(registry)
-        notes = Notes()
+        registry.register(RequestConnection, request_connection)
+        notes = Notes(pool=pool)
         app = build_app(db, notes, base_http=base_http)
         asgi = AmbientMiddleware(app, registry=registry, identity=trusted_header())
         with serve("uvicorn", asgi) as url:
-            yield Served(url, db, pool, notes)
+            yield Served(url, db, pool, notes, registry)
 
 
 async def _nothing_left_open(served: Served) -> None:
@@ -355,4 +415,63 @@ async def test_a_background_write_after_the_client_left_is_its_users(base_http: 
             (),
         )
         assert written == 1
+        await _nothing_left_open(served)
+
+
+async def test_work_left_running_past_its_response_never_gets_a_connection_handed_on() -> None:
+    """Pool of two, ten users. Each request reads through its own REQUEST connection and
+    leaves a task running (no hold) that goes on only once every request's scope has
+    closed, while every user streams through the pool at once. Each late task is refused
+    its request's connection (back in the pool, maybe another user's by then) with
+    ScopeClosedError; a checkout of its own from the pool reads as its own user; no two
+    users share a backend at once, every answer is its user's own, and nothing is left
+    open."""
+    users = [f"user-{n}" for n in range(10)]
+    async with running(2, users) as served:
+        notes = served.notes
+        failures: list[str] = []
+
+        async def detach(client: httpx.AsyncClient, user: str) -> None:
+            answer = await client.get("/detach", headers={"x-user-id": user})
+            expected = {"user": user, "owner": user, "setting": user}
+            if answer.status_code != 200 or answer.json() != expected:
+                failures.append(f"{user}: {answer.status_code} {answer.text[:200]}")
+
+        async def read(client: httpx.AsyncClient, user: str) -> None:
+            answer = await client.get("/stream", headers={"x-user-id": user})
+            lines = [json.loads(line) for line in answer.text.splitlines()]
+            expected = [[user, f"{user}:{i}", user] for i in range(ROWS)]
+            if answer.status_code != 200 or [line[:3] for line in lines] != expected:
+                failures.append(f"{user}: {answer.status_code} {answer.text[:200]}")
+
+        limits = httpx.Limits(max_connections=len(users))
+        async with httpx.AsyncClient(base_url=served.url, limits=limits, timeout=30) as client:
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+                    for user in users:
+                        tg.start_soon(detach, client, user)
+
+            async def closed() -> bool:
+                return served.registry.stats().open_scopes == 0
+
+            await _eventually(closed, "every request's scope has closed", within=10)
+            assert len(notes.left_running) == len(users)
+            notes.go.set()
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+                    for user in users:
+                        tg.start_soon(read, client, user)
+
+        async def ended() -> bool:
+            return len(notes.late) == len(users)
+
+        await _eventually(ended, "every late task has ended", within=20)
+        assert failures == []
+        assert notes.errors == []
+        assert sorted(notes.late) == sorted(users)
+        checkouts = list(notes.checkouts)
+        late = [c for c in checkouts if c.user in users]
+        assert len(late) == 2 * len(users)  # a stream and a late checkout per user
+        assert all(c.setting == c.user for c in checkouts)
+        assert _overlapping(checkouts) == []
         await _nothing_left_open(served)
