@@ -1069,24 +1069,40 @@ class _Traffic:
 
     async def one(self, user: UserRef, planned: PlannedRequest) -> None:
         served: list[tuple[UserRef, bool]] = []
+        self.latencies.append(await self.answered(user, planned, served))
+        if served:
+            self._note_served(user, *served[0])
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+    async def answered(
+        self,
+        user: UserRef,
+        planned: PlannedRequest,
+        served: list[tuple[UserRef, bool]] | None = None,
+        phase: str = "",
+    ) -> float:
+        """Send one request of ``user``'s and look at its answer: a failed request, or
+        another user's data in its body or headers, is a finding (said with ``phase``, the
+        phase it was sent in, when given). Return how long it took."""
         headers: list[tuple[bytes, bytes]] = []
         # The token this request sends (the same the driver puts in its headers, before
         # anything is awaited): taken out of what is shown of an answer that echoes it.
         token = self.driver.token(user)
         status, body, elapsed = await self.driver.request(user, planned, served, headers)
-        self.latencies.append(elapsed)
-        if served:
-            self._note_served(user, *served[0])
-        where = f"{planned.method} {planned.path}"
+        where = f"{planned.method} {planned.path}{f' in the {phase}' if phase else ''}"
         whom = _label(user)
         if not status:  # no complete response: the driver says what went wrong
             self.failed.append(f"{where} for {whom}: {body.decode()}")
-        elif status == 401 and token is not None:
+        elif status == 401 and token is not None and not phase:
             # Said once for them all (see refusal()): the app refuses the tokens.
             if not self.refused and not self.sockets_refused:
                 text = body.decode("utf-8", "replace").replace(token, "<token>")
                 self.refused_said = _detail(text)[:160]
             self.refused += 1
+        elif status == 401 and token is not None and (self.refused or self.sockets_refused):
+            pass  # in a later phase, by an app already said to refuse the tokens: not again
         elif status >= 400:
             shown = _shown(body, token)
             self.failed.append(f"{where} for {whom}: HTTP {status} {shown!r}")
@@ -1108,9 +1124,7 @@ class _Traffic:
             f"{where}: the response headers for {whom} contain {_whose(other)}'s data"
             for other in _mentions(said, self.known, user)
         )
-        self.done += 1
-        if self.progress is not None:
-            self.progress(self.done, self.total)
+        return elapsed
 
     def refusal(self) -> list[str]:
         """The requests and websocket handshakes whose JWT the app refused (401), in one
@@ -1222,6 +1236,8 @@ async def run_check(
         plan: The requests each user sends.
         growth_requests: Requests in the tracemalloc memory-growth phase (0 to skip it,
             leaving the report's ``memory_growth_kib_per_1k`` ``None``; at most 1,000,000).
+            Their answers are checked as the users' are: a failed request or another
+            user's data in one is a finding that names the memory phase.
         max_growth_kib: Growth per 1,000 requests above which memory counts as leaking;
             with fewer than 1,000 requests measured, growth above it in all (what a few
             requests allocate once, extrapolated to 1,000, is no leak).
@@ -1295,7 +1311,7 @@ async def run_check(
                 if growth_requests:
                     root.setLevel(old_level)
                     report.memory_growth_kib_per_1k = await _quiet_growth(
-                        probe, driver, simulated, plan, growth_requests
+                        probe, traffic, simulated, growth_requests
                     )
             probe.expect_closed = shut_down[0]
             findings = probe.report()
@@ -1429,12 +1445,12 @@ def _growth_findings(per_1k: float, requests: int, max_growth_kib: float) -> lis
     ]
 
 
+# How a finding in the requests of the memory measurement names where it was found.
+_MEMORY_PHASE = "memory phase"
+
+
 async def _quiet_growth(
-    probe: _probe.IsolationProbe,
-    driver: _Driver,
-    users: list[UserRef],
-    plan: Sequence[PlannedRequest],
-    count: int,
+    probe: _probe.IsolationProbe, traffic: _Traffic, users: list[UserRef], count: int
 ) -> float:
     """:func:`_growth`, with the probe recording nothing new (its records would grow with
     every component) while it still sees what it recorded cleaned (USER components that
@@ -1445,21 +1461,25 @@ async def _quiet_growth(
     disabled = logging.root.manager.disable
     logging.disable(max(disabled, logging.INFO))
     try:
-        return await _growth(driver, users, plan, count)
+        return await _growth(traffic, users, count)
     finally:
         logging.disable(disabled)
         probe._recording = True
 
 
-async def _growth(
-    driver: _Driver, simulated: list[UserRef], plan: Sequence[PlannedRequest], count: int
-) -> float:
-    """KiB the process keeps per 1,000 requests by users that are already warm."""
+async def _growth(traffic: _Traffic, simulated: list[UserRef], count: int) -> float:
+    """KiB the process keeps per 1,000 requests by users that are already warm.
+
+    Each answer is looked at as the simulated users' are (``traffic`` keeps what it
+    shows): an app may fail, or hand one user's data to another, only after many
+    requests (a cache that fills, a global set once warm)."""
     users = simulated[: min(len(simulated), 10)]
+    plan = traffic.plan
 
     async def run(n: int) -> None:
         for index in range(n):
-            await driver.request(users[index % len(users)], plan[index % len(plan)])
+            user, planned = users[index % len(users)], plan[index % len(plan)]
+            await traffic.answered(user, planned, phase=_MEMORY_PHASE)
         # Let the event loop run once: asyncio frees the timers the requests' time limits
         # left cancelled only then, and requests that never waited never let it run.
         await anyio.lowlevel.checkpoint()

@@ -87,6 +87,34 @@ def notes_app(registry: Registry, *, middleware: type | None = None) -> AmbientM
     return AmbientMiddleware(inner, registry=registry, identity=trusted_header())
 
 
+def warmed_up_app(correct_for: int, fault: str) -> AmbientMiddleware:
+    """An app correct for its first ``correct_for`` requests and wrong in every one after
+    them, as an app that breaks only once warm is (a cache that fills, a global set after
+    so many requests, a pool that runs dry): ``fault`` says how. ``"body"`` and
+    ``"header"`` answer with the last other user served in the body or in a header,
+    ``"status"`` with a 503, ``"raise"`` raises."""
+    answered: list[str] = []
+
+    async def endpoint(request: Request) -> Response:
+        user = ambient.get_current_context().user_id
+        warm = len(answered) >= correct_for
+        previous = next((other for other in reversed(answered) if other != user), user)
+        answered.append(user)
+        if not warm:
+            return JSONResponse({"user": user})
+        if fault == "body":
+            return JSONResponse({"user": user, "cached_for": previous})
+        if fault == "header":
+            return JSONResponse({"user": user}, headers={"x-cached-for": previous})
+        if fault == "status":
+            return JSONResponse({"error": "the pool is exhausted"}, status_code=503)
+        raise RuntimeError("the pool is exhausted")
+
+    return AmbientMiddleware(
+        Starlette(routes=[Route("/", endpoint)]), registry=Registry(), identity=trusted_header()
+    )
+
+
 def _demo_database(anyio_backend: str = "asyncio") -> str | None:
     """The test database's URL for the demo, once PostgreSQL answers (else the test is
     skipped, or fails where the services are required); ``None`` on trio, once the demo
@@ -977,6 +1005,48 @@ class TestBrokenApps:
         assert not report.ok
         assert any("response headers for" in line for line in report.isolation)
 
+    @pytest.mark.parametrize("fault", ["body", "header"])
+    async def test_another_users_data_only_while_memory_is_measured(self, fault: str) -> None:
+        """An app that starts answering with another user's data only after many requests
+        (a cache that fills, a global set once warm) showed it only in the requests of the
+        memory measurement, whose answers were not looked at: the check passed it. They are
+        looked at as the simulated users' are, and each leak is said with its phase."""
+        assert (await check(warmed_up_app(6, fault), users=3, requests=2)).ok
+        report = await check(warmed_up_app(6, fault), users=3, requests=2, growth_requests=20)
+        assert not report.ok
+        assert report.failed_requests == []
+        said = "response" if fault == "body" else "response headers"
+        verb = "contains" if fault == "body" else "contain"
+        user = r"check-\d{5}-[0-9a-f]{6}"
+        line = rf"GET / in the memory phase: the {said} for {user} {verb} {user}'s data"
+        # Each of the 40 answers of the measurement names another user.
+        assert len(report.isolation) == 21, report.isolation
+        assert all(re.fullmatch(line, found) for found in report.isolation[:20]), report.isolation
+        assert report.isolation[20] == "... and 20 more"
+
+    @pytest.mark.parametrize("fault", ["status", "raise"])
+    async def test_requests_that_fail_only_while_memory_is_measured(self, fault: str) -> None:
+        """An app that starts failing only after many requests (a pool that runs dry)
+        failed only in the memory measurement, whose answers' statuses were not looked at:
+        the check passed it. Its failures are said as the simulated users' are, with the
+        phase they were found in."""
+        assert (await check(warmed_up_app(6, fault), users=3, requests=2)).ok
+        report = await check(warmed_up_app(6, fault), users=3, requests=2, growth_requests=20)
+        assert not report.ok
+        assert report.isolation == []
+        answer = (
+            '503 \'{"error":"the pool is exhausted"}\''
+            if fault == "status"
+            else "500 'RuntimeError: the pool is exhausted'"
+        )
+        user = r"check-\d{5}-[0-9a-f]{6}"
+        line = rf"GET / in the memory phase for {user}: HTTP {re.escape(answer)}"
+        assert len(report.failed_requests) == 21, report.failed_requests
+        assert all(re.fullmatch(line, found) for found in report.failed_requests[:20]), (
+            report.failed_requests
+        )
+        assert report.failed_requests[20] == "... and 20 more"
+
     @pytest.mark.parametrize("lifetime", [Lifetime.REQUEST, Lifetime.USER])
     async def test_a_cleanup_that_fails(self, lifetime: Lifetime) -> None:
         """A cleanup that raises, at the end of a request or at shutdown, is logged by the
@@ -1186,6 +1256,28 @@ class TestJWTIdentity:
             "tokens with the secret they are signed with (AMBIENT_JWT_SECRET), and expect "
             "the aud and iss they carry (--jwt-audience, --jwt-issuer)?"
         ]
+
+    async def test_tokens_refused_while_memory_is_measured_too_are_said_once(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The requests of the memory measurement are looked at too, but the tokens an app
+        refuses there as well are the ones already said refused: still one line, counting
+        the simulated users' requests."""
+        monkeypatch.setenv("AMBIENT_JWT_SECRET", DEMO_SECRET)
+        report = await check(
+            create_app(),
+            plan=CHECK_PLAN,
+            identity=JWTIdentity(OTHER_SECRET),
+            users=3,
+            requests=2,
+            growth_requests=20,
+        )
+        assert report.tokens_refused == 6
+        assert report.isolation == []
+        assert len(report.failed_requests) == 1, report.failed_requests
+        assert report.failed_requests[0].startswith(
+            "the app refused the tokens of 6 of 6 requests with HTTP 401"
+        )
 
     async def test_requests_served_as_anonymous_beside_refused_tokens_are_said_so(
         self,
