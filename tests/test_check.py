@@ -4128,6 +4128,43 @@ def test_every_simulated_user_named_in_a_text_is_found_among_ten_thousand() -> N
     assert all(_mentions(f"<{user}>", users, own) == [user] for user in ids if user != own.user_id)
 
 
+def test_another_id_beside_a_users_own_named_again_and_again_is_found() -> None:
+    """A text naming its own user and tenant alone, however often, names nobody else
+    (told by counting, as most answers are); one more id, or a "check-" that is no id of
+    theirs, sends it to the search, which finds the other user's id and nothing else."""
+    from ambient.check import _ids_of, _mentions, _simulated_users
+
+    users = _simulated_users(6, 2)
+    known = _ids_of(users)
+    own, other = users[0], users[3]
+    assert own.tenant_id is not None
+    assert other.tenant_id is not None
+    assert other.tenant_id != own.tenant_id
+    said = f"{own.user_id} {own.tenant_id} " * 5
+    assert _mentions(said, known, own) == []
+    assert _mentions(f"{said} ambient-check-1", known, own) == []
+    assert _mentions(f"{said}{other.user_id}", known, own) == [other.user_id]
+    assert _mentions(f"{said}{other.tenant_id}", known, own) == [other.tenant_id]
+    assert _mentions(f"{own.user_id}{other.user_id}{own.user_id}", known, own) == [other.user_id]
+
+
+def test_response_headers_are_text_only_when_one_may_hold_an_id() -> None:
+    """Most answers' headers hold no simulated id and are not made into text; those that
+    may are, whether the app sent bytes or (as the check takes them too) text."""
+    from ambient.check import _header_text
+
+    plain = [(b"content-type", b"application/json"), (b"content-length", b"2")]
+    assert _header_text(plain) == ""
+    assert _header_text([]) == ""
+    marked = [*plain, (b"x-last", b"check-00001-abcdef")]
+    assert _header_text(marked) == (
+        "content-type: application/json\ncontent-length: 2\nx-last: check-00001-abcdef"
+    )
+    as_text: Any = [("x-last", "check-00001-abcdef")]
+    assert _header_text(as_text) == "x-last: check-00001-abcdef"
+    assert _header_text([(b"check-name", b"v")]) == "check-name: v"
+
+
 def test_simulated_tenants_share_user_ids_and_their_ids_are_found_in_a_text() -> None:
     """With tenants, each user id is used in several tenants (an id is unique only in its
     tenant), every (user, tenant) pair is one simulated user, and another tenant's id in a
