@@ -1105,7 +1105,8 @@ class _Traffic:
     ) -> float:
         """Send one request of ``user``'s and look at its answer: a failed request, or
         another user's data in its body or headers, is a finding (said with ``phase``, the
-        phase it was sent in, when given). Return how long it took."""
+        phase it was sent in, when given), and so, in a later phase, is a request served
+        as none of the user's requests before were. Return how long it took."""
         headers: list[tuple[bytes, bytes]] = []
         # The token this request sends (the same the driver puts in its headers, before
         # anything is awaited): taken out of what is shown of an answer that echoes it.
@@ -1115,7 +1116,10 @@ class _Traffic:
         # Headers carry data too (a cookie, a redirect's location, an echoed id), and a
         # leak there reaches the other user as surely as one in the body.
         named_in_headers = _mentions(_header_text(headers), self.known, user)
-        if 0 < status < 300 and not named and not named_in_headers:
+        # In a later phase, whom it was served as is compared with the user's requests
+        # before: an app may serve one user as another only once warm.
+        served_otherwise = self._served_otherwise(user, served) if phase else None
+        if 0 < status < 300 and not named and not named_in_headers and not served_otherwise:
             # Most answers: nothing to say, told without making a line (the memory phase
             # looks at every answer under tracemalloc, which makes allocations costly).
             return elapsed
@@ -1147,7 +1151,23 @@ class _Traffic:
             f"{where}: the response headers for {whom} contain {_whose(other)}'s data"
             for other in named_in_headers
         )
+        if served_otherwise:
+            self.isolation.append(f"{where} for {whom}: {served_otherwise}")
         return elapsed
+
+    def _served_otherwise(
+        self, user: UserRef, served: list[tuple[UserRef, bool]] | None
+    ) -> str | None:
+        """What to say of a request of ``user``'s served as none of its requests before
+        were, or ``None``: also ``None`` for a user those requests said was not served
+        as itself (anonymous, or never in an ambient context: identity_findings())."""
+        before = self.served_as.get(user)
+        if not served or before is None or user in self.anonymous or served[0][0] in before:
+            return None
+        served_as, anonymous = served[0]
+        said = "an anonymous user" if anonymous else _label(served_as)
+        earlier = ", ".join(sorted(_label(other) for other in before))
+        return f"served as {said}, where its requests before were served as {earlier}"
 
     def refusal(self) -> list[str]:
         """The requests and websocket handshakes whose JWT the app refused (401), in one
@@ -1259,8 +1279,9 @@ async def run_check(
         plan: The requests each user sends.
         growth_requests: Requests in the tracemalloc memory-growth phase (0 to skip it,
             leaving the report's ``memory_growth_kib_per_1k`` ``None``; at most 1,000,000).
-            Their answers are checked as the users' are: a failed request or another
-            user's data in one is a finding that names the memory phase.
+            Their answers are checked as the users' are: a failed request, another
+            user's data in one or a request served as another user than the user's
+            requests before is a finding that names the memory phase.
         max_growth_kib: Growth per 1,000 requests above which memory counts as leaking;
             with fewer than 1,000 requests measured, growth above it in all (what a few
             requests allocate once, extrapolated to 1,000, is no leak).
@@ -1493,8 +1514,9 @@ async def _quiet_growth(
 async def _growth(traffic: _Traffic, simulated: list[UserRef], count: int) -> float:
     """KiB the process keeps per 1,000 requests by users that are already warm.
 
-    Each answer is looked at as the simulated users' are (``traffic`` keeps what it
-    shows): an app may fail, or hand one user's data to another, only after many
+    Each answer is looked at as the simulated users' are, and whom it was served as
+    against the user's requests before (``traffic`` keeps what they show): an app may
+    fail, hand one user's data to another or serve one user as another only after many
     requests (a cache that fills, a global set once warm)."""
     users = simulated[: min(len(simulated), 10)]
     plan = traffic.plan
@@ -1502,7 +1524,7 @@ async def _growth(traffic: _Traffic, simulated: list[UserRef], count: int) -> fl
     async def run(n: int) -> None:
         for index in range(n):
             user, planned = users[index % len(users)], plan[index % len(plan)]
-            await traffic.answered(user, planned, phase=_MEMORY_PHASE)
+            await traffic.answered(user, planned, [], phase=_MEMORY_PHASE)
         # Let the event loop run once: asyncio frees the timers the requests' time limits
         # left cancelled only then, and requests that never waited never let it run.
         await anyio.lowlevel.checkpoint()

@@ -1169,6 +1169,45 @@ class TestUsersNotServedAsThemselves:
             report.isolation[0],
         ), report.isolation
 
+    async def test_users_served_as_another_only_while_memory_is_measured(self) -> None:
+        """An identity that, once warm, serves every caller as the last one it resolved (a
+        cache that fills): the simulated users' requests are served as themselves, those
+        of the memory measurement as one user. Its answers carry no id, so only whom they
+        were served as tells, and the memory measurement did not note it: the check passed
+        the app. Each request served otherwise than its user's requests before is said,
+        with the phase."""
+        resolved: list[str] = []
+
+        def cached(scope: Any) -> Identity:
+            if len(resolved) < 6:
+                resolved.append(dict(scope["headers"])[b"x-user-id"].decode())
+            return Identity(user_id=resolved[-1])
+
+        async def endpoint(request: Request) -> Response:
+            return JSONResponse({"ok": True})
+
+        app = AmbientMiddleware(
+            Starlette(routes=[Route("/", endpoint)]), registry=Registry(), identity=cached
+        )
+        assert (await check(app, users=3, requests=2)).ok
+        resolved.clear()
+        report = await check(app, users=3, requests=2, growth_requests=20)
+        assert not report.ok
+        assert report.failed_requests == []
+        last = re.escape(resolved[-1])
+        line = (
+            rf"GET / in the memory phase for check-\d{{5}}-[0-9a-f]{{6}}: served as {last}, "
+            r"where its requests before were served as check-\d{5}-[0-9a-f]{6}"
+        )
+        # Two runs of 20 requests by the three users in turn (14, 14 and 12 requests each):
+        # those of the two users not resolved last.
+        assert len(report.isolation) == 21, report.isolation
+        assert all(re.fullmatch(line, found) for found in report.isolation[:20]), report.isolation
+        more = re.fullmatch(r"\.\.\. and (\d+) more", report.isolation[20])
+        assert more is not None
+        assert 20 + int(more[1]) in (26, 28)
+        assert not any(f" for {resolved[-1]}:" in found for found in report.isolation)
+
     async def test_an_opaque_bearer_token_is_the_users_id(self) -> None:
         """With ``identity=("bearer", "")`` each user presents its id as an opaque bearer
         token, as an app looking its tokens up reads them: each is served as itself."""
