@@ -1261,6 +1261,25 @@ class HeldHandshake:
         self.closed.append((code, reason))
 
 
+@contextlib.asynccontextmanager
+async def connected_socket(
+    registry: Registry,
+    socket: Any,
+    user: str = "carol",
+    *,
+    tenant_id: str | None = None,
+    connection_id: str | None = "c-1",
+) -> AsyncIterator[tuple[UserWebSocketManager, Connection]]:
+    """``socket`` connected through the manager of ``user`` (carol unless named), resolved
+    in a scope of theirs with connection ``connection_id`` (``None``: a generated one):
+    yields the manager and the connection; the scope closes once the block is out."""
+    context = UserExecutionContext.create(user, tenant_id=tenant_id, connection_id=connection_id)
+    async with registry.open_scope(context) as scope:
+        manager = await scope.resolve(UserWebSocketManager)
+        async with manager.connect(socket) as connection:
+            yield manager, connection
+
+
 @pytest.mark.parametrize("ending", ["revoke", "hub closed"])
 async def test_a_socket_still_connecting_is_revoked_or_closed_with_the_others(
     ending: str,
@@ -1277,13 +1296,10 @@ async def test_a_socket_still_connecting_is_revoked_or_closed_with_the_others(
     returned: list[list[tuple[int, str | None]]] = []
 
     async def handler() -> None:
-        context = UserExecutionContext.create("carol", connection_id="c-1")
-        async with registry.open_scope(context) as scope:
-            manager = await scope.resolve(UserWebSocketManager)
-            async with manager.connect(socket):  # type: ignore[arg-type]
-                served.append("entered")
-                await anyio.sleep_forever()
-                served.append("served on")
+        async with connected_socket(registry, socket):
+            served.append("entered")
+            await anyio.sleep_forever()
+            served.append("served on")
 
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
@@ -1329,13 +1345,12 @@ async def test_a_revocation_ends_only_the_matching_sockets_still_connecting() ->
 
     async def handler(key: tuple[str, str | None, str]) -> None:
         user, tenant, connection_id = key
-        context = UserExecutionContext.create(user, tenant_id=tenant, connection_id=connection_id)
-        async with registry.open_scope(context) as scope:
-            manager = await scope.resolve(UserWebSocketManager)
-            async with manager.connect(sockets[key]):  # type: ignore[arg-type]
-                entered[key].set()
-                served[key].append("entered")
-                await anyio.sleep_forever()
+        async with connected_socket(
+            registry, sockets[key], user, tenant_id=tenant, connection_id=connection_id
+        ):
+            entered[key].set()
+            served[key].append("entered")
+            await anyio.sleep_forever()
 
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
@@ -1364,6 +1379,28 @@ async def test_a_revocation_ends_only_the_matching_sockets_still_connecting() ->
     await registry.aclose()
 
 
+async def carols_c1_or_its_refusal(
+    registry: Registry,
+    outcomes: dict[str, str],
+    served: anyio.Event,
+    leave: anyio.Event,
+    name: str,
+    socket: Any,
+) -> None:
+    """carol's socket ``name`` connecting as c-1: ``outcomes[name]`` is "got in" once it is
+    in, or the message of the RuntimeError refusing it. The one named "first" then sets
+    ``served`` and stays until ``leave`` ("served on" if its block goes on past that)."""
+    try:
+        async with connected_socket(registry, socket):
+            outcomes[name] = "got in"
+            if name == "first":
+                served.set()
+                await leave.wait()
+                outcomes[name] = "served on"
+    except RuntimeError as error:
+        outcomes[name] = str(error)
+
+
 async def test_a_second_socket_with_the_id_of_one_still_connecting_is_refused() -> None:
     """Two sockets of carol's with one connection id: the second calls connect() while the
     first is still accepting. It is refused with RuntimeError, as it is once the first is
@@ -1378,21 +1415,7 @@ async def test_a_second_socket_with_the_id_of_one_still_connecting_is_refused() 
     outcomes: dict[str, str] = {}
     served, leave = anyio.Event(), anyio.Event()
 
-    async def handler(name: str, socket: HeldHandshake) -> None:
-        context = UserExecutionContext.create("carol", connection_id="c-1")
-        async with registry.open_scope(context) as scope:
-            manager = await scope.resolve(UserWebSocketManager)
-            try:
-                async with manager.connect(socket):  # type: ignore[arg-type]
-                    outcomes[name] = "got in"
-                    if name == "first":
-                        served.set()
-                        await leave.wait()
-                        outcomes[name] = "served on"
-            except RuntimeError as error:
-                outcomes[name] = str(error)
-            else:
-                outcomes.setdefault(name, "ended quietly")
+    handler = functools.partial(carols_c1_or_its_refusal, registry, outcomes, served, leave)
 
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
@@ -1479,26 +1502,23 @@ async def test_any_mapping_or_bytes_like_event_up_to_queue_bytes_reaches_the_soc
     hub.install(registry)
     socket = Recording()
     with anyio.fail_after(10):
-        context = UserExecutionContext.create("carol", connection_id="c-1")
-        async with registry.open_scope(context) as scope:
-            manager = await scope.resolve(UserWebSocketManager)
-            async with manager.connect(socket) as connection:  # type: ignore[arg-type]
-                # What log lines show of it: its id, never the user's.
-                assert repr(connection) == "<Connection c-1>"
-                await manager.send(types.MappingProxyType({"a": "\u00e9"}))
-                await manager.broadcast_user(bytearray(b"\x00\x01"))
-                await connection.send(memoryview(b"\x02"))
-                await socket.until(3)  # the queue is empty again
-                await manager.send({"x": "y" * 8})  # {"x":"yyyyyyyy"} is 16 long
-                with pytest.raises(ValueError, match="queue_bytes"):
-                    await manager.send({"x": "y" * 9})
-                with pytest.raises(ValueError, match="queue_bytes"):
-                    await connection.send(b"z" * 17)
-                with pytest.raises(ValueError, match="queue_bytes"):
-                    await manager.broadcast_user(bytearray(17))
-                await socket.until(4)
-                assert not connection.closed
-            assert connection.closed  # its handler is done with it
+        async with connected_socket(registry, socket) as (manager, connection):
+            # What log lines show of it: its id, never the user's.
+            assert repr(connection) == "<Connection c-1>"
+            await manager.send(types.MappingProxyType({"a": "\u00e9"}))
+            await manager.broadcast_user(bytearray(b"\x00\x01"))
+            await connection.send(memoryview(b"\x02"))
+            await socket.until(3)  # the queue is empty again
+            await manager.send({"x": "y" * 8})  # {"x":"yyyyyyyy"} is 16 long
+            with pytest.raises(ValueError, match="queue_bytes"):
+                await manager.send({"x": "y" * 9})
+            with pytest.raises(ValueError, match="queue_bytes"):
+                await connection.send(b"z" * 17)
+            with pytest.raises(ValueError, match="queue_bytes"):
+                await manager.broadcast_user(bytearray(17))
+            await socket.until(4)
+            assert not connection.closed
+        assert connection.closed  # its handler is done with it
     assert socket.frames == ['{"a":"\u00e9"}', b"\x00\x01", b"\x02", '{"x":"yyyyyyyy"}']
     assert [type(frame) for frame in socket.frames] == [str, bytes, bytes, str]
     await registry.aclose()
@@ -1513,14 +1533,11 @@ async def test_a_sender_in_a_tight_loop_does_not_overflow_a_socket_that_keeps_up
     hub.install(registry)
     socket = Recording()
     with anyio.fail_after(10):
-        context = UserExecutionContext.create("carol", connection_id="c-1")
-        async with registry.open_scope(context) as scope:
-            manager = await scope.resolve(UserWebSocketManager)
-            async with manager.connect(socket) as connection:  # type: ignore[arg-type]
-                for seq in range(10):
-                    await manager.send({"seq": seq})
-                await socket.until(10)
-                assert not connection.closed
+        async with connected_socket(registry, socket) as (manager, connection):
+            for seq in range(10):
+                await manager.send({"seq": seq})
+            await socket.until(10)
+            assert not connection.closed
     assert socket.frames == [f'{{"seq":{seq}}}' for seq in range(10)]
     assert (hub.stats().overflows, connection.close_code) == (0, None)
     await registry.aclose()
@@ -1563,21 +1580,18 @@ async def test_a_socket_leaving_keeps_the_id_of_the_one_joining_after_it_taken()
     first_out = anyio.Event()
 
     async def handler(name: str, socket: HeldHandshake, *, send: bool = False) -> None:
-        context = UserExecutionContext.create("carol", connection_id="c-1")
-        async with registry.open_scope(context) as scope:
-            manager = await scope.resolve(UserWebSocketManager)
-            try:
-                async with manager.connect(socket) as connection:  # type: ignore[arg-type]
-                    outcomes[name] = "entered"
-                    if send:
-                        await connection.send({"last": True})
-                        return
-                    await anyio.sleep_forever()
-            except RuntimeError as error:
-                outcomes[name] = str(error)
-            finally:
-                if name == "first":
-                    first_out.set()
+        try:
+            async with connected_socket(registry, socket) as (_, connection):
+                outcomes[name] = "entered"
+                if send:
+                    await connection.send({"last": True})
+                    return
+                await anyio.sleep_forever()
+        except RuntimeError as error:
+            outcomes[name] = str(error)
+        finally:
+            if name == "first":
+                first_out.set()
 
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
@@ -1614,19 +1628,7 @@ async def test_a_second_socket_with_the_id_of_a_registered_one_is_refused() -> N
     outcomes: dict[str, str] = {}
     served, leave = anyio.Event(), anyio.Event()
 
-    async def handler(name: str, socket: SignalledAccept) -> None:
-        context = UserExecutionContext.create("carol", connection_id="c-1")
-        async with registry.open_scope(context) as scope:
-            manager = await scope.resolve(UserWebSocketManager)
-            try:
-                async with manager.connect(socket):  # type: ignore[arg-type]
-                    outcomes[name] = "got in"
-                    if name == "first":
-                        served.set()
-                        await leave.wait()
-                        outcomes[name] = "served on"
-            except RuntimeError as error:
-                outcomes[name] = str(error)
+    handler = functools.partial(carols_c1_or_its_refusal, registry, outcomes, served, leave)
 
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
@@ -1655,16 +1657,13 @@ async def test_a_revocation_as_the_socket_starts_its_writer_ends_the_block_quiet
     served: list[str] = []
 
     async def handler() -> None:
-        context = UserExecutionContext.create("carol", connection_id="c-1")
-        async with registry.open_scope(context) as scope:
-            manager = await scope.resolve(UserWebSocketManager)
-            try:
-                async with manager.connect(socket):  # type: ignore[arg-type]
-                    served.append("entered")
-                    await anyio.sleep_forever()
-                served.append("ended quietly")
-            except Exception as error:
-                served.append(f"{type(error).__name__}: {error}")
+        try:
+            async with connected_socket(registry, socket):
+                served.append("entered")
+                await anyio.sleep_forever()
+            served.append("ended quietly")
+        except Exception as error:
+            served.append(f"{type(error).__name__}: {error}")
 
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
@@ -1991,27 +1990,21 @@ async def test_a_socket_the_hub_closes_ends_its_handlers_block_quietly(ending: s
     outcome: list[str] = []
 
     async def handler() -> None:
-        context = UserExecutionContext.create("carol", connection_id="c-1")
-        async with registry.open_scope(context) as scope:
-            manager = await scope.resolve(UserWebSocketManager)
-            try:
-                async with manager.connect(held.websocket):  # type: ignore[arg-type]
-                    entered.set()
-                    await held.close_started.wait()  # e.g. an agent step
-                    await held.websocket.receive_text()
-                    outcome.append("served on")
-                outcome.append("ended quietly")
-            except Exception as error:
-                outcome.append(f"{type(error).__name__}: {error}")
-            finally:
-                finished.set()
+        try:
+            async with connected_socket(registry, held.websocket):
+                entered.set()
+                await held.close_started.wait()  # e.g. an agent step
+                await held.websocket.receive_text()
+                outcome.append("served on")
+            outcome.append("ended quietly")
+        except Exception as error:
+            outcome.append(f"{type(error).__name__}: {error}")
+        finally:
+            finished.set()
 
     async def newer_socket() -> None:
-        context = UserExecutionContext.create("carol", connection_id="c-2")
-        async with registry.open_scope(context) as scope:
-            manager = await scope.resolve(UserWebSocketManager)
-            async with manager.connect(Quiet()):  # type: ignore[arg-type]
-                await leave.wait()
+        async with connected_socket(registry, Quiet(), connection_id="c-2"):
+            await leave.wait()
 
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
@@ -2066,14 +2059,11 @@ async def test_a_socket_whose_subscription_failed_leaves_nothing_joining() -> No
     hub.install(registry)
 
     async def attempt(socket: SignalledAccept) -> str:
-        context = UserExecutionContext.create("carol", connection_id="c-1")
-        async with registry.open_scope(context) as scope:
-            manager = await scope.resolve(UserWebSocketManager)
-            try:
-                async with manager.connect(socket):  # type: ignore[arg-type]
-                    return "got in"
-            except BroadcastError:
-                return "refused"
+        try:
+            async with connected_socket(registry, socket):
+                return "got in"
+        except BroadcastError:
+            return "refused"
 
     first, retry = SignalledAccept(), SignalledAccept()
     with anyio.fail_after(10):
@@ -2248,16 +2238,13 @@ async def test_a_socket_whose_send_failed_leaves_the_hub_while_its_block_still_r
     outcome: list[str] = []
 
     async def handler() -> None:
-        context = UserExecutionContext.create("carol", connection_id="c-1")
-        async with registry.open_scope(context) as scope:
-            manager = await scope.resolve(UserWebSocketManager)
-            async with manager.connect(socket):  # type: ignore[arg-type]
-                with anyio.CancelScope(shield=True):
-                    entered.set()
-                    await leave.wait()
-                await anyio.lowlevel.checkpoint()  # the block ends at its first await
-                outcome.append("served on")
-            outcome.append("ended quietly")
+        async with connected_socket(registry, socket):
+            with anyio.CancelScope(shield=True):
+                entered.set()
+                await leave.wait()
+            await anyio.lowlevel.checkpoint()  # the block ends at its first await
+            outcome.append("served on")
+        outcome.append("ended quietly")
 
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
@@ -2292,15 +2279,12 @@ async def test_a_revoked_socket_reads_as_closed_while_its_block_finishes_a_step(
     held: list[Connection] = []
 
     async def handler() -> None:
-        context = UserExecutionContext.create("carol", connection_id="c-1")
-        async with registry.open_scope(context) as scope:
-            manager = await scope.resolve(UserWebSocketManager)
-            async with manager.connect(socket) as connection:  # type: ignore[arg-type]
-                held.append(connection)
-                with anyio.CancelScope(shield=True):
-                    entered.set()
-                    await leave.wait()
-                await anyio.sleep_forever()
+        async with connected_socket(registry, socket) as (_, connection):
+            held.append(connection)
+            with anyio.CancelScope(shield=True):
+                entered.set()
+                await leave.wait()
+            await anyio.sleep_forever()
 
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
@@ -2346,13 +2330,10 @@ async def _carol_stuck_on(
     entered, finished = anyio.Event(), anyio.Event()
 
     async def handler() -> None:
-        context = UserExecutionContext.create("carol", connection_id="c-1")
-        async with registry.open_scope(context) as scope:
-            manager = await scope.resolve(UserWebSocketManager)
-            async with manager.connect(socket) as connection:  # type: ignore[arg-type]
-                connected.append(connection)
-                entered.set()
-                await anyio.sleep_forever()
+        async with connected_socket(registry, socket) as (_, connection):
+            connected.append(connection)
+            entered.set()
+            await anyio.sleep_forever()
         finished.set()
 
     with anyio.fail_after(10):
@@ -2458,13 +2439,10 @@ async def test_a_handler_that_fails_while_its_client_stopped_reading_leaves_at_o
     socket = StoppedReading()
 
     async def handler() -> None:
-        context = UserExecutionContext.create("carol", connection_id="c-1")
-        async with registry.open_scope(context) as scope:
-            manager = await scope.resolve(UserWebSocketManager)
-            async with manager.connect(socket) as connection:  # type: ignore[arg-type]
-                await connection.send({"stuck": True})
-                await socket.sending.wait()
-                raise RuntimeError("the handler failed")
+        async with connected_socket(registry, socket) as (_, connection):
+            await connection.send({"stuck": True})
+            await socket.sending.wait()
+            raise RuntimeError("the handler failed")
 
     try:
         with anyio.fail_after(10), pytest.raises(RuntimeError, match="the handler failed"):
@@ -2495,23 +2473,17 @@ async def test_a_revocation_ends_a_socket_the_hub_is_already_closing(ending: str
     finished, newer_in, leave = anyio.Event(), anyio.Event(), anyio.Event()
 
     async def handler() -> None:
-        context = UserExecutionContext.create("carol", connection_id="c-1")
-        async with registry.open_scope(context) as scope:
-            manager = await scope.resolve(UserWebSocketManager)
-            async with manager.connect(socket) as connection:  # type: ignore[arg-type]
-                connected.append(connection)
-                await connection.send({"type": "ready"})
-                async for message in incoming:
-                    handled.append(message)  # noqa: PERF401 - each one as it is handled
+        async with connected_socket(registry, socket) as (_, connection):
+            connected.append(connection)
+            await connection.send({"type": "ready"})
+            async for message in incoming:
+                handled.append(message)  # noqa: PERF401 - each one as it is handled
         finished.set()
 
     async def newer_socket() -> None:
-        context = UserExecutionContext.create("carol", connection_id="c-2")
-        async with registry.open_scope(context) as scope:
-            manager = await scope.resolve(UserWebSocketManager)
-            async with manager.connect(Quiet()):  # type: ignore[arg-type]
-                newer_in.set()
-                await leave.wait()
+        async with connected_socket(registry, Quiet(), connection_id="c-2"):
+            newer_in.set()
+            await leave.wait()
 
     with anyio.fail_after(10), messages, incoming:
         async with anyio.create_task_group() as tg:
@@ -2559,13 +2531,10 @@ async def test_closing_the_hub_returns_as_soon_as_its_sockets_are_closed() -> No
     left: list[str] = []
 
     async def handler() -> None:
-        context = UserExecutionContext.create("carol", connection_id="c-1")
-        async with registry.open_scope(context) as scope:
-            manager = await scope.resolve(UserWebSocketManager)
-            async with manager.connect(socket):  # type: ignore[arg-type]
-                entered.set()
-                await anyio.sleep_forever()
-            left.append("out")
+        async with connected_socket(registry, socket):
+            entered.set()
+            await anyio.sleep_forever()
+        left.append("out")
 
     with anyio.fail_after(DEADLINE):
         async with anyio.create_task_group() as tg:
@@ -2597,13 +2566,10 @@ async def test_closing_the_hub_waits_for_a_socket_at_most_close_timeout(
     entered, leave, finished = anyio.Event(), anyio.Event(), anyio.Event()
 
     async def handler() -> None:
-        context = UserExecutionContext.create("carol", connection_id="c-1")
-        async with registry.open_scope(context) as scope:
-            manager = await scope.resolve(UserWebSocketManager)
-            async with manager.connect(socket):  # type: ignore[arg-type]
-                entered.set()
-                with anyio.CancelScope(shield=True):
-                    await leave.wait()
+        async with connected_socket(registry, socket):
+            entered.set()
+            with anyio.CancelScope(shield=True):
+                await leave.wait()
         finished.set()
 
     with anyio.fail_after(10):
@@ -3322,15 +3288,14 @@ class CarolsSockets:
         self.ended = {connection_id: anyio.Event() for connection_id in self.sockets}
 
     async def hold(self, connection_id: str) -> None:
-        context = UserExecutionContext.create("carol", connection_id=connection_id)
-        async with self.registry.open_scope(context) as scope:
-            manager = await scope.resolve(UserWebSocketManager)
-            try:
-                async with manager.connect(self.sockets[connection_id]):  # type: ignore[arg-type]
-                    self.entered[connection_id].set()
-                    await anyio.sleep_forever()
-            finally:
-                self.ended[connection_id].set()
+        try:
+            async with connected_socket(
+                self.registry, self.sockets[connection_id], connection_id=connection_id
+            ):
+                self.entered[connection_id].set()
+                await anyio.sleep_forever()
+        finally:
+            self.ended[connection_id].set()
 
 
 async def test_an_empty_connection_id_revokes_no_socket_through_redis(redis_url: str) -> None:
@@ -3421,12 +3386,11 @@ async def test_an_event_for_another_user_on_a_users_channel_reaches_no_one(
     others_in = {name: anyio.Event() for name in others}
 
     async def hold(name: str, user: UserRef) -> None:
-        context = UserExecutionContext.create(user.user_id, tenant_id=user.tenant_id)
-        async with carol.registry.open_scope(context) as scope:
-            manager = await scope.resolve(UserWebSocketManager)
-            async with manager.connect(others[name]):  # type: ignore[arg-type]
-                others_in[name].set()
-                await anyio.sleep_forever()
+        async with connected_socket(
+            carol.registry, others[name], user.user_id, tenant_id=user.tenant_id, connection_id=None
+        ):
+            others_in[name].set()
+            await anyio.sleep_forever()
 
     admin = redis.Redis.from_url(redis_url)
     dave, acme = UserRef("dave"), UserRef("carol", "acme")
@@ -3590,17 +3554,14 @@ async def _serve_carols_first_socket(
 ) -> None:
     """Carol's socket c-1 served through the hub until cancelled: what it got to is noted
     in ``served``, and ``settled`` is set once it is served or ended."""
-    context = UserExecutionContext.create("carol", connection_id="c-1")
     try:
-        async with registry.open_scope(context) as scope:
-            manager = await scope.resolve(UserWebSocketManager)
-            async with manager.connect(socket):
-                served.append("entered")
-                await anyio.lowlevel.checkpoint()
-                served.append("served on")
-                settled.set()
-                await anyio.sleep_forever()
-            served.append("ended quietly")
+        async with connected_socket(registry, socket):
+            served.append("entered")
+            await anyio.lowlevel.checkpoint()
+            served.append("served on")
+            settled.set()
+            await anyio.sleep_forever()
+        served.append("ended quietly")
     finally:
         settled.set()
 
@@ -3715,11 +3676,9 @@ async def hold_until_cancelled(
     registry: Registry, user: str, socket: Collecting, entered: anyio.Event
 ) -> None:
     """A socket of ``user`` registered in ``registry``'s hub until the test cancels it."""
-    async with registry.open_scope(UserExecutionContext.create(user)) as scope:
-        manager = await scope.resolve(UserWebSocketManager)
-        async with manager.connect(socket):  # type: ignore[arg-type]
-            entered.set()
-            await anyio.sleep_forever()
+    async with connected_socket(registry, socket, user, connection_id=None):
+        entered.set()
+        await anyio.sleep_forever()
 
 
 async def test_a_revocation_through_redis_reaches_a_handshake_in_the_window_in_any_process(
@@ -4833,16 +4792,17 @@ async def test_more_sends_at_once_than_redis_connections_all_get_through(redis_u
     all_connected = anyio.Event()
 
     async def user_sends(user: str) -> None:
-        async with registry.open_scope(UserExecutionContext.create(user)) as scope:
-            manager = await scope.resolve(UserWebSocketManager)
-            async with manager.connect(sockets[user]):  # type: ignore[arg-type]
-                connected.append(user)
-                if len(connected) == len(users):
-                    all_connected.set()
-                await all_connected.wait()
-                for seq in range(10):
-                    await manager.send({"user": user, "seq": seq})
-                await sockets[user].arrived.wait()
+        async with connected_socket(registry, sockets[user], user, connection_id=None) as (
+            manager,
+            _,
+        ):
+            connected.append(user)
+            if len(connected) == len(users):
+                all_connected.set()
+            await all_connected.wait()
+            for seq in range(10):
+                await manager.send({"user": user, "seq": seq})
+            await sockets[user].arrived.wait()
 
     with anyio.fail_after(DEADLINE):
         async with anyio.create_task_group() as tg:
