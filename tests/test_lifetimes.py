@@ -9,7 +9,7 @@ import logging
 import sys
 import threading
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator
 from functools import partial
 from typing import Any
@@ -1304,6 +1304,55 @@ async def test_a_creation_in_flight_when_aclose_runs_is_cleaned_and_refused() ->
         assert made[0].closed
 
 
+class SlowReturns:
+    """A registry whose USER "connection" (idle after a second) goes back to an APP pool
+    slowly when its user's cleanup runs: ``returning[user]`` is set as it starts back,
+    and it then waits for ``returned[user]``. ``order`` notes each return (to the pool,
+    or to a closed one), the pool's close and, through :meth:`shutdown`, aclose()
+    returning."""
+
+    def __init__(self, clock: FakeClock, *users: str) -> None:
+        self.registry = registry = Registry(clock=clock)
+        self.order: list[str] = []
+        self.returning = {user: anyio.Event() for user in users}
+        self.returned = {user: anyio.Event() for user in users}
+        self.done: defaultdict[str, anyio.Event] = defaultdict(anyio.Event)
+        order, returning, returned = self.order, self.returning, self.returned
+
+        class Pool:
+            closed = False
+
+            async def aclose(self) -> None:
+                order.append("pool closed")
+                self.closed = True
+
+        async def connection(user: UserRef) -> AsyncIterator[str]:
+            pool = await ambient.resolve(Pool)
+            yield f"connection of {user.user_id}"
+            returning[user.user_id].set()
+            await returned[user.user_id].wait()
+            where = "a closed pool" if pool.closed else "the pool"
+            order.append(f"{user.user_id}'s returned to {where}")
+
+        registry.register(Pool, Pool, lifetime=Lifetime.APP)
+        registry.register("connection", connection, lifetime=Lifetime.USER, idle_ttl=1)
+
+    async def take(self, user: str) -> None:
+        """``user`` takes a connection in a scope of theirs, idle from then on."""
+        async with self.registry.open_scope(ctx(user)):
+            await ambient.resolve("connection")
+
+    async def request(self, user: str) -> None:
+        """A request of ``user``'s, which runs the cleanups due; ``done[user]`` once out."""
+        async with self.registry.open_scope(ctx(user)):
+            pass
+        self.done[user].set()
+
+    async def shutdown(self) -> None:
+        await self.registry.aclose()
+        self.order.append("aclose returned")
+
+
 async def test_aclose_cleans_the_app_after_a_users_cleanup_already_under_way(
     clock: FakeClock,
 ) -> None:
@@ -1311,46 +1360,18 @@ async def test_aclose_cleans_the_app_after_a_users_cleanup_already_under_way(
     user's connection goes back to the APP pool, slowly. ``registry.aclose()`` meanwhile
     waits for it before closing the pool: it used to close the pool at once, and return,
     with the connection still to go back (into a closed pool)."""
-    registry = Registry(clock=clock)
-    order: list[str] = []
-    returning, returned = anyio.Event(), anyio.Event()
-
-    class Pool:
-        closed = False
-
-        async def aclose(self) -> None:
-            order.append("pool closed")
-            self.closed = True
-
-    async def connection(user: UserRef) -> AsyncIterator[str]:
-        pool = await ambient.resolve(Pool)
-        yield f"connection of {user.user_id}"
-        returning.set()
-        await returned.wait()
-        order.append("returned to a closed pool" if pool.closed else "returned to the pool")
-
-    registry.register(Pool, Pool, lifetime=Lifetime.APP)
-    registry.register("connection", connection, lifetime=Lifetime.USER, idle_ttl=1)
-    async with registry.open_scope(ctx("alice")):
-        await ambient.resolve("connection")
+    app = SlowReturns(clock, "alice")
+    await app.take("alice")
     clock.now += 5
-
-    async def request() -> None:
-        async with registry.open_scope(ctx("bob")):
-            pass
-
-    async def shutdown() -> None:
-        await registry.aclose()
-        order.append("aclose returned")
 
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
-            tg.start_soon(request)
-            await returning.wait()
-            tg.start_soon(shutdown)
+            tg.start_soon(app.request, "bob")
+            await app.returning["alice"].wait()
+            tg.start_soon(app.shutdown)
             await anyio.wait_all_tasks_blocked()
-            returned.set()
-    assert order == ["returned to the pool", "pool closed", "aclose returned"]
+            app.returned["alice"].set()
+    assert app.order == ["alice's returned to the pool", "pool closed", "aclose returned"]
 
 
 async def test_aclose_cleans_the_app_after_every_users_cleanup_already_under_way(
@@ -1360,59 +1381,25 @@ async def test_aclose_cleans_the_app_after_every_users_cleanup_already_under_way
     dave's, each connection going back to the APP pool slowly. ``registry.aclose()``
     closes the pool only once both are back: dave's coming back first does not let it
     close the pool with alice's still on its way."""
-    registry = Registry(clock=clock)
-    order: list[str] = []
-    returning = {"alice": anyio.Event(), "dave": anyio.Event()}
-    returned = {"alice": anyio.Event(), "dave": anyio.Event()}
-
-    class Pool:
-        closed = False
-
-        async def aclose(self) -> None:
-            order.append("pool closed")
-            self.closed = True
-
-    async def connection(user: UserRef) -> AsyncIterator[str]:
-        pool = await ambient.resolve(Pool)
-        yield f"connection of {user.user_id}"
-        returning[user.user_id].set()
-        await returned[user.user_id].wait()
-        where = "a closed pool" if pool.closed else "the pool"
-        order.append(f"{user.user_id}'s returned to {where}")
-
-    done = {"bob": anyio.Event(), "carol": anyio.Event()}
-
-    async def request(user: str) -> None:
-        async with registry.open_scope(ctx(user)):
-            pass
-        done[user].set()
-
-    async def shutdown() -> None:
-        await registry.aclose()
-        order.append("aclose returned")
-
-    registry.register(Pool, Pool, lifetime=Lifetime.APP)
-    registry.register("connection", connection, lifetime=Lifetime.USER, idle_ttl=1)
+    app = SlowReturns(clock, "alice", "dave")
     with anyio.fail_after(10):
-        async with registry.open_scope(ctx("alice")):
-            await ambient.resolve("connection")
+        await app.take("alice")
         clock.now += 5
         async with anyio.create_task_group() as tg:
-            tg.start_soon(request, "bob")  # runs alice's expiry
-            await returning["alice"].wait()
-            async with registry.open_scope(ctx("dave")):
-                await ambient.resolve("connection")
+            tg.start_soon(app.request, "bob")  # runs alice's expiry
+            await app.returning["alice"].wait()
+            await app.take("dave")
             clock.now += 5
-            tg.start_soon(request, "carol")  # runs dave's expiry
-            await returning["dave"].wait()
-            tg.start_soon(shutdown)
+            tg.start_soon(app.request, "carol")  # runs dave's expiry
+            await app.returning["dave"].wait()
+            tg.start_soon(app.shutdown)
             await anyio.wait_all_tasks_blocked()
-            returned["dave"].set()
-            await done["carol"].wait()  # dave's cleanup has ended
+            app.returned["dave"].set()
+            await app.done["carol"].wait()  # dave's cleanup has ended
             await anyio.wait_all_tasks_blocked()
-            assert order == ["dave's returned to the pool"]
-            returned["alice"].set()
-    assert order == [
+            assert app.order == ["dave's returned to the pool"]
+            app.returned["alice"].set()
+    assert app.order == [
         "dave's returned to the pool",
         "alice's returned to the pool",
         "pool closed",
@@ -2309,56 +2296,30 @@ async def test_a_cancelled_aclose_still_cleans_the_app_after_users_cleanups_unde
     """Many idle users' connections are going back to the APP pool (an expiry a request
     ran) when shutdown calls ``registry.aclose()``, and the shutdown is then cancelled (its
     grace period ran out): the pool still closes only once every connection is back."""
-    registry = Registry(clock=clock)
-    order: list[str] = []
-    returned = anyio.Event()
     users = [f"user-{n}" for n in range(10)]
-    returning: set[str] = set()
-    all_returning = anyio.Event()
-
-    class Pool:
-        closed = False
-
-        async def aclose(self) -> None:
-            order.append("pool closed")
-            self.closed = True
-
-    async def connection(user: UserRef) -> AsyncIterator[str]:
-        pool = await ambient.resolve(Pool)
-        yield f"connection of {user.user_id}"
-        returning.add(user.user_id)
-        if len(returning) == len(users):
-            all_returning.set()
-        await returned.wait()
-        order.append("returned to a closed pool" if pool.closed else "returned to the pool")
-
-    registry.register(Pool, Pool, lifetime=Lifetime.APP)
-    registry.register("connection", connection, lifetime=Lifetime.USER, idle_ttl=1)
+    app = SlowReturns(clock, *users)
     for user in users:
-        async with registry.open_scope(ctx(user)):
-            await ambient.resolve("connection")
+        await app.take(user)
     clock.now += 5
-
-    async def request() -> None:
-        async with registry.open_scope(ctx("bob")):
-            pass
-
     shutdown_scope = anyio.CancelScope()
 
     async def shutdown() -> None:
         with shutdown_scope:
-            await registry.aclose()
+            await app.registry.aclose()
 
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
-            tg.start_soon(request)
-            await all_returning.wait()
+            tg.start_soon(app.request, "bob")
+            for returning in app.returning.values():
+                await returning.wait()
             tg.start_soon(shutdown)
             await anyio.wait_all_tasks_blocked()
             shutdown_scope.cancel()
             await anyio.wait_all_tasks_blocked()
-            returned.set()
-    assert order == ["returned to the pool"] * len(users) + ["pool closed"]
+            for returned in app.returned.values():
+                returned.set()
+    back = sorted(f"{user}'s returned to the pool" for user in users)
+    assert (sorted(app.order[:-1]), app.order[-1:]) == (back, ["pool closed"])
 
 
 async def test_max_users_evicting_idle_users_one_at_a_time_warns_of_nothing(
