@@ -3,6 +3,7 @@ the current trace to every record, empty outside a context, never another user's
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import logging.handlers
@@ -41,14 +42,38 @@ from tests.servers import serve
 
 
 class Keep(logging.Handler):
-    """Keeps the records it handles."""
+    """Keeps the records it handles (those ``filters`` pass, in turn)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *filters: logging.Filter) -> None:
         super().__init__(logging.DEBUG)
         self.records: list[logging.LogRecord] = []
+        for log_filter in filters:
+            self.addFilter(log_filter)
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
+
+
+@contextlib.contextmanager
+def handled_by(
+    name: str, *handlers: logging.Handler, logger_filter: logging.Filter | None = None
+) -> Iterator[logging.Logger]:
+    """The logger ``tests.logging.<name>`` at INFO, not propagating, with ``handlers`` (in
+    this order) and ``logger_filter`` on it until the block is out."""
+    log = logging.getLogger(f"tests.logging.{name}")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    if logger_filter is not None:
+        log.addFilter(logger_filter)
+    for handler in handlers:
+        log.addHandler(handler)
+    try:
+        yield log
+    finally:
+        for handler in handlers:
+            log.removeHandler(handler)
+        if logger_filter is not None:
+            log.removeFilter(logger_filter)
 
 
 @pytest.fixture(name="tracer_provider")
@@ -156,20 +181,12 @@ class TestContextFilter:
         """A user id the call gives with ``extra=`` is the caller's: a raw debug handler's
         filter keeps it, and the hashing handler after it keeps it too instead of taking it
         for one the raw filter wrote."""
-        debug, exported = Keep(), Keep()
-        debug.addFilter(ContextFilter(user_id="raw"))
-        exported.addFilter(ContextFilter())
-        log = logging.getLogger("tests.logging.extra-two-policies")
-        log.setLevel(logging.INFO)
-        log.propagate = False
-        log.addHandler(debug)
-        log.addHandler(exported)
-        try:
-            with bind_context(UserExecutionContext.create("alice")):
-                log.info("hello", extra={"user_id": "service-account"})
-        finally:
-            log.removeHandler(debug)
-            log.removeHandler(exported)
+        debug, exported = Keep(ContextFilter(user_id="raw")), Keep(ContextFilter())
+        with (
+            handled_by("extra-two-policies", debug, exported) as log,
+            bind_context(UserExecutionContext.create("alice")),
+        ):
+            log.info("hello", extra={"user_id": "service-account"})
         assert debug.records[0].user_id == "service-account"  # type: ignore[attr-defined]
         assert exported.records[0].user_id == "service-account"  # type: ignore[attr-defined]
 
@@ -198,9 +215,6 @@ class TestContextFilter:
         """Handlers share one record: a filter giving away less of an id writes it again
         under its own policy, never the other way; a field given with ``extra=`` is kept by
         every handler."""
-        log = logging.getLogger(f"tests.logging.policies-{setup}")
-        log.setLevel(logging.INFO)
-        log.propagate = False
         emitted: dict[str, list[dict[str, Any]]] = {"debug": [], "exported": []}
         buffered: list[logging.LogRecord] = []
 
@@ -222,6 +236,7 @@ class TestContextFilter:
 
         debug, exported = Snapshot("debug"), Snapshot("exported")
         handlers: list[logging.Handler]
+        logger_filter = None
         if setup == "raw debug, hashing exported":
             debug.addFilter(ContextFilter(user_id="raw"))
             exported.addFilter(ContextFilter())
@@ -236,25 +251,20 @@ class TestContextFilter:
             debug.addFilter(ContextFilter(user_id="raw"))
             handlers = [buffer, debug]
         elif setup == "hashing logger, hashing debug and exported":
-            log.addFilter(logger_filter := ContextFilter())
+            logger_filter = ContextFilter()
             debug.addFilter(ContextFilter())
             exported.addFilter(ContextFilter())
             handlers = [debug, exported]
         else:
-            log.addFilter(logger_filter := ContextFilter())
+            logger_filter = ContextFilter()
             debug.addFilter(ContextFilter(user_id="raw"))
             handlers = [debug, exported]
-        for handler in handlers:
-            log.addHandler(handler)
-        try:
-            with bind_context(UserExecutionContext.create("alice@example.com")):
-                log.info("run done")
-                log.info("given", extra={"request_id": "from-caller"})
-        finally:
-            for handler in handlers:
-                log.removeHandler(handler)
-            if setup.startswith("hashing logger"):
-                log.removeFilter(logger_filter)
+        with (
+            handled_by(f"policies-{setup}", *handlers, logger_filter=logger_filter) as log,
+            bind_context(UserExecutionContext.create("alice@example.com")),
+        ):
+            log.info("run done")
+            log.info("given", extra={"request_id": "from-caller"})
         for record in buffered:  # the buffer flushes now, after the other handlers ran
             exported.handle(record)
         shown = {"raw": "alice@example.com", "hash": hash_id("alice@example.com"), "omit": ""}
@@ -270,36 +280,29 @@ class TestContextFilter:
         """A raw debug handler and a MemoryHandler whose target hashes: alice's record,
         flushed later in another context, carries alice's pseudonym, never the flushing
         context's user id (nor an empty one)."""
-        log = logging.getLogger(f"tests.logging.flushed-{flushed_in}")
-        log.setLevel(logging.INFO)
-        log.propagate = False
         exported: list[tuple[str, str, str]] = []
 
         class Snapshot(logging.Handler):
             def emit(self, record: logging.LogRecord) -> None:
                 exported.append((record.getMessage(), record.user_id, record.request_id))  # type: ignore[attr-defined]
 
-        debug = Keep()
-        debug.addFilter(ContextFilter(user_id="raw"))
+        debug = Keep(ContextFilter(user_id="raw"))
         target = Snapshot()
         target.addFilter(ContextFilter())
         buffer = logging.handlers.MemoryHandler(
             capacity=100, flushLevel=logging.CRITICAL, target=target
         )
-        log.addHandler(debug)
-        log.addHandler(buffer)
         alice = UserExecutionContext.create("alice", request_id="req-alice")
         try:
-            with bind_context(alice):
-                log.info("for alice")
-            if flushed_in == "no context":
-                buffer.flush()
-            else:
-                with bind_context(UserExecutionContext.create("bob", request_id="req-bob")):
+            with handled_by(f"flushed-{flushed_in}", debug, buffer) as log:
+                with bind_context(alice):
+                    log.info("for alice")
+                if flushed_in == "no context":
                     buffer.flush()
+                else:
+                    with bind_context(UserExecutionContext.create("bob", request_id="req-bob")):
+                        buffer.flush()
         finally:
-            log.removeHandler(debug)
-            log.removeHandler(buffer)
             buffer.close()
         assert exported == [("for alice", hash_id("alice"), "req-alice")]
 
@@ -309,32 +312,25 @@ class TestContextFilter:
         """A raw debug handler, then a QueueHandler whose listener's handler hashes: the
         listener gets a copy of the record, in a thread with no context, and still writes
         the hash, never the raw id the debug handler's filter put on the record."""
-        log = logging.getLogger("tests.logging.queued")
-        log.setLevel(logging.INFO)
-        log.propagate = False
         exported: list[tuple[str, str]] = []
 
         class Snapshot(logging.Handler):
             def emit(self, record: logging.LogRecord) -> None:
                 exported.append((record.user_id, record.tenant_id))  # type: ignore[attr-defined]
 
-        debug = Keep()
-        debug.addFilter(ContextFilter(user_id="raw"))
+        debug = Keep(ContextFilter(user_id="raw"))
         target = Snapshot()
         target.addFilter(ContextFilter(tenant_id="omit"))
         records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
         listener = logging.handlers.QueueListener(records, target)
-        queued = logging.handlers.QueueHandler(records)
-        log.addHandler(debug)
-        log.addHandler(queued)
-        listener.start()
-        try:
-            with bind_context(UserExecutionContext.create("alice@example.com", tenant_id="acme")):
-                log.info("run done")
-        finally:
-            listener.stop()
-            log.removeHandler(debug)
-            log.removeHandler(queued)
+        with handled_by("queued", debug, logging.handlers.QueueHandler(records)) as log:
+            listener.start()
+            try:
+                alice = UserExecutionContext.create("alice@example.com", tenant_id="acme")
+                with bind_context(alice):
+                    log.info("run done")
+            finally:
+                listener.stop()
         assert exported == [(hash_id("alice@example.com"), "")]
         # The copy the listener got pickles as plain strings (a SocketHandler's receiver
         # need not have this library installed).
@@ -347,33 +343,25 @@ class TestContextFilter:
         """A raw debug handler, a hashing one, then a QueueHandler whose listener's handler
         omits the user id: the hash the second filter wrote still reaches the listener's
         copy of the record as written under "hash", so the omitting filter empties it."""
-        log = logging.getLogger("tests.logging.queued-three")
-        log.setLevel(logging.INFO)
-        log.propagate = False
         exported: list[str] = []
 
         class Snapshot(logging.Handler):
             def emit(self, record: logging.LogRecord) -> None:
                 exported.append(record.user_id)  # type: ignore[attr-defined]
 
-        debug, hashing = Keep(), Keep()
-        debug.addFilter(ContextFilter(user_id="raw"))
-        hashing.addFilter(ContextFilter())
+        debug, hashing = Keep(ContextFilter(user_id="raw")), Keep(ContextFilter())
         target = Snapshot()
         target.addFilter(ContextFilter(user_id="omit"))
         records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
         listener = logging.handlers.QueueListener(records, target)
         queued = logging.handlers.QueueHandler(records)
-        for handler in (debug, hashing, queued):
-            log.addHandler(handler)
-        listener.start()
-        try:
-            with bind_context(UserExecutionContext.create("alice@example.com")):
-                log.info("run done")
-        finally:
-            listener.stop()
-            for handler in (debug, hashing, queued):
-                log.removeHandler(handler)
+        with handled_by("queued-three", debug, hashing, queued) as log:
+            listener.start()
+            try:
+                with bind_context(UserExecutionContext.create("alice@example.com")):
+                    log.info("run done")
+            finally:
+                listener.stop()
         assert exported == [""]
         assert hashing.records[0].user_id == hash_id("alice@example.com")  # type: ignore[attr-defined]
 
@@ -424,19 +412,9 @@ print(shown == ["alice@example.com"], exported == [hash_id("alice@example.com")]
         """A raw debug handler, then a hashing one, on a record made outside any context:
         the empty ids the first filter wrote stay empty under the second, never the hash
         of an empty string, which would look like a user's."""
-        debug, exported = Keep(), Keep()
-        debug.addFilter(ContextFilter(user_id="raw"))
-        exported.addFilter(ContextFilter(tenant_id="hash"))
-        log = logging.getLogger("tests.logging.outside-two-policies")
-        log.setLevel(logging.INFO)
-        log.propagate = False
-        log.addHandler(debug)
-        log.addHandler(exported)
-        try:
+        debug, exported = Keep(ContextFilter(user_id="raw")), Keep(ContextFilter(tenant_id="hash"))
+        with handled_by("outside-two-policies", debug, exported) as log:
             log.info("no context")
-        finally:
-            log.removeHandler(debug)
-            log.removeHandler(exported)
         (record,) = exported.records
         assert (record.user_id, record.tenant_id) == ("", "")  # type: ignore[attr-defined]
 
@@ -447,26 +425,18 @@ print(shown == ["alice@example.com"], exported == [hash_id("alice@example.com")]
         out, without the id rather than with the raw one."""
         import hmac
 
-        debug, exported = Keep(), Keep()
-        debug.addFilter(ContextFilter(user_id="raw"))
-        exported.addFilter(ContextFilter())
-        log = logging.getLogger("tests.logging.failing-hash")
-        log.setLevel(logging.INFO)
-        log.propagate = False
-        log.addHandler(debug)
-        log.addHandler(exported)
+        debug, exported = Keep(ContextFilter(user_id="raw")), Keep(ContextFilter())
 
         def broken(*args: object) -> bytes:
             raise RuntimeError("hash failed")
 
-        try:
-            with bind_context(UserExecutionContext.create("alice@example.com")):
-                monkeypatch.setattr(hmac, "digest", broken)
-                log.info("run done")
-                monkeypatch.undo()
-        finally:
-            log.removeHandler(debug)
-            log.removeHandler(exported)
+        with (
+            handled_by("failing-hash", debug, exported) as log,
+            bind_context(UserExecutionContext.create("alice@example.com")),
+        ):
+            monkeypatch.setattr(hmac, "digest", broken)
+            log.info("run done")
+            monkeypatch.undo()
         (record,) = exported.records
         assert record.user_id == ""  # type: ignore[attr-defined]
         assert "alice@example.com" not in repr(record.__dict__)
@@ -583,25 +553,15 @@ print(shown == ["alice@example.com"], exported == [hash_id("alice@example.com")]
         string, which the target's hashing filter then took for a value given with extra=
         and exported raw."""
         _drop_test_handlers()  # and with them the filters of earlier tests
-        log = logging.getLogger("tests.logging.buffered")
-        log.setLevel(logging.DEBUG)
-        log.propagate = False
-        log.addFilter(ContextFilter(user_id="raw"))
         buffer = logging.handlers.MemoryHandler(100, flushLevel=logging.CRITICAL)
-        log.addHandler(buffer)
-        try:
+        with handled_by("buffered", buffer, logger_filter=ContextFilter(user_id="raw")) as log:
             with bind_context(UserExecutionContext.create("alice")):
                 log.info("before the exporter is set up")
-            exporter = Keep()
-            exporter.addFilter(ContextFilter())
+            exporter = Keep(ContextFilter())
             buffer.setTarget(exporter)
             buffer.flush()
             (record,) = exporter.records
             assert record.user_id == hash_id("alice")  # type: ignore[attr-defined]
-        finally:
-            log.removeHandler(buffer)
-            for old in list(log.filters):
-                log.removeFilter(old)
 
     def test_filters_made_and_dropped_on_many_threads_leave_the_strictest_live_policy(
         self,
