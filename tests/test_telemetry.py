@@ -19,7 +19,7 @@ import threading
 import time
 import traceback
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import nullcontext
 from typing import Any
 
@@ -234,6 +234,18 @@ class Memory:
 
 def ctx(user: str = "alice", **ids: Any) -> UserExecutionContext:
     return UserExecutionContext.create(user, **ids)
+
+
+async def resolved_by_each(registry: Registry, key: type, users: Iterable[str]) -> None:
+    """Each of ``users``, all at once, resolves ``key`` in a scope of theirs."""
+
+    async def visit(user: str) -> None:
+        async with registry.open_scope(ctx(user)):
+            await ambient.resolve(key)
+
+    async with anyio.create_task_group() as tg:
+        for user in users:
+            tg.start_soon(visit, user)
 
 
 def one(spans: list[ReadableSpan]) -> ReadableSpan:
@@ -901,15 +913,8 @@ class TestComponentSpans:
         0.0 s: under span_threshold=0 it is still a span, "every one", for every user."""
         registry = Registry(telemetry=otel.telemetry(span_threshold=0))
         registry.register(Dispatcher, Dispatcher)
-
-        async def visit(user: str) -> None:
-            async with registry.open_scope(ctx(user)):
-                await ambient.resolve(Dispatcher)
-
         monkeypatch.setattr(time, "perf_counter", lambda: 1.0)
-        async with anyio.create_task_group() as tg:
-            for i in range(10):
-                tg.start_soon(visit, f"user-{i}")
+        await resolved_by_each(registry, Dispatcher, [f"user-{i}" for i in range(10)])
         monkeypatch.undo()
         resolves = otel.spans.named("ambient.resolve")
         cleanups = otel.spans.named("ambient.cleanup")
@@ -951,15 +956,22 @@ class TestComponentSpans:
             "exception",
         ]
 
-    async def test_events_under_an_attribute_length_limit(self) -> None:
-        """With a span attribute length limit configured, events are truncated by the SDK
-        like any attribute (the SDK's own ``add_event`` path)."""
+    @staticmethod
+    def dispatching_under(limits: SpanLimits) -> tuple[Registry, TracerProvider, Collector]:
+        """A registry with :class:`Dispatcher`, its spans made under ``limits`` (and its
+        component events on them, below the default threshold) collected."""
         spans = Collector()
-        provider = TracerProvider(span_limits=SpanLimits(max_attribute_length=4))
+        provider = TracerProvider(span_limits=limits)
         provider.add_span_processor(spans)
         telemetry = Telemetry(tracer_provider=provider, meter_provider=NoOpMeterProvider())
         registry = Registry(telemetry=telemetry)
         registry.register(Dispatcher, Dispatcher)
+        return registry, provider, spans
+
+    async def test_events_under_an_attribute_length_limit(self) -> None:
+        """With a span attribute length limit configured, events are truncated by the SDK
+        like any attribute (the SDK's own ``add_event`` path)."""
+        registry, provider, spans = self.dispatching_under(SpanLimits(max_attribute_length=4))
         async with registry.open_scope(ctx()):
             await ambient.resolve(Dispatcher)
         provider.shutdown()
@@ -976,20 +988,8 @@ class TestComponentSpans:
     async def test_events_under_an_event_attribute_count_limit(self) -> None:
         """With fewer attributes allowed per event than a component event has, the SDK
         keeps within the limit (its own ``add_event`` path), for each of many users."""
-        spans = Collector()
-        provider = TracerProvider(span_limits=SpanLimits(max_event_attributes=2))
-        provider.add_span_processor(spans)
-        telemetry = Telemetry(tracer_provider=provider, meter_provider=NoOpMeterProvider())
-        registry = Registry(telemetry=telemetry)
-        registry.register(Dispatcher, Dispatcher)
-
-        async def visit(user: str) -> None:
-            async with registry.open_scope(ctx(user)):
-                await ambient.resolve(Dispatcher)
-
-        async with anyio.create_task_group() as tg:
-            for i in range(10):
-                tg.start_soon(visit, f"user-{i}")
+        registry, provider, spans = self.dispatching_under(SpanLimits(max_event_attributes=2))
+        await resolved_by_each(registry, Dispatcher, [f"user-{i}" for i in range(10)])
         provider.shutdown()
         scope_spans = spans.named("ambient.scope")
         assert len(scope_spans) == 10
@@ -1046,16 +1046,9 @@ class TestComponentSpans:
 
         registry = Registry(telemetry=otel.telemetry(span_threshold=0))
         registry.register(Dispatcher, dispatcher)
-
-        async def visit(user: str) -> None:
-            async with registry.open_scope(ctx(user)):
-                await ambient.resolve(Dispatcher)
-
         remove = ambient.add_observer(Durations())
         try:
-            async with anyio.create_task_group() as tg:
-                for i in range(20):
-                    tg.start_soon(visit, f"user-{i}")
+            await resolved_by_each(registry, Dispatcher, [f"user-{i}" for i in range(20)])
         finally:
             remove()
         spans = [*otel.spans.named("ambient.resolve"), *otel.spans.named("ambient.cleanup")]
@@ -1192,14 +1185,7 @@ class TestComponentSpans:
 
         registry.register(Memory, memory, lifetime=Lifetime.USER)
         users = [f"user-{i}" for i in range(10)]
-
-        async def visit(user: str) -> None:
-            async with registry.open_scope(ctx(user)):
-                await ambient.resolve(Memory)
-
-        async with anyio.create_task_group() as tg:
-            for user in users:
-                tg.start_soon(visit, user)
+        await resolved_by_each(registry, Memory, users)
         tracer = otel.tracer_provider.get_tracer("test")
         with tracer.start_as_current_span("shutdown") as shutdown, pytest.raises(CleanupError):
             await registry.aclose()
@@ -3216,14 +3202,8 @@ class RequestFailedError(Exception):
         self.answer = answer
 
 
-class Worker:
+class Worker(Dispatcher):
     """A REQUEST component resolved in the worker thread, with a cleanup."""
-
-    def __init__(self) -> None:
-        self.closed = False
-
-    def close(self) -> None:
-        self.closed = True
 
 
 class Hop:
