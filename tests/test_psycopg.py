@@ -21,7 +21,7 @@ import time
 import uuid
 import warnings
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -99,6 +99,23 @@ def _admin() -> psycopg.Connection[Any]:
     except psycopg.OperationalError as exc:
         service_unavailable("PostgreSQL", str(exc).splitlines()[0])
         raise  # unreachable: service_unavailable skips or fails
+
+
+async def _rls_problems(url: str, tables: Iterable[str] = ()) -> list[str]:
+    """The problems check_rls raises RowSecurityError with, on a connection to ``url``."""
+    async with await psycopg.AsyncConnection.connect(url) as conn:
+        with pytest.raises(RowSecurityError) as info:
+            await check_rls(conn, tables)
+    return info.value.problems
+
+
+async def _rls_warnings(url: str, tables: Iterable[str]) -> list[str]:
+    """The problems check_rls, asked to warn, warns of (RowSecurityWarning) and returns, on a
+    connection to ``url``."""
+    async with await psycopg.AsyncConnection.connect(url) as conn:
+        with pytest.warns(RowSecurityWarning):
+            problems = await check_rls(conn, tables, action="warn")
+    return problems
 
 
 def _url_for(role: str) -> str:
@@ -2175,9 +2192,7 @@ async def test_check_rls_detects_views_that_bypass_the_policies(db: Database) ->
                     count = sql.SQL("SELECT count(*) FROM {}").format(relation)
                     counts[name] = await _scalar(conn, count)
     assert counts == {"notes": 0, "leaky": 1, "frozen": 1, "invoker": 0}  # the danger
-    async with await psycopg.AsyncConnection.connect(db.app_url) as conn:
-        with pytest.warns(RowSecurityWarning):
-            problems = await check_rls(conn, [db.notes], action="warn")
+    problems = await _rls_warnings(db.app_url, [db.notes])
     assert len(problems) == 2
     assert f"materialized view '{db.schema}.frozen'" in problems[0]
     assert f"view '{db.schema}.leaky'" in problems[1]
@@ -2224,9 +2239,7 @@ async def test_check_rls_detects_views_over_views_that_bypass_the_policies(
                     name: await _scalar(conn, count.format(views[name])) for name in names[1:]
                 }
     assert counts == {"report": 1, "stored": 1, "invoker": 0, "over_invoker": 0}  # the danger
-    async with await psycopg.AsyncConnection.connect(db.app_url) as conn:
-        with pytest.warns(RowSecurityWarning):
-            problems = await check_rls(conn, [db.notes], action="warn")
+    problems = await _rls_warnings(db.app_url, [db.notes])
     assert len(problems) == 2
     assert f"view '{db.schema}.report' shows the rows" in problems[0]
     assert f"that '{db.schema}.internal' reads without its policies" in problems[0]
@@ -2285,9 +2298,7 @@ async def test_check_rls_detects_partitions_and_children_read_without_the_polici
                     for name in ("docs", "docs_globex")
                 ]
     assert (through_parent, direct) == (1, 1)  # the danger: globex's row, read directly
-    async with await psycopg.AsyncConnection.connect(db.app_url) as conn:
-        with pytest.warns(RowSecurityWarning):
-            problems = await check_rls(conn, [f"{schema}.docs", f"{schema}.base"], action="warn")
+    problems = await _rls_warnings(db.app_url, [f"{schema}.docs", f"{schema}.base"])
     named = [re.findall(r"'([^']+)'", problem)[0] for problem in problems]
     assert named == [
         f"{schema}.docs_acme",
@@ -2321,9 +2332,7 @@ async def test_check_rls_asks_no_security_invoker_of_a_materialized_view_a_view_
         )
         admin.execute(sql.SQL("CREATE VIEW {} AS SELECT * FROM {}").format(report, stored))
         admin.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(report, app_role))
-    async with await psycopg.AsyncConnection.connect(db.app_url) as conn:
-        with pytest.warns(RowSecurityWarning):
-            problems = await check_rls(conn, [db.notes], action="warn")
+    problems = await _rls_warnings(db.app_url, [db.notes])
     assert len(problems) == 1
     assert f"view '{db.schema}.report'" in problems[0]
     assert f"materialized view '{db.schema}.stored'" in problems[0]
@@ -2369,9 +2378,7 @@ async def test_check_rls_detects_views_over_partitions_that_skip_the_policies(
                     for name in ("docs", "globex_report")
                 ]
     assert (through_parent, through_view) == (0, 1)  # the danger: globex's row, in a view
-    async with await psycopg.AsyncConnection.connect(db.app_url) as conn:
-        with pytest.warns(RowSecurityWarning):
-            problems = await check_rls(conn, [f"{schema}.docs"], action="warn")
+    problems = await _rls_warnings(db.app_url, [f"{schema}.docs"])
     assert len(problems) == 1
     assert f"view '{schema}.globex_report'" in problems[0]
     assert f"'{schema}.docs_globex'" in problems[0]
@@ -2424,10 +2431,7 @@ async def test_check_rls_names_a_superuser_and_a_bypassrls_role_apart(db: Databa
     found: dict[str, list[str]] = {}
     try:
         for role in (superuser, bypasser):
-            async with await psycopg.AsyncConnection.connect(_url_for(role)) as conn:
-                with pytest.raises(RowSecurityError) as info:
-                    await check_rls(conn)
-            found[role] = info.value.problems
+            found[role] = await _rls_problems(_url_for(role))
     finally:
         with _admin() as admin:
             admin.execute(f"DROP ROLE {superuser}")
@@ -2441,12 +2445,10 @@ async def test_check_rls_names_a_superuser_and_a_bypassrls_role_apart(db: Databa
 async def test_check_rls_checks_the_tables_after_a_missing_one(db: Database) -> None:
     """A protected table that does not exist is a problem, and the tables named after it
     are checked all the same: one without row-level security is not passed over."""
-    async with await psycopg.AsyncConnection.connect(db.app_url) as conn:
-        with pytest.raises(RowSecurityError) as info:
-            await check_rls(conn, [f"{db.schema}.missing", f"{db.schema}.plain"])
-    assert len(info.value.problems) == 2, info.value.problems
-    assert f"table '{db.schema}.missing' does not exist" in info.value.problems[0]
-    assert f"row-level security is not enabled on '{db.schema}.plain'" in info.value.problems[1]
+    problems = await _rls_problems(db.app_url, [f"{db.schema}.missing", f"{db.schema}.plain"])
+    assert len(problems) == 2, problems
+    assert f"table '{db.schema}.missing' does not exist" in problems[0]
+    assert f"row-level security is not enabled on '{db.schema}.plain'" in problems[1]
 
 
 async def test_check_rls_refuses_an_unknown_action(db: Database) -> None:
@@ -2466,11 +2468,9 @@ async def test_check_rls_names_an_owned_table_without_row_level_security_once(
     with _admin() as admin:
         admin.execute(f"CREATE TABLE {db.schema}.mine (owner text)")
         admin.execute(f"ALTER TABLE {db.schema}.mine OWNER TO {owner}")
-    async with await psycopg.AsyncConnection.connect(db.owner_url) as conn:
-        with pytest.raises(RowSecurityError) as info:
-            await check_rls(conn, [f"{db.schema}.mine"])
-    assert len(info.value.problems) == 1, info.value.problems
-    assert f"row-level security is not enabled on '{db.schema}.mine'" in info.value.problems[0]
+    problems = await _rls_problems(db.owner_url, [f"{db.schema}.mine"])
+    assert len(problems) == 1, problems
+    assert f"row-level security is not enabled on '{db.schema}.mine'" in problems[0]
 
 
 async def test_check_rls_detects_a_materialized_view_owned_by_a_role_under_the_policies(
@@ -2486,11 +2486,9 @@ async def test_check_rls_detects_a_materialized_view_owned_by_a_role_under_the_p
             )
         )
         admin.execute(f"ALTER MATERIALIZED VIEW {db.schema}.kept OWNER TO {app}")
-    async with await psycopg.AsyncConnection.connect(db.app_url) as conn:
-        with pytest.raises(RowSecurityError) as info:
-            await check_rls(conn, [db.notes])
-    assert len(info.value.problems) == 1, info.value.problems
-    assert f"materialized view '{db.schema}.kept'" in info.value.problems[0]
+    problems = await _rls_problems(db.app_url, [db.notes])
+    assert len(problems) == 1, problems
+    assert f"materialized view '{db.schema}.kept'" in problems[0]
 
 
 @pytest.mark.parametrize("owner", ["SUPERUSER NOBYPASSRLS", "NOSUPERUSER BYPASSRLS", "table owner"])
@@ -2519,16 +2517,14 @@ async def test_check_rls_detects_a_view_whose_owner_bypasses_the_policies(
         admin.execute(f"ALTER VIEW {db.schema}.seen OWNER TO {role}")
         admin.execute(f"GRANT SELECT ON {db.schema}.seen TO {app}")
     try:
-        async with await psycopg.AsyncConnection.connect(db.app_url) as conn:
-            with pytest.raises(RowSecurityError) as info:
-                await check_rls(conn, [table])
+        problems = await _rls_problems(db.app_url, [table])
     finally:
         if owner != "table owner":
             with _admin() as admin:
                 admin.execute(f"DROP OWNED BY {role}")
                 admin.execute(f"DROP ROLE {role}")
-    assert len(info.value.problems) == 1, info.value.problems
-    assert f"view '{db.schema}.seen' reads '{table}'" in info.value.problems[0]
+    assert len(problems) == 1, problems
+    assert f"view '{db.schema}.seen' reads '{table}'" in problems[0]
 
 
 async def test_check_rls_detects_a_materialized_view_over_a_security_invoker_view(
@@ -2549,11 +2545,9 @@ async def test_check_rls_detects_a_materialized_view_over_a_security_invoker_vie
             sql.SQL("CREATE MATERIALIZED VIEW {} AS SELECT * FROM {}").format(kept, invoker)
         )
         admin.execute(f"GRANT SELECT ON {db.schema}.invoker, {db.schema}.kept TO {app}")
-    async with await psycopg.AsyncConnection.connect(db.app_url) as conn:
-        with pytest.raises(RowSecurityError) as info:
-            await check_rls(conn, [db.notes])
-    assert len(info.value.problems) == 1, info.value.problems
-    assert f"materialized view '{db.schema}.kept'" in info.value.problems[0]
+    problems = await _rls_problems(db.app_url, [db.notes])
+    assert len(problems) == 1, problems
+    assert f"materialized view '{db.schema}.kept'" in problems[0]
 
 
 async def test_check_rls_detects_a_view_over_a_child_without_row_level_security(
@@ -2575,17 +2569,15 @@ async def test_check_rls_detects_a_view_over_a_child_without_row_level_security(
         admin.execute(f"ALTER VIEW {db.schema}.kids OWNER TO {role}")
         admin.execute(f"GRANT SELECT ON {db.schema}.kids TO {app}")
     try:
-        async with await psycopg.AsyncConnection.connect(db.app_url) as conn:
-            with pytest.raises(RowSecurityError) as info:
-                await check_rls(conn, [db.notes])
+        problems = await _rls_problems(db.app_url, [db.notes])
     finally:
         with _admin() as admin:
             admin.execute(f"DROP OWNED BY {role}")
             admin.execute(f"DROP ROLE {role}")
-    assert len(info.value.problems) == 1, info.value.problems
+    assert len(problems) == 1, problems
     assert (
         f"view '{db.schema}.kids' reads '{db.schema}.kid', a partition or child of "
-        f"'{db.notes}'" in info.value.problems[0]
+        f"'{db.notes}'" in problems[0]
     )
 
 
@@ -2597,14 +2589,9 @@ async def test_check_rls_detects_a_child_the_role_owns_without_force(db: Databas
         admin.execute(f"CREATE TABLE {db.schema}.kid () INHERITS ({db.notes})")
         admin.execute(f"ALTER TABLE {db.schema}.kid ENABLE ROW LEVEL SECURITY")
         admin.execute(f"ALTER TABLE {db.schema}.kid OWNER TO {app}")
-    async with await psycopg.AsyncConnection.connect(db.app_url) as conn:
-        with pytest.raises(RowSecurityError) as info:
-            await check_rls(conn, [db.notes])
-    assert len(info.value.problems) == 1, info.value.problems
-    assert (
-        f"table '{db.schema}.kid' is a partition or child of '{db.notes}'"
-        in (info.value.problems[0])
-    )
+    problems = await _rls_problems(db.app_url, [db.notes])
+    assert len(problems) == 1, problems
+    assert f"table '{db.schema}.kid' is a partition or child of '{db.notes}'" in problems[0]
 
 
 @pytest.fixture(name="hidden")
