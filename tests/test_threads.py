@@ -353,6 +353,23 @@ async def test_a_cycle_through_a_worker_threads_wait_for_another_task_is_named()
     assert registry.stats().created == 0
 
 
+async def _cut_short_once_started(
+    started: anyio.Event, consume: Callable[[], Awaitable[object]]
+) -> None:
+    """``consume`` (work in a thread) cancelled once ``started`` is set (a client hanging
+    up mid-step): it must end through that cancellation."""
+    with anyio.CancelScope() as cancel:
+        async with anyio.create_task_group() as inner:
+
+            async def cancel_when_started() -> None:
+                await started.wait()
+                cancel.cancel()
+
+            inner.start_soon(cancel_when_started)
+            await consume()
+    assert cancel.cancelled_caught
+
+
 async def _abandoned_in_a_scope_of_alice(
     registry: Registry,
     started: anyio.Event,
@@ -373,16 +390,7 @@ async def _abandoned_in_a_scope_of_alice(
             tg.start_soon(let_go)
             async with registry.open_scope(UserExecutionContext.create("alice")):
                 probe = await ambient.resolve(Probe)
-                with anyio.CancelScope() as cancel:
-                    async with anyio.create_task_group() as inner:
-
-                        async def cancel_when_started() -> None:
-                            await started.wait()
-                            cancel.cancel()
-
-                        inner.start_soon(cancel_when_started)
-                        await consume()
-                assert cancel.cancelled_caught
+                await _cut_short_once_started(started, consume)
                 body_ended.set()
     return probe
 
@@ -1166,16 +1174,9 @@ async def test_abandon_on_cancel_with_no_scope_bound_lets_a_cancelled_caller_go(
         ended.set()
 
     async def call() -> None:
-        with anyio.CancelScope() as cancel:
-            async with anyio.create_task_group() as inner:
-
-                async def cancel_when_started() -> None:
-                    await started.wait()
-                    cancel.cancel()
-
-                inner.start_soon(cancel_when_started)
-                await run_sync_in_thread(work, abandon_on_cancel=True)
-        assert cancel.cancelled_caught
+        await _cut_short_once_started(
+            started, lambda: run_sync_in_thread(work, abandon_on_cancel=True)
+        )
 
     try:
         with anyio.fail_after(5):
