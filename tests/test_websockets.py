@@ -2225,6 +2225,39 @@ class FailingSend(Quiet):
         raise OSError("connection reset by peer")
 
 
+@contextlib.asynccontextmanager
+async def carol_in_a_shielded_step(
+    registry: Registry, socket: Any
+) -> AsyncIterator[tuple[Connection, list[str]]]:
+    """carol's handler connected on ``socket`` (connection c-1) and in a step that must
+    not be cut short (a shielded one) until the block is out, also when it fails (else
+    the step would hang the test). Yields her connection and what her handler did once
+    the step was done: "served on" if its block went past its next await, then "ended
+    quietly" once out of connect() without an error. The handler is waited for on the
+    way out."""
+    entered, leave = anyio.Event(), anyio.Event()
+    connected: list[Connection] = []
+    outcome: list[str] = []
+
+    async def handler() -> None:
+        async with connected_socket(registry, socket) as (_, connection):
+            connected.append(connection)
+            with anyio.CancelScope(shield=True):
+                entered.set()
+                await leave.wait()
+            await anyio.lowlevel.checkpoint()  # the block ends at its first await
+            outcome.append("served on")
+        outcome.append("ended quietly")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(handler)
+        await entered.wait()
+        try:
+            yield connected[0], outcome
+        finally:
+            leave.set()
+
+
 async def test_a_socket_whose_send_failed_leaves_the_hub_while_its_block_still_runs() -> None:
     """A send to carol's socket fails while her handler is in a step that must not be cut
     short (a shielded one): the socket leaves the hub at once, counted as a send failure,
@@ -2234,34 +2267,17 @@ async def test_a_socket_whose_send_failed_leaves_the_hub_while_its_block_still_r
     hub = ConnectionHub()
     hub.install(registry)
     socket = FailingSend()
-    entered, leave = anyio.Event(), anyio.Event()
-    outcome: list[str] = []
-
-    async def handler() -> None:
-        async with connected_socket(registry, socket):
-            with anyio.CancelScope(shield=True):
-                entered.set()
-                await leave.wait()
-            await anyio.lowlevel.checkpoint()  # the block ends at its first await
-            outcome.append("served on")
-        outcome.append("ended quietly")
-
     with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(handler)
-            await entered.wait()
+        async with carol_in_a_shielded_step(registry, socket) as (_, outcome):
             sender = UserExecutionContext.create("carol", connection_id="c-2")
-            try:
-                async with registry.open_scope(sender) as scope:
-                    manager = await scope.resolve(UserWebSocketManager)
-                    await manager.broadcast_user({"seq": 1})
-                    await socket.failed.wait()
-                    stats = hub.stats()
-                    assert (stats.connections, stats.users, stats.send_failures) == (0, 0, 1)
-                    await manager.broadcast_user({"seq": 2})
-                    assert hub.stats().queued == 0
-            finally:
-                leave.set()  # the shielded step ends whatever happened
+            async with registry.open_scope(sender) as scope:
+                manager = await scope.resolve(UserWebSocketManager)
+                await manager.broadcast_user({"seq": 1})
+                await socket.failed.wait()
+                stats = hub.stats()
+                assert (stats.connections, stats.users, stats.send_failures) == (0, 0, 1)
+                await manager.broadcast_user({"seq": 2})
+                assert hub.stats().queued == 0
     assert outcome == ["ended quietly"]
     assert hub._leaving == set()
     await registry.aclose()
@@ -2275,28 +2291,13 @@ async def test_a_revoked_socket_reads_as_closed_while_its_block_finishes_a_step(
     hub = ConnectionHub()
     hub.install(registry)
     socket = SignalledAccept()
-    entered, leave = anyio.Event(), anyio.Event()
-    held: list[Connection] = []
-
-    async def handler() -> None:
-        async with connected_socket(registry, socket) as (_, connection):
-            held.append(connection)
-            with anyio.CancelScope(shield=True):
-                entered.set()
-                await leave.wait()
-            await anyio.sleep_forever()
-
     with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(handler)
-            await entered.wait()
-            try:
-                assert not held[0].closed
-                assert await hub.revoke("carol") == 1
-                assert (held[0].closed, held[0].close_code) == (True, 4001)
-                assert socket.closed == []  # not while the block runs
-            finally:
-                leave.set()
+        async with carol_in_a_shielded_step(registry, socket) as (connection, outcome):
+            assert not connection.closed
+            assert await hub.revoke("carol") == 1
+            assert (connection.closed, connection.close_code) == (True, 4001)
+            assert socket.closed == []  # not while the block runs
+    assert outcome == ["ended quietly"]  # cut short once the step was done
     assert socket.closed == [(4001, "access revoked")]
     await registry.aclose()
 
@@ -2563,26 +2564,10 @@ async def test_closing_the_hub_waits_for_a_socket_at_most_close_timeout(
     hub = ConnectionHub(Released(), close_timeout=0.05)
     hub.install(registry)
     socket = SignalledAccept()
-    entered, leave, finished = anyio.Event(), anyio.Event(), anyio.Event()
-
-    async def handler() -> None:
-        async with connected_socket(registry, socket):
-            entered.set()
-            with anyio.CancelScope(shield=True):
-                await leave.wait()
-        finished.set()
-
     with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(handler)
-            await entered.wait()
-            try:
-                await hub.aclose()
-                assert (socket.closed, released) == ([], ["backend"])
-            finally:
-                # Also when that fails: the handler's shielded wait would hang the test.
-                leave.set()
-            await finished.wait()
+        async with carol_in_a_shielded_step(registry, socket):
+            await hub.aclose()
+            assert (socket.closed, released) == ([], ["backend"])
     assert socket.closed == [(1001, "server shutting down")]
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
         "ambient: 1 socket(s) were still closing 0.05 s (close_timeout) after the hub "
