@@ -115,6 +115,18 @@ def warmed_up_app(correct_for: int, fault: str) -> AmbientMiddleware:
     )
 
 
+def resolving_app(registry: Registry, key: Any) -> AmbientMiddleware:
+    """An app whose one endpoint resolves ``key`` and answers with the user's id."""
+
+    async def endpoint(request: Request) -> Response:
+        await ambient.resolve(key)
+        return JSONResponse({"user": ambient.get_current_context().user_id})
+
+    return AmbientMiddleware(
+        Starlette(routes=[Route("/", endpoint)]), registry=registry, identity=trusted_header()
+    )
+
+
 def _demo_database(anyio_backend: str = "asyncio") -> str | None:
     """The test database's URL for the demo, once PostgreSQL answers (else the test is
     skipped, or fails where the services are required); ``None`` on trio, once the demo
@@ -672,13 +684,7 @@ class TestBrokenApps:
         registry = Registry()
         registry.register(Memory, Memory, lifetime=Lifetime.USER)
 
-        async def endpoint(request: Request) -> Response:
-            await ambient.resolve(Memory)
-            return JSONResponse({"user": ambient.get_current_context().user_id})
-
-        inner = AmbientMiddleware(
-            Starlette(routes=[Route("/", endpoint)]), registry=registry, identity=trusted_header()
-        )
+        inner = resolving_app(registry, Memory)
 
         async def app(scope: Any, receive: Any, send: Any) -> None:
             if scope["type"] != "lifespan":
@@ -748,13 +754,7 @@ class TestBrokenApps:
             Cart, lambda: carts.setdefault(ambient.get_current_context().user_id, Cart())
         )
 
-        async def endpoint(request: Request) -> Response:
-            await ambient.resolve(Cart)
-            return JSONResponse({"user": ambient.get_current_context().user_id})
-
-        app = AmbientMiddleware(
-            Starlette(routes=[Route("/", endpoint)]), registry=registry, identity=trusted_header()
-        )
+        app = resolving_app(registry, Cart)
         report = await check(app, users=3, requests=2)
         assert [cart.closes for cart in carts.values()] == [2, 2, 2]
         assert not report.ok
@@ -1060,13 +1060,7 @@ class TestBrokenApps:
         registry = Registry()
         registry.register(Leaky, Leaky, lifetime=lifetime, name="Leaky")
 
-        async def endpoint(request: Request) -> Response:
-            await ambient.resolve(Leaky)
-            return JSONResponse({"user": ambient.get_current_context().user_id})
-
-        app = AmbientMiddleware(
-            Starlette(routes=[Route("/", endpoint)]), registry=registry, identity=trusted_header()
-        )
+        app = resolving_app(registry, Leaky)
         report = await check(app, users=3, requests=2)
         assert not report.ok
         count = 6 if lifetime is Lifetime.REQUEST else 3
@@ -2422,13 +2416,7 @@ async def test_hand_outs_of_a_kept_object_while_memory_is_measured_are_no_ends()
     registry = Registry()
     registry.register("cart", lambda ctx: carts.setdefault(ctx.user_id, Cart()))
 
-    async def endpoint(request: Request) -> Response:
-        await ambient.resolve("cart")
-        return JSONResponse({"user": ambient.get_current_context().user_id})
-
-    app = AmbientMiddleware(
-        Starlette(routes=[Route("/", endpoint)]), registry=registry, identity=trusted_header()
-    )
+    app = resolving_app(registry, "cart")
     report = await check(app, users=3, requests=2, growth_requests=30)
     assert len(carts) == 3
     assert report.components_created == report.components_cleaned == 3 * 2
@@ -2894,13 +2882,7 @@ async def test_user_components_expiring_while_memory_is_measured_are_seen_cleane
     registry = Registry(clock=fast_clock)
     registry.register(Session, lambda: Session(), lifetime=Lifetime.USER, idle_ttl=5)
 
-    async def endpoint(request: Request) -> Response:
-        await ambient.resolve(Session)
-        return JSONResponse({"user": ambient.get_current_context().user_id})
-
-    app = AmbientMiddleware(
-        Starlette(routes=[Route("/", endpoint)]), registry=registry, identity=trusted_header()
-    )
+    app = resolving_app(registry, Session)
     report = await check(app, users=10, requests=2, growth_requests=300)
     assert report.ok, report.violations
 
