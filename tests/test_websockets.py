@@ -2350,6 +2350,19 @@ async def _carol_stuck_on(
             await finished.wait()
 
 
+async def _two_waiting_behind_a_stuck_one(
+    hub: ConnectionHub, manager: UserWebSocketManager, socket: StoppedReading, event: dict[str, str]
+) -> None:
+    """A first, empty event the writer gets stuck sending on ``socket``, then two of
+    ``event`` (40 characters each) waiting in the queue behind it: 80 bytes, no overflow."""
+    await manager.broadcast_user({"p": ""})
+    await socket.sending.wait()
+    for _ in range(2):
+        await manager.broadcast_user(event)
+    stats = hub.stats()
+    assert (stats.queued_bytes, stats.overflows, stats.connections) == (80, 0, 1)
+
+
 async def test_the_event_that_would_pass_queue_bytes_closes_the_socket_with_1013() -> None:
     """carol's client stopped reading, the writer stuck on a first event: with
     ``queue_bytes=100`` two 40-character events wait (80), and the third, which would
@@ -2369,12 +2382,7 @@ async def test_the_event_that_would_pass_queue_bytes_closes_the_socket_with_1013
     socket = Counting()
     event = {"p": "x" * 32}  # 40 characters of JSON
     async with _carol_stuck_on(registry, socket) as (manager, _, _):
-        await manager.broadcast_user({"p": ""})
-        await socket.sending.wait()
-        for _ in range(2):
-            await manager.broadcast_user(event)
-        stats = hub.stats()
-        assert (stats.queued_bytes, stats.overflows, stats.connections) == (80, 0, 1)
+        await _two_waiting_behind_a_stuck_one(hub, manager, socket, event)
         await manager.broadcast_user(event)
         stats = hub.stats()
         assert (stats.overflows, stats.connections) == (1, 0)
@@ -2393,13 +2401,8 @@ async def test_a_queue_exactly_full_keeps_its_socket_and_one_more_event_closes_i
     socket = StoppedReading()
     event = {"p": "x" * 32}  # 40 characters of JSON
     async with _carol_stuck_on(registry, socket) as (manager, connection, _):
-        await manager.broadcast_user({"p": ""})
-        await socket.sending.wait()
-        for _ in range(2):
-            await manager.broadcast_user(event)
-        stats = hub.stats()
-        assert (stats.queued_bytes, stats.overflows, stats.connections) == (80, 0, 1)
-        assert stats.peak_queued == 2
+        await _two_waiting_behind_a_stuck_one(hub, manager, socket, event)
+        assert hub.stats().peak_queued == 2
         assert not connection.closed
         await manager.broadcast_user({})
         stats = hub.stats()
