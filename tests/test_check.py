@@ -22,7 +22,7 @@ import time
 import tracemalloc
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -56,6 +56,9 @@ from ambient.demo.app import (
 from ambient.middleware import AmbientMiddleware, Identity, trusted_header
 from ambient.middleware.identity import jwt_bearer
 from ambient.testing import IsolationProbe, IsolationReport
+
+if TYPE_CHECKING:
+    import httpx
 
 pytest_plugins = ["pytester"]
 
@@ -148,6 +151,26 @@ def _demo_database(anyio_backend: str = "asyncio") -> str | None:
     return DATABASE_URL
 
 
+@contextlib.asynccontextmanager
+async def _demo_client(
+    app: Any, *, raise_app_exceptions: bool = True
+) -> AsyncIterator[httpx.AsyncClient]:
+    """An in-process client (from 127.0.0.1) of the demo ``app``. There is no lifespan
+    here: on the way out the app's registry (the users' stores) is closed as shutdown
+    would."""
+    import httpx
+
+    transport = httpx.ASGITransport(
+        app=app, client=("127.0.0.1", 1), raise_app_exceptions=raise_app_exceptions
+    )
+    async with (
+        contextlib.AsyncExitStack() as stack,
+        httpx.AsyncClient(transport=transport, base_url="http://demo") as http,
+    ):
+        stack.push_async_callback(app.registry.aclose)
+        yield http
+
+
 class TestTheDemo:
     async def test_the_demo_passes_with_numbers_that_add_up(self) -> None:
         report = await check(create_app(), plan=CHECK_PLAN, growth_requests=400)
@@ -203,16 +226,9 @@ class TestTheDemo:
         assert report.ok, report.violations
 
     async def test_the_demo_answers_each_user_with_their_own_history(self) -> None:
-        import httpx
 
         app = create_app()
-        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 1))
-        async with (
-            contextlib.AsyncExitStack() as stack,
-            httpx.AsyncClient(transport=transport, base_url="http://demo") as http,
-        ):
-            # No lifespan here: close the registry (the users' stores) as shutdown would.
-            stack.push_async_callback(app.registry.aclose)
+        async with _demo_client(app) as http:
             for user in ("alice", "bob"):
                 response = await http.post(
                     "/agents/triage/runs",
@@ -252,7 +268,6 @@ class TestTheDemo:
         agent's LookupError: a 404 whose detail was the KeyError's text, what the server
         was looking up and where. It is the server's 500 now, which says nothing of it;
         an unknown agent is still a 404 that names the agents there are."""
-        import httpx
 
         class BrokenStore(ConversationStore):
             async def add(self, thread_id: str, role: str, text: str) -> None:
@@ -261,14 +276,7 @@ class TestTheDemo:
         registry = build_registry()
         registry.register(ConversationStore, BrokenStore, lifetime=Lifetime.USER, replace=True)
         app = create_app(registry=registry)
-        transport = httpx.ASGITransport(
-            app=app, client=("127.0.0.1", 1), raise_app_exceptions=False
-        )
-        async with (
-            contextlib.AsyncExitStack() as stack,
-            httpx.AsyncClient(transport=transport, base_url="http://demo") as http,
-        ):
-            stack.push_async_callback(app.registry.aclose)
+        async with _demo_client(app, raise_app_exceptions=False) as http:
             broken = await http.post(
                 "/agents/triage/runs", json={"prompt": "hi"}, headers={"x-user-id": "bob"}
             )
@@ -285,18 +293,10 @@ class TestTheDemo:
         RecursionError, which the run route did not take for a bad body: a 500. It is the
         400 problem of a body that is not JSON now, and each problem's title is its
         status's (an unknown agent's 404 was titled "Bad request")."""
-        import httpx
 
         app = create_app(database_url="")
-        transport = httpx.ASGITransport(
-            app=app, client=("127.0.0.1", 1), raise_app_exceptions=False
-        )
         headers = {"x-user-id": "bob", "content-type": "application/json"}
-        async with (
-            contextlib.AsyncExitStack() as stack,
-            httpx.AsyncClient(transport=transport, base_url="http://demo") as http,
-        ):
-            stack.push_async_callback(app.registry.aclose)
+        async with _demo_client(app, raise_app_exceptions=False) as http:
             nested = [
                 await http.post("/agents/triage/runs", content=body, headers=headers)
                 for body in ("[" * 20_000, '{"prompt": ' * 5_000, "[" * 20_000 + "]" * 20_000)
@@ -328,18 +328,10 @@ class TestTheDemo:
         calculator answers arithmetic only: a power, a bitwise sign, a quoted number, a
         division by zero, a half expression and signs nested past what the parser takes
         are each said to be beyond it, not evaluated and not a 500."""
-        import httpx
 
         app = create_app(database_url="")
-        transport = httpx.ASGITransport(
-            app=app, client=("127.0.0.1", 1), raise_app_exceptions=False
-        )
         headers = {"x-user-id": "bob"}
-        async with (
-            contextlib.AsyncExitStack() as stack,
-            httpx.AsyncClient(transport=transport, base_url="http://demo") as http,
-        ):
-            stack.push_async_callback(app.registry.aclose)
+        async with _demo_client(app, raise_app_exceptions=False) as http:
 
             async def run(body: object) -> httpx.Response:
                 return await http.post("/agents/research/runs", json=body, headers=headers)
@@ -418,7 +410,6 @@ class TestTheDemo:
         none yet, and names the tool it called; /history is the user's last 50 messages,
         oldest first: in memory and in PostgreSQL alike. Its calculator subtracts, negates and
         adds up a sum of 150 terms."""
-        import httpx
 
         database_url = ""
         if store == "postgresql":
@@ -429,14 +420,9 @@ class TestTheDemo:
             await create_schema(found)
             database_url = found
         app = create_app(database_url=database_url)
-        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 1))
         # Users of their own: the PostgreSQL table outlives the test.
         alice, bob = (f"{name}-{uuid.uuid4().hex}" for name in ("alice", "bob"))
-        async with (
-            contextlib.AsyncExitStack() as stack,
-            httpx.AsyncClient(transport=transport, base_url="http://demo") as http,
-        ):
-            stack.push_async_callback(app.registry.aclose)
+        async with _demo_client(app) as http:
 
             async def run(user: str, prompt: str) -> dict[str, Any]:
                 response = await http.post(
@@ -480,7 +466,6 @@ class TestTheDemo:
         """The in-memory store of a user, cleaned at shutdown, drops the
         conversation it held; the whoami route answers with the user's id and tenant; a body
         of exactly 64 KiB is still run, and an unknown agent's problem says its 404."""
-        import httpx
 
         registry = build_registry()
         async with registry.open_scope(UserExecutionContext.create("alice")):
@@ -493,12 +478,7 @@ class TestTheDemo:
         await registry.aclose()
         assert await store.history() == []
         app = create_app()
-        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 1))
-        async with (
-            contextlib.AsyncExitStack() as stack,
-            httpx.AsyncClient(transport=transport, base_url="http://demo") as http,
-        ):
-            stack.push_async_callback(app.registry.aclose)
+        async with _demo_client(app) as http:
             who = await http.get("/whoami", headers={"x-user-id": "bob", "x-tenant-id": "acme"})
             unknown = await http.post(
                 "/agents/nobody/runs", json={"prompt": "hi"}, headers={"x-user-id": "bob"}
