@@ -21,7 +21,7 @@ import threading
 import time
 import tracemalloc
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -128,6 +128,23 @@ def resolving_app(registry: Registry, key: Any) -> AmbientMiddleware:
     return AmbientMiddleware(
         Starlette(routes=[Route("/", endpoint)]), registry=registry, identity=trusted_header()
     )
+
+
+def shutting_down_with(inner: Any, shutdown: Callable[[], Awaitable[object]]) -> Any:
+    """``inner`` (an ASGI app) under a lifespan of its own: it starts at once, and at
+    shutdown awaits ``shutdown`` before it answers that it is done."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            await inner(scope, receive, send)
+            return
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        await shutdown()
+        await send({"type": "lifespan.shutdown.complete"})
+
+    return app
 
 
 def _demo_database(anyio_backend: str = "asyncio") -> str | None:
@@ -697,19 +714,13 @@ class TestBrokenApps:
         inner = notes_app(registry)
         forgotten: list[Any] = []
 
-        async def app(scope: Any, receive: Any, send: Any) -> None:
-            if scope["type"] != "lifespan":
-                await inner(scope, receive, send)
-                return
-            await receive()
-            await send({"type": "lifespan.startup.complete"})
-            await receive()
+        async def forget_a_scope() -> None:
             job = registry.open_scope(UserExecutionContext.create("shutdown-job"))
             await job.__aenter__()  # a job that never closes its scope
             await job.resolve(Notes)
             forgotten.append(job)
-            await send({"type": "lifespan.shutdown.complete"})
 
+        app = shutting_down_with(inner, forget_a_scope)
         try:
             report = await check(app, users=3, requests=2, growth_requests=20)
         finally:
@@ -3033,17 +3044,7 @@ class TestAppsThatDoNotAnswer:
         assert report.ok, report.violations
 
     async def test_a_shutdown_that_hangs_fails_the_check_at_the_timeout(self) -> None:
-        inner = notes_app(_noted_registry())
-
-        async def hangs_at_shutdown(scope: Any, receive: Any, send: Any) -> None:
-            if scope["type"] != "lifespan":
-                await inner(scope, receive, send)
-                return
-            await receive()
-            await send({"type": "lifespan.startup.complete"})
-            await receive()
-            await anyio.sleep_forever()
-
+        hangs_at_shutdown = shutting_down_with(notes_app(_noted_registry()), anyio.sleep_forever)
         with anyio.fail_after(30):
             report = await check(hangs_at_shutdown, users=3, requests=2, time_limit=0.2)
         assert report.cleanup == ["the app's shutdown did not answer within 0.2 s"]
