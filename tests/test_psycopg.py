@@ -2688,6 +2688,44 @@ async def test_strategies_with_rls_check_warn_open_on_tables_the_role_cannot_rea
         await registry.aclose()
 
 
+async def _four_users_through_a_pool(
+    db: Database,
+    strategy: str,
+    kwargs: dict[str, Any],
+    work: Callable[[str], Awaitable[object]],
+) -> list[str]:
+    """A SharedPool ("shared") or PerUserPools of connections made with ``kwargs``, which
+    checks row-level security on the notes ("raise"), installed in a registry where four
+    users at once each run ``work`` (given their name) in a scope of theirs; their names."""
+    options: dict[str, Any] = {
+        "timeout": 5,
+        "rls_tables": [db.notes],
+        "rls_check": "raise",
+        "kwargs": kwargs,
+    }
+    pool: SharedPool | PerUserPools = (
+        SharedPool(db.app_url, min_size=1, max_size=2, **options)
+        if strategy == "shared"
+        else PerUserPools(db.app_url, max_size=1, max_total=2, **options)
+    )
+    registry = Registry()
+    pool.install(registry)
+    users = [f"user-{n}" for n in range(4)]
+
+    async def user(name: str) -> None:
+        async with registry.open_scope(_ctx(name)):
+            await work(name)
+
+    try:
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                for name in users:
+                    tg.start_soon(user, name)
+    finally:
+        await registry.aclose()
+    return users
+
+
 @pytest.mark.parametrize("strategy", ["shared", "per_user"])
 async def test_connections_made_with_dict_rows_open_and_check_row_level_security(
     db: Database, strategy: str
@@ -2704,39 +2742,18 @@ async def test_connections_made_with_dict_rows_open_and_check_row_level_security
     assert len(problems) == 1
     assert f"{db.schema}.plain" in problems[0]
     assert "not enabled" in problems[0]
-    options: dict[str, Any] = {
-        "timeout": 5,
-        "rls_tables": [db.notes],
-        "rls_check": "raise",
-        "kwargs": kwargs,
-    }
-    pool: SharedPool | PerUserPools = (
-        SharedPool(db.app_url, min_size=1, max_size=2, **options)
-        if strategy == "shared"
-        else PerUserPools(db.app_url, max_size=1, max_total=2, **options)
-    )
-    registry = Registry()
-    pool.install(registry)
-    users = [f"user-{n}" for n in range(4)]
     seen: dict[str, list[Any]] = {}
 
-    async def user(name: str) -> None:
-        async with registry.open_scope(_ctx(name)):
-            async with connection() as conn:
-                await conn.execute(
-                    db.sql("INSERT INTO {notes} (owner, body) VALUES (%s, %s)"), (name, name)
-                )
-            async with connection() as conn:
-                cur = await conn.execute(db.sql("SELECT owner, body FROM {notes}"))
-                seen[name] = await cur.fetchall()
+    async def work(name: str) -> None:
+        async with connection() as conn:
+            await conn.execute(
+                db.sql("INSERT INTO {notes} (owner, body) VALUES (%s, %s)"), (name, name)
+            )
+        async with connection() as conn:
+            cur = await conn.execute(db.sql("SELECT owner, body FROM {notes}"))
+            seen[name] = await cur.fetchall()
 
-    try:
-        with anyio.fail_after(20):
-            async with anyio.create_task_group() as tg:
-                for name in users:
-                    tg.start_soon(user, name)
-    finally:
-        await registry.aclose()
+    users = await _four_users_through_a_pool(db, strategy, kwargs, work)
     assert seen == {name: [{"owner": name, "body": name}] for name in users}
 
 
@@ -2758,42 +2775,20 @@ async def test_connections_made_with_raw_cursors_open_and_check_row_level_securi
             )
     assert len(problems) == 1
     assert f"{db.schema}.plain" in problems[0]
-    options: dict[str, Any] = {
-        "timeout": 5,
-        "rls_tables": [db.notes],
-        "rls_check": "raise",
-        "kwargs": kwargs,
-    }
-    pool: SharedPool | PerUserPools = (
-        SharedPool(db.app_url, min_size=1, max_size=2, **options)
-        if strategy == "shared"
-        else PerUserPools(db.app_url, max_size=1, max_total=2, **options)
-    )
-    registry = Registry()
-    pool.install(registry)
-    users = [f"user-{n}" for n in range(4)]
     seen: dict[str, list[Any]] = {}
 
-    async def user(name: str) -> None:
-        async with registry.open_scope(_ctx(name)):
-            async with connection() as conn:
-                await conn.execute(
-                    db.sql("INSERT INTO {notes} (owner, body) VALUES ($1, $2)"), (name, name)
-                )
-            async with connection() as conn:
-                cur = await conn.execute(
-                    db.sql("SELECT owner, current_setting($1, true) FROM {notes}"),
-                    ("app.user_id",),
-                )
-                seen[name] = await cur.fetchall()
+    async def work(name: str) -> None:
+        async with connection() as conn:
+            await conn.execute(
+                db.sql("INSERT INTO {notes} (owner, body) VALUES ($1, $2)"), (name, name)
+            )
+        async with connection() as conn:
+            cur = await conn.execute(
+                db.sql("SELECT owner, current_setting($1, true) FROM {notes}"), ("app.user_id",)
+            )
+            seen[name] = await cur.fetchall()
 
-    try:
-        with anyio.fail_after(20):
-            async with anyio.create_task_group() as tg:
-                for name in users:
-                    tg.start_soon(user, name)
-    finally:
-        await registry.aclose()
+    users = await _four_users_through_a_pool(db, strategy, kwargs, work)
     assert seen == {name: [(name, name)] for name in users}
 
 
