@@ -1944,6 +1944,67 @@ class TestObservers:
             assert len(scope.observers) == 1
         assert calls == ["awake created"]
 
+    @pytest.mark.parametrize("shape", ["awaitable", "async context manager"])
+    async def test_observers_see_a_plain_factorys_awaited_result_made_or_failed(
+        self, shape: str
+    ) -> None:
+        """A plain function that returns an awaitable, or an async context manager, is
+        finished by awaiting it: observers are told of the component then, made (with the
+        instance) or failed (with the error), as of any other."""
+        entered: list[str] = []
+
+        @contextlib.asynccontextmanager
+        async def managed(user: str) -> AsyncIterator[str]:
+            entered.append(user)
+            if user == "bob":
+                raise LookupError("bob has no session")
+            yield f"session of {user}"
+            entered.append(f"{user} left")
+
+        async def awaited(user: str) -> str:
+            await anyio.lowlevel.checkpoint()
+            if user == "bob":
+                raise LookupError("bob has no session")
+            return f"session of {user}"
+
+        def plain(context: UserExecutionContext) -> Any:
+            make = awaited if shape == "awaitable" else managed
+            return make(context.user_id)
+
+        observer = ComponentEvents()
+        registry = Registry(telemetry=observer)
+        registry.register("session", plain)
+        async with registry.open_scope(ctx("alice")) as scope:
+            assert await scope.resolve("session") == "session of alice"
+            [made] = observer.events
+            assert (made.key, made.lifetime, made.instance, made.error) == (
+                "session",
+                Lifetime.REQUEST,
+                "session of alice",
+                None,
+            )
+            assert made.scope is scope
+            assert made.user is not None
+            assert made.user.user_id == "alice"
+            assert made.duration >= 0
+        with pytest.raises(LookupError, match="bob has no session"):
+            async with registry.open_scope(ctx("bob")) as scope:
+                await scope.resolve("session")
+        failed = observer.events[-1]
+        assert (failed.key, failed.instance, failed.scope) == ("session", None, scope)
+        assert isinstance(failed.error, LookupError)
+        assert failed.user is not None
+        assert failed.user.user_id == "bob"
+        # alice's made, alice's cleaned, bob's failed: nothing else, nothing twice.
+        assert [(event.instance, event.error is None) for event in observer.events] == [
+            ("session of alice", True),
+            ("session of alice", True),
+            (None, False),
+        ]
+        if shape == "async context manager":
+            assert entered == ["alice", "alice left", "bob"]
+        await registry.aclose()
+
     async def test_observers_see_what_ended_the_body(self) -> None:
         ended: list[BaseException | None] = []
 
