@@ -1944,6 +1944,51 @@ class TestObservers:
             assert len(scope.observers) == 1
         assert calls == ["awake created"]
 
+    @pytest.mark.parametrize("lifetime", [Lifetime.USER, Lifetime.APP])
+    @pytest.mark.parametrize("call", ["resolve", "resolve_sync"])
+    async def test_observers_see_a_shared_component_fail_then_made(
+        self, lifetime: Lifetime, call: str
+    ) -> None:
+        """A USER or APP component whose factory raises once: the scope's observers are
+        told of the failure (no instance, the error), then of the component made on the
+        next try; nothing is cached from the failure."""
+        tries: list[str] = []
+
+        def make() -> str:
+            tries.append("try")
+            if len(tries) == 1:
+                raise ConnectionError("the store is not up yet")
+            return f"store #{len(tries)}"
+
+        observer = ComponentEvents()
+        registry = Registry()
+        registry.register("store", make, lifetime=lifetime)
+
+        async def resolve(scope: Scope) -> Any:
+            if call == "resolve":
+                return await scope.resolve("store")
+            return scope.resolve_sync("store")
+
+        async with registry.open_scope(ctx("alice"), observer=observer) as scope:
+            with pytest.raises(ConnectionError, match="not up yet"):
+                await resolve(scope)
+            [failed] = observer.events
+            assert (failed.key, failed.lifetime, failed.instance, failed.scope) == (
+                "store",
+                lifetime,
+                None,
+                scope,
+            )
+            assert isinstance(failed.error, ConnectionError)
+            assert await resolve(scope) == "store #2"
+            assert await resolve(scope) == "store #2"
+        assert [(event.instance, event.error is None) for event in observer.events] == [
+            (None, False),
+            ("store #2", True),
+        ]
+        assert tries == ["try", "try"]
+        await registry.aclose()
+
     @pytest.mark.parametrize("shape", ["awaitable", "async context manager"])
     async def test_observers_see_a_plain_factorys_awaited_result_made_or_failed(
         self, shape: str
