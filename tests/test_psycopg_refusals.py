@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
 import psycopg
 import pytest
 
@@ -25,10 +27,14 @@ from tests.conftest import DATABASE_URL
 from tests.test_psycopg import (
     Database,
     _admin,
+    _admin_scalar,
     _ctx,
     _eventually,
     fixture_db,  # noqa: F401 - the db fixture
 )
+
+# The version of psycopg installed, as (major, minor).
+_PSYCOPG = tuple(int(n) for n in re.findall(r"\d+", psycopg.__version__)[:2])
 
 # Never in a message (the test server trusts loopback, so it is never checked either).
 SECRET = "s3cret-pa55word"
@@ -78,8 +84,8 @@ def _assert_says_why(error: PoolExhaustedError, role: str, retry_after: float) -
 def _strategy(kind: str, url: str, db: Database, **options: Any) -> SharedPool | PerUserPools:
     common: dict[str, Any] = {"rls_check": "off", "kwargs": db.kwargs(), **options}
     if kind == "shared":
-        return SharedPool(url, min_size=1, max_size=2, per_user_limit=2, **common)
-    return PerUserPools(url, min_size=1, max_size=2, max_total=2, **common)
+        return SharedPool(url, **{"min_size": 1, "max_size": 2, "per_user_limit": 2, **common})
+    return PerUserPools(url, **{"min_size": 1, "max_size": 2, "max_total": 2, **common})
 
 
 async def _errors(pool: SharedPool | PerUserPools) -> int:
@@ -136,13 +142,137 @@ async def test_a_503_for_a_connection_the_server_refused_says_why(
     assert SECRET not in logged[0]
 
 
+async def _refused_first(url: str, role: str) -> None:
+    """A checkout of the installed strategy while another connection holds the role's one
+    place (ended afterwards): the pool's attempts are refused, and the 503 says why. (The
+    checkout waits 2 s, as the test above does; the pool's next attempt comes about 3 s
+    after its first.)"""
+    blocker = await psycopg.AsyncConnection.connect(url)
+    try:
+        with pytest.raises(PoolExhaustedError) as refused:
+            async with connection(timeout=2):
+                pytest.fail("another connection holds the role's one place")
+    finally:
+        await blocker.close()
+    _assert_says_why(refused.value, role, 7.0)
+
+
 @pytest.mark.parametrize("kind", ["shared", "per_user"])
-async def test_a_pool_the_server_lets_open_no_connection_says_why(db: Database, kind: str) -> None:
+async def test_a_503_after_the_pool_connected_again_quotes_no_earlier_refusal(
+    db: Database, kind: str
+) -> None:
+    """The server refuses the pool's first attempts (another connection holds the role's one
+    place), and a checkout's 503 says so. That connection closes, the pool's next attempt
+    connects, and a checkout holds the connection: a second checkout that finds none
+    (max_size=1) gets a 503 that quotes no refusal, the server having refused nothing
+    since the pool connected."""
+    with limited_role(1) as (role, url):
+        pool = _strategy(kind, url, db, min_size=0, max_size=1, retry_after=7.0)
+        registry = Registry()
+        pool.install(registry)
+        try:
+            async with registry.open_scope(_ctx("alice")):
+                await _refused_first(url, role)
+                async with connection(timeout=15) as held:
+                    await held.execute("SELECT 1")
+                    with pytest.raises(PoolExhaustedError) as busy:
+                        async with connection(timeout=0.2):
+                            pytest.fail("the pool holds one connection, in use")
+        finally:
+            await registry.aclose()
+    assert "became available" in str(busy.value)
+    assert getattr(busy.value, "__notes__", []) == [], busy.value.__notes__
+
+
+@pytest.mark.parametrize("kind", ["shared", "per_user"])
+async def test_a_refusal_after_the_pool_connected_again_is_logged_again(
+    db: Database, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server refuses the pool's first attempts (another connection holds the role's one
+    place): ambient logs it once. That connection closes, the pool connects, and a checkout
+    holds the connection; a second checkout makes the pool grow, which the server refuses
+    for the same reason: a new outage, logged again, and said by that checkout's 503."""
+    caplog.set_level(logging.WARNING, logger="ambient")
+    with limited_role(1) as (role, url):
+        pool = _strategy(kind, url, db, min_size=0, retry_after=7.0)
+        registry = Registry()
+        pool.install(registry)
+        try:
+            async with registry.open_scope(_ctx("alice")):
+                await _refused_first(url, role)
+                assert len(_refusal_logs(caplog)) == 1, _refusal_logs(caplog)
+                async with connection(timeout=15) as held:
+                    await held.execute("SELECT 1")
+                    with pytest.raises(PoolExhaustedError) as again:
+                        async with connection(timeout=2):
+                            pytest.fail("the server allows one connection only")
+        finally:
+            await registry.aclose()
+    _assert_says_why(again.value, role, 7.0)
+    assert len(_refusal_logs(caplog)) == 2, _refusal_logs(caplog)
+
+
+async def test_a_connection_begun_before_a_refusal_leaves_it_noted(db: Database) -> None:
+    """The pool opens several connections at once: one that began before the server
+    refused another, and connects after, says nothing of whether the server refuses now,
+    so the refusal stays noted for the next 503."""
+    with limited_role(1) as (role, url):
+        refusals = SharedPool(url, rls_check="off")._refusals
+        begun, go = anyio.Event(), anyio.Event()
+
+        class Slow(psycopg.AsyncConnection[Any]):
+            @classmethod
+            async def connect(cls, *args: Any, **kwargs: Any) -> Any:
+                begun.set()
+                await go.wait()
+                return await super().connect(*args, **kwargs)
+
+        slow = refusals.connection_class(Slow, {})
+        plain = refusals.connection_class(psycopg.AsyncConnection, {})
+        made: list[psycopg.AsyncConnection[Any]] = []
+
+        async def connect_slowly() -> None:
+            made.append(await slow.connect(url, **db.kwargs()))
+
+        blocker = await psycopg.AsyncConnection.connect(url)
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(connect_slowly)
+                await begun.wait()
+                try:
+                    with pytest.raises(psycopg.OperationalError, match="too many connections"):
+                        await plain.connect(url, **db.kwargs())
+                finally:
+                    await blocker.close()
+
+                async def place_free() -> bool:
+                    held = "SELECT count(*) FROM pg_stat_activity WHERE usename = %s"
+                    return await _admin_scalar(db, held, (role,)) == 0
+
+                await _eventually(place_free, "the other connection ended on the server")
+                go.set()
+        try:
+            assert len(made) == 1
+            assert f'too many connections for role "{role}"' in refusals.why(), refusals.why()
+        finally:
+            for conn in made:
+                await conn.close()
+
+
+@pytest.mark.parametrize("close_returns", [False, True])
+@pytest.mark.parametrize("kind", ["shared", "per_user"])
+async def test_a_pool_the_server_lets_open_no_connection_says_why(
+    db: Database, kind: str, close_returns: bool
+) -> None:
     """The role may hold no connection at all: the first checkout, which opens the pool and
     runs the row-level-security check on its first connection, gets a 503 that names the
-    server's refusal instead of asking whether the database is reachable."""
+    server's refusal instead of asking whether the database is reachable. So does a pool
+    whose connections go back to it on close() (close_returns=True), from psycopg 3.3 on,
+    which takes a connection class of ambient's making with that option."""
+    if close_returns and _PSYCOPG < (3, 3):
+        pytest.skip("psycopg before 3.3 takes no connection class of ambient's making here")
     with limited_role(0) as (role, url):
-        pool = _strategy(kind, url, db, timeout=2, rls_check="warn")
+        pool = _strategy(kind, url, db, timeout=2, rls_check="warn", close_returns=close_returns)
         registry = Registry()
         pool.install(registry)
         try:
@@ -196,3 +326,20 @@ def test_a_refusal_that_echoes_the_password_is_noted_without_it() -> None:
     assert pool._refusals.why().endswith(': FATAL: invalid value for parameter "app.key": "***"'), (
         pool._refusals.why()
     )
+
+
+def test_a_long_or_empty_refusal_is_noted_in_short() -> None:
+    """The note keeps the first 300 characters of the server's first line (a message may be
+    long), names the error's class for a refusal that says nothing, and says how long ago
+    the refusal came: never less than nothing."""
+    pool = SharedPool("postgresql://app@127.0.0.1/app")
+    pool._refusals._refused(psycopg.OperationalError("FATAL:  " + "x" * 1000 + "\nmore"))
+    why = pool._refusals.why()
+    assert re.fullmatch(
+        r"the pool's last attempt to connect failed \d+\.\d s ago: FATAL: x{293}", why
+    ), why
+    pool._refusals._refused(psycopg.OperationalError(""))
+    why = pool._refusals.why()
+    assert re.fullmatch(
+        r"the pool's last attempt to connect failed \d+\.\d s ago: OperationalError", why
+    ), why
