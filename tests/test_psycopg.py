@@ -865,11 +865,100 @@ async def test_cursor_factories_and_adapters_a_handler_changed_are_restored(
             assert await _scalar(conn, "SELECT %s", (decimal.Decimal("1.5"),)) == decimal.Decimal(
                 "1.5"
             )
-            assert "alices_text" not in conn.adapters.types
+            assert conn.adapters.types.get("alices_text") is None
         if isinstance(pool, SharedPool):
             assert pool.stats().discarded == 0
     finally:
         await registry.aclose()
+
+
+class _AlicesUntypedDecimal(psycopg.adapt.Dumper):
+    """How one handler dumps a Decimal, as no type in particular: always 0."""
+
+    def dump(self, obj: Any) -> bytes:
+        return b"0"
+
+
+class _AlicesInt4(psycopg.adapt.Dumper):
+    """How one handler dumps a value known only as an int4 (COPY after set_types): 0."""
+
+    oid = psycopg.adapters.types["int4"].oid
+
+    def dump(self, obj: Any) -> bytes:
+        return b"0"
+
+
+async def _copied(conn: psycopg.AsyncConnection[Any], value: int) -> int:
+    """``value`` copied as an int4 into a table of this transaction; what the table holds."""
+    async with conn.cursor() as cur:
+        await cur.execute("CREATE TEMPORARY TABLE copied (x int4) ON COMMIT DROP")
+        async with cur.copy("COPY copied (x) FROM STDIN") as copy:
+            copy.set_types(["int4"])
+            await copy.write_row([value])
+        await cur.execute("SELECT x FROM copied")
+        row = await cur.fetchone()
+        await cur.execute("DROP TABLE copied")
+    assert row is not None
+    return int(row[0])
+
+
+async def _register(conn: psycopg.AsyncConnection[Any], what: str) -> None:
+    """Register ``what`` on ``conn``, each in one of the mappings of its adapters map only,
+    and check that it took."""
+    adapters = conn.adapters
+    if what == "a loader":
+        adapters.register_loader("text", _AlicesText)
+        assert await _scalar(conn, "SELECT 'alice'::text") == "loaded the way alice wanted"
+    elif what == "a dumper":
+        adapters.register_dumper(decimal.Decimal, _AlicesUntypedDecimal)
+        assert await _scalar(conn, "SELECT %s::text", (decimal.Decimal("1.5"),)) == "0"
+    elif what == "a dumper by type":
+        adapters.register_dumper(None, _AlicesInt4)
+        assert await _copied(conn, 7) == 0
+    else:
+        text = psycopg.adapters.types["text"]
+        adapters.types.add(psycopg.types.TypeInfo("alices_text", text.oid, text.array_oid))
+        assert adapters.types[text.oid].name == "alices_text"
+
+
+@pytest.mark.parametrize("strategy", ["shared", "per_user"])
+@pytest.mark.parametrize("what", ["a loader", "a dumper", "a dumper by type", "a type"])
+async def test_each_kind_of_adapter_a_handler_registered_alone_is_undone(
+    db: Database, strategy: str, what: str
+) -> None:
+    """A handler registers one thing only on its connection: a text loader, a Decimal
+    dumper, an int4 dumper used where only the type is known (COPY after set_types), or a
+    type. Each lives in a mapping of the connection's adapters of its own, and the next
+    checkout of the same connection gets the pool's adapters back whichever it was; so
+    does the one after a second handler registered the same on the adapters given back.
+    (With SharedPool alice, bob and carol check out in turn; with PerUserPools alice does,
+    three times.)"""
+    options: dict[str, Any] = {"rls_check": "off", "kwargs": db.kwargs()}
+    pool: SharedPool | PerUserPools = (
+        SharedPool(db.app_url, min_size=1, max_size=1, **options)
+        if strategy == "shared"
+        else PerUserPools(db.app_url, max_size=1, max_total=1, **options)
+    )
+    users = ["alice", "bob", "carol"] if strategy == "shared" else ["alice"] * 3
+    pids: set[int] = set()
+    text = psycopg.adapters.types["text"]
+    registry = Registry()
+    pool.install(registry)
+    try:
+        for user in users[:2]:
+            async with registry.open_scope(_ctx(user)), connection() as conn:
+                pids.add(conn.info.backend_pid)
+                await _register(conn, what)
+        async with registry.open_scope(_ctx(users[2])), connection() as conn:
+            pids.add(conn.info.backend_pid)
+            assert await _scalar(conn, "SELECT %s::text", (users[2],)) == users[2]
+            assert await _scalar(conn, "SELECT %s::text", (decimal.Decimal("1.5"),)) == "1.5"
+            assert await _copied(conn, 8) == 8
+            assert conn.adapters.types.get("alices_text") is None
+            assert conn.adapters.types[text.oid].name == "text"
+    finally:
+        await registry.aclose()
+    assert len(pids) == 1  # the same connection throughout
 
 
 async def test_shared_set_local_is_effective_with_no_warning(shared: SharedPool) -> None:
