@@ -2670,6 +2670,39 @@ async def test_check_rls_detects_a_view_over_a_child_without_row_level_security(
     )
 
 
+async def test_check_rls_names_a_view_reached_by_several_paths_for_what_it_reads_itself(
+    db: Database,
+) -> None:
+    """A view (owned by a superuser) that reads the protected table and also another view
+    over it that skips its policies, and one that reads the table and also a child of it
+    without row-level security: check_rls names each once, for reading the table with its
+    owner's rights, and asks for the view's own security_invoker, not the other view's
+    (the role cannot read that one) or the child's."""
+    app = psycopg.conninfo.conninfo_to_dict(db.app_url)["user"]
+    schema = db.schema
+    with _admin() as admin:
+        for statement in (
+            "CREATE TABLE {s}.kid () INHERITS ({s}.notes)",
+            "CREATE VIEW {s}.internal AS SELECT owner FROM {s}.notes",
+            "CREATE VIEW {s}.with_internal AS "
+            "SELECT owner FROM {s}.notes UNION ALL SELECT owner FROM {s}.internal",
+            "CREATE VIEW {s}.with_kid AS "
+            "SELECT owner FROM {s}.notes UNION ALL SELECT owner FROM {s}.kid",
+            "GRANT SELECT ON {s}.with_internal, {s}.with_kid TO {app}",
+        ):
+            admin.execute(statement.format(s=schema, app=app))
+    async with await psycopg.AsyncConnection.connect(db.app_url) as conn:
+        with pytest.raises(RowSecurityError) as info:
+            await check_rls(conn, [db.notes])
+    assert info.value.problems == [
+        f"view '{schema}.{view}' reads '{db.notes}' with the rights of its owner, who "
+        f"bypasses the table's policies, and role '{app}' can read it: ALTER VIEW "
+        f"{schema}.{view} SET (security_invoker = true) (PostgreSQL 15+), or revoke that "
+        "privilege"
+        for view in ("with_internal", "with_kid")
+    ]
+
+
 async def test_check_rls_detects_a_child_the_role_owns_without_force(db: Database) -> None:
     """A child of the protected table with row-level security enabled, but owned by the
     role and not FORCE: the role reads it without any policy, so check_rls names it."""
