@@ -43,6 +43,7 @@ from psycopg.types.string import TextLoader
 from psycopg_pool import PoolClosed
 
 from ambient import (
+    Lifetime,
     Registry,
     UserExecutionContext,
     UserRef,
@@ -58,6 +59,7 @@ from ambient.errors import (
     RegistryError,
 )
 from ambient.integrations.fastapi import CurrentContext, install
+from ambient.integrations.psycopg import Database as InstalledDatabase
 from ambient.integrations.psycopg import (
     PerUserPools,
     RowSecurityError,
@@ -4506,7 +4508,8 @@ async def test_a_checkout_entered_again_while_in_use_is_refused(
     """One checkout object entered again while it is in use, nested or from another task
     that enters it while the first still waits for a connection, raises RuntimeError: it
     never takes a second connection, whose return would go to the other entry (the first
-    connection then never comes back, and the second goes back to the pool while in use)."""
+    connection then never comes back, and the second goes back to the pool while in use).
+    Once its block has ended it is no longer in use: entered again, it gets a connection."""
     pool: SharedPool | PerUserPools = (
         SharedPool(db.app_url, min_size=1, max_size=1, timeout=5, rls_check="off")
         if strategy == "shared"
@@ -4525,6 +4528,11 @@ async def test_a_checkout_entered_again_while_in_use_is_refused(
                 with pytest.raises(RuntimeError, match="in use"):
                     async with twice:
                         pass
+                assert await _scalar(conn, "SELECT current_setting('app.user_id', true)") == (
+                    "alice"
+                )
+            assert pool.stats().checked_out == 0
+            async with twice as conn:
                 assert await _scalar(conn, "SELECT current_setting('app.user_id', true)") == (
                     "alice"
                 )
@@ -4593,6 +4601,49 @@ async def test_a_checkout_whose_entry_failed_can_be_entered_again(
             assert pool.stats().checked_out == 0
     finally:
         await registry.aclose()
+
+
+async def test_connection_ends_as_the_installed_databases_own_checkout_does(
+    db: Database,
+) -> None:
+    """An application may install a Database of its own, here one whose checkout (a
+    SharedPool's) handles a LookupError of the block and lets its connection go as at a
+    normal end: connection()'s block ends as that checkout's does, the LookupError handled
+    and the code after the block run, a ValueError raised; the connection went back both
+    times."""
+    pool = SharedPool(db.app_url, min_size=1, max_size=1, rls_check="off", kwargs=db.kwargs())
+
+    class Forgiving:
+        @contextlib.asynccontextmanager
+        async def connection(
+            self,
+            *,
+            timeout: float | None = None,  # noqa: ASYNC109 - the Database protocol's
+        ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+            async with pool.connection(timeout=timeout) as conn:
+                with contextlib.suppress(LookupError):
+                    yield conn
+
+    registry = Registry()
+    pool.install(registry, default=False)
+    registry.register(InstalledDatabase, Forgiving, lifetime=Lifetime.APP, name="Database")
+    after: list[str] = []
+    try:
+        async with registry.open_scope(_ctx("alice")):
+            async with connection() as conn:
+                await conn.execute("SELECT 1")
+                raise LookupError("handled by the installed Database")
+            after.append("handled")
+            with pytest.raises(ValueError, match="not handled"):
+                async with connection() as conn:
+                    await conn.execute("SELECT 1")
+                    raise ValueError("not handled by the installed Database")
+            async with connection(timeout=1) as conn:
+                user = await _scalar(conn, "SELECT current_setting('app.user_id', true)")
+            assert pool.stats().checked_out == 0
+    finally:
+        await registry.aclose()
+    assert (after, user) == (["handled"], "alice")
 
 
 # -- trio ------------------------------------------------------------------------------------
