@@ -2205,10 +2205,11 @@ async def test_check_rls_detects_superuser(db: Database) -> None:
         with pytest.raises(RowSecurityError) as info:
             await check_rls(conn, [db.notes])
         assert any("superuser" in p for p in info.value.problems)
-        with pytest.warns(RowSecurityWarning):
+        with pytest.warns(RowSecurityWarning) as warned:
             problems = await check_rls(conn, [db.notes], action="warn")
         assert problems == info.value.problems
         assert conn.info.transaction_status is TransactionStatus.IDLE
+    assert [w.filename for w in warned] == [__file__]  # the warning names its caller
 
 
 async def test_check_rls_detects_bypassrls(db: Database) -> None:
@@ -2781,6 +2782,33 @@ async def test_check_rls_takes_a_name_with_this_database_in_a_schema_the_role_ca
         assert f"view '{db.schema}.peek' reads '{here}.{hidden}.guarded'" in info.value.problems[0]
         with pytest.raises(psycopg.errors.FeatureNotSupported, match="cross-database"):
             await check_rls(conn, [f"{here}_elsewhere.{hidden}.guarded"])
+
+
+async def test_check_rls_passes_children_and_views_under_the_policies_or_out_of_reach(
+    db: Database, hidden: str
+) -> None:
+    """No problem for check_rls: a child of the protected table, granted to the role, in a
+    schema the role has no USAGE on (it cannot reach it); a child the role owns with
+    row-level security enabled and FORCEd; a view over a table that FORCEs row-level
+    security owned by that table's owner, whom FORCE puts under the policies."""
+    app = psycopg.conninfo.conninfo_to_dict(db.app_url)["user"]
+    owner = psycopg.conninfo.conninfo_to_dict(db.owner_url)["user"]
+    schema = db.schema
+    with _admin() as admin:
+        for statement in (
+            "CREATE TABLE {h}.kid () INHERITS ({s}.notes)",
+            "GRANT SELECT ON {h}.kid TO {app}",
+            "CREATE TABLE {s}.own_kid () INHERITS ({s}.notes)",
+            "ALTER TABLE {s}.own_kid ENABLE ROW LEVEL SECURITY",
+            "ALTER TABLE {s}.own_kid FORCE ROW LEVEL SECURITY",
+            "ALTER TABLE {s}.own_kid OWNER TO {app}",
+            "CREATE VIEW {s}.forced_view AS SELECT * FROM {s}.forced",
+            "ALTER VIEW {s}.forced_view OWNER TO {owner}",
+            "GRANT SELECT ON {s}.forced_view TO {app}",
+        ):
+            admin.execute(statement.format(h=hidden, s=schema, app=app, owner=owner))
+    async with await psycopg.AsyncConnection.connect(db.app_url) as conn:
+        assert await check_rls(conn, [db.notes, f"{schema}.forced"]) == []
 
 
 @pytest.mark.parametrize("strategy", ["shared", "per_user"])
