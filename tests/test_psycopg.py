@@ -3955,6 +3955,12 @@ def test_settings_of_a_field_the_strategy_cannot_set_are_refused_at_construction
         (PerUserPools, {"max_total": False}, TypeError, "max_total must be a number"),
         (
             PerUserPools,
+            {"max_total": 0},
+            ValueError,
+            "max_total must be >= max(1, min_size), not 0",
+        ),
+        (
+            PerUserPools,
             {"min_size": 2, "max_size": 3, "max_total": 1},
             ValueError,
             "max_total must be >= max(1, min_size), not 1",
@@ -3965,9 +3971,9 @@ def test_settings_of_a_field_the_strategy_cannot_set_are_refused_at_construction
 def test_limits_out_of_range_are_refused_at_construction(
     strategy: type[Any], arguments: dict[str, object], error: type[Exception], message: str
 ) -> None:
-    """A negative min_size, a per-user limit below one, a global cap below min_size (the
-    pools it keeps open would break it), a bool for a number of connections, or a negative
-    idle time is refused, naming the argument, when the strategy is built."""
+    """A negative min_size, a per-user limit below one, a global cap below one or below
+    min_size (the pools it keeps open would break it), a bool for a number of connections,
+    or a negative idle time is refused, naming the argument, when the strategy is built."""
     with pytest.raises(error, match=re.escape(message)):
         strategy("postgresql://app@127.0.0.1/app", **arguments)
 
