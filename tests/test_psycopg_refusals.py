@@ -212,6 +212,42 @@ async def test_a_refusal_after_the_pool_connected_again_is_logged_again(
     assert len(_refusal_logs(caplog)) == 2, _refusal_logs(caplog)
 
 
+async def test_a_refusal_after_a_later_opening_of_the_pool_connected_is_logged_again(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server refuses every connection of the role: the SharedPool's opening, which
+    waits for a connection to check row-level security on, gets none, and its 503 says
+    why, as ambient's log does. The role may then hold one connection: the next checkout
+    opens the pool anew, connects and holds its connection; a second checkout makes the
+    pool grow, which the server refuses for the same reason as before: a new outage, logged
+    again. (Before, the log still took the first outage for the current one.)"""
+    caplog.set_level(logging.WARNING, logger="ambient")
+    with limited_role(0) as (role, url):
+        pool = _strategy(
+            "shared", url, db, min_size=0, timeout=2, rls_check="warn", retry_after=7.0
+        )
+        registry = Registry()
+        pool.install(registry)
+        try:
+            async with registry.open_scope(_ctx("alice")):
+                with pytest.raises(PoolExhaustedError) as first:
+                    async with connection():
+                        pytest.fail("the server allows no connection")
+                _assert_says_why(first.value, role, 7.0)
+                assert len(_refusal_logs(caplog)) == 1, _refusal_logs(caplog)
+                with _admin() as admin:
+                    admin.execute(f"ALTER ROLE {role} CONNECTION LIMIT 1")
+                async with connection(timeout=10) as held:
+                    await held.execute("SELECT 1")
+                    with pytest.raises(PoolExhaustedError) as again:
+                        async with connection():
+                            pytest.fail("the server allows one connection only")
+        finally:
+            await registry.aclose()
+    _assert_says_why(again.value, role, 7.0)
+    assert len(_refusal_logs(caplog)) == 2, _refusal_logs(caplog)
+
+
 async def test_a_connection_begun_before_a_refusal_leaves_it_noted(db: Database) -> None:
     """The pool opens several connections at once: one that began before the server
     refused another, and connects after, says nothing of whether the server refuses now,

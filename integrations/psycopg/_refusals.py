@@ -51,10 +51,15 @@ class _Refusals:
 
     __slots__ = ("_owner", "at", "reason")
 
-    def __init__(self, owner: SharedPool | PerUserPools) -> None:
+    def __init__(self, owner: SharedPool | PerUserPools, previous: _Refusals | None = None) -> None:
         self._owner = owner
         self.reason: str | None = None  # the server's words, without where it runs
         self.at = 0.0
+        if previous is not None:
+            # A pool opened anew after ``previous``'s got no connection: the refusal it
+            # noted lasts until a connection of the new one succeeds, which ends it here
+            # and in the log, as one of the earlier pool's would have.
+            self.reason, self.at = previous.reason, previous.at
 
     def connection_class(
         self, base: type[AsyncConnection[Any]], options: dict[str, Any]

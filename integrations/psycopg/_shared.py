@@ -358,7 +358,7 @@ class SharedPool:
             raise self._not_opened(allowed)
 
     async def _open_now(self, deadline: float, allowed: float) -> None:
-        self._refusals = _Refusals(self)
+        self._refusals = _Refusals(self, self._refusals)
         options = dict(self._pool_options)
         options["connection_class"] = self._refusals.connection_class(
             options.get("connection_class", AsyncConnection), options
