@@ -313,6 +313,45 @@ class TestScopeSpan:
         }
         assert span.status.status_code is StatusCode.UNSET
 
+    async def test_the_scope_context_is_made_the_general_way_when_the_api_changed_shape(
+        self, otel: Otel, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Without the API's span key (an OpenTelemetry API of another shape), the scope's
+        context is made through the public API: the scope span is current in the scope, a
+        span of the scope's code and a nested scope's span are its children, each scope puts
+        back the context it found, and a task the request started that opens a scope after
+        the request's closed goes under the request's parent, not the ended scope span."""
+        monkeypatch.setattr(ambient.telemetry, "_SPAN_KEY", None)
+        registry = Registry(telemetry=otel.telemetry())
+        tracer = otel.tracer_provider.get_tracer("test")
+        before = otel_context.get_current()
+        request_done = anyio.Event()
+
+        async def later() -> None:
+            await request_done.wait()
+            async with registry.open_scope(ctx("alice")):
+                pass
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                with tracer.start_as_current_span("server") as server:
+                    async with registry.open_scope(ctx("alice")):
+                        outer = otel_context.get_current()
+                        with tracer.start_as_current_span("work"):
+                            pass
+                        async with registry.open_scope(ctx("alice")):
+                            pass
+                        assert otel_context.get_current() is outer
+                        tg.start_soon(later)
+                request_done.set()
+        assert otel_context.get_current() is before
+        inner, request, task = otel.spans.named("ambient.scope")
+        work = one(otel.spans.named("work"))
+        assert parent_id(request) == server.get_span_context().span_id
+        assert parent_id(work) == request.context.span_id
+        assert parent_id(inner) == request.context.span_id
+        assert parent_id(task) == server.get_span_context().span_id
+
     async def test_a_request_cut_short_is_cancelled_and_a_5xx_an_error(self, otel: Otel) -> None:
         """The middleware closes a request whose app returned with its response unfinished
         once it heard that the client is gone (a framework cancelled the work of a client
@@ -1168,6 +1207,42 @@ class TestComponentSpans:
         assert (cleanup.attributes or {})["ambient.user_id"] == hash_id("carol", "k")
         assert (cleanup.attributes or {})["ambient.lifetime"] == "user"
 
+    async def test_cleanups_at_shutdown_name_the_user_only_as_the_policies_allow(
+        self, otel: Otel
+    ) -> None:
+        """Cleanups at shutdown, each a trace of its own: a USER component's names its
+        tenant but not its user under ``user_id="omit"``, an APP component's names no one."""
+        registry = Registry(telemetry=otel.telemetry(span_threshold=0, user_id="omit"))
+
+        class Pool:
+            def close(self) -> None:
+                pass
+
+        def memory(user: UserRef) -> Iterator[Memory]:
+            yield Memory(user)
+
+        registry.register(Pool, Pool, lifetime=Lifetime.APP, name="pool")
+        registry.register(Memory, memory, lifetime=Lifetime.USER)
+        async with registry.open_scope(ctx("carol", tenant_id="acme")):
+            await ambient.resolve(Pool)
+            await ambient.resolve(Memory)
+        await registry.aclose()
+        cleanups = {
+            (s.attributes or {})["ambient.lifetime"]: s for s in otel.spans.named("ambient.cleanup")
+        }
+        assert sorted(cleanups) == ["app", "user"]
+        for span in cleanups.values():
+            assert span.parent is None
+        assert dict(cleanups["user"].attributes or {}) == {
+            "ambient.component": "Memory",
+            "ambient.lifetime": "user",
+            "ambient.tenant_id": "acme",
+        }
+        assert dict(cleanups["app"].attributes or {}) == {
+            "ambient.component": "pool",
+            "ambient.lifetime": "app",
+        }
+
     async def test_user_cleanups_at_a_shutdown_run_inside_a_span_are_traces_of_their_own(
         self, otel: Otel
     ) -> None:
@@ -1323,6 +1398,22 @@ class TestIds:
         attributes = dict(one(otel.spans.named("ambient.scope")).attributes or {})
         assert attributes.get("ambient.user_id") == user
         assert attributes.get("ambient.tenant_id") == tenant
+        # The ids as the telemetry says it exports them are those its spans carry.
+        assert telemetry.export_user_id("alice") == user
+        assert telemetry.export_tenant_id("acme") == tenant
+        assert telemetry.export_tenant_id(None) is None
+
+    def test_the_repr_tells_the_state_and_user_policy_and_no_key(self, otel: Otel) -> None:
+        """repr says whether the telemetry records anything and how user ids go out; never
+        the key they are hashed under."""
+        dormant = Telemetry(
+            tracer_provider=trace.NoOpTracerProvider(),
+            meter_provider=NoOpMeterProvider(),
+            hash_key="hash-key-1",
+        )
+        active = otel.telemetry(user_id="omit", hash_key="hash-key-2")
+        assert repr(dormant) == "<Telemetry dormant user_id='hash'>"
+        assert repr(active) == "<Telemetry active user_id='omit'>"
 
     async def test_default_key_is_shared_by_the_process(self, otel: Otel) -> None:
         """Without hash_key the span hash equals hash_id(user) (what log records carry)."""
@@ -1834,6 +1925,47 @@ class TestNoSdk:
         assert telemetry.active
         assert len(otel.spans.named("ambient.scope")) == 1
 
+    async def test_a_dormant_telemetry_asked_for_every_scope_does_no_work(self) -> None:
+        """A subclass deciding ``active`` itself is asked for every scope; with no SDK it
+        still records nothing: no per-scope state, the context untouched, for every user."""
+
+        class AlwaysAsked(Telemetry):
+            asked = 0
+
+            @property
+            def active(self) -> bool:
+                self.asked += 1
+                return True
+
+        telemetry = AlwaysAsked()
+        registry = Registry(telemetry=telemetry)
+        registry.register(Dispatcher, Dispatcher)
+        before = otel_context.get_current()
+        for user in ("alice", "bob"):
+            async with registry.open_scope(ctx(user)) as scope:
+                await ambient.resolve(Dispatcher)
+                assert otel_context.get_current() is before
+                assert telemetry not in scope.state
+        assert telemetry.asked >= 2
+        assert repr(telemetry) == "<Telemetry dormant user_id='hash'>"
+
+    def test_global_accesses_counted_directly_wait_for_the_sdk_installed_later(
+        self, otel: Otel, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """``record_global_access`` called before any SDK counts nothing and neither raises
+        nor logs; once a global meter provider is set, the next call finds and counts it."""
+        monkeypatch.setattr(ambient.telemetry, "_RECHECK_SECONDS", 0.0)
+        telemetry = Telemetry()
+        with caplog.at_level(logging.DEBUG, logger="ambient"):
+            telemetry.record_global_access("legacy_engine")
+        assert [r for r in caplog.records if r.name == "ambient"] == []
+        assert otel.points() == {}
+        monkeypatch.setattr(metrics, "get_meter_provider", lambda: otel.meter_provider)
+        telemetry.record_global_access("legacy_engine")
+        telemetry.record_global_access("legacy_engine")
+        (point,) = otel.points()["ambient.global_state.accesses"]
+        assert point.value == 2
+
     async def test_a_dormant_telemetry_says_until_when_it_stays_inactive(
         self, otel: Otel, monkeypatch: pytest.MonkeyPatch
     ) -> None:
@@ -2042,6 +2174,27 @@ class BaggageToAttributes(SpanProcessor):
 
 
 class TestBaggage:
+    async def test_a_field_without_a_value_goes_into_no_baggage_and_a_forged_one_is_dropped(
+        self, otel: Otel
+    ) -> None:
+        """A context field named for baggage that the context does not have (no tenant, no
+        connection) puts no entry in, not even an empty one, and a forged incoming entry of
+        that name is dropped all the same, for each user."""
+        registry = Registry(
+            telemetry=otel.telemetry(baggage=("tenant_id", "connection_id", "thread_id"))
+        )
+        for user in ("alice", "bob"):
+            incoming = baggage.set_baggage("ambient.tenant_id", "forged-tenant")
+            incoming = baggage.set_baggage("ambient.connection_id", "forged-conn", incoming)
+            token = otel_context.attach(incoming)
+            try:
+                context = ctx(user)
+                async with registry.open_scope(context):
+                    entries = dict(baggage.get_all())
+            finally:
+                otel_context.detach(token)
+            assert entries == {"ambient.thread_id": context.thread_id}
+
     async def test_off_by_default(self, otel: Otel) -> None:
         """Default telemetry puts nothing into baggage; outgoing headers carry none."""
         registry = Registry(telemetry=otel.telemetry())
@@ -2473,6 +2626,205 @@ class TestNeverBreaks:
         assert len(otel.spans.named("ambient.cleanup")) == 1
         assert otel.spans.started == len(otel.spans.spans)
         assert detach_errors == []
+
+
+class FailingInstrument:
+    """An instrument of a real SDK meter that raises, instead of counting, on the amounts
+    ``fails`` picks."""
+
+    def __init__(self, instrument: Any, fails: Callable[[float], bool]) -> None:
+        self.instrument = instrument
+        self.fails = fails
+
+    def add(self, amount: float, attributes: Any = None, context: Any = None) -> None:
+        if self.fails(amount):
+            raise RuntimeError("meter down")
+        self.instrument.add(amount, attributes)
+
+    def record(self, amount: float, attributes: Any = None, context: Any = None) -> None:
+        if self.fails(amount):
+            raise RuntimeError("meter down")
+        self.instrument.record(amount, attributes)
+
+
+class SlottedMeter:
+    """A meter no weak reference can refer to (slots, no ``__weakref__``) over a real SDK
+    meter; its instrument named ``failing`` raises on the amounts ``fails`` picks."""
+
+    __slots__ = ("_failing", "_fails", "_meter")
+
+    def __init__(self, meter: metrics.Meter, failing: str, fails: Callable[[float], bool]) -> None:
+        self._meter = meter
+        self._failing = failing
+        self._fails = fails
+
+    def _made(self, instrument: Any, name: str) -> Any:
+        return FailingInstrument(instrument, self._fails) if name == self._failing else instrument
+
+    def create_up_down_counter(self, name: str, **options: Any) -> Any:
+        return self._made(self._meter.create_up_down_counter(name, **options), name)
+
+    def create_counter(self, name: str, **options: Any) -> Any:
+        return self._made(self._meter.create_counter(name, **options), name)
+
+    def create_histogram(self, name: str, **options: Any) -> Any:
+        return self._made(self._meter.create_histogram(name, **options), name)
+
+    def create_observable_up_down_counter(self, name: str, **options: Any) -> Any:
+        raise AssertionError("a meter that cannot be weakly referred to is counted synchronously")
+
+
+class SlottedMeterProvider(metrics.MeterProvider):
+    """Hands out :class:`SlottedMeter` over ``otel``'s real meter provider."""
+
+    def __init__(
+        self, otel: Otel, failing: str = "", fails: Callable[[float], bool] = lambda _: True
+    ) -> None:
+        self.provider = otel.meter_provider
+        self.failing = failing
+        self.fails = fails
+
+    def get_meter(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        meter = self.provider.get_meter(name, *args, **kwargs)
+        return SlottedMeter(meter, self.failing, self.fails)
+
+
+def telemetry_failures(records: list[logging.LogRecord]) -> list[str]:
+    """Where the logged telemetry failures happened, one entry per record."""
+    return [
+        r.getMessage().split(";")[0].removeprefix("ambient telemetry failed in ")
+        for r in records
+        if r.name == "ambient" and "telemetry failed" in r.getMessage()
+    ]
+
+
+class TestBrokenMetrics:
+    async def test_a_meter_no_weak_reference_can_refer_to_counts_scopes_as_they_open(
+        self, otel: Otel
+    ) -> None:
+        """``ambient.scopes.active`` on a meter that cannot be weakly referred to (kept by
+        no per-meter table) is an up-down counter counted as scopes open and close, for
+        every user at once."""
+        telemetry = Telemetry(meter_provider=SlottedMeterProvider(otel))
+        registry = Registry(telemetry=telemetry)
+        opened = 0
+        all_open = anyio.Event()
+        close = anyio.Event()
+
+        async def visit(user: str) -> None:
+            nonlocal opened
+            async with registry.open_scope(ctx(user)):
+                opened += 1
+                if opened == 3:
+                    all_open.set()
+                await close.wait()
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for user in ("alice", "bob", "carol"):
+                    tg.start_soon(visit, user)
+                await all_open.wait()
+                assert otel.total("ambient.scopes.active") == 3
+                close.set()
+        assert otel.total("ambient.scopes.active") == 0
+        await registry.aclose()
+
+    @pytest.mark.parametrize(
+        ("instrument", "fails", "where", "scopes_active"),
+        [
+            ("ambient.scopes.active", lambda n: n > 0, "scope_opened (metrics)", 0),
+            ("ambient.scopes.active", lambda n: n < 0, "scope_closed (metrics)", 3),
+            ("ambient.component.create.duration", None, "component_created (metrics)", 0),
+            ("ambient.cleanup.duration", None, "component_cleaned (metrics)", 0),
+            ("ambient.user_components.live", lambda n: n < 0, "component_cleaned (metrics)", 0),
+            ("ambient.global_state.accesses", None, "record_global_access", 0),
+        ],
+        ids=[
+            "scope opened",
+            "scope closed",
+            "component created",
+            "component cleaned",
+            "user component without cleanup gone",
+            "global access",
+        ],
+    )
+    async def test_a_raising_instrument_is_logged_once_and_every_request_is_answered(
+        self,
+        otel: Otel,
+        caplog: pytest.LogCaptureFixture,
+        instrument: str,
+        fails: Callable[[float], bool] | None,
+        where: str,
+        scopes_active: int,
+    ) -> None:
+        """An instrument of the application's meter that raises: three users' requests each
+        get their answer, with their spans; every cleanup runs once; the failure is logged
+        once, naming where; and a scope whose count up failed is not counted down."""
+        from ambient.migration import guard_global
+
+        provider = SlottedMeterProvider(otel, instrument, fails or (lambda _: True))
+        registry = Registry(
+            telemetry=Telemetry(tracer_provider=otel.tracer_provider, meter_provider=provider)
+        )
+        closes: list[str] = []
+
+        class Connection:
+            def __init__(self) -> None:
+                self.user = ambient.get_current_context().user_id
+
+            def close(self) -> None:
+                closes.append(self.user)
+
+        registry.register(Connection, Connection)
+        registry.register(Memory, Memory, lifetime=Lifetime.USER)
+        catalog = guard_global({"triage": "queue-7"}, name="catalog", mode="off")
+        users = ["alice", "bob", "carol"]
+        answers: dict[str, tuple[str, str, str]] = {}
+        with caplog.at_level(logging.ERROR, logger="ambient"):
+            for user in users:
+                async with registry.open_scope(ctx(user)):
+                    connection = await ambient.resolve(Connection)
+                    memory = await ambient.resolve(Memory)
+                    answers[user] = (connection.user, memory.user.user_id, catalog["triage"])
+            await registry.aclose()
+        assert answers == {u: (u, u, "queue-7") for u in users}
+        assert closes == users
+        assert telemetry_failures(caplog.records) == [where]
+        assert len(otel.spans.named("ambient.scope")) == 3
+        assert otel.total("ambient.scopes.active") == scopes_active
+
+    async def test_a_span_refusing_its_events_still_ends_and_the_request_goes_on(
+        self, otel: Otel, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """The fast components' events handed to the scope span in one go at its close are
+        refused: the span still ends, with its attributes; each request gets its answer and
+        its cleanups run once; the failure is logged once."""
+
+        class Refusing(list[object]):
+            def extend(self, events: Iterable[object]) -> None:
+                raise RuntimeError("events refused")
+
+        class RefuseEvents(SpanProcessor):
+            def on_start(
+                self, span: Span, parent_context: otel_context.Context | None = None
+            ) -> None:
+                span._events = Refusing()  # type: ignore[assignment]
+
+        otel.tracer_provider.add_span_processor(RefuseEvents())
+        registry = Registry(telemetry=otel.telemetry(span_threshold=60))
+        registry.register(Dispatcher, Dispatcher)
+        dispatchers: list[Dispatcher] = []
+        with caplog.at_level(logging.ERROR, logger="ambient"):
+            for user in ("alice", "bob", "carol"):
+                async with registry.open_scope(ctx(user)):
+                    dispatchers.append(await ambient.resolve(Dispatcher))
+        assert [d.closed for d in dispatchers] == [True] * 3
+        assert telemetry_failures(caplog.records) == ["scope_closed (events)"]
+        spans = otel.spans.named("ambient.scope")
+        assert len(spans) == 3
+        for span in spans:
+            assert (span.attributes or {})["ambient.components.created"] == 1
+        assert otel.spans.started == len(otel.spans.spans)
 
 
 class TestDisconnect:
