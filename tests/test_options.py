@@ -9,6 +9,7 @@ first checkout instead of the start-up.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -168,3 +169,17 @@ def test_a_clock_that_cannot_be_called_is_refused(
     a rollout's window, a ticket's deadline, a signed context's expiry)."""
     with pytest.raises(TypeError, match=r"^clock must be a callable"):
         build(clock)
+
+
+@pytest.mark.parametrize(
+    "option", ["timeout", "reconnect_delay", "max_reconnect_delay", "health_check_interval"]
+)
+@pytest.mark.parametrize("value", [0, -1.0, float("nan")], ids=["zero", "negative", "nan"])
+def test_a_redis_broadcast_duration_that_is_not_positive_is_refused(
+    option: str, value: float
+) -> None:
+    """No time to connect or to wait, a back-off that never waits, a health check that
+    never lets the connection be quiet: each is refused, naming the option and the value."""
+    message = f"{option} must be > 0 seconds, not {value!r}"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        RedisBroadcast("redis://127.0.0.1:6379/0", **{option: value})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -28,7 +29,7 @@ from ambient.integrations.websockets import (
     RedisBroadcast,
     UserWebSocketManager,
 )
-from ambient.integrations.websockets._envelope import TO_USER
+from ambient.integrations.websockets._envelope import REVOKE, TO_USER, encode_envelope
 from tests.redis_server import own_redis
 from tests.redisproxy import Link, RedisProxy, words
 
@@ -803,3 +804,250 @@ async def test_a_subscription_connection_that_answers_no_command_is_replaced_des
     await backend.unsubscribe(dave)
     await backend.unsubscribe(carol)
     await backend.aclose()
+
+
+def ambient_warnings(records: list[logging.LogRecord]) -> list[str]:
+    return [r.getMessage() for r in records if r.name == "ambient.websockets"]
+
+
+def revocations_key(backend: RedisBroadcast, user: UserRef) -> bytes:
+    """The Redis key counting ``user``'s revocations."""
+    return backend.channel(user) + b":revocations"
+
+
+async def test_foreign_messages_on_the_channels_are_dropped_and_delivery_goes_on(
+    redis_port: int, admin: redis.asyncio.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Something else publishing on alice's channel and on the revocations channel (no
+    envelope, no count, an event that is no revocation): each is dropped with a warning,
+    none reaches a socket, and the reader goes on delivering alice's events and
+    revocations."""
+    backend = RedisBroadcast(
+        f"redis://127.0.0.1:{redis_port}/0", channel_prefix=prefix(), health_check_interval=60
+    )
+    deliveries = Deliveries(backend)
+    alice = UserRef("alice", "acme")
+    revoked = f"{backend.channel_prefix}revocations"
+    stray = encode_envelope(Envelope(alice, TO_USER, None, event(alice, 0)))
+    assert repr(backend) == "<RedisBroadcast disconnected channels=0>"
+    with anyio.fail_after(DEADLINE), caplog.at_level(logging.WARNING, "ambient.websockets"):
+        await backend.wait_connected()
+        await backend.subscribe(alice)
+        assert repr(backend) == "<RedisBroadcast connected channels=1>"
+        await admin.publish(backend.channel(alice), b"no envelope")
+        await admin.publish(revoked, b"no count")
+        await admin.publish(revoked, b"1-0 1:1 no envelope")
+        await admin.publish(revoked, b"1-0 1:1 " + stray)
+        after = Envelope(alice, TO_USER, None, event(alice, 1))
+        await backend.publish(after)
+        revocation = Envelope(alice, REVOKE, None, "access revoked")
+        await backend.publish(revocation)
+        while len(deliveries.delivered) < 2:
+            await deliveries.next()
+    assert deliveries.delivered == [after, revocation]
+    assert ambient_warnings(caplog.records) == [
+        "ambient: dropped a malformed message on a websocket channel",
+        "ambient: dropped a malformed message on the revocations channel",
+        "ambient: dropped a malformed message on the revocations channel",
+        "ambient: dropped a message on the revocations channel that is none",
+    ]
+    await backend.unsubscribe(alice)
+    await backend.aclose()
+
+
+async def test_a_malformed_recent_revocation_or_count_is_taken_for_none(
+    redis_port: int, admin: redis.asyncio.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The stream of recent revocations holds an entry without a count ahead of bob's
+    revocation, and alice's count of revocations is no count: the backend starting reads
+    bob's revocation past the malformed entry, alice's socket subscribes (her count taken
+    for none at each read), and her revocation made after reaches it; each flaw is a
+    warning."""
+    url = f"redis://127.0.0.1:{redis_port}/0"
+    backend = RedisBroadcast(url, channel_prefix=prefix(), health_check_interval=60)
+    other = RedisBroadcast(url, channel_prefix=backend.channel_prefix)
+    deliveries = Deliveries(backend)
+    alice, bob = UserRef("alice", "acme"), UserRef("bob", "acme")
+    revoked = f"{backend.channel_prefix}revocations"
+    alice_revoked = Envelope(alice, REVOKE, None, "alice revoked")
+    bob_revoked = Envelope(bob, REVOKE, None, "bob revoked")
+    with anyio.fail_after(DEADLINE), caplog.at_level(logging.WARNING, "ambient.websockets"):
+        await admin.xadd(revoked, {"envelope": encode_envelope(alice_revoked)})
+        await other.publish(bob_revoked)
+        await admin.set(revocations_key(backend, alice), b"no count")
+        await backend.wait_connected()
+        assert deliveries.delivered == [bob_revoked]
+        await backend.subscribe(alice)
+        assert deliveries.delivered == [bob_revoked]
+        await other.publish(alice_revoked)
+        while len(deliveries.delivered) < 2:
+            await deliveries.next()
+    assert deliveries.delivered == [bob_revoked, alice_revoked]
+    assert ambient_warnings(caplog.records) == [
+        "ambient: dropped a malformed entry of the recent revocations",
+        # Read before her subscription and once it is confirmed.
+        "ambient: took a malformed count of revocations for none",
+        "ambient: took a malformed count of revocations for none",
+    ]
+    await backend.unsubscribe(alice)
+    await backend.aclose()
+    await other.aclose()
+
+
+class CountedMeanwhile(RedisBroadcast):
+    """A RedisBroadcast whose first SUBSCRIBE of ``user``'s channel is preceded by
+    ``count`` set as that user's count of revocations: a revocation made between the
+    subscription's two reads of the count, whose message and stream entry this process
+    never gets (the count is all Redis kept of it)."""
+
+    def __init__(
+        self, url: str, admin: redis.asyncio.Redis, user: UserRef, count: bytes, **options: Any
+    ) -> None:
+        super().__init__(url, **options)
+        self.admin = admin
+        self.target = self.channel(user)
+        self.key = revocations_key(self, user)
+        self.count = count
+
+    async def _send(self, command: str, channel: bytes) -> None:
+        if command == "SUBSCRIBE" and channel == self.target and self.count:
+            count, self.count = self.count, b""
+            await self.admin.set(self.key, count)
+        await super()._send(command, channel)
+
+
+@pytest.mark.parametrize("counted", ["none before", "one before"])
+async def test_a_revocation_counted_between_a_first_subscriptions_reads_revokes_the_user(
+    redis_port: int, admin: redis.asyncio.Redis, counted: str
+) -> None:
+    """Alice's first socket here subscribes while a revocation of hers is counted in
+    Redis, one this process neither hears nor reads: her sockets here are revoked once
+    the subscription is confirmed. Bob, whose count does not move, is not revoked."""
+    alice, bob = UserRef("alice", "acme"), UserRef("bob", "acme")
+    backend = CountedMeanwhile(
+        f"redis://127.0.0.1:{redis_port}/0",
+        admin,
+        alice,
+        b"kept:2" if counted == "one before" else b"lost:1",
+        channel_prefix=prefix(),
+        health_check_interval=60,
+    )
+    deliveries = Deliveries(backend)
+    with anyio.fail_after(DEADLINE):
+        if counted == "one before":
+            await admin.set(backend.key, b"kept:1")
+        await backend.wait_connected()
+        await backend.subscribe(bob)
+        await backend.subscribe(alice)
+    assert deliveries.delivered == [Envelope(alice, REVOKE, None, "access revoked")]
+    await let_go(backend, [alice, bob])
+    await backend.aclose()
+
+
+async def test_a_subscribe_whose_read_of_the_count_fails_is_a_broadcast_error_leaving_nothing(
+    proxy: RedisProxy, admin: redis.asyncio.Redis
+) -> None:
+    """Redis drops the connection each time the read of alice's count of revocations
+    reaches it: her subscribe raises BroadcastError saying so and holds nothing; once Redis
+    answers again, her next subscribe takes the channel and gets her events."""
+    backend = RedisBroadcast(proxy.url, channel_prefix=prefix(), health_check_interval=60)
+    deliveries = Deliveries(backend)
+    alice = UserRef("alice", "acme")
+    cut = 0
+
+    def on_command(link: Link, value: Any) -> None:
+        nonlocal cut
+        if words(value)[0] == b"mget":
+            cut += 1
+            link.cut()
+
+    with anyio.fail_after(DEADLINE):
+        await backend.wait_connected()
+        proxy.on_command = on_command
+        with pytest.raises(BroadcastError, match="^could not read the user's revocations"):
+            await backend.subscribe(alice)
+        assert cut >= 1
+        assert backend.subscriptions == 0
+        assert await numsub(admin, backend, [alice]) == [0]
+        proxy.on_command = None
+        await backend.subscribe(alice)
+        assert await numsub(admin, backend, [alice]) == [1]
+        await deliveries.one_each(backend, [alice])
+    assert deliveries.delivered == [Envelope(alice, TO_USER, None, event(alice, 1))]
+    await let_go(backend, [alice])
+    await backend.aclose()
+
+
+async def test_a_subscription_connection_gone_silent_is_pinged_and_replaced(
+    proxy: RedisProxy, admin: redis.asyncio.Redis
+) -> None:
+    """Redis's side of the subscription connection goes silent (nothing it sends comes
+    through): the backend pings it, and replaces it once twice ``health_check_interval``
+    passed without an answer; the new connection has alice's channel once and her events
+    reach her again."""
+    backend = RedisBroadcast(
+        proxy.url, channel_prefix=prefix(), timeout=1.0, health_check_interval=0.2
+    )
+    deliveries = Deliveries(backend)
+    alice = UserRef("alice", "acme")
+    with anyio.fail_after(DEADLINE):
+        await backend.wait_connected()
+        await backend.subscribe(alice)
+        link = await proxy.link(Link.subscribed)
+        link.down.hold()
+        await link.up.arrival(lambda w: w[0] == b"ping")
+        await link.closed.wait()
+        await backend.wait_connected()
+        assert backend.reconnects == 1
+        assert await numsub(admin, backend, [alice]) == [1]
+        await deliveries.one_each(backend, [alice])
+    assert deliveries.delivered == [Envelope(alice, TO_USER, None, event(alice, 1))]
+    await let_go(backend, [alice])
+    await backend.aclose()
+
+
+async def test_after_an_outage_the_recent_revocations_are_read_from_the_one_heard_last(
+    proxy: RedisProxy, admin: redis.asyncio.Redis
+) -> None:
+    """Alice's revocation is heard; the subscription connection is cut and bob's is made
+    before the new one subscribes: once back, the backend delivers bob's once and not
+    alice's again, reading the stream from the revocation it heard last."""
+    backend = RedisBroadcast(proxy.url, channel_prefix=prefix(), health_check_interval=60)
+    other = RedisBroadcast(
+        f"redis://127.0.0.1:{proxy.target_port}/0", channel_prefix=backend.channel_prefix
+    )
+    deliveries = Deliveries(backend)
+    alice, bob = UserRef("alice", "acme"), UserRef("bob", "acme")
+    alice_revoked = Envelope(alice, REVOKE, None, "alice revoked")
+    bob_revoked = Envelope(bob, REVOKE, None, "bob revoked")
+    reads: list[list[bytes]] = []
+
+    def on_command(link: Link, value: Any) -> None:
+        if words(value)[0] == b"xrange":
+            reads.append(words(value))
+
+    with anyio.fail_after(DEADLINE):
+        await backend.wait_connected()
+        await other.publish(alice_revoked)
+        await deliveries.next()
+        old = await proxy.link(Link.subscribed)
+
+        def hold_the_handshake(link: Link) -> None:
+            proxy.on_link = None
+            link.up.hold()
+
+        proxy.on_link = hold_the_handshake
+        proxy.on_command = on_command
+        start = len(proxy.links)
+        old.cut()
+        new = await proxy.link(lambda link: True, start=start)
+        await other.publish(bob_revoked)
+        new.up.release()
+        await backend.wait_connected()
+    assert deliveries.delivered == [alice_revoked, bob_revoked]
+    [(heard, _), _] = await admin.xrange(f"{backend.channel_prefix}revocations")
+    # One read, from alice's revocation on: not the whole window again.
+    assert [read[2] for read in reads] == [heard], reads
+    assert backend.reconnects == 1
+    await backend.aclose()
+    await other.aclose()
