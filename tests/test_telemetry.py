@@ -71,6 +71,7 @@ from ambient import (
     Registry,
     UserExecutionContext,
     UserRef,
+    _binding,
 )
 from ambient.integrations.logging import ContextFilter
 from ambient.integrations.websockets import message_scope
@@ -351,6 +352,53 @@ class TestScopeSpan:
         assert parent_id(work) == request.context.span_id
         assert parent_id(inner) == request.context.span_id
         assert parent_id(task) == server.get_span_context().span_id
+
+    async def test_a_scope_under_another_registrys_scope_nests_under_the_outer_traced_one(
+        self, otel: Otel
+    ) -> None:
+        """An app with a registry of its own and no telemetry, mounted inside a traced one:
+        a traced scope opened under its scope is a child of the outer traced scope span,
+        not of that span's parent."""
+        registry = Registry(telemetry=otel.telemetry())
+        mounted = Registry()
+        tracer = otel.tracer_provider.get_tracer("test")
+        with tracer.start_as_current_span("server") as server:
+            async with (
+                registry.open_scope(ctx("alice")),
+                mounted.open_scope(ctx("alice")),
+                registry.open_scope(ctx("alice")),
+            ):
+                pass
+        inner, outer = otel.spans.named("ambient.scope")
+        assert parent_id(outer) == server.get_span_context().span_id
+        assert parent_id(inner) == outer.context.span_id
+
+    async def test_a_scope_opened_with_nothing_bound_in_another_users_context_starts_apart(
+        self, otel: Otel
+    ) -> None:
+        """A server starts u1's request inside u0's Context while u0's scope is open, and
+        the app opens u1's scope itself with nothing bound (no middleware cleared u0's
+        trace): u1's scope span is the root of a trace of its own, u1's scope sees only
+        u1's baggage, and once it closes u1's request is in no trace and has no baggage,
+        not back in u0's."""
+        registry = Registry(telemetry=otel.telemetry(user_id="raw", baggage=("user_id",)))
+        seen: dict[str, object] = {}
+
+        async def next_request() -> None:
+            _binding._current.set(None)  # what a request starts with: nothing bound
+            async with registry.open_scope(ctx("u1")):
+                seen["inside"] = dict(baggage.get_all())
+            span = trace.get_current_span().get_span_context()
+            seen["after"] = (dict(baggage.get_all()), span.is_valid)
+
+        async with registry.open_scope(ctx("u0")), anyio.create_task_group() as tg:
+            tg.start_soon(next_request)  # in a copy of u0's Context
+        spans = {
+            (s.attributes or {})["ambient.user_id"]: s for s in otel.spans.named("ambient.scope")
+        }
+        assert spans["u1"].parent is None
+        assert spans["u1"].context.trace_id != spans["u0"].context.trace_id
+        assert seen == {"inside": {"ambient.user_id": "u1"}, "after": ({}, False)}
 
     async def test_a_request_cut_short_is_cancelled_and_a_5xx_an_error(self, otel: Otel) -> None:
         """The middleware closes a request whose app returned with its response unfinished
