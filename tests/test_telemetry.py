@@ -373,29 +373,37 @@ class TestScopeSpan:
         assert parent_id(outer) == server.get_span_context().span_id
         assert parent_id(inner) == outer.context.span_id
 
-    @pytest.mark.parametrize("u0", ["open", "closed"])
+    @pytest.mark.parametrize("u0", ["open", "closed", "gone"])
     async def test_a_scope_opened_with_nothing_bound_in_another_users_context_starts_apart(
         self, otel: Otel, u0: str
     ) -> None:
         """A server starts u1's request inside u0's Context, and the app opens u1's scope
         itself with nothing bound (no middleware cleared u0's trace), while u0's scope is
-        still open or once it closed: u1's scope span is the root of a trace of its own,
-        u1's scope sees only u1's baggage, and once it closes u1's request is in no trace
-        and has no baggage, not back in u0's (nor in u0's server span)."""
+        still open, once it closed, or once it closed and was garbage-collected: u1's scope
+        span is the root of a trace of its own, u1's scope sees only u1's baggage, and once
+        it closes u1's request is in no trace and has no baggage, not back in u0's (nor in
+        u0's server span)."""
         registry = Registry(telemetry=otel.telemetry(user_id="raw", baggage=("user_id",)))
         seen: dict[str, object] = {}
         u0_closed = anyio.Event()
         u1_done = anyio.Event()
 
         async def next_request() -> None:
-            if u0 == "closed":
+            if u0 != "open":
                 await u0_closed.wait()
             _binding._current.set(None)  # what a request starts with: nothing bound
+            if u0 == "gone":
+                # As once u0's scope is garbage-collected (on asyncio a Context out of
+                # ambient's reach may hold it a while longer): its record no longer knows it.
+                u0_record.scope = weakref.ref(Gone())
             async with registry.open_scope(ctx("u1")):
                 seen["inside"] = dict(baggage.get_all())
             span = trace.get_current_span().get_span_context()
             seen["after"] = (dict(baggage.get_all()), span.is_valid)
             u1_done.set()
+
+        class Gone:
+            pass
 
         tracer = otel.tracer_provider.get_tracer("test")
         with anyio.fail_after(10):
@@ -403,6 +411,8 @@ class TestScopeSpan:
                 with tracer.start_as_current_span("u0's server span"):
                     # Held until the end: u0's request is still around, its scope closed.
                     async with registry.open_scope(ctx("u0")) as u0_scope:
+                        u0_record = otel_context.get_current().get(ambient.telemetry._SCOPE_KEY)
+                        assert u0_record is not None
                         tg.start_soon(next_request)  # in a copy of u0's Context
                         if u0 == "open":
                             await u1_done.wait()
