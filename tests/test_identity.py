@@ -739,6 +739,12 @@ class TestJwtBearer:
         with pytest.raises(IdentityError, match="algorithm"):
             resolver(bearer(confused))
 
+    def test_one_algorithm_given_as_a_str_is_that_algorithm(self) -> None:
+        """``algorithms="HS256"`` is the one algorithm, not its letters (none of which
+        PyJWT knows: the resolver would be refused at construction)."""
+        resolver = jwt_bearer(SECRET, algorithms="HS256", audience=AUDIENCE, issuer=ISSUER)
+        assert resolver(bearer(token())).user_id == "alice"
+
     def test_construction_refuses_dangerous_configurations(self) -> None:
         for unsigned in ("none", "None", "NONE"):
             # Refused as unsigned whatever its case, not as a name PyJWT does not know.
@@ -963,6 +969,7 @@ class TestJwtBearer:
         [
             ([], ["bearer"], "not followed by a token"),
             ([], ["chat", "bearer", ""], "not followed by a token"),
+            ([], ["bearer", " \t "], "not followed by a token"),
             ([], ["bearer", "t1", "bearer", "t2"], "2 times"),
             ([], ["bearer", "bearer"], "2 times"),
             ([(b"authorization", b"Bearer t1")], ["bearer", "t2"], "both"),
