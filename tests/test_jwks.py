@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import logging
+import math
 import socket
 import struct
 import threading
@@ -231,9 +233,11 @@ class GatedKeySetServer(KeySetServer):
     def __init__(self) -> None:
         super().__init__()
         self.gate = threading.Event()
+        self.asked = threading.Event()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
+            self.asked.set()
             await anyio.to_thread.run_sync(self.gate.wait, abandon_on_cancel=True)
         await super().__call__(scope, receive, send)
 
@@ -1169,17 +1173,21 @@ async def test_in_its_pause_a_resolver_serves_the_key_set_another_fetched_since(
 
 
 async def test_the_last_key_set_fetched_serves_up_to_stale_keys_for_itself(
-    provider: tuple[KeySetServer, str], clock: _Clock
+    provider: tuple[KeySetServer, str], clock: _Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """``stale_keys_for`` seconds to the tick after the last fetch, the set still serves;
-    the next request in that pause, a moment later, is 503."""
+    """``stale_keys_for`` seconds to the tick after the last fetch, the set still serves,
+    and the outage's warning says so; the next request in that pause, a moment later, is
+    503."""
     server, url = provider
     app = stale_protected(url, stale_keys_for=600)
     assert (await ask(app, "warm-up")).status_code == 200
     server.mode = "error"
     clock.now += 600
-    ok = await ask(app, "at-the-bound")
+    with caplog.at_level(logging.WARNING, logger="ambient.middleware"):
+        ok = await ask(app, "at-the-bound")
     assert (ok.status_code, ok.json()["user"]) == (200, "at-the-bound")
+    [warning] = key_set_warnings(caplog)
+    assert "serves meanwhile, for 0 s more at most" in warning, warning
     clock.now += 0.01
     late = await ask(app, "past-it")
     assert late.status_code == 503, late.text
@@ -1218,4 +1226,159 @@ async def test_requests_that_give_up_on_a_stuck_fetch_never_wait_for_it_in_the_e
             await anyio.to_thread.run_sync(server.sent.wait)
     assert answers == {f"user-{n}": (503, None) for n in range(3)}
     assert max(gaps) < 1, max(gaps)
+    assert server.fetches == 1
+
+
+async def test_a_client_that_caches_no_key_set_says_when_the_provider_works_again(
+    provider: tuple[KeySetServer, str], clock: _Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``cache_jwk_set=False``: every lookup fetches, and a fetch that works is the provider
+    answering, whatever no cache can say. Each outage is warned of once and its end once:
+    before, the end of the first was never told, and the second outage was never warned of."""
+    server, url = provider
+    client = jwt.PyJWKClient(url, timeout=5, cache_jwk_set=False)
+    app = stale_protected(url, client)
+    with caplog.at_level(logging.WARNING, logger="ambient.middleware"):
+        assert (await ask(app, "warm-up")).status_code == 200
+        for n in range(2):
+            server.mode = "error"
+            assert_unavailable(await ask(app, kid="k2", key=ROTATED_KEY))
+            clock.now += 5.01
+            server.mode = "ok"
+            back = await ask(app, f"back-{n}")
+            assert (back.status_code, back.json()["user"]) == (200, f"back-{n}")
+    warnings = key_set_warnings(caplog)
+    assert [("could not be fetched" in w, w.endswith("works again")) for w in warnings] == [
+        (True, False),
+        (False, True),
+    ] * 2, warnings
+
+
+async def test_a_client_whose_timeout_is_infinite_still_serves_the_key_set_it_holds(
+    provider: tuple[KeySetServer, str],
+) -> None:
+    """A ``PyJWKClient`` whose timeout is infinite (set so once it had fetched): tokens are
+    verified with the key set it holds, each request waiting for its key as long as with
+    PyJWT's default timeout at most, not for ever (which no lock takes: each was a 500)."""
+    server, url = provider
+    client = jwt.PyJWKClient(url, timeout=5)
+    app = stale_protected(url, client)
+    assert (await ask(app, "warm-up")).status_code == 200
+    client.timeout = math.inf
+    ok = await ask(app, "after")
+    assert (ok.status_code, ok.json()["user"]) == (200, "after")
+    assert server.fetches == 1
+
+
+async def test_requests_wait_twice_the_clients_timeout_for_a_key_set_that_trickles_in(
+    clock: _Clock,
+) -> None:
+    """The provider sends its key set a byte at a time, each well within the client's
+    timeout (1 s): the requests give up, 503, once twice that timeout has passed, not
+    sooner (a provider that connects, then answers, each within the timeout, is waited
+    for) nor much later (every request waits that long)."""
+    server = TricklingKeySetServer()
+    with serve("uvicorn", server) as url:
+        client = jwt.PyJWKClient(f"{url}/.well-known/jwks.json", timeout=1)
+        app = stale_protected(url, client)
+        try:
+            started = time.monotonic()
+            with anyio.fail_after(10):
+                answers = await users_at_once(app, 3)
+            waited = time.monotonic() - started
+        finally:
+            server.release.set()
+        with anyio.fail_after(10):
+            await anyio.to_thread.run_sync(server.sent.wait)
+    assert answers == {f"user-{n}": (503, None) for n in range(3)}
+    assert 1.9 < waited < 3, waited
+
+
+async def test_stale_keys_for_0_serves_no_key_a_client_without_a_cache_found(
+    provider: tuple[KeySetServer, str], clock: _Clock
+) -> None:
+    """``stale_keys_for=0`` with ``cache_jwk_set=False``: the key found last never serves
+    in an outage, not even one found at the same tick of the clock."""
+    server, url = provider
+    client = jwt.PyJWKClient(url, timeout=5, cache_jwk_set=False)
+    app = stale_protected(url, client, stale_keys_for=0)
+    assert (await ask(app, "warm-up")).status_code == 200
+    server.mode = "error"
+    assert_unavailable(await ask(app))
+    assert server.fetches == 2
+
+
+async def test_event_loops_on_two_threads_at_once_each_have_their_own_worker_threads(
+    anyio_backend: str,
+) -> None:
+    """One resolver serves two event loops running at once, each on its own thread (a
+    server with a loop per thread). The requests of the first hold every worker thread the
+    resolver lets that loop have, waiting for a slow provider; a request of the second
+    still gets one of its own, and passes as soon as the key set arrives. An anyio limiter
+    belongs to one event loop: shared, the second loop's request waited for a thread of
+    the first, which could not wake it (until its own wait ran out)."""
+    server = GatedKeySetServer()
+    with serve("uvicorn", server) as url:
+        app = protected(f"{url}/.well-known/jwks.json")
+        other_waits = threading.Event()
+        answers: list[httpx.Response] = []
+
+        async def on_the_other_loop() -> httpx.Response:
+            async def tell_when_waiting() -> None:
+                await anyio.wait_all_tasks_blocked()
+                other_waits.set()
+
+            with anyio.fail_after(3):  # the key set arrives once it waits; it waits 10 s at most
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(tell_when_waiting)
+                    return await ask(app, "other-loop")
+
+        async def one(n: int) -> None:
+            answers.append(await ask(app, f"user-{n}"))
+
+        other = functools.partial(anyio.run, on_the_other_loop, backend=anyio_backend)
+        async with anyio.create_task_group() as tg:
+            for n in range(8):  # more than the resolver lets one loop have threads
+                tg.start_soon(one, n)
+            try:
+                assert await anyio.to_thread.run_sync(server.asked.wait, 5)
+                await anyio.wait_all_tasks_blocked()
+                with anyio.fail_after(10):
+                    async with anyio.create_task_group() as both:
+
+                        async def run_other() -> None:
+                            answers.append(await anyio.to_thread.run_sync(other))
+
+                        both.start_soon(run_other)
+                        assert await anyio.to_thread.run_sync(other_waits.wait, 5)
+                        server.gate.set()
+            finally:
+                server.gate.set()
+    users = sorted(r.json()["user"] for r in answers)
+    assert users == sorted(["other-loop", *(f"user-{n}" for n in range(8))])
+    assert server.fetches == 1
+
+
+async def test_a_client_without_a_timeout_is_waited_for_as_with_pyjwts_default() -> None:
+    """``PyJWKClient`` with ``timeout=None`` would wait for ever; a request waits for its
+    key as with PyJWT's default timeout (30 s), twice that at most, not for ever and not
+    for less: a provider that answers after 2.5 s is waited for."""
+    server = GatedKeySetServer()
+    with serve("uvicorn", server) as url:
+        client = jwt.PyJWKClient(f"{url}/.well-known/jwks.json")
+        client.timeout = None  # type: ignore[assignment]
+        app = stale_protected(url, client)
+
+        async def answer_late() -> None:
+            await anyio.sleep(2.5)
+            server.gate.set()
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(answer_late)
+                with anyio.fail_after(10):
+                    ok = await ask(app, "patient")
+        finally:
+            server.gate.set()
+    assert (ok.status_code, ok.json()["user"]) == (200, "patient")
     assert server.fetches == 1
