@@ -960,8 +960,8 @@ class _KeySet:
             limiter = self._limiters.setdefault(loop, anyio.CapacityLimiter(_KEY_SET_THREADS))
         return limiter
 
-    def signing_key(self, client: PyJWKClient, token: str) -> Any:
-        """The key for ``token`` from ``client`` (in a worker thread: it may fetch).
+    def signing_key(self, client: PyJWKClient, kid: str) -> Any:
+        """The key named ``kid`` from ``client`` (in a worker thread: it may fetch).
 
         One thread at a time asks the client (PyJWKClient holds its own lock for the whole
         call anyway), so the requests queued behind a fetch that failed do not each ask
@@ -974,25 +974,25 @@ class _KeySet:
 
         wait = self._retry_at - _monotonic()
         if wait > 0:
-            return self._fetched_key(client, token, wait)
+            return self._fetched_key(client, kid, wait)
         if not self._gate.acquire(timeout=self.patience(client)):
             # A fetch that will not end holds the gate (its request has given up on it).
             error = self.unavailable(TimeoutError("another request's fetch is stuck"))
-            return self._known_key_or(client, token, error)
+            return self._known_key_or(client, kid, error)
         failed: Exception | None = None
         refused: IdentityError | IdentityUnavailableError | None = None
         try:
             wait = self._retry_at - _monotonic()  # a fetch failed while this one waited
             if wait > 0:
-                return self._fetched_key(client, token, wait)
+                return self._fetched_key(client, kid, wait)
             cache = client.jwk_set_cache
             cached = None if cache is None else cache.jwk_set_with_timestamp
             try:
-                found = client.get_signing_key_from_jwt(token)
+                # By the kid read from the token's header once, for every step: the client's
+                # get_signing_key_from_jwt would decode the whole token again, payload too.
+                found = client.get_signing_key(kid)
             except (jwt.PyJWKClientError, jwt.PyJWKSetError) as exc:
                 failed = exc
-            except jwt.PyJWTError:
-                raise  # the token itself is malformed
             except Exception as exc:  # noqa: BLE001 - whatever the answer broke, it is not the token
                 # PyJWKClient lets through what the provider's answer makes of its parsing: a
                 # body that is not JSON (a proxy's error page), JSON nested too deep, a key
@@ -1004,7 +1004,7 @@ class _KeySet:
                 # request queued behind this fetch looks for it, rather than it fetching too.
                 refused = self.failure(failed)
                 if isinstance(refused, IdentityError):
-                    self._forget(client, token)
+                    self._forget(client, kid)
             # Whether the provider answered: a key its cache held says nothing of it, and
             # an outage said to be over by one would be warned of again at the next fetch.
             entry = None if cache is None else cache.jwk_set_with_timestamp
@@ -1012,7 +1012,7 @@ class _KeySet:
         finally:
             self._gate.release()
         if isinstance(refused, IdentityUnavailableError):
-            return self._known_key_or(client, token, refused)
+            return self._known_key_or(client, kid, refused)
         if answered:
             self.worked()  # a key set without the token's key works too
         if refused is not None:
@@ -1031,12 +1031,12 @@ class _KeySet:
             timeout = _PYJWT_TIMEOUT
         return _KEY_SET_WAIT * float(timeout)
 
-    def stuck(self, client: PyJWKClient, token: str) -> Any:
-        """The key for ``token`` after its request waited :meth:`patience` for it in vain:
+    def stuck(self, client: PyJWKClient, kid: str) -> Any:
+        """The key named ``kid`` after its request waited :meth:`patience` for it in vain:
         one fetched before (:meth:`_known_key`), else the 503. The fetch goes on in its
         thread, and fills the client's cache if it ever ends."""
         error = self.unavailable(TimeoutError("the key set did not arrive in time"))
-        return self._known_key_or(client, token, error)
+        return self._known_key_or(client, kid, error)
 
     def _remember(self, client: PyJWKClient, found: Any) -> None:
         """Remember the last key set ``client`` fetched: its cache entry (which a fetch that
@@ -1058,30 +1058,27 @@ class _KeySet:
         elif isinstance(found, jwt.PyJWK):
             self._remembered = _Remembered([found], _monotonic())
 
-    def _forget(self, client: PyJWKClient, token: str) -> None:
-        """The key set just fetched lacks ``token``'s key: without a cache, the key found
+    def _forget(self, client: PyJWKClient, kid: str) -> None:
+        """The key set just fetched lacks the key ``kid``: without a cache, the key found
         last is forgotten when it is that one (the provider removed it, and it must not
         serve in an outage). A cache's set is remembered whole, as it was fetched."""
-        import jwt
-
         remembered = self._remembered
-        if client.jwk_set_cache is None and remembered is not None:
-            kid = jwt.get_unverified_header(token).get("kid")
-            if any(key.key_id == kid for key in remembered.keys):
-                self._remembered = None
+        if (
+            client.jwk_set_cache is None
+            and remembered is not None
+            and any(key.key_id == kid for key in remembered.keys)
+        ):
+            self._remembered = None
 
-    def _known_key(self, client: PyJWKClient, token: str) -> Any:
-        """The key for ``token`` among those fetched before, or ``None``: as PyJWKClient
-        picks it (by ``kid``, a signing key), in the client's cache while it is fresh, or
-        else in the last key set fetched up to ``stale_for`` seconds after its fetch."""
-        import jwt
-
+    def _known_key(self, client: PyJWKClient, kid: str) -> Any:
+        """The key named ``kid`` among those fetched before, or ``None``: as PyJWKClient
+        picks it (a signing key), in the client's cache while it is fresh, or else in the
+        last key set fetched up to ``stale_for`` seconds after its fetch."""
         self._remember(client, None)
         remembered = self._remembered
         if remembered is None:
             return None
-        kid = jwt.get_unverified_header(token).get("kid")
-        key = client.match_kid(remembered.keys, kid) if isinstance(kid, str) else None
+        key = client.match_kid(remembered.keys, kid)
         if key is None:
             return None
         cache = client.jwk_set_cache
@@ -1096,18 +1093,16 @@ class _KeySet:
             return key
         return None
 
-    def _known_key_or(
-        self, client: PyJWKClient, token: str, error: IdentityUnavailableError
-    ) -> Any:
-        """The key for ``token`` among those fetched before, else ``error`` raised."""
-        key = self._known_key(client, token)
+    def _known_key_or(self, client: PyJWKClient, kid: str, error: IdentityUnavailableError) -> Any:
+        """The key named ``kid`` among those fetched before, else ``error`` raised."""
+        key = self._known_key(client, kid)
         if key is None:
             raise error
         return key
 
-    def _fetched_key(self, client: PyJWKClient, token: str, wait: float) -> Any:
+    def _fetched_key(self, client: PyJWKClient, kid: str, wait: float) -> Any:
         return self._known_key_or(
-            client, token, IdentityUnavailableError(self._outage, retry_after=wait)
+            client, kid, IdentityUnavailableError(self._outage, retry_after=wait)
         )
 
     def failure(self, exc: Exception) -> IdentityError | IdentityUnavailableError:
@@ -1431,13 +1426,14 @@ def jwt_bearer(  # noqa: PLR0915 - its closures share the options checked here
 
     def signing_key(token: str, *, waited: bool) -> Any:
         if jwk_client is not None:
-            if not jwt.get_unverified_header(token).get("kid"):
+            kid = jwt.get_unverified_header(token).get("kid")  # a str, when there (PyJWT checks)
+            if not kid:
                 # PyJWKClient matches no key without one: refused here, before a fetch that
                 # could only fail or, with the provider down, answer 503 for a bad token.
                 raise _token_refused("the token names no key (kid)")
             if waited:  # in vain, for a fetch that goes on
-                return key_set.stuck(jwk_client, token)
-            return key_set.signing_key(jwk_client, token)
+                return key_set.stuck(jwk_client, kid)
+            return key_set.signing_key(jwk_client, kid)
         if jwks is not None:
             kid = jwt.get_unverified_header(token).get("kid")
             if not isinstance(kid, str):

@@ -1125,12 +1125,12 @@ class _UselessOnce(jwt.PyJWKClient):
         self.asked = threading.Event()
         self.calls = 0
 
-    def get_signing_key_from_jwt(self, token: str | bytes) -> jwt.PyJWK:
+    def get_signing_key(self, kid: str) -> jwt.PyJWK:
         self.calls += 1
         if self.calls == 1:
             raise _SlowToTell(self.asked)
         self.asked.set()
-        return super().get_signing_key_from_jwt(token)
+        return super().get_signing_key(kid)
 
 
 async def test_a_request_queued_behind_a_fetch_that_failed_keeps_to_its_pause(
