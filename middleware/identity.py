@@ -1257,12 +1257,28 @@ def _refuse_public_key_as_secret(key: str | bytes) -> None:
             msg = "the HMAC secret given is empty: no token would ever verify"
         elif kind := _jwk_text(key):
             msg = f"the HMAC secret given is a {kind} as text: give it as a dict ({exc})"
+        elif _json_text(key):
+            # PyJWT refuses JSON with a "kty" member at any depth: a JWK held deeper down.
+            msg = (
+                f"the HMAC secret given is JSON text holding a JWK: give the JWK as a dict ({exc})"
+            )
         else:
             msg = (
                 "an HMAC algorithm was given with a public key or certificate; that is the "
                 "key-confusion attack"
             )
         raise ValueError(msg) from None
+
+
+def _json_text(key: str | bytes) -> bool:
+    """Whether ``key`` is JSON text (of any value)."""
+    import json
+
+    try:
+        json.loads(key)
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 def _jwk_text(key: str | bytes) -> str | None:

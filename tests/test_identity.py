@@ -783,6 +783,17 @@ class TestJwtBearer:
         resolver = jwt_bearer(json.loads(jwks), algorithms=["HS256"], audience=AUDIENCE)
         assert resolver(bearer(token(key=secret, kid="k1"))).user_id == "alice"
 
+    @pytest.mark.parametrize("shape", ["list", "member"])
+    def test_an_hmac_secret_that_is_json_holding_a_jwk_is_named_for_it(self, shape: str) -> None:
+        """JSON text holding a JWK deeper than at its top (a list of JWKs, a JWK as a member
+        of an object), which PyJWT refuses as a secret as it refuses a JWK, was refused as
+        "a public key or certificate; that is the key-confusion attack"."""
+        jwk = {"kty": "oct", "k": "c2VjcmV0"}
+        text = json.dumps([jwk] if shape == "list" else {"key": jwk})
+        with pytest.raises(ValueError, match="JSON text holding a JWK") as refused:
+            jwt_bearer(text, algorithms=["HS256"])
+        assert "key-confusion" not in str(refused.value)
+
     def test_an_hmac_secret_nested_past_the_json_parsers_limit_is_refused_as_a_value(
         self,
     ) -> None:
