@@ -107,7 +107,7 @@ def protected(jwks_url: str) -> AmbientMiddleware:
 async def ask(
     app: AmbientMiddleware, user: str = "alice", kid: str | None = "k1", key: Any = PRIVATE_KEY
 ) -> httpx.Response:
-    bearer = token({"sub": user}, key=key, alg="RS256", **({"kid": kid} if kid else {}))
+    bearer = token({"sub": user}, key=key, alg="RS256", **({} if kid is None else {"kid": kid}))
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
         return await client.get("/", headers={"authorization": f"Bearer {bearer}"})
@@ -117,16 +117,16 @@ async def test_a_token_naming_no_key_is_401_without_a_fetch_even_with_the_provid
     provider: tuple[KeySetServer, str],
 ) -> None:
     """PyJWKClient matches no key to a token without a ``kid``: such a token is refused
-    401 at once, with the provider up or down, and the provider is not asked. It was
-    fetched for (again after each cooldown), and answered 503 while the provider was
-    down, telling the client to retry a token that can never pass; a token with a
-    ``kid`` still gets its key."""
+    401 at once, with the provider up or down, and the provider is not asked; nor to one
+    whose ``kid`` is empty. It was fetched for (again after each cooldown), and answered
+    503 while the provider was down, telling the client to retry a token that can never
+    pass; a token with a ``kid`` still gets its key."""
     server, url = provider
     app = protected(url)
     for mode in ("ok", "error"):
         server.mode = mode
-        for user in ("alice", "bob"):
-            refused = await ask(app, user, kid=None)
+        for user, kid in (("alice", None), ("bob", "")):
+            refused = await ask(app, user, kid=kid)
             assert refused.status_code == 401, refused.text
             assert "names no key (kid)" in refused.json()["detail"]
     assert server.fetches == 0
