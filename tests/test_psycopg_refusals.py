@@ -13,7 +13,7 @@ import contextlib
 import logging
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio
@@ -157,6 +157,33 @@ async def _refused_first(url: str, role: str) -> None:
     _assert_says_why(refused.value, role, 7.0)
 
 
+async def _second_checkout_after_a_refusal(
+    pool: SharedPool | PerUserPools,
+    url: str,
+    role: str,
+    *,
+    gives_up_after: float,
+    between: Callable[[], None] = lambda: None,
+) -> PoolExhaustedError:
+    """``pool`` installed, in a scope of alice's: the pool's first attempts refused
+    (:func:`_refused_first`), ``between()`` called, then a checkout that connects and holds
+    its connection while a second one gives up after ``gives_up_after`` seconds: its 503."""
+    registry = Registry()
+    pool.install(registry)
+    try:
+        async with registry.open_scope(_ctx("alice")):
+            await _refused_first(url, role)
+            between()
+            async with connection(timeout=15) as held:
+                await held.execute("SELECT 1")
+                with pytest.raises(PoolExhaustedError) as refused:
+                    async with connection(timeout=gives_up_after):
+                        pytest.fail("a second connection while the first is held")
+    finally:
+        await registry.aclose()
+    return refused.value
+
+
 @pytest.mark.parametrize("kind", ["shared", "per_user"])
 async def test_a_503_after_the_pool_connected_again_quotes_no_earlier_refusal(
     db: Database, kind: str
@@ -168,20 +195,9 @@ async def test_a_503_after_the_pool_connected_again_quotes_no_earlier_refusal(
     since the pool connected."""
     with limited_role(1) as (role, url):
         pool = _strategy(kind, url, db, min_size=0, max_size=1, retry_after=7.0)
-        registry = Registry()
-        pool.install(registry)
-        try:
-            async with registry.open_scope(_ctx("alice")):
-                await _refused_first(url, role)
-                async with connection(timeout=15) as held:
-                    await held.execute("SELECT 1")
-                    with pytest.raises(PoolExhaustedError) as busy:
-                        async with connection(timeout=0.2):
-                            pytest.fail("the pool holds one connection, in use")
-        finally:
-            await registry.aclose()
-    assert "became available" in str(busy.value)
-    assert getattr(busy.value, "__notes__", []) == [], busy.value.__notes__
+        busy = await _second_checkout_after_a_refusal(pool, url, role, gives_up_after=0.2)
+    assert "became available" in str(busy)
+    assert getattr(busy, "__notes__", []) == [], busy.__notes__
 
 
 @pytest.mark.parametrize("kind", ["shared", "per_user"])
@@ -195,20 +211,14 @@ async def test_a_refusal_after_the_pool_connected_again_is_logged_again(
     caplog.set_level(logging.WARNING, logger="ambient")
     with limited_role(1) as (role, url):
         pool = _strategy(kind, url, db, min_size=0, retry_after=7.0)
-        registry = Registry()
-        pool.install(registry)
-        try:
-            async with registry.open_scope(_ctx("alice")):
-                await _refused_first(url, role)
-                assert len(_refusal_logs(caplog)) == 1, _refusal_logs(caplog)
-                async with connection(timeout=15) as held:
-                    await held.execute("SELECT 1")
-                    with pytest.raises(PoolExhaustedError) as again:
-                        async with connection(timeout=2):
-                            pytest.fail("the server allows one connection only")
-        finally:
-            await registry.aclose()
-    _assert_says_why(again.value, role, 7.0)
+
+        def logged_once() -> None:
+            assert len(_refusal_logs(caplog)) == 1, _refusal_logs(caplog)
+
+        again = await _second_checkout_after_a_refusal(
+            pool, url, role, gives_up_after=2, between=logged_once
+        )
+    _assert_says_why(again, role, 7.0)
     assert len(_refusal_logs(caplog)) == 2, _refusal_logs(caplog)
 
 
