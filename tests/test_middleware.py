@@ -1676,6 +1676,26 @@ def _noted_session(
     return session
 
 
+class Link:
+    """A USER component that knows whether it is still open."""
+
+    open = True
+
+
+def _noted_link(order: list[str], note: str) -> Callable[[ambient.UserRef], AsyncIterator[Link]]:
+    """A factory of :class:`Link` whose close appends ``note`` to ``order``."""
+
+    async def link(user: ambient.UserRef) -> AsyncIterator[Link]:
+        component = Link()
+        try:
+            yield component
+        finally:
+            component.open = False
+            order.append(note)
+
+    return link
+
+
 async def _plain_lifespan(receive: Any, send: Any) -> None:
     """An app's lifespan with nothing to start or stop: it answers startup and shutdown."""
     while (await receive())["type"] != "lifespan.shutdown":
@@ -2509,6 +2529,199 @@ class TestLifespan:
         middleware = AmbientMiddleware(app, registry=Registry(), identity=trusted_header())
         await middleware({"type": "webtransport"}, None, None)  # type: ignore[arg-type]
         assert seen == ["webtransport"]
+
+    async def test_an_app_that_takes_its_startup_and_returns_unanswered_is_answered_once(
+        self,
+    ) -> None:
+        """An app that receives ``lifespan.startup`` and returns without a word (a lifespan
+        it does not support, read and dropped) has the startup answered for it: the startup
+        it took is not waited for again, which would take the server's shutdown for it and
+        leave the registry open, waiting for a message that never comes."""
+        ledger = Ledger()
+        registry = build_registry(ledger)
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "lifespan":
+                assert (await receive())["type"] == "lifespan.startup"
+                return
+            await ambient.resolve(Memory)
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+        middleware = AmbientMiddleware(app, registry=registry, identity=trusted_header())
+        async with client(middleware) as http:
+            await http.get("/", headers={"x-user-id": "a"})
+        assert ledger.cleaned == {}
+        sent: list[Message] = []
+        with anyio.fail_after(5):
+            await run_lifespan(middleware, sent)
+        assert [m["type"] for m in sent] == [
+            "lifespan.startup.complete",
+            "lifespan.shutdown.complete",
+        ]
+        assert ledger.cleaned
+        assert ledger.problems() == []
+
+    async def test_an_app_that_receives_on_after_its_shutdown_is_heard_to_complete_it(
+        self,
+    ) -> None:
+        """An app whose lifespan reads its messages in a task of its own, which goes back
+        to ``receive`` after the shutdown (it reads until cancelled), answers the shutdown
+        while that receive waits: the server hears the answer. Taken for an app still
+        serving, its answer would be held for a shutdown that came already, and the server
+        would never hear it."""
+        ledger = Ledger()
+        registry = build_registry(ledger)
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            assert scope["type"] == "lifespan"
+            shutdown = anyio.Event()
+
+            async def listen() -> None:
+                told = False
+                while True:
+                    if told:
+                        shutdown.set()  # then back to receive, before the answer below
+                    message = await receive()
+                    if message["type"] == "lifespan.startup":
+                        await send({"type": "lifespan.startup.complete"})
+                    else:
+                        told = True
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(listen)
+                await shutdown.wait()
+                await send({"type": "lifespan.shutdown.complete"})
+                tg.cancel_scope.cancel()
+
+        middleware = AmbientMiddleware(app, registry=registry, identity=trusted_header())
+        incoming: list[Message] = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+        sent: list[Message] = []
+
+        async def receive() -> Message:
+            if incoming:
+                return incoming.pop(0)
+            await anyio.sleep_forever()
+            raise AssertionError
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        with anyio.fail_after(5):
+            await middleware({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+        assert [m["type"] for m in sent] == [
+            "lifespan.startup.complete",
+            "lifespan.shutdown.complete",
+        ]
+        assert ledger.problems() == []
+
+    async def test_shutdown_gives_up_on_a_request_whose_cleanup_made_no_progress(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A request the server cancelled at its shutdown deadline that goes on past a whole
+        ``cleanup_timeout`` without any cleanup ending (a shielded wait that never returns)
+        does not hold the shutdown: the registry is closed under it, with a warning."""
+        order: list[str] = []
+        registry = Registry(cleanup_timeout=0.2)
+        BUILT.append(registry)
+        registry.register(Link, _noted_link(order, "link closed"), lifetime=Lifetime.USER)
+        holding = anyio.Event()
+        release = anyio.Event()
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "lifespan":
+                await _plain_lifespan(receive, send)
+                return
+            own = await ambient.resolve(Link)
+            with anyio.CancelScope(shield=True):
+                holding.set()
+                await release.wait()
+            order.append(f"request released, link open: {own.open}")
+
+        middleware = AmbientMiddleware(app, registry=registry, identity=trusted_header())
+
+        async def receive() -> Message:
+            await anyio.sleep_forever()
+            raise AssertionError
+
+        async def send(message: Message) -> None:
+            pass
+
+        sent: list[Message] = []
+        with (
+            anyio.fail_after(10),
+            caplog.at_level(logging.WARNING, logger="ambient.middleware"),
+        ):
+            async with anyio.create_task_group() as server:
+                server.start_soon(
+                    middleware, http_scope(headers=[(b"x-user-id", b"al")]), receive, send
+                )
+                await holding.wait()
+                server.cancel_scope.cancel()  # the graceful-shutdown deadline
+                with anyio.CancelScope(shield=True):
+                    try:
+                        with anyio.fail_after(5):
+                            await run_lifespan(middleware, sent)
+                        order.append("shutdown answered")
+                    finally:
+                        release.set()
+        assert [m["type"] for m in sent] == [
+            "lifespan.startup.complete",
+            "lifespan.shutdown.complete",
+        ]
+        assert order == [
+            "link closed",
+            "shutdown answered",
+            "request released, link open: False",
+        ]
+        warned = [r.getMessage() for r in caplog.records]
+        assert any("1 request(s) still cleaning up" in message for message in warned), warned
+
+    async def test_shutdown_closes_the_registry_under_a_scope_the_apps_shutdown_left_open(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A scope the app opened itself that its own shutdown did not end is waited for a
+        ``cleanup_timeout`` after that shutdown, then the registry is closed under it, with
+        a warning naming it, and the server hears the shutdown complete."""
+        order: list[str] = []
+        registry = Registry(cleanup_timeout=0.2)
+        BUILT.append(registry)
+        registry.register(Link, _noted_link(order, "link closed"), lifetime=Lifetime.USER)
+        stop = anyio.Event()
+
+        async def consumer(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+            async with registry.open_scope(UserExecutionContext.create("system")):
+                own = await ambient.resolve(Link)
+                task_status.started()
+                await stop.wait()
+                order.append(f"consumer stopped, link open: {own.open}")
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            assert scope["type"] == "lifespan"
+            await _plain_lifespan(receive, send)
+            order.append("app shutdown over")
+
+        middleware = AmbientMiddleware(app, registry=registry, identity=trusted_header())
+        sent: list[Message] = []
+        with (
+            anyio.fail_after(10),
+            caplog.at_level(logging.WARNING, logger="ambient.middleware"),
+        ):
+            async with anyio.create_task_group() as tg:
+                await tg.start(consumer)
+                await run_lifespan(middleware, sent)
+                stop.set()
+        assert [m["type"] for m in sent] == [
+            "lifespan.startup.complete",
+            "lifespan.shutdown.complete",
+        ]
+        assert order == [
+            "link closed",
+            "app shutdown over",
+            "consumer stopped, link open: False",
+        ]
+        warned = [r.getMessage() for r in caplog.records]
+        assert any("1 scope(s) still open" in message for message in warned), warned
 
 
 async def test_user_components_are_shared_by_one_users_requests_only() -> None:
