@@ -4610,6 +4610,53 @@ class TestHowTheRequestEnded:
             assert isinstance(seen[0], IncompleteResponseError)
             assert "cut short" in str(seen[0])
 
+    @pytest.mark.parametrize("ended", [True, False])
+    async def test_a_body_sent_by_zerocopysend_ends_at_its_last_message(self, ended: bool) -> None:
+        """A body sent from a file descriptor (the ``http.response.zerocopysend``
+        extension) ends with its message without ``more_body``: an app that returned after
+        one saying more follows left the response unfinished, and one that ended it
+        succeeded."""
+
+        async def zerocopy(scope: Any, receive: Any, send: Any) -> None:
+            await ambient.resolve("tx")
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            part: Message = {"type": "http.response.zerocopysend", "file": 0, "count": 4}
+            await send({**part, "more_body": True})
+            if ended:
+                await send(part)
+
+        extensions = {"http.response.zerocopysend": {}}
+        seen = await self._request(zerocopy, "/", extensions=extensions, status=200)
+        assert len(seen) == 1
+        if ended:
+            assert seen == [None]
+        else:
+            assert isinstance(seen[0], IncompleteResponseError)
+            assert "cut short" in str(seen[0])
+
+    @pytest.mark.parametrize("ended", [True, False])
+    async def test_a_trailers_only_response_ends_at_its_last_trailers(self, ended: bool) -> None:
+        """A "trailers-only" response (trailers before any start, which hypercorn answers
+        over HTTP/2 with a 200) sent in more than one trailers message ends with the last:
+        an app that returned after one saying more follow left it unfinished."""
+
+        async def trailers_only(scope: Any, receive: Any, send: Any) -> None:
+            await ambient.resolve("tx")
+            status = [(b"grpc-status", b"0")]
+            await send({"type": "http.response.trailers", "headers": status, "more_trailers": True})
+            if ended:
+                last: Message = {"type": "http.response.trailers", "headers": []}
+                await send({**last, "more_trailers": False})
+
+        extensions = {"http.response.trailers": {}}
+        seen = await self._request(trailers_only, "/", extensions=extensions, status=None)
+        assert len(seen) == 1
+        if ended:
+            assert seen == [None]
+        else:
+            assert isinstance(seen[0], IncompleteResponseError)
+            assert "cut short" in str(seen[0])
+
     async def test_a_trailers_only_response_echoes_the_request_id(self) -> None:
         """hypercorn answers trailers sent before any start (over HTTP/2: a gRPC-style
         "trailers-only" response) with a 200 whose headers are those trailers. They went
