@@ -3055,6 +3055,37 @@ class TestWebsocketIdentityExpiry:
         assert [m["type"] for m in sent] == ["websocket.accept", "websocket.close"]
         assert sent[1]["code"] == 4001
 
+    async def test_an_app_busy_past_expiry_that_sends_and_returns_is_closed_with_4001(
+        self,
+    ) -> None:
+        """An app busy past its identity's expiry (no checkpoint), which then sends a
+        message and its own close and returns before the loop got to cancel it: neither
+        goes out, the socket is closed with 4001 and its cleanups see its work cut off,
+        not a clean end."""
+        seen: list[BaseException | None] = []
+        expires_at = time.time() + 0.2
+
+        def ann(scope: Any) -> Identity:
+            return Identity("ann", expires_at=expires_at)
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await receive()
+            await ambient.resolve("tx")
+            await send({"type": "websocket.accept"})
+            # The point: past the expiry, no checkpoint (within the grace, not cancelled).
+            time.sleep(max(0.0, expires_at - time.time() + 0.05))  # noqa: ASYNC251
+            await send({"type": "websocket.send", "text": "late"})
+            await send({"type": "websocket.close", "code": 1000})
+
+        middleware = AmbientMiddleware(app, registry=_tx_registry(seen), identity=ann)
+        sent = await drive(middleware, ws_scope([]), [{"type": "websocket.connect"}])
+        assert [(m["type"], m.get("code")) for m in sent] == [
+            ("websocket.accept", None),
+            ("websocket.close", 4001),
+        ]
+        assert len(seen) == 1
+        assert isinstance(seen[0], IncompleteResponseError)
+
     async def test_a_disconnect_received_after_expiry_is_not_answered_with_a_close(
         self,
     ) -> None:
@@ -4139,6 +4170,106 @@ class TestStreamedResponseIdentityExpiry:
         assert out == [("http.response.body", b"", False)]
         if app_kind == "raw" and then == "sends an event anyway":
             assert len(refused) == 1
+        assert len(seen) == 1
+        assert isinstance(seen[0], IncompleteResponseError)
+        assert "cut off when its identity expired" in str(seen[0])
+
+    async def test_a_bug_raised_with_the_cut_off_in_one_group_reaches_the_server(
+        self,
+    ) -> None:
+        """An app whose stream was cut at the expiry and that raises the cut-off error in
+        one group with a bug of its own (a task group around the work): the bug is no
+        part of the cut, so the group reaches the server, and the cleanups see it."""
+        seen: list[BaseException | None] = []
+        expires_at = time.time() + 0.2
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await ambient.resolve("tx")
+            start: Message = {"type": "http.response.start", "status": 200, "headers": []}
+            await send(start)
+            event: Message = {"type": "http.response.body", "body": b"0\n", "more_body": True}
+            await send(event)
+            await anyio.sleep(expires_at - time.time() + 0.05)  # the expiry is the event
+            try:
+                await send(event)
+            except IncompleteResponseError as cut:
+                raise ExceptionGroup("work", [cut, LookupError("the handler's bug")]) from None
+
+        middleware = AmbientMiddleware(
+            app, registry=_tx_registry(seen), identity=self.ann(expires_at)
+        )
+        with pytest.raises(ExceptionGroup) as raised:
+            await self.serve_idle(middleware, http_scope([]))
+        assert raised.value.split(LookupError)[0] is not None
+        assert len(seen) == 1
+        assert seen[0] is raised.value
+
+    async def test_an_event_stream_begun_past_the_expiry_is_ended_without_its_first_event(
+        self,
+    ) -> None:
+        """An event stream that sends its start only after its identity expired (a request
+        admitted in time, its handler slow) and then waits for its first event is ended
+        right after its start, not left to hold the expired credential until an event
+        comes."""
+        seen: list[BaseException | None] = []
+        cancelled: list[bool] = []
+        expires_at = time.time() + 0.1
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await ambient.resolve("tx")
+            await anyio.sleep(expires_at - time.time() + 0.05)  # the expiry is the event
+            headers = [(b"content-type", b"text/event-stream")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            try:
+                await anyio.Event().wait()  # no event ever comes
+            except anyio.get_cancelled_exc_class():
+                cancelled.append(True)
+                raise
+
+        middleware = AmbientMiddleware(
+            app, registry=_tx_registry(seen), identity=self.ann(expires_at)
+        )
+        sent, ended = await self.serve_idle(middleware, http_scope([]))
+        assert ended, "the event stream begun past the expiry waited for its first event"
+        assert cancelled == [True]
+        assert sent[0]["type"] == "http.response.start"
+        out = [(m["type"], m.get("body"), m.get("more_body", False)) for m in sent[1:]]
+        assert out == [("http.response.body", b"", False)]
+        assert len(seen) == 1
+        assert isinstance(seen[0], IncompleteResponseError)
+
+    async def test_an_event_streams_first_event_sent_past_the_expiry_does_not_go_out(
+        self,
+    ) -> None:
+        """An event stream whose first event comes after its identity's expiry, within the
+        grace before its app (which does not listen for the disconnect) is cancelled: the
+        event does not go out, the app's send raises, the stream is ended with an empty
+        last body and its cleanups see it cut off."""
+        seen: list[BaseException | None] = []
+        refused: list[BaseException] = []
+        expires_at = time.time() + 0.2
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await ambient.resolve("tx")
+            headers = [(b"content-type", b"text/event-stream")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            # The expiry is the event; the grace (a quarter of a second) is not over.
+            await anyio.sleep(expires_at - time.time() + 0.05)
+            event: Message = {"type": "http.response.body", "body": b"data: late\n\n"}
+            try:
+                await send({**event, "more_body": True})
+            except IncompleteResponseError as error:
+                refused.append(error)
+                raise
+
+        middleware = AmbientMiddleware(
+            app, registry=_tx_registry(seen), identity=self.ann(expires_at)
+        )
+        sent, ended = await self.serve_idle(middleware, http_scope([]))
+        assert ended
+        assert len(refused) == 1
+        out = [(m["type"], m.get("body"), m.get("more_body", False)) for m in sent[1:]]
+        assert out == [("http.response.body", b"", False)]
         assert len(seen) == 1
         assert isinstance(seen[0], IncompleteResponseError)
         assert "cut off when its identity expired" in str(seen[0])
