@@ -465,6 +465,19 @@ class TestAnonymousPaths:
             app, registry=registry or Registry(), identity=trusted_header(), **options
         )
 
+    async def test_a_request_without_a_path_is_on_no_anonymous_path(self) -> None:
+        """A scope whose ``path`` is missing or no string (a broken server or an outer
+        middleware) matches no anonymous path, not even ``/``: it needs an identity."""
+        registry = Registry()
+        BUILT.append(registry)
+        app = self.echo(registry, anonymous_paths=["/", "/static/"])
+        for path in (None, b"/"):
+            scope = http_scope([], path=path)
+            if path is None:
+                del scope["path"]
+            sent = await drive(app, scope, [{"type": "http.request", "body": b""}])
+            assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [401]
+
     async def test_only_the_listed_paths_are_served_without_identity(self) -> None:
         app = self.echo(anonymous_paths=["/", "/healthz", "/static/"])
         served = ["/", "/healthz", "/static/", "/static/app.js", "/static/css/site.css"]
@@ -516,6 +529,16 @@ class TestAnonymousPaths:
             scope = http_scope([], path=path, raw_path=path.encode(), root_path="/api")
             sent = await drive(app, scope, [{"type": "http.request", "body": b""}])
             assert sent[0]["status"] == (200 if path in served else 401), path
+
+    async def test_the_root_path_itself_is_not_the_apps_path_of_the_same_name(self) -> None:
+        """A request for the root path itself (``/api`` under ``--root-path /api``) routes
+        the empty path, not the app's ``/api``: listing the app's ``/api`` serves
+        ``/api/api`` without an identity, never the root path's own request."""
+        app = self.echo(anonymous_paths=["/api"])
+        for path, status in (("/api", 401), ("/api/api", 200)):
+            scope = http_scope([], path=path, raw_path=path.encode(), root_path="/api")
+            sent = await drive(app, scope, [{"type": "http.request", "body": b""}])
+            assert sent[0]["status"] == status, path
 
     async def test_they_are_the_paths_of_a_mounted_app(self) -> None:
         """A sub-app mounted at ``/api`` with its own middleware sees the whole path, the
@@ -909,6 +932,25 @@ async def test_an_error_that_is_no_answer_propagates_from_the_app(error: Ambient
 
 
 class TestErrors:
+    async def test_an_anonymous_request_whose_app_raises_an_answerable_error_gets_it(
+        self,
+    ) -> None:
+        """An error with an HTTP status that an anonymous request's app raises before its
+        answer is answered as for a user with an identity: there is no identity to give
+        its refusal back to, and the client gets its 503 all the same."""
+        registry = Registry()
+        BUILT.append(registry)
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            raise PoolExhaustedError("no connection within 2.0 s", retry_after=2)
+
+        middleware = AmbientMiddleware(app, registry=registry, identity=None, anonymous=True)
+        async with client(middleware) as http:
+            response = await http.get("/", headers={"x-request-id": "anon-1"})
+        assert_problem(response, 503)
+        assert response.headers["retry-after"] == "2"
+        assert response.headers["x-request-id"] == "anon-1"
+
     async def test_an_app_exception_propagates_unchanged_and_cleanup_runs(self) -> None:
         failure = RuntimeError("handler broke")
         ledger = Ledger()
