@@ -2719,6 +2719,49 @@ class TestLifespan:
         warned = [r.getMessage() for r in caplog.records]
         assert any("1 request(s) still cleaning up" in message for message in warned), warned
 
+    async def test_shutdown_waits_for_a_scope_the_apps_shutdown_told_to_end(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """An app whose shutdown tells its consumer to stop and answers at once, without
+        waiting for it: the registry is closed once the consumer's scope has closed, its
+        component open to its end, and nothing is warned of."""
+        order: list[str] = []
+        registry = Registry(cleanup_timeout=30)
+        BUILT.append(registry)
+        registry.register(Link, _noted_link(order, "link closed"), lifetime=Lifetime.USER)
+        stop = anyio.Event()
+
+        async def consumer(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+            async with registry.open_scope(UserExecutionContext.create("system")):
+                own = await ambient.resolve(Link)
+                task_status.started()
+                await stop.wait()
+                order.append(f"consumer stopped, link open: {own.open}")
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            assert scope["type"] == "lifespan"
+            assert (await receive())["type"] == "lifespan.startup"
+            await send({"type": "lifespan.startup.complete"})
+            assert (await receive())["type"] == "lifespan.shutdown"
+            stop.set()
+            await send({"type": "lifespan.shutdown.complete"})
+
+        middleware = AmbientMiddleware(app, registry=registry, identity=trusted_header())
+        sent: list[Message] = []
+        with (
+            anyio.fail_after(10),  # far less than the cleanup_timeout
+            caplog.at_level(logging.WARNING, logger="ambient.middleware"),
+        ):
+            async with anyio.create_task_group() as tg:
+                await tg.start(consumer)
+                await run_lifespan(middleware, sent)
+        assert [m["type"] for m in sent] == [
+            "lifespan.startup.complete",
+            "lifespan.shutdown.complete",
+        ]
+        assert order == ["consumer stopped, link open: True", "link closed"]
+        assert not caplog.records
+
     async def test_shutdown_closes_the_registry_under_a_scope_the_apps_shutdown_left_open(
         self, caplog: pytest.LogCaptureFixture
     ) -> None:
