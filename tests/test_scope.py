@@ -1139,6 +1139,158 @@ class TestCleanup:
         notes = getattr(info.value, "__notes__", [])
         assert any("cleanup broke" in note for note in notes)
 
+    async def test_a_generator_that_takes_the_bodys_error_and_returns_cleaned_once(
+        self,
+    ) -> None:
+        """A generator factory that catches the body's error thrown in at its ``yield`` and
+        returns (a transaction rolled back in an ``except``) ran its cleanup, once: no
+        cleanup failure, and the body's error still propagates, untouched."""
+        steps: list[str] = []
+
+        def transaction() -> Iterator[str]:
+            try:
+                yield "tx"
+            except ValueError as error:
+                steps.append(f"rolled back on {error}")
+                return
+            steps.append("committed")
+
+        registry = Registry()
+        registry.register("tx", transaction)
+        with pytest.raises(ValueError, match="the body failed") as info:
+            async with registry.open_scope(ctx()) as scope:
+                await scope.resolve("tx")
+                raise ValueError("the body failed")
+        assert steps == ["rolled back on the body failed"]
+        assert not getattr(info.value, "__notes__", [])
+        stats = registry.stats()
+        assert (stats.cleaned, stats.cleanup_failures) == (1, 0)
+
+    @pytest.mark.parametrize("kind", ["sync", "async"])
+    async def test_a_context_manager_raising_anew_as_it_exits_on_the_bodys_error(
+        self, kind: str
+    ) -> None:
+        """A context manager (sync or async) whose exit raises an error of its own while
+        the scope closes on the body's error: that is a cleanup failure, counted and noted
+        on the body's error, which is the one that propagates; the other cleanups run."""
+        steps: list[str] = []
+
+        class Sync:
+            def __enter__(self) -> str:
+                return "sync"
+
+            def __exit__(self, *exc_info: object) -> None:
+                steps.append(f"exit saw {exc_info[0].__name__}")  # type: ignore[attr-defined]
+                raise RuntimeError("rollback broke")
+
+        class Async:
+            async def __aenter__(self) -> str:
+                return "async"
+
+            async def __aexit__(self, *exc_info: object) -> None:
+                steps.append(f"exit saw {exc_info[0].__name__}")  # type: ignore[attr-defined]
+                await anyio.lowlevel.checkpoint()
+                raise RuntimeError("rollback broke")
+
+        def other() -> Iterator[str]:
+            try:
+                yield "other"
+            finally:
+                steps.append("other cleaned")
+
+        registry = Registry()
+        registry.register("other", other)
+        registry.register("cm", Sync if kind == "sync" else Async)
+        with pytest.raises(ValueError, match="the body failed") as info:
+            async with registry.open_scope(ctx()) as scope:
+                await scope.resolve("other")
+                assert await scope.resolve("cm") == kind
+                raise ValueError("the body failed")
+        assert steps == ["exit saw ValueError", "other cleaned"]
+        notes = getattr(info.value, "__notes__", [])
+        assert len(notes) == 1
+        assert "rollback broke" in notes[0]
+        stats = registry.stats()
+        assert (stats.cleaned, stats.cleanup_failures) == (2, 1)
+
+    @pytest.mark.parametrize("where", ["class", "instance", "proxy"])
+    @pytest.mark.parametrize("fails", [False, True])
+    async def test_a_component_whose_close_is_a_coroutine_function_is_awaited_once(
+        self, where: str, fails: bool
+    ) -> None:
+        """A component whose ``close`` is a coroutine function (and which has no
+        ``aclose()``) has it awaited as the scope closes, once, and a failure of it is a
+        cleanup failure: an ``async def close()`` of its class, one the instance holds
+        itself, or one a proxy forwards from what it wraps."""
+        closed: list[str] = []
+
+        class Connection:
+            async def close(self) -> None:
+                await anyio.lowlevel.checkpoint()
+                closed.append("closed")
+                if fails:
+                    raise RuntimeError("close broke")
+
+        class Holding:
+            def __init__(self) -> None:
+                self.close = Connection().close
+
+        class Proxy:
+            def __init__(self) -> None:
+                self._wrapped = Connection()
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self._wrapped, name)
+
+        factory = {"class": Connection, "instance": Holding, "proxy": Proxy}[where]
+        registry = Registry()
+        registry.register("connection", factory)
+        with contextlib.ExitStack() as stack:
+            if fails:
+                info = stack.enter_context(pytest.raises(CleanupError))
+            for _ in range(2):  # the second scope finds the class already looked at
+                async with registry.open_scope(ctx()) as scope:
+                    component = await scope.resolve("connection")
+                    assert isinstance(component, factory)
+                    assert await scope.resolve("connection") is component
+                    assert closed == []
+                if fails:
+                    break
+                assert closed == ["closed"]
+                closed.clear()
+        if fails:
+            assert [str(e) for e in info.value.exceptions] == ["close broke"]
+            assert closed == ["closed"]
+        assert registry.stats().cleanup_failures == (1 if fails else 0)
+
+    async def test_an_unentered_async_context_manager_is_closed_by_its_aclose(self) -> None:
+        """A component registered with ``enter=False`` that is an async context manager
+        with an ``aclose()`` (a client such as ``httpx.AsyncClient``) is handed out as is,
+        not entered, and closed by its ``aclose()`` once as the scope closes."""
+        steps: list[str] = []
+
+        class Client:
+            async def __aenter__(self) -> Client:
+                steps.append("entered")
+                return self
+
+            async def __aexit__(self, *exc_info: object) -> None:
+                steps.append("exited")
+
+            async def aclose(self) -> None:
+                await anyio.lowlevel.checkpoint()
+                steps.append("aclosed")
+
+        registry = Registry()
+        registry.register(Client, Client, enter=False)
+        async with registry.open_scope(ctx()) as scope:
+            client = await scope.resolve(Client)
+            assert isinstance(client, Client)
+            assert steps == []
+        assert steps == ["aclosed"]
+        stats = registry.stats()
+        assert (stats.cleaned, stats.cleanup_failures) == (1, 0)
+
     async def test_base_exception_from_a_cleanup_runs_the_others_first(self) -> None:
         """A cleanup raising a BaseException (KeyboardInterrupt) does not skip the others;
         it propagates once all ran, and the scope is unbound."""
