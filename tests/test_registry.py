@@ -851,6 +851,28 @@ class TestFactoryShapes:
         assert calls == 2
         assert scope.components_created == 0
 
+    async def test_a_returned_async_generator_that_never_yields(self) -> None:
+        """An async generator that a plain or an async function returns, and that ends
+        without yielding, is the same ResolutionError naming the component, and leaves
+        nothing behind."""
+
+        async def empty() -> AsyncIterator[Thing]:
+            return
+            yield  # pragma: no cover
+
+        async def returns_it() -> AsyncIterator[Thing]:
+            return empty()
+
+        registry = Registry()
+        registry.register("wrapped", lambda: empty())
+        registry.register("awaited", returns_it)
+        async with registry.open_scope(ctx()) as scope:
+            for key in ("wrapped", "awaited"):
+                said = f"async generator factory of {key!r} returned without yielding"
+                with anyio.fail_after(10), pytest.raises(ResolutionError, match=f"^{said}$"):
+                    await scope.resolve(key)
+        assert scope.components_created == 0
+
     async def test_generator_sees_the_body_exception(self, log: Log) -> None:
         """When the body raises, generator cleanups see the exception at their yield."""
 

@@ -1263,6 +1263,75 @@ class TestCleanup:
             assert closed == ["closed"]
         assert registry.stats().cleanup_failures == (1 if fails else 0)
 
+    @pytest.mark.parametrize(
+        "made_by",
+        [
+            "a plain function returning an async generator",
+            "an async function returning an async generator",
+            "an async function returning a generator",
+            "an async function returning a context manager",
+        ],
+    )
+    @pytest.mark.parametrize("ending", ["returns", "raises"])
+    async def test_what_a_factory_returns_to_be_iterated_or_entered_is_cleaned_once(
+        self, made_by: str, ending: str
+    ) -> None:
+        """A generator, an async generator or a context manager that a factory returns
+        (rather than is) is iterated or entered as the factory itself would be: the
+        component is what it yields or enters, and its cleanup runs once as the scope
+        closes, seeing the body's error if there was one."""
+        steps: list[str] = []
+
+        def gen() -> Iterator[str]:
+            try:
+                yield "made"
+            except ValueError:
+                steps.append("saw the error")
+                raise
+            finally:
+                steps.append("cleaned")
+
+        async def agen() -> AsyncIterator[str]:
+            try:
+                yield "made"
+            except ValueError:
+                steps.append("saw the error")
+                raise
+            finally:
+                await anyio.lowlevel.checkpoint()
+                steps.append("cleaned")
+
+        cm = contextlib.contextmanager(gen)
+
+        async def returns_agen() -> AsyncIterator[str]:
+            return agen()
+
+        async def returns_gen() -> Iterator[str]:
+            return gen()
+
+        async def returns_cm() -> contextlib.AbstractContextManager[str]:
+            return cm()
+
+        factory: Callable[[], Any] = {
+            "a plain function returning an async generator": lambda: agen(),
+            "an async function returning an async generator": returns_agen,
+            "an async function returning a generator": returns_gen,
+            "an async function returning a context manager": returns_cm,
+        }[made_by]
+        registry = Registry()
+        registry.register("made", factory)
+        raised = pytest.raises(ValueError, match="the body failed")
+        with raised if ending == "raises" else contextlib.nullcontext():
+            async with registry.open_scope(ctx()) as scope:
+                assert await scope.resolve("made") == "made"
+                assert await scope.resolve("made") == "made"
+                assert steps == []
+                if ending == "raises":
+                    raise ValueError("the body failed")
+        assert steps == (["saw the error"] if ending == "raises" else []) + ["cleaned"]
+        stats = registry.stats()
+        assert (stats.cleaned, stats.cleanup_failures) == (1, 0)
+
     async def test_an_unentered_async_context_manager_is_closed_by_its_aclose(self) -> None:
         """A component registered with ``enter=False`` that is an async context manager
         with an ``aclose()`` (a client such as ``httpx.AsyncClient``) is handed out as is,
