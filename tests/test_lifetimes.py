@@ -2337,3 +2337,47 @@ async def test_max_users_evicting_idle_users_one_at_a_time_warns_of_nothing(
     assert cleaned == users[:15]
     assert [r.getMessage() for r in caplog.records if "above max_users" in r.getMessage()] == []
     await registry.aclose()
+
+
+class _Interrupt(BaseException):
+    """What a cleanup lets through that is no Exception (a KeyboardInterrupt, say)."""
+
+
+async def test_a_base_exception_from_a_users_cleanup_lets_aclose_clean_the_rest() -> None:
+    """A USER component whose cleanup raises a BaseException at ``registry.aclose()``: the
+    other users' components and then the APP's are all still cleaned, once each, and that
+    exception is what aclose() raises, once they are."""
+    cleaned: list[str] = []
+
+    class Interrupting:
+        def close(self) -> None:
+            cleaned.append("interrupting")
+            raise _Interrupt
+
+    def per_user(user: UserRef) -> Iterator[str]:
+        yield user.user_id
+        cleaned.append(f"{user.user_id}'s")
+
+    async def pool() -> AsyncIterator[str]:
+        yield "pool"
+        await anyio.lowlevel.checkpoint()
+        cleaned.append("pool")
+
+    registry = Registry()
+    registry.register("pool", pool, lifetime=Lifetime.APP)
+    registry.register("per user", per_user, lifetime=Lifetime.USER)
+    registry.register(Interrupting, Interrupting, lifetime=Lifetime.USER)
+    for user in ("alice", "bob", "carol"):
+        async with registry.open_scope(ctx(user)) as scope:
+            await scope.resolve("pool")
+            await scope.resolve("per user")
+            if user == "bob":
+                await scope.resolve(Interrupting)
+    assert cleaned == []
+    with anyio.fail_after(10), pytest.raises(_Interrupt):
+        await registry.aclose()
+    assert sorted(cleaned[:-1]) == ["alice's", "bob's", "carol's", "interrupting"]
+    assert cleaned[-1] == "pool"
+    assert cleaned.index("interrupting") < cleaned.index("bob's")
+    stats = registry.stats()
+    assert (stats.live_users, stats.live_user_components) == (0, 0)
