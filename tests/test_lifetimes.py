@@ -999,10 +999,14 @@ class TestAcloseUnderWay:
         registry.register("app", lambda: Conn("app", anyio.Event(), release), lifetime=Lifetime.APP)
         return registry
 
-    async def test_a_second_aclose_returns_once_the_first_has_cleaned_everything(self) -> None:
-        """The second call returns only when the USER and APP components are cleaned, each
-        once: it used to return at once, with both still alive, to a caller that then
-        checked (or a server that then exited)."""
+    @pytest.mark.parametrize("later", [1, 3])
+    async def test_a_second_aclose_returns_once_the_first_has_cleaned_everything(
+        self, later: int
+    ) -> None:
+        """The second call (and each later one meanwhile, sharing its wait) returns only
+        when the USER and APP components are cleaned, each once: it used to return at
+        once, with both still alive, to a caller that then checked (or a server that then
+        exited)."""
         closing, release = anyio.Event(), anyio.Event()
         registry = self.slow_registry(closing, release)
         async with registry.open_scope(ctx("alice")):
@@ -1017,11 +1021,12 @@ class TestAcloseUnderWay:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(registry.aclose)
                 await closing.wait()
-                tg.start_soon(second)
+                for _ in range(later):
+                    tg.start_soon(second)
                 await anyio.wait_all_tasks_blocked()
                 assert seen == []
                 release.set()
-        assert seen == [(True, True)]
+        assert seen == [(True, True)] * later
         stats = registry.stats()
         assert (stats.created, stats.cleaned) == (2, 2)
         await registry.aclose()  # a later call closes again (nothing left), at once
