@@ -1614,6 +1614,53 @@ async def test_what_a_user_component_was_made_with_never_expires_before_it(
     await registry.aclose()
 
 
+async def test_what_two_user_components_were_made_with_lives_as_long_as_the_longer_lived(
+    clock: FakeClock,
+) -> None:
+    """A ``Client`` (idle_ttl 5) that both a ``Chat`` (idle_ttl 10), made first, and an
+    ``Agent`` (idle_ttl 600) were made with: after 60 idle seconds the chat goes, and
+    the client stays, as long as the agent holding it, whatever order they were made in."""
+    cleaned: list[str] = []
+
+    class Part:
+        def __init__(self, name: str, *held: Part) -> None:
+            self.name = name
+            self.held = held
+            self.closed = False
+
+        def close(self) -> None:
+            assert not any(part.closed for part in self.held), f"{self.name} outlived a part"
+            self.closed = True
+            cleaned.append(self.name)
+
+    async def make_chat() -> Part:
+        return Part("chat", await ambient.resolve("client"))
+
+    async def make_agent() -> Part:
+        return Part("agent", await ambient.resolve("client"))
+
+    registry = Registry(clock=clock)
+    registry.register("client", lambda: Part("client"), lifetime=Lifetime.USER, idle_ttl=5)
+    registry.register("chat", make_chat, lifetime=Lifetime.USER, idle_ttl=10)
+    registry.register("agent", make_agent, lifetime=Lifetime.USER, idle_ttl=600)
+    async with registry.open_scope(ctx("alice")):
+        chat = await ambient.resolve("chat")
+        agent = await ambient.resolve("agent")
+    clock.now += 60
+    async with registry.open_scope(ctx("bob")):
+        pass
+    assert cleaned == ["chat"]
+    async with registry.open_scope(ctx("alice")):
+        assert await ambient.resolve("agent") is agent
+        assert await ambient.resolve("client") is chat.held[0] is agent.held[0]
+    assert not agent.held[0].closed
+    clock.now += 601
+    async with registry.open_scope(ctx("bob")):
+        pass
+    assert cleaned == ["chat", "agent", "client"]
+    await registry.aclose()
+
+
 async def _refused_in_its_factory(scope: Scope, key: str, how: str) -> str:
     """What ``NoActiveContextError`` says as ``key``'s factory runs, resolved in ``scope`` by
     ``ambient.resolve`` or, from a worker thread, by ``scope.resolve_sync``."""
