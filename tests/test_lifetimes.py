@@ -777,14 +777,18 @@ async def test_a_scope_observer_no_longer_active_is_not_told_of_later_cleanups()
 
 async def test_a_scope_observer_that_cannot_be_weakly_held_sees_cleanups_too() -> None:
     """A scope's observer whose class cannot be weakly referred to (``__slots__``
-    without ``__weakref__``) is kept by the registry, and sees the USER and APP
-    components it saw made cleaned outside any scope, as one weakly held does."""
+    without ``__weakref__``) is kept by the registry, once however many scopes it watched,
+    and sees the USER and APP components it saw made cleaned outside any scope, once each,
+    as one weakly held does."""
     events: list[str] = []
 
     class Slotted:
-        __slots__ = ()
+        __slots__ = ("events",)
         active = True
         inactive_until = None
+
+        def __init__(self, events: list[str]) -> None:
+            self.events = events
 
         def scope_opened(self, scope: Scope) -> None:
             pass
@@ -793,12 +797,12 @@ async def test_a_scope_observer_that_cannot_be_weakly_held_sees_cleanups_too() -
             pass
 
         def component_created(self, event: ambient.ComponentEvent) -> None:
-            events.append(f"created {event.key}")
+            self.events.append(f"created {event.key}")
 
         def component_cleaned(self, event: ambient.ComponentEvent) -> None:
-            events.append(f"cleaned {event.key}")
+            self.events.append(f"cleaned {event.key}")
 
-    watch: Any = Slotted()
+    watch: Any = Slotted(events)
     with pytest.raises(TypeError):
         weakref.ref(watch)
     cleaned: list[str] = []
@@ -806,8 +810,13 @@ async def test_a_scope_observer_that_cannot_be_weakly_held_sees_cleanups_too() -
     registry.register("app", object, lifetime=Lifetime.APP)
     async with registry.open_scope(ctx("bob"), observer=watch):
         await ambient.resolve("app")
+    async with registry.open_scope(ctx("dave"), observer=Slotted([])):
+        await ambient.resolve("app")
+    async with registry.open_scope(ctx("carol"), observer=watch):
+        await ambient.resolve(Tracked)
     await registry.aclose()
-    assert events == ["created app", "cleaned app"]
+    assert events == ["created app", f"created {Tracked}", f"cleaned {Tracked}", "cleaned app"]
+    assert cleaned == ["carol"]
 
 
 async def test_scope_observers_the_application_dropped_are_not_kept_by_the_registry(
