@@ -1146,6 +1146,14 @@ async def finalize(
                         f"cleanup of {provider.name} did not finish within {timeout} s "
                         "(the registry's cleanup_timeout) and was abandoned"
                     )
+                elif deadline.cancel_called:
+                    # Cancelled at its deadline, it caught the cancellation and returned:
+                    # whatever it left undone, it ran past its bound all the same.
+                    error = CleanupTimeoutError(
+                        f"cleanup of {provider.name} did not finish within {timeout} s "
+                        "(the registry's cleanup_timeout); it caught its cancellation and "
+                        "returned"
+                    )
             else:
                 finalizer.run_sync(exc)
         except Exception as raised:  # noqa: BLE001 - collected into CleanupError

@@ -915,6 +915,52 @@ class TestCleanup:
         assert "hang" in str(info.value.exceptions[0])
         assert registry.stats().cleanup_failures == 1
 
+    @pytest.mark.parametrize("shape", ["async generator", "aclose"])
+    async def test_a_cleanup_that_swallows_its_deadlines_cancellation_is_reported(
+        self, shape: str
+    ) -> None:
+        """A cleanup still waiting at cleanup_timeout that catches the cancellation and
+        returns (as a `try: await ... except CancelledError: pass` does) ran past its bound
+        all the same: a CleanupTimeoutError saying so, counted and reported, and the other
+        cleanups still run."""
+        cleaned: list[str] = []
+        registry = Registry(cleanup_timeout=0.05)
+        cancelled = anyio.get_cancelled_exc_class()
+
+        async def swallow() -> None:
+            try:
+                await anyio.sleep_forever()
+            except cancelled:
+                cleaned.append("swallowed")
+
+        async def generator() -> AsyncIterator[str]:
+            yield "swallows"
+            await swallow()
+
+        class Client:
+            async def aclose(self) -> None:
+                await swallow()
+
+        def fine() -> Iterator[str]:
+            yield "fine"
+            cleaned.append("fine")
+
+        registry.register("fine", fine)
+        registry.register("swallows", generator if shape == "async generator" else Client)
+        with anyio.fail_after(5), pytest.raises(CleanupError) as info:
+            async with registry.open_scope(ctx()) as scope:
+                await scope.resolve("fine")
+                await scope.resolve("swallows")
+        assert cleaned == ["swallowed", "fine"]
+        [error] = info.value.exceptions
+        assert isinstance(error, CleanupTimeoutError)
+        assert str(error) == (
+            "cleanup of 'swallows' did not finish within 0.05 s (the registry's "
+            "cleanup_timeout); it caught its cancellation and returned"
+        )
+        assert registry.stats().cleaned == 2
+        assert registry.stats().cleanup_failures == 1
+
     @pytest.mark.parametrize("others", [0, 2])
     async def test_an_async_cleanup_that_waits_is_shielded_and_bounded(self, others: int) -> None:
         """An async cleanup that waits runs to its end though the scope closes inside a
