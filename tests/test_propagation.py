@@ -247,6 +247,13 @@ class TestTokens:
         with pytest.raises(ValueError, match="at least 32 bytes, not 31"):
             ContextSigner(SECRET, previous=b"s" * 31)
         ContextSigner("s" * 32)
+        # a secret read from a config as a number, or none at all: said, naming its type
+        for secret in (12345678901234567890123456789012, None, [SECRET]):
+            kind = type(secret).__name__
+            with pytest.raises(TypeError, match=f"a context secret is str or bytes, not {kind}"):
+                ContextSigner(secret)  # type: ignore[arg-type]
+            with pytest.raises(TypeError, match=f"a context secret is str or bytes, not {kind}"):
+                ContextSigner(SECRET, previous=[SECRET, secret])  # type: ignore[list-item]
         # inf and an int past what a float holds: were OverflowErrors
         for ttl in (0, -1.0, math.nan, math.inf, 10**400):
             with pytest.raises(ValueError, match="ttl"):
@@ -358,6 +365,35 @@ class TestLimits:
         with pytest.raises(InvalidTokenError) as refused:
             verify(signed_claims(claims), secret=SECRET)
         assert refused.value.reason == "malformed"
+
+    @pytest.mark.parametrize(
+        ("claims", "field"),
+        [
+            ({"u": ""}, "user_id: must not be empty"),
+            ({"u": None}, "user_id: must be a str"),
+            ({"u": " admin"}, "user_id: must not start or end with whitespace"),
+            ({"th": 7}, "thread_id: must be a str"),
+            ({"t": ""}, "tenant_id: must not be empty"),
+            ({"d": -1}, "depth: must be between"),
+            ({"d": 10**6}, "depth: must be between"),
+            ({"d": True}, "depth: must be an int"),
+        ],
+    )
+    def test_a_signed_payload_carrying_an_invalid_context_is_malformed(
+        self, claims: dict[str, object], field: str
+    ) -> None:
+        """A token signed with the key, in time, whose ids make no valid context (an empty
+        user, a depth past the limit): refused as malformed (401) naming the field, never
+        a context with such ids, nor a server error; the refusal does not echo the value."""
+        now = int(time.time())
+        token = signed_claims({**IDS, "iat": now, "exp": now + 30, **claims})
+        with pytest.raises(InvalidTokenError) as refused:
+            verify(token, secret=SECRET)
+        assert refused.value.reason == "malformed"
+        assert f"the context token carries an invalid context: {field}" in str(refused.value)
+        assert "admin" not in str(refused.value)
+        # The same ids, valid, verify: only the invalid one is refused.
+        assert verify(signed_claims({**IDS, "iat": now, "exp": now + 30}), secret=SECRET)
 
     def test_an_empty_secret_variable_is_no_secret(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """``AMBIENT_CONTEXT_SECRET=`` is not set, as its absence is: LookupError, naming
@@ -639,6 +675,12 @@ class TestInject:
             inject_hook(hosts=[], secret=SECRET)
         with pytest.raises(ValueError, match="port"):
             inject_hook(hosts=["billing:http"], secret=SECRET)
+        # an empty entry (a trailing comma in a config list) or one that is no text: said
+        # when the hook is built, never a hook matching no host or every host
+        for entry in ("", None, 8001, b"billing.internal"):
+            with pytest.raises(ValueError, match="a host is a non-empty str like") as refused:
+                inject_hook(hosts=["billing.internal", entry], secret=SECRET)  # type: ignore[list-item]
+            assert repr(entry) in str(refused.value)
 
     @pytest.mark.parametrize("header", ["", "x context", "x-context:", "x-c\r\nx-user-id"])
     def test_a_header_name_no_request_can_carry_is_refused(self, header: str) -> None:
@@ -989,6 +1031,41 @@ class TestSignedContext:
         assert (await call_b(app, headers, "10.1.2.3")).status_code == 200
         assert (await call_b(app, headers, "127.0.0.1")).status_code == 401
         assert (await call_b(app, wrong, "10.1.2.3")).status_code == 401
+
+    @pytest.mark.parametrize(
+        ("option", "name", "field"),
+        [
+            ("request_id_header", "x-request-id", "request"),
+            ("thread_id_header", "x-thread-id", "thread"),
+        ],
+    )
+    async def test_an_id_header_set_to_none_is_neither_sent_nor_checked(
+        self, option: str, name: str, field: str
+    ) -> None:
+        """``inject(..., request_id_header=None)`` sets no request id header and leaves one
+        the headers held as it was (the other id header is still set); a callee built with
+        the same option does not compare that header with the token, and takes the id from
+        the token. A callee checking it refuses the same call (401)."""
+        ctx = context()
+        with bind_context(ctx):
+            headers = inject({name: "someone-elses"}, secret=SECRET, trace=False, **{option: None})
+        other = "x-thread-id" if name == "x-request-id" else "x-request-id"
+        assert sorted(headers) == sorted([HEADER, name, other])
+        assert headers[name] == "someone-elses"
+        assert (
+            headers[other] == {"x-thread-id": "conversation-7", "x-request-id": "request-42"}[other]
+        )
+        app, _ = downstream(**{option: None})
+        response = await call_b(app, headers)
+        assert response.status_code == 200, response.text
+        assert (
+            response.json()[field] == {"request": "request-42", "thread": "conversation-7"}[field]
+        )
+        assert response.json()["user"] == "alice"
+        checking, _ = downstream()
+        refused = await call_b(checking, headers)
+        assert refused.status_code == 401
+        assert f"the {name} header does not match" in refused.json()["detail"]
 
     def test_a_service_on_the_unix_socket_is_trusted_only_when_named(
         self, caplog: pytest.LogCaptureFixture
