@@ -435,6 +435,12 @@ class TestRedis:
             with pytest.raises(IdentityUnavailableError, match="ticket store") as info:
                 await tickets(handshake("t" * 43))
             assert (info.value.http_status, info.value.retry_after) == (503, 5.0)
+            # The store's own puts, as a store wrapping it calls them: the same 503.
+            store = RedisTicketStore(gone)
+            with pytest.raises(IdentityUnavailableError, match="no ticket can be issued"):
+                await store.put("k" * 64, b"v", 30)
+            with pytest.raises(IdentityUnavailableError, match="no ticket can be issued"):
+                await store.put_for("alice", "k" * 64, b"v", 30)
             # Revoking says nothing was revoked: the caller must retry, not assume it done.
             with pytest.raises(IdentityUnavailableError, match="nothing was") as info:
                 await tickets.revoke("alice")
@@ -1417,6 +1423,47 @@ async def test_the_memory_store_drops_a_ticket_at_its_deadline() -> None:
     assert await store.take("a" * 64) == b"a"
     clock.now += 0.5
     assert await store.take("b" * 64) is None
+    assert len(store) == 0
+
+
+async def test_tickets_given_back_and_redeemed_leave_no_trace_in_the_memory_store() -> None:
+    """Tickets given back after a refused handshake, then redeemed on the retry, before a
+    ticket put earlier with a later deadline: the memory store keeps no note of them past
+    a bound (a client retrying in a loop grew it without end), and when their deadlines
+    pass the live ticket stays and a ticket given back since still expires on time."""
+    clock = Clock()
+    store = MemoryTicketStore(clock=clock)
+    await store.put("l" * 64, b"live", 300)
+    for n in range(200):
+        key = f"{n:064d}"
+        await store.put(key, b"given back", 10)
+        assert await store.take(key) == b"given back"
+        assert len(store._early) <= 2 * len(store._entries) + 9
+    await store.put("g" * 64, b"given back", 10)
+    assert len(store) == 2
+    clock.now += 10
+    assert len(store) == 1
+    assert await store.take("g" * 64) is None
+    assert await store.take("l" * 64) == b"live"
+
+
+async def test_a_key_put_again_is_held_to_its_last_deadline_for_its_last_user() -> None:
+    """A store's ``put_for()`` of a key it holds replaces the ticket: the key is held to
+    the new deadline (not dropped at the old, earlier one) and counts among the new
+    user's tickets only, so that the old user's next ticket drops none of the new one's."""
+    clock = Clock()
+    store = MemoryTicketStore(max_per_user=1, clock=clock)
+    await store.put_for("carol", "c" * 64, b"carol", 200)
+    await store.put_for("bob", "b" * 64, b"bob", 200)
+    await store.put_for("alice", "k" * 64, b"alice", 10)  # earlier than bob's: an early one
+    await store.put_for("bob", "k" * 64, b"bob again", 300)
+    assert await store.take("b" * 64) is None  # bob's one ticket is the one put last
+    await store.put_for("alice", "a" * 64, b"alice", 300)
+    clock.now += 10  # the deadline the key was first put with
+    assert len(store) == 3
+    assert await store.take("k" * 64) == b"bob again"
+    assert await store.take("a" * 64) == b"alice"
+    assert await store.take("c" * 64) == b"carol"
     assert len(store) == 0
 
 
