@@ -184,16 +184,21 @@ class TestMemory:
         assert identity.expires_at is not None
         assert time.time() < identity.expires_at <= time.time() + 31 + signer.leeway
 
+    @pytest.mark.parametrize("traced", [False, True])
     async def test_a_ticket_issued_while_a_socket_handles_a_message_expires_with_it(
-        self,
+        self, traced: bool
     ) -> None:
         """A socket opened with a signed context (an expiry, no claims) handles each
         message in a message scope, and issues a ticket there: the ticket expires with the
         socket's credential, as one issued in the connection's own scope does. The expiry
         was looked for in the message scope only, which has none of its own: that ticket
-        opened a socket that never expired."""
+        opened a socket that never expired. With telemetry the message scope holds state
+        of its own (its span), still without an expiry: the connection's is found."""
+        from opentelemetry.sdk.trace import TracerProvider
+
         from ambient.integrations.propagation import ContextSigner, capture, signed_context
         from ambient.integrations.websockets import message_scope
+        from ambient.telemetry import Telemetry
 
         signer = ContextSigner("k" * 32)
         tickets = WebSocketTickets()
@@ -207,7 +212,12 @@ class TestMemory:
                 issued["message"] = await tickets.issue()
             await send({"type": "websocket.close", "code": 1000})
 
-        middleware = AmbientMiddleware(app, registry=Registry(), identity=signed_context(signer))
+        telemetry = (
+            Telemetry(tracer_provider=TracerProvider(), span_threshold=0) if traced else None
+        )
+        middleware = AmbientMiddleware(
+            app, registry=Registry(), identity=signed_context(signer), telemetry=telemetry
+        )
         token = capture(UserExecutionContext.create("svc"), secret=signer, ttl=30)
         scope = ws_scope([(b"x-ambient-context", token.encode())])
         sent = await drive(middleware, scope, [{"type": "websocket.connect"}])
