@@ -243,18 +243,26 @@ class TestTrustedHeader:
             (("127.0.0.1", 0), [(b"x-forwarded-for", b"127.0.0.1:4444")]),
             # RFC 7239: parameter names are case-insensitive
             (("127.0.0.1", 0), [(b"forwarded", b"proto=http; For=127.0.0.1")]),
+            # read from the first of two forwarding headers, the second naming another
+            (
+                ("127.0.0.1", 0),
+                [(b"x-forwarded-for", b"127.0.0.1"), (b"forwarded", b"for=203.0.113.9")],
+            ),
         ],
     )
+    @pytest.mark.parametrize("tenant_header", [None, "x-tenant-id"])
     def test_a_client_address_read_from_forwarding_headers_asserts_nothing(
         self,
         client: tuple[str, int],
         forwarding: list[tuple[bytes, bytes]],
+        tenant_header: str | None,
         caplog: pytest.LogCaptureFixture,
     ) -> None:
         """A server that rewrote scope["client"] from X-Forwarded-For or Forwarded hid the
         peer that connected: the trusted address may be the client's own claim. Refused,
-        and the operator is told once which setting did it."""
-        resolve = trusted_header()
+        and the operator is told once which setting did it; with a tenant header too (its
+        resolver reads the headers in a pass of its own)."""
+        resolve = trusted_header(tenant_header=tenant_header)
         scope = http_scope([(b"x-user-id", b"admin"), *forwarding], client=client)
         with caplog.at_level(logging.WARNING, logger="ambient.middleware"):
             assert resolve(scope) is None
@@ -262,6 +270,20 @@ class TestTrustedHeader:
         warnings = [r for r in caplog.records if "--no-proxy-headers" in r.getMessage()]
         assert len(warnings) == 1
         assert forwarding[0][0].decode().lower() in warnings[0].getMessage()
+
+    @pytest.mark.parametrize("host", [None, b"127.0.0.1"])
+    @pytest.mark.parametrize("tenant_header", [None, "x-tenant-id"])
+    def test_a_client_host_that_is_not_text_is_refused_without_an_error(
+        self, host: object, tenant_header: str | None, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A server (or a test transport) that puts a host other than a str into
+        scope["client"]: the peer is no trusted address, whatever a forwarding header names
+        (no identity, never a server error), and the log blames no proxy headers."""
+        resolve = trusted_header(tenant_header=tenant_header)
+        headers = [(b"x-user-id", b"admin"), (b"x-forwarded-for", b"127.0.0.1")]
+        with caplog.at_level(logging.WARNING, logger="ambient.middleware"):
+            assert resolve(http_scope(headers, client=(host, 0))) is None
+        assert caplog.records == []
 
     def test_a_proxy_that_connected_may_forward_its_clients_addresses(
         self, caplog: pytest.LogCaptureFixture
@@ -283,12 +305,14 @@ class TestTrustedHeader:
             assert resolve(scope) == Identity("alice")
         assert caplog.records == []
 
+    @pytest.mark.parametrize("tenant_header", [None, "x-tenant-id"])
     def test_an_untrusted_address_from_forwarding_headers_is_explained_once(
-        self, caplog: pytest.LogCaptureFixture
+        self, tenant_header: str | None, caplog: pytest.LogCaptureFixture
     ) -> None:
         """Behind a proxy on this host, uvicorn's default proxy headers put the proxy's
-        client into scope["client"]: every request is refused, and the log says why."""
-        resolve = trusted_header()
+        client into scope["client"]: every request is refused, and the log says why, once,
+        with a tenant header or without."""
+        resolve = trusted_header(tenant_header=tenant_header)
         headers = [(b"x-user-id", b"alice"), (b"x-forwarded-for", b"203.0.113.9")]
         with caplog.at_level(logging.WARNING, logger="ambient.middleware"):
             # A request that asserts no identity (a health check) is no sign of it.
