@@ -31,7 +31,7 @@ from packaging.requirements import Requirement
 
 from ambient import Registry
 from ambient.errors import IdentityUnavailableError
-from ambient.middleware import AmbientMiddleware
+from ambient.middleware import AmbientMiddleware, first_of, trusted_header
 from ambient.middleware.identity import jwt_bearer
 from tests.servers import serve
 from tests.test_identity import AUDIENCE, ISSUER, PRIVATE_KEY, SECRET, _echo_app, token
@@ -133,6 +133,34 @@ async def test_a_token_naming_no_key_is_401_without_a_fetch_even_with_the_provid
     server.mode = "ok"
     answered = await ask(app, "carol")
     assert (answered.status_code, answered.json()["user"]) == (200, "carol")
+    assert server.fetches == 1
+
+
+async def test_a_request_without_a_bearer_token_goes_to_the_next_resolver_unfetched(
+    provider: tuple[KeySetServer, str],
+) -> None:
+    """A request with no ``Authorization`` header (a service behind the proxy, asserting
+    its user in a trusted header) has no identity from the key set's resolver: the next
+    resolver answers, and the provider is not asked, up or down. A bearer token after it
+    is still verified against the key set."""
+    server, url = provider
+    client = jwt.PyJWKClient(url, timeout=5)
+    identity = first_of(
+        jwt_bearer(client, algorithms=["RS256"], audience=AUDIENCE, issuer=ISSUER),
+        trusted_header(),
+    )
+    app = AmbientMiddleware(_echo_app, registry=Registry(), identity=identity)
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 4000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
+        for mode in ("ok", "error"):
+            server.mode = mode
+            answered = await http.get("/", headers={"x-user-id": "svc"})
+            assert (answered.status_code, answered.json()["user"]) == (200, "svc")
+        assert server.fetches == 0
+        server.mode = "ok"
+        bearer = token({"sub": "alice"}, key=PRIVATE_KEY, alg="RS256", kid="k1")
+        answered = await http.get("/", headers={"authorization": f"Bearer {bearer}"})
+        assert (answered.status_code, answered.json()["user"]) == (200, "alice")
     assert server.fetches == 1
 
 
