@@ -452,6 +452,28 @@ print(shown == ["alice@example.com"], exported == [hash_id("alice@example.com")]
         log.info("hello")
         assert fields(kept.records[0]) == dict.fromkeys(FIELDS, "")
 
+    def test_a_record_that_cannot_be_hashed_still_gets_each_filters_ids(self) -> None:
+        """A record class of the application's that compares by value (``__eq__`` and no
+        ``__hash__``) cannot be noted on: each filter still writes its fields and lets the
+        record through, and a hashing filter after a raw one still hashes the user id (nor
+        does a raw one after a hashing one make it raw)."""
+
+        class Compared(logging.LogRecord):  # noqa: PLW1641 - unhashable on purpose
+            def __eq__(self, other: object) -> bool:
+                return self is other
+
+        raw, hashing = ContextFilter(user_id="raw"), ContextFilter()
+        with bind_context(UserExecutionContext.create("alice", tenant_id="acme")):
+            first = Compared("compared", logging.INFO, "app.py", 1, "hello", None, None)
+            assert raw.filter(first)
+            assert (first.user_id, first.tenant_id) == ("alice", "acme")  # type: ignore[attr-defined]
+            assert hashing.filter(first)
+            assert first.user_id == hash_id("alice")  # type: ignore[attr-defined]
+            second = Compared("compared", logging.INFO, "app.py", 1, "hello", None, None)
+            assert hashing.filter(second)
+            assert raw.filter(second)
+            assert second.user_id == hash_id("alice")  # type: ignore[attr-defined]
+
     def test_bad_policy_is_refused(self) -> None:
         """An unknown policy raises ValueError at construction."""
         with pytest.raises(ValueError, match="user_id must be one of"):
