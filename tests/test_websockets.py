@@ -1090,7 +1090,8 @@ async def test_an_origin_spelled_with_a_tab_or_line_break_inside_is_refused() ->
 async def test_only_the_allowed_origin_itself_gets_in() -> None:
     """An Origin that merely starts like an allowed one (another port, scheme, path, query,
     fragment, credentials, a trailing non-ASCII space, a bracketed IPv6 host read
-    differently) is refused; the allowed origin spelled another valid way gets in."""
+    differently), or that no URL parser reads, is refused; the allowed origin spelled
+    another valid way gets in."""
     probe = OriginProbe(["https://app.example", "http://[::1]:8000"])
     for foreign in (
         b"https://app.example:8443",
@@ -1105,14 +1106,19 @@ async def test_only_the_allowed_origin_itself_gets_in() -> None:
         b"https://",
         b"http://[::1:8000]",
         b"http://[::1]",
+        # no origin at all (a port out of range or not a number, an unclosed bracket):
+        # refused as a foreign one, never a server error
+        b"https://app.example:99999",
+        b"https://app.example:44x",
+        b"http://[::1:8000",
     ):
         await probe({"type": "websocket", "headers": [(b"origin", foreign)]})
         assert probe.called == [], foreign
-    assert [(m["type"], m["code"]) for m in probe.sent] == [("websocket.close", 1008)] * 12
+    assert [(m["type"], m["code"]) for m in probe.sent] == [("websocket.close", 1008)] * 15
     for allowed in (b"https://app.example/", b"HTTPS://APP.EXAMPLE:443", b"http://[::1]:8000"):
         await probe({"type": "websocket", "headers": [(b"origin", allowed)]})
     assert len(probe.called) == 3
-    assert len(probe.sent) == 12
+    assert len(probe.sent) == 15
 
 
 async def test_allow_missing_admits_no_origin_and_still_checks_one_that_is_sent() -> None:
