@@ -1573,15 +1573,9 @@ async def test_users_are_cleaned_side_by_side_not_one_after_another(
     assert registry.stats().cleanup_failures == 0
 
 
-async def test_what_a_user_component_was_made_with_never_expires_before_it(
-    clock: FakeClock,
-) -> None:
-    """``Agent`` (idle_ttl 600) is made with a ``Session`` (idle_ttl 10) that holds a
-    ``Token`` (idle_ttl 5): after 60 idle seconds the session and token used to be cleaned
-    while the agent, kept, still held them; the next request got that agent with a closed
-    session, and a second session beside it. What a factory resolved now lives as long as
-    what it was made for, and goes after it."""
-    cleaned: list[str] = []
+def parts_noting(cleaned: list[str]) -> Any:
+    """A component class whose instances hold the parts they were made with and note
+    their name in ``cleaned`` as they close; closing one after a part it holds fails."""
 
     class Part:
         def __init__(self, name: str, *held: Part) -> None:
@@ -1593,6 +1587,20 @@ async def test_what_a_user_component_was_made_with_never_expires_before_it(
             assert not any(part.closed for part in self.held), f"{self.name} outlived a part"
             self.closed = True
             cleaned.append(self.name)
+
+    return Part
+
+
+async def test_what_a_user_component_was_made_with_never_expires_before_it(
+    clock: FakeClock,
+) -> None:
+    """``Agent`` (idle_ttl 600) is made with a ``Session`` (idle_ttl 10) that holds a
+    ``Token`` (idle_ttl 5): after 60 idle seconds the session and token used to be cleaned
+    while the agent, kept, still held them; the next request got that agent with a closed
+    session, and a second session beside it. What a factory resolved now lives as long as
+    what it was made for, and goes after it."""
+    cleaned: list[str] = []
+    Part = parts_noting(cleaned)
 
     async def make_session() -> Part:
         return Part("session", await ambient.resolve("token"))
@@ -1630,17 +1638,7 @@ async def test_what_two_user_components_were_made_with_lives_as_long_as_the_long
     ``Agent`` (idle_ttl 600) were made with: after 60 idle seconds the chat goes, and
     the client stays, as long as the agent holding it, whatever order they were made in."""
     cleaned: list[str] = []
-
-    class Part:
-        def __init__(self, name: str, *held: Part) -> None:
-            self.name = name
-            self.held = held
-            self.closed = False
-
-        def close(self) -> None:
-            assert not any(part.closed for part in self.held), f"{self.name} outlived a part"
-            self.closed = True
-            cleaned.append(self.name)
+    Part = parts_noting(cleaned)
 
     async def make_chat() -> Part:
         return Part("chat", await ambient.resolve("client"))
