@@ -12,7 +12,7 @@ import pickle
 import time
 import types
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from typing import Any
 
 import anyio
@@ -2061,6 +2061,37 @@ class TestWebsocketRefusal:
         assert reason.decode() == "é" * (len(reason) // 2)
 
 
+async def _registry_closed_at_shutdown(lifespan: Callable[[Any, Any], Awaitable[None]]) -> None:
+    """An app whose lifespan is ``lifespan(receive, send)`` serves user a one request that
+    resolves the USER ``Memory``; a lifespan run by hand then gets its startup and
+    shutdown answered, and the registry closed: Memory cleaned then, not before, and no
+    problem in the ledger."""
+    ledger = Ledger()
+    registry = build_registry(ledger)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await lifespan(receive, send)
+            return
+        await ambient.resolve(Memory)
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    middleware = AmbientMiddleware(app, registry=registry, identity=trusted_header())
+    async with client(middleware) as http:
+        await http.get("/", headers={"x-user-id": "a"})
+    assert ledger.cleaned == {}
+    sent: list[Message] = []
+    with anyio.fail_after(5):
+        await run_lifespan(middleware, sent)
+    assert [m["type"] for m in sent] == [
+        "lifespan.startup.complete",
+        "lifespan.shutdown.complete",
+    ]
+    assert ledger.cleaned
+    assert ledger.problems() == []
+
+
 async def run_lifespan(middleware: AmbientMiddleware, sent: list[Message]) -> None:
     """A server's lifespan through ``middleware``: startup, then shutdown; what the
     middleware sends goes to ``sent``."""
@@ -2307,25 +2338,10 @@ class TestLifespan:
         assert sent[-1]["type"] == "lifespan.shutdown.complete"
 
     async def test_an_app_without_lifespan_support_still_gets_the_registry_closed(self) -> None:
-        ledger = Ledger()
-        registry = build_registry(ledger)
+        async def lifespan(receive: Any, send: Any) -> None:
+            raise AssertionError("lifespan is not supported")
 
-        async def app(scope: Any, receive: Any, send: Any) -> None:
-            assert scope["type"] == "http", "lifespan is not supported"
-            await ambient.resolve(Memory)
-            await send({"type": "http.response.start", "status": 204, "headers": []})
-            await send({"type": "http.response.body", "body": b""})
-
-        middleware = AmbientMiddleware(app, registry=registry, identity=trusted_header())
-        async with client(middleware) as http:
-            await http.get("/", headers={"x-user-id": "a"})
-        sent: list[Message] = []
-        await run_lifespan(middleware, sent)
-        assert [m["type"] for m in sent] == [
-            "lifespan.startup.complete",
-            "lifespan.shutdown.complete",
-        ]
-        assert ledger.problems() == []
+        await _registry_closed_at_shutdown(lifespan)
 
     async def test_an_app_that_returns_after_its_startup_still_gets_the_registry_closed(
         self,
@@ -2334,30 +2350,12 @@ class TestLifespan:
         stop) never receives ``lifespan.shutdown``: the server, seeing the app's lifespan
         over, sends it to nobody. The middleware returned with the app, so the USER
         components of its requests were never closed at shutdown."""
-        ledger = Ledger()
-        registry = build_registry(ledger)
 
-        async def app(scope: Any, receive: Any, send: Any) -> None:
-            if scope["type"] == "lifespan":
-                assert (await receive())["type"] == "lifespan.startup"
-                await send({"type": "lifespan.startup.complete"})
-                return
-            await ambient.resolve(Memory)
-            await send({"type": "http.response.start", "status": 204, "headers": []})
-            await send({"type": "http.response.body", "body": b""})
+        async def lifespan(receive: Any, send: Any) -> None:
+            assert (await receive())["type"] == "lifespan.startup"
+            await send({"type": "lifespan.startup.complete"})
 
-        middleware = AmbientMiddleware(app, registry=registry, identity=trusted_header())
-        async with client(middleware) as http:
-            await http.get("/", headers={"x-user-id": "a"})
-        assert ledger.cleaned == {}
-        sent: list[Message] = []
-        with anyio.fail_after(5):
-            await run_lifespan(middleware, sent)
-        assert [m["type"] for m in sent] == [
-            "lifespan.startup.complete",
-            "lifespan.shutdown.complete",
-        ]
-        assert ledger.problems() == []
+        await _registry_closed_at_shutdown(lifespan)
 
     async def test_a_failing_startup_is_reported_by_the_app_and_raised(self) -> None:
         async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -2579,30 +2577,11 @@ class TestLifespan:
         it does not support, read and dropped) has the startup answered for it: the startup
         it took is not waited for again, which would take the server's shutdown for it and
         leave the registry open, waiting for a message that never comes."""
-        ledger = Ledger()
-        registry = build_registry(ledger)
 
-        async def app(scope: Any, receive: Any, send: Any) -> None:
-            if scope["type"] == "lifespan":
-                assert (await receive())["type"] == "lifespan.startup"
-                return
-            await ambient.resolve(Memory)
-            await send({"type": "http.response.start", "status": 204, "headers": []})
-            await send({"type": "http.response.body", "body": b""})
+        async def lifespan(receive: Any, send: Any) -> None:
+            assert (await receive())["type"] == "lifespan.startup"
 
-        middleware = AmbientMiddleware(app, registry=registry, identity=trusted_header())
-        async with client(middleware) as http:
-            await http.get("/", headers={"x-user-id": "a"})
-        assert ledger.cleaned == {}
-        sent: list[Message] = []
-        with anyio.fail_after(5):
-            await run_lifespan(middleware, sent)
-        assert [m["type"] for m in sent] == [
-            "lifespan.startup.complete",
-            "lifespan.shutdown.complete",
-        ]
-        assert ledger.cleaned
-        assert ledger.problems() == []
+        await _registry_closed_at_shutdown(lifespan)
 
     async def test_an_app_that_receives_on_after_its_shutdown_is_heard_to_complete_it(
         self,
