@@ -197,20 +197,6 @@ def _foreign(context: Context, scope: Scope) -> bool:
     return not _descends(outer, scope) and not _callers(outer)
 
 
-def _bound_alone(scope: Scope) -> bool:
-    """Whether ``scope`` is bound with nothing bound above it: then a scope that is gone
-    (garbage-collected), whose context was current as it opened, is surely unrelated, as
-    :func:`_foreign` judges; with something bound above, it may be the scope of the work
-    that started this one's."""
-    binding = _current.get()
-    return (
-        binding is not None
-        and binding.scope is not None
-        and binding.scope.owner is scope
-        and binding.prev is None
-    )
-
-
 def _callers(outer: Scope) -> bool:
     """Whether the open ``outer`` was bound in this very Context: the caller's own scope,
     around an app it calls in its task (an ASGI client in a test's scope, an app mounted in
@@ -270,8 +256,8 @@ def _unrelated_scopes_removed(context: Context, scope: Scope) -> Context:
                 return context
         if not record.closed and outer is not None and _encloses(outer, scope):
             return context
-        if outer is None and _bound_alone(scope):
-            # Another request's too, gone: as the same one still alive would be.
+        if outer is None and _foreign(context, scope):
+            # Another request's scope, gone (garbage-collected): as when it is alive below.
             return Context()
         if outer is not None and not _descends(outer, scope) and not _callers(outer):
             # Another request's scope, which ``scope``'s work did not start: what was current
