@@ -1141,18 +1141,17 @@ async def finalize(
                     else:
                         _set_deadline(deadline, anyio.current_time() + timeout)
                         await _resumed(running, waits_on)
-                if deadline.cancelled_caught:
-                    error = CleanupTimeoutError(
-                        f"cleanup of {provider.name} did not finish within {timeout} s "
-                        "(the registry's cleanup_timeout) and was abandoned"
+                if deadline.cancel_called:
+                    # Cancelled at its deadline: abandoned there, or it caught the
+                    # cancellation and returned, having run past its bound all the same.
+                    ending = (
+                        " and was abandoned"
+                        if deadline.cancelled_caught
+                        else "; it caught its cancellation and returned"
                     )
-                elif deadline.cancel_called:
-                    # Cancelled at its deadline, it caught the cancellation and returned:
-                    # whatever it left undone, it ran past its bound all the same.
                     error = CleanupTimeoutError(
                         f"cleanup of {provider.name} did not finish within {timeout} s "
-                        "(the registry's cleanup_timeout); it caught its cancellation and "
-                        "returned"
+                        f"(the registry's cleanup_timeout){ending}"
                     )
             else:
                 finalizer.run_sync(exc)
