@@ -1255,13 +1255,13 @@ def _refuse_public_key_as_secret(key: str | bytes) -> None:
     except InvalidKeyError as exc:
         if not key:
             msg = "the HMAC secret given is empty: no token would ever verify"
-        elif kind := _jwk_text(key):
-            msg = f"the HMAC secret given is a {kind} as text: give it as a dict ({exc})"
-        elif _json_text(key):
+        elif (kind := _json_kind(key)) == "JSON":
             # PyJWT refuses JSON with a "kty" member at any depth: a JWK held deeper down.
             msg = (
                 f"the HMAC secret given is JSON text holding a JWK: give the JWK as a dict ({exc})"
             )
+        elif kind is not None:
+            msg = f"the HMAC secret given is a {kind} as text: give it as a dict ({exc})"
         else:
             msg = (
                 "an HMAC algorithm was given with a public key or certificate; that is the "
@@ -1270,31 +1270,20 @@ def _refuse_public_key_as_secret(key: str | bytes) -> None:
         raise ValueError(msg) from None
 
 
-def _json_text(key: str | bytes) -> bool:
-    """Whether ``key`` is JSON text (of any value)."""
-    import json
-
-    try:
-        json.loads(key)
-    except (ValueError, RecursionError):
-        return False
-    return True
-
-
-def _jwk_text(key: str | bytes) -> str | None:
-    """What ``key`` is as text: ``"JWK"`` (a JSON object with ``kty``), ``"key set"`` (one
-    with ``keys``), or ``None``."""
+def _json_kind(key: str | bytes) -> str | None:
+    """What ``key`` is as JSON text: ``"JWK"`` (an object with ``kty``), ``"key set"`` (one
+    with ``keys``), ``"JSON"`` (any other value), or ``None`` (no JSON text)."""
     import json
 
     try:
         value = json.loads(key)
     except (ValueError, RecursionError):
         return None
-    if not isinstance(value, dict):
-        return None
-    if "kty" in value:
+    if isinstance(value, dict) and "kty" in value:
         return "JWK"
-    return "key set" if "keys" in value else None
+    if isinstance(value, dict) and "keys" in value:
+        return "key set"
+    return "JSON"
 
 
 def _audiences(audience: str | Iterable[str] | None) -> list[str] | None:
