@@ -1738,6 +1738,26 @@ def _noted_link(order: list[str], note: str) -> Callable[[ambient.UserRef], Asyn
     return link
 
 
+def _link_held_by_a_consumer(
+    order: list[str], stop: anyio.Event, *, cleanup_timeout: float
+) -> tuple[Registry, Callable[..., Awaitable[None]]]:
+    """A registry (with ``cleanup_timeout``) whose USER :class:`Link` notes its close in
+    ``order``, and a task of the app's own for ``tg.start()``: a scope of user "system"
+    holding its link until ``stop``, then noting whether the link was still open."""
+    registry = Registry(cleanup_timeout=cleanup_timeout)
+    BUILT.append(registry)
+    registry.register(Link, _noted_link(order, "link closed"), lifetime=Lifetime.USER)
+
+    async def consumer(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        async with registry.open_scope(UserExecutionContext.create("system")):
+            own = await ambient.resolve(Link)
+            task_status.started()
+            await stop.wait()
+            order.append(f"consumer stopped, link open: {own.open}")
+
+    return registry, consumer
+
+
 async def _plain_lifespan(receive: Any, send: Any) -> None:
     """An app's lifespan with nothing to start or stop: it answers startup and shutdown."""
     while (await receive())["type"] != "lifespan.shutdown":
@@ -2705,17 +2725,8 @@ class TestLifespan:
         waiting for it: the registry is closed once the consumer's scope has closed, its
         component open to its end, and nothing is warned of."""
         order: list[str] = []
-        registry = Registry(cleanup_timeout=30)
-        BUILT.append(registry)
-        registry.register(Link, _noted_link(order, "link closed"), lifetime=Lifetime.USER)
         stop = anyio.Event()
-
-        async def consumer(*, task_status: anyio.abc.TaskStatus[None]) -> None:
-            async with registry.open_scope(UserExecutionContext.create("system")):
-                own = await ambient.resolve(Link)
-                task_status.started()
-                await stop.wait()
-                order.append(f"consumer stopped, link open: {own.open}")
+        registry, consumer = _link_held_by_a_consumer(order, stop, cleanup_timeout=30)
 
         async def app(scope: Any, receive: Any, send: Any) -> None:
             assert scope["type"] == "lifespan"
@@ -2748,17 +2759,8 @@ class TestLifespan:
         ``cleanup_timeout`` after that shutdown, then the registry is closed under it, with
         a warning naming it, and the server hears the shutdown complete."""
         order: list[str] = []
-        registry = Registry(cleanup_timeout=0.2)
-        BUILT.append(registry)
-        registry.register(Link, _noted_link(order, "link closed"), lifetime=Lifetime.USER)
         stop = anyio.Event()
-
-        async def consumer(*, task_status: anyio.abc.TaskStatus[None]) -> None:
-            async with registry.open_scope(UserExecutionContext.create("system")):
-                own = await ambient.resolve(Link)
-                task_status.started()
-                await stop.wait()
-                order.append(f"consumer stopped, link open: {own.open}")
+        registry, consumer = _link_held_by_a_consumer(order, stop, cleanup_timeout=0.2)
 
         async def app(scope: Any, receive: Any, send: Any) -> None:
             assert scope["type"] == "lifespan"
