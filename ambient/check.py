@@ -1100,13 +1100,14 @@ class _Traffic:
         self,
         user: UserRef,
         planned: PlannedRequest,
-        served: list[tuple[UserRef, bool]] | None = None,
+        served: list[tuple[UserRef, bool]],
         phase: str = "",
     ) -> float:
         """Send one request of ``user``'s and look at its answer: a failed request, or
         another user's data in its body or headers, is a finding (said with ``phase``, the
         phase it was sent in, when given), and so, in a later phase, is a request served
-        as none of the user's requests before were. Return how long it took."""
+        as none of the user's requests before were. Whom it was served as goes into
+        ``served``. Return how long it took."""
         headers: list[tuple[bytes, bytes]] = []
         # The token this request sends (the same the driver puts in its headers, before
         # anything is awaited): taken out of what is shown of an answer that echoes it.
@@ -1155,9 +1156,7 @@ class _Traffic:
             self.isolation.append(f"{where} for {whom}: {served_otherwise}")
         return elapsed
 
-    def _served_otherwise(
-        self, user: UserRef, served: list[tuple[UserRef, bool]] | None
-    ) -> str | None:
+    def _served_otherwise(self, user: UserRef, served: list[tuple[UserRef, bool]]) -> str | None:
         """What to say of a request of ``user``'s served as none of its requests before
         were, or ``None``: also ``None`` for a user those requests said was not served
         as itself (anonymous, or never in an ambient context: identity_findings())."""
