@@ -398,9 +398,14 @@ def _peer_trusted(scope: Mapping[str, Any], networks: tuple[_Network, ...]) -> b
     client = scope.get("client")
     if not client:
         return _UNIX_SOCKET in networks and _over_unix_socket(scope)
+    host = client[0]
+    # ip_address() also reads an int and 4 or 16 packed bytes as an address: a host
+    # that is not text (out of the ASGI spec) must not become a trusted one.
+    if type(host) is not str:
+        return False
     try:
-        address = ipaddress.ip_address(client[0])
-    except (ValueError, TypeError, IndexError):
+        address = ipaddress.ip_address(host)
+    except ValueError:
         return False
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped

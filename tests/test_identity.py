@@ -271,7 +271,7 @@ class TestTrustedHeader:
         assert len(warnings) == 1
         assert forwarding[0][0].decode().lower() in warnings[0].getMessage()
 
-    @pytest.mark.parametrize("host", [None, b"127.0.0.1"])
+    @pytest.mark.parametrize("host", [None, b"127.0.0.1", 2130706433, b"\x7f\x00\x00\x01"])
     @pytest.mark.parametrize("tenant_header", [None, "x-tenant-id"])
     def test_a_client_host_that_is_not_text_is_refused_without_an_error(
         self, host: object, tenant_header: str | None, caplog: pytest.LogCaptureFixture
