@@ -154,6 +154,17 @@ class TestMemory:
         assert identity is not None
         assert identity.expires_at == 2_000_000_000
 
+    async def test_a_fractional_exp_ends_the_socket_at_its_whole_second(self) -> None:
+        """PyJWT honours ``exp`` until its whole second (``int(exp)``), and so does
+        ``jwt_bearer``: the socket of a ticket issued under ``exp: 2000000000.9`` ends at
+        2000000000, not later than the token it was issued from."""
+        tickets = WebSocketTickets()
+        with bound(exp=2_000_000_000.9):
+            ticket = await tickets.issue()
+        identity = await tickets(handshake(ticket))
+        assert identity is not None
+        assert identity.expires_at == 2_000_000_000
+
     async def test_a_ticket_issued_under_a_credential_without_claims_expires_with_it(
         self,
     ) -> None:
@@ -285,6 +296,7 @@ class TestMemory:
         assert repeated.status == 400
         assert await tickets(handshake(query="")) is None
         assert await tickets(handshake(query="other=1")) is None
+        assert await tickets(handshake(query=f"tickets={ticket}")) is None
         http = {"type": "http", "query_string": f"ticket={ticket}".encode(), "headers": []}
         assert await tickets(http) is None
         assert await tickets(handshake(ticket)) is not None  # none of the above spent it
@@ -313,11 +325,11 @@ class TestMemory:
         tickets = WebSocketTickets(store)
         with bound():
             issued = [await tickets.issue() for _ in range(5)]
-        assert len(store) == 3
         kept = repr(store._entries)
         assert not any(ticket in kept for ticket in issued)
-        for ticket in issued[:2]:
+        for ticket in issued[:2]:  # dropped as the later ones were put, not once counted
             assert (await refused(tickets, handshake(ticket))).status == 401
+        assert len(store) == 3
         for ticket in issued[2:]:
             assert await tickets(handshake(ticket)) is not None
         assert len(store) == 0
@@ -444,6 +456,10 @@ class TestRedis:
                 await tickets.issue()
             with pytest.raises(IdentityUnavailableError, match="ticket store") as info:
                 await tickets(handshake("t" * 43))
+            # A ticket that cannot be one is refused as such, without asking the store.
+            with pytest.raises(IdentityError) as malformed:
+                await tickets(handshake("t" * 42))
+            assert malformed.value.status == 401
             assert (info.value.http_status, info.value.retry_after) == (503, 5.0)
             # The store's own puts, as a store wrapping it calls them: the same 503.
             store = RedisTicketStore(gone)
@@ -1553,3 +1569,104 @@ async def test_a_ticket_the_store_cannot_take_back_leaves_the_refusal_as_it_is(
         await identity._refused()
     assert ["could not be given back" in r.getMessage() for r in caplog.records] == [True]
     assert (await refused(tickets, handshake(ticket))).status == 401
+
+
+async def test_a_ticket_that_expired_while_out_takes_no_live_tickets_room(
+    store_of_three: TicketStore,
+) -> None:
+    """alice's first ticket expires while its handshake is out, and she is issued three
+    more, as many as she may hold; the handshake is then refused for a reason that is not
+    the ticket's. The ticket stays spent, and her three live tickets all redeem: giving
+    back a ticket with no time left dropped her oldest live one to make room for it."""
+    clock = Clock()
+    tickets = WebSocketTickets(store_of_three, ttl=30, clock=clock)
+    with bound("alice"):
+        first = await tickets.issue()
+    identity = await tickets(handshake(first))
+    assert identity is not None
+    clock.now += 30
+    with bound("alice"):
+        live = [await tickets.issue() for _ in range(3)]
+    await identity._refused()
+    assert (await refused(tickets, handshake(first))).status == 401
+    for ticket in live:
+        await _redeems(tickets, ticket, "alice")
+
+
+async def test_users_whose_ids_read_alike_put_together_are_revoked_apart(
+    ticket_store: TicketStore,
+) -> None:
+    """A user's revocations and bound are kept under their user and tenant ids together,
+    and no joining of the two reads alike for two users: revoking alice of ``acme`` leaves
+    the tickets of ``aliceacme`` (no tenant) and of ``alic`` of ``eacme``, and revoking
+    ``a:b`` of ``c`` leaves ``a`` of ``b:c``'s."""
+    tickets = WebSocketTickets(ticket_store)
+    app = _served(tickets)
+    users = [("alice", "acme"), ("aliceacme", None), ("alic", "eacme"), ("a:b", "c"), ("a", "b:c")]
+    issued = {}
+    for user, tenant in users:
+        with ambient.bind_context(UserExecutionContext.create(user, tenant_id=tenant)):
+            issued[user, tenant] = await tickets.issue()
+    await tickets.revoke("alice", tenant_id="acme")
+    await tickets.revoke("a:b", tenant_id="c")
+    assert {user: (await _handshake(app, ticket)).status for user, ticket in issued.items()} == {
+        ("alice", "acme"): 401,
+        ("aliceacme", None): 101,
+        ("alic", "eacme"): 101,
+        ("a:b", "c"): 401,
+        ("a", "b:c"): 101,
+    }
+
+
+async def test_redis_keeps_a_users_list_as_long_as_her_longest_lived_ticket(
+    redis_client: redis.asyncio.Redis,
+) -> None:
+    """Two processes share a Redis store, one issuing tickets of 300 s, the other of 30 s.
+    alice's 30-s ticket, past her bound, prunes her list of outstanding tickets: the list
+    still lives as long as the 300-s ticket it names. Were it to go with the 30-s one, her
+    next tickets would start a list that does not count the 300-s one, and she would hold
+    more than her bound."""
+    prefix = f"ambient-test:{uuid.uuid4().hex}:"
+    store = RedisTicketStore(redis_client, prefix=prefix, max_per_user=2)
+    long_lived = WebSocketTickets(store, ttl=300)
+    short_lived = WebSocketTickets(store, ttl=30)
+    with bound("alice"):
+        first, second = await long_lived.issue(), await long_lived.issue()
+        third = await short_lived.issue()
+    (held,) = [key async for key in redis_client.scan_iter(match=f"{prefix}held:*")]
+    assert 299_000 <= await redis_client.pttl(held) <= 300_000
+    assert (await refused(long_lived, handshake(first))).status == 401
+    await _redeems(long_lived, second, "alice")
+    await _redeems(short_lived, third, "alice")
+
+
+async def test_the_memory_store_forgets_users_whose_tickets_are_all_gone() -> None:
+    """200 users are each issued two tickets: one redeemed, the other expired. The memory
+    store then keeps no note of any of them (it kept an empty one for each user who ever
+    held a ticket, for as long as the process ran)."""
+    clock = Clock()
+    store = MemoryTicketStore(clock=clock)
+    tickets = WebSocketTickets(store, ttl=30, clock=clock)
+    for n in range(200):
+        with bound(f"user-{n}"):
+            redeemed = await tickets.issue()
+            await tickets.issue()
+        await _redeems(tickets, redeemed, f"user-{n}")
+    clock.now += 30
+    assert len(store) == 0
+    assert store._users == {}
+
+
+async def test_a_revocation_keeps_the_generation_for_its_keep_from_its_own_call() -> None:
+    """The memory store's ``revoke(user, keep)`` keeps the generation ``keep`` seconds from
+    that call, as a ``RevocableTicketStore`` must: a second revocation 599 s after the
+    first, with no ticket between, is still counted 2 s later."""
+    clock = Clock()
+    store = MemoryTicketStore(clock=clock)
+    await store.revoke("u", 600)
+    clock.now += 599
+    await store.revoke("u", 600)
+    clock.now += 2
+    assert await store.generation("u", 600) == 2
+    clock.now += 600
+    assert await store.generation("u", 600) == 0
