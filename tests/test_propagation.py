@@ -152,6 +152,7 @@ class TestTokens:
             ("not a token", "malformed"),
             ("v2.00000000.e30.AAAA", "malformed"),
             ("v1.zz.e30." + "A" * 43, "malformed"),
+            ("v1.0000000.e30." + "A" * 43, "malformed"),
             ("v1.00000000.e30." + "A" * 43, "foreign-key"),
             ("v1.00000000.é." + "A" * 43, "malformed"),
             ("v1.00000000." + "A" * 5000 + "." + "A" * 43, "malformed"),
@@ -163,6 +164,15 @@ class TestTokens:
         assert refused.value.reason == reason
         assert refused.value.http_status == 401
         assert token[:20] not in str(refused.value) or not token
+
+    def test_a_token_that_is_not_text_is_malformed(self) -> None:
+        """A queue that hands back bytes, or a job without its token: refused as a
+        malformed token (401 where it reaches a request), not a TypeError."""
+        token = capture(context(), secret=SECRET)
+        for bad in (token.encode(), None, 5):
+            with pytest.raises(InvalidTokenError) as refused:
+                verify(bad, secret=SECRET)  # type: ignore[arg-type]
+            assert refused.value.reason == "malformed"
 
     def test_a_tampered_token_is_refused(self) -> None:
         """Another user, a longer expiry, or a second spelling of the signature."""
@@ -377,6 +387,7 @@ class TestLimits:
             ({"d": -1}, "depth: must be between"),
             ({"d": 10**6}, "depth: must be between"),
             ({"d": True}, "depth: must be an int"),
+            ({"d": None}, "depth: must be an int"),
         ],
     )
     def test_a_signed_payload_carrying_an_invalid_context_is_malformed(
@@ -503,12 +514,35 @@ class TestRestore:
         assert ledger.problems() == []
 
     def test_restoring_another_users_context_inside_one_needs_allow_switch(self) -> None:
+        """Refused on entry, a restore() is still free: entered where it may be, it binds,
+        and again once it has left (it was left "in use" by the refusal, and by its own
+        ``with`` too)."""
         token = capture(context("bob"), secret=SECRET)
+        restored = restore(token, secret=SECRET)
         with bind_context(context("alice")):
-            with pytest.raises(ContextSwitchError), restore(token, secret=SECRET):
+            with pytest.raises(ContextSwitchError), restored:
                 pass
             with restore(token, secret=SECRET, allow_switch=True) as job:
                 assert job.user_id == "bob"
+        for _ in range(2):
+            with restored as job:
+                assert ambient.get_current_context() is job
+        assert ambient.current_context_or_none() is None
+
+    async def test_a_scope_for_another_users_context_opens_inside_one_with_allow_switch(
+        self,
+    ) -> None:
+        """``async with restore(token, registry=..., allow_switch=True)`` inside alice's
+        context opens bob's scope, as the plain binding does."""
+        registry, ledger = build_registry()
+        token = capture(context("bob"), secret=SECRET)
+        with bind_context(context("alice")):
+            async with restore(token, secret=SECRET, registry=registry, allow_switch=True) as job:
+                assert job.user_id == "bob"
+                assert (await ambient.resolve(Probe)).user_id == "bob"
+            assert ambient.get_current_context().user_id == "alice"
+        await registry.aclose()
+        assert ledger.problems() == []
 
     def test_a_worker_process_restores_tokens_from_a_queue(
         self, monkeypatch: pytest.MonkeyPatch
@@ -673,8 +707,9 @@ class TestInject:
     def test_hosts_must_be_named(self) -> None:
         with pytest.raises(ValueError, match="at least one host"):
             inject_hook(hosts=[], secret=SECRET)
-        with pytest.raises(ValueError, match="port"):
-            inject_hook(hosts=["billing:http"], secret=SECRET)
+        for entry in ("billing:http", "billing:\u0668\u0660\u0668\u0661"):
+            with pytest.raises(ValueError, match="port"):
+                inject_hook(hosts=[entry], secret=SECRET)
         # an empty entry (a trailing comma in a config list) or one that is no text: said
         # when the hook is built, never a hook matching no host or every host
         for entry in ("", None, 8001, b"billing.internal"):
@@ -880,19 +915,20 @@ class TestRedirects:
             assert "x-search-context" in search
             assert injected(search) == list(INJECTED[1:]), order
 
+    @pytest.mark.parametrize("header", [HEADER, "X-Ambient-Context"])
     async def test_hooks_sharing_the_token_header_leave_each_others_token(
-        self, sync: bool, traced: Registry
+        self, sync: bool, traced: Registry, header: str
     ) -> None:
         """Two hooks on one client, one per service, each signing for its own audience
         under the same header: a hook took the header off every request to a host outside
         its list, so whichever hook ran second took off the token the first had just set
         for its own host, and that service got no token (401) on a direct request as on a
         redirect. Each service now gets the token signed for it, whatever the hooks'
-        order."""
+        order, and whatever the case the header is spelled in."""
         for order in (1, -1):
             hooks = [
-                hook_for("billing.internal", audience="billing"),
-                hook_for("search.internal", audience="search"),
+                hook_for("billing.internal", audience="billing", header=header),
+                hook_for("search.internal", audience="search", header=header),
             ][::order]
             hops = Hops(pay="http://search.internal/find")
             async with traced.open_scope(context()):
