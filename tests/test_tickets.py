@@ -418,6 +418,19 @@ class TestRedis:
         await _eventually(gone, "Redis expired the ticket")
         assert (await refused(tickets, handshake(ticket))).status == 401
 
+    async def test_a_ticket_put_without_its_user_expires_in_redis_too(
+        self, redis_client: redis.asyncio.Redis
+    ) -> None:
+        """A store wrapping the Redis store may call its plain ``put()``: the ticket's key
+        expires with the ticket there as well, rather than staying in Redis for good."""
+        prefix = f"ambient-test:{uuid.uuid4().hex}:"
+        tickets = WebSocketTickets(GatedStore(RedisTicketStore(redis_client, prefix=prefix)))
+        with bound():
+            ticket = await tickets.issue()
+        (key,) = [key async for key in redis_client.scan_iter(match=f"{prefix}*")]
+        assert 29_000 <= await redis_client.pttl(key) <= 30_000
+        assert await tickets(handshake(ticket)) is not None
+
     async def test_a_client_that_decodes_responses_redeems_too(
         self, redis_client: redis.asyncio.Redis
     ) -> None:
