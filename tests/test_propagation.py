@@ -442,6 +442,7 @@ class TestRestore:
         token = capture(context(), secret=SECRET)
         with restore(token, secret=SECRET) as job:
             assert ambient.get_current_context() is job
+            assert job.metadata == {"operation": "job"}
             with pytest.raises(NoActiveContextError, match="scope"):
                 ambient.resolve_sync(Probe)
         async with restore(token, secret=SECRET) as job:
@@ -627,6 +628,26 @@ class TestInject:
             "café talk",
             "request-42",
         )
+
+    async def test_tokens_live_for_the_ttl_they_are_made_with(self) -> None:
+        """capture() makes tokens for an hour by default (a job may wait in its queue),
+        inject() and the hooks for the ``ttl`` they are given."""
+
+        def lifetime(token: str) -> int:
+            claims = claims_of(token)
+            return int(claims["exp"] - claims["iat"])
+
+        hook = inject_hook(hosts="billing.internal", secret=SECRET, ttl=90)
+        async_hook = async_inject_hook(hosts="billing.internal", secret=SECRET, ttl=45)
+        requests = [httpx.Request("GET", "https://billing.internal/") for _ in range(2)]
+        with bind_context(context()):
+            assert lifetime(capture(secret=SECRET)) in (3600, 3601)
+            assert lifetime(capture(secret=SECRET, ttl=60)) in (60, 61)
+            assert lifetime(inject({}, secret=SECRET, ttl=120)[HEADER]) in (120, 121)
+            hook(requests[0])
+            await async_hook(requests[1])
+        assert lifetime(requests[0].headers[HEADER]) in (90, 91)
+        assert lifetime(requests[1].headers[HEADER]) in (45, 46)
 
     def test_inject_outside_a_context_is_an_error(self) -> None:
         with pytest.raises(NoActiveContextError):
