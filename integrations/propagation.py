@@ -104,6 +104,19 @@ _TOKEN: Final = re.compile(
 _LOOPBACK: Final = ("127.0.0.1/32", "::1/128")
 
 
+def _ttl_seconds(ttl: object) -> float:
+    """``ttl`` as a token's lifetime: seconds, finite and more than 0."""
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float):
+        msg = f"ttl must be seconds as an int or float, not {type(ttl).__name__}"
+        raise TypeError(msg)
+    # Finite too: an infinite ttl would make a token that never expires (and fail as an
+    # OverflowError when signed), as would an int past what a float holds.
+    if not 0 < ttl <= sys.float_info.max:
+        msg = f"ttl must be finite seconds > 0, not {str(ttl)[:64]}"
+        raise ValueError(msg)
+    return ttl
+
+
 def _b64encode(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
@@ -201,12 +214,9 @@ class ContextSigner:
         Raises:
             ValueError: ``ttl`` is not finite and positive, or the context's ids are too
                 long to carry in a token (about 3,000 bytes of UTF-8 together).
+            TypeError: ``ttl`` is not a number of seconds.
         """
-        # Finite too: an infinite ttl would make a token that never expires (and fail as
-        # an OverflowError below), as would an int past what a float holds.
-        if not 0 < ttl <= sys.float_info.max:
-            msg = f"ttl must be finite seconds > 0, not {str(ttl)[:64]}"
-            raise ValueError(msg)
+        ttl = _ttl_seconds(ttl)
         now = self.clock()
         claims: dict[str, Any] = {
             "u": ctx.user_id,
@@ -656,11 +666,14 @@ def inject_hook(
         header: The header carrying the token.
 
     Raises:
-        ValueError: no host, a host that is not ``name`` or ``name:port``, or a ``header``
-            that is not an HTTP token.
+        ValueError: no host, a host that is not ``name`` or ``name:port``, a ``header``
+            that is not an HTTP token, or a ``ttl`` that is not finite and positive.
+        TypeError: a ``ttl`` that is not a number of seconds.
     """
     allowed = [_parse_host(entry) for entry in ([hosts] if isinstance(hosts, str) else hosts)]
     _header_name(header, "header")
+    # Here, not at the first request: every request to the hosts would fail on it.
+    _ttl_seconds(ttl)
     if not allowed:
         msg = "inject_hook() needs at least one host that may receive the signed context"
         raise ValueError(msg)

@@ -738,6 +738,19 @@ class TestInject:
                 inject_hook(hosts=["billing.internal", entry], secret=SECRET)  # type: ignore[list-item]
             assert repr(entry) in str(refused.value)
 
+    @pytest.mark.parametrize("ttl", [0, -1, math.inf, math.nan, 10**400, "30", None, True])
+    def test_a_ttl_no_token_can_have_is_refused_when_the_hook_is_built(self, ttl: Any) -> None:
+        """A hook given a ttl no token can be signed with built, and every request to its
+        hosts then failed inside httpx's send, the application's requests erroring one by
+        one: it is said when the hook is built, as a bad host or header is, and capture()
+        refuses it alike (a bool is no number of seconds, not 1 s)."""
+        error = TypeError if isinstance(ttl, str | bool) or ttl is None else ValueError
+        for make in (inject_hook, async_inject_hook):
+            with pytest.raises(error, match="ttl must be"):
+                make(hosts="billing.internal", secret=SECRET, ttl=ttl)
+        with pytest.raises(error, match="ttl must be"):
+            capture(context(), secret=SECRET, ttl=ttl)
+
     @pytest.mark.parametrize("header", ["", "x context", "x-context:", "x-c\r\nx-user-id"])
     def test_a_header_name_no_request_can_carry_is_refused(self, header: str) -> None:
         """httpx would refuse every request the hook touched (or the callee would find no
