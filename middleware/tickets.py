@@ -702,7 +702,9 @@ class _TicketIdentity(Identity):
     _spent: tuple[WebSocketTickets, str, str, bytes, float] | None
 
     async def _refused(self) -> None:
-        spent = self._spent
+        # A copy (dataclasses.replace() by a resolver wrapping this one) has none: the
+        # ticket stays spent, and its refusal goes out as the middleware made it.
+        spent = getattr(self, "_spent", None)
         if spent is None:
             return
         object.__setattr__(self, "_spent", None)

@@ -3,6 +3,7 @@ in memory and in a real Redis, and end to end on uvicorn with a JWT that never e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -38,7 +39,7 @@ from ambient.errors import (
 )
 from ambient.integrations.starlette import install
 from ambient.middleware import AmbientMiddleware, WebSocketTickets, first_of, trusted_header
-from ambient.middleware.identity import jwt_bearer
+from ambient.middleware.identity import Identity, jwt_bearer
 from ambient.middleware.tickets import (
     MemoryTicketStore,
     PerUserTicketStore,
@@ -1519,6 +1520,30 @@ async def test_a_refused_handshakes_ticket_goes_back_once() -> None:
     await _redeems(tickets, ticket, "alice")
     await first._refused()
     assert (await refused(tickets, handshake(ticket))).status == 401
+
+
+async def test_a_copy_of_a_tickets_identity_is_refused_as_the_middleware_says() -> None:
+    """A resolver wrapping the tickets returns a copy of the identity they redeemed (an
+    Identity is a frozen dataclass: ``dataclasses.replace()`` to add claims). The handshake
+    refused for a bad thread id is 400, as any other: the copy knew nothing of the ticket
+    it came from, and giving it back raised an AttributeError, a server error. The ticket
+    stays spent."""
+    tickets = WebSocketTickets()
+
+    async def resolver(scope: Any) -> Identity | None:
+        identity = await tickets(scope)
+        return None if identity is None else dataclasses.replace(identity, claims={"via": "x"})
+
+    app = AmbientMiddleware(
+        _serve_socket, registry=Registry(), identity=resolver, thread_id_query="thread"
+    )
+    with bound("alice"):
+        ticket = await tickets.issue()
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            refusal = await _open(tg, app, Socket(f"ticket={ticket}&thread=%FF"))
+    assert refusal.status == 400
+    assert (await _handshake(app, ticket)).status == 401
 
 
 async def test_a_users_expired_ticket_takes_no_room_from_her_live_ones() -> None:
