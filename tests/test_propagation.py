@@ -1101,6 +1101,14 @@ class TestSignedContext:
         assert (await call_b(app, headers, "10.1.2.3")).status_code == 200
         assert (await call_b(app, headers, "127.0.0.1")).status_code == 401
         assert (await call_b(app, wrong, "10.1.2.3")).status_code == 401
+        # Every network given is trusted, and by default both loopbacks.
+        app, _ = downstream(trusted=("10.0.0.0/8", "192.168.0.0/16"), audience="billing")
+        assert (await call_b(app, headers, "192.168.1.2")).status_code == 200
+        app, _ = downstream()
+        with bind_context(context()):
+            plain = dict(inject({}, secret=SECRET, trace=False))
+        for loopback in ("127.0.0.1", "::1"):
+            assert (await call_b(app, plain, loopback)).status_code == 200, loopback
 
     @pytest.mark.parametrize(
         ("option", "name", "field"),
