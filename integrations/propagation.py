@@ -1,12 +1,12 @@
 """Carry a user's context to background jobs and to other services, signed.
 
 A *context token* is a compact string holding the ids of a context (user, tenant, thread,
-request, run, parent run and depth; never its metadata), the time it was issued and when
-it expires, signed with HMAC-SHA256 under a secret every party shares. The secret comes
-from configuration: pass it (``secret=``) or set ``AMBIENT_CONTEXT_SECRET`` in the
-environment; it must be at least 32 bytes (``python -c "import secrets;
-print(secrets.token_urlsafe(32))"``). :class:`ContextSigner` also verifies tokens signed
-with previous secrets, for rotation.
+request, run, parent run and depth; never its metadata, but for the mark of an anonymous
+caller's context), the time it was issued and when it expires, signed with HMAC-SHA256
+under a secret every party shares. The secret comes from configuration: pass it
+(``secret=``) or set ``AMBIENT_CONTEXT_SECRET`` in the environment; it must be at least 32
+bytes (``python -c "import secrets; print(secrets.token_urlsafe(32))"``).
+:class:`ContextSigner` also verifies tokens signed with previous secrets, for rotation.
 
 Background jobs, with any queue::
 
@@ -56,7 +56,8 @@ from opentelemetry import propagate
 
 from ambient import _checks
 from ambient._binding import bind_context, current_context_or_none, get_current_context
-from ambient._context import UserExecutionContext
+from ambient._context import _EMPTY as _NO_METADATA
+from ambient._context import ANONYMOUS, ReadOnlyDict, UserExecutionContext
 from ambient._registry import Registry
 from ambient._scope import Scope
 from ambient.errors import IdentityError, InvalidContextError, InvalidTokenError
@@ -102,6 +103,7 @@ _TOKEN: Final = re.compile(
     rf"v1\.[0-9a-f]{{8}}\.[A-Za-z0-9_-]{{1,{_MAX_PAYLOAD}}}\.[A-Za-z0-9_-]{{43}}"
 )
 _LOOPBACK: Final = ("127.0.0.1/32", "::1/128")
+_ANONYMOUS: Final = ReadOnlyDict({ANONYMOUS: True})
 
 
 def _ttl_seconds(ttl: object) -> float:
@@ -234,6 +236,10 @@ class ContextSigner:
             claims["d"] = ctx.depth
         if audience is not None:
             claims["aud"] = audience
+        if ctx.metadata.get(ANONYMOUS) is True:
+            # Carried, or the context verified from the token would pass for a signed-in
+            # user's (a ticket issued for it, its USER components kept after its request).
+            claims["an"] = 1
         # UTF-8, not \u escapes: ids in other alphabets take a half to a third of the room.
         raw = json.dumps(claims, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         payload = _b64encode(raw)
@@ -311,6 +317,9 @@ class ContextSigner:
                 else "the context token names no audience and one is required",
             )
         depth = claims.get("d", 0)
+        anonymous = claims.get("an")
+        if anonymous is not None and (type(anonymous) is not int or anonymous != 1):
+            raise InvalidTokenError("malformed", "the context token's anonymous mark is not 1")
         try:
             context = UserExecutionContext(
                 user_id=claims.get("u"),  # type: ignore[arg-type]  # validated by the class
@@ -320,6 +329,7 @@ class ContextSigner:
                 tenant_id=claims.get("t"),
                 parent_run_id=claims.get("p"),
                 depth=depth,
+                metadata=_NO_METADATA if anonymous is None else _ANONYMOUS,
             )
         except InvalidContextError as exc:
             detail = f"the context token carries an invalid context: {exc.field}: {exc.reason}"

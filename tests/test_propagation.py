@@ -406,6 +406,28 @@ class TestLimits:
         # The same ids, valid, verify: only the invalid one is refused.
         assert verify(signed_claims({**IDS, "iat": now, "exp": now + 30}), secret=SECRET)
 
+    def test_a_token_marks_an_anonymous_callers_context_and_nothing_else(self) -> None:
+        """The anonymous mark is the one piece of metadata a token carries: a job restored
+        from an anonymous caller's context runs as an anonymous caller's, and a signed-in
+        user's context carries no mark. A mark that is not 1 is malformed."""
+        anonymous = UserExecutionContext.create("anonymous:1f2e", metadata={"anonymous": True})
+        token = capture(anonymous, secret=SECRET)
+        assert verify(token, secret=SECRET) == anonymous
+        with restore(token, secret=SECRET) as job:
+            assert job.metadata == {"anonymous": True, "operation": "job"}
+        signed_in = context(metadata={"anonymous": "yes", "claims": {"sub": "alice"}})
+        assert "an" not in claims_of(capture(signed_in, secret=SECRET))
+        assert verify(capture(signed_in, secret=SECRET), secret=SECRET).metadata == {}
+        now = int(time.time())
+        for mark in (True, 2, "1", 1.0, None):
+            token = signed_claims({**IDS, "iat": now, "exp": now + 30, "an": mark})
+            if mark is None:
+                assert verify(token, secret=SECRET).metadata == {}
+                continue
+            with pytest.raises(InvalidTokenError, match="anonymous mark") as refused:
+                verify(token, secret=SECRET)
+            assert refused.value.reason == "malformed"
+
     def test_an_empty_secret_variable_is_no_secret(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """``AMBIENT_CONTEXT_SECRET=`` is not set, as its absence is: LookupError, naming
         the variable."""
@@ -1041,6 +1063,46 @@ class TestSignedContext:
         assert (body["parent_run"], body["depth"]) == (ctx.run_id, 1)
         assert body["run"] != ctx.run_id
         assert body["probe_user"] == "alice"
+
+    async def test_an_anonymous_callers_context_reaches_the_callee_as_an_anonymous_one(
+        self,
+    ) -> None:
+        """Service A admits anonymous callers and calls B with the context: B's context is
+        an anonymous caller's too, and B issues no websocket ticket for it (its user is the
+        one request's). The token carried only ids, and B took the anonymous user for a
+        signed-in one: it issued the ticket, which opened a socket as that user."""
+        from ambient.middleware import AmbientMiddleware, WebSocketTickets
+
+        tickets = WebSocketTickets()
+
+        async def issue(request: Request) -> Response:
+            ctx = ambient.get_current_context()
+            try:
+                await tickets.issue()
+            except IdentityError as refused:
+                return JSONResponse({"anonymous": ctx.metadata.get("anonymous")}, refused.status)
+            return JSONResponse({"anonymous": ctx.metadata.get("anonymous")})
+
+        service_b = Starlette(routes=[Route("/ticket", issue)])
+        install(service_b, registry=Registry(), identity=signed_context(SECRET))
+
+        async def call(request: Request) -> Response:
+            transport = httpx.ASGITransport(app=service_b, client=("127.0.0.1", 1))
+            async with httpx.AsyncClient(transport=transport, base_url="http://b") as client:
+                answer = await client.get("/ticket", headers=inject({}, secret=SECRET))
+            return JSONResponse(answer.json(), answer.status_code)
+
+        service_a = AmbientMiddleware(
+            Starlette(routes=[Route("/call", call)]),
+            registry=Registry(),
+            identity=lambda scope: None,
+            anonymous=True,
+        )
+        transport = httpx.ASGITransport(app=service_a)
+        async with httpx.AsyncClient(transport=transport, base_url="http://a") as client:
+            answer = await client.get("/call")
+        assert (answer.status_code, answer.json()) == (401, {"anonymous": True})
+        assert len(tickets.store) == 0  # type: ignore[arg-type]
 
     @pytest.mark.parametrize(
         ("case", "fragment"),
