@@ -578,10 +578,17 @@ def _parse_host(entry: str) -> tuple[str, int | None]:
         raise ValueError(msg)
     host, port = entry, ""
     if entry.startswith("["):
-        host, _, rest = entry[1:].partition("]")
-        port = rest.removeprefix(":")
+        host, bracket, rest = entry[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            # "[::1" or "[::1]8001": a typo the hook would otherwise read as a host.
+            msg = f"the host {entry!r} is not '[address]' or '[address]:port'"
+            raise ValueError(msg)
+        port = rest[1:]
     elif entry.count(":") == 1:
         host, port = entry.split(":")
+    if not host:
+        msg = f"the host {entry!r} names no host, only a port"
+        raise ValueError(msg)
     if port and not (port.isascii() and port.isdigit()):
         msg = f"the port in host {entry!r} is not a number"
         raise ValueError(msg)

@@ -753,6 +753,11 @@ class TestInject:
         for entry in ("billing:http", "billing:\u0668\u0660\u0668\u0661"):
             with pytest.raises(ValueError, match="port"):
                 inject_hook(hosts=[entry], secret=SECRET)
+        # a typo matching no host the hook could ever see: said rather than kept
+        for entry in ("[::1", "[::1]8001", "[]:8001", ":8001"):
+            with pytest.raises(ValueError, match="host") as refused:
+                inject_hook(hosts=[entry], secret=SECRET)
+            assert repr(entry) in str(refused.value)
         # an empty entry (a trailing comma in a config list) or one that is no text: said
         # when the hook is built, never a hook matching no host or every host
         for entry in ("", None, 8001, b"billing.internal"):
