@@ -725,6 +725,67 @@ class TestScopeSpan:
             assert otel_context.get_current() is before
         assert len(otel.spans.named("ambient.scope")) == 2
 
+    async def test_requests_served_inside_a_scope_see_their_own_user_not_the_enclosing_one(
+        self, otel: Otel
+    ) -> None:
+        """An app with its middleware called inside alice's open scope, in its task (an
+        ASGI client in a test's bound context), once per user: each request's handler sees
+        its own user, its log records carry that user and its own scope's trace, and alice
+        is bound again once it answered. Each request's scope span is not alice's child (its
+        scope does not descend from hers) but stays in the caller's trace, under the span
+        alice's scope started in, as a previous request's would not. Telling the enclosing
+        scope apart from a previous request's made alice's binding current again inside the
+        request."""
+        telemetry = otel.telemetry(user_id="raw")
+        registry = Registry(telemetry=telemetry)
+        records: list[logging.LogRecord] = []
+
+        class Keep(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                records.append(record)
+
+        keep = Keep()
+        keep.addFilter(ContextFilter(user_id="raw"))
+        log = logging.getLogger("tests.served_inside_a_scope")
+        log.addHandler(keep)
+        log.setLevel(logging.INFO)
+
+        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            user = ambient.get_current_context().user_id
+            log.info("handled %s", user)
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": user.encode()})
+
+        stack = AmbientMiddleware(
+            app, registry=registry, identity=trusted_header(), telemetry=telemetry
+        )
+        transport = httpx.ASGITransport(app=stack, client=("127.0.0.1", 50000))
+        client = httpx.AsyncClient(transport=transport, base_url="http://test")
+        tracer = otel.tracer_provider.get_tracer("test")
+        users = [f"u{n}" for n in range(5)]
+        answers = []
+        try:
+            with tracer.start_as_current_span("caller") as caller:
+                async with client, registry.open_scope(ctx("alice")):
+                    for user in users:
+                        answer = await client.get("/", headers={"x-user-id": user})
+                        answers.append(answer.text)
+                        assert ambient.get_current_context().user_id == "alice"
+        finally:
+            log.removeHandler(keep)
+        assert answers == users
+        spans = {
+            (s.attributes or {})["ambient.user_id"]: s for s in otel.spans.named("ambient.scope")
+        }
+        assert set(spans) == {"alice", *users}
+        for span in spans.values():
+            assert parent_id(span) == caller.get_span_context().span_id
+        for user in users:
+            record = one_record(records, f"handled {user}")
+            assert record.user_id == user  # type: ignore[attr-defined]
+            assert record.trace_id == f"{spans[user].context.trace_id:032x}"  # type: ignore[attr-defined]
+            assert record.span_id == f"{spans[user].context.span_id:016x}"  # type: ignore[attr-defined]
+
     async def test_scope_span_covers_the_cleanup(self, otel: Otel) -> None:
         """The scope span ends after the last cleanup, which is its child."""
         registry = Registry(telemetry=otel.telemetry(span_threshold=0))
