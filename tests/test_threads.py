@@ -132,6 +132,43 @@ class TestCarryingTheScope:
         assert len(ledger.created) == USERS
         assert ledger.problems() == []
 
+    async def test_a_pooled_thread_keeps_nothing_of_its_previous_job(self) -> None:
+        """One pooled thread runs alice's job, then one submitted with nothing bound, then
+        bob's, each in a trace of its own (the last in none): every job sees its
+        submitter's user, Probe, trace and baggage, or nothing at all, never what the
+        previous job on that thread ran with."""
+        registry, _ = make_registry()
+
+        def seen(in_scope: bool) -> tuple[str, Probe | None, str, dict[str, object]]:
+            probe = ambient.resolve_sync(Probe) if in_scope else None
+            here = context_fields(user_id="raw")
+            return here["user_id"], probe, here["trace_id"], dict(baggage.get_all())
+
+        async def job(executor: ContextExecutor, trace_id: int, user: str) -> tuple[Any, ...]:
+            request = otel_context.Context()
+            if trace_id:
+                span = trace.NonRecordingSpan(trace.SpanContext(trace_id, 1, is_remote=False))
+                request = baggage.set_baggage("plan", user, trace.set_span_in_context(span))
+            token = otel_context.attach(request)
+            try:
+                if not user:
+                    return await anyio.to_thread.run_sync(executor.submit(seen, False).result)
+                async with registry.open_scope(UserExecutionContext.create(user)):
+                    probe = await ambient.resolve(Probe)
+                    found = await anyio.to_thread.run_sync(executor.submit(seen, True).result)
+                    assert found[1] is probe
+                    return found
+            finally:
+                otel_context.detach(token)
+
+        with ContextExecutor(max_workers=1) as executor:
+            alice = await job(executor, 0xA11CE, "alice")
+            nobody = await job(executor, 0xF00D, "")
+            bob = await job(executor, 0, "bob")
+        assert (alice[0], alice[2:]) == ("alice", (f"{0xA11CE:032x}", {"plan": "alice"}))
+        assert nobody == ("", None, f"{0xF00D:032x}", {"plan": ""})
+        assert (bob[0], bob[2:]) == ("bob", ("", {}))
+
     async def test_run_in_executor_and_map(self, anyio_backend: str) -> None:
         """loop.run_in_executor goes through submit, so it carries the scope too."""
         if anyio_backend != "asyncio":
