@@ -585,6 +585,30 @@ print(shown == ["alice@example.com"], exported == [hash_id("alice@example.com")]
             (record,) = exporter.records
             assert record.user_id == hash_id("alice")  # type: ignore[attr-defined]
 
+    def test_an_id_written_over_a_filters_one_is_kept_by_a_stricter_filter_made_later(
+        self,
+    ) -> None:
+        """As above, but a filter of the app's own relabels the buffered record's user after
+        the raw filter wrote alice's id: that value is the app's, not the raw filter's, so
+        the target's hashing filter keeps it instead of hashing it as alice's id."""
+
+        class Relabel(logging.Filter):
+            def filter(self, record: logging.LogRecord) -> bool:
+                record.user_id = "scheduler"
+                return True
+
+        _drop_test_handlers()
+        buffer = logging.handlers.MemoryHandler(100, flushLevel=logging.CRITICAL)
+        buffer.addFilter(Relabel())
+        with handled_by("relabelled", buffer, logger_filter=ContextFilter(user_id="raw")) as log:
+            with bind_context(UserExecutionContext.create("alice")):
+                log.info("before the exporter is set up")
+            exporter = Keep(ContextFilter())
+            buffer.setTarget(exporter)
+            buffer.flush()
+            (record,) = exporter.records
+            assert record.user_id == "scheduler"  # type: ignore[attr-defined]
+
     def test_filters_made_and_dropped_on_many_threads_leave_the_strictest_live_policy(
         self,
     ) -> None:
