@@ -344,23 +344,44 @@ def _record_end(span: trace.Span, error: BaseException, hidden: frozenset[str]) 
 
     An invalid id that a context error echoes (``user_id is invalid: ... (got 'alice ')``)
     is left out of the recorded message and stack trace when its field (in ``hidden``) is
-    exported hashed or not at all: it is that user's id, give or take the flaw."""
+    exported hashed or not at all: it is that user's id, give or take the flaw.
+
+    An exception whose ``__str__`` raises (which the API's ``record_exception`` calls) is
+    recorded all the same, with the stand-in :mod:`traceback` gives for its message: the
+    span must still end, or the request's trace is never exported."""
     if _cancellation(error):
         span.set_attribute("ambient.cancelled", True)
         return
     echoed = _echoed_ids(error, hidden) if hidden else None
+    attributes: dict[str, str] | None = None
     if echoed:
-        message = str(error)
+        message = _message(error)
         stacktrace = "".join(traceback.format_exception(error))
         for raw, safe in echoed.items():
             message = message.replace(raw, safe)
             stacktrace = stacktrace.replace(raw, safe)
-        span.record_exception(
-            error, {"exception.message": message, "exception.stacktrace": stacktrace}
-        )
-    else:
-        span.record_exception(error)
+        attributes = {"exception.message": message, "exception.stacktrace": stacktrace}
+    try:
+        span.record_exception(error, attributes)
+    except Exception:  # noqa: BLE001 - its str() raised: the event the API would record
+        module = type(error).__module__
+        name = type(error).__qualname__
+        recorded = {
+            "exception.type": f"{module}.{name}" if module and module != "builtins" else name,
+            "exception.message": _message(error),
+            "exception.stacktrace": "".join(traceback.format_exception(error)),
+            "exception.escaped": "False",
+        }
+        span.add_event("exception", {**recorded, **(attributes or {})})
     span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+
+
+def _message(error: BaseException) -> str:
+    """``str(error)``, or the stand-in :mod:`traceback` gives when its ``__str__`` raises."""
+    try:
+        return str(error)
+    except Exception:  # noqa: BLE001 - the app's exception, not ours to fail on
+        return "<exception str() failed>"
 
 
 def _check_policy(name: str, policy: str) -> IdPolicy:

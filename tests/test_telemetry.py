@@ -233,6 +233,13 @@ class Memory:
         self.user = user
 
 
+class UnreadableError(Exception):
+    """An app's exception whose message cannot be read: its ``__str__`` raises."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("no message")
+
+
 def ctx(user: str = "alice", **ids: Any) -> UserExecutionContext:
     return UserExecutionContext.create(user, **ids)
 
@@ -1296,6 +1303,36 @@ class TestComponentSpans:
         (event,) = failed.events
         assert (event.attributes or {})["exception.message"] == "pool down"
 
+    async def test_an_error_whose_message_cannot_be_read_is_recorded_and_its_spans_end(
+        self, otel: Otel, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A factory, and then the scope's body, raising an exception whose ``__str__``
+        raises: the ``ambient.resolve`` and ``ambient.scope`` spans still end as errors,
+        each with an exception event naming its type and standing in for its message, and
+        telemetry logs no failure. OpenTelemetry's ``record_exception`` asks for ``str()``
+        of it: that raised, and neither span ended, so the request's trace was never
+        exported."""
+
+        def broken() -> Dispatcher:
+            raise UnreadableError
+
+        registry = Registry(telemetry=otel.telemetry(span_threshold=60))
+        registry.register(Dispatcher, broken)
+        with caplog.at_level(logging.ERROR, logger="ambient"), pytest.raises(UnreadableError):
+            async with registry.open_scope(ctx()):
+                await ambient.resolve(Dispatcher)
+        assert [r for r in caplog.records if "telemetry failed" in r.getMessage()] == []
+        for name in ("ambient.resolve", "ambient.scope"):
+            span = one(otel.spans.named(name))
+            assert span.status.status_code is StatusCode.ERROR
+            assert span.status.description == "UnreadableError"
+            (event,) = span.events
+            attributes = event.attributes or {}
+            assert event.name == "exception"
+            assert str(attributes["exception.type"]).endswith("UnreadableError")
+            assert attributes["exception.message"] == "<exception str() failed>"
+            assert "UnreadableError" in str(attributes["exception.stacktrace"])
+
     async def test_cancelled_factory_is_not_an_error(self, otel: Otel) -> None:
         """A factory interrupted by cancellation ends its span unset, marked cancelled."""
         registry = Registry(telemetry=otel.telemetry(span_threshold=60))
@@ -1663,6 +1700,30 @@ class TestIds:
         assert "alice@example.com" not in span.to_json()
         (event,) = [e for e in span.events if e.name == "exception"]
         assert event.attributes is not None
+        assert "user_id is invalid" in str(event.attributes["exception.stacktrace"])
+
+    async def test_an_unreadable_error_caused_by_an_echoed_invalid_id_is_recorded_without_it(
+        self, otel: Otel
+    ) -> None:
+        """The job's own error, caused by the error echoing a flawed user id, has a message
+        that cannot be read: the scope span still ends as an error, with an exception
+        event whose message stands in for it and whose stack trace has the cause without
+        the id. Reading the message to take the id out of it raised, and the span never
+        ended."""
+        flawed = "alice@example.com "
+        registry = Registry(telemetry=otel.telemetry())
+        with pytest.raises(UnreadableError):
+            async with registry.open_scope(ctx("worker")):
+                try:
+                    UserExecutionContext.create(flawed)
+                except ambient.InvalidContextError as error:
+                    raise UnreadableError from error
+        span = one(otel.spans.named("ambient.scope"))
+        assert span.status.status_code is StatusCode.ERROR
+        assert "alice@example.com" not in span.to_json()
+        (event,) = [e for e in span.events if e.name == "exception"]
+        assert event.attributes is not None
+        assert event.attributes["exception.message"] == "<exception str() failed>"
         assert "user_id is invalid" in str(event.attributes["exception.stacktrace"])
 
     @pytest.mark.parametrize("tenant_policy", ["raw", "hash", "omit"])
