@@ -1178,6 +1178,68 @@ class TestComponentSpans:
             for event in span.events:
                 assert len(event.attributes or {}) == 2
 
+    @pytest.mark.parametrize(
+        "limits",
+        [SpanLimits(), SpanLimits(max_attribute_length=64)],
+        ids=["handed-over", "add_event"],
+    )
+    async def test_an_event_is_timed_from_its_operations_start_with_its_duration(
+        self, limits: SpanLimits
+    ) -> None:
+        """A fast creation's and cleanup's events start when the operation started, not
+        when it was recorded, and carry the time it took: on the SDK's spans (the events
+        handed over at close) and through the API's ``add_event`` (under an attribute
+        length limit)."""
+        ran: dict[str, tuple[int, int]] = {}
+
+        class Timed:
+            def __init__(self) -> None:
+                start = time.time_ns()
+                ran["ambient.resolve"] = (start, time.time_ns())
+
+            def close(self) -> None:
+                start = time.time_ns()
+                ran["ambient.cleanup"] = (start, time.time_ns())
+
+        spans = Collector()
+        provider = TracerProvider(span_limits=limits)
+        provider.add_span_processor(spans)
+        telemetry = Telemetry(tracer_provider=provider, meter_provider=NoOpMeterProvider())
+        registry = Registry(telemetry=telemetry)
+        registry.register(Timed, Timed)
+        async with registry.open_scope(ctx()):
+            await ambient.resolve(Timed)
+        provider.shutdown()
+        scope_span = one(spans.named("ambient.scope"))
+        assert [e.name for e in scope_span.events] == ["ambient.resolve", "ambient.cleanup"]
+        for event in scope_span.events:
+            began, ended = ran[event.name]
+            duration = (event.attributes or {})["ambient.duration"]
+            assert isinstance(duration, float)
+            assert event.timestamp <= began
+            assert duration > 0
+            assert duration * 1e9 >= ended - began
+
+    async def test_fast_operations_of_a_sampled_out_scope_are_left_out_quietly(
+        self, otel_first_dropped: Otel, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """The first scope's trace is sampled out, the next ones' are not: the first scope's
+        fast creation and cleanup are recorded nowhere and without a complaint, and each
+        later scope span carries its own two events. A sampled-out span has no event list
+        to hand them to."""
+        otel = otel_first_dropped
+        registry = Registry(telemetry=otel.telemetry(span_threshold=60))
+        registry.register(Dispatcher, Dispatcher)
+        with caplog.at_level(logging.ERROR, logger="ambient"):
+            for user in ("dropped", "kept-1", "kept-2"):
+                async with registry.open_scope(ctx(user)):
+                    await ambient.resolve(Dispatcher)
+        assert telemetry_failures(caplog.records) == []
+        scope_spans = otel.spans.named("ambient.scope")
+        assert len(scope_spans) == 2
+        for span in scope_spans:
+            assert [e.name for e in span.events] == ["ambient.resolve", "ambient.cleanup"]
+
     async def test_slow_operation_is_a_span_and_fast_one_an_event(self, otel: Otel) -> None:
         """Around the threshold: the 20 ms factory gets a span, the instant one an event."""
         registry = Registry(telemetry=otel.telemetry(span_threshold=0.01))
