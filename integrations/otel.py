@@ -122,6 +122,19 @@ def _check_endpoint(endpoint: object) -> None:
             f"'http://localhost:4318', not {endpoint!r}"
         )
         raise ValueError(msg)
+    try:
+        parts.port  # noqa: B018 - read to check: one that is no number or out of range raises
+    except ValueError:
+        msg = f"endpoint must have a port from 0 to 65535, if any, not {endpoint!r}"
+        raise ValueError(msg) from None
+    # After a query or a fragment (even an empty one), the signal's path is not a path.
+    traces = urllib.parse.urlsplit(_signal_url(str(endpoint), "v1/traces"))
+    if not traces.path.endswith("/v1/traces"):
+        msg = (
+            "endpoint must be the collector's base URL, without a query or fragment (the "
+            f"signal's path is appended to it), not {endpoint!r}"
+        )
+        raise ValueError(msg)
     path = parts.path.rstrip("/")
     head, _, signal = path.rpartition("/")
     if signal in _SIGNALS and head.endswith("/v1"):
@@ -187,9 +200,10 @@ def configure_tracing(
 
     Raises:
         ValueError: ``service_name`` is empty, ``endpoint`` is not an ``http://`` or
-            ``https://`` URL naming a host, or ends in a signal's path (``/v1/traces``), or
-            a name in ``headers`` is no HTTP token or its value no header value (not a
-            ``str``, a line break, a character outside Latin-1).
+            ``https://`` URL naming a host, has a port that is no number from 0 to 65535,
+            a query or a fragment, or ends in a signal's path (``/v1/traces``), or a name
+            in ``headers`` is no HTTP token or its value no header value (not a ``str``, a
+            line break, a character outside Latin-1).
         TypeError: ``headers`` is not a mapping.
     """
     if not isinstance(service_name, str) or not service_name.strip():

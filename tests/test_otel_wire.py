@@ -637,6 +637,29 @@ def test_an_endpoint_that_is_no_http_url_is_refused_at_configuration(endpoint: s
 
 
 @pytest.mark.parametrize(
+    ("endpoint", "refusal"),
+    [
+        ("http://127.0.0.1:43l8", "a port from 0 to 65535"),
+        ("http://127.0.0.1:99999", "a port from 0 to 65535"),
+        ("http://127.0.0.1:4318?tenant=acme", "without a query or fragment"),
+        ("http://127.0.0.1:4318/otlp?", "without a query or fragment"),
+        ("http://127.0.0.1:4318#traces", "without a query or fragment"),
+    ],
+    ids=["port-no-number", "port-out-of-range", "query", "empty-query", "fragment"],
+)
+def test_an_endpoint_no_signals_path_can_be_appended_to_is_refused_at_configuration(
+    endpoint: str, refusal: str
+) -> None:
+    """A port that is no number or out of range, a query or a fragment (the signal's path
+    appended after either is no path) is refused by configure_tracing with a ValueError
+    saying which. It was accepted: every batch then reached no collector, or the base
+    URL's path, answered 404, while force_flush() reported success."""
+    with pytest.raises(ValueError, match=refusal) as refused:
+        configure_tracing("misconfigured", endpoint, set_global=False)
+    assert repr(endpoint) in str(refused.value)
+
+
+@pytest.mark.parametrize(
     ("endpoint", "base"),
     [
         ("http://collector:4318/v1/traces", "http://collector:4318"),
