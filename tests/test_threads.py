@@ -944,6 +944,15 @@ class TestWorkThatOutlivesTheRequest:
         assert seen == [("bob", probe)] * 3
         assert [row async for row in iterate_in_thread([])] == []
 
+    async def test_iterate_in_thread_gives_every_item_none_and_falsy_ones_included(
+        self,
+    ) -> None:
+        """Items that are None, or false, are items like any other: a body streaming a
+        sync generator's rows gets them all, in order, to its end."""
+        rows: list[object] = [None, 0, "", b"", None, "last"]
+        assert [row async for row in iterate_in_thread(rows)] == rows
+        assert [row async for row in iterate_in_thread(iter([None]))] == [None]
+
     @pytest.mark.parametrize("ending", ["exhausted", "raised"])
     async def test_iterate_in_thread_gives_an_iterator_that_ended_no_close(
         self, ending: str
