@@ -503,6 +503,45 @@ print(shown == ["alice@example.com"], exported == [hash_id("alice@example.com")]
         assert inside.user_id == (span.attributes or {})["ambient.user_id"]  # type: ignore[attr-defined]
         assert fields(after) == dict.fromkeys(FIELDS, "")
 
+    async def test_records_made_by_user_and_app_factories_carry_no_requests_ids(
+        self,
+    ) -> None:
+        """A USER component is shared by its user's requests and an APP one by every user's:
+        what their factories log, while alice's request has them made, carries none of that
+        request's ids (its user among them), as their factories see no context; the
+        request's own record carries them all."""
+        registry = Registry()
+        log, kept = make_logger("factories", ContextFilter(user_id="raw"))
+
+        def per_user(user: ambient.UserRef) -> str:
+            log.info("user component")
+            return f"memory of {user.user_id}"
+
+        def per_app() -> str:
+            log.info("app component")
+            return "pool"
+
+        registry.register("memory", per_user, lifetime=ambient.Lifetime.USER)
+        registry.register("pool", per_app, lifetime=ambient.Lifetime.APP)
+        ctx = UserExecutionContext.create("alice", tenant_id="acme")
+        async with registry.open_scope(ctx):
+            await ambient.resolve("memory")
+            await ambient.resolve("pool")
+            log.info("request")
+        await registry.aclose()
+        made = {record.getMessage(): fields(record) for record in kept.records}
+        assert made["user component"] == dict.fromkeys(FIELDS, "")
+        assert made["app component"] == dict.fromkeys(FIELDS, "")
+        assert made["request"] == {
+            "user_id": "alice",
+            "tenant_id": "acme",
+            "thread_id": ctx.thread_id,
+            "run_id": ctx.run_id,
+            "request_id": ctx.request_id,
+            "trace_id": "",
+            "span_id": "",
+        }
+
     async def test_100_concurrent_users_never_get_each_others_ids(
         self, tracer_provider: TracerProvider
     ) -> None:
@@ -540,6 +579,15 @@ print(shown == ["alice@example.com"], exported == [hash_id("alice@example.com")]
             assert context_fields(user_id="raw")["user_id"] == "alice"
             assert context_fields(hash_key=b"k")["user_id"] == hash_id("alice", b"k")
         assert context_fields() == dict.fromkeys(FIELDS, "")
+
+    def test_context_fields_takes_the_tenant_policy(self) -> None:
+        """context_fields() hashes or omits the tenant id as its tenant_id policy says."""
+        with bind_context(UserExecutionContext.create("alice", tenant_id="acme")):
+            assert context_fields()["tenant_id"] == "acme"
+            assert context_fields(tenant_id="hash", hash_key=b"k")["tenant_id"] == hash_id(
+                "acme", b"k"
+            )
+            assert context_fields(tenant_id="omit")["tenant_id"] == ""
 
     def test_one_policy_writes_plain_strings_that_any_json_encoder_takes(self) -> None:
         """With filters of one policy (nearly every process), the ids are plain str, which
