@@ -1623,7 +1623,9 @@ class TestIds:
         user: str | None,
         tenant: str | None,
     ) -> None:
-        """user_id and tenant_id are hashed, raw or omitted as configured."""
+        """user_id and tenant_id are hashed, raw or omitted as configured: an omitted one is
+        no attribute at all, not one whose value is None (which the SDK keeps as it is, and
+        the OTLP exporter sends as the key with an empty value)."""
         telemetry = otel.telemetry(user_id=user_policy, tenant_id=tenant_policy, hash_key=b"k")
         registry = Registry(telemetry=telemetry)
         async with registry.open_scope(ctx("alice", tenant_id="acme")):
@@ -1631,6 +1633,7 @@ class TestIds:
         attributes = dict(one(otel.spans.named("ambient.scope")).attributes or {})
         assert attributes.get("ambient.user_id") == user
         assert attributes.get("ambient.tenant_id") == tenant
+        assert None not in attributes.values()
         # The ids as the telemetry says it exports them are those its spans carry.
         assert telemetry.export_user_id("alice") == user
         assert telemetry.export_tenant_id("acme") == tenant
