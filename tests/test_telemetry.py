@@ -1422,7 +1422,8 @@ class TestComponentSpans:
         assert otel.spans.started == len(otel.spans.spans)
 
     async def test_user_cleanup_at_shutdown_is_a_trace_of_its_own(self, otel: Otel) -> None:
-        """A failing USER cleanup at shutdown: root ERROR span naming the hashed user."""
+        """A failing USER cleanup at shutdown: root ERROR span naming the hashed user, and
+        no tenant for a user who has none (no attribute, not one whose value is None)."""
         registry = Registry(telemetry=otel.telemetry(hash_key="k"))
 
         def memory(user: UserRef) -> Iterator[Memory]:
@@ -1439,6 +1440,7 @@ class TestComponentSpans:
         assert cleanup.status.status_code is StatusCode.ERROR
         assert (cleanup.attributes or {})["ambient.user_id"] == hash_id("carol", "k")
         assert (cleanup.attributes or {})["ambient.lifetime"] == "user"
+        assert "ambient.tenant_id" not in (cleanup.attributes or {})
 
     async def test_cleanups_at_shutdown_name_the_user_only_as_the_policies_allow(
         self, otel: Otel
