@@ -2055,15 +2055,17 @@ class TestMetrics:
         assert otel.total("ambient.scopes.active") == 0
 
     async def test_histograms_use_second_buckets(self, otel: Otel) -> None:
-        """Durations are seconds with buckets fine enough for microsecond factories."""
+        """Durations are seconds with buckets fine enough for microsecond factories and
+        cleanups."""
         registry = Registry(telemetry=otel.telemetry())
         registry.register(Dispatcher, Dispatcher)
         async with registry.open_scope(ctx()):
             await ambient.resolve(Dispatcher)
-        (point,) = otel.points()["ambient.component.create.duration"]
-        assert point.explicit_bounds[0] == 0.0001
-        assert point.explicit_bounds[-1] == 10.0
-        assert point.sum < 1
+        for name in ("ambient.component.create.duration", "ambient.cleanup.duration"):
+            (point,) = otel.points()[name]
+            assert point.explicit_bounds[0] == 0.0001
+            assert point.explicit_bounds[-1] == 10.0
+            assert point.sum < 1
 
     def test_global_state_accesses_are_counted_by_name(self, otel: Otel) -> None:
         """record_global_access counts per global name, nothing else in the attributes."""
