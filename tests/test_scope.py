@@ -469,6 +469,15 @@ def _resolve_thing() -> object:
     return ambient.resolve_sync("thing")
 
 
+def _until(condition: Callable[[], bool]) -> None:
+    """Block (in a worker thread) until ``condition`` holds; bounded."""
+    deadline = time.monotonic() + 10
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition never became true")
+        time.sleep(0.005)
+
+
 class TestFailures:
     async def test_failed_factory_leaves_nothing_and_retries(self) -> None:
         """A factory that raises caches nothing; the next resolve calls it again."""
@@ -547,6 +556,74 @@ class TestFailures:
                     release.set()
         assert sorted(outcomes) == ["failed"] + ["ok"] * 9
         assert attempts == 2
+
+    @pytest.mark.parametrize("lifetime", [Lifetime.REQUEST, Lifetime.USER])
+    async def test_threads_waiting_on_a_thread_s_creation_that_fails_make_it_once(
+        self, lifetime: Lifetime
+    ) -> None:
+        """Worker threads wait in resolve_sync() for a component another thread's factory
+        is making; that factory raises. The creator gets its error, and the waiters try
+        again themselves: one of them makes the component, once, and every waiter gets
+        that one instance."""
+        inside, release = threading.Event(), threading.Event()
+        attempts = 0
+
+        def flaky() -> Counter:
+            nonlocal attempts
+            attempts += 1
+            if attempts == 1:
+                inside.set()
+                release.wait(10)
+                raise ConnectionError("first try fails")
+            return Counter()
+
+        registry = Registry()
+        registry.register(Counter, flaky, lifetime=lifetime)
+        outcomes: dict[str, object] = {}
+
+        def resolve(name: str) -> None:
+            try:
+                outcomes[name] = scope.resolve_sync(Counter)
+            except ConnectionError as exc:
+                outcomes[name] = exc
+
+        def waiting(thread: threading.Thread) -> bool:
+            frame = sys._current_frames().get(thread.ident or 0)
+            while frame is not None:
+                if frame.f_code.co_name == "wait_blocking":
+                    return True
+                frame = frame.f_back
+            return False
+
+        def run_all() -> list[threading.Thread]:
+            creator = threading.Thread(target=resolve, args=("creator",), daemon=True)
+            creator.start()
+            inside.wait(10)
+            waiters = [
+                threading.Thread(target=resolve, args=(f"waiter {n}",), daemon=True)
+                for n in range(4)
+            ]
+            for thread in waiters:
+                thread.start()
+            try:
+                _until(lambda: all(waiting(thread) for thread in waiters))
+            finally:
+                release.set()
+            for thread in (creator, *waiters):
+                thread.join(10)
+            return [thread for thread in (creator, *waiters) if thread.is_alive()]
+
+        async with registry.open_scope(ctx()) as scope:
+            stuck = await anyio.to_thread.run_sync(run_all)
+            assert not stuck, f"{len(stuck)} thread(s) never woke from the wait"
+            made = await scope.resolve(Counter)
+        assert isinstance(outcomes.pop("creator"), ConnectionError)
+        assert list(outcomes.values()) == [made] * 4
+        assert attempts == 2
+        await registry.aclose()
+        assert made.closed == 1
+        stats = registry.stats()
+        assert (stats.created, stats.cleaned) == (1, 1)
 
     async def test_dependency_cycle_is_named(self) -> None:
         """A cycle raises ResolutionError naming the path, in async and sync resolution."""
