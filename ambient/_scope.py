@@ -560,9 +560,12 @@ class Scope:
                 return instance
             return await own.anow(provider, self.context, self, self._registry)
         registry = self._registry
-        if self._closes != registry._closes:
-            raise registry._shut_error(provider.name)
         while True:
+            # Asked again on a retry: a close that closed the store this resolution used
+            # ended this scope's start, and a scope opened since may have begun the next,
+            # whose components are not for this one.
+            if self._closes != registry._closes:
+                raise registry._shut_error(provider.name)
             if provider.lifetime is _USER:
                 entry = self._user_entry
                 if entry is None or entry.instances.closed:
@@ -576,7 +579,8 @@ class Scope:
                 if not store.closed or self._closed:
                     raise
                 # registry.aclose() closed the store meanwhile: refused while the registry
-                # is closed; made afresh once it was started again (or expiry closed it).
+                # is closed, and to a scope of the start it ended; made afresh for one of
+                # a new start, from the fresh store (or expiry closed it).
                 shut = registry.closed_error(provider)
                 if shut is not None:
                     raise shut from None
@@ -614,9 +618,9 @@ class Scope:
             own = self._own or self._request_store()
             return own.get(provider, self.context, self, self._registry)
         registry = self._registry
-        if self._closes != registry._closes:
-            raise registry._shut_error(provider.name)  # as in resolve()
         while True:
+            if self._closes != registry._closes:
+                raise registry._shut_error(provider.name)  # as in resolve()
             if provider.lifetime is _USER:
                 entry = self._user_entry
                 if entry is None or entry.instances.closed:

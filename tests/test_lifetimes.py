@@ -2098,6 +2098,65 @@ class TestAfterShutdown:
         await registry.aclose()
         assert bobs.closed
 
+    @pytest.mark.parametrize("lifetime", [Lifetime.USER, Lifetime.APP])
+    @pytest.mark.parametrize("how", ["resolve", "resolve_sync"])
+    async def test_a_creation_under_way_across_aclose_and_a_new_start_is_not_made_again(
+        self, lifetime: Lifetime, how: str
+    ) -> None:
+        """A websocket's scope is making a USER or APP component as ``registry.aclose()``
+        runs, and a scope opens after the close (the application started again) before
+        its factory returns. What the factory made is cleaned up and refused, as for any
+        scope open across the close: it used to be made again, for a scope of the start
+        that had ended, as though the resolution had begun after the new start."""
+        made: list[_Closable] = []
+        inside, release = threading.Event(), threading.Event()
+
+        def make() -> _Closable:
+            made.append(component := _Closable())
+            if len(made) == 1:
+                inside.set()
+                release.wait(10)
+            return component
+
+        async def make_async() -> _Closable:
+            if made:
+                return make()
+            made.append(component := _Closable())
+            inside.set()
+            await anyio.to_thread.run_sync(release.wait, 10)
+            return component
+
+        registry = Registry()
+        registry.register(_Closable, make_async if how == "resolve" else make, lifetime=lifetime)
+        refused: list[str] = []
+
+        async def websocket() -> None:
+            async with registry.open_scope(ctx("alice")) as scope:
+                try:
+                    if how == "resolve":
+                        await ambient.resolve(_Closable)
+                    else:
+                        await anyio.to_thread.run_sync(scope.resolve_sync, _Closable)
+                except ambient.errors.ScopeClosedError as exc:
+                    refused.append(str(exc))
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(websocket)
+                await anyio.to_thread.run_sync(inside.wait, 10)
+                await registry.aclose()
+                async with registry.open_scope(ctx("bob")):
+                    bobs = await ambient.resolve(_Closable)
+                release.set()
+        assert made[1:] == [bobs]
+        assert made[0].closed
+        assert len(refused) == 1
+        assert "closed at shutdown" in refused[0]
+        await registry.aclose()
+        assert bobs.closed
+        stats = registry.stats()
+        assert (stats.created, stats.cleaned) == (2, 2)
+
 
 class TestAcrossEventLoops:
     """A registry outlives the event loops it is used on (one ``asyncio.run`` per job, two
