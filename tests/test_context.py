@@ -293,6 +293,20 @@ class TestCreateAndChild:
         assert len({one.run_id, two.run_id, one.thread_id, one.request_id}) == 4
         assert one.thread_id != two.thread_id
 
+    def test_a_generated_id_is_128_random_bits(self) -> None:
+        """Every one of a generated id's 32 hex digits is drawn, whichever way it is made:
+        a child's run id and one of create()'s given the thread and request ids as those
+        of a request. An id with part of it fixed is easier to guess and to run into."""
+        parent = UserExecutionContext.create("alice")
+        ids = [parent.child("tool").run_id for _ in range(64)]
+        ids += [
+            UserExecutionContext.create("alice", thread_id="t", request_id="q").run_id
+            for _ in range(64)
+        ]
+        for made in (ids[:64], ids[64:]):
+            assert all(len(one) == 32 for one in made)
+            assert all(len({one[digit] for one in made}) > 1 for digit in range(32))
+
     @pytest.mark.parametrize(
         "given",
         [

@@ -163,6 +163,22 @@ class TestUserLifetime:
         assert at_once.stats().live_users == 0
         await registry.aclose()
 
+    async def test_a_scope_closing_at_the_tick_of_an_expiry_cleans_what_expired(
+        self, clock: FakeClock
+    ) -> None:
+        """A scope that opened before a user's idle_ttl had passed, and uses no USER
+        component, closes at its very tick: its close cleans that user's components, as a
+        scope opening then would, not a tick later."""
+        cleaned: list[str] = []
+        registry = user_registry(cleaned, clock=clock)
+        await use(registry, "alice")
+        clock.now += 30
+        async with registry.open_scope(ctx("bob")):
+            clock.now += 30
+        assert cleaned == ["alice"]
+        assert registry.stats().live_users == 0
+        await registry.aclose()
+
     async def test_an_expired_component_is_never_handed_out_beside_a_kept_one(
         self, clock: FakeClock
     ) -> None:

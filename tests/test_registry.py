@@ -467,6 +467,17 @@ class TestRegistration:
             registry.open_scope(given)
         assert registry.open_scopes == 0
 
+    @pytest.mark.parametrize("given", ["alice", None, UserRef("alice")], ids=repr)
+    def test_a_scope_made_directly_takes_only_a_user_execution_context(self, given: Any) -> None:
+        """``Scope(registry, ...)`` refuses the same: bound, anything else would be what
+        ``get_current_context()`` answers."""
+        registry = Registry()
+        with pytest.raises(
+            TypeError, match=f"a Scope takes a UserExecutionContext, not {type(given).__name__}"
+        ):
+            ambient.Scope(registry, given)
+        assert registry.open_scopes == 0
+
 
 class TestFactoryShapes:
     async def test_plain_class_and_function(self) -> None:

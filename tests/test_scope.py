@@ -2419,6 +2419,30 @@ class TestObservers:
         assert ended[2] is not None
         assert not isinstance(ended[2], Exception)
 
+    async def test_a_closed_scope_keeps_nothing_of_what_ended_it(self) -> None:
+        """Observers see what ended the body as the scope closes; the closed scope then
+        answers ``None`` and keeps neither that exception (whose traceback holds every
+        frame's locals) nor its state, whatever still refers to the scope."""
+        ended: list[BaseException | None] = []
+
+        class Watcher(ambient.Observer):
+            def scope_closed(
+                self, scope: ambient.Scope, failures: tuple[BaseException, ...]
+            ) -> None:
+                ended.append(scope.exception)
+
+        registry = Registry(telemetry=Watcher())
+        registry.register(Counter, Counter)
+        failure = ValueError("body failed")
+        with pytest.raises(ValueError, match="body failed"):
+            async with registry.open_scope(ctx()) as scope:
+                await scope.resolve(Counter)
+                scope.state["seen"] = True
+                raise failure
+        assert ended == [failure]
+        assert scope.exception is None
+        assert scope.state == {}
+
     async def test_a_failing_observer_is_logged_once_and_the_requests_go_on(
         self, caplog: pytest.LogCaptureFixture
     ) -> None:
