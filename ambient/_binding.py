@@ -151,7 +151,9 @@ if hasattr(os, "register_at_fork"):  # not on Windows, which only spawns
 
 
 def _live(binding: _Binding | None) -> _Binding | None:
-    while binding is not None and binding.closed:
+    # Never past a USER or APP factory's binding (marked ended only to show no context):
+    # what it shadows is the request's, which work of the factory must not see.
+    while binding is not None and binding.closed and type(binding) is not _SharedBinding:
         binding = binding.prev
     return binding
 

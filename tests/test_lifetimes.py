@@ -1838,6 +1838,50 @@ class TestWhatASharedFactorySees:
             assert await ambient.resolve("app") == "bob"
         await registry.aclose()
 
+    async def test_a_shared_factory_s_task_sees_no_request_past_its_own_bindings_ended(
+        self,
+    ) -> None:
+        """A USER factory binds its user's context, starts a task and binds a child inside
+        it, then ends the two out of order. The task, reading the context once both have
+        ended, sees what the factory sees: no context, no scope, and no REQUEST component
+        to resolve. It saw the request's context, and resolved through the request's
+        scope, past the factory's binding."""
+        seen: list[object] = []
+
+        async def factory(user: UserRef) -> str:
+            mine = ctx(user.user_id)
+            outer, inner = ambient.bind_context(mine), ambient.bind_context(mine.child("step"))
+            ended = anyio.Event()
+
+            async def work() -> None:
+                await ended.wait()
+                seen.append(ambient.current_context_or_none())
+                with pytest.raises(ambient.errors.NoActiveContextError):
+                    ambient.current_scope()
+                with pytest.raises(
+                    ambient.errors.ResolutionError, match="cannot depend on REQUEST"
+                ):
+                    await ambient.resolve("request")
+                seen.append("refused")
+
+            async with anyio.create_task_group() as tg:
+                outer.__enter__()
+                tg.start_soon(work)
+                inner.__enter__()
+                outer.__exit__(None, None, None)
+                inner.__exit__(None, None, None)
+                ended.set()
+            return user.user_id
+
+        registry = Registry()
+        registry.register("request", lambda: "request's")
+        registry.register("made", factory, lifetime=Lifetime.USER)
+        with anyio.fail_after(10):
+            async with registry.open_scope(ctx("alice")):
+                assert await ambient.resolve("made") == "alice"
+        assert seen == [None, "refused"]
+        await registry.aclose()
+
     def test_get_current_context_in_a_shared_factory_raises_in_sync_code(self) -> None:
         """The same from sync code: a job's worker thread resolving a USER component with
         ``resolve_sync`` from a scope it was handed."""
