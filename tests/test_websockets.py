@@ -2529,6 +2529,48 @@ async def test_a_revocation_ends_a_socket_the_hub_is_already_closing(ending: str
     await registry.aclose()
 
 
+async def test_a_revocation_ends_a_socket_the_hub_closed_while_it_was_connecting() -> None:
+    """The hub shuts down while carol's handshake is accepting; once accepted, her
+    handler's block is in a step that must not be cut short (a shielded one) when she is
+    revoked: the socket is closed with 4001, counted as revoked, and the block ends once
+    the step is done. Closed by the hub before it was registered, the socket used to be
+    neither joining, registered nor among those being closed: the revocation missed it,
+    and it was closed with 1001."""
+    registry = Registry()
+    hub = ConnectionHub()
+    hub.install(registry)
+    socket = HeldHandshake()
+    entered, leave = anyio.Event(), anyio.Event()
+    outcome: list[str] = []
+
+    async def handler() -> None:
+        async with connected_socket(registry, socket):
+            with anyio.CancelScope(shield=True):
+                entered.set()
+                await leave.wait()
+            await anyio.lowlevel.checkpoint()  # the block ends at its first await
+            outcome.append("served on")
+        outcome.append("ended quietly")
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(handler)
+            await socket.accepting.wait()
+            tg.start_soon(hub.aclose)  # it waits for the socket
+            await anyio.wait_all_tasks_blocked()
+            socket.release.set()
+            await entered.wait()
+            try:
+                ended = await hub.revoke("carol")
+            finally:
+                leave.set()
+    assert (ended, outcome) == (1, ["ended quietly"])
+    assert socket.closed == [(4001, "access revoked")]
+    stats = hub.stats()
+    assert (stats.revoked, stats.connections, hub._leaving) == (1, 0, set())
+    await registry.aclose()
+
+
 async def test_closing_the_hub_returns_as_soon_as_its_sockets_are_closed() -> None:
     """Carol's socket takes its close at once: aclose() returns as soon as her handler's
     block is out and the 1001 sent, not only once the hub's close_timeout (an hour here)

@@ -443,7 +443,11 @@ class ConnectionHub:
                     # Revoked or closed while it connected: the block ends at its first
                     # await, and the socket is closed as a registered one's would be.
                     tg.cancel_scope.cancel()
-                elif connection._closing is None:  # not shut down by aclose() meanwhile
+                if connection._closing is not None:
+                    # Shut down by aclose() while it connected: among the sockets the hub
+                    # is closing, which a revocation ends too, until its block is out.
+                    self._leaving.add(connection)
+                elif not connection._ending:
                     self._add(connection)
                 try:
                     yield connection
