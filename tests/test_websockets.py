@@ -992,6 +992,10 @@ async def test_revoke_checks_its_arguments() -> None:
     hub = ConnectionHub()
     with pytest.raises(ValueError, match="123 bytes"):
         await hub.revoke("carol", reason="x" * 124)
+    # Bytes, not characters: 62 characters of two bytes each pass a close frame's limit.
+    with pytest.raises(ValueError, match="123 bytes"):
+        await hub.revoke("carol", reason="\u00e9" * 62)
+    assert await hub.revoke("nobody", reason="\u00e9" * 61 + "x") == 0
     with pytest.raises(ValueError, match="UserRef"):
         await hub.revoke(UserRef("carol", "acme"), tenant_id="acme")
     with pytest.raises(InvalidContextError):
@@ -2595,6 +2599,34 @@ async def test_closing_the_hub_returns_as_soon_as_its_sockets_are_closed() -> No
             await hub.aclose()
             assert (socket.closed, left) == ([(1001, "server shutting down")], ["out"])
     assert (hub.stats().connections, hub._open) == (0, set())
+    await registry.aclose()
+
+
+async def test_closing_the_hub_sends_what_was_queued_before_the_1001() -> None:
+    """carol's writer is stuck on a first event, two more wait behind it, when the hub
+    closes: her client, reading again, gets all three and then 1001; what was queued
+    for a socket at shutdown is not dropped."""
+    registry = Registry()
+    hub = ConnectionHub()
+    hub.install(registry)
+    frames: list[str] = []
+
+    class Counting(StoppedReading):
+        async def send_text(self, data: str) -> None:
+            frames.append(data)
+            await super().send_text(data)
+
+    socket = Counting()
+    event = {"p": "x" * 32}
+    async with _carol_stuck_on(registry, socket) as (manager, connection, _):
+        await _two_waiting_behind_a_stuck_one(hub, manager, socket, event)
+        # Released with no await before aclose(): the two still wait as the hub closes.
+        socket.release.set()
+        await hub.aclose()
+        assert connection.close_code == 1001
+    assert frames == ['{"p":""}', *[json.dumps(event, separators=(",", ":"))] * 2]
+    assert socket.closed == [(1001, "server shutting down")]
+    assert hub.stats().connections == 0
     await registry.aclose()
 
 
