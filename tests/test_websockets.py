@@ -2086,6 +2086,40 @@ async def test_a_socket_whose_subscription_failed_leaves_nothing_joining() -> No
     await registry.aclose()
 
 
+class GoneBeforeAccept(SignalledAccept):
+    """A websocket whose client went away during the handshake: ``accept()`` fails."""
+
+    async def accept(self) -> None:
+        raise OSError("connection reset by peer")
+
+
+async def test_a_socket_whose_accept_failed_leaves_nothing_joining() -> None:
+    """carol's client goes away during the handshake and the accept fails: the error
+    reaches her handler, nothing of the socket stays among those joining or open, a
+    revocation finds no socket of hers, and her retry with the same connection id gets in
+    (rather than "already registered")."""
+    registry = Registry()
+    hub = ConnectionHub()
+    hub.install(registry)
+
+    async def attempt(socket: SignalledAccept) -> str:
+        try:
+            async with connected_socket(registry, socket):
+                return "got in"
+        except OSError:
+            return "gone"
+
+    gone, retry = GoneBeforeAccept(), SignalledAccept()
+    with anyio.fail_after(10):
+        assert await attempt(gone) == "gone"
+        assert (hub._joining, hub._joining_ids, hub._open) == (set(), {}, set())
+        assert await hub.revoke("carol", connection_id="c-1") == 0
+        assert await attempt(retry) == "got in"
+    assert (gone.closed, retry.closed) == ([], [])
+    assert (hub.stats().connections, hub.stats().revoked) == (0, 0)
+    await registry.aclose()
+
+
 class Work:
     """A component whose cleanup notes how its socket ended."""
 
@@ -2427,7 +2461,8 @@ async def test_a_queue_exactly_full_keeps_its_socket_and_one_more_event_closes_i
 async def test_a_socket_closed_for_falling_behind_is_let_go_within_close_timeout() -> None:
     """carol's client stopped reading and her socket overflowed: its writer, stuck sending,
     is given up ``close_timeout`` (here half a second) later, not more, and her handler's
-    block ends then."""
+    block ends then. No close frame is sent into the stuck socket: it would hold her
+    handler another ``close_timeout``."""
     registry = Registry()
     hub = ConnectionHub(queue_size=1, close_timeout=0.5)
     hub.install(registry)
@@ -2440,6 +2475,7 @@ async def test_a_socket_closed_for_falling_behind_is_let_go_within_close_timeout
         assert hub.stats().overflows == 1
         with anyio.fail_after(3):  # close_timeout, with room for a slow machine
             await finished.wait()  # with the client still not reading
+        assert socket.closed == []
     await registry.aclose()
 
 
@@ -2564,6 +2600,7 @@ async def test_a_revocation_ends_a_socket_the_hub_closed_while_it_was_connecting
             await anyio.wait_all_tasks_blocked()
             socket.release.set()
             await entered.wait()
+            assert hub.stats().connections == 0  # closed as it connected: never registered
             try:
                 ended = await hub.revoke("carol")
             finally:
