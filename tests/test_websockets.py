@@ -2078,7 +2078,7 @@ async def test_a_socket_whose_subscription_failed_leaves_nothing_joining() -> No
     first, retry = SignalledAccept(), SignalledAccept()
     with anyio.fail_after(10):
         assert await attempt(first) == "refused"
-        assert (hub._joining, hub._joining_ids) == (set(), {})
+        assert (hub._joining, hub._joining_ids, hub._open) == (set(), {}, set())
         assert await attempt(retry) == "got in"
     assert first.closed == [(1013, "Event delivery unavailable")]
     assert retry.closed == []
@@ -2458,6 +2458,68 @@ async def test_a_queue_exactly_full_keeps_its_socket_and_one_more_event_closes_i
     await registry.aclose()
 
 
+async def test_a_socket_the_hub_is_closing_leaves_its_successor_with_its_id_registered() -> None:
+    """carol's c-1 fell behind and the hub is closing it, its writer stuck on a client
+    that stopped reading, when a new c-1 of hers registers. Once the first's block is
+    out, the second is still registered and gets her events: the first, leaving, must not
+    take its successor out of the hub with it."""
+    registry = Registry()
+    hub = ConnectionHub(queue_size=1)
+    hub.install(registry)
+    stuck, successor = StoppedReading(), Recording()
+    successor_in, leave = anyio.Event(), anyio.Event()
+
+    async def second() -> None:
+        async with connected_socket(registry, successor):
+            successor_in.set()
+            await leave.wait()
+
+    async with _carol_stuck_on(registry, stuck) as (manager, first, finished):
+        await manager.broadcast_user({"seq": 1})
+        await stuck.sending.wait()
+        await manager.broadcast_user({"seq": 2})
+        await manager.broadcast_user({"seq": 3})  # overflows
+        assert first.close_code == 1013
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(second)
+            await successor_in.wait()
+            stuck.release.set()
+            await finished.wait()
+            assert (hub.stats().connections, hub.stats().users) == (1, 1)
+            await manager.broadcast_user({"seq": 4})
+            await successor.until(1)
+            leave.set()
+    assert successor.frames == ['{"seq":4}']
+    assert stuck.closed == [(1013, "too slow: the event queue overflowed")]
+    await registry.aclose()
+
+
+async def test_a_socket_closed_for_falling_behind_whose_last_send_fails_counts_once() -> None:
+    """carol's socket fell behind, closed with 1013 while its writer is stuck on a
+    client that stopped reading, and that send then fails: the socket counts as one
+    overflow, not as a send failure as well."""
+    registry = Registry()
+    hub = ConnectionHub(queue_size=1)
+    hub.install(registry)
+
+    class FailsOnceReleased(StoppedReading):
+        async def send_text(self, data: str) -> None:
+            await super().send_text(data)
+            raise OSError("connection reset by peer")
+
+    socket = FailsOnceReleased()
+    async with _carol_stuck_on(registry, socket) as (manager, _, finished):
+        await manager.broadcast_user({"seq": 1})
+        await socket.sending.wait()
+        await manager.broadcast_user({"seq": 2})
+        await manager.broadcast_user({"seq": 3})  # overflows
+        socket.release.set()
+        await finished.wait()
+    stats = hub.stats()
+    assert (stats.overflows, stats.send_failures, stats.connections) == (1, 0, 0)
+    await registry.aclose()
+
+
 async def test_a_socket_closed_for_falling_behind_is_let_go_within_close_timeout() -> None:
     """carol's client stopped reading and her socket overflowed: its writer, stuck sending,
     is given up ``close_timeout`` (here half a second) later, not more, and her handler's
@@ -2639,13 +2701,24 @@ async def test_closing_the_hub_returns_as_soon_as_its_sockets_are_closed() -> No
     await registry.aclose()
 
 
-async def test_closing_the_hub_sends_what_was_queued_before_the_1001() -> None:
+@pytest.mark.parametrize("ending", ["hub closed", "replaced"])
+async def test_a_socket_the_hub_closes_gets_what_was_queued_before_the_close(
+    ending: str,
+) -> None:
     """carol's writer is stuck on a first event, two more wait behind it, when the hub
-    closes: her client, reading again, gets all three and then 1001; what was queued
-    for a socket at shutdown is not dropped."""
+    shuts down (or a newer socket of hers takes the place of this one): her client,
+    reading again, gets all three and then 1001 (1008); what was queued for a socket the
+    hub closes is not dropped, unlike for one closed for falling behind."""
     registry = Registry()
-    hub = ConnectionHub()
+    hub = ConnectionHub(max_connections_per_user=1)
     hub.install(registry)
+    newer_in, leave = anyio.Event(), anyio.Event()
+
+    async def newer_socket() -> None:
+        async with connected_socket(registry, Quiet(), connection_id="c-2"):
+            newer_in.set()
+            await leave.wait()
+
     frames: list[str] = []
 
     class Counting(StoppedReading):
@@ -2657,12 +2730,23 @@ async def test_closing_the_hub_sends_what_was_queued_before_the_1001() -> None:
     event = {"p": "x" * 32}
     async with _carol_stuck_on(registry, socket) as (manager, connection, _):
         await _two_waiting_behind_a_stuck_one(hub, manager, socket, event)
-        # Released with no await before aclose(): the two still wait as the hub closes.
-        socket.release.set()
-        await hub.aclose()
-        assert connection.close_code == 1001
+        if ending == "hub closed":
+            # Released with no await before aclose(): the two still wait as it closes.
+            socket.release.set()
+            await hub.aclose()
+        else:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(newer_socket)
+                await newer_in.wait()
+                socket.release.set()
+                leave.set()
+        assert connection.close_code == {"hub closed": 1001, "replaced": 1008}[ending]
     assert frames == ['{"p":""}', *[json.dumps(event, separators=(",", ":"))] * 2]
-    assert socket.closed == [(1001, "server shutting down")]
+    assert socket.closed == [
+        (1001, "server shutting down")
+        if ending == "hub closed"
+        else (1008, "too many connections (limit 1); replaced by a newer one")
+    ]
     assert hub.stats().connections == 0
     await registry.aclose()
 
