@@ -1981,6 +1981,44 @@ class HeldClose:
             await self.release.wait()
 
 
+async def test_a_close_frame_going_out_is_not_cut_short_by_cancelling_its_handler() -> None:
+    """carol is revoked, and while her 4001 is going out her handler is cancelled from
+    outside (a server stopping, a deadline of the app's): the close frame still goes out
+    whole, rather than being cut short and leaving her client without a close code."""
+    registry = Registry()
+    hub = ConnectionHub()
+    hub.install(registry)
+    sent: list[tuple[int, str]] = []
+
+    class SentWhole(HeldClose):
+        async def send(self, message: MutableMapping[str, Any]) -> None:
+            await super().send(message)
+            if message["type"] == "websocket.close":
+                sent.append((message["code"], message["reason"]))
+
+    held = SentWhole()
+    entered = anyio.Event()
+    from_outside = anyio.CancelScope()
+
+    async def handler() -> None:
+        with from_outside:
+            async with connected_socket(registry, held.websocket):
+                entered.set()
+                await anyio.sleep_forever()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(handler)
+            await entered.wait()
+            assert await hub.revoke("carol") == 1
+            await held.close_started.wait()
+            from_outside.cancel()
+            await anyio.wait_all_tasks_blocked()
+            held.release.set()
+    assert sent == [(4001, "access revoked")]
+    await registry.aclose()
+
+
 @pytest.mark.parametrize("ending", ["hub closed", "replaced"])
 async def test_a_socket_the_hub_closes_ends_its_handlers_block_quietly(ending: str) -> None:
     """The hub closes a Starlette socket (1001 at shutdown, 1008 replaced by a newer one)
@@ -2304,15 +2342,15 @@ async def carol_in_a_shielded_step(
 
 async def test_a_socket_whose_send_failed_leaves_the_hub_while_its_block_still_runs() -> None:
     """A send to carol's socket fails while her handler is in a step that must not be cut
-    short (a shielded one): the socket leaves the hub at once, counted as a send failure,
-    and later events for carol are queued on no socket; the block ends once the step is
-    done."""
+    short (a shielded one): the socket leaves the hub at once, counted as a send failure
+    and read as closed by its handler, and later events for carol are queued on no
+    socket; the block ends once the step is done."""
     registry = Registry()
     hub = ConnectionHub()
     hub.install(registry)
     socket = FailingSend()
     with anyio.fail_after(10):
-        async with carol_in_a_shielded_step(registry, socket) as (_, outcome):
+        async with carol_in_a_shielded_step(registry, socket) as (connection, outcome):
             sender = UserExecutionContext.create("carol", connection_id="c-2")
             async with registry.open_scope(sender) as scope:
                 manager = await scope.resolve(UserWebSocketManager)
@@ -2320,6 +2358,7 @@ async def test_a_socket_whose_send_failed_leaves_the_hub_while_its_block_still_r
                 await socket.failed.wait()
                 stats = hub.stats()
                 assert (stats.connections, stats.users, stats.send_failures) == (0, 0, 1)
+                assert connection.closed  # as its handler sees it, while the step goes on
                 await manager.broadcast_user({"seq": 2})
                 assert hub.stats().queued == 0
     assert outcome == ["ended quietly"]
