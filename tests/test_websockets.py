@@ -3600,6 +3600,41 @@ async def test_a_revocation_envelope_on_a_users_channel_ends_no_socket(
         await carol.registry.aclose()
 
 
+async def test_users_whose_ids_run_together_alike_each_get_their_own_events_through_redis(
+    redis_url: str,
+) -> None:
+    """Tenant ab's user c and tenant a's user bc, whose ids read alike run together, hold
+    a socket each in one process: through Redis each gets the event sent to them, on a
+    channel of their own, and neither loses theirs to the other's channel."""
+    registry = Registry()
+    hub = ConnectionHub(RedisBroadcast(redis_url, channel_prefix=unique_prefix()))
+    hub.install(registry)
+    users = {"c": UserRef("c", "ab"), "bc": UserRef("bc", "a")}
+    sockets = {name: Collecting(1) for name in users}
+    entered = {name: anyio.Event() for name in users}
+
+    async def hold(name: str) -> None:
+        user = users[name]
+        async with connected_socket(
+            registry, sockets[name], user.user_id, tenant_id=user.tenant_id
+        ) as (manager, _):
+            entered[name].set()
+            for event in entered.values():
+                await event.wait()
+            await manager.broadcast_user({"for": name})
+            await sockets[name].arrived.wait()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for name in users:
+                tg.start_soon(hold, name)
+    assert {name: socket.frames for name, socket in sockets.items()} == {
+        "c": ['{"for":"c"}'],
+        "bc": ['{"for":"bc"}'],
+    }
+    await registry.aclose()
+
+
 async def test_an_event_for_another_user_on_a_users_channel_reaches_no_one(
     redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
