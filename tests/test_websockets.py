@@ -2443,7 +2443,7 @@ async def _two_waiting_behind_a_stuck_one(
     for _ in range(2):
         await manager.broadcast_user(event)
     stats = hub.stats()
-    assert (stats.queued_bytes, stats.overflows, stats.connections) == (80, 0, 1)
+    assert (stats.queued, stats.queued_bytes, stats.overflows, stats.connections) == (2, 80, 0, 1)
 
 
 async def test_the_event_that_would_pass_queue_bytes_closes_the_socket_with_1013() -> None:
