@@ -4986,14 +4986,15 @@ async def test_a_first_subscription_whose_read_does_not_answer_fails_and_leaves_
     await backend.aclose()
 
 
+@pytest.mark.parametrize("gives_up", ["cancelled", "timed out"])
 async def test_a_first_subscription_given_up_before_its_subscribe_leaves_the_next_one_to_it(
-    redis_url: str,
+    redis_url: str, gives_up: str
 ) -> None:
     """A first socket of dave starts subscribing his channel and a second one joins, waiting
-    for that subscription; the first gives up (its client left) while it still reads dave's
-    count of revocations, before it ever sent the SUBSCRIBE. The second subscribes the
-    channel itself, at once, and gets dave's events, instead of waiting for a confirmation
-    that nothing had asked for until its deadline."""
+    for that subscription; the first gives up (its client left, or its read passed its
+    deadline) while it still reads dave's count of revocations, before it ever sent the
+    SUBSCRIBE. The second subscribes the channel itself, at once, and gets dave's events,
+    instead of waiting for a confirmation that nothing had asked for until its deadline."""
     backend = HeldOnItsWay(redis_url, channel_prefix=unique_prefix(), held_at="read", timeout=1.0)
     delivered: list[Envelope] = []
     arrived = anyio.Event()
@@ -5004,17 +5005,22 @@ async def test_a_first_subscription_given_up_before_its_subscribe_leaves_the_nex
 
     backend.attach(deliver)
     dave = UserRef("dave")
-    holding, joining = anyio.Event(), anyio.Event()
+    holding, joining, deadline = anyio.Event(), anyio.Event(), anyio.Event()
     subscribed: list[str] = []
 
     async def hold() -> None:
         holding.set()
-        await anyio.sleep_forever()
+        await deadline.wait()
+        raise TimeoutError  # as the read's deadline passes
 
     async def first(scope: anyio.CancelScope) -> None:
         with scope:
-            await backend.subscribe(dave)
-            subscribed.append("first")
+            try:
+                await backend.subscribe(dave)
+            except BroadcastError as error:
+                subscribed.append(str(error))
+            else:
+                subscribed.append("first")
 
     async def second() -> None:
         joining.set()
@@ -5030,8 +5036,13 @@ async def test_a_first_subscription_given_up_before_its_subscribe_leaves_the_nex
             await holding.wait()
             tg.start_soon(second)
             await joining.wait()
-            given_up.cancel()
-        assert (subscribed, backend.subscriptions) == (["second"], 1)
+            if gives_up == "cancelled":
+                given_up.cancel()
+            else:
+                deadline.set()
+        timed_out = "Redis did not answer the read of the user's revocations within 1.0 s"
+        gave_up = [] if gives_up == "cancelled" else [timed_out]
+        assert (subscribed, backend.subscriptions) == ([*gave_up, "second"], 1)
         await backend.publish(Envelope(dave, 0, None, '{"n":1}'))
         await arrived.wait()
     assert delivered == [Envelope(dave, 0, None, '{"n":1}')]
