@@ -2790,6 +2790,37 @@ async def test_a_socket_the_hub_closes_gets_what_was_queued_before_the_close(
     await registry.aclose()
 
 
+async def test_a_leaving_socket_waits_for_a_backend_that_never_unsubscribes_close_timeout() -> None:
+    """The backend never answers the unsubscription of carol's socket as it leaves: her
+    handler gets out of connect() once the hub's close_timeout (a tenth of a second here)
+    is past all the same, instead of hanging in a step no cancellation reaches."""
+    release = anyio.Event()
+
+    class StuckUnsubscribe(InProcessBroadcast):
+        async def unsubscribe(self, user: UserRef) -> None:
+            await release.wait()
+
+    registry = Registry()
+    hub = ConnectionHub(StuckUnsubscribe(), close_timeout=0.1)
+    hub.install(registry)
+    out = anyio.Event()
+
+    async def handler() -> None:
+        async with connected_socket(registry, Quiet()):
+            pass
+        out.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(handler)
+        with anyio.move_on_after(5):  # close_timeout, with room for a slow machine
+            await out.wait()
+        left = out.is_set()
+        release.set()
+    assert left
+    assert (hub.stats().connections, hub._open) == (0, set())
+    await registry.aclose()
+
+
 async def test_closing_the_hub_waits_for_a_socket_at_most_close_timeout(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
