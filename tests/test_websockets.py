@@ -1529,6 +1529,8 @@ async def test_any_mapping_or_bytes_like_event_up_to_queue_bytes_reaches_the_soc
             await socket.until(4)
             assert not connection.closed
         assert connection.closed  # its handler is done with it
+    # Not the hub: an event refused to its sender does not close the socket it was for.
+    assert (connection.close_code, hub.stats().overflows) == (None, 0)
     assert socket.frames == ['{"a":"\u00e9"}', b"\x00\x01", b"\x02", '{"x":"yyyyyyyy"}']
     assert [type(frame) for frame in socket.frames] == [str, bytes, bytes, str]
     await registry.aclose()
