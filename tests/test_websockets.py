@@ -3470,8 +3470,9 @@ def test_starlettes_test_client_on_one_loop_delivers_and_on_a_loop_per_call_says
 
 async def test_a_hung_redis_is_noticed_by_the_health_check(redis_url: str) -> None:
     """Redis stops answering without closing its connections (SIGSTOP): a send times out
-    with BroadcastError, the health check gives the subscription up, and once Redis runs
-    again the backend reconnects and delivery resumes."""
+    with BroadcastError saying Redis did not take it, the health check gives the
+    subscription up, and once Redis runs again the backend reconnects and delivery
+    resumes."""
     with own_redis() as own:
         backend = RedisBroadcast(
             own.url,
@@ -3493,6 +3494,8 @@ async def test_a_hung_redis_is_noticed_by_the_health_check(redis_url: str) -> No
                 try:
                     failed = await http.post("/run", params={"events": 5}, headers=headers)
                     assert failed.status_code == 503, failed.text
+                    # Redis, not a pool with every connection busy.
+                    assert failed.json()["error"] == "Redis did not take the event within 0.5 s"
                     down = await http.get("/down", headers=headers)
                     assert down.json() == {"connected": False}
                 finally:
