@@ -4969,6 +4969,8 @@ async def test_a_users_last_socket_leaving_unsubscribes_their_channel_in_redis(
             await backend.subscribe(UserRef("sign again"))
             assert (backend.subscriptions, subscribed()) == (1, [0] * 20)
             await backend.unsubscribe(UserRef("sign again"))
+            # Nothing kept of a user once unsubscribed: it would grow with every user seen.
+            assert (backend._refs, backend._users, backend._revocations) == ({}, {}, {})
     finally:
         admin.close()
     await backend.aclose()
