@@ -20,7 +20,7 @@ import anyio
 import psycopg
 import pytest
 
-from ambient import Registry, bind_context
+from ambient import Registry, UserRef, bind_context
 from ambient.errors import PoolExhaustedError
 from ambient.integrations.psycopg import PerUserPools, SharedPool, connection
 from tests.conftest import DATABASE_URL
@@ -256,6 +256,77 @@ async def test_a_refusal_after_a_later_opening_of_the_pool_connected_is_logged_a
             await registry.aclose()
     _assert_says_why(again.value, role, 7.0)
     assert len(_refusal_logs(caplog)) == 2, _refusal_logs(caplog)
+
+
+async def test_a_refusal_after_another_users_pool_connected_is_logged_again(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server refuses every connection of the role: alice's pool gets none, and
+    ambient logs it once. The role may then hold one connection: bob's pool, which
+    connects as alice's does, connects and holds it, which ends the outage; a second
+    checkout of bob's makes his pool grow, which the server refuses for the same reason as
+    before: a new outage, logged again. (Before, the log took alice's outage for the
+    current one until her own pool connected, which it may never do.)"""
+    caplog.set_level(logging.WARNING, logger="ambient")
+    with limited_role(0) as (role, url):
+        pool = _strategy(
+            "per_user", url, db, min_size=0, timeout=2, rls_check="warn", retry_after=7.0
+        )
+        registry = Registry()
+        pool.install(registry)
+        try:
+            async with registry.open_scope(_ctx("alice")):
+                with pytest.raises(PoolExhaustedError) as first:
+                    async with connection():
+                        pytest.fail("the server allows no connection")
+            _assert_says_why(first.value, role, 7.0)
+            assert len(_refusal_logs(caplog)) == 1, _refusal_logs(caplog)
+            with _admin() as admin:
+                admin.execute(f"ALTER ROLE {role} CONNECTION LIMIT 1")
+            async with registry.open_scope(_ctx("bob")), connection(timeout=10) as held:
+                await held.execute("SELECT 1")
+                with pytest.raises(PoolExhaustedError) as again:
+                    async with connection():
+                        pytest.fail("the server allows one connection only")
+        finally:
+            await registry.aclose()
+    _assert_says_why(again.value, role, 7.0)
+    assert len(_refusal_logs(caplog)) == 2, _refusal_logs(caplog)
+
+
+async def test_a_refusal_of_one_users_role_lasts_while_another_role_connects(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each user connects as a role of their own: the server refuses every connection of
+    alice's, and ambient logs it once. Bob's pool connects as his role, which says nothing
+    of alice's: her next checkout's pool is refused for the same reason, still the same
+    outage, not logged again."""
+    caplog.set_level(logging.WARNING, logger="ambient")
+    with limited_role(0) as (role, url):
+
+        def conninfo(user: UserRef) -> str:
+            return url if user.user_id == "alice" else db.app_url
+
+        pool = PerUserPools(
+            conninfo, min_size=0, max_total=2, timeout=2, retry_after=7.0, kwargs=db.kwargs()
+        )
+        registry = Registry()
+        pool.install(registry)
+        refused: list[PoolExhaustedError] = []
+        try:
+            for user in ("alice", "bob", "alice"):
+                async with registry.open_scope(_ctx(user)):
+                    try:
+                        async with connection() as conn:
+                            await conn.execute("SELECT 1")
+                    except PoolExhaustedError as exc:
+                        refused.append(exc)
+        finally:
+            await registry.aclose()
+    assert len(refused) == 2, refused
+    for error in refused:
+        _assert_says_why(error, role, 7.0)
+    assert len(_refusal_logs(caplog)) == 1, _refusal_logs(caplog)
 
 
 async def test_a_connection_begun_before_a_refusal_leaves_it_noted(db: Database) -> None:

@@ -31,6 +31,7 @@ from ambient.integrations.psycopg._common import (
     _exhausted,
 )
 from ambient.integrations.psycopg._database import Database
+from ambient.integrations.psycopg._refusals import _RefusalLog
 from ambient.integrations.psycopg._rls import check_rls
 from ambient.integrations.psycopg._user_pool import _UserCheckout, _UserPool
 
@@ -196,8 +197,9 @@ class PerUserPools:
             f"{_set_config_sql(len(self._names), local=True)}, {_BEGUN_SIDE}" if self._names else ""
         )
         self._pooler_seen = False
-        # The server's refusal of a connection logged last (once while it lasts).
-        self._refusal_logged: str | None = None
+        # The server's refusal of a connection logged last, for every user's pool (once
+        # while it lasts).
+        self._refusal_log = _RefusalLog()
         self._kwargs = dict(kwargs or {})
         self._pool_options = _checked_pool_options(pool_options)
         self._checked_conninfo: set[str] = set()

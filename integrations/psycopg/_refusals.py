@@ -39,6 +39,40 @@ def _first_line(exc: psycopg.Error) -> str:
     return " ".join(text.split())[:_MAX_REASON]
 
 
+class _RefusalLog:
+    """The refusal one strategy logged last, for all its pools (a PerUserPools has one per
+    user): logged once while it lasts, which is until a connection made with a connection
+    string it refused succeeds, begun after the last refusal of that string.
+
+    A pool's own note (:class:`_Refusals`) is no guide here: a pool that got a refusal may
+    never connect again (a user who does not come back, a pool opened anew), while one
+    that connects the same way, noting nothing, shows the server accepts again.
+    """
+
+    __slots__ = ("_refused", "reason")
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        # The connection strings refused for ``reason``, and when each was last.
+        self._refused: dict[str, float] = {}
+
+    def refused(self, conninfo: str, reason: str, at: float) -> bool:
+        """Note a refusal; return whether it is a new one, to log."""
+        new = reason != self.reason
+        if new:
+            self.reason = reason
+            self._refused.clear()
+        self._refused[conninfo] = at
+        return new
+
+    def connected(self, conninfo: str, started: float) -> None:
+        """Note a connection made with ``conninfo``, begun at ``started``."""
+        at = self._refused.get(conninfo)
+        if at is not None and started >= at:
+            self.reason = None
+            self._refused.clear()
+
+
 class _Refusals:
     """The last refusal of one psycopg pool's attempts to connect, until one succeeds.
 
@@ -57,8 +91,8 @@ class _Refusals:
         self.at = 0.0
         if previous is not None:
             # A pool opened anew after ``previous``'s got no connection: the refusal it
-            # noted lasts until a connection of the new one succeeds, which ends it here
-            # and in the log, as one of the earlier pool's would have.
+            # noted lasts until a connection of the new one succeeds, as one of the
+            # earlier pool's would have ended it.
             self.reason, self.at = previous.reason, previous.at
 
     def connection_class(
@@ -70,14 +104,16 @@ class _Refusals:
             return base
         refusals = self
 
-        async def connect(cls: type[Any], *args: Any, **kwargs: Any) -> AsyncConnection[Any]:
+        async def connect(
+            cls: type[Any], /, conninfo: str = "", **kwargs: Any
+        ) -> AsyncConnection[Any]:
             started = time.monotonic()
             try:
-                conn = await base.connect(*args, **kwargs)
+                conn = await base.connect(conninfo, **kwargs)
             except psycopg.OperationalError as exc:
-                refusals._refused(exc)
+                refusals._refused(exc, conninfo)
                 raise
-            refusals._connected(started)
+            refusals._connected(started, conninfo)
             return conn
 
         namespace = {
@@ -88,15 +124,14 @@ class _Refusals:
         }
         return cast("type[AsyncConnection[Any]]", type(base.__name__, (base,), namespace))
 
-    def _refused(self, exc: psycopg.OperationalError) -> None:
+    def _refused(self, exc: psycopg.OperationalError, conninfo: str = "") -> None:
         line = _first_line(exc)
         self.reason = _WHERE.sub("", line)
         self.at = time.monotonic()
         owner = self._owner
-        if owner._refusal_logged != self.reason:
+        if owner._refusal_log.refused(conninfo, self.reason, self.at):
             # Once while the server refuses for the same reason: psycopg's pool logs each
             # attempt, and a checkout's 503 says it again.
-            owner._refusal_logged = self.reason
             logger.warning(
                 "ambient: a new connection of %r failed: %s (psycopg's pool tries again; "
                 "checkouts that find no connection meanwhile answer 503, with this as a note)",
@@ -104,13 +139,12 @@ class _Refusals:
                 line,
             )
 
-    def _connected(self, started: float) -> None:
+    def _connected(self, started: float, conninfo: str = "") -> None:
+        self._owner._refusal_log.connected(conninfo, started)
         if started < self.at:
             # An attempt begun before the last refusal (the pool opens several at once)
             # says nothing of whether the server refuses now.
             return
-        if self.reason is not None and self._owner._refusal_logged == self.reason:
-            self._owner._refusal_logged = None
         self.reason = None
 
     def why(self) -> str:

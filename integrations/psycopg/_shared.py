@@ -58,7 +58,7 @@ from ambient.integrations.psycopg._common import (
     _warn_pooler,
 )
 from ambient.integrations.psycopg._database import Database
-from ambient.integrations.psycopg._refusals import _Refusals
+from ambient.integrations.psycopg._refusals import _RefusalLog, _Refusals
 from ambient.integrations.psycopg._rls import check_rls
 from ambient.integrations.psycopg._shared_checkout import _Gate, _SharedCheckout
 
@@ -314,7 +314,7 @@ class SharedPool:
         # What the server said when it last refused a connection of the pool, and what of
         # that was logged (once while it lasts).
         self._refusals = _Refusals(self)
-        self._refusal_logged: str | None = None
+        self._refusal_log = _RefusalLog()
 
     def __repr__(self) -> str:
         return f"<SharedPool {self.name!r}>"
