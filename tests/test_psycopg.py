@@ -40,7 +40,7 @@ from psycopg.abc import Buffer, Query
 from psycopg.pq import PipelineStatus, Trace, TransactionStatus
 from psycopg.rows import dict_row
 from psycopg.types.string import TextLoader
-from psycopg_pool import PoolClosed
+from psycopg_pool import AsyncConnectionPool, PoolClosed
 
 from ambient import (
     Lifetime,
@@ -62,6 +62,7 @@ from ambient.integrations.fastapi import CurrentContext, install
 from ambient.integrations.psycopg import Database as InstalledDatabase
 from ambient.integrations.psycopg import (
     PerUserPools,
+    PerUserPoolsStats,
     RowSecurityError,
     RowSecurityWarning,
     SharedPool,
@@ -3819,6 +3820,84 @@ async def test_per_user_pools_exhaustion_and_idle_eviction(db: Database) -> None
     await registry.aclose()
 
 
+async def test_per_user_pools_forget_the_connections_they_replaced(db: Database) -> None:
+    """A user's pool keeps the connections it made, to close those psycopg's pool leaves
+    open as it closes, and forgets each once closed, as it makes the next: a pool whose
+    server sessions end in turn, each connection replaced when checked, keeps only the one
+    it holds open."""
+    pools = PerUserPools(
+        db.app_url,
+        max_size=1,
+        max_total=1,
+        timeout=5,
+        rls_check="off",
+        kwargs=db.kwargs(),
+        check=AsyncConnectionPool.check_connection,
+    )
+    registry = Registry()
+    pools.install(registry)
+
+    async def ended() -> bool:
+        return await _sessions(db) == 0
+
+    try:
+        async with registry.open_scope(_ctx("alice")):
+            user_pool = await resolve(pools)
+            for turn in range(4):
+                if turn:
+                    with _admin() as admin:
+                        admin.execute(
+                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                            "WHERE application_name = %s",
+                            (db.app_name,),
+                        )
+                    await _eventually(ended, "the server session ended")
+                async with connection() as conn:
+                    setting = await _scalar(conn, "SELECT current_setting('app.user_id', true)")
+                assert setting == "alice"
+            assert len(user_pool.made) == 1, user_pool.made
+    finally:
+        await registry.aclose()
+
+
+async def test_per_user_pools_never_evict_a_pool_its_user_checks_out_again(db: Database) -> None:
+    """An idle pool is the first to close under pressure only until its user checks out
+    again: with max_total=1 and alice holding a connection of her pool once more, bob's
+    checkout waits and fails after its timeout, and alice's pool stays open under her."""
+    pools = PerUserPools(
+        db.app_url, max_size=1, max_total=1, timeout=5, rls_check="off", kwargs=db.kwargs()
+    )
+    registry = Registry()
+    pools.install(registry)
+    holding, done = anyio.Event(), anyio.Event()
+
+    async def alice() -> None:
+        async with registry.open_scope(_ctx("alice")):
+            async with connection() as conn:
+                await conn.execute("SELECT 1")
+            assert pools.stats().idle_pools == 1
+            async with connection() as conn:
+                holding.set()
+                await done.wait()
+                assert await _scalar(conn, "SELECT current_setting('app.user_id', true)") == "alice"
+
+    try:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(alice)
+                await holding.wait()
+                async with registry.open_scope(_ctx("bob")):
+                    with pytest.raises(PoolExhaustedError, match="max_total=1"):
+                        async with connection(timeout=0.3):
+                            pytest.fail("alice's pool holds the one connection")
+                done.set()
+        assert pools.stats() == PerUserPoolsStats(
+            pools=1, idle_pools=1, slots=1, max_total=1, waiting=0, checked_out=0, evicted=0
+        )
+    finally:
+        await registry.aclose()
+
+
 async def test_per_user_pools_full_waiting_queue_is_refused_at_once(db: Database) -> None:
     """A user's pool whose waiting queue is full (``max_waiting``) refuses the next checkout
     at once, with a 503 error that says so, not after the timeout."""
@@ -4097,6 +4176,52 @@ async def test_per_user_pools_cancel_while_waiting_for_room(db: Database) -> Non
     async with registry.open_scope(_ctx("z")), connection() as conn:
         assert await _scalar(conn, "SELECT current_setting('app.user_id', true)") == "z"
     await registry.aclose()
+
+
+async def test_per_user_pools_a_waiter_whose_room_was_taken_keeps_its_place_in_line(
+    db: Database,
+) -> None:
+    """max_total=1: alice holds the one connection, and bob's then carol's checkouts wait
+    for room in line. Alice's checkout ends (her pool idle, bob woken to close it) and, in
+    the same step, she checks out of her pool again: bob finds no room and waits on, still
+    first in line, so that once alice is done he is served before carol."""
+    pools = PerUserPools(
+        db.app_url, max_size=1, max_total=1, timeout=10, rls_check="off", kwargs=db.kwargs()
+    )
+    registry = Registry()
+    pools.install(registry)
+    served: list[str] = []
+
+    async def waiter(user: str) -> None:
+        async with registry.open_scope(_ctx(user)), connection() as conn:
+            served.append(await _scalar(conn, "SELECT current_setting('app.user_id', true)"))
+
+    holding, release = anyio.Event(), anyio.Event()
+
+    async def alice() -> None:
+        async with registry.open_scope(_ctx("alice")):
+            async with connection():
+                holding.set()
+                await release.wait()
+            # No checkpoint since bob was woken to take her idle pool's room.
+            async with connection() as conn:
+                await _eventually(_async(lambda: pools.stats().waiting == 2), "bob waits on")
+                served.append(await _scalar(conn, "SELECT current_setting('app.user_id', true)"))
+
+    try:
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(alice)
+                await holding.wait()
+                tg.start_soon(waiter, "bob")
+                await _eventually(_async(lambda: pools.stats().waiting == 1), "bob waits")
+                tg.start_soon(waiter, "carol")
+                await _eventually(_async(lambda: pools.stats().waiting == 2), "carol waits")
+                release.set()
+        assert served == ["alice", "bob", "carol"]
+        assert pools.stats().evicted == 2
+    finally:
+        await registry.aclose()
 
 
 async def test_per_user_pools_room_handed_to_a_checkout_asyncio_cancels_goes_to_the_next(

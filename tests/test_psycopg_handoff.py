@@ -599,3 +599,31 @@ async def test_a_user_pool_closed_while_it_opens_gives_its_room_back(db: Databas
     finally:
         await registry.aclose()
     assert pools.stats().slots == 0
+
+
+async def test_a_checkout_of_a_user_pool_already_closed_connects_nothing(db: Database) -> None:
+    """A checkout in a scope whose user's pool was closed already (the user evicted while
+    the request runs) ends with PoolClosed at once: no pool opens for it, no connection is
+    attempted (one would wait for a gate that never opens), and no room is taken."""
+    pools = PerUserPools(
+        db.app_url,
+        max_size=1,
+        max_total=1,
+        timeout=2,
+        rls_check="raise",
+        rls_tables=[db.notes],
+        kwargs=db.kwargs(),
+        connection_class=_gated(anyio.Event(), db.app_url),
+    )
+    registry = Registry()
+    pools.install(registry)
+    try:
+        async with registry.open_scope(_ctx("leaving")):
+            user_pool = await resolve(pools)
+            await user_pool.aclose()  # the USER component's cleanup
+            with anyio.fail_after(1), pytest.raises(PoolClosed, match="pool was closed"):
+                async with pools.connection():
+                    pytest.fail("the user's pool was closed")
+        assert pools.stats().slots == 0
+    finally:
+        await registry.aclose()

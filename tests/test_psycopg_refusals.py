@@ -329,6 +329,45 @@ async def test_a_refusal_of_one_users_role_lasts_while_another_role_connects(
     assert len(_refusal_logs(caplog)) == 1, _refusal_logs(caplog)
 
 
+async def test_a_checkout_that_waited_for_a_refused_opening_does_not_open_again(
+    db: Database,
+) -> None:
+    """The server refuses every connection of the role. A checkout of alice's opens her
+    pool, and a second one, which may wait longer, waits for that opening: when it gets no
+    connection in time, both end with a 503 that says why, the second at once, saying that
+    the opening it waited for got none, rather than opening the pool again itself (the
+    last of N such checkouts would wait N timeouts)."""
+    with limited_role(0) as (role, url):
+        pool = _strategy("per_user", url, db, timeout=2, rls_check="warn", retry_after=7.0)
+        registry = Registry()
+        pool.install(registry)
+        refused: list[PoolExhaustedError] = []
+
+        async def checkout(within: float) -> None:
+            with pytest.raises(PoolExhaustedError) as info:
+                async with connection(timeout=within):
+                    pytest.fail("the server allows no connection")
+            refused.append(info.value)
+
+        async def opening() -> bool:
+            return pool.stats().slots == 1
+
+        try:
+            async with registry.open_scope(_ctx("alice")):
+                with anyio.fail_after(4):
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(checkout, 2)
+                        await _eventually(opening, "alice's pool opens")
+                        await checkout(10)
+        finally:
+            await registry.aclose()
+    assert len(refused) == 2, refused
+    for error in refused:
+        _assert_says_why(error, role, 7.0)
+    waited = [error for error in refused if "the opening this checkout waited for" in str(error)]
+    assert len(waited) == 1, refused
+
+
 async def test_a_connection_begun_before_a_refusal_leaves_it_noted(db: Database) -> None:
     """The pool opens several connections at once: one that began before the server
     refused another, and connects after, says nothing of whether the server refuses now,
