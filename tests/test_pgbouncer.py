@@ -266,6 +266,24 @@ async def test_per_user_pools_refuse_autocommit_behind_a_pooler(
         await registry.aclose()
 
 
+async def test_per_user_pools_with_no_settings_set_none_behind_a_pooler(
+    bounced: tuple[Database, str],
+) -> None:
+    """With no settings to set (``settings={}``), a checkout behind the pooler sends no
+    statement to set them in its transaction: its block runs, and commits, as any other."""
+    db, url = bounced
+    pools = PerUserPools(url, settings={}, kwargs={**db.kwargs(), "prepare_threshold": None})
+    registry = _registry(pools)
+    try:
+        async with registry.open_scope(UserExecutionContext.create("user-1")):
+            for _ in range(2):
+                async with connection() as conn:
+                    assert await (await conn.execute("SELECT 1")).fetchall() == [(1,)]
+            assert pools.stats().checked_out == 0
+    finally:
+        await registry.aclose()
+
+
 @pytest.mark.parametrize("strategy", ["shared", "per_user"])
 async def test_connections_made_with_dict_rows_behind_a_pooler(
     bounced: tuple[Database, str], strategy: str

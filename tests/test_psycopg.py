@@ -20,6 +20,7 @@ import threading
 import time
 import uuid
 import warnings
+import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -3767,6 +3768,32 @@ async def test_per_user_pools_close_after_idle_ttl(db: Database) -> None:
     assert pools.stats().slots == 0
     await _eventually(_async_int(lambda: _server_connections(db), 0), "connections closed")
     await registry.aclose()
+
+
+async def test_per_user_pools_keep_no_user_pool_once_cleaned_up(db: Database) -> None:
+    """Once a user's pool is cleaned up (idle_ttl past its user's last request), the
+    strategy holds it no longer: a long-running application keeps no pool object for every
+    user it ever served."""
+    now = [1000.0]
+    registry = Registry(clock=lambda: now[0])
+    pools = PerUserPools(db.app_url, idle_ttl=60, max_total=10, rls_check="off", kwargs=db.kwargs())
+    pools.install(registry)
+
+    async def serve_alice() -> weakref.ref[Any]:
+        async with registry.open_scope(_ctx("alice")):
+            async with connection() as conn:
+                await conn.execute("SELECT 1")
+            return weakref.ref(await resolve(pools))
+
+    try:
+        user_pool = await serve_alice()
+        now[0] += 61
+        await registry.sweep()
+        gc.collect()
+        assert user_pool() is None
+        assert pools.stats().slots == 0
+    finally:
+        await registry.aclose()
 
 
 async def test_per_user_pools_exhaustion_and_idle_eviction(db: Database) -> None:
