@@ -625,6 +625,7 @@ class _Window:
         self.buckets: deque[list[int]] = deque()  # [bucket index, calls, failures]
         self.calls = 0
         self.failures = 0
+        self.cleared = 0  # how many times clear() ran: a call counted before is gone
 
     def _expire(self, index: int) -> None:
         buckets = self.buckets
@@ -633,8 +634,8 @@ class _Window:
             self.calls -= calls
             self.failures -= failures
 
-    def add(self, now: float, *, failed: bool, call: bool = True) -> None:
-        """Count a call (``call=False``: only a failure of a call already counted)."""
+    def add(self, now: float, *, failed: bool) -> tuple[int, int]:
+        """Count a call, failed or not; return where it was counted, for :meth:`fail`."""
         index = math.floor(now / self.width)
         self._expire(index)
         if self.buckets and self.buckets[-1][0] == index:
@@ -642,12 +643,26 @@ class _Window:
         else:
             bucket = [index, 0, 0]
             self.buckets.append(bucket)
-        if call:
-            bucket[1] += 1
-            self.calls += 1
+        bucket[1] += 1
+        self.calls += 1
         if failed:
             bucket[2] += 1
             self.failures += 1
+        return self.cleared, index
+
+    def fail(self, now: float, counted: tuple[int, int] | None) -> tuple[int, int]:
+        """Count a failure of the call counted at ``counted`` (by :meth:`add`): the call
+        moves to now's bucket beside its failure, so the two leave the window together and
+        the window never holds a failure without its call; a call that has left the window
+        already (a request longer than the window) is counted again."""
+        self._expire(math.floor(now / self.width))
+        if counted is not None and counted[0] == self.cleared:
+            for bucket in self.buckets:
+                if bucket[0] == counted[1]:
+                    bucket[1] -= 1
+                    self.calls -= 1
+                    break
+        return self.add(now, failed=True)
 
     def totals(self, now: float) -> tuple[int, int]:
         self._expire(math.floor(now / self.width))
@@ -656,6 +671,7 @@ class _Window:
     def clear(self) -> None:
         self.buckets.clear()
         self.calls = self.failures = 0
+        self.cleared += 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -705,11 +721,12 @@ class RolloutState:
 class _Decision:
     """Which path one request takes; kept in its scope so the request never switches."""
 
-    __slots__ = ("failed", "path")
+    __slots__ = ("counted", "failed", "path")
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.failed = False
+        self.counted: tuple[int, int] | None = None  # where the window counted its call
 
 
 def _env_name(name: str) -> str:
@@ -1014,7 +1031,7 @@ class Rollout(Generic[T]):
 
     def _served_by(self, decision: _Decision, component: Any, *, first: bool) -> T:
         if first:
-            self._tally(decision.path, failed=False)
+            self._tally(decision, decision.path, failed=False)
         return self.legacy if decision.path == "shadow" else cast("T", component)
 
     def _absorbed(self, decision: _Decision, error: Exception, *, first: bool) -> bool:
@@ -1038,7 +1055,7 @@ class Rollout(Generic[T]):
                 error,
                 exc_info=error if traceback else None,
             )
-        self._tally(path, failed=True)
+        self._tally(decision, path, failed=True)
         return absorbed
 
     def record_failure(self) -> None:
@@ -1055,13 +1072,17 @@ class Rollout(Generic[T]):
             and not decision.failed
         ):
             decision.failed = True
-            self._tally(decision.path, failed=True, call=False)
+            self._tally(decision, decision.path, failed=True, in_use=True)
 
-    def _tally(self, path: str, *, failed: bool, call: bool = True) -> None:
+    def _tally(self, decision: _Decision, path: str, *, failed: bool, in_use: bool = False) -> None:
+        """Count the request's call (``in_use``: the failure in use of a call counted)."""
         now = self._clock()
         reason = None
         with self._lock:
-            self._window.add(now, failed=failed, call=call)
+            if in_use:
+                decision.counted = self._window.fail(now, decision.counted)
+            else:
+                decision.counted = self._window.add(now, failed=failed)
             if failed:
                 self._failures += 1
             # Checked after a success too: the request that brings the window to

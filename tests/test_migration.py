@@ -1495,6 +1495,114 @@ class TestFallback:
             rollout.record_failure()  # on legacy: not the component's failure
         assert rollout.state().failures == 4
 
+    async def test_a_failure_reported_a_window_after_its_request_began_counts_with_it(
+        self, engines: Registry
+    ) -> None:
+        """Two long requests (a stream, a websocket) take the component path, a window
+        later a short one succeeds, then the long ones report failures: each counts as a
+        call of the window again with its failure, so the window never holds more
+        failures than calls and the fallback names 2 failures of 3 requests."""
+        clock = FakeClock()
+        rollout: Rollout[Any] = Rollout(
+            ExecutionEngine,
+            legacy=LEGACY,
+            mode="component",
+            max_error_rate=0.5,
+            min_calls=1,
+            window=60,
+            clock=clock,
+        )
+        opened = [anyio.Event(), anyio.Event()]
+        fail = [anyio.Event(), anyio.Event()]
+        reported = [anyio.Event(), anyio.Event()]
+
+        async def long_request(n: int) -> None:
+            async with engines.open_scope(ctx(f"long-{n}")):
+                assert await rollout.resolve() is not LEGACY
+                opened[n].set()
+                await fail[n].wait()
+                rollout.record_failure()
+                reported[n].set()
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for n in range(2):
+                    tg.start_soon(long_request, n)
+                    await opened[n].wait()
+                assert rollout.state().window_calls == 2
+                clock.now += 61
+                assert await serve(engines, rollout, "short") is not LEGACY
+                fail[0].set()
+                await reported[0].wait()
+                state = rollout.state()
+                assert (state.window_calls, state.window_failures) == (2, 1)
+                assert not state.fallen_back
+                fail[1].set()
+        state = rollout.state()
+        assert (state.window_calls, state.window_failures) == (3, 2)
+        assert state.error_rate <= 1
+        assert state.reason is not None
+        assert state.reason.startswith("2 of 3 component-path requests failed")
+        assert (state.component, state.failures) == (3, 2)
+
+    async def test_a_failure_reported_late_leaves_the_window_with_its_request(
+        self, engines: Registry
+    ) -> None:
+        """A request resolves the component at the start of a 60 s window and reports a
+        failure 55 s later: the request counts once, and 6 s later, when its start has left
+        the window, its failure still has its call beside it (1 of 1, not 1 of 0)."""
+        clock = FakeClock()
+        clock.now = 1_200.0  # the start of a bucket of 5 s
+        rollout: Rollout[Any] = Rollout(
+            ExecutionEngine, legacy=LEGACY, mode="component", max_error_rate=0.9, clock=clock
+        )
+        async with engines.open_scope(ctx("streaming")):
+            assert await rollout.resolve() is not LEGACY
+            clock.now += 55
+            rollout.record_failure()
+            state = rollout.state()
+            assert (state.window_calls, state.window_failures) == (1, 1)
+        clock.now += 6
+        state = rollout.state()
+        assert (state.window_calls, state.window_failures) == (1, 1)
+        assert state.error_rate == 1.0
+        clock.now += 60
+        assert (rollout.state().window_calls, rollout.state().window_failures) == (0, 0)
+
+    async def test_a_failure_reported_after_a_reset_counts_its_request_again(
+        self, engines: Registry
+    ) -> None:
+        """reset() forgets the window: a request from before it that reports a failure
+        after it counts as a call again beside its failure, and moves no call of a request
+        made after the reset."""
+        clock = FakeClock()
+        clock.now = 1_200.0  # the start of a bucket of 5 s
+        rollout: Rollout[Any] = Rollout(
+            ExecutionEngine, legacy=LEGACY, mode="component", max_error_rate=0.9, clock=clock
+        )
+        opened, fail = anyio.Event(), anyio.Event()
+
+        async def long_request() -> None:
+            async with engines.open_scope(ctx("before")):
+                assert await rollout.resolve() is not LEGACY
+                opened.set()
+                await fail.wait()
+                rollout.record_failure()
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(long_request)
+                await opened.wait()
+                rollout.reset()
+                assert await serve(engines, rollout, "after") is not LEGACY
+                clock.now += 30
+                fail.set()
+        state = rollout.state()
+        assert (state.window_calls, state.window_failures) == (2, 1)
+        clock.now += 31
+        state = rollout.state()
+        assert (state.window_calls, state.window_failures) == (1, 1)
+
     async def test_failures_of_a_shadow_reported_by_the_application_count(
         self, engines: Registry
     ) -> None:
