@@ -756,6 +756,11 @@ class ExecutionEngine:
 LEGACY = LegacyEngine()
 
 
+class Storage:
+    class S3Client:
+        """A component class nested in another."""
+
+
 class FakeClock:
     """A monotonic clock the test moves by hand."""
 
@@ -1414,6 +1419,24 @@ class TestFallback:
         clock.now += 60
         assert (rollout.state().window_calls, rollout.state().window_failures) == (0, 0)
 
+    async def test_a_call_counts_for_eleven_to_twelve_twelfths_of_the_window(
+        self, engines: Registry
+    ) -> None:
+        """Calls at the start and near the end of one 5 s bucket of a 60 s window: both
+        are still counted 59.9 s after the first, and both leave together 60 s after it."""
+        clock = FakeClock()
+        clock.now = 1_205.0  # the start of a bucket of 5 s
+        rollout: Rollout[Any] = Rollout(
+            ExecutionEngine, legacy=LEGACY, mode="component", window=60, clock=clock
+        )
+        await serve(engines, rollout, "early")
+        clock.now = 1_209.9
+        await serve(engines, rollout, "late")
+        clock.now = 1_264.9
+        assert rollout.state().window_calls == 2
+        clock.now = 1_265.0
+        assert rollout.state().window_calls == 0
+
     async def test_a_rate_below_the_threshold_keeps_the_component(
         self, engines: Registry, factory: Switchable, metric_reader: InMemoryMetricReader
     ) -> None:
@@ -1669,6 +1692,15 @@ class TestRuntimeChanges:
         assert await serve(engines, rollout, "alice") is LEGACY
         assert rollout.state().shadow == 1
 
+    def test_a_whole_percent_reads_back_as_a_float(self) -> None:
+        """A percent given as a whole number, to the constructor or at run time, is the
+        float the attribute is declared as, in the state and its repr too."""
+        rollout: Rollout[Any] = Rollout(ExecutionEngine, legacy=LEGACY, percent=50)
+        assert type(rollout.percent) is float
+        rollout.percent = 20
+        assert type(rollout.percent) is float
+        assert "percent=20.0," in repr(rollout.state())
+
     def test_invalid_changes_are_refused(self) -> None:
         """Unknown modes and percentages outside 0..100 raise and change nothing."""
         rollout: Rollout[Any] = Rollout(ExecutionEngine, legacy=LEGACY, percent=10)
@@ -1707,6 +1739,18 @@ class TestEnvironment:
         assert named.env_prefix == "AMBIENT_ROLLOUT_AGENT_REGISTRY_V2_"
         private: Rollout[Any] = Rollout("x", legacy=LEGACY, name="_engine (v3)")
         assert private.env_prefix == "AMBIENT_ROLLOUT_ENGINE_V3_"
+
+    def test_a_nested_key_class_is_named_with_its_outer_class(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A key class nested in another is named by its qualified name, and a digit
+        before a capital starts a word of the variables' name."""
+
+        monkeypatch.setenv("AMBIENT_ROLLOUT_STORAGE_S3_CLIENT_MODE", "component")
+        rollout: Rollout[Any] = Rollout(Storage.S3Client, legacy=LEGACY)
+        assert rollout.name == "Storage.S3Client"
+        assert rollout.env_prefix == "AMBIENT_ROLLOUT_STORAGE_S3_CLIENT_"
+        assert rollout.mode == "component"
 
     def test_invalid_variables_name_themselves(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """A bad value fails at start-up with the variable's name in the message."""
