@@ -9,6 +9,7 @@ import itertools
 import json
 import logging
 import pickle
+import re
 import subprocess
 import sys
 import threading
@@ -409,6 +410,20 @@ class TestGuardRecords:
             assert len(record) == 1
             reset_global_state_report()
 
+    async def test_a_warnings_filter_on_the_calling_module_silences_the_warning(self) -> None:
+        """The warning is issued as from the module that touched the global, so a filter
+        naming that module (as an application silences one legacy module) applies."""
+        guard = guard_global(Catalog(), name="filtered")
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            warnings.filterwarnings(
+                "ignore", category=GlobalStateWarning, module=re.escape(__name__)
+            )
+            with bind_context(ctx()):
+                guard.lookup("a")
+        assert [w.message for w in record] == []
+        assert global_state_report().by_name() == {"filtered": 1}
+
     def test_environment_overrides_the_mode(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """AMBIENT_GUARD_MODE overrides the mode of guards created afterwards."""
         monkeypatch.setenv("AMBIENT_GUARD_MODE", "strict")
@@ -723,6 +738,41 @@ class TestReport:
         assert entry["count"] == 3
         assert sorted(entry["sites"].values()) == [1, 2]
         assert "twice: 3" in str(report)
+
+    async def test_the_table_lists_globals_by_name_and_sites_by_line(
+        self, registry: Registry
+    ) -> None:
+        """Whatever order the accesses came in, the table names each global once, sorted by
+        name, with its replacement when it has one, and its sites by line."""
+        beta = guard_global(Catalog(), name="beta", mode="off")
+        alpha = guard_global(Catalog(), name="alpha", replacement=REPLACEMENT, mode="off")
+        async with registry.open_scope(ctx()):
+            for step in ("late", "early"):
+                if step == "early":
+                    beta.lookup("a")  # table: early
+                else:
+                    beta.lookup("b")  # table: late
+            alpha.lookup("a")  # table: alpha
+        report = global_state_report()
+        assert [(a.name, a.lineno) for a in report.accesses] == [
+            ("alpha", line_of("table: alpha")),
+            ("beta", line_of("table: early")),
+            ("beta", line_of("table: late")),
+        ]
+        alpha_site, early_site, late_site = (
+            f"tests/test_migration.py:{line_of(marker)}"
+            for marker in ("table: alpha", "table: early", "table: late")
+        )
+        width = max(len(alpha_site), len(early_site), len(late_site))
+        assert str(report).splitlines() == [
+            "Guarded globals touched inside user contexts: 3 access(es), 2 global(s), "
+            "3 call site(s)",
+            f"  alpha: 1  -> {REPLACEMENT}",
+            f"    {alpha_site:<{width}}  1",
+            "  beta: 2",
+            f"    {early_site:<{width}}  1",
+            f"    {late_site:<{width}}  1",
+        ]
 
     def test_empty_report(self) -> None:
         """With no access the report says so."""
