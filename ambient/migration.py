@@ -1066,12 +1066,7 @@ class Rollout(Generic[T]):
         if resolver is None:
             return
         decision = resolver.owner.state.get(self)
-        if (
-            isinstance(decision, _Decision)
-            and decision.path in ("component", "shadow")
-            and not decision.failed
-        ):
-            decision.failed = True
+        if isinstance(decision, _Decision) and decision.path in ("component", "shadow"):
             self._tally(decision, decision.path, failed=True, in_use=True)
 
     def _tally(self, decision: _Decision, path: str, *, failed: bool, in_use: bool = False) -> None:
@@ -1080,9 +1075,16 @@ class Rollout(Generic[T]):
         reason = None
         with self._lock:
             if in_use:
+                if decision.failed:  # once per request, whichever task or thread reports
+                    return
+                decision.failed = True
                 decision.counted = self._window.fail(now, decision.counted)
-            else:
+            elif decision.counted is None:
                 decision.counted = self._window.add(now, failed=failed)
+            else:
+                # Another task of the request reported a failure while this one was making
+                # the component: the request was counted then, as one failed call.
+                return
             if failed:
                 self._failures += 1
             # Checked after a success too: the request that brings the window to

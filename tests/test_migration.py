@@ -1676,6 +1676,42 @@ class TestFallback:
         state = rollout.state()
         assert (state.window_calls, state.window_failures) == (1, 1)
 
+    @pytest.mark.parametrize("made", [True, False], ids=["made", "factory-fails"])
+    async def test_a_failure_reported_while_the_component_is_made_counts_one_request(
+        self, made: bool
+    ) -> None:
+        """Another task of the request reports a failure while the first is still making
+        the component, which is then made or fails: the request is one call of the window,
+        with its one failure, counted once in the failures too."""
+        started, release = anyio.Event(), anyio.Event()
+
+        async def slow(context: UserExecutionContext) -> ExecutionEngine:
+            started.set()
+            await release.wait()
+            if not made:
+                msg = "engine backend unavailable"
+                raise ConnectionError(msg)
+            return ExecutionEngine(context)
+
+        registry = Registry()
+        registry.register(ExecutionEngine, slow)
+        rollout: Rollout[Any] = Rollout(
+            ExecutionEngine, legacy=LEGACY, mode="component", max_error_rate=0.5
+        )
+
+        async def report() -> None:
+            await started.wait()
+            rollout.record_failure()
+            release.set()
+
+        with anyio.fail_after(10):
+            async with registry.open_scope(ctx()), anyio.create_task_group() as tg:
+                tg.start_soon(report)
+                assert (await rollout.resolve() is not LEGACY) is made
+        state = rollout.state()
+        assert (state.window_calls, state.window_failures) == (1, 1)
+        assert (state.component, state.failures) == (1, 1)
+
     async def test_failures_of_a_shadow_reported_by_the_application_count(
         self, engines: Registry
     ) -> None:
