@@ -721,11 +721,12 @@ class RolloutState:
 class _Decision:
     """Which path one request takes; kept in its scope so the request never switches."""
 
-    __slots__ = ("counted", "failed", "path")
+    __slots__ = ("claimed", "counted", "failed", "path")
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.failed = False
+        self.claimed = False  # a resolve of the request has finished and counts it
         self.counted: tuple[int, int] | None = None  # where the window counted its call
 
 
@@ -987,11 +988,11 @@ class Rollout(Generic[T]):
                 (work that outlived its request); not counted as a failure of the component.
             Exception: whatever the component's factory raised, without ``max_error_rate``.
         """
-        decision, resolver, first = self._begin()
+        decision, resolver, made = self._begin()
         if (
             resolver is None
             or decision.path == "legacy"
-            or (decision.path == "shadow" and not first)
+            or (decision.path == "shadow" and not made)
         ):
             return self.legacy
         try:
@@ -1002,18 +1003,18 @@ class Rollout(Generic[T]):
                 return self.legacy
             raise
         except Exception as exc:
-            if self._absorbed(decision, exc, first=first):
+            if self._absorbed(decision, exc, first=self._claim(decision)):
                 return self.legacy
             raise
-        return self._served_by(decision, component, first=first)
+        return self._served_by(decision, component, first=self._claim(decision))
 
     def resolve_sync(self) -> T:
         """Like :meth:`resolve`, for components with sync factories (and worker threads)."""
-        decision, resolver, first = self._begin()
+        decision, resolver, made = self._begin()
         if (
             resolver is None
             or decision.path == "legacy"
-            or (decision.path == "shadow" and not first)
+            or (decision.path == "shadow" and not made)
         ):
             return self.legacy
         try:
@@ -1024,10 +1025,20 @@ class Rollout(Generic[T]):
                 return self.legacy
             raise
         except Exception as exc:
-            if self._absorbed(decision, exc, first=first):
+            if self._absorbed(decision, exc, first=self._claim(decision)):
                 return self.legacy
             raise
-        return self._served_by(decision, component, first=first)
+        return self._served_by(decision, component, first=self._claim(decision))
+
+    def _claim(self, decision: _Decision) -> bool:
+        """Whether this is the first resolve of the request to finish, which counts it.
+
+        Not the one that made the decision: that one may have been cancelled (a timeout
+        around it) before its component was made, and the request resolved again."""
+        with self._lock:
+            first = not decision.claimed
+            decision.claimed = True
+        return first
 
     def _served_by(self, decision: _Decision, component: Any, *, first: bool) -> T:
         if first:

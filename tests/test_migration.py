@@ -1712,6 +1712,78 @@ class TestFallback:
         assert (state.window_calls, state.window_failures) == (1, 1)
         assert (state.component, state.failures) == (1, 1)
 
+    @pytest.mark.parametrize("made", [True, False], ids=["made", "factory-fails"])
+    async def test_a_request_retrying_a_cancelled_resolve_counts_the_retry(
+        self, made: bool, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A request whose first resolve() was cancelled (a timeout around it) and that
+        resolves again counts as the retry went: one call of the window, and when the
+        factory fails, a logged failure that can make the switch fall back."""
+        first_try = anyio.CancelScope()
+
+        async def factory(context: UserExecutionContext) -> ExecutionEngine:
+            if not first_try.cancel_called:
+                first_try.cancel()
+                await anyio.sleep_forever()
+            if not made:
+                msg = "engine backend unavailable"
+                raise ConnectionError(msg)
+            return ExecutionEngine(context)
+
+        registry = Registry()
+        registry.register(ExecutionEngine, factory)
+        rollout: Rollout[Any] = Rollout(
+            ExecutionEngine, legacy=LEGACY, mode="component", max_error_rate=0.5, min_calls=1
+        )
+        with caplog.at_level(logging.WARNING, logger="ambient.migration"):
+            async with registry.open_scope(ctx()):
+                with first_try:
+                    await rollout.resolve()
+                assert first_try.cancelled_caught
+                assert (await rollout.resolve() is not LEGACY) is made
+        state = rollout.state()
+        assert (state.component, state.window_calls) == (1, 1)
+        assert (state.window_failures, state.failures, state.fallen_back) == (
+            (0, 0, False) if made else (1, 1, True)
+        )
+        failed = [r for r in caplog.records if "the component path failed" in r.getMessage()]
+        assert len(failed) == (0 if made else 1)
+
+    async def test_tasks_of_a_request_failing_together_log_and_count_one_failure(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Three tasks of one request resolve at once and the component fails for all:
+        each gets the legacy object, and the request is one logged failure of one call."""
+        release = anyio.Event()
+        got: list[object] = []
+
+        async def failing(context: UserExecutionContext) -> ExecutionEngine:
+            await release.wait()
+            msg = "engine backend unavailable"
+            raise ConnectionError(msg)
+
+        registry = Registry()
+        registry.register(ExecutionEngine, failing)
+        rollout: Rollout[Any] = Rollout(
+            ExecutionEngine, legacy=LEGACY, mode="component", max_error_rate=0.5
+        )
+
+        async def task() -> None:
+            got.append(await rollout.resolve())
+
+        with caplog.at_level(logging.WARNING, logger="ambient.migration"), anyio.fail_after(10):
+            async with registry.open_scope(ctx()), anyio.create_task_group() as tg:
+                for _ in range(3):
+                    tg.start_soon(task)
+                await anyio.wait_all_tasks_blocked()
+                release.set()
+        assert got == [LEGACY] * 3
+        state = rollout.state()
+        assert (state.component, state.window_calls, state.window_failures) == (1, 1, 1)
+        assert state.failures == 1
+        failed = [r for r in caplog.records if " path failed " in r.getMessage()]
+        assert len(failed) == 1
+
     async def test_failures_of_a_shadow_reported_by_the_application_count(
         self, engines: Registry
     ) -> None:
