@@ -1801,6 +1801,32 @@ class TestFallback:
         assert state.failures == 2
         assert state.fallen_back
 
+    async def test_fallbacks_add_up_across_resets(
+        self, engines: Registry, factory: Switchable
+    ) -> None:
+        """A switch that falls back, is reset and falls back again counts two fallbacks and
+        every failure; its reason names the window as given, 30.0 s as "30 s"."""
+        rollout: Rollout[Any] = Rollout(
+            ExecutionEngine,
+            legacy=LEGACY,
+            mode="component",
+            max_error_rate=0.5,
+            min_calls=2,
+            window=30.0,
+        )
+        factory.failing = True
+        for round_ in range(2):
+            for n in range(2):
+                await serve(engines, rollout, f"user-{round_}-{n}")
+            state = rollout.state()
+            assert state.fallen_back
+            assert (state.fallbacks, state.failures) == (round_ + 1, 2 * round_ + 2)
+            assert state.reason == (
+                "2 of 2 component-path requests failed in the last 30 s, above max_error_rate 0.5"
+            )
+            rollout.reset()
+        assert (rollout.state().fallen_back, rollout.state().fallbacks) == (False, 2)
+
     def test_a_reset_without_a_fallback_logs_nothing(
         self, caplog: pytest.LogCaptureFixture
     ) -> None:
