@@ -251,6 +251,11 @@ class TestGuardRecords:
         for line in (lookup, contains):
             assert any(f"test_migration.py:{line}" in m and REPLACEMENT in m for m in logged)
         assert all("'catalog'" in m for m in logged)
+        assert sorted(
+            (r.ambient_global, r.ambient_call_site)
+            for r in caplog.records
+            if r.name == "ambient.migration"
+        ) == [("catalog", f"tests/test_migration.py:{line}") for line in sorted((lookup, contains))]
 
         report = global_state_report()
         assert report.total == 200
@@ -510,9 +515,15 @@ class TestGuardForwards:
         assert [key async for key in guard] == ["a", "b"]
 
     def test_missing_protocols_fail_like_the_object(self) -> None:
-        """A protocol the object lacks raises TypeError, as it would without the guard."""
+        """A protocol the object lacks raises TypeError naming the object's type and the
+        protocol, as it would without the guard."""
         plain: Any = guard_global(object(), name="plain")
-        with pytest.raises(TypeError, match="context manager"), plain:
+        with (
+            pytest.raises(
+                TypeError, match="^'object' object does not support the context manager protocol$"
+            ),
+            plain,
+        ):
             pass
         with pytest.raises(TypeError):
             len(plain)
@@ -1544,6 +1555,7 @@ class TestFallback:
         assert state.reason is not None
         assert "2 of 4" in state.reason
         assert [r.levelno for r in caplog.records] == [logging.WARNING] * 2 + [logging.ERROR]
+        assert caplog.records[-1].ambient_rollout == "ExecutionEngine"
         calls = factory.calls
         assert await serve(engines, rollout, "user-4") is LEGACY
         assert factory.calls == calls
