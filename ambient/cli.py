@@ -100,7 +100,6 @@ def _parser() -> argparse.ArgumentParser:
         "--jwt-algorithm",
         metavar="ALG",
         choices=_jwt_algorithms(),
-        default="HS256",
         help=(
             "with --identity jwt: the tokens' algorithm; HS256 (the default), HS384 or "
             "HS512 sign with AMBIENT_JWT_SECRET as the shared secret, the RS, PS, ES and "
@@ -304,7 +303,7 @@ def _jwt_identity(args: argparse.Namespace) -> JWTIdentity:
     environment; an argument error (exit status 2) when there is none to be had."""
     refuse: Callable[[str], NoReturn] = args.refuse
     secret = os.environ.get("AMBIENT_JWT_SECRET")
-    algorithm = args.jwt_algorithm
+    algorithm = args.jwt_algorithm or "HS256"
     if not secret:
         unset = "empty" if secret == "" else "not set"
         what = (
@@ -575,7 +574,7 @@ def _check(args: argparse.Namespace) -> int:
         jwt_options = {
             "--jwt-audience": args.jwt_audience is not None,
             "--jwt-issuer": args.jwt_issuer is not None,
-            "--jwt-algorithm": args.jwt_algorithm != "HS256",
+            "--jwt-algorithm": args.jwt_algorithm is not None,
             "--jwt-key-id": args.jwt_key_id is not None,
         }
         given = [option for option, set_ in jwt_options.items() if set_]

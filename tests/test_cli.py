@@ -262,6 +262,10 @@ def test_the_table_of_a_passing_check(
             "--tenant-header is for --tenants with --identity header:NAME",
         ),
         (["--users", "2", "--tenants", "3"], "--tenants 3 is more than --users 2"),
+        (
+            ["--identity", "bearer", "--jwt-algorithm", "HS256"],
+            "--jwt-algorithm: for --identity jwt only",
+        ),
     ],
 )
 def test_refused_options(wrong: list[str], said: str, capsys: pytest.CaptureFixture[str]) -> None:
