@@ -236,6 +236,9 @@ def parse_request(text: str) -> PlannedRequest:
         except ValueError:
             msg = f"request {text!r}: the body is not JSON (it is sent as application/json)"
             raise ValueError(msg) from None
+        except RecursionError:  # the whole body would be no help in the message
+            msg = f"request {method} {path}: the body's JSON is nested too deeply to be read"
+            raise ValueError(msg) from None
     return PlannedRequest(method, path, body)
 
 

@@ -3319,6 +3319,21 @@ class TestCommandLine:
             parse_request("POST /x prompt={user}")
         assert parse_request('POST /x {"to": "{user}"}').body == '{"to": "{user}"}'
 
+    def test_a_request_body_nested_too_deeply_is_refused_in_one_line(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """JSON nested deeper than the parser recurses: refused as an argument, not a
+        RecursionError's traceback."""
+        body = "[" * 100_000 + "]" * 100_000
+        with pytest.raises(SystemExit) as refused:
+            main(["check", "--request", f"POST /x {body}", "--growth-requests", "0"])
+        assert refused.value.code == 2
+        err = capsys.readouterr().err
+        assert err.splitlines()[-1] == (
+            "ambient check: error: argument --request: request POST /x: the body's JSON is "
+            "nested too deeply to be read"
+        )
+
     def test_the_demo_in_jwt_mode_passes_with_jwt_identity(
         self, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
     ) -> None:
