@@ -398,7 +398,9 @@ class _Driver:
                     done.set()
                     said = f"no whole response within {self.time_limit:g} s"
                     return 0, said.encode(), time.perf_counter() - started
-        except Exception as exc:  # noqa: BLE001 - an app error is a finding, not a crash
+        # SystemExit too, as servers take it: an app's sys.exit() would end the check with
+        # its status (0 often) and no report.
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - an app error is a finding
             done.set()
             return 500, f"{type(exc).__name__}: {exc}".encode(), time.perf_counter() - started
         finally:
@@ -461,7 +463,7 @@ class _Driver:
             scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
             try:
                 await self.app(scope, app_inbox.receive, from_app.send)
-            except Exception as error:  # noqa: BLE001 - an app without lifespan support may raise
+            except (Exception, SystemExit) as error:  # noqa: BLE001 - as servers take it
                 said = f"{type(error).__name__}: {error}"
                 await from_app.send({"type": "lifespan.unsupported", "error": said})
             else:
@@ -928,7 +930,7 @@ class _Socket:
             await self.driver.app(scope, receive, send)
         except _ClientGoneError:
             pass  # the app let the disconnect through, as servers let it
-        except Exception as exc:  # noqa: BLE001 - an app error is a finding, not a crash
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - an app error is a finding
             said = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             late = " after its client left" if self._leaving.is_set() else ""
             self._failed(f"raised {said}{late}")

@@ -345,9 +345,11 @@ def load_app(target: str) -> Any:
     here = os.getcwd()
     if not {"", ".", here} & set(sys.path):
         sys.path.insert(0, here)
+    # SystemExit too: a module or factory calling sys.exit() would end the command with its
+    # status, 0 often, and no report.
     try:
         module = importlib.import_module(module_name)
-    except Exception as error:  # noqa: BLE001 - whatever the module raises, said in one line
+    except (Exception, SystemExit) as error:  # noqa: BLE001 - whatever it raises, said in one line
         msg = f"cannot import the app's module {module_name!r}: {_said(error)}"
         raise SystemExit(msg) from None
     try:
@@ -358,7 +360,7 @@ def load_app(target: str) -> Any:
     if _is_factory(app):
         try:
             app = app()
-        except Exception as error:  # noqa: BLE001
+        except (Exception, SystemExit) as error:  # noqa: BLE001
             msg = f"the app factory {target} raised {_said(error)}"
             raise SystemExit(msg) from None
     return app
@@ -366,7 +368,11 @@ def load_app(target: str) -> Any:
 
 def _said(error: BaseException) -> str:
     """``Type: message (file:line)``, the line being where it was raised."""
-    said = f"{type(error).__name__}: {error}"
+    said = (
+        f"SystemExit({error.code!r})"
+        if isinstance(error, SystemExit)
+        else f"{type(error).__name__}: {error}"
+    )
     if isinstance(error, SyntaxError):  # its message already says where
         return said
     # Left out: the import machinery's frames (frozen ones, and importlib's import_module
@@ -631,10 +637,11 @@ def _load_and_run(
         target = app
         if inspect.isawaitable(app):
             try:
-                target = _asgi_app(await app, args.app)
-            except Exception as error:  # noqa: BLE001
+                built = await app
+            except (Exception, SystemExit) as error:  # noqa: BLE001
                 msg = f"the app factory {args.app} raised {_said(error)}"
                 raise SystemExit(msg) from None
+            target = _asgi_app(built, args.app)
         return await run_check(
             target,
             name=name,

@@ -439,3 +439,77 @@ def test_json_names_the_demo_that_could_not_start(capsys: pytest.CaptureFixture[
     assert refused.value.code == "the app's startup did not answer within 1e-09 s"
     said = json.loads(capsys.readouterr().out)
     assert said == {"app": "the bundled demo", "ok": False, "error": refused.value.code}
+
+
+@pytest.mark.parametrize(
+    ("source", "target", "said"),
+    [
+        (
+            "import sys\nsys.exit()\n",
+            "app",
+            "cannot import the app's module '{name}': SystemExit(None) ({path}:2)",
+        ),
+        (
+            "import sys\ndef create_app():\n    sys.exit(0)\n",
+            "create_app",
+            "the app factory {name}:create_app raised SystemExit(0) ({path}:3)",
+        ),
+        (
+            "import sys\nasync def create_app():\n    sys.exit(0)\n",
+            "create_app",
+            "the app factory {name}:create_app raised SystemExit(0) ({path}:3)",
+        ),
+    ],
+    ids=["module", "factory", "async-factory"],
+)
+def test_an_app_exiting_while_it_is_built_is_said_and_fails(
+    source: str,
+    target: str,
+    said: str,
+    request: pytest.FixtureRequest,
+    tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A module or factory calling ``sys.exit()`` ended the command with its status, 0,
+    and no report; it is said in one line (in the JSON too) and the command fails."""
+    name = f"exits_{request.node.callspec.id.replace('-', '_')}_for_cli"
+    _app_module(tmp_path, monkeypatch, name, source)
+    with pytest.raises(SystemExit) as refused:
+        main(["check", f"{name}:{target}", *FEW, "--json"])
+    assert refused.value.code == said.format(name=name, path=tmp_path / f"{name}.py")
+    assert json.loads(capsys.readouterr().out) == {
+        "app": f"{name}:{target}",
+        "ok": False,
+        "error": refused.value.code,
+    }
+
+
+def test_an_app_exiting_in_its_lifespan_or_a_request_is_taken_as_a_server_takes_it(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``sys.exit()`` in the app ended the check with a traceback and status 0: in its
+    lifespan it is an app without lifespan support, in a request or on a websocket a
+    failure of that request, as a server such as uvicorn takes it."""
+    _app_module(
+        tmp_path,
+        monkeypatch,
+        "exits_running_for_cli",
+        "import sys\n"
+        "from ambient.middleware import trusted_header\n"
+        "from tests.test_cli import recorder\n"
+        "inner, seen = recorder(trusted_header())\n"
+        "async def app(scope, receive, send):\n"
+        "    if scope['type'] == 'lifespan' or scope['path'] == '/exit':\n"
+        "        sys.exit(0)\n"
+        "    await inner(scope, receive, send)\n",
+    )
+    code, report = _report(capsys, ["check", "exits_running_for_cli:app", *FEW])
+    assert code == 0, report
+    argv = ["check", "exits_running_for_cli:app", *FEW, "--request", "GET /exit"]
+    code, report = _report(capsys, [*argv, "--websocket", "/exit"])
+    assert code == 1
+    failed = report["failed_requests"]
+    assert len(failed) == 8 + 4
+    assert sum(line.endswith("HTTP 500 'SystemExit: 0'") for line in failed) == 8
+    assert sum(line.endswith("the app raised SystemExit: 0") for line in failed) == 4
