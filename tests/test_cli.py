@@ -266,6 +266,14 @@ def test_the_table_of_a_passing_check(
             ["--identity", "bearer", "--jwt-algorithm", "HS256"],
             "--jwt-algorithm: for --identity jwt only",
         ),
+        (
+            ["--identity", "jwt", "--tenant-claim", "org"],
+            "--tenant-claim is for --tenants with --identity jwt",
+        ),
+        (
+            ["--request", "GET /", "--websocket-send", "hello"],
+            "--websocket-send is sent on the socket of --websocket PATH",
+        ),
     ],
 )
 def test_refused_options(wrong: list[str], said: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -304,6 +312,22 @@ def test_positional_only_asgi_app_is_not_taken_for_a_factory(
     assert code == 0, report
 
 
+def test_a_factory_whose_parameters_all_have_defaults_is_called(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _app_module(
+        tmp_path,
+        monkeypatch,
+        "defaulted_factory_for_cli",
+        "from tests.test_cli import recorder\n"
+        "from ambient.middleware import trusted_header\n"
+        "def create_app(debug=False):\n"
+        "    return recorder(trusted_header())[0]\n",
+    )
+    code, report = _report(capsys, ["check", "defaulted_factory_for_cli:create_app", *FEW])
+    assert code == 0, report
+
+
 def test_an_app_without_a_signature_is_called_as_it_is(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -336,6 +360,11 @@ def test_an_import_error_says_where_it_was_raised(
     # Python's own message says where, once.
     assert refused.value.code.startswith("cannot import the app's module 'syntax_for_cli': ")
     assert refused.value.code.endswith("(syntax_for_cli.py, line 1)")
+    _app_module(tmp_path, monkeypatch, "imports_syntax_for_cli", "import syntax_for_cli\n")
+    with pytest.raises(SystemExit) as refused:
+        main(["check", "imports_syntax_for_cli:app", *FEW])
+    assert isinstance(refused.value.code, str)
+    assert refused.value.code.endswith("was never closed (syntax_for_cli.py, line 1)")
 
 
 def test_the_demo_port_and_its_default(capsys: pytest.CaptureFixture[str]) -> None:
@@ -429,6 +458,51 @@ def test_without_rich_the_progress_and_table_are_plain_lines(
     out, err = capsys.readouterr()
     assert json.loads(out)["ok"] is True
     assert err == ""
+
+
+def test_without_rich_the_progress_is_a_line_a_tenth(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("rich", "rich.console", "rich.markup", "rich.progress", "rich.table"):
+        monkeypatch.setitem(sys.modules, name, None)
+    target, _ = _recorded(tmp_path, monkeypatch, "tenths_for_cli", "trusted_header()")
+    argv = ["check", target, "--users", "4", "--requests", "10", "--growth-requests", "0"]
+    assert main(argv) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"  {done}/40 requests" for done in (1, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40)
+    ]
+
+
+@pytest.mark.parametrize("rich", [True, False], ids=["rich", "plain"])
+def test_the_table_of_a_failing_check(
+    rich: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Leaks are not said to be none, a memory growth and an overhead of exactly 0.0 are
+    shown as measured, and every violation is listed under the table."""
+    from ambient.check import CheckReport
+    from ambient.cli import _render
+
+    if not rich:
+        for name in ("rich", "rich.console", "rich.markup", "rich.progress", "rich.table"):
+            monkeypatch.setitem(sys.modules, name, None)
+    leaks = ["Notes: 2 instance(s) still alive after their scope closed", "a scope leaked"]
+    report = CheckReport(
+        app="leaky:app",
+        users=2,
+        requests=4,
+        leaks=leaks,
+        memory_growth_kib_per_1k=0.0,
+        middleware_overhead_us=0.0,
+    )
+    _render(report, sys.stdout)
+    out = capsys.readouterr().out
+    table = " ".join(out.replace("│", " ").split())
+    assert "leaks 2 problem(s) memory 0.0 KiB per 1,000 requests after warm-up" in table
+    assert "0.0 µs per request" in table
+    assert [line.strip() for line in out.splitlines() if line.strip().startswith("-")] == [
+        f"- {line}" for line in leaks
+    ]
+    assert table.endswith("FAILED")
 
 
 def test_json_names_the_demo_that_could_not_start(capsys: pytest.CaptureFixture[str]) -> None:
