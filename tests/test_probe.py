@@ -4,6 +4,8 @@ fixtures change is given back after the test."""
 
 from __future__ import annotations
 
+import datetime
+import fractions
 import gc
 from collections.abc import Callable, Iterator
 
@@ -13,7 +15,8 @@ import pytest
 import ambient
 from ambient import Lifetime, Registry, UserExecutionContext
 from ambient.testing import IsolationProbe
-from tests.test_check import CountsCloses
+from tests.test_check import CountsCloses, check, notes_app
+from tests.test_check import Notes as AppNotes
 
 pytest_plugins = ["pytester"]
 
@@ -186,3 +189,45 @@ async def test_a_scope_dropped_without_being_closed_is_reported_with_its_compone
     ]
     assert not report.ok
     await registry.aclose()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        frozenset({"read", "write"}),
+        fractions.Fraction(1, 3),
+        range(10),
+        datetime.timedelta(days=1),
+        datetime.time(9, 30),
+    ],
+    ids=["frozenset", "fraction", "range", "timedelta", "time"],
+)
+async def test_one_constant_value_handed_to_every_user_is_not_shared(value: object) -> None:
+    """A USER factory returning one module-level constant (a set of roles, a share, a
+    range, a period, an opening time) gives every user the same object, which holds no
+    state: not reported as handed to several users."""
+    registry = Registry()
+    registry.register("value", lambda: value, lifetime=Lifetime.USER)
+    with IsolationProbe() as probe:
+        for user in ("alice", "bob"):
+            async with registry.open_scope(UserExecutionContext.create(user)) as scope:
+                assert await scope.resolve("value") is value
+        del scope  # the probe looks for closed scopes kept alive
+    report = probe.report()
+    assert report.ok, report.violations
+    await registry.aclose()
+
+
+async def test_the_memory_phase_adds_no_scope_nor_component_to_the_report() -> None:
+    """The probe records nothing new while ``run_check`` measures memory growth: the
+    scopes, components created and components cleaned the report counts are the users'
+    requests' whatever the phase's length, and every component created is cleaned."""
+    counts = []
+    for growth in (0, 50):
+        registry = Registry()
+        registry.register(AppNotes, AppNotes)
+        report = await check(notes_app(registry), users=3, requests=2, growth_requests=growth)
+        assert report.ok, report.violations
+        counts.append((report.scopes, report.components_created, report.components_cleaned))
+        await registry.aclose()
+    assert counts[0] == counts[1] == (6, 6, 6)
