@@ -551,6 +551,13 @@ def _check_tenants(args: argparse.Namespace) -> None:
         args.refuse("--tenant-header is for --tenants with --identity header:NAME")
     if args.tenant_claim is not None and (not args.tenants or kind != "jwt"):
         args.refuse("--tenant-claim is for --tenants with --identity jwt")
+    tenant_header = args.tenant_header or "x-tenant-id"
+    if args.tenants and kind == "header" and tenant_header.lower() == args.identity[1].lower():
+        # Both ids would go out in one header, and the app would read one of them for both.
+        args.refuse(
+            f"--identity header:{args.identity[1]} is the tenant id's header too: give the "
+            "tenant id another with --tenant-header NAME"
+        )
     named = [("--request", text) for text in args.plan or ()]
     named += [("--websocket", args.websocket)] if args.websocket else []
     sends = args.websocket_send

@@ -271,6 +271,15 @@ def test_the_table_of_a_passing_check(
             "--tenant-claim is for --tenants with --identity jwt",
         ),
         (
+            ["--tenants", "2", "--identity", "header:X-Tenant-Id"],
+            "--identity header:X-Tenant-Id is the tenant id's header too: give the tenant id "
+            "another with --tenant-header NAME",
+        ),
+        (
+            ["--tenants", "2", "--identity", "header:x-org", "--tenant-header", "X-Org"],
+            "--identity header:x-org is the tenant id's header too",
+        ),
+        (
             ["--request", "GET /", "--websocket-send", "hello"],
             "--websocket-send is sent on the socket of --websocket PATH",
         ),
