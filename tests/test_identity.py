@@ -98,6 +98,22 @@ def bearer(value: str) -> dict[str, Any]:
     return http_scope([(b"authorization", f"Bearer {value}".encode())])
 
 
+class TestIdentity:
+    @pytest.mark.parametrize("expires_at", [math.nan, True, "1700000000", None.__class__])
+    def test_an_expiry_that_is_no_seconds_since_the_epoch_is_refused(
+        self, expires_at: object
+    ) -> None:
+        """An expiry that no clock reading could be compared with (NaN, a bool, text, ...)
+        is refused when the identity is made, not met when a connection outlives it."""
+        with pytest.raises(TypeError, match="seconds since the epoch or None"):
+            Identity("alice", expires_at=expires_at)  # type: ignore[arg-type]
+
+    @pytest.mark.parametrize("expires_at", [None, 0, 1_700_000_000, 1_700_000_000.5])
+    def test_an_expiry_in_seconds_or_none_is_kept(self, expires_at: float | None) -> None:
+        """An int or float of seconds, or None, is the identity's expiry."""
+        assert Identity("alice", expires_at=expires_at).expires_at == expires_at
+
+
 class TestTrustedHeader:
     def test_what_it_remembers_never_bypasses_a_check(self) -> None:
         """A user seen before from a trusted peer is still refused from an untrusted one,
@@ -116,6 +132,15 @@ class TestTrustedHeader:
             found = resolve(http_scope([(b"x-user-id", user.encode())], **trusted))
             assert found == Identity(user)
         assert resolve(http_scope(alice, **trusted)) == Identity("alice")
+
+    def test_a_peers_remembered_verdict_is_never_another_addresses(self) -> None:
+        """Whether a peer is trusted is remembered for its own address only: neither a
+        trusted nor an untrusted one decides for an address that shares its start."""
+        resolve = trusted_header(trusted=("10.0.0.1/32",))
+        alice = [(b"x-user-id", b"alice")]
+        for peer in ("10.0.0.10", "10.0.0.1", "10.0.0.2", "10.0.0.100", "10.0.0.11", "10.0.0.1"):
+            expected = Identity("alice") if peer == "10.0.0.1" else None
+            assert resolve(http_scope(alice, client=(peer, 4000))) == expected, peer
 
     def test_what_it_remembers_answers_for_the_user_header_only(self) -> None:
         """A user seen before is never the answer for a request whose user header names
@@ -566,6 +591,13 @@ class TestJwtBearer:
         assert hs_resolver(leeway=30)(bearer(token({"exp": exp}))).expires_at == exp + 30
         unlimited = hs_resolver(require=())(bearer(token({"exp": None})))
         assert unlimited.expires_at is None
+
+    def test_a_tokens_claims_cannot_be_changed(self) -> None:
+        """The claims of a token's identity are read-only, as the context's metadata is."""
+        identity = hs_resolver(tenant_claim="org")(bearer(token({"org": "acme"})))
+        with pytest.raises(TypeError, match="does not support changes"):
+            identity.claims["org"] = "other"  # type: ignore[index]
+        assert identity.claims["org"] == "acme"
 
     def test_no_authorization_header_is_no_identity(self) -> None:
         assert hs_resolver()(http_scope([])) is None
