@@ -834,6 +834,12 @@ def _check_algorithms(algorithms: Iterable[str]) -> tuple[str, ...]:
     if not algs:
         msg = "jwt_bearer() needs at least one algorithm, e.g. algorithms=['RS256']"
         raise ValueError(msg)
+    for alg in algs:
+        if not isinstance(alg, str):
+            msg = f"jwt_bearer()'s algorithms must be names such as 'RS256', not {alg!r:.64}"
+            raise TypeError(msg)
+    # Once each: an algorithm named twice was counted as another family's ("cannot mix").
+    algs = tuple(dict.fromkeys(algs))
     if any(alg.lower() == "none" for alg in algs):
         msg = "jwt_bearer() refuses the 'none' algorithm: unsigned tokens prove nothing"
         raise ValueError(msg)
@@ -1410,7 +1416,7 @@ def jwt_bearer(  # noqa: PLR0915 - its closures share the options checked here
             leeway or ``stale_keys_for`` that is negative, infinite or NaN, or an empty
             claim name (``user_claim``, ``tenant_claim``, in ``require``).
         TypeError: at construction, for a leeway or ``stale_keys_for`` that is not a
-            number of seconds, or a claim name that is not a str.
+            number of seconds, or a claim name or algorithm that is not a str.
     """
     import jwt
 

@@ -813,6 +813,27 @@ class TestJwtBearer:
         with pytest.raises(ValueError, match="key-confusion"):
             jwt_bearer(PUBLIC_PEM, algorithms=["HS256"])
 
+    @pytest.mark.parametrize(
+        ("algorithms", "signed"),
+        [(["HS256", "HS256"], "HS256"), (["HS256", "HS384", "HS256"], "HS256")],
+    )
+    def test_an_algorithm_named_twice_is_that_algorithm(
+        self, algorithms: list[str], signed: str
+    ) -> None:
+        """An HMAC algorithm listed twice is one family, not a mix of two refused as key
+        confusion: the resolver is made and verifies tokens of it."""
+        resolve = jwt_bearer(SECRET, algorithms=algorithms, audience=AUDIENCE, issuer=ISSUER)
+        assert resolve(bearer(token(alg=signed))).user_id == "alice"
+
+    @pytest.mark.parametrize("algorithm", [None, b"HS256", 256])
+    def test_an_algorithm_that_is_no_name_is_a_type_error_naming_it(
+        self, algorithm: object
+    ) -> None:
+        """An algorithm that is not a str is refused at construction for what it is, not
+        with an AttributeError from inside the check."""
+        with pytest.raises(TypeError, match="algorithms must be names"):
+            jwt_bearer(SECRET, algorithms=["HS256", algorithm])  # type: ignore[list-item]
+
     def test_an_hmac_secret_pyjwt_refuses_for_another_reason_is_named_for_it(self) -> None:
         """An empty secret, or a JWK given as its JSON text, was refused as "a public key or
         certificate; that is the key-confusion attack": the wrong mistake to look for."""
