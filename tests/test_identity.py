@@ -834,6 +834,16 @@ class TestJwtBearer:
         with pytest.raises(TypeError, match="algorithms must be names"):
             jwt_bearer(SECRET, algorithms=["HS256", algorithm])  # type: ignore[list-item]
 
+    @pytest.mark.parametrize("algorithms", [["HS256"], ["HS384", "HS512"]])
+    def test_hmac_with_a_key_set_client_is_refused_when_configured(
+        self, algorithms: list[str]
+    ) -> None:
+        """A key set fetched from a URL is public: a secret key in it would let anyone who
+        reads it sign tokens, so HMAC algorithms with a PyJWKClient are refused at once."""
+        client = jwt.PyJWKClient("http://127.0.0.1:9/.well-known/jwks.json", timeout=1)
+        with pytest.raises(ValueError, match="cannot verify HMAC algorithms with a PyJWKClient"):
+            jwt_bearer(client, algorithms=algorithms)
+
     def test_an_hmac_secret_pyjwt_refuses_for_another_reason_is_named_for_it(self) -> None:
         """An empty secret, or a JWK given as its JSON text, was refused as "a public key or
         certificate; that is the key-confusion attack": the wrong mistake to look for."""
