@@ -2721,6 +2721,38 @@ async def test_check_rls_detects_a_child_the_role_owns_without_force(db: Databas
     assert f"table '{db.schema}.kid' is a partition or child of '{db.notes}'" in problems[0]
 
 
+@pytest.mark.parametrize("autocommit", [False, True], ids=["transaction", "autocommit"])
+async def test_check_rls_leaves_a_transaction_the_caller_opened_to_the_caller(
+    db: Database, autocommit: bool
+) -> None:
+    """check_rls on a connection in a transaction block of the caller's (or, without
+    autocommit, in a transaction its earlier statements began) checks, leaves the
+    transaction open and the caller's writes in it, which commit with it. Before, it rolled
+    back the caller's writes, or raised ProgrammingError inside a transaction block."""
+    notes = sql.Identifier(db.schema, "notes")
+    insert = sql.SQL(
+        "INSERT INTO {} (owner, body) VALUES (current_setting('app.user_id'), %s)"
+    ).format(notes)
+    async with await psycopg.AsyncConnection.connect(db.app_url, autocommit=autocommit) as conn:
+        await conn.execute("SELECT set_config('app.user_id', 'alice', false)")
+        async with conn.transaction():
+            await conn.execute(insert, ("in a block",))
+            assert await check_rls(conn, [db.notes]) == []
+            await conn.execute(insert, ("after the check",))
+        if not autocommit:
+            await conn.execute(insert, ("implicit",))
+            assert await check_rls(conn, [db.notes]) == []
+            assert conn.info.transaction_status is TransactionStatus.INTRANS
+            await conn.commit()
+        else:
+            assert await check_rls(conn, [db.notes]) == []
+        assert conn.info.transaction_status is TransactionStatus.IDLE
+    bodies = sorted(["after the check", "in a block"] + ([] if autocommit else ["implicit"]))
+    async with await psycopg.AsyncConnection.connect(db.admin_url) as admin:
+        cur = await admin.execute(sql.SQL("SELECT body FROM {} ORDER BY body").format(notes))
+        assert [body for (body,) in await cur.fetchall()] == bodies
+
+
 @pytest.fixture(name="hidden")
 def fixture_hidden(db: Database) -> Iterator[str]:
     """A schema the app role has no USAGE on, holding a protected table (``guarded``), one

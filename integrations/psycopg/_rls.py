@@ -151,7 +151,8 @@ async def check_rls(
     in such a schema, which the role cannot reach, are no problem.
 
     Args:
-        conn: A fresh connection, opened the way the application opens its own.
+        conn: A fresh connection, opened the way the application opens its own. A
+            transaction it is in is left open as it is; one the check begins is rolled back.
         tables: The protected tables (``"schema.table"`` or a name on the search path).
         settings: Settings that must start empty (``"app.user_id"``, ...).
         action: ``"raise"`` :class:`RowSecurityError`, or ``"warn"``
@@ -167,6 +168,9 @@ async def check_rls(
         msg = f"action must be 'raise' or 'warn', not {action!r}"
         raise ValueError(msg)
     problems: list[str] = []
+    # A transaction the caller had open is the caller's (its writes, its transaction block);
+    # only one these queries began is ended here.
+    began = conn.pgconn.transaction_status == _IDLE
     # Rows by position, whatever row factory the application made the connection with, and
     # %s placeholders, whatever cursor class (AsyncRawCursor binds $1).
     async with AsyncCursor(conn, row_factory=tuple_row) as cur:
@@ -225,7 +229,7 @@ async def check_rls(
                     f"starts with a value in it: ALTER ROLE {role} RESET {name} (or ALTER "
                     "DATABASE)"
                 )
-    if conn.pgconn.transaction_status != _IDLE and not conn.autocommit:
+    if began and conn.pgconn.transaction_status != _IDLE:
         await conn.rollback()
     if problems:
         if action == "raise":
