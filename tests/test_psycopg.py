@@ -2721,6 +2721,96 @@ async def test_check_rls_detects_a_child_the_role_owns_without_force(db: Databas
     assert f"table '{db.schema}.kid' is a partition or child of '{db.notes}'" in problems[0]
 
 
+async def test_check_rls_detects_a_view_owned_by_a_member_of_the_tables_owner(
+    db: Database,
+) -> None:
+    """A view owned by a role that is a member of the protected table's owner (and so has
+    its rights) reads the table as its owner would, without its policies unless the table
+    FORCEs them: check_rls names the view over the table without FORCE, and not the one
+    over the table with it."""
+    app = psycopg.conninfo.conninfo_to_dict(db.app_url)["user"]
+    owner = psycopg.conninfo.conninfo_to_dict(db.owner_url)["user"]
+    member = f"ambient_mb_{uuid.uuid4().hex[:12]}"
+    schema = db.schema
+    with _admin() as admin:
+        for statement in (
+            "CREATE ROLE {member} NOLOGIN NOSUPERUSER NOBYPASSRLS INHERIT",
+            "GRANT {owner} TO {member}",
+            "INSERT INTO {s}.owned (owner) VALUES ('alice')",
+            "INSERT INTO {s}.forced (owner) VALUES ('alice')",
+            "CREATE VIEW {s}.owned_view AS SELECT * FROM {s}.owned",
+            "CREATE VIEW {s}.forced_view AS SELECT * FROM {s}.forced",
+            "ALTER VIEW {s}.owned_view OWNER TO {member}",
+            "ALTER VIEW {s}.forced_view OWNER TO {member}",
+            "GRANT SELECT ON {s}.owned_view, {s}.forced_view TO {app}",
+        ):
+            admin.execute(statement.format(s=schema, app=app, owner=owner, member=member))
+    try:
+        async with await psycopg.AsyncConnection.connect(db.app_url) as conn:
+            await conn.execute("SELECT set_config('app.user_id', 'bob', false)")
+            counts = [
+                await _scalar(
+                    conn, sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, view))
+                )
+                for view in ("owned_view", "forced_view")
+            ]
+            await conn.rollback()
+        problems = await _rls_problems(db.app_url, [f"{schema}.owned", f"{schema}.forced"])
+    finally:
+        with _admin() as admin:
+            admin.execute(f"DROP OWNED BY {member}")
+            admin.execute(f"DROP ROLE {member}")
+    assert counts == [1, 0]  # the danger
+    assert len(problems) == 1, problems
+    assert f"view '{schema}.owned_view' reads '{schema}.owned'" in problems[0]
+
+
+async def test_check_rls_names_the_view_that_skips_the_policies_below_a_chain_of_views(
+    db: Database,
+) -> None:
+    """A view the role can read, two views above one that reads the protected table with its
+    (superuser) owner's rights, and one over a view over a materialized view over a
+    security_invoker view of the table: check_rls asks for security_invoker on the view
+    that skips the policies (not the view between), and names the materialized view (not
+    the security_invoker view, which applies the policies)."""
+    app = psycopg.conninfo.conninfo_to_dict(db.app_url)["user"]
+    schema = db.schema
+    with _admin() as admin:
+        for statement in (
+            "CREATE VIEW {s}.internal AS SELECT owner FROM {s}.notes",
+            "CREATE VIEW {s}.middle AS SELECT owner FROM {s}.internal",
+            "CREATE VIEW {s}.top AS SELECT owner FROM {s}.middle",
+            "CREATE VIEW {s}.invoker WITH (security_invoker = on) AS SELECT owner FROM {s}.notes",
+            "CREATE MATERIALIZED VIEW {s}.stored AS SELECT owner FROM {s}.invoker",
+            "CREATE VIEW {s}.over_stored AS SELECT owner FROM {s}.stored",
+            "CREATE VIEW {s}.shown AS SELECT owner FROM {s}.over_stored",
+            "GRANT SELECT ON {s}.top, {s}.shown TO {app}",
+        ):
+            admin.execute(statement.format(s=schema, app=app))
+    problems = await _rls_problems(db.app_url, [db.notes])
+    assert len(problems) == 2, problems
+    assert problems[0].startswith(
+        f"view '{schema}.shown' shows the rows of '{db.notes}' that materialized view "
+        f"'{schema}.stored' holds"
+    ), problems[0]
+    assert problems[1].startswith(
+        f"view '{schema}.top' shows the rows of '{db.notes}' that '{schema}.internal' reads "
+        f"without its policies, and role '{app}' can read it: ALTER VIEW {schema}.internal "
+        "SET (security_invoker = true)"
+    ), problems[1]
+
+
+async def test_check_rls_checks_the_role_a_connection_has_set(db: Database) -> None:
+    """A connection that logged in as a superuser and then SET ROLE to the application's
+    role queries as that role, under the policies: check_rls checks that role, and finds
+    nothing to report."""
+    app = psycopg.conninfo.conninfo_to_dict(db.app_url)["user"]
+    async with await psycopg.AsyncConnection.connect(db.admin_url, autocommit=True) as conn:
+        await conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(app)))
+        assert await check_rls(conn, [db.notes]) == []
+        assert await _scalar(conn, "SELECT current_user") == app
+
+
 @pytest.mark.parametrize("autocommit", [False, True], ids=["transaction", "autocommit"])
 async def test_check_rls_leaves_a_transaction_the_caller_opened_to_the_caller(
     db: Database, autocommit: bool
