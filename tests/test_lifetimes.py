@@ -933,6 +933,27 @@ class TestAppLifetime:
         assert one is not two
         await registry.aclose()
 
+    async def test_aclose_called_again_once_ended_cleans_nothing_twice(self) -> None:
+        """A second aclose() after the first has ended (a server's shutdown, then a test's
+        teardown) finds nothing left to clean: each USER and APP component's cleanup ran
+        once, and is counted once."""
+        cleaned: list[str] = []
+
+        class Pool:
+            def close(self) -> None:
+                cleaned.append("pool")
+
+        registry = user_registry(cleaned)
+        registry.register(Pool, Pool, lifetime=Lifetime.APP)
+        async with registry.open_scope(ctx("alice")):
+            await ambient.resolve(Pool)
+            await ambient.resolve(Tracked)
+        await registry.aclose()
+        await registry.aclose()
+        assert sorted(cleaned) == ["alice", "pool"]
+        stats = registry.stats()
+        assert (stats.created, stats.cleaned, stats.cleanup_failures) == (2, 2, 0)
+
     async def test_an_anonymous_scope_open_across_aclose_closes_cleanly(self) -> None:
         """An anonymous request's scope is open when the registry closes (a shutdown): its
         user's entry is no longer the registry's when the scope releases it, and nothing
