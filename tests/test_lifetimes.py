@@ -1182,6 +1182,43 @@ class TestAcloseUnderWay:
         assert registry.stats().cleaned == 1
         await registry.aclose()
 
+    async def test_an_aclose_waiting_for_a_loop_still_cleaning_waits_past_cleanup_timeout(
+        self, anyio_backend: str
+    ) -> None:
+        """The close under way on another event loop takes longer than a
+        ``cleanup_timeout`` in all, each of its cleanups well within it: a call on this loop
+        waits for its end as long as cleanups keep ending there, and returns with every
+        component cleaned (not a RegistryError after the first ``cleanup_timeout``)."""
+        timeout = 1.0
+        started = threading.Event()
+        cleaned: list[str] = []
+
+        def slow(name: str) -> Iterator[str]:
+            yield name
+            started.set()
+            threading.Event().wait(timeout / 4)
+            cleaned.append(name)
+
+        names = [f"pool-{i}" for i in range(6)]
+        registry = Registry(cleanup_timeout=timeout)
+        for name in names:
+            registry.register(name, partial(slow, name), lifetime=Lifetime.APP)
+        async with registry.open_scope(ctx("alice")):
+            for name in names:
+                await ambient.resolve(name)
+        other = threading.Thread(
+            target=anyio.run, args=(registry.aclose,), kwargs={"backend": anyio_backend}
+        )
+        other.start()
+        try:
+            with anyio.fail_after(10):
+                await anyio.to_thread.run_sync(started.wait)
+                await registry.aclose()
+                assert sorted(cleaned) == names
+        finally:
+            await anyio.to_thread.run_sync(other.join)
+        assert registry.stats().cleanup_failures == 0
+
 
 class TestAbnormalExits:
     async def test_refcounts_return_to_zero_after_cancellations_and_errors(
