@@ -285,12 +285,16 @@ class Registry:
 
         Raises:
             RegistryError: duplicate key, frozen registry, unusable key, factory or name,
-                ``enter`` that is no bool.
+                ``enter`` or ``replace`` that is no bool.
         """
         _check_key(key)
         if type(enter) is not bool:
             # Truthy text ("no") entered what it was meant to keep from being entered.
             msg = f"enter must be True or False, not {enter!r:.64}"
+            raise RegistryError(msg)
+        if type(replace) is not bool:
+            # As enter: truthy text ("no") replaced the registration it was meant to keep.
+            msg = f"replace must be True or False, not {replace!r:.64}"
             raise RegistryError(msg)
         if self._frozen or (self._closing is not None and self._closing.frozen):
             msg = (

@@ -129,6 +129,20 @@ class TestRegistration:
             registry.register(Thing, Thing, enter=enter)  # type: ignore[arg-type]
         assert not registry.providers
 
+    @pytest.mark.parametrize("replace", ["no", 0, 1, None, "False"])
+    def test_replace_that_is_no_bool_is_refused(self, replace: object) -> None:
+        """``replace="no"`` is truthy: it replaced the registration it was meant to keep.
+        Anything but True or False is refused, and the earlier registration stays."""
+
+        def other() -> Thing:
+            return Thing()
+
+        registry = Registry()
+        registry.register(Thing, Thing)
+        with pytest.raises(RegistryError, match=f"replace must be True or False, not {replace!r}"):
+            registry.register(Thing, other, replace=replace)  # type: ignore[arg-type]
+        assert registry.providers[Thing].factory is Thing
+
     def test_factory_with_two_required_arguments_is_refused(self) -> None:
         """Factories take at most one argument."""
         with pytest.raises(RegistryError, match="exactly one"):
