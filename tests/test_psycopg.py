@@ -1602,6 +1602,48 @@ async def test_shared_per_user_limit(shared: SharedPool) -> None:
     await _eventually(lambda: _shared_idle(shared), "pool idle again")
 
 
+async def test_shared_a_wait_for_the_users_share_that_timed_out_takes_no_place(
+    shared: SharedPool,
+) -> None:
+    """alice holds her whole share (per_user_limit=2) and a third checkout of hers times
+    out waiting for it; when one of her two connections comes back, her next checkout gets
+    its place at once, while the other is still held. The timed-out wait leaves no place in
+    her line to be handed the returned one and lost."""
+    async with anyio.create_task_group() as tg:
+        first = await _hold(tg, shared, "alice")
+        second = await _hold(tg, shared, "alice")
+        with bind_context(_ctx("alice")):
+            with pytest.raises(PoolExhaustedError, match="per_user_limit"):
+                async with shared.connection(timeout=0.2):
+                    pytest.fail("alice's share is taken")
+            first.set()
+            await _eventually(
+                _async(lambda: shared.stats().checked_out == 1), "one of alice's returned"
+            )
+            async with shared.connection(timeout=2) as conn:
+                assert await _scalar(conn, "SELECT current_setting('app.user_id')") == "alice"
+        second.set()
+    await _eventually(lambda: _shared_idle(shared), "pool idle again")
+
+
+async def test_shared_stats_count_each_user_and_tenant_with_a_checkout(shared: SharedPool) -> None:
+    """stats() counts the checkouts in progress and the users holding them, a user being
+    one user_id in one tenant: alice of acme holding her whole share (per_user_limit=2)
+    leaves alice of another tenant served at once, and bob's checkout counts as a third
+    user's."""
+    async with anyio.create_task_group() as tg:
+        releases = [await _hold(tg, shared, user) for user in ("alice", "alice", "bob")]
+        with bind_context(_ctx("alice", "globex")):
+            async with shared.connection(timeout=0.3) as conn:
+                assert await _scalar(conn, "SELECT current_setting('app.tenant_id')") == "globex"
+                stats = shared.stats()
+                assert (stats.checked_out, stats.users, stats.waiting) == (4, 3, 0)
+                assert stats.size - stats.available == 4
+        for release in releases:
+            release.set()
+    await _eventually(lambda: _shared_idle(shared), "pool idle again")
+
+
 async def test_shared_max_waiting_bounds_the_wait_for_a_users_share(db: Database) -> None:
     """max_waiting=2, per_user_limit=1: alice holds her one connection and two more of her
     checkouts wait for it; her next ones are refused at once with a 503 error that says
