@@ -1375,8 +1375,9 @@ async def test_a_commit_given_up_at_return_timeout_is_cancelled_on_the_server(
 ) -> None:
     """A COMMIT that waits on the server (here a deferred trigger waiting for a lock
     another session holds) is given up at ``return_timeout``: the caller hears that its
-    outcome is unknown, and the server stops running it instead of waiting on, holding
-    the transaction's locks, until the lock comes free. Before, the cancel psycopg sends
+    outcome is unknown, the server stops running it instead of waiting on, holding the
+    transaction's locks, until the lock comes free, and a shared pool counts the connection
+    as discarded. Before, the cancel psycopg sends
     when its wait is interrupted was interrupted by the same deadline, and the connection
     was closed with the COMMIT still running."""
     schema = sql.Identifier(db.schema)
@@ -1409,6 +1410,8 @@ async def test_a_commit_given_up_at_return_timeout_is_cancelled_on_the_server(
                 async with registry.open_scope(_ctx("alice")), connection() as conn:
                     await conn.execute(insert)
             await _eventually(gone, "the COMMIT given up stops on the server", within=10.0)
+            if isinstance(pool, SharedPool):
+                assert pool.stats().discarded == 1
             holder.rollback()
     finally:
         await registry.aclose()
