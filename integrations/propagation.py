@@ -108,15 +108,13 @@ _ANONYMOUS: Final = ReadOnlyDict({ANONYMOUS: True})
 
 def _ttl_seconds(ttl: object) -> float:
     """``ttl`` as a token's lifetime: seconds, finite and more than 0."""
-    if isinstance(ttl, bool) or not isinstance(ttl, int | float):
-        msg = f"ttl must be seconds as an int or float, not {type(ttl).__name__}"
-        raise TypeError(msg)
+    seconds = _checks.number(ttl, "ttl")
     # Finite too: an infinite ttl would make a token that never expires (and fail as an
-    # OverflowError when signed), as would an int past what a float holds.
-    if not 0 < ttl <= sys.float_info.max:
+    # OverflowError when signed).
+    if not 0 < seconds <= sys.float_info.max:
         msg = f"ttl must be finite seconds > 0, not {str(ttl)[:64]}"
         raise ValueError(msg)
-    return ttl
+    return seconds
 
 
 def _b64encode(data: bytes) -> str:
