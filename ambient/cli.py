@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 _DEMO = "ambient.demo.app:create_app"
+# The tenant id header of a check run without --tenant-header (run_check()'s default).
+_TENANT_HEADER = "x-tenant-id"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -551,7 +553,7 @@ def _check_tenants(args: argparse.Namespace) -> None:
         args.refuse("--tenant-header is for --tenants with --identity header:NAME")
     if args.tenant_claim is not None and (not args.tenants or kind != "jwt"):
         args.refuse("--tenant-claim is for --tenants with --identity jwt")
-    tenant_header = args.tenant_header or "x-tenant-id"
+    tenant_header = args.tenant_header or _TENANT_HEADER
     if args.tenants and kind == "header" and tenant_header.lower() == args.identity[1].lower():
         # Both ids would go out in one header, and the app would read one of them for both.
         args.refuse(
@@ -661,7 +663,7 @@ def _load_and_run(
             progress=progress,
             time_limit=args.timeout,
             tenants=args.tenants,
-            tenant_header=args.tenant_header or "x-tenant-id",
+            tenant_header=args.tenant_header or _TENANT_HEADER,
             websocket=websocket,
             websocket_send=args.websocket_send,
         )
