@@ -1613,10 +1613,7 @@ def note_failure(error: BaseException) -> None:
 def _problem(refusal: Exception) -> Problem:
     if isinstance(refusal, _Refused):
         return refusal.problem
-    if isinstance(refusal, InvalidContextError):
-        # Say what was wrong, never echo the value.
-        return Problem.from_error(refusal, f"{refusal.field} is invalid: {refusal.reason}")
-    if isinstance(refusal, AmbientError):
+    if isinstance(refusal, AmbientError):  # an InvalidContextError's value is never echoed
         return Problem.from_error(refusal)
     raise refusal  # pragma: no cover - only _Refused and answerable AmbientErrors come here
 

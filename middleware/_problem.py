@@ -7,7 +7,7 @@ import math
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, Final
 
-from ambient.errors import AmbientError
+from ambient.errors import AmbientError, InvalidContextError
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -56,10 +56,12 @@ class Problem:
         client's request (4xx), and the class's ``client_detail`` for a server error (5xx)
         or an overload (429): the message of such an error is the server's (a backend's
         address, how long it has been down), for its logs and trace, not for the client.
+        An :class:`~ambient.errors.InvalidContextError` says its field and reason, never
+        the value its message shows.
         """
         status = error.http_status or 500
         if detail is None:
-            detail = error.client_detail if _withholds_detail(status) else str(error)
+            detail = _detail(error, status)
         headers: list[tuple[bytes, bytes]] = []
         retry_after = error.retry_after
         if retry_after is not None:
@@ -167,6 +169,17 @@ class Problem:
             "code": self._websocket_code(),
             "reason": reason,
         }
+
+
+def _detail(error: AmbientError, status: int) -> str:
+    """The detail of the answer to ``error`` (see :meth:`Problem.from_error`)."""
+    if _withholds_detail(status):
+        return error.client_detail
+    if isinstance(error, InvalidContextError):
+        # The value may be no input of this client's: an id the app read from its store,
+        # another user's.
+        return f"{error.field} is invalid: {error.reason}"
+    return str(error)
 
 
 def _withholds_detail(status: int) -> bool:

@@ -452,10 +452,14 @@ class TestErrors:
         async with client(app) as http:
             response = await http.get("/", headers=ALICE)
         body = assert_problem(response, status, type_)
-        # A refusal of the client's request says what was wrong with it; the server's
-        # failure or overload says only what any client may hear.
+        # A refusal of the client's request says what was wrong with it (an invalid
+        # context its field and reason, never the value it shows); the server's failure or
+        # overload says only what any client may hear.
         assert isinstance(error, AmbientError)
-        said = str(error) if status < 429 else error.client_detail
+        if isinstance(error, InvalidContextError):
+            said = f"{error.field} is invalid: {error.reason}"
+        else:
+            said = str(error) if status < 429 else error.client_detail
         assert body["detail"] == said
         assert response.headers.get("retry-after") == retry_after
         assert response.headers["x-request-id"]

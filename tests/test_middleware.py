@@ -1261,6 +1261,35 @@ class TestAnswerError:
             "about:blank",
         )
 
+    @pytest.mark.parametrize("handled", [False, True], ids=["middleware", "handler"])
+    async def test_an_invalid_context_the_app_made_names_the_rule_never_the_value(
+        self, handled: bool
+    ) -> None:
+        """A context the app builds from what it stored (another user's address, read back
+        with a space at its end) is refused naming the field and the rule, as the ids of a
+        refused request are: the value, which the error's message shows for the server's
+        logs, stays out of the body, whether the middleware or the app's exception handler
+        (through answer_error) answers."""
+        with pytest.raises(InvalidContextError) as caught:
+            UserExecutionContext.create("carol@example.com ")
+        refused = caught.value
+        assert "carol@example.com" in str(refused)
+
+        async def raising(scope: Any, receive: Any, send: Any) -> None:
+            await ambient.resolve("tx")
+            raise refused
+
+        seen: list[BaseException | None] = []
+        app = self._app(refused) if handled else raising
+        middleware = AmbientMiddleware(app, registry=_tx_registry(seen), identity=trusted_header())
+        async with client(middleware) as http:
+            response = await http.get("/", headers={"x-user-id": "u"})
+        body = assert_problem(response, 400)
+        assert body["type"] == "urn:ambient:problem:invalid-context"
+        assert body["detail"] == "user_id is invalid: must not start or end with whitespace"
+        assert "carol" not in response.text
+        assert seen == [refused]
+
     def test_outside_a_request_nothing_is_noted_and_a_401_keeps_its_own_challenge(
         self,
     ) -> None:
