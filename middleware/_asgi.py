@@ -1703,7 +1703,10 @@ def _log_withheld(error: AmbientError, problem: Problem, request_id: str | None)
     if not _withholds_detail(status):
         return
     notes = getattr(error, "__notes__", None)
-    said = str(error)
+    try:
+        said = str(error)
+    except Exception:  # noqa: BLE001 - a message built from what the error lacks
+        said = "(its message could not be read: str() raised)"
     if notes:
         said += " (" + "; ".join(map(str, notes)) + ")"
     logger.log(

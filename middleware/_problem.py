@@ -57,7 +57,8 @@ class Problem:
         or an overload (429): the message of such an error is the server's (a backend's
         address, how long it has been down), for its logs and trace, not for the client.
         An :class:`~ambient.errors.InvalidContextError` says its field and reason, never
-        the value its message shows.
+        the value its message shows; an error whose message cannot be read (its ``str()``
+        raises) says its class's ``client_detail``.
         """
         status = error.http_status or 500
         if detail is None:
@@ -179,7 +180,10 @@ def _detail(error: AmbientError, status: int) -> str:
         # The value may be no input of this client's: an id the app read from its store,
         # another user's.
         return f"{error.field} is invalid: {error.reason}"
-    return str(error)
+    try:
+        return str(error)
+    except Exception:  # noqa: BLE001 - a message built from what the error lacks
+        return error.client_detail
 
 
 def _withholds_detail(status: int) -> bool:

@@ -1290,6 +1290,47 @@ class TestAnswerError:
         assert "carol" not in response.text
         assert seen == [refused]
 
+    @pytest.mark.parametrize("status", [409, 503])
+    @pytest.mark.parametrize("handled", [False, True], ids=["middleware", "handler"])
+    async def test_an_error_whose_message_cannot_be_read_is_still_answered(
+        self, status: int, handled: bool, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """An error class whose ``str()`` raises (its message built from an attribute it
+        was never given) is answered with its status and its class's client detail, not
+        the ``AttributeError`` of its message in place of any answer; a 5xx is still
+        logged, by its class's name."""
+
+        class StaleError(AmbientError):
+            http_status = status
+            problem_type = "urn:ambient:problem:stale"
+            title = "Stale record"
+            client_detail = "the record changed meanwhile; reload it"
+
+            def __str__(self) -> str:
+                return f"record {self.record_id} changed"  # type: ignore[attr-defined]
+
+        async def raising(scope: Any, receive: Any, send: Any) -> None:
+            await ambient.resolve("tx")
+            raise StaleError
+
+        seen: list[BaseException | None] = []
+        app = self._app(StaleError()) if handled else raising
+        middleware = AmbientMiddleware(app, registry=_tx_registry(seen), identity=trusted_header())
+        with caplog.at_level(logging.INFO, logger="ambient.middleware"):
+            async with client(middleware) as http:
+                response = await http.get("/", headers={"x-user-id": "u"})
+        body = assert_problem(response, status)
+        assert (body["title"], body["detail"]) == (
+            "Stale record",
+            "the record changed meanwhile; reload it",
+        )
+        assert [type(error) for error in seen] == [StaleError]
+        logged = [
+            r.getMessage() for r in caplog.records if "does not tell the client" in r.getMessage()
+        ]
+        assert len(logged) == (status == 503)
+        assert all("StaleError" in line for line in logged)
+
     def test_outside_a_request_nothing_is_noted_and_a_401_keeps_its_own_challenge(
         self,
     ) -> None:
