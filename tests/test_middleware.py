@@ -2123,7 +2123,8 @@ class TestWebsocketRefusal:
         assert ledger.created == {}
 
     async def test_the_denial_response_extension_gets_a_problem_answer(self) -> None:
-        """With its request id echoed, as on an HTTP refusal."""
+        """With the length of its body and its request id echoed, as on an HTTP
+        refusal."""
         app, _, _ = build()
         scope = ws_scope(
             [(b"x-user-id", b"a"), (b"x-user-id", b"b"), (b"x-request-id", b"ws-req-1")],
@@ -2135,9 +2136,13 @@ class TestWebsocketRefusal:
             "websocket.http.response.body",
         ]
         assert sent[0]["status"] == 400
-        assert (b"x-request-id", b"ws-req-1") in sent[0]["headers"]
-        assert (b"content-type", b"application/problem+json") in sent[0]["headers"]
-        assert json.loads(sent[1]["body"])["status"] == 400
+        body = sent[1]["body"]
+        assert sent[0]["headers"] == [
+            (b"content-type", b"application/problem+json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", b"ws-req-1"),
+        ]
+        assert json.loads(body)["status"] == 400
 
     async def test_a_long_reason_is_cut_to_the_close_frame_limit(self) -> None:
         async def resolver(scope: Any) -> Identity:
