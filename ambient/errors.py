@@ -196,8 +196,10 @@ class IdentityError(AmbientError):
     title = "Invalid identity"
 
     def __init__(self, detail: str, *, status: int = 400, challenge: str | None = None) -> None:
-        if status not in (400, 401):
-            msg = f"IdentityError status must be 400 or 401, not {status}"
+        if isinstance(status, bool) or not isinstance(status, int) or status not in (400, 401):
+            # 400.0 equals 400, yet is no status: the answer's start and its body's status
+            # would carry the float.
+            msg = f"IdentityError status must be 400 or 401, not {status!r:.64}"
             raise ValueError(msg)
         if challenge is not None and (
             not isinstance(challenge, str)
@@ -207,8 +209,7 @@ class IdentityError(AmbientError):
         ):
             msg = f"IdentityError challenge must be printable ASCII (a header), not {challenge!r}"
             raise ValueError(msg)
-        self.status = status
-        self.http_status = status
+        self.status = self.http_status = int(status)
         self.challenge = challenge
         super().__init__(detail)
 

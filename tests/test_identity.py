@@ -1291,11 +1291,13 @@ class TestChallenges:
         error = IdentityError("x", status=401, challenge='Basic realm="app"')
         assert Problem.from_error(error).headers == [(b"www-authenticate", b'Basic realm="app"')]
 
-    @pytest.mark.parametrize("status", [200, 403, 500, "401"])
+    @pytest.mark.parametrize("status", [200, 403, 500, "401", 401.0, 400.0, True])
     def test_an_identity_error_answers_400_or_401_only(self, status: object) -> None:
         """An IdentityError is a refusal of the client's identity: any other status (a
         403, a 5xx, the 401 as a str) is refused where it is made, not sent as the
-        problem's status with the error's own message, which a 5xx must never show."""
+        problem's status with the error's own message, which a 5xx must never show. A
+        401.0 is no status either: the answer's start and its body would carry the
+        float."""
         with pytest.raises(ValueError, match="must be 400 or 401"):
             IdentityError("x", status=status)  # type: ignore[arg-type]
         for allowed in (400, 401):
