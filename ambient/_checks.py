@@ -13,14 +13,20 @@ from collections.abc import Callable
 from typing import cast
 
 
-def number(value: object, name: str, unit: str = "seconds") -> float:
-    """``value`` as a float (a Fraction or a numpy scalar too), or :class:`TypeError`
-    naming ``name`` when it is no number, :class:`ValueError` when no float holds it."""
+def real(value: object, name: str, unit: str = "seconds") -> numbers.Real:
+    """``value`` as it was given, or :class:`TypeError` naming ``name`` when it is no
+    number: for a value kept whatever its size (an int no float holds, inf, nan)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         msg = f"{name} must be a number of {unit}, not {value!r:.64}"
         raise TypeError(msg)
+    return value
+
+
+def number(value: object, name: str, unit: str = "seconds") -> float:
+    """``value`` as a float (a Fraction or a numpy scalar too), or :class:`TypeError`
+    naming ``name`` when it is no number, :class:`ValueError` when no float holds it."""
     try:
-        return float(value)
+        return float(real(value, name, unit))
     except OverflowError:  # an int past what a float holds: Python's words name no option
         msg = f"{name} must be a number of {unit} a float holds, not {value!s:.64}"
         raise ValueError(msg) from None

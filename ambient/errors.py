@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar
 
+from ambient._checks import real
+
 __all__ = [
     "AmbientError",
     "AmbientWarning",
@@ -226,6 +228,8 @@ class IdentityUnavailableError(AmbientError):
     client_detail = "the credential cannot be checked right now; try again later"
 
     def __init__(self, detail: str, *, retry_after: float = 5.0) -> None:
+        if retry_after is not None:  # None: no Retry-After, as an AmbientError has
+            real(retry_after, "retry_after")
         self.retry_after = retry_after
         super().__init__(detail)
 
@@ -239,6 +243,8 @@ class TooManyRequestsError(AmbientError):
     client_detail = "this user has too many requests in flight; try again later"
 
     def __init__(self, detail: str, *, retry_after: float = 1.0) -> None:
+        if retry_after is not None:  # None: no Retry-After, as an AmbientError has
+            real(retry_after, "retry_after")
         self.retry_after = retry_after
         super().__init__(detail)
 
@@ -252,6 +258,8 @@ class PoolExhaustedError(AmbientError):
     client_detail = "no database connection is available right now; try again later"
 
     def __init__(self, detail: str, *, retry_after: float = 1.0) -> None:
+        if retry_after is not None:  # None: no Retry-After, as an AmbientError has
+            real(retry_after, "retry_after")
         self.retry_after = retry_after
         super().__init__(detail)
 
@@ -360,6 +368,8 @@ class BroadcastError(AmbientError, ConnectionError):
     client_detail = "events cannot be delivered right now; try again later"
 
     def __init__(self, detail: str, *, retry_after: float = 1.0) -> None:
+        if retry_after is not None:  # None: no Retry-After, as an AmbientError has
+            real(retry_after, "retry_after")
         self.retry_after = retry_after
         super().__init__(detail)
 

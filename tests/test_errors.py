@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import pytest
 
 from ambient.errors import (
@@ -12,12 +14,15 @@ from ambient.errors import (
     CleanupTimeoutError,
     ContextSwitchError,
     GlobalStateWarning,
+    IdentityUnavailableError,
     IncompleteResponseError,
     InvalidTokenError,
     NoActiveContextError,
+    PoolExhaustedError,
     ResolutionError,
     RowSecurityError,
     RowSecurityWarning,
+    TooManyRequestsError,
 )
 
 
@@ -93,3 +98,33 @@ def test_a_refused_token_keeps_its_reason_and_is_a_401() -> None:
     assert error.reason == "expired"
     assert (error.status, error.http_status) == (401, 401)
     assert str(error) == "the context token expired 3 s ago"
+
+
+@pytest.mark.parametrize(
+    "error_class",
+    [IdentityUnavailableError, TooManyRequestsError, PoolExhaustedError, BroadcastError],
+)
+@pytest.mark.parametrize("retry_after", ["5", b"5", True, [5]], ids=repr)
+def test_a_retry_after_of_no_number_is_refused_where_the_error_is_made(
+    error_class: type[AmbientError], retry_after: object
+) -> None:
+    """A number of seconds read from a setting as text (or a bool, ``True`` is no second)
+    is a TypeError naming ``retry_after`` where the error is raised, not one of
+    ``math.ceil`` while the middleware writes its answer, which leaves the request with
+    none at all."""
+    with pytest.raises(TypeError, match=r"^retry_after must be a number of seconds, not "):
+        error_class("down", retry_after=retry_after)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize(
+    "error_class",
+    [IdentityUnavailableError, TooManyRequestsError, PoolExhaustedError, BroadcastError],
+)
+@pytest.mark.parametrize("retry_after", [0, 2, 2.5, Fraction(3, 2), -1.0, float("nan"), 10**400])
+def test_a_retry_after_is_kept_as_it_was_given(
+    error_class: type[AmbientError], retry_after: object
+) -> None:
+    """Any real number is kept as given: the answer rounds it and bounds it to between a
+    second and a day."""
+    error = error_class("down", retry_after=retry_after)  # type: ignore[call-arg]
+    assert error.retry_after is retry_after
