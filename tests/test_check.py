@@ -3871,20 +3871,40 @@ class TestPytestKit:
         result.assert_outcomes(passed=1, errors=1)
         result.stdout.fnmatch_lines(["*one instance was handed to users alice, bob*"])
 
+    @pytest.mark.parametrize("fails", [False, True], ids=["passing", "failing"])
     def test_the_fixtures_leave_nothing_behind_for_the_next_test(
-        self, pytester: pytest.Pytester
+        self, pytester: pytest.Pytester, fails: bool
     ) -> None:
-        """After a test using ambient_context and isolation_probe, the next test runs with
-        no context bound and no probe installed: neither leaks into other tests."""
+        """After a test using ambient_context and isolation_probe, sync or async, passing
+        or failing in the middle of its work, the next test runs with no context bound and
+        no probe installed: neither leaks into other tests."""
         pytester.makepyfile(
-            """
+            f"""
+            import anyio
+            import pytest
             import ambient
             import ambient._observe as observe
             from ambient.testing import IsolationProbe
 
+            FAILS = {fails}
+
             def test_first(ambient_context, isolation_probe):
                 assert ambient.current_context_or_none() is ambient_context
                 assert isolation_probe in observe.observers
+                assert not FAILS, "the test body failed"
+
+            @pytest.fixture
+            def anyio_backend():
+                return "asyncio"
+
+            @pytest.mark.anyio
+            async def test_async(ambient_context, isolation_probe):
+                registry = ambient.Registry()
+                registry.register("tool", object)
+                async with registry.open_scope(ambient_context):
+                    await ambient.resolve("tool")
+                    assert not FAILS, "the test body failed"
+                await registry.aclose()
 
             def test_second():
                 assert ambient.current_context_or_none() is None
@@ -3892,7 +3912,11 @@ class TestPytestKit:
             """
         )
         result = pytester.runpytest("-p", "no:cacheprovider")
-        result.assert_outcomes(passed=2)
+        if fails:
+            result.assert_outcomes(passed=1, failed=2)
+            result.stdout.no_fnmatch_line("*isolation probe found problems*")
+        else:
+            result.assert_outcomes(passed=3)
 
 
 async def test_the_demo_streams_each_run_to_its_own_users_sockets() -> None:
