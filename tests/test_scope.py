@@ -11,6 +11,7 @@ import logging
 import sys
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, NoReturn
 
@@ -2521,6 +2522,29 @@ class TestObservers:
             await registry.aclose()
         assert len(messages) == 5, (messages, len(addresses))
         assert all("failed in scope_opened" in message for message in messages)
+
+    async def test_an_observer_that_cannot_be_weakly_referred_to_is_logged_once(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """An observer that is also a tuple (no weak reference can be made to it) and fails
+        in every scope is logged once, as any other: it is kept alive to be known again,
+        not logged anew at each scope."""
+
+        class Labelled(ambient.Observer, tuple[str, ...]):
+            def scope_opened(self, scope: ambient.Scope) -> None:
+                raise RuntimeError("opened")
+
+        watcher = Labelled(("audit",))
+        with pytest.raises(TypeError):
+            weakref.ref(watcher)
+        registry = Registry(telemetry=watcher)
+        caplog.set_level(logging.ERROR, logger="ambient")
+        for n in range(3):
+            async with registry.open_scope(UserExecutionContext.create(f"u{n}")):
+                pass
+        failed = [r for r in caplog.records if "failed in scope_opened" in r.getMessage()]
+        assert len(failed) == 1
+        await registry.aclose()
 
     async def test_removing_an_observer_leaves_one_equal_to_it(self) -> None:
         """The function ``add_observer()`` returns removes that observer alone: another
