@@ -721,12 +721,13 @@ class RolloutState:
 class _Decision:
     """Which path one request takes; kept in its scope so the request never switches."""
 
-    __slots__ = ("claimed", "counted", "failed", "path")
+    __slots__ = ("claimed", "counted", "failed", "path", "shadowing")
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.failed = False
         self.claimed = False  # a resolve of the request has finished and counts it
+        self.shadowing = False  # a resolve of the request is making the shadow
         self.counted: tuple[int, int] | None = None  # where the window counted its call
 
 
@@ -952,22 +953,22 @@ class Rollout(Generic[T]):
             return "legacy"
         return self._mode
 
-    def _begin(self) -> tuple[_Decision, _Resolver | None, bool]:
-        """This request's decision, the resolver to use and whether this call made it."""
+    def _begin(self) -> tuple[_Decision, _Resolver | None]:
+        """This request's decision and the resolver to use."""
         binding = _shown()
         if binding is None:
-            return _Decision("legacy"), None, False
+            return _Decision("legacy"), None
         resolver = binding.scope
         state = None if resolver is None else resolver.owner.state
         if state is not None:
             decision = state.get(self)
             if decision is not None:
-                return decision, resolver, False
+                return decision, resolver
         made = _Decision(self._choose(binding.ctx))
         if state is not None:
             decision = state.setdefault(self, made)
             if decision is not made:  # another task or thread of this request decided first
-                return decision, resolver, False
+                return decision, resolver
         elif made.path != "legacy":
             raise NoActiveContextError("scope")
         with self._lock:
@@ -976,7 +977,7 @@ class Rollout(Generic[T]):
             "ambient.rollout.requests",
             {"ambient.rollout": self.name, "ambient.rollout.path": made.path},
         )
-        return made, resolver, True
+        return made, resolver
 
     async def resolve(self) -> T:
         """Return the legacy object or this request's component, as the switch decides.
@@ -988,12 +989,11 @@ class Rollout(Generic[T]):
                 (work that outlived its request); not counted as a failure of the component.
             Exception: whatever the component's factory raised, without ``max_error_rate``.
         """
-        decision, resolver, made = self._begin()
-        if (
-            resolver is None
-            or decision.path == "legacy"
-            or (decision.path == "shadow" and not made)
-        ):
+        decision, resolver = self._begin()
+        if resolver is None or decision.path == "legacy":
+            return self.legacy
+        shadowing = decision.path == "shadow"
+        if shadowing and not self._shadows(decision):
             return self.legacy
         try:
             component = await resolver.resolve(self.key)
@@ -1006,16 +1006,18 @@ class Rollout(Generic[T]):
             if self._absorbed(decision, exc, first=self._claim(decision)):
                 return self.legacy
             raise
+        finally:
+            if shadowing:
+                decision.shadowing = False
         return self._served_by(decision, component, first=self._claim(decision))
 
     def resolve_sync(self) -> T:
         """Like :meth:`resolve`, for components with sync factories (and worker threads)."""
-        decision, resolver, made = self._begin()
-        if (
-            resolver is None
-            or decision.path == "legacy"
-            or (decision.path == "shadow" and not made)
-        ):
+        decision, resolver = self._begin()
+        if resolver is None or decision.path == "legacy":
+            return self.legacy
+        shadowing = decision.path == "shadow"
+        if shadowing and not self._shadows(decision):
             return self.legacy
         try:
             component = resolver.resolve_sync(self.key)
@@ -1028,7 +1030,22 @@ class Rollout(Generic[T]):
             if self._absorbed(decision, exc, first=self._claim(decision)):
                 return self.legacy
             raise
+        finally:
+            if shadowing:
+                decision.shadowing = False
         return self._served_by(decision, component, first=self._claim(decision))
+
+    def _shadows(self, decision: _Decision) -> bool:
+        """Whether this resolve makes the request's shadow: none made it yet, and no other
+        task or thread of the request is making it (that one is not waited for).
+
+        Not only the resolve that made the decision: that one may have been cancelled (a
+        timeout around it) before its component was made, and the request resolved again."""
+        with self._lock:
+            if decision.claimed or decision.shadowing:
+                return False
+            decision.shadowing = True
+        return True
 
     def _claim(self, decision: _Decision) -> bool:
         """Whether this is the first resolve of the request to finish, which counts it.

@@ -1761,6 +1761,77 @@ class TestFallback:
         failed = [r for r in caplog.records if "the component path failed" in r.getMessage()]
         assert len(failed) == (0 if made else 1)
 
+    @pytest.mark.parametrize("made", [True, False], ids=["made", "factory-fails"])
+    async def test_a_request_retrying_a_cancelled_shadow_makes_the_shadow(
+        self, made: bool, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """In shadow mode a request whose first resolve() was cancelled (a timeout around
+        it) before its component was made, and that resolves again, makes the shadow on the
+        retry as a first resolve would: the component is created (or its failure logged),
+        the request gets the legacy object and counts once. The retry returned the legacy
+        object without making the shadow: no comparison for that request."""
+        first_try = anyio.CancelScope()
+        created: list[str] = []
+
+        async def factory(context: UserExecutionContext) -> ExecutionEngine:
+            if not first_try.cancel_called:
+                first_try.cancel()
+                await anyio.sleep_forever()
+            if not made:
+                msg = "engine backend unavailable"
+                raise ConnectionError(msg)
+            created.append(context.user_id)
+            return ExecutionEngine(context)
+
+        registry = Registry()
+        registry.register(ExecutionEngine, factory)
+        rollout: Rollout[Any] = Rollout(ExecutionEngine, legacy=LEGACY, mode="shadow")
+        with caplog.at_level(logging.WARNING, logger="ambient.migration"):
+            async with registry.open_scope(ctx()):
+                with first_try:
+                    await rollout.resolve()
+                assert first_try.cancelled_caught
+                assert await rollout.resolve() is LEGACY
+                assert await rollout.resolve() is LEGACY  # made once, counted once
+        assert created == (["alice"] if made else [])
+        state = rollout.state()
+        assert (state.shadow, state.window_calls) == (1, 1)
+        assert (state.window_failures, state.failures) == ((0, 0) if made else (1, 1))
+        failed = [r for r in caplog.records if "the shadow path failed" in r.getMessage()]
+        assert len(failed) == (0 if made else 1)
+
+    async def test_a_task_resolving_while_another_makes_the_shadow_is_not_held_up(
+        self,
+    ) -> None:
+        """In shadow mode the request's other tasks get the legacy object at once while one
+        task makes the shadow: the shadow costs them no wait, and it is made once."""
+        started, release = anyio.Event(), anyio.Event()
+        made: list[str] = []
+
+        async def slow(context: UserExecutionContext) -> ExecutionEngine:
+            started.set()
+            await release.wait()
+            made.append(context.user_id)
+            return ExecutionEngine(context)
+
+        registry = Registry()
+        registry.register(ExecutionEngine, slow)
+        rollout: Rollout[Any] = Rollout(ExecutionEngine, legacy=LEGACY, mode="shadow")
+        got: list[object] = []
+
+        async def first() -> None:
+            got.append(await rollout.resolve())
+
+        with anyio.fail_after(10):
+            async with registry.open_scope(ctx()), anyio.create_task_group() as tg:
+                tg.start_soon(first)
+                await started.wait()
+                assert await rollout.resolve() is LEGACY  # release is not set yet
+                release.set()
+        assert (got, made) == ([LEGACY], ["alice"])
+        state = rollout.state()
+        assert (state.shadow, state.window_calls) == (1, 1)
+
     async def test_tasks_of_a_request_failing_together_log_and_count_one_failure(
         self, caplog: pytest.LogCaptureFixture
     ) -> None:
