@@ -443,8 +443,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 said = {"app": _name(args.app), "ok": False, "error": "interrupted; no report"}
                 sys.stdout.write(json.dumps(said, indent=2, sort_keys=True) + "\n")
             return 130
-    parser.print_help()
-    return 0
+    # No command is a usage error, said as argparse says every other one: the usage and the
+    # error on stderr, exit status 2 (a script that ran ``ambient`` by mistake does not pass).
+    parser.print_usage(sys.stderr)
+    sys.stderr.write("ambient: error: a command is required: check or demo (see ambient --help)\n")
+    return 2
 
 
 def _demo(host: str, port: int) -> int:

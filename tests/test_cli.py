@@ -99,12 +99,38 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out == f"ambient {ambient.__version__}\n"
 
 
-def test_no_command_prints_the_help(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([]) == 0
+def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """No command prints the usage and what is missing to stderr and exits with status 2,
+    argparse's for a usage error; it printed the help and exited 0, as if it had worked."""
+    assert main([]) == 2
+    said = capsys.readouterr()
+    assert said.out == ""
+    assert said.err.startswith("usage: ambient")
+    assert "ambient: error: a command is required: check or demo" in said.err
+
+
+def test_help_prints_the_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as helped:
+        main(["--help"])
+    assert helped.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: ambient")
     assert "check" in out
     assert "demo" in out
+
+
+@pytest.mark.parametrize(("argv", "code"), [([], 2), (["--help"], 0), (["--version"], 0)])
+def test_the_command_exit_status(argv: list[str], code: int) -> None:
+    """What a shell sees from ``python -m ambient``, the ``ambient`` command's code."""
+    ran = subprocess.run(  # noqa: S603 - our own interpreter and module
+        [sys.executable, "-m", "ambient", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert ran.returncode == code, ran.stderr
+    assert ("usage: ambient" in ran.stderr) is (code == 2)
 
 
 def test_the_check_defaults(
