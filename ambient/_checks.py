@@ -3,11 +3,14 @@
 A value that is no number (text read from a setting, ``None`` where it means nothing, a
 bool: ``True`` is no second) is a :class:`TypeError` naming the option, instead of Python's
 own "'>' not supported between instances of 'str' and 'int'", or of ``True`` taken for 1.
-Each constructor then checks the range its option needs.
+Infinity is a :class:`ValueError` naming the option: no wait, deadline or expiry is made of
+it (an option that can mean "never" says so with ``None``). Each constructor then checks
+the range its option needs.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable
 from typing import cast
@@ -24,12 +27,37 @@ def real(value: object, name: str, unit: str = "seconds") -> numbers.Real:
 
 def number(value: object, name: str, unit: str = "seconds") -> float:
     """``value`` as a float (a Fraction or a numpy scalar too), or :class:`TypeError`
-    naming ``name`` when it is no number, :class:`ValueError` when no float holds it."""
+    naming ``name`` when it is no number, :class:`ValueError` when no float holds it or it
+    is infinite (NaN is left to the range each option checks)."""
     try:
-        return float(real(value, name, unit))
+        seconds = float(real(value, name, unit))
     except OverflowError:  # an int past what a float holds: Python's words name no option
         msg = f"{name} must be a number of {unit} a float holds, not {value!s:.64}"
         raise ValueError(msg) from None
+    if math.isinf(seconds):
+        msg = f"{name} must be a finite number of {unit}, not {value!s:.64}"
+        raise ValueError(msg)
+    return seconds
+
+
+def instant(value: object, name: str) -> None:
+    """Refuse ``value`` as an expiry in seconds since the epoch, or ``None`` (never): a
+    :class:`TypeError` naming ``name`` when no clock reading could be compared with it (no
+    number, a bool, NaN), a :class:`ValueError` when it is infinite (``None`` says never;
+    minus infinity is a mistake, not a past moment). An int no float holds is taken: a
+    token's ``exp`` copied as it came may be one, and it never comes."""
+    if value is None:
+        return
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or (isinstance(value, float) and math.isnan(value))
+    ):
+        msg = f"{name} must be seconds since the epoch or None, not {value!r:.64}"
+        raise TypeError(msg)
+    if isinstance(value, float) and math.isinf(value):
+        msg = f"{name} must be finite seconds since the epoch, or None for never, not {value}"
+        raise ValueError(msg)
 
 
 def whole(value: object, name: str, unit: str) -> int:

@@ -120,9 +120,12 @@ def make_provider(
     if (
         isinstance(idle_ttl, bool)
         or not isinstance(idle_ttl, int | float)
-        or not idle_ttl >= 0  # nan too: it would stop the user's components expiring
+        # nan too: it would stop the user's components expiring; infinity, or an int no
+        # float holds (an OverflowError when its expiry was reckoned), is no number of
+        # seconds either, as for every other option taking seconds
+        or not 0 <= idle_ttl <= sys.float_info.max
     ):
-        msg = f"idle_ttl must be a number of seconds >= 0, not {idle_ttl!r}"
+        msg = f"idle_ttl must be a number of seconds >= 0 and finite, not {idle_ttl!s:.64}"
         raise RegistryError(msg)
     if name is not None and (not isinstance(name, str) or not name or _garbles_lines(name)):
         # It is joined into errors and written to log lines and span attributes: a

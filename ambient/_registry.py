@@ -167,7 +167,7 @@ class Registry:
             this registry's scopes and components.
 
     Raises:
-        ValueError: ``cleanup_timeout`` not above 0, ``max_users`` below 1.
+        ValueError: ``cleanup_timeout`` not above 0 or infinite, ``max_users`` below 1.
         TypeError: an option of another type: ``cleanup_timeout`` no number,
             ``max_users`` no whole number, ``clock`` not callable, ``telemetry`` no
             :class:`~ambient.Observer`.
@@ -277,8 +277,9 @@ class Registry:
             name: Name in errors, logs and telemetry (default: the key's name): a
                 non-empty str, in any script, without line breaks or control characters.
             idle_ttl: USER only: seconds after the user's last scope closes before the
-                component is cleaned (default 300). A USER component that another one's
-                factory resolved lives at least as long as that one (it may hold it).
+                component is cleaned (default 300; finite: infinity is refused). A USER
+                component that another one's factory resolved lives at least as long as
+                that one (it may hold it).
             enter: Enter a result that is an (async) context manager (default); with
                 ``False`` only ``aclose()``/``close()`` is called.
             replace: Allow replacing an earlier registration (for tests).

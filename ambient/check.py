@@ -37,7 +37,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-from ambient import _probe, add_observer, current_context_or_none
+from ambient import _checks, _probe, add_observer, current_context_or_none
 from ambient._context import UserRef
 from ambient._observe import ComponentEvent, Observer
 
@@ -1399,7 +1399,9 @@ def _check_arguments(
     if not 0 <= growth_requests <= _MAX_TOTAL_REQUESTS:
         msg = f"growth_requests must be from 0 to {_MAX_TOTAL_REQUESTS}, not {growth_requests}"
         raise ValueError(msg)
-    if time_limit is not None and not time_limit > 0:
+    # None waits as long as a request takes; infinity is refused as for every option
+    # taking seconds.
+    if time_limit is not None and not _checks.number(time_limit, "time_limit") > 0:
         msg = f"time_limit must be more than 0 seconds, not {time_limit}"
         raise ValueError(msg)
 

@@ -25,6 +25,7 @@ With ``endpoint=None`` the exporters follow the standard environment variables
 from __future__ import annotations
 
 import logging
+import math
 import re
 import urllib.parse
 from collections.abc import Mapping
@@ -39,6 +40,7 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+from ambient import _checks
 from ambient.middleware.identity import _header_name
 from ambient.telemetry import IdPolicy, Telemetry
 
@@ -81,8 +83,18 @@ class TracingHandle:
         )
 
     def force_flush(self, timeout: float = 30.0) -> bool:
-        """Export everything buffered now; ``False`` when it did not finish in time."""
-        millis = int(timeout * 1000)
+        """Export everything buffered now; ``False`` when it did not finish in time.
+
+        Raises:
+            TypeError: ``timeout`` is no number of seconds.
+            ValueError: ``timeout`` is infinite or NaN (an OverflowError or ValueError
+                that named nothing).
+        """
+        seconds = _checks.number(timeout, "timeout")
+        if math.isnan(seconds):
+            msg = "timeout must be a number of seconds, not nan"
+            raise ValueError(msg)
+        millis = int(seconds * 1000)
         done = self.tracer_provider.force_flush(millis)
         if self.meter_provider is not None:
             done = self.meter_provider.force_flush(millis) and done

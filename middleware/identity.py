@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from time import monotonic as _monotonic
 from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn, TypeAlias, TypeVar
 
+from ambient import _checks
 from ambient._context import ReadOnlyDict as _ReadOnlyDict
 from ambient._loops import in_trio as _in_trio
 from ambient.errors import IdentityError, IdentityUnavailableError
@@ -71,10 +72,11 @@ class Identity:
             the parent's user, tenant, thread and request ids and a new run whose parent is
             the parent's run. Its user and tenant must be ``user_id`` and ``tenant_id``.
         expires_at: When the identity stops being valid, in seconds since the epoch (a
-            token's ``exp``), or ``None``. A websocket connection still open then is
-            cancelled and closed with code 4001, and a streamed HTTP response (server-sent
-            events) whose body is streaming is cancelled and ended, idle or not: neither
-            outlives its credential.
+            token's ``exp``), or ``None`` for never (infinity is refused with
+            :class:`ValueError`; NaN, a bool or text with :class:`TypeError`). A websocket
+            connection still open then is cancelled and closed with code 4001, and a
+            streamed HTTP response (server-sent events) whose body is streaming is
+            cancelled and ended, idle or not: neither outlives its credential.
     """
 
     user_id: str
@@ -84,14 +86,7 @@ class Identity:
     expires_at: float | None = None
 
     def __post_init__(self) -> None:
-        expires = self.expires_at
-        if expires is not None and (
-            isinstance(expires, bool)
-            or not isinstance(expires, int | float)
-            or (isinstance(expires, float) and math.isnan(expires))
-        ):
-            msg = f"Identity.expires_at must be seconds since the epoch or None, not {expires!r}"
-            raise TypeError(msg)
+        _checks.instant(self.expires_at, "Identity.expires_at")
 
     async def _refused(self) -> None:
         """The middleware refused the request after resolving this identity, for a reason

@@ -514,15 +514,11 @@ class WebSocketTickets:
                 a signed-in user.
             TypeError: when the context's claims are not JSON, or ``expires_at`` is not
                 seconds since the epoch.
+            ValueError: when ``expires_at`` is infinite (``None``, the default, is the
+                credential's expiry).
         """
-        if expires_at is not None and (
-            isinstance(expires_at, bool)
-            or not isinstance(expires_at, int | float)
-            or (isinstance(expires_at, float) and math.isnan(expires_at))
-        ):
-            # As Identity checks it: the handshake redeeming the ticket would fail on it.
-            msg = f"expires_at must be seconds since the epoch or None, not {expires_at!r}"
-            raise TypeError(msg)
+        # As Identity checks it: the handshake redeeming the ticket would fail on it.
+        _checks.instant(expires_at, "expires_at")
         ctx = get_current_context()
         if ctx.metadata.get(ANONYMOUS) is True:
             msg = "websocket tickets are issued to signed-in users; this request had no identity"

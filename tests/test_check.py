@@ -2949,6 +2949,9 @@ async def test_each_user_cycles_through_the_whole_plan() -> None:
         ),
         ({"growth_requests": 1_000_001}, "growth_requests must be from 0 to 1000000, not"),
         ({"growth_requests": -1}, "growth_requests must be from 0 to 1000000, not -1"),
+        # None waits as long as a request takes; infinity is no limit to cancel at.
+        ({"time_limit": float("inf")}, "time_limit must be a finite number of seconds"),
+        ({"time_limit": 0}, "time_limit must be more than 0 seconds, not 0"),
     ],
 )
 async def test_run_check_refuses_more_users_or_requests_than_it_can_drive(

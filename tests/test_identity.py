@@ -108,6 +108,13 @@ class TestIdentity:
         with pytest.raises(TypeError, match="seconds since the epoch or None"):
             Identity("alice", expires_at=expires_at)  # type: ignore[arg-type]
 
+    @pytest.mark.parametrize("expires_at", [math.inf, -math.inf])
+    def test_an_infinite_expiry_is_refused(self, expires_at: float) -> None:
+        """``None`` says never: infinity was taken as never too, and minus infinity as an
+        identity that had always expired, where each is a mistake in a resolver."""
+        with pytest.raises(ValueError, match="^Identity.expires_at must be finite .+ None"):
+            Identity("alice", expires_at=expires_at)
+
     @pytest.mark.parametrize("expires_at", [None, 0, 1_700_000_000, 1_700_000_000.5])
     def test_an_expiry_in_seconds_or_none_is_kept(self, expires_at: float | None) -> None:
         """An int or float of seconds, or None, is the identity's expiry."""

@@ -86,6 +86,24 @@ def test_a_number_no_float_holds_is_a_value_error_naming_the_option(
     assert str(info.value).endswith(", not 1" + "0" * 63)
 
 
+@pytest.mark.parametrize(
+    ("option", "build"),
+    [(o, b) for o, b in BUILDERS if o not in COUNTS],
+    ids=[o for o, _ in BUILDERS if o not in COUNTS],
+)
+@pytest.mark.parametrize("value", [float("inf"), float("-inf")], ids=["inf", "-inf"])
+def test_infinity_is_a_value_error_naming_the_option(
+    option: str, build: Callable[[str, Any], object], value: float
+) -> None:
+    """No wait, interval, window or threshold is made of infinity: it was taken (a
+    cleanup bounded by nothing, whose wait in a worker thread raised OverflowError; a
+    broadcast that never reconnected), as some options refused it and others not. Where
+    "never" is meant an option says so with None."""
+    message = f"{option} must be a finite number of "
+    with pytest.raises(ValueError, match=rf"^{re.escape(message)}.+, not {value}$"):
+        build(option, value)
+
+
 @pytest.mark.parametrize(("option", "build"), BUILDERS, ids=[o for o, _ in BUILDERS])
 def test_a_long_value_is_shown_cut_to_64_characters(
     option: str, build: Callable[[str, Any], object]

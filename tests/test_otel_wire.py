@@ -575,6 +575,21 @@ def test_the_handles_telemetry_passes_on_every_option(receiver: Receiver) -> Non
     assert by_name["ambient.resolve"]["ambient.component"] == "'baggage'"
 
 
+def test_force_flush_refuses_a_timeout_no_export_could_wait(receiver: Receiver) -> None:
+    """An infinite timeout was Python's OverflowError and NaN its ValueError, naming
+    nothing; each names the timeout now, and nothing was flushed or shut down."""
+    handle = configure_tracing("flush-timeout", receiver.url, set_global=False)
+    try:
+        for timeout, error in ((float("inf"), ValueError), (float("nan"), ValueError)):
+            with pytest.raises(error, match="^timeout must be a"):
+                handle.force_flush(timeout=timeout)
+        with pytest.raises(TypeError, match="^timeout must be a number of seconds"):
+            handle.force_flush(timeout="5")  # type: ignore[arg-type]
+        assert handle.force_flush(timeout=5) is True
+    finally:
+        handle.shutdown()
+
+
 def test_force_flush_exports_the_metrics_even_when_the_traces_did_not_flush(
     receiver: Receiver,
 ) -> None:

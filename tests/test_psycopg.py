@@ -4165,7 +4165,7 @@ def test_pool_options_are_checked_at_construction(strategy: type[Any]) -> None:
         ("return_timeout", float("nan"), "return_timeout must be > 0 seconds, not nan"),
         ("retry_after", 0, "retry_after must be > 0 seconds"),
         # A Retry-After header of inf or nan seconds cannot be written.
-        ("retry_after", float("inf"), "retry_after must be > 0 seconds and finite"),
+        ("retry_after", float("inf"), "retry_after must be a finite number of seconds"),
         ("retry_after", float("nan"), "retry_after must be > 0 seconds and finite"),
         ("rls_check", "loud", "rls_check must be"),
     ],
@@ -4290,6 +4290,7 @@ async def test_a_checkouts_bad_timeout_is_refused_at_once(db: Database, strategy
                 ("1", TypeError),
                 (True, TypeError),
                 (10**400, ValueError),  # no float holds it: was Python's OverflowError
+                (float("inf"), ValueError),  # None is the pool's timeout; no wait is endless
             ):
                 with anyio.fail_after(2), pytest.raises(error, match="timeout must be"):
                     async with pool.connection(timeout=bad):  # type: ignore[arg-type]

@@ -1016,6 +1016,9 @@ async def test_an_observer_given_to_the_registry_and_installed_process_wide_sees
         ({"lifetime": Lifetime.USER, "idle_ttl": float("nan")}, "idle_ttl must be a number"),
         ({"lifetime": Lifetime.USER, "idle_ttl": "5"}, "idle_ttl must be a number"),
         ({"lifetime": Lifetime.USER, "idle_ttl": True}, "idle_ttl must be a number"),
+        # Never expiring, and reckoning an expiry raised OverflowError as the scope closed.
+        ({"lifetime": Lifetime.USER, "idle_ttl": float("inf")}, "and finite, not inf"),
+        ({"lifetime": Lifetime.USER, "idle_ttl": 10**400}, "and finite, not 1000000"),
         ({"lifetime": "user", "idle_ttl": 5}, "idle_ttl applies to USER components only"),
     ],
 )

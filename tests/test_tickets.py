@@ -312,6 +312,9 @@ class TestMemory:
             for expires_at in (float("nan"), "2000000000", True):
                 with pytest.raises(TypeError, match="expires_at"):
                     await tickets.issue(expires_at=expires_at)  # type: ignore[arg-type]
+            for expires_at in (float("inf"), float("-inf")):  # None is the credential's
+                with pytest.raises(ValueError, match="^expires_at must be finite"):
+                    await tickets.issue(expires_at=expires_at)
         assert len(store) == 0
 
     async def test_issue_needs_a_context_and_json_claims(self) -> None:
