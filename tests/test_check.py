@@ -390,6 +390,8 @@ class TestTheDemo:
 
         headers = {"x-user-id": "bob", "content-type": "application/json"}
         padded = json.dumps({"prompt": "hi", "pad": "y" * 1_000_000})
+        over = json.dumps({"prompt": "hi", "pad": ""})
+        over = over.replace('""', '"' + "y" * (65537 - len(over)) + '"')  # one byte over
         longest = json.dumps({"prompt": "\U0001f600" * 4000})
         assert len(longest) > 48_000
         with (
@@ -397,8 +399,10 @@ class TestTheDemo:
             httpx.Client(base_url=base, headers=headers) as http,
         ):
             padding = http.post("/agents/triage/runs", content=padded)
+            just_over = http.post("/agents/triage/runs", content=over)
             fits = http.post("/agents/triage/runs", content=longest)
         assert padding.status_code == 413, padding.text
+        assert just_over.status_code == 413, just_over.text
         assert padding.headers["content-type"] == "application/problem+json"
         assert padding.json()["detail"] == "the body must be at most 65536 bytes"
         assert fits.status_code == 200, fits.text
@@ -512,6 +516,113 @@ class TestTheDemo:
         assert (who.json()["user"], who.json()["tenant"]) == ("bob", "acme")
         assert fits.status_code == 200, fits.text
         assert (unknown.status_code, unknown.json()["status"]) == (404, 404)
+
+    @pytest.mark.parametrize("store", ["memory", "postgresql"])
+    async def test_a_users_notes_are_theirs_in_their_tenant_and_thread_only(
+        self, anyio_backend: str, store: str
+    ) -> None:
+        """One user id in two tenants is two users: a note remembered in one tenant is
+        recalled there, with the thread it was taken in, and not in the other (in memory
+        and in PostgreSQL, whose rows carry the tenant the pool set). The calculator takes
+        decimals too."""
+        database_url = ""
+        if store == "postgresql":
+            from ambient.demo.app import create_schema
+
+            if (found := _demo_database(anyio_backend)) is None:
+                return
+            await create_schema(found)
+            database_url = found
+        app = create_app(database_url=database_url)
+        # A user of its own: the PostgreSQL table outlives the test.
+        user = f"alice-{uuid.uuid4().hex}"
+        acme = {"x-user-id": user, "x-tenant-id": "acme", "x-thread-id": "thread-acme"}
+        beta = {"x-user-id": user, "x-tenant-id": "beta"}
+        async with _demo_client(app) as http:
+
+            async def run(headers: dict[str, str], prompt: str) -> str:
+                response = await http.post(
+                    "/agents/research/runs", json={"prompt": prompt}, headers=headers
+                )
+                assert response.status_code == 200, response.text
+                answer: str = response.json()["answer"]
+                return answer
+
+            noted = await run(acme, "remember milk")
+            elsewhere = await run(beta, "recall")
+            recalled = await run(acme, "recall")
+            calculated = await run(beta, "calc 1.5 * 3")
+            history = (await http.get("/history", headers=acme)).json()
+            others = (await http.get("/history", headers=beta)).json()
+        assert (noted, elsewhere, recalled) == ("noted: milk", "nothing noted yet", "milk")
+        assert calculated == "4.5"
+        notes = [m for m in history["messages"] if m["role"] == "note"]
+        assert notes == [{"thread_id": "thread-acme", "role": "note", "text": "milk"}]
+        assert "milk" not in json.dumps(others)
+
+    async def test_a_requests_components_let_go_of_its_run_when_cleaned(self) -> None:
+        """The tool dispatcher and the agent factory of a request hold what its run did
+        (the tools it called, the agents it made, each bound to the run) until the request
+        ends, and nothing of it after their cleanup: a reference kept to either past the
+        request (a log record's arguments, a debugger) keeps no user's run alive."""
+        from ambient.demo.app import AgentInstanceFactory, ExecutionEngine, ToolDispatcher
+
+        registry = build_registry()
+        ctx = UserExecutionContext.create("alice")
+        async with registry.open_scope(ctx):
+            engine = await ambient.resolve(ExecutionEngine)
+            result = await engine.run("triage", "calc 2 * 3")
+            tools = await ambient.resolve(ToolDispatcher)
+            agents = await ambient.resolve(AgentInstanceFactory)
+            assert (result["answer"], result["tools"]) == ("6", ["calc"])
+            assert engine.agents is agents
+            assert agents.tools is tools
+            assert tools.calls == ["calc"]
+            assert [(a.name, a.ctx.parent_run_id) for a in agents.created] == [
+                ("triage", ctx.run_id)
+            ]
+            # The run is the agent's own, a child of the request's.
+            assert result["run_id"] == agents.created[0].ctx.run_id != ctx.run_id
+        assert (tools.calls, agents.created) == ([], [])
+        assert result["tools"] == ["calc"]  # the answer given is not emptied with them
+        await registry.aclose()
+
+    async def test_one_user_has_at_most_fifty_requests_in_flight(self) -> None:
+        """A user whose 50 runs are still sending their bodies gets a 429 for one more,
+        while another user is served: one user cannot take every worker of the demo. The
+        50 then end as usual."""
+        arrived = 0
+        all_in, finish = anyio.Event(), anyio.Event()
+
+        async def slow_body() -> AsyncIterator[bytes]:
+            nonlocal arrived
+            yield b'{"prompt": '
+            arrived += 1  # the app reads on: the middleware let the request in
+            if arrived == 50:
+                all_in.set()
+            await finish.wait()
+            yield b'"calc 1 + 1"}'
+
+        app = create_app()
+        statuses: list[int] = []
+        async with _demo_client(app) as http:
+
+            async def run() -> None:
+                response = await http.post(
+                    "/agents/triage/runs", content=slow_body(), headers={"x-user-id": "alice"}
+                )
+                statuses.append(response.status_code)
+
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+                    for _ in range(50):
+                        tg.start_soon(run)
+                    await all_in.wait()
+                    refused = await http.get("/whoami", headers={"x-user-id": "alice"})
+                    other = await http.get("/whoami", headers={"x-user-id": "bob"})
+                    finish.set()
+        assert (refused.status_code, other.status_code) == (429, 200)
+        assert statuses == [200] * 50
 
 
 def _prompts_the_demo_cannot_answer(app: AmbientMiddleware) -> None:
@@ -3934,6 +4045,7 @@ async def test_the_demo_streams_each_run_to_its_own_users_sockets() -> None:
     users = [f"ws-user-{n}" for n in range(6)]
     ready = threading.Barrier(len(users) + 1, timeout=30)
     received: dict[str, list[dict[str, Any]]] = {}
+    runs: dict[str, set[str]] = {user: set() for user in users}
 
     def listen(url: str, user: str) -> None:
         with connect(url, additional_headers={"x-user-id": user}, open_timeout=20) as sock:
@@ -3959,10 +4071,21 @@ async def test_the_demo_streams_each_run_to_its_own_users_sockets() -> None:
                             headers={"x-user-id": user},
                         )
                         assert response.status_code == 200
+                        runs[user].add(response.json()["run_id"])
     for user, frames in received.items():
         assert frames[0] == {"type": "ready", "user": user, "thread_id": frames[0]["thread_id"]}
-        answers = sorted(f["answer"] for f in frames if f["type"] == "run.done")
-        assert answers == sorted(["2", f"noted: {user}", "noted: from the socket"])
+        answers = sorted((f["agent"], f["answer"]) for f in frames if f["type"] == "run.done")
+        # A prompt sent on the socket is the triage agent's.
+        assert answers == sorted(
+            [
+                ("research", "2"),
+                ("research", f"noted: {user}"),
+                ("triage", "noted: from the socket"),
+            ]
+        )
+        # Each run is announced with the run id its answer carries: the agent's own.
+        done = {f["run_id"] for f in frames if f["type"] == "run.done" and f["agent"] == "research"}
+        assert done == runs[user]
         others = [u for u in users if u != user]
         assert not any(other in json.dumps(frames) for other in others)
     assert sorted(received) == sorted(users)
