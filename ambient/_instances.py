@@ -294,6 +294,9 @@ class _Pending:
         """Block this thread until the creation is done (at most ``timeout``); whether it
         is."""
         thread_event = self._thread_waiter()
+        if timeout is not None:
+            # A thread waits at most TIMEOUT_MAX (292 years): past it, OverflowError.
+            timeout = min(timeout, threading.TIMEOUT_MAX)
         return thread_event is None or thread_event.wait(timeout)
 
 

@@ -3498,6 +3498,58 @@ async def test_resolve_sync_on_the_loop_waits_for_a_worker_threads_creation_with
             assert on_the_loop is made[0]
 
 
+async def test_resolve_sync_on_the_loop_waits_for_a_thread_past_what_a_thread_wait_takes() -> None:
+    """A ``cleanup_timeout`` longer than a thread's wait can be (``threading.TIMEOUT_MAX``,
+    292 years) bounds resolve_sync() on the loop as a shorter one does: it waits for the
+    worker thread's creation and gets the component, where it raised OverflowError at once.
+    """
+
+    class Settings:
+        pass
+
+    started, finish = threading.Event(), threading.Event()
+
+    def make_settings() -> Settings:
+        started.set()
+        finish.wait(10)
+        return Settings()
+
+    def release_once_the_loop_waits(loop_thread: int) -> None:
+        def waiting() -> bool:
+            frame = sys._current_frames().get(loop_thread)
+            while frame is not None:
+                if frame.f_code.co_name == "wait_blocking":
+                    return True
+                frame = frame.f_back
+            return False
+
+        try:
+            _until(waiting)
+        finally:
+            finish.set()
+
+    registry = Registry(cleanup_timeout=threading.TIMEOUT_MAX * 2)
+    registry.register(Settings, make_settings)
+    made: list[object] = []
+    async with registry.open_scope(ctx()) as scope, anyio.create_task_group() as tg:
+
+        async def in_worker() -> None:
+            made.append(await anyio.to_thread.run_sync(scope.resolve_sync, Settings))
+
+        tg.start_soon(in_worker)
+        await anyio.to_thread.run_sync(started.wait)
+        releaser = threading.Thread(
+            target=release_once_the_loop_waits, args=(threading.get_ident(),), daemon=True
+        )
+        releaser.start()
+        try:
+            on_the_loop = scope.resolve_sync(Settings)
+        finally:
+            finish.set()
+            await anyio.to_thread.run_sync(releaser.join, 10)
+    assert on_the_loop is made[0]
+
+
 @pytest.mark.parametrize("lifetime", [Lifetime.REQUEST, Lifetime.USER, Lifetime.APP])
 async def test_resolve_sync_on_the_loop_refuses_at_once_a_component_a_task_is_making(
     lifetime: Lifetime,
