@@ -1104,6 +1104,12 @@ async def test_only_the_allowed_origin_itself_gets_in() -> None:
         b"https://app.example/x",
         b"https://app.example?x",
         b"https://app.example#x",
+        # an empty query or fragment is none to a URL parser, and still no origin
+        b"https://app.example?",
+        b"https://app.example#",
+        b"https://app.example/?",
+        # another host to a browser, which keeps a trailing dot
+        b"https://app.example.",
         b"https://u:p@app.example",
         b"https://app.example\xa0",
         b"//app.example",
@@ -1118,11 +1124,11 @@ async def test_only_the_allowed_origin_itself_gets_in() -> None:
     ):
         await probe({"type": "websocket", "headers": [(b"origin", foreign)]})
         assert probe.called == [], foreign
-    assert [(m["type"], m["code"]) for m in probe.sent] == [("websocket.close", 1008)] * 15
+    assert [(m["type"], m["code"]) for m in probe.sent] == [("websocket.close", 1008)] * 19
     for allowed in (b"https://app.example/", b"HTTPS://APP.EXAMPLE:443", b"http://[::1]:8000"):
         await probe({"type": "websocket", "headers": [(b"origin", allowed)]})
     assert len(probe.called) == 3
-    assert len(probe.sent) == 15
+    assert len(probe.sent) == 19
 
 
 async def test_allow_missing_admits_no_origin_and_still_checks_one_that_is_sent() -> None:
@@ -1172,13 +1178,34 @@ def test_the_origin_list_takes_origins_only() -> None:
         "https://",
         "https://app.example?x",
         "https://app.example#x",
+        # An empty query or fragment, which a URL parser reads as none: still no origin.
+        "https://app.example?",
+        "https://app.example#",
+        "https://app.example/?",
+        "https://app.example/#",
+        # Credentials, even empty ones.
+        "https://@app.example",
+        "https://:@app.example",
+        # A host no browser sends: percent-escaped (it decodes them), with a backslash
+        # (the start of the path to it), a space or a control character.
+        "https://app%2Eexample",
+        "https://app.example\\",
+        "https://app example",
+        "https://app.exa\x00mple",
         42,
     ):
-        with pytest.raises(ValueError, match="not an origin like"):
+        with pytest.raises(ValueError, match="not an origin like") as refused:
             OriginAllowList(nothing, allowed_origins=[malformed])  # type: ignore[list-item]
-    # Each is kept as the Origin a browser sends for it: no default port, no trailing slash.
+        assert str(refused.value).startswith(repr(malformed)), "the entry is not named"
+    # Each is kept as the Origin a browser sends for it: lower case, no default port (nor
+    # an empty one, nor its leading zeros), no trailing slash; a trailing dot is kept (a
+    # page at that host is another origin, whose Origin has it).
     spelled = [
         " https://app.example/ ",
+        "HTTPS://APP.EXAMPLE",
+        "https://app.example:",
+        "https://app.example:0443",
+        "https://app.example.",
         "http://app.example:80",
         "ws://app.example:80",
         "wss://app.example:443",
@@ -1188,6 +1215,7 @@ def test_the_origin_list_takes_origins_only() -> None:
     ]
     assert OriginAllowList(nothing, allowed_origins=spelled).allowed == {
         "https://app.example",
+        "https://app.example.",
         "http://app.example",
         "ws://app.example",
         "wss://app.example",

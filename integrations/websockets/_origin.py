@@ -12,6 +12,12 @@ _DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443, "wss": 443}
 # What urlsplit() deletes from anywhere in a URL before it parses it: a value holding one
 # would be read as another origin than the one it spells.
 _DELETED = ("\t", "\r", "\n")
+# Never in an Origin a browser sends: a query or fragment, even an empty one ("?", "#"),
+# which urlsplit() reads as none.
+_NO_ORIGIN = ("?", "#")
+# Never in a host as a browser sends it (which decodes percent-escapes, and reads a
+# backslash as the path's start): a host holding one would never match.
+_NOT_IN_HOST = frozenset(" %\\<>^|\x7f") | frozenset(map(chr, range(32)))
 
 ASGIApp = Callable[
     [
@@ -26,7 +32,7 @@ ASGIApp = Callable[
 def _origin(value: str) -> str | None:
     """``scheme://host[:port]`` lower-cased without a default port, or ``None``."""
     value = value.strip()
-    if any(char in value for char in _DELETED):
+    if any(char in value for char in (*_DELETED, *_NO_ORIGIN)):
         return None
     try:
         parts = urlsplit(value)
@@ -41,8 +47,7 @@ def _origin(value: str) -> str | None:
         or parts.username is not None
         or parts.password is not None
         or parts.path not in ("", "/")
-        or parts.query
-        or parts.fragment
+        or not _NOT_IN_HOST.isdisjoint(host)
     ):
         return None
     if ":" in host:
@@ -70,8 +75,10 @@ class OriginAllowList:
         app: The ASGI application.
         allowed_origins: Origins such as ``"https://app.example.com"`` (scheme, host and
             non-default port; compared case-insensitively), each spelled out: no wildcards,
-            and a host in its ASCII form (``xn--`` for an internationalised name), as
-            browsers send it.
+            no credentials, path (but ``/``), query or fragment (not even an empty ``?`` or
+            ``#``), and a host in its ASCII form (``xn--`` for an internationalised name),
+            without percent-escapes, as browsers send it. A trailing dot is kept: a page
+            at ``app.example.`` is another origin than one at ``app.example``.
         allow_missing: Accept handshakes without an Origin header.
     """
 
