@@ -855,14 +855,15 @@ async def test_foreign_messages_on_the_channels_are_dropped_and_delivery_goes_on
     await backend.aclose()
 
 
+@pytest.mark.parametrize("malformed", [b"no count", b"kept:-1", b"kept: 1"])
 async def test_a_malformed_recent_revocation_or_count_is_taken_for_none(
-    redis_port: int, admin: redis.asyncio.Redis, caplog: pytest.LogCaptureFixture
+    redis_port: int, admin: redis.asyncio.Redis, caplog: pytest.LogCaptureFixture, malformed: bytes
 ) -> None:
     """The stream of recent revocations holds an entry without a count ahead of bob's
-    revocation, and alice's count of revocations is no count: the backend starting reads
-    bob's revocation past the malformed entry, alice's socket subscribes (her count taken
-    for none at each read), and her revocation made after reaches it; each flaw is a
-    warning."""
+    revocation, and alice's count of revocations is no count (no number after its epoch,
+    or one that is no digits only): the backend starting reads bob's revocation past the
+    malformed entry, alice's socket subscribes (her count taken for none at each read),
+    and her revocation made after reaches it; each flaw is a warning."""
     url = f"redis://127.0.0.1:{redis_port}/0"
     backend = RedisBroadcast(url, channel_prefix=prefix(), health_check_interval=60)
     other = RedisBroadcast(url, channel_prefix=backend.channel_prefix)
@@ -874,7 +875,7 @@ async def test_a_malformed_recent_revocation_or_count_is_taken_for_none(
     with anyio.fail_after(DEADLINE), caplog.at_level(logging.WARNING, "ambient.websockets"):
         await admin.xadd(revoked, {"envelope": encode_envelope(alice_revoked)})
         await other.publish(bob_revoked)
-        await admin.set(revocations_key(backend, alice), b"no count")
+        await admin.set(revocations_key(backend, alice), malformed)
         await backend.wait_connected()
         assert deliveries.delivered == [bob_revoked]
         await backend.subscribe(alice)
@@ -1051,3 +1052,470 @@ async def test_after_an_outage_the_recent_revocations_are_read_from_the_one_hear
     assert backend.reconnects == 1
     await backend.aclose()
     await other.aclose()
+
+
+async def test_a_backend_closed_while_redis_was_down_subscribes_at_once_once_it_is_back(
+    anyio_backend: str,
+) -> None:
+    """Redis goes down under a running backend, which notices; the backend is closed
+    (the application shuts down) and Redis comes back. Started again, its first
+    subscribe() gets the channel, and the start counts no reconnect: the outage belonged
+    to the run before the close (it does not fail at once as if Redis were still down)."""
+    if anyio_backend != "asyncio":
+        pytest.skip("RedisBroadcast is asyncio-only; test_redis_broadcast_refuses_trio covers trio")
+    alice = UserRef("alice", "acme")
+    with own_redis() as own, anyio.fail_after(DEADLINE):
+        backend = RedisBroadcast(own.url, channel_prefix=prefix(), health_check_interval=60)
+        deliveries = Deliveries(backend)
+        await backend.wait_connected()
+        own.kill()
+        while backend.connected:
+            await backend._wait_changed()
+        await backend.aclose()
+        own.start()
+        await backend.subscribe(alice)
+        assert backend.reconnects == 0
+        await deliveries.one_each(backend, [alice])
+        await let_go(backend, [alice])
+        await backend.aclose()
+    assert deliveries.delivered == [Envelope(alice, TO_USER, None, event(alice, 1))]
+
+
+async def test_a_socket_waiting_for_another_ones_subscription_fails_with_it_when_redis_goes(
+    proxy: RedisProxy, admin: redis.asyncio.Redis
+) -> None:
+    """Dave's first socket sent its SUBSCRIBE, whose answer is held; his second socket
+    waits for that subscription. The connection is cut, and the next one is held before
+    it subscribes: both sockets fail at once saying Redis is unreachable, not the second
+    one only once its own ``timeout`` passed, saying Redis did not confirm."""
+    backend = Handled(proxy.url, channel_prefix=prefix(), timeout=5.0, health_check_interval=60)
+    dave = UserRef("dave", "acme")
+    channel = backend.channel(dave)
+    outcomes: list[str] = []
+
+    async def join() -> None:
+        try:
+            await backend.subscribe(dave)
+            outcomes.append("subscribed")
+        except BroadcastError as error:
+            outcomes.append(str(error))
+
+    with anyio.fail_after(DEADLINE):
+        await backend.wait_connected()
+        link = await proxy.link(Link.subscribed)
+        start = len(link.up.arrived)
+        link.down.hold()
+        async with anyio.create_task_group() as group:
+            group.start_soon(join)
+            await link.up.arrival(lambda w: w[:2] == [b"subscribe", channel], start)
+            group.start_soon(join)
+            await backend.claimed(channel, 2)
+
+            def hold(new: Link) -> None:
+                proxy.on_link = None
+                new.up.hold()
+
+            proxy.on_link = hold
+            link.cut()
+        assert len(outcomes) == 2
+        assert all(o.startswith("Redis has been unreachable") for o in outcomes), outcomes
+        assert backend.subscriptions == 0
+    await backend.aclose()
+
+
+async def test_a_publish_after_a_redis_restart_gets_through_on_its_first_try(
+    anyio_backend: str,
+) -> None:
+    """Redis restarts between two publishes: the connection the first one left in the pool
+    is dead, and the second publish gets through all the same (it tries once more on a new
+    connection) instead of failing with BroadcastError."""
+    if anyio_backend != "asyncio":
+        pytest.skip("RedisBroadcast is asyncio-only; test_redis_broadcast_refuses_trio covers trio")
+    alice = UserRef("alice", "acme")
+    with own_redis() as own, anyio.fail_after(DEADLINE):
+        backend = RedisBroadcast(own.url, channel_prefix=prefix(), health_check_interval=60)
+        await backend.publish(Envelope(alice, TO_USER, None, event(alice, 0)))
+        own.kill()
+        own.start()
+        await backend.publish(Envelope(alice, TO_USER, None, event(alice, 1)))
+        await backend.aclose()
+
+
+async def test_a_revocation_under_an_id_heard_before_with_another_count_is_delivered(
+    redis_port: int, admin: redis.asyncio.Redis
+) -> None:
+    """Alice's revocation is heard; then one of bob's comes under the same id in the
+    stream but another count (as from a Redis taking over whose clock is behind, which
+    numbers its ids and counts anew): it is delivered, not taken for alice's heard again."""
+    url = f"redis://127.0.0.1:{redis_port}/0"
+    backend = RedisBroadcast(url, channel_prefix=prefix(), health_check_interval=60)
+    other = RedisBroadcast(url, channel_prefix=backend.channel_prefix)
+    deliveries = Deliveries(backend)
+    alice, bob, carol = UserRef("alice", "acme"), UserRef("bob", "acme"), UserRef("carol")
+    revoked = [
+        Envelope(user, REVOKE, None, f"{user.user_id} revoked") for user in (alice, bob, carol)
+    ]
+    channel = f"{backend.channel_prefix}revocations"
+    with anyio.fail_after(DEADLINE):
+        await backend.wait_connected()
+        await other.publish(revoked[0])
+        await deliveries.next()
+        [(entry_id, _)] = await admin.xrange(channel)
+        await admin.publish(channel, entry_id + b" taken-over:1 " + encode_envelope(revoked[1]))
+        await other.publish(revoked[2])
+        while revoked[2] not in deliveries.delivered:
+            await deliveries.next()
+    assert deliveries.delivered == revoked
+    await backend.aclose()
+    await other.aclose()
+
+
+async def test_revocations_heard_keep_nothing_per_revocation(
+    redis_port: int, admin: redis.asyncio.Redis
+) -> None:
+    """Revocations heard of a user with a socket here (of another connection: the socket
+    stays) and of a user without one are accounted for as they come: the backend keeps
+    nothing of them per user to learn later (not every one of them, of every user revoked
+    anywhere, until an outage)."""
+    url = f"redis://127.0.0.1:{redis_port}/0"
+    backend = RedisBroadcast(url, channel_prefix=prefix(), health_check_interval=60)
+    other = RedisBroadcast(url, channel_prefix=backend.channel_prefix)
+    deliveries = Deliveries(backend)
+    alice, bob = UserRef("alice", "acme"), UserRef("bob", "acme")
+    with anyio.fail_after(DEADLINE):
+        await backend.wait_connected()
+        await backend.subscribe(alice)
+        for n in range(3):
+            await other.publish(Envelope(alice, REVOKE, f"elsewhere-{n}", "revoked"))
+            await other.publish(Envelope(bob, REVOKE, None, "revoked"))
+        while len(deliveries.delivered) < 6:
+            await deliveries.next()
+        assert backend._heard == {}
+        # Alice's three, in the epoch they were counted in: accounted for.
+        assert list(backend._revocations[backend.channel(alice)].values())[-1] == 3
+    await let_go(backend, [alice])
+    await backend.aclose()
+    await other.aclose()
+
+
+async def test_a_revocation_keeps_its_count_and_the_recent_ones_bounded_in_time_and_length(
+    redis_port: int, admin: redis.asyncio.Redis
+) -> None:
+    """A revocation leaves its user's count and the stream of recent revocations to
+    expire a week after the latest one, and trims the stream to about the latest 10,000
+    (it held 10,200 before)."""
+    url = f"redis://127.0.0.1:{redis_port}/0"
+    backend = RedisBroadcast(url, channel_prefix=prefix(), health_check_interval=60)
+    alice = UserRef("alice", "acme")
+    stream = f"{backend.channel_prefix}revocations"
+    week = 7 * 24 * 3600
+    with anyio.fail_after(DEADLINE):
+        async with admin.pipeline(transaction=False) as pipe:
+            for _ in range(10_200):
+                pipe.xadd(stream, {"envelope": b"old", "count": b"old:1"})
+            await pipe.execute()
+        await backend.publish(Envelope(alice, REVOKE, None, "revoked"))
+        assert week - 60 < await admin.ttl(stream) <= week
+        assert week - 60 < await admin.ttl(revocations_key(backend, alice)) <= week
+        assert 10_000 <= await admin.xlen(stream) <= 10_100
+    await backend.aclose()
+
+
+async def test_the_epochs_kept_of_a_users_count_are_the_latest_four_met(
+    redis_port: int, admin: redis.asyncio.Redis
+) -> None:
+    """Alice's count of revocations is lost again and again (each revocation after it
+    begins a new epoch), and one of her first epochs comes back (as after a failover to a
+    Redis that kept it): the backend keeps what it accounted for in the four epochs met
+    last, that one among them, not in every epoch ever met nor in the four met first."""
+    url = f"redis://127.0.0.1:{redis_port}/0"
+    backend = RedisBroadcast(url, channel_prefix=prefix(), health_check_interval=60)
+    other = RedisBroadcast(url, channel_prefix=backend.channel_prefix)
+    deliveries = Deliveries(backend)
+    alice = UserRef("alice", "acme")
+    key = revocations_key(backend, alice)
+    counts: list[bytes] = []
+
+    async def revoke(count: bytes | None) -> None:
+        # Alice's count as it is to be (None: lost), then a revocation of a connection of
+        # hers that is not here: her socket stays.
+        if count is None:
+            await admin.delete(key)
+        else:
+            await admin.set(key, count)
+        await other.publish(Envelope(alice, REVOKE, "elsewhere", "revoked"))
+        while len(deliveries.delivered) < len(counts) + 1:
+            await deliveries.next()
+        counts.append(await admin.get(key))
+
+    with anyio.fail_after(DEADLINE):
+        await backend.wait_connected()
+        await backend.subscribe(alice)
+        for _ in range(3):
+            await revoke(None)
+        await revoke(counts[0])  # the first epoch again
+        for _ in range(2):
+            await revoke(None)
+        epochs = backend._revocations[backend.channel(alice)]
+        assert [(epoch, str(n).encode()) for epoch, n in epochs.items()] == [
+            tuple(count.rpartition(b":")[::2]) for count in (counts[2], counts[3], *counts[4:])
+        ]
+    await let_go(backend, [alice])
+    await backend.aclose()
+    await other.aclose()
+
+
+async def test_the_revocations_remembered_as_heard_are_the_latest_twenty_thousand(
+    redis_port: int, admin: redis.asyncio.Redis
+) -> None:
+    """20,001 revocations come on the revocations channel: each is delivered once, and
+    the backend remembers the latest 20,000 as heard (twice what the stream holds), not
+    every one it ever heard."""
+    url = f"redis://127.0.0.1:{redis_port}/0"
+    backend = RedisBroadcast(url, channel_prefix=prefix(), health_check_interval=60)
+    deliveries = Deliveries(backend)
+    channel = f"{backend.channel_prefix}revocations"
+    raw = encode_envelope(Envelope(UserRef("alice", "acme"), REVOKE, None, "revoked"))
+    with anyio.fail_after(DEADLINE):
+        await backend.wait_connected()
+        async with admin.pipeline(transaction=False) as pipe:
+            for n in range(1, 20_002):
+                pipe.publish(channel, b"%d-0 e:%d %s" % (n, n, raw))
+            await pipe.execute()
+        while len(deliveries.delivered) < 20_001:
+            await deliveries.next()
+        assert len(backend._seen) == 20_000
+        assert next(iter(backend._seen)) == b"2-0 e:2"
+    await backend.aclose()
+
+
+async def test_subscribes_answered_one_after_another_keep_the_connection(
+    proxy: RedisProxy, admin: redis.asyncio.Redis
+) -> None:
+    """Redis answers the SUBSCRIBEs of dave's and erin's sockets late, one after the
+    other: dave's after 1.2 ``health_check_interval``, erin's 1.2 more after it, one of
+    them waiting throughout. Each answer is within twice ``health_check_interval`` of the
+    one before, which shows that Redis still takes what the process writes: the connection
+    is kept and both sockets subscribe (the wait is counted from the latest answer, not
+    from the first SUBSCRIBE until none is left waiting)."""
+    interval = 0.5
+    backend = Handled(
+        proxy.url, channel_prefix=prefix(), timeout=10.0, health_check_interval=interval
+    )
+    deliveries = Deliveries(backend)
+    dave, erin = UserRef("dave", "acme"), UserRef("erin", "acme")
+    with anyio.fail_after(DEADLINE):
+        await backend.wait_connected()
+        link = await proxy.link(Link.subscribed)
+        link.down.hold()
+        start = len(link.up.arrived)
+        async with anyio.create_task_group() as group:
+            for user in (dave, erin):
+                group.start_soon(backend.subscribe, user)
+                await link.up.arrival(
+                    lambda w, user=user: w[:2] == [b"subscribe", backend.channel(user)], start
+                )
+            # The time the health check measures: no event tells it.
+            await anyio.sleep(1.2 * interval)
+            answered = len(backend.handled)
+            link.down.release(1)
+            await backend.handled_reply(b"subscribe", backend.channel(dave), answered)
+            await anyio.sleep(1.2 * interval)
+            link.down.release()
+        assert backend.reconnects == 0
+        assert await numsub(admin, backend, [dave, erin]) == [1, 1]
+        await deliveries.one_each(backend, [dave, erin])
+    await let_go(backend, [dave, erin])
+    await backend.aclose()
+
+
+async def test_the_recent_revocations_read_as_the_subscription_starts_are_those_of_five_minutes(
+    redis_port: int, admin: redis.asyncio.Redis
+) -> None:
+    """The stream of recent revocations holds bob's of 310 seconds ago and carol's of 290
+    seconds ago (on Redis's clock): a backend starting its subscription delivers carol's,
+    within the five minutes, and not bob's."""
+    backend = RedisBroadcast(
+        f"redis://127.0.0.1:{redis_port}/0", channel_prefix=prefix(), health_check_interval=60
+    )
+    deliveries = Deliveries(backend)
+    stream = f"{backend.channel_prefix}revocations"
+    bob = Envelope(UserRef("bob", "acme"), REVOKE, None, "bob revoked")
+    carol = Envelope(UserRef("carol", "acme"), REVOKE, None, "carol revoked")
+    seconds, microseconds = await admin.time()
+    now = seconds * 1000 + microseconds // 1000
+    with anyio.fail_after(DEADLINE):
+        for ago, (revoked, count) in ((310_000, (bob, b"e:1")), (290_000, (carol, b"e:2"))):
+            fields = {"envelope": encode_envelope(revoked), "count": count}
+            await admin.xadd(stream, fields, id=f"{now - ago}-0")  # type: ignore[arg-type]
+        await backend.wait_connected()
+    assert deliveries.delivered == [carol]
+    await backend.aclose()
+
+
+@pytest.mark.parametrize("stream", ["another with that id", "the same, heard long ago"])
+async def test_a_backend_started_again_reads_from_the_one_heard_last_only_if_it_is_that_one(
+    redis_port: int, admin: redis.asyncio.Redis, stream: str
+) -> None:
+    """The backend heard alice's revocation, then is closed and started again. Another
+    stream (as after a failover) holds, under that revocation's id, bob's with another
+    count, and carol's a second before it: both are delivered (the stream is read over
+    its five minutes, not from that id). Or the revocation heard last is more than five
+    minutes old, and so is dave's after it in the stream: the stream is read over its five
+    minutes, not from that one, and neither alice's (again) nor dave's is delivered."""
+    backend = RedisBroadcast(
+        f"redis://127.0.0.1:{redis_port}/0", channel_prefix=prefix(), health_check_interval=60
+    )
+    deliveries = Deliveries(backend)
+    channel = f"{backend.channel_prefix}revocations"
+    alice, bob, carol, dave = (
+        Envelope(UserRef(name, "acme"), REVOKE, None, f"{name} revoked")
+        for name in ("alice", "bob", "carol", "dave")
+    )
+
+    async def add(entry_id: str, revoked: Envelope, count: bytes) -> None:
+        fields = {"envelope": encode_envelope(revoked), "count": count}
+        await admin.xadd(channel, fields, id=entry_id)  # type: ignore[arg-type]
+
+    with anyio.fail_after(DEADLINE):
+        await backend.wait_connected()
+        if stream == "another with that id":
+            seconds, microseconds = await admin.time()
+            heard = seconds * 1000 + microseconds // 1000 - 10_000
+            await add(f"{heard}-0", alice, b"e:1")
+            await admin.publish(channel, b"%d-0 e:1 %s" % (heard, encode_envelope(alice)))
+            await deliveries.next()
+            await backend.aclose()
+            await admin.delete(channel)
+            await add(f"{heard - 1000}-0", carol, b"f:1")
+            await add(f"{heard}-0", bob, b"f:2")
+            expected = [alice, carol, bob]
+        else:
+            await add("1000-0", alice, b"e:1")
+            await add("2000-0", dave, b"e:2")
+            await admin.publish(channel, b"1000-0 e:1 " + encode_envelope(alice))
+            await deliveries.next()
+            await backend.aclose()
+            expected = [alice]
+        await backend.wait_connected()
+    assert deliveries.delivered == expected
+    await backend.aclose()
+
+
+async def test_an_outage_is_reported_once_however_many_attempts_fail_and_its_end_once(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis goes down: the subscription fails to reconnect again and again, and the
+    outage is one warning, its end another once Redis is back (one reconnect), not a
+    warning per failed attempt."""
+    if anyio_backend != "asyncio":
+        pytest.skip("RedisBroadcast is asyncio-only; test_redis_broadcast_refuses_trio covers trio")
+    with own_redis() as own, anyio.fail_after(DEADLINE):
+        backend = RedisBroadcast(
+            own.url,
+            channel_prefix=prefix(),
+            reconnect_delay=0.01,
+            max_reconnect_delay=0.01,
+            health_check_interval=60,
+        )
+        await backend.wait_connected()
+        with caplog.at_level(logging.WARNING, "ambient.websockets"):
+            own.kill()
+            for _ in range(3):  # the connection lost, then two attempts that fail
+                await backend._wait_changed()
+            own.start()
+            await backend.wait_connected()
+        await backend.aclose()
+    warnings = ambient_warnings(caplog.records)
+    assert [w.partition(" (")[0] for w in warnings] == [
+        "ambient: lost the Redis subscription",
+        "ambient: the Redis subscription is back",
+    ]
+    assert backend.reconnects == 1
+
+
+@pytest.mark.parametrize(
+    ("first", "longest", "attempts"),
+    [(0.1, 10.0, range(2, 6)), (0.01, 0.02, range(15, 101))],
+    ids=["doubled", "capped"],
+)
+async def test_reconnect_attempts_back_off_doubling_up_to_the_longest_delay(
+    anyio_backend: str, first: float, longest: float, attempts: range
+) -> None:
+    """Redis is down for a second: the subscription's attempts to reconnect wait
+    ``reconnect_delay``, doubled after each failure (0.1, 0.2, 0.4, 0.8 s: at most five
+    attempts in the second, not ten), and never longer than ``max_reconnect_delay``
+    (0.01, then 0.02 s: some fifty, not the seven of a delay doubled on)."""
+    if anyio_backend != "asyncio":
+        pytest.skip("RedisBroadcast is asyncio-only; test_redis_broadcast_refuses_trio covers trio")
+    with own_redis() as own, anyio.fail_after(DEADLINE):
+        backend = RedisBroadcast(
+            own.url,
+            channel_prefix=prefix(),
+            reconnect_delay=first,
+            max_reconnect_delay=longest,
+            health_check_interval=60,
+        )
+        await backend.wait_connected()
+        own.kill()
+        await backend._wait_changed()  # the connection is lost
+        failed = 0
+        # The time the back-off is measured in: no event tells it.
+        with anyio.move_on_after(1.0):
+            while True:
+                await backend._wait_changed()
+                failed += 1
+        own.start()
+        await backend.wait_connected()
+        await backend.aclose()
+    assert failed in attempts
+
+
+async def test_a_backend_started_again_with_no_socket_delivers_what_it_missed_without_alarm(
+    redis_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The backend, holding no socket, is closed; alice is revoked meanwhile. Started
+    again, it delivers her revocation from the stream of recent ones, as a start does,
+    without the warning of an outage (it had no sockets to have missed it for)."""
+    url = f"redis://127.0.0.1:{redis_port}/0"
+    backend = RedisBroadcast(url, channel_prefix=prefix(), health_check_interval=60)
+    other = RedisBroadcast(url, channel_prefix=backend.channel_prefix)
+    deliveries = Deliveries(backend)
+    revoked = Envelope(UserRef("alice", "acme"), REVOKE, None, "revoked")
+    with anyio.fail_after(DEADLINE), caplog.at_level(logging.WARNING, "ambient.websockets"):
+        await backend.wait_connected()
+        await backend.aclose()
+        await other.publish(revoked)
+        await backend.wait_connected()
+    assert deliveries.delivered == [revoked]
+    assert ambient_warnings(caplog.records) == []
+    await backend.aclose()
+    await other.aclose()
+
+
+@pytest.mark.parametrize(("protocol", "pong"), [(2, b""), (3, b"PONG")], ids=["RESP2", "RESP3"])
+async def test_an_idle_subscription_answering_each_ping_is_kept(
+    redis_port: int, protocol: int, pong: bytes
+) -> None:
+    """Nothing comes on the subscription for several ``health_check_interval``: each
+    silence is pinged, Redis answers each PING (over RESP3, ``protocol=3`` in the URL,
+    with a plain string, not a pub/sub message), and the connection is kept (no
+    reconnect), delivering alice's events after."""
+    backend = Handled(
+        f"redis://127.0.0.1:{redis_port}/0?protocol={protocol}",
+        channel_prefix=prefix(),
+        health_check_interval=0.1,
+    )
+    deliveries = Deliveries(backend)
+    alice = UserRef("alice", "acme")
+    with anyio.fail_after(DEADLINE):
+        await backend.wait_connected()
+        await backend.subscribe(alice)
+        answered = 0
+        for _ in range(3):
+            answered = await backend.handled_reply(b"pong", pong, answered) + 1
+        assert backend.reconnects == 0
+        await deliveries.one_each(backend, [alice])
+    assert deliveries.delivered == [Envelope(alice, TO_USER, None, event(alice, 1))]
+    await let_go(backend, [alice])
+    await backend.aclose()
