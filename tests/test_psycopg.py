@@ -2888,6 +2888,26 @@ async def test_check_rls_leaves_a_transaction_the_caller_opened_to_the_caller(
         assert [body for (body,) in await cur.fetchall()] == bodies
 
 
+async def test_check_rls_that_fails_rolls_back_the_transaction_it_began(db: Database) -> None:
+    """check_rls on a connection outside a transaction, whose query fails partway (a table
+    name that is no identifier, after the role and a table were checked): the error is the
+    query's, and the transaction the check began is rolled back. It was left failed, and the
+    caller's next statement raised InFailedSqlTransaction. A transaction the caller had open
+    stays the caller's, failed as the query left it."""
+    async with await psycopg.AsyncConnection.connect(db.app_url) as conn:
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="not a valid identifier"):
+            await check_rls(conn, [db.notes, "not a name"])
+        assert conn.info.transaction_status is TransactionStatus.IDLE
+        assert await _scalar(conn, "SELECT 1") == 1
+        await conn.rollback()
+        await conn.execute("SELECT 1")  # the caller's transaction
+        with pytest.raises(psycopg.errors.InvalidParameterValue):
+            await check_rls(conn, ["not a name"])
+        assert conn.info.transaction_status is TransactionStatus.INERROR
+        await conn.rollback()
+        assert await _scalar(conn, "SELECT 1") == 1
+
+
 @pytest.fixture(name="hidden")
 def fixture_hidden(db: Database) -> Iterator[str]:
     """A schema the app role has no USAGE on, holding a protected table (``guarded``), one

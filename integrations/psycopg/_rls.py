@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Iterable
 from typing import Any, Literal
 
+import psycopg
 from psycopg import AsyncConnection, AsyncCursor
 from psycopg.rows import tuple_row
 from psycopg.types.numeric import Oid
@@ -152,7 +154,8 @@ async def check_rls(
 
     Args:
         conn: A fresh connection, opened the way the application opens its own. A
-            transaction it is in is left open as it is; one the check begins is rolled back.
+            transaction it is in is left open as it is; one the check begins is rolled back,
+            even when one of its queries fails.
         tables: The protected tables (``"schema.table"`` or a name on the search path).
         settings: Settings that must start empty (``"app.user_id"``, ...).
         action: ``"raise"`` :class:`RowSecurityError`, or ``"warn"``
@@ -171,6 +174,29 @@ async def check_rls(
     # A transaction the caller had open is the caller's (its writes, its transaction block);
     # only one these queries began is ended here.
     began = conn.pgconn.transaction_status == _IDLE
+    try:
+        await _find_problems(conn, tables, settings, problems)
+    except Exception:
+        # One of these queries failed (a malformed table name, a lost connection): a
+        # transaction it began would fail the caller's next statement
+        # (InFailedSqlTransaction); the error raised is the query's, not the rollback's.
+        if began and not conn.closed and conn.pgconn.transaction_status != _IDLE:
+            with contextlib.suppress(psycopg.Error):
+                await conn.rollback()
+        raise
+    if began and conn.pgconn.transaction_status != _IDLE:
+        await conn.rollback()
+    if problems:
+        if action == "raise":
+            raise RowSecurityError(problems)
+        warnings.warn(RowSecurityError(problems).args[0], RowSecurityWarning, stacklevel=2)
+    return problems
+
+
+async def _find_problems(
+    conn: AsyncConnection[Any], tables: Iterable[str], settings: Iterable[str], problems: list[str]
+) -> None:
+    """The queries of :func:`check_rls`: append what they find to ``problems``."""
     # Rows by position, whatever row factory the application made the connection with, and
     # %s placeholders, whatever cursor class (AsyncRawCursor binds $1).
     async with AsyncCursor(conn, row_factory=tuple_row) as cur:
@@ -229,13 +255,6 @@ async def check_rls(
                     f"starts with a value in it: ALTER ROLE {role} RESET {name} (or ALTER "
                     "DATABASE)"
                 )
-    if began and conn.pgconn.transaction_status != _IDLE:
-        await conn.rollback()
-    if problems:
-        if action == "raise":
-            raise RowSecurityError(problems)
-        warnings.warn(RowSecurityError(problems).args[0], RowSecurityWarning, stacklevel=2)
-    return problems
 
 
 def _view_problem(
