@@ -3461,6 +3461,54 @@ async def test_room_freed_for_a_user_with_no_connection_is_not_taken_by_a_busy_u
         assert order == ["z", "x"], f"{steps} steps after y's checkout ended"
 
 
+async def _a_new_user_checks_out_as_bob_is_woken(db: Database, steps: int) -> list[str]:
+    """One round of the test below: the users in the order they got their connection."""
+    pools = PerUserPools(
+        db.app_url, max_size=1, max_total=1, timeout=10, rls_check="off", kwargs=db.kwargs()
+    )
+    registry = Registry()
+    pools.install(registry)
+    holding, release = anyio.Event(), anyio.Event()
+    served: list[str] = []
+
+    async def checkout(user: str) -> None:
+        async with registry.open_scope(_ctx(user)), connection() as conn:
+            served.append(await _scalar(conn, "SELECT current_setting('app.user_id', true)"))
+
+    async def alice_then_carol() -> None:
+        async with registry.open_scope(_ctx("alice")), connection():
+            holding.set()
+            await release.wait()
+        for _ in range(steps):
+            await anyio.lowlevel.checkpoint()
+        await checkout("carol")
+
+    try:
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(alice_then_carol)
+                await holding.wait()
+                tg.start_soon(checkout, "bob")
+                await _eventually(_async(lambda: pools.stats().waiting == 1), "bob waits")
+                release.set()
+    finally:
+        await registry.aclose()
+    return served
+
+
+async def test_room_freed_for_a_waiter_is_not_taken_by_a_new_users_first_checkout(
+    db: Database,
+) -> None:
+    """max_total=1: alice holds the one connection and bob's first checkout waits for room.
+    Alice's checkout ends, so her idle pool is bob's to close for room, and right then
+    (after a few more steps, at each count in turn) carol's first checkout asks for room.
+    Carol used to take it whenever she asked between bob being woken and bob running:
+    bob, first in line, waited again until carol was done (or timed out meanwhile)."""
+    for steps in range(8):
+        served = await _a_new_user_checks_out_as_bob_is_woken(db, steps)
+        assert served == ["bob", "carol"], f"{steps} steps after alice's checkout ended"
+
+
 async def test_a_checkout_cancelled_as_its_pool_hands_it_a_connection_loses_none(
     db: Database,
 ) -> None:

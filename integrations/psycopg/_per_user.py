@@ -308,13 +308,16 @@ class PerUserPools:
             return False  # room freed up belongs to checkouts that have no connection at all
         woken = False
         while True:
-            if self._used < self.max_total:
-                self._used += 1
-                return True
-            victim = next(iter(self._idle), None)
-            if victim is not None:
-                await victim.close_pool(evicted=True, keep=1)  # one of its slots is ours
-                return True
+            # Not yet woken: behind the checkouts in line, and leaving the room and idle
+            # pools handed to those woken to them (they have not run yet).
+            if woken or not self._spoken_for():
+                if self._used < self.max_total:
+                    self._used += 1
+                    return True
+                victim = next(iter(self._idle), None)
+                if victim is not None:
+                    await victim.close_pool(evicted=True, keep=1)  # one of its slots is ours
+                    return True
             if not wait:
                 return False
             remaining = deadline - time.monotonic()
@@ -344,6 +347,12 @@ class PerUserPools:
                 woken = True
             else:
                 self._waiters.remove(event)
+
+    def _spoken_for(self) -> bool:
+        """Whether checkouts wait in line, or those woken and not yet run may need all the
+        free room and idle pools there are (none there: nothing to take either)."""
+        free = self.max_total - self._used + len(self._idle)
+        return bool(self._waiters) or self._handed >= free
 
     def _give_back(self, slots: int, *, keep: int = 0) -> None:
         self._used -= slots - keep
