@@ -4229,6 +4229,7 @@ def test_pool_options_are_checked_at_construction(strategy: type[Any]) -> None:
         ("max_size", 0, "max_size >= 1"),
         ("min_size", 20, "min_size <= max_size"),
         ("timeout", 0, "timeout must be > 0 seconds, not 0"),
+        ("return_timeout", 0, "return_timeout must be > 0 seconds, not 0"),
         ("return_timeout", -1.0, "return_timeout must be > 0 seconds, not -1.0"),
         ("return_timeout", float("nan"), "return_timeout must be > 0 seconds, not nan"),
         ("retry_after", 0, "retry_after must be > 0 seconds"),
@@ -4291,6 +4292,8 @@ def test_settings_of_a_field_the_strategy_cannot_set_are_refused_at_construction
     ("strategy", "arguments", "error", "message"),
     [
         (SharedPool, {"min_size": -1}, ValueError, "need 0 <= min_size <= max_size"),
+        (SharedPool, {"min_size": 1.5}, TypeError, "min_size must be a whole number"),
+        (PerUserPools, {"max_size": 2.0}, TypeError, "max_size must be a whole number"),
         (SharedPool, {"per_user_limit": 0}, ValueError, "per_user_limit must be >= 1, not 0"),
         (SharedPool, {"per_user_limit": True}, TypeError, "per_user_limit must be a number"),
         (PerUserPools, {"max_total": False}, TypeError, "max_total must be a number"),
@@ -4312,9 +4315,10 @@ def test_settings_of_a_field_the_strategy_cannot_set_are_refused_at_construction
 def test_limits_out_of_range_are_refused_at_construction(
     strategy: type[Any], arguments: dict[str, object], error: type[Exception], message: str
 ) -> None:
-    """A negative min_size, a per-user limit below one, a global cap below one or below
-    min_size (the pools it keeps open would break it), a bool for a number of connections,
-    or a negative idle time is refused, naming the argument, when the strategy is built."""
+    """A negative min_size, a pool size that is no whole number, a per-user limit below
+    one, a global cap below one or below min_size (the pools it keeps open would break it),
+    a bool for a number of connections, or a negative idle time is refused, naming the
+    argument, when the strategy is built."""
     with pytest.raises(error, match=re.escape(message)):
         strategy("postgresql://app@127.0.0.1/app", **arguments)
 
