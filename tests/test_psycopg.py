@@ -398,6 +398,29 @@ async def test_shared_absent_tenant_is_empty(shared: SharedPool) -> None:
     assert tenant == ""
 
 
+async def test_an_absent_tenant_is_empty_though_the_role_presets_one(db: Database) -> None:
+    """With a tenant_id preset for the role (``ALTER ROLE ... SET app.tenant_id``, which
+    rls_check="warn" only warns of), a context without a tenant still sets app.tenant_id
+    to '' in either strategy, not back to the preset tenant, whose rows the policies would
+    then show."""
+    app = psycopg.conninfo.conninfo_to_dict(db.app_url)["user"]
+    with _admin() as admin:
+        admin.execute(f"ALTER ROLE {app} SET app.tenant_id = 'preset'")
+    options: dict[str, Any] = {"rls_check": "off", "kwargs": db.kwargs()}
+    for pool in (
+        SharedPool(db.app_url, max_size=1, **options),
+        PerUserPools(db.app_url, max_size=1, **options),
+    ):
+        registry = Registry()
+        pool.install(registry)
+        try:
+            async with registry.open_scope(_ctx("alice", None)), connection() as conn:
+                seen = await _scalar(conn, "SELECT current_setting('app.tenant_id', true)")
+        finally:
+            await registry.aclose()
+        assert seen == "", type(pool).__name__
+
+
 async def test_shared_rls_concurrent_users_see_only_their_rows(
     db: Database, shared: SharedPool
 ) -> None:
