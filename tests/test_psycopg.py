@@ -4432,6 +4432,44 @@ async def test_per_user_pools_grow_to_max_size(db: Database) -> None:
     await registry.aclose()
 
 
+async def test_a_checkout_of_a_pool_at_max_size_takes_no_place_in_the_line_for_room(
+    db: Database,
+) -> None:
+    """max_size=1, max_total=1: alice holds her pool's one connection and a second checkout
+    of hers waits for it. Her pool may not grow, so that checkout waits in her pool only,
+    not in the line for room under max_total, where it would come before bob's first
+    checkout; once alice's first checkout ends, her second gets the connection."""
+    pools = PerUserPools(
+        db.app_url, max_size=1, max_total=1, timeout=10, rls_check="off", kwargs=db.kwargs()
+    )
+    registry = Registry()
+    pools.install(registry)
+    holding, release, second = anyio.Event(), anyio.Event(), anyio.Event()
+
+    async def hold() -> None:
+        async with connection():
+            holding.set()
+            await release.wait()
+
+    async def again() -> None:
+        async with connection() as conn:
+            assert await _scalar(conn, "SELECT 1") == 1
+            second.set()
+
+    try:
+        with anyio.fail_after(20):
+            async with registry.open_scope(_ctx("alice")), anyio.create_task_group() as tg:
+                tg.start_soon(hold)
+                await holding.wait()
+                tg.start_soon(again)
+                await anyio.wait_all_tasks_blocked()
+                assert (pools.stats().checked_out, pools.stats().waiting) == (2, 0)
+                release.set()
+                await second.wait()
+    finally:
+        await registry.aclose()
+
+
 async def test_per_user_pools_cancel_while_waiting_for_room(db: Database) -> None:
     """Checkouts cancelled while waiting for room under max_total give nothing away."""
     pools = PerUserPools(
