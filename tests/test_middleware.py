@@ -2883,6 +2883,88 @@ async def test_user_components_are_shared_by_one_users_requests_only() -> None:
     assert ledger.problems() == []
 
 
+class _Conn:
+    """A REQUEST component standing for a pooled connection: whose it is, and if it closed."""
+
+    def __init__(self, user: str) -> None:
+        self.user = user
+        self.closed = 0
+
+
+async def test_work_a_request_leaves_on_a_service_task_group_gets_no_component_of_anyones() -> None:
+    """Each of 20 users' requests starts a job on a task group that outlives it (a service
+    nursery opened at startup, where a trio task copies its starter's context) and answers.
+    Every request's component is cleaned as its request ends, not held back by its job. The
+    jobs then run while 20 other users' requests hold their own components: each sees no
+    user or its own starter only, and resolving the component is a ScopeClosedError, never
+    the closed component nor one of a request still in flight."""
+    registry = Registry()
+    made: list[_Conn] = []
+
+    def conn(ctx: UserExecutionContext) -> Iterator[_Conn]:
+        made.append(component := _Conn(ctx.user_id))
+        yield component
+        component.closed += 1
+
+    registry.register(_Conn, conn)
+    release = anyio.Event()
+    jobs_done = anyio.Event()
+    late_in = anyio.Event()
+    outcomes: dict[str, tuple[str | None, object]] = {}
+    service: anyio.abc.TaskGroup | None = None
+
+    async def job(starter: str) -> None:
+        await release.wait()
+        seen = ambient.current_context_or_none()
+        try:
+            got: object = await ambient.resolve(_Conn)
+        except ambient.ScopeClosedError as exc:
+            got = exc
+        outcomes[starter] = (None if seen is None else seen.user_id, got)
+        if len(outcomes) == 20:
+            jobs_done.set()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        user = ambient.get_current_context().user_id
+        mine = await ambient.resolve(_Conn)
+        assert mine.user == user
+        if user.startswith("early"):
+            assert service is not None
+            service.start_soon(job, user)
+        else:
+            if sum(c.user.startswith("late") for c in made) == 20:
+                late_in.set()
+            await jobs_done.wait()
+            assert await ambient.resolve(_Conn) is mine
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": user.encode()})
+
+    wrapped = AmbientMiddleware(app, registry=registry, identity=trusted_header())
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as service, client(wrapped) as http:
+
+            async def call(user: str) -> None:
+                answer = await http.get("/", headers={"x-user-id": user})
+                assert (answer.status_code, answer.text) == (200, user)
+
+            async with anyio.create_task_group() as tg:
+                for n in range(20):
+                    tg.start_soon(call, f"early-{n}")
+            assert sorted(c.user for c in made) == sorted(f"early-{n}" for n in range(20))
+            assert all(c.closed == 1 for c in made)
+            async with anyio.create_task_group() as tg:
+                for n in range(20):
+                    tg.start_soon(call, f"late-{n}")
+                await late_in.wait()
+                release.set()
+    assert set(outcomes) == {f"early-{n}" for n in range(20)}
+    for starter, (seen, got) in outcomes.items():
+        assert seen in (None, starter), (starter, seen)
+        assert isinstance(got, ambient.ScopeClosedError), (starter, got)
+    assert all(c.closed == 1 for c in made)
+    await registry.aclose()
+
+
 class TestContinuedRuns:
     async def test_an_identity_with_a_parent_continues_its_run(self) -> None:
         parent = UserExecutionContext.create("ann", tenant_id="t1", thread_id="th-1")
