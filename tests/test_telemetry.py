@@ -2076,6 +2076,58 @@ class TestMetrics:
         assert point.value == 3
         assert dict(point.attributes) == {"ambient.global": "legacy_engine"}
 
+    async def test_many_users_add_no_span_name_and_no_metric_series(self, otel: Otel) -> None:
+        """200 users of 20 tenants, 3 requests each, 50 at once, through the middleware
+        with every operation a span and the raw user id an attribute: every request gets its
+        own answer, and ambient's spans take their names from 3 only, none naming a user,
+        tenant or path; no metric point carries a user or tenant (nor its hash), and each
+        instrument has as many series for 200 users as it had for the first user alone."""
+        telemetry = otel.telemetry(span_threshold=0, user_id="raw", tenant_id="raw", hash_key="k")
+        registry = server_registry(telemetry)
+        app = AmbientMiddleware(
+            streaming_handler,
+            registry=registry,
+            identity=trusted_header(tenant_header="x-tenant-id"),
+        )
+        users = [f"user-{n}" for n in range(200)]
+        tenants = {user: f"tenant-{n % 20}" for n, user in enumerate(users)}
+        limit = anyio.Semaphore(50)
+        wrong: list[tuple[str, dict[str, Any]]] = []
+        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50000))
+
+        async def one(http: httpx.AsyncClient, user: str, n: int) -> None:
+            async with limit:
+                answer = await http.get(
+                    f"/u/{user}/{n}",
+                    headers={"x-user-id": user, "x-tenant-id": tenants[user]},
+                )
+            if answer.status_code != 200 or answer.json()["user_id"] != user:
+                wrong.append((user, answer.json()))
+
+        def series() -> dict[str, int]:
+            return {name: len(points) for name, points in otel.points().items()}
+
+        async with httpx.AsyncClient(transport=transport, base_url="http://x") as http:
+            await one(http, users[0], 0)
+            first = series()
+            async with anyio.create_task_group() as tg:
+                for n in range(3):
+                    for user in users:
+                        tg.start_soon(one, http, user, n)
+        assert wrong == []
+        assert series() == first
+        await registry.aclose()
+        assert len(otel.spans.named("ambient.scope")) == 1 + 3 * len(users)
+        names = {span.name for span in otel.spans.spans}
+        assert names == {"ambient.scope", "ambient.resolve", "ambient.cleanup"}
+        forbidden = set(users) | set(tenants.values())
+        forbidden |= {hash_id(value, "k") for value in forbidden}
+        for name, points in otel.points().items():
+            for point in points:
+                values = {str(v) for v in (point.attributes or {}).values()}
+                assert not values & forbidden, (name, point.attributes)
+                assert not any("/u/" in value for value in values), (name, point.attributes)
+
 
 # -- no SDK --------------------------------------------------------------------------------
 
