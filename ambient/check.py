@@ -513,6 +513,11 @@ def _refuse_malformed(message: MutableMapping[str, Any]) -> None:
         if isinstance(status, bool) or not isinstance(status, int):
             msg = f"the response status must be an int, not {status!r}"
             raise TypeError(msg)
+        # As HTTP/1.1 servers refuse one (h11's range): a status of no final response
+        # would otherwise be taken for neither a success nor a failure, and pass.
+        if not 200 <= status <= 999:
+            msg = f"the response status must be from 200 to 999, not {status}"
+            raise ValueError(msg)
     elif kind == "http.response.body":
         body = message.get("body", b"")
         if not isinstance(body, bytes | bytearray | memoryview):

@@ -3141,6 +3141,28 @@ class TestAppsThatDoNotAnswer:
         assert len(report.failed_requests) == 2
         assert all(said in line for line in report.failed_requests)
 
+    @pytest.mark.parametrize("status", [-1, 0, 99, 101, 199, 1000])
+    async def test_a_status_of_no_final_response_fails_its_requests(self, status: int) -> None:
+        """A status below 200 (none, or an informational one) or past 999 is no final
+        response, refused in the app's ``send`` as an HTTP/1.1 server refuses it: each
+        request fails, where the check took one below 200 for neither a success nor a
+        failure and passed the app."""
+
+        async def endpoint(scope: Any, receive: Any, send: Any) -> None:
+            await send({"type": "http.response.start", "status": status, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        app = AmbientMiddleware(endpoint, registry=Registry(), identity=trusted_header())
+        report = await check(app, users=2, requests=1)
+        assert not report.ok
+        said = f"ValueError: the response status must be from 200 to 999, not {status}"
+        assert report.failed_requests == [
+            f"GET / for {user}: HTTP 500 {said!r}"
+            for user in re.findall(r"check-\d{5}-[0-9a-f]{6}", " ".join(report.failed_requests))
+        ]
+        assert len(report.failed_requests) == 2
+        assert report.isolation == []
+
     async def test_an_app_that_returns_from_the_lifespan_is_checked_not_waited_for(
         self,
     ) -> None:
