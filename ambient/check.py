@@ -1075,9 +1075,18 @@ class _Traffic:
         self, user: UserRef, frame: str, sender: UserRef | None, served: UserRef | None
     ) -> None:
         # Sent while serving another simulated user (not in a job of the app's own): that
-        # user's event reaching this one, whatever the frame says.
-        served_by_other = sender is not None and served is not None and sender != served
-        if served_by_other and sender is not None and sender.user_id in self.known:
+        # user's event reaching this one, whatever the frame says. A socket the app serves
+        # in no ambient context of its own is this user's all the same.
+        if sender is None or sender.user_id not in self.known:
+            served_by_other = False
+        elif served is not None:
+            served_by_other = sender != served
+        else:  # a tenant the sender was served without is no other tenant (said elsewhere)
+            served_by_other = sender.user_id != user.user_id or sender.tenant_id not in (
+                None,
+                user.tenant_id,
+            )
+        if served_by_other and sender is not None:
             self.isolation.append(
                 f"WS {self.websocket}: a frame sent to {_label(user)} was sent while serving "
                 f"{_label(sender)}"

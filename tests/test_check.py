@@ -38,6 +38,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 import ambient
 from ambient import Lifetime, Registry, UserExecutionContext
 from ambient.check import (
+    _MAX_SHOWN,
     CheckReport,
     JWTIdentity,
     PlannedRequest,
@@ -1708,6 +1709,53 @@ class TestWebsockets:
         assert all(re.fullmatch(said, line) for line in report.isolation[:-1]), report
         alone = await check(app, plan=plan, websocket="/events", users=1)
         assert alone.ok, alone.violations
+
+    async def test_a_frame_sent_while_serving_another_user_to_a_socket_of_no_context_is_caught(
+        self,
+    ) -> None:
+        """An app that serves its requests in an ambient context but its sockets in none (a
+        websocket route outside the middleware) and sends each run to every socket: a frame
+        sent in one user's request to another user's socket is that user's event reaching
+        the other, though the socket itself was served as nobody."""
+        sockets: set[WebSocket] = set()
+
+        async def events(websocket: WebSocket) -> None:
+            await websocket.accept()
+            sockets.add(websocket)
+            try:
+                while True:
+                    await websocket.receive_text()
+            except WebSocketDisconnect:
+                sockets.discard(websocket)
+
+        async def run(request: Request) -> Response:
+            for websocket in list(sockets):
+                try:
+                    await websocket.send_text('{"type": "run.done"}')
+                except (WebSocketDisconnect, RuntimeError):  # its client left meanwhile
+                    sockets.discard(websocket)
+            return JSONResponse({"user": ambient.get_current_context().user_id})
+
+        routes = [Route("/", run, methods=["POST"]), WebSocketRoute("/events", events)]
+        inner = Starlette(routes=routes)
+        wrapped = AmbientMiddleware(inner, registry=Registry(), identity=trusted_header())
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await (inner if scope["type"] == "websocket" else wrapped)(scope, receive, send)
+
+        plan = [PlannedRequest("POST", "/")]
+        report = await check(app, plan=plan, websocket="/events", users=6, requests=3)
+        assert not report.ok
+        assert report.failed_requests == []
+        user = r"check-\d{5}-[0-9a-f]{6}"
+        said = rf"WS /events: a frame sent to ({user}) was sent while serving ({user})"
+        matched = [re.fullmatch(said, line) for line in report.isolation[:_MAX_SHOWN]]
+        assert all(matched), report.isolation
+        assert all(found[1] != found[2] for found in matched if found)
+        # Each user's own runs reach its own socket: no finding.
+        alone = await check(app, plan=plan, websocket="/events", users=1, requests=3)
+        assert alone.ok, alone.violations
+        assert alone.websocket_frames == 3
 
     async def test_frames_are_looked_at_as_they_come_and_only_the_shown_findings_kept(
         self,
