@@ -1291,7 +1291,7 @@ async def run_check(
             tenant): from 1 to 10,000.
         requests: Requests per user, cycling through ``plan``: from 1 to 10,000, and at
             most 1,000,000 in all (``users * requests``).
-        concurrency: Users in flight at once (default: all of them).
+        concurrency: Users in flight at once, at least 1 (default: all of them).
         identity: How a user presents itself: ``("header", name)``, ``("bearer", "")``
             (the user id as an opaque token) or a :class:`JWTIdentity` (a signed JWT).
         plan: The requests each user sends.
@@ -1329,9 +1329,10 @@ async def run_check(
         ValueError: ``users``, ``requests``, ``growth_requests`` or ``tenants`` out of
             those bounds, ``tenants`` with a ``("bearer", "")`` identity (an opaque token
             carries no tenant), a ``websocket`` path not starting with ``/``,
-            ``websocket_send`` without ``websocket``, or ``time_limit`` not more than 0.
+            ``websocket_send`` without ``websocket``, ``time_limit`` not more than 0, or
+            ``concurrency`` less than 1.
     """
-    _check_arguments(users, requests, time_limit, growth_requests)
+    _check_arguments(users, requests, time_limit, growth_requests, concurrency)
     _check_simulated(tenants, users, identity, websocket, websocket_send)
     from ambient.migration import global_state_report, reset_global_state_report
 
@@ -1397,7 +1398,11 @@ async def run_check(
 
 
 def _check_arguments(
-    users: int, requests: int, time_limit: float | None, growth_requests: int = 0
+    users: int,
+    requests: int,
+    time_limit: float | None,
+    growth_requests: int = 0,
+    concurrency: int | None = None,
 ) -> None:
     bounds = (("users", users, _MAX_USERS), ("requests", requests, _MAX_REQUESTS))
     for option, value, most in bounds:
@@ -1417,6 +1422,10 @@ def _check_arguments(
     # taking seconds.
     if time_limit is not None and not _checks.number(time_limit, "time_limit") > 0:
         msg = f"time_limit must be more than 0 seconds, not {time_limit}"
+        raise ValueError(msg)
+    # Fewer than one user in flight would send no request at all, and pass any app.
+    if concurrency is not None and not concurrency >= 1:
+        msg = f"concurrency must be at least 1 (None: all the users), not {concurrency}"
         raise ValueError(msg)
 
 

@@ -3111,6 +3111,9 @@ async def test_each_user_cycles_through_the_whole_plan() -> None:
         # None waits as long as a request takes; infinity is no limit to cancel at.
         ({"time_limit": float("inf")}, "time_limit must be a finite number of seconds"),
         ({"time_limit": 0}, "time_limit must be more than 0 seconds, not 0"),
+        # Fewer than one user in flight sent no request and passed any app.
+        ({"concurrency": 0}, "concurrency must be at least 1 (None: all the users), not 0"),
+        ({"concurrency": -1}, "concurrency must be at least 1 (None: all the users), not -1"),
     ],
 )
 async def test_run_check_refuses_more_users_or_requests_than_it_can_drive(
