@@ -308,6 +308,9 @@ class _Driver:
         # user -> (their token, when to make it anew), with a JWTIdentity.
         self._tokens: dict[UserRef, tuple[str, float]] = {}
         self.time_limit = time_limit
+        # The lifespan scope's state, which the app's startup may fill: each request's and
+        # socket's scope gets a shallow copy of it, as servers give it.
+        self.state: dict[str, Any] = {}
         self.shutdown_unanswered = False
         # What went wrong in the app's lifespan shutdown, said in one line.
         self.shutdown_failed: str | None = None
@@ -430,7 +433,7 @@ class _Driver:
             "headers": self._headers(user, body),
             "client": ("127.0.0.1", 40000),
             "server": ("127.0.0.1", 8000),
-            "state": {},
+            "state": dict(self.state),
         }
         if kind == "websocket":
             scope["subprotocols"] = []
@@ -460,7 +463,7 @@ class _Driver:
 
         async def run(*, task_status: anyio.abc.TaskStatus[None]) -> None:
             task_status.started()
-            scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+            scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": self.state}
             try:
                 await self.app(scope, app_inbox.receive, from_app.send)
             except (Exception, SystemExit) as error:  # noqa: BLE001 - as servers take it

@@ -3230,6 +3230,38 @@ class TestAppsThatDoNotAnswer:
             report = await check(http_only, users=3, requests=2)
         assert report.ok, report.violations
 
+    async def test_the_state_the_lifespan_sets_is_each_requests_and_sockets_own_copy(
+        self,
+    ) -> None:
+        """What the app's startup puts in the lifespan state (Starlette's lifespan yielding
+        a dict, a pool as often) is in each request's and socket's state, as servers give it,
+        a shallow copy each: a correct app reading it there used to fail every request."""
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+            yield {"greeting": "hello"}
+
+        async def endpoint(request: Request) -> Response:
+            user = ambient.get_current_context().user_id
+            # Set by no request before, whoever it was for: each has a copy of its own.
+            said = getattr(request.state, "user", user)
+            request.state.user = user
+            return JSONResponse({"greeting": request.state.greeting, "user": said})
+
+        async def events(websocket: WebSocket) -> None:
+            await websocket.accept()
+            await websocket.send_text(websocket.state.greeting)
+            with contextlib.suppress(WebSocketDisconnect):
+                while True:
+                    await websocket.receive_text()
+
+        routes = [Route("/", endpoint), WebSocketRoute("/events", events)]
+        inner = Starlette(routes=routes, lifespan=lifespan)
+        app = AmbientMiddleware(inner, registry=Registry(), identity=trusted_header())
+        report = await check(app, users=3, requests=2, websocket="/events")
+        assert report.ok, report.violations
+        assert report.websocket_frames == 3
+
     async def test_a_shutdown_that_hangs_fails_the_check_at_the_timeout(self) -> None:
         hangs_at_shutdown = shutting_down_with(notes_app(_noted_registry()), anyio.sleep_forever)
         with anyio.fail_after(30):
