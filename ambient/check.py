@@ -71,6 +71,8 @@ _MAX_TOTAL_REQUESTS = 1_000_000
 # Filled, while a simulated request runs, with the user its first scope was opened for and
 # whether that context was an anonymous one.
 _served: ContextVar[list[tuple[UserRef, bool]] | None] = ContextVar("_served", default=None)
+# The simulated user a request, or socket, is sent for, while the app serves it.
+_simulating: ContextVar[UserRef | None] = ContextVar("_simulating", default=None)
 
 
 class _StartupError(RuntimeError):
@@ -391,6 +393,7 @@ class _Driver:
 
         started = time.perf_counter()
         token = _served.set(served)
+        simulating = _simulating.set(user)
         try:
             if self.time_limit is None:
                 await self.app(scope, receive, send)
@@ -407,6 +410,7 @@ class _Driver:
             done.set()
             return 500, f"{type(exc).__name__}: {exc}".encode(), time.perf_counter() - started
         finally:
+            _simulating.reset(simulating)
             _served.reset(token)
         done.set()
         elapsed = time.perf_counter() - started
@@ -613,9 +617,17 @@ class _LogWatch:
 
     def _look_at(self, record: logging.LogRecord) -> None:
         ctx = current_context_or_none()
-        if ctx is None or ctx.user_id not in self.known:
+        if ctx is None:
             return
         user = UserRef(ctx.user_id, ctx.tenant_id)
+        if ctx.user_id not in self.known:
+            # An app that serves its users under ids of its own (an account looked up by
+            # the id presented): a record made in the context a simulated user's request,
+            # or socket, was served in is made for that user all the same.
+            served, simulated = _served.get(), _simulating.get()
+            if simulated is None or not served or served[0][0] != user:
+                return
+            user = simulated
         with self._lock:
             before = self._pending.get(threading.get_ident())
             self._pending[threading.get_ident()] = (record, user)
@@ -934,6 +946,7 @@ class _Socket:
                 self._failed(f"{said} with close code {code}")
 
         token = _served.set(self.served)
+        simulating = _simulating.set(self.user)
         try:
             await self.driver.app(scope, receive, send)
         except _ClientGoneError:
@@ -943,6 +956,7 @@ class _Socket:
             late = " after its client left" if self._leaving.is_set() else ""
             self._failed(f"raised {said}{late}")
         finally:
+            _simulating.reset(simulating)
             _served.reset(token)
             if not self.accepted:
                 self._failed("returned without accepting the socket")

@@ -4378,6 +4378,43 @@ async def test_a_record_logged_for_a_user_the_check_does_not_simulate_is_no_find
     assert report.ok, report.violations
 
 
+async def test_a_record_logged_for_a_user_the_app_serves_under_its_own_id_is_looked_at() -> None:
+    """An app that serves each user under an id of its own (an account looked up by the id
+    presented) and logs, in one user's request, the user served before: the record is
+    made for the simulated user that request was sent for, and names another. It used to
+    be passed over as made for no simulated user. A record naming the request's own user
+    is still no finding."""
+    log = logging.getLogger("tests.accounts")
+    served: list[str] = []
+
+    def account(scope: Any) -> Identity | None:
+        for name, value in scope["headers"]:
+            if name == b"x-user-id":
+                return Identity(f"account:{value.decode()}")
+        return None
+
+    async def endpoint(request: Request) -> Response:
+        user = ambient.get_current_context().user_id
+        log.warning("served %s after %s", user, served[-1] if served else "nobody")
+        served.append(user)
+        return JSONResponse({"ok": True})
+
+    app = AmbientMiddleware(
+        Starlette(routes=[Route("/", endpoint)]), registry=Registry(), identity=account
+    )
+    report = await check(app, users=4, requests=2, concurrency=1)
+    user = r"check-\d{5}-[0-9a-f]{6}"
+    said = (
+        rf"log record from tests.accounts emitted for ({user}) names ({user}): "
+        rf"'served account:{user} after account:{user}'"
+    )
+    assert len(report.isolation) == 3, report.isolation  # each user after the first
+    matched = [re.fullmatch(said, line) for line in report.isolation]
+    assert all(found is not None and found[1] != found[2] for found in matched), report
+    alone = await check(app, users=1, requests=3)
+    assert alone.ok, alone.violations
+
+
 def test_every_simulated_user_named_in_a_text_is_found_among_ten_thousand() -> None:
     """A response naming other simulated users is caught whichever they are, among the
     most users a check drives, without searching the text once per user: each id the
