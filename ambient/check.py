@@ -9,6 +9,7 @@ user's id, or another tenant's, is a violation.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import gc
@@ -406,7 +407,9 @@ class _Driver:
                     return 0, said.encode(), time.perf_counter() - started
         # SystemExit too, as servers take it: an app's sys.exit() would end the check with
         # its status (0 often) and no report.
-        except (Exception, SystemExit) as exc:  # noqa: BLE001 - an app error is a finding
+        except BaseException as exc:
+            if not _app_error(exc):
+                raise
             done.set()
             return 500, f"{type(exc).__name__}: {exc}".encode(), time.perf_counter() - started
         finally:
@@ -470,7 +473,9 @@ class _Driver:
             scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": self.state}
             try:
                 await self.app(scope, app_inbox.receive, from_app.send)
-            except (Exception, SystemExit) as error:  # noqa: BLE001 - as servers take it
+            except BaseException as error:
+                if not _app_error(error):  # as servers take it
+                    raise
                 said = f"{type(error).__name__}: {error}"
                 await from_app.send({"type": "lifespan.unsupported", "error": said})
             else:
@@ -508,6 +513,24 @@ class _Driver:
         # Raised out here, not inside the task group, which would wrap it in a group.
         if failed is not None:
             raise _StartupError(failed)
+
+
+def _app_error(error: BaseException) -> bool:
+    """Whether ``error``, raised out of the app, is its failure, to report: an
+    ``Exception``; ``SystemExit``, as servers take it (an app's ``sys.exit()`` would end the
+    check with its status, 0 often, and no report); or asyncio's ``CancelledError`` raised
+    while nothing cancels the task (the app awaited a task or future cancelled elsewhere and
+    let that out), which raised on would end a simulated user's task quietly, its requests
+    never looked at, and the check pass. Trio raises no cancellation unasked."""
+    if isinstance(error, Exception | SystemExit):
+        return True
+    if not isinstance(error, asyncio.CancelledError):
+        return False
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no asyncio loop here: trio
+        return False
+    return task is not None and not task.cancelling()
 
 
 def _refuse_malformed(message: MutableMapping[str, Any]) -> None:
@@ -951,7 +974,9 @@ class _Socket:
             await self.driver.app(scope, receive, send)
         except _ClientGoneError:
             pass  # the app let the disconnect through, as servers let it
-        except (Exception, SystemExit) as exc:  # noqa: BLE001 - an app error is a finding
+        except BaseException as exc:
+            if not _app_error(exc):
+                raise
             said = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             late = " after its client left" if self._leaving.is_set() else ""
             self._failed(f"raised {said}{late}")

@@ -3262,6 +3262,61 @@ class TestAppsThatDoNotAnswer:
         assert report.ok, report.violations
         assert report.websocket_frames == 3
 
+    @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # trio raises no cancellation unasked
+    @pytest.mark.parametrize("where", ["request", "socket", "lifespan"])
+    async def test_a_cancellation_nobody_asked_for_is_the_apps_failure(self, where: str) -> None:
+        """An app that cancels a task of its own and awaits it without suppressing its
+        CancelledError (a common slip) raises a cancellation while nothing cancels it. In a
+        request or a socket, that is a failure of the app's: it used to end the simulated
+        users' tasks quietly, their requests never looked at, and the check passed. In the
+        lifespan, it is the lifespan's error, as any other (a lifespan the check goes on
+        without), where the check ended in a traceback."""
+
+        async def slip() -> None:
+            task = asyncio.ensure_future(asyncio.Event().wait())
+            await asyncio.sleep(0)
+            task.cancel()
+            await task  # the slip: the task's CancelledError comes out
+
+        async def endpoint(request: Request) -> Response:
+            if where == "request":
+                await slip()
+            return JSONResponse({"user": ambient.get_current_context().user_id})
+
+        async def events(websocket: WebSocket) -> None:
+            await websocket.accept()
+            if where == "socket":
+                await slip()
+            with contextlib.suppress(WebSocketDisconnect):
+                while True:
+                    await websocket.receive_text()
+
+        routes = [Route("/", endpoint), WebSocketRoute("/events", events)]
+        inner = Starlette(routes=routes)
+        middleware = AmbientMiddleware(inner, registry=Registry(), identity=trusted_header())
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "lifespan" and where == "lifespan":
+                await receive()  # a hand-written lifespan, which lets the slip out
+                await slip()
+            await middleware(scope, receive, send)
+
+        with anyio.fail_after(30):
+            report = await check(app, users=3, requests=2, websocket="/events")
+        if where == "lifespan":
+            assert report.ok, report.violations
+            return
+        assert not report.ok
+        user = r"check-\d{5}-[0-9a-f]{6}"
+        said = (
+            rf"GET / for {user}: HTTP 500 'CancelledError: '"
+            if where == "request"
+            else rf"WS /events for {user}: the app raised CancelledError"
+        )
+        assert len(report.failed_requests) == (6 if where == "request" else 3)
+        assert all(re.fullmatch(said, line) for line in report.failed_requests), report
+        assert report.isolation == []
+
     async def test_a_shutdown_that_hangs_fails_the_check_at_the_timeout(self) -> None:
         hangs_at_shutdown = shutting_down_with(notes_app(_noted_registry()), anyio.sleep_forever)
         with anyio.fail_after(30):
