@@ -1210,6 +1210,27 @@ class TestUsersNotServedAsThemselves:
         right = await check(app, users=5, requests=requests, identity=("header", "x-user-id"))
         assert right.ok, right.violations
 
+    async def test_users_served_as_anonymous_are_said_so_once_with_the_memory_phase(
+        self,
+    ) -> None:
+        """Each request of an app that falls back to anonymous users is a fresh anonymous
+        user, in the memory phase as before it: said once, that they were served as
+        anonymous users, not again for every request measured as one served otherwise."""
+        app = AmbientMiddleware(
+            Starlette(routes=[Route("/", _whoami)]),
+            registry=Registry(),
+            identity=trusted_header("x-user-id"),
+            anonymous=True,
+        )
+        report = await check(
+            app, users=3, requests=2, identity=("header", "x-account"), growth_requests=20
+        )
+        assert report.failed_requests == []
+        assert report.isolation == [
+            "3 simulated user(s) were served as anonymous users, so isolation between them "
+            "was not tested: does --identity name what the app reads the user from?"
+        ]
+
     async def test_an_app_without_the_middleware_is_not_reported_isolated(self) -> None:
         """A plain app (no AmbientMiddleware) that answers every user 200 opened no context,
         so no response could ever show another user's data: the check says so rather than
@@ -1414,6 +1435,32 @@ class TestJWTIdentity:
         assert report.failed_requests[0].startswith(
             "the app refused the tokens of 6 of 6 requests with HTTP 401"
         )
+
+    async def test_tokens_refused_only_while_memory_is_measured_are_failed_requests(
+        self,
+    ) -> None:
+        """An app that takes the tokens at first and refuses them once warm (a revocation
+        list that fills, a limit reached): its 401s in the memory phase are failed requests
+        there, not passed over as the refusal already said, which there was none of."""
+        inner = _jwt_notes_app(DEMO_SECRET)
+        answered = itertools.count()
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "http" and next(answered) >= 6:
+                await send({"type": "http.response.start", "status": 401, "headers": []})
+                await send({"type": "http.response.body", "body": b"revoked"})
+                return
+            await inner(scope, receive, send)
+
+        identity = JWTIdentity(DEMO_SECRET)
+        report = await check(app, identity=identity, users=3, requests=2, growth_requests=20)
+        assert report.tokens_refused == 0
+        assert report.isolation == []
+        user = r"check-\d{5}-[0-9a-f]{6}"
+        said = rf"GET / in the memory phase for {user}: HTTP 401 'revoked'"
+        assert len(report.failed_requests) == 21, report.failed_requests
+        assert all(re.fullmatch(said, line) for line in report.failed_requests[:20]), report
+        assert report.failed_requests[20] == "... and 20 more"
 
     async def test_requests_served_as_anonymous_beside_refused_tokens_are_said_so(
         self,
@@ -1756,6 +1803,26 @@ class TestWebsockets:
         alone = await check(app, plan=plan, websocket="/events", users=1, requests=3)
         assert alone.ok, alone.violations
         assert alone.websocket_frames == 3
+
+    async def test_a_frame_sent_in_a_context_of_the_apps_own_is_no_other_users(self) -> None:
+        """A frame the app sends to a user's socket in a context of its own (a notifier's
+        service account, not a simulated user) was sent while serving no other user: no
+        finding, as a frame of the app's own job is none."""
+
+        async def events(websocket: WebSocket) -> None:
+            await websocket.accept()
+            notifier = UserExecutionContext.create("notifier")
+            with ambient.bind_context(notifier, allow_switch=True):
+                await websocket.send_text("welcome")
+            with contextlib.suppress(WebSocketDisconnect):
+                while True:
+                    await websocket.receive_text()
+
+        inner = Starlette(routes=[Route("/", _whoami), WebSocketRoute("/events", events)])
+        app = AmbientMiddleware(inner, registry=Registry(), identity=trusted_header())
+        report = await check(app, websocket="/events", users=3, requests=2)
+        assert report.ok, report.violations
+        assert report.websocket_frames == 3
 
     async def test_frames_are_looked_at_as_they_come_and_only_the_shown_findings_kept(
         self,
