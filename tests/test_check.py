@@ -1737,6 +1737,9 @@ class TestWebsockets:
         # announced in the request of a user that is not the socket's.
         said = rf"WS /events: a frame sent to {user} was sent while serving check-\d{{5}}-\w{{6}}"
         assert any(re.fullmatch(said, line) for line in report.isolation), report.isolation
+        # Each such frame is said once, sent while serving another, not again for the id of
+        # that user it carries.
+        assert not [line for line in report.isolation if line.endswith("'s data")], report
         alone = await check(broadcast_app(), plan=plan, websocket="/events", users=1)
         assert alone.ok, alone.violations
         assert (alone.websockets, alone.websocket_frames) == (1, 7)
@@ -2153,6 +2156,26 @@ class TestTenants:
         for before, after in itertools.pairwise(seen):
             assert before[0] != after[0], seen
             assert before[1] != after[1], seen
+
+    async def test_an_app_that_reads_the_tenant_on_some_routes_only_is_told_so(self) -> None:
+        """An app that reads the tenant behind one route and not behind another serves each
+        user once with their tenant and once without: said as served without their tenant,
+        which is why they were served as two users."""
+        with_tenants = tenants_app(_registry_of(Notes))
+        without = tenants_app(_registry_of(Notes), tenant_header=None)
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            part = without if scope.get("query_string") == b"untenanted" else with_tenants
+            await part(scope, receive, send)
+
+        plan = [PlannedRequest("GET", "/"), PlannedRequest("GET", "/?untenanted")]
+        report = await check(app, plan=plan, users=6, requests=2, tenants=3)
+        assert report.failed_requests == []
+        assert report.isolation[0] == (
+            "6 simulated user(s) of a tenant were served as users of no tenant, so users of "
+            "one id in two tenants were not told apart: does the app read the tenant from "
+            "the x-tenant-id header (--tenant-header names another)?"
+        )
 
     async def test_an_app_that_does_not_read_the_tenant_is_told_so(self) -> None:
         app = tenants_app(_registry_of(Notes), tenant_header=None)
