@@ -1911,6 +1911,8 @@ class TestWebsockets:
         [
             ("refuse", "the app refused the handshake with close code 4003"),
             ("deny", "the app refused the handshake with HTTP 403"),
+            # Without a JWTIdentity, a 401 is no refusal of the check's tokens: a failure.
+            ("unauthorized", "the app refused the handshake with HTTP 401"),
             ("close", "the app closed the socket with close code 1011"),
             ("raise", "the app raised RuntimeError: socket broke"),
             ("return", "the app returned without accepting the socket"),
@@ -1925,8 +1927,9 @@ class TestWebsockets:
             if ending == "refuse":
                 await websocket.close(code=4003)
                 return
-            if ending == "deny":
-                await websocket.send_denial_response(Response(status_code=403))
+            if ending in ("deny", "unauthorized"):
+                status = 403 if ending == "deny" else 401
+                await websocket.send_denial_response(Response(status_code=status))
                 return
             await websocket.accept()
             if ending == "close":
