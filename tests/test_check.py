@@ -2180,6 +2180,23 @@ class TestTenants:
             "the x-tenant-id header (--tenant-header names another)?"
         )
 
+    async def test_a_log_record_naming_its_own_user_and_tenant_is_no_finding(self) -> None:
+        """A record made for a user of a tenant naming that user and that tenant names no
+        other: no finding (the tenant is the user's own, not another's)."""
+        log = logging.getLogger("tests.tenants")
+
+        async def endpoint(request: Request) -> Response:
+            ctx = ambient.get_current_context()
+            log.warning("served %s of %s", ctx.user_id, ctx.tenant_id)
+            return JSONResponse({"user": ctx.user_id, "tenant": ctx.tenant_id})
+
+        identity = trusted_header(tenant_header="x-tenant-id")
+        app = AmbientMiddleware(
+            Starlette(routes=[Route("/", endpoint)]), registry=Registry(), identity=identity
+        )
+        report = await check(app, users=6, requests=2, tenants=3)
+        assert report.ok, report.violations
+
     async def test_an_app_that_does_not_read_the_tenant_is_told_so(self) -> None:
         app = tenants_app(_registry_of(Notes), tenant_header=None)
         report = await check(app, users=6, requests=2, tenants=3)
@@ -3474,6 +3491,25 @@ class TestAppsThatDoNotAnswer:
         assert all("no whole response within 0.2 s" in line for line in report.failed_requests)
         assert report.components_created == report.components_cleaned == 6
         assert not report.cleanup
+
+    async def test_work_past_the_timeout_after_a_whole_response_is_no_failed_request(
+        self,
+    ) -> None:
+        """An app whose call goes on after its whole response (a background task that
+        outlasts the time limit) answered each request: cut short at the time limit, its
+        requests are no failures."""
+
+        async def answers_then_works(scope: Any, receive: Any, send: Any) -> None:
+            user = ambient.get_current_context().user_id
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": user.encode()})
+            await anyio.sleep_forever()  # the background task after the response
+
+        app = AmbientMiddleware(answers_then_works, registry=Registry(), identity=trusted_header())
+        with anyio.fail_after(30):
+            report = await check(app, users=3, requests=2, time_limit=0.1)
+        assert report.failed_requests == []
+        assert report.isolation == []
 
 
 def contextlib_lifespan(fn: Callable[[Starlette], AsyncIterator[None]]) -> Any:
