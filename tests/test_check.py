@@ -1983,6 +1983,26 @@ class TestWebsockets:
         assert report.ok, report.violations
         assert report.websocket_frames >= 2
 
+    async def test_an_app_closing_the_socket_once_its_client_left_is_no_failure(self) -> None:
+        """A socket the app closes once the client left (a ``close()`` in a ``finally``)
+        was not closed first by the app: no failure."""
+
+        async def events(websocket: WebSocket) -> None:
+            await websocket.accept()
+            try:
+                while True:
+                    await websocket.receive_text()
+            except WebSocketDisconnect:
+                pass
+            finally:
+                await websocket.close(code=1001)
+
+        inner = Starlette(routes=[Route("/", _whoami), WebSocketRoute("/events", events)])
+        app = AmbientMiddleware(inner, registry=Registry(), identity=trusted_header())
+        report = await check(app, websocket="/events", users=2, requests=1)
+        assert report.ok, report.violations
+        assert report.websockets == 2
+
     async def test_an_app_failing_once_its_client_left_is_said_so(self) -> None:
         """The disconnect a send raises, let out of the app, is an error a server logs
         with its traceback (uvicorn's "Exception in ASGI application")."""
