@@ -13,6 +13,7 @@ import enum
 import itertools
 import json
 import logging
+import random
 import re
 import signal
 import subprocess
@@ -43,6 +44,7 @@ from ambient.check import (
     JWTIdentity,
     PlannedRequest,
     _growth_findings,
+    _percentiles,
     parse_request,
     run_check,
 )
@@ -3447,6 +3449,30 @@ class TestAppsThatDoNotAnswer:
         assert all(re.fullmatch(said, line) for line in report.failed_requests), report
         assert report.isolation == []
 
+    async def test_user_components_are_not_held_to_a_cleanup_after_a_failed_shutdown(
+        self,
+    ) -> None:
+        """A shutdown that failed is said so, once: the users' components its registry never
+        closed are what a failed shutdown leaves, not findings of their own as after a
+        shutdown that completed."""
+        registry = Registry()
+        registry.register(Notes, Notes, lifetime=Lifetime.USER)
+        inner = notes_app(registry)
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "lifespan":
+                await inner(scope, receive, send)
+                return
+            await receive()
+            await send({"type": "lifespan.startup.complete"})
+            await receive()
+            await send({"type": "lifespan.shutdown.failed", "message": "the database went away"})
+
+        report = await check(app, users=3, requests=2)
+        assert report.cleanup == ["the app's shutdown failed: the database went away"]
+        assert report.components_created == 3
+        assert report.components_cleaned == 0
+
     async def test_a_shutdown_that_hangs_fails_the_check_at_the_timeout(self) -> None:
         hangs_at_shutdown = shutting_down_with(notes_app(_noted_registry()), anyio.sleep_forever)
         with anyio.fail_after(30):
@@ -4617,6 +4643,19 @@ async def test_a_record_logged_for_a_user_the_app_serves_under_its_own_id_is_loo
     assert all(found is not None and found[1] != found[2] for found in matched), report
     alone = await check(app, users=1, requests=3)
     assert alone.ok, alone.violations
+
+
+def test_latency_percentiles_are_the_nearest_ranks_in_milliseconds() -> None:
+    """The report's latencies (seconds measured, milliseconds said): each percentile the
+    sample at its nearest rank, whatever order the requests finished in."""
+    hundred_and_one = [n / 1000 for n in range(101)]
+    random.Random(7).shuffle(hundred_and_one)
+    assert _percentiles(hundred_and_one) == {"p50": 50.0, "p95": 95.0, "p99": 99.0, "max": 100.0}
+    # Between two ranks, the nearer one (rank 9.5 rounds to 10, 9.9 to 10).
+    eleven = [n / 1000 for n in range(11)]
+    assert _percentiles(eleven) == {"p50": 5.0, "p95": 10.0, "p99": 10.0, "max": 10.0}
+    assert _percentiles([0.0012345]) == dict.fromkeys(("p50", "p95", "p99", "max"), 1.234)
+    assert _percentiles([]) == {}
 
 
 def test_every_simulated_user_named_in_a_text_is_found_among_ten_thousand() -> None:
