@@ -4645,6 +4645,18 @@ async def test_a_record_logged_for_a_user_the_app_serves_under_its_own_id_is_loo
     assert alone.ok, alone.violations
 
 
+def test_the_json_report_says_ok_and_keeps_its_keys_in_order() -> None:
+    """``to_json()`` holds every field and ``ok``, its keys sorted (a CI job diffing two
+    runs' reports sees what changed, not a reordering)."""
+    report = CheckReport(app="app", users=2, requests=4, leaks=["a leak"])
+    said = report.to_json()
+    data = json.loads(said)
+    assert list(data) == sorted(data)
+    assert data["ok"] is False
+    assert data["leaks"] == ["a leak"]
+    assert said == json.dumps(data, indent=2, sort_keys=True)
+
+
 def test_latency_percentiles_are_the_nearest_ranks_in_milliseconds() -> None:
     """The report's latencies (seconds measured, milliseconds said): each percentile the
     sample at its nearest rank, whatever order the requests finished in."""
