@@ -43,6 +43,7 @@ from ambient.check import (
     CheckReport,
     JWTIdentity,
     PlannedRequest,
+    _cut,
     _growth_findings,
     _percentiles,
     parse_request,
@@ -1984,6 +1985,25 @@ class TestWebsockets:
         report = await check(app, websocket="/events", users=2, requests=1, time_limit=1)
         assert report.ok, report.violations
         assert report.websocket_frames >= 2
+
+    async def test_a_socket_the_app_listens_on_lets_its_users_requests_start_at_once(
+        self,
+    ) -> None:
+        """A user's requests start once the app listens on its socket (awaits a message),
+        not after the wait for an app that never says so: ten users one after another
+        take far less than the ten seconds of that wait."""
+
+        async def events(websocket: WebSocket) -> None:
+            await websocket.accept()
+            with contextlib.suppress(WebSocketDisconnect):
+                while True:
+                    await websocket.receive_text()
+
+        inner = Starlette(routes=[Route("/", _whoami), WebSocketRoute("/events", events)])
+        app = AmbientMiddleware(inner, registry=Registry(), identity=trusted_header())
+        with anyio.fail_after(5):
+            report = await check(app, websocket="/events", users=10, requests=1, concurrency=1)
+        assert report.ok, report.violations
 
     async def test_an_app_closing_the_socket_once_its_client_left_is_no_failure(self) -> None:
         """A socket the app closes once the client left (a ``close()`` in a ``finally``)
@@ -4655,6 +4675,12 @@ def test_the_json_report_says_ok_and_keeps_its_keys_in_order() -> None:
     assert data["ok"] is False
     assert data["leaks"] == ["a leak"]
     assert said == json.dumps(data, indent=2, sort_keys=True)
+
+
+def test_findings_past_those_shown_are_said_as_a_count() -> None:
+    shown = [f"finding {n}" for n in range(20)]
+    assert _cut(shown) == shown  # all of them shown: nothing more to count
+    assert _cut([*shown, "one more", "and another"]) == [*shown, "... and 2 more"]
 
 
 def test_latency_percentiles_are_the_nearest_ranks_in_milliseconds() -> None:
