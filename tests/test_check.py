@@ -3266,6 +3266,7 @@ async def test_each_user_cycles_through_the_whole_plan() -> None:
         # Fewer than one user in flight sent no request and passed any app.
         ({"concurrency": 0}, "concurrency must be at least 1 (None: all the users), not 0"),
         ({"concurrency": -1}, "concurrency must be at least 1 (None: all the users), not -1"),
+        ({"time_limit": 0}, "time_limit must be more than 0 seconds, not 0"),
     ],
 )
 async def test_run_check_refuses_more_users_or_requests_than_it_can_drive(
@@ -4832,6 +4833,37 @@ def _interrupted(
             if pipe is not None:
                 pipe.close()
     return process.returncode, err
+
+
+async def test_a_log_record_factory_the_app_installs_on_top_stays_installed() -> None:
+    """An app that installs a log record factory of its own while it is checked, on top of
+    the one the check looks at records with, keeps it: the check does not put back the
+    factory from before it, which would drop the app's."""
+    before = logging.getLogRecordFactory()
+    installed: list[Callable[..., logging.LogRecord]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await receive()
+            below = logging.getLogRecordFactory()
+
+            def tagged(*args: Any, **kwargs: Any) -> logging.LogRecord:
+                return below(*args, **kwargs)
+
+            installed.append(tagged)
+            logging.setLogRecordFactory(tagged)
+            await send({"type": "lifespan.startup.complete"})
+            await receive()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await notes_app(_noted_registry())(scope, receive, send)
+
+    try:
+        report = await check(app, users=2, requests=1)
+        assert report.ok, report.violations
+        assert logging.getLogRecordFactory() is installed[0]
+    finally:
+        logging.setLogRecordFactory(before)
 
 
 async def test_the_root_loggers_level_is_given_back() -> None:
