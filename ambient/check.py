@@ -1105,6 +1105,9 @@ class _Traffic:
         self.frames += socket.frames
         if socket.served:
             self._note_served(socket.user, *socket.served[0])
+            another = self._served_as_another(socket.user, socket.served)
+            if another is not None:
+                self.isolation.append(f"{where} for {whom}: {another}")
         if socket.denied_status == 401 and isinstance(self.driver.identity, JWTIdentity):
             # Said once for them all with the requests refused so (see refusal()).
             if not self.refused and not self.sockets_refused:
@@ -1178,9 +1181,12 @@ class _Traffic:
         # Headers carry data too (a cookie, a redirect's location, an echoed id), and a
         # leak there reaches the other user as surely as one in the body.
         named_in_headers = _mentions(_header_text(headers), self.known, user)
-        # In a later phase, whom it was served as is compared with the user's requests
+        # Served as another simulated user: that user's answer, whatever it shows. In a
+        # later phase, whom it was served as is also compared with the user's requests
         # before: an app may serve one user as another only once warm.
-        served_otherwise = self._served_otherwise(user, served) if phase else None
+        served_otherwise = self._served_as_another(user, served)
+        if served_otherwise is None and phase:
+            served_otherwise = self._served_otherwise(user, served)
         if 0 < status < 300 and not named and not named_in_headers and not served_otherwise:
             # Most answers: nothing to say, told without making a line (the memory phase
             # looks at every answer under tracemalloc, which makes allocations costly).
@@ -1216,6 +1222,22 @@ class _Traffic:
         if served_otherwise:
             self.isolation.append(f"{where} for {whom}: {served_otherwise}")
         return elapsed
+
+    def _served_as_another(self, user: UserRef, served: list[tuple[UserRef, bool]]) -> str | None:
+        """What to say of a request, or socket, of ``user``'s served as another simulated
+        user, or in another simulated tenant, or ``None``. Each user served as another's
+        consistently (two users swapped) is caught here only: no user is served as two,
+        nor two as one, and an answer that names no id shows nothing."""
+        if not served:
+            return None
+        served_as = served[0][0]
+        if served_as == user:
+            return None
+        if served_as.user_id != user.user_id and served_as.user_id in self.known:
+            return f"served as {_label(served_as)}, another simulated user"
+        if served_as.tenant_id not in (None, user.tenant_id) and served_as.tenant_id in self.known:
+            return f"served as {_label(served_as)}, in another simulated tenant"
+        return None
 
     def _served_otherwise(self, user: UserRef, served: list[tuple[UserRef, bool]]) -> str | None:
         """What to say of a request of ``user``'s served as none of its requests before

@@ -1316,9 +1316,10 @@ class TestUsersNotServedAsThemselves:
         assert not report.ok
         assert report.failed_requests == []
         last = re.escape(resolved[-1])
+        # Served as another simulated user, which says more than "otherwise than before".
         line = (
             rf"GET / in the memory phase for check-\d{{5}}-[0-9a-f]{{6}}: served as {last}, "
-            r"where its requests before were served as check-\d{5}-[0-9a-f]{6}"
+            r"another simulated user"
         )
         # Two runs of 20 requests by the three users in turn (14, 14 and 12 requests each):
         # those of the two users not resolved last.
@@ -1328,6 +1329,37 @@ class TestUsersNotServedAsThemselves:
         assert more is not None
         assert 20 + int(more[1]) in (26, 28)
         assert not any(f" for {resolved[-1]}:" in found for found in report.isolation)
+
+    async def test_users_served_as_no_simulated_user_only_while_memory_is_measured(
+        self,
+    ) -> None:
+        """As above, with an identity that, once warm, serves every caller as an account of
+        its own (no simulated user's id): each request of the memory measurement is said as
+        served otherwise than its user's requests before."""
+        resolved: list[str] = []
+
+        def cached(scope: Any) -> Identity:
+            resolved.append(dict(scope["headers"])[b"x-user-id"].decode())
+            return Identity(user_id=resolved[-1] if len(resolved) <= 6 else "account:shared")
+
+        async def endpoint(request: Request) -> Response:
+            return JSONResponse({"ok": True})
+
+        app = AmbientMiddleware(
+            Starlette(routes=[Route("/", endpoint)]), registry=Registry(), identity=cached
+        )
+        report = await check(app, users=3, requests=2, growth_requests=20)
+        assert not report.ok
+        assert report.failed_requests == []
+        line = (
+            r"GET / in the memory phase for check-\d{5}-[0-9a-f]{6}: served as account:shared, "
+            r"where its requests before were served as check-\d{5}-[0-9a-f]{6}"
+        )
+        assert len(report.isolation) == 21, report.isolation
+        assert all(re.fullmatch(line, found) for found in report.isolation[:20]), report.isolation
+        more = re.fullmatch(r"\.\.\. and (\d+) more", report.isolation[20])
+        assert more is not None
+        assert 20 + int(more[1]) == 40
 
     async def test_an_opaque_bearer_token_is_the_users_id(self) -> None:
         """With ``identity=("bearer", "")`` each user presents its id as an opaque bearer
@@ -4987,3 +5019,62 @@ async def test_a_worker_thread_letting_go_of_a_request_late_is_no_leak(
     result = await check(app, users=1, requests=1)
     assert let_go.wait(30)
     assert result.leaks == [], result.leaks
+
+
+@pytest.mark.parametrize("swapped", ["user", "tenant"])
+async def test_users_served_as_each_other_are_caught_though_no_answer_names_them(
+    swapped: str,
+) -> None:
+    """An app whose identity serves the simulated users swapped in pairs (alice as bob and
+    bob as alice, each consistently, over requests and sockets) with answers naming no id:
+    no user is served as two users, nor two as one, and no answer shows another's data,
+    yet each request and socket is another user's. Each is said as served as another
+    simulated user (or in another simulated tenant). It used to pass."""
+    users = 4
+    seen: dict[tuple[str, str | None], None] = {}
+    all_seen = anyio.Event()
+
+    def presented(scope: Any) -> tuple[str, str | None]:
+        headers = dict(scope["headers"])
+        tenant = headers.get(b"x-tenant-id")
+        return headers[b"x-user-id"].decode(), None if tenant is None else tenant.decode()
+
+    async def swap(scope: Any) -> Identity:
+        # Paired once every simulated user has been seen, so that each is served as the
+        # same other user from its first request on.
+        seen.setdefault(presented(scope), None)
+        if len(seen) == users:
+            all_seen.set()
+        await all_seen.wait()
+        order = sorted(seen)
+        index = order.index(presented(scope))
+        user_id, tenant = order[index ^ 1]
+        if swapped == "tenant":
+            user_id = presented(scope)[0]
+            assert tenant != presented(scope)[1]
+        return Identity(user_id, tenant)
+
+    async def ok(request: Request) -> Response:
+        ambient.get_current_context()
+        return JSONResponse({"ok": True})
+
+    async def events(websocket: WebSocket) -> None:
+        await websocket.accept()
+        with contextlib.suppress(WebSocketDisconnect):
+            while True:
+                await websocket.receive_text()
+
+    inner = Starlette(routes=[Route("/", ok), WebSocketRoute("/events", events)])
+    app = AmbientMiddleware(inner, registry=Registry(), identity=swap)
+    # With tenants, each user id is used in both tenants: sorted, the pairs are one id's
+    # two tenants, swapped.
+    tenants = {"tenants": 2} if swapped == "tenant" else {}
+    report = await check(app, websocket="/events", users=users, requests=2, **tenants)
+    assert not report.ok
+    assert report.failed_requests == []
+    said = "another simulated user" if swapped == "user" else "in another simulated tenant"
+    requests = [line for line in report.isolation if line.startswith("GET /")]
+    sockets = [line for line in report.isolation if line.startswith("WS /events")]
+    assert len(requests) == users * 2, report.isolation
+    assert len(sockets) == users, report.isolation
+    assert all(said in line for line in requests + sockets), report.isolation
