@@ -936,42 +936,17 @@ class _Socket:
         # The status of the denial response that refused the handshake, and its detail.
         self.denied_status: int | None = None
         self.denied_detail = ""
+        # What else the app said to this user on the socket, to look at as its frames are:
+        # (what it was, its text).
+        self.said: list[tuple[str, str]] = []
 
     async def run(self) -> None:
         """Connect, and call the app until it returns (after :meth:`leave`)."""
         scope = self.driver.scope("websocket", self.user, self.path)
-        receive = self._receive
-
-        async def send(message: MutableMapping[str, Any]) -> None:
-            kind = message["type"]
-            if kind == "websocket.accept":
-                self.accepted = True
-                self.settled.set()
-            elif kind == "websocket.send":
-                self.listening.set()
-                text, data = message.get("text"), message.get("bytes")
-                self.frames += 1
-                # Whose request the app sent it in: another user's is a frame of theirs
-                # reaching this one, whatever it says.
-                ctx = current_context_or_none()
-                sender = None if ctx is None else UserRef(ctx.user_id, ctx.tenant_id)
-                served = self.served[0][0] if self.served else None
-                self.look(text if text is not None else _latin1(data or b""), sender, served)
-                if self._leaving.is_set():
-                    # Still looked at (the app sent it for this user), but it went nowhere.
-                    msg = "the client disconnected"
-                    raise _ClientGoneError(msg)
-            elif kind.startswith("websocket.http.response."):
-                self._denial(message)
-            elif kind == "websocket.close" and not self._leaving.is_set():
-                code = message.get("code", 1000)
-                said = "refused the handshake" if not self.accepted else "closed the socket"
-                self._failed(f"{said} with close code {code}")
-
         token = _served.set(self.served)
         simulating = _simulating.set(self.user)
         try:
-            await self.driver.app(scope, receive, send)
+            await self.driver.app(scope, self._receive, self._send)
         except _ClientGoneError:
             pass  # the app let the disconnect through, as servers let it
         except BaseException as exc:
@@ -988,6 +963,42 @@ class _Socket:
             self.settled.set()
             self.listening.set()
             self.ended.set()
+
+    async def _send(self, message: MutableMapping[str, Any]) -> None:
+        """What the app sends on the socket."""
+        kind = message["type"]
+        if kind == "websocket.accept":
+            self.accepted = True
+            self.settled.set()
+        elif kind == "websocket.send":
+            if not self.accepted:
+                # As servers refuse it: the frame would reach no client.
+                msg = "a websocket frame sent before the socket was accepted"
+                raise RuntimeError(msg)
+            self.listening.set()
+            text, data = message.get("text"), message.get("bytes")
+            self.frames += 1
+            # Whose request the app sent it in: another user's is a frame of theirs
+            # reaching this one, whatever it says.
+            ctx = current_context_or_none()
+            sender = None if ctx is None else UserRef(ctx.user_id, ctx.tenant_id)
+            served = self.served[0][0] if self.served else None
+            self.look(text if text is not None else _latin1(data or b""), sender, served)
+            if self._leaving.is_set():
+                # Still looked at (the app sent it for this user), but it went nowhere.
+                msg = "the client disconnected"
+                raise _ClientGoneError(msg)
+        elif kind.startswith("websocket.http.response."):
+            self._denial(message)
+        elif kind == "websocket.close":
+            reason = message.get("reason")
+            if reason:
+                self.said.append(("close reason", str(reason)))
+            if self._leaving.is_set():
+                return
+            code = message.get("code", 1000)
+            said = "refused the handshake" if not self.accepted else "closed the socket"
+            self._failed(f"{said} with close code {code}")
 
     async def _receive(self) -> MutableMapping[str, Any]:
         """What the app receives: the connect, the frame the user sends once the app
@@ -1026,7 +1037,10 @@ class _Socket:
             return
         text = b"".join(body).decode("utf-8", "replace")
         token = self.driver.token(self.user)  # the one the handshake sent: never shown
-        detail = _detail(text if token is None else text.replace(token, "<token>")).strip()
+        if token is not None:
+            text = text.replace(token, "<token>")
+        self.said.append(("denial response", text))
+        detail = _detail(text).strip()
         if detail and self.problem == refused:
             self.problem = f"{refused}: {detail}"[:200]
             self.denied_detail = detail[:160]
@@ -1103,6 +1117,11 @@ class _Traffic:
         where, whom = f"WS {socket.path}", _label(socket.user)
         self.sockets += 1
         self.frames += socket.frames
+        self.isolation.extend(
+            f"{where}: the {what} sent to {whom} contains {_whose(other)}'s data"
+            for what, text in socket.said
+            for other in _mentions(text, self.known, socket.user)
+        )
         if socket.served:
             self._note_served(socket.user, *socket.served[0])
             another = self._served_as_another(socket.user, socket.served)

@@ -5078,3 +5078,68 @@ async def test_users_served_as_each_other_are_caught_though_no_answer_names_them
     assert len(requests) == users * 2, report.isolation
     assert len(sockets) == users, report.isolation
     assert all(said in line for line in requests + sockets), report.isolation
+
+
+@pytest.mark.parametrize("said_in", ["close reason", "denial response"])
+async def test_another_users_id_in_a_sockets_close_reason_or_denial_is_caught(
+    said_in: str,
+) -> None:
+    """An app that closes each socket, or refuses its handshake with an HTTP response,
+    saying why with the user whose socket it served before: another user's id reaches
+    this one in the close frame's reason or the denial's body, not in any frame. Each is
+    an isolation finding (it passed, but for the socket's failure)."""
+    before: list[str] = []
+
+    async def sockets(scope: Any, receive: Any, send: Any) -> None:
+        user = ambient.get_current_context().user_id
+        await receive()  # websocket.connect
+        said = f"replaced by {before[-1]}" if before else "first"
+        before.append(user)
+        if said_in == "close reason":
+            await send({"type": "websocket.accept"})
+            await send({"type": "websocket.close", "code": 4000, "reason": said})
+            return
+        headers = [(b"content-type", b"text/plain")]
+        await send({"type": "websocket.http.response.start", "status": 403, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": said.encode()})
+
+    inner = Starlette(routes=[Route("/", _whoami)])
+
+    async def routed(scope: Any, receive: Any, send: Any) -> None:
+        await (sockets if scope["type"] == "websocket" else inner)(scope, receive, send)
+
+    app = AmbientMiddleware(routed, registry=Registry(), identity=trusted_header())
+    report = await check(app, websocket="/events", users=4, requests=1, concurrency=1)
+    assert not report.ok
+    user = r"check-\d{5}-[0-9a-f]{6}"
+    line = rf"WS /events: the {said_in} sent to ({user}) contains ({user})'s data"
+    matched = [re.fullmatch(line, found) for found in report.isolation]
+    assert len(matched) == 3, report.isolation
+    assert all(found is not None and found[1] != found[2] for found in matched), report
+    alone = await check(app, websocket="/events", users=1)
+    assert alone.isolation == [], alone.isolation
+
+
+async def test_a_frame_sent_before_the_socket_is_accepted_fails_the_socket() -> None:
+    """An app that sends a frame before accepting its socket: refused as servers refuse
+    it, so the socket fails with the app's error (the frame reached no client)."""
+
+    async def sockets(scope: Any, receive: Any, send: Any) -> None:
+        await receive()  # websocket.connect
+        await send({"type": "websocket.send", "text": "early"})
+        await send({"type": "websocket.accept"})
+        while (await receive())["type"] != "websocket.disconnect":
+            pass
+
+    inner = Starlette(routes=[Route("/", _whoami)])
+
+    async def routed(scope: Any, receive: Any, send: Any) -> None:
+        await (sockets if scope["type"] == "websocket" else inner)(scope, receive, send)
+
+    app = AmbientMiddleware(routed, registry=Registry(), identity=trusted_header())
+    report = await check(app, websocket="/events", users=2, requests=1)
+    assert not report.ok
+    assert report.websocket_frames == 0
+    failed = [line for line in report.failed_requests if line.startswith("WS /events")]
+    assert len(failed) == 2, report.failed_requests
+    assert all("before the socket was accepted" in line for line in failed), failed
