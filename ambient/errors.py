@@ -16,6 +16,7 @@ trace instead.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -58,6 +59,55 @@ def _shorten(value: object) -> str:
     return text
 
 
+# What the answer to an error reads from it, besides its message.
+_ANSWER_ATTRIBUTES = (
+    "http_status",
+    "problem_type",
+    "title",
+    "client_detail",
+    "retry_after",
+    "challenge",
+)
+
+
+def _answer_refusal(name: str, value: object) -> TypeError | ValueError | None:
+    """Why no answer can carry ``value`` as its error's ``name`` (one of
+    ``_ANSWER_ATTRIBUTES``), as the error to raise, or ``None`` when one can: what the
+    constructors refuse when given as an argument (a ``retry_after`` of no number, a
+    ``challenge`` no header holds) and what no answer is made of (a status no error has, a
+    title or detail of no text)."""
+    if name == "http_status":
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            return TypeError(
+                f"http_status must be an int from 400 to 599 or None, not {value!r:.64}"
+            )
+        if not 400 <= value <= 599:
+            return ValueError(f"http_status must be an int from 400 to 599 or None, not {value!r}")
+        return None
+    if name == "retry_after":
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            return TypeError(f"retry_after must be a number of seconds or None, not {value!r:.64}")
+        return None
+    if name == "challenge":
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            return TypeError(f"challenge must be a str or None, not {value!r:.64}")
+        if not value.strip() or not value.isascii() or not value.isprintable():
+            return ValueError(f"challenge must be printable ASCII (a header), not {value!r:.64}")
+        return None
+    # problem_type, title, client_detail: text of the answer's body (and a close's reason)
+    if not isinstance(value, str):
+        return TypeError(f"{name} must be a str, not {value!r:.64}")
+    try:
+        value.encode()
+    except UnicodeEncodeError:  # a lone surrogate: no UTF-8 holds it
+        return ValueError(f"{name} must be text UTF-8 holds, not {value!r:.64}")
+    return None
+
+
 class AmbientError(Exception):
     """Root of every ambient error.
 
@@ -72,6 +122,14 @@ class AmbientError(Exception):
             the error's own message (the body's detail of a 4xx) is for the server's logs.
         challenge: The ``WWW-Authenticate`` challenge of the answer (RFC 9110: a 401
             carries one), e.g. ``Bearer error="invalid_token"``, or ``None``.
+
+    A subclass's own values of these are checked when the class is made: a TypeError or
+    ValueError naming the class and the attribute for an ``http_status`` that is no int
+    from 400 to 599 (or ``None``), a ``retry_after`` of no number, a ``challenge`` that is
+    no printable ASCII, a ``problem_type``, ``title`` or ``client_detail`` that is no text,
+    instead of a request failing without its answer. One set on an error afterwards, which
+    no answer can carry, is logged by the middleware, which answers with its class's value
+    instead (no ``Retry-After``, no challenge, a 500 for no status of the class).
     """
 
     http_status: int | None = None
@@ -80,6 +138,16 @@ class AmbientError(Exception):
     client_detail: ClassVar[str] = "the server could not carry out the request"
     retry_after: float | None = None
     challenge: str | None = None
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in _ANSWER_ATTRIBUTES:
+            value = cls.__dict__.get(name, None)
+            if name not in cls.__dict__ or hasattr(value, "__get__"):
+                continue  # inherited (checked), or computed (a property): checked when answered
+            refusal = _answer_refusal(name, value)
+            if refusal is not None:
+                raise type(refusal)(f"{cls.__qualname__}.{refusal}")
 
     def __reduce__(self) -> tuple[object, ...]:
         # Restored as it was, not by calling the constructor again with the message: most

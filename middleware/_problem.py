@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, Final
 
-from ambient.errors import AmbientError, InvalidContextError
+from ambient.errors import AmbientError, InvalidContextError, _answer_refusal
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -25,6 +26,8 @@ _OVERLOAD: Final = 429
 # A day: a Retry-After longer than that says nothing a client would act on.
 _RETRY_AFTER_MAX: Final = 86_400
 _WWW_AUTHENTICATE = b"www-authenticate"
+
+logger = logging.getLogger("ambient.middleware")
 
 
 class Problem:
@@ -58,13 +61,15 @@ class Problem:
         address, how long it has been down), for its logs and trace, not for the client.
         An :class:`~ambient.errors.InvalidContextError` says its field and reason, never
         the value its message shows; an error whose message cannot be read (its ``str()``
-        raises) says its class's ``client_detail``.
+        raises) says its class's ``client_detail``. A value set on the error that no
+        answer can carry (a ``retry_after`` of text, a status no error has) is logged and
+        replaced by its class's (see :func:`_answer_value`).
         """
-        status = error.http_status or 500
+        status = _answer_value(error, "http_status") or 500
         if detail is None:
             detail = _detail(error, status)
         headers: list[tuple[bytes, bytes]] = []
-        retry_after = error.retry_after
+        retry_after = _answer_value(error, "retry_after")
         if retry_after is not None:
             # Whatever the error was built with (inf, nan, an int no float holds), it must
             # still be answered, with a header of a sane size.
@@ -75,13 +80,14 @@ class Problem:
             except ValueError:
                 seconds = 1
             headers.append((b"retry-after", str(seconds).encode()))
-        if error.challenge is not None:
-            headers.append((_WWW_AUTHENTICATE, error.challenge.encode("ascii")))
+        challenge = _answer_value(error, "challenge")
+        if challenge is not None:
+            headers.append((_WWW_AUTHENTICATE, challenge.encode("ascii")))
         return cls(
             status,
-            error.title,
+            _answer_value(error, "title"),
             detail,
-            type_=error.problem_type,
+            type_=_answer_value(error, "problem_type"),
             headers=headers,
         )
 
@@ -172,10 +178,36 @@ class Problem:
         }
 
 
+def _answer_value(error: AmbientError, name: str) -> Any:
+    """``error``'s ``name`` (an attribute its answer reads), or, when no answer can carry
+    it (set on the error, or on its class, after the class was made; a property that
+    raises), its class's value, else :class:`AmbientError`'s, with a warning: the request
+    is still answered, where the value would fail it without an answer."""
+    try:
+        value = getattr(error, name)
+    except Exception as exc:  # noqa: BLE001 - a property raising: answered all the same
+        refusal: Exception | None = exc
+    else:
+        refusal = _answer_refusal(name, value)
+        if refusal is None:
+            return value
+    fallback = getattr(type(error), name, None)
+    if _answer_refusal(name, fallback) is not None:
+        fallback = getattr(AmbientError, name)
+    logger.warning(
+        "ambient: the %s of a %s cannot be answered (%s); answered with %r instead",
+        name,
+        type(error).__name__,
+        refusal,
+        fallback,
+    )
+    return fallback
+
+
 def _detail(error: AmbientError, status: int) -> str:
     """The detail of the answer to ``error`` (see :meth:`Problem.from_error`)."""
     if _withholds_detail(status):
-        return error.client_detail
+        return _client_detail(error)
     if isinstance(error, InvalidContextError):
         # The value may be no input of this client's: an id the app read from its store,
         # another user's.
@@ -183,7 +215,13 @@ def _detail(error: AmbientError, status: int) -> str:
     try:
         return str(error)
     except Exception:  # noqa: BLE001 - a message built from what the error lacks
-        return error.client_detail
+        return _client_detail(error)
+
+
+def _client_detail(error: AmbientError) -> str:
+    """``error``'s ``client_detail`` (see :func:`_answer_value`)."""
+    detail: str = _answer_value(error, "client_detail")
+    return detail
 
 
 def _withholds_detail(status: int) -> bool:

@@ -128,3 +128,81 @@ def test_a_retry_after_is_kept_as_it_was_given(
     second and a day."""
     error = error_class("down", retry_after=retry_after)  # type: ignore[call-arg]
     assert error.retry_after is retry_after
+
+
+def _subclass(name: str, **attributes: object) -> type[AmbientError]:
+    return type(name, (AmbientError,), attributes)
+
+
+@pytest.mark.parametrize(
+    ("attribute", "value", "refusal", "says"),
+    [
+        ("http_status", "503", TypeError, "an int from 400 to 599 or None, not '503'"),
+        ("http_status", 503.0, TypeError, "an int from 400 to 599 or None, not 503.0"),
+        ("http_status", True, TypeError, "an int from 400 to 599 or None, not True"),
+        ("http_status", 200, ValueError, "an int from 400 to 599 or None, not 200"),
+        ("http_status", 399, ValueError, "an int from 400 to 599 or None, not 399"),
+        ("http_status", 600, ValueError, "an int from 400 to 599 or None, not 600"),
+        ("retry_after", "5", TypeError, "a number of seconds or None, not '5'"),
+        ("retry_after", True, TypeError, "a number of seconds or None, not True"),
+        ("challenge", b"Bearer", TypeError, "a str or None, not b'Bearer'"),
+        ("challenge", "Bearer réalm", ValueError, "printable ASCII (a header)"),
+        ("challenge", 'Bearer\r\nSet-Cookie: a="1"', ValueError, "printable ASCII (a header)"),
+        ("challenge", " ", ValueError, "printable ASCII (a header)"),
+        ("client_detail", None, TypeError, "a str, not None"),
+        ("client_detail", b"try later", TypeError, "a str, not b'try later'"),
+        ("title", 7, TypeError, "a str, not 7"),
+        ("title", "Stale \ud800", ValueError, "text UTF-8 holds"),
+        ("problem_type", None, TypeError, "a str, not None"),
+    ],
+)
+def test_a_subclass_value_no_answer_can_carry_is_refused_when_the_class_is_made(
+    attribute: str, value: object, refusal: type[Exception], says: str
+) -> None:
+    """An app's own error class setting an answer's attribute to what no answer can carry
+    (what the constructors refuse as an argument: a retry_after of text, a challenge no
+    header holds; a status no error has; a title of no text) is refused where the class is
+    written, naming it and the attribute, not where the middleware writes its answer,
+    which left the request with a bare 500 or no answer at all."""
+    with pytest.raises(refusal, match=rf"^QuotaError\.{attribute} must be ") as info:
+        _subclass("QuotaError", **{"http_status": 503, attribute: value})
+    assert says in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("attribute", "value"),
+    [
+        ("http_status", 400),
+        ("http_status", 599),
+        ("http_status", None),
+        ("retry_after", 0),
+        ("retry_after", 2.5),
+        ("retry_after", Fraction(3, 2)),
+        ("retry_after", float("nan")),
+        ("retry_after", None),
+        ("challenge", 'Bearer realm="api"'),
+        ("challenge", None),
+        ("client_detail", "réessayez plus tard"),
+        ("title", ""),
+    ],
+)
+def test_a_subclass_value_an_answer_carries_is_taken(attribute: str, value: object) -> None:
+    """What the constructors take is taken on the class (any real retry_after: the answer
+    bounds it; text in any script in the body)."""
+    made = _subclass("QuotaError", **{attribute: value})
+    assert getattr(made, attribute) is value
+
+
+def test_a_subclass_computing_a_value_and_a_subclass_of_a_subclass_are_taken() -> None:
+    """A property is read (and checked) when the error is answered; a subclass of a
+    library error, or of an app's, inherits values already checked."""
+
+    class ComputedError(AmbientError):
+        @property
+        def http_status(self) -> int:  # type: ignore[override]
+            return 503
+
+    class PoolFullError(PoolExhaustedError):
+        title = "Pool full"
+
+    assert (ComputedError().http_status, PoolFullError("x").retry_after) == (503, 1.0)

@@ -907,6 +907,85 @@ async def test_each_error_is_answered_with_its_status_type_title_detail_and_retr
         assert str(error) not in response.text
 
 
+def _set(error: AmbientError, **values: object) -> AmbientError:
+    for name, value in values.items():
+        setattr(error, name, value)
+    return error
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "title", "detail", "retry_after"),
+    [
+        (_set(UpstreamError("x"), retry_after="5"), 502, "Error", None, None),
+        (
+            _set(TooManyRequestsError("x"), retry_after=b"5"),
+            429,
+            "Too many concurrent requests",
+            None,
+            None,
+        ),
+        (_set(UpstreamError("x"), http_status="404"), 502, "Error", None, None),
+        (_set(AmbientError("x"), http_status=200), 500, "Error", None, None),
+        (_set(UpstreamError("x"), http_status=True), 502, "Error", None, None),
+        (_set(UpstreamError("x"), client_detail=None), 502, "Error", None, None),
+        (_set(UpstreamError("x"), title=b"Upstream"), 502, "Error", None, None),
+        (_set(UpstreamError("x"), problem_type=None), 502, "Error", None, None),
+        (
+            _set(IdentityError("who?", status=401), challenge="Bearer\r\nX: 1"),
+            401,
+            "Invalid identity",
+            "who?",
+            None,
+        ),
+    ],
+    ids=[
+        "retry-after-text",
+        "retry-after-bytes",
+        "status-text",
+        "status-200",
+        "status-bool",
+        "client-detail-none",
+        "title-bytes",
+        "problem-type-none",
+        "challenge-line-break",
+    ],
+)
+async def test_a_value_set_on_an_error_that_no_answer_carries_is_logged_and_answered(
+    error: AmbientError,
+    status: int,
+    title: str,
+    detail: str | None,
+    retry_after: str | None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An answer's attribute set on an error after it was made (``err.retry_after = "5"``
+    before raising it) to what no answer can carry is replaced by its class's value, with
+    a warning naming it: the request is answered, where it got a bare 500 or no answer."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise error
+
+    middleware = AmbientMiddleware(app, registry=Registry(), identity=trusted_header())
+    with caplog.at_level(logging.WARNING, logger="ambient.middleware"):
+        async with client(middleware) as http:
+            response = await http.get("/", headers={"x-user-id": "u"})
+    assert response.status_code == status
+    body = response.json()
+    assert (body["status"], body["title"], body["type"]) == (
+        status,
+        title,
+        type(error).problem_type,
+    )
+    assert body["detail"] == detail or (
+        detail is None and body["detail"] == type(error).client_detail
+    )
+    assert response.headers.get("retry-after") == retry_after
+    assert "www-authenticate" not in response.headers
+    logged = [r.getMessage() for r in caplog.records if "cannot be answered" in r.getMessage()]
+    assert logged
+    assert all(type(error).__name__ in line for line in logged)
+
+
 @pytest.mark.parametrize(
     "error",
     [
