@@ -1041,6 +1041,33 @@ async def test_origins_not_on_the_list_are_refused_before_anything_is_bound(serv
     assert [user for what, user in ledger.events if what == "socket closed"] == ["alice"]
 
 
+async def test_an_allowed_ip_origin_matches_the_origin_a_browser_sends_for_it(
+    server: str,
+) -> None:
+    """An allowed origin whose host is an IP address spelled another way than a browser
+    writes it (an IPv4 shorthand, hexadecimal, an IPv6 address uncompressed or in upper
+    case) lets in the Origin a browser sends for it (dotted decimal, compressed lower-case
+    IPv6): kept as written it never matched. Another address is still refused."""
+    hub = ConnectionHub()
+    allowed = ["https://127.1", "http://0x7f.0.0.2:8000", "https://[0:0:0:0:0:0:0:1]:8443"]
+    app, ledger, _ = build(hub, origins=allowed)
+
+    async def scenario(base: str) -> int:
+        for origin in ("https://127.0.0.1", "http://127.0.0.2:8000", "https://[::1]:8443"):
+            sock, _ = await open_socket(base, "alice", origin=origin)
+            assert await expect_pong(sock) == []
+            await sock.close()
+        with pytest.raises(InvalidStatus) as refusal:
+            await open_socket(base, "mallory", origin="https://127.0.0.2")
+        return refusal.value.response.status_code
+
+    with serve(server, app) as url:
+        status = await in_client_thread(lambda: scenario(url))
+        await wait_closed(ledger, 3)
+    assert status == 403
+    assert set(ledger.created.values()) == {"alice"}
+
+
 class OriginProbe:
     """``OriginAllowList`` for ``https://app.example`` around an app that notes its calls,
     driven in process: what reached the app, and what the check sent."""
@@ -1125,9 +1152,15 @@ async def test_only_the_allowed_origin_itself_gets_in() -> None:
         await probe({"type": "websocket", "headers": [(b"origin", foreign)]})
         assert probe.called == [], foreign
     assert [(m["type"], m["code"]) for m in probe.sent] == [("websocket.close", 1008)] * 19
-    for allowed in (b"https://app.example/", b"HTTPS://APP.EXAMPLE:443", b"http://[::1]:8000"):
+    for allowed in (
+        b"https://app.example/",
+        b"HTTPS://APP.EXAMPLE:443",
+        b"http://[::1]:8000",
+        # the same address, written another way
+        b"http://[0:0:0:0:0:0:0:1]:8000",
+    ):
         await probe({"type": "websocket", "headers": [(b"origin", allowed)]})
-    assert len(probe.called) == 3
+    assert len(probe.called) == 4
     assert len(probe.sent) == 19
 
 
@@ -1213,6 +1246,44 @@ def test_the_origin_list_takes_origins_only() -> None:
         "http://app.example:443",
         "http://[::1]:8000",
     ]
+    # An IP host as a browser writes it (the WHATWG URL standard): IPv4 in dotted decimal
+    # (a shorthand, hexadecimal or octal part, one number, a trailing dot), IPv6 compressed
+    # in lower case, an embedded IPv4 address as pieces; not for another scheme's host.
+    ip_hosts = {
+        "https://127.1": "https://127.0.0.1",
+        "https://0x7F.0.0.1": "https://127.0.0.1",
+        "https://0177.0.0.01": "https://127.0.0.1",
+        "https://2130706433": "https://127.0.0.1",
+        "https://127.0.0.1.": "https://127.0.0.1",
+        "https://0x": "https://0.0.0.0",
+        "https://10.0x10000": "https://10.1.0.0",
+        "https://[0:0:0:0:0:0:0:1]:8443": "https://[::1]:8443",
+        "http://[FE80:0:0:0:0:0:0:1]": "http://[fe80::1]",
+        "http://[1:0:0:2:0:0:0:3]": "http://[1:0:0:2::3]",
+        "http://[1:0:2:0:3:0:4:5]": "http://[1:0:2:0:3:0:4:5]",
+        "http://[::ffff:127.0.0.1]": "http://[::ffff:7f00:1]",
+        "http://[0::]": "http://[::]",
+        "ws://0xg.example": "ws://0xg.example",
+        "x-app://127.1": "x-app://127.1",
+    }
+    for written, sent in ip_hosts.items():
+        assert OriginAllowList(nothing, allowed_origins=[written]).allowed == {sent}, written
+    # A host ending in a number that is no address: no URL, and no browser sends it.
+    for never in (
+        "https://app.123",
+        "https://1.2.3.4.5",
+        "https://256.0.0.1",
+        "https://1.2.3.256",
+        "https://0.0.0.4294967295",
+        "https://4294967296",
+        "https://09.0.0.1",
+        "https://1..2",
+        "https://1.2.3.4.0",
+        "https://1.09",
+        "http://[v1.x]",
+    ):
+        with pytest.raises(ValueError, match="not an origin like"):
+            OriginAllowList(nothing, allowed_origins=[never])
     assert OriginAllowList(nothing, allowed_origins=spelled).allowed == {
         "https://app.example",
         "https://app.example.",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import string
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,6 +21,73 @@ _NO_ORIGIN = ("?", "#")
 # backslash as the path's start): a host holding one would never match.
 _NOT_IN_HOST = frozenset(" %\\<>^|\x7f") | frozenset(map(chr, range(32)))
 
+_HEX_DIGITS = frozenset(string.hexdigits)
+
+
+def _ipv4_number(part: str) -> int | None:
+    """One part of an IPv4 host as the WHATWG URL standard reads it (``0x`` hexadecimal,
+    a leading ``0`` octal, else decimal), or ``None`` when it is no number."""
+    if part[:2] in ("0x", "0X"):
+        digits = part[2:]
+        if not _HEX_DIGITS.issuperset(digits):
+            return None
+        return int(digits, 16) if digits else 0
+    if not part.isascii() or not part.isdigit():
+        return None
+    if len(part) > 1 and part[0] == "0":
+        return int(part, 8) if set(part) <= set("01234567") else None
+    return int(part)
+
+
+def _ipv4(host: str) -> str | None:
+    """``host`` as a browser writes it when it reads it as an IPv4 address (its last part
+    a number: ``127.1``, ``0x7f.0.0.1``, ``2130706433``): dotted decimal; ``host`` itself
+    for a domain; ``None`` when it ends in a number yet is no address (``app.123``,
+    ``1.2.3.4.5``, ``256.0.0.1``), which a browser refuses as a URL."""
+    parts = host.split(".")
+    if parts[-1] == "" and len(parts) > 1:
+        parts.pop()
+    last = parts[-1]
+    if not (last.isascii() and last.isdigit()) and _ipv4_number(last) is None:
+        return host  # a domain
+    numbers = [_ipv4_number(part) if part else None for part in parts]
+    if len(numbers) > 4 or None in numbers:  # at most four parts, each a number
+        return None
+    values = [n for n in numbers if n is not None]
+    # Each part but the last is one byte; the last fills the bytes left.
+    if any(n > 255 for n in values[:-1]) or values[-1] >= 256 ** (5 - len(values)):
+        return None
+    address = values[-1]
+    for index, value in enumerate(values[:-1]):
+        address += value << (8 * (3 - index))
+    return str(ipaddress.IPv4Address(address))
+
+
+def _ipv6(host: str) -> str | None:
+    """The bracketed IPv6 ``host`` (given without its brackets) as a browser writes it:
+    lower-case hexadecimal pieces, the first longest run of two or more zero pieces
+    compressed, an embedded IPv4 address written as pieces too; ``None`` when it is no
+    address."""
+    try:
+        value = int(ipaddress.IPv6Address(host))
+    except ValueError:
+        return None
+    pieces = [(value >> (112 - 16 * index)) & 0xFFFF for index in range(8)]
+    start, length = -1, 1  # the first longest run of zero pieces longer than one
+    run = None
+    for index, piece in enumerate([*pieces, 1]):
+        if piece == 0:
+            run = index if run is None else run
+        elif run is not None:
+            if index - run > length:
+                start, length = run, index - run
+            run = None
+    written = [format(piece, "x") for piece in pieces]
+    if start < 0:
+        return "[" + ":".join(written) + "]"
+    return "[" + ":".join(written[:start]) + "::" + ":".join(written[start + length :]) + "]"
+
+
 ASGIApp = Callable[
     [
         MutableMapping[str, Any],
@@ -30,7 +99,8 @@ ASGIApp = Callable[
 
 
 def _origin(value: str) -> str | None:
-    """``scheme://host[:port]`` lower-cased without a default port, or ``None``."""
+    """``scheme://host[:port]`` lower-cased without a default port, an IP host as a
+    browser writes it, or ``None``."""
     value = value.strip()
     if any(char in value for char in (*_DELETED, *_NO_ORIGIN)):
         return None
@@ -50,8 +120,14 @@ def _origin(value: str) -> str | None:
         or not _NOT_IN_HOST.isdisjoint(host)
     ):
         return None
-    if ":" in host:
-        host = f"[{host}]"
+    # An IP address as a browser writes it (the WHATWG URL standard's host serialisation),
+    # however it was spelled: an Origin holds that form, and a shorthand would never match.
+    if "[" in parts.netloc:  # a bracketed host: an IPv6 address, or no host at all
+        host = _ipv6(host)
+    elif scheme in _DEFAULT_PORTS:  # an opaque host of another scheme is no address
+        host = _ipv4(host)
+    if host is None:
+        return None
     if port is None or _DEFAULT_PORTS.get(scheme) == port:
         return f"{scheme}://{host}"
     return f"{scheme}://{host}:{port}"
@@ -78,7 +154,11 @@ class OriginAllowList:
             no credentials, path (but ``/``), query or fragment (not even an empty ``?`` or
             ``#``), and a host in its ASCII form (``xn--`` for an internationalised name),
             without percent-escapes, as browsers send it. A trailing dot is kept: a page
-            at ``app.example.`` is another origin than one at ``app.example``.
+            at ``app.example.`` is another origin than one at ``app.example``. An IP
+            address is compared as a browser writes it, however it is spelled here or in
+            the ``Origin``: ``https://127.1`` and ``https://0x7f.0.0.1`` are
+            ``https://127.0.0.1``, ``https://[0:0:0:0:0:0:0:1]`` is ``https://[::1]``; a
+            host ending in a number that is no address (``app.123``) is refused.
         allow_missing: Accept handshakes without an Origin header.
     """
 
