@@ -49,8 +49,8 @@ BUILDERS: list[tuple[str, Callable[[str, Any], object]]] = [
     ("max_size", lambda name, v: PerUserPools(URL, **{name: v})),
     ("min_size", lambda name, v: SharedPool(URL, **{name: v})),
 ]
-# None means "no limit" or "never" for these: taken, not refused.
-NONE_TAKEN = {"max_error_rate", "idle_ttl"}
+# None means "no limit" for these: taken, not refused.
+NONE_TAKEN = {"max_error_rate"}
 COUNTS = {"min_calls", "max_size", "min_size"}
 
 

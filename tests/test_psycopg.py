@@ -4333,6 +4333,12 @@ def test_settings_of_a_field_the_strategy_cannot_set_are_refused_at_construction
             "max_total must be >= max(1, min_size), not 1",
         ),
         (PerUserPools, {"idle_ttl": -0.5}, ValueError, "idle_ttl must be >= 0 seconds, not -0.5"),
+        (
+            PerUserPools,
+            {"idle_ttl": float("nan")},
+            ValueError,
+            "idle_ttl must be >= 0 seconds, not nan",
+        ),
     ],
 )
 def test_limits_out_of_range_are_refused_at_construction(

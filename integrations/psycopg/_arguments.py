@@ -76,7 +76,7 @@ class _Arguments:
         max_size: int,
         per_user_limit: object = _ABSENT,
         max_total: object = _ABSENT,
-        idle_ttl: float | None = None,
+        idle_ttl: object = _ABSENT,
         timeout: float,
         return_timeout: float,
         retry_after: float,
@@ -85,9 +85,10 @@ class _Arguments:
         fields: frozenset[str],
         local: bool,
     ) -> _Arguments:
-        """Raise ``ValueError`` naming the first bad argument (``None``, or ``_ABSENT`` for a
-        connection limit: the strategy has no such argument), ``TypeError`` for a connection
-        limit that is no number; ``fields`` are the context fields ``settings`` may name."""
+        """Raise ``ValueError`` naming the first bad argument (``_ABSENT`` for a connection
+        limit or ``idle_ttl``: the strategy has no such argument), ``TypeError`` for one
+        that is no number (an ``idle_ttl`` of ``None`` too: the registry would read it as
+        its default, 300 s); ``fields`` are the context fields ``settings`` may name."""
         whole(min_size, "min_size", "connections")
         whole(max_size, "max_size", "connections")
         if not 0 <= min_size <= max_size or max_size < 1:
@@ -97,7 +98,7 @@ class _Arguments:
             _check_limit("per_user_limit", per_user_limit, 1, "1")
         if max_total is not _ABSENT:
             _check_limit("max_total", max_total, max(1, min_size), "max(1, min_size)")
-        if idle_ttl is not None and number(idle_ttl, "idle_ttl") < 0:
+        if idle_ttl is not _ABSENT and not number(idle_ttl, "idle_ttl") >= 0:
             msg = f"idle_ttl must be >= 0 seconds, not {idle_ttl!r}"
             raise ValueError(msg)
         if not number(timeout, "timeout") > 0:
