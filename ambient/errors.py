@@ -20,7 +20,7 @@ import numbers
 from collections.abc import Sequence
 from typing import ClassVar
 
-from ambient._checks import real
+from ambient import _checks
 
 __all__ = [
     "AmbientError",
@@ -297,7 +297,7 @@ class IdentityUnavailableError(AmbientError):
 
     def __init__(self, detail: str, *, retry_after: float = 5.0) -> None:
         if retry_after is not None:  # None: no Retry-After, as an AmbientError has
-            real(retry_after, "retry_after")
+            _checks.real(retry_after, "retry_after")
         self.retry_after = retry_after
         super().__init__(detail)
 
@@ -312,7 +312,7 @@ class TooManyRequestsError(AmbientError):
 
     def __init__(self, detail: str, *, retry_after: float = 1.0) -> None:
         if retry_after is not None:  # None: no Retry-After, as an AmbientError has
-            real(retry_after, "retry_after")
+            _checks.real(retry_after, "retry_after")
         self.retry_after = retry_after
         super().__init__(detail)
 
@@ -327,7 +327,7 @@ class PoolExhaustedError(AmbientError):
 
     def __init__(self, detail: str, *, retry_after: float = 1.0) -> None:
         if retry_after is not None:  # None: no Retry-After, as an AmbientError has
-            real(retry_after, "retry_after")
+            _checks.real(retry_after, "retry_after")
         self.retry_after = retry_after
         super().__init__(detail)
 
@@ -437,7 +437,7 @@ class BroadcastError(AmbientError, ConnectionError):
 
     def __init__(self, detail: str, *, retry_after: float = 1.0) -> None:
         if retry_after is not None:  # None: no Retry-After, as an AmbientError has
-            real(retry_after, "retry_after")
+            _checks.real(retry_after, "retry_after")
         self.retry_after = retry_after
         super().__init__(detail)
 
