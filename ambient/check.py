@@ -107,7 +107,7 @@ class _CleanupFailures(Observer):
         if error is None:
             return
         with self._lock:
-            count, first = self.failed.get(event.name, (0, f"{type(error).__name__}: {error}"))
+            count, first = self.failed.get(event.name, (0, _said(error)))
             self.failed[event.name] = (count + 1, first)
 
     def findings(self) -> list[str]:
@@ -411,7 +411,7 @@ class _Driver:
             if not _app_error(exc):
                 raise
             done.set()
-            return 500, f"{type(exc).__name__}: {exc}".encode(), time.perf_counter() - started
+            return 500, _said(exc).encode(), time.perf_counter() - started
         finally:
             _simulating.reset(simulating)
             _served.reset(token)
@@ -476,7 +476,7 @@ class _Driver:
             except BaseException as error:
                 if not _app_error(error):  # as servers take it
                     raise
-                said = f"{type(error).__name__}: {error}"
+                said = _said(error)
                 await from_app.send({"type": "lifespan.unsupported", "error": said})
             else:
                 # Returning without a word is the other way to say it (as uvicorn takes it);
@@ -513,6 +513,17 @@ class _Driver:
         # Raised out here, not inside the task group, which would wrap it in a group.
         if failed is not None:
             raise _StartupError(failed)
+
+
+def _said(error: BaseException) -> str:
+    """How a finding shows ``error``: its class and message; its class alone when the
+    message is empty (``RuntimeError``, not ``RuntimeError: ``) or cannot be read (its
+    ``str()`` raises, which would end the check in a traceback instead of a report)."""
+    try:
+        message = str(error)
+    except Exception:  # noqa: BLE001 - a message built from what the error lacks
+        return f"{type(error).__name__} (its message could not be read)"
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 
 def _app_error(error: BaseException) -> bool:
@@ -672,7 +683,7 @@ class _LogWatch:
         # The exception logged with it (``logger.exception``) is written out with it.
         error = exc_info[1]
         said = "".join(traceback.format_exception(error))
-        shown = f"{type(error).__name__}: {error}"[:120]
+        shown = _said(error)[:120]
         for other in _mentions(said, self.known, user):
             if other not in named:
                 self.findings.append(
@@ -952,7 +963,7 @@ class _Socket:
         except BaseException as exc:
             if not _app_error(exc):
                 raise
-            said = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            said = _said(exc)
             late = " after its client left" if self._leaving.is_set() else ""
             self._failed(f"raised {said}{late}")
         finally:

@@ -5143,3 +5143,40 @@ async def test_a_frame_sent_before_the_socket_is_accepted_fails_the_socket() -> 
     failed = [line for line in report.failed_requests if line.startswith("WS /events")]
     assert len(failed) == 2, report.failed_requests
     assert all("before the socket was accepted" in line for line in failed), failed
+
+
+class _UnreadableError(Exception):
+    def __str__(self) -> str:
+        raise AttributeError("no message")
+
+
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        (RuntimeError(), "RuntimeError"),
+        (_UnreadableError(), "_UnreadableError (its message could not be read)"),
+    ],
+    ids=["empty", "unreadable"],
+)
+async def test_an_app_error_with_no_message_is_said_by_its_class(
+    error: Exception, said: str
+) -> None:
+    """An app whose requests and sockets raise an error with an empty message, or one whose
+    ``str()`` raises: each failure is said by the error's class (not ``RuntimeError: ``),
+    and the check reports instead of ending in the error of its message."""
+
+    async def failing(scope: Any, receive: Any, send: Any) -> None:
+        ambient.get_current_context()
+        if scope["type"] == "websocket":
+            await receive()
+        raise error
+
+    app = AmbientMiddleware(failing, registry=Registry(), identity=trusted_header())
+    report = await check(app, websocket="/events", users=2, requests=1)
+    assert not report.ok
+    requests = [line for line in report.failed_requests if line.startswith("GET /")]
+    sockets = [line for line in report.failed_requests if line.startswith("WS /events")]
+    assert len(requests) == 2, report.failed_requests
+    assert all(line.endswith(f": HTTP 500 {said!r}") for line in requests), requests
+    assert len(sockets) == 2, report.failed_requests
+    assert all(line.endswith(f": the app raised {said}") for line in sockets), sockets
