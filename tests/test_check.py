@@ -3493,7 +3493,7 @@ class TestAppsThatDoNotAnswer:
         assert not report.ok
         user = r"check-\d{5}-[0-9a-f]{6}"
         said = (
-            rf"GET / for {user}: HTTP 500 'CancelledError: '"
+            rf"GET / for {user}: HTTP 500 'CancelledError'"
             if where == "request"
             else rf"WS /events for {user}: the app raised CancelledError"
         )
