@@ -172,6 +172,18 @@ def _demo_database(anyio_backend: str = "asyncio") -> str | None:
     return DATABASE_URL
 
 
+async def _demo_store(anyio_backend: str, store: str) -> str | None:
+    """The demo's ``database_url`` for ``store``: ``""`` in memory, or the test database
+    with the demo's schema made; ``None`` as :func:`_demo_database` gives it."""
+    if store == "memory":
+        return ""
+    from ambient.demo.app import create_schema
+
+    if (found := _demo_database(anyio_backend)) is not None:
+        await create_schema(found)
+    return found
+
+
 @contextlib.asynccontextmanager
 async def _demo_client(
     app: Any, *, raise_app_exceptions: bool = True
@@ -436,14 +448,8 @@ class TestTheDemo:
         oldest first: in memory and in PostgreSQL alike. Its calculator subtracts, negates and
         adds up a sum of 150 terms."""
 
-        database_url = ""
-        if store == "postgresql":
-            from ambient.demo.app import create_schema
-
-            if (found := _demo_database(anyio_backend)) is None:
-                return
-            await create_schema(found)
-            database_url = found
+        if (database_url := await _demo_store(anyio_backend, store)) is None:
+            return  # on trio, once the demo refused PostgreSQL (see _demo_database)
         app = create_app(database_url=database_url)
         # Users of their own: the PostgreSQL table outlives the test.
         alice, bob = (f"{name}-{uuid.uuid4().hex}" for name in ("alice", "bob"))
@@ -529,14 +535,8 @@ class TestTheDemo:
         recalled there, with the thread it was taken in, and not in the other (in memory
         and in PostgreSQL, whose rows carry the tenant the pool set). The calculator takes
         decimals too."""
-        database_url = ""
-        if store == "postgresql":
-            from ambient.demo.app import create_schema
-
-            if (found := _demo_database(anyio_backend)) is None:
-                return
-            await create_schema(found)
-            database_url = found
+        if (database_url := await _demo_store(anyio_backend, store)) is None:
+            return  # on trio, once the demo refused PostgreSQL (see _demo_database)
         app = create_app(database_url=database_url)
         # A user of its own: the PostgreSQL table outlives the test.
         user = f"alice-{uuid.uuid4().hex}"
