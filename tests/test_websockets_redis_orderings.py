@@ -244,6 +244,15 @@ class Deliveries:
             await self.next()
 
 
+async def try_subscribe(backend: RedisBroadcast, user: UserRef) -> str:
+    """Subscribe ``user``'s socket: ``"subscribed"``, or what the BroadcastError said."""
+    try:
+        await backend.subscribe(user)
+    except BroadcastError as error:
+        return str(error)
+    return "subscribed"
+
+
 async def let_go(backend: RedisBroadcast, users: list[UserRef]) -> None:
     """Unsubscribe each of ``users``: the backend then holds no subscription."""
     for user in users:
@@ -579,11 +588,7 @@ async def test_a_first_subscription_reading_its_count_across_a_reconnect_ends_co
     finished = anyio.Event()
 
     async def join() -> None:
-        try:
-            await backend.subscribe(dave)
-            outcome.append("subscribed")
-        except BroadcastError as error:
-            outcome.append(str(error))
+        outcome.append(await try_subscribe(backend, dave))
         finished.set()
 
     with anyio.fail_after(DEADLINE):
@@ -706,11 +711,7 @@ async def test_a_subscribe_whose_answer_is_lost_with_the_connection_leaves_nothi
     outcome: list[str] = []
 
     async def join() -> None:
-        try:
-            await backend.subscribe(dave)
-            outcome.append("subscribed")
-        except BroadcastError as error:
-            outcome.append(str(error))
+        outcome.append(await try_subscribe(backend, dave))
 
     with anyio.fail_after(DEADLINE):
         await backend.wait_connected()
@@ -1094,11 +1095,7 @@ async def test_a_socket_waiting_for_another_ones_subscription_fails_with_it_when
     outcomes: list[str] = []
 
     async def join() -> None:
-        try:
-            await backend.subscribe(dave)
-            outcomes.append("subscribed")
-        except BroadcastError as error:
-            outcomes.append(str(error))
+        outcomes.append(await try_subscribe(backend, dave))
 
     with anyio.fail_after(DEADLINE):
         await backend.wait_connected()
