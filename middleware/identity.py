@@ -86,7 +86,8 @@ class Identity:
     expires_at: float | None = None
 
     def __post_init__(self) -> None:
-        _checks.instant(self.expires_at, "Identity.expires_at")
+        if self.expires_at is not None:  # most identities: no call on each request
+            _checks.instant(self.expires_at, "Identity.expires_at")
 
     async def _refused(self) -> None:
         """The middleware refused the request after resolving this identity, for a reason
