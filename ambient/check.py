@@ -41,6 +41,7 @@ import anyio.lowlevel
 from ambient import _checks, _probe, add_observer, current_context_or_none
 from ambient._context import UserRef
 from ambient._observe import ComponentEvent, Observer
+from ambient.errors import _readable
 
 __all__ = [  # noqa: RUF022 - sorted as sorted() sorts, which test_all_attributes checks
     "CheckReport",
@@ -519,9 +520,8 @@ def _said(error: BaseException) -> str:
     """How a finding shows ``error``: its class and message; its class alone when the
     message is empty (``RuntimeError``, not ``RuntimeError: ``) or cannot be read (its
     ``str()`` raises, which would end the check in a traceback instead of a report)."""
-    try:
-        message = str(error)
-    except Exception:  # noqa: BLE001 - a message built from what the error lacks
+    message = _readable(error)
+    if message is None:
         return f"{type(error).__name__} (its message could not be read)"
     return f"{type(error).__name__}: {message}" if message else type(error).__name__
 

@@ -59,6 +59,23 @@ def _shorten(value: object) -> str:
     return text
 
 
+def _readable(error: BaseException) -> str | None:
+    """``str(error)``, or ``None`` when it raises (a message built from an attribute the
+    error lacks): said otherwise by each caller, never failing the caller."""
+    try:
+        return str(error)
+    except Exception:  # noqa: BLE001 - the error's own fault, not the caller's to fail on
+        return None
+
+
+def _retry_after(value: float | None) -> float | None:
+    """``value`` as a constructor's ``retry_after``, refused with a :class:`TypeError`
+    naming it when it is no number (``None``: no Retry-After, as an AmbientError has)."""
+    if value is not None:
+        _checks.real(value, "retry_after")
+    return value
+
+
 # What the answer to an error reads from it, besides its message.
 _ANSWER_ATTRIBUTES = (
     "http_status",
@@ -296,9 +313,7 @@ class IdentityUnavailableError(AmbientError):
     client_detail = "the credential cannot be checked right now; try again later"
 
     def __init__(self, detail: str, *, retry_after: float = 5.0) -> None:
-        if retry_after is not None:  # None: no Retry-After, as an AmbientError has
-            _checks.real(retry_after, "retry_after")
-        self.retry_after = retry_after
+        self.retry_after = _retry_after(retry_after)
         super().__init__(detail)
 
 
@@ -311,9 +326,7 @@ class TooManyRequestsError(AmbientError):
     client_detail = "this user has too many requests in flight; try again later"
 
     def __init__(self, detail: str, *, retry_after: float = 1.0) -> None:
-        if retry_after is not None:  # None: no Retry-After, as an AmbientError has
-            _checks.real(retry_after, "retry_after")
-        self.retry_after = retry_after
+        self.retry_after = _retry_after(retry_after)
         super().__init__(detail)
 
 
@@ -326,9 +339,7 @@ class PoolExhaustedError(AmbientError):
     client_detail = "no database connection is available right now; try again later"
 
     def __init__(self, detail: str, *, retry_after: float = 1.0) -> None:
-        if retry_after is not None:  # None: no Retry-After, as an AmbientError has
-            _checks.real(retry_after, "retry_after")
-        self.retry_after = retry_after
+        self.retry_after = _retry_after(retry_after)
         super().__init__(detail)
 
 
@@ -436,9 +447,7 @@ class BroadcastError(AmbientError, ConnectionError):
     client_detail = "events cannot be delivered right now; try again later"
 
     def __init__(self, detail: str, *, retry_after: float = 1.0) -> None:
-        if retry_after is not None:  # None: no Retry-After, as an AmbientError has
-            _checks.real(retry_after, "retry_after")
-        self.retry_after = retry_after
+        self.retry_after = _retry_after(retry_after)
         super().__init__(detail)
 
 

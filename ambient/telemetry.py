@@ -61,7 +61,7 @@ from ambient import __version__, _binding, _checks
 from ambient._binding import _bound_here
 from ambient._observe import ComponentEvent, Observer
 from ambient._provider import Lifetime
-from ambient.errors import IncompleteResponseError, InvalidContextError
+from ambient.errors import IncompleteResponseError, InvalidContextError, _readable
 
 if TYPE_CHECKING:
     from ambient._context import UserExecutionContext, UserRef
@@ -378,10 +378,8 @@ def _record_end(span: trace.Span, error: BaseException, hidden: frozenset[str]) 
 
 def _message(error: BaseException) -> str:
     """``str(error)``, or the stand-in :mod:`traceback` gives when its ``__str__`` raises."""
-    try:
-        return str(error)
-    except Exception:  # noqa: BLE001 - the app's exception, not ours to fail on
-        return "<exception str() failed>"
+    said = _readable(error)
+    return "<exception str() failed>" if said is None else said
 
 
 def _check_policy(name: str, policy: str) -> IdPolicy:

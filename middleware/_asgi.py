@@ -46,6 +46,7 @@ from ambient.errors import (
     InvalidContextError,
     ServerErrorResponseError,
     TooManyRequestsError,
+    _readable,
 )
 from ambient.middleware._problem import Problem, Receive, Send, _withholds_detail
 from ambient.middleware.identity import (
@@ -1703,9 +1704,8 @@ def _log_withheld(error: AmbientError, problem: Problem, request_id: str | None)
     if not _withholds_detail(status):
         return
     notes = getattr(error, "__notes__", None)
-    try:
-        said = str(error)
-    except Exception:  # noqa: BLE001 - a message built from what the error lacks
+    said = _readable(error)
+    if said is None:
         said = "(its message could not be read: str() raised)"
     if notes:
         said += " (" + "; ".join(map(str, notes)) + ")"

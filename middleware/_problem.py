@@ -8,7 +8,7 @@ import math
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, Final
 
-from ambient.errors import AmbientError, InvalidContextError, _answer_refusal
+from ambient.errors import AmbientError, InvalidContextError, _answer_refusal, _readable
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -212,10 +212,8 @@ def _detail(error: AmbientError, status: int) -> str:
         # The value may be no input of this client's: an id the app read from its store,
         # another user's.
         return f"{error.field} is invalid: {error.reason}"
-    try:
-        return str(error)
-    except Exception:  # noqa: BLE001 - a message built from what the error lacks
-        return _client_detail(error)
+    said = _readable(error)
+    return _client_detail(error) if said is None else said
 
 
 def _client_detail(error: AmbientError) -> str:
