@@ -14,7 +14,7 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +30,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 import ambient
-from ambient import Registry
+from ambient import Registry, UserExecutionContext
 from ambient.errors import ScopeClosedError
 from ambient.integrations.psycopg import SharedPool, connection
 from ambient.middleware import AmbientMiddleware, trusted_header
@@ -76,10 +76,18 @@ class Notes:
     go: threading.Event = field(default_factory=threading.Event)
     pool: SharedPool | None = None
     late: list[str] = field(default_factory=list)
+    # Request ids whose final body message went out to the server, and for each request's
+    # connection as its cleanup begins: its request id and whether that had happened.
+    sent_in_full: set[str] = field(default_factory=set)
+    released: list[tuple[str, bool]] = field(default_factory=list)
 
     def add(self, checkout: Checkout) -> None:
         with self.lock:
             self.checkouts.append(checkout)
+
+    def note_release(self, request_id: str) -> None:
+        with self.lock:
+            self.released.append((request_id, request_id in self.sent_in_full))
 
 
 async def _checkout_row(conn: Any, query: Any, offset: int) -> tuple[str, str, str, int]:
@@ -97,15 +105,28 @@ class RequestConnection:
         self.conn = conn
 
 
-async def request_connection() -> AsyncIterator[RequestConnection]:
-    async with connection() as conn:
-        yield RequestConnection(conn)
+def request_connection(
+    notes: Notes,
+) -> Callable[[UserExecutionContext], AsyncIterator[RequestConnection]]:
+    """The factory of :class:`RequestConnection`, noting in ``notes`` as each cleanup
+    begins (before the connection goes back) whether its response had gone out in full."""
+
+    async def factory(ctx: UserExecutionContext) -> AsyncIterator[RequestConnection]:
+        async with connection() as conn:
+            try:
+                yield RequestConnection(conn)
+            finally:
+                notes.note_release(ctx.request_id)
+
+    return factory
 
 
 def build_app(db: Database, notes: Notes, *, base_http: bool = False) -> Starlette:
     """``/stream`` streams the user's rows from one checkout held across the chunks;
     ``/background`` answers at once and reads in a background task, after waiting for
-    ``/hold`` (another user holding the only connection) to be in place; ``/write-later``
+    ``/hold`` (another user holding the only connection) to be in place; ``/stream-own``
+    streams them through the request's own connection, which its endpoint resolved;
+    ``/write-later``
     answers at once and writes a note in a background task once the client has gone.
     With ``base_http`` a pass-through ``BaseHTTPMiddleware`` wraps the routes."""
     query = db.sql(READ)
@@ -131,6 +152,22 @@ def build_app(db: Database, notes: Notes, *, base_http: bool = False) -> Starlet
                     # A slow producer: the connection stays checked out between chunks.
                     await anyio.sleep(0.01)
                 notes.add(Checkout(user, setting, pid, start, time.monotonic()))
+
+        return StreamingResponse(body(), media_type="application/x-ndjson")
+
+    async def stream_own(request: Request) -> Response:
+        own = await ambient.resolve(RequestConnection)
+        user = ambient.get_current_context().user_id
+
+        async def body() -> AsyncIterator[bytes]:
+            # Runs after the endpoint returned, a chunk at a time.
+            start = time.monotonic()
+            setting, pid = "", 0
+            for offset in range(ROWS):
+                owner, text, setting, pid = await _checkout_row(own.conn, query, offset)
+                yield json.dumps([owner, text, setting, pid]).encode() + b"\n"
+                await anyio.sleep(0.01)  # a slow producer, as in /stream
+            notes.add(Checkout(user, setting, pid, start, time.monotonic()))
 
         return StreamingResponse(body(), media_type="application/x-ndjson")
 
@@ -218,6 +255,7 @@ def build_app(db: Database, notes: Notes, *, base_http: bool = False) -> Starlet
     return Starlette(
         routes=[
             Route("/stream", stream),
+            Route("/stream-own", stream_own),
             Route("/background", background),
             Route("/hold", hold),
             Route("/detach", detach),
@@ -263,11 +301,28 @@ async def running(
         )
         registry = Registry()
         pool.install(registry)
-        registry.register(RequestConnection, request_connection)
         notes = Notes(pool=pool)
+        registry.register(RequestConnection, request_connection(notes))
         app = build_app(db, notes, base_http=base_http)
         asgi = AmbientMiddleware(app, registry=registry, identity=trusted_header())
-        with serve("uvicorn", asgi) as url:
+
+        async def recorded(scope: Any, receive: Any, send: Any) -> None:
+            """The server's side of the middleware: notes each request whose final body
+            message has gone out (by the request id its client sent)."""
+            if scope["type"] != "http":
+                await asgi(scope, receive, send)
+                return
+            request_id = dict(scope["headers"]).get(b"x-request-id", b"").decode()
+
+            async def send_recorded(message: Any) -> None:
+                await send(message)
+                if message["type"] == "http.response.body" and not message.get("more_body"):
+                    with notes.lock:
+                        notes.sent_in_full.add(request_id)
+
+            await asgi(scope, receive, send_recorded)
+
+        with serve("uvicorn", recorded) as url:
             yield Served(url, db, pool, notes, registry)
 
 
@@ -327,6 +382,44 @@ async def test_streamed_bodies_read_through_their_own_checkout() -> None:
         assert all(c.setting == c.user for c in checkouts)
         assert _overlapping(checkouts) == []
         await _nothing_left_open(served)
+
+
+async def test_a_stream_through_its_requests_connection_keeps_it_until_its_last_chunk() -> None:
+    """20 users, 5 streams each, 20 at once on a pool of 4; each body reads its rows,
+    a chunk at a time after its endpoint returned, through the REQUEST connection the
+    endpoint resolved. No body finds that connection gone or handed on: every chunk is the
+    user's own row under the user's own setting, from one backend no other user holds
+    meanwhile; each connection's cleanup begins once, only after its response's final body
+    went out; afterwards nothing is idle in a transaction and every connection is back."""
+    users = [f"user-{n}" for n in range(20)]
+    async with running(4, users) as served:
+        failures: list[str] = []
+
+        async def read(client: httpx.AsyncClient, user: str) -> None:
+            for i in range(5):
+                headers = {"x-user-id": user, "x-request-id": f"{user}-{i}"}
+                answer = await client.get("/stream-own", headers=headers)
+                lines = [json.loads(line) for line in answer.text.splitlines()]
+                expected = [[user, f"{user}:{i}", user] for i in range(ROWS)]
+                if answer.status_code != 200 or [line[:3] for line in lines] != expected:
+                    failures.append(f"{user}: {answer.status_code} {answer.text[:200]}")
+
+        limits = httpx.Limits(max_connections=20)
+        async with (
+            httpx.AsyncClient(base_url=served.url, limits=limits, timeout=60) as client,
+            anyio.create_task_group() as tg,
+        ):
+            for user in users:
+                tg.start_soon(read, client, user)
+        assert failures == []
+        await _nothing_left_open(served)
+        checkouts = list(served.notes.checkouts)
+        assert len(checkouts) == 100
+        assert all(c.setting == c.user for c in checkouts)
+        assert _overlapping(checkouts) == []
+        assert sorted(served.notes.released) == sorted(
+            (f"{user}-{i}", True) for user in users for i in range(5)
+        )
 
 
 async def test_stream_cut_short_by_the_client_returns_its_connection() -> None:
