@@ -4512,6 +4512,48 @@ async def test_per_user_pools_cancel_while_waiting_for_room(db: Database) -> Non
     await registry.aclose()
 
 
+@pytest.mark.parametrize("wait_for", ["room", "own pool"])
+async def test_per_user_pools_callers_deadline_wins_over_the_pool_timeout(
+    db: Database, wait_for: str
+) -> None:
+    """As for SharedPool: a caller's own deadline (fail_after) ends a checkout that waits
+    for room under max_total (another user holds it) or for a connection of the user's
+    own pool at that deadline, as a TimeoutError rather than PoolExhaustedError after the
+    pools' 30 s timeout; the pools then serve as before."""
+    pools = PerUserPools(
+        db.app_url, max_size=1, max_total=1, timeout=30, rls_check="off", kwargs=db.kwargs()
+    )
+    registry = Registry()
+    pools.install(registry)
+    release = anyio.Event()
+    holding = anyio.Event()
+    waiter = "alice" if wait_for == "own pool" else "bob"
+
+    async def holder() -> None:
+        async with registry.open_scope(_ctx("alice")), connection():
+            holding.set()
+            await release.wait()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(holder)
+            await holding.wait()
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                async with registry.open_scope(_ctx(waiter)):
+                    with anyio.fail_after(0.5):
+                        async with connection():
+                            pass
+            elapsed = time.monotonic() - started
+            release.set()
+        assert 0.4 < elapsed < 2
+        await _eventually(_async(lambda: pools.stats().checked_out == 0), "connections back")
+        async with registry.open_scope(_ctx(waiter)), connection() as conn:
+            assert await _scalar(conn, "SELECT current_setting('app.user_id', true)") == waiter
+    finally:
+        await registry.aclose()
+
+
 async def test_per_user_pools_a_waiter_whose_room_was_taken_keeps_its_place_in_line(
     db: Database,
 ) -> None:
