@@ -1826,7 +1826,7 @@ async def test_shared_callers_deadline_wins_over_the_pool_timeout(
                         pass
             elapsed = time.monotonic() - started
             release.set()
-        assert 0.4 < elapsed < 2
+        assert 0.4 < elapsed < 10  # the pool's timeout is 30 s
         await _eventually(lambda: _shared_idle(pool), "pool idle again")
         await _checkout_once(pool, waiter)
         assert pool.stats().checked_out == 0
@@ -4546,7 +4546,7 @@ async def test_per_user_pools_callers_deadline_wins_over_the_pool_timeout(
                             pass
             elapsed = time.monotonic() - started
             release.set()
-        assert 0.4 < elapsed < 2
+        assert 0.4 < elapsed < 10  # the pools' timeout is 30 s
         await _eventually(_async(lambda: pools.stats().checked_out == 0), "connections back")
         async with registry.open_scope(_ctx(waiter)), connection() as conn:
             assert await _scalar(conn, "SELECT current_setting('app.user_id', true)") == waiter
