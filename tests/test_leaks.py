@@ -412,3 +412,71 @@ async def test_a_websocket_closed_at_its_identitys_expiry_leaves_no_closed_scope
     with anyio.fail_after(10):
         # Due before the bound of the close (cleanup_timeout) ends.
         assert await _alive_after(one, users, scopes, due=5) == []
+
+
+@pytest.mark.load
+async def test_users_one_request_each_stay_within_max_users_and_expire_unread() -> None:
+    """8,192 distinct users through the middleware, one request each, each resolving a
+    USER component (a per-user cache, ``idle_ttl=60``) with ``max_users=100``: the
+    registry never holds more than 100 users, evicting the least recently used idle one
+    as each newcomer arrives; the second 4,096 users leave no more memory allocated than
+    a bound far below one block each (4,096: a whole turn of the process-wide memo of
+    valid ids, so that it is as full at both counts); after twice the ttl, one request
+    of another user expires every idle entry though none is read again; every component
+    is cleaned exactly once."""
+    from ambient.middleware import AmbientMiddleware, trusted_header
+    from tests.test_identity import http_scope
+
+    now = [1000.0]
+    registry = Registry(max_users=100, clock=lambda: now[0])
+    counts = {"made": 0, "cleaned": 0, "most": 0}
+
+    def cache(user: ambient.UserRef) -> Iterator[dict[str, str]]:
+        counts["made"] += 1
+        yield {"user": user.user_id}
+        counts["cleaned"] += 1
+
+    registry.register("cache", cache, lifetime=Lifetime.USER, idle_ttl=60)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        entry = await ambient.resolve("cache")
+        assert entry == {"user": ambient.get_current_context().user_id}
+        counts["most"] = max(counts["most"], registry.stats().live_users)
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    answered = {204: 0}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            answered[message["status"]] = answered.get(message["status"], 0) + 1
+
+    stack = AmbientMiddleware(app, registry=registry, identity=trusted_header())
+
+    async def users(first: int, count: int) -> None:
+        for n in range(first, first + count):
+            await stack(http_scope([(b"x-user-id", b"user-%d" % n)]), receive, send)
+            now[0] += 0.001
+
+    await users(0, 4096)
+    gc.collect()
+    blocks = sys.getallocatedblocks()
+    await users(4096, 4096)
+    gc.collect()
+    grown = sys.getallocatedblocks() - blocks
+    assert answered == {204: 8192}
+    assert counts == {"made": 8192, "cleaned": 8192 - 100, "most": 100}
+    assert registry.stats().live_users == 100
+    # One block kept per user would be 4,096.
+    assert grown < 1_000, f"{grown} memory blocks still allocated"
+
+    now[0] += 120  # twice the idle ttl; none of the 100 users left comes back
+    await stack(http_scope([(b"x-user-id", b"someone-else")]), receive, send)
+    assert answered == {204: 8193}
+    assert counts == {"made": 8193, "cleaned": 8192, "most": 100}
+    assert registry.stats().live_users == 1
+    await registry.aclose()
+    assert counts["cleaned"] == 8193
