@@ -52,6 +52,7 @@ from ambient._registry import Registry
 from ambient.errors import AmbientError
 from ambient.middleware import AmbientMiddleware, IdentityResolver, Problem, answer_error
 from ambient.middleware._asgi import _FAILED_KEY, _FailedRequest
+from ambient.middleware._problem import _carries_status
 
 logger = logging.getLogger("ambient.integrations.starlette")
 
@@ -62,12 +63,14 @@ def problem_response(error: AmbientError) -> Response:
     """The RFC 9457 ``application/problem+json`` response that ``error`` carries.
 
     ``error`` must carry an HTTP status (``error.http_status`` is not ``None``); the
-    ``Retry-After`` header is set when the error has a ``retry_after``.
+    ``Retry-After`` header is set when the error has a ``retry_after``. A status that
+    cannot be read (a property that raises) is answered as the middleware answers it:
+    logged, with the class's status, else a 500.
 
     Raises:
         ValueError: ``error`` carries no HTTP status.
     """
-    if error.http_status is None:
+    if not _carries_status(error):
         msg = f"{type(error).__name__} carries no HTTP status; it is not an answer to a client"
         raise ValueError(msg)
     return _response(Problem.from_error(error))

@@ -48,7 +48,13 @@ from ambient.errors import (
     TooManyRequestsError,
     _readable,
 )
-from ambient.middleware._problem import Problem, Receive, Send, _withholds_detail
+from ambient.middleware._problem import (
+    Problem,
+    Receive,
+    Send,
+    _carries_status,
+    _withholds_detail,
+)
 from ambient.middleware.identity import (
     _EXPIRES_AT_KEY,
     _VALIDATED_AT_KEY,
@@ -371,7 +377,7 @@ class AmbientMiddleware:
             except Exception as refused:
                 echo = [(self._request_id_header, (request_id or new_id()).encode())]
                 if not isinstance(refused, _Refused) and (
-                    not isinstance(refused, AmbientError) or refused.http_status is None
+                    not isinstance(refused, AmbientError) or not _carries_status(refused)
                 ):
                     # A resolver's bug (an ambient error that is no answer to a client
                     # too), or its database's error: no context exists, yet the 500 a
@@ -1513,7 +1519,7 @@ def _answer_of(error: BaseException) -> AmbientError | None:
             if first is None:
                 first = answer
         return first
-    if isinstance(error, AmbientError) and error.http_status is not None:
+    if isinstance(error, AmbientError) and _carries_status(error):
         return error
     return None
 

@@ -204,6 +204,17 @@ def _answer_value(error: AmbientError, name: str) -> Any:
     return fallback
 
 
+def _carries_status(error: AmbientError) -> bool:
+    """Whether ``error`` is an answer to a client: its ``http_status`` is not ``None``.
+    One that cannot be read (a property that raises) is answered all the same, logged
+    and with its class's status, else a 500, as a status no answer carries is (see
+    :func:`_answer_value`), where reading it failed the request without its answer."""
+    try:
+        return error.http_status is not None
+    except Exception:  # noqa: BLE001 - a property raising: answered all the same
+        return True
+
+
 def _detail(error: AmbientError, status: int) -> str:
     """The detail of the answer to ``error`` (see :meth:`Problem.from_error`)."""
     if _withholds_detail(status):

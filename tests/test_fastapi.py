@@ -651,6 +651,23 @@ class TestErrors:
         assert response.headers["retry-after"] == "4"
         assert json.loads(response.body)["title"] == PoolExhaustedError.title
 
+    async def test_a_status_that_cannot_be_read_is_answered_as_the_middleware_does(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """An error whose ``http_status`` property raises is answered with a logged 500,
+        as the middleware answers it, not with the property's error."""
+
+        class TenantError(AmbientError):
+            @property
+            def http_status(self) -> int:  # type: ignore[override]
+                raise LookupError("no status for this tenant")
+
+        with caplog.at_level(logging.WARNING, logger="ambient.middleware"):
+            response = problem_response(TenantError("x"))
+        assert response.status_code == 500
+        assert json.loads(response.body)["detail"] == AmbientError.client_detail
+        assert "the http_status of a TenantError cannot be answered" in caplog.text
+
     async def test_an_error_without_a_status_is_not_an_answer(self) -> None:
         """problem_response refuses errors that are bugs; they stay 500s."""
         with pytest.raises(ValueError, match="carries no HTTP status"):

@@ -986,6 +986,65 @@ async def test_a_value_set_on_an_error_that_no_answer_carries_is_logged_and_answ
     assert all(type(error).__name__ in line for line in logged)
 
 
+class _StatusUnreadableError(AmbientError):
+    """An app's error whose ``http_status`` is computed, and raises when read."""
+
+    @property
+    def http_status(self) -> int:  # type: ignore[override]
+        raise LookupError("no status for this tenant")
+
+
+class _StatusUnanswerableError(UpstreamError):
+    """An app's error whose computed ``http_status`` is no status an answer carries."""
+
+    @property
+    def http_status(self) -> int:  # type: ignore[override]
+        return 200
+
+
+@pytest.mark.parametrize("raised_by", ["app", "resolver"])
+@pytest.mark.parametrize(
+    ("error_class", "status"),
+    [(_StatusUnreadableError, 500), (_StatusUnanswerableError, 500)],
+    ids=["raises", "status-200"],
+)
+async def test_a_computed_status_that_no_answer_carries_is_logged_and_answered(
+    error_class: type[AmbientError],
+    status: int,
+    raised_by: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An ``http_status`` property that raises (or gives a status no answer has), read
+    when the error reaches the middleware, is logged and answered as the other values read
+    then are: with the class's value, else a 500 problem, and the request's components are
+    cleaned once; not a bare 500 with the property's traceback and the scope left open."""
+    ledger = Ledger()
+    registry = build_registry(ledger)
+    header = trusted_header()
+
+    def resolver(scope: Any) -> Any:
+        if raised_by == "resolver":
+            raise error_class("no status")
+        return header(scope)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await ambient.resolve(Probe)
+        raise error_class("no status")
+
+    middleware = AmbientMiddleware(app, registry=registry, identity=resolver)
+    with caplog.at_level(logging.WARNING, logger="ambient.middleware"):
+        async with client(middleware) as http:
+            response = await http.get("/", headers={"x-user-id": "u"})
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["detail"] == error_class.client_detail
+    logged = [r.getMessage() for r in caplog.records if "cannot be answered" in r.getMessage()]
+    assert logged
+    assert all(error_class.__name__ in line for line in logged)
+    assert len(ledger.cleaned) == len(ledger.created) == (raised_by == "app")
+    assert registry.stats().open_scopes == 0
+
+
 @pytest.mark.parametrize(
     "error",
     [
