@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import json
 import socket
 import time
 import uuid
@@ -107,12 +108,70 @@ async def drive(
     return answers
 
 
+# Frameworks with websockets (Django's ASGI handler serves HTTP only).
+WEBSOCKETS = ("starlette", "fastapi", "litestar", "quart")
+SOCKETS = 20
+
+
+async def sockets(url: str, *, echoed: bool = True) -> None:
+    """Open SOCKETS websockets for as many identities at once, each held at a gate until
+    all are in their handlers: each one's message names its own user, tenant, request,
+    REQUEST and USER components and a connection of its own; afterwards every socket's
+    REQUEST component was cleaned exactly once. ``echoed``: the server sends the headers
+    of the app's accept (granian sends none), so the request id is echoed there."""
+    from websockets.exceptions import ConnectionClosedOK
+    from websockets.sync.client import connect
+
+    gate = uuid.uuid4().hex
+    target = f"ws{url[4:]}/whoami-socket?gate={gate}&size={SOCKETS}"
+
+    def one(tenant: str, user: str) -> dict[str, Any]:
+        request_id = f"{tenant}.{user}.socket"
+        headers = {"x-user-id": user, "x-tenant-id": tenant, "x-request-id": request_id}
+        with connect(target, additional_headers=headers, open_timeout=30) as client:
+            assert client.response is not None
+            assert not echoed or client.response.headers["x-request-id"] == request_id
+            body: dict[str, Any] = json.loads(client.recv(timeout=30))
+            # The handler closes it: a close of the client's own at the same moment makes
+            # hypercorn's trio server fail its connection (two tasks writing to it).
+            with pytest.raises(ConnectionClosedOK):
+                client.recv(timeout=30)
+        assert (body["user"], body["tenant"], body["request_id"]) == (user, tenant, request_id)
+        assert (body["probe_user"], body["probe_tenant"]) == (user, tenant)
+        assert body["probe_request"] == request_id
+        assert (body["memory_user"], body["memory_tenant"]) == (user, tenant)
+        assert body["overlapped"] is True
+        return body
+
+    answers: list[dict[str, Any]] = []
+
+    async def run(tenant: str, user: str) -> None:
+        answers.append(await anyio.to_thread.run_sync(one, tenant, user))
+
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        auditor = {"x-user-id": "auditor"}
+        before = (await client.get("/stats", headers=auditor)).json()
+        async with anyio.create_task_group() as tg:
+            for tenant, user in identities()[:SOCKETS]:
+                tg.start_soon(run, tenant, user)
+        stats = (await client.get("/stats", headers=auditor)).json()
+    assert len({body["probe"] for body in answers}) == SOCKETS
+    assert len({body["connection_id"] for body in answers} - {None}) == SOCKETS
+    assert stats["problems"] == []
+    assert stats["open_scopes"] == 1  # the /stats request itself
+    assert stats["probes"] == before["probes"] + SOCKETS
+
+
 async def refusals(url: str) -> None:
     """A PoolExhaustedError from a view is 503 problem+json with Retry-After; a request
-    without identity is 401 with the resolver's challenge before any view runs."""
+    without identity is 401 with the resolver's challenge, and one whose user id no context
+    takes is 400, before any view runs."""
     async with httpx.AsyncClient(base_url=url) as client:
         busy = await client.get("/busy", headers={"x-user-id": "alice", "x-request-id": "busy.1"})
         anonymous = await client.get("/whoami")
+        invalid = await client.get(
+            "/whoami", headers={"x-user-id": "u" * 300, "x-request-id": "invalid.1"}
+        )
     assert busy.status_code == 503, busy.text
     assert busy.headers["content-type"] == "application/problem+json"
     assert busy.headers["retry-after"] == "2"
@@ -121,6 +180,16 @@ async def refusals(url: str) -> None:
     assert anonymous.status_code == 401
     assert anonymous.headers.get_list("www-authenticate") == ["Bearer"]
     assert anonymous.json()["type"] == "urn:ambient:problem:unauthenticated"
+    assert invalid.status_code == 400, invalid.text
+    assert invalid.headers["content-type"] == "application/problem+json"
+    assert invalid.headers["x-request-id"] == "invalid.1"
+    assert "www-authenticate" not in invalid.headers
+    assert invalid.json() == {
+        "type": "urn:ambient:problem:invalid-context",
+        "title": "Invalid request context",
+        "status": 400,
+        "detail": "user_id is invalid: is 300 characters long; the limit is 256",
+    }
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
@@ -132,6 +201,8 @@ async def test_fifty_users_through_uvicorn(framework: str) -> None:
         await drive(url)
         await drive(url, "/sync", gated=False)
         await refusals(url)
+        if framework in WEBSOCKETS:
+            await sockets(url)
     # Shutdown (lifespan, or Litestar's on_shutdown) closed the USER components too.
     assert ledger.problems() == []
     assert registry.stats().open_scopes == 0
@@ -267,6 +338,8 @@ async def test_a_quart_websocket_that_fails_rolls_back(
     ("server", "framework"),
     [
         ("hypercorn", "starlette"),
+        ("hypercorn", "litestar"),
+        ("hypercorn", "quart"),
         ("hypercorn", "django"),
         ("hypercorn-trio", "starlette"),
         ("hypercorn-trio", "fastapi"),
@@ -279,17 +352,23 @@ async def test_the_same_suite_under_hypercorn(server: str, framework: str) -> No
     with serve(server, app) as url:
         await drive(url)
         await drive(url, "/sync", gated=False)
+        await refusals(url)
+        if framework in WEBSOCKETS:
+            await sockets(url)
     assert ledger.problems() == []
     assert registry.stats().open_scopes == 0
 
 
 @pytest.mark.skipif(not granian_available(), reason="granian is not installed")
-@pytest.mark.parametrize("framework", ["starlette", "django"])
+@pytest.mark.parametrize("framework", ["starlette", "litestar", "quart", "django"])
 async def test_the_same_suite_under_granian(framework: str) -> None:
     """granian runs the app in its own process: everything is checked over HTTP."""
     with serve("granian", None, target=f"tests.frameworks.{framework}_app:app") as url:
         await drive(url)
         await drive(url, "/sync", gated=False)
+        await refusals(url)
+        if framework in WEBSOCKETS:
+            await sockets(url, echoed=False)
 
 
 @pytest.mark.parametrize(

@@ -249,6 +249,16 @@ def describe(probe: Probe, memory: Memory, **extra: Any) -> dict[str, Any]:
     }
 
 
+async def describe_socket(gate_name: str | None, size: int) -> dict[str, Any]:
+    """The message every ``whoami-socket`` websocket sends once accepted: as ``whoami``'s
+    body, read where the socket's handler runs."""
+    probe = await ambient.resolve(Probe)
+    memory = await ambient.resolve(Memory)
+    overlapped = await gate(gate_name, size)
+    ctx = ambient.get_current_context()
+    return describe(probe, memory, overlapped=overlapped, connection_id=ctx.connection_id)
+
+
 def describe_sync() -> dict[str, Any]:
     """The body of a sync view, run in whatever thread the framework picks."""
     probe = ambient.resolve_sync(Probe)

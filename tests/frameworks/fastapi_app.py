@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import anyio.to_thread
-from fastapi import FastAPI, Query
+from fastapi import FastAPI, Query, WebSocket
 from fastapi.responses import StreamingResponse
 
 import ambient
@@ -20,6 +20,7 @@ from tests.frameworks.common import (
     Work,
     build_registry,
     describe,
+    describe_socket,
     gate,
     grouped,
     in_thread,
@@ -69,6 +70,19 @@ def build() -> tuple[FastAPI, Registry, Ledger]:
     @app.get("/grouped")
     async def grouped_view() -> None:
         await grouped()
+
+    @app.websocket("/whoami-socket")
+    async def whoami_socket(
+        websocket: WebSocket,
+        ctx: CurrentContext,
+        gate_name: Annotated[str | None, Query(alias="gate")] = None,
+        size: int = 0,
+    ) -> None:
+        await websocket.accept()
+        body = await describe_socket(gate_name, size)
+        assert ctx is ambient.get_current_context()
+        await websocket.send_json(body)
+        await websocket.close()
 
     @app.get("/work")
     async def work(_: Annotated[Work, Resolve(Work)], hang: bool = False) -> StreamingResponse:

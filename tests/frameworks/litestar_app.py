@@ -30,6 +30,7 @@ from tests.frameworks.common import (
     Work,
     build_registry,
     describe,
+    describe_socket,
     describe_sync,
     grouped,
     in_thread,
@@ -108,6 +109,15 @@ async def socket(
     await socket.close()
 
 
+@websocket("/whoami-socket")
+async def whoami_socket(
+    socket: WebSocket[Any, Any, Any], gate: FromQuery[str | None] = None, size: FromQuery[int] = 0
+) -> None:
+    await socket.accept()
+    await socket.send_json(await describe_socket(gate, size))
+    await socket.close()
+
+
 def problem(request: Request[Any, Any, Any], error: Exception) -> Response[bytes]:
     answer = answer_error(error)
     if answer is None:
@@ -123,7 +133,17 @@ def problem(request: Request[Any, Any, Any], error: Exception) -> Response[bytes
 def build() -> tuple[Litestar, Registry, Ledger]:
     registry, ledger = build_registry()
     app = Litestar(
-        route_handlers=[whoami, whoami_sync, stats, busy, work, refused, grouped_view, socket],
+        route_handlers=[
+            whoami,
+            whoami_sync,
+            stats,
+            busy,
+            work,
+            refused,
+            grouped_view,
+            socket,
+            whoami_socket,
+        ],
         middleware=[DefineMiddleware(AmbientMiddleware, registry=registry, identity=IDENTITY)],
         dependencies={"probe": Provide(provide_probe), "memory": Provide(provide_memory)},
         # ExceptionGroup too: an error raised in a task group arrives as a group.

@@ -25,6 +25,7 @@ from tests.frameworks.common import (
     Work,
     build_registry,
     describe,
+    describe_socket,
     describe_sync,
     do_work,
     gate,
@@ -82,6 +83,14 @@ def build() -> tuple[Quart, Registry, Ledger]:
             raise PoolExhaustedError("no connection within 0.1 s", retry_after=2)
         if fail == "bug":
             raise RuntimeError("a bug in the handler")
+        await websocket.close(1000)
+
+    @app.websocket("/whoami-socket")
+    async def whoami_socket() -> None:
+        await websocket.accept()
+        args = websocket.args
+        body = await describe_socket(args.get("gate"), int(args.get("size", 0)))
+        await websocket.send_json(body)
         await websocket.close(1000)
 
     @app.get("/refused")

@@ -7,7 +7,8 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
 import ambient
 from ambient import Registry
@@ -21,6 +22,7 @@ from tests.frameworks.common import (
     Work,
     build_registry,
     describe,
+    describe_socket,
     describe_sync,
     gate,
     grouped,
@@ -62,6 +64,13 @@ async def grouped_view(request: Request) -> Response:
     return Response()
 
 
+async def whoami_socket(websocket: WebSocket) -> None:
+    await websocket.accept()
+    params = websocket.query_params
+    await websocket.send_json(await describe_socket(params.get("gate"), int(params["size"])))
+    await websocket.close()
+
+
 async def work(request: Request) -> Response:
     await ambient.resolve(Work)
     return StreamingResponse(work_stream(bool(request.query_params.get("hang"))))
@@ -78,6 +87,7 @@ def build() -> tuple[Starlette, Registry, Ledger]:
             Route("/work", work),
             Route("/refused", refused),
             Route("/grouped", grouped_view),
+            WebSocketRoute("/whoami-socket", whoami_socket),
         ]
     )
     install(app, registry=registry, identity=IDENTITY)
