@@ -279,16 +279,31 @@ def talk_on_socket(url: str) -> int | None:
         return refused.response.status_code
 
 
+def hang_up_on_socket(url: str) -> None:
+    """Open the websocket at ``url``, read its first message and hang up (a close of the
+    client's own) while its handler still waits for a message."""
+    from websockets.sync.client import connect
+
+    headers = {"x-user-id": "alice", "x-request-id": "socket.1"}
+    with connect(url, additional_headers=headers) as client:
+        assert client.recv(timeout=30) == "begun"
+
+
 async def socket_outcome(framework: str, fail: str, accept: bool) -> tuple[int | None, str]:
-    """Serve the framework's ``/socket`` on uvicorn, failing as asked; how the socket
-    ended for the client, and how its Work ended."""
+    """Serve the framework's ``/socket`` on uvicorn, failing as asked (``wait``: the
+    client hangs up while the handler waits); how the socket ended for the client, and
+    how its Work ended. Its components were cleaned exactly once."""
     app, registry, ledger = build(framework)
     with serve("uvicorn", app) as url:
         target = f"ws{url[4:]}/socket?fail={fail}&accept={str(accept).lower()}"
-        closed = await anyio.to_thread.run_sync(talk_on_socket, target)
+        if fail == "wait":
+            closed = await anyio.to_thread.run_sync(hang_up_on_socket, target)
+        else:
+            closed = await anyio.to_thread.run_sync(talk_on_socket, target)
         ended = await anyio.to_thread.run_sync(
             ledger.wait_for_work, "socket.1", ("commit", "rollback")
         )
+    assert ledger.problems() == []
     assert registry.stats().open_scopes == 0
     return closed, ended
 
@@ -297,6 +312,7 @@ async def socket_outcome(framework: str, fail: str, accept: bool) -> tuple[int |
     ("fail", "accept", "closed", "outcome"),
     [
         ("", True, 1000, "commit"),
+        ("wait", True, None, "commit"),
         ("busy", True, 4500, "rollback"),
         ("bug", True, 4500, "rollback"),
         ("busy", False, 403, "rollback"),
@@ -308,7 +324,8 @@ async def test_a_litestar_websocket_that_fails_rolls_back(
     """Litestar answers a websocket handler's exception itself: it closes the socket with
     4000 plus the status (4500) and returns, never calling the exception handlers. The
     socket's Work must roll back; it committed, the middleware taking the close for a
-    clean end. A socket the handler closes itself ends cleanly."""
+    clean end. A socket the handler closes itself ends cleanly, as does one whose client
+    hangs up while the handler waits for a message (a websocket's client may end it)."""
     assert await socket_outcome("litestar", fail, accept) == (closed, outcome)
 
 
@@ -316,6 +333,7 @@ async def test_a_litestar_websocket_that_fails_rolls_back(
     ("fail", "accept", "closed", "outcome"),
     [
         ("", True, 1000, "commit"),
+        ("wait", True, None, "commit"),
         ("busy", True, 1000, "rollback"),
         ("bug", True, 1000, "rollback"),
         ("busy", False, 503, "rollback"),
@@ -330,7 +348,8 @@ async def test_a_quart_websocket_that_fails_rolls_back(
     denial of the handshake. The 500 denial's Work committed: the middleware looked at
     a websocket's denial status no more than at its close code. A bug after accept is
     closed with 1000, as a clean end: nothing on the wire tells it apart, so the app
-    notes it with ``note_failure`` from Quart's ``got_websocket_exception`` signal."""
+    notes it with ``note_failure`` from Quart's ``got_websocket_exception`` signal. A
+    client that hangs up while the handler waits (Quart cancels it) ends it cleanly."""
     assert await socket_outcome("quart", fail, accept) == (closed, outcome)
 
 

@@ -102,6 +102,9 @@ async def socket(
     if accept:
         await socket.accept()
         await socket.send_text("begun")
+    if fail == "wait":
+        await ambient.resolve(Probe)
+        await socket.receive_text()  # until the client hangs up: raises WebSocketDisconnect
     if fail == "busy":
         raise PoolExhaustedError("no connection within 0.1 s", retry_after=2)
     if fail == "bug":

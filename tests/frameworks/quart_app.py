@@ -79,6 +79,9 @@ def build() -> tuple[Quart, Registry, Ledger]:
             await websocket.accept()
             await websocket.send("begun")
         fail = websocket.args.get("fail")
+        if fail == "wait":
+            await ambient.resolve(Probe)
+            await websocket.receive()  # until the client hangs up: Quart cancels the handler
         if fail == "busy":
             raise PoolExhaustedError("no connection within 0.1 s", retry_after=2)
         if fail == "bug":
