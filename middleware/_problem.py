@@ -181,7 +181,8 @@ class Problem:
 def _answer_value(error: AmbientError, name: str) -> Any:
     """``error``'s ``name`` (an attribute its answer reads), or, when no answer can carry
     it (set on the error, or on its class, after the class was made; a property that
-    raises), its class's value, else :class:`AmbientError`'s, with a warning: the request
+    raises), the nearest value of its class and their bases an answer can carry (the
+    class's own, else a base's, as for an attribute not set), with a warning: the request
     is still answered, where the value would fail it without an answer."""
     try:
         value = getattr(error, name)
@@ -191,9 +192,14 @@ def _answer_value(error: AmbientError, name: str) -> Any:
         refusal = _answer_refusal(name, value)
         if refusal is None:
             return value
-    fallback = getattr(type(error), name, None)
-    if _answer_refusal(name, fallback) is not None:
-        fallback = getattr(AmbientError, name)
+    fallback = next(
+        (
+            value
+            for klass in type(error).__mro__
+            if name in vars(klass) and _answer_refusal(name, value := vars(klass)[name]) is None
+        ),
+        getattr(AmbientError, name),
+    )
     logger.warning(
         "ambient: the %s of a %s cannot be answered (%s); answered with %r instead",
         name,
@@ -207,8 +213,9 @@ def _answer_value(error: AmbientError, name: str) -> Any:
 def _carries_status(error: AmbientError) -> bool:
     """Whether ``error`` is an answer to a client: its ``http_status`` is not ``None``.
     One that cannot be read (a property that raises) is answered all the same, logged
-    and with its class's status, else a 500, as a status no answer carries is (see
-    :func:`_answer_value`), where reading it failed the request without its answer."""
+    and with the status of its class or nearest base that has one, else a 500, as a
+    status no answer carries is (see :func:`_answer_value`), where reading it failed the
+    request without its answer."""
     try:
         return error.http_status is not None
     except Exception:  # noqa: BLE001 - a property raising: answered all the same

@@ -1002,11 +1002,23 @@ class _StatusUnanswerableError(UpstreamError):
         return 200
 
 
+class _BaseStatusUnreadableError(UpstreamError):
+    """An app's 502 error whose subclass computes its status, and fails to."""
+
+    @property
+    def http_status(self) -> int:  # type: ignore[override]
+        raise LookupError("no status for this tenant")
+
+
 @pytest.mark.parametrize("raised_by", ["app", "resolver"])
 @pytest.mark.parametrize(
     ("error_class", "status"),
-    [(_StatusUnreadableError, 500), (_StatusUnanswerableError, 500)],
-    ids=["raises", "status-200"],
+    [
+        (_StatusUnreadableError, 500),
+        (_StatusUnanswerableError, 502),
+        (_BaseStatusUnreadableError, 502),
+    ],
+    ids=["raises", "status-200", "raises-under-a-502"],
 )
 async def test_a_computed_status_that_no_answer_carries_is_logged_and_answered(
     error_class: type[AmbientError],
@@ -1016,8 +1028,9 @@ async def test_a_computed_status_that_no_answer_carries_is_logged_and_answered(
 ) -> None:
     """An ``http_status`` property that raises (or gives a status no answer has), read
     when the error reaches the middleware, is logged and answered as the other values read
-    then are: with the class's value, else a 500 problem, and the request's components are
-    cleaned once; not a bare 500 with the property's traceback and the scope left open."""
+    then are: with the status of the nearest base class that has one (the 502 of the
+    class it derives from), else a 500 problem, and the request's components are cleaned
+    once; not a bare 500 with the property's traceback and the scope left open."""
     ledger = Ledger()
     registry = build_registry(ledger)
     header = trusted_header()
