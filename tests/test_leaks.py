@@ -212,6 +212,64 @@ async def test_a_timer_or_task_holding_the_request_context_pins_none_of_its_data
         timer.cancel()
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # loop.call_later is asyncio's
+async def test_a_timer_scheduled_under_detached_keeps_nothing_of_the_request() -> None:
+    """A timer a request schedules keeps a copy of its contextvars until it runs, and so
+    the request's context and closed scope (asyncio keeps a cancelled one's until its due
+    time): the README's advice, scheduling it under ``ambient.detached()``, keeps neither,
+    and its callback runs with no context. Two requests of two users, one each way: the
+    first shows the test can tell."""
+    registry = Registry()
+    registry.register(RequestThing, RequestThing)
+    refs: dict[str, list[weakref.ref[object]]] = {}
+    timers: list[asyncio.TimerHandle] = []
+    ran = anyio.Event()
+    seen: list[object] = ["not run"]
+
+    def callback() -> None:
+        seen[0] = ambient.current_context_or_none()
+        ran.set()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await ambient.resolve(RequestThing)
+        ctx = ambient.get_current_context()
+        refs[ctx.user_id] = [weakref.ref(ctx), weakref.ref(ambient.current_scope())]
+        loop = asyncio.get_running_loop()
+        if ctx.user_id == "alice":
+            timers.append(loop.call_later(600, lambda: None))
+        else:
+            with ambient.detached():
+                timers.append(loop.call_later(600, lambda: None))
+                loop.call_soon(callback)
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    from ambient.middleware import AmbientMiddleware, trusted_header
+    from tests.test_identity import http_scope
+
+    stack = AmbientMiddleware(app, registry=registry, identity=trusted_header())
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    try:
+        for user in ("alice", "bob"):
+            await stack(http_scope([(b"x-user-id", user.encode())]), receive, send)
+        with anyio.fail_after(5):
+            await ran.wait()
+        gc.collect()
+        alive = {user: sum(ref() is not None for ref in kept) for user, kept in refs.items()}
+        assert alive == {"alice": 2, "bob": 0}
+        assert seen == [None]
+        assert registry.stats().created == registry.stats().cleaned == 2
+    finally:
+        for timer in timers:
+            timer.cancel()
+
+
 Scopes = list[weakref.ref[ambient.Scope]]
 
 
