@@ -1703,6 +1703,36 @@ def test_jwts_are_accepted_exactly_when_every_rule_holds(
         assert text not in json.dumps(body)
 
 
+@pytest.mark.parametrize("value", ["42\x00admin", "42\x00"])
+@pytest.mark.parametrize("source", ["header", "jwt"])
+async def test_an_id_with_a_nul_byte_is_refused_and_never_read_as_the_id_before_it(
+    source: str, value: str
+) -> None:
+    """A user id holding a NUL byte, in the user header or a valid token's subject, is a
+    malformed identity (400): the app never runs, so nothing reaches a database (which
+    cannot store NUL, and whose older drivers cut text at it), and no user 42 is made."""
+    made: list[str] = []
+    registry = Registry()
+    registry.register("memory", lambda user: made.append(user.user_id), lifetime=Lifetime.USER)
+    if source == "header":
+        identity, scope = trusted_header(), http_scope([(b"x-user-id", value.encode())])
+    else:
+        identity, scope = hs_resolver(), bearer(token({"sub": value}))
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await ambient.resolve("memory")
+        await _echo_app(scope, receive, send)
+
+    status, body, bound = await _call(
+        AmbientMiddleware(app, registry=registry, identity=identity), scope
+    )
+    assert status == 400
+    assert "U+0000" in str(body["detail"])
+    assert bound is None
+    assert made == []
+    await registry.aclose()
+
+
 async def test_a_thousand_rotated_tokens_of_one_user_share_one_user_entry() -> None:
     """A user whose token rotates on every request (a new ``jti`` and ``iat`` each time)
     is still one user: one USER component, one live user entry, keyed by the validated
