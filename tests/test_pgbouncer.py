@@ -541,6 +541,50 @@ async def test_session_state_a_checkout_leaves_stays_out_of_the_pooler(
 
 
 @pytest.mark.parametrize("strategy", ["shared", "per_user"])
+async def test_the_settings_end_with_the_transaction_behind_a_pooler_though_the_reset_fails(
+    bounced: tuple[Database, str], strategy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Behind a pooler, either strategy sets the settings for the checkout's transaction
+    only, so a reset that fails right after the commit (made to fail here) still leaves no
+    user's id in the server sessions the pooler hands its next clients, who may never set
+    one of their own."""
+    from ambient.integrations.psycopg import _common
+
+    db, url = bounced
+    options: dict[str, Any] = {
+        "rls_check": "off",
+        "kwargs": {**db.kwargs(), "prepare_threshold": None},
+    }
+    pool: SharedPool | PerUserPools = (
+        SharedPool(url, max_size=SERVER_CONNECTIONS, per_user_limit=SERVER_CONNECTIONS, **options)
+        if strategy == "shared"
+        else PerUserPools(url, max_size=SERVER_CONNECTIONS, **options)
+    )
+    registry = _registry(pool)
+    failing = "SELECT 1 / 0"
+    if isinstance(pool, SharedPool):
+        pool._reset_sql = pool._deallocated_reset_sql = failing
+    else:
+        monkeypatch.setattr(_common, "_POOLED_RESET", failing)
+    try:
+        # Every server session at once: one checkout each, held together.
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            async with (
+                registry.open_scope(UserExecutionContext.create("user-1")),
+                connection() as first,
+                connection() as second,
+            ):
+                for conn in (first, second):
+                    cur = await conn.execute(SETTING, prepare=False)
+                    assert await cur.fetchone() == ("user-1",)
+        left = await _no_session_settings(url)
+    finally:
+        monkeypatch.undo()
+        await registry.aclose()
+    assert left == []
+
+
+@pytest.mark.parametrize("strategy", ["shared", "per_user"])
 async def test_a_pipeline_left_open_leaves_nothing_to_the_pooler(
     bounced: tuple[Database, str], strategy: str
 ) -> None:
