@@ -484,23 +484,35 @@ async def test_the_readmes_shared_pool_example_runs_as_written(db: Database) -> 
 async def test_shared_policy_fails_closed_without_settings(
     db: Database, shared: SharedPool
 ) -> None:
-    """With no user set (fresh session, reverted setting, or '') the policy shows and accepts
-    nothing."""
+    """With no user set (fresh session, reverted setting, or '') the policy shows nothing,
+    accepts no new row and updates or deletes none of the rows there are."""
     with bind_context(_ctx("alice")):
         async with shared.connection() as conn:
             await conn.execute(
                 db.sql("INSERT INTO {notes} (owner, body) VALUES ('alice', 'secret')")
             )
+
+    async def nothing_reachable(conn: psycopg.AsyncConnection[Any]) -> None:
+        assert await _scalar(conn, db.sql("SELECT count(*) FROM {notes}")) == 0
+        for statement in ("UPDATE {notes} SET body = 'changed'", "DELETE FROM {notes}"):
+            assert (await conn.execute(db.sql(statement))).rowcount == 0, statement
+
     async with await psycopg.AsyncConnection.connect(db.app_url, autocommit=True) as conn:
-        assert await _scalar(conn, db.sql("SELECT count(*) FROM {notes}")) == 0  # fresh: NULL
+        assert await _scalar(conn, "SELECT current_setting('app.user_id', true)") is None
+        await nothing_reachable(conn)  # fresh: NULL
         async with conn.transaction():
             await conn.execute("SELECT set_config('app.user_id', 'alice', true)")
             assert await _scalar(conn, db.sql("SELECT count(*) FROM {notes}")) == 1
         assert await _scalar(conn, "SELECT current_setting('app.user_id', true)") == ""
-        assert await _scalar(conn, db.sql("SELECT count(*) FROM {notes}")) == 0  # reverted: ''
+        await nothing_reachable(conn)  # reverted: ''
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             await conn.execute(db.sql("INSERT INTO {notes} (owner, body) VALUES ('', 'x')"))
-        assert await _scalar(conn, db.sql("SELECT count(*) FROM {notes}")) == 0
+        await conn.execute("SELECT set_config('app.user_id', '', false)")
+        await nothing_reachable(conn)  # set to '' outright
+    with bind_context(_ctx("alice")):
+        async with shared.connection() as conn:
+            bodies = await (await conn.execute(db.sql("SELECT body FROM {notes}"))).fetchall()
+    assert bodies == [("secret",)]
 
 
 @pytest.mark.parametrize("conforming", ["on", "off"])
@@ -4105,6 +4117,36 @@ async def test_per_user_pools_exhaustion_and_idle_eviction(db: Database) -> None
     await registry.aclose()
 
 
+async def test_per_user_pools_make_room_by_closing_the_least_recently_used_pool(
+    db: Database,
+) -> None:
+    """max_total=3 spent by the pools of users a, b and c, then a checks out again: the
+    room a fourth user needs is taken from b's pool, idle the longest, while a's and c's
+    keep their server sessions (the same backend at their next checkout)."""
+    pools = PerUserPools(
+        db.app_url, max_size=1, max_total=3, timeout=5, rls_check="off", kwargs=db.kwargs()
+    )
+    registry = Registry()
+    pools.install(registry)
+
+    async def backend(user: str) -> int:
+        async with registry.open_scope(_ctx(user)), connection() as conn:
+            assert await _scalar(conn, "SELECT current_setting('app.user_id', true)") == user
+            return conn.info.backend_pid
+
+    try:
+        first = {user: await backend(user) for user in ("a", "b", "c")}
+        assert await backend("a") == first["a"]
+        await backend("d")
+        assert pools.stats().evicted == 1
+        assert (await backend("a"), await backend("c")) == (first["a"], first["c"])
+        assert pools.stats().evicted == 1
+        assert await backend("b") != first["b"]  # a new pool, for which d's made room
+        assert pools.stats().evicted == 2
+    finally:
+        await registry.aclose()
+
+
 async def test_per_user_pools_forget_the_connections_they_replaced(db: Database) -> None:
     """A user's pool keeps the connections it made, to close those psycopg's pool leaves
     open as it closes, and forgets each once closed, as it makes the next: a pool whose
@@ -4952,14 +4994,20 @@ async def test_per_user_pools_random_cancellations_lose_no_connection(db: Databa
     await _eventually(_async_int(lambda: _server_connections(db), 0), "connections closed")
 
 
+@pytest.mark.parametrize("libpq", ["17", "older"])
 @pytest.mark.parametrize("strategy", ["shared", "per_user"])
 async def test_cancel_reaches_the_server_with_every_worker_thread_busy(
-    db: Database, strategy: str
+    db: Database, strategy: str, libpq: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With anyio's default worker-thread limiter spent (every token held by a thread
     blocked on an event), a checkout cancelled mid-query still cancels the query on the
-    server (libpq's blocking cancel runs on a thread of its own, not one of those) within
-    5 s, and the pool is idle again, all before the blocked threads are let go."""
+    server within 5 s, and the pool is idle again, all before the blocked threads are let
+    go: libpq 17's cancel needs no thread, and the blocking cancel of an older libpq (forced
+    here: the bundled libpq is 17) runs on a thread of its own, not one of those."""
+    from ambient.integrations.psycopg import _common
+
+    if libpq == "older":
+        monkeypatch.setattr(_common, "_NONBLOCKING_CANCEL", False)
     pool: SharedPool | PerUserPools
     if strategy == "shared":
         pool = SharedPool(
