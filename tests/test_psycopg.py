@@ -4004,17 +4004,20 @@ async def test_per_user_pools_300_users_never_exceed_max_total(db: Database) -> 
             await conn.execute("SELECT pg_sleep(0.01)")
         served.add(name)
 
-    with anyio.fail_after(30):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(sample)
-            async with anyio.create_task_group() as users:
-                for n in range(300):
-                    users.start_soon(user, n)
-            done.set()
+    try:
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(sample)
+                async with anyio.create_task_group() as users:
+                    for n in range(300):
+                        users.start_soon(user, n)
+                done.set()
+    finally:
+        # Closed on a failure too: pools left open would hang the event loop's end.
+        await registry.aclose()
     assert len(served) == 300
     assert 0 < peak <= 50
     assert pools.stats().evicted >= 250
-    await registry.aclose()
     await _eventually(_async_int(lambda: _server_connections(db), 0), "connections closed")
 
 
