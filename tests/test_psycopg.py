@@ -2925,22 +2925,53 @@ async def test_check_rls_leaves_a_transaction_the_caller_opened_to_the_caller(
 
 async def test_check_rls_that_fails_rolls_back_the_transaction_it_began(db: Database) -> None:
     """check_rls on a connection outside a transaction, whose query fails partway (a table
-    name that is no identifier, after the role and a table were checked): the error is the
-    query's, and the transaction the check began is rolled back. It was left failed, and the
-    caller's next statement raised InFailedSqlTransaction. A transaction the caller had open
-    stays the caller's, failed as the query left it."""
+    name given as bytes, which the server has no function for, after the role and a table
+    were checked): the error is the query's, and the transaction the check began is rolled
+    back. It was left failed, and the caller's next statement raised
+    InFailedSqlTransaction. A transaction the caller had open stays the caller's, open."""
     async with await psycopg.AsyncConnection.connect(db.app_url) as conn:
-        with pytest.raises(psycopg.errors.InvalidParameterValue, match="not a valid identifier"):
-            await check_rls(conn, [db.notes, "not a name"])
+        with pytest.raises(psycopg.errors.UndefinedFunction, match="bytea"):
+            await check_rls(conn, [db.notes, b"notes"])  # type: ignore[list-item]
         assert conn.info.transaction_status is TransactionStatus.IDLE
         assert await _scalar(conn, "SELECT 1") == 1
         await conn.rollback()
         await conn.execute("SELECT 1")  # the caller's transaction
-        with pytest.raises(psycopg.errors.InvalidParameterValue):
-            await check_rls(conn, ["not a name"])
-        assert conn.info.transaction_status is TransactionStatus.INERROR
+        with pytest.raises(psycopg.errors.UndefinedFunction):
+            await check_rls(conn, [b"notes"])  # type: ignore[list-item]
+        assert conn.info.transaction_status is TransactionStatus.INTRANS
         await conn.rollback()
         assert await _scalar(conn, "SELECT 1") == 1
+
+
+@pytest.mark.parametrize("autocommit", [False, True], ids=["transaction", "autocommit"])
+async def test_check_rls_reports_a_table_name_that_names_no_table_here(
+    db: Database, autocommit: bool
+) -> None:
+    """A protected table name that is empty, has a NUL byte, is no identifier, has more
+    than three parts or names another database is a problem of check_rls's, saying which
+    name and why, like a table that does not exist; the tables after it are checked all the
+    same, and the connection is left as it was. It raised the query's error
+    (InvalidParameterValue, ...) and checked nothing after it."""
+    names = ["", "x\x00y", "not a name", "a.b.c.d", "elsewhere_db.public.notes"]
+    reasons = [
+        "not a valid identifier",
+        "NUL",
+        "not a valid identifier",
+        "too many dotted names",
+        "cross-database references",
+    ]
+    async with await psycopg.AsyncConnection.connect(db.app_url, autocommit=autocommit) as conn:
+        with pytest.warns(RowSecurityWarning):
+            problems = await check_rls(
+                conn, [*names, f"{db.schema}.plain", db.notes], action="warn"
+            )
+        assert conn.info.transaction_status is TransactionStatus.IDLE
+        assert await _scalar(conn, "SELECT 1") == 1
+    assert len(problems) == len(names) + 1, problems
+    for problem, name, reason in zip(problems[:-1], names, reasons, strict=True):
+        assert problem.startswith(f"table name {name!r} names no table of this database ("), problem
+        assert reason in problem, problem
+    assert f"row-level security is not enabled on '{db.schema}.plain'" in problems[-1]
 
 
 @pytest.fixture(name="hidden")
@@ -3004,8 +3035,15 @@ async def test_check_rls_takes_a_name_with_this_database_in_a_schema_the_role_ca
             await check_rls(conn, [f"{here}.{hidden}.guarded"])
         assert len(info.value.problems) == 1, info.value.problems
         assert f"view '{db.schema}.peek' reads '{here}.{hidden}.guarded'" in info.value.problems[0]
-        with pytest.raises(psycopg.errors.FeatureNotSupported, match="cross-database"):
-            await check_rls(conn, [f"{here}_elsewhere.{hidden}.guarded"])
+        elsewhere = f"{here}_elsewhere.{hidden}.guarded"
+        with pytest.raises(RowSecurityError) as info:
+            await check_rls(conn, [elsewhere])
+        assert info.value.problems == [
+            f"table name {elsewhere!r} names no table of this database (cross-database "
+            f'references are not implemented: "{elsewhere}"): name a table as table, '
+            "schema.table or database.schema.table, in double quotes a part that is not "
+            'lower case, as in SQL ("My Table")'
+        ]
 
 
 async def test_check_rls_passes_children_and_views_under_the_policies_or_out_of_reach(

@@ -127,6 +127,17 @@ WHERE pg_catalog.has_table_privilege(c.oid, 'SELECT, INSERT, UPDATE, DELETE')
 ORDER BY 1
 """
 
+# What the queries looking a table name up raise for a name that can name no table here:
+# one with a NUL byte (DataError, before it is sent), one that is no identifier or is empty
+# (InvalidParameterValue, InvalidName), one with more than three parts (SyntaxError), one
+# in another database (FeatureNotSupported).
+_MALFORMED_NAME = (
+    psycopg.DataError,
+    psycopg.errors.InvalidName,
+    psycopg.errors.SyntaxError,
+    psycopg.errors.FeatureNotSupported,
+)
+
 
 async def check_rls(
     conn: AsyncConnection[Any],
@@ -147,7 +158,8 @@ async def check_rls(
     does a view this role can read over such a view (even one it cannot read); so does a
     partition or child table of a protected table, queried directly or through such a view,
     unless row-level security applies to it too (a policy applies to the table a query
-    names).
+    names). So is a table that does not exist, and a name that can name no table of this
+    database (malformed, or naming another database).
     Each of these is a problem. A table in a schema the role has no USAGE on is checked
     all the same (views over it and its partitions may be elsewhere); views and partitions
     in such a schema, which the role cannot reach, are no problem.
@@ -177,7 +189,7 @@ async def check_rls(
     try:
         await _find_problems(conn, tables, settings, problems)
     except Exception:
-        # One of these queries failed (a malformed table name, a lost connection): a
+        # One of these queries failed (a lost connection, a table name of another type): a
         # transaction it began would fail the caller's next statement
         # (InFailedSqlTransaction); the error raised is the query's, not the rollback's.
         if began and not conn.closed and conn.pgconn.transaction_status != _IDLE:
@@ -214,13 +226,26 @@ async def _find_problems(
                 f"(ALTER ROLE {role} NOBYPASSRLS)"
             )
         for table in tables:
-            await cur.execute(_UNUSABLE_SCHEMA_SQL, (table,), prepare=False)
-            unusable = await cur.fetchone()
-            if unusable is None:
-                await cur.execute(_TABLE_SQL, (table,), prepare=False)
-            else:
-                await cur.execute(_TABLE_BY_OID_SQL, (Oid(unusable[0] or 0),), prepare=False)
-            info = await cur.fetchone()
+            try:
+                # In a savepoint: a name the server cannot parse fails the query, and the
+                # tables after it are checked all the same.
+                async with conn.transaction():
+                    await cur.execute(_UNUSABLE_SCHEMA_SQL, (table,), prepare=False)
+                    unusable = await cur.fetchone()
+                    if unusable is None:
+                        await cur.execute(_TABLE_SQL, (table,), prepare=False)
+                    else:
+                        oid_arg = (Oid(unusable[0] or 0),)
+                        await cur.execute(_TABLE_BY_OID_SQL, oid_arg, prepare=False)
+                    info = await cur.fetchone()
+            except _MALFORMED_NAME as exc:
+                reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+                problems.append(
+                    f"table name {table!r} names no table of this database ({reason}): "
+                    "name a table as table, schema.table or database.schema.table, in "
+                    'double quotes a part that is not lower case, as in SQL ("My Table")'
+                )
+                continue
             if info is None:
                 problems.append(f"table {table!r} does not exist (or is not visible)")
                 continue
