@@ -788,6 +788,33 @@ async def test_a_requests_notice_handlers_never_hear_the_next_users(db: Database
     assert heard == ["notice alice: hello"]
 
 
+async def test_a_requests_notify_handler_never_hears_what_the_next_user_commits(
+    db: Database,
+) -> None:
+    """Alice's request adds a notification handler to its connection; Bob's checkout of the
+    same connection listens on his channel, notifies it and commits inside the block
+    (reported as an error): his notification arrives with that COMMIT, and reaches none of
+    Alice's handlers."""
+    heard: list[str] = []
+    bobs: list[str] = []
+    async with SharedPool(
+        db.app_url, min_size=1, max_size=1, rls_check="off", kwargs=db.kwargs()
+    ) as pool:
+        with bind_context(_ctx("alice")):
+            async with pool.connection() as conn:
+                alice_pid = conn.info.backend_pid
+                conn.add_notify_handler(lambda n: heard.append(f"notify {n.payload}"))
+        with bind_context(_ctx("bob")), pytest.raises(psycopg.ProgrammingError):
+            async with pool.connection() as conn:
+                assert conn.info.backend_pid == alice_pid  # the same connection
+                conn.add_notify_handler(lambda n: bobs.append(n.payload))
+                await conn.execute("LISTEN bobs_inbox")
+                await conn.execute("NOTIFY bobs_inbox, 'bob: secret'")
+                await conn.commit()
+    assert bobs == ["bob: secret"]
+    assert heard == []
+
+
 async def test_a_notification_left_after_a_commit_never_reaches_the_next_user(
     db: Database,
 ) -> None:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import psycopg
 import pytest
 
@@ -224,4 +225,46 @@ async def test_a_checkouts_own_timeout_bounds_the_pools_opening(
             async with connection(timeout=0.5):
                 pass
     assert time.monotonic() - started < 3
+    await _recovers(pool, registry, relay)
+
+
+def _opening(pool: SharedPool | PerUserPools) -> bool:
+    """Whether ``pool`` (or, for PerUserPools, one of its users' pools) is opening."""
+    if isinstance(pool, SharedPool):
+        return pool._opening is not None and pool._opening.locked()
+    return any(user_pool.opening is not None for user_pool in pool._pools)
+
+
+@STRATEGIES
+async def test_a_checkout_waiting_for_another_checkouts_opening_ends_at_its_own_timeout(
+    db: Database, relay: SilentNetwork, kind: str
+) -> None:
+    """A checkout with a short ``connection(timeout=...)`` that finds the pool opening for
+    another checkout of the same user, one with a long timeout, waits for that opening no
+    longer than its own timeout: it gets PoolExhaustedError while the other still waits."""
+    pool, registry = _installed(kind, db, relay, timeout=OPEN_TIMEOUT * 3, rls_check="warn")
+    await relay.freeze()
+    opener_done = anyio.Event()
+    outcome: list[BaseException] = []
+
+    async def opener() -> None:
+        async with registry.open_scope(_ctx("alice")):
+            try:
+                async with connection():
+                    pass
+            except PoolExhaustedError as exc:
+                outcome.append(exc)
+        opener_done.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(opener)
+        with anyio.fail_after(OPEN_TIMEOUT):
+            while not _opening(pool):
+                await anyio.lowlevel.checkpoint()
+        async with registry.open_scope(_ctx("alice")):
+            with pytest.raises(PoolExhaustedError, match="within 0.5 s"):
+                async with connection(timeout=0.5):
+                    pass
+        assert not opener_done.is_set(), "the short checkout waited for the whole opening"
+    assert len(outcome) == 1, outcome
     await _recovers(pool, registry, relay)
