@@ -268,3 +268,37 @@ async def test_a_checkout_waiting_for_another_checkouts_opening_ends_at_its_own_
         assert not opener_done.is_set(), "the short checkout waited for the whole opening"
     assert len(outcome) == 1, outcome
     await _recovers(pool, registry, relay)
+
+
+@STRATEGIES
+async def test_a_block_left_running_a_query_on_a_silent_network_is_not_a_silent_success(
+    db: Database, relay: SilentNetwork, kind: str
+) -> None:
+    """The block writes a row, leaves a ``cursor.stream()`` loop before its end and ends
+    normally, and the network goes silent: the query still running cannot be cancelled on
+    the server, the give-back ends at ``return_timeout`` with the connection closed, and
+    the caller hears that nothing was committed (the error of a block that cannot commit),
+    not nothing."""
+    pool, registry = _installed(kind, db, relay)
+    caught: list[BaseException] = []
+
+    async def work() -> None:
+        async with registry.open_scope(_ctx("alice")):
+            try:
+                async with connection() as conn:
+                    await conn.execute(
+                        db.sql("INSERT INTO {notes} (owner, body) VALUES ('alice', 'x')")
+                    )
+                    async for (n,) in conn.cursor().stream("SELECT generate_series(1, 100000)"):
+                        if n == 3:
+                            break
+                    await relay.freeze()
+            except psycopg.OperationalError as exc:
+                caught.append(exc)
+
+    await _ends_in_time(work)
+    assert len(caught) == 1, caught
+    assert "nothing of it was committed" in str(caught[0])
+    await _recovers(pool, registry, relay)
+    async with await psycopg.AsyncConnection.connect(db.admin_url) as admin:
+        assert await _scalar(admin, db.sql("SELECT count(*) FROM {notes}")) == 0

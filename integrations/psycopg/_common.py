@@ -573,10 +573,10 @@ async def _release(
     """
     committing = False
     status: int | None = None
+    lost = conn.closed
+    piped = not lost and conn.pgconn.pipeline_status != _PIPELINE_OFF
     with _bounded(owner) as bound:
         try:
-            lost = conn.closed
-            piped = not lost and conn.pgconn.pipeline_status != _PIPELINE_OFF
             if await _cancel_broken(conn, cancel):
                 if server is not None:
                     await _cancel_server_side(pool, owner._kwargs, server)
@@ -610,6 +610,10 @@ async def _release(
             await _hand_back(bound, owner, pool, conn, cancel, server if pooled else None)
     if bound.cancelled_caught and committing:
         return _unknown_commit(owner.return_timeout)
+    if status is None:
+        # Given up at the bound while cancelling the query of a connection that could not
+        # end its checkout: closed, so nothing of the block was committed.
+        return _cut_short(lost=lost, piped=piped) if exc is None else None
     # Rolled back (or given up, which rolls back too): a block that ended normally here was
     # in a failed transaction.
     return _aborted() if exc is None and status is not None else None

@@ -522,12 +522,13 @@ class SharedPool:
         """
         error: Exception | None = None
         commit = False
+        status = conn.pgconn.transaction_status
+        lost = conn.closed
+        piped = not lost and conn.pgconn.pipeline_status != _PIPELINE_OFF
+        broken = lost or piped or status == _ACTIVE
         with _bounded(self) as bound:
             try:
-                status = conn.pgconn.transaction_status
-                lost = conn.closed
-                piped = not lost and conn.pgconn.pipeline_status != _PIPELINE_OFF
-                if (lost or piped or status == _ACTIVE) and await _cancel_broken(conn, cancel):
+                if broken and await _cancel_broken(conn, cancel):
                     if server is not None and self._pooled:
                         await _cancel_server_side(pool, self._kwargs, server)
                     return _cut_short(lost=lost, piped=piped) if exc is None else None
@@ -557,6 +558,10 @@ class SharedPool:
                 await _hand_back(bound, self, pool, conn, cancel, server if self._pooled else None)
         if bound.cancelled_caught and commit:
             return _unknown_commit(self.return_timeout)
+        if broken:
+            # Given up at the bound while cancelling the query of a connection that could not
+            # end its checkout: closed, so nothing of the block was committed.
+            return _cut_short(lost=lost, piped=piped) if exc is None else None
         return error
 
     async def _reset(
