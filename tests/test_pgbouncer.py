@@ -1263,12 +1263,13 @@ async def test_a_commit_failing_at_any_isolation_level_leaves_nothing_to_the_nex
 
 
 @pytest.mark.parametrize("strategy", ["shared", "per_user"])
-@pytest.mark.parametrize("outcome", ["commit", "rollback", "failed commit"])
+@pytest.mark.parametrize("outcome", ["commit", "rollback", "failed commit", "commit inside"])
 async def test_a_statement_from_sql_prepare_stays_out_of_the_pooler(
     bounced: tuple[Database, str], strategy: str, outcome: str
 ) -> None:
     """A handler prepares a statement with SQL ``PREPARE`` (a name and a text of user-1's),
-    and its checkout commits, rolls back, or fails to commit. Another user's checkouts, in
+    and its checkout commits, rolls back, fails to commit, or is committed by the handler
+    itself (an error, the checkout's end then finds no transaction). Another user's checkouts, in
     every server session of the pooler at once, find no such statement and can prepare one
     of the same name; SharedPool keeps its connection (it has nothing to discard). Before,
     the statement outlived the checkout in the server session (PREPARE is not undone by a
@@ -1281,7 +1282,9 @@ async def test_a_statement_from_sql_prepare_stays_out_of_the_pooler(
     fail = _FAILING_COMMITS["on commit action"][0] if outcome == "failed commit" else "SELECT 1"
     seen: list[tuple[Any, ...]] = []
     try:
-        with contextlib.suppress(LookupError, psycopg.errors.FeatureNotSupported):
+        with contextlib.suppress(
+            LookupError, psycopg.errors.FeatureNotSupported, psycopg.ProgrammingError
+        ):
             async with (
                 registry.open_scope(UserExecutionContext.create("user-1")),
                 connection() as conn,
@@ -1290,6 +1293,8 @@ async def test_a_statement_from_sql_prepare_stays_out_of_the_pooler(
                 await conn.execute(fail, prepare=False)
                 if outcome == "rollback":
                     raise LookupError(outcome)
+                if outcome == "commit inside":
+                    await conn.commit()
         async with (
             registry.open_scope(UserExecutionContext.create("user-2")),
             connection() as first,
