@@ -3500,6 +3500,52 @@ async def test_a_checkout_waiting_to_grow_its_pool_takes_room_that_frees_up(
     assert (stats.evicted, stats.slots) == (1, 2)
 
 
+async def test_a_checkout_waiting_to_grow_its_pool_takes_its_own_connection_back_first(
+    db: Database,
+) -> None:
+    """max_total=2: x and y hold one connection each, and x opens a second checkout, for
+    which x's pool must grow: there is no room. When x's first checkout ends first, the
+    second takes that connection at once, while y still holds its own and no room frees
+    up; it does not wait for room until its timeout."""
+    pools = PerUserPools(
+        db.app_url, max_size=2, max_total=2, timeout=30, rls_check="off", kwargs=db.kwargs()
+    )
+    registry = Registry()
+    pools.install(registry)
+    x_holds, y_holds, y_done, x_done, got = (anyio.Event() for _ in range(5))
+    second: list[str] = []
+
+    async def hold(user: str, holding: anyio.Event, release: anyio.Event) -> None:
+        async with registry.open_scope(_ctx(user)), pools.connection():
+            holding.set()
+            await release.wait()
+
+    async def x_again() -> None:
+        async with registry.open_scope(_ctx("x")), pools.connection() as conn:
+            second.append(await _scalar(conn, "SELECT current_setting('app.user_id')"))
+        got.set()
+
+    try:
+        with anyio.fail_after(20):  # well within the 30 s the checkout would wait for room
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(hold, "x", x_holds, x_done)
+                await x_holds.wait()
+                tg.start_soon(hold, "y", y_holds, y_done)
+                await y_holds.wait()
+                tg.start_soon(x_again)
+                await anyio.wait_all_tasks_blocked()
+                assert (second, pools.stats().slots) == ([], 2)
+                x_done.set()
+                await got.wait()
+                assert not y_done.is_set()
+                y_done.set()
+        stats = pools.stats()
+    finally:
+        await registry.aclose()
+    assert second == ["x"]
+    assert (stats.evicted, stats.slots) == (0, 2)
+
+
 async def _x_grows_as_z_is_woken(db: Database, steps: int) -> list[str]:
     """One round of the test below: the users in the order they got their connection."""
     pools = PerUserPools(
