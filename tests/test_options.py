@@ -201,3 +201,24 @@ def test_a_redis_broadcast_duration_that_is_not_positive_is_refused(
     message = f"{option} must be > 0 seconds, not {value!r}"
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         RedisBroadcast("redis://127.0.0.1:6379/0", **{option: value})
+
+
+@pytest.mark.parametrize("pools", [SharedPool, PerUserPools])
+@pytest.mark.parametrize(
+    ("tables", "said"),
+    [
+        ("notes", "rls_tables must be a list of names, not one str ('notes')"),
+        ([b"notes"], "rls_tables must hold names as str, not b'notes'"),
+    ],
+    ids=["one-name", "bytes"],
+)
+def test_rls_tables_of_one_name_or_of_no_str_are_refused_when_built(
+    pools: Callable[..., object], tables: Any, said: str
+) -> None:
+    """``rls_tables="notes"`` was kept as the tables ``n``, ``o``, ``t``... (each failing
+    the check when the pool opened as a table that does not exist), and a bytes name
+    failed it with the server's UndefinedFunction: both a TypeError where the pool is
+    built."""
+    with pytest.raises(TypeError) as raised:
+        pools(URL, rls_tables=tables)
+    assert str(raised.value) == said

@@ -2952,22 +2952,46 @@ async def test_check_rls_leaves_a_transaction_the_caller_opened_to_the_caller(
 
 async def test_check_rls_that_fails_rolls_back_the_transaction_it_began(db: Database) -> None:
     """check_rls on a connection outside a transaction, whose query fails partway (a table
-    name given as bytes, which the server has no function for, after the role and a table
-    were checked): the error is the query's, and the transaction the check began is rolled
-    back. It was left failed, and the caller's next statement raised
-    InFailedSqlTransaction. A transaction the caller had open stays the caller's, open."""
+    name no text encoding holds, a lone surrogate, after the role and a table were
+    checked): the error is the query's, and the transaction the check began is rolled
+    back (it was left open, or failed when the server refused the query, and the caller's
+    next statement ran in it or raised InFailedSqlTransaction). A transaction the caller
+    had open stays the caller's, open."""
     async with await psycopg.AsyncConnection.connect(db.app_url) as conn:
-        with pytest.raises(psycopg.errors.UndefinedFunction, match="bytea"):
-            await check_rls(conn, [db.notes, b"notes"])  # type: ignore[list-item]
+        with pytest.raises(UnicodeEncodeError):
+            await check_rls(conn, [db.notes, "notes\ud800"])
         assert conn.info.transaction_status is TransactionStatus.IDLE
         assert await _scalar(conn, "SELECT 1") == 1
         await conn.rollback()
         await conn.execute("SELECT 1")  # the caller's transaction
-        with pytest.raises(psycopg.errors.UndefinedFunction):
-            await check_rls(conn, [b"notes"])  # type: ignore[list-item]
+        with pytest.raises(UnicodeEncodeError):
+            await check_rls(conn, ["notes\ud800"])
         assert conn.info.transaction_status is TransactionStatus.INTRANS
         await conn.rollback()
         assert await _scalar(conn, "SELECT 1") == 1
+
+
+@pytest.mark.parametrize(
+    ("tables", "settings", "said"),
+    [
+        ("notes", (), "tables must be a list of names, not one str ('notes')"),
+        ([b"notes"], (), "tables must hold names as str, not b'notes'"),
+        ((), "app.user_id", "settings must be a list of names, not one str ('app.user_id')"),
+        ((), [None], "settings must hold names as str, not None"),
+    ],
+    ids=["one-table-name", "bytes-name", "one-setting", "none-setting"],
+)
+async def test_check_rls_refuses_one_name_for_a_list_and_names_of_no_str(
+    db: Database, tables: Any, settings: Any, said: str
+) -> None:
+    """``check_rls(conn, "notes")`` would check the tables ``n``, ``o``, ``t``... and a
+    bytes or None name no query can take (the server's UndefinedFunction): a TypeError
+    saying which argument and what, before any query, the connection left as it was."""
+    async with await psycopg.AsyncConnection.connect(db.app_url) as conn:
+        with pytest.raises(TypeError) as raised:
+            await check_rls(conn, tables, settings=settings)
+        assert str(raised.value) == said
+        assert conn.info.transaction_status is TransactionStatus.IDLE
 
 
 @pytest.mark.parametrize("autocommit", [False, True], ids=["transaction", "autocommit"])

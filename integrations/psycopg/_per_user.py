@@ -32,7 +32,7 @@ from ambient.integrations.psycopg._common import (
 )
 from ambient.integrations.psycopg._database import Database
 from ambient.integrations.psycopg._refusals import _RefusalLog
-from ambient.integrations.psycopg._rls import check_rls
+from ambient.integrations.psycopg._rls import _names, check_rls
 from ambient.integrations.psycopg._user_pool import _UserCheckout, _UserPool
 
 
@@ -183,7 +183,7 @@ class PerUserPools:
         self.timeout = timeout
         self.return_timeout = return_timeout
         self.retry_after = retry_after
-        self.rls_tables = tuple(rls_tables)
+        self.rls_tables = tuple(_names("rls_tables", rls_tables))
         self.rls_check: RlsCheck = rls_check
         self.name = name
         self._names = checked.names

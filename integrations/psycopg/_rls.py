@@ -139,6 +139,20 @@ _MALFORMED_NAME = (
 )
 
 
+def _names(argument: str, names: Iterable[str]) -> list[str]:
+    """``names`` as a list, refused when it is one name (a str would be checked letter
+    by letter) or holds something other than a str (which no query could name)."""
+    if isinstance(names, (str, bytes)):
+        msg = f"{argument} must be a list of names, not one {type(names).__name__} ({names!r:.64})"
+        raise TypeError(msg)
+    listed = list(names)
+    for name in listed:
+        if not isinstance(name, str):
+            msg = f"{argument} must hold names as str, not {name!r:.64}"
+            raise TypeError(msg)
+    return listed
+
+
 async def check_rls(
     conn: AsyncConnection[Any],
     tables: Iterable[str] = (),
@@ -178,10 +192,14 @@ async def check_rls(
 
     Raises:
         RowSecurityError: with ``action="raise"`` when there are problems.
+        TypeError: ``tables`` or ``settings`` is one str, or holds something other than a
+            str.
     """
     if action not in ("raise", "warn"):
         msg = f"action must be 'raise' or 'warn', not {action!r}"
         raise ValueError(msg)
+    tables = _names("tables", tables)
+    settings = _names("settings", settings)
     problems: list[str] = []
     # A transaction the caller had open is the caller's (its writes, its transaction block);
     # only one these queries began is ended here.
