@@ -3478,13 +3478,16 @@ async def test_a_copy_left_open_is_not_a_silent_commit(db: Database, strategy: s
     assert count == 0
 
 
-async def test_a_checkout_waiting_to_grow_its_pool_takes_room_that_frees_up(
-    db: Database,
+@pytest.mark.parametrize("ends_first", ["y", "x"], ids=["room-frees-up", "its-own-comes-back"])
+async def test_a_checkout_waiting_to_grow_its_pool_takes_what_comes_first(
+    db: Database, ends_first: str
 ) -> None:
     """max_total=2: x and y hold one connection each, and x opens a second checkout, for
-    which x's pool must grow: there is no room. When y's checkout ends, y's idle pool is
-    closed for room and x's pool grows into it, long before the timeout. It used to wait
-    only for x's own first connection and fail with PoolExhaustedError."""
+    which x's pool must grow: there is no room. When y's checkout ends first, y's idle
+    pool is closed for room and x's pool grows into it, long before the timeout (it used
+    to wait only for x's own first connection and fail with PoolExhaustedError). When x's
+    first checkout ends first, the second takes that connection at once, while y still
+    holds its own and no room frees up; it does not wait for room until its timeout."""
     pools = PerUserPools(
         db.app_url, max_size=2, max_total=2, timeout=30, rls_check="off", kwargs=db.kwargs()
     )
@@ -3503,8 +3506,9 @@ async def test_a_checkout_waiting_to_grow_its_pool_takes_room_that_frees_up(
             second.append(await _scalar(conn, "SELECT current_setting('app.user_id')"))
             got.set()
 
+    first, then = (y_done, x_done) if ends_first == "y" else (x_done, y_done)
     try:
-        with anyio.fail_after(20):  # well within the 30 s the old code waited
+        with anyio.fail_after(20):  # well within the 30 s a checkout waits for room
             async with anyio.create_task_group() as tg:
                 tg.start_soon(hold, "x", x_holds, x_done)
                 await x_holds.wait()
@@ -3513,61 +3517,15 @@ async def test_a_checkout_waiting_to_grow_its_pool_takes_room_that_frees_up(
                 tg.start_soon(x_again)
                 await anyio.wait_all_tasks_blocked()
                 assert (second, pools.stats().slots) == ([], 2)
-                y_done.set()
-                with anyio.move_on_after(15):
-                    await got.wait()
-                x_done.set()
-        stats = pools.stats()
-    finally:
-        await registry.aclose()
-    assert second == ["x"]
-    assert (stats.evicted, stats.slots) == (1, 2)
-
-
-async def test_a_checkout_waiting_to_grow_its_pool_takes_its_own_connection_back_first(
-    db: Database,
-) -> None:
-    """max_total=2: x and y hold one connection each, and x opens a second checkout, for
-    which x's pool must grow: there is no room. When x's first checkout ends first, the
-    second takes that connection at once, while y still holds its own and no room frees
-    up; it does not wait for room until its timeout."""
-    pools = PerUserPools(
-        db.app_url, max_size=2, max_total=2, timeout=30, rls_check="off", kwargs=db.kwargs()
-    )
-    registry = Registry()
-    pools.install(registry)
-    x_holds, y_holds, y_done, x_done, got = (anyio.Event() for _ in range(5))
-    second: list[str] = []
-
-    async def hold(user: str, holding: anyio.Event, release: anyio.Event) -> None:
-        async with registry.open_scope(_ctx(user)), pools.connection():
-            holding.set()
-            await release.wait()
-
-    async def x_again() -> None:
-        async with registry.open_scope(_ctx("x")), pools.connection() as conn:
-            second.append(await _scalar(conn, "SELECT current_setting('app.user_id')"))
-        got.set()
-
-    try:
-        with anyio.fail_after(20):  # well within the 30 s the checkout would wait for room
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(hold, "x", x_holds, x_done)
-                await x_holds.wait()
-                tg.start_soon(hold, "y", y_holds, y_done)
-                await y_holds.wait()
-                tg.start_soon(x_again)
-                await anyio.wait_all_tasks_blocked()
-                assert (second, pools.stats().slots) == ([], 2)
-                x_done.set()
+                first.set()
                 await got.wait()
-                assert not y_done.is_set()
-                y_done.set()
+                assert not then.is_set()
+                then.set()
         stats = pools.stats()
     finally:
         await registry.aclose()
     assert second == ["x"]
-    assert (stats.evicted, stats.slots) == (0, 2)
+    assert (stats.evicted, stats.slots) == (int(ends_first == "y"), 2)
 
 
 async def _x_grows_as_z_is_woken(db: Database, steps: int) -> list[str]:
