@@ -184,6 +184,21 @@ def _registry(pool: SharedPool | PerUserPools) -> Registry:
     return registry
 
 
+def _every_session_pool(db: Database, url: str, strategy: str) -> SharedPool | PerUserPools:
+    """A pool of ``strategy`` ("shared" or "per_user") through the pooler at ``url`` that
+    one user may fill with every server session, with no prepared statements and no RLS
+    check."""
+    options: dict[str, Any] = {
+        "rls_check": "off",
+        "kwargs": {**db.kwargs(), "prepare_threshold": None},
+    }
+    if strategy == "shared":
+        return SharedPool(
+            url, max_size=SERVER_CONNECTIONS, per_user_limit=SERVER_CONNECTIONS, **options
+        )
+    return PerUserPools(url, max_size=SERVER_CONNECTIONS, **options)
+
+
 SETTING = "SELECT current_setting('app.user_id', true)"
 
 
@@ -494,15 +509,7 @@ async def test_session_state_a_checkout_leaves_stays_out_of_the_pooler(
         admin.execute(f"CREATE ROLE {other} NOLOGIN NOSUPERUSER NOBYPASSRLS")
         admin.execute(f"GRANT {other} TO {app_role}")
     clean = {row[:3] for row in await _server_sessions(url)}
-    options: dict[str, Any] = {
-        "rls_check": "off",
-        "kwargs": {**db.kwargs(), "prepare_threshold": None},
-    }
-    pool: SharedPool | PerUserPools = (
-        SharedPool(url, max_size=SERVER_CONNECTIONS, per_user_limit=SERVER_CONNECTIONS, **options)
-        if strategy == "shared"
-        else PerUserPools(url, max_size=SERVER_CONNECTIONS, **options)
-    )
+    pool = _every_session_pool(db, url, strategy)
     registry = _registry(pool)
     rolled_back = (
         pytest.raises(LookupError)
@@ -551,15 +558,7 @@ async def test_the_settings_end_with_the_transaction_behind_a_pooler_though_the_
     from ambient.integrations.psycopg import _common
 
     db, url = bounced
-    options: dict[str, Any] = {
-        "rls_check": "off",
-        "kwargs": {**db.kwargs(), "prepare_threshold": None},
-    }
-    pool: SharedPool | PerUserPools = (
-        SharedPool(url, max_size=SERVER_CONNECTIONS, per_user_limit=SERVER_CONNECTIONS, **options)
-        if strategy == "shared"
-        else PerUserPools(url, max_size=SERVER_CONNECTIONS, **options)
-    )
+    pool = _every_session_pool(db, url, strategy)
     registry = _registry(pool)
     failing = "SELECT 1 / 0"
     if isinstance(pool, SharedPool):
@@ -595,15 +594,7 @@ async def test_a_pipeline_left_open_leaves_nothing_to_the_pooler(
     transaction, and the pooler drops the session."""
     db, url = bounced
     role = psycopg.conninfo.conninfo_to_dict(url)["user"]
-    options: dict[str, Any] = {
-        "rls_check": "off",
-        "kwargs": {**db.kwargs(), "prepare_threshold": None},
-    }
-    pool: SharedPool | PerUserPools = (
-        SharedPool(url, max_size=SERVER_CONNECTIONS, per_user_limit=SERVER_CONNECTIONS, **options)
-        if strategy == "shared"
-        else PerUserPools(url, max_size=SERVER_CONNECTIONS, **options)
-    )
+    pool = _every_session_pool(db, url, strategy)
     registry = _registry(pool)
     left_open = []
     try:
