@@ -368,10 +368,14 @@ async def test_a_checkout_that_waited_for_a_refused_opening_does_not_open_again(
     assert len(waited) == 1, refused
 
 
-async def test_a_connection_begun_before_a_refusal_leaves_it_noted(db: Database) -> None:
+async def test_a_connection_begun_before_a_refusal_leaves_it_noted(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
     """The pool opens several connections at once: one that began before the server
     refused another, and connects after, says nothing of whether the server refuses now,
-    so the refusal stays noted for the next 503."""
+    so the refusal stays noted for the next 503, and ambient's log takes the outage for
+    still going on: the server's next refusal for the same reason is not logged again."""
+    caplog.set_level(logging.WARNING, logger="ambient")
     with limited_role(1) as (role, url):
         refusals = SharedPool(url, rls_check="off")._refusals
         begun, go = anyio.Event(), anyio.Event()
@@ -410,9 +414,106 @@ async def test_a_connection_begun_before_a_refusal_leaves_it_noted(db: Database)
         try:
             assert len(made) == 1
             assert f'too many connections for role "{role}"' in refusals.why(), refusals.why()
+            assert len(_refusal_logs(caplog)) == 1, _refusal_logs(caplog)
+            # The slow connection holds the role's one place.
+            with pytest.raises(psycopg.OperationalError, match="too many connections"):
+                await plain.connect(url, **db.kwargs())
+            assert len(_refusal_logs(caplog)) == 1, _refusal_logs(caplog)
         finally:
             for conn in made:
                 await conn.close()
+
+
+async def test_a_refusal_of_one_role_ends_not_with_a_connection_of_another_refused_before(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Alice and Bob each connect as a role of their own, and the server refuses both (a
+    reason each, naming the role): ambient logs each once. Alice's role may then connect,
+    and her pool does: that ends her outage, not Bob's, which the server's next refusal
+    of his pool's connection continues, not logged again."""
+    caplog.set_level(logging.WARNING, logger="ambient")
+    with limited_role(0) as (alices_role, alices_url), limited_role(0) as (bobs_role, bobs_url):
+
+        def conninfo(user: UserRef) -> str:
+            return alices_url if user.user_id == "alice" else bobs_url
+
+        pool = PerUserPools(
+            conninfo, min_size=0, max_total=4, timeout=2, retry_after=7.0, kwargs=db.kwargs()
+        )
+        registry = Registry()
+        pool.install(registry)
+        refused: dict[str, list[PoolExhaustedError]] = {"alice": [], "bob": []}
+
+        async def checkout(user: str) -> None:
+            async with registry.open_scope(_ctx(user)):
+                try:
+                    async with connection() as conn:
+                        await conn.execute("SELECT 1")
+                except PoolExhaustedError as exc:
+                    refused[user].append(exc)
+
+        try:
+            await checkout("alice")
+            await checkout("bob")
+            assert len(_refusal_logs(caplog)) == 2, _refusal_logs(caplog)
+            with _admin() as admin:
+                admin.execute(f"ALTER ROLE {alices_role} CONNECTION LIMIT 1")
+            await checkout("alice")
+            await checkout("bob")
+        finally:
+            await registry.aclose()
+    assert [len(refused["alice"]), len(refused["bob"])] == [1, 2], refused
+    _assert_says_why(refused["alice"][0], alices_role, 7.0)
+    for error in refused["bob"]:
+        _assert_says_why(error, bobs_role, 7.0)
+    assert len(_refusal_logs(caplog)) == 2, _refusal_logs(caplog)
+
+
+async def test_an_opening_anew_that_hears_nothing_back_quotes_the_earlier_refusal(
+    db: Database,
+) -> None:
+    """The server refuses every connection of the role: the SharedPool's opening gets none,
+    and its 503 says why. The next checkout opens the pool anew, whose attempt to connect
+    gets no answer before the checkout gives up: its 503 still quotes the refusal, the
+    last thing the server said, as the pool has not connected since."""
+    with limited_role(0) as (role, url):
+        hold, begun, go = False, anyio.Event(), anyio.Event()
+
+        class Stalled(psycopg.AsyncConnection[Any]):
+            @classmethod
+            async def connect(cls, *args: Any, **kwargs: Any) -> Any:
+                if hold:
+                    begun.set()
+                    await go.wait()
+                return await super().connect(*args, **kwargs)
+
+        pool = _strategy(
+            "shared",
+            url,
+            db,
+            min_size=0,
+            timeout=2,
+            rls_check="warn",
+            retry_after=7.0,
+            connection_class=Stalled,
+        )
+        registry = Registry()
+        pool.install(registry)
+        try:
+            async with registry.open_scope(_ctx("alice")):
+                with pytest.raises(PoolExhaustedError) as first:
+                    async with connection():
+                        pytest.fail("the server allows no connection")
+                _assert_says_why(first.value, role, 7.0)
+                hold = True
+                with pytest.raises(PoolExhaustedError) as again:
+                    async with connection():
+                        pytest.fail("the server answers no connection")
+                assert begun.is_set()
+        finally:
+            go.set()
+            await registry.aclose()
+    _assert_says_why(again.value, role, 7.0)
 
 
 @pytest.mark.parametrize("close_returns", [False, True])
