@@ -36,6 +36,9 @@ GATE = 25
 FRAMEWORKS = ("starlette", "fastapi", "litestar", "quart", "django")
 # asgiref (Django) and Quart run on asyncio only; Starlette, FastAPI and Litestar on trio too.
 ON_TRIO = ("starlette", "fastapi")
+# The servers run the apps on loops of their own (hypercorn-trio's on trio), in a thread or
+# in granian's process: the client's loop is not what these suites check, and one is enough.
+ONE_CLIENT_LOOP = pytest.mark.parametrize("anyio_backend", ["asyncio"])
 
 
 def identities() -> list[tuple[str, str]]:
@@ -192,6 +195,7 @@ async def refusals(url: str) -> None:
     }
 
 
+@ONE_CLIENT_LOOP
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 async def test_fifty_users_through_uvicorn(framework: str) -> None:
     """Identity, context in handlers and threads, components isolated and cleaned; ambient
@@ -353,6 +357,7 @@ async def test_a_quart_websocket_that_fails_rolls_back(
     assert await socket_outcome("quart", fail, accept) == (closed, outcome)
 
 
+@ONE_CLIENT_LOOP
 @pytest.mark.parametrize(
     ("server", "framework"),
     [
@@ -378,6 +383,7 @@ async def test_the_same_suite_under_hypercorn(server: str, framework: str) -> No
     assert registry.stats().open_scopes == 0
 
 
+@ONE_CLIENT_LOOP
 @pytest.mark.skipif(not granian_available(), reason="granian is not installed")
 @pytest.mark.parametrize("framework", ["starlette", "litestar", "quart", "django"])
 async def test_the_same_suite_under_granian(framework: str) -> None:
@@ -390,6 +396,7 @@ async def test_the_same_suite_under_granian(framework: str) -> None:
             await sockets(url, echoed=False)
 
 
+@ONE_CLIENT_LOOP
 @pytest.mark.parametrize(
     ("server", "framework"),
     [
@@ -410,6 +417,7 @@ async def test_every_user_multiplexed_on_one_http2_connection(server: str, frame
     assert registry.stats().open_scopes == 0
 
 
+@ONE_CLIENT_LOOP
 @pytest.mark.skipif(not granian_available(), reason="granian is not installed")
 async def test_every_user_multiplexed_on_one_http2_connection_under_granian() -> None:
     with serve("granian", None, target="tests.frameworks.starlette_app:app", http="2") as url:
