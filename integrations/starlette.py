@@ -65,7 +65,7 @@ def problem_response(error: AmbientError) -> Response:
     ``error`` must carry an HTTP status (``error.http_status`` is not ``None``); the
     ``Retry-After`` header is set when the error has a ``retry_after``. A status that
     cannot be read (a property that raises) is answered as the middleware answers it:
-    logged, with the class's status, else a 500.
+    logged, with the status of its class or nearest base that has one, else a 500.
 
     Raises:
         ValueError: ``error`` carries no HTTP status.

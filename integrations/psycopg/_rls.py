@@ -207,7 +207,7 @@ async def check_rls(
     try:
         await _find_problems(conn, tables, settings, problems)
     except Exception:
-        # One of these queries failed (a lost connection, a table name of another type): a
+        # One of these queries failed (a lost connection, a name no text encoding holds): a
         # transaction it began would fail the caller's next statement
         # (InFailedSqlTransaction); the error raised is the query's, not the rollback's.
         if began and not conn.closed and conn.pgconn.transaction_status != _IDLE:
