@@ -758,7 +758,7 @@ async def test_a_subscription_connection_that_answers_no_command_is_replaced_des
     connection was kept, reported as connected, and every new user's socket was refused
     for as long as the traffic lasted."""
     backend = RedisBroadcast(
-        proxy.url, channel_prefix=prefix(), timeout=0.5, health_check_interval=0.3
+        proxy.url, channel_prefix=prefix(), timeout=0.5, health_check_interval=1.0
     )
     deliveries = Deliveries(backend)
     delivered = deliveries.delivered
