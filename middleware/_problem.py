@@ -194,9 +194,9 @@ def _answer_value(error: AmbientError, name: str) -> Any:
             return value
     fallback = next(
         (
-            value
+            candidate
             for klass in type(error).__mro__
-            if name in vars(klass) and _answer_refusal(name, value := vars(klass)[name]) is None
+            if name in vars(klass) and _answer_refusal(name, candidate := vars(klass)[name]) is None
         ),
         getattr(AmbientError, name),
     )
