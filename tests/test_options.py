@@ -141,7 +141,12 @@ async def _app(scope: Any, receive: Any, send: Any) -> None:
     raise AssertionError("never called")
 
 
-@pytest.mark.parametrize("observer", [5, object(), "telemetry", Telemetry], ids=repr)
+@pytest.mark.parametrize(
+    "observer",
+    [5, object(), "telemetry", Telemetry],
+    # Not repr(): an object's names its address, which differs between processes.
+    ids=["int", "object", "str", "class"],
+)
 def test_an_observer_that_is_none_is_refused_where_it_is_given(observer: object) -> None:
     """Something that is no Observer given as telemetry (the class instead of an instance,
     a setting's text) was taken, and every scope opened with it failed: each request was
