@@ -385,7 +385,7 @@ async def test_the_same_suite_under_hypercorn(server: str, framework: str) -> No
 
 @ONE_CLIENT_LOOP
 @pytest.mark.skipif(not granian_available(), reason="granian is not installed")
-@pytest.mark.parametrize("framework", ["starlette", "litestar", "quart", "django"])
+@pytest.mark.parametrize("framework", FRAMEWORKS)
 async def test_the_same_suite_under_granian(framework: str) -> None:
     """granian runs the app in its own process: everything is checked over HTTP."""
     with serve("granian", None, target=f"tests.frameworks.{framework}_app:app") as url:
