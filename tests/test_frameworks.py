@@ -436,9 +436,11 @@ STREAMED = ("starlette", "fastapi", "litestar")
     [
         *(("uvicorn", framework) for framework in FRAMEWORKS),
         ("hypercorn", "starlette"),
+        ("hypercorn", "litestar"),
         ("hypercorn", "quart"),
         ("hypercorn", "django"),
         ("hypercorn-trio", "fastapi"),
+        ("hypercorn-trio", "litestar"),
     ],
 )
 async def test_a_request_whose_client_hangs_up_rolls_back(server: str, framework: str) -> None:
