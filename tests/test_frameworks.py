@@ -11,10 +11,12 @@ cleaned exactly once, and at shutdown every USER component too.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import importlib
 import json
 import socket
+import struct
 import time
 import uuid
 from collections import defaultdict
@@ -454,9 +456,53 @@ async def test_a_request_whose_client_hangs_up_rolls_back(server: str, framework
     assert registry.stats().open_scopes == 0
 
 
-async def hang_up_half(server: str, app: Any, ledger: Any, *, streamed: bool) -> list[Any]:
+@ONE_CLIENT_LOOP
+@pytest.mark.skipif(not granian_available(), reason="granian is not installed")
+async def test_a_request_whose_client_hangs_up_rolls_back_under_granian() -> None:
+    """The same under granian, which runs the app in its own process: each request's
+    outcome, and the components' cleanups, are asked of the app over HTTP."""
+    target = "tests.frameworks.starlette_app:app"
+    outcomes = await hang_up_half("granian", None, None, streamed=True, target=target)
+    assert sorted(outcomes) == [(False, "commit")] * 10 + [(True, "rollback")] * 10
+
+
+# Who asks an app in another process what happened in it.
+AUDITOR = {"x-user-id": "auditor"}
+
+
+def asked_over_http(url: str) -> Callable[[str, tuple[str, ...]], str]:
+    """``Ledger.wait_for_work`` for an app in another process: its ``/outcome`` view waits
+    (at most 30 s) in the app and answers the state of the request's Work."""
+
+    def wait_for_work(request_id: str, states: tuple[str, ...]) -> str:
+        answer = httpx.get(
+            f"{url}/outcome",
+            params={"request": request_id, "states": ",".join(states)},
+            headers=AUDITOR,
+            timeout=60,
+        )
+        assert answer.status_code == 200, answer.text
+        return answer.text
+
+    return wait_for_work
+
+
+async def assert_settled(url: str) -> None:
+    """Ask the app (in whatever process) whether every request's scope has closed and
+    every Probe and Work been cleaned exactly once; its ``/stats``."""
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        stats = (await client.get("/stats", headers=AUDITOR)).json()
+    assert stats["problems"] == []
+    assert stats["open_scopes"] == 1  # the /stats request itself
+
+
+async def hang_up_half(
+    server: str, app: Any, ledger: Any, *, streamed: bool, target: str | None = None
+) -> list[Any]:
     """Send 20 users' ``/work`` requests at once, every other one hanging up mid-request;
-    return ``(hung up, how its Work ended)`` for each."""
+    return ``(hung up, how its Work ended)`` for each. Without a ``ledger`` (the app runs
+    in another process, at ``target``) the app is asked over HTTP, and at the end whether
+    every component was cleaned exactly once."""
 
     def one(port: int, n: int) -> tuple[bool, str]:
         hang = n % 2 == 0
@@ -468,7 +514,7 @@ async def hang_up_half(server: str, app: Any, ledger: Any, *, streamed: bool) ->
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
             sock.sendall(request.encode())
             if hang and not streamed:
-                assert ledger.wait_for_work(request_id, ("begun",)) == "begun"
+                assert wait_for_work(request_id, ("begun",)) == "begun"
             elif hang:
                 read_until(sock, lambda received: b"begun\n" in received)
             else:
@@ -477,7 +523,7 @@ async def hang_up_half(server: str, app: Any, ledger: Any, *, streamed: bool) ->
                 ends = (b"\r\n\r\ndone", b"done\r\n0\r\n\r\n", b"done\n\r\n0\r\n\r\n")
                 read_until(sock, lambda received: received.endswith(ends))
         # The socket is closed: a client that hung up, or one that read its whole answer.
-        return hang, ledger.wait_for_work(request_id, ("commit", "rollback"))
+        return hang, wait_for_work(request_id, ("commit", "rollback"))
 
     def read_until(sock: socket.socket, enough: Callable[[bytes], bool]) -> None:
         received = b""
@@ -491,12 +537,97 @@ async def hang_up_half(server: str, app: Any, ledger: Any, *, streamed: bool) ->
     async def run(port: int, n: int) -> None:
         outcomes.append(await anyio.to_thread.run_sync(one, port, n))
 
-    with serve(server, app) as url:
+    with serve(server, app, target=target) as url:
         port = int(url.rsplit(":", 1)[1])
+        wait_for_work = asked_over_http(url) if ledger is None else ledger.wait_for_work
         async with anyio.create_task_group() as tg:
             for n in range(20):
                 tg.start_soon(run, port, n)
+        if ledger is None:
+            await assert_settled(url)
     return outcomes
+
+
+_NEEDS_GRANIAN = pytest.mark.skipif(not granian_available(), reason="granian is not installed")
+# granian takes a websocket.send to a client that has left without raising.
+_GRANIAN_SENDS_TO_NOBODY = pytest.mark.skip(
+    reason="granian takes a websocket.send to a client that has left without raising (it "
+    "reports ASGI spec 2.3), and tells of the client's leaving only when the app receives: "
+    "nothing tells the app, or the middleware, that a handler that sends its result and "
+    "returns lost its client"
+)
+
+
+@ONE_CLIENT_LOOP
+@pytest.mark.parametrize(
+    ("server", "then"),
+    [
+        ("uvicorn", "return"),  # uvicorn raises from the send
+        pytest.param("granian", "read", marks=_NEEDS_GRANIAN),
+        pytest.param("granian", "return", marks=[_NEEDS_GRANIAN, _GRANIAN_SENDS_TO_NOBODY]),
+    ],
+)
+async def test_a_websocket_whose_client_hangs_up_mid_handler_rolls_back(
+    server: str, then: str
+) -> None:
+    """20 users' websockets, each handler held at work once it told its client it began;
+    every other client hangs up (a TCP reset) before the handler is let go. The handler
+    then sends its result and returns, or (``then=read``) waits for the client's thanks:
+    the sockets whose client left roll their Work back, the others, which read a result
+    naming their own user, commit. The outcomes, and that every component was cleaned
+    exactly once in its own socket's context, are asked of the app over HTTP, as of one
+    granian runs in its own process."""
+    from websockets.exceptions import ConnectionClosedOK
+    from websockets.sync.client import connect
+
+    def one(url: str, n: int) -> tuple[bool, str]:
+        hang, user, request_id = n % 2 == 0, f"user-{n}", f"socket.{n}"
+        release = {"request": request_id}
+        path = f"/work-socket?then={then}"
+        if hang:
+            key = base64.b64encode(n.to_bytes(16, "big")).decode()
+            upgrade = (
+                f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                f"Sec-WebSocket-Version: 13\r\nx-user-id: {user}\r\n"
+                f"x-request-id: {request_id}\r\n\r\n"
+            )
+            port = int(url.rsplit(":", 1)[1])
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                sock.sendall(upgrade.encode())
+                received = b""
+                while b"\x81\x05begun" not in received:  # the handler's first message
+                    chunk = sock.recv(4096)
+                    assert chunk, received
+                    received += chunk
+                # A reset, not a close: no closing handshake of either protocol.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            assert httpx.get(f"{url}/release", params=release, headers=AUDITOR).status_code == 200
+        else:
+            headers = {"x-user-id": user, "x-request-id": request_id}
+            with connect(f"ws{url[4:]}{path}", additional_headers=headers) as client:
+                assert client.recv(timeout=30) == "begun"
+                released = httpx.get(f"{url}/release", params=release, headers=AUDITOR)
+                assert released.status_code == 200
+                assert client.recv(timeout=30) == f"done for {user}"
+                if then == "read":
+                    client.send("thanks")
+                with pytest.raises(ConnectionClosedOK):  # the handler closes it
+                    client.recv(timeout=30)
+        return hang, asked_over_http(url)(request_id, ("commit", "rollback"))
+
+    outcomes: list[tuple[bool, str]] = []
+
+    async def run(url: str, n: int) -> None:
+        outcomes.append(await anyio.to_thread.run_sync(one, url, n))
+
+    app = build("starlette")[0] if server != "granian" else None
+    with serve(server, app, target="tests.frameworks.starlette_app:app") as url:
+        async with anyio.create_task_group() as tg:
+            for n in range(20):
+                tg.start_soon(run, url, n)
+        await assert_settled(url)
+    assert sorted(outcomes) == [(False, "commit")] * 10 + [(True, "rollback")] * 10
 
 
 @pytest.mark.parametrize("server", ["uvicorn", "hypercorn", "hypercorn-trio"])

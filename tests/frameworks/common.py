@@ -135,13 +135,19 @@ def build_registry() -> tuple[Registry, Ledger]:
             ledger.clean(made.number)
 
     def work(ctx: UserExecutionContext) -> Iterator[Work]:
+        number = ledger.create("work", f"{ctx.tenant_id}/{ctx.user_id}")
         ledger.work_state(ctx.request_id, "begun")
+        state = "rollback"
         try:
             yield Work(ctx.request_id)
-        except BaseException:
-            ledger.work_state(ctx.request_id, "rollback")
-            raise
-        ledger.work_state(ctx.request_id, "commit")
+            state = "commit"
+        finally:
+            # Its cleanup runs in its own request's context, or the state says whose.
+            bound = ambient.current_context_or_none()
+            if bound is None or bound.request_id != ctx.request_id:
+                state += f" in the context of {bound and bound.request_id}"
+            ledger.clean(number)
+            ledger.work_state(ctx.request_id, state)
 
     registry.register(Probe, probe)
     registry.register(Work, work)
@@ -281,5 +287,33 @@ async def settled() -> dict[str, Any]:
     return {
         "open_scopes": stats.registry.stats().open_scopes,
         "probes": sum(1 for kind, _ in stats.ledger.created.values() if kind == "probe"),
-        "problems": stats.ledger.problems(("probe",)),
+        "problems": stats.ledger.problems(("probe", "work")),
     }
+
+
+async def work_outcome(request_id: str, states: tuple[str, ...]) -> str:
+    """The state of request ``request_id``'s Work once it is one of ``states`` (waiting at
+    most 30 s): how a test learns over HTTP what happened in an app served from another
+    process (granian)."""
+    stats = await ambient.resolve(Stats)
+    return await anyio.to_thread.run_sync(stats.ledger.wait_for_work, request_id, states)
+
+
+_holds: dict[str, anyio.Event] = {}
+
+
+def _hold(name: str) -> anyio.Event:
+    return _holds.setdefault(name, anyio.Event())
+
+
+async def held(name: str) -> None:
+    """Wait (at most 30 s) until the hold ``name`` is released: a handler held mid-work
+    while its client hangs up, in whatever process the server runs the app."""
+    with anyio.move_on_after(30):
+        await _hold(name).wait()
+    del _holds[name]
+
+
+def release(name: str) -> None:
+    """Let the handler at the hold ``name`` go on (before or after it got there)."""
+    _hold(name).set()

@@ -26,9 +26,12 @@ from tests.frameworks.common import (
     describe_sync,
     gate,
     grouped,
+    held,
     in_thread,
     refuse,
+    release,
     settled,
+    work_outcome,
     work_stream,
 )
 
@@ -76,6 +79,31 @@ async def work(request: Request) -> Response:
     return StreamingResponse(work_stream(bool(request.query_params.get("hang"))))
 
 
+async def work_socket(websocket: WebSocket) -> None:
+    """Begin the Work, tell the client, then work until let go (``/release``) and send the
+    result, to a client that may have hung up meanwhile; with ``then=read``, wait for the
+    client's thanks before closing (``receive_text`` raises for a client that left)."""
+    await ambient.resolve(Work)
+    probe = await ambient.resolve(Probe)
+    await websocket.accept()
+    await websocket.send_text("begun")
+    await held(ambient.get_current_context().request_id)
+    await websocket.send_text(f"done for {probe.user_id}")
+    if websocket.query_params.get("then") == "read":
+        await websocket.receive_text()
+    await websocket.close()
+
+
+async def let_go(request: Request) -> Response:
+    release(request.query_params["request"])
+    return Response()
+
+
+async def outcome(request: Request) -> Response:
+    states = tuple(request.query_params["states"].split(","))
+    return Response(await work_outcome(request.query_params["request"], states))
+
+
 def build() -> tuple[Starlette, Registry, Ledger]:
     registry, ledger = build_registry()
     app = Starlette(
@@ -87,7 +115,10 @@ def build() -> tuple[Starlette, Registry, Ledger]:
             Route("/work", work),
             Route("/refused", refused),
             Route("/grouped", grouped_view),
+            Route("/release", let_go),
+            Route("/outcome", outcome),
             WebSocketRoute("/whoami-socket", whoami_socket),
+            WebSocketRoute("/work-socket", work_socket),
         ]
     )
     install(app, registry=registry, identity=IDENTITY)
