@@ -8,10 +8,12 @@ a subprocess and therefore needs an importable ``module:attr`` path.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -61,6 +63,28 @@ def shutdown_under_open_streams(test: Callable[..., Any]) -> Callable[..., Any]:
     # them).
     quiet = pytest.mark.filterwarnings("ignore:Async generator:ResourceWarning")
     return quiet(servers(test))
+
+
+def websocket_upgrade(path: str, key: int, headers: Mapping[str, str]) -> bytes:
+    """A websocket handshake request for ``path`` written by hand (its key made from the
+    number ``key``), for a client that must do what no websocket library does: reset its
+    connection mid-handshake or mid-message (:func:`reset_on_close`)."""
+    lines = [
+        f"GET {path} HTTP/1.1",
+        "Host: x",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {base64.b64encode(key.to_bytes(16, 'big')).decode()}",
+        "Sec-WebSocket-Version: 13",
+        *(f"{name}: {value}" for name, value in headers.items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def reset_on_close(sock: socket.socket) -> None:
+    """Make the closing of ``sock`` a reset, not a close: no closing handshake of either
+    protocol."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 def free_port() -> int:

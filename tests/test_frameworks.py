@@ -11,12 +11,10 @@ cleaned exactly once, and at shutdown every USER component too.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import importlib
 import json
 import socket
-import struct
 import time
 import uuid
 from collections import defaultdict
@@ -29,7 +27,7 @@ import pytest
 
 import ambient
 from ambient import Registry
-from tests.servers import granian_available, serve
+from tests.servers import granian_available, reset_on_close, serve, websocket_upgrade
 
 USERS = 50
 PER_USER = 2
@@ -585,23 +583,16 @@ async def test_a_websocket_whose_client_hangs_up_mid_handler_rolls_back(
         release = {"request": request_id}
         path = f"/work-socket?then={then}"
         if hang:
-            key = base64.b64encode(n.to_bytes(16, "big")).decode()
-            upgrade = (
-                f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                f"Sec-WebSocket-Version: 13\r\nx-user-id: {user}\r\n"
-                f"x-request-id: {request_id}\r\n\r\n"
-            )
+            upgrade = websocket_upgrade(path, n, {"x-user-id": user, "x-request-id": request_id})
             port = int(url.rsplit(":", 1)[1])
             with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-                sock.sendall(upgrade.encode())
+                sock.sendall(upgrade)
                 received = b""
                 while b"\x81\x05begun" not in received:  # the handler's first message
                     chunk = sock.recv(4096)
                     assert chunk, received
                     received += chunk
-                # A reset, not a close: no closing handshake of either protocol.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                reset_on_close(sock)
             assert httpx.get(f"{url}/release", params=release, headers=AUDITOR).status_code == 200
         else:
             headers = {"x-user-id": user, "x-request-id": request_id}

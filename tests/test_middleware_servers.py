@@ -14,7 +14,6 @@ import logging
 import math
 import pathlib
 import socket
-import struct
 import threading
 import time
 import traceback
@@ -65,7 +64,14 @@ from tests.apps import (
     next_in_an_hour,
 )
 from tests.h2client import H2Client
-from tests.servers import granian_available, serve, serve_unix, shutdown_under_open_streams
+from tests.servers import (
+    granian_available,
+    reset_on_close,
+    serve,
+    serve_unix,
+    shutdown_under_open_streams,
+    websocket_upgrade,
+)
 
 SERVERS = ["uvicorn", "hypercorn", "hypercorn-trio"]
 USERS = 200
@@ -956,15 +962,10 @@ def test_websockets_dropped_at_every_moment_leave_no_count_or_scope_behind(serve
 
     def drop(port: int, n: int) -> None:
         socket_id, when = f"ws.{n}", ("before-accept", "accepted", "at-once")[n % 3]
-        key = base64.b64encode(n.to_bytes(16, "big")).decode()
-        upgrade = (
-            f"GET /ws?when={when} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            f"Sec-WebSocket-Version: 13\r\nx-user-id: ws-{n % 10}\r\n"
-            f"x-request-id: {socket_id}\r\n\r\n"
-        )
+        headers = {"x-user-id": f"ws-{n % 10}", "x-request-id": socket_id}
+        upgrade = websocket_upgrade(f"/ws?when={when}", n, headers)
         with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
-            sock.sendall(upgrade.encode())
+            sock.sendall(upgrade)
             if when == "before-accept":
                 assert ledger.wait(lambda led: ("inside", socket_id) in led.events)
             elif when == "accepted":
@@ -974,8 +975,7 @@ def test_websockets_dropped_at_every_moment_leave_no_count_or_scope_behind(serve
                     assert chunk, answer
                     answer += chunk
                 assert answer.startswith(b"HTTP/1.1 101"), answer
-            # A reset, not a close: no closing handshake of either protocol.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            reset_on_close(sock)
         ledger.note("gone", socket_id)
 
     with serve(server, app) as url:
