@@ -3873,6 +3873,37 @@ async def test_per_user_pools_check_row_level_security_once_per_connection_strin
         await registry.aclose()
 
 
+async def test_per_user_pools_check_row_level_security_for_each_connection_string(
+    db: Database,
+) -> None:
+    """A conninfo callable logs alice in as the application's role and bob as a superuser.
+    Alice's pool opens first and passes the check; bob's, which logs in with another
+    connection string, is checked too, and refused with rls_check='raise', before a
+    statement of bob's runs. Each connection string is checked once, not only the first
+    one the strategy meets."""
+    pools = PerUserPools(
+        lambda user: db.app_url if user.user_id == "alice" else db.admin_url,
+        max_size=1,
+        max_total=2,
+        timeout=5,
+        rls_check="raise",
+        rls_tables=[db.notes],
+        kwargs=db.kwargs(),
+    )
+    registry = Registry()
+    pools.install(registry)
+    try:
+        async with registry.open_scope(_ctx("alice")), pools.connection() as conn:
+            assert await _scalar(conn, "SELECT current_setting('app.user_id', true)") == "alice"
+        async with registry.open_scope(_ctx("bob")):
+            with pytest.raises(RowSecurityError, match="superuser"):
+                async with pools.connection():
+                    pytest.fail("bob's pool must not open as a superuser")
+        assert (pools.stats().pools, pools.stats().slots) == (1, 1)
+    finally:
+        await registry.aclose()
+
+
 async def test_per_user_pools_count_every_min_size_connection_against_max_total(
     db: Database,
 ) -> None:
