@@ -9,6 +9,7 @@ the strategies refuse to run there with a clear error.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import decimal
 import fractions
 import gc
@@ -4195,10 +4196,16 @@ async def test_per_user_pools_keep_no_user_pool_once_cleaned_up(db: Database) ->
 
 async def test_per_user_pools_exhaustion_and_idle_eviction(db: Database) -> None:
     """With max_total=2 held by two busy users, a third user's checkout fails after its
-    timeout; once a holder is done, the third user's waiting checkout closes that idle
-    pool and proceeds."""
+    timeout, with the strategy's retry_after; once a holder is done, the third user's
+    waiting checkout closes that idle pool and proceeds."""
     pools = PerUserPools(
-        db.app_url, max_size=1, max_total=2, timeout=5, rls_check="off", kwargs=db.kwargs()
+        db.app_url,
+        max_size=1,
+        max_total=2,
+        timeout=5,
+        retry_after=2.5,
+        rls_check="off",
+        kwargs=db.kwargs(),
     )
     registry = Registry()
     pools.install(registry)
@@ -4224,7 +4231,7 @@ async def test_per_user_pools_exhaustion_and_idle_eviction(db: Database) -> None
                 async with connection(timeout=0.3):
                     pass
             assert time.monotonic() - started < 2
-            assert info.value.http_status == 503
+            assert (info.value.http_status, info.value.retry_after) == (503, 2.5)
             waiting = anyio.Event()
 
             async def third() -> None:
@@ -5404,6 +5411,23 @@ async def test_per_user_pools_refuse_trio_at_first_use(anyio_backend: str) -> No
                 pass
     assert pools.stats().pools == 0
     await registry.aclose()
+
+
+def test_per_user_pools_show_their_name_and_max_total_before_any_checkout() -> None:
+    """PerUserPools(name="billing") is ``<PerUserPools 'billing'>`` in its repr and as the
+    registry's component; before any checkout its stats show the max_total it was given
+    and nothing open, in a snapshot that cannot be changed."""
+    pools = PerUserPools(DATABASE_URL, max_total=7, name="billing")
+    assert repr(pools) == "<PerUserPools 'billing'>"
+    registry = Registry()
+    pools.install(registry)
+    assert registry.providers[pools].name == "<PerUserPools 'billing'>"
+    stats = pools.stats()
+    assert stats == PerUserPoolsStats(
+        pools=0, idle_pools=0, slots=0, max_total=7, waiting=0, checked_out=0, evicted=0
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        stats.slots = 1  # type: ignore[misc]
 
 
 def test_two_default_databases_conflict() -> None:
