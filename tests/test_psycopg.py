@@ -4449,7 +4449,16 @@ def test_bad_arguments_are_refused_at_construction(
 @pytest.mark.parametrize("strategy", [SharedPool, PerUserPools])
 @pytest.mark.parametrize(
     "name",
-    ["user_id", "app.", ".user_id", "app.user_id; RESET ALL", "app.user id", "1app.user_id", 7],
+    [
+        "user_id",
+        "app.",
+        ".user_id",
+        "app.user_id; RESET ALL",
+        "app.user id",
+        "1app.user_id",
+        "app.1user_id",  # PostgreSQL refuses a part after a dot that starts with a digit too
+        7,
+    ],
 )
 def test_settings_names_that_are_no_custom_setting_are_refused_at_construction(
     strategy: type[Any], name: object
@@ -4526,6 +4535,27 @@ def test_limits_out_of_range_are_refused_at_construction(
     argument, when the strategy is built."""
     with pytest.raises(error, match=re.escape(message)):
         strategy("postgresql://app@127.0.0.1/app", **arguments)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "arguments"),
+    [
+        (PerUserPools, {"idle_ttl": 0}),  # a user's pool closes as its last request ends
+        (PerUserPools, {"min_size": 2, "max_size": 2, "max_total": 2}),
+        (PerUserPools, {"max_total": float("inf")}),  # no global cap
+        (PerUserPools, {"max_total": fractions.Fraction(3)}),
+        (SharedPool, {"per_user_limit": 1}),
+        (SharedPool, {"per_user_limit": fractions.Fraction(2)}),
+    ],
+)
+def test_limits_at_the_edge_of_their_range_are_taken(
+    strategy: type[Any], arguments: dict[str, object]
+) -> None:
+    """The least value each limit takes (an idle_ttl of 0, a global cap equal to
+    min_size, a per-user limit of 1), no cap at all, and a number of any real type (a
+    Fraction) build the strategy, which keeps each value as given."""
+    pool = strategy("postgresql://app@127.0.0.1/app", **arguments)
+    assert {name: getattr(pool, name) for name in arguments} == arguments
 
 
 @pytest.mark.parametrize(
