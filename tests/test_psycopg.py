@@ -5460,6 +5460,16 @@ def test_per_user_pools_show_their_name_and_max_total_before_any_checkout() -> N
         stats.slots = 1  # type: ignore[misc]
 
 
+def test_per_user_pools_installs_an_idle_ttl_of_any_real_type() -> None:
+    """An idle_ttl the strategy takes (any real number of seconds, as its timeouts) is
+    taken by the registry too when the strategy is installed, as that many seconds.
+    A Fraction was taken by PerUserPools and refused by install() with RegistryError."""
+    pools = PerUserPools(DATABASE_URL, idle_ttl=fractions.Fraction(1, 2))
+    registry = Registry()
+    pools.install(registry)
+    assert registry.providers[pools].idle_ttl == 0.5
+
+
 def test_two_default_databases_conflict() -> None:
     """Only one strategy can be the default Database of a registry; another installs with
     default=False and is used through its own connection()."""

@@ -235,7 +235,7 @@ class PerUserPools:
             self._user_pool,
             lifetime=Lifetime.USER,
             name=repr(self),
-            idle_ttl=self.idle_ttl,
+            idle_ttl=float(self.idle_ttl),  # the registry takes an int or a float only
         )
         if default:
             registry.register(Database, self._as_default, lifetime=Lifetime.APP, name="Database")
