@@ -281,13 +281,19 @@ async def test_per_user_pools_refuse_autocommit_behind_a_pooler(
         await registry.aclose()
 
 
+@pytest.mark.parametrize("autocommit", [False, True])
 async def test_per_user_pools_with_no_settings_set_none_behind_a_pooler(
-    bounced: tuple[Database, str],
+    bounced: tuple[Database, str], autocommit: bool
 ) -> None:
     """With no settings to set (``settings={}``), a checkout behind the pooler sends no
-    statement to set them in its transaction: its block runs, and commits, as any other."""
+    statement to set them in its transaction: its block runs, and commits, as any other;
+    with autocommit too, which is refused only where settings would be lost."""
     db, url = bounced
-    pools = PerUserPools(url, settings={}, kwargs={**db.kwargs(), "prepare_threshold": None})
+    pools = PerUserPools(
+        url,
+        settings={},
+        kwargs={**db.kwargs(), "prepare_threshold": None, "autocommit": autocommit},
+    )
     registry = _registry(pools)
     try:
         async with registry.open_scope(UserExecutionContext.create("user-1")):
@@ -447,6 +453,54 @@ async def test_a_server_session_that_starts_as_another_role_is_refused_at_checko
     # SharedPool closes the connections (the reset check finds them running as the
     # bypassing role); PerUserPools keeps them, rolled back and reset, refusing each time.
     assert discarded in ((None,) if strategy == "per_user" else (1, 2))
+
+
+@pytest.mark.parametrize("strategy", ["shared", "per_user"])
+async def test_with_no_settings_a_connection_begun_as_another_role_is_refused(
+    bounced: tuple[Database, str], strategy: str
+) -> None:
+    """As above, with ``settings={}`` (an application whose policies read ``current_user``,
+    say): the checkout that meets a server connection started as the bypassing role is
+    refused before its block runs all the same. Before, PerUserPools read nothing as such
+    a checkout began, and its block ran as that role."""
+    db, url = bounced
+    app_role = psycopg.conninfo.conninfo_to_dict(url)["user"]
+    bypass = f"{app_role}_bypass"
+    options: dict[str, Any] = {
+        "settings": {},
+        "rls_check": "off",
+        "kwargs": {**db.kwargs(), "prepare_threshold": None},
+    }
+    pool: SharedPool | PerUserPools = (
+        SharedPool(url, max_size=2, timeout=2, **options)
+        if strategy == "shared"
+        else PerUserPools(url, max_size=2, max_total=20, **options)
+    )
+    registry = _registry(pool)
+    try:
+        assert await _read(registry, "user-1", "SELECT current_user") == [(app_role,)]
+        with _admin() as admin:
+            admin.execute(f"CREATE ROLE {bypass} NOLOGIN BYPASSRLS")
+            admin.execute(f"GRANT {bypass} TO {app_role}")
+            admin.execute(f"ALTER ROLE {app_role} SET role = {bypass}")
+        console = psycopg.conninfo.make_conninfo(url, dbname="pgbouncer")
+        async with await psycopg.AsyncConnection.connect(console, autocommit=True) as conn:
+            await conn.execute("RECONNECT test", prepare=False)
+        refused = f"began as role {bypass!r}, not {app_role!r}"
+        with pytest.raises(psycopg.OperationalError, match=refused):
+            await _read(registry, "user-1", "SELECT current_user")
+    finally:
+        await registry.aclose()
+        with _admin() as admin:
+            admin.execute(f"ALTER ROLE {app_role} RESET role")
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE usename = %s AND pid <> pg_backend_pid()",
+                (app_role,),
+            )
+            if admin.execute("SELECT FROM pg_roles WHERE rolname = %s", (bypass,)).fetchone():
+                admin.execute(f"DROP OWNED BY {bypass}")
+                admin.execute(f"DROP ROLE {bypass}")
 
 
 @pytest.mark.parametrize("strategy", ["shared", "per_user"])

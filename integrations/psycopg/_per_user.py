@@ -193,8 +193,11 @@ class PerUserPools:
         # With the server side of the transaction, to cancel its query with SQL when the
         # cancel request cannot get through the pooler, and the role it runs as, to refuse
         # a server session that started as another than the first connection did.
+        # Read with no settings too.
         self._set_local_sql = (
-            f"{_set_config_sql(len(self._names), local=True)}, {_BEGUN_SIDE}" if self._names else ""
+            f"{_set_config_sql(len(self._names), local=True)}, {_BEGUN_SIDE}"
+            if self._names
+            else f"SELECT {_BEGUN_SIDE}"
         )
         self._pooler_seen = False
         # The server's refusal of a connection logged last, for every user's pool (once

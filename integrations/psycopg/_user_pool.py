@@ -393,7 +393,9 @@ class _UserCheckout(_Checkout):
                 owner._done(user_pool)
                 raise
             user_pool.lent.add(conn)
-            if not (user_pool.pooled and owner._names):
+            if not user_pool.pooled or (conn.autocommit and not owner._names):
+                # Connected directly, or with nothing to set in transactions that last one
+                # statement each.
                 break
             error = await self._set_local(conn, pool, user_pool)
             if error is None:
