@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar, overload
 
@@ -271,14 +271,16 @@ class Scope:
         """
         return tuple(await self._close(exc))
 
-    def _close_now(self, exc: BaseException | None) -> list[Exception] | None:
+    def _close_now(self, exc: BaseException | None) -> Sequence[Exception] | None:
         """Close without awaiting when nothing needs it; ``None`` (and nothing done) when
-        something does: a hold, USER components to release, async cleanups, expiry due."""
+        something does: a hold, USER components to release, async cleanups, expiry due.
+
+        No failures are ``()``, not a new list: most closes have none, once per request."""
         if exc is not None and self.exception is None:
             self.exception = exc
         if self._closed or not self._opened:
             self._closed = True
-            return []
+            return ()
         registry = self._registry
         # registry.expiry_due(), inlined: once per request.
         if (
@@ -296,12 +298,12 @@ class Scope:
             return None
         own = self._own
         if own is None:
-            self._ended([])
-            return []
+            self._ended(())
+            return ()
         created = own.close_sync()
         if created is None:
             return None
-        failures: list[Exception] = []
+        failures: Sequence[Exception] = ()
         # Nothing more from the cache (its store keeps it, refused, for factories still
         # running): cleanups may resolve, and must not be handed what they clean.
         self._cache = {}
@@ -318,7 +320,7 @@ class Scope:
             self._ended(failures)
         return failures
 
-    async def _close(self, exc: BaseException | None) -> list[Exception]:
+    async def _close(self, exc: BaseException | None) -> Sequence[Exception]:
         if exc is None:
             # An error noted on the scope while it ran (note_failure(), answer_error()) is
             # what ended it, for its cleanups as for its observers: else a transaction
@@ -428,7 +430,7 @@ class Scope:
             user = self._user = self.context.user
         return user
 
-    def _ended(self, failures: list[Exception]) -> None:
+    def _ended(self, failures: Sequence[Exception]) -> None:
         if self._cache:
             self._cache = {}
         self.cleanup_failures = len(failures)
