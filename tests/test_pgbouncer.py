@@ -784,6 +784,33 @@ async def test_a_cancelled_query_stops_on_the_server_behind_a_pooler(
         await registry.aclose()
 
 
+async def test_a_cancelled_query_stops_on_the_server_behind_a_pooler_with_no_settings(
+    bounced: tuple[Database, str],
+) -> None:
+    """As above for ``PerUserPools(settings={})``, whose checkouts set nothing: the query
+    of a cancelled request stops on the server all the same (the checkout reads where its
+    transaction runs as it begins). Before, such a checkout read nothing, and its query ran
+    on to its end."""
+    db, url = bounced
+    pools = PerUserPools(
+        url,
+        settings={},
+        rls_check="off",
+        kwargs={**db.kwargs(), "prepare_threshold": None},
+    )
+    registry = _registry(pools)
+    marker = f"cancel-{uuid.uuid4().hex}"
+    try:
+        async with registry.open_scope(UserExecutionContext.create("user-1")):
+            with anyio.move_on_after(0.5) as request:
+                async with connection() as conn:
+                    await conn.execute(f"SELECT pg_sleep(30) /* {marker} */", prepare=False)
+            assert request.cancelled_caught
+        await _query_stopped(db, marker)
+    finally:
+        await registry.aclose()
+
+
 async def _clients_waiting(url: str) -> int:
     """How many clients of the pooler at ``url`` wait for a server session (its console)."""
     console = psycopg.conninfo.make_conninfo(url, dbname="pgbouncer")

@@ -192,8 +192,8 @@ class PerUserPools:
         # Behind a connection pooler the settings are set in every transaction instead.
         # With the server side of the transaction, to cancel its query with SQL when the
         # cancel request cannot get through the pooler, and the role it runs as, to refuse
-        # a server session that started as another than the first connection did.
-        # Read with no settings too.
+        # a server session that started as another than the first connection did: read
+        # with no settings too, where that role would bypass policies all the same.
         self._set_local_sql = (
             f"{_set_config_sql(len(self._names), local=True)}, {_BEGUN_SIDE}"
             if self._names
