@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -392,6 +392,46 @@ async def test_a_pooler_logging_in_under_another_name_keeps_clean_connections(
     assert [r for r in caplog.records if "instead of reusing" in r.getMessage()] == []
 
 
+@contextlib.asynccontextmanager
+async def _bypassing_sessions(
+    db: Database, url: str
+) -> AsyncIterator[Callable[[], Awaitable[str]]]:
+    """What makes the pooler's new server sessions start as a BYPASSRLS role the app role
+    of ``url`` is a member of (``ALTER ROLE ... SET role``, then pgbouncer's ``RECONNECT``),
+    to be called while a pool is in use; it returns that role. On the way out, after the
+    test has closed its pools, the app role's sessions start as themselves again and the
+    role is dropped."""
+    app_role = psycopg.conninfo.conninfo_to_dict(url)["user"]
+    bypass = f"{app_role}_bypass"
+
+    async def start() -> str:
+        with _admin() as admin:
+            admin.execute(f"CREATE ROLE {bypass} NOLOGIN BYPASSRLS")
+            admin.execute(f"GRANT USAGE ON SCHEMA {db.schema} TO {bypass}")
+            admin.execute(db.sql("GRANT SELECT ON {notes} TO ") + sql.Identifier(bypass))
+            admin.execute(f"GRANT {bypass} TO {app_role}")
+            admin.execute(f"ALTER ROLE {app_role} SET role = {bypass}")
+        console = psycopg.conninfo.make_conninfo(url, dbname="pgbouncer")
+        async with await psycopg.AsyncConnection.connect(console, autocommit=True) as conn:
+            # Every server session is closed once released: the next ones are new.
+            await conn.execute("RECONNECT test", prepare=False)
+        return bypass
+
+    try:
+        yield start
+    finally:
+        with _admin() as admin:
+            admin.execute(f"ALTER ROLE {app_role} RESET role")
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE usename = %s AND pid <> pg_backend_pid()",
+                (app_role,),
+            )
+            if admin.execute("SELECT FROM pg_roles WHERE rolname = %s", (bypass,)).fetchone():
+                admin.execute(f"DROP OWNED BY {bypass}")
+                admin.execute(f"DROP ROLE {bypass}")
+
+
 @pytest.mark.parametrize("strategy", ["shared", "per_user"])
 async def test_a_server_session_that_starts_as_another_role_is_refused_at_checkout(
     bounced: tuple[Database, str], caplog: pytest.LogCaptureFixture, strategy: str
@@ -405,44 +445,25 @@ async def test_a_server_session_that_starts_as_another_role_is_refused_at_checko
     ran as the bypassing role and read every user's rows."""
     db, url = bounced
     app_role = psycopg.conninfo.conninfo_to_dict(url)["user"]
-    bypass = f"{app_role}_bypass"
     pool = _rls_pool(db, url, strategy, shared={"max_size": 2, "timeout": 2})
     registry = _registry(pool)
     notes = db.sql("SELECT current_user, owner FROM {notes}")
     outcomes: list[Any] = []
-    try:
-        assert await _read(registry, "user-1", notes) == [(app_role, "user-1")]
-        with _admin() as admin:
-            admin.execute(f"CREATE ROLE {bypass} NOLOGIN BYPASSRLS")
-            admin.execute(f"GRANT USAGE ON SCHEMA {db.schema} TO {bypass}")
-            admin.execute(db.sql("GRANT SELECT ON {notes} TO ") + sql.Identifier(bypass))
-            admin.execute(f"GRANT {bypass} TO {app_role}")
-            admin.execute(f"ALTER ROLE {app_role} SET role = {bypass}")
-        console = psycopg.conninfo.make_conninfo(url, dbname="pgbouncer")
-        async with await psycopg.AsyncConnection.connect(console, autocommit=True) as conn:
-            # Every server session is closed once released: the next ones are new.
-            await conn.execute("RECONNECT test", prepare=False)
-        with caplog.at_level(logging.ERROR, logger="ambient"):
-            for _ in range(2):
-                try:
-                    outcomes.append(await _read(registry, "user-1", notes))
-                except psycopg.OperationalError as error:
-                    outcomes.append(str(error))
-                except PoolExhaustedError:
-                    outcomes.append("unavailable")
-        discarded = pool.stats().discarded if isinstance(pool, SharedPool) else None
-    finally:
-        await registry.aclose()
-        with _admin() as admin:
-            admin.execute(f"ALTER ROLE {app_role} RESET role")
-            admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE usename = %s AND pid <> pg_backend_pid()",
-                (app_role,),
-            )
-            if admin.execute("SELECT FROM pg_roles WHERE rolname = %s", (bypass,)).fetchone():
-                admin.execute(f"DROP OWNED BY {bypass}")
-                admin.execute(f"DROP ROLE {bypass}")
+    async with _bypassing_sessions(db, url) as start_bypassing:
+        try:
+            assert await _read(registry, "user-1", notes) == [(app_role, "user-1")]
+            bypass = await start_bypassing()
+            with caplog.at_level(logging.ERROR, logger="ambient"):
+                for _ in range(2):
+                    try:
+                        outcomes.append(await _read(registry, "user-1", notes))
+                    except psycopg.OperationalError as error:
+                        outcomes.append(str(error))
+                    except PoolExhaustedError:
+                        outcomes.append("unavailable")
+            discarded = pool.stats().discarded if isinstance(pool, SharedPool) else None
+        finally:
+            await registry.aclose()
     refused = f"began as role {bypass!r}, not {app_role!r}"
     assert len(outcomes) == 2
     assert refused in str(outcomes[0])
@@ -465,7 +486,6 @@ async def test_with_no_settings_a_connection_begun_as_another_role_is_refused(
     a checkout began, and its block ran as that role."""
     db, url = bounced
     app_role = psycopg.conninfo.conninfo_to_dict(url)["user"]
-    bypass = f"{app_role}_bypass"
     options: dict[str, Any] = {
         "settings": {},
         "rls_check": "off",
@@ -477,30 +497,15 @@ async def test_with_no_settings_a_connection_begun_as_another_role_is_refused(
         else PerUserPools(url, max_size=2, max_total=20, **options)
     )
     registry = _registry(pool)
-    try:
-        assert await _read(registry, "user-1", "SELECT current_user") == [(app_role,)]
-        with _admin() as admin:
-            admin.execute(f"CREATE ROLE {bypass} NOLOGIN BYPASSRLS")
-            admin.execute(f"GRANT {bypass} TO {app_role}")
-            admin.execute(f"ALTER ROLE {app_role} SET role = {bypass}")
-        console = psycopg.conninfo.make_conninfo(url, dbname="pgbouncer")
-        async with await psycopg.AsyncConnection.connect(console, autocommit=True) as conn:
-            await conn.execute("RECONNECT test", prepare=False)
-        refused = f"began as role {bypass!r}, not {app_role!r}"
-        with pytest.raises(psycopg.OperationalError, match=refused):
-            await _read(registry, "user-1", "SELECT current_user")
-    finally:
-        await registry.aclose()
-        with _admin() as admin:
-            admin.execute(f"ALTER ROLE {app_role} RESET role")
-            admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE usename = %s AND pid <> pg_backend_pid()",
-                (app_role,),
-            )
-            if admin.execute("SELECT FROM pg_roles WHERE rolname = %s", (bypass,)).fetchone():
-                admin.execute(f"DROP OWNED BY {bypass}")
-                admin.execute(f"DROP ROLE {bypass}")
+    async with _bypassing_sessions(db, url) as start_bypassing:
+        try:
+            assert await _read(registry, "user-1", "SELECT current_user") == [(app_role,)]
+            bypass = await start_bypassing()
+            refused = f"began as role {bypass!r}, not {app_role!r}"
+            with pytest.raises(psycopg.OperationalError, match=refused):
+                await _read(registry, "user-1", "SELECT current_user")
+        finally:
+            await registry.aclose()
 
 
 @pytest.mark.parametrize("strategy", ["shared", "per_user"])
