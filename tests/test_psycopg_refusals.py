@@ -68,6 +68,15 @@ def _refusal_logs(caplog: pytest.LogCaptureFixture) -> list[str]:
     ]
 
 
+async def _refused(why: str, *, within: float | None = None) -> PoolExhaustedError:
+    """The 503 of a checkout of the current context (its timeout ``within``) that must get
+    no connection: ``why`` says what the server allows instead."""
+    with pytest.raises(PoolExhaustedError) as refused:
+        async with connection(timeout=within):
+            pytest.fail(why)
+    return refused.value
+
+
 def _assert_says_why(error: PoolExhaustedError, role: str, retry_after: float) -> None:
     """The 503 notes the server's reason for the logs and tracebacks that show it, never
     the password or the conninfo, and keeps it out of its detail, the client's answer."""
@@ -149,12 +158,10 @@ async def _refused_first(url: str, role: str) -> None:
     after its first.)"""
     blocker = await psycopg.AsyncConnection.connect(url)
     try:
-        with pytest.raises(PoolExhaustedError) as refused:
-            async with connection(timeout=2):
-                pytest.fail("another connection holds the role's one place")
+        refused = await _refused("another connection holds the role's one place", within=2)
     finally:
         await blocker.close()
-    _assert_says_why(refused.value, role, 7.0)
+    _assert_says_why(refused, role, 7.0)
 
 
 async def _second_checkout_after_a_refusal(
@@ -176,12 +183,12 @@ async def _second_checkout_after_a_refusal(
             between()
             async with connection(timeout=15) as held:
                 await held.execute("SELECT 1")
-                with pytest.raises(PoolExhaustedError) as refused:
-                    async with connection(timeout=gives_up_after):
-                        pytest.fail("a second connection while the first is held")
+                refused = await _refused(
+                    "a second connection while the first is held", within=gives_up_after
+                )
     finally:
         await registry.aclose()
-    return refused.value
+    return refused
 
 
 @pytest.mark.parametrize("kind", ["shared", "per_user"])
@@ -240,21 +247,17 @@ async def test_a_refusal_after_a_later_opening_of_the_pool_connected_is_logged_a
         pool.install(registry)
         try:
             async with registry.open_scope(_ctx("alice")):
-                with pytest.raises(PoolExhaustedError) as first:
-                    async with connection():
-                        pytest.fail("the server allows no connection")
-                _assert_says_why(first.value, role, 7.0)
+                first = await _refused("the server allows no connection")
+                _assert_says_why(first, role, 7.0)
                 assert len(_refusal_logs(caplog)) == 1, _refusal_logs(caplog)
                 with _admin() as admin:
                     admin.execute(f"ALTER ROLE {role} CONNECTION LIMIT 1")
                 async with connection(timeout=10) as held:
                     await held.execute("SELECT 1")
-                    with pytest.raises(PoolExhaustedError) as again:
-                        async with connection():
-                            pytest.fail("the server allows one connection only")
+                    again = await _refused("the server allows one connection only")
         finally:
             await registry.aclose()
-    _assert_says_why(again.value, role, 7.0)
+    _assert_says_why(again, role, 7.0)
     assert len(_refusal_logs(caplog)) == 2, _refusal_logs(caplog)
 
 
@@ -276,21 +279,17 @@ async def test_a_refusal_after_another_users_pool_connected_is_logged_again(
         pool.install(registry)
         try:
             async with registry.open_scope(_ctx("alice")):
-                with pytest.raises(PoolExhaustedError) as first:
-                    async with connection():
-                        pytest.fail("the server allows no connection")
-            _assert_says_why(first.value, role, 7.0)
+                first = await _refused("the server allows no connection")
+            _assert_says_why(first, role, 7.0)
             assert len(_refusal_logs(caplog)) == 1, _refusal_logs(caplog)
             with _admin() as admin:
                 admin.execute(f"ALTER ROLE {role} CONNECTION LIMIT 1")
             async with registry.open_scope(_ctx("bob")), connection(timeout=10) as held:
                 await held.execute("SELECT 1")
-                with pytest.raises(PoolExhaustedError) as again:
-                    async with connection():
-                        pytest.fail("the server allows one connection only")
+                again = await _refused("the server allows one connection only")
         finally:
             await registry.aclose()
-    _assert_says_why(again.value, role, 7.0)
+    _assert_says_why(again, role, 7.0)
     assert len(_refusal_logs(caplog)) == 2, _refusal_logs(caplog)
 
 
@@ -344,10 +343,7 @@ async def test_a_checkout_that_waited_for_a_refused_opening_does_not_open_again(
         refused: list[PoolExhaustedError] = []
 
         async def checkout(within: float) -> None:
-            with pytest.raises(PoolExhaustedError) as info:
-                async with connection(timeout=within):
-                    pytest.fail("the server allows no connection")
-            refused.append(info.value)
+            refused.append(await _refused("the server allows no connection", within=within))
 
         async def opening() -> bool:
             return pool.stats().slots == 1
@@ -501,19 +497,15 @@ async def test_an_opening_anew_that_hears_nothing_back_quotes_the_earlier_refusa
         pool.install(registry)
         try:
             async with registry.open_scope(_ctx("alice")):
-                with pytest.raises(PoolExhaustedError) as first:
-                    async with connection():
-                        pytest.fail("the server allows no connection")
-                _assert_says_why(first.value, role, 7.0)
+                first = await _refused("the server allows no connection")
+                _assert_says_why(first, role, 7.0)
                 hold = True
-                with pytest.raises(PoolExhaustedError) as again:
-                    async with connection():
-                        pytest.fail("the server answers no connection")
+                again = await _refused("the server answers no connection")
                 assert begun.is_set()
         finally:
             go.set()
             await registry.aclose()
-    _assert_says_why(again.value, role, 7.0)
+    _assert_says_why(again, role, 7.0)
 
 
 @pytest.mark.parametrize("close_returns", [False, True])
@@ -534,14 +526,12 @@ async def test_a_pool_the_server_lets_open_no_connection_says_why(
         pool.install(registry)
         try:
             async with registry.open_scope(_ctx("alice")):
-                with pytest.raises(PoolExhaustedError) as refused:
-                    async with connection():
-                        pytest.fail("the server allows no connection")
+                refused = await _refused("the server allows no connection")
         finally:
             await registry.aclose()
-    _assert_says_why(refused.value, role, 1.0)
-    assert "reachable" not in str(refused.value)
-    assert "the server refused the last attempt to connect" in str(refused.value)
+    _assert_says_why(refused, role, 1.0)
+    assert "reachable" not in str(refused)
+    assert "the server refused the last attempt to connect" in str(refused)
 
 
 async def test_connections_keep_the_applications_own_class(db: Database) -> None:
