@@ -542,13 +542,10 @@ class _PeerHints:
             self.forwarded(scope, _forwarding_headers(scope))
 
 
-def _peer_check(
-    networks: tuple[_Network, ...],
-) -> tuple[Callable[[Mapping[str, Any]], bool], dict[str, bool]]:
+def _peer_check(networks: tuple[_Network, ...]) -> Callable[[Mapping[str, Any]], bool]:
     """:func:`_peer_trusted` with the verdict kept per client address: parsing an address
     with :mod:`ipaddress` costs microseconds, and a server sees few distinct peers (the
-    proxies in front of it), so the verdict is looked up, not recomputed, per request.
-    The verdicts are returned too, for a resolver to look a known peer up itself."""
+    proxies in front of it), so the verdict is looked up, not recomputed, per request."""
     verdicts: dict[str, bool] = {}
 
     def trusted(scope: Mapping[str, Any]) -> bool:
@@ -566,7 +563,7 @@ def _peer_check(
             verdicts[host] = verdict
         return verdict
 
-    return trusted, verdicts
+    return trusted
 
 
 def trusted_header(
@@ -608,7 +605,7 @@ def trusted_header(
     # Else an empty name read no tenant at all, and a non-ASCII one failed every request.
     tenant = None if tenant_header is None else _header_name(tenant_header, "tenant_header")
 
-    peer_trusted, verdicts = _peer_check(networks)
+    peer_trusted = _peer_check(networks)
     # Identities are immutable and a server sees the same users again and again: decoding
     # and building one is looked up, not redone (bounded like the peer verdicts).
     known: dict[bytes, Identity] = {}
@@ -616,11 +613,7 @@ def trusted_header(
     lengths = _lengths(wanted)
 
     def resolve(scope: Mapping[str, Any]) -> Identity | None:
-        # A known peer's verdict looked up here, as peer_trusted() would: a call fewer.
-        client = scope.get("client")
-        host = client[0] if client else None
-        verdict = verdicts.get(host) if type(host) is str else None
-        if not (peer_trusted(scope) if verdict is None else verdict):
+        if not peer_trusted(scope):
             if not hints.warned and header_values(scope, name):
                 hints.refused(scope)
             return None
