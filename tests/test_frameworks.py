@@ -45,6 +45,10 @@ def identities() -> list[tuple[str, str]]:
     return [(f"tenant-{n % 2}", f"user-{n // 2}") for n in range(USERS)]
 
 
+# Who asks the app (in whatever process) what happened in it.
+AUDITOR = {"x-user-id": "auditor"}
+
+
 def build(framework: str) -> tuple[Any, Any, Any]:
     module = importlib.import_module(f"tests.frameworks.{framework}_app")
     return module.build()  # type: ignore[no-any-return]
@@ -88,13 +92,12 @@ async def drive(
     async with httpx.AsyncClient(
         base_url=url, limits=limits, timeout=30, http1=not http2, http2=http2
     ) as client:
-        auditor = {"x-user-id": "auditor"}
-        before = (await client.get("/stats", headers=auditor)).json()
+        before = (await client.get("/stats", headers=AUDITOR)).json()
         async with anyio.create_task_group() as tg:
             for tenant, user in identities():
                 for n in range(PER_USER):
                     tg.start_soon(one, client, tenant, user, n)
-        stats = (await client.get("/stats", headers=auditor)).json()
+        stats = (await client.get("/stats", headers=AUDITOR)).json()
 
     assert len(answers) == USERS * PER_USER
     probes = [body["probe"] for body in answers]
@@ -152,12 +155,11 @@ async def sockets(url: str, *, echoed: bool = True) -> None:
         answers.append(await anyio.to_thread.run_sync(one, tenant, user))
 
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-        auditor = {"x-user-id": "auditor"}
-        before = (await client.get("/stats", headers=auditor)).json()
+        before = (await client.get("/stats", headers=AUDITOR)).json()
         async with anyio.create_task_group() as tg:
             for tenant, user in identities()[:SOCKETS]:
                 tg.start_soon(run, tenant, user)
-        stats = (await client.get("/stats", headers=auditor)).json()
+        stats = (await client.get("/stats", headers=AUDITOR)).json()
     assert len({body["probe"] for body in answers}) == SOCKETS
     assert len({body["connection_id"] for body in answers} - {None}) == SOCKETS
     assert stats["problems"] == []
@@ -462,10 +464,6 @@ async def test_a_request_whose_client_hangs_up_rolls_back_under_granian() -> Non
     target = "tests.frameworks.starlette_app:app"
     outcomes = await hang_up_half("granian", None, None, streamed=True, target=target)
     assert sorted(outcomes) == [(False, "commit")] * 10 + [(True, "rollback")] * 10
-
-
-# Who asks an app in another process what happened in it.
-AUDITOR = {"x-user-id": "auditor"}
 
 
 def asked_over_http(url: str) -> Callable[[str, tuple[str, ...]], str]:
