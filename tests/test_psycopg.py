@@ -4457,6 +4457,8 @@ def test_bad_arguments_are_refused_at_construction(
         "app.user id",
         "1app.user_id",
         "app.1user_id",  # PostgreSQL refuses a part after a dot that starts with a digit too
+        "app.$user_id",  # or with a dollar sign
+        "app.user\ud800",  # a lone surrogate, which no text encoding sends
         7,
     ],
 )
@@ -4468,6 +4470,50 @@ def test_settings_names_that_are_no_custom_setting_are_refused_at_construction(
     built, not a failure of every checkout."""
     with pytest.raises(ValueError, match=re.escape(f"setting name {name!r} must be a dotted")):
         strategy("postgresql://app@127.0.0.1/app", settings={name: "user_id"})
+
+
+@pytest.mark.parametrize("strategy", [SharedPool, PerUserPools])
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [("app.user_id", "App.User_Id"), ("APP.TENANT", "app.tenant")],
+)
+def test_two_spellings_of_one_setting_are_refused_at_construction(
+    strategy: type[Any], first: str, second: str
+) -> None:
+    """PostgreSQL ignores the case of ASCII letters in a setting's name, so two names that
+    differ only so are one setting, and the later ``set_config`` would overwrite the
+    earlier one's field (a policy reading the user's setting would see the tenant): a
+    ValueError naming both. Non-ASCII letters are compared as they are, as PostgreSQL
+    does, so ``app.ä`` and ``app.Ä`` are two settings."""
+    with pytest.raises(ValueError, match="are one setting") as info:
+        strategy("postgresql://app@127.0.0.1/app", settings={first: "user_id", second: "tenant_id"})
+    assert f"settings {first!r} and {second!r}" in str(info.value)
+    two = {"app.ä": "user_id", "app.Ä": "tenant_id"}
+    assert strategy("postgresql://app@127.0.0.1/app", settings=two) is not None
+
+
+@pytest.mark.parametrize("strategy", [SharedPool, PerUserPools])
+async def test_setting_names_in_any_script_are_set(db: Database, strategy: type[Any]) -> None:
+    """PostgreSQL takes any non-ASCII character as a letter of a setting's name, and so
+    does each strategy: a checkout reads the user and tenant from such settings (and
+    ``app.ä`` and ``app.Ä`` are two settings there too)."""
+    settings = {"app.nutzer_ä": "user_id", "мой.арендатор$1": "tenant_id", "app.Ä": "user_id"}
+    pool = strategy(db.app_url, max_size=1, settings=settings, rls_check="off", kwargs=db.kwargs())
+    registry = Registry()
+    pool.install(registry)
+    try:
+        async with registry.open_scope(_ctx("alice", "acme")), connection() as conn:
+            row = await (
+                await conn.execute(
+                    "SELECT pg_catalog.current_setting('app.nutzer_ä', true), "
+                    "pg_catalog.current_setting('мой.арендатор$1', true), "
+                    "pg_catalog.current_setting('app.ä', true), "
+                    "pg_catalog.current_setting('app.Ä', true)"
+                )
+            ).fetchone()
+    finally:
+        await registry.aclose()
+    assert row == ("alice", "acme", None, "alice")
 
 
 @pytest.mark.parametrize(

@@ -25,15 +25,37 @@ _CONTEXT_FIELDS = frozenset(
     {"user_id", "tenant_id", "thread_id", "run_id", "request_id", "connection_id", "parent_run_id"}
 )
 _USER_FIELDS = frozenset({"user_id", "tenant_id"})
-# Custom settings need a dotted name; set_config() takes the name as a value anyway (bound,
-# or quoted by psycopg), never as SQL text.
-_GUC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)+")
+# Custom settings need a dotted name, each part as PostgreSQL takes it: a letter, "_" or any
+# non-ASCII character first (it takes every byte above 0x7F as a letter), then digits and
+# "$" too; never a lone surrogate, which no encoding sends. set_config() takes the name as
+# a value anyway (bound, or quoted by psycopg), never as SQL text.
+_PART = "[A-Za-z_\u0080-\ud7ff\ue000-\U0010ffff][A-Za-z0-9_$\u0080-\ud7ff\ue000-\U0010ffff]*"
+_GUC_NAME = re.compile(rf"{_PART}(\.{_PART})+")
+
+
+def _same_setting(name: str) -> str:
+    """``name`` as PostgreSQL compares setting names: ASCII letters in either case alike
+    (``App.User_Id`` is ``app.user_id``), any other character as it is."""
+    return name.translate(_ASCII_LOWER)
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 def _check_settings(settings: Mapping[str, str], allowed: frozenset[str]) -> tuple[str, ...]:
+    seen: dict[str, str] = {}
     for name, field_name in settings.items():
         if not isinstance(name, str) or not _GUC_NAME.fullmatch(name):
             msg = f"setting name {name!r} must be a dotted custom setting name like 'app.user_id'"
+            raise ValueError(msg)
+        # Two spellings of one setting: the later set_config() would overwrite the earlier
+        # one's field, and a policy reading it would see the wrong id.
+        earlier = seen.setdefault(_same_setting(name), name)
+        if earlier != name:
+            msg = (
+                f"settings {earlier!r} and {name!r} are one setting (PostgreSQL ignores the "
+                "case of ASCII letters in setting names); give each setting once"
+            )
             raise ValueError(msg)
         if field_name not in allowed:
             msg = (
