@@ -3026,6 +3026,35 @@ async def test_check_rls_reports_a_table_name_that_names_no_table_here(
     assert f"row-level security is not enabled on '{db.schema}.plain'" in problems[-1]
 
 
+@pytest.mark.parametrize("autocommit", [False, True], ids=["transaction", "autocommit"])
+async def test_check_rls_reports_names_the_connection_cannot_send(
+    db: Database, autocommit: bool
+) -> None:
+    """A table or setting name with a lone surrogate (no encoding holds one), or with a
+    character the connection's client encoding lacks, is a problem naming it and the
+    encoding, and the names after it are checked all the same, the connection left as it
+    was. ``check_rls()`` raised the driver's ``UnicodeEncodeError`` and checked nothing
+    after it."""
+    table, setting = "notes\ud800", "app.\udfff"
+    kwargs = {"autocommit": autocommit, "client_encoding": "LATIN1"}
+    async with await psycopg.AsyncConnection.connect(db.app_url, **kwargs) as conn:
+        with pytest.warns(RowSecurityWarning):
+            problems = await check_rls(
+                conn,
+                [table, "заметки", f"{db.schema}.plain"],
+                settings=[setting, "app.user_id"],
+                action="warn",
+            )
+        assert conn.info.transaction_status is TransactionStatus.IDLE
+        assert await _scalar(conn, "SELECT 1") == 1
+    assert len(problems) == 4, problems
+    sent = "cannot be sent in this connection's client encoding 'latin-1' ("
+    assert problems[0].startswith(f"table name {table!r} {sent}"), problems[0]
+    assert problems[1].startswith(f"table name 'заметки' {sent}"), problems[1]
+    assert f"row-level security is not enabled on '{db.schema}.plain'" in problems[2]
+    assert problems[3].startswith(f"setting name {setting!r} {sent}"), problems[3]
+
+
 @pytest.fixture(name="hidden")
 def fixture_hidden(db: Database) -> Iterator[str]:
     """A schema the app role has no USAGE on, holding a protected table (``guarded``), one

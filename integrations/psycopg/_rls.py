@@ -172,8 +172,9 @@ async def check_rls(
     does a view this role can read over such a view (even one it cannot read); so does a
     partition or child table of a protected table, queried directly or through such a view,
     unless row-level security applies to it too (a policy applies to the table a query
-    names). So is a table that does not exist, and a name that can name no table of this
-    database (malformed, or naming another database).
+    names). So is a table that does not exist, a name that can name no table of this
+    database (malformed, or naming another database), and a table or setting name the
+    connection cannot send (a lone surrogate, a character its client encoding lacks).
     Each of these is a problem. A table in a schema the role has no USAGE on is checked
     all the same (views over it and its partitions may be elsewhere); views and partitions
     in such a schema, which the role cannot reach, are no problem.
@@ -264,6 +265,9 @@ async def _find_problems(
                     'double quotes a part that is not lower case, as in SQL ("My Table")'
                 )
                 continue
+            except UnicodeEncodeError as exc:
+                problems.append(_unsendable("table name", table, exc))
+                continue
             if info is None:
                 problems.append(f"table {table!r} does not exist (or is not visible)")
                 continue
@@ -290,7 +294,13 @@ async def _find_problems(
             await cur.execute(_VIEW_SQL, (table_oid,), prepare=False)
             problems += [_view_problem(table, role, *found) for found in await cur.fetchall()]
         for name in settings:
-            await cur.execute("SELECT pg_catalog.current_setting(%s, true)", (name,), prepare=False)
+            try:
+                await cur.execute(
+                    "SELECT pg_catalog.current_setting(%s, true)", (name,), prepare=False
+                )
+            except UnicodeEncodeError as exc:
+                problems.append(_unsendable("setting name", name, exc))
+                continue
             preset = await cur.fetchone()
             if preset is not None and preset[0]:
                 problems.append(
@@ -298,6 +308,16 @@ async def _find_problems(
                     f"starts with a value in it: ALTER ROLE {role} RESET {name} (or ALTER "
                     "DATABASE)"
                 )
+
+
+def _unsendable(what: str, name: str, exc: UnicodeEncodeError) -> str:
+    """The problem of a name this connection cannot send (a lone surrogate, or a character
+    its client encoding lacks): nothing on the server could be checked for it."""
+    return (
+        f"{what} {name!r} cannot be sent in this connection's client encoding "
+        f"{exc.encoding!r} ({exc.reason} at {exc.start}), so nothing was checked for it: "
+        "name it in characters that encoding holds (UTF8 holds all but lone surrogates)"
+    )
 
 
 def _view_problem(
