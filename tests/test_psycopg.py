@@ -13,6 +13,7 @@ import dataclasses
 import decimal
 import fractions
 import gc
+import math
 import os
 import random
 import re
@@ -4621,6 +4622,7 @@ def test_limits_out_of_range_are_refused_at_construction(
         (PerUserPools, {"max_total": fractions.Fraction(3)}),
         (SharedPool, {"per_user_limit": 1}),
         (SharedPool, {"per_user_limit": fractions.Fraction(2)}),
+        (SharedPool, {"per_user_limit": float("inf")}),  # no per-user limit
     ],
 )
 def test_limits_at_the_edge_of_their_range_are_taken(
@@ -4631,6 +4633,48 @@ def test_limits_at_the_edge_of_their_range_are_taken(
     Fraction) build the strategy, which keeps each value as given."""
     pool = strategy("postgresql://app@127.0.0.1/app", **arguments)
     assert {name: getattr(pool, name) for name in arguments} == arguments
+
+
+async def test_no_cap_and_no_per_user_limit_serve_checkouts(db: Database) -> None:
+    """``math.inf`` as the global cap or the per-user limit (typed ``float``) serves
+    checkouts: three users' pools open at once with no cap, which ``stats()`` reports as
+    it is, and one user holds three connections of a shared pool at once."""
+    options: dict[str, Any] = {"timeout": 5, "rls_check": "off", "kwargs": db.kwargs()}
+    pools = PerUserPools(db.app_url, max_size=1, max_total=math.inf, **options)
+    shared = SharedPool(db.app_url, max_size=3, per_user_limit=math.inf, **options)
+    registry = Registry()
+    pools.install(registry)
+    shared.install(registry, default=False)
+    seen: list[str] = []
+    holding = anyio.Semaphore(0)
+    release = anyio.Event()
+
+    async def hold(user: str) -> None:
+        async with registry.open_scope(_ctx(user)), pools.connection() as conn:
+            seen.append(await _scalar(conn, "SELECT current_setting('app.user_id')"))
+            holding.release()
+            await release.wait()
+
+    try:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for user in ("alice", "bob", "carol"):
+                    tg.start_soon(hold, user)
+                for _ in range(3):
+                    await holding.acquire()
+                stats = pools.stats()
+                release.set()
+        assert (stats.pools, stats.slots, stats.max_total) == (3, 3, math.inf)
+        async with registry.open_scope(_ctx("dave")), contextlib.AsyncExitStack() as stack:
+            for _ in range(3):
+                conn = await stack.enter_async_context(shared.connection())
+                seen.append(await _scalar(conn, "SELECT current_setting('app.user_id', true)"))
+            assert shared.stats().checked_out == 3
+    finally:
+        await registry.aclose()
+        await shared.close()
+    assert sorted(seen[:3]) == ["alice", "bob", "carol"]
+    assert seen[3:] == ["dave", "dave", "dave"]
 
 
 @pytest.mark.parametrize(

@@ -45,7 +45,7 @@ class PerUserPoolsStats:
         idle_pools: Open user pools with no checkout (the first to close under pressure).
         slots: Connections the open pools may hold together (never above ``max_total``);
             every open server connection counts, idle ones included.
-        max_total: The global cap.
+        max_total: The global cap (``math.inf``: none).
         waiting: Checkouts waiting for room under the cap.
         checked_out: Checkouts in progress.
         evicted: Idle pools closed to make room.
@@ -54,7 +54,7 @@ class PerUserPoolsStats:
     pools: int
     idle_pools: int
     slots: int
-    max_total: int
+    max_total: float
     waiting: int
     checked_out: int
     evicted: int
@@ -114,7 +114,8 @@ class PerUserPools:
             :class:`~ambient.UserRef` and returning one (a role per user).
         max_size: Connections one user's pool may hold.
         min_size: Connections a user's pool keeps open once created.
-        max_total: Server connections all user pools may hold together.
+        max_total: Server connections all user pools may hold together (``math.inf``:
+            no cap).
         idle_ttl: Seconds after a user's last request before the user's pool closes.
         timeout: Seconds a checkout may wait.
         return_timeout: Seconds at most to end a checkout's transaction and hand its
@@ -149,7 +150,7 @@ class PerUserPools:
         *,
         max_size: int = 5,
         min_size: int = 0,
-        max_total: int = 100,
+        max_total: float = 100,
         idle_ttl: float = 300.0,
         timeout: float = 30.0,
         return_timeout: float = 10.0,

@@ -199,7 +199,7 @@ class SharedPool:
         per_user_limit: Connections one user may hold at once; further checkouts of that
             user wait (within ``timeout``), so one user cannot take every connection; with
             ``max_waiting``, at most that many of them wait, and further ones are refused
-            at once, as in the pool's own queue.
+            at once, as in the pool's own queue (``math.inf``: no limit).
         settings: Setting name -> context field (``user_id``, ``tenant_id``,
             ``thread_id``, ``run_id``, ``request_id``, ``connection_id``,
             ``parent_run_id``); an absent field is set to ``''``.
@@ -233,7 +233,7 @@ class SharedPool:
         *,
         min_size: int = 1,
         max_size: int = 10,
-        per_user_limit: int = 5,
+        per_user_limit: float = 5,
         settings: Mapping[str, str] = DEFAULT_SETTINGS,
         timeout: float = 30.0,
         return_timeout: float = 10.0,

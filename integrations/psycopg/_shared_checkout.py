@@ -41,7 +41,7 @@ class _Gate:
         self.refs = 0  # checkouts in progress, waiting or holding
         self.waiters: deque[anyio.Event] = deque()
 
-    def try_acquire(self, limit: int) -> bool:
+    def try_acquire(self, limit: float) -> bool:
         if self.held < limit and not self.waiters:
             self.held += 1
             return True
