@@ -4635,6 +4635,29 @@ def test_limits_at_the_edge_of_their_range_are_taken(
     assert {name: getattr(pool, name) for name in arguments} == arguments
 
 
+@pytest.mark.parametrize("strategy", [SharedPool, PerUserPools])
+async def test_a_strategy_without_kwargs_connects_with_its_conninfo_alone(
+    db: Database, strategy: type[Any]
+) -> None:
+    """``kwargs`` left out (``None``): each connection is made from the connection string
+    alone, its options included, and a checkout sees its user's settings."""
+    conninfo = psycopg.conninfo.make_conninfo(db.app_url, application_name=db.app_name)
+    pool = strategy(conninfo, max_size=1, timeout=5, rls_check="off")
+    registry = Registry()
+    pool.install(registry)
+    try:
+        async with registry.open_scope(_ctx("alice")), connection() as conn:
+            row = await (
+                await conn.execute(
+                    "SELECT current_setting('application_name'), "
+                    "current_setting('app.user_id', true)"
+                )
+            ).fetchone()
+    finally:
+        await registry.aclose()
+    assert row == (db.app_name, "alice")
+
+
 async def test_no_cap_and_no_per_user_limit_serve_checkouts(db: Database) -> None:
     """``math.inf`` as the global cap or the per-user limit (typed ``float``) serves
     checkouts: three users' pools open at once with no cap, which ``stats()`` reports as
