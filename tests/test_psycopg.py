@@ -2953,22 +2953,22 @@ async def test_check_rls_leaves_a_transaction_the_caller_opened_to_the_caller(
 
 
 async def test_check_rls_that_fails_rolls_back_the_transaction_it_began(db: Database) -> None:
-    """check_rls on a connection outside a transaction, whose query fails partway (a table
-    name no text encoding holds, a lone surrogate, after the role and a table were
-    checked): the error is the query's, and the transaction the check began is rolled
-    back (it was left open, or failed when the server refused the query, and the caller's
-    next statement ran in it or raised InFailedSqlTransaction). A transaction the caller
-    had open stays the caller's, open."""
+    """check_rls on a connection outside a transaction, whose query fails partway (the
+    server refuses to show an ordinary role ``data_directory``, a setting the check is
+    asked about after the role and a table were checked): the error is the query's, and
+    the transaction the check began is rolled back (it was left failed, and the caller's
+    next statement raised InFailedSqlTransaction). A transaction the caller had open
+    stays the caller's, failed by the refused query, for the caller to roll back."""
     async with await psycopg.AsyncConnection.connect(db.app_url) as conn:
-        with pytest.raises(UnicodeEncodeError):
-            await check_rls(conn, [db.notes, "notes\ud800"])
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            await check_rls(conn, [db.notes], settings=["data_directory"])
         assert conn.info.transaction_status is TransactionStatus.IDLE
         assert await _scalar(conn, "SELECT 1") == 1
         await conn.rollback()
         await conn.execute("SELECT 1")  # the caller's transaction
-        with pytest.raises(UnicodeEncodeError):
-            await check_rls(conn, ["notes\ud800"])
-        assert conn.info.transaction_status is TransactionStatus.INTRANS
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            await check_rls(conn, [], settings=["data_directory"])
+        assert conn.info.transaction_status is TransactionStatus.INERROR
         await conn.rollback()
         assert await _scalar(conn, "SELECT 1") == 1
 
@@ -3033,9 +3033,9 @@ async def test_check_rls_reports_names_the_connection_cannot_send(
 ) -> None:
     """A table or setting name with a lone surrogate (no encoding holds one), or with a
     character the connection's client encoding lacks, is a problem naming it and the
-    encoding, and the names after it are checked all the same, the connection left as it
-    was. ``check_rls()`` raised the driver's ``UnicodeEncodeError`` and checked nothing
-    after it."""
+    encoding, and a setting name with a NUL byte one naming it; the names after them are
+    checked all the same, the connection left as it was. ``check_rls()`` raised the
+    driver's ``UnicodeEncodeError`` or ``DataError`` and checked nothing after it."""
     table, setting = "notes\ud800", "app.\udfff"
     kwargs = {"autocommit": autocommit, "client_encoding": "LATIN1"}
     async with await psycopg.AsyncConnection.connect(db.app_url, **kwargs) as conn:
@@ -3043,17 +3043,19 @@ async def test_check_rls_reports_names_the_connection_cannot_send(
             problems = await check_rls(
                 conn,
                 [table, "заметки", f"{db.schema}.plain"],
-                settings=[setting, "app.user_id"],
+                settings=[setting, "app.a\x00b", "app.user_id"],
                 action="warn",
             )
         assert conn.info.transaction_status is TransactionStatus.IDLE
         assert await _scalar(conn, "SELECT 1") == 1
-    assert len(problems) == 4, problems
+    assert len(problems) == 5, problems
     sent = "cannot be sent in this connection's client encoding 'latin-1' ("
     assert problems[0].startswith(f"table name {table!r} {sent}"), problems[0]
     assert problems[1].startswith(f"table name 'заметки' {sent}"), problems[1]
     assert f"row-level security is not enabled on '{db.schema}.plain'" in problems[2]
     assert problems[3].startswith(f"setting name {setting!r} {sent}"), problems[3]
+    assert problems[4].startswith("setting name 'app.a\\x00b' names no setting ("), problems[4]
+    assert "NUL" in problems[4], problems[4]
 
 
 @pytest.fixture(name="hidden")

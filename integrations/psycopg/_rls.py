@@ -173,8 +173,9 @@ async def check_rls(
     partition or child table of a protected table, queried directly or through such a view,
     unless row-level security applies to it too (a policy applies to the table a query
     names). So is a table that does not exist, a name that can name no table of this
-    database (malformed, or naming another database), and a table or setting name the
-    connection cannot send (a lone surrogate, a character its client encoding lacks).
+    database (malformed, or naming another database), a setting name with a NUL byte, and
+    a table or setting name the connection cannot send (a lone surrogate, a character its
+    client encoding lacks).
     Each of these is a problem. A table in a schema the role has no USAGE on is checked
     all the same (views over it and its partitions may be elsewhere); views and partitions
     in such a schema, which the role cannot reach, are no problem.
@@ -300,6 +301,9 @@ async def _find_problems(
                 )
             except UnicodeEncodeError as exc:
                 problems.append(_unsendable("setting name", name, exc))
+                continue
+            except psycopg.DataError as exc:  # a NUL byte, refused before it is sent
+                problems.append(f"setting name {name!r} names no setting ({exc})")
                 continue
             preset = await cur.fetchone()
             if preset is not None and preset[0]:
