@@ -294,24 +294,29 @@ async def _find_problems(
                 )
             await cur.execute(_VIEW_SQL, (table_oid,), prepare=False)
             problems += [_view_problem(table, role, *found) for found in await cur.fetchall()]
-        for name in settings:
-            try:
-                await cur.execute(
-                    "SELECT pg_catalog.current_setting(%s, true)", (name,), prepare=False
-                )
-            except UnicodeEncodeError as exc:
-                problems.append(_unsendable("setting name", name, exc))
-                continue
-            except psycopg.DataError as exc:  # a NUL byte, refused before it is sent
-                problems.append(f"setting name {name!r} names no setting ({exc})")
-                continue
-            preset = await cur.fetchone()
-            if preset is not None and preset[0]:
-                problems.append(
-                    f"setting {name!r} is preset for this role or database, so every session "
-                    f"starts with a value in it: ALTER ROLE {role} RESET {name} (or ALTER "
-                    "DATABASE)"
-                )
+        await _find_preset_settings(cur, settings, role, problems)
+
+
+async def _find_preset_settings(
+    cur: AsyncCursor[tuple[Any, ...]], settings: Iterable[str], role: str, problems: list[str]
+) -> None:
+    """The settings part of :func:`_find_problems`: one that starts with a value."""
+    for name in settings:
+        try:
+            await cur.execute("SELECT pg_catalog.current_setting(%s, true)", (name,), prepare=False)
+        except UnicodeEncodeError as exc:
+            problems.append(_unsendable("setting name", name, exc))
+            continue
+        except psycopg.DataError as exc:  # a NUL byte, refused before it is sent
+            problems.append(f"setting name {name!r} names no setting ({exc})")
+            continue
+        preset = await cur.fetchone()
+        if preset is not None and preset[0]:
+            problems.append(
+                f"setting {name!r} is preset for this role or database, so every session "
+                f"starts with a value in it: ALTER ROLE {role} RESET {name} (or ALTER "
+                "DATABASE)"
+            )
 
 
 def _unsendable(what: str, name: str, exc: UnicodeEncodeError) -> str:
