@@ -628,6 +628,10 @@ class AmbientMiddleware:
         scope: MutableMapping[str, Any],
         websocket: bool,
     ) -> UserExecutionContext:
+        # Before the ids, as a refused credential is: whatever is wrong with its thread id,
+        # a request without a credential is told to authenticate (401, with the challenge).
+        if identity is None and not self.anonymous and not self._anonymous_path(scope):
+            raise _Refused(_UNAUTHENTICATED)
         thread_id = None
         if raw_thread_ids:
             if len(raw_thread_ids) > 1:
@@ -639,8 +643,6 @@ class AmbientMiddleware:
                 reason = f"is not valid UTF-8 ({self._thread_source(scope)})"
                 raise InvalidContextError("thread_id", reason, echo=False) from None
         if identity is None:
-            if not self.anonymous and not self._anonymous_path(scope):
-                raise _Refused(_UNAUTHENTICATED)
             return UserExecutionContext.create(
                 f"anonymous:{new_id()}",
                 thread_id=thread_id,

@@ -342,6 +342,27 @@ class TestIds:
         assert_problem(response, 400)
         assert ledger.created == {}
 
+    @pytest.mark.parametrize(
+        "thread_ids",
+        [[b"a", b"b"], [b"t-\xff"], [b"null"], [b" t"], [b"t" * 257]],
+        ids=["repeated", "not-utf8", "placeholder", "space", "too-long"],
+    )
+    async def test_a_request_without_identity_is_401_whatever_is_wrong_with_its_thread_id(
+        self, thread_ids: list[bytes]
+    ) -> None:
+        """A request without a credential is told to authenticate (401 with the
+        resolver's challenge) before anything about its ids, as one with a refused
+        credential is, whatever is wrong with its thread id. A thread id sent twice or not
+        in UTF-8 was answered 400 without a challenge, while a placeholder got the 401."""
+        app, ledger, _ = build(jwt_bearer("x" * 32, algorithms=["HS256"]))
+        async with client(app) as http:
+            response = await http.get(
+                "/whoami", headers=[(b"x-thread-id", value) for value in thread_ids]
+            )
+        assert_problem(response, 401)
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert ledger.created == {}
+
     async def test_custom_header_names(self) -> None:
         app, _, _ = build(request_id_header="X-Correlation-ID", thread_id_header="x-conversation")
         async with client(app) as http:
