@@ -38,6 +38,7 @@ from ambient.middleware import (
     trusted_header,
 )
 from ambient.middleware.identity import header_values, jwt_bearer
+from tests.apps import Ledger, Probe, build_registry
 
 SECRET = "s3cret-key-that-is-long-enough-for-hs256!"
 AUDIENCE = "ambient-tests"
@@ -1558,6 +1559,12 @@ async def _call(app: Any, scope: dict[str, Any]) -> tuple[int, Seen, UserExecuti
 
 async def _exchange(app: Any, scope: dict[str, Any]) -> tuple[int, dict[bytes, bytes], Seen]:
     """One HTTP request through ``app``: the status, the headers and the JSON body."""
+    start, body = (await _http_sent(app, scope))[:2]
+    return start["status"], dict(start["headers"]), json.loads(body["body"])
+
+
+async def _http_sent(app: Any, scope: dict[str, Any]) -> list[dict[str, Any]]:
+    """What ``app`` sends for one HTTP request."""
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
@@ -1568,8 +1575,85 @@ async def _exchange(app: Any, scope: dict[str, Any]) -> tuple[int, dict[bytes, b
 
     with anyio.fail_after(5):
         await app(scope, receive, send)
-    start, body = sent[0], sent[1]
-    return start["status"], dict(start["headers"]), json.loads(body["body"])
+    return sent
+
+
+async def context_app(scope: Any, receive: Any, send: Any) -> None:
+    """An app that resolves a :class:`Probe` (a REQUEST component, counted in its ledger)
+    and answers the context it runs in: as a JSON body, or for a websocket as the text of
+    one message after its accept."""
+    probe = await ambient.resolve(Probe)
+    ctx = ambient.get_current_context()
+    text = json.dumps(
+        {
+            "user": ctx.user_id,
+            "tenant": ctx.tenant_id,
+            "request_id": ctx.request_id,
+            "thread_id": ctx.thread_id,
+            "parent_run_id": ctx.parent_run_id,
+            "depth": ctx.depth,
+            "probe_request": probe.request_id,
+        }
+    )
+    if scope["type"] == "websocket":
+        await receive()
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.send", "text": text})
+        await send({"type": "websocket.close", "code": 1000})
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": text.encode()})
+
+
+def _visible_ascii(value: bytes) -> bool:
+    return all(0x21 <= byte <= 0x7E for byte in value)
+
+
+def served_or_refused(
+    middleware: AmbientMiddleware, ledger: Ledger, scope: dict[str, Any], backend: str
+) -> tuple[dict[str, Any] | None, list[bytes], int, str]:
+    """One request (or handshake) through ``middleware`` on ``backend``, checked against
+    what holds for any input: it is served, or refused before the app with a problem
+    answer (a websocket: a close with 1008 before any accept, or the problem itself with
+    the denial response extension); nothing stays bound; every REQUEST component made is
+    cleaned once; one request id is echoed, visible ASCII of at most 128 characters.
+    Returns the ids the app saw (``None`` when refused), the request ids echoed, the
+    status (a websocket's close code) and what a refusal said (detail or close reason)."""
+    websocket = scope["type"] == "websocket"
+
+    async def call() -> tuple[list[dict[str, Any]], object]:
+        sent = await (_handshake if websocket else _http_sent)(middleware, scope)
+        bound = ambient.current_context_or_none()
+        await middleware.registry.aclose()
+        return sent, bound
+
+    sent, bound = anyio.run(call, backend=backend)
+    assert bound is None
+    assert ledger.problems() == []
+    start = sent[0]
+    if start["type"] == "websocket.close":
+        assert (len(sent), start["code"]) == (1, 1008), sent
+        assert ledger.created == {}
+        return None, [], 1008, start["reason"]
+    echoed = [value for name, value in start.get("headers", []) if name == b"x-request-id"]
+    assert len(echoed) == 1, start
+    assert _visible_ascii(echoed[0]), echoed
+    assert len(echoed[0]) <= 128, echoed
+    if start["type"] == "websocket.accept":
+        seen: dict[str, Any] = json.loads(sent[1]["text"])
+    elif start["status"] == 200 and not websocket:
+        seen = json.loads(sent[1]["body"])
+    else:
+        assert start["status"] in (400, 401), sent
+        assert (b"content-type", b"application/problem+json") in start["headers"]
+        problem = json.loads(sent[1]["body"])
+        assert set(problem) == {"type", "title", "status", "detail"}
+        assert problem["status"] == start["status"]
+        assert ledger.created == {}
+        return None, echoed, start["status"], problem["detail"]
+    assert list(ledger.created.values()) == [seen["user"]]
+    assert seen["probe_request"] == seen["request_id"]
+    return seen, echoed, 200, ""
 
 
 header_value = st.one_of(
@@ -1701,6 +1785,87 @@ def test_jwts_are_accepted_exactly_when_every_rule_holds(
         assert body["user"] == "u-1"
     else:
         assert text not in json.dumps(body)
+
+
+# How a websocket offers subprotocols, and what they carry: no token, a token after
+# "bearer" (the one offered: good or not), or a malformed offer (400).
+_OFFERS: dict[str, tuple[list[str], str | None]] = {
+    "none": ([], None),
+    "another protocol": (["chat"], None),
+    "Bearer in capitals": (["Bearer", "{token}"], None),
+    "bearer, token": (["bearer", "{token}"], "token"),
+    "among others": (["chat", "bearer", "{token}", "v2"], "token"),
+    "bearer last": (["chat", "bearer"], "malformed"),
+    "bearer twice": (["bearer", "{token}", "bearer"], "malformed"),
+    "bearer, blank": (["bearer", " "], "malformed"),
+}
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    scheme=st.sampled_from(["Bearer", "bearer", "BEARER", "Basic", "Bearer:", "Token"]),
+    gap=st.sampled_from([" ", "  ", "   "]),
+    trailing=st.sampled_from(["", " ", "  "]),
+    sent=st.sampled_from(["good", "expired", "garbage", ""]),
+    copies=st.sampled_from([0, 1, 1, 2]),
+    name=st.sampled_from([b"authorization", b"Authorization", b"AUTHORIZATION"]),
+    websocket=st.sampled_from([None, "closed", "denied"]),
+    offer=st.sampled_from(sorted(_OFFERS)),
+    offered=st.sampled_from(["good", "garbage"]),
+)
+def test_a_bearer_token_counts_only_sent_once_and_one_way(
+    backend: str,
+    scheme: str,
+    gap: str,
+    trailing: str,
+    sent: str,
+    copies: int,
+    name: bytes,
+    websocket: str | None,
+    offer: str,
+    offered: str,
+) -> None:
+    """A JWT in the Authorization header (any case of the scheme, of the header's name,
+    spaces after the scheme or the token; another scheme; sent twice) or, on a websocket,
+    as the subprotocol after ``bearer``: served exactly when one valid token was sent one
+    way; a header sent twice, ``Bearer`` without a token, a malformed ``bearer`` offer or
+    a token sent both ways is 400, anything else 401 (a websocket closed with 1008, or
+    denied with that status), and no refusal shows the token."""
+    good = token({"sub": "alice"})
+    tokens = {"good": good, "expired": token({"exp": int(time.time()) - 3600}), "garbage": "x.y.z"}
+    value = f"{scheme}{gap}{tokens.get(sent, '')}{trailing}".encode()
+    headers = [(name, value)] * copies
+    protocols, carried = _OFFERS[offer] if websocket else ([], None)
+    protocols = [p.format(token=tokens[offered]) for p in protocols]
+    scope = http_scope(headers, type="websocket" if websocket else "http", subprotocols=protocols)
+    if websocket == "denied":
+        scope["extensions"] = {"websocket.http.response": {}}
+    ledger = Ledger()
+    middleware = AmbientMiddleware(
+        context_app, registry=build_registry(ledger), identity=hs_resolver()
+    )
+    seen, _, status, said = served_or_refused(middleware, ledger, scope, backend)
+
+    if copies > 1 or carried == "malformed" or (copies and carried == "token"):
+        expected = 400
+    elif copies:
+        if scheme.lower() != "bearer":
+            expected = 401
+        elif not sent:
+            expected = 400
+        else:
+            expected = 200 if sent == "good" else 401
+    elif carried == "token":
+        expected = 200 if offered == "good" else 401
+    else:
+        expected = 401
+    if websocket == "closed" and expected != 200:
+        expected = 1008
+    assert status == expected, (status, said)
+    assert all(text not in said for text in tokens.values())
+    if seen is not None:
+        assert seen["user"] == "alice"
 
 
 @pytest.mark.parametrize("value", ["42\x00admin", "42\x00"])

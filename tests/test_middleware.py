@@ -20,6 +20,8 @@ import anyio.abc
 import anyio.lowlevel
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import ambient
 from ambient import Lifetime, Registry, UserExecutionContext, UserRef
@@ -63,7 +65,13 @@ from tests.apps import (
     close_built,
     next_in_an_hour,
 )
-from tests.test_identity import http_scope
+from tests.test_identity import (
+    _is_valid,
+    _visible_ascii,
+    context_app,
+    http_scope,
+    served_or_refused,
+)
 
 Message = MutableMapping[str, Any]
 
@@ -411,6 +419,208 @@ class TestIds:
             ]
         assert echoed == [["ann-1"], ["bob-1"]]
         assert start.get("headers") == headers
+
+
+# -- property-based request and thread ids, and odd scopes --------------------------------------
+
+
+id_value = st.one_of(
+    st.binary(max_size=140),
+    st.text(max_size=40).map(lambda text: text.encode("utf-8")),
+    # About the limits: 128 visible ASCII characters for a request id, 256 for any id.
+    st.sampled_from([126, 127, 128, 129, 130, 255, 256, 257]).map(lambda n: b"~" * n),
+    st.sampled_from([b"null", b"NONE", b"Undefined", b"nil", b"0", b"default"]),
+    st.sampled_from(
+        [
+            b"req-1",
+            b"!",
+            b"~" * 128,
+            b"r" * 129,
+            b"t" * 256,
+            b"t" * 257,
+            "é".encode() * 256,
+            b"",
+            b" lead",
+            b"trail ",
+            b"in side",
+            b"a\tb",
+            b"a\x00b",
+            b"a\x7fb",
+            b"caf\xe9",
+            b"\xe2\x80\xa8",
+            b"a,b",
+        ]
+    ),
+)
+id_headers = st.lists(
+    st.tuples(
+        st.sampled_from(
+            [b"x-request-id", b"X-Request-ID", b"x-thread-id", b"X-THREAD-ID", b"x_thread_id"]
+        ),
+        id_value,
+    ),
+    max_size=4,
+)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    headers=id_headers,
+    query=st.lists(id_value, max_size=2),
+    websocket=st.booleans(),
+    anonymous=st.booleans(),
+)
+def test_any_request_and_thread_ids_bind_what_was_sent_or_a_fresh_id_and_echo_the_bound_one(
+    backend: str,
+    headers: list[tuple[bytes, bytes]],
+    query: list[bytes],
+    websocket: bool,
+    anonymous: bool,
+) -> None:
+    """Request and thread ids as a client may send them (any bytes, any case of the header
+    name, repeated, at and past the length limits, placeholders, whitespace, controls,
+    latin-1; a websocket's also in the ``thread`` query parameter): a request id is bound
+    when one visible-ASCII id of at most 128 characters was sent, else a fresh one, and the
+    one bound is echoed, once; a thread id is bound as sent when sent once and valid, a
+    fresh one when none, and anything else is 400 (1008) with the app never called."""
+    ledger = Ledger()
+    middleware = AmbientMiddleware(
+        context_app,
+        registry=build_registry(ledger),
+        identity=trusted_header(),
+        anonymous=anonymous,
+        thread_id_query="thread",
+    )
+    user = [] if anonymous else [(b"x-user-id", b"alice")]
+    extra: dict[str, Any] = {}
+    if websocket:
+        pairs = [b"thread=" + urllib.parse.quote_from_bytes(value).encode() for value in query]
+        extra["query_string"] = b"&".join(pairs)
+    scope = (ws_scope if websocket else http_scope)([*user, *headers], **extra)
+    seen, echoed, status, _ = served_or_refused(middleware, ledger, scope, backend)
+
+    request_ids = [value for name, value in headers if name.lower() == b"x-request-id"]
+    sent_request_id = (
+        request_ids[0].decode()
+        if len(request_ids) == 1
+        and _visible_ascii(request_ids[0])
+        and len(request_ids[0]) <= 128
+        and _is_valid(request_ids[0].decode())
+        else None
+    )
+    thread_ids = [value for name, value in headers if name.lower() == b"x-thread-id"]
+    thread_ids += query if websocket else []
+    try:
+        sent_thread_id = thread_ids[0].decode() if len(thread_ids) == 1 else None
+    except UnicodeDecodeError:
+        sent_thread_id = None
+    thread_ok = not thread_ids or (
+        sent_thread_id is not None and len(sent_thread_id) <= 256 and _is_valid(sent_thread_id)
+    )
+    assert (seen is not None) == thread_ok, (status, thread_ids)
+    if sent_request_id is not None and echoed:
+        assert echoed == [sent_request_id.encode()]
+    if seen is None:
+        return
+    assert echoed == [seen["request_id"].encode()]
+    assert seen["user"].startswith("anonymous:") if anonymous else seen["user"] == "alice"
+    if sent_request_id is None:
+        assert len(seen["request_id"]) == 32, seen
+    else:
+        assert seen["request_id"] == sent_request_id
+    if thread_ids:
+        assert seen["thread_id"] == sent_thread_id
+    else:
+        assert len(seen["thread_id"]) == 32, seen
+
+
+# What a server may put in ``client`` and ``server``, and whether trusted_header() with
+# loopback and "unix" trusted must take the identity header of such a peer: a TCP peer on
+# loopback (a list too, IPv6, IPv4-mapped), a foreign one, a Unix socket as uvicorn (the
+# server a path, no port) and hypercorn (neither) give it, and a TCP peer whose address
+# could not be read (no client, the server's port known), with the key or without it.
+_ABSENT = object()
+peers = st.sampled_from(
+    [
+        (("127.0.0.1", 50000), ("127.0.0.1", 8000), True),
+        (["127.0.0.1", 50000], ["127.0.0.1", 8000], True),
+        (("::1", 50000), ("::1", 8000), True),
+        (("::ffff:127.0.0.1", 50000), ("::ffff:127.0.0.1", 8000), True),
+        (("203.0.113.9", 50000), ("127.0.0.1", 8000), False),
+        (None, ("/run/app.sock", None), True),
+        (None, None, True),
+        (None, ("127.0.0.1", 8000), False),
+        (_ABSENT, ("127.0.0.1", 8000), False),
+    ]
+)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    peer=peers,
+    user_header=st.sampled_from([b"x-user-id", b"X-User-Id", b"X-USER-ID", None]),
+    request_header=st.sampled_from([b"x-request-id", b"X-REQUEST-ID"]),
+    no_headers=st.booleans(),
+    http_version=st.sampled_from(["1.0", "1.1", "2"]),
+    root_path=st.sampled_from([None, "", "/api"]),
+    websocket=st.booleans(),
+    anonymous=st.booleans(),
+)
+def test_odd_but_legal_scopes_are_served_or_refused_never_failed(
+    backend: str,
+    peer: tuple[Any, Any, bool],
+    user_header: bytes | None,
+    request_header: bytes,
+    no_headers: bool,
+    http_version: str,
+    root_path: str | None,
+    websocket: bool,
+    anonymous: bool,
+) -> None:
+    """Scopes as servers make them, within the ASGI spec or just outside it: no client (a
+    Unix socket, or an address that could not be read), a client and server given as
+    lists, header names in upper case (a server that does not lower them), no
+    ``headers`` at all, HTTP/2, a ``root_path``. The identity header is taken exactly
+    when the peer is trusted, whatever the case of its name, and the request id with it;
+    any other request is served anonymously or refused with 401 (1008), never failed."""
+    client, server, trusted = peer
+    ledger = Ledger()
+    middleware = AmbientMiddleware(
+        context_app,
+        registry=build_registry(ledger),
+        identity=trusted_header(trusted=("127.0.0.1/32", "::1/128", "unix")),
+        anonymous=anonymous,
+    )
+    headers = [(request_header, b"req-7")]
+    if user_header is not None:
+        headers.append((user_header, b"alice"))
+    scope = (ws_scope if websocket else http_scope)(headers, server=server)
+    scope.pop("client")
+    if client is not _ABSENT:
+        scope["client"] = client
+    if no_headers:
+        del scope["headers"]
+    if not websocket:
+        scope["http_version"] = http_version
+    if root_path is not None:
+        scope["root_path"] = root_path
+    seen, echoed, status, _ = served_or_refused(middleware, ledger, scope, backend)
+    identified = trusted and user_header is not None and not no_headers
+    if echoed and no_headers:
+        assert len(echoed[0]) == 32
+    elif echoed:
+        assert echoed == [b"req-7"]
+    if identified:
+        assert seen is not None
+        assert (seen["user"], seen["request_id"]) == ("alice", "req-7")
+    elif anonymous:
+        assert seen is not None
+        assert seen["user"].startswith("anonymous:")
+    else:
+        assert seen is None
+        assert status == (1008 if websocket else 401)
 
 
 class TestAnonymous:

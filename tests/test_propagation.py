@@ -20,6 +20,8 @@ import anyio.to_thread
 import httpx
 import pytest
 from fastapi import FastAPI
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from opentelemetry import trace
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -38,6 +40,7 @@ from ambient.integrations.fastapi import CurrentContext
 from ambient.integrations.fastapi import install as install_fastapi
 from ambient.integrations.propagation import (
     HEADER,
+    MAX_TOKEN_LENGTH,
     SECRET_ENV,
     ContextSigner,
     InvalidTokenError,
@@ -50,11 +53,15 @@ from ambient.integrations.propagation import (
     verify,
 )
 from ambient.integrations.starlette import install
-from ambient.middleware import first_of, trusted_header
+from ambient.middleware import AmbientMiddleware, first_of, trusted_header
 from ambient.telemetry import Telemetry
+from tests.apps import Ledger
+from tests.apps import build_registry as build_counted
 from tests.frameworks import worker
 from tests.frameworks.common import Memory, Probe, build_registry
 from tests.servers import serve
+from tests.test_identity import _is_valid, context_app, http_scope, served_or_refused
+from tests.test_middleware import ws_scope
 
 SECRET = "s3cret-for-tests-only-0123456789abcdef"
 OTHER_SECRET = "another-secret-for-tests-0123456789abcdef"
@@ -1305,6 +1312,119 @@ print(identity.signed_context is propagation.signed_context, found.user_id, foun
             signed_context(SECRET, **{option: name})
         if option != "header":
             assert callable(signed_context(SECRET, **{option: None}))
+
+
+any_id = st.one_of(
+    st.text(min_size=1, max_size=40),
+    st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=256),
+).filter(_is_valid)
+carriers = st.sampled_from(
+    [
+        "intact",
+        "header name in capitals",
+        "one character changed",
+        "truncated",
+        "padded",
+        "standard base64",
+        "spaces around it",
+        "a latin-1 byte after it",
+        "twice",
+        "oversize",
+        "expired",
+        "issued in the future",
+        "another key",
+        "another thread id",
+        "the request id twice",
+    ]
+)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    user=any_id,
+    tenant=st.none() | any_id,
+    thread=any_id,
+    request=any_id,
+    carrier=carriers,
+    where=st.integers(min_value=0),
+    websocket=st.booleans(),
+)
+def test_a_signed_context_is_continued_exactly_when_its_carrier_arrives_intact(
+    backend: str,
+    user: str,
+    tenant: str | None,
+    thread: str,
+    request: str,
+    carrier: str,
+    where: int,
+    websocket: bool,
+) -> None:
+    """A context with any valid ids, injected, then its carrier sent as it was, or changed
+    on the way (a character, cut short, re-encoded, padded, repeated, oversize, out of its
+    time, signed with another key, beside a contradicting id header): the callee's request
+    continues the caller's context with the same ids exactly when the carrier arrived
+    intact and in time; else it is refused (400 or 401, a websocket 1008) without
+    reaching the app, saying neither the token nor the secret."""
+    signer = {
+        "expired": in_the_past(300),
+        "issued in the future": ContextSigner(SECRET, clock=lambda: time.time() + 300),
+        "another key": ContextSigner(OTHER_SECRET),
+    }.get(carrier, ContextSigner(SECRET))
+    ctx = UserExecutionContext.create(user, tenant_id=tenant, thread_id=thread, request_id=request)
+    headers = signed_headers(ctx, signer)
+    token = headers.pop(HEADER)
+    sent = token.encode()
+    if carrier == "one character changed":
+        at = where % len(token)
+        sent = (token[:at] + ("A" if token[at] != "A" else "B") + token[at + 1 :]).encode()
+    elif carrier == "truncated":
+        sent = token[: where % len(token)].encode()
+    elif carrier == "padded":
+        sent += b"="
+    elif carrier == "standard base64":
+        sent = token.replace("-", "+").replace("_", "/").encode()
+    elif carrier == "spaces around it":
+        sent = b" " + sent + b" "
+    elif carrier == "a latin-1 byte after it":
+        sent += b"\xe9"
+    elif carrier == "oversize":
+        sent += b"A" * MAX_TOKEN_LENGTH
+    raw = [(name.encode(), value.encode()) for name, value in headers.items()]
+    name = b"X-Ambient-Context" if carrier == "header name in capitals" else HEADER.encode()
+    raw += [(name, sent)] * (2 if carrier == "twice" else 1)
+    if carrier == "another thread id":
+        raw = [(k, v) for k, v in raw if k != b"x-thread-id"] + [(b"x-thread-id", b"other")]
+    elif carrier == "the request id twice":
+        raw += [(b"x-request-id", request.encode())]
+    ledger = Ledger()
+    middleware = AmbientMiddleware(
+        context_app, registry=build_counted(ledger), identity=signed_context(SECRET)
+    )
+    scope = (ws_scope if websocket else http_scope)(raw)
+    seen, _, status, said = served_or_refused(middleware, ledger, scope, backend)
+    assert SECRET not in said
+    assert token.rpartition(".")[2] not in said
+    intact = (
+        carrier in ("intact", "header name in capitals")
+        or (carrier == "standard base64" and sent == token.encode())
+        or (carrier == "another thread id" and thread == "other")
+        # The request id travels in the token alone when it is not ASCII.
+        or (carrier == "the request id twice" and not request.isascii())
+    )
+    assert (seen is not None) == intact, carrier
+    if seen is None:
+        # A header sent twice is malformed; anything else about a carrier is unauthorized.
+        malformed = carrier in ("twice", "the request id twice")
+        assert status == (1008 if websocket else 400 if malformed else 401), carrier
+    else:
+        assert (seen["user"], seen["tenant"], seen["thread_id"], seen["request_id"]) == (
+            user,
+            tenant,
+            thread,
+            request,
+        )
+        assert (seen["parent_run_id"], seen["depth"]) == (ctx.run_id, 1)
 
 
 class Spans:

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -19,6 +20,8 @@ import jwt as pyjwt
 import pytest
 import redis
 import redis.asyncio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -47,8 +50,10 @@ from ambient.middleware.tickets import (
     RevocableTicketStore,
     TicketStore,
 )
+from tests.apps import Ledger, build_registry
 from tests.conftest import REDIS_URL, service_unavailable
 from tests.servers import serve
+from tests.test_identity import context_app, served_or_refused
 from tests.test_middleware import drive, ws_scope
 from tests.test_psycopg import _eventually
 
@@ -1580,6 +1585,94 @@ async def test_a_bool_exp_claim_gives_the_ticket_no_expiry() -> None:
     identity = await tickets(handshake(ticket))
     assert identity is not None
     assert identity.expires_at is None
+
+
+# Pieces of a handshake's query string: an issued ticket (by number; percent-escaped too),
+# or something else a client may send.
+query_pieces = st.lists(
+    st.one_of(
+        st.tuples(st.sampled_from(["ticket", "escaped"]), st.integers(0, 2)),
+        st.tuples(
+            st.just("raw"),
+            st.sampled_from(
+                [
+                    "ticket=",
+                    "ticket",
+                    "ticket=short",
+                    "ticket=" + "A" * 43,
+                    "TICKET=x",
+                    "tickets=x",
+                    "thread=t-1",
+                    "thread=null",
+                    "thread=%FF",
+                    "thread=",
+                    "other=1",
+                ]
+            ),
+        ),
+    ),
+    max_size=3,
+)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(handshakes=st.lists(query_pieces, min_size=1, max_size=6), denied=st.booleans())
+def test_any_query_strings_let_each_ticket_open_one_socket_at_most(
+    backend: str, handshakes: list[list[tuple[str, Any]]], denied: bool
+) -> None:
+    """Handshakes one after another with any query strings around three users' tickets
+    (repeated, percent-escaped, replayed, unknown, beside good and bad thread ids): a
+    socket opens exactly when one ``ticket`` parameter holds an issued ticket that
+    opened none yet and the thread id is fine, for that ticket's user; a ticket whose
+    handshake was refused for its thread id opens the next; any other handshake is
+    refused (400 for a repeated parameter or a bad thread id, 401 for a ticket that
+    opens nothing or none), never served or failed."""
+    tickets = WebSocketTickets()
+
+    async def issue() -> list[str]:
+        issued = []
+        for user in ("u-0", "u-1", "u-2"):
+            with bound(user):
+                issued.append(await tickets.issue())
+        return issued
+
+    issued = anyio.run(issue, backend=backend)
+    opened: set[str] = set()
+    for pieces in handshakes:
+        query = "&".join(
+            value
+            if kind == "raw"
+            else f"ticket={issued[value]}"
+            if kind == "ticket"
+            else "ticket=" + "".join(f"%{ord(char):02X}" for char in issued[value])
+            for kind, value in pieces
+        )
+        ledger = Ledger()
+        middleware = AmbientMiddleware(
+            context_app,
+            registry=build_registry(ledger),
+            identity=tickets,
+            thread_id_query="thread",
+        )
+        extensions = {"websocket.http.response": {}} if denied else {}
+        scope = ws_scope([], query_string=query.encode(), extensions=extensions)
+        seen, _, status, said = served_or_refused(middleware, ledger, scope, backend)
+
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+        named = [value for key, value in pairs if key == "ticket"]
+        threads = [value for key, value in pairs if key == "thread"]
+        thread_ok = threads in ([], ["t-1"]) and "%FF" not in query
+        usable = len(named) == 1 and named[0] in issued and named[0] not in opened
+        assert (seen is not None) == (usable and thread_ok), (query, status, said)
+        if seen is not None:
+            opened.add(named[0])
+            assert seen["user"] == f"u-{issued.index(named[0])}"
+        elif denied:
+            # The ticket is checked first, then whether there was one, then the thread id.
+            expected = 400 if len(named) > 1 or (usable and not thread_ok) else 401
+            assert status == expected, (query, said)
+        assert all(ticket not in said for ticket in issued)
 
 
 class FailingPutStore(MemoryTicketStore):

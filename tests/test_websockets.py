@@ -36,6 +36,8 @@ import anyio.to_thread
 import httpx
 import pytest
 import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from litestar import Litestar
 from litestar import WebSocket as LitestarWebSocket
 from litestar import websocket as litestar_websocket
@@ -1187,6 +1189,69 @@ async def test_allow_missing_admits_no_origin_and_still_checks_one_that_is_sent(
     await strict({"type": "lifespan"})
     assert [scope["type"] for scope in strict.called] == ["lifespan"]
     assert [(m["type"], m["code"]) for m in strict.sent] == [("websocket.close", 1008)]
+
+
+# The pieces of an Origin, each with the spellings that still name https://app.example and
+# spellings that do not: an Origin is assembled from right pieces with at most one wrong.
+_ORIGIN_PIECES: dict[str, tuple[list[str], list[str]]] = {
+    # Around the value: what a server strips from a header's (RFC 9110's optional
+    # whitespace), or a NUL, which it does not.
+    "space": (["", " ", "\t"], ["\x00"]),
+    "scheme": (["https", "HTTPS", "hTTps"], ["http", "wss", "", "https\t"]),
+    "separator": (["://"], [":/", ":///", "//", ":\\\\"]),
+    "credentials": ([""], ["u@", "@", "u:p@", ":@"]),
+    "host": (
+        ["app.example", "APP.Example"],
+        [
+            "app.example.",
+            "evil.example",
+            "app.example.evil",
+            "app.exa%6Dple",
+            "app.exa\tmple",
+            "app.example\\",
+            "app\x00.example",
+            "",
+            "[app.example]",
+        ],
+    ),
+    "port": (["", ":443", ":0443", ":"], [":8443", ":80", ":99999", ":44x", ":-443", ":+443"]),
+    "path": (["", "/"], ["//", "/x", "?", "#", "?x", "/#", "/?"]),
+}
+
+
+@st.composite
+def origins(draw: st.DrawFn) -> tuple[str, bool]:
+    """An Origin header's value, and whether it names the allowed origin."""
+    spoiled = draw(st.sampled_from([None, *_ORIGIN_PIECES]))
+    pieces = {
+        name: draw(st.sampled_from(wrong if name == spoiled else right))
+        for name, (right, wrong) in _ORIGIN_PIECES.items()
+    }
+    value = "{space}{scheme}{separator}{credentials}{host}{port}{path}{space}".format(**pieces)
+    return value, spoiled is None
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(origin=origins(), copies=st.sampled_from([0, 1, 1, 1, 2]), allow_missing=st.booleans())
+def test_only_an_origin_that_spells_the_allowed_one_opens_a_socket(
+    backend: str, origin: tuple[str, bool], copies: int, allow_missing: bool
+) -> None:
+    """An Origin assembled from the pieces of a URL (scheme, separator, credentials,
+    host, port, path, query, fragment, whitespace around it), each spelled right or, for
+    one of them, wrong; sent once, twice or not at all: the app behind
+    ``OriginAllowList`` is called exactly when one Origin spells the allowed origin (in
+    any case, with its default port, an empty path) or, with ``allow_missing``, none was
+    sent; every other handshake is closed with 1008."""
+    value, allowed = origin
+    probe = OriginProbe(allow_missing=allow_missing)
+    scope = {"type": "websocket", "headers": [(b"origin", value.encode())] * copies}
+    anyio.run(probe, scope, backend=backend)
+    expected = allow_missing if copies == 0 else copies == 1 and allowed
+    assert len(probe.called) == expected, value
+    assert [(m["type"], m["code"]) for m in probe.sent] == (
+        [] if expected else [("websocket.close", 1008)]
+    ), value
 
 
 async def nothing(*_: Any) -> None:
