@@ -85,6 +85,7 @@ _GUARD_MODES: Final = get_args(GuardMode)
 _ROLLOUT_MODES: Final = get_args(RolloutMode)
 GUARD_MODE_ENV: Final = "AMBIENT_GUARD_MODE"
 BUCKETS: Final = 10_000
+_MIN_WINDOW: Final = 1e-6
 
 logger = logging.getLogger("ambient.migration")
 
@@ -772,7 +773,7 @@ class Rollout(Generic[T]):
         percent: Share of users on the new path, 0 to 100 (default 100).
         max_error_rate: Fall back above this failure rate (0 <= rate < 1); ``None`` never
             falls back and lets failures propagate.
-        window: Seconds of the sliding window (default 60).
+        window: Seconds of the sliding window (default 60; at least a microsecond).
         min_calls: Fewest component-path requests in the window before falling back.
         name: Name in logs, metrics and environment variables (default: the key's name).
         salt: Bucketing salt (default: the name).
@@ -813,8 +814,10 @@ class Rollout(Generic[T]):
         ):
             msg = f"max_error_rate must be in [0, 1) or None, not {max_error_rate!r}"
             raise ValueError(msg)
-        if not _checks.number(window, "window") > 0:
-            msg = f"window must be > 0 seconds, not {window!r}"
+        # Below a microsecond a twelfth of the window divides a clock reading into
+        # infinity (or by zero), and every component-path request would fail on it.
+        if not _checks.number(window, "window") >= _MIN_WINDOW:
+            msg = f"window must be at least {_MIN_WINDOW:g} seconds, not {window!r}"
             raise ValueError(msg)
         if _checks.whole(min_calls, "min_calls", "calls") < 1:
             msg = f"min_calls must be >= 1, not {min_calls!r}"

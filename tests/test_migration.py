@@ -1992,6 +1992,16 @@ class TestRuntimeChanges:
         with pytest.raises(ValueError, match="name"):
             Rollout("x", legacy=LEGACY, name="")
 
+    @pytest.mark.parametrize("window", [5e-324, 1e-310, 1e-7])
+    def test_a_window_shorter_than_a_microsecond_is_refused(self, window: float) -> None:
+        """A window shorter than a microsecond is refused when the rollout is made: one
+        of 5e-324 s has a twelfth of zero, one of 1e-310 s turns a clock reading into
+        infinity when divided by its twelfth, and every component-path request failed
+        on it (ZeroDivisionError, OverflowError) instead of being served."""
+        with pytest.raises(ValueError, match=r"window must be at least 1e-06 seconds"):
+            Rollout("x", legacy=LEGACY, window=window)
+        assert Rollout("x", legacy=LEGACY, window=1e-6).window == 1e-6
+
 
 class TestEnvironment:
     def test_variables_override_the_arguments(self, monkeypatch: pytest.MonkeyPatch) -> None:
