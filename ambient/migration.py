@@ -825,14 +825,16 @@ class Rollout(Generic[T]):
         self.key = key
         self.legacy = legacy
         self.name = name
-        self.max_error_rate = max_error_rate
-        self.window = window
+        # Floats, as checked: a Fraction has no :g format (before Python 3.12) to put in
+        # the reason of a fallback, whose request would fail on it.
+        self.max_error_rate = None if max_error_rate is None else float(max_error_rate)
+        self.window = float(window)
         self.min_calls = min_calls
         self.env_prefix = f"AMBIENT_ROLLOUT_{_env_name(name)}_"
         self._salt = (name if salt is None else salt).encode()
         self._clock = _checks.clock(clock)
         self._lock = threading.Lock()
-        self._window = _Window(window)
+        self._window = _Window(self.window)
         self._fallen_back = False
         self._reason: str | None = None
         self._served = {"legacy": 0, "component": 0, "shadow": 0}

@@ -15,6 +15,7 @@ import sys
 import threading
 import warnings
 from collections.abc import AsyncIterator, Iterator
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -1909,6 +1910,29 @@ class TestFallback:
             )
             rollout.reset()
         assert (rollout.state().fallen_back, rollout.state().fallbacks) == (False, 2)
+
+    async def test_a_rate_and_window_given_as_fractions_fall_back(
+        self, engines: Registry, factory: Switchable
+    ) -> None:
+        """A rate and a window that are Fractions (numbers the constructor takes) fall back
+        as floats do: the request whose failure makes the switch fall back is served the
+        legacy object, where it got a TypeError from formatting the reason, and the
+        reason and state read as for floats."""
+        rollout: Rollout[Any] = Rollout(
+            ExecutionEngine,
+            legacy=LEGACY,
+            mode="component",
+            max_error_rate=Fraction(1, 4),
+            window=Fraction(30),
+            min_calls=1,
+        )
+        factory.failing = True
+        assert await serve(engines, rollout, "alice") is LEGACY
+        state = rollout.state()
+        assert state.reason == (
+            "1 of 1 component-path requests failed in the last 30 s, above max_error_rate 0.25"
+        )
+        assert (rollout.max_error_rate, rollout.window) == (0.25, 30.0)
 
     def test_a_reset_without_a_fallback_logs_nothing(
         self, caplog: pytest.LogCaptureFixture
