@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
@@ -61,7 +62,7 @@ if TYPE_CHECKING:
     from types import FrameType
 
     from ambient._context import UserExecutionContext
-    from ambient._scope import _Resolver
+    from ambient._scope import Scope, _Resolver
 
 __all__ = [
     "GlobalAccess",
@@ -841,6 +842,10 @@ class Rollout(Generic[T]):
         self._failures = 0
         self._fallbacks = 0
         self._logged_failure = False
+        # Each request's decision, by its scope: kept past the scope's close (which empties
+        # its state), so work that outlived its request keeps that request's path and
+        # counts no second request.
+        self._decisions: weakref.WeakKeyDictionary[Scope, _Decision] = weakref.WeakKeyDictionary()
         env_mode = os.environ.get(self.env_prefix + "MODE")
         env_percent = os.environ.get(self.env_prefix + "PERCENT")
         self._mode: RolloutMode = self._check_mode(
@@ -964,14 +969,15 @@ class Rollout(Generic[T]):
         if binding is None:
             return _Decision("legacy"), None
         resolver = binding.scope
-        state = None if resolver is None else resolver.owner.state
-        if state is not None:
-            decision = state.get(self)
+        owner = None if resolver is None else resolver.owner
+        if owner is not None:
+            decision = self._decisions.get(owner)
             if decision is not None:
                 return decision, resolver
         made = _Decision(self._choose(binding.ctx))
-        if state is not None:
-            decision = state.setdefault(self, made)
+        if owner is not None:
+            with self._lock:
+                decision = self._decisions.setdefault(owner, made)
             if decision is not made:  # another task or thread of this request decided first
                 return decision, resolver
         elif made.path != "legacy":
@@ -1098,8 +1104,8 @@ class Rollout(Generic[T]):
         resolver = None if binding is None else binding.scope
         if resolver is None:
             return
-        decision = resolver.owner.state.get(self)
-        if isinstance(decision, _Decision) and decision.path in ("component", "shadow"):
+        decision = self._decisions.get(resolver.owner)
+        if decision is not None and decision.path in ("component", "shadow"):
             self._tally(decision, decision.path, failed=True, in_use=True)
 
     def _tally(self, decision: _Decision, path: str, *, failed: bool, in_use: bool = False) -> None:

@@ -1332,6 +1332,54 @@ class TestFallback:
         state = rollout.state()
         assert (state.failures, state.window_failures, state.fallen_back) == (0, 0, False)
 
+    @pytest.mark.parametrize(
+        ("mode", "change", "late_gets"),
+        [
+            ("component", ("mode", "legacy"), "ScopeClosedError"),
+            ("component", ("percent", 0), "ScopeClosedError"),
+            ("component", ("mode", "shadow"), "ScopeClosedError"),
+            ("legacy", ("mode", "component"), "legacy"),
+            ("shadow", ("mode", "component"), "legacy"),
+        ],
+    )
+    async def test_work_that_outlived_its_request_keeps_its_path_after_a_change(
+        self, engines: Registry, mode: RolloutMode, change: tuple[str, Any], late_gets: str
+    ) -> None:
+        """The switch changed after a request ended, and a task of that request still
+        running resolves: it keeps the request's path, as every resolve of the request
+        does (a component request's task gets ScopeClosedError, never the legacy global;
+        a legacy or shadow one's the legacy object, never ScopeClosedError), and the
+        request stays one request of its path in the counts. The request's decision was
+        kept in its scope's state, emptied when the scope closed: the late task decided
+        again, by the new setting, and counted a second request."""
+        rollout: Rollout[Any] = Rollout(ExecutionEngine, legacy=LEGACY, mode=mode)
+        closed = anyio.Event()
+        outcome: list[object] = []
+
+        async def late() -> None:
+            await closed.wait()
+            for sync in (False, True):
+                try:
+                    got = rollout.resolve_sync() if sync else await rollout.resolve()
+                except ScopeClosedError:
+                    got = "ScopeClosedError"
+                outcome.append("legacy" if got is LEGACY else got)
+
+        async with anyio.create_task_group() as service:
+            async with engines.open_scope(ctx("alice")):
+                first = await rollout.resolve()
+                assert (first is LEGACY) is (mode != "component")
+                service.start_soon(late)
+            setattr(rollout, *change)
+            closed.set()
+        assert outcome == [late_gets, late_gets]
+        state = rollout.state()
+        assert (state.legacy, state.shadow, state.component) == (
+            int(mode == "legacy"),
+            int(mode == "shadow"),
+            int(mode == "component"),
+        )
+
     async def test_requests_in_flight_failing_after_a_fallback_fall_back_once(
         self, engines: Registry, caplog: pytest.LogCaptureFixture
     ) -> None:
