@@ -28,6 +28,7 @@ from ambient import (
     CleanupError,
     InvalidContextError,
     Registry,
+    ScopeClosedError,
     UserExecutionContext,
     bind_context,
 )
@@ -344,6 +345,7 @@ step = st.one_of(
     mode=st.sampled_from(MODES),
     percent=percents,
     plans=st.lists(st.lists(step, min_size=1, max_size=6), min_size=1, max_size=4),
+    late=st.lists(st.none() | change, min_size=1, max_size=4),
 )
 def test_every_resolve_of_a_request_gets_the_same_object(
     backend: str,
@@ -351,21 +353,30 @@ def test_every_resolve_of_a_request_gets_the_same_object(
     mode: RolloutMode,
     percent: float,
     plans: list[list[tuple[str, Any]]],
+    late: list[tuple[str, Any] | None],
 ) -> None:
     """Concurrent requests of several users, each resolving from several tasks at once and
-    from worker threads, while mode and percent change under them: every resolve of one
-    request returns one object, the legacy one or that user's own component; a shadow
+    from worker threads, while mode and percent change under them, and some with a task
+    that resolves after the request ended and the switch changed again: every resolve of
+    one request takes one path, the legacy object or that user's own component (which a
+    task that outlived the request can no longer have: ScopeClosedError); a shadow
     request always gets the legacy object. Each request is counted once, and each
     component is cleaned once."""
     engines = Engines()
     rollout: Rollout[Any] = Rollout(
         Engine, legacy=LEGACY, mode=mode, percent=percent, name=fresh("paths")
     )
-    requests = [(user, plans[n % len(plans)]) for n, user in enumerate(people)]
+    requests = [(user, plans[n % len(plans)], late[n % len(late)]) for n, user in enumerate(people)]
     served: list[Any] = []
 
-    async def one(n: int, user: tuple[str, str | None], plan: list[tuple[str, Any]]) -> None:
+    async def one(
+        user: tuple[str, str | None],
+        plan: list[tuple[str, Any]],
+        then: tuple[str, Any] | None,
+        service: Any,
+    ) -> None:
         got: list[Any] = []
+        closed, late_done = anyio.Event(), anyio.Event()
 
         async def resolve() -> None:
             got.append(await rollout.resolve())
@@ -373,7 +384,18 @@ def test_every_resolve_of_a_request_gets_the_same_object(
         async def in_thread() -> None:
             got.append(await anyio.to_thread.run_sync(rollout.resolve_sync))
 
+        async def outlived() -> None:
+            await closed.wait()
+            for sync in (False, True):
+                try:
+                    got.append(rollout.resolve_sync() if sync else await rollout.resolve())
+                except ScopeClosedError:
+                    got.append(ScopeClosedError)
+            late_done.set()
+
         async with engines.registry.open_scope(context_of(user)):
+            if then is not None:
+                service.start_soon(outlived)
             for what, arg in plan:
                 if what in ("mode", "percent"):
                     setattr(rollout, what, arg)
@@ -382,26 +404,40 @@ def test_every_resolve_of_a_request_gets_the_same_object(
                     for _ in range(arg):
                         tg.start_soon(resolve if what == "resolve" else in_thread)
                 await anyio.lowlevel.checkpoint()
+        if then is not None:
+            setattr(rollout, *then)
+            closed.set()
+            await late_done.wait()
         if not got:
             return
         first = got[0]
-        assert all(g is first for g in got), (user, got)
-        if first is not LEGACY:
+        if first is ScopeClosedError:  # decided after the request, for the component
+            assert got == [ScopeClosedError] * 2
+            served.append(first)
+            return
+        component = first is not LEGACY
+        if component:
             assert (first.user_id, first.tenant_id) == user
+        late_gets = ScopeClosedError if component else first
+        assert got == [first] * (len(got) - 2 * (then is not None)) + [late_gets] * 2 * (
+            then is not None
+        ), (user, got)
         served.append(first)
 
     async def run() -> None:
         async with anyio.create_task_group() as tg:
-            for n, (user, plan) in enumerate(requests):
-                tg.start_soon(one, n, user, plan)
+            for user, plan, then in requests:
+                tg.start_soon(one, user, plan, then, tg)
 
     anyio.run(run, backend=backend)
     engines.check_cleaned()
-    resolving = sum(any(w in ("resolve", "thread") for w, _ in plan) for _, plan in requests)
     state = rollout.state()
-    assert state.legacy + state.shadow + state.component == resolving == len(served)
+    assert state.legacy + state.shadow + state.component == len(served)
     assert state.component == sum(s is not LEGACY for s in served)
-    assert len(engines.made) == state.shadow + state.component
+    # A request first resolving after it ended makes no component (nor shadow).
+    components = sum(s is not LEGACY and s is not ScopeClosedError for s in served)
+    decided_late = sum(not any(w in ("resolve", "thread") for w, _ in p) for _, p, _ in requests)
+    assert 0 <= state.shadow + components - len(engines.made) <= decided_late
 
 
 # -- shadow -----------------------------------------------------------------------------------
