@@ -572,35 +572,38 @@ class Open:
 
 
 @BACKENDS
-@PROPERTY
+@settings(PROPERTY, max_examples=200)
 @given(
+    mode=st.sampled_from(["component", "shadow"]),
     rate=st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.75]) | st.floats(0, 0.99),
     min_calls=st.integers(1, 8),
     events=st.lists(event, min_size=1, max_size=40),
 )
 def test_the_switch_falls_back_exactly_when_the_window_fails_too_often(
     backend: str,
+    mode: RolloutMode,
     rate: float,
     min_calls: int,
     events: list[tuple[str, Any, Any]],
     metric_reader: InMemoryMetricReader,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Requests whose component is made, fails to be made, or fails in use (reported by
-    record_failure()), from several tasks each, and long requests that stay open while
-    the clock moves and report a failure in use much later, or none: the switch falls
-    back exactly when the model's window (of at least min_calls calls) fails above the
-    rate, then serves legacy without touching the factory until reset(); each request is
-    one call of the window however many of its tasks resolve or report, and a component
-    that could not be made one WARNING line; the fallback is one ERROR line and one count
-    of the metric each time; nobody sees an error."""
+    """In component or shadow mode, requests whose component is made, fails to be made,
+    or fails in use (reported by record_failure()), from several tasks each, and long
+    requests that stay open while the clock moves and report a failure in use much later,
+    or none: the switch falls back exactly when the model's window (of at least
+    min_calls calls) fails above the rate, then serves legacy without touching the
+    factory until reset(); each request is one call of the window however many of its
+    tasks resolve or report, and a component that could not be made one WARNING line;
+    the fallback is one ERROR line and one count of the metric each time; nobody sees an
+    error."""
     clock = FakeClock()
     clock.now = 1_200.0
     name = fresh("fallback")
     rollout: Rollout[Any] = Rollout(
         Engine,
         legacy=LEGACY,
-        mode="component",
+        mode=mode,
         max_error_rate=rate,
         min_calls=min_calls,
         window=60,
@@ -622,7 +625,7 @@ def test_the_switch_falls_back_exactly_when_the_window_fails_too_often(
             assert got is LEGACY
             assert len(engines.made) == made
         else:
-            assert (got is LEGACY) is (result == "fails")
+            assert (got is LEGACY) is (result == "fails" or mode == "shadow")
         return got
 
     async def one(user: str, result: str, tasks: int) -> None:
