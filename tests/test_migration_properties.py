@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import threading
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
+import ambient
 from ambient import (
     CleanupError,
     InvalidContextError,
@@ -334,6 +336,7 @@ change = st.one_of(
 step = st.one_of(
     st.tuples(st.just("resolve"), st.integers(1, 4)),
     st.tuples(st.just("thread"), st.integers(1, 2)),
+    st.tuples(st.just("wrapped"), st.integers(1, 2)),
     change,
 )
 
@@ -355,13 +358,13 @@ def test_every_resolve_of_a_request_gets_the_same_object(
     plans: list[list[tuple[str, Any]]],
     late: list[tuple[str, Any] | None],
 ) -> None:
-    """Concurrent requests of several users, each resolving from several tasks at once and
-    from worker threads, while mode and percent change under them, and some with a task
-    that resolves after the request ended and the switch changed again: every resolve of
-    one request takes one path, the legacy object or that user's own component (which a
-    task that outlived the request can no longer have: ScopeClosedError); a shadow
-    request always gets the legacy object. Each request is counted once, and each
-    component is cleaned once."""
+    """Concurrent requests of several users, each resolving from several tasks at once,
+    from worker threads and from threads of their own (through ambient.wrap), while mode
+    and percent change under them, and some with a task that resolves after the request
+    ended and the switch changed again: every resolve of one request takes one path, the
+    legacy object or that user's own component (which a task that outlived the request
+    can no longer have: ScopeClosedError); a shadow request always gets the legacy
+    object. Each request is counted once, and each component is cleaned once."""
     engines = Engines()
     rollout: Rollout[Any] = Rollout(
         Engine, legacy=LEGACY, mode=mode, percent=percent, name=fresh("paths")
@@ -384,6 +387,13 @@ def test_every_resolve_of_a_request_gets_the_same_object(
         async def in_thread() -> None:
             got.append(await anyio.to_thread.run_sync(rollout.resolve_sync))
 
+        async def in_raw_thread() -> None:
+            """A thread of its own, which ambient.wrap() carries the request into."""
+            wrapped = ambient.wrap(rollout.resolve_sync)
+            thread = threading.Thread(target=lambda: got.append(wrapped()))
+            thread.start()
+            await anyio.to_thread.run_sync(thread.join)
+
         async def outlived() -> None:
             await closed.wait()
             for sync in (False, True):
@@ -402,7 +412,9 @@ def test_every_resolve_of_a_request_gets_the_same_object(
                     continue
                 async with anyio.create_task_group() as tg:
                     for _ in range(arg):
-                        tg.start_soon(resolve if what == "resolve" else in_thread)
+                        tg.start_soon(
+                            {"resolve": resolve, "thread": in_thread}.get(what, in_raw_thread)
+                        )
                 await anyio.lowlevel.checkpoint()
         if then is not None:
             setattr(rollout, *then)
@@ -436,7 +448,7 @@ def test_every_resolve_of_a_request_gets_the_same_object(
     assert state.component == sum(s is not LEGACY for s in served)
     # A request first resolving after it ended makes no component (nor shadow).
     components = sum(s is not LEGACY and s is not ScopeClosedError for s in served)
-    decided_late = sum(not any(w in ("resolve", "thread") for w, _ in p) for _, p, _ in requests)
+    decided_late = sum(all(w in ("mode", "percent") for w, _ in p) for _, p, _ in requests)
     assert 0 <= state.shadow + components - len(engines.made) <= decided_late
 
 
