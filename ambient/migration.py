@@ -880,14 +880,12 @@ class Rollout(Generic[T]):
         return cast("RolloutMode", mode)
 
     def _set_percent(self, percent: float, source: str) -> None:
-        if isinstance(percent, bool) or not isinstance(percent, int | float):
-            msg = f"{source} must be a number from 0 to 100, not {percent!r}"
-            raise TypeError(msg)
-        if not 0 <= percent <= 100:
-            msg = f"{source} must be from 0 to 100, not {percent!r}"
+        value = _checks.number(percent, source, "percent")
+        if not 0 <= value <= 100:
+            msg = f"{source} must be from 0 to 100, not {percent!r:.64}"
             raise ValueError(msg)
-        self._percent = float(percent)
-        self._threshold = round(percent * BUCKETS / 100)
+        self._percent = value
+        self._threshold = round(value * BUCKETS / 100)
 
     @property
     def mode(self) -> RolloutMode:

@@ -41,6 +41,7 @@ BUILDERS: list[tuple[str, Callable[[str, Any], object]]] = [
     ("window", lambda name, v: Rollout("engine", legacy=object(), max_error_rate=0.1, window=v)),
     ("max_error_rate", lambda name, v: Rollout("engine", legacy=object(), max_error_rate=v)),
     ("min_calls", lambda name, v: Rollout("engine", legacy=object(), min_calls=v)),
+    ("percent", lambda name, v: Rollout("engine", legacy=object(), percent=v)),
     ("span_threshold", lambda name, v: Telemetry(span_threshold=v)),
     ("timeout", lambda name, v: PerUserPools(URL, **{name: v})),
     ("return_timeout", lambda name, v: SharedPool(URL, **{name: v})),
