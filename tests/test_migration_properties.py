@@ -770,11 +770,12 @@ def test_the_report_counts_every_access_made_inside_a_user_context(
     plans: list[list[tuple[str, str]]],
     bound: str,
     metric_reader: InMemoryMetricReader,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Concurrent users touching a guarded global at several call sites, from their
     tasks and worker threads, and code with no context touching it too: the report counts
     exactly the accesses made inside a context, per call site, and so does the counter;
-    "warn" warns once per call site, "strict" raises GlobalStateError at every counted
+    "warn" warns and logs once per call site, "strict" raises GlobalStateError at every counted
     access and warns never, "off" only counts; outside a context nothing is counted and
     nothing raised."""
     reset_global_state_report()
@@ -819,7 +820,11 @@ def test_the_report_counts_every_access_made_inside_a_user_context(
             for n, plan in enumerate(plans):
                 tg.start_soon(user, n, plan)
 
-    with warnings.catch_warnings(record=True) as caught:
+    caplog.clear()
+    with (
+        warnings.catch_warnings(record=True) as caught,
+        caplog.at_level(logging.WARNING, logger="ambient.migration"),
+    ):
         warnings.simplefilter("always")
         anyio.run(run, backend=backend)
     report = global_state_report()
@@ -833,3 +838,5 @@ def test_the_report_counts_every_access_made_inside_a_user_context(
     assert len(raised) == (report.total if mode == "strict" else 0)
     assert len(warned) == (len(expected) if mode == "warn" else 0)
     assert {(w.filename, w.lineno) for w in warned} <= set(expected)
+    logged = [r for r in caplog.records if getattr(r, "ambient_global", None) == name]
+    assert len(logged) == len(warned)
