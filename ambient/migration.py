@@ -1069,7 +1069,9 @@ class Rollout(Generic[T]):
     def _served_by(self, decision: _Decision, component: Any, *, first: bool) -> T:
         if first:
             self._tally(decision, decision.path, failed=False)
-        return self.legacy if decision.path == "shadow" else cast("T", component)
+        # A shadow's, or one the registry made again for a task that waited on an attempt
+        # that failed for another task of the request, which is on legacy since.
+        return cast("T", component) if decision.path == "component" else self.legacy
 
     def _absorbed(self, decision: _Decision, error: Exception, *, first: bool) -> bool:
         """Record a failure of the new path; whether the request gets legacy instead."""

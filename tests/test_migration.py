@@ -1916,6 +1916,44 @@ class TestFallback:
         failed = [r for r in caplog.records if " path failed " in r.getMessage()]
         assert len(failed) == 1
 
+    async def test_tasks_of_a_request_waiting_on_a_failed_component_get_the_legacy_object(
+        self,
+    ) -> None:
+        """Three tasks of one request resolve at once under a rate; making the component
+        fails once, and the registry makes it again for the tasks that waited on that
+        attempt: the request is on legacy for good once its first attempt failed, so
+        those tasks get the legacy object too, never the component made by the retry
+        beside the legacy object of the first (the request mixed the two)."""
+        attempts: list[str] = []
+
+        async def flaky(context: UserExecutionContext) -> ExecutionEngine:
+            attempts.append(context.user_id)
+            await anyio.lowlevel.checkpoint()
+            if len(attempts) == 1:
+                msg = "engine backend unavailable"
+                raise ConnectionError(msg)
+            return ExecutionEngine(context)
+
+        registry = Registry()
+        registry.register(ExecutionEngine, flaky)
+        rollout: Rollout[Any] = Rollout(
+            ExecutionEngine, legacy=LEGACY, mode="component", max_error_rate=0.5
+        )
+        got: list[object] = []
+
+        async def task() -> None:
+            got.append(await rollout.resolve())
+
+        with anyio.fail_after(10):
+            async with registry.open_scope(ctx()), anyio.create_task_group() as tg:
+                for _ in range(3):
+                    tg.start_soon(task)
+            assert got == [LEGACY] * 3
+            async with registry.open_scope(ctx()):
+                assert await rollout.resolve() is not LEGACY  # the next request: its own
+        state = rollout.state()
+        assert (state.component, state.window_calls, state.window_failures) == (2, 2, 1)
+
     async def test_failures_of_a_shadow_reported_by_the_application_count(
         self, engines: Registry
     ) -> None:
