@@ -102,6 +102,7 @@ class Engines:
     registry: Registry = field(default_factory=Registry)
     made: list[Engine] = field(default_factory=list)
     fail_creation: set[str] = field(default_factory=set)
+    fail_once: set[str] = field(default_factory=set)  # the first attempt only
     fail_cleanup: set[str] = field(default_factory=set)
     asynchronous: bool = False  # an async factory, whose creation other tasks overlap
 
@@ -109,7 +110,8 @@ class Engines:
         self.registry.register(Engine, self.make_async if self.asynchronous else self.make)
 
     def make(self, context: UserExecutionContext) -> Iterator[Engine]:
-        if context.user_id in self.fail_creation:
+        if context.user_id in self.fail_creation or context.user_id in self.fail_once:
+            self.fail_once.discard(context.user_id)
             msg = "engine backend unavailable"
             raise ConnectionError(msg)
         engine = Engine(context.user_id, context.tenant_id)
@@ -560,7 +562,8 @@ class WindowModel:
         self.fallen_back = False
 
 
-outcome = st.sampled_from(["ok", "fails", "fails in use"])
+outcome = st.sampled_from(["ok", "fails", "fails once", "fails in use"])
+NOT_MADE = ("fails", "fails once")
 event = st.one_of(
     st.tuples(st.just("request"), outcome, st.integers(1, 3)),
     st.tuples(st.just("open"), st.sampled_from(["ok", "fails"]), st.just(0)),
@@ -630,18 +633,23 @@ def test_the_switch_falls_back_exactly_when_the_window_fails_too_often(
 
     async def resolve_as(user: str, result: str) -> Any:
         """The request's path as the model predicts it, checked against what it got."""
-        engines.fail_creation = {user} if result == "fails" else set()
         made = len(engines.made)
         got = await rollout.resolve()
         if model.fallen_back:
             assert got is LEGACY
             assert len(engines.made) == made
         else:
-            assert (got is LEGACY) is (result == "fails" or mode == "shadow")
+            assert (got is LEGACY) is (result in NOT_MADE or mode == "shadow")
         return got
+
+    def arm(user: str, result: str) -> None:
+        """Make the factory fail for this request as ``result`` says."""
+        engines.fail_creation = {user} if result == "fails" else set()
+        engines.fail_once = {user} if result == "fails once" else set()
 
     async def one(user: str, result: str, tasks: int) -> None:
         on_component = not model.fallen_back
+        arm(user, result)
         got: list[Any] = []
 
         async def resolve() -> None:
@@ -658,7 +666,7 @@ def test_the_switch_falls_back_exactly_when_the_window_fails_too_often(
         assert all(g is got[0] for g in got)
         if on_component:
             model.call(clock.now, failed=result != "ok")
-            if result == "fails":
+            if result in NOT_MADE:
                 not_made.append(user)
 
     async def long(request: Open, result: str, resolved: anyio.Event) -> None:
@@ -676,6 +684,7 @@ def test_the_switch_falls_back_exactly_when_the_window_fails_too_often(
         elif what == "open":
             request = Open(f"user-{n}", not model.fallen_back, None)
             resolved = anyio.Event()
+            arm(request.user, arg)
             tg.start_soon(long, request, arg, resolved)
             await resolved.wait()
             if request.on_component:
