@@ -581,7 +581,7 @@ def guard_global(
         )
     """
     if not isinstance(name, str) or not name.strip():
-        msg = f"guard_global() needs a non-empty name for the global, not {name!r}"
+        msg = f"guard_global() needs a non-empty name for the global, not {name!r:.64}"
         raise ValueError(msg)
     chosen: str = mode
     source = "mode"
@@ -589,7 +589,7 @@ def guard_global(
     if from_env is not None:
         chosen, source = from_env.strip().lower(), GUARD_MODE_ENV
     if chosen not in _GUARD_MODES:
-        msg = f"{source} must be one of {', '.join(_GUARD_MODES)}, not {chosen!r}"
+        msg = f"{source} must be one of {', '.join(_GUARD_MODES)}, not {chosen!r:.64}"
         raise ValueError(msg)
     target = unwrap_global(obj)
     return cast("T", _guard_class(target)(target, name, replacement, chosen))
@@ -806,22 +806,22 @@ class Rollout(Generic[T]):
     ) -> None:
         if name is None:
             name = key.__qualname__ if isinstance(key, type) else str(key)
-        if not name:
-            msg = "Rollout needs a non-empty name"
+        if not isinstance(name, str) or not name:
+            msg = f"Rollout needs a non-empty name (a str), not {name!r:.64}"
             raise ValueError(msg)
         if (
             max_error_rate is not None
             and not 0 <= _checks.number(max_error_rate, "max_error_rate", "failures per call") < 1
         ):
-            msg = f"max_error_rate must be in [0, 1) or None, not {max_error_rate!r}"
+            msg = f"max_error_rate must be in [0, 1) or None, not {max_error_rate!r:.64}"
             raise ValueError(msg)
         # Below a microsecond a twelfth of the window divides a clock reading into
         # infinity (or by zero), and every component-path request would fail on it.
         if not _checks.number(window, "window") >= _MIN_WINDOW:
-            msg = f"window must be at least {_MIN_WINDOW:g} seconds, not {window!r}"
+            msg = f"window must be at least {_MIN_WINDOW:g} seconds, not {window!r:.64}"
             raise ValueError(msg)
         if _checks.whole(min_calls, "min_calls", "calls") < 1:
-            msg = f"min_calls must be >= 1, not {min_calls!r}"
+            msg = f"min_calls must be >= 1, not {min_calls!r:.64}"
             raise ValueError(msg)
         self.key = key
         self.legacy = legacy
@@ -831,7 +831,15 @@ class Rollout(Generic[T]):
         self.max_error_rate = None if max_error_rate is None else float(max_error_rate)
         self.window = float(window)
         self.min_calls = min_calls
-        self.env_prefix = f"AMBIENT_ROLLOUT_{_env_name(name)}_"
+        env_name = _env_name(name)
+        if not env_name:
+            # Every such rollout would read the same AMBIENT_ROLLOUT__MODE and _PERCENT.
+            msg = (
+                f"Rollout name {name!r:.64} has no ASCII letter or digit to name its "
+                "environment variables (AMBIENT_ROLLOUT_<NAME>_MODE); pass an ASCII name="
+            )
+            raise ValueError(msg)
+        self.env_prefix = f"AMBIENT_ROLLOUT_{env_name}_"
         self._salt = (name if salt is None else salt).encode()
         self._clock = _checks.clock(clock)
         self._lock = threading.Lock()
@@ -861,7 +869,8 @@ class Rollout(Generic[T]):
                 parsed = float(env_percent)
             except ValueError:
                 msg = (
-                    f"{self.env_prefix}PERCENT must be a number from 0 to 100, not {env_percent!r}"
+                    f"{self.env_prefix}PERCENT must be a number from 0 to 100, "
+                    f"not {env_percent!r:.64}"
                 )
                 raise ValueError(msg) from None
             self._set_percent(parsed, self.env_prefix + "PERCENT")
@@ -875,7 +884,7 @@ class Rollout(Generic[T]):
     @staticmethod
     def _check_mode(mode: str, source: str) -> RolloutMode:
         if mode not in _ROLLOUT_MODES:
-            msg = f"{source} must be one of {', '.join(_ROLLOUT_MODES)}, not {mode!r}"
+            msg = f"{source} must be one of {', '.join(_ROLLOUT_MODES)}, not {mode!r:.64}"
             raise ValueError(msg)
         return cast("RolloutMode", mode)
 

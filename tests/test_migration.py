@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import warnings
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -2068,6 +2068,42 @@ class TestRuntimeChanges:
         rollout.mode = "shadow"
         assert await serve(engines, rollout, "alice") is LEGACY
         assert rollout.state().shadow == 1
+
+    @pytest.mark.parametrize("name", ["执行引擎", "___", " "])
+    def test_a_name_with_no_ascii_letter_or_digit_is_refused(self, name: str) -> None:
+        """A name that gives no environment variable name (a class named in another
+        script, say) is a ValueError saying to pass an ASCII ``name=``: every such rollout
+        read the same ``AMBIENT_ROLLOUT__MODE`` and ``_PERCENT``, so one variable set for
+        one switched them all. A name with an ASCII letter or digit keeps working."""
+        with pytest.raises(ValueError, match="no ASCII letter or digit") as info:
+            Rollout(name, legacy=LEGACY)
+        assert repr(name) in str(info.value)
+        assert Rollout("引擎2", legacy=LEGACY).env_prefix == "AMBIENT_ROLLOUT_2_"
+
+    def test_refused_values_are_echoed_in_at_most_64_characters(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A refused mode, rate, window, minimum of calls, name or environment value is
+        named in its error cut to 64 characters, however long it is."""
+        long = "x" * 10_000
+        big = 10**400
+        refusals: list[Callable[[], object]] = [
+            lambda: Rollout("x", legacy=LEGACY, mode=long),  # type: ignore[arg-type]
+            lambda: Rollout("x", legacy=LEGACY, max_error_rate=big),
+            lambda: Rollout("x", legacy=LEGACY, window=-big),
+            lambda: Rollout("x", legacy=LEGACY, min_calls=-big),
+            lambda: Rollout(ExecutionEngine, legacy=LEGACY, name=[long]),  # type: ignore[arg-type]
+            lambda: guard_global(Catalog(), name="x", mode=long),  # type: ignore[arg-type]
+            lambda: guard_global(Catalog(), name=[long]),  # type: ignore[arg-type]
+        ]
+        for refused in refusals:
+            with pytest.raises(ValueError, match="must be|needs a non-empty name") as info:
+                refused()
+            assert len(str(info.value)) < 200, str(info.value)[:300]
+        monkeypatch.setenv("AMBIENT_ROLLOUT_X_PERCENT", long)
+        with pytest.raises(ValueError, match="AMBIENT_ROLLOUT_X_PERCENT") as info:
+            Rollout("x", legacy=LEGACY)
+        assert len(str(info.value)) < 200
 
     def test_a_whole_percent_reads_back_as_a_float(self) -> None:
         """A percent given as a whole number, to the constructor or at run time, is the
