@@ -24,6 +24,7 @@ import math
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,15 @@ class BodyFailedError(Exception):
     """A scope body that raised."""
 
 
+class CreationCancelledError(Exception):
+    """A resolution whose task was cancelled while a factory ran (an outcome, never
+    raised)."""
+
+
+# The cancel scope of the task resolving: a factory told to be interrupted cancels it.
+_CANCEL: ContextVar[anyio.CancelScope | None] = ContextVar("_CANCEL", default=None)
+
+
 @dataclass(frozen=True)
 class Spec:
     """One registered component: its key, lifetime, factory kind, whether the factory
@@ -93,6 +103,7 @@ class World:
         self.made: list[Made] = []
         self.cleaned: list[int] = []
         self.failing: Counter[str] = Counter()
+        self.interrupt: Counter[str] = Counter()
         self.lock = threading.Lock()
 
 
@@ -151,6 +162,7 @@ class AsyncCM:
         self.made: Made | None = None
 
     async def __aenter__(self) -> Made:
+        _interrupt_if_told(self.parts[0], self.parts[1])
         await anyio.lowlevel.checkpoint()
         self.made = Made(*self.parts)
         return self.made
@@ -166,6 +178,15 @@ def _fail_if_told(world: World, spec: Spec) -> None:
         raise FactoryFailedError(spec.key)
 
 
+def _interrupt_if_told(world: World, spec: Spec) -> None:
+    """Cancel the resolving task, as a client gone or a timeout would, while the factory
+    awaits: at its next checkpoint."""
+    scope = _CANCEL.get()
+    if scope is not None and world.interrupt[spec.key]:
+        world.interrupt[spec.key] -= 1
+        scope.cancel()
+
+
 def _before(world: World, spec: Spec) -> object:
     dep = ambient.resolve_sync(spec.dep) if spec.dep is not None else None
     _fail_if_told(world, spec)
@@ -174,6 +195,7 @@ def _before(world: World, spec: Spec) -> object:
 
 async def _abefore(world: World, spec: Spec) -> object:
     dep = await ambient.resolve(spec.dep) if spec.dep is not None else None
+    _interrupt_if_told(world, spec)
     await anyio.lowlevel.checkpoint()  # other tasks ask for it meanwhile
     _fail_if_told(world, spec)
     return dep
@@ -311,6 +333,7 @@ class Model:
         self.users: OrderedDict[UserRef, MEntry] = OrderedDict()
         self.app: dict[str, int] = {}
         self.failing: Counter[str] = Counter()
+        self.interrupt: Counter[str] = Counter()
         self.next_id = 0
         # id -> (key, owner): REQUEST (scope slot), USER (UserRef) or APP (None).
         self.owner: dict[int, tuple[str, object]] = {}
@@ -347,16 +370,25 @@ class Model:
             self.resolve(scope, spec.dep, sync=sync or not awaited)
             if spec.lifetime is Lifetime.USER and self.specs[spec.dep].lifetime is Lifetime.USER:
                 self.users[scope.ref].deps.setdefault(key, set()).add(spec.dep)
+        if spec.kind in ("async def", "async generator"):
+            self.interrupted(key)
         if self.failing[key]:
             self.failing[key] -= 1
             raise Expected(FactoryFailedError)
         if sync and spec.kind == "async context manager":
             raise Expected(ResolutionError)
+        if spec.kind == "async context manager":
+            self.interrupted(key)
         made = store[key] = self.next_id
         self.next_id += 1
         self.created += 1
         self.owner[made] = (key, owner)
         return made
+
+    def interrupted(self, key: str) -> None:
+        if self.interrupt[key]:
+            self.interrupt[key] -= 1
+            raise Expected(CreationCancelledError)
 
     def acquire(self, scope: MScope) -> None:
         scope.holds = True
@@ -470,6 +502,7 @@ class Slot:
         self.scope: ambient.Scope | None = None
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        _CANCEL.set(self.cancel)
         try:
             with self.cancel:
                 async with self.registry.open_scope(self.ctx) as scope:
@@ -512,6 +545,25 @@ class Program:
     ops: tuple[tuple[Any, ...], ...]
     final: tuple[str, ...]
     shut_early: bool
+    observed: bool = False
+
+
+class Seen(ambient.Observer):
+    """Every component event, as (what, component id, user) (an observer changes which
+    paths the core takes: it times and reports every creation and cleanup)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int, UserRef | None]] = []
+
+    def component_created(self, event: ambient.ComponentEvent) -> None:
+        if event.error is None:
+            self.events.append(("created", event.instance.id, event.user))
+
+    def component_cleaned(self, event: ambient.ComponentEvent) -> None:
+        self.events.append(("cleaned", event.instance.id, event.user))
+
+    def ids(self, what: str) -> list[int]:
+        return [made for kind, made, _ in self.events if kind == what]
 
 
 class Driver:
@@ -519,10 +571,12 @@ class Driver:
         self.program = program
         self.world = World()
         self.clock_now = 1000.0
+        self.seen = Seen() if program.observed else None
         self.registry = Registry(
             clock=lambda: self.clock_now,
             max_users=program.max_users,
             cleanup_timeout=CLEANUP_TIMEOUT,
+            telemetry=self.seen,
         )
         self.specs = {spec.key: spec for spec in program.specs}
         for spec in program.specs:
@@ -585,6 +639,24 @@ class Driver:
             model.evicted = [m for m in model.evicted if m not in maybe]
             doomed = doomed + [m for m in maybe if m not in doomed]
         model.mark_cleaned(doomed)
+        if self.seen is not None:
+            self.check_seen()
+
+    def check_seen(self) -> None:
+        """The observer saw each component made and cleaned (those with nothing to clean
+        too) once, when the model says, and each USER or APP one cleaned as its owner's."""
+        model = self.model
+        created = self.seen.ids("created")
+        assert created == list(range(model.next_id)), f"{self.step}: seen made {created}"
+        cleaned = self.seen.ids("cleaned")
+        assert len(cleaned) == len(set(cleaned)), f"{self.step}: seen cleaned twice {cleaned}"
+        assert set(cleaned) == model.cleaned, (
+            f"{self.step}: seen cleaned {self.describe(set(cleaned) ^ model.cleaned)}"
+        )
+        for what, made, user in self.seen.events:
+            key, owner = model.owner[made]
+            if what == "cleaned" and self.specs[key].lifetime is not Lifetime.REQUEST:
+                assert user == owner, f"{self.step}: {made} cleaned as {user}, not {owner}"
 
     def unseen_flushed(self, doomed: list[int], maybe: list[int]) -> bool:
         """Whether evicted components with no cleanup of their own went (by the count)."""
@@ -647,6 +719,14 @@ class Driver:
         elif name == "use" and self.open_slots():
             for spec in self.program.specs:
                 await self.resolve(self.pick(op[1]), spec.key, op[2])
+        elif name == "interrupt" and self.open_slots():
+            key = self.key(op[2])
+            self.world.interrupt[key] += 1
+            self.model.interrupt[key] += 1
+            await self.interrupt(self.pick(op[1]), key, op[3], cleaned_before)
+            assert self.world.interrupt == self.model.interrupt, f"{self.step}: interrupted"
+            self.world.interrupt.clear()
+            self.model.interrupt.clear()
         elif name == "burst" and self.open_slots():
             await self.burst(self.pick(op[1]), self.key(op[2]), op[3], thread=op[4])
         elif name == "together" and self.open_slots():
@@ -695,12 +775,17 @@ class Driver:
         self.slots.append((slot, MScope(ref, slot.ctx)))
 
     async def close(self, pair: tuple[Slot, MScope], how: str, before: int) -> None:
-        slot, mscope = pair
+        slot = pair[0]
         if how == "cancel":
             slot.cancel.cancel()
         else:
             await slot.send.send(_raise_body if how == "raise" else None)
         await slot.done.wait()
+        self.ended(pair, how, before)
+
+    def ended(self, pair: tuple[Slot, MScope], how: str, before: int) -> None:
+        """Check how a scope ended, and the cleanups it ran."""
+        slot, mscope = pair
         request = self.model.close(mscope)
         self.closed.append(pair)
         self.check_order(request, before)
@@ -780,6 +865,44 @@ class Driver:
                     group.start_soon(
                         one, lambda: anyio.to_thread.run_sync(ambient.resolve_sync, key)
                     )
+            return got
+
+        got, error = await slot.ask(everyone)
+        assert error is None, f"{self.step}: {error!r}"
+        self.check_many(got, outcomes)
+
+    async def interrupt(self, pair: tuple[Slot, MScope], key: str, tasks: int, before: int) -> None:
+        """Resolutions whose creator is cancelled as its factory awaits: the whole scope's
+        body (``tasks`` 0), or one of several tasks asking at once (the others then make
+        it)."""
+        slot, mscope = pair
+        if not tasks:
+            expected = self.expect(mscope, key, sync=False)
+            result, error = await slot.ask(lambda: ambient.resolve(key))
+            if expected[1] is not CreationCancelledError:
+                self.check_one(result, error, expected)
+                return
+            await slot.done.wait()
+            self.ended(pair, "cancel", before)
+            return
+        outcomes = [self.expect(mscope, key, sync=False) for _ in range(tasks)]
+
+        async def everyone() -> list[tuple[Any, BaseException | None]]:
+            got: list[tuple[Any, BaseException | None]] = []
+
+            async def one() -> None:
+                with anyio.CancelScope() as cancel:
+                    _CANCEL.set(cancel)
+                    try:
+                        got.append((await ambient.resolve(key), None))
+                    except Exception as exc:
+                        got.append((None, exc))
+                if cancel.cancelled_caught:
+                    got.append((None, CreationCancelledError()))
+
+            async with anyio.create_task_group() as group:
+                for _ in range(tasks):
+                    group.start_soon(one)
             return got
 
         got, error = await slot.ask(everyone)
@@ -919,6 +1042,7 @@ def programs(draw: st.DrawFn) -> Program:
         "use": st.tuples(index, st.sampled_from(["async", "sync"])),
         "burst": st.tuples(index, index, st.integers(2, 3), st.booleans()),
         "together": st.tuples(index, index),
+        "interrupt": st.tuples(index, index, st.integers(0, 3)),
         "fail": st.tuples(index),
         "advance": st.tuples(st.sampled_from([1.0, 4.0, 5.0, 10.0, 30.0])),
         "sweep": st.tuples(),
@@ -931,7 +1055,7 @@ def programs(draw: st.DrawFn) -> Program:
         + ["close"] * 3
         + ["resolve"] * 4
         + ["use"] * 2
-        + ["burst", "together"] * 2
+        + ["burst", "together", "interrupt"] * 2
         + ["fail", "advance", "advance", "advance", "sweep", "sweep", "closed", "unknown"]
     )
     ops = [("open", draw(st.integers(0, len(USERS) - 1))) for _ in range(draw(st.integers(1, 3)))]
@@ -946,6 +1070,7 @@ def programs(draw: st.DrawFn) -> Program:
             draw(st.lists(st.sampled_from(["normal", "raise", "cancel"]), min_size=1, max_size=3))
         ),
         shut_early=draw(st.booleans()),
+        observed=draw(st.booleans()),
     )
 
 
