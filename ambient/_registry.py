@@ -561,6 +561,14 @@ class Registry:
         finally:
             lock.release()
 
+    def made_while_idle(self, entry: UserEntry, provider: Provider) -> None:
+        """Note ``provider``'s component, made for ``entry`` by work its closed scope left
+        running: the user's last scope may have released the entry before, reckoning its
+        expiry without this component, which may be due first."""
+        with self._lock:
+            if entry.refs == 0 and entry.idle_since is not None:
+                self._next_expiry = min(self._next_expiry, entry.idle_since + provider.idle_ttl)
+
     def _evict_lru(self, *, warn: bool = True) -> None:
         excess = len(self._users) - self.max_users
         # Past max_users in a burst, this runs for every user admitted and released: walk

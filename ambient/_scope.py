@@ -591,6 +591,8 @@ class Scope:
         if self._closed:
             # The scope closed while the component was made: it lives on with its user or
             # the app, but this scope hands out nothing more (nor caches it for later).
+            if provider.lifetime is _USER:
+                registry.made_while_idle(entry, provider)
             raise self._unavailable(key)
         if not self._shares:
             self._share()
@@ -648,6 +650,8 @@ class Scope:
             if self._closed:
                 self._cache.pop(key, None)
                 self._registry._sharing.discard(self)
+                if provider.lifetime is _USER:
+                    registry.made_while_idle(entry, provider)  # as in resolve()
                 raise self._unavailable(key)  # as in resolve()
             # Cached, then the store's state read: registry.aclose() on the event loop
             # closes the stores, then drops what open scopes cached from them. Whichever

@@ -179,6 +179,53 @@ class TestUserLifetime:
         assert registry.stats().live_users == 0
         await registry.aclose()
 
+    @pytest.mark.parametrize("call", ["resolve", "resolve_sync in a worker thread"])
+    async def test_a_component_made_as_its_request_ended_expires_by_its_own_idle_ttl(
+        self, clock: FakeClock, call: str
+    ) -> None:
+        """Work a request left running (a task, a worker thread) finishes making a USER
+        component once the user's last scope has closed: it is kept with the user's other
+        components, and expires idle_ttl after that close at the next scope that opens, as
+        sweep() finds, not once the longer-lived one the close reckoned with does."""
+        cleaned: list[str] = []
+        registry = Registry(clock=clock)
+        registry.register("kept", object, lifetime=Lifetime.USER, idle_ttl=3600)
+        making, go = threading.Event(), threading.Event()
+
+        def make(user: UserRef) -> Tracked:
+            making.set()
+            go.wait(10)
+            return Tracked(user, cleaned)
+
+        async def amake(user: UserRef) -> Tracked:
+            making.set()
+            await anyio.to_thread.run_sync(go.wait, 10)
+            return Tracked(user, cleaned)
+
+        threaded = call != "resolve"
+        registry.register(Tracked, make if threaded else amake, lifetime=Lifetime.USER, idle_ttl=10)
+
+        async def left_running(scope: Scope) -> None:
+            with pytest.raises(ambient.errors.ScopeClosedError):
+                if threaded:
+                    await anyio.to_thread.run_sync(scope.resolve_sync, Tracked)
+                else:
+                    await scope.resolve(Tracked)
+
+        async with anyio.create_task_group() as group:
+            async with registry.open_scope(ctx("alice")) as scope:
+                await scope.resolve("kept")
+                group.start_soon(left_running, scope)
+                await anyio.to_thread.run_sync(making.wait, 10)
+            go.set()
+        assert registry.stats().live_user_components == 2
+        clock.now += 11
+        async with registry.open_scope(ctx("bob")):
+            pass
+        assert cleaned == ["alice"]
+        assert registry.stats().live_user_components == 1
+        await registry.aclose()
+
     async def test_an_expired_component_is_never_handed_out_beside_a_kept_one(
         self, clock: FakeClock
     ) -> None:

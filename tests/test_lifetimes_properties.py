@@ -104,6 +104,8 @@ class World:
         self.cleaned: list[int] = []
         self.failing: Counter[str] = Counter()
         self.interrupt: Counter[str] = Counter()
+        # A creation to hold up once its dependencies are made: (made it here, go on).
+        self.gates: dict[str, tuple[threading.Event, threading.Event]] = {}
         self.lock = threading.Lock()
 
 
@@ -189,12 +191,20 @@ def _interrupt_if_told(world: World, spec: Spec) -> None:
 
 def _before(world: World, spec: Spec) -> object:
     dep = ambient.resolve_sync(spec.dep) if spec.dep is not None else None
+    gate = world.gates.pop(spec.key, None)
+    if gate is not None:
+        gate[0].set()
+        gate[1].wait(10)
     _fail_if_told(world, spec)
     return dep
 
 
 async def _abefore(world: World, spec: Spec) -> object:
     dep = await ambient.resolve(spec.dep) if spec.dep is not None else None
+    gate = world.gates.pop(spec.key, None)
+    if gate is not None:
+        gate[0].set()
+        await anyio.to_thread.run_sync(gate[1].wait, 10)
     _interrupt_if_told(world, spec)
     await anyio.lowlevel.checkpoint()  # other tasks ask for it meanwhile
     _fail_if_told(world, spec)
@@ -323,6 +333,15 @@ class Expected(Exception):  # noqa: N818 - an outcome, not a failure
         self.kind = kind
 
 
+class Gated(Exception):  # noqa: N818 - a signal, not a failure
+    """The model's resolution reached the creation held up at its gate."""
+
+    def __init__(self, store: dict[str, int], owner: object) -> None:
+        super().__init__()
+        self.store = store
+        self.owner = owner
+
+
 class Model:
     """The contract, as plain bookkeeping: what lives where, what is cleaned when."""
 
@@ -334,6 +353,7 @@ class Model:
         self.app: dict[str, int] = {}
         self.failing: Counter[str] = Counter()
         self.interrupt: Counter[str] = Counter()
+        self.gated: str | None = None
         self.next_id = 0
         # id -> (key, owner): REQUEST (scope slot), USER (UserRef) or APP (None).
         self.owner: dict[int, tuple[str, object]] = {}
@@ -370,6 +390,8 @@ class Model:
             self.resolve(scope, spec.dep, sync=sync or not awaited)
             if spec.lifetime is Lifetime.USER and self.specs[spec.dep].lifetime is Lifetime.USER:
                 self.users[scope.ref].deps.setdefault(key, set()).add(spec.dep)
+        if key == self.gated:
+            raise Gated(store, owner)
         if spec.kind in ("async def", "async generator"):
             self.interrupted(key)
         if self.failing[key]:
@@ -384,6 +406,30 @@ class Model:
         self.created += 1
         self.owner[made] = (key, owner)
         return made
+
+    def ungated(self, key: str, gated: Gated, *, awaited: bool) -> type[Exception]:
+        """The rest of a creation held up until its scope closed: made, then kept by its
+        user (whose entry lives on) or the app, else refused and cleaned up: at once, or
+        by the next scope or sweep when a worker thread made it with an async cleanup."""
+        if self.failing[key]:
+            self.failing[key] -= 1
+            return FactoryFailedError
+        made = self.next_id
+        self.next_id += 1
+        self.created += 1
+        self.owner[made] = (key, gated.owner)
+        spec = self.specs[key]
+        if spec.lifetime is Lifetime.APP or (
+            spec.lifetime is Lifetime.USER
+            and self.users.get(gated.owner) is not None  # type: ignore[call-overload]
+            and self.users[gated.owner].comps is gated.store  # type: ignore[index]
+        ):
+            gated.store[key] = made
+        elif awaited or spec.kind not in ASYNC_CLEANUP:
+            self.doomed.append(made)
+        else:
+            self.evicted.append(made)
+        return ScopeClosedError
 
     def interrupted(self, key: str) -> None:
         if self.interrupt[key]:
@@ -727,6 +773,8 @@ class Driver:
             assert self.world.interrupt == self.model.interrupt, f"{self.step}: interrupted"
             self.world.interrupt.clear()
             self.model.interrupt.clear()
+        elif name == "straggle" and self.open_slots():
+            await self.straggle(self.pick(op[1]), self.key(op[2]), op[3], op[4], cleaned_before)
         elif name == "burst" and self.open_slots():
             await self.burst(self.pick(op[1]), self.key(op[2]), op[3], thread=op[4])
         elif name == "together" and self.open_slots():
@@ -870,6 +918,64 @@ class Driver:
         got, error = await slot.ask(everyone)
         assert error is None, f"{self.step}: {error!r}"
         self.check_many(got, outcomes)
+
+    async def straggle(
+        self, pair: tuple[Slot, MScope], key: str, how: str, close: str, before: int
+    ) -> None:
+        """Work that outlives its request: a task or a worker thread of the scope starts
+        making a component, and the scope closes before it is done."""
+        slot, mscope = pair
+        spec = self.specs[key]
+        awaited = how == "task"
+        if awaited and spec.kind not in ("async def", "async generator"):
+            return
+        if not awaited and (spec.kind not in SYNC_MADE or not _sync_chain(self.specs, spec)):
+            return
+        gate = self.world.gates[key] = (threading.Event(), threading.Event())
+        self.model.gated = key
+        try:
+            self.model.resolve(mscope, key, sync=not awaited)
+        except Gated as reached:
+            gated: Gated | None = reached
+            expected: Any = None
+        except Expected as early:
+            gated, expected = None, early.kind
+        else:
+            gated = expected = None  # made already: handed out at once
+        finally:
+            self.model.gated = None
+        outcome: list[Any] = []
+        done = anyio.Event()
+
+        async def straggler() -> None:
+            try:
+                if awaited:
+                    outcome.append(await ambient.resolve(key))
+                else:
+                    outcome.append(await anyio.to_thread.run_sync(ambient.resolve_sync, key))
+            except Exception as exc:
+                outcome.append(exc)
+            finally:
+                done.set()
+
+        async def start() -> None:
+            self.group.start_soon(straggler)  # in the scope's context, outside its body
+
+        await slot.ask(start)
+        if gated is None:
+            await done.wait()
+            self.world.gates.pop(key, None)
+            if expected is None:
+                assert isinstance(outcome[0], Made), f"{self.step}: {outcome}"
+            else:
+                assert type(outcome[0]) is expected, f"{self.step}: {outcome}"
+            return
+        await anyio.to_thread.run_sync(gate[0].wait, 10)
+        await self.close(pair, close, before)
+        expected = self.model.ungated(key, gated, awaited=awaited)
+        gate[1].set()
+        await done.wait()
+        assert type(outcome[0]) is expected, f"{self.step}: {outcome}"
 
     async def interrupt(self, pair: tuple[Slot, MScope], key: str, tasks: int, before: int) -> None:
         """Resolutions whose creator is cancelled as its factory awaits: the whole scope's
@@ -1043,6 +1149,12 @@ def programs(draw: st.DrawFn) -> Program:
         "burst": st.tuples(index, index, st.integers(2, 3), st.booleans()),
         "together": st.tuples(index, index),
         "interrupt": st.tuples(index, index, st.integers(0, 3)),
+        "straggle": st.tuples(
+            index,
+            index,
+            st.sampled_from(["task", "thread"]),
+            st.sampled_from(["normal", "raise", "cancel"]),
+        ),
         "fail": st.tuples(index),
         "advance": st.tuples(st.sampled_from([1.0, 4.0, 5.0, 10.0, 30.0])),
         "sweep": st.tuples(),
@@ -1055,7 +1167,7 @@ def programs(draw: st.DrawFn) -> Program:
         + ["close"] * 3
         + ["resolve"] * 4
         + ["use"] * 2
-        + ["burst", "together", "interrupt"] * 2
+        + ["burst", "together", "interrupt", "straggle"] * 2
         + ["fail", "advance", "advance", "advance", "sweep", "sweep", "closed", "unknown"]
     )
     ops = [("open", draw(st.integers(0, len(USERS) - 1))) for _ in range(draw(st.integers(1, 3)))]
@@ -1097,7 +1209,32 @@ def _two_idle_users_then_a_third(resolve: str, *, shut_early: bool) -> Program:
     )
 
 
+def _made_for_an_idle_user(how: str) -> Program:
+    """A task (or worker thread) of alice's request makes her short-lived USER component
+    as the request ends: it is kept with her components, then expires with its own
+    idle_ttl, at the next scope that opens, not with the longer-lived one's."""
+    kind = "async def" if how == "task" else "close"
+    return Program(
+        specs=(
+            Spec("c0", Lifetime.USER, "close", True, "ok", 30.0, None),
+            Spec("c1", Lifetime.USER, kind, True, "ok", 5.0, None),
+        ),
+        max_users=4,
+        ops=(
+            ("open", 0),
+            ("resolve", 0, 0, "async"),
+            ("straggle", 0, 1, how, "normal"),
+            ("advance", 10.0),
+            ("open", 2),
+        ),
+        final=("normal",),
+        shut_early=False,
+    )
+
+
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@example(program=_made_for_an_idle_user("task"))
+@example(program=_made_for_an_idle_user("thread"))
 @example(program=_two_idle_users_then_a_third("async", shut_early=False))
 @example(program=_two_idle_users_then_a_third("sync", shut_early=True))
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
