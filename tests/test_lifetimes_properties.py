@@ -4,9 +4,13 @@ Hypothesis draws a registry (REQUEST, USER and APP components made by every kind
 factory, some failing to be made, some whose cleanup fails or outlasts ``cleanup_timeout``)
 and a program of operations: users' scopes opened and closed in any order (normally, by a
 raising body, by a cancellation), resolutions (awaited, ``resolve_sync`` on the loop or in
-a worker thread, several tasks at once, every open scope of a user at once), the clock
-moved, ``sweep()``, and at last ``aclose()``. Each scope runs in a task of its own, as a
-request does; the program is replayed on asyncio and on trio.
+a worker thread, several tasks at once, every open scope of a user at once, a creator
+cancelled as its factory awaits), work that outlives its scope (a task or worker thread
+finishing a creation after the close, or holding the scope open), the clock moved,
+``sweep()``, ``aclose()`` midway (the scopes open across it refused USER and APP
+components, later ones served afresh) and at the end. Each scope runs in a task of its
+own, as a request does; the program is replayed on asyncio and on trio, with or without an
+observer.
 
 After every operation the registry must agree with the model: which component each
 resolution hands out (a USER component shared by all of a user's scopes and by no other
@@ -320,7 +324,10 @@ class MEntry:
 class MScope:
     ref: UserRef
     ctx: UserExecutionContext
-    holds: bool = False
+    # The user entry this scope holds (taken on its first USER component).
+    entry: MEntry | None = None
+    # Open across a registry.aclose(): refused USER and APP components for good.
+    old: bool = False
     request: dict[str, int] = field(default_factory=dict)
     open: bool = True
 
@@ -373,12 +380,13 @@ class Model:
             raise Expected(ResolutionError)
         if not scope.open:
             raise Expected(ScopeClosedError)
+        if spec.lifetime is not Lifetime.REQUEST and scope.old:
+            raise Expected(ScopeClosedError)
         if spec.lifetime is Lifetime.REQUEST:
             store, owner = scope.request, id(scope)
         elif spec.lifetime is Lifetime.USER:
-            if not scope.holds:
-                self.acquire(scope)
-            store, owner = self.users[scope.ref].comps, scope.ref
+            entry = scope.entry or self.acquire(scope)
+            store, owner = entry.comps, scope.ref
         else:
             store, owner = self.app, None
         if key in store:
@@ -389,7 +397,9 @@ class Model:
             awaited = spec.kind in ("async def", "async generator")
             self.resolve(scope, spec.dep, sync=sync or not awaited)
             if spec.lifetime is Lifetime.USER and self.specs[spec.dep].lifetime is Lifetime.USER:
-                self.users[scope.ref].deps.setdefault(key, set()).add(spec.dep)
+                store_entry = scope.entry
+                assert store_entry is not None
+                store_entry.deps.setdefault(key, set()).add(spec.dep)
         if key == self.gated:
             raise Gated(store, owner)
         if spec.kind in ("async def", "async generator"):
@@ -436,22 +446,20 @@ class Model:
             self.interrupt[key] -= 1
             raise Expected(CreationCancelledError)
 
-    def acquire(self, scope: MScope) -> None:
-        scope.holds = True
+    def acquire(self, scope: MScope) -> MEntry:
         entry = self.users.get(scope.ref)
         if entry is not None:
             entry.refs += 1
             entry.idle_since = None
-            return
-        self.users[scope.ref] = MEntry(refs=1)
-        self.evict()
+        else:
+            entry = self.users[scope.ref] = MEntry(refs=1)
+            self.evict()
+        scope.entry = entry
+        return entry
 
     def release(self, scope: MScope) -> None:
-        if not scope.holds:
-            return
-        scope.holds = False
-        entry = self.users.get(scope.ref)
-        if entry is None:  # closed by aclose()
+        entry, scope.entry = scope.entry, None
+        if entry is None or self.users.get(scope.ref) is not entry:  # aclose() took it
             return
         entry.refs -= 1
         if entry.refs == 0:
@@ -636,6 +644,7 @@ class Driver:
         self.slots: list[tuple[Slot, MScope]] = []
         self.closed: list[tuple[Slot, MScope]] = []
         self.step = ""
+        self.shut_before = 0
 
     # checks
 
@@ -773,6 +782,8 @@ class Driver:
             assert self.world.interrupt == self.model.interrupt, f"{self.step}: interrupted"
             self.world.interrupt.clear()
             self.model.interrupt.clear()
+        elif name == "held" and self.open_slots():
+            await self.held(self.pick(op[1]), self.key(op[2]), op[3], cleaned_before)
         elif name == "straggle" and self.open_slots():
             await self.straggle(self.pick(op[1]), self.key(op[2]), op[3], op[4], cleaned_before)
         elif name == "burst" and self.open_slots():
@@ -786,6 +797,8 @@ class Driver:
         elif name == "advance":
             self.clock_now += op[1]
             self.model.now += op[1]
+        elif name == "shutdown":
+            await self.shut()
         elif name == "sweep":
             await self.registry.sweep()
             self.model.flush()
@@ -919,6 +932,41 @@ class Driver:
         assert error is None, f"{self.step}: {error!r}"
         self.check_many(got, outcomes)
 
+    async def held(self, pair: tuple[Slot, MScope], key: str, close: str, before: int) -> None:
+        """Work the request handed a hold to resolves while the scope's close waits for
+        the hold: it is served, and cleaned up by that close once the hold is released."""
+        slot, mscope = pair
+        scope = slot.scope
+        assert scope is not None
+        expected = self.expect(mscope, key, sync=False)
+        go, finished = anyio.Event(), anyio.Event()
+        got: list[tuple[Any, BaseException | None]] = []
+
+        async def work(hold: Any) -> None:
+            await go.wait()
+            with hold:
+                try:
+                    got.append((await ambient.resolve(key), None))
+                except Exception as exc:
+                    got.append((None, exc))
+            finished.set()
+
+        async def take() -> None:
+            self.group.start_soon(work, scope.hold())  # in the scope's context
+
+        await slot.ask(take)
+        if close == "cancel":
+            slot.cancel.cancel()
+        else:
+            await slot.send.send(_raise_body if close == "raise" else None)
+        await anyio.wait_all_tasks_blocked()
+        assert not slot.done.is_set(), f"{self.step}: closed before its hold was released"
+        go.set()
+        await finished.wait()
+        self.check_one(*got[0], expected)
+        await slot.done.wait()
+        self.ended(pair, close, before)
+
     async def straggle(
         self, pair: tuple[Slot, MScope], key: str, how: str, close: str, before: int
     ) -> None:
@@ -1051,8 +1099,10 @@ class Driver:
     async def finish(self) -> None:
         """Close what is still open, and the registry: before those scopes close or
         after."""
+        self.step = "aclose"
         if self.program.shut_early:
             await self.shut()
+            self.check_after_shut()
             keys = [s.key for s in self.program.specs if s.lifetime is not Lifetime.REQUEST]
             for slot, _ in self.open_slots():
                 for key in keys[:1]:
@@ -1063,7 +1113,9 @@ class Driver:
                 how = self.program.final[index % len(self.program.final)]
                 await self.do(("close", self.open_slots().index((_, mscope)), how))
         if not self.program.shut_early:
+            self.step = "aclose"
             await self.shut()
+            self.check_after_shut()
         cleaned = Counter(self.world.cleaned)
         for made in self.world.made:
             if made.spec.observable:
@@ -1072,9 +1124,17 @@ class Driver:
         assert stats.created == stats.cleaned == len(self.world.made), stats
         assert (stats.open_scopes, stats.live_users, stats.live_user_components) == (0, 0, 0)
 
+    def check_after_shut(self) -> None:
+        self.check_creations(len(self.world.made))
+        self.check_cleanups(self.shut_before, [])
+        self.check_stats()
+
     async def shut(self) -> None:
-        self.step = "aclose"
-        before = len(self.world.cleaned)
+        """aclose(): every USER and APP component goes, users' first; the scopes open
+        across it never get one again."""
+        before = self.shut_before = len(self.world.cleaned)
+        for _, mscope in self.open_slots():
+            mscope.old = True
         self.model.shut()
         doomed = list(self.model.doomed)
         failures = sorted(
@@ -1091,9 +1151,6 @@ class Driver:
         apps = [i for i, owner in enumerate(ran) if owner is None]
         users = [i for i, owner in enumerate(ran) if owner is not None]
         assert not apps or not users or max(users) < min(apps), f"aclose order {ran}"
-        self.check_creations(len(self.world.made))
-        self.check_cleanups(before, [])
-        self.check_stats()
 
 
 async def _raise_body() -> None:
@@ -1149,6 +1206,7 @@ def programs(draw: st.DrawFn) -> Program:
         "burst": st.tuples(index, index, st.integers(2, 3), st.booleans()),
         "together": st.tuples(index, index),
         "interrupt": st.tuples(index, index, st.integers(0, 3)),
+        "held": st.tuples(index, index, st.sampled_from(["normal", "raise", "cancel"])),
         "straggle": st.tuples(
             index,
             index,
@@ -1158,6 +1216,7 @@ def programs(draw: st.DrawFn) -> Program:
         "fail": st.tuples(index),
         "advance": st.tuples(st.sampled_from([1.0, 4.0, 5.0, 10.0, 30.0])),
         "sweep": st.tuples(),
+        "shutdown": st.tuples(),
         "closed": st.tuples(index, index),
         "unknown": st.tuples(index),
     }
@@ -1167,13 +1226,15 @@ def programs(draw: st.DrawFn) -> Program:
         + ["close"] * 3
         + ["resolve"] * 4
         + ["use"] * 2
-        + ["burst", "together", "interrupt", "straggle"] * 2
+        + ["burst", "together", "interrupt", "straggle", "held"] * 2
         + ["fail", "advance", "advance", "advance", "sweep", "sweep", "closed", "unknown"]
     )
     ops = [("open", draw(st.integers(0, len(USERS) - 1))) for _ in range(draw(st.integers(1, 3)))]
     ops.extend(
         (name, *draw(shapes[name])) for name in draw(st.lists(names, min_size=12, max_size=40))
     )
+    if draw(st.integers(0, 3)) == 0:  # the registry closed, and opened again, midway
+        ops.insert(draw(st.integers(1, len(ops))), ("shutdown",))
     return Program(
         specs=tuple(specs),
         max_users=draw(st.integers(2, 4)),
