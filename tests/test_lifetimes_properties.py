@@ -37,7 +37,7 @@ import anyio.abc
 import anyio.lowlevel
 import anyio.to_thread
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import ambient
@@ -645,6 +645,9 @@ class Driver:
         self.closed: list[tuple[Slot, MScope]] = []
         self.step = ""
         self.shut_before = 0
+        # A close that stopped waiting for a hold after cleanup_timeout (a machine too
+        # busy to end the held work within it): the model no longer applies.
+        self.gave_up = False
 
     # checks
 
@@ -757,6 +760,9 @@ class Driver:
                 self.group = group
                 for op in self.program.ops:
                     await self.do(op)
+                    if self.gave_up:
+                        group.cancel_scope.cancel()
+                        return
                 await self.finish()
 
     async def do(self, op: tuple[Any, ...]) -> None:
@@ -941,6 +947,7 @@ class Driver:
         expected = self.expect(mscope, key, sync=False)
         go, finished = anyio.Event(), anyio.Event()
         got: list[tuple[Any, BaseException | None]] = []
+        late: list[bool] = []
 
         async def work(hold: Any) -> None:
             await go.wait()
@@ -949,20 +956,28 @@ class Driver:
                     got.append((await ambient.resolve(key), None))
                 except Exception as exc:
                     got.append((None, exc))
+                late.append(scope.closed)
             finished.set()
 
         async def take() -> None:
             self.group.start_soon(work, scope.hold())  # in the scope's context
 
         await slot.ask(take)
+        closing = anyio.current_time()
         if close == "cancel":
             slot.cancel.cancel()
         else:
             await slot.send.send(_raise_body if close == "raise" else None)
         await anyio.wait_all_tasks_blocked()
-        assert not slot.done.is_set(), f"{self.step}: closed before its hold was released"
+        early = slot.done.is_set()
         go.set()
         await finished.wait()
+        if early or late[0]:
+            # Closed under the hold: only once cleanup_timeout went by waiting for it.
+            waited = anyio.current_time() - closing
+            assert waited >= CLEANUP_TIMEOUT, f"{self.step}: closed under its hold"
+            self.gave_up = True
+            return
         self.check_one(*got[0], expected)
         await slot.done.wait()
         self.ended(pair, close, before)
@@ -1304,4 +1319,6 @@ def test_lifetimes_agree_with_the_model(backend: str, program: Program) -> None:
     """Any program of scopes, resolutions, failures, clock moves and sweeps leaves the
     registry where the model of the contract says, step by step, and ``aclose()`` then
     cleans every component made exactly once."""
-    anyio.run(Driver(program).run, backend=backend)
+    driver = Driver(program)
+    anyio.run(driver.run, backend=backend)
+    assume(not driver.gave_up)
