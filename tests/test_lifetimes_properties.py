@@ -818,6 +818,8 @@ class Driver:
             _, error = await slot.ask(lambda: ambient.resolve("nothing registered"))
             assert type(error) is ResolutionError, f"{self.step}: {error!r}"
             assert self.program.specs[0].key in str(error)
+        if self.gave_up:
+            return
         maybe += self.model.evicted
         self.check_creations(made_before)
         maybe = [m for m in dict.fromkeys(maybe) if m not in self.model.doomed]
