@@ -814,7 +814,11 @@ class Instances:
         if observers:
             self._report(observers, provider, instance, arg, scope, start_ns, started, None)
             user = scope._user_ref() if arg is not None else None
-        with anyio.CancelScope(shield=True):
+        # A USER or APP component is cleaned with no request's context shown, as at its
+        # expiry (Registry._clean_apart()): it was never that request's.
+        shared = provider.lifetime is not _REQUEST
+        unbound = _binding.detached() if shared else contextlib.nullcontext()
+        with anyio.CancelScope(shield=True), unbound:
             await finalize(
                 [(provider, instance, finalizer)], None, registry, user, observers, scope
             )

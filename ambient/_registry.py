@@ -20,7 +20,7 @@ import anyio.from_thread
 from opentelemetry import context as otel_context
 
 from ambient import _checks, _observe
-from ambient._binding import _current
+from ambient._binding import _current, detached
 from ambient._context import UserExecutionContext, UserRef
 from ambient._instances import (
     Created,
@@ -619,16 +619,22 @@ class Registry:
         thread that has no loop to run them on then (one no anyio loop started, or whose
         loop has ended) runs the sync cleanups and reports each async one as a failed
         cleanup that could not run: logged, counted and seen by observers."""
-        if not needs_await(created):
-            finalize_sync(created, None, self, scope._user_ref(), observers, scope)
-            return
-        if self._closing is not None and not self._frozen:
-            try:
-                anyio.from_thread.run(self._close_all, [(UserEntry(scope._user_ref()), created)])
-            except RuntimeError:
-                # Queued, they would wait for a scope or a close that shutdown ruled out.
-                self._cannot_clean(created, scope, observers)
-            return
+        # A USER or APP component is cleaned with no request's context shown, as at its
+        # expiry (_clean_apart()): it was never that request's.
+        shared = created[0][0].lifetime is not Lifetime.REQUEST
+        with detached() if shared else contextlib.nullcontext():
+            if not needs_await(created):
+                finalize_sync(created, None, self, scope._user_ref(), observers, scope)
+                return
+            if self._closing is not None and not self._frozen:
+                try:
+                    anyio.from_thread.run(
+                        self._close_all, [(UserEntry(scope._user_ref()), created)]
+                    )
+                except RuntimeError:
+                    # Queued, they would wait for a scope or a close that shutdown ruled out.
+                    self._cannot_clean(created, scope, observers)
+                return
         self._queue_cleanup(scope._user_ref(), created)
 
     def _cannot_clean(

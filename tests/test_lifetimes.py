@@ -1987,6 +1987,56 @@ class TestWhatASharedFactorySees:
         assert seen == [None, "refused"]
         await registry.aclose()
 
+    @pytest.mark.parametrize("lifetime", [Lifetime.USER, Lifetime.APP])
+    @pytest.mark.parametrize("how", ["task", "worker thread"])
+    async def test_a_shared_component_refused_as_its_scope_ended_is_cleaned_with_no_context(
+        self, lifetime: Lifetime, how: str
+    ) -> None:
+        """Work a request left running (a task, a worker thread) finishes making a USER or
+        APP component once its store has closed (the user's last scope released it and it
+        expired; the registry closed at shutdown): the component is refused and cleaned up
+        at once with no context bound, as at any expiry or shutdown, not as the request
+        that asked for it."""
+        seen: list[UserExecutionContext | None] = []
+        making, go = threading.Event(), threading.Event()
+
+        class Shared:
+            def close(self) -> None:
+                seen.append(ambient.current_context_or_none())
+
+        def make() -> Shared:
+            making.set()
+            go.wait(10)
+            return Shared()
+
+        async def amake() -> Shared:
+            making.set()
+            await anyio.to_thread.run_sync(go.wait, 10)
+            return Shared()
+
+        threaded = how == "worker thread"
+        registry = Registry()
+        registry.register(Shared, make if threaded else amake, lifetime=lifetime)
+
+        async def left_running(scope: Scope) -> None:
+            with pytest.raises(ambient.errors.ScopeClosedError):
+                if threaded:
+                    await anyio.to_thread.run_sync(scope.resolve_sync, Shared)
+                else:
+                    await scope.resolve(Shared)
+
+        async with anyio.create_task_group() as group:
+            async with registry.open_scope(ctx("alice")) as scope:
+                group.start_soon(left_running, scope)
+                await anyio.to_thread.run_sync(making.wait, 10)
+            if lifetime is Lifetime.APP:
+                await registry.aclose()
+            go.set()
+        assert seen == [None]
+        stats = registry.stats()
+        assert stats.created == stats.cleaned == 1
+        await registry.aclose()
+
     def test_get_current_context_in_a_shared_factory_raises_in_sync_code(self) -> None:
         """The same from sync code: a job's worker thread resolving a USER component with
         ``resolve_sync`` from a scope it was handed."""

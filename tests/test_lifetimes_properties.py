@@ -108,6 +108,8 @@ class World:
         self.cleaned: list[int] = []
         self.failing: Counter[str] = Counter()
         self.interrupt: Counter[str] = Counter()
+        # A USER or APP factory or cleanup that saw a request's context: (what, key).
+        self.shown: list[tuple[str, str]] = []
         # A creation to hold up once its dependencies are made: (made it here, go on).
         self.gates: dict[str, tuple[threading.Event, threading.Event]] = {}
         self.lock = threading.Lock()
@@ -127,11 +129,13 @@ class Made:
 
     def clean(self) -> None:
         self.world.cleaned.append(self.id)
+        _no_context_shown(self.world, self.spec, "cleanup")
         if self.spec.cleanup == "raises":
             raise CleanupFailedError(self.spec.key)
 
     async def aclean(self) -> None:
         self.world.cleaned.append(self.id)
+        _no_context_shown(self.world, self.spec, "cleanup")
         if self.spec.cleanup == "raises":
             raise CleanupFailedError(self.spec.key)
         if self.spec.cleanup == "slow":
@@ -184,6 +188,12 @@ def _fail_if_told(world: World, spec: Spec) -> None:
         raise FactoryFailedError(spec.key)
 
 
+def _no_context_shown(world: World, spec: Spec, what: str) -> None:
+    """A USER or APP component is made and cleaned with no request's context shown."""
+    if spec.lifetime is not Lifetime.REQUEST and ambient.current_context_or_none() is not None:
+        world.shown.append((what, f"{spec.key} ({spec.lifetime.name})"))
+
+
 def _interrupt_if_told(world: World, spec: Spec) -> None:
     """Cancel the resolving task, as a client gone or a timeout would, while the factory
     awaits: at its next checkpoint."""
@@ -194,6 +204,7 @@ def _interrupt_if_told(world: World, spec: Spec) -> None:
 
 
 def _before(world: World, spec: Spec) -> object:
+    _no_context_shown(world, spec, "factory")
     dep = ambient.resolve_sync(spec.dep) if spec.dep is not None else None
     gate = world.gates.pop(spec.key, None)
     if gate is not None:
@@ -204,6 +215,7 @@ def _before(world: World, spec: Spec) -> object:
 
 
 async def _abefore(world: World, spec: Spec) -> object:
+    _no_context_shown(world, spec, "factory")
     dep = await ambient.resolve(spec.dep) if spec.dep is not None else None
     gate = world.gates.pop(spec.key, None)
     if gate is not None:
@@ -821,6 +833,7 @@ class Driver:
         if self.gave_up:
             return
         maybe += self.model.evicted
+        assert not self.world.shown, f"{self.step}: a request's context shown {self.world.shown}"
         self.check_creations(made_before)
         maybe = [m for m in dict.fromkeys(maybe) if m not in self.model.doomed]
         self.check_cleanups(cleaned_before, maybe)
