@@ -374,7 +374,7 @@ class Model:
         self.interrupt: Counter[str] = Counter()
         self.gated: str | None = None
         self.next_id = 0
-        # id -> (key, owner): REQUEST (scope slot), USER (UserRef) or APP (None).
+        # id -> (key, owner): REQUEST (its MScope), USER (UserRef) or APP (None).
         self.owner: dict[int, tuple[str, object]] = {}
         self.cleaned: set[int] = set()
         # Evicted users' components, cleaned at the latest by the next scope that opens or
@@ -395,7 +395,7 @@ class Model:
         if spec.lifetime is not Lifetime.REQUEST and scope.old:
             raise Expected(ScopeClosedError)
         if spec.lifetime is Lifetime.REQUEST:
-            store, owner = scope.request, id(scope)
+            store, owner = scope.request, scope
         elif spec.lifetime is Lifetime.USER:
             entry = scope.entry or self.acquire(scope)
             store, owner = entry.comps, scope.ref
@@ -681,7 +681,8 @@ class Driver:
                     assert made.arg == owner, f"{self.step}: {key} made for {made.arg}"
                     assert type(made.arg) is UserRef
             elif spec.lifetime is Lifetime.REQUEST and spec.takes:
-                assert type(made.arg) is UserExecutionContext
+                assert isinstance(owner, MScope)
+                assert made.arg is owner.ctx, f"{self.step}: {key} made with another context"
             if spec.dep is not None:
                 assert isinstance(made.dep, Made)
                 assert made.dep.spec.key == spec.dep
@@ -762,7 +763,12 @@ class Driver:
         assert actual == expected, f"{self.step}: stats {actual} != model {expected}"
 
     def describe(self, ids: Any) -> list[str]:
-        return [f"{m}:{self.model.owner[m]}" for m in sorted(ids)]
+        shown = []
+        for made in sorted(ids):
+            key, owner = self.model.owner[made]
+            whose = f"a request of {owner.ref}" if isinstance(owner, MScope) else owner
+            shown.append(f"{made}: {key} of {whose}")
+        return shown
 
     # steps
 
@@ -1323,7 +1329,37 @@ def _made_for_an_idle_user(how: str) -> Program:
     )
 
 
+def _requests_then_an_idle_user() -> Program:
+    """Three REQUEST components with cleanups cleaned newest first, by a scope holding a
+    USER component and by one holding none (each closes its own way); then the user's
+    component kept a tick before its idle_ttl has passed."""
+    return Program(
+        specs=(
+            Spec("c0", Lifetime.REQUEST, "close", True, "ok", 0.0, None),
+            Spec("c1", Lifetime.REQUEST, "generator", False, "ok", 0.0, None),
+            Spec("c2", Lifetime.REQUEST, "context manager", True, "ok", 0.0, None),
+            Spec("c3", Lifetime.USER, "close", True, "ok", 5.0, None),
+        ),
+        max_users=2,
+        ops=(
+            ("open", 0),
+            ("use", 0, "async"),
+            ("close", 0, "normal"),
+            ("open", 2),
+            ("resolve", 0, 0, "async"),
+            ("resolve", 0, 1, "async"),
+            ("resolve", 0, 2, "sync"),
+            ("close", 0, "normal"),
+            ("advance", 4.0),
+            ("sweep",),
+        ),
+        final=("normal",),
+        shut_early=False,
+    )
+
+
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@example(program=_requests_then_an_idle_user())
 @example(program=_made_for_an_idle_user("task"))
 @example(program=_made_for_an_idle_user("thread"))
 @example(program=_two_idle_users_then_a_third("async", shut_early=False))
