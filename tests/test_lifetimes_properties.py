@@ -1369,13 +1369,42 @@ def _requests_then_an_idle_user() -> Program:
     )
 
 
+def _a_user_in_use_before_an_idle_one() -> Program:
+    """Three users with room for two: the one idle is evicted, never the one in use made
+    before it. Then a REQUEST factory fails once: nothing is cached, and the next
+    resolution makes it. Last, two aclose() at once both raise the failed cleanups."""
+    return Program(
+        specs=(
+            Spec("c0", Lifetime.USER, "close", True, "raises", 30.0, None),
+            Spec("c1", Lifetime.REQUEST, "close", True, "ok", 0.0, None),
+        ),
+        max_users=2,
+        ops=(
+            ("open", 0),
+            ("open", 2),
+            ("resolve", 0, 0, "async"),
+            ("resolve", 1, 0, "async"),
+            ("close", 1, "normal"),
+            ("open", 3),
+            ("resolve", 1, 0, "async"),
+            ("fail", 1),
+            ("resolve", 0, 1, "async"),
+            ("resolve", 0, 1, "async"),
+            ("shutdown", True),
+        ),
+        final=("normal",),
+        shut_early=False,
+    )
+
+
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@example(program=_a_user_in_use_before_an_idle_one())
 @example(program=_requests_then_an_idle_user())
 @example(program=_made_for_an_idle_user("task"))
 @example(program=_made_for_an_idle_user("thread"))
 @example(program=_two_idle_users_then_a_third("async", shut_early=False))
 @example(program=_two_idle_users_then_a_third("sync", shut_early=True))
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(program=programs())
 def test_lifetimes_agree_with_the_model(backend: str, program: Program) -> None:
     """Any program of scopes, resolutions, failures, clock moves and sweeps leaves the
