@@ -1518,3 +1518,37 @@ async def test_an_idle_subscription_answering_each_ping_is_kept(
     assert deliveries.delivered == [Envelope(alice, TO_USER, None, event(alice, 1))]
     await let_go(backend, [alice])
     await backend.aclose()
+
+
+async def test_a_publish_under_way_as_the_backend_closes_leaves_no_connection_open(
+    proxy: RedisProxy,
+) -> None:
+    """A publish waits for Redis's answer when the backend is closed (a shutdown while a
+    run still streams): aclose() waits for it, then closes its connection, and no
+    connection through the proxy stays open. It used to close the client under the
+    publish, whose retry opened the connection again and gave it back to the pool of the
+    client closed, where it stayed open until the garbage collector found it."""
+    backend = RedisBroadcast(proxy.url, channel_prefix=prefix())
+    backend.attach(lambda envelope: None)
+    carol = UserRef("carol")
+
+    def hold_its_answer(link: Link, value: Any) -> None:
+        if words(value)[0] == b"publish":
+            proxy.on_command = None
+            link.down.hold()
+
+    proxy.on_command = hold_its_answer
+    with anyio.fail_after(DEADLINE):
+        async with anyio.create_task_group() as group:
+            group.start_soon(backend.publish, Envelope(carol, TO_USER, None, event(carol, 1)))
+            publishing = await proxy.link(
+                lambda link: any(words(value)[0] == b"publish" for value in link.up.arrived)
+            )
+            group.start_soon(backend.aclose)
+            await anyio.wait_all_tasks_blocked()
+            publishing.down.release()
+    # Closed at once: a connection left open is still open well past this bound.
+    with anyio.move_on_after(5):
+        for link in proxy.links:
+            await link.closed.wait()
+    assert [link.closed.is_set() for link in proxy.links] == [True] * len(proxy.links)

@@ -910,7 +910,8 @@ class RedisBroadcast:
             self._notify()
 
     async def aclose(self) -> None:
-        """Stop the reader and close the Redis connections (used again on next use).
+        """Stop the reader and close the Redis connections (used again on next use), once
+        the publishes under way on them are done (each within ``timeout``).
 
         The revocations heard are not forgotten: started again, the backend delivers those
         of the last five minutes it has not heard, as after an outage, not every one again;
@@ -927,11 +928,18 @@ class RedisBroadcast:
                     # reader would go on reconnecting while shutdown waits for it.
                     reader.cancel()
                     await asyncio.wait([reader], timeout=self.timeout)
-        if self._client is not None:
-            await _close_quietly(self._client.aclose())
-        self._client = None
+        # Taken out first: a publish from now on makes a client of its own. Those under way
+        # on this one are waited for (each within its timeout): closed under them, it would
+        # take back the connection a retry opened again, and leave it open.
+        client, self._client = self._client, None
+        free, self._free = self._free, None
         self._sub_pool = None
-        self._free = None
+        if free is not None:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self.timeout):
+                for _ in range(self.max_connections):
+                    await free.acquire()
+        if client is not None:
+            await _close_quietly(client.aclose())
         self._connected = False
         self._caught_up = False
         # The revocations heard are kept (_seen, _last_heard, the accounting per channel):
