@@ -1552,3 +1552,40 @@ async def test_a_publish_under_way_as_the_backend_closes_leaves_no_connection_op
         for link in proxy.links:
             await link.closed.wait()
     assert [link.closed.is_set() for link in proxy.links] == [True] * len(proxy.links)
+
+
+async def test_a_socket_joining_after_revoke_returned_is_not_ended_by_that_revocation_heard_back(
+    proxy: RedisProxy,
+) -> None:
+    """Carol is revoked through this process, and revoke() returns; then a socket of hers
+    (a new credential) begins to join here, and only then does the revocation come back
+    to this process on its subscription, a connection of its own that lags behind the
+    answer to the publish. The socket stays: this process already applied that
+    revocation, as it was made, and it is the same one, not a second. It used to be
+    applied again as it came back, ending the socket (4001) of a handshake made after."""
+    backend = Handled(proxy.url, channel_prefix=prefix(), health_check_interval=60)
+    carol = UserRef("carol")
+    opened = anyio.Event()
+    with anyio.fail_after(DEADLINE):
+        async with anyio.create_task_group() as group:
+            sockets = Sockets(backend, group)
+            await backend.wait_connected()
+            subscription = await proxy.link(Link.subscribed)
+            subscription.down.hold()
+            assert await sockets.hub.revoke("carol") == 0
+            start = len(subscription.up.arrived)
+
+            async def open_carols() -> None:
+                assert await sockets.open(carol, "c-1") == "open"
+                opened.set()
+
+            group.start_soon(open_carols)
+            await subscription.up.arrival(lambda w: w[0] == b"subscribe", start)
+            subscription.down.release()  # the revocation, then the SUBSCRIBE's answer
+            await opened.wait()
+            await backend.handled_reply(b"message", backend._revoked)
+            stats = sockets.hub.stats()
+            assert (stats.connections, stats.revoked) == (1, 0)
+            assert sockets.sockets[carol, "c-1"].closed == []
+            await sockets.close(carol, "c-1")
+            await sockets.registry.aclose()

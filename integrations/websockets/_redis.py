@@ -81,7 +81,7 @@ local id = redis.call(
     'XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'envelope', ARGV[2], 'count', count)
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('PUBLISH', ARGV[1], id .. ' ' .. count .. ' ' .. ARGV[2])
-return id
+return {id, count}
 """
 
 # A user's count of revocations: the epoch Redis numbers them in, and their number.
@@ -128,7 +128,8 @@ class RedisBroadcast:
     most once: events published while this process is disconnected do not reach its
     sockets. Revocations are the exception. Each is published to every process, only on
     one revocations channel the subscription always listens on (so that a process where
-    a handshake of the user is under way, with no socket of that user yet, hears it too),
+    a handshake of the user is under way, with no socket of that user yet, hears it too;
+    the process that publishes it delivers it to its own sockets as Redis takes it, once),
     and is kept in a Redis stream of the latest ones (about 10,000): a process whose
     subscription starts, or comes back after an outage, reads from it the revocations of
     the last five minutes (on Redis's clock) it has not heard, and new sockets wait for
@@ -343,31 +344,39 @@ class RedisBroadcast:
 
         client, free = self._publisher()
         channel = self.channel(envelope.user)
+        raw = encode_envelope(envelope)
         waiting_for: str | None = None  # None while no connection is free
         try:
             with anyio.fail_after(self.timeout):
                 async with free:
                     waiting_for = "take the event"
-                    if envelope.mode == REVOKE:
-                        # One script, one round trip: counted, kept and published at once,
-                        # so a process that misses the message finds it once back.
-                        await client.eval(
-                            _REVOKE,
-                            2,
-                            self._revocations_key(channel),
-                            self._revoked,
-                            self._revoked,
-                            encode_envelope(envelope),
-                            _REVOCATIONS_KEPT,
-                            _RECENT_KEPT,
-                            secrets.token_hex(8),
-                        )
-                    else:
-                        await client.publish(channel, encode_envelope(envelope))
+                    if envelope.mode != REVOKE:
+                        await client.publish(channel, raw)
+                        return
+                    # One script, one round trip: counted, kept and published at once,
+                    # so a process that misses the message finds it once back.
+                    entry_id, count = await client.eval(
+                        _REVOKE,
+                        2,
+                        self._revocations_key(channel),
+                        self._revoked,
+                        self._revoked,
+                        raw,
+                        _REVOCATIONS_KEPT,
+                        _RECENT_KEPT,
+                        secrets.token_hex(8),
+                    )
         except TimeoutError:
             raise self._timed_out(waiting_for) from None
         except (RedisError, OSError) as error:
             raise BroadcastError(f"could not publish the event to Redis: {error}") from error
+        # Delivered here now, as made, unless heard already: its message comes on the
+        # subscription, another connection, maybe well after this answer, and delivered
+        # then it ended the sockets of the user that joined meanwhile, one of a handshake
+        # made after the revocation too. Not taken as the one heard last: those before it
+        # on the subscription may not be read yet.
+        if self._deliver is not None:
+            self._revocation_heard(entry_id, count, raw, last=False)
 
     def _timed_out(self, waiting_for: str | None) -> BroadcastError:
         """The error for a deadline passed while Redis was to ``waiting_for`` something, or
@@ -553,10 +562,12 @@ class RedisBroadcast:
             )
         return counts
 
-    def _revocation_heard(self, entry_id: bytes, count: bytes, raw: bytes) -> bool:
+    def _revocation_heard(
+        self, entry_id: bytes, count: bytes, raw: bytes, *, last: bool = True
+    ) -> bool:
         """Deliver the revocation ``raw``, kept as ``entry_id`` in the stream of recent
-        ones and numbered ``count`` among its user's, unless it was heard already; return
-        whether it was delivered."""
+        ones and numbered ``count`` among its user's, unless it was heard already (and,
+        when ``last``, take it as the one heard last); return whether it was delivered."""
         try:
             numbered = _count(count)
             envelope = decode_envelope(raw)
@@ -571,7 +582,8 @@ class RedisBroadcast:
         seen[key] = None
         if len(seen) > _SEEN_KEPT:
             del seen[next(iter(seen))]
-        self._last_heard = (entry_id, count)
+        if last:
+            self._last_heard = (entry_id, count)
         deliver = self._deliver
         if envelope.mode != REVOKE or deliver is None:
             logger.warning("ambient: dropped a message on the revocations channel that is none")
