@@ -22,6 +22,7 @@ from opentelemetry import baggage
 from opentelemetry import context as otel_context
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
+from opentelemetry.sdk.trace.sampling import Decision, ParentBased, Sampler, SamplingResult
 from opentelemetry.trace import SpanKind, StatusCode
 
 import ambient
@@ -69,6 +70,8 @@ class Component:
     kind: str
     fails_creation: bool
     fails_cleanup: bool
+    # Async kinds only: every resolution is cancelled while the factory runs.
+    cut: bool = False
 
     @property
     def cleans(self) -> bool:
@@ -160,6 +163,8 @@ class Request:
     # Started by the previous request's app, inside its scope's context (as a server starts
     # a pipelined request inside the previous one's), not by the test.
     chained: bool = False
+    # Its server span sampled out (there is one): none of its spans are exported.
+    dropped: bool = False
 
 
 @dataclass
@@ -178,12 +183,20 @@ components_ = st.lists(
         kind=st.sampled_from(KINDS),
         fails_creation=st.booleans(),
         fails_cleanup=st.booleans(),
+        cut=st.booleans(),
     ),
     min_size=1,
     max_size=5,
 ).map(
     lambda found: [
-        Component(f"c{i}", c.lifetime, c.kind, c.fails_creation, c.fails_cleanup)
+        Component(
+            f"c{i}",
+            c.lifetime,
+            c.kind,
+            c.fails_creation,
+            c.fails_cleanup,
+            c.cut and c.kind in ("async", "agen", "acm"),
+        )
         for i, c in enumerate(found)
     ]
 )
@@ -203,6 +216,7 @@ def requests_(count: int, websockets: bool) -> st.SearchStrategy[list[Request]]:
             ending=st.sampled_from(("ok", "raise", "cancel")),
             websocket=st.booleans() if websockets else st.just(False),
             chained=st.booleans() if websockets else st.just(False),
+            dropped=st.booleans(),
         ),
         min_size=1,
         max_size=5,
@@ -283,6 +297,9 @@ def model(
                 continue
             if traced:
                 expected.attempts[component.name] += 1
+            if component.cut:  # no error of its own: a span marked cancelled
+                ops["resolve-cancelled", component.name, component.lifetime, False] += 1
+                continue
             ops["resolve", component.name, component.lifetime, component.fails_creation] += 1
             if component.fails_creation:
                 continue
@@ -395,8 +412,11 @@ async def body(
 async def resolve_each(components: list[Component], picks: tuple[int, ...]) -> None:
     """Resolve each pick, as a body that goes on when a factory fails would."""
     for pick in picks:
-        with contextlib.suppress(CreationFailedError):
-            await ambient.resolve(components[pick].name)
+        component = components[pick]
+        with contextlib.suppress(CreationFailedError), anyio.CancelScope() as cut:
+            if component.cut:
+                cut.cancel()
+            await ambient.resolve(component.name)
 
 
 def ids_of(ctx: UserExecutionContext) -> dict[str, Any]:
@@ -500,7 +520,11 @@ async def run_in_scopes(run: Run, placement: str) -> None:
                     current = baggage.set_baggage(key, value, current)
                 stack.callback(otel_context.detach, otel_context.attach(current))
             if run.server:
-                stack.enter_context(tracer.start_as_current_span("server", kind=SpanKind.SERVER))
+                stack.enter_context(
+                    tracer.start_as_current_span(
+                        "server", kind=SpanKind.SERVER, attributes={"test.drop": request.dropped}
+                    )
+                )
             scope = (
                 ambient.Scope(registry, ctx, observer=telemetry)
                 if placement == "scope"
@@ -579,10 +603,17 @@ async def run_through_middleware(run: Run, placement: str) -> None:
             sent = ",".join(f"{key}={value}" for key, value in FORGED.items())
             headers.append((b"baggage", sent.encode()))
         if request.websocket:
-            scope = ws_scope(headers, query_string=b"", scheme="ws", server=("127.0.0.1", 8000))
+            scope = ws_scope(
+                headers,
+                query_string=b"",
+                scheme="ws",
+                server=("127.0.0.1", 8000),
+                path="/drop" if request.dropped else "/ws",
+            )
             incoming = [{"type": "websocket.connect"}]
         else:
-            scope = http_scope(headers)
+            path = "/drop" if request.dropped else "/"
+            scope = http_scope(headers, path=path, raw_path=path.encode())
             incoming = [{"type": "http.request", "body": b"", "more_body": False}]
         with cancel, contextlib.suppress(BodyFailedError, ambient.CleanupError):
             await drive(middleware, scope, incoming)
@@ -628,6 +659,11 @@ def check(run: Run, nested_traced: bool) -> None:
                 for s in scope_spans
                 if s.attributes is not None and s.attributes.get("ambient.run_id") == ids["run_id"]
             ]
+            if run.server and request.dropped and not request.chained:
+                assert not found, "a span of a sampled-out request was exported"
+                continue
+            if run.server and not found and chained_to_dropped(run, index):
+                continue  # under the previous request's server span, or its own, sampled out
             assert len(found) == 1, (index, depth, len(found))
             span = found[0]
             matched.add(span.context.span_id)
@@ -789,7 +825,15 @@ def component_operation(span: ReadableSpan, threshold: float) -> tuple[str, str,
     else:
         assert span.status.status_code is StatusCode.UNSET
         assert not exceptions
+        if attrs.get("ambient.cancelled") is True:
+            return (
+                span.name.removeprefix("ambient.") + "-cancelled",
+                str(attrs["ambient.component"]),
+                str(attrs["ambient.lifetime"]),
+                False,
+            )
         assert threshold == 0, "a fast component that did not fail became a span"
+    assert "ambient.cancelled" not in attrs
     return (
         span.name.removeprefix("ambient."),
         str(attrs["ambient.component"]),
@@ -832,12 +876,49 @@ def check_metrics(run: Run, expected: Expected) -> None:
 # -- the properties ------------------------------------------------------------------------
 
 
+class DropMarked(Sampler):
+    """Samples out the server spans of requests marked dropped (by their path, or an
+    attribute of the test's own server span), and samples everything else."""
+
+    def should_sample(
+        self,
+        parent_context: otel_context.Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Any = None,
+        links: Any = None,
+        trace_state: Any = None,
+    ) -> SamplingResult:
+        marks = dict(attributes or {})
+        if marks.get("test.drop") is True or "/drop" in marks.values():
+            return SamplingResult(Decision.DROP)
+        return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
+
+    def get_description(self) -> str:
+        return "DropMarked"
+
+
+def chained_to_dropped(run: Run, index: int) -> bool:
+    """Whether request ``index`` was started inside a chain of requests of which one was
+    sampled out (its server span then descends from that one's)."""
+    while index > 0 and run.requests[index].chained:
+        index -= 1
+        if run.requests[index].dropped:
+            return True
+    return run.requests[index].dropped
+
+
 def traced(limited: bool) -> Otel:
-    """The SDK, with an attribute length limit or none: with one, telemetry adds the fast
-    components' events through the public API instead of handing them over at the end."""
-    otel = Otel()
+    """The SDK, with an attribute length limit or none (with one, telemetry adds the fast
+    components' events through the public API instead of handing them over at the end),
+    sampling out the requests marked dropped."""
+    sampler = ParentBased(DropMarked())
+    otel = Otel(sampler)
     if limited:
-        otel.tracer_provider = TracerProvider(span_limits=SpanLimits(max_attribute_length=4096))
+        otel.tracer_provider = TracerProvider(
+            sampler=sampler, span_limits=SpanLimits(max_attribute_length=4096)
+        )
         otel.tracer_provider.add_span_processor(otel.spans)
     return otel
 
