@@ -18,7 +18,7 @@ import anyio.lowlevel
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from opentelemetry import baggage
+from opentelemetry import baggage, trace
 from opentelemetry import context as otel_context
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
@@ -448,6 +448,7 @@ class Run:
     seen: list[Seen]
     options: dict[str, Any] = field(default_factory=dict)  # the telemetry's
     via_middleware: bool = False
+    metrics_only: bool = False  # the telemetry's tracer provider is a no-op one
     spawn: Callable[[int], None] = lambda index: None
     expire: bool = False
     active_when_open: float = -1.0
@@ -635,10 +636,39 @@ def exported(options: dict[str, Any], name: str, value: str | None) -> str | Non
     return hash_id(value, options["hash_key"]) if policy == "hash" else value
 
 
+def check_baggage(run: Run, index: int, nested_traced: bool) -> None:
+    """Request ``index``'s baggage in its scopes: the named fields only, as exported; what
+    a client forged is gone."""
+    request, seen = run.requests[index], run.seen[index]
+    for depth, ids in seen.ids.items():
+        wanted: dict[str, object] = {}
+        if run.forged and (run.server or not run.via_middleware):
+            wanted["other"] = "kept"
+        for name in run.telemetry.baggage_fields:
+            value = exported(run.options, name, ids[name])
+            if value is not None:
+                wanted[f"ambient.{name}"] = value
+        if depth == 1 and not nested_traced:
+            continue
+        got = dict(seen.baggage[depth])
+        if run.server and request.chained:
+            # Its baggage came in the context made from the previous request's scope,
+            # which the scope leaves behind whole, as it cannot tell the two apart.
+            got.pop("other", None)
+            wanted.pop("other", None)
+        assert got == wanted, (index, depth)
+
+
 def check(run: Run, nested_traced: bool) -> None:
     """Everything the telemetry recorded, against the model of what happened."""
     telemetry, otel = run.telemetry, run.otel
     expected = model(run.components, run.requests, nested_traced, run.expire)
+    if run.metrics_only:
+        assert not [s.name for s in otel.spans.spans if s.name.startswith("ambient.")]
+        for index in range(len(run.requests)):
+            check_baggage(run, index, nested_traced)
+        check_metrics(run, expected)
+        return
     threshold = telemetry.span_threshold
     spans = list(otel.spans.spans)
     by_id = {s.context.span_id: s for s in spans}
@@ -744,24 +774,7 @@ def check(run: Run, nested_traced: bool) -> None:
                 matched.add(child.context.span_id)
                 operations[component_operation(child, threshold)] += 1
             assert operations == expected.operations[index, depth], (index, depth)
-        # Baggage: the named fields only, as exported; what a client forged is gone.
-        for depth, ids in seen.ids.items():
-            wanted: dict[str, object] = {}
-            if run.forged and (run.server or not run.via_middleware):
-                wanted["other"] = "kept"
-            for name in telemetry.baggage_fields:
-                value = exported(run.options, name, ids[name])
-                if value is not None:
-                    wanted[f"ambient.{name}"] = value
-            if depth == 1 and not nested_traced:
-                continue
-            got = dict(seen.baggage[depth])
-            if run.server and request.chained:
-                # Its baggage came in the context made from the previous request's scope,
-                # which the scope leaves behind whole, as it cannot tell the two apart.
-                got.pop("other", None)
-                wanted.pop("other", None)
-            assert got == wanted, (index, depth)
+        check_baggage(run, index, nested_traced)
 
     assert len(scope_spans) == sum(1 for s in scope_spans if s.context.span_id in matched)
     # Cleanups outside any scope (shutdown): a root span each when failed or slow, with the
@@ -933,6 +946,7 @@ def traced(limited: bool) -> Otel:
     forged=st.booleans(),
     expire=st.booleans(),
     limited=st.booleans(),
+    metrics_only=st.booleans(),
 )
 def test_scopes_of_many_users_record_what_happened_once_each_under_its_own_request(
     backend: str,
@@ -943,19 +957,26 @@ def test_scopes_of_many_users_record_what_happened_once_each_under_its_own_reque
     forged: bool,
     expire: bool,
     limited: bool,
+    metrics_only: bool,
 ) -> None:
     """Several users' and tenants' scopes open at once, each resolving components of every
     lifetime and factory kind (some failing to be made or cleaned), ending normally, by
     raising or cancelled, some with a nested scope: exactly one ended scope span per scope
     with its own ids, under its request's server span, never another's; each creation and
-    cleanup once, as a span or an event; metrics that add up and return to zero."""
+    cleanup once, as a span or an event; metrics that add up and return to zero. With a
+    no-op tracer provider, no span but the same baggage and metrics."""
     components = data.draw(components_)
     requests = data.draw(requests_(len(components), websockets=False))
     otel = traced(limited)
     try:
+        telemetry = Telemetry(
+            tracer_provider=trace.NoOpTracerProvider() if metrics_only else otel.tracer_provider,
+            meter_provider=otel.meter_provider,
+            **options,
+        )
         run = Run(
             otel,
-            otel.telemetry(**options),
+            telemetry,
             components,
             requests,
             server,
@@ -963,6 +984,7 @@ def test_scopes_of_many_users_record_what_happened_once_each_under_its_own_reque
             [Seen() for _ in requests],
             expire=expire,
             options=options,
+            metrics_only=metrics_only,
         )
         anyio.run(run_in_scopes, run, placement, backend=backend)
         check(run, nested_traced=placement != "scope")
