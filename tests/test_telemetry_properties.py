@@ -752,12 +752,19 @@ def check(run: Run, nested_traced: bool) -> None:
             else:
                 assert top is not None
                 assert parent_id(span) == top.context.span_id
+                assert top.start_time is not None
+                assert top.end_time is not None
+                assert top.start_time <= span.start_time <= span.end_time <= top.end_time
             owners[span.context.span_id] = request.user
             # Each creation and cleanup once: an event when fast and fine, else a span.
             operations: Counter[tuple[str, str, str, bool]] = Counter()
+            assert span.start_time is not None
+            assert span.end_time is not None
             for event in span.events:
                 if event.name in ("ambient.resolve", "ambient.cleanup"):
                     assert threshold > 0
+                    # The scope span covers what happened in it, cleanups included.
+                    assert span.start_time <= event.timestamp <= span.end_time
                     attrs = event.attributes or {}
                     operations[
                         event.name.removeprefix("ambient."),
@@ -772,6 +779,9 @@ def check(run: Run, nested_traced: bool) -> None:
                 ):
                     continue  # a nested scope, the instrumentation's own send spans
                 matched.add(child.context.span_id)
+                assert child.start_time is not None
+                assert child.end_time is not None
+                assert span.start_time <= child.start_time <= child.end_time <= span.end_time
                 operations[component_operation(child, threshold)] += 1
             assert operations == expected.operations[index, depth], (index, depth)
         check_baggage(run, index, nested_traced)
