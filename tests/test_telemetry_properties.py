@@ -1048,3 +1048,90 @@ def test_requests_through_the_middleware_record_what_happened_once_each_under_th
     finally:
         otel.tracer_provider.shutdown()
         otel.meter_provider.shutdown()
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), threshold=st.sampled_from((0.0, NEVER)))
+def test_concurrent_resolutions_are_recorded_once_per_component_made(
+    backend: str, data: st.DataObject, threshold: float
+) -> None:
+    """Every request resolves all its components at once, in tasks of its scope, while
+    every other request does too: a USER component its user's scopes race for, or an APP
+    one everybody races for, is made once and recorded once (one creation span or event,
+    one timing, counted live once), whichever scope won it; nobody who waited records it."""
+    components = [
+        Component(c.name, c.lifetime, c.kind, fails_creation=False, fails_cleanup=False)
+        for c in data.draw(components_)
+    ]
+    requests = data.draw(requests_(len(components), websockets=False))
+    otel = Otel()
+    try:
+        telemetry = otel.telemetry(span_threshold=threshold)
+        registry = build_registry(components, telemetry, expire=False)
+        all_open = anyio.Event()
+        opened = [0]
+
+        async def one(request: Request, index: int) -> None:
+            ctx = UserExecutionContext.create(
+                request.user, tenant_id=request.tenant, request_id=f"req-{index}"
+            )
+            async with registry.open_scope(ctx):
+                opened[0] += 1
+                if opened[0] == len(requests):
+                    all_open.set()
+                await all_open.wait()
+                async with anyio.create_task_group() as tg:
+                    for pick in request.resolves:
+                        tg.start_soon(ambient.resolve, components[pick].name)
+
+        async def main() -> None:
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as tg:
+                    for index, request in enumerate(requests):
+                        tg.start_soon(one, request, index)
+            live.append(otel.total("ambient.user_components.live"))
+            await registry.aclose()
+
+        live: list[float] = []
+        anyio.run(main, backend=backend)
+
+        made: Counter[str] = Counter()
+        users: set[tuple[str, tuple[str, str | None]]] = set()
+        for request in requests:
+            for pick in request.resolves:
+                component = components[pick]
+                owner = (request.user, request.tenant)
+                if component.lifetime == "request":
+                    made[component.name] += 1
+                elif component.lifetime == "user":
+                    users.add((component.name, owner))
+                else:
+                    users.add((component.name, ("", None)))
+        for name, _ in users:
+            made[name] += 1
+        lifetimes = {c.name: c.lifetime for c in components}
+        live_users = sum(1 for name, _ in users if lifetimes[name] == "user")
+
+        spans = list(otel.spans.spans)
+        recorded: Counter[str] = Counter()
+        created = 0
+        for span in spans:
+            if span.name == "ambient.resolve":
+                recorded[str((span.attributes or {})["ambient.component"])] += 1
+            if span.name == "ambient.scope":
+                created += int((span.attributes or {})["ambient.components.created"])  # type: ignore[call-overload]
+                for event in span.events:
+                    if event.name == "ambient.resolve":
+                        recorded[str((event.attributes or {})["ambient.component"])] += 1
+        assert recorded == made
+        assert created == sum(made.values())
+        assert live == [live_users]
+        assert otel.total("ambient.user_components.live") == 0
+        timed: Counter[str] = Counter()
+        for point in otel.points().get("ambient.component.create.duration", []):
+            timed[str(point.attributes["ambient.component"])] += point.count
+        assert timed == made
+    finally:
+        otel.tracer_provider.shutdown()
+        otel.meter_provider.shutdown()
