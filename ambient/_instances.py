@@ -50,6 +50,8 @@ from ambient._provider import (
 from ambient.errors import CleanupTimeoutError, ResolutionError, ScopeClosedError
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
     from ambient._context import UserRef
     from ambient._registry import Registry
     from ambient._scope import Scope
@@ -57,6 +59,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Created",
     "Instances",
+    "cleaned_apart",
     "finalize",
     "finalize_sync",
     "hand_over",
@@ -814,11 +817,7 @@ class Instances:
         if observers:
             self._report(observers, provider, instance, arg, scope, start_ns, started, None)
             user = scope._user_ref() if arg is not None else None
-        # A USER or APP component is cleaned with no request's context shown, as at its
-        # expiry (Registry._clean_apart()): it was never that request's.
-        shared = provider.lifetime is not _REQUEST
-        unbound = _binding.detached() if shared else contextlib.nullcontext()
-        with anyio.CancelScope(shield=True), unbound:
+        with anyio.CancelScope(shield=True), cleaned_apart(provider):
             await finalize(
                 [(provider, instance, finalizer)], None, registry, user, observers, scope
             )
@@ -1249,6 +1248,15 @@ def finalize_sync(
     if escaped is not None:
         raise escaped
     return failures
+
+
+def cleaned_apart(provider: Provider) -> AbstractContextManager[None]:
+    """Where a refused component of ``provider`` is cleaned: a USER or APP one with no
+    request's context shown, as at its expiry (``Registry._clean_apart()``), since it was
+    never that request's; a REQUEST one in its request's."""
+    if provider.lifetime is _REQUEST:
+        return contextlib.nullcontext()
+    return _binding.detached()
 
 
 def not_run(

@@ -20,11 +20,12 @@ import anyio.from_thread
 from opentelemetry import context as otel_context
 
 from ambient import _checks, _observe
-from ambient._binding import _current, detached
+from ambient._binding import _current
 from ambient._context import UserExecutionContext, UserRef
 from ambient._instances import (
     Created,
     Instances,
+    cleaned_apart,
     finalize,
     finalize_sync,
     needs_await,
@@ -619,10 +620,7 @@ class Registry:
         thread that has no loop to run them on then (one no anyio loop started, or whose
         loop has ended) runs the sync cleanups and reports each async one as a failed
         cleanup that could not run: logged, counted and seen by observers."""
-        # A USER or APP component is cleaned with no request's context shown, as at its
-        # expiry (_clean_apart()): it was never that request's.
-        shared = created[0][0].lifetime is not Lifetime.REQUEST
-        with detached() if shared else contextlib.nullcontext():
+        with cleaned_apart(created[0][0]):
             if not needs_await(created):
                 finalize_sync(created, None, self, scope._user_ref(), observers, scope)
                 return
