@@ -127,6 +127,16 @@ async def use(registry: Registry, user: str) -> Tracked:
         return await ambient.resolve(Tracked)
 
 
+async def _refused_as_closed(scope: Scope, key: Any, threaded: bool) -> None:
+    """Resolve ``key`` as work ``scope`` left running (a worker thread, or a task): its
+    scope closes while the factory runs, so the resolution is refused."""
+    with pytest.raises(ambient.errors.ScopeClosedError):
+        if threaded:
+            await anyio.to_thread.run_sync(scope.resolve_sync, key)
+        else:
+            await scope.resolve(key)
+
+
 class TestUserLifetime:
     async def test_kept_while_idle_ttl_has_not_passed(self, clock: FakeClock) -> None:
         """Closing the last scope starts the idle clock; before the ttl it is reused."""
@@ -205,17 +215,10 @@ class TestUserLifetime:
         threaded = call != "resolve"
         registry.register(Tracked, make if threaded else amake, lifetime=Lifetime.USER, idle_ttl=10)
 
-        async def left_running(scope: Scope) -> None:
-            with pytest.raises(ambient.errors.ScopeClosedError):
-                if threaded:
-                    await anyio.to_thread.run_sync(scope.resolve_sync, Tracked)
-                else:
-                    await scope.resolve(Tracked)
-
         async with anyio.create_task_group() as group:
             async with registry.open_scope(ctx("alice")) as scope:
                 await scope.resolve("kept")
-                group.start_soon(left_running, scope)
+                group.start_soon(_refused_as_closed, scope, Tracked, threaded)
                 await anyio.to_thread.run_sync(making.wait, 10)
             go.set()
         assert registry.stats().live_user_components == 2
@@ -2018,16 +2021,9 @@ class TestWhatASharedFactorySees:
         registry = Registry()
         registry.register(Shared, make if threaded else amake, lifetime=lifetime)
 
-        async def left_running(scope: Scope) -> None:
-            with pytest.raises(ambient.errors.ScopeClosedError):
-                if threaded:
-                    await anyio.to_thread.run_sync(scope.resolve_sync, Shared)
-                else:
-                    await scope.resolve(Shared)
-
         async with anyio.create_task_group() as group:
             async with registry.open_scope(ctx("alice")) as scope:
-                group.start_soon(left_running, scope)
+                group.start_soon(_refused_as_closed, scope, Shared, threaded)
                 await anyio.to_thread.run_sync(making.wait, 10)
             if lifetime is Lifetime.APP:
                 await registry.aclose()
